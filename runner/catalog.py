@@ -1,0 +1,97 @@
+"""The endpoint list and the model catalogue, read from configs/ (data files, not code).
+
+`configs/` sits beside the package in a source checkout and inside it (`runner/configs`) in a wheel;
+`GLM_BATCH_CONFIGS` points elsewhere for a site with its own prices.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from runner.errors import UsageError
+
+
+class Endpoint(BaseModel):
+    """One named endpoint: where requests go, which currency it bills in, where its key comes from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str | None  # None = the in-process simulator
+    currency: str
+    key_env: list[str] = Field(default_factory=list)
+
+
+class PriceTier(BaseModel):
+    """Prices per million tokens for requests within the tier's bounds (bounds are exclusive)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_input_tokens: int | None = None
+    max_output_tokens: int | None = None
+    input: float
+    cached_input: float
+    output: float
+
+
+class CurrencyPrices(BaseModel):
+    """A model's tiers in one currency, and whether the figures are confirmed from Zhipu's own pages."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    confirmed: bool
+    tiers: list[PriceTier]
+
+
+class ModelInfo(BaseModel):
+    """What the catalogue knows of one GLM model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    context: int
+    max_output: int
+    concurrency: int
+    prices: dict[str, CurrencyPrices] = Field(default_factory=dict)
+
+
+def configs_dir() -> Path:
+    """Where the catalogue lives: $GLM_BATCH_CONFIGS, the wheel's copy, or the checkout's configs/."""
+    override = os.environ.get("GLM_BATCH_CONFIGS")
+    if override:
+        return Path(override)
+    packaged = Path(__file__).parent / "configs"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "configs"
+
+
+def _load_yaml(name: str) -> dict[str, Any]:
+    path = configs_dir() / name
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"{path}: cannot read the catalogue ({exc}); reinstall glm-batch or fix the file") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a mapping of names to entries")
+    return data
+
+
+@cache
+def endpoints() -> dict[str, Endpoint]:
+    """The named endpoints from configs/endpoints.yaml."""
+    try:
+        return {name: Endpoint.model_validate(v) for name, v in _load_yaml("endpoints.yaml").items()}
+    except ValidationError as exc:
+        raise UsageError(f"configs/endpoints.yaml: {exc}") from exc
+
+
+@cache
+def models() -> dict[str, ModelInfo]:
+    """The model catalogue from configs/models.yaml."""
+    try:
+        return {name: ModelInfo.model_validate(v) for name, v in _load_yaml("models.yaml").items()}
+    except ValidationError as exc:
+        raise UsageError(f"configs/models.yaml: {exc}") from exc

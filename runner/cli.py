@@ -1,0 +1,219 @@
+"""The command line: `glm-batch run | validate | status | simulate`.
+
+Every error glm-batch raises on purpose is printed as one line (`glm-batch: error: ...`) and ends the
+process with its exit code; see the README for the table of codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import polars as pl
+import typer
+from rich.console import Console
+
+from runner.errors import GlmBatchError, UsageError
+from runner.inputs import open_input
+from runner.progress import LogFormat, make_reporter
+from runner.prompts import RequestBuilder
+from runner.spec import Job, load_job
+from runner.store import KEY, JobLock, Store
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Batch prompt processing against Zhipu's GLM models (Anthropic-compatible Messages API).",
+)
+T = TypeVar("T")
+
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a spec field: --set run.concurrency=4 (repeatable).")
+]
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Use only the first N input rows.")]
+
+
+def _guarded(fn: Callable[[], T]) -> T:
+    """Run `fn`; turn a GlmBatchError into its one-line message and exit code."""
+    try:
+        return fn()
+    except GlmBatchError as exc:
+        print(f"glm-batch: error: {exc}", file=sys.stderr)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _load(spec: Path, overrides: list[str] | None, limit: int | None) -> Job:
+    items = list(overrides or [])
+    if limit is not None:
+        items.append(f"input.limit={limit}")
+    return load_job(spec, items)
+
+
+def api_key_for(job: Job) -> str:
+    """The key from the environment (never from the spec); the simulator needs none."""
+    if job.base_url is None:
+        return "simulator-key"
+    for name in job.key_env:
+        value = os.environ.get(name)
+        if value:
+            return value
+    names = " or ".join(job.key_env) or "ZHIPUAI_API_KEY"
+    raise UsageError(f"no API key for endpoint {job.endpoint_name!r}: set {names} in the environment")
+
+
+@app.command()
+def run(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
+    limit: LimitOpt = None,
+    set_: SetOpt = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore earlier answers; send every row again.")] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Send again rows that failed for good in earlier runs.")
+    ] = False,
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="auto (a bar on a terminal, JSON lines otherwise), json, text.")
+    ] = "auto",
+) -> None:
+    """Run a job: send every row that has no answer yet and write the results to Parquet."""
+    from runner.engine import RunOptions, run_job  # the engine pulls in the SDK; keep `validate` light
+
+    def go() -> int:
+        if log_format not in ("auto", "rich", "json", "text"):
+            raise UsageError(f"--log-format {log_format!r}: use auto, json or text")
+        fmt: LogFormat = log_format  # type: ignore[assignment]
+        job = _load(spec, set_, limit)
+        key = api_key_for(job)
+        report = asyncio.run(
+            run_job(
+                job,
+                api_key=key,
+                options=RunOptions(fresh=fresh, retry_failed=retry_failed),
+                reporter=make_reporter(fmt),
+            )
+        )
+        if report.exit_code != 0:
+            print(f"glm-batch: {report.message}", file=sys.stderr)
+        else:
+            print(report.message)
+        return report.exit_code
+
+    code = _guarded(go)
+    raise typer.Exit(code)
+
+
+@app.command()
+def validate(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
+    rows: Annotated[int, typer.Option("--rows", min=1, help="How many rendered rows to print.")] = 3,
+    limit: LimitOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Check a spec and its input, render the first rows and print them. Sends nothing."""
+
+    def go() -> None:
+        job = _load(spec, set_, limit)
+        source = open_input(job)
+        builder = RequestBuilder(job)
+        console = Console()
+        shown = 0
+        for frame in source.batches(rows):
+            for row in frame.iter_rows(named=True):
+                request = builder.build(row)
+                console.rule(f"row {row['_row']} id={row['_id']} key={request.key[:12]}")
+                if "system" in request.params:
+                    console.print("[bold]system:[/]", request.params["system"], markup=True, highlight=False)
+                console.print(request.params["messages"][0]["content"], markup=False, highlight=False)
+                shown += 1
+            break
+        total = source.frame.select(pl.len()).collect().item()
+        console.print(
+            f"ok: {spec} is valid; {total} rows, model {job.spec.model.name} on {job.endpoint_name}, "
+            f"concurrency {job.concurrency}; output {job.output_path}. Nothing was sent."
+        )
+
+    _guarded(go)
+
+
+@app.command()
+def status(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
+    set_: SetOpt = None,
+) -> None:
+    """Show how many rows of the last run are answered, failed or pending, and what that run did."""
+
+    def go() -> None:
+        job = _load(spec, set_, None)
+        store = Store(job.state_dir, job.output_path, run_id="status")
+        console = Console()
+        holder = _lock_holder(store.lock)
+        if holder:
+            console.print(f"a run is in progress: {holder}")
+        manifest = store.read_manifest()
+        runs = manifest.get("runs", [])
+        rows_parts = sorted(store.rows_dir.glob("*.parquet")) if store.rows_dir.exists() else []
+        if not runs and not rows_parts:
+            console.print(f"{job.name}: never run (state would be in {job.state_dir})")
+            return
+        if rows_parts:
+            rows = pl.scan_parquet(rows_parts).select(KEY)
+            parts = store.result_parts()
+            if parts:
+                results = pl.scan_parquet(parts).group_by(KEY).agg((pl.col("status") == "ok").any().alias("ok"))
+                joined = rows.join(results, on=KEY, how="left").collect()
+                ok = int(joined.get_column("ok").fill_null(False).sum())
+                failed = int((joined.get_column("ok") == False).sum())  # noqa: E712 - a polars expression
+                pending = joined.height - ok - failed
+            else:
+                ok = failed = 0
+                pending = rows.select(pl.len()).collect().item()
+            console.print(f"{job.name}: {ok} rows answered ok, {failed} failed, {pending} pending (as of the last run)")
+        if runs:
+            last = runs[-1]
+            console.print(
+                f"last run {last['run_id']}: exit {last['exit_code']}, {last['answered_ok']} ok, "
+                f"{last['answered_error']} failed, {last['elapsed_s']} s, stopped: {last['stopped'] or 'no'}"
+            )
+
+    _guarded(go)
+
+
+def _lock_holder(lock: JobLock) -> str | None:
+    """Describe the process holding the job lock, if one is."""
+    if not lock.path.exists():
+        return None
+    try:
+        probe = JobLock(lock.path)
+        probe.acquire()
+    except GlmBatchError as exc:
+        return str(exc)
+    probe.release()
+    return None
+
+
+@app.command()
+def simulate(
+    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1 (0 picks one).")] = 8765,
+    latency: Annotated[float, typer.Option("--latency", help="Seconds before each answer.")] = 0.0,
+    jitter: Annotated[float, typer.Option("--jitter", help="Extra random latency, up to this many seconds.")] = 0.0,
+    cap: Annotated[int | None, typer.Option("--cap", help="Concurrency cap per model (429/1302 above).")] = None,
+    fault_rate: Annotated[float, typer.Option("--fault-rate", min=0, max=1, help="Share of requests faulted.")] = 0.0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Run the Zhipu endpoint simulator standalone on 127.0.0.1 until interrupted."""
+    from runner.simulator import SimConfig, serve_forever
+
+    config = SimConfig(
+        latency_s=latency, latency_jitter_s=jitter, concurrency_cap=cap, fault_rate=fault_rate, seed=seed
+    )
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a standalone simulator is stopped
+        asyncio.run(serve_forever(port, config))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

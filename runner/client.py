@@ -1,0 +1,102 @@
+"""The wire: one Messages API call through the official SDK, turned into an Answer.
+
+    client = Client(base_url, api_key, timeout_s=600, stream=False)
+    answer = await client.send(request.params)
+
+The SDK client is built with `max_retries=0` (retries are tenacity's alone, in runner.retries) and the
+aiohttp transport, which costs about a third of the CPU per request of the default one. The key goes out
+both as `Authorization: Bearer` (what SDK 2.x sends) and as `x-api-key` (what Zhipu documents).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+from anthropic.types import Message
+
+from runner.retries import BadResponse
+
+# The SDK refuses non-streaming calls it expects to run past 10 minutes (max_tokens >= 21334) unless
+# a timeout is given; we always give one, and stream from this size up when the spec says "auto".
+STREAM_FROM_MAX_TOKENS = 21334
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The parts of a model's answer that a run keeps."""
+
+    text: str
+    thinking: str | None
+    stop_reason: str | None
+    input_tokens: int
+    output_tokens: int
+    cache_read_input_tokens: int | None
+    cache_creation_input_tokens: int | None
+    request_id: str | None
+    model: str | None
+
+
+class Client:
+    """An AsyncAnthropic pointed at one endpoint, sending one request at a time per call."""
+
+    def __init__(self, base_url: str, api_key: str, *, timeout_s: float, stream: bool) -> None:
+        self._sdk = anthropic.AsyncAnthropic(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
+            timeout=timeout_s,
+            default_headers={"x-api-key": api_key},
+            http_client=anthropic.DefaultAioHttpClient(),
+        )
+        self._timeout = timeout_s
+        self._stream = stream
+
+    async def send(self, params: dict[str, Any]) -> Answer:
+        """Send one request; raise the SDK's error, or BadResponse for a 200 that is not a message."""
+        if self._stream:
+            async with self._sdk.messages.stream(**params, timeout=self._timeout) as stream:
+                message = await stream.get_final_message()
+                request_id = _request_id(stream.response.headers)
+        else:
+            raw = await self._sdk.messages.with_raw_response.create(**params, timeout=self._timeout)
+            message = await raw.parse()
+            request_id = _request_id(raw.headers)
+        return _answer(message, request_id)
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._sdk.close()
+
+
+def _request_id(headers: Any) -> str | None:
+    value = headers.get("request-id") or headers.get("x-request-id")
+    return str(value) if value else None
+
+
+def _answer(message: Message, request_id: str | None) -> Answer:
+    # The SDK turns a 200 carrying {"error": {...}} into a Message whose fields are all None.
+    if getattr(message, "type", None) != "message" or message.usage is None:
+        error = getattr(message, "error", None) or {}
+        code = error.get("type") or error.get("code") if isinstance(error, dict) else None
+        text = error.get("message") if isinstance(error, dict) else None
+        raise BadResponse(str(code) if code else None, f"200 answer is not a message: {text or 'no body'}")
+    texts, thoughts = [], []
+    for block in message.content:
+        if block.type == "text":
+            texts.append(block.text)
+        elif block.type == "thinking":
+            thoughts.append(block.thinking)
+    usage = message.usage
+    return Answer(
+        text="".join(texts),
+        thinking="".join(thoughts) if thoughts else None,
+        stop_reason=message.stop_reason,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_read_input_tokens=usage.cache_read_input_tokens,
+        cache_creation_input_tokens=usage.cache_creation_input_tokens,
+        request_id=request_id or message.id,
+        model=message.model,
+    )

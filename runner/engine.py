@@ -1,0 +1,299 @@
+"""The pipeline of one run, top to bottom: rows in, requests out, results written.
+
+    report = asyncio.run(run_job(job, api_key=key, options=RunOptions(), reporter=reporter))
+
+1. open the input (checks columns and emptiness before anything is sent);
+2. open the store (lock, crash sweep) and learn which requests are already settled;
+3. render rows into requests, record each row's request key, skip the settled ones;
+4. the executor sends the rest under the limits, with retries; each result is buffered and flushed
+   to a durable part file every `checkpoint_rows` results or `checkpoint_seconds`;
+5. when every row has a result, compact them into the output Parquet, in input order;
+6. write the summary JSON beside the output and the run record into the manifest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import secrets
+import signal
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import polars as pl
+
+from runner.accounting import Tally
+from runner.client import STREAM_FROM_MAX_TOKENS, Client
+from runner.executor import Control, OnlineExecutor
+from runner.inputs import ID, ROW, InputSource, open_input
+from runner.limits import Limits
+from runner.progress import Reporter
+from runner.prompts import RequestBuilder
+from runner.records import Request, Result
+from runner.simulator import SimConfig, SimulatorThread
+from runner.spec import Job
+from runner.store import KEY, Store, write_json_atomic
+
+RENDER_BATCH_ROWS = 2000  # rows rendered per step; small enough not to stall responses for long
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How this invocation treats earlier answers."""
+
+    fresh: bool = False  # ignore earlier answers and send everything again
+    retry_failed: bool = False  # send again the rows that failed for good in earlier runs
+
+
+@dataclass
+class RunReport:
+    """How a run ended: the exit code, one line for the user, and the summary that was written."""
+
+    exit_code: int
+    message: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+async def run_job(job: Job, *, api_key: str, options: RunOptions, reporter: Reporter) -> RunReport:
+    """Run one job to completion, interruption or abort; the result is durable whichever happens."""
+    source = open_input(job)
+    run_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+    store = Store(job.state_dir, job.output_path, run_id)
+    store.open()
+    try:
+        return await _run(job, source, store, api_key, options, reporter)
+    finally:
+        store.close()
+
+
+async def _run(
+    job: Job, source: InputSource, store: Store, api_key: str, options: RunOptions, reporter: Reporter
+) -> RunReport:
+    started_at = dt.datetime.now(dt.UTC)
+    tally = Tally(rows_total=source.frame.select(pl.len()).collect().item())
+    if store.lock.took_over:
+        reporter.event("stale_lock_taken_over", previous=store.lock.took_over)
+    if store.corrupt:
+        reporter.event("corrupt_parts_quarantined", files=[str(p) for p in store.corrupt])
+    settled = _empty_keys() if options.fresh else store.settled_keys(retry_failed=options.retry_failed)
+    control = Control()
+    run = job.spec.run
+
+    with _endpoint(job) as base_url:
+        stream = job.spec.model.stream
+        client = Client(
+            base_url,
+            api_key,
+            timeout_s=run.timeout_s,
+            stream=job.spec.model.max_tokens >= STREAM_FROM_MAX_TOKENS if stream == "auto" else stream,
+        )
+        limits = Limits(
+            concurrency=job.concurrency,
+            requests_per_minute=run.requests_per_minute,
+            tokens_per_minute=run.tokens_per_minute,
+        )
+        max_tokens = job.spec.model.max_tokens
+        executor = OnlineExecutor(
+            client,
+            limits,
+            max_attempts=run.max_attempts,
+            workers=job.concurrency,
+            # A cheap worst case for the token bucket: ~4 characters a token, plus the whole answer.
+            estimate_tokens=lambda r: len(str(r.params["messages"])) // 4 + max_tokens,
+        )
+
+        def sink(result: Result) -> None:
+            store.add(result)
+            tally.record(result)
+            if store.buffered >= run.checkpoint_rows:
+                store.flush()
+
+        requests = _pending_requests(job, source, store, settled, tally, sink)
+        reporter.start(job, tally)
+        try:
+            await _execute(executor.run(requests, sink, control), control, store, tally, limits, run, reporter)
+        finally:
+            store.flush()
+            await client.aclose()
+
+    finalized = False
+    if control.reason is None and store.unanswered_rows() == 0:
+        store.finalize(job.spec.input.id_column or "id")
+        finalized = True
+    exit_code, message = _outcome(job, control, tally, finalized)
+    summary = _summary(job, store, tally, control, started_at, exit_code, finalized)
+    write_json_atomic(summary, job.output_path.with_suffix(".summary.json"))
+    store.record_run(summary)
+    reporter.finish(summary, message)
+    return RunReport(exit_code, message, summary)
+
+
+async def _execute(
+    work: Any, control: Control, store: Store, tally: Tally, limits: Limits, run: Any, reporter: Reporter
+) -> None:
+    """Run the executor with checkpoints, progress ticks and signal handling around it.
+
+    The first SIGINT/SIGTERM stops dispatch and gives in-flight requests `grace_s` to finish; a second
+    one (or the end of the grace period) cancels them. Whatever arrived is flushed by the caller.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    grace: asyncio.TimerHandle | None = None
+
+    def on_signal(signum: int) -> None:
+        nonlocal grace
+        if control.reason in ("SIGINT", "SIGTERM"):
+            task.cancel()  # second signal: stop now
+            return
+        control.stop(signal.Signals(signum).name)
+        reporter.event("interrupted", signal=signal.Signals(signum).name, grace_s=run.grace_s)
+        grace = loop.call_later(run.grace_s, task.cancel)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    async def heartbeat() -> None:
+        while True:
+            await asyncio.sleep(min(run.checkpoint_seconds, reporter.interval_s))
+            store.flush()  # time-based checkpoint: no answer waits longer than checkpoint_seconds
+            reporter.tick(tally, limits, control)
+
+    beat = asyncio.create_task(heartbeat())
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # we ourselves are being cancelled: let it through
+        # otherwise the task was cancelled by our own signal handling; what arrived is kept
+    finally:
+        beat.cancel()
+        if grace is not None:
+            grace.cancel()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        reporter.tick(tally, limits, control)
+
+
+async def _pending_requests(
+    job: Job, source: InputSource, store: Store, settled: pl.DataFrame, tally: Tally, sink: Any
+) -> AsyncIterator[Request]:
+    """Render every input row; record its request key; yield each unsettled request once."""
+    builder = RequestBuilder(job)
+    queued: set[str] = set()
+    for frame in source.batches(RENDER_BATCH_ROWS):
+        keys: list[str] = []
+        fresh: list[Request] = []
+        for row in frame.iter_rows(named=True):
+            try:
+                request = builder.build(row)
+            except jinja2.TemplateError as exc:
+                keys.append(_render_failure(row, exc, sink))
+                continue
+            keys.append(request.key)
+            fresh.append(request)
+        rows = frame.select(ROW, ID, *source.keep_columns).with_columns(pl.Series(KEY, keys, dtype=pl.String))
+        store.add_rows(rows)
+        unsettled = set(rows.select(KEY).join(settled, on=KEY, how="anti").get_column(KEY).to_list())
+        tally.rows_seen += frame.height
+        tally.rows_settled += rows.join(settled, on=KEY, how="semi").height
+        for request in fresh:
+            if request.key in unsettled and request.key not in queued:
+                queued.add(request.key)
+                tally.requests_queued += 1
+                yield request
+        await asyncio.sleep(0)  # let answers in between batches
+
+
+def _render_failure(row: dict[str, Any], exc: jinja2.TemplateError, sink: Any) -> str:
+    """Record a row whose prompt cannot be rendered as a failed row; no request is sent for it."""
+    key = f"render-{row[ID]}"
+    sink(
+        Result(
+            key=key,
+            status="error",
+            attempts=0,
+            latency_ms=None,
+            finished_at=dt.datetime.now(dt.UTC),
+            error_type="render_error",
+            error_message=str(exc),
+        )
+    )
+    return key
+
+
+def _empty_keys() -> pl.DataFrame:
+    return pl.DataFrame({KEY: []}, schema={KEY: pl.String})
+
+
+@contextlib.contextmanager
+def _endpoint(job: Job) -> Iterator[str]:
+    """The base URL to send to; for `endpoint: simulator`, a simulator running for this run only."""
+    if job.base_url is not None:
+        yield job.base_url
+        return
+    sim = job.spec.simulator
+    config = SimConfig(
+        latency_s=sim.latency_s,
+        latency_jitter_s=sim.latency_jitter_s,
+        concurrency_cap=sim.concurrency_cap,
+        fault_rate=sim.fault_rate,
+        seed=sim.seed,
+    )
+    with SimulatorThread(config) as server:
+        yield server.url
+
+
+def _outcome(job: Job, control: Control, tally: Tally, finalized: bool) -> tuple[int, str]:
+    resume = f"glm-batch run {job.spec_path}"
+    if control.aborted is not None:
+        return control.aborted.exit_code, f"{control.aborted}; fix that, then resume with: {resume}"
+    if control.reason in ("SIGINT", "SIGTERM"):
+        code = 130 if control.reason == "SIGINT" else 143
+        return code, f"interrupted by {control.reason}; answers so far are saved; resume with: {resume}"
+    if not finalized:
+        return 1, f"some rows have no answer yet; resume with: {resume}"
+    if tally.failed:
+        return 1, f"finished with {tally.failed} failed requests; see error_type in {job.output_path}"
+    return 0, f"all rows answered; results in {job.output_path}"
+
+
+def _summary(
+    job: Job,
+    store: Store,
+    tally: Tally,
+    control: Control,
+    started_at: dt.datetime,
+    exit_code: int,
+    finalized: bool,
+) -> dict[str, Any]:
+    """The run's record: written beside the output and appended to the manifest."""
+    snap = tally.snapshot()
+    return {
+        "job": job.name,
+        "run_id": store.run_id,
+        "spec": str(job.spec_path),
+        "spec_hash": job.spec_hash,
+        "model": job.spec.model.name,
+        "endpoint": job.endpoint_name,
+        "inputs": [{"path": str(p), "bytes": _size(p)} for p in job.input_paths],
+        "started_at": started_at.isoformat(),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+        "exit_code": exit_code,
+        "stopped": control.reason,
+        "output": str(job.output_path) if finalized else None,
+        "retries": dict(control.retries),
+        **snap,
+    }
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None

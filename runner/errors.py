@@ -1,0 +1,44 @@
+"""The errors glm-batch raises on purpose, and the exit code each one ends a run with.
+
+The tree::
+
+    GlmBatchError                 base; carries the process exit code
+    ├── UsageError        (2)     bad spec, bad input, bad command line: nothing was sent
+    ├── EndpointAborted   (3)     the endpoint refused the whole job (auth, balance, unknown model)
+    ├── BudgetExhausted   (4)     run.max_cost reached; dispatch stopped before overspending
+    └── LockHeld          (75)    another run of the same job holds its lock
+
+Every message says what is wrong and how to fix it; the CLI prints it as one line, without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class GlmBatchError(Exception):
+    """A failure the CLI reports as one clear line and turns into `exit_code`."""
+
+    exit_code = 1
+
+
+class UsageError(GlmBatchError):
+    """The spec, an input or a command-line argument is wrong; no request has been sent."""
+
+    exit_code = 2
+
+
+class EndpointAborted(GlmBatchError):
+    """The endpoint answered in a way that would fail every row (bad key, no balance, unknown model)."""
+
+    exit_code = 3
+
+
+class BudgetExhausted(GlmBatchError):
+    """The run stopped dispatching because the next request could take spend past run.max_cost."""
+
+    exit_code = 4
+
+
+class LockHeld(GlmBatchError):
+    """Another live process is running the same job (the same state directory)."""
+
+    exit_code = 75  # EX_TEMPFAIL: cron wrappers treat it as "try again later"

@@ -1,0 +1,160 @@
+"""Executors: how a stream of Requests becomes a stream of Results. The online one is here.
+
+An executor takes the run's pending requests (an async iterator), calls `sink` once per finished request,
+and watches `control` to stop early. It knows nothing of specs, files or money; that keeps a server-side
+batch executor (Zhipu's Batch API) or a distributed one (Ray Data) a drop-in replacement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tenacity import RetryCallState
+
+from runner.client import Answer
+from runner.errors import EndpointAborted
+from runner.limits import Limits
+from runner.records import Request, Result
+from runner.retries import Verdict, classify, error_message, error_type, retrying
+
+Sink = Callable[[Result], None]
+
+
+@dataclass
+class Control:
+    """Shared stop state of a run: why dispatch stopped, and the endpoint's refusal if that was why."""
+
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str | None = None
+    aborted: EndpointAborted | None = None
+    retries: dict[str, int] = field(default_factory=dict)  # error_type -> retries taken
+
+    def stop(self, reason: str) -> None:
+        """Stop dispatching new requests (requests in flight may finish)."""
+        if self.reason is None:
+            self.reason = reason
+        self.stopping.set()
+
+
+class Executor(Protocol):
+    """Sends requests and reports each one's Result."""
+
+    async def run(self, requests: AsyncIterator[Request], sink: Sink, control: Control) -> None:
+        """Consume `requests` until exhausted or `control` says stop; call `sink` for every result."""
+
+
+class Sender(Protocol):
+    """What the online executor needs of a client (runner.client.Client)."""
+
+    async def send(self, params: dict[str, object]) -> Answer: ...
+
+
+class OnlineExecutor:
+    """Fans requests out to the Messages API under the run's limits, with tenacity retries."""
+
+    def __init__(
+        self,
+        client: Sender,
+        limits: Limits,
+        *,
+        max_attempts: int,
+        workers: int,
+        estimate_tokens: Callable[[Request], int],
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._limits = limits
+        self._max_attempts = max_attempts
+        self._workers = workers
+        self._estimate = estimate_tokens
+        self._sleep = sleep
+        self._clock = clock
+
+    async def run(self, requests: AsyncIterator[Request], sink: Sink, control: Control) -> None:
+        """Run `workers` tasks pulling from a small queue fed by `requests`."""
+        queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=self._workers * 2)
+
+        async def feed() -> None:
+            try:
+                async for request in requests:
+                    if control.stopping.is_set():
+                        break
+                    await queue.put(request)
+            finally:
+                for _ in range(self._workers):
+                    await queue.put(None)
+
+        async def work() -> None:
+            while (request := await queue.get()) is not None:
+                if control.stopping.is_set():
+                    continue  # drain without sending, so the feeder's sentinels get through
+                result = await self._send(request, control)
+                if result is not None:
+                    sink(result)
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(feed())
+            for _ in range(self._workers):
+                group.create_task(work())
+
+    async def _send(self, request: Request, control: Control) -> Result | None:
+        """One request with retries; None if the endpoint refused the whole run."""
+        attempts = 0
+        latency_ms: float | None = None
+
+        def count_retry(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            if exc is not None:
+                name = error_type(exc)
+                control.retries[name] = control.retries.get(name, 0) + 1
+
+        try:
+            async for attempt in retrying(self._max_attempts, sleep=self._sleep, before_sleep=count_retry):
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    async with self._limits.slot(self._estimate(request)):
+                        started = self._clock()
+                        answer = await self._client.send(request.params)
+                        latency_ms = (self._clock() - started) * 1000
+        except Exception as exc:  # an Exception only: cancellation must pass through untouched
+            verdict = classify(exc)
+            if verdict is Verdict.ABORT:
+                if control.aborted is None:
+                    control.aborted = EndpointAborted(
+                        f"the endpoint refused the job: {error_type(exc)} {error_message(exc)}"
+                    )
+                control.stop("aborted")
+                return None
+            return Result(
+                key=request.key,
+                status="error",
+                attempts=attempts,
+                latency_ms=None,
+                finished_at=dt.datetime.now(dt.UTC),
+                model=str(request.params.get("model")),
+                error_type=error_type(exc),
+                error_message=error_message(exc),
+                retryable=verdict is Verdict.RETRY,
+            )
+        return Result(
+            key=request.key,
+            status="ok",
+            attempts=attempts,
+            latency_ms=latency_ms,
+            finished_at=dt.datetime.now(dt.UTC),
+            model=answer.model,
+            response_text=answer.text,
+            thinking=answer.thinking,
+            stop_reason=answer.stop_reason,
+            input_tokens=answer.input_tokens,
+            output_tokens=answer.output_tokens,
+            cache_read_input_tokens=answer.cache_read_input_tokens,
+            cache_creation_input_tokens=answer.cache_creation_input_tokens,
+            request_id=answer.request_id,
+        )

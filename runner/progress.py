@@ -1,0 +1,171 @@
+"""Progress for people and for machines: a live bar on a terminal, JSON lines under cron.
+
+    reporter = make_reporter("auto")   # rich on a TTY; JSON lines on stderr otherwise
+    reporter.start(job, tally); reporter.tick(tally, limits, control); reporter.finish(summary, message)
+
+JSON lines (`--log-format json`) are one object per line on stderr with `event` and `ts` keys: `start`,
+`progress` every `interval_s`, `retrying` summaries, `end`. Nothing here ever sees the API key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from runner.accounting import Tally
+    from runner.executor import Control
+    from runner.limits import Limits
+    from runner.spec import Job
+
+LogFormat = Literal["auto", "rich", "json", "text"]
+
+
+class Reporter(Protocol):
+    """What the engine tells the outside world while it runs."""
+
+    interval_s: float
+
+    def start(self, job: Job, tally: Tally) -> None: ...
+    def tick(self, tally: Tally, limits: Limits, control: Control) -> None: ...
+    def event(self, name: str, **fields: Any) -> None: ...
+    def finish(self, summary: dict[str, Any], message: str) -> None: ...
+
+
+def make_reporter(fmt: LogFormat = "auto", stream: TextIO | None = None, interval_s: float = 10.0) -> Reporter:
+    """A rich display on a terminal, JSON lines elsewhere (or what `fmt` asks for)."""
+    out = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "rich" if out.isatty() else "json"
+    if fmt == "rich":
+        return RichReporter(out)
+    return LineReporter(out, as_json=fmt == "json", interval_s=interval_s)
+
+
+def _progress_fields(tally: Tally, limits: Limits, control: Control) -> dict[str, Any]:
+    return {
+        "rows_total": tally.rows_total,
+        "rows_seen": tally.rows_seen,
+        "settled_before": tally.rows_settled,
+        "queued": tally.requests_queued,
+        "ok": tally.ok,
+        "failed": tally.failed,
+        "in_flight": limits.in_flight,
+        "concurrency": limits.concurrency,
+        "requests_per_s": round(tally.rate(), 2),
+        "input_tokens": tally.input_tokens,
+        "output_tokens": tally.output_tokens,
+        "retries": dict(control.retries),
+    }
+
+
+class LineReporter:
+    """Periodic log lines: JSON objects, or `key=value` text."""
+
+    def __init__(self, out: TextIO, *, as_json: bool, interval_s: float) -> None:
+        self._out = out
+        self._json = as_json
+        self.interval_s = interval_s
+        self._last = 0.0
+
+    def _emit(self, event: str, fields: dict[str, Any]) -> None:
+        record = {"ts": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "event": event, **fields}
+        if self._json:
+            line = json.dumps(record, default=str, ensure_ascii=False)
+        else:
+            line = " ".join(f"{k}={v}" for k, v in record.items())
+        print(line, file=self._out, flush=True)
+
+    def start(self, job: Job, tally: Tally) -> None:
+        self._emit(
+            "start",
+            {
+                "job": job.name,
+                "model": job.spec.model.name,
+                "endpoint": job.endpoint_name,
+                "rows_total": tally.rows_total,
+                "concurrency": job.concurrency,
+            },
+        )
+        self._last = time.monotonic()
+
+    def tick(self, tally: Tally, limits: Limits, control: Control) -> None:
+        if time.monotonic() - self._last < self.interval_s:
+            return
+        self._last = time.monotonic()
+        self._emit("progress", _progress_fields(tally, limits, control))
+
+    def event(self, name: str, **fields: Any) -> None:
+        self._emit(name, fields)
+
+    def finish(self, summary: dict[str, Any], message: str) -> None:
+        self._emit("end", {"message": message, **summary})
+
+
+class RichReporter:
+    """A live progress bar with rows done/failed, in flight, rate and tokens; a table at the end."""
+
+    interval_s = 0.5
+
+    def __init__(self, out: TextIO) -> None:
+        self._console = Console(file=out)
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeRemainingColumn(),
+            console=self._console,
+            transient=False,
+        )
+        self._task: Any = None
+
+    def start(self, job: Job, tally: Tally) -> None:
+        self._progress.start()
+        self._task = self._progress.add_task(job.name, total=tally.rows_total, detail="")
+
+    def tick(self, tally: Tally, limits: Limits, control: Control) -> None:
+        if self._task is None:
+            return
+        retries = sum(control.retries.values())
+        detail = (
+            f"ok {tally.ok} failed {tally.failed} reused {tally.rows_settled} | in flight {limits.in_flight}"
+            f"/{limits.concurrency} | {tally.rate():.1f} req/s | tokens {tally.input_tokens}+"
+            f"{tally.output_tokens} | retries {retries}"
+        )
+        done = tally.rows_settled + tally.answered
+        self._progress.update(self._task, completed=min(done, tally.rows_total), detail=detail)
+
+    def event(self, name: str, **fields: Any) -> None:
+        self._console.print(f"[yellow]{name}[/]: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
+
+    def finish(self, summary: dict[str, Any], message: str) -> None:
+        self._progress.stop()
+        table = Table(title=f"glm-batch: {summary['job']}", show_header=False)
+        tokens = summary["tokens"]
+        lat = summary["latency_ms"]
+        rows = [
+            ("rows", str(summary["rows_total"])),
+            ("reused from earlier runs", str(summary["rows_settled_before"])),
+            ("answered ok / failed", f"{summary['answered_ok']} / {summary['answered_error']}"),
+            ("tokens in / out", f"{tokens['input']} / {tokens['output']}"),
+            ("wall time", f"{summary['elapsed_s']:.1f} s ({summary['requests_per_s']} req/s)"),
+            ("latency p50 / p99", f"{_ms(lat['p50'])} / {_ms(lat['p99'])}"),
+            ("retries", ", ".join(f"{k}: {v}" for k, v in summary["retries"].items()) or "none"),
+            ("exit code", str(summary["exit_code"])),
+        ]
+        for k, v in rows:
+            table.add_row(k, v)
+        self._console.print(table)
+        self._console.print(message)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"

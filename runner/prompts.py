@@ -1,0 +1,46 @@
+"""Rows to requests: render each row's prompt into Messages API parameters and give it an identity key.
+
+The key is a hash of everything that determines the answer (endpoint, model, system, messages, sampling,
+max_tokens, thinking). Two rows that would send the same request share one answer, a template change
+re-sends exactly the rows whose request changed, and yesterday's answers serve today's cron run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from runner.records import Request
+from runner.spec import Job
+
+
+class RequestBuilder:
+    """Renders rows into Requests for one job; everything that is the same for every row is built once."""
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+        m = job.spec.model
+        fixed: dict[str, Any] = {"model": m.name, "max_tokens": m.max_tokens}
+        if m.stop_sequences:
+            fixed["stop_sequences"] = list(m.stop_sequences)
+        if m.thinking is not None:
+            fixed["thinking"] = m.thinking.model_dump(exclude_none=True)
+        # SDK 2.x removed temperature/top_p/top_k as arguments; they travel in the request body.
+        sampling = {
+            k: v for k, v in (("temperature", m.temperature), ("top_p", m.top_p), ("top_k", m.top_k)) if v is not None
+        }
+        if sampling:
+            fixed["extra_body"] = sampling
+        self._fixed = fixed
+        # The endpoint is part of the identity: the same prompt on another platform is another answer.
+        self._salt = json.dumps({"endpoint": job.base_url or job.endpoint_name, **fixed}, sort_keys=True)
+
+    def build(self, row: dict[str, Any]) -> Request:
+        """The request for one row (a mapping of column name to value)."""
+        params = dict(self._fixed)
+        if self._job.system is not None:
+            params["system"] = self._job.system.render(row)
+        params["messages"] = [{"role": "user", "content": self._job.template.render(row)}]
+        blob = json.dumps([self._salt, params.get("system"), params["messages"]], ensure_ascii=False)
+        return Request(hashlib.sha256(blob.encode()).hexdigest()[:32], params)

@@ -1,0 +1,74 @@
+"""The records that flow through a run: a Request goes out, a Result comes back and is stored.
+
+RESULT_SCHEMA is the stored and output form of a Result; every part file and the final output use it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import polars as pl
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request to send: its identity key and the keyword arguments for `messages.create`."""
+
+    key: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What became of one request: the answer and its usage, or the error it ended with."""
+
+    key: str
+    status: Literal["ok", "error"]
+    attempts: int
+    latency_ms: float | None
+    finished_at: dt.datetime
+    model: str | None = None
+    response_text: str | None = None
+    thinking: str | None = None
+    stop_reason: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    request_id: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    retryable: bool = False  # for errors: may a later run send it again without --retry-failed?
+
+
+RESULT_SCHEMA: dict[str, pl.DataType] = {
+    "key": pl.String(),
+    "status": pl.String(),
+    "response_text": pl.String(),
+    "thinking": pl.String(),
+    "stop_reason": pl.String(),
+    "input_tokens": pl.Int64(),
+    "output_tokens": pl.Int64(),
+    "cache_read_input_tokens": pl.Int64(),
+    "cache_creation_input_tokens": pl.Int64(),
+    "latency_ms": pl.Float64(),
+    "attempts": pl.Int32(),
+    "error_type": pl.String(),
+    "error_message": pl.String(),
+    "retryable": pl.Boolean(),
+    "request_id": pl.String(),
+    "model": pl.String(),
+    "finished_at": pl.Datetime("us", "UTC"),
+    "run_id": pl.String(),
+}
+
+
+def results_frame(results: list[Result], run_id: str) -> pl.DataFrame:
+    """Results as a DataFrame in RESULT_SCHEMA, stamped with the run that produced them."""
+    columns: dict[str, list[Any]] = {name: [] for name in RESULT_SCHEMA}
+    for r in results:
+        for name in RESULT_SCHEMA:
+            columns[name].append(run_id if name == "run_id" else getattr(r, name))
+    return pl.DataFrame(columns, schema=RESULT_SCHEMA)

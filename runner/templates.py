@@ -1,0 +1,48 @@
+"""Prompt templates: Jinja2, sandboxed, with StrictUndefined so a missing variable fails loudly.
+
+tpl = compile_template("Review: {{ text }}", origin="jobs/x.yaml: prompt.template")
+tpl.variables          # {"text"}
+tpl.render({"text": "Great."})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+from jinja2 import meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from runner.errors import UsageError
+
+# One environment for the process: templates come from job specs, which may be shared between
+# people, so they get the sandbox (no attribute access to internals) and no autoescaping (prompts
+# are not HTML). keep_trailing_newline keeps a block scalar's final newline, as the user wrote it.
+_ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
+
+
+@dataclass(frozen=True)
+class Template:
+    """A compiled prompt template and the variables it reads."""
+
+    source: str
+    variables: frozenset[str]
+    _compiled: jinja2.Template
+
+    def render(self, row: Mapping[str, Any]) -> str:
+        """Render for one row; a variable the row lacks raises jinja2.UndefinedError."""
+        return self._compiled.render(row)
+
+
+def compile_template(source: str, *, origin: str) -> Template:
+    """Compile `source`, naming `origin` (file and key) in the error if its syntax is wrong."""
+    try:
+        ast = _ENV.parse(source)
+        compiled = _ENV.from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise UsageError(
+            f"{origin}: template syntax error on line {exc.lineno}: {exc.message}; fix the Jinja2 template"
+        ) from exc
+    return Template(source, frozenset(meta.find_undeclared_variables(ast)), compiled)

@@ -35,6 +35,7 @@ from runner.limits import Limits
 from runner.progress import Reporter
 from runner.prompts import RequestBuilder
 from runner.records import Request, Result
+from runner.retries import wait_backoff
 from runner.simulator import SimConfig, SimulatorThread
 from runner.spec import Job
 from runner.store import KEY, Store, write_json_atomic
@@ -105,6 +106,7 @@ async def _run(
             workers=job.concurrency,
             # A cheap worst case for the token bucket: ~4 characters a token, plus the whole answer.
             estimate_tokens=lambda r: len(str(r.params["messages"])) // 4 + max_tokens,
+            wait=wait_backoff(run.backoff_initial_s, run.backoff_max_s),
         )
 
         def sink(result: Result) -> None:

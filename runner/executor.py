@@ -20,7 +20,7 @@ from runner.client import Answer
 from runner.errors import EndpointAborted
 from runner.limits import Limits
 from runner.records import Request, Result
-from runner.retries import Verdict, classify, error_message, error_type, retrying
+from runner.retries import Verdict, classify, error_message, error_type, retrying, wait_backoff
 
 Sink = Callable[[Result], None]
 
@@ -65,6 +65,7 @@ class OnlineExecutor:
         max_attempts: int,
         workers: int,
         estimate_tokens: Callable[[Request], int],
+        wait: wait_backoff | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -73,6 +74,7 @@ class OnlineExecutor:
         self._max_attempts = max_attempts
         self._workers = workers
         self._estimate = estimate_tokens
+        self._wait = wait or wait_backoff()
         self._sleep = sleep
         self._clock = clock
 
@@ -115,7 +117,8 @@ class OnlineExecutor:
                 control.retries[name] = control.retries.get(name, 0) + 1
 
         try:
-            async for attempt in retrying(self._max_attempts, sleep=self._sleep, before_sleep=count_retry):
+            policy = retrying(self._max_attempts, sleep=self._sleep, wait=self._wait, before_sleep=count_retry)
+            async for attempt in policy:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
                     async with self._limits.slot(self._estimate(request)):

@@ -35,7 +35,10 @@ from aiohttp import web
 
 from runner import catalog
 
-FAULTS = ("429_1302", "429_1305", "429_1113", "500", "529", "drop", "slow", "stream_error", "200_error")
+FAULTS = (
+    "429_1302", "429_1305", "429_1113", "429_1308", "500", "529", "drop", "slow", "stream_error", "200_error",
+    "400_1261", "400_1211", "401", "413",
+)  # fmt: skip
 # The mix used when a rate is given without naming faults: every retryable kind, none that abort a run.
 RETRYABLE_FAULTS = ("429_1302", "429_1305", "500", "529", "drop", "stream_error", "200_error")
 
@@ -54,6 +57,13 @@ _ERRORS: dict[str, tuple[int, dict[str, Any]]] = {
         400,
         {"type": "error", "error": {"type": "1211", "message": "Unknown Model, please check the model code."}},
     ),
+    "429_1308": (429, {"type": "error", "error": {"type": "1308", "message": "Usage limit reached for 5 hour."}}),
+    "400_1211": (
+        400,
+        {"type": "error", "error": {"type": "1211", "message": "Unknown Model, please check the model code."}},
+    ),
+    "400_1261": (400, {"type": "error", "error": {"type": "1261", "message": "Prompt too long"}}),
+    "413": (413, {"type": "error", "error": {"type": "request_too_large", "message": "Request too large"}}),
 }
 
 _WORDS = (
@@ -72,6 +82,14 @@ class SimConfig:
     concurrency_cap: int | None = None  # per model; above it: 429 with code 1302
     fault_rate: float = 0.0
     faults: tuple[str, ...] = RETRYABLE_FAULTS
+    # Deterministic faults: each prompt's first `fault_attempts` requests get faults[0], later ones succeed.
+    fault_attempts: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.faults) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown simulator faults {sorted(unknown)}; known: {', '.join(FAULTS)}")
+
     slow_s: float = 30.0  # how long a "slow" fault holds the answer
     retry_after_s: float | None = None  # sent with 429s when set
     api_keys: tuple[str, ...] | None = None  # None: any non-empty key is valid
@@ -114,6 +132,7 @@ class _Stats:
     ok: int = 0
     by_outcome: Counter[str] = field(default_factory=Counter)
     answered: Counter[str] = field(default_factory=Counter)  # prompt hash -> successful answers
+    attempts: Counter[str] = field(default_factory=Counter)  # prompt hash -> requests seen
     in_flight: Counter[str] = field(default_factory=Counter)
     max_in_flight: int = 0
     input_tokens: int = 0
@@ -224,6 +243,11 @@ class Simulator:
                 self._stats.in_flight[model] += 1
                 self._stats.max_in_flight = max(self._stats.max_in_flight, busy + 1)
             fault = self._rng.choice(cfg.faults) if cfg.faults and self._rng.random() < cfg.fault_rate else None
+            if cfg.fault_attempts:
+                prompt_key = hashlib.sha256(prompt_text(body).encode()).hexdigest()
+                self._stats.attempts[prompt_key] += 1
+                if self._stats.attempts[prompt_key] <= cfg.fault_attempts:
+                    fault = cfg.faults[0]
         if over_cap:
             return self._error("429_1302", None)
         try:

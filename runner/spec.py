@@ -92,6 +92,8 @@ class RunSpec(_Strict):
     tokens_per_minute: PositiveFloat | None = None
     max_attempts: PositiveInt = 6
     timeout_s: PositiveFloat = 600.0
+    backoff_initial_s: PositiveFloat = 0.5  # full-jitter exponential backoff between attempts...
+    backoff_max_s: PositiveFloat = 30.0  # ...capped here; a longer retry-after is capped here too
     checkpoint_rows: PositiveInt = 1000
     checkpoint_seconds: PositiveFloat = 2.0
     grace_s: Annotated[float, Field(ge=0)] = 30.0  # on SIGINT/SIGTERM, how long in-flight requests may finish

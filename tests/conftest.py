@@ -1,0 +1,116 @@
+"""Shared fixtures: a real simulator on loopback, a job factory, and a way to call the real CLI.
+
+Nothing here mocks the SDK or the engine: every test sends real HTTP through `anthropic.AsyncAnthropic`
+to `runner.simulator` on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from runner.cli import app
+from runner.simulator import SimConfig, SimulatorThread
+
+API_KEY = "test-key-0123456789abcdef.SECRETVALUE42"
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatorThread]:
+    """A fresh simulator per test, answering at once with no faults."""
+    with SimulatorThread(SimConfig()) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A known key in the environment, and nothing from the developer's own shell."""
+    monkeypatch.setenv("ZHIPUAI_API_KEY", API_KEY)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+
+
+def sample_rows(n: int, start: int = 0) -> list[dict[str, str]]:
+    """n distinct rows with an id and a text."""
+    return [{"id": f"r{i:06d}", "text": f"review number {i}: the product was fine"} for i in range(start, start + n)]
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write rows (dicts with the same keys) as CSV."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id", "text"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """base updated with extra, mappings merged recursively."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@dataclass
+class JobFiles:
+    """A job written to disk: its spec, its input and where its output will be."""
+
+    spec: Path
+    input: Path
+    output: Path
+    summary: Path
+
+
+@pytest.fixture
+def make_job(tmp_path: Path, sim: SimulatorThread) -> Callable[..., JobFiles]:
+    """Write an input CSV and a spec pointing at the test simulator; return their paths."""
+
+    def make(rows: list[dict[str, Any]] | None = None, name: str = "job", **spec: Any) -> JobFiles:
+        data = write_csv(tmp_path / "data" / f"{name}.csv", rows if rows is not None else sample_rows(20))
+        base = {
+            "version": 1,
+            "name": name,
+            "input": {"paths": [f"data/{name}.csv"], "id_column": "id"},
+            "prompt": {"system": "Be brief.", "template": "Summarise: {{ text }}"},
+            "model": {"name": "glm-4.6", "endpoint": sim.url, "max_tokens": 64},
+            "run": {
+                "concurrency": 4,
+                "max_attempts": 4,
+                "timeout_s": 10,
+                "backoff_initial_s": 0.001,
+                "backoff_max_s": 0.01,
+                "checkpoint_seconds": 0.2,
+            },
+            "output": {"path": f"out/{name}.parquet", "keep_columns": ["text"]},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(deep_merge(base, spec), sort_keys=False), encoding="utf-8")
+        out = tmp_path / "out" / f"{name}.parquet"
+        return JobFiles(path, data, out, out.with_suffix(".summary.json"))
+
+    return make
+
+
+@dataclass
+class CliResult:
+    """What one CLI invocation did."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: str) -> CliResult:
+    """Invoke the real `glm-batch` command in-process."""
+    result = CliRunner().invoke(app, [*args, "--log-format", "json"] if args and args[0] == "run" else list(args))
+    return CliResult(result.exit_code, result.stdout, result.stderr)

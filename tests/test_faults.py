@@ -1,0 +1,149 @@
+"""Faults: retried when transient, recorded when the row is wrong, fatal to the run when the account is."""
+
+from __future__ import annotations
+
+import asyncio
+
+import polars as pl
+import pytest
+
+from runner.client import Client
+from runner.executor import Control, OnlineExecutor
+from runner.limits import Limits
+from runner.records import Request, Result
+from runner.retries import wait_backoff
+from runner.simulator import SimulatorThread
+from tests.conftest import API_KEY, cli, sample_rows
+
+RETRYABLE = {
+    "429_1302": "429/1302",  # account concurrency exceeded
+    "429_1305": "429/1305",  # platform overloaded
+    "500": "500/500",
+    "529": "529/overloaded_error",
+    "drop": "connection",  # the server closes the socket without answering
+    "stream_error": "200/overloaded_error",  # an error event in the middle of a stream
+    "200_error": "200/1234",  # a 200 whose body is an error object, not a message
+    "slow": "timeout",  # no answer within run.timeout_s
+}
+
+
+@pytest.mark.parametrize("fault", sorted(RETRYABLE))
+def test_each_transient_fault_is_retried_until_the_row_succeeds(make_job, sim: SimulatorThread, fault: str) -> None:
+    sim.configure(faults=(fault,), fault_attempts=1, slow_s=5.0)
+    stream = fault == "stream_error"
+    job = make_job(sample_rows(6), model={"stream": stream}, run={"timeout_s": 0.5})
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 0, result.stderr
+    out = pl.read_parquet(job.output)
+    assert set(out.get_column("status")) == {"ok"}
+    assert out.get_column("attempts").to_list() == [2] * 6
+    summary_retries = __import__("json").loads(job.summary.read_text())["retries"]
+    assert summary_retries == {RETRYABLE[fault]: 6}
+    assert sim.stats()["prompts_answered_twice"] == 0
+
+
+@pytest.mark.parametrize(("fault", "error_type"), [("400_1261", "400/1261"), ("413", "413/request_too_large")])
+def test_a_request_the_endpoint_rejects_is_not_retried(make_job, sim, fault: str, error_type: str) -> None:
+    sim.configure(faults=(fault,), fault_attempts=1)
+    job = make_job(sample_rows(3))
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 1
+    out = pl.read_parquet(job.output)
+    assert out.height == 3
+    assert set(out.get_column("status")) == {"error"}
+    assert set(out.get_column("error_type")) == {error_type}
+    assert out.get_column("attempts").to_list() == [1, 1, 1]
+    assert sim.stats()["requests"] == 3
+
+
+def test_a_row_that_keeps_failing_is_an_output_row_with_its_error(make_job, sim) -> None:
+    sim.configure(faults=("500",), fault_attempts=99)
+    job = make_job(sample_rows(2), run={"max_attempts": 3})
+
+    assert cli("run", str(job.spec)).exit_code == 1
+
+    out = pl.read_parquet(job.output)
+    assert out.get_column("status").to_list() == ["error", "error"]
+    assert out.get_column("attempts").to_list() == [3, 3]
+    assert out.get_column("error_message").to_list() == ["Internal Error"] * 2
+    assert sim.stats()["requests"] == 6
+
+
+@pytest.mark.parametrize(
+    ("fault", "said"),
+    [
+        ("429_1113", "1113"),  # out of balance, sent as a 429
+        ("429_1308", "1308"),  # coding plan exhausted
+        ("401", "token expired or incorrect"),
+        ("400_1211", "Unknown Model"),
+    ],
+)
+def test_an_account_level_refusal_stops_the_whole_run_early(make_job, sim, fault: str, said: str) -> None:
+    sim.configure(faults=(fault,), fault_attempts=99)
+    job = make_job(sample_rows(200), run={"concurrency": 4})
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 3
+    assert said in result.stderr
+    assert "resume with" in result.stderr
+    # Only the requests already in flight when the first refusal came back were sent, and none retried.
+    assert sim.stats()["requests"] <= 4
+    assert not job.output.exists()
+
+
+def test_a_wrong_key_stops_the_run_and_never_retries(make_job, sim) -> None:
+    sim.configure(api_keys=("the-right-key",))
+    job = make_job(sample_rows(50), run={"concurrency": 2})
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 3
+    assert "401" in result.stderr
+    assert sim.stats()["requests"] <= 2
+
+
+async def test_retry_after_is_honoured_and_waits_are_injected_not_slept(sim: SimulatorThread) -> None:
+    sim.configure(faults=("429_1302",), fault_attempts=2, retry_after_s=7)
+    slept: list[float] = []
+
+    async def record_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    client = Client(sim.url, API_KEY, timeout_s=5, stream=False)
+    executor = OnlineExecutor(
+        client,
+        Limits(concurrency=1, requests_per_minute=None, tokens_per_minute=None),
+        max_attempts=5,
+        workers=1,
+        estimate_tokens=lambda r: 10,
+        wait=wait_backoff(initial=0.5, maximum=60),
+        sleep=record_sleep,
+    )
+    results: list[Result] = []
+
+    async def one() -> asyncio.AsyncIterator[Request]:  # type: ignore[name-defined]
+        yield Request("k", {"model": "glm-4.6", "max_tokens": 16, "messages": [{"role": "user", "content": "x"}]})
+
+    await executor.run(one(), results.append, Control())
+    await client.aclose()
+
+    assert [r.status for r in results] == ["ok"]
+    assert results[0].attempts == 3
+    assert len(slept) == 2 and all(s >= 7 for s in slept)
+
+
+def test_backoff_grows_with_jitter_and_respects_its_cap() -> None:
+    from tenacity import RetryCallState
+
+    wait = wait_backoff(initial=1.0, maximum=4.0)
+    for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (6, 4.0)]:
+        state = RetryCallState(None, None, (), {})
+        state.attempt_number = attempt
+        samples = [wait(state) for _ in range(200)]
+        assert all(0 <= s <= ceiling for s in samples)
+        assert max(samples) > ceiling / 2  # full jitter spreads over the whole range

@@ -1,0 +1,151 @@
+"""A job runs end to end: every input row gets exactly one output row holding its own answer."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+
+from runner.simulator import SimulatorThread, answer_for
+from tests.conftest import cli, sample_rows
+
+
+def expected_answer(text: str) -> str:
+    """What the simulator answers to the default test template's prompt for `text`."""
+    return answer_for(f"Be brief.\nSummarise: {text}")
+
+
+def test_every_row_gets_its_own_answer_in_input_order(make_job, sim: SimulatorThread) -> None:
+    rows = sample_rows(50)
+    job = make_job(rows)
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 0, result.stderr
+    out = pl.read_parquet(job.output)
+    assert out.get_column("id").to_list() == [r["id"] for r in rows]
+    assert out.get_column("text").to_list() == [r["text"] for r in rows]
+    assert out.get_column("response_text").to_list() == [expected_answer(r["text"]) for r in rows]
+    assert set(out.get_column("status")) == {"ok"}
+    assert out.get_column("attempts").to_list() == [1] * 50
+    assert sim.stats()["ok"] == 50
+
+
+def test_output_has_the_documented_columns_and_usage(make_job) -> None:
+    job = make_job(sample_rows(3))
+
+    assert cli("run", str(job.spec)).exit_code == 0
+
+    out = pl.read_parquet(job.output)
+    assert out.columns[:2] == ["id", "text"]
+    for column in (
+        "response_text",
+        "thinking",
+        "stop_reason",
+        "input_tokens",
+        "output_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+        "latency_ms",
+        "attempts",
+        "status",
+        "error_type",
+        "error_message",
+        "request_id",
+        "model",
+        "finished_at",
+    ):
+        assert column in out.columns
+    assert (out.get_column("input_tokens") > 0).all()
+    assert (out.get_column("output_tokens") > 0).all()
+    assert out.get_column("stop_reason").to_list() == ["end_turn"] * 3
+    assert out.get_column("request_id").str.starts_with("msg_").all()
+    assert out.get_column("model").to_list() == ["glm-4.6"] * 3
+
+
+def test_streaming_captures_the_full_message_and_usage(make_job) -> None:
+    rows = sample_rows(5)
+    job = make_job(rows, model={"stream": True, "thinking": {"type": "enabled", "budget_tokens": 32}})
+
+    assert cli("run", str(job.spec)).exit_code == 0
+
+    out = pl.read_parquet(job.output)
+    assert out.get_column("response_text").to_list() == [expected_answer(r["text"]) for r in rows]
+    # Zhipu streams zeros in message_start; the real counts arrive in message_delta and must be kept.
+    assert (out.get_column("input_tokens") > 0).all()
+    assert out.get_column("thinking").str.starts_with("Considering answer-").all()
+
+
+def test_a_max_tokens_past_the_sdk_guard_is_streamed_not_refused(make_job) -> None:
+    job = make_job(sample_rows(2), model={"max_tokens": 64000})
+
+    assert cli("run", str(job.spec)).exit_code == 0
+    assert set(pl.read_parquet(job.output).get_column("status")) == {"ok"}
+
+
+def test_duplicate_rows_are_answered_once_and_both_get_the_answer(make_job, sim: SimulatorThread) -> None:
+    rows = [{"id": "a", "text": "same"}, {"id": "b", "text": "same"}, {"id": "c", "text": "other"}]
+    job = make_job(rows)
+
+    assert cli("run", str(job.spec)).exit_code == 0
+
+    out = pl.read_parquet(job.output)
+    assert out.get_column("response_text").to_list() == [expected_answer("same")] * 2 + [expected_answer("other")]
+    assert sim.stats()["requests"] == 2
+
+
+def test_rows_without_an_id_column_get_stable_content_ids(make_job) -> None:
+    job = make_job(sample_rows(4), input={"id_column": None})
+
+    assert cli("run", str(job.spec)).exit_code == 0
+    first = pl.read_parquet(job.output).get_column("id").to_list()
+    assert cli("run", str(job.spec), "--fresh").exit_code == 0
+    assert pl.read_parquet(job.output).get_column("id").to_list() == first
+    assert len(set(first)) == 4
+
+
+def test_sampling_params_travel_in_the_body(make_job, sim: SimulatorThread) -> None:
+    job = make_job(sample_rows(2), model={"temperature": 0.3, "top_p": 0.9})
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 0, result.stderr  # SDK 2.x raises TypeError if these go as arguments
+
+
+def test_limit_reads_only_the_first_rows(make_job, sim: SimulatorThread) -> None:
+    job = make_job(sample_rows(30))
+
+    assert cli("run", str(job.spec), "--limit", "7").exit_code == 0
+
+    assert pl.read_parquet(job.output).height == 7
+    assert sim.stats()["requests"] == 7
+
+
+def test_a_summary_is_written_beside_the_output(make_job) -> None:
+    job = make_job(sample_rows(10))
+
+    assert cli("run", str(job.spec)).exit_code == 0
+
+    summary = json.loads(job.summary.read_text())
+    assert summary["exit_code"] == 0
+    assert summary["rows_total"] == 10
+    assert summary["answered_ok"] == 10
+    assert summary["tokens"]["input"] > 0
+    assert summary["latency_ms"]["p50"] is not None
+    assert summary["output"] == str(job.output)
+
+
+def test_the_demo_job_runs_offline_on_the_builtin_simulator(tmp_path) -> None:
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    shutil.copytree(repo / "jobs", tmp_path / "jobs")
+    shutil.copytree(repo / "data", tmp_path / "data")
+
+    result = cli("run", str(tmp_path / "jobs" / "demo.yaml"), "--set", "run.backoff_initial_s=0.01")
+
+    assert result.exit_code == 0, result.stderr
+    out = pl.read_parquet(tmp_path / "out" / "demo.parquet")
+    assert out.height == 200
+    assert set(out.get_column("status")) == {"ok"}

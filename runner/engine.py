@@ -79,6 +79,8 @@ async def _run(
     tally = Tally(rows_total=source.frame.select(pl.len()).collect().item())
     if store.lock.took_over:
         reporter.event("stale_lock_taken_over", previous=store.lock.took_over)
+    if store.recovered:
+        reporter.event("journal_recovered", answers=store.recovered)
     if store.corrupt:
         reporter.event("corrupt_parts_quarantined", files=[str(p) for p in store.corrupt])
     settled = _empty_keys() if options.fresh else store.settled_keys(retry_failed=options.retry_failed)
@@ -123,11 +125,12 @@ async def _run(
             store.flush()
             await client.aclose()
 
-    finalized = False
+    failed_rows: int | None = None  # None: not finalized, the output is not complete yet
     if control.reason is None and store.unanswered_rows() == 0:
-        store.finalize(job.spec.input.id_column or "id")
-        finalized = True
-    exit_code, message = _outcome(job, control, tally, finalized)
+        counts = store.finalize(job.spec.input.id_column or "id")
+        failed_rows = int(counts.filter(pl.col("status") != "ok").get_column("rows").sum())
+    finalized = failed_rows is not None
+    exit_code, message = _outcome(job, control, failed_rows)
     summary = _summary(job, store, tally, control, started_at, exit_code, finalized)
     write_json_atomic(summary, job.output_path.with_suffix(".summary.json"))
     store.record_run(summary)
@@ -251,17 +254,21 @@ def _endpoint(job: Job) -> Iterator[str]:
         yield server.url
 
 
-def _outcome(job: Job, control: Control, tally: Tally, finalized: bool) -> tuple[int, str]:
+def _outcome(job: Job, control: Control, failed_rows: int | None) -> tuple[int, str]:
+    """The exit code and message; for a finished run they describe the whole output, not just this run."""
     resume = f"glm-batch run {job.spec_path}"
     if control.aborted is not None:
         return control.aborted.exit_code, f"{control.aborted}; fix that, then resume with: {resume}"
     if control.reason in ("SIGINT", "SIGTERM"):
         code = 130 if control.reason == "SIGINT" else 143
         return code, f"interrupted by {control.reason}; answers so far are saved; resume with: {resume}"
-    if not finalized:
+    if failed_rows is None:
         return 1, f"some rows have no answer yet; resume with: {resume}"
-    if tally.failed:
-        return 1, f"finished with {tally.failed} failed requests; see error_type in {job.output_path}"
+    if failed_rows:
+        return 1, (
+            f"finished; {failed_rows} rows failed (see error_type in {job.output_path}); "
+            f"send them again with: {resume} --retry-failed"
+        )
     return 0, f"all rows answered; results in {job.output_path}"
 
 

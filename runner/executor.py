@@ -83,14 +83,14 @@ class OnlineExecutor:
         queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=self._workers * 2)
 
         async def feed() -> None:
-            try:
-                async for request in requests:
-                    if control.stopping.is_set():
-                        break
-                    await queue.put(request)
-            finally:
-                for _ in range(self._workers):
-                    await queue.put(None)
+            async for request in requests:
+                if control.stopping.is_set():
+                    break
+                await queue.put(request)
+            # One sentinel per worker, on the normal path only: when the run is cancelled the task group
+            # cancels the workers itself, and nobody would drain a full queue to take them.
+            for _ in range(self._workers):
+                await queue.put(None)
 
         async def work() -> None:
             while (request := await queue.get()) is not None:

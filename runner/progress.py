@@ -163,8 +163,7 @@ class RichReporter:
         ]
         for k, v in rows:
             table.add_row(k, v)
-        self._console.print(table)
-        self._console.print(message)
+        self._console.print(table)  # the CLI prints `message` itself, on stdout or stderr by outcome
 
 
 def _ms(value: float | None) -> str:

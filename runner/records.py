@@ -6,6 +6,7 @@ RESULT_SCHEMA is the stored and output form of a Result; every part file and the
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -63,6 +64,22 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "finished_at": pl.Datetime("us", "UTC"),
     "run_id": pl.String(),
 }
+
+
+def result_to_json(result: Result) -> str:
+    """One result as a JSON line for the write-ahead journal."""
+    data = {name: getattr(result, name) for name in Result.__slots__}
+    data["finished_at"] = result.finished_at.isoformat()
+    return json.dumps(data, ensure_ascii=False)
+
+
+def result_from_json(line: str) -> Result:
+    """The inverse of result_to_json; raises ValueError on a torn or foreign line."""
+    data = json.loads(line)
+    if not isinstance(data, dict) or "key" not in data:
+        raise ValueError("not a journal record")
+    data["finished_at"] = dt.datetime.fromisoformat(data["finished_at"])
+    return Result(**data)
 
 
 def results_frame(results: list[Result], run_id: str) -> pl.DataFrame:

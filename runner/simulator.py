@@ -84,6 +84,7 @@ class SimConfig:
     faults: tuple[str, ...] = RETRYABLE_FAULTS
     # Deterministic faults: each prompt's first `fault_attempts` requests get faults[0], later ones succeed.
     fault_attempts: int = 0
+    fault_match: str | None = None  # when set, only prompts containing this text are ever faulted
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(FAULTS)
@@ -243,7 +244,9 @@ class Simulator:
                 self._stats.in_flight[model] += 1
                 self._stats.max_in_flight = max(self._stats.max_in_flight, busy + 1)
             fault = self._rng.choice(cfg.faults) if cfg.faults and self._rng.random() < cfg.fault_rate else None
-            if cfg.fault_attempts:
+            if cfg.fault_match is not None and cfg.fault_match not in prompt_text(body):
+                fault = None
+            elif cfg.fault_attempts:
                 prompt_key = hashlib.sha256(prompt_text(body).encode()).hexdigest()
                 self._stats.attempts[prompt_key] += 1
                 if self._stats.attempts[prompt_key] <= cfg.fault_attempts:

@@ -3,12 +3,16 @@
 Layout of a job's state directory (beside the output, `.glm-batch/<job name>/`)::
 
     lock                        flock held by the running process; names its pid and host
+    journal-<run>.jsonl         write-ahead journal: each answer appended the moment it arrives
     results/part-<run>-<n>.parquet   answers (ok and failed), keyed by request key, from every run
     rows/rows-<n>.parquet       this run's input map: row position, id, request key, kept columns
     manifest.json               the last runs: spec hash, inputs, counts, tokens, duration, exit code
 
-Every file is written to a temporary name, fsynced and renamed, so `kill -9` at any instant leaves either
-the old state or the new one. A part file that still fails to read (a torn disk write) is moved to
+An answer is appended to the journal with one write() as soon as it arrives, so a killed process loses
+only the requests that were still in flight; every `checkpoint_seconds` the journal's answers become a
+Parquet part and the journal is emptied. The next run folds any journal a dead run left into a part.
+Every Parquet or JSON file is written to a temporary name, fsynced and renamed, so `kill -9` at any
+instant leaves either the old state or the new one. A part file that still fails to read (a torn disk write) is moved to
 `corrupt/` and its rows are sent again; it is never read as if it were whole.
 
 Answers are keyed by request key, not by row: a row is done when its request has a durable ok answer
@@ -30,7 +34,7 @@ import polars as pl
 
 from runner.errors import LockHeld
 from runner.inputs import ID, ROW
-from runner.records import RESULT_SCHEMA, Result, results_frame
+from runner.records import RESULT_SCHEMA, Result, result_from_json, result_to_json, results_frame
 
 KEY = "key"
 # The answer columns of the output, in the order people read them; the id and kept columns come first.
@@ -155,6 +159,8 @@ class Store:
         self._pending: list[Result] = []
         self._part_seq = 0
         self._rows_seq = 0
+        self._journal: int | None = None
+        self.recovered = 0  # answers recovered from journals of runs that died
 
     # ---- opening --------------------------------------------------------------------------------
 
@@ -165,6 +171,8 @@ class Store:
         self.results_dir.mkdir(exist_ok=True)
         for tmp in self.state_dir.rglob("*.tmp"):
             tmp.unlink()
+        for journal in sorted(self.state_dir.glob("journal-*.jsonl")):
+            self._recover(journal)
         for part in sorted(self.results_dir.glob("*.parquet")):
             try:
                 pl.read_parquet(part, columns=[KEY, "status"])
@@ -174,6 +182,22 @@ class Store:
             for old in self.rows_dir.glob("*.parquet"):
                 old.unlink()
         self.rows_dir.mkdir(exist_ok=True)
+        journal = self.state_dir / f"journal-{self.run_id}.jsonl"
+        self._journal = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def _recover(self, journal: Path) -> None:
+        """Turn a dead run's journal into a part; a torn last line (the kill came mid-write) is dropped."""
+        results = []
+        for line in journal.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                results.append(result_from_json(line))
+            except (ValueError, TypeError):
+                continue
+        if results:
+            run_id = journal.stem.removeprefix("journal-")
+            write_atomic(results_frame(results, run_id), self.results_dir / f"part-{run_id}-recovered.parquet")
+            self.recovered += len(results)
+        journal.unlink()
 
     def _quarantine(self, part: Path) -> None:
         dest = self.state_dir / "corrupt"
@@ -182,8 +206,12 @@ class Store:
         self.corrupt.append(dest / part.name)
 
     def close(self) -> None:
-        """Flush what is buffered and release the lock (safe to call twice)."""
+        """Flush what is buffered, remove the empty journal and release the lock (safe to call twice)."""
         self.flush()
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
+            (self.state_dir / f"journal-{self.run_id}.jsonl").unlink(missing_ok=True)
         self.lock.release()
 
     def result_parts(self) -> list[Path]:
@@ -208,7 +236,9 @@ class Store:
         self._rows_seq += 1
 
     def add(self, result: Result) -> None:
-        """Buffer one result; `flush` makes it durable."""
+        """Journal one result at once (it survives a kill from here on) and buffer it for the next part."""
+        assert self._journal is not None, "Store.open() first"
+        os.write(self._journal, (result_to_json(result) + "\n").encode())
         self._pending.append(result)
 
     @property
@@ -224,6 +254,10 @@ class Store:
         write_atomic(frame, self.results_dir / f"part-{self.run_id}-{self._part_seq:06d}.parquet")
         self._part_seq += 1
         self._pending = []
+        if self._journal is not None:
+            # Everything journalled is now in the part. A kill between the rename and this truncate
+            # leaves the same answers twice, which is harmless: answers are deduplicated by key.
+            os.ftruncate(self._journal, 0)
 
     # ---- finishing ------------------------------------------------------------------------------
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import polars as pl
 
 from runner.accounting import Tally
@@ -38,7 +37,7 @@ from runner.records import Request, Result
 from runner.retries import wait_backoff
 from runner.simulator import SimConfig, SimulatorThread
 from runner.spec import Job
-from runner.store import KEY, Store, write_json_atomic
+from runner.store import KEY, SettledKeys, Store, write_json_atomic
 
 RENDER_BATCH_ROWS = 2000  # rows rendered per step; small enough not to stall responses for long
 
@@ -83,7 +82,7 @@ async def _run(
         reporter.event("journal_recovered", answers=store.recovered)
     if store.corrupt:
         reporter.event("corrupt_parts_quarantined", files=[str(p) for p in store.corrupt])
-    settled = _empty_keys() if options.fresh else store.settled_keys(retry_failed=options.retry_failed)
+    settled = SettledKeys.none() if options.fresh else store.settled_keys(retry_failed=options.retry_failed)
     control = Control()
     run = job.spec.run
 
@@ -117,7 +116,15 @@ async def _run(
             if store.buffered >= run.checkpoint_rows:
                 store.flush()
 
-        requests = _pending_requests(job, source, store, settled, tally, sink)
+        fingerprint = _fingerprint(job)
+        unchanged = not options.fresh and store.row_map_is_current(fingerprint, settled)
+        if unchanged:
+            # Nothing changed since a run that answered every row: no row needs rendering.
+            tally.rows_seen = tally.rows_settled = tally.rows_total
+            requests: AsyncIterator[Request] = _nothing()
+        else:
+            store.reset_row_map()
+            requests = _pending_requests(job, source, store, settled, tally, sink, fingerprint)
         reporter.start(job, tally)
         try:
             await _execute(executor.run(requests, sink, control), control, store, tally, limits, run, reporter)
@@ -126,7 +133,7 @@ async def _run(
             await client.aclose()
 
     failed_rows: int | None = None  # None: not finalized, the output is not complete yet
-    if control.reason is None and store.unanswered_rows() == 0:
+    if control.reason is None and (unchanged or store.unanswered_rows() == 0):
         counts = store.finalize(job.spec.input.id_column or "id")
         failed_rows = int(counts.filter(pl.col("status") != "ok").get_column("rows").sum())
     finalized = failed_rows is not None
@@ -185,37 +192,59 @@ async def _execute(
         reporter.tick(tally, limits, control)
 
 
+async def _nothing() -> AsyncIterator[Request]:
+    return
+    yield  # pragma: no cover - makes this an (empty) async generator
+
+
+def _fingerprint(job: Job) -> dict[str, Any]:
+    """What a row map depends on: the spec (after overrides) and each input file's identity."""
+    files = []
+    for path in job.input_paths:
+        st = path.stat()
+        files.append([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
+    return {"spec_hash": job.spec_hash, "inputs": files}
+
+
 async def _pending_requests(
-    job: Job, source: InputSource, store: Store, settled: pl.DataFrame, tally: Tally, sink: Any
+    job: Job,
+    source: InputSource,
+    store: Store,
+    settled: SettledKeys,
+    tally: Tally,
+    sink: Any,
+    fingerprint: dict[str, Any],
 ) -> AsyncIterator[Request]:
     """Render every input row; record its request key; yield each unsettled request once."""
     builder = RequestBuilder(job)
     queued: set[str] = set()
     for frame in source.batches(RENDER_BATCH_ROWS):
         keys: list[str] = []
-        fresh: list[Request] = []
+        requests: list[Request | None] = []
         for row in frame.iter_rows(named=True):
             try:
                 request = builder.build(row)
-            except jinja2.TemplateError as exc:
+            except Exception as exc:  # a user template failing on one row's values fails that row only
                 keys.append(_render_failure(row, exc, sink))
+                requests.append(None)
                 continue
             keys.append(request.key)
-            fresh.append(request)
-        rows = frame.select(ROW, ID, *source.keep_columns).with_columns(pl.Series(KEY, keys, dtype=pl.String))
-        store.add_rows(rows)
-        unsettled = set(rows.select(KEY).join(settled, on=KEY, how="anti").get_column(KEY).to_list())
+            requests.append(request)
+        key_series = pl.Series(KEY, keys, dtype=pl.String)
+        store.add_rows(frame.select(ROW, ID, *source.keep_columns).with_columns(key_series))
+        done = settled.contains(key_series).to_list()
         tally.rows_seen += frame.height
-        tally.rows_settled += rows.join(settled, on=KEY, how="semi").height
-        for request in fresh:
-            if request.key in unsettled and request.key not in queued:
-                queued.add(request.key)
+        tally.rows_settled += sum(done)
+        for pending, is_done in zip(requests, done, strict=True):
+            if pending is not None and not is_done and pending.key not in queued:
+                queued.add(pending.key)
                 tally.requests_queued += 1
-                yield request
+                yield pending
         await asyncio.sleep(0)  # let answers in between batches
+    store.seal_row_map(fingerprint)  # reached only when every input row was rendered
 
 
-def _render_failure(row: dict[str, Any], exc: jinja2.TemplateError, sink: Any) -> str:
+def _render_failure(row: dict[str, Any], exc: Exception, sink: Any) -> str:
     """Record a row whose prompt cannot be rendered as a failed row; no request is sent for it."""
     key = f"render-{row[ID]}"
     sink(
@@ -226,14 +255,10 @@ def _render_failure(row: dict[str, Any], exc: jinja2.TemplateError, sink: Any) -
             latency_ms=None,
             finished_at=dt.datetime.now(dt.UTC),
             error_type="render_error",
-            error_message=str(exc),
+            error_message=f"{type(exc).__name__}: {exc}",
         )
     )
     return key
-
-
-def _empty_keys() -> pl.DataFrame:
-    return pl.DataFrame({KEY: []}, schema={KEY: pl.String})
 
 
 @contextlib.contextmanager

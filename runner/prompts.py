@@ -33,14 +33,27 @@ class RequestBuilder:
         if sampling:
             fixed["extra_body"] = sampling
         self._fixed = fixed
+        # A system prompt without variables is the same for every row: render it once.
+        system = job.system
+        self._system: str | None = system.render({}) if system is not None and not system.variables else None
         # The endpoint is part of the identity: the same prompt on another platform is another answer.
-        self._salt = json.dumps({"endpoint": job.base_url or job.endpoint_name, **fixed}, sort_keys=True)
+        salt = json.dumps({"endpoint": job.base_url or job.endpoint_name, **fixed}, sort_keys=True)
+        self._salt = hashlib.sha256(salt.encode())
 
     def build(self, row: dict[str, Any]) -> Request:
         """The request for one row (a mapping of column name to value)."""
         params = dict(self._fixed)
-        if self._job.system is not None:
+        if self._system is not None:
+            params["system"] = self._system
+        elif self._job.system is not None:
             params["system"] = self._job.system.render(row)
-        params["messages"] = [{"role": "user", "content": self._job.template.render(row)}]
-        blob = json.dumps([self._salt, params.get("system"), params["messages"]], ensure_ascii=False)
-        return Request(hashlib.sha256(blob.encode()).hexdigest()[:32], params)
+        content = self._job.template.render(row)
+        params["messages"] = [{"role": "user", "content": content}]
+        # The key: everything fixed (hashed once), then the system prompt and the message, each
+        # length-prefixed so that no two different prompts can run together into the same bytes.
+        digest = self._salt.copy()
+        for part in (params.get("system") or "", content):
+            data = part.encode()
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+        return Request(digest.hexdigest()[:32], params)

@@ -5,7 +5,8 @@ Layout of a job's state directory (beside the output, `.glm-batch/<job name>/`):
     lock                        flock held by the running process; names its pid and host
     journal-<run>.jsonl         write-ahead journal: each answer appended the moment it arrives
     results/part-<run>-<n>.parquet   answers (ok and failed), keyed by request key, from every run
-    rows/rows-<n>.parquet       this run's input map: row position, id, request key, kept columns
+    rows/rows-<n>.parquet       the input map: row position, id, request key, kept columns
+    rows/fingerprint.json       what the map was built from (spec hash, input sizes and mtimes)
     manifest.json               the last runs: spec hash, inputs, counts, tokens, duration, exit code
 
 An answer is appended to the journal with one write() as soon as it arrives, so a killed process loses
@@ -37,6 +38,10 @@ from runner.inputs import ID, ROW
 from runner.records import RESULT_SCHEMA, Result, result_from_json, result_to_json, results_frame
 
 KEY = "key"
+ROW_MAP_FILE_ROWS = 100_000  # rows per row-map file: few files, bounded memory
+BUCKET_ROWS = 200_000  # results per bucket when compacting and joining
+OUTPUT_CHUNK_ROWS = 50_000  # rows put in order at a time when writing the output
+ROW_GROUP_ROWS = 20_000  # small row groups let row-range reads skip what they do not need
 # The answer columns of the output, in the order people read them; the id and kept columns come first.
 OUTPUT_COLUMNS = (
     "response_text",
@@ -145,6 +150,56 @@ def _alive(pid: int, host: str | None) -> bool:
     return True
 
 
+class Buckets:
+    """A split of request keys into `count` buckets of about BUCKET_ROWS results, by leading hex digits.
+
+    Keys are sha256 hex, so the leading digits spread evenly. Compacting and joining one bucket at a
+    time bounds memory by the bucket, not by the job: a 10M-row job finishes like a 200k-row one.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    @classmethod
+    def for_rows(cls, rows: int) -> Buckets:
+        """Enough buckets for `rows` results (at most 256: two hex digits)."""
+        return cls(max(1, min(256, -(-rows // BUCKET_ROWS))))
+
+    def member(self, bucket: int) -> pl.Expr:
+        """True for the keys in `bucket`."""
+        lead = pl.col(KEY).str.slice(0, 2).str.to_integer(base=16, strict=False).fill_null(0)
+        return lead % self.count == bucket
+
+
+class SettledKeys:
+    """The request keys that need no sending, sorted, with a vectorised membership test.
+
+    A sorted Series and binary search: each batch costs O(batch * log N), and nothing is rebuilt per
+    batch (a join would hash all N keys again for every batch of a million-row resume).
+    """
+
+    def __init__(self, sorted_keys: pl.Series) -> None:
+        self._keys = sorted_keys
+        self.size = sorted_keys.len()
+
+    @classmethod
+    def none(cls) -> SettledKeys:
+        """No key is settled (a --fresh run)."""
+        return cls(pl.Series(KEY, [], dtype=pl.String))
+
+    def covers(self, keys: pl.LazyFrame) -> bool:
+        """Is every key in `keys` settled? (A hash anti-join: for a whole map, not a batch.)"""
+        missing = keys.join(self._keys.to_frame(KEY).lazy(), on=KEY, how="anti").select(pl.len()).collect()
+        return int(missing.item()) == 0
+
+    def contains(self, keys: pl.Series) -> pl.Series:
+        """A boolean Series: is each of `keys` settled?"""
+        if self.size == 0:
+            return pl.Series([False] * keys.len(), dtype=pl.Boolean)
+        pos = self._keys.search_sorted(keys, side="left").clip(0, self.size - 1)
+        return self._keys.gather(pos) == keys
+
+
 class Store:
     """One job's durable state for one run: the lock, the row map, the results, the final output."""
 
@@ -160,6 +215,8 @@ class Store:
         self._part_seq = 0
         self._rows_seq = 0
         self._journal: int | None = None
+        self._rows: list[pl.DataFrame] = []  # row map waiting to be written
+        self._rows_buffered = 0
         self.recovered = 0  # answers recovered from journals of runs that died
 
     # ---- opening --------------------------------------------------------------------------------
@@ -175,12 +232,11 @@ class Store:
             self._recover(journal)
         for part in sorted(self.results_dir.glob("*.parquet")):
             try:
-                pl.read_parquet(part, columns=[KEY, "status"])
+                # A torn write loses the footer, so reading the footer is the check (and it is cheap).
+                if pl.read_parquet_schema(part).keys() != RESULT_SCHEMA.keys():
+                    raise ValueError("unexpected columns")
             except Exception:  # any failure to read means the file is not whole; never trust it
                 self._quarantine(part)
-        if self.rows_dir.exists():
-            for old in self.rows_dir.glob("*.parquet"):
-                old.unlink()
         self.rows_dir.mkdir(exist_ok=True)
         journal = self.state_dir / f"journal-{self.run_id}.jsonl"
         self._journal = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -218,22 +274,62 @@ class Store:
         """Every readable results part, oldest first."""
         return sorted(self.results_dir.glob("*.parquet"))
 
-    def settled_keys(self, *, retry_failed: bool) -> pl.DataFrame:
+    def settled_keys(self, *, retry_failed: bool) -> SettledKeys:
         """Keys that need no request: answered ok, or failed for good (unless `retry_failed`)."""
         parts = self.result_parts()
         if not parts:
-            return pl.DataFrame({KEY: []}, schema={KEY: pl.String})
+            return SettledKeys(pl.Series(KEY, [], dtype=pl.String))
         settled = pl.col("status") == "ok"
         if not retry_failed:
             settled = settled | ~pl.col("retryable")
-        return pl.scan_parquet(parts).filter(settled).select(KEY).unique().collect()
+        keys = pl.scan_parquet(parts).filter(settled).select(KEY).unique().sort(KEY).collect()
+        return SettledKeys(keys.get_column(KEY))
 
-    # ---- writing --------------------------------------------------------------------------------
+    # ---- the row map ----------------------------------------------------------------------------
+
+    def row_map_is_current(self, fingerprint: dict[str, Any], settled: SettledKeys) -> bool:
+        """True when the last complete row map was built from these very inputs and this spec, and every
+        key in it is settled: then no row needs rendering and the run only has to write the output."""
+        path = self.rows_dir / "fingerprint.json"
+        try:
+            if json.loads(path.read_text(encoding="utf-8")) != fingerprint:
+                return False
+        except (OSError, json.JSONDecodeError):
+            return False
+        rows = pl.scan_parquet(sorted(self.rows_dir.glob("rows-*.parquet"))).select(KEY)
+        return settled.covers(rows)
+
+    def reset_row_map(self) -> None:
+        """Forget the previous map; this run writes a new one as it renders."""
+        (self.rows_dir / "fingerprint.json").unlink(missing_ok=True)
+        for old in self.rows_dir.glob("*.parquet"):
+            old.unlink()
+        self._rows_seq = 0
+        self._rows, self._rows_buffered = [], 0
 
     def add_rows(self, rows: pl.DataFrame) -> None:
-        """Record a batch of this run's input rows (position, id, request key, kept columns) durably."""
-        write_atomic(rows, self.rows_dir / f"rows-{self._rows_seq:08d}.parquet")
-        self._rows_seq += 1
+        """Record a batch of input rows (position, id, request key, kept columns), in input order.
+
+        The map is written in large files: it is only trusted once sealed, and a run that dies before
+        sealing it leaves a map the next run throws away, so it needs no per-batch durability.
+        """
+        self._rows.append(rows)
+        self._rows_buffered += rows.height
+        if self._rows_buffered >= ROW_MAP_FILE_ROWS:
+            self._write_rows()
+
+    def _write_rows(self) -> None:
+        if self._rows:
+            write_atomic(pl.concat(self._rows), self.rows_dir / f"rows-{self._rows_seq:08d}.parquet")
+            self._rows_seq += 1
+            self._rows, self._rows_buffered = [], 0
+
+    def seal_row_map(self, fingerprint: dict[str, Any]) -> None:
+        """Mark the map complete (every input row rendered) and record what it was built from."""
+        self._write_rows()
+        write_json_atomic(fingerprint, self.rows_dir / "fingerprint.json")
+
+    # ---- writing --------------------------------------------------------------------------------
 
     def add(self, result: Result) -> None:
         """Journal one result at once (it survives a kill from here on) and buffer it for the next part."""
@@ -261,50 +357,117 @@ class Store:
 
     # ---- finishing ------------------------------------------------------------------------------
 
-    def _best_results(self) -> pl.LazyFrame:
-        """One result per key: an ok answer over an error, the newest over older ones."""
-        return (
-            pl.scan_parquet(self.result_parts(), schema=RESULT_SCHEMA)
-            .with_columns((pl.col("status") == "ok").alias("_ok"))
-            .sort([KEY, "_ok", "finished_at"])
-            .unique(subset=[KEY], keep="last", maintain_order=True)
-            .drop("_ok")
-        )
+    def _compacted(self, parts: list[Path]) -> bool:
+        return bool(parts) and all("-compact-" in p.name for p in parts)
+
+    def compact_results(self) -> list[Path]:
+        """Fold all parts into compact buckets holding one result per key (an ok answer over an error,
+        the newest over older ones); return the bucket files. Nothing to do when already compact."""
+        parts = self.result_parts()
+        if self._compacted(parts) or not parts:
+            return parts
+        results = pl.scan_parquet(parts, schema=RESULT_SCHEMA)
+        buckets = Buckets.for_rows(int(results.select(pl.len()).collect().item()))
+        written = []
+        for b in range(buckets.count):
+            target = self.results_dir / f"part-{self.run_id}-compact-{b:03d}.parquet"
+            tmp = target.with_name(target.name + ".tmp")
+            (
+                results.filter(buckets.member(b))
+                .with_columns((pl.col("status") == "ok").alias("_ok"))
+                .sort([KEY, "_ok", "finished_at"])
+                .unique(subset=[KEY], keep="last", maintain_order=True)
+                .drop("_ok")
+                .sink_parquet(tmp)
+            )
+            _fsync_rename(tmp, target)
+            written.append(target)
+        for part in parts:
+            part.unlink()
+        return written
+
+    def _row_map(self) -> pl.LazyFrame:
+        self._write_rows()
+        return pl.scan_parquet(sorted(self.rows_dir.glob("rows-*.parquet")))
 
     def unanswered_rows(self) -> int:
-        """How many of this run's input rows have no result at all yet."""
-        rows = pl.scan_parquet(sorted(self.rows_dir.glob("*.parquet")))
+        """How many rows of the row map have no result at all yet."""
         answered = pl.scan_parquet(self.result_parts(), schema=RESULT_SCHEMA).select(KEY).unique()
-        return int(rows.join(answered, on=KEY, how="anti").select(pl.len()).collect().item())
+        return int(self._row_map().join(answered, on=KEY, how="anti").select(pl.len()).collect().item())
+
+    def _output_record(self, parts: list[Path]) -> dict[str, Any]:
+        """What an output was built from: the row map's fingerprint and the answer files."""
+        try:
+            fingerprint = json.loads((self.rows_dir / "fingerprint.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            fingerprint = None
+        return {"output": str(self.output_path), "row_map": fingerprint, "parts": [p.name for p in parts]}
+
+    def _output_is_current(self, record: dict[str, Any]) -> dict[str, int] | None:
+        """The status counts of the existing output, if it was written from exactly this state."""
+        try:
+            last = json.loads((self.state_dir / "output.json").read_text(encoding="utf-8"))
+            st = self.output_path.stat()
+        except (OSError, json.JSONDecodeError):
+            return None
+        if record["row_map"] is None or {k: last.get(k) for k in record} != record:
+            return None
+        if [st.st_size, st.st_mtime_ns] != last.get("file"):
+            return None
+        counts = last.get("counts")
+        return counts if isinstance(counts, dict) else None
 
     def finalize(self, id_name: str) -> pl.DataFrame:
-        """Compact answers into the output Parquet in input order (atomically); return status counts."""
-        rows = pl.scan_parquet(sorted(self.rows_dir.glob("*.parquet")))
+        """Write the output Parquet in input order (atomically) from the compacted answers; return
+        the status counts. Each key bucket is joined on its own and the output is assembled in row
+        ranges, so memory stays bounded by a bucket. An output already written from this very state
+        (same row map, same answers, file untouched) is left as it is."""
+        parts = self.compact_results()
+        record = self._output_record(parts)
+        counts = self._output_is_current(record)
+        if counts is not None:
+            return pl.DataFrame({"status": list(counts), "rows": list(counts.values())})
+        frame = self._write_output(parts, id_name)
+        st = self.output_path.stat()
+        counts = dict(zip(frame.get_column("status").to_list(), frame.get_column("rows").to_list(), strict=True))
+        write_json_atomic(
+            {**record, "file": [st.st_size, st.st_mtime_ns], "counts": counts}, self.state_dir / "output.json"
+        )
+        return frame
+
+    def _write_output(self, parts: list[Path], id_name: str) -> pl.DataFrame:
+        rows = self._row_map()
         kept = [c for c in rows.collect_schema().names() if c not in (ROW, ID, KEY)]
+        answers = pl.scan_parquet(parts, schema=RESULT_SCHEMA)
+        buckets = Buckets.for_rows(int(answers.select(pl.len()).collect().item()))
+        pieces = []
+        for b in range(buckets.count):
+            piece = self.state_dir / f"output-{b:03d}.parquet.tmp"
+            share = answers.filter(buckets.member(b))
+            joined = rows.filter(buckets.member(b)).join(share, on=KEY, how="left", maintain_order="left")
+            joined.sink_parquet(piece, row_group_size=ROW_GROUP_ROWS)
+            pieces.append(piece)
+        # Each piece is in row order; the output is built as consecutive row ranges, each read from all
+        # pieces (row-group statistics skip the rest) and sorted on its own. (merge_sorted and a global
+        # sort both hold the whole output in memory.)
+        merged = pl.scan_parquet(pieces)
+        total = int(rows.select(pl.len()).collect().item())
+        ranges = [
+            merged.filter(pl.col(ROW).is_between(start, start + OUTPUT_CHUNK_ROWS - 1)).sort(ROW)
+            for start in range(0, max(total, 1), OUTPUT_CHUNK_ROWS)
+        ]
         output = (
-            rows.join(self._best_results(), on=KEY, how="left", maintain_order="left")
-            .sort(ROW)
+            pl.concat(ranges, parallel=False)
             .rename({ID: id_name, KEY: "request_key"})
             .select(id_name, *kept, *OUTPUT_COLUMNS)
         )
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.output_path.with_name(self.output_path.name + ".tmp")
-        output.sink_parquet(tmp)
+        output.sink_parquet(tmp, row_group_size=ROW_GROUP_ROWS)
         _fsync_rename(tmp, self.output_path)
-        self._compact_results()
+        for piece in pieces:
+            piece.unlink()
         return pl.scan_parquet(self.output_path).group_by("status").agg(pl.len().alias("rows")).collect()
-
-    def _compact_results(self) -> None:
-        """Fold all parts into one, so the next resume reads one file instead of thousands."""
-        parts = self.result_parts()
-        if len(parts) <= 1:
-            return
-        target = self.results_dir / f"part-{self.run_id}-compact.parquet"
-        frame = self._best_results().collect()
-        write_atomic(frame, target)
-        for part in parts:
-            if part != target:
-                part.unlink()
 
     # ---- the manifest ---------------------------------------------------------------------------
 

@@ -280,7 +280,8 @@ def test_a_journal_left_by_a_killed_run_is_recovered_without_its_torn_last_line(
     store.open()
     try:
         assert store.recovered == 2
-        assert sorted(store.settled_keys(retry_failed=False).get_column("key").to_list()) == ["k0", "k1"]
+        settled = store.settled_keys(retry_failed=False)
+        assert settled.contains(pl.Series(["k0", "k1", "k2"])).to_list() == [True, True, False]
     finally:
         store.close()
     assert not (state / "journal-dead.jsonl").exists()
@@ -310,3 +311,18 @@ def test_unattended_runs_log_json_lines(make_job) -> None:
     manifest = json.loads(next(job.output.parent.glob(".glm-batch/*/manifest.json")).read_text())
     last = manifest["runs"][-1]
     assert last["spec_hash"] and last["inputs"][0]["bytes"] > 0 and last["exit_code"] == 0
+
+
+def test_an_unchanged_rerun_leaves_the_output_alone_and_rebuilds_a_missing_one(make_job, sim) -> None:
+    rows = sample_rows(15)
+    job = make_job(rows)
+    assert cli("run", str(job.spec)).exit_code == 0
+    stamp = job.output.stat().st_mtime_ns
+
+    assert cli("run", str(job.spec)).exit_code == 0
+    assert job.output.stat().st_mtime_ns == stamp  # nothing changed, nothing rewritten
+
+    job.output.unlink()
+    assert cli("run", str(job.spec)).exit_code == 0
+    assert pl.read_parquet(job.output).get_column("response_text").to_list() == expected(rows)
+    assert sim.stats()["requests"] == 15  # and still nothing was sent again

@@ -149,3 +149,17 @@ def test_the_demo_job_runs_offline_on_the_builtin_simulator(tmp_path) -> None:
     out = pl.read_parquet(tmp_path / "out" / "demo.parquet")
     assert out.height == 200
     assert set(out.get_column("status")) == {"ok"}
+
+
+def test_a_row_whose_values_break_the_template_fails_alone(make_job, sim: SimulatorThread) -> None:
+    rows = [{"id": "a", "text": "fine"}, {"id": "b", "text": "also fine"}]
+    job = make_job(rows, prompt={"template": "{{ text ~ (1 / (0 if id == 'b' else 1)) }}"})
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 1
+    out = pl.read_parquet(job.output)
+    assert out.get_column("status").to_list() == ["ok", "error"]
+    assert out.get_column("error_type").to_list() == [None, "render_error"]
+    assert "ZeroDivisionError" in out.get_column("error_message")[1]
+    assert sim.stats()["requests"] == 1

@@ -1,0 +1,191 @@
+"""Benchmark: resume a finished N-row job (nothing left to send). Target: seconds at 1,000,000 rows.
+
+    python bench/resume.py [--rows 1000000]
+
+1. Writes an N-row Parquet input and a job spec pointing at a standalone simulator (a subprocess).
+2. Seeds the state of a finished job through the store's own API: every row's request key from the
+   real RequestBuilder, the simulator's own answer for it, finalised into the output. (Sending 1M
+   requests through the SDK would take ~25 minutes of CPU on 2 cores; the resume path is what is timed.)
+3. Times `glm-batch run` as a subprocess: it must render every row, find every answer, send nothing,
+   and rewrite the output. Reports wall seconds, peak RSS, and the ratio to a baseline measured in the
+   same run: polars alone reading the input and writing an output of the same shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import polars as pl
+
+from runner.inputs import ID, ROW, open_input
+from runner.prompts import RequestBuilder
+from runner.records import Result
+from runner.simulator import answer_for, prompt_text
+from runner.spec import load_job
+from runner.store import KEY, Store
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_simulator(port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "simulate", "--port", str(port)], stdout=subprocess.DEVNULL
+    )
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/_sim/stats", timeout=1)
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("simulator did not start")
+
+
+def sim_stats(port: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_sim/stats", timeout=5) as r:
+        data: dict[str, int] = json.load(r)
+        return data
+
+
+def seed_finished_state(spec: Path) -> None:
+    """Write the durable state a finished run would have left, through Store's API."""
+    job = load_job(spec)
+    source = open_input(job)
+    builder = RequestBuilder(job)
+    store = Store(job.state_dir, job.output_path, run_id="seed")
+    store.open()
+    now = dt.datetime.now(dt.UTC)
+    try:
+        for frame in source.batches(50_000):
+            keys = []
+            for row in frame.iter_rows(named=True):
+                request = builder.build(row)
+                keys.append(request.key)
+                text = answer_for(prompt_text(request.params))
+                store.add(
+                    Result(
+                        key=request.key,
+                        status="ok",
+                        attempts=1,
+                        latency_ms=1.0,
+                        finished_at=now,
+                        model=job.spec.model.name,
+                        response_text=text,
+                        input_tokens=10,
+                        output_tokens=10,
+                    )
+                )
+            store.add_rows(frame.select(ROW, ID).with_columns(pl.Series(KEY, keys)))
+            store.flush()
+        store.finalize(job.spec.input.id_column or "id")
+    finally:
+        store.close()
+
+
+def baseline_seconds(input_path: Path, output_path: Path) -> float:
+    """The irreducible work: read the input, write an output of the same rows and answer columns."""
+    started = time.perf_counter()
+    frame = pl.read_parquet(input_path)
+    answers = pl.read_parquet(output_path, columns=["response_text", "request_key", "status"])
+    frame.hstack(answers).write_parquet(output_path.with_name("baseline.parquet"))
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--port", type=int, default=0, help="simulator port (default: any free one)")
+    args = parser.parse_args()
+    work = HERE / "out" / "resume"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "data").mkdir(parents=True)
+    n = args.rows
+    pl.DataFrame(
+        {"id": [f"r{i:08d}" for i in range(n)], "text": [f"review {i}: the product was fine" for i in range(n)]}
+    ).write_parquet(work / "data" / "input.parquet")
+
+    port = args.port or free_port()
+    spec = work / "job.yaml"
+    spec.write_text(
+        f"""version: 1
+name: resume
+input: {{paths: [data/input.parquet], id_column: id}}
+prompt: {{system: Be brief., template: "Summarise: {{{{ text }}}}"}}
+model: {{name: glm-4.6, endpoint: "http://127.0.0.1:{port}", max_tokens: 64}}
+run: {{concurrency: 8}}
+output: {{path: out/resume.parquet}}
+""",
+        encoding="utf-8",
+    )
+    t0 = time.perf_counter()
+    seed_finished_state(spec)
+    seed_s = time.perf_counter() - t0
+
+    def timed_run() -> tuple[float, float]:
+        """One `glm-batch run` subprocess: (wall seconds, peak RSS in MB of that process)."""
+        code = (
+            "import resource, subprocess, sys; "
+            "p = subprocess.run(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(p.returncode)"
+        )
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-c", code, sys.executable, "-m", "runner", "run", str(spec), "--log-format", "json"],
+            env={**os.environ, "ZHIPUAI_API_KEY": "bench"},
+            capture_output=True,
+            text=True,
+        )
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"resume failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        return seconds, int(proc.stderr.strip().splitlines()[-1]) / 1024
+
+    sim = start_simulator(port)
+    try:
+        # First resume: every answer exists but no run has mapped these inputs yet, so every row is
+        # rendered and looked up (the path taken after an input file changed).
+        render_s, render_rss = timed_run()
+        # Second resume: nothing changed since a run that answered every row (the daily cron case).
+        rerun_s, rerun_rss = timed_run()
+        stats = sim_stats(port)
+    finally:
+        sim.terminate()
+        sim.wait()
+    output = work / "out" / "resume.parquet"
+    rows_out = pl.scan_parquet(output).select(pl.len()).collect().item()
+    base_s = baseline_seconds(work / "data" / "input.parquet", output)
+
+    report = {
+        "rows": n,
+        "requests_sent": stats["requests"],
+        "output_rows": rows_out,
+        "resume_rendering_every_row_s": round(render_s, 2),
+        "resume_rendering_every_row_peak_rss_mb": round(render_rss, 1),
+        "rerun_unchanged_finished_job_s": round(rerun_s, 2),
+        "rerun_unchanged_finished_job_peak_rss_mb": round(rerun_rss, 1),
+        "baseline_polars_read_write_s": round(base_s, 2),
+        "ratio_render_path_to_baseline": round(render_s / base_s, 1),
+        "ratio_rerun_to_baseline": round(rerun_s / base_s, 1),
+        "seed_s": round(seed_s, 1),
+    }
+    print(json.dumps(report, indent=2))
+    assert stats["requests"] == 0 and rows_out == n, "resume must send nothing and keep every row"
+
+
+if __name__ == "__main__":
+    main()

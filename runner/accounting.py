@@ -1,16 +1,21 @@
-"""Accounting: what a run did, counted as results arrive: rows, tokens, latency, retries.
+"""Accounting: what a run did and what it cost, counted as results arrive.
 
-The Tally is the single source for the progress display, the JSON logs and the summary file.
+The Tally (rows, tokens, latency, money) is the single source for the progress display, the JSON logs,
+the summary file and the ledger; the Accountant prices answers and keeps the budget.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 import time
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from runner.records import Result
+from runner.pricing import Budget, PriceTable, tier_label
+from runner.records import Request, Result
+from runner.tokens import Calibration, estimate_request
 
 
 def percentile(values: array[float], q: float) -> float | None:
@@ -39,10 +44,28 @@ class Tally:
     errors: dict[str, int] = field(default_factory=dict)
     latencies_ms: array[float] = field(default_factory=lambda: array("d"))
     started: float = field(default_factory=time.monotonic)
+    cost: float = 0.0
+    cost_by_tier: dict[str, float] = field(default_factory=dict)
+    est_input_tokens: int = 0  # local estimates of the requests answered ok, for calibration
+    # (day, model) -> counters, one ledger row each
+    by_day: dict[tuple[dt.date, str], dict[str, float]] = field(default_factory=dict)
 
-    def record(self, result: Result) -> None:
-        """Count one result."""
+    def record(self, result: Result, tier: str | None = None) -> None:
+        """Count one result; `tier` names the price tier its cost was charged at."""
+        day = self._day(result)
+        day["requests_ok" if result.status == "ok" else "requests_failed"] += 1
+        if result.cost is not None:
+            self.cost += result.cost
+            day["cost"] += result.cost
+            if tier is not None:
+                self.cost_by_tier[tier] = self.cost_by_tier.get(tier, 0.0) + result.cost
         if result.status == "ok":
+            day["input_tokens"] += result.input_tokens or 0
+            day["cache_read_input_tokens"] += result.cache_read_input_tokens or 0
+            day["output_tokens"] += result.output_tokens or 0
+            if result.est_input_tokens is not None:
+                self.est_input_tokens += result.est_input_tokens
+                day["est_input_tokens"] += result.est_input_tokens
             self.ok += 1
             self.input_tokens += result.input_tokens or 0
             self.output_tokens += result.output_tokens or 0
@@ -55,6 +78,23 @@ class Tally:
             name = result.error_type or "unknown"
             self.errors[name] = self.errors.get(name, 0) + 1
 
+    def _day(self, result: Result) -> dict[str, float]:
+        key = (result.finished_at.date(), result.model or "")
+        if key not in self.by_day:
+            self.by_day[key] = dict.fromkeys(
+                (
+                    "requests_ok",
+                    "requests_failed",
+                    "input_tokens",
+                    "cache_read_input_tokens",
+                    "output_tokens",
+                    "est_input_tokens",
+                    "cost",
+                ),
+                0.0,
+            )
+        return self.by_day[key]
+
     @property
     def answered(self) -> int:
         """Requests that got a result this run."""
@@ -64,6 +104,13 @@ class Tally:
     def elapsed_s(self) -> float:
         """Seconds since the run started."""
         return time.monotonic() - self.started
+
+    def projected_cost(self) -> float | None:
+        """Spend at the end of this run if the remaining requests cost what the answered ones did."""
+        if not self.answered:
+            return None
+        to_answer = max(self.requests_queued, self.rows_total - self.rows_settled)
+        return self.cost / self.answered * to_answer
 
     def rate(self) -> float:
         """Results per second so far."""
@@ -92,3 +139,50 @@ class Tally:
                 "p99": percentile(self.latencies_ms, 99),
             },
         }
+
+
+class Accountant:
+    """Money per request: estimate and reserve before dispatch, price and release when answered.
+
+    `admit` is asked before a request is handed to the executor; with a budget it reserves the
+    request's worst case and refuses once the cap could be passed. `settle` prices an answer,
+    releases its reservation, and stamps the result with its cost and its pre-send estimate.
+    """
+
+    def __init__(
+        self, table: PriceTable | None, calibration: Calibration, budget: Budget | None, max_tokens: int
+    ) -> None:
+        self.table = table
+        self.calibration = calibration
+        self.budget = budget
+        self._max_tokens = max_tokens
+        self._open: dict[str, tuple[int, float]] = {}  # key -> (raw estimate, reserved cost)
+
+    def admit(self, request: Request) -> bool:
+        """Note the request's estimate; False if its worst case no longer fits the budget."""
+        raw = estimate_request(request.params)
+        reserved = 0.0
+        if self.budget is not None and self.table is not None:
+            padded = math.ceil(self.calibration.apply(raw) * self.calibration.safety)
+            reserved = self.table.worst_case(input_tokens=padded, max_tokens=self._max_tokens)
+            if not self.budget.try_reserve(reserved):
+                return False
+        self._open[request.key] = (raw, reserved)
+        return True
+
+    def settle(self, result: Result) -> tuple[Result, str | None]:
+        """The result with its cost and estimate filled in, and the name of the tier it was charged at."""
+        raw, reserved = self._open.pop(result.key, (None, 0.0))
+        cost: float | None = None
+        tier: str | None = None
+        if self.table is not None:
+            cost = 0.0  # a failed request is not billed
+            if result.status == "ok":
+                tokens_in = result.input_tokens or 0
+                cached = result.cache_read_input_tokens or 0
+                tokens_out = result.output_tokens or 0
+                cost = self.table.cost(input_tokens=tokens_in, output_tokens=tokens_out, cache_read_tokens=cached)
+                tier = tier_label(self.table.tier(tokens_in + cached, tokens_out))
+        if self.budget is not None:
+            self.budget.settle(reserved, cost or 0.0)
+        return replace(result, cost=cost, est_input_tokens=raw), tier

@@ -23,6 +23,7 @@ class Endpoint(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     base_url: str | None  # None = the in-process simulator
+    tokenizer_url: str | None = None
     currency: str
     key_env: list[str] = Field(default_factory=list)
 

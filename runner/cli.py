@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import polars as pl
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from runner.errors import GlmBatchError, UsageError
 from runner.inputs import open_input
@@ -104,6 +107,120 @@ def run(
 
     code = _guarded(go)
     raise typer.Exit(code)
+
+
+@app.command()
+def estimate(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
+    exact: Annotated[
+        bool, typer.Option("--exact", help="Count a sample of prompts with Zhipu's tokenizer API (free).")
+    ] = False,
+    pilot: Annotated[
+        int | None,
+        typer.Option("--pilot", min=1, help="Send N random rows for real first; the run reuses their answers."),
+    ] = None,
+    latency: Annotated[
+        float | None, typer.Option("--latency", min=0, help="Seconds per request to assume for the wall time.")
+    ] = None,
+    limit: LimitOpt = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Estimate a job's tokens, cost and wall time. Sends nothing unless --exact or --pilot asks."""
+    from runner.estimate import EstimateOptions, estimate_job
+
+    def go() -> None:
+        job = _load(spec, set_, limit)
+        key = api_key_for(job) if (exact or pilot) else "unused"
+        report = asyncio.run(
+            estimate_job(
+                job,
+                api_key=key,
+                options=EstimateOptions(exact=exact, pilot_rows=pilot, latency_s=latency),
+                reporter=make_reporter("json" if as_json else "auto"),
+            )
+        )
+        if as_json:
+            print(json.dumps(report, indent=2))
+        else:
+            _print_estimate(report)
+
+    _guarded(go)
+
+
+def _print_estimate(r: dict[str, Any]) -> None:
+    console = Console()
+    cur = r["currency"]
+    table = Table(title=f"estimate: {r['job']} ({r['model']} on {r['endpoint']})", show_header=False)
+    cost = r["cost"]
+    tokens_in = r["input_tokens"]
+    tokens_out = r["output_tokens"]
+    wall = r["wall_time_s"]
+    rows = [
+        ("rows", f"{r['rows']:,} ({r['rows_answered_already']:,} already answered)"),
+        ("requests to send", f"{r['requests_to_send']:,}"),
+        (
+            "input tokens",
+            f"{tokens_in['expected']:,} (calibration x{tokens_in['calibration']['ratio']}: "
+            f"{tokens_in['calibration']['basis']})",
+        ),
+        (
+            "output tokens",
+            f"{tokens_out['low']:,} / {tokens_out['expected']:,} / {tokens_out['high']:,} "
+            f"(low / expected / high; ceiling {tokens_out['ceiling']:,})",
+        ),
+        ("", tokens_out["basis"]),
+        (
+            "cost",
+            f"{cost['low']:.4f} / {cost['expected']:.4f} / {cost['high']:.4f} {cur} (ceiling {cost['ceiling']:.4f})",
+        ),
+        ("batch API (half price)", f"{r['batch_api_expected']:.4f} {cur} expected"),
+        ("price tiers", ", ".join(f"{k}: {v:,}" for k, v in r["tier_mix"].items()) or "-"),
+        (
+            "wall time",
+            f"{wall['expected']:,.0f} s at concurrency {wall['concurrency']}, "
+            f"{wall['latency_s_per_request']} s a request ({wall['latency_basis']})",
+        ),
+    ]
+    if not r["prices_confirmed"]:
+        rows.append(("note", f"the {cur} prices of {r['model']} are not confirmed (configs/models.yaml)"))
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+@app.command()
+def usage(
+    by: Annotated[str, typer.Option("--by", help="Group by any of job, model, day, endpoint.")] = "job,model,day",
+    since: Annotated[str | None, typer.Option("--since", help="Only days from this date (YYYY-MM-DD).")] = None,
+) -> None:
+    """Summarise spend and tokens from the usage ledger, by job, model and day."""
+    from runner import ledger
+
+    def go() -> None:
+        keys = [k.strip() for k in by.split(",") if k.strip()]
+        bad = [k for k in keys if k not in ("job", "model", "day", "endpoint")]
+        if bad or not keys:
+            raise UsageError(f"--by {by!r}: choose from job, model, day, endpoint")
+        frame = ledger.usage()
+        if since is not None:
+            try:
+                start = dt.date.fromisoformat(since)
+            except ValueError:
+                raise UsageError(f"--since {since!r}: expected a date like 2026-11-01") from None
+            frame = frame.filter(pl.col("day") >= start)
+        if frame.height == 0:
+            print(f"no usage recorded yet (ledger: {ledger.ledger_dir()})")
+            return
+        summary = ledger.summarise(frame, keys)
+        table = Table(title=f"usage by {', '.join(keys)}")
+        for column in summary.columns:
+            table.add_column(column, justify="right" if summary.schema[column].is_numeric() else "left")
+        for row in summary.iter_rows():
+            table.add_row(*(str(v) for v in row))
+        Console().print(table)
+
+    _guarded(go)
 
 
 @app.command()

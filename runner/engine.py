@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import random
 import secrets
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -26,11 +27,14 @@ from typing import Any
 
 import polars as pl
 
-from runner.accounting import Tally
+from runner import ledger
+from runner.accounting import Accountant, Tally
 from runner.client import STREAM_FROM_MAX_TOKENS, Client
+from runner.errors import BudgetExhausted
 from runner.executor import Control, OnlineExecutor
 from runner.inputs import ID, ROW, InputSource, open_input
 from runner.limits import Limits
+from runner.pricing import Budget, price_table, require_prices
 from runner.progress import Reporter
 from runner.prompts import RequestBuilder
 from runner.records import Request, Result
@@ -44,10 +48,12 @@ RENDER_BATCH_ROWS = 2000  # rows rendered per step; small enough not to stall re
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How this invocation treats earlier answers."""
+    """How this invocation treats earlier answers, and whether it is a pilot."""
 
     fresh: bool = False  # ignore earlier answers and send everything again
     retry_failed: bool = False  # send again the rows that failed for good in earlier runs
+    pilot_rows: int | None = None  # send only this many randomly chosen rows; write no output
+    pilot_seed: int = 0
 
 
 @dataclass
@@ -76,6 +82,13 @@ async def _run(
 ) -> RunReport:
     started_at = dt.datetime.now(dt.UTC)
     tally = Tally(rows_total=source.frame.select(pl.len()).collect().item())
+    run = job.spec.run
+    table = price_table(job)
+    if run.max_cost is not None:
+        table = require_prices(job, "run.max_cost")
+    budget = Budget(run.max_cost) if run.max_cost is not None else None
+    accountant = Accountant(table, ledger.calibration(job.name, job.spec.model.name), budget, job.spec.model.max_tokens)
+    pilot = _pilot_sample(tally.rows_total, options) if options.pilot_rows else None
     if store.lock.took_over:
         reporter.event("stale_lock_taken_over", previous=store.lock.took_over)
     if store.recovered:
@@ -84,9 +97,8 @@ async def _run(
         reporter.event("corrupt_parts_quarantined", files=[str(p) for p in store.corrupt])
     settled = SettledKeys.none() if options.fresh else store.settled_keys(retry_failed=options.retry_failed)
     control = Control()
-    run = job.spec.run
 
-    with _endpoint(job) as base_url:
+    with endpoint_url(job) as base_url:
         stream = job.spec.model.stream
         client = Client(
             base_url,
@@ -111,20 +123,23 @@ async def _run(
         )
 
         def sink(result: Result) -> None:
+            result, tier = accountant.settle(result)
             store.add(result)
-            tally.record(result)
+            tally.record(result, tier)
             if store.buffered >= run.checkpoint_rows:
                 store.flush()
 
         fingerprint = _fingerprint(job)
-        unchanged = not options.fresh and store.row_map_is_current(fingerprint, settled)
+        unchanged = not options.fresh and pilot is None and store.row_map_is_current(fingerprint, settled)
         if unchanged:
             # Nothing changed since a run that answered every row: no row needs rendering.
             tally.rows_seen = tally.rows_settled = tally.rows_total
             requests: AsyncIterator[Request] = _nothing()
         else:
             store.reset_row_map()
-            requests = _pending_requests(job, source, store, settled, tally, sink, fingerprint)
+            requests = _pending_requests(
+                job, source, store, settled, tally, sink, fingerprint, accountant, control, pilot
+            )
         reporter.start(job, tally)
         try:
             await _execute(executor.run(requests, sink, control), control, store, tally, limits, run, reporter)
@@ -132,13 +147,19 @@ async def _run(
             store.flush()
             await client.aclose()
 
+    ledger.append(_ledger_rows(job, tally, store.run_id), store.run_id)
+    if pilot is not None:
+        summary = _summary(job, store, tally, control, started_at, 0, False, accountant)
+        store.record_run({**summary, "pilot": True})
+        return RunReport(0, f"pilot: {tally.ok} rows answered", summary)
+
     failed_rows: int | None = None  # None: not finalized, the output is not complete yet
     if control.reason is None and (unchanged or store.unanswered_rows() == 0):
         counts = store.finalize(job.spec.input.id_column or "id")
         failed_rows = int(counts.filter(pl.col("status") != "ok").get_column("rows").sum())
     finalized = failed_rows is not None
     exit_code, message = _outcome(job, control, failed_rows)
-    summary = _summary(job, store, tally, control, started_at, exit_code, finalized)
+    summary = _summary(job, store, tally, control, started_at, exit_code, finalized, accountant)
     write_json_atomic(summary, job.output_path.with_suffix(".summary.json"))
     store.record_run(summary)
     reporter.finish(summary, message)
@@ -214,8 +235,14 @@ async def _pending_requests(
     tally: Tally,
     sink: Any,
     fingerprint: dict[str, Any],
+    accountant: Accountant,
+    control: Control,
+    pilot: frozenset[int] | None,
 ) -> AsyncIterator[Request]:
-    """Render every input row; record its request key; yield each unsettled request once."""
+    """Render every input row; record its request key; yield each unsettled request once.
+
+    Stops early, leaving the row map unsealed, when the budget cannot cover the next request.
+    """
     builder = RequestBuilder(job)
     queued: set[str] = set()
     for frame in source.batches(RENDER_BATCH_ROWS):
@@ -233,10 +260,16 @@ async def _pending_requests(
         key_series = pl.Series(KEY, keys, dtype=pl.String)
         store.add_rows(frame.select(ROW, ID, *source.keep_columns).with_columns(key_series))
         done = settled.contains(key_series).to_list()
+        if pilot is not None:  # a pilot sends only its sample; every other row counts as not wanted now
+            positions = frame.get_column(ROW).to_list()
+            done = [d or p not in pilot for d, p in zip(done, positions, strict=True)]
         tally.rows_seen += frame.height
         tally.rows_settled += sum(done)
         for pending, is_done in zip(requests, done, strict=True):
             if pending is not None and not is_done and pending.key not in queued:
+                if not accountant.admit(pending):
+                    control.end_dispatch("budget")  # what was admitted is paid for in advance: send it
+                    return
                 queued.add(pending.key)
                 tally.requests_queued += 1
                 yield pending
@@ -262,7 +295,7 @@ def _render_failure(row: dict[str, Any], exc: Exception, sink: Any) -> str:
 
 
 @contextlib.contextmanager
-def _endpoint(job: Job) -> Iterator[str]:
+def endpoint_url(job: Job) -> Iterator[str]:
     """The base URL to send to; for `endpoint: simulator`, a simulator running for this run only."""
     if job.base_url is not None:
         yield job.base_url
@@ -279,9 +312,37 @@ def _endpoint(job: Job) -> Iterator[str]:
         yield server.url
 
 
+def _pilot_sample(rows_total: int, options: RunOptions) -> frozenset[int]:
+    """The row positions a pilot sends: a seeded random sample, the same on every try."""
+    count = min(options.pilot_rows or 0, rows_total)
+    return frozenset(random.Random(options.pilot_seed).sample(range(rows_total), count))
+
+
+def _ledger_rows(job: Job, tally: Tally, run_id: str) -> pl.DataFrame:
+    """This run's ledger rows: one per (day, model) it got answers on."""
+    rows = [
+        {
+            "day": day,
+            "job": job.name,
+            "model": model or job.spec.model.name,
+            "endpoint": job.endpoint_name,
+            "currency": job.currency,
+            "run_id": run_id,
+            **{k: v if k == "cost" else int(v) for k, v in counts.items()},
+        }
+        for (day, model), counts in sorted(tally.by_day.items())
+    ]
+    return pl.DataFrame(rows, schema=ledger.LEDGER_SCHEMA) if rows else pl.DataFrame(schema=ledger.LEDGER_SCHEMA)
+
+
 def _outcome(job: Job, control: Control, failed_rows: int | None) -> tuple[int, str]:
     """The exit code and message; for a finished run they describe the whole output, not just this run."""
     resume = f"glm-batch run {job.spec_path}"
+    if control.reason == "budget":
+        return BudgetExhausted.exit_code, (
+            f"stopped before run.max_cost ({job.spec.run.max_cost} {job.currency}) could be exceeded; "
+            f"answers so far are saved; continue later with: {resume}"
+        )
     if control.aborted is not None:
         return control.aborted.exit_code, f"{control.aborted}; fix that, then resume with: {resume}"
     if control.reason in ("SIGINT", "SIGTERM"):
@@ -305,9 +366,27 @@ def _summary(
     started_at: dt.datetime,
     exit_code: int,
     finalized: bool,
+    accountant: Accountant,
 ) -> dict[str, Any]:
     """The run's record: written beside the output and appended to the manifest."""
     snap = tally.snapshot()
+    table = accountant.table
+    cost: dict[str, Any] = {
+        "currency": job.currency,
+        "spent": round(tally.cost, 6) if table is not None else None,
+        "by_tier": {k: round(v, 6) for k, v in tally.cost_by_tier.items()},
+        "prices_confirmed": table.confirmed if table is not None else None,
+        "max_cost": job.spec.run.max_cost,
+    }
+    estimate = store.read_estimate()
+    if estimate is not None and table is not None and tally.ok:
+        # How good was `glm-batch estimate`? Compare its expected cost per request with this run's.
+        expected = estimate["cost"]["expected"] / max(1, estimate["requests_to_send"]) * tally.ok
+        cost["estimate"] = {
+            "estimated": round(expected, 6),
+            "spent": round(tally.cost, 6),
+            "error_pct": round(100 * (expected - tally.cost) / tally.cost, 1) if tally.cost else None,
+        }
     return {
         "job": job.name,
         "run_id": store.run_id,
@@ -322,6 +401,7 @@ def _summary(
         "stopped": control.reason,
         "output": str(job.output_path) if finalized else None,
         "retries": dict(control.retries),
+        "cost": cost,
         **snap,
     }
 

@@ -35,10 +35,15 @@ class Control:
     retries: dict[str, int] = field(default_factory=dict)  # error_type -> retries taken
 
     def stop(self, reason: str) -> None:
-        """Stop dispatching new requests (requests in flight may finish)."""
+        """Stop at once: queued requests are dropped unsent; requests in flight may finish."""
         if self.reason is None:
             self.reason = reason
         self.stopping.set()
+
+    def end_dispatch(self, reason: str) -> None:
+        """No more requests will be offered, for `reason`; the ones already queued still go out."""
+        if self.reason is None:
+            self.reason = reason
 
 
 class Executor(Protocol):

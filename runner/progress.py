@@ -62,6 +62,8 @@ def _progress_fields(tally: Tally, limits: Limits, control: Control) -> dict[str
         "requests_per_s": round(tally.rate(), 2),
         "input_tokens": tally.input_tokens,
         "output_tokens": tally.output_tokens,
+        "cost": round(tally.cost, 6),
+        "projected_cost": None if (p := tally.projected_cost()) is None else round(p, 6),
         "retries": dict(control.retries),
     }
 
@@ -126,8 +128,10 @@ class RichReporter:
             transient=False,
         )
         self._task: Any = None
+        self._currency = ""
 
     def start(self, job: Job, tally: Tally) -> None:
+        self._currency = job.currency
         self._progress.start()
         self._task = self._progress.add_task(job.name, total=tally.rows_total, detail="")
 
@@ -140,6 +144,9 @@ class RichReporter:
             f"/{limits.concurrency} | {tally.rate():.1f} req/s | tokens {tally.input_tokens}+"
             f"{tally.output_tokens} | retries {retries}"
         )
+        projected = tally.projected_cost()
+        if projected is not None:
+            detail += f" | spent {tally.cost:.4f} of ~{projected:.4f} {self._currency}"
         done = tally.rows_settled + tally.answered
         self._progress.update(self._task, completed=min(done, tally.rows_total), detail=detail)
 
@@ -156,6 +163,7 @@ class RichReporter:
             ("reused from earlier runs", str(summary["rows_settled_before"])),
             ("answered ok / failed", f"{summary['answered_ok']} / {summary['answered_error']}"),
             ("tokens in / out", f"{tokens['input']} / {tokens['output']}"),
+            ("cost", _cost_line(summary["cost"])),
             ("wall time", f"{summary['elapsed_s']:.1f} s ({summary['requests_per_s']} req/s)"),
             ("latency p50 / p99", f"{_ms(lat['p50'])} / {_ms(lat['p99'])}"),
             ("retries", ", ".join(f"{k}: {v}" for k, v in summary["retries"].items()) or "none"),
@@ -168,3 +176,13 @@ class RichReporter:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms"
+
+
+def _cost_line(cost: dict[str, Any]) -> str:
+    if cost["spent"] is None:
+        return f"no {cost['currency']} prices for this model"
+    line = f"{cost['spent']:.6f} {cost['currency']}"
+    estimate = cost.get("estimate")
+    if estimate and estimate.get("error_pct") is not None:
+        line += f" (estimated {estimate['estimated']:.6f}, {estimate['error_pct']:+.1f}%)"
+    return line

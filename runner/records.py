@@ -42,6 +42,8 @@ class Result:
     error_type: str | None = None
     error_message: str | None = None
     retryable: bool = False  # for errors: may a later run send it again without --retry-failed?
+    cost: float | None = None  # in the endpoint's currency; None when the model has no price there
+    est_input_tokens: int | None = None  # the local estimate made before sending (for calibration)
 
 
 RESULT_SCHEMA: dict[str, pl.DataType] = {
@@ -59,6 +61,8 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "error_type": pl.String(),
     "error_message": pl.String(),
     "retryable": pl.Boolean(),
+    "cost": pl.Float64(),
+    "est_input_tokens": pl.Int64(),
     "request_id": pl.String(),
     "model": pl.String(),
     "finished_at": pl.Datetime("us", "UTC"),

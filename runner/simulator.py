@@ -160,6 +160,7 @@ class Simulator:
         """Listen on 127.0.0.1:port (0 picks a free port)."""
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/api/paas/v4/tokenizer", self._tokenizer)
         app.router.add_get("/_sim/stats", self._get_stats)
         app.router.add_post("/_sim/config", self._post_config)
         # handler_cancellation: a client that hangs up cancels its handler, so an abandoned request is
@@ -201,6 +202,18 @@ class Simulator:
         """Forget what was answered (between test cases sharing one simulator)."""
         with self._lock:
             self._stats = _Stats()
+
+    async def _tokenizer(self, request: web.Request) -> web.Response:
+        """Zhipu's native token counter: the same count /v1/messages would report, and no answer."""
+        if not request.headers.get("authorization", "").removeprefix("Bearer "):
+            return self._error("1001", "auth_missing")
+        body = await request.json()
+        messages = body.get("messages", [])
+        system = "".join(_text_of(m.get("content")) for m in messages if m.get("role") == "system")
+        rest = [m for m in messages if m.get("role") != "system"]
+        tokens = count_tokens(prompt_text({"system": system, "messages": rest}), self.config.token_scale)
+        self._count("tokenizer")
+        return web.json_response({"id": "tok", "created": 0, "request_id": "tok", "usage": {"prompt_tokens": tokens}})
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())

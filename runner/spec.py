@@ -27,6 +27,7 @@ from runner.errors import UsageError
 from runner.templates import Template, compile_template
 
 PositiveInt = Annotated[int, Field(gt=0)]
+SIMULATOR_TOKENIZER_PATH = "/api/paas/v4/tokenizer"  # where a URL endpoint (the simulator) counts tokens
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
@@ -69,6 +70,14 @@ class ThinkingSpec(_Strict):
     budget_tokens: PositiveInt | None = None
 
 
+class PriceOverride(_Strict):
+    """Prices per million tokens that replace the catalogue's for this job (one tier)."""
+
+    input: Annotated[float, Field(ge=0)]
+    output: Annotated[float, Field(ge=0)]
+    cached_input: Annotated[float, Field(ge=0)] | None = None  # default: the input price
+
+
 class ModelSpec(_Strict):
     """Which model, where, and how it samples."""
 
@@ -82,6 +91,7 @@ class ModelSpec(_Strict):
     thinking: ThinkingSpec | None = None
     # auto: stream only when max_tokens is large enough to trip the SDK's non-streaming guard.
     stream: bool | Literal["auto"] = "auto"
+    prices: PriceOverride | None = None  # in the endpoint's currency; default: configs/models.yaml
 
 
 class RunSpec(_Strict):
@@ -96,6 +106,7 @@ class RunSpec(_Strict):
     backoff_max_s: PositiveFloat = 30.0  # ...capped here; a longer retry-after is capped here too
     checkpoint_rows: PositiveInt = 1000
     checkpoint_seconds: PositiveFloat = 2.0
+    max_cost: PositiveFloat | None = None  # per run, in the endpoint's currency (CNY or USD)
     grace_s: Annotated[float, Field(ge=0)] = 30.0  # on SIGINT/SIGTERM, how long in-flight requests may finish
 
 
@@ -154,6 +165,7 @@ class Job:
     base_url: str | None  # None: start the in-process simulator
     currency: str
     key_env: tuple[str, ...]
+    tokenizer_url: str | None  # None with the in-process simulator: its URL is known once it runs
     model: catalog.ModelInfo
     concurrency: int
     output_path: Path
@@ -238,11 +250,13 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
     if spec.model.endpoint in endpoints:
         ep = endpoints[spec.model.endpoint]
         base_url, currency, key_env = ep.base_url, ep.currency, tuple(ep.key_env)
+        tokenizer_url = ep.tokenizer_url
     elif spec.model.endpoint.startswith(("http://", "https://")):
         # A literal URL: a proxy or a local simulator. Bill in CNY unless it is z.ai's host.
         base_url = spec.model.endpoint.rstrip("/")
         currency = "USD" if "z.ai" in base_url else "CNY"
         key_env = tuple(catalog.endpoints()["zhipu"].key_env)
+        tokenizer_url = f"{base_url}{SIMULATOR_TOKENIZER_PATH}"
     else:
         known = ", ".join(sorted(endpoints))
         raise UsageError(f"{where}: model.endpoint: unknown endpoint {spec.model.endpoint!r}; use {known} or a URL")
@@ -297,6 +311,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
         base_url=base_url,
         currency=currency,
         key_env=key_env,
+        tokenizer_url=tokenizer_url,
         model=info,
         concurrency=spec.run.concurrency or info.concurrency,
         output_path=output_path,

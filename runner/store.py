@@ -51,6 +51,7 @@ OUTPUT_COLUMNS = (
     "output_tokens",
     "cache_read_input_tokens",
     "cache_creation_input_tokens",
+    "cost",
     "latency_ms",
     "attempts",
     "status",
@@ -481,6 +482,19 @@ class Store:
             if isinstance(data, dict):
                 return data
         return {"runs": []}
+
+    def read_estimate(self) -> dict[str, Any] | None:
+        """The last `glm-batch estimate` report for this job, if there is one."""
+        try:
+            data = json.loads((self.state_dir / "estimate.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def write_estimate(self, report: dict[str, Any]) -> None:
+        """Keep an estimate so the next run can say how close it was."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(report, self.state_dir / "estimate.json")
 
     def record_run(self, run: dict[str, Any], keep: int = 50) -> None:
         """Append this run's record to the manifest (keeping the last `keep`)."""

@@ -31,9 +31,10 @@ def sim() -> Iterator[SimulatorThread]:
 
 
 @pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A known key in the environment, and nothing from the developer's own shell."""
+def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A known key in the environment, a ledger of the test's own, nothing from the developer's shell."""
     monkeypatch.setenv("ZHIPUAI_API_KEY", API_KEY)
+    monkeypatch.setenv("GLM_BATCH_LEDGER", str(tmp_path / "ledger"))
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
 

@@ -1,0 +1,246 @@
+"""`glm-batch estimate`: what a job will cost and how long it will take, before spending anything.
+
+    report = asyncio.run(estimate_job(job, api_key=key, options=EstimateOptions(pilot_rows=50)))
+
+It renders every prompt (streaming, like a run), keeps only the requests a run would really send
+(distinct, not yet answered), and counts their input tokens with the local estimator, calibrated by
+earlier runs (the ledger), by Zhipu's tokenizer API on a sample (`exact`), or by a pilot.
+
+Output tokens cannot be counted before asking. Without measurements the expected figure is an
+assumption (half of max_tokens) and says so; with answers from earlier runs or a pilot (`pilot_rows`:
+N random rows sent for real, their answers kept for the run) it is their mean, with a 95% interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import polars as pl
+
+from runner import ledger
+from runner.engine import RunOptions, endpoint_url, run_job
+from runner.errors import EndpointAborted, UsageError
+from runner.inputs import open_input
+from runner.pricing import PriceTable, require_prices, tier_label
+from runner.progress import Reporter
+from runner.prompts import RequestBuilder
+from runner.records import RESULT_SCHEMA, Request
+from runner.spec import SIMULATOR_TOKENIZER_PATH, Job
+from runner.store import KEY, Store
+from runner.tokens import Calibration, estimate_request
+
+EXACT_SAMPLE = 200  # requests counted by the tokenizer API with --exact
+ASSUMED_LATENCY_S = 5.0  # per request, when no run has measured one
+MIN_SAMPLES = 5  # answers needed before measured output lengths replace the assumption
+
+
+@dataclass(frozen=True)
+class EstimateOptions:
+    """What the estimate may spend to be more exact."""
+
+    exact: bool = False  # count a sample with the tokenizer API (no generation, no cost)
+    pilot_rows: int | None = None  # send this many random rows for real first
+    latency_s: float | None = None  # override the per-request latency assumption
+
+
+@dataclass(frozen=True)
+class OutputModel:
+    """Output tokens per request: an expected value with a low/high band, and what it rests on."""
+
+    low: float
+    expected: float
+    high: float
+    basis: str
+    latency_s: float | None
+
+
+async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, reporter: Reporter) -> dict[str, Any]:
+    """Build the estimate report (and keep it in the job's state for the next run to compare with)."""
+    table = require_prices(job, "glm-batch estimate")
+    if options.pilot_rows:
+        await run_job(job, api_key=api_key, options=RunOptions(pilot_rows=options.pilot_rows), reporter=reporter)
+
+    source = open_input(job)
+    builder = RequestBuilder(job)
+    store = Store(job.state_dir, job.output_path, run_id="estimate")
+    store.open()
+    try:
+        settled = store.settled_keys(retry_failed=False)
+        answers = _earlier_answers(store, job)
+        calibration = _calibration_from(answers) or ledger.calibration(job.name, job.spec.model.name)
+        raw, rows_total, rows_settled = _pending_estimates(source, builder, settled)
+        if options.exact and raw:
+            calibration = await _tokenizer_calibration(job, api_key, raw)
+        output = _output_model(answers, job.spec.model.max_tokens)
+        report = _report(job, table, calibration, output, raw, rows_total, rows_settled, options)
+        store.write_estimate(report)
+    finally:
+        store.close()
+    return report
+
+
+def _earlier_answers(store: Store, job: Job) -> pl.DataFrame:
+    """Ok answers this job already has for this model (earlier runs and pilots)."""
+    parts = store.result_parts()
+    if not parts:
+        return pl.DataFrame(schema=RESULT_SCHEMA)
+    return (
+        pl.scan_parquet(parts, schema=RESULT_SCHEMA)
+        .filter(pl.col("status") == "ok", pl.col("model") == job.spec.model.name)
+        .select("input_tokens", "cache_read_input_tokens", "output_tokens", "est_input_tokens", "latency_ms")
+        .collect()
+    )
+
+
+def _calibration_from(answers: pl.DataFrame) -> Calibration | None:
+    measured = answers.filter(pl.col("est_input_tokens") > 0)
+    if measured.height < MIN_SAMPLES:
+        return None
+    actual = int(measured.get_column("input_tokens").sum()) + int(
+        measured.get_column("cache_read_input_tokens").fill_null(0).sum()
+    )
+    estimated = int(measured.get_column("est_input_tokens").sum())
+    return Calibration(actual / estimated, measured.height, f"measured on {measured.height} answers of this job")
+
+
+def _pending_estimates(source: Any, builder: RequestBuilder, settled: Any) -> tuple[dict[str, Request], int, int]:
+    """Raw estimates of the distinct requests a run would send; rows in total; rows already answered.
+
+    Only the requests themselves are kept for a sample (for --exact); the totals stream.
+    """
+    pending: dict[str, Request] = {}
+    rows_total = rows_settled = 0
+    for frame in source.batches(5000):
+        requests = [builder.build(row) for row in frame.iter_rows(named=True)]
+        done = settled.contains(pl.Series(KEY, [r.key for r in requests], dtype=pl.String)).to_list()
+        rows_total += frame.height
+        rows_settled += sum(done)
+        for request, is_done in zip(requests, done, strict=True):
+            if not is_done and request.key not in pending:
+                pending[request.key] = request
+    return pending, rows_total, rows_settled
+
+
+async def _tokenizer_calibration(job: Job, api_key: str, pending: dict[str, Request]) -> Calibration:
+    """Count a random sample of requests with Zhipu's tokenizer API and learn the ratio to the estimate."""
+    sample = random.Random(0).sample(list(pending.values()), min(EXACT_SAMPLE, len(pending)))
+    semaphore = asyncio.Semaphore(max(1, job.concurrency))
+    headers = {"authorization": f"Bearer {api_key}"}
+
+    async def count(session: aiohttp.ClientSession, url: str, request: Request) -> int:
+        messages = [{"role": "system", "content": request.params["system"]}] if request.params.get("system") else []
+        messages += request.params["messages"]
+        async with (
+            semaphore,
+            session.post(url, json={"model": job.spec.model.name, "messages": messages}, headers=headers) as response,
+        ):
+            if response.status in (401, 403):
+                raise EndpointAborted(f"the tokenizer API refused the key (HTTP {response.status})")
+            if response.status != 200:
+                raise UsageError(f"the tokenizer API answered HTTP {response.status}; try again without --exact")
+            data = await response.json()
+            return int(data["usage"]["prompt_tokens"])
+
+    with endpoint_url(job) as base_url:
+        url = job.tokenizer_url or f"{base_url}{SIMULATOR_TOKENIZER_PATH}"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            exact = await asyncio.gather(*(count(session, url, r) for r in sample))
+    estimated = sum(estimate_request(r.params) for r in sample)
+    return Calibration(sum(exact) / estimated, len(sample), f"tokenizer API on {len(sample)} sampled requests")
+
+
+def _output_model(answers: pl.DataFrame, max_tokens: int) -> OutputModel:
+    """Output tokens per request, from earlier answers when there are enough, else an assumption."""
+    if answers.height >= MIN_SAMPLES:
+        out = [float(v) for v in answers.get_column("output_tokens").to_list()]
+        mean = statistics.fmean(out)
+        half_width = 1.96 * statistics.stdev(out) / math.sqrt(len(out))
+        latency = answers.get_column("latency_ms").drop_nulls()
+        return OutputModel(
+            low=max(0.0, mean - half_width),
+            expected=mean,
+            high=min(float(max_tokens), mean + half_width),
+            basis=f"mean of {len(out)} measured answers, 95% interval of the mean",
+            latency_s=float(latency.median()) / 1000 if latency.len() else None,  # type: ignore[arg-type]
+        )
+    return OutputModel(
+        low=0.0,
+        expected=max_tokens / 2,
+        high=float(max_tokens),
+        basis="assumed: half of max_tokens (no answers yet; run with --pilot N to measure)",
+        latency_s=None,
+    )
+
+
+def _report(
+    job: Job,
+    table: PriceTable,
+    calibration: Calibration,
+    output: OutputModel,
+    pending: dict[str, Request],
+    rows_total: int,
+    rows_settled: int,
+    options: EstimateOptions,
+) -> dict[str, Any]:
+    n = len(pending)
+    inputs = [calibration.apply(estimate_request(r.params)) for r in pending.values()]
+    # Calibrated estimates are good to a few percent; raw ones can be off by a third either way.
+    in_low, in_high = (0.95, 1.05) if calibration.samples >= 20 else (0.75, 1.35)
+    max_tokens = job.spec.model.max_tokens
+
+    def total(in_scale: float, out_tokens: float) -> float:
+        return sum(table.cost(input_tokens=round(t * in_scale), output_tokens=round(out_tokens)) for t in inputs)
+
+    tiers: dict[str, int] = {}
+    for t in inputs:
+        label = tier_label(table.tier(t, round(output.expected)))
+        tiers[label] = tiers.get(label, 0) + 1
+    latency = options.latency_s or output.latency_s or ASSUMED_LATENCY_S
+    latency_basis = "given" if options.latency_s else "median of measured answers" if output.latency_s else "assumed"
+    expected = total(1.0, output.expected)
+    return {
+        "job": job.name,
+        "model": job.spec.model.name,
+        "endpoint": job.endpoint_name,
+        "currency": job.currency,
+        "prices_confirmed": table.confirmed,
+        "rows": rows_total,
+        "rows_answered_already": rows_settled,
+        "requests_to_send": n,
+        "input_tokens": {
+            "expected": sum(inputs),
+            "calibration": {
+                "ratio": round(calibration.ratio, 4),
+                "samples": calibration.samples,
+                "basis": calibration.source,
+            },
+        },
+        "output_tokens": {
+            "low": round(n * output.low),
+            "expected": round(n * output.expected),
+            "high": round(n * output.high),
+            "ceiling": n * max_tokens,
+            "per_request_expected": round(output.expected, 1),
+            "basis": output.basis,
+        },
+        "cost": {
+            "low": round(total(in_low, output.low), 6),
+            "expected": round(expected, 6),
+            "high": round(total(in_high, output.high), 6),
+            "ceiling": round(total(in_high, max_tokens), 6),
+        },
+        "batch_api_expected": round(expected / 2, 6),
+        "tier_mix": tiers,
+        "wall_time_s": {
+            "expected": round(n * latency / max(1, job.concurrency), 1),
+            "latency_s_per_request": round(latency, 3),
+            "latency_basis": latency_basis,
+            "concurrency": job.concurrency,
+        },
+    }

@@ -1,0 +1,116 @@
+"""Prices: which tier a request falls in, what an answer cost, and the budget that caps a run.
+
+    table = price_table(job)                      # the model's prices in the endpoint's currency
+    table.cost(input_tokens=900, output_tokens=120, cache_read_tokens=0)
+    table.worst_case(input_tokens=900, max_tokens=512)
+
+bigmodel.cn picks a tier by the request's input length (input plus cached tokens) and, for GLM-4.x, by
+the answer's length too; api.z.ai has one tier. Cached input tokens are billed at the cached price.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runner.catalog import CurrencyPrices, PriceTier
+from runner.errors import UsageError
+from runner.spec import Job
+
+PER_TOKENS = 1_000_000
+
+
+def tier_label(tier: PriceTier) -> str:
+    """A short name for a tier, for summaries: `in<32000,out<200`, `in<32000`, `all`."""
+    parts = []
+    if tier.max_input_tokens is not None:
+        parts.append(f"in<{tier.max_input_tokens}")
+    if tier.max_output_tokens is not None:
+        parts.append(f"out<{tier.max_output_tokens}")
+    return ",".join(parts) or "all"
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    """One model's prices in one currency."""
+
+    model: str
+    currency: str
+    tiers: tuple[PriceTier, ...]
+    confirmed: bool
+
+    def tier(self, input_tokens: int, output_tokens: int) -> PriceTier:
+        """The first tier whose bounds hold; the last one if none does (the top of the scale)."""
+        for tier in self.tiers:
+            if tier.max_input_tokens is not None and input_tokens >= tier.max_input_tokens:
+                continue
+            if tier.max_output_tokens is not None and output_tokens >= tier.max_output_tokens:
+                continue
+            return tier
+        return self.tiers[-1]
+
+    def cost(self, *, input_tokens: int, output_tokens: int, cache_read_tokens: int = 0) -> float:
+        """What one answer cost. `input_tokens` excludes the cached ones, as the API reports it."""
+        tier = self.tier(input_tokens + cache_read_tokens, output_tokens)
+        return (
+            input_tokens * tier.input + cache_read_tokens * tier.cached_input + output_tokens * tier.output
+        ) / PER_TOKENS
+
+    def worst_case(self, *, input_tokens: int, max_tokens: int) -> float:
+        """The most one request can cost: no input cached, and the dearest answer length up to max_tokens.
+
+        Within a tier cost grows with the answer, so the peak is at max_tokens or at the top of a tier
+        that is split on output length (a 199-token answer may cost more than a 200-token one's tier).
+        """
+        lengths = {max_tokens} | {
+            t.max_output_tokens - 1 for t in self.tiers if t.max_output_tokens and t.max_output_tokens <= max_tokens
+        }
+        return max(self.cost(input_tokens=input_tokens, output_tokens=n) for n in lengths)
+
+
+def price_table(job: Job) -> PriceTable | None:
+    """The job's prices: its own override, else the catalogue's for its currency, else None."""
+    override = job.spec.model.prices
+    if override is not None:
+        cached = override.cached_input if override.cached_input is not None else override.input
+        tier = PriceTier(input=override.input, cached_input=cached, output=override.output)
+        return PriceTable(job.spec.model.name, job.currency, (tier,), confirmed=True)
+    prices: CurrencyPrices | None = job.model.prices.get(job.currency)
+    if prices is None:
+        return None
+    return PriceTable(job.spec.model.name, job.currency, tuple(prices.tiers), prices.confirmed)
+
+
+def require_prices(job: Job, why: str) -> PriceTable:
+    """The price table, or a UsageError saying how to give one."""
+    table = price_table(job)
+    if table is None:
+        raise UsageError(
+            f"{job.spec_path}: model.prices: the catalogue has no {job.currency} prices for "
+            f"{job.spec.model.name}, which {why} needs; add model.prices: {{input: ..., output: ...}}"
+        )
+    return table
+
+
+class Budget:
+    """A spending cap for one run: a request is dispatched only if its worst case still fits.
+
+    Every dispatched request reserves its worst-case cost until its answer arrives, when the real cost
+    replaces the reservation. So spend can pass the cap only by what the worst cases underestimated.
+    """
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.spent = 0.0
+        self.reserved = 0.0
+
+    def try_reserve(self, worst_case: float) -> bool:
+        """Reserve `worst_case` if it fits under the cap; False (and nothing reserved) if not."""
+        if self.spent + self.reserved + worst_case > self.limit:
+            return False
+        self.reserved += worst_case
+        return True
+
+    def settle(self, reserved: float, actual: float) -> None:
+        """An answer came back: release its reservation and book what it really cost."""
+        self.reserved = max(0.0, self.reserved - reserved)
+        self.spent += actual

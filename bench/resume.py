@@ -14,87 +14,16 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import polars as pl
-
-from runner.inputs import ID, ROW, open_input
-from runner.prompts import RequestBuilder
-from runner.records import Result
-from runner.simulator import answer_for, prompt_text
-from runner.spec import load_job
-from runner.store import KEY, Store
-
-HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_simulator(port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", "simulate", "--port", str(port)], stdout=subprocess.DEVNULL
-    )
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/_sim/stats", timeout=1)
-            return proc
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("simulator did not start")
-
-
-def sim_stats(port: int) -> dict[str, int]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_sim/stats", timeout=5) as r:
-        data: dict[str, int] = json.load(r)
-        return data
-
-
-def seed_finished_state(spec: Path) -> None:
-    """Write the durable state a finished run would have left, through Store's API."""
-    job = load_job(spec)
-    source = open_input(job)
-    builder = RequestBuilder(job)
-    store = Store(job.state_dir, job.output_path, run_id="seed")
-    store.open()
-    now = dt.datetime.now(dt.UTC)
-    try:
-        for frame in source.batches(50_000):
-            keys = []
-            for row in frame.iter_rows(named=True):
-                request = builder.build(row)
-                keys.append(request.key)
-                text = answer_for(prompt_text(request.params))
-                store.add(
-                    Result(
-                        key=request.key,
-                        status="ok",
-                        attempts=1,
-                        latency_ms=1.0,
-                        finished_at=now,
-                        model=job.spec.model.name,
-                        response_text=text,
-                        input_tokens=10,
-                        output_tokens=10,
-                    )
-                )
-            store.add_rows(frame.select(ROW, ID).with_columns(pl.Series(KEY, keys)))
-            store.flush()
-        store.finalize(job.spec.input.id_column or "id")
-    finally:
-        store.close()
+from _common import HERE, free_port, seed_finished_state, sim_stats, start_simulator
 
 
 def baseline_seconds(input_path: Path, output_path: Path) -> float:

@@ -47,6 +47,8 @@ class Tally:
     cost: float = 0.0
     cost_by_tier: dict[str, float] = field(default_factory=dict)
     est_input_tokens: int = 0  # local estimates of the requests answered ok, for calibration
+    queued_answered: int = 0  # results for requests this run queued (render failures are not queued)
+    all_rows_rendered: bool = False
     # (day, model) -> counters, one ledger row each
     by_day: dict[tuple[dt.date, str], dict[str, float]] = field(default_factory=dict)
 
@@ -54,6 +56,8 @@ class Tally:
         """Count one result; `tier` names the price tier its cost was charged at."""
         day = self._day(result)
         day["requests_ok" if result.status == "ok" else "requests_failed"] += 1
+        if result.error_type != "render_error":
+            self.queued_answered += 1
         if result.cost is not None:
             self.cost += result.cost
             day["cost"] += result.cost

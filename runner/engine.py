@@ -33,12 +33,12 @@ from runner.client import STREAM_FROM_MAX_TOKENS, Client
 from runner.errors import BudgetExhausted
 from runner.executor import Control, OnlineExecutor
 from runner.inputs import ID, ROW, InputSource, open_input
-from runner.limits import Limits
+from runner.limits import AimdController, Limits
 from runner.pricing import Budget, price_table, require_prices
 from runner.progress import Reporter
 from runner.prompts import RequestBuilder
 from runner.records import Request, Result
-from runner.retries import wait_backoff
+from runner.retries import overload, wait_backoff
 from runner.simulator import SimConfig, SimulatorThread
 from runner.spec import Job
 from runner.store import KEY, SettledKeys, Store, write_json_atomic
@@ -107,16 +107,21 @@ async def _run(
             stream=job.spec.model.max_tokens >= STREAM_FROM_MAX_TOKENS if stream == "auto" else stream,
         )
         limits = Limits(
-            concurrency=job.concurrency,
+            concurrency=(
+                AimdController(initial=job.concurrency, maximum=run.max_concurrency)
+                if job.adaptive
+                else job.concurrency
+            ),
             requests_per_minute=run.requests_per_minute,
             tokens_per_minute=run.tokens_per_minute,
+            classify=overload,
         )
         max_tokens = job.spec.model.max_tokens
         executor = OnlineExecutor(
             client,
             limits,
             max_attempts=run.max_attempts,
-            workers=job.concurrency,
+            workers=limits.workers,
             # A cheap worst case for the token bucket: ~4 characters a token, plus the whole answer.
             estimate_tokens=lambda r: len(str(r.params["messages"])) // 4 + max_tokens,
             wait=wait_backoff(run.backoff_initial_s, run.backoff_max_s),
@@ -148,18 +153,27 @@ async def _run(
             await client.aclose()
 
     ledger.append(_ledger_rows(job, tally, store.run_id), store.run_id)
+    concurrency = {
+        "adaptive": job.adaptive,
+        "final": limits.concurrency,
+        "overload_429_rate": round(limits.overload_rate(), 4),
+    }
     if pilot is not None:
-        summary = _summary(job, store, tally, control, started_at, 0, False, accountant)
+        summary = _summary(job, store, tally, control, started_at, 0, False, accountant) | {"concurrency": concurrency}
         store.record_run({**summary, "pilot": True})
         return RunReport(0, f"pilot: {tally.ok} rows answered", summary)
 
     failed_rows: int | None = None  # None: not finalized, the output is not complete yet
-    if control.reason is None and (unchanged or store.unanswered_rows() == 0):
+    # Complete when every row was rendered and every request this run queued came back; rows whose
+    # request was settled before are answered by definition. (Counting beats joining the whole row map.)
+    complete = unchanged or (tally.all_rows_rendered and tally.queued_answered == tally.requests_queued)
+    if control.reason is None and complete:
         counts = store.finalize(job.spec.input.id_column or "id")
         failed_rows = int(counts.filter(pl.col("status") != "ok").get_column("rows").sum())
     finalized = failed_rows is not None
     exit_code, message = _outcome(job, control, failed_rows)
     summary = _summary(job, store, tally, control, started_at, exit_code, finalized, accountant)
+    summary["concurrency"] = concurrency
     write_json_atomic(summary, job.output_path.with_suffix(".summary.json"))
     store.record_run(summary)
     reporter.finish(summary, message)
@@ -275,6 +289,7 @@ async def _pending_requests(
                 yield pending
         await asyncio.sleep(0)  # let answers in between batches
     store.seal_row_map(fingerprint)  # reached only when every input row was rendered
+    tally.all_rows_rendered = True
 
 
 def _render_failure(row: dict[str, Any], exc: Exception, sink: Any) -> str:

@@ -1,10 +1,14 @@
 """Limits on how hard a run pushes the endpoint: requests in flight first, then optional RPM and TPM.
 
     limits = Limits(concurrency=8, requests_per_minute=600, tokens_per_minute=None)
+    limits = Limits(concurrency=AimdController(initial=3, maximum=64), ...)   # run.concurrency: auto
     async with limits.slot(estimated_tokens=1200):
-        ...send...
+        ...send one attempt...
 
-Zhipu limits each account by requests in flight per model, so the semaphore is the primary control.
+Zhipu limits each account by requests in flight per model, and does not publish the number (commonly
+2 to 10, tighter at peak hours), so in-flight requests are the primary control. A fixed number is a
+semaphore; `auto` is an AimdController that finds and tracks the limit from the endpoint's answers.
+
 The RPM/TPM buckets (aiolimiter) are sized to one second's worth, not a minute's, so a run never opens
 with a minute-sized burst; they must be created inside the running event loop.
 """
@@ -12,10 +16,15 @@ with a minute-sized burst; they must be created inside the running event loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import math
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Literal
 
 from aiolimiter import AsyncLimiter
+
+Overload = Literal["concurrency", "platform"]
 
 
 def _bucket(per_minute: float) -> AsyncLimiter:
@@ -24,27 +33,161 @@ def _bucket(per_minute: float) -> AsyncLimiter:
     return AsyncLimiter(capacity, time_period=capacity * 60.0 / per_minute)
 
 
-class Limits:
-    """Concurrency, request-rate and token-rate limits shared by all workers of one run."""
+class AimdController:
+    """Finds and tracks the endpoint's in-flight limit from what it answers. Pure logic, no I/O.
 
-    def __init__(self, *, concurrency: int, requests_per_minute: float | None, tokens_per_minute: float | None) -> None:
-        self.concurrency = concurrency
-        self._slots = asyncio.Semaphore(concurrency)
+    - Slow start: +1 per success (doubling each round trip) until the first overload.
+    - Then additive increase: +1 slot per `probe_windows` windows of `limit` successes. Each probe past
+      the real cap costs one 429, so the 429 share stays near 1 / (probe_windows * limit).
+    - 1302 (too many requests in flight): the request that was refused was one too many, so the limit
+      becomes what was in flight besides it. This tracks a cap that falls within one round trip and,
+      unlike halving, keeps the limit at the cap instead of averaging 0.75 of it.
+    - 1305 / 529 (the platform is overloaded): everyone backs off: cut by `platform_cut` and pause
+      dispatch for the endpoint's retry-after (or `pause_s`).
+    - Latency inflation (answers slower than `latency_inflation` x the fastest seen lately): the
+      endpoint is queueing; cut by 10%, at most once per round trip.
+    """
+
+    def __init__(
+        self,
+        *,
+        initial: int,
+        maximum: int,
+        minimum: int = 1,
+        probe_windows: float = 4.0,
+        platform_cut: float = 0.8,
+        pause_s: float = 1.0,
+        latency_inflation: float = 3.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.maximum = maximum
+        self.minimum = minimum
+        self._limit = float(min(max(initial, minimum), maximum))
+        self._probe_windows = probe_windows
+        self._platform_cut = platform_cut
+        self._pause_s = pause_s
+        self._inflation = latency_inflation
+        self._clock = clock
+        self.slow_start = True
+        self.paused_until = 0.0
+        self._floor_latency: float | None = None
+        self._last_cut = -math.inf
+        self.successes = 0
+        self.overloads = 0
+
+    @property
+    def limit(self) -> int:
+        """Requests allowed in flight now."""
+        return int(self._limit)
+
+    def on_success(self, latency_s: float) -> None:
+        """An attempt was answered."""
+        self.successes += 1
+        now = self._clock()
+        floor = self._floor_latency
+        # The floor drifts up slowly so that a permanently slower endpoint becomes the new normal.
+        self._floor_latency = latency_s if floor is None or latency_s < floor else floor * 1.001
+        if floor is not None and latency_s > self._inflation * floor and now - self._last_cut > latency_s:
+            self._set(self._limit * 0.9)
+            self._last_cut = now
+            return
+        if self.slow_start:
+            self._set(self._limit + 1)
+        else:
+            self._set(self._limit + 1 / (self._probe_windows * self._limit))
+
+    def on_overload(self, kind: Overload, *, in_flight: int, retry_after_s: float | None = None) -> None:
+        """An attempt was refused for overload; `in_flight` counts it among ours at the time."""
+        self.overloads += 1
+        self.slow_start = False
+        if kind == "concurrency":
+            self._set(min(self._limit, in_flight - 1))
+        else:
+            now = self._clock()
+            self.paused_until = max(self.paused_until, now + (retry_after_s or self._pause_s))
+            if now - self._last_cut > (retry_after_s or self._pause_s):
+                self._set(self._limit * self._platform_cut)
+                self._last_cut = now
+
+    def _set(self, value: float) -> None:
+        self._limit = min(float(self.maximum), max(float(self.minimum), value))
+
+
+class Limits:
+    """In-flight, request-rate and token-rate limits shared by all workers of one run."""
+
+    def __init__(
+        self,
+        *,
+        concurrency: int | AimdController,
+        requests_per_minute: float | None,
+        tokens_per_minute: float | None,
+        classify: Callable[[Exception], tuple[Overload | None, float | None]] = lambda e: (None, None),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.controller = concurrency if isinstance(concurrency, AimdController) else None
+        self._fixed = concurrency if isinstance(concurrency, int) else None
         self._rpm = _bucket(requests_per_minute) if requests_per_minute else None
         self._tpm = _bucket(tokens_per_minute) if tokens_per_minute else None
+        self._classify = classify
+        self._clock = clock
+        self._changed = asyncio.Condition()
         self.in_flight = 0
+        self.attempts = 0
+        self.overloaded = 0  # attempts refused with 429/1302, 1305 or 529
+
+    @property
+    def concurrency(self) -> int:
+        """The in-flight limit in force now."""
+        return self.controller.limit if self.controller is not None else self._fixed or 1
+
+    @property
+    def workers(self) -> int:
+        """How many workers a run needs to be able to use every slot the limit may ever allow."""
+        return self.controller.maximum if self.controller is not None else self.concurrency
+
+    def overload_rate(self) -> float:
+        """Share of attempts refused for overload so far."""
+        return self.overloaded / self.attempts if self.attempts else 0.0
 
     @asynccontextmanager
     async def slot(self, estimated_tokens: int) -> AsyncIterator[None]:
-        """Hold one request slot for the duration of one attempt."""
-        async with self._slots:
+        """Hold one in-flight slot for the duration of one attempt, and learn from how it ended."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight < self.concurrency)
+            self.in_flight += 1
+        try:
+            await self._wait_for_pause()
             if self._rpm is not None:
                 await self._rpm.acquire()
             if self._tpm is not None:
                 # A single request larger than the bucket takes the whole bucket rather than failing.
                 await self._tpm.acquire(min(float(estimated_tokens), self._tpm.max_rate))
-            self.in_flight += 1
+            self.attempts += 1
+            started = self._clock()
             try:
                 yield
-            finally:
+            except Exception as exc:
+                self._learn_failure(exc)
+                raise
+            if self.controller is not None:
+                self.controller.on_success(self._clock() - started)
+        finally:
+            async with self._changed:
                 self.in_flight -= 1
+                self._changed.notify_all()
+
+    def _learn_failure(self, exc: Exception) -> None:
+        kind, retry_after = self._classify(exc)
+        if kind is None:
+            return
+        self.overloaded += 1
+        if self.controller is not None:
+            self.controller.on_overload(kind, in_flight=self.in_flight, retry_after_s=retry_after)
+
+    async def _wait_for_pause(self) -> None:
+        if self.controller is None:
+            return
+        delay = self.controller.paused_until - self._clock()
+        if delay > 0:
+            await asyncio.sleep(delay)

@@ -59,6 +59,7 @@ def _progress_fields(tally: Tally, limits: Limits, control: Control) -> dict[str
         "failed": tally.failed,
         "in_flight": limits.in_flight,
         "concurrency": limits.concurrency,
+        "overload_429_rate": round(limits.overload_rate(), 4),
         "requests_per_s": round(tally.rate(), 2),
         "input_tokens": tally.input_tokens,
         "output_tokens": tally.output_tokens,
@@ -141,7 +142,8 @@ class RichReporter:
         retries = sum(control.retries.values())
         detail = (
             f"ok {tally.ok} failed {tally.failed} reused {tally.rows_settled} | in flight {limits.in_flight}"
-            f"/{limits.concurrency} | {tally.rate():.1f} req/s | tokens {tally.input_tokens}+"
+            f"/{limits.concurrency}{' auto' if limits.controller else ''} | 429s {100 * limits.overload_rate():.1f}%"
+            f" | {tally.rate():.1f} req/s | tokens {tally.input_tokens}+"
             f"{tally.output_tokens} | retries {retries}"
         )
         projected = tally.projected_cost()

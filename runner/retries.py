@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 import anthropic
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
@@ -101,6 +102,22 @@ def error_message(exc: BaseException) -> str:
     if isinstance(exc, anthropic.APIStatusError) and exc.api_message:
         return exc.api_message
     return str(exc) or type(exc).__name__
+
+
+def overload(exc: BaseException) -> tuple[Literal["concurrency", "platform"] | None, float | None]:
+    """Was this attempt refused for overload, and of which kind? With the endpoint's retry-after.
+
+    1302 (and a plain rate_limit_error) means our account has too many requests in flight; 1305, 529
+    and an overloaded error event mean the platform as a whole is overloaded.
+    """
+    if not isinstance(exc, anthropic.APIStatusError):
+        return None, None
+    code = str(exc.type) if exc.type is not None else ""
+    if code in ("1305", "overloaded_error") or exc.status_code in (503, 529):
+        return "platform", retry_after(exc)
+    if exc.status_code == 429 and code not in ABORT_CODES:
+        return "concurrency", retry_after(exc)
+    return None, None
 
 
 def retry_after(exc: BaseException | None) -> float | None:

@@ -97,7 +97,10 @@ class ModelSpec(_Strict):
 class RunSpec(_Strict):
     """How hard to push the endpoint and how long to keep trying."""
 
-    concurrency: PositiveInt | None = None  # None: the model's default from the catalogue
+    # A number, or "auto" to find and track the endpoint's real limit (up to max_concurrency).
+    # None: the model's default from the catalogue.
+    concurrency: PositiveInt | Literal["auto"] | None = None
+    max_concurrency: PositiveInt = 64
     requests_per_minute: PositiveFloat | None = None
     tokens_per_minute: PositiveFloat | None = None
     max_attempts: PositiveInt = 6
@@ -167,7 +170,8 @@ class Job:
     key_env: tuple[str, ...]
     tokenizer_url: str | None  # None with the in-process simulator: its URL is known once it runs
     model: catalog.ModelInfo
-    concurrency: int
+    concurrency: int  # the fixed limit, or where `auto` starts
+    adaptive: bool
     output_path: Path
     state_dir: Path
 
@@ -228,17 +232,23 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def _describe(path: Path, exc: ValidationError) -> str:
-    """One line per problem: `file: key.path: what is wrong`."""
-    lines = []
+    """One line per problem: `file: key.path: what is wrong`.
+
+    A union field (`concurrency: int | "auto"`) fails once per member, under tags like
+    `constrained-int`; those are merged into one line per real key path.
+    """
+    problems: dict[str, list[str]] = {}
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        loc = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or str(p).isidentifier())
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"{path}: {loc or '(top level)'}: {msg}")
-    return "\n".join(lines)
+        messages = problems.setdefault(loc or "(top level)", [])
+        if msg not in messages:
+            messages.append(msg)
+    return "\n".join(f"{path}: {loc}: {'; or '.join(msgs)}" for loc, msgs in problems.items())
 
 
 def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
@@ -313,7 +323,12 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
         key_env=key_env,
         tokenizer_url=tokenizer_url,
         model=info,
-        concurrency=spec.run.concurrency or info.concurrency,
+        concurrency=(
+            min(info.concurrency, spec.run.max_concurrency)
+            if spec.run.concurrency in (None, "auto")
+            else int(spec.run.concurrency)
+        ),
+        adaptive=spec.run.concurrency == "auto",
         output_path=output_path,
         state_dir=state_dir,
     )

@@ -39,7 +39,7 @@ from runner.records import RESULT_SCHEMA, Result, result_from_json, result_to_js
 
 KEY = "key"
 ROW_MAP_FILE_ROWS = 100_000  # rows per row-map file: few files, bounded memory
-BUCKET_ROWS = 200_000  # results per bucket when compacting and joining
+BUCKET_ROWS = 100_000  # results per bucket when compacting and joining
 OUTPUT_CHUNK_ROWS = 50_000  # rows put in order at a time when writing the output
 ROW_GROUP_ROWS = 20_000  # small row groups let row-range reads skip what they do not need
 # The answer columns of the output, in the order people read them; the id and kept columns come first.
@@ -155,7 +155,7 @@ class Buckets:
     """A split of request keys into `count` buckets of about BUCKET_ROWS results, by leading hex digits.
 
     Keys are sha256 hex, so the leading digits spread evenly. Compacting and joining one bucket at a
-    time bounds memory by the bucket, not by the job: a 10M-row job finishes like a 200k-row one.
+    time bounds memory by the bucket, not by the job: a 10M-row job finishes like a 100k-row one.
     """
 
     def __init__(self, count: int) -> None:
@@ -390,11 +390,6 @@ class Store:
     def _row_map(self) -> pl.LazyFrame:
         self._write_rows()
         return pl.scan_parquet(sorted(self.rows_dir.glob("rows-*.parquet")))
-
-    def unanswered_rows(self) -> int:
-        """How many rows of the row map have no result at all yet."""
-        answered = pl.scan_parquet(self.result_parts(), schema=RESULT_SCHEMA).select(KEY).unique()
-        return int(self._row_map().join(answered, on=KEY, how="anti").select(pl.len()).collect().item())
 
     def _output_record(self, parts: list[Path]) -> dict[str, Any]:
         """What an output was built from: the row map's fingerprint and the answer files."""

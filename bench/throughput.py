@@ -1,0 +1,267 @@
+"""Benchmark: does the runner use the endpoint's real limit, what does it cost per row, does it scale?
+
+    python bench/throughput.py [--quick]
+
+Every figure is a ratio to a baseline measured in the same run, on this machine:
+
+1. Limit utilisation. A simulator with a hidden in-flight cap C and latency L can answer at most C/L
+   requests a second. Achieved rows/s (while answering) / (C/L), with `concurrency: C` given and with
+   `concurrency: auto`, and the share of requests refused with 429/1302. Then a cap that drops from 16
+   to 6 halfway (peak hours): each phase against its own C/L. Targets: >= 0.95 given, >= 0.90 auto with
+   under 5% 429s, and auto following the drop.
+2. Overhead. A simulator with no latency: the runner end to end (read, render, send, write Parquet)
+   against a bare loop of the same SDK calls (same client and transport, asyncio.gather under a
+   semaphore, nothing written). Target: >= 0.8. Also CPU milliseconds per row for both.
+3. Scale. Inputs of 100k and 1M rows whose answers all exist but every 100th row's: the run renders
+   every row, sends 1%, writes every row. Peak RSS and rows/s at each size. Targets: peak RSS under
+   500 MB and within 1.5x between the two.
+
+The simulator always runs in its own process, so it does not take the runner's CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import polars as pl
+from _common import HERE, configure_simulator, free_port, seed_finished_state, sim_stats, start_simulator
+
+WORK = HERE / "out" / "throughput"
+
+
+def write_job(folder: Path, port: int, rows: int, run: str, fmt: str = "parquet") -> Path:
+    """An input of `rows` distinct rows and a job spec against the simulator on `port`."""
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    frame = pl.DataFrame(
+        {"id": [f"r{i:08d}" for i in range(rows)], "text": [f"review {i}: the product was fine" for i in range(rows)]}
+    )
+    frame.write_parquet(folder / "data" / "input.parquet")
+    spec = folder / "job.yaml"
+    spec.write_text(
+        f"""version: 1
+name: bench
+input: {{paths: [data/input.parquet], id_column: id}}
+prompt: {{system: Be brief., template: "Summarise: {{{{ text }}}}"}}
+model: {{name: glm-4.6, endpoint: "http://127.0.0.1:{port}", max_tokens: 64}}
+run: {run}
+output: {{path: out/bench.{fmt}}}
+""",
+        encoding="utf-8",
+    )
+    return spec
+
+
+def run_runner(spec: Path) -> dict[str, Any]:
+    """`glm-batch run` in a subprocess: its wall time, CPU time and peak RSS, and its summary."""
+    probe = (
+        "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+        "r = resource.getrusage(resource.RUSAGE_CHILDREN); "
+        "print(r.ru_utime + r.ru_stime, r.ru_maxrss, file=sys.stderr); sys.exit(p.returncode)"
+    )
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, sys.executable, "-m", "runner", "run", str(spec), "--log-format", "json"],
+        env={**os.environ, "ZHIPUAI_API_KEY": "bench"},
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"runner failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    cpu, rss_kb = proc.stderr.strip().splitlines()[-1].split()
+    summary = json.loads((spec.parent / "out" / "bench.summary.json").read_text())
+    return {"wall_s": wall, "cpu_s": float(cpu), "peak_rss_mb": int(rss_kb) / 1024, "summary": summary}
+
+
+def answering_rate(spec: Path) -> tuple[float, float, float]:
+    """Rows/s while answers were arriving (first to last `finished_at`), and that window."""
+    out = pl.read_parquet(spec.parent / "out" / "bench.parquet", columns=["finished_at", "status"])
+    ok = out.filter(pl.col("status") == "ok").get_column("finished_at")
+    start, end = ok.min(), ok.max()
+    window = (end - start).total_seconds()  # type: ignore[operator, union-attr]
+    return ok.len() / window, start.timestamp(), end.timestamp()  # type: ignore[union-attr]
+
+
+def utilisation(quick: bool) -> dict[str, Any]:
+    cap, latency = 16, 0.2
+    rows = 800 if quick else 2400
+    ideal = cap / latency
+    report: dict[str, Any] = {"cap": cap, "latency_s": latency, "ideal_rows_per_s": ideal}
+    for name, run in (
+        ("given", f"{{concurrency: {cap}, max_attempts: 20}}"),
+        ("auto", "{concurrency: auto, max_concurrency: 64, max_attempts: 20}"),
+    ):
+        port = free_port()
+        sim = start_simulator(port, "--latency", str(latency), "--cap", str(cap))
+        try:
+            folder = WORK / f"util-{name}"
+            shutil.rmtree(folder, ignore_errors=True)
+            spec = write_job(folder, port, rows, run)
+            run_runner(spec)
+            stats = sim_stats(port)
+        finally:
+            sim.terminate()
+            sim.wait()
+        rate, _, _ = answering_rate(spec)
+        refused = stats["outcomes"].get("429_1302_cap", 0)
+        report[name] = {
+            "rows_per_s": round(rate, 1),
+            "utilisation": round(rate / ideal, 3),
+            "share_429": round(refused / stats["requests"], 4),
+        }
+    report["drop_16_to_6"] = cap_drop(quick)
+    return report
+
+
+def cap_drop(quick: bool) -> dict[str, Any]:
+    """Auto concurrency while the cap falls from 16 to 6 halfway through."""
+    latency, rows = 0.2, (900 if quick else 2000)
+    port = free_port()
+    sim = start_simulator(port, "--latency", str(latency), "--cap", "16")
+    folder = WORK / "util-drop"
+    shutil.rmtree(folder, ignore_errors=True)
+    spec = write_job(folder, port, rows, "{concurrency: auto, max_concurrency: 64, max_attempts: 30}")
+    dropped_at: list[float] = []
+
+    def drop_when_half_done() -> None:
+        while sim_stats(port)["ok"] < rows // 3:
+            time.sleep(0.05)
+        configure_simulator(port, concurrency_cap=6)
+        dropped_at.append(time.time())
+
+    watcher = threading.Thread(target=drop_when_half_done, daemon=True)
+    watcher.start()
+    try:
+        run_runner(spec)
+        stats = sim_stats(port)
+    finally:
+        sim.terminate()
+        sim.wait()
+    out = pl.read_parquet(folder / "out" / "bench.parquet", columns=["finished_at"]).get_column("finished_at")
+    times = sorted(t.timestamp() for t in out)
+    drop = dropped_at[0]
+    before = [t for t in times if t < drop]
+    after = [t for t in times if t >= drop + 1.0]  # allow one second to adapt
+    rate_before = len(before) / (before[-1] - before[0])
+    rate_after = len(after) / (after[-1] - after[0])
+    return {
+        "before": {"rows_per_s": round(rate_before, 1), "utilisation": round(rate_before / (16 / latency), 3)},
+        "after": {"rows_per_s": round(rate_after, 1), "utilisation": round(rate_after / (6 / latency), 3)},
+        "share_429": round(stats["outcomes"].get("429_1302_cap", 0) / stats["requests"], 4),
+        "max_in_flight_seen_by_server": stats["max_in_flight"],
+    }
+
+
+async def bare_loop(port: int, rows: int, concurrency: int) -> float:
+    """The same SDK calls with nothing around them: gather under a semaphore."""
+    client = anthropic.AsyncAnthropic(
+        api_key="bench",
+        base_url=f"http://127.0.0.1:{port}",
+        max_retries=0,
+        timeout=60,
+        http_client=anthropic.DefaultAioHttpClient(),
+    )
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with gate:
+            await client.messages.create(
+                model="glm-4.6",
+                max_tokens=64,
+                system="Be brief.",
+                messages=[{"role": "user", "content": f"Summarise: review {i}: the product was fine"}],
+            )
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(rows)))
+    elapsed = time.perf_counter() - started
+    await client.close()
+    return elapsed
+
+
+def overhead(quick: bool) -> dict[str, Any]:
+    rows, concurrency = (2000 if quick else 6000), 64
+    port = free_port()
+    sim = start_simulator(port)
+    try:
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        bare_s = asyncio.run(bare_loop(port, rows, concurrency))
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        bare_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+        folder = WORK / "overhead"
+        shutil.rmtree(folder, ignore_errors=True)
+        spec = write_job(folder, port, rows, f"{{concurrency: {concurrency}}}")
+        runner = run_runner(spec)
+    finally:
+        sim.terminate()
+        sim.wait()
+    sending_rate, _, _ = answering_rate(spec)
+    end_to_end = rows / runner["wall_s"]
+    bare = rows / bare_s
+    return {
+        "rows": rows,
+        "bare_sdk_rows_per_s": round(bare, 1),
+        "runner_rows_per_s_while_sending": round(sending_rate, 1),
+        "runner_rows_per_s_end_to_end": round(end_to_end, 1),
+        "ratio_while_sending": round(sending_rate / bare, 3),
+        "ratio_end_to_end_with_startup": round(end_to_end / bare, 3),
+        "bare_cpu_ms_per_row": round(1000 * bare_cpu / rows, 2),
+        "runner_cpu_ms_per_row": round(1000 * runner["cpu_s"] / rows, 2),
+    }
+
+
+def scale(quick: bool) -> dict[str, Any]:
+    sizes = (20_000, 200_000) if quick else (100_000, 1_000_000)
+    report: dict[str, Any] = {}
+    for rows in sizes:
+        port = free_port()
+        folder = WORK / f"scale-{rows}"
+        shutil.rmtree(folder, ignore_errors=True)
+        spec = write_job(folder, port, rows, "{concurrency: 64}")
+        seed_finished_state(spec, skip_every=100)
+        sim = start_simulator(port)
+        try:
+            result = run_runner(spec)
+            sent = sim_stats(port)["requests"]
+        finally:
+            sim.terminate()
+            sim.wait()
+        report[str(rows)] = {
+            "sent": sent,
+            "rows_per_s": round(rows / result["wall_s"], 1),
+            "peak_rss_mb": round(result["peak_rss_mb"], 1),
+        }
+    small, large = (report[str(n)] for n in sizes)
+    report["rss_ratio_large_to_small"] = round(large["peak_rss_mb"] / small["peak_rss_mb"], 2)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--only", choices=["utilisation", "overhead", "scale"], default=None)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    report: dict[str, Any] = {}
+    for name, part in (("utilisation", utilisation), ("overhead", overhead), ("scale", scale)):
+        if args.only in (None, name):
+            report[name] = part(args.quick)
+            print(json.dumps({name: report[name]}), flush=True)
+    report["bench_seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -224,6 +224,50 @@ def usage(
 
 
 @app.command()
+def report(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML) of a finished run.")],
+    html: Annotated[Path | None, typer.Option("--html", help="Also write the report as an HTML page here.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Print the quality of a finished labeling run against its gold labels (and draw it as HTML)."""
+    from runner import quality
+    from runner.structured import AnswerShape
+
+    def go() -> None:
+        job = _load(spec, set_, None)
+        shape = AnswerShape.from_spec(job.spec.output, str(job.spec_path))
+        if shape is None:
+            raise UsageError(f"{spec}: output: report needs a structured job (output.labels or output.schema)")
+        if not job.output_path.exists():
+            raise UsageError(f"{job.output_path} does not exist yet; run the job first: glm-batch run {spec}")
+        summary = quality.summarise(job, shape)
+        console = Console()
+        console.print(
+            f"{job.name}: {summary['rows']} rows, {summary['valid']} valid, {summary['invalid']} invalid "
+            f"({summary['truncated']} truncated), {summary['repaired']} repaired"
+        )
+        metrics = summary.get("metrics")
+        if metrics is None:
+            console.print("no gold labels: set eval.gold_column (and output.labels) for accuracy and F1")
+            return
+        console.print(f"accuracy {metrics['accuracy']:.4f} on {metrics['rows_with_gold']} rows with a gold label")
+        table = Table("label", "precision", "recall", "F1", "support")
+        for label, m in metrics["per_label"].items():
+            table.add_row(label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+        console.print(table)
+        columns = list(next(iter(metrics["confusion"].values())))
+        matrix = Table("gold \\ predicted", *columns, title="confusion matrix")
+        for gold, row in metrics["confusion"].items():
+            matrix.add_row(gold, *(str(row[c]) for c in columns))
+        console.print(matrix)
+        if html is not None:
+            html.write_text(quality.html_report(f"glm-batch report: {job.name}", metrics, summary), encoding="utf-8")
+            console.print(f"wrote {html}")
+
+    _guarded(go)
+
+
+@app.command()
 def validate(
     spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     rows: Annotated[int, typer.Option("--rows", min=1, help="How many rendered rows to print.")] = 3,

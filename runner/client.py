@@ -36,6 +36,9 @@ class Answer:
     cache_creation_input_tokens: int | None
     request_id: str | None
     model: str | None
+    tool_input: Any = None  # the input of the first tool call, if the model made one
+    tool_use_id: str | None = None
+    content: tuple[dict[str, Any], ...] = ()  # the answer's blocks in request form, to continue the turn
 
 
 class Client:
@@ -82,12 +85,22 @@ def _answer(message: Message, request_id: str | None) -> Answer:
         code = error.get("type") or error.get("code") if isinstance(error, dict) else None
         text = error.get("message") if isinstance(error, dict) else None
         raise BadResponse(str(code) if code else None, f"200 answer is not a message: {text or 'no body'}")
-    texts, thoughts = [], []
+    texts: list[str] = []
+    thoughts: list[str] = []
+    blocks: list[dict[str, Any]] = []
+    tool_input: Any = None
+    tool_use_id: str | None = None
     for block in message.content:
         if block.type == "text":
             texts.append(block.text)
+            blocks.append({"type": "text", "text": block.text})
         elif block.type == "thinking":
             thoughts.append(block.thinking)
+            blocks.append({"type": "thinking", "thinking": block.thinking, "signature": block.signature})
+        elif block.type == "tool_use":
+            if tool_use_id is None:
+                tool_input, tool_use_id = block.input, block.id
+            blocks.append({"type": "tool_use", "id": block.id, "name": block.name, "input": block.input})
     usage = message.usage
     return Answer(
         text="".join(texts),
@@ -99,4 +112,7 @@ def _answer(message: Message, request_id: str | None) -> Answer:
         cache_creation_input_tokens=usage.cache_creation_input_tokens,
         request_id=request_id or message.id,
         model=message.model,
+        tool_input=tool_input,
+        tool_use_id=tool_use_id,
+        content=tuple(blocks),
     )

@@ -27,7 +27,7 @@ from typing import Any
 
 import polars as pl
 
-from runner import ledger
+from runner import ledger, quality
 from runner.accounting import Accountant, Tally
 from runner.client import STREAM_FROM_MAX_TOKENS, Client
 from runner.errors import BudgetExhausted
@@ -42,6 +42,7 @@ from runner.retries import overload, wait_backoff
 from runner.simulator import SimConfig, SimulatorThread
 from runner.spec import Job
 from runner.store import KEY, SettledKeys, Store, write_json_atomic
+from runner.structured import AnswerShape
 
 RENDER_BATCH_ROWS = 2000  # rows rendered per step; small enough not to stall responses for long
 
@@ -89,6 +90,7 @@ async def _run(
     budget = Budget(run.max_cost) if run.max_cost is not None else None
     accountant = Accountant(table, ledger.calibration(job.name, job.spec.model.name), budget, job.spec.model.max_tokens)
     pilot = _pilot_sample(tally.rows_total, options) if options.pilot_rows else None
+    shape = AnswerShape.from_spec(job.spec.output, str(job.spec_path))
     if store.lock.took_over:
         reporter.event("stale_lock_taken_over", previous=store.lock.took_over)
     if store.recovered:
@@ -124,6 +126,7 @@ async def _run(
             workers=limits.workers,
             # A cheap worst case for the token bucket: ~4 characters a token, plus the whole answer.
             estimate_tokens=lambda r: len(str(r.params["messages"])) // 4 + max_tokens,
+            shape=shape,
             wait=wait_backoff(run.backoff_initial_s, run.backoff_max_s),
         )
 
@@ -168,12 +171,14 @@ async def _run(
     # request was settled before are answered by definition. (Counting beats joining the whole row map.)
     complete = unchanged or (tally.all_rows_rendered and tally.queued_answered == tally.requests_queued)
     if control.reason is None and complete:
-        counts = store.finalize(job.spec.input.id_column or "id")
+        counts = store.finalize(job.spec.input.id_column or "id", shape.fields if shape else None)
         failed_rows = int(counts.filter(pl.col("status") != "ok").get_column("rows").sum())
     finalized = failed_rows is not None
     exit_code, message = _outcome(job, control, failed_rows)
     summary = _summary(job, store, tally, control, started_at, exit_code, finalized, accountant)
     summary["concurrency"] = concurrency
+    if finalized and shape is not None:
+        summary["quality"] = quality.summarise(job, shape)
     write_json_atomic(summary, job.output_path.with_suffix(".summary.json"))
     store.record_run(summary)
     reporter.finish(summary, message)
@@ -321,6 +326,7 @@ def endpoint_url(job: Job) -> Iterator[str]:
         latency_jitter_s=sim.latency_jitter_s,
         concurrency_cap=sim.concurrency_cap,
         fault_rate=sim.fault_rate,
+        invalid_rate=sim.invalid_rate,
         seed=sim.seed,
     )
     with SimulatorThread(config) as server:

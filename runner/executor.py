@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from tenacity import RetryCallState
 
@@ -21,6 +22,7 @@ from runner.errors import EndpointAborted
 from runner.limits import Limits
 from runner.records import Request, Result
 from runner.retries import Verdict, classify, error_message, error_type, retrying, wait_backoff
+from runner.structured import AnswerShape, Unusable
 
 Sink = Callable[[Result], None]
 
@@ -70,6 +72,7 @@ class OnlineExecutor:
         max_attempts: int,
         workers: int,
         estimate_tokens: Callable[[Request], int],
+        shape: AnswerShape | None = None,
         wait: wait_backoff | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -80,6 +83,7 @@ class OnlineExecutor:
         self._workers = workers
         self._estimate = estimate_tokens
         self._wait = wait or wait_backoff()
+        self._shape = shape
         self._sleep = sleep
         self._clock = clock
 
@@ -111,9 +115,61 @@ class OnlineExecutor:
                 group.create_task(work())
 
     async def _send(self, request: Request, control: Control) -> Result | None:
-        """One request with retries; None if the endpoint refused the whole run."""
+        """One request: retried until answered, then (for structured jobs) checked and re-asked with
+        the problem up to max_repairs times. None if the endpoint refused the whole run."""
+        params = request.params
+        answers: list[Answer] = []
         attempts = 0
         latency_ms: float | None = None
+        value: Any = None
+        problem: Unusable | None = None
+        while True:
+            tries = [0]  # attempts of this turn, counted even when the turn fails
+            try:
+                answer, latency_ms = await self._call(params, request, control, tries)
+            except Exception as exc:  # an Exception only: cancellation must pass through untouched
+                return self._failure(request, exc, attempts + tries[0], control)
+            attempts += tries[0]
+            answers.append(answer)
+            if self._shape is None:
+                break
+            try:
+                value, problem = self._shape.check(answer), None
+                break
+            except Unusable as unusable:
+                problem = unusable
+                if unusable.kind == "truncated" or len(answers) > self._shape.max_repairs:
+                    break
+                params = self._shape.repair(params, answer, str(unusable))
+        last = answers[-1]
+        return Result(
+            key=request.key,
+            status="ok" if problem is None else "invalid",
+            attempts=attempts,
+            latency_ms=latency_ms,
+            finished_at=dt.datetime.now(dt.UTC),
+            model=last.model,
+            # For a tool call the raw answer is its input; kept as text so invalid rows show what came back.
+            response_text=last.text if last.tool_input is None else json.dumps(last.tool_input, ensure_ascii=False),
+            thinking=last.thinking,
+            stop_reason=last.stop_reason,
+            # Every turn is paid for, so every turn's tokens count.
+            input_tokens=sum(a.input_tokens for a in answers),
+            output_tokens=sum(a.output_tokens for a in answers),
+            cache_read_input_tokens=sum(a.cache_read_input_tokens or 0 for a in answers),
+            cache_creation_input_tokens=sum(a.cache_creation_input_tokens or 0 for a in answers),
+            request_id=last.request_id,
+            error_type=problem.kind if problem else None,
+            error_message=str(problem) if problem else None,
+            parsed_json=json.dumps(value, ensure_ascii=False) if problem is None and self._shape else None,
+            repairs=len(answers) - 1,
+        )
+
+    async def _call(
+        self, params: dict[str, Any], request: Request, control: Control, tries: list[int]
+    ) -> tuple[Answer, float]:
+        """Send one turn with retries; the answer and its latency in ms. `tries[0]` counts attempts."""
+        latency_ms = 0.0
 
         def count_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -121,48 +177,33 @@ class OnlineExecutor:
                 name = error_type(exc)
                 control.retries[name] = control.retries.get(name, 0) + 1
 
-        try:
-            policy = retrying(self._max_attempts, sleep=self._sleep, wait=self._wait, before_sleep=count_retry)
-            async for attempt in policy:
-                with attempt:
-                    attempts = attempt.retry_state.attempt_number
-                    async with self._limits.slot(self._estimate(request)):
-                        started = self._clock()
-                        answer = await self._client.send(request.params)
-                        latency_ms = (self._clock() - started) * 1000
-        except Exception as exc:  # an Exception only: cancellation must pass through untouched
-            verdict = classify(exc)
-            if verdict is Verdict.ABORT:
-                if control.aborted is None:
-                    control.aborted = EndpointAborted(
-                        f"the endpoint refused the job: {error_type(exc)} {error_message(exc)}"
-                    )
-                control.stop("aborted")
-                return None
-            return Result(
-                key=request.key,
-                status="error",
-                attempts=attempts,
-                latency_ms=None,
-                finished_at=dt.datetime.now(dt.UTC),
-                model=str(request.params.get("model")),
-                error_type=error_type(exc),
-                error_message=error_message(exc),
-                retryable=verdict is Verdict.RETRY,
-            )
+        policy = retrying(self._max_attempts, sleep=self._sleep, wait=self._wait, before_sleep=count_retry)
+        async for attempt in policy:
+            with attempt:
+                tries[0] = attempt.retry_state.attempt_number
+                async with self._limits.slot(self._estimate(request)):
+                    started = self._clock()
+                    answer = await self._client.send(params)
+                    latency_ms = (self._clock() - started) * 1000
+        return answer, latency_ms
+
+    def _failure(self, request: Request, exc: Exception, attempts: int, control: Control) -> Result | None:
+        verdict = classify(exc)
+        if verdict is Verdict.ABORT:
+            if control.aborted is None:
+                control.aborted = EndpointAborted(
+                    f"the endpoint refused the job: {error_type(exc)} {error_message(exc)}"
+                )
+            control.stop("aborted")
+            return None
         return Result(
             key=request.key,
-            status="ok",
+            status="error",
             attempts=attempts,
-            latency_ms=latency_ms,
+            latency_ms=None,
             finished_at=dt.datetime.now(dt.UTC),
-            model=answer.model,
-            response_text=answer.text,
-            thinking=answer.thinking,
-            stop_reason=answer.stop_reason,
-            input_tokens=answer.input_tokens,
-            output_tokens=answer.output_tokens,
-            cache_read_input_tokens=answer.cache_read_input_tokens,
-            cache_creation_input_tokens=answer.cache_creation_input_tokens,
-            request_id=answer.request_id,
+            model=str(request.params.get("model")),
+            error_type=error_type(exc),
+            error_message=error_message(exc),
+            retryable=verdict is Verdict.RETRY,
         )

@@ -20,6 +20,7 @@ import polars as pl
 
 from runner.errors import UsageError
 from runner.spec import Job
+from runner.structured import AnswerShape
 
 ROW = "_row"
 ID = "_id"
@@ -89,9 +90,20 @@ def open_input(job: Job) -> InputSource:
     _require(job.spec.output.keep_columns, columns, where, "output.keep_columns")
     if spec.id_column is not None:
         _require([spec.id_column], columns, where, "input.id_column")
+    keep = list(job.spec.output.keep_columns)
+    if job.spec.eval is not None:  # the gold labels travel to the output, for the quality report
+        _require([job.spec.eval.gold_column], columns, where, "eval.gold_column")
+        keep += [] if job.spec.eval.gold_column in keep else [job.spec.eval.gold_column]
+    shape = AnswerShape.from_spec(job.spec.output, where)
+    clash = sorted(set(shape.fields if shape else ()) & (set(keep) | {"id"}))
+    if clash:
+        raise UsageError(
+            f"{where}: output: the answer field {clash[0]!r} has the name of a column kept in the output; "
+            "rename the input column or leave it out of output.keep_columns / eval.gold_column"
+        )
 
     id_cols = {spec.id_column} if spec.id_column is not None else set()
-    used = sorted(template_vars | set(job.spec.output.keep_columns) | id_cols)
+    used = sorted(template_vars | set(keep) | id_cols)
     frame = pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
     frame = frame.select(used)
     if spec.limit is not None:
@@ -107,7 +119,7 @@ def open_input(job: Job) -> InputSource:
     except pl.exceptions.PolarsError as exc:
         raise UsageError(f"{where}: input.paths: cannot read input ({_first_line(exc)})") from None
 
-    return InputSource(frame, tuple(used), tuple(job.spec.output.keep_columns), spec.id_column)
+    return InputSource(frame, tuple(used), tuple(keep), spec.id_column)
 
 
 def _scan(path: object, where: str) -> pl.LazyFrame:

@@ -13,6 +13,7 @@ from typing import Any
 
 from runner.records import Request
 from runner.spec import Job
+from runner.structured import AnswerShape
 
 
 class RequestBuilder:
@@ -36,8 +37,11 @@ class RequestBuilder:
         # A system prompt without variables is the same for every row: render it once.
         system = job.system
         self._system: str | None = system.render({}) if system is not None and not system.variables else None
-        # The endpoint is part of the identity: the same prompt on another platform is another answer.
-        salt = json.dumps({"endpoint": job.base_url or job.endpoint_name, **fixed}, sort_keys=True)
+        self._shape = AnswerShape.from_spec(job.spec.output, str(job.spec_path))
+        shape = {"schema": self._shape.schema, "mode": self._shape.mode} if self._shape else None
+        # The endpoint is part of the identity: the same prompt on another platform is another answer;
+        # so is the structure asked for (a changed schema is a changed request).
+        salt = json.dumps({"endpoint": job.base_url or job.endpoint_name, "shape": shape, **fixed}, sort_keys=True)
         self._salt = hashlib.sha256(salt.encode())
 
     def build(self, row: dict[str, Any]) -> Request:
@@ -49,6 +53,8 @@ class RequestBuilder:
             params["system"] = self._job.system.render(row)
         content = self._job.template.render(row)
         params["messages"] = [{"role": "user", "content": content}]
+        if self._shape is not None:
+            params = self._shape.ask(params)
         # The key: everything fixed (hashed once), then the system prompt and the message, each
         # length-prefixed so that no two different prompts can run together into the same bytes.
         digest = self._salt.copy()

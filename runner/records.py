@@ -26,7 +26,7 @@ class Result:
     """What became of one request: the answer and its usage, or the error it ended with."""
 
     key: str
-    status: Literal["ok", "error"]
+    status: Literal["ok", "error", "invalid"]
     attempts: int
     latency_ms: float | None
     finished_at: dt.datetime
@@ -44,6 +44,8 @@ class Result:
     retryable: bool = False  # for errors: may a later run send it again without --retry-failed?
     cost: float | None = None  # in the endpoint's currency; None when the model has no price there
     est_input_tokens: int | None = None  # the local estimate made before sending (for calibration)
+    parsed_json: str | None = None  # a structured answer, validated, as JSON
+    repairs: int = 0  # follow-up turns spent getting a valid structured answer
 
 
 RESULT_SCHEMA: dict[str, pl.DataType] = {
@@ -63,6 +65,8 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "retryable": pl.Boolean(),
     "cost": pl.Float64(),
     "est_input_tokens": pl.Int64(),
+    "parsed_json": pl.String(),
+    "repairs": pl.Int32(),
     "request_id": pl.String(),
     "model": pl.String(),
     "finished_at": pl.Datetime("us", "UTC"),

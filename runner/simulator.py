@@ -25,6 +25,7 @@ import datetime as dt
 import hashlib
 import json
 import random
+import re
 import threading
 import unicodedata
 from collections import Counter
@@ -85,6 +86,10 @@ class SimConfig:
     # Deterministic faults: each prompt's first `fault_attempts` requests get faults[0], later ones succeed.
     fault_attempts: int = 0
     fault_match: str | None = None  # when set, only prompts containing this text are ever faulted
+    # Structured answers: this share of prompts gets a schema-invalid answer on its first
+    # `invalid_turns` turns (a repair turn then gets a valid one, unless invalid_turns is larger).
+    invalid_rate: float = 0.0
+    invalid_turns: int = 1
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(FAULTS)
@@ -96,6 +101,65 @@ class SimConfig:
     api_keys: tuple[str, ...] | None = None  # None: any non-empty key is valid
     token_scale: float = 1.0  # multiplies every token count (a tokenizer unlike the estimator's)
     seed: int = 0
+
+
+TEXT_SCHEMA_MARKER = "matches this JSON Schema:"  # what runner.structured's text mode says
+POSITIVE = frozenset(
+    [
+        "good",
+        "great",
+        "excellent",
+        "love",
+        "loved",
+        "best",
+        "nice",
+        "amazing",
+        "perfect",
+        "happy",
+        "recommend",
+        "fantastic",
+    ]
+)
+NEGATIVE = frozenset(
+    ["bad", "poor", "terrible", "worst", "hate", "broke", "broken", "disappointed", "awful", "waste", "not", "never"]
+)
+
+
+def structured_answer(schema: dict[str, Any], prompt: str, invalid: bool = False) -> Any:
+    """A value for a JSON Schema, derived from the prompt. An enum of labels is chosen by a tiny word
+    lexicon (so a sentiment job gets a plausible, imperfect accuracy); everything else from the
+    prompt's hash. With `invalid`, the value breaks the schema (an unknown label, a missing field)."""
+    digest = hashlib.sha256(prompt.encode()).digest()
+    kind = schema.get("type")
+    if "enum" in schema:
+        options = list(schema["enum"])
+        if invalid:
+            return "not-a-label"
+        words = set(re.findall(r"[a-z']+", prompt.lower()))
+        score = len(words & POSITIVE) - len(words & NEGATIVE)
+        for wanted in ("positive",) if score > 0 else ("negative",) if score < 0 else ("neutral",):
+            if wanted in options:
+                return wanted
+        return options[digest[0] % len(options)]
+    if kind == "object":
+        props = schema.get("properties", {})
+        value = {k: structured_answer(v, prompt + k) for k, v in props.items()}
+        if invalid and props:
+            first = next(iter(props))
+            if "enum" in props[first]:
+                value[first] = "not-a-label"
+            else:
+                value.pop(first)
+        return value
+    if kind == "array":
+        return [structured_answer(schema.get("items", {}), prompt, invalid)]
+    if kind == "integer":
+        return digest[1] % 100
+    if kind == "number":
+        return round(digest[2] / 7, 2)
+    if kind == "boolean":
+        return digest[3] % 2 == 0
+    return f"text-{digest.hex()[:8]}"
 
 
 def answer_for(prompt: str) -> str:
@@ -292,7 +356,7 @@ class Simulator:
             self._count("200_error")
             return web.json_response({"error": {"type": "1234", "message": "Network error, please try again"}})
 
-        message = self._message(body, model)
+        message = self._message(body, model) if not body.get("tools") else self._tool_message(body, model)
         prompt_key = hashlib.sha256(prompt_text(body).encode()).hexdigest()
         if body.get("stream"):
             return await self._stream(request, message, prompt_key, fail_midway=fault == "stream_error")
@@ -304,6 +368,13 @@ class Simulator:
         scale = self.config.token_scale
         prompt = prompt_text(body)
         text = answer_for(prompt)
+        system = _text_of(body.get("system"))
+        if TEXT_SCHEMA_MARKER in system:  # text mode: JSON in a fenced block, made from the schema asked for
+            schema = json.loads(system.split(TEXT_SCHEMA_MARKER, 1)[1].strip().splitlines()[0])
+            first = prompt_text({"system": system, "messages": body["messages"][:1]})
+            turn = sum(1 for m in body["messages"] if m.get("role") == "user")
+            value = structured_answer(schema, first, self._invalid(first, turn))
+            text = f"Here you are:\n```json\n{json.dumps(value, ensure_ascii=False)}\n```"
         blocks: list[dict[str, Any]] = []
         thinking = body.get("thinking") or {}
         if thinking.get("type") == "enabled":
@@ -311,12 +382,13 @@ class Simulator:
         out_tokens = sum(count_tokens(b["thinking"], scale) for b in blocks)
         max_tokens = body["max_tokens"]
         stop_reason = "end_turn"
-        words = text.split()
         # Truncate honestly when max_tokens is too small, as a real model does.
-        while words and out_tokens + count_tokens(" ".join(words), scale) > max_tokens:
-            words.pop()
+        if out_tokens + count_tokens(text, scale) > max_tokens:
+            words = text.split()
+            while words and out_tokens + count_tokens(" ".join(words), scale) > max_tokens:
+                words.pop()
+            text = " ".join(words)
             stop_reason = "max_tokens"
-        text = " ".join(words)
         if text:
             out_tokens += count_tokens(text, scale)
             blocks.append({"type": "text", "text": text})
@@ -337,6 +409,32 @@ class Simulator:
                 "service_tier": "standard",
             },
         }
+
+    def _tool_message(self, body: dict[str, Any], model: str) -> dict[str, Any]:
+        """Answer a forced tool call with an input made from the tool's schema (see `structured_answer`)."""
+        message = self._message({**body, "tools": None}, model)
+        tool = body["tools"][0]
+        prompt = prompt_text({"system": body.get("system"), "messages": body["messages"][:1]})
+        turn = sum(1 for m in body["messages"] if m.get("role") == "user")
+        value = structured_answer(tool["input_schema"], prompt, self._invalid(prompt, turn))
+        block = {
+            "type": "tool_use",
+            "id": f"toolu_{hashlib.sha256(prompt.encode()).hexdigest()[:20]}",
+            "name": tool["name"],
+            "input": value,
+        }
+        out = count_tokens(json.dumps(value), self.config.token_scale)
+        return {
+            **message,
+            "content": [block],
+            "stop_reason": "tool_use",
+            "usage": {**message["usage"], "output_tokens": out},
+        }
+
+    def _invalid(self, prompt: str, turn: int) -> bool:
+        cfg = self.config
+        share = int(hashlib.sha256(b"invalid" + prompt.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        return share < cfg.invalid_rate and turn <= cfg.invalid_turns
 
     async def _stream(
         self, request: web.Request, message: dict[str, Any], prompt_key: str, *, fail_midway: bool

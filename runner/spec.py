@@ -114,11 +114,26 @@ class RunSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    """Where results go: a Parquet path (may use {name} and {run_date}) and which input columns to keep."""
+    """Where results go (a Parquet path, may use {name} and {run_date}), which input columns to keep,
+    and, for labeling, the structure answers must have: labels, a JSON Schema, or any JSON."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     path: str
     keep_columns: list[str] = Field(default_factory=list)
     state_dir: str | None = None
+    labels: list[str] | None = None  # one categorical label (a list of them with multi: true)
+    multi: bool = False
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # a JSON Schema object
+    parse: Literal["json"] | None = None  # any JSON object, unvalidated beyond parsing
+    mode: Literal["tool", "text"] = "tool"  # a forced tool call, or JSON extracted from the text
+    max_repairs: Annotated[int, Field(ge=0)] = 2
+
+    @model_validator(mode="after")
+    def _one_structure(self) -> OutputSpec:
+        if sum(x is not None for x in (self.labels, self.schema_, self.parse)) > 1:
+            raise ValueError("give at most one of output.labels, output.schema, output.parse")
+        return self
 
     @field_validator("path")
     @classmethod
@@ -130,6 +145,12 @@ class OutputSpec(_Strict):
         return v
 
 
+class EvalSpec(_Strict):
+    """Quality against known answers: the input column holding the gold label."""
+
+    gold_column: str
+
+
 class SimulatorSpec(_Strict):
     """How the built-in simulator behaves when `model.endpoint: simulator` (demos and tests only)."""
 
@@ -137,6 +158,7 @@ class SimulatorSpec(_Strict):
     latency_jitter_s: Annotated[float, Field(ge=0)] = 0.0
     concurrency_cap: PositiveInt | None = None
     fault_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    invalid_rate: Annotated[float, Field(ge=0, le=1)] = 0.0  # structured answers broken on the first try
     seed: int = 0
 
 
@@ -151,6 +173,7 @@ class JobSpec(_Strict):
     model: ModelSpec
     run: RunSpec = RunSpec()
     output: OutputSpec
+    eval: EvalSpec | None = None
     simulator: SimulatorSpec = SimulatorSpec()
 
 

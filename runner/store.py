@@ -54,6 +54,7 @@ OUTPUT_COLUMNS = (
     "cost",
     "latency_ms",
     "attempts",
+    "repairs",
     "status",
     "error_type",
     "error_message",
@@ -413,7 +414,7 @@ class Store:
         counts = last.get("counts")
         return counts if isinstance(counts, dict) else None
 
-    def finalize(self, id_name: str) -> pl.DataFrame:
+    def finalize(self, id_name: str, fields: dict[str, pl.DataType] | None = None) -> pl.DataFrame:
         """Write the output Parquet in input order (atomically) from the compacted answers; return
         the status counts. Each key bucket is joined on its own and the output is assembled in row
         ranges, so memory stays bounded by a bucket. An output already written from this very state
@@ -423,7 +424,7 @@ class Store:
         counts = self._output_is_current(record)
         if counts is not None:
             return pl.DataFrame({"status": list(counts), "rows": list(counts.values())})
-        frame = self._write_output(parts, id_name)
+        frame = self._write_output(parts, id_name, fields or {})
         st = self.output_path.stat()
         counts = dict(zip(frame.get_column("status").to_list(), frame.get_column("rows").to_list(), strict=True))
         write_json_atomic(
@@ -431,7 +432,7 @@ class Store:
         )
         return frame
 
-    def _write_output(self, parts: list[Path], id_name: str) -> pl.DataFrame:
+    def _write_output(self, parts: list[Path], id_name: str, fields: dict[str, pl.DataType]) -> pl.DataFrame:
         rows = self._row_map()
         kept = [c for c in rows.collect_schema().names() if c not in (ROW, ID, KEY)]
         answers = pl.scan_parquet(parts, schema=RESULT_SCHEMA)
@@ -452,11 +453,11 @@ class Store:
             merged.filter(pl.col(ROW).is_between(start, start + OUTPUT_CHUNK_ROWS - 1)).sort(ROW)
             for start in range(0, max(total, 1), OUTPUT_CHUNK_ROWS)
         ]
-        output = (
-            pl.concat(ranges, parallel=False)
-            .rename({ID: id_name, KEY: "request_key"})
-            .select(id_name, *kept, *OUTPUT_COLUMNS)
-        )
+        output = pl.concat(ranges, parallel=False).rename({ID: id_name, KEY: "request_key"})
+        if fields:  # structured answers: one typed column per top-level field, beside the kept columns
+            parsed = pl.col("parsed_json").str.json_decode(pl.Struct(fields)).alias("_parsed")
+            output = output.with_columns(parsed).unnest("_parsed")
+        output = output.select(id_name, *kept, *fields, *OUTPUT_COLUMNS)
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.output_path.with_name(self.output_path.name + ".tmp")
         output.sink_parquet(tmp, row_group_size=ROW_GROUP_ROWS)

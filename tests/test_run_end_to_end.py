@@ -163,3 +163,24 @@ def test_a_row_whose_values_break_the_template_fails_alone(make_job, sim: Simula
     assert out.get_column("error_type").to_list() == [None, "render_error"]
     assert "ZeroDivisionError" in out.get_column("error_message")[1]
     assert sim.stats()["requests"] == 1
+
+
+def test_the_sentiment_job_labels_real_reviews_and_measures_itself(tmp_path) -> None:
+    import json
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    shutil.copytree(repo / "jobs", tmp_path / "jobs")
+    shutil.copytree(repo / "data", tmp_path / "data")
+
+    result = cli("run", str(tmp_path / "jobs" / "sentiment.yaml"), "--set", "simulator.latency_s=0")
+
+    assert result.exit_code == 0, result.stderr
+    out = pl.read_parquet(tmp_path / "out" / "sentiment.parquet")
+    assert out.height == 2000
+    assert set(out.get_column("label")) == {"positive", "negative"}
+    quality = json.loads((tmp_path / "out" / "sentiment.summary.json").read_text())["quality"]
+    assert quality["metrics"]["rows_with_gold"] == 2000
+    assert 0.5 < quality["metrics"]["accuracy"] < 1.0
+    assert quality["repaired"] > 0  # the job asks the simulator for some invalid first answers

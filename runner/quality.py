@@ -1,0 +1,149 @@
+"""Quality against gold labels: accuracy, per-label precision/recall/F1, a confusion matrix, invalid rate.
+
+    metrics = label_metrics(frame, predicted="label", gold="gold")
+
+Rows without a gold label are left out. A row whose answer was invalid (or failed) counts as wrong
+and appears in the confusion matrix under "(invalid)", so the figures never flatter a job that
+failed to answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from runner.spec import Job
+from runner.structured import AnswerShape
+
+INVALID = "(invalid)"
+
+
+def label_metrics(frame: pl.DataFrame, *, predicted: str, gold: str) -> dict[str, Any]:
+    """Metrics of a single-label column against a gold column."""
+    rows = frame.filter(pl.col(gold).is_not_null()).select(
+        pl.col(gold).cast(pl.String).alias("gold"),
+        pl.when(pl.col("status") == "ok").then(pl.col(predicted).cast(pl.String)).otherwise(None).alias("pred"),
+    )
+    n = rows.height
+    golds = rows.get_column("gold").to_list()
+    preds = rows.get_column("pred").to_list()
+    labels = sorted({*golds, *(p for p in preds if p is not None)})
+    per_label = {}
+    for label in labels:
+        tp = sum(1 for g, p in zip(golds, preds, strict=True) if g == label and p == label)
+        fp = sum(1 for g, p in zip(golds, preds, strict=True) if g != label and p == label)
+        fn = sum(1 for g, p in zip(golds, preds, strict=True) if g == label and p != label)
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_label[label] = {
+            "precision": round(precision, 4),
+            "recall": round(recall, 4),
+            "f1": round(f1, 4),
+            "support": tp + fn,
+        }
+    columns = [*labels, INVALID]
+    confusion = {g: dict.fromkeys(columns, 0) for g in labels}
+    for g, p in zip(golds, preds, strict=True):
+        confusion[g][p if p is not None else INVALID] += 1
+    correct = sum(1 for g, p in zip(golds, preds, strict=True) if g == p)
+    invalid = sum(1 for p in preds if p is None)
+    return {
+        "rows_with_gold": n,
+        "accuracy": round(correct / n, 4) if n else None,
+        "invalid_rate": round(invalid / n, 4) if n else None,
+        "per_label": per_label,
+        "confusion": confusion,
+        "predicted_distribution": {c: sum(row[c] for row in confusion.values()) for c in columns},
+    }
+
+
+def summarise(job: Job, shape: AnswerShape) -> dict[str, Any]:
+    """The quality section of a finished structured run: validity, repairs and, with gold, metrics."""
+    wanted = ["status", "repairs", "error_type"]
+    gold = job.spec.eval.gold_column if job.spec.eval else None
+    if gold and shape.label_field == "label":
+        wanted += ["label", gold]
+    frame = pl.read_parquet(job.output_path, columns=wanted)
+    report: dict[str, Any] = {
+        "rows": frame.height,
+        "valid": int((frame.get_column("status") == "ok").sum()),
+        "invalid": int((frame.get_column("status") == "invalid").sum()),
+        "truncated": int((frame.get_column("error_type") == "truncated").sum()),
+        "repaired": int((frame.get_column("repairs").fill_null(0) > 0).sum()),
+        "label_field": shape.label_field,
+        "gold_column": gold,
+    }
+    if gold and shape.label_field == "label":
+        report["metrics"] = label_metrics(frame, predicted="label", gold=gold)
+    return report
+
+
+def html_report(title: str, metrics: dict[str, Any], quality: dict[str, Any]) -> str:
+    """A small self-contained HTML page: the headline figures, the confusion matrix drawn as a heat
+    map and the predicted-label distribution drawn as bars (inline SVG, no scripts, no network)."""
+    confusion: dict[str, dict[str, int]] = metrics["confusion"]
+    golds = list(confusion)
+    columns = list(next(iter(confusion.values()))) if confusion else []
+    top = max([v for row in confusion.values() for v in row.values()] + [1])
+    cell, left, head = 70, 110, 40
+    parts = [
+        f'<svg id="confusion" xmlns="http://www.w3.org/2000/svg" width="{left + cell * len(columns) + 10}" '
+        f'height="{head + cell * len(golds) + 30}" font-family="sans-serif" font-size="13">',
+        f'<text x="{left}" y="14">predicted &#8594;</text>',
+    ]
+    for j, c in enumerate(columns):
+        parts.append(f'<text x="{left + j * cell + cell / 2}" y="{head - 8}" text-anchor="middle">{_esc(c)}</text>')
+    for i, g in enumerate(golds):
+        y = head + i * cell
+        parts.append(f'<text x="{left - 8}" y="{y + cell / 2 + 4}" text-anchor="end">{_esc(g)}</text>')
+        for j, c in enumerate(columns):
+            n = confusion[g][c]
+            shade = 0.08 + 0.85 * n / top
+            parts.append(
+                f'<rect x="{left + j * cell}" y="{y}" width="{cell - 2}" height="{cell - 2}" '
+                f'fill="rgb(31,119,180)" fill-opacity="{shade:.2f}"><title>gold {_esc(g)}, '
+                f"predicted {_esc(c)}: {n}</title></rect>"
+            )
+            parts.append(
+                f'<text x="{left + j * cell + cell / 2}" y="{y + cell / 2 + 4}" text-anchor="middle">{n}</text>'
+            )
+    parts.append(f'<text x="4" y="{head + cell * len(golds) + 20}">gold &#8595;</text></svg>')
+    dist: dict[str, int] = metrics["predicted_distribution"]
+    biggest = max([*dist.values(), 1])
+    bars = [
+        f'<svg id="distribution" xmlns="http://www.w3.org/2000/svg" width="520" height="{28 * len(dist) + 10}" '
+        'font-family="sans-serif" font-size="13">'
+    ]
+    for i, (label, n) in enumerate(dist.items()):
+        width = 360 * n / biggest
+        bars.append(
+            f'<text x="100" y="{28 * i + 19}" text-anchor="end">{_esc(label)}</text>'
+            f'<rect x="108" y="{28 * i + 6}" width="{width:.1f}" height="18" fill="rgb(255,127,14)"/>'
+            f'<text x="{114 + width:.1f}" y="{28 * i + 19}">{n}</text>'
+        )
+    bars.append("</svg>")
+    rows = "".join(
+        f"<tr><td>{_esc(label)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td><td>{m['f1']:.3f}</td>"
+        f"<td>{m['support']}</td></tr>"
+        for label, m in metrics["per_label"].items()
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:60em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child{{text-align:left}}</style></head>
+<body><h1>{_esc(title)}</h1>
+<p id="headline">accuracy <b>{metrics["accuracy"]:.4f}</b> on {metrics["rows_with_gold"]} rows with a gold label;
+invalid answers {100 * metrics["invalid_rate"]:.2f}%; answers repaired {quality.get("repaired", 0)};
+truncated {quality.get("truncated", 0)}.</p>
+<h2>Per label</h2><table id="per-label"><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th>
+<th>support</th></tr>{rows}</table>
+<h2>Confusion matrix</h2>{"".join(parts)}
+<h2>Predicted labels</h2>{"".join(bars)}
+</body></html>
+"""
+
+
+def _esc(text: object) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")

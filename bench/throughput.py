@@ -96,7 +96,7 @@ def answering_rate(spec: Path) -> tuple[float, float, float]:
 
 def utilisation(quick: bool) -> dict[str, Any]:
     cap, latency = 16, 0.2
-    rows = 800 if quick else 2400
+    rows = 800 if quick else 1600
     ideal = cap / latency
     report: dict[str, Any] = {"cap": cap, "latency_s": latency, "ideal_rows_per_s": ideal}
     for name, run in (
@@ -127,7 +127,7 @@ def utilisation(quick: bool) -> dict[str, Any]:
 
 def cap_drop(quick: bool) -> dict[str, Any]:
     """Auto concurrency while the cap falls from 16 to 6 halfway through."""
-    latency, rows = 0.2, (900 if quick else 2000)
+    latency, rows = 0.2, (900 if quick else 1600)
     port = free_port()
     sim = start_simulator(port, "--latency", str(latency), "--cap", "16")
     folder = WORK / "util-drop"
@@ -192,7 +192,7 @@ async def bare_loop(port: int, rows: int, concurrency: int) -> float:
 
 
 def overhead(quick: bool) -> dict[str, Any]:
-    rows, concurrency = (2000 if quick else 6000), 64
+    rows, concurrency = (2000 if quick else 4000), 64
     port = free_port()
     sim = start_simulator(port)
     try:

@@ -444,16 +444,21 @@ class Store:
             joined = rows.filter(buckets.member(b)).join(share, on=KEY, how="left", maintain_order="left")
             joined.sink_parquet(piece, row_group_size=ROW_GROUP_ROWS)
             pieces.append(piece)
-        # Each piece is in row order; the output is built as consecutive row ranges, each read from all
-        # pieces (row-group statistics skip the rest) and sorted on its own. (merge_sorted and a global
-        # sort both hold the whole output in memory.)
+        # Each piece is in row order. The output is put together as consecutive row ranges, each read
+        # from all pieces (row-group statistics skip the rest), sorted on its own and written to a file
+        # of its own, one at a time; then those files are streamed into the output in order.
+        # (merge_sorted, a global sort, or one concat of all ranges each held the whole output.)
         merged = pl.scan_parquet(pieces)
         total = int(rows.select(pl.len()).collect().item())
-        ranges = [
-            merged.filter(pl.col(ROW).is_between(start, start + OUTPUT_CHUNK_ROWS - 1)).sort(ROW)
-            for start in range(0, max(total, 1), OUTPUT_CHUNK_ROWS)
-        ]
-        output = pl.concat(ranges, parallel=False).rename({ID: id_name, KEY: "request_key"})
+        ranges = []
+        for start in range(0, max(total, 1), OUTPUT_CHUNK_ROWS):
+            target = self.state_dir / f"range-{start // OUTPUT_CHUNK_ROWS:06d}.parquet.tmp"
+            chunk = merged.filter(pl.col(ROW).is_between(start, start + OUTPUT_CHUNK_ROWS - 1)).sort(ROW)
+            chunk.sink_parquet(target, row_group_size=ROW_GROUP_ROWS)
+            ranges.append(target)
+        for piece in pieces:
+            piece.unlink()
+        output = pl.scan_parquet(ranges).rename({ID: id_name, KEY: "request_key"})
         if fields:  # structured answers: one typed column per top-level field, beside the kept columns
             parsed = pl.col("parsed_json").str.json_decode(pl.Struct(fields)).alias("_parsed")
             output = output.with_columns(parsed).unnest("_parsed")
@@ -462,8 +467,8 @@ class Store:
         tmp = self.output_path.with_name(self.output_path.name + ".tmp")
         output.sink_parquet(tmp, row_group_size=ROW_GROUP_ROWS)
         _fsync_rename(tmp, self.output_path)
-        for piece in pieces:
-            piece.unlink()
+        for part in ranges:
+            part.unlink()
         return pl.scan_parquet(self.output_path).group_by("status").agg(pl.len().alias("rows")).collect()
 
     # ---- the manifest ---------------------------------------------------------------------------

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,40 @@ def sim_stats(port: int) -> dict[str, int]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/_sim/stats", timeout=5) as r:
         data: dict[str, int] = json.load(r)
         return data
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What one `glm-batch run` process took."""
+
+    wall_s: float
+    cpu_s: float
+    peak_rss_mb: float
+
+
+def measured_run(spec: Path) -> Measured:
+    """Run `glm-batch run SPEC` in a subprocess and measure its wall time, CPU time and peak RSS.
+
+    A small wrapper process runs it and reads its own RUSAGE_CHILDREN, so the figures are that run's
+    alone, not the benchmark's.
+    """
+    probe = (
+        "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+        "r = resource.getrusage(resource.RUSAGE_CHILDREN); "
+        "print(r.ru_utime + r.ru_stime, r.ru_maxrss, file=sys.stderr); sys.exit(p.returncode)"
+    )
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, sys.executable, "-m", "runner", "run", str(spec), "--log-format", "json"],
+        env={**os.environ, "ZHIPUAI_API_KEY": "bench"},
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"glm-batch run failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    cpu, rss_kb = proc.stderr.strip().splitlines()[-1].split()
+    return Measured(wall, float(cpu), int(rss_kb) / 1024)
 
 
 def configure_simulator(port: int, **changes: Any) -> None:

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import polars as pl
-from _common import HERE, free_port, seed_finished_state, sim_stats, start_simulator
+from _common import HERE, free_port, measured_run, seed_finished_state, sim_stats, start_simulator
 
 
 def baseline_seconds(input_path: Path, output_path: Path) -> float:
@@ -65,32 +62,13 @@ output: {{path: out/resume.parquet}}
     seed_finished_state(spec)
     seed_s = time.perf_counter() - t0
 
-    def timed_run() -> tuple[float, float]:
-        """One `glm-batch run` subprocess: (wall seconds, peak RSS in MB of that process)."""
-        code = (
-            "import resource, subprocess, sys; "
-            "p = subprocess.run(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(p.returncode)"
-        )
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-c", code, sys.executable, "-m", "runner", "run", str(spec), "--log-format", "json"],
-            env={**os.environ, "ZHIPUAI_API_KEY": "bench"},
-            capture_output=True,
-            text=True,
-        )
-        seconds = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"resume failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        return seconds, int(proc.stderr.strip().splitlines()[-1]) / 1024
-
     sim = start_simulator(port)
     try:
         # First resume: every answer exists but no run has mapped these inputs yet, so every row is
         # rendered and looked up (the path taken after an input file changed).
-        render_s, render_rss = timed_run()
+        render = measured_run(spec)
         # Second resume: nothing changed since a run that answered every row (the daily cron case).
-        rerun_s, rerun_rss = timed_run()
+        rerun = measured_run(spec)
         stats = sim_stats(port)
     finally:
         sim.terminate()
@@ -103,13 +81,13 @@ output: {{path: out/resume.parquet}}
         "rows": n,
         "requests_sent": stats["requests"],
         "output_rows": rows_out,
-        "resume_rendering_every_row_s": round(render_s, 2),
-        "resume_rendering_every_row_peak_rss_mb": round(render_rss, 1),
-        "rerun_unchanged_finished_job_s": round(rerun_s, 2),
-        "rerun_unchanged_finished_job_peak_rss_mb": round(rerun_rss, 1),
+        "resume_rendering_every_row_s": round(render.wall_s, 2),
+        "resume_rendering_every_row_peak_rss_mb": round(render.peak_rss_mb, 1),
+        "rerun_unchanged_finished_job_s": round(rerun.wall_s, 2),
+        "rerun_unchanged_finished_job_peak_rss_mb": round(rerun.peak_rss_mb, 1),
         "baseline_polars_read_write_s": round(base_s, 2),
-        "ratio_render_path_to_baseline": round(render_s / base_s, 1),
-        "ratio_rerun_to_baseline": round(rerun_s / base_s, 1),
+        "ratio_render_path_to_baseline": round(render.wall_s / base_s, 1),
+        "ratio_rerun_to_baseline": round(rerun.wall_s / base_s, 1),
         "seed_s": round(seed_s, 1),
     }
     print(json.dumps(report, indent=2))

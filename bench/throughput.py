@@ -24,11 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -36,7 +33,15 @@ from typing import Any
 
 import anthropic
 import polars as pl
-from _common import HERE, configure_simulator, free_port, seed_finished_state, sim_stats, start_simulator
+from _common import (
+    HERE,
+    configure_simulator,
+    free_port,
+    measured_run,
+    seed_finished_state,
+    sim_stats,
+    start_simulator,
+)
 
 WORK = HERE / "out" / "throughput"
 
@@ -63,28 +68,6 @@ output: {{path: out/bench.{fmt}}}
     return spec
 
 
-def run_runner(spec: Path) -> dict[str, Any]:
-    """`glm-batch run` in a subprocess: its wall time, CPU time and peak RSS, and its summary."""
-    probe = (
-        "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
-        "r = resource.getrusage(resource.RUSAGE_CHILDREN); "
-        "print(r.ru_utime + r.ru_stime, r.ru_maxrss, file=sys.stderr); sys.exit(p.returncode)"
-    )
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", probe, sys.executable, "-m", "runner", "run", str(spec), "--log-format", "json"],
-        env={**os.environ, "ZHIPUAI_API_KEY": "bench"},
-        capture_output=True,
-        text=True,
-    )
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"runner failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    cpu, rss_kb = proc.stderr.strip().splitlines()[-1].split()
-    summary = json.loads((spec.parent / "out" / "bench.summary.json").read_text())
-    return {"wall_s": wall, "cpu_s": float(cpu), "peak_rss_mb": int(rss_kb) / 1024, "summary": summary}
-
-
 def answering_rate(spec: Path) -> tuple[float, float, float]:
     """Rows/s while answers were arriving (first to last `finished_at`), and that window."""
     out = pl.read_parquet(spec.parent / "out" / "bench.parquet", columns=["finished_at", "status"])
@@ -109,7 +92,7 @@ def utilisation(quick: bool) -> dict[str, Any]:
             folder = WORK / f"util-{name}"
             shutil.rmtree(folder, ignore_errors=True)
             spec = write_job(folder, port, rows, run)
-            run_runner(spec)
+            measured_run(spec)
             stats = sim_stats(port)
         finally:
             sim.terminate()
@@ -144,7 +127,7 @@ def cap_drop(quick: bool) -> dict[str, Any]:
     watcher = threading.Thread(target=drop_when_half_done, daemon=True)
     watcher.start()
     try:
-        run_runner(spec)
+        measured_run(spec)
         stats = sim_stats(port)
     finally:
         sim.terminate()
@@ -203,12 +186,12 @@ def overhead(quick: bool) -> dict[str, Any]:
         folder = WORK / "overhead"
         shutil.rmtree(folder, ignore_errors=True)
         spec = write_job(folder, port, rows, f"{{concurrency: {concurrency}}}")
-        runner = run_runner(spec)
+        runner = measured_run(spec)
     finally:
         sim.terminate()
         sim.wait()
     sending_rate, _, _ = answering_rate(spec)
-    end_to_end = rows / runner["wall_s"]
+    end_to_end = rows / runner.wall_s
     bare = rows / bare_s
     return {
         "rows": rows,
@@ -218,7 +201,7 @@ def overhead(quick: bool) -> dict[str, Any]:
         "ratio_while_sending": round(sending_rate / bare, 3),
         "ratio_end_to_end_with_startup": round(end_to_end / bare, 3),
         "bare_cpu_ms_per_row": round(1000 * bare_cpu / rows, 2),
-        "runner_cpu_ms_per_row": round(1000 * runner["cpu_s"] / rows, 2),
+        "runner_cpu_ms_per_row": round(1000 * runner.cpu_s / rows, 2),
     }
 
 
@@ -233,7 +216,7 @@ def scale(quick: bool) -> dict[str, Any]:
         seed_finished_state(spec, skip_every=100)
         sim = start_simulator(port)
         try:
-            result = run_runner(spec)
+            result = measured_run(spec)
             sent = sim_stats(port)["requests"]
         finally:
             sim.terminate()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import polars as pl
 
@@ -135,15 +137,18 @@ def test_a_summary_is_written_beside_the_output(make_job) -> None:
     assert summary["output"] == str(job.output)
 
 
-def test_the_demo_job_runs_offline_on_the_builtin_simulator(tmp_path) -> None:
-    import shutil
-    from pathlib import Path
-
+def shipped_jobs(tmp_path: Path) -> Path:
+    """A copy of the repository's jobs/ and data/ (the shipped jobs write their output beside them)."""
     repo = Path(__file__).resolve().parent.parent
     shutil.copytree(repo / "jobs", tmp_path / "jobs")
     shutil.copytree(repo / "data", tmp_path / "data")
+    return tmp_path / "jobs"
 
-    result = cli("run", str(tmp_path / "jobs" / "demo.yaml"), "--set", "run.backoff_initial_s=0.01")
+
+def test_the_demo_job_runs_offline_on_the_builtin_simulator(tmp_path) -> None:
+    jobs = shipped_jobs(tmp_path)
+
+    result = cli("run", str(jobs / "demo.yaml"), "--set", "run.backoff_initial_s=0.01")
 
     assert result.exit_code == 0, result.stderr
     out = pl.read_parquet(tmp_path / "out" / "demo.parquet")
@@ -166,15 +171,9 @@ def test_a_row_whose_values_break_the_template_fails_alone(make_job, sim: Simula
 
 
 def test_the_sentiment_job_labels_real_reviews_and_measures_itself(tmp_path) -> None:
-    import json
-    import shutil
-    from pathlib import Path
+    jobs = shipped_jobs(tmp_path)
 
-    repo = Path(__file__).resolve().parent.parent
-    shutil.copytree(repo / "jobs", tmp_path / "jobs")
-    shutil.copytree(repo / "data", tmp_path / "data")
-
-    result = cli("run", str(tmp_path / "jobs" / "sentiment.yaml"), "--set", "simulator.latency_s=0")
+    result = cli("run", str(jobs / "sentiment.yaml"), "--set", "simulator.latency_s=0")
 
     assert result.exit_code == 0, result.stderr
     out = pl.read_parquet(tmp_path / "out" / "sentiment.parquet")

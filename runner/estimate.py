@@ -17,6 +17,7 @@ import asyncio
 import math
 import random
 import statistics
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,11 +75,11 @@ async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, repo
         settled = store.settled_keys(retry_failed=False)
         answers = _earlier_answers(store, job)
         calibration = _calibration_from(answers) or ledger.calibration(job.name, job.spec.model.name)
-        raw, rows_total, rows_settled = _pending_estimates(source, builder, settled)
-        if options.exact and raw:
-            calibration = await _tokenizer_calibration(job, api_key, raw)
+        pending = _pending_estimates(source, builder, settled)
+        if options.exact and pending.sample:
+            calibration = await _tokenizer_calibration(job, api_key, pending.sample)
         output = _output_model(answers, job.spec.model.max_tokens)
-        report = _report(job, table, calibration, output, raw, rows_total, rows_settled, options)
+        report = _report(job, table, calibration, output, pending, options)
         store.write_estimate(report)
     finally:
         store.close()
@@ -109,27 +110,43 @@ def _calibration_from(answers: pl.DataFrame) -> Calibration | None:
     return Calibration(actual / estimated, measured.height, f"measured on {measured.height} answers of this job")
 
 
-def _pending_estimates(source: Any, builder: RequestBuilder, settled: Any) -> tuple[dict[str, Request], int, int]:
-    """Raw estimates of the distinct requests a run would send; rows in total; rows already answered.
+@dataclass
+class Pending:
+    """The requests a run would send, reduced to what an estimate needs: each one's raw input-token
+    estimate (4 bytes a request), and a uniform sample of the requests themselves for --exact."""
 
-    Only the requests themselves are kept for a sample (for --exact); the totals stream.
-    """
-    pending: dict[str, Request] = {}
-    rows_total = rows_settled = 0
+    raw: array[int]
+    sample: list[Request]
+    rows_total: int = 0
+    rows_settled: int = 0
+
+
+def _pending_estimates(source: Any, builder: RequestBuilder, settled: Any) -> Pending:
+    """Stream the input: estimate each distinct unanswered request, keep a reservoir sample of them."""
+    pending = Pending(array("I"), [])
+    seen: set[int] = set()  # 64-bit key prefixes: a row whose request is already counted adds nothing
+    rng = random.Random(0)
     for frame in source.batches(5000):
         requests = [builder.build(row) for row in frame.iter_rows(named=True)]
         done = settled.contains(pl.Series(KEY, [r.key for r in requests], dtype=pl.String)).to_list()
-        rows_total += frame.height
-        rows_settled += sum(done)
+        pending.rows_total += frame.height
+        pending.rows_settled += sum(done)
         for request, is_done in zip(requests, done, strict=True):
-            if not is_done and request.key not in pending:
-                pending[request.key] = request
-    return pending, rows_total, rows_settled
+            prefix = int(request.key[:16], 16)
+            if is_done or prefix in seen:
+                continue
+            seen.add(prefix)
+            pending.raw.append(estimate_request(request.params))
+            # Reservoir sampling (Algorithm R): every request has the same chance to be in the sample.
+            if len(pending.sample) < EXACT_SAMPLE:
+                pending.sample.append(request)
+            elif (slot := rng.randrange(len(pending.raw))) < EXACT_SAMPLE:
+                pending.sample[slot] = request
+    return pending
 
 
-async def _tokenizer_calibration(job: Job, api_key: str, pending: dict[str, Request]) -> Calibration:
+async def _tokenizer_calibration(job: Job, api_key: str, sample: list[Request]) -> Calibration:
     """Count a random sample of requests with Zhipu's tokenizer API and learn the ratio to the estimate."""
-    sample = random.Random(0).sample(list(pending.values()), min(EXACT_SAMPLE, len(pending)))
     semaphore = asyncio.Semaphore(max(1, job.concurrency))
     headers = {"authorization": f"Bearer {api_key}"}
 
@@ -183,13 +200,11 @@ def _report(
     table: PriceTable,
     calibration: Calibration,
     output: OutputModel,
-    pending: dict[str, Request],
-    rows_total: int,
-    rows_settled: int,
+    pending: Pending,
     options: EstimateOptions,
 ) -> dict[str, Any]:
-    n = len(pending)
-    inputs = [calibration.apply(estimate_request(r.params)) for r in pending.values()]
+    n = len(pending.raw)
+    inputs = array("I", (calibration.apply(raw) for raw in pending.raw))
     # Calibrated estimates are good to a few percent; raw ones can be off by a third either way.
     in_low, in_high = (0.95, 1.05) if calibration.samples >= 20 else (0.75, 1.35)
     max_tokens = job.spec.model.max_tokens
@@ -210,8 +225,8 @@ def _report(
         "endpoint": job.endpoint_name,
         "currency": job.currency,
         "prices_confirmed": table.confirmed,
-        "rows": rows_total,
-        "rows_answered_already": rows_settled,
+        "rows": pending.rows_total,
+        "rows_answered_already": pending.rows_settled,
         "requests_to_send": n,
         "input_tokens": {
             "expected": sum(inputs),

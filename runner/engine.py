@@ -43,6 +43,7 @@ from runner.simulator import SimConfig, SimulatorThread
 from runner.spec import Job
 from runner.store import KEY, SettledKeys, Store, write_json_atomic
 from runner.structured import AnswerShape
+from runner.tokens import estimate_request
 
 RENDER_BATCH_ROWS = 2000  # rows rendered per step; small enough not to stall responses for long
 
@@ -116,16 +117,16 @@ async def _run(
             ),
             requests_per_minute=run.requests_per_minute,
             tokens_per_minute=run.tokens_per_minute,
+            expected_output_tokens=job.spec.model.max_tokens,
             classify=overload,
         )
-        max_tokens = job.spec.model.max_tokens
         executor = OnlineExecutor(
             client,
             limits,
             max_attempts=run.max_attempts,
             workers=limits.workers,
-            # A cheap worst case for the token bucket: ~4 characters a token, plus the whole answer.
-            estimate_tokens=lambda r: len(str(r.params["messages"])) // 4 + max_tokens,
+            # Input tokens for the token bucket (the limits add the expected output).
+            estimate_tokens=lambda r: accountant.calibration.apply(estimate_request(r.params)),
             shape=shape,
             wait=wait_backoff(run.backoff_initial_s, run.backoff_max_s),
         )

@@ -181,10 +181,13 @@ class OnlineExecutor:
         async for attempt in policy:
             with attempt:
                 tries[0] = attempt.retry_state.attempt_number
-                async with self._limits.slot(self._estimate(request)):
+                async with self._limits.slot(self._estimate(request)) as slot:
                     started = self._clock()
                     answer = await self._client.send(params)
                     latency_ms = (self._clock() - started) * 1000
+                    slot.used_tokens = (
+                        answer.input_tokens + (answer.cache_read_input_tokens or 0) + answer.output_tokens
+                    )
         return answer, latency_ms
 
     def _failure(self, request: Request, exc: Exception, attempts: int, control: Control) -> Result | None:

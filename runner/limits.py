@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 from aiolimiter import AsyncLimiter
@@ -113,8 +114,22 @@ class AimdController:
         self._limit = min(float(self.maximum), max(float(self.minimum), value))
 
 
+@dataclass
+class Attempt:
+    """One attempt's slot; the sender reports the tokens the answer really used."""
+
+    charged_tokens: int
+    used_tokens: int | None = None
+
+
 class Limits:
-    """In-flight, request-rate and token-rate limits shared by all workers of one run."""
+    """In-flight, request-rate and token-rate limits shared by all workers of one run.
+
+    The token bucket is charged before each attempt with the input estimate plus the mean output seen
+    so far (max_tokens until answers arrive), and reconciled after it: an answer that used more pays
+    the difference before its worker sends again. (aiolimiter cannot refund an over-charge, which is
+    why the charge uses the mean output and not max_tokens.)
+    """
 
     def __init__(
         self,
@@ -122,6 +137,7 @@ class Limits:
         concurrency: int | AimdController,
         requests_per_minute: float | None,
         tokens_per_minute: float | None,
+        expected_output_tokens: int = 0,
         classify: Callable[[Exception], tuple[Overload | None, float | None]] = lambda e: (None, None),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -134,6 +150,8 @@ class Limits:
         self._changed = asyncio.Condition()
         self.in_flight = 0
         self.attempts = 0
+        self._output_mean = float(expected_output_tokens)
+        self._answers = 0
         self.overloaded = 0  # attempts refused with 429/1302, 1305 or 529
 
     @property
@@ -151,8 +169,9 @@ class Limits:
         return self.overloaded / self.attempts if self.attempts else 0.0
 
     @asynccontextmanager
-    async def slot(self, estimated_tokens: int) -> AsyncIterator[None]:
+    async def slot(self, input_tokens: int) -> AsyncIterator[Attempt]:
         """Hold one in-flight slot for the duration of one attempt, and learn from how it ended."""
+        attempt = Attempt(charged_tokens=input_tokens + round(self._output_mean))
         async with self._changed:
             await self._changed.wait_for(lambda: self.in_flight < self.concurrency)
             self.in_flight += 1
@@ -162,20 +181,31 @@ class Limits:
                 await self._rpm.acquire()
             if self._tpm is not None:
                 # A single request larger than the bucket takes the whole bucket rather than failing.
-                await self._tpm.acquire(min(float(estimated_tokens), self._tpm.max_rate))
+                await self._tpm.acquire(min(float(attempt.charged_tokens), self._tpm.max_rate))
             self.attempts += 1
             started = self._clock()
             try:
-                yield
+                yield attempt
             except Exception as exc:
                 self._learn_failure(exc)
                 raise
             if self.controller is not None:
                 self.controller.on_success(self._clock() - started)
+            await self._reconcile(attempt, input_tokens)
         finally:
             async with self._changed:
                 self.in_flight -= 1
                 self._changed.notify_all()
+
+    async def _reconcile(self, attempt: Attempt, input_tokens: int) -> None:
+        if attempt.used_tokens is None:
+            return
+        self._answers += 1
+        output = max(0, attempt.used_tokens - input_tokens)
+        self._output_mean += (output - self._output_mean) / min(self._answers, 100)  # mean of the last ~100
+        debt = attempt.used_tokens - attempt.charged_tokens
+        if self._tpm is not None and debt > 0:
+            await self._tpm.acquire(min(float(debt), self._tpm.max_rate))
 
     def _learn_failure(self, exc: Exception) -> None:
         kind, retry_after = self._classify(exc)

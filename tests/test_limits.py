@@ -143,3 +143,28 @@ def test_a_fixed_concurrency_is_never_exceeded(make_job, sim: SimulatorThread) -
 
     assert cli("run", str(job.spec)).exit_code == 0
     assert sim.stats()["max_in_flight"] == 3
+
+
+async def test_the_token_bucket_is_charged_the_tokens_an_answer_really_used() -> None:
+    from runner.limits import Limits
+
+    # 600 tokens a minute: a bucket of 10 tokens a second. The estimate says 2, the answer used 10.
+    limits = Limits(concurrency=1, requests_per_minute=None, tokens_per_minute=600, expected_output_tokens=0)
+    async with limits.slot(input_tokens=2) as attempt:
+        assert attempt.charged_tokens == 2
+        assert limits._tpm is not None and limits._tpm.has_capacity(8)
+        attempt.used_tokens = 10
+
+    assert not limits._tpm.has_capacity(1)  # the 8 tokens of debt were paid into the bucket
+
+
+async def test_the_token_charge_learns_the_mean_answer_length() -> None:
+    from runner.limits import Limits
+
+    limits = Limits(concurrency=1, requests_per_minute=None, tokens_per_minute=60_000, expected_output_tokens=500)
+    for used in (110, 130):  # input 10 each: answers of 100 and 120 tokens
+        async with limits.slot(input_tokens=10) as attempt:
+            attempt.used_tokens = used
+
+    async with limits.slot(input_tokens=10) as attempt:
+        assert attempt.charged_tokens == 10 + 110  # no longer max_tokens (500): the mean seen so far

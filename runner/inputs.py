@@ -91,10 +91,15 @@ def open_input(job: Job) -> InputSource:
     if spec.id_column is not None:
         _require([spec.id_column], columns, where, "input.id_column")
     keep = list(job.spec.output.keep_columns)
-    if job.spec.eval is not None:  # the gold labels travel to the output, for the quality report
-        _require([job.spec.eval.gold_column], columns, where, "eval.gold_column")
-        keep += [] if job.spec.eval.gold_column in keep else [job.spec.eval.gold_column]
     shape = AnswerShape.from_spec(job.spec.output, where)
+    if job.spec.eval is not None:  # the gold answers travel to the output, for the quality report
+        gold = [job.spec.eval.gold_column] if job.spec.eval.gold_column else []
+        _require(gold, columns, where, "eval.gold_column")
+        _require(list(job.spec.eval.gold_fields.values()), columns, where, "eval.gold_fields")
+        unknown = sorted(set(job.spec.eval.gold_fields) - set(shape.fields if shape else ()))
+        if unknown:
+            raise UsageError(f"{where}: eval.gold_fields: {unknown[0]!r} is not a field of output.schema")
+        keep += [c for c in [*gold, *job.spec.eval.gold_fields.values()] if c not in keep]
     clash = sorted(set(shape.fields if shape else ()) & (set(keep) | {"id"}))
     if clash:
         raise UsageError(

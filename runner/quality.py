@@ -59,12 +59,31 @@ def label_metrics(frame: pl.DataFrame, *, predicted: str, gold: str) -> dict[str
     }
 
 
+def field_exact_match(frame: pl.DataFrame, gold_fields: dict[str, str]) -> dict[str, Any]:
+    """Per answer field: the share of rows with a gold value whose answer equals it exactly.
+
+    Values are compared as text (a gold CSV column is text); invalid or failed rows count as misses.
+    """
+    rates: dict[str, Any] = {}
+    for field, gold in gold_fields.items():
+        rows = frame.filter(pl.col(gold).is_not_null())
+        answer = pl.when(pl.col("status") == "ok").then(pl.col(field).cast(pl.String)).otherwise(None)
+        hits = rows.select((answer == pl.col(gold).cast(pl.String)).fill_null(False).sum()).item()
+        rates[field] = {
+            "rows_with_gold": rows.height,
+            "exact_match": round(hits / rows.height, 4) if rows.height else None,
+        }
+    return rates
+
+
 def summarise(job: Job, shape: AnswerShape) -> dict[str, Any]:
     """The quality section of a finished structured run: validity, repairs and, with gold, metrics."""
     wanted = ["status", "repairs", "error_type"]
     gold = job.spec.eval.gold_column if job.spec.eval else None
+    gold_fields = job.spec.eval.gold_fields if job.spec.eval else {}
     if gold and shape.label_field == "label":
         wanted += ["label", gold]
+    wanted += [c for pair in gold_fields.items() for c in pair if c not in wanted]
     frame = pl.read_parquet(job.output_path, columns=wanted)
     report: dict[str, Any] = {
         "rows": frame.height,
@@ -77,6 +96,8 @@ def summarise(job: Job, shape: AnswerShape) -> dict[str, Any]:
     }
     if gold and shape.label_field == "label":
         report["metrics"] = label_metrics(frame, predicted="label", gold=gold)
+    if gold_fields:
+        report["field_exact_match"] = field_exact_match(frame, gold_fields)
     return report
 
 

@@ -146,9 +146,17 @@ class OutputSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    """Quality against known answers: the input column holding the gold label."""
+    """Quality against known answers: the input column holding the gold label (for `labels:` jobs),
+    and/or, for `schema:` jobs, a gold input column per answer field (per-field exact match)."""
 
-    gold_column: str
+    gold_column: str | None = None
+    gold_fields: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _something_to_compare(self) -> EvalSpec:
+        if self.gold_column is None and not self.gold_fields:
+            raise ValueError("give eval.gold_column or eval.gold_fields")
+        return self
 
 
 class SimulatorSpec(_Strict):

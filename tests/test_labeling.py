@@ -241,3 +241,36 @@ def test_changing_the_labels_changes_the_request(make_job, sim) -> None:
 
     assert cli("run", str(job.spec), "--set", "output.labels=[positive, negative, neutral]").exit_code == 0
     assert sim.stats()["requests"] == 8
+
+
+def test_schema_outputs_get_per_field_exact_match_rates(make_job, sim) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"sentiment": {"type": "string", "enum": ["positive", "negative"]}, "score": {"type": "integer"}},
+        "required": ["sentiment", "score"],
+    }
+    # Gold sentiment matches the simulator's lexicon on rows 1-4 but not 5; no gold score is ever right.
+    rows = [{**r, "gold_score": "1000"} for r in REVIEWS]
+    job = make_job(
+        rows,
+        output={"schema": schema, "keep_columns": []},
+        eval={"gold_fields": {"sentiment": "gold", "score": "gold_score"}},
+    )
+
+    assert cli("run", str(job.spec)).exit_code == 0
+
+    rates = json.loads(job.summary.read_text())["quality"]["field_exact_match"]
+    assert rates == {
+        "sentiment": {"rows_with_gold": 5, "exact_match": 0.8},
+        "score": {"rows_with_gold": 5, "exact_match": 0.0},
+    }
+
+
+def test_gold_fields_must_name_schema_fields(make_job, sim) -> None:
+    schema = {"type": "object", "properties": {"sentiment": {"type": "string"}}}
+    job = make_job(REVIEWS, output={"schema": schema, "keep_columns": []}, eval={"gold_fields": {"mood": "gold"}})
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 2 and "'mood' is not a field of output.schema" in result.stderr
+    assert sim.stats()["requests"] == 0

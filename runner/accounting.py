@@ -39,6 +39,7 @@ class Tally:
     failed: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    thinking_tokens: int = 0
     cache_read_input_tokens: int = 0
     cache_creation_input_tokens: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -73,6 +74,7 @@ class Tally:
             self.ok += 1
             self.input_tokens += result.input_tokens or 0
             self.output_tokens += result.output_tokens or 0
+            self.thinking_tokens += result.thinking_tokens or 0
             self.cache_read_input_tokens += result.cache_read_input_tokens or 0
             self.cache_creation_input_tokens += result.cache_creation_input_tokens or 0
             if result.latency_ms is not None:
@@ -132,6 +134,7 @@ class Tally:
             "tokens": {
                 "input": self.input_tokens,
                 "output": self.output_tokens,
+                "thinking": self.thinking_tokens,  # part of output
                 "cache_read": self.cache_read_input_tokens,
                 "cache_creation": self.cache_creation_input_tokens,
             },

@@ -17,6 +17,7 @@ import anthropic
 from anthropic.types import Message
 
 from runner.retries import BadResponse
+from runner.tokens import estimate_text
 
 # The SDK refuses non-streaming calls it expects to run past 10 minutes (max_tokens >= 21334) unless
 # a timeout is given; we always give one, and stream from this size up when the spec says "auto".
@@ -36,6 +37,7 @@ class Answer:
     cache_creation_input_tokens: int | None
     request_id: str | None
     model: str | None
+    thinking_tokens: int = 0  # part of output_tokens; reported by the endpoint, else estimated from the text
     tool_input: Any = None  # the input of the first tool call, if the model made one
     tool_use_id: str | None = None
     content: tuple[dict[str, Any], ...] = ()  # the answer's blocks in request form, to continue the turn
@@ -102,6 +104,9 @@ def _answer(message: Message, request_id: str | None) -> Answer:
                 tool_input, tool_use_id = block.input, block.id
             blocks.append({"type": "tool_use", "id": block.id, "name": block.name, "input": block.input})
     usage = message.usage
+    details = getattr(usage, "output_tokens_details", None)
+    reported = getattr(details, "thinking_tokens", None) if details is not None else None
+    thinking_tokens = reported if reported is not None else round(sum(estimate_text(t) for t in thoughts))
     return Answer(
         text="".join(texts),
         thinking="".join(thoughts) if thoughts else None,
@@ -112,6 +117,7 @@ def _answer(message: Message, request_id: str | None) -> Answer:
         cache_creation_input_tokens=usage.cache_creation_input_tokens,
         request_id=request_id or message.id,
         model=message.model,
+        thinking_tokens=thinking_tokens,
         tool_input=tool_input,
         tool_use_id=tool_use_id,
         content=tuple(blocks),

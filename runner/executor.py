@@ -156,6 +156,7 @@ class OnlineExecutor:
             # Every turn is paid for, so every turn's tokens count.
             input_tokens=sum(a.input_tokens for a in answers),
             output_tokens=sum(a.output_tokens for a in answers),
+            thinking_tokens=sum(a.thinking_tokens for a in answers),
             cache_read_input_tokens=sum(a.cache_read_input_tokens or 0 for a in answers),
             cache_creation_input_tokens=sum(a.cache_creation_input_tokens or 0 for a in answers),
             request_id=last.request_id,

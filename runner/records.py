@@ -36,6 +36,7 @@ class Result:
     stop_reason: str | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
+    thinking_tokens: int | None = None
     cache_read_input_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
     request_id: str | None = None
@@ -56,6 +57,7 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "stop_reason": pl.String(),
     "input_tokens": pl.Int64(),
     "output_tokens": pl.Int64(),
+    "thinking_tokens": pl.Int64(),
     "cache_read_input_tokens": pl.Int64(),
     "cache_creation_input_tokens": pl.Int64(),
     "latency_ms": pl.Float64(),

@@ -49,6 +49,7 @@ OUTPUT_COLUMNS = (
     "stop_reason",
     "input_tokens",
     "output_tokens",
+    "thinking_tokens",
     "cache_read_input_tokens",
     "cache_creation_input_tokens",
     "cost",

@@ -183,3 +183,18 @@ def test_the_sentiment_job_labels_real_reviews_and_measures_itself(tmp_path) -> 
     assert quality["metrics"]["rows_with_gold"] == 2000
     assert 0.5 < quality["metrics"]["accuracy"] < 1.0
     assert quality["repaired"] > 0  # the job asks the simulator for some invalid first answers
+
+
+def test_thinking_tokens_are_counted_per_row_and_in_the_summary(make_job) -> None:
+    job = make_job(sample_rows(4), model={"thinking": {"type": "enabled", "budget_tokens": 32}})
+    quiet = make_job(sample_rows(4), name="quiet", model={"thinking": {"type": "disabled"}})
+
+    assert cli("run", str(job.spec)).exit_code == 0
+    assert cli("run", str(quiet.spec)).exit_code == 0
+
+    out = pl.read_parquet(job.output)
+    assert (out.get_column("thinking_tokens") > 0).all()
+    assert (out.get_column("thinking_tokens") < out.get_column("output_tokens")).all()  # a part of the output
+    summary = json.loads(job.summary.read_text())
+    assert summary["tokens"]["thinking"] == out.get_column("thinking_tokens").sum()
+    assert json.loads(quiet.summary.read_text())["tokens"]["thinking"] == 0

@@ -231,11 +231,10 @@ def report(
 ) -> None:
     """Print the quality of a finished labeling run against its gold labels (and draw it as HTML)."""
     from runner import quality
-    from runner.structured import AnswerShape
 
     def go() -> None:
         job = _load(spec, set_, None)
-        shape = AnswerShape.from_spec(job.spec.output, str(job.spec_path))
+        shape = job.shape
         if shape is None:
             raise UsageError(f"{spec}: output: report needs a structured job (output.labels or output.schema)")
         if not job.output_path.exists():

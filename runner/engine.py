@@ -42,7 +42,6 @@ from runner.retries import overload, wait_backoff
 from runner.simulator import SimConfig, SimulatorThread
 from runner.spec import Job
 from runner.store import KEY, SettledKeys, Store, write_json_atomic
-from runner.structured import AnswerShape
 from runner.tokens import estimate_request
 
 RENDER_BATCH_ROWS = 2000  # rows rendered per step; small enough not to stall responses for long
@@ -91,7 +90,7 @@ async def _run(
     budget = Budget(run.max_cost) if run.max_cost is not None else None
     accountant = Accountant(table, ledger.calibration(job.name, job.spec.model.name), budget, job.spec.model.max_tokens)
     pilot = _pilot_sample(tally.rows_total, options) if options.pilot_rows else None
-    shape = AnswerShape.from_spec(job.spec.output, str(job.spec_path))
+    shape = job.shape
     if store.lock.took_over:
         reporter.event("stale_lock_taken_over", previous=store.lock.took_over)
     if store.recovered:

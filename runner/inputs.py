@@ -20,7 +20,6 @@ import polars as pl
 
 from runner.errors import UsageError
 from runner.spec import Job
-from runner.structured import AnswerShape
 
 ROW = "_row"
 ID = "_id"
@@ -91,7 +90,7 @@ def open_input(job: Job) -> InputSource:
     if spec.id_column is not None:
         _require([spec.id_column], columns, where, "input.id_column")
     keep = list(job.spec.output.keep_columns)
-    shape = AnswerShape.from_spec(job.spec.output, where)
+    shape = job.shape
     if job.spec.eval is not None:  # the gold answers travel to the output, for the quality report
         gold = [job.spec.eval.gold_column] if job.spec.eval.gold_column else []
         _require(gold, columns, where, "eval.gold_column")

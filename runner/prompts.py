@@ -13,7 +13,6 @@ from typing import Any
 
 from runner.records import Request
 from runner.spec import Job
-from runner.structured import AnswerShape
 
 
 class RequestBuilder:
@@ -37,7 +36,7 @@ class RequestBuilder:
         # A system prompt without variables is the same for every row: render it once.
         system = job.system
         self._system: str | None = system.render({}) if system is not None and not system.variables else None
-        self._shape = AnswerShape.from_spec(job.spec.output, str(job.spec_path))
+        self._shape = job.shape
         shape = {"schema": self._shape.schema, "mode": self._shape.mode} if self._shape else None
         # The endpoint is part of the identity: the same prompt on another platform is another answer;
         # so is the structure asked for (a changed schema is a changed request).

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from runner import catalog
 from runner.errors import UsageError
+from runner.structured import AnswerShape
 from runner.templates import Template, compile_template
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -200,6 +201,7 @@ class Job:
     currency: str
     key_env: tuple[str, ...]
     tokenizer_url: str | None  # None with the in-process simulator: its URL is known once it runs
+    shape: AnswerShape | None  # the structure answers must have (labels, schema, JSON), or None for text
     model: catalog.ModelInfo
     concurrency: int  # the fixed limit, or where `auto` starts
     adaptive: bool
@@ -353,6 +355,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
         currency=currency,
         key_env=key_env,
         tokenizer_url=tokenizer_url,
+        shape=AnswerShape.from_spec(spec.output, where),
         model=info,
         concurrency=(
             min(info.concurrency, spec.run.max_concurrency)

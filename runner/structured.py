@@ -1,6 +1,6 @@
 """Structured answers: what a label or record must look like, how to ask for it, how to check it.
 
-    shape = AnswerShape.from_spec(job.spec.output)      # None for free-text jobs
+    shape = job.shape                                   # AnswerShape.from_spec at load; None for text
     params = shape.ask(params)                          # a forced tool call, or a JSON instruction
     value, problem = shape.check(answer)                # parsed and validated, or what is wrong
     params = shape.repair(params, answer, problem)      # one more turn, quoting the problem

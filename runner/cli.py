@@ -26,7 +26,7 @@ from runner.inputs import open_input
 from runner.progress import LogFormat, make_reporter
 from runner.prompts import RequestBuilder
 from runner.spec import Job, load_job
-from runner.store import KEY, JobLock, Store
+from runner.store import KEY, Store
 
 app = typer.Typer(
     add_completion=False,
@@ -310,9 +310,12 @@ def status(
         job = _load(spec, set_, None)
         store = Store(job.state_dir, job.output_path, run_id="status")
         console = Console()
-        holder = _lock_holder(store.lock)
-        if holder:
-            console.print(f"a run is in progress: {holder}")
+        holder = store.lock.holder()
+        if holder is not None:
+            console.print(
+                f"a run is in progress: pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                f"since {holder.get('started', '?')}"
+            )
         manifest = store.read_manifest()
         runs = manifest.get("runs", [])
         rows_parts = sorted(store.rows_dir.glob("*.parquet")) if store.rows_dir.exists() else []
@@ -340,19 +343,6 @@ def status(
             )
 
     _guarded(go)
-
-
-def _lock_holder(lock: JobLock) -> str | None:
-    """Describe the process holding the job lock, if one is."""
-    if not lock.path.exists():
-        return None
-    try:
-        probe = JobLock(lock.path)
-        probe.acquire()
-    except GlmBatchError as exc:
-        return str(exc)
-    probe.release()
-    return None
 
 
 @app.command()

@@ -124,6 +124,21 @@ class JobLock:
         os.pwrite(fd, json.dumps(record).encode(), 0)
         self._fd = fd
 
+    def holder(self) -> dict[str, Any] | None:
+        """The record of the live process holding the lock, or None; takes nothing, writes nothing."""
+        if not self.path.exists():
+            return None
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd) or {}
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         """Clear the record and drop the lock."""
         if self._fd is not None:

@@ -326,3 +326,19 @@ def test_an_unchanged_rerun_leaves_the_output_alone_and_rebuilds_a_missing_one(m
     assert cli("run", str(job.spec)).exit_code == 0
     assert pl.read_parquet(job.output).get_column("response_text").to_list() == expected(rows)
     assert sim.stats()["requests"] == 15  # and still nothing was sent again
+
+
+def test_status_names_a_running_job_without_touching_its_lock(make_job, sim) -> None:
+    job = make_job(sample_rows(3))
+    from runner.spec import load_job
+
+    holder = Store(load_job(job.spec).state_dir, job.output, run_id="other")
+    holder.open()
+    try:
+        record = holder.lock.path.read_bytes()
+        out = cli("status", str(job.spec)).stdout
+        assert f"a run is in progress: pid {os.getpid()}" in out
+        assert holder.lock.path.read_bytes() == record
+    finally:
+        holder.close()
+    assert "in progress" not in cli("status", str(job.spec)).stdout

@@ -34,6 +34,7 @@ class Tally:
     rows_total: int = 0  # input rows, counted before the run
     rows_seen: int = 0  # input rows rendered so far
     rows_settled: int = 0  # rows whose request needed no sending (answered in an earlier run)
+    samples: int = 1  # requests per row (output.samples)
     requests_queued: int = 0  # distinct requests handed to the executor
     ok: int = 0
     failed: int = 0
@@ -115,7 +116,7 @@ class Tally:
         """Spend at the end of this run if the remaining requests cost what the answered ones did."""
         if not self.answered:
             return None
-        to_answer = max(self.requests_queued, self.rows_total - self.rows_settled)
+        to_answer = max(self.requests_queued, (self.rows_total - self.rows_settled) * self.samples)
         return self.cost / self.answered * to_answer
 
     def rate(self) -> float:
@@ -127,6 +128,7 @@ class Tally:
         return {
             "rows_total": self.rows_total,
             "rows_settled_before": self.rows_settled,
+            "samples_per_row": self.samples,
             "requests_queued": self.requests_queued,
             "answered_ok": self.ok,
             "answered_error": self.failed,

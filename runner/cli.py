@@ -26,7 +26,7 @@ from runner.inputs import open_input
 from runner.progress import LogFormat, make_reporter
 from runner.prompts import RequestBuilder
 from runner.spec import Job, load_job
-from runner.store import KEY, Store
+from runner.store import Store
 
 app = typer.Typer(
     add_completion=False,
@@ -316,25 +316,16 @@ def status(
                 f"a run is in progress: pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
                 f"since {holder.get('started', '?')}"
             )
-        manifest = store.read_manifest()
-        runs = manifest.get("runs", [])
-        rows_parts = sorted(store.rows_dir.glob("*.parquet")) if store.rows_dir.exists() else []
-        if not runs and not rows_parts:
+        runs = store.read_manifest().get("runs", [])
+        progress = store.row_progress(job.spec.output.samples)
+        if not runs and progress is None:
             console.print(f"{job.name}: never run (state would be in {job.state_dir})")
             return
-        if rows_parts:
-            rows = pl.scan_parquet(rows_parts).select(KEY)
-            parts = store.result_parts()
-            if parts:
-                results = pl.scan_parquet(parts).group_by(KEY).agg((pl.col("status") == "ok").any().alias("ok"))
-                joined = rows.join(results, on=KEY, how="left").collect()
-                ok = int(joined.get_column("ok").fill_null(False).sum())
-                failed = int((joined.get_column("ok") == False).sum())  # noqa: E712 - a polars expression
-                pending = joined.height - ok - failed
-            else:
-                ok = failed = 0
-                pending = rows.select(pl.len()).collect().item()
-            console.print(f"{job.name}: {ok} rows answered ok, {failed} failed, {pending} pending (as of the last run)")
+        if progress is not None:
+            console.print(
+                f"{job.name}: {progress['ok']} rows answered ok, {progress['failed']} failed, "
+                f"{progress['pending']} pending (as of the last run)"
+            )
         if runs:
             last = runs[-1]
             console.print(

@@ -36,12 +36,12 @@ from runner.inputs import ID, ROW, InputSource, open_input
 from runner.limits import AimdController, Limits
 from runner.pricing import Budget, price_table, require_prices
 from runner.progress import Reporter
-from runner.prompts import RequestBuilder
-from runner.records import Request, Result
+from runner.prompts import RequestBuilder, sample_key
+from runner.records import KEY, Request, Result
 from runner.retries import overload, wait_backoff
 from runner.simulator import SimConfig, SimulatorThread
 from runner.spec import Job
-from runner.store import KEY, SettledKeys, Store, write_json_atomic
+from runner.store import SettledKeys, Store, write_json_atomic
 from runner.tokens import estimate_request
 
 RENDER_BATCH_ROWS = 2000  # rows rendered per step; small enough not to stall responses for long
@@ -82,7 +82,8 @@ async def _run(
     job: Job, source: InputSource, store: Store, api_key: str, options: RunOptions, reporter: Reporter
 ) -> RunReport:
     started_at = dt.datetime.now(dt.UTC)
-    tally = Tally(rows_total=source.frame.select(pl.len()).collect().item())
+    samples = job.spec.output.samples
+    tally = Tally(rows_total=source.frame.select(pl.len()).collect().item(), samples=samples)
     run = job.spec.run
     table = price_table(job)
     if run.max_cost is not None:
@@ -138,7 +139,7 @@ async def _run(
                 store.flush()
 
         fingerprint = _fingerprint(job)
-        unchanged = not options.fresh and pilot is None and store.row_map_is_current(fingerprint, settled)
+        unchanged = not options.fresh and pilot is None and store.row_map_is_current(fingerprint, settled, samples)
         if unchanged:
             # Nothing changed since a run that answered every row: no row needs rendering.
             tally.rows_seen = tally.rows_settled = tally.rows_total
@@ -171,7 +172,7 @@ async def _run(
     # request was settled before are answered by definition. (Counting beats joining the whole row map.)
     complete = unchanged or (tally.all_rows_rendered and tally.queued_answered == tally.requests_queued)
     if control.reason is None and complete:
-        counts = store.finalize(job.spec.input.id_column or "id", shape.fields if shape else None)
+        counts = store.finalize(job.spec.input.id_column or "id", shape.fields if shape else None, samples)
         failed_rows = int(counts.filter(pl.col("status") != "ok").get_column("rows").sum())
     finalized = failed_rows is not None
     exit_code, message = _outcome(job, control, failed_rows)
@@ -258,7 +259,8 @@ async def _pending_requests(
     control: Control,
     pilot: frozenset[int] | None,
 ) -> AsyncIterator[Request]:
-    """Render every input row; record its request key; yield each unsettled request once.
+    """Render every input row; record its request key; yield each unsettled request once (once per
+    sample with `output.samples`).
 
     Stops early, leaving the row map unsealed, when the budget cannot cover the next request.
     """
@@ -266,26 +268,35 @@ async def _pending_requests(
     queued: set[str] = set()
     for frame in source.batches(RENDER_BATCH_ROWS):
         keys: list[str] = []
-        requests: list[Request | None] = []
+        rows: list[list[Request]] = []  # per row, its requests: one, or one per sample
         for row in frame.iter_rows(named=True):
             try:
                 request = builder.build(row)
             except Exception as exc:  # a user template failing on one row's values fails that row only
-                keys.append(_render_failure(row, exc, sink))
-                requests.append(None)
+                keys.append(_render_failure(row, exc, sink, builder.samples))
+                rows.append([])
                 continue
             keys.append(request.key)
-            requests.append(request)
+            rows.append(builder.samples_of(request))
         key_series = pl.Series(KEY, keys, dtype=pl.String)
         store.add_rows(frame.select(ROW, ID, *source.keep_columns).with_columns(key_series))
-        done = settled.contains(key_series).to_list()
-        if pilot is not None:  # a pilot sends only its sample; every other row counts as not wanted now
-            positions = frame.get_column(ROW).to_list()
-            done = [d or p not in pilot for d, p in zip(done, positions, strict=True)]
+        wanted = [r for requests in rows for r in requests]
+        settled_now = iter(settled.contains(pl.Series(KEY, [r.key for r in wanted], dtype=pl.String)).to_list())
+        positions = frame.get_column(ROW).to_list()
         tally.rows_seen += frame.height
-        tally.rows_settled += sum(done)
-        for pending, is_done in zip(requests, done, strict=True):
-            if pending is not None and not is_done and pending.key not in queued:
+        for position, requests in zip(positions, rows, strict=True):
+            if not requests:
+                continue  # a row that failed to render: already recorded
+            done = [next(settled_now) for _ in requests]
+            # A pilot sends only its sample of rows; every other row counts as not wanted now.
+            if pilot is not None and position not in pilot:
+                done = [True] * len(done)
+            if all(done):
+                tally.rows_settled += 1
+            todo = [r for r, is_done in zip(requests, done, strict=True) if not is_done]
+            for pending in todo:
+                if pending.key in queued:
+                    continue
                 if not accountant.admit(pending):
                     control.end_dispatch("budget")  # what was admitted is paid for in advance: send it
                     return
@@ -297,20 +308,21 @@ async def _pending_requests(
     tally.all_rows_rendered = True
 
 
-def _render_failure(row: dict[str, Any], exc: Exception, sink: Any) -> str:
-    """Record a row whose prompt cannot be rendered as a failed row; no request is sent for it."""
+def _render_failure(row: dict[str, Any], exc: Exception, sink: Any, samples: int) -> str:
+    """Record a row whose prompt cannot be rendered as failed (each of its samples); nothing is sent."""
     key = f"render-{row[ID]}"
-    sink(
-        Result(
-            key=key,
-            status="error",
-            attempts=0,
-            latency_ms=None,
-            finished_at=dt.datetime.now(dt.UTC),
-            error_type="render_error",
-            error_message=f"{type(exc).__name__}: {exc}",
+    for index in range(samples):
+        sink(
+            Result(
+                key=sample_key(key, index),
+                status="error",
+                attempts=0,
+                latency_ms=None,
+                finished_at=dt.datetime.now(dt.UTC),
+                error_type="render_error",
+                error_message=f"{type(exc).__name__}: {exc}",
+            )
         )
-    )
     return key
 
 
@@ -327,6 +339,7 @@ def endpoint_url(job: Job) -> Iterator[str]:
         concurrency_cap=sim.concurrency_cap,
         fault_rate=sim.fault_rate,
         invalid_rate=sim.invalid_rate,
+        sample_disagreement=sim.sample_disagreement,
         seed=sim.seed,
     )
     with SimulatorThread(config) as server:

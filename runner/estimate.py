@@ -31,9 +31,9 @@ from runner.inputs import open_input
 from runner.pricing import PriceTable, require_prices, tier_label
 from runner.progress import Reporter
 from runner.prompts import RequestBuilder
-from runner.records import RESULT_SCHEMA, Request
+from runner.records import KEY, RESULT_SCHEMA, Request
 from runner.spec import SIMULATOR_TOKENIZER_PATH, Job
-from runner.store import KEY, Store
+from runner.store import Store
 from runner.tokens import Calibration, estimate_request
 
 EXACT_SAMPLE = 200  # requests counted by the tokenizer API with --exact
@@ -124,18 +124,21 @@ class Pending:
 def _pending_estimates(source: Any, builder: RequestBuilder, settled: Any) -> Pending:
     """Stream the input: estimate each distinct unanswered request, keep a reservoir sample of them."""
     pending = Pending(array("I"), [])
-    seen: set[int] = set()  # 64-bit key prefixes: a row whose request is already counted adds nothing
+    seen: set[int] = set()  # 64-bit key hashes: a request already counted adds nothing
     rng = random.Random(0)
+    per_row = builder.samples
     for frame in source.batches(5000):
-        requests = [builder.build(row) for row in frame.iter_rows(named=True)]
+        # Every request a row needs: one, or one per sample (all of a row's samples are adjacent).
+        requests = [r for row in frame.iter_rows(named=True) for r in builder.samples_of(builder.build(row))]
         done = settled.contains(pl.Series(KEY, [r.key for r in requests], dtype=pl.String)).to_list()
         pending.rows_total += frame.height
-        pending.rows_settled += sum(done)
+        pending.rows_settled += sum(all(done[i : i + per_row]) for i in range(0, len(done), per_row))
         for request, is_done in zip(requests, done, strict=True):
-            prefix = int(request.key[:16], 16)
-            if is_done or prefix in seen:
+            # hash(), not the key's leading digits: a row's samples share those.
+            digest = hash(request.key)
+            if is_done or digest in seen:
                 continue
-            seen.add(prefix)
+            seen.add(digest)
             pending.raw.append(estimate_request(request.params))
             # Reservoir sampling (Algorithm R): every request has the same chance to be in the sample.
             if len(pending.sample) < EXACT_SAMPLE:

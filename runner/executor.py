@@ -162,7 +162,10 @@ class OnlineExecutor:
             request_id=last.request_id,
             error_type=problem.kind if problem else None,
             error_message=str(problem) if problem else None,
-            parsed_json=json.dumps(value, ensure_ascii=False) if problem is None and self._shape else None,
+            # Sorted keys: the same answer always has the same text, so samples can be voted on by it.
+            parsed_json=json.dumps(value, ensure_ascii=False, sort_keys=True)
+            if problem is None and self._shape
+            else None,
             repairs=len(answers) - 1,
         )
 

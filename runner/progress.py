@@ -134,7 +134,8 @@ class RichReporter:
     def start(self, job: Job, tally: Tally) -> None:
         self._currency = job.currency
         self._progress.start()
-        self._task = self._progress.add_task(job.name, total=tally.rows_total, detail="")
+        # Progress counts requests: rows times samples.
+        self._task = self._progress.add_task(job.name, total=tally.rows_total * tally.samples, detail="")
 
     def tick(self, tally: Tally, limits: Limits, control: Control) -> None:
         if self._task is None:
@@ -149,8 +150,9 @@ class RichReporter:
         projected = tally.projected_cost()
         if projected is not None:
             detail += f" | spent {tally.cost:.4f} of ~{projected:.4f} {self._currency}"
-        done = tally.rows_settled + tally.answered
-        self._progress.update(self._task, completed=min(done, tally.rows_total), detail=detail)
+        total = tally.rows_total * tally.samples
+        done = tally.rows_settled * tally.samples + tally.answered
+        self._progress.update(self._task, completed=min(done, total), detail=detail)
 
     def event(self, name: str, **fields: Any) -> None:
         self._console.print(f"[yellow]{name}[/]: " + ", ".join(f"{k}={v}" for k, v in fields.items()))

@@ -3,6 +3,11 @@
 The key is a hash of everything that determines the answer (endpoint, model, system, messages, sampling,
 max_tokens, thinking). Two rows that would send the same request share one answer, a template change
 re-sends exactly the rows whose request changed, and yesterday's answers serve today's cron run.
+
+With `output.samples: k` a row is asked k times. Sample 0 has the row's own key and sample i the key
+`<key>-s<i>`: each sample is paid for once and kept on its own, and raising k later sends only the
+new samples. (The suffix keeps the key's leading hex digits, so all of a row's samples fall in the
+same store bucket and can be voted on there.)
 """
 
 from __future__ import annotations
@@ -14,12 +19,20 @@ from typing import Any
 from runner.records import Request
 from runner.spec import Job
 
+SAMPLE_MARK = "-s"
+
+
+def sample_key(key: str, index: int) -> str:
+    """The request key of a row's `index`-th sample; sample 0 is the row's own key."""
+    return key if index == 0 else f"{key}{SAMPLE_MARK}{index}"
+
 
 class RequestBuilder:
     """Renders rows into Requests for one job; everything that is the same for every row is built once."""
 
     def __init__(self, job: Job) -> None:
         self._job = job
+        self.samples = job.spec.output.samples
         m = job.spec.model
         fixed: dict[str, Any] = {"model": m.name, "max_tokens": m.max_tokens}
         if m.stop_sequences:
@@ -62,3 +75,9 @@ class RequestBuilder:
             digest.update(len(data).to_bytes(8, "little"))
             digest.update(data)
         return Request(digest.hexdigest()[:32], params)
+
+    def samples_of(self, request: Request) -> list[Request]:
+        """The requests to send for one row: the row's request once per sample, each with its own key."""
+        if self.samples == 1:
+            return [request]
+        return [Request(sample_key(request.key, i), request.params) for i in range(self.samples)]

@@ -84,6 +84,9 @@ def summarise(job: Job, shape: AnswerShape) -> dict[str, Any]:
     if gold and shape.label_field == "label":
         wanted += ["label", gold]
     wanted += [c for pair in gold_fields.items() for c in pair if c not in wanted]
+    samples = job.spec.output.samples
+    if samples > 1:
+        wanted.append("agreement")
     frame = pl.read_parquet(job.output_path, columns=wanted)
     report: dict[str, Any] = {
         "rows": frame.height,
@@ -98,6 +101,28 @@ def summarise(job: Job, shape: AnswerShape) -> dict[str, Any]:
         report["metrics"] = label_metrics(frame, predicted="label", gold=gold)
     if gold_fields:
         report["field_exact_match"] = field_exact_match(frame, gold_fields)
+    if samples > 1:
+        report["voting"] = agreement_summary(frame, samples, gold if shape.label_field == "label" else None)
+    return report
+
+
+def agreement_summary(frame: pl.DataFrame, samples: int, gold: str | None) -> dict[str, Any]:
+    """How much a sampled job's samples agreed: the mean agreement, the share of unanimous rows and,
+    with gold labels, accuracy on unanimous rows against split ones (is low agreement worth a look?)."""
+    agreement = frame.get_column("agreement")
+    voted = agreement.drop_nulls()
+    report: dict[str, Any] = {
+        "samples_per_row": samples,
+        "mean_agreement": round(float(voted.mean()), 4) if voted.len() else None,  # type: ignore[arg-type]
+        "unanimous_rows": int((voted == 1.0).sum()),
+        "split_rows": int((voted < 1.0).sum()),
+    }
+    if gold is not None:
+        for name, rows in (
+            ("accuracy_unanimous", frame.filter(pl.col("agreement") == 1.0)),
+            ("accuracy_split", frame.filter(pl.col("agreement") < 1.0)),
+        ):
+            report[name] = label_metrics(rows, predicted="label", gold=gold)["accuracy"]
     return report
 
 

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import polars as pl
 
+KEY = "key"  # the request key column: what identifies an answer in every store file
+
 
 @dataclass(frozen=True, slots=True)
 class Request:

@@ -8,6 +8,9 @@ error bodies with the business code in `error.type`. It adds what tests and benc
 - injected faults at a given rate: 429 1302/1305/1113, 500, 529, dropped connections, slow answers,
   a mid-stream error event, a 200 whose body is an error;
 - deterministic answers derived from the prompt (`answer_for`), so a test can prove each row got its own;
+  with `sample_disagreement`, a prompt asked at a temperature above 0 sometimes gets another structured
+  answer, the way a sampling model does, and more often where the lexicon finds no sentiment word (a
+  model wavers most where it is unsure); deterministic per repeat of a prompt, so tests can count;
 - a ledger of what it answered: `stats()` counts successful answers per prompt, so a test can prove no
   prompt was paid for twice.
 
@@ -90,6 +93,9 @@ class SimConfig:
     # `invalid_turns` turns (a repair turn then gets a valid one, unless invalid_turns is larger).
     invalid_rate: float = 0.0
     invalid_turns: int = 1
+    # Sampling: this share of the times a prompt is asked (temperature not 0) gets a different structured
+    # answer (another label, other values); twice the share, up to half, for prompts it is unsure of.
+    sample_disagreement: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(FAULTS)
@@ -125,25 +131,29 @@ NEGATIVE = frozenset(
 )
 
 
-def structured_answer(schema: dict[str, Any], prompt: str, invalid: bool = False) -> Any:
+def structured_answer(schema: dict[str, Any], prompt: str, invalid: bool = False, variant: int = 0) -> Any:
     """A value for a JSON Schema, derived from the prompt. An enum of labels is chosen by a tiny word
     lexicon (so a sentiment job gets a plausible, imperfect accuracy); everything else from the
-    prompt's hash. With `invalid`, the value breaks the schema (an unknown label, a missing field)."""
-    digest = hashlib.sha256(prompt.encode()).digest()
+    prompt's hash. With `invalid`, the value breaks the schema (an unknown label, a missing field).
+    A `variant` above 0 is another valid answer to the same prompt (another label, other values)."""
     kind = schema.get("type")
     if "enum" in schema:
         options = list(schema["enum"])
         if invalid:
             return "not-a-label"
-        words = set(re.findall(r"[a-z']+", prompt.lower()))
-        score = len(words & POSITIVE) - len(words & NEGATIVE)
-        for wanted in ("positive",) if score > 0 else ("negative",) if score < 0 else ("neutral",):
-            if wanted in options:
-                return wanted
-        return options[digest[0] % len(options)]
+        score = lexicon_score(prompt)
+        wanted = "positive" if score > 0 else "negative" if score < 0 else "neutral"
+        digest = hashlib.sha256(prompt.encode()).digest()
+        index = options.index(wanted) if wanted in options else digest[0] % len(options)
+        if variant and len(options) > 1:
+            index = (index + 1 + (variant - 1) % (len(options) - 1)) % len(options)
+        return options[index]
+    if variant and kind not in ("object", "array"):
+        prompt = f"{prompt}#{variant}"
+    digest = hashlib.sha256(prompt.encode()).digest()
     if kind == "object":
         props = schema.get("properties", {})
-        value = {k: structured_answer(v, prompt + k) for k, v in props.items()}
+        value = {k: structured_answer(v, prompt + k, variant=variant) for k, v in props.items()}
         if invalid and props:
             first = next(iter(props))
             if "enum" in props[first]:
@@ -152,7 +162,7 @@ def structured_answer(schema: dict[str, Any], prompt: str, invalid: bool = False
                 value.pop(first)
         return value
     if kind == "array":
-        return [structured_answer(schema.get("items", {}), prompt, invalid)]
+        return [structured_answer(schema.get("items", {}), prompt, invalid, variant)]
     if kind == "integer":
         return digest[1] % 100
     if kind == "number":
@@ -160,6 +170,12 @@ def structured_answer(schema: dict[str, Any], prompt: str, invalid: bool = False
     if kind == "boolean":
         return digest[3] % 2 == 0
     return f"text-{digest.hex()[:8]}"
+
+
+def lexicon_score(prompt: str) -> int:
+    """The simulator's sentiment: positive words minus negative words; 0 means it is unsure."""
+    words = set(re.findall(r"[a-z']+", prompt.lower()))
+    return len(words & POSITIVE) - len(words & NEGATIVE)
 
 
 def answer_for(prompt: str) -> str:
@@ -198,6 +214,7 @@ class _Stats:
     by_outcome: Counter[str] = field(default_factory=Counter)
     answered: Counter[str] = field(default_factory=Counter)  # prompt hash -> successful answers
     attempts: Counter[str] = field(default_factory=Counter)  # prompt hash -> requests seen
+    asked: Counter[str] = field(default_factory=Counter)  # prompt hash -> first turns answered (sampling)
     in_flight: Counter[str] = field(default_factory=Counter)
     max_in_flight: int = 0
     input_tokens: int = 0
@@ -373,7 +390,7 @@ class Simulator:
             schema = json.loads(system.split(TEXT_SCHEMA_MARKER, 1)[1].strip().splitlines()[0])
             first = prompt_text({"system": system, "messages": body["messages"][:1]})
             turn = sum(1 for m in body["messages"] if m.get("role") == "user")
-            value = structured_answer(schema, first, self._invalid(first, turn))
+            value = structured_answer(schema, first, self._invalid(first, turn), self._variant(body, first, turn))
             text = f"Here you are:\n```json\n{json.dumps(value, ensure_ascii=False)}\n```"
         blocks: list[dict[str, Any]] = []
         thinking = body.get("thinking") or {}
@@ -416,7 +433,9 @@ class Simulator:
         tool = body["tools"][0]
         prompt = prompt_text({"system": body.get("system"), "messages": body["messages"][:1]})
         turn = sum(1 for m in body["messages"] if m.get("role") == "user")
-        value = structured_answer(tool["input_schema"], prompt, self._invalid(prompt, turn))
+        value = structured_answer(
+            tool["input_schema"], prompt, self._invalid(prompt, turn), self._variant(body, prompt, turn)
+        )
         block = {
             "type": "tool_use",
             "id": f"toolu_{hashlib.sha256(prompt.encode()).hexdigest()[:20]}",
@@ -430,6 +449,20 @@ class Simulator:
             "stop_reason": "tool_use",
             "usage": {**message["usage"], "output_tokens": out},
         }
+
+    def _variant(self, body: dict[str, Any], prompt: str, turn: int) -> int:
+        """Which answer a sampled request gets: 0, the usual one, or (for some of the times a prompt is
+        asked at a temperature above 0) another. Asks are counted on first turns, as they arrive."""
+        cfg = self.config
+        if not cfg.sample_disagreement or body.get("temperature") == 0 or turn != 1:
+            return 0
+        key = hashlib.sha256(prompt.encode()).hexdigest()
+        with self._lock:
+            repeat = self._stats.asked[key]
+            self._stats.asked[key] += 1
+        share = int(hashlib.sha256(f"sample{repeat}{prompt}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        rate = cfg.sample_disagreement if lexicon_score(prompt) else min(0.5, 2 * cfg.sample_disagreement)
+        return repeat + 1 if share < rate else 0
 
     def _invalid(self, prompt: str, turn: int) -> bool:
         cfg = self.config

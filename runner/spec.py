@@ -129,11 +129,18 @@ class OutputSpec(_Strict):
     parse: Literal["json"] | None = None  # any JSON object, unvalidated beyond parsing
     mode: Literal["tool", "text"] = "tool"  # a forced tool call, or JSON extracted from the text
     max_repairs: Annotated[int, Field(ge=0)] = 2
+    # Ask each row this many times and keep the majority answer, with the share that agreed.
+    samples: Annotated[int, Field(ge=1, le=15)] = 1
 
     @model_validator(mode="after")
     def _one_structure(self) -> OutputSpec:
         if sum(x is not None for x in (self.labels, self.schema_, self.parse)) > 1:
             raise ValueError("give at most one of output.labels, output.schema, output.parse")
+        if self.samples > 1 and self.labels is None and self.schema_ is None and self.parse is None:
+            raise ValueError(
+                "samples above 1 vote between structured answers; add output.labels, output.schema "
+                "or output.parse: json"
+            )
         return self
 
     @field_validator("path")
@@ -168,6 +175,7 @@ class SimulatorSpec(_Strict):
     concurrency_cap: PositiveInt | None = None
     fault_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
     invalid_rate: Annotated[float, Field(ge=0, le=1)] = 0.0  # structured answers broken on the first try
+    sample_disagreement: Annotated[float, Field(ge=0, le=1)] = 0.0  # repeats of a prompt answered otherwise
     seed: int = 0
 
 
@@ -319,6 +327,12 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
     thinking = spec.model.thinking
     if thinking and thinking.type == "enabled" and (thinking.budget_tokens or 0) >= spec.model.max_tokens:
         raise UsageError(f"{where}: model.thinking.budget_tokens: must be below model.max_tokens")
+
+    if spec.output.samples > 1 and spec.model.temperature == 0:
+        raise UsageError(
+            f"{where}: output.samples: at model.temperature 0 every sample is the same answer, paid for "
+            f"{spec.output.samples} times; set model.temperature above 0 (e.g. 0.7) or remove output.samples"
+        )
 
     input_paths = _expand_inputs(spec.input.paths, base, where)
 

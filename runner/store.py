@@ -33,11 +33,11 @@ from typing import Any
 
 import polars as pl
 
+from runner import voting
 from runner.errors import LockHeld
 from runner.inputs import ID, ROW
-from runner.records import RESULT_SCHEMA, Result, result_from_json, result_to_json, results_frame
+from runner.records import KEY, RESULT_SCHEMA, Result, result_from_json, result_to_json, results_frame
 
-KEY = "key"
 ROW_MAP_FILE_ROWS = 100_000  # rows per row-map file: few files, bounded memory
 BUCKET_ROWS = 100_000  # results per bucket when compacting and joining
 OUTPUT_CHUNK_ROWS = 50_000  # rows put in order at a time when writing the output
@@ -305,17 +305,44 @@ class Store:
 
     # ---- the row map ----------------------------------------------------------------------------
 
-    def row_map_is_current(self, fingerprint: dict[str, Any], settled: SettledKeys) -> bool:
+    def row_map_is_current(self, fingerprint: dict[str, Any], settled: SettledKeys, samples: int = 1) -> bool:
         """True when the last complete row map was built from these very inputs and this spec, and every
-        key in it is settled: then no row needs rendering and the run only has to write the output."""
+        key in it (every sample's key) is settled: then no row needs rendering and the run only has to
+        write the output."""
         path = self.rows_dir / "fingerprint.json"
         try:
             if json.loads(path.read_text(encoding="utf-8")) != fingerprint:
                 return False
         except (OSError, json.JSONDecodeError):
             return False
-        rows = pl.scan_parquet(sorted(self.rows_dir.glob("rows-*.parquet"))).select(KEY)
-        return settled.covers(rows)
+        return settled.covers(self._request_lines(samples).select(KEY))
+
+    def _request_lines(self, samples: int) -> pl.LazyFrame:
+        """The row map with one line per request: per row, or per (row, sample) when sampling."""
+        rows = self._row_map()
+        return voting.expand(rows, samples) if samples > 1 else rows
+
+    def row_progress(self, samples: int = 1) -> dict[str, int] | None:
+        """How many rows of the current row map are answered ok, failed, or still pending; None if
+        no run has mapped the input yet. A sampled row is ok when every sample is, failed when any did."""
+        if not self.rows_dir.exists() or not any(self.rows_dir.glob("rows-*.parquet")):
+            return None
+        lines = self._request_lines(samples).select(ROW, KEY)
+        parts = self.result_parts()
+        if parts:
+            results = pl.scan_parquet(parts).group_by(KEY).agg((pl.col("status") == "ok").any().alias("ok"))
+            lines = lines.join(results, on=KEY, how="left")
+        else:
+            lines = lines.with_columns(pl.lit(None, pl.Boolean).alias("ok"))
+        per_row = lines.group_by(ROW).agg(
+            pl.col("ok").all().alias("all_ok"),
+            (pl.col("ok") == False).any().alias("any_failed"),  # noqa: E712
+        )
+        counts = per_row.select(
+            pl.len().alias("rows"), pl.col("all_ok").sum().alias("ok"), pl.col("any_failed").sum().alias("failed")
+        ).collect()
+        rows, ok, failed = (int(counts.item(0, c)) for c in ("rows", "ok", "failed"))
+        return {"ok": ok, "failed": failed, "pending": rows - ok - failed}
 
     def reset_row_map(self) -> None:
         """Forget the previous map; this run writes a new one as it renders."""
@@ -430,7 +457,7 @@ class Store:
         counts = last.get("counts")
         return counts if isinstance(counts, dict) else None
 
-    def finalize(self, id_name: str, fields: dict[str, pl.DataType] | None = None) -> pl.DataFrame:
+    def finalize(self, id_name: str, fields: dict[str, pl.DataType] | None = None, samples: int = 1) -> pl.DataFrame:
         """Write the output Parquet in input order (atomically) from the compacted answers; return
         the status counts. Each key bucket is joined on its own and the output is assembled in row
         ranges, so memory stays bounded by a bucket. An output already written from this very state
@@ -440,7 +467,7 @@ class Store:
         counts = self._output_is_current(record)
         if counts is not None:
             return pl.DataFrame({"status": list(counts), "rows": list(counts.values())})
-        frame = self._write_output(parts, id_name, fields or {})
+        frame = self._write_output(parts, id_name, fields or {}, samples)
         st = self.output_path.stat()
         counts = dict(zip(frame.get_column("status").to_list(), frame.get_column("rows").to_list(), strict=True))
         write_json_atomic(
@@ -448,16 +475,21 @@ class Store:
         )
         return frame
 
-    def _write_output(self, parts: list[Path], id_name: str, fields: dict[str, pl.DataType]) -> pl.DataFrame:
+    def _write_output(
+        self, parts: list[Path], id_name: str, fields: dict[str, pl.DataType], samples: int
+    ) -> pl.DataFrame:
         rows = self._row_map()
         kept = [c for c in rows.collect_schema().names() if c not in (ROW, ID, KEY)]
+        lines = self._request_lines(samples)
         answers = pl.scan_parquet(parts, schema=RESULT_SCHEMA)
         buckets = Buckets.for_rows(int(answers.select(pl.len()).collect().item()))
         pieces = []
         for b in range(buckets.count):
             piece = self.state_dir / f"output-{b:03d}.parquet.tmp"
             share = answers.filter(buckets.member(b))
-            joined = rows.filter(buckets.member(b)).join(share, on=KEY, how="left", maintain_order="left")
+            joined = lines.filter(buckets.member(b)).join(share, on=KEY, how="left", maintain_order="left")
+            if samples > 1:  # all of a row's samples are in this bucket: vote here
+                joined = voting.vote(joined, samples).sort(ROW)  # back in row order, as pieces must be
             joined.sink_parquet(piece, row_group_size=ROW_GROUP_ROWS)
             pieces.append(piece)
         # Each piece is in row order. The output is put together as consecutive row ranges, each read
@@ -478,7 +510,8 @@ class Store:
         if fields:  # structured answers: one typed column per top-level field, beside the kept columns
             parsed = pl.col("parsed_json").str.json_decode(pl.Struct(fields)).alias("_parsed")
             output = output.with_columns(parsed).unnest("_parsed")
-        output = output.select(id_name, *kept, *fields, *OUTPUT_COLUMNS)
+        voted = voting.VOTE_COLUMNS if samples > 1 else ()
+        output = output.select(id_name, *kept, *fields, *voted, *OUTPUT_COLUMNS)
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.output_path.with_name(self.output_path.name + ".tmp")
         output.sink_parquet(tmp, row_group_size=ROW_GROUP_ROWS)

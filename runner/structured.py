@@ -139,6 +139,9 @@ class AnswerShape:
             first = errors[0]
             where = "/".join(str(p) for p in first.absolute_path) or "(top level)"
             raise Unusable("invalid", f"{where}: {first.message}")
+        if self.label_field == "labels":  # a set of labels: each once, in the order the job lists them
+            order = self.schema["properties"]["labels"]["items"]["enum"]
+            value = {"labels": sorted(set(value["labels"]), key=order.index)}
         return value
 
     def repair(self, params: dict[str, Any], answer: Answer, problem: str) -> dict[str, Any]:

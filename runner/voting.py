@@ -1,0 +1,96 @@
+"""Samples and the majority vote (`output.samples: k`): a row asked k times becomes one answer.
+
+    lines = expand(row_map, k)                     # one line per (row, sample), with the sample's key
+    voted = vote(lines.join(answers, on=KEY), k)   # one line per row: the winner, and who agreed
+
+The rules, which the output documents column by column:
+- a sample votes with its validated answer (its JSON); an invalid or failed sample votes for nothing;
+- the answer with the most votes wins; a tie goes to the answer that the earliest sample gave;
+- `agreement` is the winner's votes divided by k, so an invalid sample counts against it;
+- the row is `error` when any sample failed (a later run, or --retry-failed, sends just that sample
+  again), else `ok` when some answer won, else `invalid`;
+- tokens, cost, attempts and repairs are summed over the samples (the row cost all of them); the
+  text, stop reason, latency and request id are the winning sample's (the first that gave it);
+- `sample_answers` lists every sample's answer in sample order (null where it was not valid).
+
+Every sample of a row shares the row key's leading hex digits, so all of them fall in one store
+bucket and the vote runs bucket by bucket, in bounded memory.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from runner.inputs import ROW
+from runner.prompts import SAMPLE_MARK
+from runner.records import KEY
+
+SAMPLE = "_sample"
+AGREEMENT = "agreement"
+SAMPLE_ANSWERS = "sample_answers"
+VOTE_COLUMNS = (AGREEMENT, SAMPLE_ANSWERS)  # what a voted output adds
+# Counted once per request, so a row's figure is the sum over its samples.
+SUMMED = (
+    "input_tokens",
+    "output_tokens",
+    "thinking_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+    "cost",
+    "attempts",
+    "repairs",
+)
+# A sum widens integers; keep the result schema's types.
+_SUMMED_TYPES: dict[str, pl.DataType] = {"attempts": pl.Int32(), "repairs": pl.Int32()}
+
+_ANSWER, _VOTES, _FIRST = "_answer", "_votes", "_first"
+_WINNER, _WIN_VOTES, _FIRST_ERROR, _FIRST_INVALID, _PICK = "_winner", "_win_votes", "_ferr", "_finv", "_pick"
+
+
+def expand(rows: pl.LazyFrame, samples: int) -> pl.LazyFrame:
+    """One line per (row, sample): each row's key becomes its samples' keys (see prompts.sample_key)."""
+    keys = [pl.col(KEY), *(pl.col(KEY) + f"{SAMPLE_MARK}{i}" for i in range(1, samples))]
+    return rows.with_columns(pl.concat_list(keys).alias(KEY), pl.int_ranges(0, samples).alias(SAMPLE)).explode(
+        [KEY, SAMPLE]
+    )
+
+
+def vote(lines: pl.LazyFrame, samples: int) -> pl.LazyFrame:
+    """One line per row from one line per (row, sample) joined with the samples' results."""
+    status = pl.col("status")
+    lines = lines.with_columns(pl.when(status == "ok").then(pl.col("parsed_json")).alias(_ANSWER))
+    # Each distinct answer's votes, and the earliest sample that gave it; the best of them wins.
+    winners = (
+        lines.filter(pl.col(_ANSWER).is_not_null())
+        .group_by(ROW, _ANSWER)
+        .agg(pl.len().alias(_VOTES), pl.col(SAMPLE).min().alias(_FIRST))
+        .group_by(ROW)
+        .agg(
+            pl.col(_FIRST).sort_by([_VOTES, _FIRST], descending=[True, False]).first().alias(_WINNER),
+            pl.col(_VOTES).max().alias(_WIN_VOTES),
+        )
+    )
+    per_row = lines.group_by(ROW).agg(
+        *(pl.when(pl.col(c).is_not_null().any()).then(pl.col(c).sum()).alias(c) for c in SUMMED),
+        pl.col(SAMPLE).filter(status == "error").min().alias(_FIRST_ERROR),
+        pl.col(SAMPLE).filter(status == "invalid").min().alias(_FIRST_INVALID),
+        pl.col(_ANSWER).sort_by(SAMPLE).alias(SAMPLE_ANSWERS),
+    )
+    # The sample that speaks for the row: the first failed one, else the winner, else the first invalid.
+    chosen = (
+        per_row.join(winners, on=ROW, how="left")
+        .with_columns(pl.coalesce(_FIRST_ERROR, _WINNER, _FIRST_INVALID, pl.lit(0, pl.Int64)).alias(_PICK))
+        .with_columns((pl.col(_WIN_VOTES) / samples).alias(AGREEMENT))
+    )
+    speaker = lines.drop(*SUMMED, _ANSWER)
+    voted = speaker.join(
+        chosen.select(ROW, _PICK, *SUMMED, AGREEMENT, SAMPLE_ANSWERS),
+        left_on=[ROW, SAMPLE],
+        right_on=[ROW, _PICK],
+        how="inner",
+    )
+    failed_sample = pl.format("sample {} of {}: {}", pl.col(SAMPLE) + 1, pl.lit(samples), pl.col("error_message"))
+    return voted.with_columns(
+        pl.when(status == "error").then(failed_sample).otherwise(pl.col("error_message")).alias("error_message"),
+        *(pl.col(c).cast(dtype) for c, dtype in _SUMMED_TYPES.items()),
+    ).drop(SAMPLE)

@@ -245,6 +245,9 @@ def report(
             f"{job.name}: {summary['rows']} rows, {summary['valid']} valid, {summary['invalid']} invalid "
             f"({summary['truncated']} truncated), {summary['repaired']} repaired"
         )
+        voting = summary.get("voting")
+        if voting is not None:
+            console.print(quality.voting_line(voting))
         metrics = summary.get("metrics")
         if metrics is None:
             console.print("no gold labels: set eval.gold_column (and output.labels) for accuracy and F1")

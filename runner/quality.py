@@ -126,6 +126,20 @@ def agreement_summary(frame: pl.DataFrame, samples: int, gold: str | None) -> di
     return report
 
 
+def voting_line(voting: dict[str, Any]) -> str:
+    """One sentence on how a sampled job's samples agreed (for the terminal and the HTML page)."""
+    line = (
+        f"{voting['samples_per_row']} samples a row: mean agreement {voting['mean_agreement']}; "
+        f"{voting['unanimous_rows']} rows unanimous, {voting['split_rows']} split"
+    )
+    if "accuracy_unanimous" in voting:
+        unanimous, split = (
+            voting[k] if voting[k] is not None else "n/a" for k in ("accuracy_unanimous", "accuracy_split")
+        )
+        line += f"; accuracy {unanimous} when unanimous, {split} when split"
+    return line
+
+
 def html_report(title: str, metrics: dict[str, Any], quality: dict[str, Any]) -> str:
     """A small self-contained HTML page: the headline figures, the confusion matrix drawn as a heat
     map and the predicted-label distribution drawn as bars (inline SVG, no scripts, no network)."""
@@ -183,6 +197,7 @@ td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child{{
 <p id="headline">accuracy <b>{metrics["accuracy"]:.4f}</b> on {metrics["rows_with_gold"]} rows with a gold label;
 invalid answers {100 * metrics["invalid_rate"]:.2f}%; answers repaired {quality.get("repaired", 0)};
 truncated {quality.get("truncated", 0)}.</p>
+{f'<p id="voting">{_esc(voting_line(quality["voting"]))}.</p>' if "voting" in quality else ""}
 <h2>Per label</h2><table id="per-label"><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th>
 <th>support</th></tr>{rows}</table>
 <h2>Confusion matrix</h2>{"".join(parts)}

@@ -214,3 +214,19 @@ def test_agreement_summary_matches_a_hand_computed_fixture() -> None:
     assert (report["unanimous_rows"], report["split_rows"]) == (2, 2)
     assert report["accuracy_unanimous"] == 1.0  # rows 1 and 3: both right
     assert report["accuracy_split"] == 0.0  # rows 2 and 4: both wrong
+
+
+def test_the_report_says_how_the_samples_agreed(make_job, sim: SimulatorThread, tmp_path) -> None:
+    sim.configure(sample_disagreement=1.0)  # every row splits 2 to 1 (see above)
+    job = make_job(REVIEWS, output=SAMPLED, model=WARM, eval={"gold_column": "gold"})
+    assert cli("run", str(job.spec)).exit_code == 0
+    page = tmp_path / "report.html"
+
+    result = cli("report", str(job.spec), "--html", str(page))
+
+    assert result.exit_code == 0, result.stderr
+    line = (
+        "3 samples a row: mean agreement 0.6667; 0 rows unanimous, 4 split; accuracy n/a when unanimous, 0.0 when split"
+    )
+    assert line in " ".join(result.stdout.split())  # the terminal may wrap it
+    assert f'<p id="voting">{line}.</p>' in page.read_text()

@@ -27,6 +27,7 @@ from runner.progress import LogFormat, make_reporter
 from runner.prompts import RequestBuilder
 from runner.spec import Job, load_job
 from runner.store import Store
+from runner.templates import RenderError
 
 app = typer.Typer(
     add_completion=False,
@@ -159,6 +160,11 @@ def _print_estimate(r: dict[str, Any]) -> None:
     rows = [
         ("rows", f"{r['rows']:,} ({r['rows_answered_already']:,} already answered)"),
         ("requests to send", f"{r['requests_to_send']:,}"),
+        *(
+            [("rows failing to render", f"{r['render_failures']['rows']:,}; first: {r['render_failures']['first']}")]
+            if r["render_failures"]["rows"]
+            else []
+        ),
         (
             "input tokens",
             f"{tokens_in['expected']:,} (calibration x{tokens_in['calibration']['ratio']}: "
@@ -286,7 +292,13 @@ def validate(
         shown = 0
         for frame in source.batches(rows):
             for row in frame.iter_rows(named=True):
-                request = builder.build(row)
+                try:
+                    request = builder.build(row)
+                except RenderError as exc:
+                    raise UsageError(
+                        f"{spec}: the prompt template fails on row {row['_row']} (id {row['_id']}): {exc}; "
+                        "fix the template or that row (a run would record it as render_error)"
+                    ) from None
                 console.rule(f"row {row['_row']} id={row['_id']} key={request.key[:12]}")
                 if "system" in request.params:
                     console.print("[bold]system:[/]", request.params["system"], markup=True, highlight=False)

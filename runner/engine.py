@@ -42,6 +42,7 @@ from runner.retries import overload, wait_backoff
 from runner.simulator import SimConfig, SimulatorThread
 from runner.spec import Job
 from runner.store import SettledKeys, Store, write_json_atomic
+from runner.templates import RenderError
 from runner.tokens import estimate_request
 
 RENDER_BATCH_ROWS = 2000  # rows rendered per step; small enough not to stall responses for long
@@ -272,7 +273,7 @@ async def _pending_requests(
         for row in frame.iter_rows(named=True):
             try:
                 request = builder.build(row)
-            except Exception as exc:  # a user template failing on one row's values fails that row only
+            except RenderError as exc:  # a user template failing on one row's values fails that row only
                 keys.append(_render_failure(row, exc, sink, builder.samples))
                 rows.append([])
                 continue
@@ -308,7 +309,7 @@ async def _pending_requests(
     tally.all_rows_rendered = True
 
 
-def _render_failure(row: dict[str, Any], exc: Exception, sink: Any, samples: int) -> str:
+def _render_failure(row: dict[str, Any], exc: RenderError, sink: Any, samples: int) -> str:
     """Record a row whose prompt cannot be rendered as failed (each of its samples); nothing is sent."""
     key = f"render-{row[ID]}"
     for index in range(samples):
@@ -320,7 +321,7 @@ def _render_failure(row: dict[str, Any], exc: Exception, sink: Any, samples: int
                 latency_ms=None,
                 finished_at=dt.datetime.now(dt.UTC),
                 error_type="render_error",
-                error_message=f"{type(exc).__name__}: {exc}",
+                error_message=str(exc),
             )
         )
     return key

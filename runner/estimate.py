@@ -27,13 +27,14 @@ import polars as pl
 from runner import ledger
 from runner.engine import RunOptions, endpoint_url, run_job
 from runner.errors import EndpointAborted, UsageError
-from runner.inputs import open_input
+from runner.inputs import ID, ROW, open_input
 from runner.pricing import PriceTable, require_prices, tier_label
 from runner.progress import Reporter
 from runner.prompts import RequestBuilder
 from runner.records import KEY, RESULT_SCHEMA, Request
 from runner.spec import SIMULATOR_TOKENIZER_PATH, Job
 from runner.store import Store
+from runner.templates import RenderError
 from runner.tokens import Calibration, estimate_request
 
 EXACT_SAMPLE = 200  # requests counted by the tokenizer API with --exact
@@ -119,6 +120,8 @@ class Pending:
     sample: list[Request]
     rows_total: int = 0
     rows_settled: int = 0
+    render_failures: int = 0  # rows whose prompt fails to render: a run records them, sends nothing
+    first_render_failure: str | None = None
 
 
 def _pending_estimates(source: Any, builder: RequestBuilder, settled: Any) -> Pending:
@@ -129,7 +132,13 @@ def _pending_estimates(source: Any, builder: RequestBuilder, settled: Any) -> Pe
     per_row = builder.samples
     for frame in source.batches(5000):
         # Every request a row needs: one, or one per sample (all of a row's samples are adjacent).
-        requests = [r for row in frame.iter_rows(named=True) for r in builder.samples_of(builder.build(row))]
+        requests: list[Request] = []
+        for row in frame.iter_rows(named=True):
+            try:
+                requests += builder.samples_of(builder.build(row))
+            except RenderError as exc:
+                pending.render_failures += 1
+                pending.first_render_failure = pending.first_render_failure or f"row {row[ROW]} (id {row[ID]}): {exc}"
         done = settled.contains(pl.Series(KEY, [r.key for r in requests], dtype=pl.String)).to_list()
         pending.rows_total += frame.height
         pending.rows_settled += sum(all(done[i : i + per_row]) for i in range(0, len(done), per_row))
@@ -231,6 +240,7 @@ def _report(
         "rows": pending.rows_total,
         "rows_answered_already": pending.rows_settled,
         "requests_to_send": n,
+        "render_failures": {"rows": pending.render_failures, "first": pending.first_render_failure},
         "input_tokens": {
             "expected": sum(inputs),
             "calibration": {

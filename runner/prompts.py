@@ -16,8 +16,10 @@ import hashlib
 import json
 from typing import Any
 
+from runner.errors import UsageError
 from runner.records import Request
 from runner.spec import Job
+from runner.templates import RenderError
 
 SAMPLE_MARK = "-s"
 
@@ -48,7 +50,10 @@ class RequestBuilder:
         self._fixed = fixed
         # A system prompt without variables is the same for every row: render it once.
         system = job.system
-        self._system: str | None = system.render({}) if system is not None and not system.variables else None
+        try:
+            self._system: str | None = system.render({}) if system is not None and not system.variables else None
+        except RenderError as exc:
+            raise UsageError(f"{job.spec_path}: prompt.system: the template fails to render: {exc}") from None
         self._shape = job.shape
         shape = {"schema": self._shape.schema, "mode": self._shape.mode} if self._shape else None
         # The endpoint is part of the identity: the same prompt on another platform is another answer;

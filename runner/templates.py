@@ -24,6 +24,12 @@ from runner.errors import UsageError
 _ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
 
 
+class RenderError(ValueError):
+    """A template failed on one row's values (a missing column value, a type error in an expression).
+
+    The message names the underlying error: `TypeError: unsupported operand ...`."""
+
+
 @dataclass(frozen=True)
 class Template:
     """A compiled prompt template and the variables it reads."""
@@ -34,14 +40,19 @@ class Template:
     _globals: dict[str, Any]
 
     def render(self, row: Mapping[str, Any]) -> str:
-        """Render for one row; raises what the template raises (UndefinedError, TypeError...).
+        """Render for one row; raises RenderError naming what the template raised (UndefinedError,
+        TypeError...): a user's template can fail on any row's values, and callers must be able to
+        tell that from a bug of ours.
 
         `jinja2.Template.render` copies the environment's globals (a ChainMap) twice on every call,
         which was most of the cost of resuming a million-row job. Here the globals are flattened once
         and the row is layered on top: the same context `render` builds, without the copies.
         """
         context = new_context(_ENV, self._compiled.name, self._compiled.blocks, {**self._globals, **row}, shared=True)
-        return str(_ENV.concat(self._compiled.root_render_func(context)))
+        try:
+            return str(_ENV.concat(self._compiled.root_render_func(context)))
+        except Exception as exc:  # anything user code in a template raises is that row's failure
+            raise RenderError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def compile_template(source: str, *, origin: str) -> Template:

@@ -170,6 +170,29 @@ def test_a_row_whose_values_break_the_template_fails_alone(make_job, sim: Simula
     assert sim.stats()["requests"] == 1
 
 
+def test_validate_names_the_row_a_template_fails_on(make_job, sim: SimulatorThread) -> None:
+    rows = [{"id": "a", "text": "fine"}, {"id": "b", "text": "also fine"}]
+    job = make_job(rows, prompt={"template": "{{ text ~ (1 / (0 if id == 'b' else 1)) }}"})
+
+    result = cli("validate", str(job.spec))
+
+    assert result.exit_code == 2
+    assert "the prompt template fails on row 1 (id b): ZeroDivisionError: division by zero" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_an_estimate_counts_the_rows_a_template_fails_on(make_job, sim: SimulatorThread) -> None:
+    rows = [{"id": "a", "text": "fine"}, {"id": "b", "text": "also fine"}, {"id": "c", "text": "ok"}]
+    job = make_job(rows, prompt={"template": "{{ text ~ (1 / (0 if id == 'b' else 1)) }}"})
+
+    result = cli("estimate", str(job.spec), "--json")
+
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["requests_to_send"] == 2
+    assert report["render_failures"] == {"rows": 1, "first": "row 1 (id b): ZeroDivisionError: division by zero"}
+
+
 def test_the_sentiment_job_labels_real_reviews_and_measures_itself(tmp_path) -> None:
     jobs = shipped_jobs(tmp_path)
 

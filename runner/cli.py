@@ -231,24 +231,34 @@ def usage(
 
 @app.command()
 def report(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML) of a finished run.")],
+    target: Annotated[Path, typer.Argument(help="The job spec (YAML) of a finished run, or its output Parquet.")],
     html: Annotated[Path | None, typer.Option("--html", help="Also write the report as an HTML page here.")] = None,
+    gold: Annotated[str | None, typer.Option("--gold", help="For an output file: the column with gold labels.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Print the quality of a finished labeling run against its gold labels (and draw it as HTML)."""
     from runner import quality
 
     def go() -> None:
-        job = _load(spec, set_, None)
-        shape = job.shape
-        if shape is None:
-            raise UsageError(f"{spec}: output: report needs a structured job (output.labels or output.schema)")
-        if not job.output_path.exists():
-            raise UsageError(f"{job.output_path} does not exist yet; run the job first: glm-batch run {spec}")
-        summary = quality.summarise(job, shape)
+        if target.suffix == ".parquet":
+            if not target.exists():
+                raise UsageError(f"{target}: no such output file")
+            name = target.stem
+            summary = quality.summarise_file(target, gold)
+            if summary["label_field"] is None:
+                raise UsageError(f"{target}: no label column; report works on labeling outputs (output.labels)")
+        else:
+            job = _load(target, set_, None)
+            name = job.name
+            shape = job.shape
+            if shape is None:
+                raise UsageError(f"{target}: output: report needs a structured job (output.labels or output.schema)")
+            if not job.output_path.exists():
+                raise UsageError(f"{job.output_path} does not exist yet; run the job first: glm-batch run {target}")
+            summary = quality.summarise(job, shape)
         console = Console()
         console.print(
-            f"{job.name}: {summary['rows']} rows, {summary['valid']} valid, {summary['invalid']} invalid "
+            f"{name}: {summary['rows']} rows, {summary['valid']} valid, {summary['invalid']} invalid "
             f"({summary['truncated']} truncated), {summary['repaired']} repaired"
         )
         voting = summary.get("voting")
@@ -256,7 +266,10 @@ def report(
             console.print(quality.voting_line(voting))
         metrics = summary.get("metrics")
         if metrics is None:
-            console.print("no gold labels: set eval.gold_column (and output.labels) for accuracy and F1")
+            console.print(
+                "no gold labels: set eval.gold_column (and output.labels), or pass --gold COLUMN with an output "
+                "file, for accuracy and F1"
+            )
             return
         console.print(f"accuracy {metrics['accuracy']:.4f} on {metrics['rows_with_gold']} rows with a gold label")
         table = Table("label", "precision", "recall", "F1", "support")
@@ -265,11 +278,11 @@ def report(
         console.print(table)
         columns = list(next(iter(metrics["confusion"].values())))
         matrix = Table("gold \\ predicted", *columns, title="confusion matrix")
-        for gold, row in metrics["confusion"].items():
-            matrix.add_row(gold, *(str(row[c]) for c in columns))
+        for truth, row in metrics["confusion"].items():
+            matrix.add_row(truth, *(str(row[c]) for c in columns))
         console.print(matrix)
         if html is not None:
-            html.write_text(quality.html_report(f"glm-batch report: {job.name}", metrics, summary), encoding="utf-8")
+            html.write_text(quality.html_report(f"glm-batch report: {name}", metrics, summary), encoding="utf-8")
             console.print(f"wrote {html}")
 
     _guarded(go)

@@ -1,6 +1,8 @@
 """Quality against gold labels: accuracy, per-label precision/recall/F1, a confusion matrix, invalid rate.
 
     metrics = label_metrics(frame, predicted="label", gold="gold")
+    report = summarise(job, shape)                  # after a run, from the job's spec
+    report = summarise_file(output_path, gold=None) # from an output file alone
 
 Rows without a gold label are left out. A row whose answer was invalid (or failed) counts as wrong
 and appears in the confusion matrix under "(invalid)", so the figures never flatter a job that
@@ -9,12 +11,18 @@ failed to answer.
 
 from __future__ import annotations
 
+import contextlib
+import json
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from runner.errors import UsageError
 from runner.spec import Job
+from runner.store import OUTPUT_COLUMNS
 from runner.structured import AnswerShape
+from runner.voting import SAMPLE_ANSWERS, VOTE_COLUMNS
 
 INVALID = "(invalid)"
 
@@ -78,31 +86,65 @@ def field_exact_match(frame: pl.DataFrame, gold_fields: dict[str, str]) -> dict[
 
 def summarise(job: Job, shape: AnswerShape) -> dict[str, Any]:
     """The quality section of a finished structured run: validity, repairs and, with gold, metrics."""
+    evaluation = job.spec.eval
+    return summarise_output(
+        job.output_path,
+        label_field=shape.label_field,
+        gold=evaluation.gold_column if evaluation else None,
+        gold_fields=evaluation.gold_fields if evaluation else {},
+        samples=job.spec.output.samples,
+    )
+
+
+def summarise_file(path: Path, gold: str | None) -> dict[str, Any]:
+    """The quality of an output file on its own (no spec at hand): the label column, the samples and
+    (unless `gold` names one) the gold column are read from the file and the summary beside it."""
+    try:
+        columns = pl.read_parquet_schema(path)
+    except (OSError, pl.exceptions.ComputeError) as exc:
+        raise UsageError(f"{path}: cannot read it as Parquet ({exc}); give a glm-batch output or a job spec") from None
+    if not {"status", "repairs", "error_type"} <= columns.keys():
+        raise UsageError(f"{path}: not a glm-batch output (no status column); give its job spec instead")
+    beside: dict[str, Any] = {}
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        beside = json.loads(path.with_suffix(".summary.json").read_text(encoding="utf-8"))
+    gold = gold or (beside.get("quality") or {}).get("gold_column")
+    if gold is not None and gold not in columns:
+        kept = ", ".join(c for c in columns if c not in (*OUTPUT_COLUMNS, *VOTE_COLUMNS)) or "none"
+        raise UsageError(f"{path}: --gold {gold}: no such column; the columns other than glm-batch's: {kept}")
+    label_field = next((c for c in ("label", "labels") if c in columns), None)
+    samples = 1
+    if SAMPLE_ANSWERS in columns:  # a voted output: as many samples as each row's list holds
+        samples = int(pl.scan_parquet(path).select(pl.col(SAMPLE_ANSWERS).list.len().max()).collect().item())
+    return summarise_output(path, label_field=label_field, gold=gold, gold_fields={}, samples=samples)
+
+
+def summarise_output(
+    path: Path, *, label_field: str | None, gold: str | None, gold_fields: dict[str, str], samples: int
+) -> dict[str, Any]:
+    """The quality of a structured output file: validity, repairs, and metrics against what is gold."""
     wanted = ["status", "repairs", "error_type"]
-    gold = job.spec.eval.gold_column if job.spec.eval else None
-    gold_fields = job.spec.eval.gold_fields if job.spec.eval else {}
-    if gold and shape.label_field == "label":
+    if gold and label_field == "label":
         wanted += ["label", gold]
     wanted += [c for pair in gold_fields.items() for c in pair if c not in wanted]
-    samples = job.spec.output.samples
     if samples > 1:
         wanted.append("agreement")
-    frame = pl.read_parquet(job.output_path, columns=wanted)
+    frame = pl.read_parquet(path, columns=wanted)
     report: dict[str, Any] = {
         "rows": frame.height,
         "valid": int((frame.get_column("status") == "ok").sum()),
         "invalid": int((frame.get_column("status") == "invalid").sum()),
         "truncated": int((frame.get_column("error_type") == "truncated").sum()),
         "repaired": int((frame.get_column("repairs").fill_null(0) > 0).sum()),
-        "label_field": shape.label_field,
+        "label_field": label_field,
         "gold_column": gold,
     }
-    if gold and shape.label_field == "label":
+    if gold and label_field == "label":
         report["metrics"] = label_metrics(frame, predicted="label", gold=gold)
     if gold_fields:
         report["field_exact_match"] = field_exact_match(frame, gold_fields)
     if samples > 1:
-        report["voting"] = agreement_summary(frame, samples, gold if shape.label_field == "label" else None)
+        report["voting"] = agreement_summary(frame, samples, gold if label_field == "label" else None)
     return report
 
 

@@ -274,3 +274,22 @@ def test_gold_fields_must_name_schema_fields(make_job, sim) -> None:
 
     assert result.exit_code == 2 and "'mood' is not a field of output.schema" in result.stderr
     assert sim.stats()["requests"] == 0
+
+
+def test_the_report_reads_an_output_file_without_its_spec(make_job, tmp_path) -> None:
+    job = make_job(REVIEWS, output=LABELS, eval={"gold_column": "gold"})
+    assert cli("run", str(job.spec)).exit_code == 0
+    job.spec.unlink()  # only the output and its summary are left
+    beside_summary = cli("report", str(job.output))  # the summary names the gold column
+    moved = tmp_path / "elsewhere.parquet"
+    job.output.rename(moved)  # no summary beside it now: the gold column must be named
+
+    without_gold = cli("report", str(moved))
+    with_gold = cli("report", str(moved), "--gold", "gold")
+    wrong_gold = cli("report", str(moved), "--gold", "truth")
+
+    assert beside_summary.exit_code == 0 and "accuracy 0.8000 on 5 rows" in beside_summary.stdout
+    assert without_gold.exit_code == 0 and "no gold labels" in without_gold.stdout
+    assert with_gold.exit_code == 0 and "accuracy 0.8000 on 5 rows" in with_gold.stdout
+    assert wrong_gold.exit_code == 2
+    assert "--gold truth: no such column; the columns other than glm-batch's: id, gold, label" in wrong_gold.stderr

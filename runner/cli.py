@@ -165,6 +165,18 @@ def _print_estimate(r: dict[str, Any]) -> None:
             if r["render_failures"]["rows"]
             else []
         ),
+        *(
+            [
+                (
+                    "over the context window",
+                    f"{r['over_context']['requests']:,} requests estimated above "
+                    f"{r['over_context']['context_tokens']:,} input tokens: the endpoint refuses them "
+                    "(1261, not billed); shorten those prompts",
+                )
+            ]
+            if r["over_context"]["requests"]
+            else []
+        ),
         (
             "input tokens",
             f"{tokens_in['expected']:,} (calibration x{tokens_in['calibration']['ratio']}: "

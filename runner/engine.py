@@ -416,7 +416,8 @@ def _summary(
     estimate = store.read_estimate()
     if estimate is not None and table is not None and tally.ok:
         # How good was `glm-batch estimate`? Compare its expected cost per request with this run's.
-        expected = estimate["cost"]["expected"] / max(1, estimate["requests_to_send"]) * tally.ok
+        answerable = estimate.get("requests_answerable", estimate["requests_to_send"])
+        expected = estimate["cost"]["expected"] / max(1, answerable) * tally.ok
         cost["estimate"] = {
             "estimated": round(expected, 6),
             "spent": round(tally.cost, 6),

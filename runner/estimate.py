@@ -215,8 +215,13 @@ def _report(
     pending: Pending,
     options: EstimateOptions,
 ) -> dict[str, Any]:
-    n = len(pending.raw)
-    inputs = array("I", (calibration.apply(raw) for raw in pending.raw))
+    calibrated = array("I", (calibration.apply(raw) for raw in pending.raw))
+    # A prompt over the model's context window is refused (400/1261) before any token is billed: it
+    # costs nothing and takes no time, but the user must hear of it before the run.
+    context = job.model.context
+    inputs = array("I", (t for t in calibrated if t <= context))
+    over_context = len(calibrated) - len(inputs)
+    n = len(inputs)
     # Calibrated estimates are good to a few percent; raw ones can be off by a third either way.
     in_low, in_high = (0.95, 1.05) if calibration.samples >= 20 else (0.75, 1.35)
     max_tokens = job.spec.model.max_tokens
@@ -239,8 +244,10 @@ def _report(
         "prices_confirmed": table.confirmed,
         "rows": pending.rows_total,
         "rows_answered_already": pending.rows_settled,
-        "requests_to_send": n,
+        "requests_to_send": len(calibrated),
+        "requests_answerable": n,  # the cost and time below are theirs
         "render_failures": {"rows": pending.render_failures, "first": pending.first_render_failure},
+        "over_context": {"requests": over_context, "context_tokens": context},
         "input_tokens": {
             "expected": sum(inputs),
             "calibration": {

@@ -2,7 +2,8 @@
 
 It speaks `POST /v1/messages` the way open.bigmodel.cn does (see wire.md): JSON or SSE with named events,
 usage zeros in `message_start` and the real counts in `message_delta`, both auth headers, Zhipu-shaped
-error bodies with the business code in `error.type`. It adds what tests and benchmarks need:
+error bodies with the business code in `error.type`, and 400/1261 for a prompt over the model's context.
+It adds what tests and benchmarks need:
 
 - latency (fixed plus jitter) and a concurrency cap per model that answers 429/1302 above it;
 - injected faults at a given rate: 429 1302/1305/1113, 500, 529, dropped connections, slow answers,
@@ -327,6 +328,8 @@ class Simulator:
             return self._error("1211", "unknown_model")
         if not isinstance(body.get("max_tokens"), int) or not body.get("messages"):
             return self._zhipu_400("1214", "max_tokens and messages are required")
+        if count_tokens(prompt_text(body), cfg.token_scale) > catalog.models()[model].context:
+            return self._zhipu_400("1261", "Prompt too long")  # the model's context window, as Zhipu does
 
         with self._lock:
             busy = self._stats.in_flight[model]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import polars as pl
 import pytest
@@ -58,6 +59,23 @@ def test_a_request_the_endpoint_rejects_is_not_retried(make_job, sim, fault: str
     assert set(out.get_column("error_type")) == {error_type}
     assert out.get_column("attempts").to_list() == [1, 1, 1]
     assert sim.stats()["requests"] == 3
+
+
+def test_a_prompt_over_the_context_window_fails_alone_and_the_estimate_warned(make_job, sim) -> None:
+    # glm-4.6 holds 200K tokens; 900,000 Latin characters are about 225K of the simulator's tokens.
+    rows = [*sample_rows(2), {"id": "huge", "text": "word " * 180_000}]
+    job = make_job(rows)
+
+    estimate = json.loads(cli("estimate", str(job.spec), "--json").stdout)
+    result = cli("run", str(job.spec))
+
+    assert estimate["over_context"] == {"requests": 1, "context_tokens": 200_000}
+    assert (estimate["requests_to_send"], estimate["requests_answerable"]) == (3, 2)
+    assert result.exit_code == 1
+    out = pl.read_parquet(job.output)
+    assert out.get_column("status").to_list() == ["ok", "ok", "error"]
+    assert out.get_column("error_type")[2] == "400/1261"
+    assert out.get_column("attempts")[2] == 1  # refused, not retried
 
 
 def test_a_row_that_keeps_failing_is_an_output_row_with_its_error(make_job, sim) -> None:

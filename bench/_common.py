@@ -18,10 +18,10 @@ import polars as pl
 
 from runner.inputs import ID, ROW, open_input
 from runner.prompts import RequestBuilder
-from runner.records import Result
+from runner.records import KEY, Result
 from runner.simulator import answer_for, prompt_text
 from runner.spec import load_job
-from runner.store import KEY, Store
+from runner.store import Store
 
 HERE = Path(__file__).resolve().parent
 

@@ -7,6 +7,8 @@ import json
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runner.inputs import ROW
 from runner.quality import agreement_summary
@@ -91,6 +93,53 @@ def test_a_failed_sample_fails_the_row_and_says_which_sample() -> None:
     assert voted.get_column("status").to_list() == ["error"]
     assert voted.get_column("error_message").to_list() == ["sample 2 of 3: Prompt too long"]
     assert voted.get_column("agreement").to_list() == pytest.approx([2 / 3])
+
+
+def _reference_vote(outcomes: list[tuple[str, str | None]], k: int) -> tuple[str, str | None, float | None]:
+    """The vote written the plain way: (status, winning answer, agreement) from (status, answer) pairs."""
+    answers = [answer for status, answer in outcomes if status == "ok"]
+    counts = {a: answers.count(a) for a in answers}
+    winner = max(counts, key=lambda a: (counts[a], -answers.index(a))) if counts else None
+    statuses = [status for status, _ in outcomes]
+    status = "error" if "error" in statuses else "ok" if winner is not None else "invalid"
+    return status, winner, counts[winner] / k if winner is not None else None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=7).flatmap(
+        lambda k: st.lists(
+            st.lists(
+                st.one_of(
+                    st.tuples(st.just("ok"), st.sampled_from(["a", "b", "c"])),
+                    st.tuples(st.sampled_from(["invalid", "error"]), st.none()),
+                ),
+                min_size=k,
+                max_size=k,
+            ),
+            min_size=1,
+            max_size=6,
+        ).map(lambda rows: (k, rows))
+    )
+)
+def test_the_vote_agrees_with_a_plain_reference_on_any_outcomes(case) -> None:
+    k, rows = case
+    lines = _lines(
+        [
+            [{"status": status, "parsed_json": None if answer is None else _answer(answer)} for status, answer in row]
+            for row in rows
+        ]
+    )
+
+    voted = vote(lines, k).sort(ROW).collect()
+
+    for i, row in enumerate(rows):
+        status, winner, agreement = _reference_vote(row, k)
+        assert voted.get_column("status")[i] == status
+        if status != "error":  # an errored row speaks through its failed sample, which has no answer
+            assert voted.get_column("parsed_json")[i] == (None if winner is None else _answer(winner))
+        assert voted.get_column("agreement")[i] == (None if agreement is None else pytest.approx(agreement))
+        assert voted.get_column("input_tokens")[i] == 10 * k
 
 
 def test_sample_keys_keep_the_row_keys_bucket_digits() -> None:

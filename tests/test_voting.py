@@ -199,6 +199,24 @@ def test_raising_samples_later_sends_only_the_new_samples(make_job, sim: Simulat
     assert [len(a) for a in out.get_column("sample_answers")] == [5] * len(REVIEWS)
 
 
+def test_a_run_stopped_midway_resumes_without_paying_for_any_sample_twice(make_job, sim: SimulatorThread) -> None:
+    rows = [{"id": str(i), "text": f"review {i}: great, I love it"} for i in range(100)]
+    prices = {"prices": {"input": 2000.0, "output": 8000.0}, **WARM}
+    job = make_job(rows, output=SAMPLED, model=prices, run={"max_cost": 5.0})
+
+    assert cli("run", str(job.spec)).exit_code == 4  # the budget stops it part of the way
+    first = sim.stats()["ok"]
+    assert 0 < first < 3 * len(rows)
+
+    assert cli("run", str(job.spec), "--set", "run.max_cost=1000").exit_code == 0
+
+    stats = sim.stats()
+    assert stats["ok"] == 3 * len(rows)  # every sample answered exactly once across the two runs
+    assert stats["distinct_prompts_answered"] == len(rows)
+    out = pl.read_parquet(job.output)
+    assert [len(a) for a in out.get_column("sample_answers")] == [3] * len(rows)
+
+
 def test_only_the_failed_sample_is_sent_again(make_job, sim: SimulatorThread) -> None:
     # Each prompt's first request gets a 400 that no retry fixes; its other samples are answered.
     sim.configure(faults=("400_1261",), fault_attempts=1)

@@ -289,14 +289,12 @@ async def _pending_requests(
             if not requests:
                 continue  # a row that failed to render: already recorded
             done = [next(settled_now) for _ in requests]
-            # A pilot sends only its sample of rows; every other row counts as not wanted now.
-            if pilot is not None and position not in pilot:
-                done = [True] * len(done)
-            if all(done):
+            # Answered before; or, in a pilot (which sends only its sample of rows), not wanted now.
+            if all(done) or (pilot is not None and position not in pilot):
                 tally.rows_settled += 1
-            todo = [r for r, is_done in zip(requests, done, strict=True) if not is_done]
-            for pending in todo:
-                if pending.key in queued:
+                continue
+            for pending, is_done in zip(requests, done, strict=True):
+                if is_done or pending.key in queued:
                     continue
                 if not accountant.admit(pending):
                     control.end_dispatch("budget")  # what was admitted is paid for in advance: send it

@@ -223,8 +223,8 @@ def scale(quick: bool) -> dict[str, Any]:
             sim.wait()
         report[str(rows)] = {
             "sent": sent,
-            "rows_per_s": round(rows / result["wall_s"], 1),
-            "peak_rss_mb": round(result["peak_rss_mb"], 1),
+            "rows_per_s": round(rows / result.wall_s, 1),
+            "peak_rss_mb": round(result.peak_rss_mb, 1),
         }
     small, large = (report[str(n)] for n in sizes)
     report["rss_ratio_large_to_small"] = round(large["peak_rss_mb"] / small["peak_rss_mb"], 2)

@@ -179,6 +179,12 @@ class Accountant:
         self._open[request.key] = (raw, reserved)
         return True
 
+    def input_estimate(self, request: Request) -> int:
+        """The calibrated input-token estimate of an admitted request (made once, at admission)."""
+        opened = self._open.get(request.key)
+        raw = opened[0] if opened is not None else estimate_request(request.params)
+        return self.calibration.apply(raw)
+
     def settle(self, result: Result) -> tuple[Result, str | None]:
         """The result with its cost and estimate filled in, and the name of the tier it was charged at."""
         raw, reserved = self._open.pop(result.key, (None, 0.0))

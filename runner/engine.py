@@ -43,7 +43,6 @@ from runner.simulator import SimConfig, SimulatorThread
 from runner.spec import Job
 from runner.store import SettledKeys, Store, write_json_atomic
 from runner.templates import RenderError
-from runner.tokens import estimate_request
 
 RENDER_BATCH_ROWS = 2000  # rows rendered per step; small enough not to stall responses for long
 
@@ -127,7 +126,7 @@ async def _run(
             max_attempts=run.max_attempts,
             workers=limits.workers,
             # Input tokens for the token bucket (the limits add the expected output).
-            estimate_tokens=lambda r: accountant.calibration.apply(estimate_request(r.params)),
+            estimate_tokens=accountant.input_estimate,
             shape=shape,
             wait=wait_backoff(run.backoff_initial_s, run.backoff_max_s),
         )

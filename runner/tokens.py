@@ -24,6 +24,8 @@ MESSAGE_OVERHEAD_TOKENS = 4  # role markers and separators around each message
 
 def estimate_text(text: str) -> float:
     """Raw token estimate for one piece of text."""
+    if text.isascii():  # most prompts: no wide character can be in them, and this check runs in C
+        return len(text) / LATIN_CHARS_PER_TOKEN
     cjk = sum(1 for ch in text if unicodedata.east_asian_width(ch) in ("W", "F"))
     return (len(text) - cjk) / LATIN_CHARS_PER_TOKEN + cjk * CJK_TOKENS_PER_CHAR
 

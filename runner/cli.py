@@ -357,7 +357,11 @@ def status(
                 f"since {holder.get('started', '?')}"
             )
         runs = store.read_manifest().get("runs", [])
-        progress = store.row_progress(job.spec.output.samples)
+        try:  # rows the last run never reached are pending too
+            total: int | None = open_input(job).frame.select(pl.len()).collect().item()
+        except UsageError:
+            total = None  # the input is gone or changed shape: count what the last run mapped
+        progress = store.row_progress(job.spec.output.samples, total)
         if not runs and progress is None:
             console.print(f"{job.name}: never run (state would be in {job.state_dir})")
             return

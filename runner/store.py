@@ -280,8 +280,12 @@ class Store:
         self.corrupt.append(dest / part.name)
 
     def close(self) -> None:
-        """Flush what is buffered, remove the empty journal and release the lock (safe to call twice)."""
+        """Flush what is buffered, remove the empty journal and release the lock (safe to call twice).
+
+        The row map rendered so far is written too: a run that stopped early leaves it unsealed, so
+        the next run does not trust it, but `glm-batch status` can count the rows it holds."""
         self.flush()
+        self._write_rows()
         if self._journal is not None:
             os.close(self._journal)
             self._journal = None
@@ -322,9 +326,10 @@ class Store:
         rows = self._row_map()
         return voting.expand(rows, samples) if samples > 1 else rows
 
-    def row_progress(self, samples: int = 1) -> dict[str, int] | None:
-        """How many rows of the current row map are answered ok, failed, or still pending; None if
-        no run has mapped the input yet. A sampled row is ok when every sample is, failed when any did."""
+    def row_progress(self, samples: int = 1, total_rows: int | None = None) -> dict[str, int] | None:
+        """How many rows are answered ok, failed, or still pending (of `total_rows`, or of the rows the
+        last run mapped); None if no run has mapped the input yet. A sampled row is ok when every
+        sample is, failed when any sample did."""
         if not self.rows_dir.exists() or not any(self.rows_dir.glob("rows-*.parquet")):
             return None
         lines = self._request_lines(samples).select(ROW, KEY)
@@ -335,14 +340,14 @@ class Store:
         else:
             lines = lines.with_columns(pl.lit(None, pl.Boolean).alias("ok"))
         per_row = lines.group_by(ROW).agg(
-            pl.col("ok").all().alias("all_ok"),
+            pl.col("ok").fill_null(False).all().alias("all_ok"),  # a request with no result is not ok
             (pl.col("ok") == False).any().alias("any_failed"),  # noqa: E712
         )
         counts = per_row.select(
             pl.len().alias("rows"), pl.col("all_ok").sum().alias("ok"), pl.col("any_failed").sum().alias("failed")
         ).collect()
         rows, ok, failed = (int(counts.item(0, c)) for c in ("rows", "ok", "failed"))
-        return {"ok": ok, "failed": failed, "pending": rows - ok - failed}
+        return {"ok": ok, "failed": failed, "pending": max(rows, total_rows or 0) - ok - failed}
 
     def reset_row_map(self) -> None:
         """Forget the previous map; this run writes a new one as it renders."""

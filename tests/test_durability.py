@@ -300,6 +300,16 @@ def test_status_reports_answered_failed_and_pending(make_job, sim: SimulatorThre
     assert "exit 1" in out
 
 
+def test_status_counts_the_rows_a_stopped_run_never_reached_as_pending(make_job, sim: SimulatorThread) -> None:
+    job = make_job(sample_rows(300), model={"prices": {"input": 2000.0, "output": 8000.0}}, run={"max_cost": 5.0})
+    assert cli("run", str(job.spec)).exit_code == 4  # the budget stops it part of the way
+    ok = sim.stats()["ok"]
+
+    out = cli("status", str(job.spec)).stdout
+
+    assert f"{ok} rows answered ok, 0 failed, {300 - ok} pending" in out
+
+
 def test_unattended_runs_log_json_lines(make_job) -> None:
     job = make_job(sample_rows(5))
 

@@ -331,8 +331,10 @@ def validate(
                 shown += 1
             break
         total = source.frame.select(pl.len()).collect().item()
+        samples = job.spec.output.samples
+        each = f" x {samples} samples = {total * samples} requests" if samples > 1 else ""
         console.print(
-            f"ok: {spec} is valid; {total} rows, model {job.spec.model.name} on {job.endpoint_name}, "
+            f"ok: {spec} is valid; {total} rows{each}, model {job.spec.model.name} on {job.endpoint_name}, "
             f"concurrency {job.concurrency}; output {job.output_path}. Nothing was sent."
         )
 

@@ -237,6 +237,16 @@ def test_only_the_failed_sample_is_sent_again(make_job, sim: SimulatorThread) ->
     assert out.get_column("agreement").to_list() == [1.0] * len(REVIEWS)
 
 
+def test_validate_says_how_many_requests_the_samples_make(make_job, sim: SimulatorThread) -> None:
+    job = make_job(REVIEWS, output=SAMPLED, model=WARM)
+
+    result = cli("validate", str(job.spec))
+
+    assert result.exit_code == 0
+    assert "4 rows x 3 samples = 12 requests" in " ".join(result.stdout.split())
+    assert sim.stats()["requests"] == 0
+
+
 def test_an_estimate_counts_every_sample(make_job, sim: SimulatorThread) -> None:
     job = make_job(REVIEWS, output=SAMPLED, model=WARM)
 

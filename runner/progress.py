@@ -164,8 +164,9 @@ class RichReporter:
         lat = summary["latency_ms"]
         rows = [
             ("rows", str(summary["rows_total"])),
-            ("reused from earlier runs", str(summary["rows_settled_before"])),
-            ("answered ok / failed", f"{summary['answered_ok']} / {summary['answered_error']}"),
+            *([("samples a row", str(summary["samples_per_row"]))] if summary.get("samples_per_row", 1) > 1 else []),
+            ("rows reused from earlier runs", str(summary["rows_settled_before"])),
+            ("requests answered ok / failed", f"{summary['answered_ok']} / {summary['answered_error']}"),
             ("tokens in / out", f"{tokens['input']} / {tokens['output']}"),
             ("cost", _cost_line(summary["cost"])),
             ("wall time", f"{summary['elapsed_s']:.1f} s ({summary['requests_per_s']} req/s)"),

@@ -158,6 +158,11 @@ def agreement_summary(frame: pl.DataFrame, samples: int, gold: str | None) -> di
         "mean_agreement": round(float(voted.mean()), 4) if voted.len() else None,  # type: ignore[arg-type]
         "unanimous_rows": int((voted == 1.0).sum()),
         "split_rows": int((voted < 1.0).sum()),
+        # rows by how many samples gave the winning answer: "3 of 3", "2 of 3", ...; no valid answer last
+        "agreement_distribution": {
+            **{f"{v} of {samples}": int(((voted * samples).round() == v).sum()) for v in range(samples, 0, -1)},
+            "no answer": agreement.null_count(),
+        },
     }
     if gold is not None:
         for name, rows in (
@@ -184,7 +189,8 @@ def voting_line(voting: dict[str, Any]) -> str:
 
 def html_report(title: str, metrics: dict[str, Any], quality: dict[str, Any]) -> str:
     """A small self-contained HTML page: the headline figures, the confusion matrix drawn as a heat
-    map and the predicted-label distribution drawn as bars (inline SVG, no scripts, no network)."""
+    map, the predicted-label distribution drawn as bars and, for sampled jobs, how many samples agreed
+    (inline SVG, no scripts, no network)."""
     confusion: dict[str, dict[str, int]] = metrics["confusion"]
     golds = list(confusion)
     columns = list(next(iter(confusion.values()))) if confusion else []
@@ -212,20 +218,11 @@ def html_report(title: str, metrics: dict[str, Any], quality: dict[str, Any]) ->
                 f'<text x="{left + j * cell + cell / 2}" y="{y + cell / 2 + 4}" text-anchor="middle">{n}</text>'
             )
     parts.append(f'<text x="4" y="{head + cell * len(golds) + 20}">gold &#8595;</text></svg>')
-    dist: dict[str, int] = metrics["predicted_distribution"]
-    biggest = max([*dist.values(), 1])
-    bars = [
-        f'<svg id="distribution" xmlns="http://www.w3.org/2000/svg" width="520" height="{28 * len(dist) + 10}" '
-        'font-family="sans-serif" font-size="13">'
-    ]
-    for i, (label, n) in enumerate(dist.items()):
-        width = 360 * n / biggest
-        bars.append(
-            f'<text x="100" y="{28 * i + 19}" text-anchor="end">{_esc(label)}</text>'
-            f'<rect x="108" y="{28 * i + 6}" width="{width:.1f}" height="18" fill="rgb(255,127,14)"/>'
-            f'<text x="{114 + width:.1f}" y="{28 * i + 19}">{n}</text>'
+    agreement = ""
+    if "voting" in quality:
+        agreement = "<h2>Samples agreeing with the vote</h2>" + _bars(
+            "agreement", quality["voting"]["agreement_distribution"], "rgb(44,160,44)"
         )
-    bars.append("</svg>")
     rows = "".join(
         f"<tr><td>{_esc(label)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td><td>{m['f1']:.3f}</td>"
         f"<td>{m['support']}</td></tr>"
@@ -244,9 +241,27 @@ truncated {quality.get("truncated", 0)}.</p>
 <h2>Per label</h2><table id="per-label"><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th>
 <th>support</th></tr>{rows}</table>
 <h2>Confusion matrix</h2>{"".join(parts)}
-<h2>Predicted labels</h2>{"".join(bars)}
+<h2>Predicted labels</h2>{_bars("distribution", metrics["predicted_distribution"], "rgb(255,127,14)")}
+{agreement}
 </body></html>
 """
+
+
+def _bars(svg_id: str, counts: dict[str, int], colour: str) -> str:
+    """A horizontal bar chart as inline SVG: one labelled bar per count, the longest 360 px."""
+    biggest = max([*counts.values(), 1])
+    bars = [
+        f'<svg id="{svg_id}" xmlns="http://www.w3.org/2000/svg" width="520" height="{28 * len(counts) + 10}" '
+        'font-family="sans-serif" font-size="13">'
+    ]
+    for i, (label, n) in enumerate(counts.items()):
+        width = 360 * n / biggest
+        bars.append(
+            f'<text x="100" y="{28 * i + 19}" text-anchor="end">{_esc(label)}</text>'
+            f'<rect x="108" y="{28 * i + 6}" width="{width:.1f}" height="18" fill="{colour}"/>'
+            f'<text x="{114 + width:.1f}" y="{28 * i + 19}">{n}</text>'
+        )
+    return "".join(bars) + "</svg>"
 
 
 def _esc(text: object) -> str:

@@ -98,10 +98,15 @@ def test_the_html_report_opens_in_a_browser_and_draws_the_figures(make_job, sim:
         opacity = [float(cells.nth(i).evaluate("el => getComputedStyle(el).fillOpacity")) for i in range(6)]
         assert opacity.index(max(opacity)) == counts.index(max(counts))
 
-        # The label bars are as long as their counts, relative to the longest.
-        bars = page.locator("#distribution rect")
-        widths = [bars.nth(i).bounding_box()["width"] for i in range(bars.count())]
-        shares = list(metrics["predicted_distribution"].values())
-        assert len(widths) == len(shares) == 3
-        for width, share in zip(widths, shares, strict=True):
-            assert width == pytest.approx(max(widths) * share / max(shares), abs=1.0)
+        # The bars are as long as their counts, relative to the longest: predicted labels, and how many
+        # samples agreed with each row's vote (all 3 of 3 here: this simulator never wavers).
+        for chart, counts in (
+            ("#distribution", metrics["predicted_distribution"]),
+            ("#agreement", {"3 of 3": 6, "2 of 3": 0, "1 of 3": 0, "no answer": 0}),
+        ):
+            bars = page.locator(f"{chart} rect")
+            widths = [bars.nth(i).bounding_box()["width"] for i in range(bars.count())]
+            assert len(widths) == len(counts)
+            for width, count in zip(widths, counts.values(), strict=True):
+                assert width == pytest.approx(max(widths) * count / max(counts.values()), abs=1.0)
+        assert page.locator("#agreement text").first.text_content() == "3 of 3"

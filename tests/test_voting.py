@@ -291,6 +291,7 @@ def test_agreement_summary_matches_a_hand_computed_fixture() -> None:
     assert (report["unanimous_rows"], report["split_rows"]) == (2, 2)
     assert report["accuracy_unanimous"] == 1.0  # rows 1 and 3: both right
     assert report["accuracy_split"] == 0.0  # rows 2 and 4: both wrong
+    assert report["agreement_distribution"] == {"3 of 3": 2, "2 of 3": 1, "1 of 3": 1, "no answer": 1}
 
 
 def test_the_report_says_how_the_samples_agreed(make_job, sim: SimulatorThread, tmp_path) -> None:

@@ -97,6 +97,28 @@ def configure_simulator(port: int, **changes: Any) -> None:
     urllib.request.urlopen(request, timeout=5).read()
 
 
+def write_job(folder: Path, port: int, rows: int, run: str, name: str = "bench") -> Path:
+    """An input of `rows` distinct rows and a job spec against the simulator on `port`."""
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    frame = pl.DataFrame(
+        {"id": [f"r{i:08d}" for i in range(rows)], "text": [f"review {i}: the product was fine" for i in range(rows)]}
+    )
+    frame.write_parquet(folder / "data" / "input.parquet")
+    spec = folder / "job.yaml"
+    spec.write_text(
+        f"""version: 1
+name: {name}
+input: {{paths: [data/input.parquet], id_column: id}}
+prompt: {{system: Be brief., template: "Summarise: {{{{ text }}}}"}}
+model: {{name: glm-4.6, endpoint: "http://127.0.0.1:{port}", max_tokens: 64}}
+run: {run}
+output: {{path: out/{name}.parquet}}
+""",
+        encoding="utf-8",
+    )
+    return spec
+
+
 def seed_finished_state(spec: Path, skip_every: int = 0) -> None:
     """Write the durable state a finished run would have left, through Store's API.
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import polars as pl
-from _common import HERE, free_port, measured_run, seed_finished_state, sim_stats, start_simulator
+from _common import HERE, free_port, measured_run, seed_finished_state, sim_stats, start_simulator, write_job
 
 
 def baseline_seconds(input_path: Path, output_path: Path) -> float:
@@ -39,25 +39,9 @@ def main() -> None:
     args = parser.parse_args()
     work = HERE / "out" / "resume"
     shutil.rmtree(work, ignore_errors=True)
-    (work / "data").mkdir(parents=True)
     n = args.rows
-    pl.DataFrame(
-        {"id": [f"r{i:08d}" for i in range(n)], "text": [f"review {i}: the product was fine" for i in range(n)]}
-    ).write_parquet(work / "data" / "input.parquet")
-
     port = args.port or free_port()
-    spec = work / "job.yaml"
-    spec.write_text(
-        f"""version: 1
-name: resume
-input: {{paths: [data/input.parquet], id_column: id}}
-prompt: {{system: Be brief., template: "Summarise: {{{{ text }}}}"}}
-model: {{name: glm-4.6, endpoint: "http://127.0.0.1:{port}", max_tokens: 64}}
-run: {{concurrency: 8}}
-output: {{path: out/resume.parquet}}
-""",
-        encoding="utf-8",
-    )
+    spec = write_job(work, port, n, "{concurrency: 8}", name="resume")
     t0 = time.perf_counter()
     seed_finished_state(spec)
     seed_s = time.perf_counter() - t0

@@ -41,31 +41,10 @@ from _common import (
     seed_finished_state,
     sim_stats,
     start_simulator,
+    write_job,
 )
 
 WORK = HERE / "out" / "throughput"
-
-
-def write_job(folder: Path, port: int, rows: int, run: str, fmt: str = "parquet") -> Path:
-    """An input of `rows` distinct rows and a job spec against the simulator on `port`."""
-    (folder / "data").mkdir(parents=True, exist_ok=True)
-    frame = pl.DataFrame(
-        {"id": [f"r{i:08d}" for i in range(rows)], "text": [f"review {i}: the product was fine" for i in range(rows)]}
-    )
-    frame.write_parquet(folder / "data" / "input.parquet")
-    spec = folder / "job.yaml"
-    spec.write_text(
-        f"""version: 1
-name: bench
-input: {{paths: [data/input.parquet], id_column: id}}
-prompt: {{system: Be brief., template: "Summarise: {{{{ text }}}}"}}
-model: {{name: glm-4.6, endpoint: "http://127.0.0.1:{port}", max_tokens: 64}}
-run: {run}
-output: {{path: out/bench.{fmt}}}
-""",
-        encoding="utf-8",
-    )
-    return spec
 
 
 def answering_rate(spec: Path) -> tuple[float, float, float]:

@@ -280,8 +280,8 @@ async def _pending_requests(
             rows.append(builder.samples_of(request))
         key_series = pl.Series(KEY, keys, dtype=pl.String)
         store.add_rows(frame.select(ROW, ID, *source.keep_columns).with_columns(key_series))
-        wanted = [r for requests in rows for r in requests]
-        settled_now = iter(settled.contains(pl.Series(KEY, [r.key for r in wanted], dtype=pl.String)).to_list())
+        wanted = pl.Series(KEY, [r.key for requests in rows for r in requests], dtype=pl.String)
+        settled_now = iter(settled.contains(wanted).to_list())
         positions = frame.get_column(ROW).to_list()
         tally.rows_seen += frame.height
         for position, requests in zip(positions, rows, strict=True):

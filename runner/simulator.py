@@ -195,9 +195,15 @@ def prompt_text(body: dict[str, Any]) -> str:
 
 def count_tokens(text: str, scale: float = 1.0) -> int:
     """The simulator's tokenizer: about 4 Latin characters a token, 0.7 tokens per CJK character."""
-    cjk = sum(1 for ch in text if unicodedata.east_asian_width(ch) in ("W", "F"))
+    # ASCII holds no wide character (and every request is counted, some twice: skip the scan for it).
+    cjk = 0 if text.isascii() else sum(1 for ch in text if unicodedata.east_asian_width(ch) in ("W", "F"))
     latin = len(text) - cjk
     return max(1, round((latin / 4 + cjk * 0.7) * scale))
+
+
+def _share(text: str) -> float:
+    """A number in [0, 1] fixed by `text`: how the simulator picks which prompts a rate applies to."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
 
 
 def _text_of(content: Any) -> str:
@@ -463,14 +469,13 @@ class Simulator:
         with self._lock:
             repeat = self._stats.asked[key]
             self._stats.asked[key] += 1
-        share = int(hashlib.sha256(f"sample{repeat}{prompt}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        share = _share(f"sample{repeat}{prompt}")
         rate = cfg.sample_disagreement if lexicon_score(prompt) else min(0.5, 2 * cfg.sample_disagreement)
         return repeat + 1 if share < rate else 0
 
     def _invalid(self, prompt: str, turn: int) -> bool:
         cfg = self.config
-        share = int(hashlib.sha256(b"invalid" + prompt.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        return share < cfg.invalid_rate and turn <= cfg.invalid_turns
+        return _share(f"invalid{prompt}") < cfg.invalid_rate and turn <= cfg.invalid_turns
 
     async def _stream(
         self, request: web.Request, message: dict[str, Any], prompt_key: str, *, fail_midway: bool

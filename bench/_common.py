@@ -16,12 +16,12 @@ from typing import Any
 
 import polars as pl
 
-from runner.inputs import ID, ROW, open_input
-from runner.prompts import RequestBuilder
+from runner.job.inputs import ID, ROW, open_input
+from runner.job.prompts import RequestBuilder
+from runner.job.resolve import load_job
 from runner.records import KEY, Result
-from runner.simulator import answer_for, prompt_text
-from runner.spec import load_job
-from runner.store import Store
+from runner.state.store import Store
+from runner.testing.simulator import answer_for, prompt_text
 
 HERE = Path(__file__).resolve().parent
 

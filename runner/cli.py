@@ -22,12 +22,12 @@ from rich.console import Console
 from rich.table import Table
 
 from runner.errors import GlmBatchError, UsageError
-from runner.inputs import open_input
-from runner.progress import LogFormat, make_reporter
-from runner.prompts import RequestBuilder
-from runner.spec import Job, load_job
-from runner.store import Store
-from runner.templates import RenderError
+from runner.job.inputs import open_input
+from runner.job.prompts import RequestBuilder
+from runner.job.resolve import Job, load_job
+from runner.job.templates import RenderError
+from runner.observe.progress import LogFormat, make_reporter
+from runner.state.store import Store
 
 app = typer.Typer(
     add_completion=False,
@@ -128,7 +128,7 @@ def estimate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Estimate a job's tokens, cost and wall time. Sends nothing unless --exact or --pilot asks."""
-    from runner.estimate import EstimateOptions, estimate_job
+    from runner.money.estimate import EstimateOptions, estimate_job
 
     def go() -> None:
         job = _load(spec, set_, limit)
@@ -213,7 +213,7 @@ def usage(
     since: Annotated[str | None, typer.Option("--since", help="Only days from this date (YYYY-MM-DD).")] = None,
 ) -> None:
     """Summarise spend and tokens from the usage ledger, by job, model and day."""
-    from runner import ledger
+    from runner.money import ledger
 
     def go() -> None:
         keys = [k.strip() for k in by.split(",") if k.strip()]
@@ -249,7 +249,7 @@ def report(
     set_: SetOpt = None,
 ) -> None:
     """Print the quality of a finished labeling run against its gold labels (and draw it as HTML)."""
-    from runner import quality
+    from runner.observe import quality
 
     def go() -> None:
         if target.suffix == ".parquet":
@@ -392,7 +392,7 @@ def simulate(
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Run the Zhipu endpoint simulator standalone on 127.0.0.1 until interrupted."""
-    from runner.simulator import SimConfig, serve_forever
+    from runner.testing.simulator import SimConfig, serve_forever
 
     config = SimConfig(
         latency_s=latency, latency_jitter_s=jitter, concurrency_cap=cap, fault_rate=fault_rate, seed=seed

@@ -27,22 +27,23 @@ from typing import Any
 
 import polars as pl
 
-from runner import ledger, quality
-from runner.accounting import Accountant, Tally
-from runner.client import STREAM_FROM_MAX_TOKENS, Client
 from runner.errors import BudgetExhausted
-from runner.executor import Control, OnlineExecutor
-from runner.inputs import ID, ROW, InputSource, open_input
-from runner.limits import AimdController, Limits
-from runner.pricing import Budget, price_table, require_prices
-from runner.progress import Reporter
-from runner.prompts import RequestBuilder, sample_key
+from runner.job.inputs import ID, ROW, InputSource, open_input
+from runner.job.prompts import RequestBuilder, sample_key
+from runner.job.resolve import Job
+from runner.job.templates import RenderError
+from runner.money import ledger
+from runner.money.accounting import Accountant, Tally
+from runner.money.pricing import Budget, price_table, require_prices
+from runner.observe import quality
+from runner.observe.progress import Reporter
 from runner.records import KEY, Request, Result
-from runner.retries import overload, wait_backoff
-from runner.simulator import SimConfig, SimulatorThread
-from runner.spec import Job
-from runner.store import SettledKeys, Store, write_json_atomic
-from runner.templates import RenderError
+from runner.send.client import STREAM_FROM_MAX_TOKENS, Client
+from runner.send.limits import AimdController, Limits
+from runner.send.online import Control, OnlineExecutor
+from runner.send.retries import overload, wait_backoff
+from runner.state.store import SettledKeys, Store, write_json_atomic
+from runner.testing.simulator import SimConfig, SimulatorThread
 
 RENDER_BATCH_ROWS = 2000  # rows rendered per step; small enough not to stall responses for long
 

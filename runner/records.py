@@ -1,4 +1,5 @@
-"""The records that flow through a run: a Request goes out, a Result comes back and is stored.
+"""The records that flow through a run: a Request goes out, an Answer comes back (from any wire),
+and a Result is stored.
 
 RESULT_SCHEMA is the stored and output form of a Result; every part file and the final output use it.
 """
@@ -21,6 +22,29 @@ class Request:
 
     key: str
     params: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A model's answer, whatever wire brought it: the parts a run keeps.
+
+    `content` holds the answer's blocks in Messages API request form, so a repair turn can continue
+    the conversation; a transport with another wire (the Batch API's chat completions) fills it the
+    same way."""
+
+    text: str
+    thinking: str | None
+    stop_reason: str | None
+    input_tokens: int
+    output_tokens: int
+    cache_read_input_tokens: int | None
+    cache_creation_input_tokens: int | None
+    request_id: str | None
+    model: str | None
+    thinking_tokens: int = 0  # part of output_tokens; reported by the endpoint, else estimated from the text
+    tool_input: Any = None  # the input of the first tool call, if the model made one
+    tool_use_id: str | None = None
+    content: tuple[dict[str, Any], ...] = ()  # the answer's blocks in request form, to continue the turn
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """Shared fixtures: a real simulator on loopback, a job factory, and a way to call the real CLI.
 
 Nothing here mocks the SDK or the engine: every test sends real HTTP through `anthropic.AsyncAnthropic`
-to `runner.simulator` on 127.0.0.1.
+to `runner.testing.simulator` on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from runner.cli import app
-from runner.simulator import SimConfig, SimulatorThread
+from runner.testing.simulator import SimConfig, SimulatorThread
 
 API_KEY = "test-key-0123456789abcdef.SECRETVALUE42"
 

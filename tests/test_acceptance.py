@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
-from runner.simulator import RETRYABLE_FAULTS, SimulatorThread, answer_for
+from runner.testing.simulator import RETRYABLE_FAULTS, SimulatorThread, answer_for
 from tests.conftest import API_KEY, sample_rows
 
 

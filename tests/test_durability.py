@@ -15,8 +15,8 @@ import polars as pl
 import pytest
 
 from runner.records import Result, result_to_json
-from runner.simulator import SimulatorThread, answer_for
-from runner.store import Store
+from runner.state.store import Store
+from runner.testing.simulator import SimulatorThread, answer_for
 from tests.conftest import cli, sample_rows, write_csv
 
 
@@ -174,7 +174,7 @@ def test_a_daily_output_path_still_reuses_yesterdays_answers(make_job, sim: Simu
     # Tomorrow's run writes a new file but finds the same state directory.
     import datetime as dt
 
-    from runner.spec import load_job
+    from runner.job.resolve import load_job
 
     today = load_job(job.spec)
     tomorrow = load_job(job.spec, today=dt.date.today() + dt.timedelta(days=1))
@@ -214,7 +214,7 @@ def test_transient_failures_are_resent_but_permanent_ones_only_when_asked(make_j
 
 def test_a_second_run_of_the_same_job_is_refused_while_the_first_holds_the_lock(make_job, sim) -> None:
     job = make_job(sample_rows(5))
-    from runner.spec import load_job
+    from runner.job.resolve import load_job
 
     holder = Store(load_job(job.spec).state_dir, job.output, run_id="other")
     holder.open()
@@ -231,7 +231,7 @@ def test_a_second_run_of_the_same_job_is_refused_while_the_first_holds_the_lock(
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(make_job, sim) -> None:
     job = make_job(sample_rows(5))
-    from runner.spec import load_job
+    from runner.job.resolve import load_job
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     state = load_job(job.spec).state_dir
@@ -248,7 +248,7 @@ def test_a_torn_part_file_is_detected_and_its_rows_redone(make_job, sim: Simulat
     rows = sample_rows(12)
     job = make_job(rows)
     assert cli("run", str(job.spec)).exit_code == 0
-    from runner.spec import load_job
+    from runner.job.resolve import load_job
 
     parts = sorted((load_job(job.spec).state_dir / "results").glob("*.parquet"))
     assert len(parts) == 1
@@ -340,7 +340,7 @@ def test_an_unchanged_rerun_leaves_the_output_alone_and_rebuilds_a_missing_one(m
 
 def test_status_names_a_running_job_without_touching_its_lock(make_job, sim) -> None:
     job = make_job(sample_rows(3))
-    from runner.spec import load_job
+    from runner.job.resolve import load_job
 
     holder = Store(load_job(job.spec).state_dir, job.output, run_id="other")
     holder.open()

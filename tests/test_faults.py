@@ -8,12 +8,12 @@ import json
 import polars as pl
 import pytest
 
-from runner.client import Client
-from runner.executor import Control, OnlineExecutor
-from runner.limits import Limits
 from runner.records import Request, Result
-from runner.retries import wait_backoff
-from runner.simulator import SimulatorThread
+from runner.send.client import Client
+from runner.send.limits import Limits
+from runner.send.online import Control, OnlineExecutor
+from runner.send.retries import wait_backoff
+from runner.testing.simulator import SimulatorThread
 from tests.conftest import API_KEY, cli, sample_rows
 
 RETRYABLE = {

@@ -8,9 +8,9 @@ from html.parser import HTMLParser
 import polars as pl
 import pytest
 
-from runner.quality import html_report, label_metrics
-from runner.simulator import SimulatorThread
-from runner.structured import extract_json
+from runner.job.structured import extract_json
+from runner.observe.quality import html_report, label_metrics
+from runner.testing.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows
 
 REVIEWS = [

@@ -8,8 +8,8 @@ import statistics
 import polars as pl
 import pytest
 
-from runner.limits import AimdController
-from runner.simulator import SimulatorThread
+from runner.send.limits import AimdController
+from runner.testing.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows
 
 
@@ -146,7 +146,7 @@ def test_a_fixed_concurrency_is_never_exceeded(make_job, sim: SimulatorThread) -
 
 
 async def test_the_token_bucket_is_charged_the_tokens_an_answer_really_used() -> None:
-    from runner.limits import Limits
+    from runner.send.limits import Limits
 
     # 600 tokens a minute: a bucket of 10 tokens a second. The estimate says 2, the answer used 10.
     limits = Limits(concurrency=1, requests_per_minute=None, tokens_per_minute=600, expected_output_tokens=0)
@@ -159,7 +159,7 @@ async def test_the_token_bucket_is_charged_the_tokens_an_answer_really_used() ->
 
 
 async def test_the_token_charge_learns_the_mean_answer_length() -> None:
-    from runner.limits import Limits
+    from runner.send.limits import Limits
 
     limits = Limits(concurrency=1, requests_per_minute=None, tokens_per_minute=60_000, expected_output_tokens=500)
     for used in (110, 130):  # input 10 each: answers of 100 and 120 tokens

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from runner.simulator import SimulatorThread
+from runner.testing.simulator import SimulatorThread
 from tests.conftest import cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
-from runner.simulator import SimulatorThread, answer_for
+from runner.testing.simulator import SimulatorThread, answer_for
 from tests.conftest import cli, sample_rows
 
 

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.inputs import ROW
-from runner.quality import agreement_summary
+from runner.job.inputs import ROW
+from runner.observe.quality import agreement_summary
+from runner.output.voting import SAMPLE, expand, vote
 from runner.records import KEY, RESULT_SCHEMA
-from runner.simulator import SimulatorThread
-from runner.voting import SAMPLE, expand, vote
+from runner.testing.simulator import SimulatorThread
 from tests.conftest import cli
 
 REVIEWS = [

@@ -33,9 +33,9 @@ from typing import Any
 
 import polars as pl
 
-from runner import voting
 from runner.errors import LockHeld
-from runner.inputs import ID, ROW
+from runner.job.inputs import ID, ROW
+from runner.output import voting
 from runner.records import KEY, RESULT_SCHEMA, Result, result_from_json, result_to_json, results_frame
 
 ROW_MAP_FILE_ROWS = 100_000  # rows per row-map file: few files, bounded memory

@@ -1,10 +1,11 @@
-"""The job spec: what a YAML file in jobs/ may say, validated strictly, then resolved against the catalogue.
+"""Resolve a job spec: read the YAML, validate it, and turn it into a plain, picklable `Job`.
 
     job = load_job(Path("jobs/demo.yaml"), overrides=["run.concurrency=4"])
 
 Relative paths in a spec resolve against the spec file's directory, so a cron job run from any working
 directory reads and writes the same files. Errors name the file and the key path:
-``jobs/x.yaml: run.concurrency: Input should be greater than 0``.
+``jobs/x.yaml: run.concurrency: Input should be greater than 0``. A `Job` holds no open file, compiled
+template or client: it pickles, so it can be handed to another process or a cluster worker.
 """
 
 from __future__ import annotations
@@ -14,184 +15,18 @@ import glob
 import hashlib
 import json
 import os
-import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
-from runner import catalog
 from runner.errors import UsageError
-from runner.structured import AnswerShape
-from runner.templates import Template, compile_template
-
-PositiveInt = Annotated[int, Field(gt=0)]
-SIMULATOR_TOKENIZER_PATH = "/api/paas/v4/tokenizer"  # where a URL endpoint (the simulator) counts tokens
-PositiveFloat = Annotated[float, Field(gt=0)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class InputSpec(_Strict):
-    """Which rows to read: Parquet or CSV files (globs allowed), the id column, the columns to use."""
-
-    paths: list[str] = Field(min_length=1)
-    id_column: str | None = None
-    columns: list[str] | None = None
-    limit: PositiveInt | None = None
-
-    @field_validator("paths", mode="before")
-    @classmethod
-    def _one_path_is_a_list(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-
-class PromptSpec(_Strict):
-    """The prompt: an optional system prompt and exactly one of an inline template or a template file."""
-
-    system: str | None = None
-    template: str | None = None
-    template_file: str | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one_template(self) -> PromptSpec:
-        if (self.template is None) == (self.template_file is None):
-            raise ValueError("give exactly one of prompt.template or prompt.template_file")
-        return self
-
-
-class ThinkingSpec(_Strict):
-    """Extended thinking: on with a token budget, or off (GLM-4.5/4.6 are hybrid; 4.7+ always think)."""
-
-    type: Literal["enabled", "disabled"]
-    budget_tokens: PositiveInt | None = None
-
-
-class PriceOverride(_Strict):
-    """Prices per million tokens that replace the catalogue's for this job (one tier)."""
-
-    input: Annotated[float, Field(ge=0)]
-    output: Annotated[float, Field(ge=0)]
-    cached_input: Annotated[float, Field(ge=0)] | None = None  # default: the input price
-
-
-class ModelSpec(_Strict):
-    """Which model, where, and how it samples."""
-
-    name: str
-    endpoint: str = "zhipu"
-    max_tokens: PositiveInt
-    temperature: Annotated[float, Field(ge=0, le=1)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: PositiveInt | None = None
-    stop_sequences: list[str] | None = None
-    thinking: ThinkingSpec | None = None
-    # auto: stream only when max_tokens is large enough to trip the SDK's non-streaming guard.
-    stream: bool | Literal["auto"] = "auto"
-    prices: PriceOverride | None = None  # in the endpoint's currency; default: configs/models.yaml
-
-
-class RunSpec(_Strict):
-    """How hard to push the endpoint and how long to keep trying."""
-
-    # A number, or "auto" to find and track the endpoint's real limit (up to max_concurrency).
-    # None: the model's default from the catalogue.
-    concurrency: PositiveInt | Literal["auto"] | None = None
-    max_concurrency: PositiveInt = 64
-    requests_per_minute: PositiveFloat | None = None
-    tokens_per_minute: PositiveFloat | None = None
-    max_attempts: PositiveInt = 6
-    timeout_s: PositiveFloat = 600.0
-    backoff_initial_s: PositiveFloat = 0.5  # full-jitter exponential backoff between attempts...
-    backoff_max_s: PositiveFloat = 30.0  # ...capped here; a longer retry-after is capped here too
-    checkpoint_rows: PositiveInt = 1000
-    checkpoint_seconds: PositiveFloat = 2.0
-    max_cost: PositiveFloat | None = None  # per run, in the endpoint's currency (CNY or USD)
-    grace_s: Annotated[float, Field(ge=0)] = 30.0  # on SIGINT/SIGTERM, how long in-flight requests may finish
-
-
-class OutputSpec(_Strict):
-    """Where results go (a Parquet path, may use {name} and {run_date}), which input columns to keep,
-    and, for labeling, the structure answers must have: labels, a JSON Schema, or any JSON."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    path: str
-    keep_columns: list[str] = Field(default_factory=list)
-    state_dir: str | None = None
-    labels: list[str] | None = None  # one categorical label (a list of them with multi: true)
-    multi: bool = False
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # a JSON Schema object
-    parse: Literal["json"] | None = None  # any JSON object, unvalidated beyond parsing
-    mode: Literal["tool", "text"] = "tool"  # a forced tool call, or JSON extracted from the text
-    max_repairs: Annotated[int, Field(ge=0)] = 2
-    # Ask each row this many times and keep the majority answer, with the share that agreed.
-    samples: Annotated[int, Field(ge=1, le=15)] = 1
-
-    @model_validator(mode="after")
-    def _one_structure(self) -> OutputSpec:
-        if sum(x is not None for x in (self.labels, self.schema_, self.parse)) > 1:
-            raise ValueError("give at most one of output.labels, output.schema, output.parse")
-        if self.samples > 1 and self.labels is None and self.schema_ is None and self.parse is None:
-            raise ValueError(
-                "samples above 1 vote between structured answers; add output.labels, output.schema "
-                "or output.parse: json"
-            )
-        return self
-
-    @field_validator("path")
-    @classmethod
-    def _known_placeholders(cls, v: str) -> str:
-        fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
-        unknown = fields - {"name", "run_date"}
-        if unknown:
-            raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}}; use {{name}} or {{run_date}}")
-        return v
-
-
-class EvalSpec(_Strict):
-    """Quality against known answers: the input column holding the gold label (for `labels:` jobs),
-    and/or, for `schema:` jobs, a gold input column per answer field (per-field exact match)."""
-
-    gold_column: str | None = None
-    gold_fields: dict[str, str] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _something_to_compare(self) -> EvalSpec:
-        if self.gold_column is None and not self.gold_fields:
-            raise ValueError("give eval.gold_column or eval.gold_fields")
-        return self
-
-
-class SimulatorSpec(_Strict):
-    """How the built-in simulator behaves when `model.endpoint: simulator` (demos and tests only)."""
-
-    latency_s: Annotated[float, Field(ge=0)] = 0.0
-    latency_jitter_s: Annotated[float, Field(ge=0)] = 0.0
-    concurrency_cap: PositiveInt | None = None
-    fault_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
-    invalid_rate: Annotated[float, Field(ge=0, le=1)] = 0.0  # structured answers broken on the first try
-    sample_disagreement: Annotated[float, Field(ge=0, le=1)] = 0.0  # repeats of a prompt answered otherwise
-    seed: int = 0
-
-
-class JobSpec(_Strict):
-    """A whole job file (`version: 1`)."""
-
-    version: Literal[1]
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] | None = None
-    description: str | None = None
-    input: InputSpec
-    prompt: PromptSpec
-    model: ModelSpec
-    run: RunSpec = RunSpec()
-    output: OutputSpec
-    eval: EvalSpec | None = None
-    simulator: SimulatorSpec = SimulatorSpec()
+from runner.job import catalog
+from runner.job.spec import JobSpec
+from runner.job.structured import AnswerShape
+from runner.job.templates import Template, compile_template
 
 
 @dataclass(frozen=True)
@@ -208,7 +43,7 @@ class Job:
     base_url: str | None  # None: start the in-process simulator
     currency: str
     key_env: tuple[str, ...]
-    tokenizer_url: str | None  # None with the in-process simulator: its URL is known once it runs
+    native_url: str | None  # Zhipu's own API (/api/paas/v4: tokenizer, files, batches); None: the simulator's
     shape: AnswerShape | None  # the structure answers must have (labels, schema, JSON), or None for text
     model: catalog.ModelInfo
     concurrency: int  # the fixed limit, or where `auto` starts
@@ -301,13 +136,13 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
     if spec.model.endpoint in endpoints:
         ep = endpoints[spec.model.endpoint]
         base_url, currency, key_env = ep.base_url, ep.currency, tuple(ep.key_env)
-        tokenizer_url = ep.tokenizer_url
+        native_url = ep.native_url
     elif spec.model.endpoint.startswith(("http://", "https://")):
         # A literal URL: a proxy or a local simulator. Bill in CNY unless it is z.ai's host.
         base_url = spec.model.endpoint.rstrip("/")
         currency = "USD" if "z.ai" in base_url else "CNY"
         key_env = tuple(catalog.endpoints()["zhipu"].key_env)
-        tokenizer_url = f"{base_url}{SIMULATOR_TOKENIZER_PATH}"
+        native_url = spec.model.native_endpoint or catalog.native_url_beside(base_url)
     else:
         known = ", ".join(sorted(endpoints))
         raise UsageError(f"{where}: model.endpoint: unknown endpoint {spec.model.endpoint!r}; use {known} or a URL")
@@ -368,7 +203,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
         base_url=base_url,
         currency=currency,
         key_env=key_env,
-        tokenizer_url=tokenizer_url,
+        native_url=native_url,
         shape=AnswerShape.from_spec(spec.output, where),
         model=info,
         concurrency=(

@@ -38,7 +38,7 @@ from typing import Any
 
 from aiohttp import web
 
-from runner import catalog
+from runner.job import catalog
 
 FAULTS = (
     "429_1302", "429_1305", "429_1113", "429_1308", "500", "529", "drop", "slow", "stream_error", "200_error",
@@ -110,7 +110,7 @@ class SimConfig:
     seed: int = 0
 
 
-TEXT_SCHEMA_MARKER = "matches this JSON Schema:"  # what runner.structured's text mode says
+TEXT_SCHEMA_MARKER = "matches this JSON Schema:"  # what runner.job.structured's text mode says
 POSITIVE = frozenset(
     [
         "good",

@@ -3,44 +3,25 @@
     client = Client(base_url, api_key, timeout_s=600, stream=False)
     answer = await client.send(request.params)
 
-The SDK client is built with `max_retries=0` (retries are tenacity's alone, in runner.retries) and the
+The SDK client is built with `max_retries=0` (retries are tenacity's alone, in runner.send.retries) and the
 aiohttp transport, which costs about a third of the CPU per request of the default one. The key goes out
 both as `Authorization: Bearer` (what SDK 2.x sends) and as `x-api-key` (what Zhipu documents).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import anthropic
 from anthropic.types import Message
 
-from runner.retries import BadResponse
-from runner.tokens import estimate_text
+from runner.money.tokens import estimate_text
+from runner.records import Answer
+from runner.send.retries import BadResponse
 
 # The SDK refuses non-streaming calls it expects to run past 10 minutes (max_tokens >= 21334) unless
 # a timeout is given; we always give one, and stream from this size up when the spec says "auto".
 STREAM_FROM_MAX_TOKENS = 21334
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """The parts of a model's answer that a run keeps."""
-
-    text: str
-    thinking: str | None
-    stop_reason: str | None
-    input_tokens: int
-    output_tokens: int
-    cache_read_input_tokens: int | None
-    cache_creation_input_tokens: int | None
-    request_id: str | None
-    model: str | None
-    thinking_tokens: int = 0  # part of output_tokens; reported by the endpoint, else estimated from the text
-    tool_input: Any = None  # the input of the first tool call, if the model made one
-    tool_use_id: str | None = None
-    content: tuple[dict[str, Any], ...] = ()  # the answer's blocks in request form, to continue the turn
 
 
 class Client:

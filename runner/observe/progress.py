@@ -20,10 +20,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from runner.accounting import Tally
-    from runner.executor import Control
-    from runner.limits import Limits
-    from runner.spec import Job
+    from runner.job.resolve import Job
+    from runner.money.accounting import Tally
+    from runner.send.limits import Limits
+    from runner.send.online import Control
 
 LogFormat = Literal["auto", "rich", "json", "text"]
 

@@ -8,7 +8,6 @@ tpl.render({"text": "Great."})
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import jinja2
@@ -30,14 +29,30 @@ class RenderError(ValueError):
     The message names the underlying error: `TypeError: unsupported operand ...`."""
 
 
-@dataclass(frozen=True)
 class Template:
-    """A compiled prompt template and the variables it reads."""
+    """A prompt template: its source, the variables it reads, and (compiled on first use) its code.
 
-    source: str
-    variables: frozenset[str]
-    _compiled: jinja2.Template
-    _globals: dict[str, Any]
+    Only the source travels when a job is pickled for another process or a cluster worker; each
+    process compiles it once, the first time it renders.
+    """
+
+    __slots__ = ("_compiled", "_globals", "origin", "source", "variables")
+
+    def __init__(self, source: str, origin: str, variables: frozenset[str]) -> None:
+        self.source = source
+        self.origin = origin
+        self.variables = variables
+        self._compiled: jinja2.Template | None = None
+        self._globals: dict[str, Any] = {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Template, (self.source, self.origin, self.variables))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Template) and (self.source, self.origin) == (other.source, other.origin)
+
+    def __hash__(self) -> int:
+        return hash((self.source, self.origin))
 
     def render(self, row: Mapping[str, Any]) -> str:
         """Render for one row; raises RenderError naming what the template raised (UndefinedError,
@@ -48,20 +63,23 @@ class Template:
         which was most of the cost of resuming a million-row job. Here the globals are flattened once
         and the row is layered on top: the same context `render` builds, without the copies.
         """
-        context = new_context(_ENV, self._compiled.name, self._compiled.blocks, {**self._globals, **row}, shared=True)
+        compiled = self._compiled
+        if compiled is None:
+            compiled = self._compiled = _ENV.from_string(self.source)
+            self._globals = dict(compiled.globals)
+        context = new_context(_ENV, compiled.name, compiled.blocks, {**self._globals, **row}, shared=True)
         try:
-            return str(_ENV.concat(self._compiled.root_render_func(context)))
+            return str(_ENV.concat(compiled.root_render_func(context)))
         except Exception as exc:  # anything user code in a template raises is that row's failure
             raise RenderError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def compile_template(source: str, *, origin: str) -> Template:
-    """Compile `source`, naming `origin` (file and key) in the error if its syntax is wrong."""
+    """Check `source` parses, naming `origin` (file and key) in the error if its syntax is wrong."""
     try:
         ast = _ENV.parse(source)
-        compiled = _ENV.from_string(source)
     except jinja2.TemplateSyntaxError as exc:
         raise UsageError(
             f"{origin}: template syntax error on line {exc.lineno}: {exc.message}; fix the Jinja2 template"
         ) from exc
-    return Template(source, frozenset(meta.find_undeclared_variables(ast)), compiled, dict(compiled.globals))
+    return Template(source, origin, frozenset(meta.find_undeclared_variables(ast)))

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from runner.inputs import ROW
-from runner.prompts import SAMPLE_MARK
+from runner.job.inputs import ROW
+from runner.job.prompts import SAMPLE_MARK
 from runner.records import KEY
 
 SAMPLE = "_sample"

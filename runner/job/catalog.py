@@ -23,9 +23,20 @@ class Endpoint(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     base_url: str | None  # None = the in-process simulator
-    tokenizer_url: str | None = None
+    native_url: str | None = None  # Zhipu's native API base (/api/paas/v4): tokenizer, files, batches
     currency: str
     key_env: list[str] = Field(default_factory=list)
+
+
+NATIVE_PATH = "/api/paas/v4"
+ANTHROPIC_PATH = "/api/anthropic"
+
+
+def native_url_beside(base_url: str) -> str:
+    """Zhipu's native API for an Anthropic-compatible URL: `/api/paas/v4` on the same host, in place of
+    `/api/anthropic` (or under the URL itself, which is where the simulator serves it)."""
+    base = base_url.rstrip("/")
+    return (base.removesuffix(ANTHROPIC_PATH) if base.endswith(ANTHROPIC_PATH) else base) + NATIVE_PATH
 
 
 class PriceTier(BaseModel):
@@ -65,8 +76,9 @@ def configs_dir() -> Path:
     override = os.environ.get("GLM_BATCH_CONFIGS")
     if override:
         return Path(override)
-    packaged = Path(__file__).parent / "configs"
-    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "configs"
+    package = Path(__file__).parent.parent  # runner/
+    packaged = package / "configs"
+    return packaged if packaged.is_dir() else package.parent / "configs"
 
 
 def _load_yaml(name: str) -> dict[str, Any]:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runner.catalog import CurrencyPrices, PriceTier
 from runner.errors import UsageError
-from runner.spec import Job
+from runner.job.catalog import CurrencyPrices, PriceTier
+from runner.job.resolve import Job
 
 PER_TOKENS = 1_000_000
 

@@ -21,8 +21,8 @@ from typing import Any, Literal
 import jsonschema
 import polars as pl
 
-from runner.client import Answer
 from runner.errors import UsageError
+from runner.records import Answer
 
 TOOL_NAME = "record_answer"
 TEXT_INSTRUCTION = "Reply with only a JSON object that matches this JSON Schema:"

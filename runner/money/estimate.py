@@ -24,18 +24,19 @@ from typing import Any
 import aiohttp
 import polars as pl
 
-from runner import ledger
 from runner.engine import RunOptions, endpoint_url, run_job
 from runner.errors import EndpointAborted, UsageError
-from runner.inputs import ID, ROW, open_input
-from runner.pricing import PriceTable, require_prices, tier_label
-from runner.progress import Reporter
-from runner.prompts import RequestBuilder
+from runner.job import catalog
+from runner.job.inputs import ID, ROW, open_input
+from runner.job.prompts import RequestBuilder
+from runner.job.resolve import Job
+from runner.job.templates import RenderError
+from runner.money import ledger
+from runner.money.pricing import PriceTable, require_prices, tier_label
+from runner.money.tokens import Calibration, estimate_request
+from runner.observe.progress import Reporter
 from runner.records import KEY, RESULT_SCHEMA, Request
-from runner.spec import SIMULATOR_TOKENIZER_PATH, Job
-from runner.store import Store
-from runner.templates import RenderError
-from runner.tokens import Calibration, estimate_request
+from runner.state.store import Store
 
 EXACT_SAMPLE = 200  # requests counted by the tokenizer API with --exact
 ASSUMED_LATENCY_S = 5.0  # per request, when no run has measured one
@@ -177,7 +178,7 @@ async def _tokenizer_calibration(job: Job, api_key: str, sample: list[Request]) 
             return int(data["usage"]["prompt_tokens"])
 
     with endpoint_url(job) as base_url:
-        url = job.tokenizer_url or f"{base_url}{SIMULATOR_TOKENIZER_PATH}"
+        url = (job.native_url or catalog.native_url_beside(base_url)) + "/tokenizer"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             exact = await asyncio.gather(*(count(session, url, r) for r in sample))
     estimated = sum(estimate_request(r.params) for r in sample)

@@ -19,10 +19,10 @@ from typing import Any
 import polars as pl
 
 from runner.errors import UsageError
-from runner.spec import Job
-from runner.store import OUTPUT_COLUMNS
-from runner.structured import AnswerShape
-from runner.voting import SAMPLE_ANSWERS, VOTE_COLUMNS
+from runner.job.resolve import Job
+from runner.job.structured import AnswerShape
+from runner.output.voting import SAMPLE_ANSWERS, VOTE_COLUMNS
+from runner.state.store import OUTPUT_COLUMNS
 
 INVALID = "(invalid)"
 

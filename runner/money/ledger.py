@@ -14,8 +14,8 @@ from pathlib import Path
 
 import polars as pl
 
-from runner.store import write_atomic
-from runner.tokens import Calibration
+from runner.money.tokens import Calibration
+from runner.state.store import write_atomic
 
 LEDGER_SCHEMA: dict[str, pl.DataType] = {
     "day": pl.Date(),

@@ -17,9 +17,9 @@ import json
 from typing import Any
 
 from runner.errors import UsageError
+from runner.job.resolve import Job
+from runner.job.templates import RenderError
 from runner.records import Request
-from runner.spec import Job
-from runner.templates import RenderError
 
 SAMPLE_MARK = "-s"
 
@@ -60,6 +60,10 @@ class RequestBuilder:
         # so is the structure asked for (a changed schema is a changed request).
         salt = json.dumps({"endpoint": job.base_url or job.endpoint_name, "shape": shape, **fixed}, sort_keys=True)
         self._salt = hashlib.sha256(salt.encode())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A hash object does not pickle; a worker rebuilds the builder from the (picklable) job.
+        return (RequestBuilder, (self._job,))
 
     def build(self, row: dict[str, Any]) -> Request:
         """The request for one row (a mapping of column name to value)."""

@@ -17,12 +17,11 @@ from typing import Any, Protocol
 
 from tenacity import RetryCallState
 
-from runner.client import Answer
 from runner.errors import EndpointAborted
-from runner.limits import Limits
-from runner.records import Request, Result
-from runner.retries import Verdict, classify, error_message, error_type, retrying, wait_backoff
-from runner.structured import AnswerShape, Unusable
+from runner.job.structured import AnswerShape, Unusable
+from runner.records import Answer, Request, Result
+from runner.send.limits import Limits
+from runner.send.retries import Verdict, classify, error_message, error_type, retrying, wait_backoff
 
 Sink = Callable[[Result], None]
 
@@ -56,7 +55,7 @@ class Executor(Protocol):
 
 
 class Sender(Protocol):
-    """What the online executor needs of a client (runner.client.Client)."""
+    """What the online executor needs of a client (runner.send.client.Client)."""
 
     async def send(self, params: dict[str, object]) -> Answer: ...
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from runner.errors import UsageError
-from runner.spec import Job
+from runner.job.resolve import Job
 
 ROW = "_row"
 ID = "_id"

@@ -13,9 +13,9 @@ from array import array
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from runner.pricing import Budget, PriceTable, tier_label
+from runner.money.pricing import Budget, PriceTable, tier_label
+from runner.money.tokens import Calibration, estimate_request
 from runner.records import Request, Result
-from runner.tokens import Calibration, estimate_request
 
 
 def percentile(values: array[float], q: float) -> float | None:

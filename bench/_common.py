@@ -19,6 +19,8 @@ import polars as pl
 from runner.job.inputs import ID, ROW, open_input
 from runner.job.prompts import RequestBuilder
 from runner.job.resolve import load_job
+from runner.output.assemble import OutputShape, finalize
+from runner.output.sinks import ParquetSink
 from runner.records import KEY, Result
 from runner.state.store import Store
 from runner.testing.simulator import answer_for, prompt_text
@@ -127,7 +129,7 @@ def seed_finished_state(spec: Path, skip_every: int = 0) -> None:
     job = load_job(spec)
     source = open_input(job)
     builder = RequestBuilder(job)
-    store = Store(job.state_dir, job.output_path, run_id="seed")
+    store = Store(job.state_dir, run_id="seed")
     store.open()
     now = dt.datetime.now(dt.UTC)
     try:
@@ -152,8 +154,8 @@ def seed_finished_state(spec: Path, skip_every: int = 0) -> None:
                         output_tokens=10,
                     )
                 )
-            store.add_rows(frame.select(ROW, ID).with_columns(pl.Series(KEY, keys)))
+            store.rows.add(frame.select(ROW, ID).with_columns(pl.Series(KEY, keys)))
             store.flush()
-        store.finalize(job.spec.input.id_column or "id")
+        finalize(store, ParquetSink(job.output_path, job.state_dir), OutputShape(job.spec.input.id_column or "id"))
     finally:
         store.close()

@@ -1,7 +1,26 @@
 """glm-batch: run a YAML job of prompts over table rows against Zhipu's GLM models, durably and cheaply.
 
-The pipeline is in `runner.engine`; every concern has a package or module of its own (see the README's
-Layout section).
+    import runner
+    result = runner.run_job("jobs/demo.yaml", set={"run.concurrency": 4})
+
+The public API is `load_job`, `run_job`, `arun_job`, `estimate_job` and `Result` (runner.api); they are
+imported on first use, so `import runner` stays cheap. The pipeline is in `runner.engine`.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["Result", "__version__", "arun_job", "estimate_job", "load_job", "run_job"]
+
+if TYPE_CHECKING:
+    from runner.api import Result, arun_job, estimate_job, load_job, run_job
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from runner import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'runner' has no attribute {name!r}")

@@ -28,13 +28,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from runner.api import api_key_for, resume_command
 from runner.errors import GlmBatchError, UsageError
 from runner.job.inputs import open_input
-from runner.job.prompts import RequestBuilder
 from runner.job.resolve import Job, load_job
-from runner.job.templates import RenderError
 from runner.observe.progress import LogFormat, make_reporter
-from runner.state.store import Store
+from runner.plan import plan
+from runner.state.store import SettledKeys, Store
 
 app = typer.Typer(
     add_completion=False,
@@ -65,18 +65,6 @@ def _load(spec: Path, overrides: list[str] | None, limit: int | None) -> Job:
     return load_job(spec, items)
 
 
-def api_key_for(job: Job) -> str:
-    """The key from the environment (never from the spec); the simulator needs none."""
-    if job.base_url is None:
-        return "simulator-key"
-    for name in job.key_env:
-        value = os.environ.get(name)
-        if value:
-            return value
-    names = " or ".join(job.key_env) or "ZHIPUAI_API_KEY"
-    raise UsageError(f"no API key for endpoint {job.endpoint_name!r}: set {names} in the environment")
-
-
 @app.command()
 def run(
     spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
@@ -99,11 +87,12 @@ def run(
         fmt: LogFormat = log_format  # type: ignore[assignment]
         job = _load(spec, set_, limit)
         key = api_key_for(job)
+        resume = resume_command(job, set_, limit)
         report = asyncio.run(
             run_job(
                 job,
                 api_key=key,
-                options=RunOptions(fresh=fresh, retry_failed=retry_failed),
+                options=RunOptions(fresh=fresh, retry_failed=retry_failed, resume_command=resume),
                 reporter=make_reporter(fmt),
             )
         )
@@ -319,23 +308,19 @@ def validate(
     def go() -> None:
         job = _load(spec, set_, limit)
         source = open_input(job)
-        builder = RequestBuilder(job)
         console = Console()
-        shown = 0
-        for frame in source.batches(rows):
-            for row in frame.iter_rows(named=True):
-                try:
-                    request = builder.build(row)
-                except RenderError as exc:
+        for batch in plan(job, source, SettledKeys.none(), batch_rows=rows):
+            for row in batch.rows:
+                if row.error is not None:
                     raise UsageError(
-                        f"{spec}: the prompt template fails on row {row['_row']} (id {row['_id']}): {exc}; "
+                        f"{spec}: the prompt template fails on row {row.position} (id {row.id}): {row.error}; "
                         "fix the template or that row (a run would record it as render_error)"
-                    ) from None
-                console.rule(f"row {row['_row']} id={row['_id']} key={request.key[:12]}")
+                    )
+                request = row.requests[0]
+                console.rule(f"row {row.position} id={row.id} key={request.key[:12]}")
                 if "system" in request.params:
                     console.print("[bold]system:[/]", request.params["system"], markup=True, highlight=False)
                 console.print(request.params["messages"][0]["content"], markup=False, highlight=False)
-                shown += 1
             break
         total = source.frame.select(pl.len()).collect().item()
         samples = job.spec.output.samples
@@ -357,7 +342,7 @@ def status(
 
     def go() -> None:
         job = _load(spec, set_, None)
-        store = Store(job.state_dir, job.output_path, run_id="status")
+        store = Store(job.state_dir, run_id="status")
         console = Console()
         holder = store.lock.holder()
         if holder is not None:
@@ -370,7 +355,7 @@ def status(
             total: int | None = open_input(job).frame.select(pl.len()).collect().item()
         except UsageError:
             total = None  # the input is gone or changed shape: count what the last run mapped
-        progress = store.row_progress(job.spec.output.samples, total)
+        progress = store.progress(job.spec.output.samples, total)
         if not runs and progress is None:
             console.print(f"{job.name}: never run (state would be in {job.state_dir})")
             return

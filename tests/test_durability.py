@@ -216,7 +216,7 @@ def test_a_second_run_of_the_same_job_is_refused_while_the_first_holds_the_lock(
     job = make_job(sample_rows(5))
     from runner.job.resolve import load_job
 
-    holder = Store(load_job(job.spec).state_dir, job.output, run_id="other")
+    holder = Store(load_job(job.spec).state_dir, run_id="other")
     holder.open()
     try:
         result = cli("run", str(job.spec))
@@ -276,7 +276,7 @@ def test_a_journal_left_by_a_killed_run_is_recovered_without_its_torn_last_line(
     lines = [result_to_json(r) for r in done]
     (state / "journal-dead.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:25], encoding="utf-8")
 
-    store = Store(state, tmp_path / "out.parquet", run_id="next")
+    store = Store(state, run_id="next")
     store.open()
     try:
         assert store.recovered == 2
@@ -342,7 +342,7 @@ def test_status_names_a_running_job_without_touching_its_lock(make_job, sim) -> 
     job = make_job(sample_rows(3))
     from runner.job.resolve import load_job
 
-    holder = Store(load_job(job.spec).state_dir, job.output, run_id="other")
+    holder = Store(load_job(job.spec).state_dir, run_id="other")
     holder.open()
     try:
         record = holder.lock.path.read_bytes()

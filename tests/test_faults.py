@@ -9,9 +9,10 @@ import polars as pl
 import pytest
 
 from runner.records import Request, Result
+from runner.send.base import Control
 from runner.send.client import Client
 from runner.send.limits import Limits
-from runner.send.online import Control, OnlineExecutor
+from runner.send.online import OnlineExecutor
 from runner.send.retries import wait_backoff
 from runner.testing.simulator import SimulatorThread
 from tests.conftest import API_KEY, cli, sample_rows
@@ -137,9 +138,8 @@ async def test_retry_after_is_honoured_and_waits_are_injected_not_slept(sim: Sim
         client,
         Limits(concurrency=1, requests_per_minute=None, tokens_per_minute=None),
         max_attempts=5,
-        workers=1,
         estimate_tokens=lambda r: 10,
-        wait=wait_backoff(initial=0.5, maximum=60),
+        wait=wait_backoff(initial=0.5, maximum=60, classify=client.classify),
         sleep=record_sleep,
     )
     results: list[Result] = []

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runner.job.inputs import ROW
+from runner.job.samples import SAMPLE, expand_samples
 from runner.observe.quality import agreement_summary
-from runner.output.voting import SAMPLE, expand, vote
+from runner.output.voting import vote
 from runner.records import KEY, RESULT_SCHEMA
 from runner.testing.simulator import SimulatorThread
 from tests.conftest import cli
@@ -145,7 +146,7 @@ def test_the_vote_agrees_with_a_plain_reference_on_any_outcomes(case) -> None:
 def test_sample_keys_keep_the_row_keys_bucket_digits() -> None:
     rows = pl.LazyFrame({ROW: [0, 1], KEY: ["ab12", "cd34"]})
 
-    lines = expand(rows, 3).collect()
+    lines = expand_samples(rows, 3).collect()
 
     assert lines.get_column(KEY).to_list() == ["ab12", "ab12-s1", "ab12-s2", "cd34", "cd34-s1", "cd34-s2"]
     assert lines.get_column(SAMPLE).to_list() == [0, 1, 2, 0, 1, 2]

@@ -24,19 +24,19 @@ from typing import Any
 import aiohttp
 import polars as pl
 
-from runner.engine import RunOptions, endpoint_url, run_job
+from runner.engine import RunOptions, run_job
 from runner.errors import EndpointAborted, UsageError
 from runner.job import catalog
-from runner.job.inputs import ID, ROW, open_input
-from runner.job.prompts import RequestBuilder
+from runner.job.inputs import InputSource, open_input
 from runner.job.resolve import Job
-from runner.job.templates import RenderError
 from runner.money import ledger
 from runner.money.pricing import PriceTable, require_prices, tier_label
 from runner.money.tokens import Calibration, estimate_request
 from runner.observe.progress import Reporter
-from runner.records import KEY, RESULT_SCHEMA, Request
-from runner.state.store import Store
+from runner.plan import plan
+from runner.records import RESULT_SCHEMA, Request
+from runner.send.endpoints import endpoint_url
+from runner.state.store import SettledKeys, Store
 
 EXACT_SAMPLE = 200  # requests counted by the tokenizer API with --exact
 ASSUMED_LATENCY_S = 5.0  # per request, when no run has measured one
@@ -70,14 +70,13 @@ async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, repo
         await run_job(job, api_key=api_key, options=RunOptions(pilot_rows=options.pilot_rows), reporter=reporter)
 
     source = open_input(job)
-    builder = RequestBuilder(job)
-    store = Store(job.state_dir, job.output_path, run_id="estimate")
+    store = Store(job.state_dir, run_id="estimate")
     store.open()
     try:
         settled = store.settled_keys(retry_failed=False)
         answers = _earlier_answers(store, job)
         calibration = _calibration_from(answers) or ledger.calibration(job.name, job.spec.model.name)
-        pending = _pending_estimates(source, builder, settled)
+        pending = _pending_estimates(job, source, settled)
         if options.exact and pending.sample:
             calibration = await _tokenizer_calibration(job, api_key, pending.sample)
         output = _output_model(answers, job.spec.model.max_tokens)
@@ -125,36 +124,33 @@ class Pending:
     first_render_failure: str | None = None
 
 
-def _pending_estimates(source: Any, builder: RequestBuilder, settled: Any) -> Pending:
-    """Stream the input: estimate each distinct unanswered request, keep a reservoir sample of them."""
+def _pending_estimates(job: Job, source: InputSource, settled: SettledKeys) -> Pending:
+    """Plan the run (runner.plan): estimate each distinct unanswered request, keep a reservoir sample."""
     pending = Pending(array("I"), [])
     seen: set[int] = set()  # 64-bit key hashes: a request already counted adds nothing
     rng = random.Random(0)
-    per_row = builder.samples
-    for frame in source.batches(5000):
-        # Every request a row needs: one, or one per sample (all of a row's samples are adjacent).
-        requests: list[Request] = []
-        for row in frame.iter_rows(named=True):
-            try:
-                requests += builder.samples_of(builder.build(row))
-            except RenderError as exc:
+    for batch in plan(job, source, settled, batch_rows=5000):
+        pending.rows_total += batch.frame.height
+        for row in batch.rows:
+            if row.error is not None:
                 pending.render_failures += 1
-                pending.first_render_failure = pending.first_render_failure or f"row {row[ROW]} (id {row[ID]}): {exc}"
-        done = settled.contains(pl.Series(KEY, [r.key for r in requests], dtype=pl.String)).to_list()
-        pending.rows_total += frame.height
-        pending.rows_settled += sum(all(done[i : i + per_row]) for i in range(0, len(done), per_row))
-        for request, is_done in zip(requests, done, strict=True):
-            # hash(), not the key's leading digits: a row's samples share those.
-            digest = hash(request.key)
-            if is_done or digest in seen:
+                pending.first_render_failure = pending.first_render_failure or (
+                    f"row {row.position} (id {row.id}): {row.error}"
+                )
                 continue
-            seen.add(digest)
-            pending.raw.append(estimate_request(request.params))
-            # Reservoir sampling (Algorithm R): every request has the same chance to be in the sample.
-            if len(pending.sample) < EXACT_SAMPLE:
-                pending.sample.append(request)
-            elif (slot := rng.randrange(len(pending.raw))) < EXACT_SAMPLE:
-                pending.sample[slot] = request
+            pending.rows_settled += all(row.done)
+            for request, is_done in zip(row.requests, row.done, strict=True):
+                # hash(), not the key's leading digits: a row's samples share those.
+                digest = hash(request.key)
+                if is_done or digest in seen:
+                    continue
+                seen.add(digest)
+                pending.raw.append(estimate_request(request.params))
+                # Reservoir sampling (Algorithm R): every request has the same chance to be in the sample.
+                if len(pending.sample) < EXACT_SAMPLE:
+                    pending.sample.append(request)
+                elif (slot := rng.randrange(len(pending.raw))) < EXACT_SAMPLE:
+                    pending.sample[slot] = request
     return pending
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 
 from runner.money.tokens import Calibration
-from runner.state.store import write_atomic
+from runner.state.files import write_atomic
 
 LEDGER_SCHEMA: dict[str, pl.DataType] = {
     "day": pl.Date(),

@@ -1,7 +1,7 @@
 """Progress for people and for machines: a live bar on a terminal, JSON lines under cron.
 
     reporter = make_reporter("auto")   # rich on a TTY; JSON lines on stderr otherwise
-    reporter.start(job, tally); reporter.tick(tally, limits, control); reporter.finish(summary, message)
+    reporter.start(job, tally); reporter.tick(tally, executor.gauges(), control); reporter.finish(summary, message)
 
 JSON lines (`--log-format json`) are one object per line on stderr with `event` and `ts` keys: `start`,
 `progress` every `interval_s`, `retrying` summaries, `end`. Nothing here ever sees the API key.
@@ -22,8 +22,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from runner.job.resolve import Job
     from runner.money.accounting import Tally
-    from runner.send.limits import Limits
-    from runner.send.online import Control
+    from runner.send.base import Control
 
 LogFormat = Literal["auto", "rich", "json", "text"]
 
@@ -34,7 +33,7 @@ class Reporter(Protocol):
     interval_s: float
 
     def start(self, job: Job, tally: Tally) -> None: ...
-    def tick(self, tally: Tally, limits: Limits, control: Control) -> None: ...
+    def tick(self, tally: Tally, gauges: dict[str, Any], control: Control) -> None: ...
     def event(self, name: str, **fields: Any) -> None: ...
     def finish(self, summary: dict[str, Any], message: str) -> None: ...
 
@@ -49,7 +48,7 @@ def make_reporter(fmt: LogFormat = "auto", stream: TextIO | None = None, interva
     return LineReporter(out, as_json=fmt == "json", interval_s=interval_s)
 
 
-def _progress_fields(tally: Tally, limits: Limits, control: Control) -> dict[str, Any]:
+def _progress_fields(tally: Tally, gauges: dict[str, Any], control: Control) -> dict[str, Any]:
     return {
         "rows_total": tally.rows_total,
         "rows_seen": tally.rows_seen,
@@ -57,9 +56,9 @@ def _progress_fields(tally: Tally, limits: Limits, control: Control) -> dict[str
         "queued": tally.requests_queued,
         "ok": tally.ok,
         "failed": tally.failed,
-        "in_flight": limits.in_flight,
-        "concurrency": limits.concurrency,
-        "overload_429_rate": round(limits.overload_rate(), 4),
+        "in_flight": gauges.get("in_flight"),
+        "concurrency": gauges.get("limit"),
+        "overload_429_rate": gauges.get("overload_429_rate"),
         "requests_per_s": round(tally.rate(), 2),
         "input_tokens": tally.input_tokens,
         "output_tokens": tally.output_tokens,
@@ -99,11 +98,11 @@ class LineReporter:
         )
         self._last = time.monotonic()
 
-    def tick(self, tally: Tally, limits: Limits, control: Control) -> None:
+    def tick(self, tally: Tally, gauges: dict[str, Any], control: Control) -> None:
         if time.monotonic() - self._last < self.interval_s:
             return
         self._last = time.monotonic()
-        self._emit("progress", _progress_fields(tally, limits, control))
+        self._emit("progress", _progress_fields(tally, gauges, control))
 
     def event(self, name: str, **fields: Any) -> None:
         self._emit(name, fields)
@@ -137,13 +136,14 @@ class RichReporter:
         # Progress counts requests: rows times samples.
         self._task = self._progress.add_task(job.name, total=tally.rows_total * tally.samples, detail="")
 
-    def tick(self, tally: Tally, limits: Limits, control: Control) -> None:
+    def tick(self, tally: Tally, gauges: dict[str, Any], control: Control) -> None:
         if self._task is None:
             return
         retries = sum(control.retries.values())
         detail = (
-            f"ok {tally.ok} failed {tally.failed} reused {tally.rows_settled} | in flight {limits.in_flight}"
-            f"/{limits.concurrency}{' auto' if limits.controller else ''} | 429s {100 * limits.overload_rate():.1f}%"
+            f"ok {tally.ok} failed {tally.failed} reused {tally.rows_settled} | in flight {gauges.get('in_flight')}"
+            f"/{gauges.get('limit')}{' auto' if gauges.get('adaptive') else ''}"
+            f" | 429s {100 * (gauges.get('overload_429_rate') or 0):.1f}%"
             f" | {tally.rate():.1f} req/s | tokens {tally.input_tokens}+"
             f"{tally.output_tokens} | retries {retries}"
         )

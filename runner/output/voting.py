@@ -1,6 +1,6 @@
 """Samples and the majority vote (`output.samples: k`): a row asked k times becomes one answer.
 
-    lines = expand(row_map, k)                     # one line per (row, sample), with the sample's key
+    lines = expand_samples(row_map, k)             # runner.job.samples: one line per (row, sample)
     voted = vote(lines.join(answers, on=KEY), k)   # one line per row: the winner, and who agreed
 
 The rules, which the output documents column by column:
@@ -22,10 +22,8 @@ from __future__ import annotations
 import polars as pl
 
 from runner.job.inputs import ROW
-from runner.job.prompts import SAMPLE_MARK
-from runner.records import KEY
+from runner.job.samples import SAMPLE
 
-SAMPLE = "_sample"
 AGREEMENT = "agreement"
 SAMPLE_ANSWERS = "sample_answers"
 VOTE_COLUMNS = (AGREEMENT, SAMPLE_ANSWERS)  # what a voted output adds
@@ -45,14 +43,6 @@ _SUMMED_TYPES: dict[str, pl.DataType] = {"attempts": pl.Int32(), "repairs": pl.I
 
 _ANSWER, _VOTES, _FIRST = "_answer", "_votes", "_first"
 _WINNER, _WIN_VOTES, _FIRST_ERROR, _FIRST_INVALID, _PICK = "_winner", "_win_votes", "_ferr", "_finv", "_pick"
-
-
-def expand(rows: pl.LazyFrame, samples: int) -> pl.LazyFrame:
-    """One line per (row, sample): each row's key becomes its samples' keys (see prompts.sample_key)."""
-    keys = [pl.col(KEY), *(pl.col(KEY) + f"{SAMPLE_MARK}{i}" for i in range(1, samples))]
-    return rows.with_columns(pl.concat_list(keys).alias(KEY), pl.int_ranges(0, samples).alias(SAMPLE)).explode(
-        [KEY, SAMPLE]
-    )
 
 
 def vote(lines: pl.LazyFrame, samples: int) -> pl.LazyFrame:

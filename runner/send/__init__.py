@@ -1,1 +1,54 @@
-"""send"""
+"""How requests are sent: executors behind one protocol (runner.send.base.Executor), chosen here.
+
+Adding a way of sending (Zhipu's Batch API, Ray actors) is one module with an executor and one line
+in `make_executor`; planning, state and output do not change. Executors are imported where chosen, so
+commands that send nothing never load the SDK.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runner.job.resolve import Job
+    from runner.records import Request
+    from runner.send.base import Executor
+
+
+def make_executor(job: Job, base_url: str, api_key: str, estimate_tokens: Callable[[Request], int]) -> Executor:
+    """The executor the job's spec asks for, sending to `base_url` with `api_key`."""
+    return _online(job, base_url, api_key, estimate_tokens)
+
+
+def _online(job: Job, base_url: str, api_key: str, estimate_tokens: Callable[[Request], int]) -> Executor:
+    from runner.send.client import STREAM_FROM_MAX_TOKENS, Client
+    from runner.send.limits import AimdController, Limits
+    from runner.send.online import OnlineExecutor
+    from runner.send.retries import wait_backoff
+
+    run, model = job.spec.run, job.spec.model
+    client = Client(
+        base_url,
+        api_key,
+        timeout_s=run.timeout_s,
+        stream=model.max_tokens >= STREAM_FROM_MAX_TOKENS if model.stream == "auto" else model.stream,
+    )
+    limits = Limits(
+        concurrency=(
+            AimdController(initial=job.concurrency, maximum=run.max_concurrency) if job.adaptive else job.concurrency
+        ),
+        requests_per_minute=run.requests_per_minute,
+        tokens_per_minute=run.tokens_per_minute,
+        expected_output_tokens=model.max_tokens,
+        classify=lambda exc: ((fault := client.classify(exc)).overload, fault.retry_after),
+    )
+    return OnlineExecutor(
+        client,
+        limits,
+        max_attempts=run.max_attempts,
+        # Input tokens for the token bucket (the limits add the expected output).
+        estimate_tokens=estimate_tokens,
+        shape=job.shape,
+        wait=wait_backoff(run.backoff_initial_s, run.backoff_max_s, classify=client.classify),
+    )

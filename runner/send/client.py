@@ -17,7 +17,7 @@ from anthropic.types import Message
 
 from runner.money.tokens import estimate_text
 from runner.records import Answer
-from runner.send.retries import BadResponse
+from runner.send.retries import ABORT_CODES, BadResponse, Fault, Verdict, bad_response_fault, unclassified
 
 # The SDK refuses non-streaming calls it expects to run past 10 minutes (max_tokens >= 21334) unless
 # a timeout is given; we always give one, and stream from this size up when the spec says "auto".
@@ -54,6 +54,57 @@ class Client:
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._sdk.close()
+
+    @staticmethod
+    def classify(exc: BaseException) -> Fault:
+        """This wire's faults (see `classify`)."""
+        return classify(exc)
+
+
+def classify(exc: BaseException) -> Fault:
+    """Decide the fate of a Messages API call that raised `exc`.
+
+    Connection faults, timeouts, 408/409, 429 rate codes (1302 our account's concurrency, 1305 the
+    platform overloaded), 5xx, 529 and an error event mid-stream RETRY; 1113/1308-1310 (billing, sent
+    as 429), 401/403, 404 and unknown models ABORT; any other 4xx FAILs the row. Anything else (a 200
+    whose body is not JSON, a bug) is unclassified, so retried.
+    """
+    if isinstance(exc, BadResponse):
+        return bad_response_fault(exc)
+    if isinstance(exc, anthropic.APITimeoutError):
+        return Fault(Verdict.RETRY, "timeout", str(exc) or "timed out")
+    if isinstance(exc, anthropic.APIConnectionError):
+        return Fault(Verdict.RETRY, "connection", str(exc) or "connection failed")
+    if isinstance(exc, anthropic.APIStatusError):
+        code = str(exc.type) if exc.type is not None else None
+        status = exc.status_code
+        name = f"{status}/{code}" if code else str(status)
+        message = exc.api_message or str(exc) or name
+        if code in ABORT_CODES or status in (401, 402, 403, 404):
+            return Fault(Verdict.ABORT, name, message)
+        if code in ("1305", "overloaded_error") or status in (503, 529):
+            return Fault(Verdict.RETRY, name, message, "platform", _retry_after(exc))
+        if status == 429:
+            return Fault(Verdict.RETRY, name, message, "concurrency", _retry_after(exc))
+        if status == 200 or status in (408, 409) or status >= 500:  # 200: an error event mid-stream
+            return Fault(Verdict.RETRY, name, message, None, _retry_after(exc))
+        return Fault(Verdict.FAIL, name, message)
+    return unclassified(exc)
+
+
+def _retry_after(exc: anthropic.APIStatusError) -> float | None:
+    """Seconds the endpoint asked us to wait (retry-after-ms, then retry-after), if it said."""
+    headers = exc.response.headers
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                seconds = float(value) * scale
+            except ValueError:
+                continue  # an HTTP date: rare enough to fall back to our own backoff
+            if seconds > 0:
+                return seconds
+    return None
 
 
 def _request_id(headers: Any) -> str | None:

@@ -1,63 +1,37 @@
-"""Executors: how a stream of Requests becomes a stream of Results. The online one is here.
+"""The online executor: requests fanned out to the Messages API under the run's limits, with retries.
 
-An executor takes the run's pending requests (an async iterator), calls `sink` once per finished request,
-and watches `control` to stop early. It knows nothing of specs, files or money; that keeps a server-side
-batch executor (Zhipu's Batch API) or a distributed one (Ray Data) a drop-in replacement.
+    executor = OnlineExecutor(client, limits, max_attempts=6, estimate_tokens=..., shape=job.shape)
+    await executor.run(requests, deliver, control)
+
+`workers` tasks pull from a small queue fed by the run's requests; each holds one request at a time
+through its conversation (retries, then repair turns), under a slot of `Limits` (in-flight count,
+request and token buckets, the adaptive controller). Faults are the client's to classify.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tenacity import RetryCallState
 
-from runner.errors import EndpointAborted
-from runner.job.structured import AnswerShape, Unusable
+from runner.job.structured import AnswerShape
 from runner.records import Answer, Request, Result
+from runner.send.base import Control, Conversation, Deliver, failure
 from runner.send.limits import Limits
-from runner.send.retries import Verdict, classify, error_message, error_type, retrying, wait_backoff
-
-Sink = Callable[[Result], None]
-
-
-@dataclass
-class Control:
-    """Shared stop state of a run: why dispatch stopped, and the endpoint's refusal if that was why."""
-
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)
-    reason: str | None = None
-    aborted: EndpointAborted | None = None
-    retries: dict[str, int] = field(default_factory=dict)  # error_type -> retries taken
-
-    def stop(self, reason: str) -> None:
-        """Stop at once: queued requests are dropped unsent; requests in flight may finish."""
-        if self.reason is None:
-            self.reason = reason
-        self.stopping.set()
-
-    def end_dispatch(self, reason: str) -> None:
-        """No more requests will be offered, for `reason`; the ones already queued still go out."""
-        if self.reason is None:
-            self.reason = reason
-
-
-class Executor(Protocol):
-    """Sends requests and reports each one's Result."""
-
-    async def run(self, requests: AsyncIterator[Request], sink: Sink, control: Control) -> None:
-        """Consume `requests` until exhausted or `control` says stop; call `sink` for every result."""
+from runner.send.retries import Classify, Fault, Verdict, retrying, wait_backoff
 
 
 class Sender(Protocol):
     """What the online executor needs of a client (runner.send.client.Client)."""
 
-    async def send(self, params: dict[str, object]) -> Answer: ...
+    async def send(self, params: dict[str, Any]) -> Answer: ...
+
+    def classify(self, exc: BaseException) -> Fault: ...
+
+    async def aclose(self) -> None: ...
 
 
 class OnlineExecutor:
@@ -69,7 +43,6 @@ class OnlineExecutor:
         limits: Limits,
         *,
         max_attempts: int,
-        workers: int,
         estimate_tokens: Callable[[Request], int],
         shape: AnswerShape | None = None,
         wait: wait_backoff | None = None,
@@ -77,16 +50,31 @@ class OnlineExecutor:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
+        self._classify: Classify = client.classify
         self._limits = limits
         self._max_attempts = max_attempts
-        self._workers = workers
+        self._workers = limits.workers
         self._estimate = estimate_tokens
-        self._wait = wait or wait_backoff()
+        self._wait = wait or wait_backoff(classify=self._classify)
         self._shape = shape
         self._sleep = sleep
         self._clock = clock
 
-    async def run(self, requests: AsyncIterator[Request], sink: Sink, control: Control) -> None:
+    def gauges(self) -> dict[str, Any]:
+        """Requests in flight, the concurrency limit (and whether it adapts), the share refused."""
+        limits = self._limits
+        return {
+            "in_flight": limits.in_flight,
+            "limit": limits.concurrency,
+            "adaptive": limits.controller is not None,
+            "overload_429_rate": round(limits.overload_rate(), 4),
+        }
+
+    async def aclose(self) -> None:
+        """Close the client's connections."""
+        await self._client.aclose()
+
+    async def run(self, requests: AsyncIterator[Request], deliver: Deliver, control: Control) -> None:
         """Run `workers` tasks pulling from a small queue fed by `requests`."""
         queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=self._workers * 2)
 
@@ -106,7 +94,7 @@ class OnlineExecutor:
                     continue  # drain without sending, so the feeder's sentinels get through
                 result = await self._send(request, control)
                 if result is not None:
-                    sink(result)
+                    deliver(result)
 
         async with asyncio.TaskGroup() as group:
             group.create_task(feed())
@@ -114,59 +102,25 @@ class OnlineExecutor:
                 group.create_task(work())
 
     async def _send(self, request: Request, control: Control) -> Result | None:
-        """One request: retried until answered, then (for structured jobs) checked and re-asked with
-        the problem up to max_repairs times. None if the endpoint refused the whole run."""
-        params = request.params
-        answers: list[Answer] = []
+        """One request's conversation: each turn retried until answered, repairs as the shape asks.
+        None if the endpoint refused the whole run."""
+        conversation = Conversation(request, self._shape)
+        params: dict[str, Any] | None = request.params
         attempts = 0
         latency_ms: float | None = None
-        value: Any = None
-        problem: Unusable | None = None
-        while True:
+        while params is not None:
             tries = [0]  # attempts of this turn, counted even when the turn fails
             try:
                 answer, latency_ms = await self._call(params, request, control, tries)
             except Exception as exc:  # an Exception only: cancellation must pass through untouched
-                return self._failure(request, exc, attempts + tries[0], control)
+                fault = self._classify(exc)
+                if fault.verdict is Verdict.ABORT:
+                    control.abort(fault)
+                    return None
+                return failure(request, fault, attempts + tries[0])
             attempts += tries[0]
-            answers.append(answer)
-            if self._shape is None:
-                break
-            try:
-                value, problem = self._shape.check(answer), None
-                break
-            except Unusable as unusable:
-                problem = unusable
-                if unusable.kind == "truncated" or len(answers) > self._shape.max_repairs:
-                    break
-                params = self._shape.repair(params, answer, str(unusable))
-        last = answers[-1]
-        return Result(
-            key=request.key,
-            status="ok" if problem is None else "invalid",
-            attempts=attempts,
-            latency_ms=latency_ms,
-            finished_at=dt.datetime.now(dt.UTC),
-            model=last.model,
-            # For a tool call the raw answer is its input; kept as text so invalid rows show what came back.
-            response_text=last.text if last.tool_input is None else json.dumps(last.tool_input, ensure_ascii=False),
-            thinking=last.thinking,
-            stop_reason=last.stop_reason,
-            # Every turn is paid for, so every turn's tokens count.
-            input_tokens=sum(a.input_tokens for a in answers),
-            output_tokens=sum(a.output_tokens for a in answers),
-            thinking_tokens=sum(a.thinking_tokens for a in answers),
-            cache_read_input_tokens=sum(a.cache_read_input_tokens or 0 for a in answers),
-            cache_creation_input_tokens=sum(a.cache_creation_input_tokens or 0 for a in answers),
-            request_id=last.request_id,
-            error_type=problem.kind if problem else None,
-            error_message=str(problem) if problem else None,
-            # Sorted keys: the same answer always has the same text, so samples can be voted on by it.
-            parsed_json=json.dumps(value, ensure_ascii=False, sort_keys=True)
-            if problem is None and self._shape
-            else None,
-            repairs=len(answers) - 1,
-        )
+            params = conversation.add(answer)
+        return conversation.result(attempts=attempts, latency_ms=latency_ms)
 
     async def _call(
         self, params: dict[str, Any], request: Request, control: Control, tries: list[int]
@@ -177,10 +131,11 @@ class OnlineExecutor:
         def count_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             if exc is not None:
-                name = error_type(exc)
-                control.retries[name] = control.retries.get(name, 0) + 1
+                control.count_retry(self._classify(exc))
 
-        policy = retrying(self._max_attempts, sleep=self._sleep, wait=self._wait, before_sleep=count_retry)
+        policy = retrying(
+            self._max_attempts, classify=self._classify, sleep=self._sleep, wait=self._wait, before_sleep=count_retry
+        )
         async for attempt in policy:
             with attempt:
                 tries[0] = attempt.retry_state.attempt_number
@@ -192,24 +147,3 @@ class OnlineExecutor:
                         answer.input_tokens + (answer.cache_read_input_tokens or 0) + answer.output_tokens
                     )
         return answer, latency_ms
-
-    def _failure(self, request: Request, exc: Exception, attempts: int, control: Control) -> Result | None:
-        verdict = classify(exc)
-        if verdict is Verdict.ABORT:
-            if control.aborted is None:
-                control.aborted = EndpointAborted(
-                    f"the endpoint refused the job: {error_type(exc)} {error_message(exc)}"
-                )
-            control.stop("aborted")
-            return None
-        return Result(
-            key=request.key,
-            status="error",
-            attempts=attempts,
-            latency_ms=None,
-            finished_at=dt.datetime.now(dt.UTC),
-            model=str(request.params.get("model")),
-            error_type=error_type(exc),
-            error_message=error_message(exc),
-            retryable=verdict is Verdict.RETRY,
-        )

@@ -1,14 +1,19 @@
-"""The one retry layer: which errors are worth another attempt, which end the row, which end the run.
+"""The one retry layer: tenacity, driven by a transport's classifier of faults.
 
-    async for attempt in retrying(max_attempts=6):
+    async for attempt in retrying(6, classify=client.classify):
         with attempt:
             answer = await client.send(params)
 
+Each transport (the Messages API through the SDK, the Batch API's HTTP calls) classifies its own
+exceptions into a `Fault`: RETRY (transient), FAIL (this request is wrong) or ABORT (every request
+would fail: no balance, bad key, unknown model). What no classifier recognises is RETRY, at most
+max_attempts times, and stays retryable for the next run: a bug of ours or a body nobody could parse
+must never become a row failed for good.
+
 Zhipu reuses HTTP 429 for billing: 1113 (no balance) and 1308-1310 (plan exhausted) come back as 429s
-with the code in `error.type`. Retrying them burns hours and fails every row, so they, bad keys and
-unknown models ABORT the run. Connection faults, timeouts, 408/409, 429 rate codes, 5xx and 529 RETRY
-with full-jitter exponential backoff (workers compete for one limit, so jitter matters), honouring
-retry-after(-ms). Every other 4xx FAILs the row at once.
+with the code in `error.type`; ABORT_CODES lists the codes that end a run whatever the transport.
+Retries use full-jitter exponential backoff (workers compete for one limit, so jitter matters),
+honouring the endpoint's retry-after when it is longer.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Literal
 
-import anthropic
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
@@ -65,95 +70,54 @@ class Verdict(enum.Enum):
     ABORT = "abort"  # every row would fail: stop the run
 
 
-def classify(exc: BaseException) -> Verdict:
-    """Decide the fate of a request that raised `exc`."""
-    if isinstance(exc, BadResponse):
-        return Verdict.ABORT if exc.code in ABORT_CODES else Verdict.RETRY
-    if isinstance(exc, anthropic.APIConnectionError):  # includes APITimeoutError
-        return Verdict.RETRY
-    if isinstance(exc, anthropic.APIStatusError):
-        code = str(exc.type) if exc.type is not None else None
-        status = exc.status_code
-        if code in ABORT_CODES or status in (401, 402, 403, 404):
-            return Verdict.ABORT
-        if status == 200:  # an error event in the middle of a stream (e.g. overloaded)
-            return Verdict.RETRY
-        if status in (408, 409, 429) or status >= 500:
-            return Verdict.RETRY
-        return Verdict.FAIL
-    return Verdict.FAIL
+Overload = Literal["concurrency", "platform"]
 
 
-def error_type(exc: BaseException) -> str:
-    """A short, stable name for the error, for the `error_type` column: `429/1302`, `timeout`, `500`..."""
-    if isinstance(exc, BadResponse):
-        return f"200/{exc.code}" if exc.code else "bad_response"
-    if isinstance(exc, anthropic.APITimeoutError):
-        return "timeout"
-    if isinstance(exc, anthropic.APIConnectionError):
-        return "connection"
-    if isinstance(exc, anthropic.APIStatusError):
-        return f"{exc.status_code}/{exc.type}" if exc.type else str(exc.status_code)
-    return type(exc).__name__
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A classified failure: what to do, a short stable name for `error_type`, the endpoint's message,
+    whether it was a refusal for overload (and of which kind), and how long the endpoint asked us to wait."""
+
+    verdict: Verdict
+    type: str
+    message: str
+    overload: Overload | None = None
+    retry_after: float | None = None
 
 
-def error_message(exc: BaseException) -> str:
-    """The endpoint's own message when it sent one, else the exception's text (never any header)."""
-    if isinstance(exc, anthropic.APIStatusError) and exc.api_message:
-        return exc.api_message
-    return str(exc) or type(exc).__name__
+def unclassified(exc: BaseException) -> Fault:
+    """A fault no classifier recognised: retried, and sent again by the next run if it persists."""
+    return Fault(Verdict.RETRY, type(exc).__name__, str(exc) or type(exc).__name__)
 
 
-def overload(exc: BaseException) -> tuple[Literal["concurrency", "platform"] | None, float | None]:
-    """Was this attempt refused for overload, and of which kind? With the endpoint's retry-after.
-
-    1302 (and a plain rate_limit_error) means our account has too many requests in flight; 1305, 529
-    and an overloaded error event mean the platform as a whole is overloaded.
-    """
-    if not isinstance(exc, anthropic.APIStatusError):
-        return None, None
-    code = str(exc.type) if exc.type is not None else ""
-    if code in ("1305", "overloaded_error") or exc.status_code in (503, 529):
-        return "platform", retry_after(exc)
-    if exc.status_code == 429 and code not in ABORT_CODES:
-        return "concurrency", retry_after(exc)
-    return None, None
+def bad_response_fault(exc: BadResponse) -> Fault:
+    """A 200 whose body was an error object: abort for account codes, else retry."""
+    verdict = Verdict.ABORT if exc.code in ABORT_CODES else Verdict.RETRY
+    return Fault(verdict, f"200/{exc.code}" if exc.code else "bad_response", str(exc))
 
 
-def retry_after(exc: BaseException | None) -> float | None:
-    """Seconds the endpoint asked us to wait (retry-after-ms, then retry-after), if it said."""
-    if not isinstance(exc, anthropic.APIStatusError):
-        return None
-    headers = exc.response.headers
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value:
-            try:
-                seconds = float(value) * scale
-            except ValueError:
-                continue  # an HTTP date: rare enough to fall back to our own backoff
-            if seconds > 0:
-                return seconds
-    return None
+Classify = Callable[[BaseException], Fault]
 
 
 class wait_backoff:
     """Full-jitter exponential backoff, or the endpoint's retry-after when it is longer (capped)."""
 
-    def __init__(self, initial: float = 0.5, maximum: float = 30.0) -> None:
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0, classify: Classify = unclassified) -> None:
         self._jitter = wait_random_exponential(multiplier=initial, max=maximum)
         self._max = maximum
+        self._classify = classify
 
     def __call__(self, state: RetryCallState) -> float:
         own = self._jitter(state)
         exc = state.outcome.exception() if state.outcome else None
-        asked = retry_after(exc)
+        asked = self._classify(exc).retry_after if exc is not None else None
         return max(own, min(asked, self._max)) if asked else own
 
 
 def retrying(
     max_attempts: int,
     *,
+    classify: Classify = unclassified,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     wait: Callable[[RetryCallState], float] | None = None,
     before_sleep: Callable[[RetryCallState], Awaitable[None] | None] | None = None,
@@ -161,8 +125,9 @@ def retrying(
     """The retry policy for one request; `sleep` is injectable so tests never wait on real time."""
     return AsyncRetrying(
         stop=stop_after_attempt(max_attempts),
-        wait=wait or wait_backoff(),
-        retry=retry_if_exception(lambda e: classify(e) is Verdict.RETRY),
+        wait=wait or wait_backoff(classify=classify),
+        # Only Exceptions are retried (tenacity's default): cancellation passes straight through.
+        retry=retry_if_exception(lambda e: isinstance(e, Exception) and classify(e).verdict is Verdict.RETRY),
         sleep=sleep,
         before_sleep=before_sleep,
         reraise=True,

@@ -1,0 +1,138 @@
+"""The Python API: run, estimate and load jobs from a notebook or a script.
+
+    import runner
+    result = runner.run_job("jobs/demo.yaml", set={"run.concurrency": 4})
+    result.exit_code, result.output, result.summary["cost"]
+
+    result = await runner.arun_job("jobs/demo.yaml")     # where an event loop already runs (Jupyter)
+    report = runner.estimate_job("jobs/demo.yaml")       # the dict `glm-batch estimate --json` prints
+
+The same rules as the command line: the key comes from the environment (ZHIPUAI_API_KEY or
+ANTHROPIC_API_KEY; the simulator needs none), a bad spec raises `runner.errors.UsageError`, and a run
+that stopped (budget, abort, signal) returns its exit code rather than raising. Progress goes to
+stderr as JSON lines unless a `reporter` is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner.errors import UsageError
+from runner.job.resolve import Job
+from runner.job.resolve import load_job as _load_job
+from runner.observe.progress import Reporter, make_reporter
+
+SIMULATOR_KEY = "simulator-key"  # the built-in simulator accepts any key
+
+
+@dataclass(frozen=True)
+class Result:
+    """How a run ended: its exit code (see the README's table), one line for a person, the summary
+    written beside the output, and the output file (None unless every row has a result)."""
+
+    exit_code: int
+    message: str
+    summary: dict[str, Any] = field(default_factory=dict)
+    output: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Did every row get an ok answer?"""
+        return self.exit_code == 0
+
+
+def load_job(spec: str | Path, *, set: Mapping[str, Any] | None = None, limit: int | None = None) -> Job:
+    """Read, validate and resolve a job spec, with `--set`-style overrides (`{"run.concurrency": 4}`)."""
+    items = [f"{key}={_yaml_value(value)}" for key, value in (set or {}).items()]
+    if limit is not None:
+        items.append(f"input.limit={limit}")
+    return _load_job(Path(spec), items)
+
+
+def api_key_for(job: Job) -> str:
+    """The key from the environment (never from the spec); the simulator needs none."""
+    if job.base_url is None:
+        return SIMULATOR_KEY
+    for name in job.key_env:
+        value = os.environ.get(name)
+        if value:
+            return value
+    names = " or ".join(job.key_env) or "ZHIPUAI_API_KEY"
+    raise UsageError(f"no API key for endpoint {job.endpoint_name!r}: set {names} in the environment")
+
+
+async def arun_job(
+    spec: str | Path | Job,
+    *,
+    set: Mapping[str, Any] | None = None,
+    limit: int | None = None,
+    fresh: bool = False,
+    retry_failed: bool = False,
+    reporter: Reporter | None = None,
+) -> Result:
+    """Run a job to completion, interruption or abort (the async form; see `run_job`)."""
+    from runner.engine import RunOptions
+    from runner.engine import run_job as _run
+
+    job = spec if isinstance(spec, Job) else load_job(spec, set=set, limit=limit)
+    options = RunOptions(fresh=fresh, retry_failed=retry_failed, resume_command=resume_command(job, set, limit))
+    report = await _run(job, api_key=api_key_for(job), options=options, reporter=reporter or make_reporter("json"))
+    output = report.summary.get("output")
+    return Result(report.exit_code, report.message, report.summary, Path(output) if output else None)
+
+
+def run_job(
+    spec: str | Path | Job,
+    *,
+    set: Mapping[str, Any] | None = None,
+    limit: int | None = None,
+    fresh: bool = False,
+    retry_failed: bool = False,
+    reporter: Reporter | None = None,
+) -> Result:
+    """Run a job and wait for it: send every row with no answer yet, write the output, return how it ended."""
+    return asyncio.run(arun_job(spec, set=set, limit=limit, fresh=fresh, retry_failed=retry_failed, reporter=reporter))
+
+
+def estimate_job(
+    spec: str | Path | Job,
+    *,
+    set: Mapping[str, Any] | None = None,
+    limit: int | None = None,
+    exact: bool = False,
+    pilot: int | None = None,
+) -> dict[str, Any]:
+    """What the job would cost and how long it would take (the report `glm-batch estimate --json` prints)."""
+    from runner.money.estimate import EstimateOptions
+    from runner.money.estimate import estimate_job as _estimate
+
+    job = spec if isinstance(spec, Job) else load_job(spec, set=set, limit=limit)
+    key = api_key_for(job) if (exact or pilot) else "unused"
+    options = EstimateOptions(exact=exact, pilot_rows=pilot)
+    return asyncio.run(_estimate(job, api_key=key, options=options, reporter=make_reporter("json")))
+
+
+def resume_command(job: Job, overrides: Mapping[str, Any] | list[str] | None, limit: int | None) -> str:
+    """The exact command that runs this same job again: its spec, every --set and --limit."""
+    items = overrides.items() if isinstance(overrides, Mapping) else (i.partition("=")[::2] for i in overrides or [])
+    words = ["glm-batch", "run", str(job.spec_path)]
+    if limit is not None:
+        words += ["--limit", str(limit)]
+    for key, value in items:
+        words += ["--set", f"{key}={_yaml_value(value)}"]
+    return shlex.join(words)
+
+
+def _yaml_value(value: Any) -> str:
+    """A Python value as the YAML text `--set` parses back to it."""
+    if isinstance(value, str):
+        return value
+    import json
+
+    return json.dumps(value)  # JSON is YAML: numbers, booleans, lists and mappings round-trip

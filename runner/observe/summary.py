@@ -1,0 +1,116 @@
+"""What a run says when it ends: its exit code and message, its summary record, its ledger rows.
+
+The summary is written beside the output (`<output>.summary.json`) and appended to the manifest; the
+message ends with the exact command that resumes the same job (overrides and limits included).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from runner.errors import BudgetExhausted
+from runner.job.resolve import Job
+from runner.money import ledger
+from runner.money.accounting import Accountant, Tally
+from runner.send.base import Control
+
+
+def ledger_rows(job: Job, tally: Tally, run_id: str) -> pl.DataFrame:
+    """This run's ledger rows: one per (day, model) it got answers on."""
+    rows = [
+        {
+            "day": day,
+            "job": job.name,
+            "model": model or job.spec.model.name,
+            "endpoint": job.endpoint_name,
+            "currency": job.currency,
+            "run_id": run_id,
+            **{k: v if k == "cost" else int(v) for k, v in counts.items()},
+        }
+        for (day, model), counts in sorted(tally.by_day.items())
+    ]
+    return pl.DataFrame(rows, schema=ledger.LEDGER_SCHEMA) if rows else pl.DataFrame(schema=ledger.LEDGER_SCHEMA)
+
+
+def outcome(job: Job, control: Control, failed_rows: int | None, resume: str | None = None) -> tuple[int, str]:
+    """The exit code and message; for a finished run they describe the whole output, not just this run."""
+    resume = resume or f"glm-batch run {job.spec_path}"
+    if control.reason == "budget":
+        return BudgetExhausted.exit_code, (
+            f"stopped before run.max_cost ({job.spec.run.max_cost} {job.currency}) could be exceeded; "
+            f"answers so far are saved; continue later with: {resume}"
+        )
+    if control.aborted is not None:
+        return control.aborted.exit_code, f"{control.aborted}; fix that, then resume with: {resume}"
+    if control.reason in ("SIGINT", "SIGTERM"):
+        code = 130 if control.reason == "SIGINT" else 143
+        return code, f"interrupted by {control.reason}; answers so far are saved; resume with: {resume}"
+    if failed_rows is None:
+        return 1, f"some rows have no answer yet; resume with: {resume}"
+    if failed_rows:
+        return 1, (
+            f"finished; {failed_rows} rows failed (see error_type in {job.output_path}); "
+            f"send them again with: {resume} --retry-failed"
+        )
+    return 0, f"all rows answered; results in {job.output_path}"
+
+
+def summary(
+    job: Job,
+    run_id: str,
+    estimate: dict[str, Any] | None,
+    tally: Tally,
+    control: Control,
+    started_at: dt.datetime,
+    exit_code: int,
+    finalized: bool,
+    accountant: Accountant,
+) -> dict[str, Any]:
+    """The run's record: written beside the output and appended to the manifest."""
+    snap = tally.snapshot()
+    table = accountant.table
+    cost: dict[str, Any] = {
+        "currency": job.currency,
+        "spent": round(tally.cost, 6) if table is not None else None,
+        "by_tier": {k: round(v, 6) for k, v in tally.cost_by_tier.items()},
+        "prices_confirmed": table.confirmed if table is not None else None,
+        "max_cost": job.spec.run.max_cost,
+    }
+    if estimate is not None and table is not None and tally.ok:
+        # How good was `glm-batch estimate`? Compare its expected cost per request with this run's.
+        answerable = estimate.get("requests_answerable", estimate["requests_to_send"])
+        expected = estimate["cost"]["expected"] / max(1, answerable) * tally.ok
+        cost["estimate"] = {
+            "estimated": round(expected, 6),
+            "spent": round(tally.cost, 6),
+            "error_pct": round(100 * (expected - tally.cost) / tally.cost, 1) if tally.cost else None,
+        }
+    return {
+        "job": job.name,
+        "run_id": run_id,
+        "spec": str(job.spec_path),
+        "spec_hash": job.spec_hash,
+        "model": job.spec.model.name,
+        "endpoint": job.endpoint_name,
+        "inputs": [{"path": str(p), "bytes": _size(p)} for p in job.input_paths],
+        "started_at": started_at.isoformat(),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+        "exit_code": exit_code,
+        "stopped": control.reason,
+        "output": str(job.output_path) if finalized else None,
+        "retries": dict(control.retries),
+        "cost": cost,
+        **snap,
+    }
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None

@@ -1,0 +1,67 @@
+"""Sinks: where a finished output goes. A sink writes the assembled lazy frame and can tell whether
+what it holds was written from the same state (so a finished job's re-run rewrites nothing).
+
+    sink = ParquetSink(job.output_path, job.state_dir)
+    counts = sink.current_counts(basis) or sink.write(frame, basis)
+
+Parquet on a local path is the one sink today; a Parquet dataset (one file per block, for Ray) or an
+object-store target is another module with the same two methods.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import polars as pl
+
+from runner.state.files import fsync_rename, write_json_atomic
+
+ROW_GROUP_ROWS = 20_000  # small row groups let readers skip what they do not need
+
+
+class OutputSink(Protocol):
+    """Writes a job's output and remembers what it was written from."""
+
+    def current_counts(self, basis: dict[str, Any]) -> dict[str, int] | None:
+        """Rows per status of the output already written from `basis`, or None if there is none."""
+
+    def write(self, frame: pl.LazyFrame, basis: dict[str, Any]) -> dict[str, int]:
+        """Write `frame` as the output (all or nothing) and return its rows per status."""
+
+
+class ParquetSink:
+    """One Parquet file, written atomically; its record (`output.json` in the state directory) holds
+    the basis it was written from and the file's size and mtime, so a hand-edited file is rewritten."""
+
+    def __init__(self, path: Path, state_dir: Path) -> None:
+        self.path = path
+        self._record = state_dir / "output.json"
+
+    def current_counts(self, basis: dict[str, Any]) -> dict[str, int] | None:
+        """See OutputSink.current_counts."""
+        try:
+            last = json.loads(self._record.read_text(encoding="utf-8"))
+            st = self.path.stat()
+        except (OSError, json.JSONDecodeError):
+            return None
+        if last.get("output") != str(self.path) or {k: last.get(k) for k in basis} != basis:
+            return None
+        if [st.st_size, st.st_mtime_ns] != last.get("file"):
+            return None
+        counts = last.get("counts")
+        return counts if isinstance(counts, dict) else None
+
+    def write(self, frame: pl.LazyFrame, basis: dict[str, Any]) -> dict[str, int]:
+        """See OutputSink.write."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        frame.sink_parquet(tmp, row_group_size=ROW_GROUP_ROWS)
+        fsync_rename(tmp, self.path)
+        statuses = pl.scan_parquet(self.path).group_by("status").agg(pl.len().alias("rows")).collect()
+        counts = dict(zip(statuses.get_column("status").to_list(), statuses.get_column("rows").to_list(), strict=True))
+        st = self.path.stat()
+        record = {"output": str(self.path), **basis, "file": [st.st_size, st.st_mtime_ns], "counts": counts}
+        write_json_atomic(record, self._record)
+        return counts

@@ -1,0 +1,153 @@
+"""What every executor shares: the protocol, the run's stop state, and turning answers into Results.
+
+An executor takes the run's pending requests (an async iterator), calls `deliver` once per finished
+request, and watches `control` to stop early. It knows nothing of specs, files or money. How it sends
+(online through the SDK, through Zhipu's Batch API, from Ray actors) is its own business; what a
+Result says is decided here, the same way for all of them:
+
+    conversation = Conversation(request, shape)
+    while (params := conversation.add(answer)) is not None:   # a structured answer to repair
+        answer = await send(params)
+    deliver(conversation.result(attempts=..., latency_ms=...))
+
+Failures are described by a transport's classifier as a `Fault`; `failure()` turns one into a Result.
+A fault nobody classified is retryable: a bug of ours or a body we could not parse must never become a
+row failed for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from runner.errors import EndpointAborted
+from runner.job.structured import AnswerShape, Unusable
+from runner.records import Answer, Request, Result
+from runner.send.retries import Fault, Verdict
+
+Deliver = Callable[[Result], None]
+
+
+@dataclass
+class Control:
+    """Shared stop state of a run: why dispatch stopped, and the endpoint's refusal if that was why."""
+
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str | None = None
+    aborted: EndpointAborted | None = None
+    retries: dict[str, int] = field(default_factory=dict)  # error_type -> retries taken
+
+    def stop(self, reason: str) -> None:
+        """Stop at once: queued requests are dropped unsent; requests in flight may finish."""
+        if self.reason is None:
+            self.reason = reason
+        self.stopping.set()
+
+    def end_dispatch(self, reason: str) -> None:
+        """No more requests will be offered, for `reason`; the ones already queued still go out."""
+        if self.reason is None:
+            self.reason = reason
+
+    def abort(self, fault: Fault) -> None:
+        """The endpoint refused the whole job: remember why and stop."""
+        if self.aborted is None:
+            self.aborted = EndpointAborted(f"the endpoint refused the job: {fault.type} {fault.message}")
+        self.stop("aborted")
+
+    def count_retry(self, fault: Fault) -> None:
+        """One more retry of a request that failed with `fault`."""
+        self.retries[fault.type] = self.retries.get(fault.type, 0) + 1
+
+
+class Executor(Protocol):
+    """Sends requests and reports each one's Result."""
+
+    async def run(self, requests: AsyncIterator[Request], deliver: Deliver, control: Control) -> None:
+        """Consume `requests` until exhausted or `control` says stop; call `deliver` for every result."""
+
+    def gauges(self) -> dict[str, Any]:
+        """What progress shows of the sending right now (in flight, limit, refusal rate, ...)."""
+
+    async def aclose(self) -> None:
+        """Release connections and anything else the executor holds."""
+
+
+class Conversation:
+    """One request's turns: its answers so far, and (for structured jobs) whether to ask again.
+
+    `add` returns the parameters of a repair turn that quotes what was wrong with the answer, or None
+    when the request is done: a valid answer, free text, a truncated answer (the same request would be
+    cut at the same place) or `max_repairs` spent.
+    """
+
+    def __init__(self, request: Request, shape: AnswerShape | None) -> None:
+        self.request = request
+        self.params = request.params
+        self._shape = shape
+        self._answers: list[Answer] = []
+        self._value: Any = None
+        self._problem: Unusable | None = None
+
+    def add(self, answer: Answer) -> dict[str, Any] | None:
+        """Record one turn's answer; the next turn's parameters if a repair is due, else None."""
+        self._answers.append(answer)
+        if self._shape is None:
+            return None
+        try:
+            self._value, self._problem = self._shape.check(answer), None
+            return None
+        except Unusable as unusable:
+            self._problem = unusable
+            if unusable.kind == "truncated" or len(self._answers) > self._shape.max_repairs:
+                return None
+            self.params = self._shape.repair(self.params, answer, str(unusable))
+            return self.params
+
+    def result(self, *, attempts: int, latency_ms: float | None) -> Result:
+        """The Result of the finished conversation (at least one answer)."""
+        answers, problem, last = self._answers, self._problem, self._answers[-1]
+        return Result(
+            key=self.request.key,
+            status="ok" if problem is None else "invalid",
+            attempts=attempts,
+            latency_ms=latency_ms,
+            finished_at=dt.datetime.now(dt.UTC),
+            model=last.model,
+            # For a tool call the raw answer is its input; kept as text so invalid rows show what came back.
+            response_text=last.text if last.tool_input is None else json.dumps(last.tool_input, ensure_ascii=False),
+            thinking=last.thinking,
+            stop_reason=last.stop_reason,
+            # Every turn is paid for, so every turn's tokens count.
+            input_tokens=sum(a.input_tokens for a in answers),
+            output_tokens=sum(a.output_tokens for a in answers),
+            thinking_tokens=sum(a.thinking_tokens for a in answers),
+            cache_read_input_tokens=sum(a.cache_read_input_tokens or 0 for a in answers),
+            cache_creation_input_tokens=sum(a.cache_creation_input_tokens or 0 for a in answers),
+            request_id=last.request_id,
+            error_type=problem.kind if problem else None,
+            error_message=str(problem) if problem else None,
+            # Sorted keys: the same answer always has the same text, so samples can be voted on by it.
+            parsed_json=json.dumps(self._value, ensure_ascii=False, sort_keys=True)
+            if problem is None and self._shape
+            else None,
+            repairs=len(answers) - 1,
+        )
+
+
+def failure(request: Request, fault: Fault, attempts: int) -> Result:
+    """The Result of a request that ended in `fault`; a retryable one is sent again by the next run."""
+    return Result(
+        key=request.key,
+        status="error",
+        attempts=attempts,
+        latency_ms=None,
+        finished_at=dt.datetime.now(dt.UTC),
+        model=str(request.params.get("model")),
+        error_type=fault.type,
+        error_message=fault.message,
+        retryable=fault.verdict is Verdict.RETRY,
+    )

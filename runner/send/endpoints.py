@@ -1,0 +1,34 @@
+"""Where a run sends: the job's endpoint URL, or a simulator started for this run only.
+
+The simulator (runner.testing) is imported only when a job names `endpoint: simulator`: a real run
+never loads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from runner.job.resolve import Job
+
+
+@contextlib.contextmanager
+def endpoint_url(job: Job) -> Iterator[str]:
+    """The base URL to send to; for `endpoint: simulator`, a simulator running for this run only."""
+    if job.base_url is not None:
+        yield job.base_url
+        return
+    from runner.testing.simulator import SimConfig, SimulatorThread  # the offline default only
+
+    sim = job.spec.simulator
+    config = SimConfig(
+        latency_s=sim.latency_s,
+        latency_jitter_s=sim.latency_jitter_s,
+        concurrency_cap=sim.concurrency_cap,
+        fault_rate=sim.fault_rate,
+        invalid_rate=sim.invalid_rate,
+        sample_disagreement=sim.sample_disagreement,
+        seed=sim.seed,
+    )
+    with SimulatorThread(config) as server:
+        yield server.url

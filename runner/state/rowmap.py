@@ -1,0 +1,119 @@
+"""The row map: which request answers which input row, recorded as a run renders.
+
+    rows/rows-<n>.parquet    row position, id, request key and kept columns, in input order
+    rows/fingerprint.json    what the map was built from (spec hash, input sizes and mtimes)
+
+Answers are stored by request key, not by row; the map joins them back to rows when the output is
+written, and lets a re-run over unchanged inputs skip rendering altogether. It is only trusted once
+sealed (every input row rendered): a run that dies before sealing leaves a map the next run rebuilds,
+so it needs no per-batch durability and is written in large files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from runner.job.inputs import ROW
+from runner.job.samples import expand_samples
+from runner.records import KEY
+from runner.state.files import write_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from runner.state.store import SettledKeys
+
+ROW_MAP_FILE_ROWS = 100_000  # rows per row-map file: few files, bounded memory
+
+
+class RowMap:
+    """One job's row map, in `rows_dir`: appended while a run renders, sealed when it has every row."""
+
+    def __init__(self, rows_dir: Path) -> None:
+        self.rows_dir = rows_dir
+        self._seq = 0
+        self._buffer: list[pl.DataFrame] = []
+        self._buffered = 0
+
+    def files(self) -> list[Path]:
+        """The map's files, in input order."""
+        return sorted(self.rows_dir.glob("rows-*.parquet"))
+
+    def fingerprint(self) -> dict[str, Any] | None:
+        """What the sealed map was built from; None when it is not sealed."""
+        try:
+            data = json.loads((self.rows_dir / "fingerprint.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def is_current(self, fingerprint: dict[str, Any], settled: SettledKeys, samples: int = 1) -> bool:
+        """True when the sealed map was built from these very inputs and this spec, and every key in it
+        (every sample's key) is settled: then no row needs rendering and a run only writes the output."""
+        if self.fingerprint() != fingerprint:
+            return False
+        return settled.covers(self.request_lines(samples).select(KEY))
+
+    def reset(self) -> None:
+        """Forget the previous map; this run writes a new one as it renders."""
+        self.rows_dir.mkdir(parents=True, exist_ok=True)
+        (self.rows_dir / "fingerprint.json").unlink(missing_ok=True)
+        for old in self.rows_dir.glob("*.parquet"):
+            old.unlink()
+        self._seq = 0
+        self._buffer, self._buffered = [], 0
+
+    def add(self, rows: pl.DataFrame) -> None:
+        """Record a batch of input rows (position, id, request key, kept columns), in input order."""
+        self._buffer.append(rows)
+        self._buffered += rows.height
+        if self._buffered >= ROW_MAP_FILE_ROWS:
+            self.write()
+
+    def write(self) -> None:
+        """Write what is buffered as the next map file."""
+        if self._buffer:
+            write_atomic(pl.concat(self._buffer), self.rows_dir / f"rows-{self._seq:08d}.parquet")
+            self._seq += 1
+            self._buffer, self._buffered = [], 0
+
+    def seal(self, fingerprint: dict[str, Any]) -> None:
+        """Mark the map complete (every input row rendered) and record what it was built from."""
+        self.write()
+        write_json_atomic(fingerprint, self.rows_dir / "fingerprint.json")
+
+    def scan(self) -> pl.LazyFrame:
+        """The whole map, one line per row."""
+        self.write()
+        return pl.scan_parquet(self.files())
+
+    def request_lines(self, samples: int) -> pl.LazyFrame:
+        """The map with one line per request: per row, or per (row, sample) when sampling."""
+        rows = self.scan()
+        return expand_samples(rows, samples) if samples > 1 else rows
+
+    def progress(
+        self, result_parts: list[Path], samples: int = 1, total_rows: int | None = None
+    ) -> dict[str, int] | None:
+        """How many rows are answered ok, failed, or still pending (of `total_rows`, or of the rows the
+        last run mapped); None if no run has mapped the input yet. A sampled row is ok when every
+        sample is, failed when any sample did."""
+        if not self.rows_dir.exists() or not self.files():
+            return None
+        lines = self.request_lines(samples).select(ROW, KEY)
+        if result_parts:
+            results = pl.scan_parquet(result_parts).group_by(KEY).agg((pl.col("status") == "ok").any().alias("ok"))
+            lines = lines.join(results, on=KEY, how="left")
+        else:
+            lines = lines.with_columns(pl.lit(None, pl.Boolean).alias("ok"))
+        per_row = lines.group_by(ROW).agg(
+            pl.col("ok").fill_null(False).all().alias("all_ok"),  # a request with no result is not ok
+            (pl.col("ok") == False).any().alias("any_failed"),  # noqa: E712
+        )
+        counts = per_row.select(
+            pl.len().alias("rows"), pl.col("all_ok").sum().alias("ok"), pl.col("any_failed").sum().alias("failed")
+        ).collect()
+        rows, ok, failed = (int(counts.item(0, c)) for c in ("rows", "ok", "failed"))
+        return {"ok": ok, "failed": failed, "pending": max(rows, total_rows or 0) - ok - failed}

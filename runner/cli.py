@@ -77,6 +77,10 @@ def run(
     log_format: Annotated[
         str, typer.Option("--log-format", help="auto (a bar on a terminal, JSON lines otherwise), json, text.")
     ] = "auto",
+    resend_lost: Annotated[
+        bool,
+        typer.Option("--resend-lost", help="Pay again for answers lost with torn state files, however many."),
+    ] = False,
 ) -> None:
     """Run a job: send every row that has no answer yet and write the results to Parquet."""
     from runner.engine import RunOptions, run_job  # the engine pulls in the SDK; keep `validate` light
@@ -92,7 +96,9 @@ def run(
             run_job(
                 job,
                 api_key=key,
-                options=RunOptions(fresh=fresh, retry_failed=retry_failed, resume_command=resume),
+                options=RunOptions(
+                    fresh=fresh, retry_failed=retry_failed, resume_command=resume, resend_lost=resend_lost
+                ),
                 reporter=make_reporter(fmt),
             )
         )

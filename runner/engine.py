@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import random
 import secrets
@@ -22,6 +23,7 @@ from typing import Any
 
 import polars as pl
 
+from runner.errors import DiskFull
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
 from runner.money import ledger
@@ -31,6 +33,7 @@ from runner.money.tokens import Calibration
 from runner.observe import quality, summary
 from runner.observe.progress import Reporter
 from runner.output.assemble import OutputShape, finalize
+from runner.output.salvage import check_resend, salvage
 from runner.output.sinks import ParquetSink
 from runner.plan import Dispatch, nothing, plan
 from runner.records import Result
@@ -51,6 +54,7 @@ class RunOptions:
     pilot_rows: int | None = None  # send only this many randomly chosen rows; write no output
     pilot_seed: int = 0
     resume_command: str | None = None  # the exact command that resumes this job (for messages)
+    resend_lost: bool = False  # pay again for answers lost with torn files, however many
 
 
 @dataclass
@@ -102,15 +106,30 @@ async def _run(
         reporter.event("journal_recovered", answers=store.recovered)
     if store.corrupt:
         reporter.event("corrupt_parts_quarantined", files=[str(p) for p in store.corrupt])
+    if store.row_map_dropped:
+        reporter.event("row_map_rebuilt", reason="a row-map file did not read; it is a cache of the input")
+    if store.corrupt and (salvaged := salvage(job, store)):
+        reporter.event("answers_salvaged", answers=salvaged, source=str(job.output_path))
     settled = SettledKeys.none() if options.fresh else store.settled_keys(retry_failed=options.retry_failed)
+    if store.quarantined and not options.fresh:
+        check_resend(job, store, settled, tally.rows_total, options.resend_lost)
     control = Control()
 
     def deliver(result: Result) -> None:
         result, tier = accountant.settle(result)
-        store.add(result)
         tally.record(result, tier)
-        if store.buffered >= run.checkpoint_rows:
+        try:
+            store.add(result)
+            if store.buffered >= run.checkpoint_rows:
+                store.flush()
+        except DiskFull as exc:  # stop at once; what is journalled stays, the next run goes on from it
+            control.fail(exc)
+
+    def checkpoint() -> None:
+        try:
             store.flush()
+        except DiskFull as exc:
+            control.fail(exc)
 
     fingerprint = _fingerprint(job)
     unchanged = not options.fresh and pilot is None and store.rows.is_current(fingerprint, settled, samples)
@@ -129,29 +148,36 @@ async def _run(
             await supervise(
                 executor.run(requests, deliver, control),
                 control=control,
-                checkpoint=store.flush,
+                checkpoint=checkpoint,
                 tick=lambda: reporter.tick(tally, executor.gauges(), control),
                 every_s=min(run.checkpoint_seconds, reporter.interval_s),
                 grace_s=run.grace_s,
                 reporter=reporter,
             )
         finally:
-            store.flush()
+            checkpoint()
             await executor.aclose()
     gauges = executor.gauges()
 
-    ledger.append(summary.ledger_rows(job, tally, store.run_id), store.run_id)
+    simulated = job.base_url is None  # the built-in simulator: its money is make-believe, booked apart
+    try:
+        ledger.append(summary.ledger_rows(job, tally, store.run_id), store.run_id, simulated=simulated)
+    except DiskFull as exc:  # the ledger lives elsewhere (home); its disk being full must not lose the run
+        reporter.event("ledger_not_written", reason=str(exc))
     concurrency = {k: gauges.get(g) for k, g in (("adaptive", "adaptive"), ("final", "limit"))}
     concurrency["overload_429_rate"] = gauges.get("overload_429_rate")
 
     def record(exit_code: int, finalized: bool) -> dict[str, Any]:
         return summary.summary(
             job, store.run_id, store.read_estimate(), tally, control, started_at, exit_code, finalized, accountant
-        ) | {"concurrency": concurrency}
+        ) | {"concurrency": concurrency, "simulated": simulated}
 
     if pilot is not None:
         report = record(0, False)
-        store.record_run({**report, "pilot": True})
+        with contextlib.suppress(DiskFull):
+            store.record_run({**report, "pilot": True})
+        if control.aborted is not None or control.failed is not None:  # the pilot could not run: say why
+            return RunReport(*summary.outcome(job, control, None, options.resume_command), report)
         return RunReport(0, f"pilot: {tally.ok} rows answered", report)
 
     # Complete when every row was rendered and every request this run queued came back; rows whose
@@ -160,14 +186,19 @@ async def _run(
     failed_rows: int | None = None  # None: not finalized, the output is not complete yet
     if control.reason is None and complete:
         shape = OutputShape(job.spec.input.id_column or "id", job.shape.fields if job.shape else {}, samples)
-        counts = finalize(store, ParquetSink(job.output_path, job.state_dir), shape)
-        failed_rows = sum(n for status, n in counts.items() if status != "ok")
+        try:
+            counts = finalize(store, ParquetSink(job.output_path, job.state_dir), shape)
+            failed_rows = sum(n for status, n in counts.items() if status != "ok")
+        except DiskFull as exc:  # the answers are all in the store; the next run writes the output
+            control.fail(exc)
     exit_code, message = summary.outcome(job, control, failed_rows, options.resume_command)
     report = record(exit_code, failed_rows is not None)
     if failed_rows is not None and job.shape is not None:
         report["quality"] = quality.summarise(job, job.shape)
-    write_json_atomic(report, job.output_path.with_suffix(".summary.json"))
-    store.record_run(report)
+    with contextlib.suppress(DiskFull):  # a full disk was already said; the journal holds the answers
+        job.output_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(report, job.output_path.with_suffix(".summary.json"))
+        store.record_run(report)
     reporter.finish(report, message)
     return RunReport(exit_code, message, report)
 

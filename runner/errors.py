@@ -6,6 +6,7 @@ The tree::
     ├── UsageError        (2)     bad spec, bad input, bad command line: nothing was sent
     ├── EndpointAborted   (3)     the endpoint refused the whole job (auth, balance, unknown model)
     ├── BudgetExhausted   (4)     run.max_cost reached; dispatch stopped before overspending
+    ├── DiskFull          (5)     no space left where the job writes; answers so far are kept
     └── LockHeld          (75)    another run of the same job holds its lock
 
 Every message says what is wrong and how to fix it; the CLI prints it as one line, without a traceback.
@@ -42,3 +43,11 @@ class LockHeld(GlmBatchError):
     """Another live process is running the same job (the same state directory)."""
 
     exit_code = 75  # EX_TEMPFAIL: cron wrappers treat it as "try again later"
+
+
+class DiskFull(GlmBatchError):
+    """A write failed for lack of space (or quota); the run stops, keeping every answer already journalled.
+
+    The message names the path; free space there and run the same command again."""
+
+    exit_code = 5

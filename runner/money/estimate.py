@@ -67,7 +67,11 @@ async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, repo
     """Build the estimate report (and keep it in the job's state for the next run to compare with)."""
     table = require_prices(job, "glm-batch estimate")
     if options.pilot_rows:
-        await run_job(job, api_key=api_key, options=RunOptions(pilot_rows=options.pilot_rows), reporter=reporter)
+        pilot = await run_job(
+            job, api_key=api_key, options=RunOptions(pilot_rows=options.pilot_rows), reporter=reporter
+        )
+        if pilot.exit_code == EndpointAborted.exit_code:  # a bad key or no balance: say so, as a run does
+            raise EndpointAborted(pilot.message)
 
     source = open_input(job)
     store = Store(job.state_dir, run_id="estimate")

@@ -4,7 +4,9 @@
     usage()               # every row, for `glm-batch usage` and for calibration
 
 It is a folder of small Parquet files (one per run, written atomically) in $GLM_BATCH_LEDGER, by
-default ~/.local/share/glm-batch/ledger, shared by every job on the machine.
+default ~/.local/share/glm-batch/ledger, shared by every job on the machine. Runs on the built-in
+simulator book their make-believe spend in a folder of its own (`simulated/` inside the ledger), so it
+never mixes with real money nor calibrates real estimates.
 """
 
 from __future__ import annotations
@@ -42,18 +44,19 @@ def ledger_dir() -> Path:
     return Path.home() / ".local" / "share" / "glm-batch" / "ledger"
 
 
-def append(rows: pl.DataFrame, run_id: str) -> None:
-    """Add one run's rows (in LEDGER_SCHEMA) to the ledger."""
+def append(rows: pl.DataFrame, run_id: str, *, simulated: bool = False) -> None:
+    """Add one run's rows (in LEDGER_SCHEMA) to the ledger (its simulated part for simulator runs)."""
     if rows.height == 0:
         return
-    folder = ledger_dir()
+    folder = ledger_dir() / "simulated" if simulated else ledger_dir()
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(rows.select(list(LEDGER_SCHEMA)).cast(pl.Schema(LEDGER_SCHEMA)), folder / f"{run_id}.parquet")
 
 
-def usage() -> pl.DataFrame:
-    """Every ledger row ever written (empty frame if none)."""
-    files = sorted(ledger_dir().glob("*.parquet"))
+def usage(*, simulated: bool = False) -> pl.DataFrame:
+    """Every ledger row ever written (empty frame if none): real spend, or with `simulated` the
+    simulator's make-believe spend."""
+    files = sorted((ledger_dir() / "simulated" if simulated else ledger_dir()).glob("*.parquet"))
     if not files:
         return pl.DataFrame(schema=LEDGER_SCHEMA)
     return pl.scan_parquet(files, schema=LEDGER_SCHEMA).collect()

@@ -45,6 +45,8 @@ def outcome(job: Job, control: Control, failed_rows: int | None, resume: str | N
             f"stopped before run.max_cost ({job.spec.run.max_cost} {job.currency}) could be exceeded; "
             f"answers so far are saved; continue later with: {resume}"
         )
+    if control.failed is not None:
+        return control.failed.exit_code, f"{control.failed}; answers so far are saved; resume with: {resume}"
     if control.aborted is not None:
         return control.aborted.exit_code, f"{control.aborted}; fix that, then resume with: {resume}"
     if control.reason in ("SIGINT", "SIGTERM"):

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import polars as pl
 
-from runner.state.files import fsync_rename, write_json_atomic
+from runner.state.files import fsync_rename, space_checked, write_json_atomic
 
 ROW_GROUP_ROWS = 20_000  # small row groups let readers skip what they do not need
 
@@ -57,8 +57,12 @@ class ParquetSink:
         """See OutputSink.write."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        frame.sink_parquet(tmp, row_group_size=ROW_GROUP_ROWS)
-        fsync_rename(tmp, self.path)
+        try:
+            with space_checked(self.path):
+                frame.sink_parquet(tmp, row_group_size=ROW_GROUP_ROWS)
+                fsync_rename(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
         statuses = pl.scan_parquet(self.path).group_by("status").agg(pl.len().alias("rows")).collect()
         counts = dict(zip(statuses.get_column("status").to_list(), statuses.get_column("rows").to_list(), strict=True))
         st = self.path.stat()

@@ -24,10 +24,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from runner.errors import EndpointAborted
+from runner.errors import EndpointAborted, GlmBatchError
 from runner.job.structured import AnswerShape, Unusable
 from runner.records import Answer, Request, Result
-from runner.send.retries import Fault, Verdict
+from runner.send.retries import Fault, Verdict, abort_meaning
 
 Deliver = Callable[[Result], None]
 
@@ -39,6 +39,7 @@ class Control:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str | None = None
     aborted: EndpointAborted | None = None
+    failed: GlmBatchError | None = None  # a local failure that stopped the run (a full disk)
     retries: dict[str, int] = field(default_factory=dict)  # error_type -> retries taken
 
     def stop(self, reason: str) -> None:
@@ -55,8 +56,17 @@ class Control:
     def abort(self, fault: Fault) -> None:
         """The endpoint refused the whole job: remember why and stop."""
         if self.aborted is None:
-            self.aborted = EndpointAborted(f"the endpoint refused the job: {fault.type} {fault.message}")
+            code = fault.type.rsplit("/", 1)[-1]
+            self.aborted = EndpointAborted(
+                f"the endpoint refused the job ({fault.type}: {fault.message}): {abort_meaning(code)}"
+            )
         self.stop("aborted")
+
+    def fail(self, error: GlmBatchError) -> None:
+        """The run cannot go on for `error` (a full disk): stop at once and end with its exit code."""
+        if self.failed is None:
+            self.failed = error
+        self.stop("failed")
 
     def count_retry(self, fault: Fault) -> None:
         """One more retry of a request that failed with `fault`."""

@@ -54,6 +54,28 @@ ABORT_CODES = frozenset(
 )
 
 
+# What an account-level refusal means and what to do about it, for the one line a stopped run prints.
+ABORT_MEANINGS: dict[str, str] = {
+    **dict.fromkeys(
+        ("1000", "1001", "1002", "1003", "1004", "401", "authentication_error"),
+        "the API key is missing, wrong or expired; check ZHIPUAI_API_KEY",
+    ),
+    **dict.fromkeys(
+        ("1110", "1111", "1112", "1121", "1220", "permission_error"),
+        "the account is inactive, locked or not allowed this model; check it in Zhipu's console",
+    ),
+    **dict.fromkeys(("1113", "billing_error"), "the account is out of balance; top up"),
+    **dict.fromkeys(("1308", "1309", "1310"), "the plan's usage limit is reached or the plan expired; wait or renew"),
+    "1211": "the endpoint does not know this model; check model.name",
+    "404": "the endpoint does not know this model or path; check model.name and model.endpoint",
+}
+
+
+def abort_meaning(code: str) -> str:
+    """What an abort code means and what to do, or a generic line for a code we do not know."""
+    return ABORT_MEANINGS.get(code, "the endpoint refused the account; check the key and the account")
+
+
 class BadResponse(Exception):
     """A 200 answer whose body is not a message (Zhipu sometimes sends an error object with status 200)."""
 

@@ -6,22 +6,57 @@ of the directory, so `kill -9` or a power cut at any instant leaves the old stat
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from runner.errors import DiskFull
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(path: Path) -> DiskFull:
+    """The error for a write to `path` that found no space."""
+    return DiskFull(
+        f"no space left on the device holding {path}; free some space there, then run the same command again"
+    )
+
+
+@contextlib.contextmanager
+def space_checked(path: Path) -> Iterator[None]:
+    """Turn a failed write for lack of space (OSError ENOSPC/EDQUOT, or polars' wrapping of it) into
+    DiskFull naming `path`; the temporary file it may have left is removed."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise no_space(path) from None
+        raise
+    except pl.exceptions.ComputeError as exc:  # polars reports an I/O error of its own writer this way
+        if "No space left" in str(exc) or "Disk quota" in str(exc):
+            raise no_space(path) from None
+        raise
+
 
 def write_atomic(frame: pl.DataFrame, path: Path) -> None:
     """Write Parquet so that `path` is either absent or complete: temp name, fsync, rename, fsync dir."""
     tmp = path.with_name(path.name + ".tmp")
-    frame.write_parquet(tmp)
-    fsync_rename(tmp, path)
+    try:
+        with space_checked(path):
+            frame.write_parquet(tmp)
+            fsync_rename(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def fsync_rename(tmp: Path, path: Path) -> None:
+    """Make `tmp` durable and move it to `path` in one step (and make the move durable)."""
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -38,5 +73,9 @@ def fsync_rename(tmp: Path, path: Path) -> None:
 def write_json_atomic(data: dict[str, Any], path: Path) -> None:
     """Write JSON with the same all-or-nothing guarantee as the part files."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    fsync_rename(tmp, path)
+    try:
+        with space_checked(path):
+            tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+            fsync_rename(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

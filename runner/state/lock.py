@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from runner.errors import LockHeld
+from runner.errors import LockHeld, UsageError
 
 
 class JobLock:
@@ -23,7 +23,13 @@ class JobLock:
 
     def acquire(self) -> None:
         """Take the lock or raise LockHeld naming the process that has it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a directory, or a file we may not write, where the lock must be
+            raise UsageError(
+                f"{self.path}: cannot take the job lock ({exc.strerror}); it must be a file this user can "
+                "write: remove it or fix its permissions"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

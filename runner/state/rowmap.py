@@ -49,12 +49,30 @@ class RowMap:
             return None
         return data if isinstance(data, dict) else None
 
+    def drop_if_torn(self) -> bool:
+        """Forget the whole map if any of its files does not read (a torn write, a truncated copy): it
+        is a cache of the input, rebuilt by the next render. True if it was dropped."""
+        for path in self.files():
+            try:
+                pl.read_parquet_schema(path)
+            except Exception:  # any failure to read the footer means the file is not whole
+                self.reset()
+                return True
+        return False
+
     def is_current(self, fingerprint: dict[str, Any], settled: SettledKeys, samples: int = 1) -> bool:
         """True when the sealed map was built from these very inputs and this spec, and every key in it
         (every sample's key) is settled: then no row needs rendering and a run only writes the output."""
         if self.fingerprint() != fingerprint:
             return False
         return settled.covers(self.request_lines(samples).select(KEY))
+
+    def unsettled(self, settled: SettledKeys, samples: int = 1) -> int | None:
+        """How many requests of the last sealed map have no settled answer; None with no sealed map."""
+        if self.fingerprint() is None:
+            return None
+        keys = self.request_lines(samples).select(KEY).unique()
+        return int(settled.missing(keys))
 
     def reset(self) -> None:
         """Forget the previous map; this run writes a new one as it renders."""

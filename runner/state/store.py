@@ -30,8 +30,9 @@ from typing import Any
 
 import polars as pl
 
+from runner.errors import DiskFull, UsageError
 from runner.records import KEY, RESULT_SCHEMA, Result, result_from_json, result_to_json, results_frame
-from runner.state.files import fsync_rename, write_atomic, write_json_atomic
+from runner.state.files import NO_SPACE, fsync_rename, no_space, space_checked, write_atomic, write_json_atomic
 from runner.state.lock import JobLock
 from runner.state.rowmap import RowMap
 
@@ -77,8 +78,12 @@ class SettledKeys:
 
     def covers(self, keys: pl.LazyFrame) -> bool:
         """Is every key in `keys` settled? (A hash anti-join: for a whole map, not a batch.)"""
+        return self.missing(keys) == 0
+
+    def missing(self, keys: pl.LazyFrame) -> int:
+        """How many of `keys` are not settled."""
         missing = keys.join(self._keys.to_frame(KEY).lazy(), on=KEY, how="anti").select(pl.len()).collect()
-        return int(missing.item()) == 0
+        return int(missing.item())
 
     def contains(self, keys: pl.Series) -> pl.Series:
         """A boolean Series: is each of `keys` settled?"""
@@ -98,19 +103,33 @@ class Store:
         self.results_dir = state_dir / "results"
         self.rows = RowMap(state_dir / "rows")
         self.lock = JobLock(state_dir / "lock")
-        self.corrupt: list[Path] = []  # parts found unreadable at open
+        self.corrupt: list[Path] = []  # parts found unreadable at this open (and moved to corrupt/)
+        self.quarantined: list[Path] = []  # every part ever set aside in corrupt/
         self._pending: list[Result] = []
         self._part_seq = 0
         self._journal: int | None = None
+        self._journal_path = state_dir / f"journal-{run_id}.jsonl"
+        self._journal_size = 0  # bytes of whole lines in the journal: where a torn write is cut back to
+        self._journal_kept = False
+        self.row_map_dropped = False  # the row map was torn and has been dropped (it is rebuilt)
         self.recovered = 0  # answers recovered from journals of runs that died
 
     # ---- opening --------------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Lock the job, sweep temp files left by a crash, quarantine unreadable parts, reset the row map."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        """Lock the job, sweep temp files left by a crash, fold dead runs' journals into parts, quarantine
+        unreadable parts, and drop a torn row map (a cache, rebuilt as the run renders)."""
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            (self.state_dir / "results").mkdir(exist_ok=True)
+        except OSError as exc:
+            if exc.errno in NO_SPACE:
+                raise no_space(self.state_dir) from None
+            raise UsageError(
+                f"{self.state_dir}: cannot use it as the job's state directory ({exc.strerror}); "
+                "fix its permissions or set output.state_dir"
+            ) from None
         self.lock.acquire()
-        self.results_dir.mkdir(exist_ok=True)
         for tmp in self.state_dir.rglob("*.tmp"):
             tmp.unlink()
         for journal in sorted(self.state_dir.glob("journal-*.jsonl")):
@@ -122,9 +141,10 @@ class Store:
                     raise ValueError("unexpected columns")
             except Exception:  # any failure to read means the file is not whole; never trust it
                 self._quarantine(part)
+        self.quarantined = sorted((self.state_dir / "corrupt").glob("*.parquet"))
         self.rows.rows_dir.mkdir(exist_ok=True)
-        journal = self.state_dir / f"journal-{self.run_id}.jsonl"
-        self._journal = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.row_map_dropped = self.rows.drop_if_torn()
+        self._journal = os.open(self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def _recover(self, journal: Path) -> None:
         """Turn a dead run's journal into a part; a torn last line (the kill came mid-write) is dropped."""
@@ -151,13 +171,19 @@ class Store:
 
         The row map rendered so far is written too: a run that stopped early leaves it unsealed, so
         the next run does not trust it, but `glm-batch status` can count the rows it holds."""
-        self.flush()
-        self.rows.write()
-        if self._journal is not None:
-            os.close(self._journal)
-            self._journal = None
-            (self.state_dir / f"journal-{self.run_id}.jsonl").unlink(missing_ok=True)
-        self.lock.release()
+        try:
+            self.flush()
+            self.rows.write()
+        except DiskFull:
+            # The answers stay in the journal, which the next run folds into a part; keep it.
+            self._journal_kept = True
+        finally:
+            if self._journal is not None:
+                os.close(self._journal)
+                self._journal = None
+                if not self._journal_kept:
+                    self._journal_path.unlink(missing_ok=True)
+            self.lock.release()
 
     def result_parts(self) -> list[Path]:
         """Every readable results part, oldest first."""
@@ -179,8 +205,23 @@ class Store:
     def add(self, result: Result) -> None:
         """Journal one result at once (it survives a kill from here on) and buffer it for the next part."""
         assert self._journal is not None, "Store.open() first"
-        os.write(self._journal, (result_to_json(result) + "\n").encode())
+        data = (result_to_json(result) + "\n").encode()
+        try:
+            written = os.write(self._journal, data)
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            written = -1
+        if written != len(data):
+            # Cut a torn line off again: glued to the next answer's line it would make both unreadable.
+            os.ftruncate(self._journal, self._journal_size)
+            raise no_space(self._journal_path)
+        self._journal_size += written
         self._pending.append(result)
+
+    def add_part(self, frame: pl.DataFrame, label: str) -> None:
+        """Keep answers that came from elsewhere (salvaged from an output) as a part of their own."""
+        write_atomic(frame, self.results_dir / f"part-{self.run_id}-{label}.parquet")
 
     @property
     def buffered(self) -> int:
@@ -199,6 +240,7 @@ class Store:
             # Everything journalled is now in the part. A kill between the rename and this truncate
             # leaves the same answers twice, which is harmless: answers are deduplicated by key.
             os.ftruncate(self._journal, 0)
+            self._journal_size = 0
 
     # ---- finishing ------------------------------------------------------------------------------
 
@@ -221,14 +263,15 @@ class Store:
         for b in range(buckets.count):
             target = self.results_dir / f"part-{self.run_id}-compact-{b:03d}.parquet"
             tmp = target.with_name(target.name + ".tmp")
-            (
-                results.filter(buckets.member(b))
-                .with_columns((pl.col("status") == "ok").alias("_ok"))
-                .sort([KEY, "_ok", "finished_at"])
-                .unique(subset=[KEY], keep="last", maintain_order=True)
-                .drop("_ok")
-                .sink_parquet(tmp)
-            )
+            with space_checked(target):
+                (
+                    results.filter(buckets.member(b))
+                    .with_columns((pl.col("status") == "ok").alias("_ok"))
+                    .sort([KEY, "_ok", "finished_at"])
+                    .unique(subset=[KEY], keep="last", maintain_order=True)
+                    .drop("_ok")
+                    .sink_parquet(tmp)
+                )
             fsync_rename(tmp, target)
             written.append(target)
         for part in parts:

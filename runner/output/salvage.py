@@ -1,0 +1,74 @@
+"""Salvage: when a part file of answers is found torn, take back the answers the finished output holds.
+
+The output Parquet is a second copy of every answer a finished run had (one line per row; a row that
+reused another's answer carries cost 0, so the paying row's line is the copy kept). A sampled job's
+output holds only the vote, not each sample, so it cannot be salvaged this way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from runner.errors import UsageError
+from runner.job.resolve import Job
+from runner.output.assemble import REUSED_FROM
+from runner.records import KEY, RESULT_SCHEMA
+from runner.state.store import SettledKeys, Store
+
+RESEND_FREE_SHARE = 0.01  # lost answers re-sent without asking: up to this share of the rows...
+RESEND_FREE_ROWS = 10  # ...or this many, whichever is more
+
+
+def answers_from_output(output: Path, fields: list[str]) -> pl.DataFrame:
+    """The ok answers in a finished output, as results (RESULT_SCHEMA), one per request key; empty
+    when the file is missing, unreadable or not an output of this project."""
+    empty = pl.DataFrame(schema=RESULT_SCHEMA)
+    try:
+        frame = pl.scan_parquet(output)
+        names = set(frame.collect_schema().names())
+    except Exception:  # an output that does not read is no copy to salvage from
+        return empty
+    if not {"request_key", "status"} <= names:
+        return empty
+    if REUSED_FROM in names:
+        frame = frame.filter(pl.col(REUSED_FROM).is_null())
+    columns = []
+    for name, dtype in RESULT_SCHEMA.items():
+        if name == KEY:
+            expr = pl.col("request_key")
+        elif name == "parsed_json":  # the typed answer columns, back to the JSON they were parsed from
+            expr = pl.struct(fields).struct.json_encode() if fields and set(fields) <= names else pl.lit(None)
+        elif name == "retryable":
+            expr = pl.lit(False)
+        else:
+            expr = pl.col(name) if name in names else pl.lit(None)
+        columns.append(expr.cast(dtype).alias(name))
+    try:
+        return frame.filter(pl.col("status") == "ok").select(columns).unique(subset=[KEY]).collect()
+    except pl.exceptions.PolarsError:  # a file that scans but does not read through
+        return empty
+
+
+def salvage(job: Job, store: Store) -> int:
+    """After torn parts were quarantined, keep the answers the output still holds; how many."""
+    if job.spec.output.samples > 1:
+        return 0
+    answers = answers_from_output(job.output_path, list(job.shape.fields) if job.shape else [])
+    if answers.height:
+        store.add_part(answers, "salvaged")
+    return answers.height
+
+
+def check_resend(job: Job, store: Store, settled: SettledKeys, rows_total: int, resend_lost: bool) -> None:
+    """Refuse to pay again for more than a small share of answers lost with torn files, unless asked."""
+    lost = store.rows.unsettled(settled, job.spec.output.samples)
+    allowed = max(RESEND_FREE_ROWS, int(rows_total * RESEND_FREE_SHARE))
+    if resend_lost or lost is None or lost <= allowed:
+        return
+    files = ", ".join(str(p) for p in store.quarantined)
+    raise UsageError(
+        f"{len(store.quarantined)} answer file(s) were torn and set aside ({files}); {lost} requests of the last "
+        f"run have no answer left in any copy and would be paid again; run with --resend-lost to send them"
+    )

@@ -399,7 +399,7 @@ class NativeAPI:
             rate = cfg.batch_lines_per_s
             expire_at = b.started + cfg.batch_expire_after_s if cfg.batch_expire_after_s is not None else math.inf
             until = min(now, expire_at)
-            due = len(b.lines) if not rate else min(len(b.lines), int((until - b.started) * rate))
+            due = len(b.lines) if not rate else min(len(b.lines), _lines_by(until - b.started, rate))
             self._process(b, due)
             if b.processed == len(b.lines):
                 done = b.started + (len(b.lines) / rate if rate else 0.0)
@@ -415,7 +415,7 @@ class NativeAPI:
         if b.status == "cancelling":
             assert b.stop_at is not None
             if b.started is not None and cfg.batch_lines_per_s:
-                self._process(b, min(len(b.lines), int((b.stop_at - b.started) * cfg.batch_lines_per_s)))
+                self._process(b, min(len(b.lines), _lines_by(b.stop_at - b.started, cfg.batch_lines_per_s)))
             elif b.started is not None:
                 self._process(b, len(b.lines))
             at = b.stop_at + cfg.batch_cancelling_s
@@ -528,6 +528,11 @@ class NativeAPI:
             "request_counts": {"total": len(b.lines), "completed": b.completed, "failed": b.failed},
             "metadata": b.metadata,
         }
+
+
+def _lines_by(seconds: float, rate: float) -> int:
+    """Lines processed in `seconds` at `rate` a second (0.3 s at 20/s is 6, not 5.999...)."""
+    return int(seconds * rate + 1e-9)
 
 
 def _dump(value: dict[str, Any]) -> str:

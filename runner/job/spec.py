@@ -162,6 +162,18 @@ class SimulatorSpec(_Strict):
     invalid_rate: Annotated[float, Field(ge=0, le=1)] = 0.0  # structured answers broken on the first try
     sample_disagreement: Annotated[float, Field(ge=0, le=1)] = 0.0  # repeats of a prompt answered otherwise
     seed: int = 0
+    faults: list[str] | None = None  # fault kinds fault_rate draws from (default: every transient one)
+    slow_s: PositiveFloat = 30.0  # how long a "slow" or "hang" fault takes
+    # The Batch API (/api/paas/v4): phase timings, processing rate, and the real world's quirks.
+    batch_validating_s: Annotated[float, Field(ge=0)] = 0.0
+    batch_lines_per_s: PositiveFloat | None = None  # None: every line at once
+    batch_finalizing_s: Annotated[float, Field(ge=0)] = 0.0
+    batch_expire_after_s: PositiveFloat | None = None  # a batch still running this long expires part-done
+    batch_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.0  # lines failing transiently (500, 429/1302)
+    batch_output_404_s: Annotated[float, Field(ge=0)] = 0.0  # result files 404 this long after the end
+    batch_queue_cap: PositiveInt | None = None  # requests a model may have queued in unfinished batches
+    batch_refuse_ineligible: bool = False  # refuse models the catalogue marks batch: false
+    batch_max_lines: PositiveInt = 50_000
 
 
 class JobSpec(_Strict):

@@ -30,7 +30,7 @@ from runner.send.batch_api import (
     classify_api_error,
 )
 from runner.send.batch_files import BatchFileWriter, write_batch_files
-from runner.send.native import chat_body
+from runner.send.native import answer_from_chat, chat_body, classify_failure, parse_result_line
 from runner.send.retries import Verdict
 
 KEY = "0123456789abcdef0123456789abcdef.secretsecret1234"
@@ -529,3 +529,44 @@ def test_writer_refuses_bad_requests(tmp_path: Path, pairs: list[tuple[str, dict
     with pytest.raises(ValueError, match=fragment), BatchFileWriter(tmp_path) as writer:
         for cid, body in pairs:
             writer.add(cid, body)
+
+
+# ---- against the simulator's Batch API, where this branch has it -------------------------------------
+
+
+async def test_round_trip_on_the_simulator(tmp_path: Path) -> None:
+    """Write, upload, create, poll, download and read every line back, on the simulator's Batch API.
+
+    Skipped where the simulator has no Batch API (it is built on another branch); the fake server above
+    is what proves the client's behaviour, this proves it speaks the same wire as the simulator.
+    """
+    pytest.importorskip("runner.testing.native", reason="the simulator's Batch API is not on this branch")
+    from runner.testing.simulator import SimConfig, SimulatorThread
+
+    config: dict[str, Any] = {"batch_error_rate": 0.3, "batch_output_404_s": 0.2, "seed": 1}
+    requests = requests_for(30)
+    [written] = write_batch_files(requests, tmp_path / "in")
+    with SimulatorThread(SimConfig(**config)) as sim:
+        async with BatchAPI(sim.url + "/api/paas/v4", KEY, timeout_s=10, not_ready_wait_s=0.1) as api:
+            uploaded = await api.upload(written.path)
+            batch = await api.create(uploaded.id, metadata={"job": "wire-test"})
+            for _ in range(200):
+                batch = await api.retrieve(batch.id)
+                if batch.done:
+                    break
+                await asyncio.sleep(0.05)
+            assert batch.status == "completed"
+            assert batch.request_counts.total == 30
+            lines: list[bytes] = []
+            for n, file_id in enumerate(f for f in (batch.output_file_id, batch.error_file_id) if f):
+                await api.download(file_id, tmp_path / f"result-{n}.jsonl")
+                lines += (tmp_path / f"result-{n}.jsonl").read_bytes().splitlines()
+    parsed = [parse_result_line(line) for line in lines]
+    assert sorted(p.custom_id or "" for p in parsed) == sorted(cid for cid, _ in requests)
+    good = [p for p in parsed if p.ok]
+    assert len(good) == batch.request_counts.completed
+    for line in good:
+        assert line.body is not None
+        answer = answer_from_chat(line.body, line.request_id)
+        assert answer.text and answer.input_tokens > 0 and answer.model == "glm-4.6"
+    assert all(classify_failure(p) is Verdict.RETRY for p in parsed if not p.ok)  # 500 and 429/1302 lines

@@ -7,6 +7,7 @@ never loads it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 from runner.job.resolve import Job
@@ -29,6 +30,18 @@ def endpoint_url(job: Job) -> Iterator[str]:
         invalid_rate=sim.invalid_rate,
         sample_disagreement=sim.sample_disagreement,
         seed=sim.seed,
+        slow_s=sim.slow_s,
+        batch_validating_s=sim.batch_validating_s,
+        batch_lines_per_s=sim.batch_lines_per_s,
+        batch_finalizing_s=sim.batch_finalizing_s,
+        batch_expire_after_s=sim.batch_expire_after_s,
+        batch_error_rate=sim.batch_error_rate,
+        batch_output_404_s=sim.batch_output_404_s,
+        batch_queue_cap=sim.batch_queue_cap,
+        batch_refuse_ineligible=sim.batch_refuse_ineligible,
+        batch_max_lines=sim.batch_max_lines,
     )
+    if sim.faults is not None:
+        config = dataclasses.replace(config, faults=tuple(sim.faults))
     with SimulatorThread(config) as server:
         yield server.url

@@ -19,7 +19,7 @@ from runner.send.native import (
     classify_failure,
     parse_result_line,
 )
-from runner.send.retries import Verdict, classify
+from runner.send.retries import Verdict, bad_response_fault
 
 SCHEMA = {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}
 TOOL = {"name": TOOL_NAME, "description": "Record the answer.", "input_schema": SCHEMA}
@@ -281,8 +281,8 @@ def test_answer_from_chat_refuses_non_completions(body: Any, code: str | None) -
 
 def test_bad_result_line_classifies_like_a_bad_response() -> None:
     """The one retry layer already knows BadResultLine: billing codes abort, anything else retries."""
-    assert classify(BadResultLine("1113", "no balance")) is Verdict.ABORT
-    assert classify(BadResultLine(None, "html")) is Verdict.RETRY
+    assert bad_response_fault(BadResultLine("1113", "no balance")).verdict is Verdict.ABORT
+    assert bad_response_fault(BadResultLine(None, "html")).verdict is Verdict.RETRY
 
 
 def test_repair_conversation_round_trip() -> None:

@@ -70,7 +70,7 @@ class UnsupportedParams(ValueError):
 class BadResultLine(BadResponse):
     """A result whose body is not a chat completion (an error object, HTML, a torn line...).
 
-    A BadResponse, so `runner.send.retries.classify` already knows what to do with it: abort on a
+    A BadResponse, so `runner.send.retries.bad_response_fault` already knows what to do with it: abort on a
     billing or auth code, retry otherwise.
     """
 

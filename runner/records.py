@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
@@ -73,6 +74,7 @@ class Result:
     est_input_tokens: int | None = None  # the local estimate made before sending (for calibration)
     parsed_json: str | None = None  # a structured answer, validated, as JSON
     repairs: int = 0  # follow-up turns spent getting a valid structured answer
+    api: str | None = None  # which API answered: "online" (the Messages API) or "batch" (Zhipu's Batch API)
 
 
 RESULT_SCHEMA: dict[str, pl.DataType] = {
@@ -99,7 +101,13 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "model": pl.String(),
     "finished_at": pl.Datetime("us", "UTC"),
     "run_id": pl.String(),
+    "api": pl.String(),  # added after the first release: older parts lack it (read as null: online)
 }
+
+
+def scan_results(parts: list[Path]) -> pl.LazyFrame:
+    """Answer parts as one lazy frame in RESULT_SCHEMA; a column that older parts lack reads as null."""
+    return pl.scan_parquet(parts, schema=RESULT_SCHEMA, missing_columns="insert")
 
 
 def result_to_json(result: Result) -> str:

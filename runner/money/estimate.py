@@ -34,7 +34,7 @@ from runner.money.pricing import PriceTable, require_prices, tier_label
 from runner.money.tokens import Calibration, estimate_request
 from runner.observe.progress import Reporter
 from runner.plan import plan
-from runner.records import RESULT_SCHEMA, Request
+from runner.records import RESULT_SCHEMA, Request, scan_results
 from runner.send.endpoints import endpoint_url
 from runner.state.store import SettledKeys, Store
 
@@ -97,7 +97,7 @@ def _earlier_answers(store: Store, job: Job) -> pl.DataFrame:
     if not parts:
         return pl.DataFrame(schema=RESULT_SCHEMA)
     return (
-        pl.scan_parquet(parts, schema=RESULT_SCHEMA)
+        scan_results(parts)
         .filter(pl.col("status") == "ok", pl.col("model") == job.spec.model.name)
         .select("input_tokens", "cache_read_input_tokens", "output_tokens", "est_input_tokens", "latency_ms")
         .collect()

@@ -24,7 +24,7 @@ import polars as pl
 from runner.job.inputs import ID, ROW
 from runner.output import voting
 from runner.output.sinks import OutputSink
-from runner.records import KEY, RESULT_SCHEMA
+from runner.records import KEY, scan_results
 from runner.state.store import Buckets, Store
 
 OUTPUT_CHUNK_ROWS = 50_000  # rows put in order at a time when writing the output
@@ -86,7 +86,7 @@ def assembled(store: Store, parts: list[Path], shape: OutputShape) -> Iterator[p
     rows = store.rows.scan()
     kept = [c for c in rows.collect_schema().names() if c not in (ROW, ID, KEY)]
     lines = store.rows.request_lines(shape.samples)
-    answers = pl.scan_parquet(parts, schema=RESULT_SCHEMA)
+    answers = scan_results(parts)
     buckets = Buckets.for_rows(int(answers.select(pl.len()).collect().item()))
     pieces: list[Path] = []
     ranges: list[Path] = []

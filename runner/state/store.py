@@ -31,7 +31,7 @@ from typing import Any
 import polars as pl
 
 from runner.errors import DiskFull, UsageError
-from runner.records import KEY, RESULT_SCHEMA, Result, result_from_json, result_to_json, results_frame
+from runner.records import KEY, RESULT_SCHEMA, Result, result_from_json, result_to_json, results_frame, scan_results
 from runner.state.files import NO_SPACE, fsync_rename, no_space, space_checked, write_atomic, write_json_atomic
 from runner.state.lock import JobLock
 from runner.state.rowmap import RowMap
@@ -137,7 +137,8 @@ class Store:
         for part in sorted(self.results_dir.glob("*.parquet")):
             try:
                 # A torn write loses the footer, so reading the footer is the check (and it is cheap).
-                if pl.read_parquet_schema(part).keys() != RESULT_SCHEMA.keys():
+                columns = pl.read_parquet_schema(part).keys()
+                if KEY not in columns or not columns <= RESULT_SCHEMA.keys():  # older parts lack newer columns
                     raise ValueError("unexpected columns")
             except Exception:  # any failure to read means the file is not whole; never trust it
                 self._quarantine(part)
@@ -257,7 +258,7 @@ class Store:
         parts = self.result_parts()
         if self._compacted(parts) or not parts:
             return parts
-        results = pl.scan_parquet(parts, schema=RESULT_SCHEMA)
+        results = scan_results(parts)
         buckets = Buckets.for_rows(int(results.select(pl.len()).collect().item()))
         written = []
         for b in range(buckets.count):

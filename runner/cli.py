@@ -368,17 +368,14 @@ def _usage_table(summary: pl.DataFrame, keys: list[str], width: int = 80) -> Tab
     """Ledger totals as a table that fits `width` columns: exact counts when they fit, else compact
     ones (12.3k, 1.23M) with a caption pointing to --json. The failed and cached columns appear only
     when some row has any."""
-    from rich.console import Console
-    from rich.measure import Measurement
-
     numeric = {"runs": "runs", "ok": "requests ok", "tokens_in": "tokens in", "tokens_out": "tokens out"}
     if summary.get_column("failed").sum():
         numeric = {**numeric, "failed": "failed"}
     if summary.get_column("cached_in").sum():
         numeric = {**numeric, "cached_in": "cached in"}
-    unbounded = Console(width=10_000)  # measures a table's natural width, unclamped
 
-    def build(count: Callable[[int], str]) -> Table:
+    def build(count: Callable[[int], str]) -> tuple[Table, bool]:
+        """The table, and whether every figure fits on one line."""
         rows = [
             [*(str(row[k]) for k in keys), *(count(row[c]) for c in numeric), f"{row['cost']:g} {row['currency']}"]
             for row in summary.iter_rows(named=True)
@@ -404,12 +401,12 @@ def _usage_table(summary: pl.DataFrame, keys: list[str], width: int = 80) -> Tab
             if used - 4 + need <= width:
                 column.width = need
                 used += need - 4
-        return table
+        return table, all(c.width is not None for c in table.columns[len(keys) :])
 
-    exact = build(lambda n: f"{n:,}")
-    if Measurement.get(unbounded, unbounded.options, exact).maximum <= width:
+    exact, figures_fit = build(lambda n: f"{n:,}")
+    if figures_fit:
         return exact
-    compact = build(_compact)
+    compact, _ = build(_compact)
     compact.caption = "k = thousand, M = million; glm-batch usage --json has the exact figures"
     return compact
 
@@ -585,9 +582,13 @@ def models(as_json: JsonOpt = False) -> None:
         if as_json:
             print(json.dumps({name: info.model_dump() for name, info in found.items()}, indent=2))
             return
-        _console().print(_models_table({name: info.model_dump() for name, info in found.items()}))
-        print("Prices: input / cached input / output per million tokens; the first tier whose bounds hold")
-        print("applies (in<32k: input below 32,000 tokens). conc: default requests in flight.")
+        console = _console()
+        console.print(_models_table({name: info.model_dump() for name, info in found.items()}))
+        console.print(
+            "Prices per million tokens: input / cached input / output; the first tier whose bounds hold "
+            "applies (in<32k: input under 32,000 tokens). conc: default requests in flight.",
+            highlight=False,
+        )
 
     _guarded(go)
 

@@ -4,7 +4,8 @@
     reporter.start(job, tally); reporter.tick(tally, executor.gauges(), control); reporter.finish(summary, message)
 
 JSON lines (`--log-format json`) are one object per line on stderr with `event` and `ts` keys: `start`,
-`progress` every `interval_s`, `retrying` summaries, `end`. Nothing here ever sees the API key.
+`progress` every `interval_s`, `retrying` summaries, `end`. Text lines (`--log-format text`) carry the
+same fields as `event key=value ...` (see `text_line`). Nothing here ever sees the API key.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from runner.job.resolve import Job
@@ -79,10 +81,7 @@ class LineReporter:
 
     def _emit(self, event: str, fields: dict[str, Any]) -> None:
         record = {"ts": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "event": event, **fields}
-        if self._json:
-            line = json.dumps(record, default=str, ensure_ascii=False)
-        else:
-            line = " ".join(f"{k}={v}" for k, v in record.items())
+        line = json.dumps(record, default=str, ensure_ascii=False) if self._json else text_line(record)
         print(line, file=self._out, flush=True)
 
     def start(self, job: Job, tally: Tally) -> None:
@@ -111,13 +110,35 @@ class LineReporter:
         self._emit("end", {"message": message, **summary})
 
 
+def text_value(value: Any) -> str:
+    """One field's value in a text log line: numbers and booleans bare (`true`), strings bare unless they
+    hold spaces, quotes, `=` or nothing (then JSON-quoted), lists and mappings as compact JSON."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return json.dumps(value)
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
+    text = str(value)
+    if not text or any(c.isspace() or c in '"=' for c in text):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def text_line(record: dict[str, Any]) -> str:
+    """A log record as `event key=value key=value`: the event first, then every field but the ones that
+    are None, each value as `text_value` writes it."""
+    fields = " ".join(f"{k}={text_value(v)}" for k, v in record.items() if k != "event" and v is not None)
+    return f"{record.get('event', 'log')} {fields}".rstrip()
+
+
 class RichReporter:
     """A live progress bar with rows done/failed, in flight, rate and tokens; a table at the end."""
 
     interval_s = 0.5
 
-    def __init__(self, out: TextIO) -> None:
-        self._console = Console(file=out)
+    def __init__(self, out: TextIO, console: Console | None = None) -> None:
+        self._console = console or Console(file=out)
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -155,11 +176,14 @@ class RichReporter:
         self._progress.update(self._task, completed=min(done, total), detail=detail)
 
     def event(self, name: str, **fields: Any) -> None:
-        self._console.print(f"[yellow]{name}[/]: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
+        line = text_line({"event": name, **fields}).removeprefix(name).strip()
+        self._console.print(Text.assemble((name, "yellow"), ": ", line), highlight=False)
 
     def finish(self, summary: dict[str, Any], message: str) -> None:
         self._progress.stop()
         table = Table(title=f"glm-batch: {summary['job']}", show_header=False)
+        table.add_column(overflow="fold")  # wrap long values (retries, cost) on a narrow terminal, never cut
+        table.add_column(overflow="fold")
         tokens = summary["tokens"]
         lat = summary["latency_ms"]
         rows = [

@@ -98,7 +98,7 @@ async def _run(
     gated = run.max_cost is not None or run.tokens_per_minute is not None
     calibration = ledger.calibration(job.name, job.spec.model.name) if gated else Calibration()
     budget = Budget(run.max_cost) if run.max_cost is not None else None
-    accountant = Accountant(table, calibration, budget, job.spec.model.max_tokens)
+    accountant = Accountant(table, calibration, budget, job.spec.model.max_tokens, job.model.batch.price_share)
     pilot = _pilot_sample(tally.rows_total, options) if options.pilot_rows else None
     if store.lock.took_over:
         reporter.event("stale_lock_taken_over", previous=store.lock.took_over)
@@ -115,7 +115,12 @@ async def _run(
         check_resend(job, store, settled, tally.rows_total, options.resend_lost)
     control = Control()
 
+    outstanding: set[str] = set()  # requests handed to the executor and not answered yet
+
     def deliver(result: Result) -> None:
+        if result.key not in outstanding and settled.has(result.key):
+            return  # answered in an earlier run (a batch harvested twice): never journalled or booked twice
+        outstanding.discard(result.key)
         result, tier = accountant.settle(result)
         tally.record(result, tier)
         try:
@@ -138,7 +143,9 @@ async def _run(
         requests = nothing()
     else:
         store.rows.reset()
-        dispatch = Dispatch(store.rows, source.keep_columns, tally, deliver, accountant.admit, control, pilot)
+        dispatch = Dispatch(
+            store.rows, source.keep_columns, tally, deliver, accountant.admit, control, pilot, outstanding
+        )
         requests = dispatch.requests(plan(job, source, settled), fingerprint)
 
     with endpoint_url(job) as base_url:
@@ -181,8 +188,8 @@ async def _run(
         return RunReport(0, f"pilot: {tally.ok} rows answered", report)
 
     # Complete when every row was rendered and every request this run queued came back; rows whose
-    # request was settled before are answered by definition. (Counting beats joining the whole row map.)
-    complete = unchanged or (tally.all_rows_rendered and tally.queued_answered == tally.requests_queued)
+    # request was settled before are answered by definition. (This beats joining the whole row map.)
+    complete = unchanged or (tally.all_rows_rendered and not outstanding)
     failed_rows: int | None = None  # None: not finalized, the output is not complete yet
     if control.reason is None and complete:
         shape = OutputShape(job.spec.input.id_column or "id", job.shape.fields if job.shape else {}, samples)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
@@ -115,6 +115,8 @@ class Dispatch:
     admit: Callable[[Request], bool]  # may this request be sent within the budget? (reserves it)
     control: Control
     pilot: frozenset[int] | None = None  # a pilot sends only these row positions
+    # Requests handed to the executor and not yet answered: the run is complete when none are left.
+    outstanding: set[str] = field(default_factory=set)
 
     async def requests(self, batches: Iterator[PlannedBatch], fingerprint: dict[str, Any]) -> AsyncIterator[Request]:
         """Yield the requests to send. Stops early, leaving the row map unsealed, when the budget
@@ -139,6 +141,7 @@ class Dispatch:
                         self.control.end_dispatch("budget")  # what was admitted is paid for in advance: send it
                         return
                     queued.add(pending.key)
+                    self.outstanding.add(pending.key)
                     tally.requests_queued += 1
                     yield pending
             await asyncio.sleep(0)  # let answers in between batches

@@ -60,6 +60,17 @@ class CurrencyPrices(BaseModel):
     tiers: list[PriceTier]
 
 
+class BatchInfo(BaseModel):
+    """Whether Zhipu's Batch API takes a model, at what share of the online price, and whether that is
+    read off Zhipu's own pages (`confirmed`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    eligible: bool
+    confirmed: bool = False
+    price_share: float = Field(default=0.5, ge=0, le=1)
+
+
 class ModelInfo(BaseModel):
     """What the catalogue knows of one GLM model."""
 
@@ -68,6 +79,7 @@ class ModelInfo(BaseModel):
     context: int
     max_output: int
     concurrency: int
+    batch: BatchInfo = BatchInfo(eligible=False)
     prices: dict[str, CurrencyPrices] = Field(default_factory=dict)
 
 

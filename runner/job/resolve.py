@@ -154,6 +154,11 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
             f"{where}: model.name: unknown model {spec.model.name!r}; known: {known} (add it to configs/models.yaml)"
         )
     info = models[spec.model.name]
+    if spec.run.mode != "online" and not info.batch.eligible:
+        raise UsageError(
+            f"{where}: run.mode: {spec.model.name} is not known to be taken by Zhipu's Batch API "
+            f"(configs/models.yaml says eligible: false); use run.mode: online"
+        )
     if spec.model.max_tokens > info.max_output:
         raise UsageError(
             f"{where}: model.max_tokens: {spec.model.max_tokens} exceeds {spec.model.name}'s "

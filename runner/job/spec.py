@@ -80,8 +80,28 @@ class ModelSpec(_Strict):
     prices: PriceOverride | None = None  # in the endpoint's currency; default: configs/models.yaml
 
 
+class BatchSpec(_Strict):
+    """How requests are packed into Zhipu's Batch API files and how often batches are looked at."""
+
+    max_requests: Annotated[int, Field(gt=0, le=50_000)] = 50_000  # lines per file (Zhipu's limit: 50,000)
+    max_bytes: Annotated[int, Field(gt=0, le=100_000_000)] = 95_000_000  # bytes per file (limit: 100 MB)
+    poll_initial_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # first look at a batch after this long...
+    poll_max_s: Annotated[float, Field(gt=0, le=3600)] = 300.0  # ...then less often, up to this
+    max_rounds: Annotated[int, Field(ge=1, le=20)] = 3  # batch rounds for lines to send again (batch mode)
+    # hybrid: how long before the deadline to cancel what the Batch API has not finished and send it online
+    online_margin_s: Annotated[float, Field(ge=0, le=86_400)] | None = None  # default: from the online rate
+
+
 class RunSpec(_Strict):
     """How hard to push the endpoint and how long to keep trying."""
+
+    # online: the Messages API; batch: Zhipu's Batch API (half price, no concurrency limit, hours);
+    # hybrid: the Batch API, with what is not back before `deadline` (and repairs) finished online.
+    mode: Literal["online", "batch", "hybrid"] = "online"
+    # hybrid: when the job must be done, as a duration from the start ("90m", "6h", "45s") or a clock
+    # time ("06:30", local, the next such time).
+    deadline: Annotated[str, Field(pattern=r"^(\d+(\.\d+)?(s|m|h)|([01]?\d|2[0-3]):[0-5]\d)$")] | None = None
+    batch: BatchSpec = BatchSpec()
 
     # A number, or "auto" to find and track the endpoint's real limit (up to max_concurrency).
     # None: the model's default from the catalogue.

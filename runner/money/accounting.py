@@ -159,9 +159,15 @@ class Accountant:
     """
 
     def __init__(
-        self, table: PriceTable | None, calibration: Calibration, budget: Budget | None, max_tokens: int
+        self,
+        table: PriceTable | None,
+        calibration: Calibration,
+        budget: Budget | None,
+        max_tokens: int,
+        batch_share: float = 0.5,
     ) -> None:
         self.table = table
+        self.batch_share = batch_share  # the Batch API's price as a share of the online one
         self.calibration = calibration
         self.budget = budget
         self._max_tokens = max_tokens
@@ -197,6 +203,8 @@ class Accountant:
                 cached = result.cache_read_input_tokens or 0
                 tokens_out = result.output_tokens or 0
                 cost = self.table.cost(input_tokens=tokens_in, output_tokens=tokens_out, cache_read_tokens=cached)
+                if result.api == "batch":
+                    cost *= self.batch_share
                 tier = tier_label(self.table.tier(tokens_in + cached, tokens_out))
         if self.budget is not None:
             self.budget.settle(reserved, cost or 0.0)

@@ -53,6 +53,7 @@ OUTPUT_COLUMNS = (
     "finished_at",
     "request_key",
     "run_id",
+    "api",
 )
 
 
@@ -115,6 +116,9 @@ def assembled(store: Store, parts: list[Path], shape: OutputShape) -> Iterator[p
             piece.unlink()
         pieces = []
         output = pl.scan_parquet(ranges).rename({ID: shape.id_name, KEY: "request_key"})
+        # Which API answered: older answers (before the column existed) were all online.
+        answered = pl.col("status").is_not_null() & (pl.col("error_type") != "render_error").fill_null(True)
+        output = output.with_columns(pl.when(answered).then(pl.col("api").fill_null("online")).alias("api"))
         if shape.fields:  # structured answers: one typed column per top-level field, beside the kept columns
             parsed = pl.col("parsed_json").str.json_decode(pl.Struct(shape.fields)).alias("_parsed")
             output = output.with_columns(parsed).unnest("_parsed")

@@ -18,7 +18,30 @@ if TYPE_CHECKING:
 
 def make_executor(job: Job, base_url: str, api_key: str, estimate_tokens: Callable[[Request], int]) -> Executor:
     """The executor the job's spec asks for, sending to `base_url` with `api_key`."""
-    return _online(job, base_url, api_key, estimate_tokens)
+    mode = job.spec.run.mode
+    if mode == "online":
+        return _online(job, base_url, api_key, estimate_tokens)
+    online = _online(job, base_url, api_key, estimate_tokens) if mode == "hybrid" else None
+    return _batch(job, base_url, api_key, online)
+
+
+def _batch(job: Job, base_url: str, api_key: str, online: Executor | None) -> Executor:
+    from runner.job import catalog
+    from runner.send.batch import BatchExecutor
+    from runner.send.batch_api import BatchAPI
+    from runner.send.deadline import deadline_in
+
+    native = job.native_url or catalog.native_url_beside(base_url)
+    deadline = job.spec.run.deadline
+    return BatchExecutor(
+        job=job.name,
+        api=lambda: BatchAPI(native, api_key),
+        directory=job.state_dir / "batches",
+        spec=job.spec.run.batch,
+        shape=job.shape,
+        online=online,
+        deadline=deadline_in(deadline) if deadline is not None else None,
+    )
 
 
 def _online(job: Job, base_url: str, api_key: str, estimate_tokens: Callable[[Request], int]) -> Executor:

@@ -85,6 +85,13 @@ class SettledKeys:
         missing = keys.join(self._keys.to_frame(KEY).lazy(), on=KEY, how="anti").select(pl.len()).collect()
         return int(missing.item())
 
+    def has(self, key: str) -> bool:
+        """Is this one key settled? (Binary search.)"""
+        if self.size == 0:
+            return False
+        pos = min(int(self._keys.search_sorted(key, side="left")), self.size - 1)
+        return bool(self._keys[pos] == key)
+
     def contains(self, keys: pl.Series) -> pl.Series:
         """A boolean Series: is each of `keys` settled?"""
         if self.size == 0:

@@ -1,0 +1,337 @@
+"""The batch executor: requests sent through Zhipu's Batch API (half price, no concurrency limit).
+
+    executor = BatchExecutor(api=lambda: BatchAPI(native_url, key), directory=state_dir / "batches", ...)
+    await executor.run(requests, deliver, control)
+
+A round writes the pending requests into JSONL chunks (one model per file, within the line and byte
+limits), uploads them, creates one batch per chunk, polls with backoff, and harvests each finished
+batch: every line becomes the same provider-neutral Answer an online call gives (runner.send.native),
+checked and repaired by the same Conversation. Lines that failed for a transient reason, lines an
+expired or cancelled batch never ran, and repairs go to the next round; a 400-class line fails its
+row; completed lines of an expired batch are kept (they were paid).
+
+`hybrid` (an `online` executor and a deadline): what is not back when the deadline nears is cancelled
+there and sent online, and so are retries and repairs when another batch round would not finish in time.
+
+Every step is written ahead in the batch book (runner.send.batch_book), so a run killed at any moment
+is resumed by reattaching to its batches, never by submitting the same requests again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from runner.job.spec import BatchSpec
+from runner.job.structured import AnswerShape
+from runner.records import Request, Result
+from runner.send.base import Control, Conversation, Deliver, Executor, failure
+from runner.send.batch_api import Batch, BatchAPI, BatchStatusError
+from runner.send.batch_book import BatchBook, Chunk, read_requests
+from runner.send.batch_files import BatchFileWriter
+from runner.send.native import (
+    BadResultLine,
+    ResultLine,
+    answer_from_chat,
+    chat_body,
+    classify_failure,
+    parse_result_line,
+)
+from runner.send.retries import Fault, Verdict
+
+API = "batch"
+
+
+class BatchExecutor:
+    """Sends requests through the Batch API in rounds; finishes stragglers online when given a deadline."""
+
+    def __init__(
+        self,
+        *,
+        job: str,
+        api: Callable[[], BatchAPI],
+        directory: Path,
+        spec: BatchSpec,
+        shape: AnswerShape | None = None,
+        online: Executor | None = None,
+        deadline: float | None = None,  # on `clock`: when the job must be done (hybrid)
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._job = job
+        self._api = api
+        self._dir = directory
+        self._spec = spec
+        self._shape = shape
+        self._online = online
+        self._deadline = deadline
+        self._clock = clock
+        self._sleep = sleep
+        self._started = clock()
+        self._conversations: dict[str, Conversation] = {}  # requests with a turn answered in a batch
+        self._attempts: dict[str, int] = {}
+        self._statuses: dict[str, str] = {}  # chunk -> the Batch API's status at the last look
+        self._lines_open = 0
+        self._round_s: float | None = None  # how long a batch round took here: is there time for another?
+
+    def gauges(self) -> dict[str, Any]:
+        """Lines in open batches, and how many batches are in each status."""
+        statuses: dict[str, int] = {}
+        for status in self._statuses.values():
+            statuses[status] = statuses.get(status, 0) + 1
+        online = self._online.gauges() if self._online is not None else {}
+        return {
+            "in_flight": self._lines_open + (online.get("in_flight") or 0),
+            "limit": online.get("limit"),
+            "adaptive": online.get("adaptive", False),
+            "overload_429_rate": online.get("overload_429_rate", 0.0),
+            "batches": statuses,
+        }
+
+    async def aclose(self) -> None:
+        """Close the online executor's connections, if there is one."""
+        if self._online is not None:
+            await self._online.aclose()
+
+    async def run(self, requests: AsyncIterator[Request], deliver: Deliver, control: Control) -> None:
+        """Reattach to the job's open batches, submit what is new, and harvest until done or stopped."""
+        book = BatchBook(self._dir)
+        async with self._api() as api:
+            chunks = book.open_chunks()
+            waiting = {key for chunk in chunks for key in chunk.request_keys()}  # answered by a batch already made
+            chunks += await self._write_round(book, _skipping(requests, waiting), control)
+            leftovers: list[Request] = []
+            for round_no in range(self._spec.max_rounds):
+                if not chunks or control.stopping.is_set():
+                    return
+                began = self._clock()
+                leftovers = await self._submit_and_watch(api, book, chunks, deliver, control)
+                self._round_s = max(self._round_s or 0.0, self._clock() - began)
+                if not leftovers or control.stopping.is_set():
+                    return
+                if self._online is not None and not self._time_for_another_round():
+                    await self._finish_online(leftovers, deliver, control)
+                    return
+                if round_no + 1 == self._spec.max_rounds:
+                    break
+                chunks = await self._write_round(book, _aiter(leftovers), control)
+        for request in leftovers:  # out of rounds: retryable, so the next run sends them again
+            fault = Fault(Verdict.RETRY, "batch_unanswered", f"no answer after {self._spec.max_rounds} batch rounds")
+            deliver(failure(request, fault, self._attempts.get(request.key, 0)))
+
+    # ---- writing and submitting ------------------------------------------------------------------
+
+    async def _write_round(self, book: BatchBook, requests: AsyncIterator[Request], control: Control) -> list[Chunk]:
+        """Write the requests into this round's chunk files (and their bodies, by key); record each chunk."""
+        round_no = book.next_round()
+        folder = self._dir / f"round-{round_no:04d}"
+        writer = BatchFileWriter(
+            folder, max_requests=self._spec.max_requests, max_bytes=self._spec.max_bytes, prefix="chunk"
+        )
+        bodies = folder / "requests.jsonl"
+        # Local, buffered writes between awaits: blocking them briefly is cheaper than a thread hop per line.
+        with writer, open(bodies, "w", encoding="utf-8") as keep:  # noqa: ASYNC230
+            async for request in requests:
+                if control.stopping.is_set():
+                    break
+                writer.add(request.key, chat_body(request.params))
+                keep.write(json.dumps({"key": request.key, "params": request.params}, ensure_ascii=False) + "\n")
+        chunks = []
+        for index, file in enumerate(writer.files):
+            chunk_id = f"{folder.name}-{index:04d}"
+            chunks.append(
+                book.record(
+                    chunk_id,
+                    path=str(file.path),
+                    requests=str(bodies),
+                    model=file.model,
+                    lines=file.lines,
+                    round=round_no,
+                    status="written",
+                )
+            )
+        return chunks
+
+    async def _submit(self, api: BatchAPI, book: BatchBook, chunk: Chunk) -> Chunk:
+        """Upload and create what the chunk still lacks; a batch made before (metadata) is found, not remade."""
+        if chunk.status == "written":
+            uploaded = await api.upload(chunk.path)
+            chunk = book.record(chunk.id, status="uploaded", file_id=uploaded.id)
+        if chunk.status == "uploaded":
+            assert chunk.file_id is not None
+            made = await self._made_before(api, chunk.id)
+            if made is None:
+                metadata = {"glm_batch_job": self._job, "glm_batch_chunk": chunk.id}
+                made = await api.create(chunk.file_id, metadata=metadata)
+            chunk = book.record(chunk.id, status="created", batch_id=made.id, batch_status=made.status)
+        return chunk
+
+    async def _made_before(self, api: BatchAPI, chunk_id: str) -> Batch | None:
+        """A batch this job already made for the chunk (a run died between creating it and recording it)."""
+        async for batch in api.iter_batches():
+            if batch.metadata.get("glm_batch_chunk") == chunk_id and batch.metadata.get("glm_batch_job") == self._job:
+                return batch
+        return None
+
+    # ---- watching and harvesting -----------------------------------------------------------------
+
+    async def _submit_and_watch(
+        self, api: BatchAPI, book: BatchBook, chunks: list[Chunk], deliver: Deliver, control: Control
+    ) -> list[Request]:
+        """Submit the chunks, poll them until each is done, harvest each; the requests to send again.
+        On a stop (a signal) it returns at once: the batches run on, and the next run reattaches."""
+        pending: dict[str, Chunk] = {}
+        for chunk in chunks:
+            pending[chunk.id] = await self._submit(api, book, chunk)
+        self._lines_open = sum(c.lines for c in pending.values())
+        leftovers: list[Request] = []
+        interval = self._spec.poll_initial_s
+        cancelled = False
+        while pending:
+            if control.stopping.is_set():
+                return []
+            if self._online is not None and not cancelled and self._deadline_near():
+                cancelled = True  # what is not back is cancelled there and sent online after the harvest
+                for chunk in pending.values():
+                    assert chunk.batch_id is not None
+                    await _cancel(api, chunk.batch_id)
+            for chunk in list(pending.values()):
+                assert chunk.batch_id is not None
+                batch = await api.retrieve(chunk.batch_id)
+                self._statuses[chunk.id] = batch.status
+                if batch.done:
+                    leftovers += await self._harvest(api, book, chunk, batch, deliver, control)
+                    del pending[chunk.id]
+                    self._lines_open -= chunk.lines
+            if pending:
+                await self._sleep(interval if not cancelled else min(interval, 1.0))
+                interval = min(interval * 2, self._spec.poll_max_s)
+        return leftovers
+
+    async def _harvest(
+        self, api: BatchAPI, book: BatchBook, chunk: Chunk, batch: Batch, deliver: Deliver, control: Control
+    ) -> list[Request]:
+        """Deliver every answered line of a finished batch; the requests to send again."""
+        wanted = set(chunk.request_keys())
+        bodies = read_requests(chunk.requests, wanted)
+        leftovers: list[Request] = []
+        seen: set[str] = set()
+        for line in await self._result_lines(api, chunk, batch):
+            key = line.custom_id
+            if key is None or key not in wanted or key in seen:
+                continue  # a line we did not send, or one we already took
+            seen.add(key)
+            request = Request(key, bodies[key])
+            self._attempts[key] = self._attempts.get(key, 0) + 1
+            again = self._take(request, line, deliver, control)
+            if again is not None:
+                leftovers.append(again)
+        # Lines the batch never ran (expired, cancelled, failed validation) go out again.
+        leftovers += [Request(key, bodies[key]) for key in wanted - seen]
+        book.record(
+            chunk.id, status="harvested", batch_status=batch.status, counts=dataclasses.asdict(batch.request_counts)
+        )
+        return leftovers
+
+    def _take(self, request: Request, line: ResultLine, deliver: Deliver, control: Control) -> Request | None:
+        """One result line: deliver its Result, or return the request to send again (a retry or a repair)."""
+        key = request.key
+        attempts = self._attempts[key]
+        if line.ok:
+            try:
+                answer = answer_from_chat(line.body, line.request_id)
+            except BadResultLine:
+                return request  # a body we cannot read says nothing against the request: again
+            conversation = self._conversations.setdefault(key, Conversation(request, self._shape))
+            repair = conversation.add(answer)
+            if repair is not None:
+                return Request(key, repair)
+            del self._conversations[key]
+            deliver(dataclasses.replace(conversation.result(attempts=attempts, latency_ms=None), api=API))
+            return None
+        verdict = classify_failure(line)
+        fault = Fault(verdict, f"batch/{line.error_code or line.status_code}", line.error_message or line.problem or "")
+        if verdict is Verdict.ABORT:
+            control.abort(fault)
+            return None
+        if verdict is Verdict.FAIL:
+            deliver(failure(request, fault, attempts))
+            return None
+        return request
+
+    async def _result_lines(self, api: BatchAPI, chunk: Chunk, batch: Batch) -> list[ResultLine]:
+        """The batch's output and error lines, downloaded (streamed to disk) and read."""
+        lines: list[ResultLine] = []
+        for file_id, kind in ((batch.output_file_id, "output"), (batch.error_file_id, "errors")):
+            if not file_id:
+                continue
+            dest = self._dir / f"{chunk.id}.{kind}.jsonl"
+            await api.download(file_id, dest)
+            lines += _read_lines(dest)
+        return lines
+
+    # ---- hybrid ----------------------------------------------------------------------------------
+
+    def _margin(self) -> float:
+        """How long before the deadline to give up on the Batch API and finish online."""
+        if self._spec.online_margin_s is not None:
+            return self._spec.online_margin_s
+        assert self._deadline is not None
+        return max(1.0, 0.1 * (self._deadline - self._started))
+
+    def _deadline_near(self) -> bool:
+        return self._deadline is not None and self._clock() >= self._deadline - self._margin()
+
+    def _time_for_another_round(self) -> bool:
+        """Would one more batch round (as long as the longest so far) end before the online margin?"""
+        if self._deadline is None:
+            return True
+        return self._clock() + (self._round_s or 0.0) < self._deadline - self._margin()
+
+    async def _finish_online(self, requests: list[Request], deliver: Deliver, control: Control) -> None:
+        """Send the leftovers online; a repair keeps the tokens its batch turns used."""
+        assert self._online is not None
+
+        def merged(result: Result) -> None:
+            before = self._conversations.pop(result.key, None)
+            if before is not None and result.status != "error":
+                earlier = before.result(attempts=0, latency_ms=None)
+                result = dataclasses.replace(
+                    result,
+                    input_tokens=(result.input_tokens or 0) + (earlier.input_tokens or 0),
+                    output_tokens=(result.output_tokens or 0) + (earlier.output_tokens or 0),
+                    thinking_tokens=(result.thinking_tokens or 0) + (earlier.thinking_tokens or 0),
+                    repairs=result.repairs + earlier.repairs + 1,
+                )
+            deliver(result)
+
+        await self._online.run(_aiter(requests), merged, control)
+
+
+async def _cancel(api: BatchAPI, batch_id: str) -> None:
+    """Cancel a batch; one that finished meanwhile cannot be cancelled, which is fine."""
+    with contextlib.suppress(BatchStatusError):
+        await api.cancel(batch_id)
+
+
+def _read_lines(path: Path) -> list[ResultLine]:
+    """A downloaded result file's lines, read."""
+    with open(path, "rb") as f:
+        return [parse_result_line(raw) for raw in f if raw.strip()]
+
+
+async def _skipping(requests: AsyncIterator[Request], skip: set[str]) -> AsyncIterator[Request]:
+    async for request in requests:
+        if request.key not in skip:
+            yield request
+
+
+async def _aiter(items: Iterable[Request]) -> AsyncIterator[Request]:
+    for item in items:
+        yield item

@@ -1,0 +1,106 @@
+"""The batch book: a write-ahead record of every Batch API chunk, so no request is ever submitted twice.
+
+    <state dir>/batches/book.jsonl         one JSON line per step, appended and fsynced before the step's
+                                           effect can be relied on
+    <state dir>/batches/<round>/...jsonl   the chunks' input files (custom_id = request key)
+    <state dir>/batches/<round>/requests.jsonl   each request's Messages API body, for repairs and for
+                                           sending a line online (hybrid) or again (a later round)
+    <state dir>/batches/<chunk>.output.jsonl / .errors.jsonl   results as downloaded
+
+A chunk moves written -> uploaded (file id) -> created (batch id) -> harvested (its lines delivered and
+journalled) or abandoned. A run killed anywhere is resumed by the next one from the book: a written
+chunk is uploaded (an input file costs nothing), an uploaded one is looked up by its metadata among the
+account's batches before one is created, a created one is polled and harvested. Each batch is tagged
+with `metadata: {glm_batch_job, glm_batch_chunk}`, which closes the window between creating a batch and
+recording its id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from runner.state.files import space_checked
+
+OPEN = ("written", "uploaded", "created")  # a chunk in one of these has requests not yet harvested
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One input file of the Batch API and how far it got."""
+
+    id: str
+    path: str  # the input JSONL file
+    requests: str  # the round's requests file (Messages API bodies by key)
+    model: str
+    lines: int
+    round: int
+    status: str = "written"
+    file_id: str | None = None
+    batch_id: str | None = None
+    batch_status: str | None = None  # the Batch API's status at the last look
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def request_keys(self) -> Iterator[str]:
+        """The request keys in the chunk (each line's custom_id), read from its file."""
+        with open(self.path, "rb") as f:
+            for line in f:
+                yield str(json.loads(line)["custom_id"])
+
+
+class BatchBook:
+    """The chunks of one job, folded from the append-only book file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "book.jsonl"
+        self.chunks: dict[str, Chunk] = {}
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line: the step it recorded did not happen as far as we know
+                self._fold(record)
+
+    def _fold(self, record: dict[str, Any]) -> None:
+        chunk_id = record.pop("chunk")
+        known = self.chunks.get(chunk_id)
+        if known is None:
+            self.chunks[chunk_id] = Chunk(id=chunk_id, **record)
+        else:
+            self.chunks[chunk_id] = replace(known, **record)
+
+    def record(self, chunk_id: str, **fields: Any) -> Chunk:
+        """Append one step for a chunk (fsynced: it is the point of no return) and return the chunk."""
+        line = json.dumps({"chunk": chunk_id, **fields}, ensure_ascii=False) + "\n"
+        with space_checked(self.path), open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self._fold({"chunk": chunk_id, **fields})
+        return self.chunks[chunk_id]
+
+    def open_chunks(self) -> list[Chunk]:
+        """Chunks whose requests have not been harvested yet, oldest first."""
+        return [c for c in self.chunks.values() if c.status in OPEN]
+
+    def next_round(self) -> int:
+        """A round number no chunk uses yet."""
+        return max((c.round for c in self.chunks.values()), default=-1) + 1
+
+
+def read_requests(path: str, wanted: set[str]) -> dict[str, dict[str, Any]]:
+    """The Messages API bodies of the `wanted` keys from a round's requests file."""
+    found: dict[str, dict[str, Any]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if record["key"] in wanted:
+                found[record["key"]] = record["params"]
+    return found

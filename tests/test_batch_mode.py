@@ -1,0 +1,173 @@
+"""Batch mode: Zhipu's Batch API through the same engine, over real sockets against the simulator.
+
+Every test checks the money side with the simulator's billing ledger: no prompt is ever billed twice,
+across both APIs, whatever happens to the batches or to our process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from runner.testing.simulator import SimulatorThread, answer_for
+from tests.conftest import API_KEY, JobFiles, cli, sample_rows
+
+FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}
+
+
+def expected(rows: list[dict[str, str]]) -> list[str]:
+    """Each row's own answer, as the simulator gives it for the row's prompt."""
+    return [answer_for(f"Be brief.\nSummarise: {r['text']}") for r in rows]
+
+
+def assert_paid_once(sim: SimulatorThread) -> None:
+    """The simulator billed no prompt twice, on either API or across the two."""
+    stats = sim.stats()
+    assert stats["prompts_billed_twice"] == 0, stats
+    assert stats["prompts_billed_on_both_apis"] == 0, stats
+
+
+def test_a_batch_job_gives_the_online_output_at_half_the_price(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, tmp_path: Path
+) -> None:
+    """The same job online and in batch mode: the same columns, the same answers, half the cost."""
+    rows = sample_rows(60)
+    online = make_job(rows=rows, name="online")
+    batch = make_job(rows=rows, name="batch", run={"mode": "batch", "batch": FAST_POLL})
+    assert cli("run", str(online.spec)).exit_code == 0
+    result = cli("run", str(batch.spec))
+    assert result.exit_code == 0, result.stderr
+    a, b = pl.read_parquet(online.output), pl.read_parquet(batch.output)
+    assert a.columns == b.columns
+    assert b.get_column("response_text").to_list() == expected(rows)
+    assert (b.get_column("api") == "batch").all() and (a.get_column("api") == "online").all()
+    assert b.get_column("cost").sum() == pytest.approx(a.get_column("cost").sum() / 2)
+    assert sim.stats()["billed"]["batch"] == 60
+
+
+def test_labels_come_back_the_same_from_batch_and_online(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """A labeling job with broken first answers: batch rounds repair them like online turns do."""
+    sim.configure(invalid_rate=0.3)
+    rows = [{"id": f"r{i}", "text": t} for i, t in enumerate(["great product", "terrible, broken", "fine"] * 10)]
+    spec = {"output": {"path": "out/{name}.parquet", "labels": ["positive", "negative", "neutral"]}}
+    online = make_job(rows=rows, name="online", **spec)
+    batch = make_job(rows=rows, name="batch", run={"mode": "batch", "batch": FAST_POLL}, **spec)
+    assert cli("run", str(online.spec)).exit_code == 0
+    assert cli("run", str(batch.spec)).exit_code == 0
+    a, b = pl.read_parquet(online.output), pl.read_parquet(batch.output)
+    assert b.get_column("label").to_list() == a.get_column("label").to_list()
+    assert b.get_column("repairs").sum() == a.get_column("repairs").sum() > 0
+    assert (b.get_column("status") == "ok").all()
+
+
+def test_transient_line_failures_and_an_expired_batch_end_with_every_row_answered_once(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """5,000 rows; 10% of lines fail transiently; the big batch expires half done. Completed lines of
+    the expired batch are kept, the rest and the failed lines go in later rounds, and every row ends
+    with its own prompt's answer, each paid once."""
+    sim.configure(batch_error_rate=0.1, batch_lines_per_s=4000, batch_expire_after_s=0.6)
+    rows = sample_rows(5000)
+    files = make_job(rows=rows, run={"mode": "batch", "batch": {**FAST_POLL, "max_requests": 4000, "max_rounds": 10}})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    out = pl.read_parquet(files.output)
+    assert (out.get_column("status") == "ok").all()
+    assert out.get_column("response_text").to_list() == expected(rows)
+    assert sim.stats()["batches"].get("expired", 0) >= 1
+    assert_paid_once(sim)
+
+
+def test_a_model_the_batch_api_does_not_take_is_refused_before_anything_is_uploaded(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    files = make_job(rows=sample_rows(3), model={"name": "glm-5"}, run={"mode": "batch"})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 2
+    assert "use run.mode: online" in result.stderr.strip().splitlines()[-1]
+    assert sim.stats()["files"] == 0
+
+
+CRASH = textwrap.dedent(
+    """
+    import os, sys
+    from runner.send import batch_api
+    stage, call = sys.argv[1], batch_api.BatchAPI.{method}
+    seen = [0]
+    async def crashing(self, *args, **kwargs):
+        seen[0] += 1
+        if stage == "before" and seen[0] >= {nth}:
+            os._exit(9)
+        result = await call(self, *args, **kwargs)
+        if stage == "after" and seen[0] >= {nth}:
+            os._exit(9)
+        return result
+    batch_api.BatchAPI.{method} = crashing
+    from runner.cli import main
+    sys.argv = ["glm-batch", "run", sys.argv[2], "--log-format", "json"]
+    main()
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "stage", "nth"),
+    [
+        ("upload", "after", 1),  # uploaded, its file id never recorded
+        ("create", "after", 1),  # the batch exists, its id never recorded
+        ("retrieve", "after", 2),  # while polling
+        ("download", "after", 1),  # results on disk, not yet journalled
+    ],
+)
+def test_a_run_killed_at_any_batch_stage_resumes_without_paying_twice(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, tmp_path: Path, method: str, stage: str, nth: int
+) -> None:
+    """kill -9 (os._exit) at each step of a batch's life; the next run reattaches, never resubmits."""
+    sim.configure(batch_lines_per_s=2000)
+    rows = sample_rows(300)
+    files = make_job(rows=rows, run={"mode": "batch", "batch": {**FAST_POLL, "max_requests": 120}})
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH.format(method=method, nth=nth))
+    env = {"ZHIPUAI_API_KEY": API_KEY, "PATH": "/usr/bin:/bin", "GLM_BATCH_LEDGER": str(tmp_path / "ledger")}
+    crashed = subprocess.run([sys.executable, str(script), stage, str(files.spec)], env=env, capture_output=True)
+    assert crashed.returncode == 9, crashed.stderr.decode()[-2000:]
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert pl.read_parquet(files.output).get_column("response_text").to_list() == expected(rows)
+    assert_paid_once(sim)
+    assert sim.stats()["billed"]["batch"] == 300
+
+
+def test_a_hybrid_job_finishes_by_its_deadline_sending_the_stragglers_online(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """The Batch API would take 10 s; the deadline is 4 s: what is not back is cancelled there and
+    sent online, and the run ends on time, each prompt paid once."""
+    sim.configure(batch_lines_per_s=20)
+    rows = sample_rows(200)
+    files = make_job(
+        rows=rows,
+        run={"mode": "hybrid", "deadline": "4s", "concurrency": 8, "batch": {**FAST_POLL, "online_margin_s": 1.5}},
+    )
+    started = time.monotonic()
+    result = cli("run", str(files.spec))
+    took = time.monotonic() - started
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert took < 4 + 2  # on time, with room for a loaded machine's start-up
+    out = pl.read_parquet(files.output)
+    assert out.get_column("response_text").to_list() == expected(rows)
+    apis = out.get_column("api").value_counts()
+    assert set(apis.get_column("api")) == {"batch", "online"}
+    summary = json.loads(files.summary.read_text())
+    assert summary["answered_ok"] == 200
+    assert_paid_once(sim)

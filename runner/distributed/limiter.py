@@ -133,8 +133,8 @@ class ClusterLimiter:
         `timeout_s`. Never grants past the limit; during a platform pause nothing is granted."""
         changed = self._condition()
         deadline = None if timeout_s is None else self._clock() + timeout_s
-        lease = self._lease(worker_id)
-        lease.waiting += 1
+        lease = counted = self._lease(worker_id)
+        counted.waiting += 1
         try:
             async with changed:
                 while (free := self._free()) <= 0:
@@ -156,8 +156,9 @@ class ClusterLimiter:
                 self._check(granting=True)
                 return n
         finally:
-            if worker_id in self._leases:
-                self._leases[worker_id].waiting -= 1
+            # Only on the lease this call counted itself in: a reclaim and a new join meanwhile made another.
+            if self._leases.get(worker_id) is counted:
+                counted.waiting -= 1
 
     async def release(self, worker_id: str, n: int, outcomes: Outcomes | None = None, in_use: int = 0) -> Directive:
         """Take back `n` slots, learn from `outcomes`, note the worker's slots in use; what it owes next.

@@ -1,0 +1,380 @@
+"""One account-wide in-flight limit and spending cap for every worker of a cluster run.
+
+Zhipu limits requests in flight per account, and Ray Data has no limit across workers (ray#48198), so
+one named async actor holds both for the whole cluster:
+
+    limiter = connect("glm-batch/reviews", concurrency=8, max_cost=5.0)   # the driver, once
+    granted = await limiter.acquire.remote("worker-3", 4)                  # a worker: up to 4 slots
+    directive = await limiter.release.remote("worker-3", 2, outcomes, in_use)
+
+Workers do not call it once per request: runner.distributed.slots.LeasedSlots leases a few slots at a
+time, reuses them locally while it is busy, and reports how its attempts ended in batches.
+
+Slots are leases. A worker proves it is alive by calling (any call renews; an idle worker heartbeats with
+`renew`). A worker silent for `lease_timeout_s` is taken as dead and its slots go back to the pool, so a
+killed actor, a lost node or a hung process cannot leak the account's capacity; `reclaim` does the same
+at once when the driver knows a worker died (e.g. a Ray actor restart). A worker that comes back after
+its lease was reclaimed is told so (LeaseLost) and must join again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import ray
+from ray.actor import ActorHandle
+
+from runner.money.pricing import Budget
+from runner.send.limits import AimdController
+
+DEFAULT_GRANT = 8  # most slots one acquire hands out: small, so one busy worker cannot starve the rest
+
+
+class LeaseLost(Exception):
+    """The worker's lease was reclaimed (it was silent past the lease timeout, or the driver reclaimed it).
+
+    The slots it still uses are no longer counted by the limiter: it must stop taking new ones from its
+    pool, let the attempts on them finish, and `join` again.
+    """
+
+
+@dataclass
+class Outcomes:
+    """How a worker's attempts ended since its last report, for the adaptive limit to learn from."""
+
+    latencies_s: list[float] = field(default_factory=list)  # one per answered attempt
+    refusals: list[int] = field(default_factory=list)  # 429/1302: the worker's own in-flight count then
+    overloads: list[float | None] = field(default_factory=list)  # 1305/529: the endpoint's retry-after
+
+    def __len__(self) -> int:
+        return len(self.latencies_s) + len(self.refusals) + len(self.overloads)
+
+
+@dataclass(frozen=True)
+class Directive:
+    """The limiter's answer to a release or a heartbeat: what the worker should do next."""
+
+    owe: int  # slots to hand back as soon as they come free: the limit fell, or other workers wait
+    pause_s: float  # the platform said it is overloaded: start no attempt for this long
+    limit: int  # the cluster's in-flight limit now
+
+
+@dataclass
+class _Lease:
+    renewed_at: float
+    granted: int = 0
+    in_use: int = 0  # as last reported by the worker
+    waiting: int = 0  # acquire calls of this worker blocked now
+    reserved: float = 0.0  # budget reserved and not settled yet
+
+
+class ClusterLimiter:
+    """The cluster's in-flight limit (fixed, or adaptive with the local engine's AimdController) and its
+    spending cap (runner.money.pricing.Budget), leased to workers. Runs as a named async Ray actor; every
+    method runs on the actor's one event loop, so the bookkeeping needs no locks.
+
+    Invariants, checked after every change: the slots granted are the sum of the leases, and a grant never
+    takes that sum above the limit in force. (When the adaptive limit falls, slots already granted stay
+    granted until returned, as attempts in flight cannot be recalled; no new slot goes out meanwhile.)
+    """
+
+    def __init__(
+        self,
+        *,
+        concurrency: int | AimdController,
+        max_cost: float | None = None,
+        lease_timeout_s: float = 10.0,
+        max_grant: int = DEFAULT_GRANT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.controller = concurrency if isinstance(concurrency, AimdController) else None
+        self._fixed = concurrency if isinstance(concurrency, int) else None
+        self.budget = Budget(max_cost) if max_cost is not None else None
+        self.lease_timeout_s = lease_timeout_s
+        self.max_grant = max_grant
+        self._clock = clock
+        self._leases: dict[str, _Lease] = {}
+        self._reaped: set[str] = set()  # workers whose lease was reclaimed and who have not joined again
+        self._granted = 0
+        self._changed: asyncio.Condition | None = None  # made on first use, inside the actor's event loop
+        # Counters for stats().
+        self._started = clock()
+        self._grants = 0
+        self._slots_granted = 0
+        self._peak = 0
+        self._reclaimed = 0
+        self._orphaned = 0.0  # reservations of reclaimed workers, booked as spent (they may have been billed)
+        self._stale = 0  # returns or settles that arrived after their lease was reclaimed
+
+    # -- the in-flight limit ---------------------------------------------------------------------------
+
+    async def join(self, worker_id: str) -> float:
+        """Start (or restart) a worker's lease with nothing granted; the lease timeout, to heartbeat by.
+
+        A worker joining holds nothing yet, so whatever an earlier incarnation under the same id held
+        (a Ray actor restarted under its old name) is reclaimed now rather than after the timeout.
+        """
+        self._reap()
+        if worker_id in self._leases:
+            self._drop(worker_id)
+        self._reaped.discard(worker_id)
+        self._leases[worker_id] = _Lease(renewed_at=self._clock())
+        self._check()
+        return self.lease_timeout_s
+
+    async def acquire(self, worker_id: str, want: int, timeout_s: float | None = None) -> int:
+        """Grant up to `want` slots (at most max_grant), waiting until at least one is free, or 0 after
+        `timeout_s`. Never grants past the limit; during a platform pause nothing is granted."""
+        changed = self._condition()
+        deadline = None if timeout_s is None else self._clock() + timeout_s
+        lease = counted = self._lease(worker_id)
+        counted.waiting += 1
+        try:
+            async with changed:
+                while (free := self._free()) <= 0:
+                    lease.renewed_at = self._clock()  # a worker waiting here is alive
+                    wait = self._wait_s(deadline)
+                    if wait is not None and wait <= 0:
+                        return 0
+                    # Timed, to wake and reap dead leases and to see a pause end even if nobody notifies.
+                    with suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), wait)
+                    self._reap()
+                    lease = self._lease(worker_id)  # raises if this worker's own lease was reclaimed
+                n = min(max(1, want), self.max_grant, free)
+                lease.granted += n
+                self._granted += n
+                self._grants += 1
+                self._slots_granted += n
+                self._peak = max(self._peak, self._granted)
+                self._check(granting=True)
+                return n
+        finally:
+            # Only on the lease this call counted itself in: a reclaim and a new join meanwhile made another.
+            if self._leases.get(worker_id) is counted:
+                counted.waiting -= 1
+
+    async def release(self, worker_id: str, n: int, outcomes: Outcomes | None = None, in_use: int = 0) -> Directive:
+        """Take back `n` slots, learn from `outcomes`, note the worker's slots in use; what it owes next.
+
+        Outcomes are learned from even when the lease was reclaimed meanwhile (they are real answers from
+        the endpoint); the slots are not taken back twice, and the worker is told with LeaseLost.
+        """
+        if outcomes:
+            self._learn(worker_id, outcomes)
+        self._reap()
+        if worker_id in self._reaped:
+            self._stale += 1
+            raise LeaseLost(f"{worker_id}'s lease was reclaimed; join again")
+        lease = self._lease(worker_id)
+        lease.in_use = in_use
+        if n > lease.granted:
+            raise ValueError(f"{worker_id} returns {n} slots but holds {lease.granted}")
+        lease.granted -= n
+        self._granted -= n
+        self._check()
+        if n:
+            await self._notify()
+        return self._directive(lease)
+
+    async def renew(self, worker_id: str, in_use: int = 0) -> Directive:
+        """A heartbeat: keep the worker's lease alive and tell it what it owes."""
+        return await self.release(worker_id, 0, None, in_use)
+
+    async def reclaim(self, worker_id: str) -> int:
+        """The worker is dead (the driver saw its actor die or restart): take its slots back now.
+        How many slots came back."""
+        if worker_id not in self._leases:
+            return 0
+        n = self._leases[worker_id].granted
+        self._drop(worker_id)
+        self._reaped.add(worker_id)
+        self._check()
+        await self._notify()
+        return n
+
+    # -- the budget ------------------------------------------------------------------------------------
+
+    async def reserve(self, worker_id: str, amount: float) -> bool:
+        """Reserve a request's worst-case cost against run.max_cost; False (nothing reserved) if it would
+        not fit. Always True without a cap."""
+        lease = self._lease(worker_id)
+        if self.budget is None:
+            return True
+        if not self.budget.try_reserve(amount):
+            return False
+        lease.reserved += amount
+        return True
+
+    async def settle(self, worker_id: str, reserved: float, actual: float) -> None:
+        """An answer came back: release its reservation and book what it really cost.
+
+        A reclaimed worker's reservations were already booked as spent at their worst case, which is at
+        least what they cost, so a late settle from it changes nothing."""
+        if self.budget is None:
+            return
+        if worker_id in self._reaped:
+            self._stale += 1
+            return
+        lease = self._lease(worker_id)
+        lease.reserved = max(0.0, lease.reserved - reserved)
+        self.budget.settle(reserved, actual)
+
+    # -- observation -----------------------------------------------------------------------------------
+
+    async def stats(self) -> dict[str, Any]:
+        """What the limiter did so far: grants, peak and current slots granted, the limit, the money."""
+        elapsed = max(1e-9, self._clock() - self._started)
+        return {
+            "limit": self._limit(),
+            "granted": self._granted,
+            "peak_granted": self._peak,
+            "grants": self._grants,
+            "slots_granted": self._slots_granted,
+            "grants_per_s": self._grants / elapsed,
+            "workers": len(self._leases),
+            "waiting": sum(lease.waiting for lease in self._leases.values()),
+            "in_use": sum(lease.in_use for lease in self._leases.values()),  # as last reported
+            "reclaimed": self._reclaimed,
+            "stale": self._stale,
+            "successes": self.controller.successes if self.controller else None,
+            "overloads": self.controller.overloads if self.controller else None,
+            "max_cost": self.budget.limit if self.budget else None,
+            "reserved": self.budget.reserved if self.budget else 0.0,
+            "spent": self.budget.spent if self.budget else 0.0,
+            "orphaned": self._orphaned,
+        }
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def _notify(self) -> None:
+        changed = self._condition()
+        async with changed:
+            changed.notify_all()
+
+    def _limit(self) -> int:
+        return self.controller.limit if self.controller is not None else self._fixed or 1
+
+    def _free(self) -> int:
+        if self.controller is not None and self.controller.paused_until > self._clock():
+            return 0
+        return self._limit() - self._granted
+
+    def _wait_s(self, deadline: float | None) -> float | None:
+        """How long a blocked acquire sleeps before looking again (None: until notified)."""
+        now = self._clock()
+        waits = [self.lease_timeout_s / 4]  # dead leases are only noticed by looking
+        if deadline is not None:
+            waits.append(deadline - now)
+        if self.controller is not None and self.controller.paused_until > now:
+            waits.append(self.controller.paused_until - now)
+        return min(waits)
+
+    def _lease(self, worker_id: str) -> _Lease:
+        """The worker's lease, renewed; a worker that never joined joins now."""
+        if worker_id in self._reaped:
+            raise LeaseLost(f"{worker_id}'s lease was reclaimed; join again")
+        lease = self._leases.get(worker_id)
+        if lease is None:
+            lease = self._leases[worker_id] = _Lease(renewed_at=self._clock())
+        lease.renewed_at = self._clock()
+        return lease
+
+    def _reap(self) -> None:
+        """Reclaim the leases of workers silent past the timeout."""
+        cutoff = self._clock() - self.lease_timeout_s
+        dead = [w for w, lease in self._leases.items() if lease.renewed_at < cutoff and lease.waiting == 0]
+        for worker_id in dead:
+            self._drop(worker_id)
+            self._reaped.add(worker_id)
+        if dead:
+            self._check()
+            # Waiters are woken by their own timed waits; no notify needed from a sync context.
+
+    def _drop(self, worker_id: str) -> None:
+        lease = self._leases.pop(worker_id)
+        self._granted -= lease.granted
+        self._reclaimed += lease.granted
+        if self.budget is not None and lease.reserved:
+            # Its requests may have been sent and billed: keep their worst case as spent, so the cap holds.
+            self.budget.settle(lease.reserved, lease.reserved)
+            self._orphaned += lease.reserved
+
+    def _learn(self, worker_id: str, outcomes: Outcomes) -> None:
+        if self.controller is None:
+            return
+        for latency in outcomes.latencies_s:
+            self.controller.on_success(latency)
+        # Slots the other workers hold now: their attempts in flight plus small pools they return within
+        # an idle moment. Reports arrive late, so this beats their last reported in-use counts; it errs
+        # high, which only makes the cut gentler (and the next refusal finishes it).
+        others = sum(lease.granted for w, lease in self._leases.items() if w != worker_id)
+        for own in outcomes.refusals:
+            # The refused attempt was one too many for the account: the limit becomes what was in flight
+            # cluster-wide besides it, this worker's count then plus the others'.
+            self.controller.on_overload("concurrency", in_flight=own + others)
+        for retry_after in outcomes.overloads:
+            self.controller.on_overload("platform", in_flight=self._granted, retry_after_s=retry_after)
+
+    def _directive(self, lease: _Lease) -> Directive:
+        limit = self._limit()
+        owe = 0
+        if self._granted > limit and self._granted:
+            # The limit fell below what is out: each worker gives back its share of the excess.
+            owe = math.ceil((self._granted - limit) * lease.granted / self._granted)
+        if any(other.waiting for other in self._leases.values() if other is not lease) and self._free() <= 0:
+            # Others wait and nothing is free: holders above an even share give the surplus back.
+            claimants = sum(1 for other in self._leases.values() if other.granted or other.waiting)
+            owe = max(owe, lease.granted - max(1, limit // max(1, claimants)))
+        pause = 0.0
+        if self.controller is not None:
+            pause = max(0.0, self.controller.paused_until - self._clock())
+        return Directive(owe=max(0, min(owe, lease.granted)), pause_s=pause, limit=limit)
+
+    def _check(self, *, granting: bool = False) -> None:
+        """The invariants; a breach is a bug in this class, so it fails loudly instead of overrunning."""
+        total = sum(lease.granted for lease in self._leases.values())
+        if total != self._granted or self._granted < 0:
+            raise RuntimeError(f"limiter books {self._granted} slots granted but the leases hold {total}")
+        if granting and self._granted > self._limit():
+            raise RuntimeError(f"granted {self._granted} slots over the limit {self._limit()}")
+
+
+def connect(
+    name: str,
+    *,
+    concurrency: int | AimdController,
+    max_cost: float | None = None,
+    lease_timeout_s: float = 10.0,
+    max_grant: int = DEFAULT_GRANT,
+    namespace: str | None = None,
+    detached: bool = False,
+) -> ActorHandle[ClusterLimiter]:
+    """The run's limiter actor, made if no actor of that name exists yet (the arguments are then ignored).
+
+    Driver-owned by default, so it dies with the driver; `detached` keeps it across drivers. It takes no
+    CPU, so it never waits behind the workers for a slot on a busy cluster.
+    """
+    actor = ray.remote(ClusterLimiter).options(
+        name=name,
+        namespace=namespace,
+        get_if_exists=True,
+        lifetime="detached" if detached else None,
+        num_cpus=0,
+        max_concurrency=10_000,  # blocked acquires each hold one of the actor's concurrent calls
+    )
+    handle = actor.remote(
+        concurrency=concurrency, max_cost=max_cost, lease_timeout_s=lease_timeout_s, max_grant=max_grant
+    )
+    return cast("ActorHandle[ClusterLimiter]", handle)

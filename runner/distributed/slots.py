@@ -1,0 +1,259 @@
+"""The worker's side of the cluster limit: the same `slot()` as runner.send.limits.Limits, backed by slots
+leased from the run's ClusterLimiter actor instead of a local semaphore.
+
+    slots = LeasedSlots(limiter, worker_id="worker-3", classify=overload)
+    async with slots.slot(estimated_tokens) as attempt:   # what OnlineExecutor._call does
+        answer = await client.send(params)
+        attempt.used_tokens = ...
+    await slots.aclose()                                  # hand everything back
+
+So OnlineExecutor runs unchanged inside a Ray actor with a LeasedSlots where it takes a Limits.
+
+The actor is not a round trip per request: the worker leases a few slots at a time (as many as its
+attempts are waiting for, up to the limiter's max grant), reuses a freed slot for its next attempt
+without asking, hands back what it has not used for `idle_s`, and reports how its attempts ended
+(answers, 1302 refusals, platform overloads) in one call every `report_s`, which is also when it learns
+whether it owes slots back (the limit fell, or other workers are waiting) or must pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+from ray.actor import ActorHandle
+
+from runner.distributed.limiter import ClusterLimiter, Directive, LeaseLost, Outcomes
+from runner.send.limits import Attempt, Overload
+
+
+class LeasedSlots:
+    """A local pool of slots leased from the cluster's limiter, handed to this worker's attempts."""
+
+    def __init__(
+        self,
+        limiter: ActorHandle[ClusterLimiter],
+        worker_id: str,
+        *,
+        max_grant: int = 8,
+        idle_s: float = 0.2,
+        report_s: float = 0.1,
+        classify: Callable[[Exception], tuple[Overload | None, float | None]] = lambda e: (None, None),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limiter = limiter
+        self.worker_id = worker_id
+        self._max_grant = max_grant
+        self._idle_s = idle_s
+        self._report_s = report_s
+        self._classify = classify
+        self._clock = clock
+        self._changed = asyncio.Condition()
+        self.held = 0  # slots the limiter counts as ours (in use or in the pool)
+        self.in_use = 0  # slots with an attempt on them, including unbacked ones
+        self._unbacked = 0  # in use under a lease the limiter reclaimed: not to be given back
+        self._waiting = 0  # attempts blocked in slot() for a slot
+        self._owe = 0  # slots to give back as they come free
+        self._to_return = 0  # freed slots set aside for the next report
+        self._outcomes = Outcomes()
+        self._paused_until = 0.0
+        self._last_used = clock()
+        self._heartbeat_s = 2.5
+        self._fetch: asyncio.Task[None] | None = None
+        self._steward: asyncio.Task[None] | None = None
+        self._joined = False
+        self._closed = False
+        self._failure: Exception | None = None  # the limiter could not be reached: every waiter sees why
+        # Counters, for tests and benches.
+        self.attempts = 0
+        self.leases = 0  # acquire calls that granted something
+        self.reports = 0  # release/renew calls
+
+    @property
+    def free(self) -> int:
+        """Leased slots in the local pool, ready for the next attempt."""
+        return self.held - (self.in_use - self._unbacked) - self._to_return
+
+    @asynccontextmanager
+    async def slot(self, input_tokens: int) -> AsyncIterator[Attempt]:
+        """Hold one cluster slot for the duration of one attempt, and report how it ended."""
+        await self._take()
+        attempt = Attempt(charged_tokens=input_tokens)
+        started = self._clock()
+        try:
+            yield attempt
+        except Exception as exc:
+            kind, retry_after = self._classify(exc)
+            if kind == "concurrency":
+                self._outcomes.refusals.append(self.in_use)
+            elif kind == "platform":
+                self._outcomes.overloads.append(retry_after)
+            raise
+        else:
+            self._outcomes.latencies_s.append(self._clock() - started)
+        finally:
+            await self._give()
+
+    async def aclose(self) -> None:
+        """Stop the background work and hand every unused slot back, with the outcomes not reported yet."""
+        self._closed = True
+        if self._steward is not None:
+            self._steward.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._steward
+        if self._fetch is not None:
+            # Not cancelled: the limiter may already have granted, and a grant nobody receives is a
+            # leak until the lease times out. An acquire is timed, so this wait is short.
+            with suppress(Exception):
+                await self._fetch
+        if self._joined:
+            with suppress(LeaseLost):
+                await self._report(self.free + self._to_return)
+
+    # -- taking and giving slots -----------------------------------------------------------------------
+
+    async def _take(self) -> None:
+        if not self._joined:
+            await self._join()
+        self._waiting += 1
+        try:
+            async with self._changed:
+                while True:
+                    if self._closed:
+                        raise RuntimeError("LeasedSlots is closed")
+                    if self._failure is not None:
+                        raise self._failure
+                    pause = self._paused_until - self._clock()
+                    if pause > 0:
+                        # The platform is overloaded: nobody in the cluster starts an attempt meanwhile.
+                        # (Waiting on the condition, not sleeping, so attempts ending can still give back.)
+                        with suppress(TimeoutError):
+                            await asyncio.wait_for(self._changed.wait(), pause)
+                        continue
+                    if self.free > 0:
+                        break
+                    if self._fetch is None or self._fetch.done():
+                        # One acquire at a time per worker, sized by how many attempts wait now; a waiter
+                        # cancelled meanwhile does not cancel it, and its grant lands in the pool.
+                        self._fetch = asyncio.create_task(self._lease_more())
+                    await self._changed.wait()
+                self.in_use += 1
+                self.attempts += 1
+                self._last_used = self._clock()
+        finally:
+            self._waiting -= 1
+
+    async def _give(self) -> None:
+        async with self._changed:
+            self.in_use -= 1
+            if self._unbacked > 0:
+                self._unbacked -= 1  # the limiter already took this one back
+            elif self._owe > 0:
+                self._owe -= 1
+                self._to_return += 1
+            self._changed.notify_all()
+
+    async def _lease_more(self) -> None:
+        want = max(1, min(self._max_grant, self._waiting - self.free))
+        try:
+            # Timed, so that an acquire never outlives the worker's interest in it (see aclose).
+            granted = await self._limiter.acquire.remote(self.worker_id, want, min(1.0, self._heartbeat_s))
+        except LeaseLost:
+            await self._lost()
+            granted = 0
+        except Exception as exc:  # e.g. the limiter actor died: fail the attempts waiting, do not hang them
+            async with self._changed:
+                self._failure = exc
+                self._changed.notify_all()
+            raise
+        async with self._changed:
+            self.held += granted
+            if granted:
+                self.leases += 1
+            self._changed.notify_all()
+
+    # -- talking to the limiter ------------------------------------------------------------------------
+
+    async def _join(self) -> None:
+        timeout = await self._limiter.join.remote(self.worker_id)
+        self._heartbeat_s = float(timeout) / 4
+        self._joined = True
+        if self._steward is None:
+            self._steward = asyncio.create_task(self._steward_loop())
+
+    async def _lost(self) -> None:
+        """The limiter reclaimed our lease: the slots in use now are not ours to return; start afresh."""
+        async with self._changed:
+            self._unbacked = self.in_use
+            self.held = 0
+            self._owe = 0
+            self._to_return = 0
+        await self._join()
+
+    async def _steward_loop(self) -> None:
+        """Report outcomes, return owed and idle slots, and heartbeat, in one call at a time."""
+        last = self._clock()
+        while True:
+            await asyncio.sleep(self._report_s)
+            now = self._clock()
+            idle = self._waiting == 0 and now - self._last_used >= self._idle_s
+            returning = self._to_return + (self.free if idle else 0)
+            if returning or self._outcomes or now - last >= self._heartbeat_s:
+                try:
+                    await self._report(returning)
+                except LeaseLost:
+                    await self._lost()
+                except Exception as exc:  # the limiter is unreachable: attempts waiting for slots fail
+                    async with self._changed:
+                        self._failure = exc
+                        self._changed.notify_all()
+                    return
+                last = now
+
+    async def _report(self, returning: int) -> None:
+        outcomes, self._outcomes = self._outcomes, Outcomes()
+        async with self._changed:
+            # Off the books before the call, so no attempt takes them meanwhile.
+            set_aside = self._to_return
+            self.held -= returning
+            self._to_return = 0
+        try:
+            directive: Directive = await self._limiter.release.remote(
+                self.worker_id, returning, outcomes, self.in_use - self._unbacked
+            )
+        except LeaseLost:
+            raise
+        except Exception:
+            # The call failed (actor unreachable for a moment): keep the slots and outcomes for next time.
+            async with self._changed:
+                self.held += returning
+                self._to_return += set_aside
+                self._outcomes.latencies_s[:0] = outcomes.latencies_s
+                self._outcomes.refusals[:0] = outcomes.refusals
+                self._outcomes.overloads[:0] = outcomes.overloads
+            raise
+        self.reports += 1
+        async with self._changed:
+            self._owe = directive.owe
+            if directive.pause_s > 0:
+                self._paused_until = max(self._paused_until, self._clock() + directive.pause_s)
+            # What is owed and free now goes back at the next report, not when an attempt ends.
+            pay = min(self._owe, self.free)
+            self._owe -= pay
+            self._to_return += pay
+            self._changed.notify_all()
+
+    def describe(self) -> dict[str, Any]:
+        """The pool's state, for logs and tests."""
+        return {
+            "held": self.held,
+            "in_use": self.in_use,
+            "free": self.free,
+            "owe": self._owe,
+            "attempts": self.attempts,
+            "leases": self.leases,
+            "reports": self.reports,
+        }

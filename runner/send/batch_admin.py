@@ -1,0 +1,56 @@
+"""What `glm-batch status` and `glm-batch cancel` know of a job's batches.
+
+    rows = batch_rows(job)                                  # from the batch book; sends nothing
+    report = await cancel_batches(job, api_key, base_url)   # asks the Batch API to cancel the open ones
+
+Cancelling keeps what a batch already finished: those lines are billed and delivered, and the next
+`glm-batch run` harvests them and sends the rest again (online, or in a new batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runner.job import catalog
+from runner.job.resolve import Job
+from runner.send.batch_api import BatchAPI, BatchStatusError
+from runner.send.batch_book import OPEN, BatchBook
+
+
+def batch_rows(job: Job) -> list[dict[str, Any]]:
+    """One line per chunk of the job: its batch, how far it got, its request counts at the last look."""
+    directory = job.state_dir / "batches"
+    if not (directory / "book.jsonl").exists():
+        return []
+    return [
+        {
+            "chunk": chunk.id,
+            "batch": chunk.batch_id,
+            "lines": chunk.lines,
+            "step": chunk.status,
+            "status": chunk.batch_status,
+            **{k: chunk.counts.get(k) for k in ("completed", "failed")},
+        }
+        for chunk in BatchBook(directory).chunks.values()
+    ]
+
+
+async def cancel_batches(job: Job, api_key: str, base_url: str) -> dict[str, Any]:
+    """Cancel every batch of the job that is still open; say how many lines each had already finished
+    (those are billed)."""
+    book = BatchBook(job.state_dir / "batches")
+    native = job.native_url or catalog.native_url_beside(base_url)
+    cancelled: list[dict[str, Any]] = []
+    async with BatchAPI(native, api_key) as api:
+        for chunk in book.chunks.values():
+            if chunk.status not in OPEN or chunk.batch_id is None:
+                continue
+            try:
+                batch = await api.cancel(chunk.batch_id)
+            except BatchStatusError as exc:  # finished meanwhile, or already gone: report, go on
+                cancelled.append({"batch": chunk.batch_id, "status": f"not cancelled: {exc}"})
+                continue
+            book.record(chunk.id, batch_status=batch.status)
+            counts = batch.request_counts
+            cancelled.append({"batch": batch.id, "status": batch.status, "billed_lines": counts.completed})
+    return {"batches": cancelled, "billed_lines": sum(c.get("billed_lines", 0) for c in cancelled)}

@@ -16,15 +16,12 @@ streams a multipart file part from an open file in 64 KiB reads (in the executor
 loop), takes a timeout per call (`ClientTimeout`), streams a download with `iter_chunked`, and raises
 one `ClientError` family for connection faults.
 
-Errors (one hierarchy; every one carries what the API said, never a header):
-
-    BatchAPIError
-    ├── BatchTransportError       the connection failed or broke: retried
-    │   └── BatchTimeout          no answer within the call's timeout: retried
-    ├── BatchProtocolError        a success status whose body is not what the API promises: retried
-    └── BatchStatusError          an error answer: .status, .code (Zhipu's business code), .message
-        ├── BatchAbort            no balance (1113), plan exhausted, bad key, 401/403: stop everything
-        └── BatchNotFound         404: unknown id, or a result file not ready yet (download waits)
+Errors are one hierarchy (runner.send.batch_api_errors), every one carrying what the API said, never
+a header: BatchTransportError and BatchTimeout (the connection), BatchProtocolError (a success status
+with a body that is not what the API promises), BatchStatusError (an error answer), with BatchAbort
+(no balance, exhausted plan, bad key: stop everything) and BatchNotFound (404) below it. The typed
+views of what the API returns (Batch, FileObject, BatchPage...) are in runner.send.batch_api_types.
+Every public name of both is importable from here too.
 
 Transient errors (connection, timeout, 408/409/429 with a rate code, 5xx, Zhipu's 1302-1305) are
 retried here with tenacity and runner.send.retries.wait_backoff, honouring retry-after; the project has
@@ -41,7 +38,6 @@ import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -49,9 +45,32 @@ from typing import Any, TypeVar
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from runner.send.retries import ABORT_CODES, Verdict, wait_backoff
+from runner.send.batch_api_errors import (
+    MAX_ERROR_BODY,
+    BatchAbort,
+    BatchAPIError,
+    BatchNotFound,
+    BatchProtocolError,
+    BatchStatusError,
+    BatchTimeout,
+    BatchTransportError,
+    classify_api_error,
+    status_error,
+    wait_with_retry_after,
+)
+from runner.send.batch_api_types import (
+    TERMINAL_STATUSES,
+    Batch,
+    BatchError,
+    BatchPage,
+    FileObject,
+    RequestCounts,
+    page_from_json,
+)
+from runner.send.retries import Verdict
 
 __all__ = [
+    "TERMINAL_STATUSES",
     "Batch",
     "BatchAPI",
     "BatchAPIError",
@@ -70,296 +89,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
-# Zhipu's limit and overload codes, and its own internal/network errors: worth another try.
-_TRANSIENT_CODES = frozenset({"500", "1230", "1234", "1302", "1303", "1304", "1305"})
 _CHUNK = 1 << 16
-_MAX_ERROR_BODY = 1 << 16  # an error body longer than this is not an API error object; don't hold it
-
-
-# --------------------------------------------------------------------------------------------------
-# Errors
-
-
-class BatchAPIError(Exception):
-    """Anything the Batch API client raises."""
-
-
-class BatchTransportError(BatchAPIError):
-    """The connection could not be made, or broke before a whole answer arrived."""
-
-
-class BatchTimeout(BatchTransportError):
-    """No (whole) answer within the call's timeout."""
-
-
-class BatchProtocolError(BatchAPIError):
-    """A success status whose body is not the JSON the API promises (an HTML page from a gateway...)."""
-
-
-class BatchStatusError(BatchAPIError):
-    """The API answered with an error: HTTP status, Zhipu's business code and message."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str | None,
-        message: str,
-        *,
-        request_id: str | None = None,
-        retry_after: float | None = None,
-        where: str = "",
-    ) -> None:
-        label = f"{status}/{code}" if code else str(status)
-        super().__init__(f"{where}: {label}: {message}" if where else f"{label}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.request_id = request_id
-        self.retry_after = retry_after
-
-
-class BatchAbort(BatchStatusError):
-    """An error that every later call would get too (no balance, exhausted plan, bad key): stop the run."""
-
-
-class BatchNotFound(BatchStatusError):
-    """404: no such batch or file, or a result file that is not downloadable yet."""
-
-
-def classify_api_error(exc: BaseException) -> Verdict:
-    """RETRY transient faults, ABORT account-wide ones, FAIL the rest (the call itself is wrong)."""
-    if isinstance(exc, BatchAbort):
-        return Verdict.ABORT
-    if isinstance(exc, (BatchTransportError, BatchProtocolError)):
-        return Verdict.RETRY
-    if isinstance(exc, BatchStatusError):
-        if exc.code in _TRANSIENT_CODES:
-            return Verdict.RETRY
-        if exc.status in (408, 409, 429) or exc.status >= 500:
-            return Verdict.RETRY
-        return Verdict.FAIL
-    return Verdict.FAIL
-
-
-def _status_error(status: int, raw: bytes, headers: Mapping[str, str], where: str) -> BatchStatusError:
-    """The exception for an error answer, read from Zhipu's `{"error": {"code"|"type", "message"}}`."""
-    code: str | None = None
-    message: str | None = None
-    request_id: str | None = None
-    try:
-        data = json.loads(raw) if raw and len(raw) <= _MAX_ERROR_BODY else None
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        error = data.get("error")
-        source = error if isinstance(error, dict) else data  # older APIs: {"code", "msg"} at the top
-        raw_code = source.get("code")
-        if raw_code in (None, ""):
-            raw_code = source.get("type")
-        code = str(raw_code) if raw_code not in (None, "") else None
-        text = source.get("message") or source.get("msg")
-        message = str(text) if text else None
-        rid = data.get("request_id") or (error.get("request_id") if isinstance(error, dict) else None)
-        request_id = str(rid) if rid else None
-    if message is None:
-        message = raw[:200].decode("utf-8", "replace").strip() or "no body"
-    request_id = request_id or headers.get("x-request-id") or headers.get("request-id")
-    retry_after = _retry_after(headers)
-    cls: type[BatchStatusError]
-    if code in ABORT_CODES or status in (401, 403):
-        cls = BatchAbort
-    elif status == 404:
-        cls = BatchNotFound
-    else:
-        cls = BatchStatusError
-    return cls(status, code, message, request_id=request_id, retry_after=retry_after, where=where)
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value:
-            try:
-                seconds = float(value) * scale
-            except ValueError:
-                continue  # an HTTP date: rare; our own backoff applies
-            if seconds > 0:
-                return seconds
-    return None
-
-
-class _wait_with_retry_after:
-    """wait_backoff's full jitter, or the server's retry-after when that is longer (capped)."""
-
-    def __init__(self, maximum: float = 30.0) -> None:
-        self._own = wait_backoff(maximum=maximum)
-        self._max = maximum
-
-    def __call__(self, state: RetryCallState) -> float:
-        own = self._own(state)
-        exc = state.outcome.exception() if state.outcome else None
-        asked = exc.retry_after if isinstance(exc, BatchStatusError) else None
-        return max(own, min(asked, self._max)) if asked else own
-
-
-# --------------------------------------------------------------------------------------------------
-# Typed views of the API's objects (tolerant: every field but the id may be missing)
-
-
-def _int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return None
-
-
-def _str(value: Any) -> str | None:
-    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) and value != "" else None
-
-
-@dataclass(frozen=True, slots=True)
-class RequestCounts:
-    """How many of a batch's requests there are, and how many finished well or badly."""
-
-    total: int = 0
-    completed: int = 0
-    failed: int = 0
-
-    @classmethod
-    def from_json(cls, data: Any) -> RequestCounts:
-        """Read `request_counts`; missing or malformed counts read as 0."""
-        if not isinstance(data, Mapping):
-            return cls()
-        return cls(*(_int(data.get(name)) or 0 for name in ("total", "completed", "failed")))
-
-
-@dataclass(frozen=True, slots=True)
-class BatchError:
-    """One validation error of a batch's input file (a bad line, a missing field)."""
-
-    code: str | None
-    message: str | None
-    line: int | None = None
-    param: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """A batch as the API reports it. `raw` keeps the whole object for whatever a field here lacks."""
-
-    id: str
-    status: str
-    input_file_id: str | None = None
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-    endpoint: str | None = None
-    request_counts: RequestCounts = field(default_factory=RequestCounts)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    created_at: int | None = None
-    in_progress_at: int | None = None
-    finalizing_at: int | None = None
-    completed_at: int | None = None
-    failed_at: int | None = None
-    expired_at: int | None = None
-    expires_at: int | None = None
-    cancelling_at: int | None = None
-    cancelled_at: int | None = None
-    errors: tuple[BatchError, ...] = ()
-    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def done(self) -> bool:
-        """Has the batch stopped changing (completed, failed, expired or cancelled)?"""
-        return self.status in TERMINAL_STATUSES
-
-    @classmethod
-    def from_json(cls, data: Any) -> Batch:
-        """Read a batch object; raises BatchProtocolError if it has no id."""
-        if not isinstance(data, Mapping) or not _str(data.get("id")):
-            raise BatchProtocolError(f"not a batch object: {str(data)[:200]}")
-        errors_value = data.get("errors")
-        error_items = errors_value.get("data") if isinstance(errors_value, Mapping) else errors_value
-        errors = tuple(
-            BatchError(_str(e.get("code")), _str(e.get("message")), _int(e.get("line")), _str(e.get("param")))
-            for e in (error_items if isinstance(error_items, list) else [])
-            if isinstance(e, Mapping)
-        )
-        metadata = data.get("metadata")
-        times = {
-            name: _int(data.get(name))
-            for name in (
-                "created_at",
-                "in_progress_at",
-                "finalizing_at",
-                "completed_at",
-                "failed_at",
-                "expired_at",
-                "expires_at",
-                "cancelling_at",
-                "cancelled_at",
-            )
-        }
-        return cls(
-            id=str(data["id"]),
-            status=_str(data.get("status")) or "unknown",
-            input_file_id=_str(data.get("input_file_id")),
-            output_file_id=_str(data.get("output_file_id")),
-            error_file_id=_str(data.get("error_file_id")),
-            endpoint=_str(data.get("endpoint")),
-            request_counts=RequestCounts.from_json(data.get("request_counts")),
-            metadata=dict(metadata) if isinstance(metadata, Mapping) else {},
-            errors=errors,
-            raw=dict(data),
-            **times,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class BatchPage:
-    """One page of the batch list; pass `last_id` as `after` for the next one."""
-
-    data: tuple[Batch, ...]
-    has_more: bool
-    first_id: str | None = None
-    last_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class FileObject:
-    """An uploaded file as the API reports it."""
-
-    id: str
-    bytes: int | None = None
-    filename: str | None = None
-    purpose: str | None = None
-    created_at: int | None = None
-    status: str | None = None
-    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_json(cls, data: Any) -> FileObject:
-        """Read a file object; raises BatchProtocolError if it has no id."""
-        if not isinstance(data, Mapping) or not _str(data.get("id")):
-            raise BatchProtocolError(f"not a file object: {str(data)[:200]}")
-        return cls(
-            id=str(data["id"]),
-            bytes=_int(data.get("bytes")),
-            filename=_str(data.get("filename")),
-            purpose=_str(data.get("purpose")),
-            created_at=_int(data.get("created_at")),
-            status=_str(data.get("status")),
-            raw=dict(data),
-        )
-
-
-# --------------------------------------------------------------------------------------------------
-# The client
 
 
 class BatchAPI:
@@ -393,7 +123,7 @@ class BatchAPI:
         self._not_ready_attempts = not_ready_attempts
         self._not_ready_wait_s = not_ready_wait_s
         self._sleep = sleep
-        self._wait = wait or _wait_with_retry_after()
+        self._wait = wait or wait_with_retry_after()
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> BatchAPI:
@@ -479,7 +209,7 @@ class BatchAPI:
             nonlocal tries
             tries += 1
             if tries > 1:  # an earlier try may have made it and lost the answer
-                page = _page_from_json(await self._request_once("GET", "/batches", params={"limit": "100"}))
+                page = page_from_json(await self._request_once("GET", "/batches", params={"limit": "100"}))
                 made = next((b for b in page.data if b.input_file_id == input_file_id), None)
                 if made is not None:
                     return made
@@ -500,7 +230,7 @@ class BatchAPI:
         params = {"limit": str(max(1, min(limit, 100)))}
         if after:
             params["after"] = after
-        return _page_from_json(await self._call("GET", "/batches", params=params))
+        return page_from_json(await self._call("GET", "/batches", params=params))
 
     async def iter_batches(self, *, page_size: int = 100) -> AsyncIterator[Batch]:
         """Every batch of the account, page by page."""
@@ -567,7 +297,7 @@ class BatchAPI:
         except aiohttp.ClientError as exc:
             raise BatchTransportError(f"{where}: {type(exc).__name__}: {exc}") from exc
         if status >= 400:
-            raise _status_error(status, raw, headers, where)
+            raise status_error(status, raw, headers, where)
         try:
             decoded = json.loads(raw) if raw else {}
         except ValueError:
@@ -585,8 +315,8 @@ class BatchAPI:
         try:
             async with self._client().get(f"{self._base}/files/{file_id}/content", timeout=timeout) as response:
                 if response.status >= 400:
-                    raw = await response.content.read(_MAX_ERROR_BODY)
-                    raise _status_error(response.status, raw, response.headers, where)
+                    raw = await response.content.read(MAX_ERROR_BODY)
+                    raise status_error(response.status, raw, response.headers, where)
                 handle = await asyncio.to_thread(open, part, "wb")
                 try:
                     first = True
@@ -613,23 +343,10 @@ class BatchAPI:
         return size
 
 
-def _page_from_json(data: Any) -> BatchPage:
-    """Read a list answer `{"data": [...], "has_more", "first_id", "last_id"}`."""
-    if not isinstance(data, Mapping) or not isinstance(data.get("data"), list):
-        raise BatchProtocolError(f"not a batch list: {str(data)[:200]}")
-    batches = tuple(Batch.from_json(item) for item in data["data"])
-    return BatchPage(
-        data=batches,
-        has_more=bool(data.get("has_more")),
-        first_id=_str(data.get("first_id")),
-        last_id=_str(data.get("last_id")),
-    )
-
-
 def _raise_embedded_error(decoded: Any, status: int, headers: Mapping[str, str], where: str, raw: bytes) -> None:
     # Zhipu sometimes answers an error with status 200 and an `error` object (wire.md): not a success.
     if isinstance(decoded, Mapping) and isinstance(decoded.get("error"), Mapping) and "id" not in decoded:
-        raise _status_error(status, raw, headers, where)
+        raise status_error(status, raw, headers, where)
 
 
 def _refuse_error_object(first_chunk: bytes, response: aiohttp.ClientResponse, where: str) -> None:
@@ -641,7 +358,7 @@ def _refuse_error_object(first_chunk: bytes, response: aiohttp.ClientResponse, w
     except ValueError:
         return  # several lines, or a line cut by the chunk: a result file
     if isinstance(data, dict) and isinstance(data.get("error"), dict) and "custom_id" not in data:
-        raise _status_error(response.status, first_chunk, response.headers, where)
+        raise status_error(response.status, first_chunk, response.headers, where)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -8,33 +8,28 @@ from the clock whenever it is looked at (no background task): validating, then i
 answered by the same `Simulator.reply` as /v1/messages and billed once, as "batch", when processed.
 Error bodies are native-shaped: `{"error": {"code": "1214", "message": "..."}}`. Codes for cases Zhipu
 does not document (a file not found, a full queue, a model not eligible) are guesses.
+
+The routes are here (NativeAPI); the files and batches they hold and the clock-driven life of a batch
+are runner.testing.batch_state, and the checks on an uploaded batch file runner.testing.batch_input.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import random
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from runner.job import catalog
-from runner.testing.answers import ask_from_chat, chat_completion, count_tokens, prompt_key, share
+from runner.testing.answers import ask_from_chat, chat_completion, count_tokens, prompt_key
+from runner.testing.batch_input import LINE_URL, eligible, file_problem, line_problem, parse_file
+from runner.testing.batch_state import ACTIVE, NativeState, SimBatch, SimFile
 
-if TYPE_CHECKING:
-    from runner.testing.simulator import Simulator
+__all__ = ["ACTIVE", "BATCH_ENDPOINTS", "LINE_URL", "NATIVE_PATH", "NativeAPI"]
 
 NATIVE_PATH = "/api/paas/v4"
-LINE_URL = "/v4/chat/completions"
 BATCH_ENDPOINTS = ("/v4/chat/completions", "/v1/chat/completions")  # docs and zai-sdk disagree: accept both
-ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
-_TRANSIENT = (
-    (500, {"error": {"code": "500", "message": "Internal Error"}}),
-    (429, {"error": {"code": "1302", "message": "您的账户已达到速率限制，请您控制请求频率"}}),
-)
 
 
 class _Refused(Exception):
@@ -45,49 +40,8 @@ class _Refused(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-@dataclass
-class _File:
-    id: str
-    filename: str
-    purpose: str
-    data: bytes
-    created_at: int
-    ready_at: float = 0.0  # monotonic time before which its content answers 404 (a result file's quirk)
-
-
-@dataclass
-class _Batch:
-    id: str
-    input_file_id: str
-    endpoint: str
-    metadata: dict[str, Any] | None
-    model: str | None
-    auto_delete: bool
-    lines: list[tuple[str, Any]]  # (custom_id, body) in file order
-    created: float  # monotonic
-    wall: float  # time.time() at `created`, to report epoch timestamps
-    status: str = "validating"
-    invalid: str | None = None  # why validation fails, when it will
-    started: float | None = None  # in_progress since
-    stop_at: float | None = None  # when processing stopped (cancel, expiry)
-    processed: int = 0
-    outputs: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    completed: int = 0
-    failed: int = 0
-    times: dict[str, float] = field(default_factory=dict)  # status -> monotonic time it began
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-
-
-class NativeAPI:
-    """The /api/paas/v4 routes of one Simulator, and the files and batches they hold."""
-
-    def __init__(self, host: Simulator) -> None:
-        self.host = host
-        self.files: dict[str, _File] = {}
-        self.batches: dict[str, _Batch] = {}  # in creation order
-        self._attempts: dict[str, int] = {}  # prompt hash -> batch lines seen (a retry draws anew)
+class NativeAPI(NativeState):
+    """The /api/paas/v4 routes of one Simulator, over the files and batches NativeState holds."""
 
     def add_routes(self, app: web.Application) -> None:
         """Register the native routes on the simulator's app."""
@@ -102,45 +56,6 @@ class NativeAPI:
         app.router.add_get(f"{p}/batches", self._list)
         app.router.add_get(f"{p}/batches/{{id}}", self._retrieve)
         app.router.add_post(f"{p}/batches/{{id}}/cancel", self._cancel)
-
-    # ---- on-demand control (tests) ---------------------------------------------------------------
-
-    def expire(self, batch_id: str) -> None:
-        """End a running batch as expired now: processed lines are delivered and billed, the rest expire."""
-        with self.host.lock:
-            batch = self.batches[batch_id]
-            now = time.monotonic()
-            self._advance(batch, now)
-            if batch.status in ("validating", "in_progress", "finalizing"):
-                self._end(batch, "expired", now)
-
-    def fail(self, batch_id: str, message: str) -> None:
-        """Fail a batch that has not ended, as if validation had refused it."""
-        with self.host.lock:
-            batch = self.batches[batch_id]
-            now = time.monotonic()
-            self._advance(batch, now)
-            if batch.status in ACTIVE:
-                batch.invalid = message
-                self._end(batch, "failed", now)
-
-    def advance_all(self) -> None:
-        """Bring every batch up to the present (stats() calls this so the bill is current)."""
-        with self.host.lock:
-            now = time.monotonic()
-            for batch in self.batches.values():
-                self._advance(batch, now)
-
-    def stats_locked(self) -> dict[str, Any]:
-        """The batch part of Simulator.stats(); the caller holds the lock."""
-        by_status: dict[str, int] = {}
-        for b in self.batches.values():
-            by_status[b.status] = by_status.get(b.status, 0) + 1
-        return {
-            "batches": by_status,
-            "batch_lines_processed": sum(b.processed for b in self.batches.values()),
-            "files": len(self.files),
-        }
 
     # ---- request plumbing ------------------------------------------------------------------------
 
@@ -177,7 +92,7 @@ class NativeAPI:
                 body = await request.json()
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise _Refused(400, "1210", "Invalid JSON body") from exc
-            problem = _line_problem(body, None, self.host.config.token_scale)
+            problem = line_problem(body, None, self.host.config.token_scale)
             if problem is not None:
                 raise _Refused(*problem)
         except _Refused as err:
@@ -211,19 +126,19 @@ class NativeAPI:
             if len(lines) > cfg.batch_max_lines:
                 raise _Refused(400, "1214", f"file has {len(lines)} lines; at most {cfg.batch_max_lines} allowed")
             if cfg.batch_check_on_upload:
-                problem = _file_problem(lines)
+                problem = file_problem(lines)
                 if problem is not None:
                     raise _Refused(400, "1214", problem)
         except _Refused as err:
             self.host.count(f"upload_{err.status}_{err.code}")
             return self._refusal(err)
-        file = _File(self.host.new_id("file-"), upload.filename, "batch", data, int(time.time()))
+        file = SimFile(self.host.new_id("file-"), upload.filename, "batch", data, int(time.time()))
         with self.host.lock:
             self.files[file.id] = file
         self.host.count("file_uploaded")
         return web.json_response(_file_json(file))
 
-    def _file(self, request: web.Request) -> _File:
+    def _file(self, request: web.Request) -> SimFile:
         self._auth(request)
         file = self.files.get(request.match_info["id"])
         if file is None:
@@ -276,8 +191,8 @@ class NativeAPI:
             metadata = body.get("metadata")
             if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16):
                 raise _Refused(400, "1214", "metadata must be an object of at most 16 keys")
-            lines, model, invalid = _parse_file(file.data)
-            if model is not None and cfg.batch_refuse_ineligible and not _eligible(model):
+            lines, model, invalid = parse_file(file.data)
+            if model is not None and cfg.batch_refuse_ineligible and not eligible(model):
                 raise _Refused(400, "1212", f"model {model} is not available for the Batch API")
             with self.host.lock:
                 now = time.monotonic()
@@ -291,7 +206,7 @@ class NativeAPI:
                         f"batch queue full for {model}: {queued} requests queued, {len(lines)} more would "
                         f"exceed the cap of {cfg.batch_queue_cap}",
                     )
-                batch = _Batch(
+                batch = SimBatch(
                     id=self.host.new_id("batch_"),
                     input_file_id=file.id,
                     endpoint=body["endpoint"],
@@ -313,7 +228,7 @@ class NativeAPI:
         self.host.count("batch_created")
         return web.json_response(payload)
 
-    def _get(self, request: web.Request) -> _Batch:
+    def _get(self, request: web.Request) -> SimBatch:
         self._auth(request)
         batch = self.batches.get(request.match_info["id"])
         if batch is None:
@@ -380,166 +295,8 @@ class NativeAPI:
         self.host.count("batch_cancel")
         return web.json_response(payload)
 
-    # ---- the life of a batch (caller holds the lock) ---------------------------------------------
 
-    def _advance(self, b: _Batch, now: float) -> None:
-        """Move a batch through every phase whose time has come, processing the lines now due."""
-        cfg = self.host.config
-        if b.status == "validating":
-            at = b.created + cfg.batch_validating_s
-            if now < at:
-                return
-            if b.invalid is not None:
-                self._end(b, "failed", at)
-                return
-            b.status, b.started = "in_progress", at
-            b.times["in_progress"] = at
-        if b.status == "in_progress":
-            assert b.started is not None
-            rate = cfg.batch_lines_per_s
-            expire_at = b.started + cfg.batch_expire_after_s if cfg.batch_expire_after_s is not None else math.inf
-            until = min(now, expire_at)
-            due = len(b.lines) if not rate else min(len(b.lines), _lines_by(until - b.started, rate))
-            self._process(b, due)
-            if b.processed == len(b.lines):
-                done = b.started + (len(b.lines) / rate if rate else 0.0)
-                b.status = "finalizing"
-                b.times["finalizing"] = min(done, now)
-            elif now >= expire_at:
-                self._end(b, "expired", expire_at)
-                return
-        if b.status == "finalizing":
-            at = b.times["finalizing"] + cfg.batch_finalizing_s
-            if now >= at:
-                self._end(b, "completed", at)
-        if b.status == "cancelling":
-            assert b.stop_at is not None
-            if b.started is not None and cfg.batch_lines_per_s:
-                self._process(b, min(len(b.lines), _lines_by(b.stop_at - b.started, cfg.batch_lines_per_s)))
-            elif b.started is not None:
-                self._process(b, len(b.lines))
-            at = b.stop_at + cfg.batch_cancelling_s
-            if now >= at:
-                self._end(b, "cancelled", at)
-
-    def _process(self, b: _Batch, due: int) -> None:
-        """Answer lines up to `due`: a success is billed as "batch"; errors are not billed."""
-        cfg = self.host.config
-        while b.processed < due:
-            custom_id, body = b.lines[b.processed]
-            b.processed += 1
-            request_id = self.host.new_id("")
-            line_id = f"batch_req_{request_id}"
-            problem = _line_problem(body, b.model, cfg.token_scale)
-            if problem is not None:
-                status, code, message = problem
-                response = {
-                    "status_code": status,
-                    "request_id": request_id,
-                    "body": {"error": {"code": code, "message": message}},
-                }
-                b.errors.append(_dump({"id": line_id, "custom_id": custom_id, "response": response, "error": None}))
-                b.failed += 1
-                continue
-            ask = ask_from_chat(body, catalog.models()[body["model"]].max_output)
-            key = prompt_key(ask.prompt)
-            attempt = self._attempts.get(key, 0)
-            self._attempts[key] = attempt + 1
-            draw = share(f"batch-error{attempt}{custom_id}{ask.prompt}")
-            if draw < cfg.batch_error_rate:
-                status, error = _TRANSIENT[int(draw * 1e6) % 2]
-                response = {"status_code": status, "request_id": request_id, "body": error}
-                b.errors.append(_dump({"id": line_id, "custom_id": custom_id, "response": response, "error": None}))
-                b.failed += 1
-                continue
-            reply = self.host.reply(ask)
-            self.host.bill_locked("batch", key, reply)
-            completion = chat_completion(reply, ask.model, request_id, int(time.time()))
-            response = {"status_code": 200, "request_id": request_id, "body": completion}
-            b.outputs.append(_dump({"id": line_id, "custom_id": custom_id, "response": response, "error": None}))
-            b.completed += 1
-
-    def _end(self, b: _Batch, status: str, at: float) -> None:
-        """Finish a batch: write its result files (lines shuffled, as Zhipu promises no order)."""
-        b.status = status
-        b.times[status] = at
-        if status == "failed":
-            return
-        code = {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(status)
-        if code is not None:
-            for custom_id, _ in b.lines[b.processed :]:
-                error = {"code": code, "message": f"The request was not processed before the batch was {status}."}
-                b.errors.append(
-                    _dump(
-                        {
-                            "id": f"batch_req_{self.host.new_id('')}",
-                            "custom_id": custom_id,
-                            "response": None,
-                            "error": error,
-                        }
-                    )
-                )
-        shuffle = random.Random(f"{self.host.config.seed}{b.id}")
-        ready = at + self.host.config.batch_output_404_s
-        for lines, kind in ((b.outputs, "output"), (b.errors, "error")):
-            if not lines:
-                continue
-            shuffled = list(lines)
-            shuffle.shuffle(shuffled)
-            data = ("\n".join(shuffled) + "\n").encode()
-            file = _File(
-                self.host.new_id("file-"), f"{b.id}_{kind}.jsonl", f"batch_{kind}", data, int(time.time()), ready
-            )
-            self.files[file.id] = file
-            if kind == "output":
-                b.output_file_id = file.id
-            else:
-                b.error_file_id = file.id
-        if b.auto_delete and status == "completed":
-            self.files.pop(b.input_file_id, None)
-
-    def _batch_json(self, b: _Batch) -> dict[str, Any]:
-        def epoch(status: str) -> int | None:
-            t = b.times.get(status)
-            return None if t is None else int(b.wall + (t - b.created))
-
-        errors = None
-        if b.status == "failed":
-            errors = {"object": "list", "data": [{"code": "invalid_file", "message": b.invalid, "line": None}]}
-        return {
-            "id": b.id,
-            "object": "batch",
-            "endpoint": b.endpoint,
-            "errors": errors,
-            "input_file_id": b.input_file_id,
-            "completion_window": "24h",
-            "status": b.status,
-            "output_file_id": b.output_file_id,
-            "error_file_id": b.error_file_id,
-            "created_at": epoch("validating"),
-            "in_progress_at": epoch("in_progress"),
-            "expires_at": int(b.wall + 7 * 86400),
-            "finalizing_at": epoch("finalizing"),
-            "completed_at": epoch("completed"),
-            "failed_at": epoch("failed"),
-            "expired_at": epoch("expired"),
-            "cancelling_at": epoch("cancelling"),
-            "cancelled_at": epoch("cancelled"),
-            "request_counts": {"total": len(b.lines), "completed": b.completed, "failed": b.failed},
-            "metadata": b.metadata,
-        }
-
-
-def _lines_by(seconds: float, rate: float) -> int:
-    """Lines processed in `seconds` at `rate` a second (0.3 s at 20/s is 6, not 5.999...)."""
-    return int(seconds * rate + 1e-9)
-
-
-def _dump(value: dict[str, Any]) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _file_json(file: _File) -> dict[str, Any]:
+def _file_json(file: SimFile) -> dict[str, Any]:
     return {
         "id": file.id,
         "object": "file",
@@ -548,84 +305,3 @@ def _file_json(file: _File) -> dict[str, Any]:
         "filename": file.filename,
         "purpose": file.purpose,
     }
-
-
-def _eligible(model: str) -> bool:
-    """Whether the catalogue lets a model into the Batch API: its `batch` field when it has one
-    (the field may not exist yet: then every known model is accepted)."""
-    info = catalog.models().get(model)
-    return info is not None and getattr(info, "batch", True) is not False
-
-
-def _line_problem(body: Any, model: str | None, scale: float) -> tuple[int, str, str] | None:
-    """Why a chat completions body would be refused (status, code, message), or None."""
-    if not isinstance(body, dict):
-        return 400, "1214", "body must be a JSON object"
-    name = body.get("model")
-    if name not in catalog.models():
-        return 400, "1211", "Unknown Model, please check the model code."
-    if model is not None and name != model:
-        return 400, "1214", f"model {name} differs from the file's model {model}"
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        return 400, "1214", "messages must be a non-empty list of objects"
-    max_tokens = body.get("max_tokens")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-        return 400, "1214", "max_tokens must be a positive integer"
-    ask = ask_from_chat(body, 1)
-    if count_tokens(ask.prompt, scale) > catalog.models()[name].context:
-        return 400, "1261", "Prompt too long"
-    return None
-
-
-def _parse_file(data: bytes) -> tuple[list[tuple[str, Any]], str | None, str | None]:
-    """A batch file's lines (custom_id, body), its model, and why validation fails (None if it passes).
-    Bodies are not checked here: a bad body fails its own line, not the batch."""
-    lines = [ln for ln in data.split(b"\n") if ln.strip()]
-    problem = _file_problem(lines)
-    parsed: list[tuple[str, Any]] = []
-    model = None
-    for raw in lines:
-        try:
-            line = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(line, dict):
-            parsed.append((str(line.get("custom_id")), line.get("body")))
-            body = line.get("body")
-            if model is None and isinstance(body, dict) and isinstance(body.get("model"), str):
-                model = body["model"]
-    return parsed, model, problem
-
-
-def _file_problem(lines: list[bytes]) -> str | None:
-    """What makes a whole batch file invalid: bad JSON, a malformed line, a duplicate custom_id, more
-    than one model, an unknown model. None when the file is valid."""
-    seen: set[str] = set()
-    models: set[str] = set()
-    for number, raw in enumerate(lines, 1):
-        try:
-            line = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return f"line {number}: not valid JSON"
-        if not isinstance(line, dict):
-            return f"line {number}: not a JSON object"
-        custom_id = line.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            return f"line {number}: custom_id must be a non-empty string"
-        if custom_id in seen:
-            return f"line {number}: duplicate custom_id {custom_id!r}"
-        seen.add(custom_id)
-        if line.get("method") != "POST":
-            return f"line {number}: method must be POST"
-        if line.get("url") != LINE_URL:
-            return f"line {number}: url must be {LINE_URL}"
-        body = line.get("body")
-        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            return f"line {number}: body must be an object with a model"
-        if body["model"] not in catalog.models():
-            return f"line {number}: Unknown Model {body['model']!r}"
-        models.add(body["model"])
-        if len(models) > 1:
-            return f"line {number}: a file may hold one model; found {', '.join(sorted(models))}"
-    return None

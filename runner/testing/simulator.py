@@ -5,7 +5,8 @@ JSON or SSE with named events, usage zeros in `message_start` and the real count
 both auth headers, Zhipu-shaped error bodies with the business code in `error.type`, and 400/1261 for a
 prompt over the model's context. Under `/api/paas/v4` it serves the native API: the tokenizer, chat
 completions, and the Batch API (files and batches, see `runner.testing.native` and batch.md), answering
-a prompt there exactly as it does on `/v1/messages`. It adds what tests and benchmarks need:
+a prompt there exactly as it does on `/v1/messages` (whose route is `runner.testing.messages`). It adds
+what tests and benchmarks need:
 
 - latency (Gaussian around `latency_s`) and a concurrency cap per model that answers 429/1302 above it;
 - injected faults at a given rate: 429 1302/1305/1113, 500, 529, dropped connections, slow answers,
@@ -29,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import json
 import random
 import threading
 from collections import Counter
@@ -38,7 +38,6 @@ from typing import Any
 
 from aiohttp import web
 
-from runner.job import catalog
 from runner.testing.answers import (
     NEGATIVE,
     POSITIVE,
@@ -58,10 +57,13 @@ from runner.testing.answers import (
     text_of,
 )
 from runner.testing.config import BILLED_FAULTS, ERRORS, FAULTS, HTML_502, RETRYABLE_FAULTS, SimConfig
+from runner.testing.messages import MessagesAPI
 from runner.testing.native import NATIVE_PATH, NativeAPI
 
 __all__ = [
+    "BILLED_FAULTS",
     "FAULTS",
+    "HTML_502",
     "NEGATIVE",
     "POSITIVE",
     "RETRYABLE_FAULTS",
@@ -70,6 +72,8 @@ __all__ = [
     "Simulator",
     "SimulatorThread",
     "answer_for",
+    "anthropic_message",
+    "ask_from_messages",
     "count_tokens",
     "lexicon_score",
     "prompt_text",
@@ -105,13 +109,14 @@ class Simulator:
 
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
-        self._stats = _Stats()
+        self.tally = _Stats()  # the counts and the bill; the routes update them under `lock`
         # Stats and batches are read from other threads; reentrant because a batch line is answered
         # (which counts samples under the lock) while its batch is advanced under it.
         self.lock = threading.RLock()
-        self._rng = random.Random(self.config.seed)
+        self.rng = random.Random(self.config.seed)  # ids, latency and fault draws, from one seed
         self._runner: web.AppRunner | None = None
         self._generating: set[asyncio.Task[None]] = set()  # generations outliving their client
+        self.messages = MessagesAPI(self)
         self.native = NativeAPI(self)
         self.port = 0
 
@@ -124,7 +129,7 @@ class Simulator:
         """Listen on 127.0.0.1:port (0 picks a free port)."""
         # Room for a 100 MB batch file upload (Zhipu's limit) plus its multipart framing.
         app = web.Application(client_max_size=128 * 1024 * 1024)
-        app.router.add_post("/v1/messages", self._messages)
+        self.messages.add_routes(app)
         self.native.add_routes(app)
         app.router.add_get("/_sim/stats", self._get_stats)
         app.router.add_post("/_sim/config", self._post_config)
@@ -159,7 +164,7 @@ class Simulator:
         Batches: batches {status: count}, batch_lines_processed."""
         self.native.advance_all()
         with self.lock:
-            s = self._stats
+            s = self.tally
             per_prompt = self._billed_per_prompt()
             return {
                 "requests": s.requests,
@@ -186,14 +191,14 @@ class Simulator:
 
     def _billed_per_prompt(self) -> dict[str, Counter[str]]:
         out: dict[str, Counter[str]] = {}
-        for (api, key), n in self._stats.billed.items():
+        for (api, key), n in self.tally.billed.items():
             out.setdefault(key, Counter())[api] += n
         return out
 
     def reset_stats(self) -> None:
         """Forget what was answered and billed (between test cases sharing one simulator)."""
         with self.lock:
-            self._stats = _Stats()
+            self.tally = _Stats()
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
@@ -218,25 +223,25 @@ class Simulator:
 
     def bill_locked(self, api: str, key: str, reply: Reply) -> None:
         """`bill`, for a caller that holds `lock`."""
-        self._stats.billed[(api, key)] += 1
-        self._stats.billed_tokens[api]["input"] += reply.input_tokens
-        self._stats.billed_tokens[api]["output"] += reply.output_tokens
+        self.tally.billed[(api, key)] += 1
+        self.tally.billed_tokens[api]["input"] += reply.input_tokens
+        self.tally.billed_tokens[api]["output"] += reply.output_tokens
 
     def new_id(self, prefix: str) -> str:
         """An id shaped like Zhipu's: prefix, yyyyMMddHHmmss, 16 hex digits."""
-        return f"{prefix}{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}{self._rng.getrandbits(64):016x}"
+        return f"{prefix}{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}{self.rng.getrandbits(64):016x}"
 
     def count(self, outcome: str) -> None:
         """Count one outcome in stats()["outcomes"]."""
         with self.lock:
-            self._stats.by_outcome[outcome] += 1
+            self.tally.by_outcome[outcome] += 1
 
     def delay(self) -> float:
         """How long this answer takes: Gaussian around latency_s (sd latency_jitter_s), never below 0."""
         cfg = self.config
         if not cfg.latency_jitter_s:
             return cfg.latency_s
-        return max(0.0, self._rng.gauss(cfg.latency_s, cfg.latency_jitter_s))
+        return max(0.0, self.rng.gauss(cfg.latency_s, cfg.latency_jitter_s))
 
     async def generate(self, delay: float, api: str, key: str, reply: Reply) -> None:
         """Spend `delay` generating, then bill. The generation runs on when the client hangs up (its
@@ -254,103 +259,7 @@ class Simulator:
         task.add_done_callback(self._generating.discard)
         await asyncio.shield(task)
 
-    # ---- the Messages endpoint -------------------------------------------------------------------
-
-    async def _messages(self, request: web.Request) -> web.StreamResponse:
-        cfg = self.config
-        with self.lock:
-            self._stats.requests += 1
-
-        key = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-        if not key:
-            return self._error("1001", "auth_missing")
-        if cfg.api_keys is not None and key not in cfg.api_keys:
-            return self._error("401", "auth_bad")
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return self._zhipu_400("1210", "Invalid JSON body")
-        model = body.get("model")
-        if model not in catalog.models():
-            return self._error("1211", "unknown_model")
-        if not isinstance(body.get("max_tokens"), int) or not body.get("messages"):
-            return self._zhipu_400("1214", "max_tokens and messages are required")
-        if count_tokens(prompt_text(body), cfg.token_scale) > catalog.models()[model].context:
-            return self._zhipu_400("1261", "Prompt too long")  # the model's context window, as Zhipu does
-
-        with self.lock:
-            busy = self._stats.in_flight[model]
-            if cfg.concurrency_cap is not None and busy >= cfg.concurrency_cap:
-                self._stats.by_outcome["429_1302_cap"] += 1
-                over_cap = True
-            else:
-                over_cap = False
-                self._stats.in_flight[model] += 1
-                self._stats.max_in_flight = max(self._stats.max_in_flight, busy + 1)
-            fault = self._rng.choice(cfg.faults) if cfg.faults and self._rng.random() < cfg.fault_rate else None
-            if cfg.fault_match is not None and cfg.fault_match not in prompt_text(body):
-                fault = None
-            elif cfg.fault_attempts:
-                attempt_key = prompt_key(prompt_text(body))
-                self._stats.attempts[attempt_key] += 1
-                if self._stats.attempts[attempt_key] <= cfg.fault_attempts:
-                    fault = cfg.faults[0]
-        if over_cap:
-            return self._error("429_1302", None)  # refused at once: no latency
-        try:
-            return await self._answer(request, body, model, fault)
-        finally:
-            with self.lock:
-                self._stats.in_flight[model] -= 1
-
-    async def _answer(
-        self, request: web.Request, body: dict[str, Any], model: str, fault: str | None
-    ) -> web.StreamResponse:
-        cfg = self.config
-        delay = cfg.slow_s if fault in ("slow", "hang") else self.delay()
-        if fault is not None and fault not in BILLED_FAULTS and fault != "stream_error":
-            # The server failed before generating anything: nothing is billed.
-            if delay > 0:
-                await asyncio.sleep(delay)
-            return self._fault_response(request, fault)
-
-        ask = ask_from_messages(body)
-        reply = self.reply(ask)
-        message = anthropic_message(reply, model, self.new_id("msg_"))
-        key = prompt_key(ask.prompt)
-        if fault == "hang":
-            self.count("hang")  # counted on arrival: its handler is cancelled when the client gives up
-        if fault == "stream_error":  # the generation breaks off mid-stream: not billed
-            if delay > 0:
-                await asyncio.sleep(delay)
-        else:
-            await self.generate(delay, "online", key, reply)
-        if fault == "hang":
-            # Generated and billed, but never answered: the client waits until it gives up.
-            await asyncio.Event().wait()
-        if fault == "partial_json":
-            self.count("partial_json")
-            text = json.dumps(message, ensure_ascii=False)
-            return web.Response(text=text[: len(text) // 2], content_type="application/json")
-        if body.get("stream"):
-            return await self._stream(request, message, key, fail_midway=fault == "stream_error")
-        response = web.json_response(message, headers={"x-request-id": message["id"]})
-        self._delivered(key, message)
-        return response
-
-    def _fault_response(self, request: web.Request, fault: str) -> web.Response:
-        """The answer to a fault the server raises instead of generating."""
-        if fault in ERRORS:
-            return self._error(fault, fault)
-        self.count(fault)
-        if fault == "drop":
-            assert request.transport is not None
-            request.transport.close()
-            return web.Response(status=500)  # never reaches the client: the socket is gone
-        if fault == "200_html":  # a gateway's error page, mislabelled as JSON
-            return web.Response(text=HTML_502, content_type="application/json")
-        assert fault == "200_error", fault
-        return web.json_response({"error": {"type": "1234", "message": "Network error, please try again"}})
+    # ---- how `reply` varies an answer ------------------------------------------------------------
 
     def _variant(self, ask: Ask, prompt: str, turn: int) -> int:
         """Which answer a sampled request gets: 0, the usual one, or (for some of the times a prompt is
@@ -360,8 +269,8 @@ class Simulator:
             return 0
         key = prompt_key(prompt)
         with self.lock:
-            repeat = self._stats.asked[key]
-            self._stats.asked[key] += 1
+            repeat = self.tally.asked[key]
+            self.tally.asked[key] += 1
         chance = share(f"sample{repeat}{prompt}")
         rate = cfg.sample_disagreement if lexicon_score(prompt) else min(0.5, 2 * cfg.sample_disagreement)
         return repeat + 1 if chance < rate else 0
@@ -369,71 +278,6 @@ class Simulator:
     def _invalid(self, prompt: str, turn: int) -> bool:
         cfg = self.config
         return share(f"invalid{prompt}") < cfg.invalid_rate and turn <= cfg.invalid_turns
-
-    async def _stream(
-        self, request: web.Request, message: dict[str, Any], key: str, *, fail_midway: bool
-    ) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "x-request-id": message["id"]})
-        await resp.prepare(request)
-
-        async def send(event: str, data: dict[str, Any]) -> None:
-            await resp.write(f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode())
-
-        # Zhipu puts zeros in message_start and the real usage in message_delta (wire.md, quirk D1).
-        start = {**message, "content": [], "stop_reason": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
-        await send("message_start", {"type": "message_start", "message": start})
-        await send("ping", {"type": "ping"})
-        if fail_midway:
-            self.count("stream_error")
-            await send("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
-            await resp.write_eof()
-            return resp
-        for i, block in enumerate(message["content"]):
-            kind = block["type"]
-            if kind == "tool_use":
-                empty = {**block, "input": {}}
-                value, delta_kind, field_name = json.dumps(block["input"]), "input_json_delta", "partial_json"
-            else:
-                empty = {"type": kind, kind: "", **({"signature": ""} if kind == "thinking" else {})}
-                value, delta_kind, field_name = block[kind], f"{kind}_delta", kind
-            await send("content_block_start", {"type": "content_block_start", "index": i, "content_block": empty})
-            for j in range(0, len(value), 24):
-                delta = {"type": delta_kind, field_name: value[j : j + 24]}
-                await send("content_block_delta", {"type": "content_block_delta", "index": i, "delta": delta})
-            await send("content_block_stop", {"type": "content_block_stop", "index": i})
-        await send(
-            "message_delta",
-            {
-                "type": "message_delta",
-                "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
-                "usage": message["usage"],
-            },
-        )
-        await send("message_stop", {"type": "message_stop"})
-        await resp.write_eof()
-        self._delivered(key, message)
-        return resp
-
-    def _delivered(self, key: str, message: dict[str, Any]) -> None:
-        """Count an answer that reached the client (the bill is kept apart, by `bill`)."""
-        with self.lock:
-            self._stats.ok += 1
-            self._stats.by_outcome["ok"] += 1
-            self._stats.answered[key] += 1
-            self._stats.input_tokens += message["usage"]["input_tokens"]
-            self._stats.output_tokens += message["usage"]["output_tokens"]
-
-    def _error(self, code: str, outcome: str | None) -> web.Response:
-        status, payload = ERRORS[code]
-        self.count(outcome or code)
-        headers = {}
-        if status == 429 and self.config.retry_after_s is not None:
-            headers["retry-after"] = str(self.config.retry_after_s)
-        return web.json_response(payload, status=status, headers=headers)
-
-    def _zhipu_400(self, code: str, message: str) -> web.Response:
-        self.count(f"400_{code}")
-        return web.json_response({"type": "error", "error": {"type": code, "message": message}}, status=400)
 
 
 class SimulatorThread:

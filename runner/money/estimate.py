@@ -271,7 +271,7 @@ def _report(
             "high": round(total(in_high, output.high), 6),
             "ceiling": round(total(in_high, max_tokens), 6),
         },
-        "batch_api_expected": round(expected / 2, 6),
+        "batch_api_expected": round(expected * job.model.batch.price_share, 6),
         "tier_mix": tiers,
         "wall_time_s": {
             "expected": round(n * latency / max(1, job.concurrency), 1),
@@ -279,4 +279,41 @@ def _report(
             "latency_basis": latency_basis,
             "concurrency": job.concurrency,
         },
+        "modes": _modes(job, expected, n * latency / max(1, job.concurrency)),
     }
+
+
+BATCH_TURNAROUND_S = 24 * 3600.0  # Zhipu: most batches finish within 24 h (expire after 7 days)
+
+
+def _modes(job: Job, online_cost: float, online_s: float) -> dict[str, Any]:
+    """Online, batch and hybrid side by side: expected cost and wall time of each way to run the job."""
+    batch = job.model.batch
+    modes: dict[str, Any] = {"online": {"cost": round(online_cost, 6), "wall_time_s": round(online_s, 1)}}
+    if not batch.eligible:
+        modes["batch"] = modes["hybrid"] = {"eligible": False}
+        return modes
+    batch_cost = online_cost * batch.price_share
+    modes["batch"] = {
+        "cost": round(batch_cost, 6),
+        "wall_time_s": BATCH_TURNAROUND_S,
+        "basis": "up to 24 h: Zhipu finishes most batches within a day",
+        "price_confirmed": batch.confirmed,
+    }
+    deadline = job.spec.run.deadline
+    if deadline is not None:
+        from runner.send.deadline import seconds_until
+
+        budget_s = seconds_until(deadline)
+        # The share the Batch API is expected to finish by the deadline, if batches progress evenly over a
+        # day; the rest goes online at full price (no later than the deadline).
+        batch_share = min(1.0, budget_s / BATCH_TURNAROUND_S)
+        modes["hybrid"] = {
+            "cost": round(batch_cost * batch_share + online_cost * (1 - batch_share), 6),
+            "cost_range": [round(batch_cost, 6), round(online_cost, 6)],
+            "wall_time_s": round(min(budget_s, max(online_s, budget_s)), 1),
+            "basis": f"deadline {deadline}; assumes batches progress evenly over a day",
+        }
+    else:
+        modes["hybrid"] = {"cost_range": [round(batch_cost, 6), round(online_cost, 6)], "basis": "set run.deadline"}
+    return modes

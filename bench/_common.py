@@ -159,3 +159,19 @@ def seed_finished_state(spec: Path, skip_every: int = 0) -> None:
         finalize(store, ParquetSink(job.output_path, job.state_dir), OutputShape(job.spec.input.id_column or "id"))
     finally:
         store.close()
+
+
+def spawn_simulator(port: int, argv: list[str]) -> subprocess.Popen[bytes]:
+    """A simulator started by `argv` in its own process, returned once it answers on `port`.
+
+    For a benchmark that serves the simulator itself (start_simulator runs `glm-batch simulate`).
+    """
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/_sim/stats", timeout=1)
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.terminate()
+    raise RuntimeError("simulator did not start")

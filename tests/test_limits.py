@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
 
 import polars as pl
 import pytest
 
-from runner.send.limits import AimdController
+from runner.send.limits import AimdController, Limits
 from runner.testing.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows
 
@@ -25,13 +26,13 @@ class FakeClock:
 
 def round_trips(ctrl: AimdController, clock: FakeClock, caps: list[int], latency: float = 0.2) -> list[dict]:
     """Each round trip the controller fills its limit; the server refuses what exceeds its cap (at once,
-    with 1302) and answers the rest one latency later."""
+    with 1302) and answers the rest one latency later. Refusals land last-sent first (the worst order)."""
     history = []
     for cap in caps:
-        sent = ctrl.limit
+        sent, epoch = ctrl.limit, ctrl.epoch
         accepted = min(sent, cap)
         for i in range(sent - accepted):
-            ctrl.on_overload("concurrency", in_flight=sent - i)
+            ctrl.on_overload("concurrency", in_flight=sent - i, epoch=epoch)
         clock.now += latency
         for _ in range(accepted):
             ctrl.on_success(latency)
@@ -113,13 +114,28 @@ def test_inflating_latency_trims_the_limit_at_most_once_per_round_trip() -> None
     ctrl.on_overload("concurrency", in_flight=21)  # leave slow start
     for _ in range(50):
         ctrl.on_success(0.2)
-    before = ctrl.limit
+    before, epoch = ctrl.limit, ctrl.epoch
 
     clock.now = 10.0
-    ctrl.on_success(1.0)  # 5x the floor: the endpoint is queueing
-    ctrl.on_success(1.0)
+    for _ in range(2 * before):  # a window and more of answers at 5x the usual: the endpoint is queueing
+        ctrl.on_success(1.0)
 
-    assert ctrl.limit == int(before * 0.9)
+    assert ctrl.epoch == epoch + 1  # one cut
+    assert int(before * 0.9) <= ctrl.limit <= int(before * 0.9) + 1  # (additive increase goes on)
+
+
+def test_ordinary_latency_noise_is_not_taken_for_queueing() -> None:
+    # 0.2 s +- 20% (sd 0.04): over a run one answer comes at -3 sd (0.08 s) and some at +3 sd (0.32 s),
+    # 4x the fastest. Single answers like that are noise, not an endpoint that is queueing.
+    clock = FakeClock()
+    ctrl = AimdController(initial=16, maximum=16, clock=clock)
+    ctrl.on_overload("concurrency", in_flight=17)
+    ctrl.on_success(0.08)
+    for i in range(400):
+        clock.now += 0.2 / 16
+        ctrl.on_success(0.32 if i % 16 == 0 else 0.2)
+
+    assert ctrl.limit == 16
 
 
 def test_auto_concurrency_finds_the_simulators_hidden_cap_in_a_real_run(make_job, sim: SimulatorThread) -> None:
@@ -168,3 +184,136 @@ async def test_the_token_charge_learns_the_mean_answer_length() -> None:
 
     async with limits.slot(input_tokens=10) as attempt:
         assert attempt.charged_tokens == 10 + 110  # no longer max_tokens (500): the mean seen so far
+
+
+class Refused(Exception):
+    """What the fake endpoint raises for a request over its cap (429/1302)."""
+
+
+def refusals(exc: Exception) -> tuple[str | None, float | None]:
+    return ("concurrency", None) if isinstance(exc, Refused) else (None, None)
+
+
+async def test_refusals_that_land_after_answers_drained_do_not_cut_below_the_cap() -> None:
+    # The endpoint refuses at once what is over its cap of 16, while its 16 accepted requests take a
+    # round trip. When the refusals are processed the answers may already have drained: the in-flight
+    # count then is far below the one the refused requests were sent at, and must not be taken for it.
+    clock = FakeClock()
+    ctrl = AimdController(initial=20, maximum=64, clock=clock)
+    ctrl.on_overload("concurrency", in_flight=21)  # out of slow start, holding 20
+    limits = Limits(concurrency=ctrl, requests_per_minute=None, tokens_per_minute=None, classify=refusals, clock=clock)
+    cap, busy = 16, 0
+    answers, refusals_land = asyncio.Event(), asyncio.Event()
+
+    async def request() -> None:
+        nonlocal busy
+        async with limits.slot(input_tokens=0):
+            if busy >= cap:
+                await refusals_land.wait()
+                raise Refused()
+            busy += 1
+            await answers.wait()
+            clock.now += 0.2
+            busy -= 1
+
+    tasks = [asyncio.create_task(request()) for _ in range(20)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    answers.set()  # the accepted ones are answered before the refusals are looked at
+    for _ in range(5):
+        await asyncio.sleep(0)
+    refusals_land.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert sum(isinstance(r, Refused) for r in results) == 4
+    assert ctrl.limit == 16
+
+
+def test_a_burst_of_simultaneous_refusals_decreases_the_limit_once() -> None:
+    clock = FakeClock()
+    ctrl = AimdController(initial=24, maximum=64, clock=clock)
+    ctrl.on_overload("platform", in_flight=24)  # leave slow start: 24 * 0.8 -> 19
+    clock.now = 5.0
+    epoch = ctrl.epoch
+
+    for _ in range(10):  # ten refusals of requests sent together, landing together
+        ctrl.on_overload("platform", in_flight=19, epoch=epoch)
+
+    assert ctrl.limit == int(19 * 0.8)
+    assert ctrl.epoch == epoch + 1
+
+
+@pytest.mark.parametrize("order", ["first sent first", "last sent first"])
+def test_a_burst_of_1302s_leaves_the_limit_at_the_cap_whatever_order_they_land_in(order: str) -> None:
+    clock = FakeClock()
+    ctrl = AimdController(initial=24, maximum=64, clock=clock)
+    epoch = ctrl.epoch
+    counts = list(range(17, 25))  # sent as the 17th to 24th in flight; the cap is 16
+    if order == "last sent first":
+        counts.reverse()
+
+    for in_flight in counts:
+        ctrl.on_overload("concurrency", in_flight=in_flight, epoch=epoch)
+
+    assert ctrl.limit == 16
+    assert ctrl.epoch == epoch + 1  # one decrease
+
+
+def test_after_a_cut_the_limit_climbs_back_to_the_last_good_level_within_two_round_trips() -> None:
+    clock = FakeClock()
+    ctrl = AimdController(initial=3, maximum=64, clock=clock)
+    round_trips(ctrl, clock, [16] * 30)
+    assert ctrl.limit == 16
+
+    clock.now += 5.0
+    ctrl.on_overload("platform", in_flight=16)  # a passing platform overload: 16 -> 12
+    assert ctrl.limit < 16
+    history = round_trips(ctrl, clock, [16] * 3)
+
+    assert history[2]["sent"] >= 16
+
+
+def test_the_limit_never_exceeds_max_concurrency_even_while_climbing_back() -> None:
+    clock = FakeClock()
+    ctrl = AimdController(initial=30, maximum=32, clock=clock)
+    ctrl.on_overload("platform", in_flight=30)
+
+    history = round_trips(ctrl, clock, [100] * 50)
+
+    assert max(h["sent"] for h in history) <= 32
+    assert history[-1]["sent"] == 32
+
+
+async def test_a_cap_that_falls_from_16_to_6_is_followed_through_the_real_slots() -> None:
+    # Through Limits.slot, so the in-flight counts and epochs are the ones the executor really reports.
+    clock = FakeClock()
+    ctrl = AimdController(initial=4, maximum=64, clock=clock)
+    limits = Limits(concurrency=ctrl, requests_per_minute=None, tokens_per_minute=None, classify=refusals, clock=clock)
+    busy = 0
+    answers = [asyncio.Event()]  # the next batch of answers; requests sent now wait for it
+    sent: list[int] = []
+
+    async def request(cap: int) -> None:
+        nonlocal busy
+        async with limits.slot(input_tokens=0):
+            if busy >= cap:
+                raise Refused()
+            busy += 1
+            await answers[-1].wait()
+            busy -= 1
+
+    for cap in [16] * 30 + [6] * 30:
+        batch = [asyncio.create_task(request(cap)) for _ in range(ctrl.limit)]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        sent.append(limits.in_flight)
+        while not all(t.done() for t in batch):  # a round trip later, what was sent is answered
+            clock.now += 0.2
+            answers[-1].set()
+            answers.append(asyncio.Event())
+            for _ in range(3):
+                await asyncio.sleep(0)
+
+    assert sent[29] in (16, 17)
+    assert sent[31] <= 7  # one round trip to come down
+    assert all(6 <= n <= 7 for n in sent[32:])

@@ -37,16 +37,28 @@ def _bucket(per_minute: float) -> AsyncLimiter:
 class AimdController:
     """Finds and tracks the endpoint's in-flight limit from what it answers. Pure logic, no I/O.
 
-    - Slow start: +1 per success (doubling each round trip) until the first overload.
-    - Then additive increase: +1 slot per `probe_windows` windows of `limit` successes. Each probe past
-      the real cap costs one 429, so the 429 share stays near 1 / (probe_windows * limit).
-    - 1302 (too many requests in flight): the request that was refused was one too many, so the limit
-      becomes what was in flight besides it. This tracks a cap that falls within one round trip and,
-      unlike halving, keeps the limit at the cap instead of averaging 0.75 of it.
+    - Slow start: +1 per success (doubling each round trip) while below `good`, the level that last
+      worked (unbounded until the first overload, like TCP's ssthresh). So a run ramps up quickly, and
+      after a cut the limit returns to the level it came from within a round trip or two instead of
+      creeping back one slot every few round trips.
+    - Then additive increase: +1 slot per `probe_windows` windows of `limit` successes (growth is per
+      success, so it is proportional to what the endpoint actually answered). Each probe past the real
+      cap costs one 429, so the 429 share stays near 1 / (probe_windows * limit).
+    - 1302 (too many requests in flight): the refused request was one too many, so the limit (and
+      `good`) becomes what was in flight besides it WHEN IT WAS SENT (`in_flight`, counted by the caller
+      at dispatch). This tracks a cap that falls within one round trip and, unlike halving, keeps the
+      limit at the cap instead of averaging 0.75 of it.
+    - Decrease at most once per epoch. Every decrease starts a new epoch; an overload of a request
+      dispatched in an earlier epoch (`epoch` below the current one) was sent at a limit already given
+      up, so it does not cut again. A burst of refusals that all come back at once (they are answered
+      instantly) is one signal, not N. (Taking each one's in-flight count as it landed, after answers
+      had drained, cut a cap of 16 to 4-9 in some runs; so did the old per-answer latency rule below.)
     - 1305 / 529 (the platform is overloaded): everyone backs off: cut by `platform_cut` and pause
-      dispatch for the endpoint's retry-after (or `pause_s`).
-    - Latency inflation (answers slower than `latency_inflation` x the fastest seen lately): the
-      endpoint is queueing; cut by 10%, at most once per round trip.
+      dispatch for the endpoint's retry-after (or `pause_s`), at most once per pause.
+    - Latency inflation (the smoothed latency above `latency_inflation` x its lowest value lately): the
+      endpoint is queueing; cut by 10%, at most once per round trip. Smoothed over about a window of
+      answers, so that ordinary noise (one answer at +3 sd over a floor set by one at -3 sd) is not
+      taken for queueing.
     """
 
     def __init__(
@@ -69,9 +81,11 @@ class AimdController:
         self._pause_s = pause_s
         self._inflation = latency_inflation
         self._clock = clock
-        self.slow_start = True
+        self.good = math.inf  # the level that last worked: slow start below it, additive increase above
+        self.epoch = 0  # bumped by every decrease; callers note it at dispatch and hand it back
         self.paused_until = 0.0
-        self._floor_latency: float | None = None
+        self._latency: float | None = None  # smoothed (EWMA over about one window of answers)
+        self._floor_latency: float | None = None  # the lowest smoothed latency lately
         self._last_cut = -math.inf
         self.successes = 0
         self.overloads = 0
@@ -81,34 +95,62 @@ class AimdController:
         """Requests allowed in flight now."""
         return int(self._limit)
 
+    @property
+    def slow_start(self) -> bool:
+        """Whether the limit grows by one per success (below the level that last worked)."""
+        return self._limit < self.good
+
     def on_success(self, latency_s: float) -> None:
         """An attempt was answered."""
         self.successes += 1
         now = self._clock()
+        smoothed = self._latency = (
+            latency_s if self._latency is None else self._latency + (latency_s - self._latency) / max(self._limit, 1.0)
+        )
         floor = self._floor_latency
         # The floor drifts up slowly so that a permanently slower endpoint becomes the new normal.
-        self._floor_latency = latency_s if floor is None or latency_s < floor else floor * 1.001
-        if floor is not None and latency_s > self._inflation * floor and now - self._last_cut > latency_s:
-            self._set(self._limit * 0.9)
-            self._last_cut = now
+        self._floor_latency = smoothed if floor is None or smoothed < floor else floor * 1.001
+        if floor is not None and smoothed > self._inflation * floor and now - self._last_cut > smoothed:
+            self._decrease(self._limit * 0.9, now)
+            self.good = self._limit  # the level cut from made it queue: not one to return to
             return
         if self.slow_start:
-            self._set(self._limit + 1)
+            self._set(min(self._limit + 1, self.good))
         else:
             self._set(self._limit + 1 / (self._probe_windows * self._limit))
 
-    def on_overload(self, kind: Overload, *, in_flight: int, retry_after_s: float | None = None) -> None:
-        """An attempt was refused for overload; `in_flight` counts it among ours at the time."""
+    def on_overload(
+        self, kind: Overload, *, in_flight: int, retry_after_s: float | None = None, epoch: int | None = None
+    ) -> None:
+        """An attempt was refused for overload. `in_flight` counts it among ours when it was sent;
+        `epoch` is `self.epoch` when it was sent (None: sent now, i.e. the current epoch)."""
         self.overloads += 1
-        self.slow_start = False
+        now = self._clock()
+        current = epoch is None or epoch >= self.epoch
         if kind == "concurrency":
-            self._set(min(self._limit, in_flight - 1))
+            # The cap is below the count this one was sent at. That bound is fixed at dispatch, so the
+            # refusals of one burst cannot stack below the lowest of them, whatever order they land in.
+            bound = in_flight - 1
+            if current:
+                self._decrease(min(self._limit, bound), now)
+                self.good = self._limit
+            else:  # same burst: tighten to its bound, but it is not a new decrease
+                self._set(min(self._limit, bound))
+                self.good = max(self.minimum, min(self.good, bound))
         else:
-            now = self._clock()
-            self.paused_until = max(self.paused_until, now + (retry_after_s or self._pause_s))
-            if now - self._last_cut > (retry_after_s or self._pause_s):
-                self._set(self._limit * self._platform_cut)
-                self._last_cut = now
+            pause = retry_after_s or self._pause_s
+            self.paused_until = max(self.paused_until, now + pause)
+            if current and now - self._last_cut > pause:
+                # The platform as a whole was busy, not our share of it: the level cut from still
+                # worked for us, and is the one to return to once the pause is over.
+                self._decrease(self._limit * self._platform_cut, now)
+
+    def _decrease(self, value: float, now: float) -> None:
+        """Cut to `value`, remembering the level cut from as the one to return to, and start an epoch."""
+        self.good = self._limit
+        self._set(value)
+        self._last_cut = now
+        self.epoch += 1
 
     def _set(self, value: float) -> None:
         self._limit = min(float(self.maximum), max(float(self.minimum), value))
@@ -183,11 +225,16 @@ class Limits:
                 # A single request larger than the bucket takes the whole bucket rather than failing.
                 await self._tpm.acquire(min(float(attempt.charged_tokens), self._tpm.max_rate))
             self.attempts += 1
+            # What the controller needs to judge a refusal: how many were in flight as this one went
+            # out (it included), and in which of its epochs. Counts taken when the refusal lands are
+            # lower (answers drain meanwhile), and would cut below the cap.
+            sent_in_flight = self.in_flight
+            sent_epoch = self.controller.epoch if self.controller is not None else 0
             started = self._clock()
             try:
                 yield attempt
             except Exception as exc:
-                self._learn_failure(exc)
+                self._learn_failure(exc, sent_in_flight, sent_epoch)
                 raise
             if self.controller is not None:
                 self.controller.on_success(self._clock() - started)
@@ -207,13 +254,13 @@ class Limits:
         if self._tpm is not None and debt > 0:
             await self._tpm.acquire(min(float(debt), self._tpm.max_rate))
 
-    def _learn_failure(self, exc: Exception) -> None:
+    def _learn_failure(self, exc: Exception, in_flight: int, epoch: int) -> None:
         kind, retry_after = self._classify(exc)
         if kind is None:
             return
         self.overloaded += 1
         if self.controller is not None:
-            self.controller.on_overload(kind, in_flight=self.in_flight, retry_after_s=retry_after)
+            self.controller.on_overload(kind, in_flight=in_flight, retry_after_s=retry_after, epoch=epoch)
 
     async def _wait_for_pause(self) -> None:
         if self.controller is None:

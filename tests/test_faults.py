@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import polars as pl
 import pytest
@@ -165,3 +166,30 @@ def test_backoff_grows_with_jitter_and_respects_its_cap() -> None:
         samples = [wait(state) for _ in range(200)]
         assert all(0 <= s <= ceiling for s in samples)
         assert max(samples) > ceiling / 2  # full jitter spreads over the whole range
+
+
+def test_attempts_that_timed_out_after_sending_are_counted_as_maybe_billed_twice(make_job, sim) -> None:
+    """The server goes on and bills a request whose client gave up: the summary says how many such
+    attempts there were and what they may have cost at worst, so the spend is not understated."""
+    sim.configure(faults=("hang",), fault_attempts=1, slow_s=1.5)
+    job = make_job(rows=sample_rows(4), run={"timeout_s": 0.5, "concurrency": 4})
+    assert cli("run", str(job.spec)).exit_code == 0
+    summary = json.loads(job.summary.read_text())
+    maybe = summary["cost"]["maybe_billed_twice"]
+    assert maybe["requests"] == 4 and maybe["worst_case"] > 0
+    time.sleep(1.5)  # let the server finish (and bill) the abandoned attempts
+    assert sim.stats()["prompts_billed_twice"] == 4  # what the summary warned of did happen
+
+
+def test_a_stalled_stream_is_cut_by_its_silence_not_by_the_answers_length(make_job, sim) -> None:
+    """Streaming, a hung connection is detected by the time since the last event (stall_s) and
+    retried, while timeout_s (a whole answer's limit) does not apply."""
+    sim.configure(faults=("hang",), fault_attempts=1, slow_s=30, latency_s=0.0)
+    job = make_job(rows=sample_rows(3), model={"stream": True}, run={"stall_s": 0.5, "timeout_s": 0.01})
+    started = time.monotonic()
+    result = cli("run", str(job.spec))
+    assert result.exit_code == 0, result.stderr[-1000:]
+    assert time.monotonic() - started < 15
+    summary = json.loads(job.summary.read_text())
+    assert summary["retries"].get("stalled") == 3
+    assert summary["cost"]["maybe_billed_twice"]["requests"] == 3

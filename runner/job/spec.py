@@ -110,7 +110,9 @@ class RunSpec(_Strict):
     requests_per_minute: PositiveFloat | None = None
     tokens_per_minute: PositiveFloat | None = None
     max_attempts: PositiveInt = 6
-    timeout_s: PositiveFloat = 600.0
+    timeout_s: PositiveFloat = 600.0  # a whole non-streamed answer (streaming: see stall_s)
+    # Streaming, an answer may take as long as it needs; no event for this long means a hung connection.
+    stall_s: PositiveFloat = 120.0
     backoff_initial_s: PositiveFloat = 0.5  # full-jitter exponential backoff between attempts...
     backoff_max_s: PositiveFloat = 30.0  # ...capped here; a longer retry-after is capped here too
     checkpoint_rows: PositiveInt = 1000

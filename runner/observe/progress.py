@@ -67,6 +67,7 @@ def _progress_fields(tally: Tally, gauges: dict[str, Any], control: Control) -> 
         "cost": round(tally.cost, 6),
         "projected_cost": None if (p := tally.projected_cost()) is None else round(p, 6),
         "retries": dict(control.retries),
+        "maybe_billed_twice": len(control.maybe_billed),
     }
 
 
@@ -168,6 +169,10 @@ class RichReporter:
             f" | {tally.rate():.1f} req/s | tokens {tally.input_tokens}+"
             f"{tally.output_tokens} | retries {retries}"
         )
+        if control.maybe_billed:
+            detail += f" | may be billed twice {len(control.maybe_billed)}"
+        if gauges.get("batches"):
+            detail += " | batches " + " ".join(f"{k} {v}" for k, v in sorted(gauges["batches"].items()))
         projected = tally.projected_cost()
         if projected is not None:
             detail += f" | spent {tally.cost:.4f} of ~{projected:.4f} {self._currency}"

@@ -82,6 +82,18 @@ def summary(
         "by_tier": {k: round(v, 6) for k, v in tally.cost_by_tier.items()},
         "prices_confirmed": table.confirmed if table is not None else None,
         "max_cost": job.spec.run.max_cost,
+        # Attempts sent and then given up on (timeouts, stalls): the endpoint may have billed them too.
+        "maybe_billed_twice": {
+            "requests": len(control.maybe_billed),
+            "worst_case": round(
+                sum(
+                    table.worst_case(input_tokens=t, max_tokens=job.spec.model.max_tokens) for t in control.maybe_billed
+                ),
+                6,
+            )
+            if table is not None
+            else None,
+        },
     }
     if estimate is not None and table is not None and tally.ok:
         # How good was `glm-batch estimate`? Compare its expected cost per request with this run's.

@@ -55,6 +55,7 @@ def _online(job: Job, base_url: str, api_key: str, estimate_tokens: Callable[[Re
         base_url,
         api_key,
         timeout_s=run.timeout_s,
+        stall_s=run.stall_s,
         stream=model.max_tokens >= STREAM_FROM_MAX_TOKENS if model.stream == "auto" else model.stream,
     )
     limits = Limits(

@@ -41,6 +41,7 @@ class Control:
     aborted: EndpointAborted | None = None
     failed: GlmBatchError | None = None  # a local failure that stopped the run (a full disk)
     retries: dict[str, int] = field(default_factory=dict)  # error_type -> retries taken
+    maybe_billed: list[int] = field(default_factory=list)  # input tokens of attempts that may be billed twice
 
     def stop(self, reason: str) -> None:
         """Stop at once: queued requests are dropped unsent; requests in flight may finish."""
@@ -71,6 +72,11 @@ class Control:
     def count_retry(self, fault: Fault) -> None:
         """One more retry of a request that failed with `fault`."""
         self.retries[fault.type] = self.retries.get(fault.type, 0) + 1
+
+    def note_maybe_billed(self, input_tokens: int) -> None:
+        """An attempt was sent and then given up on (a timeout): the endpoint may bill it although we
+        never got its answer. Its estimated input size prices the worst case."""
+        self.maybe_billed.append(input_tokens)
 
 
 class Executor(Protocol):

@@ -10,6 +10,7 @@ both as `Authorization: Bearer` (what SDK 2.x sends) and as `x-api-key` (what Zh
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import anthropic
@@ -24,10 +25,17 @@ from runner.send.retries import ABORT_CODES, BadResponse, Fault, Verdict, bad_re
 STREAM_FROM_MAX_TOKENS = 21334
 
 
+class StalledStream(Exception):
+    """A streamed answer sent no event for `stall_s` seconds: the connection is taken for hung."""
+
+    def __init__(self, stall_s: float) -> None:
+        super().__init__(f"no event for {stall_s:g} s while streaming")
+
+
 class Client:
     """An AsyncAnthropic pointed at one endpoint, sending one request at a time per call."""
 
-    def __init__(self, base_url: str, api_key: str, *, timeout_s: float, stream: bool) -> None:
+    def __init__(self, base_url: str, api_key: str, *, timeout_s: float, stream: bool, stall_s: float = 120.0) -> None:
         self._sdk = anthropic.AsyncAnthropic(
             api_key=api_key,
             base_url=base_url,
@@ -38,13 +46,23 @@ class Client:
         )
         self._timeout = timeout_s
         self._stream = stream
+        self._stall = stall_s
 
     async def send(self, params: dict[str, Any]) -> Answer:
-        """Send one request; raise the SDK's error, or BadResponse for a 200 that is not a message."""
+        """Send one request; raise the SDK's error, or BadResponse for a 200 that is not a message.
+
+        Streaming, a long answer may take as long as it needs: what ends the attempt is `stall_s`
+        without any event (a hung connection), raised as the SDK's timeout error."""
         if self._stream:
-            async with self._sdk.messages.stream(**params, timeout=self._timeout) as stream:
-                message = await stream.get_final_message()
-                request_id = _request_id(stream.response.headers)
+            try:
+                async with asyncio.timeout(self._stall) as quiet:
+                    async with self._sdk.messages.stream(**params, timeout=None) as stream:
+                        async for _event in stream:
+                            quiet.reschedule(asyncio.get_running_loop().time() + self._stall)
+                        message = await stream.get_final_message()
+                        request_id = _request_id(stream.response.headers)
+            except TimeoutError:
+                raise StalledStream(self._stall) from None
         else:
             raw = await self._sdk.messages.with_raw_response.create(**params, timeout=self._timeout)
             message = await raw.parse()
@@ -71,8 +89,11 @@ def classify(exc: BaseException) -> Fault:
     """
     if isinstance(exc, BadResponse):
         return bad_response_fault(exc)
+    # The request was sent and may still be answered, and billed, after we gave up on it.
     if isinstance(exc, anthropic.APITimeoutError):
-        return Fault(Verdict.RETRY, "timeout", str(exc) or "timed out")
+        return Fault(Verdict.RETRY, "timeout", str(exc) or "timed out", maybe_billed=True)
+    if isinstance(exc, StalledStream):
+        return Fault(Verdict.RETRY, "stalled", str(exc), maybe_billed=True)
     if isinstance(exc, anthropic.APIConnectionError):
         return Fault(Verdict.RETRY, "connection", str(exc) or "connection failed")
     if isinstance(exc, anthropic.APIStatusError):

@@ -114,6 +114,8 @@ class OnlineExecutor:
                 answer, latency_ms = await self._call(params, request, control, tries)
             except Exception as exc:  # an Exception only: cancellation must pass through untouched
                 fault = self._classify(exc)
+                if fault.maybe_billed:  # the last attempt's timeout (earlier ones were noted as retries)
+                    control.note_maybe_billed(self._estimate(request))
                 if fault.verdict is Verdict.ABORT:
                     control.abort(fault)
                     return None
@@ -131,7 +133,10 @@ class OnlineExecutor:
         def count_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             if exc is not None:
-                control.count_retry(self._classify(exc))
+                fault = self._classify(exc)
+                control.count_retry(fault)
+                if fault.maybe_billed:
+                    control.note_maybe_billed(self._estimate(request))
 
         policy = retrying(
             self._max_attempts, classify=self._classify, sleep=self._sleep, wait=self._wait, before_sleep=count_retry

@@ -105,6 +105,7 @@ class Fault:
     message: str
     overload: Overload | None = None
     retry_after: float | None = None
+    maybe_billed: bool = False  # sent, then given up on (a timeout): the server may bill it anyway
 
 
 def unclassified(exc: BaseException) -> Fault:

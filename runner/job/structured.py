@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import jsonschema
-import polars as pl
+from typing import TYPE_CHECKING, Any, Literal
 
 from runner.errors import UsageError
-from runner.records import Answer
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from runner.records import Answer
 
 TOOL_NAME = "record_answer"
 TEXT_INSTRUCTION = "Reply with only a JSON object that matches this JSON Schema:"
@@ -63,6 +64,8 @@ def extract_json(text: str) -> Any:
 
 def polars_dtype(schema: dict[str, Any]) -> pl.DataType:
     """The polars type a JSON Schema value becomes: objects are Structs, arrays Lists."""
+    import polars as pl
+
     kind = schema.get("type")
     if isinstance(kind, list):  # ["string", "null"] and the like: the first non-null type
         kind = next((k for k in kind if k != "null"), "string")
@@ -96,6 +99,8 @@ class AnswerShape:
             schema = {"type": "object", "properties": {field: prop}, "required": [field], "additionalProperties": False}
             return cls(schema, output.mode, output.max_repairs, field)
         if output.schema_ is not None:
+            import jsonschema
+
             try:
                 jsonschema.Draft202012Validator.check_schema(output.schema_)
             except jsonschema.SchemaError as exc:
@@ -123,6 +128,8 @@ class AnswerShape:
 
     def check(self, answer: Answer) -> Any:
         """The validated value of an answer; raises Unusable saying what is wrong."""
+        import jsonschema
+
         if answer.stop_reason == "max_tokens":
             raise Unusable("truncated", "the answer was cut off at max_tokens; raise model.max_tokens")
         if self.mode == "tool":

@@ -7,20 +7,31 @@ tpl.render({"text": "Great."})
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-import jinja2
-from jinja2 import meta
-from jinja2.runtime import new_context
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from collections.abc import Callable, Mapping
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from runner.errors import UsageError
 
-# One environment for the process: templates come from job specs, which may be shared between
-# people, so they get the sandbox (no attribute access to internals) and no autoescaping (prompts
-# are not HTML). keep_trailing_newline keeps a block scalar's final newline, as the user wrote it.
-_ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
+if TYPE_CHECKING:
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+@cache
+def _jinja() -> tuple[ImmutableSandboxedEnvironment, Callable[..., Any]]:
+    """The environment and jinja2's `new_context`, built on first compile (jinja2 loads only then).
+
+    One environment for the process: templates come from job specs, which may be shared between
+    people, so they get the sandbox (no attribute access to internals) and no autoescaping (prompts
+    are not HTML). keep_trailing_newline keeps a block scalar's final newline, as the user wrote it.
+    """
+    import jinja2
+    from jinja2.runtime import new_context
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
+    return env, new_context
 
 
 class RenderError(ValueError):
@@ -63,21 +74,25 @@ class Template:
         which was most of the cost of resuming a million-row job. Here the globals are flattened once
         and the row is layered on top: the same context `render` builds, without the copies.
         """
+        env, new_context = _jinja()
         compiled = self._compiled
         if compiled is None:
-            compiled = self._compiled = _ENV.from_string(self.source)
+            compiled = self._compiled = env.from_string(self.source)
             self._globals = dict(compiled.globals)
-        context = new_context(_ENV, compiled.name, compiled.blocks, {**self._globals, **row}, shared=True)
+        context = new_context(env, compiled.name, compiled.blocks, {**self._globals, **row}, shared=True)
         try:
-            return str(_ENV.concat(compiled.root_render_func(context)))
+            return str(env.concat(compiled.root_render_func(context)))
         except Exception as exc:  # anything user code in a template raises is that row's failure
             raise RenderError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def compile_template(source: str, *, origin: str) -> Template:
     """Check `source` parses, naming `origin` (file and key) in the error if its syntax is wrong."""
+    import jinja2
+    from jinja2 import meta
+
     try:
-        ast = _ENV.parse(source)
+        ast = _jinja()[0].parse(source)
     except jinja2.TemplateSyntaxError as exc:
         raise UsageError(
             f"{origin}: template syntax error on line {exc.lineno}: {exc.message}; fix the Jinja2 template"

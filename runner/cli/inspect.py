@@ -1,0 +1,189 @@
+"""The commands that look at what runs did and what is available: `usage`, `report`, `status`, `models`.
+
+None of them sends a request or changes a job's state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from runner.cli import JsonOpt, SetOpt, SpecArg, _console, _guarded, _load
+from runner.cli.tables import _models_table, _usage_table
+from runner.errors import UsageError
+
+
+def usage(
+    by: Annotated[
+        str, typer.Option("--by", metavar="KEYS", help="Group by any of job, model, day, endpoint (comma-separated).")
+    ] = "job,model,day",
+    since: Annotated[
+        str | None, typer.Option("--since", metavar="DATE", help="Only days from this date (YYYY-MM-DD).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the ledger's rows (one per job, model and day of a run) as JSON.")
+    ] = False,
+) -> None:
+    """Summarise spend and tokens from the usage ledger, by job, model and day."""
+    import polars as pl
+
+    from runner.money import ledger
+
+    def go() -> None:
+        keys = [k.strip() for k in by.split(",") if k.strip()]
+        bad = [k for k in keys if k not in ("job", "model", "day", "endpoint")]
+        if bad or not keys:
+            raise UsageError(f"--by {by!r}: choose from job, model, day, endpoint")
+        frame = ledger.usage()
+        if since is not None:
+            try:
+                start = dt.date.fromisoformat(since)
+            except ValueError:
+                raise UsageError(f"--since {since!r}: expected a date like 2026-11-01") from None
+            frame = frame.filter(pl.col("day") >= start)
+        if as_json:
+            print(json.dumps(frame.sort("day", "job", "model", "run_id").to_dicts(), indent=2, default=str))
+            return
+        if frame.height == 0:
+            print(f"no usage recorded yet (ledger: {ledger.ledger_dir()})")
+            return
+        console = _console()
+        console.print(_usage_table(ledger.summarise(frame, keys), keys, console.width))
+
+    _guarded(go)
+
+
+def report(
+    target: Annotated[
+        Path,
+        typer.Argument(
+            metavar="JOB_OR_OUTPUT",
+            help="The job spec (YAML) of a finished run, or its output Parquet.",
+            show_default=False,
+        ),
+    ],
+    html: Annotated[
+        Path | None, typer.Option("--html", metavar="FILE", help="Also write the report as an HTML page here.")
+    ] = None,
+    gold: Annotated[
+        str | None, typer.Option("--gold", metavar="COLUMN", help="For an output file: the column with gold labels.")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Print the quality of a finished labeling run against its gold labels (and draw it as HTML)."""
+    from rich.table import Table
+
+    from runner.observe import quality
+
+    def go() -> None:
+        if target.suffix == ".parquet":
+            if not target.exists():
+                raise UsageError(f"{target}: no such output file")
+            name = target.stem
+            summary = quality.summarise_file(target, gold)
+            if summary["label_field"] is None:
+                raise UsageError(f"{target}: no label column; report works on labeling outputs (output.labels)")
+        else:
+            job = _load(target, set_, None)
+            name = job.name
+            shape = job.shape
+            if shape is None:
+                raise UsageError(f"{target}: output: report needs a structured job (output.labels or output.schema)")
+            if not job.output_path.exists():
+                raise UsageError(f"{job.output_path} does not exist yet; run the job first: glm-batch run {target}")
+            summary = quality.summarise(job, shape)
+        console = _console()
+        console.print(
+            f"{name}: {summary['rows']} rows, {summary['valid']} valid, {summary['invalid']} invalid "
+            f"({summary['truncated']} truncated), {summary['repaired']} repaired"
+        )
+        voting = summary.get("voting")
+        if voting is not None:
+            console.print(quality.voting_line(voting))
+        metrics = summary.get("metrics")
+        if metrics is None:
+            console.print(
+                "no gold labels: set eval.gold_column (and output.labels), or pass --gold COLUMN with an output "
+                "file, for accuracy and F1"
+            )
+            return
+        console.print(f"accuracy {metrics['accuracy']:.4f} on {metrics['rows_with_gold']} rows with a gold label")
+        table = Table("label", "precision", "recall", "F1", "support")
+        for label, m in metrics["per_label"].items():
+            table.add_row(label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+        console.print(table)
+        columns = list(next(iter(metrics["confusion"].values())))
+        matrix = Table("gold \\ predicted", *columns, title="confusion matrix")
+        for truth, row in metrics["confusion"].items():
+            matrix.add_row(truth, *(str(row[c]) for c in columns))
+        console.print(matrix)
+        if html is not None:
+            html.write_text(quality.html_report(f"glm-batch report: {name}", metrics, summary), encoding="utf-8")
+            console.print(f"wrote {html}")
+
+    _guarded(go)
+
+
+def status(spec: SpecArg, set_: SetOpt = None) -> None:
+    """Show how many rows of the last run are answered, failed or pending, and what that run did."""
+    import polars as pl
+
+    from runner.job.inputs import open_input
+    from runner.state.store import Store
+
+    def go() -> None:
+        job = _load(spec, set_, None)
+        store = Store(job.state_dir, run_id="status")
+        console = _console()
+        holder = store.lock.holder()
+        if holder is not None:
+            console.print(
+                f"a run is in progress: pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                f"since {holder.get('started', '?')}"
+            )
+        runs = store.read_manifest().get("runs", [])
+        try:  # rows the last run never reached are pending too
+            total: int | None = open_input(job).frame.select(pl.len()).collect().item()
+        except UsageError:
+            total = None  # the input is gone or changed shape: count what the last run mapped
+        progress = store.progress(job.spec.output.samples, total)
+        if not runs and progress is None:
+            console.print(f"{job.name}: never run (state would be in {job.state_dir})")
+            return
+        if progress is not None:
+            console.print(
+                f"{job.name}: {progress['ok']} rows answered ok, {progress['failed']} failed, "
+                f"{progress['pending']} pending (as of the last run)"
+            )
+        if runs:
+            last = runs[-1]
+            console.print(
+                f"last run {last['run_id']}: exit {last['exit_code']}, {last['answered_ok']} ok, "
+                f"{last['answered_error']} failed, {last['elapsed_s']} s, stopped: {last['stopped'] or 'no'}"
+            )
+
+    _guarded(go)
+
+
+def models(as_json: JsonOpt = False) -> None:
+    """List the model catalogue (configs/models.yaml): limits, default concurrency and prices."""
+    from runner.job import catalog
+
+    def go() -> None:
+        found = catalog.models()
+        if as_json:
+            print(json.dumps({name: info.model_dump() for name, info in found.items()}, indent=2))
+            return
+        console = _console()
+        console.print(_models_table({name: info.model_dump() for name, info in found.items()}))
+        console.print(
+            "Prices per million tokens: input / cached input / output; the first tier whose bounds hold "
+            "applies (in<32k: input under 32,000 tokens). conc: default requests in flight.",
+            highlight=False,
+        )
+
+    _guarded(go)

@@ -1,0 +1,145 @@
+"""The commands that send requests or serve them: `run`, `estimate` and `simulate`.
+
+Each imports the engine, the SDK or the simulator when it runs, never at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from runner.cli import LimitOpt, SetOpt, SpecArg, _console, _guarded, _load, api_key_for
+from runner.cli.tables import _estimate_table
+from runner.errors import UsageError
+
+if TYPE_CHECKING:
+    from runner.observe.progress import LogFormat
+
+
+def run(
+    spec: SpecArg,
+    limit: LimitOpt = None,
+    set_: SetOpt = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore earlier answers; send every row again.")] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Send again rows that failed for good in earlier runs.")
+    ] = False,
+    log_format: Annotated[
+        str,
+        typer.Option(
+            "--log-format",
+            metavar="auto|json|text",
+            help="auto (a bar on a terminal, JSON lines otherwise), json, text.",
+        ),
+    ] = "auto",
+    resend_lost: Annotated[
+        bool,
+        typer.Option("--resend-lost", help="Pay again for answers lost with torn state files, however many."),
+    ] = False,
+) -> None:
+    """Run a job: send every row that has no answer yet and write the results to Parquet."""
+    import asyncio
+
+    from runner.api import resume_command
+    from runner.engine import RunOptions, run_job  # the engine pulls in the SDK; keep `validate` light
+    from runner.observe.progress import make_reporter
+
+    def go() -> int:
+        if log_format not in ("auto", "rich", "json", "text"):
+            raise UsageError(f"--log-format {log_format!r}: use auto, json or text")
+        fmt: LogFormat = log_format  # type: ignore[assignment]
+        job = _load(spec, set_, limit)
+        key = api_key_for(job)
+        options = RunOptions(
+            fresh=fresh,
+            retry_failed=retry_failed,
+            resume_command=resume_command(job, set_, limit),
+            resend_lost=resend_lost,
+        )
+        report = asyncio.run(run_job(job, api_key=key, options=options, reporter=make_reporter(fmt)))
+        if report.exit_code != 0:
+            print(f"glm-batch: {report.message}", file=sys.stderr)
+        else:
+            print(report.message)
+        return report.exit_code
+
+    code = _guarded(go)
+    raise typer.Exit(code)
+
+
+def estimate(
+    spec: SpecArg,
+    exact: Annotated[
+        bool, typer.Option("--exact", help="Count a sample of prompts with Zhipu's tokenizer API (free).")
+    ] = False,
+    pilot: Annotated[
+        int | None,
+        typer.Option(
+            "--pilot", min=1, metavar="N", help="Send N random rows for real first; the run reuses their answers."
+        ),
+    ] = None,
+    latency: Annotated[
+        float | None,
+        typer.Option("--latency", min=0, metavar="SECONDS", help="Seconds per request to assume for the wall time."),
+    ] = None,
+    limit: LimitOpt = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Estimate a job's tokens, cost and wall time. Sends nothing unless --exact or --pilot asks."""
+    import asyncio
+
+    from runner.money.estimate import EstimateOptions, estimate_job
+    from runner.observe.progress import make_reporter
+
+    def go() -> None:
+        job = _load(spec, set_, limit)
+        key = api_key_for(job) if (exact or pilot) else "unused"
+        report = asyncio.run(
+            estimate_job(
+                job,
+                api_key=key,
+                options=EstimateOptions(exact=exact, pilot_rows=pilot, latency_s=latency),
+                reporter=make_reporter("json" if as_json else "auto"),
+            )
+        )
+        if as_json:
+            print(json.dumps(report, indent=2))
+        else:
+            _print_estimate(report)
+
+    _guarded(go)
+
+
+def _print_estimate(r: dict[str, Any]) -> None:
+    _console().print(_estimate_table(r))
+
+
+def simulate(
+    port: Annotated[int, typer.Option("--port", metavar="PORT", help="Port on 127.0.0.1 (0 picks one).")] = 8765,
+    latency: Annotated[float, typer.Option("--latency", metavar="SECONDS", help="Seconds before each answer.")] = 0.0,
+    jitter: Annotated[
+        float, typer.Option("--jitter", metavar="SECONDS", help="Extra random latency, up to this many seconds.")
+    ] = 0.0,
+    cap: Annotated[
+        int | None, typer.Option("--cap", metavar="N", help="Concurrency cap per model (429/1302 above).")
+    ] = None,
+    fault_rate: Annotated[
+        float, typer.Option("--fault-rate", min=0, max=1, metavar="SHARE", help="Share of requests faulted.")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the simulator's randomness.")] = 0,
+) -> None:
+    """Run the Zhipu endpoint simulator standalone on 127.0.0.1 until interrupted."""
+    import asyncio
+    import contextlib
+
+    from runner.testing.simulator import SimConfig, serve_forever
+
+    config = SimConfig(
+        latency_s=latency, latency_jitter_s=jitter, concurrency_cap=cap, fault_rate=fault_rate, seed=seed
+    )
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a standalone simulator is stopped
+        asyncio.run(serve_forever(port, config))

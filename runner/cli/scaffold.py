@@ -1,0 +1,244 @@
+"""The commands for writing and checking a job spec: `schema`, `validate` and `init`.
+
+`schema` prints the spec's JSON Schema, `validate` checks a spec against its input and renders the
+first prompts (sending nothing), and `init` writes a commented starter job for an input file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from runner.cli import LimitOpt, SetOpt, SpecArg, _guarded, _load
+from runner.errors import UsageError
+
+
+def job_schema() -> dict[str, Any]:
+    """The job spec's JSON Schema (draft 2020-12), generated from `JobSpec` with YAML key names."""
+    from runner.job.spec import JobSpec
+
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        **JobSpec.model_json_schema(by_alias=True),
+    }
+
+
+def job_schema_text() -> str:
+    """`job_schema()` as the text of configs/job.schema.json (two-space indent, final newline)."""
+    return json.dumps(job_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+def schema(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", metavar="FILE", help="Write it to this file instead of stdout.")
+    ] = None,
+) -> None:
+    """Print the JSON Schema of a job spec (for editors; configs/job.schema.json is this output)."""
+    text = job_schema_text()
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+        print(f"wrote {output}")
+
+
+def validate(
+    spec: SpecArg,
+    rows: Annotated[int, typer.Option("--rows", min=1, metavar="N", help="How many rendered rows to print.")] = 3,
+    limit: LimitOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Check a spec and its input, render the first rows and print them. Sends nothing."""
+    import polars as pl
+    from rich.console import Console
+
+    from runner.job.inputs import open_input
+    from runner.plan import plan
+    from runner.state.store import SettledKeys
+
+    def go() -> None:
+        job = _load(spec, set_, limit)
+        source = open_input(job)
+        console = Console()
+        for batch in plan(job, source, SettledKeys.none(), batch_rows=rows):
+            for row in batch.rows:
+                if row.error is not None:
+                    raise UsageError(
+                        f"{spec}: the prompt template fails on row {row.position} (id {row.id}): {row.error}; "
+                        "fix the template or that row (a run would record it as render_error)"
+                    )
+                request = row.requests[0]
+                console.rule(f"row {row.position} id={row.id} key={request.key[:12]}")
+                if "system" in request.params:
+                    console.print("[bold]system:[/]", request.params["system"], markup=True, highlight=False)
+                console.print(request.params["messages"][0]["content"], markup=False, highlight=False)
+            break
+        total = source.frame.select(pl.len()).collect().item()
+        samples = job.spec.output.samples
+        each = f" x {samples} samples = {total * samples} requests" if samples > 1 else ""
+        console.print(
+            f"ok: {spec} is valid; {total} rows{each}, model {job.spec.model.name} on {job.endpoint_name}, "
+            f"concurrency {job.concurrency}; output {job.output_path}. Nothing was sent."
+        )
+
+    _guarded(go)
+
+
+def init(
+    input_path: Annotated[
+        Path,
+        typer.Argument(metavar="INPUT", help="A Parquet, CSV or JSONL file to write a job for.", show_default=False),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", metavar="FILE", help="Where to write the job.  [default: jobs/<INPUT name>.yaml]"
+        ),
+    ] = None,
+) -> None:
+    """Write a commented starter job for an input file's columns (never overwrites a file)."""
+
+    def go() -> None:
+        target = output if output is not None else Path("jobs") / f"{input_path.stem}.yaml"
+        if target.exists():
+            raise UsageError(f"{target} already exists; pass --output another.yaml or remove it first")
+        columns, first = _peek(input_path)
+        text = starter_job(input_path, target, columns, first)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with target.open("x", encoding="utf-8") as f:  # "x": never replace a file created meanwhile
+                f.write(text)
+        except FileExistsError:
+            raise UsageError(f"{target} already exists; pass --output another.yaml or remove it first") from None
+        print(f"wrote {target}; edit its prompt, then: glm-batch validate {target}")
+
+    _guarded(go)
+
+
+def _peek(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """An input file's columns (name to polars type) and its first row, reading no more than that."""
+    import polars as pl
+
+    if not path.is_file():
+        raise UsageError(f"{path}: no such input file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            frame = pl.scan_csv(path, infer_schema_length=100)
+        elif suffix in (".jsonl", ".ndjson"):
+            frame = pl.scan_ndjson(path, infer_schema_length=100)
+        elif suffix == ".parquet":
+            frame = pl.scan_parquet(path)
+        else:
+            raise UsageError(f"{path}: init reads .parquet, .csv or .jsonl files")
+        head = frame.head(1).collect()
+    except pl.exceptions.PolarsError as exc:
+        raise UsageError(f"{path}: cannot read it ({str(exc).splitlines()[0]})") from None
+    if not head.columns:
+        raise UsageError(f"{path}: no columns")
+    columns = {name: str(dtype) for name, dtype in head.schema.items()}
+    return columns, head.row(0, named=True) if head.height else {}
+
+
+_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "none", "y", "n"}
+_ID_NAMES = ("id", "uuid", "key", "row_id")
+
+
+def _yaml_str(value: str) -> str:
+    """`value` as a YAML scalar: bare when that reads back as the same string, else double-quoted."""
+    if _PLAIN.fullmatch(value) and value.lower() not in _YAML_WORDS:
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _template_variable(name: str) -> bool:
+    """Whether a column can be used in a Jinja2 template as `{{ name }}`."""
+    import keyword
+
+    return name.isidentifier() and not keyword.iskeyword(name) and name.lower() not in ("true", "false", "none")
+
+
+def starter_job(input_path: Path, target: Path, columns: dict[str, str], first: dict[str, Any]) -> str:
+    """The text of a commented starter job for an input with these columns, to be saved at `target`.
+
+    Paths in it are relative to `target`'s folder (where a job's paths resolve), the model runs on
+    the built-in simulator (no key, no cost) until the user switches the endpoint, and the template
+    uses the input's text columns, so `glm-batch validate` passes on it as written.
+    """
+    spec_dir = target.resolve().parent
+    rel_input = Path(os.path.relpath(input_path.resolve(), spec_dir)).as_posix()
+    rel_output = Path(os.path.relpath(Path.cwd().resolve() / "out", spec_dir)).as_posix() + "/{name}.parquet"
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", target.stem).lstrip("._-") or "job"
+
+    id_column = next((c for c in columns if c.lower() in _ID_NAMES or c.lower().endswith("_id")), None)
+    usable = [c for c in columns if c != id_column and _template_variable(c)]
+    texty = [c for c in usable if columns[c] in ("String", "Utf8")]
+    in_template = (texty or usable)[:5]
+    if not in_template:
+        raise UsageError(
+            f"{input_path}: no column can be used in a template as {{{{ name }}}} (columns: {', '.join(columns)}); "
+            "rename them to plain identifiers"
+        )
+
+    def sample(value: Any) -> str:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    schema_file = Path.cwd() / "configs" / "job.schema.json"
+    lines = []
+    if schema_file.is_file():
+        rel_schema = Path(os.path.relpath(schema_file.resolve(), spec_dir)).as_posix()
+        lines.append(f"# yaml-language-server: $schema={rel_schema}")
+    lines += [
+        f"# A starter job for {input_path.as_posix()}, written by `glm-batch init`. Edit the prompt, then:",
+        f"#   glm-batch validate {target.as_posix()}    renders the first prompts; sends nothing",
+        f"#   glm-batch estimate {target.as_posix()}    tokens, cost and time before spending",
+        f"#   glm-batch run {target.as_posix()}",
+        "# Every relative path here resolves against this file's folder.",
+        "#",
+        "# The input's columns (type: first row's value):",
+        *(f"#   {c} ({t}): {sample(first.get(c))}" for c, t in columns.items()),
+        "version: 1",
+        f"name: {_yaml_str(name)}",
+        "",
+        "input:",
+        f"  paths: [{json.dumps(rel_input, ensure_ascii=False)}]",
+        (
+            f"  id_column: {_yaml_str(id_column)}   # must be unique per row; answers are matched to rows by it"
+            if id_column
+            else "  # id_column: id   # a column unique per row; without one, a row's id hashes its content"
+        ),
+        f"  columns: [{', '.join(_yaml_str(c) for c in in_template)}]   # what the template may use",
+        "  # limit: 50   # a smoke run on the first rows (or: glm-batch run --limit 50)",
+        "",
+        "prompt:",
+        "  system: You are a careful assistant. Answer in one short sentence.",
+        "  template: |   # Jinja2; every {{ column }} must be listed in input.columns",
+        *(f"    {c}: {{{{ {c} }}}}" for c in in_template),
+        "    What is the main point of this record?",
+        "",
+        "model:",
+        "  name: glm-4.5-air   # glm-batch models lists the others, with limits and prices",
+        "  endpoint: simulator   # offline, free, no key; then zhipu (CNY, ZHIPUAI_API_KEY) or zai (USD)",
+        "  max_tokens: 256",
+        "  temperature: 0.2",
+        "",
+        "run:",
+        "  # concurrency: 5   # requests in flight; default: the model's (glm-batch models), or auto",
+        "  # max_cost: 1.0    # stop before a run spends more than this, in the endpoint's currency",
+        "  max_attempts: 6",
+        "",
+        "output:",
+        f"  path: {json.dumps(rel_output, ensure_ascii=False)}",
+        f"  keep_columns: [{_yaml_str(in_template[0])}]   # input columns copied beside each answer",
+        "  # labels: [positive, negative]   # for labeling: validated answers (see the README)",
+        "",
+    ]
+    return "\n".join(lines)

@@ -171,3 +171,33 @@ def test_a_hybrid_job_finishes_by_its_deadline_sending_the_stragglers_online(
     summary = json.loads(files.summary.read_text())
     assert summary["answered_ok"] == 200
     assert_paid_once(sim)
+
+
+def test_status_shows_the_batches_and_cancel_keeps_what_they_finished(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, tmp_path: Path
+) -> None:
+    """A run dies with its batch running; `status` shows the batch, `cancel` stops it and says what it
+    had finished (billed), and the next run collects those and sends only the rest."""
+    sim.configure(batch_lines_per_s=100)
+    rows = sample_rows(400)
+    files = make_job(rows=rows, run={"mode": "batch", "batch": FAST_POLL})
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH.format(method="create", nth=1))
+    env = {"ZHIPUAI_API_KEY": API_KEY, "PATH": "/usr/bin:/bin", "GLM_BATCH_LEDGER": str(tmp_path / "ledger")}
+    assert subprocess.run([sys.executable, str(script), "after", str(files.spec)], env=env).returncode == 9
+    time.sleep(0.5)  # some 50 lines get done
+
+    status = cli("status", str(files.spec))
+    assert status.exit_code == 0
+    assert "batch " in status.stdout and "400 lines" in status.stdout
+
+    cancelled = cli("cancel", str(files.spec))
+    assert cancelled.exit_code == 0, cancelled.stderr
+    assert "lines already billed are kept" in cancelled.stdout
+    done_before = sim.stats()["billed"]["batch"]
+    assert 0 < done_before < 400
+
+    resumed = cli("run", str(files.spec))
+    assert resumed.exit_code == 0, resumed.stderr[-2000:]
+    assert pl.read_parquet(files.output).get_column("response_text").to_list() == expected(rows)
+    assert_paid_once(sim)

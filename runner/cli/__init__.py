@@ -151,6 +151,7 @@ for _fn in (
     inspect.report,
     scaffold.validate,
     inspect.status,
+    inspect.cancel,
     inspect.models,
     scaffold.schema,
     scaffold.init,

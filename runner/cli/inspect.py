@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from runner.cli import JsonOpt, SetOpt, SpecArg, _console, _guarded, _load
+from runner.cli import JsonOpt, SetOpt, SpecArg, _console, _guarded, _load, api_key_for
 from runner.cli.tables import _models_table, _usage_table
 from runner.errors import UsageError
 
@@ -165,6 +165,16 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
                 f"last run {last['run_id']}: exit {last['exit_code']}, {last['answered_ok']} ok, "
                 f"{last['answered_error']} failed, {last['elapsed_s']} s, stopped: {last['stopped'] or 'no'}"
             )
+        from runner.send.batch_admin import batch_rows
+
+        for batch in batch_rows(job):  # batch mode: each chunk's batch and how far it got
+            counts = (
+                f", {batch['completed']} completed, {batch['failed']} failed" if batch["completed"] is not None else ""
+            )
+            console.print(
+                f"batch {batch['batch'] or '(not created)'} ({batch['chunk']}, {batch['lines']} lines): "
+                f"{batch['step']}, {batch['status'] or 'not looked at yet'}{counts}"
+            )
 
     _guarded(go)
 
@@ -184,6 +194,33 @@ def models(as_json: JsonOpt = False) -> None:
             "Prices per million tokens: input / cached input / output; the first tier whose bounds hold "
             "applies (in<32k: input under 32,000 tokens). conc: default requests in flight.",
             highlight=False,
+        )
+
+    _guarded(go)
+
+
+def cancel(spec: SpecArg, set_: SetOpt = None) -> None:
+    """Cancel the job's open batches (batch mode). What they finished is billed and kept for the next run."""
+    import asyncio
+
+    def go() -> None:
+        from runner.send.batch_admin import cancel_batches
+        from runner.send.endpoints import endpoint_url
+
+        job = _load(spec, set_, None)
+        if job.base_url is None:
+            raise UsageError(
+                f"{spec}: the built-in simulator's batches end with the run that started them; nothing to cancel"
+            )
+        with endpoint_url(job) as base_url:
+            report = asyncio.run(cancel_batches(job, api_key_for(job), base_url))
+        console = _console()
+        for batch in report["batches"]:
+            billed = f"; {batch['billed_lines']} lines were already done (billed)" if "billed_lines" in batch else ""
+            console.print(f"batch {batch['batch']}: {batch['status']}{billed}")
+        console.print(
+            f"{len(report['batches'])} batches asked to cancel; {report['billed_lines']} lines already billed "
+            "are kept: the next `glm-batch run` collects them and sends the rest"
         )
 
     _guarded(go)

@@ -76,7 +76,7 @@ def _estimate_table(r: dict[str, Any]) -> Table:
             "cost",
             f"{cost['low']:.4f} / {cost['expected']:.4f} / {cost['high']:.4f} {cur} (ceiling {cost['ceiling']:.4f})",
         ),
-        ("batch API (half price)", f"{r['batch_api_expected']:.4f} {cur} expected"),
+        *_mode_rows(r.get("modes", {}), cur),
         ("price tiers", ", ".join(f"{k}: {v:,}" for k, v in r["tier_mix"].items()) or "-"),
         (
             "wall time",
@@ -87,6 +87,24 @@ def _estimate_table(r: dict[str, Any]) -> Table:
     if not r["prices_confirmed"]:
         rows.append(("note", f"the {cur} prices of {r['model']} are not confirmed (configs/models.yaml)"))
     return _pairs(f"estimate: {r['job']} ({r['model']} on {r['endpoint']})", rows)
+
+
+def _mode_rows(modes: dict[str, Any], cur: str) -> list[tuple[str, str]]:
+    """Online, batch and hybrid side by side: expected cost and wall time of each."""
+    rows = []
+    for mode in ("online", "batch", "hybrid"):
+        m = modes.get(mode)
+        if not m:
+            continue
+        if m.get("eligible") is False:
+            rows.append((f"{mode} mode", "not available: the Batch API does not take this model"))
+            continue
+        low, high = m.get("cost_range", [m.get("cost"), m.get("cost")])
+        cost = f"{m['cost']:.4f} {cur}" if "cost" in m else f"{low:.4f} to {high:.4f} {cur}"
+        wall = f", {m['wall_time_s']:,.0f} s" if "wall_time_s" in m else ""
+        basis = f" ({m['basis']})" if m.get("basis") else ""
+        rows.append((f"{mode} mode", f"{cost}{wall}{basis}"))
+    return rows
 
 
 def _compact(n: int) -> str:

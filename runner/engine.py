@@ -26,22 +26,19 @@ import polars as pl
 from runner.errors import DiskFull
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
-from runner.money import ledger
-from runner.money.accounting import Accountant, Tally
-from runner.money.pricing import Budget, price_table, require_prices
-from runner.money.tokens import Calibration
+from runner.money.accounting import Tally
+from runner.money.pricing import accountant_for
 from runner.observe import quality, summary
 from runner.observe.progress import Reporter
 from runner.output.assemble import OutputShape, finalize
-from runner.output.salvage import check_resend, salvage
 from runner.output.sinks import ParquetSink
 from runner.plan import Dispatch, nothing, plan
 from runner.records import Result
+from runner.resume import settled_keys
 from runner.send import make_executor
 from runner.send.base import Control, Executor
 from runner.send.endpoints import endpoint_url
-from runner.state.files import write_json_atomic
-from runner.state.store import SettledKeys, Store
+from runner.state.store import Store
 from runner.supervise import supervise
 
 
@@ -93,26 +90,10 @@ async def _run(
     started_at = dt.datetime.now(dt.UTC)
     run, samples = job.spec.run, job.spec.output.samples
     tally = Tally(rows_total=source.frame.select(pl.len()).collect().item(), samples=samples)
-    table = require_prices(job, "run.max_cost") if run.max_cost is not None else price_table(job)
-    # The ledger's calibration matters only where estimates gate sending: a budget or a token bucket.
-    gated = run.max_cost is not None or run.tokens_per_minute is not None
-    calibration = ledger.calibration(job.name, job.spec.model.name) if gated else Calibration()
-    budget = Budget(run.max_cost) if run.max_cost is not None else None
-    accountant = Accountant(table, calibration, budget, job.spec.model.max_tokens, job.model.batch.price_share)
+    accountant = accountant_for(job)
     pilot = _pilot_sample(tally.rows_total, options) if options.pilot_rows else None
-    if store.lock.took_over:
-        reporter.event("stale_lock_taken_over", previous=store.lock.took_over)
-    if store.recovered:
-        reporter.event("journal_recovered", answers=store.recovered)
-    if store.corrupt:
-        reporter.event("corrupt_parts_quarantined", files=[str(p) for p in store.corrupt])
-    if store.row_map_dropped:
-        reporter.event("row_map_rebuilt", reason="a row-map file did not read; it is a cache of the input")
-    if store.corrupt and (salvaged := salvage(job, store)):
-        reporter.event("answers_salvaged", answers=salvaged, source=str(job.output_path))
-    settled = SettledKeys.none() if options.fresh else store.settled_keys(retry_failed=options.retry_failed)
-    if store.quarantined and not options.fresh:
-        check_resend(job, store, settled, tally.rows_total, options.resend_lost)
+    settled = settled_keys(job, store, fresh=options.fresh, retry_failed=options.retry_failed,
+                           resend_lost=options.resend_lost, rows_total=tally.rows_total, reporter=reporter)  # fmt: skip
     control = Control()
 
     outstanding: set[str] = set()  # requests handed to the executor and not answered yet
@@ -165,19 +146,12 @@ async def _run(
             checkpoint()
             await executor.aclose()
     gauges = executor.gauges()
-
-    simulated = job.base_url is None  # the built-in simulator: its money is make-believe, booked apart
-    try:
-        ledger.append(summary.ledger_rows(job, tally, store.run_id), store.run_id, simulated=simulated)
-    except DiskFull as exc:  # the ledger lives elsewhere (home); its disk being full must not lose the run
-        reporter.event("ledger_not_written", reason=str(exc))
-    concurrency = {k: gauges.get(g) for k, g in (("adaptive", "adaptive"), ("final", "limit"))}
-    concurrency["overload_429_rate"] = gauges.get("overload_429_rate")
+    summary.book_spend(job, tally, store.run_id, reporter)
 
     def record(exit_code: int, finalized: bool) -> dict[str, Any]:
         return summary.summary(
             job, store.run_id, store.read_estimate(), tally, control, started_at, exit_code, finalized, accountant
-        ) | {"concurrency": concurrency, "simulated": simulated}
+        ) | summary.sending(job, gauges)
 
     if pilot is not None:
         report = record(0, False)
@@ -202,10 +176,7 @@ async def _run(
     report = record(exit_code, failed_rows is not None)
     if failed_rows is not None and job.shape is not None:
         report["quality"] = quality.summarise(job, job.shape)
-    with contextlib.suppress(DiskFull):  # a full disk was already said; the journal holds the answers
-        job.output_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(report, job.output_path.with_suffix(".summary.json"))
-        store.record_run(report)
+    summary.write(job, store, report)
     reporter.finish(report, message)
     return RunReport(exit_code, message, report)
 

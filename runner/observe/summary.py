@@ -6,6 +6,7 @@ message ends with the exact command that resumes the same job (overrides and lim
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 from pathlib import Path
@@ -13,11 +14,14 @@ from typing import Any
 
 import polars as pl
 
-from runner.errors import BudgetExhausted
+from runner.errors import BudgetExhausted, DiskFull
 from runner.job.resolve import Job
 from runner.money import ledger
 from runner.money.accounting import Accountant, Tally
+from runner.observe.progress import Reporter
 from runner.send.base import Control
+from runner.state.files import write_json_atomic
+from runner.state.store import Store
 
 
 def ledger_rows(job: Job, tally: Tally, run_id: str) -> pl.DataFrame:
@@ -128,3 +132,27 @@ def _size(path: Path) -> int | None:
         return os.path.getsize(path)
     except OSError:
         return None
+
+
+def book_spend(job: Job, tally: Tally, run_id: str, reporter: Reporter) -> None:
+    """Add the run's spend to the ledger (the simulator's make-believe spend to its own part of it)."""
+    try:
+        ledger.append(ledger_rows(job, tally, run_id), run_id, simulated=job.base_url is None)
+    except DiskFull as exc:  # the ledger lives elsewhere (home); its disk being full must not lose the run
+        reporter.event("ledger_not_written", reason=str(exc))
+
+
+def sending(job: Job, gauges: dict[str, Any]) -> dict[str, Any]:
+    """How the sending went, for the summary: the concurrency limit at the end, the refused share."""
+    concurrency = {"adaptive": gauges.get("adaptive"), "final": gauges.get("limit")}
+    concurrency["overload_429_rate"] = gauges.get("overload_429_rate")
+    return {"concurrency": concurrency, "simulated": job.base_url is None}
+
+
+def write(job: Job, store: Store, report: dict[str, Any]) -> None:
+    """Write the summary beside the output and the run into the manifest (a full disk was already said:
+    the journal holds the answers)."""
+    with contextlib.suppress(DiskFull):
+        job.output_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(report, job.output_path.with_suffix(".summary.json"))
+        store.record_run(report)

@@ -1,0 +1,33 @@
+"""What a run finds when it opens a job's state: what earlier runs settled, and what a crash or a torn
+file left behind (reported, salvaged, and refused when too much would be paid again).
+
+    settled = settled_keys(job, store, options, reporter)
+"""
+
+from __future__ import annotations
+
+from runner.job.resolve import Job
+from runner.observe.progress import Reporter
+from runner.output.salvage import check_resend, salvage
+from runner.state.store import SettledKeys, Store
+
+
+def settled_keys(job: Job, store: Store, *, fresh: bool, retry_failed: bool, resend_lost: bool,
+                 rows_total: int, reporter: Reporter) -> SettledKeys:  # fmt: skip
+    """The request keys this run must not send; reports what opening the store recovered or set aside."""
+    if store.lock.took_over:
+        reporter.event("stale_lock_taken_over", previous=store.lock.took_over)
+    if store.recovered:
+        reporter.event("journal_recovered", answers=store.recovered)
+    if store.corrupt:
+        reporter.event("corrupt_parts_quarantined", files=[str(p) for p in store.corrupt])
+    if store.row_map_dropped:
+        reporter.event("row_map_rebuilt", reason="a row-map file did not read; it is a cache of the input")
+    if store.corrupt and (salvaged := salvage(job, store)):
+        reporter.event("answers_salvaged", answers=salvaged, source=str(job.output_path))
+    if fresh:
+        return SettledKeys.none()
+    settled = store.settled_keys(retry_failed=retry_failed)
+    if store.quarantined:
+        check_resend(job, store, settled, rows_total, resend_lost)
+    return settled

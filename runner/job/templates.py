@@ -7,6 +7,7 @@ tpl.render({"text": "Great."})
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,16 +18,42 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from runner.errors import UsageError
 
+
+def _printable(value: Any) -> Any:
+    """What `{{ value }}` prints: a struct (dict) or list as JSON, the way a prompt should show data,
+    never a Python repr; a null (None, e.g. a struct's missing field) as nothing, never the text "None"."""
+    if value is None:
+        return ""
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return value
+
+
 # One environment for the process: templates come from job specs, which may be shared between
 # people, so they get the sandbox (no attribute access to internals) and no autoescaping (prompts
 # are not HTML). keep_trailing_newline keeps a block scalar's final newline, as the user wrote it.
-_ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
+# `finalize` shapes every printed value (not values inside expressions: {{ item.name }} still works).
+_ENV = ImmutableSandboxedEnvironment(
+    undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False, finalize=_printable
+)
+# `| tojson` agrees with `{{ }}`: text as written (not \u escapes), dates and the like as their text.
+_ENV.policies["json.dumps_kwargs"] = {"sort_keys": True, "ensure_ascii": False, "default": str}
 
 
 class RenderError(ValueError):
     """A template failed on one row's values (a missing column value, a type error in an expression).
 
-    The message names the underlying error: `TypeError: unsupported operand ...`."""
+    The message names the underlying error: `TypeError: unsupported operand ...`. `error_type` is
+    what the row's output records."""
+
+    error_type = "render_error"
+
+
+class NullInput(RenderError):
+    """A row has a null in a column the prompt uses, and the job says `input.nulls: skip`: the row is
+    recorded as failed (error_type null_input) and not sent."""
+
+    error_type = "null_input"
 
 
 class Template:

@@ -304,9 +304,8 @@ def _check_writable(path: Path, key: str, where: str, *, parent: bool) -> None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise UsageError(
-            f"{where}: {key}: {probe} is a file, so {directory} cannot be a directory; choose another {key}"
-        )
+        blocked = "not a directory" if probe == directory else f"so {directory} cannot be created"
+        raise UsageError(f"{where}: {key}: {probe} is a file, {blocked}; choose another {key}")
     try:
         with tempfile.TemporaryFile(dir=probe):
             pass

@@ -3,6 +3,7 @@
 The tree::
 
     GlmBatchError                 base; carries the process exit code
+    ├── NothingToDo       (0)     the input has no rows (a cron day with no new rows): a notice, not a failure
     ├── UsageError        (2)     bad spec, bad input, bad command line: nothing was sent
     ├── EndpointAborted   (3)     the endpoint refused the whole job (auth, balance, unknown model)
     ├── BudgetExhausted   (4)     run.max_cost reached; dispatch stopped before overspending
@@ -19,6 +20,12 @@ class GlmBatchError(Exception):
     """A failure the CLI reports as one clear line and turns into `exit_code`."""
 
     exit_code = 1
+
+
+class NothingToDo(GlmBatchError):
+    """The job is fine but has no rows to process; the CLI prints this as a notice and exits 0."""
+
+    exit_code = 0
 
 
 class UsageError(GlmBatchError):

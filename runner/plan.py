@@ -96,8 +96,10 @@ def _check_template(job: Job, rows: list[PlannedRow], whole_input: bool) -> None
     first = rows[:ALL_FAIL_ROWS]
     if not first or (len(first) < ALL_FAIL_ROWS and not whole_input):
         return
-    kinds = {str(row.error).split(":", 1)[0] if row.error is not None else None for row in first}
-    if len(kinds) == 1 and None not in kinds:
+    # A row skipped for a null (input.nulls: skip) says nothing about the template.
+    kinds = {str(row.error).split(":", 1)[0] if row.error is not None else None for row in first
+             if row.error is None or row.error.error_type == "render_error"}  # fmt: skip
+    if len(kinds) == 1 and None not in kinds and all(row.error is not None for row in first):
         raise UsageError(
             f"{job.spec_path}: prompt: the template fails on each of the first {len(first)} rows "
             f"({first[0].error}); fix the template"
@@ -158,7 +160,7 @@ class Dispatch:
                     attempts=0,
                     latency_ms=None,
                     finished_at=dt.datetime.now(dt.UTC),
-                    error_type="render_error",
+                    error_type=row.error.error_type if row.error is not None else "render_error",
                     error_message=str(row.error),
                 )
             )

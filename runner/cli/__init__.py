@@ -33,7 +33,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from runner import __version__
-from runner.errors import GlmBatchError
+from runner.errors import GlmBatchError, NothingToDo
 
 P = TypeVar("P")
 
@@ -105,6 +105,9 @@ def _guarded(fn: Callable[[], T]) -> T:
     """Run `fn`; turn a GlmBatchError into its one-line message and exit code."""
     try:
         return fn()
+    except NothingToDo as exc:  # a normal day for a cron job: a notice, not an error
+        print(f"glm-batch: {exc}")
+        raise typer.Exit(0) from None
     except GlmBatchError as exc:
         print(f"glm-batch: error: {exc}", file=sys.stderr)
         raise typer.Exit(exc.exit_code) from None

@@ -68,6 +68,9 @@ def validate(
         console = Console()
         for batch in plan(job, source, SettledKeys.none(), batch_rows=rows):
             for row in batch.rows:
+                if row.error is not None and row.error.error_type == "null_input":
+                    console.rule(f"row {row.position} id={row.id}: skipped: {row.error}")
+                    continue
                 if row.error is not None:
                     raise UsageError(
                         f"{spec}: the prompt template fails on row {row.position} (id {row.id}): {row.error}; "

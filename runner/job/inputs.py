@@ -15,10 +15,12 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import polars as pl
 
-from runner.errors import UsageError
+from runner.errors import NothingToDo, UsageError
 from runner.job.resolve import Job
 
 ROW = "_row"
@@ -59,20 +61,29 @@ def _content_id(values: tuple[object, ...]) -> str:
 
 
 def open_input(job: Job) -> InputSource:
-    """Scan the job's input files and check, before any request, that the job can read what it needs."""
+    """Scan the job's input files and check, before any request, that the job can read what it needs.
+
+    One streaming pass over the rows the job will use counts them, their null ids, distinct ids and
+    nulls in the columns the prompt reads (a CSV is read whole, so a ragged row is caught here and not
+    mid-run); an input with no rows raises NothingToDo.
+    """
     spec = job.spec.input
     where = str(job.spec_path)
-    frames = [_scan(p, where) for p in job.input_paths]
+    # A CSV export with no rows may be a 0-byte file: it has no header either, so it adds nothing.
+    paths = [p for p in job.input_paths if not (p.suffix == ".csv" and p.stat().st_size == 0)]
+    if not paths:
+        raise NothingToDo(f"{where}: input.paths: the input has no rows; nothing to do")
+    frames = [_scan(p, where) for p in paths]
     try:
         schemas = [f.collect_schema() for f in frames]
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise UsageError(f"{where}: input.paths: cannot read input ({_first_line(exc)})") from None
     columns = list(schemas[0].names())
-    for path, schema in zip(job.input_paths[1:], schemas[1:], strict=True):
+    for path, schema in zip(paths[1:], schemas[1:], strict=True):
         if list(schema.names()) != columns:
             raise UsageError(
                 f"{where}: input.paths: {path.name} has columns {list(schema.names())}, "
-                f"but {job.input_paths[0].name} has {columns}; all inputs need the same columns"
+                f"but {paths[0].name} has {columns}; all inputs need the same columns"
             )
 
     available = set(spec.columns) if spec.columns is not None else set(columns)
@@ -84,7 +95,7 @@ def open_input(job: Job) -> InputSource:
         raise UsageError(
             f"{where}: prompt: the template uses {', '.join(missing)}, which "
             f"{'input.columns does not list' if spec.columns is not None else 'the input does not have'}; "
-            f"input columns are {', '.join(columns)}"
+            f"input columns are {', '.join(columns)}" + _spaced_hint(columns)
         )
     _require(job.spec.output.keep_columns, columns, where, "output.keep_columns")
     if spec.id_column is not None:
@@ -108,22 +119,151 @@ def open_input(job: Job) -> InputSource:
 
     id_cols = {spec.id_column} if spec.id_column is not None else set()
     used = sorted(template_vars | set(keep) | id_cols)
-    frame = pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
-    frame = frame.select(used)
+    frames = _agree_on_types(frames, schemas, paths, used, spec.id_column, where)
+    whole = pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
     if spec.limit is not None:
-        frame = frame.head(spec.limit)
+        whole = whole.head(spec.limit)
+    frame = whole.select(used)
 
-    try:
-        if frame.head(1).collect().height == 0:
-            raise UsageError(f"{where}: input.paths: the input has no rows; nothing to do")
-        if spec.id_column is not None:
-            nulls = frame.select(pl.col(spec.id_column).is_null().sum()).collect().item()
-            if nulls:
-                raise UsageError(f"{where}: input.id_column: {nulls} rows have no {spec.id_column}; fill or drop them")
-    except pl.exceptions.PolarsError as exc:
-        raise UsageError(f"{where}: input.paths: cannot read input ({_first_line(exc)})") from None
+    stats = _stats(job, whole, used, tuple(sorted(template_vars)), paths)
+    if stats["rows"] == 0:
+        raise NothingToDo(f"{where}: input.paths: the input has no rows; nothing to do")
+    if spec.id_column is not None:
+        _check_ids(frame, spec.id_column, stats, where)
+    if spec.nulls == "error":
+        _check_nulls(tuple(sorted(template_vars)), stats, where)
 
     return InputSource(frame, tuple(used), tuple(keep), spec.id_column)
+
+
+def _agree_on_types(
+    frames: list[pl.LazyFrame],
+    schemas: list[pl.Schema],
+    paths: list[Path],
+    used: list[str],
+    id_column: str | None,
+    where: str,
+) -> list[pl.LazyFrame]:
+    """Make the inputs' column types agree so they concatenate: ids are compared as text anyway, so an
+    id column that is a number in one file and text in another is read as text; any other column the
+    job uses must have one type in every file."""
+    if id_column is not None:
+        dtype = schemas[0][id_column]
+        if dtype.is_nested() or dtype == pl.Object or dtype == pl.Null:
+            raise UsageError(
+                f"{where}: input.id_column: {id_column!r} is a {dtype} column; ids must be text or numbers"
+            )
+        if any(s[id_column] != dtype for s in schemas[1:]):
+            frames = [f.with_columns(pl.col(id_column).cast(pl.String)) for f in frames]
+    for column in used:
+        if column == id_column:
+            continue
+        for path, schema in zip(paths[1:], schemas[1:], strict=True):
+            if schema[column] != schemas[0][column]:
+                raise UsageError(
+                    f"{where}: input.paths: column {column!r} is {schema[column]} in {path.name} but "
+                    f"{schemas[0][column]} in {paths[0].name}; make the inputs agree on its type"
+                )
+    return frames
+
+
+def _stats(
+    job: Job, whole: pl.LazyFrame, used: list[str], prompt_columns: tuple[str, ...], paths: list[Path]
+) -> dict[str, Any]:
+    """One streaming pass over the rows the job will read: how many, nulls per column, rows with a
+    null the prompt would read, and distinct ids.
+
+    The pass keeps a null flag per column and a 64-bit hash of each id (80 MB at 10M rows) and counts
+    distinct hashes in memory: 1-2.5 s and 260 MB peak for 10M rows of Parquet on the project's 2-core
+    machine, where counting distinct id strings took 7 s and 800 MB. A hash collision can only report
+    a duplicate that `_check_ids` then fails to find, never hide one.
+    """
+    where = str(job.spec_path)
+    id_column = job.spec.input.id_column
+    names = list(whole.collect_schema().names())
+    # A CSV is checked whole: polars reads a projection of it without noticing a row with extra fields.
+    counted = names if any(p.suffix == ".csv" for p in paths) else used or names[:1]
+    exprs = [pl.col(c).is_null().alias(f"nulls:{c}") for c in counted]
+    if id_column is not None:
+        exprs.append(pl.col(id_column).cast(pl.String).hash().alias("ids"))
+    try:
+        flags = whole.select(exprs).collect(engine="streaming")
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise UsageError(_unreadable(paths, job.spec.input.limit, where, exc)) from None
+    stats: dict[str, Any] = {"rows": flags.height}
+    stats.update({f"nulls:{c}": int(flags.get_column(f"nulls:{c}").sum()) for c in counted})
+    if prompt_columns:
+        stats["null_rows"] = flags.select(pl.any_horizontal(f"nulls:{c}" for c in prompt_columns).sum()).item()
+    if id_column is not None:
+        stats["ids"] = flags.get_column("ids").n_unique()
+    return stats
+
+
+def _unreadable(paths: list[Path], limit: int | None, where: str, exc: BaseException) -> str:
+    """Name the input file that cannot be read (the error path only: each file is read again)."""
+    for path in paths:
+        frame = _scan(path, where)
+        if limit is not None:
+            frame = frame.head(limit)
+        try:
+            frame.select(pl.all().null_count()).collect(engine="streaming")
+        except (pl.exceptions.PolarsError, OSError) as one:
+            problem = _first_line(one)
+            if "more fields than" in problem:
+                return (
+                    f"{where}: input.paths: {path}: a row has more fields than the header ({problem}); "
+                    "quote fields that contain the separator, or fix the row"
+                )
+            return f"{where}: input.paths: {path}: cannot read input ({problem})"
+    return f"{where}: input.paths: cannot read input ({_first_line(exc)})"
+
+
+def _check_ids(frame: pl.LazyFrame, id_column: str, stats: dict[str, Any], where: str) -> None:
+    """Every row needs an id, and no two rows the same one (two answers under one id are a lost answer)."""
+    nulls = stats[f"nulls:{id_column}"]
+    if nulls:
+        raise UsageError(f"{where}: input.id_column: {nulls} rows have no {id_column}; fill or drop them")
+    if stats["ids"] == stats["rows"]:
+        return
+    repeated = (
+        frame.select(pl.col(id_column).cast(pl.String).alias("id"))
+        .with_row_index("pos")
+        .group_by("id")
+        .agg(pl.len().alias("n"), pl.col("pos").min().alias("first"))
+        .filter(pl.col("n") > 1)
+        .select(pl.len().alias("ids"), pl.col("id").sort_by("first").first(), pl.col("n").sort_by("first").first())
+    )
+    try:
+        count, example, times = repeated.collect(engine="streaming").row(0)
+    except pl.exceptions.PolarsError as exc:
+        raise UsageError(f"{where}: input.paths: cannot read input ({_first_line(exc)})") from None
+    if count:
+        raise UsageError(
+            f"{where}: input.id_column: {count} {id_column} values appear on more than one row "
+            f"(e.g. {example!r}, {times} times); ids must be distinct: fix the input, or drop "
+            "input.id_column to key rows by their content"
+        )
+
+
+def _check_nulls(prompt_columns: tuple[str, ...], stats: dict[str, Any], where: str) -> None:
+    """`input.nulls: error`: refuse, before sending anything, a job whose prompt would read a null."""
+    per_column = {c: stats[f"nulls:{c}"] for c in prompt_columns if stats[f"nulls:{c}"]}
+    if not per_column:
+        return
+    detail = ", ".join(f"{c!r} in {n}" for c, n in per_column.items())
+    raise UsageError(
+        f"{where}: input.nulls: {stats['null_rows']} rows have a null in a column the prompt uses ({detail}); "
+        "fill them, or set input.nulls: skip (record those rows as failed, unsent) or input.nulls: empty "
+        "(render a null as '')"
+    )
+
+
+def _spaced_hint(columns: list[str]) -> str:
+    """A column whose name is not an identifier cannot be a template variable; say how to use it."""
+    odd = [c for c in columns if not c.isidentifier()]
+    if not odd:
+        return ""
+    return f" (a column named like {odd[0]!r} is not a template variable: rename it in the input)"
 
 
 def _scan(path: object, where: str) -> pl.LazyFrame:

@@ -18,7 +18,7 @@ from typing import Any
 
 from runner.errors import UsageError
 from runner.job.resolve import Job
-from runner.job.templates import RenderError
+from runner.job.templates import NullInput, RenderError
 from runner.records import Request
 
 SAMPLE_MARK = "-s"
@@ -54,6 +54,10 @@ class RequestBuilder:
             self._system: str | None = system.render({}) if system is not None and not system.variables else None
         except RenderError as exc:
             raise UsageError(f"{job.spec_path}: prompt.system: the template fails to render: {exc}") from None
+        # The columns the prompt reads, checked for nulls on every row (a null is never sent as "None").
+        variables = job.template.variables | (system.variables if system is not None else frozenset())
+        self._prompt_columns = tuple(sorted(variables))
+        self._nulls = job.spec.input.nulls
         self._shape = job.shape
         shape = {"schema": self._shape.schema, "mode": self._shape.mode} if self._shape else None
         # The endpoint is part of the identity: the same prompt on another platform is another answer;
@@ -66,7 +70,19 @@ class RequestBuilder:
         return (RequestBuilder, (self._job,))
 
     def build(self, row: dict[str, Any]) -> Request:
-        """The request for one row (a mapping of column name to value)."""
+        """The request for one row (a mapping of column name to value).
+
+        A null in a column the prompt reads renders as '' with `input.nulls: empty`, and otherwise
+        raises NullInput (a RenderError): the row is recorded as failed, not sent.
+        """
+        nulls = [c for c in self._prompt_columns if row.get(c, "") is None]
+        if nulls:
+            if self._nulls != "empty":
+                names = ", ".join(repr(c) for c in nulls)
+                raise NullInput(
+                    f"null in column {names}; not sent (input.nulls: {self._nulls}; fill it, or set input.nulls: empty)"
+                )
+            row = {**row, **dict.fromkeys(nulls, "")}
         params = dict(self._fixed)
         if self._system is not None:
             params["system"] = self._system

@@ -11,10 +11,12 @@ template or client: it pickles, so it can be handed to another process or a clus
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import glob
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,12 +63,13 @@ class Job:
 def load_job(path: Path, overrides: list[str] | None = None, *, today: dt.date | None = None) -> Job:
     """Read, validate and resolve a job spec; raise UsageError naming the file and key on any fault."""
     raw = _read_yaml(path)
+    overridden: dict[str, str] = {}
     for item in overrides or []:
-        _apply_override(raw, item)
+        overridden[_apply_override(raw, item)] = item
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
-        raise UsageError(_describe(path, exc)) from exc
+        raise UsageError(_describe(path, exc, overridden)) from exc
     return _resolve(spec, path, today or dt.date.today())
 
 
@@ -89,8 +92,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one `--set key.path=value`; the value is parsed as YAML so numbers and lists keep their type."""
+def _apply_override(raw: dict[str, Any], item: str) -> str:
+    """Apply one `--set key.path=value` and return the key path; the value is parsed as YAML so numbers
+    and lists keep their type."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise UsageError(f"--set {item!r}: expected key.path=value, e.g. --set run.concurrency=4")
@@ -105,20 +109,25 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node[parts[-1]] = yaml.safe_load(value)
     except yaml.YAMLError:
         node[parts[-1]] = value
+    return ".".join(parts)
 
 
-def _describe(path: Path, exc: ValidationError) -> str:
+def _describe(path: Path, exc: ValidationError, overridden: dict[str, str] | None = None) -> str:
     """One line per problem: `file: key.path: what is wrong`.
 
     A union field (`concurrency: int | "auto"`) fails once per member, under tags like
-    `constrained-int`; those are merged into one line per real key path.
+    `constrained-int`; those are merged into one line per real key path. A key that came from
+    `--set` says so, since the spec file does not have it.
     """
+    overridden = overridden or {}
     problems: dict[str, list[str]] = {}
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or str(p).isidentifier())
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
+            if loc in overridden:
+                msg = f"unknown key (from --set {overridden[loc]}); check its spelling"
         elif err["type"] == "missing":
             msg = "required key is missing"
         messages = problems.setdefault(loc or "(top level)", [])
@@ -196,6 +205,11 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
             base / spec.output.state_dir if spec.output.state_dir else _default_state_dir(spec, base, name)
         )
     )
+    state_key = "output.state_dir" if spec.output.state_dir else "output.path"
+    _check_not_an_input(output_path, "the output", "output.path", spec, base, spec_path, input_paths, where)
+    _check_not_an_input(state_dir, "the state directory", state_key, spec, base, spec_path, input_paths, where)
+    _check_writable(output_path, "output.path", where, parent=True)
+    _check_writable(state_dir, state_key, where, parent=False)
 
     return Job(
         spec=spec,
@@ -237,6 +251,73 @@ def _expand_inputs(patterns: list[str], base: Path, where: str) -> tuple[Path, .
                 raise UsageError(f"{where}: input.paths: {p} does not exist")
             paths.append(p)
     return tuple(paths)
+
+
+def _within(path: str, other: str) -> bool:
+    """Whether `path` is `other` or lies inside it (both absolute and normalised)."""
+    return path == other or path.startswith(other.rstrip(os.sep) + os.sep)
+
+
+def _check_not_an_input(
+    path: Path, what: str, key: str, spec: JobSpec, base: Path, spec_path: Path, inputs: tuple[Path, ...], where: str
+) -> None:
+    """Refuse an output or state directory that would overwrite (or, on the next run, be read as) input.
+
+    The output path is compared with every input file, with the spec, and with every input glob: an
+    output that does not exist yet but matches `data/*.parquet` would be read as input by the next run.
+    """
+    real = os.path.realpath(path)
+    if real == os.path.realpath(spec_path):
+        raise UsageError(f"{where}: {key}: {path} is the job spec itself; choose another {key}")
+    for p in inputs:
+        if _within(real, os.path.realpath(p)):
+            raise UsageError(f"{where}: {key}: {what} {path} would overwrite the input {p}; choose another {key}")
+    absolute = os.path.abspath(path).split(os.sep)
+    for pattern in spec.input.paths:
+        if not glob.has_magic(pattern):
+            continue
+        parts = os.path.abspath(os.path.normpath(os.path.join(base, pattern))).split(os.sep)
+        # The path itself matches, or (a directory) a file inside it could.
+        reach = len(parts) == len(absolute) or (what == "the state directory" and len(parts) > len(absolute))
+        if reach and all(_glob_part(pat, name) for pat, name in zip(parts, absolute, strict=False)):
+            raise UsageError(
+                f"{where}: {key}: input.paths pattern {pattern!r} matches {what} {path}, so the next run "
+                f"would read its own output as input; choose another {key} or a narrower pattern"
+            )
+
+
+def _glob_part(pattern: str, name: str) -> bool:
+    """One path component against one glob component, as `glob.glob` matches it (a `*` skips dot-names)."""
+    if not glob.has_magic(pattern):
+        return pattern == name
+    if name.startswith(".") and not pattern.startswith("."):
+        return False
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _check_writable(path: Path, key: str, where: str, *, parent: bool) -> None:
+    """Refuse, at load and in one line, a destination whose directory is a file or cannot be written.
+
+    `path` is the output file (`parent=True`: its directory is what must be writable) or the state
+    directory. The nearest existing directory is probed with an unnamed temporary file: os.access
+    says yes to root on a read-only mount, and a probe is what a write would really meet.
+    """
+    if parent and path.is_dir():
+        raise UsageError(f"{where}: {key}: {path} is a directory; give a .parquet file path")
+    directory = path.parent if parent else path
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        blocked = "not a directory" if probe == directory else f"so {directory} cannot be created"
+        raise UsageError(f"{where}: {key}: {probe} is a file, {blocked}; choose another {key}")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"{where}: {key}: cannot write in {probe} ({exc.strerror}); fix its permissions or choose another {key}"
+        ) from None
 
 
 def _default_state_dir(spec: JobSpec, base: Path, name: str) -> Path:

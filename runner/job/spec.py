@@ -9,23 +9,58 @@ from __future__ import annotations
 import string
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
+# Upper bounds on every number a spec may give: far above anything a real job needs, low enough that a
+# typo (an extra three zeros, .inf) is refused at load instead of exhausting memory or never ending.
+MAX_CONCURRENCY = 4096
+MAX_PER_MINUTE = 10**9  # requests_per_minute and tokens_per_minute
+MAX_ATTEMPTS = 100
+MAX_SECONDS = 86_400  # timeout_s, grace_s: one day
+MAX_BACKOFF_S = 3600
+MAX_CHECKPOINT_ROWS = 10_000_000
+MAX_CHECKPOINT_S = 3600
+MAX_COST = 10**9  # in the endpoint's currency
+MAX_PRICE = 10**6  # per million tokens
+MAX_INPUT_ROWS = 10**12
+MAX_TOKENS = 10**6
+MAX_TOP_K = 1000
+MAX_REPAIRS = 10
+
+
+def _refuse_bool(v: Any) -> Any:
+    """A YAML `yes`/`on`/`true` is a bool, and pydantic would read it as the number 1: refuse it."""
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got {str(v).lower()}")
+    return v
+
+
+# Numbers: never a bool; "8" (a quoted number, or a --set value) is read as 8. Floats must be finite
+# (the models below refuse .nan and .inf).
+Int = Annotated[int, BeforeValidator(_refuse_bool)]
+Float = Annotated[float, BeforeValidator(_refuse_bool)]
+PositiveInt = Annotated[Int, Field(gt=0)]
+PositiveFloat = Annotated[Float, Field(gt=0)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class InputSpec(_Strict):
     """Which rows to read: Parquet or CSV files (globs allowed), the id column, the columns to use."""
 
     paths: list[str] = Field(min_length=1)
-    id_column: str | None = None
+    id_column: str | None = Field(None, description="Each row's id; ids must be present and distinct.")
     columns: list[str] | None = None
-    limit: PositiveInt | None = None
+    limit: PositiveInt | None = Field(
+        None, le=MAX_INPUT_ROWS, description=f"Use only the first N rows (1 to {MAX_INPUT_ROWS:.0e})."
+    )
+    nulls: Literal["error", "skip", "empty"] = Field(
+        "error",
+        description="A null in a column the prompt uses: error refuses the job before sending; skip records "
+        "the row as failed (error_type null_input) without sending it; empty renders it as ''.",
+    )
 
     @field_validator("paths", mode="before")
     @classmethod
@@ -51,15 +86,19 @@ class ThinkingSpec(_Strict):
     """Extended thinking: on with a token budget, or off (GLM-4.5/4.6 are hybrid; 4.7+ always think)."""
 
     type: Literal["enabled", "disabled"]
-    budget_tokens: PositiveInt | None = None
+    budget_tokens: PositiveInt | None = Field(
+        None, le=MAX_TOKENS, description=f"Thinking tokens, below model.max_tokens (at most {MAX_TOKENS})."
+    )
 
 
 class PriceOverride(_Strict):
     """Prices per million tokens that replace the catalogue's for this job (one tier)."""
 
-    input: Annotated[float, Field(ge=0)]
-    output: Annotated[float, Field(ge=0)]
-    cached_input: Annotated[float, Field(ge=0)] | None = None  # default: the input price
+    input: Float = Field(ge=0, le=MAX_PRICE, description=f"0 to {MAX_PRICE} per million input tokens.")
+    output: Float = Field(ge=0, le=MAX_PRICE, description=f"0 to {MAX_PRICE} per million output tokens.")
+    cached_input: Float | None = Field(
+        None, ge=0, le=MAX_PRICE, description="Per million cached input tokens; default: the input price."
+    )
 
 
 class ModelSpec(_Strict):
@@ -69,10 +108,12 @@ class ModelSpec(_Strict):
     endpoint: str = "zhipu"
     # Zhipu's native API (tokenizer, Batch API) for a URL endpoint; default: /api/paas/v4 beside it.
     native_endpoint: Annotated[str, Field(pattern=r"^https?://")] | None = None
-    max_tokens: PositiveInt
-    temperature: Annotated[float, Field(ge=0, le=1)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: PositiveInt | None = None
+    max_tokens: PositiveInt = Field(
+        le=MAX_TOKENS, description="The longest answer, in tokens; at most the model's own maximum output."
+    )
+    temperature: Float | None = Field(None, ge=0, le=1, description="0 to 1.")
+    top_p: Float | None = Field(None, gt=0, le=1, description="Above 0, at most 1.")
+    top_k: PositiveInt | None = Field(None, le=MAX_TOP_K, description=f"1 to {MAX_TOP_K}.")
     stop_sequences: list[str] | None = None
     thinking: ThinkingSpec | None = None
     # auto: stream only when max_tokens is large enough to trip the SDK's non-streaming guard.
@@ -105,20 +146,55 @@ class RunSpec(_Strict):
 
     # A number, or "auto" to find and track the endpoint's real limit (up to max_concurrency).
     # None: the model's default from the catalogue.
-    concurrency: PositiveInt | Literal["auto"] | None = None
-    max_concurrency: PositiveInt = 64
-    requests_per_minute: PositiveFloat | None = None
-    tokens_per_minute: PositiveFloat | None = None
-    max_attempts: PositiveInt = 6
-    timeout_s: PositiveFloat = 600.0  # a whole non-streamed answer (streaming: see stall_s)
+    concurrency: Annotated[PositiveInt, Field(le=MAX_CONCURRENCY)] | Literal["auto"] | None = Field(
+        None, description=f"Requests in flight, 1 to {MAX_CONCURRENCY}, or auto; default: the model's."
+    )
+    max_concurrency: PositiveInt = Field(
+        64, le=MAX_CONCURRENCY, description=f"The most `auto` may reach, 1 to {MAX_CONCURRENCY}."
+    )
+    requests_per_minute: PositiveFloat | None = Field(
+        None, le=MAX_PER_MINUTE, description=f"An extra request bucket, above 0, at most {MAX_PER_MINUTE:.0e}."
+    )
+    tokens_per_minute: PositiveFloat | None = Field(
+        None, le=MAX_PER_MINUTE, description=f"An extra token bucket, above 0, at most {MAX_PER_MINUTE:.0e}."
+    )
+    max_attempts: PositiveInt = Field(6, le=MAX_ATTEMPTS, description=f"Tries per request, 1 to {MAX_ATTEMPTS}.")
+    timeout_s: PositiveFloat = Field(
+        600.0, le=MAX_SECONDS, description=f"Seconds a non-streamed attempt may take, above 0, at most {MAX_SECONDS}."
+    )
     # Streaming, an answer may take as long as it needs; no event for this long means a hung connection.
-    stall_s: PositiveFloat = 120.0
-    backoff_initial_s: PositiveFloat = 0.5  # full-jitter exponential backoff between attempts...
-    backoff_max_s: PositiveFloat = 30.0  # ...capped here; a longer retry-after is capped here too
-    checkpoint_rows: PositiveInt = 1000
-    checkpoint_seconds: PositiveFloat = 2.0
-    max_cost: PositiveFloat | None = None  # per run, in the endpoint's currency (CNY or USD)
-    grace_s: Annotated[float, Field(ge=0)] = 30.0  # on SIGINT/SIGTERM, how long in-flight requests may finish
+    stall_s: PositiveFloat = Field(
+        120.0,
+        le=MAX_SECONDS,
+        description=f"Streaming: seconds without an event before a retry (at most {MAX_SECONDS}).",
+    )
+    backoff_initial_s: PositiveFloat = Field(
+        0.5,
+        le=MAX_BACKOFF_S,
+        description=f"Full-jitter exponential backoff between attempts starts here (at most {MAX_BACKOFF_S} s)...",
+    )
+    backoff_max_s: PositiveFloat = Field(
+        30.0,
+        le=MAX_BACKOFF_S,
+        description=f"...and is capped here, as is a longer retry-after (at most {MAX_BACKOFF_S} s).",
+    )
+    checkpoint_rows: PositiveInt = Field(
+        1000, le=MAX_CHECKPOINT_ROWS, description=f"Save answers every N rows (at most {MAX_CHECKPOINT_ROWS:.0e})..."
+    )
+    checkpoint_seconds: PositiveFloat = Field(
+        2.0, le=MAX_CHECKPOINT_S, description=f"...or every N seconds (at most {MAX_CHECKPOINT_S})."
+    )
+    max_cost: PositiveFloat | None = Field(
+        None,
+        le=MAX_COST,
+        description=f"Spend cap per run in the endpoint's currency (CNY or USD), at most {MAX_COST:.0e}.",
+    )
+    grace_s: Float = Field(
+        30.0,
+        ge=0,
+        le=MAX_SECONDS,
+        description=f"On SIGINT/SIGTERM, how long requests in flight may finish (0 to {MAX_SECONDS}).",
+    )
 
 
 class OutputSpec(_Strict):
@@ -135,9 +211,12 @@ class OutputSpec(_Strict):
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # a JSON Schema object
     parse: Literal["json"] | None = None  # any JSON object, unvalidated beyond parsing
     mode: Literal["tool", "text"] = "tool"  # a forced tool call, or JSON extracted from the text
-    max_repairs: Annotated[int, Field(ge=0)] = 2
-    # Ask each row this many times and keep the majority answer, with the share that agreed.
-    samples: Annotated[int, Field(ge=1, le=15)] = 1
+    max_repairs: Int = Field(
+        2, ge=0, le=MAX_REPAIRS, description=f"Re-ask an invalid answer at most this many times (0 to {MAX_REPAIRS})."
+    )
+    samples: Int = Field(
+        1, ge=1, le=15, description="Ask each row this many times (1 to 15) and keep the majority answer."
+    )
 
     @model_validator(mode="after")
     def _one_structure(self) -> OutputSpec:

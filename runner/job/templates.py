@@ -7,37 +7,53 @@ tpl.render({"text": "Great."})
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from functools import cache
-from typing import TYPE_CHECKING, Any
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jinja2
+from jinja2 import meta
+from jinja2.runtime import new_context
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from runner.errors import UsageError
 
-if TYPE_CHECKING:
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+def _printable(value: Any) -> Any:
+    """What `{{ value }}` prints: a struct (dict) or list as JSON, the way a prompt should show data,
+    never a Python repr; a null (None, e.g. a struct's missing field) as nothing, never the text "None"."""
+    if value is None:
+        return ""
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return value
 
 
-@cache
-def _jinja() -> tuple[ImmutableSandboxedEnvironment, Callable[..., Any]]:
-    """The environment and jinja2's `new_context`, built on first compile (jinja2 loads only then).
-
-    One environment for the process: templates come from job specs, which may be shared between
-    people, so they get the sandbox (no attribute access to internals) and no autoescaping (prompts
-    are not HTML). keep_trailing_newline keeps a block scalar's final newline, as the user wrote it.
-    """
-    import jinja2
-    from jinja2.runtime import new_context
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
-    return env, new_context
+# One environment for the process: templates come from job specs, which may be shared between
+# people, so they get the sandbox (no attribute access to internals) and no autoescaping (prompts
+# are not HTML). keep_trailing_newline keeps a block scalar's final newline, as the user wrote it.
+# `finalize` shapes every printed value (not values inside expressions: {{ item.name }} still works).
+_ENV = ImmutableSandboxedEnvironment(
+    undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False, finalize=_printable
+)
+# `| tojson` agrees with `{{ }}`: text as written (not \u escapes), dates and the like as their text.
+_ENV.policies["json.dumps_kwargs"] = {"sort_keys": True, "ensure_ascii": False, "default": str}
 
 
 class RenderError(ValueError):
     """A template failed on one row's values (a missing column value, a type error in an expression).
 
-    The message names the underlying error: `TypeError: unsupported operand ...`."""
+    The message names the underlying error: `TypeError: unsupported operand ...`. `error_type` is
+    what the row's output records."""
+
+    error_type = "render_error"
+
+
+class NullInput(RenderError):
+    """A row has a null in a column the prompt uses, and the job says `input.nulls: skip`: the row is
+    recorded as failed (error_type null_input) and not sent."""
+
+    error_type = "null_input"
 
 
 class Template:
@@ -74,25 +90,21 @@ class Template:
         which was most of the cost of resuming a million-row job. Here the globals are flattened once
         and the row is layered on top: the same context `render` builds, without the copies.
         """
-        env, new_context = _jinja()
         compiled = self._compiled
         if compiled is None:
-            compiled = self._compiled = env.from_string(self.source)
+            compiled = self._compiled = _ENV.from_string(self.source)
             self._globals = dict(compiled.globals)
-        context = new_context(env, compiled.name, compiled.blocks, {**self._globals, **row}, shared=True)
+        context = new_context(_ENV, compiled.name, compiled.blocks, {**self._globals, **row}, shared=True)
         try:
-            return str(env.concat(compiled.root_render_func(context)))
+            return str(_ENV.concat(compiled.root_render_func(context)))
         except Exception as exc:  # anything user code in a template raises is that row's failure
             raise RenderError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def compile_template(source: str, *, origin: str) -> Template:
     """Check `source` parses, naming `origin` (file and key) in the error if its syntax is wrong."""
-    import jinja2
-    from jinja2 import meta
-
     try:
-        ast = _jinja()[0].parse(source)
+        ast = _ENV.parse(source)
     except jinja2.TemplateSyntaxError as exc:
         raise UsageError(
             f"{origin}: template syntax error on line {exc.lineno}: {exc.message}; fix the Jinja2 template"

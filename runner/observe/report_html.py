@@ -100,7 +100,8 @@ def _timeline(line: dict[str, Any], run: dict[str, Any]) -> str:
     span = line["bin_s"] * len(line["throughput"])
     return (
         head + f'<p class="note">The latest run ({esc(run["run_id"])}), in {len(line["throughput"])} slices of '
-        f"{line['bin_s']:.2f} s; each request counts as in flight from its finish time minus its latency.</p>"
+        f"{line['bin_s']:.2f} s; each request counts as in flight from its finish time minus its latency "
+        "(for a sampled job, each row stands for its winning sample).</p>"
         + _columns("throughput", line["throughput"], "", "rows finished a second", "0 s", f"{span:.1f} s")
         + _columns("concurrency", line["concurrency"], "flight", "requests in flight (mean)", "0 s", f"{span:.1f} s")
     )
@@ -158,7 +159,8 @@ def _attempts(run: dict[str, Any]) -> str:
     retries = "".join(f"<tr><td>{esc(k)}</td><td>{v:,}</td></tr>" for k, v in run["retries"].items())
     return (
         "<h2>Attempts and retries</h2>"
-        '<p class="note">Requests by how many times they were sent (retries and repair turns count).</p>'
+        '<p class="note">Rows by how many times their request was sent: retries and repair turns count, and for '
+        "a sampled job every sample's (so 3 samples answered at once make 3 attempts).</p>"
         + _hbars(
             "attempts", {f"{k} attempt{'s' if k != '1' else ''}": n for k, n in run["attempts"].items()}, "#ff7f0e"
         )

@@ -36,6 +36,7 @@ class Tally:
     rows_settled: int = 0  # rows whose request needed no sending (answered in an earlier run)
     samples: int = 1  # requests per row (output.samples)
     requests_queued: int = 0  # distinct requests handed to the executor
+    requests_shared: int = 0  # requests not sent: an identical one was queued this run and answers them too
     ok: int = 0
     failed: int = 0
     input_tokens: int = 0

@@ -1,11 +1,16 @@
 """Progress for people and for machines: a live bar on a terminal, JSON lines under cron.
 
     reporter = make_reporter("auto")   # rich on a TTY; JSON lines on stderr otherwise
+    reporter.phase("reading input")    # what the run is doing before there is anything to count
     reporter.start(job, tally); reporter.tick(tally, executor.gauges(), control); reporter.finish(summary, message)
+
+On a terminal the progress is a live panel (runner.observe.panel) that shows the phase from the first
+second, then rows done, rate, ETA, in flight, tokens and spend.
 
 JSON lines (`--log-format json`) are one object per line on stderr with `event` and `ts` keys: `start`,
 `progress` every `interval_s`, `retrying` summaries, `end`. Text lines (`--log-format text`) carry the
-same fields as `event key=value ...` (see `text_line`). Nothing here ever sees the API key.
+same fields as `event key=value ...` (see `text_line`); phases are for people and print no line.
+Nothing here ever sees the API key.
 """
 
 from __future__ import annotations
@@ -14,12 +19,16 @@ import datetime as dt
 import json
 import sys
 import time
+from collections import deque
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.live import Live
 from rich.table import Table
 from rich.text import Text
+
+from runner.observe.panel import PanelState, ProgressPanel
 
 if TYPE_CHECKING:
     from runner.job.resolve import Job
@@ -34,6 +43,7 @@ class Reporter(Protocol):
 
     interval_s: float
 
+    def phase(self, name: str) -> None: ...
     def start(self, job: Job, tally: Tally) -> None: ...
     def tick(self, tally: Tally, gauges: dict[str, Any], control: Control) -> None: ...
     def event(self, name: str, **fields: Any) -> None: ...
@@ -79,6 +89,9 @@ class LineReporter:
         self._json = as_json
         self.interval_s = interval_s
         self._last = 0.0
+
+    def phase(self, name: str) -> None:
+        """Nothing: machines get `start`, `progress` and `end`, exactly as before phases existed."""
 
     def _emit(self, event: str, fields: dict[str, Any]) -> None:
         record = {"ts": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "event": event, **fields}
@@ -134,58 +147,84 @@ def text_line(record: dict[str, Any]) -> str:
 
 
 class RichReporter:
-    """A live progress bar with rows done/failed, in flight, rate and tokens; a table at the end."""
+    """A live panel (runner.observe.panel) from the first phase to the end; then a table of the run."""
 
     interval_s = 0.5
+    RATE_WINDOW_S = 30.0  # the rate and the ETA follow the last this many seconds
 
     def __init__(self, out: TextIO, console: Console | None = None) -> None:
         self._console = console or Console(file=out)
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"),
-            TimeRemainingColumn(),
-            console=self._console,
-            transient=False,
-        )
-        self._task: Any = None
+        self._state = PanelState(phase="starting", started=time.monotonic())
+        self._live: Live | None = None
+        self._phase: str | None = "starting"  # None: derive it from the counts (rendering, sending)
+        self._job = ""
+        self._model = ""
         self._currency = ""
+        self._priced = False
+        self._max_cost: float | None = None
+        self._recent: deque[tuple[float, int]] = deque()
+
+    def phase(self, name: str) -> None:
+        """Say what the run is doing now ("reading input", "resuming", "writing output"); shown at once."""
+        self._phase = name
+        self._state = replace(self._state, phase=name)
+        self._show()
+
+    def _show(self) -> None:
+        if self._live is None:
+            self._live = Live(
+                ProgressPanel(lambda: self._state), console=self._console, refresh_per_second=4, transient=False
+            )
+            self._live.start(refresh=True)  # on screen now, not at the first auto-refresh
+        else:
+            self._live.refresh()
 
     def start(self, job: Job, tally: Tally) -> None:
-        self._currency = job.currency
-        self._progress.start()
-        # Progress counts requests: rows times samples.
-        self._task = self._progress.add_task(job.name, total=tally.rows_total * tally.samples, detail="")
+        from runner.money.pricing import price_table  # the reporter is built before any job is read
+        from runner.send.base import Control
+
+        self._job, self._model, self._currency = job.name, job.spec.model.name, job.currency
+        self._priced = price_table(job) is not None
+        self._max_cost = job.spec.run.max_cost
+        self._phase = None  # from now on the counts say whether it renders or sends, until told otherwise
+        self.tick(tally, {}, Control())
 
     def tick(self, tally: Tally, gauges: dict[str, Any], control: Control) -> None:
-        if self._task is None:
-            return
-        retries = sum(control.retries.values())
-        detail = (
-            f"ok {tally.ok} failed {tally.failed} reused {tally.rows_settled} | in flight {gauges.get('in_flight')}"
-            f"/{gauges.get('limit')}{' auto' if gauges.get('adaptive') else ''}"
-            f" | 429s {100 * (gauges.get('overload_429_rate') or 0):.1f}%"
-            f" | {tally.rate():.1f} req/s | tokens {tally.input_tokens}+"
-            f"{tally.output_tokens} | retries {retries}"
+        now = time.monotonic()
+        self._recent.append((now, tally.answered))
+        while len(self._recent) > 2 and now - self._recent[1][0] >= self.RATE_WINDOW_S:
+            self._recent.popleft()
+        (t0, n0) = self._recent[0]
+        rate = (tally.answered - n0) / (now - t0) if now - t0 >= 1.0 else None
+        if rate is None and tally.answered:
+            rate = tally.rate()
+        rendering = not tally.all_rows_rendered and tally.rows_seen < tally.rows_total
+        phase = self._phase or ("waiting for batches" if gauges.get("batches") else "sending")
+        if self._phase is None and rendering:
+            phase = "rendering and sending"
+        self._state = PanelState.of(
+            phase=phase,
+            started=self._state.started,
+            job=self._job,
+            model=self._model,
+            currency=self._currency,
+            tally=tally,
+            gauges=gauges,
+            control=control,
+            requests_per_s=rate,
+            priced=self._priced,
+            max_cost=self._max_cost,
         )
-        if control.maybe_billed:
-            detail += f" | may be billed twice {len(control.maybe_billed)}"
-        if gauges.get("batches"):
-            detail += " | batches " + " ".join(f"{k} {v}" for k, v in sorted(gauges["batches"].items()))
-        projected = tally.projected_cost()
-        if projected is not None:
-            detail += f" | spent {tally.cost:.4f} of ~{projected:.4f} {self._currency}"
-        total = tally.rows_total * tally.samples
-        done = tally.rows_settled * tally.samples + tally.answered
-        self._progress.update(self._task, completed=min(done, total), detail=detail)
+        self._show()
 
     def event(self, name: str, **fields: Any) -> None:
         line = text_line({"event": name, **fields}).removeprefix(name).strip()
         self._console.print(Text.assemble((name, "yellow"), ": ", line), highlight=False)
 
     def finish(self, summary: dict[str, Any], message: str) -> None:
-        self._progress.stop()
+        if self._live is not None:
+            self._state = replace(self._state, phase="done" if summary.get("exit_code") == 0 else "ended")
+            self._live.stop()  # the last frame stays on the screen, above the table
         table = Table(title=f"glm-batch: {summary['job']}", show_header=False)
         table.add_column(overflow="fold")  # wrap long values (retries, cost) on a narrow terminal, never cut
         table.add_column(overflow="fold")
@@ -201,11 +240,26 @@ class RichReporter:
             ("wall time", f"{summary['elapsed_s']:.1f} s ({summary['requests_per_s']} req/s)"),
             ("latency p50 / p99", f"{_ms(lat['p50'])} / {_ms(lat['p99'])}"),
             ("retries", ", ".join(f"{k}: {v}" for k, v in summary["retries"].items()) or "none"),
+            *_quality_rows(summary.get("quality")),
             ("exit code", str(summary["exit_code"])),
         ]
         for k, v in rows:
             table.add_row(k, v)
         self._console.print(table)  # the CLI prints `message` itself, on stdout or stderr by outcome
+
+
+def _quality_rows(quality: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The final table's lines on quality, when the job has gold labels: accuracy, per-field rates."""
+    if not quality:
+        return []
+    rows = []
+    metrics = quality.get("metrics")
+    if metrics and metrics.get("accuracy") is not None:
+        rows.append(("accuracy", f"{metrics['accuracy']:.4f} on {metrics['rows_with_gold']} rows with a gold label"))
+    for name, rate in (quality.get("field_exact_match") or {}).items():
+        if rate.get("exact_match") is not None:
+            rows.append((f"{name}: exact match", f"{rate['exact_match']:.4f} on {rate['rows_with_gold']} rows"))
+    return rows
 
 
 def _ms(value: float | None) -> str:

@@ -92,8 +92,19 @@ def summarise(job: Job, shape: AnswerShape) -> dict[str, Any]:
         label_field=shape.label_field,
         gold=evaluation.gold_column if evaluation else None,
         gold_fields=evaluation.gold_fields if evaluation else {},
-        samples=job.spec.output.samples,
+        samples=samples_in(job.output_path),
     )
+
+
+def samples_in(path: Path) -> int:
+    """How many samples each row of an output had: as many as its longest `sample_answers` list, or 1.
+
+    Read from the file, never from a spec, so that a report from the spec and one from the output file
+    agree even when the run raised `output.samples` with --set."""
+    if SAMPLE_ANSWERS not in pl.read_parquet_schema(path):
+        return 1
+    longest = pl.scan_parquet(path).select(pl.col(SAMPLE_ANSWERS).list.len().max()).collect().item()
+    return max(1, int(longest or 1))
 
 
 def summarise_file(path: Path, gold: str | None) -> dict[str, Any]:
@@ -113,10 +124,11 @@ def summarise_file(path: Path, gold: str | None) -> dict[str, Any]:
         kept = ", ".join(c for c in columns if c not in (*OUTPUT_COLUMNS, *VOTE_COLUMNS)) or "none"
         raise UsageError(f"{path}: --gold {gold}: no such column; the columns other than glm-batch's: {kept}")
     label_field = next((c for c in ("label", "labels") if c in columns), None)
-    samples = 1
-    if SAMPLE_ANSWERS in columns:  # a voted output: as many samples as each row's list holds
-        samples = int(pl.scan_parquet(path).select(pl.col(SAMPLE_ANSWERS).list.len().max()).collect().item())
-    return summarise_output(path, label_field=label_field, gold=gold, gold_fields={}, samples=samples)
+    report = summarise_output(path, label_field=label_field, gold=gold, gold_fields={}, samples=samples_in(path))
+    rates = (beside.get("quality") or {}).get("field_exact_match")
+    if rates:  # per-field rates need the spec's gold_fields: the ones the run computed are beside the file
+        report["field_exact_match"] = rates
+    return report
 
 
 def summarise_output(
@@ -190,7 +202,40 @@ def voting_line(voting: dict[str, Any]) -> str:
 def html_report(title: str, metrics: dict[str, Any], quality: dict[str, Any]) -> str:
     """A small self-contained HTML page: the headline figures, the confusion matrix drawn as a heat
     map, the predicted-label distribution drawn as bars and, for sampled jobs, how many samples agreed
-    (inline SVG, no scripts, no network)."""
+    (inline SVG, no scripts, no network). `glm-batch report` draws the whole run: runner.observe.report_html."""
+    parts = [confusion_svg(metrics)]
+    agreement = ""
+    if "voting" in quality:
+        agreement = "<h2>Samples agreeing with the vote</h2>" + bars_svg(
+            "agreement", quality["voting"]["agreement_distribution"], "rgb(44,160,44)"
+        )
+    rows = "".join(
+        f"<tr><td>{esc(label)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td><td>{m['f1']:.3f}</td>"
+        f"<td>{m['support']}</td></tr>"
+        for label, m in metrics["per_label"].items()
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:60em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}</style></head>
+<body><h1>{esc(title)}</h1>
+<p id="headline">accuracy <b>{metrics["accuracy"]:.4f}</b> on {metrics["rows_with_gold"]} rows with a gold label;
+invalid answers {100 * metrics["invalid_rate"]:.2f}%; answers repaired {quality.get("repaired", 0)};
+truncated {quality.get("truncated", 0)}.</p>
+{f'<p id="voting">{esc(voting_line(quality["voting"]))}.</p>' if "voting" in quality else ""}
+<h2>Per label</h2><table id="per-label"><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th>
+<th>support</th></tr>{rows}</table>
+<h2>Confusion matrix</h2>{"".join(parts)}
+<h2>Predicted labels</h2>{bars_svg("distribution", metrics["predicted_distribution"], "rgb(255,127,14)")}
+{agreement}
+</body></html>
+"""
+
+
+def confusion_svg(metrics: dict[str, Any]) -> str:
+    """The confusion matrix as an inline SVG heat map: gold down, predicted across, darker for more;
+    the counts in white on the dark cells and in black on the light ones."""
     confusion: dict[str, dict[str, int]] = metrics["confusion"]
     golds = list(confusion)
     columns = list(next(iter(confusion.values()))) if confusion else []
@@ -202,52 +247,28 @@ def html_report(title: str, metrics: dict[str, Any], quality: dict[str, Any]) ->
         f'<text x="{left}" y="14">predicted &#8594;</text>',
     ]
     for j, c in enumerate(columns):
-        parts.append(f'<text x="{left + j * cell + cell / 2}" y="{head - 8}" text-anchor="middle">{_esc(c)}</text>')
+        parts.append(f'<text x="{left + j * cell + cell / 2}" y="{head - 8}" text-anchor="middle">{esc(c)}</text>')
     for i, g in enumerate(golds):
         y = head + i * cell
-        parts.append(f'<text x="{left - 8}" y="{y + cell / 2 + 4}" text-anchor="end">{_esc(g)}</text>')
+        parts.append(f'<text x="{left - 8}" y="{y + cell / 2 + 4}" text-anchor="end">{esc(g)}</text>')
         for j, c in enumerate(columns):
             n = confusion[g][c]
             shade = 0.08 + 0.85 * n / top
             parts.append(
                 f'<rect x="{left + j * cell}" y="{y}" width="{cell - 2}" height="{cell - 2}" '
-                f'fill="rgb(31,119,180)" fill-opacity="{shade:.2f}"><title>gold {_esc(g)}, '
-                f"predicted {_esc(c)}: {n}</title></rect>"
+                f'fill="rgb(31,119,180)" fill-opacity="{shade:.2f}"><title>gold {esc(g)}, '
+                f"predicted {esc(c)}: {n}</title></rect>"
             )
+            ink = "#fff" if shade > 0.5 else "#000"  # white on the dark cells, black on the light ones
             parts.append(
-                f'<text x="{left + j * cell + cell / 2}" y="{y + cell / 2 + 4}" text-anchor="middle">{n}</text>'
+                f'<text x="{left + j * cell + cell / 2}" y="{y + cell / 2 + 4}" text-anchor="middle" '
+                f'fill="{ink}">{n}</text>'
             )
     parts.append(f'<text x="4" y="{head + cell * len(golds) + 20}">gold &#8595;</text></svg>')
-    agreement = ""
-    if "voting" in quality:
-        agreement = "<h2>Samples agreeing with the vote</h2>" + _bars(
-            "agreement", quality["voting"]["agreement_distribution"], "rgb(44,160,44)"
-        )
-    rows = "".join(
-        f"<tr><td>{_esc(label)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td><td>{m['f1']:.3f}</td>"
-        f"<td>{m['support']}</td></tr>"
-        for label, m in metrics["per_label"].items()
-    )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:60em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}</style></head>
-<body><h1>{_esc(title)}</h1>
-<p id="headline">accuracy <b>{metrics["accuracy"]:.4f}</b> on {metrics["rows_with_gold"]} rows with a gold label;
-invalid answers {100 * metrics["invalid_rate"]:.2f}%; answers repaired {quality.get("repaired", 0)};
-truncated {quality.get("truncated", 0)}.</p>
-{f'<p id="voting">{_esc(voting_line(quality["voting"]))}.</p>' if "voting" in quality else ""}
-<h2>Per label</h2><table id="per-label"><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th>
-<th>support</th></tr>{rows}</table>
-<h2>Confusion matrix</h2>{"".join(parts)}
-<h2>Predicted labels</h2>{_bars("distribution", metrics["predicted_distribution"], "rgb(255,127,14)")}
-{agreement}
-</body></html>
-"""
+    return "".join(parts)
 
 
-def _bars(svg_id: str, counts: dict[str, int], colour: str) -> str:
+def bars_svg(svg_id: str, counts: dict[str, int], colour: str) -> str:
     """A horizontal bar chart as inline SVG: one labelled bar per count, the longest 360 px."""
     biggest = max([*counts.values(), 1])
     bars = [
@@ -257,12 +278,13 @@ def _bars(svg_id: str, counts: dict[str, int], colour: str) -> str:
     for i, (label, n) in enumerate(counts.items()):
         width = 360 * n / biggest
         bars.append(
-            f'<text x="100" y="{28 * i + 19}" text-anchor="end">{_esc(label)}</text>'
+            f'<text x="100" y="{28 * i + 19}" text-anchor="end">{esc(label)}</text>'
             f'<rect x="108" y="{28 * i + 6}" width="{width:.1f}" height="18" fill="{colour}"/>'
             f'<text x="{114 + width:.1f}" y="{28 * i + 19}">{n}</text>'
         )
     return "".join(bars) + "</svg>"
 
 
-def _esc(text: object) -> str:
+def esc(text: object) -> str:
+    """Text made safe inside HTML: element content and attribute values."""
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")

@@ -1,0 +1,164 @@
+"""`glm-batch report`: what a finished run did and, with gold labels, how good its answers were.
+
+    found = load_report(output_path, job=job)        # from a job spec (its output must exist)
+    found = load_report(output_path, gold="gold")    # from an output file alone
+    print_report(found, console)                     # the terminal's version
+    page = report_html.html_page(found)              # the drawn one (runner.observe.report_html)
+
+Every job has a report: the run's figures come from the output Parquet and the summary beside it
+(runner.observe.runstats). Structured jobs add quality (runner.observe.quality): validity and repairs;
+with `eval.gold_column`, accuracy, per-label figures and the confusion matrix; with `eval.gold_fields`,
+per-field exact-match rates; for sampled jobs, the vote; and the rows the answers got wrong, with the
+input columns the output kept (`output.keep_columns`) so a person can see why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+
+from runner.errors import UsageError
+from runner.job.resolve import Job
+from runner.observe import quality
+from runner.observe.runstats import run_figures
+from runner.output.assemble import OUTPUT_COLUMNS
+from runner.output.voting import AGREEMENT, VOTE_COLUMNS
+
+EXAMPLES_SHOWN = 50  # wrong answers listed on the page; the count says how many there are in all
+REPAIRED_MEANS = (
+    "repaired: the first answer did not validate against the job's schema (or labels), so it was asked "
+    "again in a follow-up turn quoting what was wrong; every turn's tokens are counted"
+)
+
+
+@dataclass
+class Report:
+    """Everything `glm-batch report` shows about one output: the run, and quality when it has any."""
+
+    name: str
+    output: Path
+    run: dict[str, Any]  # runner.observe.runstats.run_figures
+    quality: dict[str, Any] | None  # None: a free-text job (no labels, no schema)
+    examples: dict[str, Any] | None  # the wrong answers with their context; None without gold
+
+
+def load_report(output: Path, *, job: Job | None = None, gold: str | None = None) -> Report:
+    """The report of an output file, with its job's spec when there is one (for the schema's fields
+    and `eval.gold_fields`). `gold` names the gold column of an output given alone (else the summary's)."""
+    if not output.exists():
+        raise UsageError(f"{output}: no such output file")
+    try:
+        columns = list(pl.read_parquet_schema(output))
+    except (OSError, pl.exceptions.ComputeError) as exc:
+        raise UsageError(
+            f"{output}: cannot read it as Parquet ({exc}); give a glm-batch output or a job spec"
+        ) from None
+    if "status" not in columns:
+        raise UsageError(f"{output}: not a glm-batch output (no status column); give its job spec instead")
+    beside: dict[str, Any] = {}
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        beside = json.loads(output.with_suffix(".summary.json").read_text(encoding="utf-8"))
+    figures = run_figures(output, beside)
+    found: dict[str, Any] | None = None
+    fields: tuple[str, ...] = ()
+    gold_fields: dict[str, str] = {}
+    if job is not None and job.shape is not None:
+        found = quality.summarise(job, job.shape)
+        fields = tuple(job.shape.fields)
+        gold_fields = dict(job.spec.eval.gold_fields) if job.spec.eval else {}
+    elif job is None and ({"label", "labels"} & set(columns) or gold or beside.get("quality")):
+        found = quality.summarise_file(output, gold)
+        fields = (found["label_field"],) if found["label_field"] else ()
+    name = job.name if job is not None else output.stem
+    return Report(name, output, figures, found, _examples(output, columns, found, fields, gold_fields))
+
+
+def _examples(
+    output: Path, columns: list[str], found: dict[str, Any] | None, fields: tuple[str, ...], gold_fields: dict[str, str]
+) -> dict[str, Any] | None:
+    """The rows whose answer differs from the gold one (or is invalid), with the kept input columns."""
+    if found is None:
+        return None
+    pairs = dict(gold_fields)
+    if found.get("gold_column") and found.get("label_field") == "label":
+        pairs["label"] = found["gold_column"]
+    if not pairs:
+        return None
+    golds = set(pairs.values())
+    ours = {*OUTPUT_COLUMNS, *VOTE_COLUMNS, "status", "error_type", *fields, *pairs, *golds}
+    context = [c for c in columns[1:] if c not in ours]
+    wrong = pl.lit(False)
+    for answer, truth in pairs.items():
+        given = pl.when(pl.col("status") == "ok").then(pl.col(answer).cast(pl.String))
+        wrong = wrong | (pl.col(truth).is_not_null() & (given != pl.col(truth).cast(pl.String)).fill_null(True))
+    keep = [columns[0], *context, *(c for pair in pairs.items() for c in pair), "status", "error_type"]
+    if AGREEMENT in columns:
+        keep.append(AGREEMENT)
+    frame = pl.scan_parquet(output).select(*dict.fromkeys(keep)).filter(wrong).collect()
+    return {
+        "total": frame.height,
+        "id_column": columns[0],
+        "context": context,
+        "pairs": pairs,
+        "rows": frame.head(EXAMPLES_SHOWN).to_dicts(),
+    }
+
+
+def print_report(found: Report, console: Console) -> None:
+    """The report on a terminal: the run in a few lines, then quality as `glm-batch report` always printed it."""
+    run = found.run
+    tokens = run["tokens"]
+    cost = "no prices" if run["cost"] is None else f"{run['cost']:.6f} {run['currency'] or ''}".rstrip()
+    latency = run["latency"]
+    console.print(
+        f"{found.name}: model {run['model']}, run {run['run_id']} ({run['date']}); "
+        f"{run['rows']} rows: " + ", ".join(f"{n} {status}" for status, n in run["by_status"].items())
+    )
+    console.print(
+        f"tokens {tokens['input']:,} in / {tokens['output']:,} out; cost {cost}; latency p50 "
+        f"{_ms(latency['p50'])}, p99 {_ms(latency['p99'])}"
+    )
+    if run["errors"]:
+        console.print("errors: " + ", ".join(f"{kind} {n}" for kind, n in run["errors"].items()))
+    summary = found.quality
+    if summary is None:
+        return
+    console.print(
+        f"{found.name}: {summary['rows']} rows, {summary['valid']} valid, {summary['invalid']} invalid "
+        f"({summary['truncated']} truncated), {summary['repaired']} repaired"
+    )
+    voting = summary.get("voting")
+    if voting is not None:
+        console.print(quality.voting_line(voting))
+    for field, rate in (summary.get("field_exact_match") or {}).items():
+        if rate["exact_match"] is not None:
+            console.print(f"{field}: exact match {rate['exact_match']:.4f} on {rate['rows_with_gold']} rows with gold")
+    metrics = summary.get("metrics")
+    if metrics is None:
+        if not summary.get("field_exact_match"):
+            console.print(
+                "no gold labels: set eval.gold_column (and output.labels) or eval.gold_fields (output.schema), "
+                "or pass --gold COLUMN with an output file, for accuracy and F1"
+            )
+        return
+    console.print(f"accuracy {metrics['accuracy']:.4f} on {metrics['rows_with_gold']} rows with a gold label")
+    table = Table("label", "precision", "recall", "F1", "support")
+    for label, m in metrics["per_label"].items():
+        table.add_row(label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    console.print(table)
+    columns = list(next(iter(metrics["confusion"].values())))
+    matrix = Table("gold \\ predicted", *columns, title="confusion matrix")
+    for truth, row in metrics["confusion"].items():
+        matrix.add_row(truth, *(str(row[c]) for c in columns))
+    console.print(matrix)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f} ms"

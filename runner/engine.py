@@ -69,6 +69,7 @@ async def run_job(
     """Run one job to completion, interruption or abort; the result is durable whichever happens.
 
     `executor` replaces the one the spec asks for (tests and benches pass runner.send.fake's)."""
+    reporter.phase("reading input")
     source = open_input(job)
     store = Store(job.state_dir, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}")
     store.open()
@@ -92,6 +93,7 @@ async def _run(
     tally = Tally(rows_total=source.frame.select(pl.len()).collect().item(), samples=samples)
     accountant = accountant_for(job)
     pilot = _pilot_sample(tally.rows_total, options) if options.pilot_rows else None
+    reporter.phase("checking earlier answers")
     settled = settled_keys(job, store, fresh=options.fresh, retry_failed=options.retry_failed,
                            resend_lost=options.resend_lost, rows_total=tally.rows_total, reporter=reporter)  # fmt: skip
     control = Control()
@@ -129,6 +131,7 @@ async def _run(
         )
         requests = dispatch.requests(plan(job, source, settled), fingerprint)
 
+    reporter.phase("connecting")
     with endpoint_url(job) as base_url:
         executor = given or make_executor(job, base_url, api_key, accountant.input_estimate)
         reporter.start(job, tally)
@@ -166,6 +169,7 @@ async def _run(
     complete = unchanged or (tally.all_rows_rendered and not outstanding)
     failed_rows: int | None = None  # None: not finalized, the output is not complete yet
     if control.reason is None and complete:
+        reporter.phase("writing output")
         shape = OutputShape(job.spec.input.id_column or "id", job.shape.fields if job.shape else {}, samples)
         try:
             counts = finalize(store, ParquetSink(job.output_path, job.state_dir), shape)
@@ -175,6 +179,7 @@ async def _run(
     exit_code, message = summary.outcome(job, control, failed_rows, options.resume_command)
     report = record(exit_code, failed_rows is not None)
     if failed_rows is not None and job.shape is not None:
+        reporter.phase("scoring against gold labels")
         report["quality"] = quality.summarise(job, job.shape)
     summary.write(job, store, report)
     reporter.finish(report, message)

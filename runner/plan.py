@@ -138,6 +138,7 @@ class Dispatch:
                     continue
                 for pending, is_done in zip(row.requests, row.done, strict=True):
                     if is_done or pending.key in queued:
+                        tally.requests_shared += not is_done  # an identical request is queued: it answers this row too
                         continue
                     if not self.admit(pending):
                         self.control.end_dispatch("budget")  # what was admitted is paid for in advance: send it

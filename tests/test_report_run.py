@@ -72,7 +72,8 @@ def test_a_free_text_job_gets_a_report_of_its_run(make_job: MakeJob) -> None:
 
 def test_rows_that_failed_are_counted_by_error_type(make_job: MakeJob) -> None:
     rows = [*sample_rows(3), {"id": "blank", "text": ""}]
-    job = make_job(rows, prompt={"template": "First letter: {{ text[0] }}"})  # '' has no first letter
+    # an empty CSV cell reads as null: render it as "" (which has no first letter)
+    job = make_job(rows, prompt={"template": "First letter: {{ text[0] }}"}, input={"nulls": "empty"})
     assert cli("run", str(job.spec)).exit_code == 1
 
     found = report_of(job.spec)

@@ -74,55 +74,25 @@ def report(
     ] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Print the quality of a finished labeling run against its gold labels (and draw it as HTML)."""
-    from rich.table import Table
-
-    from runner.observe import quality
+    """Print what a finished run did and, with gold labels, how good its answers were (and draw it as HTML)."""
 
     def go() -> None:
+        from runner.observe.report import load_report, print_report
+        from runner.observe.report_html import html_page
+
         if target.suffix == ".parquet":
             if not target.exists():
                 raise UsageError(f"{target}: no such output file")
-            name = target.stem
-            summary = quality.summarise_file(target, gold)
-            if summary["label_field"] is None:
-                raise UsageError(f"{target}: no label column; report works on labeling outputs (output.labels)")
+            found = load_report(target, gold=gold)
         else:
             job = _load(target, set_, None)
-            name = job.name
-            shape = job.shape
-            if shape is None:
-                raise UsageError(f"{target}: output: report needs a structured job (output.labels or output.schema)")
             if not job.output_path.exists():
                 raise UsageError(f"{job.output_path} does not exist yet; run the job first: glm-batch run {target}")
-            summary = quality.summarise(job, shape)
+            found = load_report(job.output_path, job=job)
         console = _console()
-        console.print(
-            f"{name}: {summary['rows']} rows, {summary['valid']} valid, {summary['invalid']} invalid "
-            f"({summary['truncated']} truncated), {summary['repaired']} repaired"
-        )
-        voting = summary.get("voting")
-        if voting is not None:
-            console.print(quality.voting_line(voting))
-        metrics = summary.get("metrics")
-        if metrics is None:
-            console.print(
-                "no gold labels: set eval.gold_column (and output.labels), or pass --gold COLUMN with an output "
-                "file, for accuracy and F1"
-            )
-            return
-        console.print(f"accuracy {metrics['accuracy']:.4f} on {metrics['rows_with_gold']} rows with a gold label")
-        table = Table("label", "precision", "recall", "F1", "support")
-        for label, m in metrics["per_label"].items():
-            table.add_row(label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
-        console.print(table)
-        columns = list(next(iter(metrics["confusion"].values())))
-        matrix = Table("gold \\ predicted", *columns, title="confusion matrix")
-        for truth, row in metrics["confusion"].items():
-            matrix.add_row(truth, *(str(row[c]) for c in columns))
-        console.print(matrix)
+        print_report(found, console)
         if html is not None:
-            html.write_text(quality.html_report(f"glm-batch report: {name}", metrics, summary), encoding="utf-8")
+            html.write_text(html_page(found), encoding="utf-8")
             console.print(f"wrote {html}")
 
     _guarded(go)

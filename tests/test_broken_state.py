@@ -76,7 +76,7 @@ def test_a_state_directory_that_is_a_file_is_explained(make_job: Callable[..., J
     files = make_job(rows=sample_rows(3), output={"path": "out/job.parquet", "state_dir": "state-file"})
     result = cli("run", str(files.spec))
     assert result.exit_code == 2
-    assert "cannot use it as the job's state directory" in result.stderr
+    assert "state-file is a file, not a directory" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -123,8 +123,8 @@ class Conversation:
             self.params = self._shape.repair(self.params, answer, str(unusable))
             return self.params
 
-    def result(self, *, attempts: int, latency_ms: float | None) -> Result:
-        """The Result of the finished conversation (at least one answer)."""
+    def result(self, *, attempts: int, latency_ms: float | None, api: str | None = None) -> Result:
+        """The Result of the finished conversation (at least one answer); `api` names the API that answered."""
         answers, problem, last = self._answers, self._problem, self._answers[-1]
         return Result(
             key=self.request.key,
@@ -151,10 +151,11 @@ class Conversation:
             if problem is None and self._shape
             else None,
             repairs=len(answers) - 1,
+            api=api,
         )
 
 
-def failure(request: Request, fault: Fault, attempts: int) -> Result:
+def failure(request: Request, fault: Fault, attempts: int, model: str | None = None) -> Result:
     """The Result of a request that ended in `fault`; a retryable one is sent again by the next run."""
     return Result(
         key=request.key,
@@ -162,7 +163,7 @@ def failure(request: Request, fault: Fault, attempts: int) -> Result:
         attempts=attempts,
         latency_ms=None,
         finished_at=dt.datetime.now(dt.UTC),
-        model=str(request.params.get("model")),
+        model=model or str(request.params.get("model")),
         error_type=fault.type,
         error_message=fault.message,
         retryable=fault.verdict is Verdict.RETRY,

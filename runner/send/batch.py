@@ -24,12 +24,12 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from runner.job.spec import BatchSpec
-from runner.job.structured import AnswerShape
+from runner.job.structured import AnswerShape, Unusable
 from runner.records import Request, Result
 from runner.send.base import Control, Conversation, Deliver, Executor, failure
 from runner.send.batch_api import Batch, BatchAPI, BatchStatusError
@@ -217,27 +217,63 @@ class BatchExecutor:
     async def _harvest(
         self, api: BatchAPI, book: BatchBook, chunk: Chunk, batch: Batch, deliver: Deliver, control: Control
     ) -> list[Request]:
-        """Deliver every answered line of a finished batch; the requests to send again."""
+        """Deliver every answered line of a finished batch; the requests to send again.
+
+        Lines are read one at a time, and a request's body is read back from disk only for the few
+        lines that need it (a retry, a repair, a line the batch never ran): memory stays flat in the
+        size of the batch. The loop yields now and then, so checkpoints and signals are not held up."""
         wanted = set(chunk.request_keys())
-        bodies = read_requests(chunk.requests, wanted)
-        leftovers: list[Request] = []
         seen: set[str] = set()
-        for line in await self._result_lines(api, chunk, batch):
+        later: list[tuple[str, ResultLine]] = []  # lines that need their request's body
+        for count, line in enumerate(await self._result_lines(api, chunk, batch)):
             key = line.custom_id
             if key is None or key not in wanted or key in seen:
                 continue  # a line we did not send, or one we already took
             seen.add(key)
-            request = Request(key, bodies[key])
             self._attempts[key] = self._attempts.get(key, 0) + 1
-            again = self._take(request, line, deliver, control)
+            if not self._take_at_once(key, chunk.model, line, deliver, control):
+                later.append((key, line))
+            if count % 1000 == 999:
+                await asyncio.sleep(0)
+        unrun = wanted - seen  # lines the batch never ran (expired, cancelled, failed validation)
+        bodies = read_requests(chunk.requests, {key for key, _ in later} | unrun)
+        leftovers = [Request(key, bodies[key]) for key in unrun]
+        for key, line in later:
+            again = self._take(Request(key, bodies[key]), line, deliver, control)
             if again is not None:
                 leftovers.append(again)
-        # Lines the batch never ran (expired, cancelled, failed validation) go out again.
-        leftovers += [Request(key, bodies[key]) for key in wanted - seen]
-        book.record(
-            chunk.id, status="harvested", batch_status=batch.status, counts=dataclasses.asdict(batch.request_counts)
-        )
+        counts = dataclasses.asdict(batch.request_counts)
+        book.record(chunk.id, status="harvested", batch_status=batch.status, counts=counts)
         return leftovers
+
+    def _take_at_once(self, key: str, model: str, line: ResultLine, deliver: Deliver, control: Control) -> bool:
+        """Deliver a line that needs nothing of its request: a valid answer to a first ask, a failure for
+        good, an abort. False when the request's body is needed (a retry or a repair)."""
+        if line.ok:
+            if key in self._conversations:
+                return False  # a repair round's answer: its conversation holds the earlier turns
+            try:
+                answer = answer_from_chat(line.body, line.request_id)
+            except BadResultLine:
+                return False
+            if self._shape is not None:
+                try:
+                    self._shape.check(answer)
+                except Unusable:
+                    return False  # to be repaired: the next turn needs the conversation so far
+            conversation = Conversation(Request(key, {}), self._shape)
+            conversation.add(answer)
+            deliver(conversation.result(attempts=self._attempts[key], latency_ms=None, api=API))
+            return True
+        verdict = classify_failure(line)
+        if verdict is Verdict.RETRY:
+            return False
+        fault = Fault(verdict, f"batch/{line.error_code or line.status_code}", line.error_message or line.problem or "")
+        if verdict is Verdict.ABORT:
+            control.abort(fault)
+        else:
+            deliver(failure(Request(key, {}), fault, self._attempts[key], model=model))
+        return True
 
     def _take(self, request: Request, line: ResultLine, deliver: Deliver, control: Control) -> Request | None:
         """One result line: deliver its Result, or return the request to send again (a retry or a repair)."""
@@ -253,7 +289,7 @@ class BatchExecutor:
             if repair is not None:
                 return Request(key, repair)
             del self._conversations[key]
-            deliver(dataclasses.replace(conversation.result(attempts=attempts, latency_ms=None), api=API))
+            deliver(conversation.result(attempts=attempts, latency_ms=None, api=API))
             return None
         verdict = classify_failure(line)
         fault = Fault(verdict, f"batch/{line.error_code or line.status_code}", line.error_message or line.problem or "")
@@ -265,16 +301,15 @@ class BatchExecutor:
             return None
         return request
 
-    async def _result_lines(self, api: BatchAPI, chunk: Chunk, batch: Batch) -> list[ResultLine]:
-        """The batch's output and error lines, downloaded (streamed to disk) and read."""
-        lines: list[ResultLine] = []
+    async def _result_lines(self, api: BatchAPI, chunk: Chunk, batch: Batch) -> Iterator[ResultLine]:
+        """The batch's output and error lines, downloaded (streamed to disk), then read one at a time."""
+        files = []
         for file_id, kind in ((batch.output_file_id, "output"), (batch.error_file_id, "errors")):
-            if not file_id:
-                continue
-            dest = self._dir / f"{chunk.id}.{kind}.jsonl"
-            await api.download(file_id, dest)
-            lines += _read_lines(dest)
-        return lines
+            if file_id:
+                dest = self._dir / f"{chunk.id}.{kind}.jsonl"
+                await api.download(file_id, dest)
+                files.append(dest)
+        return _read_lines(files)
 
     # ---- hybrid ----------------------------------------------------------------------------------
 
@@ -320,10 +355,13 @@ async def _cancel(api: BatchAPI, batch_id: str) -> None:
         await api.cancel(batch_id)
 
 
-def _read_lines(path: Path) -> list[ResultLine]:
-    """A downloaded result file's lines, read."""
-    with open(path, "rb") as f:
-        return [parse_result_line(raw) for raw in f if raw.strip()]
+def _read_lines(paths: list[Path]) -> Iterator[ResultLine]:
+    """Downloaded result files' lines, read one at a time."""
+    for path in paths:
+        with open(path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    yield parse_result_line(raw)
 
 
 async def _skipping(requests: AsyncIterator[Request], skip: set[str]) -> AsyncIterator[Request]:

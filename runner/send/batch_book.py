@@ -96,11 +96,18 @@ class BatchBook:
 
 
 def read_requests(path: str, wanted: set[str]) -> dict[str, dict[str, Any]]:
-    """The Messages API bodies of the `wanted` keys from a round's requests file."""
+    """The Messages API bodies of the `wanted` keys from a round's requests file (each line is
+    `{"key": "<key>", "params": ...}`: the key is read off the line's head, and only wanted lines are
+    parsed; the read stops once all are found)."""
     found: dict[str, dict[str, Any]] = {}
+    if not wanted:
+        return found
+    head = len('{"key": "')
     with open(path, encoding="utf-8") as f:
         for line in f:
-            record = json.loads(line)
-            if record["key"] in wanted:
+            if line[head : line.find('"', head)] in wanted:
+                record = json.loads(line)
                 found[record["key"]] = record["params"]
+                if len(found) == len(wanted):
+                    break
     return found

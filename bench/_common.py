@@ -159,3 +159,26 @@ def seed_finished_state(spec: Path, skip_every: int = 0) -> None:
         finalize(store, ParquetSink(job.output_path, job.state_dir), OutputShape(job.spec.input.id_column or "id"))
     finally:
         store.close()
+
+
+# ---- peak RSS by phase, inside the measured process ------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (VmHWM), in MB; since the last reset_peak_rss."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (not Linux?)")
+
+
+def reset_peak_rss() -> bool:
+    """Lower this process's peak RSS mark to its current RSS, so the next peak_rss_mb() is the peak of
+    what ran in between (Linux: `5` into /proc/self/clear_refs). False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

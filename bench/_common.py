@@ -164,13 +164,22 @@ def seed_finished_state(spec: Path, skip_every: int = 0) -> None:
 # ---- peak RSS by phase, inside the measured process ------------------------------------------------
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far (VmHWM), in MB; since the last reset_peak_rss."""
+def _status_mb(field: str) -> float:
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (not Linux?)")
+    raise RuntimeError(f"no {field} in /proc/self/status (not Linux?)")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (VmHWM), in MB; since the last reset_peak_rss."""
+    return _status_mb("VmHWM")
+
+
+def rss_mb() -> float:
+    """This process's resident set size now (VmRSS), in MB."""
+    return _status_mb("VmRSS")
 
 
 def reset_peak_rss() -> bool:

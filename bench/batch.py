@@ -52,6 +52,7 @@ from _common import (
     free_port,
     peak_rss_mb,
     reset_peak_rss,
+    rss_mb,
     sim_stats,
     start_simulator,
     write_job,
@@ -79,6 +80,7 @@ class Probe:
         self.peaks: dict[str, float] = {}
         self.phase = "startup"
         self.cpu_at: dict[str, float] = {}  # phase -> process CPU seconds when it began
+        self.rss_at: dict[str, float] = {}  # phase -> RSS when it began (what earlier phases left behind)
         self.phase_rss = reset_peak_rss()  # False: each peak is the process's so far, not the phase's
 
     def enter(self, phase: str) -> None:
@@ -89,6 +91,7 @@ class Probe:
         reset_peak_rss()
         self.phase = phase
         self.cpu_at[phase] = time.process_time()
+        self.rss_at[phase] = round(rss_mb(), 1)
 
     def end(self) -> None:
         self.peaks[self.phase] = peak_rss_mb()
@@ -170,6 +173,7 @@ def child_run(out: Path, spec: Path) -> None:
         "total_s": ended - probe.started,
         "rss_mb": {phase: round(mb, 1) for phase, mb in probe.peaks.items()},
         "rss_by_phase": probe.phase_rss,
+        "rss_at_phase_start_mb": probe.rss_at,
     }
     out.write_text(json.dumps(report), encoding="utf-8")
 
@@ -317,6 +321,7 @@ def report(runs: list[dict[str, Any]], by_size: dict[int, list[dict[str, Any]]])
             "a_prepare_upload_mb": max(r["ours"]["rss_mb"]["prepare_upload"] for r in sized),
             "b_download_journal_mb": max(r["ours"]["rss_mb"]["download_journal"] for r in sized),
             "b_finish_mb": max(r["ours"]["rss_mb"]["finish"] for r in sized),
+            "b_finish_began_at_mb": max(r["ours"]["rss_at_phase_start_mb"]["finish"] for r in sized),
             "startup_mb": max(r["ours"]["rss_mb"]["startup"] for r in sized),
             "baseline_write_mb": max(r["baseline"]["rss_mb"]["write"] for r in sized),
             "baseline_read_mb": max(r["baseline"]["rss_mb"]["read"] for r in sized),
@@ -335,39 +340,39 @@ def print_table(result: dict[str, Any]) -> None:
         return f"{f[key]['worst']}{unit} / {f[key]['median']}{unit}"
 
     print(f"\n{result['rows']:,} rows, {result['runs']} runs: worst / median\n")
-    print(f"{'phase':<40} {'ours':>17} {'polars':>17} {'ratio':>13}  target")
+    print(f"{'phase':<40} {'ours':>21} {'polars':>21} {'ratio':>13}  target")
     print(
-        f"{'(a) prepare + upload':<40} {pair('ours.a_s', ' s'):>17} {pair('baseline.write_s', ' s'):>17}"
+        f"{'(a) prepare + upload':<40} {pair('ours.a_s', ' s'):>21} {pair('baseline.write_s', ' s'):>21}"
         f" {pair('ratio_a'):>13}  <= {TARGET_TIME_RATIO}"
     )
     print(
-        f"{'    CPU':<40} {pair('ours.a_cpu_s', ' s'):>17} {pair('baseline.write_cpu_s', ' s'):>17}"
+        f"{'    CPU':<40} {pair('ours.a_cpu_s', ' s'):>21} {pair('baseline.write_cpu_s', ' s'):>21}"
         f" {pair('ratio_a_cpu'):>13}"
     )
-    print(f"{'    render + write files':<40} {pair('ours.prepare_s', ' s'):>17}")
-    print(f"{'    upload':<40} {pair('ours.upload_s', ' s'):>17}")
+    print(f"{'    render + write files':<40} {pair('ours.prepare_s', ' s'):>21}")
+    print(f"{'    upload':<40} {pair('ours.upload_s', ' s'):>21}")
     print(
-        f"{'(b) download + journal (to run end)':<40} {pair('ours.b_s', ' s'):>17} {pair('baseline.read_s', ' s'):>17}"
+        f"{'(b) download + journal (to run end)':<40} {pair('ours.b_s', ' s'):>21} {pair('baseline.read_s', ' s'):>21}"
         f" {pair('ratio_b'):>13}  <= {TARGET_TIME_RATIO}"
     )
     print(
-        f"{'    CPU':<40} {pair('ours.b_cpu_s', ' s'):>17} {pair('baseline.read_cpu_s', ' s'):>17}"
+        f"{'    CPU':<40} {pair('ours.b_cpu_s', ' s'):>21} {pair('baseline.read_cpu_s', ' s'):>21}"
         f" {pair('ratio_b_cpu'):>13}"
     )
-    print(f"{'    download':<40} {pair('ours.download_s', ' s'):>17}")
-    print(f"{'    parse + answer + journal':<40} {pair('ours.parse_journal_s', ' s'):>17}")
-    print(f"{'    last checkpoint + output + summary':<40} {pair('ours.finish_s', ' s'):>17}")
+    print(f"{'    download':<40} {pair('ours.download_s', ' s'):>21}")
+    print(f"{'    parse + answer + journal':<40} {pair('ours.parse_journal_s', ' s'):>21}")
+    print(f"{'    last checkpoint + output + summary':<40} {pair('ours.finish_s', ' s'):>21}")
     print(
-        f"{'(b) vs polars reading the result files':<40} {'':>17} {pair('baseline.read_results_s', ' s'):>17}"
+        f"{'(b) vs polars reading the result files':<40} {'':>21} {pair('baseline.read_results_s', ' s'):>21}"
         f" {pair('ratio_b_vs_results'):>13}"
     )
-    print(f"{'simulator answering (not ours)':<40} {pair('ours.simulator_s', ' s'):>17}")
+    print(f"{'simulator answering (not ours)':<40} {pair('ours.simulator_s', ' s'):>21}")
     print("\npeak RSS (MB) by rows: ours (a) prepare+upload, (b) harvest, (b) output; polars write, read")
     for rows, r in result["rss_by_rows"].items():
         print(
             f"  {int(rows):>9,}: {r['a_prepare_upload_mb']:>7} {r['b_download_journal_mb']:>7} {r['b_finish_mb']:>7}"
             f"   {r['baseline_write_mb']:>7} {r['baseline_read_mb']:>7}"
-            f"   (startup {r['startup_mb']}, {r['runs']} run(s))"
+            f"   (startup {r['startup_mb']}, output phase began at {r['b_finish_began_at_mb']}, {r['runs']} run(s))"
         )
     print(f"  largest / smallest: {result['rss_growth']}")
 

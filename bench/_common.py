@@ -175,3 +175,35 @@ def spawn_simulator(port: int, argv: list[str]) -> subprocess.Popen[bytes]:
             time.sleep(0.1)
     proc.terminate()
     raise RuntimeError("simulator did not start")
+
+
+# ---- peak RSS by phase, inside the measured process ------------------------------------------------
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (not Linux?)")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (VmHWM), in MB; since the last reset_peak_rss."""
+    return _status_mb("VmHWM")
+
+
+def rss_mb() -> float:
+    """This process's resident set size now (VmRSS), in MB."""
+    return _status_mb("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Lower this process's peak RSS mark to its current RSS, so the next peak_rss_mb() is the peak of
+    what ran in between (Linux: `5` into /proc/self/clear_refs). False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

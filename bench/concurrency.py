@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
-import inspect
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -43,33 +41,14 @@ WORK = HERE / "out" / "concurrency"
 # ---- the simulator process ------------------------------------------------------------------------
 
 
-class _NormalDelay(random.Random):
-    """A random source whose `random()` is a latency in seconds: Normal(mean, sd), never below 0.
-
-    Only for a simulator that still draws uniform jitter: served with latency_s=0 and
-    latency_jitter_s=1, its delay `latency_s + random() * latency_jitter_s` becomes this draw. (Its
-    other use of `random()`, the fault draw, compares against fault_rate 0, and a draw >= 0 never faults.)
-    """
-
-    def __init__(self, mean: float, sd: float, seed: int) -> None:
-        super().__init__(seed)
-        self._normal = random.Random(seed + 1)  # gauss() calls random(): draw it from another source
-        self._mean, self._sd = mean, sd
-
-    def random(self) -> float:
-        return max(0.0, self._normal.gauss(self._mean, self._sd))
-
-
 def serve(port: int, cap: int, latency: float, jitter: float, seed: int) -> None:
     """Run a simulator with Gaussian latency noise in this process until it is terminated."""
     from runner.testing.simulator import SimConfig, Simulator
 
     async def forever() -> None:
-        if "gauss" in inspect.getsource(Simulator._answer):  # the simulator draws Gaussian noise itself
-            sim = Simulator(SimConfig(latency_s=latency, latency_jitter_s=jitter, concurrency_cap=cap, seed=seed))
-        else:
-            sim = Simulator(SimConfig(latency_s=0.0, latency_jitter_s=1.0, concurrency_cap=cap, seed=seed))
-            sim._rng = _NormalDelay(latency, jitter, seed)
+        # latency_jitter_s is the standard deviation of Gaussian noise (truncated at 0); refusals over
+        # the cap are answered at once.
+        sim = Simulator(SimConfig(latency_s=latency, latency_jitter_s=jitter, concurrency_cap=cap, seed=seed))
         await sim.start(port)
         await asyncio.Event().wait()
 

@@ -1,5 +1,5 @@
 """The prompt model and the run's preview: `prompt.messages` (few-shot conversations), JSONL input,
-and labeling outputs keeping the prompt's columns.
+labeling outputs keeping the prompt's columns, `estimate --fresh` and `run --dry-run`.
 
 Every job runs against the real simulator on loopback (conftest), through the real CLI.
 """
@@ -19,6 +19,7 @@ import yaml
 from runner.job.prompts import RequestBuilder
 from runner.job.resolve import load_job
 from runner.send.native import chat_body
+from runner.state.lock import JobLock
 from runner.testing.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
 
@@ -237,3 +238,53 @@ def test_a_default_kept_column_never_clashes_with_an_answer_field(make_job: Call
     _edit(job, lambda s: s["output"].pop("keep_columns"))
     assert load_job(job.spec).keep_columns == ()
     assert cli("run", str(job.spec)).exit_code == 0
+
+
+# ---- estimate --fresh and run --dry-run -----------------------------------------------------------
+
+
+def test_estimate_fresh_prices_a_full_rerun_of_a_finished_job(make_job: Callable[..., JobFiles]) -> None:
+    job = make_job()
+    assert cli("run", str(job.spec)).exit_code == 0
+    again = json.loads(cli("estimate", str(job.spec), "--json").stdout)
+    assert again["requests_to_send"] == 0 and again["rows_answered_already"] == 20
+    fresh = json.loads(cli("estimate", str(job.spec), "--json", "--fresh").stdout)
+    assert fresh["requests_to_send"] == 20 and fresh["rows_answered_already"] == 0
+    assert fresh["fresh"] is True and fresh["cost"]["expected"] > 0
+    # Earlier answers still calibrate it: their measured output length, not the max_tokens guess.
+    assert fresh["output_tokens"]["basis"].startswith("mean of 20 measured answers")
+
+
+def _state_files(state_dir: Path) -> dict[str, tuple[int, int]]:
+    if not state_dir.exists():
+        return {}
+    return {str(p.relative_to(state_dir)): (p.stat().st_mtime_ns, p.stat().st_size) for p in state_dir.rglob("*")}
+
+
+def test_dry_run_says_what_a_run_would_send_and_writes_nothing(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, tmp_path: Path
+) -> None:
+    job = make_job()
+    state_dir = load_job(job.spec).state_dir
+    first = cli("run", str(job.spec), "--dry-run")
+    assert first.exit_code == 0, first.stderr
+    assert "dry run: would send 20 requests for 20 rows (0 already answered), expected" in first.stdout
+    assert "ceiling" in first.stdout and "nothing was sent" in first.stdout
+    assert not state_dir.exists() and not job.output.exists() and sim.stats()["requests"] == 0
+
+    assert cli("run", str(job.spec), "--limit", "5").exit_code == 0
+    output = job.output.stat().st_mtime_ns
+    held = JobLock(state_dir / "lock")
+    held.acquire()  # a run in progress: a dry run neither waits for nor takes the lock
+    before = _state_files(state_dir)
+    try:
+        later = cli("run", str(job.spec), "--dry-run")
+        fresh = cli("run", str(job.spec), "--dry-run", "--fresh")
+        after = _state_files(state_dir)
+    finally:
+        held.release()
+    assert later.exit_code == 0, later.stderr
+    assert "would send 15 requests for 20 rows (5 already answered)" in later.stdout
+    assert fresh.exit_code == 0 and "would send 20 requests for 20 rows (0 already answered)" in fresh.stdout
+    assert after == before and job.output.stat().st_mtime_ns == output
+    assert sim.stats()["requests"] == 5

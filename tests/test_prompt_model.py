@@ -112,6 +112,14 @@ def test_messages_render_per_row_and_every_turn_is_in_the_key(tmp_path: Path) ->
     assert key(FEW_SHOT[2:]) == RequestBuilder(template).build(ROW).key
 
 
+def test_validate_prints_every_turn_under_its_role(tmp_path: Path) -> None:
+    result = cli("validate", str(_write(tmp_path, "a", _spec("a", {"messages": FEW_SHOT}))))
+    assert result.exit_code == 0, result.stderr
+    text = result.stdout
+    assert text.index("user:") < text.index("the battery died") < text.index("assistant:") < text.index("Poor battery.")
+    assert text.index("Poor battery.") < text.rindex("user:") < text.index("Summarise: hello world")
+
+
 def test_a_messages_job_pickles_and_plans_the_same_requests(tmp_path: Path) -> None:
     job = load_job(_write(tmp_path, "a", _spec("a", {"messages": FEW_SHOT})))
     copy = pickle.loads(pickle.dumps(job))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -39,9 +40,17 @@ def run(
         bool,
         typer.Option("--resend-lost", help="Pay again for answers lost with torn state files, however many."),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Say what the run would send and what it would cost; send and write nothing."),
+    ] = False,
 ) -> None:
     """Run a job: send every row that has no answer yet and write the results to Parquet."""
     import asyncio
+
+    if dry_run:
+        _guarded(lambda: _dry_run(spec, set_, limit, fresh=fresh, retry_failed=retry_failed))
+        raise typer.Exit(0)
 
     from runner.api import resume_command
     from runner.engine import RunOptions, run_job  # the engine pulls in the SDK; keep `validate` light
@@ -70,6 +79,29 @@ def run(
     raise typer.Exit(code)
 
 
+def _dry_run(spec: Path, set_: list[str] | None, limit: int | None, *, fresh: bool, retry_failed: bool) -> None:
+    """`run --dry-run`: the estimate of exactly this run (its --fresh, --retry-failed, --limit, --set),
+    from the job's state as it is, read only: no lock, no key needed, nothing sent or written."""
+    import asyncio
+
+    from runner.money.estimate import EstimateOptions, estimate_job
+    from runner.observe.progress import make_reporter
+
+    job = _load(spec, set_, limit)
+    options = EstimateOptions(fresh=fresh, retry_failed=retry_failed, record=False)
+    report = asyncio.run(estimate_job(job, api_key="unused", options=options, reporter=make_reporter("json")))
+    _print_estimate(report)
+    cost, cur = report["cost"], report["currency"]
+    cap = job.spec.run.max_cost
+    print(
+        f"dry run: would send {report['requests_to_send']:,} requests for {report['rows']:,} rows "
+        f"({report['rows_answered_already']:,} already answered), expected {cost['expected']:.4f} {cur}, "
+        f"ceiling {cost['ceiling']:.4f} {cur}"
+        + (f" (run.max_cost {cap:g} stops it before that)" if cap is not None and cap < cost["ceiling"] else "")
+        + "; nothing was sent"
+    )
+
+
 def estimate(
     spec: SpecArg,
     exact: Annotated[
@@ -88,6 +120,9 @@ def estimate(
     limit: LimitOpt = None,
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Price a full re-run: count every request, answered before or not.")
+    ] = False,
 ) -> None:
     """Estimate a job's tokens, cost and wall time. Sends nothing unless --exact or --pilot asks."""
     import asyncio
@@ -102,7 +137,7 @@ def estimate(
             estimate_job(
                 job,
                 api_key=key,
-                options=EstimateOptions(exact=exact, pilot_rows=pilot, latency_s=latency),
+                options=EstimateOptions(exact=exact, pilot_rows=pilot, latency_s=latency, fresh=fresh),
                 reporter=make_reporter("json" if as_json else "auto"),
             )
         )

@@ -80,7 +80,13 @@ def validate(
                 console.rule(f"row {row.position} id={row.id} key={request.key[:12]}")
                 if "system" in request.params:
                     console.print("[bold]system:[/]", request.params["system"], markup=True, highlight=False)
-                console.print(request.params["messages"][0]["content"], markup=False, highlight=False)
+                messages = request.params["messages"]
+                if len(messages) == 1:
+                    console.print(messages[0]["content"], markup=False, highlight=False)
+                    continue
+                for message in messages:  # prompt.messages: each turn, under its role
+                    console.print(f"[bold]{message['role']}:[/]", markup=True, highlight=False)
+                    console.print(message["content"], markup=False, highlight=False)
             break
         total = source.frame.select(pl.len()).collect().item()
         samples = job.spec.output.samples

@@ -1,12 +1,13 @@
-"""Input rows: Parquet and CSV files read lazily by polars and handed out in bounded batches.
+"""Input rows: Parquet, CSV and JSONL files read lazily by polars and handed out in bounded batches.
 
     source = open_input(job)          # checks files, columns, ids and emptiness; reads no more than that
     for frame in source.batches():    # DataFrames of at most `batch_rows` rows, in input order
         ...
 
 Every batch carries `_row` (the row's position in the whole input) and `_id` (the id column as text, or a
-stable hash of the row's content) beside the columns the job uses. CSV is read as text so that a surprise
-at row five million cannot change a column's type mid-run.
+stable hash of the row's content) beside the columns the job uses. CSV is read as text, and a JSONL
+file's types are inferred from all of its lines, so that a surprise at row five million cannot change
+a column's type mid-run.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def open_input(job: Job) -> InputSource:
     """
     spec = job.spec.input
     where = str(job.spec_path)
-    # A CSV export with no rows may be a 0-byte file: it has no header either, so it adds nothing.
-    paths = [p for p in job.input_paths if not (p.suffix == ".csv" and p.stat().st_size == 0)]
+    # A CSV or JSONL export with no rows may be a 0-byte file: it has no header either, so it adds nothing.
+    paths = [p for p in job.input_paths if not (p.suffix in _TEXT_FORMATS and p.stat().st_size == 0)]
     if not paths:
         raise NothingToDo(f"{where}: input.paths: the input has no rows; nothing to do")
     frames = [_scan(p, where) for p in paths]
@@ -89,7 +90,7 @@ def open_input(job: Job) -> InputSource:
     available = set(spec.columns) if spec.columns is not None else set(columns)
     if spec.columns is not None:
         _require(spec.columns, columns, where, "input.columns")
-    template_vars = job.template.variables | (job.system.variables if job.system else frozenset())
+    template_vars = job.prompt_variables
     missing = sorted(template_vars - available)
     if missing:
         raise UsageError(
@@ -97,10 +98,10 @@ def open_input(job: Job) -> InputSource:
             f"{'input.columns does not list' if spec.columns is not None else 'the input does not have'}; "
             f"input columns are {', '.join(columns)}" + _spaced_hint(columns)
         )
-    _require(job.spec.output.keep_columns, columns, where, "output.keep_columns")
+    _require(list(job.keep_columns), columns, where, "output.keep_columns")
     if spec.id_column is not None:
         _require([spec.id_column], columns, where, "input.id_column")
-    keep = list(job.spec.output.keep_columns)
+    keep = list(job.keep_columns)
     shape = job.shape
     if job.spec.eval is not None:  # the gold answers travel to the output, for the quality report
         gold = [job.spec.eval.gold_column] if job.spec.eval.gold_column else []
@@ -182,7 +183,7 @@ def _stats(
     id_column = job.spec.input.id_column
     names = list(whole.collect_schema().names())
     # A CSV is checked whole: polars reads a projection of it without noticing a row with extra fields.
-    counted = names if any(p.suffix == ".csv" for p in paths) else used or names[:1]
+    counted = names if any(p.suffix in _TEXT_FORMATS for p in paths) else used or names[:1]
     exprs = [pl.col(c).is_null().alias(f"nulls:{c}") for c in counted]
     if id_column is not None:
         exprs.append(pl.col(id_column).cast(pl.String).hash().alias("ids"))
@@ -266,10 +267,16 @@ def _spaced_hint(columns: list[str]) -> str:
     return f" (a column named like {odd[0]!r} is not a template variable: rename it in the input)"
 
 
+_TEXT_FORMATS = (".csv", ".jsonl", ".ndjson")
+
+
 def _scan(path: object, where: str) -> pl.LazyFrame:
     p = str(path)
     if p.endswith(".csv"):
         return pl.scan_csv(p, infer_schema=False)
+    if p.endswith((".jsonl", ".ndjson")):
+        # Types from every line (None), not the first 100: a later line with a wider type would fail mid-run.
+        return pl.scan_ndjson(p, infer_schema_length=None)
     return pl.scan_parquet(p)
 
 

@@ -4,6 +4,11 @@ The key is a hash of everything that determines the answer (endpoint, model, sys
 max_tokens, thinking). Two rows that would send the same request share one answer, a template change
 re-sends exactly the rows whose request changed, and yesterday's answers serve today's cron run.
 
+The prompt's texts are hashed as length-prefixed parts: the system prompt, then each turn before the
+row's (`prompt.messages`) as its role and its text, then the row's turn. A `prompt.template` job has
+no earlier turns, so its keys are what they always were; a message list holding only the user's turn
+is the same request as that template, and has the same key.
+
 With `output.samples: k` a row is asked k times. Sample 0 has the row's own key and sample i the key
 `<key>-s<i>`: each sample is paid for once and kept on its own, and raising k later sends only the
 new samples. (The suffix keeps the key's leading hex digits, so all of a row's samples fall in the
@@ -54,9 +59,17 @@ class RequestBuilder:
             self._system: str | None = system.render({}) if system is not None and not system.variables else None
         except RenderError as exc:
             raise UsageError(f"{job.spec_path}: prompt.system: the template fails to render: {exc}") from None
+        # The turns before the row's own (prompt.messages): those without variables are rendered once.
+        self._history: list[tuple[str, str | None]] = []
+        for index, (role, tpl) in enumerate(job.history):
+            try:
+                self._history.append((role, None if tpl.variables else tpl.render({})))
+            except RenderError as exc:
+                raise UsageError(
+                    f"{job.spec_path}: prompt.messages.{index}.content: the template fails to render: {exc}"
+                ) from None
         # The columns the prompt reads, checked for nulls on every row (a null is never sent as "None").
-        variables = job.template.variables | (system.variables if system is not None else frozenset())
-        self._prompt_columns = tuple(sorted(variables))
+        self._prompt_columns = tuple(sorted(job.prompt_variables))
         self._nulls = job.spec.input.nulls
         self._shape = job.shape
         shape = {"schema": self._shape.schema, "mode": self._shape.mode} if self._shape else None
@@ -88,14 +101,23 @@ class RequestBuilder:
             params["system"] = self._system
         elif self._job.system is not None:
             params["system"] = self._job.system.render(row)
+        parts: list[str] = [params.get("system") or ""]
+        messages: list[dict[str, Any]] = []
+        for (role, text), (_, tpl) in zip(self._history, self._job.history, strict=True):
+            text = tpl.render(row) if text is None else text
+            messages.append({"role": role, "content": text})
+            parts += (role, text)
         content = self._job.template.render(row)
-        params["messages"] = [{"role": "user", "content": content}]
+        messages.append({"role": "user", "content": content})
+        parts.append(content)
+        params["messages"] = messages
         if self._shape is not None:
             params = self._shape.ask(params)
-        # The key: everything fixed (hashed once), then the system prompt and the message, each
-        # length-prefixed so that no two different prompts can run together into the same bytes.
+        # The key: everything fixed (hashed once), then the system prompt, each earlier turn's role and
+        # text, and the row's turn, each length-prefixed so that no two different prompts (or
+        # conversations) can run together into the same bytes.
         digest = self._salt.copy()
-        for part in (params.get("system") or "", content):
+        for part in parts:
             data = part.encode()
             digest.update(len(data).to_bytes(8, "little"))
             digest.update(data)

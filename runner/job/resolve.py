@@ -30,6 +30,8 @@ from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
 from runner.job.templates import Template, compile_template
 
+INPUT_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
+
 
 @dataclass(frozen=True)
 class Job:
@@ -39,7 +41,7 @@ class Job:
     spec_path: Path
     name: str
     input_paths: tuple[Path, ...]
-    template: Template
+    template: Template  # the row's turn: the last user message
     system: Template | None
     endpoint_name: str
     base_url: str | None  # None: start the in-process simulator
@@ -52,11 +54,28 @@ class Job:
     adaptive: bool
     output_path: Path
     state_dir: Path
+    # prompt.messages: the turns before the row's own, in order, as (role, template); () for a template job.
+    history: tuple[tuple[str, Template], ...] = ()
+    # output.keep_columns as given, or its default: none for text answers, the prompt's columns for labeling.
+    keep_columns: tuple[str, ...] = ()
+
+    @property
+    def prompt_variables(self) -> frozenset[str]:
+        """Every variable the prompt reads: the system prompt's, each message's and the row turn's."""
+        return _variables(self.template, self.system, self.history)
 
     @property
     def spec_hash(self) -> str:
-        """A short hash of the validated spec (after overrides), recorded in manifests."""
-        blob = json.dumps(self.spec.model_dump(mode="json"), sort_keys=True).encode()
+        """A short hash of the validated spec (after overrides) and the resolved kept columns, recorded
+        in manifests and in the row map's fingerprint (which caches the kept columns).
+
+        Keys the spec added later are left out while unset, and keep_columns is hashed as resolved, so
+        a job written before them hashes as it always did."""
+        data = self.spec.model_dump(mode="json")
+        if data["prompt"].get("messages") is None:
+            data["prompt"].pop("messages", None)
+        data["output"]["keep_columns"] = list(self.keep_columns)
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -185,6 +204,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
 
     input_paths = _expand_inputs(spec.input.paths, base, where)
 
+    history: tuple[tuple[str, Template], ...] = ()
     if spec.prompt.template_file is not None:
         tpl_path = base / spec.prompt.template_file
         try:
@@ -192,10 +212,24 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
         except OSError as exc:
             raise UsageError(f"{where}: prompt.template_file: cannot read {tpl_path} ({exc.strerror})") from None
         template = compile_template(source, origin=str(tpl_path))
+    elif spec.prompt.messages is not None:
+        last = len(spec.prompt.messages) - 1
+        if spec.prompt.messages[last].role != "user":
+            raise UsageError(
+                f"{where}: prompt.messages.{last}.role: the last message must be role user (the row's turn, "
+                "which the model answers); end the list with a user message"
+            )
+        compiled = [
+            (m.role, compile_template(m.content, origin=f"{where}: prompt.messages.{i}.content"))
+            for i, m in enumerate(spec.prompt.messages)
+        ]
+        history, template = tuple(compiled[:-1]), compiled[-1][1]
     else:
-        assert spec.prompt.template is not None  # the validator guarantees one of the two
+        assert spec.prompt.template is not None  # the validator guarantees exactly one of the three
         template = compile_template(spec.prompt.template, origin=f"{where}: prompt.template")
     system = compile_template(spec.prompt.system, origin=f"{where}: prompt.system") if spec.prompt.system else None
+    shape = AnswerShape.from_spec(spec.output, where)
+    keep_columns = _keep_columns(spec, shape, template, system, history)
 
     output_path = Path(os.path.normpath(base / spec.output.path.format(name=name, run_date=today.isoformat())))
     if output_path.suffix != ".parquet":
@@ -223,7 +257,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
         currency=currency,
         key_env=key_env,
         native_url=native_url,
-        shape=AnswerShape.from_spec(spec.output, where),
+        shape=shape,
         model=info,
         concurrency=(
             min(info.concurrency, spec.run.max_concurrency)
@@ -233,7 +267,35 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
         adaptive=spec.run.concurrency == "auto",
         output_path=output_path,
         state_dir=state_dir,
+        history=history,
+        keep_columns=keep_columns,
     )
+
+
+def _keep_columns(
+    spec: JobSpec,
+    shape: AnswerShape | None,
+    template: Template,
+    system: Template | None,
+    history: tuple[tuple[str, Template], ...],
+) -> tuple[str, ...]:
+    """output.keep_columns as given; unset, none for a text job and, for labeling, the columns the prompt
+    reads (so the output shows what was labeled), less any named like an answer field or `id`."""
+    if spec.output.keep_columns is not None:
+        return tuple(spec.output.keep_columns)
+    if shape is None:
+        return ()
+    taken = set(shape.fields) | {"id"}
+    return tuple(sorted(v for v in _variables(template, system, history) if v not in taken))
+
+
+def _variables(
+    template: Template, system: Template | None, history: tuple[tuple[str, Template], ...]
+) -> frozenset[str]:
+    variables = template.variables | (system.variables if system is not None else frozenset())
+    for _, tpl in history:
+        variables |= tpl.variables
+    return variables
 
 
 def _expand_inputs(patterns: list[str], base: Path, where: str) -> tuple[Path, ...]:
@@ -245,8 +307,10 @@ def _expand_inputs(patterns: list[str], base: Path, where: str) -> tuple[Path, .
             raise UsageError(f"{where}: input.paths: {pattern!r} matches no file")
         for m in matches:
             p = Path(m)
-            if p.suffix not in (".parquet", ".csv"):
-                raise UsageError(f"{where}: input.paths: {p.name}: only .parquet and .csv inputs are read")
+            if p.suffix not in INPUT_SUFFIXES:
+                raise UsageError(
+                    f"{where}: input.paths: {p.name}: only .parquet, .csv and .jsonl (.ndjson) inputs are read"
+                )
             if not p.is_file():
                 raise UsageError(f"{where}: input.paths: {p} does not exist")
             paths.append(p)

@@ -48,7 +48,7 @@ class _Strict(BaseModel):
 
 
 class InputSpec(_Strict):
-    """Which rows to read: Parquet or CSV files (globs allowed), the id column, the columns to use."""
+    """Which rows to read: Parquet, CSV or JSONL files (globs allowed), the id column, the columns to use."""
 
     paths: list[str] = Field(min_length=1)
     id_column: str | None = Field(None, description="Each row's id; ids must be present and distinct.")
@@ -68,17 +68,31 @@ class InputSpec(_Strict):
         return [v] if isinstance(v, str) else v
 
 
+class MessageSpec(_Strict):
+    """One turn of a fixed conversation: who speaks, and what (a Jinja2 template, rendered per row)."""
+
+    role: Literal["user", "assistant"]
+    content: str
+
+
 class PromptSpec(_Strict):
-    """The prompt: an optional system prompt and exactly one of an inline template or a template file."""
+    """The prompt: an optional system prompt and exactly one of an inline template, a template file,
+    or a list of messages (few-shot examples, a fixed conversation) ending with the row's user turn."""
 
     system: str | None = None
     template: str | None = None
     template_file: str | None = None
+    messages: list[MessageSpec] | None = Field(
+        None,
+        min_length=1,
+        description="Turns sent in order, each content a Jinja2 template; the last must be the user's.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one_template(self) -> PromptSpec:
-        if (self.template is None) == (self.template_file is None):
-            raise ValueError("give exactly one of prompt.template or prompt.template_file")
+        given = sum(x is not None for x in (self.template, self.template_file, self.messages))
+        if given != 1:
+            raise ValueError("give exactly one of prompt.template, prompt.template_file or prompt.messages")
         return self
 
 
@@ -204,7 +218,11 @@ class OutputSpec(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     path: str
-    keep_columns: list[str] = Field(default_factory=list)
+    keep_columns: list[str] | None = Field(
+        None,
+        description="Input columns copied beside each answer. Default: none for text answers; for labeling "
+        "(labels, schema, parse) the columns the prompt uses. [] keeps none.",
+    )
     state_dir: str | None = None
     labels: list[str] | None = None  # one categorical label (a list of them with multi: true)
     multi: bool = False

@@ -9,6 +9,10 @@ earlier runs (the ledger), by Zhipu's tokenizer API on a sample (`exact`), or by
 Output tokens cannot be counted before asking. Without measurements the expected figure is an
 assumption (half of max_tokens) and says so; with answers from earlier runs or a pilot (`pilot_rows`:
 N random rows sent for real, their answers kept for the run) it is their mean, with a 95% interval.
+
+`fresh` prices a full re-run (every request counts, answered or not). `record=False` is
+`glm-batch run --dry-run`: the job's state is only read (no lock taken, no journal folded, no
+estimate kept), so it can run beside a run of the same job.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import random
 import statistics
 from array import array
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,7 +39,7 @@ from runner.money.pricing import PriceTable, require_prices, tier_label
 from runner.money.tokens import Calibration, estimate_request
 from runner.observe.progress import Reporter
 from runner.plan import plan
-from runner.records import RESULT_SCHEMA, Request, scan_results
+from runner.records import KEY, RESULT_SCHEMA, Request, result_from_json, scan_results
 from runner.send.endpoints import endpoint_url
 from runner.state.store import SettledKeys, Store
 
@@ -50,6 +55,9 @@ class EstimateOptions:
     exact: bool = False  # count a sample with the tokenizer API (no generation, no cost)
     pilot_rows: int | None = None  # send this many random rows for real first
     latency_s: float | None = None  # override the per-request latency assumption
+    fresh: bool = False  # price a full re-run: earlier answers settle nothing
+    retry_failed: bool = False  # rows that failed for good count as to send (run --retry-failed)
+    record: bool = True  # open the state (lock, recovery) and keep the report; False: only read it
 
 
 @dataclass(frozen=True)
@@ -74,26 +82,72 @@ async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, repo
             raise EndpointAborted(pilot.message)
 
     source = open_input(job)
+    if not options.record:
+        parts, settled = _read_state(job, options)
+        return await _estimate(job, api_key, table, source, parts, settled, options)
     store = Store(job.state_dir, run_id="estimate")
     store.open()
     try:
-        settled = store.settled_keys(retry_failed=False)
-        answers = _earlier_answers(store, job)
-        calibration = _calibration_from(answers) or ledger.calibration(job.name, job.spec.model.name)
-        pending = _pending_estimates(job, source, settled)
-        if options.exact and pending.sample:
-            calibration = await _tokenizer_calibration(job, api_key, pending.sample)
-        output = _output_model(answers, job.spec.model.max_tokens)
-        report = _report(job, table, calibration, output, pending, options)
+        settled = SettledKeys.none() if options.fresh else store.settled_keys(retry_failed=options.retry_failed)
+        report = await _estimate(job, api_key, table, source, store.result_parts(), settled, options)
         store.write_estimate(report)
     finally:
         store.close()
     return report
 
 
-def _earlier_answers(store: Store, job: Job) -> pl.DataFrame:
+async def _estimate(
+    job: Job,
+    api_key: str,
+    table: PriceTable,
+    source: InputSource,
+    parts: list[Path],
+    settled: SettledKeys,
+    options: EstimateOptions,
+) -> dict[str, Any]:
+    """The report, from the job's answer parts (calibration, output lengths) and its settled keys."""
+    answers = _earlier_answers(parts, job)
+    calibration = _calibration_from(answers) or ledger.calibration(job.name, job.spec.model.name)
+    pending = _pending_estimates(job, source, settled)
+    if options.exact and pending.sample:
+        calibration = await _tokenizer_calibration(job, api_key, pending.sample)
+    output = _output_model(answers, job.spec.model.max_tokens)
+    return _report(job, table, calibration, output, pending, options)
+
+
+def _read_state(job: Job, options: EstimateOptions) -> tuple[list[Path], SettledKeys]:
+    """The job's readable answer parts and settled keys, read without opening the store: nothing is
+    created, locked, moved or folded. Answers still in a journal (a run going on, or one that died)
+    count as settled too, as the next run will fold them in; a part that does not read is skipped."""
+    store = Store(job.state_dir, run_id="dry-run")  # never opened: only its paths are used
+    parts = []
+    for part in store.result_parts() if store.results_dir.is_dir() else []:
+        try:
+            pl.read_parquet_schema(part)
+        except Exception:  # a torn part: the run would set it aside
+            continue
+        parts.append(part)
+    if options.fresh:
+        return parts, SettledKeys.none()
+    keys: list[str] = []
+    if parts:
+        settled = pl.col("status") == "ok"
+        if not options.retry_failed:
+            settled = settled | ~pl.col("retryable")
+        keys = scan_results(parts).filter(settled).select(KEY).collect().get_column(KEY).to_list()
+    for journal in sorted(job.state_dir.glob("journal-*.jsonl")) if job.state_dir.is_dir() else []:
+        for line in journal.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                result = result_from_json(line)
+            except (ValueError, TypeError):
+                continue  # a torn last line
+            if result.status == "ok" or not (options.retry_failed or result.retryable):
+                keys.append(result.key)
+    return parts, SettledKeys(pl.Series(KEY, sorted(set(keys)), dtype=pl.String))
+
+
+def _earlier_answers(parts: list[Path], job: Job) -> pl.DataFrame:
     """Ok answers this job already has for this model (earlier runs and pilots)."""
-    parts = store.result_parts()
     if not parts:
         return pl.DataFrame(schema=RESULT_SCHEMA)
     return (
@@ -243,6 +297,7 @@ def _report(
         "endpoint": job.endpoint_name,
         "currency": job.currency,
         "prices_confirmed": table.confirmed,
+        "fresh": options.fresh,
         "rows": pending.rows_total,
         "rows_answered_already": pending.rows_settled,
         "requests_to_send": len(calibrated),

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,11 @@ except ImportError:
 from runner.testing.simulator import SimulatorThread, answer_for
 from tests.conftest import JobFiles, cli, sample_rows
 
-ROWS = 20_000
+# 20,000 rows took minutes on the shared 2-core test machine (load ~9); 2,000 keep the module near a minute.
+# Ray Data warns about its own deprecated settings when it makes its context; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
+
+ROWS = 2_000
 LIMIT = 8
 
 
@@ -52,7 +59,7 @@ def ray_job(make_job: Callable[..., JobFiles], rows: list[dict[str, str]], **run
 def test_every_row_answered_under_one_cluster_limit(make_job, sim: SimulatorThread) -> None:
     """20,000 rows over 2-4 actors: each row has its own prompt's answer, in input order, and the
     account never had more than the limit in flight."""
-    sim.configure(concurrency_cap=LIMIT)
+    sim.configure(concurrency_cap=LIMIT, latency_s=0.02)
     rows = sample_rows(ROWS)
     job = ray_job(make_job, rows)
 
@@ -112,3 +119,45 @@ def test_batch_mode_is_refused(make_job) -> None:
     result = cli("run", str(job.spec))
     assert result.exit_code == 2
     assert "batch mode runs on the local engine" in result.stderr
+
+
+def kill_a_sender_midway(state_dir: Path, after_answers: int, killed: list[int], done: threading.Event) -> None:
+    """SIGKILL the first sending actor whose journal holds `after_answers` answers (a crash, not a stop).
+
+    Actors name their journals `journal-<run>-<actor>-<pid>.jsonl`, so the pid is the one that sends."""
+    while not done.is_set():
+        for journal in state_dir.glob("journal-*-*-*.jsonl"):
+            if len(journal.read_bytes().splitlines()) >= after_answers:
+                pid = int(journal.stem.rsplit("-", 1)[1])
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+        time.sleep(0.05)
+
+
+def test_a_killed_actor_pays_again_only_what_was_in_flight(make_job, sim: SimulatorThread, tmp_path: Path) -> None:
+    """An actor killed mid-block: Ray restarts it and retries the block, which sends only what no actor
+    journalled; the output is whole and no prompt is billed twice beyond the LIMIT in flight at the kill."""
+    sim.configure(concurrency_cap=LIMIT, latency_s=0.05)
+    rows = sample_rows(1_500)
+    # Large blocks flushed rarely: the dead actor's answers are in its journal only, not in a part.
+    job = ray_job(make_job, rows, checkpoint_rows=100_000)
+    killed: list[int] = []
+    done = threading.Event()
+    state_dir = tmp_path / "out" / ".glm-batch" / "job"
+    killer = threading.Thread(target=kill_a_sender_midway, args=(state_dir, 40, killed, done))
+    killer.start()
+
+    result = cli("run", str(job.spec))
+    done.set()
+    killer.join()
+
+    assert result.exit_code == 0, result.stderr
+    assert killed, "no actor was killed: the test did not test anything"
+    out = pl.read_parquet(job.output)
+    assert out.get_column("response_text").to_list() == expected(rows)
+    stats = sim.stats()
+    assert stats["prompts_billed_twice"] <= LIMIT
+    assert stats["billed"]["online"] <= len(rows) + LIMIT
+    assert stats["max_in_flight"] <= LIMIT
+    assert json.loads(job.summary.read_text())["answered_ok"] == len(rows)

@@ -52,7 +52,7 @@ from runner.state.files import write_json_atomic
 from runner.state.store import SettledKeys, Store
 from runner.supervise import supervise
 
-BLOCK_ROWS = 1000  # rows per block sent by one actor call: a unit of retry and of journal flushing
+BLOCK_ROWS = 500  # rows per block sent by one actor call: a unit of retry and of journal flushing
 ACTORS = (2, 4)  # sending actors: at least, at most (Ray Data scales between them)
 
 
@@ -173,7 +173,7 @@ async def _send(
     gauges: dict[str, Any] = {}
 
     def consume() -> None:
-        rows = read_rows(job, source, tally.rows_total)
+        rows = read_rows(job, source, tally.rows_total, shape.block_rows)
         mapped = rows.map_batches(
             Sender,
             fn_constructor_kwargs={"config": config},

@@ -1,14 +1,15 @@
 """The job's input as a Ray dataset whose rows carry the same `_row` position as the local engine's.
 
-    ds = read_rows(job, source, rows_total)     # Ray Data reads; `_row` added per block from block offsets
+    ds = read_rows(job, source, rows_total, block_rows=500)   # Ray Data reads; `_row` from block offsets
 
 Ray Data reads the files (local paths, globs and object-store URIs are its business) with block order
 preserved, so its blocks come in file order and, within a file, in row order: the order polars reads
 them in (runner.job.inputs). The driver walks the read's blocks as they are produced, in that order,
-keeps a running offset from each block's row count, and has a small task per block add
-`_row = offset .. offset + rows - 1`. The numbered blocks stay in the object store and become the dataset
-the senders map over. The rows counted must equal the rows polars counted, or the run stops: a position
-that differs from the local engine's would join answers to the wrong rows.
+keeps a running offset from each block's row count, and has a small task per slice of a block (at most
+`block_rows` rows, so that sending spreads over every actor) add `_row = offset + i`. The numbered
+blocks stay in the object store and become the dataset the senders map over. The rows counted must
+equal the rows polars counted, or the run stops: a position that differs from the local engine's would
+join answers to the wrong rows.
 
 CSV is read as text, as the local engine reads it (a value's text, not a parsed number, is what the
 template renders), with empty fields as null.
@@ -30,10 +31,10 @@ from runner.job.resolve import Job
 
 
 @ray.remote(num_cpus=0.25)
-def _number(block: Any, start: int) -> pa.Table:
-    """The block with `_row` (its rows' positions in the whole input) added."""
-    table = BlockAccessor.for_block(block).to_arrow()
-    return table.append_column(ROW, pa.array(range(start, start + table.num_rows), type=pa.uint64()))
+def _number(block: Any, start: int, lo: int, hi: int) -> pa.Table:
+    """Rows lo..hi-1 of the block with `_row` (their positions in the whole input) added."""
+    table = BlockAccessor.for_block(block).to_arrow().slice(lo, hi - lo)
+    return table.append_column(ROW, pa.array(range(start + lo, start + hi), type=pa.uint64()))
 
 
 def _read(paths: list[str], used: list[str]) -> ray.data.Dataset:
@@ -48,8 +49,9 @@ def _read(paths: list[str], used: list[str]) -> ray.data.Dataset:
     return ray.data.read_parquet(paths, columns=used)
 
 
-def read_rows(job: Job, source: InputSource, rows_total: int) -> ray.data.Dataset:
-    """The input as a dataset of the used columns plus `_row`, limited as the spec says."""
+def read_rows(job: Job, source: InputSource, rows_total: int, block_rows: int) -> ray.data.Dataset:
+    """The input as a dataset of the used columns plus `_row`, limited as the spec says, in blocks of at
+    most `block_rows` (a block is what one actor call sends: small blocks spread over every actor)."""
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     paths = [str(p) for p in job.input_paths]
     used = list(source.used_columns)
@@ -72,9 +74,9 @@ def read_rows(job: Job, source: InputSource, rows_total: int) -> ray.data.Datase
             rows = entry.metadata.num_rows
             if rows is None:
                 rows = BlockAccessor.for_block(ray.get(entry.ref)).num_rows()
-            if rows:
-                numbered.append(_number.remote(entry.ref, offset))
-                offset += rows
+            for lo in range(0, rows, block_rows):
+                numbered.append(_number.remote(entry.ref, offset, lo, min(rows, lo + block_rows)))
+            offset += rows
     if offset != rows_total:
         raise RuntimeError(f"Ray read {offset} input rows where polars counted {rows_total}; positions would differ")
     return ray.data.from_arrow_refs(numbered)

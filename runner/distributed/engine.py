@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,20 +84,28 @@ async def run_on_ray(
     source = open_input(job)
     store = Store(job.state_dir, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}")
     store.open()
-    started_ray = False
     try:
-        if not ray.is_initialized():
-            address = job.spec.run.ray_address or os.environ.get("RAY_ADDRESS")
-            if address:
-                ray.init(address=address, log_to_driver=False)
-            else:  # a local instance for this run only
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-            started_ray = True
         return await _run(job, source, store, api_key, options, reporter, shape or Shape())
     finally:
         store.close()
-        if started_ray:
-            ray.shutdown()
+
+
+@contextlib.contextmanager
+def _ray(job: Job) -> Iterator[None]:
+    """Ray for this run: the driver's own if it has one, the cluster at run.ray_address or $RAY_ADDRESS,
+    else a local instance started here and shut down after (only when there is something to send)."""
+    if ray.is_initialized():
+        yield
+        return
+    address = job.spec.run.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 async def _run(
@@ -128,7 +137,7 @@ async def _run(
         tally.all_rows_rendered = True
     else:
         store.rows.reset()
-        with endpoint_url(job) as base_url:
+        with _ray(job), endpoint_url(job) as base_url:
             limits = await _send(
                 job, source, store, api_key, base_url, settled, accountant, tally, control, progress, reporter, shape
             )
@@ -179,7 +188,7 @@ async def _send(
             fn_constructor_kwargs={"config": config},
             batch_size=shape.block_rows,
             batch_format="pyarrow",
-            concurrency=shape.actors,
+            compute=ray.data.ActorPoolStrategy(min_size=shape.actors[0], max_size=shape.actors[1]),
             num_cpus=shape.actor_cpus,
         )
         for block in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):

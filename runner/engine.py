@@ -69,6 +69,10 @@ async def run_job(
     """Run one job to completion, interruption or abort; the result is durable whichever happens.
 
     `executor` replaces the one the spec asks for (tests and benches pass runner.send.fake's)."""
+    if job.spec.run.engine == "ray" and options.pilot_rows is None:  # pilots are a few rows: sent from here
+        from runner.distributed.engine import run_on_ray
+
+        return await run_on_ray(job, api_key=api_key, options=options, reporter=reporter)
     reporter.phase("reading input")
     source = open_input(job)
     store = Store(job.state_dir, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}")

@@ -15,12 +15,12 @@ import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import polars as pl
 
 from runner.errors import UsageError
-from runner.job.inputs import ID, ROW, InputSource
+from runner.job.inputs import ID, ROW
 from runner.job.prompts import RequestBuilder, sample_key
 from runner.job.resolve import Job
 from runner.job.templates import RenderError
@@ -32,6 +32,12 @@ from runner.state.store import SettledKeys
 
 RENDER_BATCH_ROWS = 2000  # rows rendered per step; small enough not to stall responses for long
 ALL_FAIL_ROWS = 20  # when this many first rows all fail with one template error, the template is wrong
+
+
+class Rows(Protocol):
+    """Input rows in order, with `_row` and `_id`: runner.job.inputs.InputSource, or a cluster worker's block."""
+
+    def batches(self, batch_rows: int) -> Iterator[pl.DataFrame]: ...
 
 
 @dataclass(slots=True)
@@ -60,9 +66,7 @@ class PlannedBatch:
         return self.frame.select(ROW, ID, *keep_columns).with_columns(keys)
 
 
-def plan(
-    job: Job, source: InputSource, settled: SettledKeys, batch_rows: int = RENDER_BATCH_ROWS
-) -> Iterator[PlannedBatch]:
+def plan(job: Job, source: Rows, settled: SettledKeys, batch_rows: int = RENDER_BATCH_ROWS) -> Iterator[PlannedBatch]:
     """Render every input row into its requests, in bounded batches, marking the settled ones.
 
     Raises UsageError when the first rows all fail with the same template error: the template, not

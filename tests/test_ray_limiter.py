@@ -30,8 +30,10 @@ except ImportError:
 from runner.distributed.limiter import ClusterLimiter, LeaseLost, Outcomes, connect
 from runner.distributed.slots import LeasedSlots
 from runner.records import Answer, Request, Result
+from runner.send import client as wire
 from runner.send.limits import AimdController
 from runner.send.online import Control, OnlineExecutor
+from runner.send.retries import Fault
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -254,6 +256,13 @@ async def test_grants_never_pass_a_fallen_limit_and_holders_are_asked_to_give_ba
 class FakeClient:
     """Answers every request after a short wait."""
 
+    @staticmethod
+    def classify(exc: BaseException) -> Fault:
+        return wire.classify(exc)
+
+    async def aclose(self) -> None:
+        return None
+
     async def send(self, params: dict[str, object]) -> Answer:
         await asyncio.sleep(0.005)
         return Answer(
@@ -271,12 +280,11 @@ class FakeClient:
 
 async def test_the_online_executor_runs_unchanged_on_leased_slots() -> None:
     limiter = local(3, lease_timeout_s=60.0)
-    slots = LeasedSlots(limiter, "driver")
+    slots = LeasedSlots(limiter, "driver", workers=8)
     executor = OnlineExecutor(
         FakeClient(),
-        slots,  # type: ignore[arg-type]  # same slot() shape as Limits; the lead's seam will name it
+        slots,  # runner.send.limits.Slots: the same seam as Limits
         max_attempts=2,
-        workers=8,
         estimate_tokens=lambda request: 10,
     )
 

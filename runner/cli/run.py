@@ -44,6 +44,10 @@ def run(
         bool,
         typer.Option("--dry-run", help="Say what the run would send and what it would cost; send and write nothing."),
     ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", metavar="ADDRESS", help="The Ray cluster for run.engine: ray (or $RAY_ADDRESS)."),
+    ] = None,
 ) -> None:
     """Run a job: send every row that has no answer yet and write the results to Parquet."""
     import asyncio
@@ -60,12 +64,13 @@ def run(
         if log_format not in ("auto", "rich", "json", "text"):
             raise UsageError(f"--log-format {log_format!r}: use auto, json or text")
         fmt: LogFormat = log_format  # type: ignore[assignment]
-        job = _load(spec, set_, limit)
+        overrides = [*(set_ or []), *([f"run.ray_address={ray_address}"] if ray_address else [])]
+        job = _load(spec, overrides, limit)
         key = api_key_for(job)
         options = RunOptions(
             fresh=fresh,
             retry_failed=retry_failed,
-            resume_command=resume_command(job, set_, limit),
+            resume_command=resume_command(job, overrides, limit),
             resend_lost=resend_lost,
         )
         report = asyncio.run(run_job(job, api_key=key, options=options, reporter=make_reporter(fmt)))

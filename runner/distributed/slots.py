@@ -27,7 +27,7 @@ from typing import Any
 from ray.actor import ActorHandle
 
 from runner.distributed.limiter import ClusterLimiter, Directive, LeaseLost, Outcomes
-from runner.send.limits import Attempt, Overload
+from runner.send.limits import AimdController, Attempt, Overload
 
 
 class LeasedSlots:
@@ -43,8 +43,11 @@ class LeasedSlots:
         report_s: float = 0.1,
         classify: Callable[[Exception], tuple[Overload | None, float | None]] = lambda e: (None, None),
         clock: Callable[[], float] = time.monotonic,
+        workers: int = 8,
     ) -> None:
         self._limiter = limiter
+        self._workers = workers
+        self._limit = workers  # the cluster's limit as last heard from the limiter
         self.worker_id = worker_id
         self._max_grant = max_grant
         self._idle_s = idle_s
@@ -71,6 +74,33 @@ class LeasedSlots:
         self.attempts = 0
         self.leases = 0  # acquire calls that granted something
         self.reports = 0  # release/renew calls
+        self.overloaded = 0  # attempts refused for overload
+
+    # -- what runner.send.limits.Slots asks, so OnlineExecutor runs on these slots -----------------------
+
+    @property
+    def workers(self) -> int:
+        """Attempts an executor may have waiting: the most the cluster limit may ever allow this worker."""
+        return self._workers
+
+    @property
+    def in_flight(self) -> int:
+        """Attempts holding a slot now."""
+        return self.in_use
+
+    @property
+    def concurrency(self) -> int:
+        """The cluster's in-flight limit, as of the last report."""
+        return self._limit
+
+    @property
+    def controller(self) -> AimdController | None:
+        """None: the adaptive controller, if any, runs in the limiter actor."""
+        return None
+
+    def overload_rate(self) -> float:
+        """Share of this worker's attempts refused for overload (429/1302, 1305, 529)."""
+        return self.overloaded / self.attempts if self.attempts else 0.0
 
     @property
     def free(self) -> int:
@@ -87,6 +117,8 @@ class LeasedSlots:
             yield attempt
         except Exception as exc:
             kind, retry_after = self._classify(exc)
+            if kind is not None:
+                self.overloaded += 1
             if kind == "concurrency":
                 self._outcomes.refusals.append(self.in_use)
             elif kind == "platform":
@@ -238,6 +270,7 @@ class LeasedSlots:
         self.reports += 1
         async with self._changed:
             self._owe = directive.owe
+            self._limit = directive.limit
             if directive.pause_s > 0:
                 self._paused_until = max(self._paused_until, self._clock() + directive.pause_s)
             # What is owed and free now goes back at the next report, not when an attempt ends.

@@ -45,9 +45,10 @@ class InputSource:
                 continue
             chunk = chunk.with_columns(pl.int_range(offset, offset + chunk.height, dtype=pl.UInt64).alias(ROW))
             offset += chunk.height
-            yield chunk.with_columns(self._ids(chunk))
+            yield chunk.with_columns(self.ids(chunk))
 
-    def _ids(self, chunk: pl.DataFrame) -> pl.Series:
+    def ids(self, chunk: pl.DataFrame) -> pl.Series:
+        """The `_id` of each row of `chunk` (read elsewhere too: a cluster worker labels its own rows)."""
         if self.id_column is not None:
             return chunk.get_column(self.id_column).cast(pl.String).alias(ID)
         # No id column: hash the content the job reads, so adding unrelated columns keeps ids stable.

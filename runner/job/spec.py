@@ -153,6 +153,10 @@ class RunSpec(_Strict):
     # online: the Messages API; batch: Zhipu's Batch API (half price, no concurrency limit, hours);
     # hybrid: the Batch API, with what is not back before `deadline` (and repairs) finished online.
     mode: Literal["online", "batch", "hybrid"] = "online"
+    # local: this process sends; ray: Ray Data reads and renders, actors send under one cluster-wide limit
+    # (online mode only). ray_address: the cluster to join (default: $RAY_ADDRESS, else a local instance).
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
     # hybrid: when the job must be done, as a duration from the start ("90m", "6h", "45s") or a clock
     # time ("06:30", local, the next such time).
     deadline: Annotated[str, Field(pattern=r"^(\d+(\.\d+)?(s|m|h)|([01]?\d|2[0-3]):[0-5]\d)$")] | None = None

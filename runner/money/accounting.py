@@ -179,12 +179,18 @@ class Accountant:
         raw = estimate_request(request.params)
         reserved = 0.0
         if self.budget is not None and self.table is not None:
-            padded = math.ceil(self.calibration.apply(raw) * self.calibration.safety)
-            reserved = self.table.worst_case(input_tokens=padded, max_tokens=self._max_tokens)
+            reserved = self.worst_case(raw)
             if not self.budget.try_reserve(reserved):
                 return False
         self._open[request.key] = (raw, reserved)
         return True
+
+    def worst_case(self, raw_input_tokens: int) -> float:
+        """What a request of `raw_input_tokens` (uncalibrated) may cost at most: what a budget reserves."""
+        if self.table is None:
+            return 0.0
+        padded = math.ceil(self.calibration.apply(raw_input_tokens) * self.calibration.safety)
+        return self.table.worst_case(input_tokens=padded, max_tokens=self._max_tokens)
 
     def input_estimate(self, request: Request) -> int:
         """The calibrated input-token estimate of an admitted request (made once, at admission)."""

@@ -14,14 +14,17 @@ if TYPE_CHECKING:
     from runner.job.resolve import Job
     from runner.records import Request
     from runner.send.base import Executor
+    from runner.send.client import Client
+    from runner.send.limits import Slots
+    from runner.send.online import OnlineExecutor
 
 
 def make_executor(job: Job, base_url: str, api_key: str, estimate_tokens: Callable[[Request], int]) -> Executor:
     """The executor the job's spec asks for, sending to `base_url` with `api_key`."""
     mode = job.spec.run.mode
     if mode == "online":
-        return _online(job, base_url, api_key, estimate_tokens)
-    online = _online(job, base_url, api_key, estimate_tokens) if mode == "hybrid" else None
+        return online_executor(job, base_url, api_key, estimate_tokens)
+    online = online_executor(job, base_url, api_key, estimate_tokens) if mode == "hybrid" else None
     return _batch(job, base_url, api_key, online)
 
 
@@ -44,7 +47,15 @@ def _batch(job: Job, base_url: str, api_key: str, online: Executor | None) -> Ex
     )
 
 
-def _online(job: Job, base_url: str, api_key: str, estimate_tokens: Callable[[Request], int]) -> Executor:
+def online_executor(
+    job: Job,
+    base_url: str,
+    api_key: str,
+    estimate_tokens: Callable[[Request], int],
+    slots: Callable[[Client], Slots] | None = None,
+) -> OnlineExecutor:
+    """The Messages API executor for `job`; `slots` builds its limits from the client (a Ray worker's
+    leased slots), else the job's own Limits."""
     from runner.send.client import STREAM_FROM_MAX_TOKENS, Client
     from runner.send.limits import AimdController, Limits
     from runner.send.online import OnlineExecutor
@@ -58,14 +69,20 @@ def _online(job: Job, base_url: str, api_key: str, estimate_tokens: Callable[[Re
         stall_s=run.stall_s,
         stream=model.max_tokens >= STREAM_FROM_MAX_TOKENS if model.stream == "auto" else model.stream,
     )
-    limits = Limits(
-        concurrency=(
-            AimdController(initial=job.concurrency, maximum=run.max_concurrency) if job.adaptive else job.concurrency
-        ),
-        requests_per_minute=run.requests_per_minute,
-        tokens_per_minute=run.tokens_per_minute,
-        expected_output_tokens=model.max_tokens,
-        classify=lambda exc: ((fault := client.classify(exc)).overload, fault.retry_after),
+    limits = (
+        slots(client)
+        if slots is not None
+        else Limits(
+            concurrency=(
+                AimdController(initial=job.concurrency, maximum=run.max_concurrency)
+                if job.adaptive
+                else job.concurrency
+            ),
+            requests_per_minute=run.requests_per_minute,
+            tokens_per_minute=run.tokens_per_minute,
+            expected_output_tokens=model.max_tokens,
+            classify=lambda exc: ((fault := client.classify(exc)).overload, fault.retry_after),
+        )
     )
     return OnlineExecutor(
         client,

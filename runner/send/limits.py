@@ -19,9 +19,9 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from aiolimiter import AsyncLimiter
 
@@ -162,6 +162,33 @@ class Attempt:
 
     charged_tokens: int
     used_tokens: int | None = None
+
+
+class Slots(Protocol):
+    """What the online executor needs of its limits: Limits here, or a cluster worker's leased slots
+    (runner.distributed.slots.LeasedSlots)."""
+
+    @property
+    def workers(self) -> int:
+        """How many attempts the executor should be able to have waiting for a slot."""
+
+    @property
+    def in_flight(self) -> int:
+        """Attempts holding a slot now."""
+
+    @property
+    def concurrency(self) -> int:
+        """The in-flight limit in force now."""
+
+    @property
+    def controller(self) -> AimdController | None:
+        """The adaptive controller, if this process runs one."""
+
+    def overload_rate(self) -> float:
+        """Share of attempts refused for overload so far."""
+
+    def slot(self, input_tokens: int) -> AbstractAsyncContextManager[Attempt]:
+        """Hold one slot for one attempt."""
 
 
 class Limits:

@@ -4,8 +4,9 @@
     await executor.run(requests, deliver, control)
 
 `workers` tasks pull from a small queue fed by the run's requests; each holds one request at a time
-through its conversation (retries, then repair turns), under a slot of `Limits` (in-flight count,
-request and token buckets, the adaptive controller). Faults are the client's to classify.
+through its conversation (retries, then repair turns), under a slot of its `Slots` (runner.send.limits:
+in-flight count, request and token buckets, the adaptive controller; or a Ray worker's leased slots).
+Faults are the client's to classify.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tenacity import RetryCallState
 from runner.job.structured import AnswerShape
 from runner.records import Answer, Request, Result
 from runner.send.base import Control, Conversation, Deliver, failure
-from runner.send.limits import Limits
+from runner.send.limits import Slots
 from runner.send.retries import Classify, Fault, Verdict, retrying, wait_backoff
 
 
@@ -40,7 +41,7 @@ class OnlineExecutor:
     def __init__(
         self,
         client: Sender,
-        limits: Limits,
+        limits: Slots,
         *,
         max_attempts: int,
         estimate_tokens: Callable[[Request], int],

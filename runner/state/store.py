@@ -76,6 +76,10 @@ class SettledKeys:
         """No key is settled (a --fresh run)."""
         return cls(pl.Series(KEY, [], dtype=pl.String))
 
+    def series(self) -> pl.Series:
+        """The keys, sorted (to hand to another process)."""
+        return self._keys
+
     def covers(self, keys: pl.LazyFrame) -> bool:
         """Is every key in `keys` settled? (A hash anti-join: for a whole map, not a batch.)"""
         return self.missing(keys) == 0
@@ -104,9 +108,12 @@ class Store:
     """One job's durable state for one run: the lock, the answers (journal and parts), the row map,
     and the records of runs and estimates."""
 
-    def __init__(self, state_dir: Path, run_id: str) -> None:
+    def __init__(self, state_dir: Path, run_id: str, writer: str | None = None) -> None:
         self.state_dir = state_dir
         self.run_id = run_id
+        # One of several processes writing answers for one run (a Ray actor): its journal and parts are
+        # named `<run>-<writer>` so writers never share a file; the answers still carry the run's id.
+        self._files_id = f"{run_id}-{writer}" if writer else run_id
         self.results_dir = state_dir / "results"
         self.rows = RowMap(state_dir / "rows")
         self.lock = JobLock(state_dir / "lock")
@@ -115,7 +122,7 @@ class Store:
         self._pending: list[Result] = []
         self._part_seq = 0
         self._journal: int | None = None
-        self._journal_path = state_dir / f"journal-{run_id}.jsonl"
+        self._journal_path = state_dir / f"journal-{self._files_id}.jsonl"
         self._journal_size = 0  # bytes of whole lines in the journal: where a torn write is cut back to
         self._journal_kept = False
         self.row_map_dropped = False  # the row map was torn and has been dropped (it is rebuilt)
@@ -140,7 +147,7 @@ class Store:
         for tmp in self.state_dir.rglob("*.tmp"):
             tmp.unlink()
         for journal in sorted(self.state_dir.glob("journal-*.jsonl")):
-            self._recover(journal)
+            self.recover(journal)
         for part in sorted(self.results_dir.glob("*.parquet")):
             try:
                 # A torn write loses the footer, so reading the footer is the check (and it is cheap).
@@ -152,10 +159,15 @@ class Store:
         self.quarantined = sorted((self.state_dir / "corrupt").glob("*.parquet"))
         self.rows.rows_dir.mkdir(exist_ok=True)
         self.row_map_dropped = self.rows.drop_if_torn()
+        self.open_journal()
+
+    def open_journal(self) -> None:
+        """Start this run's journal. A writer beside the run's driver (which holds the lock and swept the
+        directory) calls only this, not `open`."""
         self._journal = os.open(self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
-    def _recover(self, journal: Path) -> None:
-        """Turn a dead run's journal into a part; a torn last line (the kill came mid-write) is dropped."""
+    def recover(self, journal: Path) -> None:
+        """Turn a dead writer's journal into a part; a torn last line (the kill came mid-write) is dropped."""
         results = []
         for line in journal.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
@@ -241,7 +253,7 @@ class Store:
         if not self._pending:
             return
         frame = results_frame(self._pending, self.run_id)
-        write_atomic(frame, self.results_dir / f"part-{self.run_id}-{self._part_seq:06d}.parquet")
+        write_atomic(frame, self.results_dir / f"part-{self._files_id}-{self._part_seq:06d}.parquet")
         self._part_seq += 1
         self._pending = []
         if self._journal is not None:

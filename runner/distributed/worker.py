@@ -1,0 +1,216 @@
+"""A sending actor of a Ray run: one block of input rows in, its row-map lines out, every answer journalled.
+
+    ds.map_batches(Sender, fn_constructor_kwargs={"config": SenderConfig(...)}, batch_format="pyarrow", ...)
+
+Each call renders and keys its block with the local engine's planning (runner.plan: RequestBuilder
+keys, settled checks, Dispatch's row-map lines and render failures), sends what is unanswered with the
+local engine's OnlineExecutor on slots leased from the run's ClusterLimiter, and journals every answer
+to the job's state directory through a Store of its own (`journal-<run>-<actor>.jsonl`, parts
+`part-<run>-<actor>-<n>.parquet`) before it returns. Its output is the block's row-map lines; the first
+line also carries the block's report (`_report`: the results as journal lines, counts, why it stopped).
+
+A task Ray retries (its actor died) must not pay twice for what the dead attempt already got: before
+sending, a call looks its keys up in what this run has written so far, every actor's journals and parts
+(RunAnswers), and treats those as settled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import ray
+
+from runner.distributed.slots import LeasedSlots
+from runner.errors import DiskFull
+from runner.job.inputs import InputSource
+from runner.job.resolve import Job
+from runner.money.accounting import Accountant, Tally
+from runner.money.tokens import estimate_request
+from runner.plan import Dispatch, plan
+from runner.records import KEY, Request, Result, result_to_json
+from runner.send import online_executor
+from runner.send.base import Control
+from runner.send.client import Client
+from runner.send.online import OnlineExecutor
+from runner.state.rowmap import RowMap
+from runner.state.store import SettledKeys, Store
+
+REPORT = "_report"  # the column carrying a block's report on its first line
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    """What every sending actor of one run is built from (pickled once per actor)."""
+
+    job: Job
+    run_id: str
+    base_url: str
+    api_key: str
+    limiter: Any  # ActorHandle[ClusterLimiter]: the run's one in-flight limit and budget
+    settled: list[Any]  # [ObjectRef of the sorted settled keys]: in a list, so Ray hands over the ref
+    accountant: Accountant  # prices answers; its budget is None (the limiter keeps the budget)
+    source: InputSource  # for the id rule and the kept columns (its lazy frame is not read here)
+    workers: int  # attempts each actor may have waiting for a slot
+    budgeted: bool = False
+
+
+class BlockRows:
+    """One block of input rows (with `_row` and `_id`), as runner.plan.plan reads rows."""
+
+    def __init__(self, frame: pl.DataFrame) -> None:
+        self._frame = frame
+
+    def batches(self, batch_rows: int) -> Iterator[pl.DataFrame]:
+        """The block, whole."""
+        yield self._frame
+
+
+class BlockLines(RowMap):
+    """The row-map lines of one block, kept for the map's output instead of written (the driver writes them)."""
+
+    def __init__(self) -> None:
+        super().__init__(Path("."))
+        self.lines: list[pl.DataFrame] = []
+
+    def add(self, rows: pl.DataFrame) -> None:
+        """Keep the lines."""
+        self.lines.append(rows)
+
+    def seal(self, fingerprint: dict[str, Any]) -> None:
+        """Nothing: the driver seals the run's map."""
+
+
+@dataclass
+class RunAnswers:
+    """The request keys this run has answered so far, by any actor: journals first, then parts, so an
+    answer moving from a journal into a part (renamed in, then the journal cut) is seen in one or the other."""
+
+    state_dir: Path
+    run_id: str
+    _in_parts: set[str] = field(default_factory=set)
+    _parts_read: set[str] = field(default_factory=set)
+
+    def among(self, keys: list[str]) -> set[str]:
+        """Which of `keys` this run has an answer for already."""
+        journalled: set[str] = set()
+        for journal in self.state_dir.glob(f"journal-{self.run_id}-*.jsonl"):
+            for line in journal.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    journalled.add(json.loads(line)["key"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by a kill, or cut by a flush while we read
+        for part in (self.state_dir / "results").glob(f"part-{self.run_id}-*.parquet"):
+            if part.name not in self._parts_read:  # parts never change once renamed in: read each once
+                self._in_parts.update(pl.read_parquet(part, columns=[KEY]).get_column(KEY).to_list())
+                self._parts_read.add(part.name)
+        return {k for k in keys if k in journalled or k in self._in_parts}
+
+
+class Sender:
+    """The map_batches callable: one per actor, sending its blocks' requests under the cluster limit."""
+
+    def __init__(self, config: SenderConfig) -> None:
+        self._config = config
+        self._job = config.job
+        self._settled = SettledKeys(ray.get(config.settled[0]))
+        # A restarted actor keeps its Ray id; the pid tells its incarnations (and their journals) apart.
+        actor = ray.get_runtime_context().get_actor_id() or "local"
+        self.worker_id = f"{actor[-8:]}-{os.getpid()}"
+        self._store = Store(self._job.state_dir, config.run_id, writer=self.worker_id)
+        self._store.open_journal()
+        self._answers = RunAnswers(self._job.state_dir, config.run_id)
+        self._taken: set[str] = set()  # keys this actor sent or is sending (identical prompts in two blocks)
+        self._reserved: dict[str, float] = {}  # key -> budget reserved at the limiter
+        self._executor: OnlineExecutor | None = None
+
+    def _slots(self, client: Client) -> LeasedSlots:
+        def overload(exc: Exception) -> tuple[Any, float | None]:
+            fault = client.classify(exc)
+            return fault.overload, fault.retry_after
+
+        return LeasedSlots(self._config.limiter, self.worker_id, classify=overload, workers=self._config.workers)
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        """Plan, send and journal one block; its row-map lines, the first carrying the block's report."""
+        config, job = self._config, self._job
+        if self._executor is None:  # made here, inside the actor's event loop
+            accountant = config.accountant
+            self._executor = online_executor(
+                job, config.base_url, config.api_key, accountant.input_estimate, self._slots
+            )
+        frame = pl.from_arrow(batch)
+        assert isinstance(frame, pl.DataFrame)
+        frame = frame.with_columns(config.source.ids(frame))
+        planned = list(plan(job, BlockRows(frame), self._settled, batch_rows=frame.height))
+        wanted = [r.key for b in planned for row in b.rows for r in row.requests]
+        answered = self._answers.among(wanted) | self._taken.intersection(wanted)
+        for b in planned:
+            for row in b.rows:
+                row.done = [d or r.key in answered for d, r in zip(row.done, row.requests, strict=True)]
+
+        control = Control()
+        tally = Tally(samples=job.spec.output.samples)
+        lines = BlockLines()
+        outstanding: set[str] = set()
+        results: list[tuple[str, str | None]] = []
+
+        def deliver(result: Result) -> None:
+            outstanding.discard(result.key)
+            result, tier = config.accountant.settle(result)
+            reserved = self._reserved.pop(result.key, None)
+            if reserved is not None:  # fire and forget: the limiter books it in order with our other calls
+                config.limiter.settle.remote(self.worker_id, reserved, result.cost or 0.0)
+            try:
+                self._store.add(result)
+                if self._store.buffered >= job.spec.run.checkpoint_rows:
+                    self._store.flush()
+            except DiskFull as exc:
+                control.fail(exc)
+            results.append((result_to_json(result), tier))
+
+        admit = config.accountant.admit  # notes each request's estimate; the budget is the limiter's (below)
+        dispatch = Dispatch(lines, config.source.keep_columns, tally, deliver, admit, control, None, outstanding)
+        requests = self._reserving(dispatch.requests(iter(planned), {}), control)
+        try:
+            await self._executor.run(requests, deliver, control)
+        finally:
+            try:
+                self._store.flush()  # durable as a part before the block's lines are returned
+            except DiskFull as exc:
+                control.fail(exc)
+        report = {
+            "results": results,
+            "rows_settled": tally.rows_settled,
+            "requests_queued": tally.requests_queued,
+            "unanswered": len(outstanding),
+            "stopped": control.reason,
+            "aborted": str(control.aborted) if control.aborted else None,
+            "failed": str(control.failed) if control.failed else None,
+            "retries": control.retries,
+            "worker": self.worker_id,
+        }
+        out = pl.concat(lines.lines)
+        first = pl.int_range(pl.len()) == 0
+        out = out.with_columns(pl.when(first).then(pl.lit(json.dumps(report))).otherwise(None).alias(REPORT))
+        return out.to_arrow()
+
+    async def _reserving(self, requests: AsyncIterator[Request], control: Control) -> AsyncIterator[Request]:
+        """The requests, each with its worst case reserved at the limiter first (when the run has a budget);
+        stops, as the local engine does, at the first one the budget cannot cover."""
+        config = self._config
+        async for request in requests:
+            if config.budgeted:
+                amount = config.accountant.worst_case(estimate_request(request.params))
+                if not await config.limiter.reserve.remote(self.worker_id, amount):
+                    control.end_dispatch("budget")
+                    return
+                self._reserved[request.key] = amount
+            self._taken.add(request.key)
+            yield request

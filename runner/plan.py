@@ -12,7 +12,9 @@ cannot cover the next one. The estimate counts the same requests; validate print
 from __future__ import annotations
 
 import asyncio
+import bisect
 import datetime as dt
+from array import array
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,7 +123,7 @@ class Dispatch:
     async def requests(self, batches: Iterator[PlannedBatch], fingerprint: dict[str, Any]) -> AsyncIterator[Request]:
         """Yield the requests to send. Stops early, leaving the row map unsealed, when the budget
         cannot cover the next request; seals it when every input row was rendered."""
-        queued: set[str] = set()
+        queued = RequestKeys()  # rows' keys queued this run: one request per distinct prompt
         tally = self.tally
         for batch in batches:
             self.rows.add(batch.row_map(self.keep_columns))
@@ -134,13 +136,16 @@ class Dispatch:
                 if all(row.done) or (self.pilot is not None and row.position not in self.pilot):
                     tally.rows_settled += 1
                     continue
+                # A row with the same prompt earlier in this run has the same key, the same samples and
+                # the same `done`: its requests were queued then (the row's key stands for all of them).
+                if not queued.add(row.key):
+                    continue
                 for pending, is_done in zip(row.requests, row.done, strict=True):
-                    if is_done or pending.key in queued:
+                    if is_done:
                         continue
                     if not self.admit(pending):
                         self.control.end_dispatch("budget")  # what was admitted is paid for in advance: send it
                         return
-                    queued.add(pending.key)
                     self.outstanding.add(pending.key)
                     tally.requests_queued += 1
                     yield pending
@@ -162,6 +167,85 @@ class Dispatch:
                     error_message=str(row.error),
                 )
             )
+
+
+class RequestKeys:
+    """A set of request keys in about 18 bytes a key (a Python set of str takes ~120): the keys a run
+    has queued, which for a 10M-row input would otherwise be the largest thing it holds.
+
+    A request key is 32 hex digits, the first 128 bits of a sha256 (runner.job.prompts); it is kept
+    whole, as two 64-bit halves in parallel sorted arrays, one pair per value of its first 16 bits.
+    Membership compares all 128 bits, so two keys are taken for one only when they ARE one key,
+    exactly as the store already takes them: no new way for two requests to collide. A key of any
+    other form (none is made today) goes into an ordinary set.
+    """
+
+    __slots__ = ("_high", "_low", "_other", "size")
+
+    PARTS = 1 << 16  # by the key's first 16 bits: ~150 keys a part at 10M keys, so inserts stay cheap
+
+    def __init__(self) -> None:
+        self._high: list[array[int] | None] = [None] * self.PARTS
+        self._low: list[array[int] | None] = [None] * self.PARTS
+        self._other: set[str] = set()
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        whole = _key_bits(key)
+        if whole is None:
+            return key in self._other
+        high, low = whole >> 64, whole & _LOW
+        highs, lows = self._high[high >> 48], self._low[high >> 48]
+        if highs is None or lows is None:
+            return False
+        i = bisect.bisect_left(highs, high)
+        while i < len(highs) and highs[i] == high:
+            if lows[i] == low:
+                return True
+            i += 1
+        return False
+
+    def add(self, key: str) -> bool:
+        """Add `key`; True if it was not in the set yet."""
+        whole = _key_bits(key)
+        if whole is None:
+            if key in self._other:
+                return False
+            self._other.add(key)
+            self.size += 1
+            return True
+        high, low = whole >> 64, whole & _LOW
+        part = high >> 48
+        highs, lows = self._high[part], self._low[part]
+        if highs is None or lows is None:
+            self._high[part], self._low[part] = array("Q", [high]), array("Q", [low])
+            self.size += 1
+            return True
+        i = j = bisect.bisect_left(highs, high)
+        while j < len(highs) and highs[j] == high:  # equal first halves: only a true 128-bit match is one key
+            if lows[j] == low:
+                return False
+            j += 1
+        highs.insert(i, high)
+        lows.insert(i, low)
+        self.size += 1
+        return True
+
+
+_LOW = (1 << 64) - 1
+_HEX = frozenset("0123456789abcdef")
+
+
+def _key_bits(key: str) -> int | None:
+    """A request key's 128 bits, or None for a string that is not 32 lowercase hex digits."""
+    if len(key) != 32 or not _HEX.issuperset(key):
+        return None
+    return int(key, 16)
 
 
 async def nothing() -> AsyncIterator[Request]:

@@ -33,6 +33,7 @@ from runner.state.rowmap import RowMap
 from runner.state.store import SettledKeys
 
 RENDER_BATCH_ROWS = 2000  # rows rendered per step; small enough not to stall responses for long
+FIRST_STEP_ROWS = 64  # the first step is short, so the first request goes out without waiting for 2000
 ALL_FAIL_ROWS = 20  # when this many first rows all fail with one template error, the template is wrong
 
 
@@ -72,24 +73,35 @@ def plan(
     """
     builder = RequestBuilder(job)
     first = True
-    for frame in source.batches(batch_rows):
-        rows: list[PlannedRow] = []
-        for values in frame.iter_rows(named=True):
-            position, row_id = values[ROW], values[ID]
-            try:
-                request = builder.build(values)
-            except RenderError as exc:
-                rows.append(PlannedRow(position, row_id, f"render-{row_id}", [], [], exc))
-            else:
-                rows.append(PlannedRow(position, row_id, request.key, builder.samples_of(request), []))
-        if first:
-            _check_template(job, rows, whole_input=frame.height < batch_rows)
-            first = False
-        wanted = pl.Series(KEY, [r.key for row in rows for r in row.requests], dtype=pl.String)
-        done = iter(settled.contains(wanted).to_list())
-        for row in rows:
-            row.done = [next(done) for _ in row.requests]
-        yield PlannedBatch(frame, rows)
+    for whole in source.batches(batch_rows):
+        # The first batch in two steps: its first rows are sent while the rest render.
+        steps = [whole.slice(0, FIRST_STEP_ROWS), whole.slice(FIRST_STEP_ROWS)] if first else [whole]
+        for frame in steps:
+            if frame.height == 0:
+                continue
+            rows = _render(builder, frame)
+            if first:
+                _check_template(job, rows, whole_input=whole.height < batch_rows)
+                first = False
+            wanted = pl.Series(KEY, [r.key for row in rows for r in row.requests], dtype=pl.String)
+            done = iter(settled.contains(wanted).to_list())
+            for row in rows:
+                row.done = [next(done) for _ in row.requests]
+            yield PlannedBatch(frame, rows)
+
+
+def _render(builder: RequestBuilder, frame: pl.DataFrame) -> list[PlannedRow]:
+    """Each row of `frame` rendered into its requests (or its render error)."""
+    rows: list[PlannedRow] = []
+    for values in frame.iter_rows(named=True):
+        position, row_id = values[ROW], values[ID]
+        try:
+            request = builder.build(values)
+        except RenderError as exc:
+            rows.append(PlannedRow(position, row_id, f"render-{row_id}", [], [], exc))
+        else:
+            rows.append(PlannedRow(position, row_id, request.key, builder.samples_of(request), []))
+    return rows
 
 
 def _check_template(job: Job, rows: list[PlannedRow], whole_input: bool) -> None:

@@ -11,7 +11,6 @@ request and token buckets, the adaptive controller). Faults are the client's to 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
@@ -98,7 +97,7 @@ class OnlineExecutor:
                 waited = [(clock() - queued_at) * 1000]  # in ms: the queue, then each attempt's slot
                 result = await self._send(request, control, waited)
                 if result is not None:
-                    deliver(dataclasses.replace(result, wait_ms=waited[0]))
+                    deliver(result)
 
         async with asyncio.TaskGroup() as group:
             group.create_task(feed())
@@ -127,7 +126,7 @@ class OnlineExecutor:
                 return failure(request, fault, attempts + tries[0])
             attempts += tries[0]
             params = conversation.add(answer)
-        return conversation.result(attempts=attempts, latency_ms=latency_ms)
+        return conversation.result(attempts=attempts, latency_ms=latency_ms, wait_ms=waited[0])
 
     async def _call(
         self, params: dict[str, Any], request: Request, control: Control, tries: list[int], waited: list[float]

@@ -74,7 +74,7 @@ name: bench
 input: {{paths: [data/input.parquet], id_column: id}}
 prompt: {{system: Be brief., template: "Summarise: {{{{ text }}}}"}}
 model: {{name: glm-4.6, endpoint: "http://127.0.0.1:{port}", max_tokens: 64}}
-run: {{concurrency: 64, checkpoint_rows: 50000}}
+run: {{concurrency: 64}}
 output: {{path: out/bench.parquet}}
 """,
         encoding="utf-8",
@@ -99,8 +99,17 @@ class Timed:
 
     async def run(self, requests: AsyncIterator[Any], deliver: Any, control: Any) -> None:
         async def watched() -> AsyncIterator[Any]:
+            count = 0
             async for request in requests:
                 yield request
+                count += 1
+                if count % 1_000_000 == 0:  # progress on stderr: requests so far, seconds, peak RSS
+                    seconds = time.perf_counter() - self.started
+                    print(
+                        json.dumps({"requests": count, "s": round(seconds, 1), "peak_rss_mb": peak_rss_mb()}),
+                        file=sys.stderr,
+                        flush=True,
+                    )
             self.planned_s = time.perf_counter() - self.started
             self.planned_rss_mb = peak_rss_mb()
 
@@ -152,12 +161,12 @@ def measure(spec: Path, executor: str, rows: int) -> dict[str, Any]:
     """`child` in a fresh process (so its peak RSS is its own)."""
     proc = subprocess.run(
         [sys.executable, __file__, "--child", str(spec), "--executor", executor],
-        capture_output=True,
+        stdout=subprocess.PIPE,  # its progress lines go straight to our stderr
         text=True,
         env={**os.environ, "ZHIPUAI_API_KEY": "bench"},
     )
     if proc.returncode != 0:
-        raise SystemExit(f"planning run failed: {proc.stderr[-3000:]}")
+        raise SystemExit(f"planning run failed ({proc.returncode})")
     data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     data["planning_rows_per_s"] = round(rows / data["planning_s"], 1)
     return data

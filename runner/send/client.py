@@ -6,23 +6,19 @@
 The SDK client is built with `max_retries=0` (retries are tenacity's alone, in runner.send.retries) and the
 aiohttp transport, which costs about a third of the CPU per request of the default one. The key goes out
 both as `Authorization: Bearer` (what SDK 2.x sends) and as `x-api-key` (what Zhipu documents).
-
-The SDK is imported and its client built at the first request, not before: a run with nothing to send
-(a finished job re-run) never pays for loading it, which is most of such a run's time.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import anthropic
+from anthropic.types import Message
 
 from runner.money.tokens import estimate_text
 from runner.records import Answer
 from runner.send.retries import ABORT_CODES, BadResponse, Fault, Verdict, bad_response_fault, unclassified
-
-if TYPE_CHECKING:
-    import anthropic
-    from anthropic.types import Message
 
 # The SDK refuses non-streaming calls it expects to run past 10 minutes (max_tokens >= 21334) unless
 # a timeout is given; we always give one, and stream from this size up when the spec says "auto".
@@ -40,27 +36,17 @@ class Client:
     """An AsyncAnthropic pointed at one endpoint, sending one request at a time per call."""
 
     def __init__(self, base_url: str, api_key: str, *, timeout_s: float, stream: bool, stall_s: float = 120.0) -> None:
-        self._base_url = base_url
-        self._api_key = api_key
-        self._client: anthropic.AsyncAnthropic | None = None  # built at the first request
+        self._sdk = anthropic.AsyncAnthropic(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
+            timeout=timeout_s,
+            default_headers={"x-api-key": api_key},
+            http_client=anthropic.DefaultAioHttpClient(),
+        )
         self._timeout = timeout_s
         self._stream = stream
         self._stall = stall_s
-
-    @property
-    def _sdk(self) -> anthropic.AsyncAnthropic:
-        if self._client is None:
-            import anthropic
-
-            self._client = anthropic.AsyncAnthropic(
-                api_key=self._api_key,
-                base_url=self._base_url,
-                max_retries=0,
-                timeout=self._timeout,
-                default_headers={"x-api-key": self._api_key},
-                http_client=anthropic.DefaultAioHttpClient(),
-            )
-        return self._client
 
     async def send(self, params: dict[str, Any]) -> Answer:
         """Send one request; raise the SDK's error, or BadResponse for a 200 that is not a message.
@@ -84,9 +70,8 @@ class Client:
         return _answer(message, request_id)
 
     async def aclose(self) -> None:
-        """Close the connection pool (if a request ever opened one)."""
-        if self._client is not None:
-            await self._client.close()
+        """Close the connection pool."""
+        await self._sdk.close()
 
     @staticmethod
     def classify(exc: BaseException) -> Fault:
@@ -104,8 +89,6 @@ def classify(exc: BaseException) -> Fault:
     """
     if isinstance(exc, BadResponse):
         return bad_response_fault(exc)
-    import anthropic  # loaded already if a request was sent; the SDK's errors are all it raises
-
     # The request was sent and may still be answered, and billed, after we gave up on it.
     if isinstance(exc, anthropic.APITimeoutError):
         return Fault(Verdict.RETRY, "timeout", str(exc) or "timed out", maybe_billed=True)

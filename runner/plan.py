@@ -12,9 +12,7 @@ cannot cover the next one. The estimate counts the same requests; validate print
 from __future__ import annotations
 
 import asyncio
-import bisect
 import datetime as dt
-from array import array
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,17 +138,19 @@ class Dispatch:
         for batch in batches:
             self.rows.add(batch.row_map(self.keep_columns))
             tally.rows_seen += batch.frame.height
+            # Answered before; or, in a pilot (which sends only its sample of rows), not wanted now.
+            wanted = [row for row in batch.rows if row.error is None and not self._settled(row)]
+            # A row with the same prompt earlier in this run has the same key, the same samples and
+            # the same `done`: its requests were queued then (the row's key stands for all of them).
+            fresh = dict(zip((id(row) for row in wanted), queued.add_batch([row.key for row in wanted]), strict=True))
             for row in batch.rows:
                 if row.error is not None:
                     self._render_failure(row)
                     continue
-                # Answered before; or, in a pilot (which sends only its sample of rows), not wanted now.
-                if all(row.done) or (self.pilot is not None and row.position not in self.pilot):
+                if id(row) not in fresh:
                     tally.rows_settled += 1
                     continue
-                # A row with the same prompt earlier in this run has the same key, the same samples and
-                # the same `done`: its requests were queued then (the row's key stands for all of them).
-                if not queued.add(row.key):
+                if not fresh[id(row)]:
                     continue
                 for pending, is_done in zip(row.requests, row.done, strict=True):
                     if is_done:
@@ -164,6 +164,9 @@ class Dispatch:
             await asyncio.sleep(0)  # let answers in between batches
         self.rows.seal(fingerprint)  # reached only when every input row was rendered
         tally.all_rows_rendered = True
+
+    def _settled(self, row: PlannedRow) -> bool:
+        return all(row.done) or (self.pilot is not None and row.position not in self.pilot)
 
     def _render_failure(self, row: PlannedRow) -> None:
         """Record a row whose prompt cannot be rendered as failed (each of its samples); nothing is sent."""
@@ -182,71 +185,79 @@ class Dispatch:
 
 
 class RequestKeys:
-    """A set of request keys in about 18 bytes a key (a Python set of str takes ~120): the keys a run
-    has queued, which for a 10M-row input would otherwise be the largest thing it holds.
+    """The request keys a run has queued, in 16 bytes a key (a Python set of str takes ~120): for a
+    10M-row input they would otherwise be the largest thing a run holds.
 
-    A request key is 32 hex digits, the first 128 bits of a sha256 (runner.job.prompts); it is kept
-    whole, as two 64-bit halves in parallel sorted arrays, one pair per value of its first 16 bits.
-    Membership compares all 128 bits, so two keys are taken for one only when they ARE one key,
-    exactly as the store already takes them: no new way for two requests to collide. A key of any
-    other form (none is made today) goes into an ordinary set.
+    A request key is 32 hex digits, the first 128 bits of a sha256 (runner.job.prompts). The newest
+    keys are kept as strings in a set; every `run_keys` of them become a run: two sorted UInt64 polars
+    Series (the key's high and low 64 bits), never merged again, so no step ever copies all keys.
+    `add_batch` looks a batch of keys up in every run at once (binary search) and compares all 128
+    bits: two keys are taken for one only when they ARE one key, exactly as the store takes them. A
+    key of any other form (none is made today) stays in an ordinary set.
     """
 
-    __slots__ = ("_high", "_low", "_other", "size")
-
-    PARTS = 1 << 16  # by the key's first 16 bits: ~150 keys a part at 10M keys, so inserts stay cheap
-
-    def __init__(self) -> None:
-        self._high: list[array[int] | None] = [None] * self.PARTS
-        self._low: list[array[int] | None] = [None] * self.PARTS
-        self._other: set[str] = set()
+    def __init__(self, run_keys: int = 200_000) -> None:
+        self._run_keys = run_keys
+        self._recent: set[str] = set()
+        self._other: set[str] = set()  # keys that are not 32 hex digits
+        self._runs: list[tuple[pl.Series, pl.Series]] = []
         self.size = 0
 
     def __len__(self) -> int:
         return self.size
 
     def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str):
-            return False
-        whole = _key_bits(key)
-        if whole is None:
-            return key in self._other
-        high, low = whole >> 64, whole & _LOW
-        highs, lows = self._high[high >> 48], self._low[high >> 48]
-        if highs is None or lows is None:
-            return False
-        i = bisect.bisect_left(highs, high)
-        while i < len(highs) and highs[i] == high:
-            if lows[i] == low:
-                return True
-            i += 1
-        return False
+        return isinstance(key, str) and (key in self._recent or key in self._other or self._in_runs([key])[0])
 
     def add(self, key: str) -> bool:
-        """Add `key`; True if it was not in the set yet."""
-        whole = _key_bits(key)
-        if whole is None:
-            if key in self._other:
-                return False
-            self._other.add(key)
-            self.size += 1
-            return True
-        high, low = whole >> 64, whole & _LOW
-        part = high >> 48
-        highs, lows = self._high[part], self._low[part]
-        if highs is None or lows is None:
-            self._high[part], self._low[part] = array("Q", [high]), array("Q", [low])
-            self.size += 1
-            return True
-        i = j = bisect.bisect_left(highs, high)
-        while j < len(highs) and highs[j] == high:  # equal first halves: only a true 128-bit match is one key
-            if lows[j] == low:
-                return False
-            j += 1
-        highs.insert(i, high)
-        lows.insert(i, low)
-        self.size += 1
-        return True
+        """Add one key; True if it was not in the set yet."""
+        return self.add_batch([key])[0]
+
+    def add_batch(self, keys: list[str]) -> list[bool]:
+        """Add `keys` in order; for each, True if it was new (not seen before, nor earlier in `keys`)."""
+        known = self._in_runs(keys)
+        recent, other = self._recent, self._other
+        fresh: list[bool] = []
+        for key, old in zip(keys, known, strict=True):
+            if old or key in recent or key in other:
+                fresh.append(False)
+                continue
+            (recent if _key_bits(key) is not None else other).add(key)
+            fresh.append(True)
+        self.size += sum(fresh)
+        if len(recent) >= self._run_keys:  # only between batches: a batch is checked against one state
+            self._freeze()
+        return fresh
+
+    def _freeze(self) -> None:
+        """Turn the recent keys into a sorted run."""
+        bits = [_key_bits(key) or 0 for key in self._recent]
+        run = pl.DataFrame(
+            {"high": [b >> 64 for b in bits], "low": [b & _LOW for b in bits]},
+            schema={"high": pl.UInt64, "low": pl.UInt64},
+        ).sort("high", "low")
+        self._runs.append((run.get_column("high"), run.get_column("low")))
+        self._recent = set()
+
+    def _in_runs(self, keys: list[str]) -> list[bool]:
+        """Is each key in one of the runs? (Vectorised: a binary search per run, not per key.)"""
+        if not self._runs or not keys:
+            return [False] * len(keys)
+        bits = [_key_bits(key) for key in keys]
+        high = pl.Series([(b or 0) >> 64 for b in bits], dtype=pl.UInt64)
+        low = pl.Series([(b or 0) & _LOW for b in bits], dtype=pl.UInt64)
+        found = pl.Series([False] * len(keys))
+        for run_high, run_low in self._runs:
+            first = run_high.search_sorted(high, side="left")
+            count = run_high.search_sorted(high, side="right").cast(pl.Int64) - first.cast(pl.Int64)
+            at = first.clip(0, run_high.len() - 1)
+            found = found | ((count == 1) & (run_low.gather(at) == low))
+            for i in (count > 1).arg_true().to_list():  # equal high halves in one run: compare each
+                start = int(first[i])
+                lows = run_low.slice(start, int(count[i])).to_list()
+                found[i] = bool(found[i]) or int(low[i]) in lows
+        hex_only = [b is not None for b in bits]
+        return [f and h for f, h in zip(found.to_list(), hex_only, strict=True)]
 
 
 _LOW = (1 << 64) - 1

@@ -26,7 +26,7 @@ odd_keys = st.sampled_from(["render-1", "abc", "k1", "A" * 32, "0x" + "0" * 30, 
 
 @given(st.lists(st.one_of(hex_keys, odd_keys, twins.map(lambda ks: ks[0] if ks else "x")), max_size=80), twins)
 def test_request_keys_behave_exactly_like_a_set(keys: list[str], same_high: list[str]) -> None:
-    compact, plain = RequestKeys(), set[str]()
+    compact, plain = RequestKeys(run_keys=7), set[str]()  # small runs: most keys are looked up in runs
     for key in [*keys, *same_high, *keys, *reversed(same_high)]:
         assert compact.add(key) == (key not in plain)  # a distinct key is never taken for a seen one
         plain.add(key)
@@ -42,10 +42,15 @@ def test_request_keys_never_drop_a_distinct_key_among_many() -> None:
     keys = [hashlib.sha256(str(i).encode()).hexdigest()[:32] for i in range(50_000)]
     # A few hundred keys that collide on their first 64 bits with another key (only the low half differs).
     keys += [k[:16] + f"{rng.getrandbits(64):016x}" for k in keys[:300]]
-    compact = RequestKeys()
-    assert all(compact.add(k) for k in keys)
+    rng.shuffle(keys)
+    compact = RequestKeys(run_keys=1000)
+    batches = [keys[i : i + 2000] for i in range(0, len(keys), 2000)]
+    assert all(all(compact.add_batch(batch)) for batch in batches)
     assert len(compact) == len(keys)
-    assert not any(compact.add(k) for k in rng.sample(keys, 2000))
+    assert not any(compact.add_batch(rng.sample(keys, 2000)))
+    # Within one batch, only a key's first occurrence is new.
+    again = [hashlib.sha256(b"a").hexdigest()[:32], "render-x", hashlib.sha256(b"a").hexdigest()[:32], "render-x"]
+    assert compact.add_batch(again) == [True, True, False, False]
     assert hashlib.sha256(b"not added").hexdigest()[:32] not in compact
 
 

@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benches import their _common helper by path
 
-from bench._common import configure_simulator, free_port, measured_run, sim_stats, start_simulator, write_job
+from _common import configure_simulator, free_port, measured_run, sim_stats, start_simulator, write_job
 
 CAP = 16
 LATENCY_S = 0.2

@@ -26,6 +26,7 @@ import asyncio
 import json
 import resource
 import shutil
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -153,34 +154,64 @@ async def bare_loop(port: int, rows: int, concurrency: int) -> float:
     return elapsed
 
 
-def overhead(quick: bool) -> dict[str, Any]:
-    rows, concurrency = (2000 if quick else 4000), 64
+def overhead_round(rows: int, concurrency: int, runner_first: bool) -> dict[str, Any]:
+    """One same-run comparison: the bare loop and the runner against one simulator, back to back."""
     port = free_port()
     sim = start_simulator(port)
+    folder = WORK / "overhead"
+    shutil.rmtree(folder, ignore_errors=True)
+    spec = write_job(folder, port, rows, f"{{concurrency: {concurrency}}}")
     try:
-        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-        bare_s = asyncio.run(bare_loop(port, rows, concurrency))
-        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-        bare_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
-        folder = WORK / "overhead"
-        shutil.rmtree(folder, ignore_errors=True)
-        spec = write_job(folder, port, rows, f"{{concurrency: {concurrency}}}")
-        runner = measured_run(spec)
+
+        def bare() -> tuple[float, float]:
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+            seconds = asyncio.run(bare_loop(port, rows, concurrency))
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            return seconds, (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+
+        if runner_first:
+            runner = measured_run(spec)
+            bare_s, bare_cpu = bare()
+        else:
+            bare_s, bare_cpu = bare()
+            runner = measured_run(spec)
     finally:
         sim.terminate()
         sim.wait()
     sending_rate, _, _ = answering_rate(spec)
     end_to_end = rows / runner.wall_s
-    bare = rows / bare_s
+    bare_rate = rows / bare_s
     return {
         "rows": rows,
-        "bare_sdk_rows_per_s": round(bare, 1),
+        "runner_first": runner_first,
+        "bare_sdk_rows_per_s": round(bare_rate, 1),
         "runner_rows_per_s_while_sending": round(sending_rate, 1),
         "runner_rows_per_s_end_to_end": round(end_to_end, 1),
-        "ratio_while_sending": round(sending_rate / bare, 3),
-        "ratio_end_to_end_with_startup": round(end_to_end / bare, 3),
+        "ratio_while_sending": round(sending_rate / bare_rate, 3),
+        "ratio_end_to_end_with_startup": round(end_to_end / bare_rate, 3),
         "bare_cpu_ms_per_row": round(1000 * bare_cpu / rows, 2),
         "runner_cpu_ms_per_row": round(1000 * runner.cpu_s / rows, 2),
+    }
+
+
+def overhead(quick: bool, rounds: int = 1) -> dict[str, Any]:
+    """`rounds` same-run comparisons, alternating which goes first (the load on a shared machine drifts)."""
+    rows, concurrency = (2000 if quick else 4000), 64
+    results = []
+    for i in range(rounds):
+        results.append(overhead_round(rows, concurrency, runner_first=i % 2 == 1))
+        if rounds > 1:
+            print(json.dumps({"overhead_round": i + 1, **results[-1]}), flush=True)
+    if rounds == 1:
+        return results[0]
+    ratios = sorted(r["ratio_while_sending"] for r in results)
+    return {
+        "rounds": rounds,
+        "ratio_while_sending_worst": ratios[0],
+        "ratio_while_sending_median": statistics.median(ratios),
+        "ratio_end_to_end_median": statistics.median(r["ratio_end_to_end_with_startup"] for r in results),
+        "bare_cpu_ms_per_row_median": statistics.median(r["bare_cpu_ms_per_row"] for r in results),
+        "runner_cpu_ms_per_row_median": statistics.median(r["runner_cpu_ms_per_row"] for r in results),
     }
 
 
@@ -214,10 +245,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--only", choices=["utilisation", "overhead", "scale"], default=None)
+    parser.add_argument("--rounds", type=int, default=1, help="overhead: same-run comparisons (worst, median)")
     args = parser.parse_args()
     started = time.perf_counter()
     report: dict[str, Any] = {}
-    for name, part in (("utilisation", utilisation), ("overhead", overhead), ("scale", scale)):
+    parts: dict[str, Any] = {
+        "utilisation": utilisation,
+        "overhead": lambda quick: overhead(quick, args.rounds),
+        "scale": scale,
+    }
+    for name, part in parts.items():
         if args.only in (None, name):
             report[name] = part(args.quick)
             print(json.dumps({name: report[name]}), flush=True)

@@ -137,7 +137,9 @@ async def _run(
 
     reporter.phase("connecting")
     with endpoint_url(job) as base_url:
-        executor = given or make_executor(job, base_url, api_key, accountant.input_estimate)
+        # Nothing to send (an unchanged, finished job): no executor, so the SDK is never even loaded.
+        idle = unchanged and given is None and run.mode == "online"
+        executor = given or (Idle(job) if idle else make_executor(job, base_url, api_key, accountant.input_estimate))
         reporter.start(job, tally)
         try:
             await supervise(
@@ -188,6 +190,23 @@ async def _run(
     summary.write(job, store, report)
     reporter.finish(report, message)
     return RunReport(exit_code, message, report)
+
+
+class Idle:
+    """The executor of a run with nothing to send: it reports the job's limit and sends nothing."""
+
+    def __init__(self, job: Job) -> None:
+        self._gauges = {"in_flight": 0, "limit": job.concurrency, "adaptive": job.adaptive, "overload_429_rate": 0.0}
+
+    def gauges(self) -> dict[str, Any]:
+        return dict(self._gauges)
+
+    async def run(self, requests: Any, deliver: Any, control: Control) -> None:
+        async for _ in requests:  # there are none
+            raise AssertionError("an idle run was handed a request")
+
+    async def aclose(self) -> None:
+        return None
 
 
 def _fingerprint(job: Job) -> dict[str, Any]:

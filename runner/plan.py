@@ -31,6 +31,7 @@ from runner.state.rowmap import RowMap
 from runner.state.store import SettledKeys
 
 RENDER_BATCH_ROWS = 2000  # rows rendered per step; small enough not to stall responses for long
+FIRST_STEP_ROWS = 64  # the first step is short, so the first request goes out without waiting for 2000
 ALL_FAIL_ROWS = 20  # when this many first rows all fail with one template error, the template is wrong
 
 
@@ -74,24 +75,35 @@ def plan(job: Job, source: Rows, settled: SettledKeys, batch_rows: int = RENDER_
     """
     builder = RequestBuilder(job)
     first = True
-    for frame in source.batches(batch_rows):
-        rows: list[PlannedRow] = []
-        for values in frame.iter_rows(named=True):
-            position, row_id = values[ROW], values[ID]
-            try:
-                request = builder.build(values)
-            except RenderError as exc:
-                rows.append(PlannedRow(position, row_id, f"render-{row_id}", [], [], exc))
-            else:
-                rows.append(PlannedRow(position, row_id, request.key, builder.samples_of(request), []))
-        if first:
-            _check_template(job, rows, whole_input=frame.height < batch_rows)
-            first = False
-        wanted = pl.Series(KEY, [r.key for row in rows for r in row.requests], dtype=pl.String)
-        done = iter(settled.contains(wanted).to_list())
-        for row in rows:
-            row.done = [next(done) for _ in row.requests]
-        yield PlannedBatch(frame, rows)
+    for whole in source.batches(batch_rows):
+        # The first batch in two steps: its first rows are sent while the rest render.
+        steps = [whole.slice(0, FIRST_STEP_ROWS), whole.slice(FIRST_STEP_ROWS)] if first else [whole]
+        for frame in steps:
+            if frame.height == 0:
+                continue
+            rows = _render(builder, frame)
+            if first:
+                _check_template(job, rows, whole_input=whole.height < batch_rows)
+                first = False
+            wanted = pl.Series(KEY, [r.key for row in rows for r in row.requests], dtype=pl.String)
+            done = iter(settled.contains(wanted).to_list())
+            for row in rows:
+                row.done = [next(done) for _ in row.requests]
+            yield PlannedBatch(frame, rows)
+
+
+def _render(builder: RequestBuilder, frame: pl.DataFrame) -> list[PlannedRow]:
+    """Each row of `frame` rendered into its requests (or its render error)."""
+    rows: list[PlannedRow] = []
+    for values in frame.iter_rows(named=True):
+        position, row_id = values[ROW], values[ID]
+        try:
+            request = builder.build(values)
+        except RenderError as exc:
+            rows.append(PlannedRow(position, row_id, f"render-{row_id}", [], [], exc))
+        else:
+            rows.append(PlannedRow(position, row_id, request.key, builder.samples_of(request), []))
+    return rows
 
 
 def _check_template(job: Job, rows: list[PlannedRow], whole_input: bool) -> None:
@@ -127,33 +139,42 @@ class Dispatch:
     async def requests(self, batches: Iterator[PlannedBatch], fingerprint: dict[str, Any]) -> AsyncIterator[Request]:
         """Yield the requests to send. Stops early, leaving the row map unsealed, when the budget
         cannot cover the next request; seals it when every input row was rendered."""
-        queued: set[str] = set()
+        queued = RequestKeys()  # rows' keys queued this run: one request per distinct prompt
         tally = self.tally
         for batch in batches:
             self.rows.add(batch.row_map(self.keep_columns))
             tally.rows_seen += batch.frame.height
+            # Answered before; or, in a pilot (which sends only its sample of rows), not wanted now.
+            wanted = [row for row in batch.rows if row.error is None and not self._settled(row)]
+            # A row with the same prompt earlier in this run has the same key, the same samples and
+            # the same `done`: its requests were queued then (the row's key stands for all of them).
+            fresh = dict(zip((id(row) for row in wanted), queued.add_batch([row.key for row in wanted]), strict=True))
             for row in batch.rows:
                 if row.error is not None:
                     self._render_failure(row)
                     continue
-                # Answered before; or, in a pilot (which sends only its sample of rows), not wanted now.
-                if all(row.done) or (self.pilot is not None and row.position not in self.pilot):
+                if id(row) not in fresh:
                     tally.rows_settled += 1
                     continue
+                if not fresh[id(row)]:
+                    # An identical request is queued already: its answer answers this row too.
+                    tally.requests_shared += sum(not done for done in row.done)
+                    continue
                 for pending, is_done in zip(row.requests, row.done, strict=True):
-                    if is_done or pending.key in queued:
-                        tally.requests_shared += not is_done  # an identical request is queued: it answers this row too
+                    if is_done:
                         continue
                     if not self.admit(pending):
                         self.control.end_dispatch("budget")  # what was admitted is paid for in advance: send it
                         return
-                    queued.add(pending.key)
                     self.outstanding.add(pending.key)
                     tally.requests_queued += 1
                     yield pending
             await asyncio.sleep(0)  # let answers in between batches
         self.rows.seal(fingerprint)  # reached only when every input row was rendered
         tally.all_rows_rendered = True
+
+    def _settled(self, row: PlannedRow) -> bool:
+        return all(row.done) or (self.pilot is not None and row.position not in self.pilot)
 
     def _render_failure(self, row: PlannedRow) -> None:
         """Record a row whose prompt cannot be rendered as failed (each of its samples); nothing is sent."""
@@ -169,6 +190,93 @@ class Dispatch:
                     error_message=str(row.error),
                 )
             )
+
+
+class RequestKeys:
+    """The request keys a run has queued, in 16 bytes a key (a Python set of str takes ~120): for a
+    10M-row input they would otherwise be the largest thing a run holds.
+
+    A request key is 32 hex digits, the first 128 bits of a sha256 (runner.job.prompts). The newest
+    keys are kept as strings in a set; every `run_keys` of them become a run: two sorted UInt64 polars
+    Series (the key's high and low 64 bits), never merged again, so no step ever copies all keys.
+    `add_batch` looks a batch of keys up in every run at once (binary search) and compares all 128
+    bits: two keys are taken for one only when they ARE one key, exactly as the store takes them. A
+    key of any other form (none is made today) stays in an ordinary set.
+    """
+
+    def __init__(self, run_keys: int = 200_000) -> None:
+        self._run_keys = run_keys
+        self._recent: set[str] = set()
+        self._other: set[str] = set()  # keys that are not 32 hex digits
+        self._runs: list[tuple[pl.Series, pl.Series]] = []
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and (key in self._recent or key in self._other or self._in_runs([key])[0])
+
+    def add(self, key: str) -> bool:
+        """Add one key; True if it was not in the set yet."""
+        return self.add_batch([key])[0]
+
+    def add_batch(self, keys: list[str]) -> list[bool]:
+        """Add `keys` in order; for each, True if it was new (not seen before, nor earlier in `keys`)."""
+        known = self._in_runs(keys)
+        recent, other = self._recent, self._other
+        fresh: list[bool] = []
+        for key, old in zip(keys, known, strict=True):
+            if old or key in recent or key in other:
+                fresh.append(False)
+                continue
+            (recent if _key_bits(key) is not None else other).add(key)
+            fresh.append(True)
+        self.size += sum(fresh)
+        if len(recent) >= self._run_keys:  # only between batches: a batch is checked against one state
+            self._freeze()
+        return fresh
+
+    def _freeze(self) -> None:
+        """Turn the recent keys into a sorted run."""
+        bits = [_key_bits(key) or 0 for key in self._recent]
+        run = pl.DataFrame(
+            {"high": [b >> 64 for b in bits], "low": [b & _LOW for b in bits]},
+            schema={"high": pl.UInt64, "low": pl.UInt64},
+        ).sort("high", "low")
+        self._runs.append((run.get_column("high"), run.get_column("low")))
+        self._recent = set()
+
+    def _in_runs(self, keys: list[str]) -> list[bool]:
+        """Is each key in one of the runs? (Vectorised: a binary search per run, not per key.)"""
+        if not self._runs or not keys:
+            return [False] * len(keys)
+        bits = [_key_bits(key) for key in keys]
+        high = pl.Series([(b or 0) >> 64 for b in bits], dtype=pl.UInt64)
+        low = pl.Series([(b or 0) & _LOW for b in bits], dtype=pl.UInt64)
+        found = pl.Series([False] * len(keys))
+        for run_high, run_low in self._runs:
+            first = run_high.search_sorted(high, side="left")
+            count = run_high.search_sorted(high, side="right").cast(pl.Int64) - first.cast(pl.Int64)
+            at = first.clip(0, run_high.len() - 1)
+            found = found | ((count == 1) & (run_low.gather(at) == low))
+            for i in (count > 1).arg_true().to_list():  # equal high halves in one run: compare each
+                start = int(first[i])
+                lows = run_low.slice(start, int(count[i])).to_list()
+                found[i] = bool(found[i]) or int(low[i]) in lows
+        hex_only = [b is not None for b in bits]
+        return [f and h for f, h in zip(found.to_list(), hex_only, strict=True)]
+
+
+_LOW = (1 << 64) - 1
+_HEX = frozenset("0123456789abcdef")
+
+
+def _key_bits(key: str) -> int | None:
+    """A request key's 128 bits, or None for a string that is not 32 lowercase hex digits."""
+    if len(key) != 32 or not _HEX.issuperset(key):
+        return None
+    return int(key, 16)
 
 
 async def nothing() -> AsyncIterator[Request]:

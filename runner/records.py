@@ -75,6 +75,9 @@ class Result:
     parsed_json: str | None = None  # a structured answer, validated, as JSON
     repairs: int = 0  # follow-up turns spent getting a valid structured answer
     api: str | None = None  # which API answered: "online" (the Messages API) or "batch" (Zhipu's Batch API)
+    # Milliseconds the request waited in this process before being sent (queue and slot); for the
+    # summary only: neither journalled nor stored.
+    wait_ms: float | None = None
 
 
 RESULT_SCHEMA: dict[str, pl.DataType] = {
@@ -110,11 +113,17 @@ def scan_results(parts: list[Path]) -> pl.LazyFrame:
     return pl.scan_parquet(parts, schema=RESULT_SCHEMA, missing_columns="insert")
 
 
+_NOT_JOURNALLED = frozenset({"wait_ms"})
+_JOURNAL_FIELDS = tuple(name for name in Result.__slots__ if name not in _NOT_JOURNALLED)
+# json.dumps(..., ensure_ascii=False) builds a new encoder on every call; one is enough.
+_encode = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def result_to_json(result: Result) -> str:
     """One result as a JSON line for the write-ahead journal."""
-    data = {name: getattr(result, name) for name in Result.__slots__}
+    data = {name: getattr(result, name) for name in _JOURNAL_FIELDS}
     data["finished_at"] = result.finished_at.isoformat()
-    return json.dumps(data, ensure_ascii=False)
+    return _encode(data)
 
 
 def result_from_json(line: str) -> Result:

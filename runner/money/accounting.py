@@ -18,6 +18,44 @@ from runner.money.tokens import Calibration, estimate_request
 from runner.records import Request, Result
 
 
+class Distribution:
+    """Durations counted in buckets 0.1% wide on a log scale: percentiles to within 0.1%, in memory
+    bounded by the range of the values (a few thousand buckets), not by their number."""
+
+    __slots__ = ("_counts", "count")
+
+    STEP = math.log(1.001)
+
+    def __init__(self) -> None:
+        self._counts: dict[int, int] = {}
+        self.count = 0
+
+    def add(self, value: float) -> None:
+        """Count one value (negative values count as zero)."""
+        bucket = math.floor(math.log(value) / self.STEP) if value > 1e-6 else _ZERO
+        self._counts[bucket] = self._counts.get(bucket, 0) + 1
+        self.count += 1
+
+    def percentile(self, q: float) -> float | None:
+        """The q-th percentile (0-100) by nearest rank, as its bucket's midpoint; None for no values."""
+        if not self.count:
+            return None
+        rank = max(0, min(self.count - 1, round(q / 100 * self.count) - 1))
+        seen = 0
+        for bucket in sorted(self._counts):
+            seen += self._counts[bucket]
+            if seen > rank:
+                return 0.0 if bucket == _ZERO else round(math.exp((bucket + 0.5) * self.STEP), 3)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def summary(self) -> dict[str, float | None]:
+        """p50, p90 and p99."""
+        return {"p50": self.percentile(50), "p90": self.percentile(90), "p99": self.percentile(99)}
+
+
+_ZERO = -(10**9)  # the bucket of zero (and of anything under a nanosecond)
+
+
 def percentile(values: array[float], q: float) -> float | None:
     """The q-th percentile (0-100) by nearest rank; None for no values."""
     if not values:
@@ -45,7 +83,10 @@ class Tally:
     cache_read_input_tokens: int = 0
     cache_creation_input_tokens: int = 0
     errors: dict[str, int] = field(default_factory=dict)
-    latencies_ms: array[float] = field(default_factory=lambda: array("d"))
+    # Per answered request, in two parts: on the wire (the SDK call of its last attempt), and waiting in
+    # this process before its attempts went out (the send queue and the in-flight slot).
+    latencies_ms: Distribution = field(default_factory=Distribution)
+    client_wait_ms: Distribution = field(default_factory=Distribution)
     started: float = field(default_factory=time.monotonic)
     cost: float = 0.0
     cost_by_tier: dict[str, float] = field(default_factory=dict)
@@ -80,7 +121,9 @@ class Tally:
             self.cache_read_input_tokens += result.cache_read_input_tokens or 0
             self.cache_creation_input_tokens += result.cache_creation_input_tokens or 0
             if result.latency_ms is not None:
-                self.latencies_ms.append(result.latency_ms)
+                self.latencies_ms.add(result.latency_ms)
+            if result.wait_ms is not None:
+                self.client_wait_ms.add(result.wait_ms)
         else:
             self.failed += 1
             name = result.error_type or "unknown"
@@ -143,11 +186,11 @@ class Tally:
             },
             "elapsed_s": round(self.elapsed_s, 3),
             "requests_per_s": round(self.rate(), 2),
-            "latency_ms": {
-                "p50": percentile(self.latencies_ms, 50),
-                "p90": percentile(self.latencies_ms, 90),
-                "p99": percentile(self.latencies_ms, 99),
-            },
+            # Whose time: `latency_ms` is the SDK call (the endpoint, the network and this process's own
+            # event loop while the call was open); `client_wait_ms` is the time the request waited in
+            # this process before its attempts were sent (queue + in-flight slot + rate buckets).
+            "latency_ms": {**self.latencies_ms.summary(), "measures": "sdk_call"},
+            "client_wait_ms": {**self.client_wait_ms.summary(), "measures": "queue_and_slot_wait"},
         }
 
 

@@ -123,14 +123,18 @@ class Conversation:
             self.params = self._shape.repair(self.params, answer, str(unusable))
             return self.params
 
-    def result(self, *, attempts: int, latency_ms: float | None, api: str | None = None) -> Result:
-        """The Result of the finished conversation (at least one answer); `api` names the API that answered."""
+    def result(
+        self, *, attempts: int, latency_ms: float | None, wait_ms: float | None = None, api: str | None = None
+    ) -> Result:
+        """The Result of the finished conversation (at least one answer); `wait_ms`: how long it waited
+        in this process before being sent (for the summary); `api`: the API that answered."""
         answers, problem, last = self._answers, self._problem, self._answers[-1]
         return Result(
             key=self.request.key,
             status="ok" if problem is None else "invalid",
             attempts=attempts,
             latency_ms=latency_ms,
+            wait_ms=wait_ms,
             finished_at=dt.datetime.now(dt.UTC),
             model=last.model,
             # For a tool call the raw answer is its input; kept as text so invalid rows show what came back.

@@ -77,23 +77,26 @@ class OnlineExecutor:
 
     async def run(self, requests: AsyncIterator[Request], deliver: Deliver, control: Control) -> None:
         """Run `workers` tasks pulling from a small queue fed by `requests`."""
-        queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=self._workers * 2)
+        queue: asyncio.Queue[tuple[Request, float] | None] = asyncio.Queue(maxsize=self._workers * 2)
+        clock = self._clock
 
         async def feed() -> None:
             async for request in requests:
                 if control.stopping.is_set():
                     break
-                await queue.put(request)
+                await queue.put((request, clock()))
             # One sentinel per worker, on the normal path only: when the run is cancelled the task group
             # cancels the workers itself, and nobody would drain a full queue to take them.
             for _ in range(self._workers):
                 await queue.put(None)
 
         async def work() -> None:
-            while (request := await queue.get()) is not None:
+            while (item := await queue.get()) is not None:
                 if control.stopping.is_set():
                     continue  # drain without sending, so the feeder's sentinels get through
-                result = await self._send(request, control)
+                request, queued_at = item
+                waited = [(clock() - queued_at) * 1000]  # in ms: the queue, then each attempt's slot
+                result = await self._send(request, control, waited)
                 if result is not None:
                     deliver(result)
 
@@ -102,9 +105,10 @@ class OnlineExecutor:
             for _ in range(self._workers):
                 group.create_task(work())
 
-    async def _send(self, request: Request, control: Control) -> Result | None:
+    async def _send(self, request: Request, control: Control, waited: list[float] | None = None) -> Result | None:
         """One request's conversation: each turn retried until answered, repairs as the shape asks.
-        None if the endpoint refused the whole run."""
+        None if the endpoint refused the whole run. `waited[0]` adds up the ms spent waiting for slots."""
+        waited = waited if waited is not None else [0.0]
         conversation = Conversation(request, self._shape)
         params: dict[str, Any] | None = request.params
         attempts = 0
@@ -112,7 +116,7 @@ class OnlineExecutor:
         while params is not None:
             tries = [0]  # attempts of this turn, counted even when the turn fails
             try:
-                answer, latency_ms = await self._call(params, request, control, tries)
+                answer, latency_ms = await self._call(params, request, control, tries, waited)
             except Exception as exc:  # an Exception only: cancellation must pass through untouched
                 fault = self._classify(exc)
                 if fault.maybe_billed:  # the last attempt's timeout (earlier ones were noted as retries)
@@ -123,13 +127,23 @@ class OnlineExecutor:
                 return failure(request, fault, attempts + tries[0])
             attempts += tries[0]
             params = conversation.add(answer)
-        return conversation.result(attempts=attempts, latency_ms=latency_ms)
+        return conversation.result(attempts=attempts, latency_ms=latency_ms, wait_ms=waited[0])
 
     async def _call(
-        self, params: dict[str, Any], request: Request, control: Control, tries: list[int]
+        self, params: dict[str, Any], request: Request, control: Control, tries: list[int], waited: list[float]
     ) -> tuple[Answer, float]:
-        """Send one turn with retries; the answer and its latency in ms. `tries[0]` counts attempts."""
-        latency_ms = 0.0
+        """Send one turn with retries; the answer and its latency in ms (the SDK call). `tries[0]` counts
+        attempts; `waited[0]` adds the ms each attempt waited for its slot (and rate buckets).
+
+        The first attempt goes out directly: most are answered, and building tenacity's machinery for
+        each of them was the largest cost of the runner's own while sending. If it fails, the policy
+        takes over with that failure as its attempt 1 (re-raised inside it), so the retry decision,
+        the callbacks and the backoff are tenacity's exactly as if it had run the first attempt."""
+        tries[0] = 1
+        try:
+            return await self._attempt(params, request, waited)
+        except Exception as exc:  # an Exception only: cancellation must pass through untouched
+            first: Exception | None = exc
 
         def count_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -145,11 +159,19 @@ class OnlineExecutor:
         async for attempt in policy:
             with attempt:
                 tries[0] = attempt.retry_state.attempt_number
-                async with self._limits.slot(self._estimate(request)) as slot:
-                    started = self._clock()
-                    answer = await self._client.send(params)
-                    latency_ms = (self._clock() - started) * 1000
-                    slot.used_tokens = (
-                        answer.input_tokens + (answer.cache_read_input_tokens or 0) + answer.output_tokens
-                    )
+                if first is not None:  # attempt 1 is the one already made
+                    failed, first = first, None
+                    raise failed
+                answer, latency_ms = await self._attempt(params, request, waited)
+        return answer, latency_ms
+
+    async def _attempt(self, params: dict[str, Any], request: Request, waited: list[float]) -> tuple[Answer, float]:
+        """One attempt under a slot: the answer and the SDK call's ms; the slot's wait goes to `waited`."""
+        asked = self._clock()
+        async with self._limits.slot(self._estimate(request)) as slot:
+            started = self._clock()
+            waited[0] += (started - asked) * 1000
+            answer = await self._client.send(params)
+            latency_ms = (self._clock() - started) * 1000
+            slot.used_tokens = answer.input_tokens + (answer.cache_read_input_tokens or 0) + answer.output_tokens
         return answer, latency_ms

@@ -1,0 +1,235 @@
+"""Benchmark: does a first run PLAN in bounded memory? Peak RSS and rows/s of planning at 1M and 10M rows.
+
+    python bench/planning.py [--rows 1000000 10000000] [--runs 1] [--online 1000000]
+
+Planning is everything a run does before a request is handed over: read the input, render each row,
+key it, deduplicate the keys, record the row map. Each measurement is one process (so peak RSS is its
+own) running `runner.engine.run_job` on an input of N distinct rows (every 50th row repeats an
+earlier one, so the deduplication works too), with nothing answered before:
+
+- `fake`: the in-process FakeExecutor answers each request at once (runner.send.fake), so planning
+  and recording answers are all that is timed; peak RSS and seconds are read the moment the planner
+  has yielded its last request, and again at the end (output written).
+- `online` (with `--online N`): the same run through the real online executor (SDK, aiohttp) against
+  a simulator process with no latency, on an N-row input 99% answered beforehand, so the run plans
+  every row and sends 1%; and `fake` on the very same state, to show that the two plan at the same
+  rows/s (the fake executor does not flatter planning).
+
+Targets: the 10M-row peak RSS at the end of planning under 1 GB and at most 1.5x the 1M-row figure.
+Inputs are generated once into /tmp/glm-batch-bench/planning (not the repo) and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from _common import free_port, seed_finished_state, start_simulator
+
+DATA = Path("/tmp/glm-batch-bench/planning")
+REPEAT_EVERY = 50  # every 50th row asks what an earlier row asked
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_input(rows: int) -> Path:
+    """An input of `rows` rows (2% repeats), written by polars without Python objects per row."""
+    path = DATA / f"input-{rows}.parquet"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        i = pl.int_range(0, rows, dtype=pl.Int64, eager=True).alias("i")
+        # Row i repeats row i - 1 when i is a multiple of REPEAT_EVERY: the same text, another id.
+        source = pl.when((i % REPEAT_EVERY == 0) & (i > 0)).then(i - 1).otherwise(i)
+        frame = pl.DataFrame({"i": i}).select(
+            pl.format("r{}", pl.col("i").cast(pl.String).str.zfill(9)).alias("id"),
+            pl.format("review {}: the product was fine", source).alias("text"),
+        )
+        frame.write_parquet(path.with_suffix(".tmp"), row_group_size=100_000)
+        path.with_suffix(".tmp").rename(path)
+    return path
+
+
+def write_spec(folder: Path, input_path: Path, port: int) -> Path:
+    """A job over `input_path` (linked into `folder`), pointed at a simulator on `port`."""
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "data").mkdir(parents=True)
+    os.symlink(input_path, folder / "data" / "input.parquet")
+    spec = folder / "job.yaml"
+    spec.write_text(
+        f"""version: 1
+name: bench
+input: {{paths: [data/input.parquet], id_column: id}}
+prompt: {{system: Be brief., template: "Summarise: {{{{ text }}}}"}}
+model: {{name: glm-4.6, endpoint: "http://127.0.0.1:{port}", max_tokens: 64}}
+run: {{concurrency: 64}}
+output: {{path: out/bench.parquet}}
+""",
+        encoding="utf-8",
+    )
+    return spec
+
+
+class Timed:
+    """Wraps an executor: notes the wall time and peak RSS when the planner's requests run out."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.planned_s: float | None = None
+        self.planned_rss_mb: float | None = None
+        self.started = time.perf_counter()
+
+    def gauges(self) -> dict[str, Any]:
+        return dict(self.inner.gauges())
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def run(self, requests: AsyncIterator[Any], deliver: Any, control: Any) -> None:
+        async def watched() -> AsyncIterator[Any]:
+            count = 0
+            async for request in requests:
+                yield request
+                count += 1
+                if count % 1_000_000 == 0:  # progress on stderr: requests so far, seconds, peak RSS
+                    seconds = time.perf_counter() - self.started
+                    print(
+                        json.dumps({"requests": count, "s": round(seconds, 1), "peak_rss_mb": peak_rss_mb()}),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            self.planned_s = time.perf_counter() - self.started
+            self.planned_rss_mb = peak_rss_mb()
+
+        await self.inner.run(watched(), deliver, control)
+
+
+def child(spec: Path, executor: str) -> dict[str, Any]:
+    """One run in this process: planning seconds and peak RSS, then the whole run's."""
+    from runner.engine import RunOptions, run_job
+    from runner.job.resolve import load_job
+    from runner.money.tokens import estimate_request
+    from runner.observe.progress import make_reporter
+
+    started = time.perf_counter()
+    job = load_job(spec)
+    if executor == "fake":
+        from runner.send.fake import FakeExecutor
+
+        inner: Any = FakeExecutor()
+    else:
+        from runner.send import make_executor
+
+        assert job.base_url is not None
+        inner = make_executor(job, job.base_url, "bench", lambda r: estimate_request(r.params))
+    timed = Timed(inner)
+    timed.started = started
+    with open(os.devnull, "w") as quiet:
+        report = asyncio.run(
+            run_job(
+                job,
+                api_key="bench",
+                options=RunOptions(),
+                reporter=make_reporter("json", quiet, interval_s=3600),
+                executor=timed,
+            )
+        )
+    assert report.exit_code == 0, report.message
+    assert timed.planned_s is not None
+    return {
+        "planning_s": round(timed.planned_s, 2),
+        "planning_peak_rss_mb": round(timed.planned_rss_mb or 0.0, 1),
+        "run_s": round(time.perf_counter() - started, 2),
+        "run_peak_rss_mb": round(peak_rss_mb(), 1),
+        "requests_sent": report.summary.get("requests_queued"),
+    }
+
+
+def measure(spec: Path, executor: str, rows: int) -> dict[str, Any]:
+    """`child` in a fresh process (so its peak RSS is its own)."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", str(spec), "--executor", executor],
+        stdout=subprocess.PIPE,  # its progress lines go straight to our stderr
+        text=True,
+        env={**os.environ, "ZHIPUAI_API_KEY": "bench"},
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"planning run failed ({proc.returncode})")
+    data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    data["planning_rows_per_s"] = round(rows / data["planning_s"], 1)
+    return data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="*", default=[1_000_000, 10_000_000])
+    parser.add_argument("--runs", type=int, default=1, help="runs per size (each is a fresh first run)")
+    parser.add_argument("--online", type=int, default=0, help="also the online-vs-fake check at this size")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--executor", default="fake", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(child(args.child, args.executor)))
+        return
+    report: dict[str, Any] = {}
+    for rows in args.rows:
+        runs = []
+        for _ in range(args.runs):
+            spec = write_spec(DATA / f"job-{rows}", make_input(rows), free_port())
+            runs.append(measure(spec, "fake", rows))
+            print(json.dumps({rows: runs[-1]}), flush=True)
+        report[str(rows)] = {
+            "runs": runs,
+            "worst_planning_peak_rss_mb": max(r["planning_peak_rss_mb"] for r in runs),
+            "worst_planning_rows_per_s": min(r["planning_rows_per_s"] for r in runs),
+        }
+    if len(args.rows) == 2:
+        small, large = (report[str(n)]["worst_planning_peak_rss_mb"] for n in args.rows)
+        report["planning_rss_ratio_large_to_small"] = round(large / small, 2)
+    if args.online:
+        report["online_vs_fake"] = online_vs_fake(args.online)
+    print(json.dumps(report, indent=2))
+
+
+def online_vs_fake(rows: int) -> dict[str, Any]:
+    """Plan `rows` rows (99% answered before) through the real online executor and through the fake one."""
+    port = free_port()
+    spec = write_spec(DATA / f"online-{rows}", make_input(rows), port)
+    seed_finished_state(spec, skip_every=100)
+    from runner.job.resolve import load_job
+
+    state = load_job(spec).state_dir
+    saved = spec.parent / "seeded-state"
+    shutil.copytree(state, saved)
+    result: dict[str, Any] = {"rows": rows}
+    sim = start_simulator(port)
+    try:
+        for executor in ("online", "fake", "online", "fake"):
+            shutil.rmtree(state)
+            shutil.copytree(saved, state)
+            run = measure(spec, executor, rows)
+            result.setdefault(executor, []).append(run)
+            print(json.dumps({"online_vs_fake": executor, **run}), flush=True)
+    finally:
+        sim.terminate()
+        sim.wait()
+    online = min(r["planning_rows_per_s"] for r in result["online"])
+    fake = min(r["planning_rows_per_s"] for r in result["fake"])
+    result["planning_rows_per_s_online_to_fake"] = round(online / fake, 2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -131,7 +131,15 @@ async def _run(
     else:
         store.rows.reset()
         dispatch = Dispatch(
-            store.rows, source.keep_columns, tally, deliver, accountant.admit, control, pilot, outstanding
+            store.rows,
+            source.keep_columns,
+            tally,
+            deliver,
+            accountant.admit,
+            control,
+            pilot,
+            outstanding,
+            context_tokens=job.model.context,
         )
         requests = dispatch.requests(plan(job, source, settled), fingerprint)
 

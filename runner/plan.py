@@ -25,6 +25,7 @@ from runner.job.prompts import RequestBuilder, sample_key
 from runner.job.resolve import Job
 from runner.job.templates import RenderError
 from runner.money.accounting import Tally
+from runner.money.tokens import estimate_request
 from runner.records import KEY, Request, Result
 from runner.send.base import Control, Deliver
 from runner.state.rowmap import RowMap
@@ -135,6 +136,9 @@ class Dispatch:
     pilot: frozenset[int] | None = None  # a pilot sends only these row positions
     # Requests handed to the executor and not yet answered: the run is complete when none are left.
     outstanding: set[str] = field(default_factory=set)
+    # The model's context window: a prompt estimated above it is refused here (the endpoint would
+    # refuse it too, 400/1261), its row failed with the reason, and nothing is sent.
+    context_tokens: int | None = None
 
     async def requests(self, batches: Iterator[PlannedBatch], fingerprint: dict[str, Any]) -> AsyncIterator[Request]:
         """Yield the requests to send. Stops early, leaving the row map unsealed, when the budget
@@ -163,6 +167,8 @@ class Dispatch:
                 for pending, is_done in zip(row.requests, row.done, strict=True):
                     if is_done:
                         continue
+                    if self.context_tokens is not None and self._too_long(pending):
+                        continue
                     if not self.admit(pending):
                         self.control.end_dispatch("budget")  # what was admitted is paid for in advance: send it
                         return
@@ -172,6 +178,29 @@ class Dispatch:
             await asyncio.sleep(0)  # let answers in between batches
         self.rows.seal(fingerprint)  # reached only when every input row was rendered
         tally.all_rows_rendered = True
+
+    def _too_long(self, request: Request) -> bool:
+        """Fail a request whose prompt cannot fit the model's context window, without sending it."""
+        assert self.context_tokens is not None
+        estimated = estimate_request(request.params)
+        if estimated <= self.context_tokens:
+            return False
+        self.deliver(
+            Result(
+                key=request.key,
+                status="error",
+                attempts=0,
+                latency_ms=None,
+                finished_at=dt.datetime.now(dt.UTC),
+                model=str(request.params.get("model")),
+                error_type="over_context",
+                error_message=(
+                    f"the prompt is about {estimated:,} tokens, over the model's context window of "
+                    f"{self.context_tokens:,}; shorten it (nothing was sent)"
+                ),
+            )
+        )
+        return True
 
     def _settled(self, row: PlannedRow) -> bool:
         return all(row.done) or (self.pilot is not None and row.position not in self.pilot)

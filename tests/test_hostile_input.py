@@ -364,3 +364,18 @@ def test_a_job_still_pickles(make_job) -> None:
     job = load_job(make_job(input={"nulls": "empty"}).spec)
 
     assert pickle.loads(pickle.dumps(job)).template.render({"text": {"a": 1}}) == 'Summarise: {"a": 1}'
+
+
+def test_a_prompt_over_the_context_window_fails_its_row_and_is_never_sent(make_job, sim) -> None:
+    """A 2 MB cell (about half a million tokens, over glm-4.6's window) is refused locally at run
+    time: its row fails with the reason, the other rows are answered, and the endpoint never sees it."""
+    rows = [*sample_rows(3), {"id": "huge", "text": "word " * 400_000}]
+    job = make_job(rows=rows)
+    result = cli("run", str(job.spec))
+    assert result.exit_code == 1
+    out = pl.read_parquet(job.output)
+    huge = out.filter(pl.col("id") == "huge")
+    assert huge.get_column("error_type").item() == "over_context"
+    assert "context window" in huge.get_column("error_message").item()
+    assert out.filter(pl.col("id") != "huge").get_column("status").to_list() == ["ok"] * 3
+    assert sim.stats()["requests"] == 3

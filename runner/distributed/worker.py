@@ -176,7 +176,17 @@ class Sender:
             results.append((result_to_json(result), tier))
 
         admit = config.accountant.admit  # notes each request's estimate; the budget is the limiter's (below)
-        dispatch = Dispatch(lines, config.source.keep_columns, tally, deliver, admit, control, None, outstanding)
+        dispatch = Dispatch(
+            lines,
+            config.source.keep_columns,
+            tally,
+            deliver,
+            admit,
+            control,
+            None,
+            outstanding,
+            context_tokens=config.job.model.context,
+        )
         requests = self._reserving(dispatch.requests(iter(planned), {}), control)
         try:
             await self._executor.run(requests, deliver, control)

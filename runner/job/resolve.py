@@ -69,12 +69,10 @@ class Job:
         """A short hash of the validated spec (after overrides) and the resolved kept columns, recorded
         in manifests and in the row map's fingerprint (which caches the kept columns).
 
-        Keys the spec added later are left out while unset, and keep_columns is hashed as resolved, so
-        a job written before them hashes as it always did."""
-        data = self.spec.model_dump(mode="json")
-        if data["prompt"].get("messages") is None:
-            data["prompt"].pop("messages", None)
-        data["output"]["keep_columns"] = list(self.keep_columns)
+        Values left at their defaults are left out, so a field the spec gains later does not change the
+        hash of a job that does not use it; keep_columns is hashed as resolved."""
+        data = self.spec.model_dump(mode="json", exclude_defaults=True)
+        data.setdefault("output", {})["keep_columns"] = list(self.keep_columns)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,4 +115,8 @@ class CliResult:
 def cli(*args: str) -> CliResult:
     """Invoke the real `glm-batch` command in-process."""
     result = CliRunner().invoke(app, [*args, "--log-format", "json"] if args and args[0] == "run" else list(args))
-    return CliResult(result.exit_code, result.stdout, result.stderr)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        # A traceback is a defect in itself; show it in the assertion message rather than losing it.
+        stderr += "".join(traceback.format_exception(result.exception))
+    return CliResult(result.exit_code, result.stdout, stderr)

@@ -261,7 +261,7 @@ def _reconcile(store: Store, tally: Tally, accountant: Accountant, progress: _Pr
     missed = scan_results(parts).filter(~pl.col(KEY).is_in(known)).unique(KEY, keep="first").collect()
     table = accountant.table
     for row in missed.iter_rows(named=True):
-        result = Result(**{name: row[name] for name in Result.__slots__})
+        result = Result(**{name: row[name] for name in Result.__slots__ if name in row})  # wait_ms is not stored
         tokens_in, tokens_out = (result.input_tokens or 0) + (result.cache_read_input_tokens or 0), result.output_tokens
         tier = (
             tier_label(table.tier(tokens_in, tokens_out or 0)) if table is not None and result.status == "ok" else None

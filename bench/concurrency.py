@@ -61,7 +61,7 @@ def serve(port: int, cap: int, latency: float, jitter: float, seed: int) -> None
 def run_recorded(spec: str, trace_path: str) -> None:
     """`glm-batch run SPEC` in this process, recording when the first request went out and how the
     adaptive limit moved; the record is written to `trace_path` however the run ends."""
-    import runner.engine
+    import runner.send.limits
     from runner.cli import main as cli_main
     from runner.send.limits import AimdController, Limits
 
@@ -93,8 +93,10 @@ def run_recorded(spec: str, trace_path: str) -> None:
         Path(trace_path).write_text(json.dumps(trace), encoding="utf-8")
 
     atexit.register(write)
-    setattr(runner.engine, "AimdController", RecordingController)  # noqa: B010 (not exported: patched)
-    setattr(runner.engine, "Limits", RecordingLimits)  # noqa: B010
+    # The executor factory (runner.send.make_executor) imports these from runner.send.limits when it
+    # builds the online executor, so patching the module's names reaches the run.
+    runner.send.limits.AimdController = RecordingController  # type: ignore[misc]
+    runner.send.limits.Limits = RecordingLimits  # type: ignore[misc]
     sys.argv = ["glm-batch", "run", spec, "--log-format", "json"]
     cli_main()
 

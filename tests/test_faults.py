@@ -76,6 +76,20 @@ def test_a_prompt_over_the_context_window_fails_alone_and_the_estimate_warned(ma
     assert result.exit_code == 1
     out = pl.read_parquet(job.output)
     assert out.get_column("status").to_list() == ["ok", "ok", "error"]
+    assert out.get_column("error_type")[2] == "over_context"  # refused here: never sent
+    assert out.get_column("attempts")[2] == 0
+    assert sim.stats()["requests"] == 2
+
+
+def test_a_prompt_the_endpoint_finds_too_long_fails_alone_without_retries(make_job, sim) -> None:
+    """Our estimate can be low (GLM counts JSON at ~1.4x): what it lets through, the endpoint may refuse
+    with 400/1261, unbilled; that row fails at once and the others go on."""
+    sim.configure(token_scale=2.0)  # the endpoint counts twice what our estimator does
+    rows = [*sample_rows(2), {"id": "long", "text": "word " * 100_000}]  # under 200K estimated, over it counted
+    job = make_job(rows)
+    assert cli("run", str(job.spec)).exit_code == 1
+    out = pl.read_parquet(job.output)
+    assert out.get_column("status").to_list() == ["ok", "ok", "error"]
     assert out.get_column("error_type")[2] == "400/1261"
     assert out.get_column("attempts")[2] == 1  # refused, not retried
 

@@ -18,7 +18,6 @@ import contextlib
 import datetime as dt
 import random
 import secrets
-from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
@@ -26,8 +25,7 @@ import polars as pl
 from runner.errors import DiskFull
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
-from runner.money.accounting import Tally
-from runner.money.pricing import accountant_for
+from runner.money.accounting import Tally, accountant_for
 from runner.observe import quality, summary
 from runner.observe.progress import Reporter
 from runner.output.assemble import OutputShape, finalize
@@ -35,32 +33,14 @@ from runner.output.sinks import ParquetSink
 from runner.plan import Dispatch, nothing, plan
 from runner.records import Result
 from runner.resume import settled_keys
+from runner.runs import RunOptions as RunOptions  # re-exported
+from runner.runs import RunReport as RunReport
+from runner.runs import fingerprint
 from runner.send import make_executor
 from runner.send.base import Control, Executor
 from runner.send.endpoints import endpoint_url
 from runner.state.store import Store
 from runner.supervise import supervise
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How this invocation treats earlier answers, and whether it is a pilot."""
-
-    fresh: bool = False  # ignore earlier answers and send everything again
-    retry_failed: bool = False  # send again the rows that failed for good in earlier runs
-    pilot_rows: int | None = None  # send only this many randomly chosen rows; write no output
-    pilot_seed: int = 0
-    resume_command: str | None = None  # the exact command that resumes this job (for messages)
-    resend_lost: bool = False  # pay again for answers lost with torn files, however many
-
-
-@dataclass
-class RunReport:
-    """How a run ended: the exit code, one line for the user, and the summary that was written."""
-
-    exit_code: int
-    message: str
-    summary: dict[str, Any] = field(default_factory=dict)
 
 
 async def run_job(
@@ -123,8 +103,8 @@ async def _run(
         except DiskFull as exc:
             control.fail(exc)
 
-    fingerprint = _fingerprint(job)
-    unchanged = not options.fresh and pilot is None and store.rows.is_current(fingerprint, settled, samples)
+    built_from = fingerprint(job)
+    unchanged = not options.fresh and pilot is None and store.rows.is_current(built_from, settled, samples)
     if unchanged:  # nothing changed since a run that answered every row: no row needs rendering
         tally.rows_seen = tally.rows_settled = tally.rows_total
         requests = nothing()
@@ -141,7 +121,7 @@ async def _run(
             outstanding,
             context_tokens=job.model.context,
         )
-        requests = dispatch.requests(plan(job, source, settled), fingerprint)
+        requests = dispatch.requests(plan(job, source, settled), built_from)
 
     reporter.phase("connecting")
     with endpoint_url(job) as base_url:
@@ -215,15 +195,6 @@ class Idle:
 
     async def aclose(self) -> None:
         return None
-
-
-def _fingerprint(job: Job) -> dict[str, Any]:
-    """What a row map depends on: the spec (after overrides) and each input file's identity."""
-    files = []
-    for path in job.input_paths:
-        st = path.stat()
-        files.append([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
-    return {"spec_hash": job.spec_hash, "inputs": files}
 
 
 def _pilot_sample(rows_total: int, options: RunOptions) -> frozenset[int]:

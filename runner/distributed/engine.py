@@ -31,7 +31,6 @@ import ray
 from runner.distributed.limiter import connect
 from runner.distributed.rows import read_rows
 from runner.distributed.worker import REPORT, Sender, SenderConfig
-from runner.engine import RunOptions, RunReport, _fingerprint
 from runner.errors import DiskFull, EndpointAborted, UsageError
 from runner.job.inputs import InputSource, open_input
 from runner.job.resolve import Job
@@ -46,6 +45,7 @@ from runner.output.salvage import check_resend, salvage
 from runner.output.sinks import ParquetSink
 from runner.plan import ALL_FAIL_ROWS, plan
 from runner.records import KEY, Result, result_from_json, scan_results
+from runner.runs import RunOptions, RunReport, fingerprint
 from runner.send.base import Control
 from runner.send.endpoints import endpoint_url
 from runner.send.limits import AimdController
@@ -130,9 +130,9 @@ async def _run(
     next(plan(job, source, settled, batch_rows=ALL_FAIL_ROWS))  # a broken template fails here, not on a worker
     control = Control()
     progress = _Progress()
-    fingerprint = _fingerprint(job)
+    built_from = fingerprint(job)
     limits: dict[str, Any] = {}
-    if not options.fresh and store.rows.is_current(fingerprint, settled, samples):
+    if not options.fresh and store.rows.is_current(built_from, settled, samples):
         tally.rows_seen = tally.rows_settled = tally.rows_total  # nothing changed: no row needs rendering
         tally.all_rows_rendered = True
     else:
@@ -142,7 +142,7 @@ async def _run(
                 job, source, store, api_key, base_url, settled, accountant, tally, control, progress, reporter, shape
             )
         if tally.rows_seen == tally.rows_total and control.reason is None:
-            store.rows.seal(fingerprint)
+            store.rows.seal(built_from)
             tally.all_rows_rendered = True
     return _finish(job, store, tally, control, progress, accountant, started_at, options, reporter, limits)
 

@@ -13,7 +13,8 @@ from array import array
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from runner.money.pricing import Budget, PriceTable, tier_label
+from runner.job.resolve import Job
+from runner.money.pricing import Budget, PriceTable, price_table, require_prices, tier_label
 from runner.money.tokens import Calibration, estimate_request
 from runner.records import Request, Result
 
@@ -259,3 +260,16 @@ class Accountant:
         if self.budget is not None:
             self.budget.settle(reserved, cost or 0.0)
         return replace(result, cost=cost, est_input_tokens=raw), tier
+
+
+def accountant_for(job: Job) -> Accountant:
+    """The run's accountant: the job's prices (required with a budget), its budget, and an input-token
+    calibration from the ledger where estimates gate sending (a budget or a token bucket)."""
+    from runner.money import ledger
+
+    run = job.spec.run
+    table = require_prices(job, "run.max_cost") if run.max_cost is not None else price_table(job)
+    gated = run.max_cost is not None or run.tokens_per_minute is not None
+    calibration = ledger.calibration(job.name, job.spec.model.name) if gated else Calibration()
+    budget = Budget(run.max_cost) if run.max_cost is not None else None
+    return Accountant(table, calibration, budget, job.spec.model.max_tokens, job.model.batch.price_share)

@@ -11,14 +11,10 @@ the answer's length too; api.z.ai has one tier. Cached input tokens are billed a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from runner.errors import UsageError
 from runner.job.catalog import CurrencyPrices, PriceTier
 from runner.job.resolve import Job
-
-if TYPE_CHECKING:
-    from runner.money.accounting import Accountant
 
 PER_TOKENS = 1_000_000
 
@@ -118,18 +114,3 @@ class Budget:
         """An answer came back: release its reservation and book what it really cost."""
         self.reserved = max(0.0, self.reserved - reserved)
         self.spent += actual
-
-
-def accountant_for(job: Job) -> Accountant:
-    """The run's accountant: the job's prices (required with a budget), its budget, and an input-token
-    calibration from the ledger where estimates gate sending (a budget or a token bucket)."""
-    from runner.money import ledger
-    from runner.money.accounting import Accountant
-    from runner.money.tokens import Calibration
-
-    run = job.spec.run
-    table = require_prices(job, "run.max_cost") if run.max_cost is not None else price_table(job)
-    gated = run.max_cost is not None or run.tokens_per_minute is not None
-    calibration = ledger.calibration(job.name, job.spec.model.name) if gated else Calibration()
-    budget = Budget(run.max_cost) if run.max_cost is not None else None
-    return Accountant(table, calibration, budget, job.spec.model.max_tokens, job.model.batch.price_share)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import polars as pl
 
@@ -21,9 +21,7 @@ from runner.job.inputs import ROW
 from runner.job.samples import expand_samples
 from runner.records import KEY
 from runner.state.files import write_atomic, write_json_atomic
-
-if TYPE_CHECKING:
-    from runner.state.store import SettledKeys
+from runner.state.settled import SettledKeys
 
 ROW_MAP_FILE_ROWS = 100_000  # rows per row-map file: few files, bounded memory
 

@@ -88,6 +88,22 @@ def test_transient_line_failures_and_an_expired_batch_end_with_every_row_answere
     assert_paid_once(sim)
 
 
+def test_a_line_the_batch_api_refuses_fails_its_row_alone_without_another_round(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """A line the Batch API answers 400/1261 (a prompt it counts over the window) fails its row at
+    once, named after the line's code; the other rows of the batch are answered."""
+    sim.configure(token_scale=2.0)  # the endpoint counts twice what our estimator does
+    rows = [*sample_rows(2), {"id": "long", "text": "word " * 100_000}]  # under 200K estimated, over it counted
+    files = make_job(rows=rows, run={"mode": "batch", "batch": FAST_POLL})
+    assert cli("run", str(files.spec)).exit_code == 1
+    out = pl.read_parquet(files.output)
+    assert out.get_column("status").to_list() == ["ok", "ok", "error"]
+    assert out.get_column("error_type")[2] == "batch/1261"
+    assert out.get_column("attempts")[2] == 1  # refused, not sent in another round
+    assert sim.stats()["billed"]["batch"] == 2  # the refused line is not billed
+
+
 def test_a_model_the_batch_api_does_not_take_is_refused_before_anything_is_uploaded(
     make_job: Callable[..., JobFiles], sim: SimulatorThread
 ) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from runner.job.spec import BatchSpec
 from runner.job.structured import AnswerShape, Unusable
-from runner.records import Request, Result
+from runner.records import Answer, Request, Result
 from runner.send.base import Control, Conversation, Deliver, Executor, failure
 from runner.send.batch_api import Batch, BatchAPI, BatchStatusError
 from runner.send.batch_book import BatchBook, Chunk, read_requests
@@ -224,82 +224,77 @@ class BatchExecutor:
         size of the batch. The loop yields now and then, so checkpoints and signals are not held up."""
         wanted = set(chunk.request_keys())
         seen: set[str] = set()
-        later: list[tuple[str, ResultLine]] = []  # lines that need their request's body
+        later: list[_Later] = []  # lines that need their request's body
         for count, line in enumerate(await self._result_lines(api, chunk, batch)):
             key = line.custom_id
             if key is None or key not in wanted or key in seen:
                 continue  # a line we did not send, or one we already took
             seen.add(key)
             self._attempts[key] = self._attempts.get(key, 0) + 1
-            if not self._take_at_once(key, chunk.model, line, deliver, control):
-                later.append((key, line))
+            pending = self._take_at_once(key, chunk.model, line, deliver, control)
+            if pending is not None:
+                later.append(pending)
             if count % 1000 == 999:
                 await asyncio.sleep(0)
         unrun = wanted - seen  # lines the batch never ran (expired, cancelled, failed validation)
-        bodies = read_requests(chunk.requests, {key for key, _ in later} | unrun)
+        bodies = read_requests(chunk.requests, {pending.key for pending in later} | unrun)
         leftovers = [Request(key, bodies[key]) for key in unrun]
-        for key, line in later:
-            again = self._take(Request(key, bodies[key]), line, deliver, control)
+        for pending in later:
+            again = self._take(Request(pending.key, bodies[pending.key]), pending.answer, deliver)
             if again is not None:
                 leftovers.append(again)
         counts = dataclasses.asdict(batch.request_counts)
         book.record(chunk.id, status="harvested", batch_status=batch.status, counts=counts)
         return leftovers
 
-    def _take_at_once(self, key: str, model: str, line: ResultLine, deliver: Deliver, control: Control) -> bool:
-        """Deliver a line that needs nothing of its request: a valid answer to a first ask, a failure for
-        good, an abort. False when the request's body is needed (a retry or a repair)."""
-        if line.ok:
-            if key in self._conversations:
-                return False  # a repair round's answer: its conversation holds the earlier turns
-            try:
-                answer = answer_from_chat(line.body, line.request_id)
-            except BadResultLine:
-                return False
-            if self._shape is not None:
-                try:
-                    self._shape.check(answer)
-                except Unusable:
-                    return False  # to be repaired: the next turn needs the conversation so far
-            conversation = Conversation(Request(key, {}), self._shape)
-            conversation.add(answer)
-            deliver(conversation.result(attempts=self._attempts[key], latency_ms=None, api=API))
-            return True
-        verdict = classify_failure(line)
-        if verdict is Verdict.RETRY:
-            return False
-        fault = Fault(verdict, f"batch/{line.error_code or line.status_code}", line.error_message or line.problem or "")
-        if verdict is Verdict.ABORT:
-            control.abort(fault)
-        else:
-            deliver(failure(Request(key, {}), fault, self._attempts[key], model=model))
-        return True
+    def _take_at_once(
+        self, key: str, model: str, line: ResultLine, deliver: Deliver, control: Control
+    ) -> _Later | None:
+        """Take one result line as far as it can go without its request's body.
 
-    def _take(self, request: Request, line: ResultLine, deliver: Deliver, control: Control) -> Request | None:
-        """One result line: deliver its Result, or return the request to send again (a retry or a repair)."""
-        key = request.key
-        attempts = self._attempts[key]
-        if line.ok:
+        A valid answer to a first ask is delivered, a failure for good fails its row, an abort stops
+        the run: None. Otherwise what `_take` (the other half, given the body) needs: the line's
+        answer to continue the conversation with (a repair round's answer, or one to repair), or no
+        answer when the request is to be sent again as it was (a transient failure, an unreadable body)."""
+        if not line.ok:
+            fault = _line_fault(line)
+            if fault.verdict is Verdict.RETRY:
+                return _Later(key, None)
+            if fault.verdict is Verdict.ABORT:
+                control.abort(fault)
+            else:
+                deliver(failure(Request(key, {}), fault, self._attempts[key], model=model))
+            return None
+        try:
+            answer = answer_from_chat(line.body, line.request_id)
+        except BadResultLine:
+            return _Later(key, None)  # a body we cannot read says nothing against the request: again
+        if key in self._conversations:
+            return _Later(key, answer)  # a repair round's answer: its conversation holds the earlier turns
+        if self._shape is not None:
             try:
-                answer = answer_from_chat(line.body, line.request_id)
-            except BadResultLine:
-                return request  # a body we cannot read says nothing against the request: again
-            conversation = self._conversations.setdefault(key, Conversation(request, self._shape))
-            repair = conversation.add(answer)
-            if repair is not None:
-                return Request(key, repair)
-            del self._conversations[key]
-            deliver(conversation.result(attempts=attempts, latency_ms=None, api=API))
-            return None
-        verdict = classify_failure(line)
-        fault = Fault(verdict, f"batch/{line.error_code or line.status_code}", line.error_message or line.problem or "")
-        if verdict is Verdict.ABORT:
-            control.abort(fault)
-            return None
-        if verdict is Verdict.FAIL:
-            deliver(failure(request, fault, attempts))
-            return None
-        return request
+                self._shape.check(answer)
+            except Unusable:
+                return _Later(key, answer)  # to be repaired: the next turn needs the conversation so far
+        conversation = Conversation(Request(key, {}), self._shape)
+        conversation.add(answer)
+        deliver(conversation.result(attempts=self._attempts[key], latency_ms=None, api=API))
+        return None
+
+    def _take(self, request: Request, answer: Answer | None, deliver: Deliver) -> Request | None:
+        """The half of taking a line that needs the request's body: add the line's answer to the
+        request's conversation and deliver its Result, or return the request to send again (no
+        answer: a retry; an answer that needs repair: the repair turn)."""
+        if answer is None:
+            return request
+        key = request.key
+        conversation = self._conversations.setdefault(key, Conversation(request, self._shape))
+        repair = conversation.add(answer)
+        if repair is not None:
+            return Request(key, repair)
+        del self._conversations[key]
+        deliver(conversation.result(attempts=self._attempts[key], latency_ms=None, api=API))
+        return None
 
     async def _result_lines(self, api: BatchAPI, chunk: Chunk, batch: Batch) -> Iterator[ResultLine]:
         """The batch's output and error lines, downloaded (streamed to disk), then read one at a time."""
@@ -347,6 +342,20 @@ class BatchExecutor:
             deliver(result)
 
         await self._online.run(_aiter(requests), merged, control)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Later:
+    """A line taken as far as it goes without its request's body; `_take` finishes it."""
+
+    key: str
+    answer: Answer | None  # None: send the request again as it was
+
+
+def _line_fault(line: ResultLine) -> Fault:
+    """What a failed result line means for its request, as the Fault a failed row records."""
+    name = f"batch/{line.error_code or line.status_code}"
+    return Fault(classify_failure(line), name, line.error_message or line.problem or "")
 
 
 async def _cancel(api: BatchAPI, batch_id: str) -> None:

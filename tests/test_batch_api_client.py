@@ -31,7 +31,7 @@ from runner.send.batch_api import (
 )
 from runner.send.batch_files import BatchFileWriter, write_batch_files
 from runner.send.native import answer_from_chat, chat_body, classify_failure, parse_result_line
-from runner.send.retries import Verdict
+from runner.send.retries import Fault, Verdict
 
 KEY = "0123456789abcdef0123456789abcdef.secretsecret1234"
 PREFIX = "/api/paas/v4"
@@ -327,7 +327,7 @@ async def test_1113_aborts_at_once(api: BatchAPI, server: FakeBatchServer, waits
     assert (caught.value.status, caught.value.code) == (429, "1113")
     assert "余额不足" in caught.value.message
     assert len(server.calls("GET /batches/{id}")) == 1 and waits == []
-    assert classify_api_error(caught.value) is Verdict.ABORT
+    assert classify_api_error(caught.value) == Fault(Verdict.ABORT, "429/1113", caught.value.message)
 
 
 @pytest.mark.parametrize(
@@ -351,7 +351,7 @@ async def test_errors_that_are_not_retried(
     with pytest.raises(kind) as caught:
         await api.cancel("batch_1")
     assert type(caught.value) is kind
-    assert classify_api_error(caught.value).value == verdict
+    assert classify_api_error(caught.value).verdict.value == verdict
     assert len(server.calls("POST /batches/{id}/cancel")) == 1
     assert KEY not in str(caught.value)
 

@@ -23,9 +23,10 @@ with a body that is not what the API promises), BatchStatusError (an error answe
 views of what the API returns (Batch, FileObject, BatchPage...) are in runner.send.batch_api_types.
 Every public name of both is importable from here too.
 
+Every failure reads as a runner.send.retries.Fault (`classify`), the vocabulary the online wire uses.
 Transient errors (connection, timeout, 408/409/429 with a rate code, 5xx, Zhipu's 1302-1305) are
-retried here with tenacity and runner.send.retries.wait_backoff, honouring retry-after; the project has
-one retry layer and this is its use for the Batch API. `sleep` is injectable so tests never wait.
+retried here by runner.send.retries.retrying with its wait_backoff, honouring retry-after; the project
+has one retry layer and this is its use for the Batch API. `sleep` is injectable so tests never wait.
 
 `create` is not idempotent: a batch may have been made by a call whose answer was lost. Before it sends
 again, it looks for a batch already made from the same input file (newest page of the list) and
@@ -43,7 +44,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity import RetryCallState
 
 from runner.send.batch_api_errors import (
     MAX_ERROR_BODY,
@@ -56,7 +57,6 @@ from runner.send.batch_api_errors import (
     BatchTransportError,
     classify_api_error,
     status_error,
-    wait_with_retry_after,
 )
 from runner.send.batch_api_types import (
     TERMINAL_STATUSES,
@@ -67,7 +67,7 @@ from runner.send.batch_api_types import (
     RequestCounts,
     page_from_json,
 )
-from runner.send.retries import Verdict
+from runner.send.retries import Fault, retrying, wait_backoff
 
 __all__ = [
     "TERMINAL_STATUSES",
@@ -123,7 +123,7 @@ class BatchAPI:
         self._not_ready_attempts = not_ready_attempts
         self._not_ready_wait_s = not_ready_wait_s
         self._sleep = sleep
-        self._wait = wait or wait_with_retry_after()
+        self._wait = wait or wait_backoff(classify=classify_api_error)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> BatchAPI:
@@ -245,6 +245,11 @@ class BatchAPI:
                 return
             after = following
 
+    @staticmethod
+    def classify(exc: BaseException) -> Fault:
+        """What a failed call means, in the one retry vocabulary (a Fault; see `classify_api_error`)."""
+        return classify_api_error(exc)
+
     # ---- plumbing ----
 
     def _client(self) -> aiohttp.ClientSession:
@@ -254,18 +259,12 @@ class BatchAPI:
         return self._session
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._max_attempts),
-            wait=self._wait,
-            retry=retry_if_exception(lambda e: classify_api_error(e) is Verdict.RETRY),
-            sleep=self._sleep,
-            reraise=True,
-        )
+        policy = retrying(self._max_attempts, classify=classify_api_error, sleep=self._sleep, wait=self._wait)
 
         async def attempt() -> T:  # tenacity awaits only what is declared a coroutine function
             return await call()
 
-        result: T = await retrying(attempt)
+        result: T = await policy(attempt)
         return result
 
     async def _call(

@@ -10,9 +10,9 @@ One hierarchy; every error carries what the API said, never a header:
         ├── BatchAbort            no balance (1113), plan exhausted, bad key, 401/403: stop everything
         └── BatchNotFound         404: unknown id, or a result file not ready yet (download waits)
 
-`classify_api_error` sorts them into RETRY, ABORT or FAIL; `status_error` reads an error answer into
-the right class; `wait_with_retry_after` is the client's backoff, honouring the server's retry-after.
-Used by runner.send.batch_api (which re-exports the public names).
+`classify_api_error` reads each into the project's one retry vocabulary, a runner.send.retries.Fault
+(RETRY, ABORT or FAIL, with the server's retry-after, which wait_backoff honours); `status_error` reads
+an error answer into the right class. Used by runner.send.batch_api (which re-exports the public names).
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from tenacity import RetryCallState
-
-from runner.send.retries import ABORT_CODES, Verdict, wait_backoff
+from runner.send.retries import ABORT_CODES, Fault, Verdict
 
 __all__ = [
     "MAX_ERROR_BODY",
@@ -35,7 +33,6 @@ __all__ = [
     "BatchTransportError",
     "classify_api_error",
     "status_error",
-    "wait_with_retry_after",
 ]
 
 # Zhipu's limit and overload codes, and its own internal/network errors: worth another try.
@@ -89,19 +86,25 @@ class BatchNotFound(BatchStatusError):
     """404: no such batch or file, or a result file that is not downloadable yet."""
 
 
-def classify_api_error(exc: BaseException) -> Verdict:
-    """RETRY transient faults, ABORT account-wide ones, FAIL the rest (the call itself is wrong)."""
-    if isinstance(exc, BatchAbort):
-        return Verdict.ABORT
-    if isinstance(exc, (BatchTransportError, BatchProtocolError)):
-        return Verdict.RETRY
+def classify_api_error(exc: BaseException) -> Fault:
+    """A Batch API call's fault: RETRY transient ones, ABORT account-wide ones, FAIL the rest (the call
+    itself is wrong, or an exception that is not the API's: a bug here is not retried)."""
     if isinstance(exc, BatchStatusError):
-        if exc.code in _TRANSIENT_CODES:
-            return Verdict.RETRY
-        if exc.status in (408, 409, 429) or exc.status >= 500:
-            return Verdict.RETRY
-        return Verdict.FAIL
-    return Verdict.FAIL
+        name = f"{exc.status}/{exc.code}" if exc.code else str(exc.status)
+        if isinstance(exc, BatchAbort):
+            verdict = Verdict.ABORT
+        elif exc.code in _TRANSIENT_CODES or exc.status in (408, 409, 429) or exc.status >= 500:
+            verdict = Verdict.RETRY
+        else:
+            verdict = Verdict.FAIL
+        return Fault(verdict, name, exc.message, retry_after=exc.retry_after)
+    if isinstance(exc, BatchTimeout):
+        return Fault(Verdict.RETRY, "timeout", str(exc))
+    if isinstance(exc, BatchTransportError):
+        return Fault(Verdict.RETRY, "connection", str(exc))
+    if isinstance(exc, BatchProtocolError):
+        return Fault(Verdict.RETRY, "bad_response", str(exc))
+    return Fault(Verdict.FAIL, type(exc).__name__, str(exc) or type(exc).__name__)
 
 
 def status_error(status: int, raw: bytes, headers: Mapping[str, str], where: str) -> BatchStatusError:
@@ -149,17 +152,3 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
             if seconds > 0:
                 return seconds
     return None
-
-
-class wait_with_retry_after:  # lowercase, like tenacity's own wait strategies
-    """wait_backoff's full jitter, or the server's retry-after when that is longer (capped)."""
-
-    def __init__(self, maximum: float = 30.0) -> None:
-        self._own = wait_backoff(maximum=maximum)
-        self._max = maximum
-
-    def __call__(self, state: RetryCallState) -> float:
-        own = self._own(state)
-        exc = state.outcome.exception() if state.outcome else None
-        asked = exc.retry_after if isinstance(exc, BatchStatusError) else None
-        return max(own, min(asked, self._max)) if asked else own

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -29,6 +29,7 @@ from runner.testing.batch_state import ACTIVE, NativeState, SimBatch, SimFile
 __all__ = ["ACTIVE", "BATCH_ENDPOINTS", "LINE_URL", "NATIVE_PATH", "NativeAPI"]
 
 NATIVE_PATH = "/api/paas/v4"
+T = TypeVar("T")
 BATCH_ENDPOINTS = ("/v4/chat/completions", "/v1/chat/completions")  # docs and zai-sdk disagree: accept both
 
 
@@ -66,6 +67,15 @@ class NativeAPI(NativeState):
         keys = self.host.config.api_keys
         if keys is not None and key not in keys:
             raise _Refused(401, "401", "token expired or incorrect")
+
+    def _held(self, request: web.Request, held: dict[str, T], kind: str) -> T:
+        """The file or batch the route's `{id}` names, once the key is checked; 404 when there is none."""
+        self._auth(request)
+        ident = request.match_info["id"]
+        found = held.get(ident)
+        if found is None:
+            raise _Refused(404, "404", f"{kind} {ident} not found")
+        return found
 
     @staticmethod
     def _refusal(err: _Refused) -> web.Response:
@@ -138,22 +148,15 @@ class NativeAPI(NativeState):
         self.host.count("file_uploaded")
         return web.json_response(_file_json(file))
 
-    def _file(self, request: web.Request) -> SimFile:
-        self._auth(request)
-        file = self.files.get(request.match_info["id"])
-        if file is None:
-            raise _Refused(404, "404", f"file {request.match_info['id']} not found")
-        return file
-
     async def _file_info(self, request: web.Request) -> web.Response:
         try:
-            return web.json_response(_file_json(self._file(request)))
+            return web.json_response(_file_json(self._held(request, self.files, "file")))
         except _Refused as err:
             return self._refusal(err)
 
     async def _file_delete(self, request: web.Request) -> web.Response:
         try:
-            file = self._file(request)
+            file = self._held(request, self.files, "file")
         except _Refused as err:
             return self._refusal(err)
         with self.host.lock:
@@ -163,7 +166,7 @@ class NativeAPI(NativeState):
     async def _file_content(self, request: web.Request) -> web.Response:
         self.advance_all()
         try:
-            file = self._file(request)
+            file = self._held(request, self.files, "file")
             if time.monotonic() < file.ready_at:  # a result file not yet readable right after the batch ended
                 self.host.count("file_not_ready_404")
                 raise _Refused(404, "404", f"file {file.id} not found")
@@ -228,16 +231,9 @@ class NativeAPI(NativeState):
         self.host.count("batch_created")
         return web.json_response(payload)
 
-    def _get(self, request: web.Request) -> SimBatch:
-        self._auth(request)
-        batch = self.batches.get(request.match_info["id"])
-        if batch is None:
-            raise _Refused(404, "404", f"batch {request.match_info['id']} not found")
-        return batch
-
     async def _retrieve(self, request: web.Request) -> web.Response:
         try:
-            batch = self._get(request)
+            batch = self._held(request, self.batches, "batch")
         except _Refused as err:
             return self._refusal(err)
         with self.host.lock:
@@ -280,7 +276,7 @@ class NativeAPI(NativeState):
 
     async def _cancel(self, request: web.Request) -> web.Response:
         try:
-            batch = self._get(request)
+            batch = self._held(request, self.batches, "batch")
             with self.host.lock:
                 now = time.monotonic()
                 self._advance(batch, now)

@@ -14,14 +14,12 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from runner.job import catalog
 from runner.testing.answers import ask_from_chat, chat_completion, prompt_key, share
 from runner.testing.batch_input import line_problem
-
-if TYPE_CHECKING:
-    from runner.testing.simulator import Simulator
+from runner.testing.host import Host
 
 __all__ = ["ACTIVE", "NativeState", "SimBatch", "SimFile"]
 
@@ -74,7 +72,7 @@ class SimBatch:
 class NativeState:
     """The files and batches of one Simulator's native API, and the on-demand controls tests use."""
 
-    def __init__(self, host: Simulator) -> None:
+    def __init__(self, host: Host) -> None:
         self.host = host
         self.files: dict[str, SimFile] = {}
         self.batches: dict[str, SimBatch] = {}  # in creation order

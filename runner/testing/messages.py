@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from runner.job import catalog
 from runner.testing.answers import anthropic_message, ask_from_messages, count_tokens, prompt_key, prompt_text
 from runner.testing.config import BILLED_FAULTS, ERRORS, HTML_502
-
-if TYPE_CHECKING:
-    from runner.testing.simulator import Simulator
+from runner.testing.host import Host
 
 __all__ = ["MESSAGES_PATH", "MessagesAPI"]
 
@@ -30,7 +28,7 @@ MESSAGES_PATH = "/v1/messages"
 class MessagesAPI:
     """The /v1/messages route of one Simulator."""
 
-    def __init__(self, host: Simulator) -> None:
+    def __init__(self, host: Host) -> None:
         self.host = host
 
     def add_routes(self, app: web.Application) -> None:

@@ -33,7 +33,6 @@ import datetime as dt
 import random
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -57,6 +56,7 @@ from runner.testing.answers import (
     text_of,
 )
 from runner.testing.config import BILLED_FAULTS, ERRORS, FAULTS, HTML_502, RETRYABLE_FAULTS, SimConfig
+from runner.testing.host import APIS, Tally
 from runner.testing.messages import MessagesAPI
 from runner.testing.native import NATIVE_PATH, NativeAPI
 
@@ -84,24 +84,6 @@ __all__ = [
 _ERRORS = ERRORS  # the name this module used before the split
 _share = share
 _text_of = text_of
-APIS = ("online", "batch")
-
-
-@dataclass
-class _Stats:
-    requests: int = 0
-    ok: int = 0
-    by_outcome: Counter[str] = field(default_factory=Counter)
-    answered: Counter[str] = field(default_factory=Counter)  # prompt hash -> successful answers
-    attempts: Counter[str] = field(default_factory=Counter)  # prompt hash -> requests seen
-    asked: Counter[str] = field(default_factory=Counter)  # prompt hash -> first turns answered (sampling)
-    in_flight: Counter[str] = field(default_factory=Counter)
-    max_in_flight: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    # The bill: (api, prompt hash) -> generations completed, and tokens per api.
-    billed: Counter[tuple[str, str]] = field(default_factory=Counter)
-    billed_tokens: dict[str, Counter[str]] = field(default_factory=lambda: {api: Counter() for api in APIS})
 
 
 class Simulator:
@@ -109,7 +91,7 @@ class Simulator:
 
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
-        self.tally = _Stats()  # the counts and the bill; the routes update them under `lock`
+        self.tally = Tally()  # the counts and the bill; the routes update them under `lock`
         # Stats and batches are read from other threads; reentrant because a batch line is answered
         # (which counts samples under the lock) while its batch is advanced under it.
         self.lock = threading.RLock()
@@ -198,7 +180,7 @@ class Simulator:
     def reset_stats(self) -> None:
         """Forget what was answered and billed (between test cases sharing one simulator)."""
         with self.lock:
-            self.tally = _Stats()
+            self.tally = Tally()
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())

@@ -33,6 +33,35 @@ def small_disk(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@pytest.fixture
+def finished_job(make_job: Callable[..., JobFiles], sim: SimulatorThread) -> Callable[[int], JobFiles]:
+    """Makes a job of `n` sample rows and runs it to the end; the simulator then counts from zero."""
+
+    def make(n: int) -> JobFiles:
+        files = make_job(rows=sample_rows(n))
+        assert cli("run", str(files.spec)).exit_code == 0
+        sim.reset_stats()
+        return files
+
+    return make
+
+
+@pytest.fixture
+def all_answers_lost(finished_job: Callable[[int], JobFiles]) -> Callable[[int], JobFiles]:
+    """Makes a finished job of `n` rows whose answers exist nowhere: every answer part cut in half, as
+    a torn write would leave it, and the output deleted."""
+
+    def make(n: int) -> JobFiles:
+        files = finished_job(n)
+        for part in (load_job(files.spec).state_dir / "results").glob("*.parquet"):
+            data = part.read_bytes()
+            part.write_bytes(data[: len(data) // 2])
+        files.output.unlink()
+        return files
+
+    return make
+
+
 def test_a_full_disk_stops_the_run_keeps_every_journalled_answer_and_resumes_in_place(
     make_job: Callable[..., JobFiles], tmp_path: Path, sim: SimulatorThread
 ) -> None:
@@ -81,14 +110,12 @@ def test_a_state_directory_that_is_a_file_is_explained(make_job: Callable[..., J
 
 
 def test_a_truncated_row_map_is_rebuilt_as_the_cache_it_is(
-    make_job: Callable[..., JobFiles], sim: SimulatorThread
+    finished_job: Callable[[int], JobFiles], sim: SimulatorThread
 ) -> None:
     """The row map is a cache of the input: a truncated file is dropped and rebuilt, nothing re-sent."""
-    files = make_job(rows=sample_rows(30))
-    assert cli("run", str(files.spec)).exit_code == 0
+    files = finished_job(30)
     rows_file = next((load_job(files.spec).state_dir / "rows").glob("rows-*.parquet"))
     rows_file.write_bytes(rows_file.read_bytes()[:100])
-    sim.reset_stats()
     result = cli("run", str(files.spec))
     assert result.exit_code == 0, result.stderr
     assert "row_map_rebuilt" in result.stderr
@@ -96,23 +123,12 @@ def test_a_truncated_row_map_is_rebuilt_as_the_cache_it_is(
     assert pl.read_parquet(files.output).height == 30
 
 
-def tear_parts(files: JobFiles) -> None:
-    """Cut every answer part of the job in half, as a torn write would."""
-    for part in (load_job(files.spec).state_dir / "results").glob("*.parquet"):
-        data = part.read_bytes()
-        part.write_bytes(data[: len(data) // 2])
-
-
 def test_answers_lost_with_a_torn_part_and_no_other_copy_are_not_paid_again_without_asking(
-    make_job: Callable[..., JobFiles], sim: SimulatorThread
+    all_answers_lost: Callable[[int], JobFiles], sim: SimulatorThread
 ) -> None:
     """With the output gone too, 40 answers exist nowhere: the run says so and sends nothing (exit 2)
     until --resend-lost; then it sends exactly those."""
-    files = make_job(rows=sample_rows(40))
-    assert cli("run", str(files.spec)).exit_code == 0
-    tear_parts(files)
-    files.output.unlink()
-    sim.reset_stats()
+    files = all_answers_lost(40)
 
     refused = cli("run", str(files.spec))
     assert refused.exit_code == 2
@@ -127,13 +143,11 @@ def test_answers_lost_with_a_torn_part_and_no_other_copy_are_not_paid_again_with
     assert cli("run", str(files.spec)).exit_code == 0  # nothing lost any more: no question
 
 
-def test_a_small_loss_is_resent_without_asking(make_job: Callable[..., JobFiles], sim: SimulatorThread) -> None:
+def test_a_small_loss_is_resent_without_asking(
+    all_answers_lost: Callable[[int], JobFiles], sim: SimulatorThread
+) -> None:
     """Up to 10 lost answers (or 1% of the rows) are sent again without a question."""
-    files = make_job(rows=sample_rows(8))
-    assert cli("run", str(files.spec)).exit_code == 0
-    tear_parts(files)
-    files.output.unlink()
-    sim.reset_stats()
+    files = all_answers_lost(8)
     result = cli("run", str(files.spec))
     assert result.exit_code == 0
     assert sim.stats()["requests"] == 8

@@ -21,7 +21,8 @@ from runner.send.base import Control
 STARTED = 1000.0
 
 
-def busy_batch_run() -> PanelState:
+@pytest.fixture
+def busy_run() -> PanelState:
     """A big run half way: resumed, sharing prompts, retrying, spending, with batches in three states."""
     tally = Tally(
         rows_total=1_000_000,
@@ -62,6 +63,22 @@ def busy_batch_run() -> PanelState:
     )
 
 
+def small_run(tally: Tally, *, requests_per_s: float | None, priced: bool) -> PanelState:
+    """A small job "j" on model "m", sending, with no gauges and no retries: all there is to see is `tally`."""
+    return PanelState.of(
+        phase="sending",
+        started=STARTED,
+        job="j",
+        model="m",
+        currency="CNY",
+        tally=tally,
+        gauges={},
+        control=Control(),
+        requests_per_s=requests_per_s,
+        priced=priced,
+    )
+
+
 def shown(state: PanelState, width: int) -> str:
     """The panel as a terminal `width` columns wide shows it, 75 seconds into the run."""
     console = Console(width=width, record=True, file=io.StringIO())
@@ -92,8 +109,8 @@ REQUIRED = [
 
 
 @pytest.mark.parametrize("width", [80, 200])
-def test_the_panel_shows_every_figure_within_the_width_and_cuts_nothing(width: int) -> None:
-    text = shown(busy_batch_run(), width)
+def test_the_panel_shows_every_figure_within_the_width_and_cuts_nothing(busy_run: PanelState, width: int) -> None:
+    text = shown(busy_run, width)
     print(text)
 
     for element in REQUIRED:
@@ -104,8 +121,8 @@ def test_the_panel_shows_every_figure_within_the_width_and_cuts_nothing(width: i
     assert "━" * 30 in lines[1]  # the bar has a line of its own, under the title
 
 
-def test_a_wide_terminal_gets_a_longer_bar_fewer_lines_and_more_detail() -> None:
-    narrow, wide = shown(busy_batch_run(), 80), shown(busy_batch_run(), 200)
+def test_a_wide_terminal_gets_a_longer_bar_fewer_lines_and_more_detail(busy_run: PanelState) -> None:
+    narrow, wide = shown(busy_run, 80), shown(busy_run, 200)
 
     assert len(wide.splitlines()) < len(narrow.splitlines()) <= 7
     assert wide.splitlines()[1].count("━") > 150 > 70 > narrow.splitlines()[1].count("━")
@@ -127,20 +144,8 @@ def test_the_panel_says_what_the_run_does_before_there_is_anything_to_count() ->
 
 def test_rows_sharing_a_prompt_count_as_done() -> None:
     tally = Tally(rows_total=20, requests_queued=6, requests_shared=14, ok=6, all_rows_rendered=True, rows_seen=20)
-    state = PanelState.of(
-        phase="sending",
-        started=STARTED,
-        job="j",
-        model="m",
-        currency="CNY",
-        tally=tally,
-        gauges={},
-        control=Control(),
-        requests_per_s=3.0,
-        priced=False,
-    )
 
-    text = shown(state, 80)
+    text = shown(small_run(tally, requests_per_s=3.0, priced=False), 80)
 
     assert "20/20 rows 100%" in text and "14 rows share a prompt" in text and "ETA 0:00" in text
     assert "spent no prices" in text
@@ -148,20 +153,8 @@ def test_rows_sharing_a_prompt_count_as_done() -> None:
 
 def test_samples_count_rows_not_requests() -> None:
     tally = Tally(rows_total=10, samples=3, requests_queued=15, ok=15, rows_seen=10, all_rows_rendered=True)
-    state = PanelState.of(
-        phase="sending",
-        started=STARTED,
-        job="j",
-        model="m",
-        currency="CNY",
-        tally=tally,
-        gauges={},
-        control=Control(),
-        requests_per_s=None,
-        priced=True,
-    )
 
-    assert "5/10 rows  50%" in shown(state, 80)
+    assert "5/10 rows  50%" in shown(small_run(tally, requests_per_s=None, priced=True), 80)
 
 
 def test_phases_print_no_json_line_so_machines_see_what_they_always_saw() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -30,6 +31,7 @@ __all__ = ["ACTIVE", "BATCH_ENDPOINTS", "LINE_URL", "NATIVE_PATH", "NativeAPI"]
 
 NATIVE_PATH = "/api/paas/v4"
 T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 BATCH_ENDPOINTS = ("/v4/chat/completions", "/v1/chat/completions")  # docs and zai-sdk disagree: accept both
 
 
@@ -46,17 +48,17 @@ class NativeAPI(NativeState):
 
     def add_routes(self, app: web.Application) -> None:
         """Register the native routes on the simulator's app."""
-        p = NATIVE_PATH
-        app.router.add_post(f"{p}/tokenizer", self._tokenizer)
-        app.router.add_post(f"{p}/chat/completions", self._chat)
-        app.router.add_post(f"{p}/files", self._upload)
-        app.router.add_get(f"{p}/files/{{id}}", self._file_info)
-        app.router.add_delete(f"{p}/files/{{id}}", self._file_delete)
-        app.router.add_get(f"{p}/files/{{id}}/content", self._file_content)
-        app.router.add_post(f"{p}/batches", self._create)
-        app.router.add_get(f"{p}/batches", self._list)
-        app.router.add_get(f"{p}/batches/{{id}}", self._retrieve)
-        app.router.add_post(f"{p}/batches/{{id}}/cancel", self._cancel)
+        p, served = NATIVE_PATH, self._refusing
+        app.router.add_post(f"{p}/tokenizer", served(self._tokenizer))
+        app.router.add_post(f"{p}/chat/completions", served(self._chat, counted="native"))
+        app.router.add_post(f"{p}/files", served(self._upload, counted="upload"))
+        app.router.add_get(f"{p}/files/{{id}}", served(self._file_info))
+        app.router.add_delete(f"{p}/files/{{id}}", served(self._file_delete))
+        app.router.add_get(f"{p}/files/{{id}}/content", served(self._file_content))
+        app.router.add_post(f"{p}/batches", served(self._create, counted="batch_create"))
+        app.router.add_get(f"{p}/batches", served(self._list))
+        app.router.add_get(f"{p}/batches/{{id}}", served(self._retrieve))
+        app.router.add_post(f"{p}/batches/{{id}}/cancel", served(self._cancel))
 
     # ---- request plumbing ------------------------------------------------------------------------
 
@@ -77,16 +79,27 @@ class NativeAPI(NativeState):
             raise _Refused(404, "404", f"{kind} {ident} not found")
         return found
 
-    @staticmethod
-    def _refusal(err: _Refused) -> web.Response:
-        return web.json_response({"error": {"code": err.code, "message": err.message}}, status=err.status)
+    def _refusing(self, handler: Handler, *, counted: str | None = None) -> Handler:
+        """A route as it is served: a refusal its handler raises (_Refused) is answered with Zhipu's
+        error body, and counted in stats()["outcomes"] as `<counted>_<status>_<code>` when `counted`."""
+
+        async def route(request: web.Request) -> web.Response:
+            try:
+                return await handler(request)
+            except _Refused as err:
+                if counted is not None:
+                    self.host.count(f"{counted}_{err.status}_{err.code}")
+                body = {"error": {"code": err.code, "message": err.message}}
+                return web.json_response(body, status=err.status)
+
+        return route
 
     # ---- tokenizer and online chat completions ----------------------------------------------------
 
     async def _tokenizer(self, request: web.Request) -> web.Response:
         """Zhipu's native token counter: the same count /v1/messages would report, and no answer."""
         if not request.headers.get("authorization", "").removeprefix("Bearer "):
-            return self._refusal(_Refused(401, "1001", "Authentication parameter not received in Header"))
+            raise _Refused(401, "1001", "Authentication parameter not received in Header")
         body = await request.json()
         ask = ask_from_chat({**body, "messages": body.get("messages", [])}, 1)
         tokens = count_tokens(ask.prompt, self.host.config.token_scale)
@@ -96,18 +109,14 @@ class NativeAPI(NativeState):
     async def _chat(self, request: web.Request) -> web.Response:
         """Online native chat completions (non-streaming): the same answer, billed as "online".
         No faults and no concurrency cap here: those live on /v1/messages."""
+        self._auth(request)
         try:
-            self._auth(request)
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise _Refused(400, "1210", "Invalid JSON body") from exc
-            problem = line_problem(body, None, self.host.config.token_scale)
-            if problem is not None:
-                raise _Refused(*problem)
-        except _Refused as err:
-            self.host.count(f"native_{err.status}_{err.code}")
-            return self._refusal(err)
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _Refused(400, "1210", "Invalid JSON body") from exc
+        problem = line_problem(body, None, self.host.config.token_scale)
+        if problem is not None:
+            raise _Refused(*problem)
         ask = ask_from_chat(body, catalog.models()[body["model"]].max_output)
         reply = self.host.reply(ask)
         completion = chat_completion(reply, ask.model, self.host.new_id(""), int(time.time()))
@@ -119,29 +128,25 @@ class NativeAPI(NativeState):
 
     async def _upload(self, request: web.Request) -> web.Response:
         cfg = self.host.config
-        try:
-            self._auth(request)
-            form = await request.post()
-            upload, purpose = form.get("file"), form.get("purpose")
-            if purpose != "batch":
-                raise _Refused(400, "1214", "purpose must be batch")
-            if not isinstance(upload, web.FileField):
-                raise _Refused(400, "1214", "file is required (multipart field 'file')")
-            data = upload.file.read()
-            if len(data) > cfg.batch_max_bytes:
-                raise _Refused(400, "1214", f"file is {len(data)} bytes; at most {cfg.batch_max_bytes} allowed")
-            lines = [ln for ln in data.split(b"\n") if ln.strip()]
-            if not lines:
-                raise _Refused(400, "1214", "file is empty")
-            if len(lines) > cfg.batch_max_lines:
-                raise _Refused(400, "1214", f"file has {len(lines)} lines; at most {cfg.batch_max_lines} allowed")
-            if cfg.batch_check_on_upload:
-                problem = file_problem(lines)
-                if problem is not None:
-                    raise _Refused(400, "1214", problem)
-        except _Refused as err:
-            self.host.count(f"upload_{err.status}_{err.code}")
-            return self._refusal(err)
+        self._auth(request)
+        form = await request.post()
+        upload, purpose = form.get("file"), form.get("purpose")
+        if purpose != "batch":
+            raise _Refused(400, "1214", "purpose must be batch")
+        if not isinstance(upload, web.FileField):
+            raise _Refused(400, "1214", "file is required (multipart field 'file')")
+        data = upload.file.read()
+        if len(data) > cfg.batch_max_bytes:
+            raise _Refused(400, "1214", f"file is {len(data)} bytes; at most {cfg.batch_max_bytes} allowed")
+        lines = [ln for ln in data.split(b"\n") if ln.strip()]
+        if not lines:
+            raise _Refused(400, "1214", "file is empty")
+        if len(lines) > cfg.batch_max_lines:
+            raise _Refused(400, "1214", f"file has {len(lines)} lines; at most {cfg.batch_max_lines} allowed")
+        if cfg.batch_check_on_upload:
+            problem = file_problem(lines)
+            if problem is not None:
+                raise _Refused(400, "1214", problem)
         file = SimFile(self.host.new_id("file-"), upload.filename, "batch", data, int(time.time()))
         with self.host.lock:
             self.files[file.id] = file
@@ -149,115 +154,94 @@ class NativeAPI(NativeState):
         return web.json_response(_file_json(file))
 
     async def _file_info(self, request: web.Request) -> web.Response:
-        try:
-            return web.json_response(_file_json(self._held(request, self.files, "file")))
-        except _Refused as err:
-            return self._refusal(err)
+        return web.json_response(_file_json(self._held(request, self.files, "file")))
 
     async def _file_delete(self, request: web.Request) -> web.Response:
-        try:
-            file = self._held(request, self.files, "file")
-        except _Refused as err:
-            return self._refusal(err)
+        file = self._held(request, self.files, "file")
         with self.host.lock:
             self.files.pop(file.id, None)
         return web.json_response({"id": file.id, "object": "file", "deleted": True})
 
     async def _file_content(self, request: web.Request) -> web.Response:
         self.advance_all()
-        try:
-            file = self._held(request, self.files, "file")
-            if time.monotonic() < file.ready_at:  # a result file not yet readable right after the batch ended
-                self.host.count("file_not_ready_404")
-                raise _Refused(404, "404", f"file {file.id} not found")
-        except _Refused as err:
-            return self._refusal(err)
+        file = self._held(request, self.files, "file")
+        if time.monotonic() < file.ready_at:  # a result file not yet readable right after the batch ended
+            self.host.count("file_not_ready_404")
+            raise _Refused(404, "404", f"file {file.id} not found")
         return web.Response(body=file.data, content_type="application/jsonl")
 
     # ---- batches ---------------------------------------------------------------------------------
 
     async def _create(self, request: web.Request) -> web.Response:
         cfg = self.host.config
+        self._auth(request)
         try:
-            self._auth(request)
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise _Refused(400, "1210", "Invalid JSON body") from exc
-            file = self.files.get(body.get("input_file_id", ""))
-            if file is None or file.purpose != "batch":
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _Refused(400, "1210", "Invalid JSON body") from exc
+        file = self.files.get(body.get("input_file_id", ""))
+        if file is None or file.purpose != "batch":
+            raise _Refused(400, "1214", f"input_file_id {body.get('input_file_id')!r} is not an uploaded batch file")
+        if body.get("endpoint") not in BATCH_ENDPOINTS:
+            raise _Refused(400, "1214", f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}")
+        metadata = body.get("metadata")
+        if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16):
+            raise _Refused(400, "1214", "metadata must be an object of at most 16 keys")
+        lines, model, invalid = parse_file(file.data)
+        if model is not None and cfg.batch_refuse_ineligible and not eligible(model):
+            raise _Refused(400, "1212", f"model {model} is not available for the Batch API")
+        with self.host.lock:
+            now = time.monotonic()
+            for other in self.batches.values():
+                self._advance(other, now)
+            queued = sum(len(b.lines) for b in self.batches.values() if b.model == model and b.status in ACTIVE)
+            if cfg.batch_queue_cap is not None and queued + len(lines) > cfg.batch_queue_cap:
                 raise _Refused(
-                    400, "1214", f"input_file_id {body.get('input_file_id')!r} is not an uploaded batch file"
+                    400,
+                    "1210",
+                    f"batch queue full for {model}: {queued} requests queued, {len(lines)} more would "
+                    f"exceed the cap of {cfg.batch_queue_cap}",
                 )
-            if body.get("endpoint") not in BATCH_ENDPOINTS:
-                raise _Refused(400, "1214", f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}")
-            metadata = body.get("metadata")
-            if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16):
-                raise _Refused(400, "1214", "metadata must be an object of at most 16 keys")
-            lines, model, invalid = parse_file(file.data)
-            if model is not None and cfg.batch_refuse_ineligible and not eligible(model):
-                raise _Refused(400, "1212", f"model {model} is not available for the Batch API")
-            with self.host.lock:
-                now = time.monotonic()
-                for other in self.batches.values():
-                    self._advance(other, now)
-                queued = sum(len(b.lines) for b in self.batches.values() if b.model == model and b.status in ACTIVE)
-                if cfg.batch_queue_cap is not None and queued + len(lines) > cfg.batch_queue_cap:
-                    raise _Refused(
-                        400,
-                        "1210",
-                        f"batch queue full for {model}: {queued} requests queued, {len(lines)} more would "
-                        f"exceed the cap of {cfg.batch_queue_cap}",
-                    )
-                batch = SimBatch(
-                    id=self.host.new_id("batch_"),
-                    input_file_id=file.id,
-                    endpoint=body["endpoint"],
-                    metadata=metadata,
-                    model=model,
-                    auto_delete=bool(body.get("auto_delete_input_file", False)),
-                    lines=lines,
-                    created=now,
-                    wall=time.time(),
-                    invalid=invalid,
-                )
-                batch.times["validating"] = now
-                self.batches[batch.id] = batch
-                self._advance(batch, now)
-                payload = self._batch_json(batch)
-        except _Refused as err:
-            self.host.count(f"batch_create_{err.status}_{err.code}")
-            return self._refusal(err)
+            batch = SimBatch(
+                id=self.host.new_id("batch_"),
+                input_file_id=file.id,
+                endpoint=body["endpoint"],
+                metadata=metadata,
+                model=model,
+                auto_delete=bool(body.get("auto_delete_input_file", False)),
+                lines=lines,
+                created=now,
+                wall=time.time(),
+                invalid=invalid,
+            )
+            batch.times["validating"] = now
+            self.batches[batch.id] = batch
+            self._advance(batch, now)
+            payload = self._batch_json(batch)
         self.host.count("batch_created")
         return web.json_response(payload)
 
     async def _retrieve(self, request: web.Request) -> web.Response:
-        try:
-            batch = self._held(request, self.batches, "batch")
-        except _Refused as err:
-            return self._refusal(err)
+        batch = self._held(request, self.batches, "batch")
         with self.host.lock:
             self._advance(batch, time.monotonic())
             return web.json_response(self._batch_json(batch))
 
     async def _list(self, request: web.Request) -> web.Response:
         """Newest first, like OpenAI: `after` is the last id of the previous page."""
+        self._auth(request)
         try:
-            self._auth(request)
-            try:
-                limit = int(request.query.get("limit", "20"))
-            except ValueError as exc:
-                raise _Refused(400, "1214", "limit must be an integer") from exc
-            if not 1 <= limit <= 100:
-                raise _Refused(400, "1214", "limit must be between 1 and 100")
-            newest = list(reversed(self.batches))
-            after = request.query.get("after")
-            if after:
-                if after not in self.batches:
-                    raise _Refused(400, "1214", f"after: batch {after} not found")
-                newest = newest[newest.index(after) + 1 :]
-        except _Refused as err:
-            return self._refusal(err)
+            limit = int(request.query.get("limit", "20"))
+        except ValueError as exc:
+            raise _Refused(400, "1214", "limit must be an integer") from exc
+        if not 1 <= limit <= 100:
+            raise _Refused(400, "1214", "limit must be between 1 and 100")
+        newest = list(reversed(self.batches))
+        after = request.query.get("after")
+        if after:
+            if after not in self.batches:
+                raise _Refused(400, "1214", f"after: batch {after} not found")
+            newest = newest[newest.index(after) + 1 :]
         with self.host.lock:
             now = time.monotonic()
             page = [self.batches[i] for i in newest[:limit]]
@@ -275,19 +259,16 @@ class NativeAPI(NativeState):
         )
 
     async def _cancel(self, request: web.Request) -> web.Response:
-        try:
-            batch = self._held(request, self.batches, "batch")
-            with self.host.lock:
-                now = time.monotonic()
-                self._advance(batch, now)
-                if batch.status not in ("validating", "in_progress"):
-                    raise _Refused(400, "1214", f"batch {batch.id} is {batch.status} and cannot be cancelled")
-                batch.status, batch.stop_at = "cancelling", now
-                batch.times["cancelling"] = now
-                self._advance(batch, now)
-                payload = self._batch_json(batch)
-        except _Refused as err:
-            return self._refusal(err)
+        batch = self._held(request, self.batches, "batch")
+        with self.host.lock:
+            now = time.monotonic()
+            self._advance(batch, now)
+            if batch.status not in ("validating", "in_progress"):
+                raise _Refused(400, "1214", f"batch {batch.id} is {batch.status} and cannot be cancelled")
+            batch.status, batch.stop_at = "cancelling", now
+            batch.times["cancelling"] = now
+            self._advance(batch, now)
+            payload = self._batch_json(batch)
         self.host.count("batch_cancel")
         return web.json_response(payload)
 

@@ -68,6 +68,7 @@ from runner.send.batch_api_types import (
     page_from_json,
 )
 from runner.send.retries import Fault, retrying, wait_backoff
+from runner.state.files import fsync_rename
 
 __all__ = [
     "TERMINAL_STATUSES",
@@ -325,8 +326,6 @@ class BatchAPI:
                             _refuse_error_object(chunk, response, where)
                         handle.write(chunk)
                         size += len(chunk)
-                    handle.flush()
-                    await asyncio.to_thread(os.fsync, handle.fileno())
                 finally:
                     handle.close()
             whole = True
@@ -337,8 +336,7 @@ class BatchAPI:
         finally:
             if not whole:  # whatever stopped it (cancellation too), never leave a torn .part behind
                 part.unlink(missing_ok=True)
-        os.replace(part, target)
-        await asyncio.to_thread(_fsync_dir, target.parent)
+        await asyncio.to_thread(fsync_rename, part, target)
         return size
 
 
@@ -358,11 +356,3 @@ def _refuse_error_object(first_chunk: bytes, response: aiohttp.ClientResponse, w
         return  # several lines, or a line cut by the chunk: a result file
     if isinstance(data, dict) and isinstance(data.get("error"), dict) and "custom_id" not in data:
         raise status_error(response.status, first_chunk, response.headers, where)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -33,6 +33,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from runner.state.files import fsync_rename
+
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_REQUESTS", "BatchFile", "BatchFileWriter", "write_batch_files"]
 
 DEFAULT_MAX_REQUESTS = 50_000
@@ -164,25 +166,12 @@ class BatchFileWriter:
         return current
 
     def _finish(self, current: _Open) -> None:
-        handle = current.handle
-        handle.flush()
-        os.fsync(handle.fileno())
-        handle.close()
-        os.replace(current.part, current.final)
-        _fsync_dir(self._dir)
+        current.handle.close()
+        fsync_rename(current.part, current.final)
         del self._open[current.model]
         self.files.append(
             BatchFile(current.final, current.lines, current.size, current.model, tuple(current.custom_ids))
         )
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable: the directory entry is data too."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_batch_files(

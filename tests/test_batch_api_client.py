@@ -29,6 +29,7 @@ from runner.send.batch_api import (
     BatchTransportError,
     classify_api_error,
 )
+from runner.send.batch_book import Chunk
 from runner.send.batch_files import BatchFileWriter, write_batch_files
 from runner.send.native import answer_from_chat, chat_body, classify_failure, parse_result_line
 from runner.send.retries import Fault, Verdict
@@ -484,6 +485,16 @@ def test_files_split_by_count_and_keep_one_model_each(tmp_path: Path) -> None:
         seen += f.custom_ids
     assert sorted(seen) == sorted(cid for cid, _ in items)
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_a_chunk_gives_back_every_key_it_was_written_with(tmp_path: Path) -> None:
+    """The batch book reads a chunk's keys back as written: plain ones, and ones with a quote, a
+    backslash, a control character or non-ASCII text."""
+    keys = ["0f3a9c", 'say "hi"', "back\\slash", "tab\there", "评论-7", "k" * 200]
+    items = [(key, body) for key, (_, body) in zip(keys, requests_for(len(keys)), strict=True)]
+    (written,) = write_batch_files(items, tmp_path)
+    chunk = Chunk(id="c", path=str(written.path), requests="", model=written.model, lines=written.lines, round=0)
+    assert list(chunk.request_keys()) == keys
 
 
 def test_files_split_by_bytes(tmp_path: Path) -> None:

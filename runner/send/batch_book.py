@@ -46,10 +46,19 @@ class Chunk:
     counts: dict[str, int] = field(default_factory=dict)
 
     def request_keys(self) -> Iterator[str]:
-        """The request keys in the chunk (each line's custom_id), read from its file."""
+        """The request keys in the chunk (each line's custom_id), read from its file.
+
+        BatchFileWriter writes the custom_id first, compact: it is read off the line's head, and the
+        line is parsed whole only when the key holds an escape (a quote or a backslash in a key)."""
+        head = b'{"custom_id":"'
         with open(self.path, "rb") as f:
             for line in f:
-                yield str(json.loads(line)["custom_id"])
+                end = line.find(b'"', len(head))
+                key = line[len(head) : end]
+                if line.startswith(head) and end > 0 and b"\\" not in key:
+                    yield key.decode("utf-8")
+                else:
+                    yield str(json.loads(line)["custom_id"])
 
 
 class BatchBook:

@@ -81,6 +81,9 @@ def parse_result_line(line: bytes | str) -> ResultLine:
         return ResultLine(custom_id=_fish_custom_id(stripped), problem=f"not JSON ({exc}): {_snippet(stripped)}")
     if not isinstance(data, dict):
         return ResultLine(custom_id=None, problem=f"not a JSON object: {_snippet(stripped)}")
+    answered = _answered(data)
+    if answered is not None:
+        return answered
 
     custom_id = data.get("custom_id")
     custom_id = str(custom_id) if isinstance(custom_id, (str, int)) and custom_id != "" else None
@@ -130,6 +133,28 @@ def parse_result_line(line: bytes | str) -> ResultLine:
         error_message=message,
         line_id=line_id,
         problem=problem,
+    )
+
+
+def _answered(data: dict[str, Any]) -> ResultLine | None:
+    """The line nearly every line is, read in one step: a 200 whose body is an object with no error,
+    and no error beside it. Anything else (None) is read by the general path below it."""
+    response = data.get("response")
+    if type(response) is not dict or data.get("error") is not None:
+        return None
+    status = response.get("status_code")
+    if type(status) is not int or status != 200:
+        return None
+    body, custom_id, line_id = response.get("body"), data.get("custom_id"), data.get("id")
+    if type(body) is not dict or body.get("error") is not None or type(custom_id) is not str or not custom_id:
+        return None
+    request_id = response.get("request_id") or body.get("request_id")
+    return ResultLine(
+        custom_id=custom_id,
+        status_code=200,
+        body=body,
+        request_id=str(request_id) if request_id else None,
+        line_id=line_id if type(line_id) is str else None,
     )
 
 

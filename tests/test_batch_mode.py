@@ -175,11 +175,14 @@ def test_a_hybrid_job_finishes_by_its_deadline_sending_the_stragglers_online(
         rows=rows,
         run={"mode": "hybrid", "deadline": "4s", "concurrency": 8, "batch": {**FAST_POLL, "online_margin_s": 1.5}},
     )
-    started = time.monotonic()
     result = cli("run", str(files.spec))
-    took = time.monotonic() - started
     assert result.exit_code == 0, result.stderr[-2000:]
-    assert took < 4 + 2  # on time, with room for a loaded machine's start-up
+    # On time, judged by what the server saw rather than by a stopwatch a loaded machine would break:
+    # the run gave up on the batch at the deadline (cancelled, not completed, far fewer lines done).
+    stats = sim.stats()
+    assert stats["batches"].get("cancelled", 0) + stats["batches"].get("cancelling", 0) >= 1, stats["batches"]
+    assert "completed" not in stats["batches"], stats["batches"]
+    assert stats["billed"]["batch"] < 200
     out = pl.read_parquet(files.output)
     assert out.get_column("response_text").to_list() == expected(rows)
     apis = out.get_column("api").value_counts()

@@ -9,7 +9,10 @@ nothing) and every command once, each in a fresh process, measuring its wall tim
 time). `--help`, `validate` and `estimate` (no pilot, no key) run on a copy of jobs/demo.yaml that was
 never run; `status` on a copy that was run once, so it reads a real manifest, row map and results.
 Reports each command's wall and CPU seconds and its wall time minus the same round's floor: every
-round, the worst and the median. Print `uptime` beside the numbers: the machine may be shared.
+round, the worst and the median, and the load average (the machine may be shared).
+
+`--other DIR` also runs each command with the runner of another checkout (e.g. `git worktree add
+/tmp/base main`) in the same rounds, so a change is compared with what it changes under the same load.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -50,18 +54,17 @@ def demo_copy(name: str) -> Path:
     return spec
 
 
-def timed(argv: list[str]) -> tuple[float, float]:
-    """Wall and CPU seconds (user + system) of one process; it must succeed."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    stderr = proc.stderr.read().decode() if proc.stderr else ""
-    if proc.stderr:
-        proc.stderr.close()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {stderr[-2000:]}")
+def timed(argv: list[str], cwd: Path | None = None) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system) of one process, from its own rusage; it must succeed."""
+    with tempfile.TemporaryFile() as errors:
+        started = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errors, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            errors.seek(0)
+            raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {errors.read().decode()[-2000:]}")
     return wall, usage.ru_utime + usage.ru_stime
 
 
@@ -73,19 +76,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--only", nargs="+", choices=sorted(COMMANDS), help="Measure only these commands.")
+    parser.add_argument("--other", type=Path, metavar="DIR", help="Also measure the runner of this checkout.")
     args = parser.parse_args()
+    checkouts = [("", ROOT), *([("other ", args.other.resolve())] if args.other else [])]
     fresh, finished = demo_copy("fresh"), demo_copy("finished")
     subprocess.run(  # the demo runs on the built-in simulator: no key, nothing leaves the machine
-        [sys.executable, "-m", "runner", "run", str(finished), "--log-format", "json"], check=True, capture_output=True
+        [sys.executable, "-m", "runner", "run", str(finished), "--log-format", "json"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
     )
-    names = args.only or list(COMMANDS)
+    # (label, command, checkout): each command of this checkout, then the same of the other one
+    runs = [(label + command, command, root) for command in args.only or COMMANDS for label, root in checkouts]
+    names = [name for name, _, _ in runs]
     rounds: list[dict[str, Any]] = []
     for _ in range(args.runs):
         floor_wall, floor_cpu = timed([sys.executable, "-c", "pass"])
         line: dict[str, Any] = {"floor": {"wall_s": round(floor_wall, 3), "cpu_s": round(floor_cpu, 3)}}
-        for name in names:
-            words = [w.format(fresh=fresh, finished=finished) for w in COMMANDS[name]]
-            wall, cpu = timed([sys.executable, "-m", "runner", *words])
+        for name, command, root in runs:
+            words = [w.format(fresh=fresh, finished=finished) for w in COMMANDS[command]]
+            # `-m runner` from a checkout's root imports that checkout's runner.
+            wall, cpu = timed([sys.executable, "-m", "runner", *words], cwd=root)
             line[name] = {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "over_floor_s": round(wall - floor_wall, 3)}
         rounds.append(line)
         print(json.dumps(line), flush=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.cli.run import will_send_online
+from runner.api import will_send_online
 from runner.job.resolve import load_job
 from tests.conftest import JobFiles, cli, sample_rows, write_csv
 

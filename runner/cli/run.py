@@ -5,10 +5,8 @@ Each imports the engine, the SDK or the simulator when it runs, never at import 
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -19,7 +17,6 @@ from runner.cli.tables import _estimate_table
 from runner.errors import UsageError
 
 if TYPE_CHECKING:
-    from runner.job.resolve import Job
     from runner.observe.progress import LogFormat
 
 
@@ -59,6 +56,9 @@ def run(
         _guarded(lambda: _dry_run(spec, set_, limit, fresh=fresh, retry_failed=retry_failed))
         raise typer.Exit(0)
 
+    from runner.api import import_in_background, resume_command, will_send_online
+    from runner.observe.progress import make_reporter
+
     def go() -> int:
         if log_format not in ("auto", "rich", "json", "text"):
             raise UsageError(f"--log-format {log_format!r}: use auto, json or text")
@@ -67,10 +67,8 @@ def run(
         job = _load(spec, overrides, limit)
         key = api_key_for(job)
         if will_send_online(job, fresh=fresh):
-            import_in_background(SENDING_MODULES)
-        from runner.api import resume_command
+            import_in_background()  # the SDK loads while the engine (polars) loads and checks the input
         from runner.engine import RunOptions, run_job
-        from runner.observe.progress import make_reporter
 
         options = RunOptions(
             fresh=fresh,
@@ -87,53 +85,6 @@ def run(
 
     code = _guarded(go)
     raise typer.Exit(code)
-
-
-# What a run's first request needs that loading the job and planning do not: the SDK (about 1.2 s to
-# import, most of a small run's start), what the SDK imports only when its first client is built
-# (httpcore2, for the TLS context) and when it sends its first request (opentelemetry.propagate, for the
-# trace headers), and the retry and rate-limit libraries. Only third-party modules: the runner's own
-# stay with the thread that runs the job.
-SENDING_MODULES = ("anthropic", "httpcore2", "opentelemetry.propagate", "tenacity", "aiolimiter")
-
-
-def import_in_background(modules: tuple[str, ...]) -> threading.Thread:
-    """Import `modules` in a thread, so a run's start does not wait for the SDK after everything else.
-
-    The import overlaps what the run does before its first request: checking the input, recovering
-    its state and rendering the first rows. Much of that is polars and file work that releases the
-    GIL, so on two cores the SDK is mostly loaded by the time it is needed; where it is not, the
-    importing code waits for this thread's import (the import lock), as it would have imported it
-    anyway. A module that fails here is left alone: importing it where it is used raises the error
-    where it matters. The thread is not a daemon: a process that ends early waits for the import
-    rather than stopping a thread that holds the import lock.
-    """
-
-    def load() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # see above: the import where the module is used reports it
-                continue
-
-    thread = threading.Thread(target=load, name="glm-batch-import", daemon=False)
-    thread.start()
-    return thread
-
-
-def will_send_online(job: Job, *, fresh: bool) -> bool:
-    """Will this run send through the SDK? Sure for a job with no state yet, with --fresh, or when its
-    input or spec changed since the row map was built (new rows to render); a re-run of an unchanged job
-    may have nothing to send, and then must not pay for the SDK (runner.engine never loads it)."""
-    run = job.spec.run
-    if run.engine != "local" or run.mode != "online":  # Ray workers send; batch mode uploads files
-        return False
-    if fresh or not job.state_dir.exists():
-        return True
-    from runner.runs import fingerprint
-    from runner.state.store import Store
-
-    return Store(job.state_dir, run_id="probe").rows.fingerprint() != fingerprint(job)
 
 
 def _dry_run(spec: Path, set_: list[str] | None, limit: int | None, *, fresh: bool, retry_failed: bool) -> None:

@@ -17,12 +17,12 @@ from runner.api import will_send_online
 from runner.job.resolve import load_job
 from tests.conftest import JobFiles, cli, sample_rows, write_csv
 
-# What sending needs and a command that sends nothing must not pay for.
+# What sending needs and a command that sends nothing must not pay for. (tenacity stays: runner.send.retries
+# imports it at the top, since a retry policy is built for every request.)
 SENDING = (
     "anthropic",
     "aiohttp",
     "httpx2",
-    "tenacity",
     "aiolimiter",
     "runner.engine",
     "runner.send.client",
@@ -58,7 +58,8 @@ def test_help_loads_no_job_machinery() -> None:
 
 
 def test_validate_loads_nothing_that_sends(make_job: Callable[..., JobFiles]) -> None:
-    """`validate` reads the spec and the input and renders rows: nothing of the SDK, the engine or retries."""
+    """`validate` reads the spec and the input and renders rows: nothing of the SDK, its HTTP clients or
+    the engine."""
     job = make_job()
     assert loaded("validate", str(job.spec)) == []
 
@@ -68,7 +69,7 @@ def test_status_loads_nothing_that_sends_or_plans(make_job: Callable[..., JobFil
     event loop or the planner are imported."""
     job = make_job()
     assert cli("run", str(job.spec)).exit_code == 0
-    assert loaded("status", str(job.spec), watch=(*SENDING, "asyncio", "runner.plan")) == []
+    assert loaded("status", str(job.spec), watch=(*SENDING, "tenacity", "asyncio", "runner.plan")) == []
 
 
 def test_estimate_without_a_pilot_loads_nothing_that_sends(make_job: Callable[..., JobFiles]) -> None:

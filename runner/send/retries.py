@@ -22,10 +22,10 @@ import asyncio
 import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-if TYPE_CHECKING:  # tenacity is imported where retries are built: `validate` and `status` never retry
-    from tenacity import AsyncRetrying, RetryCallState
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_random_exponential
 
 # Business codes that mean "this account cannot be served at all": no balance, plan exhausted or
 # expired, account inactive/locked, bad or expired token.
@@ -126,8 +126,6 @@ class wait_backoff:
     """Full-jitter exponential backoff, or the endpoint's retry-after when it is longer (capped)."""
 
     def __init__(self, initial: float = 0.5, maximum: float = 30.0, classify: Classify = unclassified) -> None:
-        from tenacity.wait import wait_random_exponential
-
         self._jitter = wait_random_exponential(multiplier=initial, max=maximum)
         self._max = maximum
         self._classify = classify
@@ -148,8 +146,6 @@ def retrying(
     before_sleep: Callable[[RetryCallState], Awaitable[None] | None] | None = None,
 ) -> AsyncRetrying:
     """The retry policy for one request; `sleep` is injectable so tests never wait on real time."""
-    from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
-
     return AsyncRetrying(
         stop=stop_after_attempt(max_attempts),
         wait=wait or wait_backoff(classify=classify),

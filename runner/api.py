@@ -16,8 +16,10 @@ stderr as JSON lines unless a `reporter` is given.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import shlex
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +83,8 @@ async def arun_job(
     from runner.engine import run_job as _run
 
     job = spec if isinstance(spec, Job) else load_job(spec, set=set, limit=limit)
+    if will_send_online(job, fresh=fresh):
+        import_in_background()
     options = RunOptions(fresh=fresh, retry_failed=retry_failed, resume_command=resume_command(job, set, limit))
     report = await _run(job, api_key=api_key_for(job), options=options, reporter=reporter or make_reporter("json"))
     output = report.summary.get("output")
@@ -116,6 +120,53 @@ def estimate_job(
     key = api_key_for(job) if (exact or pilot) else "unused"
     options = EstimateOptions(exact=exact, pilot_rows=pilot)
     return asyncio.run(_estimate(job, api_key=key, options=options, reporter=make_reporter("json")))
+
+
+# What a run's first request needs that loading the job and planning do not: the SDK (about 1.2 s to
+# import, most of a small run's start), what the SDK imports only when its first client is built
+# (httpcore2, for the TLS context) and when it sends its first request (opentelemetry.propagate, for the
+# trace headers), and the retry and rate-limit libraries. Only third-party modules: the runner's own
+# stay with the thread that runs the job.
+SENDING_MODULES = ("anthropic", "httpcore2", "opentelemetry.propagate", "tenacity", "aiolimiter")
+
+
+def import_in_background(modules: tuple[str, ...] = SENDING_MODULES) -> threading.Thread:
+    """Import `modules` in a thread, so a run's start does not wait for the SDK after everything else.
+
+    The import overlaps what the run does before its first request: checking the input, recovering
+    its state and rendering the first rows. Much of that is polars and file work that releases the
+    GIL, so on two cores the SDK is mostly loaded by the time it is needed; where it is not, the
+    importing code waits for this thread's import (the import lock), as it would have imported it
+    anyway. A module that fails here is left alone: importing it where it is used raises the error
+    where it matters. The thread is not a daemon: a process that ends early waits for the import
+    rather than stopping a thread that holds the import lock.
+    """
+
+    def load() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # see above: the import where the module is used reports it
+                continue
+
+    thread = threading.Thread(target=load, name="glm-batch-import", daemon=False)
+    thread.start()
+    return thread
+
+
+def will_send_online(job: Job, *, fresh: bool) -> bool:
+    """Will this run send through the SDK? Sure for a job with no state yet, with --fresh, or when its
+    input or spec changed since the row map was built (new rows to render); a re-run of an unchanged job
+    may have nothing to send, and then must not pay for the SDK (runner.engine never loads it)."""
+    run = job.spec.run
+    if run.engine != "local" or run.mode != "online":  # Ray workers send; batch mode uploads files
+        return False
+    if fresh or not job.state_dir.exists():
+        return True
+    from runner.runs import fingerprint
+    from runner.state.store import Store
+
+    return Store(job.state_dir, run_id="probe").rows.fingerprint() != fingerprint(job)
 
 
 def resume_command(job: Job, overrides: Mapping[str, Any] | list[str] | None, limit: int | None) -> str:

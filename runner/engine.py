@@ -26,10 +26,8 @@ from runner.errors import DiskFull
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
 from runner.money.accounting import Tally, accountant_for
-from runner.observe import quality, summary
+from runner.observe import summary
 from runner.observe.progress import Reporter
-from runner.output.assemble import OutputShape, finalize
-from runner.output.sinks import ParquetSink
 from runner.plan import Dispatch, nothing, plan
 from runner.records import Result
 from runner.resume import settled_keys
@@ -164,6 +162,9 @@ async def _run(
     failed_rows: int | None = None  # None: not finalized, the output is not complete yet
     if control.reason is None and complete:
         reporter.phase("writing output")
+        from runner.output.assemble import OutputShape, finalize  # after sending: not on the way to the first request
+        from runner.output.sinks import ParquetSink
+
         shape = OutputShape(job.spec.input.id_column or "id", job.shape.fields if job.shape else {}, samples)
         try:
             counts = finalize(store, ParquetSink(job.output_path, job.state_dir), shape)
@@ -174,6 +175,8 @@ async def _run(
     report = record(exit_code, failed_rows is not None)
     if failed_rows is not None and job.shape is not None:
         reporter.phase("scoring against gold labels")
+        from runner.observe import quality
+
         report["quality"] = quality.summarise(job, job.shape)
     summary.write(job, store, report)
     reporter.finish(report, message)

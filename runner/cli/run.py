@@ -56,8 +56,7 @@ def run(
         _guarded(lambda: _dry_run(spec, set_, limit, fresh=fresh, retry_failed=retry_failed))
         raise typer.Exit(0)
 
-    from runner.api import resume_command
-    from runner.engine import RunOptions, run_job  # the engine pulls in the SDK; keep `validate` light
+    from runner.api import import_in_background, resume_command, will_send_online
     from runner.observe.progress import make_reporter
 
     def go() -> int:
@@ -67,6 +66,10 @@ def run(
         overrides = [*(set_ or []), *([f"run.ray_address={ray_address}"] if ray_address else [])]
         job = _load(spec, overrides, limit)
         key = api_key_for(job)
+        if will_send_online(job, fresh=fresh):
+            import_in_background()  # the SDK loads while the engine (polars) loads and checks the input
+        from runner.engine import RunOptions, run_job
+
         options = RunOptions(
             fresh=fresh,
             retry_failed=retry_failed,

@@ -93,10 +93,15 @@ def configs_dir() -> Path:
     return packaged if packaged.is_dir() else package.parent / "configs"
 
 
+# libyaml's parser, where PyYAML was built with it: the same safe loading (the constructor and resolver are
+# PyYAML's own), about seven times faster; models.yaml took 40 ms in pure Python, paid by every command.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _load_yaml(name: str) -> dict[str, Any]:
     path = configs_dir() / name
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SafeLoader)
     except (OSError, yaml.YAMLError) as exc:
         raise UsageError(f"{path}: cannot read the catalogue ({exc}); reinstall glm-batch or fix the file") from exc
     if not isinstance(data, dict):

@@ -26,10 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import polars as pl
 
-from runner.engine import RunOptions, run_job
 from runner.errors import EndpointAborted, UsageError
 from runner.job import catalog
 from runner.job.inputs import InputSource, open_input
@@ -75,6 +73,8 @@ async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, repo
     """Build the estimate report (and keep it in the job's state for the next run to compare with)."""
     table = require_prices(job, "glm-batch estimate")
     if options.pilot_rows:
+        from runner.engine import RunOptions, run_job  # only a pilot runs: a plain estimate stays light
+
         pilot = await run_job(
             job, api_key=api_key, options=RunOptions(pilot_rows=options.pilot_rows), reporter=reporter
         )
@@ -214,6 +214,8 @@ def _pending_estimates(job: Job, source: InputSource, settled: SettledKeys) -> P
 
 async def _tokenizer_calibration(job: Job, api_key: str, sample: list[Request]) -> Calibration:
     """Count a random sample of requests with Zhipu's tokenizer API and learn the ratio to the estimate."""
+    import aiohttp
+
     semaphore = asyncio.Semaphore(max(1, job.concurrency))
     headers = {"authorization": f"Bearer {api_key}"}
 

@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console, ConsoleOptions, RenderResult
-from rich.text import Text
+if TYPE_CHECKING:  # rich is imported where the panel is drawn: a run logging JSON lines never loads it
+    from rich.console import Console, ConsoleOptions, RenderResult
+    from rich.text import Text
 
-if TYPE_CHECKING:
     from runner.money.accounting import Tally
     from runner.send.base import Control
 
@@ -141,6 +141,8 @@ def panel_lines(state: PanelState, width: int, now: float) -> list[Text]:
 
 def _title(state: PanelState, width: int, now: float) -> Text:
     """`job · model · phase` on the left, the elapsed time on the right (folded if the name is long)."""
+    from rich.text import Text
+
     phase = state.phase
     if state.stopping in ("SIGINT", "SIGTERM"):
         phase = f"interrupted ({state.stopping}): finishing the requests in flight"
@@ -165,6 +167,8 @@ def _title(state: PanelState, width: int, now: float) -> Text:
 
 def _bar(state: PanelState, width: int) -> Text:
     """The bar and `done/total rows pct`; the bar takes what the counts leave of the width."""
+    from rich.text import Text
+
     total = state.rows_total or 0
     share = state.rows_done / total if total else 1.0
     counts = f" {state.rows_done:,}/{total:,} rows {100 * share:3.0f}%"
@@ -223,6 +227,8 @@ def _items(state: PanelState, *, wide: bool) -> Iterator[Text]:
 
 def _item(label: str, value: str, *rest: str, style: str = "bold") -> Text:
     """`label value rest...`: the label dim, the value (and every other part after it) in `style`."""
+    from rich.text import Text
+
     text = Text(label, style="dim")
     text.append(value, style=style)
     for i, part in enumerate(rest):
@@ -233,6 +239,8 @@ def _item(label: str, value: str, *rest: str, style: str = "bold") -> Text:
 def _flow(items: list[Text], width: int) -> list[Text]:
     """Items joined by ` · ` into lines of at most `width` cells, breaking only between items; an item
     wider than a whole line gets a line of its own and folds."""
+    from rich.text import Text
+
     lines: list[Text] = []
     line = Text()
     for item in items:

@@ -23,14 +23,12 @@ from collections import deque
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
 
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
-
 from runner.observe.panel import PanelState, ProgressPanel
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # rich is imported by the one reporter that draws with it
+    from rich.console import Console
+    from rich.live import Live
+
     from runner.job.resolve import Job
     from runner.money.accounting import Tally
     from runner.send.base import Control
@@ -153,6 +151,8 @@ class RichReporter:
     RATE_WINDOW_S = 30.0  # the rate and the ETA follow the last this many seconds
 
     def __init__(self, out: TextIO, console: Console | None = None) -> None:
+        from rich.console import Console
+
         self._console = console or Console(file=out)
         self._state = PanelState(phase="starting", started=time.monotonic())
         self._live: Live | None = None
@@ -171,6 +171,8 @@ class RichReporter:
         self._show()
 
     def _show(self) -> None:
+        from rich.live import Live
+
         if self._live is None:
             self._live = Live(
                 ProgressPanel(lambda: self._state), console=self._console, refresh_per_second=4, transient=False
@@ -218,10 +220,14 @@ class RichReporter:
         self._show()
 
     def event(self, name: str, **fields: Any) -> None:
+        from rich.text import Text
+
         line = text_line({"event": name, **fields}).removeprefix(name).strip()
         self._console.print(Text.assemble((name, "yellow"), ": ", line), highlight=False)
 
     def finish(self, summary: dict[str, Any], message: str) -> None:
+        from rich.table import Table
+
         if self._live is not None:
             self._state = replace(self._state, phase="done" if summary.get("exit_code") == 0 else "ended")
             self._live.stop()  # the last frame stays on the screen, above the table

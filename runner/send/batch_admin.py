@@ -13,7 +13,6 @@ from typing import Any
 
 from runner.job import catalog
 from runner.job.resolve import Job
-from runner.send.batch_api import BatchAPI, BatchStatusError
 from runner.send.batch_book import OPEN, BatchBook
 
 
@@ -38,6 +37,8 @@ def batch_rows(job: Job) -> list[dict[str, Any]]:
 async def cancel_batches(job: Job, api_key: str, base_url: str) -> dict[str, Any]:
     """Cancel every batch of the job that is still open; say how many lines each had already finished
     (those are billed)."""
+    from runner.send.batch_api import BatchAPI, BatchStatusError  # aiohttp: `status` never loads it
+
     book = BatchBook(job.state_dir / "batches")
     native = job.native_url or catalog.native_url_beside(base_url)
     cancelled: list[dict[str, Any]] = []

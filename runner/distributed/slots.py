@@ -243,7 +243,8 @@ class LeasedSlots:
                 booked, wait = await self._limiter.pace.remote(self.worker_id, [c for c, _ in waiting])
             except Exception as exc:  # the limiter is unreachable: the waiting attempts fail, not hang
                 for _, future in waiting:
-                    future.set_exception(exc)
+                    if not future.done():
+                        future.set_exception(exc)
                 self._pacing = []
                 return
             at = self._clock() + wait

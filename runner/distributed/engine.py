@@ -267,7 +267,7 @@ def _reconcile(store: Store, tally: Tally, accountant: Accountant, progress: _Pr
     if not parts:
         return
     known = pl.Series(KEY, sorted(progress.recorded), dtype=pl.String)
-    missed = scan_results(parts).filter(~pl.col(KEY).is_in(known)).unique(KEY, keep="first").collect()
+    missed = scan_results(parts).filter(~pl.col(KEY).is_in(known.implode())).unique(KEY, keep="first").collect()
     table = accountant.table
     for row in missed.iter_rows(named=True):
         result = Result(**{name: row[name] for name in Result.__slots__ if name in row})  # wait_ms is not stored

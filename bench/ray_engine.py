@@ -46,8 +46,8 @@ LATENCY_S = 0.2
 def sending_window_s(folder: Path, name: str) -> float:
     """Seconds from the first answer to the last, plus one latency (the first request's own)."""
     parts = sorted((folder / "out" / ".glm-batch" / name / "results").glob("part-*.parquet"))
-    times = pl.scan_parquet(parts).select(pl.col("finished_at").min().alias("a"), pl.col("finished_at").max().alias("b"))
-    first, last = times.collect().row(0)
+    finished = pl.col("finished_at")
+    first, last = pl.scan_parquet(parts).select(finished.min(), finished.max().alias("last")).collect().row(0)
     return float((last - first).total_seconds()) + LATENCY_S
 
 

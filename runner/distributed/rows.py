@@ -59,6 +59,7 @@ def read_rows(job: Job, source: InputSource, rows_total: int, block_rows: int) -
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     paths = [str(p) for p in job.input_paths]
     used = list(source.used_columns)
     # Files of one kind are one read; a mix is read kind by kind, in the spec's order, and joined end to end.

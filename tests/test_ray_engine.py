@@ -1,9 +1,10 @@
 """The Ray engine (`run.engine: ray`): the local engine's answers, keys and files, sent from Ray actors
 under one cluster-wide limit, and nothing paid twice across engines, re-runs or a killed actor.
 
-Ray starts once for the module on 2 CPUs (it takes seconds); each test runs the real CLI against the
-simulator, whose `concurrency_cap` answers 429/1302 above the limit, so `max_in_flight` shows whether
-the cluster ever went over it. Skipped where ray is not installed, except in CI.
+Ray starts once for the module on 2 CPUs (10-40 s); each test runs the real CLI against the simulator,
+whose `concurrency_cap` refuses (429/1302, counted as `429_1302_cap`) any request above the limit, so a
+refusal is the cluster going over it. Rates are checked on the simulator's own clock. Skipped where ray
+is not installed, except in CI.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@
    and folded into a durable part every `checkpoint_rows` results or `checkpoint_seconds`;
 4. output: when every row has a result, assemble the answers in input order and write them through
    the sink (runner.output);
-5. record: the summary beside the output, the run in the manifest, the spend in the ledger.
+5. record (runner.finish, shared with the Ray engine): the summary beside the output, the run in the
+   manifest, the spend in the ledger.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import polars as pl
 
 from runner.errors import DiskFull
+from runner.finish import Ending, finish, record
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
 from runner.money.accounting import Tally, accountant_for
@@ -140,16 +142,11 @@ async def _run(
         finally:
             checkpoint()
             await executor.aclose()
-    gauges = executor.gauges()
-    summary.book_spend(job, tally, store.run_id, reporter)
-
-    def record(exit_code: int, finalized: bool) -> dict[str, Any]:
-        return summary.summary(
-            job, store.run_id, store.read_estimate(), tally, control, started_at, exit_code, finalized, accountant
-        ) | summary.sending(job, gauges)
-
+    sending = summary.sending(job, executor.gauges())
+    ending = Ending(tally, control, accountant, started_at)
     if pilot is not None:
-        report = record(0, False)
+        summary.book_spend(job, tally, store.run_id, reporter)
+        report = record(job, store, ending, 0, False) | sending
         with contextlib.suppress(DiskFull):
             store.record_run({**report, "pilot": True})
         if control.aborted is not None or control.failed is not None:  # the pilot could not run: say why
@@ -159,28 +156,7 @@ async def _run(
     # Complete when every row was rendered and every request this run queued came back; rows whose
     # request was settled before are answered by definition. (This beats joining the whole row map.)
     complete = unchanged or (tally.all_rows_rendered and not outstanding)
-    failed_rows: int | None = None  # None: not finalized, the output is not complete yet
-    if control.reason is None and complete:
-        reporter.phase("writing output")
-        from runner.output.assemble import OutputShape, finalize  # after sending: not on the way to the first request
-        from runner.output.sinks import ParquetSink
-
-        shape = OutputShape(job.spec.input.id_column or "id", job.shape.fields if job.shape else {}, samples)
-        try:
-            counts = finalize(store, ParquetSink(job.output_path, job.state_dir), shape)
-            failed_rows = sum(n for status, n in counts.items() if status != "ok")
-        except DiskFull as exc:  # the answers are all in the store; the next run writes the output
-            control.fail(exc)
-    exit_code, message = summary.outcome(job, control, failed_rows, options.resume_command)
-    report = record(exit_code, failed_rows is not None)
-    if failed_rows is not None and job.shape is not None:
-        reporter.phase("scoring against gold labels")
-        from runner.observe import quality
-
-        report["quality"] = quality.summarise(job, job.shape)
-    summary.write(job, store, report)
-    reporter.finish(report, message)
-    return RunReport(exit_code, message, report)
+    return finish(job, store, ending, options, reporter, complete=complete, sending=sending)
 
 
 class Idle:

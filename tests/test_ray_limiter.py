@@ -27,7 +27,9 @@ except ImportError:
         raise  # CI installs the ray extra (.ci/run); a missing ray there is a broken setup, not a skip
     pytest.skip("needs ray: pip install -e '.[ray]'", allow_module_level=True)
 
+from runner.distributed.claims import Claims
 from runner.distributed.limiter import ClusterLimiter, LeaseLost, Outcomes, connect
+from runner.distributed.pacing import Rates
 from runner.distributed.slots import LeasedSlots
 from runner.records import Answer, Request, Result
 from runner.send import client as wire
@@ -299,3 +301,42 @@ async def test_the_online_executor_runs_unchanged_on_leased_slots() -> None:
     assert len(results) == 60 and {r.status for r in results} == {"ok"}
     assert stats["peak_granted"] <= 3 and stats["granted"] == 0
     assert all(isinstance(r.finished_at, dt.datetime) for r in results)
+
+
+def test_rates_never_start_more_than_a_bucket_plus_the_rate_in_any_window() -> None:
+    """Bookings from several workers asking at once (a clock that barely moves) are spread so that what
+    starts within any W seconds is at most a bucket (one second's worth) plus W seconds of the rate."""
+    rates = Rates(requests_per_minute=600, tokens_per_minute=None)  # 10 a second, a bucket of 10
+    now, starts = 100.0, []
+    while len(starts) < 200:
+        for _ in range(3):  # three workers, each with 8 attempts waiting
+            booked, wait = rates.book([1.0] * 8, now)
+            assert 1 <= booked <= 8
+            starts += [now + wait] * booked
+        now += 0.01
+    for window in (0.5, 1.0, 5.0):
+        most = max(sum(1 for s in starts if t <= s <= t + window) for t in starts)
+        assert most <= 10 + 10 * window + 1e-9, (window, most)
+    assert max(starts) - min(starts) >= (len(starts) - 10) / 10 - 1e-9  # and the rate was the bound
+
+
+def test_tokens_used_beyond_the_charge_delay_later_starts() -> None:
+    rates = Rates(requests_per_minute=None, tokens_per_minute=6_000)  # 100 tokens a second
+    assert rates.book([100.0], 0.0) == (1, 0.0)  # a full bucket at once
+    assert rates.book([50.0], 0.0) == (1, pytest.approx(0.5))
+    rates.owe(100.0, 0.0)  # answers used 100 more than charged
+    booked, wait = rates.book([50.0], 0.0)
+    assert booked == 1 and wait == pytest.approx(2.0)  # 250 booked, a bucket of 100 may lead by 1 s
+    assert rates.book([60.0, 60.0], 10.0)[0] == 1  # what fits the bucket at once, at least one
+
+
+def test_a_shared_key_is_sent_by_the_block_that_claims_it_first() -> None:
+    claims = Claims()
+    assert claims.claim("row-0", ["a", "b"]) == []
+    assert claims.claim("row-500", ["b", "c"]) == ["b"]  # row-0's to send
+    assert claims.claim("row-0", ["a", "b"]) == []  # a retry of row-0 is still its owner
+    claims.release("row-0")  # row-0's answers are journalled: b is free again
+    assert claims.claim("row-1000", ["a", "b", "c"]) == ["c"]
+    claims.release("row-500")
+    claims.release("row-1000")
+    assert len(claims) == 0  # only blocks in progress hold keys

@@ -32,24 +32,22 @@ from runner.distributed.limiter import connect
 from runner.distributed.rows import read_rows
 from runner.distributed.worker import REPORT, Sender, SenderConfig
 from runner.errors import DiskFull, EndpointAborted, UsageError
+from runner.finish import Ending, finish
 from runner.job.inputs import InputSource, open_input
 from runner.job.resolve import Job
 from runner.money import ledger
 from runner.money.accounting import Accountant, Tally
 from runner.money.pricing import price_table, require_prices, tier_label
 from runner.money.tokens import Calibration
-from runner.observe import quality, summary
+from runner.observe import summary
 from runner.observe.progress import Reporter
-from runner.output.assemble import OutputShape, finalize
 from runner.output.salvage import check_resend, salvage
-from runner.output.sinks import ParquetSink
 from runner.plan import ALL_FAIL_ROWS, plan
 from runner.records import KEY, Result, result_from_json, scan_results
 from runner.runs import RunOptions, RunReport, fingerprint
 from runner.send.base import Control
 from runner.send.endpoints import endpoint_url
 from runner.send.limits import AimdController
-from runner.state.files import write_json_atomic
 from runner.state.store import SettledKeys, Store
 from runner.supervise import supervise
 
@@ -72,6 +70,7 @@ class _Progress:
 
     recorded: set[str] = field(default_factory=set)  # keys counted in the tally (identical prompts count once)
     unanswered: int = 0  # requests a block queued and got no result for
+    deferred: set[str] = field(default_factory=set)  # keys a block left to the block that claimed them
     workers: set[str] = field(default_factory=set)
 
 
@@ -144,7 +143,8 @@ async def _run(
         if tally.rows_seen == tally.rows_total and control.reason is None:
             store.rows.seal(built_from)
             tally.all_rows_rendered = True
-    return _finish(job, store, tally, control, progress, accountant, started_at, options, reporter, limits)
+    ending = Ending(tally, control, accountant, started_at)
+    return _finish(job, store, ending, progress, options, reporter, limits)
 
 
 async def _send(
@@ -166,7 +166,13 @@ async def _send(
     concurrency = (
         AimdController(initial=job.concurrency, maximum=run.max_concurrency) if job.adaptive else job.concurrency
     )
-    limiter = connect(f"glm-batch/{job.name}/{store.run_id}", concurrency=concurrency, max_cost=run.max_cost)
+    limiter = connect(
+        f"glm-batch/{job.name}/{store.run_id}",
+        concurrency=concurrency,
+        max_cost=run.max_cost,
+        requests_per_minute=run.requests_per_minute,
+        tokens_per_minute=run.tokens_per_minute,
+    )
     config = SenderConfig(
         job=job,
         run_id=store.run_id,
@@ -220,6 +226,8 @@ async def _send(
         stats: dict[str, Any] = await limiter.stats.remote()
         ray.kill(limiter)
         _reconcile(store, tally, accountant, progress)
+        # A key left to the block that claimed it is answered only if that block answered it this run.
+        progress.unanswered += len(progress.deferred - progress.recorded)
     return stats
 
 
@@ -233,6 +241,7 @@ def _take(block: pl.DataFrame, store: Store, tally: Tally, control: Control, pro
         tally.requests_queued += report["requests_queued"]
         progress.unanswered += report["unanswered"]
         progress.workers.add(report["worker"])
+        progress.deferred.update(report["deferred"])
         for line, tier in report["results"]:
             result = result_from_json(line)
             if result.key not in progress.recorded:
@@ -258,7 +267,7 @@ def _reconcile(store: Store, tally: Tally, accountant: Accountant, progress: _Pr
     if not parts:
         return
     known = pl.Series(KEY, sorted(progress.recorded), dtype=pl.String)
-    missed = scan_results(parts).filter(~pl.col(KEY).is_in(known)).unique(KEY, keep="first").collect()
+    missed = scan_results(parts).filter(~pl.col(KEY).is_in(known.implode())).unique(KEY, keep="first").collect()
     table = accountant.table
     for row in missed.iter_rows(named=True):
         result = Result(**{name: row[name] for name in Result.__slots__ if name in row})  # wait_ms is not stored
@@ -274,48 +283,16 @@ def _reconcile(store: Store, tally: Tally, accountant: Accountant, progress: _Pr
 def _finish(
     job: Job,
     store: Store,
-    tally: Tally,
-    control: Control,
+    ending: Ending,
     progress: _Progress,
-    accountant: Accountant,
-    started_at: dt.datetime,
     options: RunOptions,
     reporter: Reporter,
     limits: dict[str, Any],
 ) -> RunReport:
-    """Output, summary, ledger and manifest, as runner.engine writes them."""
-    simulated = job.base_url is None
-    try:
-        ledger.append(summary.ledger_rows(job, tally, store.run_id), store.run_id, simulated=simulated)
-    except DiskFull as exc:
-        reporter.event("ledger_not_written", reason=str(exc))
-    concurrency = {"adaptive": job.adaptive, "final": limits.get("limit"), "overload_429_rate": None}
+    """Output, summary, ledger and manifest, as the local engine writes them (runner.finish)."""
+    gauges = {"adaptive": job.adaptive, "limit": limits.get("limit"), "overload_429_rate": None}
     engine = {"name": "ray", "actors": len(progress.workers), "limiter": limits}
-
-    def record(exit_code: int, finalized: bool) -> dict[str, Any]:
-        return summary.summary(
-            job, store.run_id, store.read_estimate(), tally, control, started_at, exit_code, finalized, accountant
-        ) | {"concurrency": concurrency, "simulated": simulated, "engine": engine}
-
     # Complete when every row came back from the actors and every request they queued was answered.
-    complete = tally.all_rows_rendered and progress.unanswered == 0
-    failed_rows: int | None = None
-    if control.reason is None and complete:
-        shape = OutputShape(
-            job.spec.input.id_column or "id", job.shape.fields if job.shape else {}, job.spec.output.samples
-        )
-        try:
-            counts = finalize(store, ParquetSink(job.output_path, job.state_dir), shape)
-            failed_rows = sum(n for status, n in counts.items() if status != "ok")
-        except DiskFull as exc:
-            control.fail(exc)
-    exit_code, message = summary.outcome(job, control, failed_rows, options.resume_command)
-    report = record(exit_code, failed_rows is not None)
-    if failed_rows is not None and job.shape is not None:
-        report["quality"] = quality.summarise(job, job.shape)
-    with contextlib.suppress(DiskFull):
-        job.output_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(report, job.output_path.with_suffix(".summary.json"))
-        store.record_run(report)
-    reporter.finish(report, message)
-    return RunReport(exit_code, message, report)
+    complete = ending.tally.all_rows_rendered and progress.unanswered == 0
+    sending = summary.sending(job, gauges) | {"engine": engine}
+    return finish(job, store, ending, options, reporter, complete=complete, sending=sending)

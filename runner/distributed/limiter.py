@@ -1,7 +1,8 @@
 """One account-wide in-flight limit and spending cap for every worker of a cluster run.
 
 Zhipu limits requests in flight per account, and Ray Data has no limit across workers (ray#48198), so
-one named async actor holds both for the whole cluster:
+one named async actor holds both for the whole cluster, with the account's request and token rates
+(runner.distributed.pacing):
 
     limiter = connect("glm-batch/reviews", concurrency=8, max_cost=5.0)   # the driver, once
     granted = await limiter.acquire.remote("worker-3", 4)                  # a worker: up to 4 slots
@@ -24,45 +25,21 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import ray
 from ray.actor import ActorHandle
 
+from runner.distributed.claims import Claims
+from runner.distributed.pacing import Rates
+from runner.distributed.terms import Directive, LeaseLost, Outcomes
 from runner.money.pricing import Budget
 from runner.send.limits import AimdController
 
+__all__ = ["DEFAULT_GRANT", "ClusterLimiter", "Directive", "LeaseLost", "Outcomes", "connect"]
+
 DEFAULT_GRANT = 8  # most slots one acquire hands out: small, so one busy worker cannot starve the rest
-
-
-class LeaseLost(Exception):
-    """The worker's lease was reclaimed (it was silent past the lease timeout, or the driver reclaimed it).
-
-    The slots it still uses are no longer counted by the limiter: it must stop taking new ones from its
-    pool, let the attempts on them finish, and `join` again.
-    """
-
-
-@dataclass
-class Outcomes:
-    """How a worker's attempts ended since its last report, for the adaptive limit to learn from."""
-
-    latencies_s: list[float] = field(default_factory=list)  # one per answered attempt
-    refusals: list[int] = field(default_factory=list)  # 429/1302: the worker's own in-flight count then
-    overloads: list[float | None] = field(default_factory=list)  # 1305/529: the endpoint's retry-after
-
-    def __len__(self) -> int:
-        return len(self.latencies_s) + len(self.refusals) + len(self.overloads)
-
-
-@dataclass(frozen=True)
-class Directive:
-    """The limiter's answer to a release or a heartbeat: what the worker should do next."""
-
-    owe: int  # slots to hand back as soon as they come free: the limit fell, or other workers wait
-    pause_s: float  # the platform said it is overloaded: start no attempt for this long
-    limit: int  # the cluster's in-flight limit now
 
 
 @dataclass
@@ -89,6 +66,8 @@ class ClusterLimiter:
         *,
         concurrency: int | AimdController,
         max_cost: float | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
         lease_timeout_s: float = 10.0,
         max_grant: int = DEFAULT_GRANT,
         clock: Callable[[], float] = time.monotonic,
@@ -96,6 +75,8 @@ class ClusterLimiter:
         self.controller = concurrency if isinstance(concurrency, AimdController) else None
         self._fixed = concurrency if isinstance(concurrency, int) else None
         self.budget = Budget(max_cost) if max_cost is not None else None
+        self.claims = Claims()  # request keys shared by blocks: who sends them
+        self.rates = Rates(requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute)
         self.lease_timeout_s = lease_timeout_s
         self.max_grant = max_grant
         self._clock = clock
@@ -199,6 +180,23 @@ class ClusterLimiter:
         await self._notify()
         return n
 
+    # -- the request and token rates ---------------------------------------------------------------------
+
+    async def pace(self, worker_id: str, charges: list[float]) -> tuple[int, float]:
+        """Book the first of these waiting attempts (their token charges) on the run's rates: how many
+        were booked, and the seconds to wait before starting them (runner.distributed.pacing)."""
+        return self.rates.book(charges, self._clock())
+
+    # -- identical prompts in different blocks --------------------------------------------------------
+
+    async def claim(self, block: str, keys: list[str]) -> list[str]:
+        """Claim a block's request keys; those another block in progress owns (runner.distributed.claims)."""
+        return self.claims.claim(block, keys)
+
+    async def release_claims(self, block: str) -> None:
+        """The block is done and its answers are journalled."""
+        self.claims.release(block)
+
     # -- the budget ------------------------------------------------------------------------------------
 
     async def reserve(self, worker_id: str, amount: float) -> bool:
@@ -238,6 +236,9 @@ class ClusterLimiter:
             "grants": self._grants,
             "slots_granted": self._slots_granted,
             "grants_per_s": self._grants / elapsed,
+            "paced": self.rates.booked,  # attempts started on the run's rates, in `pace_calls` bookings
+            "pace_calls": self.rates.calls,
+            "claimed": len(self.claims),
             "workers": len(self._leases),
             "waiting": sum(lease.waiting for lease in self._leases.values()),
             "in_use": sum(lease.in_use for lease in self._leases.values()),  # as last reported
@@ -312,6 +313,7 @@ class ClusterLimiter:
             self._orphaned += lease.reserved
 
     def _learn(self, worker_id: str, outcomes: Outcomes) -> None:
+        self.rates.owe(outcomes.extra_tokens, self._clock())
         if self.controller is None:
             return
         for latency in outcomes.latencies_s:
@@ -356,6 +358,8 @@ def connect(
     *,
     concurrency: int | AimdController,
     max_cost: float | None = None,
+    requests_per_minute: float | None = None,
+    tokens_per_minute: float | None = None,
     lease_timeout_s: float = 10.0,
     max_grant: int = DEFAULT_GRANT,
     namespace: str | None = None,
@@ -375,6 +379,11 @@ def connect(
         max_concurrency=10_000,  # blocked acquires each hold one of the actor's concurrent calls
     )
     handle = actor.remote(
-        concurrency=concurrency, max_cost=max_cost, lease_timeout_s=lease_timeout_s, max_grant=max_grant
+        concurrency=concurrency,
+        max_cost=max_cost,
+        requests_per_minute=requests_per_minute,
+        tokens_per_minute=tokens_per_minute,
+        lease_timeout_s=lease_timeout_s,
+        max_grant=max_grant,
     )
     return cast("ActorHandle[ClusterLimiter]", handle)

@@ -17,6 +17,7 @@ template renders), with empty fields as null.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import polars as pl
@@ -52,7 +53,13 @@ def _read(paths: list[str], used: list[str]) -> ray.data.Dataset:
 def read_rows(job: Job, source: InputSource, rows_total: int, block_rows: int) -> ray.data.Dataset:
     """The input as a dataset of the used columns plus `_row`, limited as the spec says, in blocks of at
     most `block_rows` (a block is what one actor call sends: small blocks spread over every actor)."""
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    # The run's own progress lines say how far it is; Ray Data's bars and plans would repeat them.
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     paths = [str(p) for p in job.input_paths]
     used = list(source.used_columns)
     # Files of one kind are one read; a mix is read kind by kind, in the spec's order, and joined end to end.

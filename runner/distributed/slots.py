@@ -7,7 +7,9 @@ leased from the run's ClusterLimiter actor instead of a local semaphore.
         attempt.used_tokens = ...
     await slots.aclose()                                  # hand everything back
 
-So OnlineExecutor runs unchanged inside a Ray actor with a LeasedSlots where it takes a Limits.
+So OnlineExecutor runs unchanged inside a Ray actor with a LeasedSlots where it takes a Limits. With
+`paced`, each attempt also waits for the start time the limiter's rates give it (run.requests_per_minute
+and tokens_per_minute: runner.distributed.pacing), after its slot, as Limits takes its buckets.
 
 The actor is not a round trip per request: the worker leases a few slots at a time (as many as its
 attempts are waiting for, up to the limiter's max grant), reuses a freed slot for its next attempt
@@ -44,6 +46,8 @@ class LeasedSlots:
         classify: Callable[[Exception], tuple[Overload | None, float | None]] = lambda e: (None, None),
         clock: Callable[[], float] = time.monotonic,
         workers: int = 8,
+        paced: bool = False,
+        expected_output_tokens: int = 0,
     ) -> None:
         self._limiter = limiter
         self._workers = workers
@@ -70,6 +74,13 @@ class LeasedSlots:
         self._joined = False
         self._closed = False
         self._failure: Exception | None = None  # the limiter could not be reached: every waiter sees why
+        # The run's request and token rates (run.requests_per_minute / tokens_per_minute), booked at the
+        # limiter for every attempt waiting at once (runner.distributed.pacing).
+        self._paced = paced
+        self._pacing: list[tuple[float, asyncio.Future[float]]] = []  # charges waiting for a start time
+        self._pacer: asyncio.Task[None] | None = None
+        self._output_mean = float(expected_output_tokens)  # charged for an answer before it is known
+        self._answers = 0
         # Counters, for tests and benches.
         self.attempts = 0
         self.leases = 0  # acquire calls that granted something
@@ -111,9 +122,11 @@ class LeasedSlots:
     async def slot(self, input_tokens: int) -> AsyncIterator[Attempt]:
         """Hold one cluster slot for the duration of one attempt, and report how it ended."""
         await self._take()
-        attempt = Attempt(charged_tokens=input_tokens)
-        started = self._clock()
+        attempt = Attempt(charged_tokens=input_tokens + round(self._output_mean))
         try:
+            if self._paced:
+                await self._start_time(attempt.charged_tokens)
+            started = self._clock()
             yield attempt
         except Exception as exc:
             kind, retry_after = self._classify(exc)
@@ -126,12 +139,15 @@ class LeasedSlots:
             raise
         else:
             self._outcomes.latencies_s.append(self._clock() - started)
+            self._used(attempt, input_tokens)
         finally:
             await self._give()
 
     async def aclose(self) -> None:
         """Stop the background work and hand every unused slot back, with the outcomes not reported yet."""
         self._closed = True
+        if self._pacer is not None:
+            self._pacer.cancel()
         if self._steward is not None:
             self._steward.cancel()
             with suppress(asyncio.CancelledError):
@@ -207,6 +223,45 @@ class LeasedSlots:
                 self.leases += 1
             self._changed.notify_all()
 
+    # -- the run's rates ---------------------------------------------------------------------------------
+
+    async def _start_time(self, charge: float) -> None:
+        """Wait until the limiter's rates let this attempt start; attempts waiting together are booked
+        in one call."""
+        started: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._pacing.append((charge, started))
+        if self._pacer is None or self._pacer.done():
+            self._pacer = asyncio.create_task(self._book())
+        at = await started
+        if (wait := at - self._clock()) > 0:
+            await asyncio.sleep(wait)
+
+    async def _book(self) -> None:
+        """Book the waiting attempts at the limiter, a grant at a time, until none waits."""
+        while waiting := [(c, f) for c, f in self._pacing if not f.done()]:
+            try:
+                booked, wait = await self._limiter.pace.remote(self.worker_id, [c for c, _ in waiting])
+            except Exception as exc:  # the limiter is unreachable: the waiting attempts fail, not hang
+                for _, future in waiting:
+                    if not future.done():
+                        future.set_exception(exc)
+                self._pacing = []
+                return
+            at = self._clock() + wait
+            for _, future in waiting[:booked]:
+                if not future.done():  # its attempt was cancelled meanwhile: the booking goes unused
+                    future.set_result(at)
+            self._pacing = [(c, f) for c, f in self._pacing if not f.done()]
+
+    def _used(self, attempt: Attempt, input_tokens: int) -> None:
+        """Learn the mean answer length; tokens used beyond the charge are booked at the next report."""
+        if attempt.used_tokens is None:
+            return
+        self._answers += 1
+        output = max(0, attempt.used_tokens - input_tokens)
+        self._output_mean += (output - self._output_mean) / min(self._answers, 100)  # mean of the last ~100
+        self._outcomes.extra_tokens += max(0, attempt.used_tokens - attempt.charged_tokens)
+
     # -- talking to the limiter ------------------------------------------------------------------------
 
     async def _join(self) -> None:
@@ -266,6 +321,7 @@ class LeasedSlots:
                 self._outcomes.latencies_s[:0] = outcomes.latencies_s
                 self._outcomes.refusals[:0] = outcomes.refusals
                 self._outcomes.overloads[:0] = outcomes.overloads
+                self._outcomes.extra_tokens += outcomes.extra_tokens
             raise
         self.reports += 1
         async with self._changed:

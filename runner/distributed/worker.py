@@ -11,7 +11,9 @@ line also carries the block's report (`_report`: the results as journal lines, c
 
 A task Ray retries (its actor died) must not pay twice for what the dead attempt already got: before
 sending, a call looks its keys up in what this run has written so far, every actor's journals and parts
-(RunAnswers), and treats those as settled.
+(RunAnswers), and treats those as settled. A request that blocks share (identical prompts) is sent by
+the block that claims it first at the limiter (runner.distributed.claims); the others leave it to that
+block and list it in their report (`deferred`), so the driver can check it was answered.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import ray
 
 from runner.distributed.slots import LeasedSlots
 from runner.errors import DiskFull
-from runner.job.inputs import InputSource
+from runner.job.inputs import ROW, InputSource
 from runner.job.resolve import Job
 from runner.money.accounting import Accountant, Tally
 from runner.money.tokens import estimate_request
@@ -126,7 +128,6 @@ class Sender:
         self._store = Store(self._job.state_dir, config.run_id, writer=self.worker_id)
         self._store.open_journal()
         self._answers = RunAnswers(self._job.state_dir, config.run_id)
-        self._taken: set[str] = set()  # keys this actor sent or is sending (identical prompts in two blocks)
         self._reserved: dict[str, float] = {}  # key -> budget reserved at the limiter
         self._executor: OnlineExecutor | None = None
 
@@ -135,7 +136,15 @@ class Sender:
             fault = client.classify(exc)
             return fault.overload, fault.retry_after
 
-        return LeasedSlots(self._config.limiter, self.worker_id, classify=overload, workers=self._config.workers)
+        run = self._job.spec.run
+        return LeasedSlots(
+            self._config.limiter,
+            self.worker_id,
+            classify=overload,
+            workers=self._config.workers,
+            paced=run.requests_per_minute is not None or run.tokens_per_minute is not None,
+            expected_output_tokens=self._job.spec.model.max_tokens,
+        )
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         """Plan, send and journal one block; its row-map lines, the first carrying the block's report."""
@@ -149,11 +158,21 @@ class Sender:
         assert isinstance(frame, pl.DataFrame)
         frame = frame.with_columns(config.source.ids(frame))
         planned = list(plan(job, BlockRows(frame), self._settled, batch_rows=frame.height))
-        wanted = [r.key for b in planned for row in b.rows for r in row.requests]
-        answered = self._answers.among(wanted) | self._taken.intersection(wanted)
+        wanted = list(
+            dict.fromkeys(
+                r.key for b in planned for row in b.rows for r, d in zip(row.requests, row.done, strict=True) if not d
+            )
+        )
+        # Claims first, answers second (runner.distributed.claims): a key its owner released meanwhile
+        # is found answered. Keys another block owns are its to send; the driver checks they were.
+        block = f"row-{frame.get_column(ROW)[0]}"  # its first row: the same for a retry of it
+        others = set(await config.limiter.claim.remote(block, wanted)) if wanted else set()
+        answered = self._answers.among(wanted)
         for b in planned:
             for row in b.rows:
-                row.done = [d or r.key in answered for d, r in zip(row.done, row.requests, strict=True)]
+                row.done = [
+                    d or r.key in answered or r.key in others for d, r in zip(row.done, row.requests, strict=True)
+                ]
 
         control = Control()
         tally = Tally(samples=job.spec.output.samples)
@@ -195,6 +214,7 @@ class Sender:
                 self._store.flush()  # durable as a part before the block's lines are returned
             except DiskFull as exc:
                 control.fail(exc)
+        await config.limiter.release_claims.remote(block)
         report = {
             "results": results,
             "rows_settled": tally.rows_settled,
@@ -205,6 +225,7 @@ class Sender:
             "failed": str(control.failed) if control.failed else None,
             "retries": control.retries,
             "worker": self.worker_id,
+            "deferred": sorted(others - answered),  # sent by the block that owns them
         }
         out = pl.concat(lines.lines)
         first = pl.int_range(pl.len()) == 0
@@ -222,5 +243,4 @@ class Sender:
                     control.end_dispatch("budget")
                     return
                 self._reserved[request.key] = amount
-            self._taken.add(request.key)
             yield request

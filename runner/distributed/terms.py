@@ -1,0 +1,37 @@
+"""What the cluster's limiter and its workers say to each other: how attempts ended (Outcomes), what a
+worker should do next (Directive), and that a worker's lease is gone (LeaseLost).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class LeaseLost(Exception):
+    """The worker's lease was reclaimed (it was silent past the lease timeout, or the driver reclaimed it).
+
+    The slots it still uses are no longer counted by the limiter: it must stop taking new ones from its
+    pool, let the attempts on them finish, and `join` again.
+    """
+
+
+@dataclass
+class Outcomes:
+    """How a worker's attempts ended since its last report, for the adaptive limit to learn from."""
+
+    latencies_s: list[float] = field(default_factory=list)  # one per answered attempt
+    refusals: list[int] = field(default_factory=list)  # 429/1302: the worker's own in-flight count then
+    overloads: list[float | None] = field(default_factory=list)  # 1305/529: the endpoint's retry-after
+    extra_tokens: float = 0.0  # tokens answers used beyond their charges (run.tokens_per_minute)
+
+    def __len__(self) -> int:
+        return len(self.latencies_s) + len(self.refusals) + len(self.overloads) + (self.extra_tokens > 0)
+
+
+@dataclass(frozen=True)
+class Directive:
+    """The limiter's answer to a release or a heartbeat: what the worker should do next."""
+
+    owe: int  # slots to hand back as soon as they come free: the limit fell, or other workers wait
+    pause_s: float  # the platform said it is overloaded: start no attempt for this long
+    limit: int  # the cluster's in-flight limit now

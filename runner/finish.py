@@ -1,0 +1,87 @@
+"""How a run ends, the same on both engines (runner.engine and runner.distributed.engine): the spend into
+the ledger, the output when every row is answered, the summary beside it and in the manifest.
+
+    return finish(job, store, ending, options, reporter, complete=True, sending=summary.sending(job, gauges))
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from runner.errors import DiskFull
+from runner.job.resolve import Job
+from runner.money.accounting import Accountant, Tally
+from runner.observe import summary
+from runner.observe.progress import Reporter
+from runner.runs import RunOptions, RunReport
+from runner.send.base import Control
+from runner.state.store import Store
+
+
+@dataclass(frozen=True)
+class Ending:
+    """What a run has to show when it ends: its counts, how it stopped, its prices, when it began."""
+
+    tally: Tally
+    control: Control
+    accountant: Accountant
+    started_at: dt.datetime
+
+
+def record(job: Job, store: Store, ending: Ending, exit_code: int, finalized: bool) -> dict[str, Any]:
+    """The run's summary (without how it sent, which each engine adds)."""
+    return summary.summary(
+        job,
+        store.run_id,
+        store.read_estimate(),
+        ending.tally,
+        ending.control,
+        ending.started_at,
+        exit_code,
+        finalized,
+        ending.accountant,
+    )
+
+
+def finish(
+    job: Job,
+    store: Store,
+    ending: Ending,
+    options: RunOptions,
+    reporter: Reporter,
+    *,
+    complete: bool,
+    sending: dict[str, Any],
+) -> RunReport:
+    """Book the spend; write the output if the run is `complete` and was not stopped; write the summary
+    (with `sending`: how this engine sent) and tell the reporter. A full disk stops nothing here: the
+    answers are in the store, and the next run writes what could not be written now."""
+    control = ending.control
+    summary.book_spend(job, ending.tally, store.run_id, reporter)
+    failed_rows: int | None = None  # None: not finalized, the output is not complete yet
+    if control.reason is None and complete:
+        reporter.phase("writing output")
+        # Imported here, after sending: the output writer is not on the way to the first request.
+        from runner.output.assemble import OutputShape, finalize
+        from runner.output.sinks import ParquetSink
+
+        shape = OutputShape(
+            job.spec.input.id_column or "id", job.shape.fields if job.shape else {}, job.spec.output.samples
+        )
+        try:
+            counts = finalize(store, ParquetSink(job.output_path, job.state_dir), shape)
+            failed_rows = sum(n for status, n in counts.items() if status != "ok")
+        except DiskFull as exc:
+            control.fail(exc)
+    exit_code, message = summary.outcome(job, control, failed_rows, options.resume_command)
+    report = record(job, store, ending, exit_code, failed_rows is not None) | sending
+    if failed_rows is not None and job.shape is not None:
+        reporter.phase("scoring against gold labels")
+        from runner.observe import quality
+
+        report["quality"] = quality.summarise(job, job.shape)
+    summary.write(job, store, report)
+    reporter.finish(report, message)
+    return RunReport(exit_code, message, report)

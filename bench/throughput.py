@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -156,6 +157,7 @@ async def bare_loop(port: int, rows: int, concurrency: int) -> float:
 
 def overhead_round(rows: int, concurrency: int, runner_first: bool) -> dict[str, Any]:
     """One same-run comparison: the bare loop and the runner against one simulator, back to back."""
+    load_before = os.getloadavg()[0]
     port = free_port()
     sim = start_simulator(port)
     folder = WORK / "overhead"
@@ -191,6 +193,8 @@ def overhead_round(rows: int, concurrency: int, runner_first: bool) -> dict[str,
         "ratio_end_to_end_with_startup": round(end_to_end / bare_rate, 3),
         "bare_cpu_ms_per_row": round(1000 * bare_cpu / rows, 2),
         "runner_cpu_ms_per_row": round(1000 * runner.cpu_s / rows, 2),
+        # The machine may be shared: the 1-minute load average before and after the round.
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 
@@ -205,6 +209,7 @@ def overhead(quick: bool, rounds: int = 1) -> dict[str, Any]:
     if rounds == 1:
         return results[0]
     ratios = sorted(r["ratio_while_sending"] for r in results)
+    loads = [load for r in results for load in r["load_average"]]
     return {
         "rounds": rounds,
         "ratio_while_sending_worst": ratios[0],
@@ -212,6 +217,7 @@ def overhead(quick: bool, rounds: int = 1) -> dict[str, Any]:
         "ratio_end_to_end_median": statistics.median(r["ratio_end_to_end_with_startup"] for r in results),
         "bare_cpu_ms_per_row_median": statistics.median(r["bare_cpu_ms_per_row"] for r in results),
         "runner_cpu_ms_per_row_median": statistics.median(r["runner_cpu_ms_per_row"] for r in results),
+        "load_average_range": [min(loads), max(loads)],
     }
 
 

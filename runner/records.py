@@ -7,11 +7,12 @@ RESULT_SCHEMA is the stored and output form of a Result; every part file and the
 from __future__ import annotations
 
 import datetime as dt
-import json
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 import polars as pl
 
 KEY = "key"  # the request key column: what identifies an answer in every store file
@@ -115,30 +116,40 @@ def scan_results(parts: list[Path]) -> pl.LazyFrame:
 
 _NOT_JOURNALLED = frozenset({"wait_ms"})
 _JOURNAL_FIELDS = tuple(name for name in Result.__slots__ if name not in _NOT_JOURNALLED)
-# json.dumps(..., ensure_ascii=False) builds a new encoder on every call; one is enough.
-_encode = json.JSONEncoder(ensure_ascii=False).encode
+_journal_values = operator.attrgetter(*_JOURNAL_FIELDS)
+
+
+def journal_line(result: Result) -> bytes:
+    """One result as a UTF-8 JSON line (newline included) for the write-ahead journal.
+
+    orjson writes what json.dumps(..., ensure_ascii=False) would, datetimes in ISO 8601, about five
+    times faster: this runs once per answer, on the path that bounds a run's rows per second."""
+    record = dict(zip(_JOURNAL_FIELDS, _journal_values(result), strict=True))
+    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def result_to_json(result: Result) -> str:
-    """One result as a JSON line for the write-ahead journal."""
-    data = {name: getattr(result, name) for name in _JOURNAL_FIELDS}
-    data["finished_at"] = result.finished_at.isoformat()
-    return _encode(data)
+    """One result as a JSON line (no newline) for the write-ahead journal."""
+    return journal_line(result)[:-1].decode()
 
 
-def result_from_json(line: str) -> Result:
+def result_from_json(line: str | bytes) -> Result:
     """The inverse of result_to_json; raises ValueError on a torn or foreign line."""
-    data = json.loads(line)
+    data = orjson.loads(line)  # its JSONDecodeError is a ValueError
     if not isinstance(data, dict) or "key" not in data:
         raise ValueError("not a journal record")
     data["finished_at"] = dt.datetime.fromisoformat(data["finished_at"])
     return Result(**data)
 
 
+_STORED_FIELDS = tuple(name for name in RESULT_SCHEMA if name != "run_id")
+_stored_values = operator.attrgetter(*_STORED_FIELDS)
+
+
 def results_frame(results: list[Result], run_id: str) -> pl.DataFrame:
     """Results as a DataFrame in RESULT_SCHEMA, stamped with the run that produced them."""
-    columns: dict[str, list[Any]] = {name: [] for name in RESULT_SCHEMA}
-    for r in results:
-        for name in RESULT_SCHEMA:
-            columns[name].append(run_id if name == "run_id" else getattr(r, name))
-    return pl.DataFrame(columns, schema=RESULT_SCHEMA)
+    # One tuple per result, transposed into columns at once: a getattr per field and result cost more.
+    rows = [_stored_values(r) for r in results]
+    columns = dict(zip(_STORED_FIELDS, zip(*rows, strict=True), strict=True)) if rows else {}
+    data = {name: columns.get(name, ()) for name in _STORED_FIELDS} | {"run_id": [run_id] * len(rows)}
+    return pl.DataFrame({name: data[name] for name in RESULT_SCHEMA}, schema=RESULT_SCHEMA)

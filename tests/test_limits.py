@@ -186,6 +186,55 @@ async def test_the_token_charge_learns_the_mean_answer_length() -> None:
         assert attempt.charged_tokens == 10 + 110  # no longer max_tokens (500): the mean seen so far
 
 
+async def test_an_attempt_waiting_for_a_slot_goes_out_when_one_is_released() -> None:
+    limits = Limits(concurrency=1, requests_per_minute=None, tokens_per_minute=None)
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def attempt(name: str, hold: bool) -> None:
+        async with limits.slot(input_tokens=0):
+            order.append(name)
+            assert limits.in_flight == 1
+            if hold:
+                await release.wait()
+
+    first = asyncio.create_task(attempt("first", hold=True))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(attempt("second", hold=False))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert order == ["first"]  # the limit of 1 holds the second back
+
+    release.set()
+    async with asyncio.timeout(10):  # a slot given back without waking the waiter hangs here
+        await asyncio.gather(first, second)
+
+    assert order == ["first", "second"]
+    assert limits.in_flight == 0
+
+
+async def test_an_attempt_cancelled_while_waiting_for_the_rate_bucket_gives_its_slot_back() -> None:
+    # One request a second: the second attempt holds a slot while it waits for the bucket.
+    limits = Limits(concurrency=4, requests_per_minute=60, tokens_per_minute=None)
+    async with limits.slot(input_tokens=0):
+        pass
+
+    async def attempt() -> None:
+        async with limits.slot(input_tokens=0):
+            raise AssertionError("sent although cancelled")
+
+    waiting = asyncio.create_task(attempt())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert limits.in_flight == 1
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+    assert limits.in_flight == 0
+    assert limits.attempts == 1  # the cancelled one never went out
+
+
 class Refused(Exception):
     """What the fake endpoint raises for a request over its cap (429/1302)."""
 

@@ -129,6 +129,8 @@ class Conversation:
         """The Result of the finished conversation (at least one answer); `wait_ms`: how long it waited
         in this process before being sent (for the summary); `api`: the API that answered."""
         answers, problem, last = self._answers, self._problem, self._answers[-1]
+        # Every turn is paid for, so every turn's tokens count.
+        tokens_in, tokens_out, thinking, cache_read, cache_creation = _usage(answers)
         return Result(
             key=self.request.key,
             status="ok" if problem is None else "invalid",
@@ -141,12 +143,11 @@ class Conversation:
             response_text=last.text if last.tool_input is None else json.dumps(last.tool_input, ensure_ascii=False),
             thinking=last.thinking,
             stop_reason=last.stop_reason,
-            # Every turn is paid for, so every turn's tokens count.
-            input_tokens=sum(a.input_tokens for a in answers),
-            output_tokens=sum(a.output_tokens for a in answers),
-            thinking_tokens=sum(a.thinking_tokens for a in answers),
-            cache_read_input_tokens=sum(a.cache_read_input_tokens or 0 for a in answers),
-            cache_creation_input_tokens=sum(a.cache_creation_input_tokens or 0 for a in answers),
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            thinking_tokens=thinking,
+            cache_read_input_tokens=cache_read,
+            cache_creation_input_tokens=cache_creation,
             request_id=last.request_id,
             error_type=problem.kind if problem else None,
             error_message=str(problem) if problem else None,
@@ -157,6 +158,26 @@ class Conversation:
             repairs=len(answers) - 1,
             api=api,
         )
+
+
+def _usage(answers: list[Answer]) -> tuple[int, int, int, int, int]:
+    """Input, output, thinking, cache-read and cache-creation tokens of all turns together."""
+    if len(answers) == 1:  # nearly every request: no sums to build
+        a = answers[0]
+        return (
+            a.input_tokens,
+            a.output_tokens,
+            a.thinking_tokens,
+            a.cache_read_input_tokens or 0,
+            a.cache_creation_input_tokens or 0,
+        )
+    return (
+        sum(a.input_tokens for a in answers),
+        sum(a.output_tokens for a in answers),
+        sum(a.thinking_tokens for a in answers),
+        sum(a.cache_read_input_tokens or 0 for a in answers),
+        sum(a.cache_creation_input_tokens or 0 for a in answers),
+    )
 
 
 def failure(request: Request, fault: Fault, attempts: int, model: str | None = None) -> Result:

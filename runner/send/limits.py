@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Literal, Protocol
 
 from aiolimiter import AsyncLimiter
@@ -218,6 +219,7 @@ class Limits:
         self._clock = clock
         self._changed = asyncio.Condition()
         self.in_flight = 0
+        self._waiting = 0  # attempts queued in `_take` for room under the limit
         self.attempts = 0
         self._output_mean = float(expected_output_tokens)
         self._answers = 0
@@ -237,49 +239,44 @@ class Limits:
         """Share of attempts refused for overload so far."""
         return self.overloaded / self.attempts if self.attempts else 0.0
 
-    @asynccontextmanager
-    async def slot(self, input_tokens: int) -> AsyncIterator[Attempt]:
+    def slot(self, input_tokens: int) -> AbstractAsyncContextManager[Attempt]:
         """Hold one in-flight slot for the duration of one attempt, and learn from how it ended."""
-        attempt = Attempt(charged_tokens=input_tokens + round(self._output_mean))
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight < self.concurrency)
-            self.in_flight += 1
-        try:
-            await self._wait_for_pause()
-            if self._rpm is not None:
-                await self._rpm.acquire()
-            if self._tpm is not None:
-                # A single request larger than the bucket takes the whole bucket rather than failing.
-                await self._tpm.acquire(min(float(attempt.charged_tokens), self._tpm.max_rate))
-            self.attempts += 1
-            # What the controller needs to judge a refusal: how many were in flight as this one went
-            # out (it included), and in which of its epochs. Counts taken when the refusal lands are
-            # lower (answers drain meanwhile), and would cut below the cap.
-            sent_in_flight = self.in_flight
-            sent_epoch = self.controller.epoch if self.controller is not None else 0
-            started = self._clock()
-            try:
-                yield attempt
-            except Exception as exc:
-                self._learn_failure(exc, sent_in_flight, sent_epoch)
-                raise
-            if self.controller is not None:
-                self.controller.on_success(self._clock() - started)
-            await self._reconcile(attempt, input_tokens)
-        finally:
-            async with self._changed:
-                self.in_flight -= 1
-                self._changed.notify_all()
+        return _Slot(self, input_tokens)
 
-    async def _reconcile(self, attempt: Attempt, input_tokens: int) -> None:
-        if attempt.used_tokens is None:
+    async def _take(self) -> None:
+        """Wait until fewer than the limit are in flight, and count this attempt in."""
+        if self._waiting == 0 and self.in_flight < self.concurrency:
+            self.in_flight += 1  # room, and nobody queued before us: no lock, no suspension
             return
+        self._waiting += 1
+        try:
+            async with self._changed:
+                await self._changed.wait_for(self._has_room)
+                self.in_flight += 1
+        finally:
+            self._waiting -= 1
+
+    def _has_room(self) -> bool:
+        return self.in_flight < self.concurrency
+
+    async def _give_back(self) -> None:
+        """Count an attempt out, and wake whoever waits for room."""
+        if self._waiting == 0:
+            self.in_flight -= 1  # nobody to wake (a waiter checks the count before it waits)
+            return
+        async with self._changed:
+            self.in_flight -= 1
+            self._changed.notify_all()
+
+    def _reconcile(self, attempt: Attempt, input_tokens: int) -> float:
+        """Learn the answer's length from the tokens it used; the tokens still owed to the bucket."""
+        if attempt.used_tokens is None:
+            return 0.0
         self._answers += 1
         output = max(0, attempt.used_tokens - input_tokens)
         self._output_mean += (output - self._output_mean) / min(self._answers, 100)  # mean of the last ~100
         debt = attempt.used_tokens - attempt.charged_tokens
-        if self._tpm is not None and debt > 0:
-            await self._tpm.acquire(min(float(debt), self._tpm.max_rate))
+        return float(debt) if self._tpm is not None and debt > 0 else 0.0
 
     def _learn_failure(self, exc: Exception, in_flight: int, epoch: int) -> None:
         kind, retry_after = self._classify(exc)
@@ -295,3 +292,61 @@ class Limits:
         delay = self.controller.paused_until - self._clock()
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+class _Slot:
+    """One attempt's hold on a slot of `Limits`, as `async with limits.slot(tokens) as attempt`.
+
+    A plain class rather than an @asynccontextmanager: it runs once per attempt, and the generator
+    machinery (an async generator, its finalizer hook, two more awaits) cost more than the work."""
+
+    __slots__ = ("_attempt", "_input_tokens", "_limits", "_sent_epoch", "_sent_in_flight", "_started")
+
+    def __init__(self, limits: Limits, input_tokens: int) -> None:
+        self._limits = limits
+        self._input_tokens = input_tokens
+        self._attempt = Attempt(charged_tokens=input_tokens + round(limits._output_mean))
+        self._sent_in_flight = 0
+        self._sent_epoch = 0
+        self._started = 0.0
+
+    async def __aenter__(self) -> Attempt:
+        limits = self._limits
+        await limits._take()
+        entered = False
+        try:
+            if limits.controller is not None:
+                await limits._wait_for_pause()
+            if limits._rpm is not None:
+                await limits._rpm.acquire()
+            if limits._tpm is not None:
+                # A single request larger than the bucket takes the whole bucket rather than failing.
+                await limits._tpm.acquire(min(float(self._attempt.charged_tokens), limits._tpm.max_rate))
+            entered = True
+        finally:
+            if not entered:  # cancelled while waiting for the buckets: the slot is not used
+                await limits._give_back()
+        limits.attempts += 1
+        # What the controller needs to judge a refusal: how many were in flight as this one went out
+        # (it included), and in which of its epochs. Counts taken when the refusal lands are lower
+        # (answers drain meanwhile), and would cut below the cap.
+        self._sent_in_flight = limits.in_flight
+        self._sent_epoch = limits.controller.epoch if limits.controller is not None else 0
+        self._started = limits._clock()
+        return self._attempt
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        limits = self._limits
+        try:
+            if exc is None:
+                if limits.controller is not None:
+                    limits.controller.on_success(limits._clock() - self._started)
+                debt = limits._reconcile(self._attempt, self._input_tokens)
+                if debt and limits._tpm is not None:  # an answer that used more pays before its worker sends again
+                    await limits._tpm.acquire(min(debt, limits._tpm.max_rate))
+            elif isinstance(exc, Exception):  # cancellation teaches the controller nothing
+                limits._learn_failure(exc, self._sent_in_flight, self._sent_epoch)
+        finally:
+            await limits._give_back()

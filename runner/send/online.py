@@ -114,10 +114,15 @@ class OnlineExecutor:
         attempts = 0
         latency_ms: float | None = None
         while params is not None:
-            tries = [0]  # attempts of this turn, counted even when the turn fails
+            tries = [1]  # attempts of this turn, counted even when the turn fails
             try:
-                answer, latency_ms = await self._call(params, request, control, tries, waited)
-            except Exception as exc:  # an Exception only: cancellation must pass through untouched
+                try:
+                    # The first attempt goes out directly: most are answered, and building tenacity's
+                    # machinery for each of them was the largest cost of the runner's own while sending.
+                    answer, latency_ms = await self._attempt(params, request, waited)
+                except Exception as first:  # an Exception only: cancellation must pass through untouched
+                    answer, latency_ms = await self._retry(first, params, request, control, tries, waited)
+            except Exception as exc:
                 fault = self._classify(exc)
                 if fault.maybe_billed:  # the last attempt's timeout (earlier ones were noted as retries)
                     control.note_maybe_billed(self._estimate(request))
@@ -129,21 +134,21 @@ class OnlineExecutor:
             params = conversation.add(answer)
         return conversation.result(attempts=attempts, latency_ms=latency_ms, wait_ms=waited[0])
 
-    async def _call(
-        self, params: dict[str, Any], request: Request, control: Control, tries: list[int], waited: list[float]
+    async def _retry(
+        self,
+        first: Exception,
+        params: dict[str, Any],
+        request: Request,
+        control: Control,
+        tries: list[int],
+        waited: list[float],
     ) -> tuple[Answer, float]:
-        """Send one turn with retries; the answer and its latency in ms (the SDK call). `tries[0]` counts
-        attempts; `waited[0]` adds the ms each attempt waited for its slot (and rate buckets).
+        """Retry a turn whose first attempt failed with `first`; the answer and its latency in ms (the SDK
+        call). `tries[0]` counts attempts; `waited[0]` adds the ms each attempt waited for its slot.
 
-        The first attempt goes out directly: most are answered, and building tenacity's machinery for
-        each of them was the largest cost of the runner's own while sending. If it fails, the policy
-        takes over with that failure as its attempt 1 (re-raised inside it), so the retry decision,
-        the callbacks and the backoff are tenacity's exactly as if it had run the first attempt."""
-        tries[0] = 1
-        try:
-            return await self._attempt(params, request, waited)
-        except Exception as exc:  # an Exception only: cancellation must pass through untouched
-            first: Exception | None = exc
+        The policy takes over with `first` as its attempt 1 (re-raised inside it), so the retry decision,
+        the callbacks and the backoff are tenacity's exactly as if it had made the first attempt."""
+        pending: Exception | None = first
 
         def count_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -159,8 +164,8 @@ class OnlineExecutor:
         async for attempt in policy:
             with attempt:
                 tries[0] = attempt.retry_state.attempt_number
-                if first is not None:  # attempt 1 is the one already made
-                    failed, first = first, None
+                if pending is not None:  # attempt 1 is the one already made
+                    failed, pending = pending, None
                     raise failed
                 answer, latency_ms = await self._attempt(params, request, waited)
         return answer, latency_ms

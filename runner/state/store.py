@@ -31,7 +31,7 @@ from typing import Any
 import polars as pl
 
 from runner.errors import DiskFull, UsageError
-from runner.records import KEY, RESULT_SCHEMA, Result, result_from_json, result_to_json, results_frame, scan_results
+from runner.records import KEY, RESULT_SCHEMA, Result, journal_line, result_from_json, results_frame, scan_results
 from runner.state.files import NO_SPACE, fsync_rename, no_space, space_checked, write_atomic, write_json_atomic
 from runner.state.lock import JobLock
 from runner.state.rowmap import RowMap
@@ -182,7 +182,7 @@ class Store:
     def add(self, result: Result) -> None:
         """Journal one result at once (it survives a kill from here on) and buffer it for the next part."""
         assert self._journal is not None, "Store.open() first"
-        data = (result_to_json(result) + "\n").encode()
+        data = journal_line(result)
         try:
             written = os.write(self._journal, data)
         except OSError as exc:

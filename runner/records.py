@@ -6,6 +6,7 @@ RESULT_SCHEMA is the stored and output form of a Result; every part file and the
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import operator
 from dataclasses import dataclass
@@ -126,6 +127,19 @@ def journal_line(result: Result) -> bytes:
     times faster: this runs once per answer, on the path that bounds a run's rows per second."""
     record = dict(zip(_JOURNAL_FIELDS, _journal_values(result), strict=True))
     return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def with_valid_unicode(result: Result) -> Result:
+    """`result` with every lone surrogate in its text replaced by U+FFFD (a surrogate pair is kept).
+
+    A hostile answer or error body may decode to a lone surrogate ("\\ud800"), which is not UTF-8:
+    neither the journal nor Parquet can hold it, and it must not crash the run."""
+    changes = {
+        name: value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        for name, value in zip(_JOURNAL_FIELDS, _journal_values(result), strict=True)
+        if isinstance(value, str)
+    }
+    return dataclasses.replace(result, **changes)
 
 
 def result_to_json(result: Result) -> str:

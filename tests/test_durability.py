@@ -269,6 +269,35 @@ def test_a_torn_part_file_is_set_aside_and_its_answers_taken_back_from_the_outpu
     assert pl.read_parquet(job.output).get_column("response_text").to_list() == expected(rows)
 
 
+def test_an_answer_with_a_lone_surrogate_is_kept_with_it_replaced_not_a_crash(tmp_path: Path) -> None:
+    """A hostile body may decode to a lone surrogate ("\\ud800"), which is not UTF-8: the answer is
+    journalled and written with U+FFFD in its place, and a surrogate pair stays its character."""
+    import datetime as dt
+
+    state = tmp_path / "state"
+    store = Store(state, run_id="r")
+    store.open()
+    try:
+        answer = Result(
+            key="k",
+            status="ok",
+            attempts=1,
+            latency_ms=1.0,
+            finished_at=dt.datetime.now(dt.UTC),
+            response_text="bad \ud800 here, \ud83d\ude00 kept",
+            error_message="\udfff",
+        )
+        store.add(answer)
+        journal = b"".join(p.read_bytes() for p in state.rglob("journal-*.jsonl"))
+        store.flush()
+    finally:
+        store.close()
+    assert "bad \ufffd here, \U0001f600 kept".encode() in journal
+    (part,) = [pl.read_parquet(p) for p in state.rglob("part-*.parquet")]
+    assert part.get_column("response_text").to_list() == ["bad \ufffd here, \U0001f600 kept"]
+    assert part.get_column("error_message").to_list() == ["\ufffd"]
+
+
 def test_a_journal_left_by_a_killed_run_is_recovered_without_its_torn_last_line(tmp_path: Path) -> None:
     import datetime as dt
 

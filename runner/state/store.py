@@ -28,10 +28,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+import orjson
 import polars as pl
 
 from runner.errors import DiskFull, UsageError
-from runner.records import KEY, RESULT_SCHEMA, Result, journal_line, result_from_json, results_frame, scan_results
+from runner.records import (
+    KEY,
+    RESULT_SCHEMA,
+    Result,
+    journal_line,
+    result_from_json,
+    results_frame,
+    scan_results,
+    with_valid_unicode,
+)
 from runner.state.files import NO_SPACE, fsync_rename, no_space, space_checked, write_atomic, write_json_atomic
 from runner.state.lock import JobLock
 from runner.state.rowmap import RowMap
@@ -182,7 +192,11 @@ class Store:
     def add(self, result: Result) -> None:
         """Journal one result at once (it survives a kill from here on) and buffer it for the next part."""
         assert self._journal is not None, "Store.open() first"
-        data = journal_line(result)
+        try:
+            data = journal_line(result)
+        except orjson.JSONEncodeError:  # a lone surrogate in its text: kept as U+FFFD, not a crash
+            result = with_valid_unicode(result)
+            data = journal_line(result)
         try:
             written = os.write(self._journal, data)
         except OSError as exc:

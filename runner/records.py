@@ -134,7 +134,7 @@ def with_valid_unicode(result: Result) -> Result:
 
     A hostile answer or error body may decode to a lone surrogate ("\\ud800"), which is not UTF-8:
     neither the journal nor Parquet can hold it, and it must not crash the run."""
-    changes = {
+    changes: dict[str, Any] = {
         name: value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         for name, value in zip(_JOURNAL_FIELDS, _journal_values(result), strict=True)
         if isinstance(value, str)

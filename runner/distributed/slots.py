@@ -2,7 +2,7 @@
 leased from the run's ClusterLimiter actor instead of a local semaphore.
 
     slots = LeasedSlots(limiter, worker_id="worker-3", classify=overload)
-    async with slots.slot(estimated_tokens) as attempt:   # what OnlineExecutor._call does
+    async with slots.slot(estimated_tokens) as attempt:   # what OnlineExecutor._attempt does
         answer = await client.send(params)
         attempt.used_tokens = ...
     await slots.aclose()                                  # hand everything back

@@ -16,7 +16,8 @@ earlier one, so the deduplication works too), with nothing answered before:
   rows/s (the fake executor does not flatter planning).
 
 Targets: the 10M-row peak RSS at the end of planning under 1 GB and at most 1.5x the 1M-row figure.
-Inputs are generated once into /tmp/glm-batch-bench/planning (not the repo) and reused.
+Inputs are generated once into /tmp/glm-batch-bench/planning (not the repo) and reused; each run's job
+and state live in a folder of their own there, removed afterwards, so two benches never share one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -57,8 +59,9 @@ def make_input(rows: int) -> Path:
             pl.format("r{}", pl.col("i").cast(pl.String).str.zfill(9)).alias("id"),
             pl.format("review {}: the product was fine", source).alias("text"),
         )
-        frame.write_parquet(path.with_suffix(".tmp"), row_group_size=100_000)
-        path.with_suffix(".tmp").rename(path)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # another bench may be writing it too
+        frame.write_parquet(tmp, row_group_size=100_000)
+        tmp.rename(path)
     return path
 
 
@@ -187,8 +190,11 @@ def main() -> None:
     for rows in args.rows:
         runs = []
         for _ in range(args.runs):
-            spec = write_spec(DATA / f"job-{rows}", make_input(rows), free_port())
-            runs.append(measure(spec, "fake", rows))
+            folder = Path(tempfile.mkdtemp(prefix=f"job-{rows}-", dir=DATA))
+            try:
+                runs.append(measure(write_spec(folder, make_input(rows), free_port()), "fake", rows))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
             print(json.dumps({rows: runs[-1]}), flush=True)
         report[str(rows)] = {
             "runs": runs,
@@ -206,7 +212,8 @@ def main() -> None:
 def online_vs_fake(rows: int) -> dict[str, Any]:
     """Plan `rows` rows (99% answered before) through the real online executor and through the fake one."""
     port = free_port()
-    spec = write_spec(DATA / f"online-{rows}", make_input(rows), port)
+    folder = Path(tempfile.mkdtemp(prefix=f"online-{rows}-", dir=DATA))
+    spec = write_spec(folder, make_input(rows), port)
     seed_finished_state(spec, skip_every=100)
     from runner.job.resolve import load_job
 
@@ -225,6 +232,7 @@ def online_vs_fake(rows: int) -> dict[str, Any]:
     finally:
         sim.terminate()
         sim.wait()
+        shutil.rmtree(folder, ignore_errors=True)
     online = min(r["planning_rows_per_s"] for r in result["online"])
     fake = min(r["planning_rows_per_s"] for r in result["fake"])
     result["planning_rows_per_s_online_to_fake"] = round(online / fake, 2)

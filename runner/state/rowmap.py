@@ -3,6 +3,7 @@
     rows/rows-<n>.parquet    row position, id, request key and kept columns, in input order
     rows/fingerprint.json    what the map was built from (spec hash, input sizes and mtimes)
     rows/covered.json        the answer files that were seen to settle every key of the sealed map
+    rows/queued/             scratch of the rendering run: the keys it queued (runner.plan.RequestKeys)
 
 Answers are stored by request key, not by row; the map joins them back to rows when the output is
 written, and lets a re-run over unchanged inputs skip rendering altogether. It is only trusted once
@@ -20,6 +21,7 @@ is still settled. Any change (a new part, a compaction, a quarantined file) fall
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ class RowMap:
 
     def __init__(self, rows_dir: Path) -> None:
         self.rows_dir = rows_dir
+        self.scratch_dir = rows_dir / "queued"  # a rendering run's scratch files; removed by `reset`
         self._seq = 0
         self._buffer: list[pl.DataFrame] = []
         self._buffered = 0
@@ -126,6 +129,7 @@ class RowMap:
         (self.rows_dir / "fingerprint.json").unlink(missing_ok=True)
         for old in self.rows_dir.glob("*.parquet"):
             old.unlink()
+        shutil.rmtree(self.scratch_dir, ignore_errors=True)  # left by a run that was killed
         self._seq = 0
         self._buffer, self._buffered = [], 0
 

@@ -31,6 +31,7 @@ from runner.money.accounting import Tally
 from runner.money.tokens import estimate_request
 from runner.records import KEY, Request, Result
 from runner.send.base import Control, Deliver
+from runner.state.files import space_checked
 from runner.state.rowmap import RowMap
 from runner.state.store import SettledKeys
 
@@ -324,7 +325,7 @@ class _Run:
         self._fd: int | None = None
         self._path = path
         if path is not None:
-            with path.open("wb") as f:
+            with space_checked(path), path.open("wb") as f:  # a full disk stops the run like a row-map file
                 array("Q", low.to_list()).tofile(f)  # native byte order: read back by this process only
             self._fd, self._low = os.open(path, os.O_RDONLY), None
 

@@ -96,27 +96,3 @@ def test_permanent_failures_cover_a_plain_rerun_but_not_a_retry_failed_one(make_
     sim.configure(fault_attempts=0)
     assert cli("run", str(job.spec), "--retry-failed").exit_code == 0
     assert sim.stats()["requests"] == 4
-
-
-def test_a_rerun_over_the_same_input_files_trusts_their_checked_stats_and_a_changed_file_is_checked_again(
-    make_job, sim
-) -> None:
-    rows = sample_rows(8)
-    job = make_job(rows)
-    assert cli("run", str(job.spec)).exit_code == 0
-    assert cli("run", str(job.spec)).exit_code == 0  # the first run read the input before it made the state
-    cache = state_of(job) / "input-stats.json"
-    kept = json.loads(cache.read_text())
-    assert kept["stats"]["rows"] == 8 and kept["stats"]["ids"] == 8
-
-    # The same files: the kept stats are what the run goes by (here doctored to say "no rows").
-    cache.write_text(json.dumps({**kept, "stats": {**kept["stats"], "rows": 0}}))
-    result = cli("run", str(job.spec))
-    assert result.exit_code == 0 and "nothing to do" in result.stdout
-
-    # A changed file is read and checked again: a repeated id is refused, whatever was kept.
-    write_csv(job.input, [*rows, {**rows[0], "text": "another text"}])
-    sim.reset_stats()
-    refused = cli("run", str(job.spec))
-    assert refused.exit_code == 2 and "r000000" in refused.stderr
-    assert sim.stats()["requests"] == 0

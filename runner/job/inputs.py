@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,10 +127,7 @@ def open_input(job: Job) -> InputSource:
         whole = whole.head(spec.limit)
     frame = whole.select(used)
 
-    stats = _cached_stats(job, paths, used)
-    if stats is None:
-        stats = _stats(job, whole, used, tuple(sorted(template_vars)), paths)
-        _cache_stats(job, paths, used, stats)
+    stats = _stats(job, whole, used, tuple(sorted(template_vars)), paths)
     if stats["rows"] == 0:
         raise NothingToDo(f"{where}: input.paths: the input has no rows; nothing to do")
     if spec.id_column is not None:
@@ -203,49 +199,6 @@ def _stats(
     if id_column is not None:
         stats["ids"] = flags.get_column("ids").n_unique()
     return stats
-
-
-STATS_FILE = "input-stats.json"  # in the job's state directory: the last `_stats` and what it was read from
-
-
-def _stats_basis(job: Job, paths: list[Path], used: list[str]) -> dict[str, Any]:
-    """What `_stats` depends on: each input file's identity (as the row map's fingerprint takes it)
-    and the parts of the spec that choose what is counted."""
-    files = []
-    for path in paths:
-        st = path.stat()
-        files.append([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
-    spec = job.spec.input
-    prompt = sorted(job.prompt_variables)
-    return {"version": 1, "files": files, "used": used, "prompt": prompt, "id": spec.id_column, "limit": spec.limit}
-
-
-def _cached_stats(job: Job, paths: list[Path], used: list[str]) -> dict[str, Any] | None:
-    """The stats of the very same input files read for the same columns, if a run kept them: a
-    re-run over unchanged inputs (the daily cron case) need not read every row again to check them."""
-    try:
-        cached = json.loads((job.state_dir / STATS_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(cached, dict) or cached.get("basis") != _stats_basis(job, paths, used):
-        return None
-    stats = cached.get("stats")
-    return stats if isinstance(stats, dict) else None
-
-
-def _cache_stats(job: Job, paths: list[Path], used: list[str], stats: dict[str, Any]) -> None:
-    """Keep `stats` for the next run, in a state directory that exists already (so validate on a new
-    job creates none; a job's first run reads its input before making it, so its second run keeps
-    them). Best effort: a cache that cannot be written is read from the input next time."""
-    if not job.state_dir.is_dir():
-        return
-    target = job.state_dir / STATS_FILE
-    tmp = target.with_name(f"{STATS_FILE}.{os.getpid()}.tmp")  # another process may be writing it too
-    try:
-        tmp.write_text(json.dumps({"basis": _stats_basis(job, paths, used), "stats": stats}), encoding="utf-8")
-        os.replace(tmp, target)
-    except OSError:
-        tmp.unlink(missing_ok=True)
 
 
 def _unreadable(paths: list[Path], limit: int | None, where: str, exc: BaseException) -> str:

@@ -1,6 +1,7 @@
 """Benchmark: does a first run PLAN in bounded memory? Peak RSS and rows/s of planning at 1M and 10M rows.
 
     python bench/planning.py [--rows 1000000 10000000] [--runs 1] [--online 1000000]
+    python bench/planning.py --keys 1000000 10000000      # the queued-key set alone (minutes, not hours)
 
 Planning is everything a run does before a request is handed over: read the input, render each row,
 key it, deduplicate the keys, record the row map. Each measurement is one process (so peak RSS is its
@@ -16,19 +17,22 @@ earlier one, so the deduplication works too), with nothing answered before:
   rows/s (the fake executor does not flatter planning).
 
 Targets: the 10M-row peak RSS at the end of planning under 1 GB and at most 1.5x the 1M-row figure.
-Inputs are generated once into /tmp/glm-batch-bench/planning (not the repo) and reused.
+Inputs are generated once into /tmp/glm-batch-bench/planning (not the repo) and reused; each run's job
+and state live in a folder of their own there, removed afterwards, so two benches never share one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -57,8 +61,9 @@ def make_input(rows: int) -> Path:
             pl.format("r{}", pl.col("i").cast(pl.String).str.zfill(9)).alias("id"),
             pl.format("review {}: the product was fine", source).alias("text"),
         )
-        frame.write_parquet(path.with_suffix(".tmp"), row_group_size=100_000)
-        path.with_suffix(".tmp").rename(path)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # another bench may be writing it too
+        frame.write_parquet(tmp, row_group_size=100_000)
+        tmp.rename(path)
     return path
 
 
@@ -177,18 +182,28 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="*", default=[1_000_000, 10_000_000])
     parser.add_argument("--runs", type=int, default=1, help="runs per size (each is a fresh first run)")
     parser.add_argument("--online", type=int, default=0, help="also the online-vs-fake check at this size")
+    parser.add_argument("--keys", type=int, nargs="*", default=[], help="only the queued-key set, at these sizes")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--executor", default="fake", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(child(args.child, args.executor)))
+        if args.executor.startswith("keys:"):
+            print(json.dumps(keys_child(int(args.child.name), spill=args.executor == "keys:spill")))
+        else:
+            print(json.dumps(child(args.child, args.executor)))
+        return
+    if args.keys:
+        print(json.dumps(keys_only(args.keys), indent=2))
         return
     report: dict[str, Any] = {}
     for rows in args.rows:
         runs = []
         for _ in range(args.runs):
-            spec = write_spec(DATA / f"job-{rows}", make_input(rows), free_port())
-            runs.append(measure(spec, "fake", rows))
+            folder = Path(tempfile.mkdtemp(prefix=f"job-{rows}-", dir=DATA))
+            try:
+                runs.append(measure(write_spec(folder, make_input(rows), free_port()), "fake", rows))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
             print(json.dumps({rows: runs[-1]}), flush=True)
         report[str(rows)] = {
             "runs": runs,
@@ -203,10 +218,51 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
+def keys_child(count: int, spill: bool) -> dict[str, Any]:
+    """Queue `count` distinct keys (and every 50th again) in RequestKeys, planning batch by planning
+    batch, as a run does; this process's peak RSS before and after."""
+    from runner.plan import RENDER_BATCH_ROWS, RequestKeys
+
+    before = peak_rss_mb()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=DATA) as scratch:
+        keys = RequestKeys(Path(scratch) if spill else None)
+        for start in range(0, count, RENDER_BATCH_ROWS):
+            batch = [hashlib.sha256(str(i).encode()).hexdigest()[:32] for i in range(start, start + RENDER_BATCH_ROWS)]
+            batch += batch[::REPEAT_EVERY]  # rows sharing a prompt: found again, in memory or in a file
+            keys.add_batch(batch)
+        assert len(keys) == -(-count // RENDER_BATCH_ROWS) * RENDER_BATCH_ROWS
+        keys.close()
+    return {"keys": count, "spill": spill, "peak_rss_mb": round(peak_rss_mb(), 1),
+            "start_rss_mb": round(before, 1), "s": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+
+def keys_only(sizes: list[int]) -> dict[str, Any]:
+    """Peak RSS of the queued-key set alone at each size, with its low halves in files and in memory."""
+    DATA.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {}
+    for spill in (True, False):
+        for count in sizes:
+            argv = [
+                sys.executable,
+                __file__,
+                "--child",
+                str(count),
+                "--executor",
+                "keys:spill" if spill else "keys:memory",
+            ]
+            done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=True)
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            report[f"{count}{'-spill' if spill else '-memory'}"] = run
+            print(json.dumps(run), flush=True)
+    return report
+
+
 def online_vs_fake(rows: int) -> dict[str, Any]:
     """Plan `rows` rows (99% answered before) through the real online executor and through the fake one."""
     port = free_port()
-    spec = write_spec(DATA / f"online-{rows}", make_input(rows), port)
+    folder = Path(tempfile.mkdtemp(prefix=f"online-{rows}-", dir=DATA))
+    spec = write_spec(folder, make_input(rows), port)
     seed_finished_state(spec, skip_every=100)
     from runner.job.resolve import load_job
 
@@ -225,6 +281,7 @@ def online_vs_fake(rows: int) -> dict[str, Any]:
     finally:
         sim.terminate()
         sim.wait()
+        shutil.rmtree(folder, ignore_errors=True)
     online = min(r["planning_rows_per_s"] for r in result["online"])
     fake = min(r["planning_rows_per_s"] for r in result["fake"])
     result["planning_rows_per_s_online_to_fake"] = round(online / fake, 2)

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
+from array import array
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import polars as pl
@@ -28,6 +31,7 @@ from runner.money.accounting import Tally
 from runner.money.tokens import estimate_request
 from runner.records import KEY, Request, Result
 from runner.send.base import Control, Deliver
+from runner.state.files import space_checked
 from runner.state.rowmap import RowMap
 from runner.state.store import SettledKeys
 
@@ -143,41 +147,46 @@ class Dispatch:
     async def requests(self, batches: Iterator[PlannedBatch], fingerprint: dict[str, Any]) -> AsyncIterator[Request]:
         """Yield the requests to send. Stops early, leaving the row map unsealed, when the budget
         cannot cover the next request; seals it when every input row was rendered."""
-        queued = RequestKeys()  # rows' keys queued this run: one request per distinct prompt
+        queued = RequestKeys(self.rows.scratch_dir)  # rows' keys queued this run: one request per distinct prompt
         tally = self.tally
-        for batch in batches:
-            self.rows.add(batch.row_map(self.keep_columns))
-            tally.rows_seen += batch.frame.height
-            # Answered before; or, in a pilot (which sends only its sample of rows), not wanted now.
-            wanted = [row for row in batch.rows if row.error is None and not self._settled(row)]
-            # A row with the same prompt earlier in this run has the same key, the same samples and
-            # the same `done`: its requests were queued then (the row's key stands for all of them).
-            fresh = dict(zip((id(row) for row in wanted), queued.add_batch([row.key for row in wanted]), strict=True))
-            for row in batch.rows:
-                if row.error is not None:
-                    self._render_failure(row)
-                    continue
-                if id(row) not in fresh:
-                    tally.rows_settled += 1
-                    continue
-                if not fresh[id(row)]:
-                    # An identical request is queued already: its answer answers this row too.
-                    tally.requests_shared += sum(not done for done in row.done)
-                    continue
-                for pending, is_done in zip(row.requests, row.done, strict=True):
-                    if is_done:
+        try:
+            for batch in batches:
+                self.rows.add(batch.row_map(self.keep_columns))
+                tally.rows_seen += batch.frame.height
+                # Answered before; or, in a pilot (which sends only its sample of rows), not wanted now.
+                wanted = [row for row in batch.rows if row.error is None and not self._settled(row)]
+                # A row with the same prompt earlier in this run has the same key, the same samples and
+                # the same `done`: its requests were queued then (the row's key stands for all of them).
+                fresh = dict(
+                    zip((id(row) for row in wanted), queued.add_batch([row.key for row in wanted]), strict=True)
+                )
+                for row in batch.rows:
+                    if row.error is not None:
+                        self._render_failure(row)
                         continue
-                    if self.context_tokens is not None and self._too_long(pending):
+                    if id(row) not in fresh:
+                        tally.rows_settled += 1
                         continue
-                    if not self.admit(pending):
-                        self.control.end_dispatch("budget")  # what was admitted is paid for in advance: send it
-                        return
-                    self.outstanding.add(pending.key)
-                    tally.requests_queued += 1
-                    yield pending
-            await asyncio.sleep(0)  # let answers in between batches
-        self.rows.seal(fingerprint)  # reached only when every input row was rendered
-        tally.all_rows_rendered = True
+                    if not fresh[id(row)]:
+                        # An identical request is queued already: its answer answers this row too.
+                        tally.requests_shared += sum(not done for done in row.done)
+                        continue
+                    for pending, is_done in zip(row.requests, row.done, strict=True):
+                        if is_done:
+                            continue
+                        if self.context_tokens is not None and self._too_long(pending):
+                            continue
+                        if not self.admit(pending):
+                            self.control.end_dispatch("budget")  # what was admitted is paid for in advance: send it
+                            return
+                        self.outstanding.add(pending.key)
+                        tally.requests_queued += 1
+                        yield pending
+                await asyncio.sleep(0)  # let answers in between batches
+            self.rows.seal(fingerprint)  # reached only when every input row was rendered
+            tally.all_rows_rendered = True
+        finally:
+            queued.close()  # its scratch files, also when the run stops early or the generator is dropped
 
     def _too_long(self, request: Request) -> bool:
         """Fail a request whose prompt cannot fit the model's context window, without sending it."""
@@ -222,22 +231,26 @@ class Dispatch:
 
 
 class RequestKeys:
-    """The request keys a run has queued, in 16 bytes a key (a Python set of str takes ~120): for a
-    10M-row input they would otherwise be the largest thing a run holds.
+    """The request keys a run has queued, in 8 bytes of memory a key (a Python set of str takes ~120):
+    for a 10M-row input they would otherwise be the largest thing a run holds.
 
     A request key is 32 hex digits, the first 128 bits of a sha256 (runner.job.prompts). The newest
-    keys are kept as strings in a set; every `run_keys` of them become a run: two sorted UInt64 polars
-    Series (the key's high and low 64 bits), never merged again, so no step ever copies all keys.
-    `add_batch` looks a batch of keys up in every run at once (binary search) and compares all 128
-    bits: two keys are taken for one only when they ARE one key, exactly as the store takes them. A
-    key of any other form (none is made today) stays in an ordinary set.
+    keys are kept as strings in a set; every `run_keys` of them become a run, sorted by the key's high
+    64 bits. A run keeps those high halves in memory (a sorted UInt64 Series) and its low halves, in
+    the same order, in a file in `spill_dir` (or in memory without one). `add_batch` looks a batch of
+    keys up in every run at once by binary search on the high halves; only a key whose high half is
+    found (a key queued before: a row sharing a prompt) has its low half read back (one pread) and
+    compared. So two keys are taken for one only when all 128 bits are equal, exactly as the store
+    takes them: never on a 64-bit coincidence. A key of any other form (none is made today) stays in
+    an ordinary set. The files are scratch for one run: `close` removes them.
     """
 
-    def __init__(self, run_keys: int = 200_000) -> None:
+    def __init__(self, spill_dir: Path | None = None, run_keys: int = 200_000) -> None:
         self._run_keys = run_keys
+        self._spill_dir = spill_dir
         self._recent: set[str] = set()
         self._other: set[str] = set()  # keys that are not 32 hex digits
-        self._runs: list[tuple[pl.Series, pl.Series]] = []
+        self._runs: list[_Run] = []
         self.size = 0
 
     def __len__(self) -> int:
@@ -266,6 +279,12 @@ class RequestKeys:
             self._freeze()
         return fresh
 
+    def close(self) -> None:
+        """Remove the run files (the set is empty afterwards)."""
+        for run in self._runs:
+            run.close()
+        self._runs, self._recent, self._other, self.size = [], set(), set(), 0
+
     def _freeze(self) -> None:
         """Turn the recent keys into a sorted run."""
         bits = [_key_bits(key) or 0 for key in self._recent]
@@ -273,7 +292,11 @@ class RequestKeys:
             {"high": [b >> 64 for b in bits], "low": [b & _LOW for b in bits]},
             schema={"high": pl.UInt64, "low": pl.UInt64},
         ).sort("high", "low")
-        self._runs.append((run.get_column("high"), run.get_column("low")))
+        path = None
+        if self._spill_dir is not None:
+            self._spill_dir.mkdir(parents=True, exist_ok=True)
+            path = self._spill_dir / f"queued-{len(self._runs):05d}.u64"
+        self._runs.append(_Run(run.get_column("high"), run.get_column("low"), path))
         self._recent = set()
 
     def _in_runs(self, keys: list[str]) -> list[bool]:
@@ -282,19 +305,43 @@ class RequestKeys:
             return [False] * len(keys)
         bits = [_key_bits(key) for key in keys]
         high = pl.Series([(b or 0) >> 64 for b in bits], dtype=pl.UInt64)
-        low = pl.Series([(b or 0) & _LOW for b in bits], dtype=pl.UInt64)
-        found = pl.Series([False] * len(keys))
-        for run_high, run_low in self._runs:
-            first = run_high.search_sorted(high, side="left")
-            count = run_high.search_sorted(high, side="right").cast(pl.Int64) - first.cast(pl.Int64)
-            at = first.clip(0, run_high.len() - 1)
-            found = found | ((count == 1) & (run_low.gather(at) == low))
-            for i in (count > 1).arg_true().to_list():  # equal high halves in one run: compare each
-                start = int(first[i])
-                lows = run_low.slice(start, int(count[i])).to_list()
-                found[i] = bool(found[i]) or int(low[i]) in lows
-        hex_only = [b is not None for b in bits]
-        return [f and h for f, h in zip(found.to_list(), hex_only, strict=True)]
+        found = [False] * len(keys)
+        for run in self._runs:
+            first = run.high.search_sorted(high, side="left")
+            count = run.high.search_sorted(high, side="right").cast(pl.Int64) - first.cast(pl.Int64)
+            for i in (count > 0).arg_true().to_list():  # the high half is there: compare the low half
+                b = bits[i]
+                if b is not None and not found[i]:
+                    found[i] = (b & _LOW) in run.lows(int(first[i]), int(count[i]))
+        return found
+
+
+class _Run:
+    """Sorted keys of a RequestKeys: high halves in memory, low halves in memory or in a file."""
+
+    def __init__(self, high: pl.Series, low: pl.Series, path: Path | None) -> None:
+        self.high = high
+        self._low: pl.Series | None = low
+        self._fd: int | None = None
+        self._path = path
+        if path is not None:
+            with space_checked(path), path.open("wb") as f:  # a full disk stops the run like a row-map file
+                array("Q", low.to_list()).tofile(f)  # native byte order: read back by this process only
+            self._fd, self._low = os.open(path, os.O_RDONLY), None
+
+    def lows(self, start: int, count: int) -> list[int]:
+        """The low halves of the keys at positions start .. start + count - 1."""
+        if self._low is not None:
+            return list(self._low.slice(start, count).to_list())
+        assert self._fd is not None
+        return list(array("Q", os.pread(self._fd, 8 * count, 8 * start)))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
 
 
 _LOW = (1 << 64) - 1

@@ -6,9 +6,12 @@ file left behind (reported, salvaged, and refused when too much would be paid ag
 
 from __future__ import annotations
 
+import polars as pl
+
 from runner.job.resolve import Job
 from runner.observe.progress import Reporter
 from runner.output.salvage import check_resend, salvage
+from runner.state.rowmap import file_identities
 from runner.state.store import SettledKeys, Store
 
 
@@ -27,7 +30,16 @@ def settled_keys(job: Job, store: Store, *, fresh: bool, retry_failed: bool, res
         reporter.event("answers_salvaged", answers=salvaged, source=str(job.output_path))
     if fresh:
         return SettledKeys.none()
-    settled = store.settled_keys(retry_failed=retry_failed)
+    # Read on first use: a re-run of an unchanged finished job may never need the keys (RowMap.is_current).
+    basis = {"parts": file_identities(store.result_parts()), "retry_failed": retry_failed}
+
+    def load() -> pl.Series:
+        keys = store.settled_keys(retry_failed=retry_failed).series()
+        if file_identities(store.result_parts()) != basis["parts"]:
+            settled.basis = None  # read from other files than listed: vouch for nothing in the cover record
+        return keys
+
+    settled = SettledKeys(load, basis)
     if store.quarantined:
         check_resend(job, store, settled, rows_total, resend_lost)
     return settled

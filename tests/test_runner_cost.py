@@ -6,8 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import tempfile
+from pathlib import Path
 
-from hypothesis import given
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runner.money.accounting import Distribution
@@ -24,26 +27,36 @@ twins = st.tuples(st.binary(min_size=8, max_size=8), st.lists(st.binary(min_size
 odd_keys = st.sampled_from(["render-1", "abc", "k1", "A" * 32, "0x" + "0" * 30, " " + "1" * 31, "g" * 32])
 
 
-@given(st.lists(st.one_of(hex_keys, odd_keys, twins.map(lambda ks: ks[0] if ks else "x")), max_size=80), twins)
-def test_request_keys_behave_exactly_like_a_set(keys: list[str], same_high: list[str]) -> None:
-    compact, plain = RequestKeys(run_keys=7), set[str]()  # small runs: most keys are looked up in runs
-    for key in [*keys, *same_high, *keys, *reversed(same_high)]:
-        assert compact.add(key) == (key not in plain)  # a distinct key is never taken for a seen one
-        plain.add(key)
-        assert key in compact
-    assert len(compact) == len(plain)
-    for key in plain:
-        assert key in compact
-    assert "f" * 32 not in compact or "f" * 32 in plain
+@settings(deadline=None)  # no timing in tests: the machine may be loaded
+@given(
+    st.lists(st.one_of(hex_keys, odd_keys, twins.map(lambda ks: ks[0] if ks else "x")), max_size=80),
+    twins,
+    st.booleans(),
+)
+def test_request_keys_behave_exactly_like_a_set(keys: list[str], same_high: list[str], spill: bool) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        # Small runs: most keys are looked up in runs (their low halves in files, when spilled).
+        compact, plain = RequestKeys(Path(scratch) if spill else None, run_keys=7), set[str]()
+        for key in [*keys, *same_high, *keys, *reversed(same_high)]:
+            assert compact.add(key) == (key not in plain)  # a distinct key is never taken for a seen one
+            plain.add(key)
+            assert key in compact
+        assert len(compact) == len(plain)
+        for key in plain:
+            assert key in compact
+        assert "f" * 32 not in compact or "f" * 32 in plain
+        compact.close()
+        assert list(Path(scratch).iterdir()) == []  # its scratch files are gone
 
 
-def test_request_keys_never_drop_a_distinct_key_among_many() -> None:
+@pytest.mark.parametrize("spill", [False, True])
+def test_request_keys_never_drop_a_distinct_key_among_many(spill: bool, tmp_path: Path) -> None:
     rng = random.Random(7)
     keys = [hashlib.sha256(str(i).encode()).hexdigest()[:32] for i in range(50_000)]
     # A few hundred keys that collide on their first 64 bits with another key (only the low half differs).
     keys += [k[:16] + f"{rng.getrandbits(64):016x}" for k in keys[:300]]
     rng.shuffle(keys)
-    compact = RequestKeys(run_keys=1000)
+    compact = RequestKeys(tmp_path / "queued" if spill else None, run_keys=1000)
     batches = [keys[i : i + 2000] for i in range(0, len(keys), 2000)]
     assert all(all(compact.add_batch(batch)) for batch in batches)
     assert len(compact) == len(keys)

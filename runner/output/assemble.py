@@ -25,6 +25,7 @@ from runner.job.inputs import ID, ROW
 from runner.output import voting
 from runner.output.sinks import OutputSink
 from runner.records import KEY, scan_results
+from runner.state.rowmap import file_identities
 from runner.state.store import Buckets, Store
 
 OUTPUT_CHUNK_ROWS = 50_000  # rows put in order at a time when writing the output
@@ -70,14 +71,19 @@ def finalize(store: Store, sink: OutputSink, shape: OutputShape) -> dict[str, in
     """Write the output through `sink` from the store's answers; return the rows per status.
 
     An output the sink already holds from this very state (same row map, same answers) is left as it
-    is, so re-running a finished job rewrites nothing."""
+    is, so re-running a finished job rewrites nothing. When every row of a sealed map is answered ok,
+    the map's cover record says so, and the next run over unchanged inputs reads no key at all."""
     parts = store.compact_results()
     basis = {"row_map": store.rows.fingerprint(), "parts": [p.name for p in parts]}
     counts = sink.current_counts(basis) if basis["row_map"] is not None else None
-    if counts is not None:
-        return counts
-    with assembled(store, parts, shape) as frame:
-        return sink.write(frame, basis)
+    if counts is None:
+        with assembled(store, parts, shape) as frame:
+            counts = sink.write(frame, basis)
+    if basis["row_map"] is not None and shape.samples == 1 and set(counts) == {"ok"}:
+        # Each row's status is its key's answer (ok over an error, when compacted): all ok means
+        # every key has an ok answer in these parts, settled with or without --retry-failed.
+        store.rows.record_cover(file_identities(parts), [False, True], shape.samples)
+    return counts
 
 
 @contextlib.contextmanager

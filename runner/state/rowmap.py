@@ -2,16 +2,26 @@
 
     rows/rows-<n>.parquet    row position, id, request key and kept columns, in input order
     rows/fingerprint.json    what the map was built from (spec hash, input sizes and mtimes)
+    rows/covered.json        the answer files that were seen to settle every key of the sealed map
+    rows/queued/             scratch of the rendering run: the keys it queued (runner.plan.RequestKeys)
 
 Answers are stored by request key, not by row; the map joins them back to rows when the output is
 written, and lets a re-run over unchanged inputs skip rendering altogether. It is only trusted once
 sealed (every input row rendered): a run that dies before sealing leaves a map the next run rebuilds,
 so it needs no per-batch durability and is written in large files.
+
+The cover record makes re-running an unchanged finished job cheap: checking that every key of a
+million-row map is settled means reading and joining a million keys, so once that is seen (or once an
+output of all-ok rows is written from the map), the map's files and the answer files are recorded by
+name, size and mtime. Answer files are written once under a new name and never changed, and the map is
+rewritten only after `reset`, which removes the record; so while both listings are unchanged every key
+is still settled. Any change (a new part, a compaction, a quarantined file) falls back to the join.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +36,21 @@ from runner.state.settled import SettledKeys
 ROW_MAP_FILE_ROWS = 100_000  # rows per row-map file: few files, bounded memory
 
 
+def file_identities(paths: list[Path]) -> list[list[Any]]:
+    """Each file's name, size and mtime: what tells a file that was replaced or changed from the one seen."""
+    identities: list[list[Any]] = []
+    for path in paths:
+        st = path.stat()
+        identities.append([path.name, st.st_size, st.st_mtime_ns])
+    return identities
+
+
 class RowMap:
     """One job's row map, in `rows_dir`: appended while a run renders, sealed when it has every row."""
 
     def __init__(self, rows_dir: Path) -> None:
         self.rows_dir = rows_dir
+        self.scratch_dir = rows_dir / "queued"  # a rendering run's scratch files; removed by `reset`
         self._seq = 0
         self._buffer: list[pl.DataFrame] = []
         self._buffered = 0
@@ -63,7 +83,37 @@ class RowMap:
         (every sample's key) is settled: then no row needs rendering and a run only writes the output."""
         if self.fingerprint() != fingerprint:
             return False
-        return settled.covers(self.request_lines(samples).select(KEY))
+        if settled.basis is not None and self._covered_by(settled.basis, samples):
+            return True  # the keys were not even read
+        if not settled.covers(self.request_lines(samples).select(KEY)):
+            return False
+        if settled.basis is not None:
+            self.record_cover(settled.basis["parts"], [settled.basis["retry_failed"]], samples)
+        return True
+
+    def record_cover(self, parts: list[list[Any]], retry_failed: list[bool], samples: int) -> None:
+        """Record that answer files `parts` (file_identities) settle every key of this sealed map, with
+        --retry-failed at each value in `retry_failed` (both when every answer is ok)."""
+        fingerprint = self.fingerprint()
+        if fingerprint is None:
+            return
+        record = {"fingerprint": fingerprint, "samples": samples, "rows": file_identities(self.files()),
+                  "parts": parts, "retry_failed": retry_failed}  # fmt: skip
+        write_json_atomic(record, self.rows_dir / "covered.json")
+
+    def _covered_by(self, basis: dict[str, Any], samples: int) -> bool:
+        try:
+            record = json.loads((self.rows_dir / "covered.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return False
+        return (
+            isinstance(record, dict)
+            and record.get("fingerprint") == self.fingerprint()
+            and record.get("samples") == samples
+            and record.get("rows") == file_identities(self.files())
+            and record.get("parts") == basis["parts"]
+            and basis["retry_failed"] in record.get("retry_failed", [])
+        )
 
     def unsettled(self, settled: SettledKeys, samples: int = 1) -> int | None:
         """How many requests of the last sealed map have no settled answer; None with no sealed map."""
@@ -75,9 +125,11 @@ class RowMap:
     def reset(self) -> None:
         """Forget the previous map; this run writes a new one as it renders."""
         self.rows_dir.mkdir(parents=True, exist_ok=True)
+        (self.rows_dir / "covered.json").unlink(missing_ok=True)
         (self.rows_dir / "fingerprint.json").unlink(missing_ok=True)
         for old in self.rows_dir.glob("*.parquet"):
             old.unlink()
+        shutil.rmtree(self.scratch_dir, ignore_errors=True)  # left by a run that was killed
         self._seq = 0
         self._buffer, self._buffered = [], 0
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import polars as pl
 
 from runner.records import KEY
@@ -12,20 +15,39 @@ class SettledKeys:
 
     A sorted Series and binary search: each batch costs O(batch * log N), and nothing is rebuilt per
     batch (a join would hash all N keys again for every batch of a million-row resume).
+
+    Given a function instead of the keys, it reads them on first use: a re-run of an unchanged finished
+    job may learn from the row map's cover record (runner.state.rowmap) that every row is settled
+    without reading a key. `basis` says what the keys are read from (the answer files, and whether
+    --retry-failed leaves failures unsettled), which is what that record is checked against.
     """
 
-    def __init__(self, sorted_keys: pl.Series) -> None:
-        self._keys = sorted_keys
-        self.size = sorted_keys.len()
+    def __init__(self, keys: pl.Series | Callable[[], pl.Series], basis: dict[str, Any] | None = None) -> None:
+        self._keys = keys if isinstance(keys, pl.Series) else None
+        self._load = None if isinstance(keys, pl.Series) else keys
+        self.basis = basis
 
     @classmethod
     def none(cls) -> SettledKeys:
         """No key is settled (a --fresh run)."""
         return cls(pl.Series(KEY, [], dtype=pl.String))
 
+    @property
+    def loaded(self) -> bool:
+        """Have the keys been read? (False until a lazy set is first used.)"""
+        return self._keys is not None
+
     def series(self) -> pl.Series:
         """The keys, sorted (to hand to another process)."""
+        if self._keys is None:
+            assert self._load is not None
+            self._keys, self._load = self._load(), None
         return self._keys
+
+    @property
+    def size(self) -> int:
+        """How many keys are settled."""
+        return self.series().len()
 
     def covers(self, keys: pl.LazyFrame) -> bool:
         """Is every key in `keys` settled? (A hash anti-join: for a whole map, not a batch.)"""
@@ -33,19 +55,22 @@ class SettledKeys:
 
     def missing(self, keys: pl.LazyFrame) -> int:
         """How many of `keys` are not settled."""
-        missing = keys.join(self._keys.to_frame(KEY).lazy(), on=KEY, how="anti").select(pl.len()).collect()
+        settled = self.series().to_frame(KEY).lazy()
+        missing = keys.join(settled, on=KEY, how="anti").select(pl.len()).collect()
         return int(missing.item())
 
     def has(self, key: str) -> bool:
         """Is this one key settled? (Binary search.)"""
-        if self.size == 0:
+        keys = self.series()
+        if keys.len() == 0:
             return False
-        pos = min(int(self._keys.search_sorted(key, side="left")), self.size - 1)
-        return bool(self._keys[pos] == key)
+        pos = min(int(keys.search_sorted(key, side="left")), keys.len() - 1)
+        return bool(keys[pos] == key)
 
     def contains(self, keys: pl.Series) -> pl.Series:
         """A boolean Series: is each of `keys` settled?"""
-        if self.size == 0:
+        settled = self.series()
+        if settled.len() == 0:
             return pl.Series([False] * keys.len(), dtype=pl.Boolean)
-        pos = self._keys.search_sorted(keys, side="left").clip(0, self.size - 1)
-        return self._keys.gather(pos) == keys
+        pos = settled.search_sorted(keys, side="left").clip(0, settled.len() - 1)
+        return settled.gather(pos) == keys

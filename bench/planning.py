@@ -2,6 +2,7 @@
 
     python bench/planning.py [--rows 1000000 10000000] [--runs 1] [--online 1000000]
     python bench/planning.py --keys 1000000 10000000      # the queued-key set alone (minutes, not hours)
+    python bench/planning.py --rows --send-all 1000000    # one real first run that sends every row (~30 min)
 
 Planning is everything a run does before a request is handed over: read the input, render each row,
 key it, deduplicate the keys, record the row map. Each measurement is one process (so peak RSS is its
@@ -15,6 +16,9 @@ earlier one, so the deduplication works too), with nothing answered before:
   a simulator process with no latency, on an N-row input 99% answered beforehand, so the run plans
   every row and sends 1%; and `fake` on the very same state, to show that the two plan at the same
   rows/s (the fake executor does not flatter planning).
+- `send-all` (with `--send-all N`): one real first run of N rows through the online executor against a
+  simulator with no latency, every row sent, and a fake-executor first run of the same input after it: rows/s
+  and peak RSS of each. Sending paces planning, so the real run's figure is its sending rate.
 
 Targets: the 10M-row peak RSS at the end of planning under 1 GB and at most 1.5x the 1M-row figure.
 Inputs are generated once into /tmp/glm-batch-bench/planning (not the repo) and reused; each run's job
@@ -182,6 +186,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="*", default=[1_000_000, 10_000_000])
     parser.add_argument("--runs", type=int, default=1, help="runs per size (each is a fresh first run)")
     parser.add_argument("--online", type=int, default=0, help="also the online-vs-fake check at this size")
+    parser.add_argument("--send-all", type=int, default=0, help="one real first run sending this many rows")
     parser.add_argument("--keys", type=int, nargs="*", default=[], help="only the queued-key set, at these sizes")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--executor", default="fake", help=argparse.SUPPRESS)
@@ -215,6 +220,8 @@ def main() -> None:
         report["planning_rss_ratio_large_to_small"] = round(large / small, 2)
     if args.online:
         report["online_vs_fake"] = online_vs_fake(args.online)
+    if args.send_all:
+        report["send_all"] = send_all(args.send_all)
     print(json.dumps(report, indent=2))
 
 
@@ -285,6 +292,28 @@ def online_vs_fake(rows: int) -> dict[str, Any]:
     online = min(r["planning_rows_per_s"] for r in result["online"])
     fake = min(r["planning_rows_per_s"] for r in result["fake"])
     result["planning_rows_per_s_online_to_fake"] = round(online / fake, 2)
+    return result
+
+
+def send_all(rows: int) -> dict[str, Any]:
+    """A first run of `rows` rows that sends every one (online, zero latency), then the fake executor's."""
+    port = free_port()
+    result: dict[str, Any] = {"rows": rows, "load_average_before": round(os.getloadavg()[0], 2)}
+    sim = start_simulator(port)
+    try:
+        for executor in ("online", "fake"):
+            folder = Path(tempfile.mkdtemp(prefix=f"send-all-{rows}-", dir=DATA))
+            try:
+                run = measure(write_spec(folder, make_input(rows), port), executor, rows)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            run["rows_per_s"] = round(rows / run["run_s"], 1)
+            run["load_average_after"] = round(os.getloadavg()[0], 2)
+            result[executor] = run
+            print(json.dumps({"send_all": executor, **run}), flush=True)
+    finally:
+        sim.terminate()
+        sim.wait()
     return result
 
 

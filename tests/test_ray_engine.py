@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,8 +29,10 @@ except ImportError:
         raise  # CI installs the ray extra; a missing ray there is a broken setup, not a skip
     pytest.skip("needs ray: pip install -e '.[ray]'", allow_module_level=True)
 
+from runner.job.resolve import load_job
 from runner.testing.simulator import SimulatorThread, answer_for
 from tests.conftest import JobFiles, cli, sample_rows
+from tests.test_startup import loaded
 
 # Ray Data warns about its own deprecated settings when it makes its context; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
@@ -144,6 +147,38 @@ def test_rows_without_ids_get_the_local_engines_ids(make_job, tmp_path: Path) ->
     assert cli("run", str(job.spec), "--set", "run.engine=local", "--fresh").exit_code == 0
     local = pl.read_parquet(job.output)
     assert on_ray.get_column("id").to_list() == local.get_column("id").to_list()
+
+
+def damage_keeping_size_and_mtime(part: Path) -> None:
+    """Zero every data page of a Parquet file, leaving its footer (its schema still reads), its size and
+    its mtime: a reader of its rows fails, a listing of the answer files sees the file it saw before."""
+    seen = part.stat()
+    data = part.read_bytes()
+    footer = struct.unpack("<i", data[-8:-4])[0]  # the file ends: footer, its length, b"PAR1"
+    with part.open("r+b") as f:
+        f.seek(4)  # after the leading b"PAR1"
+        f.write(bytes(len(data) - 8 - footer - 4))
+    os.utime(part, ns=(seen.st_atime_ns, seen.st_mtime_ns))
+
+
+def test_a_finished_job_run_again_neither_imports_ray_nor_reads_an_answer(make_job, sim: SimulatorThread) -> None:
+    """Nothing changed since a Ray run that answered every row: the re-run is as cheap as the local
+    engine's. The row map's cover record vouches for every request key, so no answer file is read
+    (each is damaged here, with its size and mtime kept, and the run still ends well), Ray is never
+    imported (let alone started), and nothing is sent."""
+    rows = sample_rows(40)
+    job = ray_job(make_job, rows)
+    assert cli("run", str(job.spec)).exit_code == 0
+    parts = sorted((load_job(job.spec).state_dir / "results").glob("*.parquet"))
+    assert parts
+    for part in parts:
+        damage_keeping_size_and_mtime(part)
+    sim.reset_stats()
+
+    assert "ray" not in loaded("run", str(job.spec), watch=("ray",))  # and it exited 0
+
+    assert sim.stats()["requests"] == 0
+    assert pl.read_parquet(job.output).get_column("response_text").to_list() == expected(rows)
 
 
 def test_batch_mode_is_refused(make_job) -> None:

@@ -1,0 +1,213 @@
+"""The Ray side of a Ray run: Ray up, the input mapped over the sending actors, their blocks taken in.
+
+    stats = await send_on_ray(job, source, store, api_key, settled, accountant, tally, control, progress,
+                              reporter, shape)
+
+runner.distributed.engine imports this module only when the run has rows to render, so a re-run of an
+unchanged finished job never imports Ray (seconds of start-up for nothing). Here the driver makes the
+run's ClusterLimiter (the account's one in-flight limit and run.max_cost), reads the input with Ray
+Data (runner.distributed.rows: `_row` as the local engine numbers rows), and maps blocks over a pool of
+sending actors (runner.distributed.worker.Sender). Each actor journals its answers to the job's state
+directory before its block's row-map lines come back; the driver adds those lines to the row map in
+order, and its tally and progress from each block's report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import polars as pl
+import ray
+
+from runner.distributed.engine import Progress, Shape
+from runner.distributed.limiter import connect
+from runner.distributed.rows import read_rows
+from runner.distributed.worker import REPORT, Sender, SenderConfig
+from runner.errors import DiskFull, EndpointAborted
+from runner.job.inputs import InputSource
+from runner.job.resolve import Job
+from runner.money.accounting import Accountant, Tally
+from runner.money.pricing import tier_label
+from runner.observe.progress import Reporter
+from runner.records import KEY, Result, result_from_json, scan_results
+from runner.send.base import Control
+from runner.send.endpoints import endpoint_url
+from runner.send.limits import AimdController
+from runner.state.store import SettledKeys, Store
+from runner.supervise import supervise
+
+
+@contextlib.contextmanager
+def _ray(job: Job) -> Iterator[None]:
+    """Ray for this run: the driver's own if it has one, the cluster at run.ray_address or $RAY_ADDRESS,
+    else a local instance started here and shut down after."""
+    if ray.is_initialized():
+        yield
+        return
+    address = job.spec.run.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+async def send_on_ray(
+    job: Job,
+    source: InputSource,
+    store: Store,
+    api_key: str,
+    settled: SettledKeys,
+    accountant: Accountant,
+    tally: Tally,
+    control: Control,
+    progress: Progress,
+    reporter: Reporter,
+    shape: Shape,
+) -> dict[str, Any]:
+    """Map the input over the sending actors and take in their blocks; the limiter's stats at the end."""
+    with _ray(job), endpoint_url(job) as base_url:
+        return await _send(
+            job, source, store, api_key, base_url, settled, accountant, tally, control, progress, reporter, shape
+        )
+
+
+async def _send(
+    job: Job,
+    source: InputSource,
+    store: Store,
+    api_key: str,
+    base_url: str,
+    settled: SettledKeys,
+    accountant: Accountant,
+    tally: Tally,
+    control: Control,
+    progress: Progress,
+    reporter: Reporter,
+    shape: Shape,
+) -> dict[str, Any]:
+    """Map the input over the sending actors and take in their blocks; the limiter's stats at the end."""
+    run = job.spec.run
+    concurrency = (
+        AimdController(initial=job.concurrency, maximum=run.max_concurrency) if job.adaptive else job.concurrency
+    )
+    limiter = connect(
+        f"glm-batch/{job.name}/{store.run_id}",
+        concurrency=concurrency,
+        max_cost=run.max_cost,
+        requests_per_minute=run.requests_per_minute,
+        tokens_per_minute=run.tokens_per_minute,
+    )
+    config = SenderConfig(
+        job=job,
+        run_id=store.run_id,
+        base_url=base_url,
+        api_key=api_key,
+        limiter=limiter,
+        settled=[ray.put(settled.series())],
+        accountant=accountant,
+        source=source,
+        workers=run.max_concurrency if job.adaptive else job.concurrency,
+        budgeted=run.max_cost is not None,
+    )
+    gauges: dict[str, Any] = {}
+
+    def consume() -> None:
+        rows = read_rows(job, source, tally.rows_total, shape.block_rows)
+        mapped = rows.map_batches(
+            Sender,
+            fn_constructor_kwargs={"config": config},
+            batch_size=shape.block_rows,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=shape.actors[0], max_size=shape.actors[1]),
+            num_cpus=shape.actor_cpus,
+        )
+        for block in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):
+            _take(pl.DataFrame(pl.from_arrow(block)), store, tally, control, progress)
+            if control.stopping.is_set():
+                break
+
+    async def poll() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # stats are for display; a slow actor must not stop the run
+                stats = await limiter.stats.remote()
+                gauges.update(in_flight=stats["in_use"], limit=stats["limit"], adaptive=job.adaptive)
+            await asyncio.sleep(1.0)
+
+    reporter.start(job, tally)
+    poller = asyncio.create_task(poll())
+    try:
+        await supervise(
+            asyncio.to_thread(consume),
+            control=control,
+            checkpoint=store.rows.write,
+            tick=lambda: reporter.tick(tally, gauges, control),
+            every_s=reporter.interval_s,
+            grace_s=run.grace_s,
+            reporter=reporter,
+        )
+    finally:
+        poller.cancel()
+        stats: dict[str, Any] = await limiter.stats.remote()
+        ray.kill(limiter)
+        _reconcile(store, tally, accountant, progress)
+        # A key left to the block that claimed it is answered only if that block answered it this run.
+        progress.unanswered += len(progress.deferred - progress.recorded)
+    return stats
+
+
+def _take(block: pl.DataFrame, store: Store, tally: Tally, control: Control, progress: Progress) -> None:
+    """One block back from the actors: its lines into the row map, its report into the tally."""
+    store.rows.add(block.drop(REPORT))
+    tally.rows_seen += block.height
+    for text in block.get_column(REPORT).drop_nulls().to_list():
+        report = json.loads(text)
+        tally.rows_settled += report["rows_settled"]
+        tally.requests_queued += report["requests_queued"]
+        progress.unanswered += report["unanswered"]
+        progress.workers.add(report["worker"])
+        progress.deferred.update(report["deferred"])
+        for line, tier in report["results"]:
+            result = result_from_json(line)
+            if result.key not in progress.recorded:
+                progress.recorded.add(result.key)
+                tally.record(result, tier)
+        for kind, n in report["retries"].items():
+            control.retries[kind] = control.retries.get(kind, 0) + n
+        if report["aborted"] and control.aborted is None:
+            control.aborted = EndpointAborted(report["aborted"])
+            control.stop("aborted")
+        elif report["failed"]:
+            control.fail(DiskFull(report["failed"]))
+        elif report["stopped"] == "budget":
+            control.end_dispatch("budget")
+
+
+def _reconcile(store: Store, tally: Tally, accountant: Accountant, progress: Progress) -> None:
+    """Fold journals that actors left (one killed mid-block) into parts, and count answers of this run
+    that no block reported (the killed attempt's, which its retry found and did not send again)."""
+    for journal in sorted(store.state_dir.glob(f"journal-{store.run_id}-*.jsonl")):
+        store.recover(journal)
+    parts = sorted(store.results_dir.glob(f"part-{store.run_id}-*.parquet"))
+    if not parts:
+        return
+    known = pl.Series(KEY, sorted(progress.recorded), dtype=pl.String)
+    missed = scan_results(parts).filter(~pl.col(KEY).is_in(known.implode())).unique(KEY, keep="first").collect()
+    table = accountant.table
+    for row in missed.iter_rows(named=True):
+        result = Result(**{name: row[name] for name in Result.__slots__ if name in row})  # wait_ms is not stored
+        tokens_in, tokens_out = (result.input_tokens or 0) + (result.cache_read_input_tokens or 0), result.output_tokens
+        tier = (
+            tier_label(table.tier(tokens_in, tokens_out or 0)) if table is not None and result.status == "ok" else None
+        )
+        progress.recorded.add(result.key)
+        progress.unanswered = max(0, progress.unanswered - 1)
+        tally.record(result, tier)

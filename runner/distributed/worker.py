@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,10 +76,14 @@ class BlockRows:
 
 
 class BlockLines(RowMap):
-    """The row-map lines of one block, kept for the map's output instead of written (the driver writes them)."""
+    """The row-map lines of one block, kept for the map's output instead of written (the driver writes them).
 
-    def __init__(self) -> None:
-        super().__init__(Path("."))
+    `scratch_dir` is where planning spills the keys the block queued (runner.plan.RequestKeys): one
+    directory per block call, which no other call, actor or job uses (see Sender.scratch_for)."""
+
+    def __init__(self, scratch_dir: Path) -> None:
+        super().__init__(scratch_dir)  # no map file is written here: `add` keeps the lines in memory
+        self.scratch_dir = scratch_dir
         self.lines: list[pl.DataFrame] = []
 
     def add(self, rows: pl.DataFrame) -> None:
@@ -176,7 +181,7 @@ class Sender:
 
         control = Control()
         tally = Tally(samples=job.spec.output.samples)
-        lines = BlockLines()
+        lines = BlockLines(self.scratch_for(block))
         outstanding: set[str] = set()
         results: list[tuple[str, str | None]] = []
 
@@ -210,6 +215,7 @@ class Sender:
         try:
             await self._executor.run(requests, deliver, control)
         finally:
+            shutil.rmtree(lines.scratch_dir, ignore_errors=True)  # RequestKeys.close removes its files, not the dir
             try:
                 self._store.flush()  # durable as a part before the block's lines are returned
             except DiskFull as exc:
@@ -231,6 +237,13 @@ class Sender:
         first = pl.int_range(pl.len()) == 0
         out = out.with_columns(pl.when(first).then(pl.lit(json.dumps(report))).otherwise(None).alias(REPORT))
         return out.to_arrow()
+
+    def scratch_for(self, block: str) -> Path:
+        """A block call's scratch directory: under the job's state (so two jobs never share one), named
+        by this actor incarnation and the block (so neither two actors nor two blocks running at once
+        on one actor do). The call removes it when it ends; one left by a killed actor goes with the
+        next run's row-map reset, which clears the whole `rows/queued` (RowMap.reset)."""
+        return self._store.rows.scratch_dir / f"{self.worker_id}-{block}"
 
     async def _reserving(self, requests: AsyncIterator[Request], control: Control) -> AsyncIterator[Request]:
         """The requests, each with its worst case reserved at the limiter first (when the run has a budget);

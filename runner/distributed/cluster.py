@@ -122,6 +122,16 @@ async def _send(
 
     def consume() -> None:
         rows = read_rows(job, source, tally.rows_total, shape.block_rows)
+        # Ray's core worker prints one line per run to stderr here: "Actor with class name:
+        # 'MapWorker(MapBatches(Sender))' ... has constructor arguments in the object store and
+        # max_restarts > 0 ... See https://github.com/ray-project/ray/issues/53727". Ray Data always
+        # hands its pool actors their constructor arguments (its DataContext and the map function, with
+        # our config) as ray.put references, and keeps actors restartable (max_restarts=-1), which is
+        # what re-runs a killed sender's block. Harmless here: the references live in this driver for the
+        # whole map, and their primary copies are on the driver's node. The line can only be dropped by
+        # max_restarts=0 (no restart after a kill) or RAY_BACKEND_LOG_LEVEL=fatal (every error of the
+        # core worker hidden); it is a C++ log line sent to stderr, not a Python warning or log record,
+        # so there is nothing to filter in this process.
         mapped = rows.map_batches(
             Sender,
             fn_constructor_kwargs={"config": config},

@@ -94,6 +94,16 @@ class BlockLines(RowMap):
         """Nothing: the driver seals the run's map."""
 
 
+def block_output(lines: pl.DataFrame, report: str) -> pa.Table:
+    """A block's row-map lines with its report on the first line (`_report`, null on the others).
+
+    The report is built as a column of one value and nulls: a literal broadcast with when/then keeps a
+    copy of the report per row in the column's buffer (nulls mask it, they do not drop it), so a
+    500-row block with a 360 KB report went to the object store and the driver as 178 MB."""
+    column = pl.Series(REPORT, [report, *[None] * (lines.height - 1)][: lines.height], dtype=pl.String)
+    return lines.with_columns(column).to_arrow()
+
+
 @dataclass
 class RunAnswers:
     """The request keys this run has answered so far, by any actor: journals first, then parts, so an
@@ -233,10 +243,7 @@ class Sender:
             "worker": self.worker_id,
             "deferred": sorted(others - answered),  # sent by the block that owns them
         }
-        out = pl.concat(lines.lines)
-        first = pl.int_range(pl.len()) == 0
-        out = out.with_columns(pl.when(first).then(pl.lit(json.dumps(report))).otherwise(None).alias(REPORT))
-        return out.to_arrow()
+        return block_output(pl.concat(lines.lines), json.dumps(report))
 
     def scratch_for(self, block: str) -> Path:
         """A block call's scratch directory: under the job's state (so two jobs never share one), named

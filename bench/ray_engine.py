@@ -15,6 +15,9 @@ Each run does, in this order, with a fresh job folder and a `glm-batch run` subp
    state even after a ramp.
 3. The limiter actor's leases (grants) per second in the Ray runs: grants over the limiter's lifetime
    (from the summary) and over the sending window.
+4. The sending actors' peak memory in the Ray runs, from /proc/PID/smaps_rollup every half second: RSS,
+   its anonymous part (the actor's own heap) and the object store's shared memory it maps (Pss_Shmem).
+   RSS alone misleads: it counts every object-store page an actor touched.
 
 Every figure of the Ray engine is divided by the local engine's from the same run; the worst and the
 median of those ratios over `--runs` are printed at the end, with the load average before and after.
@@ -30,6 +33,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +55,49 @@ def sending_window_s(folder: Path, name: str) -> float:
     return float((last - first).total_seconds()) + LATENCY_S
 
 
+# smaps_rollup fields -> the names a run reports their peak under (MB)
+MEMORY_FIELDS = {"Rss": "actor_peak_rss_mb", "Anonymous": "actor_peak_anon_mb", "Pss_Shmem": "actor_peak_shmem_mb"}
+
+
+class ActorMemory:
+    """The sending actors' peak memory while it runs (a thread reading /proc), in MB."""
+
+    def __init__(self) -> None:
+        self.peak = dict.fromkeys(MEMORY_FIELDS.values(), 0.0)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> ActorMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.5):
+            for proc in Path("/proc").iterdir():
+                try:
+                    if not (proc / "cmdline").read_bytes().startswith(b"ray::MapWorker"):
+                        continue
+                    lines = (proc / "smaps_rollup").read_text().splitlines()
+                except OSError:
+                    continue  # gone, or not ours to read
+                for line in lines:
+                    name, _, value = line.partition(":")
+                    if name in MEMORY_FIELDS:
+                        key = MEMORY_FIELDS[name]
+                        self.peak[key] = max(self.peak[key], round(int(value.split()[0]) / 1024, 1))
+
+
 def one(folder: Path, port: int, rows: int, engine: str) -> dict[str, Any]:
     """One `glm-batch run` of a fresh job on `engine`: wall time, rows/s, and what the summary says."""
     shutil.rmtree(folder, ignore_errors=True)
     spec = write_job(folder, port, rows, f"{{engine: {engine}, concurrency: {CAP}, max_attempts: 8}}", name=engine)
     before = sim_stats(port)["billed"]["online"]
-    measured = measured_run(spec)
+    with ActorMemory() as memory:
+        measured = measured_run(spec)
     summary = json.loads((folder / "out" / f"{engine}.summary.json").read_text())
     window = sending_window_s(folder, engine)
     limiter = summary.get("engine", {}).get("limiter", {})
@@ -71,6 +112,7 @@ def one(folder: Path, port: int, rows: int, engine: str) -> dict[str, Any]:
         "leases_per_s_lifetime": round(limiter["grants_per_s"], 1) if limiter else None,
         "leases_per_s_sending": round(limiter["grants"] / window, 1) if limiter else None,
         "peak_granted": limiter.get("peak_granted"),
+        **(memory.peak if engine == "ray" else {}),
     }
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from runner.job.resolve import load_job
@@ -126,3 +127,39 @@ def test_sigterm_while_a_run_is_starting_leaves_the_summary_and_the_resume_line(
     assert run.returncode == 143, stderr
     assert "resume with: glm-batch run" in stderr.strip().splitlines()[-1]
     assert files.summary.exists()
+
+
+SCHEMA_OF = {
+    "status": {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]},
+    "text": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+}
+
+
+@pytest.mark.xfail(
+    strict=True, reason="output/assemble: a schema field named 'status' (or cost) is a DuplicateError after sending"
+)
+def test_a_schema_field_named_like_an_output_column_is_refused_before_anything_is_sent(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    files = make_job(rows=sample_rows(3), output={"schema": SCHEMA_OF["status"]})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 2, result.stderr
+    assert sim.stats()["requests"] == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="output/assemble: a schema field named like a kept input column silently replaces the input's values",
+)
+def test_a_schema_field_named_like_a_kept_input_column_never_replaces_the_input_silently(
+    make_job: Callable[..., JobFiles],
+) -> None:
+    rows = sample_rows(3)
+    # keep_columns left to its default: for labeling, the columns the prompt uses (text)
+    files = make_job(rows=rows, output={"schema": SCHEMA_OF["text"], "keep_columns": None})
+    result = cli("run", str(files.spec))
+    if result.exit_code == 2:  # refusing the spec is a fine answer too
+        return
+    assert result.exit_code == 0, result.stderr
+    out = pl.read_parquet(files.output).sort("id")
+    assert out.get_column("text").to_list() == [r["text"] for r in rows]  # the input, beside its answer

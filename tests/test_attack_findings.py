@@ -1,0 +1,165 @@
+"""Defects found by attacking the CLI as the independent checkers do; each test fails today (xfail, strict).
+
+Every test states the behaviour the README promises (or common sense demands: one clear line, exit 2,
+nothing sent, nothing lost) and checks it with the real CLI against the real simulator. When a fix
+lands, its test passes, strict xfail turns that into a failure, and the marker is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from runner.job.resolve import load_job
+from runner.testing.simulator import SimulatorThread
+from tests.conftest import JobFiles, cli, sample_rows
+
+FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="output/assemble joins input columns named like output columns: polars DuplicateError after sending",
+)
+@pytest.mark.parametrize(
+    ("column", "spec"),
+    [
+        ("request_key", {"input": {"id_column": "request_key"}, "output": {"keep_columns": []}}),
+        ("status", {"output": {"keep_columns": ["text", "status"]}}),
+        ("response_text", {"output": {"keep_columns": ["text", "response_text"]}}),
+    ],
+)
+def test_an_input_column_named_like_an_output_column_is_refused_before_anything_is_sent(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, column: str, spec: dict[str, object]
+) -> None:
+    rows = [{**row, column: f"c{i}"} for i, row in enumerate(sample_rows(3))]
+    files = make_job(rows=rows, **spec)
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert sim.stats()["requests"] == 0
+
+
+@pytest.mark.xfail(strict=True, reason="job/resolve reads the spec as UTF-8 unguarded: UnicodeDecodeError, exit 1")
+@pytest.mark.parametrize("command", ["validate", "status", "estimate", "run"])
+def test_a_spec_file_that_is_not_text_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_bytes(bytes(range(128, 256)) * 8)
+    result = cli(command, str(spec))
+    assert result.exit_code == 2, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.xfail(
+    strict=True, reason="send/batch: a 400 on POST /files (file over the API's line limit) escapes as a traceback"
+)
+def test_a_batch_file_the_api_refuses_stops_the_run_with_one_line(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    sim.configure(batch_max_lines=5)  # the account's limit is lower than run.batch.max_requests
+    files = make_job(rows=sample_rows(20), run={"mode": "batch", "batch": FAST_POLL})
+    result = cli("run", str(files.spec))
+    assert result.exit_code in (2, 3), result.stderr
+    assert "Traceback" not in result.stderr
+    assert "glm-batch run" in result.stderr.strip().splitlines()[-1]  # says how to go on
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="resume: salvage runs only when a part is torn in this open; an old corrupt/ makes check_resend refuse",
+)
+def test_answers_the_output_still_holds_are_taken_back_after_an_earlier_salvage(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    files = make_job(rows=sample_rows(20))
+    assert cli("run", str(files.spec)).exit_code == 0
+    results = load_job(files.spec).state_dir / "results"
+    for part in results.glob("*.parquet"):  # a torn part: set aside and salvaged from the output
+        part.write_bytes(part.read_bytes()[:100])
+    assert cli("run", str(files.spec)).exit_code == 0
+    for part in results.glob("*.parquet"):  # then the answer files go missing again; the output is intact
+        part.unlink()
+    sim.reset_stats()
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr  # today: exit 2, "no answer left in any copy"
+    assert sim.stats()["requests"] == 0
+
+
+@pytest.mark.xfail(
+    strict=True, reason="job/resolve: an output inside its own state dir is accepted; each run quarantines it"
+)
+def test_an_output_inside_its_own_state_directory_is_refused(make_job: Callable[..., JobFiles]) -> None:
+    files = make_job(output={"path": "st/results/out.parquet", "state_dir": "st"})
+    result = cli("validate", str(files.spec))
+    assert result.exit_code == 2, result.stderr
+    assert "output.path" in result.stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine: SIGINT/SIGTERM handlers are installed only in supervise(); before it a signal kills the run "
+    "with no summary, no manifest entry and no resume line",
+)
+def test_sigterm_while_a_run_is_starting_leaves_the_summary_and_the_resume_line(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    files = make_job(rows=sample_rows(20))
+    lock = load_job(files.spec).state_dir / "lock"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "runner", "run", str(files.spec), "--log-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=os.environ.copy(),
+        text=True,
+    )
+    while not lock.exists() and run.poll() is None:  # the run has opened its state: it is a run now
+        time.sleep(0.002)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 143, stderr
+    assert "resume with: glm-batch run" in stderr.strip().splitlines()[-1]
+    assert files.summary.exists()
+
+
+SCHEMA_OF = {
+    "status": {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]},
+    "text": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+}
+
+
+@pytest.mark.xfail(
+    strict=True, reason="output/assemble: a schema field named 'status' (or cost) is a DuplicateError after sending"
+)
+def test_a_schema_field_named_like_an_output_column_is_refused_before_anything_is_sent(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    files = make_job(rows=sample_rows(3), output={"schema": SCHEMA_OF["status"]})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 2, result.stderr
+    assert sim.stats()["requests"] == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="output/assemble: a schema field named like a kept input column silently replaces the input's values",
+)
+def test_a_schema_field_named_like_a_kept_input_column_never_replaces_the_input_silently(
+    make_job: Callable[..., JobFiles],
+) -> None:
+    rows = sample_rows(3)
+    # keep_columns left to its default: for labeling, the columns the prompt uses (text)
+    files = make_job(rows=rows, output={"schema": SCHEMA_OF["text"], "keep_columns": None})
+    result = cli("run", str(files.spec))
+    if result.exit_code == 2:  # refusing the spec is a fine answer too
+        return
+    assert result.exit_code == 0, result.stderr
+    out = pl.read_parquet(files.output).sort("id")
+    assert out.get_column("text").to_list() == [r["text"] for r in rows]  # the input, beside its answer

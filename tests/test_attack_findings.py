@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 from runner.job.resolve import load_job
@@ -25,10 +24,6 @@ from tests.conftest import JobFiles, cli, sample_rows
 FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="output/assemble joins input columns named like output columns: polars DuplicateError after sending",
-)
 @pytest.mark.parametrize(
     ("column", "spec"),
     [
@@ -135,9 +130,6 @@ SCHEMA_OF = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True, reason="output/assemble: a schema field named 'status' (or cost) is a DuplicateError after sending"
-)
 def test_a_schema_field_named_like_an_output_column_is_refused_before_anything_is_sent(
     make_job: Callable[..., JobFiles], sim: SimulatorThread
 ) -> None:
@@ -147,19 +139,17 @@ def test_a_schema_field_named_like_an_output_column_is_refused_before_anything_i
     assert sim.stats()["requests"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="output/assemble: a schema field named like a kept input column silently replaces the input's values",
-)
-def test_a_schema_field_named_like_a_kept_input_column_never_replaces_the_input_silently(
-    make_job: Callable[..., JobFiles],
+def test_a_schema_field_named_like_a_prompt_column_holds_the_answer_and_keeping_both_is_refused(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
 ) -> None:
+    """The documented rule: the default keeps the prompt's columns less those named like an answer field
+    (that column is the answer); asking to keep such a column as well is one line, exit 2, nothing sent."""
     rows = sample_rows(3)
-    # keep_columns left to its default: for labeling, the columns the prompt uses (text)
     files = make_job(rows=rows, output={"schema": SCHEMA_OF["text"], "keep_columns": None})
-    result = cli("run", str(files.spec))
-    if result.exit_code == 2:  # refusing the spec is a fine answer too
-        return
-    assert result.exit_code == 0, result.stderr
-    out = pl.read_parquet(files.output).sort("id")
-    assert out.get_column("text").to_list() == [r["text"] for r in rows]  # the input, beside its answer
+    assert load_job(files.spec).keep_columns == ()
+    sim.reset_stats()
+    both = make_job(rows=rows, name="both", output={"schema": SCHEMA_OF["text"], "keep_columns": ["text"]})
+    result = cli("run", str(both.spec))
+    assert result.exit_code == 2, result.stderr
+    assert "'text' is both a kept input column and an answer field" in result.stderr
+    assert sim.stats()["requests"] == 0

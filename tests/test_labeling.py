@@ -221,7 +221,7 @@ def test_the_html_escapes_label_names() -> None:
         ({"schema": {"type": "object", "properties": {"x": {"type": "wrong"}}}}, "not a valid JSON Schema"),
         ({"schema": {"type": "array"}}, "must be `type: object`"),
         ({"labels": ["a", "a"]}, "distinct labels"),
-        ({"labels": ["a"], "keep_columns": ["label"]}, "has the name of a column kept"),
+        ({"labels": ["a"], "keep_columns": ["label"]}, "the output cannot hold both"),
     ],
 )
 def test_bad_structure_specs_are_refused(make_job, sim, output, fragment) -> None:

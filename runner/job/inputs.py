@@ -23,6 +23,7 @@ import polars as pl
 
 from runner.errors import NothingToDo, UsageError
 from runner.job.resolve import Job
+from runner.output.columns import clash as output_clash
 
 ROW = "_row"
 ID = "_id"
@@ -112,12 +113,10 @@ def open_input(job: Job) -> InputSource:
         if unknown:
             raise UsageError(f"{where}: eval.gold_fields: {unknown[0]!r} is not a field of output.schema")
         keep += [c for c in [*gold, *job.spec.eval.gold_fields.values()] if c not in keep]
-    clash = sorted(set(shape.fields if shape else ()) & (set(keep) | {"id"}))
+    fields = shape.fields if shape else ()
+    clash = output_clash(spec.id_column or "id", keep, fields, job.spec.output.samples)
     if clash:
-        raise UsageError(
-            f"{where}: output: the answer field {clash[0]!r} has the name of a column kept in the output; "
-            "rename the input column or leave it out of output.keep_columns / eval.gold_column"
-        )
+        raise UsageError(f"{where}: {clash}")
 
     id_cols = {spec.id_column} if spec.id_column is not None else set()
     used = sorted(template_vars | set(keep) | id_cols)

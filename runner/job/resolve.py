@@ -278,12 +278,14 @@ def _keep_columns(
     history: tuple[tuple[str, Template], ...],
 ) -> tuple[str, ...]:
     """output.keep_columns as given; unset, none for a text job and, for labeling, the columns the prompt
-    reads (so the output shows what was labeled), less any named like an answer field or `id`."""
+    reads (so the output shows what was labeled), less the id column (the output has it already) and any
+    named like an answer field: that column holds the answer. Given explicitly, a clash is refused when the
+    input is opened (runner.output.columns.clash)."""
     if spec.output.keep_columns is not None:
         return tuple(spec.output.keep_columns)
     if shape is None:
         return ()
-    taken = set(shape.fields) | {"id"}
+    taken = set(shape.fields) | {spec.input.id_column or "id"}
     return tuple(sorted(v for v in _variables(template, system, history) if v not in taken))
 
 

@@ -21,8 +21,7 @@ import polars as pl
 from runner.errors import UsageError
 from runner.job.resolve import Job
 from runner.job.structured import AnswerShape
-from runner.output.assemble import OUTPUT_COLUMNS
-from runner.output.voting import SAMPLE_ANSWERS, VOTE_COLUMNS
+from runner.output.columns import OUTPUT_COLUMNS, SAMPLE_ANSWERS, VOTE_COLUMNS
 
 INVALID = "(invalid)"
 

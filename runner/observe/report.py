@@ -28,8 +28,7 @@ from runner.errors import UsageError
 from runner.job.resolve import Job
 from runner.observe import quality
 from runner.observe.runstats import run_figures
-from runner.output.assemble import OUTPUT_COLUMNS
-from runner.output.voting import AGREEMENT, VOTE_COLUMNS
+from runner.output.columns import AGREEMENT, OUTPUT_COLUMNS, VOTE_COLUMNS
 
 EXAMPLES_SHOWN = 50  # wrong answers listed on the page; the count says how many there are in all
 REPAIRED_MEANS = (

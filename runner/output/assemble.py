@@ -23,6 +23,7 @@ import polars as pl
 
 from runner.job.inputs import ID, ROW
 from runner.output import voting
+from runner.output.columns import OUTPUT_COLUMNS, REUSED_FROM, VOTE_COLUMNS
 from runner.output.sinks import OutputSink
 from runner.records import KEY, scan_results
 from runner.state.rowmap import file_identities
@@ -30,32 +31,6 @@ from runner.state.store import Buckets, Store
 
 OUTPUT_CHUNK_ROWS = 50_000  # rows put in order at a time when writing the output
 ROW_GROUP_ROWS = 20_000  # small row groups let row-range reads skip what they do not need
-REUSED_FROM = "reused_from"  # the id of the row whose request paid for this row's answer
-# The answer columns of the output, in the order people read them; the id and kept columns come first.
-OUTPUT_COLUMNS = (
-    "response_text",
-    "thinking",
-    "stop_reason",
-    "input_tokens",
-    "output_tokens",
-    "thinking_tokens",
-    "cache_read_input_tokens",
-    "cache_creation_input_tokens",
-    "cost",
-    REUSED_FROM,
-    "latency_ms",
-    "attempts",
-    "repairs",
-    "status",
-    "error_type",
-    "error_message",
-    "request_id",
-    "model",
-    "finished_at",
-    "request_key",
-    "run_id",
-    "api",
-)
 
 
 @dataclass(frozen=True)
@@ -128,7 +103,7 @@ def assembled(store: Store, parts: list[Path], shape: OutputShape) -> Iterator[p
         if shape.fields:  # structured answers: one typed column per top-level field, beside the kept columns
             parsed = pl.col("parsed_json").str.json_decode(pl.Struct(shape.fields)).alias("_parsed")
             output = output.with_columns(parsed).unnest("_parsed")
-        voted = voting.VOTE_COLUMNS if shape.samples > 1 else ()
+        voted = VOTE_COLUMNS if shape.samples > 1 else ()
         yield output.select(shape.id_name, *kept, *shape.fields, *voted, *OUTPUT_COLUMNS)
     finally:
         for path in (*pieces, *ranges):

@@ -13,7 +13,7 @@ import polars as pl
 
 from runner.errors import UsageError
 from runner.job.resolve import Job
-from runner.output.assemble import REUSED_FROM
+from runner.output.columns import REUSED_FROM
 from runner.records import KEY, RESULT_SCHEMA
 from runner.state.store import SettledKeys, Store
 

@@ -23,10 +23,8 @@ import polars as pl
 
 from runner.job.inputs import ROW
 from runner.job.samples import SAMPLE
+from runner.output.columns import AGREEMENT, SAMPLE_ANSWERS
 
-AGREEMENT = "agreement"
-SAMPLE_ANSWERS = "sample_answers"
-VOTE_COLUMNS = (AGREEMENT, SAMPLE_ANSWERS)  # what a voted output adds
 # Counted once per request, so a row's figure is the sum over its samples.
 SUMMED = (
     "input_tokens",

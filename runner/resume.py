@@ -10,7 +10,7 @@ import polars as pl
 
 from runner.job.resolve import Job
 from runner.observe.progress import Reporter
-from runner.output.salvage import check_resend, salvage
+from runner.output.salvage import check_resend, lost_beyond_allowance, salvage
 from runner.state.rowmap import file_identities
 from runner.state.store import SettledKeys, Store
 
@@ -26,11 +26,35 @@ def settled_keys(job: Job, store: Store, *, fresh: bool, retry_failed: bool, res
         reporter.event("corrupt_parts_quarantined", files=[str(p) for p in store.corrupt])
     if store.row_map_dropped:
         reporter.event("row_map_rebuilt", reason="a row-map file did not read; it is a cache of the input")
-    if store.corrupt and (salvaged := salvage(job, store)):
-        reporter.event("answers_salvaged", answers=salvaged, source=str(job.output_path))
+    salvaged = 0
+    if store.corrupt or (not fresh and _answers_gone(job, store)):
+        salvaged = _salvage(job, store, reporter)
     if fresh:
         return SettledKeys.none()
-    # Read on first use: a re-run of an unchanged finished job may never need the keys (RowMap.is_current).
+    settled = _settled(store, retry_failed)
+    if store.quarantined:  # answers were set aside before: are too many of the last run's lost?
+        if not salvaged and lost_beyond_allowance(job, store, settled, rows_total) and _salvage(job, store, reporter):
+            settled = _settled(store, retry_failed)  # the salvaged part counts now
+        check_resend(job, store, settled, rows_total, resend_lost)
+    return settled
+
+
+def _answers_gone(job: Job, store: Store) -> bool:
+    """No answer file is left (deleted, or the whole state lost) while this job's output is there: its
+    answers are a copy to take back before anything is paid again."""
+    return not store.result_parts() and job.output_path.exists()
+
+
+def _salvage(job: Job, store: Store, reporter: Reporter) -> int:
+    salvaged = salvage(job, store)
+    if salvaged:
+        reporter.event("answers_salvaged", answers=salvaged, source=str(job.output_path))
+    return salvaged
+
+
+def _settled(store: Store, retry_failed: bool) -> SettledKeys:
+    """The settled keys, read on first use: a re-run of an unchanged finished job may never need them
+    (RowMap.is_current)."""
     basis = {"parts": file_identities(store.result_parts()), "retry_failed": retry_failed}
 
     def load() -> pl.Series:
@@ -40,6 +64,4 @@ def settled_keys(job: Job, store: Store, *, fresh: bool, retry_failed: bool, res
         return keys
 
     settled = SettledKeys(load, basis)
-    if store.quarantined:
-        check_resend(job, store, settled, rows_total, resend_lost)
     return settled

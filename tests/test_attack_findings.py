@@ -8,6 +8,7 @@ lands, its test passes, strict xfail turns that into a failure, and the marker i
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from runner.job.resolve import load_job
@@ -67,10 +69,6 @@ def test_a_batch_file_the_api_refuses_stops_the_run_with_one_line(
     assert "glm-batch run" in result.stderr.strip().splitlines()[-1]  # says how to go on
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="resume: salvage runs only when a part is torn in this open; an old corrupt/ makes check_resend refuse",
-)
 def test_answers_the_output_still_holds_are_taken_back_after_an_earlier_salvage(
     make_job: Callable[..., JobFiles], sim: SimulatorThread
 ) -> None:
@@ -86,6 +84,31 @@ def test_answers_the_output_still_holds_are_taken_back_after_an_earlier_salvage(
     result = cli("run", str(files.spec))
     assert result.exit_code == 0, result.stderr  # today: exit 2, "no answer left in any copy"
     assert sim.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize("lost", ["answer files", "state folder"])
+def test_a_lost_state_is_taken_back_from_the_output_before_anything_is_paid_again(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, lost: str
+) -> None:
+    files = make_job(rows=sample_rows(20))
+    assert cli("run", str(files.spec)).exit_code == 0
+    state = load_job(files.spec).state_dir
+    if lost == "answer files":
+        for part in (state / "results").glob("*.parquet"):
+            part.unlink()
+    else:
+        shutil.rmtree(state)
+    before = pl.read_parquet(files.output).sort("id")
+    sim.reset_stats()
+    result = cli("run", str(files.spec), "--log-format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert '"answers_salvaged"' in result.stderr
+    assert sim.stats()["requests"] == 0
+    after = pl.read_parquet(files.output).sort("id")
+    assert after.get_column("response_text").to_list() == before.get_column("response_text").to_list()
+    sim.reset_stats()  # --fresh still pays for every row, as asked
+    assert cli("run", str(files.spec), "--fresh").exit_code == 0
+    assert sim.stats()["requests"] == 20
 
 
 @pytest.mark.xfail(

@@ -1,4 +1,5 @@
-"""Salvage: when a part file of answers is found torn, take back the answers the finished output holds.
+"""Salvage: when answers are lost (a part file torn, answer files deleted, the state folder gone), take
+back the answers the finished output holds before anything is paid again.
 
 The output Parquet is a second copy of every answer a finished run had (one line per row; a row that
 reused another's answer carries cost 0, so the paying row's line is the copy kept). A sampled job's
@@ -61,11 +62,18 @@ def salvage(job: Job, store: Store) -> int:
     return answers.height
 
 
-def check_resend(job: Job, store: Store, settled: SettledKeys, rows_total: int, resend_lost: bool) -> None:
-    """Refuse to pay again for more than a small share of answers lost with torn files, unless asked."""
+def lost_beyond_allowance(job: Job, store: Store, settled: SettledKeys, rows_total: int) -> int:
+    """How many of the last run's requests have no answer, when that is more than may be re-sent
+    without asking (RESEND_FREE_SHARE of the rows or RESEND_FREE_ROWS); else 0."""
     lost = store.rows.unsettled(settled, job.spec.output.samples)
     allowed = max(RESEND_FREE_ROWS, int(rows_total * RESEND_FREE_SHARE))
-    if resend_lost or lost is None or lost <= allowed:
+    return lost if lost is not None and lost > allowed else 0
+
+
+def check_resend(job: Job, store: Store, settled: SettledKeys, rows_total: int, resend_lost: bool) -> None:
+    """Refuse to pay again for more than a small share of answers lost with torn files, unless asked."""
+    lost = 0 if resend_lost else lost_beyond_allowance(job, store, settled, rows_total)
+    if not lost:
         return
     files = ", ".join(str(p) for p in store.quarantined)
     raise UsageError(

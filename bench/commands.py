@@ -3,13 +3,17 @@
     python bench/commands.py [--runs 5]
 
 None of these commands sends a request, so none should pay for the SDK; the target is each under 0.5 s
-of wall time. Each round runs, back to back: `python -c pass` (the floor: an interpreter that does
-nothing) and every command once, each in a fresh process, measuring its wall time and its CPU time
-(user + system, from the process's own rusage, which a loaded machine inflates far less than wall
-time). `--help`, `validate` and `estimate` (no pilot, no key) run on a copy of jobs/demo.yaml that was
-never run; `status` on a copy that was run once, so it reads a real manifest, row map and results.
-Reports each command's wall and CPU seconds and its wall time minus the same round's floor: every
-round, the worst and the median, and the load average (the machine may be shared).
+of wall time. Each round runs, back to back: two floors, `python -c pass` (an interpreter that does
+nothing) and `python -c "import polars, pydantic, jinja2, typer"` (the libraries `validate` and
+`estimate` cannot do without: the input reader, the spec's models, the templates, the command line),
+then every command once, each in a fresh process, measuring its wall time and its CPU time (user +
+system, from the process's own rusage, which a loaded machine inflates far less than wall time).
+`--help`, `validate` and `estimate` (no pilot, no key) run on a copy of jobs/demo.yaml that was never
+run; `status` on a copy that was run once, so it reads a real manifest, row map and results.
+Reports each command's wall and CPU seconds, its wall time minus the same round's interpreter floor
+(`over_floor_s`) and its wall and CPU time minus the same round's library floor (`over_libs_s`,
+`cpu_over_libs_s`: what the runner adds to the libraries; negative for a command that does not load
+them all): every round, the worst and the median, and the load average (the machine may be shared).
 
 `--other DIR` also runs each command with the runner of another checkout (e.g. `git worktree add
 /tmp/base main`) in the same rounds, so a change is compared with what it changes under the same load.
@@ -33,6 +37,9 @@ from _common import HERE
 
 ROOT = HERE.parent
 WORK = HERE / "out" / "commands"
+
+# The library floor: what `validate` and `estimate` must import whatever the runner does.
+LIBRARIES = "import polars, pydantic, jinja2, typer"
 
 COMMANDS: dict[str, list[str]] = {
     "help": ["--help"],
@@ -92,16 +99,26 @@ def main() -> None:
     rounds: list[dict[str, Any]] = []
     for _ in range(args.runs):
         floor_wall, floor_cpu = timed([sys.executable, "-c", "pass"])
-        line: dict[str, Any] = {"floor": {"wall_s": round(floor_wall, 3), "cpu_s": round(floor_cpu, 3)}}
+        libs_wall, libs_cpu = timed([sys.executable, "-c", LIBRARIES])
+        line: dict[str, Any] = {
+            "floor": {"wall_s": round(floor_wall, 3), "cpu_s": round(floor_cpu, 3)},
+            "libs": {"wall_s": round(libs_wall, 3), "cpu_s": round(libs_cpu, 3)},
+        }
         for name, command, root in runs:
             words = [w.format(fresh=fresh, finished=finished) for w in COMMANDS[command]]
             # `-m runner` from a checkout's root imports that checkout's runner.
             wall, cpu = timed([sys.executable, "-m", "runner", *words], cwd=root)
-            line[name] = {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "over_floor_s": round(wall - floor_wall, 3)}
+            line[name] = {
+                "wall_s": round(wall, 3),
+                "cpu_s": round(cpu, 3),
+                "over_floor_s": round(wall - floor_wall, 3),
+                "over_libs_s": round(wall - libs_wall, 3),
+                "cpu_over_libs_s": round(cpu - libs_cpu, 3),
+            }
         rounds.append(line)
         print(json.dumps(line), flush=True)
     print(json.dumps({"runs": args.runs, "load_average": [round(x, 2) for x in os.getloadavg()]}))
-    for name in ["floor", *names]:  # one line each: worst and median of every measure
+    for name in ["floor", "libs", *names]:  # one line each: worst and median of every measure
         print(json.dumps({"command": name} | {key: spread([r[name][key] for r in rounds]) for key in rounds[0][name]}))
 
 

@@ -15,7 +15,6 @@ stderr as JSON lines unless a `reporter` is given.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import os
 import shlex
@@ -101,6 +100,8 @@ def run_job(
     reporter: Reporter | None = None,
 ) -> Result:
     """Run a job and wait for it: send every row with no answer yet, write the output, return how it ended."""
+    import asyncio
+
     return asyncio.run(arun_job(spec, set=set, limit=limit, fresh=fresh, retry_failed=retry_failed, reporter=reporter))
 
 
@@ -113,6 +114,8 @@ def estimate_job(
     pilot: int | None = None,
 ) -> dict[str, Any]:
     """What the job would cost and how long it would take (the report `glm-batch estimate --json` prints)."""
+    import asyncio
+
     from runner.money.estimate import EstimateOptions
     from runner.money.estimate import estimate_job as _estimate
 
@@ -164,9 +167,9 @@ def will_send_online(job: Job, *, fresh: bool) -> bool:
     if fresh or not job.state_dir.exists():
         return True
     from runner.runs import fingerprint
-    from runner.state.store import Store
+    from runner.state.rowmap import RowMap  # its JSON records only: polars is not loaded for this
 
-    return Store(job.state_dir, run_id="probe").rows.fingerprint() != fingerprint(job)
+    return RowMap(job.state_dir / "rows").fingerprint() != fingerprint(job)
 
 
 def resume_command(job: Job, overrides: Mapping[str, Any] | list[str] | None, limit: int | None) -> str:

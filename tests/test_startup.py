@@ -12,8 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from runner.api import will_send_online
+from runner.cli import COMMANDS, app, app_for
 from runner.job.resolve import load_job
 from tests.conftest import JobFiles, cli, sample_rows, write_csv
 
@@ -59,17 +61,46 @@ def test_help_loads_no_job_machinery() -> None:
 
 def test_validate_loads_nothing_that_sends(make_job: Callable[..., JobFiles]) -> None:
     """`validate` reads the spec and the input and renders rows: nothing of the SDK, its HTTP clients or
-    the engine."""
+    the engine, and not the planner either (its event loop, retry layer and accounting): the run's
+    RequestBuilder renders the rows it prints."""
     job = make_job()
-    assert loaded("validate", str(job.spec)) == []
+    assert loaded("validate", str(job.spec), watch=(*SENDING, "asyncio", "tenacity", "runner.plan")) == []
 
 
 def test_status_loads_nothing_that_sends_or_plans(make_job: Callable[..., JobFiles]) -> None:
     """`status` reads the job's state (a real run's, here): it neither sends nor renders, so not even the
-    event loop or the planner are imported."""
+    event loop or the planner are imported. After a finished run its counts come from small JSON
+    records, so it reads no Parquet (no polars), parses no template (no jinja2) and draws nothing
+    (no rich)."""
     job = make_job()
     assert cli("run", str(job.spec)).exit_code == 0
-    assert loaded("status", str(job.spec), watch=(*SENDING, "tenacity", "asyncio", "runner.plan")) == []
+    watch = (*SENDING, "tenacity", "asyncio", "runner.plan", "polars", "jinja2", "rich")
+    assert loaded("status", str(job.spec), watch=watch) == []
+
+
+def test_whether_a_run_will_send_is_decided_without_polars(make_job: Callable[..., JobFiles]) -> None:
+    """The SDK's background import starts once a run knows it will send; for a job that ran before, that
+    is the row map's fingerprint (JSON), so nothing heavy is imported ahead of the SDK's thread."""
+    job = make_job()
+    assert cli("run", str(job.spec)).exit_code == 0
+    code = (
+        "import sys\n"
+        "from runner.api import load_job, will_send_online\n"
+        f"print(will_send_online(load_job({str(job.spec)!r}), fresh=False), 'polars' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("args", [["validate", "--help"], ["run", "--help"], ["status", "--bogus"], ["vaildate"]])
+def test_the_app_built_for_one_command_answers_as_the_whole_app(args: list[str]) -> None:
+    """`glm-batch COMMAND` runs an app holding that command alone (typer inspects every registered
+    command before running one); its help and its errors are the whole app's."""
+    runner = CliRunner()
+    whole = runner.invoke(app, args, prog_name="glm-batch")
+    alone = runner.invoke(app_for(args), args, prog_name="glm-batch")
+    assert (alone.exit_code, alone.output) == (whole.exit_code, whole.output)
+    assert (app_for(args) is app) == (args[0] not in COMMANDS)
 
 
 def test_estimate_without_a_pilot_loads_nothing_that_sends(make_job: Callable[..., JobFiles]) -> None:

@@ -10,7 +10,8 @@ process with its exit code; see the README for the table of codes.
 
 Start-up is kept light: this package imports only typer and glm-batch's own error types. Each command
 imports what it needs (polars, the engine, the SDK...) when it runs, so `--help`, `--version` and shell
-completion do not pay for libraries they never use.
+completion do not pay for libraries they never use; and `main` hands typer an app holding only the
+command asked for (`app_for`), so typer does not inspect the other ten first.
 """
 
 from __future__ import annotations
@@ -63,18 +64,17 @@ class _Group(TyperGroup):
         return _plain_flags(super().get_params(ctx))
 
 
-app = typer.Typer(
-    cls=_Group,
-    add_completion=True,
-    no_args_is_help=True,
-    help="Batch prompt processing against Zhipu's GLM models (Anthropic-compatible Messages API).",
-)
+def _typer() -> typer.Typer:
+    return typer.Typer(
+        cls=_Group,
+        add_completion=True,
+        no_args_is_help=True,
+        help="Batch prompt processing against Zhipu's GLM models (Anthropic-compatible Messages API).",
+    )
+
+
+app = _typer()
 T = TypeVar("T")
-
-
-def _command(name: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Register a command that uses the flag-friendly help of `_Command`."""
-    return app.command(name, cls=_Command)
 
 
 SpecArg = Annotated[Path, typer.Argument(metavar="JOB", help="The job spec (YAML).", show_default=False)]
@@ -92,13 +92,15 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """Batch prompt processing against Zhipu's GLM models (Anthropic-compatible Messages API)."""
+
+
+app.callback()(_main)
 
 
 def _guarded(fn: Callable[[], T]) -> T:
@@ -113,13 +115,13 @@ def _guarded(fn: Callable[[], T]) -> T:
         raise typer.Exit(exc.exit_code) from None
 
 
-def _load(spec: Path, overrides: list[str] | None, limit: int | None) -> Job:
+def _load(spec: Path, overrides: list[str] | None, limit: int | None, *, check_templates: bool = True) -> Job:
     from runner.job.resolve import load_job
 
     items = list(overrides or [])
     if limit is not None:
         items.append(f"input.limit={limit}")
-    return load_job(spec, items)
+    return load_job(spec, items, check_templates=check_templates)
 
 
 def api_key_for(job: Job) -> str:
@@ -138,7 +140,24 @@ def _console() -> Any:
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    app_for(sys.argv[1:])()
+
+
+def app_for(args: list[str]) -> typer.Typer:
+    """The app that runs `glm-batch ARGS`: for `glm-batch COMMAND ...`, one with that command alone.
+
+    Typer builds every registered command (reading each function's signature and options) before it
+    runs one, about 20 ms for all of them, paid by every invocation; an app holding the one command
+    asked for runs it, its --help and its errors the same way. Anything else (no command, --help,
+    --version, a misspelt command) and shell completion get the whole app.
+    """
+    name = args[0] if args else ""
+    if name not in COMMANDS or any(key.startswith("_") and key.endswith("_COMPLETE") for key in os.environ):
+        return app
+    one = _typer()
+    one.callback()(_main)
+    one.command(name, cls=_Command)(COMMANDS[name])
+    return one
 
 
 # The commands live in modules by concern and register here, after the app and the helpers they use,
@@ -147,27 +166,33 @@ from runner.cli import inspect, run, scaffold  # noqa: E402
 from runner.cli.scaffold import job_schema, job_schema_text, starter_job  # noqa: E402
 from runner.cli.tables import _estimate_table, _models_table, _usage_table  # noqa: E402
 
-for _fn in (
-    run.run,
-    run.estimate,
-    inspect.usage,
-    inspect.report,
-    scaffold.validate,
-    inspect.status,
-    inspect.cancel,
-    inspect.models,
-    scaffold.schema,
-    scaffold.init,
-    run.simulate,
-):
-    _command()(_fn)
+COMMANDS: dict[str, Callable[..., None]] = {
+    fn.__name__: fn
+    for fn in (
+        run.run,
+        run.estimate,
+        inspect.usage,
+        inspect.report,
+        scaffold.validate,
+        inspect.status,
+        inspect.cancel,
+        inspect.models,
+        scaffold.schema,
+        scaffold.init,
+        run.simulate,
+    )
+}
+for _name, _fn in COMMANDS.items():
+    app.command(_name, cls=_Command)(_fn)
 
 __all__ = [
+    "COMMANDS",
     "_estimate_table",
     "_models_table",
     "_usage_table",
     "api_key_for",
     "app",
+    "app_for",
     "job_schema",
     "job_schema_text",
     "main",

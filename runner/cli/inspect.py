@@ -8,13 +8,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from runner.cli import JsonOpt, SetOpt, SpecArg, _console, _guarded, _load, api_key_for
 from runner.cli.tables import _models_table, _usage_table
 from runner.errors import UsageError
+
+if TYPE_CHECKING:
+    from runner.job.resolve import Job
 
 
 def usage(
@@ -100,53 +103,79 @@ def report(
 
 def status(spec: SpecArg, set_: SetOpt = None) -> None:
     """Show how many rows of the last run are answered, failed or pending, and what that run did."""
-    import polars as pl
-
-    from runner.job.inputs import open_input
-    from runner.state.store import Store
 
     def go() -> None:
-        job = _load(spec, set_, None)
-        store = Store(job.state_dir, run_id="status")
-        console = _console()
-        holder = store.lock.holder()
+        from runner.send.batch_admin import batch_rows
+        from runner.state.lock import JobLock
+
+        # The templates stay unparsed (no jinja2): status renders nothing.
+        job = _load(spec, set_, None, check_templates=False)
+        holder = JobLock(job.state_dir / "lock").holder()
         if holder is not None:
-            console.print(
+            print(
                 f"a run is in progress: pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
                 f"since {holder.get('started', '?')}"
             )
-        runs = store.read_manifest().get("runs", [])
-        try:  # rows the last run never reached are pending too
-            total: int | None = open_input(job).frame.select(pl.len()).collect().item()
-        except UsageError:
-            total = None  # the input is gone or changed shape: count what the last run mapped
-        progress = store.progress(job.spec.output.samples, total)
+        runs = _runs(job.state_dir)
+        progress = _progress(job)
         if not runs and progress is None:
-            console.print(f"{job.name}: never run (state would be in {job.state_dir})")
+            print(f"{job.name}: never run (state would be in {job.state_dir})")
             return
         if progress is not None:
-            console.print(
+            print(
                 f"{job.name}: {progress['ok']} rows answered ok, {progress['failed']} failed, "
                 f"{progress['pending']} pending (as of the last run)"
             )
         if runs:
             last = runs[-1]
-            console.print(
+            print(
                 f"last run {last['run_id']}: exit {last['exit_code']}, {last['answered_ok']} ok, "
                 f"{last['answered_error']} failed, {last['elapsed_s']} s, stopped: {last['stopped'] or 'no'}"
             )
-        from runner.send.batch_admin import batch_rows
-
         for batch in batch_rows(job):  # batch mode: each chunk's batch and how far it got
             counts = (
                 f", {batch['completed']} completed, {batch['failed']} failed" if batch["completed"] is not None else ""
             )
-            console.print(
+            print(
                 f"batch {batch['batch'] or '(not created)'} ({batch['chunk']}, {batch['lines']} lines): "
                 f"{batch['step']}, {batch['status'] or 'not looked at yet'}{counts}"
             )
 
     _guarded(go)
+
+
+def _runs(state_dir: Path) -> list[dict[str, Any]]:
+    """The runs the job's manifest records (runner.state.store.Store.read_manifest, read here without
+    loading the store and polars)."""
+    try:
+        data = json.loads((state_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    runs = data.get("runs") if isinstance(data, dict) else None
+    return runs if isinstance(runs, list) else []
+
+
+def _progress(job: Job) -> dict[str, int] | None:
+    """Rows answered ok, failed and pending: as the output of a finished run recorded them when the map,
+    the inputs and the answers are still those it was written from (a few small JSON files), else
+    counted from the row map, the answers and the input (polars)."""
+    from runner.runs import fingerprint
+    from runner.state.rowmap import RowMap
+
+    rows = RowMap(job.state_dir / "rows")
+    parts = sorted(p.name for p in (job.state_dir / "results").glob("*.parquet"))  # Store.result_parts
+    samples = job.spec.output.samples
+    recorded = rows.recorded_progress(job.state_dir / "output.json", parts, fingerprint(job), samples)
+    if recorded is not None:
+        return recorded
+    from runner.job.inputs import open_input
+    from runner.state.store import Store
+
+    try:  # rows the last run never reached are pending too
+        total: int | None = open_input(job).rows
+    except UsageError:
+        total = None  # the input is gone or changed shape: count what the last run mapped
+    return Store(job.state_dir, run_id="status").progress(samples, total)
 
 
 def models(as_json: JsonOpt = False) -> None:

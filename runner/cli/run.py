@@ -50,8 +50,6 @@ def run(
     ] = None,
 ) -> None:
     """Run a job: send every row that has no answer yet and write the results to Parquet."""
-    import asyncio
-
     if dry_run:
         _guarded(lambda: _dry_run(spec, set_, limit, fresh=fresh, retry_failed=retry_failed))
         raise typer.Exit(0)
@@ -68,6 +66,8 @@ def run(
         key = api_key_for(job)
         if will_send_online(job, fresh=fresh):
             import_in_background()  # the SDK loads while the engine (polars) loads and checks the input
+        import asyncio
+
         from runner.engine import RunOptions, run_job
 
         options = RunOptions(

@@ -55,44 +55,48 @@ def validate(
     set_: SetOpt = None,
 ) -> None:
     """Check a spec and its input, render the first rows and print them. Sends nothing."""
-    import polars as pl
+    # Rendered here with the run's RequestBuilder, not through runner.plan: the planner brings the
+    # event loop, the retry layer and the accounting, none of which a preview of a few rows uses.
     from rich.console import Console
 
-    from runner.job.inputs import open_input
-    from runner.plan import plan
-    from runner.state.store import SettledKeys
+    from runner.job.inputs import ID, ROW, open_input
+    from runner.job.prompts import RequestBuilder
+    from runner.job.templates import RenderError
 
     def go() -> None:
         job = _load(spec, set_, limit)
         source = open_input(job)
-        console = Console()
-        for batch in plan(job, source, SettledKeys.none(), batch_rows=rows):
-            for row in batch.rows:
-                if row.error is not None and row.error.error_type == "null_input":
-                    console.rule(f"row {row.position} id={row.id}: skipped: {row.error}")
+        builder = RequestBuilder(job)
+        # No highlighting: the prompts are printed as they are, and rich's highlighter compiles a dozen
+        # regular expressions (about 10 ms) for the rules' titles alone.
+        console = Console(highlight=False)
+        first = next(source.batches(rows), None)  # open_input found rows, so there is a first batch
+        for values in first.iter_rows(named=True) if first is not None else ():
+            position, row_id = values[ROW], values[ID]
+            try:
+                request = builder.build(values)
+            except RenderError as exc:
+                if exc.error_type == "null_input":
+                    console.rule(f"row {position} id={row_id}: skipped: {exc}")
                     continue
-                if row.error is not None:
-                    raise UsageError(
-                        f"{spec}: the prompt template fails on row {row.position} (id {row.id}): {row.error}; "
-                        "fix the template or that row (a run would record it as render_error)"
-                    )
-                request = row.requests[0]
-                console.rule(f"row {row.position} id={row.id} key={request.key[:12]}")
-                if "system" in request.params:
-                    console.print("[bold]system:[/]", request.params["system"], markup=True, highlight=False)
-                messages = request.params["messages"]
-                if len(messages) == 1:
-                    console.print(messages[0]["content"], markup=False, highlight=False)
-                    continue
-                for message in messages:  # prompt.messages: each turn, under its role
-                    console.print(f"[bold]{message['role']}:[/]", markup=True, highlight=False)
-                    console.print(message["content"], markup=False, highlight=False)
-            break
-        total = source.frame.select(pl.len()).collect().item()
+                raise UsageError(
+                    f"{spec}: the prompt template fails on row {position} (id {row_id}): {exc}; "
+                    "fix the template or that row (a run would record it as render_error)"
+                ) from None
+            console.rule(f"row {position} id={row_id} key={request.key[:12]}")
+            if "system" in request.params:
+                console.print("[bold]system:[/]", request.params["system"], markup=True)
+            messages = request.params["messages"]
+            if len(messages) == 1:
+                console.print(messages[0]["content"], markup=False)
+                continue
+            for message in messages:  # prompt.messages: each turn, under its role
+                console.print(f"[bold]{message['role']}:[/]", markup=True)
+                console.print(message["content"], markup=False)
         samples = job.spec.output.samples
-        each = f" x {samples} samples = {total * samples} requests" if samples > 1 else ""
+        each = f" x {samples} samples = {source.rows * samples} requests" if samples > 1 else ""
         console.print(
-            f"ok: {spec} is valid; {total} rows{each}, model {job.spec.model.name} on {job.endpoint_name}, "
+            f"ok: {spec} is valid; {source.rows} rows{each}, model {job.spec.model.name} on {job.endpoint_name}, "
             f"concurrency {job.concurrency}; output {job.output_path}. Nothing was sent."
         )
 

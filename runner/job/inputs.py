@@ -37,6 +37,7 @@ class InputSource:
     used_columns: tuple[str, ...]  # what templates read, the id and the kept columns
     keep_columns: tuple[str, ...]
     id_column: str | None
+    rows: int  # how many rows: counted by the check pass of `open_input`, so nobody reads the input again for it
 
     def batches(self, batch_rows: int = 10_000) -> Iterator[pl.DataFrame]:
         """Yield the input in order, `batch_rows` at a time, with `_row` and `_id` added."""
@@ -134,7 +135,7 @@ def open_input(job: Job) -> InputSource:
     if spec.nulls == "error":
         _check_nulls(tuple(sorted(template_vars)), stats, where)
 
-    return InputSource(frame, tuple(used), tuple(keep), spec.id_column)
+    return InputSource(frame, tuple(used), tuple(keep), spec.id_column, stats["rows"])
 
 
 def _agree_on_types(

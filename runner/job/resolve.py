@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from runner.errors import UsageError
 from runner.job import catalog
 from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
-from runner.job.templates import Template, compile_template
+from runner.job.templates import Template, compile_template, deferred_template
 
 INPUT_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
 
@@ -77,8 +78,13 @@ class Job:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def load_job(path: Path, overrides: list[str] | None = None, *, today: dt.date | None = None) -> Job:
-    """Read, validate and resolve a job spec; raise UsageError naming the file and key on any fault."""
+def load_job(
+    path: Path, overrides: list[str] | None = None, *, today: dt.date | None = None, check_templates: bool = True
+) -> Job:
+    """Read, validate and resolve a job spec; raise UsageError naming the file and key on any fault.
+
+    `check_templates=False` leaves the prompt templates unparsed until their variables are asked for
+    (for a command that renders nothing, like `status`, so it does not load jinja2 for a text job)."""
     raw = _read_yaml(path)
     overridden: dict[str, str] = {}
     for item in overrides or []:
@@ -87,7 +93,7 @@ def load_job(path: Path, overrides: list[str] | None = None, *, today: dt.date |
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
         raise UsageError(_describe(path, exc, overridden)) from exc
-    return _resolve(spec, path, today or dt.date.today())
+    return _resolve(spec, path, today or dt.date.today(), compile_template if check_templates else deferred_template)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -153,7 +159,7 @@ def _describe(path: Path, exc: ValidationError, overridden: dict[str, str] | Non
     return "\n".join(f"{path}: {loc}: {'; or '.join(msgs)}" for loc, msgs in problems.items())
 
 
-def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
+def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callable[..., Template]) -> Job:
     base = Path(os.path.normpath(spec_path.parent))
     name = spec.name or spec_path.stem
     where = str(spec_path)
@@ -209,7 +215,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
             source = tpl_path.read_text(encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"{where}: prompt.template_file: cannot read {tpl_path} ({exc.strerror})") from None
-        template = compile_template(source, origin=str(tpl_path))
+        template = template_of(source, origin=str(tpl_path))
     elif spec.prompt.messages is not None:
         last = len(spec.prompt.messages) - 1
         if spec.prompt.messages[last].role != "user":
@@ -218,14 +224,14 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date) -> Job:
                 "which the model answers); end the list with a user message"
             )
         compiled = [
-            (m.role, compile_template(m.content, origin=f"{where}: prompt.messages.{i}.content"))
+            (m.role, template_of(m.content, origin=f"{where}: prompt.messages.{i}.content"))
             for i, m in enumerate(spec.prompt.messages)
         ]
         history, template = tuple(compiled[:-1]), compiled[-1][1]
     else:
         assert spec.prompt.template is not None  # the validator guarantees exactly one of the three
-        template = compile_template(spec.prompt.template, origin=f"{where}: prompt.template")
-    system = compile_template(spec.prompt.system, origin=f"{where}: prompt.system") if spec.prompt.system else None
+        template = template_of(spec.prompt.template, origin=f"{where}: prompt.template")
+    system = template_of(spec.prompt.system, origin=f"{where}: prompt.system") if spec.prompt.system else None
     shape = AnswerShape.from_spec(spec.output, where)
     keep_columns = _keep_columns(spec, shape, template, system, history)
 

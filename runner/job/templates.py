@@ -8,15 +8,14 @@ tpl.render({"text": "Great."})
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
-
-import jinja2
-from jinja2 import meta
-from jinja2.runtime import new_context
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from runner.errors import UsageError
+
+if TYPE_CHECKING:
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
 def _printable(value: Any) -> Any:
@@ -29,15 +28,31 @@ def _printable(value: Any) -> Any:
     return value
 
 
-# One environment for the process: templates come from job specs, which may be shared between
-# people, so they get the sandbox (no attribute access to internals) and no autoescaping (prompts
-# are not HTML). keep_trailing_newline keeps a block scalar's final newline, as the user wrote it.
-# `finalize` shapes every printed value (not values inside expressions: {{ item.name }} still works).
-_ENV = ImmutableSandboxedEnvironment(
-    undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False, finalize=_printable
-)
-# `| tojson` agrees with `{{ }}`: text as written (not \u escapes), dates and the like as their text.
-_ENV.policies["json.dumps_kwargs"] = {"sort_keys": True, "ensure_ascii": False, "default": str}
+_ENV: ImmutableSandboxedEnvironment | None = None
+_Code = tuple["jinja2.Template", "ImmutableSandboxedEnvironment", Callable[..., Any]]
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    """The one Jinja2 environment of the process, built (and jinja2 imported) on first use: `status`
+    loads a job without parsing its templates, and so never pays for jinja2.
+
+    Templates come from job specs, which may be shared between people, so they get the sandbox (no
+    attribute access to internals) and no autoescaping (prompts are not HTML). keep_trailing_newline
+    keeps a block scalar's final newline, as the user wrote it. `finalize` shapes every printed value
+    (not values inside expressions: {{ item.name }} still works).
+    """
+    global _ENV
+    if _ENV is None:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(
+            undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False, finalize=_printable
+        )
+        # `| tojson` agrees with `{{ }}`: text as written (not \u escapes), dates and the like as their text.
+        env.policies["json.dumps_kwargs"] = {"sort_keys": True, "ensure_ascii": False, "default": str}
+        _ENV = env
+    return _ENV
 
 
 class RenderError(ValueError):
@@ -60,20 +75,28 @@ class Template:
     """A prompt template: its source, the variables it reads, and (compiled on first use) its code.
 
     Only the source travels when a job is pickled for another process or a cluster worker; each
-    process compiles it once, the first time it renders.
+    process compiles it once, the first time it renders. A template made by `deferred_template` is
+    not even parsed until its variables are first asked for.
     """
 
-    __slots__ = ("_compiled", "_globals", "origin", "source", "variables")
+    __slots__ = ("_compiled", "_globals", "_variables", "origin", "source")
 
-    def __init__(self, source: str, origin: str, variables: frozenset[str]) -> None:
+    def __init__(self, source: str, origin: str, variables: frozenset[str] | None) -> None:
         self.source = source
         self.origin = origin
-        self.variables = variables
-        self._compiled: jinja2.Template | None = None
+        self._variables = variables
+        self._compiled: _Code | None = None  # the compiled template, its environment and jinja2's new_context
         self._globals: dict[str, Any] = {}
 
+    @property
+    def variables(self) -> frozenset[str]:
+        """The variables the template reads (parsed now if it was deferred; a syntax error raises UsageError)."""
+        if self._variables is None:
+            self._variables = _parse_variables(self.source, self.origin)
+        return self._variables
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Template, (self.source, self.origin, self.variables))
+        return (Template, (self.source, self.origin, self._variables))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Template) and (self.source, self.origin) == (other.source, other.origin)
@@ -90,23 +113,45 @@ class Template:
         which was most of the cost of resuming a million-row job. Here the globals are flattened once
         and the row is layered on top: the same context `render` builds, without the copies.
         """
-        compiled = self._compiled
-        if compiled is None:
-            compiled = self._compiled = _ENV.from_string(self.source)
-            self._globals = dict(compiled.globals)
-        context = new_context(_ENV, compiled.name, compiled.blocks, {**self._globals, **row}, shared=True)
+        code = self._compiled
+        if code is None:
+            code = self._compile()
+        compiled, env, new_context = code
+        context = new_context(env, compiled.name, compiled.blocks, {**self._globals, **row}, shared=True)
         try:
-            return str(_ENV.concat(compiled.root_render_func(context)))
+            return str(env.concat(compiled.root_render_func(context)))
         except Exception as exc:  # anything user code in a template raises is that row's failure
             raise RenderError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _compile(self) -> _Code:
+        from jinja2.runtime import new_context
+
+        env = _environment()
+        compiled = env.from_string(self.source)
+        self._globals = dict(compiled.globals)
+        self._compiled = (compiled, env, new_context)
+        return self._compiled
 
 
 def compile_template(source: str, *, origin: str) -> Template:
     """Check `source` parses, naming `origin` (file and key) in the error if its syntax is wrong."""
+    return Template(source, origin, _parse_variables(source, origin))
+
+
+def deferred_template(source: str, *, origin: str) -> Template:
+    """A template that is parsed only when its variables are first asked for (for commands that never
+    render: `status` finds the job's state without loading jinja2)."""
+    return Template(source, origin, None)
+
+
+def _parse_variables(source: str, origin: str) -> frozenset[str]:
+    import jinja2
+    from jinja2 import meta
+
     try:
-        ast = _ENV.parse(source)
+        ast = _environment().parse(source)
     except jinja2.TemplateSyntaxError as exc:
         raise UsageError(
             f"{origin}: template syntax error on line {exc.lineno}: {exc.message}; fix the Jinja2 template"
         ) from exc
-    return Template(source, origin, frozenset(meta.find_undeclared_variables(ast)))
+    return frozenset(meta.find_undeclared_variables(ast))

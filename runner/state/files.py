@@ -10,13 +10,15 @@ import contextlib
 import errno
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import polars as pl
+from typing import TYPE_CHECKING, Any
 
 from runner.errors import DiskFull
+
+if TYPE_CHECKING:
+    import polars as pl
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -38,8 +40,13 @@ def space_checked(path: Path) -> Iterator[None]:
         if exc.errno in NO_SPACE:
             raise no_space(path) from None
         raise
-    except pl.exceptions.ComputeError as exc:  # polars reports an I/O error of its own writer this way
-        if "No space left" in str(exc) or "Disk quota" in str(exc):
+    except Exception as exc:
+        # polars reports an I/O error of its own writer as a ComputeError. Looked up, not imported: a
+        # module that writes only JSON (the batch book, read by `status`) must not load polars, and an
+        # error polars raised means polars is loaded.
+        polars_errors = sys.modules.get("polars.exceptions")
+        full = "No space left" in str(exc) or "Disk quota" in str(exc)
+        if full and polars_errors is not None and isinstance(exc, polars_errors.ComputeError):
             raise no_space(path) from None
         raise
 

@@ -23,15 +23,17 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
-
-from runner.job.inputs import ROW
-from runner.job.samples import expand_samples
-from runner.records import KEY
 from runner.state.files import write_atomic, write_json_atomic
-from runner.state.settled import SettledKeys
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from runner.state.settled import SettledKeys
+
+# polars (and the modules naming its columns) is imported by the methods that read or write the map's
+# files, not here: `status` and a run's "will it send?" check read only its small JSON records.
 
 ROW_MAP_FILE_ROWS = 100_000  # rows per row-map file: few files, bounded memory
 
@@ -70,6 +72,8 @@ class RowMap:
     def drop_if_torn(self) -> bool:
         """Forget the whole map if any of its files does not read (a torn write, a truncated copy): it
         is a cache of the input, rebuilt by the next render. True if it was dropped."""
+        import polars as pl
+
         for path in self.files():
             try:
                 pl.read_parquet_schema(path)
@@ -81,6 +85,8 @@ class RowMap:
     def is_current(self, fingerprint: dict[str, Any], settled: SettledKeys, samples: int = 1) -> bool:
         """True when the sealed map was built from these very inputs and this spec, and every key in it
         (every sample's key) is settled: then no row needs rendering and a run only writes the output."""
+        from runner.records import KEY
+
         if self.fingerprint() != fingerprint:
             return False
         if settled.basis is not None and self._covered_by(settled.basis, samples):
@@ -117,6 +123,8 @@ class RowMap:
 
     def unsettled(self, settled: SettledKeys, samples: int = 1) -> int | None:
         """How many requests of the last sealed map have no settled answer; None with no sealed map."""
+        from runner.records import KEY
+
         if self.fingerprint() is None:
             return None
         keys = self.request_lines(samples).select(KEY).unique()
@@ -143,6 +151,8 @@ class RowMap:
     def write(self) -> None:
         """Write what is buffered as the next map file."""
         if self._buffer:
+            import polars as pl
+
             write_atomic(pl.concat(self._buffer), self.rows_dir / f"rows-{self._seq:08d}.parquet")
             self._seq += 1
             self._buffer, self._buffered = [], 0
@@ -154,11 +164,15 @@ class RowMap:
 
     def scan(self) -> pl.LazyFrame:
         """The whole map, one line per row."""
+        import polars as pl
+
         self.write()
         return pl.scan_parquet(self.files())
 
     def request_lines(self, samples: int) -> pl.LazyFrame:
         """The map with one line per request: per row, or per (row, sample) when sampling."""
+        from runner.job.samples import expand_samples
+
         rows = self.scan()
         return expand_samples(rows, samples) if samples > 1 else rows
 
@@ -168,6 +182,11 @@ class RowMap:
         """How many rows are answered ok, failed, or still pending (of `total_rows`, or of the rows the
         last run mapped); None if no run has mapped the input yet. A sampled row is ok when every
         sample is, failed when any sample did."""
+        import polars as pl
+
+        from runner.job.inputs import ROW
+        from runner.records import KEY
+
         if not self.rows_dir.exists() or not self.files():
             return None
         lines = self.request_lines(samples).select(ROW, KEY)
@@ -185,3 +204,34 @@ class RowMap:
         ).collect()
         rows, ok, failed = (int(counts.item(0, c)) for c in ("rows", "ok", "failed"))
         return {"ok": ok, "failed": failed, "pending": max(rows, total_rows or 0) - ok - failed}
+
+    def recorded_progress(
+        self, output_record: Path, part_names: list[str], fingerprint: dict[str, Any], samples: int = 1
+    ) -> dict[str, int] | None:
+        """What `progress` would say, read from the output's record instead of joining the map with the
+        answers: the rows per status the output was last written with (runner.output.sinks keeps them
+        in `output_record`), when it was written from this sealed map, built from `fingerprint` (the
+        current spec and inputs, so no row of the input is missing from it), and from the answer files
+        named `part_names` (the current ones). None when any of that differs: then `progress` it is.
+
+        Answers are stored by request key and the map is the input rendered, so the same map and the
+        same answer files give the same counts. For a job without samples only: a sampled row's output
+        line is the samples' vote, not `progress`'s all-ok / any-failed.
+        """
+        sealed = self.fingerprint()
+        if samples != 1 or sealed is None or sealed != fingerprint:
+            return None
+        try:
+            record = json.loads(output_record.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        if not isinstance(record, dict):
+            return None
+        counts = record.get("counts")
+        if record.get("row_map") != sealed or record.get("parts") != part_names or not isinstance(counts, dict):
+            return None
+        if not all(isinstance(n, int) for n in counts.values()):
+            return None
+        ok = counts.get("ok", 0)
+        pending = counts.get("null", 0)  # a row with no answer (not written by a complete run; to be sure)
+        return {"ok": ok, "failed": sum(counts.values()) - ok - pending, "pending": pending}

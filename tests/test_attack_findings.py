@@ -45,7 +45,6 @@ def test_an_input_column_named_like_an_output_column_is_refused_before_anything_
     assert sim.stats()["requests"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="job/resolve reads the spec as UTF-8 unguarded: UnicodeDecodeError, exit 1")
 @pytest.mark.parametrize("command", ["validate", "status", "estimate", "run"])
 def test_a_spec_file_that_is_not_text_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
     spec = tmp_path / "job.yaml"
@@ -111,9 +110,14 @@ def test_a_lost_state_is_taken_back_from_the_output_before_anything_is_paid_agai
     assert sim.stats()["requests"] == 20
 
 
-@pytest.mark.xfail(
-    strict=True, reason="job/resolve: an output inside its own state dir is accepted; each run quarantines it"
-)
+def test_a_key_given_twice_in_the_spec_is_refused_naming_its_line(tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("version: 1\nname: a\nrun: {concurrency: 4}\nrun: {concurrency: 64}\n", encoding="utf-8")
+    result = cli("validate", str(spec))
+    assert result.exit_code == 2, result.stderr
+    assert "line 4" in result.stderr and "'run' is given twice" in result.stderr
+
+
 def test_an_output_inside_its_own_state_directory_is_refused(make_job: Callable[..., JobFiles]) -> None:
     files = make_job(output={"path": "st/results/out.parquet", "state_dir": "st"})
     result = cli("validate", str(files.spec))

@@ -208,6 +208,25 @@ def test_structs_and_lists_render_as_json(make_job, tmp_path: Path, sim) -> None
     assert sim.stats()["requests"] == 0
 
 
+def test_binary_cells_render_as_their_text_and_nan_inside_a_struct_as_null(make_job, tmp_path: Path, sim) -> None:
+    frame = pl.DataFrame(
+        {"id": ["a", "b"], "blob": [b"caf\xc3\xa9", b"\xff\xfe"], "item": [{"x": float("nan")}, {"x": 1.5}]}
+    )
+    write_parquet(tmp_path / "data" / "odd.parquet", frame)
+    job = make_job(
+        input={"paths": ["data/odd.parquet"]}, prompt={"template": "{{ blob }}|{{ item }}"}, output={"keep_columns": []}
+    )
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 1, result.stderr  # a row failed: never sent as b'...'
+    out = pl.read_parquet(job.output).sort("id")
+    assert out.get_column("response_text").to_list()[0] == answer_for('Be brief.\ncafé|{"x": null}')
+    assert out.get_column("error_type").to_list() == [None, "render_error"]
+    assert "not UTF-8 text" in out.get_column("error_message").to_list()[1]
+    assert sim.stats()["requests"] == 1
+
+
 # --- 5. duplicate ids --------------------------------------------------------------------------------
 
 

@@ -103,8 +103,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path}: no such job spec; check the path") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read the job spec ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{path}: the job spec is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -113,6 +118,22 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a job spec is a YAML mapping starting with 'version: 1'")
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML lets the last one win silently,
+    so a second `run:` would quietly undo the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> str:
@@ -246,6 +267,11 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
     state_key = "output.state_dir" if spec.output.state_dir else "output.path"
     _check_not_an_input(output_path, "the output", "output.path", spec, base, spec_path, input_paths, where)
     _check_not_an_input(state_dir, "the state directory", state_key, spec, base, spec_path, input_paths, where)
+    if _within(os.path.realpath(output_path), os.path.realpath(state_dir)):
+        raise UsageError(
+            f"{where}: output.path: {output_path} is inside the state directory {state_dir}, which the runner "
+            "manages (and may set files aside in); choose an output.path outside it"
+        )
     _check_writable(output_path, "output.path", where, parent=True)
     _check_writable(state_dir, state_key, where, parent=False)
 

@@ -8,6 +8,7 @@ tpl.render({"text": "Great."})
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -20,12 +21,36 @@ if TYPE_CHECKING:
 
 def _printable(value: Any) -> Any:
     """What `{{ value }}` prints: a struct (dict) or list as JSON, the way a prompt should show data,
-    never a Python repr; a null (None, e.g. a struct's missing field) as nothing, never the text "None"."""
+    never a Python repr; a null (None, e.g. a struct's missing field) as nothing, never the text "None";
+    a binary value as its UTF-8 text, never b'...' (RenderError for the row when it is not text)."""
     if value is None:
         return ""
     if isinstance(value, dict | list | tuple):
-        return json.dumps(value, ensure_ascii=False, default=str)
+        return json.dumps(_plain(value), ensure_ascii=False, default=str, allow_nan=False)
+    if isinstance(value, bytes):
+        return _text(value)
     return value
+
+
+def _plain(value: Any) -> Any:
+    """A cell's value as JSON can hold it: NaN and infinities (which JSON has no words for) as null,
+    bytes as their UTF-8 text."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, bytes):
+        return _text(value)
+    return value
+
+
+def _text(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"a binary value is not UTF-8 text (an invalid byte at offset {exc.start})") from None
 
 
 _ENV: ImmutableSandboxedEnvironment | None = None

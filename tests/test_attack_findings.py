@@ -54,9 +54,6 @@ def test_a_spec_file_that_is_not_text_is_one_line_and_exit_2(tmp_path: Path, com
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True, reason="send/batch: a 400 on POST /files (file over the API's line limit) escapes as a traceback"
-)
 def test_a_batch_file_the_api_refuses_stops_the_run_with_one_line(
     make_job: Callable[..., JobFiles], sim: SimulatorThread
 ) -> None:
@@ -66,6 +63,7 @@ def test_a_batch_file_the_api_refuses_stops_the_run_with_one_line(
     assert result.exit_code in (2, 3), result.stderr
     assert "Traceback" not in result.stderr
     assert "glm-batch run" in result.stderr.strip().splitlines()[-1]  # says how to go on
+    assert "run.batch.max_requests" in result.stderr  # and what to change
 
 
 def test_answers_the_output_still_holds_are_taken_back_after_an_earlier_salvage(

@@ -28,11 +28,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from pathlib import Path
 from typing import Any
 
+from runner.errors import EndpointAborted
 from runner.job.spec import BatchSpec
 from runner.job.structured import AnswerShape, Unusable
 from runner.records import Answer, Request, Result
 from runner.send.base import Control, Conversation, Deliver, Executor, failure
-from runner.send.batch_api import Batch, BatchAPI, BatchStatusError
+from runner.send.batch_api import Batch, BatchAPI, BatchStatusError, classify_api_error
 from runner.send.batch_book import BatchBook, Chunk, read_requests
 from runner.send.batch_files import BatchFileWriter
 from runner.send.native import (
@@ -172,6 +173,15 @@ class BatchExecutor:
             chunk = book.record(chunk.id, status="created", batch_id=made.id, batch_status=made.status)
         return chunk
 
+    def _refused(self, chunk: Chunk, exc: BatchStatusError) -> str:
+        """Why the Batch API would not take a chunk's file, and what to change (the same file is refused
+        on every run, so the run stops instead of failing its rows)."""
+        return (
+            f"the Batch API refused the file of {chunk.id} ({chunk.lines} requests) with {exc}; if your "
+            f"account's limits are lower than run.batch.max_requests ({self._spec.max_requests}) or "
+            f"run.batch.max_bytes ({self._spec.max_bytes}), lower them to match"
+        )
+
     async def _made_before(self, api: BatchAPI, chunk_id: str) -> Batch | None:
         """A batch this job already made for the chunk (a run died between creating it and recording it)."""
         async for batch in api.iter_batches():
@@ -188,7 +198,15 @@ class BatchExecutor:
         On a stop (a signal) it returns at once: the batches run on, and the next run reattaches."""
         pending: dict[str, Chunk] = {}
         for chunk in chunks:
-            pending[chunk.id] = await self._submit(api, book, chunk)
+            try:
+                pending[chunk.id] = await self._submit(api, book, chunk)
+            except BatchStatusError as exc:  # what retrying could not mend: the account, or the file itself
+                fault = classify_api_error(exc)
+                if fault.verdict is Verdict.ABORT:
+                    control.abort(fault)
+                else:
+                    control.fail(EndpointAborted(self._refused(chunk, exc)))
+                return []
         self._lines_open = sum(c.lines for c in pending.values())
         leftovers: list[Request] = []
         interval = self._spec.poll_initial_s

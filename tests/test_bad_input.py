@@ -83,7 +83,17 @@ def test_a_corrupt_parquet_input_is_refused(make_job, tmp_path: Path, sim) -> No
     (tmp_path / "data" / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
     job = make_job(input={"paths": ["data/bad.parquet"]})
 
-    assert_refused(cli("run", str(job.spec)), "cannot read input")
+    assert_refused(cli("run", str(job.spec)), "cannot read", "bad.parquet")
+    assert sim.stats()["requests"] == 0
+
+
+def test_a_jsonl_line_that_is_not_json_is_named_by_file_and_line(make_job, tmp_path: Path, sim) -> None:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    lines = '{"id": "a", "text": "x"}\n\n{"id": "b", "text": "y"}\n{"id": "c", "text" "z"}\n'
+    (tmp_path / "data" / "rows.jsonl").write_text(lines, encoding="utf-8")
+    job = make_job(input={"paths": ["data/rows.jsonl"]})
+
+    assert_refused(cli("run", str(job.spec)), "rows.jsonl, line 4")
     assert sim.stats()["requests"] == 0
 
 

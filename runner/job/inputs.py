@@ -12,6 +12,7 @@ a column's type mid-run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterator
@@ -78,10 +79,14 @@ def open_input(job: Job) -> InputSource:
     if not paths:
         raise NothingToDo(f"{where}: input.paths: the input has no rows; nothing to do")
     frames = [_scan(p, where) for p in paths]
-    try:
-        schemas = [f.collect_schema() for f in frames]
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise UsageError(f"{where}: input.paths: cannot read input ({_first_line(exc)})") from None
+    schemas = []
+    for path, frame in zip(paths, frames, strict=True):
+        try:
+            schemas.append(frame.collect_schema())
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise UsageError(
+                f"{where}: input.paths: cannot read {path}{_bad_json_line(path)} ({_first_line(exc)})"
+            ) from None
     columns = list(schemas[0].names())
     for path, schema in zip(paths[1:], schemas[1:], strict=True):
         if list(schema.names()) != columns:
@@ -269,6 +274,21 @@ def _spaced_hint(columns: list[str]) -> str:
 
 
 _TEXT_FORMATS = (".csv", ".jsonl", ".ndjson")
+
+
+def _bad_json_line(path: Path) -> str:
+    """", line N" for the first line of a JSONL file that is not JSON (polars names only a character)."""
+    if path.suffix not in (".jsonl", ".ndjson"):
+        return ""
+    with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except ValueError:
+                return f", line {number}"
+    return ""
 
 
 def _scan(path: object, where: str) -> pl.LazyFrame:

@@ -293,3 +293,12 @@ def test_the_report_reads_an_output_file_without_its_spec(make_job, tmp_path) ->
     assert with_gold.exit_code == 0 and "accuracy 0.8000 on 5 rows" in with_gold.stdout
     assert wrong_gold.exit_code == 2
     assert "--gold truth: no such column; the columns other than glm-batch's: id, gold, label" in wrong_gold.stderr
+
+
+def test_gold_given_with_a_job_spec_is_refused_not_ignored(make_job) -> None:
+    job = make_job(REVIEWS, output=LABELS)
+    assert cli("run", str(job.spec)).exit_code == 0
+
+    result = cli("report", str(job.spec), "--gold", "gold")
+
+    assert result.exit_code == 2 and "eval.gold_column" in result.stderr

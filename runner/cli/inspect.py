@@ -88,6 +88,11 @@ def report(
                 raise UsageError(f"{target}: no such output file")
             found = load_report(target, gold=gold)
         else:
+            if gold is not None:
+                raise UsageError(
+                    f"--gold {gold}: names the gold column of an output file; for a job, set eval.gold_column "
+                    f"in {target} (or --set eval.gold_column={gold})"
+                )
             job = _load(target, set_, None)
             if not job.output_path.exists():
                 raise UsageError(f"{job.output_path} does not exist yet; run the job first: glm-batch run {target}")

@@ -241,6 +241,16 @@ def test_duplicate_ids_are_refused(make_job, sim) -> None:
     assert sim.stats()["requests"] == 0
 
 
+def test_integer_ids_are_written_as_text(make_job, tmp_path: Path, sim) -> None:
+    write_parquet(tmp_path / "data" / "ints.parquet", pl.DataFrame({"id": [1, 2], "text": ["x", "y"]}))
+    job = make_job(input={"paths": ["data/ints.parquet"]})
+
+    assert cli("run", str(job.spec)).exit_code == 0
+
+    ids = pl.read_parquet(job.output).get_column("id")
+    assert ids.dtype == pl.String and sorted(ids.to_list()) == ["1", "2"]
+
+
 def test_ids_of_mixed_types_are_compared_as_text(make_job, tmp_path: Path) -> None:
     write_parquet(tmp_path / "data" / "a.parquet", pl.DataFrame({"id": [1, 2], "text": ["x", "y"]}))
     write_parquet(tmp_path / "data" / "b.parquet", pl.DataFrame({"id": ["3", "4"], "text": ["z", "w"]}))

@@ -62,3 +62,16 @@ def test_answers_added_since_the_output_was_written_are_counted(make_job: Callab
     assert recorded is None
     assert joined == {"ok": 4, "failed": 0, "pending": 0}
     assert "4 rows answered ok, 0 failed, 0 pending" in cli("status", str(files.spec)).stdout
+
+
+def test_status_only_reads_so_an_unwritable_destination_does_not_stop_it(
+    make_job: Callable[..., JobFiles], tmp_path
+) -> None:
+    (tmp_path / "blocker").write_text("a file where the output's folder would be\n", encoding="utf-8")
+    files = make_job(sample_rows(2), output={"path": "blocker/out.parquet"})
+
+    assert cli("validate", str(files.spec)).exit_code == 2  # a run would write there: refused
+    shown = cli("status", str(files.spec))
+
+    assert shown.exit_code == 0, shown.stderr
+    assert "never run" in shown.stdout

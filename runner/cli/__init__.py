@@ -115,13 +115,15 @@ def _guarded(fn: Callable[[], T]) -> T:
         raise typer.Exit(exc.exit_code) from None
 
 
-def _load(spec: Path, overrides: list[str] | None, limit: int | None, *, check_templates: bool = True) -> Job:
+def _load(
+    spec: Path, overrides: list[str] | None, limit: int | None, *, check_templates: bool = True, writes: bool = True
+) -> Job:
     from runner.job.resolve import load_job
 
     items = list(overrides or [])
     if limit is not None:
         items.append(f"input.limit={limit}")
-    return load_job(spec, items, check_templates=check_templates)
+    return load_job(spec, items, check_templates=check_templates, writes=writes)
 
 
 def api_key_for(job: Job) -> str:

@@ -113,8 +113,8 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
         from runner.send.batch_admin import batch_rows
         from runner.state.lock import JobLock
 
-        # The templates stay unparsed (no jinja2): status renders nothing.
-        job = _load(spec, set_, None, check_templates=False)
+        # The templates stay unparsed (no jinja2): status renders nothing, and writes nothing either.
+        job = _load(spec, set_, None, check_templates=False, writes=False)
         holder = JobLock(job.state_dir / "lock").holder()
         if holder is not None:
             print(

@@ -277,7 +277,7 @@ _TEXT_FORMATS = (".csv", ".jsonl", ".ndjson")
 
 
 def _bad_json_line(path: Path) -> str:
-    """", line N" for the first line of a JSONL file that is not JSON (polars names only a character)."""
+    """ ", line N" for the first line of a JSONL file that is not JSON (polars names only a character)."""
     if path.suffix not in (".jsonl", ".ndjson"):
         return ""
     with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as lines:

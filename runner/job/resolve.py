@@ -79,12 +79,19 @@ class Job:
 
 
 def load_job(
-    path: Path, overrides: list[str] | None = None, *, today: dt.date | None = None, check_templates: bool = True
+    path: Path,
+    overrides: list[str] | None = None,
+    *,
+    today: dt.date | None = None,
+    check_templates: bool = True,
+    writes: bool = True,
 ) -> Job:
     """Read, validate and resolve a job spec; raise UsageError naming the file and key on any fault.
 
     `check_templates=False` leaves the prompt templates unparsed until their variables are asked for
-    (for a command that renders nothing, like `status`, so it does not load jinja2 for a text job)."""
+    (for a command that renders nothing, like `status`, so it does not load jinja2 for a text job), and
+    `writes=False` skips checking that the output and state directories can be written (for one that
+    only reads them: `status` on a read-only copy of a job)."""
     raw = _read_yaml(path)
     overridden: dict[str, str] = {}
     for item in overrides or []:
@@ -93,7 +100,8 @@ def load_job(
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
         raise UsageError(_describe(path, exc, overridden)) from exc
-    return _resolve(spec, path, today or dt.date.today(), compile_template if check_templates else deferred_template)
+    template_of = compile_template if check_templates else deferred_template
+    return _resolve(spec, path, today or dt.date.today(), template_of, writes)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -180,7 +188,7 @@ def _describe(path: Path, exc: ValidationError, overridden: dict[str, str] | Non
     return "\n".join(f"{path}: {loc}: {'; or '.join(msgs)}" for loc, msgs in problems.items())
 
 
-def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callable[..., Template]) -> Job:
+def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callable[..., Template], writes: bool) -> Job:
     base = Path(os.path.normpath(spec_path.parent))
     name = spec.name or spec_path.stem
     where = str(spec_path)
@@ -272,8 +280,9 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
             f"{where}: output.path: {output_path} is inside the state directory {state_dir}, which the runner "
             "manages (and may set files aside in); choose an output.path outside it"
         )
-    _check_writable(output_path, "output.path", where, parent=True)
-    _check_writable(state_dir, state_key, where, parent=False)
+    if writes:
+        _check_writable(output_path, "output.path", where, parent=True)
+        _check_writable(state_dir, state_key, where, parent=False)
 
     return Job(
         spec=spec,

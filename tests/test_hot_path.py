@@ -85,24 +85,29 @@ class FreezeWatcher(FakeExecutor):
     """The in-process executor, noting whether the collector had frozen the older objects as it sent."""
 
     frozen_while_sending: int = 0
+    young_threshold_while_sending: int = 0
 
     async def run(self, requests: AsyncIterator[Request], deliver: Deliver, control: Control) -> None:
         self.frozen_while_sending = gc.get_freeze_count()
+        self.young_threshold_while_sending = gc.get_threshold()[0]
         await super().run(requests, deliver, control)
 
 
-async def test_the_collector_leaves_older_objects_alone_while_sending_and_gets_them_back_after(
+async def test_the_collector_leaves_older_objects_alone_while_sending_and_is_put_back_after(
     make_job: Callable[..., JobFiles],
 ) -> None:
     job = load_job(make_job(rows=sample_rows(20)).spec)
     assert gc.get_freeze_count() == 0
+    thresholds = gc.get_threshold()
     watcher = FreezeWatcher()
 
     report = await run_job(job, api_key="k", options=RunOptions(), reporter=make_reporter("json"), executor=watcher)
 
     assert report.exit_code == 0
     assert watcher.frozen_while_sending > 10_000  # the modules imported to get there, at least
+    assert watcher.young_threshold_while_sending >= 10_000  # young objects looked at less often
     assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == thresholds
 
 
 @pytest.mark.parametrize("rows", [1, 30])

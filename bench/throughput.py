@@ -11,11 +11,12 @@ Every figure is a ratio to a baseline measured in the same run, on this machine:
    under 5% 429s, and auto following the drop.
 2. Overhead. A simulator with no latency: the runner end to end (read, render, send, write Parquet)
    against a bare loop of the same SDK calls (same client and transport, asyncio.gather under a
-   semaphore, nothing written), `--overhead-rows` rows each (default 5,000), the two taking turns to
-   go first. Target (issue 14): rows/s while sending >= 0.9 of the bare loop's. Also the CPU ratio:
-   the bare loop's CPU per answer over the runner's, each from its first answer to its last (the
-   runner's from its summary, `cpu_while_answering`), which the machine's other load disturbs less
-   than wall time; and each side's CPU per row including start-up.
+   semaphore, nothing written; bench/bare_loop.py, in a process that imports only the SDK), with
+   `--overhead-rows` rows each (default 5,000), the two taking turns to go first. Target (issue 14):
+   rows/s while sending >= 0.9 of the bare loop's. Also the CPU ratio: the bare loop's CPU per answer
+   over the runner's, each from its first answer to its last (the runner's from its summary,
+   `cpu_while_answering`), which the machine's other load disturbs less than wall time; and each
+   side's CPU per row including start-up.
 3. Scale. Inputs of 100k and 1M rows whose answers all exist but every 100th row's: the run renders
    every row, sends 1%, writes every row. Peak RSS and rows/s at each size. Targets: peak RSS under
    500 MB and within 1.5x between the two.
@@ -26,18 +27,17 @@ The simulator always runs in its own process, so it does not take the runner's C
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import anthropic
 import polars as pl
 from _common import (
     HERE,
@@ -132,36 +132,14 @@ def cap_drop(quick: bool) -> dict[str, Any]:
     }
 
 
-async def bare_loop(port: int, rows: int, concurrency: int) -> tuple[float, float]:
-    """The same SDK calls with nothing around them: gather under a semaphore. Its wall seconds, and its
-    CPU seconds from the first answer to the last (as the runner's summary counts them)."""
-    client = anthropic.AsyncAnthropic(
-        api_key="bench",
-        base_url=f"http://127.0.0.1:{port}",
-        max_retries=0,
-        timeout=60,
-        http_client=anthropic.DefaultAioHttpClient(),
-    )
-    gate = asyncio.Semaphore(concurrency)
-    first_answer: list[float] = []
-
-    async def one(i: int) -> None:
-        async with gate:
-            await client.messages.create(
-                model="glm-4.6",
-                max_tokens=64,
-                system="Be brief.",
-                messages=[{"role": "user", "content": f"Summarise: review {i}: the product was fine"}],
-            )
-        if not first_answer:
-            first_answer.append(time.process_time())
-
-    started = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(rows)))
-    elapsed = time.perf_counter() - started
-    answering_cpu = time.process_time() - first_answer[0]
-    await client.close()
-    return elapsed, answering_cpu
+def bare(port: int, rows: int, concurrency: int) -> tuple[float, float, float]:
+    """The bare loop (bench/bare_loop.py) in a fresh process that imports only the SDK, as a user's
+    script would (this one holds polars and the runner too, which the collector would walk): its wall
+    seconds, CPU seconds (the SDK's import left out) and CPU seconds from its first answer to its last."""
+    command = [sys.executable, str(HERE / "bare_loop.py"), str(port), str(rows), str(concurrency)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures["wall_s"], figures["cpu_s"], figures["answering_cpu_s"]
 
 
 def overhead_round(rows: int, concurrency: int, runner_first: bool) -> dict[str, Any]:
@@ -173,18 +151,11 @@ def overhead_round(rows: int, concurrency: int, runner_first: bool) -> dict[str,
     shutil.rmtree(folder, ignore_errors=True)
     spec = write_job(folder, port, rows, f"{{concurrency: {concurrency}}}")
     try:
-
-        def bare() -> tuple[float, float, float]:
-            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-            seconds, answering_cpu = asyncio.run(bare_loop(port, rows, concurrency))
-            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-            return seconds, (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime), answering_cpu
-
         if runner_first:
             runner = measured_run(spec)
-            bare_s, bare_cpu, bare_answering_cpu = bare()
+            bare_s, bare_cpu, bare_answering_cpu = bare(port, rows, concurrency)
         else:
-            bare_s, bare_cpu, bare_answering_cpu = bare()
+            bare_s, bare_cpu, bare_answering_cpu = bare(port, rows, concurrency)
             runner = measured_run(spec)
     finally:
         sim.terminate()

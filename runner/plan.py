@@ -135,7 +135,8 @@ class Dispatch:
     keep_columns: tuple[str, ...]
     tally: Tally
     deliver: Deliver  # where a row that failed to render is recorded
-    admit: Callable[[Request], bool]  # may this request be sent within the budget? (reserves it)
+    # May this request, of this many input tokens (raw estimate), be sent within the budget? (reserves it)
+    admit: Callable[[Request, int], bool]
     control: Control
     pilot: frozenset[int] | None = None  # a pilot sends only these row positions
     # Requests handed to the executor and not yet answered: the run is complete when none are left.
@@ -174,9 +175,11 @@ class Dispatch:
                     for pending, is_done in zip(row.requests, row.done, strict=True):
                         if is_done:
                             continue
-                        if self.context_tokens is not None and self._too_long(pending):
+                        estimated = estimate_request(pending.params)  # once: the context and the budget
+                        if self.context_tokens is not None and estimated > self.context_tokens:
+                            self._over_context(pending, estimated)
                             continue
-                        if not self.admit(pending):
+                        if not self.admit(pending, estimated):
                             self.control.end_dispatch("budget")  # what was admitted is paid for in advance: send it
                             return
                         self.outstanding.add(pending.key)
@@ -188,12 +191,8 @@ class Dispatch:
         finally:
             queued.close()  # its scratch files, also when the run stops early or the generator is dropped
 
-    def _too_long(self, request: Request) -> bool:
+    def _over_context(self, request: Request, estimated: int) -> None:
         """Fail a request whose prompt cannot fit the model's context window, without sending it."""
-        assert self.context_tokens is not None
-        estimated = estimate_request(request.params)
-        if estimated <= self.context_tokens:
-            return False
         self.deliver(
             Result(
                 key=request.key,
@@ -205,11 +204,10 @@ class Dispatch:
                 error_type="over_context",
                 error_message=(
                     f"the prompt is about {estimated:,} tokens, over the model's context window of "
-                    f"{self.context_tokens:,}; shorten it (nothing was sent)"
+                    f"{self.context_tokens or 0:,}; shorten it (nothing was sent)"
                 ),
             )
         )
-        return True
 
     def _settled(self, row: PlannedRow) -> bool:
         return all(row.done) or (self.pilot is not None and row.position not in self.pilot)

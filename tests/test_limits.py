@@ -108,6 +108,15 @@ def test_platform_overload_pauses_everyone_for_the_retry_after_and_cuts_once() -
     assert ctrl.limit == 16
 
 
+def test_a_retry_after_of_a_day_pauses_no_longer_than_the_longest_pause() -> None:
+    clock = FakeClock()
+    ctrl = AimdController(initial=20, maximum=64, max_pause_s=60.0, clock=clock)
+
+    ctrl.on_overload("platform", in_flight=20, retry_after_s=86400.0)
+
+    assert ctrl.paused_until == 60.0
+
+
 def test_inflating_latency_trims_the_limit_at_most_once_per_round_trip() -> None:
     clock = FakeClock()
     ctrl = AimdController(initial=20, maximum=64, clock=clock)

@@ -10,13 +10,13 @@ import datetime as dt
 import math
 import time
 from array import array
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from runner.job.resolve import Job
 from runner.money.pricing import Budget, PriceTable, price_table, require_prices, tier_label
 from runner.money.tokens import Calibration, estimate_request
-from runner.records import Request, Result
+from runner.records import Request, Result, priced
 
 
 class Distribution:
@@ -66,6 +66,17 @@ def percentile(values: array[float], q: float) -> float | None:
     return ordered[rank]
 
 
+_DAY_COUNTERS = (
+    "requests_ok",
+    "requests_failed",
+    "input_tokens",
+    "cache_read_input_tokens",
+    "output_tokens",
+    "est_input_tokens",
+    "cost",
+)
+
+
 @dataclass
 class Tally:
     """Running counts of one run."""
@@ -96,56 +107,58 @@ class Tally:
     all_rows_rendered: bool = False
     # (day, model) -> counters, one ledger row each
     by_day: dict[tuple[dt.date, str], dict[str, float]] = field(default_factory=dict)
+    _last_day: tuple[dt.date, str] | None = field(default=None, init=False, repr=False, compare=False)
+    _last_counts: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def record(self, result: Result, tier: str | None = None) -> None:
-        """Count one result; `tier` names the price tier its cost was charged at."""
+        """Count one result; `tier` names the price tier its cost was charged at. (Once per answer.)"""
         day = self._day(result)
-        day["requests_ok" if result.status == "ok" else "requests_failed"] += 1
-        if result.error_type != "render_error":
-            self.queued_answered += 1
-        if result.cost is not None:
-            self.cost += result.cost
-            day["cost"] += result.cost
+        cost = result.cost
+        if cost is not None:
+            self.cost += cost
+            day["cost"] += cost
             if tier is not None:
-                self.cost_by_tier[tier] = self.cost_by_tier.get(tier, 0.0) + result.cost
-        if result.status == "ok":
-            day["input_tokens"] += result.input_tokens or 0
-            day["cache_read_input_tokens"] += result.cache_read_input_tokens or 0
-            day["output_tokens"] += result.output_tokens or 0
-            if result.est_input_tokens is not None:
-                self.est_input_tokens += result.est_input_tokens
-                day["est_input_tokens"] += result.est_input_tokens
-            self.ok += 1
-            self.input_tokens += result.input_tokens or 0
-            self.output_tokens += result.output_tokens or 0
-            self.thinking_tokens += result.thinking_tokens or 0
-            self.cache_read_input_tokens += result.cache_read_input_tokens or 0
-            self.cache_creation_input_tokens += result.cache_creation_input_tokens or 0
-            if result.latency_ms is not None:
-                self.latencies_ms.add(result.latency_ms)
-            if result.wait_ms is not None:
-                self.client_wait_ms.add(result.wait_ms)
-        else:
+                self.cost_by_tier[tier] = self.cost_by_tier.get(tier, 0.0) + cost
+        if result.status != "ok":
+            day["requests_failed"] += 1
+            if result.error_type != "render_error":
+                self.queued_answered += 1
             self.failed += 1
             name = result.error_type or "unknown"
             self.errors[name] = self.errors.get(name, 0) + 1
+            return
+        self.queued_answered += 1
+        self.ok += 1
+        tokens_in = result.input_tokens or 0
+        cache_read = result.cache_read_input_tokens or 0
+        tokens_out = result.output_tokens or 0
+        self.input_tokens += tokens_in
+        self.output_tokens += tokens_out
+        self.cache_read_input_tokens += cache_read
+        self.thinking_tokens += result.thinking_tokens or 0
+        self.cache_creation_input_tokens += result.cache_creation_input_tokens or 0
+        day["requests_ok"] += 1
+        day["input_tokens"] += tokens_in
+        day["cache_read_input_tokens"] += cache_read
+        day["output_tokens"] += tokens_out
+        if result.est_input_tokens is not None:
+            self.est_input_tokens += result.est_input_tokens
+            day["est_input_tokens"] += result.est_input_tokens
+        if result.latency_ms is not None:
+            self.latencies_ms.add(result.latency_ms)
+        if result.wait_ms is not None:
+            self.client_wait_ms.add(result.wait_ms)
 
     def _day(self, result: Result) -> dict[str, float]:
+        """The counters of the result's (day, model): nearly always the previous result's."""
         key = (result.finished_at.date(), result.model or "")
-        if key not in self.by_day:
-            self.by_day[key] = dict.fromkeys(
-                (
-                    "requests_ok",
-                    "requests_failed",
-                    "input_tokens",
-                    "cache_read_input_tokens",
-                    "output_tokens",
-                    "est_input_tokens",
-                    "cost",
-                ),
-                0.0,
-            )
-        return self.by_day[key]
+        if key == self._last_day:
+            return self._last_counts
+        counts = self.by_day.get(key)
+        if counts is None:
+            counts = self.by_day[key] = dict.fromkeys(_DAY_COUNTERS, 0.0)
+        self._last_day, self._last_counts = key, counts
+        return counts
 
     @property
     def answered(self) -> int:
@@ -218,9 +231,11 @@ class Accountant:
         self._max_tokens = max_tokens
         self._open: dict[str, tuple[int, float]] = {}  # key -> (raw estimate, reserved cost)
 
-    def admit(self, request: Request) -> bool:
-        """Note the request's estimate; False if its worst case no longer fits the budget."""
-        raw = estimate_request(request.params)
+    def admit(self, request: Request, raw: int | None = None) -> bool:
+        """Note the request's estimate (`raw`, if the caller made it already); False if its worst case no
+        longer fits the budget."""
+        if raw is None:
+            raw = estimate_request(request.params)
         reserved = 0.0
         if self.budget is not None and self.table is not None:
             reserved = self.worst_case(raw)
@@ -259,7 +274,7 @@ class Accountant:
                 tier = tier_label(self.table.tier(tokens_in + cached, tokens_out))
         if self.budget is not None:
             self.budget.settle(reserved, cost or 0.0)
-        return replace(result, cost=cost, est_input_tokens=raw), tier
+        return priced(result, cost, raw), tier
 
 
 def accountant_for(job: Job) -> Accountant:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from runner.send.retries import ABORT_CODES, Fault, Verdict
+from runner.send.retries import ABORT_CODES, Fault, Verdict, retry_after_seconds
 
 __all__ = [
     "MAX_ERROR_BODY",
@@ -130,7 +130,7 @@ def status_error(status: int, raw: bytes, headers: Mapping[str, str], where: str
     if message is None:
         message = raw[:200].decode("utf-8", "replace").strip() or "no body"
     request_id = request_id or headers.get("x-request-id") or headers.get("request-id")
-    retry_after = _retry_after(headers)
+    retry_after = retry_after_seconds(headers)
     cls: type[BatchStatusError]
     if code in ABORT_CODES or status in (401, 403):
         cls = BatchAbort
@@ -139,16 +139,3 @@ def status_error(status: int, raw: bytes, headers: Mapping[str, str], where: str
     else:
         cls = BatchStatusError
     return cls(status, code, message, request_id=request_id, retry_after=retry_after, where=where)
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value:
-            try:
-                seconds = float(value) * scale
-            except ValueError:
-                continue  # an HTTP date: rare; our own backoff applies
-            if seconds > 0:
-                return seconds
-    return None

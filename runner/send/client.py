@@ -18,7 +18,16 @@ from anthropic.types import Message
 
 from runner.money.tokens import estimate_text
 from runner.records import Answer
-from runner.send.retries import ABORT_CODES, BadResponse, Fault, Verdict, bad_response_fault, unclassified
+from runner.send.retries import (
+    ABORT_CODES,
+    BadResponse,
+    Fault,
+    Overload,
+    Verdict,
+    bad_response_fault,
+    retry_after_seconds,
+    unclassified,
+)
 
 # The SDK refuses non-streaming calls it expects to run past 10 minutes (max_tokens >= 21334) unless
 # a timeout is given; we always give one, and stream from this size up when the spec says "auto".
@@ -103,29 +112,15 @@ def classify(exc: BaseException) -> Fault:
         message = exc.api_message or str(exc) or name
         if code in ABORT_CODES or status in (401, 402, 403, 404):
             return Fault(Verdict.ABORT, name, message)
+        overload: Overload | None = None
         if code in ("1305", "overloaded_error") or status in (503, 529):
-            return Fault(Verdict.RETRY, name, message, "platform", _retry_after(exc))
-        if status == 429:
-            return Fault(Verdict.RETRY, name, message, "concurrency", _retry_after(exc))
-        if status == 200 or status in (408, 409) or status >= 500:  # 200: an error event mid-stream
-            return Fault(Verdict.RETRY, name, message, None, _retry_after(exc))
-        return Fault(Verdict.FAIL, name, message)
+            overload = "platform"
+        elif status == 429:
+            overload = "concurrency"
+        elif not (status == 200 or status in (408, 409) or status >= 500):  # 200: an error event mid-stream
+            return Fault(Verdict.FAIL, name, message)
+        return Fault(Verdict.RETRY, name, message, overload, retry_after_seconds(exc.response.headers))
     return unclassified(exc)
-
-
-def _retry_after(exc: anthropic.APIStatusError) -> float | None:
-    """Seconds the endpoint asked us to wait (retry-after-ms, then retry-after), if it said."""
-    headers = exc.response.headers
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value:
-            try:
-                seconds = float(value) * scale
-            except ValueError:
-                continue  # an HTTP date: rare enough to fall back to our own backoff
-            if seconds > 0:
-                return seconds
-    return None
 
 
 def _request_id(headers: Any) -> str | None:

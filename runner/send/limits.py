@@ -55,7 +55,8 @@ class AimdController:
       instantly) is one signal, not N. (Taking each one's in-flight count as it landed, after answers
       had drained, cut a cap of 16 to 4-9 in some runs; so did the old per-answer latency rule below.)
     - 1305 / 529 (the platform is overloaded): everyone backs off: cut by `platform_cut` and pause
-      dispatch for the endpoint's retry-after (or `pause_s`), at most once per pause.
+      dispatch for the endpoint's retry-after (or `pause_s`; never longer than `max_pause_s`, so a
+      retry-after of a day cannot stall the run), at most once per pause.
     - Latency inflation (the smoothed latency above `latency_inflation` x its lowest value lately): the
       endpoint is queueing; cut by 10%, at most once per round trip. Smoothed over about a window of
       answers, so that ordinary noise (one answer at +3 sd over a floor set by one at -3 sd) is not
@@ -71,6 +72,7 @@ class AimdController:
         probe_windows: float = 4.0,
         platform_cut: float = 0.8,
         pause_s: float = 1.0,
+        max_pause_s: float = 60.0,
         latency_inflation: float = 3.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -80,6 +82,7 @@ class AimdController:
         self._probe_windows = probe_windows
         self._platform_cut = platform_cut
         self._pause_s = pause_s
+        self._max_pause_s = max_pause_s
         self._inflation = latency_inflation
         self._clock = clock
         self.good = math.inf  # the level that last worked: slow start below it, additive increase above
@@ -139,7 +142,7 @@ class AimdController:
                 self._set(min(self._limit, bound))
                 self.good = max(self.minimum, min(self.good, bound))
         else:
-            pause = retry_after_s or self._pause_s
+            pause = min(retry_after_s or self._pause_s, self._max_pause_s)
             self.paused_until = max(self.paused_until, now + pause)
             if current and now - self._last_cut > pause:
                 # The platform as a whole was busy, not our share of it: the level cut from still
@@ -312,7 +315,10 @@ class _Slot:
 
     async def __aenter__(self) -> Attempt:
         limits = self._limits
-        await limits._take()
+        if limits._waiting == 0 and limits.in_flight < limits.concurrency:
+            limits.in_flight += 1  # _take's fast path, without a coroutine for it
+        else:
+            await limits._take()
         entered = False
         try:
             if limits.controller is not None:
@@ -349,4 +355,7 @@ class _Slot:
             elif isinstance(exc, Exception):  # cancellation teaches the controller nothing
                 limits._learn_failure(exc, self._sent_in_flight, self._sent_epoch)
         finally:
-            await limits._give_back()
+            if limits._waiting == 0:
+                limits.in_flight -= 1  # _give_back's fast path: nobody to wake
+            else:
+                await limits._give_back()

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -120,6 +121,24 @@ def bad_response_fault(exc: BadResponse) -> Fault:
 
 
 Classify = Callable[[BaseException], Fault]
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """Seconds an error answer's headers ask us to wait: `retry-after-ms`, else `retry-after` (in seconds).
+
+    None when neither says a positive, finite number of seconds: an HTTP date (rare enough that our own
+    backoff applies), garbage, zero or a negative number. A huge wait is returned as asked; whoever
+    waits caps it (wait_backoff at its maximum, the concurrency controller at its longest pause)."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                seconds = float(value) * scale
+            except ValueError:
+                continue
+            if seconds > 0 and math.isfinite(seconds):
+                return seconds
+    return None
 
 
 class wait_backoff:

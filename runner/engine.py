@@ -24,8 +24,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import polars as pl
-
 from runner.errors import DiskFull
 from runner.finish import Ending, finish, record
 from runner.job.inputs import open_input
@@ -43,7 +41,7 @@ from runner.send import make_executor
 from runner.send.base import Control, Executor
 from runner.send.endpoints import endpoint_url
 from runner.state.store import Store
-from runner.supervise import supervise
+from runner.supervise import stop_on_signals, supervise
 
 
 async def run_job(
@@ -56,14 +54,16 @@ async def run_job(
         from runner.distributed.engine import run_on_ray
 
         return await run_on_ray(job, api_key=api_key, options=options, reporter=reporter)
-    reporter.phase("reading input")
-    source = open_input(job)
-    store = Store(job.state_dir, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}")
-    store.open()
-    try:
-        return await _run(job, source, store, api_key, options, reporter, executor)
-    finally:
-        store.close()
+    control = Control()
+    with stop_on_signals(control, reporter):  # until supervise() takes over: a stop still ends the run well
+        reporter.phase("reading input")
+        source = open_input(job)
+        store = Store(job.state_dir, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}")
+        store.open()
+        try:
+            return await _run(job, source, store, api_key, options, reporter, executor, control)
+        finally:
+            store.close()
 
 
 async def _run(
@@ -74,16 +74,16 @@ async def _run(
     options: RunOptions,
     reporter: Reporter,
     given: Executor | None,
+    control: Control,
 ) -> RunReport:
     started_at = dt.datetime.now(dt.UTC)
     run, samples = job.spec.run, job.spec.output.samples
-    tally = Tally(rows_total=source.frame.select(pl.len()).collect().item(), samples=samples)
+    tally = Tally(rows_total=source.rows, samples=samples)  # counted when the input was opened
     accountant = accountant_for(job)
     pilot = _pilot_sample(tally.rows_total, options) if options.pilot_rows else None
     reporter.phase("checking earlier answers")
     settled = settled_keys(job, store, fresh=options.fresh, retry_failed=options.retry_failed,
                            resend_lost=options.resend_lost, rows_total=tally.rows_total, reporter=reporter)  # fmt: skip
-    control = Control()
 
     outstanding: set[str] = set()  # requests handed to the executor and not answered yet
 

@@ -21,8 +21,6 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-import polars as pl
-
 from runner.errors import UsageError
 from runner.finish import Ending, finish
 from runner.job.inputs import InputSource, open_input
@@ -82,7 +80,7 @@ async def _run(
 ) -> RunReport:
     started_at = dt.datetime.now(dt.UTC)
     run, samples = job.spec.run, job.spec.output.samples
-    tally = Tally(rows_total=source.frame.select(pl.len()).collect().item(), samples=samples)
+    tally = Tally(rows_total=source.rows, samples=samples)  # counted when the input was opened
     table = require_prices(job, "run.max_cost") if run.max_cost is not None else price_table(job)
     gated = run.max_cost is not None or run.tokens_per_minute is not None
     calibration = ledger.calibration(job.name, job.spec.model.name) if gated else Calibration()

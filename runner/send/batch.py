@@ -174,12 +174,10 @@ class BatchExecutor:
         return chunk
 
     def _refused(self, chunk: Chunk, exc: BatchStatusError) -> str:
-        """Why the Batch API would not take a chunk's file, and what to change (the same file is refused
-        on every run, so the run stops instead of failing its rows)."""
-        return (
-            f"the Batch API refused the file of {chunk.id} ({chunk.lines} requests) with {exc}; if your "
-            f"account's limits are lower than run.batch.max_requests ({self._spec.max_requests}) or "
-            f"run.batch.max_bytes ({self._spec.max_bytes}), lower them to match"
+        """Why the Batch API would not take a chunk's file (on any run: so the run stops), and what to change."""
+        limits = f"run.batch.max_requests ({self._spec.max_requests}) or run.batch.max_bytes ({self._spec.max_bytes})"
+        return f"the Batch API refused the file of {chunk.id} ({chunk.lines} requests) with {exc}; if your " + (
+            f"account's limits are lower than {limits}, lower them to match"
         )
 
     async def _made_before(self, api: BatchAPI, chunk_id: str) -> Batch | None:

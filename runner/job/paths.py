@@ -1,0 +1,114 @@
+"""Where a job reads and writes: its input paths expanded, and its output and state directory checked
+before anything runs (not an input, not matched by an input pattern, writable, apart from each other).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+import tempfile
+from pathlib import Path
+
+from runner.errors import UsageError
+from runner.job.spec import JobSpec
+
+INPUT_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
+
+
+def expand_inputs(patterns: list[str], base: Path, where: str) -> tuple[Path, ...]:
+    """The input files the patterns name, in order; a pattern matching nothing or a file we cannot read is refused."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        full = os.path.normpath(os.path.join(base, pattern))
+        matches = sorted(glob.glob(full)) if glob.has_magic(pattern) else [full]
+        if not matches:
+            raise UsageError(f"{where}: input.paths: {pattern!r} matches no file")
+        for m in matches:
+            p = Path(m)
+            if p.suffix not in INPUT_SUFFIXES:
+                raise UsageError(
+                    f"{where}: input.paths: {p.name}: only .parquet, .csv and .jsonl (.ndjson) inputs are read"
+                )
+            if not p.is_file():
+                raise UsageError(f"{where}: input.paths: {p} does not exist")
+            paths.append(p)
+    return tuple(paths)
+
+
+def within(path: str, other: str) -> bool:
+    """Whether `path` is `other` or lies inside it (both absolute and normalised)."""
+    return path == other or path.startswith(other.rstrip(os.sep) + os.sep)
+
+
+def check_not_an_input(
+    path: Path, what: str, key: str, spec: JobSpec, base: Path, spec_path: Path, inputs: tuple[Path, ...], where: str
+) -> None:
+    """Refuse an output or state directory that would overwrite (or, on the next run, be read as) input.
+
+    The output path is compared with every input file, with the spec, and with every input glob: an
+    output that does not exist yet but matches `data/*.parquet` would be read as input by the next run.
+    """
+    real = os.path.realpath(path)
+    if real == os.path.realpath(spec_path):
+        raise UsageError(f"{where}: {key}: {path} is the job spec itself; choose another {key}")
+    for p in inputs:
+        if within(real, os.path.realpath(p)):
+            raise UsageError(f"{where}: {key}: {what} {path} would overwrite the input {p}; choose another {key}")
+    absolute = os.path.abspath(path).split(os.sep)
+    for pattern in spec.input.paths:
+        if not glob.has_magic(pattern):
+            continue
+        parts = os.path.abspath(os.path.normpath(os.path.join(base, pattern))).split(os.sep)
+        # The path itself matches, or (a directory) a file inside it could.
+        reach = len(parts) == len(absolute) or (what == "the state directory" and len(parts) > len(absolute))
+        if reach and all(_glob_part(pat, name) for pat, name in zip(parts, absolute, strict=False)):
+            raise UsageError(
+                f"{where}: {key}: input.paths pattern {pattern!r} matches {what} {path}, so the next run "
+                f"would read its own output as input; choose another {key} or a narrower pattern"
+            )
+
+
+def _glob_part(pattern: str, name: str) -> bool:
+    """One path component against one glob component, as `glob.glob` matches it (a `*` skips dot-names)."""
+    if not glob.has_magic(pattern):
+        return pattern == name
+    if name.startswith(".") and not pattern.startswith("."):
+        return False
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def check_writable(path: Path, key: str, where: str, *, parent: bool) -> None:
+    """Refuse, at load and in one line, a destination whose directory is a file or cannot be written.
+
+    `path` is the output file (`parent=True`: its directory is what must be writable) or the state
+    directory. The nearest existing directory is probed with an unnamed temporary file: os.access
+    says yes to root on a read-only mount, and a probe is what a write would really meet.
+    """
+    if parent and path.is_dir():
+        raise UsageError(f"{where}: {key}: {path} is a directory; give a .parquet file path")
+    directory = path.parent if parent else path
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        blocked = "not a directory" if probe == directory else f"so {directory} cannot be created"
+        raise UsageError(f"{where}: {key}: {probe} is a file, {blocked}; choose another {key}")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"{where}: {key}: cannot write in {probe} ({exc.strerror}); fix its permissions or choose another {key}"
+        ) from None
+
+
+def default_state_dir(spec: JobSpec, base: Path, name: str) -> Path:
+    """The checkpoint store: beside the output, above any {run_date} folder, so daily runs share answers."""
+    template_dir = Path(spec.output.path).parent
+    stable = Path()
+    for part in template_dir.parts:
+        if "{run_date}" in part:
+            break
+        stable /= part.format(name=name)
+    return base / stable / ".glm-batch" / name

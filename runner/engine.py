@@ -99,9 +99,14 @@ async def _run(
         tally.record(result, tier)
         try:
             store.add(result)
+        except DiskFull as exc:  # stop at once; what is journalled stays, the next run goes on from it
+            tally.not_kept(result)  # paid, but not saved: the summary counts only what the next run finds
+            control.fail(exc)
+            return
+        try:
             if store.buffered >= run.checkpoint_rows:
                 store.flush()
-        except DiskFull as exc:  # stop at once; what is journalled stays, the next run goes on from it
+        except DiskFull as exc:  # the answers are journalled: kept
             control.fail(exc)
 
     def checkpoint() -> None:

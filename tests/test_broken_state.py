@@ -80,10 +80,14 @@ def test_a_full_disk_stops_the_run_keeps_every_journalled_answer_and_resumes_in_
         assert 0 < answered_before < 400
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
 
+        kept_by_the_first = json.loads(files.summary.read_text())["answered_ok"]
+
         second = cli("run", str(files.spec))
         assert second.exit_code == 0, second.stderr
         out = pl.read_parquet(files.output)
         assert out.height == 400 and (out.get_column("status") == "ok").all()
+        # The first run's summary counted only the answers it saved: the second found exactly those.
+        assert json.loads(files.summary.read_text())["rows_settled_before"] == kept_by_the_first
         # Paid twice at most: the requests in flight when the disk filled, and the one that failed to journal.
         assert sim.stats()["prompts_answered_twice"] <= 4 + 1
 

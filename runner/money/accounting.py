@@ -149,6 +149,19 @@ class Tally:
         if result.wait_ms is not None:
             self.client_wait_ms.add(result.wait_ms)
 
+    def not_kept(self, result: Result) -> None:
+        """A recorded result that could not be saved (the disk filled): it no longer counts as answered,
+        since the next run asks for it again; its cost and tokens stay counted, because it was paid."""
+        if result.status == "ok":
+            self.ok -= 1
+        else:
+            self.failed -= 1
+            name = result.error_type or "unknown"
+            self.errors[name] -= 1
+            if result.error_type == "render_error":
+                return
+        self.queued_answered -= 1
+
     def _day(self, result: Result) -> dict[str, float]:
         """The counters of the result's (day, model): nearly always the previous result's."""
         key = (result.finished_at.date(), result.model or "")

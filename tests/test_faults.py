@@ -207,3 +207,15 @@ def test_a_stalled_stream_is_cut_by_its_silence_not_by_the_answers_length(make_j
     summary = json.loads(job.summary.read_text())
     assert summary["retries"].get("stalled") == 3
     assert summary["cost"]["maybe_billed_twice"]["requests"] == 3
+
+
+def test_a_streamed_html_page_with_status_200_is_retried_as_a_bad_response(make_job, sim) -> None:
+    """A gateway's HTML page (status 200) where an event stream was expected holds no message: the
+    attempt is retried under the name `bad_response`, not as whatever the SDK's accumulator raised."""
+    sim.configure(faults=("200_html",), fault_attempts=1, latency_s=0.0)
+    job = make_job(rows=sample_rows(3), model={"stream": True})
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 0, result.stderr[-1000:]
+    assert json.loads(job.summary.read_text())["retries"] == {"bad_response": 3}

@@ -72,6 +72,8 @@ class Client:
                         request_id = _request_id(stream.response.headers)
             except TimeoutError:
                 raise StalledStream(self._stall) from None
+            except AssertionError:  # the SDK's accumulator found no message: an HTML page, a cut-off stream
+                raise BadResponse(None, "the stream ended without a complete message") from None
         else:
             raw = await self._sdk.messages.with_raw_response.create(**params, timeout=self._timeout)
             message = await raw.parse()

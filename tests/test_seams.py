@@ -163,3 +163,15 @@ def test_layout_has_no_module_over_400_lines() -> None:
         str(p.relative_to(package)): n for p in package.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400
     }
     assert long == {}
+
+
+def test_the_output_column_rule_knows_every_name_the_assembly_uses() -> None:
+    """runner.output.columns spells the row map's and the stored answers' column names out (it cannot
+    import the modules that own them without a cycle); they must not drift apart."""
+    from runner.job.inputs import ID, ROW
+    from runner.job.samples import SAMPLE
+    from runner.output.columns import OUTPUT_COLUMNS, WORKING_COLUMNS
+    from runner.records import KEY, RESULT_SCHEMA
+
+    stored_only = set(RESULT_SCHEMA) - set(OUTPUT_COLUMNS)
+    assert {ROW, ID, SAMPLE, KEY, *stored_only} <= set(WORKING_COLUMNS)

@@ -150,13 +150,13 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
 
 
 def _runs(state_dir: Path) -> list[dict[str, Any]]:
-    """The runs the job's manifest records (runner.state.store.Store.read_manifest, read here without
-    loading the store and polars)."""
+    """The runs the job's manifest records; none when it cannot be read (status only reports)."""
+    from runner.state.files import read_manifest  # not the store's: it would load polars
+
     try:
-        data = json.loads((state_dir / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        runs = read_manifest(state_dir).get("runs")
+    except OSError:
         return []
-    runs = data.get("runs") if isinstance(data, dict) else None
     return runs if isinstance(runs, list) else []
 
 

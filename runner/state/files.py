@@ -86,3 +86,16 @@ def write_json_atomic(data: dict[str, Any], path: Path) -> None:
             fsync_rename(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_manifest(state_dir: Path) -> dict[str, Any]:
+    """A job's manifest (the runs it records), or an empty one for a job that never ran or whose
+    manifest is not JSON. Here, beside the writes, so `status` reads it without the store (polars)."""
+    path = state_dir / "manifest.json"
+    if not path.exists():
+        return {"runs": []}
+    with contextlib.suppress(json.JSONDecodeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            return data
+    return {"runs": []}

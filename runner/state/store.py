@@ -22,7 +22,6 @@ from any run, which is what makes re-runs, template edits and growing inputs cos
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -42,7 +41,15 @@ from runner.records import (
     scan_results,
     with_valid_unicode,
 )
-from runner.state.files import NO_SPACE, fsync_rename, no_space, space_checked, write_atomic, write_json_atomic
+from runner.state.files import (
+    NO_SPACE,
+    fsync_rename,
+    no_space,
+    read_manifest,
+    space_checked,
+    write_atomic,
+    write_json_atomic,
+)
 from runner.state.lock import JobLock
 from runner.state.rowmap import RowMap
 from runner.state.settled import SettledKeys as SettledKeys  # re-exported: callers import it from here
@@ -273,14 +280,7 @@ class Store:
 
     def read_manifest(self) -> dict[str, Any]:
         """The manifest, or an empty one for a job that never ran."""
-        path = self.state_dir / "manifest.json"
-        if not path.exists():
-            return {"runs": []}
-        with contextlib.suppress(json.JSONDecodeError):
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, dict):
-                return data
-        return {"runs": []}
+        return read_manifest(self.state_dir)
 
     def read_estimate(self) -> dict[str, Any] | None:
         """The last `glm-batch estimate` report for this job, if there is one."""

@@ -42,6 +42,7 @@ def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A known key in the environment, a ledger of the test's own, nothing from the developer's shell."""
     monkeypatch.setenv("ZHIPUAI_API_KEY", API_KEY)
     monkeypatch.setenv("GLM_BATCH_LEDGER", str(tmp_path / "ledger"))
+    monkeypatch.setenv("GLM_BATCH_FACTS", str(tmp_path / "facts.json"))
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
 

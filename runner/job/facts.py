@@ -1,0 +1,100 @@
+"""What is known about one endpoint and model on this account: learned by `glm-batch doctor` or by a run.
+
+    facts = load_facts(base_url, model)        # Facts(); every field None where nothing is known
+    record_facts(base_url, model, source="run", forced_tool_choice=False)
+
+Runs read it to start right (tool choice, concurrency, batch eligibility); a fact is a hint, never a
+reason to refuse a job. One JSON file, $GLM_BATCH_FACTS or ~/.local/share/glm-batch/facts.json, keyed by
+"<base url> <model>" (the URL without userinfo or query); a file that cannot be read is an empty one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from runner.state.files import write_json_atomic
+
+
+@dataclass(frozen=True)
+class Facts:
+    """Facts about one endpoint and model; None means unknown."""
+
+    forced_tool_choice: bool | None = None  # does the Messages route accept tool_choice {"type": "tool"}?
+    stop_sequences_max: int | None = None  # how many stop sequences a request may carry (None: unknown)
+    error_shape: str | None = (
+        None  # "anthropic" ({"type":"error","error":{"type":..}}) or "native" ({"error":{"code":..}})
+    )
+    concurrency: int | None = None  # requests in flight the account allows, as measured
+    batch_eligible: bool | None = None  # did a batch on this model pass validation?
+    checked: str | None = None  # ISO date of the last update
+    source: str | None = None  # "doctor" or "run"
+
+
+def facts_path() -> Path:
+    """Where the facts file lives."""
+    configured = os.environ.get("GLM_BATCH_FACTS")
+    if configured:
+        return Path(configured)
+    return Path.home() / ".local" / "share" / "glm-batch" / "facts.json"
+
+
+def facts_key(base_url: str, model: str) -> str:
+    """The file's key for one endpoint and model: the URL without credentials, query or trailing slash."""
+    parts = urlsplit(base_url.strip())
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    clean = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    return f"{clean} {model}"
+
+
+def _read_all(path: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def load_facts(base_url: str, model: str) -> Facts:
+    """The facts known for one endpoint and model (all None when nothing is known)."""
+    entry = _read_all(facts_path()).get(facts_key(base_url, model))
+    if not isinstance(entry, dict):
+        return Facts()
+    known = {f.name for f in fields(Facts)}
+    return Facts(**{k: v for k, v in entry.items() if k in known})
+
+
+def record_facts(base_url: str, model: str, *, source: str, **learned: Any) -> Facts:
+    """Merge what was just learned (fields of Facts; None values are ignored) and write the file.
+
+    Bookkeeping, never a reason to fail a run: a file that cannot be written is left as it was."""
+    known = {f.name for f in fields(Facts)} - {"checked", "source"}
+    unknown = set(learned) - known
+    if unknown:
+        raise TypeError(f"not a fact: {sorted(unknown)}")
+    path = facts_path()
+    everything = _read_all(path)
+    key = facts_key(base_url, model)
+    found = everything.get(key)
+    entry: dict[str, Any] = found if isinstance(found, dict) else {}
+    merged = {**entry, **{k: v for k, v in learned.items() if v is not None}}
+    merged["checked"] = dt.date.today().isoformat()
+    merged["source"] = source
+    everything[key] = merged
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(everything, path)
+    return Facts(**{k: v for k, v in merged.items() if k in {f.name for f in fields(Facts)}})
+
+
+def as_dict(facts: Facts) -> dict[str, Any]:
+    """The facts as a plain dict (for `doctor --json` and the summary)."""
+    return asdict(facts)

@@ -1,0 +1,36 @@
+"""The facts file: what doctor or a run learned about an endpoint and model, read back by later runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runner.job.facts import Facts, facts_key, load_facts, record_facts
+
+
+def test_nothing_known_is_all_none() -> None:
+    assert load_facts("https://open.bigmodel.cn/api/anthropic", "glm-4.6") == Facts()
+
+
+def test_a_recorded_fact_is_read_back_for_the_same_endpoint_and_model_only() -> None:
+    record_facts("https://open.bigmodel.cn/api/anthropic/", "glm-4.6", source="run", forced_tool_choice=False)
+    got = load_facts("https://open.bigmodel.cn/api/anthropic", "glm-4.6")
+    assert got.forced_tool_choice is False
+    assert got.source == "run"
+    assert load_facts("https://open.bigmodel.cn/api/anthropic", "glm-4.5-air").forced_tool_choice is None
+
+
+def test_facts_merge_and_never_keep_credentials_in_the_key() -> None:
+    record_facts("https://user:sk-secret@api.z.ai/api/anthropic?k=1", "glm-4.7", source="doctor", concurrency=3)
+    record_facts("https://api.z.ai/api/anthropic", "glm-4.7", source="run", forced_tool_choice=True)
+    got = load_facts("https://api.z.ai/api/anthropic", "glm-4.7")
+    assert (got.concurrency, got.forced_tool_choice) == (3, True)
+    assert "sk-secret" not in facts_key("https://user:sk-secret@api.z.ai/api/anthropic", "m")
+
+
+def test_an_unreadable_facts_file_is_an_empty_one(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "torn.json"
+    path.write_text('{"half', encoding="utf-8")
+    monkeypatch.setenv("GLM_BATCH_FACTS", str(path))
+    assert load_facts("http://127.0.0.1:1", "glm-4.6") == Facts()
+    record_facts("http://127.0.0.1:1", "glm-4.6", source="run", batch_eligible=True)
+    assert load_facts("http://127.0.0.1:1", "glm-4.6").batch_eligible is True

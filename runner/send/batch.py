@@ -47,6 +47,9 @@ from runner.send.native import (
 from runner.send.retries import Fault, Verdict
 
 API = "batch"
+# Looks at a finished batch whose counts say lines completed but which names no output file yet
+# (instructor#1745) before the run stops, leaving it for the next run: never re-send billed lines.
+FILE_WAIT_LOOKS = 20
 
 
 class BatchExecutor:
@@ -209,6 +212,7 @@ class BatchExecutor:
         leftovers: list[Request] = []
         interval = self._spec.poll_initial_s
         cancelled = False
+        file_waits: dict[str, int] = {}  # chunk -> looks at a finished batch that names no output file yet
         while pending:
             if control.stopping.is_set():
                 return []
@@ -221,7 +225,12 @@ class BatchExecutor:
                 assert chunk.batch_id is not None
                 batch = await api.retrieve(chunk.batch_id)
                 self._statuses[chunk.id] = batch.status
-                if batch.done:
+                if batch.done and _awaiting_output(batch):
+                    file_waits[chunk.id] = file_waits.get(chunk.id, 0) + 1
+                    if file_waits[chunk.id] >= FILE_WAIT_LOOKS:
+                        control.fail(EndpointAborted(_no_output_file(batch, file_waits[chunk.id])))
+                        return []
+                elif batch.done:
                     leftovers += await self._harvest(api, book, chunk, batch, deliver, control)
                     del pending[chunk.id]
                     self._lines_open -= chunk.lines
@@ -237,22 +246,40 @@ class BatchExecutor:
 
         Lines are read one at a time, and a request's body is read back from disk only for the few
         lines that need it (a retry, a repair, a line the batch never ran): memory stays flat in the
-        size of the batch. The loop yields now and then, so checkpoints and signals are not held up."""
+        size of the batch. The loop yields now and then, so checkpoints and signals are not held up.
+
+        A line is sent again only when the batch's files prove it was not billed: when the result
+        files hold fewer answers than `request_counts.completed` says (a truncated or damaged file),
+        they are downloaded again; lines still missing then may have been billed, and fail their rows
+        as `batch_result_missing` rather than being paid for twice."""
         wanted = set(chunk.request_keys())
         seen: set[str] = set()
         later: list[_Later] = []  # lines that need their request's body
-        for count, line in enumerate(await self._result_lines(api, chunk, batch)):
-            key = line.custom_id
-            if key is None or key not in wanted or key in seen:
-                continue  # a line we did not send, or one we already took
-            seen.add(key)
-            self._attempts[key] = self._attempts.get(key, 0) + 1
-            pending = self._take_at_once(key, chunk.model, line, deliver, control)
-            if pending is not None:
-                later.append(pending)
-            if count % 1000 == 999:
-                await asyncio.sleep(0)
+        answered = 0  # lines read as answers (billed)
+        for download in (1, 2):
+            for count, line in enumerate(await self._result_lines(api, chunk, batch)):
+                key = line.custom_id
+                if key is None or key not in wanted or key in seen or line.problem is not None:
+                    continue  # a line we did not send, one we already took, or one we cannot read
+                self._attempts[key] = self._attempts.get(key, 0) + 1
+                taken = self._take_at_once(key, chunk.model, line, deliver, control)
+                if taken is _UNREADABLE:  # an answer we cannot read: another download may give it whole
+                    self._attempts[key] -= 1
+                    continue
+                seen.add(key)
+                answered += line.ok
+                if isinstance(taken, _Later):
+                    later.append(taken)
+                if count % 1000 == 999:
+                    await asyncio.sleep(0)
+            if download == 2 or not _short(batch, answered, wanted - seen):
+                break
         unrun = wanted - seen  # lines the batch never ran (expired, cancelled, failed validation)
+        if _short(batch, answered, unrun):  # some of them may have been billed
+            fault = Fault(Verdict.FAIL, "batch_result_missing", _missing(batch, answered))
+            for key in sorted(unrun):
+                deliver(failure(Request(key, {}), fault, self._attempts.get(key, 0) + 1, model=chunk.model))
+            unrun = set()
         bodies = read_requests(chunk.requests, {pending.key for pending in later} | unrun)
         leftovers = [Request(key, bodies[key]) for key in unrun]
         for pending in later:
@@ -265,13 +292,14 @@ class BatchExecutor:
 
     def _take_at_once(
         self, key: str, model: str, line: ResultLine, deliver: Deliver, control: Control
-    ) -> _Later | None:
+    ) -> _Later | object | None:
         """Take one result line as far as it can go without its request's body.
 
         A valid answer to a first ask is delivered, a failure for good fails its row, an abort stops
         the run: None. Otherwise what `_take` (the other half, given the body) needs: the line's
         answer to continue the conversation with (a repair round's answer, or one to repair), or no
-        answer when the request is to be sent again as it was (a transient failure, an unreadable body)."""
+        answer when the request is to be sent again as it was (a transient failure). _UNREADABLE for
+        an answer whose body cannot be read: it was billed, so it is not sent again on that account."""
         if not line.ok:
             fault = _line_fault(line)
             if fault.verdict is Verdict.RETRY:
@@ -284,7 +312,7 @@ class BatchExecutor:
         try:
             answer = answer_from_chat(line.body, line.request_id)
         except BadResultLine:
-            return _Later(key, None)  # a body we cannot read says nothing against the request: again
+            return _UNREADABLE
         if key in self._conversations:
             return _Later(key, answer)  # a repair round's answer: its conversation holds the earlier turns
         if self._shape is not None:
@@ -366,6 +394,43 @@ class _Later:
 
     key: str
     answer: Answer | None  # None: send the request again as it was
+
+
+_UNREADABLE = object()  # a result line answered (billed) whose body cannot be read
+
+
+def _awaiting_output(batch: Batch) -> bool:
+    """A finished batch whose counts say lines completed (billed) but which names no output file yet:
+    real batches can say `completed` before the file id appears (instructor#1745). Look again."""
+    return batch.status != "failed" and batch.output_file_id is None and batch.request_counts.completed > 0
+
+
+def _no_output_file(batch: Batch, looks: int) -> str:
+    return (
+        f"batch {batch.id} is {batch.status} and says {batch.request_counts.completed} lines completed (billed), "
+        f"but named no output file in {looks} looks; its lines are not sent again (they would be paid twice): "
+        "run the same command later to collect them"
+    )
+
+
+def _short(batch: Batch, answered: int, missing: set[str]) -> bool:
+    """Lines are missing from the result files and the batch's counts cannot prove them unbilled: the
+    counts say more completed than the files answered, or there are no counts to go by."""
+    if not missing or batch.status == "failed":  # failed validation: no line ran
+        return False
+    counts = batch.request_counts
+    if counts.total == 0:  # no counts: only a batch that never started proves its lines unrun
+        return batch.in_progress_at is not None or batch.output_file_id is not None
+    return counts.completed > answered
+
+
+def _missing(batch: Batch, answered: int) -> str:
+    counts = batch.request_counts
+    said = f"says {counts.completed} lines completed" if counts.total else "gave no request counts"
+    return (
+        f"batch {batch.id} ({batch.status}) {said} but its result files answered {answered}, twice downloaded; "
+        "this line may have been billed, so it was not sent again: --retry-failed sends it (paying again)"
+    )
 
 
 def _line_fault(line: ResultLine) -> Fault:

@@ -6,13 +6,17 @@ short; the simulator produces both (real-wire.md), and its bill is the judge.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import polars as pl
+import yaml
 
 from runner.testing.simulator import SimulatorThread
-from tests.conftest import JobFiles, cli, sample_rows
-from tests.test_batch_mode import FAST_POLL, assert_paid_once, expected
+from tests.conftest import JobFiles, cli, sample_rows, write_csv
+from tests.test_batch_mode import CRASH, FAST_POLL, assert_paid_once, crash_env, expected
 
 
 def test_a_completed_batch_whose_output_file_id_lags_is_looked_at_again_not_sent_again(
@@ -65,3 +69,41 @@ def test_lines_a_short_result_file_never_gives_fail_their_rows_rather_than_being
     again = cli("run", str(files.spec))  # the next run does not send them either
     assert again.exit_code in (0, 1), again.stderr[-2000:]
     assert sim.stats()["billed"]["batch"] == len(rows)
+
+
+def _job_in(folder: Path, sim: SimulatorThread, rows: list[dict[str, str]]) -> JobFiles:
+    """A batch job named `demo` in its own folder (the default name is the spec's file name)."""
+    write_csv(folder / "data.csv", rows)
+    spec = {
+        "version": 1,
+        "name": "demo",
+        "input": {"paths": ["data.csv"], "id_column": "id"},
+        "prompt": {"system": "Be brief.", "template": "Summarise: {{ text }}"},
+        "model": {"name": "glm-4.6", "endpoint": sim.url, "max_tokens": 64},
+        "run": {"mode": "batch", "batch": FAST_POLL},
+        "output": {"path": "out/demo.parquet"},
+    }
+    path = folder / "demo.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    out = folder / "out" / "demo.parquet"
+    return JobFiles(path, folder / "data.csv", out, out.with_suffix(".summary.json"))
+
+
+def test_two_jobs_with_one_name_in_two_folders_each_get_their_own_answers(sim: SimulatorThread, tmp_path: Path) -> None:
+    """Job one runs; job two (same name, other folder, other rows) dies after its upload, so the next
+    run looks for a batch it may have made: it must not take job one's batch (same name, same chunk)."""
+    first_rows, second_rows = sample_rows(30), sample_rows(30, start=500)
+    first, second = _job_in(tmp_path / "one", sim, first_rows), _job_in(tmp_path / "two", sim, second_rows)
+    assert cli("run", str(first.spec)).exit_code == 0
+    assert "batch_list" not in sim.stats()["outcomes"]  # a run that made its batches itself looks none up
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH.format(method="upload", nth=1))
+    env = crash_env(tmp_path)
+    crashed = subprocess.run([sys.executable, str(script), "after", str(second.spec)], env=env, capture_output=True)
+    assert crashed.returncode == 9, crashed.stderr.decode()[-2000:]
+    result = cli("run", str(second.spec))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert pl.read_parquet(first.output).get_column("response_text").to_list() == expected(first_rows)
+    assert pl.read_parquet(second.output).get_column("response_text").to_list() == expected(second_rows)
+    assert sim.stats()["billed"]["batch"] == 60
+    assert_paid_once(sim)

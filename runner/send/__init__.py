@@ -8,6 +8,7 @@ commands that send nothing never load the SDK.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def _batch(job: Job, base_url: str, api_key: str, online: Executor | None) -> Ex
     native = job.native_url or catalog.native_url_beside(base_url)
     deadline = job.spec.run.deadline
     return BatchExecutor(
-        job=job.name,
+        job=job_tag(job.state_dir),
         api=lambda: BatchAPI(native, api_key),
         directory=job.state_dir / "batches",
         spec=job.spec.run.batch,
@@ -45,6 +46,14 @@ def _batch(job: Job, base_url: str, api_key: str, online: Executor | None) -> Ex
         online=online,
         deadline=deadline_in(deadline) if deadline is not None else None,
     )
+
+
+def job_tag(state_dir: Path) -> str:
+    """What tags a job's batches (`metadata.glm_batch_job`): a hash of its state folder's resolved
+    path, so two jobs with the same name in two folders never take each other's batches."""
+    import hashlib
+
+    return "sd-" + hashlib.sha256(str(state_dir.resolve()).encode("utf-8")).hexdigest()[:24]
 
 
 def online_executor(

@@ -83,6 +83,7 @@ class BatchExecutor:
         self._statuses: dict[str, str] = {}  # chunk -> the Batch API's status at the last look
         self._lines_open = 0
         self._round_s: float | None = None  # how long a batch round took here: is there time for another?
+        self._maybe_created: set[str] = set()
 
     def gauges(self) -> dict[str, Any]:
         """Lines in open batches, and how many batches are in each status."""
@@ -108,6 +109,8 @@ class BatchExecutor:
         book = BatchBook(self._dir)
         async with self._api() as api:
             chunks = book.open_chunks()
+            # Chunks an earlier run uploaded and may have died creating: only these are looked up.
+            self._maybe_created = {chunk.id for chunk in chunks if chunk.status == "uploaded"}
             waiting = {key for chunk in chunks for key in chunk.request_keys()}  # answered by a batch already made
             chunks += await self._write_round(book, _skipping(requests, waiting), control)
             leftovers: list[Request] = []
@@ -166,10 +169,11 @@ class BatchExecutor:
         """Upload and create what the chunk still lacks; a batch made before (metadata) is found, not remade."""
         if chunk.status == "written":
             uploaded = await api.upload(chunk.path)
-            chunk = book.record(chunk.id, status="uploaded", file_id=uploaded.id)
+            at = _ms(uploaded.created_at) if uploaded.created_at else int((time.time() - _CLOCK_SLACK_S) * 1000)
+            chunk = book.record(chunk.id, status="uploaded", file_id=uploaded.id, uploaded_at=at)
         if chunk.status == "uploaded":
             assert chunk.file_id is not None
-            made = await self._made_before(api, chunk.id)
+            made = await self._made_before(api, chunk) if chunk.id in self._maybe_created else None
             if made is None:
                 metadata = {"glm_batch_job": self._job, "glm_batch_chunk": chunk.id}
                 made = await api.create(chunk.file_id, metadata=metadata)
@@ -183,10 +187,17 @@ class BatchExecutor:
             f"account's limits are lower than {limits}, lower them to match"
         )
 
-    async def _made_before(self, api: BatchAPI, chunk_id: str) -> Batch | None:
-        """A batch this job already made for the chunk (a run died between creating it and recording it)."""
+    async def _made_before(self, api: BatchAPI, chunk: Chunk) -> Batch | None:
+        """A batch this job already made for the chunk (a run died between creating it and recording it):
+        tagged with this job's state folder and the chunk, and made from the chunk's own input file.
+        The list is newest first: paging stops at the first batch older than the chunk's upload."""
         async for batch in api.iter_batches():
-            if batch.metadata.get("glm_batch_chunk") == chunk_id and batch.metadata.get("glm_batch_job") == self._job:
+            if chunk.uploaded_at is not None and batch.created_at and _ms(batch.created_at) < chunk.uploaded_at:
+                return None
+            tagged = (
+                batch.metadata.get("glm_batch_chunk") == chunk.id and batch.metadata.get("glm_batch_job") == self._job
+            )
+            if tagged and batch.input_file_id == chunk.file_id:
                 return batch
         return None
 
@@ -394,6 +405,14 @@ class _Later:
 
     key: str
     answer: Answer | None  # None: send the request again as it was
+
+
+_CLOCK_SLACK_S = 600.0  # how far our clock may run ahead of the API's, when the upload gave no time
+
+
+def _ms(stamp: int) -> int:
+    """A Batch API timestamp in epoch milliseconds (real objects use milliseconds; the docs say seconds)."""
+    return stamp * 1000 if stamp < 100_000_000_000 else stamp
 
 
 _UNREADABLE = object()  # a result line answered (billed) whose body cannot be read

@@ -42,6 +42,7 @@ class Chunk:
     status: str = "written"
     file_id: str | None = None
     batch_id: str | None = None
+    uploaded_at: int | None = None  # epoch ms of the upload (the API's clock when it said)
     batch_status: str | None = None  # the Batch API's status at the last look
     counts: dict[str, int] = field(default_factory=dict)
 

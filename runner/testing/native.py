@@ -237,6 +237,7 @@ class NativeAPI(NativeState):
     async def _list(self, request: web.Request) -> web.Response:
         """Newest first, like OpenAI: `after` is the last id of the previous page."""
         self._auth(request)
+        self.host.count("batch_list")
         try:
             limit = int(request.query.get("limit", "20"))
         except ValueError as exc:

@@ -107,3 +107,33 @@ def test_two_jobs_with_one_name_in_two_folders_each_get_their_own_answers(sim: S
     assert pl.read_parquet(second.output).get_column("response_text").to_list() == expected(second_rows)
     assert sim.stats()["billed"]["batch"] == 60
     assert_paid_once(sim)
+
+
+STOP_REFUSED = {"code": "1214", "line": 1, "message": "stop must have at most 1 item", "param": "stop"}
+
+
+def test_a_batch_refused_at_validation_shows_zhipus_error_and_sends_no_other_batch(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """`failed` with errors.data about the request: its first error in one line, exit 3, no new batch."""
+    sim.configure(batch_fail_validation=(STOP_REFUSED, {**STOP_REFUSED, "line": 2}))
+    files = make_job(rows=sample_rows(10), run={"mode": "batch", "batch": FAST_POLL})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 3, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "line 1: 1214 (stop): stop must have at most 1 item" in last and "resume with" in last
+    assert sim.stats()["outcomes"]["batch_created"] == 1
+    assert sim.stats()["billed"]["batch"] == 0
+
+
+def test_a_batch_failed_for_a_transient_reason_is_sent_again_in_the_next_round(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    sim.configure(batch_fail_validation=({"code": "500", "line": None, "message": "Internal Error"},))
+    sim.configure(batch_fail_validation_times=1)
+    rows = sample_rows(10)
+    files = make_job(rows=rows, run={"mode": "batch", "batch": FAST_POLL})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert pl.read_parquet(files.output).get_column("response_text").to_list() == expected(rows)
+    assert sim.stats()["outcomes"]["batch_created"] == 2

@@ -241,6 +241,10 @@ class BatchExecutor:
                     if file_waits[chunk.id] >= FILE_WAIT_LOOKS:
                         control.fail(EndpointAborted(_no_output_file(batch, file_waits[chunk.id])))
                         return []
+                elif batch.status == "failed" and _refused_request(batch):
+                    book.record(chunk.id, status="harvested", batch_status=batch.status)
+                    control.fail(EndpointAborted(_validation_failure(batch)))
+                    return []
                 elif batch.done:
                     leftovers += await self._harvest(api, book, chunk, batch, deliver, control)
                     del pending[chunk.id]
@@ -429,6 +433,30 @@ def _no_output_file(batch: Batch, looks: int) -> str:
         f"batch {batch.id} is {batch.status} and says {batch.request_counts.completed} lines completed (billed), "
         f"but named no output file in {looks} looks; its lines are not sent again (they would be paid twice): "
         "run the same command later to collect them"
+    )
+
+
+def _refused_request(batch: Batch) -> bool:
+    """Did the batch fail validation for the request itself (a model not taken, a bad field), which
+    sending its lines again would not mend? Transient codes, and a failure with no code, are not."""
+    coded = [error for error in batch.errors if error.code]
+    if not coded:
+        return False
+    faults = (classify_api_error(BatchStatusError(400, e.code, e.message or "")) for e in coded)
+    return all(fault.verdict is not Verdict.RETRY for fault in faults)
+
+
+def _validation_failure(batch: Batch, shown: int = 3) -> str:
+    """Zhipu's first few validation errors of a failed batch, on one line, and what happens now."""
+    parts = []
+    for error in batch.errors[:shown]:
+        where = f"line {error.line}" if error.line is not None else "the file"
+        param = f" ({error.param})" if error.param else ""
+        parts.append(f"{where}: {error.code}{param}: {error.message or 'no message'}")
+    more = f" and {len(batch.errors) - shown} more" if len(batch.errors) > shown else ""
+    return (
+        f"the Batch API refused batch {batch.id} at validation: {'; '.join(parts)}{more}; its lines are not "
+        "sent again: fix what the errors name (the model, or the field in the spec) and run again"
     )
 
 

@@ -33,7 +33,15 @@ from runner.job.spec import BatchSpec
 from runner.job.structured import AnswerShape, Unusable
 from runner.records import Answer, Request, Result
 from runner.send.base import Control, Conversation, Deliver, Executor, failure
-from runner.send.batch_api import Batch, BatchAPI, BatchStatusError, classify_api_error
+from runner.send.batch_api import (
+    Batch,
+    BatchAbort,
+    BatchAPI,
+    BatchAPIError,
+    BatchNotFound,
+    BatchStatusError,
+    classify_api_error,
+)
 from runner.send.batch_book import BatchBook, Chunk, read_requests
 from runner.send.batch_files import BatchFileWriter
 from runner.send.native import (
@@ -84,6 +92,9 @@ class BatchExecutor:
         self._lines_open = 0
         self._round_s: float | None = None  # how long a batch round took here: is there time for another?
         self._maybe_created: set[str] = set()
+        self._queue_refused = 0  # creates the model's full queue refused (429)
+        self._queue_waited_s = 0.0  # time chunks waited for room in it
+        self._queue_since: float | None = None
 
     def gauges(self) -> dict[str, Any]:
         """Lines in open batches, and how many batches are in each status."""
@@ -97,6 +108,7 @@ class BatchExecutor:
             "adaptive": online.get("adaptive", False),
             "overload_429_rate": online.get("overload_429_rate", 0.0),
             "batches": statuses,
+            "batch_queue": {"refused": self._queue_refused, "waited_s": round(self._queue_waited_s, 3)},
         }
 
     async def aclose(self) -> None:
@@ -207,52 +219,151 @@ class BatchExecutor:
         self, api: BatchAPI, book: BatchBook, chunks: list[Chunk], deliver: Deliver, control: Control
     ) -> list[Request]:
         """Submit the chunks, poll them until each is done, harvest each; the requests to send again.
-        On a stop (a signal) it returns at once: the batches run on, and the next run reattaches."""
+
+        A chunk the model's queue has no room for (429 at create) waits, and is submitted while the
+        batches already made are polled and drain. A batch the API no longer knows (404) is lost: its
+        lines are sent again only if nothing says they were billed. A Batch API that keeps failing
+        stops the run (exit 3; the batches run on and the next run reattaches). On a stop (a signal)
+        it returns within the second: the batches run on, and the next run reattaches."""
         pending: dict[str, Chunk] = {}
-        for chunk in chunks:
-            try:
-                pending[chunk.id] = await self._submit(api, book, chunk)
-            except BatchStatusError as exc:  # what retrying could not mend: the account, or the file itself
-                fault = classify_api_error(exc)
-                if fault.verdict is Verdict.ABORT:
-                    control.abort(fault)
-                else:
-                    control.fail(EndpointAborted(self._refused(chunk, exc)))
-                return []
-        self._lines_open = sum(c.lines for c in pending.values())
+        waiting = list(chunks)  # not submitted yet
+        self._lines_open = sum(c.lines for c in chunks)
         leftovers: list[Request] = []
         interval = self._spec.poll_initial_s
         cancelled = False
         file_waits: dict[str, int] = {}  # chunk -> looks at a finished batch that names no output file yet
-        while pending:
+        while pending or waiting:
             if control.stopping.is_set():
                 return []
+            if waiting and not cancelled:
+                try:
+                    waiting = await self._submit_all(api, book, waiting, pending)
+                except BatchAPIError as exc:  # what retrying could not mend: the account, the file, the API
+                    self._stop_for(control, exc, waiting[0])
+                    return []
             if self._online is not None and not cancelled and self._deadline_near():
                 cancelled = True  # what is not back is cancelled there and sent online after the harvest
                 for chunk in pending.values():
                     assert chunk.batch_id is not None
                     await _cancel(api, chunk.batch_id)
+                for chunk in waiting:  # never submitted: straight online
+                    self._statuses.pop(chunk.id, None)
+                    self._lines_open -= chunk.lines
+                    book.record(chunk.id, status="abandoned")
+                    leftovers += _requests_of(chunk)
+                waiting = []
             for chunk in list(pending.values()):
                 assert chunk.batch_id is not None
-                batch = await api.retrieve(chunk.batch_id)
-                self._statuses[chunk.id] = batch.status
-                if batch.done and _awaiting_output(batch):
-                    file_waits[chunk.id] = file_waits.get(chunk.id, 0) + 1
-                    if file_waits[chunk.id] >= FILE_WAIT_LOOKS:
-                        control.fail(EndpointAborted(_no_output_file(batch, file_waits[chunk.id])))
-                        return []
-                elif batch.status == "failed" and _refused_request(batch):
-                    book.record(chunk.id, status="harvested", batch_status=batch.status)
-                    control.fail(EndpointAborted(_validation_failure(batch)))
+                try:
+                    batch = await api.retrieve(chunk.batch_id)
+                except BatchNotFound:
+                    leftovers += self._lost(book, chunk, deliver)
+                except BatchAPIError as exc:
+                    control.fail(EndpointAborted(_api_failing(exc)))
                     return []
-                elif batch.done:
-                    leftovers += await self._harvest(api, book, chunk, batch, deliver, control)
-                    del pending[chunk.id]
-                    self._lines_open -= chunk.lines
-            if pending:
-                await self._sleep(interval if not cancelled else min(interval, 1.0))
+                else:
+                    pending[chunk.id] = chunk = self._look(book, chunk, batch)
+                    if not batch.done:
+                        continue
+                    if _awaiting_output(batch):
+                        file_waits[chunk.id] = file_waits.get(chunk.id, 0) + 1
+                        if file_waits[chunk.id] >= FILE_WAIT_LOOKS:
+                            control.fail(EndpointAborted(_no_output_file(batch, file_waits[chunk.id])))
+                            return []
+                        continue
+                    if batch.status == "failed" and _refused_request(batch):
+                        book.record(chunk.id, status="harvested", batch_status=batch.status)
+                        control.fail(EndpointAborted(_validation_failure(batch)))
+                        return []
+                    try:
+                        leftovers += await self._harvest(api, book, chunk, batch, deliver, control)
+                    except BatchNotFound as exc:  # a result file still 404 after the waits
+                        book.record(chunk.id, file_404=True)
+                        control.fail(EndpointAborted(_file_missing(batch, exc)))
+                        return []
+                    except BatchAPIError as exc:
+                        control.fail(EndpointAborted(_api_failing(exc)))
+                        return []
+                del pending[chunk.id]
+                self._lines_open -= chunk.lines
+            if pending or waiting:
+                await self._pause(interval if not cancelled else min(interval, 1.0), control)
                 interval = min(interval * 2, self._spec.poll_max_s)
         return leftovers
+
+    async def _submit_all(
+        self, api: BatchAPI, book: BatchBook, waiting: list[Chunk], pending: dict[str, Chunk]
+    ) -> list[Chunk]:
+        """Submit the waiting chunks in order, into `pending`; the ones the model's queue has no room
+        for yet (429 at create) are returned, to be tried again after the next look at the others."""
+        for index, chunk in enumerate(waiting):
+            try:
+                chunk = await self._submit(api, book, chunk)
+            except BatchStatusError as exc:
+                if exc.status != 429 or isinstance(exc, BatchAbort):
+                    raise
+                self._queue_refused += 1
+                if self._queue_since is None:
+                    self._queue_since = self._clock()
+                for held in waiting[index:]:
+                    self._statuses[held.id] = "waiting for queue room"
+                return waiting[index:]
+            pending[chunk.id] = chunk
+            self._statuses[chunk.id] = chunk.batch_status or "created"
+        if self._queue_since is not None:
+            self._queue_waited_s += self._clock() - self._queue_since
+            self._queue_since = None
+        return []
+
+    def _stop_for(self, control: Control, exc: BatchAPIError, chunk: Chunk) -> None:
+        """End the run for a Batch API error at upload or create that retrying did not mend."""
+        fault = classify_api_error(exc)
+        if fault.verdict is Verdict.ABORT:
+            control.abort(fault)
+        elif fault.verdict is Verdict.RETRY:
+            control.fail(EndpointAborted(_api_failing(exc)))
+        else:
+            assert isinstance(exc, BatchStatusError)
+            control.fail(EndpointAborted(self._refused(chunk, exc)))
+
+    def _look(self, book: BatchBook, chunk: Chunk, batch: Batch) -> Chunk:
+        """Note what a look at a batch saw; the book keeps each new status and count (what `status`
+        shows, and what a lost batch is judged by)."""
+        self._statuses[chunk.id] = batch.status
+        counts = dataclasses.asdict(batch.request_counts)
+        if batch.status != chunk.batch_status or counts != chunk.counts:
+            return book.record(chunk.id, batch_status=batch.status, counts=counts)
+        return chunk
+
+    def _lost(self, book: BatchBook, chunk: Chunk, deliver: Deliver) -> list[Request]:
+        """A batch the Batch API no longer knows (404): marked lost. Its lines are sent again when
+        nothing says any was billed (no completed line at the last look); otherwise they fail (not
+        paid twice; --retry-failed sends them)."""
+        billed = chunk.counts.get("completed") or 0
+        book.record(chunk.id, status="lost", batch_status="unknown to the Batch API (404)")
+        self._statuses.pop(chunk.id, None)
+        if not billed:
+            return _requests_of(chunk)
+        message = (
+            f"batch {chunk.batch_id} is no longer known to the Batch API (404); it had completed {billed} "
+            "lines (billed) at the last look, so its lines were not sent again: --retry-failed sends them"
+        )
+        fault = Fault(Verdict.FAIL, "batch_lost", message)
+        for key in chunk.request_keys():
+            deliver(failure(Request(key, {}), fault, self._attempts.get(key, 0) + 1, model=chunk.model))
+        return []
+
+    async def _pause(self, seconds: float, control: Control) -> None:
+        """Wait between looks, or less: a stop (a signal) ends the wait at once."""
+        if control.stopping.is_set():
+            return
+        nap = asyncio.ensure_future(self._sleep(seconds))
+        stop = asyncio.ensure_future(control.stopping.wait())
+        try:
+            await asyncio.wait((nap, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            nap.cancel()
+            stop.cancel()
 
     async def _harvest(
         self, api: BatchAPI, book: BatchBook, chunk: Chunk, batch: Batch, deliver: Deliver, control: Control
@@ -356,12 +467,19 @@ class BatchExecutor:
         return None
 
     async def _result_lines(self, api: BatchAPI, chunk: Chunk, batch: Batch) -> Iterator[ResultLine]:
-        """The batch's output and error lines, downloaded (streamed to disk), then read one at a time."""
+        """The batch's output and error lines, downloaded (streamed to disk), then read one at a time.
+        A file that answered 404 past the waits on an earlier run too is taken as gone (its lines are
+        then missing, and judged by the batch's counts)."""
         files = []
         for file_id, kind in ((batch.output_file_id, "output"), (batch.error_file_id, "errors")):
             if file_id:
                 dest = self._dir / f"{chunk.id}.{kind}.jsonl"
-                await api.download(file_id, dest)
+                try:
+                    await api.download(file_id, dest)
+                except BatchNotFound:
+                    if not chunk.file_404:
+                        raise
+                    continue
                 files.append(dest)
         return _read_lines(files)
 
@@ -433,6 +551,27 @@ def _no_output_file(batch: Batch, looks: int) -> str:
         f"batch {batch.id} is {batch.status} and says {batch.request_counts.completed} lines completed (billed), "
         f"but named no output file in {looks} looks; its lines are not sent again (they would be paid twice): "
         "run the same command later to collect them"
+    )
+
+
+def _requests_of(chunk: Chunk) -> list[Request]:
+    """Every request of a chunk, with its body, to be sent again."""
+    keys = list(chunk.request_keys())
+    bodies = read_requests(chunk.requests, set(keys))
+    return [Request(key, bodies[key]) for key in keys]
+
+
+def _api_failing(exc: BatchAPIError) -> str:
+    return (
+        f"the Batch API kept failing ({exc}); the batches already made keep running at Zhipu, "
+        "and the next run collects them"
+    )
+
+
+def _file_missing(batch: Batch, exc: BatchAPIError) -> str:
+    return (
+        f"a result file of batch {batch.id} ({batch.status}) could not be downloaded ({exc}); run again later: "
+        "if it is still missing then, its lines fail as batch_result_missing rather than being paid twice"
     )
 
 

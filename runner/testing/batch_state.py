@@ -69,6 +69,7 @@ class SimBatch:
     times: dict[str, float] = field(default_factory=dict)  # status -> monotonic time it began
     output_file_id: str | None = None
     error_file_id: str | None = None
+    looks: int = 0  # GET /batches/{id} answered
     id_lag: int = 0  # looks left for which a completed batch still shows no output file id
     validation_errors: list[dict[str, Any]] = field(default_factory=list)  # errors.data of a failed batch
 
@@ -82,6 +83,8 @@ class NativeState:
         self.batches: dict[str, SimBatch] = {}  # in creation order
         self._attempts: dict[str, int] = {}  # prompt hash -> batch lines seen (a retry draws anew)
         self._failed_by_config = 0  # batches failed at validation by `batch_fail_validation`
+        self._forgotten = 0
+        self._forgotten_ids: set[str] = set()
 
     # ---- on-demand control (tests) ---------------------------------------------------------------
 
@@ -104,6 +107,23 @@ class NativeState:
                 batch.invalid = message
                 batch.validation_errors = _errors_data(message)
                 self._end(batch, "failed", now)
+
+    def forgets(self, batch: SimBatch) -> bool:
+        """Count a look at a batch; past `batch_forget_after_looks` (for the first `batch_forget_times`
+        batches) it is forgotten (True), as a purged or deleted batch is: every later look answers 404."""
+        cfg = self.host.config
+        with self.host.lock:
+            batch.looks += 1
+            if cfg.batch_forget_after_looks is None or batch.looks <= cfg.batch_forget_after_looks:
+                return False
+            if self._forgotten >= cfg.batch_forget_times and batch.id not in self._forgotten_ids:
+                return False
+            self._advance(batch, time.monotonic())
+            self._forgotten_ids.add(batch.id)
+            self._forgotten = len(self._forgotten_ids)
+            del self.batches[batch.id]
+        self.host.count("batch_forgotten")
+        return True
 
     def new_file_id(self) -> str:
         """A file id shaped like Zhipu's: `<epoch seconds>_<32 hex digits>`."""

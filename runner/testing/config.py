@@ -108,6 +108,12 @@ class SimConfig:
     batch_fail_validation: tuple[dict[str, Any], ...] = ()
     batch_fail_validation_times: int | None = None
     batch_result_short_downloads: int = 0  # a result file's first downloads are cut to 60% (a torn last line)
+    # Every look at a batch (GET /batches/{id}) / every result file download answers this status instead.
+    batch_retrieve_status: int | None = None
+    batch_download_status: int | None = None
+    # The first `batch_forget_times` batches are forgotten (404, as if purged) after this many looks each.
+    batch_forget_after_looks: int | None = None
+    batch_forget_times: int = 1
     batch_file_cap: int | None = None  # files an account may hold (Zhipu: 1,000); an upload past it is refused
     # This share of lines (fixed by custom_id and prompt) ends with finish_reason network_error (a cut
     # answer, billed) or sensitive (blocked, empty, billed).

@@ -167,6 +167,8 @@ class NativeAPI(NativeState):
     async def _file_content(self, request: web.Request) -> web.Response:
         self.advance_all()
         file = self._held(request, self.files, "file")
+        if file.purpose != "batch":
+            _fault(self.host.config.batch_download_status)
         if time.monotonic() < file.ready_at:  # a result file not yet readable right after the batch ended
             self.host.count("file_not_ready_404")
             raise _Refused(404, "404", f"file {file.id} not found")
@@ -230,6 +232,9 @@ class NativeAPI(NativeState):
 
     async def _retrieve(self, request: web.Request) -> web.Response:
         batch = self._held(request, self.batches, "batch")
+        _fault(self.host.config.batch_retrieve_status)
+        if self.forgets(batch):
+            raise _Refused(404, "404", f"batch {batch.id} not found")
         with self.host.lock:
             self._advance(batch, time.monotonic())
             return web.json_response(self._batch_json(batch))
@@ -279,6 +284,12 @@ class NativeAPI(NativeState):
             payload = self._batch_json(batch)
         self.host.count("batch_cancel")
         return web.json_response(payload)
+
+
+def _fault(status: int | None) -> None:
+    """Answer with `status` (a fault a test asked for), when one is set."""
+    if status is not None:
+        raise _Refused(status, str(status), "Service Unavailable" if status >= 500 else f"{status} fault")
 
 
 def _file_json(file: SimFile) -> dict[str, Any]:

@@ -55,6 +55,8 @@ async def run_job(
 
         return await run_on_ray(job, api_key=api_key, options=options, reporter=reporter)
     control = Control()
+    if job.spec.run.mode != "online" and job.batch is not None and job.batch.basis == "unconfirmed":
+        reporter.event("batch_unconfirmed", model=job.spec.model.name, warning=job.batch.why)
     with stop_on_signals(control, reporter):  # until supervise() takes over: a stop still ends the run well
         reporter.phase("reading input")
         source = open_input(job)

@@ -277,7 +277,10 @@ async def test_creating_a_batch_checks_endpoint_metadata_eligibility_and_the_que
 
     real = catalog.models()
     server.configure(batch_refuse_ineligible=True)
-    assert (await api.create(file["id"]))[0] == 200  # no `batch` field in the catalogue: eligible
+    assert (await api.create(file["id"]))[0] == 400  # the catalogue marks glm-4.6 batch: not eligible
+    eligible = catalog.models()["glm-4-air-250414"]
+    monkeypatch.setattr(catalog, "models", lambda: {**real, "glm-4.6": eligible})
+    assert (await api.create(file["id"]))[0] == 200
     monkeypatch.setattr(catalog, "models", lambda: {**real, "glm-4.6": _Ineligible(real["glm-4.6"])})
     status, err = await api.create(file["id"])
     assert status == 400 and "not available for the Batch API" in err["error"]["message"]

@@ -146,6 +146,7 @@ def test_error_shape_native_drops_type_and_names_the_code(server: SimulatorThrea
     assert anthropic_shaped.body == {
         "type": "error",
         "error": {"type": "1113", "message": anthropic_shaped.api_message},
+        "request_id": anthropic_shaped.body["request_id"],
     }
     server.configure(error_shape="native")
     native_shaped = messages_create(server)

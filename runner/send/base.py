@@ -191,5 +191,6 @@ def failure(request: Request, fault: Fault, attempts: int, model: str | None = N
         model=model or str(request.params.get("model")),
         error_type=fault.type,
         error_message=fault.message,
+        request_id=fault.request_id,
         retryable=fault.verdict is Verdict.RETRY,
     )

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 FAULTS = (
     "429_1302", "429_1305", "429_1113", "429_1308", "500", "529", "drop", "slow", "stream_error", "200_error",
-    "400_1261", "400_1211", "401", "413", "200_html", "hang", "partial_json",
+    "400_1261", "400_1211", "401", "413", "200_html", "hang", "partial_json", "400_1214", "400_1210",
 )  # fmt: skip
 # The mix used when a rate is given without naming faults: every retryable kind, none that abort a run.
 # "slow" and "hang" are left out: each costs the client a whole timeout (600 s by default), which would
@@ -42,6 +42,8 @@ ERRORS: dict[str, tuple[int, dict[str, Any]]] = {
         {"type": "error", "error": {"type": "1211", "message": "Unknown Model, please check the model code."}},
     ),
     "400_1261": (400, {"type": "error", "error": {"type": "1261", "message": "Prompt too long"}}),
+    "400_1214": (400, {"type": "error", "error": {"type": "1214", "message": "Invalid parameter: stop_sequences"}}),
+    "400_1210": (400, {"type": "error", "error": {"type": "1210", "message": "Invalid API parameter"}}),
     "413": (413, {"type": "error", "error": {"type": "request_too_large", "message": "Request too large"}}),
 }
 

@@ -211,6 +211,6 @@ class MessagesAPI:
         """An Anthropic-shaped error body in the shape `error_shape` asks for: as it is, or native
         (`{"error": {"code", "message"}}`, no `type`, as api.z.ai has been seen answering)."""
         if self.host.config.error_shape == "anthropic":
-            return payload
+            return {**payload, "request_id": self.host.new_id("")}
         error = payload.get("error") or {}
         return {"error": {"code": str(error.get("type")), "message": error.get("message", "")}}

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from runner.breaker import Breaker
 from runner.errors import DiskFull
 from runner.finish import Ending, finish, record
 from runner.job.inputs import open_input
@@ -88,8 +89,16 @@ async def _run(
     outstanding: set[str] = set()  # requests handed to the executor and not answered yet
 
     cpu = CpuWindow()
+    breaker = Breaker.for_run(tally.rows_total)
 
     def deliver(result: Result) -> None:
+        # The breaker holds the first answers' failures until it knows they are not the spec's fault.
+        for admitted in breaker.admit(result):
+            journal(admitted)
+        if breaker.tripped and control.aborted is None:
+            control.abort_with(breaker.error())
+
+    def journal(result: Result) -> None:
         if cpu.first is None:
             cpu.first = time.process_time()
         if result.key not in outstanding and settled.has(result.key):
@@ -153,6 +162,8 @@ async def _run(
                     reporter=reporter,
                 )
         finally:
+            for held in breaker.release():  # a run shorter than the breaker's window: its failures stand
+                journal(held)
             checkpoint()
             cpu.close()
             await executor.aclose()

@@ -63,6 +63,12 @@ class Control:
             )
         self.stop("aborted")
 
+    def abort_with(self, error: EndpointAborted) -> None:
+        """Stop for a refusal the run itself recognised (the breaker for systematic failures)."""
+        if self.aborted is None:
+            self.aborted = error
+        self.stop("aborted")
+
     def fail(self, error: GlmBatchError) -> None:
         """The run cannot go on for `error` (a full disk): stop at once and end with its exit code."""
         if self.failed is None:

@@ -282,6 +282,12 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
             f"{where}: model.max_tokens: {spec.model.max_tokens} exceeds {spec.model.name}'s "
             f"maximum output of {info.max_output} tokens"
         )
+    stops = spec.model.stop_sequences or []
+    if spec.run.mode != "online" and len(stops) > 1:
+        raise UsageError(
+            f"{where}: model.stop_sequences: Zhipu's Batch API takes a single stop word (run.mode "
+            f"{spec.run.mode}), got {len(stops)}; keep one or use run.mode: online"
+        )
     thinking = spec.model.thinking
     if thinking and thinking.type == "enabled" and (thinking.budget_tokens or 0) >= spec.model.max_tokens:
         raise UsageError(f"{where}: model.thinking.budget_tokens: must be below model.max_tokens")

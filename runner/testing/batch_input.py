@@ -13,6 +13,7 @@ from typing import Any
 
 from runner.job import catalog
 from runner.testing.answers import ask_from_chat, count_tokens
+from runner.testing.native_body import strict_problem
 
 __all__ = ["LINE_URL", "eligible", "file_problem", "line_problem", "parse_file"]
 
@@ -42,6 +43,9 @@ def line_problem(body: Any, model: str | None, scale: float) -> tuple[int, str, 
     max_tokens = body.get("max_tokens")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         return 400, "1214", "max_tokens must be a positive integer"
+    strict = strict_problem(body)  # the documented rules: tool_choice, stop, response_format, sampling...
+    if strict is not None:
+        return strict
     ask = ask_from_chat(body, 1)
     if count_tokens(ask.prompt, scale) > catalog.models()[name].context:
         return 400, "1261", "Prompt too long"

@@ -16,7 +16,7 @@ import yaml
 
 from runner.testing.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows, write_csv
-from tests.test_batch_mode import CRASH, FAST_POLL, assert_paid_once, crash_env, expected
+from tests.test_batch_mode import BATCH_MODEL, CRASH, FAST_POLL, assert_paid_once, crash_env, expected
 
 
 def test_a_completed_batch_whose_output_file_id_lags_is_looked_at_again_not_sent_again(
@@ -26,7 +26,7 @@ def test_a_completed_batch_whose_output_file_id_lags_is_looked_at_again_not_sent
     simulator bills each line once."""
     sim.configure(batch_output_id_lag_polls=3)
     rows = sample_rows(40)
-    files = make_job(rows=rows, run={"mode": "batch", "batch": FAST_POLL})
+    files = make_job(model=BATCH_MODEL, rows=rows, run={"mode": "batch", "batch": FAST_POLL})
     result = cli("run", str(files.spec))
     assert result.exit_code == 0, result.stderr[-2000:]
     assert pl.read_parquet(files.output).get_column("response_text").to_list() == expected(rows)
@@ -41,7 +41,7 @@ def test_a_result_file_cut_short_is_downloaded_again_before_any_line_is_sent_aga
     lines completed, so it is downloaded again, and every answer comes from the one batch."""
     sim.configure(batch_result_short_downloads=1)
     rows = sample_rows(50)
-    files = make_job(rows=rows, run={"mode": "batch", "batch": FAST_POLL})
+    files = make_job(model=BATCH_MODEL, rows=rows, run={"mode": "batch", "batch": FAST_POLL})
     result = cli("run", str(files.spec))
     assert result.exit_code == 0, result.stderr[-2000:]
     assert pl.read_parquet(files.output).get_column("response_text").to_list() == expected(rows)
@@ -56,7 +56,7 @@ def test_lines_a_short_result_file_never_gives_fail_their_rows_rather_than_being
     `batch_result_missing` (billed, not sent again); the rest are answered; nothing is billed twice."""
     sim.configure(batch_result_short_downloads=100)
     rows = sample_rows(50)
-    files = make_job(rows=rows, run={"mode": "batch", "batch": FAST_POLL})
+    files = make_job(model=BATCH_MODEL, rows=rows, run={"mode": "batch", "batch": FAST_POLL})
     cli("run", str(files.spec))
     out = pl.read_parquet(files.output)
     missing = out.filter(pl.col("status") == "error")
@@ -79,7 +79,7 @@ def _job_in(folder: Path, sim: SimulatorThread, rows: list[dict[str, str]]) -> J
         "name": "demo",
         "input": {"paths": ["data.csv"], "id_column": "id"},
         "prompt": {"system": "Be brief.", "template": "Summarise: {{ text }}"},
-        "model": {"name": "glm-4.6", "endpoint": sim.url, "max_tokens": 64},
+        "model": {"name": "glm-4-air-250414", "endpoint": sim.url, "max_tokens": 64},
         "run": {"mode": "batch", "batch": FAST_POLL},
         "output": {"path": "out/demo.parquet"},
     }
@@ -117,7 +117,7 @@ def test_a_batch_refused_at_validation_shows_zhipus_error_and_sends_no_other_bat
 ) -> None:
     """`failed` with errors.data about the request: its first error in one line, exit 3, no new batch."""
     sim.configure(batch_fail_validation=(STOP_REFUSED, {**STOP_REFUSED, "line": 2}))
-    files = make_job(rows=sample_rows(10), run={"mode": "batch", "batch": FAST_POLL})
+    files = make_job(model=BATCH_MODEL, rows=sample_rows(10), run={"mode": "batch", "batch": FAST_POLL})
     result = cli("run", str(files.spec))
     assert result.exit_code == 3, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -132,7 +132,7 @@ def test_a_batch_failed_for_a_transient_reason_is_sent_again_in_the_next_round(
     sim.configure(batch_fail_validation=({"code": "500", "line": None, "message": "Internal Error"},))
     sim.configure(batch_fail_validation_times=1)
     rows = sample_rows(10)
-    files = make_job(rows=rows, run={"mode": "batch", "batch": FAST_POLL})
+    files = make_job(model=BATCH_MODEL, rows=rows, run={"mode": "batch", "batch": FAST_POLL})
     result = cli("run", str(files.spec))
     assert result.exit_code == 0, result.stderr[-2000:]
     assert pl.read_parquet(files.output).get_column("response_text").to_list() == expected(rows)

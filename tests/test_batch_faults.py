@@ -16,14 +16,14 @@ import polars as pl
 
 from runner.testing.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
-from tests.test_batch_mode import FAST_POLL, assert_paid_once, crash_env, expected
+from tests.test_batch_mode import BATCH_MODEL, FAST_POLL, assert_paid_once, crash_env, expected
 
 
 def test_a_batch_api_that_keeps_failing_while_polling_ends_the_run_with_exit_3_and_the_resume_line(
     make_job: Callable[..., JobFiles], sim: SimulatorThread
 ) -> None:
     sim.configure(batch_retrieve_status=503)
-    files = make_job(rows=sample_rows(10), run={"mode": "batch", "batch": FAST_POLL})
+    files = make_job(model=BATCH_MODEL, rows=sample_rows(10), run={"mode": "batch", "batch": FAST_POLL})
     result = cli("run", str(files.spec))
     assert result.exit_code == 3, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -42,7 +42,7 @@ def test_a_result_file_that_stays_404_ends_the_run_and_then_fails_its_lines_with
     """The first run stops with exit 3 (the file may still come); when it is still 404 on the next run
     the job is not stuck: the lines the batch billed fail as batch_result_missing, nothing is re-sent."""
     sim.configure(batch_download_status=404)
-    files = make_job(rows=sample_rows(10), run={"mode": "batch", "batch": FAST_POLL})
+    files = make_job(model=BATCH_MODEL, rows=sample_rows(10), run={"mode": "batch", "batch": FAST_POLL})
     first = cli("run", str(files.spec))
     assert first.exit_code == 3, first.stderr[-2000:]
     assert "could not be downloaded" in first.stderr.strip().splitlines()[-1]
@@ -59,7 +59,7 @@ def test_a_batch_the_api_forgets_before_any_line_completed_is_sent_again(
     """404 on a batch last seen validating: nothing says a line was billed, so a new batch sends them."""
     sim.configure(batch_validating_s=0.3, batch_forget_after_looks=1)  # the first batch only
     rows = sample_rows(10)
-    files = make_job(rows=rows, run={"mode": "batch", "batch": FAST_POLL})
+    files = make_job(model=BATCH_MODEL, rows=rows, run={"mode": "batch", "batch": FAST_POLL})
     result = cli("run", str(files.spec))
     assert result.exit_code == 0, result.stderr[-2000:]
     assert sim.stats()["outcomes"]["batch_forgotten"] == 1
@@ -74,7 +74,7 @@ def test_a_batch_the_api_forgets_after_lines_completed_fails_its_rows_and_status
     """404 on a batch whose last look counted completed lines: they were billed, which ones is unknown,
     so none is sent again; its rows fail as batch_lost and `status` lists the batch as lost."""
     sim.configure(batch_lines_per_s=200, batch_forget_after_looks=4)
-    files = make_job(rows=sample_rows(400), run={"mode": "batch", "batch": FAST_POLL})
+    files = make_job(model=BATCH_MODEL, rows=sample_rows(400), run={"mode": "batch", "batch": FAST_POLL})
     result = cli("run", str(files.spec))
     assert result.exit_code == 1, result.stderr[-2000:]
     out = pl.read_parquet(files.output)
@@ -89,7 +89,11 @@ def test_ctrl_c_while_polling_ends_within_a_second_and_says_the_batch_runs_on_at
     make_job: Callable[..., JobFiles], sim: SimulatorThread, tmp_path: Path
 ) -> None:
     sim.configure(batch_lines_per_s=1)
-    files = make_job(rows=sample_rows(100), run={"mode": "batch", "batch": {"poll_initial_s": 60, "poll_max_s": 120}})
+    files = make_job(
+        model=BATCH_MODEL,
+        rows=sample_rows(100),
+        run={"mode": "batch", "batch": {"poll_initial_s": 60, "poll_max_s": 120}},
+    )
     child = subprocess.Popen(
         [sys.executable, "-m", "runner", "run", str(files.spec), "--log-format", "json"],
         env=crash_env(tmp_path),
@@ -117,7 +121,7 @@ def test_a_full_queue_at_create_waits_for_room_and_submits_the_rest_as_batches_d
     batches made drain, then go in. Every row answered once; the wait is in the summary."""
     sim.configure(batch_queue_cap=400, batch_lines_per_s=300)
     rows = sample_rows(1000)
-    files = make_job(rows=rows, run={"mode": "batch", "batch": {**FAST_POLL, "max_requests": 100}})
+    files = make_job(model=BATCH_MODEL, rows=rows, run={"mode": "batch", "batch": {**FAST_POLL, "max_requests": 100}})
     result = cli("run", str(files.spec))
     assert result.exit_code == 0, result.stderr[-2000:]
     assert pl.read_parquet(files.output).get_column("response_text").to_list() == expected(rows)

@@ -36,9 +36,10 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def chat(text: str, model: str = "glm-4.6", **extra: Any) -> dict[str, Any]:
-    """A native chat completions body with the module's system prompt."""
+    """A native chat completions body with the module's system prompt, thinking off (as the runner
+    sends a request that does not ask for it; the native default is on)."""
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
-    return {"model": model, "messages": messages, "max_tokens": 256, **extra}
+    return {"model": model, "messages": messages, "max_tokens": 256, "thinking": {"type": "disabled"}, **extra}
 
 
 def line(custom_id: str, body: Any, url: str = "/v4/chat/completions") -> dict[str, Any]:
@@ -142,15 +143,16 @@ async def test_a_batch_validates_runs_finalizes_and_completes_with_shuffled_resu
 
 
 async def test_a_batch_line_answers_exactly_as_the_messages_route_does(api: Api) -> None:
-    """Same prompt, same answer and usage: plain text, thinking as reasoning_content, a forced
-    OpenAI-style tool call as the Anthropic tool_use input, json_object mode, and max_tokens cut-offs."""
+    """Same prompt, same answer and usage: plain text, thinking as reasoning_content, an
+    OpenAI-style tool call (tool_choice auto) as the Anthropic tool_use input, json_object mode, and
+    max_tokens cut-offs."""
     tool = {"type": "function", "function": {"name": "label", "parameters": SCHEMA}}
     lines = [
         line("text", chat("the food was great")),
         line("think", chat("the food was great", thinking={"type": "enabled"})),
         line(
             "tool",
-            chat("awful service", tools=[tool], tool_choice={"type": "function", "function": {"name": "label"}}),
+            chat("awful service", tools=[tool], tool_choice="auto"),
         ),
         line("json", chat("the food was great", response_format={"type": "json_object"})),
         line("short", chat("the food was great", max_tokens=8)),
@@ -198,8 +200,7 @@ async def test_invalid_answers_and_repair_turns_behave_as_online(api: Api, serve
     (assistant tool_calls, a tool message, a user message) is accepted and answered validly."""
     server.configure(invalid_rate=1.0)
     tool = {"type": "function", "function": {"name": "label", "parameters": SCHEMA}}
-    forced = {"type": "function", "function": {"name": "label"}}
-    first = chat("great stuff", tools=[tool], tool_choice=forced)
+    first = chat("great stuff", tools=[tool], tool_choice="auto")
     batch, _ = await api.wait((await api.submit([line("a", first)]))["id"])
     _, [result] = await api.content(batch["output_file_id"])
     call = result["response"]["body"]["choices"][0]["message"]["tool_calls"][0]
@@ -277,7 +278,10 @@ async def test_creating_a_batch_checks_endpoint_metadata_eligibility_and_the_que
 
     real = catalog.models()
     server.configure(batch_refuse_ineligible=True)
-    assert (await api.create(file["id"]))[0] == 200  # no `batch` field in the catalogue: eligible
+    assert (await api.create(file["id"]))[0] == 400  # the catalogue marks glm-4.6 batch: not eligible
+    eligible = catalog.models()["glm-4-air-250414"]
+    monkeypatch.setattr(catalog, "models", lambda: {**real, "glm-4.6": eligible})
+    assert (await api.create(file["id"]))[0] == 200
     monkeypatch.setattr(catalog, "models", lambda: {**real, "glm-4.6": _Ineligible(real["glm-4.6"])})
     status, err = await api.create(file["id"])
     assert status == 400 and "not available for the Batch API" in err["error"]["message"]

@@ -1,9 +1,9 @@
-"""The command line: `glm-batch run | estimate | validate | status | usage | report | models | schema | init`.
+"""The command line: `glm-batch run | estimate | validate | doctor | status | usage | report | models | schema | init`.
 
 This package holds the typer app, its entry point `main`, the options and helpers every command
 shares (`_guarded`, `_load`, `_console`...), and registers the commands, which live by concern in
-`run` (run, estimate, simulate), `inspect` (usage, report, status, models) and `scaffold` (schema,
-validate, init); `tables` draws the tables they print.
+`run` (run, estimate, simulate), `inspect` (usage, report, status, models), `scaffold` (schema,
+validate, init) and `doctor` (the first-real-run probe); `tables` draws the tables they print.
 
 Every error glm-batch raises on purpose is printed as one line (`glm-batch: error: ...`) and ends the
 process with its exit code; see the README for the table of codes.
@@ -164,7 +164,7 @@ def app_for(args: list[str]) -> typer.Typer:
 
 # The commands live in modules by concern and register here, after the app and the helpers they use,
 # in the order `glm-batch --help` lists them.
-from runner.cli import inspect, run, scaffold  # noqa: E402
+from runner.cli import doctor, inspect, run, scaffold  # noqa: E402
 from runner.cli.scaffold import job_schema, job_schema_text, starter_job  # noqa: E402
 from runner.cli.tables import _estimate_table, _models_table, _usage_table  # noqa: E402
 
@@ -176,6 +176,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
         inspect.usage,
         inspect.report,
         scaffold.validate,
+        doctor.doctor,
         inspect.status,
         inspect.cancel,
         inspect.models,

@@ -18,12 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import ValidationError
 
 from runner.errors import UsageError
 from runner.job import catalog, paths
+from runner.job.facts import Facts, endpoint_id, load_facts
 from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
 from runner.job.templates import Template, compile_template, deferred_template
@@ -54,6 +56,8 @@ class Job:
     history: tuple[tuple[str, Template], ...] = ()
     # output.keep_columns as given, or its default: none for text answers, the prompt's columns for labeling.
     keep_columns: tuple[str, ...] = ()
+    # May this job's model go to the Batch API on this endpoint, and on what grounds.
+    batch: BatchEligibility | None = None
 
     @property
     def prompt_variables(self) -> frozenset[str]:
@@ -71,6 +75,63 @@ class Job:
         data.setdefault("output", {})["keep_columns"] = list(self.keep_columns)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class BatchEligibility:
+    """Whether a model may go to the Batch API on an endpoint: `basis` is "catalogue" (Zhipu's list),
+    "doctor" (proved on this account), "unconfirmed" (run.batch.allow_unconfirmed) or "refused",
+    with `why` the one line a refusal prints."""
+
+    allowed: bool
+    basis: str
+    why: str = ""
+
+
+BATCH_MODELS_HINT = "glm-4-air-250414, glm-4-plus, glm-4-flashx-250414, glm-4-long or glm-4-flash (free)"
+
+
+def has_batch_api(base_url: str | None) -> bool:
+    """Whether the endpoint has Zhipu's Batch API: api.z.ai has none (real-wire.md, Hosts)."""
+    host = (urlsplit(base_url).hostname or "") if base_url else ""
+    return not (host == "z.ai" or host.endswith(".z.ai"))
+
+
+def batch_eligibility(
+    model: str,
+    info: catalog.ModelInfo,
+    endpoint: str,
+    base_url: str | None,
+    known: Facts,
+    allow_unconfirmed: bool,
+) -> BatchEligibility:
+    """The one batch rule: the Batch API exists on the endpoint, and the model is on Zhipu's list, or
+    `glm-batch doctor --batch` proved it here, or the job accepts the risk (allow_unconfirmed)."""
+    if not has_batch_api(base_url):
+        return BatchEligibility(
+            False,
+            "refused",
+            f"endpoint {endpoint} (api.z.ai) has no Batch API; use model.endpoint: zhipu (open.bigmodel.cn) "
+            "with a zhipu key for batch and hybrid, or run.mode: online",
+        )
+    if info.batch.eligible:
+        return BatchEligibility(True, "catalogue")
+    if known.batch_eligible is True:
+        return BatchEligibility(True, "doctor")
+    if allow_unconfirmed:
+        return BatchEligibility(
+            True,
+            "unconfirmed",
+            f"{model} is not on Zhipu's Batch API list; the batch may fail at validation",
+        )
+    proved = " (glm-batch doctor --batch found it refused)" if known.batch_eligible is False else ""
+    return BatchEligibility(
+        False,
+        "refused",
+        f"{model} is not on Zhipu's Batch API eligibility list{proved}, so its batches would fail at validation; "
+        f"use an eligible model ({BATCH_MODELS_HINT}), prove it with `glm-batch doctor JOB --batch`, "
+        "or set run.batch.allow_unconfirmed: true to try anyway",
+    )
 
 
 def load_job(
@@ -210,15 +271,22 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
             f"{where}: model.name: unknown model {spec.model.name!r}; known: {known} (add it to configs/models.yaml)"
         )
     info = models[spec.model.name]
-    if spec.run.mode != "online" and not info.batch.eligible:
-        raise UsageError(
-            f"{where}: run.mode: {spec.model.name} is not known to be taken by Zhipu's Batch API "
-            f"(configs/models.yaml says eligible: false); use run.mode: online"
-        )
+    learned = load_facts(endpoint_id(base_url), spec.model.name)  # what glm-batch doctor found here
+    batch_basis = batch_eligibility(
+        spec.model.name, info, spec.model.endpoint, base_url, learned, spec.run.batch.allow_unconfirmed
+    )
+    if spec.run.mode != "online" and not batch_basis.allowed:
+        raise UsageError(f"{where}: run.mode: {spec.run.mode}: {batch_basis.why}")
     if spec.model.max_tokens > info.max_output:
         raise UsageError(
             f"{where}: model.max_tokens: {spec.model.max_tokens} exceeds {spec.model.name}'s "
             f"maximum output of {info.max_output} tokens"
+        )
+    stops = spec.model.stop_sequences or []
+    if spec.run.mode != "online" and len(stops) > 1:
+        raise UsageError(
+            f"{where}: model.stop_sequences: Zhipu's Batch API takes a single stop word (run.mode "
+            f"{spec.run.mode}), got {len(stops)}; keep one or use run.mode: online"
         )
     thinking = spec.model.thinking
     if thinking and thinking.type == "enabled" and (thinking.budget_tokens or 0) >= spec.model.max_tokens:
@@ -294,7 +362,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
         shape=shape,
         model=info,
         concurrency=(
-            min(info.concurrency, spec.run.max_concurrency)
+            min(learned.concurrency or info.concurrency, spec.run.max_concurrency)
             if spec.run.concurrency in (None, "auto")
             else int(spec.run.concurrency)
         ),
@@ -303,6 +371,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
         state_dir=state_dir,
         history=history,
         keep_columns=keep_columns,
+        batch=batch_basis,
     )
 
 

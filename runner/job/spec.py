@@ -9,7 +9,7 @@ from __future__ import annotations
 import string
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 # Upper bounds on every number a spec may give: far above anything a real job needs, low enough that a
 # typo (an extra three zeros, .inf) is refused at load instead of exhausting memory or never ending.
@@ -39,6 +39,15 @@ def _refuse_bool(v: Any) -> Any:
 # (the models below refuse .nan and .inf).
 Int = Annotated[int, BeforeValidator(_refuse_bool)]
 Float = Annotated[float, BeforeValidator(_refuse_bool)]
+
+
+def _two_decimals(v: float) -> float:
+    if round(v, 2) != v:
+        raise ValueError(f"{v!r} has more than two decimals, which Zhipu refuses; use {round(v, 2)!r}")
+    return v
+
+
+TwoDecimals = Annotated[Float, AfterValidator(_two_decimals)]
 PositiveInt = Annotated[Int, Field(gt=0)]
 PositiveFloat = Annotated[Float, Field(gt=0)]
 
@@ -128,8 +137,10 @@ class ModelSpec(_Strict):
     max_tokens: PositiveInt = Field(
         le=MAX_TOKENS, description="The longest answer, in tokens; at most the model's own maximum output."
     )
-    temperature: Float | None = Field(None, ge=0, le=1, description="0 to 1.")
-    top_p: Float | None = Field(None, gt=0, le=1, description="Above 0, at most 1.")
+    # Zhipu's documented ranges (real-wire.md, native chat body), at most two decimals: 0.123 is
+    # refused at load, not by the endpoint on every row.
+    temperature: TwoDecimals | None = Field(None, ge=0, le=1, description="0 to 1, at most two decimals.")
+    top_p: TwoDecimals | None = Field(None, ge=0.01, le=1, description="0.01 to 1, at most two decimals.")
     top_k: PositiveInt | None = Field(None, le=MAX_TOP_K, description=f"1 to {MAX_TOP_K}.")
     stop_sequences: list[str] | None = None
     thinking: ThinkingSpec | None = None
@@ -148,6 +159,9 @@ class BatchSpec(_Strict):
     max_rounds: Annotated[int, Field(ge=1, le=20)] = 3  # batch rounds for lines to send again (batch mode)
     # hybrid: how long before the deadline to cancel what the Batch API has not finished and send it online
     online_margin_s: Annotated[float, Field(ge=0, le=86_400)] | None = None  # default: from the online rate
+    # Send a model Zhipu's eligibility list does not name (GLM-4.5 and newer) to the Batch API anyway;
+    # the run says it may fail at validation. Not needed once `glm-batch doctor --batch` proved the model.
+    allow_unconfirmed: bool = False
 
 
 class RunSpec(_Strict):

@@ -328,7 +328,9 @@ def _report(
             "high": round(total(in_high, output.high), 6),
             "ceiling": round(total(in_high, max_tokens), 6),
         },
-        "batch_api_expected": round(expected * job.model.batch.price_share, 6),
+        "batch_api_expected": (
+            round(expected * job.model.batch.price_share, 6) if job.batch is None or job.batch.allowed else None
+        ),
         "tier_mix": tiers,
         "wall_time_s": {
             "expected": round(n * latency / max(1, job.concurrency), 1),
@@ -347,15 +349,19 @@ def _modes(job: Job, online_cost: float, online_s: float) -> dict[str, Any]:
     """Online, batch and hybrid side by side: expected cost and wall time of each way to run the job."""
     batch = job.model.batch
     modes: dict[str, Any] = {"online": {"cost": round(online_cost, 6), "wall_time_s": round(online_s, 1)}}
-    if not batch.eligible:
-        modes["batch"] = modes["hybrid"] = {"eligible": False}
+    verdict = job.batch
+    if verdict is not None and not verdict.allowed:
+        modes["batch"] = modes["hybrid"] = {"eligible": False, "why": verdict.why}
         return modes
     batch_cost = online_cost * batch.price_share
+    unconfirmed = verdict is not None and verdict.basis == "unconfirmed"
     modes["batch"] = {
         "cost": round(batch_cost, 6),
         "wall_time_s": BATCH_TURNAROUND_S,
-        "basis": "up to 24 h: Zhipu finishes most batches within a day",
-        "price_confirmed": batch.confirmed,
+        "basis": "up to 24 h: Zhipu finishes most batches within a day"
+        + ("; the model is not on Zhipu's list: the batch may fail at validation" if unconfirmed else ""),
+        "price_confirmed": batch.confirmed and batch.eligible,
+        "eligibility": verdict.basis if verdict is not None else "catalogue",
     }
     deadline = job.spec.run.deadline
     if deadline is not None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 FAULTS = (
     "429_1302", "429_1305", "429_1113", "429_1308", "500", "529", "drop", "slow", "stream_error", "200_error",
-    "400_1261", "400_1211", "401", "413", "200_html", "hang", "partial_json",
+    "400_1261", "400_1211", "401", "413", "200_html", "hang", "partial_json", "400_1214", "400_1210",
 )  # fmt: skip
 # The mix used when a rate is given without naming faults: every retryable kind, none that abort a run.
 # "slow" and "hang" are left out: each costs the client a whole timeout (600 s by default), which would
@@ -42,6 +42,8 @@ ERRORS: dict[str, tuple[int, dict[str, Any]]] = {
         {"type": "error", "error": {"type": "1211", "message": "Unknown Model, please check the model code."}},
     ),
     "400_1261": (400, {"type": "error", "error": {"type": "1261", "message": "Prompt too long"}}),
+    "400_1214": (400, {"type": "error", "error": {"type": "1214", "message": "Invalid parameter: stop_sequences"}}),
+    "400_1210": (400, {"type": "error", "error": {"type": "1210", "message": "Invalid API parameter"}}),
     "413": (413, {"type": "error", "error": {"type": "request_too_large", "message": "Request too large"}}),
 }
 
@@ -84,6 +86,21 @@ class SimConfig:
     api_keys: tuple[str, ...] | None = None  # None: any non-empty key is valid
     token_scale: float = 1.0  # multiplies every token count (a tokenizer unlike the estimator's)
     seed: int = 0
+
+    # ---- what the real service does that its docs leave open (shared/reference/real-wire.md) ---------
+    # The native chat body (every batch line, /api/paas/v4/chat/completions) is always as strict as
+    # Zhipu's OpenAPI: tool_choice auto only, one stop word, no json_schema, no images on text models,
+    # temperature in [0, 1] and top_p in [0.01, 1], thinking on by default where the model thinks.
+    # The Anthropic route's behaviour is unknown on these points; each is a switch:
+    # "refuse": a tool_choice of {"type": "tool"} or {"type": "any"} is a 400 "Tool choice must be auto".
+    forced_tool_choice: Literal["accept", "refuse"] = "accept"
+    # "native": every error of the Anthropic route is {"error": {"code", "message"}}, no `type` (api.z.ai).
+    error_shape: Literal["anthropic", "native"] = "anthropic"
+    anthropic_max_stop_sequences: int | None = None  # None: any number; else more is a 400 code 1214
+    # "requested": the Anthropic route thinks only when the request enables it; "model": as the native
+    # API does, thinking models think unless the request disables it (GLM-4.7 whatever it says).
+    anthropic_thinking: Literal["requested", "model"] = "requested"
+    reasoning_tokens: int = 40  # how long a thinking model reasons before it answers (billed as output)
 
     # ---- Batch API -------------------------------------------------------------------------------
     batch_max_lines: int = 50_000  # per uploaded file (Zhipu's limit)

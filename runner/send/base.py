@@ -205,8 +205,9 @@ def _usage(answers: list[Answer]) -> tuple[int, int, int, int, int]:
     )
 
 
-def failure(request: Request, fault: Fault, attempts: int, model: str | None = None) -> Result:
-    """The Result of a request that ended in `fault`; a retryable one is sent again by the next run."""
+def failure(request: Request, fault: Fault, attempts: int, model: str | None = None, api: str | None = None) -> Result:
+    """The Result of a request that ended in `fault` (on `api`, if it was sent); a retryable one is
+    sent again by the next run."""
     return Result(
         key=request.key,
         status="error",
@@ -218,4 +219,5 @@ def failure(request: Request, fault: Fault, attempts: int, model: str | None = N
         error_message=fault.message,
         request_id=fault.request_id,
         retryable=fault.verdict is Verdict.RETRY,
+        api=api,
     )

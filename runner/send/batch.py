@@ -92,6 +92,7 @@ class BatchExecutor:
         self._lines_open = 0
         self._round_s: float | None = None  # how long a batch round took here: is there time for another?
         self._maybe_created: set[str] = set()
+        self._carry: dict[str, tuple[int, int, int]] = {}  # key -> tokens of billed turns no row holds yet
         self._queue_refused = 0  # creates the model's full queue refused (429)
         self._queue_waited_s = 0.0  # time chunks waited for room in it
         self._queue_since: float | None = None
@@ -118,6 +119,8 @@ class BatchExecutor:
 
     async def run(self, requests: AsyncIterator[Request], deliver: Deliver, control: Control) -> None:
         """Reattach to the job's open batches, submit what is new, and harvest until done or stopped."""
+        online_deliver = self._carrying(deliver, None)
+        deliver = self._carrying(deliver, API)
         book = BatchBook(self._dir)
         async with self._api() as api:
             chunks = book.open_chunks()
@@ -135,7 +138,7 @@ class BatchExecutor:
                 if not leftovers or control.stopping.is_set():
                     return
                 if self._online is not None and not self._time_for_another_round():
-                    await self._finish_online(leftovers, deliver, control)
+                    await self._finish_online(leftovers, online_deliver, control)
                     return
                 if round_no + 1 == self._spec.max_rounds:
                     break
@@ -143,6 +146,31 @@ class BatchExecutor:
         for request in leftovers:  # out of rounds: retryable, so the next run sends them again
             fault = Fault(Verdict.RETRY, "batch_unanswered", f"no answer after {self._spec.max_rounds} batch rounds")
             deliver(failure(request, fault, self._attempts.get(request.key, 0)))
+
+    def _carrying(self, deliver: Deliver, api: str | None) -> Deliver:
+        """`deliver`, adding to each row the tokens of its billed turns that were not kept (a cut
+        `network_error` answer sent again, a blocked one), and naming `api` on a row that has none."""
+
+        def out(result: Result) -> None:
+            carried = self._carry.pop(result.key, None)
+            if carried is not None:
+                result = dataclasses.replace(
+                    result,
+                    input_tokens=(result.input_tokens or 0) + carried[0],
+                    output_tokens=(result.output_tokens or 0) + carried[1],
+                    thinking_tokens=(result.thinking_tokens or 0) + carried[2],
+                )
+            if api is not None and result.api is None:
+                result = dataclasses.replace(result, api=api)
+            deliver(result)
+
+        return out
+
+    def _carry_turn(self, key: str, answer: Answer) -> None:
+        """Keep a billed answer's tokens for its row (the answer itself is not kept)."""
+        before = self._carry.get(key, (0, 0, 0))
+        tokens = (answer.input_tokens + (answer.cache_read_input_tokens or 0), answer.output_tokens)
+        self._carry[key] = (before[0] + tokens[0], before[1] + tokens[1], before[2] + answer.thinking_tokens)
 
     # ---- writing and submitting ------------------------------------------------------------------
 
@@ -439,6 +467,14 @@ class BatchExecutor:
             answer = answer_from_chat(line.body, line.request_id)
         except BadResultLine:
             return _UNREADABLE
+        if answer.stop_reason == "network_error":  # the inference broke off: a cut answer, billed; ask again
+            self._carry_turn(key, answer)
+            return _Later(key, None)
+        if answer.stop_reason == "refusal":  # `sensitive`: Zhipu's content filter blocked the answer
+            self._carry_turn(key, answer)
+            self._conversations.pop(key, None)
+            deliver(failure(Request(key, {}), _BLOCKED, self._attempts[key], model=model))
+            return None
         if key in self._conversations:
             return _Later(key, answer)  # a repair round's answer: its conversation holds the earlier turns
         if self._shape is not None:
@@ -537,6 +573,11 @@ def _ms(stamp: int) -> int:
     return stamp * 1000 if stamp < 100_000_000_000 else stamp
 
 
+_BLOCKED = Fault(
+    Verdict.FAIL,
+    "content_filter",
+    "Zhipu's content filter blocked the answer (finish_reason sensitive); it was billed",
+)
 _UNREADABLE = object()  # a result line answered (billed) whose body cannot be read
 
 

@@ -42,6 +42,9 @@ class Control:
     failed: GlmBatchError | None = None  # a local failure that stopped the run (a full disk)
     retries: dict[str, int] = field(default_factory=dict)  # error_type -> retries taken
     maybe_billed: list[int] = field(default_factory=list)  # input tokens of attempts that may be billed twice
+    # Journals what was delivered so far (the engine's checkpoint); an executor calls it before it lets
+    # go of the last copy of paid answers (the Batch API's result files).
+    checkpoint: Callable[[], None] | None = None
     # Structured answers ask with tool_choice auto (validated and repaired) instead of forcing the tool:
     # the endpoint refused a forced tool choice in this run, or a fact learned earlier said it would.
     tool_choice_auto: bool = False

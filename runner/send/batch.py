@@ -93,6 +93,7 @@ class BatchExecutor:
         self._round_s: float | None = None  # how long a batch round took here: is there time for another?
         self._maybe_created: set[str] = set()
         self._carry: dict[str, tuple[int, int, int]] = {}  # key -> tokens of billed turns no row holds yet
+        self._submitting: Chunk | None = None  # the chunk being submitted (named if that fails)
         self._queue_refused = 0  # creates the model's full queue refused (429)
         self._queue_waited_s = 0.0  # time chunks waited for room in it
         self._queue_since: float | None = None
@@ -207,6 +208,7 @@ class BatchExecutor:
 
     async def _submit(self, api: BatchAPI, book: BatchBook, chunk: Chunk) -> Chunk:
         """Upload and create what the chunk still lacks; a batch made before (metadata) is found, not remade."""
+        chunk = book.chunks[chunk.id]  # as far as it got (an earlier try may have uploaded it)
         if chunk.status == "written":
             uploaded = await api.upload(chunk.path)
             at = _ms(uploaded.created_at) if uploaded.created_at else int((time.time() - _CLOCK_SLACK_S) * 1000)
@@ -267,7 +269,7 @@ class BatchExecutor:
                 try:
                     waiting = await self._submit_all(api, book, waiting, pending)
                 except BatchAPIError as exc:  # what retrying could not mend: the account, the file, the API
-                    self._stop_for(control, exc, waiting[0])
+                    await self._stop_for(api, book, control, exc, self._submitting or waiting[0])
                     return []
             if self._online is not None and not cancelled and self._deadline_near():
                 cancelled = True  # what is not back is cancelled there and sent online after the harvest
@@ -325,6 +327,7 @@ class BatchExecutor:
         """Submit the waiting chunks in order, into `pending`; the ones the model's queue has no room
         for yet (429 at create) are returned, to be tried again after the next look at the others."""
         for index, chunk in enumerate(waiting):
+            self._submitting = chunk
             try:
                 chunk = await self._submit(api, book, chunk)
             except BatchStatusError as exc:
@@ -343,8 +346,16 @@ class BatchExecutor:
             self._queue_since = None
         return []
 
-    def _stop_for(self, control: Control, exc: BatchAPIError, chunk: Chunk) -> None:
-        """End the run for a Batch API error at upload or create that retrying did not mend."""
+    async def _stop_for(
+        self, api: BatchAPI, book: BatchBook, control: Control, exc: BatchAPIError, chunk: Chunk
+    ) -> None:
+        """End the run for a Batch API error at upload or create that retrying did not mend. An input file
+        a create refused is deleted (an account holds at most 1,000 files); the next run uploads anew."""
+        chunk = book.chunks[chunk.id]
+        if chunk.status == "uploaded" and chunk.file_id and isinstance(exc, BatchStatusError):
+            with contextlib.suppress(BatchAPIError):
+                await api.delete_file(chunk.file_id)
+            book.record(chunk.id, status="written", file_id=None, uploaded_at=None)
         fault = classify_api_error(exc)
         if fault.verdict is Verdict.ABORT:
             control.abort(fault)
@@ -441,7 +452,12 @@ class BatchExecutor:
             if again is not None:
                 leftovers.append(again)
         counts = dataclasses.asdict(batch.request_counts)
-        book.record(chunk.id, status="harvested", batch_status=batch.status, counts=counts)
+        files = {"output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id}
+        chunk = book.record(chunk.id, status="harvested", batch_status=batch.status, counts=counts, **files)
+        if not self._spec.keep_files and control.checkpoint is not None:
+            control.checkpoint()  # the answers are journalled before their files at Zhipu are deleted
+            if control.failed is None:
+                await purge(api, book, chunk)
         return leftovers
 
     def _take_at_once(
@@ -593,6 +609,24 @@ def _no_output_file(batch: Batch, looks: int) -> str:
         f"but named no output file in {looks} looks; its lines are not sent again (they would be paid twice): "
         "run the same command later to collect them"
     )
+
+
+async def purge(api: BatchAPI, book: BatchBook, chunk: Chunk) -> int:
+    """Delete a chunk's files at Zhipu (its input, and its result files once harvested); how many went.
+    A file already gone (auto-deleted input) is fine; any other failure leaves it for a later purge."""
+    deleted = 0
+    ids = [chunk.file_id] + ([chunk.output_file_id, chunk.error_file_id] if chunk.status == "harvested" else [])
+    complete = True
+    for file_id in filter(None, ids):
+        try:
+            deleted += await api.delete_file(file_id)
+        except BatchNotFound:
+            continue
+        except BatchAPIError:
+            complete = False
+    if complete and chunk.status == "harvested":
+        book.record(chunk.id, purged=True)
+    return deleted
 
 
 def _requests_of(chunk: Chunk) -> list[Request]:

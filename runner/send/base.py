@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -45,6 +46,7 @@ class Control:
     # Journals what was delivered so far (the engine's checkpoint); an executor calls it before it lets
     # go of the last copy of paid answers (the Batch API's result files).
     checkpoint: Callable[[], None] | None = None
+    started: float = field(default_factory=time.monotonic)  # when the run began (a hybrid deadline counts from it)
     # Structured answers ask with tool_choice auto (validated and repaired) instead of forcing the tool:
     # the endpoint refused a forced tool choice in this run, or a fact learned earlier said it would.
     tool_choice_auto: bool = False

@@ -73,6 +73,7 @@ class BatchExecutor:
         shape: AnswerShape | None = None,
         online: Executor | None = None,
         deadline: float | None = None,  # on `clock`: when the job must be done (hybrid)
+        deadline_after_s: float | None = None,  # or: this long after the run's start (Control.started)
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -83,6 +84,7 @@ class BatchExecutor:
         self._shape = shape
         self._online = online
         self._deadline = deadline
+        self._deadline_after_s = deadline_after_s
         self._clock = clock
         self._sleep = sleep
         self._started = clock()
@@ -93,6 +95,7 @@ class BatchExecutor:
         self._round_s: float | None = None  # how long a batch round took here: is there time for another?
         self._maybe_created: set[str] = set()
         self._carry: dict[str, tuple[int, int, int]] = {}  # key -> tokens of billed turns no row holds yet
+        self._cancel_failed: dict[str, str | None] = {}  # chunk -> why its cancel failed (hybrid deadline)
         self._submitting: Chunk | None = None  # the chunk being submitted (named if that fails)
         self._queue_refused = 0  # creates the model's full queue refused (429)
         self._queue_waited_s = 0.0  # time chunks waited for room in it
@@ -120,6 +123,9 @@ class BatchExecutor:
 
     async def run(self, requests: AsyncIterator[Request], deliver: Deliver, control: Control) -> None:
         """Reattach to the job's open batches, submit what is new, and harvest until done or stopped."""
+        if self._deadline_after_s is not None:  # the run began before this executor was made
+            self._started = control.started
+            self._deadline = control.started + self._deadline_after_s
         online_deliver = self._carrying(deliver, None)
         deliver = self._carrying(deliver, API)
         book = BatchBook(self._dir)
@@ -275,7 +281,7 @@ class BatchExecutor:
                 cancelled = True  # what is not back is cancelled there and sent online after the harvest
                 for chunk in pending.values():
                     assert chunk.batch_id is not None
-                    await _cancel(api, chunk.batch_id)
+                    self._cancel_failed[chunk.id] = await _cancel(api, chunk.batch_id, self._cancel_bound())
                 for chunk in waiting:  # never submitted: straight online
                     self._statuses.pop(chunk.id, None)
                     self._lines_open -= chunk.lines
@@ -316,10 +322,49 @@ class BatchExecutor:
                         return []
                 del pending[chunk.id]
                 self._lines_open -= chunk.lines
+            if cancelled and pending and self._clock() >= self._give_up_at():
+                for chunk in pending.values():  # still not stopped: its lines may be billed, so not online
+                    self._not_back(chunk, deliver)
+                return leftovers
             if pending or waiting:
-                await self._pause(interval if not cancelled else min(interval, 1.0), control)
+                await self._pause(self._next_look(interval, cancelled), control)
                 interval = min(interval * 2, self._spec.poll_max_s)
         return leftovers
+
+    def _next_look(self, interval: float, cancelled: bool) -> float:
+        """How long to wait before the next look: the poll interval, but never past the moment to
+        cancel for the deadline (hybrid), and at most a second once cancelled."""
+        if self._deadline is None:
+            return interval
+        if cancelled:
+            return max(0.0, min(interval, 1.0, self._give_up_at() - self._clock()))
+        return max(0.0, min(interval, self._deadline - self._margin() - self._clock()))
+
+    def _give_up_at(self) -> float:
+        """When a hybrid run stops waiting for cancelled batches to stop: half the margin before the
+        deadline, leaving the other half for the online tail."""
+        assert self._deadline is not None
+        return self._deadline - self._margin() / 2
+
+    def _cancel_bound(self) -> float:
+        """How long a cancel may take (its retries included) before the run goes on without it."""
+        return max(1.0, self._margin() / 4)
+
+    def _not_back(self, chunk: Chunk, deliver: Deliver) -> None:
+        """A cancelled batch that had not stopped when the deadline came: its lines may have been billed,
+        so they are not sent online; they fail retryably, and the next run collects the batch."""
+        status = self._statuses.get(chunk.id, chunk.batch_status or "unknown")
+        refused = self._cancel_failed.get(chunk.id)
+        why = f" (the cancel failed: {refused})" if refused else ""
+        fault = Fault(
+            Verdict.RETRY,
+            "batch_not_back",
+            f"batch {chunk.batch_id} was still {status} at the deadline{why}; its lines may be billed, so they were "
+            "not sent online: the next run collects them",
+        )
+        for key in chunk.request_keys():
+            deliver(failure(Request(key, {}), fault, self._attempts.get(key, 0) + 1, model=chunk.model))
+        self._lines_open -= chunk.lines
 
     async def _submit_all(
         self, api: BatchAPI, book: BatchBook, waiting: list[Chunk], pending: dict[str, Chunk]
@@ -700,10 +745,17 @@ def _line_fault(line: ResultLine) -> Fault:
     return Fault(classify_failure(line), name, line.error_message or line.problem or "")
 
 
-async def _cancel(api: BatchAPI, batch_id: str) -> None:
-    """Cancel a batch; one that finished meanwhile cannot be cancelled, which is fine."""
-    with contextlib.suppress(BatchStatusError):
-        await api.cancel(batch_id)
+async def _cancel(api: BatchAPI, batch_id: str, bound_s: float) -> str | None:
+    """Cancel a batch within `bound_s`; None, or why it could not be (one that finished meanwhile
+    cannot be cancelled, which is fine)."""
+    try:
+        async with asyncio.timeout(bound_s):
+            await api.cancel(batch_id)
+    except BatchAPIError as exc:
+        return str(exc)
+    except TimeoutError:
+        return f"no answer within {bound_s:.0f} s"
+    return None
 
 
 def _read_lines(paths: list[Path]) -> Iterator[ResultLine]:

@@ -268,15 +268,15 @@ class BatchExecutor:
         interval = self._spec.poll_initial_s
         cancelled = False
         file_waits: dict[str, int] = {}  # chunk -> looks at a finished batch that names no output file yet
+        first = True
         while pending or waiting:
             if control.stopping.is_set():
                 return []
-            if waiting and not cancelled:
-                try:
-                    waiting = await self._submit_all(api, book, waiting, pending)
-                except BatchAPIError as exc:  # what retrying could not mend: the account, the file, the API
-                    await self._stop_for(api, book, control, exc, self._submitting or waiting[0])
-                    return []
+            # Submitted after the looks (which harvest, and delete result files): never more files at once
+            # than the queue holds, plus one.
+            if first and waiting and not await self._submitted(api, book, waiting, pending, control):
+                return []
+            first = False
             if self._online is not None and not cancelled and self._deadline_near():
                 cancelled = True  # what is not back is cancelled there and sent online after the harvest
                 for chunk in pending.values():
@@ -322,6 +322,8 @@ class BatchExecutor:
                         return []
                 del pending[chunk.id]
                 self._lines_open -= chunk.lines
+            if waiting and not cancelled and not await self._submitted(api, book, waiting, pending, control):
+                return []
             if cancelled and pending and self._clock() >= self._give_up_at():
                 for chunk in pending.values():  # still not stopped: its lines may be billed, so not online
                     self._not_back(chunk, deliver)
@@ -366,17 +368,32 @@ class BatchExecutor:
             deliver(failure(Request(key, {}), fault, self._attempts.get(key, 0) + 1, model=chunk.model))
         self._lines_open -= chunk.lines
 
+    async def _submitted(
+        self, api: BatchAPI, book: BatchBook, waiting: list[Chunk], pending: dict[str, Chunk], control: Control
+    ) -> bool:
+        """Submit what the queue has room for (`waiting` keeps the rest, in place); False if the run stops."""
+        try:
+            waiting[:] = await self._submit_all(api, book, waiting, pending)
+        except BatchAPIError as exc:  # what retrying could not mend: the account, the file, the API
+            await self._stop_for(api, book, control, exc, self._submitting or waiting[0])
+            return False
+        return True
+
     async def _submit_all(
         self, api: BatchAPI, book: BatchBook, waiting: list[Chunk], pending: dict[str, Chunk]
     ) -> list[Chunk]:
         """Submit the waiting chunks in order, into `pending`; the ones the model's queue has no room
-        for yet (429 at create) are returned, to be tried again after the next look at the others."""
+        for yet (429 at create), or the account no room for their file while ours are open (a refused
+        upload), are returned, to be tried again after the next look at the others."""
         for index, chunk in enumerate(waiting):
             self._submitting = chunk
             try:
                 chunk = await self._submit(api, book, chunk)
             except BatchStatusError as exc:
-                if exc.status != 429 or isinstance(exc, BatchAbort):
+                # An upload refused while batches of ours are open may be the account's file cap (its code
+                # is not documented): their result files are deleted as they are harvested; wait for that.
+                full = exc.status == 429 or (pending and book.chunks[chunk.id].status == "written")
+                if not full or isinstance(exc, BatchAbort):
                     raise
                 self._queue_refused += 1
                 if self._queue_since is None:
@@ -498,11 +515,13 @@ class BatchExecutor:
                 leftovers.append(again)
         counts = dataclasses.asdict(batch.request_counts)
         files = {"output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id}
+        if control.checkpoint is not None:  # the answers are journalled before the book says harvested
+            control.checkpoint()
+            if control.failed is not None:  # not journalled (a full disk): the next run harvests it again
+                return []
         chunk = book.record(chunk.id, status="harvested", batch_status=batch.status, counts=counts, **files)
         if not self._spec.keep_files and control.checkpoint is not None:
-            control.checkpoint()  # the answers are journalled before their files at Zhipu are deleted
-            if control.failed is None:
-                await purge(api, book, chunk)
+            await purge(api, book, chunk)  # no paid answer is left only at Zhipu
         return leftovers
 
     def _take_at_once(

@@ -105,3 +105,42 @@ def test_doctor_on_the_built_in_simulator_prints_its_table_offline_in_seconds(tm
 def test_doctor_needs_a_job_or_a_model(sim: SimulatorThread) -> None:
     result = cli("doctor")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "--model" in result.stderr
+
+
+def test_a_route_that_refuses_forced_tools_and_two_stop_words_in_the_native_shape_is_seen_and_remembered(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """The Anthropic route's unknowns (real-wire.md), the strict way: doctor names each, stores it, and
+    the next labeling run starts in tool_choice auto without a refused request."""
+    sim.configure(forced_tool_choice="refuse", error_shape="native", anthropic_max_stop_sequences=1)
+    labels = {"path": "out/{name}.parquet", "labels": ["positive", "negative"]}
+    files = make_job(rows=sample_rows(4), output=labels)
+
+    code, report = doctor(str(files.spec))
+
+    assert code == 0
+    found = checks(report)
+    assert found["forced tool choice"]["ok"] is False and "tool_choice auto" in found["forced tool choice"]["detail"]
+    assert found["two stop sequences"]["ok"] is False
+    assert found["error shape"]["result"] == "native"
+    stored = load_facts(sim.url, "glm-4.6")
+    assert (stored.forced_tool_choice, stored.stop_sequences_max, stored.error_shape) == (False, 1, "native")
+
+    refused = sim.stats()["outcomes"].get("400_1214", 0)  # doctor's two probes
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert any(e.get("event") == "tool_choice_auto" and "doctor" in e.get("learned", "") for e in events)
+    assert sim.stats()["outcomes"].get("400_1214", 0) == refused  # not one refused request in the run
+
+
+def test_a_route_that_accepts_them_is_recorded_as_accepting(sim: SimulatorThread) -> None:
+    sim.configure(forced_tool_choice="accept", error_shape="anthropic", anthropic_max_stop_sequences=None)
+
+    code, report = doctor("--endpoint", sim.url, "--model", "glm-4.6")
+
+    assert code == 0
+    found = checks(report)
+    assert [found[n]["ok"] for n in ("forced tool choice", "two stop sequences")] == [True, True]
+    stored = load_facts(sim.url, "glm-4.6")
+    assert (stored.forced_tool_choice, stored.stop_sequences_max, stored.error_shape) == (True, 2, "anthropic")

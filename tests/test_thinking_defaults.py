@@ -76,3 +76,16 @@ def test_sensitive_fails_its_row_as_content_filter_with_a_clear_message(make_job
     blocked = out.row(3, named=True)
     assert blocked["error_type"] == "content_filter" and blocked["attempts"] == 1
     assert "blocked" in blocked["error_message"] and "finish_reason sensitive" in blocked["error_message"]
+
+
+def test_the_estimate_counts_reasoning_where_the_model_thinks(make_job) -> None:
+    thinking = make_job(sample_rows(3), name="thinks", model={"name": "glm-4.7", "max_tokens": 2048})
+    plain = make_job(sample_rows(3), name="plain", model={"name": "glm-4.6", "max_tokens": 2048})
+
+    def per_request(job) -> float:
+        result = cli("estimate", str(job.spec), "--json")
+        assert result.exit_code == 0, result.stderr
+        return float(json.loads(result.stdout)["output_tokens"]["per_request_expected"])
+
+    assert per_request(plain) == 1024  # half of max_tokens: no reasoning on a text job without thinking
+    assert per_request(thinking) > per_request(plain)  # GLM-4.7 always reasons first, billed as output

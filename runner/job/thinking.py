@@ -24,6 +24,8 @@ _NEVER = ("glm-4-", "glm-3")
 # A label or a small record is a few tokens; reasoning before it is typically hundreds. A budget below
 # this, with thinking on, risks answers cut off inside their reasoning (finish_reason length, no text).
 MIN_TOKENS_WITH_THINKING = 1024
+# What an estimate assumes a thinking model reasons for, per request, before any answer is measured.
+ASSUMED_REASONING_TOKENS = 512
 
 
 def thinking_mode(model: str) -> ThinkingMode:
@@ -54,6 +56,7 @@ class ThinkingPlan:
     default: dict[str, str] | None  # sent when the spec gives no model.thinking (None: send nothing)
     note: str | None  # for `validate`: a default the job did not ask for
     warning: str | None  # for `validate` and `estimate`: reasoning may not fit max_tokens
+    thinks: bool = False  # the model will reason before answering (billed as output)
 
 
 def thinking_plan(model: str, spec_thinking: str | None, structured: bool, max_tokens: int) -> ThinkingPlan:
@@ -79,4 +82,4 @@ def thinking_plan(model: str, spec_thinking: str | None, structured: bool, max_t
             f"max_tokens, so answers may be cut off with no text; raise it to {MIN_TOKENS_WITH_THINKING} or more"
             + ("" if mode == "always" else " or set model.thinking: {type: disabled}")
         )
-    return ThinkingPlan(default, note, warning)
+    return ThinkingPlan(default, note, warning, thinking)

@@ -50,6 +50,7 @@ def test_doctor_measures_the_account_and_the_next_run_starts_from_it(
     assert {b["model"] for b in report["batches"]} == {"glm-4.6", "glm-4-flash"}
     assert report["batches"][0]["shape"]["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
     assert report["cost"]["spent"] <= report["cost"]["worst_case"]
+    assert sim.stats()["files"] == 0  # inputs and results deleted: an account holds at most 1,000 files
     stored = load_facts(sim.url, "glm-4.6")
     assert (stored.source, stored.concurrency, stored.batch_eligible) == ("doctor", 3, True)
 
@@ -74,6 +75,7 @@ def test_a_batch_the_api_refuses_is_recorded_and_the_run_says_doctor_found_it(
     assert found["batch glm-4-flash (control)"]["ok"] is True
     assert load_facts(sim.url, "glm-4.7").batch_eligible is False
     assert load_facts(sim.url, "glm-4-flash").batch_eligible is True
+    assert sim.stats()["files"] == 0  # the refused batch's input too
     result = cli("run", str(files.spec))
     assert result.exit_code == 2 and "doctor --batch found it refused" in result.stderr
 

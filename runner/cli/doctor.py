@@ -327,7 +327,9 @@ async def _ramp(prober: Prober, report: Report, ramp_max: int) -> None:
 async def probe_batch(native_url: str, key: str, model: str, wait_s: float, label: str) -> dict[str, Any]:
     """A 2-line batch on `model`: upload, create, wait (with a visible timer) up to `wait_s`; what came
     back, the batch object's shape, and whether it passed validation (None: not known in time)."""
-    from runner.send.batch_api import BatchAPI, BatchAPIError
+    from runner.send.batch_api import BatchAPI, BatchAPIError, BatchStatusError
+    from runner.send.batch_api_errors import classify_api_error
+    from runner.send.retries import Verdict
 
     lines = [
         {
@@ -351,7 +353,11 @@ async def probe_batch(native_url: str, key: str, model: str, wait_s: float, labe
             try:
                 batch = await api.create(uploaded.id, metadata={"glm_batch_doctor": model})
             except BatchAPIError as exc:
-                out.update(eligible=False, result=f"refused at create: {_cut(str(exc), 120)}")
+                # The request refused (a 4xx that is not the account's or a full queue): not eligible.
+                refused = isinstance(exc, BatchStatusError) and classify_api_error(exc).verdict is Verdict.FAIL
+                out.update(eligible=False if refused else None, result=f"refused at create: {_cut(str(exc), 120)}")
+                with contextlib.suppress(BatchAPIError):
+                    await api.delete_file(uploaded.id)  # an account holds at most 1,000 files
                 return out
             started = time.monotonic()
             timer = _Timer(label)
@@ -378,6 +384,10 @@ async def probe_batch(native_url: str, key: str, model: str, wait_s: float, labe
                 out["result"] += "; cancelled"
             elif batch.output_file_id:
                 out["usage"] = await _usage(api, batch.output_file_id, Path(tmp) / "out.jsonl")
+            for file_id in (batch.output_file_id, batch.error_file_id):  # at most 1,000 files an account
+                if file_id and batch.done:
+                    with contextlib.suppress(BatchAPIError):
+                        await api.delete_file(file_id)
     return out
 
 

@@ -150,6 +150,8 @@ async def _run(
         requests = dispatch.requests(plan(job, source, settled), built_from)
 
     control.notify = reporter.event
+    if job.thinking.warning is not None:  # validate and estimate said it too
+        reporter.event("thinking_warning", message=job.thinking.warning)
     auto_from_facts = _tool_choice_from_facts(job, control, reporter)
     reporter.phase("connecting")
     with endpoint_url(job) as base_url:

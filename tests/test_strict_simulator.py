@@ -163,7 +163,7 @@ def test_the_anthropic_route_can_think_by_default_as_the_native_api_does(server:
 
 
 def test_a_batch_job_with_two_stop_words_is_refused_before_sending(make_job, sim: SimulatorThread) -> None:
-    job = make_job(model={"stop_sequences": ["END", "STOP"]}, run={"mode": "batch"})
+    job = make_job(model={"name": "glm-4-air-250414", "stop_sequences": ["END", "STOP"]}, run={"mode": "batch"})
     result = cli("validate", str(job.spec))
     assert result.exit_code == 2 and "single stop word" in result.stderr
     assert sim.stats()["requests"] == 0

@@ -29,6 +29,7 @@ from runner.job.facts import Facts, endpoint_id, load_facts
 from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
 from runner.job.templates import Template, compile_template, deferred_template
+from runner.job.thinking import ThinkingPlan, thinking_plan
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,13 @@ class Job:
     def prompt_variables(self) -> frozenset[str]:
         """Every variable the prompt reads: the system prompt's, each message's and the row turn's."""
         return _variables(self.template, self.system, self.history)
+
+    @property
+    def thinking(self) -> ThinkingPlan:
+        """What the job sends as `thinking` when its spec says nothing, and what to warn about."""
+        m, output = self.spec.model, self.spec.output
+        structured = output.labels is not None or output.schema_ is not None
+        return thinking_plan(m.name, m.thinking.type if m.thinking else None, structured, m.max_tokens)
 
     @property
     def spec_hash(self) -> str:
@@ -141,13 +149,15 @@ def load_job(
     today: dt.date | None = None,
     check_templates: bool = True,
     writes: bool = True,
+    sends: bool = True,
 ) -> Job:
     """Read, validate and resolve a job spec; raise UsageError naming the file and key on any fault.
 
     `check_templates=False` leaves the prompt templates unparsed until their variables are asked for
     (for a command that renders nothing, like `status`, so it does not load jinja2 for a text job), and
     `writes=False` skips checking that the output and state directories can be written (for one that
-    only reads them: `status` on a read-only copy of a job)."""
+    only reads them: `status` on a read-only copy of a job). `sends=False` keeps the batch rule from
+    refusing the job (for `status` and `cancel`, which look at or stop batches a run already made)."""
     raw = _read_yaml(path)
     overridden: dict[str, str] = {}
     for item in overrides or []:
@@ -157,7 +167,7 @@ def load_job(
     except ValidationError as exc:
         raise UsageError(_describe(path, exc, overridden)) from exc
     template_of = compile_template if check_templates else deferred_template
-    return _resolve(spec, path, today or dt.date.today(), template_of, writes)
+    return _resolve(spec, path, today or dt.date.today(), template_of, writes, sends)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -244,7 +254,9 @@ def _describe(path: Path, exc: ValidationError, overridden: dict[str, str] | Non
     return "\n".join(f"{path}: {loc}: {'; or '.join(msgs)}" for loc, msgs in problems.items())
 
 
-def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callable[..., Template], writes: bool) -> Job:
+def _resolve(
+    spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callable[..., Template], writes: bool, sends: bool
+) -> Job:
     base = Path(os.path.normpath(spec_path.parent))
     name = spec.name or spec_path.stem
     where = str(spec_path)
@@ -275,7 +287,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
     batch_basis = batch_eligibility(
         spec.model.name, info, spec.model.endpoint, base_url, learned, spec.run.batch.allow_unconfirmed
     )
-    if spec.run.mode != "online" and not batch_basis.allowed:
+    if sends and spec.run.mode != "online" and not batch_basis.allowed:
         raise UsageError(f"{where}: run.mode: {spec.run.mode}: {batch_basis.why}")
     if spec.model.max_tokens > info.max_output:
         raise UsageError(

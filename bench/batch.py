@@ -147,7 +147,9 @@ def child_run(out: Path, spec: Path) -> None:
     probe.wrap(BatchAPI, "retrieve", "retrieve", phase="simulator")
     probe.wrap(Harvester, "harvest", "harvest", phase="download_journal")
     probe.wrap(BatchAPI, "download", "download")
-    sys.argv = ["glm-batch", "run", str(spec), "--set", "run.mode=batch", "--log-format", "json"]
+    # glm-4-air-250414: on Zhipu's Batch API list (the shared bench spec's glm-4.6 is not)
+    batch_model = ["--set", "model.name=glm-4-air-250414"]
+    sys.argv = ["glm-batch", "run", str(spec), "--set", "run.mode=batch", *batch_model, "--log-format", "json"]
     code: int | str | None = 0
     try:
         cli.main()

@@ -261,7 +261,15 @@ def _print(report: Report) -> None:
         console.print(f"stopped: the endpoint refused the account ({report.aborted})", highlight=False)
     elif report.facts:
         console.print(
-            f"stored in {facts_path()}: runs of {t.model} on {t.endpoint} start from it",
+            f"stored in {_home_as_tilde(facts_path())}: runs of {t.model} on {t.endpoint} start from it",
             highlight=False,
             soft_wrap=True,
         )
+
+
+def _home_as_tilde(path: Path) -> str:
+    """A path under the home directory as `~/...`, the way a user would type it."""
+    try:
+        return f"~/{path.relative_to(Path.home())}"
+    except ValueError:
+        return str(path)

@@ -4,11 +4,13 @@ pending; scattered 400s among good answers never trip it."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import polars as pl
 
 from runner.breaker import MAX_ANSWERS, Breaker
+from runner.records import Result
 from tests.conftest import cli, sample_rows
 
 
@@ -57,3 +59,32 @@ def test_a_run_shorter_than_the_window_keeps_its_failures(make_job, sim) -> None
 
     assert result.exit_code == 1, result.stderr[-2000:]
     assert set(pl.read_parquet(job.output).get_column("error_type")) == {"400/1214"}
+
+
+def result(key: str, error_type: str | None = None, attempts: int = 1) -> Result:
+    """An answered request: ok, or failed for good with `error_type`."""
+    return Result(
+        key=key,
+        status="error" if error_type else "ok",
+        attempts=attempts,
+        latency_ms=None,
+        finished_at=dt.datetime.now(dt.UTC),
+        error_type=error_type,
+        error_message="Invalid parameter" if error_type else None,
+    )
+
+
+def test_failures_held_while_deciding_are_handed_back_in_order_when_a_good_answer_comes() -> None:
+    breaker = Breaker(threshold=5)
+    assert [list(breaker.admit(result(k, "400/1214"))) for k in "abc"] == [[], [], []]
+    released = list(breaker.admit(result("d")))
+    assert [r.key for r in released] == ["a", "b", "c", "d"] and not breaker.watching
+    assert [r.key for r in breaker.admit(result("e", "400/1214"))] == ["e"]  # disarmed for good
+
+
+def test_unsent_rows_and_other_errors_are_not_the_same_refusal() -> None:
+    breaker = Breaker(threshold=2)
+    assert [r.key for r in breaker.admit(result("render", "render_error", attempts=0))] == ["render"]
+    assert list(breaker.admit(result("a", "400/1214"))) == []
+    assert [r.key for r in breaker.admit(result("b", "400/1261"))] == ["a", "b"]  # a row too long: its own
+    assert not breaker.tripped

@@ -36,6 +36,20 @@ def test_every_request_refused_alike_stops_the_run_and_leaves_the_rows_pending(m
     assert out.height == 400 and set(out.get_column("status")) == {"ok"}
 
 
+def test_a_spec_the_endpoint_refuses_stops_with_what_to_change_and_the_fixed_spec_finishes(make_job, sim) -> None:
+    sim.configure(anthropic_max_stop_sequences=1)  # an endpoint that takes one stop sequence
+    job = make_job(sample_rows(100), model={"stop_sequences": ["END", "STOP"]})
+
+    stopped = cli("run", str(job.spec))
+
+    assert stopped.exit_code == 3, stopped.stderr[-2000:]
+    assert "stop_sequences: at most 1 allowed" in stopped.stderr and "change" in stopped.stderr
+    assert sim.stats()["requests"] < 100
+    fixed = cli("run", str(job.spec), "--set", "model.stop_sequences=[END]")
+    assert fixed.exit_code == 0, fixed.stderr[-2000:]
+    assert set(pl.read_parquet(job.output).get_column("status")) == {"ok"}
+
+
 def test_scattered_400s_among_good_answers_fail_their_rows_and_do_not_trip_it(make_job, sim) -> None:
     sim.configure(faults=("400_1214",), fault_rate=0.2, seed=7)
     job = make_job(sample_rows(200), run={"concurrency": 4})

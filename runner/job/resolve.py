@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from runner.errors import UsageError
 from runner.job import catalog, paths
+from runner.job.reading import load_yaml, read_text_file
 from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
 from runner.job.templates import Template, compile_template, deferred_template
@@ -100,43 +100,17 @@ def load_job(
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """The spec file's YAML: a regular file of bounded size, read with the bounded loader."""
     try:
-        text = path.read_text(encoding="utf-8")
+        os.stat(path)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such job spec; check the path") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read the job spec ({exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(
-            f"{path}: the job spec is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
-            "save it as UTF-8"
-        ) from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise UsageError(f"{path}: invalid YAML{where}: {problem}") from None
+    except OSError:
+        pass  # said in read_text_file's words (a name too long, a permission)
+    data = load_yaml(read_text_file(path, str(path), "the job spec"), origin=str(path))
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a job spec is a YAML mapping starting with 'version: 1'")
     return data
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (YAML lets the last one win silently,
-    so a second `run:` would quietly undo the first)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"the key {key!r} is given twice in one mapping; keep one", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> str:
@@ -152,10 +126,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
         if not isinstance(child, dict):
             raise UsageError(f"--set {item!r}: {part} is not a mapping in the spec")
         node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        node[parts[-1]] = value
+    node[parts[-1]] = load_yaml(value, origin=f"--set {item!r}", text_if_unparsed=True)
     return ".".join(parts)
 
 
@@ -235,11 +206,8 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
     history: tuple[tuple[str, Template], ...] = ()
     if spec.prompt.template_file is not None:
         tpl_path = base / spec.prompt.template_file
-        try:
-            source = tpl_path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"{where}: prompt.template_file: cannot read {tpl_path} ({exc.strerror})") from None
-        template = template_of(source, origin=str(tpl_path))
+        source = read_text_file(tpl_path, f"{where}: prompt.template_file")  # a regular file of bounded size
+        template = template_of(source, origin=f"{where}: prompt.template_file ({tpl_path})")
     elif spec.prompt.messages is not None:
         last = len(spec.prompt.messages) - 1
         if spec.prompt.messages[last].role != "user":

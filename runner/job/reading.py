@@ -92,14 +92,14 @@ def load_yaml(text: str, origin: str, *, text_if_unparsed: bool = False) -> Any:
     try:
         try:
             node = loader.get_single_node()
-        except (yaml.scanner.ScannerError, yaml.parser.ParserError, yaml.reader.ReaderError):
-            if text_if_unparsed:
+            if node is None:
+                return None
+            _check_size(node)
+            return loader.construct_document(node)
+        except yaml.YAMLError as exc:
+            if text_if_unparsed and not isinstance(exc, _OverBound):
                 return text
             raise
-        if node is None:
-            return None
-        _check_size(node)
-        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -107,6 +107,10 @@ def load_yaml(text: str, origin: str, *, text_if_unparsed: bool = False) -> Any:
         raise UsageError(f"{origin}: invalid YAML{at}: {problem}") from None
     finally:
         loader.dispose()
+
+
+class _OverBound(yaml.composer.ComposerError):
+    """A document over MAX_YAML_DEPTH or MAX_YAML_NODES."""
 
 
 class _Bounds:
@@ -120,7 +124,7 @@ class _Bounds:
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:
-                raise yaml.composer.ComposerError(
+                raise _OverBound(
                     None,
                     None,
                     f"nested deeper than {MAX_YAML_DEPTH} levels",
@@ -188,7 +192,7 @@ def _check_size(root: yaml.Node) -> None:
         elif isinstance(node, yaml.MappingNode):
             total += sum(size(k) + size(v) for k, v in node.value)
         if total > MAX_YAML_NODES:
-            raise yaml.composer.ComposerError(
+            raise _OverBound(
                 None, None, f"the document expands to over {MAX_YAML_NODES:,} values (aliases)", node.start_mark
             )
         sizes[id(node)] = total

@@ -27,6 +27,7 @@ from runner.job.reading import load_yaml, read_text_file
 from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
 from runner.job.templates import Template, compile_template, deferred_template
+from runner.redact import redact
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def load_job(
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
-        raise UsageError(_describe(path, exc, overridden)) from exc
+        raise UsageError(_describe(path, exc, overridden, raw)) from None
     template_of = compile_template if check_templates else deferred_template
     return _resolve(spec, path, today or dt.date.today(), template_of, writes)
 
@@ -130,28 +131,52 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
     return ".".join(parts)
 
 
-def _describe(path: Path, exc: ValidationError, overridden: dict[str, str] | None = None) -> str:
+def _describe(path: Path, exc: ValidationError, overridden: dict[str, str] | None = None, raw: Any = None) -> str:
     """One line per problem: `file: key.path: what is wrong`.
 
-    A union field (`concurrency: int | "auto"`) fails once per member, under tags like
-    `constrained-int`; those are merged into one line per real key path. A key that came from
-    `--set` says so, since the spec file does not have it.
+    The key path is the one the user wrote (`run.max-attempts` too): each part of pydantic's location
+    is kept when the spec has it there (or it is the key found missing), so the tags a union field
+    (`concurrency: int | "auto"`) fails under, like `constrained-int`, are dropped, and its failures
+    merge into one line. A problem at or under a key that came from `--set` says so, since the spec
+    file does not have it.
     """
     overridden = overridden or {}
     problems: dict[str, list[str]] = {}
+    sources: dict[str, str] = {}
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or str(p).isidentifier())
+        loc = ".".join(_user_path(err["loc"], raw, missing=err["type"] == "missing"))
         msg = err["msg"].removeprefix("Value error, ")
+        source = next((item for key, item in overridden.items() if loc == key or loc.startswith(key + ".")), None)
         if err["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
-            if loc in overridden:
-                msg = f"unknown key (from --set {overridden[loc]}); check its spelling"
+            if source is not None:
+                msg = f"unknown key (from --set {source}); check its spelling"
         elif err["type"] == "missing":
             msg = "required key is missing"
+        elif source is not None:
+            sources[loc or "(top level)"] = f" (from --set {source})"
         messages = problems.setdefault(loc or "(top level)", [])
         if msg not in messages:
             messages.append(msg)
-    return "\n".join(f"{path}: {loc}: {'; or '.join(msgs)}" for loc, msgs in problems.items())
+    return "\n".join(f"{path}: {loc}: {'; or '.join(msgs)}{sources.get(loc, '')}" for loc, msgs in problems.items())
+
+
+def _user_path(loc: tuple[int | str, ...], raw: Any, *, missing: bool) -> list[str]:
+    """The parts of a pydantic location that are keys (or list positions) in the spec as written."""
+    parts: list[str] = []
+    node = raw
+    for index, part in enumerate(loc):
+        found = (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        )
+        if found:
+            node = node[part]
+        elif missing and index == len(loc) - 1 and isinstance(node, dict):
+            pass  # the key that is missing
+        elif raw is not None or not (isinstance(part, int) or str(part).isidentifier()):
+            continue  # a union member's tag (constrained-int, literal['auto'])
+        parts.append(str(part))
+    return parts
 
 
 def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callable[..., Template], writes: bool) -> Job:
@@ -254,7 +279,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
         input_paths=input_paths,
         template=template,
         system=system,
-        endpoint_name=spec.model.endpoint,
+        endpoint_name=redact(spec.model.endpoint),  # what records and logs show: never a key pasted into a URL
         base_url=base_url,
         currency=currency,
         key_env=key_env,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
+import itertools
 import random
 import secrets
 import time
@@ -121,6 +122,10 @@ async def _run(
         tally.rows_seen = tally.rows_settled = tally.rows_total
         requests = nothing()
     else:
+        # The first rows are planned here, so a template that fails on each of them is refused (one
+        # line, exit 2) before anything is sent, not raised from inside the sending tasks.
+        batches = plan(job, source, settled)
+        first = next(batches, None)
         store.rows.reset()
         dispatch = Dispatch(
             store.rows,
@@ -133,7 +138,7 @@ async def _run(
             outstanding,
             context_tokens=job.model.context,
         )
-        requests = dispatch.requests(plan(job, source, settled), built_from)
+        requests = dispatch.requests(itertools.chain([] if first is None else [first], batches), built_from)
 
     reporter.phase("connecting")
     with endpoint_url(job) as base_url:

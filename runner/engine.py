@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
+import itertools
 import random
 import secrets
 import time
@@ -133,6 +134,10 @@ async def _run(
         tally.rows_seen = tally.rows_settled = tally.rows_total
         requests = nothing()
     else:
+        # The first rows are planned here, so a template that fails on each of them is refused (one
+        # line, exit 2) before anything is sent, not raised from inside the sending tasks.
+        batches = plan(job, source, settled)
+        first = next(batches, None)
         store.rows.reset()
         dispatch = Dispatch(
             store.rows,
@@ -145,7 +150,7 @@ async def _run(
             outstanding,
             context_tokens=job.model.context,
         )
-        requests = dispatch.requests(plan(job, source, settled), built_from)
+        requests = dispatch.requests(itertools.chain([] if first is None else [first], batches), built_from)
 
     control.notify = reporter.event
     auto_from_facts = _tool_choice_from_facts(job, control, reporter)

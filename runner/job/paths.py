@@ -85,6 +85,11 @@ def check_writable(path: Path, key: str, where: str, *, parent: bool) -> None:
     directory. The nearest existing directory is probed with an unnamed temporary file: os.access
     says yes to root on a read-only mount, and a probe is what a write would really meet.
     """
+    if too_long(path):
+        raise UsageError(
+            f"{where}: {key}: {path} is too long a name (a part over {_name_max(path)} bytes, or the whole "
+            f"over {_path_max(path)}); choose a shorter path or job name"
+        )
     if parent and path.is_dir():
         raise UsageError(f"{where}: {key}: {path} is a directory; give a .parquet file path")
     directory = path.parent if parent else path
@@ -101,6 +106,33 @@ def check_writable(path: Path, key: str, where: str, *, parent: bool) -> None:
         raise UsageError(
             f"{where}: {key}: cannot write in {probe} ({exc.strerror}); fix its permissions or choose another {key}"
         ) from None
+
+
+def too_long(path: Path) -> bool:
+    """Is a part of `path` longer than its file system allows a name to be, or the whole path too long?
+    (The OS says ENAMETOOLONG, which must never be reported as a permission problem.)"""
+    limit = _name_max(path)
+    return any(len(part.encode()) > limit for part in path.parts) or len(str(path).encode()) >= _path_max(path)
+
+
+def _existing(path: Path) -> Path:
+    while not os.path.isdir(path) and path != path.parent:  # os.path.isdir: False, never an error
+        path = path.parent
+    return path
+
+
+def _name_max(path: Path) -> int:
+    try:
+        return os.pathconf(_existing(path), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _path_max(path: Path) -> int:
+    try:
+        return os.pathconf(_existing(path), "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 4096
 
 
 def default_state_dir(spec: JobSpec, base: Path, name: str) -> Path:

@@ -20,15 +20,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import ValidationError
 
 from runner.errors import UsageError
 from runner.job import catalog, paths
 from runner.job.facts import Facts, endpoint_id, load_facts
+from runner.job.reading import load_yaml, read_text_file
 from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
 from runner.job.templates import Template, compile_template, deferred_template
+from runner.redact import redact
 
 
 @dataclass(frozen=True)
@@ -155,49 +156,23 @@ def load_job(
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
-        raise UsageError(_describe(path, exc, overridden)) from exc
+        raise UsageError(_describe(path, exc, overridden, raw)) from None
     template_of = compile_template if check_templates else deferred_template
     return _resolve(spec, path, today or dt.date.today(), template_of, writes)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """The spec file's YAML: a regular file of bounded size, read with the bounded loader."""
     try:
-        text = path.read_text(encoding="utf-8")
+        os.stat(path)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such job spec; check the path") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read the job spec ({exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(
-            f"{path}: the job spec is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
-            "save it as UTF-8"
-        ) from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise UsageError(f"{path}: invalid YAML{where}: {problem}") from None
+    except OSError:
+        pass  # said in read_text_file's words (a name too long, a permission)
+    data = load_yaml(read_text_file(path, str(path), "the job spec"), origin=str(path))
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a job spec is a YAML mapping starting with 'version: 1'")
     return data
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (YAML lets the last one win silently,
-    so a second `run:` would quietly undo the first)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"the key {key!r} is given twice in one mapping; keep one", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> str:
@@ -213,35 +188,56 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
         if not isinstance(child, dict):
             raise UsageError(f"--set {item!r}: {part} is not a mapping in the spec")
         node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        node[parts[-1]] = value
+    node[parts[-1]] = load_yaml(value, origin=f"--set {item!r}", text_if_unparsed=True)
     return ".".join(parts)
 
 
-def _describe(path: Path, exc: ValidationError, overridden: dict[str, str] | None = None) -> str:
+def _describe(path: Path, exc: ValidationError, overridden: dict[str, str] | None = None, raw: Any = None) -> str:
     """One line per problem: `file: key.path: what is wrong`.
 
-    A union field (`concurrency: int | "auto"`) fails once per member, under tags like
-    `constrained-int`; those are merged into one line per real key path. A key that came from
-    `--set` says so, since the spec file does not have it.
+    The key path is the one the user wrote (`run.max-attempts` too): each part of pydantic's location
+    is kept when the spec has it there (or it is the key found missing), so the tags a union field
+    (`concurrency: int | "auto"`) fails under, like `constrained-int`, are dropped, and its failures
+    merge into one line. A problem at or under a key that came from `--set` says so, since the spec
+    file does not have it.
     """
     overridden = overridden or {}
     problems: dict[str, list[str]] = {}
+    sources: dict[str, str] = {}
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or str(p).isidentifier())
+        loc = ".".join(_user_path(err["loc"], raw, missing=err["type"] == "missing"))
         msg = err["msg"].removeprefix("Value error, ")
+        source = next((item for key, item in overridden.items() if loc == key or loc.startswith(key + ".")), None)
         if err["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
-            if loc in overridden:
-                msg = f"unknown key (from --set {overridden[loc]}); check its spelling"
+            if source is not None:
+                msg = f"unknown key (from --set {source}); check its spelling"
         elif err["type"] == "missing":
             msg = "required key is missing"
+        elif source is not None:
+            sources[loc or "(top level)"] = f" (from --set {source})"
         messages = problems.setdefault(loc or "(top level)", [])
         if msg not in messages:
             messages.append(msg)
-    return "\n".join(f"{path}: {loc}: {'; or '.join(msgs)}" for loc, msgs in problems.items())
+    return "\n".join(f"{path}: {loc}: {'; or '.join(msgs)}{sources.get(loc, '')}" for loc, msgs in problems.items())
+
+
+def _user_path(loc: tuple[int | str, ...], raw: Any, *, missing: bool) -> list[str]:
+    """The parts of a pydantic location that are keys (or list positions) in the spec as written."""
+    parts: list[str] = []
+    node = raw
+    for index, part in enumerate(loc):
+        found = (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        )
+        if found:
+            node = node[part]
+        elif missing and index == len(loc) - 1 and isinstance(node, dict):
+            pass  # the key that is missing
+        elif raw is not None or not (isinstance(part, int) or str(part).isidentifier()):
+            continue  # a union member's tag (constrained-int, literal['auto'])
+        parts.append(str(part))
+    return parts
 
 
 def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callable[..., Template], writes: bool) -> Job:
@@ -303,11 +299,8 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
     history: tuple[tuple[str, Template], ...] = ()
     if spec.prompt.template_file is not None:
         tpl_path = base / spec.prompt.template_file
-        try:
-            source = tpl_path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"{where}: prompt.template_file: cannot read {tpl_path} ({exc.strerror})") from None
-        template = template_of(source, origin=str(tpl_path))
+        source = read_text_file(tpl_path, f"{where}: prompt.template_file")  # a regular file of bounded size
+        template = template_of(source, origin=f"{where}: prompt.template_file ({tpl_path})")
     elif spec.prompt.messages is not None:
         last = len(spec.prompt.messages) - 1
         if spec.prompt.messages[last].role != "user":
@@ -354,7 +347,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
         input_paths=input_paths,
         template=template,
         system=system,
-        endpoint_name=spec.model.endpoint,
+        endpoint_name=redact(spec.model.endpoint),  # what records and logs show: never a key pasted into a URL
         base_url=base_url,
         currency=currency,
         key_env=key_env,

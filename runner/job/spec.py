@@ -152,13 +152,13 @@ class ModelSpec(_Strict):
 class BatchSpec(_Strict):
     """How requests are packed into Zhipu's Batch API files and how often batches are looked at."""
 
-    max_requests: Annotated[int, Field(gt=0, le=50_000)] = 50_000  # lines per file (Zhipu's limit: 50,000)
-    max_bytes: Annotated[int, Field(gt=0, le=100_000_000)] = 95_000_000  # bytes per file (limit: 100 MB)
-    poll_initial_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # first look at a batch after this long...
-    poll_max_s: Annotated[float, Field(gt=0, le=3600)] = 300.0  # ...then less often, up to this
-    max_rounds: Annotated[int, Field(ge=1, le=20)] = 3  # batch rounds for lines to send again (batch mode)
+    max_requests: Annotated[Int, Field(gt=0, le=50_000)] = 50_000  # lines per file (Zhipu's limit: 50,000)
+    max_bytes: Annotated[Int, Field(gt=0, le=100_000_000)] = 95_000_000  # bytes per file (limit: 100 MB)
+    poll_initial_s: Annotated[Float, Field(gt=0, le=3600)] = 5.0  # first look at a batch after this long...
+    poll_max_s: Annotated[Float, Field(gt=0, le=3600)] = 300.0  # ...then less often, up to this
+    max_rounds: Annotated[Int, Field(ge=1, le=20)] = 3  # batch rounds for lines to send again (batch mode)
     # hybrid: how long before the deadline to cancel what the Batch API has not finished and send it online
-    online_margin_s: Annotated[float, Field(ge=0, le=86_400)] | None = None  # default: from the online rate
+    online_margin_s: Annotated[Float, Field(ge=0, le=86_400)] | None = None  # default: from the online rate
     # Send a model Zhipu's eligibility list does not name (GLM-4.5 and newer) to the Batch API anyway;
     # the run says it may fail at validation. Not needed once `glm-batch doctor --batch` proved the model.
     allow_unconfirmed: bool = False
@@ -295,22 +295,22 @@ class EvalSpec(_Strict):
 class SimulatorSpec(_Strict):
     """How the built-in simulator behaves when `model.endpoint: simulator` (demos and tests only)."""
 
-    latency_s: Annotated[float, Field(ge=0)] = 0.0
-    latency_jitter_s: Annotated[float, Field(ge=0)] = 0.0
+    latency_s: Annotated[Float, Field(ge=0)] = 0.0
+    latency_jitter_s: Annotated[Float, Field(ge=0)] = 0.0
     concurrency_cap: PositiveInt | None = None
-    fault_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
-    invalid_rate: Annotated[float, Field(ge=0, le=1)] = 0.0  # structured answers broken on the first try
-    sample_disagreement: Annotated[float, Field(ge=0, le=1)] = 0.0  # repeats of a prompt answered otherwise
-    seed: int = 0
+    fault_rate: Annotated[Float, Field(ge=0, le=1)] = 0.0
+    invalid_rate: Annotated[Float, Field(ge=0, le=1)] = 0.0  # structured answers broken on the first try
+    sample_disagreement: Annotated[Float, Field(ge=0, le=1)] = 0.0  # repeats of a prompt answered otherwise
+    seed: Int = 0
     faults: list[str] | None = None  # fault kinds fault_rate draws from (default: every transient one)
     slow_s: PositiveFloat = 30.0  # how long a "slow" or "hang" fault takes
     # The Batch API (/api/paas/v4): phase timings, processing rate, and the real world's quirks.
-    batch_validating_s: Annotated[float, Field(ge=0)] = 0.0
+    batch_validating_s: Annotated[Float, Field(ge=0)] = 0.0
     batch_lines_per_s: PositiveFloat | None = None  # None: every line at once
-    batch_finalizing_s: Annotated[float, Field(ge=0)] = 0.0
+    batch_finalizing_s: Annotated[Float, Field(ge=0)] = 0.0
     batch_expire_after_s: PositiveFloat | None = None  # a batch still running this long expires part-done
-    batch_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.0  # lines failing transiently (500, 429/1302)
-    batch_output_404_s: Annotated[float, Field(ge=0)] = 0.0  # result files 404 this long after the end
+    batch_error_rate: Annotated[Float, Field(ge=0, le=1)] = 0.0  # lines failing transiently (500, 429/1302)
+    batch_output_404_s: Annotated[Float, Field(ge=0)] = 0.0  # result files 404 this long after the end
     batch_queue_cap: PositiveInt | None = None  # requests a model may have queued in unfinished batches
     batch_refuse_ineligible: bool = False  # refuse models the catalogue marks batch: false
     batch_max_lines: PositiveInt = 50_000

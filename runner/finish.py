@@ -10,7 +10,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from runner.errors import DiskFull
+from runner.errors import STATE_FAILURES
 from runner.job.resolve import Job
 from runner.money.accounting import Accountant, Tally
 from runner.observe import summary
@@ -70,10 +70,13 @@ def finish(
         shape = OutputShape(
             job.spec.input.id_column or "id", job.shape.fields if job.shape else {}, job.spec.output.samples
         )
+        from runner.state.rescue import state_guard
+
         try:
-            counts = finalize(store, ParquetSink(job.output_path, job.state_dir), shape)
+            with state_guard(job.state_dir):
+                counts = finalize(store, ParquetSink(job.output_path, job.state_dir), shape)
             failed_rows = sum(n for status, n in counts.items() if status != "ok")
-        except DiskFull as exc:
+        except STATE_FAILURES as exc:
             control.fail(exc)
     exit_code, message = summary.outcome(job, control, failed_rows, options.resume_command)
     report = record(job, store, ending, exit_code, failed_rows is not None) | sending

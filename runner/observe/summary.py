@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from runner.errors import BudgetExhausted, DiskFull
+from runner.errors import STATE_FAILURES, BudgetExhausted, DiskFull
 from runner.job.resolve import Job
 from runner.money import ledger
 from runner.money.accounting import Accountant, Tally
@@ -155,4 +155,5 @@ def write(job: Job, store: Store, report: dict[str, Any]) -> None:
     with contextlib.suppress(DiskFull):
         job.output_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(report, job.output_path.with_suffix(".summary.json"))
+    with contextlib.suppress(*STATE_FAILURES):  # already said: the run stopped for it
         store.record_run(report)

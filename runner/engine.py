@@ -139,6 +139,8 @@ async def _run(
         idle = unchanged and given is None and run.mode == "online"
         executor = given or (Idle(job) if idle else make_executor(job, base_url, api_key, accountant.input_estimate))
         reporter.start(job, tally)
+        if not unchanged:
+            summary.check_ledger(job, reporter)  # before the first request: a warning, never a refusal
         try:
             with objects_so_far_frozen():
                 await supervise(
@@ -159,8 +161,8 @@ async def _run(
     sending = summary.sending(job, executor.gauges()) | cpu.summary(tally.answered)
     ending = Ending(tally, control, accountant, started_at)
     if pilot is not None:
-        summary.book_spend(job, tally, store.run_id, reporter)
-        report = record(job, store, ending, 0, False) | sending
+        booked = summary.book_spend(job, tally, store.run_id, reporter)
+        report = record(job, store, ending, 0, False) | sending | {"ledger": booked}
         with contextlib.suppress(*STATE_FAILURES):
             store.record_run({**report, "pilot": True})
         if control.aborted is not None or control.failed is not None:  # the pilot could not run: say why

@@ -59,7 +59,7 @@ def finish(
     (with `sending`: how this engine sent) and tell the reporter. A full disk stops nothing here: the
     answers are in the store, and the next run writes what could not be written now."""
     control = ending.control
-    summary.book_spend(job, ending.tally, store.run_id, reporter)
+    booked = summary.book_spend(job, ending.tally, store.run_id, reporter)
     failed_rows: int | None = None  # None: not finalized, the output is not complete yet
     if control.reason is None and complete:
         reporter.phase("writing output")
@@ -79,7 +79,7 @@ def finish(
         except STATE_FAILURES as exc:
             control.fail(exc)
     exit_code, message = summary.outcome(job, control, failed_rows, options.resume_command)
-    report = record(job, store, ending, exit_code, failed_rows is not None) | sending
+    report = record(job, store, ending, exit_code, failed_rows is not None) | sending | {"ledger": booked}
     if failed_rows is not None and job.shape is not None:
         reporter.phase("scoring against gold labels")
         from runner.observe import quality

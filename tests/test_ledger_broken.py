@@ -18,7 +18,7 @@ import pytest
 from runner.job.resolve import load_job
 from runner.testing.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
-from tests.test_rescue import chattr as chattr  # noqa: F401 - the fixture
+from tests.test_rescue import chattr as chattr  # the fixture, for the tests here
 from tests.test_rescue import when_answered
 
 

@@ -132,6 +132,17 @@ class Store:
                 "fix its permissions or set output.state_dir"
             ) from None
         self.lock.acquire()
+        try:
+            # A folder that takes no writes (read-only, immutable) or a full disk: one line, nothing sent.
+            with state_guard(self.state_dir):
+                self._sweep()
+        except Exception:
+            self.lock.release()
+            raise
+
+    def _sweep(self) -> None:
+        """What `open` does once the lock is held: clear a crash's temp files, fold dead runs' journals,
+        quarantine unreadable parts, drop a torn row map, start this run's journal."""
         for tmp in self.state_dir.rglob("*.tmp"):
             tmp.unlink()
         for journal in sorted(self.state_dir.glob("journal-*.jsonl")):

@@ -239,6 +239,7 @@ class Sender:
             "stopped": control.reason,
             "aborted": str(control.aborted) if control.aborted else None,
             "failed": str(control.failed) if control.failed else None,
+            "failed_code": control.failed.exit_code if control.failed else None,
             "retries": control.retries,
             "worker": self.worker_id,
             "deferred": sorted(others - answered),  # sent by the block that owns them

@@ -73,7 +73,7 @@ def finish(
         from runner.state.rescue import state_guard
 
         try:
-            with state_guard(job.state_dir):
+            with state_guard(job.state_dir, refusals=False):  # the output's own errors are not the state's
                 counts = finalize(store, ParquetSink(job.output_path, job.state_dir), shape)
             failed_rows = sum(n for status, n in counts.items() if status != "ok")
         except STATE_FAILURES as exc:

@@ -30,9 +30,10 @@ from runner.state.files import NO_SPACE, fsync_rename, no_space
 RESCUE_MARK = ".rescue-"
 
 
-def state_failure(exc: Exception, state_dir: Path) -> GlmBatchError | None:
+def state_failure(exc: Exception, state_dir: Path, *, refusals: bool = True) -> GlmBatchError | None:
     """`exc`, raised while writing (or reading back) the job's state in `state_dir`, as the error the
-    run stops with; None when it is not a failure of the state's files."""
+    run stops with; None when it is not a failure of the state's files. With `refusals`, a writer's own
+    typed refusal (another GlmBatchError) counts as one too: only state files were being written."""
     if isinstance(exc, DiskFull | StateUnwritable):
         return exc
     if isinstance(exc, OSError):
@@ -46,6 +47,8 @@ def state_failure(exc: Exception, state_dir: Path) -> GlmBatchError | None:
             "fix it (permissions, chattr -i, a folder that was deleted), then run the same command again"
         )
     if isinstance(exc, GlmBatchError):  # a writer's own refusal of the path
+        if not refusals:
+            return None
         return StateUnwritable(f"the job's state folder {state_dir} stopped taking writes: {exc}")
     polars_errors = sys.modules.get("polars.exceptions")
     if polars_errors is not None and isinstance(exc, polars_errors.PolarsError):
@@ -78,12 +81,12 @@ def _full(state_dir: Path) -> bool:
 
 
 @contextlib.contextmanager
-def state_guard(state_dir: Path) -> Iterator[None]:
+def state_guard(state_dir: Path, *, refusals: bool = True) -> Iterator[None]:
     """Raise any failure of the state's files inside as DiskFull or StateUnwritable (see state_failure)."""
     try:
         yield
     except Exception as exc:
-        failure = state_failure(exc, state_dir)
+        failure = state_failure(exc, state_dir, refusals=refusals)
         if failure is None:
             raise
         if failure is exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -41,7 +42,10 @@ def usage(
         bad = [k for k in keys if k not in ("job", "model", "day", "endpoint")]
         if bad or not keys:
             raise UsageError(f"--by {by!r}: choose from job, model, day, endpoint")
-        frame = ledger.usage()
+        skipped: list[tuple[Path, str]] = []
+        frame = ledger.usage(skipped=skipped)
+        for path, why in skipped:  # a torn file: the rest of the ledger is still worth reading
+            print(f"glm-batch: warning: skipped {path}: it does not read ({why})", file=sys.stderr)
         if since is not None:
             try:
                 start = dt.date.fromisoformat(since)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Callable
@@ -214,6 +215,11 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
         raise UsageError(
             f"{where}: run.mode: {spec.model.name} is not known to be taken by Zhipu's Batch API "
             f"(configs/models.yaml says eligible: false); use run.mode: online"
+        )
+    if spec.run.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise UsageError(
+            f"{where}: run.engine: ray needs Ray, which is not installed here; "
+            "pip install -e '.[ray]' (or glm-batch[ray]), or use run.engine: local"
         )
     if spec.model.max_tokens > info.max_output:
         raise UsageError(

@@ -174,7 +174,9 @@ def _parse_variables(source: str, origin: str) -> frozenset[str]:
     from jinja2 import meta
 
     try:
-        ast = _environment().parse(source)
+        env = _environment()
+        ast = env.parse(source)
+        env.compile(ast)  # an unknown filter or test is found here (TemplateAssertionError), not by parse
     except jinja2.TemplateSyntaxError as exc:
         raise UsageError(
             f"{origin}: template syntax error on line {exc.lineno}: {exc.message}; fix the Jinja2 template"

@@ -131,15 +131,16 @@ def crash(exc: BaseException) -> int:
     text = f"glm-batch crash at {now.isoformat()}\nargv: {sys.argv!r}\npython: {sys.version}\n\n" + "".join(
         traceback.format_exception(exc)
     )
+    from runner.errors import GlmBatchError
+    from runner.state.files import write_text
+
     where: str | None = None
     for folder in (crash_dir(), Path(tempfile.gettempdir()) / "glm-batch-crashes"):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / name
-            path.write_text(text, encoding="utf-8", errors="backslashreplace")
-            where = str(path)
+            where = str(write_text(folder / name, text, key="crash log", exclusive=True))
             break
-        except OSError:
+        except (OSError, GlmBatchError):
             continue
     what = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
     log = f"the traceback is in {where}" if where is not None else "no crash log could be written"

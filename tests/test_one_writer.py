@@ -7,14 +7,17 @@ written. An output under a symlink into the input folder is refused at load.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import cli
 from tests.test_bad_input import assert_refused
+from tests.test_broken_state import small_disk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,6 +126,21 @@ def test_a_read_only_folder_is_one_line_and_exit_2(finished, tmp_path: Path) -> 
         assert_refused(cli("schema", "-o", str(folder / "s.json")), "-o", "permission denied")
     finally:
         folder.chmod(0o755)
+
+
+def test_a_full_disk_is_exit_5_and_a_read_only_one_exit_2_naming_the_path(finished, tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", "16k") as disk:
+        with contextlib.suppress(OSError), (disk / "filler").open("wb", buffering=0) as filler:
+            while True:  # until the disk is full
+                filler.write(b"x" * 4096)
+        page = disk / "report.html"
+        result = cli("report", str(finished.spec), "--html", str(page))
+        assert result.exit_code == 5 and result.stderr.count("\n") == 1, result.stderr
+        assert "no space left" in result.stderr and str(page) in result.stderr
+        assert [p.name for p in disk.iterdir()] == ["filler"]  # no half-written page, no temporary file
+
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        assert_refused(cli("schema", "-o", str(disk / "s.json")), str(disk / "s.json"), "read-only")
 
 
 def test_an_output_under_a_symlink_into_the_input_folder_is_refused(make_job, tmp_path: Path, sim) -> None:

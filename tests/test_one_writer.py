@@ -153,6 +153,15 @@ def test_an_output_under_a_symlink_into_the_input_folder_is_refused(make_job, tm
     assert sim.stats()["requests"] == 0
 
 
+def test_a_usage_ledger_in_the_input_folder_is_refused(make_job, tmp_path: Path, sim, monkeypatch) -> None:
+    job = make_job(input={"paths": ["data/*"]})
+    monkeypatch.setenv("GLM_BATCH_LEDGER", str(tmp_path / "data"))  # its files would be read as input
+
+    assert_refused(cli("run", str(job.spec)), "GLM_BATCH_LEDGER", "'data/*'")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["job.csv"]
+    assert sim.stats()["requests"] == 0
+
+
 # Files written outside runner/state/files.py, each streamed to the job's own state or a temporary name
 # (then moved with files.fsync_rename) or appended to the job's own journal: nothing the user names.
 STREAMED = {

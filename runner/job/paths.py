@@ -48,9 +48,19 @@ def within(path: str, other: str) -> bool:
 
 
 def check_not_an_input(
-    path: Path, what: str, key: str, spec: JobSpec, base: Path, spec_path: Path, inputs: tuple[Path, ...], where: str
+    path: Path,
+    what: str,
+    key: str,
+    spec: JobSpec,
+    base: Path,
+    spec_path: Path,
+    inputs: tuple[Path, ...],
+    where: str,
+    *,
+    folder: bool = False,
 ) -> None:
-    """Refuse an output or state directory that would overwrite (or, on the next run, be read as) input.
+    """Refuse an output or a folder the run writes in (`folder`: the state directory, the usage ledger)
+    that would overwrite (or, on the next run, be read as) input.
 
     The output path is compared with every input file, with the spec, and with every input glob: an
     output that does not exist yet but matches `data/*.parquet` would be read as input by the next run.
@@ -73,7 +83,7 @@ def check_not_an_input(
         for parts in (written, resolved):
             for absolute in targets:
                 # The path itself matches, or (a directory) a file inside it could.
-                reach = len(parts) == len(absolute) or (what == "the state directory" and len(parts) > len(absolute))
+                reach = len(parts) == len(absolute) or (folder and len(parts) > len(absolute))
                 if reach and all(_glob_part(pat, name) for pat, name in zip(parts, absolute, strict=False)):
                     raise UsageError(
                         f"{where}: {key}: input.paths pattern {pattern!r} matches {what} {path}"

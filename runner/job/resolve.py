@@ -275,13 +275,21 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
     )
     state_key = "output.state_dir" if spec.output.state_dir else "output.path"
     paths.check_not_an_input(output_path, "the output", "output.path", spec, base, spec_path, input_paths, where)
-    paths.check_not_an_input(state_dir, "the state directory", state_key, spec, base, spec_path, input_paths, where)
+    paths.check_not_an_input(
+        state_dir, "the state directory", state_key, spec, base, spec_path, input_paths, where, folder=True
+    )
     if paths.within(os.path.realpath(output_path), os.path.realpath(state_dir)):
         raise UsageError(
             f"{where}: output.path: {output_path} is inside the state directory {state_dir}, which the runner "
             "manages (and may set files aside in); choose an output.path outside it"
         )
     if writes:
+        from runner.money.ledger import ledger_dir  # polars: validate and run load it anyway; status never
+
+        ledger = ledger_dir()
+        paths.check_not_an_input(
+            ledger, "the usage ledger", "GLM_BATCH_LEDGER", spec, base, spec_path, input_paths, where, folder=True
+        )
         paths.check_writable(output_path, "output.path", where, parent=True)
         paths.check_writable(state_dir, state_key, where, parent=False)
 

@@ -93,6 +93,16 @@ def check_not_an_input(
                     )
 
 
+def check_ledger_apart(job: Job, ledger: Path) -> None:
+    """Refuse a usage ledger folder that the job's input patterns would read (its run files are
+    Parquet): checked when a run starts, where the ledger is known (it is the environment's, not the spec's)."""
+    spec, base = job.spec, job.spec_path.parent
+    where = str(job.spec_path)
+    check_not_an_input(
+        ledger, "the usage ledger", "GLM_BATCH_LEDGER", spec, base, job.spec_path, job.input_paths, where, folder=True
+    )
+
+
 def _glob_part(pattern: str, name: str) -> bool:
     """One path component against one glob component, as `glob.glob` matches it (a `*` skips dot-names)."""
     if not glob.has_magic(pattern):

@@ -284,12 +284,6 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
             "manages (and may set files aside in); choose an output.path outside it"
         )
     if writes:
-        from runner.money.ledger import ledger_dir  # polars: validate and run load it anyway; status never
-
-        ledger = ledger_dir()
-        paths.check_not_an_input(
-            ledger, "the usage ledger", "GLM_BATCH_LEDGER", spec, base, spec_path, input_paths, where, folder=True
-        )
         paths.check_writable(output_path, "output.path", where, parent=True)
         paths.check_writable(state_dir, state_key, where, parent=False)
 

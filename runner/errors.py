@@ -58,3 +58,13 @@ class DiskFull(GlmBatchError):
     The message names the path; free space there and run the same command again."""
 
     exit_code = 5
+
+
+def deliberate(group: BaseExceptionGroup[BaseException]) -> GlmBatchError | None:
+    """The first error raised on purpose inside a (possibly nested) exception group, if any: a task
+    group wraps what its tasks raise, and a UsageError must still reach the user as itself."""
+    for exc in group.exceptions:
+        found = deliberate(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if isinstance(found, GlmBatchError):
+            return found
+    return None

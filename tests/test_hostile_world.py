@@ -134,6 +134,16 @@ def test_a_template_failing_on_every_row_stops_an_online_run_with_exit_2(make_jo
     assert sim.stats()["requests"] == 0
 
 
+def test_the_python_api_raises_that_refusal_as_a_usage_error(make_job, sim) -> None:
+    import runner
+
+    job = make_job(prompt={"template": "{{ text.no_such_attribute.deeper }}"})
+
+    with pytest.raises(UsageError, match="the template fails on each of the first"):
+        runner.run_job(job.spec)
+    assert sim.stats()["requests"] == 0
+
+
 def test_a_column_the_job_never_reads_may_have_other_types_in_other_files(make_job, tmp_path: Path, sim) -> None:
     job = make_job(input={"paths": ["data/*.jsonl"]})
     (tmp_path / "data" / "a.jsonl").write_text(

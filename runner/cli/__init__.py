@@ -34,7 +34,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from runner import __version__
-from runner.errors import GlmBatchError, NothingToDo
+from runner.errors import GlmBatchError, NothingToDo, deliberate
 
 P = TypeVar("P")
 
@@ -112,7 +112,7 @@ def _guarded(fn: Callable[[], T]) -> T:
         try:
             return fn()
         except ExceptionGroup as group:
-            raise _first_deliberate(group) or group from None
+            raise deliberate(group) or group from None
     except NothingToDo as exc:  # a normal day for a cron job: a notice, not an error
         print(f"glm-batch: {exc}")
         raise typer.Exit(0) from None
@@ -125,15 +125,6 @@ def _guarded(fn: Callable[[], T]) -> T:
         from runner.cli.boundary import crash
 
         raise typer.Exit(crash(exc)) from None
-
-
-def _first_deliberate(group: BaseExceptionGroup[BaseException]) -> GlmBatchError | None:
-    """The first error raised on purpose inside a (possibly nested) exception group, if any."""
-    for exc in group.exceptions:
-        found = _first_deliberate(exc) if isinstance(exc, BaseExceptionGroup) else exc
-        if isinstance(found, GlmBatchError):
-            return found
-    return None
 
 
 def _load(

@@ -30,8 +30,10 @@ from runner.errors import STATE_FAILURES
 from runner.finish import Ending, finish, record
 from runner.job.facts import load_facts, record_facts
 from runner.job.inputs import open_input
+from runner.job.paths import check_ledger_apart
 from runner.job.resolve import Job
 from runner.money.accounting import Tally, accountant_for
+from runner.money.ledger import ledger_dir
 from runner.observe import summary
 from runner.observe.progress import Reporter
 from runner.plan import Dispatch, nothing, plan
@@ -54,6 +56,7 @@ async def run_job(
     """Run one job to completion, interruption or abort; the result is durable whichever happens.
 
     `executor` replaces the one the spec asks for (tests and benches pass runner.send.fake's)."""
+    check_ledger_apart(job, ledger_dir())  # before anything is sent, on either engine
     if job.spec.run.engine == "ray" and options.pilot_rows is None:  # pilots are a few rows: sent from here
         from runner.distributed.engine import run_on_ray
 

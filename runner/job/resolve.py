@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Callable
@@ -273,6 +274,11 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
     )
     if spec.run.mode != "online" and not batch_basis.allowed:
         raise UsageError(f"{where}: run.mode: {spec.run.mode}: {batch_basis.why}")
+    if spec.run.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise UsageError(
+            f"{where}: run.engine: ray needs Ray, which is not installed here; "
+            "pip install -e '.[ray]' (or glm-batch[ray]), or use run.engine: local"
+        )
     if spec.model.max_tokens > info.max_output:
         raise UsageError(
             f"{where}: model.max_tokens: {spec.model.max_tokens} exceeds {spec.model.name}'s "
@@ -330,7 +336,9 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
     )
     state_key = "output.state_dir" if spec.output.state_dir else "output.path"
     paths.check_not_an_input(output_path, "the output", "output.path", spec, base, spec_path, input_paths, where)
-    paths.check_not_an_input(state_dir, "the state directory", state_key, spec, base, spec_path, input_paths, where)
+    paths.check_not_an_input(
+        state_dir, "the state directory", state_key, spec, base, spec_path, input_paths, where, folder=True
+    )
     if paths.within(os.path.realpath(output_path), os.path.realpath(state_dir)):
         raise UsageError(
             f"{where}: output.path: {output_path} is inside the state directory {state_dir}, which the runner "

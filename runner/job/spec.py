@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import string
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
@@ -52,6 +53,20 @@ PositiveInt = Annotated[Int, Field(gt=0)]
 PositiveFloat = Annotated[Float, Field(gt=0)]
 
 
+def _distinct(v: list[str]) -> list[str]:
+    """A list of names each given once: a name twice would make two columns (or labels) of one name."""
+    seen: set[str] = set()
+    for name in v:
+        if name in seen:
+            raise ValueError(f"{name!r} is named twice; give each name once")
+        seen.add(name)
+    return v
+
+
+# Column names: each at most once (output.keep_columns, input.columns).
+Names = Annotated[list[str], AfterValidator(_distinct)]
+
+
 class _Strict(BaseModel):
     # defer_build: a model's validator is compiled when first used, not when its class is defined. A
     # spec is validated once, as a whole (JobSpec), so the nested models' own validators are never
@@ -64,7 +79,7 @@ class InputSpec(_Strict):
 
     paths: list[str] = Field(min_length=1)
     id_column: str | None = Field(None, description="Each row's id; ids must be present and distinct.")
-    columns: list[str] | None = None
+    columns: Names | None = None
     limit: PositiveInt | None = Field(
         None, le=MAX_INPUT_ROWS, description=f"Use only the first N rows (1 to {MAX_INPUT_ROWS:.0e})."
     )
@@ -127,13 +142,28 @@ class PriceOverride(_Strict):
     )
 
 
+def _url(v: str | None) -> str | None:
+    """An http(s) URL with a host (and a port that is a number): one that cannot be connected to is
+    refused at load, not found out as a connection error on every row."""
+    if v is None or not v.startswith(("http://", "https://")):
+        return v
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ValueError(f"{v!r} is not a well-formed URL ({exc}); write it like https://host:port/path") from None
+    if not parts.hostname or any(c.isspace() or ord(c) < 32 for c in v):
+        raise ValueError(f"{v!r} is not a well-formed URL (no host, or a space in it); write it like https://host/path")
+    return v
+
+
 class ModelSpec(_Strict):
     """Which model, where, and how it samples."""
 
     name: str
-    endpoint: str = "zhipu"
+    endpoint: Annotated[str, AfterValidator(_url)] = "zhipu"
     # Zhipu's native API (tokenizer, Batch API) for a URL endpoint; default: /api/paas/v4 beside it.
-    native_endpoint: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    native_endpoint: Annotated[str, Field(pattern=r"^https?://"), AfterValidator(_url)] | None = None
     max_tokens: PositiveInt = Field(
         le=MAX_TOKENS, description="The longest answer, in tokens; at most the model's own maximum output."
     )
@@ -239,7 +269,7 @@ class OutputSpec(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, defer_build=True)
 
     path: str
-    keep_columns: list[str] | None = Field(
+    keep_columns: Names | None = Field(
         None,
         description="Input columns copied beside each answer. Default: none for text answers; for labeling "
         "(labels, schema, parse) the columns the prompt uses. [] keeps none.",
@@ -271,10 +301,16 @@ class OutputSpec(_Strict):
     @field_validator("path")
     @classmethod
     def _known_placeholders(cls, v: str) -> str:
-        fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
-        unknown = fields - {"name", "run_date"}
-        if unknown:
-            raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}}; use {{name}} or {{run_date}}")
+        # Only the two bare placeholders: a format spec or conversion ({name:d}, {run_date!x},
+        # {name:>5000}) would fail, or build a path no file system takes, when the path is formatted.
+        for _, field, format_spec, conversion in string.Formatter().parse(v):
+            if field is None:
+                continue
+            if field not in ("name", "run_date"):
+                raise ValueError(f"unknown placeholder {{{field}}}; use {{name}} or {{run_date}}")
+            if format_spec or conversion:
+                shown = field + (f"!{conversion}" if conversion else "") + (f":{format_spec}" if format_spec else "")
+                raise ValueError(f"{{{shown}}}: placeholders take no format spec or conversion; write {{{field}}}")
         return v
 
 

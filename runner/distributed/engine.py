@@ -67,7 +67,7 @@ async def run_on_ray(
     if job.spec.run.mode != "online":
         raise UsageError(f"{job.spec_path}: run.engine: ray: batch mode runs on the local engine")
     source = open_input(job)
-    store = Store(job.state_dir, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}")
+    store = Store(job.state_dir, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}", rows=job.row_map)
     store.open()
     try:
         return await _run(job, source, store, api_key, options, reporter, shape or Shape())

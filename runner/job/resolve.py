@@ -54,6 +54,13 @@ class Job:
     history: tuple[tuple[str, Template], ...] = ()
     # output.keep_columns as given, or its default: none for text answers, the prompt's columns for labeling.
     keep_columns: tuple[str, ...] = ()
+    # A limited run (--limit, input.limit): the job's own output, which it never writes; None otherwise.
+    full_output_path: Path | None = None
+
+    @property
+    def row_map(self) -> str:
+        """The row map's folder in the state directory: a limited run's own, so the job's stays whole."""
+        return "rows" if self.spec.input.limit is None else f"rows.limit-{self.spec.input.limit}"
 
     @property
     def prompt_variables(self) -> frozenset[str]:
@@ -262,6 +269,9 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
     output_path = Path(os.path.normpath(base / spec.output.path.format(name=name, run_date=today.isoformat())))
     if output_path.suffix != ".parquet":
         raise UsageError(f"{where}: output.path: must end in .parquet, got {output_path.name!r}")
+    full_output_path = None
+    if spec.input.limit is not None:  # a smoke run never replaces the fuller output (docs/decisions.md)
+        full_output_path, output_path = output_path, limited_output(output_path, spec.input.limit)
     state_dir = Path(
         os.path.normpath(
             base / spec.output.state_dir if spec.output.state_dir else paths.default_state_dir(spec, base, name)
@@ -303,7 +313,13 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
         state_dir=state_dir,
         history=history,
         keep_columns=keep_columns,
+        full_output_path=full_output_path,
     )
+
+
+def limited_output(output_path: Path, limit: int) -> Path:
+    """Where a run limited to the first `limit` rows writes: beside the job's output, never over it."""
+    return output_path.with_name(f"{output_path.stem}.limit-{limit}{output_path.suffix}")
 
 
 def _keep_columns(

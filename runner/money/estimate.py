@@ -85,7 +85,7 @@ async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, repo
     if not options.record:
         parts, settled = _read_state(job, options)
         return await _estimate(job, api_key, table, source, parts, settled, options)
-    store = Store(job.state_dir, run_id="estimate")
+    store = Store(job.state_dir, run_id="estimate", rows=job.row_map)
     store.open()
     try:
         settled = SettledKeys.none() if options.fresh else store.settled_keys(retry_failed=options.retry_failed)
@@ -119,7 +119,7 @@ def _read_state(job: Job, options: EstimateOptions) -> tuple[list[Path], Settled
     """The job's readable answer parts and settled keys, read without opening the store: nothing is
     created, locked, moved or folded. Answers still in a journal (a run going on, or one that died)
     count as settled too, as the next run will fold them in; a part that does not read is skipped."""
-    store = Store(job.state_dir, run_id="dry-run")  # never opened: only its paths are used
+    store = Store(job.state_dir, run_id="dry-run", rows=job.row_map)  # never opened: only its paths are used
     parts = []
     for part in store.result_parts() if store.results_dir.is_dir() else []:
         try:

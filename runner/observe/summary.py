@@ -63,6 +63,11 @@ def outcome(job: Job, control: Control, failed_rows: int | None, resume: str | N
             f"finished; {failed_rows} rows failed (see error_type in {job.output_path}); "
             f"send them again with: {resume} --retry-failed"
         )
+    if job.full_output_path is not None:
+        return 0, (
+            f"all {job.spec.input.limit} rows of this limited run answered; results in {job.output_path} "
+            f"(a limited run never writes the job's output {job.full_output_path}; run without --limit for that)"
+        )
     return 0, f"all rows answered; results in {job.output_path}"
 
 

@@ -103,7 +103,26 @@ def load_job(
     except ValidationError as exc:
         raise UsageError(_describe(path, exc, overridden)) from exc
     template_of = compile_template if check_templates else deferred_template
-    return _resolve(spec, path, today or dt.date.today(), template_of, writes)
+    job = _resolve(spec, path, today or dt.date.today(), template_of, writes)
+    if check_templates:
+        _refuse_gold_in_prompt(job, path)
+    return job
+
+
+def _refuse_gold_in_prompt(job: Job, path: Path) -> None:
+    """Refuse a prompt that reads a gold column (eval.gold_column, eval.gold_fields): the model would be
+    shown the answer it is scored against, and the scores would mean nothing."""
+    evaluation = job.spec.eval
+    if evaluation is None:
+        return
+    gold = [c for c in [evaluation.gold_column, *evaluation.gold_fields.values()] if c is not None]
+    leaked = sorted(set(gold) & job.prompt_variables)
+    if leaked:
+        names = ", ".join(f"{{{{ {c} }}}}" for c in leaked)
+        raise UsageError(
+            f"{path}: prompt: it reads {names}, a gold column of eval: the model would see the answer it is "
+            f"scored against; take {'it' if len(leaked) == 1 else 'them'} out of the prompt (and input.columns)"
+        )
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

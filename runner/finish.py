@@ -61,6 +61,7 @@ def finish(
     control = ending.control
     summary.book_spend(job, ending.tally, store.run_id, reporter)
     failed_rows: int | None = None  # None: not finalized, the output is not complete yet
+    skipped_rows = 0  # rows input.nulls: skip kept from being sent: a decision, not a failure
     if control.reason is None and complete:
         reporter.phase("writing output")
         # Imported here, after sending: the output writer is not on the way to the first request.
@@ -72,10 +73,11 @@ def finish(
         )
         try:
             counts = finalize(store, ParquetSink(job.output_path, job.state_dir), shape)
-            failed_rows = sum(n for status, n in counts.items() if status != "ok")
+            failed_rows = sum(n for status, n in counts.items() if status not in ("ok", "skipped"))
+            skipped_rows = counts.get("skipped", 0)
         except DiskFull as exc:
             control.fail(exc)
-    exit_code, message = summary.outcome(job, control, failed_rows, options.resume_command)
+    exit_code, message = summary.outcome(job, control, failed_rows, options.resume_command, skipped_rows)
     report = record(job, store, ending, exit_code, failed_rows is not None) | sending
     if failed_rows is not None and job.shape is not None:
         reporter.phase("scoring against gold labels")

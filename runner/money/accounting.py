@@ -306,6 +306,8 @@ def accountant_for(job: Job) -> Accountant:
     run = job.spec.run
     table = require_prices(job, "run.max_cost") if run.max_cost is not None else price_table(job)
     gated = run.max_cost is not None or run.tokens_per_minute is not None
-    calibration = ledger.calibration(job.name, job.spec.model.name) if gated else Calibration()
+    calibration = (
+        ledger.calibration(job.name, job.spec.model.name, simulated=job.base_url is None) if gated else Calibration()
+    )
     budget = Budget(run.max_cost) if run.max_cost is not None else None
     return Accountant(table, calibration, budget, job.spec.model.max_tokens, job.model.batch.price_share)

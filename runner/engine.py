@@ -67,7 +67,9 @@ async def run_job(
     with stop_on_signals(control, reporter):  # until supervise() takes over: a stop still ends the run well
         reporter.phase("reading input")
         source = open_input(job)
-        store = Store(job.state_dir, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}")
+        store = Store(
+            job.state_dir, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}", rows=job.row_map
+        )
         store.open()
         try:
             # Answers a run whose state broke could only hold in memory: kept before anything is planned.

@@ -26,7 +26,7 @@ from runner.errors import STATE_FAILURES, UsageError
 from runner.job.inputs import ID, ROW
 from runner.job.prompts import RequestBuilder, sample_key
 from runner.job.resolve import Job
-from runner.job.templates import RenderError
+from runner.job.templates import NullInput, RenderError
 from runner.money.accounting import Tally
 from runner.money.tokens import estimate_request
 from runner.records import KEY, Request, Result
@@ -233,7 +233,7 @@ class Dispatch:
             self.deliver(
                 Result(
                     key=sample_key(row.key, index),
-                    status="error",
+                    status="skipped" if isinstance(row.error, NullInput) else "error",
                     attempts=0,
                     latency_ms=None,
                     finished_at=dt.datetime.now(dt.UTC),

@@ -142,7 +142,8 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
         if progress is not None:
             print(
                 f"{job.name}: {progress['ok']} rows answered ok, {progress['failed']} failed, "
-                f"{progress['pending']} pending (as of the last run)"
+                + (f"{progress['skipped']} skipped (input.nulls: skip), " if progress.get("skipped") else "")
+                + f"{progress['pending']} pending (as of the last run)"
             )
         if runs:
             last = runs[-1]

@@ -60,6 +60,13 @@ class Job:
     keep_columns: tuple[str, ...] = ()
     # May this job's model go to the Batch API on this endpoint, and on what grounds.
     batch: BatchEligibility | None = None
+    # A limited run (--limit, input.limit): the job's own output, which it never writes; None otherwise.
+    full_output_path: Path | None = None
+
+    @property
+    def row_map(self) -> str:
+        """The row map's folder in the state directory: a limited run's own, so the job's stays whole."""
+        return "rows" if self.spec.input.limit is None else f"rows.limit-{self.spec.input.limit}"
 
     @property
     def prompt_variables(self) -> frozenset[str]:
@@ -159,7 +166,26 @@ def load_job(
     except ValidationError as exc:
         raise UsageError(_describe(path, exc, overridden, raw)) from None
     template_of = compile_template if check_templates else deferred_template
-    return _resolve(spec, path, today or dt.date.today(), template_of, writes)
+    job = _resolve(spec, path, today or dt.date.today(), template_of, writes)
+    if check_templates:
+        _refuse_gold_in_prompt(job, path)
+    return job
+
+
+def _refuse_gold_in_prompt(job: Job, path: Path) -> None:
+    """Refuse a prompt that reads a gold column (eval.gold_column, eval.gold_fields): the model would be
+    shown the answer it is scored against, and the scores would mean nothing."""
+    evaluation = job.spec.eval
+    if evaluation is None:
+        return
+    gold = [c for c in [evaluation.gold_column, *evaluation.gold_fields.values()] if c is not None]
+    leaked = sorted(set(gold) & job.prompt_variables)
+    if leaked:
+        names = ", ".join(f"{{{{ {c} }}}}" for c in leaked)
+        raise UsageError(
+            f"{path}: prompt: it reads {names}, a gold column of eval: the model would see the answer it is "
+            f"scored against; take {'it' if len(leaked) == 1 else 'them'} out of the prompt (and input.columns)"
+        )
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -329,6 +355,9 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
     output_path = Path(os.path.normpath(base / spec.output.path.format(name=name, run_date=today.isoformat())))
     if output_path.suffix != ".parquet":
         raise UsageError(f"{where}: output.path: must end in .parquet, got {output_path.name!r}")
+    full_output_path = None
+    if spec.input.limit is not None:  # a smoke run never replaces the fuller output (docs/decisions.md)
+        full_output_path, output_path = output_path, limited_output(output_path, spec.input.limit)
     state_dir = Path(
         os.path.normpath(
             base / spec.output.state_dir if spec.output.state_dir else paths.default_state_dir(spec, base, name)
@@ -373,7 +402,13 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
         history=history,
         keep_columns=keep_columns,
         batch=batch_basis,
+        full_output_path=full_output_path,
     )
+
+
+def limited_output(output_path: Path, limit: int) -> Path:
+    """Where a run limited to the first `limit` rows writes: beside the job's output, never over it."""
+    return output_path.with_name(f"{output_path.stem}.limit-{limit}{output_path.suffix}")
 
 
 def _keep_columns(

@@ -196,6 +196,8 @@ def _quality(found: Report) -> str:
         f'<p class="note" id="repaired">{esc(REPAIRED_MEANS)}. Of the {found.run["repaired"]:,} rows repaired, '
         f"{found.run['repaired_valid']:,} ended valid.</p>"
     )
+    for note in (metrics or {}).get("gold_notes", []):
+        parts.append(f'<p class="note gold-note">{esc(note)}</p>')
     if "voting" in quality:
         parts.append(f'<p id="voting">{esc(voting_line(quality["voting"]))}.</p>')
     rates = quality.get("field_exact_match") or {}

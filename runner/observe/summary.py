@@ -41,8 +41,11 @@ def ledger_rows(job: Job, tally: Tally, run_id: str) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=ledger.LEDGER_SCHEMA) if rows else pl.DataFrame(schema=ledger.LEDGER_SCHEMA)
 
 
-def outcome(job: Job, control: Control, failed_rows: int | None, resume: str | None = None) -> tuple[int, str]:
-    """The exit code and message; for a finished run they describe the whole output, not just this run."""
+def outcome(
+    job: Job, control: Control, failed_rows: int | None, resume: str | None = None, skipped_rows: int = 0
+) -> tuple[int, str]:
+    """The exit code and message; for a finished run they describe the whole output, not just this run.
+    Rows skipped by `input.nulls: skip` are said apart and never make a run fail."""
     resume = resume or f"glm-batch run {job.spec_path}"
     if control.reason == "budget":
         return BudgetExhausted.exit_code, (
@@ -58,11 +61,24 @@ def outcome(job: Job, control: Control, failed_rows: int | None, resume: str | N
         return code, f"interrupted by {control.reason}; answers so far are saved; resume with: {resume}"
     if failed_rows is None:
         return 1, f"some rows have no answer yet; resume with: {resume}"
+    skipped = (
+        f"; {skipped_rows} rows skipped for a null in a prompt column (input.nulls: skip; status skipped)"
+        if skipped_rows
+        else ""
+    )
     if failed_rows:
         return 1, (
             f"finished; {failed_rows} rows failed (see error_type in {job.output_path}); "
-            f"send them again with: {resume} --retry-failed"
+            f"send them again with: {resume} --retry-failed{skipped}"
         )
+    if job.full_output_path is not None:
+        return 0, (
+            f"all {job.spec.input.limit} rows of this limited run answered; results in {job.output_path} "
+            f"(a limited run never writes the job's output {job.full_output_path}; run without --limit for that)"
+            f"{skipped}"
+        )
+    if skipped_rows:
+        return 0, f"all rows answered but the skipped ones; results in {job.output_path}{skipped}"
     return 0, f"all rows answered; results in {job.output_path}"
 
 

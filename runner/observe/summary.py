@@ -58,7 +58,10 @@ def outcome(
         return control.aborted.exit_code, f"{control.aborted}; fix that, then resume with: {resume}"
     if control.reason in ("SIGINT", "SIGTERM"):
         code = 130 if control.reason == "SIGINT" else 143
-        return code, f"interrupted by {control.reason}; answers so far are saved; resume with: {resume}"
+        return (
+            code,
+            f"interrupted by {control.reason}; answers so far are saved;{_batches_running(job)} resume with: {resume}",
+        )
     if failed_rows is None:
         return 1, f"some rows have no answer yet; resume with: {resume}"
     skipped = (
@@ -80,6 +83,21 @@ def outcome(
     if skipped_rows:
         return 0, f"all rows answered but the skipped ones; results in {job.output_path}{skipped}"
     return 0, f"all rows answered; results in {job.output_path}"
+
+
+def _batches_running(job: Job) -> str:
+    """For a stopped batch job: its batches that keep running (and billing) at Zhipu, and how to stop them."""
+    if job.spec.run.mode == "online":
+        return ""
+    from runner.send.batch_admin import batch_rows
+
+    running = [row for row in batch_rows(job) if row["step"] == "created"]
+    if not running:
+        return ""
+    return (
+        f" {len(running)} batches keep running (and billing) at Zhipu; stop them with: "
+        f"glm-batch cancel {job.spec_path};"
+    )
 
 
 def summary(
@@ -201,7 +219,8 @@ def sending(job: Job, gauges: dict[str, Any]) -> dict[str, Any]:
     """How the sending went, for the summary: the concurrency limit at the end, the refused share."""
     concurrency = {"adaptive": gauges.get("adaptive"), "final": gauges.get("limit")}
     concurrency["overload_429_rate"] = gauges.get("overload_429_rate")
-    return {"concurrency": concurrency, "simulated": job.base_url is None}
+    queue = {"batch_queue": gauges["batch_queue"]} if gauges.get("batch_queue") else {}
+    return {"concurrency": concurrency, "simulated": job.base_url is None, **queue}
 
 
 def write(job: Job, store: Store, report: dict[str, Any]) -> None:

@@ -54,6 +54,10 @@ async def run_job(
         from runner.distributed.engine import run_on_ray
 
         return await run_on_ray(job, api_key=api_key, options=options, reporter=reporter)
+    if job.spec.output.cascade is not None:  # stages that are runs like this one, then a join
+        from runner.cascade.stages import run_cascade
+
+        return await run_cascade(job, api_key=api_key, options=options, reporter=reporter)
     control = Control()
     with stop_on_signals(control, reporter):  # until supervise() takes over: a stop still ends the run well
         reporter.phase("reading input")

@@ -271,7 +271,9 @@ class Simulator:
                 repeat = self.tally.asked[key] - (turn != 1)
                 self.tally.asked[key] += turn == 1
         flat = cfg.confidence == "flat"
-        return skill_variant(ask.model, prompt, cfg.model_error[ask.model], flat, cfg.sample_disagreement, repeat)
+        return skill_variant(
+            ask.model, prompt, cfg.model_error[ask.model], flat, cfg.sample_disagreement, repeat, cfg.seed
+        )
 
     def _invalid(self, prompt: str, turn: int) -> bool:
         cfg = self.config

@@ -57,7 +57,7 @@ def job_file(folder: Path, name: str, rows: int, extra: dict[str, object]) -> Pa
 
 
 def quiet() -> runner.observe.progress.Reporter:
-    return make_reporter("json", stream=open("/dev/null", "w"))  # noqa: SIM115 (for the process's life)
+    return make_reporter("json", stream=open("/dev/null", "w"))
 
 
 def main() -> int:
@@ -80,7 +80,8 @@ def main() -> int:
         f"{args.rows} rows; oracle-only (glm-4.6) cost {oracle_only:.4f} CNY; target {args.target}, delta {args.delta}"
     )
     print(
-        "| proxy confidence | proxy wrong | runs meeting target | agreement min / median | cost vs oracle-only median (max) | rows kept from proxy (median) |"
+        "| proxy confidence | proxy wrong | runs meeting target | agreement min / median "
+        "| cost vs oracle-only median (max) | rows kept from proxy (median) |"
     )
     print("|---|---|---|---|---|---|")
     for confidence in ("informative", "flat"):
@@ -112,7 +113,8 @@ def main() -> int:
             )
         met = sum(a >= args.target for a in agreements)
         print(
-            f"| {confidence} | {wrong:.1%} | {met}/{args.runs} | {min(agreements):.4f} / {statistics.median(agreements):.4f} "
+            f"| {confidence} | {wrong:.1%} | {met}/{args.runs} "
+            f"| {min(agreements):.4f} / {statistics.median(agreements):.4f} "
             f"| {statistics.median(shares):.1%} ({max(shares):.1%}) | {statistics.median(kept):.0f} |"
         )
     return 0

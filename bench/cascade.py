@@ -66,7 +66,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--target", type=float, default=0.9)
     parser.add_argument("--delta", type=float, default=0.1)
-    parser.add_argument("--proxy-error", type=float, default=0.2)
+    parser.add_argument("--proxy-error", type=float, default=0.2, help="the simulator's model_error for the proxy")
+    parser.add_argument("--samples", type=int, default=5, help="proxy samples per row")
+    parser.add_argument("--confidence", choices=["informative", "flat"], action="append")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="cascade-bench-"))
     sim = {"simulator.model_error": {"glm-4.5-flash": args.proxy_error}, "simulator.seed": 1}
@@ -84,14 +86,20 @@ def main() -> int:
         "| cost vs oracle-only median (max) | rows kept from proxy (median) |"
     )
     print("|---|---|---|---|---|---|")
-    for confidence in ("informative", "flat"):
+    for confidence in args.confidence or ["informative", "flat"]:
         agreements, shares, kept = [], [], []
         wrong = None
         for seed in range(args.runs):
             extra = {
                 **sim,
                 "simulator.confidence": confidence,
-                "output.cascade": {"proxy": "glm-4.5-flash", "target": args.target, "delta": args.delta, "seed": seed},
+                "output.cascade": {
+                    "proxy": "glm-4.5-flash",
+                    "target": args.target,
+                    "delta": args.delta,
+                    "seed": seed,
+                    "samples": args.samples,
+                },
                 "output.state_dir": str(folder / f"state-{confidence}"),
             }
             result = runner.run_job(job_file(folder, f"cascade_{confidence}", args.rows, extra), reporter=quiet())

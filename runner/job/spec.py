@@ -262,6 +262,23 @@ class RunSpec(_Strict):
     )
 
 
+class CascadeSpec(_Strict):
+    """A cascade (runner.cascade): the proxy answers every row, the oracle (model.name) a calibration
+    sample and the rows the proxy is unsure of, so that the output agrees with the oracle on at least
+    `target` of the rows with probability at least 1 - `delta` (BARGAIN's method)."""
+
+    proxy: str = Field(description="The cheap model that answers every row (checked against configs/models.yaml).")
+    oracle: str | None = Field(None, description="The model whose answers to match; default: model.name.")
+    target: Float = Field(0.95, gt=0, lt=1, description="Agreement with the oracle to reach, above 0 and below 1.")
+    delta: Float = Field(0.05, gt=0, lt=1, description="Allowed chance of missing the target, above 0 and below 1.")
+    confidence: Literal["samples"] = Field(
+        "samples", description="samples: the share of the proxy's samples that agree with its majority answer."
+    )
+    samples: Int = Field(5, ge=2, le=15, description="Proxy samples per row (2 to 15).")
+    temperature: Float = Field(0.7, gt=0, le=1, description="The proxy's sampling temperature (above 0, at most 1).")
+    seed: Int = Field(0, description="Seeds the calibration sample's draws.")
+
+
 class OutputSpec(_Strict):
     """Where results go (a Parquet path, may use {name} and {run_date}), which input columns to keep,
     and, for labeling, the structure answers must have: labels, a JSON Schema, or any JSON."""
@@ -286,11 +303,16 @@ class OutputSpec(_Strict):
     samples: Int = Field(
         1, ge=1, le=15, description="Ask each row this many times (1 to 15) and keep the majority answer."
     )
+    cascade: CascadeSpec | None = None
 
     @model_validator(mode="after")
     def _one_structure(self) -> OutputSpec:
         if sum(x is not None for x in (self.labels, self.schema_, self.parse)) > 1:
             raise ValueError("give at most one of output.labels, output.schema, output.parse")
+        if self.cascade is not None and self.labels is None and self.schema_ is None:
+            raise ValueError("a cascade compares answers: give output.labels or output.schema with it")
+        if self.cascade is not None and self.samples > 1:
+            raise ValueError("a cascade samples the proxy itself (output.cascade.samples); leave output.samples at 1")
         if self.samples > 1 and self.labels is None and self.schema_ is None and self.parse is None:
             raise ValueError(
                 "samples above 1 vote between structured answers; add output.labels, output.schema "
@@ -337,6 +359,10 @@ class SimulatorSpec(_Strict):
     fault_rate: Annotated[Float, Field(ge=0, le=1)] = 0.0
     invalid_rate: Annotated[Float, Field(ge=0, le=1)] = 0.0  # structured answers broken on the first try
     sample_disagreement: Annotated[Float, Field(ge=0, le=1)] = 0.0  # repeats of a prompt answered otherwise
+    # Models of different skill: model name -> share of rows it answers wrong (more on hard rows), its
+    # sample agreement lower where it is wrong ("informative") or unrelated to it ("flat").
+    model_error: dict[str, Annotated[Float, Field(ge=0, le=1)]] = Field(default_factory=dict)
+    confidence: Literal["informative", "flat"] = "informative"
     seed: Int = 0
     faults: list[str] | None = None  # fault kinds fault_rate draws from (default: every transient one)
     slow_s: PositiveFloat = 30.0  # how long a "slow" or "hang" fault takes

@@ -30,6 +30,7 @@ from runner.job.reading import load_yaml, read_text_file
 from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
 from runner.job.templates import Template, compile_template, deferred_template
+from runner.job.thinking import ThinkingPlan, thinking_plan
 from runner.redact import redact
 
 
@@ -72,6 +73,13 @@ class Job:
     def prompt_variables(self) -> frozenset[str]:
         """Every variable the prompt reads: the system prompt's, each message's and the row turn's."""
         return _variables(self.template, self.system, self.history)
+
+    @property
+    def thinking(self) -> ThinkingPlan:
+        """What the job sends as `thinking` when its spec says nothing, and what to warn about."""
+        m, output = self.spec.model, self.spec.output
+        structured = output.labels is not None or output.schema_ is not None
+        return thinking_plan(m.name, m.thinking.type if m.thinking else None, structured, m.max_tokens)
 
     @property
     def spec_hash(self) -> str:

@@ -72,3 +72,13 @@ class StateUnwritable(GlmBatchError):
 
 # A write to the job's state that failed: the run stops dispatching and rescues what it holds.
 STATE_FAILURES: tuple[type[GlmBatchError], ...] = (DiskFull, StateUnwritable)
+
+
+def deliberate(group: BaseExceptionGroup[BaseException]) -> GlmBatchError | None:
+    """The first error raised on purpose inside a (possibly nested) exception group, if any: a task
+    group wraps what its tasks raise, and a UsageError must still reach the user as itself."""
+    for exc in group.exceptions:
+        found = deliberate(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if isinstance(found, GlmBatchError):
+            return found
+    return None

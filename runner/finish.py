@@ -61,6 +61,7 @@ def finish(
     control = ending.control
     booked = summary.book_spend(job, ending.tally, store.run_id, reporter)
     failed_rows: int | None = None  # None: not finalized, the output is not complete yet
+    skipped_rows = 0  # rows input.nulls: skip kept from being sent: a decision, not a failure
     if control.reason is None and complete:
         reporter.phase("writing output")
         # Imported here, after sending: the output writer is not on the way to the first request.
@@ -75,10 +76,11 @@ def finish(
         try:
             with state_guard(job.state_dir, refusals=False):  # the output's own errors are not the state's
                 counts = finalize(store, ParquetSink(job.output_path, job.state_dir), shape)
-            failed_rows = sum(n for status, n in counts.items() if status != "ok")
+            failed_rows = sum(n for status, n in counts.items() if status not in ("ok", "skipped"))
+            skipped_rows = counts.get("skipped", 0)
         except STATE_FAILURES as exc:
             control.fail(exc)
-    exit_code, message = summary.outcome(job, control, failed_rows, options.resume_command)
+    exit_code, message = summary.outcome(job, control, failed_rows, options.resume_command, skipped_rows)
     report = record(job, store, ending, exit_code, failed_rows is not None) | sending | {"ledger": booked}
     if failed_rows is not None and job.shape is not None:
         reporter.phase("scoring against gold labels")

@@ -26,7 +26,7 @@ from runner.errors import STATE_FAILURES, UsageError
 from runner.job.inputs import ID, ROW
 from runner.job.prompts import RequestBuilder, sample_key
 from runner.job.resolve import Job
-from runner.job.templates import RenderError
+from runner.job.templates import NullInput, RenderError
 from runner.money.accounting import Tally
 from runner.money.tokens import estimate_request
 from runner.records import KEY, Request, Result
@@ -82,8 +82,14 @@ def plan(job: Job, source: Rows, settled: SettledKeys, batch_rows: int = RENDER_
     builder = RequestBuilder(job)
     first = True
     for whole in source.batches(batch_rows):
-        # The first batch in two steps: its first rows are sent while the rest render.
-        steps = [whole.slice(0, FIRST_STEP_ROWS), whole.slice(FIRST_STEP_ROWS)] if first else [whole]
+        # The first batch in steps: its first rows are checked (a broken template stops after
+        # ALL_FAIL_ROWS rows, not a whole batch of them) and sent while the rest render.
+        steps = (
+            [whole.slice(0, ALL_FAIL_ROWS), whole.slice(ALL_FAIL_ROWS, FIRST_STEP_ROWS - ALL_FAIL_ROWS),
+             whole.slice(FIRST_STEP_ROWS)]
+            if first
+            else [whole]
+        )  # fmt: skip
         for frame in steps:
             if frame.height == 0:
                 continue
@@ -118,9 +124,10 @@ def _check_template(job: Job, rows: list[PlannedRow], whole_input: bool) -> None
     first = rows[:ALL_FAIL_ROWS]
     if not first or (len(first) < ALL_FAIL_ROWS and not whole_input):
         return
-    # A row skipped for a null (input.nulls: skip) says nothing about the template.
+    # A row skipped for a null (input.nulls: skip) says nothing about the template; one over a
+    # rendering limit (render_limit) does, like one the template fails on.
     kinds = {str(row.error).split(":", 1)[0] if row.error is not None else None for row in first
-             if row.error is None or row.error.error_type == "render_error"}  # fmt: skip
+             if row.error is None or row.error.error_type in ("render_error", "render_limit")}  # fmt: skip
     if len(kinds) == 1 and None not in kinds and all(row.error is not None for row in first):
         raise UsageError(
             f"{job.spec_path}: prompt: the template fails on each of the first {len(first)} rows "
@@ -226,7 +233,7 @@ class Dispatch:
             self.deliver(
                 Result(
                     key=sample_key(row.key, index),
-                    status="error",
+                    status="skipped" if isinstance(row.error, NullInput) else "error",
                     attempts=0,
                     latency_ms=None,
                     finished_at=dt.datetime.now(dt.UTC),

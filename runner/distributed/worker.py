@@ -140,7 +140,7 @@ class Sender:
         # A restarted actor keeps its Ray id; the pid tells its incarnations (and their journals) apart.
         actor = ray.get_runtime_context().get_actor_id() or "local"
         self.worker_id = f"{actor[-8:]}-{os.getpid()}"
-        self._store = Store(self._job.state_dir, config.run_id, writer=self.worker_id)
+        self._store = Store(self._job.state_dir, config.run_id, writer=self.worker_id, rows=self._job.row_map)
         self._store.open_journal()
         self._answers = RunAnswers(self._job.state_dir, config.run_id)
         self._reserved: dict[str, float] = {}  # key -> budget reserved at the limiter

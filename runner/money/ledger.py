@@ -153,9 +153,10 @@ def summarise(frame: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     )
 
 
-def calibration(job: str, model: str) -> Calibration:
-    """The input-token ratio measured by earlier runs: of this job if it has any, else of this model."""
-    rows = usage().filter(pl.col("model") == model, pl.col("est_input_tokens") > 0)
+def calibration(job: str, model: str, *, simulated: bool = False) -> Calibration:
+    """The input-token ratio measured by earlier runs: of this job if it has any, else of this model;
+    from the simulator's runs for a simulated job and only from real ones otherwise (never mixed)."""
+    rows = usage(simulated=simulated).filter(pl.col("model") == model, pl.col("est_input_tokens") > 0)
     for scope, subset in (("job", rows.filter(pl.col("job") == job)), ("model", rows)):
         if subset.height:
             totals = subset.select(

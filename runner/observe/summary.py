@@ -41,8 +41,11 @@ def ledger_rows(job: Job, tally: Tally, run_id: str) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=ledger.LEDGER_SCHEMA) if rows else pl.DataFrame(schema=ledger.LEDGER_SCHEMA)
 
 
-def outcome(job: Job, control: Control, failed_rows: int | None, resume: str | None = None) -> tuple[int, str]:
-    """The exit code and message; for a finished run they describe the whole output, not just this run."""
+def outcome(
+    job: Job, control: Control, failed_rows: int | None, resume: str | None = None, skipped_rows: int = 0
+) -> tuple[int, str]:
+    """The exit code and message; for a finished run they describe the whole output, not just this run.
+    Rows skipped by `input.nulls: skip` are said apart and never make a run fail."""
     resume = resume or f"glm-batch run {job.spec_path}"
     if control.reason == "budget":
         return BudgetExhausted.exit_code, (
@@ -55,15 +58,46 @@ def outcome(job: Job, control: Control, failed_rows: int | None, resume: str | N
         return control.aborted.exit_code, f"{control.aborted}; fix that, then resume with: {resume}"
     if control.reason in ("SIGINT", "SIGTERM"):
         code = 130 if control.reason == "SIGINT" else 143
-        return code, f"interrupted by {control.reason}; answers so far are saved; resume with: {resume}"
+        return (
+            code,
+            f"interrupted by {control.reason}; answers so far are saved;{_batches_running(job)} resume with: {resume}",
+        )
     if failed_rows is None:
         return 1, f"some rows have no answer yet; resume with: {resume}"
+    skipped = (
+        f"; {skipped_rows} rows skipped for a null in a prompt column (input.nulls: skip; status skipped)"
+        if skipped_rows
+        else ""
+    )
     if failed_rows:
         return 1, (
             f"finished; {failed_rows} rows failed (see error_type in {job.output_path}); "
-            f"send them again with: {resume} --retry-failed"
+            f"send them again with: {resume} --retry-failed{skipped}"
         )
+    if job.full_output_path is not None:
+        return 0, (
+            f"all {job.spec.input.limit} rows of this limited run answered; results in {job.output_path} "
+            f"(a limited run never writes the job's output {job.full_output_path}; run without --limit for that)"
+            f"{skipped}"
+        )
+    if skipped_rows:
+        return 0, f"all rows answered but the skipped ones; results in {job.output_path}{skipped}"
     return 0, f"all rows answered; results in {job.output_path}"
+
+
+def _batches_running(job: Job) -> str:
+    """For a stopped batch job: its batches that keep running (and billing) at Zhipu, and how to stop them."""
+    if job.spec.run.mode == "online":
+        return ""
+    from runner.send.batch_admin import batch_rows
+
+    running = [row for row in batch_rows(job) if row["step"] == "created"]
+    if not running:
+        return ""
+    return (
+        f" {len(running)} batches keep running (and billing) at Zhipu; stop them with: "
+        f"glm-batch cancel {job.spec_path};"
+    )
 
 
 def summary(
@@ -185,7 +219,8 @@ def sending(job: Job, gauges: dict[str, Any]) -> dict[str, Any]:
     """How the sending went, for the summary: the concurrency limit at the end, the refused share."""
     concurrency = {"adaptive": gauges.get("adaptive"), "final": gauges.get("limit")}
     concurrency["overload_429_rate"] = gauges.get("overload_429_rate")
-    return {"concurrency": concurrency, "simulated": job.base_url is None}
+    queue = {"batch_queue": gauges["batch_queue"]} if gauges.get("batch_queue") else {}
+    return {"concurrency": concurrency, "simulated": job.base_url is None, **queue}
 
 
 def write(job: Job, store: Store, report: dict[str, Any]) -> None:

@@ -91,14 +91,14 @@ class Store:
     """One job's durable state for one run: the lock, the answers (journal and parts), the row map,
     and the records of runs and estimates."""
 
-    def __init__(self, state_dir: Path, run_id: str, writer: str | None = None) -> None:
+    def __init__(self, state_dir: Path, run_id: str, writer: str | None = None, rows: str = "rows") -> None:
         self.state_dir = state_dir
         self.run_id = run_id
         # One of several processes writing answers for one run (a Ray actor): its journal and parts are
         # named `<run>-<writer>` so writers never share a file; the answers still carry the run's id.
         self._files_id = f"{run_id}-{writer}" if writer else run_id
         self.results_dir = state_dir / "results"
-        self.rows = RowMap(state_dir / "rows")
+        self.rows = RowMap(state_dir / rows)  # a limited run keeps its own (Job.row_map), the job's stays
         self.lock = JobLock(state_dir / "lock")
         self.corrupt: list[Path] = []  # parts found unreadable at this open (and moved to corrupt/)
         self.quarantined: list[Path] = []  # every part ever set aside in corrupt/

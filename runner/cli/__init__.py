@@ -128,14 +128,20 @@ def _guarded(fn: Callable[[], T]) -> T:
 
 
 def _load(
-    spec: Path, overrides: list[str] | None, limit: int | None, *, check_templates: bool = True, writes: bool = True
+    spec: Path,
+    overrides: list[str] | None,
+    limit: int | None,
+    *,
+    check_templates: bool = True,
+    writes: bool = True,
+    sends: bool = True,
 ) -> Job:
     from runner.job.resolve import load_job
 
     items = list(overrides or [])
     if limit is not None:
         items.append(f"input.limit={limit}")
-    return load_job(spec, items, check_templates=check_templates, writes=writes)
+    return load_job(spec, items, check_templates=check_templates, writes=writes, sends=sends)
 
 
 def api_key_for(job: Job) -> str:

@@ -103,7 +103,7 @@ def report(
                     f"--gold {gold}: names the gold column of an output file; for a job, set eval.gold_column "
                     f"in {target} (or --set eval.gold_column={gold})"
                 )
-            job = _load(target, set_, None)
+            job = _load(target, set_, None, sends=False)
             if not job.output_path.exists():
                 raise UsageError(f"{job.output_path} does not exist yet; run the job first: glm-batch run {target}")
             found = load_report(job.output_path, job=job)
@@ -127,7 +127,7 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
         from runner.state.lock import JobLock
 
         # The templates stay unparsed (no jinja2): status renders nothing, and writes nothing either.
-        job = _load(spec, set_, None, check_templates=False, writes=False)
+        job = _load(spec, set_, None, check_templates=False, writes=False, sends=False)
         holder = JobLock(job.state_dir / "lock").holder()
         if holder is not None:
             print(
@@ -225,7 +225,7 @@ def cancel(spec: SpecArg, set_: SetOpt = None) -> None:
         from runner.send.batch_admin import cancel_batches
         from runner.send.endpoints import endpoint_url
 
-        job = _load(spec, set_, None)
+        job = _load(spec, set_, None, sends=False)  # batches a run made before the batch rule can still be cancelled
         if job.base_url is None:
             raise UsageError(
                 f"{spec}: the built-in simulator's batches end with the run that started them; nothing to cancel"

@@ -108,9 +108,8 @@ def report(
                 raise UsageError(f"{job.output_path} does not exist yet; run the job first: glm-batch run {target}")
             found = load_report(job.output_path, job=job)
             protected = job_files(job)
-        page = html_page(found) if html is not None else ""
-        if html is not None:  # refused (exit 2) before the report is printed, and nothing half-written
-            write_text(html, page, key="--html", protected=protected, ours=HTML_MARK, force=force)
+        if html is not None:  # written, or refused in one line, before the report is printed
+            write_text(html, html_page(found), key="--html", protected=protected, ours=HTML_MARK, force=force)
         console = _console()
         print_report(found, console)
         if html is not None:

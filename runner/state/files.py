@@ -144,7 +144,7 @@ def write_text(
     and the link stays. Errors are one line naming the path (write_error).
     """
     target = Path(os.path.realpath(path))
-    for other, what in protected:
+    for other, what in [*protected, *_job_files_beside(target)]:
         if paths_overlap(target, Path(os.path.realpath(other))):
             raise UsageError(
                 f"{key} {path}: that is {what} {other}; glm-batch never writes over it, choose another path"
@@ -174,7 +174,7 @@ def write_text(
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, stat.S_IMODE(st.st_mode) if st is not None else 0o644)  # a replaced file keeps its mode
         if exclusive:
             os.link(tmp, target)  # fails if a file appeared meanwhile: never replace one
             _fsync_dir(target.parent)
@@ -192,6 +192,15 @@ def write_text(
 def paths_overlap(path: Path, other: Path) -> bool:
     """Whether `path` is `other` or lies inside it (both resolved)."""
     return path == other or other in path.parents
+
+
+def _job_files_beside(target: Path) -> list[tuple[Path, str]]:
+    """What `target` is, if it is a job's file whatever the command knows: a state folder's content
+    (under `.glm-batch/`) or an output (a .parquet with its `.summary.json` beside it)."""
+    found = [(p, "a job's state directory") for p in (target, *target.parents) if p.name == ".glm-batch"]
+    if target.suffix == ".parquet" and target.with_suffix(".summary.json").exists():
+        found.append((target, "a job's output"))
+    return found
 
 
 def _written_by_us(path: Path, ours: str | None) -> bool:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.errors import UsageError
+from runner.errors import UsageError, deliberate
 from runner.job.resolve import Job
 from runner.job.resolve import load_job as _load_job
 from runner.observe.progress import Reporter, make_reporter
@@ -101,7 +101,10 @@ async def arun_job(
     if will_send_online(job, fresh=fresh):
         import_in_background()
     options = RunOptions(fresh=fresh, retry_failed=retry_failed, resume_command=resume_command(job, set, limit))
-    report = await _run(job, api_key=api_key_for(job), options=options, reporter=reporter or make_reporter("json"))
+    try:
+        report = await _run(job, api_key=api_key_for(job), options=options, reporter=reporter or make_reporter("json"))
+    except ExceptionGroup as group:  # a UsageError raised while sending reaches the caller as itself
+        raise deliberate(group) or group from None
     output = report.summary.get("output")
     return Result(report.exit_code, report.message, report.summary, Path(output) if output else None)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -52,12 +52,23 @@ class PriceTier(BaseModel):
 
 
 class CurrencyPrices(BaseModel):
-    """A model's tiers in one currency, and whether the figures are confirmed from Zhipu's own pages."""
+    """A model's tiers in one currency, whether the figures are confirmed from Zhipu's own pages
+    (else reported by a third party), and where they come from."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     confirmed: bool
-    tiers: list[PriceTier]
+    source: str = ""
+    tiers: list[PriceTier] = Field(min_length=1)
+
+
+class Sourced(BaseModel):
+    """Where a figure comes from: confirmed on Zhipu's own pages, or reported (or guessed) elsewhere."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    confirmed: bool
+    source: str
 
 
 class BatchInfo(BaseModel):
@@ -68,6 +79,7 @@ class BatchInfo(BaseModel):
 
     eligible: bool
     confirmed: bool = False
+    source: str = ""
     price_share: float = Field(default=0.5, ge=0, le=1)
 
 
@@ -81,6 +93,11 @@ class ModelInfo(BaseModel):
     concurrency: int
     batch: BatchInfo = BatchInfo(eligible=False)
     prices: dict[str, CurrencyPrices] = Field(default_factory=dict)
+    # A currency with no price known, and why (not offered on that platform, no price published):
+    # estimate and max_cost refuse the model there by name rather than guess.
+    unpriced: dict[str, str] = Field(default_factory=dict)
+    # Where context, max_output and concurrency come from.
+    sources: dict[Literal["context", "max_output", "concurrency"], Sourced] = Field(default_factory=dict)
 
 
 def configs_dir() -> Path:
@@ -115,8 +132,12 @@ def endpoints() -> dict[str, Endpoint]:
 
 @cache
 def models() -> dict[str, ModelInfo]:
-    """The model catalogue from configs/models.yaml."""
+    """The model catalogue from configs/models.yaml (keys starting with `_` hold shared YAML anchors)."""
     try:
-        return {name: ModelInfo.model_validate(v) for name, v in _load_yaml("models.yaml").items()}
+        return {
+            name: ModelInfo.model_validate(v)
+            for name, v in _load_yaml("models.yaml").items()
+            if not str(name).startswith("_")
+        }
     except ValidationError as exc:
         raise UsageError(f"configs/models.yaml: {exc}") from exc

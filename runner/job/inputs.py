@@ -160,7 +160,10 @@ def _agree_on_types(
 ) -> list[pl.LazyFrame]:
     """Make the inputs' column types agree so they concatenate: ids are compared as text anyway, so an
     id column that is a number in one file and text in another is read as text; any other column the
-    job uses must have one type in every file."""
+    job uses must have one type in every file. A column the job never reads may differ: it is left out."""
+    differ = [c for c in schemas[0].names() if c not in used and any(s[c] != schemas[0][c] for s in schemas[1:])]
+    if differ:
+        frames = [f.drop(differ) for f in frames]
     if id_column is not None:
         dtype = schemas[0][id_column]
         if dtype.is_nested() or dtype == pl.Object or dtype == pl.Null:

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
 from runner.errors import UsageError
 from runner.job import catalog, paths
+from runner.job.facts import Facts, endpoint_id, load_facts
 from runner.job.reading import load_yaml, read_text_file
 from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
@@ -55,6 +58,15 @@ class Job:
     history: tuple[tuple[str, Template], ...] = ()
     # output.keep_columns as given, or its default: none for text answers, the prompt's columns for labeling.
     keep_columns: tuple[str, ...] = ()
+    # May this job's model go to the Batch API on this endpoint, and on what grounds.
+    batch: BatchEligibility | None = None
+    # A limited run (--limit, input.limit): the job's own output, which it never writes; None otherwise.
+    full_output_path: Path | None = None
+
+    @property
+    def row_map(self) -> str:
+        """The row map's folder in the state directory: a limited run's own, so the job's stays whole."""
+        return "rows" if self.spec.input.limit is None else f"rows.limit-{self.spec.input.limit}"
 
     @property
     def prompt_variables(self) -> frozenset[str]:
@@ -72,6 +84,63 @@ class Job:
         data.setdefault("output", {})["keep_columns"] = list(self.keep_columns)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class BatchEligibility:
+    """Whether a model may go to the Batch API on an endpoint: `basis` is "catalogue" (Zhipu's list),
+    "doctor" (proved on this account), "unconfirmed" (run.batch.allow_unconfirmed) or "refused",
+    with `why` the one line a refusal prints."""
+
+    allowed: bool
+    basis: str
+    why: str = ""
+
+
+BATCH_MODELS_HINT = "glm-4-air-250414, glm-4-plus, glm-4-flashx-250414, glm-4-long or glm-4-flash (free)"
+
+
+def has_batch_api(base_url: str | None) -> bool:
+    """Whether the endpoint has Zhipu's Batch API: api.z.ai has none (real-wire.md, Hosts)."""
+    host = (urlsplit(base_url).hostname or "") if base_url else ""
+    return not (host == "z.ai" or host.endswith(".z.ai"))
+
+
+def batch_eligibility(
+    model: str,
+    info: catalog.ModelInfo,
+    endpoint: str,
+    base_url: str | None,
+    known: Facts,
+    allow_unconfirmed: bool,
+) -> BatchEligibility:
+    """The one batch rule: the Batch API exists on the endpoint, and the model is on Zhipu's list, or
+    `glm-batch doctor --batch` proved it here, or the job accepts the risk (allow_unconfirmed)."""
+    if not has_batch_api(base_url):
+        return BatchEligibility(
+            False,
+            "refused",
+            f"endpoint {endpoint} (api.z.ai) has no Batch API; use model.endpoint: zhipu (open.bigmodel.cn) "
+            "with a zhipu key for batch and hybrid, or run.mode: online",
+        )
+    if info.batch.eligible:
+        return BatchEligibility(True, "catalogue")
+    if known.batch_eligible is True:
+        return BatchEligibility(True, "doctor")
+    if allow_unconfirmed:
+        return BatchEligibility(
+            True,
+            "unconfirmed",
+            f"{model} is not on Zhipu's Batch API list; the batch may fail at validation",
+        )
+    proved = " (glm-batch doctor --batch found it refused)" if known.batch_eligible is False else ""
+    return BatchEligibility(
+        False,
+        "refused",
+        f"{model} is not on Zhipu's Batch API eligibility list{proved}, so its batches would fail at validation; "
+        f"use an eligible model ({BATCH_MODELS_HINT}), prove it with `glm-batch doctor JOB --batch`, "
+        "or set run.batch.allow_unconfirmed: true to try anyway",
+    )
 
 
 def load_job(
@@ -97,7 +166,46 @@ def load_job(
     except ValidationError as exc:
         raise UsageError(_describe(path, exc, overridden, raw)) from None
     template_of = compile_template if check_templates else deferred_template
-    return _resolve(spec, path, today or dt.date.today(), template_of, writes)
+    job = _resolve(spec, path, today or dt.date.today(), template_of, writes)
+    if check_templates:
+        _refuse_gold_in_prompt(job, path)
+    return job
+
+
+def _refuse_gold_in_prompt(job: Job, path: Path) -> None:
+    """Refuse a prompt that reads a gold column (eval.gold_column, eval.gold_fields): the model would be
+    shown the answer it is scored against, and the scores would mean nothing."""
+    evaluation = job.spec.eval
+    if evaluation is None:
+        return
+    gold = [c for c in [evaluation.gold_column, *evaluation.gold_fields.values()] if c is not None]
+    leaked = sorted(set(gold) & job.prompt_variables)
+    if leaked:
+        names = ", ".join(f"{{{{ {c} }}}}" for c in leaked)
+        raise UsageError(
+            f"{path}: prompt: it reads {names}, a gold column of eval: the model would see the answer it is "
+            f"scored against; take {'it' if len(leaked) == 1 else 'them'} out of the prompt (and input.columns)"
+        )
+
+
+def derive(job: Job, changes: dict[str, Any]) -> Job:
+    """Another job made from this one's validated spec with dotted keys changed (`{"model.name": "x"}`):
+    a stage of a cascade. Its paths resolve as the original's; given ones should be absolute."""
+    data = job.spec.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError(_describe(job.spec_path, exc)) from exc
+    return _resolve(spec, job.spec_path, dt.date.today(), compile_template, True)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -206,15 +314,27 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
             f"{where}: model.name: unknown model {spec.model.name!r}; known: {known} (add it to configs/models.yaml)"
         )
     info = models[spec.model.name]
-    if spec.run.mode != "online" and not info.batch.eligible:
+    learned = load_facts(endpoint_id(base_url), spec.model.name)  # what glm-batch doctor found here
+    batch_basis = batch_eligibility(
+        spec.model.name, info, spec.model.endpoint, base_url, learned, spec.run.batch.allow_unconfirmed
+    )
+    if spec.run.mode != "online" and not batch_basis.allowed:
+        raise UsageError(f"{where}: run.mode: {spec.run.mode}: {batch_basis.why}")
+    if spec.run.engine == "ray" and importlib.util.find_spec("ray") is None:
         raise UsageError(
-            f"{where}: run.mode: {spec.model.name} is not known to be taken by Zhipu's Batch API "
-            f"(configs/models.yaml says eligible: false); use run.mode: online"
+            f"{where}: run.engine: ray needs Ray, which is not installed here; "
+            "pip install -e '.[ray]' (or glm-batch[ray]), or use run.engine: local"
         )
     if spec.model.max_tokens > info.max_output:
         raise UsageError(
             f"{where}: model.max_tokens: {spec.model.max_tokens} exceeds {spec.model.name}'s "
             f"maximum output of {info.max_output} tokens"
+        )
+    stops = spec.model.stop_sequences or []
+    if spec.run.mode != "online" and len(stops) > 1:
+        raise UsageError(
+            f"{where}: model.stop_sequences: Zhipu's Batch API takes a single stop word (run.mode "
+            f"{spec.run.mode}), got {len(stops)}; keep one or use run.mode: online"
         )
     thinking = spec.model.thinking
     if thinking and thinking.type == "enabled" and (thinking.budget_tokens or 0) >= spec.model.max_tokens:
@@ -255,6 +375,9 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
     output_path = Path(os.path.normpath(base / spec.output.path.format(name=name, run_date=today.isoformat())))
     if output_path.suffix != ".parquet":
         raise UsageError(f"{where}: output.path: must end in .parquet, got {output_path.name!r}")
+    full_output_path = None
+    if spec.input.limit is not None:  # a smoke run never replaces the fuller output (docs/decisions.md)
+        full_output_path, output_path = output_path, limited_output(output_path, spec.input.limit)
     state_dir = Path(
         os.path.normpath(
             base / spec.output.state_dir if spec.output.state_dir else paths.default_state_dir(spec, base, name)
@@ -262,7 +385,9 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
     )
     state_key = "output.state_dir" if spec.output.state_dir else "output.path"
     paths.check_not_an_input(output_path, "the output", "output.path", spec, base, spec_path, input_paths, where)
-    paths.check_not_an_input(state_dir, "the state directory", state_key, spec, base, spec_path, input_paths, where)
+    paths.check_not_an_input(
+        state_dir, "the state directory", state_key, spec, base, spec_path, input_paths, where, folder=True
+    )
     if paths.within(os.path.realpath(output_path), os.path.realpath(state_dir)):
         raise UsageError(
             f"{where}: output.path: {output_path} is inside the state directory {state_dir}, which the runner "
@@ -287,7 +412,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
         shape=shape,
         model=info,
         concurrency=(
-            min(info.concurrency, spec.run.max_concurrency)
+            min(learned.concurrency or info.concurrency, spec.run.max_concurrency)
             if spec.run.concurrency in (None, "auto")
             else int(spec.run.concurrency)
         ),
@@ -296,7 +421,14 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
         state_dir=state_dir,
         history=history,
         keep_columns=keep_columns,
+        batch=batch_basis,
+        full_output_path=full_output_path,
     )
+
+
+def limited_output(output_path: Path, limit: int) -> Path:
+    """Where a run limited to the first `limit` rows writes: beside the job's output, never over it."""
+    return output_path.with_name(f"{output_path.stem}.limit-{limit}{output_path.suffix}")
 
 
 def _keep_columns(

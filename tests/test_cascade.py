@@ -1,0 +1,174 @@
+"""A cascade job end to end on the simulator: a cheap proxy answers every row, the oracle a calibration
+sample and the rows the proxy is unsure of; the output says who answered each row, the summary and
+`report` state the guarantee, `estimate` prices it against the oracle alone, and kill -9 at any stage
+then a resume pays nothing twice beyond what was in flight and gives the same output."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from runner.testing.simulator import SimulatorThread
+from tests.conftest import JobFiles, cli
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "sentiment" / "amazon.csv"
+PROXY, ORACLE = "glm-4.5-flash", "glm-4.6"
+SENTIMENT = {
+    "input": {"columns": ["text"], "limit": 240},
+    "prompt": {"system": "You label sentiment.", "template": "Review: {{ text }}"},
+    "output": {"labels": ["positive", "negative"], "keep_columns": [], "max_repairs": 0},
+    "eval": {"gold_column": "gold"},
+    "run": {"concurrency": 8},
+}
+
+
+def _rows(n: int) -> list[dict[str, Any]]:
+    return pl.read_csv(DATA).head(n).to_dicts()
+
+
+def _cascade(make_job: Callable[..., JobFiles], name: str, **cascade: Any) -> JobFiles:
+    settings = {"proxy": PROXY, "target": 0.9, "delta": 0.1, "samples": 3, "seed": 1, **cascade}
+    return make_job(_rows(240), name=name, **(SENTIMENT | {"output": SENTIMENT["output"] | {"cascade": settings}}))
+
+
+def test_the_cascade_agrees_with_the_oracle_on_the_target_share_and_says_who_answered_each_row(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    sim.configure(model_error={PROXY: 0.2})
+    reference = make_job(_rows(240), name="oracle_only", **SENTIMENT)
+    assert cli("run", str(reference.spec)).exit_code == 0
+    job = _cascade(make_job, "cascade")
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 0, result.stderr
+    out = pl.read_parquet(job.output)
+    oracle = pl.read_parquet(reference.output)
+    assert out.get_column("id").to_list() == oracle.get_column("id").to_list()  # one row per input row, in order
+    agreement = (out.get_column("label") == oracle.get_column("label")).mean()
+    assert agreement is not None and agreement >= 0.9
+    by = out.get_column("answered_by")
+    assert set(by.unique().to_list()) == {PROXY, ORACLE}
+    # The calibration sample carries the oracle's answer; a kept row carries the proxy's majority.
+    assert out.filter(pl.col("in_calibration") & (pl.col("answered_by") != ORACLE)).height == 0
+    confidence = out.get_column("proxy_confidence")
+    assert confidence.min() is not None and set(confidence.drop_nulls().unique().to_list()) <= {1 / 3, 2 / 3, 1.0}
+    summary = json.loads(job.summary.read_text())["cascade"]
+    assert summary["guarantee"] == f"agrees with {ORACLE} on >= 90% of rows with probability >= 90%"
+    assert summary["rows_kept_from_proxy"] == (by == PROXY).sum() > 0
+    assert summary["rows_in_calibration"] == out.get_column("in_calibration").sum()
+    assert summary["cost"]["cascade"] < summary["cost"]["oracle_only_expected"]
+    assert set(summary["accuracy"]) >= {"proxy", "cascade", "oracle_where_asked"}
+
+    report = cli("report", str(job.spec))
+    assert report.exit_code == 0, report.stderr
+    assert f"agrees with {ORACLE} on >= 90% of rows with probability >= 90%" in report.stdout
+    assert "threshold" in report.stdout and "oracle only" in report.stdout
+
+
+def test_estimate_prices_the_cascade_against_the_oracle_alone_before_anything_is_sent(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    job = _cascade(make_job, "priced")
+
+    result = cli("estimate", str(job.spec), "--json")
+
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    cascade = report["cascade"]
+    assert cascade["oracle_only_cost"]["expected"] == report["cost"]["expected"] > 0
+    low, expected, high = (cascade["cost"][k] for k in ("low", "expected", "high"))
+    assert low < expected < high
+    assert cascade["proxy_requests"] == 3 * 240
+    assert sim.stats()["requests"] == 0
+    table = cli("estimate", str(job.spec))
+    assert "cascade cost" in table.stdout and "oracle only" in table.stdout
+
+
+def test_a_cascade_is_refused_without_labels_or_with_samples_of_its_own(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    free_text = make_job(name="free", output={"cascade": {"proxy": PROXY}})
+    result = cli("run", str(free_text.spec))
+    assert result.exit_code == 2 and "output.labels or output.schema" in result.stderr
+    sampled = make_job(
+        name="sampled",
+        model={"temperature": 0.7},
+        output={"labels": ["a", "b"], "samples": 3, "cascade": {"proxy": PROXY}},
+    )
+    result = cli("run", str(sampled.spec))
+    assert result.exit_code == 2 and "output.cascade.samples" in result.stderr
+    assert sim.stats()["requests"] == 0
+
+
+def _start(spec: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner", "run", str(spec), "--log-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _kill_at(spec: Path, model: str, nth: int) -> None:
+    """Run the job and kill -9 it as the nth run of `model` (a stage) starts sending."""
+    proc = _start(spec)
+    assert proc.stderr is not None
+    seen = 0
+    for line in proc.stderr:
+        if '"event": "start"' in line and json.loads(line)["model"] == model:
+            seen += 1
+            if seen == nth:
+                proc.send_signal(signal.SIGKILL)
+                break
+    proc.wait()
+    assert seen == nth, "the stage never started"
+
+
+def test_kill_9_during_each_stage_then_resume_pays_nothing_twice_and_gives_the_same_output(
+    make_job: Callable[..., JobFiles], tmp_path: Path
+) -> None:
+    # A proxy whose samples always agree: answers that do not depend on how often a prompt was asked,
+    # so a resumed run can be compared with one that was never stopped.
+    settings = {"model_error": {PROXY: 0.2}, "confidence": "flat", "latency_s": 0.01}
+    concurrency = SENTIMENT["run"]["concurrency"]
+    with SimulatorThread() as straight:
+        straight.configure(**settings)
+        job = _cascade(make_job, "straight")
+        job.spec.write_text(job.spec.read_text().replace(f"endpoint: {_endpoint(job)}", f"endpoint: {straight.url}"))
+        code = subprocess.run([sys.executable, "-m", "runner", "run", str(job.spec)], capture_output=True).returncode
+        assert code == 0
+        expected = pl.read_parquet(job.output)
+        oracle_runs = _oracle_runs(job)
+        paid = straight.stats()["billed"]["online"]
+
+    stages = [(PROXY, 1), (ORACLE, 1), (ORACLE, oracle_runs)]  # proxy pass, first calibration round, escalation
+    for index, (model, nth) in enumerate(stages):
+        with SimulatorThread() as server:
+            server.configure(**settings)
+            job = _cascade(make_job, f"killed{index}")
+            job.spec.write_text(job.spec.read_text().replace(f"endpoint: {_endpoint(job)}", f"endpoint: {server.url}"))
+            _kill_at(job.spec, model, nth)
+            resumed = subprocess.run([sys.executable, "-m", "runner", "run", str(job.spec)], capture_output=True)
+
+            assert resumed.returncode == 0, resumed.stderr.decode()
+            got = pl.read_parquet(job.output)
+            for column in ("id", "label", "answered_by", "proxy_confidence", "in_calibration"):
+                assert got.get_column(column).to_list() == expected.get_column(column).to_list(), (model, nth, column)
+            assert server.stats()["billed"]["online"] <= paid + concurrency, (model, nth)
+
+
+def _endpoint(job: JobFiles) -> str:
+    return str(json.loads(json.dumps(__import__("yaml").safe_load(job.spec.read_text())))["model"]["endpoint"])
+
+
+def _oracle_runs(job: JobFiles) -> int:
+    """How many runs of the oracle the cascade made (calibration rounds and the escalation)."""
+    return int(json.loads(job.summary.read_text())["cascade"]["calibration_rounds"]) + 1

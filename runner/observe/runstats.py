@@ -92,7 +92,9 @@ def run_figures(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
             ((frame.get_column("repairs").fill_null(0) > 0) & (frame.get_column("status") == "ok")).sum()
         ),
         "summary": {
-            k: summary.get(k) for k in ("elapsed_s", "requests_per_s", "exit_code", "started_at") if k in summary
+            k: summary.get(k)
+            for k in ("elapsed_s", "requests_per_s", "exit_code", "started_at", "run_id", "requests_queued")
+            if k in summary
         },
     }
 

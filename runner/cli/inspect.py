@@ -209,7 +209,8 @@ def models(as_json: JsonOpt = False) -> None:
         console.print(_models_table({name: info.model_dump() for name, info in found.items()}))
         console.print(
             "Prices per million tokens: input / cached input / output; the first tier whose bounds hold "
-            "applies (in<32k: input under 32,000 tokens). conc: default requests in flight.",
+            "applies (in<32k: input under 32,000 tokens). conc: default requests in flight; batch: taken by "
+            "Zhipu's Batch API (run.mode: batch).",
             highlight=False,
         )
 

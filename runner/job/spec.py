@@ -67,11 +67,31 @@ def _distinct(v: list[str]) -> list[str]:
 Names = Annotated[list[str], AfterValidator(_distinct)]
 
 
+_JSON_SCHEMA_BOUNDS = {"gt": "exclusiveMinimum", "ge": "minimum", "lt": "exclusiveMaximum", "le": "maximum"}
+
+
+def _standard_bounds(schema: dict[str, Any]) -> None:
+    """Name number bounds as JSON Schema does (`exclusiveMinimum`, `minimum`...): pydantic writes a
+    bound it cannot attach to a validated type (ours refuse booleans first) as `gt`/`ge`, which
+    editors ignore."""
+    for key, value in list(schema.items()):
+        if isinstance(value, dict):
+            _standard_bounds(value)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    _standard_bounds(item)
+        if key in _JSON_SCHEMA_BOUNDS and schema.get("type") in ("integer", "number"):
+            schema[_JSON_SCHEMA_BOUNDS[key]] = schema.pop(key)
+
+
 class _Strict(BaseModel):
     # defer_build: a model's validator is compiled when first used, not when its class is defined. A
     # spec is validated once, as a whole (JobSpec), so the nested models' own validators are never
     # needed; compiling them all at import was about a third of loading this module.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, defer_build=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, defer_build=True, json_schema_extra=_standard_bounds
+    )
 
 
 class InputSpec(_Strict):

@@ -138,6 +138,8 @@ async def _run(
         except STATE_FAILURES as exc:
             control.fail(exc)
 
+    control.checkpoint = checkpoint
+
     built_from = fingerprint(job)
     unchanged = not options.fresh and pilot is None and store.rows.is_current(built_from, settled, samples)
     if unchanged:  # nothing changed since a run that answered every row: no row needs rendering

@@ -217,7 +217,14 @@ def models(as_json: JsonOpt = False) -> None:
     _guarded(go)
 
 
-def cancel(spec: SpecArg, set_: SetOpt = None) -> None:
+def cancel(
+    spec: SpecArg,
+    set_: SetOpt = None,
+    purge: Annotated[
+        bool,
+        typer.Option("--purge", help="Also delete the job's files at Zhipu (inputs, and results already collected)."),
+    ] = False,
+) -> None:
     """Cancel the job's open batches (batch mode). What they finished is billed and kept for the next run."""
     import asyncio
 
@@ -231,7 +238,7 @@ def cancel(spec: SpecArg, set_: SetOpt = None) -> None:
                 f"{spec}: the built-in simulator's batches end with the run that started them; nothing to cancel"
             )
         with endpoint_url(job) as base_url:
-            report = asyncio.run(cancel_batches(job, api_key_for(job), base_url))
+            report = asyncio.run(cancel_batches(job, api_key_for(job), base_url, purge=purge))
         console = _console()
         for batch in report["batches"]:
             billed = f"; {batch['billed_lines']} lines were already done (billed)" if "billed_lines" in batch else ""
@@ -240,5 +247,10 @@ def cancel(spec: SpecArg, set_: SetOpt = None) -> None:
             f"{len(report['batches'])} batches asked to cancel; {report['billed_lines']} lines already billed "
             "are kept: the next `glm-batch run` collects them and sends the rest"
         )
+        if purge:
+            console.print(
+                f"{report['files_deleted']} files deleted at Zhipu; results not collected yet are kept until "
+                "`glm-batch run` collects them"
+            )
 
     _guarded(go)

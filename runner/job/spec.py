@@ -212,6 +212,9 @@ class BatchSpec(_Strict):
     # Send a model Zhipu's eligibility list does not name (GLM-4.5 and newer) to the Batch API anyway;
     # the run says it may fail at validation. Not needed once `glm-batch doctor --batch` proved the model.
     allow_unconfirmed: bool = False
+    # Keep a batch's result files at Zhipu after its answers are journalled (an account holds at most
+    # 1,000 files; by default they are deleted, and so is an input file a create refused).
+    keep_files: bool = False
 
 
 class RunSpec(_Strict):

@@ -134,6 +134,7 @@ class SimConfig:
     batch_result_short_downloads: int = 0  # a result file's first downloads are cut to 60% (a torn last line)
     # Every look at a batch (GET /batches/{id}) / every result file download answers this status instead.
     batch_retrieve_status: int | None = None
+    batch_create_status: int | None = None
     batch_download_status: int | None = None
     # The first `batch_forget_times` batches are forgotten (404, as if purged) after this many looks each.
     batch_forget_after_looks: int | None = None

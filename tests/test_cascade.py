@@ -90,6 +90,26 @@ def test_estimate_prices_the_cascade_against_the_oracle_alone_before_anything_is
     assert sim.stats()["requests"] == 0
     table = cli("estimate", str(job.spec))
     assert "cascade cost" in table.stdout and "oracle only" in table.stdout
+    dry = cli("run", str(job.spec), "--dry-run")
+    assert dry.exit_code == 0 and "dry run: a cascade" in dry.stdout
+    assert sim.stats()["requests"] == 0
+
+
+def test_run_max_cost_caps_the_whole_cascade_and_a_later_run_goes_on(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    sim.configure(model_error={PROXY: 0.2})
+    job = _cascade(make_job, "capped")
+    text = job.spec.read_text().replace("concurrency: 8", "concurrency: 8\n  max_cost: 0.0005")
+    job.spec.write_text(text)
+
+    stopped = cli("run", str(job.spec))
+
+    assert stopped.exit_code == 4, stopped.stderr
+    assert "cascade" in stopped.stderr and not job.output.exists()
+    resumed = cli("run", str(job.spec), "--set", "run.max_cost=10")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads(job.summary.read_text())["cascade"]["rows"] == 120
 
 
 def test_a_cascade_is_refused_without_labels_or_with_samples_of_its_own(

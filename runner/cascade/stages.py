@@ -230,6 +230,8 @@ def _summary(
         "target": target,
         "delta": delta,
         "threshold": step.threshold,
+        # Rows whose confidence equals the threshold: some are kept (the top ones in a seeded random order).
+        "at_threshold": _at_threshold(output, step.threshold, proxy_job.spec.model.name),
         "rows": rows,
         "rows_kept_from_proxy": rows - by_oracle,
         "rows_escalated": by_oracle - len(step.sampled),
@@ -271,6 +273,14 @@ def _summary(
         "simulated": job.base_url is None,
         "cascade": info,
     }
+
+
+def _at_threshold(output: pl.DataFrame, threshold: float | None, proxy_name: str) -> dict[str, int] | None:
+    """How many rows have exactly the threshold's confidence, and how many of them kept the proxy's answer."""
+    if threshold is None:
+        return None
+    tied = output.filter(pl.col(CONFIDENCE) == threshold)
+    return {"rows": tied.height, "kept": tied.filter(pl.col(ANSWERED_BY) == proxy_name).height}
 
 
 def _accuracy(frame: pl.DataFrame, field: str, gold: str) -> float | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -41,7 +42,10 @@ def usage(
         bad = [k for k in keys if k not in ("job", "model", "day", "endpoint")]
         if bad or not keys:
             raise UsageError(f"--by {by!r}: choose from job, model, day, endpoint")
-        frame = ledger.usage()
+        skipped: list[tuple[Path, str]] = []
+        frame = ledger.usage(skipped=skipped)
+        for path, why in skipped:  # a torn file: the rest of the ledger is still worth reading
+            print(f"glm-batch: warning: skipped {path}: it does not read ({why})", file=sys.stderr)
         if since is not None:
             try:
                 start = dt.date.fromisoformat(since)
@@ -76,17 +80,23 @@ def report(
         str | None, typer.Option("--gold", metavar="COLUMN", help="For an output file: the column with gold labels.")
     ] = None,
     set_: SetOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Let --html replace an existing file that glm-batch did not write.")
+    ] = False,
 ) -> None:
     """Print what a finished run did and, with gold labels, how good its answers were (and draw it as HTML)."""
 
     def go() -> None:
+        from runner.job.paths import job_files, output_files
         from runner.observe.report import load_report, print_report
-        from runner.observe.report_html import html_page
+        from runner.observe.report_html import HTML_MARK, html_page
+        from runner.state.files import write_text
 
         if target.suffix == ".parquet":
             if not target.exists():
                 raise UsageError(f"{target}: no such output file")
             found = load_report(target, gold=gold)
+            protected = output_files(target)
         else:
             if gold is not None:
                 raise UsageError(
@@ -97,10 +107,13 @@ def report(
             if not job.output_path.exists():
                 raise UsageError(f"{job.output_path} does not exist yet; run the job first: glm-batch run {target}")
             found = load_report(job.output_path, job=job)
+            protected = job_files(job)
+        page = html_page(found) if html is not None else ""
+        if html is not None:  # refused (exit 2) before the report is printed, and nothing half-written
+            write_text(html, page, key="--html", protected=protected, ours=HTML_MARK, force=force)
         console = _console()
         print_report(found, console)
         if html is not None:
-            html.write_text(html_page(found), encoding="utf-8")
             console.print(f"wrote {html}")
 
     _guarded(go)
@@ -129,7 +142,8 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
         if progress is not None:
             print(
                 f"{job.name}: {progress['ok']} rows answered ok, {progress['failed']} failed, "
-                f"{progress['pending']} pending (as of the last run)"
+                + (f"{progress['skipped']} skipped (input.nulls: skip), " if progress.get("skipped") else "")
+                + f"{progress['pending']} pending (as of the last run)"
             )
         if runs:
             last = runs[-1]

@@ -172,7 +172,9 @@ def _print_estimate(r: dict[str, Any]) -> None:
 
 
 def simulate(
-    port: Annotated[int, typer.Option("--port", metavar="PORT", help="Port on 127.0.0.1 (0 picks one).")] = 8765,
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, metavar="PORT", help="Port on 127.0.0.1 (0 picks one).")
+    ] = 8765,
     latency: Annotated[float, typer.Option("--latency", metavar="SECONDS", help="Seconds before each answer.")] = 0.0,
     jitter: Annotated[
         float, typer.Option("--jitter", metavar="SECONDS", help="Extra random latency, up to this many seconds.")
@@ -194,5 +196,15 @@ def simulate(
     config = SimConfig(
         latency_s=latency, latency_jitter_s=jitter, concurrency_cap=cap, fault_rate=fault_rate, seed=seed
     )
+
+    def go() -> None:
+        try:
+            asyncio.run(serve_forever(port, config))
+        except OSError as exc:  # the port is taken, or not ours to take (below 1024 without privileges)
+            raise UsageError(
+                f"--port {port}: cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}); "
+                "choose another port (--port 0 picks a free one)"
+            ) from None
+
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a standalone simulator is stopped
-        asyncio.run(serve_forever(port, config))
+        _guarded(go)

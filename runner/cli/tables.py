@@ -116,7 +116,7 @@ def _mode_rows(modes: dict[str, Any], cur: str) -> list[tuple[str, str]]:
         if not m:
             continue
         if m.get("eligible") is False:
-            rows.append((f"{mode} mode", "not available: the Batch API does not take this model"))
+            rows.append((f"{mode} mode", f"not available: {m.get('why') or 'the Batch API does not take this model'}"))
             continue
         low, high = m.get("cost_range", [m.get("cost"), m.get("cost")])
         cost = f"{m['cost']:.4f} {cur}" if "cost" in m else f"{low:.4f} to {high:.4f} {cur}"

@@ -89,7 +89,7 @@ async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, repo
     if not options.record:
         parts, settled = _read_state(job, options)
         return await _estimate(job, api_key, table, source, parts, settled, options)
-    store = Store(job.state_dir, run_id="estimate")
+    store = Store(job.state_dir, run_id="estimate", rows=job.row_map)
     store.open()
     try:
         settled = SettledKeys.none() if options.fresh else store.settled_keys(retry_failed=options.retry_failed)
@@ -111,7 +111,9 @@ async def _estimate(
 ) -> dict[str, Any]:
     """The report, from the job's answer parts (calibration, output lengths) and its settled keys."""
     answers = _earlier_answers(parts, job)
-    calibration = _calibration_from(answers) or ledger.calibration(job.name, job.spec.model.name)
+    calibration = _calibration_from(answers) or ledger.calibration(
+        job.name, job.spec.model.name, simulated=job.base_url is None
+    )
     pending = _pending_estimates(job, source, settled)
     if options.exact and pending.sample:
         calibration = await _tokenizer_calibration(job, api_key, pending.sample)
@@ -123,7 +125,7 @@ def _read_state(job: Job, options: EstimateOptions) -> tuple[list[Path], Settled
     """The job's readable answer parts and settled keys, read without opening the store: nothing is
     created, locked, moved or folded. Answers still in a journal (a run going on, or one that died)
     count as settled too, as the next run will fold them in; a part that does not read is skipped."""
-    store = Store(job.state_dir, run_id="dry-run")  # never opened: only its paths are used
+    store = Store(job.state_dir, run_id="dry-run", rows=job.row_map)  # never opened: only its paths are used
     parts = []
     for part in store.result_parts() if store.results_dir.is_dir() else []:
         try:
@@ -151,15 +153,33 @@ def _read_state(job: Job, options: EstimateOptions) -> tuple[list[Path], Settled
 
 
 def _earlier_answers(parts: list[Path], job: Job) -> pl.DataFrame:
-    """Ok answers this job already has for this model (earlier runs and pilots)."""
-    if not parts:
+    """Ok answers this job already has for this model from this endpoint (earlier runs and pilots the
+    manifest records as sent there): a real endpoint's estimate never learns from the simulator's
+    answers, nor the simulator's from a real endpoint's."""
+    runs = _runs_on_endpoint(job)
+    if not parts or not runs:
         return pl.DataFrame(schema=RESULT_SCHEMA)
     return (
         scan_results(parts)
-        .filter(pl.col("status") == "ok", pl.col("model") == job.spec.model.name)
+        .filter(pl.col("status") == "ok", pl.col("model") == job.spec.model.name, pl.col("run_id").is_in(runs))
         .select("input_tokens", "cache_read_input_tokens", "output_tokens", "est_input_tokens", "latency_ms")
         .collect()
     )
+
+
+def _runs_on_endpoint(job: Job) -> list[str]:
+    """The ids of the job's recorded runs that sent to its endpoint as it is now."""
+    from runner.state.files import read_manifest
+
+    try:
+        runs = read_manifest(job.state_dir).get("runs") or []
+    except OSError:
+        return []
+    return [
+        run["run_id"]
+        for run in runs
+        if isinstance(run, dict) and run.get("endpoint") == job.endpoint_name and isinstance(run.get("run_id"), str)
+    ]
 
 
 def _calibration_from(answers: pl.DataFrame) -> Calibration | None:
@@ -332,7 +352,9 @@ def _report(
             "high": round(total(in_high, output.high), 6),
             "ceiling": round(total(in_high, max_tokens), 6),
         },
-        "batch_api_expected": round(expected * job.model.batch.price_share, 6),
+        "batch_api_expected": (
+            round(expected * job.model.batch.price_share, 6) if job.batch is None or job.batch.allowed else None
+        ),
         "tier_mix": tiers,
         "wall_time_s": {
             "expected": round(n * latency / max(1, job.concurrency), 1),
@@ -351,15 +373,19 @@ def _modes(job: Job, online_cost: float, online_s: float) -> dict[str, Any]:
     """Online, batch and hybrid side by side: expected cost and wall time of each way to run the job."""
     batch = job.model.batch
     modes: dict[str, Any] = {"online": {"cost": round(online_cost, 6), "wall_time_s": round(online_s, 1)}}
-    if not batch.eligible:
-        modes["batch"] = modes["hybrid"] = {"eligible": False}
+    verdict = job.batch
+    if verdict is not None and not verdict.allowed:
+        modes["batch"] = modes["hybrid"] = {"eligible": False, "why": verdict.why}
         return modes
     batch_cost = online_cost * batch.price_share
+    unconfirmed = verdict is not None and verdict.basis == "unconfirmed"
     modes["batch"] = {
         "cost": round(batch_cost, 6),
         "wall_time_s": BATCH_TURNAROUND_S,
-        "basis": "up to 24 h: Zhipu finishes most batches within a day",
-        "price_confirmed": batch.confirmed,
+        "basis": "up to 24 h: Zhipu finishes most batches within a day"
+        + ("; the model is not on Zhipu's list: the batch may fail at validation" if unconfirmed else ""),
+        "price_confirmed": batch.confirmed and batch.eligible,
+        "eligibility": verdict.basis if verdict is not None else "catalogue",
     }
     deadline = job.spec.run.deadline
     if deadline is not None:

@@ -66,6 +66,7 @@ def _progress_fields(tally: Tally, gauges: dict[str, Any], control: Control) -> 
         "queued": tally.requests_queued,
         "ok": tally.ok,
         "failed": tally.failed,
+        "skipped": tally.skipped,
         "in_flight": gauges.get("in_flight"),
         "concurrency": gauges.get("limit"),
         "overload_429_rate": gauges.get("overload_429_rate"),
@@ -76,6 +77,7 @@ def _progress_fields(tally: Tally, gauges: dict[str, Any], control: Control) -> 
         "projected_cost": None if (p := tally.projected_cost()) is None else round(p, 6),
         "retries": dict(control.retries),
         "maybe_billed_twice": len(control.maybe_billed),
+        **({"batches": gauges["batches"]} if gauges.get("batches") else {}),
     }
 
 
@@ -241,6 +243,11 @@ class RichReporter:
             *([("samples a row", str(summary["samples_per_row"]))] if summary.get("samples_per_row", 1) > 1 else []),
             ("rows reused from earlier runs", str(summary["rows_settled_before"])),
             ("requests answered ok / failed", f"{summary['answered_ok']} / {summary['answered_error']}"),
+            *(
+                [("rows skipped (input.nulls: skip)", str(summary["rows_skipped"]))]
+                if summary.get("rows_skipped")
+                else []
+            ),
             ("tokens in / out", f"{tokens['input']} / {tokens['output']}"),
             ("cost", _cost_line(summary["cost"])),
             ("wall time", f"{summary['elapsed_s']:.1f} s ({summary['requests_per_s']} req/s)"),

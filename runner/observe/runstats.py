@@ -81,7 +81,9 @@ def run_figures(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
         else None,
         "timeline": timeline(latest_rows),
         "latency": latency(sent),
-        "errors": _counts(frame.filter(pl.col("status") != "ok").get_column("error_type").fill_null("unknown")),
+        "errors": _counts(
+            frame.filter(~pl.col("status").is_in(["ok", "skipped"])).get_column("error_type").fill_null("unknown")
+        ),  # skipped rows (input.nulls: skip) are a decision, not an error: by_status counts them
         "tiers": by_tier(sent, list((cost.get("by_tier") or {}).keys())),
         "attempts": {str(k): v for k, v in sorted(_counts(sent.get_column("attempts").fill_null(0)).items())},
         "retries": dict(summary.get("retries") or {}),

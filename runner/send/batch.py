@@ -33,7 +33,15 @@ from runner.job.spec import BatchSpec
 from runner.job.structured import AnswerShape, Unusable
 from runner.records import Answer, Request, Result
 from runner.send.base import Control, Conversation, Deliver, Executor, failure
-from runner.send.batch_api import Batch, BatchAPI, BatchStatusError, classify_api_error
+from runner.send.batch_api import (
+    Batch,
+    BatchAbort,
+    BatchAPI,
+    BatchAPIError,
+    BatchNotFound,
+    BatchStatusError,
+    classify_api_error,
+)
 from runner.send.batch_book import BatchBook, Chunk, read_requests
 from runner.send.batch_files import BatchFileWriter
 from runner.send.native import (
@@ -47,6 +55,9 @@ from runner.send.native import (
 from runner.send.retries import Fault, Verdict
 
 API = "batch"
+# Looks at a finished batch whose counts say lines completed but which names no output file yet
+# (instructor#1745) before the run stops, leaving it for the next run: never re-send billed lines.
+FILE_WAIT_LOOKS = 20
 
 
 class BatchExecutor:
@@ -80,6 +91,10 @@ class BatchExecutor:
         self._statuses: dict[str, str] = {}  # chunk -> the Batch API's status at the last look
         self._lines_open = 0
         self._round_s: float | None = None  # how long a batch round took here: is there time for another?
+        self._maybe_created: set[str] = set()
+        self._queue_refused = 0  # creates the model's full queue refused (429)
+        self._queue_waited_s = 0.0  # time chunks waited for room in it
+        self._queue_since: float | None = None
 
     def gauges(self) -> dict[str, Any]:
         """Lines in open batches, and how many batches are in each status."""
@@ -93,6 +108,7 @@ class BatchExecutor:
             "adaptive": online.get("adaptive", False),
             "overload_429_rate": online.get("overload_429_rate", 0.0),
             "batches": statuses,
+            "batch_queue": {"refused": self._queue_refused, "waited_s": round(self._queue_waited_s, 3)},
         }
 
     async def aclose(self) -> None:
@@ -105,6 +121,8 @@ class BatchExecutor:
         book = BatchBook(self._dir)
         async with self._api() as api:
             chunks = book.open_chunks()
+            # Chunks an earlier run uploaded and may have died creating: only these are looked up.
+            self._maybe_created = {chunk.id for chunk in chunks if chunk.status == "uploaded"}
             waiting = {key for chunk in chunks for key in chunk.request_keys()}  # answered by a batch already made
             chunks += await self._write_round(book, _skipping(requests, waiting), control)
             leftovers: list[Request] = []
@@ -163,10 +181,11 @@ class BatchExecutor:
         """Upload and create what the chunk still lacks; a batch made before (metadata) is found, not remade."""
         if chunk.status == "written":
             uploaded = await api.upload(chunk.path)
-            chunk = book.record(chunk.id, status="uploaded", file_id=uploaded.id)
+            at = _ms(uploaded.created_at) if uploaded.created_at else int((time.time() - _CLOCK_SLACK_S) * 1000)
+            chunk = book.record(chunk.id, status="uploaded", file_id=uploaded.id, uploaded_at=at)
         if chunk.status == "uploaded":
             assert chunk.file_id is not None
-            made = await self._made_before(api, chunk.id)
+            made = await self._made_before(api, chunk) if chunk.id in self._maybe_created else None
             if made is None:
                 metadata = {"glm_batch_job": self._job, "glm_batch_chunk": chunk.id}
                 made = await api.create(chunk.file_id, metadata=metadata)
@@ -180,10 +199,17 @@ class BatchExecutor:
             f"account's limits are lower than {limits}, lower them to match"
         )
 
-    async def _made_before(self, api: BatchAPI, chunk_id: str) -> Batch | None:
-        """A batch this job already made for the chunk (a run died between creating it and recording it)."""
+    async def _made_before(self, api: BatchAPI, chunk: Chunk) -> Batch | None:
+        """A batch this job already made for the chunk (a run died between creating it and recording it):
+        tagged with this job's state folder and the chunk, and made from the chunk's own input file.
+        The list is newest first: paging stops at the first batch older than the chunk's upload."""
         async for batch in api.iter_batches():
-            if batch.metadata.get("glm_batch_chunk") == chunk_id and batch.metadata.get("glm_batch_job") == self._job:
+            if chunk.uploaded_at is not None and batch.created_at and _ms(batch.created_at) < chunk.uploaded_at:
+                return None
+            tagged = (
+                batch.metadata.get("glm_batch_chunk") == chunk.id and batch.metadata.get("glm_batch_job") == self._job
+            )
+            if tagged and batch.input_file_id == chunk.file_id:
                 return batch
         return None
 
@@ -193,42 +219,151 @@ class BatchExecutor:
         self, api: BatchAPI, book: BatchBook, chunks: list[Chunk], deliver: Deliver, control: Control
     ) -> list[Request]:
         """Submit the chunks, poll them until each is done, harvest each; the requests to send again.
-        On a stop (a signal) it returns at once: the batches run on, and the next run reattaches."""
+
+        A chunk the model's queue has no room for (429 at create) waits, and is submitted while the
+        batches already made are polled and drain. A batch the API no longer knows (404) is lost: its
+        lines are sent again only if nothing says they were billed. A Batch API that keeps failing
+        stops the run (exit 3; the batches run on and the next run reattaches). On a stop (a signal)
+        it returns within the second: the batches run on, and the next run reattaches."""
         pending: dict[str, Chunk] = {}
-        for chunk in chunks:
-            try:
-                pending[chunk.id] = await self._submit(api, book, chunk)
-            except BatchStatusError as exc:  # what retrying could not mend: the account, or the file itself
-                fault = classify_api_error(exc)
-                if fault.verdict is Verdict.ABORT:
-                    control.abort(fault)
-                else:
-                    control.fail(EndpointAborted(self._refused(chunk, exc)))
-                return []
-        self._lines_open = sum(c.lines for c in pending.values())
+        waiting = list(chunks)  # not submitted yet
+        self._lines_open = sum(c.lines for c in chunks)
         leftovers: list[Request] = []
         interval = self._spec.poll_initial_s
         cancelled = False
-        while pending:
+        file_waits: dict[str, int] = {}  # chunk -> looks at a finished batch that names no output file yet
+        while pending or waiting:
             if control.stopping.is_set():
                 return []
+            if waiting and not cancelled:
+                try:
+                    waiting = await self._submit_all(api, book, waiting, pending)
+                except BatchAPIError as exc:  # what retrying could not mend: the account, the file, the API
+                    self._stop_for(control, exc, waiting[0])
+                    return []
             if self._online is not None and not cancelled and self._deadline_near():
                 cancelled = True  # what is not back is cancelled there and sent online after the harvest
                 for chunk in pending.values():
                     assert chunk.batch_id is not None
                     await _cancel(api, chunk.batch_id)
+                for chunk in waiting:  # never submitted: straight online
+                    self._statuses.pop(chunk.id, None)
+                    self._lines_open -= chunk.lines
+                    book.record(chunk.id, status="abandoned")
+                    leftovers += _requests_of(chunk)
+                waiting = []
             for chunk in list(pending.values()):
                 assert chunk.batch_id is not None
-                batch = await api.retrieve(chunk.batch_id)
-                self._statuses[chunk.id] = batch.status
-                if batch.done:
-                    leftovers += await self._harvest(api, book, chunk, batch, deliver, control)
-                    del pending[chunk.id]
-                    self._lines_open -= chunk.lines
-            if pending:
-                await self._sleep(interval if not cancelled else min(interval, 1.0))
+                try:
+                    batch = await api.retrieve(chunk.batch_id)
+                except BatchNotFound:
+                    leftovers += self._lost(book, chunk, deliver)
+                except BatchAPIError as exc:
+                    control.fail(EndpointAborted(_api_failing(exc)))
+                    return []
+                else:
+                    pending[chunk.id] = chunk = self._look(book, chunk, batch)
+                    if not batch.done:
+                        continue
+                    if _awaiting_output(batch):
+                        file_waits[chunk.id] = file_waits.get(chunk.id, 0) + 1
+                        if file_waits[chunk.id] >= FILE_WAIT_LOOKS:
+                            control.fail(EndpointAborted(_no_output_file(batch, file_waits[chunk.id])))
+                            return []
+                        continue
+                    if batch.status == "failed" and _refused_request(batch):
+                        book.record(chunk.id, status="harvested", batch_status=batch.status)
+                        control.fail(EndpointAborted(_validation_failure(batch)))
+                        return []
+                    try:
+                        leftovers += await self._harvest(api, book, chunk, batch, deliver, control)
+                    except BatchNotFound as exc:  # a result file still 404 after the waits
+                        book.record(chunk.id, file_404=True)
+                        control.fail(EndpointAborted(_file_missing(batch, exc)))
+                        return []
+                    except BatchAPIError as exc:
+                        control.fail(EndpointAborted(_api_failing(exc)))
+                        return []
+                del pending[chunk.id]
+                self._lines_open -= chunk.lines
+            if pending or waiting:
+                await self._pause(interval if not cancelled else min(interval, 1.0), control)
                 interval = min(interval * 2, self._spec.poll_max_s)
         return leftovers
+
+    async def _submit_all(
+        self, api: BatchAPI, book: BatchBook, waiting: list[Chunk], pending: dict[str, Chunk]
+    ) -> list[Chunk]:
+        """Submit the waiting chunks in order, into `pending`; the ones the model's queue has no room
+        for yet (429 at create) are returned, to be tried again after the next look at the others."""
+        for index, chunk in enumerate(waiting):
+            try:
+                chunk = await self._submit(api, book, chunk)
+            except BatchStatusError as exc:
+                if exc.status != 429 or isinstance(exc, BatchAbort):
+                    raise
+                self._queue_refused += 1
+                if self._queue_since is None:
+                    self._queue_since = self._clock()
+                for held in waiting[index:]:
+                    self._statuses[held.id] = "waiting for queue room"
+                return waiting[index:]
+            pending[chunk.id] = chunk
+            self._statuses[chunk.id] = chunk.batch_status or "created"
+        if self._queue_since is not None:
+            self._queue_waited_s += self._clock() - self._queue_since
+            self._queue_since = None
+        return []
+
+    def _stop_for(self, control: Control, exc: BatchAPIError, chunk: Chunk) -> None:
+        """End the run for a Batch API error at upload or create that retrying did not mend."""
+        fault = classify_api_error(exc)
+        if fault.verdict is Verdict.ABORT:
+            control.abort(fault)
+        elif fault.verdict is Verdict.RETRY:
+            control.fail(EndpointAborted(_api_failing(exc)))
+        else:
+            assert isinstance(exc, BatchStatusError)
+            control.fail(EndpointAborted(self._refused(chunk, exc)))
+
+    def _look(self, book: BatchBook, chunk: Chunk, batch: Batch) -> Chunk:
+        """Note what a look at a batch saw; the book keeps each new status and count (what `status`
+        shows, and what a lost batch is judged by)."""
+        self._statuses[chunk.id] = batch.status
+        counts = dataclasses.asdict(batch.request_counts)
+        if batch.status != chunk.batch_status or counts != chunk.counts:
+            return book.record(chunk.id, batch_status=batch.status, counts=counts)
+        return chunk
+
+    def _lost(self, book: BatchBook, chunk: Chunk, deliver: Deliver) -> list[Request]:
+        """A batch the Batch API no longer knows (404): marked lost. Its lines are sent again when
+        nothing says any was billed (no completed line at the last look); otherwise they fail (not
+        paid twice; --retry-failed sends them)."""
+        billed = chunk.counts.get("completed") or 0
+        book.record(chunk.id, status="lost", batch_status="unknown to the Batch API (404)")
+        self._statuses.pop(chunk.id, None)
+        if not billed:
+            return _requests_of(chunk)
+        message = (
+            f"batch {chunk.batch_id} is no longer known to the Batch API (404); it had completed {billed} "
+            "lines (billed) at the last look, so its lines were not sent again: --retry-failed sends them"
+        )
+        fault = Fault(Verdict.FAIL, "batch_lost", message)
+        for key in chunk.request_keys():
+            deliver(failure(Request(key, {}), fault, self._attempts.get(key, 0) + 1, model=chunk.model))
+        return []
+
+    async def _pause(self, seconds: float, control: Control) -> None:
+        """Wait between looks, or less: a stop (a signal) ends the wait at once."""
+        if control.stopping.is_set():
+            return
+        nap = asyncio.ensure_future(self._sleep(seconds))
+        stop = asyncio.ensure_future(control.stopping.wait())
+        try:
+            await asyncio.wait((nap, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            nap.cancel()
+            stop.cancel()
 
     async def _harvest(
         self, api: BatchAPI, book: BatchBook, chunk: Chunk, batch: Batch, deliver: Deliver, control: Control
@@ -237,22 +372,40 @@ class BatchExecutor:
 
         Lines are read one at a time, and a request's body is read back from disk only for the few
         lines that need it (a retry, a repair, a line the batch never ran): memory stays flat in the
-        size of the batch. The loop yields now and then, so checkpoints and signals are not held up."""
+        size of the batch. The loop yields now and then, so checkpoints and signals are not held up.
+
+        A line is sent again only when the batch's files prove it was not billed: when the result
+        files hold fewer answers than `request_counts.completed` says (a truncated or damaged file),
+        they are downloaded again; lines still missing then may have been billed, and fail their rows
+        as `batch_result_missing` rather than being paid for twice."""
         wanted = set(chunk.request_keys())
         seen: set[str] = set()
         later: list[_Later] = []  # lines that need their request's body
-        for count, line in enumerate(await self._result_lines(api, chunk, batch)):
-            key = line.custom_id
-            if key is None or key not in wanted or key in seen:
-                continue  # a line we did not send, or one we already took
-            seen.add(key)
-            self._attempts[key] = self._attempts.get(key, 0) + 1
-            pending = self._take_at_once(key, chunk.model, line, deliver, control)
-            if pending is not None:
-                later.append(pending)
-            if count % 1000 == 999:
-                await asyncio.sleep(0)
+        answered = 0  # lines read as answers (billed)
+        for download in (1, 2):
+            for count, line in enumerate(await self._result_lines(api, chunk, batch)):
+                key = line.custom_id
+                if key is None or key not in wanted or key in seen or line.problem is not None:
+                    continue  # a line we did not send, one we already took, or one we cannot read
+                self._attempts[key] = self._attempts.get(key, 0) + 1
+                taken = self._take_at_once(key, chunk.model, line, deliver, control)
+                if taken is _UNREADABLE:  # an answer we cannot read: another download may give it whole
+                    self._attempts[key] -= 1
+                    continue
+                seen.add(key)
+                answered += line.ok
+                if isinstance(taken, _Later):
+                    later.append(taken)
+                if count % 1000 == 999:
+                    await asyncio.sleep(0)
+            if download == 2 or not _short(batch, answered, wanted - seen):
+                break
         unrun = wanted - seen  # lines the batch never ran (expired, cancelled, failed validation)
+        if _short(batch, answered, unrun):  # some of them may have been billed
+            fault = Fault(Verdict.FAIL, "batch_result_missing", _missing(batch, answered))
+            for key in sorted(unrun):
+                deliver(failure(Request(key, {}), fault, self._attempts.get(key, 0) + 1, model=chunk.model))
+            unrun = set()
         bodies = read_requests(chunk.requests, {pending.key for pending in later} | unrun)
         leftovers = [Request(key, bodies[key]) for key in unrun]
         for pending in later:
@@ -265,13 +418,14 @@ class BatchExecutor:
 
     def _take_at_once(
         self, key: str, model: str, line: ResultLine, deliver: Deliver, control: Control
-    ) -> _Later | None:
+    ) -> _Later | object | None:
         """Take one result line as far as it can go without its request's body.
 
         A valid answer to a first ask is delivered, a failure for good fails its row, an abort stops
         the run: None. Otherwise what `_take` (the other half, given the body) needs: the line's
         answer to continue the conversation with (a repair round's answer, or one to repair), or no
-        answer when the request is to be sent again as it was (a transient failure, an unreadable body)."""
+        answer when the request is to be sent again as it was (a transient failure). _UNREADABLE for
+        an answer whose body cannot be read: it was billed, so it is not sent again on that account."""
         if not line.ok:
             fault = _line_fault(line)
             if fault.verdict is Verdict.RETRY:
@@ -284,7 +438,7 @@ class BatchExecutor:
         try:
             answer = answer_from_chat(line.body, line.request_id)
         except BadResultLine:
-            return _Later(key, None)  # a body we cannot read says nothing against the request: again
+            return _UNREADABLE
         if key in self._conversations:
             return _Later(key, answer)  # a repair round's answer: its conversation holds the earlier turns
         if self._shape is not None:
@@ -313,12 +467,19 @@ class BatchExecutor:
         return None
 
     async def _result_lines(self, api: BatchAPI, chunk: Chunk, batch: Batch) -> Iterator[ResultLine]:
-        """The batch's output and error lines, downloaded (streamed to disk), then read one at a time."""
+        """The batch's output and error lines, downloaded (streamed to disk), then read one at a time.
+        A file that answered 404 past the waits on an earlier run too is taken as gone (its lines are
+        then missing, and judged by the batch's counts)."""
         files = []
         for file_id, kind in ((batch.output_file_id, "output"), (batch.error_file_id, "errors")):
             if file_id:
                 dest = self._dir / f"{chunk.id}.{kind}.jsonl"
-                await api.download(file_id, dest)
+                try:
+                    await api.download(file_id, dest)
+                except BatchNotFound:
+                    if not chunk.file_404:
+                        raise
+                    continue
                 files.append(dest)
         return _read_lines(files)
 
@@ -366,6 +527,96 @@ class _Later:
 
     key: str
     answer: Answer | None  # None: send the request again as it was
+
+
+_CLOCK_SLACK_S = 600.0  # how far our clock may run ahead of the API's, when the upload gave no time
+
+
+def _ms(stamp: int) -> int:
+    """A Batch API timestamp in epoch milliseconds (real objects use milliseconds; the docs say seconds)."""
+    return stamp * 1000 if stamp < 100_000_000_000 else stamp
+
+
+_UNREADABLE = object()  # a result line answered (billed) whose body cannot be read
+
+
+def _awaiting_output(batch: Batch) -> bool:
+    """A finished batch whose counts say lines completed (billed) but which names no output file yet:
+    real batches can say `completed` before the file id appears (instructor#1745). Look again."""
+    return batch.status != "failed" and batch.output_file_id is None and batch.request_counts.completed > 0
+
+
+def _no_output_file(batch: Batch, looks: int) -> str:
+    return (
+        f"batch {batch.id} is {batch.status} and says {batch.request_counts.completed} lines completed (billed), "
+        f"but named no output file in {looks} looks; its lines are not sent again (they would be paid twice): "
+        "run the same command later to collect them"
+    )
+
+
+def _requests_of(chunk: Chunk) -> list[Request]:
+    """Every request of a chunk, with its body, to be sent again."""
+    keys = list(chunk.request_keys())
+    bodies = read_requests(chunk.requests, set(keys))
+    return [Request(key, bodies[key]) for key in keys]
+
+
+def _api_failing(exc: BatchAPIError) -> str:
+    return (
+        f"the Batch API kept failing ({exc}); the batches already made keep running at Zhipu, "
+        "and the next run collects them"
+    )
+
+
+def _file_missing(batch: Batch, exc: BatchAPIError) -> str:
+    return (
+        f"a result file of batch {batch.id} ({batch.status}) could not be downloaded ({exc}); run again later: "
+        "if it is still missing then, its lines fail as batch_result_missing rather than being paid twice"
+    )
+
+
+def _refused_request(batch: Batch) -> bool:
+    """Did the batch fail validation for the request itself (a model not taken, a bad field), which
+    sending its lines again would not mend? Transient codes, and a failure with no code, are not."""
+    coded = [error for error in batch.errors if error.code]
+    if not coded:
+        return False
+    faults = (classify_api_error(BatchStatusError(400, e.code, e.message or "")) for e in coded)
+    return all(fault.verdict is not Verdict.RETRY for fault in faults)
+
+
+def _validation_failure(batch: Batch, shown: int = 3) -> str:
+    """Zhipu's first few validation errors of a failed batch, on one line, and what happens now."""
+    parts = []
+    for error in batch.errors[:shown]:
+        where = f"line {error.line}" if error.line is not None else "the file"
+        param = f" ({error.param})" if error.param else ""
+        parts.append(f"{where}: {error.code}{param}: {error.message or 'no message'}")
+    more = f" and {len(batch.errors) - shown} more" if len(batch.errors) > shown else ""
+    return (
+        f"the Batch API refused batch {batch.id} at validation: {'; '.join(parts)}{more}; its lines are not "
+        "sent again: fix what the errors name (the model, or the field in the spec) and run again"
+    )
+
+
+def _short(batch: Batch, answered: int, missing: set[str]) -> bool:
+    """Lines are missing from the result files and the batch's counts cannot prove them unbilled: the
+    counts say more completed than the files answered, or there are no counts to go by."""
+    if not missing or batch.status == "failed":  # failed validation: no line ran
+        return False
+    counts = batch.request_counts
+    if counts.total == 0:  # no counts: only a batch that never started proves its lines unrun
+        return batch.in_progress_at is not None or batch.output_file_id is not None
+    return counts.completed > answered
+
+
+def _missing(batch: Batch, answered: int) -> str:
+    counts = batch.request_counts
+    said = f"says {counts.completed} lines completed" if counts.total else "gave no request counts"
+    return (
+        f"batch {batch.id} ({batch.status}) {said} but its result files answered {answered}, twice downloaded; "
+        "this line may have been billed, so it was not sent again: --retry-failed sends it (paying again)"
+    )
 
 
 def _line_fault(line: ResultLine) -> Fault:

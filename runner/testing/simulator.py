@@ -197,7 +197,7 @@ class Simulator:
 
     def reply(self, ask: Ask) -> Reply:
         """The answer to an ask, the same on every route (see `runner.testing.answers.compose`)."""
-        return compose(ask, self.config.token_scale, self._invalid, self._variant)
+        return compose(ask, self.config.token_scale, self._invalid, self._variant, self.config.reasoning_tokens)
 
     def bill(self, api: str, key: str, reply: Reply) -> None:
         """Record a generation the server completed: what the account is charged for."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pytest
 import yaml
 
 from runner.testing.simulator import SimulatorThread
@@ -66,6 +67,8 @@ def test_the_cascade_agrees_with_the_oracle_on_the_target_share_and_says_who_ans
     assert summary["rows_kept_from_proxy"] == (by == PROXY).sum() > 0
     assert summary["rows_in_calibration"] == out.get_column("in_calibration").sum()
     assert summary["cost"]["cascade"] < summary["cost"]["oracle_only_expected"]
+    # A row's cost is what it cost with both models: the output adds up to what both stages paid.
+    assert out.get_column("cost").sum() == pytest.approx(summary["cost"]["proxy"] + summary["cost"]["oracle"])
     assert set(summary["accuracy"]) >= {"proxy", "cascade", "oracle_where_asked"}
 
     report = cli("report", str(job.spec))

@@ -23,7 +23,7 @@ from tests.conftest import JobFiles, cli
 DATA = Path(__file__).resolve().parent.parent / "data" / "sentiment" / "amazon.csv"
 PROXY, ORACLE = "glm-4.5-flash", "glm-4.6"
 SENTIMENT = {
-    "input": {"columns": ["text"], "limit": 120},
+    "input": {"columns": ["text"]},
     "prompt": {"system": "You label sentiment.", "template": "Review: {{ text }}"},
     "output": {"labels": ["positive", "negative"], "keep_columns": [], "max_repairs": 0},
     "eval": {"gold_column": "gold"},

@@ -156,6 +156,7 @@ def _kill_at(spec: Path, model: str, nth: int) -> None:
     assert seen == nth, "the stage never started"
 
 
+@pytest.mark.slow
 def test_kill_9_during_each_stage_then_resume_pays_nothing_twice_and_gives_the_same_output(
     make_job: Callable[..., JobFiles],
 ) -> None:

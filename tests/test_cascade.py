@@ -75,6 +75,9 @@ def test_the_cascade_agrees_with_the_oracle_on_the_target_share_and_says_who_ans
     assert report.exit_code == 0, report.stderr
     assert f"agrees with {ORACLE} on >= 90% of rows with probability >= 90%" in report.stdout
     assert "threshold" in report.stdout and "oracle only" in report.stdout
+    status = cli("status", str(job.spec))
+    assert "proxy stage, last run" in status.stdout and "oracle stage, last run" in status.stdout
+    assert f"last cascade: {summary['rows_kept_from_proxy']} of 120 rows kept from {PROXY}" in status.stdout
 
 
 def test_estimate_prices_the_cascade_against_the_oracle_alone_before_anything_is_sent(

@@ -118,6 +118,29 @@ def report(
     _guarded(go)
 
 
+def _cascade_status(job: Any) -> None:
+    """`status` of a cascade job: each stage's last run, and the last cascade's outcome."""
+    from runner.cascade.stages import read_cascade_summary
+
+    home = job.state_dir / "cascade"
+    for stage in ("proxy", "oracle"):
+        runs = _runs(home / stage)
+        if not runs:
+            print(f"{job.name}: {stage} stage never run (state would be in {home / stage})")
+            continue
+        last = runs[-1]
+        print(
+            f"{stage} stage, last run {last['run_id']}: exit {last['exit_code']}, {last['answered_ok']} ok, "
+            f"{last['answered_error']} failed, stopped: {last['stopped'] or 'no'}"
+        )
+    done = read_cascade_summary(job.output_path)
+    if done is not None:
+        print(
+            f"last cascade: {done['rows_kept_from_proxy']} of {done['rows']} rows kept from {done['proxy']}; "
+            f"the output {done['guarantee']}"
+        )
+
+
 def status(spec: SpecArg, set_: SetOpt = None) -> None:
     """Show how many rows of the last run are answered, failed or pending, and what that run did."""
 
@@ -133,6 +156,9 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
                 f"a run is in progress: pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
                 f"since {holder.get('started', '?')}"
             )
+        if job.spec.output.cascade is not None:  # its stages keep their own state (runner.cascade.stages)
+            _cascade_status(job)
+            return
         runs = _runs(job.state_dir)
         progress = _progress(job)
         if not runs and progress is None:

@@ -143,6 +143,11 @@ CRASH = textwrap.dedent(
 )
 
 
+def crash_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a run in a child process: this tree's code, the test's ledger and facts."""
+    return {**CHILD_ENV, "GLM_BATCH_LEDGER": str(tmp_path / "ledger"), "GLM_BATCH_FACTS": str(tmp_path / "facts.json")}
+
+
 @pytest.mark.parametrize(
     ("method", "stage", "nth"),
     [
@@ -161,7 +166,7 @@ def test_a_run_killed_at_any_batch_stage_resumes_without_paying_twice(
     files = make_job(rows=rows, model=BATCH_MODEL, run={"mode": "batch", "batch": {**FAST_POLL, "max_requests": 120}})
     script = tmp_path / "crash.py"
     script.write_text(CRASH.format(method=method, nth=nth))
-    env = {**CHILD_ENV, "GLM_BATCH_LEDGER": str(tmp_path / "ledger"), "GLM_BATCH_FACTS": str(tmp_path / "facts")}
+    env = crash_env(tmp_path)
     crashed = subprocess.run([sys.executable, str(script), stage, str(files.spec)], env=env, capture_output=True)
     assert crashed.returncode == 9, crashed.stderr.decode()[-2000:]
     result = cli("run", str(files.spec))
@@ -210,7 +215,7 @@ def test_status_shows_the_batches_and_cancel_keeps_what_they_finished(
     files = make_job(rows=rows, model=BATCH_MODEL, run={"mode": "batch", "batch": FAST_POLL})
     script = tmp_path / "crash.py"
     script.write_text(CRASH.format(method="create", nth=1))
-    env = {**CHILD_ENV, "GLM_BATCH_LEDGER": str(tmp_path / "ledger"), "GLM_BATCH_FACTS": str(tmp_path / "facts")}
+    env = crash_env(tmp_path)
     assert subprocess.run([sys.executable, str(script), "after", str(files.spec)], env=env).returncode == 9
     time.sleep(0.5)  # some 50 lines get done
 

@@ -195,7 +195,7 @@ def _answer(message: Message, request_id: str | None) -> Answer:
         cache_creation_input_tokens=usage.cache_creation_input_tokens,
         request_id=request_id or message.id,
         model=message.model,
-        thinking_tokens=thinking_tokens,
+        thinking_tokens=min(thinking_tokens, usage.output_tokens),  # an estimate never above what was billed
         tool_input=tool_input,
         tool_use_id=tool_use_id,
         content=tuple(blocks),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 FAULTS = (
@@ -78,6 +78,10 @@ class SimConfig:
     # Sampling: this share of the times a prompt is asked (temperature not 0) gets a different structured
     # answer (another label, other values); twice the share, up to half, for prompts it is unsure of.
     sample_disagreement: float = 0.0
+    # Models of given skill (runner.testing.skill): model name -> share of rows it answers wrong, and
+    # whether its sample agreement tracks its errors ("informative") or says nothing of them ("flat").
+    model_error: dict[str, float] = field(default_factory=dict)
+    confidence: str = "informative"
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(FAULTS)
@@ -121,3 +125,22 @@ class SimConfig:
     batch_output_404_s: float = 0.0  # result files answer 404 this long after a batch ends (instructor#1745)
     batch_queue_cap: int | None = None  # requests a model may have queued in unfinished batches
     batch_refuse_ineligible: bool = False  # refuse models whose catalogue entry says batch: false
+    # Real quirks (real-wire.md): a completed batch shows `output_file_id: ""` for this many looks more
+    # (instructor#1745); every batch fails validation with these errors.data items ({code, line,
+    # message, param}), the first `batch_fail_validation_times` batches only when that is set.
+    batch_output_id_lag_polls: int = 0
+    batch_fail_validation: tuple[dict[str, Any], ...] = ()
+    batch_fail_validation_times: int | None = None
+    batch_result_short_downloads: int = 0  # a result file's first downloads are cut to 60% (a torn last line)
+    # Every look at a batch (GET /batches/{id}) / every result file download answers this status instead.
+    batch_retrieve_status: int | None = None
+    batch_create_status: int | None = None
+    batch_download_status: int | None = None
+    # The first `batch_forget_times` batches are forgotten (404, as if purged) after this many looks each.
+    batch_forget_after_looks: int | None = None
+    batch_forget_times: int = 1
+    batch_file_cap: int | None = None  # files an account may hold (Zhipu: 1,000); an upload past it is refused
+    # This share of lines (fixed by custom_id and prompt) ends with finish_reason network_error (a cut
+    # answer, billed) or sensitive (blocked, empty, billed).
+    batch_network_error_rate: float = 0.0
+    batch_sensitive_rate: float = 0.0

@@ -9,8 +9,10 @@
 
 The same rules as the command line: the key comes from the environment (ZHIPUAI_API_KEY or
 ANTHROPIC_API_KEY; the simulator needs none), a bad spec raises `runner.errors.UsageError`, and a run
-that stopped (budget, abort, signal) returns its exit code rather than raising. Progress goes to
-stderr as JSON lines unless a `reporter` is given.
+that stopped (budget, abort, signal) returns its exit code rather than raising. Progress goes to the
+`glm_batch` logger (quiet unless logging is configured) unless a `reporter` is given. `run_job` and
+`estimate_job` inside a running event loop (Jupyter) raise RuntimeError naming `arun_job` /
+`aestimate_job`, which are the ones to await there.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.errors import UsageError
+from runner.errors import UsageError, deliberate
 from runner.job.resolve import Job
 from runner.job.resolve import load_job as _load_job
-from runner.observe.progress import Reporter, make_reporter
+from runner.observe.progress import LogReporter, Reporter
+from runner.redact import redact
+
+__all__ = ["Result", "aestimate_job", "api_key_for", "arun_job", "estimate_job", "load_job", "run_job"]
 
 SIMULATOR_KEY = "simulator-key"  # the built-in simulator accepts any key
 
@@ -62,10 +67,25 @@ def api_key_for(job: Job) -> str:
         return SIMULATOR_KEY
     for name in job.key_env:
         value = os.environ.get(name)
-        if value:
-            return value
+        if value and value.strip():
+            return checked_key(name, value)
     names = " or ".join(job.key_env) or "ZHIPUAI_API_KEY"
     raise UsageError(f"no API key for endpoint {job.endpoint_name!r}: set {names} in the environment")
+
+
+def checked_key(name: str, value: str) -> str:
+    """The key in `name` without surrounding whitespace (a key file saved on Windows ends in CR LF);
+    UsageError naming the variable when what is left is not one printable ASCII word, which no HTTP
+    header can carry (the SDK would fail every row as a bare "Connection error.")."""
+    key = value.strip()
+    bad = next((c for c in key if not (c.isascii() and c.isprintable()) or c.isspace()), None)
+    if bad is not None:
+        what = "a space" if bad == " " else f"the character {bad!r}"
+        raise UsageError(
+            f"${name}: the API key has {what} inside it (at position {key.index(bad) + 1}); "
+            f"set {name} to the key alone, as one line of letters, digits and punctuation"
+        )
+    return key
 
 
 async def arun_job(
@@ -85,7 +105,10 @@ async def arun_job(
     if will_send_online(job, fresh=fresh):
         import_in_background()
     options = RunOptions(fresh=fresh, retry_failed=retry_failed, resume_command=resume_command(job, set, limit))
-    report = await _run(job, api_key=api_key_for(job), options=options, reporter=reporter or make_reporter("json"))
+    try:
+        report = await _run(job, api_key=api_key_for(job), options=options, reporter=reporter or LogReporter())
+    except ExceptionGroup as group:  # a UsageError raised while sending reaches the caller as itself
+        raise deliberate(group) or group from None
     output = report.summary.get("output")
     return Result(report.exit_code, report.message, report.summary, Path(output) if output else None)
 
@@ -99,9 +122,11 @@ def run_job(
     retry_failed: bool = False,
     reporter: Reporter | None = None,
 ) -> Result:
-    """Run a job and wait for it: send every row with no answer yet, write the output, return how it ended."""
+    """Run a job and wait for it: send every row with no answer yet, write the output, return how it ended.
+    Where an event loop already runs (Jupyter), `await arun_job(...)` instead."""
     import asyncio
 
+    _outside_a_loop("run_job", "arun_job")
     return asyncio.run(arun_job(spec, set=set, limit=limit, fresh=fresh, retry_failed=retry_failed, reporter=reporter))
 
 
@@ -113,16 +138,46 @@ def estimate_job(
     exact: bool = False,
     pilot: int | None = None,
 ) -> dict[str, Any]:
-    """What the job would cost and how long it would take (the report `glm-batch estimate --json` prints)."""
+    """What the job would cost and how long it would take (the report `glm-batch estimate --json` prints).
+    Where an event loop already runs (Jupyter), `await aestimate_job(...)` instead."""
     import asyncio
 
+    _outside_a_loop("estimate_job", "aestimate_job")
+    return asyncio.run(aestimate_job(spec, set=set, limit=limit, exact=exact, pilot=pilot))
+
+
+async def aestimate_job(
+    spec: str | Path | Job,
+    *,
+    set: Mapping[str, Any] | None = None,
+    limit: int | None = None,
+    exact: bool = False,
+    pilot: int | None = None,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Estimate a job (the async form; see `estimate_job`)."""
     from runner.money.estimate import EstimateOptions
     from runner.money.estimate import estimate_job as _estimate
 
     job = spec if isinstance(spec, Job) else load_job(spec, set=set, limit=limit)
     key = api_key_for(job) if (exact or pilot) else "unused"
     options = EstimateOptions(exact=exact, pilot_rows=pilot)
-    return asyncio.run(_estimate(job, api_key=key, options=options, reporter=make_reporter("json")))
+    return await _estimate(job, api_key=key, options=options, reporter=reporter or LogReporter())
+
+
+def _outside_a_loop(name: str, instead: str) -> None:
+    """Refuse, before anything starts, to block a running event loop (asyncio.run would fail there with
+    a bare "cannot be called from a running event loop")."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        f"runner.{name}() cannot run inside a running event loop (Jupyter, an async app); "
+        f"there, use: await runner.{instead}(...)"
+    )
 
 
 # What a run's first request needs that loading the job and planning do not: the SDK (about 1.2 s to
@@ -180,7 +235,7 @@ def resume_command(job: Job, overrides: Mapping[str, Any] | list[str] | None, li
         words += ["--limit", str(limit)]
     for key, value in items:
         words += ["--set", f"{key}={_yaml_value(value)}"]
-    return shlex.join(words)
+    return redact(shlex.join(words))
 
 
 def _yaml_value(value: Any) -> str:

@@ -59,7 +59,8 @@ class Result:
     """What became of one request: the answer and its usage, or the error it ended with."""
 
     key: str
-    status: Literal["ok", "error", "invalid"]
+    # skipped: not sent by the job's decision (input.nulls: skip on a null); neither answered nor failed
+    status: Literal["ok", "error", "invalid", "skipped"]
     attempts: int
     latency_ms: float | None
     finished_at: dt.datetime

@@ -156,19 +156,19 @@ def test_a_null_in_a_prompt_column_is_refused_by_default(make_job, sim) -> None:
     assert sim.stats()["requests"] == 0
 
 
-def test_nulls_skip_records_the_row_as_failed_and_sends_the_rest(make_job, sim) -> None:
+def test_nulls_skip_records_the_row_as_skipped_and_sends_the_rest(make_job, sim) -> None:
     job = make_job(null_rows(), input={"nulls": "skip"})
 
     result = cli("run", str(job.spec))
 
-    assert result.exit_code == 1, result.stderr
+    assert result.exit_code == 0, result.stderr
     assert sim.stats()["requests"] == 3
     out = pl.read_parquet(job.output)
     skipped = out.row(1, named=True)
-    assert skipped["status"] == "error"
+    assert skipped["status"] == "skipped" and skipped["error_type"] == "null_input"
     assert "'text'" in skipped["error_message"] and "null" in skipped["error_message"]
     assert skipped["response_text"] is None
-    assert out.get_column("status").to_list() == ["ok", "error", "ok", "ok"]
+    assert out.get_column("status").to_list() == ["ok", "skipped", "ok", "ok"]
 
 
 def test_nulls_skip_records_error_type_null_input(make_job) -> None:

@@ -284,7 +284,8 @@ def test_dry_run_says_what_a_run_would_send_and_writes_nothing(
     assert not state_dir.exists() and not job.output.exists() and sim.stats()["requests"] == 0
 
     assert cli("run", str(job.spec), "--limit", "5").exit_code == 0
-    output = job.output.stat().st_mtime_ns
+    limited = job.output.with_name("job.limit-5.parquet")
+    output = limited.stat().st_mtime_ns
     held = JobLock(state_dir / "lock")
     held.acquire()  # a run in progress: a dry run neither waits for nor takes the lock
     before = _state_files(state_dir)
@@ -297,7 +298,7 @@ def test_dry_run_says_what_a_run_would_send_and_writes_nothing(
     assert later.exit_code == 0, later.stderr
     assert "would send 15 requests for 20 rows (5 already answered)" in later.stdout
     assert fresh.exit_code == 0 and "would send 20 requests for 20 rows (0 already answered)" in fresh.stdout
-    assert after == before and job.output.stat().st_mtime_ns == output
+    assert after == before and limited.stat().st_mtime_ns == output and not job.output.exists()
     assert sim.stats()["requests"] == 5
 
 

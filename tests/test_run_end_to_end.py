@@ -121,7 +121,7 @@ def test_limit_reads_only_the_first_rows(make_job, sim: SimulatorThread) -> None
 
     assert cli("run", str(job.spec), "--limit", "7").exit_code == 0
 
-    assert pl.read_parquet(job.output).height == 7
+    assert pl.read_parquet(job.output.with_name("job.limit-7.parquet")).height == 7
     assert sim.stats()["requests"] == 7
 
 

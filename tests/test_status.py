@@ -32,14 +32,15 @@ def test_a_finished_job_with_failed_rows_is_counted_the_same_from_its_record(
 
     recorded, joined = both_counts(load_job(files.spec))
 
-    assert recorded == joined == {"ok": 6, "failed": 2, "pending": 0}
-    assert "6 rows answered ok, 2 failed, 0 pending" in cli("status", str(files.spec)).stdout
+    assert recorded == joined == {"ok": 6, "failed": 1, "skipped": 1, "pending": 0}
+    printed = cli("status", str(files.spec)).stdout
+    assert "6 rows answered ok, 1 failed, 1 skipped (input.nulls: skip), 0 pending" in printed
 
 
 def test_rows_added_to_the_input_after_a_run_are_pending(make_job: Callable[..., JobFiles]) -> None:
     files = make_job(sample_rows(5))
     assert cli("run", str(files.spec)).exit_code == 0
-    assert both_counts(load_job(files.spec)) == ({"ok": 5, "failed": 0, "pending": 0},) * 2
+    assert both_counts(load_job(files.spec)) == ({"ok": 5, "failed": 0, "skipped": 0, "pending": 0},) * 2
 
     write_csv(files.input, sample_rows(8))  # the record was written from the old input: not used
 
@@ -60,7 +61,7 @@ def test_answers_added_since_the_output_was_written_are_counted(make_job: Callab
 
     recorded, joined = both_counts(job)
     assert recorded is None
-    assert joined == {"ok": 4, "failed": 0, "pending": 0}
+    assert joined == {"ok": 4, "failed": 0, "skipped": 0, "pending": 0}
     assert "4 rows answered ok, 0 failed, 0 pending" in cli("status", str(files.spec)).stdout
 
 

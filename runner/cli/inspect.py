@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -41,7 +42,10 @@ def usage(
         bad = [k for k in keys if k not in ("job", "model", "day", "endpoint")]
         if bad or not keys:
             raise UsageError(f"--by {by!r}: choose from job, model, day, endpoint")
-        frame = ledger.usage()
+        skipped: list[tuple[Path, str]] = []
+        frame = ledger.usage(skipped=skipped)
+        for path, why in skipped:  # a torn file: the rest of the ledger is still worth reading
+            print(f"glm-batch: warning: skipped {path}: it does not read ({why})", file=sys.stderr)
         if since is not None:
             try:
                 start = dt.date.fromisoformat(since)
@@ -76,17 +80,23 @@ def report(
         str | None, typer.Option("--gold", metavar="COLUMN", help="For an output file: the column with gold labels.")
     ] = None,
     set_: SetOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Let --html replace an existing file that glm-batch did not write.")
+    ] = False,
 ) -> None:
     """Print what a finished run did and, with gold labels, how good its answers were (and draw it as HTML)."""
 
     def go() -> None:
+        from runner.job.paths import job_files, output_files
         from runner.observe.report import load_report, print_report
-        from runner.observe.report_html import html_page
+        from runner.observe.report_html import HTML_MARK, html_page
+        from runner.state.files import write_text
 
         if target.suffix == ".parquet":
             if not target.exists():
                 raise UsageError(f"{target}: no such output file")
             found = load_report(target, gold=gold)
+            protected = output_files(target)
         else:
             if gold is not None:
                 raise UsageError(
@@ -97,13 +107,38 @@ def report(
             if not job.output_path.exists():
                 raise UsageError(f"{job.output_path} does not exist yet; run the job first: glm-batch run {target}")
             found = load_report(job.output_path, job=job)
+            protected = job_files(job)
+        if html is not None:  # written, or refused in one line, before the report is printed
+            write_text(html, html_page(found), key="--html", protected=protected, ours=HTML_MARK, force=force)
         console = _console()
         print_report(found, console)
         if html is not None:
-            html.write_text(html_page(found), encoding="utf-8")
             console.print(f"wrote {html}")
 
     _guarded(go)
+
+
+def _cascade_status(job: Any) -> None:
+    """`status` of a cascade job: each stage's last run, and the last cascade's outcome."""
+    from runner.cascade.stages import read_cascade_summary
+
+    home = job.state_dir / "cascade"
+    for stage in ("proxy", "oracle"):
+        runs = _runs(home / stage)
+        if not runs:
+            print(f"{job.name}: {stage} stage never run (state would be in {home / stage})")
+            continue
+        last = runs[-1]
+        print(
+            f"{stage} stage, last run {last['run_id']}: exit {last['exit_code']}, {last['answered_ok']} ok, "
+            f"{last['answered_error']} failed, stopped: {last['stopped'] or 'no'}"
+        )
+    done = read_cascade_summary(job.output_path)
+    if done is not None:
+        print(
+            f"last cascade: {done['rows_kept_from_proxy']} of {done['rows']} rows kept from {done['proxy']}; "
+            f"the output {done['guarantee']}"
+        )
 
 
 def status(spec: SpecArg, set_: SetOpt = None) -> None:
@@ -121,6 +156,9 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
                 f"a run is in progress: pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
                 f"since {holder.get('started', '?')}"
             )
+        if job.spec.output.cascade is not None:  # its stages keep their own state (runner.cascade.stages)
+            _cascade_status(job)
+            return
         runs = _runs(job.state_dir)
         progress = _progress(job)
         if not runs and progress is None:
@@ -129,7 +167,8 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
         if progress is not None:
             print(
                 f"{job.name}: {progress['ok']} rows answered ok, {progress['failed']} failed, "
-                f"{progress['pending']} pending (as of the last run)"
+                + (f"{progress['skipped']} skipped (input.nulls: skip), " if progress.get("skipped") else "")
+                + f"{progress['pending']} pending (as of the last run)"
             )
         if runs:
             last = runs[-1]
@@ -196,7 +235,8 @@ def models(as_json: JsonOpt = False) -> None:
         console.print(_models_table({name: info.model_dump() for name, info in found.items()}))
         console.print(
             "Prices per million tokens: input / cached input / output; the first tier whose bounds hold "
-            "applies (in<32k: input under 32,000 tokens). conc: default requests in flight.",
+            "applies (in<32k: input under 32,000 tokens). conc: default requests in flight; batch: taken by "
+            "Zhipu's Batch API (run.mode: batch).",
             highlight=False,
         )
 

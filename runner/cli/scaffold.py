@@ -34,18 +34,31 @@ def job_schema_text() -> str:
     return json.dumps(job_schema(), indent=2, ensure_ascii=False) + "\n"
 
 
+# What every schema glm-batch writes contains (its title): `schema -o` replaces such a file without --force.
+SCHEMA_MARK = '"title": "JobSpec"'
+
+
 def schema(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", metavar="FILE", help="Write it to this file instead of stdout.")
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Let -o replace an existing file that glm-batch did not write.")
+    ] = False,
 ) -> None:
     """Print the JSON Schema of a job spec (for editors; configs/job.schema.json is this output)."""
     text = job_schema_text()
     if output is None:
         sys.stdout.write(text)
-    else:
-        output.write_text(text, encoding="utf-8")
+        return
+
+    def go() -> None:
+        from runner.state.files import write_text
+
+        write_text(output, text, key="-o", ours=SCHEMA_MARK, force=force)
         print(f"wrote {output}")
+
+    _guarded(go)
 
 
 def validate(
@@ -123,17 +136,19 @@ def init(
     """Write a commented starter job for an input file's columns (never overwrites a file)."""
 
     def go() -> None:
+        from runner.state.files import write_error, write_text
+
         target = output if output is not None else Path("jobs") / f"{input_path.stem}.yaml"
         if target.exists():
             raise UsageError(f"{target} already exists; pass --output another.yaml or remove it first")
         columns, first = _peek(input_path)
         text = starter_job(input_path, target, columns, first)
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with target.open("x", encoding="utf-8") as f:  # "x": never replace a file created meanwhile
-                f.write(text)
-        except FileExistsError:
-            raise UsageError(f"{target} already exists; pass --output another.yaml or remove it first") from None
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(target.parent, exc, "--output") from None
+        # exclusive: never replace a file, even one created meanwhile; never the input it describes.
+        write_text(target, text, key="--output", protected=[(input_path, "the input")], exclusive=True)
         print(f"wrote {target}; edit its prompt, then: glm-batch validate {target}")
 
     _guarded(go)
@@ -167,13 +182,38 @@ def _peek(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
 _PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "none", "y", "n"}
 _ID_NAMES = ("id", "uuid", "key", "row_id")
+# Columns that hold the answer a model is scored against: never put in a starter prompt.
+_GOLD_NAMES = {
+    "gold", "label", "labels", "answer", "answers", "target", "targets", "y", "ground_truth", "groundtruth",
+    "truth", "gt", "expected", "expected_answer", "expected_output", "reference", "correct", "correct_answer",
+    "true_label", "gold_label", "class_label", "annotation",
+}  # fmt: skip
+_GOLD_AFFIXES = ("gold_", "label_", "truth_", "_gold", "_label", "_labels", "_truth", "_answer", "_target")
+
+
+def gold_like(name: str) -> bool:
+    """Whether a column's name says it holds gold labels (gold, label, y, ground_truth, *_label...)."""
+    plain = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    return plain in _GOLD_NAMES or plain.startswith(_GOLD_AFFIXES[:3]) or plain.endswith(_GOLD_AFFIXES[3:])
 
 
 def _yaml_str(value: str) -> str:
-    """`value` as a YAML scalar: bare when that reads back as the same string, else double-quoted."""
+    """`value` as a one-line YAML scalar that reads back as the same string, in block or flow context:
+    bare when that is safe, else double-quoted with every line break and control character escaped
+    (so a column name can never end a line and start a key of its own)."""
     if _PLAIN.fullmatch(value) and value.lower() not in _YAML_WORDS:
         return value
-    return json.dumps(value, ensure_ascii=False)
+    import yaml
+
+    text: str = yaml.safe_dump([value], default_style='"', default_flow_style=True, allow_unicode=True, width=2**30)
+    return text.strip()[1:-1]
+
+
+def _one_line(text: str) -> str:
+    """`text` for a YAML comment: as it is when it is one line of printable text, else escaped."""
+    if text.isprintable():
+        return text
+    return _yaml_str(text)[1:-1]
 
 
 def _template_variable(name: str) -> bool:
@@ -196,38 +236,40 @@ def starter_job(input_path: Path, target: Path, columns: dict[str, str], first: 
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", target.stem).lstrip("._-") or "job"
 
     id_column = next((c for c in columns if c.lower() in _ID_NAMES or c.lower().endswith("_id")), None)
-    usable = [c for c in columns if c != id_column and _template_variable(c)]
+    gold = [c for c in columns if c != id_column and gold_like(c)]  # never in the prompt: label leakage
+    usable = [c for c in columns if c != id_column and c not in gold and _template_variable(c)]
     texty = [c for c in usable if columns[c] in ("String", "Utf8")]
     in_template = (texty or usable)[:5]
     if not in_template:
         raise UsageError(
-            f"{input_path}: no column can be used in a template as {{{{ name }}}} (columns: {', '.join(columns)}); "
-            "rename them to plain identifiers"
+            f"{_one_line(str(input_path))}: no column can be used in a template as {{{{ name }}}} "
+            f"(columns: {_one_line(', '.join(columns))}; gold-like ones are left out); rename them to plain identifiers"
         )
 
     def sample(value: Any) -> str:
-        text = json.dumps(value, ensure_ascii=False, default=str)
+        text = _one_line(json.dumps(value, ensure_ascii=False, default=str))
         return text if len(text) <= 40 else text[:37] + "..."
 
     schema_file = Path.cwd() / "configs" / "job.schema.json"
     lines = []
     if schema_file.is_file():
         rel_schema = Path(os.path.relpath(schema_file.resolve(), spec_dir)).as_posix()
-        lines.append(f"# yaml-language-server: $schema={rel_schema}")
+        lines.append(f"# yaml-language-server: $schema={_one_line(rel_schema)}")
+    shown_target = _one_line(target.as_posix())
     lines += [
-        f"# A starter job for {input_path.as_posix()}, written by `glm-batch init`. Edit the prompt, then:",
-        f"#   glm-batch validate {target.as_posix()}    renders the first prompts; sends nothing",
-        f"#   glm-batch estimate {target.as_posix()}    tokens, cost and time before spending",
-        f"#   glm-batch run {target.as_posix()}",
+        f"# A starter job for {_one_line(input_path.as_posix())}, written by `glm-batch init`. Edit the prompt, then:",
+        f"#   glm-batch validate {shown_target}    renders the first prompts; sends nothing",
+        f"#   glm-batch estimate {shown_target}    tokens, cost and time before spending",
+        f"#   glm-batch run {shown_target}",
         "# Every relative path here resolves against this file's folder.",
         "#",
         "# The input's columns (type: first row's value):",
-        *(f"#   {c} ({t}): {sample(first.get(c))}" for c, t in columns.items()),
+        *(f"#   {_yaml_str(c)} ({_one_line(t)}): {sample(first.get(c))}" for c, t in columns.items()),
         "version: 1",
         f"name: {_yaml_str(name)}",
         "",
         "input:",
-        f"  paths: [{json.dumps(rel_input, ensure_ascii=False)}]",
+        f"  paths: [{_yaml_str(rel_input)}]",
         (
             f"  id_column: {_yaml_str(id_column)}   # must be unique per row; answers are matched to rows by it"
             if id_column
@@ -254,9 +296,17 @@ def starter_job(input_path: Path, target: Path, columns: dict[str, str], first: 
         "  max_attempts: 6",
         "",
         "output:",
-        f"  path: {json.dumps(rel_output, ensure_ascii=False)}",
+        f"  path: {_yaml_str(rel_output)}",
         f"  keep_columns: [{_yaml_str(in_template[0])}]   # input columns copied beside each answer",
         "  # labels: [positive, negative]   # for labeling: validated answers (see the README)",
         "",
     ]
+    if gold:  # the gold labels stay out of the prompt: the model must not see what it is scored against
+        lines += [
+            f"# {_one_line(', '.join(gold))}: gold-like, so left out of the prompt (a prompt reading the",
+            "# eval column is refused). With output.labels set, score the answers against it (it is kept",
+            "# in the output):",
+            f"# eval: {{gold_column: {_yaml_str(gold[0])}}}",
+            "",
+        ]
     return "\n".join(lines)

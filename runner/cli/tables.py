@@ -84,9 +84,28 @@ def _estimate_table(r: dict[str, Any]) -> Table:
             f"{wall['latency_s_per_request']} s a request ({wall['latency_basis']})",
         ),
     ]
+    cascade = r.get("cascade")
+    if cascade is not None:
+        rows.extend(_cascade_rows(cascade, cur))
     if not r["prices_confirmed"]:
         rows.append(("note", f"the {cur} prices of {r['model']} are not confirmed (configs/models.yaml)"))
     return _pairs(f"estimate: {r['job']} ({r['model']} on {r['endpoint']})", rows)
+
+
+def _cascade_rows(c: dict[str, Any], cur: str) -> list[tuple[str, str]]:
+    """A cascade job: the figures above are the oracle alone; these are the cascade's."""
+    cost, share, oracle_share = c["cost"], c["share_of_oracle_only"], c["oracle_share"]
+    pct = {k: "-" if v is None else f"{v:.0%}" for k, v in share.items()}
+    return [
+        ("cascade", f"{c['proxy']} answers every row ({c['proxy_requests']:,} requests, "
+                    f"{c['proxy_cost']['expected']:.4f} {cur}); {c['oracle']} the rest; {c['guarantee']}"),
+        ("oracle only", f"{c['oracle_only_cost']['expected']:.4f} {cur} expected (the cost row above)"),
+        ("cascade cost", f"{cost['low']:.4f} / {cost['expected']:.4f} / {cost['high']:.4f} {cur} "
+                         f"(low / expected / high: {pct['low']} / {pct['expected']} / {pct['high']} of oracle only)"),
+        ("", f"oracle answers {oracle_share['low']:.0%} / {oracle_share['expected']:.0%} / 100% of rows; "
+             f"low: a proxy that always agrees (calibration only); high: a useless proxy; "
+             f"expected: {oracle_share['basis']}"),
+    ]  # fmt: skip
 
 
 def _mode_rows(modes: dict[str, Any], cur: str) -> list[tuple[str, str]]:
@@ -185,11 +204,13 @@ def _models_table(catalogue: dict[str, dict[str, Any]]) -> Table:
     table.add_column("context", justify="right")
     table.add_column("max out", justify="right")
     table.add_column("conc", justify="right")
+    table.add_column("batch")  # taken by Zhipu's Batch API (run.mode: batch / hybrid)
     table.add_column("cur")
     table.add_column("in/cached/out per 1M tokens", overflow="fold")
     table.add_column("confirmed")
     for name, info in catalogue.items():
-        lead = [name, str(info["context"]), str(info["max_output"]), str(info["concurrency"])]
+        batch = "yes" if (info.get("batch") or {}).get("eligible") else "no"
+        lead = [name, str(info["context"]), str(info["max_output"]), str(info["concurrency"]), batch]
         if not info["prices"]:
             table.add_row(*lead, "-", "no prices in the catalogue", "")
         for currency, prices in info["prices"].items():
@@ -202,5 +223,5 @@ def _models_table(catalogue: dict[str, dict[str, Any]]) -> Table:
                     f"{price} {bounds}" if bounds else price,
                     ("yes" if prices["confirmed"] else "no") if i == 0 else "",
                 )
-                lead = ["", "", "", ""]
+                lead = ["", "", "", "", ""]
     return table

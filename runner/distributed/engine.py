@@ -35,6 +35,7 @@ from runner.plan import ALL_FAIL_ROWS, plan
 from runner.resume import settled_keys
 from runner.runs import RunOptions, RunReport, fingerprint
 from runner.send.base import Control
+from runner.state.rescue import find_rescued
 from runner.state.store import Store
 
 BLOCK_ROWS = 500  # rows per block sent by one actor call: a unit of retry and of journal flushing
@@ -67,9 +68,10 @@ async def run_on_ray(
     if job.spec.run.mode != "online":
         raise UsageError(f"{job.spec_path}: run.engine: ray: batch mode runs on the local engine")
     source = open_input(job)
-    store = Store(job.state_dir, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}")
+    store = Store(job.state_dir, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}", rows=job.row_map)
     store.open()
     try:
+        store.adopt_rescued(find_rescued(job.output_path, job.state_dir))  # left by a run whose state broke
         return await _run(job, source, store, api_key, options, reporter, shape or Shape())
     finally:
         store.close()
@@ -83,7 +85,9 @@ async def _run(
     tally = Tally(rows_total=source.rows, samples=samples)  # counted when the input was opened
     table = require_prices(job, "run.max_cost") if run.max_cost is not None else price_table(job)
     gated = run.max_cost is not None or run.tokens_per_minute is not None
-    calibration = ledger.calibration(job.name, job.spec.model.name) if gated else Calibration()
+    calibration = (
+        ledger.calibration(job.name, job.spec.model.name, simulated=job.base_url is None) if gated else Calibration()
+    )
     # The budget is the limiter's, shared by every actor; this accountant only prices.
     accountant = Accountant(table, calibration, None, job.spec.model.max_tokens, job.model.batch.price_share)
     settled = settled_keys(job, store, fresh=options.fresh, retry_failed=options.retry_failed,
@@ -102,6 +106,7 @@ async def _run(
         from runner.distributed.cluster import send_on_ray  # Ray's import alone takes seconds
 
         store.rows.reset()
+        summary.check_ledger(job, reporter)  # before the first request: a warning, never a refusal
         limits = await send_on_ray(
             job, source, store, api_key, settled, accountant, tally, control, progress, reporter, shape
         )

@@ -31,7 +31,7 @@ import pyarrow as pa
 import ray
 
 from runner.distributed.slots import LeasedSlots
-from runner.errors import DiskFull
+from runner.errors import STATE_FAILURES
 from runner.job.inputs import ROW, InputSource
 from runner.job.resolve import Job
 from runner.money.accounting import Accountant, Tally
@@ -140,7 +140,7 @@ class Sender:
         # A restarted actor keeps its Ray id; the pid tells its incarnations (and their journals) apart.
         actor = ray.get_runtime_context().get_actor_id() or "local"
         self.worker_id = f"{actor[-8:]}-{os.getpid()}"
-        self._store = Store(self._job.state_dir, config.run_id, writer=self.worker_id)
+        self._store = Store(self._job.state_dir, config.run_id, writer=self.worker_id, rows=self._job.row_map)
         self._store.open_journal()
         self._answers = RunAnswers(self._job.state_dir, config.run_id)
         self._reserved: dict[str, float] = {}  # key -> budget reserved at the limiter
@@ -205,7 +205,7 @@ class Sender:
                 self._store.add(result)
                 if self._store.buffered >= job.spec.run.checkpoint_rows:
                     self._store.flush()
-            except DiskFull as exc:
+            except STATE_FAILURES as exc:  # the state takes no writes (full, read-only, deleted)
                 control.fail(exc)
             results.append((result_to_json(result), tier))
 
@@ -228,7 +228,7 @@ class Sender:
             shutil.rmtree(lines.scratch_dir, ignore_errors=True)  # RequestKeys.close removes its files, not the dir
             try:
                 self._store.flush()  # durable as a part before the block's lines are returned
-            except DiskFull as exc:
+            except STATE_FAILURES as exc:  # the state takes no writes (full, read-only, deleted)
                 control.fail(exc)
         await config.limiter.release_claims.remote(block)
         report = {
@@ -239,6 +239,7 @@ class Sender:
             "stopped": control.reason,
             "aborted": str(control.aborted) if control.aborted else None,
             "failed": str(control.failed) if control.failed else None,
+            "failed_code": control.failed.exit_code if control.failed else None,
             "retries": control.retries,
             "worker": self.worker_id,
             "deferred": sorted(others - answered),  # sent by the block that owns them

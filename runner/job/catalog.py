@@ -11,10 +11,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runner.errors import UsageError
+from runner.job.reading import load_yaml, read_text_file
 
 
 class Endpoint(BaseModel):
@@ -110,17 +110,12 @@ def configs_dir() -> Path:
     return packaged if packaged.is_dir() else package.parent / "configs"
 
 
-# libyaml's parser, where PyYAML was built with it: the same safe loading (the constructor and resolver are
-# PyYAML's own), about seven times faster; models.yaml took 40 ms in pure Python, paid by every command.
-_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 def _load_yaml(name: str) -> dict[str, Any]:
     path = configs_dir() / name
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SafeLoader)
-    except (OSError, yaml.YAMLError) as exc:
-        raise UsageError(f"{path}: cannot read the catalogue ({exc}); reinstall glm-batch or fix the file") from exc
+        data = load_yaml(read_text_file(path, str(path), "the catalogue"), origin=str(path))
+    except UsageError as exc:
+        raise UsageError(f"{exc}; reinstall glm-batch or fix the catalogue") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping of names to entries")
     return data

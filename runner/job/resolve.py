@@ -12,24 +12,26 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import yaml
 from pydantic import ValidationError
 
 from runner.errors import UsageError
 from runner.job import catalog, paths
-from runner.job.facts import Facts, endpoint_id, load_facts
+from runner.job.eligibility import BatchEligibility, batch_eligibility
+from runner.job.facts import endpoint_id, load_facts
+from runner.job.reading import load_yaml, read_text_file
 from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
 from runner.job.templates import Template, compile_template, deferred_template
 from runner.job.thinking import ThinkingPlan, thinking_plan
+from runner.redact import redact
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,13 @@ class Job:
     keep_columns: tuple[str, ...] = ()
     # May this job's model go to the Batch API on this endpoint, and on what grounds.
     batch: BatchEligibility | None = None
+    # A limited run (--limit, input.limit): the job's own output, which it never writes; None otherwise.
+    full_output_path: Path | None = None
+
+    @property
+    def row_map(self) -> str:
+        """The row map's folder in the state directory: a limited run's own, so the job's stays whole."""
+        return "rows" if self.spec.input.limit is None else f"rows.limit-{self.spec.input.limit}"
 
     @property
     def prompt_variables(self) -> frozenset[str]:
@@ -85,63 +94,6 @@ class Job:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class BatchEligibility:
-    """Whether a model may go to the Batch API on an endpoint: `basis` is "catalogue" (Zhipu's list),
-    "doctor" (proved on this account), "unconfirmed" (run.batch.allow_unconfirmed) or "refused",
-    with `why` the one line a refusal prints."""
-
-    allowed: bool
-    basis: str
-    why: str = ""
-
-
-BATCH_MODELS_HINT = "glm-4-air-250414, glm-4-plus, glm-4-flashx-250414, glm-4-long or glm-4-flash (free)"
-
-
-def has_batch_api(base_url: str | None) -> bool:
-    """Whether the endpoint has Zhipu's Batch API: api.z.ai has none (real-wire.md, Hosts)."""
-    host = (urlsplit(base_url).hostname or "") if base_url else ""
-    return not (host == "z.ai" or host.endswith(".z.ai"))
-
-
-def batch_eligibility(
-    model: str,
-    info: catalog.ModelInfo,
-    endpoint: str,
-    base_url: str | None,
-    known: Facts,
-    allow_unconfirmed: bool,
-) -> BatchEligibility:
-    """The one batch rule: the Batch API exists on the endpoint, and the model is on Zhipu's list, or
-    `glm-batch doctor --batch` proved it here, or the job accepts the risk (allow_unconfirmed)."""
-    if not has_batch_api(base_url):
-        return BatchEligibility(
-            False,
-            "refused",
-            f"endpoint {endpoint} (api.z.ai) has no Batch API; use model.endpoint: zhipu (open.bigmodel.cn) "
-            "with a zhipu key for batch and hybrid, or run.mode: online",
-        )
-    if info.batch.eligible:
-        return BatchEligibility(True, "catalogue")
-    if known.batch_eligible is True:
-        return BatchEligibility(True, "doctor")
-    if allow_unconfirmed:
-        return BatchEligibility(
-            True,
-            "unconfirmed",
-            f"{model} is not on Zhipu's Batch API list; the batch may fail at validation",
-        )
-    proved = " (glm-batch doctor --batch found it refused)" if known.batch_eligible is False else ""
-    return BatchEligibility(
-        False,
-        "refused",
-        f"{model} is not on Zhipu's Batch API eligibility list{proved}, so its batches would fail at validation; "
-        f"use an eligible model ({BATCH_MODELS_HINT}), prove it with `glm-batch doctor JOB --batch`, "
-        "or set run.batch.allow_unconfirmed: true to try anyway",
-    )
-
-
 def load_job(
     path: Path,
     overrides: list[str] | None = None,
@@ -165,49 +117,62 @@ def load_job(
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
-        raise UsageError(_describe(path, exc, overridden)) from exc
+        raise UsageError(_describe(path, exc, overridden, raw)) from None
     template_of = compile_template if check_templates else deferred_template
-    return _resolve(spec, path, today or dt.date.today(), template_of, writes, sends)
+    job = _resolve(spec, path, today or dt.date.today(), template_of, writes, sends)
+    if check_templates:
+        _refuse_gold_in_prompt(job, path)
+    return job
+
+
+def _refuse_gold_in_prompt(job: Job, path: Path) -> None:
+    """Refuse a prompt that reads a gold column (eval.gold_column, eval.gold_fields): the model would be
+    shown the answer it is scored against, and the scores would mean nothing."""
+    evaluation = job.spec.eval
+    if evaluation is None:
+        return
+    gold = [c for c in [evaluation.gold_column, *evaluation.gold_fields.values()] if c is not None]
+    leaked = sorted(set(gold) & job.prompt_variables)
+    if leaked:
+        names = ", ".join(f"{{{{ {c} }}}}" for c in leaked)
+        raise UsageError(
+            f"{path}: prompt: it reads {names}, a gold column of eval: the model would see the answer it is "
+            f"scored against; take {'it' if len(leaked) == 1 else 'them'} out of the prompt (and input.columns)"
+        )
+
+
+def derive(job: Job, changes: dict[str, Any]) -> Job:
+    """Another job made from this one's validated spec with dotted keys changed (`{"model.name": "x"}`):
+    a stage of a cascade. Its paths resolve as the original's; given ones should be absolute."""
+    data = job.spec.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError(_describe(job.spec_path, exc)) from exc
+    return _resolve(spec, job.spec_path, dt.date.today(), compile_template, True, True)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """The spec file's YAML: a regular file of bounded size, read with the bounded loader."""
     try:
-        text = path.read_text(encoding="utf-8")
+        os.stat(path)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such job spec; check the path") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read the job spec ({exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(
-            f"{path}: the job spec is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
-            "save it as UTF-8"
-        ) from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise UsageError(f"{path}: invalid YAML{where}: {problem}") from None
+    except OSError:
+        pass  # said in read_text_file's words (a name too long, a permission)
+    data = load_yaml(read_text_file(path, str(path), "the job spec"), origin=str(path))
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a job spec is a YAML mapping starting with 'version: 1'")
     return data
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (YAML lets the last one win silently,
-    so a second `run:` would quietly undo the first)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"the key {key!r} is given twice in one mapping; keep one", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> str:
@@ -223,35 +188,56 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
         if not isinstance(child, dict):
             raise UsageError(f"--set {item!r}: {part} is not a mapping in the spec")
         node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        node[parts[-1]] = value
+    node[parts[-1]] = load_yaml(value, origin=f"--set {item!r}", text_if_unparsed=True)
     return ".".join(parts)
 
 
-def _describe(path: Path, exc: ValidationError, overridden: dict[str, str] | None = None) -> str:
+def _describe(path: Path, exc: ValidationError, overridden: dict[str, str] | None = None, raw: Any = None) -> str:
     """One line per problem: `file: key.path: what is wrong`.
 
-    A union field (`concurrency: int | "auto"`) fails once per member, under tags like
-    `constrained-int`; those are merged into one line per real key path. A key that came from
-    `--set` says so, since the spec file does not have it.
+    The key path is the one the user wrote (`run.max-attempts` too): each part of pydantic's location
+    is kept when the spec has it there (or it is the key found missing), so the tags a union field
+    (`concurrency: int | "auto"`) fails under, like `constrained-int`, are dropped, and its failures
+    merge into one line. A problem at or under a key that came from `--set` says so, since the spec
+    file does not have it.
     """
     overridden = overridden or {}
     problems: dict[str, list[str]] = {}
+    sources: dict[str, str] = {}
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or str(p).isidentifier())
+        loc = ".".join(_user_path(err["loc"], raw, missing=err["type"] == "missing"))
         msg = err["msg"].removeprefix("Value error, ")
+        source = next((item for key, item in overridden.items() if loc == key or loc.startswith(key + ".")), None)
         if err["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
-            if loc in overridden:
-                msg = f"unknown key (from --set {overridden[loc]}); check its spelling"
+            if source is not None:
+                msg = f"unknown key (from --set {source}); check its spelling"
         elif err["type"] == "missing":
             msg = "required key is missing"
+        elif source is not None:
+            sources[loc or "(top level)"] = f" (from --set {source})"
         messages = problems.setdefault(loc or "(top level)", [])
         if msg not in messages:
             messages.append(msg)
-    return "\n".join(f"{path}: {loc}: {'; or '.join(msgs)}" for loc, msgs in problems.items())
+    return "\n".join(f"{path}: {loc}: {'; or '.join(msgs)}{sources.get(loc, '')}" for loc, msgs in problems.items())
+
+
+def _user_path(loc: tuple[int | str, ...], raw: Any, *, missing: bool) -> list[str]:
+    """The parts of a pydantic location that are keys (or list positions) in the spec as written."""
+    parts: list[str] = []
+    node = raw
+    for index, part in enumerate(loc):
+        found = (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        )
+        if found:
+            node = node[part]
+        elif missing and index == len(loc) - 1 and isinstance(node, dict):
+            pass  # the key that is missing
+        elif raw is not None or not (isinstance(part, int) or str(part).isidentifier()):
+            continue  # a union member's tag (constrained-int, literal['auto'])
+        parts.append(str(part))
+    return parts
 
 
 def _resolve(
@@ -289,6 +275,11 @@ def _resolve(
     )
     if sends and spec.run.mode != "online" and not batch_basis.allowed:
         raise UsageError(f"{where}: run.mode: {spec.run.mode}: {batch_basis.why}")
+    if spec.run.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise UsageError(
+            f"{where}: run.engine: ray needs Ray, which is not installed here; "
+            "pip install -e '.[ray]' (or glm-batch[ray]), or use run.engine: local"
+        )
     if spec.model.max_tokens > info.max_output:
         raise UsageError(
             f"{where}: model.max_tokens: {spec.model.max_tokens} exceeds {spec.model.name}'s "
@@ -315,11 +306,8 @@ def _resolve(
     history: tuple[tuple[str, Template], ...] = ()
     if spec.prompt.template_file is not None:
         tpl_path = base / spec.prompt.template_file
-        try:
-            source = tpl_path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"{where}: prompt.template_file: cannot read {tpl_path} ({exc.strerror})") from None
-        template = template_of(source, origin=str(tpl_path))
+        source = read_text_file(tpl_path, f"{where}: prompt.template_file")  # a regular file of bounded size
+        template = template_of(source, origin=f"{where}: prompt.template_file ({tpl_path})")
     elif spec.prompt.messages is not None:
         last = len(spec.prompt.messages) - 1
         if spec.prompt.messages[last].role != "user":
@@ -342,6 +330,9 @@ def _resolve(
     output_path = Path(os.path.normpath(base / spec.output.path.format(name=name, run_date=today.isoformat())))
     if output_path.suffix != ".parquet":
         raise UsageError(f"{where}: output.path: must end in .parquet, got {output_path.name!r}")
+    full_output_path = None
+    if spec.input.limit is not None:  # a smoke run never replaces the fuller output (docs/decisions.md)
+        full_output_path, output_path = output_path, limited_output(output_path, spec.input.limit)
     state_dir = Path(
         os.path.normpath(
             base / spec.output.state_dir if spec.output.state_dir else paths.default_state_dir(spec, base, name)
@@ -349,7 +340,9 @@ def _resolve(
     )
     state_key = "output.state_dir" if spec.output.state_dir else "output.path"
     paths.check_not_an_input(output_path, "the output", "output.path", spec, base, spec_path, input_paths, where)
-    paths.check_not_an_input(state_dir, "the state directory", state_key, spec, base, spec_path, input_paths, where)
+    paths.check_not_an_input(
+        state_dir, "the state directory", state_key, spec, base, spec_path, input_paths, where, folder=True
+    )
     if paths.within(os.path.realpath(output_path), os.path.realpath(state_dir)):
         raise UsageError(
             f"{where}: output.path: {output_path} is inside the state directory {state_dir}, which the runner "
@@ -366,7 +359,7 @@ def _resolve(
         input_paths=input_paths,
         template=template,
         system=system,
-        endpoint_name=spec.model.endpoint,
+        endpoint_name=redact(spec.model.endpoint),  # what records and logs show: never a key pasted into a URL
         base_url=base_url,
         currency=currency,
         key_env=key_env,
@@ -384,7 +377,13 @@ def _resolve(
         history=history,
         keep_columns=keep_columns,
         batch=batch_basis,
+        full_output_path=full_output_path,
     )
+
+
+def limited_output(output_path: Path, limit: int) -> Path:
+    """Where a run limited to the first `limit` rows writes: beside the job's output, never over it."""
+    return output_path.with_name(f"{output_path.stem}.limit-{limit}{output_path.suffix}")
 
 
 def _keep_columns(

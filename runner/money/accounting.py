@@ -89,6 +89,7 @@ class Tally:
     requests_shared: int = 0  # requests not sent: an identical one was queued this run and answers them too
     ok: int = 0
     failed: int = 0
+    skipped: int = 0  # requests not sent by decision (input.nulls: skip), counted apart from failures
     input_tokens: int = 0
     output_tokens: int = 0
     thinking_tokens: int = 0
@@ -119,6 +120,10 @@ class Tally:
             day["cost"] += cost
             if tier is not None:
                 self.cost_by_tier[tier] = self.cost_by_tier.get(tier, 0.0) + cost
+        if result.status == "skipped":  # input.nulls: skip decided it; nothing was sent or went wrong
+            self.queued_answered += 1
+            self.skipped += 1
+            return
         if result.status != "ok":
             day["requests_failed"] += 1
             if result.error_type != "render_error":
@@ -154,6 +159,8 @@ class Tally:
         since the next run asks for it again; its cost and tokens stay counted, because it was paid."""
         if result.status == "ok":
             self.ok -= 1
+        elif result.status == "skipped":
+            self.skipped -= 1
         else:
             self.failed -= 1
             name = result.error_type or "unknown"
@@ -176,7 +183,7 @@ class Tally:
     @property
     def answered(self) -> int:
         """Requests that got a result this run."""
-        return self.ok + self.failed
+        return self.ok + self.failed + self.skipped
 
     @property
     def elapsed_s(self) -> float:
@@ -203,6 +210,7 @@ class Tally:
             "requests_queued": self.requests_queued,
             "answered_ok": self.ok,
             "answered_error": self.failed,
+            "rows_skipped": self.skipped // max(1, self.samples),  # input.nulls: skip; not failures
             "errors": dict(self.errors),
             "tokens": {
                 "input": self.input_tokens,
@@ -301,7 +309,9 @@ def accountant_for(job: Job) -> Accountant:
     run = job.spec.run
     table = require_prices(job, "run.max_cost") if run.max_cost is not None else price_table(job)
     gated = run.max_cost is not None or run.tokens_per_minute is not None
-    calibration = ledger.calibration(job.name, job.spec.model.name) if gated else Calibration()
+    calibration = (
+        ledger.calibration(job.name, job.spec.model.name, simulated=job.base_url is None) if gated else Calibration()
+    )
     budget = Budget(run.max_cost) if run.max_cost is not None else None
     share = job.model.batch.price_share
     # Batch mode sends every request through the Batch API; hybrid may send any online.

@@ -72,6 +72,10 @@ class OutputModel:
 
 async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, reporter: Reporter) -> dict[str, Any]:
     """Build the estimate report (and keep it in the job's state for the next run to compare with)."""
+    if job.spec.output.cascade is not None:  # the proxy pass and the oracle's share, against the oracle alone
+        from runner.cascade.estimate import estimate_cascade
+
+        return await estimate_cascade(job, api_key=api_key, options=options, reporter=reporter)
     table = require_prices(job, "glm-batch estimate")
     if options.pilot_rows:
         from runner.engine import RunOptions, run_job  # only a pilot runs: a plain estimate stays light
@@ -86,7 +90,7 @@ async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, repo
     if not options.record:
         parts, settled = _read_state(job, options)
         return await _estimate(job, api_key, table, source, parts, settled, options)
-    store = Store(job.state_dir, run_id="estimate")
+    store = Store(job.state_dir, run_id="estimate", rows=job.row_map)
     store.open()
     try:
         settled = SettledKeys.none() if options.fresh else store.settled_keys(retry_failed=options.retry_failed)
@@ -108,7 +112,9 @@ async def _estimate(
 ) -> dict[str, Any]:
     """The report, from the job's answer parts (calibration, output lengths) and its settled keys."""
     answers = _earlier_answers(parts, job)
-    calibration = _calibration_from(answers) or ledger.calibration(job.name, job.spec.model.name)
+    calibration = _calibration_from(answers) or ledger.calibration(
+        job.name, job.spec.model.name, simulated=job.base_url is None
+    )
     pending = _pending_estimates(job, source, settled)
     if options.exact and pending.sample:
         calibration = await _tokenizer_calibration(job, api_key, pending.sample)
@@ -120,7 +126,7 @@ def _read_state(job: Job, options: EstimateOptions) -> tuple[list[Path], Settled
     """The job's readable answer parts and settled keys, read without opening the store: nothing is
     created, locked, moved or folded. Answers still in a journal (a run going on, or one that died)
     count as settled too, as the next run will fold them in; a part that does not read is skipped."""
-    store = Store(job.state_dir, run_id="dry-run")  # never opened: only its paths are used
+    store = Store(job.state_dir, run_id="dry-run", rows=job.row_map)  # never opened: only its paths are used
     parts = []
     for part in store.result_parts() if store.results_dir.is_dir() else []:
         try:
@@ -148,15 +154,33 @@ def _read_state(job: Job, options: EstimateOptions) -> tuple[list[Path], Settled
 
 
 def _earlier_answers(parts: list[Path], job: Job) -> pl.DataFrame:
-    """Ok answers this job already has for this model (earlier runs and pilots)."""
-    if not parts:
+    """Ok answers this job already has for this model from this endpoint (earlier runs and pilots the
+    manifest records as sent there): a real endpoint's estimate never learns from the simulator's
+    answers, nor the simulator's from a real endpoint's."""
+    runs = _runs_on_endpoint(job)
+    if not parts or not runs:
         return pl.DataFrame(schema=RESULT_SCHEMA)
     return (
         scan_results(parts)
-        .filter(pl.col("status") == "ok", pl.col("model") == job.spec.model.name)
+        .filter(pl.col("status") == "ok", pl.col("model") == job.spec.model.name, pl.col("run_id").is_in(runs))
         .select("input_tokens", "cache_read_input_tokens", "output_tokens", "est_input_tokens", "latency_ms")
         .collect()
     )
+
+
+def _runs_on_endpoint(job: Job) -> list[str]:
+    """The ids of the job's recorded runs that sent to its endpoint as it is now."""
+    from runner.state.files import read_manifest
+
+    try:
+        runs = read_manifest(job.state_dir).get("runs") or []
+    except OSError:
+        return []
+    return [
+        run["run_id"]
+        for run in runs
+        if isinstance(run, dict) and run.get("endpoint") == job.endpoint_name and isinstance(run.get("run_id"), str)
+    ]
 
 
 def _calibration_from(answers: pl.DataFrame) -> Calibration | None:

@@ -50,6 +50,7 @@ class PanelState:
     adaptive: bool = False
     refused_share: float | None = None  # share of requests refused with 429 (concurrency, overload)
     failed: int = 0
+    skipped: int = 0  # input.nulls: skip: not sent by decision
     retries: dict[str, int] = field(default_factory=dict)
     maybe_billed_twice: int = 0
     input_tokens: int = 0
@@ -103,6 +104,7 @@ class PanelState:
             adaptive=bool(gauges.get("adaptive")),
             refused_share=gauges.get("overload_429_rate"),
             failed=tally.failed,
+            skipped=tally.skipped,
             retries=dict(control.retries),
             maybe_billed_twice=len(control.maybe_billed),
             input_tokens=tally.input_tokens,
@@ -206,6 +208,8 @@ def _items(state: PanelState, *, wide: bool) -> Iterator[Text]:
         yield _item("", f"{state.rows_before:,}", " answered before")
     if state.failed:
         yield _item("failed ", f"{state.failed:,}", style="red")
+    if state.skipped:
+        yield _item("skipped ", f"{state.skipped:,}", " (nulls)")
     retries = sum(state.retries.values())
     if retries:
         yield _item("retries ", f"{retries:,}")

@@ -26,36 +26,72 @@ from runner.output.columns import OUTPUT_COLUMNS, SAMPLE_ANSWERS, VOTE_COLUMNS
 INVALID = "(invalid)"
 
 
-def label_metrics(frame: pl.DataFrame, *, predicted: str, gold: str) -> dict[str, Any]:
-    """Metrics of a single-label column against a gold column."""
+OTHER = "(other)"  # gold values outside the label set, as one row of the confusion matrix
+NOTE_VALUES = 5  # gold values named in a note, at most
+
+
+def _norm(text: str) -> str:
+    """A label as compared after normalising: case folded, runs of white space as one space, trimmed."""
+    return " ".join(text.split()).casefold()
+
+
+def label_metrics(frame: pl.DataFrame, *, predicted: str, gold: str, labels: list[str] | None = None) -> dict[str, Any]:
+    """Metrics of a single-label column against a gold column, over the label set (`labels`, else the
+    labels predicted): a gold value that matches a label only after case and white space are normalised
+    counts as that label, with a note; one outside the set counts as OTHER, with a note naming a few.
+    The matrix is at most (labels + 1) x (labels + 2), however many distinct values the gold column has."""
     rows = frame.filter(pl.col(gold).is_not_null()).select(
         pl.col(gold).cast(pl.String).alias("gold"),
         pl.when(pl.col("status") == "ok").then(pl.col(predicted).cast(pl.String)).otherwise(None).alias("pred"),
     )
     n = rows.height
-    golds = rows.get_column("gold").to_list()
-    preds = rows.get_column("pred").to_list()
-    labels = sorted({*golds, *(p for p in preds if p is not None)})
+    known = list(labels) if labels else sorted(rows.get_column("pred").drop_nulls().unique().to_list())
+    exact, by_norm = set(known), dict[str, str]()
+    for label in known:
+        by_norm.setdefault(_norm(label), label)
+    mapping: dict[str, str] = {}
+    normalised: list[tuple[str, str, int]] = []
+    unmatched: list[tuple[str, int]] = []
+    for value, count in rows.group_by("gold").len().sort(["len", "gold"], descending=[True, False]).iter_rows():
+        if value in exact:
+            mapping[value] = value
+        elif _norm(value) in by_norm:
+            mapping[value] = by_norm[_norm(value)]
+            normalised.append((value, mapping[value], count))
+        else:
+            mapping[value] = OTHER
+            unmatched.append((value, count))
+    pred = pl.col("pred")
+    counted = (
+        rows.select(
+            pl.col("gold").replace_strict(mapping, return_dtype=pl.String),
+            pl.when(pred.is_null())
+            .then(pl.lit(INVALID))
+            .when(pred.is_in(known))
+            .then(pred)
+            .otherwise(pl.lit(OTHER))
+            .alias("pred"),
+        )
+        .group_by("gold", "pred")
+        .len()
+    )
+    golds = [*known, *([OTHER] if unmatched else [])]
+    columns = [*known, *([OTHER] if OTHER in counted.get_column("pred").to_list() else []), INVALID]
+    confusion = {g: dict.fromkeys(columns, 0) for g in golds}
+    for g, p, count in counted.iter_rows():
+        confusion[g][p] += count
     per_label = {}
-    for label in labels:
-        tp = sum(1 for g, p in zip(golds, preds, strict=True) if g == label and p == label)
-        fp = sum(1 for g, p in zip(golds, preds, strict=True) if g != label and p == label)
-        fn = sum(1 for g, p in zip(golds, preds, strict=True) if g == label and p != label)
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
+    for label in known:
+        tp = confusion[label][label]
+        support = sum(confusion[label].values())
+        predicted_as = sum(row[label] for row in confusion.values())
+        precision = tp / predicted_as if predicted_as else 0.0
+        recall = tp / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_label[label] = {
-            "precision": round(precision, 4),
-            "recall": round(recall, 4),
-            "f1": round(f1, 4),
-            "support": tp + fn,
-        }
-    columns = [*labels, INVALID]
-    confusion = {g: dict.fromkeys(columns, 0) for g in labels}
-    for g, p in zip(golds, preds, strict=True):
-        confusion[g][p if p is not None else INVALID] += 1
-    correct = sum(1 for g, p in zip(golds, preds, strict=True) if g == p)
-    invalid = sum(1 for p in preds if p is None)
+        per_label[label] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
+                            "support": support}  # fmt: skip
+    correct = sum(confusion[label][label] for label in known)
+    invalid = sum(row[INVALID] for row in confusion.values())
     return {
         "rows_with_gold": n,
         "accuracy": round(correct / n, 4) if n else None,
@@ -63,7 +99,29 @@ def label_metrics(frame: pl.DataFrame, *, predicted: str, gold: str) -> dict[str
         "per_label": per_label,
         "confusion": confusion,
         "predicted_distribution": {c: sum(row[c] for row in confusion.values()) for c in columns},
+        "gold_notes": _gold_notes(normalised, unmatched),
     }
+
+
+def _gold_notes(normalised: list[tuple[str, str, int]], unmatched: list[tuple[str, int]]) -> list[str]:
+    """What did not match the label set as written: one line each, naming the commonest few values."""
+    notes = []
+    if normalised:
+        shown = ", ".join(f"{g!r} -> {label!r}" for g, label, _ in normalised[:NOTE_VALUES])
+        more = f" and {len(normalised) - NOTE_VALUES} more" if len(normalised) > NOTE_VALUES else ""
+        rows = sum(count for *_, count in normalised)
+        notes.append(
+            f"{rows} gold values match a label only with case or spaces normalised ({shown}{more}); counted as it"
+        )
+    if unmatched:
+        shown = ", ".join(f"{g[:40]!r} ({count})" for g, count in unmatched[:NOTE_VALUES])
+        more = f" and {len(unmatched) - NOTE_VALUES} more distinct values" if len(unmatched) > NOTE_VALUES else ""
+        rows = sum(count for _, count in unmatched)
+        notes.append(
+            f"{rows} gold values are not in the label set, counted as {OTHER}: {shown}{more}; "
+            "is the gold column the right one?"
+        )
+    return notes
 
 
 def field_exact_match(frame: pl.DataFrame, gold_fields: dict[str, str]) -> dict[str, Any]:
@@ -89,6 +147,7 @@ def summarise(job: Job, shape: AnswerShape) -> dict[str, Any]:
     return summarise_output(
         job.output_path,
         label_field=shape.label_field,
+        labels=job.spec.output.labels,
         gold=evaluation.gold_column if evaluation else None,
         gold_fields=evaluation.gold_fields if evaluation else {},
         samples=samples_in(job.output_path),
@@ -123,7 +182,10 @@ def summarise_file(path: Path, gold: str | None) -> dict[str, Any]:
         kept = ", ".join(c for c in columns if c not in (*OUTPUT_COLUMNS, *VOTE_COLUMNS)) or "none"
         raise UsageError(f"{path}: --gold {gold}: no such column; the columns other than glm-batch's: {kept}")
     label_field = next((c for c in ("label", "labels") if c in columns), None)
-    report = summarise_output(path, label_field=label_field, gold=gold, gold_fields={}, samples=samples_in(path))
+    labels = (beside.get("quality") or {}).get("labels")  # the job's label set, as its run recorded it
+    report = summarise_output(
+        path, label_field=label_field, gold=gold, gold_fields={}, samples=samples_in(path), labels=labels
+    )
     rates = (beside.get("quality") or {}).get("field_exact_match")
     if rates:  # per-field rates need the spec's gold_fields: the ones the run computed are beside the file
         report["field_exact_match"] = rates
@@ -131,7 +193,13 @@ def summarise_file(path: Path, gold: str | None) -> dict[str, Any]:
 
 
 def summarise_output(
-    path: Path, *, label_field: str | None, gold: str | None, gold_fields: dict[str, str], samples: int
+    path: Path,
+    *,
+    label_field: str | None,
+    gold: str | None,
+    gold_fields: dict[str, str],
+    samples: int,
+    labels: list[str] | None = None,
 ) -> dict[str, Any]:
     """The quality of a structured output file: validity, repairs, and metrics against what is gold."""
     wanted = ["status", "repairs", "error_type"]
@@ -149,17 +217,20 @@ def summarise_output(
         "repaired": int((frame.get_column("repairs").fill_null(0) > 0).sum()),
         "label_field": label_field,
         "gold_column": gold,
+        "labels": labels,
     }
     if gold and label_field == "label":
-        report["metrics"] = label_metrics(frame, predicted="label", gold=gold)
+        report["metrics"] = label_metrics(frame, predicted="label", gold=gold, labels=labels)
     if gold_fields:
         report["field_exact_match"] = field_exact_match(frame, gold_fields)
     if samples > 1:
-        report["voting"] = agreement_summary(frame, samples, gold if label_field == "label" else None)
+        report["voting"] = agreement_summary(frame, samples, gold if label_field == "label" else None, labels)
     return report
 
 
-def agreement_summary(frame: pl.DataFrame, samples: int, gold: str | None) -> dict[str, Any]:
+def agreement_summary(
+    frame: pl.DataFrame, samples: int, gold: str | None, labels: list[str] | None = None
+) -> dict[str, Any]:
     """How much a sampled job's samples agreed: the mean agreement, the share of unanimous rows and,
     with gold labels, accuracy on unanimous rows against split ones (is low agreement worth a look?)."""
     agreement = frame.get_column("agreement")
@@ -180,7 +251,7 @@ def agreement_summary(frame: pl.DataFrame, samples: int, gold: str | None) -> di
             ("accuracy_unanimous", frame.filter(pl.col("agreement") == 1.0)),
             ("accuracy_split", frame.filter(pl.col("agreement") < 1.0)),
         ):
-            report[name] = label_metrics(rows, predicted="label", gold=gold)["accuracy"]
+            report[name] = label_metrics(rows, predicted="label", gold=gold, labels=labels)["accuracy"]
     return report
 
 

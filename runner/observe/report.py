@@ -46,6 +46,7 @@ class Report:
     run: dict[str, Any]  # runner.observe.runstats.run_figures
     quality: dict[str, Any] | None  # None: a free-text job (no labels, no schema)
     examples: dict[str, Any] | None  # the wrong answers with their context; None without gold
+    cascade: dict[str, Any] | None = None  # a cascade's summary section (runner.cascade.stages)
 
 
 def load_report(output: Path, *, job: Job | None = None, gold: str | None = None) -> Report:
@@ -76,7 +77,8 @@ def load_report(output: Path, *, job: Job | None = None, gold: str | None = None
         found = quality.summarise_file(output, gold)
         fields = (found["label_field"],) if found["label_field"] else ()
     name = job.name if job is not None else output.stem
-    return Report(name, output, figures, found, _examples(output, columns, found, fields, gold_fields))
+    cascade = beside.get("cascade") if isinstance(beside.get("cascade"), dict) else None
+    return Report(name, output, figures, found, _examples(output, columns, found, fields, gold_fields), cascade)
 
 
 def _examples(
@@ -95,8 +97,12 @@ def _examples(
     context = [c for c in columns[1:] if c not in ours]
     wrong = pl.lit(False)
     for answer, truth in pairs.items():
-        given = pl.when(pl.col("status") == "ok").then(pl.col(answer).cast(pl.String))
-        wrong = wrong | (pl.col(truth).is_not_null() & (given != pl.col(truth).cast(pl.String)).fill_null(True))
+        given: pl.Expr = pl.when(pl.col("status") == "ok").then(pl.col(answer).cast(pl.String))
+        if answer == "label":  # compared as the metrics compare them: case and spaces normalised
+            given, expected = _normalised(given), _normalised(pl.col(truth).cast(pl.String))
+        else:
+            expected = pl.col(truth).cast(pl.String)
+        wrong = wrong | (pl.col(truth).is_not_null() & (given != expected).fill_null(True))
     keep = [columns[0], *context, *(c for pair in pairs.items() for c in pair), "status", "error_type"]
     if AGREEMENT in columns:
         keep.append(AGREEMENT)
@@ -108,6 +114,10 @@ def _examples(
         "pairs": pairs,
         "rows": frame.head(EXAMPLES_SHOWN).to_dicts(),
     }
+
+
+LABELS_SHOWN = 30  # rows of the per-label table printed on a terminal (the HTML page has every label)
+MATRIX_COLUMNS_SHOWN = 12  # a wider confusion matrix is drawn only in the HTML page
 
 
 def print_report(found: Report, console: Console) -> None:
@@ -126,6 +136,9 @@ def print_report(found: Report, console: Console) -> None:
     )
     if run["errors"]:
         console.print("errors: " + ", ".join(f"{kind} {n}" for kind, n in run["errors"].items()))
+    if found.cascade is not None:
+        for line in cascade_lines(found.cascade):
+            console.print(line, soft_wrap=True)
     summary = found.quality
     if summary is None:
         return
@@ -147,16 +160,54 @@ def print_report(found: Report, console: Console) -> None:
                 "or pass --gold COLUMN with an output file, for accuracy and F1"
             )
         return
-    console.print(f"accuracy {metrics['accuracy']:.4f} on {metrics['rows_with_gold']} rows with a gold label")
+    accuracy = "n/a" if metrics["accuracy"] is None else f"{metrics['accuracy']:.4f}"
+    console.print(f"accuracy {accuracy} on {metrics['rows_with_gold']} rows with a gold label")
+    for note in metrics.get("gold_notes", []):
+        console.print(f"note: {note}", markup=False, highlight=False)
+    per_label = list(metrics["per_label"].items())
     table = Table("label", "precision", "recall", "F1", "support")
-    for label, m in metrics["per_label"].items():
+    for label, m in per_label[:LABELS_SHOWN]:
         table.add_row(label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
     console.print(table)
-    columns = list(next(iter(metrics["confusion"].values())))
+    if len(per_label) > LABELS_SHOWN:
+        console.print(f"... and {len(per_label) - LABELS_SHOWN} more labels (all of them: --html FILE)")
+    columns = list(next(iter(metrics["confusion"].values()), {}))
+    if len(columns) > MATRIX_COLUMNS_SHOWN:
+        console.print(f"confusion matrix: {len(columns)} columns, too wide to print; see it with --html FILE")
+        return
     matrix = Table("gold \\ predicted", *columns, title="confusion matrix")
     for truth, row in metrics["confusion"].items():
         matrix.add_row(truth, *(str(row[c]) for c in columns))
     console.print(matrix)
+
+
+def _normalised(text: pl.Expr) -> pl.Expr:
+    """Text as runner.observe.quality compares labels: lower case, runs of white space as one, trimmed."""
+    return text.str.replace_all(r"\s+", " ").str.strip_chars().str.to_lowercase()
+
+
+def cascade_lines(c: dict[str, Any]) -> list[str]:
+    """A cascade in plain words: the guarantee, the threshold, who answered, cost, and accuracy."""
+    cost = c["cost"]
+    threshold = "none: no proxy answer kept" if c["threshold"] is None else f"{c['threshold']:.3f}"
+    tied = c.get("at_threshold")
+    if tied and tied["kept"] < tied["rows"]:
+        threshold += f" (of the {tied['rows']} rows at exactly that, {tied['kept']}, in a seeded random order)"
+    lines = [
+        f"cascade: the output {c['guarantee']} (proxy {c['proxy']}, oracle {c['oracle']})",
+        f"threshold: proxy confidence >= {threshold}; {c['rows_kept_from_proxy']} rows kept from the proxy, "
+        f"{c['rows_escalated']} escalated to the oracle, {c['rows_in_calibration']} in the calibration sample",
+    ]
+    if cost.get("oracle_only_expected"):
+        lines.append(
+            f"cost: {cost['cascade']:.4f} {cost['currency']} against {cost['oracle_only_expected']:.4f} for the "
+            f"oracle only ({cost['share_of_oracle_only']:.0%}; proxy {cost['proxy']:.4f}, oracle {cost['oracle']:.4f})"
+        )
+    accuracy = c.get("accuracy")
+    if accuracy:
+        shown = ", ".join(f"{who.replace('_', ' ')} {v:.4f}" for who, v in accuracy.items() if v is not None)
+        lines.append(f"accuracy against gold: {shown}")
+    return lines
 
 
 def _ms(value: float | None) -> str:

@@ -34,12 +34,16 @@ td.text{text-align:left;max-width:36em;white-space:pre-wrap}td.bad{color:#b00}
 """
 
 
+# In the head of every page: `report --html` replaces a file carrying it without --force (glm-batch wrote it).
+HTML_MARK = '<meta name="generator" content="glm-batch report">'
+
+
 def html_page(found: Report) -> str:
     """The whole page for a report."""
     run = found.run
     parts = [
-        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>glm-batch report: {esc(found.name)}'
-        f"</title><style>{STYLE}</style></head><body>",
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">{HTML_MARK}'
+        f"<title>glm-batch report: {esc(found.name)}</title><style>{STYLE}</style></head><body>",
         f"<h1>glm-batch report: {esc(found.name)}</h1>",
         _header(found),
         _timeline(run["timeline"], run),
@@ -95,11 +99,27 @@ def _columns(css_id: str, values: list[float], kind: str, unit: str, left: str, 
 
 def _timeline(line: dict[str, Any], run: dict[str, Any]) -> str:
     head = "<h2>Throughput and concurrency over time</h2>"
+    last = run["summary"].get("run_id")
+    idle = ""
+    if last and last != run["run_id"] and not run["summary"].get("requests_queued"):
+        idle = (
+            f'<p class="note" id="idle-run">The last run ({esc(last)}) sent nothing: every row was answered '
+            "before. Shown below: the last run that sent.</p>"
+        )
     if not line["throughput"]:
-        return head + '<p class="note">No timed answers in this output.</p>'
+        return (
+            head
+            + idle
+            + (
+                '<p class="note" id="no-timeline">No request in this output was timed: nothing was sent for it '
+                "(answers reused, rows skipped or failed before sending).</p>"
+            )
+        )
     span = line["bin_s"] * len(line["throughput"])
     return (
-        head + f'<p class="note">The latest run ({esc(run["run_id"])}), in {len(line["throughput"])} slices of '
+        head
+        + idle
+        + f'<p class="note">The latest run that sent ({esc(run["run_id"])}), in {len(line["throughput"])} slices of '
         f"{line['bin_s']:.2f} s; each request counts as in flight from its finish time minus its latency "
         "(for a sampled job, each row stands for its winning sample).</p>"
         + _columns("throughput", line["throughput"], "", "rows finished a second", "0 s", f"{span:.1f} s")
@@ -192,6 +212,8 @@ def _quality(found: Report) -> str:
         f'<p class="note" id="repaired">{esc(REPAIRED_MEANS)}. Of the {found.run["repaired"]:,} rows repaired, '
         f"{found.run['repaired_valid']:,} ended valid.</p>"
     )
+    for note in (metrics or {}).get("gold_notes", []):
+        parts.append(f'<p class="note gold-note">{esc(note)}</p>')
     if "voting" in quality:
         parts.append(f'<p id="voting">{esc(voting_line(quality["voting"]))}.</p>')
     rates = quality.get("field_exact_match") or {}

@@ -154,10 +154,17 @@ class Conversation:
             return self.params
 
     def result(
-        self, *, attempts: int, latency_ms: float | None, wait_ms: float | None = None, api: str | None = None
+        self,
+        *,
+        attempts: int,
+        latency_ms: float | None,
+        wait_ms: float | None = None,
+        api: str | None = None,
+        finished_at: dt.datetime | None = None,
     ) -> Result:
         """The Result of the finished conversation (at least one answer); `wait_ms`: how long it waited
-        in this process before being sent (for the summary); `api`: the API that answered."""
+        in this process before being sent (for the summary); `api`: the API that answered;
+        `finished_at`: when its last call returned (default: now)."""
         answers, problem, last = self._answers, self._problem, self._answers[-1]
         # Every turn is paid for, so every turn's tokens count.
         tokens_in, tokens_out, thinking, cache_read, cache_creation = _usage(answers)
@@ -167,7 +174,7 @@ class Conversation:
             attempts=attempts,
             latency_ms=latency_ms,
             wait_ms=wait_ms,
-            finished_at=dt.datetime.now(dt.UTC),
+            finished_at=finished_at or dt.datetime.now(dt.UTC),
             model=last.model,
             # For a tool call the raw answer is its input; kept as text so invalid rows show what came back.
             response_text=last.text if last.tool_input is None else json.dumps(last.tool_input, ensure_ascii=False),

@@ -191,19 +191,30 @@ class RowMap:
             return None
         lines = self.request_lines(samples).select(ROW, KEY)
         if result_parts:
-            results = pl.scan_parquet(result_parts).group_by(KEY).agg((pl.col("status") == "ok").any().alias("ok"))
+            results = (
+                pl.scan_parquet(result_parts)
+                .group_by(KEY)
+                .agg(
+                    (pl.col("status") == "ok").any().alias("ok"), (pl.col("status") == "skipped").all().alias("skipped")
+                )
+            )
             lines = lines.join(results, on=KEY, how="left")
         else:
-            lines = lines.with_columns(pl.lit(None, pl.Boolean).alias("ok"))
+            lines = lines.with_columns(pl.lit(None, pl.Boolean).alias("ok"), pl.lit(None, pl.Boolean).alias("skipped"))
         per_row = lines.group_by(ROW).agg(
             pl.col("ok").fill_null(False).all().alias("all_ok"),  # a request with no result is not ok
-            (pl.col("ok") == False).any().alias("any_failed"),  # noqa: E712
+            ((pl.col("ok") == False) & ~pl.col("skipped")).any().alias("any_failed"),  # noqa: E712
+            pl.col("skipped").fill_null(False).all().alias("all_skipped"),  # input.nulls: skip
         )
         counts = per_row.select(
-            pl.len().alias("rows"), pl.col("all_ok").sum().alias("ok"), pl.col("any_failed").sum().alias("failed")
+            pl.len().alias("rows"),
+            pl.col("all_ok").sum().alias("ok"),
+            pl.col("any_failed").sum().alias("failed"),
+            pl.col("all_skipped").sum().alias("skipped"),
         ).collect()
-        rows, ok, failed = (int(counts.item(0, c)) for c in ("rows", "ok", "failed"))
-        return {"ok": ok, "failed": failed, "pending": max(rows, total_rows or 0) - ok - failed}
+        rows, ok, failed, skipped = (int(counts.item(0, c)) for c in ("rows", "ok", "failed", "skipped"))
+        pending = max(rows, total_rows or 0) - ok - failed - skipped
+        return {"ok": ok, "failed": failed, "skipped": skipped, "pending": pending}
 
     def recorded_progress(
         self, output_record: Path, part_names: list[str], fingerprint: dict[str, Any], samples: int = 1
@@ -232,6 +243,7 @@ class RowMap:
             return None
         if not all(isinstance(n, int) for n in counts.values()):
             return None
-        ok = counts.get("ok", 0)
+        ok, skipped = counts.get("ok", 0), counts.get("skipped", 0)
         pending = counts.get("null", 0)  # a row with no answer (not written by a complete run; to be sure)
-        return {"ok": ok, "failed": sum(counts.values()) - ok - pending, "pending": pending}
+        failed = sum(counts.values()) - ok - skipped - pending
+        return {"ok": ok, "failed": failed, "skipped": skipped, "pending": pending}

@@ -1,0 +1,76 @@
+"""Gold labels checked against the label set before scoring: a gold value that differs from a label in
+case or spaces counts as that label with a note; one outside the set counts as "(other)" with a note
+naming a few; and a free-text column named as gold gives a bounded report (a matrix over the label set
+plus "(other)", a capped number of printed lines), quickly."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import polars as pl
+
+from runner.observe.quality import OTHER, label_metrics
+from tests.conftest import cli
+
+LABELS = {"labels": ["positive", "negative"], "keep_columns": []}
+REVIEWS = [
+    {"id": "1", "text": "Great phone, I love it", "gold": "Positive"},
+    {"id": "2", "text": "Terrible battery, broke in a week", "gold": " NEGATIVE "},
+    {"id": "3", "text": "The best purchase this year", "gold": "positive"},
+    {"id": "4", "text": "Awful support and a bad screen", "gold": "negativ"},
+]
+
+
+def test_gold_labels_in_another_case_are_scored_as_their_label_with_a_note(make_job, tmp_path: Path) -> None:
+    job = make_job(REVIEWS, output=LABELS, eval={"gold_column": "gold"})
+    assert cli("run", str(job.spec)).exit_code == 0
+    page = tmp_path / "r.html"
+
+    result = cli("report", str(job.spec), "--html", str(page))
+
+    assert result.exit_code == 0, result.stderr
+    assert "accuracy 0.7500 on 4 rows" in result.stdout  # 3 of 4: "negativ" is no label at all
+    assert "2 gold values match a label only with case or spaces normalised" in result.stdout
+    assert "'Positive' -> 'positive'" in result.stdout
+    assert f"1 gold values are not in the label set, counted as {OTHER}: 'negativ' (1)" in result.stdout
+    html = page.read_text(encoding="utf-8")
+    assert "match a label only with case or spaces normalised" in html and "negativ" in html
+    from_file = cli("report", str(job.output))  # the output alone: the label set comes from its summary
+    assert "accuracy 0.7500 on 4 rows" in from_file.stdout
+
+
+def test_a_free_text_gold_column_gives_a_bounded_matrix_quickly() -> None:
+    n = 200_000
+    frame = pl.DataFrame(
+        {
+            "gold": [f"free text answer {i:06d}" for i in range(n)],
+            "label": ["positive", "negative"] * (n // 2),
+            "status": ["ok"] * n,
+        }
+    )
+    started = time.perf_counter()
+
+    metrics = label_metrics(frame, predicted="label", gold="gold", labels=["positive", "negative"])
+
+    assert time.perf_counter() - started < 10  # hundreds of seconds before, over every distinct value
+    assert list(metrics["confusion"]) == ["positive", "negative", OTHER]
+    assert list(metrics["per_label"]) == ["positive", "negative"]
+    assert metrics["accuracy"] == 0.0
+    assert metrics["gold_notes"] == [
+        f"{n} gold values are not in the label set, counted as {OTHER}: 'free text answer 000000' (1), "
+        "'free text answer 000001' (1), 'free text answer 000002' (1), 'free text answer 000003' (1), "
+        f"'free text answer 000004' (1) and {n - 5} more distinct values; is the gold column the right one?"
+    ]
+
+
+def test_the_printed_report_of_a_free_text_gold_column_stays_short(make_job) -> None:
+    rows = [{"id": str(i), "text": f"fine review {i}", "notes": f"a note that is free text {i}"} for i in range(120)]
+    job = make_job(rows, output={**LABELS, "keep_columns": ["notes"]})
+    assert cli("run", str(job.spec)).exit_code == 0
+
+    result = cli("report", str(job.output), "--gold", "notes")
+
+    assert result.exit_code == 0, result.stderr
+    assert "120 gold values are not in the label set" in result.stdout
+    assert len(result.stdout.splitlines()) < 40

@@ -79,15 +79,23 @@ def fsync_rename(tmp: Path, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def write_json_atomic(data: dict[str, Any], path: Path) -> None:
-    """Write JSON with the same all-or-nothing guarantee as the part files."""
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    """Write bytes so that `path` is either absent or complete; an OSError reaches the caller as raised
+    (wrap the call in `space_checked` to have a full disk said as DiskFull)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with space_checked(path):
-            tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-            fsync_rename(tmp, path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        fsync_rename(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(data: dict[str, Any], path: Path) -> None:
+    """Write JSON with the same all-or-nothing guarantee as the part files."""
+    with space_checked(path):
+        write_bytes_atomic(json.dumps(data, indent=2, default=str).encode("utf-8"), path)
 
 
 def read_manifest(state_dir: Path) -> dict[str, Any]:

@@ -192,8 +192,7 @@ STREAMED = {
     "runner/send/batch_book.py": "the batch book (append-only) in the state directory",
     "runner/send/batch_files.py": "batch upload files, moved by fsync_rename",
     "runner/cli/boundary.py": "/dev/null held on a closed standard stream",
-    "runner/cli/doctor.py": "a two-line upload file in a TemporaryDirectory of its own",
-    "runner/state/rescue.py": "a rescue journal, to a temporary name moved by fsync_rename",
+    "runner/send/probe_batch.py": "doctor's two-line upload file, in a TemporaryDirectory of its own",
 }
 WRITES = re.compile(
     r"\.write_text\(|\.write_bytes\(|write_parquet\(|sink_parquet\(|write_csv\(|write_ndjson\("

@@ -30,7 +30,7 @@ from runner.errors import STATE_FAILURES
 from runner.finish import Ending, finish, record
 from runner.job.facts import load_facts, record_facts
 from runner.job.inputs import open_input
-from runner.job.paths import check_ledger_apart
+from runner.job.paths import check_written_apart
 from runner.job.resolve import Job
 from runner.money.accounting import Tally, accountant_for
 from runner.money.ledger import ledger_dir
@@ -45,7 +45,7 @@ from runner.runs import fingerprint
 from runner.send import make_executor
 from runner.send.base import Control, Executor
 from runner.send.endpoints import endpoint_url
-from runner.state.rescue import find_rescued
+from runner.state.rescue import RESCUE_MARK, find_rescued
 from runner.state.store import Store
 from runner.supervise import stop_on_signals, supervise
 
@@ -56,7 +56,8 @@ async def run_job(
     """Run one job to completion, interruption or abort; the result is durable whichever happens.
 
     `executor` replaces the one the spec asks for (tests and benches pass runner.send.fake's)."""
-    check_ledger_apart(job, ledger_dir())  # before anything is sent, on either engine
+    rescue_journal = job.output_path.with_name(f"{job.output_path.stem}{RESCUE_MARK}run.jsonl")
+    check_written_apart(job, ledger_dir(), rescue_journal)  # before anything is sent, on either engine
     if job.spec.run.engine == "ray" and options.pilot_rows is None:  # pilots are a few rows: sent from here
         from runner.distributed.engine import run_on_ray
 

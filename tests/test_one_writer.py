@@ -171,6 +171,15 @@ def test_a_usage_ledger_in_the_input_folder_is_refused(make_job, tmp_path: Path,
     assert sim.stats()["requests"] == 0
 
 
+def test_an_output_folder_whose_rescue_journals_an_input_pattern_would_read_is_refused(make_job, tmp_path, sim) -> None:
+    # The output itself is not matched by data/*.jsonl, but a rescue journal beside it would be.
+    job = make_job(input={"paths": ["data/*.jsonl", "data/*.csv"]}, output={"path": "data/out.parquet"})
+    (tmp_path / "data" / "more.jsonl").write_text('{"id": "x", "text": "one more"}\n', encoding="utf-8")
+
+    assert_refused(cli("run", str(job.spec)), "output.path", "a rescue journal", "'data/*.jsonl'")
+    assert sim.stats()["requests"] == 0
+
+
 # Files written outside runner/state/files.py, each streamed to the job's own state or a temporary name
 # (then moved with files.fsync_rename) or appended to the job's own journal: nothing the user names.
 STREAMED = {
@@ -183,6 +192,7 @@ STREAMED = {
     "runner/send/batch_book.py": "the batch book (append-only) in the state directory",
     "runner/send/batch_files.py": "batch upload files, moved by fsync_rename",
     "runner/cli/boundary.py": "/dev/null held on a closed standard stream",
+    "runner/send/probe_batch.py": "doctor's two-line upload file, in a TemporaryDirectory of its own",
 }
 WRITES = re.compile(
     r"\.write_text\(|\.write_bytes\(|write_parquet\(|sink_parquet\(|write_csv\(|write_ndjson\("

@@ -93,13 +93,16 @@ def check_not_an_input(
                     )
 
 
-def check_ledger_apart(job: Job, ledger: Path) -> None:
-    """Refuse a usage ledger folder that the job's input patterns would read (its run files are
-    Parquet): checked when a run starts, where the ledger is known (it is the environment's, not the spec's)."""
-    spec, base = job.spec, job.spec_path.parent
-    where = str(job.spec_path)
+def check_written_apart(job: Job, ledger: Path, rescue_journal: Path) -> None:
+    """Refuse, when a run starts, a place the run may write outside the spec's own paths that the job's
+    input patterns would read next time: the usage ledger folder (the environment's, so known only
+    now) and a rescue journal beside the output (`rescue_journal`: one such name)."""
+    spec, base, where = job.spec, job.spec_path.parent, str(job.spec_path)
     check_not_an_input(
         ledger, "the usage ledger", "GLM_BATCH_LEDGER", spec, base, job.spec_path, job.input_paths, where, folder=True
+    )
+    check_not_an_input(
+        rescue_journal, "a rescue journal", "output.path", spec, base, job.spec_path, job.input_paths, where
     )
 
 

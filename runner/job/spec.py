@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import string
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from runner.job.spec_values import Names, Url, well_formed_url
 
 # Upper bounds on every number a spec may give: far above anything a real job needs, low enough that a
 # typo (an extra three zeros, .inf) is refused at load instead of exhausting memory or never ending.
@@ -51,20 +52,6 @@ def _two_decimals(v: float) -> float:
 TwoDecimals = Annotated[Float, AfterValidator(_two_decimals)]
 PositiveInt = Annotated[Int, Field(gt=0)]
 PositiveFloat = Annotated[Float, Field(gt=0)]
-
-
-def _distinct(v: list[str]) -> list[str]:
-    """A list of names each given once: a name twice would make two columns (or labels) of one name."""
-    seen: set[str] = set()
-    for name in v:
-        if name in seen:
-            raise ValueError(f"{name!r} is named twice; give each name once")
-        seen.add(name)
-    return v
-
-
-# Column names: each at most once (output.keep_columns, input.columns).
-Names = Annotated[list[str], AfterValidator(_distinct)]
 
 
 _JSON_SCHEMA_BOUNDS = {"gt": "exclusiveMinimum", "ge": "minimum", "lt": "exclusiveMaximum", "le": "maximum"}
@@ -162,28 +149,13 @@ class PriceOverride(_Strict):
     )
 
 
-def _url(v: str | None) -> str | None:
-    """An http(s) URL with a host (and a port that is a number): one that cannot be connected to is
-    refused at load, not found out as a connection error on every row."""
-    if v is None or not v.startswith(("http://", "https://")):
-        return v
-    try:
-        parts = urlsplit(v)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
-    except ValueError as exc:
-        raise ValueError(f"{v!r} is not a well-formed URL ({exc}); write it like https://host:port/path") from None
-    if not parts.hostname or any(c.isspace() or ord(c) < 32 for c in v):
-        raise ValueError(f"{v!r} is not a well-formed URL (no host, or a space in it); write it like https://host/path")
-    return v
-
-
 class ModelSpec(_Strict):
     """Which model, where, and how it samples."""
 
     name: str
-    endpoint: Annotated[str, AfterValidator(_url)] = "zhipu"
+    endpoint: Url = "zhipu"
     # Zhipu's native API (tokenizer, Batch API) for a URL endpoint; default: /api/paas/v4 beside it.
-    native_endpoint: Annotated[str, Field(pattern=r"^https?://"), AfterValidator(_url)] | None = None
+    native_endpoint: Annotated[str, Field(pattern=r"^https?://"), AfterValidator(well_formed_url)] | None = None
     max_tokens: PositiveInt = Field(
         le=MAX_TOKENS, description="The longest answer, in tokens; at most the model's own maximum output."
     )

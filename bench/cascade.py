@@ -35,7 +35,7 @@ def job_file(folder: Path, name: str, rows: int, extra: dict[str, object]) -> Pa
     spec = {
         "version": 1,
         "name": name,
-        "input": {"paths": [str(DATA / "*.csv")], "id_column": "id", "columns": ["text"], "limit": rows},
+        "input": {"paths": [str(DATA / "*.csv")], "id_column": "id", "columns": ["text"], "limit": rows or None},
         "prompt": {
             "system": "You label the sentiment of product and restaurant reviews.",
             "template": "Review: {{ text }}\nIs this review positive or negative?",
@@ -63,7 +63,7 @@ def quiet() -> runner.observe.progress.Reporter:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--rows", type=int, default=0, help="use the first N rows (default: all 2,000)")
     parser.add_argument("--target", type=float, default=0.9)
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--proxy-error", type=float, default=0.2, help="the simulator's model_error for the proxy")
@@ -79,7 +79,7 @@ def main() -> int:
     )
     oracle_only = float(ref.get_column("oracle_cost").sum())
     print(
-        f"{args.rows} rows; oracle-only (glm-4.6) cost {oracle_only:.4f} CNY; target {args.target}, delta {args.delta}"
+        f"{ref.height} rows; oracle-only (glm-4.6) cost {oracle_only:.4f} CNY; target {args.target}, delta {args.delta}"
     )
     print(
         "| proxy confidence | proxy wrong | runs meeting target | agreement min / median "

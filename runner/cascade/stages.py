@@ -110,6 +110,7 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
     ids = proxy.get_column(id_col).cast(pl.String).to_list()
     oracle_by_id: dict[str, tuple[Any, ...] | None] = {}
     asked: set[int] = set()
+    answered: dict[str, Path] = {}  # the oracle's output, as the last round wrote it
 
     def agrees(pos: int) -> bool | None:
         if ids[pos] not in oracle_by_id:
@@ -126,11 +127,14 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
         stopped = await run_stage(oracle_job, "oracle", what)
         if stopped is not None:
             return stopped
+        answered["oracle"] = oracle_job.output_path
         out = pl.read_parquet(oracle_job.output_path)
         for row_id, answer in zip(out.get_column(id_col).cast(pl.String).to_list(), _answers(out, fields), strict=True):
             oracle_by_id[row_id] = answer
         return None
 
+    for pos in _answered_before(home, oracle_base, rows, ids, id_col, fields, oracle_by_id):
+        asked.add(pos)
     rounds = 0
     while True:
         step = choose(scores, agrees, target=cascade.target, delta=cascade.delta, seed=cascade.seed, ahead=AHEAD)
@@ -144,7 +148,7 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
     stopped = await ask_oracle(escalate, "escalation")
     if stopped is not None:
         return stopped
-    oracle_out = pl.read_parquet(oracle_base.output_path)
+    oracle_out = pl.read_parquet(answered["oracle"])
     output = _join(job, proxy, oracle_out, step, asked, id_col, proxy_job.spec.model.name, oracle_base.spec.model.name)
     job.output_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, job.output_path)
@@ -156,6 +160,47 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
         message = f"cascade finished; {failed} rows failed (see error_type in {job.output_path})"
     reporter.finish(summary, message)
     return RunReport(1 if failed else 0, message, summary)
+
+
+def _answered_before(
+    home: Path,
+    oracle_base: Job,
+    rows: pl.DataFrame,
+    ids: list[str],
+    id_col: str,
+    fields: list[str],
+    oracle_by_id: dict[str, tuple[Any, ...] | None],
+) -> list[int]:
+    """The rows an earlier invocation's last finished oracle round answered, put into `oracle_by_id`, so
+    a resumed cascade goes on from there instead of replaying every round (each would send nothing,
+    but costs a run). An answer is taken only where the row renders today to the request it answered
+    (its key: prompt, model and parameters); otherwise the rounds replay and find answers by key."""
+    from runner.job.prompts import RequestBuilder
+    from runner.job.templates import RenderError
+
+    try:
+        out = pl.read_parquet(home / "oracle.parquet", columns=[id_col, "request_key", "status", *fields])
+    except (OSError, pl.exceptions.PolarsError):
+        return []
+    probe = derive(oracle_base, {"input.paths": [str(home / "oracle-input.parquet")], "input.limit": None})
+    builder = RequestBuilder(probe)
+    position = {row_id: pos for pos, row_id in enumerate(ids)}
+    found = []
+    keys = out.get_column("request_key").to_list()
+    for row_id, key, answer in zip(
+        out.get_column(id_col).cast(pl.String).to_list(), keys, _answers(out, fields), strict=True
+    ):
+        pos = position.get(row_id)
+        if pos is None or key is None:
+            continue
+        try:
+            same = builder.build(rows.row(pos, named=True)).key == key
+        except RenderError:  # a row that no longer renders: its answer is not taken
+            same = False
+        if same:
+            oracle_by_id[row_id] = answer
+            found.append(pos)
+    return found
 
 
 def _answers(frame: pl.DataFrame, fields: list[str]) -> list[tuple[Any, ...] | None]:
@@ -230,6 +275,8 @@ def _summary(
         "target": target,
         "delta": delta,
         "threshold": step.threshold,
+        # Rows whose confidence equals the threshold: some are kept (the top ones in a seeded random order).
+        "at_threshold": _at_threshold(output, step.threshold, proxy_job.spec.model.name),
         "rows": rows,
         "rows_kept_from_proxy": rows - by_oracle,
         "rows_escalated": by_oracle - len(step.sampled),
@@ -271,6 +318,14 @@ def _summary(
         "simulated": job.base_url is None,
         "cascade": info,
     }
+
+
+def _at_threshold(output: pl.DataFrame, threshold: float | None, proxy_name: str) -> dict[str, int] | None:
+    """How many rows have exactly the threshold's confidence, and how many of them kept the proxy's answer."""
+    if threshold is None:
+        return None
+    tied = output.filter(pl.col(CONFIDENCE) == threshold)
+    return {"rows": tied.height, "kept": tied.filter(pl.col(ANSWERED_BY) == proxy_name).height}
 
 
 def _accuracy(frame: pl.DataFrame, field: str, gold: str) -> float | None:

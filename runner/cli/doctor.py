@@ -50,7 +50,7 @@ ACCOUNT_CODES = {  # what an account-level refusal is called in the table
     **dict.fromkeys(("1000", "1001", "1002", "1003", "1004", "401", "authentication_error"), "key"),
     **dict.fromkeys(("1113", "1110", "1111", "1112", "1121", "billing_error"), "balance"),
     **dict.fromkeys(("1308", "1309", "1310"), "plan"),
-    **dict.fromkeys(("1211", "404"), "model"),
+    **dict.fromkeys(("1211", "1220", "1221", "1222", "404"), "model"),
 }
 
 
@@ -102,46 +102,41 @@ class Report:
 
 @dataclass(frozen=True)
 class Refusal:
-    """An error answer: its HTTP status, business code, message, and which shape its body had."""
+    """An error answer (or a fault with none): status, business code, message, the body's shape, and
+    how runner.send.client.classify (the one rule) reads it."""
 
     status: int
     code: str | None
     message: str
     shape: str | None  # "anthropic" ({"type":"error","error":{"type":..}}), "native" ({"error":{"code":..}})
+    verdict: str  # "retry", "fail" or "abort"
+    overload: str | None  # "concurrency" (this account's limit) or "platform" (Zhipu's traffic)
 
 
-def refusal_of(exc: Exception) -> Refusal | None:
-    """Read an SDK error answer (None: not an error answer: a connection fault, a timeout)."""
+def refusal_of(exc: Exception) -> Refusal:
+    """What an SDK error says, classified by the runner's own rule."""
     import anthropic
 
+    from runner.send.client import classify
+    from runner.send.retries import error_parts
+
+    fault = classify(exc)
     if not isinstance(exc, anthropic.APIStatusError):
-        return None
-    body = exc.body
-    error = body.get("error") if isinstance(body, dict) else None
-    shape: str | None = None
-    code: str | None = None
-    message = str(exc)
+        return Refusal(0, None, fault.message[:300], None, fault.verdict.name.lower(), fault.overload)
+    code, message, _ = error_parts(exc.body)
+    error = exc.body.get("error") if isinstance(exc.body, dict) else None
+    shape = None
     if isinstance(error, dict):
-        if error.get("type") is not None:
-            shape, code = "anthropic", str(error["type"])
-        elif error.get("code") is not None:
-            shape, code = "native", str(error["code"])
-        message = str(error.get("message") or message)
-    return Refusal(exc.status_code, code, message[:300], shape)
+        shape = "native" if error.get("code") not in (None, "") else "anthropic" if "type" in error else None
+    text = (message or str(exc))[:300]
+    return Refusal(exc.status_code, code, text, shape, fault.verdict.name.lower(), fault.overload)
 
 
 def account_problem(refusal: Refusal) -> str | None:
-    """Which account-level check a refusal fails (key, balance, plan, model), if any."""
-    if refusal.code in ACCOUNT_CODES:
-        return ACCOUNT_CODES[refusal.code]
-    if refusal.status in (401, 403):
-        return "key"
-    return None
-
-
-def is_rate_limit(refusal: Refusal) -> bool:
-    """A concurrency or frequency limit (1302-1305), not a billing 429."""
-    return refusal.status == 429 and account_problem(refusal) is None
+    """Which account-level check an abort fails (key, balance, plan, model), if it is one."""
+    if refusal.verdict != "abort":
+        return None
+    return ACCOUNT_CODES.get(refusal.code or "", "key")
 
 
 # ---- the probes ------------------------------------------------------------------------------------
@@ -161,7 +156,21 @@ class Prober:
         self._report = report
 
     async def ask(self, model: str | None = None, **extra: Any) -> tuple[Any, Refusal | None]:
-        """One request with max_tokens 1: (the message, None) or (None, the refusal)."""
+        """One request with max_tokens 1, a transient fault (5xx, 1305, a dropped connection) tried
+        again up to 3 times: (the message, None) or (None, what refused it)."""
+        from runner.send.client import classify
+        from runner.send.retries import retrying, wait_backoff
+
+        try:
+            async for attempt in retrying(3, classify=classify, wait=wait_backoff(0.2, 2.0, classify)):
+                with attempt:
+                    return await self.once(model, **extra)
+        except Exception as exc:  # an error answer is what is being probed: read, never raised
+            return None, refusal_of(exc)
+        raise AssertionError("unreachable: retrying either returns or raises")
+
+    async def once(self, model: str | None = None, **extra: Any) -> tuple[Any, None]:
+        """One request with max_tokens 1, no retry: the message, or the SDK's error raised."""
         params: dict[str, Any] = {
             "model": model or self.model,
             "max_tokens": 1,
@@ -169,13 +178,7 @@ class Prober:
             **extra,
         }
         self._report.requests += 1
-        try:
-            message = await self._sdk.messages.create(**params)
-        except Exception as exc:  # an SDK error is what is being probed; anything else is re-raised
-            refusal = refusal_of(exc)
-            if refusal is None:
-                raise
-            return None, refusal
+        message = await self._sdk.messages.create(**params)
         usage = getattr(message, "usage", None)
         if usage is not None and self._table is not None:
             self._report.spent += self._table.cost(
@@ -184,6 +187,18 @@ class Prober:
                 cache_read_tokens=getattr(usage, "cache_read_input_tokens", None) or 0,
             )
         return message, None
+
+    async def burst(self, n: int) -> list[Refusal | None]:
+        """n requests at once, none retried (a 1302 is the answer sought): what refused each."""
+
+        async def one() -> Refusal | None:
+            try:
+                await self.once()
+            except Exception as exc:  # the refusal is the measurement
+                return refusal_of(exc)
+            return None
+
+        return list(await asyncio.gather(*(one() for _ in range(n))))
 
     async def aclose(self) -> None:
         await self._sdk.close()
@@ -208,38 +223,52 @@ async def probe_online(prober: Prober, report: Report, ramp_max: int) -> None:
                 report.add(name, None, "not checked", f"the {problem} check failed first")
         _shape(report, refusal)
         return
-    if refusal is not None:
+    if refusal is None or refusal.verdict == "fail":
         report.add("key", True, "works")
         report.add("balance", True, "not in arrears", "no 1113 / 1308 answer")
-        report.add(
-            "model", None, f"a plain request was refused ({refusal.status}/{refusal.code})", _cut(refusal.message)
-        )
-    else:
-        report.add("key", True, "works")
-        report.add("balance", True, "not in arrears", "no 1113 / 1308 answer")
+    if refusal is None:
         report.add("model", True, f"{prober.model} answers")
+    elif refusal.verdict == "fail":
+        seen = f"a plain request was refused ({refusal.status}/{refusal.code})"
+        report.add("model", None, seen, _cut(refusal.message))
+    else:
+        for name in ("key", "balance", "model"):
+            report.add(
+                name, None, "not known", f"{refusal.status}/{refusal.code} three times: {_cut(refusal.message, 50)}"
+            )
 
     _, refused = await prober.ask(tools=[TOOL], tool_choice={"type": "tool", "name": TOOL["name"]})
-    learned["forced_tool_choice"] = refused is None
-    report.add(
-        "forced tool choice",
-        refused is None,
-        "accepted" if refused is None else f"refused ({refused.status}/{refused.code})",
-        "runs force the tool"
-        if refused is None
-        else f"runs use tool_choice auto and validate; {_cut(refused.message, 60)}",
-    )
+    if _known(report, "forced tool choice", refused):
+        learned["forced_tool_choice"] = refused is None
+        report.add(
+            "forced tool choice",
+            refused is None,
+            "accepted" if refused is None else f"refused ({refused.status}/{refused.code})",
+            "runs force the tool"
+            if refused is None
+            else f"runs use tool_choice auto and validate; {_cut(refused.message, 60)}",
+        )
     _, refused = await prober.ask(stop_sequences=STOPS)
-    learned["stop_sequences_max"] = len(STOPS) if refused is None else 1
-    report.add(
-        "two stop sequences",
-        refused is None,
-        "accepted" if refused is None else f"refused ({refused.status}/{refused.code})",
-        "" if refused is None else _cut(refused.message, 70),
-    )
+    if _known(report, "two stop sequences", refused):
+        learned["stop_sequences_max"] = len(STOPS) if refused is None else 1
+        report.add(
+            "two stop sequences",
+            refused is None,
+            "accepted" if refused is None else f"refused ({refused.status}/{refused.code})",
+            "" if refused is None else _cut(refused.message, 70),
+        )
     _, refused = await prober.ask(model=NO_SUCH_MODEL)
     _shape(report, refused)
     await _ramp(prober, report, ramp_max)
+
+
+def _known(report: Report, name: str, refused: Refusal | None) -> bool:
+    """Whether an answer settles a check: a 200 or a refusal of the request itself (a 4xx), not a
+    fault that persisted through the retries (then the check is reported unknown, nothing stored)."""
+    if refused is None or refused.verdict == "fail":
+        return True
+    report.add(name, None, "not known", f"{refused.status}/{refused.code} three times: {_cut(refused.message, 50)}")
+    return False
 
 
 def _shape(report: Report, refusal: Refusal | None) -> None:
@@ -256,12 +285,16 @@ def _shape(report: Report, refusal: Refusal | None) -> None:
 
 
 async def _ramp(prober: Prober, report: Report, ramp_max: int) -> None:
-    """Bursts of 1, 2, 3, 4, 6... one-token requests at once, stopped at the first rate-limit answer."""
+    """Bursts of 1, 2, 3, 4, 6... one-token requests at once, stopped at the first answer that is this
+    account's limit (1302/1303, or a 429 with no code). Zhipu's own traffic (1305, 5xx) says nothing
+    about the account: a burst with such faults is sent once more, and the ramp stops if they persist."""
     allowed = 0
     for level in (n for n in RAMP if n <= ramp_max):
-        answers = await asyncio.gather(*(prober.ask() for _ in range(level)))
-        refusals = [r for _, r in answers if r is not None]
-        limited = [r for r in refusals if is_rate_limit(r)]
+        for _ in range(2):
+            refusals = [r for r in await prober.burst(level) if r is not None]
+            if not refusals or any(r.overload == "concurrency" or r.verdict != "retry" for r in refusals):
+                break
+        limited = [r for r in refusals if r.overload == "concurrency" and r.verdict == "retry"]
         if limited:
             first = limited[0]
             report.add(
@@ -275,7 +308,13 @@ async def _ramp(prober: Prober, report: Report, ramp_max: int) -> None:
             return
         if refusals:
             first = refusals[0]
-            report.add("concurrency", None, f"{allowed or 'unknown'}", f"stopped: {first.status}/{first.code}")
+            seen = f"{allowed} or more" if allowed else "unknown"
+            report.add(
+                "concurrency",
+                None,
+                seen,
+                f"ramp stopped at {level}: {first.status}/{first.code} {_cut(first.message, 40)}",
+            )
             return
         allowed = level
     report.facts["concurrency"] = allowed
@@ -288,7 +327,9 @@ async def _ramp(prober: Prober, report: Report, ramp_max: int) -> None:
 async def probe_batch(native_url: str, key: str, model: str, wait_s: float, label: str) -> dict[str, Any]:
     """A 2-line batch on `model`: upload, create, wait (with a visible timer) up to `wait_s`; what came
     back, the batch object's shape, and whether it passed validation (None: not known in time)."""
-    from runner.send.batch_api import BatchAPI, BatchAPIError
+    from runner.send.batch_api import BatchAPI, BatchAPIError, BatchStatusError
+    from runner.send.batch_api_errors import classify_api_error
+    from runner.send.retries import Verdict
 
     lines = [
         {
@@ -312,7 +353,11 @@ async def probe_batch(native_url: str, key: str, model: str, wait_s: float, labe
             try:
                 batch = await api.create(uploaded.id, metadata={"glm_batch_doctor": model})
             except BatchAPIError as exc:
-                out.update(eligible=False, result=f"refused at create: {_cut(str(exc), 120)}")
+                # The request refused (a 4xx that is not the account's or a full queue): not eligible.
+                refused = isinstance(exc, BatchStatusError) and classify_api_error(exc).verdict is Verdict.FAIL
+                out.update(eligible=False if refused else None, result=f"refused at create: {_cut(str(exc), 120)}")
+                with contextlib.suppress(BatchAPIError):
+                    await api.delete_file(uploaded.id)  # an account holds at most 1,000 files
                 return out
             started = time.monotonic()
             timer = _Timer(label)
@@ -339,6 +384,10 @@ async def probe_batch(native_url: str, key: str, model: str, wait_s: float, labe
                 out["result"] += "; cancelled"
             elif batch.output_file_id:
                 out["usage"] = await _usage(api, batch.output_file_id, Path(tmp) / "out.jsonl")
+            for file_id in (batch.output_file_id, batch.error_file_id):  # at most 1,000 files an account
+                if file_id and batch.done:
+                    with contextlib.suppress(BatchAPIError):
+                        await api.delete_file(file_id)
     return out
 
 
@@ -484,8 +533,9 @@ def _table(target: Target) -> PriceTable | None:
 
 
 def planned_requests(ramp_max: int) -> int:
-    """How many one-token Messages requests the probes send at most (the error-shape one is free)."""
-    return 3 + sum(n for n in RAMP if n <= ramp_max)
+    """How many one-token Messages requests the probes send at most: four probes of up to 3 tries
+    each, and every ramp burst sent at most twice. Usually far fewer go (no faults: 4 + the ramp)."""
+    return 4 * 3 + 2 * sum(n for n in RAMP if n <= ramp_max)
 
 
 async def diagnose(
@@ -507,7 +557,9 @@ async def diagnose(
     else:
         cost = f"worst case unknown: no {target.currency} price for {target.model} in the catalogue"
     lines = f" and two 2-line batches ({target.model}, {CONTROL_MODEL} free)" if batch else ""
-    say(f"doctor: {target.model} on {target.endpoint}: at most {n} one-token requests{lines}; {cost}")
+    say(
+        f"doctor: {target.model} on {target.endpoint}: at most {n} one-token requests (retries included){lines}; {cost}"
+    )
 
     prober = Prober(url, key, target.model, table, report)
     try:

@@ -101,6 +101,16 @@ def _dry_run(spec: Path, set_: list[str] | None, limit: int | None, *, fresh: bo
     _print_estimate(report)
     cost, cur = report["cost"], report["currency"]
     cap = job.spec.run.max_cost
+    cascade = report.get("cascade")
+    if cascade is not None:
+        c = cascade["cost"]
+        print(
+            f"dry run: a cascade; {cascade['proxy']} would send {cascade['proxy_requests']:,} requests, then "
+            f"{cascade['oracle']} answer a calibration sample and the rows it is unsure of: expected "
+            f"{c['expected']:.4f} {cur} ({c['low']:.4f} to {c['high']:.4f}) against {cost['expected']:.4f} "
+            "for the oracle alone; nothing was sent"
+        )
+        return
     print(
         f"dry run: would send {report['requests_to_send']:,} requests for {report['rows']:,} rows "
         f"({report['rows_answered_already']:,} already answered), expected {cost['expected']:.4f} {cur}, "
@@ -149,10 +159,13 @@ def estimate(
                 reporter=make_reporter("json" if as_json else "auto"),
             )
         )
+        warning = job.thinking.warning  # reasoning that may not fit max_tokens: said before spending
         if as_json:
-            print(json.dumps(report, indent=2))
+            print(json.dumps({**report, "warnings": [warning] if warning else []}, indent=2))
         else:
             _print_estimate(report)
+            if warning is not None:
+                print(f"warning: {warning}", file=sys.stderr)
 
     _guarded(go)
 

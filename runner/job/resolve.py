@@ -30,6 +30,7 @@ from runner.job.reading import load_yaml, read_text_file
 from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
 from runner.job.templates import Template, compile_template, deferred_template
+from runner.job.thinking import ThinkingPlan, thinking_plan
 from runner.redact import redact
 
 
@@ -72,6 +73,13 @@ class Job:
     def prompt_variables(self) -> frozenset[str]:
         """Every variable the prompt reads: the system prompt's, each message's and the row turn's."""
         return _variables(self.template, self.system, self.history)
+
+    @property
+    def thinking(self) -> ThinkingPlan:
+        """What the job sends as `thinking` when its spec says nothing, and what to warn about."""
+        m, output = self.spec.model, self.spec.output
+        structured = output.labels is not None or output.schema_ is not None
+        return thinking_plan(m.name, m.thinking.type if m.thinking else None, structured, m.max_tokens)
 
     @property
     def spec_hash(self) -> str:
@@ -150,13 +158,15 @@ def load_job(
     today: dt.date | None = None,
     check_templates: bool = True,
     writes: bool = True,
+    sends: bool = True,
 ) -> Job:
     """Read, validate and resolve a job spec; raise UsageError naming the file and key on any fault.
 
     `check_templates=False` leaves the prompt templates unparsed until their variables are asked for
     (for a command that renders nothing, like `status`, so it does not load jinja2 for a text job), and
     `writes=False` skips checking that the output and state directories can be written (for one that
-    only reads them: `status` on a read-only copy of a job)."""
+    only reads them: `status` on a read-only copy of a job). `sends=False` keeps the batch rule from
+    refusing the job (for `status` and `cancel`, which look at or stop batches a run already made)."""
     raw = _read_yaml(path)
     overridden: dict[str, str] = {}
     for item in overrides or []:
@@ -166,7 +176,7 @@ def load_job(
     except ValidationError as exc:
         raise UsageError(_describe(path, exc, overridden, raw)) from None
     template_of = compile_template if check_templates else deferred_template
-    job = _resolve(spec, path, today or dt.date.today(), template_of, writes)
+    job = _resolve(spec, path, today or dt.date.today(), template_of, writes, sends)
     if check_templates:
         _refuse_gold_in_prompt(job, path)
     return job
@@ -205,7 +215,7 @@ def derive(job: Job, changes: dict[str, Any]) -> Job:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise UsageError(_describe(job.spec_path, exc)) from exc
-    return _resolve(spec, job.spec_path, dt.date.today(), compile_template, True)
+    return _resolve(spec, job.spec_path, dt.date.today(), compile_template, True, True)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -287,7 +297,9 @@ def _user_path(loc: tuple[int | str, ...], raw: Any, *, missing: bool) -> list[s
     return parts
 
 
-def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callable[..., Template], writes: bool) -> Job:
+def _resolve(
+    spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callable[..., Template], writes: bool, sends: bool
+) -> Job:
     base = Path(os.path.normpath(spec_path.parent))
     name = spec.name or spec_path.stem
     where = str(spec_path)
@@ -318,7 +330,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
     batch_basis = batch_eligibility(
         spec.model.name, info, spec.model.endpoint, base_url, learned, spec.run.batch.allow_unconfirmed
     )
-    if spec.run.mode != "online" and not batch_basis.allowed:
+    if sends and spec.run.mode != "online" and not batch_basis.allowed:
         raise UsageError(f"{where}: run.mode: {spec.run.mode}: {batch_basis.why}")
     if spec.run.engine == "ray" and importlib.util.find_spec("ray") is None:
         raise UsageError(

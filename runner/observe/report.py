@@ -190,6 +190,9 @@ def cascade_lines(c: dict[str, Any]) -> list[str]:
     """A cascade in plain words: the guarantee, the threshold, who answered, cost, and accuracy."""
     cost = c["cost"]
     threshold = "none: no proxy answer kept" if c["threshold"] is None else f"{c['threshold']:.3f}"
+    tied = c.get("at_threshold")
+    if tied and tied["kept"] < tied["rows"]:
+        threshold += f" (of the {tied['rows']} rows at exactly that, {tied['kept']}, in a seeded random order)"
     lines = [
         f"cascade: the output {c['guarantee']} (proxy {c['proxy']}, oracle {c['oracle']})",
         f"threshold: proxy confidence >= {threshold}; {c['rows_kept_from_proxy']} rows kept from the proxy, "

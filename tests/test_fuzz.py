@@ -104,15 +104,55 @@ values = st.recursive(
 )
 
 KEY_PATHS = [
-    "version", "name", "description", "input.paths", "input.id_column", "input.columns", "input.limit", "input.nulls",
-    "prompt.system", "prompt.template", "prompt.template_file", "prompt.messages", "model.name", "model.endpoint",
-    "model.max_tokens", "model.temperature", "model.top_p", "model.top_k", "model.stop_sequences", "model.thinking",
-    "model.stream", "model.prices", "run.mode", "run.engine", "run.deadline", "run.concurrency", "run.max_concurrency",
-    "run.max_attempts", "run.timeout_s", "run.batch.max_rounds", "run.batch.max_requests", "run.max_cost",
-    "run.checkpoint_rows", "output.path", "output.keep_columns", "output.state_dir", "output.labels", "output.multi",
-    "output.schema", "output.parse", "output.mode", "output.samples", "eval.gold_column", "simulator.seed",
-    "run.max-attempts", "output", "run", "x.y.z",
-]  # fmt: skip
+    "version",
+    "name",
+    "description",
+    "input.paths",
+    "input.id_column",
+    "input.columns",
+    "input.limit",
+    "input.nulls",
+    "prompt.system",
+    "prompt.template",
+    "prompt.template_file",
+    "prompt.messages",
+    "model.name",
+    "model.endpoint",
+    "model.max_tokens",
+    "model.temperature",
+    "model.top_p",
+    "model.top_k",
+    "model.stop_sequences",
+    "model.thinking",
+    "model.stream",
+    "model.prices",
+    "run.mode",
+    "run.engine",
+    "run.deadline",
+    "run.concurrency",
+    "run.max_concurrency",
+    "run.max_attempts",
+    "run.timeout_s",
+    "run.batch.max_rounds",
+    "run.batch.max_requests",
+    "run.max_cost",
+    "run.checkpoint_rows",
+    "output.path",
+    "output.keep_columns",
+    "output.state_dir",
+    "output.labels",
+    "output.multi",
+    "output.schema",
+    "output.parse",
+    "output.mode",
+    "output.samples",
+    "eval.gold_column",
+    "simulator.seed",
+    "run.max-attempts",
+    "output",
+    "run",
+    "x.y.z",
+]
 key_paths = st.sampled_from(KEY_PATHS) | st.text(st.sampled_from("abcrun._-x"), min_size=1, max_size=12)
 
 
@@ -195,12 +235,61 @@ def test_fuzzed_input_files_keep_the_invariants(
 
 
 TOKENS = [
-    "{{ ", " }}", "{% ", " %}", "for x in ", "range(", ")", "endfor", "if ", "endif", "else", "set ns = ",
-    "namespace(s=", "ns.s", "text", "id", "x", "loop.index", " ** ", " * ", " + ", " ~ ", " % ", "10", "99999",
-    "(10 ** 10)", "'a'", "'%s'", "'{:>9}'", "| join(', ')", "| upper", "| tojson", "| center(",
-    "| replace('a', 'aa')", "| list", "| length", "| int", "| format(", "| no_filter", ".ljust(", ".format(", "[",
-    "]", ",", "macro f(n)", "endmacro", "f(", "caller", "\n", "Review: ", "{#", "#}", "raw", "endraw",
-]  # fmt: skip
+    "{{ ",
+    " }}",
+    "{% ",
+    " %}",
+    "for x in ",
+    "range(",
+    ")",
+    "endfor",
+    "if ",
+    "endif",
+    "else",
+    "set ns = ",
+    "namespace(s=",
+    "ns.s",
+    "text",
+    "id",
+    "x",
+    "loop.index",
+    " ** ",
+    " * ",
+    " + ",
+    " ~ ",
+    " % ",
+    "10",
+    "99999",
+    "(10 ** 10)",
+    "'a'",
+    "'%s'",
+    "'{:>9}'",
+    "| join(', ')",
+    "| upper",
+    "| tojson",
+    "| center(",
+    "| replace('a', 'aa')",
+    "| list",
+    "| length",
+    "| int",
+    "| format(",
+    "| no_filter",
+    ".ljust(",
+    ".format(",
+    "[",
+    "]",
+    ",",
+    "macro f(n)",
+    "endmacro",
+    "f(",
+    "caller",
+    "\n",
+    "Review: ",
+    "{#",
+    "#}",
+    "raw",
+    "endraw",
+]
 
 
 @FUZZ
@@ -208,5 +297,39 @@ TOKENS = [
 def test_fuzzed_templates_keep_the_invariants(parts: list[str]) -> None:
     spec = json.loads(json.dumps(BASE))
     spec["prompt"]["template"] = "".join(parts) or "x"
+    with job_root() as root:
+        validate(Path(root), yaml.safe_dump(spec, allow_unicode=True), "--rows", "2")
+
+
+# Expressions built from a small grammar: numbers (some huge), texts, ranges and columns, combined by the
+# operators and filters that can build big values, inside loops that may nest.
+atoms = st.sampled_from(
+    ["10", "2", "-3", "0", "(10 ** 10)", "99999", "'a'", "'ab'", "text", "id", "range(3)", "[1, 2]"]
+)
+expressions = st.recursive(
+    atoms,
+    lambda inner: st.one_of(
+        st.tuples(inner, st.sampled_from([" ** ", " * ", " + ", " ~ ", " % ", " // "]), inner).map(
+            lambda t: f"({t[0]}{t[1]}{t[2]})"
+        ),
+        st.tuples(
+            inner, st.sampled_from(["center", "indent", "truncate", "batch", "join", "list", "int", "string"]), inner
+        ).map(lambda t: f"({t[0]} | {t[1]}({t[2]}))"),
+        st.tuples(inner, st.sampled_from(["ljust", "zfill", "format", "replace", "split"]), inner).map(
+            lambda t: f"({t[0]}|string).{t[1]}({t[2]})"
+        ),
+    ),
+    max_leaves=6,
+)
+
+
+@FUZZ
+@given(expression=expressions, loops=st.lists(st.sampled_from(["range(99999)", "range(10)", "text"]), max_size=3))
+def test_fuzzed_expressions_and_loops_keep_the_invariants(expression: str, loops: list[str]) -> None:
+    body = "{{ " + expression + " }}"
+    for depth, iterable in enumerate(loops):
+        body = f"{{% for v{depth} in {iterable} %}}{body}{{% endfor %}}"
+    spec = json.loads(json.dumps(BASE))
+    spec["prompt"]["template"] = body
     with job_root() as root:
         validate(Path(root), yaml.safe_dump(spec, allow_unicode=True), "--rows", "2")

@@ -26,7 +26,7 @@ from runner.errors import UsageError
 from runner.job import catalog, paths
 from runner.job.eligibility import BatchEligibility, batch_eligibility
 from runner.job.facts import endpoint_id, load_facts
-from runner.job.reading import load_yaml, read_text_file
+from runner.job.reading import describe_invalid, load_yaml, read_text_file
 from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
 from runner.job.templates import Template, compile_template, deferred_template
@@ -117,7 +117,7 @@ def load_job(
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
-        raise UsageError(_describe(path, exc, overridden, raw)) from None
+        raise UsageError(describe_invalid(path, exc, overridden, raw)) from None
     template_of = compile_template if check_templates else deferred_template
     job = _resolve(spec, path, today or dt.date.today(), template_of, writes, sends)
     if check_templates:
@@ -157,7 +157,7 @@ def derive(job: Job, changes: dict[str, Any]) -> Job:
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise UsageError(_describe(job.spec_path, exc)) from exc
+        raise UsageError(describe_invalid(job.spec_path, exc)) from exc
     return _resolve(spec, job.spec_path, dt.date.today(), compile_template, True, True)
 
 
@@ -190,54 +190,6 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
         node = child
     node[parts[-1]] = load_yaml(value, origin=f"--set {item!r}", text_if_unparsed=True)
     return ".".join(parts)
-
-
-def _describe(path: Path, exc: ValidationError, overridden: dict[str, str] | None = None, raw: Any = None) -> str:
-    """One line per problem: `file: key.path: what is wrong`.
-
-    The key path is the one the user wrote (`run.max-attempts` too): each part of pydantic's location
-    is kept when the spec has it there (or it is the key found missing), so the tags a union field
-    (`concurrency: int | "auto"`) fails under, like `constrained-int`, are dropped, and its failures
-    merge into one line. A problem at or under a key that came from `--set` says so, since the spec
-    file does not have it.
-    """
-    overridden = overridden or {}
-    problems: dict[str, list[str]] = {}
-    sources: dict[str, str] = {}
-    for err in exc.errors():
-        loc = ".".join(_user_path(err["loc"], raw, missing=err["type"] == "missing"))
-        msg = err["msg"].removeprefix("Value error, ")
-        source = next((item for key, item in overridden.items() if loc == key or loc.startswith(key + ".")), None)
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check its spelling"
-            if source is not None:
-                msg = f"unknown key (from --set {source}); check its spelling"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        elif source is not None:
-            sources[loc or "(top level)"] = f" (from --set {source})"
-        messages = problems.setdefault(loc or "(top level)", [])
-        if msg not in messages:
-            messages.append(msg)
-    return "\n".join(f"{path}: {loc}: {'; or '.join(msgs)}{sources.get(loc, '')}" for loc, msgs in problems.items())
-
-
-def _user_path(loc: tuple[int | str, ...], raw: Any, *, missing: bool) -> list[str]:
-    """The parts of a pydantic location that are keys (or list positions) in the spec as written."""
-    parts: list[str] = []
-    node = raw
-    for index, part in enumerate(loc):
-        found = (isinstance(node, dict) and part in node) or (
-            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
-        )
-        if found:
-            node = node[part]
-        elif missing and index == len(loc) - 1 and isinstance(node, dict):
-            pass  # the key that is missing
-        elif raw is not None or not (isinstance(part, int) or str(part).isidentifier()):
-            continue  # a union member's tag (constrained-int, literal['auto'])
-        parts.append(str(part))
-    return parts
 
 
 def _resolve(

@@ -49,3 +49,20 @@ def test_the_html_says_why_there_is_no_timeline(make_job) -> None:
 
     page = html_page(load_report(job.output))
     assert 'id="no-timeline"' in page and "nothing was sent for it" in page
+
+
+def test_usage_shows_simulated_runs_apart_and_labelled(tmp_path, make_job) -> None:
+    from tests.conftest import cli, sample_rows
+
+    real = make_job(sample_rows(3), name="real")  # the loopback simulator by URL: booked as real
+    simulated = make_job(sample_rows(4), name="pretend", model={"endpoint": "simulator"})
+    assert cli("run", str(real.spec)).exit_code == 0
+    assert cli("run", str(simulated.spec)).exit_code == 0
+
+    result = CliRunner().invoke(app, ["usage"], env={"COLUMNS": "120"})
+
+    assert result.exit_code == 0, result.output
+    real_part, _, simulated_part = result.stdout.partition("simulated runs (the built-in simulator")
+    assert " real " in real_part and "pretend" not in real_part
+    assert "make-believe spend, never billed" in simulated_part and "pretend" in simulated_part
+    assert " real " not in simulated_part

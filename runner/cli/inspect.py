@@ -41,21 +41,24 @@ def usage(
         bad = [k for k in keys if k not in ("job", "model", "day", "endpoint")]
         if bad or not keys:
             raise UsageError(f"--by {by!r}: choose from job, model, day, endpoint")
-        frame = ledger.usage()
+        frame, simulated = ledger.usage(), ledger.usage(simulated=True)
         if since is not None:
             try:
                 start = dt.date.fromisoformat(since)
             except ValueError:
                 raise UsageError(f"--since {since!r}: expected a date like 2026-11-01") from None
-            frame = frame.filter(pl.col("day") >= start)
+            frame, simulated = frame.filter(pl.col("day") >= start), simulated.filter(pl.col("day") >= start)
         if as_json:
             print(json.dumps(frame.sort("day", "job", "model", "run_id").to_dicts(), indent=2, default=str))
             return
+        console = _console()
         if frame.height == 0:
             print(f"no usage recorded yet (ledger: {ledger.ledger_dir()})")
-            return
-        console = _console()
-        console.print(_usage_table(ledger.summarise(frame, keys), keys, console.width))
+        else:
+            console.print(_usage_table(ledger.summarise(frame, keys), keys, console.width))
+        if simulated.height:  # the simulator's make-believe spend: shown apart, never added to the real
+            console.print("simulated runs (the built-in simulator: make-believe spend, never billed):", highlight=False)
+            console.print(_usage_table(ledger.summarise(simulated, keys), keys, console.width))
 
     _guarded(go)
 

@@ -66,3 +66,27 @@ def test_usage_shows_simulated_runs_apart_and_labelled(tmp_path, make_job) -> No
     assert " real " in real_part and "pretend" not in real_part
     assert "make-believe spend, never billed" in simulated_part and "pretend" in simulated_part
     assert " real " not in simulated_part
+
+
+def test_a_pilot_counts_only_rows_answered_before_as_answered_before(make_job) -> None:
+    """A pilot sends its sample of rows; the others are left out, not "answered before" (the panel
+    read 295 answered before when 31 rows had answers)."""
+    import asyncio
+    import io
+
+    from runner.engine import RunOptions, run_job
+    from runner.job.resolve import load_job
+    from runner.observe.progress import make_reporter
+    from tests.conftest import API_KEY, cli, sample_rows
+
+    files = make_job(sample_rows(40))
+    assert cli("run", str(files.spec), "--limit", "6").exit_code == 0  # 6 rows answered before
+    job = load_job(files.spec)
+    options = RunOptions(pilot_rows=10)
+
+    report = asyncio.run(
+        run_job(job, api_key=API_KEY, options=options, reporter=make_reporter("json", stream=io.StringIO()))
+    )
+
+    assert 0 < report.summary["answered_ok"] <= 10
+    assert report.summary["rows_settled_before"] == 6  # the rows with answers, not the 30 left out

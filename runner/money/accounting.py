@@ -84,6 +84,7 @@ class Tally:
     rows_total: int = 0  # input rows, counted before the run
     rows_seen: int = 0  # input rows rendered so far
     rows_settled: int = 0  # rows whose request needed no sending (answered in an earlier run)
+    rows_left_out: int = 0  # rows a pilot does not send (outside its sample): neither answered nor pending
     samples: int = 1  # requests per row (output.samples)
     requests_queued: int = 0  # distinct requests handed to the executor
     requests_shared: int = 0  # requests not sent: an identical one was queued this run and answers them too
@@ -194,7 +195,7 @@ class Tally:
         """Spend at the end of this run if the remaining requests cost what the answered ones did."""
         if not self.answered:
             return None
-        to_answer = max(self.requests_queued, (self.rows_total - self.rows_settled) * self.samples)
+        to_answer = max(self.requests_queued, (self.rows_total - self.rows_settled - self.rows_left_out) * self.samples)
         return self.cost / self.answered * to_answer
 
     def rate(self) -> float:

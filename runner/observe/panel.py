@@ -82,7 +82,9 @@ class PanelState:
         """The state from the engine's counters: the Tally, the executor's gauges and the run's Control."""
         samples = max(1, tally.samples)
         total = tally.rows_total * samples
-        done_requests = min(total, tally.rows_settled * samples + tally.answered + tally.requests_shared)
+        done_requests = min(
+            total, (tally.rows_settled + tally.rows_left_out) * samples + tally.answered + tally.requests_shared
+        )
         remaining = total - done_requests
         eta = remaining / requests_per_s if requests_per_s else None
         return cls(

@@ -90,3 +90,23 @@ def test_a_pilot_counts_only_rows_answered_before_as_answered_before(make_job) -
 
     assert 0 < report.summary["answered_ok"] <= 10
     assert report.summary["rows_settled_before"] == 6  # the rows with answers, not the 30 left out
+
+
+def test_a_missing_input_is_named_as_the_spec_wrote_it(tmp_path, monkeypatch) -> None:
+    from tests.conftest import cli
+
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "x.yaml").write_text(
+        "version: 1\ninput: {paths: [data/nope.csv]}\nprompt: {template: '{{ text }}'}\n"
+        "model: {name: glm-4.6, endpoint: simulator, max_tokens: 8}\noutput: {path: out/x.parquet}\n",
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)
+
+    result = cli("validate", "jobs/x.yaml")
+
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "glm-batch: error: jobs/x.yaml: input.paths: data/nope.csv does not exist "
+        "(looked for jobs/data/nope.csv: relative paths resolve against the spec's folder)"
+    )

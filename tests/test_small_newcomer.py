@@ -110,3 +110,26 @@ def test_a_missing_input_is_named_as_the_spec_wrote_it(tmp_path, monkeypatch) ->
         "glm-batch: error: jobs/x.yaml: input.paths: data/nope.csv does not exist "
         "(looked for jobs/data/nope.csv: relative paths resolve against the spec's folder)"
     )
+
+
+def test_the_end_table_names_both_rates_the_panel_and_the_summary_give(make_job, monkeypatch) -> None:
+    """The panel showed 197 req/s and the summary 60 for one run: the rate while answers came, and the
+    rate over the whole run with start-up and the output included. Both are said, and named."""
+    import io
+    import json
+
+    import runner
+    from runner.observe.progress import make_reporter
+    from tests.conftest import sample_rows
+
+    job = make_job(sample_rows(30))
+    screen = io.StringIO()
+    monkeypatch.setenv("COLUMNS", "200")  # the end table on one line a figure
+
+    assert runner.run_job(str(job.spec), reporter=make_reporter("rich", stream=screen)).ok
+
+    summary = json.loads(job.summary.read_text())
+    assert summary["requests_per_s_answering"] > summary["requests_per_s"] > 0
+    text = " ".join(screen.getvalue().split())
+    assert f"{summary['requests_per_s']} req/s over the whole run" in text
+    assert f"{summary['requests_per_s_answering']} while answers came" in text

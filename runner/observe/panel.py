@@ -191,7 +191,7 @@ def _items(state: PanelState, *, wide: bool) -> Iterator[Text]:
     if state.rendering:
         yield _item("rendered ", f"{state.rows_rendered:,}/{state.rows_total or 0:,}")
     rate = "-" if state.requests_per_s is None else f"{state.requests_per_s:,.1f}"
-    yield _item("", rate, " req/s")
+    yield _item("", rate, " req/s now")
     yield _item("ETA ", "-" if state.eta_s is None else _duration(state.eta_s))
     limit = "-" if state.limit is None else f"{state.limit}"
     flight = "-" if state.in_flight is None else f"{state.in_flight}"

@@ -133,3 +133,17 @@ def test_the_end_table_names_both_rates_the_panel_and_the_summary_give(make_job,
     text = " ".join(screen.getvalue().split())
     assert f"{summary['requests_per_s']} req/s over the whole run" in text
     assert f"{summary['requests_per_s_answering']} while answers came" in text
+
+
+def test_a_stopped_fresh_run_says_what_resuming_keeps(make_job) -> None:
+    from tests.conftest import cli, sample_rows
+
+    job = make_job(sample_rows(30))
+    assert cli("run", str(job.spec)).exit_code == 0
+
+    stopped = cli("run", str(job.spec), "--fresh", "--set", "run.max_cost=0.0001")
+
+    assert stopped.exit_code == 4, stopped.stderr
+    assert "this was a --fresh run: resuming without --fresh keeps the earlier answers" in stopped.stderr
+    again = cli("run", str(job.spec))  # as documented: the rows the fresh run did not reach keep their answers
+    assert again.exit_code == 0 and "this was a --fresh run" not in again.stdout + again.stderr

@@ -9,7 +9,7 @@ process (`python bench/batch.py child-run`) that wraps BatchExecutor's and Batch
 them (wrapped to time them, not changed) and then calls the real command line. Two phases:
 
 (a) prepare + upload: reading the input, rendering every row, writing the chunk files and the
-    round's requests file (`BatchExecutor._write_round`), and uploading the chunks (`BatchAPI.upload`).
+    round's requests file (`runner.send.batch_files.write_round`), and uploading the chunks (`BatchAPI.upload`).
     Creating the batches is left out: the simulator answers a whole batch inside `POST /batches`,
     which is its work, not ours (reported as `simulator_s`).
 (b) download + journal: from the start of the first harvest of a finished batch to the end of the run:
@@ -96,7 +96,7 @@ class Probe:
     def end(self) -> None:
         self.peaks[self.phase] = peak_rss_mb()
 
-    def wrap(self, owner: type, name: str, label: str, phase: str | None = None, after: str | None = None) -> None:
+    def wrap(self, owner: object, name: str, label: str, phase: str | None = None, after: str | None = None) -> None:
         """Time every call of the async method `owner.name` as `label` (wall and process CPU); its first
         call begins `phase`, and its return begins `after`."""
         original: Callable[..., Awaitable[Any]] = getattr(owner, name)
@@ -135,17 +135,21 @@ def child_run(out: Path, spec: Path) -> None:
     """`glm-batch run SPEC --set run.mode=batch` in this process, its batch phases timed."""
     probe = Probe()
     from runner import cli
+    from runner.send import batch
     from runner.send.batch import BatchExecutor
     from runner.send.batch_api import BatchAPI
+    from runner.send.batch_harvest import Harvester
 
     probe.wrap(BatchExecutor, "run", "executor", after="finish")
-    probe.wrap(BatchExecutor, "_write_round", "prepare", phase="prepare_upload")
+    probe.wrap(batch, "write_round", "prepare", phase="prepare_upload")
     probe.wrap(BatchAPI, "upload", "upload")
     probe.wrap(BatchAPI, "create", "create")
     probe.wrap(BatchAPI, "retrieve", "retrieve", phase="simulator")
-    probe.wrap(BatchExecutor, "_harvest", "harvest", phase="download_journal")
+    probe.wrap(Harvester, "harvest", "harvest", phase="download_journal")
     probe.wrap(BatchAPI, "download", "download")
-    sys.argv = ["glm-batch", "run", str(spec), "--set", "run.mode=batch", "--log-format", "json"]
+    # glm-4-air-250414: on Zhipu's Batch API list (the shared bench spec's glm-4.6 is not)
+    batch_model = ["--set", "model.name=glm-4-air-250414"]
+    sys.argv = ["glm-batch", "run", str(spec), "--set", "run.mode=batch", *batch_model, "--log-format", "json"]
     code: int | str | None = 0
     try:
         cli.main()

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.errors import UsageError
+from runner.errors import UsageError, deliberate
 from runner.job.resolve import Job
 from runner.job.resolve import load_job as _load_job
 from runner.observe.progress import LogReporter, Reporter
+from runner.redact import redact
 
 __all__ = ["Result", "aestimate_job", "api_key_for", "arun_job", "estimate_job", "load_job", "run_job"]
 
@@ -66,10 +67,25 @@ def api_key_for(job: Job) -> str:
         return SIMULATOR_KEY
     for name in job.key_env:
         value = os.environ.get(name)
-        if value:
-            return value
+        if value and value.strip():
+            return checked_key(name, value)
     names = " or ".join(job.key_env) or "ZHIPUAI_API_KEY"
     raise UsageError(f"no API key for endpoint {job.endpoint_name!r}: set {names} in the environment")
+
+
+def checked_key(name: str, value: str) -> str:
+    """The key in `name` without surrounding whitespace (a key file saved on Windows ends in CR LF);
+    UsageError naming the variable when what is left is not one printable ASCII word, which no HTTP
+    header can carry (the SDK would fail every row as a bare "Connection error.")."""
+    key = value.strip()
+    bad = next((c for c in key if not (c.isascii() and c.isprintable()) or c.isspace()), None)
+    if bad is not None:
+        what = "a space" if bad == " " else f"the character {bad!r}"
+        raise UsageError(
+            f"${name}: the API key has {what} inside it (at position {key.index(bad) + 1}); "
+            f"set {name} to the key alone, as one line of letters, digits and punctuation"
+        )
+    return key
 
 
 async def arun_job(
@@ -89,7 +105,10 @@ async def arun_job(
     if will_send_online(job, fresh=fresh):
         import_in_background()
     options = RunOptions(fresh=fresh, retry_failed=retry_failed, resume_command=resume_command(job, set, limit))
-    report = await _run(job, api_key=api_key_for(job), options=options, reporter=reporter or LogReporter())
+    try:
+        report = await _run(job, api_key=api_key_for(job), options=options, reporter=reporter or LogReporter())
+    except ExceptionGroup as group:  # a UsageError raised while sending reaches the caller as itself
+        raise deliberate(group) or group from None
     output = report.summary.get("output")
     return Result(report.exit_code, report.message, report.summary, Path(output) if output else None)
 
@@ -216,7 +235,7 @@ def resume_command(job: Job, overrides: Mapping[str, Any] | list[str] | None, li
         words += ["--limit", str(limit)]
     for key, value in items:
         words += ["--set", f"{key}={_yaml_value(value)}"]
-    return shlex.join(words)
+    return redact(shlex.join(words))
 
 
 def _yaml_value(value: Any) -> str:

@@ -18,17 +18,22 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
+import itertools
 import random
 import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from runner.errors import DiskFull
+from runner.breaker import Breaker
+from runner.errors import STATE_FAILURES
 from runner.finish import Ending, finish, record
+from runner.job.facts import load_facts, record_facts
 from runner.job.inputs import open_input
+from runner.job.paths import check_ledger_apart
 from runner.job.resolve import Job
 from runner.money.accounting import Tally, accountant_for
+from runner.money.ledger import ledger_dir
 from runner.observe import summary
 from runner.observe.progress import Reporter
 from runner.plan import Dispatch, nothing, plan
@@ -40,6 +45,7 @@ from runner.runs import fingerprint
 from runner.send import make_executor
 from runner.send.base import Control, Executor
 from runner.send.endpoints import endpoint_url
+from runner.state.rescue import find_rescued
 from runner.state.store import Store
 from runner.supervise import stop_on_signals, supervise
 
@@ -50,11 +56,18 @@ async def run_job(
     """Run one job to completion, interruption or abort; the result is durable whichever happens.
 
     `executor` replaces the one the spec asks for (tests and benches pass runner.send.fake's)."""
+    check_ledger_apart(job, ledger_dir())  # before anything is sent, on either engine
     if job.spec.run.engine == "ray" and options.pilot_rows is None:  # pilots are a few rows: sent from here
         from runner.distributed.engine import run_on_ray
 
         return await run_on_ray(job, api_key=api_key, options=options, reporter=reporter)
+    if job.spec.output.cascade is not None:  # stages that are runs like this one, then a join
+        from runner.cascade.stages import run_cascade
+
+        return await run_cascade(job, api_key=api_key, options=options, reporter=reporter)
     control = Control()
+    if job.spec.run.mode != "online" and job.batch is not None and job.batch.basis == "unconfirmed":
+        reporter.event("batch_unconfirmed", model=job.spec.model.name, warning=job.batch.why)
     with stop_on_signals(control, reporter):  # until supervise() takes over: a stop still ends the run well
         reporter.phase("reading input")
         source = open_input(job)
@@ -63,6 +76,8 @@ async def run_job(
         )
         store.open()
         try:
+            # Answers a run whose state broke could only hold in memory: kept before anything is planned.
+            store.adopt_rescued(find_rescued(job.output_path, job.state_dir))
             return await _run(job, source, store, api_key, options, reporter, executor, control)
         finally:
             store.close()
@@ -90,8 +105,19 @@ async def _run(
     outstanding: set[str] = set()  # requests handed to the executor and not answered yet
 
     cpu = CpuWindow()
+    breaker = Breaker.for_run(tally.rows_total)
 
     def deliver(result: Result) -> None:
+        if not breaker.watching:  # nearly every result: the run's first answers were not all refused
+            journal(result)
+            return
+        # The breaker holds the first answers' failures until it knows they are not the spec's fault.
+        for admitted in breaker.admit(result):
+            journal(admitted)
+        if breaker.tripped and control.aborted is None:
+            control.abort_with(breaker.error())
+
+    def journal(result: Result) -> None:
         if cpu.first is None:
             cpu.first = time.process_time()
         if result.key not in outstanding and settled.has(result.key):
@@ -101,21 +127,18 @@ async def _run(
         tally.record(result, tier)
         try:
             store.add(result)
-        except DiskFull as exc:  # stop at once; what is journalled stays, the next run goes on from it
-            tally.not_kept(result)  # paid, but not saved: the summary counts only what the next run finds
-            control.fail(exc)
-            return
-        try:
             if store.buffered >= run.checkpoint_rows:
                 store.flush()
-        except DiskFull as exc:  # the answers are journalled: kept
+        except STATE_FAILURES as exc:  # the state folder takes no writes: stop; the answer is held (rescued)
             control.fail(exc)
 
     def checkpoint() -> None:
         try:
             store.flush()
-        except DiskFull as exc:
+        except STATE_FAILURES as exc:
             control.fail(exc)
+
+    control.checkpoint = checkpoint
 
     built_from = fingerprint(job)
     unchanged = not options.fresh and pilot is None and store.rows.is_current(built_from, settled, samples)
@@ -123,6 +146,10 @@ async def _run(
         tally.rows_seen = tally.rows_settled = tally.rows_total
         requests = nothing()
     else:
+        # The first rows are planned here, so a template that fails on each of them is refused (one
+        # line, exit 2) before anything is sent, not raised from inside the sending tasks.
+        batches = plan(job, source, settled)
+        first = next(batches, None)
         store.rows.reset()
         dispatch = Dispatch(
             store.rows,
@@ -135,14 +162,20 @@ async def _run(
             outstanding,
             context_tokens=job.model.context,
         )
-        requests = dispatch.requests(plan(job, source, settled), built_from)
+        requests = dispatch.requests(itertools.chain([] if first is None else [first], batches), built_from)
 
+    control.notify = reporter.event
+    if job.thinking.warning is not None:  # validate and estimate said it too
+        reporter.event("thinking_warning", message=job.thinking.warning)
+    auto_from_facts = _tool_choice_from_facts(job, control, reporter)
     reporter.phase("connecting")
     with endpoint_url(job) as base_url:
         # Nothing to send (an unchanged, finished job): no executor, so the SDK is never even loaded.
         idle = unchanged and given is None and run.mode == "online"
         executor = given or (Idle(job) if idle else make_executor(job, base_url, api_key, accountant.input_estimate))
         reporter.start(job, tally)
+        if not unchanged:
+            summary.check_ledger(job, reporter)  # before the first request: a warning, never a refusal
         try:
             with objects_so_far_frozen():
                 await supervise(
@@ -155,15 +188,22 @@ async def _run(
                     reporter=reporter,
                 )
         finally:
+            for held in breaker.release():  # a run shorter than the breaker's window: its failures stand
+                journal(held)
             checkpoint()
             cpu.close()
             await executor.aclose()
-    sending = summary.sending(job, executor.gauges()) | cpu.summary(tally.answered)
+    if store.broken is not None:
+        _rescue(job, store, tally, control)
+    sending = summary.sending(job, executor.gauges()) | cpu.summary(tally.answered) | _tool_choice(job, control)
+    if control.tool_choice_auto and not auto_from_facts and job.base_url is not None:
+        # Learned in this run: later runs on this endpoint and model start in auto (runner.job.facts).
+        record_facts(job.base_url, job.spec.model.name, source="run", forced_tool_choice=False)
     ending = Ending(tally, control, accountant, started_at)
     if pilot is not None:
-        summary.book_spend(job, tally, store.run_id, reporter)
-        report = record(job, store, ending, 0, False) | sending
-        with contextlib.suppress(DiskFull):
+        booked = summary.book_spend(job, tally, store.run_id, reporter)
+        report = record(job, store, ending, 0, False) | sending | {"ledger": booked}
+        with contextlib.suppress(*STATE_FAILURES):
             store.record_run({**report, "pilot": True})
         if control.aborted is not None or control.failed is not None:  # the pilot could not run: say why
             return RunReport(*summary.outcome(job, control, None, options.resume_command), report)
@@ -173,6 +213,49 @@ async def _run(
     # request was settled before are answered by definition. (This beats joining the whole row map.)
     complete = unchanged or (tally.all_rows_rendered and not outstanding)
     return finish(job, store, ending, options, reporter, complete=complete, sending=sending)
+
+
+def _tool_choice_from_facts(job: Job, control: Control, reporter: Reporter) -> bool:
+    """Start a structured job in tool_choice auto when a fact says this endpoint and model refuse a
+    forced tool (learned by doctor or an earlier run); say so once. True when it did."""
+    if job.shape is None or job.shape.mode != "tool" or job.base_url is None:
+        return False
+    facts = load_facts(job.base_url, job.spec.model.name)
+    if facts.forced_tool_choice is not False:
+        return False
+    control.tool_choice_auto = True
+    reporter.event(
+        "tool_choice_auto",
+        message="this endpoint refuses a forced tool choice; asking with tool_choice auto, validating and "
+        "repairing each answer",
+        learned=f"{facts.source or 'a run'} on {facts.checked or 'an earlier day'}",
+    )
+    return True
+
+
+def _tool_choice(job: Job, control: Control) -> dict[str, Any]:
+    """For the summary: how a structured job asked for its tool call, when it was not forced."""
+    if job.shape is None or job.shape.mode != "tool" or not control.tool_choice_auto:
+        return {}
+    return {"tool_choice": "auto (the endpoint refuses a forced tool choice; answers validated and repaired)"}
+
+
+def _rescue(job: Job, store: Store, tally: Tally, control: Control) -> None:
+    """The state broke: write the answers held in memory to a rescue journal, and say where in the
+    run's last line. If no place takes them they are lost (said too): the summary stops counting them."""
+    held = store.held
+    if not held:
+        return
+    where = store.rescue(job.output_path)
+    failure = control.failed or store.broken
+    assert failure is not None
+    if where is not None:
+        note = f"the {len(held)} answers it held are in {where}, which the next run reads first"
+    else:
+        for result in held:
+            tally.not_kept(result)
+        note = f"the {len(held)} answers it held could be written neither beside the output nor in the temp folder"
+    control.failed = type(failure)(f"{failure}; {note}")
 
 
 class Idle:

@@ -8,6 +8,8 @@ The tree::
     ├── EndpointAborted   (3)     the endpoint refused the whole job (auth, balance, unknown model)
     ├── BudgetExhausted   (4)     run.max_cost reached; dispatch stopped before overspending
     ├── DiskFull          (5)     no space left where the job writes; answers so far are kept
+    ├── StateUnwritable   (74)    the job's state folder stopped taking writes (read-only, immutable,
+    │                             deleted, a file read back torn); answers held are rescued
     └── LockHeld          (75)    another run of the same job holds its lock
 
 Every message says what is wrong and how to fix it; the CLI prints it as one line, without a traceback.
@@ -58,3 +60,25 @@ class DiskFull(GlmBatchError):
     The message names the path; free space there and run the same command again."""
 
     exit_code = 5
+
+
+class StateUnwritable(GlmBatchError):
+    """The job's state folder stopped taking writes mid-run for a reason other than space: made read-only
+    or immutable, deleted, or a file written there read back torn. The run stops dispatching and writes
+    the answers it holds to a rescue journal (runner.state.rescue) that the next run reads first."""
+
+    exit_code = 74  # EX_IOERR (sysexits.h): an input/output error on a file
+
+
+# A write to the job's state that failed: the run stops dispatching and rescues what it holds.
+STATE_FAILURES: tuple[type[GlmBatchError], ...] = (DiskFull, StateUnwritable)
+
+
+def deliberate(group: BaseExceptionGroup[BaseException]) -> GlmBatchError | None:
+    """The first error raised on purpose inside a (possibly nested) exception group, if any: a task
+    group wraps what its tasks raise, and a UsageError must still reach the user as itself."""
+    for exc in group.exceptions:
+        found = deliberate(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if isinstance(found, GlmBatchError):
+            return found
+    return None

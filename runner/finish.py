@@ -10,7 +10,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from runner.errors import DiskFull
+from runner.errors import STATE_FAILURES
 from runner.job.resolve import Job
 from runner.money.accounting import Accountant, Tally
 from runner.observe import summary
@@ -59,7 +59,7 @@ def finish(
     (with `sending`: how this engine sent) and tell the reporter. A full disk stops nothing here: the
     answers are in the store, and the next run writes what could not be written now."""
     control = ending.control
-    summary.book_spend(job, ending.tally, store.run_id, reporter)
+    booked = summary.book_spend(job, ending.tally, store.run_id, reporter)
     failed_rows: int | None = None  # None: not finalized, the output is not complete yet
     skipped_rows = 0  # rows input.nulls: skip kept from being sent: a decision, not a failure
     if control.reason is None and complete:
@@ -71,11 +71,14 @@ def finish(
         shape = OutputShape(
             job.spec.input.id_column or "id", job.shape.fields if job.shape else {}, job.spec.output.samples
         )
+        from runner.state.rescue import state_guard
+
         try:
-            counts = finalize(store, ParquetSink(job.output_path, job.state_dir), shape)
+            with state_guard(job.state_dir, refusals=False):  # the output's own errors are not the state's
+                counts = finalize(store, ParquetSink(job.output_path, job.state_dir), shape)
             failed_rows = sum(n for status, n in counts.items() if status not in ("ok", "skipped"))
             skipped_rows = counts.get("skipped", 0)
-        except DiskFull as exc:
+        except STATE_FAILURES as exc:
             control.fail(exc)
     exit_code, message = summary.outcome(job, control, failed_rows, options.resume_command, skipped_rows)
     if options.fresh and failed_rows is None and options.pilot_rows is None:
@@ -85,7 +88,7 @@ def finish(
             "; this was a --fresh run: resuming without --fresh keeps the earlier answers of the rows it "
             "did not reach (add --fresh to send every row again, those re-sent already included)"
         )
-    report = record(job, store, ending, exit_code, failed_rows is not None) | sending
+    report = record(job, store, ending, exit_code, failed_rows is not None) | sending | {"ledger": booked}
     if failed_rows is not None and job.shape is not None:
         reporter.phase("scoring against gold labels")
         from runner.observe import quality

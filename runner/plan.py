@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import polars as pl
 
-from runner.errors import UsageError
+from runner.errors import STATE_FAILURES, UsageError
 from runner.job.inputs import ID, ROW
 from runner.job.prompts import RequestBuilder, sample_key
 from runner.job.resolve import Job
@@ -32,6 +32,7 @@ from runner.money.tokens import estimate_request
 from runner.records import KEY, Request, Result
 from runner.send.base import Control, Deliver
 from runner.state.files import space_checked
+from runner.state.rescue import state_guard
 from runner.state.rowmap import RowMap
 from runner.state.store import SettledKeys
 
@@ -81,8 +82,14 @@ def plan(job: Job, source: Rows, settled: SettledKeys, batch_rows: int = RENDER_
     builder = RequestBuilder(job)
     first = True
     for whole in source.batches(batch_rows):
-        # The first batch in two steps: its first rows are sent while the rest render.
-        steps = [whole.slice(0, FIRST_STEP_ROWS), whole.slice(FIRST_STEP_ROWS)] if first else [whole]
+        # The first batch in steps: its first rows are checked (a broken template stops after
+        # ALL_FAIL_ROWS rows, not a whole batch of them) and sent while the rest render.
+        steps = (
+            [whole.slice(0, ALL_FAIL_ROWS), whole.slice(ALL_FAIL_ROWS, FIRST_STEP_ROWS - ALL_FAIL_ROWS),
+             whole.slice(FIRST_STEP_ROWS)]
+            if first
+            else [whole]
+        )  # fmt: skip
         for frame in steps:
             if frame.height == 0:
                 continue
@@ -117,9 +124,10 @@ def _check_template(job: Job, rows: list[PlannedRow], whole_input: bool) -> None
     first = rows[:ALL_FAIL_ROWS]
     if not first or (len(first) < ALL_FAIL_ROWS and not whole_input):
         return
-    # A row skipped for a null (input.nulls: skip) says nothing about the template.
+    # A row skipped for a null (input.nulls: skip) says nothing about the template; one over a
+    # rendering limit (render_limit) does, like one the template fails on.
     kinds = {str(row.error).split(":", 1)[0] if row.error is not None else None for row in first
-             if row.error is None or row.error.error_type == "render_error"}  # fmt: skip
+             if row.error is None or row.error.error_type in ("render_error", "render_limit")}  # fmt: skip
     if len(kinds) == 1 and None not in kinds and all(row.error is not None for row in first):
         raise UsageError(
             f"{job.spec_path}: prompt: the template fails on each of the first {len(first)} rows "
@@ -150,17 +158,21 @@ class Dispatch:
         cannot cover the next request; seals it when every input row was rendered."""
         queued = RequestKeys(self.rows.scratch_dir)  # rows' keys queued this run: one request per distinct prompt
         tally = self.tally
+        # The row map and the queued keys' scratch live in the state folder: when it stops taking writes,
+        # dispatch stops (answers in flight still arrive and are held; runner.state.rescue).
+        state_dir = self.rows.rows_dir.parent
         try:
             for batch in batches:
-                self.rows.add(batch.row_map(self.keep_columns))
+                with state_guard(state_dir):
+                    self.rows.add(batch.row_map(self.keep_columns))
                 tally.rows_seen += batch.frame.height
                 # Answered before; or, in a pilot (which sends only its sample of rows), not wanted now.
                 wanted = [row for row in batch.rows if row.error is None and not self._settled(row)]
                 # A row with the same prompt earlier in this run has the same key, the same samples and
                 # the same `done`: its requests were queued then (the row's key stands for all of them).
-                fresh = dict(
-                    zip((id(row) for row in wanted), queued.add_batch([row.key for row in wanted]), strict=True)
-                )
+                with state_guard(state_dir):
+                    flags = queued.add_batch([row.key for row in wanted])
+                fresh = dict(zip((id(row) for row in wanted), flags, strict=True))
                 for row in batch.rows:
                     if row.error is not None:
                         self._render_failure(row)
@@ -189,8 +201,11 @@ class Dispatch:
                         tally.requests_queued += 1
                         yield pending
                 await asyncio.sleep(0)  # let answers in between batches
-            self.rows.seal(fingerprint)  # reached only when every input row was rendered
+            with state_guard(state_dir):
+                self.rows.seal(fingerprint)  # reached only when every input row was rendered
             tally.all_rows_rendered = True
+        except STATE_FAILURES as exc:
+            self.control.fail(exc)
         finally:
             queued.close()  # its scratch files, also when the run stops early or the generator is dropped
 

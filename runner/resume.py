@@ -31,10 +31,10 @@ def settled_keys(job: Job, store: Store, *, fresh: bool, retry_failed: bool, res
         salvaged = _salvage(job, store, reporter)
     if fresh:
         return SettledKeys.none()
-    settled = _settled(store, retry_failed)
+    settled = _settled(job, store, retry_failed, reporter)
     if store.quarantined:  # answers were set aside before: are too many of the last run's lost?
         if not salvaged and lost_beyond_allowance(job, store, settled, rows_total) and _salvage(job, store, reporter):
-            settled = _settled(store, retry_failed)  # the salvaged part counts now
+            settled = _settled(job, store, retry_failed, reporter)  # the salvaged part counts now
         check_resend(job, store, settled, rows_total, resend_lost)
     return settled
 
@@ -52,13 +52,19 @@ def _salvage(job: Job, store: Store, reporter: Reporter) -> int:
     return salvaged
 
 
-def _settled(store: Store, retry_failed: bool) -> SettledKeys:
+def _settled(job: Job, store: Store, retry_failed: bool, reporter: Reporter) -> SettledKeys:
     """The settled keys, read on first use: a re-run of an unchanged finished job may never need them
-    (RowMap.is_current)."""
+    (RowMap.is_current). A part found torn inside while reading them is set aside (said), and the
+    answers the output still holds are taken back before any is sent again."""
     basis = {"parts": file_identities(store.result_parts()), "retry_failed": retry_failed}
 
     def load() -> pl.Series:
+        seen = len(store.corrupt)
         keys = store.settled_keys(retry_failed=retry_failed).series()
+        if len(store.corrupt) > seen:
+            reporter.event("corrupt_parts_quarantined", files=[str(p) for p in store.corrupt[seen:]])
+            if _salvage(job, store, reporter):
+                keys = store.settled_keys(retry_failed=retry_failed).series()
         if file_identities(store.result_parts()) != basis["parts"]:
             settled.basis = None  # read from other files than listed: vouch for nothing in the cover record
         return keys

@@ -58,7 +58,9 @@ def test_a_batch_file_the_api_refuses_stops_the_run_with_one_line(
     make_job: Callable[..., JobFiles], sim: SimulatorThread
 ) -> None:
     sim.configure(batch_max_lines=5)  # the account's limit is lower than run.batch.max_requests
-    files = make_job(rows=sample_rows(20), run={"mode": "batch", "batch": FAST_POLL})
+    files = make_job(
+        rows=sample_rows(20), model={"name": "glm-4-air-250414"}, run={"mode": "batch", "batch": FAST_POLL}
+    )
     result = cli("run", str(files.spec))
     assert result.exit_code in (2, 3), result.stderr
     assert "Traceback" not in result.stderr

@@ -21,6 +21,9 @@ from runner.testing.simulator import SimulatorThread, answer_for
 from tests.conftest import API_KEY, JobFiles, cli, sample_rows
 
 FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}
+# The child process imports this checkout (not whichever one the interpreter has installed).
+CHILD_ENV = {"ZHIPUAI_API_KEY": API_KEY, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent)}
+BATCH_MODEL = {"name": "glm-4-air-250414"}  # on Zhipu's Batch API list (GLM-4.5 and newer are not)
 
 
 def expected(rows: list[dict[str, str]]) -> list[str]:
@@ -40,8 +43,8 @@ def test_a_batch_job_gives_the_online_output_at_half_the_price(
 ) -> None:
     """The same job online and in batch mode: the same columns, the same answers, half the cost."""
     rows = sample_rows(60)
-    online = make_job(rows=rows, name="online")
-    batch = make_job(rows=rows, name="batch", run={"mode": "batch", "batch": FAST_POLL})
+    online = make_job(rows=rows, name="online", model=BATCH_MODEL)
+    batch = make_job(rows=rows, name="batch", model=BATCH_MODEL, run={"mode": "batch", "batch": FAST_POLL})
     assert cli("run", str(online.spec)).exit_code == 0
     result = cli("run", str(batch.spec))
     assert result.exit_code == 0, result.stderr
@@ -60,8 +63,8 @@ def test_labels_come_back_the_same_from_batch_and_online(
     sim.configure(invalid_rate=0.3)
     rows = [{"id": f"r{i}", "text": t} for i, t in enumerate(["great product", "terrible, broken", "fine"] * 10)]
     spec = {"output": {"path": "out/{name}.parquet", "labels": ["positive", "negative", "neutral"]}}
-    online = make_job(rows=rows, name="online", **spec)
-    batch = make_job(rows=rows, name="batch", run={"mode": "batch", "batch": FAST_POLL}, **spec)
+    online = make_job(rows=rows, name="online", model=BATCH_MODEL, **spec)
+    batch = make_job(rows=rows, name="batch", model=BATCH_MODEL, run={"mode": "batch", "batch": FAST_POLL}, **spec)
     assert cli("run", str(online.spec)).exit_code == 0
     assert cli("run", str(batch.spec)).exit_code == 0
     a, b = pl.read_parquet(online.output), pl.read_parquet(batch.output)
@@ -78,7 +81,11 @@ def test_transient_line_failures_and_an_expired_batch_end_with_every_row_answere
     with its own prompt's answer, each paid once."""
     sim.configure(batch_error_rate=0.1, batch_lines_per_s=4000, batch_expire_after_s=0.6)
     rows = sample_rows(5000)
-    files = make_job(rows=rows, run={"mode": "batch", "batch": {**FAST_POLL, "max_requests": 4000, "max_rounds": 10}})
+    files = make_job(
+        rows=rows,
+        model=BATCH_MODEL,
+        run={"mode": "batch", "batch": {**FAST_POLL, "max_requests": 4000, "max_rounds": 10}},
+    )
     result = cli("run", str(files.spec))
     assert result.exit_code == 0, result.stderr[-2000:]
     out = pl.read_parquet(files.output)
@@ -94,8 +101,8 @@ def test_a_line_the_batch_api_refuses_fails_its_row_alone_without_another_round(
     """A line the Batch API answers 400/1261 (a prompt it counts over the window) fails its row at
     once, named after the line's code; the other rows of the batch are answered."""
     sim.configure(token_scale=2.0)  # the endpoint counts twice what our estimator does
-    rows = [*sample_rows(2), {"id": "long", "text": "word " * 100_000}]  # under 200K estimated, over it counted
-    files = make_job(rows=rows, run={"mode": "batch", "batch": FAST_POLL})
+    rows = [*sample_rows(2), {"id": "long", "text": "word " * 70_000}]  # under 131K estimated, over it counted
+    files = make_job(rows=rows, model=BATCH_MODEL, run={"mode": "batch", "batch": FAST_POLL})
     assert cli("run", str(files.spec)).exit_code == 1
     out = pl.read_parquet(files.output)
     assert out.get_column("status").to_list() == ["ok", "ok", "error"]
@@ -110,7 +117,7 @@ def test_a_model_the_batch_api_does_not_take_is_refused_before_anything_is_uploa
     files = make_job(rows=sample_rows(3), model={"name": "glm-5"}, run={"mode": "batch"})
     result = cli("run", str(files.spec))
     assert result.exit_code == 2
-    assert "use run.mode: online" in result.stderr.strip().splitlines()[-1]
+    assert "glm-5 is not on Zhipu's Batch API eligibility list" in result.stderr.strip().splitlines()[-1]
     assert sim.stats()["files"] == 0
 
 
@@ -136,6 +143,11 @@ CRASH = textwrap.dedent(
 )
 
 
+def crash_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a run in a child process: this tree's code, the test's ledger and facts."""
+    return {**CHILD_ENV, "GLM_BATCH_LEDGER": str(tmp_path / "ledger"), "GLM_BATCH_FACTS": str(tmp_path / "facts.json")}
+
+
 @pytest.mark.parametrize(
     ("method", "stage", "nth"),
     [
@@ -151,10 +163,10 @@ def test_a_run_killed_at_any_batch_stage_resumes_without_paying_twice(
     """kill -9 (os._exit) at each step of a batch's life; the next run reattaches, never resubmits."""
     sim.configure(batch_lines_per_s=2000)
     rows = sample_rows(300)
-    files = make_job(rows=rows, run={"mode": "batch", "batch": {**FAST_POLL, "max_requests": 120}})
+    files = make_job(rows=rows, model=BATCH_MODEL, run={"mode": "batch", "batch": {**FAST_POLL, "max_requests": 120}})
     script = tmp_path / "crash.py"
     script.write_text(CRASH.format(method=method, nth=nth))
-    env = {"ZHIPUAI_API_KEY": API_KEY, "PATH": "/usr/bin:/bin", "GLM_BATCH_LEDGER": str(tmp_path / "ledger")}
+    env = crash_env(tmp_path)
     crashed = subprocess.run([sys.executable, str(script), stage, str(files.spec)], env=env, capture_output=True)
     assert crashed.returncode == 9, crashed.stderr.decode()[-2000:]
     result = cli("run", str(files.spec))
@@ -173,6 +185,7 @@ def test_a_hybrid_job_finishes_by_its_deadline_sending_the_stragglers_online(
     rows = sample_rows(200)
     files = make_job(
         rows=rows,
+        model=BATCH_MODEL,
         run={"mode": "hybrid", "deadline": "4s", "concurrency": 8, "batch": {**FAST_POLL, "online_margin_s": 1.5}},
     )
     result = cli("run", str(files.spec))
@@ -199,10 +212,10 @@ def test_status_shows_the_batches_and_cancel_keeps_what_they_finished(
     had finished (billed), and the next run collects those and sends only the rest."""
     sim.configure(batch_lines_per_s=100)
     rows = sample_rows(400)
-    files = make_job(rows=rows, run={"mode": "batch", "batch": FAST_POLL})
+    files = make_job(rows=rows, model=BATCH_MODEL, run={"mode": "batch", "batch": FAST_POLL})
     script = tmp_path / "crash.py"
     script.write_text(CRASH.format(method="create", nth=1))
-    env = {"ZHIPUAI_API_KEY": API_KEY, "PATH": "/usr/bin:/bin", "GLM_BATCH_LEDGER": str(tmp_path / "ledger")}
+    env = crash_env(tmp_path)
     assert subprocess.run([sys.executable, str(script), "after", str(files.spec)], env=env).returncode == 9
     time.sleep(0.5)  # some 50 lines get done
 

@@ -137,8 +137,9 @@ CHAT_BODY_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
 
 @pytest.mark.parametrize(("params", "expected"), [c[1:] for c in CHAT_BODY_CASES], ids=[c[0] for c in CHAT_BODY_CASES])
 def test_chat_body(params: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Each Messages-API request becomes the chat-completions body that asks the same thing."""
-    assert chat_body(params) == expected
+    """Each Messages-API request becomes the chat-completions body that asks the same thing. A request
+    that does not ask for thinking says `disabled`: the native API's default is enabled."""
+    assert chat_body(params) == {"thinking": {"type": "disabled"}, **expected}
 
 
 def test_chat_body_is_json_and_leaves_params_alone() -> None:

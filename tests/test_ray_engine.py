@@ -183,7 +183,7 @@ def test_a_finished_job_run_again_neither_imports_ray_nor_reads_an_answer(make_j
 
 def test_batch_mode_is_refused(make_job) -> None:
     """run.engine: ray with the Batch API is a usage error, in one line."""
-    job = make_job(sample_rows(3), run={"engine": "ray", "mode": "batch"})
+    job = make_job(sample_rows(3), model={"name": "glm-4-air-250414"}, run={"engine": "ray", "mode": "batch"})
     result = cli("run", str(job.spec))
     assert result.exit_code == 2
     assert "batch mode runs on the local engine" in result.stderr

@@ -67,7 +67,9 @@ def test_output_has_the_documented_columns_and_usage(make_job) -> None:
 
 def test_streaming_captures_the_full_message_and_usage(make_job) -> None:
     rows = sample_rows(5)
-    job = make_job(rows, model={"stream": True, "thinking": {"type": "enabled", "budget_tokens": 32}})
+    job = make_job(
+        rows, model={"stream": True, "max_tokens": 256, "thinking": {"type": "enabled", "budget_tokens": 128}}
+    )
 
     assert cli("run", str(job.spec)).exit_code == 0
 
@@ -209,7 +211,7 @@ def test_the_sentiment_job_labels_real_reviews_and_measures_itself(tmp_path) -> 
 
 
 def test_thinking_tokens_are_counted_per_row_and_in_the_summary(make_job) -> None:
-    job = make_job(sample_rows(4), model={"thinking": {"type": "enabled", "budget_tokens": 32}})
+    job = make_job(sample_rows(4), model={"max_tokens": 256, "thinking": {"type": "enabled", "budget_tokens": 128}})
     quiet = make_job(sample_rows(4), name="quiet", model={"thinking": {"type": "disabled"}})
 
     assert cli("run", str(job.spec)).exit_code == 0

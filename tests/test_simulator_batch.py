@@ -36,9 +36,10 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def chat(text: str, model: str = "glm-4.6", **extra: Any) -> dict[str, Any]:
-    """A native chat completions body with the module's system prompt."""
+    """A native chat completions body with the module's system prompt, thinking off (as the runner
+    sends a request that does not ask for it; the native default is on)."""
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
-    return {"model": model, "messages": messages, "max_tokens": 256, **extra}
+    return {"model": model, "messages": messages, "max_tokens": 256, "thinking": {"type": "disabled"}, **extra}
 
 
 def line(custom_id: str, body: Any, url: str = "/v4/chat/completions") -> dict[str, Any]:
@@ -126,14 +127,14 @@ async def test_a_batch_validates_runs_finalizes_and_completes_with_shuffled_resu
 
     assert seen == ["validating", "in_progress", "finalizing", "completed"]
     assert done["request_counts"] == {"total": 20, "completed": 20, "failed": 0}
-    assert done["error_file_id"] is None
+    assert done["error_file_id"] == ""  # real objects: an empty string until the file exists
     assert done["created_at"] <= done["in_progress_at"] <= done["finalizing_at"] <= done["completed_at"]
     status, results = await api.content(done["output_file_id"])
     assert status == 200
     order = [r["custom_id"] for r in results]
     assert sorted(order) == sorted(f"r{i}" for i in range(20)) and order != [f"r{i}" for i in range(20)]
     for r in results:
-        assert r["id"].startswith("batch_req_") and r["response"]["status_code"] == 200
+        assert r["id"] == batch["id"] and "request_id" in r["response"]["body"] and r["response"]["status_code"] == 200
         message = r["response"]["body"]["choices"][0]["message"]
         assert message["content"] == answer_for(f"{SYSTEM}\n{texts[int(r['custom_id'][1:])]}")
     stats = server.stats()
@@ -142,15 +143,16 @@ async def test_a_batch_validates_runs_finalizes_and_completes_with_shuffled_resu
 
 
 async def test_a_batch_line_answers_exactly_as_the_messages_route_does(api: Api) -> None:
-    """Same prompt, same answer and usage: plain text, thinking as reasoning_content, a forced
-    OpenAI-style tool call as the Anthropic tool_use input, json_object mode, and max_tokens cut-offs."""
+    """Same prompt, same answer and usage: plain text, thinking as reasoning_content, an
+    OpenAI-style tool call (tool_choice auto) as the Anthropic tool_use input, json_object mode, and
+    max_tokens cut-offs."""
     tool = {"type": "function", "function": {"name": "label", "parameters": SCHEMA}}
     lines = [
         line("text", chat("the food was great")),
         line("think", chat("the food was great", thinking={"type": "enabled"})),
         line(
             "tool",
-            chat("awful service", tools=[tool], tool_choice={"type": "function", "function": {"name": "label"}}),
+            chat("awful service", tools=[tool], tool_choice="auto"),
         ),
         line("json", chat("the food was great", response_format={"type": "json_object"})),
         line("short", chat("the food was great", max_tokens=8)),
@@ -198,8 +200,7 @@ async def test_invalid_answers_and_repair_turns_behave_as_online(api: Api, serve
     (assistant tool_calls, a tool message, a user message) is accepted and answered validly."""
     server.configure(invalid_rate=1.0)
     tool = {"type": "function", "function": {"name": "label", "parameters": SCHEMA}}
-    forced = {"type": "function", "function": {"name": "label"}}
-    first = chat("great stuff", tools=[tool], tool_choice=forced)
+    first = chat("great stuff", tools=[tool], tool_choice="auto")
     batch, _ = await api.wait((await api.submit([line("a", first)]))["id"])
     _, [result] = await api.content(batch["output_file_id"])
     call = result["response"]["body"]["choices"][0]["message"]["tool_calls"][0]
@@ -255,7 +256,7 @@ async def test_with_checks_deferred_a_bad_file_is_accepted_and_its_batch_fails_v
     failed, seen = await api.wait(batch["id"])
     assert seen == ["validating", "failed"]
     assert "one model" in failed["errors"]["data"][0]["message"]
-    assert failed["output_file_id"] is None and failed["failed_at"] is not None
+    assert failed["output_file_id"] == "" and failed["failed_at"] is not None
     assert server.stats()["billed"]["batch"] == 0
 
 
@@ -277,7 +278,10 @@ async def test_creating_a_batch_checks_endpoint_metadata_eligibility_and_the_que
 
     real = catalog.models()
     server.configure(batch_refuse_ineligible=True)
-    assert (await api.create(file["id"]))[0] == 200  # no `batch` field in the catalogue: eligible
+    assert (await api.create(file["id"]))[0] == 400  # the catalogue marks glm-4.6 batch: not eligible
+    eligible = catalog.models()["glm-4-air-250414"]
+    monkeypatch.setattr(catalog, "models", lambda: {**real, "glm-4.6": eligible})
+    assert (await api.create(file["id"]))[0] == 200
     monkeypatch.setattr(catalog, "models", lambda: {**real, "glm-4.6": _Ineligible(real["glm-4.6"])})
     status, err = await api.create(file["id"])
     assert status == 400 and "not available for the Batch API" in err["error"]["message"]
@@ -286,7 +290,7 @@ async def test_creating_a_batch_checks_endpoint_metadata_eligibility_and_the_que
     server.configure(batch_refuse_ineligible=False, batch_queue_cap=6, batch_validating_s=0.3)
     first = await api.create(file["id"])
     status, err = await api.create(file["id"])
-    assert first[0] == 200 and status == 400 and "queue" in err["error"]["message"], err
+    assert first[0] == 200 and status == 429 and "queue" in err["error"]["message"], err
     await api.wait(first[1]["id"])
     assert (await api.create(file["id"]))[0] == 200
 
@@ -333,7 +337,8 @@ async def test_a_test_can_expire_or_fail_a_batch_on_demand(api: Api, server: Sim
     validating = await api.submit([line("a", chat("t"))])
     server.fail_batch(validating["id"], "line 1: model not allowed")
     failed, _ = await api.wait(validating["id"])
-    assert failed["status"] == "failed" and failed["errors"]["data"][0]["message"] == "line 1: model not allowed"
+    error = failed["errors"]["data"][0]
+    assert failed["status"] == "failed" and (error["line"], error["message"]) == (1, "model not allowed"), error
 
 
 async def test_a_cancelled_batch_keeps_the_results_it_had(api: Api, server: SimulatorThread) -> None:

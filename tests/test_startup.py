@@ -143,6 +143,6 @@ def test_a_run_imports_the_sdk_early_only_when_it_will_send(
     elif change == "the prompt":
         overrides = ["prompt.template=Summarise briefly: {{ text }}"]
     elif change == "batch mode":
-        overrides = ["run.mode=batch"]
+        overrides = ["run.mode=batch", "model.name=glm-4-air-250414"]
     job = load_job(files.spec, overrides)
     assert will_send_online(job, fresh=change == "--fresh") is sends

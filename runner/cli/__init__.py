@@ -1,9 +1,9 @@
-"""The command line: `glm-batch run | estimate | validate | status | show | usage | report | models | schema | init`.
+"""The command line: `glm-batch run | estimate | validate | doctor | status | show | usage | report | ...`.
 
 This package holds the typer app, its entry point `main`, the options and helpers every command
 shares (`_guarded`, `_load`, `_console`...), and registers the commands, which live by concern in
-`run` (run, estimate, simulate), `inspect` (usage, report, status, models) and `scaffold` (schema,
-validate, init); `tables` draws the tables they print.
+`run` (run, estimate, simulate), `inspect` (usage, report, status, models), `scaffold` (schema,
+validate, init) and `doctor` (the first-real-run probe); `tables` draws the tables they print.
 
 Every error glm-batch raises on purpose is printed as one line (`glm-batch: error: ...`) and ends the
 process with its exit code; see the README for the table of codes.
@@ -34,7 +34,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from runner import __version__
-from runner.errors import GlmBatchError, NothingToDo
+from runner.errors import GlmBatchError, NothingToDo, deliberate
 
 P = TypeVar("P")
 
@@ -69,6 +69,7 @@ def _typer() -> typer.Typer:
         cls=_Group,
         add_completion=True,
         no_args_is_help=True,
+        pretty_exceptions_enable=False,  # nothing escapes `_guarded` and `main` as a traceback
         help="Batch prompt processing against Zhipu's GLM models (Anthropic-compatible Messages API).",
     )
 
@@ -104,26 +105,43 @@ app.callback()(_main)
 
 
 def _guarded(fn: Callable[[], T]) -> T:
-    """Run `fn`; turn a GlmBatchError into its one-line message and exit code."""
+    """Run `fn`: the exception boundary of every command. A GlmBatchError becomes its one-line message
+    and exit code (also when a task group wrapped it in an ExceptionGroup); anything else becomes one
+    line and a crash log (exit 70, see runner.cli.boundary)."""
     try:
-        return fn()
+        try:
+            return fn()
+        except ExceptionGroup as group:
+            raise deliberate(group) or group from None
     except NothingToDo as exc:  # a normal day for a cron job: a notice, not an error
         print(f"glm-batch: {exc}")
         raise typer.Exit(0) from None
     except GlmBatchError as exc:
         print(f"glm-batch: error: {exc}", file=sys.stderr)
         raise typer.Exit(exc.exit_code) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:  # the boundary: never a traceback on the terminal; cancellation passes
+        from runner.cli.boundary import crash
+
+        raise typer.Exit(crash(exc)) from None
 
 
 def _load(
-    spec: Path, overrides: list[str] | None, limit: int | None, *, check_templates: bool = True, writes: bool = True
+    spec: Path,
+    overrides: list[str] | None,
+    limit: int | None,
+    *,
+    check_templates: bool = True,
+    writes: bool = True,
+    sends: bool = True,
 ) -> Job:
     from runner.job.resolve import load_job
 
     items = list(overrides or [])
     if limit is not None:
         items.append(f"input.limit={limit}")
-    return load_job(spec, items, check_templates=check_templates, writes=writes)
+    return load_job(spec, items, check_templates=check_templates, writes=writes, sends=sends)
 
 
 def api_key_for(job: Job) -> str:
@@ -141,8 +159,16 @@ def _console() -> Any:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app_for(sys.argv[1:])()
+    """Console-script entry point: standard streams that cannot fail the run, and no traceback ever
+    (an unexpected error is one line and a crash log, exit 70; see runner.cli.boundary)."""
+    from runner.cli.boundary import crash, ensure_utf8_mode, harden_streams
+
+    ensure_utf8_mode()
+    harden_streams()
+    try:
+        app_for(sys.argv[1:])()
+    except Exception as exc:  # what escaped a command's own boundary (typer's parsing, an import)
+        sys.exit(crash(exc))
 
 
 def app_for(args: list[str]) -> typer.Typer:
@@ -164,7 +190,7 @@ def app_for(args: list[str]) -> typer.Typer:
 
 # The commands live in modules by concern and register here, after the app and the helpers they use,
 # in the order `glm-batch --help` lists them.
-from runner.cli import inspect, run, scaffold, show  # noqa: E402
+from runner.cli import doctor, inspect, run, scaffold, show  # noqa: E402
 from runner.cli.scaffold import job_schema, job_schema_text, starter_job  # noqa: E402
 from runner.cli.tables import _estimate_table, _models_table, _usage_table  # noqa: E402
 
@@ -176,6 +202,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
         inspect.usage,
         inspect.report,
         scaffold.validate,
+        doctor.doctor,
         inspect.status,
         show.show,
         inspect.cancel,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -41,7 +42,10 @@ def usage(
         bad = [k for k in keys if k not in ("job", "model", "day", "endpoint")]
         if bad or not keys:
             raise UsageError(f"--by {by!r}: choose from job, model, day, endpoint")
-        frame, simulated = ledger.usage(), ledger.usage(simulated=True)
+        skipped: list[tuple[Path, str]] = []
+        frame, simulated = ledger.usage(skipped=skipped), ledger.usage(simulated=True, skipped=skipped)
+        for path, why in skipped:  # a torn file: the rest of the ledger is still worth reading
+            print(f"glm-batch: warning: skipped {path}: it does not read ({why})", file=sys.stderr)
         if since is not None:
             try:
                 start = dt.date.fromisoformat(since)
@@ -79,34 +83,65 @@ def report(
         str | None, typer.Option("--gold", metavar="COLUMN", help="For an output file: the column with gold labels.")
     ] = None,
     set_: SetOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Let --html replace an existing file that glm-batch did not write.")
+    ] = False,
 ) -> None:
     """Print what a finished run did and, with gold labels, how good its answers were (and draw it as HTML)."""
 
     def go() -> None:
+        from runner.job.paths import job_files, output_files
         from runner.observe.report import load_report, print_report
-        from runner.observe.report_html import html_page
+        from runner.observe.report_html import HTML_MARK, html_page
+        from runner.state.files import write_text
 
         if target.suffix == ".parquet":
             if not target.exists():
                 raise UsageError(f"{target}: no such output file")
             found = load_report(target, gold=gold)
+            protected = output_files(target)
         else:
             if gold is not None:
                 raise UsageError(
                     f"--gold {gold}: names the gold column of an output file; for a job, set eval.gold_column "
                     f"in {target} (or --set eval.gold_column={gold})"
                 )
-            job = _load(target, set_, None)
+            job = _load(target, set_, None, sends=False)
             if not job.output_path.exists():
                 raise UsageError(f"{job.output_path} does not exist yet; run the job first: glm-batch run {target}")
             found = load_report(job.output_path, job=job)
+            protected = job_files(job)
+        if html is not None:  # written, or refused in one line, before the report is printed
+            write_text(html, html_page(found), key="--html", protected=protected, ours=HTML_MARK, force=force)
         console = _console()
         print_report(found, console)
         if html is not None:
-            html.write_text(html_page(found), encoding="utf-8")
             console.print(f"wrote {html}")
 
     _guarded(go)
+
+
+def _cascade_status(job: Any) -> None:
+    """`status` of a cascade job: each stage's last run, and the last cascade's outcome."""
+    from runner.cascade.stages import read_cascade_summary
+
+    home = job.state_dir / "cascade"
+    for stage in ("proxy", "oracle"):
+        runs = _runs(home / stage)
+        if not runs:
+            print(f"{job.name}: {stage} stage never run (state would be in {home / stage})")
+            continue
+        last = runs[-1]
+        print(
+            f"{stage} stage, last run {last['run_id']}: exit {last['exit_code']}, {last['answered_ok']} ok, "
+            f"{last['answered_error']} failed, stopped: {last['stopped'] or 'no'}"
+        )
+    done = read_cascade_summary(job.output_path)
+    if done is not None:
+        print(
+            f"last cascade: {done['rows_kept_from_proxy']} of {done['rows']} rows kept from {done['proxy']}; "
+            f"the output {done['guarantee']}"
+        )
 
 
 def status(spec: SpecArg, set_: SetOpt = None) -> None:
@@ -117,13 +152,16 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
         from runner.state.lock import JobLock
 
         # The templates stay unparsed (no jinja2): status renders nothing, and writes nothing either.
-        job = _load(spec, set_, None, check_templates=False, writes=False)
+        job = _load(spec, set_, None, check_templates=False, writes=False, sends=False)
         holder = JobLock(job.state_dir / "lock").holder()
         if holder is not None:
             print(
                 f"a run is in progress: pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
                 f"since {holder.get('started', '?')}"
             )
+        if job.spec.output.cascade is not None:  # its stages keep their own state (runner.cascade.stages)
+            _cascade_status(job)
+            return
         runs = _runs(job.state_dir)
         progress = _progress(job)
         if not runs and progress is None:
@@ -208,7 +246,14 @@ def models(as_json: JsonOpt = False) -> None:
     _guarded(go)
 
 
-def cancel(spec: SpecArg, set_: SetOpt = None) -> None:
+def cancel(
+    spec: SpecArg,
+    set_: SetOpt = None,
+    purge: Annotated[
+        bool,
+        typer.Option("--purge", help="Also delete the job's files at Zhipu (inputs, and results already collected)."),
+    ] = False,
+) -> None:
     """Cancel the job's open batches (batch mode). What they finished is billed and kept for the next run."""
     import asyncio
 
@@ -216,13 +261,13 @@ def cancel(spec: SpecArg, set_: SetOpt = None) -> None:
         from runner.send.batch_admin import cancel_batches
         from runner.send.endpoints import endpoint_url
 
-        job = _load(spec, set_, None)
+        job = _load(spec, set_, None, sends=False)  # batches a run made before the batch rule can still be cancelled
         if job.base_url is None:
             raise UsageError(
                 f"{spec}: the built-in simulator's batches end with the run that started them; nothing to cancel"
             )
         with endpoint_url(job) as base_url:
-            report = asyncio.run(cancel_batches(job, api_key_for(job), base_url))
+            report = asyncio.run(cancel_batches(job, api_key_for(job), base_url, purge=purge))
         console = _console()
         for batch in report["batches"]:
             billed = f"; {batch['billed_lines']} lines were already done (billed)" if "billed_lines" in batch else ""
@@ -231,5 +276,10 @@ def cancel(spec: SpecArg, set_: SetOpt = None) -> None:
             f"{len(report['batches'])} batches asked to cancel; {report['billed_lines']} lines already billed "
             "are kept: the next `glm-batch run` collects them and sends the rest"
         )
+        if purge:
+            console.print(
+                f"{report['files_deleted']} files deleted at Zhipu; results not collected yet are kept until "
+                "`glm-batch run` collects them"
+            )
 
     _guarded(go)

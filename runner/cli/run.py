@@ -101,6 +101,16 @@ def _dry_run(spec: Path, set_: list[str] | None, limit: int | None, *, fresh: bo
     _print_estimate(report)
     cost, cur = report["cost"], report["currency"]
     cap = job.spec.run.max_cost
+    cascade = report.get("cascade")
+    if cascade is not None:
+        c = cascade["cost"]
+        print(
+            f"dry run: a cascade; {cascade['proxy']} would send {cascade['proxy_requests']:,} requests, then "
+            f"{cascade['oracle']} answer a calibration sample and the rows it is unsure of: expected "
+            f"{c['expected']:.4f} {cur} ({c['low']:.4f} to {c['high']:.4f}) against {cost['expected']:.4f} "
+            "for the oracle alone; nothing was sent"
+        )
+        return
     print(
         f"dry run: would send {report['requests_to_send']:,} requests for {report['rows']:,} rows "
         f"({report['rows_answered_already']:,} already answered), expected {cost['expected']:.4f} {cur}, "
@@ -149,10 +159,13 @@ def estimate(
                 reporter=make_reporter("json" if as_json else "auto"),
             )
         )
+        warning = job.thinking.warning  # reasoning that may not fit max_tokens: said before spending
         if as_json:
-            print(json.dumps(report, indent=2))
+            print(json.dumps({**report, "warnings": [warning] if warning else []}, indent=2))
         else:
             _print_estimate(report)
+            if warning is not None:
+                print(f"warning: {warning}", file=sys.stderr)
 
     _guarded(go)
 
@@ -162,7 +175,9 @@ def _print_estimate(r: dict[str, Any]) -> None:
 
 
 def simulate(
-    port: Annotated[int, typer.Option("--port", metavar="PORT", help="Port on 127.0.0.1 (0 picks one).")] = 8765,
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, metavar="PORT", help="Port on 127.0.0.1 (0 picks one).")
+    ] = 8765,
     latency: Annotated[float, typer.Option("--latency", metavar="SECONDS", help="Seconds before each answer.")] = 0.0,
     jitter: Annotated[
         float, typer.Option("--jitter", metavar="SECONDS", help="Extra random latency, up to this many seconds.")
@@ -184,5 +199,15 @@ def simulate(
     config = SimConfig(
         latency_s=latency, latency_jitter_s=jitter, concurrency_cap=cap, fault_rate=fault_rate, seed=seed
     )
+
+    def go() -> None:
+        try:
+            asyncio.run(serve_forever(port, config))
+        except OSError as exc:  # the port is taken, or not ours to take (below 1024 without privileges)
+            raise UsageError(
+                f"--port {port}: cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}); "
+                "choose another port (--port 0 picks a free one)"
+            ) from None
+
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a standalone simulator is stopped
-        asyncio.run(serve_forever(port, config))
+        _guarded(go)

@@ -34,18 +34,31 @@ def job_schema_text() -> str:
     return json.dumps(job_schema(), indent=2, ensure_ascii=False) + "\n"
 
 
+# What every schema glm-batch writes contains (its title): `schema -o` replaces such a file without --force.
+SCHEMA_MARK = '"title": "JobSpec"'
+
+
 def schema(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", metavar="FILE", help="Write it to this file instead of stdout.")
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Let -o replace an existing file that glm-batch did not write.")
+    ] = False,
 ) -> None:
     """Print the JSON Schema of a job spec (for editors; configs/job.schema.json is this output)."""
     text = job_schema_text()
     if output is None:
         sys.stdout.write(text)
-    else:
-        output.write_text(text, encoding="utf-8")
+        return
+
+    def go() -> None:
+        from runner.state.files import write_text
+
+        write_text(output, text, key="-o", ours=SCHEMA_MARK, force=force)
         print(f"wrote {output}")
+
+    _guarded(go)
 
 
 def validate(
@@ -93,6 +106,11 @@ def validate(
             for message in messages:  # prompt.messages: each turn, under its role
                 console.print(f"[bold]{message['role']}:[/]", markup=True)
                 console.print(message["content"], markup=False)
+        thinking = job.thinking
+        if thinking.note is not None:
+            console.print(thinking.note, markup=False)
+        if thinking.warning is not None:
+            console.print(f"warning: {thinking.warning}", markup=False)
         samples = job.spec.output.samples
         each = f" x {samples} samples = {source.rows * samples} requests" if samples > 1 else ""
         console.print(
@@ -118,17 +136,19 @@ def init(
     """Write a commented starter job for an input file's columns (never overwrites a file)."""
 
     def go() -> None:
+        from runner.state.files import write_error, write_text
+
         target = output if output is not None else Path("jobs") / f"{input_path.stem}.yaml"
         if target.exists():
             raise UsageError(f"{target} already exists; pass --output another.yaml or remove it first")
         columns, first = _peek(input_path)
         text = starter_job(input_path, target, columns, first)
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with target.open("x", encoding="utf-8") as f:  # "x": never replace a file created meanwhile
-                f.write(text)
-        except FileExistsError:
-            raise UsageError(f"{target} already exists; pass --output another.yaml or remove it first") from None
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(target.parent, exc, "--output") from None
+        # exclusive: never replace a file, even one created meanwhile; never the input it describes.
+        write_text(target, text, key="--output", protected=[(input_path, "the input")], exclusive=True)
         print(f"wrote {target}; edit its prompt, then: glm-batch validate {target}")
 
     _guarded(go)

@@ -84,9 +84,28 @@ def _estimate_table(r: dict[str, Any]) -> Table:
             f"{wall['latency_s_per_request']} s a request ({wall['latency_basis']})",
         ),
     ]
+    cascade = r.get("cascade")
+    if cascade is not None:
+        rows.extend(_cascade_rows(cascade, cur))
     if not r["prices_confirmed"]:
         rows.append(("note", f"the {cur} prices of {r['model']} are not confirmed (configs/models.yaml)"))
     return _pairs(f"estimate: {r['job']} ({r['model']} on {r['endpoint']})", rows)
+
+
+def _cascade_rows(c: dict[str, Any], cur: str) -> list[tuple[str, str]]:
+    """A cascade job: the figures above are the oracle alone; these are the cascade's."""
+    cost, share, oracle_share = c["cost"], c["share_of_oracle_only"], c["oracle_share"]
+    pct = {k: "-" if v is None else f"{v:.0%}" for k, v in share.items()}
+    return [
+        ("cascade", f"{c['proxy']} answers every row ({c['proxy_requests']:,} requests, "
+                    f"{c['proxy_cost']['expected']:.4f} {cur}); {c['oracle']} the rest; {c['guarantee']}"),
+        ("oracle only", f"{c['oracle_only_cost']['expected']:.4f} {cur} expected (the cost row above)"),
+        ("cascade cost", f"{cost['low']:.4f} / {cost['expected']:.4f} / {cost['high']:.4f} {cur} "
+                         f"(low / expected / high: {pct['low']} / {pct['expected']} / {pct['high']} of oracle only)"),
+        ("", f"oracle answers {oracle_share['low']:.0%} / {oracle_share['expected']:.0%} / 100% of rows; "
+             f"low: a proxy that always agrees (calibration only); high: a useless proxy; "
+             f"expected: {oracle_share['basis']}"),
+    ]  # fmt: skip
 
 
 def _mode_rows(modes: dict[str, Any], cur: str) -> list[tuple[str, str]]:
@@ -97,7 +116,7 @@ def _mode_rows(modes: dict[str, Any], cur: str) -> list[tuple[str, str]]:
         if not m:
             continue
         if m.get("eligible") is False:
-            rows.append((f"{mode} mode", "not available: the Batch API does not take this model"))
+            rows.append((f"{mode} mode", f"not available: {m.get('why') or 'the Batch API does not take this model'}"))
             continue
         low, high = m.get("cost_range", [m.get("cost"), m.get("cost")])
         cost = f"{m['cost']:.4f} {cur}" if "cost" in m else f"{low:.4f} to {high:.4f} {cur}"

@@ -28,7 +28,7 @@ from runner.distributed.engine import Progress, Shape
 from runner.distributed.limiter import connect
 from runner.distributed.rows import read_rows
 from runner.distributed.worker import REPORT, Sender, SenderConfig
-from runner.errors import DiskFull, EndpointAborted
+from runner.errors import DiskFull, EndpointAborted, StateUnwritable
 from runner.job.inputs import InputSource
 from runner.job.resolve import Job
 from runner.money.accounting import Accountant, Tally
@@ -200,7 +200,8 @@ def _take(block: pl.DataFrame, store: Store, tally: Tally, control: Control, pro
             control.aborted = EndpointAborted(report["aborted"])
             control.stop("aborted")
         elif report["failed"]:
-            control.fail(DiskFull(report["failed"]))
+            broke = StateUnwritable if report.get("failed_code") == StateUnwritable.exit_code else DiskFull
+            control.fail(broke(report["failed"]))
         elif report["stopped"] == "budget":
             control.end_dispatch("budget")
 

@@ -35,6 +35,7 @@ from runner.plan import ALL_FAIL_ROWS, plan
 from runner.resume import settled_keys
 from runner.runs import RunOptions, RunReport, fingerprint
 from runner.send.base import Control
+from runner.state.rescue import find_rescued
 from runner.state.store import Store
 
 BLOCK_ROWS = 500  # rows per block sent by one actor call: a unit of retry and of journal flushing
@@ -70,6 +71,7 @@ async def run_on_ray(
     store = Store(job.state_dir, f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}", rows=job.row_map)
     store.open()
     try:
+        store.adopt_rescued(find_rescued(job.output_path, job.state_dir))  # left by a run whose state broke
         return await _run(job, source, store, api_key, options, reporter, shape or Shape())
     finally:
         store.close()
@@ -104,6 +106,7 @@ async def _run(
         from runner.distributed.cluster import send_on_ray  # Ray's import alone takes seconds
 
         store.rows.reset()
+        summary.check_ledger(job, reporter)  # before the first request: a warning, never a refusal
         limits = await send_on_ray(
             job, source, store, api_key, settled, accountant, tally, control, progress, reporter, shape
         )

@@ -31,7 +31,7 @@ import pyarrow as pa
 import ray
 
 from runner.distributed.slots import LeasedSlots
-from runner.errors import DiskFull
+from runner.errors import STATE_FAILURES
 from runner.job.inputs import ROW, InputSource
 from runner.job.resolve import Job
 from runner.money.accounting import Accountant, Tally
@@ -205,7 +205,7 @@ class Sender:
                 self._store.add(result)
                 if self._store.buffered >= job.spec.run.checkpoint_rows:
                     self._store.flush()
-            except DiskFull as exc:
+            except STATE_FAILURES as exc:  # the state takes no writes (full, read-only, deleted)
                 control.fail(exc)
             results.append((result_to_json(result), tier))
 
@@ -228,7 +228,7 @@ class Sender:
             shutil.rmtree(lines.scratch_dir, ignore_errors=True)  # RequestKeys.close removes its files, not the dir
             try:
                 self._store.flush()  # durable as a part before the block's lines are returned
-            except DiskFull as exc:
+            except STATE_FAILURES as exc:  # the state takes no writes (full, read-only, deleted)
                 control.fail(exc)
         await config.limiter.release_claims.remote(block)
         report = {
@@ -239,6 +239,7 @@ class Sender:
             "stopped": control.reason,
             "aborted": str(control.aborted) if control.aborted else None,
             "failed": str(control.failed) if control.failed else None,
+            "failed_code": control.failed.exit_code if control.failed else None,
             "retries": control.retries,
             "worker": self.worker_id,
             "deferred": sorted(others - answered),  # sent by the block that owns them

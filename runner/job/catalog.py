@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runner.errors import UsageError
+from runner.job.reading import load_yaml, read_text_file
 
 
 class Endpoint(BaseModel):
@@ -52,12 +52,23 @@ class PriceTier(BaseModel):
 
 
 class CurrencyPrices(BaseModel):
-    """A model's tiers in one currency, and whether the figures are confirmed from Zhipu's own pages."""
+    """A model's tiers in one currency, whether the figures are confirmed from Zhipu's own pages
+    (else reported by a third party), and where they come from."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     confirmed: bool
-    tiers: list[PriceTier]
+    source: str = ""
+    tiers: list[PriceTier] = Field(min_length=1)
+
+
+class Sourced(BaseModel):
+    """Where a figure comes from: confirmed on Zhipu's own pages, or reported (or guessed) elsewhere."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    confirmed: bool
+    source: str
 
 
 class BatchInfo(BaseModel):
@@ -68,6 +79,7 @@ class BatchInfo(BaseModel):
 
     eligible: bool
     confirmed: bool = False
+    source: str = ""
     price_share: float = Field(default=0.5, ge=0, le=1)
 
 
@@ -81,6 +93,11 @@ class ModelInfo(BaseModel):
     concurrency: int
     batch: BatchInfo = BatchInfo(eligible=False)
     prices: dict[str, CurrencyPrices] = Field(default_factory=dict)
+    # A currency with no price known, and why (not offered on that platform, no price published):
+    # estimate and max_cost refuse the model there by name rather than guess.
+    unpriced: dict[str, str] = Field(default_factory=dict)
+    # Where context, max_output and concurrency come from.
+    sources: dict[Literal["context", "max_output", "concurrency"], Sourced] = Field(default_factory=dict)
 
 
 def configs_dir() -> Path:
@@ -93,17 +110,12 @@ def configs_dir() -> Path:
     return packaged if packaged.is_dir() else package.parent / "configs"
 
 
-# libyaml's parser, where PyYAML was built with it: the same safe loading (the constructor and resolver are
-# PyYAML's own), about seven times faster; models.yaml took 40 ms in pure Python, paid by every command.
-_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 def _load_yaml(name: str) -> dict[str, Any]:
     path = configs_dir() / name
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SafeLoader)
-    except (OSError, yaml.YAMLError) as exc:
-        raise UsageError(f"{path}: cannot read the catalogue ({exc}); reinstall glm-batch or fix the file") from exc
+        data = load_yaml(read_text_file(path, str(path), "the catalogue"), origin=str(path))
+    except UsageError as exc:
+        raise UsageError(f"{exc}; reinstall glm-batch or fix the catalogue") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping of names to entries")
     return data
@@ -120,8 +132,12 @@ def endpoints() -> dict[str, Endpoint]:
 
 @cache
 def models() -> dict[str, ModelInfo]:
-    """The model catalogue from configs/models.yaml."""
+    """The model catalogue from configs/models.yaml (keys starting with `_` hold shared YAML anchors)."""
     try:
-        return {name: ModelInfo.model_validate(v) for name, v in _load_yaml("models.yaml").items()}
+        return {
+            name: ModelInfo.model_validate(v)
+            for name, v in _load_yaml("models.yaml").items()
+            if not str(name).startswith("_")
+        }
     except ValidationError as exc:
         raise UsageError(f"configs/models.yaml: {exc}") from exc

@@ -37,6 +37,14 @@ class Facts:
     source: str | None = None  # "doctor" or "run"
 
 
+SIMULATOR = "simulator"  # the in-process simulator's key (`model.endpoint: simulator`: its port changes per run)
+
+
+def endpoint_id(base_url: str | None) -> str:
+    """The endpoint part of a facts key for a job's base URL (None: the in-process simulator)."""
+    return base_url if base_url is not None else SIMULATOR
+
+
 def facts_path() -> Path:
     """Where the facts file lives."""
     configured = os.environ.get("GLM_BATCH_FACTS")

@@ -106,6 +106,13 @@ def open_input(job: Job) -> InputSource:
             f"{'input.columns does not list' if spec.columns is not None else 'the input does not have'}; "
             f"input columns are {', '.join(columns)}" + _spaced_hint(columns)
         )
+    private = sorted(template_vars & {ROW, ID})
+    if private:
+        raise UsageError(
+            f"{where}: prompt: the template reads {private[0]!r}, a name the runner keeps for its own "
+            f"({ROW}: the row's position, {ID}: its id), so the input column of that name would never reach "
+            "the prompt; rename the column in the input"
+        )
     _require(list(job.keep_columns), columns, where, "output.keep_columns")
     if spec.id_column is not None:
         _require([spec.id_column], columns, where, "input.id_column")
@@ -153,7 +160,10 @@ def _agree_on_types(
 ) -> list[pl.LazyFrame]:
     """Make the inputs' column types agree so they concatenate: ids are compared as text anyway, so an
     id column that is a number in one file and text in another is read as text; any other column the
-    job uses must have one type in every file."""
+    job uses must have one type in every file. A column the job never reads may differ: it is left out."""
+    differ = [c for c in schemas[0].names() if c not in used and any(s[c] != schemas[0][c] for s in schemas[1:])]
+    if differ:
+        frames = [f.drop(differ) for f in frames]
     if id_column is not None:
         dtype = schemas[0][id_column]
         if dtype.is_nested() or dtype == pl.Object or dtype == pl.Null:
@@ -187,10 +197,19 @@ def _stats(
     """
     where = str(job.spec_path)
     id_column = job.spec.input.id_column
-    names = list(whole.collect_schema().names())
+    schema = whole.collect_schema()
+    names = list(schema.names())
     # A CSV is checked whole: polars reads a projection of it without noticing a row with extra fields.
     counted = names if any(p.suffix in _TEXT_FORMATS for p in paths) else used or names[:1]
     exprs = [pl.col(c).is_null().alias(f"nulls:{c}") for c in counted]
+    # A null inside a list or struct the prompt reads counts as that column's null (input.nulls).
+    nested = {c: _nested_null(pl.col(c), schema[c]) for c in prompt_columns}
+    exprs += [
+        (pl.col(c).is_null() | inside.fill_null(False)).alias(f"nulls:{c}")
+        for c, inside in nested.items()
+        if inside is not None
+    ]
+    exprs = list({e.meta.output_name(): e for e in exprs}.values())  # the nested check replaces the plain one
     if id_column is not None:
         exprs.append(pl.col(id_column).cast(pl.String).hash().alias("ids"))
     try:
@@ -204,6 +223,24 @@ def _stats(
     if id_column is not None:
         stats["ids"] = flags.get_column("ids").n_unique()
     return stats
+
+
+def _nested_null(expr: pl.Expr, dtype: Any) -> pl.Expr | None:
+    """True where a list or struct value holds a null somewhere inside it; None for a flat column."""
+    if isinstance(dtype, pl.Array):
+        return _nested_null(expr.arr.to_list(), pl.List(dtype.inner))
+    if isinstance(dtype, pl.List):
+        inner = _nested_null(pl.element(), dtype.inner)
+        element = pl.element().is_null() if inner is None else pl.element().is_null() | inner.fill_null(False)
+        return expr.list.eval(element).list.any()
+    if isinstance(dtype, pl.Struct):
+        flags = []
+        for field in dtype.fields:
+            value = expr.struct.field(field.name)
+            inner = _nested_null(value, field.dtype)
+            flags.append(value.is_null() if inner is None else value.is_null() | inner.fill_null(False))
+        return expr.is_not_null() & pl.any_horizontal(flags) if flags else None
+    return None
 
 
 def _unreadable(paths: list[Path], limit: int | None, where: str, exc: BaseException) -> str:
@@ -259,7 +296,8 @@ def _check_nulls(prompt_columns: tuple[str, ...], stats: dict[str, Any], where: 
         return
     detail = ", ".join(f"{c!r} in {n}" for c, n in per_column.items())
     raise UsageError(
-        f"{where}: input.nulls: {stats['null_rows']} rows have a null in a column the prompt uses ({detail}); "
+        f"{where}: input.nulls: {stats['null_rows']} rows have a null in (or inside: a list element, a struct "
+        f"field) a column the prompt uses ({detail}); "
         "fill them, or set input.nulls: skip (record those rows as failed, unsent) or input.nulls: empty "
         "(render a null as '')"
     )

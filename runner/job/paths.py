@@ -4,14 +4,20 @@ before anything runs (not an input, not matched by an input pattern, writable, a
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner.errors import UsageError
 from runner.job.spec import JobSpec
+
+if TYPE_CHECKING:
+    from runner.job.resolve import Job
 
 INPUT_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
 
@@ -46,9 +52,19 @@ def within(path: str, other: str) -> bool:
 
 
 def check_not_an_input(
-    path: Path, what: str, key: str, spec: JobSpec, base: Path, spec_path: Path, inputs: tuple[Path, ...], where: str
+    path: Path,
+    what: str,
+    key: str,
+    spec: JobSpec,
+    base: Path,
+    spec_path: Path,
+    inputs: tuple[Path, ...],
+    where: str,
+    *,
+    folder: bool = False,
 ) -> None:
-    """Refuse an output or state directory that would overwrite (or, on the next run, be read as) input.
+    """Refuse an output or a folder the run writes in (`folder`: the state directory, the usage ledger)
+    that would overwrite (or, on the next run, be read as) input.
 
     The output path is compared with every input file, with the spec, and with every input glob: an
     output that does not exist yet but matches `data/*.parquet` would be read as input by the next run.
@@ -59,18 +75,36 @@ def check_not_an_input(
     for p in inputs:
         if within(real, os.path.realpath(p)):
             raise UsageError(f"{where}: {key}: {what} {path} would overwrite the input {p}; choose another {key}")
-    absolute = os.path.abspath(path).split(os.sep)
+    # Compared as written and with symlinks resolved, on both sides: an output under a link into the
+    # input folder (out -> data) is matched by data/*.parquet as surely as data/x.parquet is.
+    targets = {tuple(os.path.abspath(path).split(os.sep)), tuple(real.split(os.sep))}
     for pattern in spec.input.paths:
         if not glob.has_magic(pattern):
             continue
-        parts = os.path.abspath(os.path.normpath(os.path.join(base, pattern))).split(os.sep)
-        # The path itself matches, or (a directory) a file inside it could.
-        reach = len(parts) == len(absolute) or (what == "the state directory" and len(parts) > len(absolute))
-        if reach and all(_glob_part(pat, name) for pat, name in zip(parts, absolute, strict=False)):
-            raise UsageError(
-                f"{where}: {key}: input.paths pattern {pattern!r} matches {what} {path}, so the next run "
-                f"would read its own output as input; choose another {key} or a narrower pattern"
-            )
+        written = os.path.abspath(os.path.normpath(os.path.join(base, pattern))).split(os.sep)
+        fixed = next(i for i, part in enumerate(written) if glob.has_magic(part))
+        resolved = os.path.realpath(os.sep.join(written[:fixed]) or os.sep).split(os.sep) + written[fixed:]
+        for parts in (written, resolved):
+            for absolute in targets:
+                # The path itself matches, or (a directory) a file inside it could.
+                reach = len(parts) == len(absolute) or (folder and len(parts) > len(absolute))
+                if reach and all(_glob_part(pat, name) for pat, name in zip(parts, absolute, strict=False)):
+                    raise UsageError(
+                        f"{where}: {key}: input.paths pattern {pattern!r} matches {what} {path}"
+                        + (f" (it is {real})" if real != os.path.abspath(path) else "")
+                        + f", so the next run would read its own output as input; choose another {key} "
+                        "or a narrower pattern"
+                    )
+
+
+def check_ledger_apart(job: Job, ledger: Path) -> None:
+    """Refuse a usage ledger folder that the job's input patterns would read (its run files are
+    Parquet): checked when a run starts, where the ledger is known (it is the environment's, not the spec's)."""
+    spec, base = job.spec, job.spec_path.parent
+    where = str(job.spec_path)
+    check_not_an_input(
+        ledger, "the usage ledger", "GLM_BATCH_LEDGER", spec, base, job.spec_path, job.input_paths, where, folder=True
+    )
 
 
 def _glob_part(pattern: str, name: str) -> bool:
@@ -89,6 +123,11 @@ def check_writable(path: Path, key: str, where: str, *, parent: bool) -> None:
     directory. The nearest existing directory is probed with an unnamed temporary file: os.access
     says yes to root on a read-only mount, and a probe is what a write would really meet.
     """
+    if too_long(path):
+        raise UsageError(
+            f"{where}: {key}: {path} is too long a name (a part over {_name_max(path)} bytes, or the whole "
+            f"over {_path_max(path)}); choose a shorter path or job name"
+        )
     if parent and path.is_dir():
         raise UsageError(f"{where}: {key}: {path} is a directory; give a .parquet file path")
     directory = path.parent if parent else path
@@ -107,6 +146,33 @@ def check_writable(path: Path, key: str, where: str, *, parent: bool) -> None:
         ) from None
 
 
+def too_long(path: Path) -> bool:
+    """Is a part of `path` longer than its file system allows a name to be, or the whole path too long?
+    (The OS says ENAMETOOLONG, which must never be reported as a permission problem.)"""
+    limit = _name_max(path)
+    return any(len(part.encode()) > limit for part in path.parts) or len(str(path).encode()) >= _path_max(path)
+
+
+def _existing(path: Path) -> Path:
+    while not os.path.isdir(path) and path != path.parent:  # os.path.isdir: False, never an error
+        path = path.parent
+    return path
+
+
+def _name_max(path: Path) -> int:
+    try:
+        return os.pathconf(_existing(path), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _path_max(path: Path) -> int:
+    try:
+        return os.pathconf(_existing(path), "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 4096
+
+
 def default_state_dir(spec: JobSpec, base: Path, name: str) -> Path:
     """The checkpoint store: beside the output, above any {run_date} folder, so daily runs share answers."""
     template_dir = Path(spec.output.path).parent
@@ -116,3 +182,31 @@ def default_state_dir(spec: JobSpec, base: Path, name: str) -> Path:
             break
         stable /= part.format(name=name)
     return base / stable / ".glm-batch" / name
+
+
+def job_files(job: Job) -> list[tuple[Path, str]]:
+    """The files of a job that no command may write a report or a schema over, each with what it is
+    (for runner.state.files.write_text): its spec, template file, inputs, output, summary and state."""
+    files = [(job.spec_path, "the job spec")]
+    if job.spec.prompt.template_file is not None:
+        files.append((job.spec_path.parent / job.spec.prompt.template_file, "the job's template file"))
+    files += [(p, "an input of the job") for p in job.input_paths]
+    files += [
+        (job.output_path, "the job's output"),
+        (job.output_path.with_suffix(".summary.json"), "the job's summary"),
+        (job.state_dir, "the job's state directory"),
+    ]
+    return files
+
+
+def output_files(output: Path) -> list[tuple[Path, str]]:
+    """The same for an output file given alone: it, its summary, the spec and inputs the summary names,
+    and the state folder beside it."""
+    summary = output.with_suffix(".summary.json")
+    files = [(output, "the output"), (summary, "the output's summary"), (output.parent / ".glm-batch", "state")]
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        found = json.loads(summary.read_text(encoding="utf-8"))
+        if found.get("spec"):
+            files.append((Path(found["spec"]), "the job spec"))
+        files += [(Path(item["path"]), "an input of the job") for item in found.get("inputs") or ()]
+    return files

@@ -23,7 +23,7 @@ from typing import Any
 
 from runner.errors import UsageError
 from runner.job.resolve import Job
-from runner.job.templates import NullInput, RenderError
+from runner.job.templates import NullInput, RenderError, blank_nested_nulls, has_nested_null
 from runner.records import Request
 
 SAMPLE_MARK = "-s"
@@ -77,6 +77,12 @@ class RequestBuilder:
         # so is the structure asked for (a changed schema is a changed request).
         salt = json.dumps({"endpoint": job.base_url or job.endpoint_name, "shape": shape, **fixed}, sort_keys=True)
         self._salt = hashlib.sha256(salt.encode())
+        # A labeling job's default `thinking: disabled` (runner.job.thinking) is sent but not hashed: a
+        # Messages request without `thinking` asks for no reasoning already, so the request is the same
+        # one and the answers of earlier runs keep serving it.
+        default_thinking = job.thinking.default
+        if default_thinking is not None and "thinking" not in fixed:
+            self._fixed = {**fixed, "thinking": default_thinking}
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A hash object does not pickle; a worker rebuilds the builder from the (picklable) job.
@@ -85,17 +91,23 @@ class RequestBuilder:
     def build(self, row: dict[str, Any]) -> Request:
         """The request for one row (a mapping of column name to value).
 
-        A null in a column the prompt reads renders as '' with `input.nulls: empty`, and otherwise
-        raises NullInput (a RenderError): the row is recorded as failed, not sent.
+        A null in a column the prompt reads, or inside one (a list element, a struct field), renders
+        as '' with `input.nulls: empty`, and otherwise raises NullInput (a RenderError): the row is
+        recorded as failed, not sent.
         """
         nulls = [c for c in self._prompt_columns if row.get(c, "") is None]
-        if nulls:
+        nested = [c for c in self._prompt_columns if has_nested_null(row.get(c))]
+        if nulls or nested:
             if self._nulls != "empty":
                 names = ", ".join(repr(c) for c in nulls)
-                raise NullInput(
-                    f"null in column {names}; not sent (input.nulls: {self._nulls}; fill it, or set input.nulls: empty)"
+                inside = ", ".join(repr(c) for c in nested)
+                where = " and ".join(
+                    part for part in (names and f"in column {names}", inside and f"inside column {inside}") if part
                 )
-            row = {**row, **dict.fromkeys(nulls, "")}
+                raise NullInput(
+                    f"null {where}; not sent (input.nulls: {self._nulls}; fill it, or set input.nulls: empty)"
+                )
+            row = {**row, **dict.fromkeys(nulls, ""), **{c: blank_nested_nulls(row[c]) for c in nested}}
         params = dict(self._fixed)
         if self._system is not None:
             params["system"] = self._system

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Callable
@@ -19,14 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from runner.errors import UsageError
 from runner.job import catalog, paths
+from runner.job.eligibility import BatchEligibility, batch_eligibility
+from runner.job.facts import endpoint_id, load_facts
+from runner.job.reading import load_yaml, read_text_file
 from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
 from runner.job.templates import Template, compile_template, deferred_template
+from runner.job.thinking import ThinkingPlan, thinking_plan
+from runner.redact import redact
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class Job:
     history: tuple[tuple[str, Template], ...] = ()
     # output.keep_columns as given, or its default: none for text answers, the prompt's columns for labeling.
     keep_columns: tuple[str, ...] = ()
+    # May this job's model go to the Batch API on this endpoint, and on what grounds.
+    batch: BatchEligibility | None = None
     # A limited run (--limit, input.limit): the job's own output, which it never writes; None otherwise.
     full_output_path: Path | None = None
 
@@ -66,6 +73,13 @@ class Job:
     def prompt_variables(self) -> frozenset[str]:
         """Every variable the prompt reads: the system prompt's, each message's and the row turn's."""
         return _variables(self.template, self.system, self.history)
+
+    @property
+    def thinking(self) -> ThinkingPlan:
+        """What the job sends as `thinking` when its spec says nothing, and what to warn about."""
+        m, output = self.spec.model, self.spec.output
+        structured = output.labels is not None or output.schema_ is not None
+        return thinking_plan(m.name, m.thinking.type if m.thinking else None, structured, m.max_tokens)
 
     @property
     def spec_hash(self) -> str:
@@ -87,13 +101,15 @@ def load_job(
     today: dt.date | None = None,
     check_templates: bool = True,
     writes: bool = True,
+    sends: bool = True,
 ) -> Job:
     """Read, validate and resolve a job spec; raise UsageError naming the file and key on any fault.
 
     `check_templates=False` leaves the prompt templates unparsed until their variables are asked for
     (for a command that renders nothing, like `status`, so it does not load jinja2 for a text job), and
     `writes=False` skips checking that the output and state directories can be written (for one that
-    only reads them: `status` on a read-only copy of a job)."""
+    only reads them: `status` on a read-only copy of a job). `sends=False` keeps the batch rule from
+    refusing the job (for `status` and `cancel`, which look at or stop batches a run already made)."""
     raw = _read_yaml(path)
     overridden: dict[str, str] = {}
     for item in overrides or []:
@@ -101,9 +117,9 @@ def load_job(
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
-        raise UsageError(_describe(path, exc, overridden)) from exc
+        raise UsageError(_describe(path, exc, overridden, raw)) from None
     template_of = compile_template if check_templates else deferred_template
-    job = _resolve(spec, path, today or dt.date.today(), template_of, writes)
+    job = _resolve(spec, path, today or dt.date.today(), template_of, writes, sends)
     if check_templates:
         _refuse_gold_in_prompt(job, path)
     return job
@@ -125,44 +141,38 @@ def _refuse_gold_in_prompt(job: Job, path: Path) -> None:
         )
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def derive(job: Job, changes: dict[str, Any]) -> Job:
+    """Another job made from this one's validated spec with dotted keys changed (`{"model.name": "x"}`):
+    a stage of a cascade. Its paths resolve as the original's; given ones should be absolute."""
+    data = job.spec.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
     try:
-        text = path.read_text(encoding="utf-8")
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError(_describe(job.spec_path, exc)) from exc
+    return _resolve(spec, job.spec_path, dt.date.today(), compile_template, True, True)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The spec file's YAML: a regular file of bounded size, read with the bounded loader."""
+    try:
+        os.stat(path)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such job spec; check the path") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read the job spec ({exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(
-            f"{path}: the job spec is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
-            "save it as UTF-8"
-        ) from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise UsageError(f"{path}: invalid YAML{where}: {problem}") from None
+    except OSError:
+        pass  # said in read_text_file's words (a name too long, a permission)
+    data = load_yaml(read_text_file(path, str(path), "the job spec"), origin=str(path))
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a job spec is a YAML mapping starting with 'version: 1'")
     return data
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (YAML lets the last one win silently,
-    so a second `run:` would quietly undo the first)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"the key {key!r} is given twice in one mapping; keep one", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> str:
@@ -178,38 +188,61 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
         if not isinstance(child, dict):
             raise UsageError(f"--set {item!r}: {part} is not a mapping in the spec")
         node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        node[parts[-1]] = value
+    node[parts[-1]] = load_yaml(value, origin=f"--set {item!r}", text_if_unparsed=True)
     return ".".join(parts)
 
 
-def _describe(path: Path, exc: ValidationError, overridden: dict[str, str] | None = None) -> str:
+def _describe(path: Path, exc: ValidationError, overridden: dict[str, str] | None = None, raw: Any = None) -> str:
     """One line per problem: `file: key.path: what is wrong`.
 
-    A union field (`concurrency: int | "auto"`) fails once per member, under tags like
-    `constrained-int`; those are merged into one line per real key path. A key that came from
-    `--set` says so, since the spec file does not have it.
+    The key path is the one the user wrote (`run.max-attempts` too): each part of pydantic's location
+    is kept when the spec has it there (or it is the key found missing), so the tags a union field
+    (`concurrency: int | "auto"`) fails under, like `constrained-int`, are dropped, and its failures
+    merge into one line. A problem at or under a key that came from `--set` says so, since the spec
+    file does not have it.
     """
     overridden = overridden or {}
     problems: dict[str, list[str]] = {}
+    sources: dict[str, str] = {}
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or str(p).isidentifier())
+        loc = ".".join(_user_path(err["loc"], raw, missing=err["type"] == "missing"))
         msg = err["msg"].removeprefix("Value error, ")
+        source = next((item for key, item in overridden.items() if loc == key or loc.startswith(key + ".")), None)
         if err["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
-            if loc in overridden:
-                msg = f"unknown key (from --set {overridden[loc]}); check its spelling"
+            if source is not None:
+                msg = f"unknown key (from --set {source}); check its spelling"
         elif err["type"] == "missing":
             msg = "required key is missing"
+        elif source is not None:
+            sources[loc or "(top level)"] = f" (from --set {source})"
         messages = problems.setdefault(loc or "(top level)", [])
         if msg not in messages:
             messages.append(msg)
-    return "\n".join(f"{path}: {loc}: {'; or '.join(msgs)}" for loc, msgs in problems.items())
+    return "\n".join(f"{path}: {loc}: {'; or '.join(msgs)}{sources.get(loc, '')}" for loc, msgs in problems.items())
 
 
-def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callable[..., Template], writes: bool) -> Job:
+def _user_path(loc: tuple[int | str, ...], raw: Any, *, missing: bool) -> list[str]:
+    """The parts of a pydantic location that are keys (or list positions) in the spec as written."""
+    parts: list[str] = []
+    node = raw
+    for index, part in enumerate(loc):
+        found = (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        )
+        if found:
+            node = node[part]
+        elif missing and index == len(loc) - 1 and isinstance(node, dict):
+            pass  # the key that is missing
+        elif raw is not None or not (isinstance(part, int) or str(part).isidentifier()):
+            continue  # a union member's tag (constrained-int, literal['auto'])
+        parts.append(str(part))
+    return parts
+
+
+def _resolve(
+    spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callable[..., Template], writes: bool, sends: bool
+) -> Job:
     base = Path(os.path.normpath(spec_path.parent))
     name = spec.name or spec_path.stem
     where = str(spec_path)
@@ -236,15 +269,27 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
             f"{where}: model.name: unknown model {spec.model.name!r}; known: {known} (add it to configs/models.yaml)"
         )
     info = models[spec.model.name]
-    if spec.run.mode != "online" and not info.batch.eligible:
+    learned = load_facts(endpoint_id(base_url), spec.model.name)  # what glm-batch doctor found here
+    batch_basis = batch_eligibility(
+        spec.model.name, info, spec.model.endpoint, base_url, learned, spec.run.batch.allow_unconfirmed
+    )
+    if sends and spec.run.mode != "online" and not batch_basis.allowed:
+        raise UsageError(f"{where}: run.mode: {spec.run.mode}: {batch_basis.why}")
+    if spec.run.engine == "ray" and importlib.util.find_spec("ray") is None:
         raise UsageError(
-            f"{where}: run.mode: {spec.model.name} is not known to be taken by Zhipu's Batch API "
-            f"(configs/models.yaml says eligible: false); use run.mode: online"
+            f"{where}: run.engine: ray needs Ray, which is not installed here; "
+            "pip install -e '.[ray]' (or glm-batch[ray]), or use run.engine: local"
         )
     if spec.model.max_tokens > info.max_output:
         raise UsageError(
             f"{where}: model.max_tokens: {spec.model.max_tokens} exceeds {spec.model.name}'s "
             f"maximum output of {info.max_output} tokens"
+        )
+    stops = spec.model.stop_sequences or []
+    if spec.run.mode != "online" and len(stops) > 1:
+        raise UsageError(
+            f"{where}: model.stop_sequences: Zhipu's Batch API takes a single stop word (run.mode "
+            f"{spec.run.mode}), got {len(stops)}; keep one or use run.mode: online"
         )
     thinking = spec.model.thinking
     if thinking and thinking.type == "enabled" and (thinking.budget_tokens or 0) >= spec.model.max_tokens:
@@ -261,11 +306,8 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
     history: tuple[tuple[str, Template], ...] = ()
     if spec.prompt.template_file is not None:
         tpl_path = base / spec.prompt.template_file
-        try:
-            source = tpl_path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"{where}: prompt.template_file: cannot read {tpl_path} ({exc.strerror})") from None
-        template = template_of(source, origin=str(tpl_path))
+        source = read_text_file(tpl_path, f"{where}: prompt.template_file")  # a regular file of bounded size
+        template = template_of(source, origin=f"{where}: prompt.template_file ({tpl_path})")
     elif spec.prompt.messages is not None:
         last = len(spec.prompt.messages) - 1
         if spec.prompt.messages[last].role != "user":
@@ -298,7 +340,9 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
     )
     state_key = "output.state_dir" if spec.output.state_dir else "output.path"
     paths.check_not_an_input(output_path, "the output", "output.path", spec, base, spec_path, input_paths, where)
-    paths.check_not_an_input(state_dir, "the state directory", state_key, spec, base, spec_path, input_paths, where)
+    paths.check_not_an_input(
+        state_dir, "the state directory", state_key, spec, base, spec_path, input_paths, where, folder=True
+    )
     if paths.within(os.path.realpath(output_path), os.path.realpath(state_dir)):
         raise UsageError(
             f"{where}: output.path: {output_path} is inside the state directory {state_dir}, which the runner "
@@ -315,7 +359,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
         input_paths=input_paths,
         template=template,
         system=system,
-        endpoint_name=spec.model.endpoint,
+        endpoint_name=redact(spec.model.endpoint),  # what records and logs show: never a key pasted into a URL
         base_url=base_url,
         currency=currency,
         key_env=key_env,
@@ -323,7 +367,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
         shape=shape,
         model=info,
         concurrency=(
-            min(info.concurrency, spec.run.max_concurrency)
+            min(learned.concurrency or info.concurrency, spec.run.max_concurrency)
             if spec.run.concurrency in (None, "auto")
             else int(spec.run.concurrency)
         ),
@@ -332,6 +376,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
         state_dir=state_dir,
         history=history,
         keep_columns=keep_columns,
+        batch=batch_basis,
         full_output_path=full_output_path,
     )
 

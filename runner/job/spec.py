@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import string
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 # Upper bounds on every number a spec may give: far above anything a real job needs, low enough that a
 # typo (an extra three zeros, .inf) is refused at load instead of exhausting memory or never ending.
@@ -39,8 +40,31 @@ def _refuse_bool(v: Any) -> Any:
 # (the models below refuse .nan and .inf).
 Int = Annotated[int, BeforeValidator(_refuse_bool)]
 Float = Annotated[float, BeforeValidator(_refuse_bool)]
+
+
+def _two_decimals(v: float) -> float:
+    if round(v, 2) != v:
+        raise ValueError(f"{v!r} has more than two decimals, which Zhipu refuses; use {round(v, 2)!r}")
+    return v
+
+
+TwoDecimals = Annotated[Float, AfterValidator(_two_decimals)]
 PositiveInt = Annotated[Int, Field(gt=0)]
 PositiveFloat = Annotated[Float, Field(gt=0)]
+
+
+def _distinct(v: list[str]) -> list[str]:
+    """A list of names each given once: a name twice would make two columns (or labels) of one name."""
+    seen: set[str] = set()
+    for name in v:
+        if name in seen:
+            raise ValueError(f"{name!r} is named twice; give each name once")
+        seen.add(name)
+    return v
+
+
+# Column names: each at most once (output.keep_columns, input.columns).
+Names = Annotated[list[str], AfterValidator(_distinct)]
 
 
 _JSON_SCHEMA_BOUNDS = {"gt": "exclusiveMinimum", "ge": "minimum", "lt": "exclusiveMaximum", "le": "maximum"}
@@ -75,7 +99,7 @@ class InputSpec(_Strict):
 
     paths: list[str] = Field(min_length=1)
     id_column: str | None = Field(None, description="Each row's id; ids must be present and distinct.")
-    columns: list[str] | None = None
+    columns: Names | None = None
     limit: PositiveInt | None = Field(
         None, le=MAX_INPUT_ROWS, description=f"Use only the first N rows (1 to {MAX_INPUT_ROWS:.0e})."
     )
@@ -138,18 +162,35 @@ class PriceOverride(_Strict):
     )
 
 
+def _url(v: str | None) -> str | None:
+    """An http(s) URL with a host (and a port that is a number): one that cannot be connected to is
+    refused at load, not found out as a connection error on every row."""
+    if v is None or not v.startswith(("http://", "https://")):
+        return v
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ValueError(f"{v!r} is not a well-formed URL ({exc}); write it like https://host:port/path") from None
+    if not parts.hostname or any(c.isspace() or ord(c) < 32 for c in v):
+        raise ValueError(f"{v!r} is not a well-formed URL (no host, or a space in it); write it like https://host/path")
+    return v
+
+
 class ModelSpec(_Strict):
     """Which model, where, and how it samples."""
 
     name: str
-    endpoint: str = "zhipu"
+    endpoint: Annotated[str, AfterValidator(_url)] = "zhipu"
     # Zhipu's native API (tokenizer, Batch API) for a URL endpoint; default: /api/paas/v4 beside it.
-    native_endpoint: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    native_endpoint: Annotated[str, Field(pattern=r"^https?://"), AfterValidator(_url)] | None = None
     max_tokens: PositiveInt = Field(
         le=MAX_TOKENS, description="The longest answer, in tokens; at most the model's own maximum output."
     )
-    temperature: Float | None = Field(None, ge=0, le=1, description="0 to 1.")
-    top_p: Float | None = Field(None, gt=0, le=1, description="Above 0, at most 1.")
+    # Zhipu's documented ranges (real-wire.md, native chat body), at most two decimals: 0.123 is
+    # refused at load, not by the endpoint on every row.
+    temperature: TwoDecimals | None = Field(None, ge=0, le=1, description="0 to 1, at most two decimals.")
+    top_p: TwoDecimals | None = Field(None, ge=0.01, le=1, description="0.01 to 1, at most two decimals.")
     top_k: PositiveInt | None = Field(None, le=MAX_TOP_K, description=f"1 to {MAX_TOP_K}.")
     stop_sequences: list[str] | None = None
     thinking: ThinkingSpec | None = None
@@ -161,13 +202,19 @@ class ModelSpec(_Strict):
 class BatchSpec(_Strict):
     """How requests are packed into Zhipu's Batch API files and how often batches are looked at."""
 
-    max_requests: Annotated[int, Field(gt=0, le=50_000)] = 50_000  # lines per file (Zhipu's limit: 50,000)
-    max_bytes: Annotated[int, Field(gt=0, le=100_000_000)] = 95_000_000  # bytes per file (limit: 100 MB)
-    poll_initial_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # first look at a batch after this long...
-    poll_max_s: Annotated[float, Field(gt=0, le=3600)] = 300.0  # ...then less often, up to this
-    max_rounds: Annotated[int, Field(ge=1, le=20)] = 3  # batch rounds for lines to send again (batch mode)
+    max_requests: Annotated[Int, Field(gt=0, le=50_000)] = 50_000  # lines per file (Zhipu's limit: 50,000)
+    max_bytes: Annotated[Int, Field(gt=0, le=100_000_000)] = 95_000_000  # bytes per file (limit: 100 MB)
+    poll_initial_s: Annotated[Float, Field(gt=0, le=3600)] = 5.0  # first look at a batch after this long...
+    poll_max_s: Annotated[Float, Field(gt=0, le=3600)] = 300.0  # ...then less often, up to this
+    max_rounds: Annotated[Int, Field(ge=1, le=20)] = 3  # batch rounds for lines to send again (batch mode)
     # hybrid: how long before the deadline to cancel what the Batch API has not finished and send it online
-    online_margin_s: Annotated[float, Field(ge=0, le=86_400)] | None = None  # default: from the online rate
+    online_margin_s: Annotated[Float, Field(ge=0, le=86_400)] | None = None  # default: from the online rate
+    # Send a model Zhipu's eligibility list does not name (GLM-4.5 and newer) to the Batch API anyway;
+    # the run says it may fail at validation. Not needed once `glm-batch doctor --batch` proved the model.
+    allow_unconfirmed: bool = False
+    # Keep a batch's result files at Zhipu after its answers are journalled (an account holds at most
+    # 1,000 files; by default they are deleted, and so is an input file a create refused).
+    keep_files: bool = False
 
 
 class RunSpec(_Strict):
@@ -238,6 +285,23 @@ class RunSpec(_Strict):
     )
 
 
+class CascadeSpec(_Strict):
+    """A cascade (runner.cascade): the proxy answers every row, the oracle (model.name) a calibration
+    sample and the rows the proxy is unsure of, so that the output agrees with the oracle on at least
+    `target` of the rows with probability at least 1 - `delta` (BARGAIN's method)."""
+
+    proxy: str = Field(description="The cheap model that answers every row (checked against configs/models.yaml).")
+    oracle: str | None = Field(None, description="The model whose answers to match; default: model.name.")
+    target: Float = Field(0.95, gt=0, lt=1, description="Agreement with the oracle to reach, above 0 and below 1.")
+    delta: Float = Field(0.05, gt=0, lt=1, description="Allowed chance of missing the target, above 0 and below 1.")
+    confidence: Literal["samples"] = Field(
+        "samples", description="samples: the share of the proxy's samples that agree with its majority answer."
+    )
+    samples: Int = Field(5, ge=2, le=15, description="Proxy samples per row (2 to 15).")
+    temperature: Float = Field(0.7, gt=0, le=1, description="The proxy's sampling temperature (above 0, at most 1).")
+    seed: Int = Field(0, description="Seeds the calibration sample's draws.")
+
+
 class OutputSpec(_Strict):
     """Where results go (a Parquet path, may use {name} and {run_date}), which input columns to keep,
     and, for labeling, the structure answers must have: labels, a JSON Schema, or any JSON."""
@@ -245,7 +309,7 @@ class OutputSpec(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, defer_build=True)
 
     path: str
-    keep_columns: list[str] | None = Field(
+    keep_columns: Names | None = Field(
         None,
         description="Input columns copied beside each answer. Default: none for text answers; for labeling "
         "(labels, schema, parse) the columns the prompt uses. [] keeps none.",
@@ -262,11 +326,16 @@ class OutputSpec(_Strict):
     samples: Int = Field(
         1, ge=1, le=15, description="Ask each row this many times (1 to 15) and keep the majority answer."
     )
+    cascade: CascadeSpec | None = None
 
     @model_validator(mode="after")
     def _one_structure(self) -> OutputSpec:
         if sum(x is not None for x in (self.labels, self.schema_, self.parse)) > 1:
             raise ValueError("give at most one of output.labels, output.schema, output.parse")
+        if self.cascade is not None and self.labels is None and self.schema_ is None:
+            raise ValueError("a cascade compares answers: give output.labels or output.schema with it")
+        if self.cascade is not None and self.samples > 1:
+            raise ValueError("a cascade samples the proxy itself (output.cascade.samples); leave output.samples at 1")
         if self.samples > 1 and self.labels is None and self.schema_ is None and self.parse is None:
             raise ValueError(
                 "samples above 1 vote between structured answers; add output.labels, output.schema "
@@ -277,10 +346,16 @@ class OutputSpec(_Strict):
     @field_validator("path")
     @classmethod
     def _known_placeholders(cls, v: str) -> str:
-        fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
-        unknown = fields - {"name", "run_date"}
-        if unknown:
-            raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}}; use {{name}} or {{run_date}}")
+        # Only the two bare placeholders: a format spec or conversion ({name:d}, {run_date!x},
+        # {name:>5000}) would fail, or build a path no file system takes, when the path is formatted.
+        for _, field, format_spec, conversion in string.Formatter().parse(v):
+            if field is None:
+                continue
+            if field not in ("name", "run_date"):
+                raise ValueError(f"unknown placeholder {{{field}}}; use {{name}} or {{run_date}}")
+            if format_spec or conversion:
+                shown = field + (f"!{conversion}" if conversion else "") + (f":{format_spec}" if format_spec else "")
+                raise ValueError(f"{{{shown}}}: placeholders take no format spec or conversion; write {{{field}}}")
         return v
 
 
@@ -301,22 +376,26 @@ class EvalSpec(_Strict):
 class SimulatorSpec(_Strict):
     """How the built-in simulator behaves when `model.endpoint: simulator` (demos and tests only)."""
 
-    latency_s: Annotated[float, Field(ge=0)] = 0.0
-    latency_jitter_s: Annotated[float, Field(ge=0)] = 0.0
+    latency_s: Annotated[Float, Field(ge=0)] = 0.0
+    latency_jitter_s: Annotated[Float, Field(ge=0)] = 0.0
     concurrency_cap: PositiveInt | None = None
-    fault_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
-    invalid_rate: Annotated[float, Field(ge=0, le=1)] = 0.0  # structured answers broken on the first try
-    sample_disagreement: Annotated[float, Field(ge=0, le=1)] = 0.0  # repeats of a prompt answered otherwise
-    seed: int = 0
+    fault_rate: Annotated[Float, Field(ge=0, le=1)] = 0.0
+    invalid_rate: Annotated[Float, Field(ge=0, le=1)] = 0.0  # structured answers broken on the first try
+    sample_disagreement: Annotated[Float, Field(ge=0, le=1)] = 0.0  # repeats of a prompt answered otherwise
+    # Models of different skill: model name -> share of rows it answers wrong (more on hard rows), its
+    # sample agreement lower where it is wrong ("informative") or unrelated to it ("flat").
+    model_error: dict[str, Annotated[Float, Field(ge=0, le=1)]] = Field(default_factory=dict)
+    confidence: Literal["informative", "flat"] = "informative"
+    seed: Int = 0
     faults: list[str] | None = None  # fault kinds fault_rate draws from (default: every transient one)
     slow_s: PositiveFloat = 30.0  # how long a "slow" or "hang" fault takes
     # The Batch API (/api/paas/v4): phase timings, processing rate, and the real world's quirks.
-    batch_validating_s: Annotated[float, Field(ge=0)] = 0.0
+    batch_validating_s: Annotated[Float, Field(ge=0)] = 0.0
     batch_lines_per_s: PositiveFloat | None = None  # None: every line at once
-    batch_finalizing_s: Annotated[float, Field(ge=0)] = 0.0
+    batch_finalizing_s: Annotated[Float, Field(ge=0)] = 0.0
     batch_expire_after_s: PositiveFloat | None = None  # a batch still running this long expires part-done
-    batch_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.0  # lines failing transiently (500, 429/1302)
-    batch_output_404_s: Annotated[float, Field(ge=0)] = 0.0  # result files 404 this long after the end
+    batch_error_rate: Annotated[Float, Field(ge=0, le=1)] = 0.0  # lines failing transiently (500, 429/1302)
+    batch_output_404_s: Annotated[Float, Field(ge=0)] = 0.0  # result files 404 this long after the end
     batch_queue_cap: PositiveInt | None = None  # requests a model may have queued in unfinished batches
     batch_refuse_ineligible: bool = False  # refuse models the catalogue marks batch: false
     batch_max_lines: PositiveInt = 50_000

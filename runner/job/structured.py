@@ -126,6 +126,15 @@ class AnswerShape:
         system = f"{params['system']}\n\n{instruction}" if params.get("system") else instruction
         return {**params, "system": system}
 
+    def auto(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The same request with tool_choice auto, for an endpoint that refuses a forced tool (Zhipu's
+        native backend: "Tool choice must be auto"); `check` and `repair` make up for the lost force."""
+        if self.mode != "tool" or not isinstance(params.get("tool_choice"), dict):
+            return params
+        if params["tool_choice"].get("type") not in ("tool", "any"):
+            return params
+        return {**params, "tool_choice": {"type": "auto"}}
+
     def check(self, answer: Answer) -> Any:
         """The validated value of an answer; raises Unusable saying what is wrong."""
         import jsonschema

@@ -32,6 +32,7 @@ from runner.errors import EndpointAborted, UsageError
 from runner.job import catalog
 from runner.job.inputs import InputSource, open_input
 from runner.job.resolve import Job
+from runner.job.thinking import ASSUMED_REASONING_TOKENS
 from runner.money import ledger
 from runner.money.pricing import PriceTable, require_prices, tier_label
 from runner.money.tokens import Calibration, estimate_request
@@ -71,6 +72,10 @@ class OutputModel:
 
 async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, reporter: Reporter) -> dict[str, Any]:
     """Build the estimate report (and keep it in the job's state for the next run to compare with)."""
+    if job.spec.output.cascade is not None:  # the proxy pass and the oracle's share, against the oracle alone
+        from runner.cascade.estimate import estimate_cascade
+
+        return await estimate_cascade(job, api_key=api_key, options=options, reporter=reporter)
     table = require_prices(job, "glm-batch estimate")
     if options.pilot_rows:
         from runner.engine import RunOptions, run_job  # only a pilot runs: a plain estimate stays light
@@ -113,7 +118,7 @@ async def _estimate(
     pending = _pending_estimates(job, source, settled)
     if options.exact and pending.sample:
         calibration = await _tokenizer_calibration(job, api_key, pending.sample)
-    output = _output_model(answers, job.spec.model.max_tokens)
+    output = _output_model(answers, job.spec.model.max_tokens, thinks=job.thinking.thinks)
     return _report(job, table, calibration, output, pending, options)
 
 
@@ -261,8 +266,9 @@ async def _tokenizer_calibration(job: Job, api_key: str, sample: list[Request]) 
     return Calibration(sum(exact) / estimated, len(sample), f"tokenizer API on {len(sample)} sampled requests")
 
 
-def _output_model(answers: pl.DataFrame, max_tokens: int) -> OutputModel:
-    """Output tokens per request, from earlier answers when there are enough, else an assumption."""
+def _output_model(answers: pl.DataFrame, max_tokens: int, thinks: bool = False) -> OutputModel:
+    """Output tokens per request, from earlier answers when there are enough (their reasoning included),
+    else an assumption: half of max_tokens, plus ASSUMED_REASONING_TOKENS when the model will think."""
     if answers.height >= MIN_SAMPLES:
         out = [float(v) for v in answers.get_column("output_tokens").to_list()]
         mean = statistics.fmean(out)
@@ -274,6 +280,15 @@ def _output_model(answers: pl.DataFrame, max_tokens: int) -> OutputModel:
             high=min(float(max_tokens), mean + half_width),
             basis=f"mean of {len(out)} measured answers, 95% interval of the mean",
             latency_s=float(latency.median()) / 1000 if latency.len() else None,  # type: ignore[arg-type]
+        )
+    if thinks:  # reasoning is billed as output, and counts against max_tokens
+        return OutputModel(
+            low=0.0,
+            expected=min(float(max_tokens), max_tokens / 2 + ASSUMED_REASONING_TOKENS),
+            high=float(max_tokens),
+            basis=f"assumed: half of max_tokens plus {ASSUMED_REASONING_TOKENS} reasoning tokens, at most "
+            "max_tokens (the model thinks; no answers yet; run with --pilot N to measure)",
+            latency_s=None,
         )
     return OutputModel(
         low=0.0,
@@ -348,7 +363,9 @@ def _report(
             "high": round(total(in_high, output.high), 6),
             "ceiling": round(total(in_high, max_tokens), 6),
         },
-        "batch_api_expected": round(expected * job.model.batch.price_share, 6),
+        "batch_api_expected": (
+            round(expected * job.model.batch.price_share, 6) if job.batch is None or job.batch.allowed else None
+        ),
         "tier_mix": tiers,
         "wall_time_s": {
             "expected": round(n * latency / max(1, job.concurrency), 1),
@@ -367,15 +384,19 @@ def _modes(job: Job, online_cost: float, online_s: float) -> dict[str, Any]:
     """Online, batch and hybrid side by side: expected cost and wall time of each way to run the job."""
     batch = job.model.batch
     modes: dict[str, Any] = {"online": {"cost": round(online_cost, 6), "wall_time_s": round(online_s, 1)}}
-    if not batch.eligible:
-        modes["batch"] = modes["hybrid"] = {"eligible": False}
+    verdict = job.batch
+    if verdict is not None and not verdict.allowed:
+        modes["batch"] = modes["hybrid"] = {"eligible": False, "why": verdict.why}
         return modes
     batch_cost = online_cost * batch.price_share
+    unconfirmed = verdict is not None and verdict.basis == "unconfirmed"
     modes["batch"] = {
         "cost": round(batch_cost, 6),
         "wall_time_s": BATCH_TURNAROUND_S,
-        "basis": "up to 24 h: Zhipu finishes most batches within a day",
-        "price_confirmed": batch.confirmed,
+        "basis": "up to 24 h: Zhipu finishes most batches within a day"
+        + ("; the model is not on Zhipu's list: the batch may fail at validation" if unconfirmed else ""),
+        "price_confirmed": batch.confirmed and batch.eligible,
+        "eligibility": verdict.basis if verdict is not None else "catalogue",
     }
     deadline = job.spec.run.deadline
     if deadline is not None:

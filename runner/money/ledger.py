@@ -7,15 +7,23 @@ It is a folder of small Parquet files (one per run, written atomically) in $GLM_
 default ~/.local/share/glm-batch/ledger, shared by every job on the machine. Runs on the built-in
 simulator book their make-believe spend in a folder of its own (`simulated/` inside the ledger), so it
 never mixes with real money nor calibrates real estimates.
+
+Spending first, bookkeeping after: a run checks the ledger can be written before its first request
+(`problem`), and goes on if it cannot (a cron job must still run: a warning on stderr and in the
+summary). Rows that cannot be appended at the end wait in the job's state folder (`keep_pending`) and
+the next run of the job books them (`book_pending`). A ledger file that does not read is skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 import polars as pl
 
+from runner.errors import GlmBatchError
 from runner.money.tokens import Calibration
 from runner.state.files import write_atomic
 
@@ -44,22 +52,88 @@ def ledger_dir() -> Path:
     return Path.home() / ".local" / "share" / "glm-batch" / "ledger"
 
 
+# What a failed ledger write raises: the OS's error, our writer's (a full disk), or polars' wrapping of it.
+WRITE_FAILURES: tuple[type[Exception], ...] = (OSError, GlmBatchError, pl.exceptions.PolarsError)
+PENDING = "ledger-pending"  # in a job's state folder: ledger rows a run could not append, booked by the next
+
+
+def folder(*, simulated: bool = False) -> Path:
+    """The ledger folder a run books into: the real one, or its simulated part."""
+    return ledger_dir() / "simulated" if simulated else ledger_dir()
+
+
+def problem(*, simulated: bool = False) -> str | None:
+    """Why the ledger cannot be written (one line naming it), or None when it can. Creates the folder."""
+    where = folder(simulated=simulated)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as exc:
+        return f"the usage ledger {where} cannot be written ({exc.strerror or exc}); set GLM_BATCH_LEDGER to a folder"
+    return None
+
+
+def keep_pending(rows: pl.DataFrame, run_id: str, state_dir: Path, *, simulated: bool) -> Path:
+    """Keep rows the ledger did not take in the job's state folder, for the next run to book."""
+    pending = state_dir / PENDING
+    pending.mkdir(parents=True, exist_ok=True)
+    path = pending / f"{run_id}{'.simulated' if simulated else ''}.parquet"
+    write_atomic(rows.select(list(LEDGER_SCHEMA)).cast(pl.Schema(LEDGER_SCHEMA)), path)
+    return path
+
+
+def book_pending(state_dir: Path) -> int:
+    """Append the rows earlier runs of this job left pending; how many runs' rows were booked. A file
+    the ledger still does not take stays for the next run; one that does not read is dropped."""
+    booked = 0
+    for path in sorted((state_dir / PENDING).glob("*.parquet")):
+        run_id, _, kind = path.name.removesuffix(".parquet").partition(".")
+        try:
+            rows = pl.read_parquet(path)
+        except (pl.exceptions.PolarsError, OSError):
+            continue
+        try:
+            append(rows, run_id, simulated=kind == "simulated")
+        except WRITE_FAILURES:  # it waits for the next run, as before
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+        booked += 1
+    return booked
+
+
 def append(rows: pl.DataFrame, run_id: str, *, simulated: bool = False) -> None:
     """Add one run's rows (in LEDGER_SCHEMA) to the ledger (its simulated part for simulator runs)."""
     if rows.height == 0:
         return
-    folder = ledger_dir() / "simulated" if simulated else ledger_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(rows.select(list(LEDGER_SCHEMA)).cast(pl.Schema(LEDGER_SCHEMA)), folder / f"{run_id}.parquet")
+    where = folder(simulated=simulated)
+    where.mkdir(parents=True, exist_ok=True)
+    write_atomic(rows.select(list(LEDGER_SCHEMA)).cast(pl.Schema(LEDGER_SCHEMA)), where / f"{run_id}.parquet")
 
 
-def usage(*, simulated: bool = False) -> pl.DataFrame:
+def usage(*, simulated: bool = False, skipped: list[tuple[Path, str]] | None = None) -> pl.DataFrame:
     """Every ledger row ever written (empty frame if none): real spend, or with `simulated` the
-    simulator's make-believe spend."""
-    files = sorted((ledger_dir() / "simulated" if simulated else ledger_dir()).glob("*.parquet"))
+    simulator's make-believe spend. A file that does not read (torn) is left out, and added to
+    `skipped` with the reason."""
+    try:
+        files = sorted(folder(simulated=simulated).glob("*.parquet"))
+    except OSError:
+        files = []
     if not files:
         return pl.DataFrame(schema=LEDGER_SCHEMA)
-    return pl.scan_parquet(files, schema=LEDGER_SCHEMA).collect()
+    try:
+        return pl.scan_parquet(files, schema=LEDGER_SCHEMA).collect()
+    except (pl.exceptions.PolarsError, OSError):
+        pass
+    frames = []
+    for path in files:
+        try:
+            frames.append(pl.read_parquet(path).select(list(LEDGER_SCHEMA)).cast(pl.Schema(LEDGER_SCHEMA)))
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            if skipped is not None:
+                skipped.append((path, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
+    return pl.concat(frames) if frames else pl.DataFrame(schema=LEDGER_SCHEMA)
 
 
 def summarise(frame: pl.DataFrame, by: list[str]) -> pl.DataFrame:

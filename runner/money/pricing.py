@@ -84,9 +84,12 @@ def require_prices(job: Job, why: str) -> PriceTable:
     """The price table, or a UsageError saying how to give one."""
     table = price_table(job)
     if table is None:
+        reason = job.model.unpriced.get(job.currency)
+        known = f"price unknown: {reason}" if reason else "no prices in configs/models.yaml"
         raise UsageError(
-            f"{job.spec_path}: model.prices: the catalogue has no {job.currency} prices for "
-            f"{job.spec.model.name}, which {why} needs; add model.prices: {{input: ..., output: ...}}"
+            f"{job.spec_path}: model.prices: {job.spec.model.name} has no {job.currency} price on endpoint "
+            f"{job.endpoint_name} ({known}), which {why} needs; add model.prices: {{input: ..., output: ...}} "
+            "from the endpoint's price page"
         )
     return table
 

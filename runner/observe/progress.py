@@ -78,6 +78,7 @@ def _progress_fields(tally: Tally, gauges: dict[str, Any], control: Control) -> 
         "projected_cost": None if (p := tally.projected_cost()) is None else round(p, 6),
         "retries": dict(control.retries),
         "maybe_billed_twice": len(control.maybe_billed),
+        **({"batches": gauges["batches"]} if gauges.get("batches") else {}),
     }
 
 

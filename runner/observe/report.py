@@ -46,6 +46,7 @@ class Report:
     run: dict[str, Any]  # runner.observe.runstats.run_figures
     quality: dict[str, Any] | None  # None: a free-text job (no labels, no schema)
     examples: dict[str, Any] | None  # the wrong answers with their context; None without gold
+    cascade: dict[str, Any] | None = None  # a cascade's summary section (runner.cascade.stages)
 
 
 def load_report(output: Path, *, job: Job | None = None, gold: str | None = None) -> Report:
@@ -76,7 +77,8 @@ def load_report(output: Path, *, job: Job | None = None, gold: str | None = None
         found = quality.summarise_file(output, gold)
         fields = (found["label_field"],) if found["label_field"] else ()
     name = job.name if job is not None else output.stem
-    return Report(name, output, figures, found, _examples(output, columns, found, fields, gold_fields))
+    cascade = beside.get("cascade") if isinstance(beside.get("cascade"), dict) else None
+    return Report(name, output, figures, found, _examples(output, columns, found, fields, gold_fields), cascade)
 
 
 def _examples(
@@ -134,6 +136,9 @@ def print_report(found: Report, console: Console) -> None:
     )
     if run["errors"]:
         console.print("errors: " + ", ".join(f"{kind} {n}" for kind, n in run["errors"].items()))
+    if found.cascade is not None:
+        for line in cascade_lines(found.cascade):
+            console.print(line, soft_wrap=True)
     summary = found.quality
     if summary is None:
         return
@@ -179,6 +184,30 @@ def print_report(found: Report, console: Console) -> None:
 def _normalised(text: pl.Expr) -> pl.Expr:
     """Text as runner.observe.quality compares labels: lower case, runs of white space as one, trimmed."""
     return text.str.replace_all(r"\s+", " ").str.strip_chars().str.to_lowercase()
+
+
+def cascade_lines(c: dict[str, Any]) -> list[str]:
+    """A cascade in plain words: the guarantee, the threshold, who answered, cost, and accuracy."""
+    cost = c["cost"]
+    threshold = "none: no proxy answer kept" if c["threshold"] is None else f"{c['threshold']:.3f}"
+    tied = c.get("at_threshold")
+    if tied and tied["kept"] < tied["rows"]:
+        threshold += f" (of the {tied['rows']} rows at exactly that, {tied['kept']}, in a seeded random order)"
+    lines = [
+        f"cascade: the output {c['guarantee']} (proxy {c['proxy']}, oracle {c['oracle']})",
+        f"threshold: proxy confidence >= {threshold}; {c['rows_kept_from_proxy']} rows kept from the proxy, "
+        f"{c['rows_escalated']} escalated to the oracle, {c['rows_in_calibration']} in the calibration sample",
+    ]
+    if cost.get("oracle_only_expected"):
+        lines.append(
+            f"cost: {cost['cascade']:.4f} {cost['currency']} against {cost['oracle_only_expected']:.4f} for the "
+            f"oracle only ({cost['share_of_oracle_only']:.0%}; proxy {cost['proxy']:.4f}, oracle {cost['oracle']:.4f})"
+        )
+    accuracy = c.get("accuracy")
+    if accuracy:
+        shown = ", ".join(f"{who.replace('_', ' ')} {v:.4f}" for who, v in accuracy.items() if v is not None)
+        lines.append(f"accuracy against gold: {shown}")
+    return lines
 
 
 def _ms(value: float | None) -> str:

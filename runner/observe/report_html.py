@@ -34,12 +34,16 @@ td.text{text-align:left;max-width:36em;white-space:pre-wrap}td.bad{color:#b00}
 """
 
 
+# In the head of every page: `report --html` replaces a file carrying it without --force (glm-batch wrote it).
+HTML_MARK = '<meta name="generator" content="glm-batch report">'
+
+
 def html_page(found: Report) -> str:
     """The whole page for a report."""
     run = found.run
     parts = [
-        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>glm-batch report: {esc(found.name)}'
-        f"</title><style>{STYLE}</style></head><body>",
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">{HTML_MARK}'
+        f"<title>glm-batch report: {esc(found.name)}</title><style>{STYLE}</style></head><body>",
         f"<h1>glm-batch report: {esc(found.name)}</h1>",
         _header(found),
         _timeline(run["timeline"], run),

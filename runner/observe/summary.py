@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from runner.errors import BudgetExhausted, DiskFull
+from runner.errors import STATE_FAILURES, BudgetExhausted, DiskFull
 from runner.job.resolve import Job
 from runner.money import ledger
 from runner.money.accounting import Accountant, Tally
@@ -58,7 +58,10 @@ def outcome(
         return control.aborted.exit_code, f"{control.aborted}; fix that, then resume with: {resume}"
     if control.reason in ("SIGINT", "SIGTERM"):
         code = 130 if control.reason == "SIGINT" else 143
-        return code, f"interrupted by {control.reason}; answers so far are saved; resume with: {resume}"
+        return (
+            code,
+            f"interrupted by {control.reason}; answers so far are saved;{_batches_running(job)} resume with: {resume}",
+        )
     if failed_rows is None:
         return 1, f"some rows have no answer yet; resume with: {resume}"
     skipped = (
@@ -80,6 +83,21 @@ def outcome(
     if skipped_rows:
         return 0, f"all rows answered but the skipped ones; results in {job.output_path}{skipped}"
     return 0, f"all rows answered; results in {job.output_path}"
+
+
+def _batches_running(job: Job) -> str:
+    """For a stopped batch job: its batches that keep running (and billing) at Zhipu, and how to stop them."""
+    if job.spec.run.mode == "online":
+        return ""
+    from runner.send.batch_admin import batch_rows
+
+    running = [row for row in batch_rows(job) if row["step"] == "created"]
+    if not running:
+        return ""
+    return (
+        f" {len(running)} batches keep running (and billing) at Zhipu; stop them with: "
+        f"glm-batch cancel {job.spec_path};"
+    )
 
 
 def summary(
@@ -150,19 +168,59 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def book_spend(job: Job, tally: Tally, run_id: str, reporter: Reporter) -> None:
-    """Add the run's spend to the ledger (the simulator's make-believe spend to its own part of it)."""
+def check_ledger(job: Job, reporter: Reporter) -> str | None:
+    """Before the first request: can the ledger be written? If not, a warning, and the run goes on (a
+    cron job must still run; its spend waits in the state folder). The problem, or None."""
+    problem = ledger.problem(simulated=job.base_url is None)
+    if problem is not None:
+        reporter.event("ledger_unwritable", reason=problem, then=PENDING_NOTE)
+    return problem
+
+
+PENDING_NOTE = "the run goes on; its spend is kept in the job's state folder and the next run books it"
+
+
+def book_spend(job: Job, tally: Tally, run_id: str, reporter: Reporter) -> dict[str, Any]:
+    """Add the run's spend to the ledger (the simulator's make-believe spend to its own part of it), and
+    what earlier runs of the job left pending. Never fails a paid run: rows the ledger does not take
+    wait in the state folder (ledger.keep_pending), said on stderr and in the summary's `ledger`."""
+    simulated = job.base_url is None
+    status: dict[str, Any] = {"path": str(ledger.folder(simulated=simulated)), "written": True}
     try:
-        ledger.append(ledger_rows(job, tally, run_id), run_id, simulated=job.base_url is None)
-    except DiskFull as exc:  # the ledger lives elsewhere (home); its disk being full must not lose the run
-        reporter.event("ledger_not_written", reason=str(exc))
+        booked = ledger.book_pending(job.state_dir)
+    except ledger.WRITE_FAILURES:  # the state folder itself does not read: nothing to book from it
+        booked = 0
+    if booked:
+        status["pending_booked"] = booked
+    rows = ledger_rows(job, tally, run_id)
+    try:
+        ledger.append(rows, run_id, simulated=simulated)
+    except ledger.WRITE_FAILURES as exc:
+        reason = _one_line(exc)
+        try:
+            pending: str | None = str(ledger.keep_pending(rows, run_id, job.state_dir, simulated=simulated))
+        except ledger.WRITE_FAILURES:
+            pending = None
+        warning = f"the usage ledger {status['path']} was not written: {reason}"
+        status |= {"written": False, "warning": warning, "pending": pending}
+        reporter.event("ledger_not_written", reason=reason, pending=pending or "nowhere: see cost in the summary")
+    return status
+
+
+def _one_line(exc: Exception) -> str:
+    """An error as one line, naming the file for an OSError."""
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def sending(job: Job, gauges: dict[str, Any]) -> dict[str, Any]:
     """How the sending went, for the summary: the concurrency limit at the end, the refused share."""
     concurrency = {"adaptive": gauges.get("adaptive"), "final": gauges.get("limit")}
     concurrency["overload_429_rate"] = gauges.get("overload_429_rate")
-    return {"concurrency": concurrency, "simulated": job.base_url is None}
+    queue = {"batch_queue": gauges["batch_queue"]} if gauges.get("batch_queue") else {}
+    return {"concurrency": concurrency, "simulated": job.base_url is None, **queue}
 
 
 def write(job: Job, store: Store, report: dict[str, Any]) -> None:
@@ -171,4 +229,5 @@ def write(job: Job, store: Store, report: dict[str, Any]) -> None:
     with contextlib.suppress(DiskFull):
         job.output_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(report, job.output_path.with_suffix(".summary.json"))
+    with contextlib.suppress(*STATE_FAILURES):  # already said: the run stopped for it
         store.record_run(report)

@@ -8,6 +8,7 @@ commands that send nothing never load the SDK.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -31,20 +32,37 @@ def make_executor(job: Job, base_url: str, api_key: str, estimate_tokens: Callab
 def _batch(job: Job, base_url: str, api_key: str, online: Executor | None) -> Executor:
     from runner.job import catalog
     from runner.send.batch import BatchExecutor
-    from runner.send.batch_api import BatchAPI
-    from runner.send.deadline import deadline_in
+    from runner.send.batch_api import BatchAPI, classify_api_error
+    from runner.send.deadline import deadline_in, seconds_until
+    from runner.send.retries import wait_backoff
 
     native = job.native_url or catalog.native_url_beside(base_url)
-    deadline = job.spec.run.deadline
+    run = job.spec.run
+    deadline = run.deadline
+
+    def api() -> BatchAPI:  # the job's backoff for the Batch API's transient faults too
+        wait = wait_backoff(run.backoff_initial_s, run.backoff_max_s, classify=classify_api_error)
+        return BatchAPI(native, api_key, wait=wait, not_ready_wait_s=min(2.0, run.batch.poll_initial_s))
+
     return BatchExecutor(
-        job=job.name,
-        api=lambda: BatchAPI(native, api_key),
+        job=job_tag(job.state_dir),
+        api=api,
         directory=job.state_dir / "batches",
         spec=job.spec.run.batch,
         shape=job.shape,
         online=online,
-        deadline=deadline_in(deadline) if deadline is not None else None,
+        # A clock time is a moment; a duration counts from the run's start (its Control), not from here.
+        deadline=deadline_in(deadline) if deadline is not None and ":" in deadline else None,
+        deadline_after_s=seconds_until(deadline) if deadline is not None and ":" not in deadline else None,
     )
+
+
+def job_tag(state_dir: Path) -> str:
+    """What tags a job's batches (`metadata.glm_batch_job`): a hash of its state folder's resolved
+    path, so two jobs with the same name in two folders never take each other's batches."""
+    import hashlib
+
+    return "sd-" + hashlib.sha256(str(state_dir.resolve()).encode("utf-8")).hexdigest()[:24]
 
 
 def online_executor(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -42,6 +43,29 @@ class Control:
     failed: GlmBatchError | None = None  # a local failure that stopped the run (a full disk)
     retries: dict[str, int] = field(default_factory=dict)  # error_type -> retries taken
     maybe_billed: list[int] = field(default_factory=list)  # input tokens of attempts that may be billed twice
+    # Journals what was delivered so far (the engine's checkpoint); an executor calls it before it lets
+    # go of the last copy of paid answers (the Batch API's result files).
+    checkpoint: Callable[[], None] | None = None
+    started: float = field(default_factory=time.monotonic)  # when the run began (a hybrid deadline counts from it)
+    # Structured answers ask with tool_choice auto (validated and repaired) instead of forcing the tool:
+    # the endpoint refused a forced tool choice in this run, or a fact learned earlier said it would.
+    tool_choice_auto: bool = False
+    notify: Callable[..., None] | None = None  # the run's reporter.event, for what happens once in a run
+
+    def fall_back_to_auto_tool_choice(self, message: str) -> bool:
+        """The endpoint refused a forced tool choice: ask with auto from now on. True the first time
+        (the caller re-sends its request), said once in the log."""
+        if self.tool_choice_auto:
+            return False
+        self.tool_choice_auto = True
+        if self.notify is not None:
+            self.notify(
+                "tool_choice_fallback",
+                message="the endpoint refused a forced tool choice; asking with tool_choice auto, "
+                "validating and repairing each answer",
+                endpoint_said=message,
+            )
+        return True
 
     def stop(self, reason: str) -> None:
         """Stop at once: queued requests are dropped unsent; requests in flight may finish."""
@@ -61,6 +85,12 @@ class Control:
             self.aborted = EndpointAborted(
                 f"the endpoint refused the job ({fault.type}: {fault.message}): {abort_meaning(code)}"
             )
+        self.stop("aborted")
+
+    def abort_with(self, error: EndpointAborted) -> None:
+        """Stop for a refusal the run itself recognised (the breaker for systematic failures)."""
+        if self.aborted is None:
+            self.aborted = error
         self.stop("aborted")
 
     def fail(self, error: GlmBatchError) -> None:
@@ -187,8 +217,9 @@ def _usage(answers: list[Answer]) -> tuple[int, int, int, int, int]:
     )
 
 
-def failure(request: Request, fault: Fault, attempts: int, model: str | None = None) -> Result:
-    """The Result of a request that ended in `fault`; a retryable one is sent again by the next run."""
+def failure(request: Request, fault: Fault, attempts: int, model: str | None = None, api: str | None = None) -> Result:
+    """The Result of a request that ended in `fault` (on `api`, if it was sent); a retryable one is
+    sent again by the next run."""
     return Result(
         key=request.key,
         status="error",
@@ -198,5 +229,7 @@ def failure(request: Request, fault: Fault, attempts: int, model: str | None = N
         model=model or str(request.params.get("model")),
         error_type=fault.type,
         error_message=fault.message,
+        request_id=fault.request_id,
         retryable=fault.verdict is Verdict.RETRY,
+        api=api,
     )

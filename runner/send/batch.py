@@ -22,31 +22,47 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from runner.errors import EndpointAborted
 from runner.job.spec import BatchSpec
-from runner.job.structured import AnswerShape, Unusable
-from runner.records import Answer, Request, Result
-from runner.send.base import Control, Conversation, Deliver, Executor, failure
-from runner.send.batch_api import Batch, BatchAPI, BatchStatusError, classify_api_error
-from runner.send.batch_book import BatchBook, Chunk, read_requests
-from runner.send.batch_files import BatchFileWriter
-from runner.send.native import (
-    BadResultLine,
-    ResultLine,
-    answer_from_chat,
-    chat_body,
-    classify_failure,
-    parse_result_line,
+from runner.job.structured import AnswerShape
+from runner.records import Request
+from runner.send.base import Control, Deliver, Executor, failure
+from runner.send.batch_api import (
+    Batch,
+    BatchAbort,
+    BatchAPI,
+    BatchAPIError,
+    BatchNotFound,
+    BatchStatusError,
+    classify_api_error,
 )
+from runner.send.batch_book import BatchBook, Chunk
+from runner.send.batch_files import write_round
+from runner.send.batch_harvest import API, Harvester, requests_of
+from runner.send.batch_rules import (
+    CLOCK_SLACK_S,
+    api_failing,
+    awaiting_output,
+    cancel_within,
+    epoch_ms,
+    file_missing,
+    lost_message,
+    no_output_file,
+    not_back_message,
+    refused_request,
+    validation_failure,
+)
+from runner.send.deadline import HybridDeadline
 from runner.send.retries import Fault, Verdict
 
-API = "batch"
+# Looks at a finished batch whose counts say lines completed but which names no output file yet
+# (instructor#1745) before the run stops, leaving it for the next run: never re-send billed lines.
+FILE_WAIT_LOOKS = 20
 
 
 class BatchExecutor:
@@ -62,6 +78,7 @@ class BatchExecutor:
         shape: AnswerShape | None = None,
         online: Executor | None = None,
         deadline: float | None = None,  # on `clock`: when the job must be done (hybrid)
+        deadline_after_s: float | None = None,  # or: this long after the run's start (Control.started)
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -71,15 +88,20 @@ class BatchExecutor:
         self._spec = spec
         self._shape = shape
         self._online = online
-        self._deadline = deadline
+        self._deadline_after_s = deadline_after_s
+        self._hybrid = HybridDeadline(deadline, clock(), spec.online_margin_s, clock)
+        self._harvester = Harvester(directory, shape, keep_files=spec.keep_files)
         self._clock = clock
         self._sleep = sleep
-        self._started = clock()
-        self._conversations: dict[str, Conversation] = {}  # requests with a turn answered in a batch
-        self._attempts: dict[str, int] = {}
         self._statuses: dict[str, str] = {}  # chunk -> the Batch API's status at the last look
         self._lines_open = 0
         self._round_s: float | None = None  # how long a batch round took here: is there time for another?
+        self._maybe_created: set[str] = set()
+        self._cancel_failed: dict[str, str | None] = {}  # chunk -> why its cancel failed (hybrid deadline)
+        self._submitting: Chunk | None = None  # the chunk being submitted (named if that fails)
+        self._queue_refused = 0  # creates the model's full queue refused (429)
+        self._queue_waited_s = 0.0  # time chunks waited for room in it
+        self._queue_since: float | None = None
 
     def gauges(self) -> dict[str, Any]:
         """Lines in open batches, and how many batches are in each status."""
@@ -93,6 +115,7 @@ class BatchExecutor:
             "adaptive": online.get("adaptive", False),
             "overload_429_rate": online.get("overload_429_rate", 0.0),
             "batches": statuses,
+            "batch_queue": {"refused": self._queue_refused, "waited_s": round(self._queue_waited_s, 3)},
         }
 
     async def aclose(self) -> None:
@@ -102,11 +125,19 @@ class BatchExecutor:
 
     async def run(self, requests: AsyncIterator[Request], deliver: Deliver, control: Control) -> None:
         """Reattach to the job's open batches, submit what is new, and harvest until done or stopped."""
+        if self._deadline_after_s is not None:  # the run began before this executor was made
+            self._hybrid = HybridDeadline(
+                control.started + self._deadline_after_s, control.started, self._spec.online_margin_s, self._clock
+            )
+        online_deliver = self._harvester.carrying(deliver, None)
+        deliver = self._harvester.carrying(deliver, API)
         book = BatchBook(self._dir)
         async with self._api() as api:
             chunks = book.open_chunks()
+            # Chunks an earlier run uploaded and may have died creating: only these are looked up.
+            self._maybe_created = {chunk.id for chunk in chunks if chunk.status == "uploaded"}
             waiting = {key for chunk in chunks for key in chunk.request_keys()}  # answered by a batch already made
-            chunks += await self._write_round(book, _skipping(requests, waiting), control)
+            chunks += await write_round(book, self._spec, _skipping(requests, waiting), control)
             leftovers: list[Request] = []
             for round_no in range(self._spec.max_rounds):
                 if not chunks or control.stopping.is_set():
@@ -116,57 +147,28 @@ class BatchExecutor:
                 self._round_s = max(self._round_s or 0.0, self._clock() - began)
                 if not leftovers or control.stopping.is_set():
                     return
-                if self._online is not None and not self._time_for_another_round():
-                    await self._finish_online(leftovers, deliver, control)
+                if self._online is not None and not self._hybrid.time_for_another_round(self._round_s):
+                    await self._finish_online(leftovers, online_deliver, control)
                     return
                 if round_no + 1 == self._spec.max_rounds:
                     break
-                chunks = await self._write_round(book, _aiter(leftovers), control)
+                chunks = await write_round(book, self._spec, _aiter(leftovers), control)
         for request in leftovers:  # out of rounds: retryable, so the next run sends them again
             fault = Fault(Verdict.RETRY, "batch_unanswered", f"no answer after {self._spec.max_rounds} batch rounds")
-            deliver(failure(request, fault, self._attempts.get(request.key, 0)))
+            deliver(failure(request, fault, self._harvester.attempts.get(request.key, 0)))
 
     # ---- writing and submitting ------------------------------------------------------------------
 
-    async def _write_round(self, book: BatchBook, requests: AsyncIterator[Request], control: Control) -> list[Chunk]:
-        """Write the requests into this round's chunk files (and their bodies, by key); record each chunk."""
-        round_no = book.next_round()
-        folder = self._dir / f"round-{round_no:04d}"
-        writer = BatchFileWriter(
-            folder, max_requests=self._spec.max_requests, max_bytes=self._spec.max_bytes, prefix="chunk"
-        )
-        bodies = folder / "requests.jsonl"
-        # Local, buffered writes between awaits: blocking them briefly is cheaper than a thread hop per line.
-        with writer, open(bodies, "w", encoding="utf-8") as keep:  # noqa: ASYNC230
-            async for request in requests:
-                if control.stopping.is_set():
-                    break
-                writer.add(request.key, chat_body(request.params))
-                keep.write(json.dumps({"key": request.key, "params": request.params}, ensure_ascii=False) + "\n")
-        chunks = []
-        for index, file in enumerate(writer.files):
-            chunk_id = f"{folder.name}-{index:04d}"
-            chunks.append(
-                book.record(
-                    chunk_id,
-                    path=str(file.path),
-                    requests=str(bodies),
-                    model=file.model,
-                    lines=file.lines,
-                    round=round_no,
-                    status="written",
-                )
-            )
-        return chunks
-
     async def _submit(self, api: BatchAPI, book: BatchBook, chunk: Chunk) -> Chunk:
         """Upload and create what the chunk still lacks; a batch made before (metadata) is found, not remade."""
+        chunk = book.chunks[chunk.id]  # as far as it got (an earlier try may have uploaded it)
         if chunk.status == "written":
             uploaded = await api.upload(chunk.path)
-            chunk = book.record(chunk.id, status="uploaded", file_id=uploaded.id)
+            at = epoch_ms(uploaded.created_at) if uploaded.created_at else int((time.time() - CLOCK_SLACK_S) * 1000)
+            chunk = book.record(chunk.id, status="uploaded", file_id=uploaded.id, uploaded_at=at)
         if chunk.status == "uploaded":
             assert chunk.file_id is not None
-            made = await self._made_before(api, chunk.id)
+            made = await self._made_before(api, chunk) if chunk.id in self._maybe_created else None
             if made is None:
                 metadata = {"glm_batch_job": self._job, "glm_batch_chunk": chunk.id}
                 made = await api.create(chunk.file_id, metadata=metadata)
@@ -180,10 +182,17 @@ class BatchExecutor:
             f"account's limits are lower than {limits}, lower them to match"
         )
 
-    async def _made_before(self, api: BatchAPI, chunk_id: str) -> Batch | None:
-        """A batch this job already made for the chunk (a run died between creating it and recording it)."""
+    async def _made_before(self, api: BatchAPI, chunk: Chunk) -> Batch | None:
+        """A batch this job already made for the chunk (a run died between creating it and recording it):
+        tagged with this job's state folder and the chunk, and made from the chunk's own input file.
+        The list is newest first: paging stops at the first batch older than the chunk's upload."""
         async for batch in api.iter_batches():
-            if batch.metadata.get("glm_batch_chunk") == chunk_id and batch.metadata.get("glm_batch_job") == self._job:
+            if chunk.uploaded_at is not None and batch.created_at and epoch_ms(batch.created_at) < chunk.uploaded_at:
+                return None
+            tagged = (
+                batch.metadata.get("glm_batch_chunk") == chunk.id and batch.metadata.get("glm_batch_job") == self._job
+            )
+            if tagged and batch.input_file_id == chunk.file_id:
                 return batch
         return None
 
@@ -193,200 +202,191 @@ class BatchExecutor:
         self, api: BatchAPI, book: BatchBook, chunks: list[Chunk], deliver: Deliver, control: Control
     ) -> list[Request]:
         """Submit the chunks, poll them until each is done, harvest each; the requests to send again.
-        On a stop (a signal) it returns at once: the batches run on, and the next run reattaches."""
+
+        A chunk the model's queue has no room for (429 at create) waits, and is submitted while the
+        batches already made are polled and drain. A batch the API no longer knows (404) is lost: its
+        lines are sent again only if nothing says they were billed. A Batch API that keeps failing
+        stops the run (exit 3; the batches run on and the next run reattaches). On a stop (a signal)
+        it returns within the second: the batches run on, and the next run reattaches."""
         pending: dict[str, Chunk] = {}
-        for chunk in chunks:
-            try:
-                pending[chunk.id] = await self._submit(api, book, chunk)
-            except BatchStatusError as exc:  # what retrying could not mend: the account, or the file itself
-                fault = classify_api_error(exc)
-                if fault.verdict is Verdict.ABORT:
-                    control.abort(fault)
-                else:
-                    control.fail(EndpointAborted(self._refused(chunk, exc)))
-                return []
-        self._lines_open = sum(c.lines for c in pending.values())
+        waiting = list(chunks)  # not submitted yet
+        self._lines_open = sum(c.lines for c in chunks)
         leftovers: list[Request] = []
         interval = self._spec.poll_initial_s
         cancelled = False
-        while pending:
+        file_waits: dict[str, int] = {}  # chunk -> looks at a finished batch that names no output file yet
+        first = True
+        while pending or waiting:
             if control.stopping.is_set():
                 return []
-            if self._online is not None and not cancelled and self._deadline_near():
+            # Submitted after the looks (which harvest, and delete result files): never more files at once
+            # than the queue holds, plus one.
+            if first and waiting and not await self._submitted(api, book, waiting, pending, control):
+                return []
+            first = False
+            if self._online is not None and not cancelled and self._hybrid.near():
                 cancelled = True  # what is not back is cancelled there and sent online after the harvest
                 for chunk in pending.values():
                     assert chunk.batch_id is not None
-                    await _cancel(api, chunk.batch_id)
+                    self._cancel_failed[chunk.id] = await cancel_within(
+                        api, chunk.batch_id, self._hybrid.cancel_bound()
+                    )
+                for chunk in waiting:  # never submitted: straight online
+                    self._statuses.pop(chunk.id, None)
+                    self._lines_open -= chunk.lines
+                    book.record(chunk.id, status="abandoned")
+                    leftovers += requests_of(chunk)
+                waiting = []
             for chunk in list(pending.values()):
                 assert chunk.batch_id is not None
-                batch = await api.retrieve(chunk.batch_id)
-                self._statuses[chunk.id] = batch.status
-                if batch.done:
-                    leftovers += await self._harvest(api, book, chunk, batch, deliver, control)
-                    del pending[chunk.id]
-                    self._lines_open -= chunk.lines
-            if pending:
-                await self._sleep(interval if not cancelled else min(interval, 1.0))
+                try:
+                    batch = await api.retrieve(chunk.batch_id)
+                except BatchNotFound:
+                    leftovers += self._lost(book, chunk, deliver)
+                except BatchAPIError as exc:
+                    control.fail(EndpointAborted(api_failing(exc)))
+                    return []
+                else:
+                    pending[chunk.id] = chunk = self._look(book, chunk, batch)
+                    if not batch.done:
+                        continue
+                    if awaiting_output(batch):
+                        file_waits[chunk.id] = file_waits.get(chunk.id, 0) + 1
+                        if file_waits[chunk.id] >= FILE_WAIT_LOOKS:
+                            control.fail(EndpointAborted(no_output_file(batch, file_waits[chunk.id])))
+                            return []
+                        continue
+                    if batch.status == "failed" and refused_request(batch):
+                        book.record(chunk.id, status="harvested", batch_status=batch.status)
+                        control.fail(EndpointAborted(validation_failure(batch)))
+                        return []
+                    try:
+                        leftovers += await self._harvester.harvest(api, book, chunk, batch, deliver, control)
+                    except BatchNotFound as exc:  # a result file still 404 after the waits
+                        book.record(chunk.id, file_404=True)
+                        control.fail(EndpointAborted(file_missing(batch, exc)))
+                        return []
+                    except BatchAPIError as exc:
+                        control.fail(EndpointAborted(api_failing(exc)))
+                        return []
+                del pending[chunk.id]
+                self._lines_open -= chunk.lines
+            if waiting and not cancelled and not await self._submitted(api, book, waiting, pending, control):
+                return []
+            if cancelled and pending and self._clock() >= self._hybrid.give_up_at():
+                for chunk in pending.values():  # still not stopped: its lines may be billed, so not online
+                    self._not_back(chunk, deliver)
+                return leftovers
+            if pending or waiting:
+                await self._pause(self._hybrid.next_look(interval, cancelled), control)
                 interval = min(interval * 2, self._spec.poll_max_s)
         return leftovers
 
-    async def _harvest(
-        self, api: BatchAPI, book: BatchBook, chunk: Chunk, batch: Batch, deliver: Deliver, control: Control
-    ) -> list[Request]:
-        """Deliver every answered line of a finished batch; the requests to send again.
+    def _not_back(self, chunk: Chunk, deliver: Deliver) -> None:
+        """A cancelled batch that had not stopped when the deadline came: its lines may have been billed,
+        so they are not sent online; they fail retryably, and the next run collects the batch."""
+        status = self._statuses.get(chunk.id, chunk.batch_status or "unknown")
+        message = not_back_message(chunk, status, self._cancel_failed.get(chunk.id))
+        self._harvester.fail_all(chunk, Fault(Verdict.RETRY, "batch_not_back", message), deliver)
+        self._lines_open -= chunk.lines
 
-        Lines are read one at a time, and a request's body is read back from disk only for the few
-        lines that need it (a retry, a repair, a line the batch never ran): memory stays flat in the
-        size of the batch. The loop yields now and then, so checkpoints and signals are not held up."""
-        wanted = set(chunk.request_keys())
-        seen: set[str] = set()
-        later: list[_Later] = []  # lines that need their request's body
-        for count, line in enumerate(await self._result_lines(api, chunk, batch)):
-            key = line.custom_id
-            if key is None or key not in wanted or key in seen:
-                continue  # a line we did not send, or one we already took
-            seen.add(key)
-            self._attempts[key] = self._attempts.get(key, 0) + 1
-            pending = self._take_at_once(key, chunk.model, line, deliver, control)
-            if pending is not None:
-                later.append(pending)
-            if count % 1000 == 999:
-                await asyncio.sleep(0)
-        unrun = wanted - seen  # lines the batch never ran (expired, cancelled, failed validation)
-        bodies = read_requests(chunk.requests, {pending.key for pending in later} | unrun)
-        leftovers = [Request(key, bodies[key]) for key in unrun]
-        for pending in later:
-            again = self._take(Request(pending.key, bodies[pending.key]), pending.answer, deliver)
-            if again is not None:
-                leftovers.append(again)
-        counts = dataclasses.asdict(batch.request_counts)
-        book.record(chunk.id, status="harvested", batch_status=batch.status, counts=counts)
-        return leftovers
-
-    def _take_at_once(
-        self, key: str, model: str, line: ResultLine, deliver: Deliver, control: Control
-    ) -> _Later | None:
-        """Take one result line as far as it can go without its request's body.
-
-        A valid answer to a first ask is delivered, a failure for good fails its row, an abort stops
-        the run: None. Otherwise what `_take` (the other half, given the body) needs: the line's
-        answer to continue the conversation with (a repair round's answer, or one to repair), or no
-        answer when the request is to be sent again as it was (a transient failure, an unreadable body)."""
-        if not line.ok:
-            fault = _line_fault(line)
-            if fault.verdict is Verdict.RETRY:
-                return _Later(key, None)
-            if fault.verdict is Verdict.ABORT:
-                control.abort(fault)
-            else:
-                deliver(failure(Request(key, {}), fault, self._attempts[key], model=model))
-            return None
+    async def _submitted(
+        self, api: BatchAPI, book: BatchBook, waiting: list[Chunk], pending: dict[str, Chunk], control: Control
+    ) -> bool:
+        """Submit what the queue has room for (`waiting` keeps the rest, in place); False if the run stops."""
         try:
-            answer = answer_from_chat(line.body, line.request_id)
-        except BadResultLine:
-            return _Later(key, None)  # a body we cannot read says nothing against the request: again
-        if key in self._conversations:
-            return _Later(key, answer)  # a repair round's answer: its conversation holds the earlier turns
-        if self._shape is not None:
+            waiting[:] = await self._submit_all(api, book, waiting, pending)
+        except BatchAPIError as exc:  # what retrying could not mend: the account, the file, the API
+            await self._stop_for(api, book, control, exc, self._submitting or waiting[0])
+            return False
+        return True
+
+    async def _submit_all(
+        self, api: BatchAPI, book: BatchBook, waiting: list[Chunk], pending: dict[str, Chunk]
+    ) -> list[Chunk]:
+        """Submit the waiting chunks in order, into `pending`; the ones the model's queue has no room
+        for yet (429 at create), or the account no room for their file while ours are open (a refused
+        upload), are returned, to be tried again after the next look at the others."""
+        for index, chunk in enumerate(waiting):
+            self._submitting = chunk
             try:
-                self._shape.check(answer)
-            except Unusable:
-                return _Later(key, answer)  # to be repaired: the next turn needs the conversation so far
-        conversation = Conversation(Request(key, {}), self._shape)
-        conversation.add(answer)
-        deliver(conversation.result(attempts=self._attempts[key], latency_ms=None, api=API))
-        return None
+                chunk = await self._submit(api, book, chunk)
+            except BatchStatusError as exc:
+                # An upload refused while batches of ours are open may be the account's file cap (its code
+                # is not documented): their result files are deleted as they are harvested; wait for that.
+                full = exc.status == 429 or (pending and book.chunks[chunk.id].status == "written")
+                if not full or isinstance(exc, BatchAbort):
+                    raise
+                self._queue_refused += 1
+                if self._queue_since is None:
+                    self._queue_since = self._clock()
+                for held in waiting[index:]:
+                    self._statuses[held.id] = "waiting for queue room"
+                return waiting[index:]
+            pending[chunk.id] = chunk
+            self._statuses[chunk.id] = chunk.batch_status or "created"
+        if self._queue_since is not None:
+            self._queue_waited_s += self._clock() - self._queue_since
+            self._queue_since = None
+        return []
 
-    def _take(self, request: Request, answer: Answer | None, deliver: Deliver) -> Request | None:
-        """The half of taking a line that needs the request's body: add the line's answer to the
-        request's conversation and deliver its Result, or return the request to send again (no
-        answer: a retry; an answer that needs repair: the repair turn)."""
-        if answer is None:
-            return request
-        key = request.key
-        conversation = self._conversations.setdefault(key, Conversation(request, self._shape))
-        repair = conversation.add(answer)
-        if repair is not None:
-            return Request(key, repair)
-        del self._conversations[key]
-        deliver(conversation.result(attempts=self._attempts[key], latency_ms=None, api=API))
-        return None
+    async def _stop_for(
+        self, api: BatchAPI, book: BatchBook, control: Control, exc: BatchAPIError, chunk: Chunk
+    ) -> None:
+        """End the run for a Batch API error at upload or create that retrying did not mend. An input file
+        a create refused is deleted (an account holds at most 1,000 files); the next run uploads anew."""
+        chunk = book.chunks[chunk.id]
+        if chunk.status == "uploaded" and chunk.file_id and isinstance(exc, BatchStatusError):
+            with contextlib.suppress(BatchAPIError):
+                await api.delete_file(chunk.file_id)
+            book.record(chunk.id, status="written", file_id=None, uploaded_at=None)
+        fault = classify_api_error(exc)
+        if fault.verdict is Verdict.ABORT:
+            control.abort(fault)
+        elif fault.verdict is Verdict.RETRY:
+            control.fail(EndpointAborted(api_failing(exc)))
+        else:
+            assert isinstance(exc, BatchStatusError)
+            control.fail(EndpointAborted(self._refused(chunk, exc)))
 
-    async def _result_lines(self, api: BatchAPI, chunk: Chunk, batch: Batch) -> Iterator[ResultLine]:
-        """The batch's output and error lines, downloaded (streamed to disk), then read one at a time."""
-        files = []
-        for file_id, kind in ((batch.output_file_id, "output"), (batch.error_file_id, "errors")):
-            if file_id:
-                dest = self._dir / f"{chunk.id}.{kind}.jsonl"
-                await api.download(file_id, dest)
-                files.append(dest)
-        return _read_lines(files)
+    def _look(self, book: BatchBook, chunk: Chunk, batch: Batch) -> Chunk:
+        """Note what a look at a batch saw; the book keeps each new status and count (what `status`
+        shows, and what a lost batch is judged by)."""
+        self._statuses[chunk.id] = batch.status
+        counts = dataclasses.asdict(batch.request_counts)
+        if batch.status != chunk.batch_status or counts != chunk.counts:
+            return book.record(chunk.id, batch_status=batch.status, counts=counts)
+        return chunk
+
+    def _lost(self, book: BatchBook, chunk: Chunk, deliver: Deliver) -> list[Request]:
+        """A batch the Batch API no longer knows (404): marked lost. Its lines are sent again when
+        nothing says any was billed (no completed line at the last look); else they fail (not paid twice)."""
+        billed = chunk.counts.get("completed") or 0
+        book.record(chunk.id, status="lost", batch_status="unknown to the Batch API (404)")
+        self._statuses.pop(chunk.id, None)
+        if not billed:
+            return requests_of(chunk)
+        self._harvester.fail_all(chunk, Fault(Verdict.FAIL, "batch_lost", lost_message(chunk, billed)), deliver)
+        return []
+
+    async def _pause(self, seconds: float, control: Control) -> None:
+        """Wait between looks, or less: a stop (a signal) ends the wait at once."""
+        if control.stopping.is_set():
+            return
+        nap = asyncio.ensure_future(self._sleep(seconds))
+        stop = asyncio.ensure_future(control.stopping.wait())
+        try:
+            await asyncio.wait((nap, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            nap.cancel()
+            stop.cancel()
 
     # ---- hybrid ----------------------------------------------------------------------------------
-
-    def _margin(self) -> float:
-        """How long before the deadline to give up on the Batch API and finish online."""
-        if self._spec.online_margin_s is not None:
-            return self._spec.online_margin_s
-        assert self._deadline is not None
-        return max(1.0, 0.1 * (self._deadline - self._started))
-
-    def _deadline_near(self) -> bool:
-        return self._deadline is not None and self._clock() >= self._deadline - self._margin()
-
-    def _time_for_another_round(self) -> bool:
-        """Would one more batch round (as long as the longest so far) end before the online margin?"""
-        if self._deadline is None:
-            return True
-        return self._clock() + (self._round_s or 0.0) < self._deadline - self._margin()
 
     async def _finish_online(self, requests: list[Request], deliver: Deliver, control: Control) -> None:
         """Send the leftovers online; a repair keeps the tokens its batch turns used."""
         assert self._online is not None
-
-        def merged(result: Result) -> None:
-            before = self._conversations.pop(result.key, None)
-            if before is not None and result.status != "error":
-                earlier = before.result(attempts=0, latency_ms=None)
-                result = dataclasses.replace(
-                    result,
-                    input_tokens=(result.input_tokens or 0) + (earlier.input_tokens or 0),
-                    output_tokens=(result.output_tokens or 0) + (earlier.output_tokens or 0),
-                    thinking_tokens=(result.thinking_tokens or 0) + (earlier.thinking_tokens or 0),
-                    repairs=result.repairs + earlier.repairs + 1,
-                )
-            deliver(result)
-
-        await self._online.run(_aiter(requests), merged, control)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Later:
-    """A line taken as far as it goes without its request's body; `_take` finishes it."""
-
-    key: str
-    answer: Answer | None  # None: send the request again as it was
-
-
-def _line_fault(line: ResultLine) -> Fault:
-    """What a failed result line means for its request, as the Fault a failed row records."""
-    name = f"batch/{line.error_code or line.status_code}"
-    return Fault(classify_failure(line), name, line.error_message or line.problem or "")
-
-
-async def _cancel(api: BatchAPI, batch_id: str) -> None:
-    """Cancel a batch; one that finished meanwhile cannot be cancelled, which is fine."""
-    with contextlib.suppress(BatchStatusError):
-        await api.cancel(batch_id)
-
-
-def _read_lines(paths: list[Path]) -> Iterator[ResultLine]:
-    """Downloaded result files' lines, read one at a time."""
-    for path in paths:
-        with open(path, "rb") as f:
-            for raw in f:
-                if raw.strip():
-                    yield parse_result_line(raw)
+        await self._online.run(_aiter(requests), self._harvester.merging(deliver), control)
 
 
 async def _skipping(requests: AsyncIterator[Request], skip: set[str]) -> AsyncIterator[Request]:

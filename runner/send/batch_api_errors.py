@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from runner.send.retries import ABORT_CODES, Fault, Verdict, retry_after_seconds
+from runner.send.retries import ABORT_CODES, TRANSIENT_CODES, Fault, Verdict, retry_after_seconds
 
 __all__ = [
     "MAX_ERROR_BODY",
@@ -35,8 +35,7 @@ __all__ = [
     "status_error",
 ]
 
-# Zhipu's limit and overload codes, and its own internal/network errors: worth another try.
-_TRANSIENT_CODES = frozenset({"500", "1230", "1234", "1302", "1303", "1304", "1305"})
+_TRANSIENT_CODES = TRANSIENT_CODES  # Zhipu's limit and overload codes: one list (runner.send.retries)
 MAX_ERROR_BODY = 1 << 16  # an error body longer than this is not an API error object; don't hold it
 
 

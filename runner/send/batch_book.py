@@ -8,11 +8,12 @@
     <state dir>/batches/<chunk>.output.jsonl / .errors.jsonl   results as downloaded
 
 A chunk moves written -> uploaded (file id) -> created (batch id) -> harvested (its lines delivered and
-journalled) or abandoned. A run killed anywhere is resumed by the next one from the book: a written
-chunk is uploaded (an input file costs nothing), an uploaded one is looked up by its metadata among the
-account's batches before one is created, a created one is polled and harvested. Each batch is tagged
-with `metadata: {glm_batch_job, glm_batch_chunk}`, which closes the window between creating a batch and
-recording its id.
+journalled), abandoned (sent online instead) or lost (the Batch API no longer knows its batch). A run
+killed anywhere is resumed by the next one from the book: a written chunk is uploaded (an input file
+costs nothing), a chunk an earlier run left uploaded is looked up among the account's newest batches
+(its tag and its own input file) before one is created, a created one is polled and harvested. Each
+batch is tagged with `metadata: {glm_batch_job: <hash of the state folder>, glm_batch_chunk}`, which
+closes the window between creating a batch and recording its id.
 """
 
 from __future__ import annotations
@@ -42,8 +43,13 @@ class Chunk:
     status: str = "written"
     file_id: str | None = None
     batch_id: str | None = None
+    uploaded_at: int | None = None  # epoch ms of the upload (the API's clock when it said)
     batch_status: str | None = None  # the Batch API's status at the last look
     counts: dict[str, int] = field(default_factory=dict)
+    output_file_id: str | None = None  # the result files, once harvested (to delete them)
+    error_file_id: str | None = None
+    purged: bool = False  # its files at Zhipu deleted
+    file_404: bool = False  # a result file answered 404 past the waits once: a second time, it is gone
 
     def request_keys(self) -> Iterator[str]:
         """The request keys in the chunk (each line's custom_id), read from its file.

@@ -27,15 +27,27 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from runner.job.spec import BatchSpec
+from runner.records import Request
+from runner.send.base import Control
+from runner.send.batch_book import BatchBook, Chunk
+from runner.send.native import chat_body
 from runner.state.files import fsync_rename
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_REQUESTS", "BatchFile", "BatchFileWriter", "write_batch_files"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_REQUESTS",
+    "BatchFile",
+    "BatchFileWriter",
+    "write_batch_files",
+    "write_round",
+]
 
 DEFAULT_MAX_REQUESTS = 50_000
 DEFAULT_MAX_BYTES = 95 * 1024 * 1024
@@ -188,3 +200,25 @@ def write_batch_files(
         for custom_id, body in items:
             writer.add(custom_id, body)
     return writer.files
+
+
+async def write_round(
+    book: BatchBook, spec: BatchSpec, requests: AsyncIterator[Request], control: Control
+) -> list[Chunk]:
+    """Write the requests into a new round's chunk files (and their bodies, by key); record each chunk."""
+    round_no = book.next_round()
+    folder = book.directory / f"round-{round_no:04d}"
+    writer = BatchFileWriter(folder, max_requests=spec.max_requests, max_bytes=spec.max_bytes, prefix="chunk")
+    bodies = folder / "requests.jsonl"
+    # Local, buffered writes between awaits: blocking them briefly is cheaper than a thread hop per line.
+    with writer, open(bodies, "w", encoding="utf-8") as keep:  # noqa: ASYNC230
+        async for request in requests:
+            if control.stopping.is_set():
+                break
+            writer.add(request.key, chat_body(request.params))
+            keep.write(json.dumps({"key": request.key, "params": request.params}, ensure_ascii=False) + "\n")
+    chunks = []
+    for index, file in enumerate(writer.files):
+        fields = {"path": str(file.path), "requests": str(bodies), "model": file.model, "lines": file.lines}
+        chunks.append(book.record(f"{folder.name}-{index:04d}", **fields, round=round_no, status="written"))
+    return chunks

@@ -19,13 +19,13 @@ from anthropic.types import Message
 from runner.money.tokens import estimate_text
 from runner.records import Answer
 from runner.send.retries import (
-    ABORT_CODES,
     BadResponse,
     Fault,
-    Overload,
     Verdict,
     bad_response_fault,
+    error_parts,
     retry_after_seconds,
+    status_fault,
     unclassified,
 )
 
@@ -39,6 +39,19 @@ class StalledStream(Exception):
 
     def __init__(self, stall_s: float) -> None:
         super().__init__(f"no event for {stall_s:g} s while streaming")
+
+
+class StoppedAnswer(Exception):
+    """An answer that ended with one of Zhipu's own finish reasons: `network_error` (the inference broke
+    off, leaving a partial answer: sent again) or `sensitive` (the content was blocked: the row fails)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# finish reasons that are not an answer: network_error is retried, the others fail as content_filter.
+_STOPPED = frozenset({"network_error", "sensitive"})
 
 
 class Client:
@@ -93,13 +106,26 @@ class Client:
 def classify(exc: BaseException) -> Fault:
     """Decide the fate of a Messages API call that raised `exc`.
 
-    Connection faults, timeouts, 408/409, 429 rate codes (1302 our account's concurrency, 1305 the
-    platform overloaded), 5xx, 529 and an error event mid-stream RETRY; 1113/1308-1310 (billing, sent
-    as 429), 401/403, 404 and unknown models ABORT; any other 4xx FAILs the row. Anything else (a 200
-    whose body is not JSON, a bug) is unclassified, so retried.
+    Connection faults and timeouts RETRY; an error answer, in either of Zhipu's error shapes, is
+    decided by runner.send.retries.status_fault (the one rule for every transport). Anything else (a
+    200 whose body is not JSON, a bug) is unclassified, so retried.
     """
     if isinstance(exc, BadResponse):
         return bad_response_fault(exc)
+    if isinstance(exc, StoppedAnswer):
+        if exc.reason == "network_error":  # generated in part, so billed in part
+            return Fault(
+                Verdict.RETRY,
+                "network_error",
+                "the inference broke off (finish_reason network_error)",
+                maybe_billed=True,
+            )
+        return Fault(
+            Verdict.FAIL,
+            "content_filter",
+            "the endpoint blocked this content (finish_reason sensitive); no answer for this row: change its "
+            "input or the prompt",
+        )
     # The request was sent and may still be answered, and billed, after we gave up on it.
     if isinstance(exc, anthropic.APITimeoutError):
         return Fault(Verdict.RETRY, "timeout", str(exc) or "timed out", maybe_billed=True)
@@ -108,20 +134,20 @@ def classify(exc: BaseException) -> Fault:
     if isinstance(exc, anthropic.APIConnectionError):
         return Fault(Verdict.RETRY, "connection", str(exc) or "connection failed")
     if isinstance(exc, anthropic.APIStatusError):
-        code = str(exc.type) if exc.type is not None else None
+        # Read from the body, not the SDK's `type` alone: the route also answers in the native shape
+        # ({"error": {"code": ...}}, no type), and a 1113 there must abort as surely as here.
+        code, message, request_id = error_parts(exc.body)
+        code = code or (str(exc.type) if exc.type is not None else None)
         status = exc.status_code
-        name = f"{status}/{code}" if code else str(status)
-        message = exc.api_message or str(exc) or name
-        if code in ABORT_CODES or status in (401, 402, 403, 404):
-            return Fault(Verdict.ABORT, name, message)
-        overload: Overload | None = None
-        if code in ("1305", "overloaded_error") or status in (503, 529):
-            overload = "platform"
-        elif status == 429:
-            overload = "concurrency"
-        elif not (status == 200 or status in (408, 409) or status >= 500):  # 200: an error event mid-stream
-            return Fault(Verdict.FAIL, name, message)
-        return Fault(Verdict.RETRY, name, message, overload, retry_after_seconds(exc.response.headers))
+        text = message or exc.api_message or str(exc) or (f"{status}/{code}" if code else str(status))
+        headers = exc.response.headers
+        return status_fault(
+            status,
+            code,
+            text,
+            retry_after=retry_after_seconds(headers),
+            request_id=request_id or exc.request_id or _request_id(headers),
+        )
     return unclassified(exc)
 
 
@@ -137,6 +163,8 @@ def _answer(message: Message, request_id: str | None) -> Answer:
         code = error.get("type") or error.get("code") if isinstance(error, dict) else None
         text = error.get("message") if isinstance(error, dict) else None
         raise BadResponse(str(code) if code else None, f"200 answer is not a message: {text or 'no body'}")
+    if message.stop_reason in _STOPPED:  # the SDK keeps a stop reason it does not know as it came
+        raise StoppedAnswer(str(message.stop_reason))
     texts: list[str] = []
     thoughts: list[str] = []
     blocks: list[dict[str, Any]] = []
@@ -167,7 +195,7 @@ def _answer(message: Message, request_id: str | None) -> Answer:
         cache_creation_input_tokens=usage.cache_creation_input_tokens,
         request_id=request_id or message.id,
         model=message.model,
-        thinking_tokens=thinking_tokens,
+        thinking_tokens=min(thinking_tokens, usage.output_tokens),  # an estimate never above what was billed
         tool_input=tool_input,
         tool_use_id=tool_use_id,
         content=tuple(blocks),

@@ -29,6 +29,8 @@ def endpoint_url(job: Job) -> Iterator[str]:
         fault_rate=sim.fault_rate,
         invalid_rate=sim.invalid_rate,
         sample_disagreement=sim.sample_disagreement,
+        model_error=dict(sim.model_error),
+        confidence=sim.confidence,
         seed=sim.seed,
         slow_s=sim.slow_s,
         batch_validating_s=sim.batch_validating_s,

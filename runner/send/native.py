@@ -104,6 +104,10 @@ def chat_body(params: Mapping[str, Any]) -> dict[str, Any]:
         # The native API has an on/off switch only (no budget); adaptive thinking is "on, the model
         # decides how much", which is what `enabled` does there.
         body["thinking"] = {"type": "disabled" if kind == "disabled" else "enabled"}
+    else:
+        # A Messages request without `thinking` asks for no reasoning; the native API's default is
+        # enabled, so the same request says so (a model that always thinks still does).
+        body["thinking"] = {"type": "disabled"}
     for name, value in (params.get("extra_body") or {}).items():
         if name == "top_k":
             continue  # the native chat API has no top_k; the request is sent without it

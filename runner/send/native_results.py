@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.send.native_answer import error_fields
-from runner.send.retries import ABORT_CODES, Verdict
+from runner.send.retries import ABORT_CODES, TRANSIENT_CODES, Verdict
 
 __all__ = ["ResultLine", "classify_failure", "parse_result_line"]
 
-# Business codes that mean "try again later": rate, concurrency and overload limits, and Zhipu's own
-# internal or network errors.
-_TRANSIENT_CODES = frozenset({"500", "1230", "1234", "1302", "1303", "1304", "1305"})
+# Business codes that mean "try again later": one list for every transport (runner.send.retries).
+_TRANSIENT_CODES = TRANSIENT_CODES
 # What the batch machinery writes for a request it never ran: it was not the request's fault.
 _NOT_PROCESSED = re.compile(r"expire|cancel|timeout|timed_out|not_processed|not processed", re.I)
 

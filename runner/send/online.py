@@ -23,7 +23,7 @@ from runner.job.structured import AnswerShape
 from runner.records import Answer, Request, Result
 from runner.send.base import Control, Conversation, Deliver, failure
 from runner.send.limits import Slots
-from runner.send.retries import Classify, Fault, Verdict, retrying, wait_backoff
+from runner.send.retries import TOOL_CHOICE_REFUSED, Classify, Fault, Verdict, retrying, wait_backoff
 
 
 class Sender(Protocol):
@@ -117,6 +117,8 @@ class OnlineExecutor:
         latency_ms: float | None = None
         ended: dt.datetime | None = None
         while params is not None:
+            if control.tool_choice_auto and self._shape is not None:
+                params = self._shape.auto(params)
             tries = [1]  # attempts of this turn, counted even when the turn fails
             try:
                 try:
@@ -132,6 +134,11 @@ class OnlineExecutor:
                 if fault.verdict is Verdict.ABORT:
                     control.abort(fault)
                     return None
+                if fault.type == TOOL_CHOICE_REFUSED and self._shape is not None and self._shape.auto(params) != params:
+                    # Refused for forcing the tool: this request (and every later one) asks with auto.
+                    control.fall_back_to_auto_tool_choice(fault.message)
+                    attempts += tries[0]
+                    continue
                 return failure(request, fault, attempts + tries[0])
             attempts += tries[0]
             params = conversation.add(answer)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -107,6 +108,7 @@ class Fault:
     overload: Overload | None = None
     retry_after: float | None = None
     maybe_billed: bool = False  # sent, then given up on (a timeout): the server may bill it anyway
+    request_id: str | None = None  # the endpoint's id for the refused request, where it gave one
 
 
 def unclassified(exc: BaseException) -> Fault:
@@ -118,6 +120,66 @@ def bad_response_fault(exc: BadResponse) -> Fault:
     """A 200 whose body was an error object: abort for account codes, else retry."""
     verdict = Verdict.ABORT if exc.code in ABORT_CODES else Verdict.RETRY
     return Fault(verdict, f"200/{exc.code}" if exc.code else "bad_response", str(exc))
+
+
+# Zhipu's limit and overload codes and its own internal or network errors: worth another try, on every
+# transport. 1302/1303 are this account's concurrency and frequency limits, 1305 the platform's traffic.
+TRANSIENT_CODES = frozenset({"500", "1230", "1234", "1302", "1303", "1304", "1305"})
+RATE_CODES: dict[str, Overload] = {"1302": "concurrency", "1303": "concurrency", "1305": "platform"}
+# The fault type of a request refused because it forces a tool (Zhipu: "Tool choice must be auto").
+TOOL_CHOICE_REFUSED = "tool_choice_refused"
+_TOOL_CHOICE = re.compile(r"tool[ _]?choice", re.I)
+
+
+def error_parts(body: object) -> tuple[str | None, str | None, str | None]:
+    """Zhipu's business code, message and request id from an error body in either shape it answers in:
+    Anthropic's `{"type": "error", "error": {"type": "1113", "message"}, "request_id"}` or the native
+    `{"error": {"code": "1302", "message"}}` (seen on the Anthropic route of api.z.ai too)."""
+    if not isinstance(body, Mapping):
+        return None, None, None
+    error = body.get("error")
+    source: Mapping[str, object] = error if isinstance(error, Mapping) else body
+    code = source.get("code")
+    if code in (None, ""):
+        code = source.get("type") if isinstance(error, Mapping) else None
+    message = source.get("message") or source.get("msg")
+    request_id = body.get("request_id") or source.get("request_id")
+    return (
+        str(code) if code not in (None, "") else None,
+        str(message) if message else None,
+        str(request_id) if request_id else None,
+    )
+
+
+def status_fault(
+    status: int,
+    code: str | None,
+    message: str,
+    *,
+    retry_after: float | None = None,
+    request_id: str | None = None,
+) -> Fault:
+    """The fate of an error answer, whichever transport and error shape it came in: the one rule.
+
+    ABORT: account codes (ABORT_CODES: auth 1000-1004, account 1110-1121, 1113 no balance, 1308-1310
+    plan, 1211 unknown model) and 401/402/403/404. RETRY with an overload kind: rate codes (1302/1303
+    concurrency, 1305 platform) whatever the status, 429, 503/529. RETRY: other transient codes, 408,
+    409, 5xx and 200 (an error event mid-stream). FAIL: any other 4xx (the request itself is wrong);
+    a refused forced tool choice is named TOOL_CHOICE_REFUSED so the sender can fall back to auto."""
+    name = f"{status}/{code}" if code else str(status)
+    if code in ABORT_CODES or status in (401, 402, 403, 404):
+        return Fault(Verdict.ABORT, name, message, request_id=request_id)
+    overload: Overload | None = RATE_CODES.get(code or "")
+    if overload is None and (code == "overloaded_error" or status in (503, 529)):
+        overload = "platform"
+    elif overload is None and status == 429:
+        overload = "concurrency"
+    transient = code in TRANSIENT_CODES or status == 200 or status in (408, 409) or status >= 500
+    if overload is None and not transient:
+        if 400 <= status < 500 and _TOOL_CHOICE.search(message):
+            return Fault(Verdict.FAIL, TOOL_CHOICE_REFUSED, message, request_id=request_id)
+        return Fault(Verdict.FAIL, name, message, request_id=request_id)
+    return Fault(Verdict.RETRY, name, message, overload, retry_after, request_id=request_id)
 
 
 Classify = Callable[[BaseException], Fault]

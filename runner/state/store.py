@@ -22,15 +22,18 @@ from any run, which is what makes re-runs, template edits and growing inputs cos
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 import polars as pl
 
-from runner.errors import DiskFull, UsageError
+from runner.errors import STATE_FAILURES, GlmBatchError, UsageError
 from runner.records import (
     KEY,
     RESULT_SCHEMA,
@@ -51,10 +54,16 @@ from runner.state.files import (
     write_json_atomic,
 )
 from runner.state.lock import JobLock
+from runner.state.rescue import read_rescued, state_failure, state_guard, write_rescue
 from runner.state.rowmap import RowMap
 from runner.state.settled import SettledKeys as SettledKeys  # re-exported: callers import it from here
 
 BUCKET_ROWS = 100_000  # results per bucket when compacting and joining
+
+
+def deleted(journal: Path) -> FileNotFoundError:
+    """The error for a journal found unlinked while open: its folder was deleted."""
+    return FileNotFoundError(errno.ENOENT, "deleted while the run was writing it", str(journal))
 
 
 class Buckets:
@@ -101,6 +110,11 @@ class Store:
         self._journal_kept = False
         self.row_map_dropped = False  # the row map was torn and has been dropped (it is rebuilt)
         self.recovered = 0  # answers recovered from journals of runs that died
+        self.rescued = 0  # answers taken back from rescue journals of runs whose state broke
+        # The state folder stopped taking writes (this run's failure): from then on answers are only held
+        # in memory (`_pending`), and `rescue` writes them to a rescue journal when sending has stopped.
+        self.broken: GlmBatchError | None = None
+        self._next_alive_check = 0.0
 
     # ---- opening --------------------------------------------------------------------------------
 
@@ -118,6 +132,17 @@ class Store:
                 "fix its permissions or set output.state_dir"
             ) from None
         self.lock.acquire()
+        try:
+            # A folder that takes no writes (read-only, immutable) or a full disk: one line, nothing sent.
+            with state_guard(self.state_dir):
+                self._sweep()
+        except Exception:
+            self.lock.release()
+            raise
+
+    def _sweep(self) -> None:
+        """What `open` does once the lock is held: clear a crash's temp files, fold dead runs' journals,
+        quarantine unreadable parts, drop a torn row map, start this run's journal."""
         for tmp in self.state_dir.rglob("*.tmp"):
             tmp.unlink()
         for journal in sorted(self.state_dir.glob("journal-*.jsonl")):
@@ -167,8 +192,9 @@ class Store:
         the next run does not trust it, but `glm-batch status` can count the rows it holds."""
         try:
             self.flush()
-            self.rows.write()
-        except DiskFull:
+            with state_guard(self.state_dir):
+                self.rows.write()
+        except STATE_FAILURES:
             # The answers stay in the journal, which the next run folds into a part; keep it.
             self._journal_kept = True
         finally:
@@ -176,7 +202,8 @@ class Store:
                 os.close(self._journal)
                 self._journal = None
                 if not self._journal_kept:
-                    self._journal_path.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):  # a folder that takes no writes takes no unlink
+                        self._journal_path.unlink(missing_ok=True)
             self.lock.release()
 
     def result_parts(self) -> list[Path]:
@@ -191,7 +218,24 @@ class Store:
         settled = pl.col("status") == "ok"
         if not retry_failed:
             settled = settled | ~pl.col("retryable")
-        keys = pl.scan_parquet(parts).filter(settled).select(KEY).unique().sort(KEY).collect()
+        try:
+            keys = pl.scan_parquet(parts).filter(settled).select(KEY).unique().sort(KEY).collect()
+        except (pl.exceptions.PolarsError, OSError):
+            # A part whose footer reads but whose data does not (torn inside): read part by part, set the
+            # ones that fail aside in corrupt/ (as at open), and keep what the others hold.
+            frames = []
+            for part in parts:
+                try:
+                    frames.append(pl.read_parquet(part, columns=[KEY, "status", "retryable"]).filter(settled))
+                except (pl.exceptions.PolarsError, OSError):
+                    with contextlib.suppress(OSError):  # not even movable: it is skipped all the same
+                        self._quarantine(part)
+            self.quarantined = sorted((self.state_dir / "corrupt").glob("*.parquet"))
+            keys = (
+                pl.concat([f.select(KEY) for f in frames]).unique().sort(KEY)
+                if frames
+                else pl.DataFrame({KEY: []}, schema={KEY: pl.String})
+            )
         return SettledKeys(keys.get_column(KEY))
 
     # ---- writing --------------------------------------------------------------------------------
@@ -204,18 +248,35 @@ class Store:
         except orjson.JSONEncodeError:  # a lone surrogate in its text: kept as U+FFFD, not a crash
             result = with_valid_unicode(result)
             data = journal_line(result)
+        if self.broken is not None:  # the folder takes no writes: held for the rescue journal
+            self._pending.append(result)
+            return
+        failure: GlmBatchError | None = None
         try:
             written = os.write(self._journal, data)
         except OSError as exc:
-            if exc.errno not in NO_SPACE:
-                raise
+            failure = state_failure(exc, self.state_dir)
             written = -1
         if written != len(data):
             # Cut a torn line off again: glued to the next answer's line it would make both unreadable.
-            os.ftruncate(self._journal, self._journal_size)
-            raise no_space(self._journal_path)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._journal, self._journal_size)
+            self._pending.append(result)  # paid: held in memory, rescued when sending has stopped
+            raise self._broke(failure or no_space(self._journal_path))
         self._journal_size += written
         self._pending.append(result)
+        now = time.monotonic()
+        if now >= self._next_alive_check:  # twice a second at most: one fstat
+            self._next_alive_check = now + 0.5
+            if os.fstat(self._journal).st_nlink == 0:  # unlinked under us: the folder was deleted
+                failure = state_failure(deleted(self._journal_path), self.state_dir)
+                raise self._broke(failure or no_space(self.state_dir))
+
+    def _broke(self, failure: GlmBatchError) -> GlmBatchError:
+        """Remember the first failure of the state's files; from now on answers are only held."""
+        if self.broken is None:
+            self.broken = failure
+        return failure
 
     def add_part(self, frame: pl.DataFrame, label: str) -> None:
         """Keep answers that came from elsewhere (salvaged from an output) as a part of their own."""
@@ -227,18 +288,53 @@ class Store:
         return len(self._pending)
 
     def flush(self) -> None:
-        """Write buffered results as one new part file."""
+        """Write buffered results as one new part file. Raises DiskFull or StateUnwritable when the
+        folder takes no more writes (or was deleted); the results stay held for `rescue`."""
+        if self.broken is not None:
+            raise self.broken
+        try:
+            with state_guard(self.state_dir):
+                if self._journal is not None and os.fstat(self._journal).st_nlink == 0:
+                    # The journal was unlinked under us (the folder deleted): what it takes goes nowhere.
+                    raise deleted(self._journal_path)
+                if not self._pending:
+                    return
+                frame = results_frame(self._pending, self.run_id)
+                write_atomic(frame, self.results_dir / f"part-{self._files_id}-{self._part_seq:06d}.parquet")
+                self._part_seq += 1
+                self._pending = []
+                if self._journal is not None:
+                    # Everything journalled is now in the part. A kill between the rename and this truncate
+                    # leaves the same answers twice, which is harmless: answers are deduplicated by key.
+                    os.ftruncate(self._journal, 0)
+                    self._journal_size = 0
+        except STATE_FAILURES as exc:
+            raise self._broke(exc) from None
+
+    @property
+    def held(self) -> list[Result]:
+        """Answers this run holds in memory only (not in a part file)."""
+        return list(self._pending)
+
+    def rescue(self, output_path: Path) -> Path | None:
+        """Write the answers held in memory to a rescue journal (runner.state.rescue) beside
+        `output_path`, or under the temp folder; its path, or None when nothing was held or no place took
+        it. Called once sending has stopped, after the state broke."""
         if not self._pending:
-            return
-        frame = results_frame(self._pending, self.run_id)
-        write_atomic(frame, self.results_dir / f"part-{self._files_id}-{self._part_seq:06d}.parquet")
-        self._part_seq += 1
-        self._pending = []
-        if self._journal is not None:
-            # Everything journalled is now in the part. A kill between the rename and this truncate
-            # leaves the same answers twice, which is harmless: answers are deduplicated by key.
-            os.ftruncate(self._journal, 0)
-            self._journal_size = 0
+            return None
+        return write_rescue(self._pending, self.run_id, output_path, self.state_dir)
+
+    def adopt_rescued(self, journals: list[Path]) -> None:
+        """Keep the answers of rescue journals left by runs whose state broke as parts of this store,
+        then delete each journal (only once its part is durable)."""
+        for journal in journals:
+            run_id, results = read_rescued(journal)
+            if results:
+                with state_guard(self.state_dir):
+                    write_atomic(results_frame(results, run_id), self.results_dir / f"part-{run_id}-rescued.parquet")
+                self.rescued += len(results)
+            with contextlib.suppress(OSError):  # kept twice at worst: answers are deduplicated by key
+                journal.unlink(missing_ok=True)
 
     # ---- finishing ------------------------------------------------------------------------------
 
@@ -299,4 +395,5 @@ class Store:
         """Append this run's record to the manifest (keeping the last `keep`)."""
         manifest = self.read_manifest()
         manifest["runs"] = [*manifest.get("runs", []), run][-keep:]
-        write_json_atomic(manifest, self.state_dir / "manifest.json")
+        with state_guard(self.state_dir):
+            write_json_atomic(manifest, self.state_dir / "manifest.json")

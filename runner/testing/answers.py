@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from runner.job.thinking import thinks
+
 TEXT_SCHEMA_MARKER = "matches this JSON Schema:"  # what runner.job.structured's text mode says
 POSITIVE = frozenset(
     [
@@ -172,10 +174,12 @@ class Reply:
     output_tokens: int
 
 
-def ask_from_messages(body: dict[str, Any]) -> Ask:
-    """An Anthropic Messages request as an `Ask`."""
+def ask_from_messages(body: dict[str, Any], model_default: bool = False) -> Ask:
+    """An Anthropic Messages request as an `Ask`. It thinks when it enables thinking, or, with
+    `model_default`, as the native API decides (runner.job.thinking: on unless disabled, or always)."""
     tools = body.get("tools")
     thinking = body.get("thinking") or {}
+    requested = thinking.get("type") if isinstance(thinking, dict) else None
     return Ask(
         model=body["model"],
         system=text_of(body.get("system")),
@@ -183,7 +187,7 @@ def ask_from_messages(body: dict[str, Any]) -> Ask:
         user_turns=sum(1 for m in body["messages"] if m.get("role") == "user"),
         max_tokens=body["max_tokens"],
         temperature=body.get("temperature"),
-        thinking=thinking.get("type") == "enabled",
+        thinking=thinks(body["model"], requested) if model_default else requested == "enabled",
         tool=(tools[0]["name"], tools[0]["input_schema"]) if tools else None,
     )
 
@@ -216,7 +220,8 @@ def ask_from_chat(body: dict[str, Any], default_max_tokens: int) -> Ask:
         user_turns=turns,
         max_tokens=body.get("max_tokens") or default_max_tokens,
         temperature=body.get("temperature"),
-        thinking=thinking.get("type") == "enabled",
+        # On by default where the model thinks, as Zhipu's native API does.
+        thinking=thinks(body["model"], thinking.get("type") if isinstance(thinking, dict) else None),
         tool=_chat_tool(body),
         json_object=(body.get("response_format") or {}).get("type") == "json_object",
     )
@@ -236,18 +241,40 @@ def _chat_tool(body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
 
 
 def compose(
-    ask: Ask, scale: float, invalid: Callable[[str, int], bool], variant: Callable[[Ask, str, int], int]
+    ask: Ask,
+    scale: float,
+    invalid: Callable[[str, int], bool],
+    variant: Callable[[Ask, str, int], int],
+    reasoning_tokens: int = 0,
 ) -> Reply:
     """The answer to an ask. `invalid(first, turn)` says whether a structured answer breaks its schema
-    on this turn; `variant(ask, first, turn)` which sampled answer it is (0: the usual one)."""
+    on this turn; `variant(ask, first, turn)` which sampled answer it is (0: the usual one).
+
+    A thinking ask reasons first (about `reasoning_tokens`, billed as output). When max_tokens does not
+    hold the reasoning, the answer ends inside it: max_tokens, no text and no tool call, as a real
+    thinking model's does under a small budget."""
     prompt, first, turn = ask.prompt, ask.first, ask.user_turns
     input_tokens = count_tokens(prompt, scale)
+    thinking: str | None = None
+    think_tokens = 0
+    if ask.thinking:
+        subject = ask.tool[0] if ask.tool is not None else answer_for(prompt).split()[0]
+        thinking = _reasoning(subject, first, reasoning_tokens, scale)
+        think_tokens = count_tokens(thinking, scale)
+        if think_tokens >= ask.max_tokens:  # cut off while still reasoning
+            words = thinking.split()
+            while len(words) > 1 and count_tokens(" ".join(words), scale) > ask.max_tokens:
+                words.pop()
+            thinking = " ".join(words)
+            return Reply(thinking, "", None, "max_tokens", input_tokens, count_tokens(thinking, scale))
     if ask.tool is not None:
         name, schema = ask.tool
         value = structured_answer(schema, first, invalid(first, turn), variant(ask, first, turn))
         call_id = f"toolu_{hashlib.sha256(first.encode()).hexdigest()[:20]}"
-        out = count_tokens(json.dumps(value), scale)
-        return Reply(None, "", (call_id, name, value), "tool_use", input_tokens, out)
+        out = think_tokens + count_tokens(json.dumps(value), scale)
+        if thinking is not None and out > ask.max_tokens:
+            return Reply(thinking, "", None, "max_tokens", input_tokens, ask.max_tokens)
+        return Reply(thinking, "", (call_id, name, value), "tool_use", input_tokens, out)
     text = answer_for(prompt)
     if TEXT_SCHEMA_MARKER in ask.system:  # text mode: JSON made from the schema asked for
         schema = json.loads(ask.system.split(TEXT_SCHEMA_MARKER, 1)[1].strip().splitlines()[0])
@@ -256,8 +283,7 @@ def compose(
         text = dumped if ask.json_object else f"Here you are:\n```json\n{dumped}\n```"
     elif ask.json_object:
         text = json.dumps({"answer": text})
-    thinking = f"Considering {text.split()[0]}." if ask.thinking else None
-    out_tokens = count_tokens(thinking, scale) if thinking is not None else 0
+    out_tokens = think_tokens
     stop_reason = "end_turn"
     # Truncate honestly when max_tokens is too small, as a real model does.
     if out_tokens + count_tokens(text, scale) > ask.max_tokens:
@@ -271,17 +297,28 @@ def compose(
     return Reply(thinking, text, None, stop_reason, input_tokens, out_tokens)
 
 
+def _reasoning(subject: str, prompt: str, tokens: int, scale: float) -> str:
+    """A thinking model's reasoning: "Considering <subject>." and words fixed by the prompt, about
+    `tokens` long."""
+    text = f"Considering {subject}."
+    digest = hashlib.sha256(prompt.encode()).digest()
+    i = 0
+    while count_tokens(text, scale) < tokens:
+        text += " " + _WORDS[digest[i % len(digest)] % len(_WORDS)]
+        i += 1
+    return text
+
+
 def anthropic_message(reply: Reply, model: str, message_id: str) -> dict[str, Any]:
     """A reply as an Anthropic Messages response, with Zhipu's usage fields."""
     blocks: list[dict[str, Any]] = []
+    if reply.thinking is not None:
+        blocks.append({"type": "thinking", "thinking": reply.thinking, "signature": ""})
     if reply.tool is not None:
         call_id, name, value = reply.tool
         blocks.append({"type": "tool_use", "id": call_id, "name": name, "input": value})
-    else:
-        if reply.thinking is not None:
-            blocks.append({"type": "thinking", "thinking": reply.thinking, "signature": ""})
-        if reply.text:
-            blocks.append({"type": "text", "text": reply.text})
+    elif reply.text:
+        blocks.append({"type": "text", "text": reply.text})
     return {
         "id": message_id,
         "type": "message",

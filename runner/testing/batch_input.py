@@ -13,6 +13,7 @@ from typing import Any
 
 from runner.job import catalog
 from runner.testing.answers import ask_from_chat, count_tokens
+from runner.testing.native_body import strict_problem
 
 __all__ = ["LINE_URL", "eligible", "file_problem", "line_problem", "parse_file"]
 
@@ -20,10 +21,11 @@ LINE_URL = "/v4/chat/completions"
 
 
 def eligible(model: str) -> bool:
-    """Whether the catalogue lets a model into the Batch API: its `batch` field when it has one
-    (the field may not exist yet: then every known model is accepted)."""
+    """Whether the catalogue lets a model into the Batch API: its `batch.eligible` (a test's stand-in
+    entry may set `batch` to a plain bool)."""
     info = catalog.models().get(model)
-    return info is not None and getattr(info, "batch", True) is not False
+    batch = getattr(info, "batch", None)
+    return info is not None and bool(getattr(batch, "eligible", batch is not False))
 
 
 def line_problem(body: Any, model: str | None, scale: float) -> tuple[int, str, str] | None:
@@ -41,6 +43,9 @@ def line_problem(body: Any, model: str | None, scale: float) -> tuple[int, str, 
     max_tokens = body.get("max_tokens")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         return 400, "1214", "max_tokens must be a positive integer"
+    strict = strict_problem(body)  # the documented rules: tool_choice, stop, response_format, sampling...
+    if strict is not None:
+        return strict
     ask = ask_from_chat(body, 1)
     if count_tokens(ask.prompt, scale) > catalog.models()[name].context:
         return 400, "1261", "Prompt too long"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ class SimFile:
     data: bytes
     created_at: int
     ready_at: float = 0.0  # monotonic time before which its content answers 404 (a result file's quirk)
+    downloads: int = 0  # times its content was served
 
 
 @dataclass
@@ -67,6 +69,9 @@ class SimBatch:
     times: dict[str, float] = field(default_factory=dict)  # status -> monotonic time it began
     output_file_id: str | None = None
     error_file_id: str | None = None
+    looks: int = 0  # GET /batches/{id} answered
+    id_lag: int = 0  # looks left for which a completed batch still shows no output file id
+    validation_errors: list[dict[str, Any]] = field(default_factory=list)  # errors.data of a failed batch
 
 
 class NativeState:
@@ -77,6 +82,9 @@ class NativeState:
         self.files: dict[str, SimFile] = {}
         self.batches: dict[str, SimBatch] = {}  # in creation order
         self._attempts: dict[str, int] = {}  # prompt hash -> batch lines seen (a retry draws anew)
+        self._failed_by_config = 0  # batches failed at validation by `batch_fail_validation`
+        self._forgotten = 0
+        self._forgotten_ids: set[str] = set()
 
     # ---- on-demand control (tests) ---------------------------------------------------------------
 
@@ -97,7 +105,29 @@ class NativeState:
             self._advance(batch, now)
             if batch.status in ACTIVE:
                 batch.invalid = message
+                batch.validation_errors = _errors_data(message)
                 self._end(batch, "failed", now)
+
+    def forgets(self, batch: SimBatch) -> bool:
+        """Count a look at a batch; past `batch_forget_after_looks` (for the first `batch_forget_times`
+        batches) it is forgotten (True), as a purged or deleted batch is: every later look answers 404."""
+        cfg = self.host.config
+        with self.host.lock:
+            batch.looks += 1
+            if cfg.batch_forget_after_looks is None or batch.looks <= cfg.batch_forget_after_looks:
+                return False
+            if self._forgotten >= cfg.batch_forget_times and batch.id not in self._forgotten_ids:
+                return False
+            self._advance(batch, time.monotonic())
+            self._forgotten_ids.add(batch.id)
+            self._forgotten = len(self._forgotten_ids)
+            del self.batches[batch.id]
+        self.host.count("batch_forgotten")
+        return True
+
+    def new_file_id(self) -> str:
+        """A file id shaped like Zhipu's: `<epoch seconds>_<32 hex digits>`."""
+        return f"{int(time.time())}_{self.host.rng.getrandbits(128):032x}"
 
     def advance_all(self) -> None:
         """Bring every batch up to the present (stats() calls this so the bill is current)."""
@@ -126,7 +156,14 @@ class NativeState:
             at = b.created + cfg.batch_validating_s
             if now < at:
                 return
+            configured = cfg.batch_fail_validation
+            times = cfg.batch_fail_validation_times
+            if b.invalid is None and configured and (times is None or self._failed_by_config < times):
+                self._failed_by_config += 1
+                b.invalid = "; ".join(str(e.get("message")) for e in configured)
+                b.validation_errors = [dict(e) for e in configured]
             if b.invalid is not None:
+                b.validation_errors = b.validation_errors or _errors_data(b.invalid)
                 self._end(b, "failed", at)
                 return
             b.status, b.started = "in_progress", at
@@ -166,14 +203,13 @@ class NativeState:
             custom_id, body = b.lines[b.processed]
             b.processed += 1
             request_id = self.host.new_id("")
-            line_id = f"batch_req_{request_id}"
+            line_id = b.id  # real result lines carry the batch's id, and request_id inside the body
             problem = line_problem(body, b.model, cfg.token_scale)
             if problem is not None:
                 status, code, message = problem
                 response = {
                     "status_code": status,
-                    "request_id": request_id,
-                    "body": {"error": {"code": code, "message": message}},
+                    "body": {"error": {"code": code, "message": message}, "request_id": request_id},
                 }
                 b.errors.append(_dump({"id": line_id, "custom_id": custom_id, "response": response, "error": None}))
                 b.failed += 1
@@ -185,14 +221,19 @@ class NativeState:
             draw = share(f"batch-error{attempt}{custom_id}{ask.prompt}")
             if draw < cfg.batch_error_rate:
                 status, error = _TRANSIENT[int(draw * 1e6) % 2]
-                response = {"status_code": status, "request_id": request_id, "body": error}
+                response = {"status_code": status, "body": {**error, "request_id": request_id}}
                 b.errors.append(_dump({"id": line_id, "custom_id": custom_id, "response": response, "error": None}))
                 b.failed += 1
                 continue
             reply = self.host.reply(ask)
             self.host.bill_locked("batch", key, reply)
             completion = chat_completion(reply, ask.model, request_id, int(time.time()))
-            response = {"status_code": 200, "request_id": request_id, "body": completion}
+            cut = share(f"batch-finish{attempt}{custom_id}{ask.prompt}")
+            if cut < cfg.batch_network_error_rate:  # inference aborted: a partial answer, billed
+                _finish(completion, "network_error")
+            elif cut < cfg.batch_network_error_rate + cfg.batch_sensitive_rate:  # blocked: empty, billed
+                _finish(completion, "sensitive")
+            response = {"status_code": 200, "body": completion}
             b.outputs.append(_dump({"id": line_id, "custom_id": custom_id, "response": response, "error": None}))
             b.completed += 1
 
@@ -224,25 +265,36 @@ class NativeState:
             shuffled = list(lines)
             shuffle.shuffle(shuffled)
             data = ("\n".join(shuffled) + "\n").encode()
-            file = SimFile(
-                self.host.new_id("file-"), f"{b.id}_{kind}.jsonl", f"batch_{kind}", data, int(time.time()), ready
-            )
+            file = SimFile(self.new_file_id(), f"{b.id}_{kind}.jsonl", f"batch_{kind}", data, _ms(time.time()), ready)
             self.files[file.id] = file
             if kind == "output":
                 b.output_file_id = file.id
             else:
                 b.error_file_id = file.id
+        if status == "completed":
+            b.id_lag = self.host.config.batch_output_id_lag_polls
         if b.auto_delete and status == "completed":
             self.files.pop(b.input_file_id, None)
 
     def _batch_json(self, b: SimBatch) -> dict[str, Any]:
+        """The batch as the real API shows it: millisecond timestamps, `""` for a file that does not
+        exist (yet), counts of nulls while validating. A look at a completed batch with `id_lag` left
+        shows no output file id yet, and uses one up."""
+
         def epoch(status: str) -> int | None:
             t = b.times.get(status)
-            return None if t is None else int(b.wall + (t - b.created))
+            return None if t is None else _ms(b.wall + (t - b.created))
 
         errors = None
         if b.status == "failed":
-            errors = {"object": "list", "data": [{"code": "invalid_file", "message": b.invalid, "line": None}]}
+            errors = {"object": "list", "data": b.validation_errors}
+        output_file_id = b.output_file_id or ""
+        if b.status == "completed" and b.id_lag > 0:
+            b.id_lag -= 1
+            output_file_id = ""
+        counts: dict[str, int | None] = {"total": len(b.lines), "completed": b.completed, "failed": b.failed}
+        if b.status == "validating":
+            counts = {"total": None, "completed": None, "failed": None}
         return {
             "id": b.id,
             "object": "batch",
@@ -251,18 +303,18 @@ class NativeState:
             "input_file_id": b.input_file_id,
             "completion_window": "24h",
             "status": b.status,
-            "output_file_id": b.output_file_id,
-            "error_file_id": b.error_file_id,
+            "output_file_id": output_file_id,
+            "error_file_id": b.error_file_id or "",
             "created_at": epoch("validating"),
             "in_progress_at": epoch("in_progress"),
-            "expires_at": int(b.wall + 7 * 86400),
+            "expires_at": _ms(b.wall + 7 * 86400),
             "finalizing_at": epoch("finalizing"),
             "completed_at": epoch("completed"),
             "failed_at": epoch("failed"),
             "expired_at": epoch("expired"),
             "cancelling_at": epoch("cancelling"),
             "cancelled_at": epoch("cancelled"),
-            "request_counts": {"total": len(b.lines), "completed": b.completed, "failed": b.failed},
+            "request_counts": counts,
             "metadata": b.metadata,
         }
 
@@ -270,6 +322,31 @@ class NativeState:
 def _lines_by(seconds: float, rate: float) -> int:
     """Lines processed in `seconds` at `rate` a second (0.3 s at 20/s is 6, not 5.999...)."""
     return int(seconds * rate + 1e-9)
+
+
+def _ms(seconds: float) -> int:
+    """Epoch milliseconds: the unit real batch objects use (the docs say seconds)."""
+    return int(seconds * 1000)
+
+
+_LINE = re.compile(r"^line (\d+): (.*)$", re.S)
+
+
+def _errors_data(message: str) -> list[dict[str, Any]]:
+    """A validation failure as the real `errors.data`: [{code, line, message, param}]."""
+    match = _LINE.match(message)
+    line, text = (int(match.group(1)), match.group(2)) if match else (None, message)
+    return [{"code": "1214", "line": line, "message": text, "param": None}]
+
+
+def _finish(completion: dict[str, Any], reason: str) -> None:
+    """Turn a whole answer into one cut short (`network_error`: half its text) or blocked (`sensitive`)."""
+    choice = completion["choices"][0]
+    choice["finish_reason"] = reason
+    message = choice["message"]
+    text = message.get("content") or ""
+    message["content"] = text[: len(text) // 2] if reason == "network_error" else ""
+    message.pop("tool_calls", None)
 
 
 def _dump(value: dict[str, Any]) -> str:

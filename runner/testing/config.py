@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 FAULTS = (
     "429_1302", "429_1305", "429_1113", "429_1308", "500", "529", "drop", "slow", "stream_error", "200_error",
-    "400_1261", "400_1211", "401", "413", "200_html", "hang", "partial_json",
+    "400_1261", "400_1211", "401", "413", "200_html", "hang", "partial_json", "400_1214", "400_1210",
+    "finish_network_error", "finish_sensitive",
 )  # fmt: skip
 # The mix used when a rate is given without naming faults: every retryable kind, none that abort a run.
 # "slow" and "hang" are left out: each costs the client a whole timeout (600 s by default), which would
@@ -17,7 +18,9 @@ RETRYABLE_FAULTS = (
 )  # fmt: skip
 # Faults after which the server has still generated the answer, so it bills it (real servers bill a
 # request whose client timed out or whose body was cut in transit). Every other fault bills nothing.
-BILLED_FAULTS = frozenset({"slow", "hang", "partial_json"})
+BILLED_FAULTS = frozenset({"slow", "hang", "partial_json", "finish_network_error", "finish_sensitive"})
+# Answers that end with one of Zhipu's own finish reasons: the inference broke off half way, or the
+# content was blocked (stop_reason as the Anthropic route passes it on: Zhipu's word, unmapped).
 
 HTML_502 = "<html><body>502 Bad Gateway</body></html>"
 
@@ -42,6 +45,8 @@ ERRORS: dict[str, tuple[int, dict[str, Any]]] = {
         {"type": "error", "error": {"type": "1211", "message": "Unknown Model, please check the model code."}},
     ),
     "400_1261": (400, {"type": "error", "error": {"type": "1261", "message": "Prompt too long"}}),
+    "400_1214": (400, {"type": "error", "error": {"type": "1214", "message": "Invalid parameter: stop_sequences"}}),
+    "400_1210": (400, {"type": "error", "error": {"type": "1210", "message": "Invalid API parameter"}}),
     "413": (413, {"type": "error", "error": {"type": "request_too_large", "message": "Request too large"}}),
 }
 
@@ -73,6 +78,10 @@ class SimConfig:
     # Sampling: this share of the times a prompt is asked (temperature not 0) gets a different structured
     # answer (another label, other values); twice the share, up to half, for prompts it is unsure of.
     sample_disagreement: float = 0.0
+    # Models of given skill (runner.testing.skill): model name -> share of rows it answers wrong, and
+    # whether its sample agreement tracks its errors ("informative") or says nothing of them ("flat").
+    model_error: dict[str, float] = field(default_factory=dict)
+    confidence: str = "informative"
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(FAULTS)
@@ -84,6 +93,21 @@ class SimConfig:
     api_keys: tuple[str, ...] | None = None  # None: any non-empty key is valid
     token_scale: float = 1.0  # multiplies every token count (a tokenizer unlike the estimator's)
     seed: int = 0
+
+    # ---- what the real service does that its docs leave open (shared/reference/real-wire.md) ---------
+    # The native chat body (every batch line, /api/paas/v4/chat/completions) is always as strict as
+    # Zhipu's OpenAPI: tool_choice auto only, one stop word, no json_schema, no images on text models,
+    # temperature in [0, 1] and top_p in [0.01, 1], thinking on by default where the model thinks.
+    # The Anthropic route's behaviour is unknown on these points; each is a switch:
+    # "refuse": a tool_choice of {"type": "tool"} or {"type": "any"} is a 400 "Tool choice must be auto".
+    forced_tool_choice: Literal["accept", "refuse"] = "accept"
+    # "native": every error of the Anthropic route is {"error": {"code", "message"}}, no `type` (api.z.ai).
+    error_shape: Literal["anthropic", "native"] = "anthropic"
+    anthropic_max_stop_sequences: int | None = None  # None: any number; else more is a 400 code 1214
+    # "requested": the Anthropic route thinks only when the request enables it; "model": as the native
+    # API does, thinking models think unless the request disables it (GLM-4.7 whatever it says).
+    anthropic_thinking: Literal["requested", "model"] = "requested"
+    reasoning_tokens: int = 40  # how long a thinking model reasons before it answers (billed as output)
 
     # ---- Batch API -------------------------------------------------------------------------------
     batch_max_lines: int = 50_000  # per uploaded file (Zhipu's limit)
@@ -101,3 +125,22 @@ class SimConfig:
     batch_output_404_s: float = 0.0  # result files answer 404 this long after a batch ends (instructor#1745)
     batch_queue_cap: int | None = None  # requests a model may have queued in unfinished batches
     batch_refuse_ineligible: bool = False  # refuse models whose catalogue entry says batch: false
+    # Real quirks (real-wire.md): a completed batch shows `output_file_id: ""` for this many looks more
+    # (instructor#1745); every batch fails validation with these errors.data items ({code, line,
+    # message, param}), the first `batch_fail_validation_times` batches only when that is set.
+    batch_output_id_lag_polls: int = 0
+    batch_fail_validation: tuple[dict[str, Any], ...] = ()
+    batch_fail_validation_times: int | None = None
+    batch_result_short_downloads: int = 0  # a result file's first downloads are cut to 60% (a torn last line)
+    # Every look at a batch (GET /batches/{id}) / every result file download answers this status instead.
+    batch_retrieve_status: int | None = None
+    batch_create_status: int | None = None
+    batch_download_status: int | None = None
+    # The first `batch_forget_times` batches are forgotten (404, as if purged) after this many looks each.
+    batch_forget_after_looks: int | None = None
+    batch_forget_times: int = 1
+    batch_file_cap: int | None = None  # files an account may hold (Zhipu: 1,000); an upload past it is refused
+    # This share of lines (fixed by custom_id and prompt) ends with finish_reason network_error (a cut
+    # answer, billed) or sensitive (blocked, empty, billed).
+    batch_network_error_rate: float = 0.0
+    batch_sensitive_rate: float = 0.0

@@ -19,6 +19,7 @@ from runner.job import catalog
 from runner.testing.answers import anthropic_message, ask_from_messages, count_tokens, prompt_key, prompt_text
 from runner.testing.config import BILLED_FAULTS, ERRORS, HTML_502
 from runner.testing.host import Host
+from runner.testing.native_body import TOOL_CHOICE_MESSAGE
 
 __all__ = ["MESSAGES_PATH", "MessagesAPI"]
 
@@ -56,6 +57,13 @@ class MessagesAPI:
             return self._zhipu_400("1214", "max_tokens and messages are required")
         if count_tokens(prompt_text(body), cfg.token_scale) > catalog.models()[model].context:
             return self._zhipu_400("1261", "Prompt too long")  # the model's context window, as Zhipu does
+        choice = body.get("tool_choice")
+        if cfg.forced_tool_choice == "refuse" and isinstance(choice, dict) and choice.get("type") in ("tool", "any"):
+            return self._zhipu_400("1214", TOOL_CHOICE_MESSAGE)  # what the native backend says
+        stops = body.get("stop_sequences")
+        limit = cfg.anthropic_max_stop_sequences
+        if limit is not None and isinstance(stops, list) and len(stops) > limit:
+            return self._zhipu_400("1214", f"stop_sequences: at most {limit} allowed, got {len(stops)}")
 
         with self.host.lock:
             busy = self.host.tally.in_flight[model]
@@ -93,7 +101,7 @@ class MessagesAPI:
                 await asyncio.sleep(delay)
             return self._fault_response(request, fault)
 
-        ask = ask_from_messages(body)
+        ask = ask_from_messages(body, model_default=cfg.anthropic_thinking == "model")
         reply = self.host.reply(ask)
         message = anthropic_message(reply, model, self.host.new_id("msg_"))
         key = prompt_key(ask.prompt)
@@ -107,6 +115,13 @@ class MessagesAPI:
         if fault == "hang":
             # Generated and billed, but never answered: the client waits until it gives up.
             await asyncio.Event().wait()
+        if fault in ("finish_network_error", "finish_sensitive"):
+            self.host.count(fault)
+            reason = fault.removeprefix("finish_")
+            kept = [b for b in message["content"] if b["type"] == "text"][:1] if reason == "network_error" else []
+            for block in kept:
+                block["text"] = block["text"][: len(block["text"]) // 2]  # a partial answer
+            message = {**message, "content": kept, "stop_reason": reason}
         if fault == "partial_json":
             self.host.count("partial_json")
             text = json.dumps(message, ensure_ascii=False)
@@ -129,7 +144,9 @@ class MessagesAPI:
         if fault == "200_html":  # a gateway's error page, mislabelled as JSON
             return web.Response(text=HTML_502, content_type="application/json")
         assert fault == "200_error", fault
-        return web.json_response({"error": {"type": "1234", "message": "Network error, please try again"}})
+        return web.json_response(
+            self._shaped({"error": {"type": "1234", "message": "Network error, please try again"}})
+        )
 
     async def _stream(
         self, request: web.Request, message: dict[str, Any], key: str, *, fail_midway: bool
@@ -190,8 +207,17 @@ class MessagesAPI:
         headers = {}
         if status == 429 and self.host.config.retry_after_s is not None:
             headers["retry-after"] = str(self.host.config.retry_after_s)
-        return web.json_response(payload, status=status, headers=headers)
+        return web.json_response(self._shaped(payload), status=status, headers=headers)
 
     def _zhipu_400(self, code: str, message: str) -> web.Response:
         self.host.count(f"400_{code}")
-        return web.json_response({"type": "error", "error": {"type": code, "message": message}}, status=400)
+        body = {"type": "error", "error": {"type": code, "message": message}}
+        return web.json_response(self._shaped(body), status=400)
+
+    def _shaped(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """An Anthropic-shaped error body in the shape `error_shape` asks for: as it is, or native
+        (`{"error": {"code", "message"}}`, no `type`, as api.z.ai has been seen answering)."""
+        if self.host.config.error_shape == "anthropic":
+            return {**payload, "request_id": self.host.new_id("")}
+        error = payload.get("error") or {}
+        return {"error": {"code": str(error.get("type")), "message": error.get("message", "")}}

@@ -147,8 +147,10 @@ class NativeAPI(NativeState):
             problem = file_problem(lines)
             if problem is not None:
                 raise _Refused(400, "1214", problem)
-        file = SimFile(self.host.new_id("file-"), upload.filename, "batch", data, int(time.time()))
+        file = SimFile(self.new_file_id(), upload.filename, "batch", data, int(time.time() * 1000))
         with self.host.lock:
+            if cfg.batch_file_cap is not None and len(self.files) >= cfg.batch_file_cap:
+                raise _Refused(400, "1214", f"file limit reached: at most {cfg.batch_file_cap} files; delete some")
             self.files[file.id] = file
         self.host.count("file_uploaded")
         return web.json_response(_file_json(file))
@@ -165,16 +167,23 @@ class NativeAPI(NativeState):
     async def _file_content(self, request: web.Request) -> web.Response:
         self.advance_all()
         file = self._held(request, self.files, "file")
+        if file.purpose != "batch":
+            _fault(self.host.config.batch_download_status)
         if time.monotonic() < file.ready_at:  # a result file not yet readable right after the batch ended
             self.host.count("file_not_ready_404")
             raise _Refused(404, "404", f"file {file.id} not found")
-        return web.Response(body=file.data, content_type="application/jsonl")
+        data = file.data
+        if file.purpose != "batch" and file.downloads < self.host.config.batch_result_short_downloads:
+            data = data[: len(data) * 6 // 10]  # a truncated result file (a proxy, a cut transfer)
+        file.downloads += 1
+        return web.Response(body=data, content_type="application/jsonl")
 
     # ---- batches ---------------------------------------------------------------------------------
 
     async def _create(self, request: web.Request) -> web.Response:
         cfg = self.host.config
         self._auth(request)
+        _fault(cfg.batch_create_status)
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -196,11 +205,12 @@ class NativeAPI(NativeState):
                 self._advance(other, now)
             queued = sum(len(b.lines) for b in self.batches.values() if b.model == model and b.status in ACTIVE)
             if cfg.batch_queue_cap is not None and queued + len(lines) > cfg.batch_queue_cap:
+                self.host.count("batch_queue_full")
                 raise _Refused(
-                    400,
+                    429,
                     "1210",
                     f"batch queue full for {model}: {queued} requests queued, {len(lines)} more would "
-                    f"exceed the cap of {cfg.batch_queue_cap}",
+                    f"exceed the cap of {cfg.batch_queue_cap}; wait for current tasks to finish",
                 )
             batch = SimBatch(
                 id=self.host.new_id("batch_"),
@@ -223,6 +233,9 @@ class NativeAPI(NativeState):
 
     async def _retrieve(self, request: web.Request) -> web.Response:
         batch = self._held(request, self.batches, "batch")
+        _fault(self.host.config.batch_retrieve_status)
+        if self.forgets(batch):
+            raise _Refused(404, "404", f"batch {batch.id} not found")
         with self.host.lock:
             self._advance(batch, time.monotonic())
             return web.json_response(self._batch_json(batch))
@@ -230,6 +243,7 @@ class NativeAPI(NativeState):
     async def _list(self, request: web.Request) -> web.Response:
         """Newest first, like OpenAI: `after` is the last id of the previous page."""
         self._auth(request)
+        self.host.count("batch_list")
         try:
             limit = int(request.query.get("limit", "20"))
         except ValueError as exc:
@@ -271,6 +285,12 @@ class NativeAPI(NativeState):
             payload = self._batch_json(batch)
         self.host.count("batch_cancel")
         return web.json_response(payload)
+
+
+def _fault(status: int | None) -> None:
+    """Answer with `status` (a fault a test asked for), when one is set."""
+    if status is not None:
+        raise _Refused(status, str(status), "Service Unavailable" if status >= 500 else f"{status} fault")
 
 
 def _file_json(file: SimFile) -> dict[str, Any]:

@@ -59,6 +59,7 @@ from runner.testing.config import BILLED_FAULTS, ERRORS, FAULTS, HTML_502, RETRY
 from runner.testing.host import APIS, Tally
 from runner.testing.messages import MessagesAPI
 from runner.testing.native import NATIVE_PATH, NativeAPI
+from runner.testing.skill import skill_variant
 
 __all__ = [
     "BILLED_FAULTS",
@@ -196,7 +197,7 @@ class Simulator:
 
     def reply(self, ask: Ask) -> Reply:
         """The answer to an ask, the same on every route (see `runner.testing.answers.compose`)."""
-        return compose(ask, self.config.token_scale, self._invalid, self._variant)
+        return compose(ask, self.config.token_scale, self._invalid, self._variant, self.config.reasoning_tokens)
 
     def bill(self, api: str, key: str, reply: Reply) -> None:
         """Record a generation the server completed: what the account is charged for."""
@@ -247,6 +248,8 @@ class Simulator:
         """Which answer a sampled request gets: 0, the usual one, or (for some of the times a prompt is
         asked at a temperature above 0) another. Asks are counted on first turns, as they arrive."""
         cfg = self.config
+        if ask.model in cfg.model_error:  # a model of given skill (runner.testing.skill)
+            return self._skill_variant(ask, prompt, turn)
         if not cfg.sample_disagreement or ask.temperature == 0 or turn != 1:
             return 0
         key = prompt_key(prompt)
@@ -256,6 +259,21 @@ class Simulator:
         chance = share(f"sample{repeat}{prompt}")
         rate = cfg.sample_disagreement if lexicon_score(prompt) else min(0.5, 2 * cfg.sample_disagreement)
         return repeat + 1 if chance < rate else 0
+
+    def _skill_variant(self, ask: Ask, prompt: str, turn: int) -> int:
+        """The answer of a model with an error share: each sample numbered among this model's asks of
+        the prompt (a repair turn answers as its first turn did, as near as the count can tell)."""
+        cfg = self.config
+        repeat = None
+        if ask.temperature != 0:
+            key = f"{ask.model}|{prompt_key(prompt)}"
+            with self.lock:
+                repeat = self.tally.asked[key] - (turn != 1)
+                self.tally.asked[key] += turn == 1
+        flat = cfg.confidence == "flat"
+        return skill_variant(
+            ask.model, prompt, cfg.model_error[ask.model], flat, cfg.sample_disagreement, repeat, cfg.seed
+        )
 
     def _invalid(self, prompt: str, turn: int) -> bool:
         cfg = self.config

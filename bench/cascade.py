@@ -1,0 +1,132 @@
+"""The cascade's guarantee and savings on the sentiment data (2,000 review sentences), on the simulator.
+
+    python bench/cascade.py [--runs 20] [--rows 2000] [--target 0.9] [--delta 0.1]
+
+The oracle (glm-4.6) answers as the simulator usually does; the proxy (glm-4.5-flash, free) is a
+model of given skill (runner.testing.skill) wrong on ~20% of rows, asked 5 times per row. First an
+oracle-only run over every row gives the reference answers and the oracle-only cost. Then, for each
+proxy (sample agreement that tracks its errors, and a "flat" one whose agreement says nothing), the
+cascade runs `--runs` times with a different calibration seed (the guarantee's probability is over
+the draws; the proxy's answers stay the same, so its pass is paid once and reused). Per run: the
+output's agreement with the oracle's reference answers, and its cost against oracle-only (the
+proxy's cost plus the oracle's reference cost of every row the oracle answered). It prints the share
+of runs meeting the target and the median cost share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+import runner
+from runner.observe.progress import make_reporter
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent / "data" / "sentiment"
+
+
+def job_file(folder: Path, name: str, rows: int, extra: dict[str, object]) -> Path:
+    spec = {
+        "version": 1,
+        "name": name,
+        "input": {"paths": [str(DATA / "*.csv")], "id_column": "id", "columns": ["text"], "limit": rows or None},
+        "prompt": {
+            "system": "You label the sentiment of product and restaurant reviews.",
+            "template": "Review: {{ text }}\nIs this review positive or negative?",
+        },
+        "model": {"name": "glm-4.6", "endpoint": "simulator", "max_tokens": 256, "thinking": {"type": "disabled"}},
+        "run": {"concurrency": 32},
+        "output": {"path": str(folder / f"{name}.parquet"), "labels": ["positive", "negative"]},
+        "eval": {"gold_column": "gold"},
+    }
+    for dotted, value in extra.items():
+        node = spec
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})  # type: ignore[assignment]
+        node[last] = value  # type: ignore[index]
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def quiet() -> runner.observe.progress.Reporter:
+    return make_reporter("json", stream=open("/dev/null", "w"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=0, help="use the first N rows (default: all 2,000)")
+    parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument("--delta", type=float, default=0.1)
+    parser.add_argument("--proxy-error", type=float, default=0.2, help="the simulator's model_error for the proxy")
+    parser.add_argument("--samples", type=int, default=5, help="proxy samples per row")
+    parser.add_argument("--confidence", choices=["informative", "flat"], action="append")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="cascade-bench-"))
+    sim = {"simulator.model_error": {"glm-4.5-flash": args.proxy_error}, "simulator.seed": 1}
+    reference = runner.run_job(job_file(folder, "oracle_only", args.rows, sim), reporter=quiet())
+    assert reference.output is not None, reference.message
+    ref = pl.read_parquet(reference.output).select(
+        "id", pl.col("label").alias("oracle_label"), pl.col("cost").alias("oracle_cost")
+    )
+    oracle_only = float(ref.get_column("oracle_cost").sum())
+    print(
+        f"{ref.height} rows; oracle-only (glm-4.6) cost {oracle_only:.4f} CNY; target {args.target}, delta {args.delta}"
+    )
+    print(
+        "| proxy confidence | proxy wrong | runs meeting target | agreement min / median "
+        "| cost vs oracle-only median (max) | rows kept from proxy (median) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for confidence in args.confidence or ["informative", "flat"]:
+        agreements, shares, kept = [], [], []
+        wrong = None
+        for seed in range(args.runs):
+            extra = {
+                **sim,
+                "simulator.confidence": confidence,
+                "output.cascade": {
+                    "proxy": "glm-4.5-flash",
+                    "target": args.target,
+                    "delta": args.delta,
+                    "seed": seed,
+                    "samples": args.samples,
+                },
+                "output.state_dir": str(folder / f"state-{confidence}"),
+            }
+            result = runner.run_job(job_file(folder, f"cascade_{confidence}", args.rows, extra), reporter=quiet())
+            assert result.output is not None, result.message
+            out = pl.read_parquet(result.output).join(ref, on="id")
+            by_oracle = out.filter(pl.col("answered_by") == "glm-4.6")
+            proxy_cost = result.summary["cascade"]["cost"]["proxy"]
+            shares.append((proxy_cost + float(by_oracle.get_column("oracle_cost").sum())) / oracle_only)
+            agreements.append(out.filter(pl.col("label") == pl.col("oracle_label")).height / out.height)
+            kept.append(out.height - by_oracle.height)
+            if wrong is None:
+                proxy_out = pl.read_parquet(folder / f"state-{confidence}" / "cascade" / "proxy.parquet").join(
+                    ref, on="id"
+                )
+                wrong = proxy_out.filter(pl.col("label") != pl.col("oracle_label")).height / proxy_out.height
+            print(
+                f"  {confidence} seed {seed}: agreement {agreements[-1]:.4f}, cost share {shares[-1]:.3f}",
+                file=sys.stderr,
+            )
+        met = sum(a >= args.target for a in agreements)
+        print(
+            f"| {confidence} | {wrong:.1%} | {met}/{args.runs} "
+            f"| {min(agreements):.4f} / {statistics.median(agreements):.4f} "
+            f"| {statistics.median(shares):.1%} ({max(shares):.1%}) | {statistics.median(kept):.0f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

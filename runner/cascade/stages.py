@@ -1,0 +1,347 @@
+"""A cascade job run as ordinary runs of the engine, then joined (see runner.cascade.threshold).
+
+    report = await run_cascade(job, api_key=key, options=options, reporter=reporter)
+
+1. proxy pass: a derived job (model: the proxy, `samples` samples at `temperature`) over the whole
+   input, its state in `<state>/cascade/proxy/`; its majority answer and agreement per row;
+2. calibration: the method asks for oracle answers on drawn rows; each round writes the rows asked so
+   far to `<state>/cascade/oracle-input.parquet` and runs the oracle job (model.name, the job's own
+   sampling) over it, its state in `<state>/cascade/oracle/`. Answers are journalled and reused by
+   key, so a round run again after a crash sends only what it lacks;
+3. escalation: one more oracle run, over every row whose proxy answer is not kept;
+4. join: the job's output, one row per input row, carrying the oracle's answer or the proxy's, with
+   `answered_by`, `proxy_confidence` and `in_calibration`; the summary states the guarantee.
+
+Every stage is resumable after kill -9: the draws are seeded, so a rerun replays the same rounds, and
+each finds its answers settled. A stage that stops (budget, signal, abort) stops the cascade with its
+exit code and the resume line. `run.max_cost` caps the whole invocation: each stage gets what is left.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from runner.cascade.threshold import Step, choose
+from runner.job.inputs import open_input
+from runner.job.resolve import Job, derive
+from runner.observe.progress import Reporter
+from runner.runs import RunOptions, RunReport
+from runner.state.files import write_atomic, write_json_atomic
+
+AHEAD = 1  # a calibration round asks the oracle for this many of the method's draws of 10 at once
+ANSWERED_BY, CONFIDENCE, IN_CALIBRATION = "answered_by", "proxy_confidence", "in_calibration"
+_PROXY_ONLY = ("agreement", "sample_answers")
+
+
+def stage_jobs(job: Job) -> tuple[Job, Job]:
+    """The proxy job and the oracle job of a cascade job (the oracle's input is set per round)."""
+    cascade = job.spec.output.cascade
+    assert cascade is not None
+    home = job.state_dir / "cascade"
+    common: dict[str, Any] = {"output.cascade": None, "output.keep_columns": list(job.keep_columns)}
+    proxy = derive(
+        job,
+        common
+        | {
+            "model.name": cascade.proxy,
+            "model.prices": None,
+            "model.temperature": cascade.temperature,
+            "output.samples": cascade.samples,
+            "output.path": str(home / "proxy.parquet"),
+            "output.state_dir": str(home / "proxy"),
+        },
+    )
+    oracle = derive(
+        job,
+        common
+        | {
+            "model.name": cascade.oracle or job.spec.model.name,
+            "output.path": str(home / "oracle.parquet"),
+            "output.state_dir": str(home / "oracle"),
+        },
+    )
+    return proxy, oracle
+
+
+async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: Reporter) -> RunReport:
+    """Run every stage of a cascade job and write its output; see the module's docstring."""
+    from runner.engine import run_job
+
+    cascade = job.spec.output.cascade
+    assert cascade is not None
+    proxy_job, oracle_base = stage_jobs(job)
+    home = job.state_dir / "cascade"
+    home.mkdir(parents=True, exist_ok=True)
+    rows = open_input(job).frame.collect()
+    id_col = job.spec.input.id_column or "id"
+    spent: dict[str, float] = {"proxy": 0.0, "oracle": 0.0}
+    stage_options = replace(options, resume_command=options.resume_command)
+
+    def capped(stage_job: Job) -> Job:
+        cap = job.spec.run.max_cost
+        if cap is None:
+            return stage_job
+        left = cap - sum(spent.values())
+        return derive(stage_job, {"run.max_cost": max(left, 1e-9)})
+
+    async def run_stage(stage_job: Job, who: str, what: str) -> RunReport | None:
+        reporter.phase(f"cascade: {what}")
+        report = await run_job(capped(stage_job), api_key=api_key, options=stage_options, reporter=reporter)
+        spent[who] += float((report.summary.get("cost") or {}).get("spent") or 0.0)
+        if report.exit_code in (0, 1) and report.summary.get("output"):
+            return None
+        return RunReport(report.exit_code, f"cascade {what}: {report.message}", report.summary)
+
+    stopped = await run_stage(proxy_job, "proxy", "proxy pass")
+    if stopped is not None:
+        return stopped
+    fields = list(job.shape.fields) if job.shape else []
+    proxy = pl.read_parquet(proxy_job.output_path)
+    proxy_answers = _answers(proxy, fields)
+    scores: list[float | None] = [
+        None if a is None else float(s)
+        for a, s in zip(proxy_answers, proxy.get_column("agreement").fill_null(0.0).to_list(), strict=True)
+    ]
+    ids = proxy.get_column(id_col).cast(pl.String).to_list()
+    oracle_by_id: dict[str, tuple[Any, ...] | None] = {}
+    asked: set[int] = set()
+    answered: dict[str, Path] = {}  # the oracle's output, as the last round wrote it
+
+    def agrees(pos: int) -> bool | None:
+        if ids[pos] not in oracle_by_id:
+            return None
+        answer = oracle_by_id[ids[pos]]
+        return answer is not None and answer == proxy_answers[pos]
+
+    async def ask_oracle(positions: set[int], what: str) -> RunReport | None:
+        asked.update(positions)
+        chosen = sorted(asked)
+        subset = home / "oracle-input.parquet"
+        write_atomic(rows[chosen], subset)
+        oracle_job = derive(oracle_base, {"input.paths": [str(subset)], "input.limit": None, "input.columns": None})
+        stopped = await run_stage(oracle_job, "oracle", what)
+        if stopped is not None:
+            return stopped
+        answered["oracle"] = oracle_job.output_path
+        out = pl.read_parquet(oracle_job.output_path)
+        for row_id, answer in zip(out.get_column(id_col).cast(pl.String).to_list(), _answers(out, fields), strict=True):
+            oracle_by_id[row_id] = answer
+        return None
+
+    for pos in _answered_before(home, oracle_base, rows, ids, id_col, fields, oracle_by_id):
+        asked.add(pos)
+    rounds = 0
+    while True:
+        step = choose(scores, agrees, target=cascade.target, delta=cascade.delta, seed=cascade.seed, ahead=AHEAD)
+        if not step.need:
+            break
+        rounds += 1
+        stopped = await ask_oracle(set(step.need), f"calibration round {rounds}")
+        if stopped is not None:
+            return stopped
+    escalate = set(range(len(scores))) - step.keep
+    stopped = await ask_oracle(escalate, "escalation")
+    if stopped is not None:
+        return stopped
+    oracle_out = pl.read_parquet(answered["oracle"])
+    output = _join(job, proxy, oracle_out, step, asked, id_col, proxy_job.spec.model.name, oracle_base.spec.model.name)
+    job.output_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(output, job.output_path)
+    summary = _summary(job, output, step, spent, rounds, proxy_job, oracle_base, proxy, oracle_out)
+    write_json_atomic(summary, job.output_path.with_suffix(".summary.json"))
+    failed = output.filter(pl.col("status") != "ok").height
+    message = f"cascade finished: {summary['cascade']['guarantee']}; results in {job.output_path}"
+    if failed:
+        message = f"cascade finished; {failed} rows failed (see error_type in {job.output_path})"
+    reporter.finish(summary, message)
+    return RunReport(1 if failed else 0, message, summary)
+
+
+def _answered_before(
+    home: Path,
+    oracle_base: Job,
+    rows: pl.DataFrame,
+    ids: list[str],
+    id_col: str,
+    fields: list[str],
+    oracle_by_id: dict[str, tuple[Any, ...] | None],
+) -> list[int]:
+    """The rows an earlier invocation's last finished oracle round answered, put into `oracle_by_id`, so
+    a resumed cascade goes on from there instead of replaying every round (each would send nothing,
+    but costs a run). An answer is taken only where the row renders today to the request it answered
+    (its key: prompt, model and parameters); otherwise the rounds replay and find answers by key."""
+    from runner.job.prompts import RequestBuilder
+    from runner.job.templates import RenderError
+
+    try:
+        out = pl.read_parquet(home / "oracle.parquet", columns=[id_col, "request_key", "status", *fields])
+    except (OSError, pl.exceptions.PolarsError):
+        return []
+    probe = derive(oracle_base, {"input.paths": [str(home / "oracle-input.parquet")], "input.limit": None})
+    builder = RequestBuilder(probe)
+    position = {row_id: pos for pos, row_id in enumerate(ids)}
+    found = []
+    keys = out.get_column("request_key").to_list()
+    for row_id, key, answer in zip(
+        out.get_column(id_col).cast(pl.String).to_list(), keys, _answers(out, fields), strict=True
+    ):
+        pos = position.get(row_id)
+        if pos is None or key is None:
+            continue
+        try:
+            same = builder.build(rows.row(pos, named=True)).key == key
+        except RenderError:  # a row that no longer renders: its answer is not taken
+            same = False
+        if same:
+            oracle_by_id[row_id] = answer
+            found.append(pos)
+    return found
+
+
+def _answers(frame: pl.DataFrame, fields: list[str]) -> list[tuple[Any, ...] | None]:
+    """Each row's validated answer as a comparable tuple (None where the row has no ok answer)."""
+    values = frame.select([pl.col(f) for f in fields]).rows()
+    status = frame.get_column("status").to_list()
+    return [tuple(json.dumps(v, sort_keys=True, default=str) for v in value) if s == "ok" else None
+            for value, s in zip(values, status, strict=True)]  # fmt: skip
+
+
+def _join(
+    job: Job,
+    proxy: pl.DataFrame,
+    oracle: pl.DataFrame,
+    step: Step,
+    asked: set[int],
+    id_col: str,
+    proxy_name: str,
+    oracle_name: str,
+) -> pl.DataFrame:
+    """One row per input row, in input order: the oracle's answer where it was asked (the drawn rows,
+    the escalated ones), the proxy's elsewhere; cost is what the row cost with both models."""
+    positions = pl.int_range(0, proxy.height, dtype=pl.UInt32, eager=True)
+    confidence = proxy.get_column("agreement").alias(CONFIDENCE)
+    by_oracle = pl.Series("_by_oracle", [pos in asked for pos in range(proxy.height)])
+    sampled = pl.Series(IN_CALIBRATION, [pos in step.sampled for pos in range(proxy.height)])
+    base = proxy.drop([c for c in _PROXY_ONLY if c in proxy.columns])
+    base = base.with_columns(positions.alias("_pos"), confidence, sampled, by_oracle)
+    oracle = oracle.unique(subset=[id_col], keep="first", maintain_order=True)
+    columns = [c for c in base.columns if c not in ("_pos", CONFIDENCE, IN_CALIBRATION, "_by_oracle")]
+    from_oracle = (
+        base.filter(pl.col("_by_oracle"))
+        .select("_pos", CONFIDENCE, IN_CALIBRATION, id_col, pl.col("cost").alias("_proxy_cost"))
+        .join(oracle.select(columns).drop([c for c in ("_proxy_cost",) if c in columns]), on=id_col, how="left")
+        .with_columns((pl.col("cost").fill_null(0.0) + pl.col("_proxy_cost").fill_null(0.0)).alias("cost"))
+        .drop("_proxy_cost")
+        .with_columns(pl.lit(oracle_name).alias(ANSWERED_BY))
+    )
+    from_proxy = (
+        base.filter(~pl.col("_by_oracle")).drop("_by_oracle").with_columns(pl.lit(proxy_name).alias(ANSWERED_BY))
+    )
+    order = [*columns, ANSWERED_BY, CONFIDENCE, IN_CALIBRATION]
+    joined = pl.concat([from_proxy.select("_pos", *order), from_oracle.select("_pos", *order)], how="vertical_relaxed")
+    return joined.sort("_pos").drop("_pos")
+
+
+def _summary(
+    job: Job,
+    output: pl.DataFrame,
+    step: Step,
+    spent: dict[str, float],
+    rounds: int,
+    proxy_job: Job,
+    oracle_job: Job,
+    proxy: pl.DataFrame,
+    oracle: pl.DataFrame,
+) -> dict[str, Any]:
+    """The cascade's summary: the guarantee in words, the threshold, escalation, cost, and quality."""
+    cascade = job.spec.output.cascade
+    assert cascade is not None
+    rows = output.height
+    by_oracle = output.filter(pl.col(ANSWERED_BY) == oracle_job.spec.model.name).height
+    paid = output.get_column("cost").fill_null(0.0).sum()
+    asked_cost = oracle.get_column("cost").drop_nulls()
+    oracle_only = float(asked_cost.mean()) * rows if asked_cost.len() else None  # type: ignore[arg-type]
+    target, delta = cascade.target, cascade.delta
+    words = f"agrees with {oracle_job.spec.model.name} on >= {target:.0%} of rows with probability >= {1 - delta:.0%}"
+    info: dict[str, Any] = {
+        "guarantee": words,
+        "proxy": proxy_job.spec.model.name,
+        "oracle": oracle_job.spec.model.name,
+        "target": target,
+        "delta": delta,
+        "threshold": step.threshold,
+        # Rows whose confidence equals the threshold: some are kept (the top ones in a seeded random order).
+        "at_threshold": _at_threshold(output, step.threshold, proxy_job.spec.model.name),
+        "rows": rows,
+        "rows_kept_from_proxy": rows - by_oracle,
+        "rows_escalated": by_oracle - len(step.sampled),
+        "rows_in_calibration": len(step.sampled),
+        "calibration_rounds": rounds,
+        "thresholds_tested": step.tested,
+        "cost": {
+            "currency": job.currency,
+            "proxy": round(float(proxy.get_column("cost").fill_null(0.0).sum()), 6),
+            "oracle": round(float(oracle.get_column("cost").fill_null(0.0).sum()), 6),
+            "cascade": round(float(paid), 6),
+            "oracle_only_expected": None if oracle_only is None else round(oracle_only, 6),
+            "share_of_oracle_only": None if not oracle_only else round(float(paid) / oracle_only, 4),
+        },
+    }
+    id_col = job.spec.input.id_column or "id"
+    gold = job.spec.eval.gold_column if job.spec.eval else None
+    field = job.shape.label_field if job.shape else None
+    if gold and field and gold in output.columns:
+        info["accuracy"] = {
+            "proxy": _accuracy(proxy, field, gold),
+            "oracle_where_asked": _accuracy(oracle, field, gold),
+            "proxy_where_oracle_asked": _accuracy(
+                output.filter(pl.col(ANSWERED_BY) != proxy_job.spec.model.name)
+                .select(pl.col(id_col))
+                .join(proxy, on=id_col),
+                field,
+                gold,
+            ),
+            "cascade": _accuracy(output, field, gold),
+        }
+    return {
+        "job": job.name,
+        "model": oracle_job.spec.model.name,
+        "endpoint": job.endpoint_name,
+        "output": str(job.output_path),
+        "exit_code": 0,
+        "cost": {"currency": job.currency, "spent": round(spent["proxy"] + spent["oracle"], 6)},  # this run
+        "simulated": job.base_url is None,
+        "cascade": info,
+    }
+
+
+def _at_threshold(output: pl.DataFrame, threshold: float | None, proxy_name: str) -> dict[str, int] | None:
+    """How many rows have exactly the threshold's confidence, and how many of them kept the proxy's answer."""
+    if threshold is None:
+        return None
+    tied = output.filter(pl.col(CONFIDENCE) == threshold)
+    return {"rows": tied.height, "kept": tied.filter(pl.col(ANSWERED_BY) == proxy_name).height}
+
+
+def _accuracy(frame: pl.DataFrame, field: str, gold: str) -> float | None:
+    """The share of rows with a gold label whose answer matches it (an invalid answer counts wrong)."""
+    scored = frame.filter(pl.col(gold).is_not_null())
+    if scored.height == 0:
+        return None
+    right = scored.filter((pl.col("status") == "ok") & (pl.col(field).cast(pl.String) == pl.col(gold).cast(pl.String)))
+    return round(right.height / scored.height, 4)
+
+
+def read_cascade_summary(output: Path) -> dict[str, Any] | None:
+    """The cascade section of the summary beside an output (None when it is not a cascade's)."""
+    try:
+        data = json.loads(output.with_suffix(".summary.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    found = data.get("cascade")
+    return found if isinstance(found, dict) else None

@@ -1,0 +1,145 @@
+"""BARGAIN's accuracy-target cascade (BARGAIN_A in the `bargain` package; Zeighami, Shankar and
+Parameswaran, 2025), as a procedure that can be replayed: it never calls a model, it asks for oracle
+answers and is run again once they are in, so every oracle request is an ordinary, journalled run.
+
+    step = choose(scores, agrees, target=0.95, delta=0.05, seed=7)
+    if step.need: ...send these rows to the oracle, then call choose again...
+    else: step.keep (proxy answers kept), step.sampled (oracle answers, the calibration sample)
+
+The method: order the rows the proxy answered by its confidence, highest first (ties in a seeded
+random order). Candidate thresholds keep the top t rows for t = n/M, 2n/M, ... (M = 20). For each in
+turn, rows the oracle answers count as agreeing, so the proxy's share among the kept rows must reach
+(T * N - (N - t)) / t for the whole output to reach T. Draw uniformly, without replacement, from the
+top t rows (one seeded order, so draws made for a smaller t are reused), 10 at a time, sending each
+to the oracle, until the betting test (runner.cascade.bounds) says the kept rows' agreement is above
+that share (accept t and try the next) or below it (stop). Past 50 draws it also stops when more
+draws are not worth their price: the package gives up when the draws' mean minus one standard
+deviation is under the share, which on 0/1 draws (sd ~0.25) ends most thresholds the test could
+still accept with a few more; here it gives up when the mean is under the share, or when the draws
+outnumber the rows accepting t would take from the oracle (n/M). Giving up never accepts, so the
+guarantee does not depend on this rule (docs/decisions.md, "Cascade"). Testing the
+thresholds in a fixed order and stopping at the first failure keeps the chance of any wrong
+acceptance at delta without a correction. The output keeps the proxy's answer on the accepted top
+rows that were not drawn; everything else (lower rows, drawn rows, rows the proxy could not
+answer) carries the oracle's. Then it agrees with the oracle on at least T of the rows with
+probability at least 1 - delta.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from runner.cascade.bounds import above, below
+
+THRESHOLDS = 20  # M: candidate thresholds
+DRAW = 10  # draws between looks
+WORTH_TRYING = 50  # draws after which a hopeless threshold is given up
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the procedure needs next (`need`: rows to send to the oracle), or, when `need` is empty,
+    its decision: the rows whose proxy answer is kept, and the rows drawn for the oracle."""
+
+    need: tuple[int, ...] = ()
+    keep: frozenset[int] = frozenset()
+    sampled: frozenset[int] = frozenset()
+    threshold: float | None = None  # the lowest kept confidence (None: no proxy answer kept)
+    kept_share_needed: float | None = None  # the agreement the kept rows were shown to reach
+    tested: list[dict[str, float | int | bool]] = field(default_factory=list)
+
+
+class _Need(Exception):
+    """Raised inside the replay when a draw has no oracle answer yet."""
+
+    def __init__(self, rows: list[int]) -> None:
+        self.rows = rows
+
+
+def order(scores: Sequence[float | None], seed: int) -> list[int]:
+    """Row positions the proxy answered, most confident first; ties in a seeded random order."""
+    tie = list(range(len(scores)))
+    random.Random(f"tie-{seed}").shuffle(tie)
+    rank_of_tie = {pos: i for i, pos in enumerate(tie)}
+    answered = [pos for pos, s in enumerate(scores) if s is not None]
+    return sorted(answered, key=lambda pos: (-(scores[pos] or 0.0), rank_of_tie[pos]))
+
+
+def choose(
+    scores: Sequence[float | None],
+    agrees: Callable[[int], bool | None],
+    *,
+    target: float,
+    delta: float,
+    seed: int,
+    ahead: int = 1,
+) -> Step:
+    """Replay the method with the oracle answers known so far (`agrees(row)`: does the proxy's answer
+    match the oracle's; None when the oracle has not answered). See the module's docstring. When it
+    needs answers it asks for the next `ahead` draws of 10 at once (fewer, longer rounds; the extra
+    rows are sent to the oracle, so their answers are used, never wasted on the output)."""
+    ranked = order(scores, seed)
+    n, total = len(ranked), len(scores)
+    draws = list(range(n))
+    random.Random(f"draw-{seed}").shuffle(draws)  # ranks, in the order they are drawn
+    drawn: set[int] = set()
+    tested: list[dict[str, float | int | bool]] = []
+    best, best_needed = -1, None
+    step = max(n // THRESHOLDS, 1)
+    try:
+        for t in range(step - 1, n, step):
+            kept = t + 1
+            needed = (target * total - (total - kept)) / kept
+            if needed <= 0:
+                best, best_needed = t, needed
+                continue
+            ok, used = _confident(ranked, draws, t, needed, agrees, delta, ahead, step)
+            drawn.update(used)
+            tested.append({"kept": kept, "needed": round(needed, 4), "draws": len(used), "accepted": ok})
+            if not ok:
+                break
+            best, best_needed = t, needed
+    except _Need as missing:
+        return Step(need=tuple(missing.rows))
+    sampled = frozenset(ranked[r] for r in drawn)
+    keep = frozenset(ranked[r] for r in range(best + 1)) - sampled
+    threshold = scores[ranked[best]] if best >= 0 else None
+    return Step(keep=keep, sampled=sampled, threshold=threshold, kept_share_needed=best_needed, tested=tested)
+
+
+def _confident(
+    ranked: list[int],
+    draws: list[int],
+    t: int,
+    needed: float,
+    agrees: Callable[[int], bool | None],
+    delta: float,
+    ahead: int,
+    gain: int,
+) -> tuple[bool, list[int]]:
+    """Draw from ranks 0..t until the test decides whether their agreement is above `needed`, or it is
+    not worth more draws: past 50, when their mean is under `needed` or they outnumber the `gain`
+    (the rows accepting t would move from the oracle to the proxy)."""
+    pool = [r for r in draws if r <= t]
+    xs: list[float] = []
+    used: list[int] = []
+    while True:
+        if len(xs) >= WORTH_TRYING and (sum(xs) / len(xs) < needed or len(xs) >= max(WORTH_TRYING, gain)):
+            return False, used
+        batch = pool[len(xs) : len(xs) + DRAW]
+        answers = [agrees(ranked[r]) for r in batch]
+        if any(a is None for a in answers):
+            wanted = pool[len(xs) : len(xs) + DRAW * ahead]
+            raise _Need([ranked[r] for r in wanted if agrees(ranked[r]) is None])
+        xs.extend(float(bool(a)) for a in answers)
+        used.extend(batch)
+        mean = sum(xs) / len(xs)
+        if len(xs) >= len(pool):  # every row drawn: the mean is known exactly
+            return mean >= needed, used
+        if mean < needed:
+            if below(xs, needed, delta, t + 1):
+                return False, used
+        elif above(xs, needed, delta, t + 1):
+            return True, used

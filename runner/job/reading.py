@@ -1,0 +1,201 @@
+"""Reading the files a job is made of (its YAML spec, a template file, the catalogue) with limits.
+
+    text = read_text_file(path, "jobs/x.yaml: prompt.template_file")  # a regular file, at most MAX_FILE_BYTES
+    data = load_yaml(text, origin=str(path))                     # at most MAX_YAML_DEPTH deep, MAX_YAML_NODES
+
+A spec may come from someone else. So a file the tool reads as text must be a regular file (never a FIFO,
+which would block forever, or a device like /dev/zero, which never ends), of bounded size, and never
+under /proc, /sys or /dev (`/proc/self/environ` holds the API key). YAML is read by one loader: a safe
+loader that refuses a key given twice or a key that is not a plain value, nesting deeper than
+MAX_YAML_DEPTH, and documents whose aliases would expand past MAX_YAML_NODES nodes (an alias bomb).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runner.errors import UsageError
+
+MAX_FILE_BYTES = 2_000_000  # a job spec, a template file, a catalogue file
+MAX_YAML_DEPTH = 64  # mappings and lists inside each other
+MAX_YAML_NODES = 200_000  # values in a document, counting each alias as the whole value it stands for
+_SYSTEM_TREES = ("/proc", "/sys", "/dev")
+
+
+def read_text_file(path: Path, where: str, name: str | None = None) -> str:
+    """The UTF-8 text of a regular file of at most MAX_FILE_BYTES; otherwise UsageError
+    `where: cannot read <name>: why` (`name`: what the file is, by default its path).
+
+    The file is checked with stat before it is opened, and opened non-blocking, so a FIFO or a device
+    is refused without ever waiting on it."""
+    prefix = f"{where}: cannot read {name or path}"
+    real = os.path.realpath(path)
+    for tree in _SYSTEM_TREES:
+        if real == tree or real.startswith(tree + "/"):
+            raise UsageError(f"{prefix}: {path} is a system file (under {tree}); name a text file of your own")
+    try:
+        _require_regular(os.stat(path), prefix)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise UsageError(f"{prefix} ({describe_os_error(exc)})") from None
+    try:
+        _require_regular(os.fstat(fd), prefix)  # the file opened is the file checked
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, 1 << 16):
+            size += len(chunk)
+            if size > MAX_FILE_BYTES:
+                raise UsageError(f"{prefix}: it is over {MAX_FILE_BYTES:,} bytes; is it the right file?")
+            chunks.append(chunk)
+    except OSError as exc:
+        raise UsageError(f"{prefix} ({describe_os_error(exc)})") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{prefix}: it is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); save it as UTF-8"
+        ) from None
+
+
+def _require_regular(info: os.stat_result, prefix: str) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"{prefix}: it is a directory; name a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"{prefix}: it is not a regular file (a pipe, socket or device); name a text file")
+    if info.st_size > MAX_FILE_BYTES:
+        raise UsageError(f"{prefix}: it is {info.st_size:,} bytes, over {MAX_FILE_BYTES:,}; is it the right file?")
+
+
+def describe_os_error(exc: OSError) -> str:
+    """An OSError in words a user can act on: ENAMETOOLONG is a name that is too long, not a permission."""
+    if exc.errno == errno.ENAMETOOLONG:
+        return "the file name is too long; use a shorter name"
+    if exc.errno == errno.ENOENT:
+        return "no such file"
+    return exc.strerror or type(exc).__name__
+
+
+def load_yaml(text: str, origin: str, *, text_if_unparsed: bool = False) -> Any:
+    """Parse one YAML document with the bounded loader; UsageError `origin: invalid YAML ...` if it is
+    not YAML or goes over a bound. `text_if_unparsed`: text that does not parse as YAML is returned as
+    it is (a `--set` value), but a bound is still refused."""
+    loader = _BoundedLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check_size(node)
+            return loader.construct_document(node)
+        except yaml.YAMLError as exc:
+            if text_if_unparsed and not isinstance(exc, _OverBound):
+                return text
+            raise
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UsageError(f"{origin}: invalid YAML{at}: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+class _OverBound(yaml.composer.ComposerError):
+    """A document over MAX_YAML_DEPTH or MAX_YAML_NODES."""
+
+
+class _Bounds:
+    """What the loader adds to YAML's safe loading: a depth bound while composing, and a mapping
+    that refuses a key given twice (YAML lets the last one win silently, so a second `run:` would
+    quietly undo the first) or a key that is a list or mapping."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _OverBound(
+                    None,
+                    None,
+                    f"nested deeper than {MAX_YAML_DEPTH} levels",
+                    self.peek_event().start_mark,  # type: ignore[attr-defined]
+                )
+            return super().compose_node(parent, index)  # type: ignore[misc,no-any-return]
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, merged by the safe constructor
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key is a list or mapping; keys are plain names", key_node.start_mark
+                )
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[attr-defined]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)  # type: ignore[misc,no-any-return]
+
+
+def _loader_class() -> type[Any]:
+    """libyaml's parser (events, about ten times faster: every command reads the catalogue) where PyYAML
+    has it, under PyYAML's own composer (so the bounds above apply) and safe constructor."""
+    try:
+        from yaml._yaml import CParser
+    except ImportError:  # pragma: no cover - PyYAML built without libyaml
+
+        class Slow(_Bounds, yaml.SafeLoader):
+            pass
+
+        return Slow
+
+    class Fast(_Bounds, yaml.composer.Composer, yaml.constructor.SafeConstructor, yaml.resolver.Resolver, CParser):
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            yaml.composer.Composer.__init__(self)
+            yaml.constructor.SafeConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+
+    return Fast
+
+
+_BoundedLoader = _loader_class()
+
+
+def _check_size(root: yaml.Node) -> None:
+    """Refuse a document that expands past MAX_YAML_NODES values: each alias counts as the whole value it
+    stands for, so nine levels of nine aliases (a billion values) is refused at once, in microseconds."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        if total > MAX_YAML_NODES:
+            raise _OverBound(
+                None, None, f"the document expands to over {MAX_YAML_NODES:,} values (aliases)", node.start_mark
+            )
+        sizes[id(node)] = total
+        return total
+
+    size(root)

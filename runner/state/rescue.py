@@ -1,0 +1,139 @@
+"""When the job's state folder stops taking writes mid-run, nothing paid is lost.
+
+A full disk, a folder made read-only or immutable, a folder deleted, a part file read back torn: each
+is one class, a state failure (runner.errors.STATE_FAILURES). `state_guard` turns any of them into
+DiskFull (exit 5) or StateUnwritable (exit 74) naming the folder. The run then stops dispatching,
+and the answers it holds in memory (not yet in a part file) are written to a rescue journal:
+
+    <output folder>/<output stem>.rescue-<run id>.jsonl          beside the output, or if that fails
+    <temp folder>/glm-batch-rescue/<state hash>/<same name>       under the user's temp folder
+
+one journal line per answer (the format of the store's own journal). The next run of the job reads
+every rescue journal of it first, keeps its answers as a part file, and only then deletes it, so
+nothing is paid again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from runner.errors import DiskFull, GlmBatchError, StateUnwritable
+from runner.records import Result, journal_line, result_from_json
+from runner.state.files import NO_SPACE, no_space, write_bytes_atomic
+
+RESCUE_MARK = ".rescue-"
+
+
+def state_failure(exc: Exception, state_dir: Path, *, refusals: bool = True) -> GlmBatchError | None:
+    """`exc`, raised while writing (or reading back) the job's state in `state_dir`, as the error the
+    run stops with; None when it is not a failure of the state's files. With `refusals`, a writer's own
+    typed refusal (another GlmBatchError) counts as one too: only state files were being written."""
+    if isinstance(exc, DiskFull | StateUnwritable):
+        return exc
+    if isinstance(exc, OSError):
+        if exc.filename and not _within(Path(os.fsdecode(exc.filename)), state_dir):
+            return None  # a file elsewhere (the output): not the state's failure
+        if exc.errno in NO_SPACE:
+            return no_space(Path(exc.filename) if exc.filename else state_dir)
+        where = f"{exc.filename}: " if exc.filename else ""
+        return StateUnwritable(
+            f"the job's state folder {state_dir} stopped taking writes ({where}{exc.strerror or exc}); "
+            "fix it (permissions, chattr -i, a folder that was deleted), then run the same command again"
+        )
+    if isinstance(exc, GlmBatchError):  # a writer's own refusal of the path
+        if not refusals:
+            return None
+        return StateUnwritable(f"the job's state folder {state_dir} stopped taking writes: {exc}")
+    polars_errors = sys.modules.get("polars.exceptions")
+    if polars_errors is not None and isinstance(exc, polars_errors.PolarsError):
+        # polars wraps its writer's I/O errors ("Invalid thrift: transport error" on a full disk): the
+        # free space says which it was.
+        if "No space left" in str(exc) or _full(state_dir):
+            return no_space(state_dir)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return StateUnwritable(
+            f"a file in the job's state folder {state_dir} could not be written or read back whole ({first}); "
+            "check the disk, then run the same command again"
+        )
+    return None
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return os.path.abspath(path).startswith(os.path.abspath(folder) + os.sep)
+
+
+def _full(state_dir: Path) -> bool:
+    """Is the filesystem holding `state_dir` (or its nearest existing parent) out of space?"""
+    probe = state_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
+
+
+@contextlib.contextmanager
+def state_guard(state_dir: Path, *, refusals: bool = True) -> Iterator[None]:
+    """Raise any failure of the state's files inside as DiskFull or StateUnwritable (see state_failure)."""
+    try:
+        yield
+    except Exception as exc:
+        failure = state_failure(exc, state_dir, refusals=refusals)
+        if failure is None:
+            raise
+        if failure is exc:
+            raise
+        raise failure from None
+
+
+def rescue_places(output_path: Path, state_dir: Path) -> list[Path]:
+    """Where a job's rescue journals go, in order of preference: beside the output, then under the temp
+    folder (named by the state folder, so two jobs never share one)."""
+    digest = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:16]
+    return [output_path.parent, Path(tempfile.gettempdir()) / "glm-batch-rescue" / digest]
+
+
+def write_rescue(results: list[Result], run_id: str, output_path: Path, state_dir: Path) -> Path | None:
+    """Write `results` as a rescue journal in the first place that takes it; its path, or None when no
+    place did (then the answers are lost, and the caller says so)."""
+    data = b"".join(journal_line(r) for r in results)
+    name = f"{output_path.stem}{RESCUE_MARK}{run_id}.jsonl"
+    for place in rescue_places(output_path, state_dir):
+        path = place / name
+        try:
+            place.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(data, path)
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def find_rescued(output_path: Path, state_dir: Path) -> list[Path]:
+    """The rescue journals earlier runs of this job left, oldest first."""
+    found: list[Path] = []
+    pattern = f"{output_path.stem}{RESCUE_MARK}*.jsonl"
+    for place in rescue_places(output_path, state_dir):
+        with contextlib.suppress(OSError):
+            found.extend(place.glob(pattern))
+    return sorted(found, key=lambda p: p.name)
+
+
+def read_rescued(path: Path) -> tuple[str, list[Result]]:
+    """A rescue journal's run id and answers (a line that does not read is skipped)."""
+    run_id = path.name.split(RESCUE_MARK, 1)[1].removesuffix(".jsonl")
+    results = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            results.append(result_from_json(line))
+        except (ValueError, TypeError):
+            continue
+    return run_id, results

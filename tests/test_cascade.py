@@ -1,0 +1,199 @@
+"""A cascade job end to end on the simulator: a cheap proxy answers every row, the oracle a calibration
+sample and the rows the proxy is unsure of; the output says who answered each row, the summary and
+`report` state the guarantee, `estimate` prices it against the oracle alone, and kill -9 at any stage
+then a resume pays nothing twice beyond what was in flight and gives the same output."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import yaml
+
+from runner.testing.simulator import SimulatorThread
+from tests.conftest import JobFiles, cli
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "sentiment" / "amazon.csv"
+PROXY, ORACLE = "glm-4.5-flash", "glm-4.6"
+SENTIMENT = {
+    "input": {"columns": ["text"]},
+    "prompt": {"system": "You label sentiment.", "template": "Review: {{ text }}"},
+    "output": {"labels": ["positive", "negative"], "keep_columns": [], "max_repairs": 0},
+    "eval": {"gold_column": "gold"},
+    "run": {"concurrency": 8},
+}
+
+
+def _rows(n: int) -> list[dict[str, Any]]:
+    return pl.read_csv(DATA).head(n).to_dicts()
+
+
+def _cascade(make_job: Callable[..., JobFiles], name: str, **cascade: Any) -> JobFiles:
+    settings = {"proxy": PROXY, "target": 0.9, "delta": 0.1, "samples": 3, "seed": 1, **cascade}
+    return make_job(_rows(120), name=name, **(SENTIMENT | {"output": SENTIMENT["output"] | {"cascade": settings}}))
+
+
+def test_the_cascade_agrees_with_the_oracle_on_the_target_share_and_says_who_answered_each_row(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    sim.configure(model_error={PROXY: 0.2})
+    reference = make_job(_rows(120), name="oracle_only", **SENTIMENT)
+    assert cli("run", str(reference.spec)).exit_code == 0
+    job = _cascade(make_job, "cascade")
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 0, result.stderr
+    out = pl.read_parquet(job.output)
+    oracle = pl.read_parquet(reference.output)
+    assert out.get_column("id").to_list() == oracle.get_column("id").to_list()  # one row per input row, in order
+    agreement = (out.get_column("label") == oracle.get_column("label")).mean()
+    assert agreement is not None and agreement >= 0.9
+    by = out.get_column("answered_by")
+    assert set(by.unique().to_list()) == {PROXY, ORACLE}
+    # The calibration sample carries the oracle's answer; a kept row carries the proxy's majority.
+    assert out.filter(pl.col("in_calibration") & (pl.col("answered_by") != ORACLE)).height == 0
+    confidence = out.get_column("proxy_confidence")
+    assert confidence.min() is not None and set(confidence.drop_nulls().unique().to_list()) <= {1 / 3, 2 / 3, 1.0}
+    summary = json.loads(job.summary.read_text())["cascade"]
+    assert summary["guarantee"] == f"agrees with {ORACLE} on >= 90% of rows with probability >= 90%"
+    assert summary["rows_kept_from_proxy"] == (by == PROXY).sum() > 0
+    assert summary["rows_in_calibration"] == out.get_column("in_calibration").sum()
+    assert summary["cost"]["cascade"] < summary["cost"]["oracle_only_expected"]
+    # A row's cost is what it cost with both models: the output adds up to what both stages paid.
+    assert out.get_column("cost").sum() == pytest.approx(summary["cost"]["proxy"] + summary["cost"]["oracle"])
+    assert set(summary["accuracy"]) >= {"proxy", "cascade", "oracle_where_asked"}
+
+    report = cli("report", str(job.spec))
+    assert report.exit_code == 0, report.stderr
+    assert f"agrees with {ORACLE} on >= 90% of rows with probability >= 90%" in report.stdout
+    assert "threshold" in report.stdout and "oracle only" in report.stdout
+    status = cli("status", str(job.spec))
+    assert "proxy stage, last run" in status.stdout and "oracle stage, last run" in status.stdout
+    assert f"last cascade: {summary['rows_kept_from_proxy']} of 120 rows kept from {PROXY}" in status.stdout
+
+
+def test_estimate_prices_the_cascade_against_the_oracle_alone_before_anything_is_sent(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    job = _cascade(make_job, "priced")
+
+    result = cli("estimate", str(job.spec), "--json")
+
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    cascade = report["cascade"]
+    assert cascade["oracle_only_cost"]["expected"] == report["cost"]["expected"] > 0
+    low, expected, high = (cascade["cost"][k] for k in ("low", "expected", "high"))
+    assert low < expected < high
+    assert cascade["proxy_requests"] == 3 * 120
+    assert sim.stats()["requests"] == 0
+    table = cli("estimate", str(job.spec))
+    assert "cascade cost" in table.stdout and "oracle only" in table.stdout
+    dry = cli("run", str(job.spec), "--dry-run")
+    assert dry.exit_code == 0 and "dry run: a cascade" in dry.stdout
+    assert sim.stats()["requests"] == 0
+
+
+def test_run_max_cost_caps_the_whole_cascade_and_a_later_run_goes_on(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    sim.configure(model_error={PROXY: 0.2})
+    job = _cascade(make_job, "capped")
+    text = job.spec.read_text().replace("concurrency: 8", "concurrency: 8\n  max_cost: 0.0005")
+    job.spec.write_text(text)
+
+    stopped = cli("run", str(job.spec))
+
+    assert stopped.exit_code == 4, stopped.stderr
+    assert "cascade" in stopped.stderr and not job.output.exists()
+    resumed = cli("run", str(job.spec), "--set", "run.max_cost=10")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads(job.summary.read_text())["cascade"]["rows"] == 120
+
+
+def test_a_cascade_is_refused_without_labels_or_with_samples_of_its_own(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    free_text = make_job(name="free", output={"cascade": {"proxy": PROXY}})
+    result = cli("run", str(free_text.spec))
+    assert result.exit_code == 2 and "output.labels or output.schema" in result.stderr
+    sampled = make_job(
+        name="sampled",
+        model={"temperature": 0.7},
+        output={"labels": ["a", "b"], "samples": 3, "cascade": {"proxy": PROXY}},
+    )
+    result = cli("run", str(sampled.spec))
+    assert result.exit_code == 2 and "output.cascade.samples" in result.stderr
+    assert sim.stats()["requests"] == 0
+
+
+def _start(spec: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner", "run", str(spec), "--log-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _kill_at(spec: Path, model: str, nth: int) -> None:
+    """Run the job and kill -9 it as the nth run of `model` (a stage) starts sending."""
+    proc = _start(spec)
+    assert proc.stderr is not None
+    seen = 0
+    for line in proc.stderr:
+        if '"event": "start"' in line and json.loads(line)["model"] == model:
+            seen += 1
+            if seen == nth:
+                proc.send_signal(signal.SIGKILL)
+                break
+    proc.wait()
+    assert seen == nth, "the stage never started"
+
+
+@pytest.mark.slow
+def test_kill_9_during_each_stage_then_resume_pays_nothing_twice_and_gives_the_same_output(
+    make_job: Callable[..., JobFiles],
+) -> None:
+    # A proxy whose samples always agree: answers that do not depend on how often a prompt was asked,
+    # so a resumed run can be compared with one that was never stopped.
+    settings = {"model_error": {PROXY: 0.3}, "confidence": "flat", "latency_s": 0.01}
+    concurrency = SENTIMENT["run"]["concurrency"]
+    outputs, paid = {}, {}
+    oracle_runs = 0
+    for name in ("straight", "killed"):
+        with SimulatorThread() as server:
+            server.configure(**settings)
+            job = _cascade(make_job, name, target=0.95, samples=2)
+            job.spec.write_text(job.spec.read_text().replace(f"endpoint: {_endpoint(job)}", f"endpoint: {server.url}"))
+            if name == "killed":
+                # The proxy pass, the first calibration round, the escalation: each killed in turn.
+                for model, nth in ((PROXY, 1), (ORACLE, 1), (ORACLE, oracle_runs)):
+                    _kill_at(job.spec, model, nth)
+            done = subprocess.run([sys.executable, "-m", "runner", "run", str(job.spec)], capture_output=True)
+            assert done.returncode == 0, done.stderr.decode()
+            outputs[name] = pl.read_parquet(job.output)
+            paid[name] = server.stats()["billed"]["online"]
+            oracle_runs = oracle_runs or _oracle_runs(job)
+
+    for column in ("id", "label", "answered_by", "proxy_confidence", "in_calibration"):
+        assert outputs["killed"].get_column(column).to_list() == outputs["straight"].get_column(column).to_list()
+    # Three kills: at most what was in flight at each was paid for twice.
+    assert paid["killed"] <= paid["straight"] + 3 * concurrency
+
+
+def _endpoint(job: JobFiles) -> str:
+    return str(yaml.safe_load(job.spec.read_text())["model"]["endpoint"])
+
+
+def _oracle_runs(job: JobFiles) -> int:
+    """How many runs of the oracle the cascade made (calibration rounds and the escalation)."""
+    return int(json.loads(job.summary.read_text())["cascade"]["calibration_rounds"]) + 1

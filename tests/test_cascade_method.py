@@ -1,0 +1,111 @@
+"""The cascade's statistics, against the BARGAIN paper's description: the betting test keeps its error
+rate, and the threshold it picks meets the target with the stated probability, keeping many proxy
+answers when the proxy's confidence is informative and few when it is not."""
+
+from __future__ import annotations
+
+import random
+
+from runner.cascade.bounds import above, below
+from runner.cascade.estimate import perfect_proxy_share
+from runner.cascade.threshold import choose
+
+
+def test_the_betting_test_sees_a_clear_difference_and_not_a_missing_one() -> None:
+    ones = [1.0] * 40
+    assert above(ones, 0.7, 0.05, 1000)
+    assert not below(ones, 0.7, 0.05, 1000)
+    zeros_and_ones = [float(i % 2) for i in range(40)]  # mean 0.5
+    assert below(zeros_and_ones, 0.9, 0.05, 1000)
+    assert not above(zeros_and_ones, 0.5, 0.05, 1000)
+    # Without replacement: having drawn every item, the mean is known exactly.
+    assert above([1.0] * 9 + [0.0], 0.85, 0.05, 10)
+
+
+def test_the_betting_test_wrongly_says_above_at_most_alpha_of_the_time() -> None:
+    """Draws without replacement from 300 items whose mean is exactly m, looked at every 10 draws as
+    the method does: 'above m' must be claimed in at most alpha of the trials."""
+    alpha, m, n = 0.1, 0.8, 300
+    population = [1.0] * int(m * n) + [0.0] * (n - int(m * n))
+    rng = random.Random(5)
+    wrong = 0
+    trials = 300
+    for _ in range(trials):
+        rng.shuffle(population)
+        for drawn in range(10, 201, 10):
+            if above(population[:drawn], m, alpha, n):
+                wrong += 1
+                break
+    assert wrong / trials <= alpha
+
+
+def _synthetic(rows: int, seed: int, informative: bool, accuracy: float = 0.8) -> tuple[list[float | None], list[bool]]:
+    """A proxy's confidence per row and whether it agrees with the oracle: with an informative
+    confidence, agreement falls as confidence falls; otherwise the two are unrelated."""
+    rng = random.Random(seed)
+    scores: list[float | None] = []
+    agree: list[bool] = []
+    for _ in range(rows):
+        score = rng.random()
+        scores.append(round(score * 5) / 5)  # coarse, as k samples' agreement is
+        chance = min(1.0, 0.45 + 0.6 * score) if informative else accuracy
+        agree.append(rng.random() < chance)
+    return scores, agree
+
+
+def _run(scores: list[float | None], agree: list[bool], target: float, delta: float, seed: int) -> tuple[float, int]:
+    step = choose(scores, lambda pos: agree[pos], target=target, delta=delta, seed=seed)
+    assert not step.need  # every answer was known
+    agreeing = sum(1 for pos in range(len(scores)) if pos not in step.keep or agree[pos])
+    return agreeing / len(scores), len(step.keep)
+
+
+def test_the_threshold_meets_the_target_with_probability_one_minus_delta_and_keeps_most_rows() -> None:
+    target, delta, runs = 0.9, 0.1, 60
+    outcomes = [_run(*_synthetic(1000, seed, informative=True), target, delta, seed) for seed in range(runs)]
+
+    met = sum(agreement >= target for agreement, _ in outcomes)
+    assert met >= (1 - delta) * runs
+    kept = sorted(k for _, k in outcomes)
+    assert kept[runs // 2] >= 400  # an informative proxy keeps a good share of its answers
+
+
+def test_an_uninformative_confidence_falls_back_to_the_oracle_and_still_meets_the_target() -> None:
+    target, delta, runs = 0.95, 0.05, 40
+    outcomes = [
+        _run(*_synthetic(1000, seed, informative=False, accuracy=0.8), target, delta, seed) for seed in range(runs)
+    ]
+
+    assert sum(agreement >= target for agreement, _ in outcomes) >= (1 - delta) * runs
+    # At 80% agreement the proxy may answer at most a quarter of the rows; it gets less than that.
+    assert max(k for _, k in outcomes) <= 250
+
+
+def test_rows_the_proxy_could_not_answer_always_go_to_the_oracle() -> None:
+    scores: list[float | None] = [1.0] * 500 + [None] * 100
+    step = choose(scores, lambda pos: True, target=0.9, delta=0.1, seed=3)
+
+    assert step.keep and not step.keep & set(range(500, 600))
+
+
+def test_the_method_asks_for_oracle_answers_it_lacks_and_replays_the_same_draws() -> None:
+    scores, agree = _synthetic(500, 1, informative=True)
+    known: dict[int, bool] = {}
+    rounds = 0
+    while True:
+        step = choose(scores, known.get, target=0.9, delta=0.1, seed=4)
+        if not step.need:
+            break
+        rounds += 1
+        assert len(step.need) <= 10 and not set(step.need) & set(known)
+        known.update({pos: agree[pos] for pos in step.need})
+    assert rounds > 1
+    # Replayed with every answer known at once, the same decision and the same sample.
+    again = choose(scores, lambda pos: agree[pos], target=0.9, delta=0.1, seed=4)
+    assert (again.keep, again.sampled) == (step.keep, step.sampled)
+    assert step.sampled == set(known)
+
+
+def test_a_proxy_that_always_agrees_leaves_the_oracle_only_the_calibration_sample() -> None:
+    share = perfect_proxy_share(2000, 0.95, 0.05, 0)
+    assert 0 < share < 0.15

@@ -1,0 +1,79 @@
+"""Zhipu answers errors in two shapes (real-wire.md): Anthropic's `{"type": "error", "error": {"type":
+"1113", ...}, "request_id"}` and the native `{"error": {"code": "1113", ...}}`, seen on the Anthropic
+route of api.z.ai too. Both are classified alike, on the online route (through the real SDK against
+the simulator) and in batch result lines: no balance and plan limits abort, rate limits are retried."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import anthropic
+import pytest
+
+from runner.send.client import Client
+from runner.send.native import classify_failure, parse_result_line
+from runner.send.retries import Fault, Verdict
+from runner.testing.simulator import SimConfig, SimulatorThread
+from tests.conftest import API_KEY, cli, sample_rows
+
+FAMILY = [
+    ("429_1113", "1113", Verdict.ABORT, None),
+    ("429_1308", "1308", Verdict.ABORT, None),
+    ("429_1302", "1302", Verdict.RETRY, "concurrency"),
+    ("429_1305", "1305", Verdict.RETRY, "platform"),
+]
+
+
+def online_fault(fault: str, shape: str) -> Fault:
+    """The classified fault of one Messages call the simulator answers with `fault` in `shape`."""
+    config = SimConfig(faults=(fault,), fault_rate=1.0, error_shape=shape)  # type: ignore[arg-type]
+
+    async def go(url: str) -> Fault:
+        client = Client(url, API_KEY, timeout_s=5, stream=False)
+        try:
+            await client.send({"model": "glm-4.6", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]})
+        except anthropic.APIStatusError as exc:
+            return client.classify(exc)
+        finally:
+            await client.aclose()
+        raise AssertionError("the simulator answered")
+
+    with SimulatorThread(config) as sim:
+        return asyncio.run(go(sim.url))
+
+
+@pytest.mark.parametrize("shape", ["anthropic", "native"])
+@pytest.mark.parametrize(("fault", "code", "verdict", "overload"), FAMILY, ids=[f[1] for f in FAMILY])
+def test_the_online_route_classifies_both_shapes_alike(
+    shape: str, fault: str, code: str, verdict: Verdict, overload: str | None
+) -> None:
+    classified = online_fault(fault, shape)
+    assert (classified.verdict, classified.type, classified.overload) == (verdict, f"429/{code}", overload)
+    assert classified.message  # the endpoint's own words, for the log and the abort line
+    if shape == "anthropic":  # the request id travels in the body in this shape
+        assert classified.request_id
+
+
+@pytest.mark.parametrize("shape", ["code", "type"])
+@pytest.mark.parametrize(("fault", "code", "verdict", "overload"), FAMILY, ids=[f[1] for f in FAMILY])
+def test_batch_result_lines_classify_both_shapes_alike(
+    shape: str, fault: str, code: str, verdict: Verdict, overload: str | None
+) -> None:
+    body = {"error": {shape: code, "message": "refused"}}
+    line = json.dumps({"custom_id": "r1", "response": {"status_code": 429, "body": body}})
+    assert classify_failure(parse_result_line(line)) is verdict
+
+
+@pytest.mark.parametrize("shape", ["anthropic", "native"])
+def test_no_balance_in_either_shape_stops_the_run_within_one_round_never_retried(make_job, sim, shape) -> None:
+    sim.configure(faults=("429_1113",), fault_rate=1.0, error_shape=shape)
+    job = make_job(sample_rows(200), run={"concurrency": 4})
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 3, result.stderr[-2000:]
+    assert "1113" in result.stderr and "top up" in result.stderr
+    # One round: at most one request per worker went out, and none of them was sent again.
+    assert sim.stats()["requests"] <= 4 * 2  # the workers' first requests (and the queue they held)
+    assert sim.stats()["outcomes"].get("429_1113", 0) == sim.stats()["requests"]

@@ -81,6 +81,13 @@ def finish(
         except STATE_FAILURES as exc:
             control.fail(exc)
     exit_code, message = summary.outcome(job, control, failed_rows, options.resume_command, skipped_rows)
+    if options.fresh and failed_rows is None and options.pilot_rows is None:
+        # Decided (docs/decisions.md): a stopped --fresh run leaves old and new answers side by side; the
+        # resume command above keeps the old ones for the rows it did not reach, and says so.
+        message += (
+            "; this was a --fresh run: resuming without --fresh keeps the earlier answers of the rows it "
+            "did not reach (add --fresh to send every row again, those re-sent already included)"
+        )
     report = record(job, store, ending, exit_code, failed_rows is not None) | sending | {"ledger": booked}
     if failed_rows is not None and job.shape is not None:
         reporter.phase("scoring against gold labels")

@@ -177,8 +177,11 @@ class Dispatch:
                     if row.error is not None:
                         self._render_failure(row)
                         continue
-                    if id(row) not in fresh:
-                        tally.rows_settled += 1
+                    if id(row) not in fresh:  # answered before, or a pilot's row outside its sample
+                        if all(row.done):
+                            tally.rows_settled += 1
+                        else:
+                            tally.rows_left_out += 1
                         continue
                     if not fresh[id(row)]:
                         # An identical request is queued already: its answer answers this row too.

@@ -10,7 +10,7 @@ import polars as pl
 
 from runner.job.resolve import Job
 from runner.observe.progress import Reporter
-from runner.output.salvage import check_resend, lost_beyond_allowance, salvage
+from runner.output.salvage import check_resend, lost_beyond_allowance, salvage, salvage_source
 from runner.state.rowmap import file_identities
 from runner.state.store import SettledKeys, Store
 
@@ -42,13 +42,13 @@ def settled_keys(job: Job, store: Store, *, fresh: bool, retry_failed: bool, res
 def _answers_gone(job: Job, store: Store) -> bool:
     """No answer file is left (deleted, or the whole state lost) while this job's output is there: its
     answers are a copy to take back before anything is paid again."""
-    return not store.result_parts() and job.output_path.exists()
+    return not store.result_parts() and salvage_source(job).exists()
 
 
 def _salvage(job: Job, store: Store, reporter: Reporter) -> int:
     salvaged = salvage(job, store)
     if salvaged:
-        reporter.event("answers_salvaged", answers=salvaged, source=str(job.output_path))
+        reporter.event("answers_salvaged", answers=salvaged, source=str(salvage_source(job)))
     return salvaged
 
 

@@ -84,3 +84,21 @@ def test_the_answered_rows_of_a_jobs_output_never_decrease(rows: int, runs: list
             seen = now
             if limit is not None:
                 assert len(answered(output.with_name(f"job.limit-{limit}.parquet"))) == min(limit, rows)
+
+
+def test_a_limited_run_with_its_state_lost_takes_answers_back_from_the_jobs_output(make_job, sim) -> None:
+    """Never pay twice: the answers the job's output holds are taken back before a limited run sends."""
+    import shutil
+
+    from runner.job.resolve import load_job
+
+    job: JobFiles = make_job(sample_rows(20))
+    assert cli("run", str(job.spec)).exit_code == 0
+    shutil.rmtree(load_job(job.spec).state_dir)
+    sent = sim.stats()["requests"]
+
+    result = cli("run", str(job.spec), "--limit", "5")
+
+    assert result.exit_code == 0, result.stderr
+    assert sim.stats()["requests"] == sent
+    assert len(answered(job.output.with_name("job.limit-5.parquet"))) == 5

@@ -92,7 +92,7 @@ REQUIRED = [
     "rendering and sending",
     "1:15",  # elapsed
     "469,160/1,000,000 rows  47%",  # rows settled before + answered + sharing a prompt
-    "47.8 req/s",
+    "47.8 req/s now",
     "ETA 3:05:05",
     "in flight 16/16 auto",
     "429 refused 1.8%",

@@ -43,7 +43,7 @@ def usage(
         if bad or not keys:
             raise UsageError(f"--by {by!r}: choose from job, model, day, endpoint")
         skipped: list[tuple[Path, str]] = []
-        frame = ledger.usage(skipped=skipped)
+        frame, simulated = ledger.usage(skipped=skipped), ledger.usage(simulated=True, skipped=skipped)
         for path, why in skipped:  # a torn file: the rest of the ledger is still worth reading
             print(f"glm-batch: warning: skipped {path}: it does not read ({why})", file=sys.stderr)
         if since is not None:
@@ -51,15 +51,18 @@ def usage(
                 start = dt.date.fromisoformat(since)
             except ValueError:
                 raise UsageError(f"--since {since!r}: expected a date like 2026-11-01") from None
-            frame = frame.filter(pl.col("day") >= start)
+            frame, simulated = frame.filter(pl.col("day") >= start), simulated.filter(pl.col("day") >= start)
         if as_json:
             print(json.dumps(frame.sort("day", "job", "model", "run_id").to_dicts(), indent=2, default=str))
             return
+        console = _console()
         if frame.height == 0:
             print(f"no usage recorded yet (ledger: {ledger.ledger_dir()})")
-            return
-        console = _console()
-        console.print(_usage_table(ledger.summarise(frame, keys), keys, console.width))
+        else:
+            console.print(_usage_table(ledger.summarise(frame, keys), keys, console.width))
+        if simulated.height:  # the simulator's make-believe spend: shown apart, never added to the real
+            console.print("simulated runs (the built-in simulator: make-believe spend, never billed):", highlight=False)
+            console.print(_usage_table(ledger.summarise(simulated, keys), keys, console.width))
 
     _guarded(go)
 

@@ -29,7 +29,7 @@ def expand_inputs(patterns: list[str], base: Path, where: str) -> tuple[Path, ..
         full = os.path.normpath(os.path.join(base, pattern))
         matches = sorted(glob.glob(full)) if glob.has_magic(pattern) else [full]
         if not matches:
-            raise UsageError(f"{where}: input.paths: {pattern!r} matches no file")
+            raise UsageError(f"{where}: input.paths: {pattern!r} matches no file (looked for {full})")
         for m in matches:
             p = Path(m)
             if p.suffix not in INPUT_SUFFIXES:
@@ -37,7 +37,11 @@ def expand_inputs(patterns: list[str], base: Path, where: str) -> tuple[Path, ..
                     f"{where}: input.paths: {p.name}: only .parquet, .csv and .jsonl (.ndjson) inputs are read"
                 )
             if not p.is_file():
-                raise UsageError(f"{where}: input.paths: {p} does not exist")
+                shown = pattern if not glob.has_magic(pattern) else str(p)
+                looked = (
+                    f" (looked for {p}: relative paths resolve against the spec's folder)" if shown != str(p) else ""
+                )
+                raise UsageError(f"{where}: input.paths: {shown} does not exist{looked}")
             paths.append(p)
     return tuple(paths)
 

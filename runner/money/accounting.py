@@ -84,6 +84,7 @@ class Tally:
     rows_total: int = 0  # input rows, counted before the run
     rows_seen: int = 0  # input rows rendered so far
     rows_settled: int = 0  # rows whose request needed no sending (answered in an earlier run)
+    rows_left_out: int = 0  # rows a pilot does not send (outside its sample): neither answered nor pending
     samples: int = 1  # requests per row (output.samples)
     requests_queued: int = 0  # distinct requests handed to the executor
     requests_shared: int = 0  # requests not sent: an identical one was queued this run and answers them too
@@ -101,6 +102,10 @@ class Tally:
     latencies_ms: Distribution = field(default_factory=Distribution)
     client_wait_ms: Distribution = field(default_factory=Distribution)
     started: float = field(default_factory=time.monotonic)
+    # When the first and the latest answer arrived (monotonic): the rate while answers came, apart from
+    # the whole run's (which counts start-up, planning and writing the output too).
+    first_answer_at: float | None = None
+    last_answer_at: float | None = None
     cost: float = 0.0
     cost_by_tier: dict[str, float] = field(default_factory=dict)
     est_input_tokens: int = 0  # local estimates of the requests answered ok, for calibration
@@ -134,6 +139,9 @@ class Tally:
             return
         self.queued_answered += 1
         self.ok += 1
+        self.last_answer_at = time.monotonic()
+        if self.first_answer_at is None:
+            self.first_answer_at = self.last_answer_at
         tokens_in = result.input_tokens or 0
         cache_read = result.cache_read_input_tokens or 0
         tokens_out = result.output_tokens or 0
@@ -194,8 +202,15 @@ class Tally:
         """Spend at the end of this run if the remaining requests cost what the answered ones did."""
         if not self.answered:
             return None
-        to_answer = max(self.requests_queued, (self.rows_total - self.rows_settled) * self.samples)
+        to_answer = max(self.requests_queued, (self.rows_total - self.rows_settled - self.rows_left_out) * self.samples)
         return self.cost / self.answered * to_answer
+
+    def answering_rate(self) -> float | None:
+        """Answers a second from the first answer to the latest (None before two answers): what the
+        panel shows while sending, unlike `rate`, which spreads them over the whole run."""
+        if self.first_answer_at is None or self.last_answer_at is None or self.last_answer_at <= self.first_answer_at:
+            return None
+        return round((self.ok - 1) / (self.last_answer_at - self.first_answer_at), 2)
 
     def rate(self) -> float:
         """Results per second so far."""
@@ -221,6 +236,7 @@ class Tally:
             },
             "elapsed_s": round(self.elapsed_s, 3),
             "requests_per_s": round(self.rate(), 2),
+            "requests_per_s_answering": self.answering_rate(),
             # Whose time: `latency_ms` is the SDK call (the endpoint, the network and this process's own
             # event loop while the call was open); `client_wait_ms` is the time the request waited in
             # this process before its attempts were sent (queue + in-flight slot + rate buckets).

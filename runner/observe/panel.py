@@ -82,7 +82,9 @@ class PanelState:
         """The state from the engine's counters: the Tally, the executor's gauges and the run's Control."""
         samples = max(1, tally.samples)
         total = tally.rows_total * samples
-        done_requests = min(total, tally.rows_settled * samples + tally.answered + tally.requests_shared)
+        done_requests = min(
+            total, (tally.rows_settled + tally.rows_left_out) * samples + tally.answered + tally.requests_shared
+        )
         remaining = total - done_requests
         eta = remaining / requests_per_s if requests_per_s else None
         return cls(
@@ -189,7 +191,7 @@ def _items(state: PanelState, *, wide: bool) -> Iterator[Text]:
     if state.rendering:
         yield _item("rendered ", f"{state.rows_rendered:,}/{state.rows_total or 0:,}")
     rate = "-" if state.requests_per_s is None else f"{state.requests_per_s:,.1f}"
-    yield _item("", rate, " req/s")
+    yield _item("", rate, " req/s now")
     yield _item("ETA ", "-" if state.eta_s is None else _duration(state.eta_s))
     limit = "-" if state.limit is None else f"{state.limit}"
     flight = "-" if state.in_flight is None else f"{state.in_flight}"

@@ -161,6 +161,14 @@ class LogReporter:
         self._emit("end", {"message": message, "exit_code": summary.get("exit_code")})
 
 
+def _wall_time(summary: dict[str, Any]) -> str:
+    """The run's wall time and its two rates: over the whole run (start-up, planning and writing the
+    output included) and while answers came (what the live panel showed)."""
+    line = f"{summary['elapsed_s']:.1f} s ({summary['requests_per_s']} req/s over the whole run"
+    answering = summary.get("requests_per_s_answering")
+    return line + (f", {answering} while answers came)" if answering is not None else ")")
+
+
 def text_value(value: Any) -> str:
     """One field's value in a text log line: numbers and booleans bare (`true`), strings bare unless they
     hold spaces, quotes, `=` or nothing (then JSON-quoted), lists and mappings as compact JSON."""
@@ -287,7 +295,7 @@ class RichReporter:
             ),
             ("tokens in / out", f"{tokens['input']} / {tokens['output']}"),
             ("cost", _cost_line(summary["cost"])),
-            ("wall time", f"{summary['elapsed_s']:.1f} s ({summary['requests_per_s']} req/s)"),
+            ("wall time", _wall_time(summary)),
             ("latency p50 / p99", f"{_ms(lat['p50'])} / {_ms(lat['p99'])}"),
             ("retries", ", ".join(f"{k}: {v}" for k, v in summary["retries"].items()) or "none"),
             *_quality_rows(summary.get("quality")),

@@ -52,11 +52,18 @@ def answers_from_output(output: Path, fields: list[str]) -> pl.DataFrame:
         return empty
 
 
+def salvage_source(job: Job) -> Path:
+    """The output whose answers can be taken back: the job's own, also for a limited run (which writes
+    apart), when it is there; else the one this run writes."""
+    full = job.full_output_path
+    return full if full is not None and full.exists() else job.output_path
+
+
 def salvage(job: Job, store: Store) -> int:
     """After torn parts were quarantined, keep the answers the output still holds; how many."""
     if job.spec.output.samples > 1:
         return 0
-    answers = answers_from_output(job.output_path, list(job.shape.fields) if job.shape else [])
+    answers = answers_from_output(salvage_source(job), list(job.shape.fields) if job.shape else [])
     if answers.height:
         store.add_part(answers, "salvaged")
     return answers.height

@@ -9,8 +9,10 @@
 
 The same rules as the command line: the key comes from the environment (ZHIPUAI_API_KEY or
 ANTHROPIC_API_KEY; the simulator needs none), a bad spec raises `runner.errors.UsageError`, and a run
-that stopped (budget, abort, signal) returns its exit code rather than raising. Progress goes to
-stderr as JSON lines unless a `reporter` is given.
+that stopped (budget, abort, signal) returns its exit code rather than raising. Progress goes to the
+`glm_batch` logger (quiet unless logging is configured) unless a `reporter` is given. `run_job` and
+`estimate_job` inside a running event loop (Jupyter) raise RuntimeError naming `arun_job` /
+`aestimate_job`, which are the ones to await there.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from typing import Any
 from runner.errors import UsageError, deliberate
 from runner.job.resolve import Job
 from runner.job.resolve import load_job as _load_job
-from runner.observe.progress import Reporter, make_reporter
+from runner.observe.progress import LogReporter, Reporter
 from runner.redact import redact
+
+__all__ = ["Result", "aestimate_job", "api_key_for", "arun_job", "estimate_job", "load_job", "run_job"]
 
 SIMULATOR_KEY = "simulator-key"  # the built-in simulator accepts any key
 
@@ -102,7 +106,7 @@ async def arun_job(
         import_in_background()
     options = RunOptions(fresh=fresh, retry_failed=retry_failed, resume_command=resume_command(job, set, limit))
     try:
-        report = await _run(job, api_key=api_key_for(job), options=options, reporter=reporter or make_reporter("json"))
+        report = await _run(job, api_key=api_key_for(job), options=options, reporter=reporter or LogReporter())
     except ExceptionGroup as group:  # a UsageError raised while sending reaches the caller as itself
         raise deliberate(group) or group from None
     output = report.summary.get("output")
@@ -118,9 +122,11 @@ def run_job(
     retry_failed: bool = False,
     reporter: Reporter | None = None,
 ) -> Result:
-    """Run a job and wait for it: send every row with no answer yet, write the output, return how it ended."""
+    """Run a job and wait for it: send every row with no answer yet, write the output, return how it ended.
+    Where an event loop already runs (Jupyter), `await arun_job(...)` instead."""
     import asyncio
 
+    _outside_a_loop("run_job", "arun_job")
     return asyncio.run(arun_job(spec, set=set, limit=limit, fresh=fresh, retry_failed=retry_failed, reporter=reporter))
 
 
@@ -132,16 +138,46 @@ def estimate_job(
     exact: bool = False,
     pilot: int | None = None,
 ) -> dict[str, Any]:
-    """What the job would cost and how long it would take (the report `glm-batch estimate --json` prints)."""
+    """What the job would cost and how long it would take (the report `glm-batch estimate --json` prints).
+    Where an event loop already runs (Jupyter), `await aestimate_job(...)` instead."""
     import asyncio
 
+    _outside_a_loop("estimate_job", "aestimate_job")
+    return asyncio.run(aestimate_job(spec, set=set, limit=limit, exact=exact, pilot=pilot))
+
+
+async def aestimate_job(
+    spec: str | Path | Job,
+    *,
+    set: Mapping[str, Any] | None = None,
+    limit: int | None = None,
+    exact: bool = False,
+    pilot: int | None = None,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Estimate a job (the async form; see `estimate_job`)."""
     from runner.money.estimate import EstimateOptions
     from runner.money.estimate import estimate_job as _estimate
 
     job = spec if isinstance(spec, Job) else load_job(spec, set=set, limit=limit)
     key = api_key_for(job) if (exact or pilot) else "unused"
     options = EstimateOptions(exact=exact, pilot_rows=pilot)
-    return asyncio.run(_estimate(job, api_key=key, options=options, reporter=make_reporter("json")))
+    return await _estimate(job, api_key=key, options=options, reporter=reporter or LogReporter())
+
+
+def _outside_a_loop(name: str, instead: str) -> None:
+    """Refuse, before anything starts, to block a running event loop (asyncio.run would fail there with
+    a bare "cannot be called from a running event loop")."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        f"runner.{name}() cannot run inside a running event loop (Jupyter, an async app); "
+        f"there, use: await runner.{instead}(...)"
+    )
 
 
 # What a run's first request needs that loading the job and planning do not: the SDK (about 1.2 s to

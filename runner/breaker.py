@@ -58,6 +58,11 @@ class Breaker:
         self._armed = True
         self.tripped = False
 
+    @property
+    def watching(self) -> bool:
+        """Whether results still go through `admit`: deciding, or tripped (afterwards they pass untouched)."""
+        return self._armed
+
     @classmethod
     def for_run(cls, rows_total: int) -> Breaker:
         """The breaker for a run of `rows_total` rows: 5% of them, between MIN_ANSWERS and MAX_ANSWERS."""

@@ -108,6 +108,9 @@ async def _run(
     breaker = Breaker.for_run(tally.rows_total)
 
     def deliver(result: Result) -> None:
+        if not breaker.watching:  # nearly every result: the run's first answers were not all refused
+            journal(result)
+            return
         # The breaker holds the first answers' failures until it knows they are not the spec's fault.
         for admitted in breaker.admit(result):
             journal(admitted)
@@ -135,6 +138,8 @@ async def _run(
         except STATE_FAILURES as exc:
             control.fail(exc)
 
+    control.checkpoint = checkpoint
+
     built_from = fingerprint(job)
     unchanged = not options.fresh and pilot is None and store.rows.is_current(built_from, settled, samples)
     if unchanged:  # nothing changed since a run that answered every row: no row needs rendering
@@ -160,6 +165,8 @@ async def _run(
         requests = dispatch.requests(itertools.chain([] if first is None else [first], batches), built_from)
 
     control.notify = reporter.event
+    if job.thinking.warning is not None:  # validate and estimate said it too
+        reporter.event("thinking_warning", message=job.thinking.warning)
     auto_from_facts = _tool_choice_from_facts(job, control, reporter)
     reporter.phase("connecting")
     with endpoint_url(job) as base_url:

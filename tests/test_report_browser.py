@@ -173,7 +173,7 @@ def test_a_free_text_job_gets_a_drawn_report_of_its_run(make_job: MakeJob, tmp_p
             float(t)
             for t in page.locator("#concurrency div").evaluate_all("els => els.map(e => e.title.split(' ')[0])")
         ]
-        assert 0 < max(flight) <= 4.0001
+        assert 0 < max(flight) <= 4  # exact: a call's span is read inside its slot (runner.send.online)
         latency = page.locator("#latency div")
         assert sum(1 for i in range(latency.count()) if latency.nth(i).bounding_box()["height"] > 0) >= 1
         assert "p50" in page.locator("#latency-percentiles").inner_text()

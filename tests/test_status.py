@@ -33,10 +33,8 @@ def test_a_finished_job_with_failed_rows_is_counted_the_same_from_its_record(
     recorded, joined = both_counts(load_job(files.spec))
 
     assert recorded == joined == {"ok": 6, "failed": 1, "skipped": 1, "pending": 0}
-    assert (
-        "6 rows answered ok, 1 failed, 1 skipped (input.nulls: skip), 0 pending"
-        in cli("status", str(files.spec)).stdout
-    )
+    printed = cli("status", str(files.spec)).stdout
+    assert "6 rows answered ok, 1 failed, 1 skipped (input.nulls: skip), 0 pending" in printed
 
 
 def test_rows_added_to_the_input_after_a_run_are_pending(make_job: Callable[..., JobFiles]) -> None:

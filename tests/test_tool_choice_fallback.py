@@ -76,7 +76,8 @@ def test_an_endpoint_that_accepts_forced_tool_choice_changes_nothing(tmp_path: P
 
     assert result.exit_code == 0, result.stderr[-2000:]
     assert events(result.stderr, "tool_choice_fallback") == [] and events(result.stderr, "tool_choice_auto") == []
-    summary = json.loads((tmp_path / "out" / "labels.summary.json").read_text())
+    # a limited run writes beside the job's output, never over it
+    summary = json.loads((tmp_path / "out" / "labels.limit-100.summary.json").read_text())
     assert "tool_choice" not in summary
     assert load_facts(sim.url, "glm-4.6").forced_tool_choice is None
     assert sim.stats()["outcomes"] == {"ok": 100}

@@ -1,4 +1,4 @@
-"""The command line: `glm-batch run | estimate | validate | doctor | status | usage | report | models | schema | init`.
+"""The command line: `glm-batch run | estimate | validate | doctor | status | show | usage | report | ...`.
 
 This package holds the typer app, its entry point `main`, the options and helpers every command
 shares (`_guarded`, `_load`, `_console`...), and registers the commands, which live by concern in
@@ -128,14 +128,20 @@ def _guarded(fn: Callable[[], T]) -> T:
 
 
 def _load(
-    spec: Path, overrides: list[str] | None, limit: int | None, *, check_templates: bool = True, writes: bool = True
+    spec: Path,
+    overrides: list[str] | None,
+    limit: int | None,
+    *,
+    check_templates: bool = True,
+    writes: bool = True,
+    sends: bool = True,
 ) -> Job:
     from runner.job.resolve import load_job
 
     items = list(overrides or [])
     if limit is not None:
         items.append(f"input.limit={limit}")
-    return load_job(spec, items, check_templates=check_templates, writes=writes)
+    return load_job(spec, items, check_templates=check_templates, writes=writes, sends=sends)
 
 
 def api_key_for(job: Job) -> str:
@@ -184,7 +190,7 @@ def app_for(args: list[str]) -> typer.Typer:
 
 # The commands live in modules by concern and register here, after the app and the helpers they use,
 # in the order `glm-batch --help` lists them.
-from runner.cli import doctor, inspect, run, scaffold  # noqa: E402
+from runner.cli import doctor, inspect, run, scaffold, show  # noqa: E402
 from runner.cli.scaffold import job_schema, job_schema_text, starter_job  # noqa: E402
 from runner.cli.tables import _estimate_table, _models_table, _usage_table  # noqa: E402
 
@@ -198,6 +204,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
         scaffold.validate,
         doctor.doctor,
         inspect.status,
+        show.show,
         inspect.cancel,
         inspect.models,
         scaffold.schema,

@@ -14,14 +14,9 @@ where runs read it: the concurrency default, batch eligibility, the tool-choice 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -31,377 +26,15 @@ from runner.cli import JsonOpt, _console, _guarded
 from runner.errors import UsageError
 
 if TYPE_CHECKING:
-    from runner.job.catalog import ModelInfo
     from runner.job.resolve import Job
     from runner.money.pricing import PriceTable
-
-CONTROL_MODEL = "glm-4-flash"  # on Zhipu's Batch API list, and its batches are free: the control
-NO_SUCH_MODEL = "glm-doctor-no-such-model"  # refused before any token is billed: shows the error shape
-RAMP = (1, 2, 3, 4, 6, 8, 12, 16)  # concurrency levels tried, each a burst of one-token requests
-PROBE_INPUT_TOKENS = 200  # an upper bound on any probe's input, tool schema included (GLM counts ~1.5x ours)
-PROMPT = "Reply with the word OK."
-STOPS = ["\n\nEND", "STOP"]
-TOOL = {
-    "name": "answer",
-    "description": "Give the answer.",
-    "input_schema": {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]},
-}
-ACCOUNT_CODES = {  # what an account-level refusal is called in the table
-    **dict.fromkeys(("1000", "1001", "1002", "1003", "1004", "401", "authentication_error"), "key"),
-    **dict.fromkeys(("1113", "1110", "1111", "1112", "1121", "billing_error"), "balance"),
-    **dict.fromkeys(("1308", "1309", "1310"), "plan"),
-    **dict.fromkeys(("1211", "404"), "model"),
-}
-
-
-@dataclass(frozen=True)
-class Target:
-    """What doctor probes: one endpoint and one model."""
-
-    endpoint: str  # the endpoint's name, or its URL
-    base_url: str | None  # None: the in-process simulator
-    native_url: str | None  # Zhipu's native API (Batch API); None: beside the base URL
-    currency: str
-    key_env: tuple[str, ...]
-    model: str
-    info: ModelInfo | None  # None: not in the catalogue (the endpoint is still asked)
-    job: Job | None = None
-
-
-@dataclass
-class Check:
-    """One line of the table: what was checked, whether it works (None: unknown), what was seen."""
-
-    name: str
-    ok: bool | None
-    result: str
-    detail: str = ""
-
-
-@dataclass
-class Report:
-    """What doctor found, and what it cost."""
-
-    target: Target
-    url: str
-    checks: list[Check] = field(default_factory=list)
-    facts: dict[str, Any] = field(default_factory=dict)  # what is recorded for the target
-    control: dict[str, Any] = field(default_factory=dict)  # what is recorded for the control model
-    batches: list[dict[str, Any]] = field(default_factory=list)
-    worst_case: float | None = None
-    spent: float = 0.0
-    requests: int = 0
-    aborted: str | None = None  # the account-level refusal that stopped the probes
-
-    def add(self, name: str, ok: bool | None, result: str, detail: str = "") -> None:
-        self.checks.append(Check(name, ok, result, detail))
-
-
-# ---- what the endpoint said ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """An error answer: its HTTP status, business code, message, and which shape its body had."""
-
-    status: int
-    code: str | None
-    message: str
-    shape: str | None  # "anthropic" ({"type":"error","error":{"type":..}}), "native" ({"error":{"code":..}})
-
-
-def refusal_of(exc: Exception) -> Refusal | None:
-    """Read an SDK error answer (None: not an error answer: a connection fault, a timeout)."""
-    import anthropic
-
-    if not isinstance(exc, anthropic.APIStatusError):
-        return None
-    body = exc.body
-    error = body.get("error") if isinstance(body, dict) else None
-    shape: str | None = None
-    code: str | None = None
-    message = str(exc)
-    if isinstance(error, dict):
-        if error.get("type") is not None:
-            shape, code = "anthropic", str(error["type"])
-        elif error.get("code") is not None:
-            shape, code = "native", str(error["code"])
-        message = str(error.get("message") or message)
-    return Refusal(exc.status_code, code, message[:300], shape)
-
-
-def account_problem(refusal: Refusal) -> str | None:
-    """Which account-level check a refusal fails (key, balance, plan, model), if any."""
-    if refusal.code in ACCOUNT_CODES:
-        return ACCOUNT_CODES[refusal.code]
-    if refusal.status in (401, 403):
-        return "key"
-    return None
-
-
-def is_rate_limit(refusal: Refusal) -> bool:
-    """A concurrency or frequency limit (1302-1305), not a billing 429."""
-    return refusal.status == 429 and account_problem(refusal) is None
-
-
-# ---- the probes ------------------------------------------------------------------------------------
-
-
-class Prober:
-    """Sends one-token Messages requests and keeps count of what they cost."""
-
-    def __init__(self, url: str, key: str, model: str, table: PriceTable | None, report: Report) -> None:
-        import anthropic
-
-        self._sdk = anthropic.AsyncAnthropic(
-            api_key=key, base_url=url, max_retries=0, timeout=60.0, default_headers={"x-api-key": key}
-        )
-        self.model = model
-        self._table = table
-        self._report = report
-
-    async def ask(self, model: str | None = None, **extra: Any) -> tuple[Any, Refusal | None]:
-        """One request with max_tokens 1: (the message, None) or (None, the refusal)."""
-        params: dict[str, Any] = {
-            "model": model or self.model,
-            "max_tokens": 1,
-            "messages": [{"role": "user", "content": PROMPT}],
-            **extra,
-        }
-        self._report.requests += 1
-        try:
-            message = await self._sdk.messages.create(**params)
-        except Exception as exc:  # an SDK error is what is being probed; anything else is re-raised
-            refusal = refusal_of(exc)
-            if refusal is None:
-                raise
-            return None, refusal
-        usage = getattr(message, "usage", None)
-        if usage is not None and self._table is not None:
-            self._report.spent += self._table.cost(
-                input_tokens=usage.input_tokens or 0,
-                output_tokens=usage.output_tokens or 0,
-                cache_read_tokens=getattr(usage, "cache_read_input_tokens", None) or 0,
-            )
-        return message, None
-
-    async def aclose(self) -> None:
-        await self._sdk.close()
-
-
-def _cut(text: str, n: int = 90) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-async def probe_online(prober: Prober, report: Report, ramp_max: int) -> None:
-    """The Messages route: key, balance, model, tool choice, stop sequences, error shape, concurrency."""
-    learned = report.facts
-    _, refusal = await prober.ask()
-    if refusal is not None and account_problem(refusal):
-        problem = account_problem(refusal)
-        report.aborted = f"{refusal.status}/{refusal.code}: {refusal.message}"
-        for name in ("key", "balance", "model"):
-            if name == problem:
-                report.add(name, False, f"refused ({refusal.status}/{refusal.code})", _cut(refusal.message))
-            else:
-                report.add(name, None, "not checked", f"the {problem} check failed first")
-        _shape(report, refusal)
-        return
-    if refusal is not None:
-        report.add("key", True, "works")
-        report.add("balance", True, "not in arrears", "no 1113 / 1308 answer")
-        report.add(
-            "model", None, f"a plain request was refused ({refusal.status}/{refusal.code})", _cut(refusal.message)
-        )
-    else:
-        report.add("key", True, "works")
-        report.add("balance", True, "not in arrears", "no 1113 / 1308 answer")
-        report.add("model", True, f"{prober.model} answers")
-
-    _, refused = await prober.ask(tools=[TOOL], tool_choice={"type": "tool", "name": TOOL["name"]})
-    learned["forced_tool_choice"] = refused is None
-    report.add(
-        "forced tool choice",
-        refused is None,
-        "accepted" if refused is None else f"refused ({refused.status}/{refused.code})",
-        "runs force the tool"
-        if refused is None
-        else f"runs use tool_choice auto and validate; {_cut(refused.message, 60)}",
-    )
-    _, refused = await prober.ask(stop_sequences=STOPS)
-    learned["stop_sequences_max"] = len(STOPS) if refused is None else 1
-    report.add(
-        "two stop sequences",
-        refused is None,
-        "accepted" if refused is None else f"refused ({refused.status}/{refused.code})",
-        "" if refused is None else _cut(refused.message, 70),
-    )
-    _, refused = await prober.ask(model=NO_SUCH_MODEL)
-    _shape(report, refused)
-    await _ramp(prober, report, ramp_max)
-
-
-def _shape(report: Report, refusal: Refusal | None) -> None:
-    if refusal is None or refusal.shape is None:
-        report.add("error shape", None, "unknown", "no error body to read")
-        return
-    report.facts["error_shape"] = refusal.shape
-    example = (
-        '{"type":"error","error":{"type":"CODE",...}}'
-        if refusal.shape == "anthropic"
-        else '{"error":{"code":"CODE",...}}'
-    )
-    report.add("error shape", True, refusal.shape, example.replace("CODE", refusal.code or "?"))
-
-
-async def _ramp(prober: Prober, report: Report, ramp_max: int) -> None:
-    """Bursts of 1, 2, 3, 4, 6... one-token requests at once, stopped at the first rate-limit answer."""
-    allowed = 0
-    for level in (n for n in RAMP if n <= ramp_max):
-        answers = await asyncio.gather(*(prober.ask() for _ in range(level)))
-        refusals = [r for _, r in answers if r is not None]
-        limited = [r for r in refusals if is_rate_limit(r)]
-        if limited:
-            first = limited[0]
-            report.add(
-                "concurrency",
-                bool(allowed),
-                f"{allowed}" if allowed else "below 1",
-                f"{len(limited)} of {level} at once refused ({first.status}/{first.code})",
-            )
-            if allowed:
-                report.facts["concurrency"] = allowed
-            return
-        if refusals:
-            first = refusals[0]
-            report.add("concurrency", None, f"{allowed or 'unknown'}", f"stopped: {first.status}/{first.code}")
-            return
-        allowed = level
-    report.facts["concurrency"] = allowed
-    report.add("concurrency", True, f"{allowed} or more", f"no 1302 up to {allowed} at once (--ramp-max)")
-
-
-# ---- the Batch API ---------------------------------------------------------------------------------
-
-
-async def probe_batch(native_url: str, key: str, model: str, wait_s: float, label: str) -> dict[str, Any]:
-    """A 2-line batch on `model`: upload, create, wait (with a visible timer) up to `wait_s`; what came
-    back, the batch object's shape, and whether it passed validation (None: not known in time)."""
-    from runner.send.batch_api import BatchAPI, BatchAPIError
-
-    lines = [
-        {
-            "custom_id": f"doctor-{i}",
-            "method": "POST",
-            "url": "/v4/chat/completions",
-            "body": {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 1},
-        }
-        for i in (1, 2)
-    ]
-    out: dict[str, Any] = {"model": model, "label": label, "eligible": None}
-    with tempfile.TemporaryDirectory(prefix="glm-batch-doctor-") as tmp:
-        path = Path(tmp) / "doctor.jsonl"
-        path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-        async with BatchAPI(native_url, key, max_attempts=2, not_ready_attempts=2, not_ready_wait_s=0.5) as api:
-            try:
-                uploaded = await api.upload(path)
-            except BatchAPIError as exc:
-                out.update(result=f"upload refused: {_cut(str(exc), 120)}")
-                return out
-            try:
-                batch = await api.create(uploaded.id, metadata={"glm_batch_doctor": model})
-            except BatchAPIError as exc:
-                out.update(eligible=False, result=f"refused at create: {_cut(str(exc), 120)}")
-                return out
-            started = time.monotonic()
-            timer = _Timer(label)
-            delay = 0.2
-            while not batch.done and time.monotonic() - started < wait_s:
-                timer.show(batch.status, time.monotonic() - started, wait_s)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                batch = await api.retrieve(batch.id)
-            timer.close()
-            out["shape"] = batch_shape(batch.raw)
-            out["status"] = batch.status
-            out["seconds"] = round(time.monotonic() - started, 1)
-            if batch.status == "failed":
-                errors = [f"{e.code} line {e.line}: {e.message}" for e in batch.errors[:3]]
-                out.update(eligible=False, result=f"failed validation: {'; '.join(errors) or 'no errors given'}")
-            elif batch.status in ("in_progress", "finalizing", "completed"):
-                out.update(eligible=True, result=f"passed validation ({batch.status} after {out['seconds']} s)")
-            else:
-                out.update(result=f"{batch.status} after {out['seconds']} s (validation not known)")
-            if not batch.done:
-                with contextlib.suppress(BatchAPIError):
-                    await api.cancel(batch.id)
-                out["result"] += "; cancelled"
-            elif batch.output_file_id:
-                out["usage"] = await _usage(api, batch.output_file_id, Path(tmp) / "out.jsonl")
-    return out
-
-
-async def _usage(api: Any, file_id: str, dest: Path) -> dict[str, int]:
-    """Input and output tokens of a result file (what the 2 lines cost)."""
-    from runner.send.batch_api import BatchAPIError
-
-    totals = {"input_tokens": 0, "output_tokens": 0}
-    with contextlib.suppress(BatchAPIError, OSError):
-        await api.download(file_id, dest)
-        text = await asyncio.to_thread(dest.read_text, encoding="utf-8")  # two lines, but off the loop
-        for raw in text.splitlines():
-            with contextlib.suppress(ValueError, AttributeError, TypeError):
-                usage = json.loads(raw)["response"]["body"]["usage"]
-                totals["input_tokens"] += int(usage.get("prompt_tokens") or 0)
-                totals["output_tokens"] += int(usage.get("completion_tokens") or 0)
-    return totals
-
-
-def batch_shape(raw: dict[str, Any]) -> dict[str, Any]:
-    """What the batch object looks like: timestamp units, empty ids, counts (docs and service differ)."""
-    stamps = {k: v for k, v in raw.items() if k.endswith("_at") and isinstance(v, int | float) and v}
-    unit = None
-    if stamps:
-        unit = "milliseconds" if max(stamps.values()) > 10**11 else "seconds"
-    return {
-        "id": raw.get("id"),
-        "status": raw.get("status"),
-        "timestamps": unit,
-        "created_at": raw.get("created_at"),
-        "output_file_id": raw.get("output_file_id"),
-        "error_file_id": raw.get("error_file_id"),
-        "request_counts": raw.get("request_counts"),
-    }
-
-
-class _Timer:
-    """A visible wait on stderr: rewritten in place on a terminal, a line every 10 s otherwise."""
-
-    def __init__(self, label: str) -> None:
-        self._label = label
-        self._tty = sys.stderr.isatty()
-        self._last = -10.0
-
-    def show(self, status: str, elapsed: float, limit: float) -> None:
-        text = f"batch {self._label}: {status}, {elapsed:.0f} s of at most {limit:.0f} s"
-        if self._tty:
-            print(f"\r{text}   ", end="", file=sys.stderr, flush=True)
-        elif elapsed - self._last >= 10:
-            print(text, file=sys.stderr, flush=True)
-            self._last = elapsed
-
-    def close(self) -> None:
-        if self._tty:
-            print(file=sys.stderr)
-
-
-# ---- the command -----------------------------------------------------------------------------------
+    from runner.send.probe import Report, Target
 
 
 def resolve_target(spec: Path | None, endpoint: str | None, model: str | None) -> Target:
     """The endpoint and model from the job (if given), overridden by --endpoint / --model."""
     from runner.job import catalog
+    from runner.send.probe import Target
 
     job: Job | None = None
     if spec is not None:
@@ -484,8 +117,11 @@ def _table(target: Target) -> PriceTable | None:
 
 
 def planned_requests(ramp_max: int) -> int:
-    """How many one-token Messages requests the probes send at most (the error-shape one is free)."""
-    return 3 + sum(n for n in RAMP if n <= ramp_max)
+    """How many one-token Messages requests the probes send at most: four probes of up to 3 tries
+    each, and every ramp burst sent at most twice. Usually far fewer go (no faults: 4 + the ramp)."""
+    from runner.send.probe import RAMP
+
+    return 4 * 3 + 2 * sum(n for n in RAMP if n <= ramp_max)
 
 
 async def diagnose(
@@ -495,6 +131,8 @@ async def diagnose(
     from runner.job import catalog
     from runner.job.facts import as_dict as facts_dict
     from runner.job.facts import endpoint_id, record_facts
+    from runner.send.probe import CONTROL_MODEL, PROBE_INPUT_TOKENS, Prober, Report, probe_online
+    from runner.send.probe_batch import probe_batch
 
     report = Report(target, url)
     table = _table(target)
@@ -507,7 +145,9 @@ async def diagnose(
     else:
         cost = f"worst case unknown: no {target.currency} price for {target.model} in the catalogue"
     lines = f" and two 2-line batches ({target.model}, {CONTROL_MODEL} free)" if batch else ""
-    say(f"doctor: {target.model} on {target.endpoint}: at most {n} one-token requests{lines}; {cost}")
+    say(
+        f"doctor: {target.model} on {target.endpoint}: at most {n} one-token requests (retries included){lines}; {cost}"
+    )
 
     prober = Prober(url, key, target.model, table, report)
     try:
@@ -561,6 +201,8 @@ def doctor(
     shape, concurrency, Batch API. Prints what works and stores it for later runs."""
 
     def go() -> int:
+        import asyncio  # when it runs: `glm-batch --help` and the other commands never load it
+
         target = resolve_target(spec, endpoint, model)
         key = _key(target)
         say: Callable[[str], None] = (lambda _: None) if as_json else print
@@ -619,7 +261,15 @@ def _print(report: Report) -> None:
         console.print(f"stopped: the endpoint refused the account ({report.aborted})", highlight=False)
     elif report.facts:
         console.print(
-            f"stored in {facts_path()}: runs of {t.model} on {t.endpoint} start from it",
+            f"stored in {_home_as_tilde(facts_path())}: runs of {t.model} on {t.endpoint} start from it",
             highlight=False,
             soft_wrap=True,
         )
+
+
+def _home_as_tilde(path: Path) -> str:
+    """A path under the home directory as `~/...`, the way a user would type it."""
+    try:
+        return f"~/{path.relative_to(Path.home())}"
+    except ValueError:
+        return str(path)

@@ -103,14 +103,13 @@ def report(
                     f"--gold {gold}: names the gold column of an output file; for a job, set eval.gold_column "
                     f"in {target} (or --set eval.gold_column={gold})"
                 )
-            job = _load(target, set_, None)
+            job = _load(target, set_, None, sends=False)
             if not job.output_path.exists():
                 raise UsageError(f"{job.output_path} does not exist yet; run the job first: glm-batch run {target}")
             found = load_report(job.output_path, job=job)
             protected = job_files(job)
-        page = html_page(found) if html is not None else ""
-        if html is not None:  # refused (exit 2) before the report is printed, and nothing half-written
-            write_text(html, page, key="--html", protected=protected, ours=HTML_MARK, force=force)
+        if html is not None:  # written, or refused in one line, before the report is printed
+            write_text(html, html_page(found), key="--html", protected=protected, ours=HTML_MARK, force=force)
         console = _console()
         print_report(found, console)
         if html is not None:
@@ -150,7 +149,7 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
         from runner.state.lock import JobLock
 
         # The templates stay unparsed (no jinja2): status renders nothing, and writes nothing either.
-        job = _load(spec, set_, None, check_templates=False, writes=False)
+        job = _load(spec, set_, None, check_templates=False, writes=False, sends=False)
         holder = JobLock(job.state_dir / "lock").holder()
         if holder is not None:
             print(
@@ -236,14 +235,22 @@ def models(as_json: JsonOpt = False) -> None:
         console.print(_models_table({name: info.model_dump() for name, info in found.items()}))
         console.print(
             "Prices per million tokens: input / cached input / output; the first tier whose bounds hold "
-            "applies (in<32k: input under 32,000 tokens). conc: default requests in flight.",
+            "applies (in<32k: input under 32,000 tokens). conc: default requests in flight; batch: taken by "
+            "Zhipu's Batch API (run.mode: batch).",
             highlight=False,
         )
 
     _guarded(go)
 
 
-def cancel(spec: SpecArg, set_: SetOpt = None) -> None:
+def cancel(
+    spec: SpecArg,
+    set_: SetOpt = None,
+    purge: Annotated[
+        bool,
+        typer.Option("--purge", help="Also delete the job's files at Zhipu (inputs, and results already collected)."),
+    ] = False,
+) -> None:
     """Cancel the job's open batches (batch mode). What they finished is billed and kept for the next run."""
     import asyncio
 
@@ -251,13 +258,13 @@ def cancel(spec: SpecArg, set_: SetOpt = None) -> None:
         from runner.send.batch_admin import cancel_batches
         from runner.send.endpoints import endpoint_url
 
-        job = _load(spec, set_, None)
+        job = _load(spec, set_, None, sends=False)  # batches a run made before the batch rule can still be cancelled
         if job.base_url is None:
             raise UsageError(
                 f"{spec}: the built-in simulator's batches end with the run that started them; nothing to cancel"
             )
         with endpoint_url(job) as base_url:
-            report = asyncio.run(cancel_batches(job, api_key_for(job), base_url))
+            report = asyncio.run(cancel_batches(job, api_key_for(job), base_url, purge=purge))
         console = _console()
         for batch in report["batches"]:
             billed = f"; {batch['billed_lines']} lines were already done (billed)" if "billed_lines" in batch else ""
@@ -266,5 +273,10 @@ def cancel(spec: SpecArg, set_: SetOpt = None) -> None:
             f"{len(report['batches'])} batches asked to cancel; {report['billed_lines']} lines already billed "
             "are kept: the next `glm-batch run` collects them and sends the rest"
         )
+        if purge:
+            console.print(
+                f"{report['files_deleted']} files deleted at Zhipu; results not collected yet are kept until "
+                "`glm-batch run` collects them"
+            )
 
     _guarded(go)

@@ -159,10 +159,13 @@ def estimate(
                 reporter=make_reporter("json" if as_json else "auto"),
             )
         )
+        warning = job.thinking.warning  # reasoning that may not fit max_tokens: said before spending
         if as_json:
-            print(json.dumps(report, indent=2))
+            print(json.dumps({**report, "warnings": [warning] if warning else []}, indent=2))
         else:
             _print_estimate(report)
+            if warning is not None:
+                print(f"warning: {warning}", file=sys.stderr)
 
     _guarded(go)
 

@@ -106,6 +106,11 @@ def validate(
             for message in messages:  # prompt.messages: each turn, under its role
                 console.print(f"[bold]{message['role']}:[/]", markup=True)
                 console.print(message["content"], markup=False)
+        thinking = job.thinking
+        if thinking.note is not None:
+            console.print(thinking.note, markup=False)
+        if thinking.warning is not None:
+            console.print(f"warning: {thinking.warning}", markup=False)
         samples = job.spec.output.samples
         each = f" x {samples} samples = {source.rows * samples} requests" if samples > 1 else ""
         console.print(

@@ -204,11 +204,13 @@ def _models_table(catalogue: dict[str, dict[str, Any]]) -> Table:
     table.add_column("context", justify="right")
     table.add_column("max out", justify="right")
     table.add_column("conc", justify="right")
+    table.add_column("batch")  # taken by Zhipu's Batch API (run.mode: batch / hybrid)
     table.add_column("cur")
     table.add_column("in/cached/out per 1M tokens", overflow="fold")
     table.add_column("confirmed")
     for name, info in catalogue.items():
-        lead = [name, str(info["context"]), str(info["max_output"]), str(info["concurrency"])]
+        batch = "yes" if (info.get("batch") or {}).get("eligible") else "no"
+        lead = [name, str(info["context"]), str(info["max_output"]), str(info["concurrency"]), batch]
         if not info["prices"]:
             table.add_row(*lead, "-", "no prices in the catalogue", "")
         for currency, prices in info["prices"].items():
@@ -221,5 +223,5 @@ def _models_table(catalogue: dict[str, dict[str, Any]]) -> Table:
                     f"{price} {bounds}" if bounds else price,
                     ("yes" if prices["confirmed"] else "no") if i == 0 else "",
                 )
-                lead = ["", "", "", ""]
+                lead = ["", "", "", "", ""]
     return table

@@ -106,6 +106,7 @@ async def _run(
         from runner.distributed.cluster import send_on_ray  # Ray's import alone takes seconds
 
         store.rows.reset()
+        summary.check_ledger(job, reporter)  # before the first request: a warning, never a refusal
         limits = await send_on_ray(
             job, source, store, api_key, settled, accountant, tally, control, progress, reporter, shape
         )

@@ -77,6 +77,12 @@ class RequestBuilder:
         # so is the structure asked for (a changed schema is a changed request).
         salt = json.dumps({"endpoint": job.base_url or job.endpoint_name, "shape": shape, **fixed}, sort_keys=True)
         self._salt = hashlib.sha256(salt.encode())
+        # A labeling job's default `thinking: disabled` (runner.job.thinking) is sent but not hashed: a
+        # Messages request without `thinking` asks for no reasoning already, so the request is the same
+        # one and the answers of earlier runs keep serving it.
+        default_thinking = job.thinking.default
+        if default_thinking is not None and "thinking" not in fixed:
+            self._fixed = {**fixed, "thinking": default_thinking}
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A hash object does not pickle; a worker rebuilds the builder from the (picklable) job.

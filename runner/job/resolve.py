@@ -19,17 +19,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
 from runner.errors import UsageError
 from runner.job import catalog, paths
-from runner.job.facts import Facts, endpoint_id, load_facts
+from runner.job.eligibility import BatchEligibility, batch_eligibility
+from runner.job.facts import endpoint_id, load_facts
 from runner.job.reading import load_yaml, read_text_file
 from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
 from runner.job.templates import Template, compile_template, deferred_template
+from runner.job.thinking import ThinkingPlan, thinking_plan
 from runner.redact import redact
 
 
@@ -74,6 +75,13 @@ class Job:
         return _variables(self.template, self.system, self.history)
 
     @property
+    def thinking(self) -> ThinkingPlan:
+        """What the job sends as `thinking` when its spec says nothing, and what to warn about."""
+        m, output = self.spec.model, self.spec.output
+        structured = output.labels is not None or output.schema_ is not None
+        return thinking_plan(m.name, m.thinking.type if m.thinking else None, structured, m.max_tokens)
+
+    @property
     def spec_hash(self) -> str:
         """A short hash of the validated spec (after overrides) and the resolved kept columns, recorded
         in manifests and in the row map's fingerprint (which caches the kept columns).
@@ -86,63 +94,6 @@ class Job:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class BatchEligibility:
-    """Whether a model may go to the Batch API on an endpoint: `basis` is "catalogue" (Zhipu's list),
-    "doctor" (proved on this account), "unconfirmed" (run.batch.allow_unconfirmed) or "refused",
-    with `why` the one line a refusal prints."""
-
-    allowed: bool
-    basis: str
-    why: str = ""
-
-
-BATCH_MODELS_HINT = "glm-4-air-250414, glm-4-plus, glm-4-flashx-250414, glm-4-long or glm-4-flash (free)"
-
-
-def has_batch_api(base_url: str | None) -> bool:
-    """Whether the endpoint has Zhipu's Batch API: api.z.ai has none (real-wire.md, Hosts)."""
-    host = (urlsplit(base_url).hostname or "") if base_url else ""
-    return not (host == "z.ai" or host.endswith(".z.ai"))
-
-
-def batch_eligibility(
-    model: str,
-    info: catalog.ModelInfo,
-    endpoint: str,
-    base_url: str | None,
-    known: Facts,
-    allow_unconfirmed: bool,
-) -> BatchEligibility:
-    """The one batch rule: the Batch API exists on the endpoint, and the model is on Zhipu's list, or
-    `glm-batch doctor --batch` proved it here, or the job accepts the risk (allow_unconfirmed)."""
-    if not has_batch_api(base_url):
-        return BatchEligibility(
-            False,
-            "refused",
-            f"endpoint {endpoint} (api.z.ai) has no Batch API; use model.endpoint: zhipu (open.bigmodel.cn) "
-            "with a zhipu key for batch and hybrid, or run.mode: online",
-        )
-    if info.batch.eligible:
-        return BatchEligibility(True, "catalogue")
-    if known.batch_eligible is True:
-        return BatchEligibility(True, "doctor")
-    if allow_unconfirmed:
-        return BatchEligibility(
-            True,
-            "unconfirmed",
-            f"{model} is not on Zhipu's Batch API list; the batch may fail at validation",
-        )
-    proved = " (glm-batch doctor --batch found it refused)" if known.batch_eligible is False else ""
-    return BatchEligibility(
-        False,
-        "refused",
-        f"{model} is not on Zhipu's Batch API eligibility list{proved}, so its batches would fail at validation; "
-        f"use an eligible model ({BATCH_MODELS_HINT}), prove it with `glm-batch doctor JOB --batch`, "
-        "or set run.batch.allow_unconfirmed: true to try anyway",
-    )
-
-
 def load_job(
     path: Path,
     overrides: list[str] | None = None,
@@ -150,13 +101,15 @@ def load_job(
     today: dt.date | None = None,
     check_templates: bool = True,
     writes: bool = True,
+    sends: bool = True,
 ) -> Job:
     """Read, validate and resolve a job spec; raise UsageError naming the file and key on any fault.
 
     `check_templates=False` leaves the prompt templates unparsed until their variables are asked for
     (for a command that renders nothing, like `status`, so it does not load jinja2 for a text job), and
     `writes=False` skips checking that the output and state directories can be written (for one that
-    only reads them: `status` on a read-only copy of a job)."""
+    only reads them: `status` on a read-only copy of a job). `sends=False` keeps the batch rule from
+    refusing the job (for `status` and `cancel`, which look at or stop batches a run already made)."""
     raw = _read_yaml(path)
     overridden: dict[str, str] = {}
     for item in overrides or []:
@@ -166,7 +119,7 @@ def load_job(
     except ValidationError as exc:
         raise UsageError(_describe(path, exc, overridden, raw)) from None
     template_of = compile_template if check_templates else deferred_template
-    job = _resolve(spec, path, today or dt.date.today(), template_of, writes)
+    job = _resolve(spec, path, today or dt.date.today(), template_of, writes, sends)
     if check_templates:
         _refuse_gold_in_prompt(job, path)
     return job
@@ -205,7 +158,7 @@ def derive(job: Job, changes: dict[str, Any]) -> Job:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise UsageError(_describe(job.spec_path, exc)) from exc
-    return _resolve(spec, job.spec_path, dt.date.today(), compile_template, True)
+    return _resolve(spec, job.spec_path, dt.date.today(), compile_template, True, True)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -287,7 +240,9 @@ def _user_path(loc: tuple[int | str, ...], raw: Any, *, missing: bool) -> list[s
     return parts
 
 
-def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callable[..., Template], writes: bool) -> Job:
+def _resolve(
+    spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callable[..., Template], writes: bool, sends: bool
+) -> Job:
     base = Path(os.path.normpath(spec_path.parent))
     name = spec.name or spec_path.stem
     where = str(spec_path)
@@ -318,7 +273,7 @@ def _resolve(spec: JobSpec, spec_path: Path, today: dt.date, template_of: Callab
     batch_basis = batch_eligibility(
         spec.model.name, info, spec.model.endpoint, base_url, learned, spec.run.batch.allow_unconfirmed
     )
-    if spec.run.mode != "online" and not batch_basis.allowed:
+    if sends and spec.run.mode != "online" and not batch_basis.allowed:
         raise UsageError(f"{where}: run.mode: {spec.run.mode}: {batch_basis.why}")
     if spec.run.engine == "ray" and importlib.util.find_spec("ray") is None:
         raise UsageError(

@@ -67,11 +67,31 @@ def _distinct(v: list[str]) -> list[str]:
 Names = Annotated[list[str], AfterValidator(_distinct)]
 
 
+_JSON_SCHEMA_BOUNDS = {"gt": "exclusiveMinimum", "ge": "minimum", "lt": "exclusiveMaximum", "le": "maximum"}
+
+
+def _standard_bounds(schema: dict[str, Any]) -> None:
+    """Name number bounds as JSON Schema does (`exclusiveMinimum`, `minimum`...): pydantic writes a
+    bound it cannot attach to a validated type (ours refuse booleans first) as `gt`/`ge`, which
+    editors ignore."""
+    for key, value in list(schema.items()):
+        if isinstance(value, dict):
+            _standard_bounds(value)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    _standard_bounds(item)
+        if key in _JSON_SCHEMA_BOUNDS and schema.get("type") in ("integer", "number"):
+            schema[_JSON_SCHEMA_BOUNDS[key]] = schema.pop(key)
+
+
 class _Strict(BaseModel):
     # defer_build: a model's validator is compiled when first used, not when its class is defined. A
     # spec is validated once, as a whole (JobSpec), so the nested models' own validators are never
     # needed; compiling them all at import was about a third of loading this module.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, defer_build=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, defer_build=True, json_schema_extra=_standard_bounds
+    )
 
 
 class InputSpec(_Strict):
@@ -192,6 +212,9 @@ class BatchSpec(_Strict):
     # Send a model Zhipu's eligibility list does not name (GLM-4.5 and newer) to the Batch API anyway;
     # the run says it may fail at validation. Not needed once `glm-batch doctor --batch` proved the model.
     allow_unconfirmed: bool = False
+    # Keep a batch's result files at Zhipu after its answers are journalled (an account holds at most
+    # 1,000 files; by default they are deleted, and so is an input file a create refused).
+    keep_files: bool = False
 
 
 class RunSpec(_Strict):

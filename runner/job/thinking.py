@@ -13,6 +13,7 @@ Reasoning is billed as output and counts against max_tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 ThinkingMode = Literal["never", "default", "always"]
@@ -23,6 +24,8 @@ _NEVER = ("glm-4-", "glm-3")
 # A label or a small record is a few tokens; reasoning before it is typically hundreds. A budget below
 # this, with thinking on, risks answers cut off inside their reasoning (finish_reason length, no text).
 MIN_TOKENS_WITH_THINKING = 1024
+# What an estimate assumes a thinking model reasons for, per request, before any answer is measured.
+ASSUMED_REASONING_TOKENS = 512
 
 
 def thinking_mode(model: str) -> ThinkingMode:
@@ -44,3 +47,39 @@ def thinks(model: str, requested: str | None) -> bool:
     if mode == "always":
         return True
     return requested != "disabled"
+
+
+@dataclass(frozen=True)
+class ThinkingPlan:
+    """What a job sends as `thinking` and what to tell its user about it."""
+
+    default: dict[str, str] | None  # sent when the spec gives no model.thinking (None: send nothing)
+    note: str | None  # for `validate`: a default the job did not ask for
+    warning: str | None  # for `validate` and `estimate`: reasoning may not fit max_tokens
+    thinks: bool = False  # the model will reason before answering (billed as output)
+
+
+def thinking_plan(model: str, spec_thinking: str | None, structured: bool, max_tokens: int) -> ThinkingPlan:
+    """How a job on `model` thinks: labeling jobs (`structured`: output.labels or output.schema) on a
+    model that can turn it off send `disabled` unless the spec says otherwise (a label needs no
+    reasoning, and reasoning billed as output can eat a small max_tokens whole). Warns when the model
+    will think and max_tokens is below MIN_TOKENS_WITH_THINKING."""
+    mode = thinking_mode(model)
+    default: dict[str, str] | None = None
+    note = None
+    if spec_thinking is None and structured and mode == "default":
+        default = {"type": "disabled"}
+        note = (
+            f"thinking: disabled for this labeling job ({model} thinks by default; reasoning is billed as "
+            "output); set model.thinking: {type: enabled} to have it think"
+        )
+    thinking = mode == "always" or (mode == "default" and spec_thinking in ("enabled", "adaptive"))
+    warning = None
+    if thinking and max_tokens < MIN_TOKENS_WITH_THINKING:
+        why = "always thinks" if mode == "always" else "thinks (model.thinking is enabled)"
+        warning = (
+            f"model.max_tokens {max_tokens} is small for {model}, which {why}: its reasoning counts against "
+            f"max_tokens, so answers may be cut off with no text; raise it to {MIN_TOKENS_WITH_THINKING} or more"
+            + ("" if mode == "always" else " or set model.thinking: {type: disabled}")
+        )
+    return ThinkingPlan(default, note, warning, thinking)

@@ -244,9 +244,11 @@ class Accountant:
         budget: Budget | None,
         max_tokens: int,
         batch_share: float = 0.5,
+        reserve_share: float = 1.0,
     ) -> None:
         self.table = table
         self.batch_share = batch_share  # the Batch API's price as a share of the online one
+        self.reserve_share = reserve_share  # the share of the online price a budget reserves (batch mode: batch's)
         self.calibration = calibration
         self.budget = budget
         self._max_tokens = max_tokens
@@ -270,7 +272,7 @@ class Accountant:
         if self.table is None:
             return 0.0
         padded = math.ceil(self.calibration.apply(raw_input_tokens) * self.calibration.safety)
-        return self.table.worst_case(input_tokens=padded, max_tokens=self._max_tokens)
+        return self.table.worst_case(input_tokens=padded, max_tokens=self._max_tokens) * self.reserve_share
 
     def input_estimate(self, request: Request) -> int:
         """The calibrated input-token estimate of an admitted request (made once, at admission)."""
@@ -284,8 +286,9 @@ class Accountant:
         cost: float | None = None
         tier: str | None = None
         if self.table is not None:
-            cost = 0.0  # a failed request is not billed
-            if result.status == "ok":
+            cost = 0.0  # a request that failed with no answer is not billed
+            # Every billed turn costs: an invalid answer's turns, and a failed row's answered turns.
+            if result.status == "ok" or result.input_tokens or result.output_tokens:
                 tokens_in = result.input_tokens or 0
                 cached = result.cache_read_input_tokens or 0
                 tokens_out = result.output_tokens or 0
@@ -310,4 +313,7 @@ def accountant_for(job: Job) -> Accountant:
         ledger.calibration(job.name, job.spec.model.name, simulated=job.base_url is None) if gated else Calibration()
     )
     budget = Budget(run.max_cost) if run.max_cost is not None else None
-    return Accountant(table, calibration, budget, job.spec.model.max_tokens, job.model.batch.price_share)
+    share = job.model.batch.price_share
+    # Batch mode sends every request through the Batch API; hybrid may send any online.
+    reserve = share if run.mode == "batch" else 1.0
+    return Accountant(table, calibration, budget, job.spec.model.max_tokens, share, reserve)

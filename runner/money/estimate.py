@@ -32,6 +32,7 @@ from runner.errors import EndpointAborted, UsageError
 from runner.job import catalog
 from runner.job.inputs import InputSource, open_input
 from runner.job.resolve import Job
+from runner.job.thinking import ASSUMED_REASONING_TOKENS
 from runner.money import ledger
 from runner.money.pricing import PriceTable, require_prices, tier_label
 from runner.money.tokens import Calibration, estimate_request
@@ -117,7 +118,7 @@ async def _estimate(
     pending = _pending_estimates(job, source, settled)
     if options.exact and pending.sample:
         calibration = await _tokenizer_calibration(job, api_key, pending.sample)
-    output = _output_model(answers, job.spec.model.max_tokens)
+    output = _output_model(answers, job.spec.model.max_tokens, thinks=job.thinking.thinks)
     return _report(job, table, calibration, output, pending, options)
 
 
@@ -265,8 +266,9 @@ async def _tokenizer_calibration(job: Job, api_key: str, sample: list[Request]) 
     return Calibration(sum(exact) / estimated, len(sample), f"tokenizer API on {len(sample)} sampled requests")
 
 
-def _output_model(answers: pl.DataFrame, max_tokens: int) -> OutputModel:
-    """Output tokens per request, from earlier answers when there are enough, else an assumption."""
+def _output_model(answers: pl.DataFrame, max_tokens: int, thinks: bool = False) -> OutputModel:
+    """Output tokens per request, from earlier answers when there are enough (their reasoning included),
+    else an assumption: half of max_tokens, plus ASSUMED_REASONING_TOKENS when the model will think."""
     if answers.height >= MIN_SAMPLES:
         out = [float(v) for v in answers.get_column("output_tokens").to_list()]
         mean = statistics.fmean(out)
@@ -278,6 +280,15 @@ def _output_model(answers: pl.DataFrame, max_tokens: int) -> OutputModel:
             high=min(float(max_tokens), mean + half_width),
             basis=f"mean of {len(out)} measured answers, 95% interval of the mean",
             latency_s=float(latency.median()) / 1000 if latency.len() else None,  # type: ignore[arg-type]
+        )
+    if thinks:  # reasoning is billed as output, and counts against max_tokens
+        return OutputModel(
+            low=0.0,
+            expected=min(float(max_tokens), max_tokens / 2 + ASSUMED_REASONING_TOKENS),
+            high=float(max_tokens),
+            basis=f"assumed: half of max_tokens plus {ASSUMED_REASONING_TOKENS} reasoning tokens, at most "
+            "max_tokens (the model thinks; no answers yet; run with --pilot N to measure)",
+            latency_s=None,
         )
     return OutputModel(
         low=0.0,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import sys
 import time
 from collections import deque
@@ -122,6 +123,42 @@ class LineReporter:
 
     def finish(self, summary: dict[str, Any], message: str) -> None:
         self._emit("end", {"message": message, **summary})
+
+
+class LogReporter:
+    """Progress as records of the `glm_batch` logger (the Python API's default): INFO for progress,
+    WARNING for what went wrong. Quiet unless the host configures logging (`logging.basicConfig`),
+    since Python prints only warnings when nobody has."""
+
+    def __init__(self, logger: logging.Logger | None = None, interval_s: float = 10.0) -> None:
+        self._log = logger or logging.getLogger("glm_batch")
+        self.interval_s = interval_s
+        self._last = 0.0
+
+    def _emit(self, event: str, fields: dict[str, Any], level: int = logging.INFO) -> None:
+        if self._log.isEnabledFor(level):
+            record = {"event": event, **fields}
+            self._log.log(level, "%s", text_line(record), extra={"glm_batch": record})
+
+    def phase(self, name: str) -> None:
+        self._emit("phase", {"phase": name}, logging.DEBUG)
+
+    def start(self, job: Job, tally: Tally) -> None:
+        self._emit("start", {"job": job.name, "model": job.spec.model.name, "rows_total": tally.rows_total})
+        self._last = time.monotonic()
+
+    def tick(self, tally: Tally, gauges: dict[str, Any], control: Control) -> None:
+        if time.monotonic() - self._last < self.interval_s:
+            return
+        self._last = time.monotonic()
+        self._emit("progress", _progress_fields(tally, gauges, control))
+
+    def event(self, name: str, **fields: Any) -> None:
+        level = logging.WARNING if name.endswith(("_not_written", "_failed", "_lost")) else logging.INFO
+        self._emit(name, fields, level)
+
+    def finish(self, summary: dict[str, Any], message: str) -> None:
+        self._emit("end", {"message": message, "exit_code": summary.get("exit_code")})
 
 
 def text_value(value: Any) -> str:

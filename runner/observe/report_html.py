@@ -99,11 +99,27 @@ def _columns(css_id: str, values: list[float], kind: str, unit: str, left: str, 
 
 def _timeline(line: dict[str, Any], run: dict[str, Any]) -> str:
     head = "<h2>Throughput and concurrency over time</h2>"
+    last = run["summary"].get("run_id")
+    idle = ""
+    if last and last != run["run_id"] and not run["summary"].get("requests_queued"):
+        idle = (
+            f'<p class="note" id="idle-run">The last run ({esc(last)}) sent nothing: every row was answered '
+            "before. Shown below: the last run that sent.</p>"
+        )
     if not line["throughput"]:
-        return head + '<p class="note">No timed answers in this output.</p>'
+        return (
+            head
+            + idle
+            + (
+                '<p class="note" id="no-timeline">No request in this output was timed: nothing was sent for it '
+                "(answers reused, rows skipped or failed before sending).</p>"
+            )
+        )
     span = line["bin_s"] * len(line["throughput"])
     return (
-        head + f'<p class="note">The latest run ({esc(run["run_id"])}), in {len(line["throughput"])} slices of '
+        head
+        + idle
+        + f'<p class="note">The latest run that sent ({esc(run["run_id"])}), in {len(line["throughput"])} slices of '
         f"{line['bin_s']:.2f} s; each request counts as in flight from its finish time minus its latency "
         "(for a sampled job, each row stands for its winning sample).</p>"
         + _columns("throughput", line["throughput"], "", "rows finished a second", "0 s", f"{span:.1f} s")

@@ -33,7 +33,7 @@ def _batch(job: Job, base_url: str, api_key: str, online: Executor | None) -> Ex
     from runner.job import catalog
     from runner.send.batch import BatchExecutor
     from runner.send.batch_api import BatchAPI, classify_api_error
-    from runner.send.deadline import deadline_in
+    from runner.send.deadline import deadline_in, seconds_until
     from runner.send.retries import wait_backoff
 
     native = job.native_url or catalog.native_url_beside(base_url)
@@ -51,7 +51,9 @@ def _batch(job: Job, base_url: str, api_key: str, online: Executor | None) -> Ex
         spec=job.spec.run.batch,
         shape=job.shape,
         online=online,
-        deadline=deadline_in(deadline) if deadline is not None else None,
+        # A clock time is a moment; a duration counts from the run's start (its Control), not from here.
+        deadline=deadline_in(deadline) if deadline is not None and ":" in deadline else None,
+        deadline_after_s=seconds_until(deadline) if deadline is not None and ":" not in deadline else None,
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -42,6 +43,10 @@ class Control:
     failed: GlmBatchError | None = None  # a local failure that stopped the run (a full disk)
     retries: dict[str, int] = field(default_factory=dict)  # error_type -> retries taken
     maybe_billed: list[int] = field(default_factory=list)  # input tokens of attempts that may be billed twice
+    # Journals what was delivered so far (the engine's checkpoint); an executor calls it before it lets
+    # go of the last copy of paid answers (the Batch API's result files).
+    checkpoint: Callable[[], None] | None = None
+    started: float = field(default_factory=time.monotonic)  # when the run began (a hybrid deadline counts from it)
     # Structured answers ask with tool_choice auto (validated and repaired) instead of forcing the tool:
     # the endpoint refused a forced tool choice in this run, or a fact learned earlier said it would.
     tool_choice_auto: bool = False
@@ -149,10 +154,17 @@ class Conversation:
             return self.params
 
     def result(
-        self, *, attempts: int, latency_ms: float | None, wait_ms: float | None = None, api: str | None = None
+        self,
+        *,
+        attempts: int,
+        latency_ms: float | None,
+        wait_ms: float | None = None,
+        api: str | None = None,
+        finished_at: dt.datetime | None = None,
     ) -> Result:
         """The Result of the finished conversation (at least one answer); `wait_ms`: how long it waited
-        in this process before being sent (for the summary); `api`: the API that answered."""
+        in this process before being sent (for the summary); `api`: the API that answered;
+        `finished_at`: when its last call returned (default: now)."""
         answers, problem, last = self._answers, self._problem, self._answers[-1]
         # Every turn is paid for, so every turn's tokens count.
         tokens_in, tokens_out, thinking, cache_read, cache_creation = _usage(answers)
@@ -162,7 +174,7 @@ class Conversation:
             attempts=attempts,
             latency_ms=latency_ms,
             wait_ms=wait_ms,
-            finished_at=dt.datetime.now(dt.UTC),
+            finished_at=finished_at or dt.datetime.now(dt.UTC),
             model=last.model,
             # For a tool call the raw answer is its input; kept as text so invalid rows show what came back.
             response_text=last.text if last.tool_input is None else json.dumps(last.tool_input, ensure_ascii=False),
@@ -205,8 +217,9 @@ def _usage(answers: list[Answer]) -> tuple[int, int, int, int, int]:
     )
 
 
-def failure(request: Request, fault: Fault, attempts: int, model: str | None = None) -> Result:
-    """The Result of a request that ended in `fault`; a retryable one is sent again by the next run."""
+def failure(request: Request, fault: Fault, attempts: int, model: str | None = None, api: str | None = None) -> Result:
+    """The Result of a request that ended in `fault` (on `api`, if it was sent); a retryable one is
+    sent again by the next run."""
     return Result(
         key=request.key,
         status="error",
@@ -218,4 +231,5 @@ def failure(request: Request, fault: Fault, attempts: int, model: str | None = N
         error_message=fault.message,
         request_id=fault.request_id,
         retryable=fault.verdict is Verdict.RETRY,
+        api=api,
     )

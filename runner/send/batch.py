@@ -73,6 +73,7 @@ class BatchExecutor:
         shape: AnswerShape | None = None,
         online: Executor | None = None,
         deadline: float | None = None,  # on `clock`: when the job must be done (hybrid)
+        deadline_after_s: float | None = None,  # or: this long after the run's start (Control.started)
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -83,6 +84,7 @@ class BatchExecutor:
         self._shape = shape
         self._online = online
         self._deadline = deadline
+        self._deadline_after_s = deadline_after_s
         self._clock = clock
         self._sleep = sleep
         self._started = clock()
@@ -92,6 +94,9 @@ class BatchExecutor:
         self._lines_open = 0
         self._round_s: float | None = None  # how long a batch round took here: is there time for another?
         self._maybe_created: set[str] = set()
+        self._carry: dict[str, tuple[int, int, int]] = {}  # key -> tokens of billed turns no row holds yet
+        self._cancel_failed: dict[str, str | None] = {}  # chunk -> why its cancel failed (hybrid deadline)
+        self._submitting: Chunk | None = None  # the chunk being submitted (named if that fails)
         self._queue_refused = 0  # creates the model's full queue refused (429)
         self._queue_waited_s = 0.0  # time chunks waited for room in it
         self._queue_since: float | None = None
@@ -118,6 +123,11 @@ class BatchExecutor:
 
     async def run(self, requests: AsyncIterator[Request], deliver: Deliver, control: Control) -> None:
         """Reattach to the job's open batches, submit what is new, and harvest until done or stopped."""
+        if self._deadline_after_s is not None:  # the run began before this executor was made
+            self._started = control.started
+            self._deadline = control.started + self._deadline_after_s
+        online_deliver = self._carrying(deliver, None)
+        deliver = self._carrying(deliver, API)
         book = BatchBook(self._dir)
         async with self._api() as api:
             chunks = book.open_chunks()
@@ -135,7 +145,7 @@ class BatchExecutor:
                 if not leftovers or control.stopping.is_set():
                     return
                 if self._online is not None and not self._time_for_another_round():
-                    await self._finish_online(leftovers, deliver, control)
+                    await self._finish_online(leftovers, online_deliver, control)
                     return
                 if round_no + 1 == self._spec.max_rounds:
                     break
@@ -143,6 +153,31 @@ class BatchExecutor:
         for request in leftovers:  # out of rounds: retryable, so the next run sends them again
             fault = Fault(Verdict.RETRY, "batch_unanswered", f"no answer after {self._spec.max_rounds} batch rounds")
             deliver(failure(request, fault, self._attempts.get(request.key, 0)))
+
+    def _carrying(self, deliver: Deliver, api: str | None) -> Deliver:
+        """`deliver`, adding to each row the tokens of its billed turns that were not kept (a cut
+        `network_error` answer sent again, a blocked one), and naming `api` on a row that has none."""
+
+        def out(result: Result) -> None:
+            carried = self._carry.pop(result.key, None)
+            if carried is not None:
+                result = dataclasses.replace(
+                    result,
+                    input_tokens=(result.input_tokens or 0) + carried[0],
+                    output_tokens=(result.output_tokens or 0) + carried[1],
+                    thinking_tokens=(result.thinking_tokens or 0) + carried[2],
+                )
+            if api is not None and result.api is None:
+                result = dataclasses.replace(result, api=api)
+            deliver(result)
+
+        return out
+
+    def _carry_turn(self, key: str, answer: Answer) -> None:
+        """Keep a billed answer's tokens for its row (the answer itself is not kept)."""
+        before = self._carry.get(key, (0, 0, 0))
+        tokens = (answer.input_tokens + (answer.cache_read_input_tokens or 0), answer.output_tokens)
+        self._carry[key] = (before[0] + tokens[0], before[1] + tokens[1], before[2] + answer.thinking_tokens)
 
     # ---- writing and submitting ------------------------------------------------------------------
 
@@ -179,6 +214,7 @@ class BatchExecutor:
 
     async def _submit(self, api: BatchAPI, book: BatchBook, chunk: Chunk) -> Chunk:
         """Upload and create what the chunk still lacks; a batch made before (metadata) is found, not remade."""
+        chunk = book.chunks[chunk.id]  # as far as it got (an earlier try may have uploaded it)
         if chunk.status == "written":
             uploaded = await api.upload(chunk.path)
             at = _ms(uploaded.created_at) if uploaded.created_at else int((time.time() - _CLOCK_SLACK_S) * 1000)
@@ -232,20 +268,20 @@ class BatchExecutor:
         interval = self._spec.poll_initial_s
         cancelled = False
         file_waits: dict[str, int] = {}  # chunk -> looks at a finished batch that names no output file yet
+        first = True
         while pending or waiting:
             if control.stopping.is_set():
                 return []
-            if waiting and not cancelled:
-                try:
-                    waiting = await self._submit_all(api, book, waiting, pending)
-                except BatchAPIError as exc:  # what retrying could not mend: the account, the file, the API
-                    self._stop_for(control, exc, waiting[0])
-                    return []
+            # Submitted after the looks (which harvest, and delete result files): never more files at once
+            # than the queue holds, plus one.
+            if first and waiting and not await self._submitted(api, book, waiting, pending, control):
+                return []
+            first = False
             if self._online is not None and not cancelled and self._deadline_near():
                 cancelled = True  # what is not back is cancelled there and sent online after the harvest
                 for chunk in pending.values():
                     assert chunk.batch_id is not None
-                    await _cancel(api, chunk.batch_id)
+                    self._cancel_failed[chunk.id] = await _cancel(api, chunk.batch_id, self._cancel_bound())
                 for chunk in waiting:  # never submitted: straight online
                     self._statuses.pop(chunk.id, None)
                     self._lines_open -= chunk.lines
@@ -286,21 +322,78 @@ class BatchExecutor:
                         return []
                 del pending[chunk.id]
                 self._lines_open -= chunk.lines
+            if waiting and not cancelled and not await self._submitted(api, book, waiting, pending, control):
+                return []
+            if cancelled and pending and self._clock() >= self._give_up_at():
+                for chunk in pending.values():  # still not stopped: its lines may be billed, so not online
+                    self._not_back(chunk, deliver)
+                return leftovers
             if pending or waiting:
-                await self._pause(interval if not cancelled else min(interval, 1.0), control)
+                await self._pause(self._next_look(interval, cancelled), control)
                 interval = min(interval * 2, self._spec.poll_max_s)
         return leftovers
+
+    def _next_look(self, interval: float, cancelled: bool) -> float:
+        """How long to wait before the next look: the poll interval, but never past the moment to
+        cancel for the deadline (hybrid), and at most a second once cancelled."""
+        if self._deadline is None:
+            return interval
+        if cancelled:
+            return max(0.0, min(interval, 1.0, self._give_up_at() - self._clock()))
+        return max(0.0, min(interval, self._deadline - self._margin() - self._clock()))
+
+    def _give_up_at(self) -> float:
+        """When a hybrid run stops waiting for cancelled batches to stop: half the margin before the
+        deadline, leaving the other half for the online tail."""
+        assert self._deadline is not None
+        return self._deadline - self._margin() / 2
+
+    def _cancel_bound(self) -> float:
+        """How long a cancel may take (its retries included) before the run goes on without it."""
+        return max(1.0, self._margin() / 4)
+
+    def _not_back(self, chunk: Chunk, deliver: Deliver) -> None:
+        """A cancelled batch that had not stopped when the deadline came: its lines may have been billed,
+        so they are not sent online; they fail retryably, and the next run collects the batch."""
+        status = self._statuses.get(chunk.id, chunk.batch_status or "unknown")
+        refused = self._cancel_failed.get(chunk.id)
+        why = f" (the cancel failed: {refused})" if refused else ""
+        fault = Fault(
+            Verdict.RETRY,
+            "batch_not_back",
+            f"batch {chunk.batch_id} was still {status} at the deadline{why}; its lines may be billed, so they were "
+            "not sent online: the next run collects them",
+        )
+        for key in chunk.request_keys():
+            deliver(failure(Request(key, {}), fault, self._attempts.get(key, 0) + 1, model=chunk.model))
+        self._lines_open -= chunk.lines
+
+    async def _submitted(
+        self, api: BatchAPI, book: BatchBook, waiting: list[Chunk], pending: dict[str, Chunk], control: Control
+    ) -> bool:
+        """Submit what the queue has room for (`waiting` keeps the rest, in place); False if the run stops."""
+        try:
+            waiting[:] = await self._submit_all(api, book, waiting, pending)
+        except BatchAPIError as exc:  # what retrying could not mend: the account, the file, the API
+            await self._stop_for(api, book, control, exc, self._submitting or waiting[0])
+            return False
+        return True
 
     async def _submit_all(
         self, api: BatchAPI, book: BatchBook, waiting: list[Chunk], pending: dict[str, Chunk]
     ) -> list[Chunk]:
         """Submit the waiting chunks in order, into `pending`; the ones the model's queue has no room
-        for yet (429 at create) are returned, to be tried again after the next look at the others."""
+        for yet (429 at create), or the account no room for their file while ours are open (a refused
+        upload), are returned, to be tried again after the next look at the others."""
         for index, chunk in enumerate(waiting):
+            self._submitting = chunk
             try:
                 chunk = await self._submit(api, book, chunk)
             except BatchStatusError as exc:
-                if exc.status != 429 or isinstance(exc, BatchAbort):
+                # An upload refused while batches of ours are open may be the account's file cap (its code
+                # is not documented): their result files are deleted as they are harvested; wait for that.
+                full = exc.status == 429 or (pending and book.chunks[chunk.id].status == "written")
+                if not full or isinstance(exc, BatchAbort):
                     raise
                 self._queue_refused += 1
                 if self._queue_since is None:
@@ -315,8 +408,16 @@ class BatchExecutor:
             self._queue_since = None
         return []
 
-    def _stop_for(self, control: Control, exc: BatchAPIError, chunk: Chunk) -> None:
-        """End the run for a Batch API error at upload or create that retrying did not mend."""
+    async def _stop_for(
+        self, api: BatchAPI, book: BatchBook, control: Control, exc: BatchAPIError, chunk: Chunk
+    ) -> None:
+        """End the run for a Batch API error at upload or create that retrying did not mend. An input file
+        a create refused is deleted (an account holds at most 1,000 files); the next run uploads anew."""
+        chunk = book.chunks[chunk.id]
+        if chunk.status == "uploaded" and chunk.file_id and isinstance(exc, BatchStatusError):
+            with contextlib.suppress(BatchAPIError):
+                await api.delete_file(chunk.file_id)
+            book.record(chunk.id, status="written", file_id=None, uploaded_at=None)
         fault = classify_api_error(exc)
         if fault.verdict is Verdict.ABORT:
             control.abort(fault)
@@ -413,7 +514,14 @@ class BatchExecutor:
             if again is not None:
                 leftovers.append(again)
         counts = dataclasses.asdict(batch.request_counts)
-        book.record(chunk.id, status="harvested", batch_status=batch.status, counts=counts)
+        files = {"output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id}
+        if control.checkpoint is not None:  # the answers are journalled before the book says harvested
+            control.checkpoint()
+            if control.failed is not None:  # not journalled (a full disk): the next run harvests it again
+                return []
+        chunk = book.record(chunk.id, status="harvested", batch_status=batch.status, counts=counts, **files)
+        if not self._spec.keep_files and control.checkpoint is not None:
+            await purge(api, book, chunk)  # no paid answer is left only at Zhipu
         return leftovers
 
     def _take_at_once(
@@ -439,6 +547,14 @@ class BatchExecutor:
             answer = answer_from_chat(line.body, line.request_id)
         except BadResultLine:
             return _UNREADABLE
+        if answer.stop_reason == "network_error":  # the inference broke off: a cut answer, billed; ask again
+            self._carry_turn(key, answer)
+            return _Later(key, None)
+        if answer.stop_reason == "refusal":  # `sensitive`: Zhipu's content filter blocked the answer
+            self._carry_turn(key, answer)
+            self._conversations.pop(key, None)
+            deliver(failure(Request(key, {}), _BLOCKED, self._attempts[key], model=model))
+            return None
         if key in self._conversations:
             return _Later(key, answer)  # a repair round's answer: its conversation holds the earlier turns
         if self._shape is not None:
@@ -537,6 +653,11 @@ def _ms(stamp: int) -> int:
     return stamp * 1000 if stamp < 100_000_000_000 else stamp
 
 
+_BLOCKED = Fault(
+    Verdict.FAIL,
+    "content_filter",
+    "Zhipu's content filter blocked the answer (finish_reason sensitive); it was billed",
+)
 _UNREADABLE = object()  # a result line answered (billed) whose body cannot be read
 
 
@@ -552,6 +673,24 @@ def _no_output_file(batch: Batch, looks: int) -> str:
         f"but named no output file in {looks} looks; its lines are not sent again (they would be paid twice): "
         "run the same command later to collect them"
     )
+
+
+async def purge(api: BatchAPI, book: BatchBook, chunk: Chunk) -> int:
+    """Delete a chunk's files at Zhipu (its input, and its result files once harvested); how many went.
+    A file already gone (auto-deleted input) is fine; any other failure leaves it for a later purge."""
+    deleted = 0
+    ids = [chunk.file_id] + ([chunk.output_file_id, chunk.error_file_id] if chunk.status == "harvested" else [])
+    complete = True
+    for file_id in filter(None, ids):
+        try:
+            deleted += await api.delete_file(file_id)
+        except BatchNotFound:
+            continue
+        except BatchAPIError:
+            complete = False
+    if complete and chunk.status == "harvested":
+        book.record(chunk.id, purged=True)
+    return deleted
 
 
 def _requests_of(chunk: Chunk) -> list[Request]:
@@ -625,10 +764,17 @@ def _line_fault(line: ResultLine) -> Fault:
     return Fault(classify_failure(line), name, line.error_message or line.problem or "")
 
 
-async def _cancel(api: BatchAPI, batch_id: str) -> None:
-    """Cancel a batch; one that finished meanwhile cannot be cancelled, which is fine."""
-    with contextlib.suppress(BatchStatusError):
-        await api.cancel(batch_id)
+async def _cancel(api: BatchAPI, batch_id: str, bound_s: float) -> str | None:
+    """Cancel a batch within `bound_s`; None, or why it could not be (one that finished meanwhile
+    cannot be cancelled, which is fine)."""
+    try:
+        async with asyncio.timeout(bound_s):
+            await api.cancel(batch_id)
+    except BatchAPIError as exc:
+        return str(exc)
+    except TimeoutError:
+        return f"no answer within {bound_s:.0f} s"
+    return None
 
 
 def _read_lines(paths: list[Path]) -> Iterator[ResultLine]:

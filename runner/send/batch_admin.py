@@ -34,15 +34,44 @@ def batch_rows(job: Job) -> list[dict[str, Any]]:
     ]
 
 
-async def cancel_batches(job: Job, api_key: str, base_url: str) -> dict[str, Any]:
+async def cancel_batches(job: Job, api_key: str, base_url: str, *, purge: bool = False) -> dict[str, Any]:
     """Cancel every batch of the job that is still open; say how many lines each had already finished
-    (those are billed)."""
+    (those are billed). `purge`: also delete the job's files at Zhipu (every input, and the result files
+    of batches already collected; results not collected yet are kept for the next run).
+
+    It holds the job's lock while it works: a live run would send the cancelled lines again at once,
+    so cancelling while a run is active is refused, saying to stop the run first."""
+    from runner.errors import LockHeld
+    from runner.state.lock import JobLock
+
+    lock = JobLock(job.state_dir / "lock")
+    try:
+        lock.acquire()
+    except LockHeld as exc:
+        raise LockHeld(
+            f"a run of this job is active, and would send the cancelled lines again: stop it first (Ctrl-C; "
+            f"its batches keep running), then cancel ({exc})"
+        ) from None
+    try:
+        return await _cancel(job, api_key, base_url, purge)
+    finally:
+        lock.release()
+
+
+async def _cancel(job: Job, api_key: str, base_url: str, purge: bool) -> dict[str, Any]:
+    """Cancel (and purge) under the job's lock."""
+    from runner.send.batch import purge as purge_chunk
     from runner.send.batch_api import BatchAPI, BatchStatusError  # aiohttp: `status` never loads it
 
     book = BatchBook(job.state_dir / "batches")
     native = job.native_url or catalog.native_url_beside(base_url)
     cancelled: list[dict[str, Any]] = []
+    deleted = 0
     async with BatchAPI(native, api_key) as api:
+        if purge:
+            for chunk in list(book.chunks.values()):
+                if not chunk.purged and chunk.status != "created":  # a running batch still reads its input
+                    deleted += await purge_chunk(api, book, chunk)
         for chunk in book.chunks.values():
             if chunk.status not in OPEN or chunk.batch_id is None:
                 continue
@@ -54,4 +83,5 @@ async def cancel_batches(job: Job, api_key: str, base_url: str) -> dict[str, Any
             book.record(chunk.id, batch_status=batch.status)
             counts = batch.request_counts
             cancelled.append({"batch": batch.id, "status": batch.status, "billed_lines": counts.completed})
-    return {"batches": cancelled, "billed_lines": sum(c.get("billed_lines", 0) for c in cancelled)}
+    billed = sum(c.get("billed_lines", 0) for c in cancelled)
+    return {"batches": cancelled, "billed_lines": billed, "files_deleted": deleted}

@@ -46,6 +46,9 @@ class Chunk:
     uploaded_at: int | None = None  # epoch ms of the upload (the API's clock when it said)
     batch_status: str | None = None  # the Batch API's status at the last look
     counts: dict[str, int] = field(default_factory=dict)
+    output_file_id: str | None = None  # the result files, once harvested (to delete them)
+    error_file_id: str | None = None
+    purged: bool = False  # its files at Zhipu deleted
     file_404: bool = False  # a result file answered 404 past the waits once: a second time, it is gone
 
     def request_keys(self) -> Iterator[str]:

@@ -41,6 +41,19 @@ class StalledStream(Exception):
         super().__init__(f"no event for {stall_s:g} s while streaming")
 
 
+class StoppedAnswer(Exception):
+    """An answer that ended with one of Zhipu's own finish reasons: `network_error` (the inference broke
+    off, leaving a partial answer: sent again) or `sensitive` (the content was blocked: the row fails)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# finish reasons that are not an answer: network_error is retried, the others fail as content_filter.
+_STOPPED = frozenset({"network_error", "sensitive"})
+
+
 class Client:
     """An AsyncAnthropic pointed at one endpoint, sending one request at a time per call."""
 
@@ -99,6 +112,20 @@ def classify(exc: BaseException) -> Fault:
     """
     if isinstance(exc, BadResponse):
         return bad_response_fault(exc)
+    if isinstance(exc, StoppedAnswer):
+        if exc.reason == "network_error":  # generated in part, so billed in part
+            return Fault(
+                Verdict.RETRY,
+                "network_error",
+                "the inference broke off (finish_reason network_error)",
+                maybe_billed=True,
+            )
+        return Fault(
+            Verdict.FAIL,
+            "content_filter",
+            "the endpoint blocked this content (finish_reason sensitive); no answer for this row: change its "
+            "input or the prompt",
+        )
     # The request was sent and may still be answered, and billed, after we gave up on it.
     if isinstance(exc, anthropic.APITimeoutError):
         return Fault(Verdict.RETRY, "timeout", str(exc) or "timed out", maybe_billed=True)
@@ -136,6 +163,8 @@ def _answer(message: Message, request_id: str | None) -> Answer:
         code = error.get("type") or error.get("code") if isinstance(error, dict) else None
         text = error.get("message") if isinstance(error, dict) else None
         raise BadResponse(str(code) if code else None, f"200 answer is not a message: {text or 'no body'}")
+    if message.stop_reason in _STOPPED:  # the SDK keeps a stop reason it does not know as it came
+        raise StoppedAnswer(str(message.stop_reason))
     texts: list[str] = []
     thoughts: list[str] = []
     blocks: list[dict[str, Any]] = []
@@ -166,7 +195,7 @@ def _answer(message: Message, request_id: str | None) -> Answer:
         cache_creation_input_tokens=usage.cache_creation_input_tokens,
         request_id=request_id or message.id,
         model=message.model,
-        thinking_tokens=thinking_tokens,
+        thinking_tokens=min(thinking_tokens, usage.output_tokens),  # an estimate never above what was billed
         tool_input=tool_input,
         tool_use_id=tool_use_id,
         content=tuple(blocks),

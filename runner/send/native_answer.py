@@ -111,7 +111,7 @@ def answer_from_chat(body: Any, request_id: str | None) -> Answer:
         cache_creation_input_tokens=None,  # the native API reports no cache writes (none are billed)
         request_id=request_id or (str(body_request_id) if body_request_id else None),
         model=str(model) if model else None,
-        thinking_tokens=thinking_tokens,
+        thinking_tokens=min(thinking_tokens, completion_tokens),  # an estimate never above what was billed
         tool_input=tool_input,
         tool_use_id=tool_use_id,
         content=tuple(blocks),

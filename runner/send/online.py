@@ -12,6 +12,7 @@ Faults are the client's to classify.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
@@ -60,6 +61,7 @@ class OnlineExecutor:
         self._shape = shape
         self._sleep = sleep
         self._clock = clock
+        self._anchor = (dt.datetime.now(dt.UTC), clock())  # wall time of one `clock` reading: see _span
 
     def gauges(self) -> dict[str, Any]:
         """Requests in flight, the concurrency limit (and whether it adapts), the share refused."""
@@ -113,6 +115,7 @@ class OnlineExecutor:
         params: dict[str, Any] | None = request.params
         attempts = 0
         latency_ms: float | None = None
+        ended: dt.datetime | None = None
         while params is not None:
             if control.tool_choice_auto and self._shape is not None:
                 params = self._shape.auto(params)
@@ -121,9 +124,9 @@ class OnlineExecutor:
                 try:
                     # The first attempt goes out directly: most are answered, and building tenacity's
                     # machinery for each of them was the largest cost of the runner's own while sending.
-                    answer, latency_ms = await self._attempt(params, request, waited)
+                    answer, latency_ms, ended = await self._attempt(params, request, waited)
                 except Exception as first:  # an Exception only: cancellation must pass through untouched
-                    answer, latency_ms = await self._retry(first, params, request, control, tries, waited)
+                    answer, latency_ms, ended = await self._retry(first, params, request, control, tries, waited)
             except Exception as exc:
                 fault = self._classify(exc)
                 if fault.maybe_billed:  # the last attempt's timeout (earlier ones were noted as retries)
@@ -139,7 +142,18 @@ class OnlineExecutor:
                 return failure(request, fault, attempts + tries[0])
             attempts += tries[0]
             params = conversation.add(answer)
-        return conversation.result(attempts=attempts, latency_ms=latency_ms, wait_ms=waited[0])
+        return conversation.result(attempts=attempts, latency_ms=latency_ms, wait_ms=waited[0], finished_at=ended)
+
+    def _span(self, started: float, ended: float) -> tuple[float, dt.datetime]:
+        """A call's latency in ms and the wall time it returned, both from the same two `clock` readings
+        taken inside its slot, rounded to the microsecond alike: so `finished_at - latency_ms` is exactly
+        when it started, and calls that followed each other through one slot never overlap, whatever the
+        clock's resolution (the report's requests in flight never exceed the concurrency). A separate
+        `datetime.now()` after the slot was given back drew calls overlapping by its delay."""
+        wall, at = self._anchor
+        begin = wall + dt.timedelta(seconds=started - at)
+        end = wall + dt.timedelta(seconds=ended - at)
+        return (end - begin) / dt.timedelta(milliseconds=1), end
 
     async def _retry(
         self,
@@ -149,9 +163,10 @@ class OnlineExecutor:
         control: Control,
         tries: list[int],
         waited: list[float],
-    ) -> tuple[Answer, float]:
-        """Retry a turn whose first attempt failed with `first`; the answer and its latency in ms (the SDK
-        call). `tries[0]` counts attempts; `waited[0]` adds the ms each attempt waited for its slot.
+    ) -> tuple[Answer, float, dt.datetime]:
+        """Retry a turn whose first attempt failed with `first`; the answer, its latency in ms (the SDK
+        call) and when that call returned. `tries[0]` counts attempts; `waited[0]` adds the ms each
+        attempt waited for its slot.
 
         The policy takes over with `first` as its attempt 1 (re-raised inside it), so the retry decision,
         the callbacks and the backoff are tenacity's exactly as if it had made the first attempt."""
@@ -174,16 +189,19 @@ class OnlineExecutor:
                 if pending is not None:  # attempt 1 is the one already made
                     failed, pending = pending, None
                     raise failed
-                answer, latency_ms = await self._attempt(params, request, waited)
-        return answer, latency_ms
+                answer, latency_ms, ended = await self._attempt(params, request, waited)
+        return answer, latency_ms, ended
 
-    async def _attempt(self, params: dict[str, Any], request: Request, waited: list[float]) -> tuple[Answer, float]:
-        """One attempt under a slot: the answer and the SDK call's ms; the slot's wait goes to `waited`."""
+    async def _attempt(
+        self, params: dict[str, Any], request: Request, waited: list[float]
+    ) -> tuple[Answer, float, dt.datetime]:
+        """One attempt under a slot: the answer, the SDK call's ms and when it returned (see _span); the
+        slot's wait goes to `waited`."""
         asked = self._clock()
         async with self._limits.slot(self._estimate(request)) as slot:
             started = self._clock()
             waited[0] += (started - asked) * 1000
             answer = await self._client.send(params)
-            latency_ms = (self._clock() - started) * 1000
+            latency_ms, ended = self._span(started, self._clock())
             slot.used_tokens = answer.input_tokens + (answer.cache_read_input_tokens or 0) + answer.output_tokens
-        return answer, latency_ms
+        return answer, latency_ms, ended

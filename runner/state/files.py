@@ -79,15 +79,23 @@ def fsync_rename(tmp: Path, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def write_json_atomic(data: dict[str, Any], path: Path) -> None:
-    """Write JSON with the same all-or-nothing guarantee as the part files."""
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    """Write bytes so that `path` is either absent or complete; an OSError reaches the caller as raised
+    (wrap the call in `space_checked` to have a full disk said as DiskFull)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with space_checked(path):
-            tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-            fsync_rename(tmp, path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        fsync_rename(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(data: dict[str, Any], path: Path) -> None:
+    """Write JSON with the same all-or-nothing guarantee as the part files."""
+    with space_checked(path):
+        write_bytes_atomic(json.dumps(data, indent=2, default=str).encode("utf-8"), path)
 
 
 def read_manifest(state_dir: Path) -> dict[str, Any]:
@@ -144,7 +152,7 @@ def write_text(
     and the link stays. Errors are one line naming the path (write_error).
     """
     target = Path(os.path.realpath(path))
-    for other, what in protected:
+    for other, what in [*protected, *_job_files_beside(target)]:
         if paths_overlap(target, Path(os.path.realpath(other))):
             raise UsageError(
                 f"{key} {path}: that is {what} {other}; glm-batch never writes over it, choose another path"
@@ -174,7 +182,7 @@ def write_text(
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, stat.S_IMODE(st.st_mode) if st is not None else 0o644)  # a replaced file keeps its mode
         if exclusive:
             os.link(tmp, target)  # fails if a file appeared meanwhile: never replace one
             _fsync_dir(target.parent)
@@ -192,6 +200,15 @@ def write_text(
 def paths_overlap(path: Path, other: Path) -> bool:
     """Whether `path` is `other` or lies inside it (both resolved)."""
     return path == other or other in path.parents
+
+
+def _job_files_beside(target: Path) -> list[tuple[Path, str]]:
+    """What `target` is, if it is a job's file whatever the command knows: a state folder's content
+    (under `.glm-batch/`) or an output (a .parquet with its `.summary.json` beside it)."""
+    found = [(p, "a job's state directory") for p in (target, *target.parents) if p.name == ".glm-batch"]
+    if target.suffix == ".parquet" and target.with_suffix(".summary.json").exists():
+        found.append((target, "a job's output"))
+    return found
 
 
 def _written_by_us(path: Path, ours: str | None) -> bool:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from runner.errors import DiskFull, GlmBatchError, StateUnwritable
 from runner.records import Result, journal_line, result_from_json
-from runner.state.files import NO_SPACE, fsync_rename, no_space
+from runner.state.files import NO_SPACE, no_space, write_bytes_atomic
 
 RESCUE_MARK = ".rescue-"
 
@@ -108,16 +108,12 @@ def write_rescue(results: list[Result], run_id: str, output_path: Path, state_di
     name = f"{output_path.stem}{RESCUE_MARK}{run_id}.jsonl"
     for place in rescue_places(output_path, state_dir):
         path = place / name
-        tmp = place / (name + ".tmp")
         try:
             place.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-            fsync_rename(tmp, path)
+            write_bytes_atomic(data, path)
             return path
         except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+            continue
     return None
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 FAULTS = (
     "429_1302", "429_1305", "429_1113", "429_1308", "500", "529", "drop", "slow", "stream_error", "200_error",
     "400_1261", "400_1211", "401", "413", "200_html", "hang", "partial_json", "400_1214", "400_1210",
+    "finish_network_error", "finish_sensitive",
 )  # fmt: skip
 # The mix used when a rate is given without naming faults: every retryable kind, none that abort a run.
 # "slow" and "hang" are left out: each costs the client a whole timeout (600 s by default), which would
@@ -17,7 +18,9 @@ RETRYABLE_FAULTS = (
 )  # fmt: skip
 # Faults after which the server has still generated the answer, so it bills it (real servers bill a
 # request whose client timed out or whose body was cut in transit). Every other fault bills nothing.
-BILLED_FAULTS = frozenset({"slow", "hang", "partial_json"})
+BILLED_FAULTS = frozenset({"slow", "hang", "partial_json", "finish_network_error", "finish_sensitive"})
+# Answers that end with one of Zhipu's own finish reasons: the inference broke off half way, or the
+# content was blocked (stop_reason as the Anthropic route passes it on: Zhipu's word, unmapped).
 
 HTML_502 = "<html><body>502 Bad Gateway</body></html>"
 
@@ -131,6 +134,7 @@ class SimConfig:
     batch_result_short_downloads: int = 0  # a result file's first downloads are cut to 60% (a torn last line)
     # Every look at a batch (GET /batches/{id}) / every result file download answers this status instead.
     batch_retrieve_status: int | None = None
+    batch_create_status: int | None = None
     batch_download_status: int | None = None
     # The first `batch_forget_times` batches are forgotten (404, as if purged) after this many looks each.
     batch_forget_after_looks: int | None = None

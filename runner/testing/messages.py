@@ -115,6 +115,13 @@ class MessagesAPI:
         if fault == "hang":
             # Generated and billed, but never answered: the client waits until it gives up.
             await asyncio.Event().wait()
+        if fault in ("finish_network_error", "finish_sensitive"):
+            self.host.count(fault)
+            reason = fault.removeprefix("finish_")
+            kept = [b for b in message["content"] if b["type"] == "text"][:1] if reason == "network_error" else []
+            for block in kept:
+                block["text"] = block["text"][: len(block["text"]) // 2]  # a partial answer
+            message = {**message, "content": kept, "stop_reason": reason}
         if fault == "partial_json":
             self.host.count("partial_json")
             text = json.dumps(message, ensure_ascii=False)

@@ -183,6 +183,7 @@ class NativeAPI(NativeState):
     async def _create(self, request: web.Request) -> web.Response:
         cfg = self.host.config
         self._auth(request)
+        _fault(cfg.batch_create_status)
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

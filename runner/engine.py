@@ -58,14 +58,14 @@ async def run_job(
     `executor` replaces the one the spec asks for (tests and benches pass runner.send.fake's)."""
     rescue_journal = job.output_path.with_name(f"{job.output_path.stem}{RESCUE_MARK}run.jsonl")
     check_written_apart(job, ledger_dir(), rescue_journal)  # before anything is sent, on either engine
-    if job.spec.run.engine == "ray" and options.pilot_rows is None:  # pilots are a few rows: sent from here
-        from runner.distributed.engine import run_on_ray
-
-        return await run_on_ray(job, api_key=api_key, options=options, reporter=reporter)
     if job.spec.output.cascade is not None:  # stages that are runs like this one, then a join
         from runner.cascade.stages import run_cascade
 
         return await run_cascade(job, api_key=api_key, options=options, reporter=reporter)
+    if job.spec.run.engine == "ray" and options.pilot_rows is None:  # pilots are a few rows: sent from here
+        from runner.distributed.engine import run_on_ray
+
+        return await run_on_ray(job, api_key=api_key, options=options, reporter=reporter)
     control = Control()
     if job.spec.run.mode != "online" and job.batch is not None and job.batch.basis == "unconfirmed":
         reporter.event("batch_unconfirmed", model=job.spec.model.name, warning=job.batch.why)

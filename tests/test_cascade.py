@@ -135,6 +135,19 @@ def test_a_cascade_is_refused_without_labels_or_with_samples_of_its_own(
     assert sim.stats()["requests"] == 0
 
 
+def test_fresh_is_refused_for_a_cascade_before_anything_is_sent(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """Each round is a run: --fresh on each would pay again for every earlier round's rows."""
+    job = _cascade(make_job, "again")
+
+    fresh = cli("run", str(job.spec), "--fresh")
+
+    assert fresh.exit_code == 2
+    assert "a cascade does not take --fresh yet" in fresh.stderr and "Traceback" not in fresh.stderr
+    assert sim.stats()["requests"] == 0
+
+
 def _start(spec: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "runner", "run", str(spec), "--log-format", "json"],

@@ -20,13 +20,13 @@ exit code and the resume line. `run.max_cost` caps the whole invocation: each st
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from runner.cascade.threshold import Step, choose
+from runner.errors import UsageError
 from runner.job.inputs import open_input
 from runner.job.resolve import Job, derive
 from runner.observe.progress import Reporter
@@ -76,11 +76,15 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
     assert cascade is not None
     proxy_job, oracle_base = stage_jobs(job)
     home = job.state_dir / "cascade"
+    if options.fresh:  # each round is a run: --fresh on each would pay again for every earlier round
+        raise UsageError(
+            f"{job.spec_path}: a cascade does not take --fresh yet; to start it over, move "
+            f"{home} aside (its answers stay there) and run again"
+        )
     home.mkdir(parents=True, exist_ok=True)
     rows = open_input(job).frame.collect()
     id_col = job.spec.input.id_column or "id"
     spent: dict[str, float] = {"proxy": 0.0, "oracle": 0.0}
-    stage_options = replace(options, resume_command=options.resume_command)
 
     def capped(stage_job: Job) -> Job:
         cap = job.spec.run.max_cost
@@ -91,7 +95,7 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
 
     async def run_stage(stage_job: Job, who: str, what: str) -> RunReport | None:
         reporter.phase(f"cascade: {what}")
-        report = await run_job(capped(stage_job), api_key=api_key, options=stage_options, reporter=reporter)
+        report = await run_job(capped(stage_job), api_key=api_key, options=options, reporter=reporter)
         spent[who] += float((report.summary.get("cost") or {}).get("spent") or 0.0)
         if report.exit_code in (0, 1) and report.summary.get("output"):
             return None
@@ -133,8 +137,7 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
             oracle_by_id[row_id] = answer
         return None
 
-    for pos in _answered_before(home, oracle_base, rows, ids, id_col, fields, oracle_by_id):
-        asked.add(pos)
+    asked.update(_answered_before(home, oracle_base, rows, ids, id_col, fields, oracle_by_id))
     rounds = 0
     while True:
         step = choose(scores, agrees, target=cascade.target, delta=cascade.delta, seed=cascade.seed, ahead=AHEAD)

@@ -12,12 +12,9 @@ turn, rows the oracle answers count as agreeing, so the proxy's share among the 
 (T * N - (N - t)) / t for the whole output to reach T. Draw uniformly, without replacement, from the
 top t rows (one seeded order, so draws made for a smaller t are reused), 10 at a time, sending each
 to the oracle, until the betting test (runner.cascade.bounds) says the kept rows' agreement is above
-that share (accept t and try the next) or below it (stop). Past 50 draws it also stops when more
-draws are not worth their price: the package gives up when the draws' mean minus one standard
-deviation is under the share, which on 0/1 draws (sd ~0.25) ends most thresholds the test could
-still accept with a few more; here it gives up when the mean is under the share, or when the draws
-outnumber the rows accepting t would take from the oracle (n/M). Giving up never accepts, so the
-guarantee does not depend on this rule (docs/decisions.md, "Cascade"). Testing the
+that share (accept t and try the next) or below it (stop); past 50 draws whose mean minus one
+standard deviation is under the share, stop too (not worth more oracle calls). Giving up never
+accepts, so the guarantee does not depend on that rule (docs/decisions.md, "Cascade"). Testing the
 thresholds in a fixed order and stopping at the first failure keeps the chance of any wrong
 acceptance at delta without a correction. The output keeps the proxy's answer on the accepted top
 rows that were not drawn; everything else (lower rows, drawn rows, rows the proxy could not
@@ -27,6 +24,7 @@ probability at least 1 - delta.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -95,7 +93,7 @@ def choose(
             if needed <= 0:
                 best, best_needed = t, needed
                 continue
-            ok, used = _confident(ranked, draws, t, needed, agrees, delta, ahead, step)
+            ok, used = _confident(ranked, draws, t, needed, agrees, delta, ahead)
             drawn.update(used)
             tested.append({"kept": kept, "needed": round(needed, 4), "draws": len(used), "accepted": ok})
             if not ok:
@@ -117,17 +115,18 @@ def _confident(
     agrees: Callable[[int], bool | None],
     delta: float,
     ahead: int,
-    gain: int,
 ) -> tuple[bool, list[int]]:
     """Draw from ranks 0..t until the test decides whether their agreement is above `needed`, or it is
-    not worth more draws: past 50, when their mean is under `needed` or they outnumber the `gain`
-    (the rows accepting t would move from the oracle to the proxy)."""
+    not worth more draws (past 50, their mean minus one standard deviation is under `needed`)."""
     pool = [r for r in draws if r <= t]
     xs: list[float] = []
     used: list[int] = []
     while True:
-        if len(xs) >= WORTH_TRYING and (sum(xs) / len(xs) < needed or len(xs) >= max(WORTH_TRYING, gain)):
-            return False, used
+        if len(xs) >= WORTH_TRYING:
+            mean = sum(xs) / len(xs)
+            spread = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))
+            if mean - spread < needed:
+                return False, used
         batch = pool[len(xs) : len(xs) + DRAW]
         answers = [agrees(ranked[r]) for r in batch]
         if any(a is None for a in answers):

@@ -25,10 +25,11 @@ from typing import Any
 
 import polars as pl
 
+from runner.cascade.derive import derive
 from runner.cascade.threshold import Step, choose
 from runner.errors import UsageError
 from runner.job.inputs import open_input
-from runner.job.resolve import Job, derive
+from runner.job.resolve import Job
 from runner.observe.progress import Reporter
 from runner.runs import RunOptions, RunReport
 from runner.state.files import write_atomic, write_json_atomic

@@ -18,9 +18,7 @@ estimate kept), so it can run beside a run of the same job.
 from __future__ import annotations
 
 import asyncio
-import math
 import random
-import statistics
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,19 +30,18 @@ from runner.errors import EndpointAborted, UsageError
 from runner.job import catalog
 from runner.job.inputs import InputSource, open_input
 from runner.job.resolve import Job
-from runner.job.thinking import ASSUMED_REASONING_TOKENS
 from runner.money import ledger
+from runner.money.measured import OutputModel, calibration_from, earlier_answers, output_model
 from runner.money.pricing import PriceTable, require_prices, tier_label
 from runner.money.tokens import Calibration, estimate_request
 from runner.observe.progress import Reporter
 from runner.plan import plan
-from runner.records import KEY, RESULT_SCHEMA, Request, result_from_json, scan_results
+from runner.records import KEY, Request, result_from_json, scan_results
 from runner.send.endpoints import endpoint_url
 from runner.state.store import SettledKeys, Store
 
 EXACT_SAMPLE = 200  # requests counted by the tokenizer API with --exact
 ASSUMED_LATENCY_S = 5.0  # per request, when no run has measured one
-MIN_SAMPLES = 5  # answers needed before measured output lengths replace the assumption
 
 
 @dataclass(frozen=True)
@@ -57,17 +54,6 @@ class EstimateOptions:
     fresh: bool = False  # price a full re-run: earlier answers settle nothing
     retry_failed: bool = False  # rows that failed for good count as to send (run --retry-failed)
     record: bool = True  # open the state (lock, recovery) and keep the report; False: only read it
-
-
-@dataclass(frozen=True)
-class OutputModel:
-    """Output tokens per request: an expected value with a low/high band, and what it rests on."""
-
-    low: float
-    expected: float
-    high: float
-    basis: str
-    latency_s: float | None
 
 
 async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, reporter: Reporter) -> dict[str, Any]:
@@ -111,14 +97,14 @@ async def _estimate(
     options: EstimateOptions,
 ) -> dict[str, Any]:
     """The report, from the job's answer parts (calibration, output lengths) and its settled keys."""
-    answers = _earlier_answers(parts, job)
-    calibration = _calibration_from(answers) or ledger.calibration(
+    answers = earlier_answers(parts, job)
+    calibration = calibration_from(answers) or ledger.calibration(
         job.name, job.spec.model.name, simulated=job.base_url is None
     )
     pending = _pending_estimates(job, source, settled)
     if options.exact and pending.sample:
         calibration = await _tokenizer_calibration(job, api_key, pending.sample)
-    output = _output_model(answers, job.spec.model.max_tokens, thinks=job.thinking.thinks)
+    output = output_model(answers, job.spec.model.max_tokens, thinks=job.thinking.thinks)
     return _report(job, table, calibration, output, pending, options)
 
 
@@ -151,47 +137,6 @@ def _read_state(job: Job, options: EstimateOptions) -> tuple[list[Path], Settled
             if result.status == "ok" or not (options.retry_failed or result.retryable):
                 keys.append(result.key)
     return parts, SettledKeys(pl.Series(KEY, sorted(set(keys)), dtype=pl.String))
-
-
-def _earlier_answers(parts: list[Path], job: Job) -> pl.DataFrame:
-    """Ok answers this job already has for this model from this endpoint (earlier runs and pilots the
-    manifest records as sent there): a real endpoint's estimate never learns from the simulator's
-    answers, nor the simulator's from a real endpoint's."""
-    runs = _runs_on_endpoint(job)
-    if not parts or not runs:
-        return pl.DataFrame(schema=RESULT_SCHEMA)
-    return (
-        scan_results(parts)
-        .filter(pl.col("status") == "ok", pl.col("model") == job.spec.model.name, pl.col("run_id").is_in(runs))
-        .select("input_tokens", "cache_read_input_tokens", "output_tokens", "est_input_tokens", "latency_ms")
-        .collect()
-    )
-
-
-def _runs_on_endpoint(job: Job) -> list[str]:
-    """The ids of the job's recorded runs that sent to its endpoint as it is now."""
-    from runner.state.files import read_manifest
-
-    try:
-        runs = read_manifest(job.state_dir).get("runs") or []
-    except OSError:
-        return []
-    return [
-        run["run_id"]
-        for run in runs
-        if isinstance(run, dict) and run.get("endpoint") == job.endpoint_name and isinstance(run.get("run_id"), str)
-    ]
-
-
-def _calibration_from(answers: pl.DataFrame) -> Calibration | None:
-    measured = answers.filter(pl.col("est_input_tokens") > 0)
-    if measured.height < MIN_SAMPLES:
-        return None
-    actual = int(measured.get_column("input_tokens").sum()) + int(
-        measured.get_column("cache_read_input_tokens").fill_null(0).sum()
-    )
-    estimated = int(measured.get_column("est_input_tokens").sum())
-    return Calibration(actual / estimated, measured.height, f"measured on {measured.height} answers of this job")
 
 
 @dataclass
@@ -264,39 +209,6 @@ async def _tokenizer_calibration(job: Job, api_key: str, sample: list[Request]) 
             exact = await asyncio.gather(*(count(session, url, r) for r in sample))
     estimated = sum(estimate_request(r.params) for r in sample)
     return Calibration(sum(exact) / estimated, len(sample), f"tokenizer API on {len(sample)} sampled requests")
-
-
-def _output_model(answers: pl.DataFrame, max_tokens: int, thinks: bool = False) -> OutputModel:
-    """Output tokens per request, from earlier answers when there are enough (their reasoning included),
-    else an assumption: half of max_tokens, plus ASSUMED_REASONING_TOKENS when the model will think."""
-    if answers.height >= MIN_SAMPLES:
-        out = [float(v) for v in answers.get_column("output_tokens").to_list()]
-        mean = statistics.fmean(out)
-        half_width = 1.96 * statistics.stdev(out) / math.sqrt(len(out))
-        latency = answers.get_column("latency_ms").drop_nulls()
-        return OutputModel(
-            low=max(0.0, mean - half_width),
-            expected=mean,
-            high=min(float(max_tokens), mean + half_width),
-            basis=f"mean of {len(out)} measured answers, 95% interval of the mean",
-            latency_s=float(latency.median()) / 1000 if latency.len() else None,  # type: ignore[arg-type]
-        )
-    if thinks:  # reasoning is billed as output, and counts against max_tokens
-        return OutputModel(
-            low=0.0,
-            expected=min(float(max_tokens), max_tokens / 2 + ASSUMED_REASONING_TOKENS),
-            high=float(max_tokens),
-            basis=f"assumed: half of max_tokens plus {ASSUMED_REASONING_TOKENS} reasoning tokens, at most "
-            "max_tokens (the model thinks; no answers yet; run with --pilot N to measure)",
-            latency_s=None,
-        )
-    return OutputModel(
-        low=0.0,
-        expected=max_tokens / 2,
-        high=float(max_tokens),
-        basis="assumed: half of max_tokens (no answers yet; run with --pilot N to measure)",
-        latency_s=None,
-    )
 
 
 def _report(

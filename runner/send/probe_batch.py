@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.send.probe import PROMPT, cut
+from runner.state.files import write_bytes_atomic
 
 
 async def probe_batch(native_url: str, key: str, model: str, wait_s: float, label: str) -> dict[str, Any]:
@@ -41,7 +42,7 @@ async def probe_batch(native_url: str, key: str, model: str, wait_s: float, labe
     out: dict[str, Any] = {"model": model, "label": label, "eligible": None}
     with tempfile.TemporaryDirectory(prefix="glm-batch-doctor-") as tmp:
         path = Path(tmp) / "doctor.jsonl"
-        path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+        write_bytes_atomic("".join(json.dumps(line) + "\n" for line in lines).encode("utf-8"), path)
         async with BatchAPI(native_url, key, max_attempts=2, not_ready_attempts=2, not_ready_wait_s=0.5) as api:
             try:
                 uploaded = await api.upload(path)

@@ -1,0 +1,103 @@
+"""What a job's earlier answers say about its next requests: the input-token calibration and the
+output-token model an estimate uses (a real endpoint's estimate never learns from simulated answers)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from runner.job.resolve import Job
+from runner.job.thinking import ASSUMED_REASONING_TOKENS
+from runner.money.tokens import Calibration
+from runner.records import RESULT_SCHEMA, scan_results
+
+MIN_SAMPLES = 5  # answers needed before measured output lengths replace the assumption
+
+
+@dataclass(frozen=True)
+class OutputModel:
+    """Output tokens per request: an expected value with a low/high band, and what it rests on."""
+
+    low: float
+    expected: float
+    high: float
+    basis: str
+    latency_s: float | None
+
+
+def earlier_answers(parts: list[Path], job: Job) -> pl.DataFrame:
+    """Ok answers this job already has for this model from this endpoint (earlier runs and pilots the
+    manifest records as sent there): a real endpoint's estimate never learns from the simulator's
+    answers, nor the simulator's from a real endpoint's."""
+    runs = runs_on_endpoint(job)
+    if not parts or not runs:
+        return pl.DataFrame(schema=RESULT_SCHEMA)
+    return (
+        scan_results(parts)
+        .filter(pl.col("status") == "ok", pl.col("model") == job.spec.model.name, pl.col("run_id").is_in(runs))
+        .select("input_tokens", "cache_read_input_tokens", "output_tokens", "est_input_tokens", "latency_ms")
+        .collect()
+    )
+
+
+def runs_on_endpoint(job: Job) -> list[str]:
+    """The ids of the job's recorded runs that sent to its endpoint as it is now."""
+    from runner.state.files import read_manifest
+
+    try:
+        runs = read_manifest(job.state_dir).get("runs") or []
+    except OSError:
+        return []
+    return [
+        run["run_id"]
+        for run in runs
+        if isinstance(run, dict) and run.get("endpoint") == job.endpoint_name and isinstance(run.get("run_id"), str)
+    ]
+
+
+def calibration_from(answers: pl.DataFrame) -> Calibration | None:
+    measured = answers.filter(pl.col("est_input_tokens") > 0)
+    if measured.height < MIN_SAMPLES:
+        return None
+    actual = int(measured.get_column("input_tokens").sum()) + int(
+        measured.get_column("cache_read_input_tokens").fill_null(0).sum()
+    )
+    estimated = int(measured.get_column("est_input_tokens").sum())
+    return Calibration(actual / estimated, measured.height, f"measured on {measured.height} answers of this job")
+
+
+def output_model(answers: pl.DataFrame, max_tokens: int, thinks: bool = False) -> OutputModel:
+    """Output tokens per request, from earlier answers when there are enough (their reasoning included),
+    else an assumption: half of max_tokens, plus ASSUMED_REASONING_TOKENS when the model will think."""
+    if answers.height >= MIN_SAMPLES:
+        out = [float(v) for v in answers.get_column("output_tokens").to_list()]
+        mean = statistics.fmean(out)
+        half_width = 1.96 * statistics.stdev(out) / math.sqrt(len(out))
+        latency = answers.get_column("latency_ms").drop_nulls()
+        return OutputModel(
+            low=max(0.0, mean - half_width),
+            expected=mean,
+            high=min(float(max_tokens), mean + half_width),
+            basis=f"mean of {len(out)} measured answers, 95% interval of the mean",
+            latency_s=float(latency.median()) / 1000 if latency.len() else None,  # type: ignore[arg-type]
+        )
+    if thinks:  # reasoning is billed as output, and counts against max_tokens
+        return OutputModel(
+            low=0.0,
+            expected=min(float(max_tokens), max_tokens / 2 + ASSUMED_REASONING_TOKENS),
+            high=float(max_tokens),
+            basis=f"assumed: half of max_tokens plus {ASSUMED_REASONING_TOKENS} reasoning tokens, at most "
+            "max_tokens (the model thinks; no answers yet; run with --pilot N to measure)",
+            latency_s=None,
+        )
+    return OutputModel(
+        low=0.0,
+        expected=max_tokens / 2,
+        high=float(max_tokens),
+        basis="assumed: half of max_tokens (no answers yet; run with --pilot N to measure)",
+        latency_s=None,
+    )

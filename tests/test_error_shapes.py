@@ -20,6 +20,7 @@ from tests.conftest import API_KEY, cli, sample_rows
 FAMILY = [
     ("429_1113", "1113", Verdict.ABORT, None),
     ("429_1308", "1308", Verdict.ABORT, None),
+    ("429_1304", "1304", Verdict.ABORT, None),  # the day's call limit: retrying cannot help until tomorrow
     ("429_1302", "1302", Verdict.RETRY, "concurrency"),
     ("429_1305", "1305", Verdict.RETRY, "platform"),
 ]
@@ -77,3 +78,13 @@ def test_no_balance_in_either_shape_stops_the_run_within_one_round_never_retried
     # One round: at most one request per worker went out, and none of them was sent again.
     assert sim.stats()["requests"] <= 4 * 2  # the workers' first requests (and the queue they held)
     assert sim.stats()["outcomes"].get("429_1113", 0) == sim.stats()["requests"]
+
+
+def test_an_endpoint_url_carrying_user_info_is_refused_at_load_without_printing_the_secret(make_job) -> None:
+    job = make_job(model={"endpoint": "https://me:sk-0123456789abcdefghij@open.bigmodel.cn/api/anthropic"})
+
+    result = cli("validate", str(job.spec))
+
+    assert result.exit_code == 2
+    assert "user-info" in result.stderr and "ZHIPUAI_API_KEY" in result.stderr
+    assert "sk-0123456789abcdefghij" not in result.stderr + result.stdout

@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator
 
+from runner.redact import redact
+
 
 def _distinct(v: list[str]) -> list[str]:
     """A list of names each given once: a name twice would make two columns of one name."""
@@ -31,9 +33,20 @@ def well_formed_url(v: str) -> str:
         parts = urlsplit(v)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
     except ValueError as exc:
-        raise ValueError(f"{v!r} is not a well-formed URL ({exc}); write it like https://host:port/path") from None
+        raise ValueError(
+            f"{redact(v)!r} is not a well-formed URL ({exc}); write it like https://host:port/path"
+        ) from None
     if not parts.hostname or any(c.isspace() or ord(c) < 32 for c in v):
-        raise ValueError(f"{v!r} is not a well-formed URL (no host, or a space in it); write it like https://host/path")
+        raise ValueError(
+            f"{redact(v)!r} is not a well-formed URL (no host, or a space in it); write it like https://host/path"
+        )
+    if parts.username is not None or parts.password is not None:
+        # The SDK sends no user-info, so every row would fail as a connection error; and it is where a
+        # pasted key ends up. Said without the secret.
+        raise ValueError(
+            f"{redact(v)!r} carries user-info (name:secret@) that is never sent; give the URL without it "
+            "and the key in ZHIPUAI_API_KEY"
+        )
     return v
 
 

@@ -47,6 +47,7 @@ ABORT_CODES = frozenset(
         "1308",
         "1309",
         "1310",
+        "1304",
         "1211",
         "401",
         "authentication_error",
@@ -68,6 +69,7 @@ ABORT_MEANINGS: dict[str, str] = {
     ),
     **dict.fromkeys(("1113", "billing_error"), "the account is out of balance; top up"),
     **dict.fromkeys(("1308", "1309", "1310"), "the plan's usage limit is reached or the plan expired; wait or renew"),
+    "1304": "the account's daily call limit is reached; run again tomorrow (answers so far are kept)",
     "1211": "the endpoint does not know this model; check model.name",
     "404": "the endpoint does not know this model or path; check model.name and model.endpoint",
 }
@@ -124,7 +126,7 @@ def bad_response_fault(exc: BadResponse) -> Fault:
 
 # Zhipu's limit and overload codes and its own internal or network errors: worth another try, on every
 # transport. 1302/1303 are this account's concurrency and frequency limits, 1305 the platform's traffic.
-TRANSIENT_CODES = frozenset({"500", "1230", "1234", "1302", "1303", "1304", "1305"})
+TRANSIENT_CODES = frozenset({"500", "1230", "1234", "1302", "1303", "1305"})
 RATE_CODES: dict[str, Overload] = {"1302": "concurrency", "1303": "concurrency", "1305": "platform"}
 # The fault type of a request refused because it forces a tool (Zhipu: "Tool choice must be auto").
 TOOL_CHOICE_REFUSED = "tool_choice_refused"

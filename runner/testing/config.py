@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 FAULTS = (
-    "429_1302", "429_1305", "429_1113", "429_1308", "500", "529", "drop", "slow", "stream_error", "200_error",
-    "400_1261", "400_1211", "401", "413", "200_html", "hang", "partial_json", "400_1214", "400_1210",
+    "429_1302", "429_1305", "429_1113", "429_1308", "429_1304", "500", "529", "drop", "slow", "stream_error",
+    "200_error", "400_1261", "400_1211", "401", "413", "200_html", "hang", "partial_json", "400_1214", "400_1210",
     "finish_network_error", "finish_sensitive",
 )  # fmt: skip
 # The mix used when a rate is given without naming faults: every retryable kind, none that abort a run.
@@ -40,6 +40,7 @@ ERRORS: dict[str, tuple[int, dict[str, Any]]] = {
         {"type": "error", "error": {"type": "1211", "message": "Unknown Model, please check the model code."}},
     ),
     "429_1308": (429, {"type": "error", "error": {"type": "1308", "message": "Usage limit reached for 5 hour."}}),
+    "429_1304": (429, {"type": "error", "error": {"type": "1304", "message": "已达到当日调用次数限额"}}),
     "400_1211": (
         400,
         {"type": "error", "error": {"type": "1211", "message": "Unknown Model, please check the model code."}},

@@ -107,11 +107,7 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
         return stopped
     fields = list(job.shape.fields) if job.shape else []
     proxy = pl.read_parquet(proxy_job.output_path)
-    proxy_answers = _answers(proxy, fields)
-    scores: list[float | None] = [
-        None if a is None else float(s)
-        for a, s in zip(proxy_answers, proxy.get_column("agreement").fill_null(0.0).to_list(), strict=True)
-    ]
+    proxy_answers, scores = proxy_view(proxy, fields)
     ids = proxy.get_column(id_col).cast(pl.String).to_list()
     oracle_by_id: dict[str, tuple[Any, ...] | None] = {}
     asked: set[int] = set()
@@ -205,6 +201,13 @@ def _answered_before(
             oracle_by_id[row_id] = answer
             found.append(pos)
     return found
+
+
+def proxy_view(proxy: pl.DataFrame, fields: list[str]) -> tuple[list[tuple[Any, ...] | None], list[float | None]]:
+    """The proxy pass's majority answer per row and its confidence (None where it has no answer)."""
+    answers = _answers(proxy, fields)
+    agreement = proxy.get_column("agreement").fill_null(0.0).to_list()
+    return answers, [None if a is None else float(s) for a, s in zip(answers, agreement, strict=True)]
 
 
 def _answers(frame: pl.DataFrame, fields: list[str]) -> list[tuple[Any, ...] | None]:

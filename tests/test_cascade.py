@@ -129,11 +129,15 @@ def test_run_max_cost_caps_the_whole_cascade_and_a_later_run_goes_on(
     assert json.loads(job.summary.read_text())["cascade"]["rows"] == 120
 
 
+@pytest.mark.parametrize("id_column", [True, False], ids=["id column", "content ids"])
 def test_a_finished_cascade_estimates_nothing_to_send_and_a_rerun_sends_nothing(
-    make_job: Callable[..., JobFiles], sim: SimulatorThread
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, id_column: bool
 ) -> None:
     sim.configure(model_error={PROXY: 0.2})
     job = _cascade(make_job, "finished")
+    if not id_column:  # rows named by a hash of what the job reads
+        pl.read_csv(job.input).drop("id").write_csv(job.input)
+        job.spec.write_text(job.spec.read_text().replace("  id_column: id\n", ""))
     assert cli("run", str(job.spec)).exit_code == 0
     sent = sim.stats()["requests"]
 

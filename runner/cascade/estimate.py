@@ -158,10 +158,11 @@ def _oracle_rows_left(
         proxy = pl.read_parquet(proxy_job.output_path)
     except (OSError, pl.exceptions.PolarsError):
         return None
-    rows = open_input(job).frame.collect()
+    source = open_input(job)
+    rows = source.frame.collect()
     id_col = job.spec.input.id_column or "id"
     ids = proxy.get_column(id_col).cast(pl.String).to_list()
-    if id_col not in rows.columns or ids != rows.get_column(id_col).cast(pl.String).to_list():
+    if ids != source.ids(rows).to_list():
         return None  # the input changed since the proxy pass: only running can tell
     fields = list(job.shape.fields) if job.shape else []
     answers, scores = proxy_view(proxy, fields)

@@ -209,6 +209,8 @@ def test_fresh_is_refused_for_a_cascade_before_anything_is_sent(
 
     assert fresh.exit_code == 2
     assert "a cascade does not take --fresh yet" in fresh.stderr and "Traceback" not in fresh.stderr
+    dry = cli("run", str(job.spec), "--fresh", "--dry-run")  # the estimate of exactly that run
+    assert dry.exit_code == 2 and "a cascade does not take --fresh yet" in dry.stderr
     assert sim.stats()["requests"] == 0
 
 

@@ -24,7 +24,14 @@ from typing import Any
 import polars as pl
 
 from runner.cascade.derive import derive
-from runner.cascade.stages import AHEAD, _answered_before, proxy_view, read_cascade_summary, stage_jobs
+from runner.cascade.stages import (
+    AHEAD,
+    _answered_before,
+    fresh_refused,
+    proxy_view,
+    read_cascade_summary,
+    stage_jobs,
+)
 from runner.cascade.threshold import choose
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
@@ -48,6 +55,8 @@ async def estimate_cascade(job: Job, *, api_key: str, options: Any, reporter: Re
     cascade = job.spec.output.cascade
     assert cascade is not None
     proxy_job, oracle_job = stage_jobs(job)
+    if options.fresh and not options.record:  # `run --dry-run --fresh`: say what the run would say
+        raise fresh_refused(job)
     whole = replace(options, fresh=True, record=False)  # the whole job, answered before or not
     proxy = await estimate_job(proxy_job, api_key=api_key, options=whole, reporter=reporter)
     oracle = await estimate_job(oracle_job, api_key=api_key, options=whole, reporter=reporter)

@@ -69,6 +69,15 @@ def stage_jobs(job: Job) -> tuple[Job, Job]:
     return proxy, oracle
 
 
+def fresh_refused(job: Job) -> UsageError:
+    """Why a cascade run takes no --fresh: each round is a run, and --fresh on each would pay again
+    for every earlier round."""
+    return UsageError(
+        f"{job.spec_path}: a cascade does not take --fresh yet; to start it over, move "
+        f"{job.state_dir / 'cascade'} aside (its answers stay there) and run again"
+    )
+
+
 async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: Reporter) -> RunReport:
     """Run every stage of a cascade job and write its output; see the module's docstring."""
     from runner.engine import run_job
@@ -77,11 +86,8 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
     assert cascade is not None
     proxy_job, oracle_base = stage_jobs(job)
     home = job.state_dir / "cascade"
-    if options.fresh:  # each round is a run: --fresh on each would pay again for every earlier round
-        raise UsageError(
-            f"{job.spec_path}: a cascade does not take --fresh yet; to start it over, move "
-            f"{home} aside (its answers stay there) and run again"
-        )
+    if options.fresh:
+        raise fresh_refused(job)
     home.mkdir(parents=True, exist_ok=True)
     rows = open_input(job).frame.collect()
     id_col = job.spec.input.id_column or "id"

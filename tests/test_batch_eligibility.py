@@ -13,7 +13,9 @@ from collections.abc import Callable
 
 import polars as pl
 import pytest
+from typer.testing import CliRunner
 
+from runner.cli import app
 from runner.job.facts import record_facts
 from runner.testing.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
@@ -92,6 +94,19 @@ def test_an_estimate_on_zai_offers_no_batch_price(make_job: Callable[..., JobFil
     assert on_zhipu["modes"]["batch"]["cost"] == pytest.approx(on_zhipu["modes"]["online"]["cost"] / 2, abs=1e-6)
     table = cli("estimate", str(zai.spec)).stdout
     assert "batch mode" in table and "no Batch API" in table
+
+
+def test_an_estimate_says_why_batch_is_not_available_once(make_job: Callable[..., JobFiles]) -> None:
+    """The hybrid row is refused for the batch row's reason: the long reason is printed once."""
+    files = make_job(rows=sample_rows(5), model={"name": "glm-4.5-air", "endpoint": "zhipu"})
+    result = CliRunner().invoke(app, ["estimate", str(files.spec)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.stdout.splitlines() if "mode" in line
+    }
+    assert rows["batch mode"].startswith("not available: glm-4.5-air is not on Zhipu's Batch API eligibility list")
+    assert rows["hybrid mode"] == "not available (see batch)"
+    assert result.stdout.count("eligibility list") == 1
 
 
 def test_status_and_report_still_read_a_batch_job_the_rule_now_refuses(

@@ -68,6 +68,30 @@ def test_usage_shows_simulated_runs_apart_and_labelled(tmp_path, make_job) -> No
     assert " real " not in simulated_part
 
 
+def test_usage_json_has_the_simulated_runs_the_text_shows_marked_and_grouped_by(make_job) -> None:
+    import json
+
+    from tests.conftest import cli, sample_rows
+
+    real = make_job(sample_rows(3), name="real")  # the loopback simulator by URL: booked as real
+    pretend = make_job(sample_rows(4), name="pretend", model={"endpoint": "simulator"})
+    assert cli("run", str(pretend.spec)).exit_code == 0
+
+    only_simulated = json.loads(cli("usage", "--json").stdout)  # was [] while the text showed a table
+    assert [(r["job"], r["requests_ok"], r["simulated"]) for r in only_simulated] == [("pretend", 4, True)]
+
+    assert cli("run", str(real.spec)).exit_code == 0
+    rows = json.loads(cli("usage", "--json").stdout)
+    assert [(r["job"], r["simulated"]) for r in rows] == [("real", False), ("pretend", True)]  # real first
+
+    by_model = json.loads(cli("usage", "--json", "--by", "model").stdout)  # the table's totals, exact
+    assert [(r["model"], r["ok"], r["runs"], r["simulated"]) for r in by_model] == [
+        ("glm-4.6", 3, 1, False),
+        ("glm-4.6", 4, 1, True),
+    ]
+    assert "job" not in by_model[0] and "day" not in by_model[0]
+
+
 def test_a_pilot_counts_only_rows_answered_before_as_answered_before(make_job) -> None:
     """A pilot sends its sample of rows; the others are left out, not "answered before" (the panel
     read 295 answered before when 31 rows had answers)."""

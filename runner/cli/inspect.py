@@ -23,13 +23,24 @@ if TYPE_CHECKING:
 
 def usage(
     by: Annotated[
-        str, typer.Option("--by", metavar="KEYS", help="Group by any of job, model, day, endpoint (comma-separated).")
-    ] = "job,model,day",
+        str | None,
+        typer.Option(
+            "--by",
+            metavar="KEYS",
+            help="Group by any of job, model, day, endpoint (comma-separated; default job,model,day).",
+            show_default=False,
+        ),
+    ] = None,
     since: Annotated[
         str | None, typer.Option("--since", metavar="DATE", help="Only days from this date (YYYY-MM-DD).")
     ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the ledger's rows (one per job, model and day of a run) as JSON.")
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the ledger's rows (one per job, model and day of a run) as JSON, or with --by the table's "
+            'totals; simulated runs are marked "simulated": true.',
+        ),
     ] = False,
 ) -> None:
     """Summarise spend and tokens from the usage ledger, by job, model and day."""
@@ -38,7 +49,7 @@ def usage(
     from runner.money import ledger
 
     def go() -> None:
-        keys = [k.strip() for k in by.split(",") if k.strip()]
+        keys = [k.strip() for k in (by or "job,model,day").split(",") if k.strip()]
         bad = [k for k in keys if k not in ("job", "model", "day", "endpoint")]
         if bad or not keys:
             raise UsageError(f"--by {by!r}: choose from job, model, day, endpoint")
@@ -52,8 +63,12 @@ def usage(
             except ValueError:
                 raise UsageError(f"--since {since!r}: expected a date like 2026-11-01") from None
             frame, simulated = frame.filter(pl.col("day") >= start), simulated.filter(pl.col("day") >= start)
-        if as_json:
-            print(json.dumps(frame.sort("day", "job", "model", "run_id").to_dicts(), indent=2, default=str))
+        if as_json:  # the same rows as the text: real first, then the simulator's, each marked
+            rows: list[dict[str, Any]] = []
+            for part, flag in ((frame, False), (simulated, True)):
+                shown = part.sort("day", "job", "model", "run_id") if by is None else ledger.summarise(part, keys)
+                rows.extend({**row, "simulated": flag} for row in shown.to_dicts())
+            print(json.dumps(rows, indent=2, default=str))
             return
         console = _console()
         if frame.height == 0:

@@ -129,12 +129,15 @@ def _cascade_table(r: dict[str, Any]) -> Table:
 def _mode_rows(modes: dict[str, Any], cur: str) -> list[tuple[str, str]]:
     """Online, batch and hybrid side by side: expected cost and wall time of each."""
     rows = []
+    refused_shown = False  # hybrid is refused for batch's reason: say it once, on the batch row
     for mode in ("online", "batch", "hybrid"):
         m = modes.get(mode)
         if not m:
             continue
         if m.get("eligible") is False:
-            rows.append((f"{mode} mode", f"not available: {m.get('why') or 'the Batch API does not take this model'}"))
+            why = m.get("why") or "the Batch API does not take this model"
+            rows.append((f"{mode} mode", "not available (see batch)" if refused_shown else f"not available: {why}"))
+            refused_shown = True
             continue
         low, high = m.get("cost_range", [m.get("cost"), m.get("cost")])
         cost = f"{m['cost']:.4f} {cur}" if "cost" in m else f"{low:.4f} to {high:.4f} {cur}"

@@ -32,7 +32,8 @@ def test_an_estimate_for_another_model_is_not_compared(make_job: Callable[..., J
     cost = estimate_then_run(job, ["model.name=glm-4.5-air"], [])
 
     assert cost["estimate"]["estimated"] is None and cost["estimate"]["error_pct"] is None
-    assert "glm-4.5-air" in cost["estimate"]["no_match"] and "model" in cost["estimate"]["no_match"]
+    assert cost["estimate"]["no_match"].endswith("differs in model")
+    assert "glm-4.5-air" in cost["estimate"]["no_match"]
 
 
 def test_an_estimate_for_another_prompt_is_not_compared(

@@ -21,14 +21,14 @@ from runner.job.resolve import Job
 
 def requests_fingerprint(job: Job) -> str:
     """A short hash of what shapes each request and its price: the prompt's templates, the model
-    section (name, endpoint, max_tokens, sampling, thinking, prices), the output's answer shape and
-    samples, and the input's files and columns. Not the run's settings (concurrency, budget, mode,
-    limit), which change how requests go out, not what each costs."""
+    section (max_tokens, sampling, thinking, prices; its name and endpoint are compared on their own),
+    the output's answer shape and samples, and the input's files and columns. Not the run's settings
+    (concurrency, budget, mode, limit), which change how requests go out, not what each costs."""
     spec = job.spec.model_dump(mode="json", exclude_defaults=True, by_alias=True)
     output = {k: v for k, v in spec.get("output", {}).items() if k not in ("path", "state_dir", "keep_columns")}
     data = {
         "templates": [t.source for t in (job.system, *(t for _, t in job.history), job.template) if t is not None],
-        "model": spec.get("model", {}),
+        "model": {k: v for k, v in spec.get("model", {}).items() if k not in ("name", "endpoint")},  # told apart
         "output": output,
         "input": {k: v for k, v in spec.get("input", {}).items() if k not in ("paths", "limit")},
         "input_paths": [str(p) for p in job.input_paths],

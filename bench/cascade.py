@@ -50,7 +50,7 @@ def job_file(folder: Path, name: str, rows: int, extra: dict[str, object]) -> Pa
         *parents, last = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})  # type: ignore[assignment]
-        node[last] = value  # type: ignore[index]
+        node[last] = value
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return path

@@ -90,13 +90,23 @@ def test_estimate_prices_the_cascade_against_the_oracle_alone_before_anything_is
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     cascade = report["cascade"]
-    assert cascade["oracle_only_cost"]["expected"] == report["cost"]["expected"] > 0
-    low, expected, high = (cascade["cost"][k] for k in ("low", "expected", "high"))
-    assert low < expected < high
+    only, cost = cascade["oracle_only_cost"], cascade["cost"]
+    low, expected, high = (cost[k] for k in ("low", "expected", "high"))
+    assert 0 < low < expected < high
     assert cascade["proxy_requests"] == 3 * 120
+    # Nothing answered yet: the next run is the whole cascade (the oracle's share: assumed half).
+    assert report["rows_answered_already"] == 0
+    assert report["requests_to_send"] == 3 * 120 + 60
+    assert report["cost"]["expected"] == pytest.approx(expected)
+    # Each figure against the oracle alone on the same basis: the high (a useless proxy) against the
+    # oracle's own high, not its expected figure.
+    assert only["low"] < only["expected"] < only["high"]
+    for basis in ("low", "expected", "high"):
+        assert cascade["share_of_oracle_only"][basis] == round(cost[basis] / only[basis], 4)
     assert sim.stats()["requests"] == 0
     table = cli("estimate", str(job.spec))
-    assert "cascade cost" in table.stdout and "oracle only" in table.stdout
+    assert "whole cascade" in table.stdout and "oracle only" in table.stdout
+    assert f"{only['low']:.4f} / {only['expected']:.4f} / {only['high']:.4f}" in table.stdout
     dry = cli("run", str(job.spec), "--dry-run")
     assert dry.exit_code == 0 and "dry run: a cascade" in dry.stdout
     assert sim.stats()["requests"] == 0
@@ -117,6 +127,60 @@ def test_run_max_cost_caps_the_whole_cascade_and_a_later_run_goes_on(
     resumed = cli("run", str(job.spec), "--set", "run.max_cost=10")
     assert resumed.exit_code == 0, resumed.stderr
     assert json.loads(job.summary.read_text())["cascade"]["rows"] == 120
+
+
+@pytest.mark.parametrize("id_column", [True, False], ids=["id column", "content ids"])
+def test_a_finished_cascade_estimates_nothing_to_send_and_a_rerun_sends_nothing(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, id_column: bool
+) -> None:
+    sim.configure(model_error={PROXY: 0.2})
+    job = _cascade(make_job, "finished")
+    if not id_column:  # rows named by a hash of what the job reads
+        pl.read_csv(job.input).drop("id").write_csv(job.input)
+        job.spec.write_text(job.spec.read_text().replace("  id_column: id\n", ""))
+    assert cli("run", str(job.spec)).exit_code == 0
+    sent = sim.stats()["requests"]
+
+    result = cli("estimate", str(job.spec), "--json")
+    dry = cli("run", str(job.spec), "--dry-run")
+
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["rows_answered_already"] == 120 and report["requests_to_send"] == 0
+    assert report["cost"] == {"low": 0, "expected": 0, "high": 0, "ceiling": 0}
+    assert report["cascade"]["next_run"]["oracle_requests"] == {"low": 0, "expected": 0, "high": 0}
+    assert dry.exit_code == 0, dry.stderr
+    assert f"{PROXY} would send 0 requests and {ORACLE} 0 for 120 rows (120 already answered)" in dry.stdout
+    assert "expected 0.0000 CNY (0.0000 to 0.0000)" in dry.stdout
+    assert sim.stats()["requests"] == sent
+    again = cli("run", str(job.spec))
+    assert again.exit_code == 0, again.stderr
+    assert sim.stats()["requests"] == sent  # as estimated
+
+
+def test_a_cascade_stopped_by_max_cost_estimates_only_what_remains(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    sim.configure(model_error={PROXY: 0.2})
+    job = _cascade(make_job, "half")  # the cap stops it in its calibration rounds, some rows answered
+    job.spec.write_text(job.spec.read_text().replace("concurrency: 8", "concurrency: 8\n  max_cost: 0.008"))
+    assert cli("run", str(job.spec)).exit_code == 4
+    before = sim.stats()["requests"]
+
+    result = cli("estimate", str(job.spec), "--json")
+
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    run = report["cascade"]["next_run"]
+    asks = run["oracle_requests"]
+    assert run["proxy_requests"] == 0  # the free proxy finished its pass before the cap
+    answered = report["rows_answered_already"]
+    assert 0 < answered < 120
+    assert asks["high"] == 120 - answered  # at worst the oracle answers every row it has not answered
+    assert 0 < report["cost"]["expected"] < report["cascade"]["cost"]["expected"]
+    resumed = cli("run", str(job.spec), "--set", "run.max_cost=10")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert asks["low"] <= sim.stats()["requests"] - before <= asks["high"]
 
 
 def test_a_cascade_is_refused_without_labels_or_with_samples_of_its_own(
@@ -145,6 +209,8 @@ def test_fresh_is_refused_for_a_cascade_before_anything_is_sent(
 
     assert fresh.exit_code == 2
     assert "a cascade does not take --fresh yet" in fresh.stderr and "Traceback" not in fresh.stderr
+    dry = cli("run", str(job.spec), "--fresh", "--dry-run")  # the estimate of exactly that run
+    assert dry.exit_code == 2 and "a cascade does not take --fresh yet" in dry.stderr
     assert sim.stats()["requests"] == 0
 
 

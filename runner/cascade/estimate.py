@@ -1,12 +1,19 @@
-"""`glm-batch estimate` on a cascade job: the cascade's expected cost against the oracle alone.
+"""`glm-batch estimate` on a cascade job: what its next run sends and costs, and the whole cascade's
+cost against the oracle alone.
 
-The proxy pass is priced as any job (every row, `samples` times); the oracle's share of rows cannot
-be known before the proxy has answered, so the cost is given as an interval: low, a proxy that always
-agrees with the oracle (the oracle then answers only the method's calibration draws, found by
+The next run (the report's `requests_to_send` and `cost`, as for any job) sends what the stages do
+not already hold: the proxy's unanswered requests, and the oracle rows still to be asked. When the
+proxy pass is done and the method, replayed on the oracle's answers so far, draws no more (a
+finished cascade, or one stopped in its escalation), those rows are known exactly. Otherwise the
+oracle's share is an interval (below), less the rows it has answered already.
+
+The whole cascade is priced as `--fresh` (answered before or not) against the oracle alone, each
+figure against the oracle-only figure on the same basis. The proxy pass is every row, `samples`
+times; the oracle's share of rows cannot be known before the proxy has answered: low, a proxy that
+always agrees with the oracle (the oracle then answers only the method's calibration draws, found by
 running the method on such a proxy); high, a proxy whose confidence is useless (the oracle answers
-every row, and the proxy pass was paid for nothing). The expected figure uses the share of rows the
-oracle answered in this job's last cascade run, else assumes half. Both are priced whole (as
-`--fresh`): what the cascade costs against what the oracle alone would, answered before or not.
+every row, and the proxy pass was paid for nothing). The expected share is the one the oracle
+answered in this job's last cascade run, else assumed half.
 """
 
 from __future__ import annotations
@@ -14,12 +21,24 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from runner.cascade.stages import read_cascade_summary, stage_jobs
+import polars as pl
+
+from runner.cascade.derive import derive
+from runner.cascade.stages import (
+    AHEAD,
+    _answered_before,
+    fresh_refused,
+    proxy_view,
+    read_cascade_summary,
+    stage_jobs,
+)
 from runner.cascade.threshold import choose
+from runner.job.inputs import open_input
 from runner.job.resolve import Job
 from runner.observe.progress import Reporter
 
 ASSUMED_ORACLE_SHARE = 0.5
+BASES = ("low", "expected", "high")
 
 
 def perfect_proxy_share(rows: int, target: float, delta: float, seed: int) -> float:
@@ -29,18 +48,25 @@ def perfect_proxy_share(rows: int, target: float, delta: float, seed: int) -> fl
 
 
 async def estimate_cascade(job: Job, *, api_key: str, options: Any, reporter: Reporter) -> dict[str, Any]:
-    """The oracle-only estimate of the job, with a `cascade` section: proxy pass, cascade low /
-    expected / high, and the share of rows the oracle answers behind each."""
+    """The report of a cascade job: its next run (rows, requests to send, cost) and a `cascade`
+    section with that run per stage, the whole cascade against the oracle alone, and the oracle's share."""
     from runner.money.estimate import estimate_job
 
     cascade = job.spec.output.cascade
     assert cascade is not None
     proxy_job, oracle_job = stage_jobs(job)
+    if options.fresh and not options.record:  # `run --dry-run --fresh`: say what the run would say
+        raise fresh_refused(job)
     whole = replace(options, fresh=True, record=False)  # the whole job, answered before or not
     proxy = await estimate_job(proxy_job, api_key=api_key, options=whole, reporter=reporter)
     oracle = await estimate_job(oracle_job, api_key=api_key, options=whole, reporter=reporter)
+    if options.fresh:
+        proxy_left, oracle_left = proxy, oracle
+    else:  # what the stages hold: read only, as `run --dry-run` does
+        left = replace(options, record=False, pilot_rows=None)
+        proxy_left = await estimate_job(proxy_job, api_key=api_key, options=left, reporter=reporter)
+        oracle_left = await estimate_job(oracle_job, api_key=api_key, options=left, reporter=reporter)
     rows = int(oracle["rows"])
-    low_share = perfect_proxy_share(rows, cascade.target, cascade.delta, cascade.seed)
     last = read_cascade_summary(job.output_path)
     if last and last.get("rows"):
         share = 1 - last["rows_kept_from_proxy"] / last["rows"]
@@ -48,23 +74,128 @@ async def estimate_cascade(job: Job, *, api_key: str, options: Any, reporter: Re
     else:
         share = ASSUMED_ORACLE_SHARE
         basis = "assumed: the oracle answers half the rows (measured once a cascade has run)"
+    shares = {
+        "low": perfect_proxy_share(rows, cascade.target, cascade.delta, cascade.seed),
+        "expected": share,
+        "high": 1.0,
+    }
     p, o = proxy["cost"], oracle["cost"]
-    oracle_only = o["expected"]
-    cost = {
-        "low": round(p["low"] + low_share * o["low"], 6),
-        "expected": round(p["expected"] + share * o["expected"], 6),
-        "high": round(p["high"] + o["high"], 6),
+    cost = {k: round(p[k] + shares[k] * o[k], 6) for k in BASES}
+    known = None if options.fresh else _oracle_rows_left(job, proxy_job, oracle_job, proxy_left, options)
+    run = _next_run(proxy_left, oracle, oracle_left, shares, known)
+    return {
+        "job": job.name,
+        "model": oracle_job.spec.model.name,
+        "endpoint": job.endpoint_name,
+        "currency": job.currency,
+        "prices_confirmed": bool(proxy["prices_confirmed"] and oracle["prices_confirmed"]),
+        "fresh": options.fresh,
+        "rows": rows,
+        "rows_answered_already": run.pop("rows_answered_already"),
+        "requests_to_send": run["proxy_requests"] + run["oracle_requests"]["expected"],
+        "cost": run["cost"],
+        "render_failures": oracle["render_failures"],
+        "over_context": oracle["over_context"],
+        "cascade": {
+            "proxy": proxy_job.spec.model.name,
+            "oracle": oracle_job.spec.model.name,
+            "guarantee": f"agrees with {oracle_job.spec.model.name} on >= {cascade.target:.0%} of rows "
+            f"with probability >= {1 - cascade.delta:.0%}",
+            "next_run": run,
+            "proxy_requests": proxy["requests_to_send"],  # the whole proxy pass
+            "proxy_cost": p,
+            "oracle_only_cost": o,
+            "cost": cost,  # the whole cascade
+            # Each figure against the oracle alone on the same basis (low with low, high with high).
+            "share_of_oracle_only": {k: (round(cost[k] / o[k], 4) if o[k] else None) for k in BASES},
+            "oracle_share": {k: round(v, 4) for k, v in shares.items()} | {"basis": basis},
+        },
     }
-    oracle["cascade"] = {
-        "proxy": proxy_job.spec.model.name,
-        "oracle": oracle_job.spec.model.name,
-        "guarantee": f"agrees with {oracle_job.spec.model.name} on >= {cascade.target:.0%} of rows "
-        f"with probability >= {1 - cascade.delta:.0%}",
-        "proxy_requests": proxy["requests_to_send"],
-        "proxy_cost": p,
-        "oracle_only_cost": o,
+
+
+def _next_run(
+    proxy_left: dict[str, Any],
+    oracle: dict[str, Any],
+    oracle_left: dict[str, Any],
+    shares: dict[str, float],
+    known: int | None,
+) -> dict[str, Any]:
+    """What the next run sends and costs: the proxy's unanswered requests and the oracle's rows still
+    to ask (`known` when the state decides them, else each share of the rows less those answered),
+    the oracle's priced at the mean of its unanswered requests."""
+    unanswered = int(oracle_left["requests_to_send"])
+    if known is not None:
+        asks = dict.fromkeys(BASES, known)
+        how = "exact: the proxy pass is done and the calibration drew every row it needs"
+    else:
+        answered = int(oracle["requests_to_send"]) - unanswered
+        total = int(oracle["requests_to_send"])
+        asks = {k: min(unanswered, max(0, round(shares[k] * total) - answered)) for k in BASES}
+        how = "the oracle's share of rows (below), less the rows it has answered"
+
+    def oracle_cost(k: str) -> float:
+        return oracle_left["cost"][k] * asks[k] / unanswered if unanswered else 0.0
+
+    pc = proxy_left["cost"]
+    cost = {k: round(pc[k] + oracle_cost(k), 6) for k in BASES}
+    cost["ceiling"] = round(pc["ceiling"] + (oracle_left["cost"]["ceiling"] if asks["high"] else 0.0), 6)
+    rows = int(oracle["rows"])
+    return {
+        "proxy_requests": int(proxy_left["requests_to_send"]),
+        "oracle_requests": asks,
         "cost": cost,
-        "share_of_oracle_only": {k: (round(v / oracle_only, 4) if oracle_only else None) for k, v in cost.items()},
-        "oracle_share": {"low": round(low_share, 4), "expected": round(share, 4), "high": 1.0, "basis": basis},
+        "basis": how,
+        "rows_answered_already": rows - known if known is not None else int(oracle_left["rows_answered_already"]),
     }
-    return oracle
+
+
+def _oracle_rows_left(
+    job: Job, proxy_job: Job, oracle_job: Job, proxy_left: dict[str, Any], options: Any
+) -> int | None:
+    """How many rows the next run asks the oracle about, when the state decides it: the proxy pass is
+    done and the method, replayed (as a run replays it) on the oracle's answers so far, draws no more;
+    then the rows asked or escalated whose request the oracle's state does not hold. None otherwise."""
+    from runner.job.prompts import RequestBuilder
+    from runner.job.templates import RenderError
+    from runner.money.estimate import _read_state
+
+    cascade = job.spec.output.cascade
+    assert cascade is not None
+    if proxy_left["requests_to_send"]:
+        return None
+    try:
+        proxy = pl.read_parquet(proxy_job.output_path)
+    except (OSError, pl.exceptions.PolarsError):
+        return None
+    source = open_input(job)
+    rows = source.frame.collect()
+    id_col = job.spec.input.id_column or "id"
+    ids = proxy.get_column(id_col).cast(pl.String).to_list()
+    if ids != source.ids(rows).to_list():
+        return None  # the input changed since the proxy pass: only running can tell
+    fields = list(job.shape.fields) if job.shape else []
+    answers, scores = proxy_view(proxy, fields)
+    home = job.state_dir / "cascade"
+    oracle_by_id: dict[str, tuple[Any, ...] | None] = {}
+    asked = set(_answered_before(home, oracle_job, rows, ids, id_col, fields, oracle_by_id))
+
+    def agrees(pos: int) -> bool | None:
+        if ids[pos] not in oracle_by_id:
+            return None
+        answer = oracle_by_id[ids[pos]]
+        return answer is not None and answer == answers[pos]
+
+    step = choose(scores, agrees, target=cascade.target, delta=cascade.delta, seed=cascade.seed, ahead=AHEAD)
+    if step.need:
+        return None  # more calibration draws: their answers decide what follows
+    _, settled = _read_state(oracle_job, replace(options, fresh=False))
+    held = set(settled.series().to_list())
+    builder = RequestBuilder(derive(oracle_job, {"input.limit": None, "input.columns": None}))
+    left = 0
+    for pos in asked | (set(range(len(scores))) - step.keep):
+        try:
+            key = builder.build(rows.row(pos, named=True)).key
+        except RenderError:
+            continue  # a row that does not render sends nothing
+        left += key not in held
+    return left

@@ -69,6 +69,15 @@ def stage_jobs(job: Job) -> tuple[Job, Job]:
     return proxy, oracle
 
 
+def fresh_refused(job: Job) -> UsageError:
+    """Why a cascade run takes no --fresh: each round is a run, and --fresh on each would pay again
+    for every earlier round."""
+    return UsageError(
+        f"{job.spec_path}: a cascade does not take --fresh yet; to start it over, move "
+        f"{job.state_dir / 'cascade'} aside (its answers stay there) and run again"
+    )
+
+
 async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: Reporter) -> RunReport:
     """Run every stage of a cascade job and write its output; see the module's docstring."""
     from runner.engine import run_job
@@ -77,11 +86,8 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
     assert cascade is not None
     proxy_job, oracle_base = stage_jobs(job)
     home = job.state_dir / "cascade"
-    if options.fresh:  # each round is a run: --fresh on each would pay again for every earlier round
-        raise UsageError(
-            f"{job.spec_path}: a cascade does not take --fresh yet; to start it over, move "
-            f"{home} aside (its answers stay there) and run again"
-        )
+    if options.fresh:
+        raise fresh_refused(job)
     home.mkdir(parents=True, exist_ok=True)
     rows = open_input(job).frame.collect()
     # The input's own names (a gold `label` is carried as `label_gold`): the oracle reads these rows as its input.
@@ -109,11 +115,7 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
         return stopped
     fields = list(job.shape.fields) if job.shape else []
     proxy = pl.read_parquet(proxy_job.output_path)
-    proxy_answers = _answers(proxy, fields)
-    scores: list[float | None] = [
-        None if a is None else float(s)
-        for a, s in zip(proxy_answers, proxy.get_column("agreement").fill_null(0.0).to_list(), strict=True)
-    ]
+    proxy_answers, scores = proxy_view(proxy, fields)
     ids = proxy.get_column(id_col).cast(pl.String).to_list()
     oracle_by_id: dict[str, tuple[Any, ...] | None] = {}
     asked: set[int] = set()
@@ -207,6 +209,13 @@ def _answered_before(
             oracle_by_id[row_id] = answer
             found.append(pos)
     return found
+
+
+def proxy_view(proxy: pl.DataFrame, fields: list[str]) -> tuple[list[tuple[Any, ...] | None], list[float | None]]:
+    """The proxy pass's majority answer per row and its confidence (None where it has no answer)."""
+    answers = _answers(proxy, fields)
+    agreement = proxy.get_column("agreement").fill_null(0.0).to_list()
+    return answers, [None if a is None else float(s) for a, s in zip(answers, agreement, strict=True)]
 
 
 def _answers(frame: pl.DataFrame, fields: list[str]) -> list[tuple[Any, ...] | None]:

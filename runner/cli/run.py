@@ -103,12 +103,17 @@ def _dry_run(spec: Path, set_: list[str] | None, limit: int | None, *, fresh: bo
     cap = job.spec.run.max_cost
     cascade = report.get("cascade")
     if cascade is not None:
-        c = cascade["cost"]
+        run, only = cascade["next_run"], cascade["oracle_only_cost"]
+        asks = run["oracle_requests"]
+        oracle_asks = f"{asks['low']:,}" if asks["low"] == asks["high"] else f"{asks['low']:,} to {asks['high']:,}"
         print(
-            f"dry run: a cascade; {cascade['proxy']} would send {cascade['proxy_requests']:,} requests, then "
-            f"{cascade['oracle']} answer a calibration sample and the rows it is unsure of: expected "
-            f"{c['expected']:.4f} {cur} ({c['low']:.4f} to {c['high']:.4f}) against {cost['expected']:.4f} "
-            "for the oracle alone; nothing was sent"
+            f"dry run: a cascade; {cascade['proxy']} would send {run['proxy_requests']:,} requests and "
+            f"{cascade['oracle']} {oracle_asks} for {report['rows']:,} rows "
+            f"({report['rows_answered_already']:,} already answered): expected {cost['expected']:.4f} {cur} "
+            f"({cost['low']:.4f} to {cost['high']:.4f})"
+            + (f" (run.max_cost {cap:g} stops it before that)" if cap is not None and cap < cost["high"] else "")
+            + f"; the whole cascade {cascade['cost']['expected']:.4f} against {only['expected']:.4f} for the "
+            "oracle alone; nothing was sent"
         )
         return
     print(

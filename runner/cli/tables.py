@@ -36,6 +36,8 @@ def _pairs(title: str, rows: Sequence[tuple[str, str]]) -> Table:
 
 def _estimate_table(r: dict[str, Any]) -> Table:
     """The estimate report as a label / value table."""
+    if r.get("cascade") is not None:
+        return _cascade_table(r)
     cur = r["currency"]
     cost = r["cost"]
     tokens_in = r["input_tokens"]
@@ -84,28 +86,44 @@ def _estimate_table(r: dict[str, Any]) -> Table:
             f"{wall['latency_s_per_request']} s a request ({wall['latency_basis']})",
         ),
     ]
-    cascade = r.get("cascade")
-    if cascade is not None:
-        rows.extend(_cascade_rows(cascade, cur))
     if not r["prices_confirmed"]:
         rows.append(("note", f"the {cur} prices of {r['model']} are not confirmed (configs/models.yaml)"))
     return _pairs(f"estimate: {r['job']} ({r['model']} on {r['endpoint']})", rows)
 
 
-def _cascade_rows(c: dict[str, Any], cur: str) -> list[tuple[str, str]]:
-    """A cascade job: the figures above are the oracle alone; these are the cascade's."""
-    cost, share, oracle_share = c["cost"], c["share_of_oracle_only"], c["oracle_share"]
+def _cascade_table(r: dict[str, Any]) -> Table:
+    """A cascade job's estimate: its next run per stage, then the whole cascade against the oracle alone."""
+    c, cur = r["cascade"], r["currency"]
+    run, cost, only, share = c["next_run"], c["cost"], c["oracle_only_cost"], c["share_of_oracle_only"]
+    asks = run["oracle_requests"]
     pct = {k: "-" if v is None else f"{v:.0%}" for k, v in share.items()}
-    return [
+    oracle_asks = (
+        f"{asks['expected']:,}"
+        if asks["low"] == asks["high"]
+        else f"{asks['low']:,} / {asks['expected']:,} / {asks['high']:,} (low / expected / high)"
+    )
+    rows = [
+        ("rows", f"{r['rows']:,} ({r['rows_answered_already']:,} already answered)"),
+        ("requests to send", f"{c['proxy']}: {run['proxy_requests']:,}; {c['oracle']}: {oracle_asks} ({run['basis']})"),
+        ("cost", f"{r['cost']['low']:.4f} / {r['cost']['expected']:.4f} / {r['cost']['high']:.4f} {cur} "
+                 f"(low / expected / high; ceiling {r['cost']['ceiling']:.4f})"),
+        *([("rows failing to render", f"{r['render_failures']['rows']:,}; first: {r['render_failures']['first']}")]
+          if r["render_failures"]["rows"] else []),
         ("cascade", f"{c['proxy']} answers every row ({c['proxy_requests']:,} requests, "
                     f"{c['proxy_cost']['expected']:.4f} {cur}); {c['oracle']} the rest; {c['guarantee']}"),
-        ("oracle only", f"{c['oracle_only_cost']['expected']:.4f} {cur} expected (the cost row above)"),
-        ("cascade cost", f"{cost['low']:.4f} / {cost['expected']:.4f} / {cost['high']:.4f} {cur} "
-                         f"(low / expected / high: {pct['low']} / {pct['expected']} / {pct['high']} of oracle only)"),
-        ("", f"oracle answers {oracle_share['low']:.0%} / {oracle_share['expected']:.0%} / 100% of rows; "
+        ("whole cascade", f"{cost['low']:.4f} / {cost['expected']:.4f} / {cost['high']:.4f} {cur} (low / expected / "
+                          f"high, answered before or not)"),
+        ("oracle only", f"{only['low']:.4f} / {only['expected']:.4f} / {only['high']:.4f} {cur}: the cascade is "
+                        f"{pct['low']} / {pct['expected']} / {pct['high']} of it, each on the same basis"),
+        ("", f"oracle answers {c['oracle_share']['low']:.0%} / {c['oracle_share']['expected']:.0%} / 100% of rows; "
              f"low: a proxy that always agrees (calibration only); high: a useless proxy; "
-             f"expected: {oracle_share['basis']}"),
+             f"expected: {c['oracle_share']['basis']}"),
     ]  # fmt: skip
+    if not r["prices_confirmed"]:
+        rows.append(
+            ("note", f"the {cur} prices of {c['proxy']} or {c['oracle']} are not confirmed (configs/models.yaml)")
+        )
+    return _pairs(f"estimate: {r['job']} (cascade, {c['oracle']} on {r['endpoint']})", rows)
 
 
 def _mode_rows(modes: dict[str, Any], cur: str) -> list[tuple[str, str]]:

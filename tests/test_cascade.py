@@ -276,3 +276,17 @@ def _endpoint(job: JobFiles) -> str:
 def _oracle_runs(job: JobFiles) -> int:
     """How many runs of the oracle the cascade made (calibration rounds and the escalation)."""
     return int(json.loads(job.summary.read_text())["cascade"]["calibration_rounds"]) + 1
+
+
+def test_a_cascade_scores_a_gold_column_named_like_its_answer(make_job: Callable[..., JobFiles]) -> None:
+    rows = [{"id": r["id"], "text": r["text"], "label": r["gold"]} for r in _rows(60)]
+    spec = SENTIMENT | {"eval": {"gold_column": "label"}}
+    settings = {"proxy": PROXY, "target": 0.9, "delta": 0.1, "samples": 3, "seed": 1}
+    job = make_job(rows, name="cascade", **(spec | {"output": SENTIMENT["output"] | {"cascade": settings}}))
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 0, result.stderr
+    out = pl.read_parquet(job.output)
+    assert out.get_column("label_gold").to_list() == [r["label"] for r in rows]
+    assert set(json.loads(job.summary.read_text())["cascade"]["accuracy"]) >= {"proxy", "cascade"}

@@ -74,3 +74,44 @@ def test_the_printed_report_of_a_free_text_gold_column_stays_short(make_job) -> 
     assert result.exit_code == 0, result.stderr
     assert "120 gold values are not in the label set" in result.stdout
     assert len(result.stdout.splitlines()) < 40
+
+
+# The shared sentiment data's shape: the gold column is named `label`, like a labels job's answer field.
+NEWCOMER_LABELS = {"labels": ["positive", "negative"], "keep_columns": None}
+SENTENCES = [
+    {"id": "a-1", "text": "Good case, Excellent value.", "label": "positive"},
+    {"id": "a-2", "text": "No way to plug it in here unless I buy a converter.", "label": "negative"},
+    {"id": "a-3", "text": "Great for the price.", "label": "positive"},
+    {"id": "a-4", "text": "It broke on the second day.", "label": "negative"},
+]
+
+
+def test_a_gold_column_named_like_the_answer_is_carried_as_its_gold_and_scored(make_job) -> None:
+    # keep_columns left to its default (the prompt's columns), as a newcomer's job has it
+    job = make_job(SENTENCES, output=NEWCOMER_LABELS, eval={"gold_column": "label"})
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 0, result.stderr
+    out = pl.read_parquet(job.output)
+    assert {"text", "label", "label_gold"} <= set(out.columns)
+    assert out.get_column("label_gold").to_list() == [r["label"] for r in SENTENCES]
+    assert set(out.get_column("label").to_list()) <= {"positive", "negative"}  # the answer, not the gold
+    accuracy = (out.get_column("label") == out.get_column("label_gold")).mean()
+    for report in (cli("report", str(job.spec)), cli("report", str(job.output))):  # the spec's, the file's
+        assert report.exit_code == 0, report.stderr
+        assert f"accuracy {accuracy:.4f} on 4 rows" in report.stdout
+    wrong = cli("report", str(job.output), "--gold", "label")  # the answer column, named as its own gold
+    assert wrong.exit_code == 2 and "label_gold" in wrong.stderr
+
+
+def test_a_gold_column_carried_under_a_name_the_input_has_is_refused_naming_both(make_job, sim) -> None:
+    rows = [{**r, "label_gold": "x"} for r in SENTENCES]
+    job = make_job(rows, output=NEWCOMER_LABELS, eval={"gold_column": "label"})
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 2
+    assert "eval: the gold column 'label'" in result.stderr and "'label_gold'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sim.stats()["requests"] == 0

@@ -90,6 +90,8 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
         raise fresh_refused(job)
     home.mkdir(parents=True, exist_ok=True)
     rows = open_input(job).frame.collect()
+    # The input's own names (a gold `label` is carried as `label_gold`): the oracle reads these rows as its input.
+    rows = rows.rename({name: c for c, name in job.gold_columns.items() if name != c and name in rows.columns})
     id_col = job.spec.input.id_column or "id"
     spent: dict[str, float] = {"proxy": 0.0, "oracle": 0.0}
 
@@ -306,7 +308,7 @@ def _summary(
         },
     }
     id_col = job.spec.input.id_column or "id"
-    gold = job.spec.eval.gold_column if job.spec.eval else None
+    gold = job.gold_columns[job.spec.eval.gold_column] if job.spec.eval and job.spec.eval.gold_column else None
     field = job.shape.label_field if job.shape else None
     if gold and field and gold in output.columns:
         info["accuracy"] = {

@@ -305,7 +305,7 @@ def starter_job(input_path: Path, target: Path, columns: dict[str, str], first: 
         lines += [
             f"# {_one_line(', '.join(gold))}: gold-like, so left out of the prompt (a prompt reading the",
             "# eval column is refused). With output.labels set, score the answers against it (it is kept",
-            "# in the output):",
+            "# in the output, as <name>_gold if an answer column has its name):",
             f"# eval: {{gold_column: {_yaml_str(gold[0])}}}",
             "",
         ]

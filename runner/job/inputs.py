@@ -118,6 +118,7 @@ def open_input(job: Job) -> InputSource:
         _require([spec.id_column], columns, where, "input.id_column")
     keep = list(job.keep_columns)
     shape = job.shape
+    carried: dict[str, str] = {}  # gold columns the output carries under another name (`label` as `label_gold`)
     if job.spec.eval is not None:  # the gold answers travel to the output, for the quality report
         gold = [job.spec.eval.gold_column] if job.spec.eval.gold_column else []
         _require(gold, columns, where, "eval.gold_column")
@@ -125,9 +126,16 @@ def open_input(job: Job) -> InputSource:
         unknown = sorted(set(job.spec.eval.gold_fields) - set(shape.fields if shape else ()))
         if unknown:
             raise UsageError(f"{where}: eval.gold_fields: {unknown[0]!r} is not a field of output.schema")
+        carried = {c: name for c, name in job.gold_columns.items() if name != c and c not in keep}
+        for c, name in carried.items():
+            if name in columns:
+                raise UsageError(
+                    f"{where}: eval: the gold column {c!r} is named like an output column, so the output "
+                    f"carries it as {name!r}, but the input has a column {name!r} too; rename one in the input"
+                )
         keep += [c for c in [*gold, *job.spec.eval.gold_fields.values()] if c not in keep]
     fields = shape.fields if shape else ()
-    clash = output_clash(spec.id_column or "id", keep, fields, job.spec.output.samples)
+    clash = output_clash(spec.id_column or "id", [carried.get(c, c) for c in keep], fields, job.spec.output.samples)
     if clash:
         raise UsageError(f"{where}: {clash}")
 
@@ -137,7 +145,8 @@ def open_input(job: Job) -> InputSource:
     whole = pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
     if spec.limit is not None:
         whole = whole.head(spec.limit)
-    frame = whole.select(used)
+    # A carried gold column is read for nothing else (a prompt reading gold is refused at load): renamed in place.
+    frame = whole.select([pl.col(c).alias(carried.get(c, c)) for c in used])
 
     stats = _stats(job, whole, used, tuple(sorted(template_vars)), paths)
     if stats["rows"] == 0:
@@ -147,7 +156,8 @@ def open_input(job: Job) -> InputSource:
     if spec.nulls == "error":
         _check_nulls(tuple(sorted(template_vars)), stats, where)
 
-    return InputSource(frame, tuple(used), tuple(keep), spec.id_column, stats["rows"])
+    named = tuple(carried.get(c, c) for c in used)
+    return InputSource(frame, named, tuple(carried.get(c, c) for c in keep), spec.id_column, stats["rows"])
 
 
 def _agree_on_types(

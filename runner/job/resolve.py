@@ -31,6 +31,7 @@ from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
 from runner.job.templates import Template, compile_template, deferred_template
 from runner.job.thinking import ThinkingPlan, thinking_plan
+from runner.output.columns import gold_names
 from runner.redact import redact
 
 
@@ -80,6 +81,19 @@ class Job:
         m, output = self.spec.model, self.spec.output
         structured = output.labels is not None or output.schema_ is not None
         return thinking_plan(m.name, m.thinking.type if m.thinking else None, structured, m.max_tokens)
+
+    @property
+    def gold_columns(self) -> dict[str, str]:
+        """Each gold input column of eval (gold_column, gold_fields' columns) and the output column that
+        carries it (runner.output.columns.gold_names): what the quality report reads."""
+        evaluation = self.spec.eval
+        if evaluation is None:
+            return {}
+        gold = [c for c in [evaluation.gold_column, *evaluation.gold_fields.values()] if c is not None]
+        id_column = self.spec.input.id_column
+        fields = self.shape.fields if self.shape else ()
+        named = gold_names([c for c in gold if c != id_column], id_column or "id", fields, self.spec.output.samples)
+        return {c: named.get(c, c) for c in gold}
 
     @property
     def spec_hash(self) -> str:

@@ -31,6 +31,7 @@ from runner.job import catalog
 from runner.job.inputs import InputSource, open_input
 from runner.job.resolve import Job
 from runner.money import ledger
+from runner.money.kept_estimate import made_for
 from runner.money.measured import OutputModel, calibration_from, earlier_answers, output_model
 from runner.money.pricing import PriceTable, require_prices, tier_label
 from runner.money.tokens import Calibration, estimate_request
@@ -81,7 +82,7 @@ async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, repo
     try:
         settled = SettledKeys.none() if options.fresh else store.settled_keys(retry_failed=options.retry_failed)
         report = await _estimate(job, api_key, table, source, store.result_parts(), settled, options)
-        store.write_estimate(report)
+        store.write_estimate({**report, "made_for": made_for(job)})  # a run compares only with its own
     finally:
         store.close()
     return report

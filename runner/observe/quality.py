@@ -21,7 +21,7 @@ import polars as pl
 from runner.errors import UsageError
 from runner.job.resolve import Job
 from runner.job.structured import AnswerShape
-from runner.output.columns import OUTPUT_COLUMNS, SAMPLE_ANSWERS, VOTE_COLUMNS
+from runner.output.columns import GOLD_SUFFIX, OUTPUT_COLUMNS, SAMPLE_ANSWERS, VOTE_COLUMNS
 
 INVALID = "(invalid)"
 
@@ -148,8 +148,8 @@ def summarise(job: Job, shape: AnswerShape) -> dict[str, Any]:
         job.output_path,
         label_field=shape.label_field,
         labels=job.spec.output.labels,
-        gold=evaluation.gold_column if evaluation else None,
-        gold_fields=evaluation.gold_fields if evaluation else {},
+        gold=job.gold_columns[evaluation.gold_column] if evaluation and evaluation.gold_column else None,
+        gold_fields={f: job.gold_columns[c] for f, c in evaluation.gold_fields.items()} if evaluation else {},
         samples=samples_in(job.output_path),
     )
 
@@ -182,6 +182,11 @@ def summarise_file(path: Path, gold: str | None) -> dict[str, Any]:
         kept = ", ".join(c for c in columns if c not in (*OUTPUT_COLUMNS, *VOTE_COLUMNS)) or "none"
         raise UsageError(f"{path}: --gold {gold}: no such column; the columns other than glm-batch's: {kept}")
     label_field = next((c for c in ("label", "labels") if c in columns), None)
+    if gold is not None and gold == label_field:
+        raise UsageError(
+            f"{path}: --gold {gold}: that is the answer column; a gold column named like it is carried as "
+            f"{gold}{GOLD_SUFFIX}"
+        )
     labels = (beside.get("quality") or {}).get("labels")  # the job's label set, as its run recorded it
     report = summarise_output(
         path, label_field=label_field, gold=gold, gold_fields={}, samples=samples_in(path), labels=labels

@@ -72,7 +72,7 @@ def load_report(output: Path, *, job: Job | None = None, gold: str | None = None
     if job is not None and job.shape is not None:
         found = quality.summarise(job, job.shape)
         fields = tuple(job.shape.fields)
-        gold_fields = dict(job.spec.eval.gold_fields) if job.spec.eval else {}
+        gold_fields = {f: job.gold_columns[c] for f, c in job.spec.eval.gold_fields.items()} if job.spec.eval else {}
     elif job is None and ({"label", "labels"} & set(columns) or gold or beside.get("quality")):
         found = quality.summarise_file(output, gold)
         fields = (found["label_field"],) if found["label_field"] else ()

@@ -134,14 +134,10 @@ def summary(
         },
     }
     if estimate is not None and table is not None and tally.ok:
-        # How good was `glm-batch estimate`? Compare its expected cost per request with this run's.
-        answerable = estimate.get("requests_answerable", estimate["requests_to_send"])
-        expected = estimate["cost"]["expected"] / max(1, answerable) * tally.ok
-        cost["estimate"] = {
-            "estimated": round(expected, 6),
-            "spent": round(tally.cost, 6),
-            "error_pct": round(100 * (expected - tally.cost) / tally.cost, 1) if tally.cost else None,
-        }
+        # How good was `glm-batch estimate`? Compared only when it was made for this model and requests.
+        from runner.money.kept_estimate import compare
+
+        cost["estimate"] = compare(job, estimate, ok=tally.ok, spent=tally.cost)
     return {
         "job": job.name,
         "run_id": run_id,

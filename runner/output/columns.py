@@ -63,3 +63,13 @@ def clash(id_name: str, kept: Iterable[str], fields: Iterable[str], samples: int
             )
         seen.setdefault(name, what)
     return None
+
+
+GOLD_SUFFIX = "_gold"
+
+
+def gold_names(gold: Iterable[str], id_name: str, fields: Iterable[str], samples: int) -> dict[str, str]:
+    """The output column each gold input column (eval) is carried in: its own name, or `<name>_gold` when
+    the output has a column of that name already (a labels job's gold `label` beside its answer `label`)."""
+    taken = {id_name, *fields, *OUTPUT_COLUMNS, *WORKING_COLUMNS, *(VOTE_COLUMNS if samples > 1 else ())}
+    return {c: f"{c}{GOLD_SUFFIX}" if c in taken else c for c in gold}

@@ -1,0 +1,87 @@
+"""What a kept estimate was made for, and how a run compares its cost with it.
+
+    report["made_for"] = made_for(job)                 # when `glm-batch estimate` keeps its report
+    cost["estimate"] = compare(job, kept, ok=n, spent=x)  # in the run's summary
+
+A job's state keeps one estimate (`estimate.json`), whatever it was made with: `--set model.name=...`,
+another endpoint, another prompt. A run compares its spend only with an estimate made for the same
+model, endpoint and requests (the prompt, the model's settings, the output's shape, the input), and
+takes the estimate's figure for the run's own mode (online, batch or hybrid); otherwise its summary
+says there is no matching estimate and why, instead of a figure for something else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from runner.job.resolve import Job
+
+
+def requests_fingerprint(job: Job) -> str:
+    """A short hash of what shapes each request and its price: the prompt's templates, the model
+    section (max_tokens, sampling, thinking, prices; its name and endpoint are compared on their own),
+    the output's answer shape and samples, and the input's files and columns. Not the run's settings
+    (concurrency, budget, mode, limit), which change how requests go out, not what each costs."""
+    spec = job.spec.model_dump(mode="json", exclude_defaults=True, by_alias=True)
+    output = {k: v for k, v in spec.get("output", {}).items() if k not in ("path", "state_dir", "keep_columns")}
+    data = {
+        "templates": [t.source for t in (job.system, *(t for _, t in job.history), job.template) if t is not None],
+        "model": {k: v for k, v in spec.get("model", {}).items() if k not in ("name", "endpoint")},  # told apart
+        "output": output,
+        "input": {k: v for k, v in spec.get("input", {}).items() if k not in ("paths", "limit")},
+        "input_paths": [str(p) for p in job.input_paths],
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def made_for(job: Job) -> dict[str, str]:
+    """What an estimate of `job` priced: kept in its report, checked by the next run."""
+    return {
+        "model": job.spec.model.name,
+        "endpoint": job.endpoint_name,
+        "mode": job.spec.run.mode,
+        "requests": requests_fingerprint(job),
+    }
+
+
+def _expected(kept: dict[str, Any], mode: str) -> float | None:
+    """The kept estimate's expected cost of all its requests in `mode`, or None if it gives none."""
+    if mode == "online":
+        return float(kept["cost"]["expected"])
+    figure = kept.get("modes", {}).get(mode, {}).get("cost")
+    return float(figure) if isinstance(figure, int | float) else None
+
+
+def compare(job: Job, kept: dict[str, Any], *, ok: int, spent: float) -> dict[str, Any]:
+    """The run's spend against the kept estimate's figure for as many answers (`ok`), or, when the
+    estimate was made for something else, no figure and why."""
+    now = made_for(job)
+    then = kept.get("made_for")
+    mode = now["mode"]
+    why: str | None = None
+    if not isinstance(then, dict):
+        why = "the kept estimate does not say what it was made for (made by an older version)"
+    else:
+        differ = [k for k in ("model", "endpoint", "requests") if then.get(k) != now[k]]
+        if differ:
+            what = ", ".join("the prompt or settings" if k == "requests" else k for k in differ)
+            why = (
+                f"the kept estimate was made for {then.get('model')} on {then.get('endpoint')}; this run "
+                f"({now['model']} on {now['endpoint']}) differs in {what}"
+            )
+    expected = None if why is not None else _expected(kept, mode)
+    if why is None and expected is None:
+        why = f"the kept estimate gives no single {mode} figure (see `glm-batch estimate`: modes)"
+    if why is not None:
+        return {"estimated": None, "spent": round(spent, 6), "error_pct": None, "no_match": why}
+    assert expected is not None
+    answerable = kept.get("requests_answerable", kept["requests_to_send"])
+    estimated = expected / max(1, answerable) * ok
+    return {
+        "estimated": round(estimated, 6),
+        "spent": round(spent, 6),
+        "error_pct": round(100 * (estimated - spent) / spent, 1) if spent else None,
+        "mode": mode,
+    }

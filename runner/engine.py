@@ -197,7 +197,7 @@ async def _run(
     if store.broken is not None:
         _rescue(job, store, tally, control)
     sending = summary.sending(job, executor.gauges()) | cpu.summary(tally.answered) | _tool_choice(job, control)
-    if control.tool_choice_auto and not auto_from_facts and job.base_url is not None:
+    if control.tool_choice_auto and not auto_from_facts:
         # Learned in this run: later runs on this endpoint and model start in auto (runner.job.facts).
         record_facts(job.base_url, job.spec.model.name, source="run", forced_tool_choice=False)
     ending = Ending(tally, control, accountant, started_at)
@@ -219,7 +219,7 @@ async def _run(
 def _tool_choice_from_facts(job: Job, control: Control, reporter: Reporter) -> bool:
     """Start a structured job in tool_choice auto when a fact says this endpoint and model refuse a
     forced tool (learned by doctor or an earlier run); say so once. True when it did."""
-    if job.shape is None or job.shape.mode != "tool" or job.base_url is None:
+    if job.shape is None or job.shape.mode != "tool":
         return False
     facts = load_facts(job.base_url, job.spec.model.name)
     if facts.forced_tool_choice is not False:

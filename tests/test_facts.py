@@ -34,3 +34,11 @@ def test_an_unreadable_facts_file_is_an_empty_one(tmp_path: Path, monkeypatch) -
     assert load_facts("http://127.0.0.1:1", "glm-4.6") == Facts()
     record_facts("http://127.0.0.1:1", "glm-4.6", source="run", batch_eligible=True)
     assert load_facts("http://127.0.0.1:1", "glm-4.6").batch_eligible is True
+
+
+def test_the_in_process_simulator_has_one_key_for_doctor_and_runs_alike() -> None:
+    """`model.endpoint: simulator` has no base URL (its port changes per run): what doctor records there
+    is what a run reads there, and it stays apart from any real endpoint."""
+    record_facts(None, "glm-4.6", source="doctor", forced_tool_choice=False)
+    assert load_facts(None, "glm-4.6").forced_tool_choice is False
+    assert load_facts("https://open.bigmodel.cn/api/anthropic", "glm-4.6").forced_tool_choice is None

@@ -130,7 +130,7 @@ async def diagnose(
     """Run the probes against `url` and record what they found."""
     from runner.job import catalog
     from runner.job.facts import as_dict as facts_dict
-    from runner.job.facts import endpoint_id, record_facts
+    from runner.job.facts import record_facts
     from runner.send.probe import CONTROL_MODEL, PROBE_INPUT_TOKENS, Prober, Report, probe_online
     from runner.send.probe_batch import probe_batch
 
@@ -170,7 +170,7 @@ async def diagnose(
                     report.control["batch_eligible"] = found["eligible"]
     elif not batch:
         report.add("batch", None, "not checked", "add --batch (a 2-line batch, waits up to --batch-wait)")
-    where = endpoint_id(target.base_url)
+    where = target.base_url
     if report.facts:
         report.facts = facts_dict(record_facts(where, target.model, source="doctor", **report.facts))
     if report.control:

@@ -40,11 +40,6 @@ class Facts:
 SIMULATOR = "simulator"  # the in-process simulator's key (`model.endpoint: simulator`: its port changes per run)
 
 
-def endpoint_id(base_url: str | None) -> str:
-    """The endpoint part of a facts key for a job's base URL (None: the in-process simulator)."""
-    return base_url if base_url is not None else SIMULATOR
-
-
 def facts_path() -> Path:
     """Where the facts file lives."""
     configured = os.environ.get("GLM_BATCH_FACTS")
@@ -53,8 +48,11 @@ def facts_path() -> Path:
     return Path.home() / ".local" / "share" / "glm-batch" / "facts.json"
 
 
-def facts_key(base_url: str, model: str) -> str:
-    """The file's key for one endpoint and model: the URL without credentials, query or trailing slash."""
+def facts_key(base_url: str | None, model: str) -> str:
+    """The file's key for one endpoint and model: the URL without credentials, query or trailing slash
+    (a job's base URL is None on the in-process simulator, whose port changes per run)."""
+    if base_url is None:
+        return f"{SIMULATOR} {model}"
     parts = urlsplit(base_url.strip())
     host = parts.hostname or ""
     if parts.port:
@@ -71,7 +69,7 @@ def _read_all(path: Path) -> dict[str, Any]:
     return {}
 
 
-def load_facts(base_url: str, model: str) -> Facts:
+def load_facts(base_url: str | None, model: str) -> Facts:
     """The facts known for one endpoint and model (all None when nothing is known)."""
     entry = _read_all(facts_path()).get(facts_key(base_url, model))
     if not isinstance(entry, dict):
@@ -80,7 +78,7 @@ def load_facts(base_url: str, model: str) -> Facts:
     return Facts(**{k: v for k, v in entry.items() if k in known})
 
 
-def record_facts(base_url: str, model: str, *, source: str, **learned: Any) -> Facts:
+def record_facts(base_url: str | None, model: str, *, source: str, **learned: Any) -> Facts:
     """Merge what was just learned (fields of Facts; None values are ignored) and write the file.
 
     Bookkeeping, never a reason to fail a run: a file that cannot be written is left as it was."""

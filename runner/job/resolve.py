@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from runner.errors import UsageError
 from runner.job import catalog, paths
 from runner.job.eligibility import BatchEligibility, batch_eligibility
-from runner.job.facts import endpoint_id, load_facts
+from runner.job.facts import load_facts
 from runner.job.reading import describe_invalid, load_yaml, read_text_file
 from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
@@ -215,7 +215,7 @@ def _resolve(
             f"{where}: model.name: unknown model {spec.model.name!r}; known: {known} (add it to configs/models.yaml)"
         )
     info = models[spec.model.name]
-    learned = load_facts(endpoint_id(base_url), spec.model.name)  # what glm-batch doctor found here
+    learned = load_facts(base_url, spec.model.name)  # what glm-batch doctor found here
     batch_basis = batch_eligibility(
         spec.model.name, info, spec.model.endpoint, base_url, learned, spec.run.batch.allow_unconfirmed
     )

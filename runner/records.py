@@ -175,6 +175,17 @@ def result_from_json(line: str | bytes) -> Result:
     return Result(**data)
 
 
+def read_journal(path: Path) -> list[Result]:
+    """Every result in a journal file; a line that does not read (a torn last line) is skipped."""
+    results = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            results.append(result_from_json(line))
+        except (ValueError, TypeError):
+            continue
+    return results
+
+
 _STORED_FIELDS = tuple(name for name in RESULT_SCHEMA if name != "run_id")
 _stored_values = operator.attrgetter(*_STORED_FIELDS)
 

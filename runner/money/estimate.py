@@ -37,7 +37,7 @@ from runner.money.pricing import PriceTable, require_prices, tier_label
 from runner.money.tokens import Calibration, estimate_request
 from runner.observe.progress import Reporter
 from runner.plan import plan
-from runner.records import KEY, Request, result_from_json, scan_results
+from runner.records import KEY, Request, read_journal, scan_results
 from runner.send.endpoints import endpoint_url
 from runner.state.store import SettledKeys, Store
 
@@ -130,11 +130,7 @@ def _read_state(job: Job, options: EstimateOptions) -> tuple[list[Path], Settled
             settled = settled | ~pl.col("retryable")
         keys = scan_results(parts).filter(settled).select(KEY).collect().get_column(KEY).to_list()
     for journal in sorted(job.state_dir.glob("journal-*.jsonl")) if job.state_dir.is_dir() else []:
-        for line in journal.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                result = result_from_json(line)
-            except (ValueError, TypeError):
-                continue  # a torn last line
+        for result in read_journal(journal):
             if result.status == "ok" or not (options.retry_failed or result.retryable):
                 keys.append(result.key)
     return parts, SettledKeys(pl.Series(KEY, sorted(set(keys)), dtype=pl.String))

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from runner.errors import DiskFull, GlmBatchError, StateUnwritable
-from runner.records import Result, journal_line, result_from_json
+from runner.records import Result, journal_line, read_journal
 from runner.state.files import NO_SPACE, no_space, write_bytes_atomic
 
 RESCUE_MARK = ".rescue-"
@@ -130,10 +130,4 @@ def find_rescued(output_path: Path, state_dir: Path) -> list[Path]:
 def read_rescued(path: Path) -> tuple[str, list[Result]]:
     """A rescue journal's run id and answers (a line that does not read is skipped)."""
     run_id = path.name.split(RESCUE_MARK, 1)[1].removesuffix(".jsonl")
-    results = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            results.append(result_from_json(line))
-        except (ValueError, TypeError):
-            continue
-    return run_id, results
+    return run_id, read_journal(path)

@@ -39,7 +39,7 @@ from runner.records import (
     RESULT_SCHEMA,
     Result,
     journal_line,
-    result_from_json,
+    read_journal,
     results_frame,
     scan_results,
     with_valid_unicode,
@@ -167,12 +167,7 @@ class Store:
 
     def recover(self, journal: Path) -> None:
         """Turn a dead writer's journal into a part; a torn last line (the kill came mid-write) is dropped."""
-        results = []
-        for line in journal.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                results.append(result_from_json(line))
-            except (ValueError, TypeError):
-                continue
+        results = read_journal(journal)
         if results:
             run_id = journal.stem.removeprefix("journal-")
             write_atomic(results_frame(results, run_id), self.results_dir / f"part-{run_id}-recovered.parquet")

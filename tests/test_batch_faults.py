@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +14,13 @@ import polars as pl
 
 from runner.testing.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
-from tests.test_batch_mode import BATCH_MODEL, FAST_POLL, assert_paid_once, crash_env, expected
+from tests.test_batch_mode import (
+    BATCH_MODEL,
+    FAST_POLL,
+    assert_paid_once,
+    expected,
+    run_until_a_batch_exists,
+)
 
 
 def test_a_batch_api_that_keeps_failing_while_polling_ends_the_run_with_exit_3_and_the_resume_line(
@@ -94,15 +98,7 @@ def test_ctrl_c_while_polling_ends_within_a_second_and_says_the_batch_runs_on_at
         rows=sample_rows(100),
         run={"mode": "batch", "batch": {"poll_initial_s": 60, "poll_max_s": 120}},
     )
-    child = subprocess.Popen(
-        [sys.executable, "-m", "runner", "run", str(files.spec), "--log-format", "json"],
-        env=crash_env(tmp_path),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not sim.stats()["outcomes"].get("batch_created") and time.monotonic() < deadline:
-        time.sleep(0.02)
+    child = run_until_a_batch_exists(files, sim, tmp_path)
     time.sleep(0.3)  # into the poll interval's wait
     os.kill(child.pid, signal.SIGINT)
     sent = time.monotonic()

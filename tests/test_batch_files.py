@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +12,13 @@ import polars as pl
 
 from runner.testing.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
-from tests.test_batch_mode import BATCH_MODEL, FAST_POLL, assert_paid_once, crash_env, expected
+from tests.test_batch_mode import (
+    BATCH_MODEL,
+    FAST_POLL,
+    assert_paid_once,
+    expected,
+    run_until_a_batch_exists,
+)
 
 
 def test_a_batch_job_under_a_file_cap_and_a_queue_cap_answers_every_row_and_leaves_no_file_behind(
@@ -69,15 +72,7 @@ def test_cancel_while_a_run_is_active_is_refused_until_the_run_stops(
     cancels nothing; once the run is stopped, cancel works."""
     sim.configure(batch_lines_per_s=5)
     files = make_job(rows=sample_rows(100), model=BATCH_MODEL, run={"mode": "batch", "batch": FAST_POLL})
-    child = subprocess.Popen(
-        [sys.executable, "-m", "runner", "run", str(files.spec), "--log-format", "json"],
-        env=crash_env(tmp_path),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not sim.stats()["outcomes"].get("batch_created") and time.monotonic() < deadline:
-        time.sleep(0.02)
+    child = run_until_a_batch_exists(files, sim, tmp_path)
     refused = cli("cancel", str(files.spec))
     assert refused.exit_code == 75, refused.stderr
     assert "stop it first" in refused.stderr

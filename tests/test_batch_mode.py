@@ -148,6 +148,20 @@ def crash_env(tmp_path: Path) -> dict[str, str]:
     return {**CHILD_ENV, "GLM_BATCH_LEDGER": str(tmp_path / "ledger"), "GLM_BATCH_FACTS": str(tmp_path / "facts.json")}
 
 
+def run_until_a_batch_exists(files: JobFiles, sim: SimulatorThread, tmp_path: Path) -> subprocess.Popen[str]:
+    """`glm-batch run` of `files` in a child process, returned once the simulator has created a batch."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "runner", "run", str(files.spec), "--log-format", "json"],
+        env=crash_env(tmp_path),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not sim.stats()["outcomes"].get("batch_created") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return child
+
+
 @pytest.mark.parametrize(
     ("method", "stage", "nth"),
     [

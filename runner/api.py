@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.errors import UsageError, deliberate
+from runner.errors import UsageError
 from runner.job.resolve import Job
 from runner.job.resolve import load_job as _load_job
 from runner.observe.progress import LogReporter, Reporter
@@ -105,10 +105,7 @@ async def arun_job(
     if will_send_online(job, fresh=fresh):
         import_in_background()
     options = RunOptions(fresh=fresh, retry_failed=retry_failed, resume_command=resume_command(job, set, limit))
-    try:
-        report = await _run(job, api_key=api_key_for(job), options=options, reporter=reporter or LogReporter())
-    except ExceptionGroup as group:  # a UsageError raised while sending reaches the caller as itself
-        raise deliberate(group) or group from None
+    report = await _run(job, api_key=api_key_for(job), options=options, reporter=reporter or LogReporter())
     output = report.summary.get("output")
     return Result(report.exit_code, report.message, report.summary, Path(output) if output else None)
 

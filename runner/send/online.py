@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from tenacity import RetryCallState
 
+from runner.errors import deliberate
 from runner.job.structured import AnswerShape
 from runner.records import Answer, Request, Result
 from runner.send.base import Control, Conversation, Deliver, failure
@@ -102,10 +103,13 @@ class OnlineExecutor:
                 if result is not None:
                     deliver(result)
 
-        async with asyncio.TaskGroup() as group:
-            group.create_task(feed())
-            for _ in range(self._workers):
-                group.create_task(work())
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(feed())
+                for _ in range(self._workers):
+                    group.create_task(work())
+        except ExceptionGroup as failed:  # an error raised on purpose (a UsageError) reaches the caller as itself
+            raise deliberate(failed) or failed from None
 
     async def _send(self, request: Request, control: Control, waited: list[float] | None = None) -> Result | None:
         """One request's conversation: each turn retried until answered, repairs as the shape asks.

@@ -32,7 +32,7 @@ from runner.job.inputs import open_input
 from runner.job.resolve import Job
 from runner.observe.progress import Reporter
 from runner.runs import RunOptions, RunReport
-from runner.state.files import write_atomic, write_json_atomic
+from runner.state.files import read_json_object, write_atomic, write_json_atomic
 
 AHEAD = 1  # a calibration round asks the oracle for this many of the method's draws of 10 at once
 ANSWERED_BY, CONFIDENCE, IN_CALIBRATION = "answered_by", "proxy_confidence", "in_calibration"
@@ -354,9 +354,5 @@ def _accuracy(frame: pl.DataFrame, field: str, gold: str) -> float | None:
 
 def read_cascade_summary(output: Path) -> dict[str, Any] | None:
     """The cascade section of the summary beside an output (None when it is not a cascade's)."""
-    try:
-        data = json.loads(output.with_suffix(".summary.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    found = data.get("cascade")
+    found = (read_json_object(output.with_suffix(".summary.json")) or {}).get("cascade")
     return found if isinstance(found, dict) else None

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from runner.state.files import write_json_atomic
+from runner.state.files import read_json_object, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -62,11 +61,7 @@ def facts_key(base_url: str | None, model: str) -> str:
 
 
 def _read_all(path: Path) -> dict[str, Any]:
-    with contextlib.suppress(OSError, ValueError):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict):
-            return data
-    return {}
+    return read_json_object(path) or {}
 
 
 def load_facts(base_url: str | None, model: str) -> Facts:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import glob
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from runner.errors import UsageError
 from runner.job.spec import JobSpec
+from runner.state.files import read_json_object
 
 if TYPE_CHECKING:
     from runner.job.resolve import Job
@@ -207,8 +207,8 @@ def output_files(output: Path) -> list[tuple[Path, str]]:
     and the state folder beside it."""
     summary = output.with_suffix(".summary.json")
     files = [(output, "the output"), (summary, "the output's summary"), (output.parent / ".glm-batch", "state")]
-    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-        found = json.loads(summary.read_text(encoding="utf-8"))
+    found = read_json_object(summary) or {}
+    with contextlib.suppress(TypeError, AttributeError):  # a summary whose fields are not what we wrote
         if found.get("spec"):
             files.append((Path(found["spec"]), "the job spec"))
         files += [(Path(item["path"]), "an input of the job") for item in found.get("inputs") or ()]

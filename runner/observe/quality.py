@@ -11,8 +11,6 @@ failed to answer.
 
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from runner.errors import UsageError
 from runner.job.resolve import Job
 from runner.job.structured import AnswerShape
 from runner.output.columns import GOLD_SUFFIX, OUTPUT_COLUMNS, SAMPLE_ANSWERS, VOTE_COLUMNS
+from runner.state.files import read_json_object
 
 INVALID = "(invalid)"
 
@@ -174,9 +173,7 @@ def summarise_file(path: Path, gold: str | None) -> dict[str, Any]:
         raise UsageError(f"{path}: cannot read it as Parquet ({exc}); give a glm-batch output or a job spec") from None
     if not {"status", "repairs", "error_type"} <= columns.keys():
         raise UsageError(f"{path}: not a glm-batch output (no status column); give its job spec instead")
-    beside: dict[str, Any] = {}
-    with contextlib.suppress(OSError, json.JSONDecodeError):
-        beside = json.loads(path.with_suffix(".summary.json").read_text(encoding="utf-8"))
+    beside = read_json_object(path.with_suffix(".summary.json")) or {}
     gold = gold or (beside.get("quality") or {}).get("gold_column")
     if gold is not None and gold not in columns:
         kept = ", ".join(c for c in columns if c not in (*OUTPUT_COLUMNS, *VOTE_COLUMNS)) or "none"

@@ -14,8 +14,6 @@ input columns the output kept (`output.keep_columns`) so a person can see why.
 
 from __future__ import annotations
 
-import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from runner.job.resolve import Job
 from runner.observe import quality
 from runner.observe.runstats import run_figures
 from runner.output.columns import AGREEMENT, OUTPUT_COLUMNS, VOTE_COLUMNS
+from runner.state.files import read_json_object
 
 EXAMPLES_SHOWN = 50  # wrong answers listed on the page; the count says how many there are in all
 REPAIRED_MEANS = (
@@ -62,9 +61,7 @@ def load_report(output: Path, *, job: Job | None = None, gold: str | None = None
         ) from None
     if "status" not in columns:
         raise UsageError(f"{output}: not a glm-batch output (no status column); give its job spec instead")
-    beside: dict[str, Any] = {}
-    with contextlib.suppress(OSError, json.JSONDecodeError):
-        beside = json.loads(output.with_suffix(".summary.json").read_text(encoding="utf-8"))
+    beside = read_json_object(output.with_suffix(".summary.json")) or {}
     figures = run_figures(output, beside)
     found: dict[str, Any] | None = None
     fields: tuple[str, ...] = ()

@@ -98,6 +98,16 @@ def write_json_atomic(data: dict[str, Any], path: Path) -> None:
         write_bytes_atomic(json.dumps(data, indent=2, default=str).encode("utf-8"), path)
 
 
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when the file is absent, unreadable, not UTF-8 JSON or not an
+    object (every side file glm-batch reads back is one it may find torn or foreign)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_manifest(state_dir: Path) -> dict[str, Any]:
     """A job's manifest (the runs it records), or an empty one for a job that never ran or whose
     manifest is not JSON. Here, beside the writes, so `status` reads it without the store (polars)."""

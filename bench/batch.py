@@ -136,9 +136,9 @@ def child_run(out: Path, spec: Path) -> None:
     probe = Probe()
     from runner import cli
     from runner.send import batch
-    from runner.send.batch import BatchExecutor
-    from runner.send.batch_api import BatchAPI
-    from runner.send.batch_harvest import Harvester
+    from runner.send.batch.api import BatchAPI
+    from runner.send.batch.executor import BatchExecutor
+    from runner.send.batch.harvest import Harvester
 
     probe.wrap(BatchExecutor, "run", "executor", after="finish")
     probe.wrap(batch, "write_round", "prepare", phase="prepare_upload")

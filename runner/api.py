@@ -98,8 +98,8 @@ async def arun_job(
     reporter: Reporter | None = None,
 ) -> Result:
     """Run a job to completion, interruption or abort (the async form; see `run_job`)."""
-    from runner.engine import RunOptions
     from runner.engine import run_job as _run
+    from runner.runs import RunOptions
 
     job = spec if isinstance(spec, Job) else load_job(spec, set=set, limit=limit)
     if will_send_online(job, fresh=fresh):
@@ -153,8 +153,8 @@ async def aestimate_job(
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Estimate a job (the async form; see `estimate_job`)."""
-    from runner.money.estimate import EstimateOptions
-    from runner.money.estimate import estimate_job as _estimate
+    from runner.estimate import EstimateOptions
+    from runner.estimate import estimate_job as _estimate
 
     job = spec if isinstance(spec, Job) else load_job(spec, set=set, limit=limit)
     key = api_key_for(job) if (exact or pilot) else "unused"

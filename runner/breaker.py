@@ -3,7 +3,7 @@
     breaker = Breaker.for_run(rows_total)
     for result in breaker.admit(result):        # what to journal now (held failures come out later)
         ...
-    if breaker.tripped: control.abort_with(breaker.error())
+    if breaker.tripped: control.abort(breaker.error())
 
 The rule: the first `threshold` answers of a run, where threshold = 5% of the rows, at least
 MIN_ANSWERS and at most MAX_ANSWERS, all failed permanently with the same request-shaped error (a

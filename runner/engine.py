@@ -26,12 +26,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from runner.breaker import Breaker
+from runner.control import Control
 from runner.errors import STATE_FAILURES
 from runner.finish import Ending, finish, record
 from runner.job.facts import load_facts, record_facts
 from runner.job.inputs import open_input
-from runner.job.paths import check_written_apart
-from runner.job.resolve import Job
+from runner.job.resolve import Job, check_written_apart
 from runner.money.accounting import Tally, accountant_for
 from runner.money.ledger import ledger_dir
 from runner.observe import summary
@@ -43,7 +43,7 @@ from runner.runs import RunOptions as RunOptions  # re-exported
 from runner.runs import RunReport as RunReport
 from runner.runs import fingerprint
 from runner.send import make_executor
-from runner.send.base import Control, Executor
+from runner.send.base import Executor
 from runner.send.endpoints import endpoint_url
 from runner.state.rescue import RESCUE_MARK, find_rescued
 from runner.state.store import Store
@@ -116,7 +116,7 @@ async def _run(
         for admitted in breaker.admit(result):
             journal(admitted)
         if breaker.tripped and control.aborted is None:
-            control.abort_with(breaker.error())
+            control.abort(breaker.error())
 
     def journal(result: Result) -> None:
         if cpu.first is None:

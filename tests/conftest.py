@@ -1,7 +1,7 @@
 """Shared fixtures: a real simulator on loopback, a job factory, and a way to call the real CLI.
 
 Nothing here mocks the SDK or the engine: every test sends real HTTP through `anthropic.AsyncAnthropic`
-to `runner.testing.simulator` on 127.0.0.1.
+to `runner.simulator.simulator` on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from hypothesis import settings
 from typer.testing import CliRunner
 
 from runner.cli import app
-from runner.testing.simulator import SimConfig, SimulatorThread
+from runner.simulator.config import SimConfig
+from runner.simulator.simulator import SimulatorThread
 
 # Hypothesis' per-example deadline is a timing assertion: on a loaded 2-core machine it fails tests whose
 # behaviour is fine. Properties are checked for what they compute, never for how fast.

@@ -17,7 +17,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from runner.testing.simulator import SimulatorThread, answer_for
+from runner.simulator.answers import answer_for
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import API_KEY, JobFiles, cli, sample_rows
 
 FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}

@@ -9,13 +9,13 @@ import time
 import polars as pl
 import pytest
 
+from runner.control import Control
 from runner.records import Request, Result
-from runner.send.base import Control
 from runner.send.client import Client
 from runner.send.limits import Limits
 from runner.send.online import OnlineExecutor
 from runner.send.retries import wait_backoff
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import API_KEY, cli, sample_rows
 
 RETRYABLE = {

@@ -12,7 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from runner.testing.simulator import SimConfig, SimulatorThread, answer_for
+from runner.simulator.answers import answer_for
+from runner.simulator.config import SimConfig
+from runner.simulator.simulator import SimulatorThread
 
 KEY = "sim-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}

@@ -14,15 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from runner.testing.simulator import (
-    FAULTS,
-    RETRYABLE_FAULTS,
-    SimConfig,
-    Simulator,
-    SimulatorThread,
-    answer_for,
-    prompt_text,
-)
+from runner.simulator.answers import answer_for, prompt_text
+from runner.simulator.config import FAULTS, RETRYABLE_FAULTS, SimConfig
+from runner.simulator.simulator import Simulator, SimulatorThread
 
 KEY = "sim-test-key"
 

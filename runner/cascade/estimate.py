@@ -50,7 +50,7 @@ def perfect_proxy_share(rows: int, target: float, delta: float, seed: int) -> fl
 async def estimate_cascade(job: Job, *, api_key: str, options: Any, reporter: Reporter) -> dict[str, Any]:
     """The report of a cascade job: its next run (rows, requests to send, cost) and a `cascade`
     section with that run per stage, the whole cascade against the oracle alone, and the oracle's share."""
-    from runner.money.estimate import estimate_job
+    from runner.estimate import estimate_job
 
     cascade = job.spec.output.cascade
     assert cascade is not None
@@ -155,9 +155,9 @@ def _oracle_rows_left(
     """How many rows the next run asks the oracle about, when the state decides it: the proxy pass is
     done and the method, replayed (as a run replays it) on the oracle's answers so far, draws no more;
     then the rows asked or escalated whose request the oracle's state does not hold. None otherwise."""
+    from runner.estimate import _read_state
     from runner.job.prompts import RequestBuilder
-    from runner.job.templates import RenderError
-    from runner.money.estimate import _read_state
+    from runner.job.sandbox import RenderError
 
     cascade = job.spec.output.cascade
     assert cascade is not None

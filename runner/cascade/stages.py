@@ -28,11 +28,11 @@ import polars as pl
 from runner.cascade.derive import derive
 from runner.cascade.threshold import Step, choose
 from runner.errors import UsageError
+from runner.files import read_json_object, write_atomic, write_json_atomic
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
 from runner.observe.progress import Reporter
 from runner.runs import RunOptions, RunReport
-from runner.state.files import read_json_object, write_atomic, write_json_atomic
 
 AHEAD = 1  # a calibration round asks the oracle for this many of the method's draws of 10 at once
 ANSWERED_BY, CONFIDENCE, IN_CALIBRATION = "answered_by", "proxy_confidence", "in_calibration"
@@ -184,7 +184,7 @@ def _answered_before(
     but costs a run). An answer is taken only where the row renders today to the request it answered
     (its key: prompt, model and parameters); otherwise the rounds replay and find answers by key."""
     from runner.job.prompts import RequestBuilder
-    from runner.job.templates import RenderError
+    from runner.job.sandbox import RenderError
 
     try:
         out = pl.read_parquet(home / "oracle.parquet", columns=[id_col, "request_key", "status", *fields])

@@ -99,7 +99,8 @@ def _url(target: Target) -> Iterator[str]:
     if target.base_url is not None:
         yield target.base_url
         return
-    from runner.testing.simulator import SimConfig, SimulatorThread
+    from runner.simulator.config import SimConfig
+    from runner.simulator.simulator import SimulatorThread
 
     with SimulatorThread(SimConfig()) as server:
         yield server.url
@@ -131,8 +132,8 @@ async def diagnose(
     from runner.job import catalog
     from runner.job.facts import as_dict as facts_dict
     from runner.job.facts import record_facts
+    from runner.send.batch.probe import probe_batch
     from runner.send.probe import CONTROL_MODEL, PROBE_INPUT_TOKENS, Prober, Report, probe_online
-    from runner.send.probe_batch import probe_batch
 
     report = Report(target, url)
     table = _table(target)

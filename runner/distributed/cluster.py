@@ -24,6 +24,7 @@ from typing import Any
 import polars as pl
 import ray
 
+from runner.control import Control
 from runner.distributed.engine import Progress, Shape
 from runner.distributed.limiter import connect
 from runner.distributed.rows import read_rows
@@ -35,10 +36,10 @@ from runner.money.accounting import Accountant, Tally
 from runner.money.pricing import tier_label
 from runner.observe.progress import Reporter
 from runner.records import KEY, Result, result_from_json, scan_results
-from runner.send.base import Control
 from runner.send.endpoints import endpoint_url
 from runner.send.limits import AimdController
-from runner.state.store import SettledKeys, Store
+from runner.state.settled import SettledKeys
+from runner.state.store import Store
 from runner.supervise import supervise
 
 

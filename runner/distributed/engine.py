@@ -21,6 +21,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from runner.control import Control
 from runner.errors import UsageError
 from runner.finish import Ending, finish
 from runner.job.inputs import InputSource, open_input
@@ -34,7 +35,6 @@ from runner.observe.progress import Reporter
 from runner.plan import ALL_FAIL_ROWS, plan
 from runner.resume import settled_keys
 from runner.runs import RunOptions, RunReport, fingerprint
-from runner.send.base import Control
 from runner.state.rescue import find_rescued
 from runner.state.store import Store
 

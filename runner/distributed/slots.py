@@ -28,7 +28,8 @@ from typing import Any
 
 from ray.actor import ActorHandle
 
-from runner.distributed.limiter import ClusterLimiter, Directive, LeaseLost, Outcomes
+from runner.distributed.limiter import ClusterLimiter
+from runner.distributed.terms import Directive, LeaseLost, Outcomes
 from runner.send.limits import AimdController, Attempt, Overload
 
 

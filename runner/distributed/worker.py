@@ -30,6 +30,7 @@ import polars as pl
 import pyarrow as pa
 import ray
 
+from runner.control import Control
 from runner.distributed.slots import LeasedSlots
 from runner.errors import STATE_FAILURES
 from runner.job.inputs import ROW, InputSource
@@ -39,11 +40,11 @@ from runner.money.tokens import estimate_request
 from runner.plan import Dispatch, plan
 from runner.records import KEY, Request, Result, result_to_json
 from runner.send import online_executor
-from runner.send.base import Control
 from runner.send.client import Client
 from runner.send.online import OnlineExecutor
 from runner.state.rowmap import RowMap
-from runner.state.store import SettledKeys, Store
+from runner.state.settled import SettledKeys
+from runner.state.store import Store
 
 REPORT = "_report"  # the column carrying a block's report on its first line
 

@@ -23,7 +23,8 @@ from typing import Any
 
 from runner.errors import UsageError
 from runner.job.resolve import Job
-from runner.job.templates import NullInput, RenderError, blank_nested_nulls, has_nested_null
+from runner.job.sandbox import NullInput, RenderError
+from runner.job.templates import blank_nested_nulls, has_nested_null
 from runner.records import Request
 
 SAMPLE_MARK = "-s"

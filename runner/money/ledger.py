@@ -24,8 +24,8 @@ from pathlib import Path
 import polars as pl
 
 from runner.errors import GlmBatchError
+from runner.files import write_atomic
 from runner.money.tokens import Calibration
-from runner.state.files import write_atomic
 
 LEDGER_SCHEMA: dict[str, pl.DataType] = {
     "day": pl.Date(),

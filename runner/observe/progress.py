@@ -30,9 +30,9 @@ if TYPE_CHECKING:  # rich is imported by the one reporter that draws with it
     from rich.console import Console
     from rich.live import Live
 
+    from runner.control import Control
     from runner.job.resolve import Job
     from runner.money.accounting import Tally
-    from runner.send.base import Control
 
 LogFormat = Literal["auto", "rich", "json", "text"]
 
@@ -229,8 +229,8 @@ class RichReporter:
             self._live.refresh()
 
     def start(self, job: Job, tally: Tally) -> None:
+        from runner.control import Control
         from runner.money.pricing import price_table  # the reporter is built before any job is read
-        from runner.send.base import Control
 
         self._job, self._model, self._currency = job.name, job.spec.model.name, job.currency
         self._priced = price_table(job) is not None

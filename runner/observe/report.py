@@ -22,12 +22,12 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
+from runner.columns import AGREEMENT, OUTPUT_COLUMNS, VOTE_COLUMNS
 from runner.errors import UsageError
+from runner.files import read_json_object
 from runner.job.resolve import Job
 from runner.observe import quality
 from runner.observe.runstats import run_figures
-from runner.output.columns import AGREEMENT, OUTPUT_COLUMNS, VOTE_COLUMNS
-from runner.state.files import read_json_object
 
 EXAMPLES_SHOWN = 50  # wrong answers listed on the page; the count says how many there are in all
 REPAIRED_MEANS = (

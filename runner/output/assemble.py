@@ -21,9 +21,9 @@ from pathlib import Path
 
 import polars as pl
 
+from runner.columns import OUTPUT_COLUMNS, REUSED_FROM, VOTE_COLUMNS
 from runner.job.inputs import ID, ROW
 from runner.output import voting
-from runner.output.columns import OUTPUT_COLUMNS, REUSED_FROM, VOTE_COLUMNS
 from runner.output.sinks import OutputSink
 from runner.records import KEY, scan_results
 from runner.state.rowmap import file_identities

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import polars as pl
 
+from runner.columns import AGREEMENT, SAMPLE_ANSWERS
 from runner.job.inputs import ROW
 from runner.job.samples import SAMPLE
-from runner.output.columns import AGREEMENT, SAMPLE_ANSWERS
 
 # Counted once per request, so a row's figure is the sum over its samples.
 SUMMED = (

@@ -29,6 +29,8 @@ from typing import Literal
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
+from runner.errors import EndpointAborted
+
 # Business codes that mean "this account cannot be served at all": no balance, plan exhausted or
 # expired, account inactive/locked, bad or expired token.
 ABORT_CODES = frozenset(
@@ -238,3 +240,9 @@ def retrying(
         before_sleep=before_sleep,
         reraise=True,
     )
+
+
+def refusal(fault: Fault) -> EndpointAborted:
+    """The error that stops a run whose endpoint refused the whole job with `fault`."""
+    code = fault.type.rsplit("/", 1)[-1]
+    return EndpointAborted(f"the endpoint refused the job ({fault.type}: {fault.message}): {abort_meaning(code)}")

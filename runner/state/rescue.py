@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from runner.errors import DiskFull, GlmBatchError, StateUnwritable
+from runner.files import NO_SPACE, no_space, write_bytes_atomic
 from runner.records import Result, journal_line, read_journal
-from runner.state.files import NO_SPACE, no_space, write_bytes_atomic
 
 RESCUE_MARK = ".rescue-"
 

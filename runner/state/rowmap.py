@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.state.files import write_atomic, write_json_atomic
+from runner.files import write_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     import polars as pl

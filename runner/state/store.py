@@ -34,6 +34,15 @@ import orjson
 import polars as pl
 
 from runner.errors import STATE_FAILURES, GlmBatchError, UsageError
+from runner.files import (
+    NO_SPACE,
+    fsync_rename,
+    no_space,
+    read_manifest,
+    space_checked,
+    write_atomic,
+    write_json_atomic,
+)
 from runner.records import (
     KEY,
     RESULT_SCHEMA,
@@ -43,15 +52,6 @@ from runner.records import (
     results_frame,
     scan_results,
     with_valid_unicode,
-)
-from runner.state.files import (
-    NO_SPACE,
-    fsync_rename,
-    no_space,
-    read_manifest,
-    space_checked,
-    write_atomic,
-    write_json_atomic,
 )
 from runner.state.lock import JobLock
 from runner.state.rescue import read_rescued, state_failure, state_guard, write_rescue

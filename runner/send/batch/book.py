@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from runner.state.files import space_checked
+from runner.files import space_checked
 
 OPEN = ("written", "uploaded", "created")  # a chunk in one of these has requests not yet harvested
 

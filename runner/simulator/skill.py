@@ -19,7 +19,7 @@ case a cascade must survive by falling back to the oracle).
 
 from __future__ import annotations
 
-from runner.testing.answers import lexicon_score, share
+from runner.simulator.answers import lexicon_score, share
 
 SURE_WAVER = 0.03  # a sure row's sample answers otherwise this often
 WRONG_AGREES = 0.9  # a confidently wrong row's sample gives its wrong label this often

@@ -12,7 +12,7 @@ One hierarchy; every error carries what the API said, never a header:
 
 `classify_api_error` reads each into the project's one retry vocabulary, a runner.send.retries.Fault
 (RETRY, ABORT or FAIL, with the server's retry-after, which wait_backoff honours); `status_error` reads
-an error answer into the right class. Used by runner.send.batch_api (which re-exports the public names).
+an error answer into the right class. Used by runner.send.batch.api (which re-exports the public names).
 """
 
 from __future__ import annotations

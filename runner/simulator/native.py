@@ -10,7 +10,7 @@ Error bodies are native-shaped: `{"error": {"code": "1214", "message": "..."}}`.
 does not document (a file not found, a full queue, a model not eligible) are guesses.
 
 The routes are here (NativeAPI); the files and batches they hold and the clock-driven life of a batch
-are runner.testing.batch_state, and the checks on an uploaded batch file runner.testing.batch_input.
+are runner.simulator.batch_state, and the checks on an uploaded batch file runner.simulator.batch_input.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from runner.job import catalog
-from runner.testing.answers import ask_from_chat, chat_completion, count_tokens, prompt_key
-from runner.testing.batch_input import LINE_URL, eligible, file_problem, line_problem, parse_file
-from runner.testing.batch_state import ACTIVE, NativeState, SimBatch, SimFile
+from runner.simulator.answers import ask_from_chat, chat_completion, count_tokens, prompt_key
+from runner.simulator.batch_input import LINE_URL, eligible, file_problem, line_problem, parse_file
+from runner.simulator.batch_state import ACTIVE, NativeState, SimBatch, SimFile
 
 __all__ = ["ACTIVE", "BATCH_ENDPOINTS", "LINE_URL", "NATIVE_PATH", "NativeAPI"]
 

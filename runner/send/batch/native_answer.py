@@ -1,6 +1,6 @@
 """Reading a chat completion back: `answer_from_chat` turns a `/v4/chat/completions` body into an Answer.
 
-Part of the native wire (runner.send.native, which re-exports it): the same Answer the online wire
+Part of the native wire (runner.send.batch.native_request, which re-exports it): the same Answer the online wire
 gives, with OpenAI-style usage converted to Anthropic's (`prompt_tokens` includes cached tokens; an
 Answer's `input_tokens` does not). A body that is not a chat completion raises BadResultLine. Pure
 functions over dicts: no I/O, no clock.

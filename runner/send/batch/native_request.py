@@ -18,9 +18,9 @@ Differences the translation handles (see shared/reference/batch.md, wire.md):
 - `tool_choice`: the native API accepts only `"auto"` (see `chat_body`);
 - `top_k` does not exist on the native API and is dropped.
 
-The request side lives here; reading answers back is runner.send.native_answer (`answer_from_chat`,
-`BadResultLine`) and reading result files runner.send.native_results (`ResultLine`,
-`parse_result_line`, `classify_failure`). Every one of those names is importable from here too.
+The request side lives here; reading answers back is runner.send.batch.native_answer (`answer_from_chat`,
+`BadResultLine`) and reading result files runner.send.batch.native_results (`ResultLine`,
+`parse_result_line`, `classify_failure`).
 """
 
 from __future__ import annotations
@@ -28,19 +28,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-from runner.send.native_answer import BadResultLine, answer_from_chat
-from runner.send.native_results import ResultLine, classify_failure, parse_result_line
-
-__all__ = [
-    "BadResultLine",
-    "ResultLine",
-    "UnsupportedParams",
-    "answer_from_chat",
-    "chat_body",
-    "classify_failure",
-    "parse_result_line",
-]
 
 # The Messages-API parameters `chat_body` understands. Anything else is refused rather than dropped:
 # a request that silently lost a field would be a different request under the same key.

@@ -16,7 +16,7 @@ streams a multipart file part from an open file in 64 KiB reads (in the executor
 loop), takes a timeout per call (`ClientTimeout`), streams a download with `iter_chunked`, and raises
 one `ClientError` family for connection faults.
 
-Errors are one hierarchy (runner.send.batch_api_errors), every one carrying what the API said, never
+Errors are one hierarchy (runner.send.batch.errors), every one carrying what the API said, never
 a header: BatchTransportError and BatchTimeout (the connection), BatchProtocolError (a success status
 with a body that is not what the API promises), BatchStatusError (an error answer), with BatchAbort
 (no balance, exhausted plan, bad key: stop everything) and BatchNotFound (404) below it. The typed
@@ -46,47 +46,23 @@ from typing import Any, TypeVar
 import aiohttp
 from tenacity import RetryCallState
 
-from runner.send.batch_api_errors import (
+from runner.files import fsync_rename
+from runner.send.batch.errors import (
     MAX_ERROR_BODY,
-    BatchAbort,
-    BatchAPIError,
     BatchNotFound,
     BatchProtocolError,
-    BatchStatusError,
     BatchTimeout,
     BatchTransportError,
     classify_api_error,
     status_error,
 )
-from runner.send.batch_api_types import (
-    TERMINAL_STATUSES,
+from runner.send.batch.shapes import (
     Batch,
-    BatchError,
     BatchPage,
     FileObject,
-    RequestCounts,
     page_from_json,
 )
 from runner.send.retries import Fault, retrying, wait_backoff
-from runner.state.files import fsync_rename
-
-__all__ = [
-    "TERMINAL_STATUSES",
-    "Batch",
-    "BatchAPI",
-    "BatchAPIError",
-    "BatchAbort",
-    "BatchError",
-    "BatchNotFound",
-    "BatchPage",
-    "BatchProtocolError",
-    "BatchStatusError",
-    "BatchTimeout",
-    "BatchTransportError",
-    "FileObject",
-    "RequestCounts",
-    "classify_api_error",
-]
 
 T = TypeVar("T")
 

@@ -4,8 +4,8 @@ It speaks `POST /v1/messages` the way open.bigmodel.cn's Anthropic-compatible en
 JSON or SSE with named events, usage zeros in `message_start` and the real counts in `message_delta`,
 both auth headers, Zhipu-shaped error bodies with the business code in `error.type`, and 400/1261 for a
 prompt over the model's context. Under `/api/paas/v4` it serves the native API: the tokenizer, chat
-completions, and the Batch API (files and batches, see `runner.testing.native` and batch.md), answering
-a prompt there exactly as it does on `/v1/messages` (whose route is `runner.testing.messages`). It adds
+completions, and the Batch API (files and batches, see `runner.simulator.native` and batch.md), answering
+a prompt there exactly as it does on `/v1/messages` (whose route is `runner.simulator.messages`). It adds
 what tests and benchmarks need:
 
 - latency (Gaussian around `latency_s`) and a concurrency cap per model that answers 429/1302 above it;
@@ -37,7 +37,7 @@ from typing import Any
 
 from aiohttp import web
 
-from runner.testing.answers import (
+from runner.simulator.answers import (
     NEGATIVE,
     POSITIVE,
     TEXT_SCHEMA_MARKER,
@@ -55,11 +55,11 @@ from runner.testing.answers import (
     structured_answer,
     text_of,
 )
-from runner.testing.config import BILLED_FAULTS, ERRORS, FAULTS, HTML_502, RETRYABLE_FAULTS, SimConfig
-from runner.testing.host import APIS, Tally
-from runner.testing.messages import MessagesAPI
-from runner.testing.native import NATIVE_PATH, NativeAPI
-from runner.testing.skill import skill_variant
+from runner.simulator.config import BILLED_FAULTS, ERRORS, FAULTS, HTML_502, RETRYABLE_FAULTS, SimConfig
+from runner.simulator.host import APIS, Tally
+from runner.simulator.messages import MessagesAPI
+from runner.simulator.native import NATIVE_PATH, NativeAPI
+from runner.simulator.skill import skill_variant
 
 __all__ = [
     "BILLED_FAULTS",
@@ -196,7 +196,7 @@ class Simulator:
     # ---- shared by every route -------------------------------------------------------------------
 
     def reply(self, ask: Ask) -> Reply:
-        """The answer to an ask, the same on every route (see `runner.testing.answers.compose`)."""
+        """The answer to an ask, the same on every route (see `runner.simulator.answers.compose`)."""
         return compose(ask, self.config.token_scale, self._invalid, self._variant, self.config.reasoning_tokens)
 
     def bill(self, api: str, key: str, reply: Reply) -> None:
@@ -248,7 +248,7 @@ class Simulator:
         """Which answer a sampled request gets: 0, the usual one, or (for some of the times a prompt is
         asked at a temperature above 0) another. Asks are counted on first turns, as they arrive."""
         cfg = self.config
-        if ask.model in cfg.model_error:  # a model of given skill (runner.testing.skill)
+        if ask.model in cfg.model_error:  # a model of given skill (runner.simulator.skill)
             return self._skill_variant(ask, prompt, turn)
         if not cfg.sample_disagreement or ask.temperature == 0 or turn != 1:
             return 0

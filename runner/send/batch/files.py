@@ -33,12 +33,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from runner.control import Control
+from runner.files import fsync_rename
 from runner.job.spec import BatchSpec
 from runner.records import Request
-from runner.send.base import Control
-from runner.send.batch_book import BatchBook, Chunk
-from runner.send.native import chat_body
-from runner.state.files import fsync_rename
+from runner.send.batch.book import BatchBook, Chunk
+from runner.send.batch.native_request import chat_body
 
 __all__ = [
     "DEFAULT_MAX_BYTES",

@@ -98,27 +98,39 @@ def write_json_atomic(data: dict[str, Any], path: Path) -> None:
         write_bytes_atomic(json.dumps(data, indent=2, default=str).encode("utf-8"), path)
 
 
-def read_json_object(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path, *, unreadable_raises: bool = False) -> dict[str, Any] | None:
     """The JSON object in `path`, or None when the file is absent, unreadable, not UTF-8 JSON or not an
-    object (every side file glm-batch reads back is one it may find torn or foreign)."""
+    object (every side file glm-batch reads back is one it may find torn or foreign). With
+    `unreadable_raises`, a file that is there but does not read (permission, I/O) raises its OSError."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        if unreadable_raises:
+            raise
+        return None
+    except ValueError:  # not UTF-8
+        return None
+    return json_object(text)
+
+
+def json_object(raw: str | bytes) -> dict[str, Any] | None:
+    """`raw` parsed as a JSON object; None when it is not JSON or not an object."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
         return None
     return data if isinstance(data, dict) else None
 
 
 def read_manifest(state_dir: Path) -> dict[str, Any]:
     """A job's manifest (the runs it records), or an empty one for a job that never ran or whose
-    manifest is not JSON. Here, beside the writes, so `status` reads it without the store (polars)."""
-    path = state_dir / "manifest.json"
-    if not path.exists():
-        return {"runs": []}
-    with contextlib.suppress(json.JSONDecodeError):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict):
-            return data
-    return {"runs": []}
+    manifest is not a JSON object. A manifest that is there but does not read raises its OSError: the
+    run that records itself would otherwise replace a history it could not read (`status` and the
+    calibration, which only read, catch it). Here, beside the writes, so `status` reads it without the
+    store (polars)."""
+    return read_json_object(state_dir / "manifest.json", unreadable_raises=True) or {"runs": []}
 
 
 # Why a write to a path the user chose failed, in words; each is that user's to fix (exit 2).

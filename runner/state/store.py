@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from runner.files import (
     NO_SPACE,
     fsync_rename,
     no_space,
+    read_json_object,
     read_manifest,
     space_checked,
     write_atomic,
@@ -375,11 +375,7 @@ class Store:
 
     def read_estimate(self) -> dict[str, Any] | None:
         """The last `glm-batch estimate` report for this job, if there is one."""
-        try:
-            data = json.loads((self.state_dir / "estimate.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
-        return data if isinstance(data, dict) else None
+        return read_json_object(self.state_dir / "estimate.json")
 
     def write_estimate(self, report: dict[str, Any]) -> None:
         """Keep an estimate so the next run can say how close it was."""

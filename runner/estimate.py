@@ -37,7 +37,7 @@ from runner.money.pricing import PriceTable, require_prices, tier_label
 from runner.money.tokens import Calibration, estimate_request
 from runner.observe.progress import Reporter
 from runner.plan import plan
-from runner.records import KEY, Request, read_journal, scan_results
+from runner.records import KEY, Request, read_journal, results_frame, scan_results, settles
 from runner.send.endpoints import endpoint_url
 from runner.state.settled import SettledKeys
 from runner.state.store import Store
@@ -125,17 +125,14 @@ def _read_state(job: Job, options: EstimateOptions) -> tuple[list[Path], Settled
         parts.append(part)
     if options.fresh:
         return parts, SettledKeys.none()
-    keys: list[str] = []
-    if parts:
-        settled = pl.col("status") == "ok"
-        if not options.retry_failed:
-            settled = settled | ~pl.col("retryable")
-        keys = scan_results(parts).filter(settled).select(KEY).collect().get_column(KEY).to_list()
-    for journal in sorted(job.state_dir.glob("journal-*.jsonl")) if job.state_dir.is_dir() else []:
-        for result in read_journal(journal):
-            if result.status == "ok" or not (options.retry_failed or result.retryable):
-                keys.append(result.key)
-    return parts, SettledKeys(pl.Series(KEY, sorted(set(keys)), dtype=pl.String))
+    journals = sorted(job.state_dir.glob("journal-*.jsonl")) if job.state_dir.is_dir() else []
+    frames = [results_frame(read_journal(journal), "").lazy() for journal in journals]
+    frames += [scan_results(parts)] if parts else []
+    results = pl.concat([f.select(KEY, "status", "retryable") for f in frames]) if frames else None
+    if results is None:
+        return parts, SettledKeys.none()
+    keys = results.filter(settles(options.retry_failed)).select(KEY).unique().sort(KEY).collect()
+    return parts, SettledKeys(keys.get_column(KEY))
 
 
 @dataclass

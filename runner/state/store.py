@@ -51,6 +51,7 @@ from runner.records import (
     read_journal,
     results_frame,
     scan_results,
+    settles,
     with_valid_unicode,
 )
 from runner.state.lock import JobLock
@@ -209,10 +210,8 @@ class Store:
         """Keys that need no request: answered ok, or failed for good (unless `retry_failed`)."""
         parts = self.result_parts()
         if not parts:
-            return SettledKeys(pl.Series(KEY, [], dtype=pl.String))
-        settled = pl.col("status") == "ok"
-        if not retry_failed:
-            settled = settled | ~pl.col("retryable")
+            return SettledKeys.none()
+        settled = settles(retry_failed)
         try:
             keys = pl.scan_parquet(parts).filter(settled).select(KEY).unique().sort(KEY).collect()
         except (pl.exceptions.PolarsError, OSError):

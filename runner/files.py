@@ -124,6 +124,16 @@ def json_object(raw: str | bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def summary_path(output: Path) -> Path:
+    """Where the summary of the run that wrote `output` is kept: beside it, as `<output>.summary.json`."""
+    return output.with_suffix(".summary.json")
+
+
+def read_summary(output: Path) -> dict[str, Any]:
+    """The summary beside `output`; empty when there is none, or it is not a JSON object."""
+    return read_json_object(summary_path(output)) or {}
+
+
 def read_manifest(state_dir: Path) -> dict[str, Any]:
     """A job's manifest (the runs it records), or an empty one for a job that never ran or whose
     manifest is not a JSON object. A manifest that is there but does not read raises its OSError: the
@@ -228,7 +238,7 @@ def _job_files_beside(target: Path) -> list[tuple[Path, str]]:
     """What `target` is, if it is a job's file whatever the command knows: a state folder's content
     (under `.glm-batch/`) or an output (a .parquet with its `.summary.json` beside it)."""
     found = [(p, "a job's state directory") for p in (target, *target.parents) if p.name == ".glm-batch"]
-    if target.suffix == ".parquet" and target.with_suffix(".summary.json").exists():
+    if target.suffix == ".parquet" and summary_path(target).exists():
         found.append((target, "a job's output"))
     return found
 

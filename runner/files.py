@@ -103,22 +103,19 @@ def read_json_object(path: Path, *, unreadable_raises: bool = False) -> dict[str
     object (every side file glm-batch reads back is one it may find torn or foreign). With
     `unreadable_raises`, a file that is there but does not read (permission, I/O) raises its OSError."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return json_object(path.read_bytes())
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError:
         if unreadable_raises:
             raise
         return None
-    except ValueError:  # not UTF-8
-        return None
-    return json_object(text)
 
 
-def json_object(raw: str | bytes) -> dict[str, Any] | None:
-    """`raw` parsed as a JSON object; None when it is not JSON or not an object."""
+def json_object(raw: bytes) -> dict[str, Any] | None:
+    """`raw` parsed as a JSON object; None when it is not UTF-8 JSON or not an object."""
     try:
-        data = json.loads(raw)
+        data = json.loads(raw.decode("utf-8"))
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
@@ -136,10 +133,8 @@ def read_summary(output: Path) -> dict[str, Any]:
 
 def read_manifest(state_dir: Path) -> dict[str, Any]:
     """A job's manifest (the runs it records), or an empty one for a job that never ran or whose
-    manifest is not a JSON object. A manifest that is there but does not read raises its OSError: the
-    run that records itself would otherwise replace a history it could not read (`status` and the
-    calibration, which only read, catch it). Here, beside the writes, so `status` reads it without the
-    store (polars)."""
+    manifest is not a JSON object; one that is there but does not read raises, or a run would replace a
+    history it could not read. Here, beside the writes, so `status` reads it without polars."""
     return read_json_object(state_dir / "manifest.json", unreadable_raises=True) or {"runs": []}
 
 

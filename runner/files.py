@@ -126,6 +126,12 @@ def summary_path(output: Path) -> Path:
     return output.with_suffix(".summary.json")
 
 
+def write_summary(output: Path, summary: dict[str, Any]) -> None:
+    """Write a run's summary beside its output (the folder made if need be)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(summary, summary_path(output))
+
+
 def read_summary(output: Path) -> dict[str, Any]:
     """The summary beside `output`; empty when there is none, or it is not a JSON object."""
     return read_json_object(summary_path(output)) or {}

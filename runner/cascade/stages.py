@@ -28,7 +28,7 @@ import polars as pl
 from runner.cascade.derive import derive
 from runner.cascade.threshold import Step, choose
 from runner.errors import UsageError
-from runner.files import read_summary, summary_path, write_atomic, write_json_atomic
+from runner.files import read_summary, write_atomic, write_summary
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
 from runner.observe.progress import Reporter
@@ -161,7 +161,7 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
     job.output_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, job.output_path)
     summary = _summary(job, output, step, spent, rounds, proxy_job, oracle_base, proxy, oracle_out)
-    write_json_atomic(summary, summary_path(job.output_path))
+    write_summary(job.output_path, summary)
     failed = output.filter(pl.col("status") != "ok").height
     message = f"cascade finished: {summary['cascade']['guarantee']}; results in {job.output_path}"
     if failed:

@@ -16,7 +16,7 @@ import polars as pl
 
 from runner.control import Control
 from runner.errors import STATE_FAILURES, BudgetExhausted, DiskFull
-from runner.files import summary_path, write_json_atomic
+from runner.files import write_summary
 from runner.job.resolve import Job
 from runner.money import ledger
 from runner.money.accounting import Accountant, Tally
@@ -223,7 +223,6 @@ def write(job: Job, store: Store, report: dict[str, Any]) -> None:
     """Write the summary beside the output and the run into the manifest (a full disk was already said:
     the journal holds the answers)."""
     with contextlib.suppress(DiskFull):
-        job.output_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(report, summary_path(job.output_path))
+        write_summary(job.output_path, report)
     with contextlib.suppress(*STATE_FAILURES):  # already said: the run stopped for it
         store.record_run(report)

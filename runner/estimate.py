@@ -40,7 +40,7 @@ from runner.plan import plan
 from runner.records import KEY, Request, read_journal, results_frame, scan_results, settles
 from runner.send.endpoints import endpoint_url
 from runner.state.settled import SettledKeys
-from runner.state.store import Store
+from runner.state.store import Store, whole_part
 
 EXACT_SAMPLE = 200  # requests counted by the tokenizer API with --exact
 ASSUMED_LATENCY_S = 5.0  # per request, when no run has measured one
@@ -116,13 +116,7 @@ def _read_state(job: Job, options: EstimateOptions) -> tuple[list[Path], Settled
     created, locked, moved or folded. Answers still in a journal (a run going on, or one that died)
     count as settled too, as the next run will fold them in; a part that does not read is skipped."""
     store = Store(job.state_dir, run_id="dry-run", rows=job.row_map)  # never opened: only its paths are used
-    parts = []
-    for part in store.result_parts() if store.results_dir.is_dir() else []:
-        try:
-            pl.read_parquet_schema(part)
-        except Exception:  # a torn part: the run would set it aside
-            continue
-        parts.append(part)
+    parts = [part for part in store.result_parts() if whole_part(part)]  # the run sets the others aside
     if options.fresh:
         return parts, SettledKeys.none()
     journals = sorted(job.state_dir.glob("journal-*.jsonl")) if job.state_dir.is_dir() else []

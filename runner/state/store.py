@@ -88,6 +88,16 @@ class Buckets:
         return lead % self.count == bucket
 
 
+def whole_part(part: Path) -> bool:
+    """Whether an answer part can be trusted: its footer reads (a torn write loses it; reading it is cheap)
+    and its columns are answers' (an older part may lack newer ones)."""
+    try:
+        columns = pl.read_parquet_schema(part).keys()
+    except Exception:  # any failure to read means the file is not whole; never trust it
+        return False
+    return KEY in columns and columns <= RESULT_SCHEMA.keys()
+
+
 class Store:
     """One job's durable state for one run: the lock, the answers (journal and parts), the row map,
     and the records of runs and estimates."""
@@ -149,12 +159,7 @@ class Store:
         for journal in sorted(self.state_dir.glob("journal-*.jsonl")):
             self.recover(journal)
         for part in sorted(self.results_dir.glob("*.parquet")):
-            try:
-                # A torn write loses the footer, so reading the footer is the check (and it is cheap).
-                columns = pl.read_parquet_schema(part).keys()
-                if KEY not in columns or not columns <= RESULT_SCHEMA.keys():  # older parts lack newer columns
-                    raise ValueError("unexpected columns")
-            except Exception:  # any failure to read means the file is not whole; never trust it
+            if not whole_part(part):
                 self._quarantine(part)
         self.quarantined = sorted((self.state_dir / "corrupt").glob("*.parquet"))
         self.rows.rows_dir.mkdir(exist_ok=True)

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from runner.job.structured import extract_json
-from runner.observe.quality import html_report, label_metrics
+from runner.observe.quality import label_metrics
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows
 
@@ -202,16 +202,16 @@ def test_the_quality_report_runs_from_the_cli_and_draws_its_html(make_job, tmp_p
     assert not any(tag == "script" for tag, _ in parsed.tags)
 
 
-def test_the_html_escapes_label_names() -> None:
-    label = "<script>alert(1)</script>"
-    metrics = label_metrics(
-        pl.DataFrame({"gold": [label], "label": [label], "status": ["ok"]}), predicted="label", gold="gold"
-    )
+def test_the_html_page_escapes_what_the_data_says(make_job, tmp_path) -> None:
+    rows = [*REVIEWS[:4], {**REVIEWS[4], "gold": "<script>alert(1)</script>"}]
+    job = make_job(rows, output=LABELS, eval={"gold_column": "gold"})
+    assert cli("run", str(job.spec)).exit_code == 0
+    page = tmp_path / "report.html"
 
-    page = html_report("t", metrics, {})
+    assert cli("report", str(job.spec), "--html", str(page)).exit_code == 0
 
-    assert "<script>" not in page
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script>" not in page.read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.read_text()
 
 
 @pytest.mark.parametrize(

@@ -63,14 +63,19 @@ def load_job(spec: str | Path, *, set: Mapping[str, Any] | None = None, limit: i
 
 def api_key_for(job: Job) -> str:
     """The key from the environment (never from the spec); the simulator needs none."""
-    if job.base_url is None:
+    return key_from_env(job.endpoint_name, job.base_url, job.key_env)
+
+
+def key_from_env(endpoint: str, base_url: str | None, key_env: tuple[str, ...]) -> str:
+    """The key in the first of `key_env` that is set (see checked_key); none for the simulator (no URL)."""
+    if base_url is None:
         return SIMULATOR_KEY
-    for name in job.key_env:
+    for name in key_env:
         value = os.environ.get(name)
         if value and value.strip():
             return checked_key(name, value)
-    names = " or ".join(job.key_env) or "ZHIPUAI_API_KEY"
-    raise UsageError(f"no API key for endpoint {job.endpoint_name!r}: set {names} in the environment")
+    names = " or ".join(key_env) or "ZHIPUAI_API_KEY"
+    raise UsageError(f"no API key for endpoint {endpoint!r}: set {names} in the environment")
 
 
 def checked_key(name: str, value: str) -> str:

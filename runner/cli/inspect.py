@@ -113,9 +113,7 @@ def report(
         from runner.observe.report_html import HTML_MARK, html_page
 
         if target.suffix == ".parquet":
-            if not target.exists():
-                raise UsageError(f"{target}: no such output file")
-            found = load_report(target, gold=gold)
+            found = load_report(target, gold=gold)  # refused in one line if it is not an output
             protected = output_files(target)
         else:
             if gold is not None:

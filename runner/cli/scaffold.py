@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from runner.cli import LimitOpt, SetOpt, SpecArg, _guarded, _load
-from runner.errors import UsageError
+from runner.errors import UsageError, first_line
 
 
 def job_schema() -> dict[str, Any]:
@@ -169,7 +169,7 @@ def _peek(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
             raise UsageError(f"{path}: init reads .parquet, .csv or .jsonl files")
         head = frame.head(1).collect()
     except pl.exceptions.PolarsError as exc:
-        raise UsageError(f"{path}: cannot read it ({str(exc).splitlines()[0]})") from None
+        raise UsageError(f"{path}: cannot read it ({first_line(exc)})") from None
     if not head.columns:
         raise UsageError(f"{path}: no columns")
     columns = {name: str(dtype) for name, dtype in head.schema.items()}

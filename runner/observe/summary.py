@@ -15,7 +15,7 @@ from typing import Any
 import polars as pl
 
 from runner.control import Control
-from runner.errors import STATE_FAILURES, BudgetExhausted, DiskFull
+from runner.errors import STATE_FAILURES, BudgetExhausted, DiskFull, first_line
 from runner.files import write_summary
 from runner.job.resolve import Job
 from runner.money import ledger
@@ -207,8 +207,7 @@ def _one_line(exc: Exception) -> str:
     """An error as one line, naming the file for an OSError."""
     if isinstance(exc, OSError) and exc.filename:
         return f"{exc.filename}: {exc.strerror or exc}"
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def sending(job: Job, gauges: dict[str, Any]) -> dict[str, Any]:

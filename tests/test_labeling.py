@@ -202,16 +202,18 @@ def test_the_quality_report_runs_from_the_cli_and_draws_its_html(make_job, tmp_p
     assert not any(tag == "script" for tag, _ in parsed.tags)
 
 
-def test_the_html_page_escapes_what_the_data_says(make_job, tmp_path) -> None:
-    rows = [*REVIEWS[:4], {**REVIEWS[4], "gold": "<script>alert(1)</script>"}]
-    job = make_job(rows, output=LABELS, eval={"gold_column": "gold"})
+def test_the_html_report_escapes_label_names(make_job, tmp_path) -> None:
+    hostile = "<script>alert(1)</script>"
+    rows = [{**row, "gold": hostile if row["gold"] == "negative" else row["gold"]} for row in REVIEWS]
+    job = make_job(rows, output={"labels": ["positive", hostile], "keep_columns": []}, eval={"gold_column": "gold"})
     assert cli("run", str(job.spec)).exit_code == 0
     page = tmp_path / "report.html"
 
     assert cli("report", str(job.spec), "--html", str(page)).exit_code == 0
 
-    assert "<script>" not in page.read_text()
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.read_text()
+    text = page.read_text()
+    assert "<script>" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
 
 
 @pytest.mark.parametrize(

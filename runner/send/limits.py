@@ -164,14 +164,13 @@ class Attempt:
 
 
 class AnswerLength:
-    """The mean answer length (tokens) of the last ~100 answers, starting from a guess: what an attempt
-    is charged for its answer before the answer is known (runner.distributed.slots charges the same)."""
+    """The mean answer length (tokens) of the last ~100 answers, from a first guess: what an attempt is
+    charged for its answer before it is known (by the local limits and a Ray worker's leased slots)."""
 
     __slots__ = ("_answers", "mean")
 
     def __init__(self, expected_output_tokens: int) -> None:
-        self.mean = float(expected_output_tokens)
-        self._answers = 0
+        self.mean, self._answers = float(expected_output_tokens), 0
 
     def charge(self, input_tokens: int) -> Attempt:
         """A new attempt, charged its input and the mean answer."""
@@ -181,8 +180,7 @@ class AnswerLength:
         """Count the answer of an attempt that reports the tokens it used (else nothing)."""
         if attempt.used_tokens is not None:
             self._answers += 1
-            output = max(0, attempt.used_tokens - input_tokens)
-            self.mean += (output - self.mean) / min(self._answers, 100)
+            self.mean += (max(0, attempt.used_tokens - input_tokens) - self.mean) / min(self._answers, 100)
 
 
 class Slots(Protocol):

@@ -104,10 +104,8 @@ def read_json_object(path: Path, *, unreadable_raises: bool = False) -> dict[str
     `unreadable_raises`, a file that is there but does not read (permission, I/O) raises its OSError."""
     try:
         return json_object(path.read_bytes())
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError:
-        if unreadable_raises:
+    except OSError as exc:
+        if unreadable_raises and not isinstance(exc, FileNotFoundError | NotADirectoryError):
             raise
         return None
 

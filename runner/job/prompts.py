@@ -132,10 +132,9 @@ class RequestBuilder:
         RenderError it has instead: the one render loop of run, estimate and validate."""
         for values in rows:
             try:
-                rendered: Request | RenderError = self.build(values)
+                yield values[ROW], values[ID], self.build(values)
             except RenderError as exc:
-                rendered = exc
-            yield values[ROW], values[ID], rendered
+                yield values[ROW], values[ID], exc
 
     def samples_of(self, request: Request) -> list[Request]:
         """The requests to send for one row: the row's request once per sample, each with its own key."""

@@ -90,6 +90,7 @@ class BatchExecutor:
         self._sleep = sleep
         self._statuses: dict[str, str] = {}  # chunk -> the Batch API's status at the last look
         self._lines_open = 0
+        self._counts: dict[str, tuple[int, int]] = {}  # open chunk -> its batch's (completed, failed) lines
         self._round_s: float | None = None  # how long a batch round took here: is there time for another?
         self._maybe_created: set[str] = set()
         self._cancel_failed: dict[str, str | None] = {}  # chunk -> why its cancel failed (hybrid deadline)
@@ -110,8 +111,25 @@ class BatchExecutor:
             "adaptive": online.get("adaptive", False),
             "overload_429_rate": online.get("overload_429_rate", 0.0),
             "batches": statuses,
-            "batch_queue": {"refused": self._queue_refused, "waited_s": round(self._queue_waited_s, 3)},
+            "batch_lines": self._lines_gauge(),
+            "batch_queue": {"refused": self._queue_refused, "waited_s": round(self._queue_waited(), 3)},
         }
+
+    def _lines_gauge(self) -> dict[str, int]:
+        """Lines in this round's open batches, and how many of them the Batch API counts as done
+        (`request_counts` at the last look): progress while nothing is back yet."""
+        completed, failed = sum(c for c, _ in self._counts.values()), sum(f for _, f in self._counts.values())
+        return {"open": self._lines_open, "completed": completed, "failed": failed}
+
+    def _close(self, chunk: Chunk) -> None:
+        """A chunk's lines are no longer open (harvested, lost, left to the next run or sent online)."""
+        self._lines_open -= chunk.lines
+        self._counts.pop(chunk.id, None)
+
+    def _queue_waited(self) -> float:
+        """Seconds chunks have waited for room in the model's queue, the wait going on included."""
+        ongoing = self._clock() - self._queue_since if self._queue_since is not None else 0.0
+        return self._queue_waited_s + ongoing
 
     async def aclose(self) -> None:
         """Close the online executor's connections, if there is one."""
@@ -228,7 +246,7 @@ class BatchExecutor:
                     )
                 for chunk in waiting:  # never submitted: straight online
                     self._statuses.pop(chunk.id, None)
-                    self._lines_open -= chunk.lines
+                    self._close(chunk)
                     book.record(chunk.id, status="abandoned")
                     leftovers += requests_of(chunk)
                 waiting = []
@@ -265,7 +283,7 @@ class BatchExecutor:
                         control.fail(EndpointAborted(api_failing(exc)))
                         return []
                 del pending[chunk.id]
-                self._lines_open -= chunk.lines
+                self._close(chunk)
             if waiting and not cancelled and not await self._submitted(api, book, waiting, pending, control):
                 return []
             if cancelled and pending and self._clock() >= self._hybrid.give_up_at():
@@ -283,7 +301,7 @@ class BatchExecutor:
         status = self._statuses.get(chunk.id, chunk.batch_status or "unknown")
         message = not_back_message(chunk, status, self._cancel_failed.get(chunk.id))
         self._harvester.fail_all(chunk, Fault(Verdict.RETRY, "batch_not_back", message), deliver)
-        self._lines_open -= chunk.lines
+        self._close(chunk)
 
     async def _submitted(
         self, api: BatchAPI, book: BatchBook, waiting: list[Chunk], pending: dict[str, Chunk], control: Control
@@ -348,6 +366,7 @@ class BatchExecutor:
         """Note what a look at a batch saw; the book keeps each new status and count (what `status`
         shows, and what a lost batch is judged by)."""
         self._statuses[chunk.id] = batch.status
+        self._counts[chunk.id] = (batch.request_counts.completed, batch.request_counts.failed)
         counts = dataclasses.asdict(batch.request_counts)
         if batch.status != chunk.batch_status or counts != chunk.counts:
             return book.record(chunk.id, batch_status=batch.status, counts=counts)

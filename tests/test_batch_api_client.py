@@ -584,3 +584,36 @@ async def test_round_trip_on_the_simulator(tmp_path: Path) -> None:
         answer = answer_from_chat(line.body, line.request_id)
         assert answer.text and answer.input_tokens > 0 and answer.model == "glm-4.6"
     assert all(classify_failure(p) is Verdict.RETRY for p in parsed if not p.ok)  # 500 and 429/1302 lines
+
+
+async def test_a_create_retried_after_its_answer_was_lost_leaves_one_live_batch_for_the_chunk(tmp_path: Path) -> None:
+    """The first create's answer never comes in time (it lands a second later, as a lost answer's batch
+    does); the client's retry finds nothing yet and creates another. A sweep over the chunk's tag keeps
+    the batch the book has and cancels the one that landed late, while it still validates (free)."""
+    from runner.send.batch.book import BatchBook
+    from runner.send.batch.duplicates import Twins
+    from runner.simulator.config import SimConfig
+    from runner.simulator.simulator import SimulatorThread
+
+    [written] = write_batch_files(requests_for(10), tmp_path / "in")
+    book = BatchBook(tmp_path / "book")
+    book.record("c", path=str(written.path), requests="", model="glm-4.6", lines=10, round=0, status="written")
+    config = SimConfig(batch_create_lands_after_s=1.0, batch_validating_s=30.0)
+    with SimulatorThread(config) as sim:
+        async with BatchAPI(sim.url + "/api/paas/v4", KEY, timeout_s=0.3) as api:
+            uploaded = await api.upload(written.path)
+            made = await api.create(uploaded.id, metadata={"glm_batch_job": "j", "glm_batch_chunk": "c"})
+            assert uploaded.id in api.retried_creates  # the client knows its create may have been made twice
+            book.record("c", status="created", file_id=uploaded.id, uploaded_at=uploaded.created_at, batch_id=made.id)
+            twins = Twins("j")
+            assert await twins.sweep(api, book, ["c"]) == set() and twins.cancelled == []  # one batch so far
+            for _ in range(100):
+                if sim.stats()["outcomes"].get("batch_created") == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert await twins.sweep(api, book, ["c"]) == set()  # the book's batch is kept
+            [late] = twins.cancelled
+            assert late != made.id and book.chunks["c"].batch_id == made.id
+            assert (await api.retrieve(late)).status in ("cancelling", "cancelled")
+            assert (await api.retrieve(made.id)).status == "validating"
+            assert await twins.sweep(api, book, ["c"]) == set() and twins.cancelled == [late]  # once

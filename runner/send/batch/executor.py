@@ -36,6 +36,7 @@ from runner.send.base import Deliver, Executor, failure
 from runner.send.batch.api import BatchAPI
 from runner.send.batch.book import BatchBook, Chunk
 from runner.send.batch.deadline import HybridDeadline
+from runner.send.batch.duplicates import Twins
 from runner.send.batch.errors import BatchAbort, BatchAPIError, BatchNotFound, BatchStatusError, classify_api_error
 from runner.send.batch.files import write_round
 from runner.send.batch.harvest import API, Harvester, requests_of
@@ -93,6 +94,7 @@ class BatchExecutor:
         self._counts: dict[str, tuple[int, int]] = {}  # open chunk -> its batch's (completed, failed) lines
         self._round_s: float | None = None  # how long a batch round took here: is there time for another?
         self._maybe_created: set[str] = set()
+        self._twins = Twins(job)  # no chunk keeps two batches (a create that landed after its answer was lost)
         self._cancel_failed: dict[str, str | None] = {}  # chunk -> why its cancel failed (hybrid deadline)
         self._submitting: Chunk | None = None  # the chunk being submitted (named if that fails)
         self._queue_refused = 0  # creates the model's full queue refused (429)
@@ -149,6 +151,7 @@ class BatchExecutor:
             chunks = book.open_chunks()
             # Chunks an earlier run uploaded and may have died creating: only these are looked up.
             self._maybe_created = {chunk.id for chunk in chunks if chunk.status == "uploaded"}
+            chunks = await self._resumed(api, book, chunks, control)
             waiting = {key for chunk in chunks for key in chunk.request_keys()}  # answered by a batch already made
             chunks += await write_round(book, self._spec, _skipping(requests, waiting), control)
             leftovers: list[Request] = []
@@ -185,8 +188,28 @@ class BatchExecutor:
             if made is None:
                 metadata = {"glm_batch_job": self._job, "glm_batch_chunk": chunk.id}
                 made = await api.create(chunk.file_id, metadata=metadata)
-            chunk = book.record(chunk.id, status="created", batch_id=made.id, batch_status=made.status)
+            unsure = chunk.id in self._maybe_created or chunk.file_id in api.retried_creates
+            chunk = book.record(chunk.id, status="created", batch_id=made.id, batch_status=made.status, unsure=unsure)
+            if unsure:
+                self._twins.watch(chunk.id)
         return chunk
+
+    async def _resumed(self, api: BatchAPI, book: BatchBook, chunks: list[Chunk], control: Control) -> list[Chunk]:
+        """The open chunks a run resumes, after a sweep for a second batch of each created one (a create an
+        earlier run lost may have landed since); the unsure ones are watched for the rest of the run."""
+        created = [chunk.id for chunk in chunks if chunk.status == "created"]
+        self._twins.watched.update(chunk.id for chunk in chunks if chunk.unsure)
+        if created:
+            await self._twins.sweep(api, book, created, control.notify)
+        return [book.chunks[chunk.id] for chunk in chunks]
+
+    async def _swept(self, api: BatchAPI, book: BatchBook, pending: dict[str, Chunk], control: Control) -> None:
+        """Sweep the chunks whose create may have been made twice; a chunk whose kept batch is not the one
+        it had is watched from now on by the batch kept."""
+        if self._twins.watched:
+            for chunk_id in await self._twins.sweep(api, book, sorted(self._twins.watched), control.notify):
+                if chunk_id in pending:
+                    pending[chunk_id] = book.chunks[chunk_id]
 
     def _refused(self, chunk: Chunk, exc: BatchStatusError) -> str:
         """Why the Batch API would not take a chunk's file (on any run: so the run stops), and what to change."""
@@ -250,6 +273,7 @@ class BatchExecutor:
                     book.record(chunk.id, status="abandoned")
                     leftovers += requests_of(chunk)
                 waiting = []
+            await self._swept(api, book, pending, control)
             for chunk in list(pending.values()):
                 assert chunk.batch_id is not None
                 try:
@@ -293,6 +317,7 @@ class BatchExecutor:
             if pending or waiting:
                 await self._pause(self._hybrid.next_look(interval, cancelled), control)
                 interval = min(interval * 2, self._spec.poll_max_s)
+        await self._swept(api, book, pending, control)  # a late create that landed during the last look
         return leftovers
 
     def _not_back(self, chunk: Chunk, deliver: Deliver) -> None:

@@ -1,0 +1,125 @@
+"""No chunk ever has two live batches: the job's batches for a chunk are counted, and the extra ones
+cancelled at once (a batch still validating costs nothing).
+
+    guard = Twins(job_tag)
+    guard.watch(chunk_id)                                        # its create may have been made twice
+    found = await guard.sweep(api, book, chunk_ids, notify)      # keep one batch per chunk, cancel the rest
+
+A create is not idempotent, and its answer can be lost (a timeout, a kill -9) while the batch is still
+made and lands later: after a resumed run's lookup found nothing and it created another, or after the
+client's own retry did. Both end as two batches for one chunk, each line paid twice. The class is "a
+chunk with more than one batch", so the defence counts them, whatever made them: a sweep lists the
+account's batches newest first, stopping at the first one older than every swept chunk's upload, and
+takes those tagged with this job and the chunk and made from the chunk's own input file. Of two or
+more it keeps the one furthest along (the book's own on a tie, then the oldest), records it in the book
+if it is not the book's, and cancels the others; only the book's batch is ever harvested.
+
+Chunks are swept when a run resumes them, and on every look while a chunk whose create may have been
+made twice (`watch`) is in the run: a resumed chunk an earlier run left `uploaded`, or a create the
+client had to send again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from runner.send.batch.api import BatchAPI
+from runner.send.batch.book import BatchBook, Chunk
+from runner.send.batch.errors import BatchAPIError
+from runner.send.batch.rules import epoch_ms
+from runner.send.batch.shapes import Batch
+
+__all__ = ["Twins"]
+
+# How far along a batch is; a batch that stopped (failed, expired, cancelled) is never the one kept
+# while a live one exists.
+_ALONG = {"validating": 1, "in_progress": 2, "finalizing": 3, "completed": 4}
+_CANCELLABLE = ("validating", "in_progress")
+
+
+class Twins:
+    """Finds chunks of one job with more than one batch, keeps one, cancels the others."""
+
+    def __init__(self, job: str) -> None:
+        self._job = job
+        self.watched: set[str] = set()  # chunks whose create may have been made twice
+        self.cancelled: list[str] = []  # batch ids cancelled as extra (each at most once)
+
+    def watch(self, chunk_id: str) -> None:
+        """Sweep this chunk on every look from now on: its create may have been made twice."""
+        self.watched.add(chunk_id)
+
+    async def sweep(
+        self, api: BatchAPI, book: BatchBook, chunk_ids: Iterable[str], notify: Callable[..., None] | None = None
+    ) -> set[str]:
+        """Keep one batch for each of the chunks (those created so far) and cancel the others; the chunks
+        whose batch in the book changed. A Batch API failure leaves the sweep to the next look."""
+        chunks = {c: book.chunks[c] for c in chunk_ids if book.chunks[c].batch_id is not None}
+        if not chunks:
+            return set()
+        try:
+            found = await self._batches_of(api, chunks)
+        except BatchAPIError:
+            return set()
+        changed = set()
+        for chunk_id, found_batches in found.items():
+            batches = [b for b in found_batches if b.status in _ALONG]  # live: not failed, expired, cancelled
+            if len({b.id for b in batches}) < 2:
+                continue
+            chunk = chunks[chunk_id]
+            keep = max(batches, key=lambda b: _rank(b, chunk))
+            extra = [b for b in batches if b.id != keep.id and b.id not in self.cancelled]
+            if keep.id != chunk.batch_id and chunk.status == "created":
+                book.record(chunk_id, batch_id=keep.id, batch_status=keep.status)
+                changed.add(chunk_id)
+            for batch in extra:
+                await self._cancel(api, batch)
+            if notify is not None and extra:
+                notify("batch_duplicate", **_said(chunk, keep, extra))
+        return changed
+
+    async def _batches_of(self, api: BatchAPI, chunks: dict[str, Chunk]) -> dict[str, list[Batch]]:
+        """The job's batches for the chunks, newest first, paging no further back than the oldest upload."""
+        uploads = [c.uploaded_at for c in chunks.values()]
+        oldest = None if None in uploads else min(u for u in uploads if u is not None)
+        found: dict[str, list[Batch]] = {}
+        async for batch in api.iter_batches():
+            if oldest is not None and batch.created_at and epoch_ms(batch.created_at) < oldest:
+                break
+            if batch.metadata.get("glm_batch_job") != self._job:
+                continue
+            chunk = chunks.get(str(batch.metadata.get("glm_batch_chunk")))
+            if chunk is not None and batch.input_file_id == chunk.file_id:
+                found.setdefault(chunk.id, []).append(batch)
+        return found
+
+    async def _cancel(self, api: BatchAPI, batch: Batch) -> None:
+        """Cancel an extra batch (once); one that has stopped, or can no longer be, is left as it is."""
+        self.cancelled.append(batch.id)
+        if batch.status in _CANCELLABLE:
+            try:
+                await api.cancel(batch.id)
+            except BatchAPIError:
+                self.cancelled.remove(batch.id)  # tried again at the next sweep
+
+
+def _rank(batch: Batch, chunk: Chunk) -> tuple[int, int, int, int]:
+    """The batch to keep is the greatest: furthest along, most lines done, the book's own, the oldest."""
+    counts = batch.request_counts
+    created = -epoch_ms(batch.created_at) if batch.created_at else 0
+    return (_ALONG.get(batch.status, 0), counts.completed + counts.failed, batch.id == chunk.batch_id, created)
+
+
+def _said(chunk: Chunk, keep: Batch, extra: list[Batch]) -> dict[str, Any]:
+    """What the log says of a chunk found with more than one batch."""
+    billed = sum(b.request_counts.completed for b in extra)
+    return {
+        "chunk": chunk.id,
+        "kept": keep.id,
+        "cancelled": [b.id for b in extra if b.status in _CANCELLABLE],
+        "extra": {b.id: b.status for b in extra},
+        "message": f"{len(extra) + 1} batches were made for {chunk.id} (a create whose answer was lost landed "
+        f"late); kept {keep.id}, cancelled the others"
+        + (f"; they had completed {billed} lines, billed twice" if billed else ", before any line ran"),
+    }

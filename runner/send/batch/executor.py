@@ -54,6 +54,7 @@ from runner.send.batch.rules import (
     validation_failure,
 )
 from runner.send.batch.shapes import Batch
+from runner.send.batch.turns import restore_turns, save_turns
 from runner.send.retries import Fault, Verdict, refusal
 
 # Looks at a finished batch whose counts say lines completed but which names no output file yet
@@ -152,6 +153,7 @@ class BatchExecutor:
             # Chunks an earlier run uploaded and may have died creating: only these are looked up.
             self._maybe_created = {chunk.id for chunk in chunks if chunk.status == "uploaded"}
             chunks = await self._resumed(api, book, chunks, control)
+            restore_turns(self._harvester, chunks)  # the billed turns the open rounds continue
             waiting = {key for chunk in chunks for key in chunk.request_keys()}  # answered by a batch already made
             chunks += await write_round(book, self._spec, _skipping(requests, waiting), control)
             leftovers: list[Request] = []
@@ -168,6 +170,8 @@ class BatchExecutor:
                     return
                 if round_no + 1 == self._spec.max_rounds:
                     break
+                # Before the round's files exist: the folder write_round makes for the next round.
+                save_turns(self._harvester, leftovers, book.directory / f"round-{book.next_round():04d}")
                 chunks = await write_round(book, self._spec, _aiter(leftovers), control)
         for request in leftovers:  # out of rounds: retryable, so the next run sends them again
             fault = Fault(Verdict.RETRY, "batch_unanswered", f"no answer after {self._spec.max_rounds} batch rounds")

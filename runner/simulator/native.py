@@ -220,6 +220,7 @@ class NativeAPI(NativeState):
             landing = asyncio.ensure_future(land())
             self.landing.add(landing)
             landing.add_done_callback(self.landing.discard)
+            landing.add_done_callback(_quiet)
             payload = await asyncio.shield(landing)
         return web.json_response(payload)
 
@@ -318,6 +319,12 @@ class NativeAPI(NativeState):
             payload = self._batch_json(batch)
         self.host.count("batch_cancel")
         return web.json_response(payload)
+
+
+def _quiet(task: asyncio.Future[Any]) -> None:
+    """A late create that was refused when it landed, with no client left to hear it: nothing to report."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _fault(status: int | None) -> None:

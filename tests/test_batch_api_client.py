@@ -397,6 +397,25 @@ async def test_iteration_stops_on_a_server_that_repeats_a_page(api: BatchAPI, se
     assert [b.id async for b in api.iter_batches()] == ["batch_0", "batch_0"]
 
 
+@pytest.mark.parametrize("newest_first", [True, False])
+async def test_batches_since_a_moment_are_found_in_either_list_order(
+    api: BatchAPI, server: FakeBatchServer, newest_first: bool
+) -> None:
+    """The list's order is not documented: newest first, reading stops at the page that ends before
+    the moment; in any other order every page is read. Either way only batches since then are given."""
+    from runner.send.batch.duplicates import batches_since
+
+    made = [_batch(f"b{i}", created_at=1_764_000_000_000 + i * 1000) for i in range(6)]  # ms, oldest first
+    listed = made[::-1] if newest_first else made
+    pages = [listed[:2], listed[2:4], listed[4:]]
+    for n, page in enumerate(pages):
+        body = {"object": "list", "data": page, "last_id": page[-1]["id"], "has_more": n < 2}
+        server.enqueue("GET /batches", Canned(body=body))
+    found = [b.id async for b in batches_since(api, 1_764_000_002_500)]  # after b2 was made
+    assert sorted(found) == ["b3", "b4", "b5"]
+    assert len(server.calls("GET /batches")) == (2 if newest_first else 3)
+
+
 async def test_a_slow_answer_times_out_and_is_retried(server: FakeBatchServer, waits: list[float]) -> None:
     """A call with no answer within its timeout raises BatchTimeout internally and is tried again."""
 

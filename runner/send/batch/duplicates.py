@@ -9,10 +9,10 @@ A create is not idempotent, and its answer can be lost (a timeout, a kill -9) wh
 made and lands later: after a resumed run's lookup found nothing and it created another, or after the
 client's own retry did. Both end as two batches for one chunk, each line paid twice. The class is "a
 chunk with more than one batch", so the defence counts them, whatever made them: a sweep lists the
-account's batches newest first, stopping at the first one older than every swept chunk's upload, and
-takes those tagged with this job and the chunk and made from the chunk's own input file. Of two or
-more it keeps the one furthest along (the book's own on a tie, then the oldest), records it in the book
-if it is not the book's, and cancels the others; only the book's batch is ever harvested.
+account's batches made since the oldest of the swept chunks' uploads (`batches_since`), and takes
+those tagged with this job and the chunk and made from the chunk's own input file. Of two or more it
+keeps the one furthest along (the book's own on a tie, then the oldest), records it in the book if it
+is not the book's, and cancels the others; only the book's batch is ever harvested.
 
 Chunks are swept when a run resumes them, and on every look while a chunk whose create may have been
 made twice (`watch`) is in the run: a resumed chunk an earlier run left `uploaded`, or a create the
@@ -21,7 +21,7 @@ client had to send again.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from runner.send.batch.api import BatchAPI
@@ -30,7 +30,7 @@ from runner.send.batch.errors import BatchAPIError
 from runner.send.batch.rules import epoch_ms
 from runner.send.batch.shapes import Batch
 
-__all__ = ["Twins"]
+__all__ = ["Twins", "batches_since"]
 
 # How far along a batch is; a batch that stopped (failed, expired, cancelled) is never the one kept
 # while a live one exists.
@@ -80,13 +80,11 @@ class Twins:
         return changed
 
     async def _batches_of(self, api: BatchAPI, chunks: dict[str, Chunk]) -> dict[str, list[Batch]]:
-        """The job's batches for the chunks, newest first, paging no further back than the oldest upload."""
+        """The job's batches for the chunks, made since the oldest of their uploads."""
         uploads = [c.uploaded_at for c in chunks.values()]
         oldest = None if None in uploads else min(u for u in uploads if u is not None)
         found: dict[str, list[Batch]] = {}
-        async for batch in api.iter_batches():
-            if oldest is not None and batch.created_at and epoch_ms(batch.created_at) < oldest:
-                break
+        async for batch in batches_since(api, oldest):
             if batch.metadata.get("glm_batch_job") != self._job:
                 continue
             chunk = chunks.get(str(batch.metadata.get("glm_batch_chunk")))
@@ -102,6 +100,28 @@ class Twins:
                 await api.cancel(batch.id)
             except BatchAPIError:
                 self.cancelled.remove(batch.id)  # tried again at the next sweep
+
+
+async def batches_since(api: BatchAPI, since_ms: int | None) -> AsyncIterator[Batch]:
+    """The account's batches made at or after `since_ms` (epoch ms; None: all), page by page.
+
+    The list's order is not documented (real-wire.md): a page whose batches run newest first and
+    end before `since_ms` is the last one read; pages in any other order are read to the end."""
+    after: str | None = None
+    while True:
+        page = await api.list(after=after, limit=100)
+        stamps = [epoch_ms(b.created_at) if b.created_at else None for b in page.data]
+        for batch, stamp in zip(page.data, stamps, strict=True):
+            if since_ms is None or stamp is None or stamp >= since_ms:
+                yield batch
+        known = [stamp for stamp in stamps if stamp is not None]
+        newest_first = known == sorted(known, reverse=True)
+        if since_ms is not None and known and newest_first and known[-1] < since_ms:
+            return
+        following = page.last_id or (page.data[-1].id if page.data else None)
+        if not page.has_more or following is None or following == after:
+            return
+        after = following
 
 
 def _rank(batch: Batch, chunk: Chunk) -> tuple[int, int, int, int]:

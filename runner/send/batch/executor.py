@@ -36,7 +36,7 @@ from runner.send.base import Deliver, Executor, failure
 from runner.send.batch.api import BatchAPI
 from runner.send.batch.book import BatchBook, Chunk
 from runner.send.batch.deadline import HybridDeadline
-from runner.send.batch.duplicates import Twins
+from runner.send.batch.duplicates import Twins, batches_since
 from runner.send.batch.errors import BatchAbort, BatchAPIError, BatchNotFound, BatchStatusError, classify_api_error
 from runner.send.batch.files import write_round
 from runner.send.batch.harvest import API, Harvester, requests_of
@@ -225,10 +225,8 @@ class BatchExecutor:
     async def _made_before(self, api: BatchAPI, chunk: Chunk) -> Batch | None:
         """A batch this job already made for the chunk (a run died between creating it and recording it):
         tagged with this job's state folder and the chunk, and made from the chunk's own input file.
-        The list is newest first: paging stops at the first batch older than the chunk's upload."""
-        async for batch in api.iter_batches():
-            if chunk.uploaded_at is not None and batch.created_at and epoch_ms(batch.created_at) < chunk.uploaded_at:
-                return None
+        Only batches made since the chunk's upload are read (`batches_since`)."""
+        async for batch in batches_since(api, chunk.uploaded_at):
             tagged = (
                 batch.metadata.get("glm_batch_chunk") == chunk.id and batch.metadata.get("glm_batch_job") == self._job
             )

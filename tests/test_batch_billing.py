@@ -139,14 +139,18 @@ def test_a_batch_failed_for_a_transient_reason_is_sent_again_in_the_next_round(
     assert sim.stats()["outcomes"]["batch_created"] == 2
 
 
-# kill -9 half a second after a create was sent: its answer is lost, the batch lands later.
+# kill -9 once a create is held at the simulator (sent, not yet landed): its answer is lost, the batch lands later.
 KILLED_MID_CREATE = """
-import asyncio, os, sys
+import asyncio, json, os, sys, urllib.request
 from runner.send.batch import api
-create = api.BatchAPI.create
+create, stats = api.BatchAPI.create, sys.argv[2] + "/_sim/stats"
+def held():
+    with urllib.request.urlopen(stats) as answer:
+        return json.load(answer)["outcomes"].get("batch_create_late", 0) > 0
 async def dying(self, *args, **kwargs):
     asyncio.ensure_future(create(self, *args, **kwargs))
-    await asyncio.sleep(0.5)
+    while not await asyncio.to_thread(held):
+        await asyncio.sleep(0.01)
     os._exit(9)
 api.BatchAPI.create = dying
 from runner.cli import main
@@ -167,7 +171,7 @@ def test_a_create_that_lands_after_the_resumed_run_made_its_own_is_cancelled_and
     script = tmp_path / "killed.py"
     script.write_text(KILLED_MID_CREATE)
     env = crash_env(tmp_path)
-    killed = subprocess.run([sys.executable, str(script), str(files.spec)], env=env, capture_output=True)
+    killed = subprocess.run([sys.executable, str(script), str(files.spec), sim.url], env=env, capture_output=True)
     assert killed.returncode == 9, killed.stderr.decode()[-2000:]
     assert "batch_created" not in sim.stats()["outcomes"]  # still on its way
 

@@ -7,12 +7,7 @@
     result = await runner.arun_job("jobs/demo.yaml")     # where an event loop already runs (Jupyter)
     report = runner.estimate_job("jobs/demo.yaml")       # the dict `glm-batch estimate --json` prints
 
-The same rules as the command line: the key comes from the environment (ZHIPUAI_API_KEY or
-ANTHROPIC_API_KEY; the simulator needs none), a bad spec raises `runner.errors.UsageError`, and a run
-that stopped (budget, abort, signal) returns its exit code rather than raising. Progress goes to the
-`glm_batch` logger (quiet unless logging is configured) unless a `reporter` is given. `run_job` and
-`estimate_job` inside a running event loop (Jupyter) raise RuntimeError naming `arun_job` /
-`aestimate_job`, which are the ones to await there.
+The command line's rules: a bad spec raises `runner.errors.UsageError`; a run that stopped returns its exit code.
 """
 
 from __future__ import annotations

@@ -2,17 +2,7 @@
 
     report = asyncio.run(estimate_job(job, api_key=key, options=EstimateOptions(pilot_rows=50)))
 
-It renders every prompt (streaming, like a run), keeps only the requests a run would really send
-(distinct, not yet answered), and counts their input tokens with the local estimator, calibrated by
-earlier runs (the ledger), by Zhipu's tokenizer API on a sample (`exact`), or by a pilot.
-
-Output tokens cannot be counted before asking. Without measurements the expected figure is an
-assumption (half of max_tokens) and says so; with answers from earlier runs or a pilot (`pilot_rows`:
-N random rows sent for real, their answers kept for the run) it is their mean, with a 95% interval.
-
-`fresh` prices a full re-run (every request counts, answered or not). `record=False` is
-`glm-batch run --dry-run`: the job's state is only read (no lock taken, no journal folded, no
-estimate kept), so it can run beside a run of the same job.
+`record=False` is `glm-batch run --dry-run`: the job's state is only read (docs/decisions.md, "The estimate").
 """
 
 from __future__ import annotations

@@ -125,8 +125,8 @@ def test_a_model_the_batch_api_does_not_take_is_refused_before_anything_is_uploa
 CRASH = textwrap.dedent(
     """
     import os, sys
-    from runner.send.batch import api
-    stage, call = sys.argv[1], api.BatchAPI.{method}
+    from runner.send.batch import api as batch_api
+    stage, call = sys.argv[1], batch_api.BatchAPI.{method}
     seen = [0]
     async def crashing(self, *args, **kwargs):
         seen[0] += 1
@@ -136,7 +136,7 @@ CRASH = textwrap.dedent(
         if stage == "after" and seen[0] >= {nth}:
             os._exit(9)
         return result
-    api.BatchAPI.{method} = crashing
+    batch_api.BatchAPI.{method} = crashing
     from runner.cli import main
     sys.argv = ["glm-batch", "run", sys.argv[2], "--log-format", "json"]
     main()

@@ -1,20 +1,9 @@
-"""A cascade job run as ordinary runs of the engine, then joined (see runner.cascade.threshold).
+"""A cascade job run as ordinary runs of the engine, then joined (the method: runner.cascade.threshold).
 
     report = await run_cascade(job, api_key=key, options=options, reporter=reporter)
 
-1. proxy pass: a derived job (model: the proxy, `samples` samples at `temperature`) over the whole
-   input, its state in `<state>/cascade/proxy/`; its majority answer and agreement per row;
-2. calibration: the method asks for oracle answers on drawn rows; each round writes the rows asked so
-   far to `<state>/cascade/oracle-input.parquet` and runs the oracle job (model.name, the job's own
-   sampling) over it, its state in `<state>/cascade/oracle/`. Answers are journalled and reused by
-   key, so a round run again after a crash sends only what it lacks;
-3. escalation: one more oracle run, over every row whose proxy answer is not kept;
-4. join: the job's output, one row per input row, carrying the oracle's answer or the proxy's, with
-   `answered_by`, `proxy_confidence` and `in_calibration`; the summary states the guarantee.
-
-Every stage is resumable after kill -9: the draws are seeded, so a rerun replays the same rounds, and
-each finds its answers settled. A stage that stops (budget, signal, abort) stops the cascade with its
-exit code and the resume line. `run.max_cost` caps the whole invocation: each stage gets what is left.
+Stages: the proxy pass, the calibration rounds of the oracle, the escalation, the join; each is an
+ordinary, resumable run (docs/decisions.md, "Cascade: the stages").
 """
 
 from __future__ import annotations

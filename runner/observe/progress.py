@@ -4,13 +4,7 @@
     reporter.phase("reading input")    # what the run is doing before there is anything to count
     reporter.start(job, tally); reporter.tick(tally, executor.gauges(), control); reporter.finish(summary, message)
 
-On a terminal the progress is a live panel (runner.observe.panel) that shows the phase from the first
-second, then rows done, rate, ETA, in flight, tokens and spend.
-
-JSON lines (`--log-format json`) are one object per line on stderr with `event` and `ts` keys: `start`,
-`progress` every `interval_s`, `retrying` summaries, `end`. Text lines (`--log-format text`) carry the
-same fields as `event key=value ...` (see `text_line`); phases are for people and print no line.
-Nothing here ever sees the API key.
+JSON lines carry `event` and `ts` (`start`, `progress`, `retrying`, `end`); nothing here sees the API key.
 """
 
 from __future__ import annotations

@@ -5,11 +5,7 @@
     print_report(found, console)                     # the terminal's version
     page = report_html.html_page(found)              # the drawn one (runner.observe.report_html)
 
-Every job has a report: the run's figures come from the output Parquet and the summary beside it
-(runner.observe.runstats). Structured jobs add quality (runner.observe.quality): validity and repairs;
-with `eval.gold_column`, accuracy, per-label figures and the confusion matrix; with `eval.gold_fields`,
-per-field exact-match rates; for sampled jobs, the vote; and the rows the answers got wrong, with the
-input columns the output kept (`output.keep_columns`) so a person can see why.
+Structured jobs add quality (runner.observe.quality); with gold labels, the rows the answers got wrong.
 """
 
 from __future__ import annotations

@@ -1,28 +1,10 @@
 """A faithful local stand-in for Zhipu's endpoints: a real HTTP server on loopback.
 
-It speaks `POST /v1/messages` the way open.bigmodel.cn's Anthropic-compatible endpoint does (see wire.md):
-JSON or SSE with named events, usage zeros in `message_start` and the real counts in `message_delta`,
-both auth headers, Zhipu-shaped error bodies with the business code in `error.type`, and 400/1261 for a
-prompt over the model's context. Under `/api/paas/v4` it serves the native API: the tokenizer, chat
-completions, and the Batch API (files and batches, see `runner.simulator.native` and batch.md), answering
-a prompt there exactly as it does on `/v1/messages` (whose route is `runner.simulator.messages`). It adds
-what tests and benchmarks need:
-
-- latency (Gaussian around `latency_s`) and a concurrency cap per model that answers 429/1302 above it;
-- injected faults at a given rate: 429 1302/1305/1113, 500, 529, dropped connections, slow answers,
-  hangs, a mid-stream error event, a 200 whose body is an error, an HTML page or truncated JSON;
-- deterministic answers derived from the prompt (`answer_for`), so a test can prove each row got its own;
-  with `sample_disagreement`, a prompt asked at a temperature above 0 sometimes gets another structured
-  answer, the way a sampling model does, and more often where the lexicon finds no sentiment word (a
-  model wavers most where it is unsure); deterministic per repeat of a prompt, so tests can count;
-- two ledgers: `stats()` counts answers delivered per prompt (`ok`, `prompts_answered_twice`), and what
-  the server billed per API and per prompt (`billed`, `prompts_billed_twice`), which includes answers
-  generated for a client that had already given up, so a test can prove no prompt was paid for twice.
-
     with SimulatorThread(SimConfig(latency_s=0.01)) as sim:   # in a background thread
         sim.url, sim.stats(), sim.configure(concurrency_cap=6)
 
 `glm-batch simulate --port P` runs it standalone; `endpoint: simulator` starts one in-process for a run.
+What it models (wire, latency, faults, answers, ledgers): docs/decisions.md, "The simulator".
 """
 
 from __future__ import annotations

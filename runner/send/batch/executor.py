@@ -3,18 +3,8 @@
     executor = BatchExecutor(api=lambda: BatchAPI(native_url, key), directory=state_dir / "batches", ...)
     await executor.run(requests, deliver, control)
 
-A round writes the pending requests into JSONL chunks (one model per file, within the line and byte
-limits), uploads them, creates one batch per chunk, polls with backoff, and harvests each finished
-batch: every line becomes the same provider-neutral Answer an online call gives (runner.send.batch.native_request),
-checked and repaired by the same Conversation. Lines that failed for a transient reason, lines an
-expired or cancelled batch never ran, and repairs go to the next round; a 400-class line fails its
-row; completed lines of an expired batch are kept (they were paid).
-
-`hybrid` (an `online` executor and a deadline): what is not back when the deadline nears is cancelled
-there and sent online, and so are retries and repairs when another batch round would not finish in time.
-
-Every step is written ahead in the batch book (runner.send.batch.book), so a run killed at any moment
-is resumed by reattaching to its batches, never by submitting the same requests again.
+Rounds of chunks, uploaded, polled and harvested; `hybrid` sends online what a deadline would miss.
+Every step is written ahead in the batch book (runner.send.batch.book).
 """
 
 from __future__ import annotations

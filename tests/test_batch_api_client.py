@@ -612,6 +612,7 @@ async def test_a_create_retried_after_its_answer_was_lost_leaves_one_live_batch_
     from runner.send.batch.book import BatchBook
     from runner.send.batch.duplicates import Twins
     from runner.simulator.config import SimConfig
+    from tests.conftest import until
     from runner.simulator.simulator import SimulatorThread
 
     [written] = write_batch_files(requests_for(10), tmp_path / "in")
@@ -626,10 +627,7 @@ async def test_a_create_retried_after_its_answer_was_lost_leaves_one_live_batch_
             book.record("c", status="created", file_id=uploaded.id, uploaded_at=uploaded.created_at, batch_id=made.id)
             twins = Twins("j")
             assert await twins.sweep(api, book, ["c"]) == set() and twins.cancelled == []  # one batch so far
-            for _ in range(100):
-                if sim.stats()["outcomes"].get("batch_created") == 2:
-                    break
-                await asyncio.sleep(0.05)
+            await until(lambda: sim.stats()["outcomes"].get("batch_created") == 2)  # the late one landed
             assert await twins.sweep(api, book, ["c"]) == set()  # the book's batch is kept
             [late] = twins.cancelled
             assert late != made.id and book.chunks["c"].batch_id == made.id

@@ -612,8 +612,8 @@ async def test_a_create_retried_after_its_answer_was_lost_leaves_one_live_batch_
     from runner.send.batch.book import BatchBook
     from runner.send.batch.duplicates import Twins
     from runner.simulator.config import SimConfig
-    from tests.conftest import until
     from runner.simulator.simulator import SimulatorThread
+    from tests.conftest import until
 
     [written] = write_batch_files(requests_for(10), tmp_path / "in")
     book = BatchBook(tmp_path / "book")

@@ -1,22 +1,9 @@
-"""No chunk ever has two live batches: the job's batches for a chunk are counted, and the extra ones
-cancelled at once (a batch still validating costs nothing).
+"""No chunk keeps two live batches: the job's batches for a chunk are listed, one is kept, the others
+cancelled at once (a create whose answer was lost can land after another was made; docs/decisions.md,
+"No chunk keeps two batches").
 
-    guard = Twins(job_tag)
-    guard.watch(chunk_id)                                        # its create may have been made twice
-    found = await guard.sweep(api, book, chunk_ids, notify)      # keep one batch per chunk, cancel the rest
-
-A create is not idempotent, and its answer can be lost (a timeout, a kill -9) while the batch is still
-made and lands later: after a resumed run's lookup found nothing and it created another, or after the
-client's own retry did. Both end as two batches for one chunk, each line paid twice. The class is "a
-chunk with more than one batch", so the defence counts them, whatever made them: a sweep lists the
-account's batches made since the oldest of the swept chunks' uploads (`batches_since`), and takes
-those tagged with this job and the chunk and made from the chunk's own input file. Of two or more it
-keeps the one furthest along (the book's own on a tie, then the oldest), records it in the book if it
-is not the book's, and cancels the others; only the book's batch is ever harvested.
-
-Chunks are swept when a run resumes them, and on every look while a chunk whose create may have been
-made twice (`watch`) is in the run: a resumed chunk an earlier run left `uploaded`, or a create the
-client had to send again.
+    guard = Twins(job_tag); guard.watch(chunk_id)
+    changed = await guard.sweep(api, book, chunk_ids, notify)
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
-"""Billed turns a later batch round continues, kept on disk beside that round, so a run killed between
-rounds loses none of them from its rows' tokens and cost.
+"""The billed turns a later batch round continues (a repair's earlier answers, a cut answer's tokens),
+kept in `<round>/turns.jsonl` so a run killed between rounds loses none from its rows' tokens and cost.
 
     save_turns(harvester, leftovers, folder)    # before the round's files exist
     restore_turns(harvester, open_chunks)       # when a run resumes
-
-Between rounds the Harvester holds, per request, what its rows will be charged for but does not hold
-yet: the earlier turns of a conversation being repaired, and the tokens of billed answers that are
-asked again (a cut `network_error` answer, carried). Kept only in memory, a kill -9 between rounds
-dropped them: the resumed run took a repair's answer for a first one (`repairs` 0, the first turn's
-tokens gone), and the output's cost fell below what was billed. `<round>/turns.jsonl` holds them for
-the requests of that round, one JSON line each: `{"key", "turns": [[input, output, thinking,
-cache_read, cache_creation, model], ...], "carry": [input, output, thinking]}`; only the tokens of an
-earlier turn are kept (a Result takes its text from the last turn).
 """
 
 from __future__ import annotations
@@ -32,7 +23,9 @@ TURNS = "turns.jsonl"
 
 
 def save_turns(harvester: Harvester, requests: Iterable[Request], folder: Path) -> None:
-    """Write what the harvester holds for `requests` (the next round's) into `folder`'s turns file."""
+    """Write what the harvester holds for `requests` (the next round's) into `folder`'s turns file, a
+    line each: `{"key", "turns": [[input, output, thinking, cache_read, cache_creation, model], ...],
+    "carry": [input, output, thinking] | null}` (an earlier turn's tokens; its text is the repair's)."""
     lines = []
     for request in requests:
         conversation = harvester.conversations.get(request.key)

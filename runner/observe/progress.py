@@ -73,6 +73,8 @@ def _progress_fields(tally: Tally, gauges: dict[str, Any], control: Control) -> 
         "retries": dict(control.retries),
         "maybe_billed_twice": len(control.maybe_billed),
         **({"batches": gauges["batches"]} if gauges.get("batches") else {}),
+        **({"batch_lines": gauges["batch_lines"]} if (gauges.get("batch_lines") or {}).get("open") else {}),
+        **({"batch_queue": gauges["batch_queue"]} if (gauges.get("batch_queue") or {}).get("refused") else {}),
     }
 
 

@@ -110,8 +110,8 @@ class Simulator:
         self.port = server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        """Close the listening socket and every connection; abandon generations still running."""
-        for task in list(self._generating):
+        """Close the listening socket and every connection; abandon generations and late creates still running."""
+        for task in [*self._generating, *self.native.landing]:
             task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()

@@ -3,7 +3,8 @@
     python bench/cascade.py [--runs 20] [--rows 2000] [--target 0.9] [--delta 0.1]
 
 The oracle (glm-4.6) answers as the simulator usually does; the proxy (glm-4.5-flash, free) is a
-model of given skill (runner.testing.skill) wrong on ~20% of rows, asked 5 times per row. First an
+model of given skill (runner.testing.skill) wrong on ~20% of rows, asked 10 times per row (free: the
+samples cost requests, not money; 10 tell sure rows from unsure ones better than 5, `--samples 5`). First an
 oracle-only run over every row gives the reference answers and the oracle-only cost. Then, for each
 proxy (sample agreement that tracks its errors, and a "flat" one whose agreement says nothing), the
 cascade runs `--runs` times with a different calibration seed (the guarantee's probability is over
@@ -67,7 +68,7 @@ def main() -> int:
     parser.add_argument("--target", type=float, default=0.9)
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--proxy-error", type=float, default=0.2, help="the simulator's model_error for the proxy")
-    parser.add_argument("--samples", type=int, default=5, help="proxy samples per row")
+    parser.add_argument("--samples", type=int, default=10, help="proxy samples per row")
     parser.add_argument("--confidence", choices=["informative", "flat"], action="append")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="cascade-bench-"))

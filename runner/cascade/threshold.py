@@ -12,9 +12,11 @@ turn, rows the oracle answers count as agreeing, so the proxy's share among the 
 (T * N - (N - t)) / t for the whole output to reach T. Draw uniformly, without replacement, from the
 top t rows (one seeded order, so draws made for a smaller t are reused), 10 at a time, sending each
 to the oracle, until the betting test (runner.cascade.bounds) says the kept rows' agreement is above
-that share (accept t and try the next) or below it (stop); past 50 draws whose mean minus one
-standard deviation is under the share, stop too (not worth more oracle calls). Giving up never
-accepts, so the guarantee does not depend on that rule (docs/decisions.md, "Cascade"). Testing the
+that share (accept t and try the next) or below it (stop). Past 50 draws it also gives up when
+the draws' mean plus one standard error is under the share (hopeless), or when the draws outnumber
+the rows the threshold would add (n/M, what accepting it saves) and their mean minus two standard
+errors is under the share (not worth more oracle calls). Giving up never accepts, so the guarantee
+does not depend on that rule (docs/decisions.md, "Cascade"). Testing the
 thresholds in a fixed order and stopping at the first failure keeps the chance of any wrong
 acceptance at delta without a correction. The output keeps the proxy's answer on the accepted top
 rows that were not drawn; everything else (lower rows, drawn rows, rows the proxy could not
@@ -33,7 +35,7 @@ from runner.cascade.bounds import above, below
 
 THRESHOLDS = 20  # M: candidate thresholds
 DRAW = 10  # draws between looks
-WORTH_TRYING = 50  # draws after which a hopeless threshold is given up
+WORTH_TRYING = 50  # draws after which a threshold may be given up (hopeless, or not worth more draws)
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def choose(
             if needed <= 0:
                 best, best_needed = t, needed
                 continue
-            ok, used = _confident(ranked, draws, t, needed, agrees, delta, ahead)
+            ok, used = _confident(ranked, draws, t, needed, agrees, delta, ahead, step)
             drawn.update(used)
             tested.append({"kept": kept, "needed": round(needed, 4), "draws": len(used), "accepted": ok})
             if not ok:
@@ -115,17 +117,19 @@ def _confident(
     agrees: Callable[[int], bool | None],
     delta: float,
     ahead: int,
+    gain: int,
 ) -> tuple[bool, list[int]]:
     """Draw from ranks 0..t until the test decides whether their agreement is above `needed`, or it is
-    not worth more draws (past 50, their mean minus one standard deviation is under `needed`)."""
+    not worth more draws: past 50, their mean plus one standard error is under `needed`, or they
+    outnumber `gain` (the rows accepting t would add) with their mean minus two standard errors under it."""
     pool = [r for r in draws if r <= t]
     xs: list[float] = []
     used: list[int] = []
     while True:
         if len(xs) >= WORTH_TRYING:
             mean = sum(xs) / len(xs)
-            spread = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))
-            if mean - spread < needed:
+            error = math.sqrt(mean * (1 - mean) / len(xs))
+            if mean + error < needed or (len(xs) >= gain and mean - 2 * error < needed):
                 return False, used
         batch = pool[len(xs) : len(xs) + DRAW]
         answers = [agrees(ranked[r]) for r in batch]

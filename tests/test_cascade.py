@@ -5,7 +5,9 @@ then a resume pays nothing twice beyond what was in flight and gives the same ou
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import polars as pl
 import pytest
 import yaml
 
+from runner.observe.report import cascade_lines
 from runner.testing.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli
 
@@ -75,6 +78,12 @@ def test_the_cascade_agrees_with_the_oracle_on_the_target_share_and_says_who_ans
     assert report.exit_code == 0, report.stderr
     assert f"agrees with {ORACLE} on >= 90% of rows with probability >= 90%" in report.stdout
     assert "threshold" in report.stdout and "oracle only" in report.stdout
+    # The page says what the terminal says, from the same summary.
+    page = job.spec.parent / "report.html"
+    assert cli("report", str(job.spec), "--html", str(page)).exit_code == 0
+    section = page.read_text(encoding="utf-8").split('<ul id="cascade">')[1].split("</ul>")[0]
+    assert [html.unescape(item) for item in re.findall(r"<li>(.*?)</li>", section)] == cascade_lines(summary)
+    assert all(line in " ".join(report.stdout.split()) for line in cascade_lines(summary))
     status = cli("status", str(job.spec))
     assert "proxy stage, last run" in status.stdout and "oracle stage, last run" in status.stdout
     assert f"last cascade: {summary['rows_kept_from_proxy']} of 120 rows kept from {PROXY}" in status.stdout

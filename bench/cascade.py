@@ -8,7 +8,8 @@ samples cost requests, not money; 10 tell sure rows from unsure ones better than
 oracle-only run over every row gives the reference answers and the oracle-only cost. Then, for each
 proxy (sample agreement that tracks its errors, and a "flat" one whose agreement says nothing), the
 cascade runs `--runs` times with a different calibration seed (the guarantee's probability is over
-the draws; the proxy's answers stay the same, so its pass is paid once and reused). Per run: the
+the draws; the proxy's answers stay the same, so its pass is paid once and reused; the oracle's
+stage starts afresh each run). Per run: the
 output's agreement with the oracle's reference answers, and its cost against oracle-only (the
 proxy's cost plus the oracle's reference cost of every row the oracle answered). It prints the share
 of runs meeting the target and the median cost share.
@@ -17,6 +18,7 @@ of runs meeting the target and the median cost share.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -103,6 +105,12 @@ def main() -> int:
                 },
                 "output.state_dir": str(folder / f"state-{confidence}"),
             }
+            # Each run starts its oracle stage afresh (a cascade run again reuses every oracle answer it
+            # holds, and each run's escalated rows would carry over to the next seed's output).
+            home = folder / f"state-{confidence}" / "cascade"
+            shutil.rmtree(home / "oracle", ignore_errors=True)
+            for name in ("oracle.parquet", "oracle-input.parquet"):
+                (home / name).unlink(missing_ok=True)
             result = runner.run_job(job_file(folder, f"cascade_{confidence}", args.rows, extra), reporter=quiet())
             assert result.output is not None, result.message
             out = pl.read_parquet(result.output).join(ref, on="id")

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from runner.observe.report import cascade_lines
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "sentiment" / "amazon.csv"

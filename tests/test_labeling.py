@@ -10,7 +10,7 @@ import pytest
 
 from runner.job.structured import extract_json
 from runner.observe.quality import html_report, label_metrics
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows
 
 REVIEWS = [

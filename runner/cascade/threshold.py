@@ -1,27 +1,11 @@
-"""BARGAIN's accuracy-target cascade (BARGAIN_A in the `bargain` package; Zeighami, Shankar and
-Parameswaran, 2025), as a procedure that can be replayed: it never calls a model, it asks for oracle
-answers and is run again once they are in, so every oracle request is an ordinary, journalled run.
+"""BARGAIN's accuracy-target cascade (BARGAIN_A), as a procedure that can be replayed: it never calls a
+model, it asks for oracle answers and is run again once they are in.
 
     step = choose(scores, agrees, target=0.95, delta=0.05, seed=7)
     if step.need: ...send these rows to the oracle, then call choose again...
     else: step.keep (proxy answers kept), step.sampled (oracle answers, the calibration sample)
 
-The method: order the rows the proxy answered by its confidence, highest first (ties in a seeded
-random order). Candidate thresholds keep the top t rows for t = n/M, 2n/M, ... (M = 20). For each in
-turn, rows the oracle answers count as agreeing, so the proxy's share among the kept rows must reach
-(T * N - (N - t)) / t for the whole output to reach T. Draw uniformly, without replacement, from the
-top t rows (one seeded order, so draws made for a smaller t are reused), 10 at a time, sending each
-to the oracle, until the betting test (runner.cascade.bounds) says the kept rows' agreement is above
-that share (accept t and try the next) or below it (stop). Past 50 draws it also gives up when
-the draws' mean plus one standard error is under the share (hopeless), or when the draws outnumber
-the rows the threshold would add (n/M, what accepting it saves) and their mean minus two standard
-errors is under the share (not worth more oracle calls). Giving up never accepts, so the guarantee
-does not depend on that rule (docs/decisions.md, "Cascade"). Testing the
-thresholds in a fixed order and stopping at the first failure keeps the chance of any wrong
-acceptance at delta without a correction. The output keeps the proxy's answer on the accepted top
-rows that were not drawn; everything else (lower rows, drawn rows, rows the proxy could not
-answer) carries the oracle's. Then it agrees with the oracle on at least T of the rows with
-probability at least 1 - delta.
+The method: docs/decisions.md, "Cascade: the betting test and the threshold procedure".
 """
 
 from __future__ import annotations

@@ -16,11 +16,11 @@ from typing import Any
 
 import polars as pl
 
+from runner.columns import GOLD_SUFFIX, OUTPUT_COLUMNS, SAMPLE_ANSWERS, VOTE_COLUMNS
 from runner.errors import UsageError
+from runner.files import read_json_object
 from runner.job.resolve import Job
 from runner.job.structured import AnswerShape
-from runner.output.columns import GOLD_SUFFIX, OUTPUT_COLUMNS, SAMPLE_ANSWERS, VOTE_COLUMNS
-from runner.state.files import read_json_object
 
 INVALID = "(invalid)"
 

@@ -31,7 +31,6 @@ class Step:
     keep: frozenset[int] = frozenset()
     sampled: frozenset[int] = frozenset()
     threshold: float | None = None  # the lowest kept confidence (None: no proxy answer kept)
-    kept_share_needed: float | None = None  # the agreement the kept rows were shown to reach
     tested: list[dict[str, float | int | bool]] = field(default_factory=list)
 
 
@@ -70,27 +69,27 @@ def choose(
     random.Random(f"draw-{seed}").shuffle(draws)  # ranks, in the order they are drawn
     drawn: set[int] = set()
     tested: list[dict[str, float | int | bool]] = []
-    best, best_needed = -1, None
+    best = -1
     step = max(n // THRESHOLDS, 1)
     try:
         for t in range(step - 1, n, step):
             kept = t + 1
             needed = (target * total - (total - kept)) / kept
             if needed <= 0:
-                best, best_needed = t, needed
+                best = t
                 continue
             ok, used = _confident(ranked, draws, t, needed, agrees, delta, ahead, step)
             drawn.update(used)
             tested.append({"kept": kept, "needed": round(needed, 4), "draws": len(used), "accepted": ok})
             if not ok:
                 break
-            best, best_needed = t, needed
+            best = t
     except _Need as missing:
         return Step(need=tuple(missing.rows))
     sampled = frozenset(ranked[r] for r in drawn)
     keep = frozenset(ranked[r] for r in range(best + 1)) - sampled
     threshold = scores[ranked[best]] if best >= 0 else None
-    return Step(keep=keep, sampled=sampled, threshold=threshold, kept_share_needed=best_needed, tested=tested)
+    return Step(keep=keep, sampled=sampled, threshold=threshold, tested=tested)
 
 
 def _confident(

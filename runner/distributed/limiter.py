@@ -153,10 +153,6 @@ class ClusterLimiter:
             await self._notify()
         return self._directive(lease)
 
-    async def renew(self, worker_id: str, in_use: int = 0) -> Directive:
-        """A heartbeat: keep the worker's lease alive and tell it what it owes."""
-        return await self.release(worker_id, 0, None, in_use)
-
     async def reclaim(self, worker_id: str) -> int:
         """The worker is dead (the driver saw its actor die or restart): take its slots back now.
         How many slots came back."""

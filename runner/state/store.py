@@ -100,7 +100,6 @@ class Store:
         self._journal_kept = False
         self.row_map_dropped = False  # the row map was torn and has been dropped (it is rebuilt)
         self.recovered = 0  # answers recovered from journals of runs that died
-        self.rescued = 0  # answers taken back from rescue journals of runs whose state broke
         # The state folder stopped taking writes (this run's failure): from then on answers are only held
         # in memory (`_pending`), and `rescue` writes them to a rescue journal when sending has stopped.
         self.broken: GlmBatchError | None = None
@@ -317,7 +316,6 @@ class Store:
             if results:
                 with state_guard(self.state_dir):
                     write_atomic(results_frame(results, run_id), self.results_dir / f"part-{run_id}-rescued.parquet")
-                self.rescued += len(results)
             with contextlib.suppress(OSError):  # kept twice at worst: answers are deduplicated by key
                 journal.unlink(missing_ok=True)
 

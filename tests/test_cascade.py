@@ -341,6 +341,8 @@ def test_a_cascade_on_a_stated_confidence_asks_the_proxy_once_and_keeps_its_fiel
 ) -> None:
     sim.configure(model_error={PROXY: 0.2})
     job = _cascade(make_job, "stated", confidence="stated")
+    priced = cli("estimate", str(job.spec), "--json")
+    assert priced.exit_code == 0 and json.loads(priced.stdout)["cascade"]["proxy_requests"] == 120
 
     result = cli("run", str(job.spec))
 

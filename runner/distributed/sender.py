@@ -1,0 +1,62 @@
+"""The Ray sender (`run.engine: ray`): a run's rows read, rendered and sent over a Ray cluster, into the
+same run object, signals and finish as the local sender's (runner.engine).
+
+    report = await run_job(job, api_key=key, options=options, reporter=reporter, sender=sender_for(job, options))
+
+The driver (this process) keeps what needs one owner: the input's checks, the store, the settled keys
+and the row map. A run with nothing to render (every row answered, nothing changed) only finishes:
+Ray is not imported, let alone started. Otherwise runner.distributed.cluster starts Ray and maps the
+input over the sending actors; the driver writes their row-map lines in order and seals the map.
+Request keys are the local engine's, so a job started on one finishes on the other sending nothing twice.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from runner.errors import UsageError
+from runner.job.resolve import Job
+from runner.local import LocalSender
+from runner.observe import summary
+from runner.observe.progress import Reporter
+from runner.plan import ALL_FAIL_ROWS, plan
+from runner.run import Run, Sender
+from runner.runs import RunOptions
+from runner.supervise import Signals
+
+if TYPE_CHECKING:
+    from runner.distributed.cluster import Shape
+
+
+def sender_for(job: Job, options: RunOptions) -> Sender:
+    """The sender the spec asks for: Ray's for `run.engine: ray` (but a pilot's few rows are sent from
+    here), else this process's. UsageError for what Ray cannot send."""
+    if job.spec.run.engine != "ray" or options.pilot_rows is not None:
+        return LocalSender()
+    if job.spec.run.mode != "online":
+        raise UsageError(f"{job.spec_path}: run.engine: ray: batch mode runs on the local engine")
+    return RaySender()
+
+
+class RaySender:
+    """Sends a run from actors on a Ray cluster, under one cluster-wide limiter (and budget)."""
+
+    def __init__(self, shape: Shape | None = None) -> None:
+        self.shape = shape  # None: runner.distributed.cluster's default
+
+    async def send(self, run: Run, api_key: str, reporter: Reporter, signals: Signals) -> dict[str, Any]:
+        """Map the run's rows over the actors and take their blocks in; how it sent, for the summary."""
+        run.accountant.budget = None  # the limiter keeps the budget, shared by every actor; this one prices
+        limits: dict[str, Any] = {}
+        actors = 0
+        if not run.unchanged:
+            next(plan(run.job, run.source, run.settled, batch_rows=ALL_FAIL_ROWS))  # a broken template fails here
+            from runner.distributed.cluster import Shape, send_on_ray  # Ray's import alone takes seconds
+
+            run.store.rows.reset()
+            limits, actors = await send_on_ray(run, api_key, reporter, signals, self.shape or Shape())
+            if run.tally.rows_seen == run.tally.rows_total and run.control.reason is None:
+                run.store.rows.seal(run.built_from)
+                run.tally.all_rows_rendered = True
+        gauges = {"adaptive": run.job.adaptive, "limit": limits.get("limit"), "overload_429_rate": None}
+        return summary.sending(run.job, gauges) | {"engine": {"name": "ray", "actors": actors, "limiter": limits}}

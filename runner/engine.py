@@ -28,7 +28,7 @@ from runner.observe import summary
 from runner.observe.progress import Reporter
 from runner.run import Run, Sender, check_places
 from runner.runs import RunOptions as RunOptions  # re-exported
-from runner.runs import RunReport as RunReport
+from runner.runs import RunResult as RunResult
 from runner.state.rescue import find_rescued
 from runner.state.store import Store
 from runner.supervise import stop_on_signals
@@ -36,17 +36,9 @@ from runner.supervise import stop_on_signals
 
 async def run_job(
     job: Job, *, api_key: str, options: RunOptions, reporter: Reporter, sender: Sender | None = None
-) -> RunReport:
+) -> RunResult:
     """Run one job to completion, interruption or abort; the result is durable whichever happens."""
     check_places(job)
-    if job.spec.output.cascade is not None:  # stages that are runs like this one, then a join
-        from runner.cascade.stages import run_cascade
-
-        return await run_cascade(job, api_key=api_key, options=options, reporter=reporter)
-    if sender is None:
-        from runner.distributed.sender import sender_for
-
-        sender = sender_for(job, options)
     control = Control()
     if job.spec.run.mode != "online" and job.batch is not None and job.batch.basis == "unconfirmed":
         reporter.event("batch_unconfirmed", model=job.spec.model.name, warning=job.batch.why)

@@ -13,7 +13,7 @@ from runner.errors import STATE_FAILURES
 from runner.observe import summary
 from runner.observe.progress import Reporter
 from runner.run import Run
-from runner.runs import RunOptions, RunReport
+from runner.runs import RunOptions, RunResult
 
 
 def record(run: Run, exit_code: int, finalized: bool) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def record(run: Run, exit_code: int, finalized: bool) -> dict[str, Any]:
     )
 
 
-def finish(run: Run, options: RunOptions, reporter: Reporter, sending: dict[str, Any]) -> RunReport:
+def finish(run: Run, options: RunOptions, reporter: Reporter, sending: dict[str, Any]) -> RunResult:
     """Book the spend; write the output if the run is complete and was not stopped; write the summary
     (with `sending`: how it was sent) and tell the reporter. A full disk stops nothing here: the answers
     are in the store, and the next run writes what could not be written now."""
@@ -45,8 +45,8 @@ def finish(run: Run, options: RunOptions, reporter: Reporter, sending: dict[str,
         with contextlib.suppress(*STATE_FAILURES):
             store.record_run({**report, "pilot": True})
         if control.aborted is not None or control.failed is not None:  # the pilot could not run: say why
-            return RunReport(*summary.outcome(job, control, None, options.resume_command), report)
-        return RunReport(0, f"pilot: {run.tally.ok} rows answered", report)
+            return RunResult(*summary.outcome(job, control, None, options.resume_command), report)
+        return RunResult(0, f"pilot: {run.tally.ok} rows answered", report)
     failed_rows: int | None = None  # None: not finalized, the output is not complete yet
     skipped_rows = 0  # rows input.nulls: skip kept from being sent: a decision, not a failure
     if control.reason is None and run.complete:
@@ -83,7 +83,7 @@ def finish(run: Run, options: RunOptions, reporter: Reporter, sending: dict[str,
         report["quality"] = quality.summarise(job, job.shape)
     summary.write(job, store, report)
     reporter.finish(report, message)
-    return RunReport(exit_code, message, report)
+    return RunResult(exit_code, message, report)
 
 
 def _rescue(run: Run) -> None:

@@ -118,7 +118,7 @@ class Run:
             self.control.abort(breaker.error())
 
     def _journal(self, result: Result) -> None:
-        self.cpu.open()
+        self.cpu.begin()
         if result.key not in self.outstanding and self.settled.has(result.key):
             return  # answered in an earlier run (a batch harvested twice): never journalled or booked twice
         self.outstanding.discard(result.key)

@@ -41,16 +41,9 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 
 
-# Imports that still run up a layer, to be removed by the engine redesign (issue 26); empty when done.
-STILL_UPWARD = {
-    "runner.engine imports runner.cascade.stages",
-    "runner.engine imports runner.distributed.sender",
-    "runner.estimate imports runner.cascade.estimate",
-}
-STILL_CIRCLES = {
-    "runner.cascade.estimate runner.estimate",
-    "runner.cascade.stages runner.engine",
-}
+# Imports that still run up a layer, and circles: none (issue 26 removed the last).
+STILL_UPWARD: set[str] = set()
+STILL_CIRCLES: set[str] = set()
 
 
 def module_name(path: Path) -> str:

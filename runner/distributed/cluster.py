@@ -192,7 +192,7 @@ def _take(block: pl.DataFrame, run: Run, progress: Progress) -> None:
             result = result_from_json(line)
             if result.key not in progress.recorded:
                 progress.recorded.add(result.key)
-                run.cpu.open()
+                run.cpu.begin()
                 tally.record(result, tier)
         for kind, n in report["retries"].items():
             control.retries[kind] = control.retries.get(kind, 0) + n

@@ -17,8 +17,8 @@ class CpuWindow:
         self.first: float | None = None
         self.seconds: float | None = None
 
-    def open(self) -> None:
-        """An answer came: the window opens at the first."""
+    def begin(self) -> None:
+        """An answer came: the window begins at the first."""
         if self.first is None:
             self.first = time.process_time()
 

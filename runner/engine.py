@@ -2,16 +2,10 @@
 
     report = asyncio.run(run_job(job, api_key=key, options=RunOptions(), reporter=reporter, sender=sender))
 
-1. open the input (checks columns and emptiness before anything is sent) and the store (lock, crash
-   sweep), and learn which requests are already settled (runner.run.Run.open);
-2. send: the sender the caller chose (runner.local.LocalSender unless told otherwise; Ray's is
-   runner.distributed.sender.RaySender) plans and sends the rest, every result into the run, which
-   journals it at once and folds it into a durable part every `checkpoint_rows` results or
-   `checkpoint_seconds`;
-3. finish (runner.finish): when every row has a result, the output in input order; the summary
-   beside it, the run in the manifest, the spend in the ledger.
-
-SIGINT/SIGTERM are handled from the first line to the end of sending (runner.supervise).
+Open the input (its checks come before anything is sent), the store (lock, crash sweep) and the run
+(runner.run: what is settled already); the sender the caller chose (this process's by default) sends
+the rest, every result journalled by the run at once; runner.finish writes the output when every row
+has a result, the summary, the manifest and the ledger. Signals are handled until sending ends.
 """
 
 from __future__ import annotations
@@ -27,11 +21,10 @@ from runner.local import LocalSender
 from runner.observe import summary
 from runner.observe.progress import Reporter
 from runner.run import Run, Sender, check_places
-from runner.runs import RunOptions as RunOptions  # re-exported
-from runner.runs import RunResult as RunResult
+from runner.runs import RunOptions, RunResult
 from runner.state.rescue import find_rescued
 from runner.state.store import Store
-from runner.supervise import stop_on_signals
+from runner.supervise import Signals
 
 
 async def run_job(
@@ -42,7 +35,7 @@ async def run_job(
     control = Control()
     if job.spec.run.mode != "online" and job.batch is not None and job.batch.basis == "unconfirmed":
         reporter.event("batch_unconfirmed", model=job.spec.model.name, warning=job.batch.why)
-    with stop_on_signals(control, reporter) as signals:  # a stop while starting still ends the run well
+    with Signals(control, reporter) as signals:  # a stop while starting still ends the run well
         reporter.phase("reading input")
         source = open_input(job)
         store = Store(

@@ -54,12 +54,11 @@ def finish(run: Run, options: RunOptions, reporter: Reporter, sending: dict[str,
         # Imported here, after sending: the output writer is not on the way to the first request.
         from runner.output.assemble import OutputShape, finalize
         from runner.output.sinks import ParquetSink
+        from runner.state.rescue import state_guard
 
         shape = OutputShape(
             job.spec.input.id_column or "id", job.shape.fields if job.shape else {}, job.spec.output.samples
         )
-        from runner.state.rescue import state_guard
-
         try:
             with state_guard(job.state_dir, refusals=False):  # the output's own errors are not the state's
                 counts = finalize(store, ParquetSink(job.output_path, job.state_dir), shape)

@@ -23,7 +23,11 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Signals:
-    """SIGINT/SIGTERM for one run, from its start to the end of sending (see the module's docstring)."""
+    """SIGINT/SIGTERM for one run, from its start to the end of sending (see the module's docstring):
+
+    with Signals(control, reporter) as signals:   # without it, a SIGTERM while a large input is read
+        ...                                       # killed the run silently
+    """
 
     def __init__(self, control: Control, reporter: Reporter) -> None:
         self._control, self._reporter = control, reporter
@@ -59,21 +63,16 @@ class Signals:
             if self._grace is not None:
                 self._grace.cancel()
 
+    def __enter__(self) -> Signals:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Hand the signals back (the run is finishing: its output and summary are written whole)."""
         for signum in SIGNALS:
             self._loop.remove_signal_handler(signum)
-
-
-@contextlib.contextmanager
-def stop_on_signals(control: Control, reporter: Reporter) -> Iterator[Signals]:
-    """SIGINT/SIGTERM handled as the module says, until the block ends or `close` is called. Without this,
-    a SIGTERM in the seconds a large input takes to read killed the run silently."""
-    signals = Signals(control, reporter)
-    try:
-        yield signals
-    finally:
-        signals.close()
 
 
 async def supervise(

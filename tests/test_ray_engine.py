@@ -13,6 +13,8 @@ import json
 import os
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -188,6 +190,30 @@ def test_batch_mode_is_refused(make_job) -> None:
     result = cli("run", str(job.spec))
     assert result.exit_code == 2
     assert "batch mode runs on the local engine" in result.stderr
+
+
+def test_sigterm_while_a_ray_run_starts_ends_with_the_summary_and_the_resume_line(
+    make_job, sim: SimulatorThread
+) -> None:
+    """As on the local engine: a SIGTERM in the seconds a Ray run takes to start (its state opened, Ray
+    not yet connected) stops it as any stopped run ends, with its summary and resume line."""
+    job = ray_job(make_job, sample_rows(200))
+    lock = load_job(job.spec).state_dir / "lock"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # this module's Ray
+    run = subprocess.Popen(
+        [sys.executable, "-m", "runner", "run", str(job.spec), "--log-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    while not lock.exists() and run.poll() is None:  # the run has opened its state
+        time.sleep(0.002)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=180)
+    assert run.returncode == 143, stderr
+    assert "resume with: glm-batch run" in stderr.strip().splitlines()[-1]
+    assert job.summary.exists()
 
 
 def test_identical_prompts_in_blocks_on_different_actors_are_sent_once(make_job, sim: SimulatorThread) -> None:

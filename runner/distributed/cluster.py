@@ -2,13 +2,10 @@
 
     limits, actors = await send_on_ray(run, api_key, reporter, signals, shape)
 
-runner.distributed.sender imports this module only when the run has rows to render, so a re-run of an
-unchanged finished job never imports Ray (seconds of start-up for nothing). Here the driver makes the
-run's ClusterLimiter (the account's one in-flight limit and run.max_cost), reads the input with Ray
-Data (runner.distributed.rows: `_row` as the local engine numbers rows), and maps blocks over a pool of
-sending actors (runner.distributed.worker.BlockSender). Each actor journals its answers to the job's
-state directory before its block's row-map lines come back; the driver adds those lines to the row map
-in order, and each block's report to the run's tally.
+The driver makes the run's ClusterLimiter (the account's one in-flight limit and run.max_cost), reads
+the input with Ray Data (runner.distributed.rows: `_row` as the local engine numbers rows) and maps its
+blocks over sending actors (runner.distributed.worker.BlockSender), which journal every answer before
+a block's row-map lines come back; the driver adds those to the row map in order, reports to the run.
 """
 
 from __future__ import annotations
@@ -119,17 +116,10 @@ async def _send(
     gauges: dict[str, Any] = {}
 
     def consume() -> None:
+        if control.stopping.is_set():  # stopped while Ray started: nothing is sent
+            return
         rows = read_rows(job, run.source, tally.rows_total, shape.block_rows)
-        # Ray's core worker prints one line per run to stderr here: "Actor with class name:
-        # 'MapWorker(MapBatches(BlockSender))' ... has constructor arguments in the object store and
-        # max_restarts > 0 ... See https://github.com/ray-project/ray/issues/53727". Ray Data always
-        # hands its pool actors their constructor arguments (its DataContext and the map function, with
-        # our config) as ray.put references, and keeps actors restartable (max_restarts=-1), which is
-        # what re-runs a killed sender's block. Harmless here: the references live in this driver for the
-        # whole map, and their primary copies are on the driver's node. The line can only be dropped by
-        # max_restarts=0 (no restart after a kill) or RAY_BACKEND_LOG_LEVEL=fatal (every error of the
-        # core worker hidden); it is a C++ log line sent to stderr, not a Python warning or log record,
-        # so there is nothing to filter in this process.
+        # Ray prints one harmless line per run here about constructor arguments (docs/decisions.md).
         mapped = rows.map_batches(
             BlockSender,
             fn_constructor_kwargs={"config": config},

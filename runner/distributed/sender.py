@@ -1,13 +1,9 @@
-"""The Ray sender (`run.engine: ray`): a run's rows read, rendered and sent over a Ray cluster, into the
-same run object, signals and finish as the local sender's (runner.engine).
+"""The Ray sender (`run.engine: ray`), and the choice of sender: a run's rows read, rendered and sent
+by actors on a Ray cluster (runner.distributed.cluster), into the run object the local sender fills.
 
-    report = await run_job(job, api_key=key, options=options, reporter=reporter, sender=sender_for(job, options))
-
-The driver (this process) keeps what needs one owner: the input's checks, the store, the settled keys
-and the row map. A run with nothing to render (every row answered, nothing changed) only finishes:
-Ray is not imported, let alone started. Otherwise runner.distributed.cluster starts Ray and maps the
-input over the sending actors; the driver writes their row-map lines in order and seals the map.
-Request keys are the local engine's, so a job started on one finishes on the other sending nothing twice.
+The driver keeps what needs one owner: the input's checks, the store, the settled keys and the row
+map. A run with nothing to render only finishes: Ray is not imported, let alone started. Request keys
+are the local engine's, so a job started on one engine finishes on the other sending nothing twice.
 """
 
 from __future__ import annotations

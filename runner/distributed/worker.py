@@ -1,11 +1,11 @@
 """A sending actor of a Ray run: one block of input rows in, its row-map lines out, every answer journalled.
 
-    ds.map_batches(BlockSender, fn_constructor_kwargs={"config": BlockSenderConfig(...)}, batch_format="pyarrow", ...)
+    ds.map_batches(BlockSender, fn_constructor_kwargs={"config": BlockSenderConfig(...)}, ...)
 
-Each call renders and keys its block with the local engine's planning (runner.plan: RequestBuilder
-keys, settled checks, Dispatch's row-map lines and render failures), sends what is unanswered with the
-local engine's OnlineExecutor on slots leased from the run's ClusterLimiter, and journals every answer
-to the job's state directory through a Store of its own (`journal-<run>-<actor>.jsonl`, parts
+Each call plans its block as the local engine does (runner.plan), keeps a run object for it
+(runner.run.Run: row-map lines, render failures, the rule for each answer), sends what is unanswered
+with the local engine's OnlineExecutor on slots leased from the run's ClusterLimiter, and journals
+every answer to the job's state directory through a Store of its own (`journal-<run>-<actor>.jsonl`, parts
 `part-<run>-<actor>-<n>.parquet`) before it returns. Its output is the block's row-map lines; the first
 line also carries the block's report (`_report`: the results as journal lines, counts, why it stopped).
 
@@ -166,10 +166,8 @@ class BlockSender:
         """Plan, send and journal one block; its row-map lines, the first carrying the block's report."""
         config, job = self._config, self._job
         if self._executor is None:  # made here, inside the actor's event loop
-            accountant = config.accountant
-            self._executor = online_executor(
-                job, config.base_url, config.api_key, accountant.input_estimate, self._slots
-            )
+            estimate = config.accountant.input_estimate
+            self._executor = online_executor(job, config.base_url, config.api_key, estimate, self._slots)
         frame = pl.from_arrow(batch)
         assert isinstance(frame, pl.DataFrame)
         frame = frame.with_columns(config.source.ids(frame))

@@ -93,12 +93,12 @@ async def arun_job(
 async def run_loaded(job: Job, options: RunOptions, reporter: Reporter) -> RunResult:
     """Run a loaded job (the command line's `run` too): its cascade's stages, or one run on the sender
     its spec asks for (runner.distributed.sender.sender_for), with the key from the environment."""
-    from runner.distributed.sender import sender_for
-    from runner.engine import run_job as run
-
     key = api_key_for(job)
     if will_send_online(job, fresh=options.fresh):
         import_in_background()  # the SDK loads while the engine (polars) loads and checks the input
+    from runner.distributed.sender import sender_for
+    from runner.engine import run_job as run
+
     if job.spec.output.cascade is None:
         return await run(job, api_key=key, options=options, reporter=reporter, sender=sender_for(job, options))
     from runner.cascade.stages import run_cascade  # stages that are runs like any other, then a join

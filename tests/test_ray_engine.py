@@ -115,6 +115,7 @@ def test_twenty_thousand_rows_under_one_cluster_limit_with_an_actor_killed(
     assert summary["engine"]["name"] == "ray"
     assert summary["engine"]["actors"] >= 2  # distinct sending actors (a restarted one counts anew)
     assert summary["engine"]["limiter"]["peak_granted"] <= LIMIT
+    assert summary["cpu_while_answering"]["ms_per_answer"] > 0  # the driver's, metered as on the local engine
 
     sim.reset_stats()
     assert cli("run", str(job.spec)).exit_code == 0  # a second run on Ray sends nothing

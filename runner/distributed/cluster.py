@@ -4,7 +4,7 @@
 
 The driver makes the run's ClusterLimiter (the account's one in-flight limit and run.max_cost), reads
 the input with Ray Data (runner.distributed.rows: `_row` as the local engine numbers rows) and maps its
-blocks over sending actors (runner.distributed.worker.BlockSender), which journal every answer before
+blocks over sending actors (runner.distributed.worker.SendingActor), which journal every answer before
 a block's row-map lines come back; the driver adds those to the row map in order, reports to the run.
 """
 
@@ -23,7 +23,7 @@ import ray
 
 from runner.distributed.limiter import connect
 from runner.distributed.rows import read_rows
-from runner.distributed.worker import REPORT, BlockSender, BlockSenderConfig
+from runner.distributed.worker import REPORT, ActorConfig, SendingActor
 from runner.errors import DiskFull, EndpointAborted, StateUnwritable
 from runner.job.resolve import Job
 from runner.money.pricing import tier_label
@@ -101,7 +101,7 @@ async def _send(
         requests_per_minute=spec.requests_per_minute,
         tokens_per_minute=spec.tokens_per_minute,
     )
-    config = BlockSenderConfig(
+    config = ActorConfig(
         job=job,
         run_id=store.run_id,
         base_url=base_url,
@@ -121,7 +121,7 @@ async def _send(
         rows = read_rows(job, run.source, tally.rows_total, shape.block_rows)
         # Ray prints one harmless line per run here about constructor arguments (docs/decisions.md).
         mapped = rows.map_batches(
-            BlockSender,
+            SendingActor,
             fn_constructor_kwargs={"config": config},
             batch_size=shape.block_rows,
             batch_format="pyarrow",

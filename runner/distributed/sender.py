@@ -50,7 +50,10 @@ class RaySender:
             from runner.distributed.cluster import Shape, send_on_ray  # Ray's import alone takes seconds
 
             run.store.rows.reset()
-            limits, actors = await send_on_ray(run, api_key, reporter, signals, self.shape or Shape())
+            try:
+                limits, actors = await send_on_ray(run, api_key, reporter, signals, self.shape or Shape())
+            finally:
+                run.sent()
             if run.tally.rows_seen == run.tally.rows_total and run.control.reason is None:
                 run.store.rows.seal(run.built_from)
                 run.tally.all_rows_rendered = True

@@ -1,6 +1,6 @@
 """A sending actor of a Ray run: one block of input rows in, its row-map lines out, every answer journalled.
 
-    ds.map_batches(BlockSender, fn_constructor_kwargs={"config": BlockSenderConfig(...)}, ...)
+    ds.map_batches(SendingActor, fn_constructor_kwargs={"config": ActorConfig(...)}, ...)
 
 Each call plans its block as the local engine does (runner.plan), keeps a run object for it
 (runner.run.Run: row-map lines, render failures, the rule for each answer), sends what is unanswered
@@ -50,7 +50,7 @@ REPORT = "_report"  # the column carrying a block's report on its first line
 
 
 @dataclass(frozen=True)
-class BlockSenderConfig:
+class ActorConfig:
     """What every sending actor of one run is built from (pickled once per actor)."""
 
     job: Job
@@ -80,7 +80,7 @@ class BlockLines(RowMap):
     """The row-map lines of one block, kept for the map's output instead of written (the driver writes them).
 
     `scratch_dir` is where planning spills the keys the block queued (runner.plan.RequestKeys): one
-    directory per block call, which no other call, actor or job uses (see BlockSender.scratch_for)."""
+    directory per block call, which no other call, actor or job uses (see SendingActor.scratch_for)."""
 
     def __init__(self, scratch_dir: Path) -> None:
         super().__init__(scratch_dir)  # no map file is written here: `add` keeps the lines in memory
@@ -131,10 +131,10 @@ class RunAnswers:
         return {k for k in keys if k in journalled or k in self._in_parts}
 
 
-class BlockSender:
+class SendingActor:
     """The map_batches callable: one per actor, sending its blocks' requests under the cluster limit."""
 
-    def __init__(self, config: BlockSenderConfig) -> None:
+    def __init__(self, config: ActorConfig) -> None:
         self._config = config
         self._job = config.job
         self._settled = SettledKeys(ray.get(config.settled[0]))

@@ -24,7 +24,7 @@ from typing import Any
 import polars as pl
 import ray
 
-from runner.distributed.engine import Progress, Shape
+from runner.distributed.blocks import Progress, Shape
 from runner.distributed.limiter import connect
 from runner.distributed.rows import read_rows
 from runner.distributed.worker import REPORT, Sender, SenderConfig

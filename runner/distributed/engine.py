@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from dataclasses import dataclass, field
 from typing import Any
 
+from runner.distributed.blocks import Progress, Shape
 from runner.errors import UsageError
 from runner.finish import Ending, finish
 from runner.job.inputs import InputSource, open_input
@@ -37,28 +37,6 @@ from runner.runs import RunOptions, RunReport, fingerprint
 from runner.send.base import Control
 from runner.state.rescue import find_rescued
 from runner.state.store import Store
-
-BLOCK_ROWS = 500  # rows per block sent by one actor call: a unit of retry and of journal flushing
-ACTORS = (2, 4)  # sending actors: at least, at most (Ray Data scales between them)
-
-
-@dataclass
-class Shape:
-    """How the run is spread: actors, rows per block, the CPU share of an actor (they wait on I/O)."""
-
-    actors: tuple[int, int] = ACTORS
-    block_rows: int = BLOCK_ROWS
-    actor_cpus: float = 0.25
-
-
-@dataclass
-class Progress:
-    """What the block reports added up to, on the driver."""
-
-    recorded: set[str] = field(default_factory=set)  # keys counted in the tally (identical prompts count once)
-    unanswered: int = 0  # requests a block queued and got no result for
-    deferred: set[str] = field(default_factory=set)  # keys a block left to the block that claimed them
-    workers: set[str] = field(default_factory=set)
 
 
 async def run_on_ray(

@@ -14,13 +14,14 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+import threading
+from collections.abc import Generator, Iterator
+from typing import Any, cast
 
 import polars as pl
 import ray
 
+from runner.distributed.blocks import Progress, Shape
 from runner.distributed.limiter import connect
 from runner.distributed.rows import read_rows
 from runner.distributed.worker import REPORT, ActorConfig, SendingActor
@@ -33,27 +34,6 @@ from runner.run import Run
 from runner.send.endpoints import endpoint_url
 from runner.send.limits import AimdController
 from runner.supervise import Signals, supervise
-
-BLOCK_ROWS = 500  # rows per block sent by one actor call: a unit of retry and of journal flushing
-ACTORS = (2, 4)  # sending actors: at least, at most (Ray Data scales between them)
-
-
-@dataclass
-class Shape:
-    """How the run is spread: actors, rows per block, the CPU share of an actor (they wait on I/O)."""
-
-    actors: tuple[int, int] = ACTORS
-    block_rows: int = BLOCK_ROWS
-    actor_cpus: float = 0.25
-
-
-@dataclass
-class Progress:
-    """What the block reports added up to, on the driver."""
-
-    recorded: set[str] = field(default_factory=set)  # keys counted in the tally (identical prompts count once)
-    deferred: set[str] = field(default_factory=set)  # keys a block left to the block that claimed them
-    workers: set[str] = field(default_factory=set)
 
 
 @contextlib.contextmanager
@@ -114,8 +94,15 @@ async def _send(
         budgeted=spec.max_cost is not None,
     )
     gauges: dict[str, Any] = {}
+    intake = Intake()
 
     def consume() -> None:
+        try:
+            _consume()
+        finally:
+            intake.ended.set()
+
+    def _consume() -> None:
         if control.stopping.is_set():  # stopped while Ray started: nothing is sent
             return
         rows = read_rows(job, run.source, tally.rows_total, shape.block_rows)
@@ -128,10 +115,19 @@ async def _send(
             compute=ray.data.ActorPoolStrategy(min_size=shape.actors[0], max_size=shape.actors[1]),
             num_cpus=shape.actor_cpus,
         )
-        for block in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):
-            _take(pl.DataFrame(pl.from_arrow(block)), run, progress)
-            if control.stopping.is_set():
-                break
+        # A generator (Ray Data's iterable makes one per iter()), whose close shuts its executor down.
+        blocks = cast("Generator[Any, None, None]", iter(mapped.iter_batches(batch_size=None, batch_format="pyarrow")))
+        try:
+            for block in blocks:
+                with intake.lock:
+                    if intake.closed:  # the run has ended without us (a second Ctrl-C): take nothing more
+                        break
+                    _take(pl.DataFrame(pl.from_arrow(block)), run, progress)
+                if control.stopping.is_set():
+                    break
+        finally:
+            if ray.is_initialized():
+                blocks.close()  # Ray Data's executor is shut down here, not by a collected generator later
 
     async def poll() -> None:
         while True:
@@ -158,12 +154,35 @@ async def _send(
         )
     finally:
         poller.cancel()
+        intake.close()  # from here on the run's state is this coroutine's alone
         stats: dict[str, Any] = await limiter.stats.remote()
-        ray.kill(limiter)
+        ray.kill(limiter)  # actors waiting for a slot fail now, so the map fails and the intake ends
+        if not await asyncio.to_thread(intake.ended.wait, INTAKE_END_S):
+            reporter.event("ray_intake_lingers", seconds=INTAKE_END_S)
         _reconcile(run, progress)
         # A key left to the block that claimed it is answered only if that block answered it this run.
         run.outstanding.update(progress.deferred - progress.recorded)
     return stats
+
+
+INTAKE_END_S = 30.0  # how long a stopped run waits for the intake to end before Ray is shut down
+
+
+class Intake:
+    """The taking in of blocks, in a thread of its own while the driver's loop supervises: once closed
+    it takes no block more, so the row map, tally and progress are the driver's alone as the run ends.
+    (A second Ctrl-C cancels the wait for the thread, not the thread: it used to go on adding blocks to
+    the row map while the run wrote its output and shut Ray down, then start a new Ray instance.)"""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # held while a block is taken in
+        self.closed = False
+        self.ended = threading.Event()  # the thread has returned and closed Ray Data's iterator
+
+    def close(self) -> None:
+        """Take no block more (waits for one being taken in)."""
+        with self.lock:
+            self.closed = True
 
 
 def _take(block: pl.DataFrame, run: Run, progress: Progress) -> None:

@@ -8,8 +8,9 @@ are the local engine's, so a job started on one engine finishes on the other sen
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from runner.distributed.blocks import Shape
 from runner.errors import UsageError
 from runner.job.resolve import Job
 from runner.local import LocalSender
@@ -19,9 +20,6 @@ from runner.plan import ALL_FAIL_ROWS, plan
 from runner.run import Run, Sender
 from runner.runs import RunOptions
 from runner.supervise import Signals
-
-if TYPE_CHECKING:
-    from runner.distributed.cluster import Shape
 
 
 def sender_for(job: Job, options: RunOptions) -> Sender:
@@ -38,7 +36,7 @@ class RaySender:
     """Sends a run from actors on a Ray cluster, under one cluster-wide limiter (and budget)."""
 
     def __init__(self, shape: Shape | None = None) -> None:
-        self.shape = shape  # None: runner.distributed.cluster's default
+        self.shape = shape or Shape()
 
     async def send(self, run: Run, api_key: str, reporter: Reporter, signals: Signals) -> dict[str, Any]:
         """Map the run's rows over the actors and take their blocks in; how it sent, for the summary."""
@@ -47,11 +45,11 @@ class RaySender:
         actors = 0
         if not run.unchanged:
             next(plan(run.job, run.source, run.settled, batch_rows=ALL_FAIL_ROWS))  # a broken template fails here
-            from runner.distributed.cluster import Shape, send_on_ray  # Ray's import alone takes seconds
+            from runner.distributed.cluster import send_on_ray  # Ray's import alone takes seconds
 
             run.store.rows.reset()
             try:
-                limits, actors = await send_on_ray(run, api_key, reporter, signals, self.shape or Shape())
+                limits, actors = await send_on_ray(run, api_key, reporter, signals, self.shape)
             finally:
                 run.sent()
             if run.tally.rows_seen == run.tally.rows_total and run.control.reason is None:

@@ -32,9 +32,8 @@ class Signals:
     def __init__(self, control: Control, reporter: Reporter) -> None:
         self._control, self._reporter = control, reporter
         self._loop = asyncio.get_running_loop()
-        self._target: asyncio.Future[Any] | None = (
-            asyncio.current_task()
-        )  # what a second signal cancels: the run, or its sending
+        # What a second signal cancels: the run, or (while it sends) its sending.
+        self._target: asyncio.Future[Any] | None = asyncio.current_task()
         self._grace_s: float | None = None  # while sending: the time in-flight requests get
         self._grace: asyncio.TimerHandle | None = None
         for signum in SIGNALS:

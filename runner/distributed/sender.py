@@ -48,6 +48,7 @@ class RaySender:
             from runner.distributed.cluster import send_on_ray  # Ray's import alone takes seconds
 
             run.store.rows.reset()
+            reporter.phase("starting Ray")
             try:
                 limits, actors = await send_on_ray(run, api_key, reporter, signals, self.shape)
             finally:

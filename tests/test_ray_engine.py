@@ -13,8 +13,6 @@ import json
 import os
 import signal
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +32,7 @@ except ImportError:
 from runner.job.resolve import load_job
 from runner.simulator.answers import answer_for
 from runner.simulator.simulator import SimulatorThread
-from tests.conftest import JobFiles, cli, sample_rows
+from tests.conftest import JobFiles, cli, sample_rows, sigterm_once_started
 from tests.test_startup import loaded
 
 # Ray Data warns about its own deprecated settings when it makes its context; not ours to fix.
@@ -199,20 +197,9 @@ def test_sigterm_while_a_ray_run_starts_ends_with_the_summary_and_the_resume_lin
     """As on the local engine: a SIGTERM in the seconds a Ray run takes to start (its state opened, Ray
     not yet connected) stops it as any stopped run ends, with its summary and resume line."""
     job = ray_job(make_job, sample_rows(200))
-    lock = load_job(job.spec).state_dir / "lock"
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # this module's Ray
-    run = subprocess.Popen(
-        [sys.executable, "-m", "runner", "run", str(job.spec), "--log-format", "json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    while not lock.exists() and run.poll() is None:  # the run has opened its state
-        time.sleep(0.002)
-    run.send_signal(signal.SIGTERM)
-    _, stderr = run.communicate(timeout=180)
-    assert run.returncode == 143, stderr
+    address = ray.get_runtime_context().gcs_address  # this module's Ray
+    code, stderr = sigterm_once_started(job.spec, load_job(job.spec).state_dir, RAY_ADDRESS=address)
+    assert code == 143, stderr
     assert "resume with: glm-batch run" in stderr.strip().splitlines()[-1]
     assert job.summary.exists()
 

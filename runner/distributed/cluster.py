@@ -54,7 +54,9 @@ def _ray(job: Job) -> Iterator[None]:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        # address="local": a new instance even where another Ray runs on this machine (without it,
+        # ray.init joins that one, and refuses num_cpus there: a crash, not a run).
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from runner.send.limits import AimdController, Limits
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows
 
 

@@ -34,7 +34,7 @@ except ImportError:
 from runner.distributed.limiter import connect
 from runner.job.inputs import ROW
 from runner.job.resolve import load_job
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows
 from tests.test_ray_engine import expected
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from runner.cli import JsonOpt, SetOpt, _console, _guarded, _load
-from runner.errors import UsageError
+from runner.errors import UsageError, first_line
 
 SHORT = 12  # a column this narrow is never squeezed; wider ones share the rest of the terminal
 MAX_CELL = 200  # characters of a cell put in the table (the table cuts it again to fit)
@@ -56,7 +56,7 @@ def show(
         try:
             names = list(pl.read_parquet_schema(path))
         except (OSError, pl.exceptions.PolarsError) as exc:
-            raise UsageError(f"{path}: cannot read it as Parquet ({str(exc).splitlines()[0]})") from None
+            raise UsageError(f"{path}: cannot read it as Parquet ({first_line(exc)})") from None
         chosen = _columns(columns, names)
         frame = pl.scan_parquet(path)
         for condition in where or []:
@@ -85,7 +85,7 @@ def _output_of(target: Path, overrides: list[str] | None) -> Path:
 
 def _columns(given: str | None, names: list[str]) -> list[str]:
     """The columns to show: those given (each must exist), else the id, the input and answer columns."""
-    from runner.output.columns import OUTPUT_COLUMNS, VOTE_COLUMNS
+    from runner.columns import OUTPUT_COLUMNS, VOTE_COLUMNS
 
     if given is None:
         own = [n for n in names if n not in OUTPUT_COLUMNS and n not in VOTE_COLUMNS]

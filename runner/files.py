@@ -1,0 +1,270 @@
+"""All-or-nothing file writes: a path is either absent, the old file, or the complete new one.
+
+Every file the project writes goes through here: temporary name, fsync, rename, fsync of the
+directory, so `kill -9` or a power cut at any instant leaves the old state or the new one. The job's
+own files (state, parts, manifest, summary, output, ledger) are written with `write_atomic`,
+`write_json_atomic`, or streamed to a temporary name and moved with `fsync_rename`; a file the user
+names on the command line (`report --html`, `schema -o`, `init -o`, and crash logs) with `write_text`,
+which also refuses to replace what it must not (see there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runner.errors import DiskFull, UsageError
+
+if TYPE_CHECKING:
+    import polars as pl
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(path: Path) -> DiskFull:
+    """The error for a write to `path` that found no space."""
+    return DiskFull(
+        f"no space left on the device holding {path}; free some space there, then run the same command again"
+    )
+
+
+@contextlib.contextmanager
+def space_checked(path: Path) -> Iterator[None]:
+    """Turn a failed write for lack of space (OSError ENOSPC/EDQUOT, or polars' wrapping of it) into
+    DiskFull naming `path`; the temporary file it may have left is removed."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise no_space(path) from None
+        raise
+    except Exception as exc:
+        # polars reports an I/O error of its own writer as a ComputeError. Looked up, not imported: a
+        # module that writes only JSON (the batch book, read by `status`) must not load polars, and an
+        # error polars raised means polars is loaded.
+        polars_errors = sys.modules.get("polars.exceptions")
+        full = "No space left" in str(exc) or "Disk quota" in str(exc)
+        if full and polars_errors is not None and isinstance(exc, polars_errors.ComputeError):
+            raise no_space(path) from None
+        raise
+
+
+def write_atomic(frame: pl.DataFrame, path: Path) -> None:
+    """Write Parquet so that `path` is either absent or complete: temp name, fsync, rename, fsync dir."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with space_checked(path):
+            frame.write_parquet(tmp)
+            fsync_rename(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fsync_rename(tmp: Path, path: Path) -> None:
+    """Make `tmp` durable and move it to `path` in one step (and make the move durable)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    """Write bytes so that `path` is either absent or complete; an OSError reaches the caller as raised
+    (wrap the call in `space_checked` to have a full disk said as DiskFull)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        fsync_rename(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(data: dict[str, Any], path: Path) -> None:
+    """Write JSON with the same all-or-nothing guarantee as the part files."""
+    with space_checked(path):
+        write_bytes_atomic(json.dumps(data, indent=2, default=str).encode("utf-8"), path)
+
+
+def read_json_object(path: Path, *, unreadable_raises: bool = False) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when the file is absent, unreadable, not UTF-8 JSON or not an
+    object (every side file glm-batch reads back is one it may find torn or foreign). With
+    `unreadable_raises`, a file that is there but does not read (permission, I/O) raises its OSError."""
+    try:
+        return json_object(path.read_bytes())
+    except OSError as exc:
+        if unreadable_raises and not isinstance(exc, FileNotFoundError | NotADirectoryError):
+            raise
+        return None
+
+
+def json_object(raw: bytes) -> dict[str, Any] | None:
+    """`raw` parsed as a JSON object; None when it is not UTF-8 JSON or not an object."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def summary_path(output: Path) -> Path:
+    """Where the summary of the run that wrote `output` is kept: beside it, as `<output>.summary.json`."""
+    return output.with_suffix(".summary.json")
+
+
+def write_summary(output: Path, summary: dict[str, Any]) -> None:
+    """Write a run's summary beside its output (the folder made if need be)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(summary, summary_path(output))
+
+
+def read_summary(output: Path) -> dict[str, Any]:
+    """The summary beside `output`; empty when there is none, or it is not a JSON object."""
+    return read_json_object(summary_path(output)) or {}
+
+
+def read_manifest(state_dir: Path) -> dict[str, Any]:
+    """A job's manifest (the runs it records), or an empty one for a job that never ran or whose
+    manifest is not a JSON object; one that is there but does not read raises, or a run would replace a
+    history it could not read. Here, beside the writes, so `status` reads it without polars."""
+    return read_json_object(state_dir / "manifest.json", unreadable_raises=True) or {"runs": []}
+
+
+def recorded_runs(state_dir: Path) -> list[dict[str, Any]]:
+    """The runs a job's manifest records, for a reader that only reports: none when it does not read."""
+    try:
+        runs = read_manifest(state_dir).get("runs")
+    except OSError:
+        return []
+    return [run for run in runs if isinstance(run, dict)] if isinstance(runs, list) else []
+
+
+# Why a write to a path the user chose failed, in words; each is that user's to fix (exit 2).
+_CANNOT = {
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "not permitted",
+    errno.ENOENT: "its folder does not exist",
+    errno.EISDIR: "it is a directory",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.ENAMETOOLONG: "the name is too long",
+}
+
+
+def write_error(path: Path, exc: OSError, key: str) -> DiskFull | UsageError:
+    """The one-line error for a failed write to `path` (named by the command-line option `key`): no
+    space is DiskFull (exit 5); anything else a path the user can fix (exit 2)."""
+    if exc.errno in NO_SPACE:
+        return no_space(path)
+    why = _CANNOT.get(exc.errno or 0, exc.strerror or str(exc))
+    return UsageError(f"{key} {path}: cannot write it ({why}); choose another path or fix that")
+
+
+def write_text(
+    path: Path,
+    text: str,
+    *,
+    key: str,
+    protected: Iterable[tuple[Path, str]] = (),
+    ours: str | None = None,
+    force: bool = False,
+    exclusive: bool = False,
+) -> Path:
+    """Write `text` to a file the user named with `key` (e.g. "--html"), all or nothing; return where.
+
+    Refused in one line, before anything is written: a path that is (or, through symlinks, resolves
+    to, or lies inside) one of `protected`, the files of the job the command knows about, each with
+    what it is ("the input", "the job spec"...), `--force` or not; a directory, a device or a FIFO; and
+    an existing file that glm-batch did not write (its text does not contain `ours`) unless `force`.
+    `exclusive` never replaces any existing file. A symlink is followed: the file it names is replaced
+    and the link stays. Errors are one line naming the path (write_error).
+    """
+    target = Path(os.path.realpath(path))
+    for other, what in [*protected, *_job_files_beside(target)]:
+        if paths_overlap(target, Path(os.path.realpath(other))):
+            raise UsageError(
+                f"{key} {path}: that is {what} {other}; glm-batch never writes over it, choose another path"
+            )
+    try:
+        st = target.stat()
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise write_error(path, exc, key) from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{key} {path}: it is a directory; give a file path")
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{key} {path}: not a regular file (a device, a FIFO or a socket); give a file path")
+        if exclusive:
+            raise UsageError(f"{key} {path}: already exists; choose another path or remove it first")
+        if not force and not _written_by_us(target, ours):
+            raise UsageError(f"{key} {path}: already exists and glm-batch did not write it; pass --force to replace it")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise write_error(path, exc, key) from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, stat.S_IMODE(st.st_mode) if st is not None else 0o644)  # a replaced file keeps its mode
+        if exclusive:
+            os.link(tmp, target)  # fails if a file appeared meanwhile: never replace one
+            _fsync_dir(target.parent)
+        else:
+            fsync_rename(tmp, target)
+    except FileExistsError:
+        raise UsageError(f"{key} {path}: already exists; choose another path or remove it first") from None
+    except OSError as exc:
+        raise write_error(path, exc, key) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def paths_overlap(path: Path, other: Path) -> bool:
+    """Whether `path` is `other` or lies inside it (both resolved)."""
+    return path == other or other in path.parents
+
+
+def _job_files_beside(target: Path) -> list[tuple[Path, str]]:
+    """What `target` is, if it is a job's file whatever the command knows: a state folder's content
+    (under `.glm-batch/`) or an output (a .parquet with its `.summary.json` beside it)."""
+    found = [(p, "a job's state directory") for p in (target, *target.parents) if p.name == ".glm-batch"]
+    if target.suffix == ".parquet" and summary_path(target).exists():
+        found.append((target, "a job's output"))
+    return found
+
+
+def _written_by_us(path: Path, ours: str | None) -> bool:
+    """Whether the file at `path` carries glm-batch's mark `ours` (in its first megabyte)."""
+    if ours is None:
+        return False
+    try:
+        with path.open("rb") as f:
+            return ours.encode() in f.read(1 << 20)
+    except OSError:
+        return False
+
+
+def _fsync_dir(directory: Path) -> None:
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,88 @@
+"""What `glm-batch status` and `glm-batch cancel` know of a job's batches.
+
+    rows = batch_rows(job)                                  # from the batch book; sends nothing
+    report = await cancel_batches(job, api_key, base_url)   # asks the Batch API to cancel the open ones
+
+Cancelling keeps what a batch already finished: those lines are billed and delivered, and the next
+`glm-batch run` harvests them and sends the rest again (online, or in a new batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runner.job import catalog
+from runner.job.resolve import Job
+from runner.send.batch.book import OPEN, BatchBook
+
+
+def batch_rows(job: Job) -> list[dict[str, Any]]:
+    """One line per chunk of the job: its batch, how far it got, its request counts at the last look."""
+    directory = job.state_dir / "batches"
+    if not (directory / "book.jsonl").exists():
+        return []
+    return [
+        {
+            "chunk": chunk.id,
+            "batch": chunk.batch_id,
+            "lines": chunk.lines,
+            "step": chunk.status,
+            "status": chunk.batch_status,
+            **{k: chunk.counts.get(k) for k in ("completed", "failed")},
+        }
+        for chunk in BatchBook(directory).chunks.values()
+    ]
+
+
+async def cancel_batches(job: Job, api_key: str, base_url: str, *, purge: bool = False) -> dict[str, Any]:
+    """Cancel every batch of the job that is still open; say how many lines each had already finished
+    (those are billed). `purge`: also delete the job's files at Zhipu (every input, and the result files
+    of batches already collected; results not collected yet are kept for the next run).
+
+    It holds the job's lock while it works: a live run would send the cancelled lines again at once,
+    so cancelling while a run is active is refused, saying to stop the run first."""
+    from runner.errors import LockHeld
+    from runner.state.lock import JobLock
+
+    lock = JobLock(job.state_dir / "lock")
+    try:
+        lock.acquire()
+    except LockHeld as exc:
+        raise LockHeld(
+            f"a run of this job is active, and would send the cancelled lines again: stop it first (Ctrl-C; "
+            f"its batches keep running), then cancel ({exc})"
+        ) from None
+    try:
+        return await _cancel(job, api_key, base_url, purge)
+    finally:
+        lock.release()
+
+
+async def _cancel(job: Job, api_key: str, base_url: str, purge: bool) -> dict[str, Any]:
+    """Cancel (and purge) under the job's lock."""
+    from runner.send.batch.api import BatchAPI
+    from runner.send.batch.errors import BatchStatusError
+    from runner.send.batch.harvest import purge as purge_chunk
+
+    book = BatchBook(job.state_dir / "batches")
+    native = job.native_url or catalog.native_url_beside(base_url)
+    cancelled: list[dict[str, Any]] = []
+    deleted = 0
+    async with BatchAPI(native, api_key) as api:
+        if purge:
+            for chunk in list(book.chunks.values()):
+                if not chunk.purged and chunk.status != "created":  # a running batch still reads its input
+                    deleted += await purge_chunk(api, book, chunk)
+        for chunk in book.chunks.values():
+            if chunk.status not in OPEN or chunk.batch_id is None:
+                continue
+            try:
+                batch = await api.cancel(chunk.batch_id)
+            except BatchStatusError as exc:  # finished meanwhile, or already gone: report, go on
+                cancelled.append({"batch": chunk.batch_id, "status": f"not cancelled: {exc}"})
+                continue
+            book.record(chunk.id, batch_status=batch.status)
+            counts = batch.request_counts
+            cancelled.append({"batch": batch.id, "status": batch.status, "billed_lines": counts.completed})
+    billed = sum(c.get("billed_lines", 0) for c in cancelled)
+    return {"batches": cancelled, "billed_lines": billed, "files_deleted": deleted}

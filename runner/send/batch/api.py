@@ -1,0 +1,313 @@
+"""An async client for Zhipu's Batch API: upload input files, create, watch and cancel batches, download results.
+
+    async with BatchAPI("https://open.bigmodel.cn/api/paas/v4", api_key) as api:
+        file = await api.upload(path)                          # multipart, purpose=batch, streamed from disk
+        batch = await api.create(file.id, metadata={"job": "reviews"})
+        batch = await api.retrieve(batch.id)                   # poll until batch.done
+        await api.download(batch.output_file_id, dest)         # streamed to disk, fsynced, renamed
+        async for b in api.iter_batches(): ...
+
+Why aiohttp, how it retries, and why `create` never pays twice: docs/decisions.md, "The Batch API client".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aiohttp
+from tenacity import RetryCallState
+
+from runner.files import fsync_rename
+from runner.send.batch.errors import (
+    MAX_ERROR_BODY,
+    BatchNotFound,
+    BatchProtocolError,
+    BatchTimeout,
+    BatchTransportError,
+    classify_api_error,
+    status_error,
+)
+from runner.send.batch.shapes import (
+    Batch,
+    BatchPage,
+    FileObject,
+    page_from_json,
+)
+from runner.send.retries import Fault, retrying, wait_backoff
+
+T = TypeVar("T")
+
+_CHUNK = 1 << 16
+
+
+class BatchAPI:
+    """The Batch API of one endpoint and key. Use as `async with`, or call `aclose()` when done.
+
+    `timeout_s` bounds each API call; `transfer_timeout_s` bounds an upload or a download as a whole
+    (a download also fails when no byte arrives for `timeout_s`). `max_attempts` counts every try of
+    a call, transient failures included. A result file that answers 404 is asked for again
+    `not_ready_attempts` times, `not_ready_wait_s` apart and growing (instructor#1745: the output
+    file may lag the `completed` status).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout_s: float = 60.0,
+        transfer_timeout_s: float = 1800.0,
+        max_attempts: int = 6,
+        not_ready_attempts: int = 5,
+        not_ready_wait_s: float = 2.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        wait: Callable[[RetryCallState], float] | None = None,
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._timeout_s = timeout_s
+        self._transfer_timeout_s = transfer_timeout_s
+        self._max_attempts = max_attempts
+        self._not_ready_attempts = not_ready_attempts
+        self._not_ready_wait_s = not_ready_wait_s
+        self._sleep = sleep
+        self._wait = wait or wait_backoff(classify=classify_api_error)
+        self._session: aiohttp.ClientSession | None = None
+        self.retried_creates: set[str] = set()  # input files whose create was sent more than once
+
+    async def __aenter__(self) -> BatchAPI:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ---- files ----
+
+    async def upload(self, path: str | os.PathLike[str], *, purpose: str = "batch") -> FileObject:
+        """Upload a JSONL file (multipart, `purpose=batch`), streamed from disk; returns the file object.
+
+        A retried upload reopens the file and sends it whole again. If an answer was lost the first
+        copy may exist on the server unreferenced; it expires with Zhipu's file retention.
+        """
+        source = Path(path)
+
+        async def once() -> FileObject:
+            handle = await asyncio.to_thread(open, source, "rb")
+            try:
+                form = aiohttp.FormData()
+                form.add_field("purpose", purpose)
+                # octet-stream is what zai-sdk ends up sending (httpx guesses no type for .jsonl).
+                form.add_field("file", handle, filename=source.name, content_type="application/octet-stream")
+                data = await self._request_once("POST", "/files", data=form, timeout_s=self._transfer_timeout_s)
+            finally:
+                handle.close()
+            return FileObject.from_json(data)
+
+        return await self._retrying(once)
+
+    async def download(self, file_id: str, dest: str | os.PathLike[str]) -> int:
+        """Stream a file's content to `dest` (via `dest.part`, fsynced, renamed); returns its size in bytes.
+
+        A 404 is asked again a few times before it is raised as BatchNotFound: a batch's result file
+        can lag its `completed` status.
+        """
+        target = Path(dest)
+        for attempt in range(1, self._not_ready_attempts + 1):
+            try:
+                return await self._retrying(lambda: self._download_once(file_id, target))
+            except BatchNotFound:
+                if attempt == self._not_ready_attempts:
+                    raise
+                await self._sleep(self._not_ready_wait_s * attempt)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def delete_file(self, file_id: str) -> bool:
+        """Delete an uploaded file (Zhipu keeps at most 1,000 per account); True if the API says so."""
+        data = await self._call("DELETE", f"/files/{file_id}")
+        return bool(data.get("deleted", True)) if isinstance(data, Mapping) else True
+
+    # ---- batches ----
+
+    async def create(
+        self,
+        input_file_id: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        endpoint: str = "/v4/chat/completions",
+        auto_delete_input_file: bool = True,
+    ) -> Batch:
+        """Create a batch over an uploaded file; never creates two from one file (see the module doc)."""
+        body: dict[str, Any] = {
+            "input_file_id": input_file_id,
+            "endpoint": endpoint,
+            "auto_delete_input_file": auto_delete_input_file,
+        }
+        if metadata:
+            body["metadata"] = dict(metadata)
+        tries = 0
+
+        async def once() -> Batch:
+            nonlocal tries
+            tries += 1
+            if tries > 1:  # an earlier try may have made it and lost the answer
+                self.retried_creates.add(input_file_id)
+                page = page_from_json(await self._request_once("GET", "/batches", params={"limit": "100"}))
+                made = next((b for b in page.data if b.input_file_id == input_file_id), None)
+                if made is not None:
+                    return made
+            return Batch.from_json(await self._request_once("POST", "/batches", json_body=body))
+
+        return await self._retrying(once)
+
+    async def retrieve(self, batch_id: str) -> Batch:
+        """The batch as it is now."""
+        return Batch.from_json(await self._call("GET", f"/batches/{batch_id}"))
+
+    async def cancel(self, batch_id: str) -> Batch:
+        """Ask for the batch to be cancelled; finished requests are still delivered (and billed)."""
+        return Batch.from_json(await self._call("POST", f"/batches/{batch_id}/cancel"))
+
+    async def list(self, *, after: str | None = None, limit: int = 20) -> BatchPage:
+        """One page of batches (`limit` 1 to 100), starting after the batch id `after`."""
+        params = {"limit": str(max(1, min(limit, 100)))}
+        if after:
+            params["after"] = after
+        return page_from_json(await self._call("GET", "/batches", params=params))
+
+    async def iter_batches(self, *, page_size: int = 100) -> AsyncIterator[Batch]:
+        """Every batch of the account, page by page."""
+        after: str | None = None
+        while True:
+            page = await self.list(after=after, limit=page_size)
+            for batch in page.data:
+                yield batch
+            following = page.last_id or (page.data[-1].id if page.data else None)
+            # Stop on the last page, and on a server that would hand back the same page forever.
+            if not page.has_more or following is None or following == after:
+                return
+            after = following
+
+    @staticmethod
+    def classify(exc: BaseException) -> Fault:
+        """What a failed call means, in the one retry vocabulary (a Fault; see `classify_api_error`)."""
+        return classify_api_error(exc)
+
+    # ---- plumbing ----
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Made on first use, inside the running loop (an aiohttp session belongs to one loop).
+        if self._session is None:
+            self._session = aiohttp.ClientSession(headers=self._headers, raise_for_status=False)
+        return self._session
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        policy = retrying(self._max_attempts, classify=classify_api_error, sleep=self._sleep, wait=self._wait)
+
+        async def attempt() -> T:  # tenacity awaits only what is declared a coroutine function
+            return await call()
+
+        result: T = await policy(attempt)
+        return result
+
+    async def _call(
+        self, method: str, path: str, *, params: Mapping[str, str] | None = None, json_body: Any = None
+    ) -> Any:
+        return await self._retrying(lambda: self._request_once(method, path, params=params, json_body=json_body))
+
+    async def _request_once(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        data: Any = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """One HTTP exchange: the decoded JSON of a success, or the right BatchAPIError."""
+        where = f"{method} {path}"
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self._timeout_s)
+        try:
+            async with self._client().request(
+                method, self._base + path, params=params, json=json_body, data=data, timeout=timeout
+            ) as response:
+                raw = await response.read()
+                status, headers = response.status, response.headers
+        except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors; cancellation is not one
+            raise BatchTimeout(f"{where}: no answer within {timeout.total} s") from exc
+        except aiohttp.ClientError as exc:
+            raise BatchTransportError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        if status >= 400:
+            raise status_error(status, raw, headers, where)
+        try:
+            decoded = json.loads(raw) if raw else {}
+        except ValueError:
+            snippet = raw[:120].decode("utf-8", "replace")
+            raise BatchProtocolError(f"{where}: {status} answer is not JSON: {snippet!r}") from None
+        _raise_embedded_error(decoded, status, headers, where, raw)
+        return decoded
+
+    async def _download_once(self, file_id: str, target: Path) -> int:
+        where = f"GET /files/{file_id}/content"
+        part = target.with_name(target.name + ".part")
+        timeout = aiohttp.ClientTimeout(total=self._transfer_timeout_s, sock_read=self._timeout_s)
+        size = 0
+        whole = False
+        try:
+            async with self._client().get(f"{self._base}/files/{file_id}/content", timeout=timeout) as response:
+                if response.status >= 400:
+                    raw = await response.content.read(MAX_ERROR_BODY)
+                    raise status_error(response.status, raw, response.headers, where)
+                handle = await asyncio.to_thread(open, part, "wb")
+                try:
+                    first = True
+                    async for chunk in response.content.iter_chunked(_CHUNK):
+                        if first:
+                            first = False
+                            _refuse_error_object(chunk, response, where)
+                        handle.write(chunk)
+                        size += len(chunk)
+                finally:
+                    handle.close()
+            whole = True
+        except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors; cancellation is not one
+            raise BatchTimeout(f"{where}: no whole answer within the time allowed") from exc
+        except aiohttp.ClientError as exc:
+            raise BatchTransportError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if not whole:  # whatever stopped it (cancellation too), never leave a torn .part behind
+                part.unlink(missing_ok=True)
+        await asyncio.to_thread(fsync_rename, part, target)
+        return size
+
+
+def _raise_embedded_error(decoded: Any, status: int, headers: Mapping[str, str], where: str, raw: bytes) -> None:
+    # Zhipu sometimes answers an error with status 200 and an `error` object (wire.md): not a success.
+    if isinstance(decoded, Mapping) and isinstance(decoded.get("error"), Mapping) and "id" not in decoded:
+        raise status_error(status, raw, headers, where)
+
+
+def _refuse_error_object(first_chunk: bytes, response: aiohttp.ClientResponse, where: str) -> None:
+    """A result file is JSONL; a lone `{"error": ...}` object in its place is an error answered with 200."""
+    if not first_chunk.lstrip().startswith(b"{") or len(first_chunk) >= _CHUNK:
+        return
+    try:
+        data = json.loads(first_chunk)
+    except ValueError:
+        return  # several lines, or a line cut by the chunk: a result file
+    if isinstance(data, dict) and isinstance(data.get("error"), dict) and "custom_id" not in data:
+        raise status_error(response.status, first_chunk, response.headers, where)

@@ -1,0 +1,136 @@
+"""The Batch API client's errors: what each failure is, whether to retry it, and how long to wait.
+
+One hierarchy; every error carries what the API said, never a header::
+
+    BatchAPIError
+    ├── BatchTransportError       the connection failed or broke: retried
+    │   └── BatchTimeout          no answer within the call's timeout: retried
+    ├── BatchProtocolError        a success status whose body is not what the API promises: retried
+    └── BatchStatusError          an error answer: .status, .code (Zhipu's business code), .message
+        ├── BatchAbort            no balance (1113), plan exhausted, bad key, 401/403: stop everything
+        └── BatchNotFound         404: unknown id, or a result file not ready yet (download waits)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from runner.send.retries import ABORT_CODES, TRANSIENT_CODES, Fault, Verdict, retry_after_seconds
+
+__all__ = [
+    "MAX_ERROR_BODY",
+    "BatchAPIError",
+    "BatchAbort",
+    "BatchNotFound",
+    "BatchProtocolError",
+    "BatchStatusError",
+    "BatchTimeout",
+    "BatchTransportError",
+    "classify_api_error",
+    "status_error",
+]
+
+_TRANSIENT_CODES = TRANSIENT_CODES  # Zhipu's limit and overload codes: one list (runner.send.retries)
+MAX_ERROR_BODY = 1 << 16  # an error body longer than this is not an API error object; don't hold it
+
+
+class BatchAPIError(Exception):
+    """Anything the Batch API client raises."""
+
+
+class BatchTransportError(BatchAPIError):
+    """The connection could not be made, or broke before a whole answer arrived."""
+
+
+class BatchTimeout(BatchTransportError):
+    """No (whole) answer within the call's timeout."""
+
+
+class BatchProtocolError(BatchAPIError):
+    """A success status whose body is not the JSON the API promises (an HTML page from a gateway...)."""
+
+
+class BatchStatusError(BatchAPIError):
+    """The API answered with an error: HTTP status, Zhipu's business code and message."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str | None,
+        message: str,
+        *,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+        where: str = "",
+    ) -> None:
+        label = f"{status}/{code}" if code else str(status)
+        super().__init__(f"{where}: {label}: {message}" if where else f"{label}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.retry_after = retry_after
+
+
+class BatchAbort(BatchStatusError):
+    """An error that every later call would get too (no balance, exhausted plan, bad key): stop the run."""
+
+
+class BatchNotFound(BatchStatusError):
+    """404: no such batch or file, or a result file that is not downloadable yet."""
+
+
+def classify_api_error(exc: BaseException) -> Fault:
+    """A Batch API call's fault: RETRY transient ones, ABORT account-wide ones, FAIL the rest (the call
+    itself is wrong, or an exception that is not the API's: a bug here is not retried)."""
+    if isinstance(exc, BatchStatusError):
+        name = f"{exc.status}/{exc.code}" if exc.code else str(exc.status)
+        if isinstance(exc, BatchAbort):
+            verdict = Verdict.ABORT
+        elif exc.code in _TRANSIENT_CODES or exc.status in (408, 409, 429) or exc.status >= 500:
+            verdict = Verdict.RETRY
+        else:
+            verdict = Verdict.FAIL
+        return Fault(verdict, name, exc.message, retry_after=exc.retry_after)
+    if isinstance(exc, BatchTimeout):
+        return Fault(Verdict.RETRY, "timeout", str(exc))
+    if isinstance(exc, BatchTransportError):
+        return Fault(Verdict.RETRY, "connection", str(exc))
+    if isinstance(exc, BatchProtocolError):
+        return Fault(Verdict.RETRY, "bad_response", str(exc))
+    return Fault(Verdict.FAIL, type(exc).__name__, str(exc) or type(exc).__name__)
+
+
+def status_error(status: int, raw: bytes, headers: Mapping[str, str], where: str) -> BatchStatusError:
+    """The exception for an error answer, read from Zhipu's `{"error": {"code"|"type", "message"}}`."""
+    code: str | None = None
+    message: str | None = None
+    request_id: str | None = None
+    try:
+        data = json.loads(raw) if raw and len(raw) <= MAX_ERROR_BODY else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        source = error if isinstance(error, dict) else data  # older APIs: {"code", "msg"} at the top
+        raw_code = source.get("code")
+        if raw_code in (None, ""):
+            raw_code = source.get("type")
+        code = str(raw_code) if raw_code not in (None, "") else None
+        text = source.get("message") or source.get("msg")
+        message = str(text) if text else None
+        rid = data.get("request_id") or (error.get("request_id") if isinstance(error, dict) else None)
+        request_id = str(rid) if rid else None
+    if message is None:
+        message = raw[:200].decode("utf-8", "replace").strip() or "no body"
+    request_id = request_id or headers.get("x-request-id") or headers.get("request-id")
+    retry_after = retry_after_seconds(headers)
+    cls: type[BatchStatusError]
+    if code in ABORT_CODES or status in (401, 403):
+        cls = BatchAbort
+    elif status == 404:
+        cls = BatchNotFound
+    else:
+        cls = BatchStatusError
+    return cls(status, code, message, request_id=request_id, retry_after=retry_after, where=where)

@@ -1,0 +1,209 @@
+"""Batch input files: requests streamed into JSONL files that fit Zhipu's per-file limits.
+
+    files = write_batch_files(((r.key, chat_body(r.params)) for r in requests), directory)
+    with BatchFileWriter(directory) as writer:             # or a line at a time
+        writer.add(request.key, chat_body(request.params))
+
+One model per file, at most `max_requests` lines and `max_bytes`; written as `.part` and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from runner.control import Control
+from runner.files import fsync_rename
+from runner.job.spec import BatchSpec
+from runner.records import Request
+from runner.send.batch.book import BatchBook, Chunk
+from runner.send.batch.native_request import chat_body
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_REQUESTS",
+    "BatchFile",
+    "BatchFileWriter",
+    "write_batch_files",
+    "write_round",
+]
+
+DEFAULT_MAX_REQUESTS = 50_000
+DEFAULT_MAX_BYTES = 95 * 1024 * 1024
+PART_SUFFIX = ".part"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFile:
+    """One finished input file: where it is, what is in it."""
+
+    path: Path
+    lines: int
+    size: int  # bytes
+    model: str
+    custom_ids: tuple[str, ...]  # in file order
+
+
+@dataclass(slots=True)
+class _Open:
+    """A file being written for one model."""
+
+    part: Path
+    final: Path
+    handle: Any  # a binary file object
+    model: str
+    lines: int = 0
+    size: int = 0
+    custom_ids: list[str] = field(default_factory=list)
+
+
+class BatchFileWriter:
+    """Writes (custom_id, body) pairs into as many JSONL files as the limits require, per model.
+
+    Use it as a context manager: a clean exit finishes every open file; an exception removes the
+    unfinished `.part` files (finished files stay: each is whole). `files` lists the finished files in
+    the order they were finished.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_requests: int = DEFAULT_MAX_REQUESTS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        url: str = "/v4/chat/completions",
+        prefix: str = "batch",
+    ) -> None:
+        if max_requests < 1 or max_bytes < 1:
+            raise ValueError("max_requests and max_bytes must be at least 1")
+        self._dir = Path(directory)
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._max_requests = max_requests
+        self._max_bytes = max_bytes
+        self._url = url
+        self._prefix = prefix
+        self._open: dict[str, _Open] = {}
+        self._sequence: dict[str, int] = {}
+        self._seen: set[str] = set()  # custom_ids must be unique within a file; we keep them unique overall
+        self.files: list[BatchFile] = []
+
+    def add(self, custom_id: str, body: Mapping[str, Any]) -> None:
+        """Write one request line to its model's current file, starting a new file when it is full.
+
+        Raises ValueError for a body without a model, a repeated custom_id, or a line that alone is
+        larger than `max_bytes`.
+        """
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"request {custom_id}: the body names no model")
+        if not custom_id:
+            raise ValueError("a request needs a non-empty custom_id")
+        if custom_id in self._seen:
+            raise ValueError(f"request {custom_id}: custom_id given twice")
+        line = (
+            json.dumps(
+                {"custom_id": custom_id, "method": "POST", "url": self._url, "body": body},
+                ensure_ascii=False,
+                separators=(",", ":"),
+            )
+            + "\n"
+        ).encode("utf-8")
+        if len(line) > self._max_bytes:
+            raise ValueError(f"request {custom_id}: its line is {len(line)} bytes, more than a file may hold")
+        current = self._open.get(model)
+        if current is not None and (current.lines >= self._max_requests or current.size + len(line) > self._max_bytes):
+            self._finish(current)
+            current = None
+        if current is None:
+            current = self._start(model)
+        current.handle.write(line)
+        current.lines += 1
+        current.size += len(line)
+        current.custom_ids.append(custom_id)
+        self._seen.add(custom_id)
+
+    def close(self) -> list[BatchFile]:
+        """Finish every open file; return all finished files."""
+        for current in list(self._open.values()):
+            self._finish(current)
+        return self.files
+
+    def abort(self) -> None:
+        """Close and remove every unfinished file (finished ones are whole and stay)."""
+        for current in list(self._open.values()):
+            current.handle.close()
+            current.part.unlink(missing_ok=True)
+        self._open.clear()
+
+    def __enter__(self) -> BatchFileWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _start(self, model: str) -> _Open:
+        sequence = self._sequence.get(model, 0) + 1
+        self._sequence[model] = sequence
+        final = self._dir / f"{self._prefix}-{_UNSAFE.sub('_', model)}-{sequence:04d}.jsonl"
+        part = final.with_name(final.name + PART_SUFFIX)
+        current = _Open(part=part, final=final, handle=open(part, "wb"), model=model)  # noqa: SIM115
+        self._open[model] = current
+        return current
+
+    def _finish(self, current: _Open) -> None:
+        current.handle.close()
+        fsync_rename(current.part, current.final)
+        del self._open[current.model]
+        self.files.append(
+            BatchFile(current.final, current.lines, current.size, current.model, tuple(current.custom_ids))
+        )
+
+
+def write_batch_files(
+    items: Iterable[tuple[str, Mapping[str, Any]]],
+    directory: str | os.PathLike[str],
+    *,
+    max_requests: int = DEFAULT_MAX_REQUESTS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    url: str = "/v4/chat/completions",
+    prefix: str = "batch",
+) -> list[BatchFile]:
+    """Stream (custom_id, body) pairs into batch input files; return the files in finishing order."""
+    with BatchFileWriter(directory, max_requests=max_requests, max_bytes=max_bytes, url=url, prefix=prefix) as writer:
+        for custom_id, body in items:
+            writer.add(custom_id, body)
+    return writer.files
+
+
+async def write_round(
+    book: BatchBook, spec: BatchSpec, requests: AsyncIterator[Request], control: Control
+) -> list[Chunk]:
+    """Write the requests into a new round's chunk files (and their bodies, by key); record each chunk."""
+    round_no = book.next_round()
+    folder = book.directory / f"round-{round_no:04d}"
+    writer = BatchFileWriter(folder, max_requests=spec.max_requests, max_bytes=spec.max_bytes, prefix="chunk")
+    bodies = folder / "requests.jsonl"
+    # Local, buffered writes between awaits: blocking them briefly is cheaper than a thread hop per line.
+    with writer, open(bodies, "w", encoding="utf-8") as keep:  # noqa: ASYNC230
+        async for request in requests:
+            if control.stopping.is_set():
+                break
+            writer.add(request.key, chat_body(request.params))
+            keep.write(json.dumps({"key": request.key, "params": request.params}, ensure_ascii=False) + "\n")
+    chunks = []
+    for index, file in enumerate(writer.files):
+        fields = {"path": str(file.path), "requests": str(bodies), "model": file.model, "lines": file.lines}
+        chunks.append(book.record(f"{folder.name}-{index:04d}", **fields, round=round_no, status="written"))
+    return chunks

@@ -1,0 +1,305 @@
+"""Harvesting a finished batch: its result files read into Results, and what is sent again.
+
+    harvester = Harvester(directory, shape, keep_files=False)
+    leftovers = await harvester.harvest(api, book, chunk, batch, deliver, control)
+
+A line becomes the same Answer an online call gives (runner.send.batch.native_request) and goes through the same
+Conversation; a line is sent again only when the batch's files and counts prove it was not billed
+(`_short`). The Harvester holds what one run knows of its requests across rounds: attempts, open
+conversations (repairs), and the tokens of billed turns no row holds yet (`carry`). Used by
+runner.send.batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+from runner.control import Control
+from runner.job.structured import AnswerShape, Unusable
+from runner.records import Answer, Request, Result
+from runner.send.base import Conversation, Deliver, failure
+from runner.send.batch.api import BatchAPI
+from runner.send.batch.book import BatchBook, Chunk, read_requests
+from runner.send.batch.errors import BatchAPIError, BatchNotFound
+from runner.send.batch.native_answer import BadResultLine, answer_from_chat
+from runner.send.batch.native_results import ResultLine, classify_failure, parse_result_line
+from runner.send.batch.shapes import Batch
+from runner.send.retries import Fault, Verdict, refusal
+
+__all__ = ["API", "Harvester", "purge", "requests_of"]
+
+API = "batch"
+
+
+class Harvester:
+    """Reads finished batches into Results for one run, keeping what the rounds share."""
+
+    def __init__(self, directory: Path, shape: AnswerShape | None, *, keep_files: bool) -> None:
+        self.dir = directory
+        self.shape = shape
+        self.keep_files = keep_files
+        self.conversations: dict[str, Conversation] = {}  # requests with a turn answered in a batch
+        self.attempts: dict[str, int] = {}
+        self.carry: dict[str, tuple[int, int, int]] = {}  # key -> tokens of billed turns no row holds yet
+
+    def fail_all(self, chunk: Chunk, fault: Fault, deliver: Deliver) -> None:
+        """Fail every line of a chunk with `fault`."""
+        for key in chunk.request_keys():
+            deliver(failure(Request(key, {}), fault, self.attempts.get(key, 0) + 1, model=chunk.model))
+
+    def merging(self, deliver: Deliver) -> Deliver:
+        """`deliver` for answers sent online after batch turns: a repair keeps its batch turns' tokens."""
+
+        def merged(result: Result) -> None:
+            before = self.conversations.pop(result.key, None)
+            if before is not None and result.status != "error":
+                earlier = before.result(attempts=0, latency_ms=None)
+                result = dataclasses.replace(
+                    result,
+                    input_tokens=(result.input_tokens or 0) + (earlier.input_tokens or 0),
+                    output_tokens=(result.output_tokens or 0) + (earlier.output_tokens or 0),
+                    thinking_tokens=(result.thinking_tokens or 0) + (earlier.thinking_tokens or 0),
+                    repairs=result.repairs + earlier.repairs + 1,
+                )
+            deliver(result)
+
+        return merged
+
+    def carrying(self, deliver: Deliver, api: str | None) -> Deliver:
+        """`deliver`, adding to each row the tokens of its billed turns that were not kept (a cut
+        `network_error` answer sent again, a blocked one), and naming `api` on a row that has none."""
+
+        def out(result: Result) -> None:
+            carried = self.carry.pop(result.key, None)
+            if carried is not None:
+                result = dataclasses.replace(
+                    result,
+                    input_tokens=(result.input_tokens or 0) + carried[0],
+                    output_tokens=(result.output_tokens or 0) + carried[1],
+                    thinking_tokens=(result.thinking_tokens or 0) + carried[2],
+                )
+            if api is not None and result.api is None:
+                result = dataclasses.replace(result, api=api)
+            deliver(result)
+
+        return out
+
+    def carry_turn(self, key: str, answer: Answer) -> None:
+        """Keep a billed answer's tokens for its row (the answer itself is not kept)."""
+        before = self.carry.get(key, (0, 0, 0))
+        tokens = (answer.input_tokens + (answer.cache_read_input_tokens or 0), answer.output_tokens)
+        self.carry[key] = (before[0] + tokens[0], before[1] + tokens[1], before[2] + answer.thinking_tokens)
+
+    async def harvest(
+        self, api: BatchAPI, book: BatchBook, chunk: Chunk, batch: Batch, deliver: Deliver, control: Control
+    ) -> list[Request]:
+        """Deliver every answered line of a finished batch; the requests to send again.
+
+        Lines are read one at a time, and a request's body is read back from disk only for the few
+        lines that need it (a retry, a repair, a line the batch never ran): memory stays flat in the
+        size of the batch. The loop yields now and then, so checkpoints and signals are not held up.
+
+        A line is sent again only when the batch's files prove it was not billed: when the result
+        files hold fewer answers than `request_counts.completed` says (a truncated or damaged file),
+        they are downloaded again; lines still missing then may have been billed, and fail their rows
+        as `batch_result_missing` rather than being paid for twice."""
+        wanted = set(chunk.request_keys())
+        seen: set[str] = set()
+        later: list[_Later] = []  # lines that need their request's body
+        answered = 0  # lines read as answers (billed)
+        for download in (1, 2):
+            for count, line in enumerate(await self.result_lines(api, chunk, batch)):
+                key = line.custom_id
+                if key is None or key not in wanted or key in seen or line.problem is not None:
+                    continue  # a line we did not send, one we already took, or one we cannot read
+                self.attempts[key] = self.attempts.get(key, 0) + 1
+                taken = self.take_at_once(key, chunk.model, line, deliver, control)
+                if taken is _UNREADABLE:  # an answer we cannot read: another download may give it whole
+                    self.attempts[key] -= 1
+                    continue
+                seen.add(key)
+                answered += line.ok
+                if isinstance(taken, _Later):
+                    later.append(taken)
+                if count % 1000 == 999:
+                    await asyncio.sleep(0)
+            if download == 2 or not _short(batch, answered, wanted - seen):
+                break
+        unrun = wanted - seen  # lines the batch never ran (expired, cancelled, failed validation)
+        if _short(batch, answered, unrun):  # some of them may have been billed
+            fault = Fault(Verdict.FAIL, "batch_result_missing", _missing(batch, answered))
+            for key in sorted(unrun):
+                deliver(failure(Request(key, {}), fault, self.attempts.get(key, 0) + 1, model=chunk.model))
+            unrun = set()
+        bodies = read_requests(chunk.requests, {pending.key for pending in later} | unrun)
+        leftovers = [Request(key, bodies[key]) for key in unrun]
+        for pending in later:
+            again = self.take(Request(pending.key, bodies[pending.key]), pending.answer, deliver)
+            if again is not None:
+                leftovers.append(again)
+        counts = dataclasses.asdict(batch.request_counts)
+        files = {"output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id}
+        if control.checkpoint is not None:  # the answers are journalled before the book says harvested
+            control.checkpoint()
+            if control.failed is not None:  # not journalled (a full disk): the next run harvests it again
+                return []
+        chunk = book.record(chunk.id, status="harvested", batch_status=batch.status, counts=counts, **files)
+        if not self.keep_files and control.checkpoint is not None:
+            await purge(api, book, chunk)  # no paid answer is left only at Zhipu
+        return leftovers
+
+    def take_at_once(
+        self, key: str, model: str, line: ResultLine, deliver: Deliver, control: Control
+    ) -> _Later | object | None:
+        """Take one result line as far as it can go without its request's body.
+
+        A valid answer to a first ask is delivered, a failure for good fails its row, an abort stops
+        the run: None. Otherwise what `take` (the other half, given the body) needs: the line's
+        answer to continue the conversation with (a repair round's answer, or one to repair), or no
+        answer when the request is to be sent again as it was (a transient failure). _UNREADABLE for
+        an answer whose body cannot be read: it was billed, so it is not sent again on that account."""
+        if not line.ok:
+            fault = _line_fault(line)
+            if fault.verdict is Verdict.RETRY:
+                return _Later(key, None)
+            if fault.verdict is Verdict.ABORT:
+                control.abort(refusal(fault))
+            else:
+                deliver(failure(Request(key, {}), fault, self.attempts[key], model=model))
+            return None
+        try:
+            answer = answer_from_chat(line.body, line.request_id)
+        except BadResultLine:
+            return _UNREADABLE
+        if answer.stop_reason == "network_error":  # the inference broke off: a cut answer, billed; ask again
+            self.carry_turn(key, answer)
+            return _Later(key, None)
+        if answer.stop_reason == "refusal":  # `sensitive`: Zhipu's content filter blocked the answer
+            self.carry_turn(key, answer)
+            self.conversations.pop(key, None)
+            deliver(failure(Request(key, {}), _BLOCKED, self.attempts[key], model=model))
+            return None
+        if key in self.conversations:
+            return _Later(key, answer)  # a repair round's answer: its conversation holds the earlier turns
+        if self.shape is not None:
+            try:
+                self.shape.check(answer)
+            except Unusable:
+                return _Later(key, answer)  # to be repaired: the next turn needs the conversation so far
+        conversation = Conversation(Request(key, {}), self.shape)
+        conversation.add(answer)
+        deliver(conversation.result(attempts=self.attempts[key], latency_ms=None, api=API))
+        return None
+
+    def take(self, request: Request, answer: Answer | None, deliver: Deliver) -> Request | None:
+        """The half of taking a line that needs the request's body: add the line's answer to the
+        request's conversation and deliver its Result, or return the request to send again (no
+        answer: a retry; an answer that needs repair: the repair turn)."""
+        if answer is None:
+            return request
+        key = request.key
+        conversation = self.conversations.setdefault(key, Conversation(request, self.shape))
+        repair = conversation.add(answer)
+        if repair is not None:
+            return Request(key, repair)
+        del self.conversations[key]
+        deliver(conversation.result(attempts=self.attempts[key], latency_ms=None, api=API))
+        return None
+
+    async def result_lines(self, api: BatchAPI, chunk: Chunk, batch: Batch) -> Iterator[ResultLine]:
+        """The batch's output and error lines, downloaded (streamed to disk), then read one at a time.
+        A file that answered 404 past the waits on an earlier run too is taken as gone (its lines are
+        then missing, and judged by the batch's counts)."""
+        files = []
+        for file_id, kind in ((batch.output_file_id, "output"), (batch.error_file_id, "errors")):
+            if file_id:
+                dest = self.dir / f"{chunk.id}.{kind}.jsonl"
+                try:
+                    await api.download(file_id, dest)
+                except BatchNotFound:
+                    if not chunk.file_404:
+                        raise
+                    continue
+                files.append(dest)
+        return _read_lines(files)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Later:
+    """A line taken as far as it goes without its request's body; `Harvester.take` finishes it."""
+
+    key: str
+    answer: Answer | None  # None: send the request again as it was
+
+
+_BLOCKED = Fault(
+    Verdict.FAIL,
+    "content_filter",
+    "Zhipu's content filter blocked the answer (finish_reason sensitive); it was billed",
+)
+
+
+_UNREADABLE = object()  # a result line answered (billed) whose body cannot be read
+
+
+async def purge(api: BatchAPI, book: BatchBook, chunk: Chunk) -> int:
+    """Delete a chunk's files at Zhipu (its input, and its result files once harvested); how many went.
+    A file already gone (auto-deleted input) is fine; any other failure leaves it for a later purge."""
+    deleted = 0
+    ids = [chunk.file_id] + ([chunk.output_file_id, chunk.error_file_id] if chunk.status == "harvested" else [])
+    complete = True
+    for file_id in filter(None, ids):
+        try:
+            deleted += await api.delete_file(file_id)
+        except BatchNotFound:
+            continue
+        except BatchAPIError:
+            complete = False
+    if complete and chunk.status == "harvested":
+        book.record(chunk.id, purged=True)
+    return deleted
+
+
+def requests_of(chunk: Chunk) -> list[Request]:
+    """Every request of a chunk, with its body, to be sent again."""
+    keys = list(chunk.request_keys())
+    bodies = read_requests(chunk.requests, set(keys))
+    return [Request(key, bodies[key]) for key in keys]
+
+
+def _short(batch: Batch, answered: int, missing: set[str]) -> bool:
+    """Lines are missing from the result files and the batch's counts cannot prove them unbilled: the
+    counts say more completed than the files answered, or there are no counts to go by."""
+    if not missing or batch.status == "failed":  # failed validation: no line ran
+        return False
+    counts = batch.request_counts
+    if counts.total == 0:  # no counts: only a batch that never started proves its lines unrun
+        return batch.in_progress_at is not None or batch.output_file_id is not None
+    return counts.completed > answered
+
+
+def _missing(batch: Batch, answered: int) -> str:
+    counts = batch.request_counts
+    said = f"says {counts.completed} lines completed" if counts.total else "gave no request counts"
+    return (
+        f"batch {batch.id} ({batch.status}) {said} but its result files answered {answered}, twice downloaded; "
+        "this line may have been billed, so it was not sent again: --retry-failed sends it (paying again)"
+    )
+
+
+def _line_fault(line: ResultLine) -> Fault:
+    """What a failed result line means for its request, as the Fault a failed row records."""
+    name = f"batch/{line.error_code or line.status_code}"
+    return Fault(classify_failure(line), name, line.error_message or line.problem or "")
+
+
+def _read_lines(paths: list[Path]) -> Iterator[ResultLine]:
+    """Downloaded result files' lines, read one at a time."""
+    for path in paths:
+        with open(path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    yield parse_result_line(raw)

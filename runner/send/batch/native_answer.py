@@ -1,0 +1,160 @@
+"""Reading a chat completion back: `answer_from_chat` turns a `/v4/chat/completions` body into an Answer.
+
+Part of the native wire (runner.send.batch.native_request, which re-exports it): the same Answer the online wire
+gives, with OpenAI-style usage converted to Anthropic's (`prompt_tokens` includes cached tokens; an
+Answer's `input_tokens` does not). A body that is not a chat completion raises BadResultLine. Pure
+functions over dicts: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from runner.money.tokens import estimate_text
+from runner.records import Answer
+from runner.send.retries import BadResponse
+
+__all__ = ["BadResultLine", "answer_from_chat", "error_fields"]
+
+# finish_reason -> Anthropic stop_reason. `sensitive` is Zhipu's content-filter stop (API code 1301's
+# streaming form); Anthropic's nearest is `refusal`. Unknown reasons (`network_error`, ...) are kept
+# as they come so nothing is hidden.
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "sensitive": "refusal"}
+
+
+class BadResultLine(BadResponse):
+    """A result whose body is not a chat completion (an error object, HTML, a torn line...).
+
+    A BadResponse, so `runner.send.retries.bad_response_fault` already knows what to do with it: abort on a
+    billing or auth code, retry otherwise.
+    """
+
+
+def answer_from_chat(body: Any, request_id: str | None) -> Answer:
+    """The Answer in a chat-completion object, in the same form the online wire gives it.
+
+    `content` holds the answer's blocks in Messages-API request form (thinking, text, tool_use), so
+    runner.job.structured.AnswerShape.repair can continue the conversation and chat_body can send it back.
+    A tool call whose arguments are not JSON keeps the raw text as `tool_input`, so validation
+    reports what is wrong instead of the answer vanishing.
+
+    Raises BadResultLine (with Zhipu's code when the body is an error object) for anything that is not
+    a chat completion with usage; never KeyError or TypeError.
+    """
+    if not isinstance(body, Mapping):
+        raise BadResultLine(None, f"result body is not a JSON object but {type(body).__name__}")
+    error = body.get("error")
+    if isinstance(error, Mapping):
+        code, message = error_fields(error)
+        raise BadResultLine(code, f"result body is an error: {message or code or 'no message'}")
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+        raise BadResultLine(None, "result body has no choices: not a chat completion")
+    choice = choices[0]
+    message = choice.get("message")
+    if not isinstance(message, Mapping):
+        raise BadResultLine(None, "result body's first choice has no message")
+    usage = body.get("usage")
+    if not isinstance(usage, Mapping):
+        raise BadResultLine(None, "result body has no usage: it cannot be billed or trusted")
+    prompt_tokens = _count(usage.get("prompt_tokens"))
+    completion_tokens = _count(usage.get("completion_tokens"))
+    if prompt_tokens is None or completion_tokens is None:
+        raise BadResultLine(None, "result body's usage lacks prompt_tokens or completion_tokens")
+    cached = _count(_get(usage, "prompt_tokens_details", "cached_tokens"))
+    reasoning_reported = _count(_get(usage, "completion_tokens_details", "reasoning_tokens"))
+
+    text = message.get("content")
+    text = text if isinstance(text, str) else ""  # null content is normal alongside tool calls
+    thinking = message.get("reasoning_content")
+    thinking = thinking if isinstance(thinking, str) and thinking else None
+
+    blocks: list[dict[str, Any]] = []
+    if thinking is not None:
+        # The native API gives no signature; the Messages form wants the field, empty is accepted.
+        blocks.append({"type": "thinking", "thinking": thinking, "signature": ""})
+    if text:
+        blocks.append({"type": "text", "text": text})
+    tool_input: Any = None
+    tool_use_id: str | None = None
+    calls = message.get("tool_calls")
+    for index, call in enumerate(calls if isinstance(calls, list) else []):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping):
+            continue
+        raw_id = call.get("id")
+        # A repair turn must name the call it answers; invent a stable id if the endpoint gave none.
+        call_id = str(raw_id) if raw_id else f"call_{index}"
+        arguments = _arguments(function.get("arguments"))
+        blocks.append({"type": "tool_use", "id": call_id, "name": str(function.get("name") or ""), "input": arguments})
+        if tool_use_id is None:
+            tool_input, tool_use_id = arguments, call_id
+
+    finish = choice.get("finish_reason")
+    stop_reason = _STOP_REASONS.get(finish, finish) if isinstance(finish, str) else None
+    thinking_tokens = (
+        reasoning_reported if reasoning_reported is not None else round(estimate_text(thinking)) if thinking else 0
+    )
+    model = body.get("model")
+    body_request_id = body.get("request_id") or body.get("id")
+    return Answer(
+        text=text,
+        thinking=thinking,
+        stop_reason=stop_reason,
+        # Anthropic's input_tokens excludes cache reads (pricing adds them at the cached rate);
+        # OpenAI-style prompt_tokens includes them.
+        input_tokens=max(prompt_tokens - (cached or 0), 0),
+        output_tokens=completion_tokens,
+        cache_read_input_tokens=cached,
+        cache_creation_input_tokens=None,  # the native API reports no cache writes (none are billed)
+        request_id=request_id or (str(body_request_id) if body_request_id else None),
+        model=str(model) if model else None,
+        thinking_tokens=min(thinking_tokens, completion_tokens),  # an estimate never above what was billed
+        tool_input=tool_input,
+        tool_use_id=tool_use_id,
+        content=tuple(blocks),
+    )
+
+
+def _count(value: Any) -> int | None:
+    # bool is an int subclass; a true/false token count is garbage, not 1/0.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    return None
+
+
+def _get(mapping: Mapping[str, Any], *path: str) -> Any:
+    value: Any = mapping
+    for name in path:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(name)
+    return value
+
+
+def _arguments(raw: Any) -> Any:
+    if isinstance(raw, Mapping):  # some gateways send the object itself
+        return dict(raw)
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def error_fields(error: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """Zhipu's business code and message: the native API says `code`, the Anthropic one `type`."""
+    code = error.get("code")
+    if code is None or code == "":
+        code = error.get("type")
+    message = error.get("message")
+    if message is None:
+        message = error.get("msg")
+    return (str(code) if code is not None and code != "" else None), (str(message) if message is not None else None)

@@ -1,0 +1,206 @@
+"""Reading a batch's result files: one output- or error-file line as a ResultLine, and what a failure means.
+
+    line = parse_result_line(raw)                         # never raises
+    if not line.ok:
+        verdict = classify_failure(line)                  # RETRY | FAIL | ABORT
+
+Part of the native wire (runner.send.batch.native_request, which re-exports these names); a successful line's
+body is read by `answer_from_chat` (runner.send.batch.native_answer). Pure functions: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from runner.send.batch.native_answer import error_fields
+from runner.send.retries import ABORT_CODES, TRANSIENT_CODES, Verdict
+
+__all__ = ["ResultLine", "classify_failure", "parse_result_line"]
+
+# Business codes that mean "try again later": one list for every transport (runner.send.retries).
+_TRANSIENT_CODES = TRANSIENT_CODES
+# What the batch machinery writes for a request it never ran: it was not the request's fault.
+_NOT_PROCESSED = re.compile(r"expire|cancel|timeout|timed_out|not_processed|not processed", re.I)
+
+_CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*"([^"\\]{1,256})"')
+
+
+@dataclass(frozen=True, slots=True)
+class ResultLine:
+    """One line of a batch's output or error file, read defensively.
+
+    `problem` is set when the line could not be read at all (then only `custom_id` may be known, fished
+    out of the raw text); `error_code`/`error_message` when the line reports a failed request.
+    """
+
+    custom_id: str | None
+    status_code: int | None = None
+    body: dict[str, Any] | None = None  # the chat completion (or error body) the request got
+    request_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    line_id: str | None = None  # the batch's own id for the line (`batch_req_...`)
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Did the request succeed (status 200, a body, no error reported)?"""
+        # A missing status with a body is read as success: the docs show no line without one, and
+        # answer_from_chat still refuses a body that is not a chat completion.
+        return (
+            self.problem is None
+            and self.status_code in (200, None)
+            and self.body is not None
+            and self.error_code is None
+            and self.error_message is None
+        )
+
+
+def parse_result_line(line: bytes | str) -> ResultLine:
+    """Read one output-file or error-file line; never raises.
+
+    Accepted shapes (the docs show only the success line, so error lines are read in every shape an
+    OpenAI-style batch might use):
+    - `{"custom_id", "response": {"status_code", "request_id", "body": {...}}}` (success, or an error
+      status with `body.error`);
+    - `{"custom_id", "response": null, "error": {"code", "message"}}` (a request never run);
+    - `{"custom_id", "error": {...}}` or a body given as a JSON string.
+    """
+    raw = line.encode("utf-8", "replace") if isinstance(line, str) else line
+    stripped = raw.strip()
+    if not stripped:
+        return ResultLine(custom_id=None, problem="empty line")
+    try:
+        data = json.loads(stripped)
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+        return ResultLine(custom_id=_fish_custom_id(stripped), problem=f"not JSON ({exc}): {_snippet(stripped)}")
+    if not isinstance(data, dict):
+        return ResultLine(custom_id=None, problem=f"not a JSON object: {_snippet(stripped)}")
+    answered = _answered(data)
+    if answered is not None:
+        return answered
+
+    custom_id = data.get("custom_id")
+    custom_id = str(custom_id) if isinstance(custom_id, (str, int)) and custom_id != "" else None
+    line_id = data.get("id") if isinstance(data.get("id"), str) else None
+
+    response = data.get("response")
+    status: int | None = None
+    body: dict[str, Any] | None = None
+    request_id: str | None = None
+    if isinstance(response, Mapping):
+        status = _status(response.get("status_code"))
+        body_value = response.get("body")
+        if isinstance(body_value, str):  # a body serialized twice: read it once more
+            try:
+                body_value = json.loads(body_value)
+            except ValueError:
+                body_value = None
+        body = body_value if isinstance(body_value, dict) else None
+        rid = response.get("request_id") or (body or {}).get("request_id")
+        request_id = str(rid) if rid else None
+    elif response is not None:
+        return ResultLine(
+            custom_id=custom_id, line_id=line_id, problem=f"`response` is not an object: {_snippet(stripped)}"
+        )
+
+    code: str | None = None
+    message: str | None = None
+    for error in (data.get("error"), (body or {}).get("error")):
+        if isinstance(error, Mapping):
+            code, message = error_fields(error)
+            break
+        if isinstance(error, str) and error:
+            message = error
+            break
+    if custom_id is None:
+        problem = "no custom_id"
+    elif response is None and code is None and message is None:
+        problem = "neither a response nor an error"
+    else:
+        problem = None
+    return ResultLine(
+        custom_id=custom_id,
+        status_code=status,
+        body=body,
+        request_id=request_id,
+        error_code=code,
+        error_message=message,
+        line_id=line_id,
+        problem=problem,
+    )
+
+
+def _answered(data: dict[str, Any]) -> ResultLine | None:
+    """The line nearly every line is, read in one step: a 200 whose body is an object with no error,
+    and no error beside it. Anything else (None) is read by the general path below it."""
+    response = data.get("response")
+    if type(response) is not dict or data.get("error") is not None:
+        return None
+    status = response.get("status_code")
+    if type(status) is not int or status != 200:
+        return None
+    body, custom_id, line_id = response.get("body"), data.get("custom_id"), data.get("id")
+    if type(body) is not dict or body.get("error") is not None or type(custom_id) is not str or not custom_id:
+        return None
+    request_id = response.get("request_id") or body.get("request_id")
+    return ResultLine(
+        custom_id=custom_id,
+        status_code=200,
+        body=body,
+        request_id=str(request_id) if request_id else None,
+        line_id=line_id if type(line_id) is str else None,
+    )
+
+
+def _status(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
+
+
+def _fish_custom_id(raw: bytes) -> str | None:
+    match = _CUSTOM_ID.search(raw)
+    return match.group(1).decode("utf-8", "replace") if match else None
+
+
+def _snippet(raw: bytes, limit: int = 120) -> str:
+    text = raw[:limit].decode("utf-8", "replace")
+    return text + ("..." if len(raw) > limit else "")
+
+
+def classify_failure(line: ResultLine) -> Verdict:
+    """What a failed line means for its request: RETRY (send it in a later batch), FAIL, or ABORT.
+
+    - ABORT: billing and auth codes (runner.send.retries.ABORT_CODES: 1113 no balance, 1308-1310
+      plan exhausted, bad keys, unknown model) and 401/403: every other request would fail the same.
+    - RETRY: rate and overload codes (1302-1305), 408/409/429, 5xx, requests the batch never ran
+      (expired, cancelled, timed out), and lines we could not read: the request itself may be fine.
+    - FAIL: any other 4xx or business code (bad parameters 1210-1215, prompt too long 1261,
+      sensitive content 1301): sending it again would get the same answer.
+    A line with no code and no status (unreadable, or a 200 whose body was no answer) is retried: the
+    executor's attempt limit bounds it. An unknown code is the request's own problem and FAILs.
+    """
+    code = line.error_code
+    status = line.status_code
+    if code in ABORT_CODES or status in (401, 403):
+        return Verdict.ABORT
+    if code in _TRANSIENT_CODES or (code is not None and _NOT_PROCESSED.search(code)):
+        return Verdict.RETRY
+    if status is not None and (status in (408, 409, 429) or status >= 500):
+        return Verdict.RETRY
+    if status is not None and 400 <= status < 500:
+        return Verdict.FAIL
+    if line.error_message and _NOT_PROCESSED.search(line.error_message):
+        return Verdict.RETRY
+    # A code we do not know is the request's own problem; no code at all (an unreadable line, a 200
+    # whose body was no answer) says nothing against the request.
+    return Verdict.FAIL if code is not None else Verdict.RETRY

@@ -1,0 +1,105 @@
+"""What the simulated Batch API accepts: the checks on an uploaded batch file and on each of its lines.
+
+A whole file is refused (the batch fails validation) for bad JSON, a malformed line, a duplicate
+custom_id, more than one model or an unknown one (`file_problem`); a line whose body would be refused
+fails on its own (`line_problem`, also used by the native chat completions route). Used by
+runner.simulator.native and runner.simulator.batch_state.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from runner.job import catalog
+from runner.simulator.answers import ask_from_chat, count_tokens
+from runner.simulator.native_body import strict_problem
+
+__all__ = ["LINE_URL", "eligible", "file_problem", "line_problem", "parse_file"]
+
+LINE_URL = "/v4/chat/completions"
+
+
+def eligible(model: str) -> bool:
+    """Whether the catalogue lets a model into the Batch API: its `batch.eligible` (a test's stand-in
+    entry may set `batch` to a plain bool)."""
+    info = catalog.models().get(model)
+    batch = getattr(info, "batch", None)
+    return info is not None and bool(getattr(batch, "eligible", batch is not False))
+
+
+def line_problem(body: Any, model: str | None, scale: float) -> tuple[int, str, str] | None:
+    """Why a chat completions body would be refused (status, code, message), or None."""
+    if not isinstance(body, dict):
+        return 400, "1214", "body must be a JSON object"
+    name = body.get("model")
+    if name not in catalog.models():
+        return 400, "1211", "Unknown Model, please check the model code."
+    if model is not None and name != model:
+        return 400, "1214", f"model {name} differs from the file's model {model}"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        return 400, "1214", "messages must be a non-empty list of objects"
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        return 400, "1214", "max_tokens must be a positive integer"
+    strict = strict_problem(body)  # the documented rules: tool_choice, stop, response_format, sampling...
+    if strict is not None:
+        return strict
+    ask = ask_from_chat(body, 1)
+    if count_tokens(ask.prompt, scale) > catalog.models()[name].context:
+        return 400, "1261", "Prompt too long"
+    return None
+
+
+def parse_file(data: bytes) -> tuple[list[tuple[str, Any]], str | None, str | None]:
+    """A batch file's lines (custom_id, body), its model, and why validation fails (None if it passes).
+    Bodies are not checked here: a bad body fails its own line, not the batch."""
+    lines = [ln for ln in data.split(b"\n") if ln.strip()]
+    problem = file_problem(lines)
+    parsed: list[tuple[str, Any]] = []
+    model = None
+    for raw in lines:
+        try:
+            line = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(line, dict):
+            parsed.append((str(line.get("custom_id")), line.get("body")))
+            body = line.get("body")
+            if model is None and isinstance(body, dict) and isinstance(body.get("model"), str):
+                model = body["model"]
+    return parsed, model, problem
+
+
+def file_problem(lines: list[bytes]) -> str | None:
+    """What makes a whole batch file invalid: bad JSON, a malformed line, a duplicate custom_id, more
+    than one model, an unknown model. None when the file is valid."""
+    seen: set[str] = set()
+    models: set[str] = set()
+    for number, raw in enumerate(lines, 1):
+        try:
+            line = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"line {number}: not valid JSON"
+        if not isinstance(line, dict):
+            return f"line {number}: not a JSON object"
+        custom_id = line.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            return f"line {number}: custom_id must be a non-empty string"
+        if custom_id in seen:
+            return f"line {number}: duplicate custom_id {custom_id!r}"
+        seen.add(custom_id)
+        if line.get("method") != "POST":
+            return f"line {number}: method must be POST"
+        if line.get("url") != LINE_URL:
+            return f"line {number}: url must be {LINE_URL}"
+        body = line.get("body")
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return f"line {number}: body must be an object with a model"
+        if body["model"] not in catalog.models():
+            return f"line {number}: Unknown Model {body['model']!r}"
+        models.add(body["model"])
+        if len(models) > 1:
+            return f"line {number}: a file may hold one model; found {', '.join(sorted(models))}"
+    return None

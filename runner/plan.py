@@ -6,7 +6,8 @@
 
 `Dispatch` is the run's use of it: it records the row map, settles what needs no sending, and yields
 each request to send once (rows with identical prompts share one request), stopping when the budget
-cannot cover the next one. The estimate counts the same requests; validate prints the first ones.
+cannot cover the next one. The estimate counts the same requests; validate prints the first ones,
+rendered by the same RequestBuilder.render without the rest of the planner.
 """
 
 from __future__ import annotations
@@ -107,16 +108,12 @@ def plan(job: Job, source: Rows, settled: SettledKeys, batch_rows: int = RENDER_
 
 def _render(builder: RequestBuilder, frame: pl.DataFrame) -> list[PlannedRow]:
     """Each row of `frame` rendered into its requests (or its render error)."""
-    rows: list[PlannedRow] = []
-    for values in frame.iter_rows(named=True):
-        position, row_id = values[ROW], values[ID]
-        try:
-            request = builder.build(values)
-        except RenderError as exc:
-            rows.append(PlannedRow(position, row_id, f"render-{row_id}", [], [], exc))
-        else:
-            rows.append(PlannedRow(position, row_id, request.key, builder.samples_of(request), []))
-    return rows
+    return [
+        PlannedRow(position, row_id, f"render-{row_id}", [], [], rendered)
+        if isinstance(rendered, RenderError)
+        else PlannedRow(position, row_id, rendered.key, builder.samples_of(rendered), [])
+        for position, row_id, rendered in builder.render(frame.iter_rows(named=True))
+    ]
 
 
 def _check_template(job: Job, rows: list[PlannedRow], whole_input: bool) -> None:

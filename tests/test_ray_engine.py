@@ -45,7 +45,7 @@ LIMIT = 8
 @pytest.fixture(scope="module", autouse=True)
 def cluster() -> Iterator[None]:
     """One local Ray instance for the module, on 2 CPUs."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 

@@ -27,7 +27,6 @@ from runner.distributed.rows import read_rows
 from runner.distributed.worker import REPORT, ActorConfig, SendingActor
 from runner.errors import DiskFull, EndpointAborted, StateUnwritable
 from runner.job.resolve import Job
-from runner.money.pricing import tier_label
 from runner.observe.progress import Reporter
 from runner.records import KEY, Result, result_from_json, scan_results
 from runner.run import Run
@@ -47,7 +46,9 @@ def _ray(job: Job) -> Iterator[None]:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        # address="local": a new instance even where another Ray runs on this machine (without it,
+        # ray.init joins that one, and refuses num_cpus there: a crash, not a run).
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
@@ -229,10 +230,7 @@ def _reconcile(run: Run, progress: Progress) -> None:
     table = run.accountant.table
     for row in missed.iter_rows(named=True):
         result = Result(**{name: row[name] for name in Result.__slots__ if name in row})  # wait_ms is not stored
-        tokens_in, tokens_out = (result.input_tokens or 0) + (result.cache_read_input_tokens or 0), result.output_tokens
-        tier = (
-            tier_label(table.tier(tokens_in, tokens_out or 0)) if table is not None and result.status == "ok" else None
-        )
+        tier = table.charge(result)[1] if table is not None and result.status == "ok" else None
         progress.recorded.add(result.key)
         run.outstanding.discard(result.key)
         run.tally.record(result, tier)

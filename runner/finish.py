@@ -1,8 +1,5 @@
 """How a run ends, whichever sender sent it: the spend into the ledger, the output when every row is
-answered, the summary beside it and in the manifest; a pilot's only in the manifest.
-
-    return finish(run, options, reporter, sending=summary.sending(job, gauges))
-"""
+answered, the summary beside it and in the manifest (a pilot's only in the manifest)."""
 
 from __future__ import annotations
 

@@ -20,8 +20,7 @@ from runner.supervise import Signals, supervise
 
 
 class LocalSender:
-    """Sends a run from this process; `executor` replaces the spec's (tests and benches pass
-    runner.send.fake's)."""
+    """Sends a run from this process; `executor` replaces the spec's (runner.send.fake's in tests)."""
 
     def __init__(self, executor: Executor | None = None) -> None:
         self._given = executor

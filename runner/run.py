@@ -1,12 +1,8 @@
-"""One run of one job: what it holds (its store, counts, prices, settled keys, requests in flight) and
-what it does with each answer. The engine opens it, a sender fills it, runner.finish ends it.
+"""One run of one job: what it holds and what it does with each answer. The engine opens it, a sender
+fills it (a Ray actor keeps one per block), runner.finish ends it.
 
     run = Run.open(job, source, store, options, control, reporter)
     sending = await sender.send(run, api_key, reporter, signals)   # every result into run.deliver
-    return finish(run, options, reporter, sending)
-
-A Ray actor keeps one per block (runner.distributed.worker): the same rule for each answer, on its
-own store, with its block's row-map lines and no breaker.
 """
 
 from __future__ import annotations
@@ -62,7 +58,7 @@ class Run:
     def open(
         cls, job: Job, source: InputSource, store: Store, options: RunOptions, control: Control, reporter: Reporter
     ) -> Run:
-        """The run over an opened input and store: its prices, pilot sample and settled keys, and whether
+        """The run over an opened input and store: its prices, pilot sample, settled keys, and whether
         anything changed since a run that answered every row."""
         started_at = dt.datetime.now(dt.UTC)
         samples = job.spec.output.samples

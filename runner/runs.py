@@ -24,8 +24,8 @@ class RunOptions:
 
 @dataclass
 class RunResult:
-    """How a run ended: its exit code (see the README's table), one line for a person, and the summary
-    written beside the output. `runner.run_job` returns it."""
+    """How a run ended (`runner.run_job` returns it): its exit code (the README's table), one line for a
+    person, and the summary written beside the output."""
 
     exit_code: int
     message: str

@@ -1,10 +1,6 @@
-"""Run a sender's work with what every run needs around it: time-based checkpoints, progress ticks, the
-collector's settings, and the SIGINT/SIGTERM protocol.
-
-The first SIGINT/SIGTERM stops the run: while it sends, dispatch stops and requests in flight get
-`grace_s` to finish; a second one (or the end of the grace period) cancels them. Before sending starts
-(reading the input, opening the state) the promise is the same: a first signal lets the run end as any
-stopped run does (summary, manifest, resume line), a second cancels it.
+"""A sender's work with what every run needs around it: checkpoints, progress ticks, the collector's
+settings, and signals. A first SIGINT/SIGTERM stops the run as any stopped run ends (summary, manifest,
+resume line), giving requests in flight `grace_s`; a second one (or the grace's end) cancels them.
 """
 
 from __future__ import annotations
@@ -23,11 +19,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Signals:
-    """SIGINT/SIGTERM for one run, from its start to the end of sending (see the module's docstring):
-
-    with Signals(control, reporter) as signals:   # without it, a SIGTERM while a large input is read
-        ...                                       # killed the run silently
-    """
+    """SIGINT/SIGTERM for one run, from its first line (a large input takes seconds to read) to the end
+    of sending: `with Signals(control, reporter) as signals:`."""
 
     def __init__(self, control: Control, reporter: Reporter) -> None:
         self._control, self._reporter = control, reporter

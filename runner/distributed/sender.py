@@ -1,10 +1,6 @@
-"""The Ray sender (`run.engine: ray`), and the choice of sender: a run's rows read, rendered and sent
-by actors on a Ray cluster (runner.distributed.cluster), into the run object the local sender fills.
-
-The driver keeps what needs one owner: the input's checks, the store, the settled keys and the row
-map. A run with nothing to render only finishes: Ray is not imported, let alone started. Request keys
-are the local engine's, so a job started on one engine finishes on the other sending nothing twice.
-"""
+"""The choice of sender, and the Ray sender (`run.engine: ray`): a run's rows sent by actors on a Ray
+cluster (runner.distributed.cluster) into the run object the local sender fills; the driver keeps the
+store, settled keys and row map. A run with nothing to render never imports Ray."""
 
 from __future__ import annotations
 

@@ -7,9 +7,8 @@ from typing import Any
 
 
 class CpuWindow:
-    """This process's CPU time from the first answer to the end of sending (the last part written): what
-    answering costs the runner, apart from starting and finishing. Benches compare it per answer with a
-    bare SDK loop's; `process_time` is read twice a run, not once per answer."""
+    """This process's CPU time from the first answer to the end of sending: what answering costs the
+    runner (benches compare it with a bare SDK loop's); `process_time` is read twice a run."""
 
     __slots__ = ("first", "seconds")
 

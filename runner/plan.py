@@ -293,6 +293,16 @@ class RequestKeys:
             self._freeze()
         return fresh
 
+    def contains_batch(self, keys: list[str]) -> list[bool]:
+        """Is each of `keys` in the set? (Vectorised over the runs, as `add_batch` looks keys up.)"""
+        known = self._in_runs(keys)
+        return [old or key in self._recent or key in self._other for key, old in zip(keys, known, strict=True)]
+
+    @property
+    def run_bytes(self) -> int:
+        """Bytes the sorted runs hold in memory (polars buffers, which tracemalloc does not see)."""
+        return sum(run.nbytes for run in self._runs)
+
     def close(self) -> None:
         """Remove the run files (the set is empty afterwards)."""
         for run in self._runs:
@@ -342,6 +352,11 @@ class _Run:
             with space_checked(path), path.open("wb") as f:  # a full disk stops the run like a row-map file
                 array("Q", low.to_list()).tofile(f)  # native byte order: read back by this process only
             self._fd, self._low = os.open(path, os.O_RDONLY), None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory: the high halves, and the low halves unless they are in a file."""
+        return int(self.high.estimated_size()) + (int(self._low.estimated_size()) if self._low is not None else 0)
 
     def lows(self, start: int, count: int) -> list[int]:
         """The low halves of the keys at positions start .. start + count - 1."""

@@ -21,7 +21,8 @@ from runner.files import read_summary, write_atomic, write_summary
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
 from runner.observe.progress import Reporter
-from runner.runs import RunOptions, RunReport
+from runner.run import check_places
+from runner.runs import RunOptions, RunResult
 
 AHEAD = 1  # a calibration round asks the oracle for this many of the method's draws of 10 at once
 ANSWERED_BY, CONFIDENCE, IN_CALIBRATION = "answered_by", "proxy_confidence", "in_calibration"
@@ -100,10 +101,12 @@ def fresh_refused(job: Job) -> UsageError:
     )
 
 
-async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: Reporter) -> RunReport:
+async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: Reporter) -> RunResult:
     """Run every stage of a cascade job and write its output; see the module's docstring."""
+    from runner.distributed.sender import sender_for
     from runner.engine import run_job
 
+    check_places(job)
     cascade = job.spec.output.cascade
     assert cascade is not None
     proxy_job, oracle_base = stage_jobs(job)
@@ -124,13 +127,15 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
         left = cap - sum(spent.values())
         return derive(stage_job, {"run.max_cost": max(left, 1e-9)})
 
-    async def run_stage(stage_job: Job, who: str, what: str) -> RunReport | None:
+    async def run_stage(stage_job: Job, who: str, what: str) -> RunResult | None:
         reporter.phase(f"cascade: {what}")
-        report = await run_job(capped(stage_job), api_key=api_key, options=options, reporter=reporter)
+        stage_job = capped(stage_job)
+        sender = sender_for(stage_job, options)
+        report = await run_job(stage_job, api_key=api_key, options=options, reporter=reporter, sender=sender)
         spent[who] += float((report.summary.get("cost") or {}).get("spent") or 0.0)
         if report.exit_code in (0, 1) and report.summary.get("output"):
             return None
-        return RunReport(report.exit_code, f"cascade {what}: {report.message}", report.summary)
+        return RunResult(report.exit_code, f"cascade {what}: {report.message}", report.summary)
 
     stopped = await run_stage(proxy_job, "proxy", "proxy pass")
     if stopped is not None:
@@ -149,7 +154,7 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
         answer = oracle_by_id[ids[pos]]
         return answer is not None and answer == proxy_answers[pos]
 
-    async def ask_oracle(positions: set[int], what: str) -> RunReport | None:
+    async def ask_oracle(positions: set[int], what: str) -> RunResult | None:
         asked.update(positions)
         chosen = sorted(asked)
         subset = home / "oracle-input.parquet"
@@ -189,7 +194,7 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
     if failed:
         message = f"cascade finished; {failed} rows failed (see error_type in {job.output_path})"
     reporter.finish(summary, message)
-    return RunReport(1 if failed else 0, message, summary)
+    return RunResult(1 if failed else 0, message, summary)
 
 
 def _answered_before(

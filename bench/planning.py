@@ -100,8 +100,8 @@ class Timed:
         self.planned_rss_mb: float | None = None
         self.started = time.perf_counter()
 
-    def gauges(self) -> dict[str, Any]:
-        return dict(self.inner.gauges())
+    def gauges(self) -> Any:
+        return self.inner.gauges()
 
     async def aclose(self) -> None:
         await self.inner.aclose()

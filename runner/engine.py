@@ -18,7 +18,7 @@ from runner.finish import finish
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
 from runner.local import LocalSender
-from runner.observe import summary
+from runner.money.ledger import check_ledger
 from runner.observe.progress import Reporter
 from runner.run import Run, Sender, check_places
 from runner.runs import RunOptions, RunResult
@@ -49,7 +49,7 @@ async def run_job(
             if job.thinking.warning is not None:  # validate and estimate said it too
                 reporter.event("thinking_warning", message=job.thinking.warning)
             if not run.unchanged:
-                summary.check_ledger(job, reporter)  # before the first request: a warning, never a refusal
+                check_ledger(job, reporter.event)  # before the first request: a warning, never a refusal
             sending = await (sender or LocalSender()).send(run, api_key, reporter, signals)
             signals.close()
             return finish(run, options, reporter, sending)

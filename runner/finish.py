@@ -1,12 +1,16 @@
 """How a run ends, whichever sender sent it: the spend into the ledger, the output when every row is
-answered, the summary beside it and in the manifest (a pilot's only in the manifest)."""
+answered, its exit code and one line (`outcome`), the summary beside it and in the manifest (a pilot's
+only in the manifest)."""
 
 from __future__ import annotations
 
 import contextlib
 from typing import Any
 
-from runner.errors import STATE_FAILURES
+from runner.control import Control
+from runner.errors import STATE_FAILURES, BudgetExhausted
+from runner.job.resolve import Job
+from runner.money.ledger import book_spend
 from runner.observe import summary
 from runner.observe.progress import Reporter
 from runner.run import Run
@@ -36,13 +40,13 @@ def finish(run: Run, options: RunOptions, reporter: Reporter, sending: dict[str,
     if store.broken is not None:
         _rescue(run)
     sending = sending | run.cpu.summary(run.tally.answered)
-    booked = summary.book_spend(job, run.tally, store.run_id, reporter)
+    booked = book_spend(job, run.tally.by_day, store.run_id, reporter.event)
     if run.pilot is not None:
         report = record(run, 0, False) | sending | {"ledger": booked}
         with contextlib.suppress(*STATE_FAILURES):
             store.record_run({**report, "pilot": True})
         if control.aborted is not None or control.failed is not None:  # the pilot could not run: say why
-            return RunResult(*summary.outcome(job, control, None, options.resume_command), report)
+            return RunResult(*outcome(job, control, None, options.resume_command), report)
         return RunResult(0, f"pilot: {run.tally.ok} rows answered", report)
     failed_rows: int | None = None  # None: not finalized, the output is not complete yet
     skipped_rows = 0  # rows input.nulls: skip kept from being sent: a decision, not a failure
@@ -63,7 +67,7 @@ def finish(run: Run, options: RunOptions, reporter: Reporter, sending: dict[str,
             skipped_rows = counts.get("skipped", 0)
         except STATE_FAILURES as exc:
             control.fail(exc)
-    exit_code, message = summary.outcome(job, control, failed_rows, options.resume_command, skipped_rows)
+    exit_code, message = outcome(job, control, failed_rows, options.resume_command, skipped_rows)
     if options.fresh and failed_rows is None:
         # Decided (docs/decisions.md): a stopped --fresh run leaves old and new answers side by side; the
         # resume command above keeps the old ones for the rows it did not reach, and says so.
@@ -98,3 +102,62 @@ def _rescue(run: Run) -> None:
             run.tally.not_kept(result)
         note = f"the {len(held)} answers it held could be written neither beside the output nor in the temp folder"
     run.control.failed = type(failure)(f"{failure}; {note}")
+
+
+def outcome(
+    job: Job, control: Control, failed_rows: int | None, resume: str | None = None, skipped_rows: int = 0
+) -> tuple[int, str]:
+    """The exit code and message; for a finished run they describe the whole output, not just this run.
+    Rows skipped by `input.nulls: skip` are said apart and never make a run fail."""
+    resume = resume or f"glm-batch run {job.spec_path}"
+    if control.reason == "budget":
+        return BudgetExhausted.exit_code, (
+            f"stopped before run.max_cost ({job.spec.run.max_cost} {job.currency}) could be exceeded; "
+            f"answers so far are saved; continue later with: {resume}"
+        )
+    if control.failed is not None:
+        return control.failed.exit_code, f"{control.failed}; answers so far are saved; resume with: {resume}"
+    if control.aborted is not None:
+        return control.aborted.exit_code, f"{control.aborted}; fix that, then resume with: {resume}"
+    if control.reason in ("SIGINT", "SIGTERM"):
+        code = 130 if control.reason == "SIGINT" else 143
+        return (
+            code,
+            f"interrupted by {control.reason}; answers so far are saved;{_batches_running(job)} resume with: {resume}",
+        )
+    if failed_rows is None:
+        return 1, f"some rows have no answer yet; resume with: {resume}"
+    skipped = (
+        f"; {skipped_rows} rows skipped for a null in a prompt column (input.nulls: skip; status skipped)"
+        if skipped_rows
+        else ""
+    )
+    if failed_rows:
+        return 1, (
+            f"finished; {failed_rows} rows failed (see error_type in {job.output_path}); "
+            f"send them again with: {resume} --retry-failed{skipped}"
+        )
+    if job.full_output_path is not None:
+        return 0, (
+            f"all {job.spec.input.limit} rows of this limited run answered; results in {job.output_path} "
+            f"(a limited run never writes the job's output {job.full_output_path}; run without --limit for that)"
+            f"{skipped}"
+        )
+    if skipped_rows:
+        return 0, f"all rows answered but the skipped ones; results in {job.output_path}{skipped}"
+    return 0, f"all rows answered; results in {job.output_path}"
+
+
+def _batches_running(job: Job) -> str:
+    """For a stopped batch job: its batches that keep running (and billing) at Zhipu, and how to stop them."""
+    if job.spec.run.mode == "online":
+        return ""
+    from runner.send.batch.admin import batch_rows
+
+    running = [row for row in batch_rows(job) if row["step"] == "created"]
+    if not running:
+        return ""
+    return (
+        f" {len(running)} batches keep running (and billing) at Zhipu; stop them with: "
+        f"glm-batch cancel {job.spec_path};"
+    )

@@ -14,7 +14,7 @@ from runner.observe.progress import Reporter
 from runner.plan import nothing, plan
 from runner.run import Run
 from runner.send import make_executor
-from runner.send.base import Executor
+from runner.send.base import Executor, Gauges
 from runner.send.endpoints import endpoint_url
 from runner.supervise import Signals, supervise
 
@@ -94,10 +94,10 @@ class Idle:
     """The executor of a run with nothing to send: it reports the job's limit and sends nothing."""
 
     def __init__(self, job: Job) -> None:
-        self._gauges = {"in_flight": 0, "limit": job.concurrency, "adaptive": job.adaptive, "overload_429_rate": 0.0}
+        self._gauges = Gauges(in_flight=0, limit=job.concurrency, adaptive=job.adaptive, overload_429_rate=0.0)
 
-    def gauges(self) -> dict[str, Any]:
-        return dict(self._gauges)
+    def gauges(self) -> Gauges:
+        return self._gauges
 
     async def run(self, requests: Any, deliver: Any, control: Control) -> None:
         async for _ in requests:  # there are none

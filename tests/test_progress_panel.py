@@ -17,6 +17,7 @@ from runner.control import Control
 from runner.money.accounting import Tally
 from runner.observe.panel import PanelState, ProgressPanel
 from runner.observe.progress import LineReporter, RichReporter
+from runner.send.base import Gauges
 
 STARTED = 1000.0
 
@@ -41,15 +42,15 @@ def busy_run() -> PanelState:
     control = Control()
     control.retries.update({"429/1302": 1234, "connection": 56, "timeout": 7})
     control.maybe_billed.extend([100, 200])
-    gauges = {
-        "in_flight": 16,
-        "limit": 16,
-        "adaptive": True,
-        "overload_429_rate": 0.018,
-        "batches": {"in_progress": 2, "completed": 1, "validating": 1},
-        "batch_lines": {"open": 3000, "completed": 1234, "failed": 5},  # request_counts at the last looks
-        "batch_queue": {"refused": 3, "waited_s": 72.4},
-    }
+    gauges = Gauges(
+        in_flight=16,
+        limit=16,
+        adaptive=True,
+        overload_429_rate=0.018,
+        batches={"in_progress": 2, "completed": 1, "validating": 1},
+        batch_lines={"open": 3000, "completed": 1234, "failed": 5},  # request_counts at the last looks
+        batch_queue={"refused": 3, "waited_s": 72.4},
+    )
     return PanelState.of(
         phase="rendering and sending",
         started=STARTED,
@@ -74,7 +75,7 @@ def small_run(tally: Tally, *, requests_per_s: float | None, priced: bool) -> Pa
         model="m",
         currency="CNY",
         tally=tally,
-        gauges={},
+        gauges=Gauges(),
         control=Control(),
         requests_per_s=requests_per_s,
         priced=priced,

@@ -30,6 +30,7 @@ from runner.job.resolve import Job
 from runner.observe.progress import Reporter
 from runner.records import KEY, Result, result_from_json, scan_results
 from runner.run import Run
+from runner.send.base import Gauges
 from runner.send.endpoints import endpoint_url
 from runner.send.limits import AimdController
 from runner.supervise import Signals, supervise
@@ -94,7 +95,7 @@ async def _send(
         workers=spec.max_concurrency if job.adaptive else job.concurrency,
         budgeted=spec.max_cost is not None,
     )
-    gauges: dict[str, Any] = {}
+    gauges = Gauges()
     intake = Intake()
 
     def consume() -> None:
@@ -134,7 +135,7 @@ async def _send(
         while True:
             with contextlib.suppress(Exception):  # stats are for display; a slow actor must not stop the run
                 stats = await limiter.stats.remote()
-                gauges.update(in_flight=stats["in_use"], limit=stats["limit"], adaptive=job.adaptive)
+                gauges.in_flight, gauges.limit, gauges.adaptive = stats["in_use"], stats["limit"], job.adaptive
             await asyncio.sleep(1.0)
 
     reporter.start(job, tally)

@@ -15,6 +15,7 @@ from runner.observe.progress import Reporter
 from runner.plan import ALL_FAIL_ROWS, plan
 from runner.run import Run, Sender
 from runner.runs import RunOptions
+from runner.send.base import Gauges
 from runner.supervise import Signals
 
 
@@ -52,5 +53,5 @@ class RaySender:
             if run.tally.rows_seen == run.tally.rows_total and run.control.reason is None:
                 run.store.rows.seal(run.built_from)
                 run.tally.all_rows_rendered = True
-        gauges = {"adaptive": run.job.adaptive, "limit": limits.get("limit"), "overload_429_rate": None}
+        gauges = Gauges(limit=limits.get("limit"), adaptive=run.job.adaptive)
         return summary.sending(run.job, gauges) | {"engine": {"name": "ray", "actors": actors, "limiter": limits}}

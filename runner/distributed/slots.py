@@ -20,7 +20,7 @@ from ray.actor import ActorHandle
 
 from runner.distributed.limiter import ClusterLimiter
 from runner.distributed.terms import Directive, LeaseLost, Outcomes
-from runner.send.limits import AimdController, Attempt, Overload
+from runner.send.limits import AimdController, AnswerLength, Attempt, Overload
 
 
 class LeasedSlots:
@@ -70,8 +70,7 @@ class LeasedSlots:
         self._paced = paced
         self._pacing: list[tuple[float, asyncio.Future[float]]] = []  # charges waiting for a start time
         self._pacer: asyncio.Task[None] | None = None
-        self._output_mean = float(expected_output_tokens)  # charged for an answer before it is known
-        self._answers = 0
+        self._output = AnswerLength(expected_output_tokens)  # charged for an answer before it is known
         # Counters, for tests and benches.
         self.attempts = 0
         self.leases = 0  # acquire calls that granted something
@@ -113,7 +112,7 @@ class LeasedSlots:
     async def slot(self, input_tokens: int) -> AsyncIterator[Attempt]:
         """Hold one cluster slot for the duration of one attempt, and report how it ended."""
         await self._take()
-        attempt = Attempt(charged_tokens=input_tokens + round(self._output_mean))
+        attempt = self._output.charge(input_tokens)
         try:
             if self._paced:
                 await self._start_time(attempt.charged_tokens)
@@ -248,9 +247,7 @@ class LeasedSlots:
         """Learn the mean answer length; tokens used beyond the charge are booked at the next report."""
         if attempt.used_tokens is None:
             return
-        self._answers += 1
-        output = max(0, attempt.used_tokens - input_tokens)
-        self._output_mean += (output - self._output_mean) / min(self._answers, 100)  # mean of the last ~100
+        self._output.learn(attempt, input_tokens)
         self._outcomes.extra_tokens += max(0, attempt.used_tokens - attempt.charged_tokens)
 
     # -- talking to the limiter ------------------------------------------------------------------------

@@ -10,14 +10,18 @@ written warns and keeps its rows pending (docs/decisions.md, "State failures and
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from runner.errors import GlmBatchError, first_line
 from runner.files import write_atomic
+from runner.job.resolve import Job
 from runner.money.tokens import Calibration
 
 LEDGER_SCHEMA: dict[str, pl.DataType] = {
@@ -161,3 +165,69 @@ def calibration(job: str, model: str, *, simulated: bool = False) -> Calibration
             source = f"{answered} answers of {'this job' if scope == 'job' else model}"
             return Calibration(actual / estimated, answered, f"measured on {source}")
     return Calibration()
+
+
+ByDay = dict[tuple[dt.date, str], dict[str, float]]  # a run's counters per (day, model): Tally.by_day
+
+
+def ledger_rows(job: Job, by_day: ByDay, run_id: str) -> pl.DataFrame:
+    """This run's ledger rows: one per (day, model) it got answers on."""
+    rows = [
+        {
+            "day": day,
+            "job": job.name,
+            "model": model or job.spec.model.name,
+            "endpoint": job.endpoint_name,
+            "currency": job.currency,
+            "run_id": run_id,
+            **{k: v if k == "cost" else int(v) for k, v in counts.items()},
+        }
+        for (day, model), counts in sorted(by_day.items())
+    ]
+    return pl.DataFrame(rows, schema=LEDGER_SCHEMA) if rows else pl.DataFrame(schema=LEDGER_SCHEMA)
+
+
+def check_ledger(job: Job, notify: Callable[..., None]) -> str | None:
+    """Before the first request: can the ledger be written? If not, a warning, and the run goes on (a
+    cron job must still run; its spend waits in the state folder). The problem, or None."""
+    why = problem(simulated=job.base_url is None)
+    if why is not None:
+        notify("ledger_unwritable", reason=why, then=PENDING_NOTE)
+    return why
+
+
+PENDING_NOTE = "the run goes on; its spend is kept in the job's state folder and the next run books it"
+
+
+def book_spend(job: Job, by_day: ByDay, run_id: str, notify: Callable[..., None]) -> dict[str, Any]:
+    """Add the run's spend to the ledger (the simulator's make-believe spend to its own part of it), and
+    what earlier runs of the job left pending. Never fails a paid run: rows the ledger does not take
+    wait in the state folder (ledger.keep_pending), said on stderr and in the summary's `ledger`."""
+    simulated = job.base_url is None
+    status: dict[str, Any] = {"path": str(folder(simulated=simulated)), "written": True}
+    try:
+        booked = book_pending(job.state_dir)
+    except WRITE_FAILURES:  # the state folder itself does not read: nothing to book from it
+        booked = 0
+    if booked:
+        status["pending_booked"] = booked
+    rows = ledger_rows(job, by_day, run_id)
+    try:
+        append(rows, run_id, simulated=simulated)
+    except WRITE_FAILURES as exc:
+        reason = _one_line(exc)
+        try:
+            pending: str | None = str(keep_pending(rows, run_id, job.state_dir, simulated=simulated))
+        except WRITE_FAILURES:
+            pending = None
+        warning = f"the usage ledger {status['path']} was not written: {reason}"
+        status |= {"written": False, "warning": warning, "pending": pending}
+        notify("ledger_not_written", reason=reason, pending=pending or "nowhere: see cost in the summary")
+    return status
+
+
+def _one_line(exc: Exception) -> str:
+    """An error as one line, naming the file for an OSError."""
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return first_line(exc)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # rich is imported where the panel is drawn: a run logging JSON lines never loads it
     from rich.console import Console, ConsoleOptions, RenderResult
@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # rich is imported where the panel is drawn: a run logging JS
 
     from runner.control import Control
     from runner.money.accounting import Tally
+    from runner.send.base import Gauges
 
 WIDE = 120  # from this many columns on, the panel adds the items only wide terminals have room for
 SEPARATOR = " · "
@@ -78,7 +79,7 @@ class PanelState:
         model: str,
         currency: str,
         tally: Tally,
-        gauges: dict[str, Any],
+        gauges: Gauges,
         control: Control,
         requests_per_s: float | None,
         priced: bool,
@@ -106,10 +107,10 @@ class PanelState:
             rendering=not tally.all_rows_rendered and tally.rows_seen < tally.rows_total,
             requests_per_s=requests_per_s,
             eta_s=eta if remaining else 0.0,
-            in_flight=gauges.get("in_flight"),
-            limit=gauges.get("limit"),
-            adaptive=bool(gauges.get("adaptive")),
-            refused_share=gauges.get("overload_429_rate"),
+            in_flight=gauges.in_flight,
+            limit=gauges.limit,
+            adaptive=bool(gauges.adaptive),
+            refused_share=gauges.overload_429_rate,
             failed=tally.failed,
             skipped=tally.skipped,
             retries=dict(control.retries),
@@ -121,10 +122,10 @@ class PanelState:
             spent=tally.cost if priced else None,
             projected=tally.projected_cost() if priced else None,
             max_cost=max_cost,
-            batches=dict(gauges.get("batches") or {}),
-            batch_lines=dict(gauges.get("batch_lines") or {}),
-            queue_refused=(gauges.get("batch_queue") or {}).get("refused", 0),
-            queue_waited_s=(gauges.get("batch_queue") or {}).get("waited_s", 0.0),
+            batches=dict(gauges.batches or {}),
+            batch_lines=dict(gauges.batch_lines or {}),
+            queue_refused=(gauges.batch_queue or {}).get("refused", 0),
+            queue_waited_s=(gauges.batch_queue or {}).get("waited_s", 0.0),
             stopping=control.reason,
         )
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # rich is imported by the one reporter that draws with it
     from runner.control import Control
     from runner.job.resolve import Job
     from runner.money.accounting import Tally
+    from runner.send.base import Gauges
 
 LogFormat = Literal["auto", "rich", "json", "text"]
 
@@ -38,7 +39,7 @@ class Reporter(Protocol):
 
     def phase(self, name: str) -> None: ...
     def start(self, job: Job, tally: Tally) -> None: ...
-    def tick(self, tally: Tally, gauges: dict[str, Any], control: Control) -> None: ...
+    def tick(self, tally: Tally, gauges: Gauges, control: Control) -> None: ...
     def event(self, name: str, **fields: Any) -> None: ...
     def finish(self, summary: dict[str, Any], message: str) -> None: ...
 
@@ -53,7 +54,7 @@ def make_reporter(fmt: LogFormat = "auto", stream: TextIO | None = None, interva
     return LineReporter(out, as_json=fmt == "json", interval_s=interval_s)
 
 
-def _progress_fields(tally: Tally, gauges: dict[str, Any], control: Control) -> dict[str, Any]:
+def _progress_fields(tally: Tally, gauges: Gauges, control: Control) -> dict[str, Any]:
     return {
         "rows_total": tally.rows_total,
         "rows_seen": tally.rows_seen,
@@ -62,9 +63,9 @@ def _progress_fields(tally: Tally, gauges: dict[str, Any], control: Control) -> 
         "ok": tally.ok,
         "failed": tally.failed,
         "skipped": tally.skipped,
-        "in_flight": gauges.get("in_flight"),
-        "concurrency": gauges.get("limit"),
-        "overload_429_rate": gauges.get("overload_429_rate"),
+        "in_flight": gauges.in_flight,
+        "concurrency": gauges.limit,
+        "overload_429_rate": gauges.overload_429_rate,
         "requests_per_s": round(tally.rate(), 2),
         "input_tokens": tally.input_tokens,
         "output_tokens": tally.output_tokens,
@@ -72,9 +73,9 @@ def _progress_fields(tally: Tally, gauges: dict[str, Any], control: Control) -> 
         "projected_cost": None if (p := tally.projected_cost()) is None else round(p, 6),
         "retries": dict(control.retries),
         "maybe_billed_twice": len(control.maybe_billed),
-        **({"batches": gauges["batches"]} if gauges.get("batches") else {}),
-        **({"batch_lines": gauges["batch_lines"]} if (gauges.get("batch_lines") or {}).get("open") else {}),
-        **({"batch_queue": gauges["batch_queue"]} if (gauges.get("batch_queue") or {}).get("refused") else {}),
+        **({"batches": gauges.batches} if gauges.batches else {}),
+        **({"batch_lines": gauges.batch_lines} if (gauges.batch_lines or {}).get("open") else {}),
+        **({"batch_queue": gauges.batch_queue} if (gauges.batch_queue or {}).get("refused") else {}),
     }
 
 
@@ -87,7 +88,7 @@ class _Periodic:
     def _emit(self, event: str, fields: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def tick(self, tally: Tally, gauges: dict[str, Any], control: Control) -> None:
+    def tick(self, tally: Tally, gauges: Gauges, control: Control) -> None:
         if time.monotonic() - self._last < self.interval_s:
             return
         self._last = time.monotonic()
@@ -229,14 +230,15 @@ class RichReporter:
     def start(self, job: Job, tally: Tally) -> None:
         from runner.control import Control
         from runner.money.pricing import price_table  # the reporter is built before any job is read
+        from runner.send.base import Gauges
 
         self._job, self._model, self._currency = job.name, job.spec.model.name, job.currency
         self._priced = price_table(job) is not None
         self._max_cost = job.spec.run.max_cost
         self._phase = None  # from now on the counts say whether it renders or sends, until told otherwise
-        self.tick(tally, {}, Control())
+        self.tick(tally, Gauges(), Control())
 
-    def tick(self, tally: Tally, gauges: dict[str, Any], control: Control) -> None:
+    def tick(self, tally: Tally, gauges: Gauges, control: Control) -> None:
         now = time.monotonic()
         self._recent.append((now, tally.answered))
         while len(self._recent) > 2 and now - self._recent[1][0] >= self.RATE_WINDOW_S:
@@ -246,7 +248,7 @@ class RichReporter:
         if rate is None and tally.answered:
             rate = tally.rate()
         rendering = not tally.all_rows_rendered and tally.rows_seen < tally.rows_total
-        phase = self._phase or ("waiting for batches" if gauges.get("batches") else "sending")
+        phase = self._phase or ("waiting for batches" if gauges.batches else "sending")
         if self._phase is None and rendering:
             phase = "rendering and sending"
         self._state = PanelState.of(

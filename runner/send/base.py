@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from runner.control import Control
@@ -23,14 +24,27 @@ from runner.send.retries import Fault, Verdict
 Deliver = Callable[[Result], None]
 
 
+@dataclass(slots=True)
+class Gauges:
+    """What progress and the summary show of the sending right now; None where a sender cannot tell."""
+
+    in_flight: int | None = None
+    limit: int | None = None  # the concurrency limit in force
+    adaptive: bool | None = None  # whether that limit adapts to the endpoint
+    overload_429_rate: float | None = None  # the share of attempts refused for overload
+    batches: dict[str, int] | None = None  # open batches by status (batch mode)
+    batch_lines: dict[str, int] | None = None  # lines in open batches: open, completed, failed
+    batch_queue: dict[str, Any] | None = None  # the model's batch queue: creates refused, seconds waited
+
+
 class Executor(Protocol):
     """Sends requests and reports each one's Result."""
 
     async def run(self, requests: AsyncIterator[Request], deliver: Deliver, control: Control) -> None:
         """Consume `requests` until exhausted or `control` says stop; call `deliver` for every result."""
 
-    def gauges(self) -> dict[str, Any]:
-        """What progress shows of the sending right now (in flight, limit, refusal rate, ...)."""
+    def gauges(self) -> Gauges:
+        """What progress shows of the sending right now."""
 
     async def aclose(self) -> None:
         """Release connections and anything else the executor holds."""

@@ -13,7 +13,7 @@ from typing import Any
 from runner.control import Control
 from runner.job.structured import AnswerShape
 from runner.records import Answer, Request
-from runner.send.base import Conversation, Deliver
+from runner.send.base import Conversation, Deliver, Gauges
 
 
 def echo_answer(request: Request) -> Answer:
@@ -45,9 +45,9 @@ class FakeExecutor:
         self._yield_every = yield_every  # give the event loop (checkpoints, signals) a turn now and then
         self.sent = 0
 
-    def gauges(self) -> dict[str, Any]:
+    def gauges(self) -> Gauges:
         """Nothing is ever in flight."""
-        return {"in_flight": 0, "limit": None, "adaptive": False, "overload_429_rate": 0.0}
+        return Gauges(in_flight=0, adaptive=False, overload_429_rate=0.0)
 
     async def aclose(self) -> None:
         """Nothing to release."""

@@ -23,7 +23,7 @@ from runner.control import Control
 from runner.errors import deliberate
 from runner.job.structured import AnswerShape
 from runner.records import Answer, Request, Result
-from runner.send.base import Conversation, Deliver, failure
+from runner.send.base import Conversation, Deliver, Gauges, failure
 from runner.send.limits import Slots
 from runner.send.retries import TOOL_CHOICE_REFUSED, Classify, Fault, Verdict, refusal, retrying, wait_backoff
 
@@ -65,15 +65,15 @@ class OnlineExecutor:
         self._clock = clock
         self._anchor = (dt.datetime.now(dt.UTC), clock())  # wall time of one `clock` reading: see _span
 
-    def gauges(self) -> dict[str, Any]:
+    def gauges(self) -> Gauges:
         """Requests in flight, the concurrency limit (and whether it adapts), the share refused."""
         limits = self._limits
-        return {
-            "in_flight": limits.in_flight,
-            "limit": limits.concurrency,
-            "adaptive": limits.controller is not None,
-            "overload_429_rate": round(limits.overload_rate(), 4),
-        }
+        return Gauges(
+            in_flight=limits.in_flight,
+            limit=limits.concurrency,
+            adaptive=limits.controller is not None,
+            overload_429_rate=round(limits.overload_rate(), 4),
+        )
 
     async def aclose(self) -> None:
         """Close the client's connections."""

@@ -361,10 +361,6 @@ class Store:
 
     # ---- the manifest ---------------------------------------------------------------------------
 
-    def read_manifest(self) -> dict[str, Any]:
-        """The manifest, or an empty one for a job that never ran."""
-        return read_manifest(self.state_dir)
-
     def read_estimate(self) -> dict[str, Any] | None:
         """The last `glm-batch estimate` report for this job, if there is one."""
         return read_json_object(self.state_dir / "estimate.json")
@@ -376,7 +372,7 @@ class Store:
 
     def record_run(self, run: dict[str, Any], keep: int = 50) -> None:
         """Append this run's record to the manifest (keeping the last `keep`)."""
-        manifest = self.read_manifest()
+        manifest = read_manifest(self.state_dir)
         manifest["runs"] = [*manifest.get("runs", []), run][-keep:]
         with state_guard(self.state_dir):
             write_json_atomic(manifest, self.state_dir / "manifest.json")

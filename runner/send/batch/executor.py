@@ -15,14 +15,13 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 from runner.control import Control
 from runner.errors import EndpointAborted
 from runner.job.spec import BatchSpec
 from runner.job.structured import AnswerShape
 from runner.records import Request
-from runner.send.base import Deliver, Executor, failure
+from runner.send.base import Deliver, Executor, Gauges, failure
 from runner.send.batch.api import BatchAPI
 from runner.send.batch.book import BatchBook, Chunk
 from runner.send.batch.deadline import HybridDeadline
@@ -92,21 +91,21 @@ class BatchExecutor:
         self._queue_waited_s = 0.0  # time chunks waited for room in it
         self._queue_since: float | None = None
 
-    def gauges(self) -> dict[str, Any]:
+    def gauges(self) -> Gauges:
         """Lines in open batches, and how many batches are in each status."""
         statuses: dict[str, int] = {}
         for status in self._statuses.values():
             statuses[status] = statuses.get(status, 0) + 1
-        online = self._online.gauges() if self._online is not None else {}
-        return {
-            "in_flight": self._lines_open + (online.get("in_flight") or 0),
-            "limit": online.get("limit"),
-            "adaptive": online.get("adaptive", False),
-            "overload_429_rate": online.get("overload_429_rate", 0.0),
-            "batches": statuses,
-            "batch_lines": self._lines_gauge(),
-            "batch_queue": {"refused": self._queue_refused, "waited_s": round(self._queue_waited(), 3)},
-        }
+        online = self._online.gauges() if self._online is not None else Gauges()
+        return Gauges(
+            in_flight=self._lines_open + (online.in_flight or 0),
+            limit=online.limit,
+            adaptive=bool(online.adaptive),
+            overload_429_rate=online.overload_429_rate or 0.0,
+            batches=statuses,
+            batch_lines=self._lines_gauge(),
+            batch_queue={"refused": self._queue_refused, "waited_s": round(self._queue_waited(), 3)},
+        )
 
     def _lines_gauge(self) -> dict[str, int]:
         """Lines in this round's open batches, and how many of them the Batch API counts as done

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import re
 from array import array
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -106,8 +107,19 @@ def plan(job: Job, source: Rows, settled: SettledKeys, batch_rows: int = RENDER_
 
 
 def _render(builder: RequestBuilder, frame: pl.DataFrame) -> list[PlannedRow]:
-    """Each row of `frame` rendered into its requests (or its render error)."""
+    """Each row of `frame` rendered into its requests (or its render error): as columns where the
+    prompt allows it (RequestBuilder.build_batch), else row by row."""
     rows: list[PlannedRow] = []
+    built = builder.build_batch(frame)
+    if built is not None:
+        one = builder.samples == 1
+        positions, ids = frame.get_column(ROW).to_list(), frame.get_column(ID).to_list()
+        for position, row_id, made in zip(positions, ids, built, strict=True):
+            if isinstance(made, RenderError):
+                rows.append(PlannedRow(position, row_id, f"render-{row_id}", [], [], made))
+            else:
+                rows.append(PlannedRow(position, row_id, made.key, [made] if one else builder.samples_of(made), []))
+        return rows
     for values in frame.iter_rows(named=True):
         position, row_id = values[ROW], values[ID]
         try:
@@ -173,18 +185,19 @@ class Dispatch:
                 # the same `done`: its requests were queued then (the row's key stands for all of them).
                 with state_guard(state_dir):
                     flags = queued.add_batch([row.key for row in wanted])
-                fresh = dict(zip((id(row) for row in wanted), flags, strict=True))
+                fresh = iter(flags)  # in the order of `wanted`
+                context, admit, outstanding, pilot = self.context_tokens, self.admit, self.outstanding, self.pilot
                 for row in batch.rows:
                     if row.error is not None:
                         self._render_failure(row)
                         continue
-                    if id(row) not in fresh:  # answered before, or a pilot's row outside its sample
-                        if all(row.done):
-                            tally.rows_settled += 1
-                        else:
-                            tally.rows_left_out += 1
+                    if all(row.done):  # answered before
+                        tally.rows_settled += 1
                         continue
-                    if not fresh[id(row)]:
+                    if pilot is not None and row.position not in pilot:  # a pilot's row outside its sample
+                        tally.rows_left_out += 1
+                        continue
+                    if not next(fresh):
                         # An identical request is queued already: its answer answers this row too.
                         tally.requests_shared += sum(not done for done in row.done)
                         continue
@@ -192,13 +205,13 @@ class Dispatch:
                         if is_done:
                             continue
                         estimated = estimate_request(pending.params)  # once: the context and the budget
-                        if self.context_tokens is not None and estimated > self.context_tokens:
+                        if context is not None and estimated > context:
                             self._over_context(pending, estimated)
                             continue
-                        if not self.admit(pending, estimated):
+                        if not admit(pending, estimated):
                             self.control.end_dispatch("budget")  # what was admitted is paid for in advance: send it
                             return
-                        self.outstanding.add(pending.key)
+                        outstanding.add(pending.key)
                         tally.requests_queued += 1
                         yield pending
                 await asyncio.sleep(0)  # let answers in between batches
@@ -289,7 +302,7 @@ class RequestKeys:
             if old or key in recent or key in other:
                 fresh.append(False)
                 continue
-            (recent if _key_bits(key) is not None else other).add(key)
+            (recent if _HEX_KEY.fullmatch(key) else other).add(key)
             fresh.append(True)
         self.size += sum(fresh)
         if len(recent) >= self._run_keys:  # only between batches: a batch is checked against one state
@@ -362,14 +375,12 @@ class _Run:
 
 
 _LOW = (1 << 64) - 1
-_HEX = frozenset("0123456789abcdef")
+_HEX_KEY = re.compile("[0-9a-f]{32}")
 
 
 def _key_bits(key: str) -> int | None:
     """A request key's 128 bits, or None for a string that is not 32 lowercase hex digits."""
-    if len(key) != 32 or not _HEX.issuperset(key):
-        return None
-    return int(key, 16)
+    return int(key, 16) if _HEX_KEY.fullmatch(key) else None
 
 
 async def nothing() -> AsyncIterator[Request]:

@@ -19,15 +19,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
+
+import polars as pl
 
 from runner.errors import UsageError
 from runner.job.resolve import Job
-from runner.job.sandbox import NullInput, RenderError
+from runner.job.sandbox import MAX_TEXT, NullInput, RenderError
 from runner.job.templates import blank_nested_nulls, has_nested_null
 from runner.records import Request
 
 SAMPLE_MARK = "-s"
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """A prompt rendered as columns: the row turn's literals and column names, and the key's hash
+    over everything before the row's turn."""
+
+    pieces: tuple[tuple[bool, str], ...]
+    prefix: Any  # a hashlib sha256 object, copied for each row
 
 
 def sample_key(key: str, index: int) -> str:
@@ -84,6 +96,26 @@ class RequestBuilder:
         default_thinking = job.thinking.default
         if default_thinking is not None and "thinking" not in fixed:
             self._fixed = {**fixed, "thinking": default_thinking}
+        self._columns = self._column_rendering()
+
+    def _column_rendering(self) -> _Columns | None:
+        """How `build_batch` renders a batch as columns, or None when this job's prompt cannot be: only a
+        row turn that substitutes columns between literal texts, under a system prompt and earlier turns
+        that are the same for every row."""
+        job = self._job
+        if (job.system is not None and job.system.variables) or any(tpl.variables for _, tpl in job.history):
+            return None
+        pieces = job.template.substitution()
+        if not pieces or not any(is_column for is_column, _ in pieces):
+            return None
+        # The key's parts before the row's turn are the same for every row: hashed once here.
+        prefix = self._salt.copy()
+        parts = [self._system or ""] + [part for role, text in self._history for part in (role, text or "")]
+        for part in parts:
+            data = part.encode()
+            prefix.update(len(data).to_bytes(8, "little"))
+            prefix.update(data)
+        return _Columns(pieces, prefix)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A hash object does not pickle; a worker rebuilds the builder from the (picklable) job.
@@ -135,6 +167,49 @@ class RequestBuilder:
             digest.update(len(data).to_bytes(8, "little"))
             digest.update(data)
         return Request(digest.hexdigest()[:32], params)
+
+    def build_batch(self, frame: pl.DataFrame) -> list[Request | RenderError] | None:
+        """Each row's request (or the RenderError that row fails with), as `build` makes it, for a whole
+        batch of rows at once; None when this job or these columns cannot be rendered as columns.
+
+        A template that only substitutes columns (`Summarise: {{ text }}`) prints each value as
+        str(value): for text and integer columns polars' cast to text is the same, so the prompts are
+        rendered by one polars expression and only the key is made row by row. A row with a null in a
+        prompt column, or over the rendering limit, goes through `build` (its error or its blank)."""
+        columns = self._columns
+        if columns is None:
+            return None
+        schema = frame.schema
+        names = [text for is_column, text in columns.pieces if is_column]
+        if any(name not in schema or not (schema[name] == pl.String or schema[name].is_integer()) for name in names):
+            return None
+        pieces = [
+            pl.col(text).cast(pl.String) if is_column else pl.lit(text, pl.String) for is_column, text in columns.pieces
+        ]
+        texts = frame.select(pl.concat_str(pieces).alias("prompt")).get_column("prompt").to_list()  # null: a null in it
+        fixed, system, history, shape, prefix = self._fixed, self._system, self._history, self._shape, columns.prefix
+        made: list[Request | RenderError] = []
+        for index, content in enumerate(texts):
+            if content is None or len(content) > MAX_TEXT:
+                try:
+                    made.append(self.build(frame.row(index, named=True)))
+                except RenderError as exc:
+                    made.append(exc)
+                continue
+            params = dict(fixed)
+            if system is not None:
+                params["system"] = system
+            messages: list[dict[str, Any]] = [{"role": role, "content": text} for role, text in history]
+            messages.append({"role": "user", "content": content})
+            params["messages"] = messages
+            if shape is not None:
+                params = shape.ask(params)
+            data = content.encode()
+            digest = prefix.copy()
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+            made.append(Request(digest.hexdigest()[:32], params))
+        return made
 
     def samples_of(self, request: Request) -> list[Request]:
         """The requests to send for one row: the row's request once per sample, each with its own key."""

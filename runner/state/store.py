@@ -10,7 +10,9 @@ Layout of a job's state directory (beside the output, `.glm-batch/<job name>/`):
     output.json                 what the current output file was written from (runner.output.sinks)
 
 An answer is appended to the journal with one write() as soon as it arrives, so a killed process loses
-only the requests that were still in flight; every `checkpoint_seconds` the journal's answers become a
+only the requests that were still in flight (answers read from a batch's result file are appended in
+blocks: the downloaded file and the batch book hold them until their part is written); every
+`checkpoint_seconds` the journal's answers become a
 Parquet part and the journal is emptied. The next run folds any journal a dead run left into a part.
 Every Parquet or JSON file is written to a temporary name, fsynced and renamed, so `kill -9` at any
 instant leaves either the old state or the new one. A part file that still fails to read (a torn disk write) is moved to
@@ -58,6 +60,8 @@ from runner.state.rescue import read_rescued, state_failure, state_guard, write_
 from runner.state.rowmap import RowMap
 from runner.state.settled import SettledKeys as SettledKeys  # re-exported: callers import it from here
 
+JOURNAL_BLOCK_BYTES = 1 << 20  # batch answers journalled a block at a time (Store.add)
+
 BUCKET_ROWS = 100_000  # results per bucket when compacting and joining
 
 
@@ -103,6 +107,8 @@ class Store:
         self.corrupt: list[Path] = []  # parts found unreadable at this open (and moved to corrupt/)
         self.quarantined: list[Path] = []  # every part ever set aside in corrupt/
         self._pending: list[Result] = []
+        self._block: list[bytes] = []  # journal lines of batch answers not yet written (see `add`)
+        self._block_bytes = 0
         self._part_seq = 0
         self._journal: int | None = None
         self._journal_path = state_dir / f"journal-{self._files_id}.jsonl"
@@ -236,7 +242,12 @@ class Store:
     # ---- writing --------------------------------------------------------------------------------
 
     def add(self, result: Result) -> None:
-        """Journal one result at once (it survives a kill from here on) and buffer it for the next part."""
+        """Journal one result at once (it survives a kill from here on) and buffer it for the next part.
+
+        An answer read from a batch's result file (`api` "batch") is journalled in blocks of
+        JOURNAL_BLOCK_BYTES instead: until its batch is recorded as harvested, which happens only after
+        the checkpoint that writes these answers' part, the downloaded file and the batch book hold it,
+        and a killed run harvests the batch again. One write() a block, not one a line."""
         assert self._journal is not None, "Store.open() first"
         try:
             data = journal_line(result)
@@ -246,6 +257,30 @@ class Store:
         if self.broken is not None:  # the folder takes no writes: held for the rescue journal
             self._pending.append(result)
             return
+        if result.api == "batch":
+            self._pending.append(result)
+            self._block.append(data)
+            self._block_bytes += len(data)
+            if self._block_bytes >= JOURNAL_BLOCK_BYTES:
+                self._write_block()
+            return
+        self._pending.append(result)  # held before the write: if the write fails it is rescued from here
+        if self._block:  # in order: a block of batch answers before an answer that came another way
+            self._write_block()
+        self._journal_write(data)
+        self._check_alive()
+
+    def _write_block(self) -> None:
+        """Journal the batch answers held in the block, with one write()."""
+        data = b"".join(self._block)
+        self._block, self._block_bytes = [], 0
+        self._journal_write(data)
+        self._check_alive()
+
+    def _journal_write(self, data: bytes) -> None:
+        """Append whole lines to the journal; on a failure, cut a torn write off and break the store
+        (the answers stay held in `_pending`, rescued when sending has stopped)."""
+        assert self._journal is not None
         failure: GlmBatchError | None = None
         try:
             written = os.write(self._journal, data)
@@ -256,10 +291,12 @@ class Store:
             # Cut a torn line off again: glued to the next answer's line it would make both unreadable.
             with contextlib.suppress(OSError):
                 os.ftruncate(self._journal, self._journal_size)
-            self._pending.append(result)  # paid: held in memory, rescued when sending has stopped
             raise self._broke(failure or no_space(self._journal_path))
         self._journal_size += written
-        self._pending.append(result)
+
+    def _check_alive(self) -> None:
+        """Twice a second at most, one fstat: has the journal been unlinked under us (the folder deleted)?"""
+        assert self._journal is not None
         now = time.monotonic()
         if now >= self._next_alive_check:  # twice a second at most: one fstat
             self._next_alive_check = now + 0.5
@@ -298,6 +335,7 @@ class Store:
                 write_atomic(frame, self.results_dir / f"part-{self._files_id}-{self._part_seq:06d}.parquet")
                 self._part_seq += 1
                 self._pending = []
+                self._block, self._block_bytes = [], 0  # their part holds them now
                 if self._journal is not None:
                     # Everything journalled is now in the part. A kill between the rename and this truncate
                     # leaves the same answers twice, which is harmless: answers are deduplicated by key.

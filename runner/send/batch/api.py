@@ -20,7 +20,7 @@ Errors are one hierarchy (runner.send.batch.errors), every one carrying what the
 a header: BatchTransportError and BatchTimeout (the connection), BatchProtocolError (a success status
 with a body that is not what the API promises), BatchStatusError (an error answer), with BatchAbort
 (no balance, exhausted plan, bad key: stop everything) and BatchNotFound (404) below it. The typed
-views of what the API returns (Batch, FileObject, BatchPage...) are in runner.send.batch_api_types.
+views of what the API returns (Batch, FileObject, BatchPage...) are in runner.send.batch.shapes.
 Every public name of both is importable from here too.
 
 Every failure reads as a runner.send.retries.Fault (`classify`), the vocabulary the online wire uses.

@@ -2,12 +2,13 @@
 
 A template that only substitutes columns is rendered for a whole batch by one polars expression
 (RequestBuilder.build_batch); the batch files and the request bodies are written by orjson; batch
-answers are journalled in blocks. None of it may change a key (a changed key is a row paid again) or a
-byte sent.
+answers are held for their part without a journal line each. None of it may change a key (a changed
+key is a row paid again) or a byte sent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
@@ -168,23 +169,24 @@ def _result(key: str, api: str) -> Result:
     return Result(key=key, status="ok", attempts=1, latency_ms=None, finished_at=now, response_text="x", api=api)
 
 
-def test_batch_answers_are_journalled_in_blocks_and_online_ones_at_once_in_order(tmp_path: Path) -> None:
-    """A batch answer is held for one block write (its result file and the batch book hold it until
-    then); an online answer is written at once, after the batch answers before it; a flush keeps all
-    of them in a part."""
+def test_batch_answers_are_held_for_their_part_and_online_ones_journalled_at_once(tmp_path: Path) -> None:
+    """A batch answer is held for the next part without a journal line (its downloaded result file and
+    the batch book hold it until then) and does not count toward checkpoint_rows; an online answer is
+    written at once; a flush keeps all of them in a part, a lone surrogate in a batch answer as U+FFFD."""
     store = Store(tmp_path / "state", run_id="run")
     store.open()
     try:
         journal = next((tmp_path / "state").glob("journal-*.jsonl"))
         store.add(_result("b1", "batch"))
-        store.add(_result("b2", "batch"))
-        assert journal.read_bytes() == b""
+        store.add(dataclasses.replace(_result("b2", "batch"), response_text="cut \ud800 here"))
+        assert journal.read_bytes() == b"" and store.buffered == 0
         store.add(_result("o1", "online"))
-        assert [json.loads(line)["key"] for line in journal.read_text().splitlines()] == ["b1", "b2", "o1"]
-        store.add(_result("b3", "batch"))
+        assert [json.loads(line)["key"] for line in journal.read_text().splitlines()] == ["o1"]
+        assert store.buffered == 1
         store.flush()
-        assert journal.read_bytes() == b""
-        parts = store.result_parts()
-        assert sorted(pl.read_parquet(parts).get_column(KEY).to_list()) == ["b1", "b2", "b3", "o1"]
+        assert journal.read_bytes() == b"" and store.buffered == 0
+        kept = pl.read_parquet(store.result_parts()).sort(KEY)
+        assert kept.get_column(KEY).to_list() == ["b1", "b2", "o1"]
+        assert kept.get_column("response_text").to_list() == ["x", "cut \ufffd here", "x"]
     finally:
         store.close()

@@ -10,13 +10,13 @@ Layout of a job's state directory (beside the output, `.glm-batch/<job name>/`):
     output.json                 what the current output file was written from (runner.output.sinks)
 
 An answer is appended to the journal with one write() as soon as it arrives, so a killed process loses
-only the requests that were still in flight (answers read from a batch's result file are appended in
-blocks: the downloaded file and the batch book hold them until their part is written); every
-`checkpoint_seconds` the journal's answers become a
-Parquet part and the journal is emptied. The next run folds any journal a dead run left into a part.
-Every Parquet or JSON file is written to a temporary name, fsynced and renamed, so `kill -9` at any
-instant leaves either the old state or the new one. A part file that still fails to read (a torn disk write) is moved to
-`corrupt/` and its rows are sent again; it is never read as if it were whole.
+only the requests that were still in flight (answers read from a batch's result file are not: the
+downloaded file and the batch book hold them until their part is written); every `checkpoint_seconds`
+the journal's answers become a Parquet part and the journal is emptied. The next run folds any journal
+a dead run left into a part. Every Parquet or JSON file is written to a temporary name, fsynced and
+renamed, so `kill -9` at any instant leaves either the old state or the new one. A part file that still
+fails to read (a torn disk write) is moved to `corrupt/` and its rows are sent again; it is never read
+as if it were whole.
 
 Answers are keyed by request key, not by row: a row is done when its request has a durable ok answer
 from any run, which is what makes re-runs, template edits and growing inputs cost only the new requests.
@@ -59,8 +59,6 @@ from runner.state.lock import JobLock
 from runner.state.rescue import read_rescued, state_failure, state_guard, write_rescue
 from runner.state.rowmap import RowMap
 from runner.state.settled import SettledKeys as SettledKeys  # re-exported: callers import it from here
-
-JOURNAL_BLOCK_BYTES = 1 << 20  # batch answers journalled a block at a time (Store.add)
 
 BUCKET_ROWS = 100_000  # results per bucket when compacting and joining
 
@@ -107,8 +105,7 @@ class Store:
         self.corrupt: list[Path] = []  # parts found unreadable at this open (and moved to corrupt/)
         self.quarantined: list[Path] = []  # every part ever set aside in corrupt/
         self._pending: list[Result] = []
-        self._block: list[bytes] = []  # journal lines of batch answers not yet written (see `add`)
-        self._block_bytes = 0
+        self._held = 0  # of `_pending`: batch answers, held for their part without a journal line (see `add`)
         self._part_seq = 0
         self._journal: int | None = None
         self._journal_path = state_dir / f"journal-{self._files_id}.jsonl"
@@ -244,36 +241,23 @@ class Store:
     def add(self, result: Result) -> None:
         """Journal one result at once (it survives a kill from here on) and buffer it for the next part.
 
-        An answer read from a batch's result file (`api` "batch") is journalled in blocks of
-        JOURNAL_BLOCK_BYTES instead: until its batch is recorded as harvested, which happens only after
-        the checkpoint that writes these answers' part, the downloaded file and the batch book hold it,
-        and a killed run harvests the batch again. One write() a block, not one a line."""
+        An answer read from a batch's result file (`api` "batch") is only held for the next part: its
+        result file, downloaded and fsynced before a line was read, and the batch book, which records
+        the batch harvested only after the checkpoint that writes that part, are its write-ahead record
+        (a run killed before then harvests the batch again). No write() a line for those."""
         assert self._journal is not None, "Store.open() first"
+        if result.api == "batch":
+            self._pending.append(result)
+            self._held += 1
+            return
         try:
             data = journal_line(result)
         except orjson.JSONEncodeError:  # a lone surrogate in its text: kept as U+FFFD, not a crash
             result = with_valid_unicode(result)
             data = journal_line(result)
-        if self.broken is not None:  # the folder takes no writes: held for the rescue journal
-            self._pending.append(result)
-            return
-        if result.api == "batch":
-            self._pending.append(result)
-            self._block.append(data)
-            self._block_bytes += len(data)
-            if self._block_bytes >= JOURNAL_BLOCK_BYTES:
-                self._write_block()
-            return
         self._pending.append(result)  # held before the write: if the write fails it is rescued from here
-        if self._block:  # in order: a block of batch answers before an answer that came another way
-            self._write_block()
-        self._journal_write(data)
-        self._check_alive()
-
-    def _write_block(self) -> None:
-        """Journal the batch answers held in the block, with one write()."""
-        data = b"".join(self._block)
-        self._block, self._block_bytes = [], 0
+        if self.broken is not None:  # the folder takes no writes: held for the rescue journal
+            return
         self._journal_write(data)
         self._check_alive()
 
@@ -316,8 +300,9 @@ class Store:
 
     @property
     def buffered(self) -> int:
-        """Results not yet on disk."""
-        return len(self._pending)
+        """Results on disk only in the journal, not yet in a part (batch answers held are not counted:
+        their batch's harvest checkpoints them)."""
+        return len(self._pending) - self._held
 
     def flush(self) -> None:
         """Write buffered results as one new part file. Raises DiskFull or StateUnwritable when the
@@ -331,11 +316,15 @@ class Store:
                     raise deleted(self._journal_path)
                 if not self._pending:
                     return
-                frame = results_frame(self._pending, self.run_id)
+                try:
+                    frame = results_frame(self._pending, self.run_id)
+                except UnicodeEncodeError:  # a lone surrogate in a batch answer's text: kept as U+FFFD
+                    self._pending = [with_valid_unicode(result) for result in self._pending]
+                    frame = results_frame(self._pending, self.run_id)
                 write_atomic(frame, self.results_dir / f"part-{self._files_id}-{self._part_seq:06d}.parquet")
                 self._part_seq += 1
                 self._pending = []
-                self._block, self._block_bytes = [], 0  # their part holds them now
+                self._held = 0
                 if self._journal is not None:
                     # Everything journalled is now in the part. A kill between the rename and this truncate
                     # leaves the same answers twice, which is harmless: answers are deduplicated by key.
@@ -355,7 +344,8 @@ class Store:
         it. Called once sending has stopped, after the state broke."""
         if not self._pending:
             return None
-        return write_rescue(self._pending, self.run_id, output_path, self.state_dir)
+        held = [with_valid_unicode(result) for result in self._pending]  # batch answers were never checked
+        return write_rescue(held, self.run_id, output_path, self.state_dir)
 
     def adopt_rescued(self, journals: list[Path]) -> None:
         """Keep the answers of rescue journals left by runs whose state broke as parts of this store,

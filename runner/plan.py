@@ -52,7 +52,9 @@ class Rows(Protocol):
 @dataclass(slots=True)
 class PlannedRow:
     """One input row: its requests (one, or one per sample) and whether each is settled already;
-    or, when its prompt failed to render, the error (and no requests)."""
+    or, when its prompt failed to render, the error (and no requests). A row rendered as columns whose
+    request was answered before holds no request at all (its parameters were never made): `done` is
+    empty too, so `all(done)` says it is settled."""
 
     position: int
     id: str
@@ -95,31 +97,41 @@ def plan(job: Job, source: Rows, settled: SettledKeys, batch_rows: int = RENDER_
         for frame in steps:
             if frame.height == 0:
                 continue
-            rows = _render(builder, frame)
+            rows = _render(builder, frame, settled)
             if first:
                 _check_template(job, rows, whole_input=whole.height < batch_rows)
                 first = False
-            wanted = pl.Series(KEY, [r.key for row in rows for r in row.requests], dtype=pl.String)
-            done = iter(settled.contains(wanted).to_list())
-            for row in rows:
-                row.done = [next(done) for _ in row.requests]
             yield PlannedBatch(frame, rows)
 
 
-def _render(builder: RequestBuilder, frame: pl.DataFrame) -> list[PlannedRow]:
-    """Each row of `frame` rendered into its requests (or its render error): as columns where the
-    prompt allows it (RequestBuilder.build_batch), else row by row."""
+def _render(builder: RequestBuilder, frame: pl.DataFrame, settled: SettledKeys) -> list[PlannedRow]:
+    """Each row of `frame` rendered into its requests (or its render error), each marked settled or
+    not: as columns where the prompt allows it (RequestBuilder.key_batch), else row by row."""
+    keyed = builder.key_batch(frame) if builder.samples == 1 else None
+    if keyed is None:
+        return _marked(_render_rows(builder, frame), settled)
+    keys, prompts = keyed
+    positions, ids = frame.get_column(ROW).to_list(), frame.get_column(ID).to_list()
+    done = settled.contains(pl.Series(KEY, keys, dtype=pl.String)).to_list()  # a row to build: null
     rows: list[PlannedRow] = []
-    built = builder.build_batch(frame)
-    if built is not None:
-        one = builder.samples == 1
-        positions, ids = frame.get_column(ROW).to_list(), frame.get_column(ID).to_list()
-        for position, row_id, made in zip(positions, ids, built, strict=True):
-            if isinstance(made, RenderError):
-                rows.append(PlannedRow(position, row_id, f"render-{row_id}", [], [], made))
-            else:
-                rows.append(PlannedRow(position, row_id, made.key, [made] if one else builder.samples_of(made), []))
-        return rows
+    built: list[PlannedRow] = []  # rows `build` made (nulls, limits): marked below
+    for index, key in enumerate(keys):
+        position, row_id = positions[index], ids[index]
+        if key is None:
+            row = _render_rows(builder, frame.slice(index, 1))[0]
+            built.append(row)
+        elif done[index]:  # answered before: its parameters are never needed, so never made
+            row = PlannedRow(position, row_id, key, [], [])
+        else:
+            row = PlannedRow(position, row_id, key, [builder.column_request(key, prompts[index])], [False])
+        rows.append(row)
+    _marked(built, settled)
+    return rows
+
+
+def _render_rows(builder: RequestBuilder, frame: pl.DataFrame) -> list[PlannedRow]:
+    """Each row of `frame` rendered into its requests (or its render error), row by row."""
+    rows: list[PlannedRow] = []
     for values in frame.iter_rows(named=True):
         position, row_id = values[ROW], values[ID]
         try:
@@ -128,6 +140,15 @@ def _render(builder: RequestBuilder, frame: pl.DataFrame) -> list[PlannedRow]:
             rows.append(PlannedRow(position, row_id, f"render-{row_id}", [], [], exc))
         else:
             rows.append(PlannedRow(position, row_id, request.key, builder.samples_of(request), []))
+    return rows
+
+
+def _marked(rows: list[PlannedRow], settled: SettledKeys) -> list[PlannedRow]:
+    """`rows` with each request marked settled (answered before) or not."""
+    wanted = pl.Series(KEY, [r.key for row in rows for r in row.requests], dtype=pl.String)
+    done = iter(settled.contains(wanted).to_list())
+    for row in rows:
+        row.done = [next(done) for _ in row.requests]
     return rows
 
 

@@ -29,7 +29,7 @@ from runner.records import KEY, Request, Result
 from runner.send.batch.files import BatchFileWriter
 from runner.send.batch.native_request import chat_body
 from runner.state.settled import SettledKeys
-from runner.state.store import Store
+from runner.state.store import BATCH_PART_ROWS, Store
 
 ROWS = {
     "id": ["a", "b", "c", "d", "e", "f", "g"],
@@ -171,7 +171,8 @@ def _result(key: str, api: str) -> Result:
 
 def test_batch_answers_are_held_for_their_part_and_online_ones_journalled_at_once(tmp_path: Path) -> None:
     """A batch answer is held for the next part without a journal line (its downloaded result file and
-    the batch book hold it until then) and does not count toward checkpoint_rows; an online answer is
+    the batch book hold it until then) and counts toward checkpoint_rows only once BATCH_PART_ROWS are
+    held; an online answer is
     written at once; a flush keeps all of them in a part, a lone surrogate in a batch answer as U+FFFD."""
     store = Store(tmp_path / "state", run_id="run")
     store.open()
@@ -188,5 +189,8 @@ def test_batch_answers_are_held_for_their_part_and_online_ones_journalled_at_onc
         kept = pl.read_parquet(store.result_parts()).sort(KEY)
         assert kept.get_column(KEY).to_list() == ["b1", "b2", "o1"]
         assert kept.get_column("response_text").to_list() == ["x", "cut \ufffd here", "x"]
+        for index in range(BATCH_PART_ROWS):  # enough held: they count, and the engine writes their part
+            store.add(_result(f"h{index}", "batch"))
+        assert store.buffered == BATCH_PART_ROWS
     finally:
         store.close()

@@ -170,12 +170,31 @@ class RequestBuilder:
 
     def build_batch(self, frame: pl.DataFrame) -> list[Request | RenderError] | None:
         """Each row's request (or the RenderError that row fails with), as `build` makes it, for a whole
-        batch of rows at once; None when this job or these columns cannot be rendered as columns.
+        batch of rows at once; None when this job or these columns cannot be rendered as columns."""
+        keyed = self.key_batch(frame)
+        if keyed is None:
+            return None
+        made: list[Request | RenderError] = []
+        for index, (key, prompt) in enumerate(zip(*keyed, strict=True)):
+            if key is None:
+                try:
+                    made.append(self.build(frame.row(index, named=True)))
+                except RenderError as exc:
+                    made.append(exc)
+            else:
+                made.append(self.column_request(key, prompt))
+        return made
+
+    def key_batch(self, frame: pl.DataFrame) -> tuple[list[str | None], list[str | None]] | None:
+        """Each row's request key and prompt (the row's turn), made as `build` makes them, for a whole
+        batch of rows at once; None when this job or these columns cannot be rendered as columns. A
+        row whose key is None must go through `build` (a null in a prompt column: its error or its
+        blank; a prompt over the rendering limit: its error).
 
         A template that only substitutes columns (`Summarise: {{ text }}`) prints each value as
         str(value): for text and integer columns polars' cast to text is the same, so the prompts are
-        rendered by one polars expression and only the key is made row by row. A row with a null in a
-        prompt column, or over the rendering limit, goes through `build` (its error or its blank)."""
+        rendered by one polars expression and only the key is made row by row; the request's
+        parameters wait for `column_request`, which a row answered before never needs."""
         columns = self._columns
         if columns is None:
             return None
@@ -186,30 +205,31 @@ class RequestBuilder:
         pieces = [
             pl.col(text).cast(pl.String) if is_column else pl.lit(text, pl.String) for is_column, text in columns.pieces
         ]
-        texts = frame.select(pl.concat_str(pieces).alias("prompt")).get_column("prompt").to_list()  # null: a null in it
-        fixed, system, history, shape, prefix = self._fixed, self._system, self._history, self._shape, columns.prefix
-        made: list[Request | RenderError] = []
-        for index, content in enumerate(texts):
-            if content is None or len(content) > MAX_TEXT:
-                try:
-                    made.append(self.build(frame.row(index, named=True)))
-                except RenderError as exc:
-                    made.append(exc)
+        prompts = frame.select(pl.concat_str(pieces).alias("prompt")).get_column("prompt").to_list()  # null: a null
+        prefix = columns.prefix
+        keys: list[str | None] = []
+        for prompt in prompts:
+            if prompt is None or len(prompt) > MAX_TEXT:
+                keys.append(None)
                 continue
-            params = dict(fixed)
-            if system is not None:
-                params["system"] = system
-            messages: list[dict[str, Any]] = [{"role": role, "content": text} for role, text in history]
-            messages.append({"role": "user", "content": content})
-            params["messages"] = messages
-            if shape is not None:
-                params = shape.ask(params)
-            data = content.encode()
+            data = prompt.encode()
             digest = prefix.copy()
             digest.update(len(data).to_bytes(8, "little"))
             digest.update(data)
-            made.append(Request(digest.hexdigest()[:32], params))
-        return made
+            keys.append(digest.hexdigest()[:32])
+        return keys, prompts
+
+    def column_request(self, key: str, prompt: str | None) -> Request:
+        """The request of a row `key_batch` keyed, from its prompt."""
+        params = dict(self._fixed)
+        if self._system is not None:
+            params["system"] = self._system
+        messages: list[dict[str, Any]] = [{"role": role, "content": text} for role, text in self._history]
+        messages.append({"role": "user", "content": prompt})
+        params["messages"] = messages
+        if self._shape is not None:
+            params = self._shape.ask(params)
+        return Request(key, params)
 
     def samples_of(self, request: Request) -> list[Request]:
         """The requests to send for one row: the row's request once per sample, each with its own key."""

@@ -60,6 +60,8 @@ from runner.state.rescue import read_rescued, state_failure, state_guard, write_
 from runner.state.rowmap import RowMap
 from runner.state.settled import SettledKeys as SettledKeys  # re-exported: callers import it from here
 
+BATCH_PART_ROWS = 10_000  # batch answers held (not journalled) before they count toward a checkpoint
+
 BUCKET_ROWS = 100_000  # results per bucket when compacting and joining
 
 
@@ -300,9 +302,10 @@ class Store:
 
     @property
     def buffered(self) -> int:
-        """Results on disk only in the journal, not yet in a part (batch answers held are not counted:
-        their batch's harvest checkpoints them)."""
-        return len(self._pending) - self._held
+        """Results not yet in a part, as checkpoint_rows counts them: batch answers held (not journalled)
+        only once there are BATCH_PART_ROWS of them, so a harvest writes parts of that many, not of
+        checkpoint_rows, and holds no more than that in memory."""
+        return len(self._pending) - (self._held if self._held < BATCH_PART_ROWS else 0)
 
     def flush(self) -> None:
         """Write buffered results as one new part file. Raises DiskFull or StateUnwritable when the

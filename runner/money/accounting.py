@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.job.resolve import Job
-from runner.money.pricing import Budget, PriceTable, price_table, require_prices, tier_label
+from runner.money.pricing import Budget, PriceTable, price_table, require_prices, tier_cost, tier_label
 from runner.money.tokens import Calibration, estimate_request
 from runner.records import Request, Result, priced
 
@@ -308,10 +308,11 @@ class Accountant:
                 tokens_in = result.input_tokens or 0
                 cached = result.cache_read_input_tokens or 0
                 tokens_out = result.output_tokens or 0
-                cost = self.table.cost(input_tokens=tokens_in, output_tokens=tokens_out, cache_read_tokens=cached)
+                charged = self.table.tier(tokens_in + cached, tokens_out)  # once: the cost and its label
+                cost = tier_cost(charged, input_tokens=tokens_in, output_tokens=tokens_out, cache_read_tokens=cached)
                 if result.api == "batch":
                     cost *= self.batch_share
-                tier = tier_label(self.table.tier(tokens_in + cached, tokens_out))
+                tier = tier_label(charged)
         if self.budget is not None:
             self.budget.settle(reserved, cost or 0.0)
         return priced(result, cost, raw), tier

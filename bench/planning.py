@@ -28,7 +28,9 @@ earlier one, so the deduplication works too), with nothing answered before:
   re-plan: reading the earlier answers' keys, rendering and keying every row, the row map, the
   queued keys, the budget (wall and CPU seconds, imports included). With `--other CHECKOUT` the same
   runs alternate with that checkout's runner (PYTHONPATH) from the same state: the ratio of the
-  two, worst and median (`--seeded DIR` reuses the state a run before made).
+  two, worst and median (`--seeded DIR` reuses the state a run before made). `--unsealed`: no
+  template edit, the row map unsealed instead (a grown input, the cron case): every row rendered,
+  keyed and found answered, nothing to send.
 
 Targets: the 10M-row peak RSS at the end of planning under 1 GB and at most 1.5x the 1M-row figure.
 Inputs are generated once into /tmp/glm-batch-bench/planning (not the repo) and reused; each run's job
@@ -222,6 +224,7 @@ def main() -> None:
     parser.add_argument("--replan", type=int, default=0, help="re-plans after a template edit at this size")
     parser.add_argument("--other", type=Path, help="a checkout to alternate with in --replan (before/after)")
     parser.add_argument("--seeded", type=Path, help="--replan: start from this folder a run of it seeded before")
+    parser.add_argument("--unsealed", action="store_true", help="--replan: no template edit; the row map unsealed")
     parser.add_argument("--keys", type=int, nargs="*", default=[], help="only the queued-key set, at these sizes")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--executor", default="fake", help=argparse.SUPPRESS)
@@ -258,7 +261,7 @@ def main() -> None:
     if args.send_all:
         report["send_all"] = send_all(args.send_all)
     if args.replan:
-        report["replan"] = replan(args.replan, args.runs, args.other, args.seeded)
+        report["replan"] = replan(args.replan, args.runs, args.other, args.seeded, edit=not args.unsealed)
     print(json.dumps(report, indent=2))
 
 
@@ -332,16 +335,19 @@ def online_vs_fake(rows: int) -> dict[str, Any]:
     return result
 
 
-def replan(rows: int, runs: int, other: Path | None, seeded: Path | None) -> dict[str, Any]:
-    """`runs` re-plans of `rows` rows after a template edit, alternating with `other`'s runner if given;
-    both start each run from a copy of the same finished state (`seeded`: a folder this made before)."""
+def replan(rows: int, runs: int, other: Path | None, seeded: Path | None, edit: bool = True) -> dict[str, Any]:
+    """`runs` re-plans of `rows` rows after a template edit (or, `edit` False, with the row map unsealed:
+    every row rendered and found answered), alternating with `other`'s runner if given; both start each
+    run from a copy of the same finished state (`seeded`: a folder this made before)."""
     sides: list[tuple[str, Path | None]] = [("this", None)] + ([("other", other.resolve())] if other else [])
     DATA.mkdir(parents=True, exist_ok=True)
     if seeded is None:  # a finished first run, then the template edited; kept to start each run from
         seeded = Path(tempfile.mkdtemp(prefix=f"replan-{rows}-", dir=DATA))
         spec = write_spec(seeded, make_input(rows), free_port())
         first = measure(spec, "fake", rows)
-        spec.write_text(spec.read_text(encoding="utf-8").replace("Summarise:", "Summarise briefly:"), encoding="utf-8")
+        if edit:
+            text = spec.read_text(encoding="utf-8")
+            spec.write_text(text.replace("Summarise:", "Summarise briefly:"), encoding="utf-8")
         shutil.copytree(seeded / "out", seeded / "seeded")
         print(json.dumps({"replan_seeded": str(seeded), "first_run": first}), flush=True)
     spec = seeded / "job.yaml"
@@ -351,6 +357,10 @@ def replan(rows: int, runs: int, other: Path | None, seeded: Path | None) -> dic
         for name, checkout in sides if index % 2 == 0 else sides[::-1]:
             shutil.rmtree(seeded / "out")
             shutil.copytree(seeded / "seeded", seeded / "out")
+            if not edit:  # forget that a run mapped these inputs: every row is rendered, keyed and looked up
+                for name in ("fingerprint.json", "covered.json"):
+                    for found in (seeded / "out").rglob(f"rows/{name}"):
+                        found.unlink()
             run = measure(spec, "drain", rows, checkout)
             run["load"] = round(os.getloadavg()[0], 2)
             result.setdefault(name, []).append(run)

@@ -40,6 +40,7 @@ class _Columns:
 
     pieces: tuple[tuple[bool, str], ...]
     prefix: Any  # a hashlib sha256 object, copied for each row
+    head: dict[str, Any]  # the parameters before `messages`, copied for each row
 
 
 def sample_key(key: str, index: int) -> str:
@@ -115,7 +116,10 @@ class RequestBuilder:
             data = part.encode()
             prefix.update(len(data).to_bytes(8, "little"))
             prefix.update(data)
-        return _Columns(pieces, prefix)
+        head = dict(self._fixed)
+        if self._system is not None:
+            head["system"] = self._system
+        return _Columns(pieces, prefix, head)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A hash object does not pickle; a worker rebuilds the builder from the (picklable) job.
@@ -220,16 +224,20 @@ class RequestBuilder:
         return keys, prompts
 
     def column_request(self, key: str, prompt: str | None) -> Request:
-        """The request of a row `key_batch` keyed, from its prompt."""
-        params = dict(self._fixed)
-        if self._system is not None:
-            params["system"] = self._system
+        """The request of a row `key_batch` keyed, from its prompt: what `build` makes, key for key."""
+        assert self._columns is not None
+        params = self._columns.head.copy()  # the fixed parameters and the system prompt, in build's order
         messages: list[dict[str, Any]] = [{"role": role, "content": text} for role, text in self._history]
         messages.append({"role": "user", "content": prompt})
         params["messages"] = messages
         if self._shape is not None:
             params = self._shape.ask(params)
         return Request(key, params)
+
+    @property
+    def renders_columns(self) -> bool:
+        """Can this job's prompt be rendered as columns (for columns of text and integers)?"""
+        return self._columns is not None
 
     def samples_of(self, request: Request) -> list[Request]:
         """The requests to send for one row: the row's request once per sample, each with its own key."""

@@ -350,11 +350,7 @@ class RequestKeys:
 
     def _freeze(self) -> None:
         """Turn the recent keys into a sorted run."""
-        bits = [_key_bits(key) or 0 for key in self._recent]
-        run = pl.DataFrame(
-            {"high": [b >> 64 for b in bits], "low": [b & _LOW for b in bits]},
-            schema={"high": pl.UInt64, "low": pl.UInt64},
-        ).sort("high", "low")
+        run = _halves(list(self._recent)).sort("high", "low")
         path = None
         if self._spill_dir is not None:
             self._spill_dir.mkdir(parents=True, exist_ok=True)
@@ -366,17 +362,29 @@ class RequestKeys:
         """Is each key in one of the runs? (Vectorised: a binary search per run, not per key.)"""
         if not self._runs or not keys:
             return [False] * len(keys)
-        bits = [_key_bits(key) for key in keys]
-        high = pl.Series([(b or 0) >> 64 for b in bits], dtype=pl.UInt64)
+        halves = _halves(keys)  # a key that is not 32 hex digits: null halves, never found
+        high, low = halves.get_column("high").fill_null(0), halves.get_column("low")
         found = [False] * len(keys)
         for run in self._runs:
             first = run.high.search_sorted(high, side="left")
             count = run.high.search_sorted(high, side="right").cast(pl.Int64) - first.cast(pl.Int64)
             for i in (count > 0).arg_true().to_list():  # the high half is there: compare the low half
-                b = bits[i]
-                if b is not None and not found[i]:
-                    found[i] = (b & _LOW) in run.lows(int(first[i]), int(count[i]))
+                wanted = low[i]
+                if wanted is not None and not found[i]:
+                    found[i] = wanted in run.lows(int(first[i]), int(count[i]))
         return found
+
+
+def _halves(keys: list[str]) -> pl.DataFrame:
+    """Each key's high and low 64 bits (UInt64 columns `high`, `low`), parsed by polars; both null for a
+    key that is not 32 lowercase hex digits."""
+    column = pl.col("key")
+    hexed = column.str.contains("^[0-9a-f]{32}$")
+
+    def half(start: int) -> pl.Expr:
+        return pl.when(hexed).then(column.str.slice(start, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False))
+
+    return pl.DataFrame({"key": keys}, schema={"key": pl.String}).select(half(0).alias("high"), half(16).alias("low"))
 
 
 class _Run:
@@ -407,14 +415,8 @@ class _Run:
             self._path.unlink(missing_ok=True)
 
 
-_LOW = (1 << 64) - 1
 _HEX_KEY = re.compile("[0-9a-f]{32}")
 _HEX_KEYS = re.compile("[0-9a-f]{32}(?:\n[0-9a-f]{32})*")  # keys joined by newlines, each 32 hex digits
-
-
-def _key_bits(key: str) -> int | None:
-    """A request key's 128 bits, or None for a string that is not 32 lowercase hex digits."""
-    return int(key, 16) if _HEX_KEY.fullmatch(key) else None
 
 
 async def nothing() -> AsyncIterator[Request]:

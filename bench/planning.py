@@ -355,7 +355,7 @@ def replan(rows: int, runs: int, other: Path | None, seeded: Path | None, edit: 
     result: dict[str, Any] = {"rows": rows, "seeded": str(seeded), "load_average_before": load}
     for index in range(runs):
         for name, checkout in sides if index % 2 == 0 else sides[::-1]:
-            shutil.rmtree(seeded / "out")
+            shutil.rmtree(seeded / "out", ignore_errors=True)
             shutil.copytree(seeded / "seeded", seeded / "out")
             if not edit:  # forget that a run mapped these inputs: every row is rendered, keyed and looked up
                 for name in ("fingerprint.json", "covered.json"):

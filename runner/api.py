@@ -7,12 +7,7 @@
     result = await runner.arun_job("jobs/demo.yaml")     # where an event loop already runs (Jupyter)
     report = runner.estimate_job("jobs/demo.yaml")       # the dict `glm-batch estimate --json` prints
 
-The same rules as the command line: the key comes from the environment (ZHIPUAI_API_KEY or
-ANTHROPIC_API_KEY; the simulator needs none), a bad spec raises `runner.errors.UsageError`, and a run
-that stopped (budget, abort, signal) returns its exit code rather than raising. Progress goes to the
-`glm_batch` logger (quiet unless logging is configured) unless a `reporter` is given. `run_job` and
-`estimate_job` inside a running event loop (Jupyter) raise RuntimeError naming `arun_job` /
-`aestimate_job`, which are the ones to await there.
+The command line's rules: a bad spec raises `runner.errors.UsageError`; a run that stopped returns its exit code.
 """
 
 from __future__ import annotations
@@ -63,14 +58,19 @@ def load_job(spec: str | Path, *, set: Mapping[str, Any] | None = None, limit: i
 
 def api_key_for(job: Job) -> str:
     """The key from the environment (never from the spec); the simulator needs none."""
-    if job.base_url is None:
+    return key_from_env(job.endpoint_name, job.base_url, job.key_env)
+
+
+def key_from_env(endpoint: str, base_url: str | None, key_env: tuple[str, ...]) -> str:
+    """The key in the first of `key_env` that is set (see checked_key); none for the simulator (no URL)."""
+    if base_url is None:
         return SIMULATOR_KEY
-    for name in job.key_env:
+    for name in key_env:
         value = os.environ.get(name)
         if value and value.strip():
             return checked_key(name, value)
-    names = " or ".join(job.key_env) or "ZHIPUAI_API_KEY"
-    raise UsageError(f"no API key for endpoint {job.endpoint_name!r}: set {names} in the environment")
+    names = " or ".join(key_env) or "ZHIPUAI_API_KEY"
+    raise UsageError(f"no API key for endpoint {endpoint!r}: set {names} in the environment")
 
 
 def checked_key(name: str, value: str) -> str:

@@ -2,15 +2,8 @@
 
     report = asyncio.run(run_job(job, api_key=key, options=RunOptions(), reporter=reporter))
 
-1. open the input (checks columns and emptiness before anything is sent) and the store (lock, crash
-   sweep), and learn which requests are already settled;
-2. plan: render rows into requests (runner.plan), record the row map, skip the settled ones;
-3. send: the executor the spec chose (runner.send) sends the rest; every result is journalled at once
-   and folded into a durable part every `checkpoint_rows` results or `checkpoint_seconds`;
-4. output: when every row has a result, assemble the answers in input order and write them through
-   the sink (runner.output);
-5. record (runner.finish, shared with the Ray engine): the summary beside the output, the run in the
-   manifest, the spend in the ledger.
+Open the input and the store, plan (runner.plan), send (runner.send), assemble the output
+(runner.output), record the run (runner.finish).
 """
 
 from __future__ import annotations

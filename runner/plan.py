@@ -6,7 +6,8 @@
 
 `Dispatch` is the run's use of it: it records the row map, settles what needs no sending, and yields
 each request to send once (rows with identical prompts share one request), stopping when the budget
-cannot cover the next one. The estimate counts the same requests; validate prints the first ones.
+cannot cover the next one. The estimate counts the same requests; validate prints the first ones,
+rendered by the same RequestBuilder.render without the rest of the planner.
 """
 
 from __future__ import annotations
@@ -134,16 +135,12 @@ def _render(builder: RequestBuilder, frame: pl.DataFrame, settled: SettledKeys) 
 
 def _render_rows(builder: RequestBuilder, frame: pl.DataFrame) -> list[PlannedRow]:
     """Each row of `frame` rendered into its requests (or its render error), row by row."""
-    rows: list[PlannedRow] = []
-    for values in frame.iter_rows(named=True):
-        position, row_id = values[ROW], values[ID]
-        try:
-            request = builder.build(values)
-        except RenderError as exc:
-            rows.append(PlannedRow(position, row_id, f"render-{row_id}", [], [], exc))
-        else:
-            rows.append(PlannedRow(position, row_id, request.key, builder.samples_of(request), []))
-    return rows
+    return [
+        PlannedRow(position, row_id, f"render-{row_id}", [], [], rendered)
+        if isinstance(rendered, RenderError)
+        else PlannedRow(position, row_id, rendered.key, builder.samples_of(rendered), [])
+        for position, row_id, rendered in builder.render(frame.iter_rows(named=True))
+    ]
 
 
 def _marked(rows: list[PlannedRow], settled: SettledKeys) -> list[PlannedRow]:

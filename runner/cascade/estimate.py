@@ -1,19 +1,5 @@
 """`glm-batch estimate` on a cascade job: what its next run sends and costs, and the whole cascade's
-cost against the oracle alone.
-
-The next run (the report's `requests_to_send` and `cost`, as for any job) sends what the stages do
-not already hold: the proxy's unanswered requests, and the oracle rows still to be asked. When the
-proxy pass is done and the method, replayed on the oracle's answers so far, draws no more (a
-finished cascade, or one stopped in its escalation), those rows are known exactly. Otherwise the
-oracle's share is an interval (below), less the rows it has answered already.
-
-The whole cascade is priced as `--fresh` (answered before or not) against the oracle alone, each
-figure against the oracle-only figure on the same basis. The proxy pass is every row, `samples`
-times; the oracle's share of rows cannot be known before the proxy has answered: low, a proxy that
-always agrees with the oracle (the oracle then answers only the method's calibration draws, found by
-running the method on such a proxy); high, a proxy whose confidence is useless (the oracle answers
-every row, and the proxy pass was paid for nothing). The expected share is the one the oracle
-answered in this job's last cascade run, else assumed half.
+cost against the oracle alone (how each is worked out: docs/decisions.md, "Cascade").
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
-"""A cascade job run as ordinary runs of the engine, then joined (see runner.cascade.threshold).
+"""A cascade job run as ordinary runs of the engine, then joined (the method: runner.cascade.threshold).
 
     report = await run_cascade(job, api_key=key, options=options, reporter=reporter)
 
-1. proxy pass: a derived job (model: the proxy, `samples` samples at `temperature`) over the whole
-   input, its state in `<state>/cascade/proxy/`; its majority answer and agreement per row;
-2. calibration: the method asks for oracle answers on drawn rows; each round writes the rows asked so
-   far to `<state>/cascade/oracle-input.parquet` and runs the oracle job (model.name, the job's own
-   sampling) over it, its state in `<state>/cascade/oracle/`. Answers are journalled and reused by
-   key, so a round run again after a crash sends only what it lacks;
-3. escalation: one more oracle run, over every row whose proxy answer is not kept;
-4. join: the job's output, one row per input row, carrying the oracle's answer or the proxy's, with
-   `answered_by`, `proxy_confidence` and `in_calibration`; the summary states the guarantee.
-
-Every stage is resumable after kill -9: the draws are seeded, so a rerun replays the same rounds, and
-each finds its answers settled. A stage that stops (budget, signal, abort) stops the cascade with its
-exit code and the resume line. `run.max_cost` caps the whole invocation: each stage gets what is left.
+Stages: the proxy pass, the calibration rounds of the oracle, the escalation, the join; each is an
+ordinary, resumable run (docs/decisions.md, "Cascade: the stages").
 """
 
 from __future__ import annotations
@@ -28,7 +17,7 @@ import polars as pl
 from runner.cascade.derive import derive
 from runner.cascade.threshold import Step, choose
 from runner.errors import UsageError
-from runner.files import read_json_object, write_atomic, write_json_atomic
+from runner.files import read_summary, write_atomic, write_summary
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
 from runner.observe.progress import Reporter
@@ -161,7 +150,7 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
     job.output_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, job.output_path)
     summary = _summary(job, output, step, spent, rounds, proxy_job, oracle_base, proxy, oracle_out)
-    write_json_atomic(summary, job.output_path.with_suffix(".summary.json"))
+    write_summary(job.output_path, summary)
     failed = output.filter(pl.col("status") != "ok").height
     message = f"cascade finished: {summary['cascade']['guarantee']}; results in {job.output_path}"
     if failed:
@@ -354,5 +343,5 @@ def _accuracy(frame: pl.DataFrame, field: str, gold: str) -> float | None:
 
 def read_cascade_summary(output: Path) -> dict[str, Any] | None:
     """The cascade section of the summary beside an output (None when it is not a cascade's)."""
-    found = (read_json_object(output.with_suffix(".summary.json")) or {}).get("cascade")
+    found = read_summary(output).get("cascade")
     return found if isinstance(found, dict) else None

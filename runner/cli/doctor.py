@@ -1,15 +1,8 @@
 """`glm-batch doctor [JOB] [--endpoint E --model M] [--batch]`: the first-real-run probe.
 
-With the fewest and smallest requests (one output token each; the worst case is printed before, the
-cost after) it finds out what the account and the route really do: whether the key works, the balance
-and plan (1113 / 1308 named), whether the model exists, whether a forced tool choice and two stop
-sequences are accepted, which error shape comes back (a free request for a model that does not
-exist), the concurrency the account allows (a short ramp, stopped at the first 1302 / 429), and with
-`--batch` whether a 2-line batch on the model passes the Batch API's validation, beside the same on
-glm-4-flash (documented eligible, free) as the control, printing the batch object's shape.
-
-What it learns is stored with runner.job.facts.record_facts (per endpoint and model, with the date),
-where runs read it: the concurrency default, batch eligibility, the tool-choice fallback.
+With the fewest and smallest requests it finds out what the account and the route really do (key,
+balance, model, tool choice, stop sequences, error shape, concurrency, and with `--batch` batch
+eligibility), and stores it with runner.job.facts.record_facts for runs to read.
 """
 
 from __future__ import annotations
@@ -70,21 +63,6 @@ def resolve_target(spec: Path | None, endpoint: str | None, model: str | None) -
         known = ", ".join(sorted(endpoints))
         raise UsageError(f"--endpoint {name!r}: unknown endpoint; use {known} or a URL")
     return Target(name, base, native, currency, keys, model, catalog.models().get(model))
-
-
-def _key(target: Target) -> str:
-    import os
-
-    from runner.api import SIMULATOR_KEY
-
-    if target.base_url is None:
-        return SIMULATOR_KEY
-    for name in target.key_env:
-        if os.environ.get(name):
-            return os.environ[name]
-    raise UsageError(
-        f"no API key for endpoint {target.endpoint!r}: set {' or '.join(target.key_env)} in the environment"
-    )
 
 
 @contextlib.contextmanager
@@ -204,8 +182,10 @@ def doctor(
     def go() -> int:
         import asyncio  # when it runs: `glm-batch --help` and the other commands never load it
 
+        from runner.api import key_from_env
+
         target = resolve_target(spec, endpoint, model)
-        key = _key(target)
+        key = key_from_env(target.endpoint, target.base_url, target.key_env)
         say: Callable[[str], None] = (lambda _: None) if as_json else print
         with _url(target) as url:
             report = asyncio.run(

@@ -1,30 +1,21 @@
 """Rows to requests: render each row's prompt into Messages API parameters and give it an identity key.
 
-The key is a hash of everything that determines the answer (endpoint, model, system, messages, sampling,
-max_tokens, thinking). Two rows that would send the same request share one answer, a template change
-re-sends exactly the rows whose request changed, and yesterday's answers serve today's cron run.
-
-The prompt's texts are hashed as length-prefixed parts: the system prompt, then each turn before the
-row's (`prompt.messages`) as its role and its text, then the row's turn. A `prompt.template` job has
-no earlier turns, so its keys are what they always were; a message list holding only the user's turn
-is the same request as that template, and has the same key.
-
-With `output.samples: k` a row is asked k times. Sample 0 has the row's own key and sample i the key
-`<key>-s<i>`: each sample is paid for once and kept on its own, and raising k later sends only the
-new samples. (The suffix keeps the key's leading hex digits, so all of a row's samples fall in the
-same store bucket and can be voted on there.)
+The key is a hash of everything that determines the answer, so identical requests share one answer and
+a template change re-sends exactly the rows whose request changed (docs/decisions.md, "Request keys").
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
 
 from runner.errors import UsageError
+from runner.job.inputs import ID, ROW
 from runner.job.resolve import Job
 from runner.job.sandbox import MAX_TEXT, NullInput, RenderError
 from runner.job.templates import blank_nested_nulls, has_nested_null
@@ -172,6 +163,15 @@ class RequestBuilder:
             digest.update(data)
         return Request(digest.hexdigest()[:32], params)
 
+    def render(self, rows: Iterable[dict[str, Any]]) -> Iterator[tuple[int, str, Request | RenderError]]:
+        """Each row (a mapping with its position `_row` and id `_id`) as its request, or as the
+        RenderError it has instead: the one render loop of run, estimate and validate."""
+        for values in rows:
+            try:
+                yield values[ROW], values[ID], self.build(values)
+            except RenderError as exc:
+                yield values[ROW], values[ID], exc
+
     def build_batch(self, frame: pl.DataFrame) -> list[Request | RenderError] | None:
         """Each row's request (or the RenderError that row fails with), as `build` makes it, for a whole
         batch of rows at once; None when this job or these columns cannot be rendered as columns."""
@@ -181,10 +181,7 @@ class RequestBuilder:
         made: list[Request | RenderError] = []
         for index, (key, prompt) in enumerate(zip(*keyed, strict=True)):
             if key is None:
-                try:
-                    made.append(self.build(frame.row(index, named=True)))
-                except RenderError as exc:
-                    made.append(exc)
+                made += [rendered for _, _, rendered in self.render([frame.row(index, named=True)])]
             else:
                 made.append(self.column_request(key, prompt))
         return made

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.job.resolve import Job
-from runner.money.pricing import Budget, PriceTable, price_table, require_prices, tier_cost, tier_label
+from runner.money.pricing import Budget, PriceTable, price_table, require_prices
 from runner.money.tokens import Calibration, estimate_request
 from runner.records import Request, Result, priced
 
@@ -109,7 +109,6 @@ class Tally:
     cost: float = 0.0
     cost_by_tier: dict[str, float] = field(default_factory=dict)
     est_input_tokens: int = 0  # local estimates of the requests answered ok, for calibration
-    queued_answered: int = 0  # results for requests this run queued (render failures are not queued)
     all_rows_rendered: bool = False
     # (day, model) -> counters, one ledger row each
     by_day: dict[tuple[dt.date, str], dict[str, float]] = field(default_factory=dict)
@@ -126,18 +125,14 @@ class Tally:
             if tier is not None:
                 self.cost_by_tier[tier] = self.cost_by_tier.get(tier, 0.0) + cost
         if result.status == "skipped":  # input.nulls: skip decided it; nothing was sent or went wrong
-            self.queued_answered += 1
             self.skipped += 1
             return
         if result.status != "ok":
             day["requests_failed"] += 1
-            if result.error_type != "render_error":
-                self.queued_answered += 1
             self.failed += 1
             name = result.error_type or "unknown"
             self.errors[name] = self.errors.get(name, 0) + 1
             return
-        self.queued_answered += 1
         self.ok += 1
         self.last_answer_at = time.monotonic()
         if self.first_answer_at is None:
@@ -173,9 +168,6 @@ class Tally:
             self.failed -= 1
             name = result.error_type or "unknown"
             self.errors[name] -= 1
-            if result.error_type == "render_error":
-                return
-        self.queued_answered -= 1
 
     def _day(self, result: Result) -> dict[str, float]:
         """The counters of the result's (day, model): nearly always the previous result's."""
@@ -305,14 +297,9 @@ class Accountant:
             cost = 0.0  # a request that failed with no answer is not billed
             # Every billed turn costs: an invalid answer's turns, and a failed row's answered turns.
             if result.status == "ok" or result.input_tokens or result.output_tokens:
-                tokens_in = result.input_tokens or 0
-                cached = result.cache_read_input_tokens or 0
-                tokens_out = result.output_tokens or 0
-                charged = self.table.tier(tokens_in + cached, tokens_out)  # once: the cost and its label
-                cost = tier_cost(charged, input_tokens=tokens_in, output_tokens=tokens_out, cache_read_tokens=cached)
+                cost, tier = self.table.charge(result)
                 if result.api == "batch":
                     cost *= self.batch_share
-                tier = tier_label(charged)
         if self.budget is not None:
             self.budget.settle(reserved, cost or 0.0)
         return priced(result, cost, raw), tier

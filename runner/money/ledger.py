@@ -3,15 +3,8 @@
     append(rows)          # at the end of each run (and pilot)
     usage()               # every row, for `glm-batch usage` and for calibration
 
-It is a folder of small Parquet files (one per run, written atomically) in $GLM_BATCH_LEDGER, by
-default ~/.local/share/glm-batch/ledger, shared by every job on the machine. Runs on the built-in
-simulator book their make-believe spend in a folder of its own (`simulated/` inside the ledger), so it
-never mixes with real money nor calibrates real estimates.
-
-Spending first, bookkeeping after: a run checks the ledger can be written before its first request
-(`problem`), and goes on if it cannot (a cron job must still run: a warning on stderr and in the
-summary). Rows that cannot be appended at the end wait in the job's state folder (`keep_pending`) and
-the next run of the job books them (`book_pending`). A ledger file that does not read is skipped.
+Small Parquet files in $GLM_BATCH_LEDGER (simulated runs in `simulated/`); a ledger that cannot be
+written warns and keeps its rows pending (docs/decisions.md, "State failures and the ledger").
 """
 
 from __future__ import annotations
@@ -23,7 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
-from runner.errors import GlmBatchError
+from runner.errors import GlmBatchError, first_line
 from runner.files import write_atomic
 from runner.money.tokens import Calibration
 
@@ -132,7 +125,7 @@ def usage(*, simulated: bool = False, skipped: list[tuple[Path, str]] | None = N
             frames.append(pl.read_parquet(path).select(list(LEDGER_SCHEMA)).cast(pl.Schema(LEDGER_SCHEMA)))
         except (pl.exceptions.PolarsError, OSError) as exc:
             if skipped is not None:
-                skipped.append((path, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
+                skipped.append((path, first_line(exc)))
     return pl.concat(frames) if frames else pl.DataFrame(schema=LEDGER_SCHEMA)
 
 

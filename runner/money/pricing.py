@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from runner.errors import UsageError
 from runner.job.catalog import CurrencyPrices, PriceTier
 from runner.job.resolve import Job
+
+if TYPE_CHECKING:
+    from runner.records import Result
 
 PER_TOKENS = 1_000_000
 
@@ -63,6 +67,14 @@ class PriceTable:
         return tier_cost(
             tier, input_tokens=input_tokens, output_tokens=output_tokens, cache_read_tokens=cache_read_tokens
         )
+
+    def charge(self, result: Result) -> tuple[float, str]:
+        """What a result's answered turns cost (at the online price) and the label of their tier."""
+        tokens_in, cached = result.input_tokens or 0, result.cache_read_input_tokens or 0
+        tokens_out = result.output_tokens or 0
+        tier = self.tier(tokens_in + cached, tokens_out)  # once: the cost and its label (once per answer)
+        cost = tier_cost(tier, input_tokens=tokens_in, output_tokens=tokens_out, cache_read_tokens=cached)
+        return cost, tier_label(tier)
 
     def worst_case(self, *, input_tokens: int, max_tokens: int) -> float:
         """The most one request can cost: no input cached, and the dearest answer length up to max_tokens.

@@ -2,7 +2,7 @@
 
     metrics = label_metrics(frame, predicted="label", gold="gold")
     report = summarise(job, shape)                  # after a run, from the job's spec
-    report = summarise_file(output_path, gold=None) # from an output file alone
+    report = summarise_file(open_output(path), gold=None)  # from an output alone (runner.observe.runstats)
 
 Rows without a gold label are left out. A row whose answer was invalid (or failed) counts as wrong
 and appears in the confusion matrix under "(invalid)", so the figures never flatter a job that
@@ -11,6 +11,7 @@ failed to answer.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,9 @@ import polars as pl
 
 from runner.columns import GOLD_SUFFIX, OUTPUT_COLUMNS, SAMPLE_ANSWERS, VOTE_COLUMNS
 from runner.errors import UsageError
-from runner.files import read_json_object
 from runner.job.resolve import Job
 from runner.job.structured import AnswerShape
+from runner.observe.runstats import OutputFile
 
 INVALID = "(invalid)"
 
@@ -153,27 +154,24 @@ def summarise(job: Job, shape: AnswerShape) -> dict[str, Any]:
     )
 
 
-def samples_in(path: Path) -> int:
-    """How many samples each row of an output had: as many as its longest `sample_answers` list, or 1.
+def samples_in(path: Path, columns: Collection[str] | None = None) -> int:
+    """How many samples each row of an output (with `columns`, when known) had: as many as its longest
+    `sample_answers` list, or 1.
 
     Read from the file, never from a spec, so that a report from the spec and one from the output file
     agree even when the run raised `output.samples` with --set."""
-    if SAMPLE_ANSWERS not in pl.read_parquet_schema(path):
+    if SAMPLE_ANSWERS not in (pl.read_parquet_schema(path) if columns is None else columns):
         return 1
     longest = pl.scan_parquet(path).select(pl.col(SAMPLE_ANSWERS).list.len().max()).collect().item()
     return max(1, int(longest or 1))
 
 
-def summarise_file(path: Path, gold: str | None) -> dict[str, Any]:
+def summarise_file(output: OutputFile, gold: str | None) -> dict[str, Any]:
     """The quality of an output file on its own (no spec at hand): the label column, the samples and
     (unless `gold` names one) the gold column are read from the file and the summary beside it."""
-    try:
-        columns = pl.read_parquet_schema(path)
-    except (OSError, pl.exceptions.ComputeError) as exc:
-        raise UsageError(f"{path}: cannot read it as Parquet ({exc}); give a glm-batch output or a job spec") from None
-    if not {"status", "repairs", "error_type"} <= columns.keys():
+    path, columns, beside = output.path, output.columns, output.summary
+    if not {"repairs", "error_type"} <= set(columns):
         raise UsageError(f"{path}: not a glm-batch output (no status column); give its job spec instead")
-    beside = read_json_object(path.with_suffix(".summary.json")) or {}
     gold = gold or (beside.get("quality") or {}).get("gold_column")
     if gold is not None and gold not in columns:
         kept = ", ".join(c for c in columns if c not in (*OUTPUT_COLUMNS, *VOTE_COLUMNS)) or "none"
@@ -186,7 +184,7 @@ def summarise_file(path: Path, gold: str | None) -> dict[str, Any]:
         )
     labels = (beside.get("quality") or {}).get("labels")  # the job's label set, as its run recorded it
     report = summarise_output(
-        path, label_field=label_field, gold=gold, gold_fields={}, samples=samples_in(path), labels=labels
+        path, label_field=label_field, gold=gold, gold_fields={}, samples=samples_in(path, columns), labels=labels
     )
     rates = (beside.get("quality") or {}).get("field_exact_match")
     if rates:  # per-field rates need the spec's gold_fields: the ones the run computed are beside the file
@@ -269,40 +267,6 @@ def voting_line(voting: dict[str, Any]) -> str:
         )
         line += f"; accuracy {unanimous} when unanimous, {split} when split"
     return line
-
-
-def html_report(title: str, metrics: dict[str, Any], quality: dict[str, Any]) -> str:
-    """A small self-contained HTML page: the headline figures, the confusion matrix drawn as a heat
-    map, the predicted-label distribution drawn as bars and, for sampled jobs, how many samples agreed
-    (inline SVG, no scripts, no network). `glm-batch report` draws the whole run: runner.observe.report_html."""
-    parts = [confusion_svg(metrics)]
-    agreement = ""
-    if "voting" in quality:
-        agreement = "<h2>Samples agreeing with the vote</h2>" + bars_svg(
-            "agreement", quality["voting"]["agreement_distribution"], "rgb(44,160,44)"
-        )
-    rows = "".join(
-        f"<tr><td>{esc(label)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td><td>{m['f1']:.3f}</td>"
-        f"<td>{m['support']}</td></tr>"
-        for label, m in metrics["per_label"].items()
-    )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:60em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}</style></head>
-<body><h1>{esc(title)}</h1>
-<p id="headline">accuracy <b>{metrics["accuracy"]:.4f}</b> on {metrics["rows_with_gold"]} rows with a gold label;
-invalid answers {100 * metrics["invalid_rate"]:.2f}%; answers repaired {quality.get("repaired", 0)};
-truncated {quality.get("truncated", 0)}.</p>
-{f'<p id="voting">{esc(voting_line(quality["voting"]))}.</p>' if "voting" in quality else ""}
-<h2>Per label</h2><table id="per-label"><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th>
-<th>support</th></tr>{rows}</table>
-<h2>Confusion matrix</h2>{"".join(parts)}
-<h2>Predicted labels</h2>{bars_svg("distribution", metrics["predicted_distribution"], "rgb(255,127,14)")}
-{agreement}
-</body></html>
-"""
 
 
 def confusion_svg(metrics: dict[str, Any]) -> str:

@@ -5,11 +5,7 @@
     print_report(found, console)                     # the terminal's version
     page = report_html.html_page(found)              # the drawn one (runner.observe.report_html)
 
-Every job has a report: the run's figures come from the output Parquet and the summary beside it
-(runner.observe.runstats). Structured jobs add quality (runner.observe.quality): validity and repairs;
-with `eval.gold_column`, accuracy, per-label figures and the confusion matrix; with `eval.gold_fields`,
-per-field exact-match rates; for sampled jobs, the vote; and the rows the answers got wrong, with the
-input columns the output kept (`output.keep_columns`) so a person can see why.
+Structured jobs add quality (runner.observe.quality); with gold labels, the rows the answers got wrong.
 """
 
 from __future__ import annotations
@@ -23,11 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from runner.columns import AGREEMENT, OUTPUT_COLUMNS, VOTE_COLUMNS
-from runner.errors import UsageError
-from runner.files import read_json_object
 from runner.job.resolve import Job
 from runner.observe import quality
-from runner.observe.runstats import run_figures
+from runner.observe.runstats import open_output, run_figures
 
 EXAMPLES_SHOWN = 50  # wrong answers listed on the page; the count says how many there are in all
 REPAIRED_MEANS = (
@@ -51,18 +45,9 @@ class Report:
 def load_report(output: Path, *, job: Job | None = None, gold: str | None = None) -> Report:
     """The report of an output file, with its job's spec when there is one (for the schema's fields
     and `eval.gold_fields`). `gold` names the gold column of an output given alone (else the summary's)."""
-    if not output.exists():
-        raise UsageError(f"{output}: no such output file")
-    try:
-        columns = list(pl.read_parquet_schema(output))
-    except (OSError, pl.exceptions.ComputeError) as exc:
-        raise UsageError(
-            f"{output}: cannot read it as Parquet ({exc}); give a glm-batch output or a job spec"
-        ) from None
-    if "status" not in columns:
-        raise UsageError(f"{output}: not a glm-batch output (no status column); give its job spec instead")
-    beside = read_json_object(output.with_suffix(".summary.json")) or {}
-    figures = run_figures(output, beside)
+    opened = open_output(output)
+    columns, beside = opened.columns, opened.summary
+    figures = run_figures(opened)
     found: dict[str, Any] | None = None
     fields: tuple[str, ...] = ()
     gold_fields: dict[str, str] = {}
@@ -71,7 +56,7 @@ def load_report(output: Path, *, job: Job | None = None, gold: str | None = None
         fields = tuple(job.shape.fields)
         gold_fields = {f: job.gold_columns[c] for f, c in job.spec.eval.gold_fields.items()} if job.spec.eval else {}
     elif job is None and ({"label", "labels"} & set(columns) or gold or beside.get("quality")):
-        found = quality.summarise_file(output, gold)
+        found = quality.summarise_file(opened, gold)
         fields = (found["label_field"],) if found["label_field"] else ()
     name = job.name if job is not None else output.stem
     cascade = beside.get("cascade") if isinstance(beside.get("cascade"), dict) else None

@@ -1,18 +1,11 @@
-"""What every executor shares: the protocol, the run's stop state, and turning answers into Results.
-
-An executor takes the run's pending requests (an async iterator), calls `deliver` once per finished
-request, and watches `control` to stop early. It knows nothing of specs, files or money. How it sends
-(online through the SDK, through Zhipu's Batch API, from Ray actors) is its own business; what a
-Result says is decided here, the same way for all of them:
+"""What every executor shares: the protocol, and turning answers into Results the same way for all.
 
     conversation = Conversation(request, shape)
     while (params := conversation.add(answer)) is not None:   # a structured answer to repair
         answer = await send(params)
     deliver(conversation.result(attempts=..., latency_ms=...))
 
-Failures are described by a transport's classifier as a `Fault`; `failure()` turns one into a Result.
-A fault nobody classified is retryable: a bug of ours or a body we could not parse must never become a
-row failed for good.
+A fault nobody classified is retryable: a bug of ours must never fail a row for good.
 """
 
 from __future__ import annotations
@@ -58,6 +51,18 @@ class Conversation:
         self._answers: list[Answer] = []
         self._value: Any = None
         self._problem: Unusable | None = None
+
+    @classmethod
+    def resumed(cls, request: Request, shape: AnswerShape | None, earlier: list[Answer]) -> Conversation:
+        """A conversation another process began: `request` is its next turn, `earlier` its billed turns."""
+        conversation = cls(request, shape)
+        conversation._answers = list(earlier)
+        return conversation
+
+    @property
+    def answers(self) -> tuple[Answer, ...]:
+        """The turns answered so far, oldest first."""
+        return tuple(self._answers)
 
     def add(self, answer: Answer) -> dict[str, Any] | None:
         """Record one turn's answer; the next turn's parameters if a repair is due, else None."""

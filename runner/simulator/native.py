@@ -1,20 +1,13 @@
 """Zhipu's native API on the simulator, under /api/paas/v4: tokenizer, chat completions and the Batch API.
 
-The Batch API follows batch.md: upload a JSONL file (`POST /files`, multipart, purpose=batch), create a
-batch from it (`POST /batches`), poll (`GET /batches/{id}`, `GET /batches?after=&limit=`), cancel
-(`POST /batches/{id}/cancel`), download results (`GET /files/{id}/content`). A batch's life is computed
-from the clock whenever it is looked at (no background task): validating, then in_progress at
-`batch_lines_per_s`, finalizing, completed; or failed, expired, cancelling -> cancelled. Each line is
-answered by the same `Simulator.reply` as /v1/messages and billed once, as "batch", when processed.
-Error bodies are native-shaped: `{"error": {"code": "1214", "message": "..."}}`. Codes for cases Zhipu
-does not document (a file not found, a full queue, a model not eligible) are guesses.
-
-The routes are here (NativeAPI); the files and batches they hold and the clock-driven life of a batch
-are runner.simulator.batch_state, and the checks on an uploaded batch file runner.simulator.batch_input.
+The routes are here (NativeAPI); the files and batches they hold and a batch's clock-driven life are
+runner.simulator.batch_state, the checks on an uploaded batch file runner.simulator.batch_input
+(what is modelled, and what is guessed: docs/decisions.md, "The simulator").
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -199,6 +192,41 @@ class NativeAPI(NativeState):
         lines, model, invalid = parse_file(file.data)
         if model is not None and cfg.batch_refuse_ineligible and not eligible(model):
             raise _Refused(400, "1212", f"model {model} is not available for the Batch API")
+
+        def make() -> dict[str, Any]:
+            made = self._make_batch(body, file, metadata, lines, model, invalid)
+            self.host.count("batch_created")  # counted as it lands, heard of or not
+            return made
+
+        delay = cfg.batch_create_lands_after_s
+        if delay is None or self.late_creates >= cfg.batch_create_late_times:
+            payload = make()
+        else:  # lands late, whether or not its client is still there to hear of it
+            self.late_creates += 1
+            self.host.count("batch_create_late")
+
+            async def land() -> dict[str, Any]:
+                await asyncio.sleep(delay)
+                return make()
+
+            landing = asyncio.ensure_future(land())
+            self.landing.add(landing)
+            landing.add_done_callback(self.landing.discard)
+            landing.add_done_callback(_quiet)
+            payload = await asyncio.shield(landing)
+        return web.json_response(payload)
+
+    def _make_batch(
+        self,
+        body: dict[str, Any],
+        file: SimFile,
+        metadata: Any,
+        lines: list[tuple[str, Any]],
+        model: str | None,
+        invalid: str | None,
+    ) -> dict[str, Any]:
+        """Make the batch a create asked for, if the model's queue has room; its JSON."""
+        cfg = self.host.config
         with self.host.lock:
             now = time.monotonic()
             for other in self.batches.values():
@@ -227,9 +255,7 @@ class NativeAPI(NativeState):
             batch.times["validating"] = now
             self.batches[batch.id] = batch
             self._advance(batch, now)
-            payload = self._batch_json(batch)
-        self.host.count("batch_created")
-        return web.json_response(payload)
+            return self._batch_json(batch)
 
     async def _retrieve(self, request: web.Request) -> web.Response:
         batch = self._held(request, self.batches, "batch")
@@ -285,6 +311,12 @@ class NativeAPI(NativeState):
             payload = self._batch_json(batch)
         self.host.count("batch_cancel")
         return web.json_response(payload)
+
+
+def _quiet(task: asyncio.Future[Any]) -> None:
+    """A late create that was refused when it landed, with no client left to hear it: nothing to report."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _fault(status: int | None) -> None:

@@ -1,28 +1,10 @@
 """A faithful local stand-in for Zhipu's endpoints: a real HTTP server on loopback.
 
-It speaks `POST /v1/messages` the way open.bigmodel.cn's Anthropic-compatible endpoint does (see wire.md):
-JSON or SSE with named events, usage zeros in `message_start` and the real counts in `message_delta`,
-both auth headers, Zhipu-shaped error bodies with the business code in `error.type`, and 400/1261 for a
-prompt over the model's context. Under `/api/paas/v4` it serves the native API: the tokenizer, chat
-completions, and the Batch API (files and batches, see `runner.simulator.native` and batch.md), answering
-a prompt there exactly as it does on `/v1/messages` (whose route is `runner.simulator.messages`). It adds
-what tests and benchmarks need:
-
-- latency (Gaussian around `latency_s`) and a concurrency cap per model that answers 429/1302 above it;
-- injected faults at a given rate: 429 1302/1305/1113, 500, 529, dropped connections, slow answers,
-  hangs, a mid-stream error event, a 200 whose body is an error, an HTML page or truncated JSON;
-- deterministic answers derived from the prompt (`answer_for`), so a test can prove each row got its own;
-  with `sample_disagreement`, a prompt asked at a temperature above 0 sometimes gets another structured
-  answer, the way a sampling model does, and more often where the lexicon finds no sentiment word (a
-  model wavers most where it is unsure); deterministic per repeat of a prompt, so tests can count;
-- two ledgers: `stats()` counts answers delivered per prompt (`ok`, `prompts_answered_twice`), and what
-  the server billed per API and per prompt (`billed`, `prompts_billed_twice`), which includes answers
-  generated for a client that had already given up, so a test can prove no prompt was paid for twice.
-
     with SimulatorThread(SimConfig(latency_s=0.01)) as sim:   # in a background thread
         sim.url, sim.stats(), sim.configure(concurrency_cap=6)
 
 `glm-batch simulate --port P` runs it standalone; `endpoint: simulator` starts one in-process for a run.
+What it models (wire, latency, faults, answers, ledgers): docs/decisions.md, "The simulator".
 """
 
 from __future__ import annotations
@@ -56,7 +38,7 @@ from runner.simulator.answers import (
     text_of,
 )
 from runner.simulator.config import BILLED_FAULTS, ERRORS, FAULTS, HTML_502, RETRYABLE_FAULTS, SimConfig
-from runner.simulator.host import APIS, Tally
+from runner.simulator.host import APIS, Served
 from runner.simulator.messages import MessagesAPI
 from runner.simulator.native import NATIVE_PATH, NativeAPI
 from runner.simulator.skill import skill_variant
@@ -92,7 +74,7 @@ class Simulator:
 
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
-        self.tally = Tally()  # the counts and the bill; the routes update them under `lock`
+        self.served = Served()  # the counts and the bill; the routes update them under `lock`
         # Stats and batches are read from other threads; reentrant because a batch line is answered
         # (which counts samples under the lock) while its batch is advanced under it.
         self.lock = threading.RLock()
@@ -128,8 +110,8 @@ class Simulator:
         self.port = server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        """Close the listening socket and every connection; abandon generations still running."""
-        for task in list(self._generating):
+        """Close the listening socket and every connection; abandon generations and late creates still running."""
+        for task in [*self._generating, *self.native.landing]:
             task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -147,7 +129,7 @@ class Simulator:
         Batches: batches {status: count}, batch_lines_processed."""
         self.native.advance_all()
         with self.lock:
-            s = self.tally
+            s = self.served
             per_prompt = self._billed_per_prompt()
             return {
                 "requests": s.requests,
@@ -174,14 +156,14 @@ class Simulator:
 
     def _billed_per_prompt(self) -> dict[str, Counter[str]]:
         out: dict[str, Counter[str]] = {}
-        for (api, key), n in self.tally.billed.items():
+        for (api, key), n in self.served.billed.items():
             out.setdefault(key, Counter())[api] += n
         return out
 
     def reset_stats(self) -> None:
         """Forget what was answered and billed (between test cases sharing one simulator)."""
         with self.lock:
-            self.tally = Tally()
+            self.served = Served()
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
@@ -206,9 +188,9 @@ class Simulator:
 
     def bill_locked(self, api: str, key: str, reply: Reply) -> None:
         """`bill`, for a caller that holds `lock`."""
-        self.tally.billed[(api, key)] += 1
-        self.tally.billed_tokens[api]["input"] += reply.input_tokens
-        self.tally.billed_tokens[api]["output"] += reply.output_tokens
+        self.served.billed[(api, key)] += 1
+        self.served.billed_tokens[api]["input"] += reply.input_tokens
+        self.served.billed_tokens[api]["output"] += reply.output_tokens
 
     def new_id(self, prefix: str) -> str:
         """An id shaped like Zhipu's: prefix, yyyyMMddHHmmss, 16 hex digits."""
@@ -217,7 +199,7 @@ class Simulator:
     def count(self, outcome: str) -> None:
         """Count one outcome in stats()["outcomes"]."""
         with self.lock:
-            self.tally.by_outcome[outcome] += 1
+            self.served.by_outcome[outcome] += 1
 
     def delay(self) -> float:
         """How long this answer takes: Gaussian around latency_s (sd latency_jitter_s), never below 0."""
@@ -254,8 +236,8 @@ class Simulator:
             return 0
         key = prompt_key(prompt)
         with self.lock:
-            repeat = self.tally.asked[key]
-            self.tally.asked[key] += 1
+            repeat = self.served.asked[key]
+            self.served.asked[key] += 1
         chance = share(f"sample{repeat}{prompt}")
         rate = cfg.sample_disagreement if lexicon_score(prompt) else min(0.5, 2 * cfg.sample_disagreement)
         return repeat + 1 if chance < rate else 0
@@ -268,8 +250,8 @@ class Simulator:
         if ask.temperature != 0:
             key = f"{ask.model}|{prompt_key(prompt)}"
             with self.lock:
-                repeat = self.tally.asked[key] - (turn != 1)
-                self.tally.asked[key] += turn == 1
+                repeat = self.served.asked[key] - (turn != 1)
+                self.served.asked[key] += turn == 1
         flat = cfg.confidence == "flat"
         return skill_variant(
             ask.model, prompt, cfg.model_error[ask.model], flat, cfg.sample_disagreement, repeat, cfg.seed

@@ -1,16 +1,7 @@
 """When the job's state folder stops taking writes mid-run, nothing paid is lost.
 
-A full disk, a folder made read-only or immutable, a folder deleted, a part file read back torn: each
-is one class, a state failure (runner.errors.STATE_FAILURES). `state_guard` turns any of them into
-DiskFull (exit 5) or StateUnwritable (exit 74) naming the folder. The run then stops dispatching,
-and the answers it holds in memory (not yet in a part file) are written to a rescue journal:
-
-    <output folder>/<output stem>.rescue-<run id>.jsonl          beside the output, or if that fails
-    <temp folder>/glm-batch-rescue/<state hash>/<same name>       under the user's temp folder
-
-one journal line per answer (the format of the store's own journal). The next run of the job reads
-every rescue journal of it first, keeps its answers as a part file, and only then deletes it, so
-nothing is paid again.
+`state_guard` turns any state failure into DiskFull (exit 5) or StateUnwritable (exit 74); the answers
+held in memory go to a rescue journal that the next run adopts (docs/decisions.md, "State failures").
 """
 
 from __future__ import annotations
@@ -23,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from runner.errors import DiskFull, GlmBatchError, StateUnwritable
+from runner.errors import DiskFull, GlmBatchError, StateUnwritable, first_line
 from runner.files import NO_SPACE, no_space, write_bytes_atomic
 from runner.records import Result, journal_line, read_journal
 
@@ -56,10 +47,9 @@ def state_failure(exc: Exception, state_dir: Path, *, refusals: bool = True) -> 
         # free space says which it was.
         if "No space left" in str(exc) or _full(state_dir):
             return no_space(state_dir)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return StateUnwritable(
-            f"a file in the job's state folder {state_dir} could not be written or read back whole ({first}); "
-            "check the disk, then run the same command again"
+            f"a file in the job's state folder {state_dir} could not be written or read back whole "
+            f"({first_line(exc)}); check the disk, then run the same command again"
         )
     return None
 

@@ -3,30 +3,18 @@
 Layout of a job's state directory (beside the output, `.glm-batch/<job name>/`)::
 
     lock                        flock held by the running process (runner.state.lock)
-    journal-<run>.jsonl         write-ahead journal: each answer appended the moment it arrives
+    journal-<run>.jsonl         write-ahead journal: each answer appended the moment it arrives (a batch
+                                answer's is its downloaded result file: see Store.add)
     results/part-<run>-<n>.parquet   answers (ok and failed), keyed by request key, from every run
     rows/                       the row map (runner.state.rowmap)
     manifest.json               the last runs: spec hash, inputs, counts, tokens, duration, exit code
     output.json                 what the current output file was written from (runner.output.sinks)
-
-An answer is appended to the journal with one write() as soon as it arrives, so a killed process loses
-only the requests that were still in flight (answers read from a batch's result file are not: the
-downloaded file and the batch book hold them until their part is written); every `checkpoint_seconds`
-the journal's answers become a Parquet part and the journal is emptied. The next run folds any journal
-a dead run left into a part. Every Parquet or JSON file is written to a temporary name, fsynced and
-renamed, so `kill -9` at any instant leaves either the old state or the new one. A part file that still
-fails to read (a torn disk write) is moved to `corrupt/` and its rows are sent again; it is never read
-as if it were whole.
-
-Answers are keyed by request key, not by row: a row is done when its request has a durable ok answer
-from any run, which is what makes re-runs, template edits and growing inputs cost only the new requests.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import time
 from pathlib import Path
@@ -40,6 +28,7 @@ from runner.files import (
     NO_SPACE,
     fsync_rename,
     no_space,
+    read_json_object,
     read_manifest,
     space_checked,
     write_atomic,
@@ -53,6 +42,7 @@ from runner.records import (
     read_journal,
     results_frame,
     scan_results,
+    settles,
     with_valid_unicode,
 )
 from runner.state.lock import JobLock
@@ -91,6 +81,16 @@ class Buckets:
         return lead % self.count == bucket
 
 
+def whole_part(part: Path) -> bool:
+    """Whether an answer part can be trusted: its footer reads (a torn write loses it; reading it is cheap)
+    and its columns are answers' (an older part may lack newer ones)."""
+    try:
+        columns = pl.read_parquet_schema(part).keys()
+    except Exception:  # any failure to read means the file is not whole; never trust it
+        return False
+    return KEY in columns and columns <= RESULT_SCHEMA.keys()
+
+
 class Store:
     """One job's durable state for one run: the lock, the answers (journal and parts), the row map,
     and the records of runs and estimates."""
@@ -115,7 +115,6 @@ class Store:
         self._journal_kept = False
         self.row_map_dropped = False  # the row map was torn and has been dropped (it is rebuilt)
         self.recovered = 0  # answers recovered from journals of runs that died
-        self.rescued = 0  # answers taken back from rescue journals of runs whose state broke
         # The state folder stopped taking writes (this run's failure): from then on answers are only held
         # in memory (`_pending`), and `rescue` writes them to a rescue journal when sending has stopped.
         self.broken: GlmBatchError | None = None
@@ -153,12 +152,7 @@ class Store:
         for journal in sorted(self.state_dir.glob("journal-*.jsonl")):
             self.recover(journal)
         for part in sorted(self.results_dir.glob("*.parquet")):
-            try:
-                # A torn write loses the footer, so reading the footer is the check (and it is cheap).
-                columns = pl.read_parquet_schema(part).keys()
-                if KEY not in columns or not columns <= RESULT_SCHEMA.keys():  # older parts lack newer columns
-                    raise ValueError("unexpected columns")
-            except Exception:  # any failure to read means the file is not whole; never trust it
+            if not whole_part(part):
                 self._quarantine(part)
         self.quarantined = sorted((self.state_dir / "corrupt").glob("*.parquet"))
         self.rows.rows_dir.mkdir(exist_ok=True)
@@ -214,10 +208,8 @@ class Store:
         """Keys that need no request: answered ok, or failed for good (unless `retry_failed`)."""
         parts = self.result_parts()
         if not parts:
-            return SettledKeys(pl.Series(KEY, [], dtype=pl.String))
-        settled = pl.col("status") == "ok"
-        if not retry_failed:
-            settled = settled | ~pl.col("retryable")
+            return SettledKeys.none()
+        settled = settles(retry_failed)
         try:
             keys = pl.scan_parquet(parts).filter(settled).select(KEY).unique().sort(KEY).collect()
         except (pl.exceptions.PolarsError, OSError):
@@ -358,7 +350,6 @@ class Store:
             if results:
                 with state_guard(self.state_dir):
                     write_atomic(results_frame(results, run_id), self.results_dir / f"part-{run_id}-rescued.parquet")
-                self.rescued += len(results)
             with contextlib.suppress(OSError):  # kept twice at worst: answers are deduplicated by key
                 journal.unlink(missing_ok=True)
 
@@ -406,11 +397,7 @@ class Store:
 
     def read_estimate(self) -> dict[str, Any] | None:
         """The last `glm-batch estimate` report for this job, if there is one."""
-        try:
-            data = json.loads((self.state_dir / "estimate.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
-        return data if isinstance(data, dict) else None
+        return read_json_object(self.state_dir / "estimate.json")
 
     def write_estimate(self, report: dict[str, Any]) -> None:
         """Keep an estimate so the next run can say how close it was."""

@@ -36,7 +36,7 @@ def answer_from_chat(body: Any, request_id: str | None) -> Answer:
     """The Answer in a chat-completion object, in the same form the online wire gives it.
 
     `content` holds the answer's blocks in Messages-API request form (thinking, text, tool_use), so
-    runner.job.structured.repair can continue the conversation and chat_body can send it back.
+    runner.job.structured.AnswerShape.repair can continue the conversation and chat_body can send it back.
     A tool call whose arguments are not JSON keeps the raw text as `tool_input`, so validation
     reports what is wrong instead of the answer vanishing.
 

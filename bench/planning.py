@@ -358,8 +358,8 @@ def replan(rows: int, runs: int, other: Path | None, seeded: Path | None, edit: 
             shutil.rmtree(seeded / "out", ignore_errors=True)
             shutil.copytree(seeded / "seeded", seeded / "out")
             if not edit:  # forget that a run mapped these inputs: every row is rendered, keyed and looked up
-                for name in ("fingerprint.json", "covered.json"):
-                    for found in (seeded / "out").rglob(f"rows/{name}"):
+                for record in ("fingerprint.json", "covered.json"):
+                    for found in (seeded / "out").rglob(f"rows/{record}"):
                         found.unlink()
             run = measure(spec, "drain", rows, checkout)
             run["load"] = round(os.getloadavg()[0], 2)

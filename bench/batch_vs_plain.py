@@ -81,7 +81,8 @@ def one_pair(rows: int, index: int) -> dict[str, Any]:
         result: dict[str, Any] = {}
         for name, argv in sides if index % 2 == 0 else sides[::-1]:
             result[name] = measured(argv, folder)
-        stats = sim_stats(port)
+            print(json.dumps({name: result[name]}), flush=True)  # kept should the simulator fail after
+        stats = sim_stats(port, timeout_s=300)  # a simulator holding 2M lines' files answers slowly
     finally:
         sim.terminate()
         sim.wait()

@@ -48,8 +48,8 @@ def start_simulator(port: int, *args: str) -> subprocess.Popen[bytes]:
     raise RuntimeError("simulator did not start")
 
 
-def sim_stats(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_sim/stats", timeout=5) as r:
+def sim_stats(port: int, timeout_s: float = 5.0) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_sim/stats", timeout=timeout_s) as r:
         data: dict[str, Any] = json.load(r)
         return data
 

@@ -13,8 +13,9 @@ them (wrapped to time them, not changed) and then calls the real command line. T
     Creating the batches is left out: the simulator answers a whole batch inside `POST /batches`,
     which is its work, not ours (reported as `simulator_s`).
 (b) download + journal: from the start of the first harvest of a finished batch to the end of the run:
-    downloading the result files, reading every line into an answer, journalling it and checkpointing
-    Parquet parts, then the output Parquet and the summary.
+    downloading the result files, reading every line into an answer, holding it for its part (batch
+    answers are not journalled line by line: runner.state.store) and checkpointing Parquet parts, then
+    the output Parquet and the summary.
 
 Baseline, in a child process of its own on the same files, after the run: polars writing the same JSONL
 lines (`write_ndjson` of the chunk files' lines, the chat bodies with their custom_id, fsynced as the
@@ -27,7 +28,8 @@ includes the interpreter and what it imported (the runner's libraries, or polars
 
 Every figure is a ratio to the baseline of the same run: worst and median over `--runs` runs at
 `--rows`, and the peak RSS at each size (`--sizes` plus `--rows`) to show whether it stays flat.
-Targets: each phase within 3x of its baseline; RSS flat in the number of rows.
+Targets: each phase within 3x of its baseline; RSS flat in the number of rows. The whole run against a
+plain script doing the same work by hand is `bench/batch_vs_plain.py`.
 """
 
 from __future__ import annotations

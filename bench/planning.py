@@ -3,6 +3,7 @@
     python bench/planning.py [--rows 1000000 10000000] [--runs 1] [--online 1000000]
     python bench/planning.py --keys 1000000 10000000      # the queued-key set alone (minutes, not hours)
     python bench/planning.py --rows --send-all 1000000    # one real first run that sends every row (~30 min)
+    python bench/planning.py --rows --replan 1000000 --runs 5 [--other CHECKOUT]   # a template edit
 
 Planning is everything a run does before a request is handed over: read the input, render each row,
 key it, deduplicate the keys, record the row map. Each measurement is one process (so peak RSS is its
@@ -20,6 +21,17 @@ earlier one, so the deduplication works too), with nothing answered before:
   simulator with no latency, every row sent, and a fake-executor first run of the same input after it: rows/s
   and peak RSS of each. Sending paces planning, so the real run's figure is its sending rate.
 
+- `replan` (with `--replan N`): the re-plan after a template edit. A first run of N rows (fake
+  executor) leaves the job finished; the template is then edited (nothing else), so every row is
+  rendered and keyed again and none is settled; each timed run starts from a copy of that state and
+  hands its requests to an executor that takes them and answers none, so what is timed is the
+  re-plan: reading the earlier answers' keys, rendering and keying every row, the row map, the
+  queued keys, the budget (wall and CPU seconds, imports included). With `--other CHECKOUT` the same
+  runs alternate with that checkout's runner (PYTHONPATH) from the same state: the ratio of the
+  two, worst and median (`--seeded DIR` reuses the state a run before made). `--unsealed`: no
+  template edit, the row map unsealed instead (a grown input, the cron case): every row rendered,
+  keyed and found answered, nothing to send.
+
 Targets: the 10M-row peak RSS at the end of planning under 1 GB and at most 1.5x the 1M-row figure.
 Inputs are generated once into /tmp/glm-batch-bench/planning (not the repo) and reused; each run's job
 and state live in a folder of their own there, removed afterwards, so two benches never share one.
@@ -34,6 +46,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,6 +110,7 @@ class Timed:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.planned_s: float | None = None
+        self.planned_cpu_s: float | None = None
         self.planned_rss_mb: float | None = None
         self.started = time.perf_counter()
 
@@ -120,9 +134,24 @@ class Timed:
                         flush=True,
                     )
             self.planned_s = time.perf_counter() - self.started
+            self.planned_cpu_s = time.process_time()  # the process's CPU seconds, imports included
             self.planned_rss_mb = peak_rss_mb()
 
         await self.inner.run(watched(), deliver, control)
+
+
+class Drain:
+    """An executor that takes every request and answers none: a run that only plans."""
+
+    def gauges(self) -> dict[str, Any]:
+        return {"in_flight": 0, "limit": None}
+
+    async def aclose(self) -> None:
+        return None
+
+    async def run(self, requests: AsyncIterator[Any], deliver: Any, control: Any) -> None:
+        async for _ in requests:
+            pass
 
 
 def child(spec: Path, executor: str) -> dict[str, Any]:
@@ -140,6 +169,8 @@ def child(spec: Path, executor: str) -> dict[str, Any]:
         from runner.send.fake import FakeExecutor
 
         inner: Any = FakeExecutor()
+    elif executor == "drain":
+        inner = Drain()
     else:
         from runner.send import make_executor
 
@@ -157,10 +188,11 @@ def child(spec: Path, executor: str) -> dict[str, Any]:
                 sender=LocalSender(timed),
             )
         )
-    assert report.exit_code == 0, report.message
+    assert report.exit_code == 0 or executor == "drain", report.message
     assert timed.planned_s is not None
     return {
         "planning_s": round(timed.planned_s, 2),
+        "planning_cpu_s": round(timed.planned_cpu_s or 0.0, 2),
         "planning_peak_rss_mb": round(timed.planned_rss_mb or 0.0, 1),
         "run_s": round(time.perf_counter() - started, 2),
         "run_peak_rss_mb": round(peak_rss_mb(), 1),
@@ -168,13 +200,14 @@ def child(spec: Path, executor: str) -> dict[str, Any]:
     }
 
 
-def measure(spec: Path, executor: str, rows: int) -> dict[str, Any]:
-    """`child` in a fresh process (so its peak RSS is its own)."""
+def measure(spec: Path, executor: str, rows: int, checkout: Path | None = None) -> dict[str, Any]:
+    """`child` in a fresh process (so its peak RSS is its own), on `checkout`'s runner if given."""
+    path = {"PYTHONPATH": str(checkout)} if checkout is not None else {}
     proc = subprocess.run(
         [sys.executable, __file__, "--child", str(spec), "--executor", executor],
         stdout=subprocess.PIPE,  # its progress lines go straight to our stderr
         text=True,
-        env={**os.environ, "ZHIPUAI_API_KEY": "bench"},
+        env={**os.environ, "ZHIPUAI_API_KEY": "bench", **path},
     )
     if proc.returncode != 0:
         raise SystemExit(f"planning run failed ({proc.returncode})")
@@ -189,6 +222,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="runs per size (each is a fresh first run)")
     parser.add_argument("--online", type=int, default=0, help="also the online-vs-fake check at this size")
     parser.add_argument("--send-all", type=int, default=0, help="one real first run sending this many rows")
+    parser.add_argument("--replan", type=int, default=0, help="re-plans after a template edit at this size")
+    parser.add_argument("--other", type=Path, help="a checkout to alternate with in --replan (before/after)")
+    parser.add_argument("--seeded", type=Path, help="--replan: start from this folder a run of it seeded before")
+    parser.add_argument("--unsealed", action="store_true", help="--replan: no template edit; the row map unsealed")
     parser.add_argument("--keys", type=int, nargs="*", default=[], help="only the queued-key set, at these sizes")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--executor", default="fake", help=argparse.SUPPRESS)
@@ -224,6 +261,8 @@ def main() -> None:
         report["online_vs_fake"] = online_vs_fake(args.online)
     if args.send_all:
         report["send_all"] = send_all(args.send_all)
+    if args.replan:
+        report["replan"] = replan(args.replan, args.runs, args.other, args.seeded, edit=not args.unsealed)
     print(json.dumps(report, indent=2))
 
 
@@ -294,6 +333,50 @@ def online_vs_fake(rows: int) -> dict[str, Any]:
     online = min(r["planning_rows_per_s"] for r in result["online"])
     fake = min(r["planning_rows_per_s"] for r in result["fake"])
     result["planning_rows_per_s_online_to_fake"] = round(online / fake, 2)
+    return result
+
+
+def replan(rows: int, runs: int, other: Path | None, seeded: Path | None, edit: bool = True) -> dict[str, Any]:
+    """`runs` re-plans of `rows` rows after a template edit (or, `edit` False, with the row map unsealed:
+    every row rendered and found answered), alternating with `other`'s runner if given; both start each
+    run from a copy of the same finished state (`seeded`: a folder this made before)."""
+    sides: list[tuple[str, Path | None]] = [("this", None)] + ([("other", other.resolve())] if other else [])
+    DATA.mkdir(parents=True, exist_ok=True)
+    if seeded is None:  # a finished first run, then the template edited; kept to start each run from
+        seeded = Path(tempfile.mkdtemp(prefix=f"replan-{rows}-", dir=DATA))
+        spec = write_spec(seeded, make_input(rows), free_port())
+        first = measure(spec, "fake", rows)
+        if edit:
+            text = spec.read_text(encoding="utf-8")
+            spec.write_text(text.replace("Summarise:", "Summarise briefly:"), encoding="utf-8")
+        shutil.copytree(seeded / "out", seeded / "seeded")
+        print(json.dumps({"replan_seeded": str(seeded), "first_run": first}), flush=True)
+    spec = seeded / "job.yaml"
+    load = [round(x, 2) for x in os.getloadavg()]
+    result: dict[str, Any] = {"rows": rows, "seeded": str(seeded), "load_average_before": load}
+    for index in range(runs):
+        for name, checkout in sides if index % 2 == 0 else sides[::-1]:
+            shutil.rmtree(seeded / "out", ignore_errors=True)
+            shutil.copytree(seeded / "seeded", seeded / "out")
+            if not edit:  # forget that a run mapped these inputs: every row is rendered, keyed and looked up
+                for record in ("fingerprint.json", "covered.json"):
+                    for found in (seeded / "out").rglob(f"rows/{record}"):
+                        found.unlink()
+            run = measure(spec, "drain", rows, checkout)
+            run["load"] = round(os.getloadavg()[0], 2)
+            result.setdefault(name, []).append(run)
+            print(json.dumps({"replan": name, **run}), flush=True)
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    for name, _ in sides:
+        for figure in ("planning_s", "planning_cpu_s"):
+            values = [r[figure] for r in result[name]]
+            result[f"{name}_{figure}"] = {"worst": max(values), "median": statistics.median(values)}
+    if other is not None:
+        for figure in ("planning_s", "planning_cpu_s"):
+            pairs = zip(result["this"], result["other"], strict=True)
+            speedups = [o[figure] / t[figure] for t, o in pairs]
+            worst, median = round(min(speedups), 2), round(statistics.median(speedups), 2)
+            result[f"speedup_{figure}"] = {"worst": worst, "median": median}
     return result
 
 

@@ -9,16 +9,29 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
+
+import polars as pl
 
 from runner.errors import UsageError
 from runner.job.inputs import ID, ROW
 from runner.job.resolve import Job
-from runner.job.sandbox import NullInput, RenderError
+from runner.job.sandbox import MAX_TEXT, NullInput, RenderError
 from runner.job.templates import blank_nested_nulls, has_nested_null
 from runner.records import Request
 
 SAMPLE_MARK = "-s"
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """A prompt rendered as columns: the row turn's literals and column names, and the key's hash
+    over everything before the row's turn."""
+
+    pieces: tuple[tuple[bool, str], ...]
+    prefix: Any  # a hashlib sha256 object, copied for each row
+    head: dict[str, Any]  # the parameters before `messages`, copied for each row
 
 
 def sample_key(key: str, index: int) -> str:
@@ -75,6 +88,29 @@ class RequestBuilder:
         default_thinking = job.thinking.default
         if default_thinking is not None and "thinking" not in fixed:
             self._fixed = {**fixed, "thinking": default_thinking}
+        self._columns = self._column_rendering()
+
+    def _column_rendering(self) -> _Columns | None:
+        """How `build_batch` renders a batch as columns, or None when this job's prompt cannot be: only a
+        row turn that substitutes columns between literal texts, under a system prompt and earlier turns
+        that are the same for every row."""
+        job = self._job
+        if (job.system is not None and job.system.variables) or any(tpl.variables for _, tpl in job.history):
+            return None
+        pieces = job.template.substitution()
+        if not pieces or not any(is_column for is_column, _ in pieces):
+            return None
+        # The key's parts before the row's turn are the same for every row: hashed once here.
+        prefix = self._salt.copy()
+        parts = [self._system or ""] + [part for role, text in self._history for part in (role, text or "")]
+        for part in parts:
+            data = part.encode()
+            prefix.update(len(data).to_bytes(8, "little"))
+            prefix.update(data)
+        head = dict(self._fixed)
+        if self._system is not None:
+            head["system"] = self._system
+        return _Columns(pieces, prefix, head)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A hash object does not pickle; a worker rebuilds the builder from the (picklable) job.
@@ -135,6 +171,70 @@ class RequestBuilder:
                 yield values[ROW], values[ID], self.build(values)
             except RenderError as exc:
                 yield values[ROW], values[ID], exc
+
+    def build_batch(self, frame: pl.DataFrame) -> list[Request | RenderError] | None:
+        """Each row's request (or the RenderError that row fails with), as `build` makes it, for a whole
+        batch of rows at once; None when this job or these columns cannot be rendered as columns."""
+        keyed = self.key_batch(frame)
+        if keyed is None:
+            return None
+        made: list[Request | RenderError] = []
+        for index, (key, prompt) in enumerate(zip(*keyed, strict=True)):
+            if key is None:
+                made += [rendered for _, _, rendered in self.render([frame.row(index, named=True)])]
+            else:
+                made.append(self.column_request(key, prompt))
+        return made
+
+    def key_batch(self, frame: pl.DataFrame) -> tuple[list[str | None], list[str | None]] | None:
+        """Each row's request key and prompt (the row's turn), made as `build` makes them, for a whole
+        batch of rows at once; None when this job or these columns cannot be rendered as columns. A
+        row whose key is None must go through `build` (a null in a prompt column: its error or its
+        blank; a prompt over the rendering limit: its error).
+
+        A template that only substitutes columns (`Summarise: {{ text }}`) prints each value as
+        str(value): for text and integer columns polars' cast to text is the same, so the prompts are
+        rendered by one polars expression and only the key is made row by row; the request's
+        parameters wait for `column_request`, which a row answered before never needs."""
+        columns = self._columns
+        if columns is None:
+            return None
+        schema = frame.schema
+        names = [text for is_column, text in columns.pieces if is_column]
+        if any(name not in schema or not (schema[name] == pl.String or schema[name].is_integer()) for name in names):
+            return None
+        pieces = [
+            pl.col(text).cast(pl.String) if is_column else pl.lit(text, pl.String) for is_column, text in columns.pieces
+        ]
+        prompts = frame.select(pl.concat_str(pieces).alias("prompt")).get_column("prompt").to_list()  # null: a null
+        prefix = columns.prefix
+        keys: list[str | None] = []
+        for prompt in prompts:
+            if prompt is None or len(prompt) > MAX_TEXT:
+                keys.append(None)
+                continue
+            data = prompt.encode()
+            digest = prefix.copy()
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+            keys.append(digest.hexdigest()[:32])
+        return keys, prompts
+
+    def column_request(self, key: str, prompt: str | None) -> Request:
+        """The request of a row `key_batch` keyed, from its prompt: what `build` makes, key for key."""
+        assert self._columns is not None
+        params = self._columns.head.copy()  # the fixed parameters and the system prompt, in build's order
+        messages: list[dict[str, Any]] = [{"role": role, "content": text} for role, text in self._history]
+        messages.append({"role": "user", "content": prompt})
+        params["messages"] = messages
+        if self._shape is not None:
+            params = self._shape.ask(params)
+        return Request(key, params)
+
+    @property
+    def renders_columns(self) -> bool:
+        """Can this job's prompt be rendered as columns (for columns of text and integers)?"""
+        return self._columns is not None
 
     def samples_of(self, request: Request) -> list[Request]:
         """The requests to send for one row: the row's request once per sample, each with its own key."""

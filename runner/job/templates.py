@@ -153,6 +153,25 @@ class Template:
     def __hash__(self) -> int:
         return hash((self.source, self.origin))
 
+    def substitution(self) -> tuple[tuple[bool, str], ...] | None:
+        """The template as literal texts and column names, `(is_column, text)` in order, when that is all
+        it is (`Summarise: {{ text }}`): printing a plain value is `str(value)` between the literals, so
+        a whole batch of rows can be rendered as columns (runner.job.prompts). None for anything else."""
+        from jinja2 import nodes
+
+        pieces: list[tuple[bool, str]] = []
+        for node in _environment().parse(self.source).body:  # the literals as the lexer leaves them
+            if type(node) is not nodes.Output:
+                return None
+            for child in node.nodes:
+                if type(child) is nodes.TemplateData:
+                    pieces.append((False, child.data))
+                elif type(child) is nodes.Name and child.ctx == "load":
+                    pieces.append((True, child.name))
+                else:
+                    return None
+        return tuple(pieces)
+
     def render(self, row: Mapping[str, Any]) -> str:
         """Render for one row; raises RenderError naming what the template raised (UndefinedError,
         TypeError...): a user's template can fail on any row's values, and callers must be able to

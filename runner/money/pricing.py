@@ -10,6 +10,7 @@ the answer's length too; api.z.ai has one tier. Cached input tokens are billed a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 PER_TOKENS = 1_000_000
 
 
+@functools.cache  # once per tier, not once per answer
 def tier_label(tier: PriceTier) -> str:
     """A short name for a tier, for summaries: `in<32000,out<200`, `in<32000`, `all`."""
     parts = []
@@ -31,6 +33,13 @@ def tier_label(tier: PriceTier) -> str:
     if tier.max_output_tokens is not None:
         parts.append(f"out<{tier.max_output_tokens}")
     return ",".join(parts) or "all"
+
+
+def tier_cost(tier: PriceTier, *, input_tokens: int, output_tokens: int, cache_read_tokens: int = 0) -> float:
+    """What one answer charged at `tier` cost (PriceTable.cost, when the tier is known already)."""
+    return (
+        input_tokens * tier.input + cache_read_tokens * tier.cached_input + output_tokens * tier.output
+    ) / PER_TOKENS
 
 
 @dataclass(frozen=True)
@@ -55,16 +64,17 @@ class PriceTable:
     def cost(self, *, input_tokens: int, output_tokens: int, cache_read_tokens: int = 0) -> float:
         """What one answer cost. `input_tokens` excludes the cached ones, as the API reports it."""
         tier = self.tier(input_tokens + cache_read_tokens, output_tokens)
-        return (
-            input_tokens * tier.input + cache_read_tokens * tier.cached_input + output_tokens * tier.output
-        ) / PER_TOKENS
+        return tier_cost(
+            tier, input_tokens=input_tokens, output_tokens=output_tokens, cache_read_tokens=cache_read_tokens
+        )
 
     def charge(self, result: Result) -> tuple[float, str]:
         """What a result's answered turns cost (at the online price) and the label of their tier."""
         tokens_in, cached = result.input_tokens or 0, result.cache_read_input_tokens or 0
         tokens_out = result.output_tokens or 0
-        cost = self.cost(input_tokens=tokens_in, output_tokens=tokens_out, cache_read_tokens=cached)
-        return cost, tier_label(self.tier(tokens_in + cached, tokens_out))
+        tier = self.tier(tokens_in + cached, tokens_out)  # once: the cost and its label (once per answer)
+        cost = tier_cost(tier, input_tokens=tokens_in, output_tokens=tokens_out, cache_read_tokens=cached)
+        return cost, tier_label(tier)
 
     def worst_case(self, *, input_tokens: int, max_tokens: int) -> float:
         """The most one request can cost: no input cached, and the dearest answer length up to max_tokens.

@@ -3,7 +3,8 @@
 Layout of a job's state directory (beside the output, `.glm-batch/<job name>/`)::
 
     lock                        flock held by the running process (runner.state.lock)
-    journal-<run>.jsonl         write-ahead journal: each answer appended the moment it arrives
+    journal-<run>.jsonl         write-ahead journal: each answer appended the moment it arrives (a batch
+                                answer's is its downloaded result file: see Store.add)
     results/part-<run>-<n>.parquet   answers (ok and failed), keyed by request key, from every run
     rows/                       the row map (runner.state.rowmap)
     manifest.json               the last runs: spec hash, inputs, counts, tokens, duration, exit code
@@ -48,6 +49,8 @@ from runner.state.lock import JobLock
 from runner.state.rescue import read_rescued, state_failure, state_guard, write_rescue
 from runner.state.rowmap import RowMap
 from runner.state.settled import SettledKeys as SettledKeys  # re-exported: callers import it from here
+
+BATCH_PART_ROWS = 10_000  # batch answers held (not journalled) before they count toward a checkpoint
 
 BUCKET_ROWS = 100_000  # results per bucket when compacting and joining
 
@@ -104,6 +107,7 @@ class Store:
         self.corrupt: list[Path] = []  # parts found unreadable at this open (and moved to corrupt/)
         self.quarantined: list[Path] = []  # every part ever set aside in corrupt/
         self._pending: list[Result] = []
+        self._held = 0  # of `_pending`: batch answers, held for their part without a journal line (see `add`)
         self._part_seq = 0
         self._journal: int | None = None
         self._journal_path = state_dir / f"journal-{self._files_id}.jsonl"
@@ -229,16 +233,32 @@ class Store:
     # ---- writing --------------------------------------------------------------------------------
 
     def add(self, result: Result) -> None:
-        """Journal one result at once (it survives a kill from here on) and buffer it for the next part."""
+        """Journal one result at once (it survives a kill from here on) and buffer it for the next part.
+
+        An answer read from a batch's result file (`api` "batch") is only held for the next part: its
+        result file, downloaded and fsynced before a line was read, and the batch book, which records
+        the batch harvested only after the checkpoint that writes that part, are its write-ahead record
+        (a run killed before then harvests the batch again). No write() a line for those."""
         assert self._journal is not None, "Store.open() first"
+        if result.api == "batch":
+            self._pending.append(result)
+            self._held += 1
+            return
         try:
             data = journal_line(result)
         except orjson.JSONEncodeError:  # a lone surrogate in its text: kept as U+FFFD, not a crash
             result = with_valid_unicode(result)
             data = journal_line(result)
+        self._pending.append(result)  # held before the write: if the write fails it is rescued from here
         if self.broken is not None:  # the folder takes no writes: held for the rescue journal
-            self._pending.append(result)
             return
+        self._journal_write(data)
+        self._check_alive()
+
+    def _journal_write(self, data: bytes) -> None:
+        """Append whole lines to the journal; on a failure, cut a torn write off and break the store
+        (the answers stay held in `_pending`, rescued when sending has stopped)."""
+        assert self._journal is not None
         failure: GlmBatchError | None = None
         try:
             written = os.write(self._journal, data)
@@ -249,10 +269,12 @@ class Store:
             # Cut a torn line off again: glued to the next answer's line it would make both unreadable.
             with contextlib.suppress(OSError):
                 os.ftruncate(self._journal, self._journal_size)
-            self._pending.append(result)  # paid: held in memory, rescued when sending has stopped
             raise self._broke(failure or no_space(self._journal_path))
         self._journal_size += written
-        self._pending.append(result)
+
+    def _check_alive(self) -> None:
+        """Twice a second at most, one fstat: has the journal been unlinked under us (the folder deleted)?"""
+        assert self._journal is not None
         now = time.monotonic()
         if now >= self._next_alive_check:  # twice a second at most: one fstat
             self._next_alive_check = now + 0.5
@@ -272,8 +294,10 @@ class Store:
 
     @property
     def buffered(self) -> int:
-        """Results not yet on disk."""
-        return len(self._pending)
+        """Results not yet in a part, as checkpoint_rows counts them: batch answers held (not journalled)
+        only once there are BATCH_PART_ROWS of them, so a harvest writes parts of that many, not of
+        checkpoint_rows, and holds no more than that in memory."""
+        return len(self._pending) - (self._held if self._held < BATCH_PART_ROWS else 0)
 
     def flush(self) -> None:
         """Write buffered results as one new part file. Raises DiskFull or StateUnwritable when the
@@ -287,10 +311,15 @@ class Store:
                     raise deleted(self._journal_path)
                 if not self._pending:
                     return
-                frame = results_frame(self._pending, self.run_id)
+                try:
+                    frame = results_frame(self._pending, self.run_id)
+                except UnicodeEncodeError:  # a lone surrogate in a batch answer's text: kept as U+FFFD
+                    self._pending = [with_valid_unicode(result) for result in self._pending]
+                    frame = results_frame(self._pending, self.run_id)
                 write_atomic(frame, self.results_dir / f"part-{self._files_id}-{self._part_seq:06d}.parquet")
                 self._part_seq += 1
                 self._pending = []
+                self._held = 0
                 if self._journal is not None:
                     # Everything journalled is now in the part. A kill between the rename and this truncate
                     # leaves the same answers twice, which is harmless: answers are deduplicated by key.
@@ -310,7 +339,8 @@ class Store:
         it. Called once sending has stopped, after the state broke."""
         if not self._pending:
             return None
-        return write_rescue(self._pending, self.run_id, output_path, self.state_dir)
+        held = [with_valid_unicode(result) for result in self._pending]  # batch answers were never checked
+        return write_rescue(held, self.run_id, output_path, self.state_dir)
 
     def adopt_rescued(self, journals: list[Path]) -> None:
         """Keep the answers of rescue journals left by runs whose state broke as parts of this store,

@@ -42,7 +42,7 @@ class Harvester:
         self.shape = shape
         self.keep_files = keep_files
         self.conversations: dict[str, Conversation] = {}  # requests with a turn answered in a batch
-        self.attempts: dict[str, int] = {}
+        self.attempts: dict[str, int] = {}  # of requests not answered for good yet (memory flat in the rows)
         self.carry: dict[str, tuple[int, int, int]] = {}  # key -> tokens of billed turns no row holds yet
 
     def fail_all(self, chunk: Chunk, fault: Fault, deliver: Deliver) -> None:
@@ -168,7 +168,7 @@ class Harvester:
             if fault.verdict is Verdict.ABORT:
                 control.abort(refusal(fault))
             else:
-                deliver(failure(Request(key, {}), fault, self.attempts[key], model=model))
+                deliver(failure(Request(key, {}), fault, self.attempts.pop(key), model=model))
             return None
         try:
             answer = answer_from_chat(line.body, line.request_id)
@@ -180,7 +180,7 @@ class Harvester:
         if answer.stop_reason == "refusal":  # `sensitive`: Zhipu's content filter blocked the answer
             self.carry_turn(key, answer)
             self.conversations.pop(key, None)
-            deliver(failure(Request(key, {}), _BLOCKED, self.attempts[key], model=model))
+            deliver(failure(Request(key, {}), _BLOCKED, self.attempts.pop(key), model=model))
             return None
         if key in self.conversations:
             return _Later(key, answer)  # a repair round's answer: its conversation holds the earlier turns
@@ -191,7 +191,7 @@ class Harvester:
                 return _Later(key, answer)  # to be repaired: the next turn needs the conversation so far
         conversation = Conversation(Request(key, {}), self.shape)
         conversation.add(answer)
-        deliver(conversation.result(attempts=self.attempts[key], latency_ms=None, api=API))
+        deliver(conversation.result(attempts=self.attempts.pop(key), latency_ms=None, api=API))
         return None
 
     def take(self, request: Request, answer: Answer | None, deliver: Deliver) -> Request | None:
@@ -206,7 +206,7 @@ class Harvester:
         if repair is not None:
             return Request(key, repair)
         del self.conversations[key]
-        deliver(conversation.result(attempts=self.attempts[key], latency_ms=None, api=API))
+        deliver(conversation.result(attempts=self.attempts.pop(key), latency_ms=None, api=API))
         return None
 
     async def result_lines(self, api: BatchAPI, chunk: Chunk, batch: Batch) -> Iterator[ResultLine]:

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from runner.send.batch.native_answer import error_fields
 from runner.send.retries import ABORT_CODES, TRANSIENT_CODES, Verdict
 
@@ -29,7 +31,7 @@ _NOT_PROCESSED = re.compile(r"expire|cancel|timeout|timed_out|not_processed|not 
 _CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*"([^"\\]{1,256})"')
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made once per line, and a frozen __init__ costs ~4x (treat it as a value)
 class ResultLine:
     """One line of a batch's output or error file, read defensively.
 
@@ -75,7 +77,7 @@ def parse_result_line(line: bytes | str) -> ResultLine:
     if not stripped:
         return ResultLine(custom_id=None, problem="empty line")
     try:
-        data = json.loads(stripped)
+        data = _loads(stripped)
     except ValueError as exc:  # UnicodeDecodeError is a ValueError too
         return ResultLine(custom_id=_fish_custom_id(stripped), problem=f"not JSON ({exc}): {_snippet(stripped)}")
     if not isinstance(data, dict):
@@ -155,6 +157,15 @@ def _answered(data: dict[str, Any]) -> ResultLine | None:
         request_id=str(request_id) if request_id else None,
         line_id=line_id if type(line_id) is str else None,
     )
+
+
+def _loads(raw: bytes) -> Any:
+    """A line's JSON: orjson (a fifth of json's time, and this runs once per line), or, for what orjson
+    refuses and json reads (NaN, integers over 64 bits), json, so a line reads as it always did."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
 
 
 def _status(value: Any) -> int | None:

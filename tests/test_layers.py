@@ -119,3 +119,11 @@ def test_no_modules_import_each_other_in_a_circle() -> None:
         if start not in state:
             visit(start, [start])
     assert {" ".join(sorted(set(c))) for c in circles} == STILL_CIRCLES
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    """The README's Layout is drawn from the tree: a module added without a line there fails here."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout") :]
+    unnamed = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py") if f"`{path.name}`" not in layout)
+    assert unnamed == []

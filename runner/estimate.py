@@ -50,10 +50,6 @@ class EstimateOptions:
 
 async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, reporter: Reporter) -> dict[str, Any]:
     """Build the estimate report (and keep it in the job's state for the next run to compare with)."""
-    if job.spec.output.cascade is not None:  # the proxy pass and the oracle's share, against the oracle alone
-        from runner.cascade.estimate import estimate_cascade
-
-        return await estimate_cascade(job, api_key=api_key, options=options, reporter=reporter)
     table = require_prices(job, "glm-batch estimate")
     if options.pilot_rows:
         from runner.engine import run_job

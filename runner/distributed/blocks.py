@@ -24,6 +24,5 @@ class Progress:
     """What the block reports added up to, on the driver."""
 
     recorded: set[str] = field(default_factory=set)  # keys counted in the tally (identical prompts count once)
-    unanswered: int = 0  # requests a block queued and got no result for
     deferred: set[str] = field(default_factory=set)  # keys a block left to the block that claimed them
     workers: set[str] = field(default_factory=set)

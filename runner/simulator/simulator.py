@@ -41,7 +41,7 @@ from runner.simulator.config import BILLED_FAULTS, ERRORS, FAULTS, HTML_502, RET
 from runner.simulator.host import APIS, Served
 from runner.simulator.messages import MessagesAPI
 from runner.simulator.native import NATIVE_PATH, NativeAPI
-from runner.simulator.skill import skill_variant
+from runner.simulator.skill import skill_variant, stated_confidence
 
 __all__ = [
     "BILLED_FAULTS",
@@ -179,7 +179,9 @@ class Simulator:
 
     def reply(self, ask: Ask) -> Reply:
         """The answer to an ask, the same on every route (see `runner.simulator.answers.compose`)."""
-        return compose(ask, self.config.token_scale, self._invalid, self._variant, self.config.reasoning_tokens)
+        return compose(
+            ask, self.config.token_scale, self._invalid, self._variant, self.config.reasoning_tokens, self._stated
+        )
 
     def bill(self, api: str, key: str, reply: Reply) -> None:
         """Record a generation the server completed: what the account is charged for."""
@@ -256,6 +258,14 @@ class Simulator:
         return skill_variant(
             ask.model, prompt, cfg.model_error[ask.model], flat, cfg.sample_disagreement, repeat, cfg.seed
         )
+
+    def _stated(self, ask: Ask, prompt: str) -> float | None:
+        """The confidence a model of given skill states in its answer (None: any other model's is the
+        usual made-up number)."""
+        cfg = self.config
+        if ask.model not in cfg.model_error:
+            return None
+        return stated_confidence(ask.model, prompt, cfg.model_error[ask.model], cfg.confidence == "flat", cfg.seed)
 
     def _invalid(self, prompt: str, turn: int) -> bool:
         cfg = self.config

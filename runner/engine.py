@@ -200,6 +200,10 @@ async def _run(
     if control.tool_choice_auto and not auto_from_facts:
         # Learned in this run: later runs on this endpoint and model start in auto (runner.job.facts).
         record_facts(job.base_url, job.spec.model.name, source="run", forced_tool_choice=False)
+    measured_cap = executor.gauges().get("measured_cap") if job.adaptive else None
+    if measured_cap:
+        # `auto` met the endpoint's cap: the next run here starts at it instead of ramping up to it.
+        record_facts(job.base_url, job.spec.model.name, source="run", concurrency=measured_cap)
     ending = Ending(tally, control, accountant, started_at)
     if pilot is not None:
         booked = summary.book_spend(job, tally, store.run_id, reporter)

@@ -65,13 +65,16 @@ class OnlineExecutor:
         self._anchor = (dt.datetime.now(dt.UTC), clock())  # wall time of one `clock` reading: see _span
 
     def gauges(self) -> dict[str, Any]:
-        """Requests in flight, the concurrency limit (and whether it adapts), the share refused."""
+        """Requests in flight, the concurrency limit (and whether it adapts), the share refused, and the
+        endpoint's cap as the adaptive limit last measured it (None: not measured)."""
         limits = self._limits
+        controller = limits.controller
         return {
             "in_flight": limits.in_flight,
             "limit": limits.concurrency,
-            "adaptive": limits.controller is not None,
+            "adaptive": controller is not None,
             "overload_429_rate": round(limits.overload_rate(), 4),
+            "measured_cap": controller.cap if controller is not None else None,
         }
 
     async def aclose(self) -> None:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import gc
@@ -104,6 +105,9 @@ async def _run(
                            resend_lost=options.resend_lost, rows_total=tally.rows_total, reporter=reporter)  # fmt: skip
 
     outstanding: set[str] = set()  # requests handed to the executor and not answered yet
+    # Answers of this turn of the event loop, settled and waiting for their one journal write.
+    committing: list[tuple[Result, str | None]] = []
+    loop = asyncio.get_running_loop()
 
     cpu = CpuWindow()
     breaker = Breaker.for_run(tally.rows_total)
@@ -124,16 +128,30 @@ async def _run(
         if result.key not in outstanding and settled.has(result.key):
             return  # answered in an earlier run (a batch harvested twice): never journalled or booked twice
         outstanding.discard(result.key)
-        result, tier = accountant.settle(result)
-        tally.record(result, tier)
+        committing.append(accountant.settle(result))
+        if len(committing) == 1:  # the first answer of this turn: commit them all at its end
+            loop.call_soon(commit)
+
+    def commit() -> None:
+        """Group commit: the answers that arrived in one turn of the event loop go to the journal in one
+        write, and are counted once it is done (a kill before it loses them as it loses requests in
+        flight: they are sent again, never counted twice)."""
+        if not committing:
+            return
+        results = [result for result, _ in committing]
         try:
-            store.add(result)
+            store.add_many(results)
             if store.buffered >= run.checkpoint_rows:
                 store.flush()
-        except STATE_FAILURES as exc:  # the state folder takes no writes: stop; the answer is held (rescued)
+        except STATE_FAILURES as exc:  # the state folder takes no writes: stop; the answers are held (rescued)
             control.fail(exc)
+        finally:
+            for result, (_, tier) in zip(results, committing, strict=True):
+                tally.record(result, tier)
+            committing.clear()
 
     def checkpoint() -> None:
+        commit()
         try:
             store.flush()
         except STATE_FAILURES as exc:

@@ -237,29 +237,37 @@ class Store:
 
     def add(self, result: Result) -> None:
         """Journal one result at once (it survives a kill from here on) and buffer it for the next part."""
+        self.add_many([result])
+
+    def add_many(self, results: list[Result]) -> None:
+        """Journal results with one write (a group commit: the answers of one turn of the event loop),
+        and buffer them for the next part. Once it returns they survive a kill; if it raises, they are
+        held in memory for the rescue journal."""
         assert self._journal is not None, "Store.open() first"
-        try:
-            data = journal_line(result)
-        except orjson.JSONEncodeError:  # a lone surrogate in its text: kept as U+FFFD, not a crash
-            result = with_valid_unicode(result)
-            data = journal_line(result)
+        lines = []
+        for i, result in enumerate(results):
+            try:
+                lines.append(journal_line(result))
+            except orjson.JSONEncodeError:  # a lone surrogate in its text: kept as U+FFFD, not a crash
+                results[i] = result = with_valid_unicode(result)
+                lines.append(journal_line(result))
         if self.broken is not None:  # the folder takes no writes: held for the rescue journal
-            self._pending.append(result)
+            self._pending.extend(results)
             return
+        data = lines[0] if len(lines) == 1 else b"".join(lines)
         failure: GlmBatchError | None = None
         try:
             written = os.write(self._journal, data)
         except OSError as exc:
             failure = state_failure(exc, self.state_dir)
             written = -1
+        self._pending.extend(results)  # paid: from here held in memory at least (rescued if the write failed)
         if written != len(data):
             # Cut a torn line off again: glued to the next answer's line it would make both unreadable.
             with contextlib.suppress(OSError):
                 os.ftruncate(self._journal, self._journal_size)
-            self._pending.append(result)  # paid: held in memory, rescued when sending has stopped
             raise self._broke(failure or no_space(self._journal_path))
         self._journal_size += written
-        self._pending.append(result)
         now = time.monotonic()
         if now >= self._next_alive_check:  # twice a second at most: one fstat
             self._next_alive_check = now + 0.5

@@ -142,7 +142,7 @@ async def _run(
         try:
             store.add_many(results)
             if store.buffered >= run.checkpoint_rows:
-                store.flush()
+                store.flush_soon()  # in a thread: sending goes on while the part is written
         except STATE_FAILURES as exc:  # the state folder takes no writes: stop; the answers are held (rescued)
             control.fail(exc)
         finally:
@@ -151,9 +151,19 @@ async def _run(
             committing.clear()
 
     def checkpoint() -> None:
+        """Every answer so far into a part, now (the end of sending; an executor about to let go of the
+        last copy of answers)."""
         commit()
         try:
             store.flush()
+        except STATE_FAILURES as exc:
+            control.fail(exc)
+
+    def checkpoint_soon() -> None:
+        """The time-based checkpoint while sending: the part is written in a thread."""
+        commit()
+        try:
+            store.flush_soon()
         except STATE_FAILURES as exc:
             control.fail(exc)
 
@@ -200,7 +210,7 @@ async def _run(
                 await supervise(
                     executor.run(requests, deliver, control),
                     control=control,
-                    checkpoint=checkpoint,
+                    checkpoint=checkpoint_soon,
                     tick=lambda: reporter.tick(tally, executor.gauges(), control),
                     every_s=min(run.checkpoint_seconds, reporter.interval_s),
                     grace_s=run.grace_s,

@@ -27,6 +27,7 @@ import errno
 import json
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,10 @@ class Store:
         # in memory (`_pending`), and `rescue` writes them to a rescue journal when sending has stopped.
         self.broken: GlmBatchError | None = None
         self._next_alive_check = 0.0
+        # A part being written by `flush_soon` in a worker thread: its future, its results (held until it
+        # is durable) and the journal set aside for them; the thread, made on first use.
+        self._writing: tuple[Future[None], list[Result], Path] | None = None
+        self._writer: ThreadPoolExecutor | None = None
 
     # ---- opening --------------------------------------------------------------------------------
 
@@ -169,8 +174,9 @@ class Store:
         """Turn a dead writer's journal into a part; a torn last line (the kill came mid-write) is dropped."""
         results = read_journal(journal)
         if results:
-            run_id = journal.stem.removeprefix("journal-")
-            write_atomic(results_frame(results, run_id), self.results_dir / f"part-{run_id}-recovered.parquet")
+            name = journal.stem.removeprefix("journal-")  # `<run>`, or `<run>.<n>`: one set aside by flush_soon
+            run_id = name.split(".")[0]
+            write_atomic(results_frame(results, run_id), self.results_dir / f"part-{name}-recovered.parquet")
             self.recovered += len(results)
         journal.unlink()
 
@@ -193,6 +199,9 @@ class Store:
             # The answers stay in the journal, which the next run folds into a part; keep it.
             self._journal_kept = True
         finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
             if self._journal is not None:
                 os.close(self._journal)
                 self._journal = None
@@ -290,9 +299,66 @@ class Store:
         """Results not yet on disk."""
         return len(self._pending)
 
+    def flush_soon(self) -> None:
+        """Start writing the buffered results as one new part in a worker thread, unless one is being
+        written; the event loop goes on sending meanwhile (a Parquet write and its two fsyncs held it
+        ~10-50 ms a part). Their journal is set aside under a name of its own (`journal-<run>.<n>.jsonl`)
+        and answers go on to a fresh one; the set-aside journal is deleted once the part is durable. A
+        kill before that leaves both, and the next run folds the journal into a part too (an answer twice
+        is harmless: answers are keyed). Raises like `flush`, now or at a later call, for a failed write."""
+        self._collect(wait=False)
+        if self.broken is not None:
+            raise self.broken
+        if self._writing is not None or not self._pending or self._journal is None:
+            return
+        aside = self.state_dir / f"journal-{self._files_id}.{self._part_seq:06d}.jsonl"
+        try:
+            with state_guard(self.state_dir):
+                if os.fstat(self._journal).st_nlink == 0:
+                    raise deleted(self._journal_path)  # the folder was deleted: what it takes goes nowhere
+                os.rename(self._journal_path, aside)  # the open descriptor follows it
+                fresh = os.open(self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except STATE_FAILURES as exc:
+            raise self._broke(exc) from None
+        os.close(self._journal)
+        self._journal, self._journal_size = fresh, 0
+        results, self._pending = self._pending, []
+        frame = results_frame(results, self.run_id)
+        part = self.results_dir / f"part-{self._files_id}-{self._part_seq:06d}.parquet"
+        self._part_seq += 1
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm-batch-parts")
+        self._writing = (self._writer.submit(self._write_part, frame, part), results, aside)
+
+    def _write_part(self, frame: pl.DataFrame, part: Path) -> None:
+        """In the writer thread: one part, durably (a failure of the folder as DiskFull/StateUnwritable)."""
+        with state_guard(self.state_dir):
+            write_atomic(frame, part)
+
+    def _collect(self, *, wait: bool) -> None:
+        """Take the result of the part being written (waiting for it if `wait`): drop its set-aside
+        journal once it is durable, or hold its results again (for `rescue`) if the write failed."""
+        if self._writing is None:
+            return
+        future, results, aside = self._writing
+        if not wait and not future.done():
+            return
+        self._writing = None
+        try:
+            future.result()
+        except STATE_FAILURES as exc:
+            self._pending = results + self._pending
+            raise self._broke(exc) from None
+        with contextlib.suppress(OSError):  # left behind, it is folded again next time: harmless
+            aside.unlink()
+
     def flush(self) -> None:
-        """Write buffered results as one new part file. Raises DiskFull or StateUnwritable when the
-        folder takes no more writes (or was deleted); the results stay held for `rescue`."""
+        """Write buffered results as one new part file (after the one `flush_soon` may be writing).
+        Raises DiskFull or StateUnwritable when the folder takes no more writes (or was deleted); the
+        results stay held for `rescue`."""
+        if self._writing is not None:
+            with contextlib.suppress(*STATE_FAILURES):  # a failed write is kept in `broken`, raised below
+                self._collect(wait=True)
         if self.broken is not None:
             raise self.broken
         try:
@@ -317,15 +383,17 @@ class Store:
     @property
     def held(self) -> list[Result]:
         """Answers this run holds in memory only (not in a part file)."""
-        return list(self._pending)
+        writing = self._writing[1] if self._writing is not None else []
+        return [*writing, *self._pending]
 
     def rescue(self, output_path: Path) -> Path | None:
         """Write the answers held in memory to a rescue journal (runner.state.rescue) beside
         `output_path`, or under the temp folder; its path, or None when nothing was held or no place took
         it. Called once sending has stopped, after the state broke."""
-        if not self._pending:
+        held = self.held
+        if not held:
             return None
-        return write_rescue(self._pending, self.run_id, output_path, self.state_dir)
+        return write_rescue(held, self.run_id, output_path, self.state_dir)
 
     def adopt_rescued(self, journals: list[Path]) -> None:
         """Keep the answers of rescue journals left by runs whose state broke as parts of this store,

@@ -22,8 +22,8 @@ from runner.job.resolve import load_job
 from runner.output.assemble import OutputShape, finalize
 from runner.output.sinks import ParquetSink
 from runner.records import KEY, Result
+from runner.simulator.answers import answer_for, prompt_text
 from runner.state.store import Store
-from runner.testing.simulator import answer_for, prompt_text
 
 HERE = Path(__file__).resolve().parent
 

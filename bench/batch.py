@@ -9,7 +9,7 @@ process (`python bench/batch.py child-run`) that wraps BatchExecutor's and Batch
 them (wrapped to time them, not changed) and then calls the real command line. Two phases:
 
 (a) prepare + upload: reading the input, rendering every row, writing the chunk files and the
-    round's requests file (`runner.send.batch_files.write_round`), and uploading the chunks (`BatchAPI.upload`).
+    round's requests file (`runner.send.batch.files.write_round`), and uploading the chunks (`BatchAPI.upload`).
     Creating the batches is left out: the simulator answers a whole batch inside `POST /batches`,
     which is its work, not ours (reported as `simulator_s`).
 (b) download + journal: from the start of the first harvest of a finished batch to the end of the run:
@@ -135,10 +135,10 @@ def child_run(out: Path, spec: Path) -> None:
     """`glm-batch run SPEC --set run.mode=batch` in this process, its batch phases timed."""
     probe = Probe()
     from runner import cli
-    from runner.send import batch
-    from runner.send.batch import BatchExecutor
-    from runner.send.batch_api import BatchAPI
-    from runner.send.batch_harvest import Harvester
+    from runner.send.batch import executor as batch
+    from runner.send.batch.api import BatchAPI
+    from runner.send.batch.executor import BatchExecutor
+    from runner.send.batch.harvest import Harvester
 
     probe.wrap(BatchExecutor, "run", "executor", after="finish")
     probe.wrap(batch, "write_round", "prepare", phase="prepare_upload")

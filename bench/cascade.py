@@ -3,7 +3,7 @@
     python bench/cascade.py [--runs 20] [--rows 2000] [--target 0.9] [--delta 0.1]
 
 The oracle (glm-4.6) answers as the simulator usually does; the proxy (glm-4.5-flash, free) is a
-model of given skill (runner.testing.skill) wrong on ~20% of rows, asked 5 times per row. First an
+model of given skill (runner.simulator.skill) wrong on ~20% of rows, asked 5 times per row. First an
 oracle-only run over every row gives the reference answers and the oracle-only cost. Then, for each
 proxy (sample agreement that tracks its errors, and a "flat" one whose agreement says nothing), the
 cascade runs `--runs` times with a different calibration seed (the guarantee's probability is over

@@ -49,7 +49,8 @@ WORK = HERE / "out" / "concurrency"
 
 def serve(port: int, cap: int, latency: float, jitter: float, seed: int) -> None:
     """Run a simulator with Gaussian latency noise in this process until it is terminated."""
-    from runner.testing.simulator import SimConfig, Simulator
+    from runner.simulator.config import SimConfig
+    from runner.simulator.simulator import Simulator
 
     async def forever() -> None:
         # latency_jitter_s is the standard deviation of Gaussian noise (truncated at 0); refusals over

@@ -127,10 +127,11 @@ class Timed:
 
 def child(spec: Path, executor: str) -> dict[str, Any]:
     """One run in this process: planning seconds and peak RSS, then the whole run's."""
-    from runner.engine import RunOptions, run_job
+    from runner.engine import run_job
     from runner.job.resolve import load_job
     from runner.money.tokens import estimate_request
     from runner.observe.progress import make_reporter
+    from runner.runs import RunOptions
 
     started = time.perf_counter()
     job = load_job(spec)

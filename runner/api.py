@@ -7,12 +7,7 @@
     result = await runner.arun_job("jobs/demo.yaml")     # where an event loop already runs (Jupyter)
     report = runner.estimate_job("jobs/demo.yaml")       # the dict `glm-batch estimate --json` prints
 
-The same rules as the command line: the key comes from the environment (ZHIPUAI_API_KEY or
-ANTHROPIC_API_KEY; the simulator needs none), a bad spec raises `runner.errors.UsageError`, and a run
-that stopped (budget, abort, signal) returns its exit code rather than raising. Progress goes to the
-`glm_batch` logger (quiet unless logging is configured) unless a `reporter` is given. `run_job` and
-`estimate_job` inside a running event loop (Jupyter) raise RuntimeError naming `arun_job` /
-`aestimate_job`, which are the ones to await there.
+The command line's rules: a bad spec raises `runner.errors.UsageError`; a run that stopped returns its exit code.
 """
 
 from __future__ import annotations
@@ -98,8 +93,8 @@ async def arun_job(
     reporter: Reporter | None = None,
 ) -> Result:
     """Run a job to completion, interruption or abort (the async form; see `run_job`)."""
-    from runner.engine import RunOptions
     from runner.engine import run_job as _run
+    from runner.runs import RunOptions
 
     job = spec if isinstance(spec, Job) else load_job(spec, set=set, limit=limit)
     if will_send_online(job, fresh=fresh):
@@ -153,8 +148,8 @@ async def aestimate_job(
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Estimate a job (the async form; see `estimate_job`)."""
-    from runner.money.estimate import EstimateOptions
-    from runner.money.estimate import estimate_job as _estimate
+    from runner.estimate import EstimateOptions
+    from runner.estimate import estimate_job as _estimate
 
     job = spec if isinstance(spec, Job) else load_job(spec, set=set, limit=limit)
     key = api_key_for(job) if (exact or pilot) else "unused"

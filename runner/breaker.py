@@ -3,17 +3,9 @@
     breaker = Breaker.for_run(rows_total)
     for result in breaker.admit(result):        # what to journal now (held failures come out later)
         ...
-    if breaker.tripped: control.abort_with(breaker.error())
+    if breaker.tripped: control.abort(breaker.error())
 
-The rule: the first `threshold` answers of a run, where threshold = 5% of the rows, at least
-MIN_ANSWERS and at most MAX_ANSWERS, all failed permanently with the same request-shaped error (a
-400 that says the request is wrong, e.g. 1210, 1213, 1214, 1215: every row is sent the same way, so
-every row would fail the same way). Then the run stops dispatching and exits 3 with the endpoint's
-message and what to change. The failures it held while deciding are never journalled, and neither
-are later ones of the same error, so those rows stay pending: fixing the spec and running again
-finishes them. Any other answer first (a good one, another error) disarms it and the held failures
-are journalled as they are: scattered 400s among good answers never trip it. Results that were never
-sent (a render error, a null input) are not answers and pass through.
+The rule: docs/decisions.md, "The real wire".
 """
 
 from __future__ import annotations

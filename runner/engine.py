@@ -2,15 +2,8 @@
 
     report = asyncio.run(run_job(job, api_key=key, options=RunOptions(), reporter=reporter))
 
-1. open the input (checks columns and emptiness before anything is sent) and the store (lock, crash
-   sweep), and learn which requests are already settled;
-2. plan: render rows into requests (runner.plan), record the row map, skip the settled ones;
-3. send: the executor the spec chose (runner.send) sends the rest; every result is journalled at once
-   and folded into a durable part every `checkpoint_rows` results or `checkpoint_seconds`;
-4. output: when every row has a result, assemble the answers in input order and write them through
-   the sink (runner.output);
-5. record (runner.finish, shared with the Ray engine): the summary beside the output, the run in the
-   manifest, the spend in the ledger.
+Open the input and the store, plan (runner.plan), send (runner.send), assemble the output
+(runner.output), record the run (runner.finish).
 """
 
 from __future__ import annotations
@@ -27,12 +20,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from runner.breaker import Breaker
+from runner.control import Control
 from runner.errors import STATE_FAILURES
 from runner.finish import Ending, finish, record
 from runner.job.facts import load_facts, record_facts
 from runner.job.inputs import open_input
-from runner.job.paths import check_written_apart
-from runner.job.resolve import Job
+from runner.job.resolve import Job, check_written_apart
 from runner.money.accounting import Tally, accountant_for
 from runner.money.ledger import ledger_dir
 from runner.observe import summary
@@ -44,7 +37,7 @@ from runner.runs import RunOptions as RunOptions  # re-exported
 from runner.runs import RunReport as RunReport
 from runner.runs import fingerprint
 from runner.send import make_executor
-from runner.send.base import Control, Executor
+from runner.send.base import Executor
 from runner.send.endpoints import endpoint_url
 from runner.state.rescue import RESCUE_MARK, find_rescued
 from runner.state.store import Store
@@ -120,7 +113,7 @@ async def _run(
         for admitted in breaker.admit(result):
             journal(admitted)
         if breaker.tripped and control.aborted is None:
-            control.abort_with(breaker.error())
+            control.abort(breaker.error())
 
     def journal(result: Result) -> None:
         if cpu.first is None:

@@ -1,18 +1,13 @@
 """The errors glm-batch raises on purpose, and the exit code each one ends a run with.
 
-The tree::
-
-    GlmBatchError                 base; carries the process exit code
-    ├── NothingToDo       (0)     the input has no rows (a cron day with no new rows): a notice, not a failure
-    ├── UsageError        (2)     bad spec, bad input, bad command line: nothing was sent
-    ├── EndpointAborted   (3)     the endpoint refused the whole job (auth, balance, unknown model)
-    ├── BudgetExhausted   (4)     run.max_cost reached; dispatch stopped before overspending
-    ├── DiskFull          (5)     no space left where the job writes; answers so far are kept
-    ├── StateUnwritable   (74)    the job's state folder stopped taking writes (read-only, immutable,
-    │                             deleted, a file read back torn); answers held are rescued
-    └── LockHeld          (75)    another run of the same job holds its lock
-
-Every message says what is wrong and how to fix it; the CLI prints it as one line, without a traceback.
+GlmBatchError                 base; carries the process exit code
+├── NothingToDo       (0)     the input has no rows (a cron day with no new rows): a notice, not a failure
+├── UsageError        (2)     bad spec, bad input, bad command line: nothing was sent
+├── EndpointAborted   (3)     the endpoint refused the whole job (auth, balance, unknown model)
+├── BudgetExhausted   (4)     run.max_cost reached; dispatch stopped before overspending
+├── DiskFull          (5)     no space left where the job writes; answers so far are kept
+├── StateUnwritable   (74)    the job's state folder stopped taking writes; answers held are rescued
+└── LockHeld          (75)    another run of the same job holds its lock
 """
 
 from __future__ import annotations

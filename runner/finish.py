@@ -10,13 +10,13 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from runner.control import Control
 from runner.errors import STATE_FAILURES
 from runner.job.resolve import Job
 from runner.money.accounting import Accountant, Tally
 from runner.observe import summary
 from runner.observe.progress import Reporter
 from runner.runs import RunOptions, RunReport
-from runner.send.base import Control
 from runner.state.store import Store
 
 

@@ -22,19 +22,20 @@ from typing import Any, Protocol
 
 import polars as pl
 
+from runner.control import Control
 from runner.errors import STATE_FAILURES, UsageError
+from runner.files import space_checked
 from runner.job.inputs import ID, ROW
 from runner.job.prompts import RequestBuilder, sample_key
 from runner.job.resolve import Job
-from runner.job.templates import NullInput, RenderError
+from runner.job.sandbox import NullInput, RenderError
 from runner.money.accounting import Tally
 from runner.money.tokens import estimate_request
 from runner.records import KEY, Request, Result
-from runner.send.base import Control, Deliver
-from runner.state.files import space_checked
+from runner.send.base import Deliver
 from runner.state.rescue import state_guard
 from runner.state.rowmap import RowMap
-from runner.state.store import SettledKeys
+from runner.state.settled import SettledKeys
 
 RENDER_BATCH_ROWS = 2000  # rows rendered per step; small enough not to stall responses for long
 FIRST_STEP_ROWS = 64  # the first step is short, so the first request goes out without waiting for 2000

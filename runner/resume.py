@@ -12,7 +12,8 @@ from runner.job.resolve import Job
 from runner.observe.progress import Reporter
 from runner.output.salvage import check_resend, lost_beyond_allowance, salvage, salvage_source
 from runner.state.rowmap import file_identities
-from runner.state.store import SettledKeys, Store
+from runner.state.settled import SettledKeys
+from runner.state.store import Store
 
 
 def settled_keys(job: Job, store: Store, *, fresh: bool, retry_failed: bool, resend_lost: bool,

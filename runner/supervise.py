@@ -14,8 +14,8 @@ import contextlib
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 
+from runner.control import Control
 from runner.observe.progress import Reporter
-from runner.send.base import Control
 
 
 async def supervise(

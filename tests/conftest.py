@@ -1,13 +1,16 @@
 """Shared fixtures: a real simulator on loopback, a job factory, and a way to call the real CLI.
 
 Nothing here mocks the SDK or the engine: every test sends real HTTP through `anthropic.AsyncAnthropic`
-to `runner.testing.simulator` on 127.0.0.1.
+to `runner.simulator.simulator` on 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import csv
+import inspect
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +23,8 @@ from hypothesis import settings
 from typer.testing import CliRunner
 
 from runner.cli import app
-from runner.testing.simulator import SimConfig, SimulatorThread
+from runner.simulator.config import SimConfig
+from runner.simulator.simulator import SimulatorThread
 
 # Hypothesis' per-example deadline is a timing assertion: on a loaded 2-core machine it fails tests whose
 # behaviour is fine. Properties are checked for what they compute, never for how fast.
@@ -28,6 +32,30 @@ settings.register_profile("glm-batch", deadline=None)
 settings.load_profile("glm-batch")
 
 API_KEY = "test-key-0123456789abcdef.SECRETVALUE42"
+
+
+def eventually(condition: Callable[[], Any], *, within_s: float = 20.0, every_s: float = 0.01) -> Any:
+    """Poll `condition` until it is true and return its value; fail the test if it is not within
+    `within_s` (generous: a condition, not a timing, is what a test checks)."""
+    deadline = time.monotonic() + within_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"not true within {within_s} s: {condition}"
+        time.sleep(every_s)
+    return value
+
+
+async def until(condition: Callable[[], Any], *, within_s: float = 20.0, every_s: float = 0.01) -> Any:
+    """`eventually` inside an event loop: polls without blocking the loop's other tasks; `condition`
+    may be a coroutine function."""
+    deadline = time.monotonic() + within_s
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not true within {within_s} s: {condition}"
+        await asyncio.sleep(every_s)
 
 
 @pytest.fixture

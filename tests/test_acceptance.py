@@ -9,7 +9,9 @@ from pathlib import Path
 
 import polars as pl
 
-from runner.testing.simulator import RETRYABLE_FAULTS, SimulatorThread, answer_for
+from runner.simulator.answers import answer_for
+from runner.simulator.config import RETRYABLE_FAULTS
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import API_KEY, sample_rows
 
 

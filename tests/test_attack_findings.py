@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 
 from runner.job.resolve import load_job
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
 
 FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}

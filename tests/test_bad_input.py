@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows, write_csv
 
 

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from aiohttp import BodyPartReader, web
 
-from runner.send.batch_api import (
-    Batch,
+from runner.send.batch.api import BatchAPI
+from runner.send.batch.book import Chunk
+from runner.send.batch.errors import (
     BatchAbort,
-    BatchAPI,
     BatchNotFound,
     BatchProtocolError,
     BatchStatusError,
@@ -29,9 +29,11 @@ from runner.send.batch_api import (
     BatchTransportError,
     classify_api_error,
 )
-from runner.send.batch_book import Chunk
-from runner.send.batch_files import BatchFileWriter, write_batch_files
-from runner.send.native import answer_from_chat, chat_body, classify_failure, parse_result_line
+from runner.send.batch.files import BatchFileWriter, write_batch_files
+from runner.send.batch.native_answer import answer_from_chat
+from runner.send.batch.native_request import chat_body
+from runner.send.batch.native_results import classify_failure, parse_result_line
+from runner.send.batch.shapes import Batch
 from runner.send.retries import Fault, Verdict
 
 KEY = "0123456789abcdef0123456789abcdef.secretsecret1234"
@@ -551,8 +553,9 @@ async def test_round_trip_on_the_simulator(tmp_path: Path) -> None:
     Skipped where the simulator has no Batch API (it is built on another branch); the fake server above
     is what proves the client's behaviour, this proves it speaks the same wire as the simulator.
     """
-    pytest.importorskip("runner.testing.native", reason="the simulator's Batch API is not on this branch")
-    from runner.testing.simulator import SimConfig, SimulatorThread
+    pytest.importorskip("runner.simulator.native", reason="the simulator's Batch API is not on this branch")
+    from runner.simulator.config import SimConfig
+    from runner.simulator.simulator import SimulatorThread
 
     config: dict[str, Any] = {"batch_error_rate": 0.3, "batch_output_404_s": 0.2, "seed": 1}
     requests = requests_for(30)

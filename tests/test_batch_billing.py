@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows, write_csv
 from tests.test_batch_mode import BATCH_MODEL, CRASH, FAST_POLL, assert_paid_once, crash_env, expected
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from runner.cli import app
 from runner.job.facts import record_facts
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
 
 FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}

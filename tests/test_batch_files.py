@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
 from tests.test_batch_mode import (
     BATCH_MODEL,

@@ -17,7 +17,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from runner.testing.simulator import SimulatorThread, answer_for
+from runner.simulator.answers import answer_for
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import API_KEY, JobFiles, cli, sample_rows
 
 FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}
@@ -124,7 +125,7 @@ def test_a_model_the_batch_api_does_not_take_is_refused_before_anything_is_uploa
 CRASH = textwrap.dedent(
     """
     import os, sys
-    from runner.send import batch_api
+    from runner.send.batch import api as batch_api
     stage, call = sys.argv[1], batch_api.BatchAPI.{method}
     seen = [0]
     async def crashing(self, *args, **kwargs):

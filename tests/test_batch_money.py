@@ -14,7 +14,7 @@ import pytest
 from runner.job.resolve import load_job
 from runner.money.accounting import accountant_for
 from runner.records import Request
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
 from tests.test_batch_mode import BATCH_MODEL, FAST_POLL, expected
 

@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from runner.testing.simulator import answer_for
+from runner.simulator.answers import answer_for
 from tests.conftest import API_KEY, CliResult, cli
 from tests.test_bad_input import assert_refused
 

@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from runner.job.resolve import load_job
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
 
 

@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 import yaml
 
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "sentiment" / "amazon.csv"

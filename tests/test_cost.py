@@ -10,7 +10,7 @@ import pytest
 from runner.job.catalog import models
 from runner.money.ledger import usage
 from runner.money.pricing import PriceTable, tier_label
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows, write_csv
 
 GLM46_CNY = PriceTable("glm-4.6", "CNY", tuple(models()["glm-4.6"].prices["CNY"].tiers), confirmed=False)

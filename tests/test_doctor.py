@@ -13,7 +13,7 @@ from typing import Any
 
 from runner.job.facts import load_facts
 from runner.job.resolve import load_job
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
 
 FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}

@@ -15,8 +15,9 @@ import polars as pl
 import pytest
 
 from runner.records import Result, result_to_json
+from runner.simulator.answers import answer_for
+from runner.simulator.simulator import SimulatorThread
 from runner.state.store import Store
-from runner.testing.simulator import SimulatorThread, answer_for
 from tests.conftest import cli, sample_rows, write_csv
 
 

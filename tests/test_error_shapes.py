@@ -11,10 +11,11 @@ import json
 import anthropic
 import pytest
 
+from runner.send.batch.native_results import classify_failure, parse_result_line
 from runner.send.client import Client
-from runner.send.native import classify_failure, parse_result_line
 from runner.send.retries import Fault, Verdict
-from runner.testing.simulator import SimConfig, SimulatorThread
+from runner.simulator.config import SimConfig
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import API_KEY, cli, sample_rows
 
 FAMILY = [

@@ -13,15 +13,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
 
 from runner.records import KEY, Result, read_journal
+from runner.simulator.simulator import SimulatorThread
 from runner.state.store import Store
-from runner.testing.simulator import SimulatorThread
-from tests.conftest import sample_rows
+from tests.conftest import eventually, sample_rows
 
 
 def answer(key: str) -> Result:
@@ -49,9 +48,7 @@ def test_answers_journalled_while_a_part_is_written_in_the_background_are_never_
         everything = {"a0", "a1", "a2", "b0", "b1"}
         assert keys_on_disk(state) >= everything
 
-        deadline = time.monotonic() + 30
-        while not list((state / "results").glob("part-r-000000.parquet")) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        eventually(lambda: (state / "results" / "part-r-000000.parquet").exists())  # the first part is whole
         assert keys_on_disk(state) >= everything
 
         store.flush_soon()  # the first part is durable: its journal goes; b0-b1 are written next

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import yaml
 
-from runner.testing.simulator import answer_for
+from runner.simulator.answers import answer_for
 from tests.conftest import cli, sample_rows
 from tests.test_bad_input import assert_refused
 

@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from runner.engine import RunOptions, run_job
+from runner.control import Control
+from runner.engine import run_job
 from runner.job.resolve import load_job
 from runner.money.accounting import Tally
 from runner.observe.progress import make_reporter
 from runner.records import Request, Result, priced
-from runner.send.base import Control, Deliver
+from runner.runs import RunOptions
+from runner.send.base import Deliver
 from runner.send.fake import FakeExecutor
 from tests.conftest import JobFiles, sample_rows
 

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import polars as pl
 
-from runner.engine import RunOptions, run_job
+from runner.engine import run_job
 from runner.job.resolve import load_job
 from runner.observe.progress import make_reporter
 from runner.observe.report import load_report
+from runner.runs import RunOptions
 from runner.send.client import Client
 from runner.send.limits import Limits
 from runner.send.online import OnlineExecutor
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import API_KEY, cli, sample_rows
 
 

@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 
 from runner.job.structured import extract_json
-from runner.observe.quality import html_report, label_metrics
-from runner.testing.simulator import SimulatorThread
+from runner.observe.quality import label_metrics
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows
 
 REVIEWS = [
@@ -202,16 +202,18 @@ def test_the_quality_report_runs_from_the_cli_and_draws_its_html(make_job, tmp_p
     assert not any(tag == "script" for tag, _ in parsed.tags)
 
 
-def test_the_html_escapes_label_names() -> None:
-    label = "<script>alert(1)</script>"
-    metrics = label_metrics(
-        pl.DataFrame({"gold": [label], "label": [label], "status": ["ok"]}), predicted="label", gold="gold"
-    )
+def test_the_html_report_escapes_label_names(make_job, tmp_path) -> None:
+    hostile = "<script>alert(1)</script>"
+    rows = [{**row, "gold": hostile if row["gold"] == "negative" else row["gold"]} for row in REVIEWS]
+    job = make_job(rows, output={"labels": ["positive", hostile], "keep_columns": []}, eval={"gold_column": "gold"})
+    assert cli("run", str(job.spec)).exit_code == 0
+    page = tmp_path / "report.html"
 
-    page = html_report("t", metrics, {})
+    assert cli("report", str(job.spec), "--html", str(page)).exit_code == 0
 
-    assert "<script>" not in page
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    text = page.read_text()
+    assert "<script>" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 
 from runner.job.resolve import load_job
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
 from tests.test_rescue import chattr as chattr  # the fixture, for the tests here
 from tests.test_rescue import when_answered

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import runner
-from runner.testing.simulator import SimConfig, SimulatorThread
+from runner.simulator.config import SimConfig
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows, write_csv
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from runner.job.facts import load_facts
 from runner.send.limits import AimdController, Limits
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows
 
 

@@ -10,15 +10,9 @@ import pytest
 from runner.job.structured import TOOL_NAME, AnswerShape
 from runner.money.tokens import estimate_text
 from runner.records import Answer
-from runner.send.native import (
-    BadResultLine,
-    ResultLine,
-    UnsupportedParams,
-    answer_from_chat,
-    chat_body,
-    classify_failure,
-    parse_result_line,
-)
+from runner.send.batch.native_answer import BadResultLine, answer_from_chat
+from runner.send.batch.native_request import UnsupportedParams, chat_body
+from runner.send.batch.native_results import ResultLine, classify_failure, parse_result_line
 from runner.send.retries import Verdict, bad_response_fault
 
 SCHEMA = {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}

@@ -1,5 +1,5 @@
 """One way to write a file (issue 25, class 3): what a command writes where the user points it
-(`report --html`, `schema -o`, `init -o`) goes through runner.state.files.write_text, which never
+(`report --html`, `schema -o`, `init -o`) goes through runner.files.write_text, which never
 writes over the job's own files (symlinks resolved, --force or not), never replaces a file glm-batch did
 not write without --force, writes all or nothing, and says in one line (exit 2) why a target cannot be
 written. An output under a symlink into the input folder is refused at load.
@@ -180,7 +180,7 @@ def test_an_output_folder_whose_rescue_journals_an_input_pattern_would_read_is_r
     assert sim.stats()["requests"] == 0
 
 
-# Files written outside runner/state/files.py, each streamed to the job's own state or a temporary name
+# Files written outside runner/files.py, each streamed to the job's own state or a temporary name
 # (then moved with files.fsync_rename) or appended to the job's own journal: nothing the user names.
 STREAMED = {
     "runner/output/assemble.py": "scratch row ranges in the state directory",
@@ -188,11 +188,11 @@ STREAMED = {
     "runner/plan.py": "a spill file of queued keys in the state directory",
     "runner/state/lock.py": "the job's lock",
     "runner/state/store.py": "the journal (append-only) and compacted parts (fsync_rename)",
-    "runner/send/batch.py": "batch request bodies in the state directory",
-    "runner/send/batch_book.py": "the batch book (append-only) in the state directory",
-    "runner/send/batch_files.py": "batch upload files, moved by fsync_rename",
+    "runner/send/batch/executor.py": "batch request bodies in the state directory",
+    "runner/send/batch/book.py": "the batch book (append-only) in the state directory",
+    "runner/send/batch/files.py": "batch upload files, moved by fsync_rename",
     "runner/cli/boundary.py": "/dev/null held on a closed standard stream",
-    "runner/send/probe_batch.py": "doctor's two-line upload file, in a TemporaryDirectory of its own",
+    "runner/send/batch/probe.py": "doctor's two-line upload file, in a TemporaryDirectory of its own",
 }
 WRITES = re.compile(
     r"\.write_text\(|\.write_bytes\(|write_parquet\(|sink_parquet\(|write_csv\(|write_ndjson\("
@@ -204,9 +204,9 @@ def test_every_file_is_written_through_runner_state_files() -> None:
     found = set()
     for path in sorted((ROOT / "runner").rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
-        if rel == "runner/state/files.py" or rel.startswith("runner/testing/"):
+        if rel == "runner/files.py" or rel.startswith("runner/simulator/"):
             continue
         if WRITES.search(path.read_text(encoding="utf-8")):
             found.add(rel)
 
-    assert found <= set(STREAMED), f"write through runner.state.files instead: {sorted(found - set(STREAMED))}"
+    assert found <= set(STREAMED), f"write through runner.files instead: {sorted(found - set(STREAMED))}"

@@ -13,10 +13,10 @@ import pytest
 from rich.console import Console
 from rich.text import Text
 
+from runner.control import Control
 from runner.money.accounting import Tally
 from runner.observe.panel import PanelState, ProgressPanel
 from runner.observe.progress import LineReporter, RichReporter
-from runner.send.base import Control
 
 STARTED = 1000.0
 

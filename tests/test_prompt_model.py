@@ -18,9 +18,9 @@ import yaml
 
 from runner.job.prompts import RequestBuilder
 from runner.job.resolve import load_job
-from runner.send.native import chat_body
+from runner.send.batch.native_request import chat_body
+from runner.simulator.simulator import SimulatorThread
 from runner.state.lock import JobLock
-from runner.testing.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
 
 FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}

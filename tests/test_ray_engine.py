@@ -30,7 +30,8 @@ except ImportError:
     pytest.skip("needs ray: pip install -e '.[ray]'", allow_module_level=True)
 
 from runner.job.resolve import load_job
-from runner.testing.simulator import SimulatorThread, answer_for
+from runner.simulator.answers import answer_for
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
 from tests.test_startup import loaded
 

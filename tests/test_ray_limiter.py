@@ -27,14 +27,16 @@ except ImportError:
         raise  # CI installs the ray extra (.ci/run); a missing ray there is a broken setup, not a skip
     pytest.skip("needs ray: pip install -e '.[ray]'", allow_module_level=True)
 
+from runner.control import Control
 from runner.distributed.claims import Claims
-from runner.distributed.limiter import ClusterLimiter, LeaseLost, Outcomes, connect
+from runner.distributed.limiter import ClusterLimiter, connect
 from runner.distributed.pacing import Rates
 from runner.distributed.slots import LeasedSlots
+from runner.distributed.terms import LeaseLost, Outcomes
 from runner.records import Answer, Request, Result
 from runner.send import client as wire
 from runner.send.limits import AimdController
-from runner.send.online import Control, OnlineExecutor
+from runner.send.online import OnlineExecutor
 from runner.send.retries import Fault
 
 

@@ -19,7 +19,7 @@ import pytest
 import runner
 from runner.observe.report import load_report
 from runner.observe.report_html import html_page
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
 
 MakeJob = Callable[..., JobFiles]

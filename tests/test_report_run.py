@@ -15,7 +15,7 @@ from rich.console import Console
 import runner
 from runner.observe.report import REPAIRED_MEANS, Report, load_report, print_report
 from runner.observe.report_html import html_page
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
 
 MakeJob = Callable[..., JobFiles]

@@ -20,7 +20,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli
 from tests.test_broken_state import small_disk
 

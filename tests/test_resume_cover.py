@@ -9,9 +9,10 @@ import polars as pl
 
 from runner.job.resolve import load_job
 from runner.runs import fingerprint
+from runner.simulator.answers import answer_for
+from runner.simulator.simulator import SimulatorThread
 from runner.state.rowmap import RowMap, file_identities
 from runner.state.settled import SettledKeys
-from runner.testing.simulator import SimulatorThread, answer_for
 from tests.conftest import JobFiles, cli, sample_rows, write_csv
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import polars as pl
 
-from runner.testing.simulator import SimulatorThread, answer_for
+from runner.simulator.answers import answer_for
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from runner.money.accounting import Distribution
 from runner.plan import RequestKeys
 from runner.records import Result, result_from_json, result_to_json
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows
 
 hex_keys = st.binary(min_size=16, max_size=16).map(bytes.hex)

@@ -14,15 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from runner.testing.simulator import (
-    FAULTS,
-    RETRYABLE_FAULTS,
-    SimConfig,
-    Simulator,
-    SimulatorThread,
-    answer_for,
-    prompt_text,
-)
+from runner.simulator.answers import answer_for, prompt_text
+from runner.simulator.config import FAULTS, RETRYABLE_FAULTS, SimConfig
+from runner.simulator.simulator import Simulator, SimulatorThread
+from tests.conftest import until
 
 KEY = "sim-test-key"
 
@@ -66,7 +61,7 @@ async def test_refusals_over_the_concurrency_cap_are_answered_at_once(server: Si
     server.configure(latency_s=1.0, concurrency_cap=1)
     async with aiohttp.ClientSession() as session:
         slow = asyncio.ensure_future(post(session, server.url, body("first")))
-        await asyncio.sleep(0.2)  # the first request is being answered
+        await until(lambda: server.stats()["max_in_flight"] >= 1)  # the first request is being answered
         status, _, text = await post(session, server.url, body("second"))
         refused_while_the_first_is_answered = not slow.done()
         assert (await slow)[0] == 200
@@ -110,7 +105,7 @@ async def test_a_hang_never_answers_but_the_server_finishes_and_bills_the_genera
         with pytest.raises(asyncio.TimeoutError):
             await post(session, server.url, body())
     assert server.stats()["billed"]["online"] == 0  # still generating
-    await asyncio.sleep(0.4)
+    await until(lambda: server.stats()["billed"]["online"] == 1)
     stats = server.stats()
     assert stats["billed"]["online"] == 1 and stats["billed_tokens"]["online"]["output"] > 0
     assert stats["ok"] == 0 and stats["outcomes"] == {"hang": 1}
@@ -122,8 +117,8 @@ async def test_a_client_that_times_out_on_a_slow_answer_is_billed_for_it(server:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.1)) as session:
         with pytest.raises(asyncio.TimeoutError):
             await post(session, server.url, body())
-    await asyncio.sleep(0.4)
-    assert server.stats()["billed"]["online"] == 1 and server.stats()["ok"] == 0
+    await until(lambda: server.stats()["billed"]["online"] == 1)
+    assert server.stats()["ok"] == 0
 
 
 async def test_faults_that_fail_before_generating_are_not_billed(server: SimulatorThread) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from statistics import mean
 
-from runner.testing.answers import lexicon_score
-from runner.testing.skill import skill_variant
+from runner.simulator.answers import lexicon_score
+from runner.simulator.skill import skill_variant
 
 PROMPTS = [f"Review {i}: it was {'good' if i % 2 else 'odd'} and the {i % 7} parts fit" for i in range(4000)]
 

@@ -98,9 +98,10 @@ def test_a_pilot_counts_only_rows_answered_before_as_answered_before(make_job) -
     import asyncio
     import io
 
-    from runner.engine import RunOptions, run_job
+    from runner.engine import run_job
     from runner.job.resolve import load_job
     from runner.observe.progress import make_reporter
+    from runner.runs import RunOptions
     from tests.conftest import API_KEY, cli, sample_rows
 
     files = make_job(sample_rows(40))

@@ -29,7 +29,7 @@ SENDING = (
     "runner.engine",
     "runner.send.client",
     "runner.send.online",
-    "runner.testing.simulator",
+    "runner.simulator.simulator",
 )
 
 

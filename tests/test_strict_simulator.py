@@ -16,7 +16,8 @@ import aiohttp
 import anthropic
 import pytest
 
-from runner.testing.simulator import SimConfig, SimulatorThread
+from runner.simulator.config import SimConfig
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import cli
 
 KEY = "sim-test-key"

@@ -15,7 +15,7 @@ from runner.job.samples import SAMPLE, expand_samples
 from runner.observe.quality import agreement_summary
 from runner.output.voting import vote
 from runner.records import KEY, RESULT_SCHEMA
-from runner.testing.simulator import SimulatorThread
+from runner.simulator.simulator import SimulatorThread
 from tests.conftest import cli
 
 REVIEWS = [

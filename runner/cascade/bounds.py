@@ -1,16 +1,10 @@
-"""The betting test BARGAIN uses to decide, from a sample drawn without replacement, whether a
-population's mean is above (or below) a value, with a chance of error at most `alpha`.
+"""The betting test BARGAIN uses: do draws without replacement show a population's mean above (or below) m?
 
-It follows `BARGAIN.bounds.betting_bounds` (the `bargain` package, MIT; Waudby-Smith and Ramdas's
-hedged-capital confidence sequences, sampling without replacement): a gambler bets against the null
-"the mean is m"; under the null her capital is a non-negative martingale, so by Ville's inequality it
-reaches 1/alpha with probability at most alpha whenever she looks. Each bet is sized by a predictable
-plug-in (the regularised variance of the draws so far, shrinking with the step as in the package's
-sequential form) and truncated so the capital stays positive. Without replacement, the null's mean
-of what is left to draw moves with each draw: m_t = (N m - S_{t-1}) / (N - t + 1).
+    above(xs, m, alpha, n)   # True when the draws show the mean of the n items is above m
+    below(xs, m, alpha, n)   # likewise for under m; each wrong with a chance of at most alpha
 
-`above(xs, m, alpha, n)` is True when the draws show the mean of the n items is above m; `below`
-likewise for under m. Draws are 0/1 (agreement with the oracle) here, but any value in [0, 1] works.
+Draws are 0/1 (agreement with the oracle) here, but any value in [0, 1] works. The method:
+docs/decisions.md, "Cascade: the betting test and the threshold procedure".
 """
 
 from __future__ import annotations

@@ -1,19 +1,5 @@
 """`glm-batch estimate` on a cascade job: what its next run sends and costs, and the whole cascade's
-cost against the oracle alone.
-
-The next run (the report's `requests_to_send` and `cost`, as for any job) sends what the stages do
-not already hold: the proxy's unanswered requests, and the oracle rows still to be asked. When the
-proxy pass is done and the method, replayed on the oracle's answers so far, draws no more (a
-finished cascade, or one stopped in its escalation), those rows are known exactly. Otherwise the
-oracle's share is an interval (below), less the rows it has answered already.
-
-The whole cascade is priced as `--fresh` (answered before or not) against the oracle alone, each
-figure against the oracle-only figure on the same basis. The proxy pass is every row, `samples`
-times; the oracle's share of rows cannot be known before the proxy has answered: low, a proxy that
-always agrees with the oracle (the oracle then answers only the method's calibration draws, found by
-running the method on such a proxy); high, a proxy whose confidence is useless (the oracle answers
-every row, and the proxy pass was paid for nothing). The expected share is the one the oracle
-answered in this job's last cascade run, else assumed half.
+cost against the oracle alone (how each is worked out: docs/decisions.md, "Cascade").
 """
 
 from __future__ import annotations
@@ -50,7 +36,7 @@ def perfect_proxy_share(rows: int, target: float, delta: float, seed: int) -> fl
 async def estimate_cascade(job: Job, *, api_key: str, options: Any, reporter: Reporter) -> dict[str, Any]:
     """The report of a cascade job: its next run (rows, requests to send, cost) and a `cascade`
     section with that run per stage, the whole cascade against the oracle alone, and the oracle's share."""
-    from runner.money.estimate import estimate_job
+    from runner.estimate import estimate_job
 
     cascade = job.spec.output.cascade
     assert cascade is not None
@@ -155,9 +141,9 @@ def _oracle_rows_left(
     """How many rows the next run asks the oracle about, when the state decides it: the proxy pass is
     done and the method, replayed (as a run replays it) on the oracle's answers so far, draws no more;
     then the rows asked or escalated whose request the oracle's state does not hold. None otherwise."""
+    from runner.estimate import _read_state
     from runner.job.prompts import RequestBuilder
-    from runner.job.templates import RenderError
-    from runner.money.estimate import _read_state
+    from runner.job.sandbox import RenderError
 
     cascade = job.spec.output.cascade
     assert cascade is not None

@@ -1,20 +1,9 @@
-"""A cascade job run as ordinary runs of the engine, then joined (see runner.cascade.threshold).
+"""A cascade job run as ordinary runs of the engine, then joined (the method: runner.cascade.threshold).
 
     report = await run_cascade(job, api_key=key, options=options, reporter=reporter)
 
-1. proxy pass: a derived job (model: the proxy, `samples` samples at `temperature`) over the whole
-   input, its state in `<state>/cascade/proxy/`; its majority answer and agreement per row;
-2. calibration: the method asks for oracle answers on drawn rows; each round writes the rows asked so
-   far to `<state>/cascade/oracle-input.parquet` and runs the oracle job (model.name, the job's own
-   sampling) over it, its state in `<state>/cascade/oracle/`. Answers are journalled and reused by
-   key, so a round run again after a crash sends only what it lacks;
-3. escalation: one more oracle run, over every row whose proxy answer is not kept;
-4. join: the job's output, one row per input row, carrying the oracle's answer or the proxy's, with
-   `answered_by`, `proxy_confidence` and `in_calibration`; the summary states the guarantee.
-
-Every stage is resumable after kill -9: the draws are seeded, so a rerun replays the same rounds, and
-each finds its answers settled. A stage that stops (budget, signal, abort) stops the cascade with its
-exit code and the resume line. `run.max_cost` caps the whole invocation: each stage gets what is left.
+Stages: the proxy pass, the calibration rounds of the oracle, the escalation, the join; each is an
+ordinary, resumable run (docs/decisions.md, "Cascade: the stages").
 """
 
 from __future__ import annotations
@@ -28,11 +17,11 @@ import polars as pl
 from runner.cascade.derive import derive
 from runner.cascade.threshold import Step, choose
 from runner.errors import UsageError
+from runner.files import read_json_object, write_atomic, write_json_atomic
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
 from runner.observe.progress import Reporter
 from runner.runs import RunOptions, RunReport
-from runner.state.files import read_json_object, write_atomic, write_json_atomic
 
 AHEAD = 1  # a calibration round asks the oracle for this many of the method's draws of 10 at once
 ANSWERED_BY, CONFIDENCE, IN_CALIBRATION = "answered_by", "proxy_confidence", "in_calibration"
@@ -184,7 +173,7 @@ def _answered_before(
     but costs a run). An answer is taken only where the row renders today to the request it answered
     (its key: prompt, model and parameters); otherwise the rounds replay and find answers by key."""
     from runner.job.prompts import RequestBuilder
-    from runner.job.templates import RenderError
+    from runner.job.sandbox import RenderError
 
     try:
         out = pl.read_parquet(home / "oracle.parquet", columns=[id_col, "request_key", "status", *fields])

@@ -1,25 +1,11 @@
-"""BARGAIN's accuracy-target cascade (BARGAIN_A in the `bargain` package; Zeighami, Shankar and
-Parameswaran, 2025), as a procedure that can be replayed: it never calls a model, it asks for oracle
-answers and is run again once they are in, so every oracle request is an ordinary, journalled run.
+"""BARGAIN's accuracy-target cascade (BARGAIN_A), as a procedure that can be replayed: it never calls a
+model, it asks for oracle answers and is run again once they are in.
 
     step = choose(scores, agrees, target=0.95, delta=0.05, seed=7)
     if step.need: ...send these rows to the oracle, then call choose again...
     else: step.keep (proxy answers kept), step.sampled (oracle answers, the calibration sample)
 
-The method: order the rows the proxy answered by its confidence, highest first (ties in a seeded
-random order). Candidate thresholds keep the top t rows for t = n/M, 2n/M, ... (M = 20). For each in
-turn, rows the oracle answers count as agreeing, so the proxy's share among the kept rows must reach
-(T * N - (N - t)) / t for the whole output to reach T. Draw uniformly, without replacement, from the
-top t rows (one seeded order, so draws made for a smaller t are reused), 10 at a time, sending each
-to the oracle, until the betting test (runner.cascade.bounds) says the kept rows' agreement is above
-that share (accept t and try the next) or below it (stop); past 50 draws whose mean minus one
-standard deviation is under the share, stop too (not worth more oracle calls). Giving up never
-accepts, so the guarantee does not depend on that rule (docs/decisions.md, "Cascade"). Testing the
-thresholds in a fixed order and stopping at the first failure keeps the chance of any wrong
-acceptance at delta without a correction. The output keeps the proxy's answer on the accepted top
-rows that were not drawn; everything else (lower rows, drawn rows, rows the proxy could not
-answer) carries the oracle's. Then it agrees with the oracle on at least T of the rows with
-probability at least 1 - delta.
+The method: docs/decisions.md, "Cascade: the betting test and the threshold procedure".
 """
 
 from __future__ import annotations
@@ -45,7 +31,6 @@ class Step:
     keep: frozenset[int] = frozenset()
     sampled: frozenset[int] = frozenset()
     threshold: float | None = None  # the lowest kept confidence (None: no proxy answer kept)
-    kept_share_needed: float | None = None  # the agreement the kept rows were shown to reach
     tested: list[dict[str, float | int | bool]] = field(default_factory=list)
 
 
@@ -84,27 +69,27 @@ def choose(
     random.Random(f"draw-{seed}").shuffle(draws)  # ranks, in the order they are drawn
     drawn: set[int] = set()
     tested: list[dict[str, float | int | bool]] = []
-    best, best_needed = -1, None
+    best = -1
     step = max(n // THRESHOLDS, 1)
     try:
         for t in range(step - 1, n, step):
             kept = t + 1
             needed = (target * total - (total - kept)) / kept
             if needed <= 0:
-                best, best_needed = t, needed
+                best = t
                 continue
             ok, used = _confident(ranked, draws, t, needed, agrees, delta, ahead)
             drawn.update(used)
             tested.append({"kept": kept, "needed": round(needed, 4), "draws": len(used), "accepted": ok})
             if not ok:
                 break
-            best, best_needed = t, needed
+            best = t
     except _Need as missing:
         return Step(need=tuple(missing.rows))
     sampled = frozenset(ranked[r] for r in drawn)
     keep = frozenset(ranked[r] for r in range(best + 1)) - sampled
     threshold = scores[ranked[best]] if best >= 0 else None
-    return Step(keep=keep, sampled=sampled, threshold=threshold, kept_share_needed=best_needed, tested=tested)
+    return Step(keep=keep, sampled=sampled, threshold=threshold, tested=tested)
 
 
 def _confident(

@@ -1,17 +1,8 @@
 """The command line: `glm-batch run | estimate | validate | doctor | status | show | usage | report | ...`.
 
-This package holds the typer app, its entry point `main`, the options and helpers every command
-shares (`_guarded`, `_load`, `_console`...), and registers the commands, which live by concern in
-`run` (run, estimate, simulate), `inspect` (usage, report, status, models), `scaffold` (schema,
-validate, init) and `doctor` (the first-real-run probe); `tables` draws the tables they print.
-
-Every error glm-batch raises on purpose is printed as one line (`glm-batch: error: ...`) and ends the
-process with its exit code; see the README for the table of codes.
-
-Start-up is kept light: this package imports only typer and glm-batch's own error types. Each command
-imports what it needs (polars, the engine, the SDK...) when it runs, so `--help`, `--version` and shell
-completion do not pay for libraries they never use; and `main` hands typer an app holding only the
-command asked for (`app_for`), so typer does not inspect the other ten first.
+The typer app, its entry point `main` and what every command shares (`_guarded`, `_load`, `_console`...);
+the commands live by concern in `run`, `inspect`, `scaffold` and `doctor`, their tables in `tables`.
+Imports stay light: each command imports what it needs when it runs (docs/decisions.md, "CLI start-up").
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ def crash(exc: BaseException) -> int:
         traceback.format_exception(exc)
     )
     from runner.errors import GlmBatchError
-    from runner.state.files import write_text
+    from runner.files import write_text
 
     where: str | None = None
     for folder in (crash_dir(), Path(tempfile.gettempdir()) / "glm-batch-crashes"):

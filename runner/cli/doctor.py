@@ -1,15 +1,8 @@
 """`glm-batch doctor [JOB] [--endpoint E --model M] [--batch]`: the first-real-run probe.
 
-With the fewest and smallest requests (one output token each; the worst case is printed before, the
-cost after) it finds out what the account and the route really do: whether the key works, the balance
-and plan (1113 / 1308 named), whether the model exists, whether a forced tool choice and two stop
-sequences are accepted, which error shape comes back (a free request for a model that does not
-exist), the concurrency the account allows (a short ramp, stopped at the first 1302 / 429), and with
-`--batch` whether a 2-line batch on the model passes the Batch API's validation, beside the same on
-glm-4-flash (documented eligible, free) as the control, printing the batch object's shape.
-
-What it learns is stored with runner.job.facts.record_facts (per endpoint and model, with the date),
-where runs read it: the concurrency default, batch eligibility, the tool-choice fallback.
+With the fewest and smallest requests it finds out what the account and the route really do (key,
+balance, model, tool choice, stop sequences, error shape, concurrency, and with `--batch` batch
+eligibility), and stores it with runner.job.facts.record_facts for runs to read.
 """
 
 from __future__ import annotations
@@ -99,7 +92,8 @@ def _url(target: Target) -> Iterator[str]:
     if target.base_url is not None:
         yield target.base_url
         return
-    from runner.testing.simulator import SimConfig, SimulatorThread
+    from runner.simulator.config import SimConfig
+    from runner.simulator.simulator import SimulatorThread
 
     with SimulatorThread(SimConfig()) as server:
         yield server.url
@@ -131,8 +125,8 @@ async def diagnose(
     from runner.job import catalog
     from runner.job.facts import as_dict as facts_dict
     from runner.job.facts import record_facts
+    from runner.send.batch.probe import probe_batch
     from runner.send.probe import CONTROL_MODEL, PROBE_INPUT_TOKENS, Prober, Report, probe_online
-    from runner.send.probe_batch import probe_batch
 
     report = Report(target, url)
     table = _table(target)

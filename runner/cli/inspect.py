@@ -105,10 +105,11 @@ def report(
     """Print what a finished run did and, with gold labels, how good its answers were (and draw it as HTML)."""
 
     def go() -> None:
-        from runner.job.paths import job_files, output_files
+        from runner.files import write_text
+        from runner.job.paths import output_files
+        from runner.job.resolve import job_files
         from runner.observe.report import load_report, print_report
         from runner.observe.report_html import HTML_MARK, html_page
-        from runner.state.files import write_text
 
         if target.suffix == ".parquet":
             if not target.exists():
@@ -163,7 +164,7 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
     """Show how many rows of the last run are answered, failed or pending, and what that run did."""
 
     def go() -> None:
-        from runner.send.batch_admin import batch_rows
+        from runner.send.batch.admin import batch_rows
         from runner.state.lock import JobLock
 
         # The templates stay unparsed (no jinja2): status renders nothing, and writes nothing either.
@@ -208,7 +209,7 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
 
 def _runs(state_dir: Path) -> list[dict[str, Any]]:
     """The runs the job's manifest records; none when it cannot be read (status only reports)."""
-    from runner.state.files import read_manifest  # not the store's: it would load polars
+    from runner.files import read_manifest  # not the store's: it would load polars
 
     try:
         runs = read_manifest(state_dir).get("runs")
@@ -273,7 +274,7 @@ def cancel(
     import asyncio
 
     def go() -> None:
-        from runner.send.batch_admin import cancel_batches
+        from runner.send.batch.admin import cancel_batches
         from runner.send.endpoints import endpoint_url
 
         job = _load(spec, set_, None, sends=False)  # batches a run made before the batch rule can still be cancelled

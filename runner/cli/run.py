@@ -68,7 +68,8 @@ def run(
             import_in_background()  # the SDK loads while the engine (polars) loads and checks the input
         import asyncio
 
-        from runner.engine import RunOptions, run_job
+        from runner.engine import run_job
+        from runner.runs import RunOptions
 
         options = RunOptions(
             fresh=fresh,
@@ -92,7 +93,7 @@ def _dry_run(spec: Path, set_: list[str] | None, limit: int | None, *, fresh: bo
     from the job's state as it is, read only: no lock, no key needed, nothing sent or written."""
     import asyncio
 
-    from runner.money.estimate import EstimateOptions, estimate_job
+    from runner.estimate import EstimateOptions, estimate_job
     from runner.observe.progress import make_reporter
 
     job = _load(spec, set_, limit)
@@ -150,7 +151,7 @@ def estimate(
     """Estimate a job's tokens, cost and wall time. Sends nothing unless --exact or --pilot asks."""
     import asyncio
 
-    from runner.money.estimate import EstimateOptions, estimate_job
+    from runner.estimate import EstimateOptions, estimate_job
     from runner.observe.progress import make_reporter
 
     def go() -> None:
@@ -199,7 +200,8 @@ def simulate(
     import asyncio
     import contextlib
 
-    from runner.testing.simulator import SimConfig, serve_forever
+    from runner.simulator.config import SimConfig
+    from runner.simulator.simulator import serve_forever
 
     config = SimConfig(
         latency_s=latency, latency_jitter_s=jitter, concurrency_cap=cap, fault_rate=fault_rate, seed=seed

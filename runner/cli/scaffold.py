@@ -53,7 +53,7 @@ def schema(
         return
 
     def go() -> None:
-        from runner.state.files import write_text
+        from runner.files import write_text
 
         write_text(output, text, key="-o", ours=SCHEMA_MARK, force=force)
         print(f"wrote {output}")
@@ -74,7 +74,7 @@ def validate(
 
     from runner.job.inputs import ID, ROW, open_input
     from runner.job.prompts import RequestBuilder
-    from runner.job.templates import RenderError
+    from runner.job.sandbox import RenderError
 
     def go() -> None:
         job = _load(spec, set_, limit)
@@ -136,7 +136,7 @@ def init(
     """Write a commented starter job for an input file's columns (never overwrites a file)."""
 
     def go() -> None:
-        from runner.state.files import write_error, write_text
+        from runner.files import write_error, write_text
 
         target = output if output is not None else Path("jobs") / f"{input_path.stem}.yaml"
         if target.exists():

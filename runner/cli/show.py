@@ -85,7 +85,7 @@ def _output_of(target: Path, overrides: list[str] | None) -> Path:
 
 def _columns(given: str | None, names: list[str]) -> list[str]:
     """The columns to show: those given (each must exist), else the id, the input and answer columns."""
-    from runner.output.columns import OUTPUT_COLUMNS, VOTE_COLUMNS
+    from runner.columns import OUTPUT_COLUMNS, VOTE_COLUMNS
 
     if given is None:
         own = [n for n in names if n not in OUTPUT_COLUMNS and n not in VOTE_COLUMNS]

@@ -1,17 +1,10 @@
-"""Which block of a Ray run sends a request that several blocks share (identical prompts in blocks on
-different actors), so that it is sent, and paid for, once.
+"""Which block of a Ray run sends a request that several blocks share, so that it is sent, and paid for, once.
 
     others = claims.claim("row-1500", keys)   # the block starting at row 1500: keys another block owns
     ...send the rest, journal them...
     claims.release("row-1500")                 # done: its answers are in the journal and parts now
 
-The first block to claim a key owns it until it is released. A block is named by its first row, so a
-block Ray retries (its actor died) is the same owner and sends what its dead attempt left unanswered.
-A block that finds a key owned by another does not send it and does not wait for it: its row-map lines
-name the key, the owner's answer serves them, and the driver counts the run complete only when every
-such key has an answer from this run. A block claims its keys first and looks for answers already
-journalled second, so a key released meanwhile is found answered and not sent again. Only the keys of
-blocks in progress are held, so the table stays the size of what the actors are sending.
+The rule: docs/decisions.md, "Ray runs: one limit, one payment".
 """
 
 from __future__ import annotations

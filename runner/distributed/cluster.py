@@ -3,13 +3,7 @@
     stats = await send_on_ray(job, source, store, api_key, settled, accountant, tally, control, progress,
                               reporter, shape)
 
-runner.distributed.engine imports this module only when the run has rows to render, so a re-run of an
-unchanged finished job never imports Ray (seconds of start-up for nothing). Here the driver makes the
-run's ClusterLimiter (the account's one in-flight limit and run.max_cost), reads the input with Ray
-Data (runner.distributed.rows: `_row` as the local engine numbers rows), and maps blocks over a pool of
-sending actors (runner.distributed.worker.Sender). Each actor journals its answers to the job's state
-directory before its block's row-map lines come back; the driver adds those lines to the row map in
-order, and its tally and progress from each block's report.
+Imported only when a run has rows to render, so an unchanged re-run never imports Ray.
 """
 
 from __future__ import annotations
@@ -24,6 +18,7 @@ from typing import Any
 import polars as pl
 import ray
 
+from runner.control import Control
 from runner.distributed.engine import Progress, Shape
 from runner.distributed.limiter import connect
 from runner.distributed.rows import read_rows
@@ -35,10 +30,10 @@ from runner.money.accounting import Accountant, Tally
 from runner.money.pricing import tier_label
 from runner.observe.progress import Reporter
 from runner.records import KEY, Result, result_from_json, scan_results
-from runner.send.base import Control
 from runner.send.endpoints import endpoint_url
 from runner.send.limits import AimdController
-from runner.state.store import SettledKeys, Store
+from runner.state.settled import SettledKeys
+from runner.state.store import Store
 from runner.supervise import supervise
 
 

@@ -1,17 +1,7 @@
 """The Ray engine (`run.engine: ray`): the local engine's contract, with reading, rendering and sending
-spread over a Ray cluster.
+spread over a Ray cluster (docs/decisions.md, "Ray runs: one limit, one payment").
 
     report = await run_on_ray(job, api_key=key, options=RunOptions(), reporter=reporter)
-
-The driver (this process) does what needs one owner: it opens the input (checks), the store (lock,
-crash sweep) and the settled keys (runner.resume, read on first use), and decides whether any row
-needs rendering. If nothing changed since a run that answered every row (the row map is current, by
-its cover record without reading a key), the run only finishes: Ray is not imported, let alone
-started, and no actor or client is made, as cheap as the local engine's re-run. Otherwise
-runner.distributed.cluster starts Ray and maps the input over the sending actors; the driver writes
-their row-map lines in order, seals the map, and finalizes the output, summary, ledger and manifest as
-the local engine does. Request keys are the local engine's, so a job started on one engine and
-finished on the other sends nothing twice.
 """
 
 from __future__ import annotations
@@ -21,6 +11,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from runner.control import Control
 from runner.errors import UsageError
 from runner.finish import Ending, finish
 from runner.job.inputs import InputSource, open_input
@@ -34,7 +25,6 @@ from runner.observe.progress import Reporter
 from runner.plan import ALL_FAIL_ROWS, plan
 from runner.resume import settled_keys
 from runner.runs import RunOptions, RunReport, fingerprint
-from runner.send.base import Control
 from runner.state.rescue import find_rescued
 from runner.state.store import Store
 

@@ -1,21 +1,10 @@
-"""One account-wide in-flight limit and spending cap for every worker of a cluster run.
-
-Zhipu limits requests in flight per account, and Ray Data has no limit across workers (ray#48198), so
-one named async actor holds both for the whole cluster, with the account's request and token rates
-(runner.distributed.pacing):
+"""One account-wide in-flight limit and spending cap for every worker of a cluster run, as a named actor.
 
     limiter = connect("glm-batch/reviews", concurrency=8, max_cost=5.0)   # the driver, once
     granted = await limiter.acquire.remote("worker-3", 4)                  # a worker: up to 4 slots
     directive = await limiter.release.remote("worker-3", 2, outcomes, in_use)
 
-Workers do not call it once per request: runner.distributed.slots.LeasedSlots leases a few slots at a
-time, reuses them locally while it is busy, and reports how its attempts ended in batches.
-
-Slots are leases. A worker proves it is alive by calling (any call renews; an idle worker heartbeats with
-`renew`). A worker silent for `lease_timeout_s` is taken as dead and its slots go back to the pool, so a
-killed actor, a lost node or a hung process cannot leak the account's capacity; `reclaim` does the same
-at once when the driver knows a worker died (e.g. a Ray actor restart). A worker that comes back after
-its lease was reclaimed is told so (LeaseLost) and must join again.
+Slots are leases (docs/decisions.md, "Ray runs: one limit, one payment").
 """
 
 from __future__ import annotations
@@ -163,10 +152,6 @@ class ClusterLimiter:
         if n:
             await self._notify()
         return self._directive(lease)
-
-    async def renew(self, worker_id: str, in_use: int = 0) -> Directive:
-        """A heartbeat: keep the worker's lease alive and tell it what it owes."""
-        return await self.release(worker_id, 0, None, in_use)
 
     async def reclaim(self, worker_id: str) -> int:
         """The worker is dead (the driver saw its actor die or restart): take its slots back now.

@@ -1,19 +1,10 @@
-"""The account's request and token rates (`run.requests_per_minute`, `run.tokens_per_minute`) for a whole
-cluster, kept in the run's ClusterLimiter actor and handed out as start times.
+"""The account's request and token rates for a whole cluster, kept in the run's ClusterLimiter actor and
+handed out as start times.
 
     rates = Rates(requests_per_minute=600, tokens_per_minute=None)
     granted, wait_s = rates.book([1200, 900, 1500], now)   # three attempts' token charges, in order
 
-Each rate is a bucket holding one second's worth (at least one unit), as the local engine's
-runner.send.limits sizes its aiolimiter buckets, kept as a virtual schedule (GCRA): the bucket is
-empty at `empty_at`, a use of `cost` may start once the bucket has room for it, and booking it moves
-`empty_at` on by cost / rate. So whatever starts within any window of W seconds costs at most one
-bucket plus W seconds of the rate, across every worker. A worker books all the attempts it has waiting
-in one call (as many as both buckets hold at once) and starts them after `wait_s`: one round trip to
-the actor per grant, never one per request, and nothing waits inside the actor.
-
-Token charges are estimates (the prompt's estimate plus the mean answer so far); an answer that used
-more is booked afterwards (`owe`), so later starts wait for it, as the local engine's bucket does.
+How: docs/decisions.md, "Ray runs: one limit, one payment".
 """
 
 from __future__ import annotations

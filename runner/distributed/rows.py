@@ -2,17 +2,7 @@
 
     ds = read_rows(job, source, rows_total, block_rows=500)   # Ray Data reads; `_row` from block offsets
 
-Ray Data reads the files (local paths, globs and object-store URIs are its business) with block order
-preserved, so its blocks come in file order and, within a file, in row order: the order polars reads
-them in (runner.job.inputs). The driver walks the read's blocks as they are produced, in that order,
-keeps a running offset from each block's row count, and has a small task per slice of a block (at most
-`block_rows` rows, so that sending spreads over every actor) add `_row = offset + i`. The numbered
-blocks stay in the object store and become the dataset the senders map over. The rows counted must
-equal the rows polars counted, or the run stops: a position that differs from the local engine's would
-join answers to the wrong rows.
-
-CSV is read as text, as the local engine reads it (a value's text, not a parsed number, is what the
-template renders), with empty fields as null.
+The rows counted must equal the rows polars counted, or the run stops (docs/decisions.md, "Ray runs").
 """
 
 from __future__ import annotations

@@ -6,16 +6,6 @@ leased from the run's ClusterLimiter actor instead of a local semaphore.
         answer = await client.send(params)
         attempt.used_tokens = ...
     await slots.aclose()                                  # hand everything back
-
-So OnlineExecutor runs unchanged inside a Ray actor with a LeasedSlots where it takes a Limits. With
-`paced`, each attempt also waits for the start time the limiter's rates give it (run.requests_per_minute
-and tokens_per_minute: runner.distributed.pacing), after its slot, as Limits takes its buckets.
-
-The actor is not a round trip per request: the worker leases a few slots at a time (as many as its
-attempts are waiting for, up to the limiter's max grant), reuses a freed slot for its next attempt
-without asking, hands back what it has not used for `idle_s`, and reports how its attempts ended
-(answers, 1302 refusals, platform overloads) in one call every `report_s`, which is also when it learns
-whether it owes slots back (the limit fell, or other workers are waiting) or must pause.
 """
 
 from __future__ import annotations
@@ -28,7 +18,8 @@ from typing import Any
 
 from ray.actor import ActorHandle
 
-from runner.distributed.limiter import ClusterLimiter, Directive, LeaseLost, Outcomes
+from runner.distributed.limiter import ClusterLimiter
+from runner.distributed.terms import Directive, LeaseLost, Outcomes
 from runner.send.limits import AimdController, Attempt, Overload
 
 

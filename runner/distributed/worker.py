@@ -2,18 +2,7 @@
 
     ds.map_batches(Sender, fn_constructor_kwargs={"config": SenderConfig(...)}, batch_format="pyarrow", ...)
 
-Each call renders and keys its block with the local engine's planning (runner.plan: RequestBuilder
-keys, settled checks, Dispatch's row-map lines and render failures), sends what is unanswered with the
-local engine's OnlineExecutor on slots leased from the run's ClusterLimiter, and journals every answer
-to the job's state directory through a Store of its own (`journal-<run>-<actor>.jsonl`, parts
-`part-<run>-<actor>-<n>.parquet`) before it returns. Its output is the block's row-map lines; the first
-line also carries the block's report (`_report`: the results as journal lines, counts, why it stopped).
-
-A task Ray retries (its actor died) must not pay twice for what the dead attempt already got: before
-sending, a call looks its keys up in what this run has written so far, every actor's journals and parts
-(RunAnswers), and treats those as settled. A request that blocks share (identical prompts) is sent by
-the block that claims it first at the limiter (runner.distributed.claims); the others leave it to that
-block and list it in their report (`deferred`), so the driver can check it was answered.
+A retried block never pays twice for what its dead attempt got (docs/decisions.md, "Ray runs").
 """
 
 from __future__ import annotations
@@ -30,6 +19,7 @@ import polars as pl
 import pyarrow as pa
 import ray
 
+from runner.control import Control
 from runner.distributed.slots import LeasedSlots
 from runner.errors import STATE_FAILURES
 from runner.job.inputs import ROW, InputSource
@@ -39,11 +29,11 @@ from runner.money.tokens import estimate_request
 from runner.plan import Dispatch, plan
 from runner.records import KEY, Request, Result, result_to_json
 from runner.send import online_executor
-from runner.send.base import Control
 from runner.send.client import Client
 from runner.send.online import OnlineExecutor
 from runner.state.rowmap import RowMap
-from runner.state.store import SettledKeys, Store
+from runner.state.settled import SettledKeys
+from runner.state.store import Store
 
 REPORT = "_report"  # the column carrying a block's report on its first line
 

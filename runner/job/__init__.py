@@ -1,1 +1,1 @@
-"""job"""
+"""What a job is: its spec read and checked, its input rows, and their prompts rendered into keyed requests."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from runner.state.files import read_json_object, write_json_atomic
+from runner.files import read_json_object, write_json_atomic
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from typing import Any
 
 import polars as pl
 
+from runner.columns import clash as output_clash
 from runner.errors import NothingToDo, UsageError
 from runner.job.resolve import Job
-from runner.output.columns import clash as output_clash
 
 ROW = "_row"
 ID = "_id"

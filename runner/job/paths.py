@@ -10,14 +10,10 @@ import glob
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from runner.errors import UsageError
+from runner.files import read_json_object
 from runner.job.spec import JobSpec
-from runner.state.files import read_json_object
-
-if TYPE_CHECKING:
-    from runner.job.resolve import Job
 
 INPUT_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
 
@@ -97,19 +93,6 @@ def check_not_an_input(
                     )
 
 
-def check_written_apart(job: Job, ledger: Path, rescue_journal: Path) -> None:
-    """Refuse, when a run starts, a place the run may write outside the spec's own paths that the job's
-    input patterns would read next time: the usage ledger folder (the environment's, so known only
-    now) and a rescue journal beside the output (`rescue_journal`: one such name)."""
-    spec, base, where = job.spec, job.spec_path.parent, str(job.spec_path)
-    check_not_an_input(
-        ledger, "the usage ledger", "GLM_BATCH_LEDGER", spec, base, job.spec_path, job.input_paths, where, folder=True
-    )
-    check_not_an_input(
-        rescue_journal, "a rescue journal", "output.path", spec, base, job.spec_path, job.input_paths, where
-    )
-
-
 def _glob_part(pattern: str, name: str) -> bool:
     """One path component against one glob component, as `glob.glob` matches it (a `*` skips dot-names)."""
     if not glob.has_magic(pattern):
@@ -185,21 +168,6 @@ def default_state_dir(spec: JobSpec, base: Path, name: str) -> Path:
             break
         stable /= part.format(name=name)
     return base / stable / ".glm-batch" / name
-
-
-def job_files(job: Job) -> list[tuple[Path, str]]:
-    """The files of a job that no command may write a report or a schema over, each with what it is
-    (for runner.state.files.write_text): its spec, template file, inputs, output, summary and state."""
-    files = [(job.spec_path, "the job spec")]
-    if job.spec.prompt.template_file is not None:
-        files.append((job.spec_path.parent / job.spec.prompt.template_file, "the job's template file"))
-    files += [(p, "an input of the job") for p in job.input_paths]
-    files += [
-        (job.output_path, "the job's output"),
-        (job.output_path.with_suffix(".summary.json"), "the job's summary"),
-        (job.state_dir, "the job's state directory"),
-    ]
-    return files
 
 
 def output_files(output: Path) -> list[tuple[Path, str]]:

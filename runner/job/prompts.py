@@ -1,18 +1,7 @@
 """Rows to requests: render each row's prompt into Messages API parameters and give it an identity key.
 
-The key is a hash of everything that determines the answer (endpoint, model, system, messages, sampling,
-max_tokens, thinking). Two rows that would send the same request share one answer, a template change
-re-sends exactly the rows whose request changed, and yesterday's answers serve today's cron run.
-
-The prompt's texts are hashed as length-prefixed parts: the system prompt, then each turn before the
-row's (`prompt.messages`) as its role and its text, then the row's turn. A `prompt.template` job has
-no earlier turns, so its keys are what they always were; a message list holding only the user's turn
-is the same request as that template, and has the same key.
-
-With `output.samples: k` a row is asked k times. Sample 0 has the row's own key and sample i the key
-`<key>-s<i>`: each sample is paid for once and kept on its own, and raising k later sends only the
-new samples. (The suffix keeps the key's leading hex digits, so all of a row's samples fall in the
-same store bucket and can be voted on there.)
+The key is a hash of everything that determines the answer, so identical requests share one answer and
+a template change re-sends exactly the rows whose request changed (docs/decisions.md, "Request keys").
 """
 
 from __future__ import annotations
@@ -23,7 +12,8 @@ from typing import Any
 
 from runner.errors import UsageError
 from runner.job.resolve import Job
-from runner.job.templates import NullInput, RenderError, blank_nested_nulls, has_nested_null
+from runner.job.sandbox import NullInput, RenderError
+from runner.job.templates import blank_nested_nulls, has_nested_null
 from runner.records import Request
 
 SAMPLE_MARK = "-s"

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from runner.columns import gold_names
 from runner.errors import UsageError
 from runner.job import catalog, paths
 from runner.job.eligibility import BatchEligibility, batch_eligibility
@@ -31,7 +32,6 @@ from runner.job.spec import JobSpec
 from runner.job.structured import AnswerShape
 from runner.job.templates import Template, compile_template, deferred_template
 from runner.job.thinking import ThinkingPlan, thinking_plan
-from runner.output.columns import gold_names
 from runner.redact import redact
 
 
@@ -88,7 +88,7 @@ class Job:
     @property
     def gold_columns(self) -> dict[str, str]:
         """Each gold input column of eval (gold_column, gold_fields' columns) and the output column that
-        carries it (runner.output.columns.gold_names): what the quality report reads."""
+        carries it (runner.columns.gold_names): what the quality report reads."""
         evaluation = self.spec.eval
         if evaluation is None:
             return {}
@@ -346,7 +346,7 @@ def _keep_columns(
     """output.keep_columns as given; unset, none for a text job and, for labeling, the columns the prompt
     reads (so the output shows what was labeled), less the id column (the output has it already) and any
     named like an answer field: that column holds the answer. Given explicitly, a clash is refused when the
-    input is opened (runner.output.columns.clash)."""
+    input is opened (runner.columns.clash)."""
     if spec.output.keep_columns is not None:
         return tuple(spec.output.keep_columns)
     if shape is None:
@@ -362,3 +362,31 @@ def _variables(
     for _, tpl in history:
         variables |= tpl.variables
     return variables
+
+
+def check_written_apart(job: Job, ledger: Path, rescue_journal: Path) -> None:
+    """Refuse, when a run starts, a place the run may write outside the spec's own paths that the job's
+    input patterns would read next time: the usage ledger folder (the environment's, so known only
+    now) and a rescue journal beside the output (`rescue_journal`: one such name)."""
+    spec, base, where = job.spec, job.spec_path.parent, str(job.spec_path)
+    paths.check_not_an_input(
+        ledger, "the usage ledger", "GLM_BATCH_LEDGER", spec, base, job.spec_path, job.input_paths, where, folder=True
+    )
+    paths.check_not_an_input(
+        rescue_journal, "a rescue journal", "output.path", spec, base, job.spec_path, job.input_paths, where
+    )
+
+
+def job_files(job: Job) -> list[tuple[Path, str]]:
+    """The files of a job that no command may write a report or a schema over, each with what it is
+    (for runner.files.write_text): its spec, template file, inputs, output, summary and state."""
+    files = [(job.spec_path, "the job spec")]
+    if job.spec.prompt.template_file is not None:
+        files.append((job.spec_path.parent / job.spec.prompt.template_file, "the job's template file"))
+    files += [(p, "an input of the job") for p in job.input_paths]
+    files += [
+        (job.output_path, "the job's output"),
+        (job.output_path.with_suffix(".summary.json"), "the job's summary"),
+        (job.state_dir, "the job's state directory"),
+    ]
+    return files

@@ -109,7 +109,6 @@ class Tally:
     cost: float = 0.0
     cost_by_tier: dict[str, float] = field(default_factory=dict)
     est_input_tokens: int = 0  # local estimates of the requests answered ok, for calibration
-    queued_answered: int = 0  # results for requests this run queued (render failures are not queued)
     all_rows_rendered: bool = False
     # (day, model) -> counters, one ledger row each
     by_day: dict[tuple[dt.date, str], dict[str, float]] = field(default_factory=dict)
@@ -126,18 +125,14 @@ class Tally:
             if tier is not None:
                 self.cost_by_tier[tier] = self.cost_by_tier.get(tier, 0.0) + cost
         if result.status == "skipped":  # input.nulls: skip decided it; nothing was sent or went wrong
-            self.queued_answered += 1
             self.skipped += 1
             return
         if result.status != "ok":
             day["requests_failed"] += 1
-            if result.error_type != "render_error":
-                self.queued_answered += 1
             self.failed += 1
             name = result.error_type or "unknown"
             self.errors[name] = self.errors.get(name, 0) + 1
             return
-        self.queued_answered += 1
         self.ok += 1
         self.last_answer_at = time.monotonic()
         if self.first_answer_at is None:
@@ -173,9 +168,6 @@ class Tally:
             self.failed -= 1
             name = result.error_type or "unknown"
             self.errors[name] -= 1
-            if result.error_type == "render_error":
-                return
-        self.queued_answered -= 1
 
     def _day(self, result: Result) -> dict[str, float]:
         """The counters of the result's (day, model): nearly always the previous result's."""

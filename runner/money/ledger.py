@@ -3,15 +3,8 @@
     append(rows)          # at the end of each run (and pilot)
     usage()               # every row, for `glm-batch usage` and for calibration
 
-It is a folder of small Parquet files (one per run, written atomically) in $GLM_BATCH_LEDGER, by
-default ~/.local/share/glm-batch/ledger, shared by every job on the machine. Runs on the built-in
-simulator book their make-believe spend in a folder of its own (`simulated/` inside the ledger), so it
-never mixes with real money nor calibrates real estimates.
-
-Spending first, bookkeeping after: a run checks the ledger can be written before its first request
-(`problem`), and goes on if it cannot (a cron job must still run: a warning on stderr and in the
-summary). Rows that cannot be appended at the end wait in the job's state folder (`keep_pending`) and
-the next run of the job books them (`book_pending`). A ledger file that does not read is skipped.
+Small Parquet files in $GLM_BATCH_LEDGER (simulated runs in `simulated/`); a ledger that cannot be
+written warns and keeps its rows pending (docs/decisions.md, "State failures and the ledger").
 """
 
 from __future__ import annotations
@@ -24,8 +17,8 @@ from pathlib import Path
 import polars as pl
 
 from runner.errors import GlmBatchError
+from runner.files import write_atomic
 from runner.money.tokens import Calibration
-from runner.state.files import write_atomic
 
 LEDGER_SCHEMA: dict[str, pl.DataType] = {
     "day": pl.Date(),

@@ -46,7 +46,7 @@ def earlier_answers(parts: list[Path], job: Job) -> pl.DataFrame:
 
 def runs_on_endpoint(job: Job) -> list[str]:
     """The ids of the job's recorded runs that sent to its endpoint as it is now."""
-    from runner.state.files import read_manifest
+    from runner.files import read_manifest
 
     try:
         runs = read_manifest(job.state_dir).get("runs") or []

@@ -21,8 +21,8 @@ if TYPE_CHECKING:  # rich is imported where the panel is drawn: a run logging JS
     from rich.console import Console, ConsoleOptions, RenderResult
     from rich.text import Text
 
+    from runner.control import Control
     from runner.money.accounting import Tally
-    from runner.send.base import Control
 
 WIDE = 120  # from this many columns on, the panel adds the items only wide terminals have room for
 SEPARATOR = " · "

@@ -4,13 +4,7 @@
     reporter.phase("reading input")    # what the run is doing before there is anything to count
     reporter.start(job, tally); reporter.tick(tally, executor.gauges(), control); reporter.finish(summary, message)
 
-On a terminal the progress is a live panel (runner.observe.panel) that shows the phase from the first
-second, then rows done, rate, ETA, in flight, tokens and spend.
-
-JSON lines (`--log-format json`) are one object per line on stderr with `event` and `ts` keys: `start`,
-`progress` every `interval_s`, `retrying` summaries, `end`. Text lines (`--log-format text`) carry the
-same fields as `event key=value ...` (see `text_line`); phases are for people and print no line.
-Nothing here ever sees the API key.
+JSON lines carry `event` and `ts` (`start`, `progress`, `retrying`, `end`); nothing here sees the API key.
 """
 
 from __future__ import annotations
@@ -30,9 +24,9 @@ if TYPE_CHECKING:  # rich is imported by the one reporter that draws with it
     from rich.console import Console
     from rich.live import Live
 
+    from runner.control import Control
     from runner.job.resolve import Job
     from runner.money.accounting import Tally
-    from runner.send.base import Control
 
 LogFormat = Literal["auto", "rich", "json", "text"]
 
@@ -229,8 +223,8 @@ class RichReporter:
             self._live.refresh()
 
     def start(self, job: Job, tally: Tally) -> None:
+        from runner.control import Control
         from runner.money.pricing import price_table  # the reporter is built before any job is read
-        from runner.send.base import Control
 
         self._job, self._model, self._currency = job.name, job.spec.model.name, job.currency
         self._priced = price_table(job) is not None

@@ -16,11 +16,11 @@ from typing import Any
 
 import polars as pl
 
+from runner.columns import GOLD_SUFFIX, OUTPUT_COLUMNS, SAMPLE_ANSWERS, VOTE_COLUMNS
 from runner.errors import UsageError
+from runner.files import read_json_object
 from runner.job.resolve import Job
 from runner.job.structured import AnswerShape
-from runner.output.columns import GOLD_SUFFIX, OUTPUT_COLUMNS, SAMPLE_ANSWERS, VOTE_COLUMNS
-from runner.state.files import read_json_object
 
 INVALID = "(invalid)"
 
@@ -269,40 +269,6 @@ def voting_line(voting: dict[str, Any]) -> str:
         )
         line += f"; accuracy {unanimous} when unanimous, {split} when split"
     return line
-
-
-def html_report(title: str, metrics: dict[str, Any], quality: dict[str, Any]) -> str:
-    """A small self-contained HTML page: the headline figures, the confusion matrix drawn as a heat
-    map, the predicted-label distribution drawn as bars and, for sampled jobs, how many samples agreed
-    (inline SVG, no scripts, no network). `glm-batch report` draws the whole run: runner.observe.report_html."""
-    parts = [confusion_svg(metrics)]
-    agreement = ""
-    if "voting" in quality:
-        agreement = "<h2>Samples agreeing with the vote</h2>" + bars_svg(
-            "agreement", quality["voting"]["agreement_distribution"], "rgb(44,160,44)"
-        )
-    rows = "".join(
-        f"<tr><td>{esc(label)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td><td>{m['f1']:.3f}</td>"
-        f"<td>{m['support']}</td></tr>"
-        for label, m in metrics["per_label"].items()
-    )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:60em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}</style></head>
-<body><h1>{esc(title)}</h1>
-<p id="headline">accuracy <b>{metrics["accuracy"]:.4f}</b> on {metrics["rows_with_gold"]} rows with a gold label;
-invalid answers {100 * metrics["invalid_rate"]:.2f}%; answers repaired {quality.get("repaired", 0)};
-truncated {quality.get("truncated", 0)}.</p>
-{f'<p id="voting">{esc(voting_line(quality["voting"]))}.</p>' if "voting" in quality else ""}
-<h2>Per label</h2><table id="per-label"><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th>
-<th>support</th></tr>{rows}</table>
-<h2>Confusion matrix</h2>{"".join(parts)}
-<h2>Predicted labels</h2>{bars_svg("distribution", metrics["predicted_distribution"], "rgb(255,127,14)")}
-{agreement}
-</body></html>
-"""
 
 
 def confusion_svg(metrics: dict[str, Any]) -> str:

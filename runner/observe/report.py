@@ -5,11 +5,7 @@
     print_report(found, console)                     # the terminal's version
     page = report_html.html_page(found)              # the drawn one (runner.observe.report_html)
 
-Every job has a report: the run's figures come from the output Parquet and the summary beside it
-(runner.observe.runstats). Structured jobs add quality (runner.observe.quality): validity and repairs;
-with `eval.gold_column`, accuracy, per-label figures and the confusion matrix; with `eval.gold_fields`,
-per-field exact-match rates; for sampled jobs, the vote; and the rows the answers got wrong, with the
-input columns the output kept (`output.keep_columns`) so a person can see why.
+Structured jobs add quality (runner.observe.quality); with gold labels, the rows the answers got wrong.
 """
 
 from __future__ import annotations
@@ -22,12 +18,12 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
+from runner.columns import AGREEMENT, OUTPUT_COLUMNS, VOTE_COLUMNS
 from runner.errors import UsageError
+from runner.files import read_json_object
 from runner.job.resolve import Job
 from runner.observe import quality
 from runner.observe.runstats import run_figures
-from runner.output.columns import AGREEMENT, OUTPUT_COLUMNS, VOTE_COLUMNS
-from runner.state.files import read_json_object
 
 EXAMPLES_SHOWN = 50  # wrong answers listed on the page; the count says how many there are in all
 REPAIRED_MEANS = (

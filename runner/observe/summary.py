@@ -14,13 +14,13 @@ from typing import Any
 
 import polars as pl
 
+from runner.control import Control
 from runner.errors import STATE_FAILURES, BudgetExhausted, DiskFull
+from runner.files import write_json_atomic
 from runner.job.resolve import Job
 from runner.money import ledger
 from runner.money.accounting import Accountant, Tally
 from runner.observe.progress import Reporter
-from runner.send.base import Control
-from runner.state.files import write_json_atomic
 from runner.state.store import Store
 
 
@@ -89,7 +89,7 @@ def _batches_running(job: Job) -> str:
     """For a stopped batch job: its batches that keep running (and billing) at Zhipu, and how to stop them."""
     if job.spec.run.mode == "online":
         return ""
-    from runner.send.batch_admin import batch_rows
+    from runner.send.batch.admin import batch_rows
 
     running = [row for row in batch_rows(job) if row["step"] == "created"]
     if not running:

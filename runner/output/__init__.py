@@ -1,1 +1,1 @@
-"""output"""
+"""The output: every input row joined with its answer, samples voted, written through a sink."""

@@ -2,14 +2,8 @@
 
     counts = finalize(store, ParquetSink(job.output_path, job.state_dir), OutputShape(...))
 
-The answers (compacted: one per request key) are joined to the row map bucket by bucket, samples are
-voted on (runner.output.voting), structured answers become typed columns, and the result is handed to
-a sink (runner.output.sinks) that writes it. Memory stays bounded by a key bucket and a row range, not
-by the job: a 10M-row output is written like a 100k-row one.
-
-Money is counted once: identical prompts are sent once (their rows share one request key), so only
-the first row with a key carries the answer's `cost`; the others have cost 0 and name that row in
-`reused_from`. `SELECT sum(cost)` over an output is what its answers were paid.
+Memory stays bounded by a key bucket and a row range, not by the job; only the first row with a
+request key carries its `cost` (the others name it in `reused_from`), so `sum(cost)` is what was paid.
 """
 
 from __future__ import annotations
@@ -21,9 +15,9 @@ from pathlib import Path
 
 import polars as pl
 
+from runner.columns import OUTPUT_COLUMNS, REUSED_FROM, VOTE_COLUMNS
 from runner.job.inputs import ID, ROW
 from runner.output import voting
-from runner.output.columns import OUTPUT_COLUMNS, REUSED_FROM, VOTE_COLUMNS
 from runner.output.sinks import OutputSink
 from runner.records import KEY, scan_results
 from runner.state.rowmap import file_identities

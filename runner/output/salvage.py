@@ -12,11 +12,12 @@ from pathlib import Path
 
 import polars as pl
 
+from runner.columns import REUSED_FROM
 from runner.errors import UsageError
 from runner.job.resolve import Job
-from runner.output.columns import REUSED_FROM
 from runner.records import KEY, RESULT_SCHEMA
-from runner.state.store import SettledKeys, Store
+from runner.state.settled import SettledKeys
+from runner.state.store import Store
 
 RESEND_FREE_SHARE = 0.01  # lost answers re-sent without asking: up to this share of the rows...
 RESEND_FREE_ROWS = 10  # ...or this many, whichever is more

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import polars as pl
 
-from runner.state.files import fsync_rename, space_checked, write_json_atomic
+from runner.files import fsync_rename, space_checked, write_json_atomic
 
 ROW_GROUP_ROWS = 20_000  # small row groups let readers skip what they do not need
 

@@ -3,27 +3,16 @@
     lines = expand_samples(row_map, k)             # runner.job.samples: one line per (row, sample)
     voted = vote(lines.join(answers, on=KEY), k)   # one line per row: the winner, and who agreed
 
-The rules, which the output documents column by column:
-- a sample votes with its validated answer (its JSON); an invalid or failed sample votes for nothing;
-- the answer with the most votes wins; a tie goes to the answer that the earliest sample gave;
-- `agreement` is the winner's votes divided by k, so an invalid sample counts against it;
-- the row is `error` when any sample failed (a later run, or --retry-failed, sends just that sample
-  again), else `ok` when some answer won, else `invalid`;
-- tokens, cost, attempts and repairs are summed over the samples (the row cost all of them); the
-  text, stop reason, latency and request id are the winning sample's (the first that gave it);
-- `sample_answers` lists every sample's answer in sample order (null where it was not valid).
-
-Every sample of a row shares the row key's leading hex digits, so all of them fall in one store
-bucket and the vote runs bucket by bucket, in bounded memory.
+The rules: docs/decisions.md, "Samples and the vote".
 """
 
 from __future__ import annotations
 
 import polars as pl
 
+from runner.columns import AGREEMENT, SAMPLE_ANSWERS
 from runner.job.inputs import ROW
 from runner.job.samples import SAMPLE
-from runner.output.columns import AGREEMENT, SAMPLE_ANSWERS
 
 # Counted once per request, so a row's figure is the sum over its samples.
 SUMMED = (

@@ -31,9 +31,10 @@ def make_executor(job: Job, base_url: str, api_key: str, estimate_tokens: Callab
 
 def _batch(job: Job, base_url: str, api_key: str, online: Executor | None) -> Executor:
     from runner.job import catalog
-    from runner.send.batch import BatchExecutor
-    from runner.send.batch_api import BatchAPI, classify_api_error
-    from runner.send.deadline import deadline_in, seconds_until
+    from runner.send.batch.api import BatchAPI
+    from runner.send.batch.deadline import deadline_in, seconds_until
+    from runner.send.batch.errors import classify_api_error
+    from runner.send.batch.executor import BatchExecutor
     from runner.send.retries import wait_backoff
 
     native = job.native_url or catalog.native_url_beside(base_url)

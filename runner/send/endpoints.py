@@ -1,6 +1,6 @@
 """Where a run sends: the job's endpoint URL, or a simulator started for this run only.
 
-The simulator (runner.testing) is imported only when a job names `endpoint: simulator`: a real run
+The simulator (runner.simulator) is imported only when a job names `endpoint: simulator`: a real run
 never loads it.
 """
 
@@ -19,7 +19,8 @@ def endpoint_url(job: Job) -> Iterator[str]:
     if job.base_url is not None:
         yield job.base_url
         return
-    from runner.testing.simulator import SimConfig, SimulatorThread  # the offline default only
+    from runner.simulator.config import SimConfig
+    from runner.simulator.simulator import SimulatorThread
 
     sim = job.spec.simulator
     config = SimConfig(

@@ -10,9 +10,10 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from runner.control import Control
 from runner.job.structured import AnswerShape
 from runner.records import Answer, Request
-from runner.send.base import Control, Conversation, Deliver
+from runner.send.base import Conversation, Deliver
 
 
 def echo_answer(request: Request) -> Answer:

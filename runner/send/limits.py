@@ -5,12 +5,7 @@
     async with limits.slot(estimated_tokens=1200):
         ...send one attempt...
 
-Zhipu limits each account by requests in flight per model, and does not publish the number (commonly
-2 to 10, tighter at peak hours), so in-flight requests are the primary control. A fixed number is a
-semaphore; `auto` is an AimdController that finds and tracks the limit from the endpoint's answers.
-
-The RPM/TPM buckets (aiolimiter) are sized to one second's worth, not a minute's, so a run never opens
-with a minute-sized burst; they must be created inside the running event loop.
+Why in flight first, and one second's worth of bucket: docs/decisions.md, "Limits and retries".
 """
 
 from __future__ import annotations

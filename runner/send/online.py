@@ -19,12 +19,13 @@ from typing import Any, Protocol
 
 from tenacity import RetryCallState
 
+from runner.control import Control
 from runner.errors import deliberate
 from runner.job.structured import AnswerShape
 from runner.records import Answer, Request, Result
-from runner.send.base import Control, Conversation, Deliver, failure
+from runner.send.base import Conversation, Deliver, failure
 from runner.send.limits import Slots
-from runner.send.retries import TOOL_CHOICE_REFUSED, Classify, Fault, Verdict, retrying, wait_backoff
+from runner.send.retries import TOOL_CHOICE_REFUSED, Classify, Fault, Verdict, refusal, retrying, wait_backoff
 
 
 class Sender(Protocol):
@@ -139,7 +140,7 @@ class OnlineExecutor:
                 if fault.maybe_billed:  # the last attempt's timeout (earlier ones were noted as retries)
                     control.note_maybe_billed(self._estimate(request))
                 if fault.verdict is Verdict.ABORT:
-                    control.abort(fault)
+                    control.abort(refusal(fault))
                     return None
                 if fault.type == TOOL_CHOICE_REFUSED and self._shape is not None and self._shape.auto(params) != params:
                     # Refused for forcing the tool: this request (and every later one) asks with auto.
@@ -183,7 +184,7 @@ class OnlineExecutor:
             exc = state.outcome.exception() if state.outcome else None
             if exc is not None:
                 fault = self._classify(exc)
-                control.count_retry(fault)
+                control.count_retry(fault.type)
                 if fault.maybe_billed:
                     control.note_maybe_billed(self._estimate(request))
 

@@ -8,7 +8,7 @@ its route really do, and what they cost.
 
 Every error answer is read by the runner's one rule (runner.send.client.classify); transient faults are
 retried with tenacity like any request, except in the concurrency ramp, whose 1302 is the measurement.
-The Batch API probe is runner.send.probe_batch.
+The Batch API probe is runner.send.batch.probe.
 """
 
 from __future__ import annotations

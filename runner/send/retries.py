@@ -4,16 +4,8 @@
         with attempt:
             answer = await client.send(params)
 
-Each transport (the Messages API through the SDK, the Batch API's HTTP calls) classifies its own
-exceptions into a `Fault`: RETRY (transient), FAIL (this request is wrong) or ABORT (every request
-would fail: no balance, bad key, unknown model). What no classifier recognises is RETRY, at most
-max_attempts times, and stays retryable for the next run: a bug of ours or a body nobody could parse
-must never become a row failed for good.
-
-Zhipu reuses HTTP 429 for billing: 1113 (no balance) and 1308-1310 (plan exhausted) come back as 429s
-with the code in `error.type`; ABORT_CODES lists the codes that end a run whatever the transport.
-Retries use full-jitter exponential backoff (workers compete for one limit, so jitter matters),
-honouring the endpoint's retry-after when it is longer.
+A `Fault` is RETRY, FAIL or ABORT; what no classifier recognises is RETRY (docs/decisions.md,
+"Limits and retries").
 """
 
 from __future__ import annotations
@@ -28,6 +20,8 @@ from typing import Literal
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_random_exponential
+
+from runner.errors import EndpointAborted
 
 # Business codes that mean "this account cannot be served at all": no balance, plan exhausted or
 # expired, account inactive/locked, bad or expired token.
@@ -256,3 +250,9 @@ def retrying(
         before_sleep=before_sleep,
         reraise=True,
     )
+
+
+def refusal(fault: Fault) -> EndpointAborted:
+    """The error that stops a run whose endpoint refused the whole job with `fault`."""
+    code = fault.type.rsplit("/", 1)[-1]
+    return EndpointAborted(f"the endpoint refused the job ({fault.type}: {fault.message}): {abort_meaning(code)}")

@@ -1,16 +1,7 @@
 """When the job's state folder stops taking writes mid-run, nothing paid is lost.
 
-A full disk, a folder made read-only or immutable, a folder deleted, a part file read back torn: each
-is one class, a state failure (runner.errors.STATE_FAILURES). `state_guard` turns any of them into
-DiskFull (exit 5) or StateUnwritable (exit 74) naming the folder. The run then stops dispatching,
-and the answers it holds in memory (not yet in a part file) are written to a rescue journal:
-
-    <output folder>/<output stem>.rescue-<run id>.jsonl          beside the output, or if that fails
-    <temp folder>/glm-batch-rescue/<state hash>/<same name>       under the user's temp folder
-
-one journal line per answer (the format of the store's own journal). The next run of the job reads
-every rescue journal of it first, keeps its answers as a part file, and only then deletes it, so
-nothing is paid again.
+`state_guard` turns any state failure into DiskFull (exit 5) or StateUnwritable (exit 74); the answers
+held in memory go to a rescue journal that the next run adopts (docs/decisions.md, "State failures").
 """
 
 from __future__ import annotations
@@ -24,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from runner.errors import DiskFull, GlmBatchError, StateUnwritable
+from runner.files import NO_SPACE, no_space, write_bytes_atomic
 from runner.records import Result, journal_line, read_journal
-from runner.state.files import NO_SPACE, no_space, write_bytes_atomic
 
 RESCUE_MARK = ".rescue-"
 

@@ -5,17 +5,7 @@
     rows/covered.json        the answer files that were seen to settle every key of the sealed map
     rows/queued/             scratch of the rendering run: the keys it queued (runner.plan.RequestKeys)
 
-Answers are stored by request key, not by row; the map joins them back to rows when the output is
-written, and lets a re-run over unchanged inputs skip rendering altogether. It is only trusted once
-sealed (every input row rendered): a run that dies before sealing leaves a map the next run rebuilds,
-so it needs no per-batch durability and is written in large files.
-
-The cover record makes re-running an unchanged finished job cheap: checking that every key of a
-million-row map is settled means reading and joining a million keys, so once that is seen (or once an
-output of all-ok rows is written from the map), the map's files and the answer files are recorded by
-name, size and mtime. Answer files are written once under a new name and never changed, and the map is
-rewritten only after `reset`, which removes the record; so while both listings are unchanged every key
-is still settled. Any change (a new part, a compaction, a quarantined file) falls back to the join.
+Why it is trusted only sealed, and the cover record: docs/decisions.md, "The store and the row map".
 """
 
 from __future__ import annotations
@@ -25,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.state.files import write_atomic, write_json_atomic
+from runner.files import write_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     import polars as pl

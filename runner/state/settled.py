@@ -32,11 +32,6 @@ class SettledKeys:
         """No key is settled (a --fresh run)."""
         return cls(pl.Series(KEY, [], dtype=pl.String))
 
-    @property
-    def loaded(self) -> bool:
-        """Have the keys been read? (False until a lazy set is first used.)"""
-        return self._keys is not None
-
     def series(self) -> pl.Series:
         """The keys, sorted (to hand to another process)."""
         if self._keys is None:

@@ -8,16 +8,6 @@ Layout of a job's state directory (beside the output, `.glm-batch/<job name>/`):
     rows/                       the row map (runner.state.rowmap)
     manifest.json               the last runs: spec hash, inputs, counts, tokens, duration, exit code
     output.json                 what the current output file was written from (runner.output.sinks)
-
-An answer is appended to the journal with one write() as soon as it arrives, so a killed process loses
-only the requests that were still in flight; every `checkpoint_seconds` the journal's answers become a
-Parquet part and the journal is emptied. The next run folds any journal a dead run left into a part.
-Every Parquet or JSON file is written to a temporary name, fsynced and renamed, so `kill -9` at any
-instant leaves either the old state or the new one. A part file that still fails to read (a torn disk write) is moved to
-`corrupt/` and its rows are sent again; it is never read as if it were whole.
-
-Answers are keyed by request key, not by row: a row is done when its request has a durable ok answer
-from any run, which is what makes re-runs, template edits and growing inputs cost only the new requests.
 """
 
 from __future__ import annotations
@@ -35,6 +25,15 @@ import orjson
 import polars as pl
 
 from runner.errors import STATE_FAILURES, GlmBatchError, UsageError
+from runner.files import (
+    NO_SPACE,
+    fsync_rename,
+    no_space,
+    read_manifest,
+    space_checked,
+    write_atomic,
+    write_json_atomic,
+)
 from runner.records import (
     KEY,
     RESULT_SCHEMA,
@@ -44,15 +43,6 @@ from runner.records import (
     results_frame,
     scan_results,
     with_valid_unicode,
-)
-from runner.state.files import (
-    NO_SPACE,
-    fsync_rename,
-    no_space,
-    read_manifest,
-    space_checked,
-    write_atomic,
-    write_json_atomic,
 )
 from runner.state.lock import JobLock
 from runner.state.rescue import read_rescued, state_failure, state_guard, write_rescue
@@ -111,7 +101,6 @@ class Store:
         self._journal_kept = False
         self.row_map_dropped = False  # the row map was torn and has been dropped (it is rebuilt)
         self.recovered = 0  # answers recovered from journals of runs that died
-        self.rescued = 0  # answers taken back from rescue journals of runs whose state broke
         # The state folder stopped taking writes (this run's failure): from then on answers are only held
         # in memory (`_pending`), and `rescue` writes them to a rescue journal when sending has stopped.
         self.broken: GlmBatchError | None = None
@@ -403,7 +392,6 @@ class Store:
             if results:
                 with state_guard(self.state_dir):
                     write_atomic(results_frame(results, run_id), self.results_dir / f"part-{run_id}-rescued.parquet")
-                self.rescued += len(results)
             with contextlib.suppress(OSError):  # kept twice at worst: answers are deduplicated by key
                 journal.unlink(missing_ok=True)
 

@@ -1,26 +1,9 @@
-"""The native wire: a Messages-API request as a Zhipu `/v4/chat/completions` body, and back.
+"""The native wire: a Messages-API request as a Zhipu `/v4/chat/completions` body (one Batch API line).
 
     body = chat_body(request.params)                      # one Batch API input line's `body`
-    line = parse_result_line(raw)                         # one output- or error-file line
-    if line.ok:
-        answer = answer_from_chat(line.body, line.request_id)
-    else:
-        verdict = classify_failure(line)                  # RETRY | FAIL | ABORT
 
-Zhipu's Batch API lives on its native, OpenAI-style API, not on the Anthropic-compatible endpoint the
-online path uses, so the same Request has to be spoken in a second dialect. Everything here is a pure
-function over dicts: no I/O, no clock, so the executor can call it from any thread.
-
-Differences the translation handles (see shared/reference/batch.md, wire.md):
-- the system prompt is a `{"role": "system"}` message; tool calls and tool results are OpenAI-shaped;
-- usage is `prompt_tokens` (which *includes* cached tokens) / `completion_tokens`; an Answer's
-  `input_tokens` excludes the cached ones, as Anthropic reports it and as pricing expects;
-- `tool_choice`: the native API accepts only `"auto"` (see `chat_body`);
-- `top_k` does not exist on the native API and is dropped.
-
-The request side lives here; reading answers back is runner.send.native_answer (`answer_from_chat`,
-`BadResultLine`) and reading result files runner.send.native_results (`ResultLine`,
-`parse_result_line`, `classify_failure`). Every one of those names is importable from here too.
+Pure functions over dicts (no I/O, no clock); the translation's rules: docs/decisions.md, "The native
+wire". Answers come back through runner.send.batch.native_answer and native_results.
 """
 
 from __future__ import annotations
@@ -28,19 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-from runner.send.native_answer import BadResultLine, answer_from_chat
-from runner.send.native_results import ResultLine, classify_failure, parse_result_line
-
-__all__ = [
-    "BadResultLine",
-    "ResultLine",
-    "UnsupportedParams",
-    "answer_from_chat",
-    "chat_body",
-    "classify_failure",
-    "parse_result_line",
-]
 
 # The Messages-API parameters `chat_body` understands. Anything else is refused rather than dropped:
 # a request that silently lost a field would be a different request under the same key.

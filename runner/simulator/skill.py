@@ -1,25 +1,12 @@
 """Models of different skill for the simulator (`SimConfig.model_error`), so a cascade can be tested
-honestly: a cheap model that is wrong on some rows, more often on hard ones, and whose sampled answers
-disagree more where it is wrong, as a real model's self-consistency does.
+honestly: a cheap model wrong on some rows, whose samples disagree more where it is wrong.
 
-The reference is the simulator's usual answer (what a model with no error gives). For a model with
-error share `e`, each row falls in one of three classes, fixed by the model name and the prompt:
-- confidently wrong (share e/10): the model gives another label, and its samples mostly agree on it;
-- unsure (share 1.8 e): each sample is a coin flip between the usual label and another, so about
-  half of these rows are voted wrong, with low agreement;
-- sure (the rest): right, with a sample now and then (3%) answering otherwise.
-Hard rows (no sentiment word the lexicon knows) get 1.5 times the shares and easy rows half, so
-about `e` of the rows are wrong where half the rows are hard. At temperature 0 a row's answer is
-fixed: wrong on confidently wrong rows and on the unsure rows whose coin says so.
-
-With `confidence: flat` the model is wrong on a share `e` of rows and its samples waver at
-`sample_disagreement` whether it is right or not: its agreement says nothing about its errors (the
-case a cascade must survive by falling back to the oracle).
+The classes of rows and their shares: docs/decisions.md, "The simulator".
 """
 
 from __future__ import annotations
 
-from runner.testing.answers import lexicon_score, share
+from runner.simulator.answers import lexicon_score, share
 
 SURE_WAVER = 0.03  # a sure row's sample answers otherwise this often
 WRONG_AGREES = 0.9  # a confidently wrong row's sample gives its wrong label this often

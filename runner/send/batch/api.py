@@ -7,30 +7,7 @@
         await api.download(batch.output_file_id, dest)         # streamed to disk, fsynced, renamed
         async for b in api.iter_batches(): ...
 
-Why aiohttp and not zai-sdk or httpx: zai-sdk is synchronous only (an `httpx.Client`), runs its own
-retries (3, on top of ours), would add `httpx`, `pyjwt` and `cachetools` to the dependencies, and reads
-file uploads through httpx's multipart encoder with a forced `Content-Type` header. `httpx` itself is
-not installed (the anthropic SDK depends on its fork `httpx2`, an implementation detail of the SDK we
-should not build on). aiohttp is already a direct dependency and the online path's transport; it
-streams a multipart file part from an open file in 64 KiB reads (in the executor, off the event
-loop), takes a timeout per call (`ClientTimeout`), streams a download with `iter_chunked`, and raises
-one `ClientError` family for connection faults.
-
-Errors are one hierarchy (runner.send.batch_api_errors), every one carrying what the API said, never
-a header: BatchTransportError and BatchTimeout (the connection), BatchProtocolError (a success status
-with a body that is not what the API promises), BatchStatusError (an error answer), with BatchAbort
-(no balance, exhausted plan, bad key: stop everything) and BatchNotFound (404) below it. The typed
-views of what the API returns (Batch, FileObject, BatchPage...) are in runner.send.batch_api_types.
-Every public name of both is importable from here too.
-
-Every failure reads as a runner.send.retries.Fault (`classify`), the vocabulary the online wire uses.
-Transient errors (connection, timeout, 408/409/429 with a rate code, 5xx, Zhipu's 1302-1305) are
-retried here by runner.send.retries.retrying with its wait_backoff, honouring retry-after; the project
-has one retry layer and this is its use for the Batch API. `sleep` is injectable so tests never wait.
-
-`create` is not idempotent: a batch may have been made by a call whose answer was lost. Before it sends
-again, it looks for a batch already made from the same input file (newest page of the list) and
-returns that one, so a timeout never pays for the same requests twice.
+Why aiohttp, how it retries, and why `create` never pays twice: docs/decisions.md, "The Batch API client".
 """
 
 from __future__ import annotations
@@ -46,47 +23,23 @@ from typing import Any, TypeVar
 import aiohttp
 from tenacity import RetryCallState
 
-from runner.send.batch_api_errors import (
+from runner.files import fsync_rename
+from runner.send.batch.errors import (
     MAX_ERROR_BODY,
-    BatchAbort,
-    BatchAPIError,
     BatchNotFound,
     BatchProtocolError,
-    BatchStatusError,
     BatchTimeout,
     BatchTransportError,
     classify_api_error,
     status_error,
 )
-from runner.send.batch_api_types import (
-    TERMINAL_STATUSES,
+from runner.send.batch.shapes import (
     Batch,
-    BatchError,
     BatchPage,
     FileObject,
-    RequestCounts,
     page_from_json,
 )
 from runner.send.retries import Fault, retrying, wait_backoff
-from runner.state.files import fsync_rename
-
-__all__ = [
-    "TERMINAL_STATUSES",
-    "Batch",
-    "BatchAPI",
-    "BatchAPIError",
-    "BatchAbort",
-    "BatchError",
-    "BatchNotFound",
-    "BatchPage",
-    "BatchProtocolError",
-    "BatchStatusError",
-    "BatchTimeout",
-    "BatchTransportError",
-    "FileObject",
-    "RequestCounts",
-    "classify_api_error",
-]
 
 T = TypeVar("T")
 

@@ -1,16 +1,8 @@
 """Zhipu's native API on the simulator, under /api/paas/v4: tokenizer, chat completions and the Batch API.
 
-The Batch API follows batch.md: upload a JSONL file (`POST /files`, multipart, purpose=batch), create a
-batch from it (`POST /batches`), poll (`GET /batches/{id}`, `GET /batches?after=&limit=`), cancel
-(`POST /batches/{id}/cancel`), download results (`GET /files/{id}/content`). A batch's life is computed
-from the clock whenever it is looked at (no background task): validating, then in_progress at
-`batch_lines_per_s`, finalizing, completed; or failed, expired, cancelling -> cancelled. Each line is
-answered by the same `Simulator.reply` as /v1/messages and billed once, as "batch", when processed.
-Error bodies are native-shaped: `{"error": {"code": "1214", "message": "..."}}`. Codes for cases Zhipu
-does not document (a file not found, a full queue, a model not eligible) are guesses.
-
-The routes are here (NativeAPI); the files and batches they hold and the clock-driven life of a batch
-are runner.testing.batch_state, and the checks on an uploaded batch file runner.testing.batch_input.
+The routes are here (NativeAPI); the files and batches they hold and a batch's clock-driven life are
+runner.simulator.batch_state, the checks on an uploaded batch file runner.simulator.batch_input
+(what is modelled, and what is guessed: docs/decisions.md, "The simulator").
 """
 
 from __future__ import annotations
@@ -23,9 +15,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from runner.job import catalog
-from runner.testing.answers import ask_from_chat, chat_completion, count_tokens, prompt_key
-from runner.testing.batch_input import LINE_URL, eligible, file_problem, line_problem, parse_file
-from runner.testing.batch_state import ACTIVE, NativeState, SimBatch, SimFile
+from runner.simulator.answers import ask_from_chat, chat_completion, count_tokens, prompt_key
+from runner.simulator.batch_input import LINE_URL, eligible, file_problem, line_problem, parse_file
+from runner.simulator.batch_state import ACTIVE, NativeState, SimBatch, SimFile
 
 __all__ = ["ACTIVE", "BATCH_ENDPOINTS", "LINE_URL", "NATIVE_PATH", "NativeAPI"]
 

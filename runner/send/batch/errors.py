@@ -1,6 +1,6 @@
 """The Batch API client's errors: what each failure is, whether to retry it, and how long to wait.
 
-One hierarchy; every error carries what the API said, never a header:
+One hierarchy; every error carries what the API said, never a header::
 
     BatchAPIError
     ├── BatchTransportError       the connection failed or broke: retried
@@ -9,10 +9,6 @@ One hierarchy; every error carries what the API said, never a header:
     └── BatchStatusError          an error answer: .status, .code (Zhipu's business code), .message
         ├── BatchAbort            no balance (1113), plan exhausted, bad key, 401/403: stop everything
         └── BatchNotFound         404: unknown id, or a result file not ready yet (download waits)
-
-`classify_api_error` reads each into the project's one retry vocabulary, a runner.send.retries.Fault
-(RETRY, ABORT or FAIL, with the server's retry-after, which wait_backoff honours); `status_error` reads
-an error answer into the right class. Used by runner.send.batch_api (which re-exports the public names).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Reading a chat completion back: `answer_from_chat` turns a `/v4/chat/completions` body into an Answer.
 
-Part of the native wire (runner.send.native, which re-exports it): the same Answer the online wire
+Part of the native wire (runner.send.batch.native_request, which re-exports it): the same Answer the online wire
 gives, with OpenAI-style usage converted to Anthropic's (`prompt_tokens` includes cached tokens; an
 Answer's `input_tokens` does not). A body that is not a chat completion raises BadResultLine. Pure
 functions over dicts: no I/O, no clock.
@@ -36,7 +36,7 @@ def answer_from_chat(body: Any, request_id: str | None) -> Answer:
     """The Answer in a chat-completion object, in the same form the online wire gives it.
 
     `content` holds the answer's blocks in Messages-API request form (thinking, text, tool_use), so
-    runner.job.structured.repair can continue the conversation and chat_body can send it back.
+    runner.job.structured.AnswerShape.repair can continue the conversation and chat_body can send it back.
     A tool call whose arguments are not JSON keeps the raw text as `tool_input`, so validation
     reports what is wrong instead of the answer vanishing.
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from runner.job import catalog
 from runner.job.resolve import Job
-from runner.send.batch_book import OPEN, BatchBook
+from runner.send.batch.book import OPEN, BatchBook
 
 
 def batch_rows(job: Job) -> list[dict[str, Any]]:
@@ -60,8 +60,9 @@ async def cancel_batches(job: Job, api_key: str, base_url: str, *, purge: bool =
 
 async def _cancel(job: Job, api_key: str, base_url: str, purge: bool) -> dict[str, Any]:
     """Cancel (and purge) under the job's lock."""
-    from runner.send.batch_api import BatchAPI, BatchStatusError  # aiohttp: `status` never loads it
-    from runner.send.batch_harvest import purge as purge_chunk
+    from runner.send.batch.api import BatchAPI
+    from runner.send.batch.errors import BatchStatusError
+    from runner.send.batch.harvest import purge as purge_chunk
 
     book = BatchBook(job.state_dir / "batches")
     native = job.native_url or catalog.native_url_beside(base_url)

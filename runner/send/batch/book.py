@@ -1,19 +1,10 @@
 """The batch book: a write-ahead record of every Batch API chunk, so no request is ever submitted twice.
 
-    <state dir>/batches/book.jsonl         one JSON line per step, appended and fsynced before the step's
-                                           effect can be relied on
-    <state dir>/batches/<round>/...jsonl   the chunks' input files (custom_id = request key)
-    <state dir>/batches/<round>/requests.jsonl   each request's Messages API body, for repairs and for
-                                           sending a line online (hybrid) or again (a later round)
-    <state dir>/batches/<chunk>.output.jsonl / .errors.jsonl   results as downloaded
+    <state dir>/batches/book.jsonl         one JSON line per step, appended and fsynced first
+    <state dir>/batches/<round>/...jsonl   the chunks' input files and each request's body
 
-A chunk moves written -> uploaded (file id) -> created (batch id) -> harvested (its lines delivered and
-journalled), abandoned (sent online instead) or lost (the Batch API no longer knows its batch). A run
-killed anywhere is resumed by the next one from the book: a written chunk is uploaded (an input file
-costs nothing), a chunk an earlier run left uploaded is looked up among the account's newest batches
-(its tag and its own input file) before one is created, a created one is polled and harvested. Each
-batch is tagged with `metadata: {glm_batch_job: <hash of the state folder>, glm_batch_chunk}`, which
-closes the window between creating a batch and recording its id.
+A chunk moves written -> uploaded -> created -> harvested, abandoned or lost (docs/decisions.md,
+"The batch book").
 """
 
 from __future__ import annotations
@@ -25,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from runner.state.files import space_checked
+from runner.files import space_checked
 
 OPEN = ("written", "uploaded", "created")  # a chunk in one of these has requests not yet harvested
 

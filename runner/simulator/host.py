@@ -1,7 +1,7 @@
 """What a simulator route needs of the Simulator that serves it: its settings, tally, lock and answers.
 
-The routes (runner.testing.messages for /v1/messages, runner.testing.native and runner.testing.batch_state
-for /api/paas/v4) are written against `Host`, not against runner.testing.simulator, which builds them:
+The routes (runner.simulator.messages for /v1/messages, runner.simulator.native and runner.simulator.batch_state
+for /api/paas/v4) are written against `Host`, not against runner.simulator.simulator, which builds them:
 the routes need a host, the host needs its routes, and this Protocol is what keeps the two from
 importing one another. `Tally` is the host's counts and bill, which the routes update under `lock`.
 """
@@ -14,8 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from runner.testing.answers import Ask, Reply
-from runner.testing.config import SimConfig
+from runner.simulator.answers import Ask, Reply
+from runner.simulator.config import SimConfig
 
 __all__ = ["APIS", "Host", "Tally"]
 
@@ -42,7 +42,7 @@ class Tally:
 
 
 class Host(Protocol):
-    """The Simulator as its routes see it (runner.testing.simulator.Simulator is the one there is)."""
+    """The Simulator as its routes see it (runner.simulator.simulator.Simulator is the one there is)."""
 
     config: SimConfig
     tally: Tally

@@ -2,17 +2,7 @@
 
     report = asyncio.run(estimate_job(job, api_key=key, options=EstimateOptions(pilot_rows=50)))
 
-It renders every prompt (streaming, like a run), keeps only the requests a run would really send
-(distinct, not yet answered), and counts their input tokens with the local estimator, calibrated by
-earlier runs (the ledger), by Zhipu's tokenizer API on a sample (`exact`), or by a pilot.
-
-Output tokens cannot be counted before asking. Without measurements the expected figure is an
-assumption (half of max_tokens) and says so; with answers from earlier runs or a pilot (`pilot_rows`:
-N random rows sent for real, their answers kept for the run) it is their mean, with a 95% interval.
-
-`fresh` prices a full re-run (every request counts, answered or not). `record=False` is
-`glm-batch run --dry-run`: the job's state is only read (no lock taken, no journal folded, no
-estimate kept), so it can run beside a run of the same job.
+`record=False` is `glm-batch run --dry-run`: the job's state is only read (docs/decisions.md, "The estimate").
 """
 
 from __future__ import annotations
@@ -39,7 +29,8 @@ from runner.observe.progress import Reporter
 from runner.plan import plan
 from runner.records import KEY, Request, read_journal, scan_results
 from runner.send.endpoints import endpoint_url
-from runner.state.store import SettledKeys, Store
+from runner.state.settled import SettledKeys
+from runner.state.store import Store
 
 EXACT_SAMPLE = 200  # requests counted by the tokenizer API with --exact
 ASSUMED_LATENCY_S = 5.0  # per request, when no run has measured one
@@ -65,7 +56,8 @@ async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, repo
         return await estimate_cascade(job, api_key=api_key, options=options, reporter=reporter)
     table = require_prices(job, "glm-batch estimate")
     if options.pilot_rows:
-        from runner.engine import RunOptions, run_job  # only a pilot runs: a plain estimate stays light
+        from runner.engine import run_job
+        from runner.runs import RunOptions
 
         pilot = await run_job(
             job, api_key=api_key, options=RunOptions(pilot_rows=options.pilot_rows), reporter=reporter
@@ -309,7 +301,7 @@ def _modes(job: Job, online_cost: float, online_s: float) -> dict[str, Any]:
     }
     deadline = job.spec.run.deadline
     if deadline is not None:
-        from runner.send.deadline import seconds_until
+        from runner.send.batch.deadline import seconds_until
 
         budget_s = seconds_until(deadline)
         # The share the Batch API is expected to finish by the deadline, if batches progress evenly over a

@@ -3,7 +3,7 @@
 A whole file is refused (the batch fails validation) for bad JSON, a malformed line, a duplicate
 custom_id, more than one model or an unknown one (`file_problem`); a line whose body would be refused
 fails on its own (`line_problem`, also used by the native chat completions route). Used by
-runner.testing.native and runner.testing.batch_state.
+runner.simulator.native and runner.simulator.batch_state.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import json
 from typing import Any
 
 from runner.job import catalog
-from runner.testing.answers import ask_from_chat, count_tokens
-from runner.testing.native_body import strict_problem
+from runner.simulator.answers import ask_from_chat, count_tokens
+from runner.simulator.native_body import strict_problem
 
 __all__ = ["LINE_URL", "eligible", "file_problem", "line_problem", "parse_file"]
 

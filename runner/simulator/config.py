@@ -79,7 +79,7 @@ class SimConfig:
     # Sampling: this share of the times a prompt is asked (temperature not 0) gets a different structured
     # answer (another label, other values); twice the share, up to half, for prompts it is unsure of.
     sample_disagreement: float = 0.0
-    # Models of given skill (runner.testing.skill): model name -> share of rows it answers wrong, and
+    # Models of given skill (runner.simulator.skill): model name -> share of rows it answers wrong, and
     # whether its sample agreement tracks its errors ("informative") or says nothing of them ("flat").
     model_error: dict[str, float] = field(default_factory=dict)
     confidence: str = "informative"

@@ -4,8 +4,8 @@
     if not line.ok:
         verdict = classify_failure(line)                  # RETRY | FAIL | ABORT
 
-Part of the native wire (runner.send.native, which re-exports these names); a successful line's
-body is read by `answer_from_chat` (runner.send.native_answer). Pure functions: no I/O, no clock.
+Part of the native wire (runner.send.batch.native_request, which re-exports these names); a successful line's
+body is read by `answer_from_chat` (runner.send.batch.native_answer). Pure functions: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from runner.send.native_answer import error_fields
+from runner.send.batch.native_answer import error_fields
 from runner.send.retries import ABORT_CODES, TRANSIENT_CODES, Verdict
 
 __all__ = ["ResultLine", "classify_failure", "parse_result_line"]

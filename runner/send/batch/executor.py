@@ -3,18 +3,8 @@
     executor = BatchExecutor(api=lambda: BatchAPI(native_url, key), directory=state_dir / "batches", ...)
     await executor.run(requests, deliver, control)
 
-A round writes the pending requests into JSONL chunks (one model per file, within the line and byte
-limits), uploads them, creates one batch per chunk, polls with backoff, and harvests each finished
-batch: every line becomes the same provider-neutral Answer an online call gives (runner.send.native),
-checked and repaired by the same Conversation. Lines that failed for a transient reason, lines an
-expired or cancelled batch never ran, and repairs go to the next round; a 400-class line fails its
-row; completed lines of an expired batch are kept (they were paid).
-
-`hybrid` (an `online` executor and a deadline): what is not back when the deadline nears is cancelled
-there and sent online, and so are retries and repairs when another batch round would not finish in time.
-
-Every step is written ahead in the batch book (runner.send.batch_book), so a run killed at any moment
-is resumed by reattaching to its batches, never by submitting the same requests again.
+Rounds of chunks, uploaded, polled and harvested; `hybrid` sends online what a deadline would miss.
+Every step is written ahead in the batch book (runner.send.batch.book).
 """
 
 from __future__ import annotations
@@ -27,24 +17,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from runner.control import Control
 from runner.errors import EndpointAborted
 from runner.job.spec import BatchSpec
 from runner.job.structured import AnswerShape
 from runner.records import Request
-from runner.send.base import Control, Deliver, Executor, failure
-from runner.send.batch_api import (
-    Batch,
-    BatchAbort,
-    BatchAPI,
-    BatchAPIError,
-    BatchNotFound,
-    BatchStatusError,
-    classify_api_error,
-)
-from runner.send.batch_book import BatchBook, Chunk
-from runner.send.batch_files import write_round
-from runner.send.batch_harvest import API, Harvester, requests_of
-from runner.send.batch_rules import (
+from runner.send.base import Deliver, Executor, failure
+from runner.send.batch.api import BatchAPI
+from runner.send.batch.book import BatchBook, Chunk
+from runner.send.batch.deadline import HybridDeadline
+from runner.send.batch.errors import BatchAbort, BatchAPIError, BatchNotFound, BatchStatusError, classify_api_error
+from runner.send.batch.files import write_round
+from runner.send.batch.harvest import API, Harvester, requests_of
+from runner.send.batch.rules import (
     CLOCK_SLACK_S,
     api_failing,
     awaiting_output,
@@ -57,8 +42,8 @@ from runner.send.batch_rules import (
     refused_request,
     validation_failure,
 )
-from runner.send.deadline import HybridDeadline
-from runner.send.retries import Fault, Verdict
+from runner.send.batch.shapes import Batch
+from runner.send.retries import Fault, Verdict, refusal
 
 # Looks at a finished batch whose counts say lines completed but which names no output file yet
 # (instructor#1745) before the run stops, leaving it for the next run: never re-send billed lines.
@@ -342,7 +327,7 @@ class BatchExecutor:
             book.record(chunk.id, status="written", file_id=None, uploaded_at=None)
         fault = classify_api_error(exc)
         if fault.verdict is Verdict.ABORT:
-            control.abort(fault)
+            control.abort(refusal(fault))
         elif fault.verdict is Verdict.RETRY:
             control.fail(EndpointAborted(api_failing(exc)))
         else:

@@ -19,15 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runner.files import write_bytes_atomic
 from runner.send.probe import PROMPT, cut
-from runner.state.files import write_bytes_atomic
 
 
 async def probe_batch(native_url: str, key: str, model: str, wait_s: float, label: str) -> dict[str, Any]:
     """A 2-line batch on `model`: upload, create, wait (with a visible timer) up to `wait_s`; what came
     back, the batch object's shape, and whether it passed validation (None: not known in time)."""
-    from runner.send.batch_api import BatchAPI, BatchAPIError, BatchStatusError
-    from runner.send.batch_api_errors import classify_api_error
+    from runner.send.batch.api import BatchAPI
+    from runner.send.batch.errors import BatchAPIError, BatchStatusError, classify_api_error
     from runner.send.retries import Verdict
 
     lines = [
@@ -92,7 +92,7 @@ async def probe_batch(native_url: str, key: str, model: str, wait_s: float, labe
 
 async def _usage(api: Any, file_id: str, dest: Path) -> dict[str, int]:
     """Input and output tokens of a result file (what the 2 lines cost)."""
-    from runner.send.batch_api import BatchAPIError
+    from runner.send.batch.errors import BatchAPIError
 
     totals = {"input_tokens": 0, "output_tokens": 0}
     with contextlib.suppress(BatchAPIError, OSError):

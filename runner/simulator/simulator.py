@@ -1,28 +1,10 @@
 """A faithful local stand-in for Zhipu's endpoints: a real HTTP server on loopback.
 
-It speaks `POST /v1/messages` the way open.bigmodel.cn's Anthropic-compatible endpoint does (see wire.md):
-JSON or SSE with named events, usage zeros in `message_start` and the real counts in `message_delta`,
-both auth headers, Zhipu-shaped error bodies with the business code in `error.type`, and 400/1261 for a
-prompt over the model's context. Under `/api/paas/v4` it serves the native API: the tokenizer, chat
-completions, and the Batch API (files and batches, see `runner.testing.native` and batch.md), answering
-a prompt there exactly as it does on `/v1/messages` (whose route is `runner.testing.messages`). It adds
-what tests and benchmarks need:
-
-- latency (Gaussian around `latency_s`) and a concurrency cap per model that answers 429/1302 above it;
-- injected faults at a given rate: 429 1302/1305/1113, 500, 529, dropped connections, slow answers,
-  hangs, a mid-stream error event, a 200 whose body is an error, an HTML page or truncated JSON;
-- deterministic answers derived from the prompt (`answer_for`), so a test can prove each row got its own;
-  with `sample_disagreement`, a prompt asked at a temperature above 0 sometimes gets another structured
-  answer, the way a sampling model does, and more often where the lexicon finds no sentiment word (a
-  model wavers most where it is unsure); deterministic per repeat of a prompt, so tests can count;
-- two ledgers: `stats()` counts answers delivered per prompt (`ok`, `prompts_answered_twice`), and what
-  the server billed per API and per prompt (`billed`, `prompts_billed_twice`), which includes answers
-  generated for a client that had already given up, so a test can prove no prompt was paid for twice.
-
     with SimulatorThread(SimConfig(latency_s=0.01)) as sim:   # in a background thread
         sim.url, sim.stats(), sim.configure(concurrency_cap=6)
 
 `glm-batch simulate --port P` runs it standalone; `endpoint: simulator` starts one in-process for a run.
+What it models (wire, latency, faults, answers, ledgers): docs/decisions.md, "The simulator".
 """
 
 from __future__ import annotations
@@ -37,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from runner.testing.answers import (
+from runner.simulator.answers import (
     NEGATIVE,
     POSITIVE,
     TEXT_SCHEMA_MARKER,
@@ -55,11 +37,11 @@ from runner.testing.answers import (
     structured_answer,
     text_of,
 )
-from runner.testing.config import BILLED_FAULTS, ERRORS, FAULTS, HTML_502, RETRYABLE_FAULTS, SimConfig
-from runner.testing.host import APIS, Tally
-from runner.testing.messages import MessagesAPI
-from runner.testing.native import NATIVE_PATH, NativeAPI
-from runner.testing.skill import skill_variant
+from runner.simulator.config import BILLED_FAULTS, ERRORS, FAULTS, HTML_502, RETRYABLE_FAULTS, SimConfig
+from runner.simulator.host import APIS, Tally
+from runner.simulator.messages import MessagesAPI
+from runner.simulator.native import NATIVE_PATH, NativeAPI
+from runner.simulator.skill import skill_variant
 
 __all__ = [
     "BILLED_FAULTS",
@@ -196,7 +178,7 @@ class Simulator:
     # ---- shared by every route -------------------------------------------------------------------
 
     def reply(self, ask: Ask) -> Reply:
-        """The answer to an ask, the same on every route (see `runner.testing.answers.compose`)."""
+        """The answer to an ask, the same on every route (see `runner.simulator.answers.compose`)."""
         return compose(ask, self.config.token_scale, self._invalid, self._variant, self.config.reasoning_tokens)
 
     def bill(self, api: str, key: str, reply: Reply) -> None:
@@ -248,7 +230,7 @@ class Simulator:
         """Which answer a sampled request gets: 0, the usual one, or (for some of the times a prompt is
         asked at a temperature above 0) another. Asks are counted on first turns, as they arrive."""
         cfg = self.config
-        if ask.model in cfg.model_error:  # a model of given skill (runner.testing.skill)
+        if ask.model in cfg.model_error:  # a model of given skill (runner.simulator.skill)
             return self._skill_variant(ask, prompt, turn)
         if not cfg.sample_disagreement or ask.temperature == 0 or turn != 1:
             return 0

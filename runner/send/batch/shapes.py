@@ -1,7 +1,7 @@
 """Typed views of the Batch API's objects: Batch, RequestCounts, BatchError, BatchPage, FileObject.
 
 Each is read from the API's JSON tolerantly (every field but the id may be missing or malformed; a
-missing id raises BatchProtocolError). Used by runner.send.batch_api (which re-exports them).
+missing id raises BatchProtocolError). Used by runner.send.batch.api (which re-exports them).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner.send.batch_api_errors import BatchProtocolError
+from runner.send.batch.errors import BatchProtocolError
 
 __all__ = [
     "TERMINAL_STATUSES",

@@ -16,10 +16,10 @@ from typing import Any
 from aiohttp import web
 
 from runner.job import catalog
-from runner.testing.answers import anthropic_message, ask_from_messages, count_tokens, prompt_key, prompt_text
-from runner.testing.config import BILLED_FAULTS, ERRORS, HTML_502
-from runner.testing.host import Host
-from runner.testing.native_body import TOOL_CHOICE_MESSAGE
+from runner.simulator.answers import anthropic_message, ask_from_messages, count_tokens, prompt_key, prompt_text
+from runner.simulator.config import BILLED_FAULTS, ERRORS, HTML_502
+from runner.simulator.host import Host
+from runner.simulator.native_body import TOOL_CHOICE_MESSAGE
 
 __all__ = ["MESSAGES_PATH", "MessagesAPI"]
 

@@ -3,7 +3,7 @@
     harvester = Harvester(directory, shape, keep_files=False)
     leftovers = await harvester.harvest(api, book, chunk, batch, deliver, control)
 
-A line becomes the same Answer an online call gives (runner.send.native) and goes through the same
+A line becomes the same Answer an online call gives (runner.send.batch.native_request) and goes through the same
 Conversation; a line is sent again only when the batch's files and counts prove it was not billed
 (`_short`). The Harvester holds what one run knows of its requests across rounds: attempts, open
 conversations (repairs), and the tokens of billed turns no row holds yet (`carry`). Used by
@@ -17,13 +17,17 @@ import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
+from runner.control import Control
 from runner.job.structured import AnswerShape, Unusable
 from runner.records import Answer, Request, Result
-from runner.send.base import Control, Conversation, Deliver, failure
-from runner.send.batch_api import Batch, BatchAPI, BatchAPIError, BatchNotFound
-from runner.send.batch_book import BatchBook, Chunk, read_requests
-from runner.send.native import BadResultLine, ResultLine, answer_from_chat, classify_failure, parse_result_line
-from runner.send.retries import Fault, Verdict
+from runner.send.base import Conversation, Deliver, failure
+from runner.send.batch.api import BatchAPI
+from runner.send.batch.book import BatchBook, Chunk, read_requests
+from runner.send.batch.errors import BatchAPIError, BatchNotFound
+from runner.send.batch.native_answer import BadResultLine, answer_from_chat
+from runner.send.batch.native_results import ResultLine, classify_failure, parse_result_line
+from runner.send.batch.shapes import Batch
+from runner.send.retries import Fault, Verdict, refusal
 
 __all__ = ["API", "Harvester", "purge", "requests_of"]
 
@@ -162,7 +166,7 @@ class Harvester:
             if fault.verdict is Verdict.RETRY:
                 return _Later(key, None)
             if fault.verdict is Verdict.ABORT:
-                control.abort(fault)
+                control.abort(refusal(fault))
             else:
                 deliver(failure(Request(key, {}), fault, self.attempts[key], model=model))
             return None

@@ -1,25 +1,10 @@
 """Batch input files: requests streamed into JSONL files that fit Zhipu's per-file limits.
 
     files = write_batch_files(((r.key, chat_body(r.params)) for r in requests), directory)
-    for f in files:
-        print(f.path, f.lines, f.size, f.model, len(f.custom_ids))
+    with BatchFileWriter(directory) as writer:             # or a line at a time
+        writer.add(request.key, chat_body(request.params))
 
-or, to feed it a line at a time:
-
-    with BatchFileWriter(directory) as writer:
-        for request in requests:
-            writer.add(request.key, chat_body(request.params))
-    files = writer.files
-
-Zhipu takes at most 50,000 lines and 100 MB per file, and one model per file (shared/reference/batch.md).
-The writer keeps one open file per model, writes each line as it comes (a file is never built in
-memory), and starts a new file when the next line would pass `max_requests` or `max_bytes` (95 MB by
-default: a margin under the 100 MB limit for however Zhipu counts a megabyte).
-
-A file is written as `<name>.part`, flushed, fsynced and renamed into place, and the directory is
-fsynced, so a crash leaves either a whole file or a `.part` file that no one mistakes for one.
-The custom_id of a line is the request key as given (32 hex characters for a Request), so a result
-line leads straight back to its request.
+One model per file, at most `max_requests` lines and `max_bytes`; written as `.part` and renamed.
 """
 
 from __future__ import annotations
@@ -33,12 +18,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from runner.control import Control
+from runner.files import fsync_rename
 from runner.job.spec import BatchSpec
 from runner.records import Request
-from runner.send.base import Control
-from runner.send.batch_book import BatchBook, Chunk
-from runner.send.native import chat_body
-from runner.state.files import fsync_rename
+from runner.send.batch.book import BatchBook, Chunk
+from runner.send.batch.native_request import chat_body
 
 __all__ = [
     "DEFAULT_MAX_BYTES",

@@ -1,14 +1,16 @@
 """What the batch executor judges from a batch object, and the one-line messages a stopped run prints.
 
-Pure functions over runner.send.batch_api's Batch (and one bounded cancel). Used by runner.send.batch.
+Pure functions over runner.send.batch.api's Batch (and one bounded cancel). Used by runner.send.batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from runner.send.batch_api import Batch, BatchAPI, BatchAPIError, BatchStatusError, classify_api_error
-from runner.send.batch_book import Chunk
+from runner.send.batch.api import BatchAPI
+from runner.send.batch.book import Chunk
+from runner.send.batch.errors import BatchAPIError, BatchStatusError, classify_api_error
+from runner.send.batch.shapes import Batch
 from runner.send.retries import Verdict
 
 CLOCK_SLACK_S = 600.0  # how far our clock may run ahead of the API's, when the upload gave no time

@@ -4,7 +4,7 @@ A batch's life is computed from the clock whenever it is looked at (no backgroun
 then in_progress at `batch_lines_per_s`, finalizing, completed; or failed, expired, cancelling ->
 cancelled. Each line is answered by the same `Simulator.reply` as /v1/messages and billed once, as
 "batch", when processed; when a batch ends its result files are written (lines shuffled). The HTTP
-routes over this state are runner.testing.native's NativeAPI.
+routes over this state are runner.simulator.native's NativeAPI.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.job import catalog
-from runner.testing.answers import ask_from_chat, chat_completion, prompt_key, share
-from runner.testing.batch_input import line_problem
-from runner.testing.host import Host
+from runner.simulator.answers import ask_from_chat, chat_completion, prompt_key, share
+from runner.simulator.batch_input import line_problem
+from runner.simulator.host import Host
 
 __all__ = ["ACTIVE", "NativeState", "SimBatch", "SimFile"]
 

@@ -1,0 +1,1 @@
+"""Zhipu's Batch API: chunk files, upload, create, poll, harvest, in the native dialect it speaks."""

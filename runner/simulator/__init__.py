@@ -1,0 +1,4 @@
+"""The simulator: a loopback HTTP server that speaks Zhipu's two APIs as their documentation describes them.
+
+The offline default and the backbone of the tests.
+"""

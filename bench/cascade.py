@@ -3,11 +3,13 @@
     python bench/cascade.py [--runs 20] [--rows 2000] [--target 0.9] [--delta 0.1]
 
 The oracle (glm-4.6) answers as the simulator usually does; the proxy (glm-4.5-flash, free) is a
-model of given skill (runner.simulator.skill) wrong on ~20% of rows, asked 5 times per row. First an
+model of given skill (runner.simulator.skill) wrong on ~20% of rows, asked 10 times per row (free: the
+samples cost requests, not money; 10 tell sure rows from unsure ones better than 5, `--samples 5`). First an
 oracle-only run over every row gives the reference answers and the oracle-only cost. Then, for each
 proxy (sample agreement that tracks its errors, and a "flat" one whose agreement says nothing), the
 cascade runs `--runs` times with a different calibration seed (the guarantee's probability is over
-the draws; the proxy's answers stay the same, so its pass is paid once and reused). Per run: the
+the draws; the proxy's answers stay the same, so its pass is paid once and reused; the oracle's
+stage starts afresh each run). Per run: the
 output's agreement with the oracle's reference answers, and its cost against oracle-only (the
 proxy's cost plus the oracle's reference cost of every row the oracle answered). It prints the share
 of runs meeting the target and the median cost share.
@@ -16,6 +18,7 @@ of runs meeting the target and the median cost share.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -67,7 +70,7 @@ def main() -> int:
     parser.add_argument("--target", type=float, default=0.9)
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--proxy-error", type=float, default=0.2, help="the simulator's model_error for the proxy")
-    parser.add_argument("--samples", type=int, default=5, help="proxy samples per row")
+    parser.add_argument("--samples", type=int, default=10, help="proxy samples per row")
     parser.add_argument("--confidence", choices=["informative", "flat"], action="append")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="cascade-bench-"))
@@ -102,6 +105,12 @@ def main() -> int:
                 },
                 "output.state_dir": str(folder / f"state-{confidence}"),
             }
+            # Each run starts its oracle stage afresh (a cascade run again reuses every oracle answer it
+            # holds, and each run's escalated rows would carry over to the next seed's output).
+            home = folder / f"state-{confidence}" / "cascade"
+            shutil.rmtree(home / "oracle", ignore_errors=True)
+            for name in ("oracle.parquet", "oracle-input.parquet"):
+                (home / name).unlink(missing_ok=True)
             result = runner.run_job(job_file(folder, f"cascade_{confidence}", args.rows, extra), reporter=quiet())
             assert result.output is not None, result.message
             out = pl.read_parquet(result.output).join(ref, on="id")

@@ -129,6 +129,7 @@ def child(spec: Path, executor: str) -> dict[str, Any]:
     """One run in this process: planning seconds and peak RSS, then the whole run's."""
     from runner.engine import run_job
     from runner.job.resolve import load_job
+    from runner.local import LocalSender
     from runner.money.tokens import estimate_request
     from runner.observe.progress import make_reporter
     from runner.runs import RunOptions
@@ -153,7 +154,7 @@ def child(spec: Path, executor: str) -> dict[str, Any]:
                 api_key="bench",
                 options=RunOptions(),
                 reporter=make_reporter("json", quiet, interval_s=3600),
-                executor=timed,
+                sender=LocalSender(timed),
             )
         )
     assert report.exit_code == 0, report.message

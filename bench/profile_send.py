@@ -53,8 +53,9 @@ OWN: list[tuple[str, str, str]] = [
     ("observe: progress/summary", "runner/observe/", ""),
     ("plan: render/key/dispatch", "runner/plan.py", ""),
     ("plan: render/key/dispatch", "runner/job/", ""),
-    ("engine: deliver/supervise", "runner/engine.py", ""),
-    ("engine: deliver/supervise", "runner/supervise.py", ""),
+    ("run: deliver/supervise", "runner/run.py", ""),
+    ("run: deliver/supervise", "runner/supervise.py", ""),
+    ("run: deliver/supervise", "runner/local.py", ""),
     ("output: finalize/write", "runner/output/", ""),
 ]
 

@@ -3,9 +3,9 @@
     import runner
     result = runner.run_job("jobs/demo.yaml", set={"run.concurrency": 4})
 
-The public API is `load_job`, `run_job`, `arun_job`, `estimate_job`, `aestimate_job` and `Result`
+The public API is `load_job`, `run_job`, `arun_job`, `estimate_job`, `aestimate_job` and `RunResult`
 (runner.api); they are imported on first use, so `import runner` stays cheap (and `dir(runner)` lists
-them). The pipeline is in `runner.engine`.
+them). One run is `runner.engine`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Result", "__version__", "aestimate_job", "arun_job", "estimate_job", "load_job", "run_job"]
+__all__ = ["RunResult", "__version__", "aestimate_job", "arun_job", "estimate_job", "load_job", "run_job"]
 
 if TYPE_CHECKING:
-    from runner.api import Result, aestimate_job, arun_job, estimate_job, load_job, run_job
+    from runner.api import RunResult, aestimate_job, arun_job, estimate_job, load_job, run_job
 
 
 def __getattr__(name: str) -> Any:

@@ -17,35 +17,22 @@ import os
 import shlex
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner.errors import UsageError
 from runner.job.resolve import Job
 from runner.job.resolve import load_job as _load_job
 from runner.observe.progress import LogReporter, Reporter
 from runner.redact import redact
+from runner.runs import RunOptions, RunResult
 
-__all__ = ["Result", "aestimate_job", "api_key_for", "arun_job", "estimate_job", "load_job", "run_job"]
+if TYPE_CHECKING:
+    from runner.estimate import EstimateOptions
+
+__all__ = ["RunResult", "aestimate_job", "api_key_for", "arun_job", "estimate_job", "load_job", "run_job"]
 
 SIMULATOR_KEY = "simulator-key"  # the built-in simulator accepts any key
-
-
-@dataclass(frozen=True)
-class Result:
-    """How a run ended: its exit code (see the README's table), one line for a person, the summary
-    written beside the output, and the output file (None unless every row has a result)."""
-
-    exit_code: int
-    message: str
-    summary: dict[str, Any] = field(default_factory=dict)
-    output: Path | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Did every row get an ok answer?"""
-        return self.exit_code == 0
 
 
 def load_job(spec: str | Path, *, set: Mapping[str, Any] | None = None, limit: int | None = None) -> Job:
@@ -58,14 +45,19 @@ def load_job(spec: str | Path, *, set: Mapping[str, Any] | None = None, limit: i
 
 def api_key_for(job: Job) -> str:
     """The key from the environment (never from the spec); the simulator needs none."""
-    if job.base_url is None:
+    return key_from_env(job.endpoint_name, job.base_url, job.key_env)
+
+
+def key_from_env(endpoint: str, base_url: str | None, key_env: tuple[str, ...]) -> str:
+    """The key in the first of `key_env` that is set (see checked_key); none for the simulator (no URL)."""
+    if base_url is None:
         return SIMULATOR_KEY
-    for name in job.key_env:
+    for name in key_env:
         value = os.environ.get(name)
         if value and value.strip():
             return checked_key(name, value)
-    names = " or ".join(job.key_env) or "ZHIPUAI_API_KEY"
-    raise UsageError(f"no API key for endpoint {job.endpoint_name!r}: set {names} in the environment")
+    names = " or ".join(key_env) or "ZHIPUAI_API_KEY"
+    raise UsageError(f"no API key for endpoint {endpoint!r}: set {names} in the environment")
 
 
 def checked_key(name: str, value: str) -> str:
@@ -91,18 +83,27 @@ async def arun_job(
     fresh: bool = False,
     retry_failed: bool = False,
     reporter: Reporter | None = None,
-) -> Result:
+) -> RunResult:
     """Run a job to completion, interruption or abort (the async form; see `run_job`)."""
-    from runner.engine import run_job as _run
-    from runner.runs import RunOptions
-
     job = spec if isinstance(spec, Job) else load_job(spec, set=set, limit=limit)
-    if will_send_online(job, fresh=fresh):
-        import_in_background()
     options = RunOptions(fresh=fresh, retry_failed=retry_failed, resume_command=resume_command(job, set, limit))
-    report = await _run(job, api_key=api_key_for(job), options=options, reporter=reporter or LogReporter())
-    output = report.summary.get("output")
-    return Result(report.exit_code, report.message, report.summary, Path(output) if output else None)
+    return await run_loaded(job, options, reporter or LogReporter())
+
+
+async def run_loaded(job: Job, options: RunOptions, reporter: Reporter) -> RunResult:
+    """Run a loaded job (the command line's `run` too): its cascade's stages, or one run on the sender
+    its spec asks for (runner.distributed.sender.sender_for), with the key from the environment."""
+    key = api_key_for(job)
+    if will_send_online(job, fresh=options.fresh):
+        import_in_background()  # the SDK loads while the engine (polars) loads and checks the input
+    from runner.distributed.sender import sender_for
+    from runner.engine import run_job as run
+
+    if job.spec.output.cascade is None:
+        return await run(job, api_key=key, options=options, reporter=reporter, sender=sender_for(job, options))
+    from runner.cascade.stages import run_cascade  # stages that are runs like any other, then a join
+
+    return await run_cascade(job, api_key=key, options=options, reporter=reporter)
 
 
 def run_job(
@@ -113,7 +114,7 @@ def run_job(
     fresh: bool = False,
     retry_failed: bool = False,
     reporter: Reporter | None = None,
-) -> Result:
+) -> RunResult:
     """Run a job and wait for it: send every row with no answer yet, write the output, return how it ended.
     Where an event loop already runs (Jupyter), `await arun_job(...)` instead."""
     import asyncio
@@ -149,12 +150,22 @@ async def aestimate_job(
 ) -> dict[str, Any]:
     """Estimate a job (the async form; see `estimate_job`)."""
     from runner.estimate import EstimateOptions
-    from runner.estimate import estimate_job as _estimate
 
     job = spec if isinstance(spec, Job) else load_job(spec, set=set, limit=limit)
     key = api_key_for(job) if (exact or pilot) else "unused"
-    options = EstimateOptions(exact=exact, pilot_rows=pilot)
-    return await _estimate(job, api_key=key, options=options, reporter=reporter or LogReporter())
+    return await estimate_loaded(job, key, EstimateOptions(exact=exact, pilot_rows=pilot), reporter or LogReporter())
+
+
+async def estimate_loaded(job: Job, api_key: str, options: EstimateOptions, reporter: Reporter) -> dict[str, Any]:
+    """Estimate a loaded job (the command line's `estimate` and `run --dry-run` too): a cascade's proxy
+    pass and oracle share against the oracle alone, or one run's."""
+    if job.spec.output.cascade is not None:
+        from runner.cascade.estimate import estimate_cascade
+
+        return await estimate_cascade(job, api_key=api_key, options=options, reporter=reporter)
+    from runner.estimate import estimate_job as estimate
+
+    return await estimate(job, api_key=api_key, options=options, reporter=reporter)
 
 
 def _outside_a_loop(name: str, instead: str) -> None:

@@ -14,17 +14,21 @@ REUSED_FROM = "reused_from"  # the id of the row whose request paid for this row
 AGREEMENT = "agreement"
 SAMPLE_ANSWERS = "sample_answers"
 VOTE_COLUMNS = (AGREEMENT, SAMPLE_ANSWERS)  # what a voted output adds
-# The answer columns of the output, in the order people read them; the id and kept columns come first.
-OUTPUT_COLUMNS = (
-    "response_text",
-    "thinking",
-    "stop_reason",
+# What each request used and cost: a row of several samples has their sum (runner.output.voting).
+BILLED_COLUMNS = (
     "input_tokens",
     "output_tokens",
     "thinking_tokens",
     "cache_read_input_tokens",
     "cache_creation_input_tokens",
     "cost",
+)
+# The answer columns of the output, in the order people read them; the id and kept columns come first.
+OUTPUT_COLUMNS = (
+    "response_text",
+    "thinking",
+    "stop_reason",
+    *BILLED_COLUMNS,
     REUSED_FROM,
     "latency_ms",
     "attempts",

@@ -69,6 +69,12 @@ class StateUnwritable(GlmBatchError):
 STATE_FAILURES: tuple[type[GlmBatchError], ...] = (DiskFull, StateUnwritable)
 
 
+def first_line(exc: BaseException) -> str:
+    """An error in one line: the first line of its message, or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def deliberate(group: BaseExceptionGroup[BaseException]) -> GlmBatchError | None:
     """The first error raised on purpose inside a (possibly nested) exception group, if any: a task
     group wraps what its tasks raise, and a UsageError must still reach the user as itself."""

@@ -27,10 +27,10 @@ from runner.money.pricing import PriceTable, require_prices, tier_label
 from runner.money.tokens import Calibration, estimate_request
 from runner.observe.progress import Reporter
 from runner.plan import plan
-from runner.records import KEY, Request, read_journal, scan_results
+from runner.records import KEY, Request, read_journal, results_frame, scan_results, settles
 from runner.send.endpoints import endpoint_url
 from runner.state.settled import SettledKeys
-from runner.state.store import Store
+from runner.state.store import Store, whole_part
 
 EXACT_SAMPLE = 200  # requests counted by the tokenizer API with --exact
 ASSUMED_LATENCY_S = 5.0  # per request, when no run has measured one
@@ -50,10 +50,6 @@ class EstimateOptions:
 
 async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, reporter: Reporter) -> dict[str, Any]:
     """Build the estimate report (and keep it in the job's state for the next run to compare with)."""
-    if job.spec.output.cascade is not None:  # the proxy pass and the oracle's share, against the oracle alone
-        from runner.cascade.estimate import estimate_cascade
-
-        return await estimate_cascade(job, api_key=api_key, options=options, reporter=reporter)
     table = require_prices(job, "glm-batch estimate")
     if options.pilot_rows:
         from runner.engine import run_job
@@ -106,26 +102,17 @@ def _read_state(job: Job, options: EstimateOptions) -> tuple[list[Path], Settled
     created, locked, moved or folded. Answers still in a journal (a run going on, or one that died)
     count as settled too, as the next run will fold them in; a part that does not read is skipped."""
     store = Store(job.state_dir, run_id="dry-run", rows=job.row_map)  # never opened: only its paths are used
-    parts = []
-    for part in store.result_parts() if store.results_dir.is_dir() else []:
-        try:
-            pl.read_parquet_schema(part)
-        except Exception:  # a torn part: the run would set it aside
-            continue
-        parts.append(part)
+    parts = [part for part in store.result_parts() if whole_part(part)]  # the run sets the others aside
     if options.fresh:
         return parts, SettledKeys.none()
-    keys: list[str] = []
-    if parts:
-        settled = pl.col("status") == "ok"
-        if not options.retry_failed:
-            settled = settled | ~pl.col("retryable")
-        keys = scan_results(parts).filter(settled).select(KEY).collect().get_column(KEY).to_list()
-    for journal in sorted(job.state_dir.glob("journal-*.jsonl")) if job.state_dir.is_dir() else []:
-        for result in read_journal(journal):
-            if result.status == "ok" or not (options.retry_failed or result.retryable):
-                keys.append(result.key)
-    return parts, SettledKeys(pl.Series(KEY, sorted(set(keys)), dtype=pl.String))
+    journals = sorted(job.state_dir.glob("journal-*.jsonl")) if job.state_dir.is_dir() else []
+    frames = [results_frame(read_journal(journal), "").lazy() for journal in journals]
+    frames += [scan_results(parts)] if parts else []
+    results = pl.concat([f.select(KEY, "status", "retryable") for f in frames]) if frames else None
+    if results is None:
+        return parts, SettledKeys.none()
+    keys = results.filter(settles(options.retry_failed)).select(KEY).unique().sort(KEY).collect()
+    return parts, SettledKeys(keys.get_column(KEY))
 
 
 @dataclass

@@ -98,27 +98,57 @@ def write_json_atomic(data: dict[str, Any], path: Path) -> None:
         write_bytes_atomic(json.dumps(data, indent=2, default=str).encode("utf-8"), path)
 
 
-def read_json_object(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path, *, unreadable_raises: bool = False) -> dict[str, Any] | None:
     """The JSON object in `path`, or None when the file is absent, unreadable, not UTF-8 JSON or not an
-    object (every side file glm-batch reads back is one it may find torn or foreign)."""
+    object (every side file glm-batch reads back is one it may find torn or foreign). With
+    `unreadable_raises`, a file that is there but does not read (permission, I/O) raises its OSError."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return json_object(path.read_bytes())
+    except OSError as exc:
+        if unreadable_raises and not isinstance(exc, FileNotFoundError | NotADirectoryError):
+            raise
+        return None
+
+
+def json_object(raw: bytes) -> dict[str, Any] | None:
+    """`raw` parsed as a JSON object; None when it is not UTF-8 JSON or not an object."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError:
         return None
     return data if isinstance(data, dict) else None
 
 
+def summary_path(output: Path) -> Path:
+    """Where the summary of the run that wrote `output` is kept: beside it, as `<output>.summary.json`."""
+    return output.with_suffix(".summary.json")
+
+
+def write_summary(output: Path, summary: dict[str, Any]) -> None:
+    """Write a run's summary beside its output (the folder made if need be)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(summary, summary_path(output))
+
+
+def read_summary(output: Path) -> dict[str, Any]:
+    """The summary beside `output`; empty when there is none, or it is not a JSON object."""
+    return read_json_object(summary_path(output)) or {}
+
+
 def read_manifest(state_dir: Path) -> dict[str, Any]:
     """A job's manifest (the runs it records), or an empty one for a job that never ran or whose
-    manifest is not JSON. Here, beside the writes, so `status` reads it without the store (polars)."""
-    path = state_dir / "manifest.json"
-    if not path.exists():
-        return {"runs": []}
-    with contextlib.suppress(json.JSONDecodeError):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict):
-            return data
-    return {"runs": []}
+    manifest is not a JSON object; one that is there but does not read raises, or a run would replace a
+    history it could not read. Here, beside the writes, so `status` reads it without polars."""
+    return read_json_object(state_dir / "manifest.json", unreadable_raises=True) or {"runs": []}
+
+
+def recorded_runs(state_dir: Path) -> list[dict[str, Any]]:
+    """The runs a job's manifest records, for a reader that only reports: none when it does not read."""
+    try:
+        runs = read_manifest(state_dir).get("runs")
+    except OSError:
+        return []
+    return [run for run in runs if isinstance(run, dict)] if isinstance(runs, list) else []
 
 
 # Why a write to a path the user chose failed, in words; each is that user's to fix (exit 2).
@@ -216,7 +246,7 @@ def _job_files_beside(target: Path) -> list[tuple[Path, str]]:
     """What `target` is, if it is a job's file whatever the command knows: a state folder's content
     (under `.glm-batch/`) or an output (a .parquet with its `.summary.json` beside it)."""
     found = [(p, "a job's state directory") for p in (target, *target.parents) if p.name == ".glm-batch"]
-    if target.suffix == ".parquet" and target.with_suffix(".summary.json").exists():
+    if target.suffix == ".parquet" and summary_path(target).exists():
         found.append((target, "a job's output"))
     return found
 

@@ -6,7 +6,8 @@
 
 `Dispatch` is the run's use of it: it records the row map, settles what needs no sending, and yields
 each request to send once (rows with identical prompts share one request), stopping when the budget
-cannot cover the next one. The estimate counts the same requests; validate prints the first ones.
+cannot cover the next one. The estimate counts the same requests; validate prints the first ones,
+rendered by the same RequestBuilder.render without the rest of the planner.
 """
 
 from __future__ import annotations
@@ -107,16 +108,12 @@ def plan(job: Job, source: Rows, settled: SettledKeys, batch_rows: int = RENDER_
 
 def _render(builder: RequestBuilder, frame: pl.DataFrame) -> list[PlannedRow]:
     """Each row of `frame` rendered into its requests (or its render error)."""
-    rows: list[PlannedRow] = []
-    for values in frame.iter_rows(named=True):
-        position, row_id = values[ROW], values[ID]
-        try:
-            request = builder.build(values)
-        except RenderError as exc:
-            rows.append(PlannedRow(position, row_id, f"render-{row_id}", [], [], exc))
-        else:
-            rows.append(PlannedRow(position, row_id, request.key, builder.samples_of(request), []))
-    return rows
+    return [
+        PlannedRow(position, row_id, f"render-{row_id}", [], [], rendered)
+        if isinstance(rendered, RenderError)
+        else PlannedRow(position, row_id, rendered.key, builder.samples_of(rendered), [])
+        for position, row_id, rendered in builder.render(frame.iter_rows(named=True))
+    ]
 
 
 def _check_template(job: Job, rows: list[PlannedRow], whole_input: bool) -> None:
@@ -296,6 +293,16 @@ class RequestKeys:
             self._freeze()
         return fresh
 
+    def contains_batch(self, keys: list[str]) -> list[bool]:
+        """Is each of `keys` in the set? (Vectorised over the runs, as `add_batch` looks keys up.)"""
+        known = self._in_runs(keys)
+        return [old or key in self._recent or key in self._other for key, old in zip(keys, known, strict=True)]
+
+    @property
+    def run_bytes(self) -> int:
+        """Bytes the sorted runs hold in memory (polars buffers, which tracemalloc does not see)."""
+        return sum(run.nbytes for run in self._runs)
+
     def close(self) -> None:
         """Remove the run files (the set is empty afterwards)."""
         for run in self._runs:
@@ -345,6 +352,11 @@ class _Run:
             with space_checked(path), path.open("wb") as f:  # a full disk stops the run like a row-map file
                 array("Q", low.to_list()).tofile(f)  # native byte order: read back by this process only
             self._fd, self._low = os.open(path, os.O_RDONLY), None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory: the high halves, and the low halves unless they are in a file."""
+        return int(self.high.estimated_size()) + (int(self._low.estimated_size()) if self._low is not None else 0)
 
     def lows(self, start: int, count: int) -> list[int]:
         """The low halves of the keys at positions start .. start + count - 1."""

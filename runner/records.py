@@ -134,6 +134,13 @@ def scan_results(parts: list[Path]) -> pl.LazyFrame:
     return pl.scan_parquet(parts, schema=RESULT_SCHEMA, missing_columns="insert")
 
 
+def settles(retry_failed: bool) -> pl.Expr:
+    """Which stored results settle their key, so that no later run sends it again: an ok answer, and a
+    failure for good (not retryable) unless the run sends failures again (--retry-failed)."""
+    ok = pl.col("status") == "ok"
+    return ok if retry_failed else ok | ~pl.col("retryable")
+
+
 _NOT_JOURNALLED = frozenset({"wait_ms"})
 _JOURNAL_FIELDS = tuple(name for name in Result.__slots__ if name not in _NOT_JOURNALLED)
 _journal_values = operator.attrgetter(*_JOURNAL_FIELDS)

@@ -1,10 +1,10 @@
-"""What a run is asked to do and how it ended: the options, the report, and the fingerprint a row map is
-built from. Shared by the local engine (runner.engine) and the Ray engine (runner.distributed.engine).
-"""
+"""What a run is asked to do and how it ended: its options, its result, and the fingerprint a row map is
+built from."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from runner.job.resolve import Job
@@ -23,12 +23,24 @@ class RunOptions:
 
 
 @dataclass
-class RunReport:
-    """How a run ended: the exit code, one line for the user, and the summary that was written."""
+class RunResult:
+    """How a run ended (`runner.run_job` returns it): its exit code (the README's table), one line for a
+    person, and the summary written beside the output."""
 
     exit_code: int
     message: str
     summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output(self) -> Path | None:
+        """The output file (None unless every row has a result)."""
+        path = self.summary.get("output")
+        return Path(path) if path else None
+
+    @property
+    def ok(self) -> bool:
+        """Did every row get an ok answer?"""
+        return self.exit_code == 0
 
 
 def fingerprint(job: Job) -> dict[str, Any]:

@@ -1,10 +1,6 @@
-"""Run an executor with the things every run needs around it: time-based checkpoints, progress ticks,
-and the SIGINT/SIGTERM protocol.
-
-The first SIGINT/SIGTERM stops dispatch and gives in-flight requests `grace_s` to finish; a second one
-(or the end of the grace period) cancels them. Whatever arrived is flushed by the caller. Before
-sending starts (reading the input, opening the state), `stop_on_signals` holds the same promise: a
-first signal lets the run end as any stopped run does (summary, manifest, resume line).
+"""A sender's work with what every run needs around it: checkpoints, progress ticks, the collector's
+settings, and signals. A first SIGINT/SIGTERM stops the run as any stopped run ends (summary, manifest,
+resume line), giving requests in flight `grace_s`; a second one (or the grace's end) cancels them.
 """
 
 from __future__ import annotations
@@ -13,9 +9,62 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
+from runner.collector import objects_so_far_frozen
 from runner.control import Control
 from runner.observe.progress import Reporter
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Signals:
+    """SIGINT/SIGTERM for one run, from its first line (a large input takes seconds to read) to the end
+    of sending: `with Signals(control, reporter) as signals:`."""
+
+    def __init__(self, control: Control, reporter: Reporter) -> None:
+        self._control, self._reporter = control, reporter
+        self._loop = asyncio.get_running_loop()
+        # What a second signal cancels: the run, or (while it sends) its sending.
+        self._target: asyncio.Future[Any] | None = asyncio.current_task()
+        self._grace_s: float | None = None  # while sending: the time in-flight requests get
+        self._grace: asyncio.TimerHandle | None = None
+        for signum in SIGNALS:
+            self._loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self._control.reason in ("SIGINT", "SIGTERM"):
+            if self._target is not None:
+                self._target.cancel()  # second signal: stop now
+            return
+        self._control.stop(name)
+        self._reporter.event("interrupted", signal=name, grace_s=self._grace_s or 0)
+        if self._grace_s is not None and self._target is not None:
+            self._grace = self._loop.call_later(self._grace_s, self._target.cancel)
+
+    @contextlib.contextmanager
+    def sending(self, task: asyncio.Future[Any], grace_s: float) -> Iterator[None]:
+        """While `task` sends: a stop gives it `grace_s`, and a second signal cancels it (not the run)."""
+        outer = self._target
+        self._target, self._grace_s = task, grace_s
+        try:
+            yield
+        finally:
+            self._target, self._grace_s = outer, None
+            if self._grace is not None:
+                self._grace.cancel()
+
+    def __enter__(self) -> Signals:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Hand the signals back (the run is finishing: its output and summary are written whole)."""
+        for signum in SIGNALS:
+            self._loop.remove_signal_handler(signum)
 
 
 async def supervise(
@@ -26,24 +75,10 @@ async def supervise(
     tick: Callable[[], None],
     every_s: float,
     grace_s: float,
-    reporter: Reporter,
+    signals: Signals,
 ) -> None:
-    """Await `work`, calling `checkpoint` and `tick` every `every_s`, and handling signals."""
-    loop = asyncio.get_running_loop()
+    """Await `work`, calling `checkpoint` and `tick` every `every_s`; signals stop it as above."""
     task = asyncio.ensure_future(work)
-    grace: asyncio.TimerHandle | None = None
-
-    def on_signal(signum: int) -> None:
-        nonlocal grace
-        if control.reason in ("SIGINT", "SIGTERM"):
-            task.cancel()  # second signal: stop now
-            return
-        control.stop(signal.Signals(signum).name)
-        reporter.event("interrupted", signal=signal.Signals(signum).name, grace_s=grace_s)
-        grace = loop.call_later(grace_s, task.cancel)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
 
     async def heartbeat() -> None:
         while True:
@@ -53,7 +88,8 @@ async def supervise(
 
     beat = asyncio.create_task(heartbeat())
     try:
-        await task
+        with signals.sending(task, grace_s), objects_so_far_frozen():
+            await task
     except asyncio.CancelledError:
         current = asyncio.current_task()
         if current is not None and current.cancelling():
@@ -61,34 +97,4 @@ async def supervise(
         # otherwise the task was cancelled by our own signal handling; what arrived is kept
     finally:
         beat.cancel()
-        if grace is not None:
-            grace.cancel()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
         tick()
-
-
-@contextlib.contextmanager
-def stop_on_signals(control: Control, reporter: Reporter) -> Iterator[None]:
-    """While a run starts: a first SIGINT/SIGTERM asks it to stop before it sends anything (so it still
-    ends with its summary and resume line); a second one cancels it. `supervise` takes over once sending
-    starts. Without this, a SIGTERM in the seconds a large input takes to read killed the run silently."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-
-    def on_signal(signum: int) -> None:
-        name = signal.Signals(signum).name
-        if control.reason in ("SIGINT", "SIGTERM"):
-            if task is not None:
-                task.cancel()  # second signal: stop now
-            return
-        control.stop(name)
-        reporter.event("interrupted", signal=name, grace_s=0)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        yield
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)

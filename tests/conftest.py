@@ -10,6 +10,10 @@ import asyncio
 import copy
 import csv
 import inspect
+import os
+import signal
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -155,3 +159,20 @@ def cli(*args: str) -> CliResult:
         # A traceback is a defect in itself; show it in the assertion message rather than losing it.
         stderr += "".join(traceback.format_exception(result.exception))
     return CliResult(result.exit_code, result.stdout, stderr)
+
+
+def sigterm_once_started(spec: Path, state_dir: Path, **env: str) -> tuple[int, str]:
+    """`glm-batch run` of `spec` in a child process, sent SIGTERM as soon as it has opened its state (its
+    lock exists: it is a run now, still starting); its exit code and stderr."""
+    run = subprocess.Popen(
+        [sys.executable, "-m", "runner", "run", str(spec), "--log-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **env},
+        text=True,
+    )
+    while not (state_dir / "lock").exists() and run.poll() is None:
+        time.sleep(0.002)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=180)
+    return run.returncode, stderr

@@ -7,12 +7,7 @@ arrives as a strict xfail test and loses the marker when its fix lands.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +16,7 @@ import pytest
 
 from runner.job.resolve import load_job
 from runner.simulator.simulator import SimulatorThread
-from tests.conftest import JobFiles, cli, sample_rows
+from tests.conftest import JobFiles, cli, sample_rows, sigterm_once_started
 
 FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}
 
@@ -129,19 +124,8 @@ def test_sigterm_while_a_run_is_starting_leaves_the_summary_and_the_resume_line(
     make_job: Callable[..., JobFiles], sim: SimulatorThread
 ) -> None:
     files = make_job(rows=sample_rows(20))
-    lock = load_job(files.spec).state_dir / "lock"
-    run = subprocess.Popen(
-        [sys.executable, "-m", "runner", "run", str(files.spec), "--log-format", "json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=os.environ.copy(),
-        text=True,
-    )
-    while not lock.exists() and run.poll() is None:  # the run has opened its state: it is a run now
-        time.sleep(0.002)
-    run.send_signal(signal.SIGTERM)
-    _, stderr = run.communicate(timeout=120)
-    assert run.returncode == 143, stderr
+    code, stderr = sigterm_once_started(files.spec, load_job(files.spec).state_dir)
+    assert code == 143, stderr
     assert "resume with: glm-batch run" in stderr.strip().splitlines()[-1]
     assert files.summary.exists()
 

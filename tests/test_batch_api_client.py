@@ -397,6 +397,25 @@ async def test_iteration_stops_on_a_server_that_repeats_a_page(api: BatchAPI, se
     assert [b.id async for b in api.iter_batches()] == ["batch_0", "batch_0"]
 
 
+@pytest.mark.parametrize("newest_first", [True, False])
+async def test_batches_since_a_moment_are_found_in_either_list_order(
+    api: BatchAPI, server: FakeBatchServer, newest_first: bool
+) -> None:
+    """The list's order is not documented: newest first, reading stops at the page that ends before
+    the moment; in any other order every page is read. Either way only batches since then are given."""
+    from runner.send.batch.duplicates import batches_since
+
+    made = [_batch(f"b{i}", created_at=1_764_000_000_000 + i * 1000) for i in range(6)]  # ms, oldest first
+    listed = made[::-1] if newest_first else made
+    pages = [listed[:2], listed[2:4], listed[4:]]
+    for n, page in enumerate(pages):
+        body = {"object": "list", "data": page, "last_id": page[-1]["id"], "has_more": n < 2}
+        server.enqueue("GET /batches", Canned(body=body))
+    found = [b.id async for b in batches_since(api, 1_764_000_002_500)]  # after b2 was made
+    assert sorted(found) == ["b3", "b4", "b5"]
+    assert len(server.calls("GET /batches")) == (2 if newest_first else 3)
+
+
 async def test_a_slow_answer_times_out_and_is_retried(server: FakeBatchServer, waits: list[float]) -> None:
     """A call with no answer within its timeout raises BatchTimeout internally and is tried again."""
 
@@ -584,3 +603,34 @@ async def test_round_trip_on_the_simulator(tmp_path: Path) -> None:
         answer = answer_from_chat(line.body, line.request_id)
         assert answer.text and answer.input_tokens > 0 and answer.model == "glm-4.6"
     assert all(classify_failure(p) is Verdict.RETRY for p in parsed if not p.ok)  # 500 and 429/1302 lines
+
+
+async def test_a_create_retried_after_its_answer_was_lost_leaves_one_live_batch_for_the_chunk(tmp_path: Path) -> None:
+    """The first create's answer never comes in time (it lands a second later, as a lost answer's batch
+    does); the client's retry finds nothing yet and creates another. A sweep over the chunk's tag keeps
+    the batch the book has and cancels the one that landed late, while it still validates (free)."""
+    from runner.send.batch.book import BatchBook
+    from runner.send.batch.duplicates import Twins
+    from runner.simulator.config import SimConfig
+    from runner.simulator.simulator import SimulatorThread
+    from tests.conftest import until
+
+    [written] = write_batch_files(requests_for(10), tmp_path / "in")
+    book = BatchBook(tmp_path / "book")
+    book.record("c", path=str(written.path), requests="", model="glm-4.6", lines=10, round=0, status="written")
+    config = SimConfig(batch_create_lands_after_s=1.0, batch_validating_s=30.0)
+    with SimulatorThread(config) as sim:
+        async with BatchAPI(sim.url + "/api/paas/v4", KEY, timeout_s=0.3) as api:
+            uploaded = await api.upload(written.path)
+            made = await api.create(uploaded.id, metadata={"glm_batch_job": "j", "glm_batch_chunk": "c"})
+            assert uploaded.id in api.retried_creates  # the client knows its create may have been made twice
+            book.record("c", status="created", file_id=uploaded.id, uploaded_at=uploaded.created_at, batch_id=made.id)
+            twins = Twins("j")
+            assert await twins.sweep(api, book, ["c"]) == set() and twins.cancelled == []  # one batch so far
+            await until(lambda: sim.stats()["outcomes"].get("batch_created") == 2)  # the late one landed
+            assert await twins.sweep(api, book, ["c"]) == set()  # the book's batch is kept
+            [late] = twins.cancelled
+            assert late != made.id and book.chunks["c"].batch_id == made.id
+            assert (await api.retrieve(late)).status in ("cancelling", "cancelled")
+            assert (await api.retrieve(made.id)).status == "validating"
+            assert await twins.sweep(api, book, ["c"]) == set() and twins.cancelled == [late]  # once

@@ -137,3 +137,50 @@ def test_a_batch_failed_for_a_transient_reason_is_sent_again_in_the_next_round(
     assert result.exit_code == 0, result.stderr[-2000:]
     assert pl.read_parquet(files.output).get_column("response_text").to_list() == expected(rows)
     assert sim.stats()["outcomes"]["batch_created"] == 2
+
+
+# kill -9 once a create is held at the simulator (sent, not yet landed): its answer is lost, the batch lands later.
+KILLED_MID_CREATE = """
+import asyncio, json, os, sys, urllib.request
+from runner.send.batch import api
+create, stats = api.BatchAPI.create, sys.argv[2] + "/_sim/stats"
+def held():
+    with urllib.request.urlopen(stats) as answer:
+        return json.load(answer)["outcomes"].get("batch_create_late", 0) > 0
+async def dying(self, *args, **kwargs):
+    asyncio.ensure_future(create(self, *args, **kwargs))
+    while not await asyncio.to_thread(held):
+        await asyncio.sleep(0.01)
+    os._exit(9)
+api.BatchAPI.create = dying
+from runner.cli import main
+sys.argv = ["glm-batch", "run", sys.argv[1], "--log-format", "json"]
+main()
+"""
+
+
+def test_a_create_that_lands_after_the_resumed_run_made_its_own_is_cancelled_and_no_line_is_paid_twice(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, tmp_path: Path
+) -> None:
+    """The double-create window: a run dies while its create is on the wire; the resumed run looks,
+    finds nothing (the batch has not landed yet) and creates one; then the first lands. One chunk, two
+    batches: the run keeps the one further along and cancels the other while it validates (free)."""
+    sim.configure(batch_create_lands_after_s=3.0, batch_validating_s=1.0, batch_lines_per_s=100)
+    rows = sample_rows(300)
+    files = make_job(rows=rows, model=BATCH_MODEL, run={"mode": "batch", "batch": FAST_POLL})
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_MID_CREATE)
+    env = crash_env(tmp_path)
+    killed = subprocess.run([sys.executable, str(script), str(files.spec), sim.url], env=env, capture_output=True)
+    assert killed.returncode == 9, killed.stderr.decode()[-2000:]
+    assert "batch_created" not in sim.stats()["outcomes"]  # still on its way
+
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert pl.read_parquet(files.output).get_column("response_text").to_list() == expected(rows)
+    stats = sim.stats()
+    assert stats["outcomes"]["batch_created"] == 2 and stats["outcomes"]["batch_cancel"] == 1
+    assert stats["billed"]["batch"] == len(rows)  # each line billed exactly once
+    assert_paid_once(sim)
+    said = [line for line in result.stderr.splitlines() if '"batch_duplicate"' in line]
+    assert len(said) == 1 and "before any line ran" in said[0]

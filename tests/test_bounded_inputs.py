@@ -245,14 +245,15 @@ def test_a_key_with_a_trailing_line_end_or_spaces_is_used_without_them(make_job,
     assert sim.stats()["requests"] == 1
 
 
+@pytest.mark.parametrize("command", ["run", "doctor"])
 @pytest.mark.parametrize("key", [API_KEY[:10] + " " + API_KEY[10:], API_KEY[:10] + "\x07" + API_KEY[10:], "ключ"])
 def test_a_key_with_whitespace_or_control_characters_inside_is_refused_naming_the_variable(
-    make_job, sim, monkeypatch, key
+    make_job, sim, monkeypatch, key, command
 ) -> None:
     monkeypatch.setenv("ZHIPUAI_API_KEY", key)
     job = make_job()
 
-    result = cli("run", str(job.spec))
+    result = cli(command, str(job.spec))
 
     assert_refused(result, "$ZHIPUAI_API_KEY", "the API key has")
     assert "Connection error" not in result.stderr

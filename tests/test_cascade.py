@@ -5,7 +5,9 @@ then a resume pays nothing twice beyond what was in flight and gives the same ou
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import polars as pl
 import pytest
 import yaml
 
+from runner.observe.report import cascade_lines
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli
 
@@ -75,6 +78,12 @@ def test_the_cascade_agrees_with_the_oracle_on_the_target_share_and_says_who_ans
     assert report.exit_code == 0, report.stderr
     assert f"agrees with {ORACLE} on >= 90% of rows with probability >= 90%" in report.stdout
     assert "threshold" in report.stdout and "oracle only" in report.stdout
+    # The page says what the terminal says, from the same summary.
+    page = job.spec.parent / "report.html"
+    assert cli("report", str(job.spec), "--html", str(page)).exit_code == 0
+    section = page.read_text(encoding="utf-8").split('<ul id="cascade">')[1].split("</ul>")[0]
+    assert [html.unescape(item) for item in re.findall(r"<li>(.*?)</li>", section)] == cascade_lines(summary)
+    assert all(line in " ".join(report.stdout.split()) for line in cascade_lines(summary))
     status = cli("status", str(job.spec))
     assert "proxy stage, last run" in status.stdout and "oracle stage, last run" in status.stdout
     assert f"last cascade: {summary['rows_kept_from_proxy']} of 120 rows kept from {PROXY}" in status.stdout
@@ -196,6 +205,12 @@ def test_a_cascade_is_refused_without_labels_or_with_samples_of_its_own(
     )
     result = cli("run", str(sampled.spec))
     assert result.exit_code == 2 and "output.cascade.samples" in result.stderr
+    schema = {"type": "object", "properties": {"confidence": {"type": "number"}}}
+    clash = make_job(name="clash", output={"schema": schema, "cascade": {"proxy": PROXY, "confidence": "stated"}})
+    for command in (["run"], ["estimate"]):
+        result = cli(*command, str(clash.spec))
+        assert result.exit_code == 2 and "confidence: stated" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert sim.stats()["requests"] == 0
 
 
@@ -290,3 +305,55 @@ def test_a_cascade_scores_a_gold_column_named_like_its_answer(make_job: Callable
     out = pl.read_parquet(job.output)
     assert out.get_column("label_gold").to_list() == [r["label"] for r in rows]
     assert set(json.loads(job.summary.read_text())["cascade"]["accuracy"]) >= {"proxy", "cascade"}
+
+
+def test_a_confidence_the_proxy_states_tracks_its_errors_and_a_flat_one_does_not(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """The simulator's model of given skill states a confidence in its answer: lower where it is wrong
+    (its unsure rows), unless its confidence is flat."""
+    reference = make_job(_rows(120), name="oracle_only", **SENTIMENT)
+    assert cli("run", str(reference.spec)).exit_code == 0
+    oracle = pl.read_parquet(reference.output).select("id", pl.col("label").alias("oracle"))
+    properties = {
+        "label": {"enum": ["positive", "negative"]},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+    }
+    stated = {"type": "object", "properties": properties, "required": ["label", "confidence"]}
+    gap = {}
+    for confidence in ("informative", "flat"):
+        sim.configure(model_error={PROXY: 0.2}, confidence=confidence)
+        output = SENTIMENT["output"] | {"labels": None, "schema": stated}
+        job = make_job(_rows(120), name=f"stated_{confidence}", **(SENTIMENT | {"output": output}))
+        job.spec.write_text(job.spec.read_text().replace("name: glm-4.6", f"name: {PROXY}"))
+        assert cli("run", str(job.spec)).exit_code == 0
+        out = pl.read_parquet(job.output).join(oracle, on="id")
+        right = out.filter(pl.col("label") == pl.col("oracle")).get_column("confidence").mean()
+        wrong = out.filter(pl.col("label") != pl.col("oracle")).get_column("confidence").mean()
+        assert isinstance(right, float) and isinstance(wrong, float)
+        gap[confidence] = right - wrong
+    assert gap["informative"] > 0.15
+    assert abs(gap["flat"]) < 0.1
+
+
+def test_a_cascade_on_a_stated_confidence_asks_the_proxy_once_and_keeps_its_field_out_of_the_output(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    sim.configure(model_error={PROXY: 0.2})
+    job = _cascade(make_job, "stated", confidence="stated")
+    priced = cli("estimate", str(job.spec), "--json")
+    assert priced.exit_code == 0 and json.loads(priced.stdout)["cascade"]["proxy_requests"] == 120
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 0, result.stderr
+    out = pl.read_parquet(job.output)
+    assert "confidence" not in out.columns and "agreement" not in out.columns
+    confidence = out.get_column("proxy_confidence")
+    assert confidence.null_count() == 0 and 0 <= confidence.min() <= confidence.max() <= 1  # type: ignore[operator]
+    assert confidence.n_unique() > 3  # stated values, not the share of 3 samples
+    assert set(out.get_column("answered_by").unique().to_list()) == {PROXY, ORACLE}
+    proxy = pl.read_parquet(job.output.parent / ".glm-batch" / "stated" / "cascade" / "proxy.parquet")
+    assert proxy.height == 120 and proxy.get_column("attempts").max() == 1  # one ask per row
+    summary = json.loads(job.summary.read_text())["cascade"]
+    assert summary["guarantee"] == f"agrees with {ORACLE} on >= 90% of rows with probability >= 90%"

@@ -109,3 +109,19 @@ def test_the_method_asks_for_oracle_answers_it_lacks_and_replays_the_same_draws(
 def test_a_proxy_that_always_agrees_leaves_the_oracle_only_the_calibration_sample() -> None:
     share = perfect_proxy_share(2000, 0.95, 0.05, 0)
     assert 0 < share < 0.15
+
+
+def test_a_threshold_still_worth_showing_is_not_given_up_after_50_draws() -> None:
+    """A proxy that agrees with the oracle on 95% of rows, at a target of 90%: it could keep almost
+    every row. The package's give-up rule (past 50 draws, mean minus one standard deviation under the
+    share needed) stops at the first threshold the test has not decided by then, near half the rows;
+    the method draws on while the evidence is good and the rows it would gain are worth the draws."""
+    kept, met = [], 0
+    for seed in range(20):
+        rng = random.Random(seed)
+        agree = [rng.random() < 0.95 for _ in range(2000)]
+        step = choose([1.0] * 2000, agree.__getitem__, target=0.9, delta=0.1, seed=seed)
+        kept.append(len(step.keep))
+        met += sum(1 for pos in range(2000) if pos not in step.keep or agree[pos]) >= 1800
+    assert met >= 18
+    assert sorted(kept)[10] >= 1500

@@ -13,6 +13,7 @@ import pytest
 from runner.control import Control
 from runner.engine import run_job
 from runner.job.resolve import load_job
+from runner.local import LocalSender
 from runner.money.accounting import Tally
 from runner.observe.progress import make_reporter
 from runner.records import Request, Result, priced
@@ -103,7 +104,9 @@ async def test_the_collector_leaves_older_objects_alone_while_sending_and_is_put
     thresholds = gc.get_threshold()
     watcher = FreezeWatcher()
 
-    report = await run_job(job, api_key="k", options=RunOptions(), reporter=make_reporter("json"), executor=watcher)
+    report = await run_job(
+        job, api_key="k", options=RunOptions(), reporter=make_reporter("json"), sender=LocalSender(watcher)
+    )
 
     assert report.exit_code == 0
     assert watcher.frozen_while_sending > 10_000  # the modules imported to get there, at least
@@ -118,7 +121,7 @@ async def test_the_summary_states_the_cpu_answering_took(make_job: Callable[...,
     job = load_job(make_job(rows=sample_rows(rows)).spec)
 
     report = await run_job(
-        job, api_key="k", options=RunOptions(), reporter=make_reporter("json"), executor=FakeExecutor()
+        job, api_key="k", options=RunOptions(), reporter=make_reporter("json"), sender=LocalSender(FakeExecutor())
     )
 
     cpu = report.summary["cpu_while_answering"]

@@ -14,6 +14,7 @@ import polars as pl
 
 from runner.engine import run_job
 from runner.job.resolve import load_job
+from runner.local import LocalSender
 from runner.observe.progress import make_reporter
 from runner.observe.report import load_report
 from runner.runs import RunOptions
@@ -57,7 +58,9 @@ def test_requests_in_flight_never_exceed_the_concurrency_even_with_a_coarse_cloc
     )
 
     report = asyncio.run(
-        run_job(job, api_key=API_KEY, options=RunOptions(), reporter=make_reporter("json"), executor=executor)
+        run_job(
+            job, api_key=API_KEY, options=RunOptions(), reporter=make_reporter("json"), sender=LocalSender(executor)
+        )
     )
 
     assert report.exit_code == 0, report.message

@@ -14,7 +14,15 @@ PACKAGE = Path(runner.__file__).parent
 
 # Bottom first. A module belongs to the first entry its dotted name starts with.
 LAYERS: list[tuple[str, ...]] = [
-    ("runner.errors", "runner.redact", "runner.records", "runner.control", "runner.files", "runner.columns"),
+    (
+        "runner.errors",
+        "runner.redact",
+        "runner.records",
+        "runner.control",
+        "runner.files",
+        "runner.columns",
+        "runner.collector",
+    ),
     ("runner.job",),
     ("runner.state",),
     ("runner.money",),
@@ -23,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("runner.send",),
     ("runner.observe",),
     ("runner.plan", "runner.breaker", "runner.runs"),
-    ("runner.run", "runner.finish", "runner.supervise", "runner.resume"),
+    ("runner.supervise", "runner.resume", "runner.run", "runner.finish", "runner.local"),
     ("runner.engine",),
     ("runner.distributed",),
     ("runner.estimate",),
@@ -33,17 +41,9 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 
 
-# Imports that still run up a layer, to be removed by the engine redesign (issue 26); empty when done.
-STILL_UPWARD = {
-    "runner.engine imports runner.cascade.stages",
-    "runner.engine imports runner.distributed.engine",
-    "runner.estimate imports runner.cascade.estimate",
-}
-STILL_CIRCLES = {
-    "runner.cascade.estimate runner.estimate",
-    "runner.cascade.stages runner.engine",
-    "runner.distributed.cluster runner.distributed.engine",
-}
+# Imports that still run up a layer, and circles: none (issue 26 removed the last).
+STILL_UPWARD: set[str] = set()
+STILL_CIRCLES: set[str] = set()
 
 
 def module_name(path: Path) -> str:

@@ -47,6 +47,8 @@ def busy_run() -> PanelState:
         "adaptive": True,
         "overload_429_rate": 0.018,
         "batches": {"in_progress": 2, "completed": 1, "validating": 1},
+        "batch_lines": {"open": 3000, "completed": 1234, "failed": 5},  # request_counts at the last looks
+        "batch_queue": {"refused": 3, "waited_s": 72.4},
     }
     return PanelState.of(
         phase="rendering and sending",
@@ -104,6 +106,8 @@ REQUIRED = [
     "retries 1,297",
     "may be billed twice 2",
     "batches 1 completed, 2 in_progress, 1 validating",
+    "at Zhipu 1,234/3,000 lines done, 5 failed",
+    "queue full: waited 1:12 (3 refused)",
     "rendered 600,000/1,000,000",
 ]
 
@@ -124,7 +128,7 @@ def test_the_panel_shows_every_figure_within_the_width_and_cuts_nothing(busy_run
 def test_a_wide_terminal_gets_a_longer_bar_fewer_lines_and_more_detail(busy_run: PanelState) -> None:
     narrow, wide = shown(busy_run, 80), shown(busy_run, 200)
 
-    assert len(wide.splitlines()) < len(narrow.splitlines()) <= 7
+    assert len(wide.splitlines()) < len(narrow.splitlines()) <= 8  # every item there is, batch ones too
     assert wide.splitlines()[1].count("━") > 150 > 70 > narrow.splitlines()[1].count("━")
     for extra in ("thinking 5,000,000", "cached 1,234,567", "cap 5000 CNY", "429/1302: 1,234"):
         assert extra in wide and extra not in narrow

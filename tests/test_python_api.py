@@ -30,7 +30,7 @@ def test_blocking_calls_inside_a_running_loop_point_to_the_async_ones(make_job, 
 
 
 def test_dir_and_all_list_the_api() -> None:
-    api = {"Result", "aestimate_job", "arun_job", "estimate_job", "load_job", "run_job"}
+    api = {"RunResult", "aestimate_job", "arun_job", "estimate_job", "load_job", "run_job"}
     assert api <= set(runner.__all__) and api <= set(dir(runner))
     assert callable(runner.aestimate_job)
 

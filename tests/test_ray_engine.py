@@ -32,7 +32,7 @@ except ImportError:
 from runner.job.resolve import load_job
 from runner.simulator.answers import answer_for
 from runner.simulator.simulator import SimulatorThread
-from tests.conftest import JobFiles, cli, sample_rows
+from tests.conftest import JobFiles, cli, sample_rows, sigterm_once_started
 from tests.test_startup import loaded
 
 # Ray Data warns about its own deprecated settings when it makes its context; not ours to fix.
@@ -45,7 +45,7 @@ LIMIT = 8
 @pytest.fixture(scope="module", autouse=True)
 def cluster() -> Iterator[None]:
     """One local Ray instance for the module, on 2 CPUs."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 
@@ -113,6 +113,7 @@ def test_twenty_thousand_rows_under_one_cluster_limit_with_an_actor_killed(
     assert summary["engine"]["name"] == "ray"
     assert summary["engine"]["actors"] >= 2  # distinct sending actors (a restarted one counts anew)
     assert summary["engine"]["limiter"]["peak_granted"] <= LIMIT
+    assert summary["cpu_while_answering"]["ms_per_answer"] > 0  # the driver's, metered as on the local engine
 
     sim.reset_stats()
     assert cli("run", str(job.spec)).exit_code == 0  # a second run on Ray sends nothing
@@ -188,6 +189,19 @@ def test_batch_mode_is_refused(make_job) -> None:
     result = cli("run", str(job.spec))
     assert result.exit_code == 2
     assert "batch mode runs on the local engine" in result.stderr
+
+
+def test_sigterm_while_a_ray_run_starts_ends_with_the_summary_and_the_resume_line(
+    make_job, sim: SimulatorThread
+) -> None:
+    """As on the local engine: a SIGTERM in the seconds a Ray run takes to start (its state opened, Ray
+    not yet connected) stops it as any stopped run ends, with its summary and resume line."""
+    job = ray_job(make_job, sample_rows(200))
+    address = ray.get_runtime_context().gcs_address  # this module's Ray
+    code, stderr = sigterm_once_started(job.spec, load_job(job.spec).state_dir, RAY_ADDRESS=address)
+    assert code == 143, stderr
+    assert "resume with: glm-batch run" in stderr.strip().splitlines()[-1]
+    assert job.summary.exists()
 
 
 def test_identical_prompts_in_blocks_on_different_actors_are_sent_once(make_job, sim: SimulatorThread) -> None:

@@ -45,7 +45,7 @@ def cluster() -> Iterator[None]:
     """One local Ray instance for the module, on 2 CPUs."""
     # Worker processes cannot import this test module by name; ship its classes by value instead.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 

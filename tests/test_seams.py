@@ -19,6 +19,7 @@ import runner
 from runner.engine import run_job
 from runner.job.prompts import RequestBuilder
 from runner.job.resolve import load_job
+from runner.local import LocalSender
 from runner.observe.progress import make_reporter
 from runner.runs import RunOptions
 from runner.send.fake import FakeExecutor
@@ -75,7 +76,9 @@ async def test_the_engine_runs_with_any_executor_behind_the_protocol(make_job: C
     files = make_job(rows=sample_rows(30))
     job = load_job(files.spec)
     fake = FakeExecutor()
-    report = await run_job(job, api_key="k", options=RunOptions(), reporter=make_reporter("json"), executor=fake)
+    report = await run_job(
+        job, api_key="k", options=RunOptions(), reporter=make_reporter("json"), sender=LocalSender(fake)
+    )
     assert report.exit_code == 0 and fake.sent == 30
     out = pl.read_parquet(files.output)
     assert out.get_column("response_text").str.starts_with("answer ").all()

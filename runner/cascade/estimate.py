@@ -16,6 +16,7 @@ from runner.cascade.stages import (
     fresh_refused,
     proxy_view,
     read_cascade_summary,
+    score_column,
     stage_jobs,
 )
 from runner.cascade.threshold import choose
@@ -160,7 +161,7 @@ def _oracle_rows_left(
     if ids != source.ids(rows).to_list():
         return None  # the input changed since the proxy pass: only running can tell
     fields = list(job.shape.fields) if job.shape else []
-    answers, scores = proxy_view(proxy, fields)
+    answers, scores = proxy_view(proxy, fields, score_column(job))
     home = job.state_dir / "cascade"
     oracle_by_id: dict[str, tuple[Any, ...] | None] = {}
     asked = set(_answered_before(home, oracle_job, rows, ids, id_col, fields, oracle_by_id))

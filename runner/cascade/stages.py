@@ -17,15 +17,46 @@ import polars as pl
 from runner.cascade.derive import derive
 from runner.cascade.threshold import Step, choose
 from runner.errors import UsageError
-from runner.files import read_json_object, write_atomic, write_json_atomic
+from runner.files import read_summary, write_atomic, write_summary
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
 from runner.observe.progress import Reporter
-from runner.runs import RunOptions, RunReport
+from runner.run import check_places
+from runner.runs import RunOptions, RunResult
 
 AHEAD = 1  # a calibration round asks the oracle for this many of the method's draws of 10 at once
 ANSWERED_BY, CONFIDENCE, IN_CALIBRATION = "answered_by", "proxy_confidence", "in_calibration"
+STATED = "confidence"  # with `confidence: stated`, the field of the proxy's answer that states it
 _PROXY_ONLY = ("agreement", "sample_answers")
+
+
+def score_column(job: Job) -> str:
+    """The proxy output's column that holds its confidence: its samples' agreement, or the one it states."""
+    cascade = job.spec.output.cascade
+    return STATED if cascade is not None and cascade.confidence == "stated" else "agreement"
+
+
+def stated_schema(job: Job) -> dict[str, Any]:
+    """The proxy's schema with `confidence: stated`: the job's answer plus a confidence field."""
+    shape = job.shape
+    assert shape is not None
+    properties = shape.schema.get("properties", {})
+    if STATED in properties or shape.label_field == "labels":
+        what = "a field named confidence" if STATED in properties else "multi: true"
+        raise UsageError(
+            f"{job.spec_path}: output.cascade.confidence: stated adds a `confidence` field to the proxy's answer, "
+            f"which cannot go with {what}; use confidence: samples"
+        )
+    stated = {
+        "type": "number",
+        "minimum": 0,
+        "maximum": 1,
+        "description": "How sure you are that this answer is right: 0 a guess, 1 certain.",
+    }
+    return shape.schema | {
+        "properties": properties | {STATED: stated},
+        "required": [*shape.schema.get("required", []), STATED],
+    }
 
 
 def stage_jobs(job: Job) -> tuple[Job, Job]:
@@ -34,14 +65,17 @@ def stage_jobs(job: Job) -> tuple[Job, Job]:
     assert cascade is not None
     home = job.state_dir / "cascade"
     common: dict[str, Any] = {"output.cascade": None, "output.keep_columns": list(job.keep_columns)}
+    if cascade.confidence == "stated":  # asked once, for its answer and how sure it is
+        how: dict[str, Any] = {"output.labels": None, "output.multi": None, "output.schema": stated_schema(job)}
+    else:  # asked `samples` times at `temperature`
+        how = {"model.temperature": cascade.temperature, "output.samples": cascade.samples}
     proxy = derive(
         job,
         common
+        | how
         | {
             "model.name": cascade.proxy,
             "model.prices": None,
-            "model.temperature": cascade.temperature,
-            "output.samples": cascade.samples,
             "output.path": str(home / "proxy.parquet"),
             "output.state_dir": str(home / "proxy"),
         },
@@ -67,10 +101,12 @@ def fresh_refused(job: Job) -> UsageError:
     )
 
 
-async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: Reporter) -> RunReport:
+async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: Reporter) -> RunResult:
     """Run every stage of a cascade job and write its output; see the module's docstring."""
+    from runner.distributed.sender import sender_for
     from runner.engine import run_job
 
+    check_places(job)
     cascade = job.spec.output.cascade
     assert cascade is not None
     proxy_job, oracle_base = stage_jobs(job)
@@ -91,20 +127,22 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
         left = cap - sum(spent.values())
         return derive(stage_job, {"run.max_cost": max(left, 1e-9)})
 
-    async def run_stage(stage_job: Job, who: str, what: str) -> RunReport | None:
+    async def run_stage(stage_job: Job, who: str, what: str) -> RunResult | None:
         reporter.phase(f"cascade: {what}")
-        report = await run_job(capped(stage_job), api_key=api_key, options=options, reporter=reporter)
+        stage_job = capped(stage_job)
+        sender = sender_for(stage_job, options)
+        report = await run_job(stage_job, api_key=api_key, options=options, reporter=reporter, sender=sender)
         spent[who] += float((report.summary.get("cost") or {}).get("spent") or 0.0)
         if report.exit_code in (0, 1) and report.summary.get("output"):
             return None
-        return RunReport(report.exit_code, f"cascade {what}: {report.message}", report.summary)
+        return RunResult(report.exit_code, f"cascade {what}: {report.message}", report.summary)
 
     stopped = await run_stage(proxy_job, "proxy", "proxy pass")
     if stopped is not None:
         return stopped
     fields = list(job.shape.fields) if job.shape else []
     proxy = pl.read_parquet(proxy_job.output_path)
-    proxy_answers, scores = proxy_view(proxy, fields)
+    proxy_answers, scores = proxy_view(proxy, fields, score_column(job))
     ids = proxy.get_column(id_col).cast(pl.String).to_list()
     oracle_by_id: dict[str, tuple[Any, ...] | None] = {}
     asked: set[int] = set()
@@ -116,7 +154,7 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
         answer = oracle_by_id[ids[pos]]
         return answer is not None and answer == proxy_answers[pos]
 
-    async def ask_oracle(positions: set[int], what: str) -> RunReport | None:
+    async def ask_oracle(positions: set[int], what: str) -> RunResult | None:
         asked.update(positions)
         chosen = sorted(asked)
         subset = home / "oracle-input.parquet"
@@ -150,13 +188,13 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
     job.output_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, job.output_path)
     summary = _summary(job, output, step, spent, rounds, proxy_job, oracle_base, proxy, oracle_out)
-    write_json_atomic(summary, job.output_path.with_suffix(".summary.json"))
+    write_summary(job.output_path, summary)
     failed = output.filter(pl.col("status") != "ok").height
     message = f"cascade finished: {summary['cascade']['guarantee']}; results in {job.output_path}"
     if failed:
         message = f"cascade finished; {failed} rows failed (see error_type in {job.output_path})"
     reporter.finish(summary, message)
-    return RunReport(1 if failed else 0, message, summary)
+    return RunResult(1 if failed else 0, message, summary)
 
 
 def _answered_before(
@@ -200,11 +238,14 @@ def _answered_before(
     return found
 
 
-def proxy_view(proxy: pl.DataFrame, fields: list[str]) -> tuple[list[tuple[Any, ...] | None], list[float | None]]:
-    """The proxy pass's majority answer per row and its confidence (None where it has no answer)."""
+def proxy_view(
+    proxy: pl.DataFrame, fields: list[str], column: str
+) -> tuple[list[tuple[Any, ...] | None], list[float | None]]:
+    """The proxy pass's answer per row (its samples' majority) and its confidence, read from `column`
+    (score_column), None where it has no answer."""
     answers = _answers(proxy, fields)
-    agreement = proxy.get_column("agreement").fill_null(0.0).to_list()
-    return answers, [None if a is None else float(s) for a, s in zip(answers, agreement, strict=True)]
+    confidence = proxy.get_column(column).fill_null(0.0).to_list()
+    return answers, [None if a is None else float(s) for a, s in zip(answers, confidence, strict=True)]
 
 
 def _answers(frame: pl.DataFrame, fields: list[str]) -> list[tuple[Any, ...] | None]:
@@ -228,10 +269,11 @@ def _join(
     """One row per input row, in input order: the oracle's answer where it was asked (the drawn rows,
     the escalated ones), the proxy's elsewhere; cost is what the row cost with both models."""
     positions = pl.int_range(0, proxy.height, dtype=pl.UInt32, eager=True)
-    confidence = proxy.get_column("agreement").alias(CONFIDENCE)
+    confidence = proxy.get_column(score_column(job)).alias(CONFIDENCE)
     by_oracle = pl.Series("_by_oracle", [pos in asked for pos in range(proxy.height)])
     sampled = pl.Series(IN_CALIBRATION, [pos in step.sampled for pos in range(proxy.height)])
-    base = proxy.drop([c for c in _PROXY_ONLY if c in proxy.columns])
+    proxy_only = [*_PROXY_ONLY, STATED] if score_column(job) == STATED else _PROXY_ONLY
+    base = proxy.drop([c for c in proxy_only if c in proxy.columns])
     base = base.with_columns(positions.alias("_pos"), confidence, sampled, by_oracle)
     oracle = oracle.unique(subset=[id_col], keep="first", maintain_order=True)
     columns = [c for c in base.columns if c not in ("_pos", CONFIDENCE, IN_CALIBRATION, "_by_oracle")]
@@ -343,5 +385,5 @@ def _accuracy(frame: pl.DataFrame, field: str, gold: str) -> float | None:
 
 def read_cascade_summary(output: Path) -> dict[str, Any] | None:
     """The cascade section of the summary beside an output (None when it is not a cascade's)."""
-    found = (read_json_object(output.with_suffix(".summary.json")) or {}).get("cascade")
+    found = read_summary(output).get("cascade")
     return found if isinstance(found, dict) else None

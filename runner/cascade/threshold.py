@@ -19,7 +19,7 @@ from runner.cascade.bounds import above, below
 
 THRESHOLDS = 20  # M: candidate thresholds
 DRAW = 10  # draws between looks
-WORTH_TRYING = 50  # draws after which a hopeless threshold is given up
+WORTH_TRYING = 50  # draws after which a threshold may be given up (hopeless, or not worth more draws)
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def choose(
             if needed <= 0:
                 best = t
                 continue
-            ok, used = _confident(ranked, draws, t, needed, agrees, delta, ahead)
+            ok, used = _confident(ranked, draws, t, needed, agrees, delta, ahead, step)
             drawn.update(used)
             tested.append({"kept": kept, "needed": round(needed, 4), "draws": len(used), "accepted": ok})
             if not ok:
@@ -100,17 +100,19 @@ def _confident(
     agrees: Callable[[int], bool | None],
     delta: float,
     ahead: int,
+    gain: int,
 ) -> tuple[bool, list[int]]:
     """Draw from ranks 0..t until the test decides whether their agreement is above `needed`, or it is
-    not worth more draws (past 50, their mean minus one standard deviation is under `needed`)."""
+    not worth more draws: past 50, their mean plus one standard error is under `needed`, or they
+    outnumber `gain` (the rows accepting t would add) with their mean minus two standard errors under it."""
     pool = [r for r in draws if r <= t]
     xs: list[float] = []
     used: list[int] = []
     while True:
         if len(xs) >= WORTH_TRYING:
             mean = sum(xs) / len(xs)
-            spread = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))
-            if mean - spread < needed:
+            error = math.sqrt(mean * (1 - mean) / len(xs))
+            if mean + error < needed or (len(xs) >= gain and mean - 2 * error < needed):
                 return False, used
         batch = pool[len(xs) : len(xs) + DRAW]
         answers = [agrees(ranked[r]) for r in batch]

@@ -65,21 +65,6 @@ def resolve_target(spec: Path | None, endpoint: str | None, model: str | None) -
     return Target(name, base, native, currency, keys, model, catalog.models().get(model))
 
 
-def _key(target: Target) -> str:
-    import os
-
-    from runner.api import SIMULATOR_KEY
-
-    if target.base_url is None:
-        return SIMULATOR_KEY
-    for name in target.key_env:
-        if os.environ.get(name):
-            return os.environ[name]
-    raise UsageError(
-        f"no API key for endpoint {target.endpoint!r}: set {' or '.join(target.key_env)} in the environment"
-    )
-
-
 @contextlib.contextmanager
 def _url(target: Target) -> Iterator[str]:
     """The URL to probe; for the in-process simulator, one started for this probe only."""
@@ -197,8 +182,10 @@ def doctor(
     def go() -> int:
         import asyncio  # when it runs: `glm-batch --help` and the other commands never load it
 
+        from runner.api import key_from_env
+
         target = resolve_target(spec, endpoint, model)
-        key = _key(target)
+        key = key_from_env(target.endpoint, target.base_url, target.key_env)
         say: Callable[[str], None] = (lambda _: None) if as_json else print
         with _url(target) as url:
             report = asyncio.run(

@@ -16,6 +16,7 @@ import typer
 from runner.cli import JsonOpt, SetOpt, SpecArg, _console, _guarded, _load, api_key_for
 from runner.cli.tables import _models_table, _usage_table
 from runner.errors import UsageError
+from runner.files import recorded_runs
 
 if TYPE_CHECKING:
     from runner.job.resolve import Job
@@ -112,9 +113,7 @@ def report(
         from runner.observe.report_html import HTML_MARK, html_page
 
         if target.suffix == ".parquet":
-            if not target.exists():
-                raise UsageError(f"{target}: no such output file")
-            found = load_report(target, gold=gold)
+            found = load_report(target, gold=gold)  # refused in one line if it is not an output
             protected = output_files(target)
         else:
             if gold is not None:
@@ -143,7 +142,7 @@ def _cascade_status(job: Any) -> None:
 
     home = job.state_dir / "cascade"
     for stage in ("proxy", "oracle"):
-        runs = _runs(home / stage)
+        runs = recorded_runs(home / stage)
         if not runs:
             print(f"{job.name}: {stage} stage never run (state would be in {home / stage})")
             continue
@@ -178,7 +177,7 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
         if job.spec.output.cascade is not None:  # its stages keep their own state (runner.cascade.stages)
             _cascade_status(job)
             return
-        runs = _runs(job.state_dir)
+        runs = recorded_runs(job.state_dir)
         progress = _progress(job)
         if not runs and progress is None:
             print(f"{job.name}: never run (state would be in {job.state_dir})")
@@ -205,17 +204,6 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
             )
 
     _guarded(go)
-
-
-def _runs(state_dir: Path) -> list[dict[str, Any]]:
-    """The runs the job's manifest records; none when it cannot be read (status only reports)."""
-    from runner.files import read_manifest  # not the store's: it would load polars
-
-    try:
-        runs = read_manifest(state_dir).get("runs")
-    except OSError:
-        return []
-    return runs if isinstance(runs, list) else []
 
 
 def _progress(job: Job) -> dict[str, int] | None:

@@ -54,7 +54,7 @@ def run(
         _guarded(lambda: _dry_run(spec, set_, limit, fresh=fresh, retry_failed=retry_failed))
         raise typer.Exit(0)
 
-    from runner.api import import_in_background, resume_command, will_send_online
+    from runner.api import resume_command, run_loaded
     from runner.observe.progress import make_reporter
 
     def go() -> int:
@@ -63,12 +63,8 @@ def run(
         fmt: LogFormat = log_format  # type: ignore[assignment]
         overrides = [*(set_ or []), *([f"run.ray_address={ray_address}"] if ray_address else [])]
         job = _load(spec, overrides, limit)
-        key = api_key_for(job)
-        if will_send_online(job, fresh=fresh):
-            import_in_background()  # the SDK loads while the engine (polars) loads and checks the input
         import asyncio
 
-        from runner.engine import run_job
         from runner.runs import RunOptions
 
         options = RunOptions(
@@ -77,7 +73,7 @@ def run(
             resume_command=resume_command(job, overrides, limit),
             resend_lost=resend_lost,
         )
-        report = asyncio.run(run_job(job, api_key=key, options=options, reporter=make_reporter(fmt)))
+        report = asyncio.run(run_loaded(job, options, make_reporter(fmt)))
         if report.exit_code != 0:
             print(f"glm-batch: {report.message}", file=sys.stderr)
         else:
@@ -93,12 +89,13 @@ def _dry_run(spec: Path, set_: list[str] | None, limit: int | None, *, fresh: bo
     from the job's state as it is, read only: no lock, no key needed, nothing sent or written."""
     import asyncio
 
-    from runner.estimate import EstimateOptions, estimate_job
+    from runner.api import estimate_loaded
+    from runner.estimate import EstimateOptions
     from runner.observe.progress import make_reporter
 
     job = _load(spec, set_, limit)
     options = EstimateOptions(fresh=fresh, retry_failed=retry_failed, record=False)
-    report = asyncio.run(estimate_job(job, api_key="unused", options=options, reporter=make_reporter("json")))
+    report = asyncio.run(estimate_loaded(job, "unused", options, make_reporter("json")))
     _print_estimate(report)
     cost, cur = report["cost"], report["currency"]
     cap = job.spec.run.max_cost
@@ -151,20 +148,15 @@ def estimate(
     """Estimate a job's tokens, cost and wall time. Sends nothing unless --exact or --pilot asks."""
     import asyncio
 
-    from runner.estimate import EstimateOptions, estimate_job
+    from runner.api import estimate_loaded
+    from runner.estimate import EstimateOptions
     from runner.observe.progress import make_reporter
 
     def go() -> None:
         job = _load(spec, set_, limit)
         key = api_key_for(job) if (exact or pilot) else "unused"
-        report = asyncio.run(
-            estimate_job(
-                job,
-                api_key=key,
-                options=EstimateOptions(exact=exact, pilot_rows=pilot, latency_s=latency, fresh=fresh),
-                reporter=make_reporter("json" if as_json else "auto"),
-            )
-        )
+        options = EstimateOptions(exact=exact, pilot_rows=pilot, latency_s=latency, fresh=fresh)
+        report = asyncio.run(estimate_loaded(job, key, options, make_reporter("json" if as_json else "auto")))
         warning = job.thinking.warning  # reasoning that may not fit max_tokens: said before spending
         if as_json:
             print(json.dumps({**report, "warnings": [warning] if warning else []}, indent=2))

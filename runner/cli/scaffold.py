@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from runner.cli import LimitOpt, SetOpt, SpecArg, _guarded, _load
-from runner.errors import UsageError
+from runner.errors import UsageError, first_line
 
 
 def job_schema() -> dict[str, Any]:
@@ -68,11 +68,11 @@ def validate(
     set_: SetOpt = None,
 ) -> None:
     """Check a spec and its input, render the first rows and print them. Sends nothing."""
-    # Rendered here with the run's RequestBuilder, not through runner.plan: the planner brings the
-    # event loop, the retry layer and the accounting, none of which a preview of a few rows uses.
+    # Rendered with the planner's RequestBuilder.render, not through runner.plan: the planner brings
+    # the event loop, the retry layer and the accounting, none of which a preview of a few rows uses.
     from rich.console import Console
 
-    from runner.job.inputs import ID, ROW, open_input
+    from runner.job.inputs import open_input
     from runner.job.prompts import RequestBuilder
     from runner.job.sandbox import RenderError
 
@@ -84,16 +84,13 @@ def validate(
         # regular expressions (about 10 ms) for the rules' titles alone.
         console = Console(highlight=False)
         first = next(source.batches(rows), None)  # open_input found rows, so there is a first batch
-        for values in first.iter_rows(named=True) if first is not None else ():
-            position, row_id = values[ROW], values[ID]
-            try:
-                request = builder.build(values)
-            except RenderError as exc:
-                if exc.error_type == "null_input":
-                    console.rule(f"row {position} id={row_id}: skipped: {exc}")
+        for position, row_id, request in builder.render(first.iter_rows(named=True) if first is not None else ()):
+            if isinstance(request, RenderError):
+                if request.error_type == "null_input":
+                    console.rule(f"row {position} id={row_id}: skipped: {request}")
                     continue
                 raise UsageError(
-                    f"{spec}: the prompt template fails on row {position} (id {row_id}): {exc}; "
+                    f"{spec}: the prompt template fails on row {position} (id {row_id}): {request}; "
                     "fix the template or that row (a run would record it as render_error)"
                 ) from None
             console.rule(f"row {position} id={row_id} key={request.key[:12]}")
@@ -172,7 +169,7 @@ def _peek(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
             raise UsageError(f"{path}: init reads .parquet, .csv or .jsonl files")
         head = frame.head(1).collect()
     except pl.exceptions.PolarsError as exc:
-        raise UsageError(f"{path}: cannot read it ({str(exc).splitlines()[0]})") from None
+        raise UsageError(f"{path}: cannot read it ({first_line(exc)})") from None
     if not head.columns:
         raise UsageError(f"{path}: no columns")
     columns = {name: str(dtype) for name, dtype in head.schema.items()}

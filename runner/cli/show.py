@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from runner.cli import JsonOpt, SetOpt, _console, _guarded, _load
-from runner.errors import UsageError
+from runner.errors import UsageError, first_line
 
 SHORT = 12  # a column this narrow is never squeezed; wider ones share the rest of the terminal
 MAX_CELL = 200  # characters of a cell put in the table (the table cuts it again to fit)
@@ -56,7 +56,7 @@ def show(
         try:
             names = list(pl.read_parquet_schema(path))
         except (OSError, pl.exceptions.PolarsError) as exc:
-            raise UsageError(f"{path}: cannot read it as Parquet ({str(exc).splitlines()[0]})") from None
+            raise UsageError(f"{path}: cannot read it as Parquet ({first_line(exc)})") from None
         chosen = _columns(columns, names)
         frame = pl.scan_parquet(path)
         for condition in where or []:

@@ -1,9 +1,11 @@
 """The Ray side of a Ray run: Ray up, the input mapped over the sending actors, their blocks taken in.
 
-    stats = await send_on_ray(job, source, store, api_key, settled, accountant, tally, control, progress,
-                              reporter, shape)
+    limits, actors = await send_on_ray(run, api_key, reporter, signals, shape)
 
-Imported only when a run has rows to render, so an unchanged re-run never imports Ray.
+The driver makes the run's ClusterLimiter (the account's one in-flight limit and run.max_cost), reads
+the input with Ray Data (runner.distributed.rows: `_row` as the local engine numbers rows) and maps its
+blocks over sending actors (runner.distributed.worker.SendingActor), which journal every answer before
+a block's row-map lines come back; the driver adds those to the row map in order, reports to the run.
 """
 
 from __future__ import annotations
@@ -12,29 +14,25 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import Iterator
-from typing import Any
+import threading
+from collections.abc import Generator, Iterator
+from typing import Any, cast
 
 import polars as pl
 import ray
 
-from runner.control import Control
-from runner.distributed.engine import Progress, Shape
+from runner.distributed.blocks import Progress, Shape
 from runner.distributed.limiter import connect
 from runner.distributed.rows import read_rows
-from runner.distributed.worker import REPORT, Sender, SenderConfig
+from runner.distributed.worker import REPORT, ActorConfig, SendingActor
 from runner.errors import DiskFull, EndpointAborted, StateUnwritable
-from runner.job.inputs import InputSource
 from runner.job.resolve import Job
-from runner.money.accounting import Accountant, Tally
-from runner.money.pricing import tier_label
 from runner.observe.progress import Reporter
 from runner.records import KEY, Result, result_from_json, scan_results
+from runner.run import Run
 from runner.send.endpoints import endpoint_url
 from runner.send.limits import AimdController
-from runner.state.settled import SettledKeys
-from runner.state.store import Store
-from runner.supervise import supervise
+from runner.supervise import Signals, supervise
 
 
 @contextlib.contextmanager
@@ -48,7 +46,9 @@ def _ray(job: Job) -> Iterator[None]:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        # address="local": a new instance even where another Ray runs on this machine (without it,
+        # ray.init joins that one, and refuses num_cpus there: a crash, not a run).
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
@@ -56,89 +56,79 @@ def _ray(job: Job) -> Iterator[None]:
 
 
 async def send_on_ray(
-    job: Job,
-    source: InputSource,
-    store: Store,
-    api_key: str,
-    settled: SettledKeys,
-    accountant: Accountant,
-    tally: Tally,
-    control: Control,
-    progress: Progress,
-    reporter: Reporter,
-    shape: Shape,
-) -> dict[str, Any]:
-    """Map the input over the sending actors and take in their blocks; the limiter's stats at the end."""
-    with _ray(job), endpoint_url(job) as base_url:
-        return await _send(
-            job, source, store, api_key, base_url, settled, accountant, tally, control, progress, reporter, shape
-        )
+    run: Run, api_key: str, reporter: Reporter, signals: Signals, shape: Shape
+) -> tuple[dict[str, Any], int]:
+    """Map the input over the sending actors and take in their blocks; the limiter's stats at the end,
+    and how many actors sent."""
+    progress = Progress()
+    with _ray(run.job), endpoint_url(run.job) as base_url:
+        stats = await _send(run, api_key, base_url, progress, reporter, signals, shape)
+    return stats, len(progress.workers)
 
 
 async def _send(
-    job: Job,
-    source: InputSource,
-    store: Store,
-    api_key: str,
-    base_url: str,
-    settled: SettledKeys,
-    accountant: Accountant,
-    tally: Tally,
-    control: Control,
-    progress: Progress,
-    reporter: Reporter,
-    shape: Shape,
+    run: Run, api_key: str, base_url: str, progress: Progress, reporter: Reporter, signals: Signals, shape: Shape
 ) -> dict[str, Any]:
     """Map the input over the sending actors and take in their blocks; the limiter's stats at the end."""
-    run = job.spec.run
+    job, store, tally, control = run.job, run.store, run.tally, run.control
+    spec = job.spec.run
     concurrency = (
-        AimdController(initial=job.concurrency, maximum=run.max_concurrency) if job.adaptive else job.concurrency
+        AimdController(initial=job.concurrency, maximum=spec.max_concurrency) if job.adaptive else job.concurrency
     )
     limiter = connect(
         f"glm-batch/{job.name}/{store.run_id}",
         concurrency=concurrency,
-        max_cost=run.max_cost,
-        requests_per_minute=run.requests_per_minute,
-        tokens_per_minute=run.tokens_per_minute,
+        max_cost=spec.max_cost,
+        requests_per_minute=spec.requests_per_minute,
+        tokens_per_minute=spec.tokens_per_minute,
     )
-    config = SenderConfig(
+    config = ActorConfig(
         job=job,
         run_id=store.run_id,
         base_url=base_url,
         api_key=api_key,
         limiter=limiter,
-        settled=[ray.put(settled.series())],
-        accountant=accountant,
-        source=source,
-        workers=run.max_concurrency if job.adaptive else job.concurrency,
-        budgeted=run.max_cost is not None,
+        settled=[ray.put(run.settled.series())],
+        accountant=run.accountant,
+        source=run.source,
+        workers=spec.max_concurrency if job.adaptive else job.concurrency,
+        budgeted=spec.max_cost is not None,
     )
     gauges: dict[str, Any] = {}
+    intake = Intake()
 
     def consume() -> None:
-        rows = read_rows(job, source, tally.rows_total, shape.block_rows)
-        # Ray's core worker prints one line per run to stderr here: "Actor with class name:
-        # 'MapWorker(MapBatches(Sender))' ... has constructor arguments in the object store and
-        # max_restarts > 0 ... See https://github.com/ray-project/ray/issues/53727". Ray Data always
-        # hands its pool actors their constructor arguments (its DataContext and the map function, with
-        # our config) as ray.put references, and keeps actors restartable (max_restarts=-1), which is
-        # what re-runs a killed sender's block. Harmless here: the references live in this driver for the
-        # whole map, and their primary copies are on the driver's node. The line can only be dropped by
-        # max_restarts=0 (no restart after a kill) or RAY_BACKEND_LOG_LEVEL=fatal (every error of the
-        # core worker hidden); it is a C++ log line sent to stderr, not a Python warning or log record,
-        # so there is nothing to filter in this process.
+        try:
+            _consume()
+        finally:
+            intake.ended.set()
+
+    def _consume() -> None:
+        if control.stopping.is_set():  # stopped while Ray started: nothing is sent
+            return
+        rows = read_rows(job, run.source, tally.rows_total, shape.block_rows)
+        # Ray prints one harmless line per run here about constructor arguments (docs/decisions.md).
         mapped = rows.map_batches(
-            Sender,
+            SendingActor,
             fn_constructor_kwargs={"config": config},
             batch_size=shape.block_rows,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=shape.actors[0], max_size=shape.actors[1]),
             num_cpus=shape.actor_cpus,
         )
-        for block in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):
-            _take(pl.DataFrame(pl.from_arrow(block)), store, tally, control, progress)
-            if control.stopping.is_set():
-                break
+        # A generator (Ray Data's iterable makes one per iter()), whose close shuts its executor down.
+        blocks = cast("Generator[Any, None, None]", iter(mapped.iter_batches(batch_size=None, batch_format="pyarrow")))
+        try:
+            for block in blocks:
+                with intake.lock:
+                    if intake.closed:  # the run has ended without us (a second Ctrl-C): take nothing more
+                        break
+                    _take(pl.DataFrame(pl.from_arrow(block)), run, progress)
+                if control.stopping.is_set():
+                    break
+        finally:
+            if ray.is_initialized():
+                blocks.close()  # Ray Data's executor is shut down here, not by a collected generator later
 
     async def poll() -> None:
         while True:
@@ -160,34 +150,59 @@ async def _send(
             checkpoint=lambda: None,
             tick=lambda: reporter.tick(tally, gauges, control),
             every_s=reporter.interval_s,
-            grace_s=run.grace_s,
-            reporter=reporter,
+            grace_s=spec.grace_s,
+            signals=signals,
         )
     finally:
         poller.cancel()
+        intake.close()  # from here on the run's state is this coroutine's alone
         stats: dict[str, Any] = await limiter.stats.remote()
-        ray.kill(limiter)
-        _reconcile(store, tally, accountant, progress)
+        ray.kill(limiter)  # actors waiting for a slot fail now, so the map fails and the intake ends
+        if not await asyncio.to_thread(intake.ended.wait, INTAKE_END_S):
+            reporter.event("ray_intake_lingers", seconds=INTAKE_END_S)
+        _reconcile(run, progress)
         # A key left to the block that claimed it is answered only if that block answered it this run.
-        progress.unanswered += len(progress.deferred - progress.recorded)
+        run.outstanding.update(progress.deferred - progress.recorded)
     return stats
 
 
-def _take(block: pl.DataFrame, store: Store, tally: Tally, control: Control, progress: Progress) -> None:
-    """One block back from the actors: its lines into the row map, its report into the tally."""
-    store.rows.add(block.drop(REPORT))
+INTAKE_END_S = 30.0  # how long a stopped run waits for the intake to end before Ray is shut down
+
+
+class Intake:
+    """The taking in of blocks, in a thread of its own while the driver's loop supervises: once closed
+    it takes no block more, so the row map, tally and progress are the driver's alone as the run ends.
+    (A second Ctrl-C cancels the wait for the thread, not the thread: it used to go on adding blocks to
+    the row map while the run wrote its output and shut Ray down, then start a new Ray instance.)"""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # held while a block is taken in
+        self.closed = False
+        self.ended = threading.Event()  # the thread has returned and closed Ray Data's iterator
+
+    def close(self) -> None:
+        """Take no block more (waits for one being taken in)."""
+        with self.lock:
+            self.closed = True
+
+
+def _take(block: pl.DataFrame, run: Run, progress: Progress) -> None:
+    """One block back from the actors: its lines into the row map, its report into the run."""
+    tally, control = run.tally, run.control
+    run.store.rows.add(block.drop(REPORT))
     tally.rows_seen += block.height
     for text in block.get_column(REPORT).drop_nulls().to_list():
         report = json.loads(text)
         tally.rows_settled += report["rows_settled"]
         tally.requests_queued += report["requests_queued"]
-        progress.unanswered += report["unanswered"]
+        run.outstanding.update(report["unanswered"])
         progress.workers.add(report["worker"])
         progress.deferred.update(report["deferred"])
         for line, tier in report["results"]:
             result = result_from_json(line)
             if result.key not in progress.recorded:
                 progress.recorded.add(result.key)
+                run.cpu.begin()
                 tally.record(result, tier)
         for kind, n in report["retries"].items():
             control.retries[kind] = control.retries.get(kind, 0) + n
@@ -201,9 +216,10 @@ def _take(block: pl.DataFrame, store: Store, tally: Tally, control: Control, pro
             control.end_dispatch("budget")
 
 
-def _reconcile(store: Store, tally: Tally, accountant: Accountant, progress: Progress) -> None:
+def _reconcile(run: Run, progress: Progress) -> None:
     """Fold journals that actors left (one killed mid-block) into parts, and count answers of this run
     that no block reported (the killed attempt's, which its retry found and did not send again)."""
+    store = run.store
     for journal in sorted(store.state_dir.glob(f"journal-{store.run_id}-*.jsonl")):
         store.recover(journal)
     parts = sorted(store.results_dir.glob(f"part-{store.run_id}-*.parquet"))
@@ -211,13 +227,10 @@ def _reconcile(store: Store, tally: Tally, accountant: Accountant, progress: Pro
         return
     known = pl.Series(KEY, sorted(progress.recorded), dtype=pl.String)
     missed = scan_results(parts).filter(~pl.col(KEY).is_in(known.implode())).unique(KEY, keep="first").collect()
-    table = accountant.table
+    table = run.accountant.table
     for row in missed.iter_rows(named=True):
         result = Result(**{name: row[name] for name in Result.__slots__ if name in row})  # wait_ms is not stored
-        tokens_in, tokens_out = (result.input_tokens or 0) + (result.cache_read_input_tokens or 0), result.output_tokens
-        tier = (
-            tier_label(table.tier(tokens_in, tokens_out or 0)) if table is not None and result.status == "ok" else None
-        )
+        tier = table.charge(result)[1] if table is not None and result.status == "ok" else None
         progress.recorded.add(result.key)
-        progress.unanswered = max(0, progress.unanswered - 1)
-        tally.record(result, tier)
+        run.outstanding.discard(result.key)
+        run.tally.record(result, tier)

@@ -28,6 +28,7 @@ from runner.send.limits import AimdController
 
 __all__ = ["DEFAULT_GRANT", "ClusterLimiter", "Directive", "LeaseLost", "Outcomes", "connect"]
 
+HEAD_NODE = "node:__internal_head__"  # a resource only the head node has: what places the limiter there
 DEFAULT_GRANT = 8  # most slots one acquire hands out: small, so one busy worker cannot starve the rest
 
 
@@ -353,9 +354,13 @@ def connect(
     """The run's limiter actor, made if no actor of that name exists yet (the arguments are then ignored).
 
     Driver-owned by default, so it dies with the driver; `detached` keeps it across drivers. It takes no
-    CPU, so it never waits behind the workers for a slot on a busy cluster.
+    CPU, so it never waits behind the workers for a slot on a busy cluster. It is placed on the head node
+    (Ray's `node:__internal_head__` resource): a run survives losing a worker node, whose actors Ray
+    restarts elsewhere, but not losing the limiter, whose leases, claims and budget are in its memory
+    alone; the head is the node whose loss ends every run anyway (it holds the cluster's control store).
     """
     actor = ray.remote(ClusterLimiter).options(
+        resources={HEAD_NODE: 0.001},
         name=name,
         namespace=namespace,
         get_if_exists=True,

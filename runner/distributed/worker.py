@@ -1,8 +1,10 @@
 """A sending actor of a Ray run: one block of input rows in, its row-map lines out, every answer journalled.
 
-    ds.map_batches(Sender, fn_constructor_kwargs={"config": SenderConfig(...)}, batch_format="pyarrow", ...)
+    ds.map_batches(SendingActor, fn_constructor_kwargs={"config": ActorConfig(...)}, ...)
 
-A retried block never pays twice for what its dead attempt got (docs/decisions.md, "Ray runs").
+Each call plans its block as the local engine does and keeps a run object for it (runner.run.Run: the
+rule for each answer, on the actor's own store). A retried block never pays twice for what its dead
+attempt got (docs/decisions.md, "Ray runs").
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import ray
 
 from runner.control import Control
 from runner.distributed.slots import LeasedSlots
-from runner.errors import STATE_FAILURES
 from runner.job.inputs import ROW, InputSource
 from runner.job.resolve import Job
 from runner.money.accounting import Accountant, Tally
 from runner.money.tokens import estimate_request
-from runner.plan import Dispatch, plan
+from runner.plan import RequestKeys, plan
 from runner.records import KEY, Request, Result, result_to_json
+from runner.run import Run
 from runner.send import online_executor
 from runner.send.client import Client
 from runner.send.online import OnlineExecutor
@@ -39,7 +41,7 @@ REPORT = "_report"  # the column carrying a block's report on its first line
 
 
 @dataclass(frozen=True)
-class SenderConfig:
+class ActorConfig:
     """What every sending actor of one run is built from (pickled once per actor)."""
 
     job: Job
@@ -69,7 +71,7 @@ class BlockLines(RowMap):
     """The row-map lines of one block, kept for the map's output instead of written (the driver writes them).
 
     `scratch_dir` is where planning spills the keys the block queued (runner.plan.RequestKeys): one
-    directory per block call, which no other call, actor or job uses (see Sender.scratch_for)."""
+    directory per block call, which no other call, actor or job uses (see SendingActor.scratch_for)."""
 
     def __init__(self, scratch_dir: Path) -> None:
         super().__init__(scratch_dir)  # no map file is written here: `add` keeps the lines in memory
@@ -97,11 +99,14 @@ def block_output(lines: pl.DataFrame, report: str) -> pa.Table:
 @dataclass
 class RunAnswers:
     """The request keys this run has answered so far, by any actor: journals first, then parts, so an
-    answer moving from a journal into a part (renamed in, then the journal cut) is seen in one or the other."""
+    answer moving from a journal into a part (renamed in, then the journal cut) is seen in one or the other.
+
+    The keys of the parts are kept as the local engine keeps the keys it queued (runner.plan.RequestKeys:
+    sorted runs of 16 bytes a key), not as a set of str (~130 bytes a key: over 1 GB an actor at 10M rows)."""
 
     state_dir: Path
     run_id: str
-    _in_parts: set[str] = field(default_factory=set)
+    _in_parts: RequestKeys = field(default_factory=RequestKeys)
     _parts_read: set[str] = field(default_factory=set)
 
     def among(self, keys: list[str]) -> set[str]:
@@ -115,15 +120,21 @@ class RunAnswers:
                     continue  # a line torn by a kill, or cut by a flush while we read
         for part in (self.state_dir / "results").glob(f"part-{self.run_id}-*.parquet"):
             if part.name not in self._parts_read:  # parts never change once renamed in: read each once
-                self._in_parts.update(pl.read_parquet(part, columns=[KEY]).get_column(KEY).to_list())
+                self._in_parts.add_batch(pl.read_parquet(part, columns=[KEY]).get_column(KEY).to_list())
                 self._parts_read.add(part.name)
-        return {k for k in keys if k in journalled or k in self._in_parts}
+        in_parts = self._in_parts.contains_batch(keys)
+        return {k for k, found in zip(keys, in_parts, strict=True) if found or k in journalled}
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the parts' keys held in sorted runs (the newest keys, not yet in a run, are Python's)."""
+        return self._in_parts.run_bytes
 
 
-class Sender:
+class SendingActor:
     """The map_batches callable: one per actor, sending its blocks' requests under the cluster limit."""
 
-    def __init__(self, config: SenderConfig) -> None:
+    def __init__(self, config: ActorConfig) -> None:
         self._config = config
         self._job = config.job
         self._settled = SettledKeys(ray.get(config.settled[0]))
@@ -155,10 +166,8 @@ class Sender:
         """Plan, send and journal one block; its row-map lines, the first carrying the block's report."""
         config, job = self._config, self._job
         if self._executor is None:  # made here, inside the actor's event loop
-            accountant = config.accountant
-            self._executor = online_executor(
-                job, config.base_url, config.api_key, accountant.input_estimate, self._slots
-            )
+            estimate = config.accountant.input_estimate
+            self._executor = online_executor(job, config.base_url, config.api_key, estimate, self._slots)
         frame = pl.from_arrow(batch)
         assert isinstance(frame, pl.DataFrame)
         frame = frame.with_columns(config.source.ids(frame))
@@ -179,53 +188,33 @@ class Sender:
                     d or r.key in answered or r.key in others for d, r in zip(row.done, row.requests, strict=True)
                 ]
 
-        control = Control()
-        tally = Tally(samples=job.spec.output.samples)
-        lines = BlockLines(self.scratch_for(block))
-        outstanding: set[str] = set()
         results: list[tuple[str, str | None]] = []
 
-        def deliver(result: Result) -> None:
-            outstanding.discard(result.key)
-            result, tier = config.accountant.settle(result)
+        def answered_now(result: Result, tier: str | None) -> None:
             reserved = self._reserved.pop(result.key, None)
             if reserved is not None:  # fire and forget: the limiter books it in order with our other calls
                 config.limiter.settle.remote(self.worker_id, reserved, result.cost or 0.0)
-            try:
-                self._store.add(result)
-                if self._store.buffered >= job.spec.run.checkpoint_rows:
-                    self._store.flush()
-            except STATE_FAILURES as exc:  # the state takes no writes (full, read-only, deleted)
-                control.fail(exc)
             results.append((result_to_json(result), tier))
 
-        admit = config.accountant.admit  # notes each request's estimate; the budget is the limiter's (below)
-        dispatch = Dispatch(
-            lines,
-            config.source.keep_columns,
-            tally,
-            deliver,
-            admit,
-            control,
-            None,
-            outstanding,
-            context_tokens=config.job.model.context,
-        )
-        requests = self._reserving(dispatch.requests(iter(planned), {}), control)
+        # The driver's rule for each answer, on this actor's store, with the block's row-map lines; the
+        # budget is the limiter's (reserved in _reserving), so the accountant only prices.
+        lines = BlockLines(self.scratch_for(block))
+        tally = Tally(samples=job.spec.output.samples)
+        run = Run(job, config.source, self._store, tally, config.accountant, self._settled, Control(), rows=lines,
+                  on_answer=answered_now)  # fmt: skip
+        control = run.control
+        requests = self._reserving(run.requests(iter(planned)), control)
         try:
-            await self._executor.run(requests, deliver, control)
+            await self._executor.run(requests, run.deliver, control)
         finally:
             shutil.rmtree(lines.scratch_dir, ignore_errors=True)  # RequestKeys.close removes its files, not the dir
-            try:
-                self._store.flush()  # durable as a part before the block's lines are returned
-            except STATE_FAILURES as exc:  # the state takes no writes (full, read-only, deleted)
-                control.fail(exc)
+            run.checkpoint()  # durable as a part before the block's lines are returned
         await config.limiter.release_claims.remote(block)
         report = {
             "results": results,
             "rows_settled": tally.rows_settled,
             "requests_queued": tally.requests_queued,
-            "unanswered": len(outstanding),
+            "unanswered": sorted(run.outstanding),
             "stopped": control.reason,
             "aborted": str(control.aborted) if control.aborted else None,
             "failed": str(control.failed) if control.failed else None,

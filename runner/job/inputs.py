@@ -23,7 +23,7 @@ from typing import Any
 import polars as pl
 
 from runner.columns import clash as output_clash
-from runner.errors import NothingToDo, UsageError
+from runner.errors import NothingToDo, UsageError, first_line
 from runner.job.resolve import Job
 
 ROW = "_row"
@@ -85,7 +85,7 @@ def open_input(job: Job) -> InputSource:
             schemas.append(frame.collect_schema())
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise UsageError(
-                f"{where}: input.paths: cannot read {path}{_bad_json_line(path)} ({_first_line(exc)})"
+                f"{where}: input.paths: cannot read {path}{_bad_json_line(path)} ({first_line(exc)})"
             ) from None
     columns = list(schemas[0].names())
     for path, schema in zip(paths[1:], schemas[1:], strict=True):
@@ -262,14 +262,14 @@ def _unreadable(paths: list[Path], limit: int | None, where: str, exc: BaseExcep
         try:
             frame.select(pl.all().null_count()).collect(engine="streaming")
         except (pl.exceptions.PolarsError, OSError) as one:
-            problem = _first_line(one)
+            problem = first_line(one)
             if "more fields than" in problem:
                 return (
                     f"{where}: input.paths: {path}: a row has more fields than the header ({problem}); "
                     "quote fields that contain the separator, or fix the row"
                 )
             return f"{where}: input.paths: {path}: cannot read input ({problem})"
-    return f"{where}: input.paths: cannot read input ({_first_line(exc)})"
+    return f"{where}: input.paths: cannot read input ({first_line(exc)})"
 
 
 def _check_ids(frame: pl.LazyFrame, id_column: str, stats: dict[str, Any], where: str) -> None:
@@ -290,7 +290,7 @@ def _check_ids(frame: pl.LazyFrame, id_column: str, stats: dict[str, Any], where
     try:
         count, example, times = repeated.collect(engine="streaming").row(0)
     except pl.exceptions.PolarsError as exc:
-        raise UsageError(f"{where}: input.paths: cannot read input ({_first_line(exc)})") from None
+        raise UsageError(f"{where}: input.paths: cannot read input ({first_line(exc)})") from None
     if count:
         raise UsageError(
             f"{where}: input.id_column: {count} {id_column} values appear on more than one row "
@@ -355,7 +355,3 @@ def _require(wanted: list[str], columns: list[str], where: str, key: str) -> Non
         raise UsageError(
             f"{where}: {key}: no column {', '.join(missing)} in the input; input columns are {', '.join(columns)}"
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

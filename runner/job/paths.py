@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from runner.errors import UsageError
-from runner.files import read_json_object
+from runner.files import read_summary, summary_path
 from runner.job.spec import JobSpec
 
 INPUT_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
@@ -173,9 +173,9 @@ def default_state_dir(spec: JobSpec, base: Path, name: str) -> Path:
 def output_files(output: Path) -> list[tuple[Path, str]]:
     """The same for an output file given alone: it, its summary, the spec and inputs the summary names,
     and the state folder beside it."""
-    summary = output.with_suffix(".summary.json")
+    summary = summary_path(output)
     files = [(output, "the output"), (summary, "the output's summary"), (output.parent / ".glm-batch", "state")]
-    found = read_json_object(summary) or {}
+    found = read_summary(output)
     with contextlib.suppress(TypeError, AttributeError):  # a summary whose fields are not what we wrote
         if found.get("spec"):
             files.append((Path(found["spec"]), "the job spec"))

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from runner.errors import UsageError
+from runner.job.inputs import ID, ROW
 from runner.job.resolve import Job
 from runner.job.sandbox import NullInput, RenderError
 from runner.job.templates import blank_nested_nulls, has_nested_null
@@ -124,6 +126,15 @@ class RequestBuilder:
             digest.update(len(data).to_bytes(8, "little"))
             digest.update(data)
         return Request(digest.hexdigest()[:32], params)
+
+    def render(self, rows: Iterable[dict[str, Any]]) -> Iterator[tuple[int, str, Request | RenderError]]:
+        """Each row (a mapping with its position `_row` and id `_id`) as its request, or as the
+        RenderError it has instead: the one render loop of run, estimate and validate."""
+        for values in rows:
+            try:
+                yield values[ROW], values[ID], self.build(values)
+            except RenderError as exc:
+                yield values[ROW], values[ID], exc
 
     def samples_of(self, request: Request) -> list[Request]:
         """The requests to send for one row: the row's request once per sample, each with its own key."""

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from runner.columns import gold_names
 from runner.errors import UsageError
+from runner.files import summary_path
 from runner.job import catalog, paths
 from runner.job.eligibility import BatchEligibility, batch_eligibility
 from runner.job.facts import load_facts
@@ -386,7 +387,7 @@ def job_files(job: Job) -> list[tuple[Path, str]]:
     files += [(p, "an input of the job") for p in job.input_paths]
     files += [
         (job.output_path, "the job's output"),
-        (job.output_path.with_suffix(".summary.json"), "the job's summary"),
+        (summary_path(job.output_path), "the job's summary"),
         (job.state_dir, "the job's state directory"),
     ]
     return files

@@ -266,8 +266,10 @@ class CascadeSpec(_Strict):
     oracle: str | None = Field(None, description="The model whose answers to match; default: model.name.")
     target: Float = Field(0.95, gt=0, lt=1, description="Agreement with the oracle to reach, above 0 and below 1.")
     delta: Float = Field(0.05, gt=0, lt=1, description="Allowed chance of missing the target, above 0 and below 1.")
-    confidence: Literal["samples"] = Field(
-        "samples", description="samples: the share of the proxy's samples that agree with its majority answer."
+    confidence: Literal["samples", "stated"] = Field(
+        "samples",
+        description="samples: the share of the proxy's samples that agree with its majority answer; stated: "
+        "the proxy is asked once and states its confidence (0 to 1) in its answer.",
     )
     samples: Int = Field(5, ge=2, le=15, description="Proxy samples per row (2 to 15).")
     temperature: Float = Field(0.7, gt=0, le=1, description="The proxy's sampling temperature (above 0, at most 1).")

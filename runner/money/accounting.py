@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.job.resolve import Job
-from runner.money.pricing import Budget, PriceTable, price_table, require_prices, tier_label
+from runner.money.pricing import Budget, PriceTable, price_table, require_prices
 from runner.money.tokens import Calibration, estimate_request
 from runner.records import Request, Result, priced
 
@@ -297,13 +297,9 @@ class Accountant:
             cost = 0.0  # a request that failed with no answer is not billed
             # Every billed turn costs: an invalid answer's turns, and a failed row's answered turns.
             if result.status == "ok" or result.input_tokens or result.output_tokens:
-                tokens_in = result.input_tokens or 0
-                cached = result.cache_read_input_tokens or 0
-                tokens_out = result.output_tokens or 0
-                cost = self.table.cost(input_tokens=tokens_in, output_tokens=tokens_out, cache_read_tokens=cached)
+                cost, tier = self.table.charge(result)
                 if result.api == "batch":
                     cost *= self.batch_share
-                tier = tier_label(self.table.tier(tokens_in + cached, tokens_out))
         if self.budget is not None:
             self.budget.settle(reserved, cost or 0.0)
         return priced(result, cost, raw), tier

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
-from runner.errors import GlmBatchError
+from runner.errors import GlmBatchError, first_line
 from runner.files import write_atomic
 from runner.money.tokens import Calibration
 
@@ -125,7 +125,7 @@ def usage(*, simulated: bool = False, skipped: list[tuple[Path, str]] | None = N
             frames.append(pl.read_parquet(path).select(list(LEDGER_SCHEMA)).cast(pl.Schema(LEDGER_SCHEMA)))
         except (pl.exceptions.PolarsError, OSError) as exc:
             if skipped is not None:
-                skipped.append((path, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
+                skipped.append((path, first_line(exc)))
     return pl.concat(frames) if frames else pl.DataFrame(schema=LEDGER_SCHEMA)
 
 

@@ -46,16 +46,11 @@ def earlier_answers(parts: list[Path], job: Job) -> pl.DataFrame:
 
 def runs_on_endpoint(job: Job) -> list[str]:
     """The ids of the job's recorded runs that sent to its endpoint as it is now."""
-    from runner.files import read_manifest
+    from runner.files import recorded_runs
 
-    try:
-        runs = read_manifest(job.state_dir).get("runs") or []
-    except OSError:
-        return []
+    runs = recorded_runs(job.state_dir)
     return [
-        run["run_id"]
-        for run in runs
-        if isinstance(run, dict) and run.get("endpoint") == job.endpoint_name and isinstance(run.get("run_id"), str)
+        run["run_id"] for run in runs if run.get("endpoint") == job.endpoint_name and isinstance(run.get("run_id"), str)
     ]
 
 

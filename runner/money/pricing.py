@@ -11,10 +11,14 @@ the answer's length too; api.z.ai has one tier. Cached input tokens are billed a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from runner.errors import UsageError
 from runner.job.catalog import CurrencyPrices, PriceTier
 from runner.job.resolve import Job
+
+if TYPE_CHECKING:
+    from runner.records import Result
 
 PER_TOKENS = 1_000_000
 
@@ -54,6 +58,13 @@ class PriceTable:
         return (
             input_tokens * tier.input + cache_read_tokens * tier.cached_input + output_tokens * tier.output
         ) / PER_TOKENS
+
+    def charge(self, result: Result) -> tuple[float, str]:
+        """What a result's answered turns cost (at the online price) and the label of their tier."""
+        tokens_in, cached = result.input_tokens or 0, result.cache_read_input_tokens or 0
+        tokens_out = result.output_tokens or 0
+        cost = self.cost(input_tokens=tokens_in, output_tokens=tokens_out, cache_read_tokens=cached)
+        return cost, tier_label(self.tier(tokens_in + cached, tokens_out))
 
     def worst_case(self, *, input_tokens: int, max_tokens: int) -> float:
         """The most one request can cost: no input cached, and the dearest answer length up to max_tokens.

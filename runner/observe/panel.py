@@ -5,9 +5,10 @@
 
 The panel is a title line (job, model, phase, elapsed), a bar with rows done of the total, then items
 (rate, ETA, in flight / limit, the share refused with 429, tokens, spend against its projection, rows
-sharing a prompt, batches' states, ...) flowed into as many lines as the width needs. Every item fits
-80 columns on its own line; at 80 columns it takes a few lines, at 200 one or two, plus the items
-kept for wide terminals. Nothing is cut: an item wider than the terminal is folded, never elided.
+sharing a prompt, batches' states, lines the Batch API counts done, the wait for its queue, ...) flowed
+into as many lines as the width needs. Every item fits 80 columns on its own line; at 80 columns it
+takes a few lines, at 200 one or two, plus the items kept for wide terminals. Nothing is cut: an item
+wider than the terminal is folded, never elided.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class PanelState:
     projected: float | None = None
     max_cost: float | None = None
     batches: dict[str, int] = field(default_factory=dict)  # batch status -> batches in it (batch mode)
+    # Lines in open batches and how many the Batch API counts completed / failed (request_counts).
+    batch_lines: dict[str, int] = field(default_factory=dict)
+    queue_refused: int = 0  # creates the model's full batch queue refused
+    queue_waited_s: float = 0.0  # how long chunks waited for room in it
     stopping: str | None = None  # why dispatch stopped early (SIGINT, budget, aborted), if it did
 
     @classmethod
@@ -117,6 +122,9 @@ class PanelState:
             projected=tally.projected_cost() if priced else None,
             max_cost=max_cost,
             batches=dict(gauges.get("batches") or {}),
+            batch_lines=dict(gauges.get("batch_lines") or {}),
+            queue_refused=(gauges.get("batch_queue") or {}).get("refused", 0),
+            queue_waited_s=(gauges.get("batch_queue") or {}).get("waited_s", 0.0),
             stopping=control.reason,
         )
 
@@ -220,6 +228,12 @@ def _items(state: PanelState, *, wide: bool) -> Iterator[Text]:
     if state.batches:
         parts = ", ".join(f"{n} {status}" for status, n in sorted(state.batches.items()))
         yield _item("batches ", parts)
+    if state.batch_lines.get("open"):
+        lines = state.batch_lines
+        failed = f", {lines.get('failed', 0):,} failed" if lines.get("failed") else ""
+        yield _item("at Zhipu ", f"{lines.get('completed', 0):,}/{lines['open']:,}", f" lines done{failed}")
+    if state.queue_refused:
+        yield _item("queue full: waited ", _duration(state.queue_waited_s), f" ({state.queue_refused:,} refused)")
     if wide:
         if state.thinking_tokens:
             yield _item("thinking ", f"{state.thinking_tokens:,}")

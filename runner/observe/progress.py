@@ -73,17 +73,34 @@ def _progress_fields(tally: Tally, gauges: dict[str, Any], control: Control) -> 
         "retries": dict(control.retries),
         "maybe_billed_twice": len(control.maybe_billed),
         **({"batches": gauges["batches"]} if gauges.get("batches") else {}),
+        **({"batch_lines": gauges["batch_lines"]} if (gauges.get("batch_lines") or {}).get("open") else {}),
+        **({"batch_queue": gauges["batch_queue"]} if (gauges.get("batch_queue") or {}).get("refused") else {}),
     }
 
 
-class LineReporter:
+class _Periodic:
+    """What the line reporters share: a `progress` record at most every `interval_s`."""
+
+    interval_s: float
+    _last = 0.0  # when the last one was emitted (time.monotonic)
+
+    def _emit(self, event: str, fields: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def tick(self, tally: Tally, gauges: dict[str, Any], control: Control) -> None:
+        if time.monotonic() - self._last < self.interval_s:
+            return
+        self._last = time.monotonic()
+        self._emit("progress", _progress_fields(tally, gauges, control))
+
+
+class LineReporter(_Periodic):
     """Periodic log lines: JSON objects, or `key=value` text."""
 
     def __init__(self, out: TextIO, *, as_json: bool, interval_s: float) -> None:
         self._out = out
         self._json = as_json
         self.interval_s = interval_s
-        self._last = 0.0
 
     def phase(self, name: str) -> None:
         """Nothing: machines get `start`, `progress` and `end`, exactly as before phases existed."""
@@ -106,12 +123,6 @@ class LineReporter:
         )
         self._last = time.monotonic()
 
-    def tick(self, tally: Tally, gauges: dict[str, Any], control: Control) -> None:
-        if time.monotonic() - self._last < self.interval_s:
-            return
-        self._last = time.monotonic()
-        self._emit("progress", _progress_fields(tally, gauges, control))
-
     def event(self, name: str, **fields: Any) -> None:
         self._emit(name, fields)
 
@@ -119,7 +130,7 @@ class LineReporter:
         self._emit("end", {"message": message, **summary})
 
 
-class LogReporter:
+class LogReporter(_Periodic):
     """Progress as records of the `glm_batch` logger (the Python API's default): INFO for progress,
     WARNING for what went wrong. Quiet unless the host configures logging (`logging.basicConfig`),
     since Python prints only warnings when nobody has."""
@@ -127,7 +138,6 @@ class LogReporter:
     def __init__(self, logger: logging.Logger | None = None, interval_s: float = 10.0) -> None:
         self._log = logger or logging.getLogger("glm_batch")
         self.interval_s = interval_s
-        self._last = 0.0
 
     def _emit(self, event: str, fields: dict[str, Any], level: int = logging.INFO) -> None:
         if self._log.isEnabledFor(level):
@@ -140,12 +150,6 @@ class LogReporter:
     def start(self, job: Job, tally: Tally) -> None:
         self._emit("start", {"job": job.name, "model": job.spec.model.name, "rows_total": tally.rows_total})
         self._last = time.monotonic()
-
-    def tick(self, tally: Tally, gauges: dict[str, Any], control: Control) -> None:
-        if time.monotonic() - self._last < self.interval_s:
-            return
-        self._last = time.monotonic()
-        self._emit("progress", _progress_fields(tally, gauges, control))
 
     def event(self, name: str, **fields: Any) -> None:
         level = logging.WARNING if name.endswith(("_not_written", "_failed", "_lost")) else logging.INFO

@@ -2,7 +2,7 @@
 
     metrics = label_metrics(frame, predicted="label", gold="gold")
     report = summarise(job, shape)                  # after a run, from the job's spec
-    report = summarise_file(output_path, gold=None) # from an output file alone
+    report = summarise_file(open_output(path), gold=None)  # from an output alone (runner.observe.runstats)
 
 Rows without a gold label are left out. A row whose answer was invalid (or failed) counts as wrong
 and appears in the confusion matrix under "(invalid)", so the figures never flatter a job that
@@ -11,6 +11,7 @@ failed to answer.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,9 @@ import polars as pl
 
 from runner.columns import GOLD_SUFFIX, OUTPUT_COLUMNS, SAMPLE_ANSWERS, VOTE_COLUMNS
 from runner.errors import UsageError
-from runner.files import read_json_object
 from runner.job.resolve import Job
 from runner.job.structured import AnswerShape
+from runner.observe.runstats import OutputFile
 
 INVALID = "(invalid)"
 
@@ -153,27 +154,24 @@ def summarise(job: Job, shape: AnswerShape) -> dict[str, Any]:
     )
 
 
-def samples_in(path: Path) -> int:
-    """How many samples each row of an output had: as many as its longest `sample_answers` list, or 1.
+def samples_in(path: Path, columns: Collection[str] | None = None) -> int:
+    """How many samples each row of an output (with `columns`, when known) had: as many as its longest
+    `sample_answers` list, or 1.
 
     Read from the file, never from a spec, so that a report from the spec and one from the output file
     agree even when the run raised `output.samples` with --set."""
-    if SAMPLE_ANSWERS not in pl.read_parquet_schema(path):
+    if SAMPLE_ANSWERS not in (pl.read_parquet_schema(path) if columns is None else columns):
         return 1
     longest = pl.scan_parquet(path).select(pl.col(SAMPLE_ANSWERS).list.len().max()).collect().item()
     return max(1, int(longest or 1))
 
 
-def summarise_file(path: Path, gold: str | None) -> dict[str, Any]:
+def summarise_file(output: OutputFile, gold: str | None) -> dict[str, Any]:
     """The quality of an output file on its own (no spec at hand): the label column, the samples and
     (unless `gold` names one) the gold column are read from the file and the summary beside it."""
-    try:
-        columns = pl.read_parquet_schema(path)
-    except (OSError, pl.exceptions.ComputeError) as exc:
-        raise UsageError(f"{path}: cannot read it as Parquet ({exc}); give a glm-batch output or a job spec") from None
-    if not {"status", "repairs", "error_type"} <= columns.keys():
+    path, columns, beside = output.path, output.columns, output.summary
+    if not {"repairs", "error_type"} <= set(columns):
         raise UsageError(f"{path}: not a glm-batch output (no status column); give its job spec instead")
-    beside = read_json_object(path.with_suffix(".summary.json")) or {}
     gold = gold or (beside.get("quality") or {}).get("gold_column")
     if gold is not None and gold not in columns:
         kept = ", ".join(c for c in columns if c not in (*OUTPUT_COLUMNS, *VOTE_COLUMNS)) or "none"
@@ -186,7 +184,7 @@ def summarise_file(path: Path, gold: str | None) -> dict[str, Any]:
         )
     labels = (beside.get("quality") or {}).get("labels")  # the job's label set, as its run recorded it
     report = summarise_output(
-        path, label_field=label_field, gold=gold, gold_fields={}, samples=samples_in(path), labels=labels
+        path, label_field=label_field, gold=gold, gold_fields={}, samples=samples_in(path, columns), labels=labels
     )
     rates = (beside.get("quality") or {}).get("field_exact_match")
     if rates:  # per-field rates need the spec's gold_fields: the ones the run computed are beside the file

@@ -19,11 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from runner.columns import AGREEMENT, OUTPUT_COLUMNS, VOTE_COLUMNS
-from runner.errors import UsageError
-from runner.files import read_json_object
 from runner.job.resolve import Job
 from runner.observe import quality
-from runner.observe.runstats import run_figures
+from runner.observe.runstats import open_output, run_figures
 
 EXAMPLES_SHOWN = 50  # wrong answers listed on the page; the count says how many there are in all
 REPAIRED_MEANS = (
@@ -47,18 +45,9 @@ class Report:
 def load_report(output: Path, *, job: Job | None = None, gold: str | None = None) -> Report:
     """The report of an output file, with its job's spec when there is one (for the schema's fields
     and `eval.gold_fields`). `gold` names the gold column of an output given alone (else the summary's)."""
-    if not output.exists():
-        raise UsageError(f"{output}: no such output file")
-    try:
-        columns = list(pl.read_parquet_schema(output))
-    except (OSError, pl.exceptions.ComputeError) as exc:
-        raise UsageError(
-            f"{output}: cannot read it as Parquet ({exc}); give a glm-batch output or a job spec"
-        ) from None
-    if "status" not in columns:
-        raise UsageError(f"{output}: not a glm-batch output (no status column); give its job spec instead")
-    beside = read_json_object(output.with_suffix(".summary.json")) or {}
-    figures = run_figures(output, beside)
+    opened = open_output(output)
+    columns, beside = opened.columns, opened.summary
+    figures = run_figures(opened)
     found: dict[str, Any] | None = None
     fields: tuple[str, ...] = ()
     gold_fields: dict[str, str] = {}
@@ -67,7 +56,7 @@ def load_report(output: Path, *, job: Job | None = None, gold: str | None = None
         fields = tuple(job.shape.fields)
         gold_fields = {f: job.gold_columns[c] for f, c in job.spec.eval.gold_fields.items()} if job.spec.eval else {}
     elif job is None and ({"label", "labels"} & set(columns) or gold or beside.get("quality")):
-        found = quality.summarise_file(output, gold)
+        found = quality.summarise_file(opened, gold)
         fields = (found["label_field"],) if found["label_field"] else ()
     name = job.name if job is not None else output.stem
     cascade = beside.get("cascade") if isinstance(beside.get("cascade"), dict) else None

@@ -5,7 +5,8 @@
 No scripts, no fonts, no images, nothing fetched: the page opens the same offline, in a mail client or
 an archive. Sections: a header (model, run id, date, rows, tokens, cost), rows finished and requests in
 flight over time, the latency distribution, errors by type, tokens and cost per price tier, attempts
-and retries; and for structured jobs, quality: validity and repairs (with what "repaired" means), the
+and retries; for a cascade, its guarantee, threshold, rows by who answered, cost against the oracle
+alone and accuracies; and for structured jobs, quality: validity and repairs (with what "repaired" means), the
 vote, per-field rates, per-label figures, the confusion matrix and the wrong answers with their text.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from runner.observe.quality import bars_svg, confusion_svg, esc, voting_line
-from runner.observe.report import REPAIRED_MEANS, Report
+from runner.observe.report import REPAIRED_MEANS, Report, cascade_lines
 
 STYLE = """
 body{font-family:sans-serif;margin:2em;max-width:64em;color:#222}
@@ -52,6 +53,8 @@ def html_page(found: Report) -> str:
         _tiers(run),
         _attempts(run),
     ]
+    if found.cascade is not None:
+        parts.append(_cascade(found.cascade))
     if found.quality is not None:
         parts.append(_quality(found))
     parts.append("</body></html>\n")
@@ -191,6 +194,18 @@ def _attempts(run: dict[str, Any]) -> str:
             else '<p class="note">The last run retried nothing.</p>'
         )
     )
+
+
+def _cascade(c: dict[str, Any]) -> str:
+    """The cascade's section: the text report's lines (runner.observe.report.cascade_lines, the same
+    figures from the same summary), and who answered the rows drawn as bars."""
+    lines = "".join(f"<li>{esc(line)}</li>" for line in cascade_lines(c))
+    who = {
+        f"kept from {c['proxy']}": c["rows_kept_from_proxy"],
+        f"escalated to {c['oracle']}": c["rows_escalated"],
+        f"calibration ({c['oracle']})": c["rows_in_calibration"],
+    }
+    return f'<h2>Cascade</h2><ul id="cascade">{lines}</ul>' + _hbars("cascade-rows", who, "#1f77b4")
 
 
 def _quality(found: Report) -> str:

@@ -1,6 +1,6 @@
 """What a run did, read back from its output Parquet and the summary beside it (for `glm-batch report`).
 
-    figures = run_figures(output_path, summary)   # plain data: header, timeline, latency, errors, tiers
+    figures = run_figures(open_output(path))   # plain data: header, timeline, latency, errors, tiers
 
 Every job has these, labeling or not: when its rows finished and how many requests were in flight
 (each row's request ran from `finished_at - latency_ms` to `finished_at`), how long requests took,
@@ -14,11 +14,14 @@ from __future__ import annotations
 import datetime as dt
 import re
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import polars as pl
 
+from runner.errors import UsageError
+from runner.files import read_summary
 from runner.money.accounting import percentile
 
 TIMELINE_BINS = 60
@@ -43,10 +46,32 @@ _WANTED = (
 )
 
 
-def run_figures(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """The figures of the run behind an output file; `summary` is the summary beside it ({} if none)."""
-    present = pl.read_parquet_schema(path)
-    frame = pl.read_parquet(path, columns=[c for c in _WANTED if c in present])
+@dataclass(frozen=True)
+class OutputFile:
+    """An output read back for a report: its columns and the summary beside it, each read once."""
+
+    path: Path
+    columns: list[str]
+    summary: dict[str, Any]  # {} when there is none
+
+
+def open_output(path: Path) -> OutputFile:
+    """The output at `path`, refused in one line when it is missing or is not a glm-batch output."""
+    if not path.exists():
+        raise UsageError(f"{path}: no such output file")
+    try:
+        columns = list(pl.read_parquet_schema(path))
+    except (OSError, pl.exceptions.ComputeError) as exc:
+        raise UsageError(f"{path}: cannot read it as Parquet ({exc}); give a glm-batch output or a job spec") from None
+    if "status" not in columns:
+        raise UsageError(f"{path}: not a glm-batch output (no status column); give its job spec instead")
+    return OutputFile(path, columns, read_summary(path))
+
+
+def run_figures(output: OutputFile) -> dict[str, Any]:
+    """The figures of the run behind an output file and the summary beside it."""
+    summary = output.summary
+    frame = pl.read_parquet(output.path, columns=[c for c in _WANTED if c in output.columns])
     for column in _WANTED:  # an older output may lack a column: treat it as empty
         if column not in frame.columns:
             frame = frame.with_columns(pl.lit(None).alias(column))

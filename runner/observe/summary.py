@@ -15,8 +15,8 @@ from typing import Any
 import polars as pl
 
 from runner.control import Control
-from runner.errors import STATE_FAILURES, BudgetExhausted, DiskFull
-from runner.files import write_json_atomic
+from runner.errors import STATE_FAILURES, BudgetExhausted, DiskFull, first_line
+from runner.files import write_summary
 from runner.job.resolve import Job
 from runner.money import ledger
 from runner.money.accounting import Accountant, Tally
@@ -207,8 +207,7 @@ def _one_line(exc: Exception) -> str:
     """An error as one line, naming the file for an OSError."""
     if isinstance(exc, OSError) and exc.filename:
         return f"{exc.filename}: {exc.strerror or exc}"
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def sending(job: Job, gauges: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +222,6 @@ def write(job: Job, store: Store, report: dict[str, Any]) -> None:
     """Write the summary beside the output and the run into the manifest (a full disk was already said:
     the journal holds the answers)."""
     with contextlib.suppress(DiskFull):
-        job.output_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(report, job.output_path.with_suffix(".summary.json"))
+        write_summary(job.output_path, report)
     with contextlib.suppress(*STATE_FAILURES):  # already said: the run stopped for it
         store.record_run(report)

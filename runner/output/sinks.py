@@ -10,13 +10,12 @@ object-store target is another module with the same two methods.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Protocol
 
 import polars as pl
 
-from runner.files import fsync_rename, space_checked, write_json_atomic
+from runner.files import fsync_rename, read_json_object, space_checked, write_json_atomic
 
 ROW_GROUP_ROWS = 20_000  # small row groups let readers skip what they do not need
 
@@ -41,12 +40,12 @@ class ParquetSink:
 
     def current_counts(self, basis: dict[str, Any]) -> dict[str, int] | None:
         """See OutputSink.current_counts."""
+        last = read_json_object(self._record)
         try:
-            last = json.loads(self._record.read_text(encoding="utf-8"))
             st = self.path.stat()
-        except (OSError, json.JSONDecodeError):
+        except OSError:
             return None
-        if last.get("output") != str(self.path) or {k: last.get(k) for k in basis} != basis:
+        if last is None or last.get("output") != str(self.path) or {k: last.get(k) for k in basis} != basis:
             return None
         if [st.st_size, st.st_mtime_ns] != last.get("file"):
             return None

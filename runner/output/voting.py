@@ -10,21 +10,12 @@ from __future__ import annotations
 
 import polars as pl
 
-from runner.columns import AGREEMENT, SAMPLE_ANSWERS
+from runner.columns import AGREEMENT, BILLED_COLUMNS, SAMPLE_ANSWERS
 from runner.job.inputs import ROW
 from runner.job.samples import SAMPLE
 
 # Counted once per request, so a row's figure is the sum over its samples.
-SUMMED = (
-    "input_tokens",
-    "output_tokens",
-    "thinking_tokens",
-    "cache_read_input_tokens",
-    "cache_creation_input_tokens",
-    "cost",
-    "attempts",
-    "repairs",
-)
+SUMMED = (*BILLED_COLUMNS, "attempts", "repairs")
 # A sum widens integers; keep the result schema's types.
 _SUMMED_TYPES: dict[str, pl.DataType] = {"attempts": pl.Int32(), "repairs": pl.Int32()}
 

@@ -52,6 +52,18 @@ class Conversation:
         self._value: Any = None
         self._problem: Unusable | None = None
 
+    @classmethod
+    def resumed(cls, request: Request, shape: AnswerShape | None, earlier: list[Answer]) -> Conversation:
+        """A conversation another process began: `request` is its next turn, `earlier` its billed turns."""
+        conversation = cls(request, shape)
+        conversation._answers = list(earlier)
+        return conversation
+
+    @property
+    def answers(self) -> tuple[Answer, ...]:
+        """The turns answered so far, oldest first."""
+        return tuple(self._answers)
+
     def add(self, answer: Answer) -> dict[str, Any] | None:
         """Record one turn's answer; the next turn's parameters if a repair is due, else None."""
         self._answers.append(answer)

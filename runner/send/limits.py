@@ -181,6 +181,26 @@ class Attempt:
     used_tokens: int | None = None
 
 
+class AnswerLength:
+    """The mean answer length (tokens) of the last ~100 answers, from a first guess: what an attempt is
+    charged for its answer before it is known (by the local limits and a Ray worker's leased slots)."""
+
+    __slots__ = ("_answers", "mean")
+
+    def __init__(self, expected_output_tokens: int) -> None:
+        self.mean, self._answers = float(expected_output_tokens), 0
+
+    def charge(self, input_tokens: int) -> Attempt:
+        """A new attempt, charged its input and the mean answer."""
+        return Attempt(charged_tokens=input_tokens + round(self.mean))
+
+    def learn(self, attempt: Attempt, input_tokens: int) -> None:
+        """Count the answer of an attempt that reports the tokens it used (else nothing)."""
+        if attempt.used_tokens is not None:
+            self._answers += 1
+            self.mean += (max(0, attempt.used_tokens - input_tokens) - self.mean) / min(self._answers, 100)
+
+
 class Slots(Protocol):
     """What the online executor needs of its limits: Limits here, or a cluster worker's leased slots
     (runner.distributed.slots.LeasedSlots)."""
@@ -236,8 +256,7 @@ class Limits:
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()  # attempts queued in `_take`, in order
         self.attempts = 0
-        self._output_mean = float(expected_output_tokens)
-        self._answers = 0
+        self._output = AnswerLength(expected_output_tokens)
         self.overloaded = 0  # attempts refused with 429/1302, 1305 or 529
 
     @property
@@ -290,9 +309,7 @@ class Limits:
         """Learn the answer's length from the tokens it used; the tokens still owed to the bucket."""
         if attempt.used_tokens is None:
             return 0.0
-        self._answers += 1
-        output = max(0, attempt.used_tokens - input_tokens)
-        self._output_mean += (output - self._output_mean) / min(self._answers, 100)  # mean of the last ~100
+        self._output.learn(attempt, input_tokens)
         debt = attempt.used_tokens - attempt.charged_tokens
         return float(debt) if self._tpm is not None and debt > 0 else 0.0
 
@@ -323,7 +340,7 @@ class _Slot:
     def __init__(self, limits: Limits, input_tokens: int) -> None:
         self._limits = limits
         self._input_tokens = input_tokens
-        self._attempt = Attempt(charged_tokens=input_tokens + round(limits._output_mean))
+        self._attempt = limits._output.charge(input_tokens)
         self._sent_in_flight = 0
         self._sent_epoch = 0
         self._started = 0.0

@@ -28,7 +28,7 @@ from runner.send.limits import Slots
 from runner.send.retries import TOOL_CHOICE_REFUSED, Classify, Fault, Verdict, refusal, retrying, wait_backoff
 
 
-class Sender(Protocol):
+class OnlineClient(Protocol):
     """What the online executor needs of a client (runner.send.client.Client)."""
 
     async def send(self, params: dict[str, Any]) -> Answer: ...
@@ -43,7 +43,7 @@ class OnlineExecutor:
 
     def __init__(
         self,
-        client: Sender,
+        client: OnlineClient,
         limits: Slots,
         *,
         max_attempts: int,

@@ -81,6 +81,8 @@ def structured_answer(schema: dict[str, Any], prompt: str, invalid: bool = False
     if kind == "integer":
         return digest[1] % 100
     if kind == "number":
+        if "minimum" in schema and "maximum" in schema:  # within the bounds asked for
+            return round(schema["minimum"] + (schema["maximum"] - schema["minimum"]) * digest[2] / 255, 2)
         return round(digest[2] / 7, 2)
     if kind == "boolean":
         return digest[3] % 2 == 0
@@ -246,9 +248,11 @@ def compose(
     invalid: Callable[[str, int], bool],
     variant: Callable[[Ask, str, int], int],
     reasoning_tokens: int = 0,
+    stated: Callable[[Ask, str], float | None] = lambda ask, first: None,
 ) -> Reply:
     """The answer to an ask. `invalid(first, turn)` says whether a structured answer breaks its schema
-    on this turn; `variant(ask, first, turn)` which sampled answer it is (0: the usual one).
+    on this turn; `variant(ask, first, turn)` which sampled answer it is (0: the usual one);
+    `stated(ask, first)` the confidence a model of given skill states in a `confidence` number field.
 
     A thinking ask reasons first (about `reasoning_tokens`, billed as output). When max_tokens does not
     hold the reasoning, the answer ends inside it: max_tokens, no text and no tool call, as a real
@@ -269,7 +273,11 @@ def compose(
             return Reply(thinking, "", None, "max_tokens", input_tokens, count_tokens(thinking, scale))
     if ask.tool is not None:
         name, schema = ask.tool
-        value = structured_answer(schema, first, invalid(first, turn), variant(ask, first, turn))
+        value = _with_stated(
+            schema,
+            structured_answer(schema, first, invalid(first, turn), variant(ask, first, turn)),
+            stated(ask, first),
+        )
         call_id = f"toolu_{hashlib.sha256(first.encode()).hexdigest()[:20]}"
         out = think_tokens + count_tokens(json.dumps(value), scale)
         if thinking is not None and out > ask.max_tokens:
@@ -278,7 +286,11 @@ def compose(
     text = answer_for(prompt)
     if TEXT_SCHEMA_MARKER in ask.system:  # text mode: JSON made from the schema asked for
         schema = json.loads(ask.system.split(TEXT_SCHEMA_MARKER, 1)[1].strip().splitlines()[0])
-        value = structured_answer(schema, first, invalid(first, turn), variant(ask, first, turn))
+        value = _with_stated(
+            schema,
+            structured_answer(schema, first, invalid(first, turn), variant(ask, first, turn)),
+            stated(ask, first),
+        )
         dumped = json.dumps(value, ensure_ascii=False)
         text = dumped if ask.json_object else f"Here you are:\n```json\n{dumped}\n```"
     elif ask.json_object:
@@ -295,6 +307,15 @@ def compose(
     if text:
         out_tokens += count_tokens(text, scale)
     return Reply(thinking, text, None, stop_reason, input_tokens, out_tokens)
+
+
+def _with_stated(schema: dict[str, Any], value: Any, confidence: float | None) -> Any:
+    """The answer with its `confidence` field set to the stated one, where the schema asks for such a
+    number and the model states one (a model of given skill; runner.simulator.skill)."""
+    asked = (schema.get("properties") or {}).get("confidence") or {}
+    if confidence is None or not isinstance(value, dict) or "confidence" not in value or asked.get("type") != "number":
+        return value
+    return value | {"confidence": confidence}
 
 
 def _reasoning(subject: str, prompt: str, tokens: int, scale: float) -> str:

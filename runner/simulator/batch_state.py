@@ -9,6 +9,7 @@ routes over this state are runner.simulator.native's NativeAPI.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
@@ -85,6 +86,8 @@ class NativeState:
         self._failed_by_config = 0  # batches failed at validation by `batch_fail_validation`
         self._forgotten = 0
         self._forgotten_ids: set[str] = set()
+        self.late_creates = 0  # creates held by `batch_create_lands_after_s` so far
+        self.landing: set[asyncio.Future[Any]] = set()  # late creates still to land (they outlive their client)
 
     # ---- on-demand control (tests) ---------------------------------------------------------------
 

@@ -136,6 +136,12 @@ class SimConfig:
     # Every look at a batch (GET /batches/{id}) / every result file download answers this status instead.
     batch_retrieve_status: int | None = None
     batch_create_status: int | None = None
+    # The first `batch_create_late_times` creates (POST /batches) land this long after they were asked:
+    # the batch is made, and answered, only then. A client that timed out or died meanwhile never hears
+    # of it, yet the batch is made and runs (the double-create window: a lookup finds nothing, a second
+    # create follows, and the first lands after it).
+    batch_create_lands_after_s: float | None = None
+    batch_create_late_times: int = 1
     batch_download_status: int | None = None
     # The first `batch_forget_times` batches are forgotten (404, as if purged) after this many looks each.
     batch_forget_after_looks: int | None = None

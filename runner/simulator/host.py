@@ -1,9 +1,9 @@
-"""What a simulator route needs of the Simulator that serves it: its settings, tally, lock and answers.
+"""What a simulator route needs of the Simulator that serves it: its settings, counts, lock and answers.
 
 The routes (runner.simulator.messages for /v1/messages, runner.simulator.native and runner.simulator.batch_state
 for /api/paas/v4) are written against `Host`, not against runner.simulator.simulator, which builds them:
 the routes need a host, the host needs its routes, and this Protocol is what keeps the two from
-importing one another. `Tally` is the host's counts and bill, which the routes update under `lock`.
+importing one another. `Served` is what the host answered and billed, which the routes update under `lock`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import Protocol
 from runner.simulator.answers import Ask, Reply
 from runner.simulator.config import SimConfig
 
-__all__ = ["APIS", "Host", "Tally"]
+__all__ = ["APIS", "Host", "Served"]
 
 APIS = ("online", "batch")
 
 
 @dataclass
-class Tally:
+class Served:
     """What the simulator has answered and billed (Simulator.stats reads it)."""
 
     requests: int = 0
@@ -45,7 +45,7 @@ class Host(Protocol):
     """The Simulator as its routes see it (runner.simulator.simulator.Simulator is the one there is)."""
 
     config: SimConfig
-    tally: Tally
+    served: Served
     lock: threading.RLock  # reentrant: a batch line is answered while its batch is advanced under it
     rng: random.Random
 

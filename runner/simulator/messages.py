@@ -39,7 +39,7 @@ class MessagesAPI:
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         cfg = self.host.config
         with self.host.lock:
-            self.host.tally.requests += 1
+            self.host.served.requests += 1
 
         key = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
         if not key:
@@ -66,21 +66,21 @@ class MessagesAPI:
             return self._zhipu_400("1214", f"stop_sequences: at most {limit} allowed, got {len(stops)}")
 
         with self.host.lock:
-            busy = self.host.tally.in_flight[model]
+            busy = self.host.served.in_flight[model]
             if cfg.concurrency_cap is not None and busy >= cfg.concurrency_cap:
-                self.host.tally.by_outcome["429_1302_cap"] += 1
+                self.host.served.by_outcome["429_1302_cap"] += 1
                 over_cap = True
             else:
                 over_cap = False
-                self.host.tally.in_flight[model] += 1
-                self.host.tally.max_in_flight = max(self.host.tally.max_in_flight, busy + 1)
+                self.host.served.in_flight[model] += 1
+                self.host.served.max_in_flight = max(self.host.served.max_in_flight, busy + 1)
             fault = self.host.rng.choice(cfg.faults) if cfg.faults and self.host.rng.random() < cfg.fault_rate else None
             if cfg.fault_match is not None and cfg.fault_match not in prompt_text(body):
                 fault = None
             elif cfg.fault_attempts:
                 attempt_key = prompt_key(prompt_text(body))
-                self.host.tally.attempts[attempt_key] += 1
-                if self.host.tally.attempts[attempt_key] <= cfg.fault_attempts:
+                self.host.served.attempts[attempt_key] += 1
+                if self.host.served.attempts[attempt_key] <= cfg.fault_attempts:
                     fault = cfg.faults[0]
         if over_cap:
             return self._error("429_1302", None)  # refused at once: no latency
@@ -88,7 +88,7 @@ class MessagesAPI:
             return await self._answer(request, body, model, fault)
         finally:
             with self.host.lock:
-                self.host.tally.in_flight[model] -= 1
+                self.host.served.in_flight[model] -= 1
 
     async def _answer(
         self, request: web.Request, body: dict[str, Any], model: str, fault: str | None
@@ -195,11 +195,11 @@ class MessagesAPI:
     def _delivered(self, key: str, message: dict[str, Any]) -> None:
         """Count an answer that reached the client (the bill is kept apart, by `bill`)."""
         with self.host.lock:
-            self.host.tally.ok += 1
-            self.host.tally.by_outcome["ok"] += 1
-            self.host.tally.answered[key] += 1
-            self.host.tally.input_tokens += message["usage"]["input_tokens"]
-            self.host.tally.output_tokens += message["usage"]["output_tokens"]
+            self.host.served.ok += 1
+            self.host.served.by_outcome["ok"] += 1
+            self.host.served.answered[key] += 1
+            self.host.served.input_tokens += message["usage"]["input_tokens"]
+            self.host.served.output_tokens += message["usage"]["output_tokens"]
 
     def _error(self, code: str, outcome: str | None) -> web.Response:
         status, payload = ERRORS[code]

@@ -7,6 +7,7 @@ runner.simulator.batch_state, the checks on an uploaded batch file runner.simula
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -191,6 +192,41 @@ class NativeAPI(NativeState):
         lines, model, invalid = parse_file(file.data)
         if model is not None and cfg.batch_refuse_ineligible and not eligible(model):
             raise _Refused(400, "1212", f"model {model} is not available for the Batch API")
+
+        def make() -> dict[str, Any]:
+            made = self._make_batch(body, file, metadata, lines, model, invalid)
+            self.host.count("batch_created")  # counted as it lands, heard of or not
+            return made
+
+        delay = cfg.batch_create_lands_after_s
+        if delay is None or self.late_creates >= cfg.batch_create_late_times:
+            payload = make()
+        else:  # lands late, whether or not its client is still there to hear of it
+            self.late_creates += 1
+            self.host.count("batch_create_late")
+
+            async def land() -> dict[str, Any]:
+                await asyncio.sleep(delay)
+                return make()
+
+            landing = asyncio.ensure_future(land())
+            self.landing.add(landing)
+            landing.add_done_callback(self.landing.discard)
+            landing.add_done_callback(_quiet)
+            payload = await asyncio.shield(landing)
+        return web.json_response(payload)
+
+    def _make_batch(
+        self,
+        body: dict[str, Any],
+        file: SimFile,
+        metadata: Any,
+        lines: list[tuple[str, Any]],
+        model: str | None,
+        invalid: str | None,
+    ) -> dict[str, Any]:
+        """Make the batch a create asked for, if the model's queue has room; its JSON."""
+        cfg = self.host.config
         with self.host.lock:
             now = time.monotonic()
             for other in self.batches.values():
@@ -219,9 +255,7 @@ class NativeAPI(NativeState):
             batch.times["validating"] = now
             self.batches[batch.id] = batch
             self._advance(batch, now)
-            payload = self._batch_json(batch)
-        self.host.count("batch_created")
-        return web.json_response(payload)
+            return self._batch_json(batch)
 
     async def _retrieve(self, request: web.Request) -> web.Response:
         batch = self._held(request, self.batches, "batch")
@@ -277,6 +311,12 @@ class NativeAPI(NativeState):
             payload = self._batch_json(batch)
         self.host.count("batch_cancel")
         return web.json_response(payload)
+
+
+def _quiet(task: asyncio.Future[Any]) -> None:
+    """A late create that was refused when it landed, with no client left to hear it: nothing to report."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _fault(status: int | None) -> None:

@@ -36,20 +36,15 @@ def strict_problem(body: dict[str, Any]) -> tuple[int, str, str] | None:
     stop = body.get("stop")
     if isinstance(stop, list) and len(stop) > 1:
         return 400, "1214", f"stop: at most 1 stop word is allowed, got {len(stop)}"
-    response_format = body.get("response_format")
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, dict) else None
-        if kind not in ("text", "json_object"):
-            return 400, "1214", f"response_format.type must be text or json_object, got {kind!r}"
+    for name, kinds in (("response_format", ("text", "json_object")), ("thinking", ("enabled", "disabled"))):
+        value = body.get(name)
+        kind = value.get("type") if isinstance(value, dict) else None
+        if value is not None and kind not in kinds:
+            return 400, "1214", f"{name}.type must be {' or '.join(kinds)}, got {kind!r}"
     if "temperature" in body and _number_outside(body["temperature"], 0.0, 1.0):
         return 400, "1214", f"temperature must be in [0, 1], got {body['temperature']!r}"
     if "top_p" in body and _number_outside(body["top_p"], 0.01, 1.0):
         return 400, "1214", f"top_p must be in [0.01, 1], got {body['top_p']!r}"
-    thinking = body.get("thinking")
-    if thinking is not None:
-        kind = thinking.get("type") if isinstance(thinking, dict) else None
-        if kind not in ("enabled", "disabled"):
-            return 400, "1214", f"thinking.type must be enabled or disabled, got {kind!r}"
     if not is_vision_model(str(body.get("model"))):
         for message in body.get("messages") or []:
             content = message.get("content") if isinstance(message, dict) else None

@@ -38,10 +38,10 @@ from runner.simulator.answers import (
     text_of,
 )
 from runner.simulator.config import BILLED_FAULTS, ERRORS, FAULTS, HTML_502, RETRYABLE_FAULTS, SimConfig
-from runner.simulator.host import APIS, Tally
+from runner.simulator.host import APIS, Served
 from runner.simulator.messages import MessagesAPI
 from runner.simulator.native import NATIVE_PATH, NativeAPI
-from runner.simulator.skill import skill_variant
+from runner.simulator.skill import skill_variant, stated_confidence
 
 __all__ = [
     "BILLED_FAULTS",
@@ -74,7 +74,7 @@ class Simulator:
 
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
-        self.tally = Tally()  # the counts and the bill; the routes update them under `lock`
+        self.served = Served()  # the counts and the bill; the routes update them under `lock`
         # Stats and batches are read from other threads; reentrant because a batch line is answered
         # (which counts samples under the lock) while its batch is advanced under it.
         self.lock = threading.RLock()
@@ -110,8 +110,8 @@ class Simulator:
         self.port = server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        """Close the listening socket and every connection; abandon generations still running."""
-        for task in list(self._generating):
+        """Close the listening socket and every connection; abandon generations and late creates still running."""
+        for task in [*self._generating, *self.native.landing]:
             task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -129,7 +129,7 @@ class Simulator:
         Batches: batches {status: count}, batch_lines_processed."""
         self.native.advance_all()
         with self.lock:
-            s = self.tally
+            s = self.served
             per_prompt = self._billed_per_prompt()
             return {
                 "requests": s.requests,
@@ -156,14 +156,14 @@ class Simulator:
 
     def _billed_per_prompt(self) -> dict[str, Counter[str]]:
         out: dict[str, Counter[str]] = {}
-        for (api, key), n in self.tally.billed.items():
+        for (api, key), n in self.served.billed.items():
             out.setdefault(key, Counter())[api] += n
         return out
 
     def reset_stats(self) -> None:
         """Forget what was answered and billed (between test cases sharing one simulator)."""
         with self.lock:
-            self.tally = Tally()
+            self.served = Served()
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
@@ -179,7 +179,9 @@ class Simulator:
 
     def reply(self, ask: Ask) -> Reply:
         """The answer to an ask, the same on every route (see `runner.simulator.answers.compose`)."""
-        return compose(ask, self.config.token_scale, self._invalid, self._variant, self.config.reasoning_tokens)
+        return compose(
+            ask, self.config.token_scale, self._invalid, self._variant, self.config.reasoning_tokens, self._stated
+        )
 
     def bill(self, api: str, key: str, reply: Reply) -> None:
         """Record a generation the server completed: what the account is charged for."""
@@ -188,9 +190,9 @@ class Simulator:
 
     def bill_locked(self, api: str, key: str, reply: Reply) -> None:
         """`bill`, for a caller that holds `lock`."""
-        self.tally.billed[(api, key)] += 1
-        self.tally.billed_tokens[api]["input"] += reply.input_tokens
-        self.tally.billed_tokens[api]["output"] += reply.output_tokens
+        self.served.billed[(api, key)] += 1
+        self.served.billed_tokens[api]["input"] += reply.input_tokens
+        self.served.billed_tokens[api]["output"] += reply.output_tokens
 
     def new_id(self, prefix: str) -> str:
         """An id shaped like Zhipu's: prefix, yyyyMMddHHmmss, 16 hex digits."""
@@ -199,7 +201,7 @@ class Simulator:
     def count(self, outcome: str) -> None:
         """Count one outcome in stats()["outcomes"]."""
         with self.lock:
-            self.tally.by_outcome[outcome] += 1
+            self.served.by_outcome[outcome] += 1
 
     def delay(self) -> float:
         """How long this answer takes: Gaussian around latency_s (sd latency_jitter_s), never below 0."""
@@ -236,8 +238,8 @@ class Simulator:
             return 0
         key = prompt_key(prompt)
         with self.lock:
-            repeat = self.tally.asked[key]
-            self.tally.asked[key] += 1
+            repeat = self.served.asked[key]
+            self.served.asked[key] += 1
         chance = share(f"sample{repeat}{prompt}")
         rate = cfg.sample_disagreement if lexicon_score(prompt) else min(0.5, 2 * cfg.sample_disagreement)
         return repeat + 1 if chance < rate else 0
@@ -250,12 +252,20 @@ class Simulator:
         if ask.temperature != 0:
             key = f"{ask.model}|{prompt_key(prompt)}"
             with self.lock:
-                repeat = self.tally.asked[key] - (turn != 1)
-                self.tally.asked[key] += turn == 1
+                repeat = self.served.asked[key] - (turn != 1)
+                self.served.asked[key] += turn == 1
         flat = cfg.confidence == "flat"
         return skill_variant(
             ask.model, prompt, cfg.model_error[ask.model], flat, cfg.sample_disagreement, repeat, cfg.seed
         )
+
+    def _stated(self, ask: Ask, prompt: str) -> float | None:
+        """The confidence a model of given skill states in its answer (None: any other model's is the
+        usual made-up number)."""
+        cfg = self.config
+        if ask.model not in cfg.model_error:
+            return None
+        return stated_confidence(ask.model, prompt, cfg.model_error[ask.model], cfg.confidence == "flat", cfg.seed)
 
     def _invalid(self, prompt: str, turn: int) -> bool:
         cfg = self.config

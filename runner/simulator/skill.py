@@ -40,3 +40,16 @@ def skill_variant(
     if kind == "unsure":
         return int(coin < 0.5)
     return int(repeat is not None and coin < SURE_WAVER)
+
+
+def stated_confidence(model: str, prompt: str, error: float, flat: bool, seed: int = 0) -> float:
+    """The confidence the model states in its answer (a `confidence` field, two decimals): high on
+    rows it is sure of, lower on rows it is unsure of, and high on its confidently wrong rows too, as a
+    real model's stated confidence is over-sure; with `flat`, a value that says nothing about its errors."""
+    draw = share(f"stated|{seed}|{model}|{prompt}")
+    if flat:
+        return round(0.6 + 0.4 * draw, 2)
+    low, span = {"sure": (0.85, 0.15), "unsure": (0.45, 0.35), "wrong": (0.7, 0.25)}[
+        row_class(model, prompt, error, seed)
+    ]
+    return round(low + span * draw, 2)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import LockHeld, UsageError
+from runner.files import json_object
 
 
 class JobLock:
@@ -75,11 +76,7 @@ class JobLock:
 
 
 def _read_holder(fd: int) -> dict[str, Any]:
-    try:
-        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except json.JSONDecodeError:
-        return {}
-    return data if isinstance(data, dict) else {}
+    return json_object(os.pread(fd, 4096, 0)) or {}
 
 
 def _alive(pid: int, host: str | None) -> bool:

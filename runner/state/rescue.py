@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from runner.errors import DiskFull, GlmBatchError, StateUnwritable
+from runner.errors import DiskFull, GlmBatchError, StateUnwritable, first_line
 from runner.files import NO_SPACE, no_space, write_bytes_atomic
 from runner.records import Result, journal_line, read_journal
 
@@ -47,10 +47,9 @@ def state_failure(exc: Exception, state_dir: Path, *, refusals: bool = True) -> 
         # free space says which it was.
         if "No space left" in str(exc) or _full(state_dir):
             return no_space(state_dir)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return StateUnwritable(
-            f"a file in the job's state folder {state_dir} could not be written or read back whole ({first}); "
-            "check the disk, then run the same command again"
+            f"a file in the job's state folder {state_dir} could not be written or read back whole "
+            f"({first_line(exc)}); check the disk, then run the same command again"
         )
     return None
 

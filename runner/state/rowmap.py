@@ -10,12 +10,11 @@ Why it is trusted only sealed, and the cover record: docs/decisions.md, "The sto
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.files import write_atomic, write_json_atomic
+from runner.files import read_json_object, write_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     import polars as pl
@@ -53,11 +52,7 @@ class RowMap:
 
     def fingerprint(self) -> dict[str, Any] | None:
         """What the sealed map was built from; None when it is not sealed."""
-        try:
-            data = json.loads((self.rows_dir / "fingerprint.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
-        return data if isinstance(data, dict) else None
+        return read_json_object(self.rows_dir / "fingerprint.json")
 
     def drop_if_torn(self) -> bool:
         """Forget the whole map if any of its files does not read (a torn write, a truncated copy): it
@@ -98,12 +93,9 @@ class RowMap:
         write_json_atomic(record, self.rows_dir / "covered.json")
 
     def _covered_by(self, basis: dict[str, Any], samples: int) -> bool:
-        try:
-            record = json.loads((self.rows_dir / "covered.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return False
+        record = read_json_object(self.rows_dir / "covered.json")
         return (
-            isinstance(record, dict)
+            record is not None
             and record.get("fingerprint") == self.fingerprint()
             and record.get("samples") == samples
             and record.get("rows") == file_identities(self.files())
@@ -222,11 +214,8 @@ class RowMap:
         sealed = self.fingerprint()
         if samples != 1 or sealed is None or sealed != fingerprint:
             return None
-        try:
-            record = json.loads(output_record.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
-        if not isinstance(record, dict):
+        record = read_json_object(output_record)
+        if record is None:
             return None
         counts = record.get("counts")
         if record.get("row_map") != sealed or record.get("parts") != part_names or not isinstance(counts, dict):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +28,7 @@ from runner.files import (
     NO_SPACE,
     fsync_rename,
     no_space,
+    read_json_object,
     read_manifest,
     space_checked,
     write_atomic,
@@ -42,6 +42,7 @@ from runner.records import (
     read_journal,
     results_frame,
     scan_results,
+    settles,
     with_valid_unicode,
 )
 from runner.state.lock import JobLock
@@ -76,6 +77,16 @@ class Buckets:
         """True for the keys in `bucket`."""
         lead = pl.col(KEY).str.slice(0, 2).str.to_integer(base=16, strict=False).fill_null(0)
         return lead % self.count == bucket
+
+
+def whole_part(part: Path) -> bool:
+    """Whether an answer part can be trusted: its footer reads (a torn write loses it; reading it is cheap)
+    and its columns are answers' (an older part may lack newer ones)."""
+    try:
+        columns = pl.read_parquet_schema(part).keys()
+    except Exception:  # any failure to read means the file is not whole; never trust it
+        return False
+    return KEY in columns and columns <= RESULT_SCHEMA.keys()
 
 
 class Store:
@@ -142,12 +153,7 @@ class Store:
         for journal in sorted(self.state_dir.glob("journal-*.jsonl")):
             self.recover(journal)
         for part in sorted(self.results_dir.glob("*.parquet")):
-            try:
-                # A torn write loses the footer, so reading the footer is the check (and it is cheap).
-                columns = pl.read_parquet_schema(part).keys()
-                if KEY not in columns or not columns <= RESULT_SCHEMA.keys():  # older parts lack newer columns
-                    raise ValueError("unexpected columns")
-            except Exception:  # any failure to read means the file is not whole; never trust it
+            if not whole_part(part):
                 self._quarantine(part)
         self.quarantined = sorted((self.state_dir / "corrupt").glob("*.parquet"))
         self.rows.rows_dir.mkdir(exist_ok=True)
@@ -207,10 +213,8 @@ class Store:
         """Keys that need no request: answered ok, or failed for good (unless `retry_failed`)."""
         parts = self.result_parts()
         if not parts:
-            return SettledKeys(pl.Series(KEY, [], dtype=pl.String))
-        settled = pl.col("status") == "ok"
-        if not retry_failed:
-            settled = settled | ~pl.col("retryable")
+            return SettledKeys.none()
+        settled = settles(retry_failed)
         try:
             keys = pl.scan_parquet(parts).filter(settled).select(KEY).unique().sort(KEY).collect()
         except (pl.exceptions.PolarsError, OSError):
@@ -439,11 +443,7 @@ class Store:
 
     def read_estimate(self) -> dict[str, Any] | None:
         """The last `glm-batch estimate` report for this job, if there is one."""
-        try:
-            data = json.loads((self.state_dir / "estimate.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
-        return data if isinstance(data, dict) else None
+        return read_json_object(self.state_dir / "estimate.json")
 
     def write_estimate(self, report: dict[str, Any]) -> None:
         """Keep an estimate so the next run can say how close it was."""

@@ -79,6 +79,7 @@ class BatchAPI:
         self._sleep = sleep
         self._wait = wait or wait_backoff(classify=classify_api_error)
         self._session: aiohttp.ClientSession | None = None
+        self.retried_creates: set[str] = set()  # input files whose create was sent more than once
 
     async def __aenter__(self) -> BatchAPI:
         return self
@@ -163,6 +164,7 @@ class BatchAPI:
             nonlocal tries
             tries += 1
             if tries > 1:  # an earlier try may have made it and lost the answer
+                self.retried_creates.add(input_file_id)
                 page = page_from_json(await self._request_once("GET", "/batches", params={"limit": "100"}))
                 made = next((b for b in page.data if b.input_file_id == input_file_id), None)
                 if made is not None:

@@ -41,6 +41,7 @@ class Chunk:
     error_file_id: str | None = None
     purged: bool = False  # its files at Zhipu deleted
     file_404: bool = False  # a result file answered 404 past the waits once: a second time, it is gone
+    unsure: bool = False  # its create may have been made twice (a lost answer): swept for a second batch
 
     def request_keys(self) -> Iterator[str]:
         """The request keys in the chunk (each line's custom_id), read from its file.

@@ -26,6 +26,7 @@ from runner.send.base import Deliver, Executor, failure
 from runner.send.batch.api import BatchAPI
 from runner.send.batch.book import BatchBook, Chunk
 from runner.send.batch.deadline import HybridDeadline
+from runner.send.batch.duplicates import Twins, batches_since
 from runner.send.batch.errors import BatchAbort, BatchAPIError, BatchNotFound, BatchStatusError, classify_api_error
 from runner.send.batch.files import write_round
 from runner.send.batch.harvest import API, Harvester, requests_of
@@ -43,6 +44,7 @@ from runner.send.batch.rules import (
     validation_failure,
 )
 from runner.send.batch.shapes import Batch
+from runner.send.batch.turns import restore_turns, save_turns
 from runner.send.retries import Fault, Verdict, refusal
 
 # Looks at a finished batch whose counts say lines completed but which names no output file yet
@@ -80,8 +82,10 @@ class BatchExecutor:
         self._sleep = sleep
         self._statuses: dict[str, str] = {}  # chunk -> the Batch API's status at the last look
         self._lines_open = 0
+        self._counts: dict[str, tuple[int, int]] = {}  # open chunk -> its batch's (completed, failed) lines
         self._round_s: float | None = None  # how long a batch round took here: is there time for another?
         self._maybe_created: set[str] = set()
+        self._twins = Twins(job)  # no chunk keeps two batches (a create that landed after its answer was lost)
         self._cancel_failed: dict[str, str | None] = {}  # chunk -> why its cancel failed (hybrid deadline)
         self._submitting: Chunk | None = None  # the chunk being submitted (named if that fails)
         self._queue_refused = 0  # creates the model's full queue refused (429)
@@ -100,8 +104,25 @@ class BatchExecutor:
             "adaptive": online.get("adaptive", False),
             "overload_429_rate": online.get("overload_429_rate", 0.0),
             "batches": statuses,
-            "batch_queue": {"refused": self._queue_refused, "waited_s": round(self._queue_waited_s, 3)},
+            "batch_lines": self._lines_gauge(),
+            "batch_queue": {"refused": self._queue_refused, "waited_s": round(self._queue_waited(), 3)},
         }
+
+    def _lines_gauge(self) -> dict[str, int]:
+        """Lines in this round's open batches, and how many of them the Batch API counts as done
+        (`request_counts` at the last look): progress while nothing is back yet."""
+        completed, failed = sum(c for c, _ in self._counts.values()), sum(f for _, f in self._counts.values())
+        return {"open": self._lines_open, "completed": completed, "failed": failed}
+
+    def _close(self, chunk: Chunk) -> None:
+        """A chunk's lines are no longer open (harvested, lost, left to the next run or sent online)."""
+        self._lines_open -= chunk.lines
+        self._counts.pop(chunk.id, None)
+
+    def _queue_waited(self) -> float:
+        """Seconds chunks have waited for room in the model's queue, the wait going on included."""
+        ongoing = self._clock() - self._queue_since if self._queue_since is not None else 0.0
+        return self._queue_waited_s + ongoing
 
     async def aclose(self) -> None:
         """Close the online executor's connections, if there is one."""
@@ -121,6 +142,8 @@ class BatchExecutor:
             chunks = book.open_chunks()
             # Chunks an earlier run uploaded and may have died creating: only these are looked up.
             self._maybe_created = {chunk.id for chunk in chunks if chunk.status == "uploaded"}
+            chunks = await self._resumed(api, book, chunks, control)
+            restore_turns(self._harvester, chunks)  # the billed turns the open rounds continue
             waiting = {key for chunk in chunks for key in chunk.request_keys()}  # answered by a batch already made
             chunks += await write_round(book, self._spec, _skipping(requests, waiting), control)
             leftovers: list[Request] = []
@@ -137,6 +160,8 @@ class BatchExecutor:
                     return
                 if round_no + 1 == self._spec.max_rounds:
                     break
+                # Before the round's files exist: the folder write_round makes for the next round.
+                save_turns(self._harvester, leftovers, book.directory / f"round-{book.next_round():04d}")
                 chunks = await write_round(book, self._spec, _aiter(leftovers), control)
         for request in leftovers:  # out of rounds: retryable, so the next run sends them again
             fault = Fault(Verdict.RETRY, "batch_unanswered", f"no answer after {self._spec.max_rounds} batch rounds")
@@ -157,8 +182,28 @@ class BatchExecutor:
             if made is None:
                 metadata = {"glm_batch_job": self._job, "glm_batch_chunk": chunk.id}
                 made = await api.create(chunk.file_id, metadata=metadata)
-            chunk = book.record(chunk.id, status="created", batch_id=made.id, batch_status=made.status)
+            unsure = chunk.id in self._maybe_created or chunk.file_id in api.retried_creates
+            chunk = book.record(chunk.id, status="created", batch_id=made.id, batch_status=made.status, unsure=unsure)
+            if unsure:
+                self._twins.watch(chunk.id)
         return chunk
+
+    async def _resumed(self, api: BatchAPI, book: BatchBook, chunks: list[Chunk], control: Control) -> list[Chunk]:
+        """The open chunks a run resumes, after a sweep for a second batch of each created one (a create an
+        earlier run lost may have landed since); the unsure ones are watched for the rest of the run."""
+        created = [chunk.id for chunk in chunks if chunk.status == "created"]
+        self._twins.watched.update(chunk.id for chunk in chunks if chunk.unsure)
+        if created:
+            await self._twins.sweep(api, book, created, control.notify)
+        return [book.chunks[chunk.id] for chunk in chunks]
+
+    async def _swept(self, api: BatchAPI, book: BatchBook, pending: dict[str, Chunk], control: Control) -> None:
+        """Sweep the chunks whose create may have been made twice; a chunk whose kept batch is not the one
+        it had is watched from now on by the batch kept."""
+        if self._twins.watched:
+            for chunk_id in await self._twins.sweep(api, book, sorted(self._twins.watched), control.notify):
+                if chunk_id in pending:
+                    pending[chunk_id] = book.chunks[chunk_id]
 
     def _refused(self, chunk: Chunk, exc: BatchStatusError) -> str:
         """Why the Batch API would not take a chunk's file (on any run: so the run stops), and what to change."""
@@ -170,10 +215,8 @@ class BatchExecutor:
     async def _made_before(self, api: BatchAPI, chunk: Chunk) -> Batch | None:
         """A batch this job already made for the chunk (a run died between creating it and recording it):
         tagged with this job's state folder and the chunk, and made from the chunk's own input file.
-        The list is newest first: paging stops at the first batch older than the chunk's upload."""
-        async for batch in api.iter_batches():
-            if chunk.uploaded_at is not None and batch.created_at and epoch_ms(batch.created_at) < chunk.uploaded_at:
-                return None
+        Only batches made since the chunk's upload are read (`batches_since`)."""
+        async for batch in batches_since(api, chunk.uploaded_at):
             tagged = (
                 batch.metadata.get("glm_batch_chunk") == chunk.id and batch.metadata.get("glm_batch_job") == self._job
             )
@@ -218,10 +261,11 @@ class BatchExecutor:
                     )
                 for chunk in waiting:  # never submitted: straight online
                     self._statuses.pop(chunk.id, None)
-                    self._lines_open -= chunk.lines
+                    self._close(chunk)
                     book.record(chunk.id, status="abandoned")
                     leftovers += requests_of(chunk)
                 waiting = []
+            await self._swept(api, book, pending, control)
             for chunk in list(pending.values()):
                 assert chunk.batch_id is not None
                 try:
@@ -255,7 +299,7 @@ class BatchExecutor:
                         control.fail(EndpointAborted(api_failing(exc)))
                         return []
                 del pending[chunk.id]
-                self._lines_open -= chunk.lines
+                self._close(chunk)
             if waiting and not cancelled and not await self._submitted(api, book, waiting, pending, control):
                 return []
             if cancelled and pending and self._clock() >= self._hybrid.give_up_at():
@@ -265,6 +309,7 @@ class BatchExecutor:
             if pending or waiting:
                 await self._pause(self._hybrid.next_look(interval, cancelled), control)
                 interval = min(interval * 2, self._spec.poll_max_s)
+        await self._swept(api, book, pending, control)  # a late create that landed during the last look
         return leftovers
 
     def _not_back(self, chunk: Chunk, deliver: Deliver) -> None:
@@ -273,7 +318,7 @@ class BatchExecutor:
         status = self._statuses.get(chunk.id, chunk.batch_status or "unknown")
         message = not_back_message(chunk, status, self._cancel_failed.get(chunk.id))
         self._harvester.fail_all(chunk, Fault(Verdict.RETRY, "batch_not_back", message), deliver)
-        self._lines_open -= chunk.lines
+        self._close(chunk)
 
     async def _submitted(
         self, api: BatchAPI, book: BatchBook, waiting: list[Chunk], pending: dict[str, Chunk], control: Control
@@ -338,6 +383,7 @@ class BatchExecutor:
         """Note what a look at a batch saw; the book keeps each new status and count (what `status`
         shows, and what a lost batch is judged by)."""
         self._statuses[chunk.id] = batch.status
+        self._counts[chunk.id] = (batch.request_counts.completed, batch.request_counts.failed)
         counts = dataclasses.asdict(batch.request_counts)
         if batch.status != chunk.batch_status or counts != chunk.counts:
             return book.record(chunk.id, batch_status=batch.status, counts=counts)

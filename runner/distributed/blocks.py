@@ -1,0 +1,28 @@
+"""How a Ray run cuts its input into blocks and spreads them over its sending actors (Shape), and what
+the blocks' reports add up to on the driver (Progress). Ray-free: the driver imports it before it knows
+whether Ray is needed at all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BLOCK_ROWS = 500  # rows per block sent by one actor call: a unit of retry and of journal flushing
+ACTORS = (2, 4)  # sending actors: at least, at most (Ray Data scales between them)
+
+
+@dataclass
+class Shape:
+    """How the run is spread: actors, rows per block, the CPU share of an actor (they wait on I/O)."""
+
+    actors: tuple[int, int] = ACTORS
+    block_rows: int = BLOCK_ROWS
+    actor_cpus: float = 0.25
+
+
+@dataclass
+class Progress:
+    """What the block reports added up to, on the driver."""
+
+    recorded: set[str] = field(default_factory=set)  # keys counted in the tally (identical prompts count once)
+    deferred: set[str] = field(default_factory=set)  # keys a block left to the block that claimed them
+    workers: set[str] = field(default_factory=set)

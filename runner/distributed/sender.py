@@ -1,0 +1,56 @@
+"""The choice of sender, and the Ray sender (`run.engine: ray`): a run's rows sent by actors on a Ray
+cluster (runner.distributed.cluster) into the run object the local sender fills; the driver keeps the
+store, settled keys and row map. A run with nothing to render never imports Ray."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runner.distributed.blocks import Shape
+from runner.errors import UsageError
+from runner.job.resolve import Job
+from runner.local import LocalSender
+from runner.observe import summary
+from runner.observe.progress import Reporter
+from runner.plan import ALL_FAIL_ROWS, plan
+from runner.run import Run, Sender
+from runner.runs import RunOptions
+from runner.supervise import Signals
+
+
+def sender_for(job: Job, options: RunOptions) -> Sender:
+    """The sender the spec asks for: Ray's for `run.engine: ray` (but a pilot's few rows are sent from
+    here), else this process's. UsageError for what Ray cannot send."""
+    if job.spec.run.engine != "ray" or options.pilot_rows is not None:
+        return LocalSender()
+    if job.spec.run.mode != "online":
+        raise UsageError(f"{job.spec_path}: run.engine: ray: batch mode runs on the local engine")
+    return RaySender()
+
+
+class RaySender:
+    """Sends a run from actors on a Ray cluster, under one cluster-wide limiter (and budget)."""
+
+    def __init__(self, shape: Shape | None = None) -> None:
+        self.shape = shape or Shape()
+
+    async def send(self, run: Run, api_key: str, reporter: Reporter, signals: Signals) -> dict[str, Any]:
+        """Map the run's rows over the actors and take their blocks in; how it sent, for the summary."""
+        run.accountant.budget = None  # the limiter keeps the budget, shared by every actor; this one prices
+        limits: dict[str, Any] = {}
+        actors = 0
+        if not run.unchanged:
+            next(plan(run.job, run.source, run.settled, batch_rows=ALL_FAIL_ROWS))  # a broken template fails here
+            from runner.distributed.cluster import send_on_ray  # Ray's import alone takes seconds
+
+            run.store.rows.reset()
+            reporter.phase("starting Ray")
+            try:
+                limits, actors = await send_on_ray(run, api_key, reporter, signals, self.shape)
+            finally:
+                run.sent()
+            if run.tally.rows_seen == run.tally.rows_total and run.control.reason is None:
+                run.store.rows.seal(run.built_from)
+                run.tally.all_rows_rendered = True
+        gauges = {"adaptive": run.job.adaptive, "limit": limits.get("limit"), "overload_429_rate": None}
+        return summary.sending(run.job, gauges) | {"engine": {"name": "ray", "actors": actors, "limiter": limits}}

@@ -77,7 +77,8 @@ def measured_run(spec: Path) -> Measured:
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", probe, sys.executable, "-m", "runner", "run", str(spec), "--log-format", "json"],
-        env={**os.environ, "ZHIPUAI_API_KEY": "bench"},
+        # What a run learns (an `auto` run: the cap) goes beside its spec, not to the user's facts file.
+        env={**os.environ, "ZHIPUAI_API_KEY": "bench", "GLM_BATCH_FACTS": str(spec.parent / "facts.json")},
         capture_output=True,
         text=True,
     )

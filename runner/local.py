@@ -50,7 +50,7 @@ class LocalSender:
                 await supervise(
                     executor.run(requests, run.deliver, control),
                     control=control,
-                    checkpoint=run.checkpoint,
+                    checkpoint=run.checkpoint_soon,
                     tick=lambda: reporter.tick(run.tally, executor.gauges(), control),
                     every_s=min(job.spec.run.checkpoint_seconds, reporter.interval_s),
                     grace_s=job.spec.run.grace_s,
@@ -62,6 +62,10 @@ class LocalSender:
         if control.tool_choice_auto and not auto_from_facts:
             # Learned in this run: later runs on this endpoint and model start in auto (runner.job.facts).
             record_facts(job.base_url, job.spec.model.name, source="run", forced_tool_choice=False)
+        measured_cap = executor.gauges().measured_cap if job.adaptive else None
+        if measured_cap:
+            # `auto` met the endpoint's cap: the next run here starts at it instead of ramping up to it.
+            record_facts(job.base_url, job.spec.model.name, source="run", concurrency=measured_cap)
         return summary.sending(job, executor.gauges()) | _tool_choice(job, control)
 
 

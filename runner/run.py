@@ -7,6 +7,7 @@ fills it (a Ray actor keeps one per block), runner.finish ends it.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import random
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -52,6 +53,8 @@ class Run:
     on_answer: Callable[[Result, str | None], None] | None = None  # a Ray actor reports each answer
     outstanding: set[str] = field(default_factory=set)  # requests handed to a sender, not answered yet
     cpu: CpuWindow = field(default_factory=CpuWindow)
+    # Answers of this turn of the event loop, settled and waiting for their one journal write.
+    committing: list[tuple[Result, str | None]] = field(default_factory=list)
     started_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
     @classmethod
@@ -118,21 +121,46 @@ class Run:
         if result.key not in self.outstanding and self.settled.has(result.key):
             return  # answered in an earlier run (a batch harvested twice): never journalled or booked twice
         self.outstanding.discard(result.key)
-        result, tier = self.accountant.settle(result)
-        self.tally.record(result, tier)
-        if self.on_answer is not None:
-            self.on_answer(result, tier)
+        self.committing.append(self.accountant.settle(result))
+        if len(self.committing) == 1:  # the first answer of this turn: commit them all at its end
+            try:
+                asyncio.get_running_loop().call_soon(self.commit)
+            except RuntimeError:  # no event loop here: at once
+                self.commit()
+
+    def commit(self) -> None:
+        """Group commit: the answers that arrived in one turn of the event loop go to the journal in one
+        write, and are counted once it is done (a kill before it loses them as it loses requests in
+        flight: they are sent again, never counted twice)."""
+        if not self.committing:
+            return
+        settled, self.committing = self.committing, []
+        results = [result for result, _ in settled]
         try:
-            self.store.add(result)
+            self.store.add_many(results)
             if self.store.buffered >= self.job.spec.run.checkpoint_rows:
-                self.store.flush()
-        except STATE_FAILURES as exc:  # the state folder takes no writes: stop; the answer is held (rescued)
+                self.store.flush_soon()  # in a thread: sending goes on while the part is written
+        except STATE_FAILURES as exc:  # the state folder takes no writes: stop; the answers are held (rescued)
             self.control.fail(exc)
+        finally:
+            for result, (_, tier) in zip(results, settled, strict=True):
+                self.tally.record(result, tier)
+                if self.on_answer is not None:
+                    self.on_answer(result, tier)
 
     def checkpoint(self) -> None:
-        """Fold what was journalled into a durable part; a state that takes no writes stops the run."""
+        """Fold what was journalled into a durable part, now; a state that takes no writes stops the run."""
+        self.commit()
         try:
             self.store.flush()
+        except STATE_FAILURES as exc:
+            self.control.fail(exc)
+
+    def checkpoint_soon(self) -> None:
+        """The time-based checkpoint while sending: the part is written in a thread (Store.flush_soon)."""
+        self.commit()
+        try:
+            self.store.flush_soon()
         except STATE_FAILURES as exc:
             self.control.fail(exc)
 

@@ -13,7 +13,7 @@ from runner.records import Request, Result
 from runner.send.client import Client
 from runner.send.limits import Limits
 from runner.send.online import OnlineExecutor
-from runner.send.retries import wait_backoff
+from runner.send.retries import Fault, Verdict, wait_backoff
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import API_KEY, cli, eventually, sample_rows
 
@@ -218,3 +218,25 @@ def test_a_streamed_html_page_with_status_200_is_retried_as_a_bad_response(make_
 
     assert result.exit_code == 0, result.stderr[-1000:]
     assert json.loads(job.summary.read_text())["retries"] == {"bad_response": 3}
+
+
+def test_under_auto_a_requests_first_1302_is_retried_as_soon_as_a_slot_is_free() -> None:
+    """`concurrency: auto` has just cut its limit to the cap, so the slot is the wait: a random backoff
+    there only delayed the refused row (and a run's last rows). A second 1302 backs off as ever, and so
+    does a fixed limit's, which nothing else paces."""
+    from tenacity import RetryCallState
+
+    refused = Fault(Verdict.RETRY, "429/1302", "too many requests in flight", "concurrency")
+
+    def state(attempt: int) -> RetryCallState:
+        call = RetryCallState(None, None, (), {})
+        call.attempt_number = attempt
+        call.set_exception((RuntimeError, RuntimeError("1302"), None))
+        return call
+
+    paced = wait_backoff(initial=1.0, maximum=4.0, classify=lambda e: refused, slot_paced=True)
+    fixed = wait_backoff(initial=1.0, maximum=4.0, classify=lambda e: refused)
+
+    assert [paced(state(1)) for _ in range(20)] == [0.0] * 20
+    assert max(paced(state(2)) for _ in range(200)) > 1.0
+    assert max(fixed(state(1)) for _ in range(200)) > 0.5

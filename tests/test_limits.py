@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+from typing import Any
 
 import polars as pl
 import pytest
 
+from runner.job.facts import load_facts
 from runner.send.limits import AimdController, Limits
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows
@@ -375,3 +377,78 @@ async def test_a_cap_that_falls_from_16_to_6_is_followed_through_the_real_slots(
     assert sent[29] in (16, 17)
     assert sent[31] <= 7  # one round trip to come down
     assert all(6 <= n <= 7 for n in sent[32:])
+
+
+def test_a_cap_that_holds_still_is_probed_ever_less_often() -> None:
+    # Each probe one past the cap costs a refusal; the same level refused again and again says the cap
+    # is not moving, so probes come at most every 8 windows (they came every 4: 1.6% refused at 16).
+    clock = FakeClock()
+    ctrl = AimdController(initial=3, maximum=64, clock=clock)
+
+    history = round_trips(ctrl, clock, [16] * 400)
+
+    steady = history[40:]
+    assert utilisation(steady) >= 0.95
+    assert refused_share(steady) < 1 / (6 * 16)
+
+
+def test_a_start_at_a_learned_cap_holds_it_instead_of_ramping_past_it() -> None:
+    # An earlier run (or doctor) measured 16 here: the run starts at 16 and probes above it one slot
+    # at a time, instead of doubling into a burst of refusals as on a first run.
+    clock = FakeClock()
+    learned = AimdController(initial=16, maximum=64, learned=True, clock=clock)
+    first_run = AimdController(initial=16, maximum=64, clock=clock)
+
+    held = round_trips(learned, clock, [16] * 20)
+    ramped = round_trips(first_run, clock, [16] * 20)
+
+    assert held[0]["sent"] == 16
+    assert max(h["refused"] for h in held) <= 1  # one probe at a time
+    assert max(h["refused"] for h in ramped) >= 8  # the burst the learned start saves
+
+
+async def test_an_answer_wakes_only_as_many_waiting_workers_as_it_makes_room_for() -> None:
+    # `auto` runs max_concurrency workers (64) for a limit of a few: waking all of them for each answer
+    # to find one slot cost more CPU than the answer. Counted here as callbacks the event loop was
+    # handed (each waking of a waiter is one) while 400 attempts go through a limit of 4.
+    limits = Limits(concurrency=4, requests_per_minute=None, tokens_per_minute=None)
+    loop = asyncio.get_running_loop()
+    scheduled = 0
+    call_soon = loop.call_soon
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal scheduled
+        scheduled += 1
+        return call_soon(*args, **kwargs)
+
+    async def attempt() -> None:
+        async with limits.slot(input_tokens=0):
+            await asyncio.sleep(0)
+
+    loop.call_soon = counted  # type: ignore[method-assign]
+    try:
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(attempt() for _ in range(400)))
+    finally:
+        del loop.call_soon  # type: ignore[method-assign]
+
+    assert limits.in_flight == 0 and limits.attempts == 400
+    assert scheduled < 10 * 400  # waking every waiter for each slot: ~200 a slot here
+
+
+def test_a_second_auto_run_starts_at_the_cap_the_first_measured(make_job, sim: SimulatorThread) -> None:
+    sim.configure(concurrency_cap=8, latency_s=0.03)
+    run = {"concurrency": "auto", "max_concurrency": 32, "max_attempts": 10}
+    first = make_job(sample_rows(240), name="first", run=run)
+    second = make_job(sample_rows(240), name="second", run=run)
+
+    assert cli("run", str(first.spec)).exit_code == 0
+    refused_first = sim.stats()["outcomes"].get("429_1302_cap", 0)
+    learned = load_facts(sim.url, "glm-4.6").concurrency
+    assert cli("run", str(second.spec)).exit_code == 0
+    refused_second = sim.stats()["outcomes"].get("429_1302_cap", 0) - refused_first
+
+    assert learned is not None and 8 <= learned <= 10  # a 1302 at n in flight: the cap is below n
+    assert refused_first >= 3  # the first run ramped up from the catalogue's 5 and overshot
+    assert refused_second < refused_first
+    assert sim.stats()["max_in_flight"] <= 8

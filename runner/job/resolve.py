@@ -65,6 +65,9 @@ class Job:
     batch: BatchEligibility | None = None
     # A limited run (--limit, input.limit): the job's own output, which it never writes; None otherwise.
     full_output_path: Path | None = None
+    # `concurrency` is the cap an earlier run or doctor measured on this endpoint and model (facts), not
+    # the catalogue's default: `auto` starts at it and holds it.
+    concurrency_learned: bool = False
 
     @property
     def row_map(self) -> str:
@@ -319,6 +322,7 @@ def _resolve(
             else int(spec.run.concurrency)
         ),
         adaptive=spec.run.concurrency == "auto",
+        concurrency_learned=learned.concurrency is not None and spec.run.concurrency in (None, "auto"),
         output_path=output_path,
         state_dir=state_dir,
         history=history,

@@ -93,7 +93,7 @@ def online_executor(
         if slots is not None
         else Limits(
             concurrency=(
-                AimdController(initial=job.concurrency, maximum=run.max_concurrency)
+                AimdController(initial=job.concurrency, maximum=run.max_concurrency, learned=job.concurrency_learned)
                 if job.adaptive
                 else job.concurrency
             ),
@@ -110,5 +110,5 @@ def online_executor(
         # Input tokens for the token bucket (the limits add the expected output).
         estimate_tokens=estimate_tokens,
         shape=job.shape,
-        wait=wait_backoff(run.backoff_initial_s, run.backoff_max_s, classify=client.classify),
+        wait=wait_backoff(run.backoff_initial_s, run.backoff_max_s, classify=client.classify, slot_paced=job.adaptive),
     )

@@ -32,6 +32,7 @@ class Gauges:
     limit: int | None = None  # the concurrency limit in force
     adaptive: bool | None = None  # whether that limit adapts to the endpoint
     overload_429_rate: float | None = None  # the share of attempts refused for overload
+    measured_cap: int | None = None  # the endpoint's cap as the adaptive limit last measured it
     batches: dict[str, int] | None = None  # open batches by status (batch mode)
     batch_lines: dict[str, int] | None = None  # lines in open batches: open, completed, failed
     batch_queue: dict[str, Any] | None = None  # the model's batch queue: creates refused, seconds waited

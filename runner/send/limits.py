@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -39,7 +40,12 @@ class AimdController:
       creeping back one slot every few round trips.
     - Then additive increase: +1 slot per `probe_windows` windows of `limit` successes (growth is per
       success, so it is proportional to what the endpoint actually answered). Each probe past the real
-      cap costs one 429, so the 429 share stays near 1 / (probe_windows * limit).
+      cap costs one 429, so the 429 share stays near 1 / (probe_windows * limit). A probe refused at the
+      same level as the one before doubles the windows to the next (up to `max_probe_windows`): a cap
+      that holds still is probed ever less often; a limit that climbs past the level last refused (the
+      cap rose) probes every `probe_windows` again.
+    - `learned`: `initial` is the cap an earlier run or doctor measured here (runner.job.facts), so the
+      run starts at it and holds it (additive increase) instead of slow-starting past it.
     - 1302 (too many requests in flight): the refused request was one too many, so the limit (and
       `good`) becomes what was in flight besides it WHEN IT WAS SENT (`in_flight`, counted by the caller
       at dispatch). This tracks a cap that falls within one round trip and, unlike halving, keeps the
@@ -65,6 +71,8 @@ class AimdController:
         maximum: int,
         minimum: int = 1,
         probe_windows: float = 4.0,
+        max_probe_windows: float = 8.0,
+        learned: bool = False,
         platform_cut: float = 0.8,
         pause_s: float = 1.0,
         max_pause_s: float = 60.0,
@@ -74,13 +82,16 @@ class AimdController:
         self.maximum = maximum
         self.minimum = minimum
         self._limit = float(min(max(initial, minimum), maximum))
-        self._probe_windows = probe_windows
+        self._base_windows = self._probe_windows = probe_windows
+        self._max_windows = max(probe_windows, max_probe_windows)
         self._platform_cut = platform_cut
         self._pause_s = pause_s
         self._max_pause_s = max_pause_s
         self._inflation = latency_inflation
         self._clock = clock
-        self.good = math.inf  # the level that last worked: slow start below it, additive increase above
+        # The level that last worked: slow start below it, additive increase above (a learned start holds).
+        self.good = self._limit if learned else math.inf
+        self.cap: int | None = None  # requests in flight the endpoint took, as its last 1302 measured it
         self.epoch = 0  # bumped by every decrease; callers note it at dispatch and hand it back
         self.paused_until = 0.0
         self._latency: float | None = None  # smoothed (EWMA over about one window of answers)
@@ -117,6 +128,8 @@ class AimdController:
             self._set(min(self._limit + 1, self.good))
         else:
             self._set(self._limit + 1 / (self._probe_windows * self._limit))
+            if self.cap is not None and self._limit >= self.cap + 2:  # past the level last refused: it rose
+                self._probe_windows = self._base_windows
 
     def on_overload(
         self, kind: Overload, *, in_flight: int, retry_after_s: float | None = None, epoch: int | None = None
@@ -131,9 +144,14 @@ class AimdController:
             # refusals of one burst cannot stack below the lowest of them, whatever order they land in.
             bound = in_flight - 1
             if current:
+                # The same level refused again: the cap holds still, so probe it less often.
+                same = bound == self.cap
+                self._probe_windows = min(2 * self._probe_windows, self._max_windows) if same else self._base_windows
+                self.cap = bound
                 self._decrease(min(self._limit, bound), now)
                 self.good = self._limit
             else:  # same burst: tighten to its bound, but it is not a new decrease
+                self.cap = bound if self.cap is None else min(self.cap, bound)
                 self._set(min(self._limit, bound))
                 self.good = max(self.minimum, min(self.good, bound))
         else:
@@ -235,9 +253,8 @@ class Limits:
         self._tpm = _bucket(tokens_per_minute) if tokens_per_minute else None
         self._classify = classify
         self._clock = clock
-        self._changed = asyncio.Condition()
         self.in_flight = 0
-        self._waiting = 0  # attempts queued in `_take` for room under the limit
+        self._waiters: deque[asyncio.Future[None]] = deque()  # attempts queued in `_take`, in order
         self.attempts = 0
         self._output = AnswerLength(expected_output_tokens)
         self.overloaded = 0  # attempts refused with 429/1302, 1305 or 529
@@ -261,29 +278,32 @@ class Limits:
         return _Slot(self, input_tokens)
 
     async def _take(self) -> None:
-        """Wait until fewer than the limit are in flight, and count this attempt in."""
-        if self._waiting == 0 and self.in_flight < self.concurrency:
-            self.in_flight += 1  # room, and nobody queued before us: no lock, no suspension
+        """Wait until fewer than the limit are in flight, and count this attempt in. Waiters queue in
+        order, and a slot given back is handed to the first of them (counted in by the giver)."""
+        if not self._waiters and self.in_flight < self.concurrency:
+            self.in_flight += 1  # room, and nobody queued before us: no suspension
             return
-        self._waiting += 1
+        handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(handed)
         try:
-            async with self._changed:
-                await self._changed.wait_for(self._has_room)
-                self.in_flight += 1
-        finally:
-            self._waiting -= 1
+            await handed
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled():  # a slot was handed over as we were cancelled
+                self._give_back()
+            else:
+                self._waiters.remove(handed)
+            raise
 
-    def _has_room(self) -> bool:
-        return self.in_flight < self.concurrency
-
-    async def _give_back(self) -> None:
-        """Count an attempt out, and wake whoever waits for room."""
-        if self._waiting == 0:
-            self.in_flight -= 1  # nobody to wake (a waiter checks the count before it waits)
-            return
-        async with self._changed:
-            self.in_flight -= 1
-            self._changed.notify_all()
+    def _give_back(self) -> None:
+        """Count an attempt out, and hand the room there is now (the limit may have grown meanwhile) to
+        as many waiters, first come first served. Only those: with `auto`, dozens of workers wait for a
+        limit of a few, and waking every one of them for each answer, to find one slot, cost more than
+        the answer."""
+        self.in_flight -= 1
+        waiters = self._waiters
+        while waiters and self.in_flight < self.concurrency:
+            self.in_flight += 1
+            waiters.popleft().set_result(None)
 
     def _reconcile(self, attempt: Attempt, input_tokens: int) -> float:
         """Learn the answer's length from the tokens it used; the tokens still owed to the bucket."""
@@ -327,7 +347,7 @@ class _Slot:
 
     async def __aenter__(self) -> Attempt:
         limits = self._limits
-        if limits._waiting == 0 and limits.in_flight < limits.concurrency:
+        if not limits._waiters and limits.in_flight < limits.concurrency:
             limits.in_flight += 1  # _take's fast path, without a coroutine for it
         else:
             await limits._take()
@@ -343,7 +363,7 @@ class _Slot:
             entered = True
         finally:
             if not entered:  # cancelled while waiting for the buckets: the slot is not used
-                await limits._give_back()
+                limits._give_back()
         limits.attempts += 1
         # What the controller needs to judge a refusal: how many were in flight as this one went out
         # (it included), and in which of its epochs. Counts taken when the refusal lands are lower
@@ -367,7 +387,4 @@ class _Slot:
             elif isinstance(exc, Exception):  # cancellation teaches the controller nothing
                 limits._learn_failure(exc, self._sent_in_flight, self._sent_epoch)
         finally:
-            if limits._waiting == 0:
-                limits.in_flight -= 1  # _give_back's fast path: nobody to wake
-            else:
-                await limits._give_back()
+            limits._give_back()

@@ -66,13 +66,16 @@ class OnlineExecutor:
         self._anchor = (dt.datetime.now(dt.UTC), clock())  # wall time of one `clock` reading: see _span
 
     def gauges(self) -> Gauges:
-        """Requests in flight, the concurrency limit (and whether it adapts), the share refused."""
+        """Requests in flight, the concurrency limit (and whether it adapts), the share refused, and the
+        endpoint's cap as the adaptive limit last measured it (None: not measured)."""
         limits = self._limits
+        controller = limits.controller
         return Gauges(
             in_flight=limits.in_flight,
             limit=limits.concurrency,
-            adaptive=limits.controller is not None,
+            adaptive=controller is not None,
             overload_429_rate=round(limits.overload_rate(), 4),
+            measured_cap=controller.cap if controller is not None else None,
         )
 
     async def aclose(self) -> None:
@@ -156,9 +159,9 @@ class OnlineExecutor:
         clock's resolution (the report's requests in flight never exceed the concurrency). A separate
         `datetime.now()` after the slot was given back drew calls overlapping by its delay."""
         wall, at = self._anchor
-        begin = wall + dt.timedelta(seconds=started - at)
-        end = wall + dt.timedelta(seconds=ended - at)
-        return (end - begin) / dt.timedelta(milliseconds=1), end
+        # Whole microseconds since the anchor, the datetime's own resolution: one timedelta, not four.
+        begin_us, end_us = round((started - at) * 1e6), round((ended - at) * 1e6)
+        return (end_us - begin_us) / 1000, wall + dt.timedelta(microseconds=end_us)
 
     async def _retry(
         self,

@@ -200,17 +200,35 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 
 
 class wait_backoff:
-    """Full-jitter exponential backoff, or the endpoint's retry-after when it is longer (capped)."""
+    """Full-jitter exponential backoff, or the endpoint's retry-after when it is longer (capped).
 
-    def __init__(self, initial: float = 0.5, maximum: float = 30.0, classify: Classify = unclassified) -> None:
+    `slot_paced`: the in-flight limit adapts (`concurrency: auto`), so a request's first refusal for
+    concurrency (1302) is retried as soon as a slot is free, with no backoff: the controller has just
+    cut the limit to what the endpoint takes, and the slot is the wait. A random backoff of up to a
+    second there held refused rows back for nothing, and a run's last rows finished late. A second
+    refusal of the same request, or one that asks for a retry-after, backs off as any other."""
+
+    def __init__(
+        self,
+        initial: float = 0.5,
+        maximum: float = 30.0,
+        classify: Classify = unclassified,
+        *,
+        slot_paced: bool = False,
+    ) -> None:
         self._jitter = wait_random_exponential(multiplier=initial, max=maximum)
         self._max = maximum
         self._classify = classify
+        self._slot_paced = slot_paced
 
     def __call__(self, state: RetryCallState) -> float:
-        own = self._jitter(state)
         exc = state.outcome.exception() if state.outcome else None
-        asked = self._classify(exc).retry_after if exc is not None else None
+        fault = self._classify(exc) if exc is not None else None
+        asked = fault.retry_after if fault is not None else None
+        first_1302 = fault is not None and fault.overload == "concurrency" and state.attempt_number == 1
+        if self._slot_paced and first_1302 and not asked:
+            return 0.0
+        own = self._jitter(state)
         return max(own, min(asked, self._max)) if asked else own
 
 

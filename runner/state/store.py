@@ -17,6 +17,7 @@ import contextlib
 import errno
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,10 @@ class Store:
         # in memory (`_pending`), and `rescue` writes them to a rescue journal when sending has stopped.
         self.broken: GlmBatchError | None = None
         self._next_alive_check = 0.0
+        # A part being written by `flush_soon` in a worker thread: its future, its results (held until it
+        # is durable) and the journal set aside for them; the thread, made on first use.
+        self._writing: tuple[Future[None], list[Result], Path] | None = None
+        self._writer: ThreadPoolExecutor | None = None
 
     # ---- opening --------------------------------------------------------------------------------
 
@@ -168,8 +173,9 @@ class Store:
         """Turn a dead writer's journal into a part; a torn last line (the kill came mid-write) is dropped."""
         results = read_journal(journal)
         if results:
-            run_id = journal.stem.removeprefix("journal-")
-            write_atomic(results_frame(results, run_id), self.results_dir / f"part-{run_id}-recovered.parquet")
+            name = journal.stem.removeprefix("journal-")  # `<run>`, or `<run>.<n>`: one set aside by flush_soon
+            run_id = name.split(".")[0]
+            write_atomic(results_frame(results, run_id), self.results_dir / f"part-{name}-recovered.parquet")
             self.recovered += len(results)
         journal.unlink()
 
@@ -192,6 +198,9 @@ class Store:
             # The answers stay in the journal, which the next run folds into a part; keep it.
             self._journal_kept = True
         finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
             if self._journal is not None:
                 os.close(self._journal)
                 self._journal = None
@@ -233,26 +242,33 @@ class Store:
     # ---- writing --------------------------------------------------------------------------------
 
     def add(self, result: Result) -> None:
-        """Journal one result at once (it survives a kill from here on) and buffer it for the next part.
+        """Journal one result at once (it survives a kill from here on) and buffer it for the next part."""
+        self.add_many([result])
+
+    def add_many(self, results: list[Result]) -> None:
+        """Journal results with one write (a group commit: the answers of one turn of the event loop),
+        and buffer them for the next part. Once it returns they survive a kill; if it raises, they are
+        held in memory for the rescue journal.
 
         An answer read from a batch's result file (`api` "batch") is only held for the next part: its
         result file, downloaded and fsynced before a line was read, and the batch book, which records
         the batch harvested only after the checkpoint that writes that part, are its write-ahead record
-        (a run killed before then harvests the batch again). No write() a line for those."""
+        (a run killed before then harvests the batch again). No line is written for those."""
         assert self._journal is not None, "Store.open() first"
-        if result.api == "batch":
-            self._pending.append(result)
-            self._held += 1
+        lines = []
+        for i, result in enumerate(results):
+            if result.api == "batch":
+                self._held += 1
+                continue
+            try:
+                lines.append(journal_line(result))
+            except orjson.JSONEncodeError:  # a lone surrogate in its text: kept as U+FFFD, not a crash
+                results[i] = result = with_valid_unicode(result)
+                lines.append(journal_line(result))
+        self._pending.extend(results)  # held before the write: if the write fails they are rescued from here
+        if self.broken is not None or not lines:  # the folder takes no writes: held for the rescue journal
             return
-        try:
-            data = journal_line(result)
-        except orjson.JSONEncodeError:  # a lone surrogate in its text: kept as U+FFFD, not a crash
-            result = with_valid_unicode(result)
-            data = journal_line(result)
-        self._pending.append(result)  # held before the write: if the write fails it is rescued from here
-        if self.broken is not None:  # the folder takes no writes: held for the rescue journal
-            return
-        self._journal_write(data)
+        self._journal_write(lines[0] if len(lines) == 1 else b"".join(lines))
         self._check_alive()
 
     def _journal_write(self, data: bytes) -> None:
@@ -265,6 +281,7 @@ class Store:
         except OSError as exc:
             failure = state_failure(exc, self.state_dir)
             written = -1
+        self._pending.extend(results)  # paid: from here held in memory at least (rescued if the write failed)
         if written != len(data):
             # Cut a torn line off again: glued to the next answer's line it would make both unreadable.
             with contextlib.suppress(OSError):
@@ -299,9 +316,70 @@ class Store:
         checkpoint_rows, and holds no more than that in memory."""
         return len(self._pending) - (self._held if self._held < BATCH_PART_ROWS else 0)
 
+    def flush_soon(self) -> None:
+        """Start writing the buffered results as one new part in a worker thread, unless one is being
+        written; the event loop goes on sending meanwhile (a Parquet write and its two fsyncs held it
+        ~10-50 ms a part). Their journal is set aside under a name of its own (`journal-<run>.<n>.jsonl`)
+        and answers go on to a fresh one; the set-aside journal is deleted once the part is durable. A
+        kill before that leaves both, and the next run folds the journal into a part too (an answer twice
+        is harmless: answers are keyed). Raises like `flush`, now or at a later call, for a failed write."""
+        self._collect(wait=False)
+        if self.broken is not None:
+            raise self.broken
+        if self._writing is not None or not self._pending or self._journal is None:
+            return
+        aside = self.state_dir / f"journal-{self._files_id}.{self._part_seq:06d}.jsonl"
+        try:
+            with state_guard(self.state_dir):
+                if os.fstat(self._journal).st_nlink == 0:
+                    raise deleted(self._journal_path)  # the folder was deleted: what it takes goes nowhere
+                os.rename(self._journal_path, aside)  # the open descriptor follows it
+                fresh = os.open(self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except STATE_FAILURES as exc:
+            raise self._broke(exc) from None
+        os.close(self._journal)
+        self._journal, self._journal_size = fresh, 0
+        results, self._pending, self._held = self._pending, [], 0
+        try:
+            frame = results_frame(results, self.run_id)
+        except UnicodeEncodeError:  # a lone surrogate in a batch answer's text: kept as U+FFFD
+            results = [with_valid_unicode(result) for result in results]
+            frame = results_frame(results, self.run_id)
+        part = self.results_dir / f"part-{self._files_id}-{self._part_seq:06d}.parquet"
+        self._part_seq += 1
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm-batch-parts")
+        self._writing = (self._writer.submit(self._write_part, frame, part), results, aside)
+
+    def _write_part(self, frame: pl.DataFrame, part: Path) -> None:
+        """In the writer thread: one part, durably (a failure of the folder as DiskFull/StateUnwritable)."""
+        with state_guard(self.state_dir):
+            write_atomic(frame, part)
+
+    def _collect(self, *, wait: bool) -> None:
+        """Take the result of the part being written (waiting for it if `wait`): drop its set-aside
+        journal once it is durable, or hold its results again (for `rescue`) if the write failed."""
+        if self._writing is None:
+            return
+        future, results, aside = self._writing
+        if not wait and not future.done():
+            return
+        self._writing = None
+        try:
+            future.result()
+        except STATE_FAILURES as exc:
+            self._pending = results + self._pending
+            raise self._broke(exc) from None
+        with contextlib.suppress(OSError):  # left behind, it is folded again next time: harmless
+            aside.unlink()
+
     def flush(self) -> None:
-        """Write buffered results as one new part file. Raises DiskFull or StateUnwritable when the
-        folder takes no more writes (or was deleted); the results stay held for `rescue`."""
+        """Write buffered results as one new part file (after the one `flush_soon` may be writing).
+        Raises DiskFull or StateUnwritable when the folder takes no more writes (or was deleted); the
+        results stay held for `rescue`."""
+        if self._writing is not None:
+            with contextlib.suppress(*STATE_FAILURES):  # a failed write is kept in `broken`, raised below
+                self._collect(wait=True)
         if self.broken is not None:
             raise self.broken
         try:
@@ -331,15 +409,17 @@ class Store:
     @property
     def held(self) -> list[Result]:
         """Answers this run holds in memory only (not in a part file)."""
-        return list(self._pending)
+        writing = self._writing[1] if self._writing is not None else []
+        return [*writing, *self._pending]
 
     def rescue(self, output_path: Path) -> Path | None:
         """Write the answers held in memory to a rescue journal (runner.state.rescue) beside
         `output_path`, or under the temp folder; its path, or None when nothing was held or no place took
         it. Called once sending has stopped, after the state broke."""
-        if not self._pending:
+        held = self.held
+        if not held:
             return None
-        held = [with_valid_unicode(result) for result in self._pending]  # batch answers were never checked
+        held = [with_valid_unicode(result) for result in held]  # batch answers were never checked
         return write_rescue(held, self.run_id, output_path, self.state_dir)
 
     def adopt_rescued(self, journals: list[Path]) -> None:

@@ -281,7 +281,6 @@ class Store:
         except OSError as exc:
             failure = state_failure(exc, self.state_dir)
             written = -1
-        self._pending.extend(results)  # paid: from here held in memory at least (rescued if the write failed)
         if written != len(data):
             # Cut a torn line off again: glued to the next answer's line it would make both unreadable.
             with contextlib.suppress(OSError):

@@ -50,6 +50,7 @@ from typing import Any
 
 from _common import (
     HERE,
+    INSTANT_BATCH_API,
     configure_simulator,
     free_port,
     peak_rss_mb,
@@ -256,14 +257,7 @@ def one_run(rows: int, index: int) -> dict[str, Any]:
     spec = write_job(folder, port, rows, RUN)
     sim = start_simulator(port)
     try:
-        configure_simulator(
-            port,
-            batch_lines_per_s=None,
-            batch_validating_s=0.0,
-            batch_finalizing_s=0.0,
-            batch_output_404_s=0.0,
-            batch_check_on_upload=False,
-        )
+        configure_simulator(port, **INSTANT_BATCH_API)
         ours = _child(
             "child-run",
             str(folder / "run.json"),

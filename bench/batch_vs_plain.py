@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import HERE, configure_simulator, free_port, sim_stats, start_simulator, write_job
+from _common import HERE, INSTANT_BATCH_API, configure_simulator, free_port, sim_stats, start_simulator, write_job
 
 WORK = Path(os.environ.get("GLM_BATCH_BENCH_DIR", HERE / "out" / "batch_vs_plain"))
 MODEL = "glm-4-air-250414"  # on Zhipu's Batch API list
@@ -64,14 +64,7 @@ def one_pair(rows: int, index: int) -> dict[str, Any]:
     spec = write_job(folder, port, rows, "{batch: {poll_initial_s: 0.05, poll_max_s: 0.5}}")
     sim = start_simulator(port)
     try:
-        configure_simulator(
-            port,
-            batch_lines_per_s=None,
-            batch_validating_s=0.0,
-            batch_finalizing_s=0.0,
-            batch_output_404_s=0.0,
-            batch_check_on_upload=False,
-        )
+        configure_simulator(port, **INSTANT_BATCH_API)
         ours_argv = [sys.executable, "-m", "runner", "run", str(spec), "--set", "run.mode=batch",
                      "--set", f"model.name={MODEL}", "--log-format", "json"]  # fmt: skip
         plain_argv = [sys.executable, str(HERE / "plain_batch.py"), str(folder / "data" / "input.parquet"),

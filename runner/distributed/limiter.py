@@ -10,6 +10,7 @@ Slots are leases (docs/decisions.md, "Ray runs: one limit, one payment").
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -22,11 +23,11 @@ from ray.actor import ActorHandle
 
 from runner.distributed.claims import Claims
 from runner.distributed.pacing import Rates
-from runner.distributed.terms import Directive, LeaseLost, Outcomes
+from runner.distributed.terms import Directive, Joined, LeaseLost, Outcomes
 from runner.money.pricing import Budget
 from runner.send.limits import AimdController
 
-__all__ = ["DEFAULT_GRANT", "ClusterLimiter", "Directive", "LeaseLost", "Outcomes", "connect"]
+__all__ = ["DEFAULT_GRANT", "ClusterLimiter", "Directive", "Joined", "LeaseLost", "Outcomes", "connect"]
 
 HEAD_NODE = "node:__internal_head__"  # a resource only the head node has: what places the limiter there
 DEFAULT_GRANT = 8  # most slots one acquire hands out: small, so one busy worker cannot starve the rest
@@ -35,6 +36,7 @@ DEFAULT_GRANT = 8  # most slots one acquire hands out: small, so one busy worker
 @dataclass
 class _Lease:
     renewed_at: float
+    number: int
     granted: int = 0
     in_use: int = 0  # as last reported by the worker
     waiting: int = 0  # acquire calls of this worker blocked now
@@ -73,6 +75,7 @@ class ClusterLimiter:
         self._leases: dict[str, _Lease] = {}
         self._reaped: set[str] = set()  # workers whose lease was reclaimed and who have not joined again
         self._granted = 0
+        self._numbers = itertools.count(1)  # every lease a number of its own, quoted by its worker
         self._changed: asyncio.Condition | None = None  # made on first use, inside the actor's event loop
         # Counters for stats().
         self._started = clock()
@@ -85,8 +88,8 @@ class ClusterLimiter:
 
     # -- the in-flight limit ---------------------------------------------------------------------------
 
-    async def join(self, worker_id: str) -> float:
-        """Start (or restart) a worker's lease with nothing granted; the lease timeout, to heartbeat by.
+    async def join(self, worker_id: str) -> Joined:
+        """Start (or restart) a worker's lease with nothing granted: its number and its timeout.
 
         A worker joining holds nothing yet, so whatever an earlier incarnation under the same id held
         (a Ray actor restarted under its old name) is reclaimed now rather than after the timeout.
@@ -95,16 +98,19 @@ class ClusterLimiter:
         if worker_id in self._leases:
             self._drop(worker_id)
         self._reaped.discard(worker_id)
-        self._leases[worker_id] = _Lease(renewed_at=self._clock())
+        lease = self._leases[worker_id] = _Lease(renewed_at=self._clock(), number=next(self._numbers))
         self._check()
-        return self.lease_timeout_s
+        return Joined(lease=lease.number, timeout_s=self.lease_timeout_s)
 
-    async def acquire(self, worker_id: str, want: int, timeout_s: float | None = None) -> int:
-        """Grant up to `want` slots (at most max_grant), waiting until at least one is free, or 0 after
-        `timeout_s`. Never grants past the limit; during a platform pause nothing is granted."""
+    async def acquire(
+        self, worker_id: str, want: int, timeout_s: float | None = None, lease_number: int | None = None
+    ) -> int:
+        """Grant up to `want` slots (at most max_grant) on the worker's lease `lease_number` (LeaseLost if
+        that lease is gone), waiting until at least one is free, or 0 after `timeout_s`. Never grants past
+        the limit; during a platform pause nothing is granted."""
         changed = self._condition()
         deadline = None if timeout_s is None else self._clock() + timeout_s
-        lease = counted = self._lease(worker_id)
+        lease = counted = self._lease(worker_id, lease_number)
         counted.waiting += 1
         try:
             async with changed:
@@ -117,7 +123,7 @@ class ClusterLimiter:
                     with suppress(TimeoutError):
                         await asyncio.wait_for(changed.wait(), wait)
                     self._reap()
-                    lease = self._lease(worker_id)  # raises if this worker's own lease was reclaimed
+                    lease = self._lease(worker_id, lease_number)  # raises if this lease was reclaimed
                 n = min(max(1, want), self.max_grant, free)
                 lease.granted += n
                 self._granted += n
@@ -131,7 +137,14 @@ class ClusterLimiter:
             if self._leases.get(worker_id) is counted:
                 counted.waiting -= 1
 
-    async def release(self, worker_id: str, n: int, outcomes: Outcomes | None = None, in_use: int = 0) -> Directive:
+    async def release(
+        self,
+        worker_id: str,
+        n: int,
+        outcomes: Outcomes | None = None,
+        in_use: int = 0,
+        lease_number: int | None = None,
+    ) -> Directive:
         """Take back `n` slots, learn from `outcomes`, note the worker's slots in use; what it owes next.
 
         Outcomes are learned from even when the lease was reclaimed meanwhile (they are real answers from
@@ -143,7 +156,7 @@ class ClusterLimiter:
         if worker_id in self._reaped:
             self._stale += 1
             raise LeaseLost(f"{worker_id}'s lease was reclaimed; join again")
-        lease = self._lease(worker_id)
+        lease = self._lease(worker_id, lease_number)
         lease.in_use = in_use
         if n > lease.granted:
             raise ValueError(f"{worker_id} returns {n} slots but holds {lease.granted}")
@@ -268,13 +281,16 @@ class ClusterLimiter:
             waits.append(self.controller.paused_until - now)
         return min(waits)
 
-    def _lease(self, worker_id: str) -> _Lease:
-        """The worker's lease, renewed; a worker that never joined joins now."""
+    def _lease(self, worker_id: str, number: int | None = None) -> _Lease:
+        """The worker's lease, renewed; a worker that never joined joins now. With a `number`, only that
+        lease will do: a call from before the worker joined again must not touch the new one."""
         if worker_id in self._reaped:
             raise LeaseLost(f"{worker_id}'s lease was reclaimed; join again")
         lease = self._leases.get(worker_id)
+        if number is not None and (lease is None or lease.number != number):
+            raise LeaseLost(f"{worker_id}'s lease {number} is gone; join again")
         if lease is None:
-            lease = self._leases[worker_id] = _Lease(renewed_at=self._clock())
+            lease = self._leases[worker_id] = _Lease(renewed_at=self._clock(), number=next(self._numbers))
         lease.renewed_at = self._clock()
         return lease
 

@@ -19,7 +19,7 @@ from typing import Any
 from ray.actor import ActorHandle
 
 from runner.distributed.limiter import ClusterLimiter
-from runner.distributed.terms import Directive, LeaseLost, Outcomes
+from runner.distributed.terms import Directive, Joined, LeaseLost, Outcomes
 from runner.send.limits import AimdController, AnswerLength, Attempt, Overload
 
 
@@ -62,7 +62,8 @@ class LeasedSlots:
         self._heartbeat_s = 2.5
         self._fetch: asyncio.Task[None] | None = None
         self._steward: asyncio.Task[None] | None = None
-        self._joined = False
+        self._lease_number: int | None = None  # the lease the limiter counts our slots on; None: not joined
+        self._joining = asyncio.Lock()  # one join at a time, so two calls finding the lease lost join once
         self._closed = False
         self._failure: Exception | None = None  # the limiter could not be reached: every waiter sees why
         # The run's request and token rates (run.requests_per_minute / tokens_per_minute), booked at the
@@ -139,22 +140,23 @@ class LeasedSlots:
         if self._pacer is not None:
             self._pacer.cancel()
         if self._steward is not None:
-            self._steward.cancel()
-            with suppress(asyncio.CancelledError):
+            # Let it stop between calls rather than cancelling it inside one: a call cut off at our end
+            # still runs at the limiter, and what it did there would go unbooked here.
+            with suppress(Exception):
                 await self._steward
         if self._fetch is not None:
             # Not cancelled: the limiter may already have granted, and a grant nobody receives is a
             # leak until the lease times out. An acquire is timed, so this wait is short.
             with suppress(Exception):
                 await self._fetch
-        if self._joined:
+        if self._lease_number is not None:
             with suppress(LeaseLost):
                 await self._report(self.free + self._to_return)
 
     # -- taking and giving slots -----------------------------------------------------------------------
 
     async def _take(self) -> None:
-        if not self._joined:
+        if self._lease_number is None:
             await self._join()
         self._waiting += 1
         try:
@@ -196,11 +198,15 @@ class LeasedSlots:
 
     async def _lease_more(self) -> None:
         want = max(1, min(self._max_grant, self._waiting - self.free))
+        async with self._joining:  # a join under way: ask on the lease it makes
+            lease = self._lease_number
+        if lease is None:
+            return
         try:
             # Timed, so that an acquire never outlives the worker's interest in it (see aclose).
-            granted = await self._limiter.acquire.remote(self.worker_id, want, min(1.0, self._heartbeat_s))
+            granted = await self._limiter.acquire.remote(self.worker_id, want, min(1.0, self._heartbeat_s), lease)
         except LeaseLost:
-            await self._lost()
+            await self._lost(lease)
             granted = 0
         except Exception as exc:  # e.g. the limiter actor died: fail the attempts waiting, do not hang them
             async with self._changed:
@@ -208,9 +214,9 @@ class LeasedSlots:
                 self._changed.notify_all()
             raise
         async with self._changed:
-            self.held += granted
-            if granted:
-                self.leases += 1
+            if lease == self._lease_number:  # else granted on a lease since dropped: not ours any more
+                self.held += granted
+                self.leases += 1 if granted else 0
             self._changed.notify_all()
 
     # -- the run's rates ---------------------------------------------------------------------------------
@@ -252,35 +258,46 @@ class LeasedSlots:
 
     # -- talking to the limiter ------------------------------------------------------------------------
 
-    async def _join(self) -> None:
-        timeout = await self._limiter.join.remote(self.worker_id)
-        self._heartbeat_s = float(timeout) / 4
-        self._joined = True
+    async def _join(self, lost: int | None = None) -> None:
+        """Join the limiter (again, if lease `lost` is the one we hold); nothing if someone else did."""
+        async with self._joining:
+            if self._lease_number != lost:
+                return
+            self._lease_number = None  # no grant or return from the lost lease is booked from here on
+            joined: Joined = await self._limiter.join.remote(self.worker_id)
+            self._heartbeat_s = joined.timeout_s / 4
+            self._lease_number = joined.lease
         if self._steward is None:
             self._steward = asyncio.create_task(self._steward_loop())
 
-    async def _lost(self) -> None:
-        """The limiter reclaimed our lease: the slots in use now are not ours to return; start afresh."""
+    async def _lost(self, lease: int | None) -> None:
+        """The limiter reclaimed `lease`: the slots in use now are not ours to return; start afresh.
+        Several calls may find the same lease lost; the first joins again, the rest find that done."""
+        if lease is None or lease != self._lease_number:
+            return
         async with self._changed:
             self._unbacked = self.in_use
             self.held = 0
             self._owe = 0
             self._to_return = 0
-        await self._join()
+        await self._join(lost=lease)
 
     async def _steward_loop(self) -> None:
         """Report outcomes, return owed and idle slots, and heartbeat, in one call at a time."""
         last = self._clock()
-        while True:
+        while not self._closed:
             await asyncio.sleep(self._report_s)
+            if self._closed:
+                return  # aclose makes the last report
             now = self._clock()
             idle = self._waiting == 0 and now - self._last_used >= self._idle_s
             returning = self._to_return + (self.free if idle else 0)
             if returning or self._outcomes or now - last >= self._heartbeat_s:
+                lease = self._lease_number
                 try:
                     await self._report(returning)
                 except LeaseLost:
-                    await self._lost()
+                    await self._lost(lease)
                 except Exception as exc:  # the limiter is unreachable: attempts waiting for slots fail
                     async with self._changed:
                         self._failure = exc
@@ -290,6 +307,7 @@ class LeasedSlots:
 
     async def _report(self, returning: int) -> None:
         outcomes, self._outcomes = self._outcomes, Outcomes()
+        lease = self._lease_number
         async with self._changed:
             # Off the books before the call, so no attempt takes them meanwhile.
             set_aside = self._to_return
@@ -297,7 +315,7 @@ class LeasedSlots:
             self._to_return = 0
         try:
             directive: Directive = await self._limiter.release.remote(
-                self.worker_id, returning, outcomes, self.in_use - self._unbacked
+                self.worker_id, returning, outcomes, self.in_use - self._unbacked, lease
             )
         except LeaseLost:
             raise
@@ -313,6 +331,8 @@ class LeasedSlots:
             raise
         self.reports += 1
         async with self._changed:
+            if lease != self._lease_number:
+                return  # we joined again meanwhile: the directive was about the old lease
             self._owe = directive.owe
             self._limit = directive.limit
             if directive.pause_s > 0:

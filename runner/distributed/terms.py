@@ -1,5 +1,6 @@
 """What the cluster's limiter and its workers say to each other: how attempts ended (Outcomes), what a
-worker should do next (Directive), and that a worker's lease is gone (LeaseLost).
+worker should do next (Directive), that a worker's lease is gone (LeaseLost) and
+which lease a worker holds (Joined).
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ class Outcomes:
 
     def __len__(self) -> int:
         return len(self.latencies_s) + len(self.refusals) + len(self.overloads) + (self.extra_tokens > 0)
+
+
+@dataclass(frozen=True)
+class Joined:
+    """The limiter's answer to a join: the lease's number, to quote on every later call, and its timeout.
+
+    A call quoting an older number is refused with LeaseLost, so a grant or a return still on the wire when
+    the worker joined again can never be booked against the new lease.
+    """
+
+    lease: int
+    timeout_s: float
 
 
 @dataclass(frozen=True)

@@ -131,22 +131,22 @@ def print_report(found: Report, console: Console) -> None:
     if found.cascade is not None:
         for line in found.cascade.lines:
             console.print(line, soft_wrap=True)
-    summary = found.quality
-    if summary is None:
+    scores = found.quality  # the quality report (runner.observe.quality)
+    if scores is None:
         return
     console.print(
-        f"{found.name}: {summary['rows']} rows, {summary['valid']} valid, {summary['invalid']} invalid "
-        f"({summary['truncated']} truncated), {summary['repaired']} repaired"
+        f"{found.name}: {scores['rows']} rows, {scores['valid']} valid, {scores['invalid']} invalid "
+        f"({scores['truncated']} truncated), {scores['repaired']} repaired"
     )
-    voting = summary.get("voting")
+    voting = scores.get("voting")
     if voting is not None:
         console.print(quality.voting_line(voting))
-    for field, rate in (summary.get("field_exact_match") or {}).items():
+    for field, rate in (scores.get("field_exact_match") or {}).items():
         if rate["exact_match"] is not None:
             console.print(f"{field}: exact match {rate['exact_match']:.4f} on {rate['rows_with_gold']} rows with gold")
-    metrics = summary.get("metrics")
+    metrics = scores.get("metrics")
     if metrics is None:
-        if not summary.get("field_exact_match"):
+        if not scores.get("field_exact_match"):
             console.print(
                 "no gold labels: set eval.gold_column (and output.labels) or eval.gold_fields (output.schema), "
                 "or pass --gold COLUMN with an output file, for accuracy and F1"

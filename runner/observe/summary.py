@@ -1,6 +1,6 @@
 """A run's summary (`Summary`): what it did, sent and cost; built here, written beside the output
 (`<output>.summary.json`, through runner.files) and appended to the manifest. Its JSON keys are the
-fields' names, in order (runner.jsonrecord); readers take it with `read(output)` and use attributes."""
+fields' names, in order (runner.jsonrecord); readers take it with `Summary.read(output)`."""
 
 from __future__ import annotations
 

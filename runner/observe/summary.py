@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from runner.errors import STATE_FAILURES, DiskFull
 from runner.files import read_summary, summary_path, write_summary
 from runner.jsonrecord import OMITTED_WHEN_NONE, as_json
-from runner.money.kept_estimate import EstimateCheck
+from runner.money.kept_estimate import EstimateCheck, compare
 
 if TYPE_CHECKING:
     from runner.control import Control
@@ -177,8 +177,6 @@ def summary(
     check = None
     if estimate is not None and table is not None and tally.ok:
         # How good was `glm-batch estimate`? Compared only when it was made for this model and requests.
-        from runner.money.kept_estimate import compare
-
         check = compare(job, estimate, ok=tally.ok, spent=tally.cost)
     worst = (
         round(
@@ -263,11 +261,11 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def sending(job: Job, gauges: Gauges, **more: Any) -> Sending:
+def sending(job: Job, gauges: Gauges, *, tool_choice: str | None = None, engine: Engine | None = None) -> Sending:
     """How the sending went, for the summary: the concurrency limit at the end, the refused share (and
-    what the sender adds: `tool_choice`, `engine`)."""
+    what the sender adds: how a structured job asked for its tool call, a Ray run's engine)."""
     concurrency = Concurrency(gauges.adaptive, gauges.limit, gauges.overload_429_rate)
-    return Sending(concurrency, job.base_url is None, gauges.batch_queue or None, **more)
+    return Sending(concurrency, job.base_url is None, gauges.batch_queue or None, tool_choice, engine)
 
 
 def write(job: Job, store: Store, report: Summary) -> None:

@@ -28,6 +28,7 @@ import polars as pl
 import yaml
 
 import runner
+from runner.cascade.record import CascadeResult
 from runner.observe.progress import make_reporter
 
 HERE = Path(__file__).resolve().parent
@@ -115,7 +116,8 @@ def main() -> int:
             assert result.output is not None, result.message
             out = pl.read_parquet(result.output).join(ref, on="id")
             by_oracle = out.filter(pl.col("answered_by") == "glm-4.6")
-            proxy_cost = result.summary["cascade"]["cost"]["proxy"]
+            assert isinstance(result, CascadeResult) and result.record.cascade is not None, result.message
+            proxy_cost = result.record.cascade.cost.proxy
             shares.append((proxy_cost + float(by_oracle.get_column("oracle_cost").sum())) / oracle_only)
             agreements.append(out.filter(pl.col("label") == pl.col("oracle_label")).height / out.height)
             kept.append(out.height - by_oracle.height)

@@ -7,7 +7,7 @@
 
 Planning is everything a run does before a request is handed over: read the input, render each row,
 key it, deduplicate the keys, record the row map. Each measurement is one process (so peak RSS is its
-own) running `runner.engine.run_job` on an input of N distinct rows (every 50th row repeats an
+own) running `runner.engine.execute` on an input of N distinct rows (every 50th row repeats an
 earlier one, so the deduplication works too), with nothing answered before:
 
 - `fake`: the in-process FakeExecutor answers each request at once (runner.send.fake), so planning
@@ -156,7 +156,7 @@ class Drain:
 
 def child(spec: Path, executor: str) -> dict[str, Any]:
     """One run in this process: planning seconds and peak RSS, then the whole run's."""
-    from runner.engine import run_job
+    from runner.engine import execute
     from runner.job.resolve import load_job
     from runner.local import LocalSender
     from runner.money.tokens import estimate_request
@@ -180,7 +180,7 @@ def child(spec: Path, executor: str) -> dict[str, Any]:
     timed.started = started
     with open(os.devnull, "w") as quiet:
         report = asyncio.run(
-            run_job(
+            execute(
                 job,
                 api_key="bench",
                 options=RunOptions(),
@@ -196,7 +196,7 @@ def child(spec: Path, executor: str) -> dict[str, Any]:
         "planning_peak_rss_mb": round(timed.planned_rss_mb or 0.0, 1),
         "run_s": round(time.perf_counter() - started, 2),
         "run_peak_rss_mb": round(peak_rss_mb(), 1),
-        "requests_sent": report.summary.get("requests_queued"),
+        "requests_sent": report.summary.requests_queued,
     }
 
 

@@ -2,7 +2,7 @@
 
     import runner
     result = runner.run_job("jobs/demo.yaml", set={"run.concurrency": 4})
-    result.exit_code, result.output, result.summary["cost"]
+    result.exit_code, result.output, result.summary.cost.spent   # result.summary.as_dict(): the summary JSON
 
     result = await runner.arun_job("jobs/demo.yaml")     # where an event loop already runs (Jupyter)
     report = runner.estimate_job("jobs/demo.yaml")       # the dict `glm-batch estimate --json` prints
@@ -97,10 +97,10 @@ async def run_loaded(job: Job, options: RunOptions, reporter: Reporter) -> RunRe
     if will_send_online(job, fresh=options.fresh):
         import_in_background()  # the SDK loads while the engine (polars) loads and checks the input
     from runner.distributed.sender import sender_for
-    from runner.engine import run_job as run
+    from runner.engine import execute
 
     if job.spec.output.cascade is None:
-        return await run(job, api_key=key, options=options, reporter=reporter, sender=sender_for(job, options))
+        return await execute(job, api_key=key, options=options, reporter=reporter, sender=sender_for(job, options))
     from runner.cascade.stages import run_cascade  # stages that are runs like any other, then a join
 
     return await run_cascade(job, api_key=key, options=options, reporter=reporter)

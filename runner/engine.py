@@ -1,6 +1,6 @@
 """One run of a job, top to bottom: open -> send -> finish.
 
-    report = asyncio.run(run_job(job, api_key=key, options=RunOptions(), reporter=reporter, sender=sender))
+    report = asyncio.run(execute(job, api_key=key, options=RunOptions(), reporter=reporter, sender=sender))
 
 Open the input (its checks come before anything is sent), the store (lock, crash sweep) and the run
 (runner.run: what is settled already); the sender the caller chose (this process's by default) sends
@@ -27,7 +27,7 @@ from runner.state.store import Store
 from runner.supervise import Signals
 
 
-async def run_job(
+async def execute(
     job: Job, *, api_key: str, options: RunOptions, reporter: Reporter, sender: Sender | None = None
 ) -> RunResult:
     """Run one job to completion, interruption or abort; the result is durable whichever happens."""

@@ -52,10 +52,10 @@ async def estimate_job(job: Job, *, api_key: str, options: EstimateOptions, repo
     """Build the estimate report (and keep it in the job's state for the next run to compare with)."""
     table = require_prices(job, "glm-batch estimate")
     if options.pilot_rows:
-        from runner.engine import run_job
+        from runner.engine import execute
         from runner.runs import RunOptions
 
-        pilot = await run_job(
+        pilot = await execute(
             job, api_key=api_key, options=RunOptions(pilot_rows=options.pilot_rows), reporter=reporter
         )
         if pilot.exit_code == EndpointAborted.exit_code:  # a bad key or no balance: say so, as a run does

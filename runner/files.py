@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner.errors import DiskFull, UsageError
+from runner.jsonrecord import R, as_json, from_json
 
 if TYPE_CHECKING:
     import polars as pl
+    from _typeshed import DataclassInstance
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -124,15 +126,17 @@ def summary_path(output: Path) -> Path:
     return output.with_suffix(".summary.json")
 
 
-def write_summary(output: Path, summary: dict[str, Any]) -> None:
-    """Write a run's summary beside its output (the folder made if need be)."""
+def write_summary(output: Path, record: DataclassInstance) -> None:
+    """Write a run's summary (or a cascade's record) beside its output as JSON (runner.jsonrecord), the
+    folder made if need be."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(summary, summary_path(output))
+    write_json_atomic(as_json(record), summary_path(output))
 
 
-def read_summary(output: Path) -> dict[str, Any]:
-    """The summary beside `output`; empty when there is none, or it is not a JSON object."""
-    return read_json_object(summary_path(output)) or {}
+def read_summary(output: Path, kind: type[R]) -> R:
+    """The summary beside `output` as a `kind`: every field at its default when there is none, or it is not
+    a JSON object; what another version wrote read as runner.jsonrecord tolerates."""
+    return from_json(kind, read_json_object(summary_path(output)) or {})
 
 
 def read_manifest(state_dir: Path) -> dict[str, Any]:

@@ -4,8 +4,7 @@ only in the manifest)."""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+from dataclasses import replace
 
 from runner.control import Control
 from runner.errors import STATE_FAILURES, BudgetExhausted
@@ -13,38 +12,23 @@ from runner.job.resolve import Job
 from runner.money.ledger import book_spend
 from runner.observe import summary
 from runner.observe.progress import Reporter
+from runner.observe.summary import Sending
 from runner.run import Run
 from runner.runs import RunOptions, RunResult
 
 
-def record(run: Run, exit_code: int, finalized: bool) -> dict[str, Any]:
-    """The run's summary (without how it sent, which each sender adds)."""
-    return summary.summary(
-        run.job,
-        run.store.run_id,
-        run.store.read_estimate(),
-        run.tally,
-        run.control,
-        run.started_at,
-        exit_code,
-        finalized,
-        run.accountant,
-    )
-
-
-def finish(run: Run, options: RunOptions, reporter: Reporter, sending: dict[str, Any]) -> RunResult:
+def finish(run: Run, options: RunOptions, reporter: Reporter, sending: Sending) -> RunResult:
     """Book the spend; write the output if the run is complete and was not stopped; write the summary
     (with `sending`: how it was sent) and tell the reporter. A full disk stops nothing here: the answers
     are in the store, and the next run writes what could not be written now."""
     job, store, control = run.job, run.store, run.control
     if store.broken is not None:
         _rescue(run)
-    sending = sending | run.cpu.summary(run.tally.answered)
+    cpu = run.cpu.summary(run.tally.answered)
     booked = book_spend(job, run.tally.by_day, store.run_id, reporter.event)
     if run.pilot is not None:
-        report = record(run, 0, False) | sending | {"ledger": booked}
-        with contextlib.suppress(*STATE_FAILURES):
-            store.record_run({**report, "pilot": True})
+        report = summary.summary(run, 0, False, sending, cpu, booked)
+        summary.record(store, replace(report, pilot=True))
         if control.aborted is not None or control.failed is not None:  # the pilot could not run: say why
             return RunResult(*outcome(job, control, None, options.resume_command), report)
         return RunResult(0, f"pilot: {run.tally.ok} rows answered", report)
@@ -75,12 +59,12 @@ def finish(run: Run, options: RunOptions, reporter: Reporter, sending: dict[str,
             "; this was a --fresh run: resuming without --fresh keeps the earlier answers of the rows it "
             "did not reach (add --fresh to send every row again, those re-sent already included)"
         )
-    report = record(run, exit_code, failed_rows is not None) | sending | {"ledger": booked}
+    report = summary.summary(run, exit_code, failed_rows is not None, sending, cpu, booked)
     if failed_rows is not None and job.shape is not None:
         reporter.phase("scoring against gold labels")
         from runner.observe import quality
 
-        report["quality"] = quality.summarise(job, job.shape)
+        report = replace(report, quality=quality.summarise(job, job.shape))
     summary.write(job, store, report)
     reporter.finish(report, message)
     return RunResult(exit_code, message, report)

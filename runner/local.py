@@ -11,6 +11,7 @@ from runner.job.facts import load_facts, record_facts
 from runner.job.resolve import Job
 from runner.observe import summary
 from runner.observe.progress import Reporter
+from runner.observe.summary import Sending
 from runner.plan import nothing, plan
 from runner.run import Run
 from runner.send import make_executor
@@ -25,7 +26,7 @@ class LocalSender:
     def __init__(self, executor: Executor | None = None) -> None:
         self._given = executor
 
-    async def send(self, run: Run, api_key: str, reporter: Reporter, signals: Signals) -> dict[str, Any]:
+    async def send(self, run: Run, api_key: str, reporter: Reporter, signals: Signals) -> Sending:
         """Plan and send every request the run has not settled; how it sent, for the summary."""
         job, control = run.job, run.control
         if run.unchanged:  # no row needs rendering
@@ -66,7 +67,7 @@ class LocalSender:
         if measured_cap:
             # `auto` met the endpoint's cap: the next run here starts at it instead of ramping up to it.
             record_facts(job.base_url, job.spec.model.name, source="run", concurrency=measured_cap)
-        return summary.sending(job, executor.gauges()) | _tool_choice(job, control)
+        return summary.sending(job, executor.gauges(), tool_choice=_tool_choice(job, control))
 
 
 def _tool_choice_from_facts(job: Job, control: Control, reporter: Reporter) -> bool:
@@ -87,11 +88,11 @@ def _tool_choice_from_facts(job: Job, control: Control, reporter: Reporter) -> b
     return True
 
 
-def _tool_choice(job: Job, control: Control) -> dict[str, Any]:
+def _tool_choice(job: Job, control: Control) -> str | None:
     """For the summary: how a structured job asked for its tool call, when it was not forced."""
     if job.shape is None or job.shape.mode != "tool" or not control.tool_choice_auto:
-        return {}
-    return {"tool_choice": "auto (the endpoint refuses a forced tool choice; answers validated and repaired)"}
+        return None
+    return "auto (the endpoint refuses a forced tool choice; answers validated and repaired)"
 
 
 class Idle:

@@ -23,6 +23,7 @@ from runner.money.accounting import Accountant, Tally, accountant_for
 from runner.money.ledger import ledger_dir
 from runner.observe.cpu import CpuWindow
 from runner.observe.progress import Reporter
+from runner.observe.summary import Sending
 from runner.plan import Dispatch, PlannedBatch
 from runner.records import Request, Result
 from runner.resume import settled_keys
@@ -177,7 +178,7 @@ class Sender(Protocol):
     """How a run's requests go out (this process's executor, or Ray's actors): every result into the
     run, stopping when its control says so. Returns how it sent, for the summary."""
 
-    async def send(self, run: Run, api_key: str, reporter: Reporter, signals: Signals) -> dict[str, Any]: ...
+    async def send(self, run: Run, api_key: str, reporter: Reporter, signals: Signals) -> Sending: ...
 
 
 def check_places(job: Job) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.job.resolve import Job
+from runner.observe.summary import Summary
 
 
 @dataclass(frozen=True)
@@ -25,17 +26,16 @@ class RunOptions:
 @dataclass
 class RunResult:
     """How a run ended (`runner.run_job` returns it): its exit code (the README's table), one line for a
-    person, and the summary written beside the output."""
+    person, and the summary written beside the output (`summary.as_dict()` is that JSON object)."""
 
     exit_code: int
     message: str
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: Summary = field(default_factory=Summary)
 
     @property
     def output(self) -> Path | None:
         """The output file (None unless every row has a result)."""
-        path = self.summary.get("output")
-        return Path(path) if path else None
+        return Path(self.summary.output) if self.summary.output else None
 
     @property
     def ok(self) -> bool:

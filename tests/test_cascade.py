@@ -19,7 +19,7 @@ import polars as pl
 import pytest
 import yaml
 
-from runner.observe.report import cascade_lines
+from runner.cascade.record import cascade_lines, read_cascade
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli
 
@@ -82,8 +82,10 @@ def test_the_cascade_agrees_with_the_oracle_on_the_target_share_and_says_who_ans
     page = job.spec.parent / "report.html"
     assert cli("report", str(job.spec), "--html", str(page)).exit_code == 0
     section = page.read_text(encoding="utf-8").split('<ul id="cascade">')[1].split("</ul>")[0]
-    assert [html.unescape(item) for item in re.findall(r"<li>(.*?)</li>", section)] == cascade_lines(summary)
-    assert all(line in " ".join(report.stdout.split()) for line in cascade_lines(summary))
+    record = read_cascade(job.output)
+    assert record is not None and record.guarantee == summary["guarantee"]
+    assert [html.unescape(item) for item in re.findall(r"<li>(.*?)</li>", section)] == cascade_lines(record)
+    assert all(line in " ".join(report.stdout.split()) for line in cascade_lines(record))
     status = cli("status", str(job.spec))
     assert "proxy stage, last run" in status.stdout and "oracle stage, last run" in status.stdout
     assert f"last cascade: {summary['rows_kept_from_proxy']} of 120 rows kept from {PROXY}" in status.stdout

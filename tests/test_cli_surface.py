@@ -21,8 +21,10 @@ from runner import __version__
 from runner.cli import _estimate_table, _models_table, _usage_table, app, job_schema, job_schema_text
 from runner.job import catalog
 from runner.job.spec import JobSpec
+from runner.jsonrecord import from_json
 from runner.money import ledger
 from runner.observe.progress import LineReporter, RichReporter, text_line
+from runner.observe.summary import Summary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -278,25 +280,28 @@ def test_estimate_table_fits_80_columns() -> None:
 def test_run_summary_table_fits_80_columns() -> None:
     console = Console(width=80, record=True, file=io.StringIO())
     reporter = RichReporter(io.StringIO(), console=console)
-    summary = {
-        "job": "nightly-product-reviews",
-        "rows_total": 1_000_000,
-        "samples_per_row": 3,
-        "rows_settled_before": 12_345,
-        "answered_ok": 2_950_000,
-        "answered_error": 12,
-        "tokens": {"input": 123_456_789, "output": 98_765_432},
-        "cost": {
-            "currency": "CNY",
-            "spent": 1234.567891,
-            "estimate": {"estimated": 1200.0, "spent": 1234.567891, "error_pct": 2.9},
+    summary = from_json(
+        Summary,
+        {
+            "job": "nightly-product-reviews",
+            "rows_total": 1_000_000,
+            "samples_per_row": 3,
+            "rows_settled_before": 12_345,
+            "answered_ok": 2_950_000,
+            "answered_error": 12,
+            "tokens": {"input": 123_456_789, "output": 98_765_432},
+            "cost": {
+                "currency": "CNY",
+                "spent": 1234.567891,
+                "estimate": {"estimated": 1200.0, "spent": 1234.567891, "error_pct": 2.9},
+            },
+            "elapsed_s": 61_728.4,
+            "requests_per_s": 47.8,
+            "latency_ms": {"p50": 1234.0, "p99": 9876.0},
+            "retries": {"429 1302 concurrency": 1234, "connection error": 56, "timeout": 7, "500 server error": 3},
+            "exit_code": 1,
         },
-        "elapsed_s": 61_728.4,
-        "requests_per_s": 47.8,
-        "latency_ms": {"p50": 1234.0, "p99": 9876.0},
-        "retries": {"429 1302 concurrency": 1234, "connection error": 56, "timeout": 7, "500 server error": 3},
-        "exit_code": 1,
-    }
+    )
     reporter.finish(summary, "done")
     text = console.export_text()
     fits(text)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from runner.control import Control
-from runner.engine import run_job
+from runner.engine import execute
 from runner.job.resolve import load_job
 from runner.local import LocalSender
 from runner.money.accounting import Tally
@@ -104,7 +104,7 @@ async def test_the_collector_leaves_older_objects_alone_while_sending_and_is_put
     thresholds = gc.get_threshold()
     watcher = FreezeWatcher()
 
-    report = await run_job(
+    report = await execute(
         job, api_key="k", options=RunOptions(), reporter=make_reporter("json"), sender=LocalSender(watcher)
     )
 
@@ -120,13 +120,13 @@ async def test_the_summary_states_the_cpu_answering_took(make_job: Callable[...,
     """From the first answer to the last: what a bench compares with a bare SDK loop's (two answers at least)."""
     job = load_job(make_job(rows=sample_rows(rows)).spec)
 
-    report = await run_job(
+    report = await execute(
         job, api_key="k", options=RunOptions(), reporter=make_reporter("json"), sender=LocalSender(FakeExecutor())
     )
 
-    cpu = report.summary["cpu_while_answering"]
+    cpu = report.summary.cpu_while_answering
     if rows == 1:
         assert cpu is None
     else:
-        assert cpu["seconds"] >= 0
-        assert cpu["ms_per_answer"] == pytest.approx(1000 * cpu["seconds"] / (rows - 1), abs=0.01)  # both rounded
+        assert cpu is not None and cpu.seconds >= 0
+        assert cpu.ms_per_answer == pytest.approx(1000 * cpu.seconds / (rows - 1), abs=0.01)  # both rounded

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
-from runner.engine import run_job
+from runner.engine import execute
 from runner.job.resolve import load_job
 from runner.local import LocalSender
 from runner.observe.progress import make_reporter
@@ -58,7 +58,7 @@ def test_requests_in_flight_never_exceed_the_concurrency_even_with_a_coarse_cloc
     )
 
     report = asyncio.run(
-        run_job(
+        execute(
             job, api_key=API_KEY, options=RunOptions(), reporter=make_reporter("json"), sender=LocalSender(executor)
         )
     )

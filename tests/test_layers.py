@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
         "runner.redact",
         "runner.records",
         "runner.control",
+        "runner.jsonrecord",
         "runner.files",
         "runner.columns",
         "runner.collector",

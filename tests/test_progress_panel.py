@@ -14,9 +14,11 @@ from rich.console import Console
 from rich.text import Text
 
 from runner.control import Control
+from runner.jsonrecord import from_json
 from runner.money.accounting import Tally
 from runner.observe.panel import PanelState, ProgressPanel
 from runner.observe.progress import LineReporter, RichReporter
+from runner.observe.summary import Summary
 from runner.send.base import Gauges
 
 STARTED = 1000.0
@@ -172,24 +174,27 @@ def test_phases_print_no_json_line_so_machines_see_what_they_always_saw() -> Non
     assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == ["retrying"]
 
 
-FINISHED = {
-    "job": "sentiment",
-    "rows_total": 6,
-    "rows_settled_before": 0,
-    "answered_ok": 6,
-    "answered_error": 0,
-    "tokens": {"input": 600, "output": 60},
-    "cost": {"currency": "CNY", "spent": 0.001},
-    "elapsed_s": 1.0,
-    "requests_per_s": 6.0,
-    "latency_ms": {"p50": 10.0, "p99": 20.0},
-    "retries": {},
-    "exit_code": 0,
-    "quality": {
-        "metrics": {"accuracy": 0.8333, "rows_with_gold": 6},
-        "field_exact_match": {"score": {"rows_with_gold": 6, "exact_match": 0.5}},
+FINISHED = from_json(
+    Summary,
+    {
+        "job": "sentiment",
+        "rows_total": 6,
+        "rows_settled_before": 0,
+        "answered_ok": 6,
+        "answered_error": 0,
+        "tokens": {"input": 600, "output": 60},
+        "cost": {"currency": "CNY", "spent": 0.001},
+        "elapsed_s": 1.0,
+        "requests_per_s": 6.0,
+        "latency_ms": {"p50": 10.0, "p99": 20.0},
+        "retries": {},
+        "exit_code": 0,
+        "quality": {
+            "metrics": {"accuracy": 0.8333, "rows_with_gold": 6},
+            "field_exact_match": {"score": {"rows_with_gold": 6, "exact_match": 0.5}},
+        },
     },
-}
+)
 
 
 def test_the_final_table_shows_accuracy_when_gold_labels_are_set() -> None:

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 import runner
-from runner.engine import run_job
+from runner.engine import execute
 from runner.job.prompts import RequestBuilder
 from runner.job.resolve import load_job
 from runner.local import LocalSender
@@ -58,9 +58,9 @@ def test_the_python_api_runs_a_job_and_returns_its_summary_and_output(make_job: 
     assert result.ok and result.exit_code == 0
     assert result.output == job.output
     assert pl.read_parquet(job.output).height == 12
-    assert result.summary["answered_ok"] == 12
+    assert result.summary.answered_ok == 12
     again = runner.run_job(job.spec, set={"run.concurrency": 2})
-    assert again.ok and again.summary["requests_queued"] == 0  # nothing is sent twice
+    assert again.ok and again.summary.requests_queued == 0  # nothing is sent twice
 
 
 async def test_the_async_api_runs_inside_a_running_loop(make_job: Callable[..., JobFiles]) -> None:
@@ -76,15 +76,15 @@ async def test_the_engine_runs_with_any_executor_behind_the_protocol(make_job: C
     files = make_job(rows=sample_rows(30))
     job = load_job(files.spec)
     fake = FakeExecutor()
-    report = await run_job(
+    report = await execute(
         job, api_key="k", options=RunOptions(), reporter=make_reporter("json"), sender=LocalSender(fake)
     )
     assert report.exit_code == 0 and fake.sent == 30
     out = pl.read_parquet(files.output)
     assert out.get_column("response_text").str.starts_with("answer ").all()
     assert out.get_column("request_key").n_unique() == 30
-    again = await run_job(job, api_key="k", options=RunOptions(), reporter=make_reporter("json"))
-    assert again.summary["requests_queued"] == 0
+    again = await execute(job, api_key="k", options=RunOptions(), reporter=make_reporter("json"))
+    assert again.summary.requests_queued == 0
 
 
 @pytest.fixture

@@ -98,7 +98,7 @@ def test_a_pilot_counts_only_rows_answered_before_as_answered_before(make_job) -
     import asyncio
     import io
 
-    from runner.engine import run_job
+    from runner.engine import execute
     from runner.job.resolve import load_job
     from runner.observe.progress import make_reporter
     from runner.runs import RunOptions
@@ -110,11 +110,11 @@ def test_a_pilot_counts_only_rows_answered_before_as_answered_before(make_job) -
     options = RunOptions(pilot_rows=10)
 
     report = asyncio.run(
-        run_job(job, api_key=API_KEY, options=options, reporter=make_reporter("json", stream=io.StringIO()))
+        execute(job, api_key=API_KEY, options=options, reporter=make_reporter("json", stream=io.StringIO()))
     )
 
-    assert 0 < report.summary["answered_ok"] <= 10
-    assert report.summary["rows_settled_before"] == 6  # the rows with answers, not the 30 left out
+    assert 0 < report.summary.answered_ok <= 10
+    assert report.summary.rows_settled_before == 6  # the rows with answers, not the 30 left out
 
 
 def test_a_missing_input_is_named_as_the_spec_wrote_it(tmp_path, monkeypatch) -> None:

@@ -10,12 +10,12 @@ from typing import Any
 import polars as pl
 
 from runner.cascade.derive import derive
+from runner.cascade.record import read_cascade
 from runner.cascade.stages import (
     AHEAD,
     _answered_before,
     fresh_refused,
     proxy_view,
-    read_cascade_summary,
     score_column,
     stage_jobs,
 )
@@ -54,9 +54,9 @@ async def estimate_cascade(job: Job, *, api_key: str, options: Any, reporter: Re
         proxy_left = await estimate_job(proxy_job, api_key=api_key, options=left, reporter=reporter)
         oracle_left = await estimate_job(oracle_job, api_key=api_key, options=left, reporter=reporter)
     rows = int(oracle["rows"])
-    last = read_cascade_summary(job.output_path)
-    if last and last.get("rows"):
-        share = 1 - last["rows_kept_from_proxy"] / last["rows"]
+    last = read_cascade(job.output_path)
+    if last and last.rows:
+        share = 1 - last.rows_kept_from_proxy / last.rows
         basis = "the share of rows the oracle answered in this job's last cascade run"
     else:
         share = ASSUMED_ORACLE_SHARE

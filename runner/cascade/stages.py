@@ -15,9 +15,18 @@ from typing import Any
 import polars as pl
 
 from runner.cascade.derive import derive
+from runner.cascade.record import (
+    Accuracy,
+    AtThreshold,
+    Cascade,
+    CascadeCost,
+    CascadeResult,
+    CascadeSummary,
+    Spent,
+)
 from runner.cascade.threshold import Step, choose
 from runner.errors import UsageError
-from runner.files import read_summary, write_atomic, write_summary
+from runner.files import write_atomic, write_summary
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
 from runner.observe.progress import Reporter
@@ -104,7 +113,7 @@ def fresh_refused(job: Job) -> UsageError:
 async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: Reporter) -> RunResult:
     """Run every stage of a cascade job and write its output; see the module's docstring."""
     from runner.distributed.sender import sender_for
-    from runner.engine import run_job
+    from runner.engine import execute
 
     check_places(job)
     cascade = job.spec.output.cascade
@@ -131,9 +140,9 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
         reporter.phase(f"cascade: {what}")
         stage_job = capped(stage_job)
         sender = sender_for(stage_job, options)
-        report = await run_job(stage_job, api_key=api_key, options=options, reporter=reporter, sender=sender)
-        spent[who] += float((report.summary.get("cost") or {}).get("spent") or 0.0)
-        if report.exit_code in (0, 1) and report.summary.get("output"):
+        report = await execute(stage_job, api_key=api_key, options=options, reporter=reporter, sender=sender)
+        spent[who] += report.summary.cost.spent or 0.0
+        if report.exit_code in (0, 1) and report.summary.output:
             return None
         return RunResult(report.exit_code, f"cascade {what}: {report.message}", report.summary)
 
@@ -187,14 +196,23 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
     output = _join(job, proxy, oracle_out, step, asked, id_col, proxy_job.spec.model.name, oracle_base.spec.model.name)
     job.output_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, job.output_path)
-    summary = _summary(job, output, step, spent, rounds, proxy_job, oracle_base, proxy, oracle_out)
-    write_summary(job.output_path, summary)
+    cascade_info = _cascade(job, output, step, rounds, proxy_job, oracle_base, proxy, oracle_out)
+    record = CascadeSummary(
+        job=job.name,
+        model=oracle_base.spec.model.name,
+        endpoint=job.endpoint_name,
+        output=str(job.output_path),
+        cost=Spent(job.currency, round(spent["proxy"] + spent["oracle"], 6)),  # this run
+        simulated=job.base_url is None,
+        cascade=cascade_info,
+    )
+    write_summary(job.output_path, record)
     failed = output.filter(pl.col("status") != "ok").height
-    message = f"cascade finished: {summary['cascade']['guarantee']}; results in {job.output_path}"
+    message = f"cascade finished: {cascade_info.guarantee}; results in {job.output_path}"
     if failed:
         message = f"cascade finished; {failed} rows failed (see error_type in {job.output_path})"
-    reporter.finish(summary, message)
-    return RunResult(1 if failed else 0, message, summary)
+    reporter.finish(record, message)
+    return CascadeResult(1 if failed else 0, message, record.as_run(), record)
 
 
 def _answered_before(
@@ -293,18 +311,17 @@ def _join(
     return joined.sort("_pos").drop("_pos")
 
 
-def _summary(
+def _cascade(
     job: Job,
     output: pl.DataFrame,
     step: Step,
-    spent: dict[str, float],
     rounds: int,
     proxy_job: Job,
     oracle_job: Job,
     proxy: pl.DataFrame,
     oracle: pl.DataFrame,
-) -> dict[str, Any]:
-    """The cascade's summary: the guarantee in words, the threshold, escalation, cost, and quality."""
+) -> Cascade:
+    """The cascade's section of its record: the guarantee in words, the threshold, escalation, cost, and quality."""
     cascade = job.spec.output.cascade
     assert cascade is not None
     rows = output.height
@@ -314,64 +331,55 @@ def _summary(
     oracle_only = float(asked_cost.mean()) * rows if asked_cost.len() else None  # type: ignore[arg-type]
     target, delta = cascade.target, cascade.delta
     words = f"agrees with {oracle_job.spec.model.name} on >= {target:.0%} of rows with probability >= {1 - delta:.0%}"
-    info: dict[str, Any] = {
-        "guarantee": words,
-        "proxy": proxy_job.spec.model.name,
-        "oracle": oracle_job.spec.model.name,
-        "target": target,
-        "delta": delta,
-        "threshold": step.threshold,
-        # Rows whose confidence equals the threshold: some are kept (the top ones in a seeded random order).
-        "at_threshold": _at_threshold(output, step.threshold, proxy_job.spec.model.name),
-        "rows": rows,
-        "rows_kept_from_proxy": rows - by_oracle,
-        "rows_escalated": by_oracle - len(step.sampled),
-        "rows_in_calibration": len(step.sampled),
-        "calibration_rounds": rounds,
-        "thresholds_tested": step.tested,
-        "cost": {
-            "currency": job.currency,
-            "proxy": round(float(proxy.get_column("cost").fill_null(0.0).sum()), 6),
-            "oracle": round(float(oracle.get_column("cost").fill_null(0.0).sum()), 6),
-            "cascade": round(float(paid), 6),
-            "oracle_only_expected": None if oracle_only is None else round(oracle_only, 6),
-            "share_of_oracle_only": None if not oracle_only else round(float(paid) / oracle_only, 4),
-        },
-    }
     id_col = job.spec.input.id_column or "id"
     gold = job.gold_columns[job.spec.eval.gold_column] if job.spec.eval and job.spec.eval.gold_column else None
     field = job.shape.label_field if job.shape else None
+    accuracy = None
     if gold and field and gold in output.columns:
-        info["accuracy"] = {
-            "proxy": _accuracy(proxy, field, gold),
-            "oracle_where_asked": _accuracy(oracle, field, gold),
-            "proxy_where_oracle_asked": _accuracy(
+        accuracy = Accuracy(
+            proxy=_accuracy(proxy, field, gold),
+            oracle_where_asked=_accuracy(oracle, field, gold),
+            proxy_where_oracle_asked=_accuracy(
                 output.filter(pl.col(ANSWERED_BY) != proxy_job.spec.model.name)
                 .select(pl.col(id_col))
                 .join(proxy, on=id_col),
                 field,
                 gold,
             ),
-            "cascade": _accuracy(output, field, gold),
-        }
-    return {
-        "job": job.name,
-        "model": oracle_job.spec.model.name,
-        "endpoint": job.endpoint_name,
-        "output": str(job.output_path),
-        "exit_code": 0,
-        "cost": {"currency": job.currency, "spent": round(spent["proxy"] + spent["oracle"], 6)},  # this run
-        "simulated": job.base_url is None,
-        "cascade": info,
-    }
+            cascade=_accuracy(output, field, gold),
+        )
+    return Cascade(
+        guarantee=words,
+        proxy=proxy_job.spec.model.name,
+        oracle=oracle_job.spec.model.name,
+        target=target,
+        delta=delta,
+        threshold=step.threshold,
+        at_threshold=_at_threshold(output, step.threshold, proxy_job.spec.model.name),
+        rows=rows,
+        rows_kept_from_proxy=rows - by_oracle,
+        rows_escalated=by_oracle - len(step.sampled),
+        rows_in_calibration=len(step.sampled),
+        calibration_rounds=rounds,
+        thresholds_tested=step.tested,
+        cost=CascadeCost(
+            currency=job.currency,
+            proxy=round(float(proxy.get_column("cost").fill_null(0.0).sum()), 6),
+            oracle=round(float(oracle.get_column("cost").fill_null(0.0).sum()), 6),
+            cascade=round(float(paid), 6),
+            oracle_only_expected=None if oracle_only is None else round(oracle_only, 6),
+            share_of_oracle_only=None if not oracle_only else round(float(paid) / oracle_only, 4),
+        ),
+        accuracy=accuracy,
+    )
 
 
-def _at_threshold(output: pl.DataFrame, threshold: float | None, proxy_name: str) -> dict[str, int] | None:
+def _at_threshold(output: pl.DataFrame, threshold: float | None, proxy_name: str) -> AtThreshold | None:
     """How many rows have exactly the threshold's confidence, and how many of them kept the proxy's answer."""
     if threshold is None:
         return None
     tied = output.filter(pl.col(CONFIDENCE) == threshold)
-    return {"rows": tied.height, "kept": tied.filter(pl.col(ANSWERED_BY) == proxy_name).height}
+    return AtThreshold(tied.height, tied.filter(pl.col(ANSWERED_BY) == proxy_name).height)
 
 
 def _accuracy(frame: pl.DataFrame, field: str, gold: str) -> float | None:
@@ -381,9 +389,3 @@ def _accuracy(frame: pl.DataFrame, field: str, gold: str) -> float | None:
         return None
     right = scored.filter((pl.col("status") == "ok") & (pl.col(field).cast(pl.String) == pl.col(gold).cast(pl.String)))
     return round(right.height / scored.height, 4)
-
-
-def read_cascade_summary(output: Path) -> dict[str, Any] | None:
-    """The cascade section of the summary beside an output (None when it is not a cascade's)."""
-    found = read_summary(output).get("cascade")
-    return found if isinstance(found, dict) else None

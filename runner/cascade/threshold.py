@@ -13,13 +13,23 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from runner.cascade.bounds import above, below
 
 THRESHOLDS = 20  # M: candidate thresholds
 DRAW = 10  # draws between looks
 WORTH_TRYING = 50  # draws after which a threshold may be given up (hopeless, or not worth more draws)
+
+
+@dataclass(frozen=True)
+class Tested:
+    """One threshold the procedure tried: the rows it keeps, the agreement it needed, the draws it took."""
+
+    kept: int = 0
+    needed: float = 0.0
+    draws: int = 0
+    accepted: bool = False
 
 
 @dataclass(frozen=True)
@@ -31,7 +41,7 @@ class Step:
     keep: frozenset[int] = frozenset()
     sampled: frozenset[int] = frozenset()
     threshold: float | None = None  # the lowest kept confidence (None: no proxy answer kept)
-    tested: list[dict[str, float | int | bool]] = field(default_factory=list)
+    tested: tuple[Tested, ...] = ()
 
 
 class _Need(Exception):
@@ -68,7 +78,7 @@ def choose(
     draws = list(range(n))
     random.Random(f"draw-{seed}").shuffle(draws)  # ranks, in the order they are drawn
     drawn: set[int] = set()
-    tested: list[dict[str, float | int | bool]] = []
+    tested: list[Tested] = []
     best = -1
     step = max(n // THRESHOLDS, 1)
     try:
@@ -80,7 +90,7 @@ def choose(
                 continue
             ok, used = _confident(ranked, draws, t, needed, agrees, delta, ahead, step)
             drawn.update(used)
-            tested.append({"kept": kept, "needed": round(needed, 4), "draws": len(used), "accepted": ok})
+            tested.append(Tested(kept, round(needed, 4), len(used), ok))
             if not ok:
                 break
             best = t
@@ -89,7 +99,7 @@ def choose(
     sampled = frozenset(ranked[r] for r in drawn)
     keep = frozenset(ranked[r] for r in range(best + 1)) - sampled
     threshold = scores[ranked[best]] if best >= 0 else None
-    return Step(keep=keep, sampled=sampled, threshold=threshold, tested=tested)
+    return Step(keep=keep, sampled=sampled, threshold=threshold, tested=tuple(tested))
 
 
 def _confident(

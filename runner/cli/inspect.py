@@ -106,15 +106,16 @@ def report(
     """Print what a finished run did and, with gold labels, how good its answers were (and draw it as HTML)."""
 
     def go() -> None:
+        from runner.cascade.record import report_section
         from runner.files import write_text
-        from runner.job.paths import output_files
         from runner.job.resolve import job_files
         from runner.observe.report import load_report, print_report
         from runner.observe.report_html import HTML_MARK, html_page
+        from runner.observe.summary import named_files
 
         if target.suffix == ".parquet":
             found = load_report(target, gold=gold)  # refused in one line if it is not an output
-            protected = output_files(target)
+            protected = named_files(target, found.summary)
         else:
             if gold is not None:
                 raise UsageError(
@@ -126,6 +127,7 @@ def report(
                 raise UsageError(f"{job.output_path} does not exist yet; run the job first: glm-batch run {target}")
             found = load_report(job.output_path, job=job)
             protected = job_files(job)
+        found.cascade = report_section(found.output)  # a cascade's words, from its record beside the output
         if html is not None:  # written, or refused in one line, before the report is printed
             write_text(html, html_page(found), key="--html", protected=protected, ours=HTML_MARK, force=force)
         console = _console()
@@ -138,7 +140,9 @@ def report(
 
 def _cascade_status(job: Any) -> None:
     """`status` of a cascade job: each stage's last run, and the last cascade's outcome."""
-    from runner.cascade.stages import read_cascade_summary
+    from runner.cascade.record import read_cascade
+    from runner.jsonrecord import from_json
+    from runner.observe.summary import Summary
 
     home = job.state_dir / "cascade"
     for stage in ("proxy", "oracle"):
@@ -146,16 +150,16 @@ def _cascade_status(job: Any) -> None:
         if not runs:
             print(f"{job.name}: {stage} stage never run (state would be in {home / stage})")
             continue
-        last = runs[-1]
+        last = from_json(Summary, runs[-1])
         print(
-            f"{stage} stage, last run {last['run_id']}: exit {last['exit_code']}, {last['answered_ok']} ok, "
-            f"{last['answered_error']} failed, stopped: {last['stopped'] or 'no'}"
+            f"{stage} stage, last run {last.run_id}: exit {last.exit_code}, {last.answered_ok} ok, "
+            f"{last.answered_error} failed, stopped: {last.stopped or 'no'}"
         )
-    done = read_cascade_summary(job.output_path)
+    done = read_cascade(job.output_path)
     if done is not None:
         print(
-            f"last cascade: {done['rows_kept_from_proxy']} of {done['rows']} rows kept from {done['proxy']}; "
-            f"the output {done['guarantee']}"
+            f"last cascade: {done.rows_kept_from_proxy} of {done.rows} rows kept from {done.proxy}; "
+            f"the output {done.guarantee}"
         )
 
 
@@ -163,6 +167,8 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
     """Show how many rows of the last run are answered, failed or pending, and what that run did."""
 
     def go() -> None:
+        from runner.jsonrecord import from_json
+        from runner.observe.summary import Summary
         from runner.send.batch.admin import batch_rows
         from runner.state.lock import JobLock
 
@@ -189,10 +195,10 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
                 + f"{progress['pending']} pending (as of the last run)"
             )
         if runs:
-            last = runs[-1]
+            last = from_json(Summary, runs[-1])
             print(
-                f"last run {last['run_id']}: exit {last['exit_code']}, {last['answered_ok']} ok, "
-                f"{last['answered_error']} failed, {last['elapsed_s']} s, stopped: {last['stopped'] or 'no'}"
+                f"last run {last.run_id}: exit {last.exit_code}, {last.answered_ok} ok, "
+                f"{last.answered_error} failed, {last.elapsed_s} s, stopped: {last.stopped or 'no'}"
             )
         for batch in batch_rows(job):  # batch mode: each chunk's batch and how far it got
             counts = (

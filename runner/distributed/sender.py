@@ -12,6 +12,7 @@ from runner.job.resolve import Job
 from runner.local import LocalSender
 from runner.observe import summary
 from runner.observe.progress import Reporter
+from runner.observe.summary import Engine, Sending
 from runner.plan import ALL_FAIL_ROWS, plan
 from runner.run import Run, Sender
 from runner.runs import RunOptions
@@ -35,7 +36,7 @@ class RaySender:
     def __init__(self, shape: Shape | None = None) -> None:
         self.shape = shape or Shape()
 
-    async def send(self, run: Run, api_key: str, reporter: Reporter, signals: Signals) -> dict[str, Any]:
+    async def send(self, run: Run, api_key: str, reporter: Reporter, signals: Signals) -> Sending:
         """Map the run's rows over the actors and take their blocks in; how it sent, for the summary."""
         run.accountant.budget = None  # the limiter keeps the budget, shared by every actor; this one prices
         limits: dict[str, Any] = {}
@@ -54,4 +55,4 @@ class RaySender:
                 run.store.rows.seal(run.built_from)
                 run.tally.all_rows_rendered = True
         gauges = Gauges(limit=limits.get("limit"), adaptive=run.job.adaptive)
-        return summary.sending(run.job, gauges) | {"engine": {"name": "ray", "actors": actors, "limiter": limits}}
+        return summary.sending(run.job, gauges, engine=Engine("ray", actors, limits))

@@ -4,7 +4,6 @@ before anything runs (not an input, not matched by an input pattern, writable, a
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import glob
 import os
@@ -12,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 from runner.errors import UsageError
-from runner.files import read_summary, summary_path
 from runner.job.spec import JobSpec
 
 INPUT_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
@@ -168,16 +166,3 @@ def default_state_dir(spec: JobSpec, base: Path, name: str) -> Path:
             break
         stable /= part.format(name=name)
     return base / stable / ".glm-batch" / name
-
-
-def output_files(output: Path) -> list[tuple[Path, str]]:
-    """The same for an output file given alone: it, its summary, the spec and inputs the summary names,
-    and the state folder beside it."""
-    summary = summary_path(output)
-    files = [(output, "the output"), (summary, "the output's summary"), (output.parent / ".glm-batch", "state")]
-    found = read_summary(output)
-    with contextlib.suppress(TypeError, AttributeError):  # a summary whose fields are not what we wrote
-        if found.get("spec"):
-            files.append((Path(found["spec"]), "the job spec"))
-        files += [(Path(item["path"]), "an input of the job") for item in found.get("inputs") or ()]
-    return files

@@ -11,7 +11,6 @@ import math
 import time
 from array import array
 from dataclasses import dataclass, field
-from typing import Any
 
 from runner.job.resolve import Job
 from runner.money.pricing import Budget, PriceTable, price_table, require_prices
@@ -207,34 +206,6 @@ class Tally:
     def rate(self) -> float:
         """Results per second so far."""
         return self.answered / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    def snapshot(self) -> dict[str, Any]:
-        """The counts as plain data, for logs and the summary."""
-        return {
-            "rows_total": self.rows_total,
-            "rows_settled_before": self.rows_settled,
-            "samples_per_row": self.samples,
-            "requests_queued": self.requests_queued,
-            "answered_ok": self.ok,
-            "answered_error": self.failed,
-            "rows_skipped": self.skipped // max(1, self.samples),  # input.nulls: skip; not failures
-            "errors": dict(self.errors),
-            "tokens": {
-                "input": self.input_tokens,
-                "output": self.output_tokens,
-                "thinking": self.thinking_tokens,  # part of output
-                "cache_read": self.cache_read_input_tokens,
-                "cache_creation": self.cache_creation_input_tokens,
-            },
-            "elapsed_s": round(self.elapsed_s, 3),
-            "requests_per_s": round(self.rate(), 2),
-            "requests_per_s_answering": self.answering_rate(),
-            # Whose time: `latency_ms` is the SDK call (the endpoint, the network and this process's own
-            # event loop while the call was open); `client_wait_ms` is the time the request waited in
-            # this process before its attempts were sent (queue + in-flight slot + rate buckets).
-            "latency_ms": {**self.latencies_ms.summary(), "measures": "sdk_call"},
-            "client_wait_ms": {**self.client_wait_ms.summary(), "measures": "queue_and_slot_wait"},
-        }
 
 
 class Accountant:

@@ -1,7 +1,7 @@
 """What a kept estimate was made for, and how a run compares its cost with it.
 
     report["made_for"] = made_for(job)                 # when `glm-batch estimate` keeps its report
-    cost["estimate"] = compare(job, kept, ok=n, spent=x)  # in the run's summary
+    check = compare(job, kept, ok=n, spent=x)           # the run summary's cost.estimate
 
 A job's state keeps one estimate (`estimate.json`), whatever it was made with: `--set model.name=...`,
 another endpoint, another prompt. A run compares its spend only with an estimate made for the same
@@ -14,9 +14,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from runner.job.resolve import Job
+from runner.jsonrecord import OMITTED_WHEN_NONE
+
+
+@dataclass(frozen=True)
+class EstimateCheck:
+    """A run's spend against the kept estimate's figure for as many answers (the summary's `cost.estimate`)."""
+
+    estimated: float | None = None  # None: no estimate made for this run's model and requests
+    spent: float = 0.0
+    error_pct: float | None = None
+    no_match: str | None = field(default=None, metadata=OMITTED_WHEN_NONE)  # why there is no figure
+    mode: str | None = field(default=None, metadata=OMITTED_WHEN_NONE)  # the mode whose figure was taken
 
 
 def requests_fingerprint(job: Job) -> str:
@@ -54,7 +67,7 @@ def _expected(kept: dict[str, Any], mode: str) -> float | None:
     return float(figure) if isinstance(figure, int | float) else None
 
 
-def compare(job: Job, kept: dict[str, Any], *, ok: int, spent: float) -> dict[str, Any]:
+def compare(job: Job, kept: dict[str, Any], *, ok: int, spent: float) -> EstimateCheck:
     """The run's spend against the kept estimate's figure for as many answers (`ok`), or, when the
     estimate was made for something else, no figure and why."""
     now = made_for(job)
@@ -75,13 +88,9 @@ def compare(job: Job, kept: dict[str, Any], *, ok: int, spent: float) -> dict[st
     if why is None and expected is None:
         why = f"the kept estimate gives no single {mode} figure (see `glm-batch estimate`: modes)"
     if why is not None:
-        return {"estimated": None, "spent": round(spent, 6), "error_pct": None, "no_match": why}
+        return EstimateCheck(None, round(spent, 6), None, no_match=why)
     assert expected is not None
     answerable = kept.get("requests_answerable", kept["requests_to_send"])
     estimated = expected / max(1, answerable) * ok
-    return {
-        "estimated": round(estimated, 6),
-        "spent": round(spent, 6),
-        "error_pct": round(100 * (estimated - spent) / spent, 1) if spent else None,
-        "mode": mode,
-    }
+    error_pct = round(100 * (estimated - spent) / spent, 1) if spent else None
+    return EstimateCheck(round(estimated, 6), round(spent, 6), error_pct, mode=mode)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+
+from runner.observe.summary import CpuWhileAnswering
 
 
 class CpuWindow:
@@ -25,9 +26,9 @@ class CpuWindow:
         if self.first is not None:
             self.seconds = time.process_time() - self.first
 
-    def summary(self, answered: int) -> dict[str, Any]:
+    def summary(self, answered: int) -> CpuWhileAnswering | None:
         """For the summary: CPU seconds and ms per answer after the first (None without two answers)."""
         if self.seconds is None or answered < 2:
-            return {"cpu_while_answering": None}
+            return None
         per_answer = 1000 * self.seconds / (answered - 1)
-        return {"cpu_while_answering": {"seconds": round(self.seconds, 4), "ms_per_answer": round(per_answer, 4)}}
+        return CpuWhileAnswering(round(self.seconds, 4), round(per_answer, 4))

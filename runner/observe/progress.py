@@ -16,8 +16,9 @@ import sys
 import time
 from collections import deque
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TextIO
 
+from runner.jsonrecord import as_json
 from runner.observe.panel import PanelState, ProgressPanel
 
 if TYPE_CHECKING:  # rich is imported by the one reporter that draws with it
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # rich is imported by the one reporter that draws with it
     from runner.control import Control
     from runner.job.resolve import Job
     from runner.money.accounting import Tally
+    from runner.observe.summary import Cost, Summary
     from runner.send.base import Gauges
 
 LogFormat = Literal["auto", "rich", "json", "text"]
@@ -41,7 +43,17 @@ class Reporter(Protocol):
     def start(self, job: Job, tally: Tally) -> None: ...
     def tick(self, tally: Tally, gauges: Gauges, control: Control) -> None: ...
     def event(self, name: str, **fields: Any) -> None: ...
-    def finish(self, summary: dict[str, Any], message: str) -> None: ...
+    def finish(self, summary: Ending, message: str) -> None: ...
+
+
+class Ending(Protocol):
+    """What a run ends with, for the reporter: its record (a run's runner.observe.summary.Summary, a
+    cascade's own), a dataclass written as JSON by runner.jsonrecord, with its exit code."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def exit_code(self) -> int | None: ...
 
 
 def make_reporter(fmt: LogFormat = "auto", stream: TextIO | None = None, interval_s: float = 10.0) -> Reporter:
@@ -127,8 +139,8 @@ class LineReporter(_Periodic):
     def event(self, name: str, **fields: Any) -> None:
         self._emit(name, fields)
 
-    def finish(self, summary: dict[str, Any], message: str) -> None:
-        self._emit("end", {"message": message, **summary})
+    def finish(self, summary: Ending, message: str) -> None:
+        self._emit("end", {"message": message, **as_json(summary)})
 
 
 class LogReporter(_Periodic):
@@ -156,15 +168,15 @@ class LogReporter(_Periodic):
         level = logging.WARNING if name.endswith(("_not_written", "_failed", "_lost")) else logging.INFO
         self._emit(name, fields, level)
 
-    def finish(self, summary: dict[str, Any], message: str) -> None:
-        self._emit("end", {"message": message, "exit_code": summary.get("exit_code")})
+    def finish(self, summary: Ending, message: str) -> None:
+        self._emit("end", {"message": message, "exit_code": summary.exit_code})
 
 
-def _wall_time(summary: dict[str, Any]) -> str:
+def _wall_time(summary: Summary) -> str:
     """The run's wall time and its two rates: over the whole run (start-up, planning and writing the
     output included) and while answers came (what the live panel showed)."""
-    line = f"{summary['elapsed_s']:.1f} s ({summary['requests_per_s']} req/s over the whole run"
-    answering = summary.get("requests_per_s_answering")
+    line = f"{summary.elapsed_s or 0.0:.1f} s ({summary.requests_per_s} req/s over the whole run"
+    answering = summary.requests_per_s_answering
     return line + (f", {answering} while answers came)" if answering is not None else ")")
 
 
@@ -272,34 +284,33 @@ class RichReporter:
         line = text_line({"event": name, **fields}).removeprefix(name).strip()
         self._console.print(Text.assemble((name, "yellow"), ": ", line), highlight=False)
 
-    def finish(self, summary: dict[str, Any], message: str) -> None:
+    def finish(self, summary: Ending, message: str) -> None:
         from rich.table import Table
 
+        from runner.observe.summary import Summary
+
         if self._live is not None:
-            self._state = replace(self._state, phase="done" if summary.get("exit_code") == 0 else "ended")
+            self._state = replace(self._state, phase="done" if summary.exit_code == 0 else "ended")
             self._live.stop()  # the last frame stays on the screen, above the table
-        table = Table(title=f"glm-batch: {summary['job']}", show_header=False)
+        if not isinstance(summary, Summary):  # a cascade's record: its stages' tables were shown
+            return
+        s = summary
+        table = Table(title=f"glm-batch: {s.job}", show_header=False)
         table.add_column(overflow="fold")  # wrap long values (retries, cost) on a narrow terminal, never cut
         table.add_column(overflow="fold")
-        tokens = summary["tokens"]
-        lat = summary["latency_ms"]
         rows = [
-            ("rows", str(summary["rows_total"])),
-            *([("samples a row", str(summary["samples_per_row"]))] if summary.get("samples_per_row", 1) > 1 else []),
-            ("rows reused from earlier runs", str(summary["rows_settled_before"])),
-            ("requests answered ok / failed", f"{summary['answered_ok']} / {summary['answered_error']}"),
-            *(
-                [("rows skipped (input.nulls: skip)", str(summary["rows_skipped"]))]
-                if summary.get("rows_skipped")
-                else []
-            ),
-            ("tokens in / out", f"{tokens['input']} / {tokens['output']}"),
-            ("cost", _cost_line(summary["cost"])),
-            ("wall time", _wall_time(summary)),
-            ("latency p50 / p99", f"{_ms(lat['p50'])} / {_ms(lat['p99'])}"),
-            ("retries", ", ".join(f"{k}: {v}" for k, v in summary["retries"].items()) or "none"),
-            *_quality_rows(summary.get("quality")),
-            ("exit code", str(summary["exit_code"])),
+            ("rows", str(s.rows_total)),
+            *([("samples a row", str(s.samples_per_row))] if s.samples_per_row > 1 else []),
+            ("rows reused from earlier runs", str(s.rows_settled_before)),
+            ("requests answered ok / failed", f"{s.answered_ok} / {s.answered_error}"),
+            *([("rows skipped (input.nulls: skip)", str(s.rows_skipped))] if s.rows_skipped else []),
+            ("tokens in / out", f"{s.tokens.input} / {s.tokens.output}"),
+            ("cost", _cost_line(s.cost)),
+            ("wall time", _wall_time(s)),
+            ("latency p50 / p99", f"{_ms(s.latency_ms.p50)} / {_ms(s.latency_ms.p99)}"),
+            ("retries", ", ".join(f"{k}: {v}" for k, v in s.retries.items()) or "none"),
+            *_quality_rows(s.quality),
+            ("exit code", str(s.exit_code)),
         ]
         for k, v in rows:
             table.add_row(k, v)
@@ -324,11 +335,11 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms"
 
 
-def _cost_line(cost: dict[str, Any]) -> str:
-    if cost["spent"] is None:
-        return f"no {cost['currency']} prices for this model"
-    line = f"{cost['spent']:.6f} {cost['currency']}"
-    estimate = cost.get("estimate")
-    if estimate and estimate.get("error_pct") is not None:
-        line += f" (estimated {estimate['estimated']:.6f}, {estimate['error_pct']:+.1f}%)"
+def _cost_line(cost: Cost) -> str:
+    if cost.spent is None:
+        return f"no {cost.currency} prices for this model"
+    line = f"{cost.spent:.6f} {cost.currency}"
+    check = cost.estimate
+    if check is not None and check.error_pct is not None and check.estimated is not None:
+        line += f" (estimated {check.estimated:.6f}, {check.error_pct:+.1f}%)"
     return line

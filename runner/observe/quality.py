@@ -172,7 +172,8 @@ def summarise_file(output: OutputFile, gold: str | None) -> dict[str, Any]:
     path, columns, beside = output.path, output.columns, output.summary
     if not {"repairs", "error_type"} <= set(columns):
         raise UsageError(f"{path}: not a glm-batch output (no status column); give its job spec instead")
-    gold = gold or (beside.get("quality") or {}).get("gold_column")
+    recorded = beside.quality or {}  # the quality the run recorded, with gold labels
+    gold = gold or recorded.get("gold_column")
     if gold is not None and gold not in columns:
         kept = ", ".join(c for c in columns if c not in (*OUTPUT_COLUMNS, *VOTE_COLUMNS)) or "none"
         raise UsageError(f"{path}: --gold {gold}: no such column; the columns other than glm-batch's: {kept}")
@@ -182,11 +183,11 @@ def summarise_file(output: OutputFile, gold: str | None) -> dict[str, Any]:
             f"{path}: --gold {gold}: that is the answer column; a gold column named like it is carried as "
             f"{gold}{GOLD_SUFFIX}"
         )
-    labels = (beside.get("quality") or {}).get("labels")  # the job's label set, as its run recorded it
+    labels = recorded.get("labels")  # the job's label set, as its run recorded it
     report = summarise_output(
         path, label_field=label_field, gold=gold, gold_fields={}, samples=samples_in(path, columns), labels=labels
     )
-    rates = (beside.get("quality") or {}).get("field_exact_match")
+    rates = recorded.get("field_exact_match")
     if rates:  # per-field rates need the spec's gold_fields: the ones the run computed are beside the file
         report["field_exact_match"] = rates
     return report

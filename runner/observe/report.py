@@ -22,6 +22,7 @@ from runner.columns import AGREEMENT, OUTPUT_COLUMNS, VOTE_COLUMNS
 from runner.job.resolve import Job
 from runner.observe import quality
 from runner.observe.runstats import open_output, run_figures
+from runner.observe.summary import Summary
 
 EXAMPLES_SHOWN = 50  # wrong answers listed on the page; the count says how many there are in all
 REPAIRED_MEANS = (
@@ -30,16 +31,26 @@ REPAIRED_MEANS = (
 )
 
 
+@dataclass(frozen=True)
+class Section:
+    """A part of the report worded above this layer (a cascade's: runner.cascade.record): its lines,
+    and counts drawn as bars on the page."""
+
+    lines: list[str]
+    bars: dict[str, int]
+
+
 @dataclass
 class Report:
     """Everything `glm-batch report` shows about one output: the run, and quality when it has any."""
 
     name: str
     output: Path
+    summary: Summary  # the summary beside the output
     run: dict[str, Any]  # runner.observe.runstats.run_figures
     quality: dict[str, Any] | None  # None: a free-text job (no labels, no schema)
     examples: dict[str, Any] | None  # the wrong answers with their context; None without gold
-    cascade: dict[str, Any] | None = None  # a cascade's summary section (runner.cascade.stages)
+    cascade: Section | None = None  # a cascade's part (runner.cascade.record.report_section)
 
 
 def load_report(output: Path, *, job: Job | None = None, gold: str | None = None) -> Report:
@@ -55,12 +66,11 @@ def load_report(output: Path, *, job: Job | None = None, gold: str | None = None
         found = quality.summarise(job, job.shape)
         fields = tuple(job.shape.fields)
         gold_fields = {f: job.gold_columns[c] for f, c in job.spec.eval.gold_fields.items()} if job.spec.eval else {}
-    elif job is None and ({"label", "labels"} & set(columns) or gold or beside.get("quality")):
+    elif job is None and ({"label", "labels"} & set(columns) or gold or beside.quality):
         found = quality.summarise_file(opened, gold)
         fields = (found["label_field"],) if found["label_field"] else ()
     name = job.name if job is not None else output.stem
-    cascade = beside.get("cascade") if isinstance(beside.get("cascade"), dict) else None
-    return Report(name, output, figures, found, _examples(output, columns, found, fields, gold_fields), cascade)
+    return Report(name, output, beside, figures, found, _examples(output, columns, found, fields, gold_fields))
 
 
 def _examples(
@@ -119,24 +129,24 @@ def print_report(found: Report, console: Console) -> None:
     if run["errors"]:
         console.print("errors: " + ", ".join(f"{kind} {n}" for kind, n in run["errors"].items()))
     if found.cascade is not None:
-        for line in cascade_lines(found.cascade):
+        for line in found.cascade.lines:
             console.print(line, soft_wrap=True)
-    summary = found.quality
-    if summary is None:
+    scores = found.quality  # the quality report (runner.observe.quality)
+    if scores is None:
         return
     console.print(
-        f"{found.name}: {summary['rows']} rows, {summary['valid']} valid, {summary['invalid']} invalid "
-        f"({summary['truncated']} truncated), {summary['repaired']} repaired"
+        f"{found.name}: {scores['rows']} rows, {scores['valid']} valid, {scores['invalid']} invalid "
+        f"({scores['truncated']} truncated), {scores['repaired']} repaired"
     )
-    voting = summary.get("voting")
+    voting = scores.get("voting")
     if voting is not None:
         console.print(quality.voting_line(voting))
-    for field, rate in (summary.get("field_exact_match") or {}).items():
+    for field, rate in (scores.get("field_exact_match") or {}).items():
         if rate["exact_match"] is not None:
             console.print(f"{field}: exact match {rate['exact_match']:.4f} on {rate['rows_with_gold']} rows with gold")
-    metrics = summary.get("metrics")
+    metrics = scores.get("metrics")
     if metrics is None:
-        if not summary.get("field_exact_match"):
+        if not scores.get("field_exact_match"):
             console.print(
                 "no gold labels: set eval.gold_column (and output.labels) or eval.gold_fields (output.schema), "
                 "or pass --gold COLUMN with an output file, for accuracy and F1"
@@ -166,30 +176,6 @@ def print_report(found: Report, console: Console) -> None:
 def _normalised(text: pl.Expr) -> pl.Expr:
     """Text as runner.observe.quality compares labels: lower case, runs of white space as one, trimmed."""
     return text.str.replace_all(r"\s+", " ").str.strip_chars().str.to_lowercase()
-
-
-def cascade_lines(c: dict[str, Any]) -> list[str]:
-    """A cascade in plain words: the guarantee, the threshold, who answered, cost, and accuracy."""
-    cost = c["cost"]
-    threshold = "none: no proxy answer kept" if c["threshold"] is None else f"{c['threshold']:.3f}"
-    tied = c.get("at_threshold")
-    if tied and tied["kept"] < tied["rows"]:
-        threshold += f" (of the {tied['rows']} rows at exactly that, {tied['kept']}, in a seeded random order)"
-    lines = [
-        f"cascade: the output {c['guarantee']} (proxy {c['proxy']}, oracle {c['oracle']})",
-        f"threshold: proxy confidence >= {threshold}; {c['rows_kept_from_proxy']} rows kept from the proxy, "
-        f"{c['rows_escalated']} escalated to the oracle, {c['rows_in_calibration']} in the calibration sample",
-    ]
-    if cost.get("oracle_only_expected"):
-        lines.append(
-            f"cost: {cost['cascade']:.4f} {cost['currency']} against {cost['oracle_only_expected']:.4f} for the "
-            f"oracle only ({cost['share_of_oracle_only']:.0%}; proxy {cost['proxy']:.4f}, oracle {cost['oracle']:.4f})"
-        )
-    accuracy = c.get("accuracy")
-    if accuracy:
-        shown = ", ".join(f"{who.replace('_', ' ')} {v:.4f}" for who, v in accuracy.items() if v is not None)
-        lines.append(f"accuracy against gold: {shown}")
-    return lines
 
 
 def _ms(value: float | None) -> str:

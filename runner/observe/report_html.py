@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from runner.observe.quality import bars_svg, confusion_svg, esc, voting_line
-from runner.observe.report import REPAIRED_MEANS, Report, cascade_lines
+from runner.observe.report import REPAIRED_MEANS, Report, Section
 
 STYLE = """
 body{font-family:sans-serif;margin:2em;max-width:64em;color:#222}
@@ -196,16 +196,11 @@ def _attempts(run: dict[str, Any]) -> str:
     )
 
 
-def _cascade(c: dict[str, Any]) -> str:
-    """The cascade's section: the text report's lines (runner.observe.report.cascade_lines, the same
-    figures from the same summary), and who answered the rows drawn as bars."""
-    lines = "".join(f"<li>{esc(line)}</li>" for line in cascade_lines(c))
-    who = {
-        f"kept from {c['proxy']}": c["rows_kept_from_proxy"],
-        f"escalated to {c['oracle']}": c["rows_escalated"],
-        f"calibration ({c['oracle']})": c["rows_in_calibration"],
-    }
-    return f'<h2>Cascade</h2><ul id="cascade">{lines}</ul>' + _hbars("cascade-rows", who, "#1f77b4")
+def _cascade(c: Section) -> str:
+    """The cascade's section: the text report's lines (the same words from the same record), and who
+    answered the rows drawn as bars."""
+    lines = "".join(f"<li>{esc(line)}</li>" for line in c.lines)
+    return f'<h2>Cascade</h2><ul id="cascade">{lines}</ul>' + _hbars("cascade-rows", c.bars, "#1f77b4")
 
 
 def _quality(found: Report) -> str:

@@ -21,8 +21,8 @@ from typing import Any, cast
 import polars as pl
 
 from runner.errors import UsageError
-from runner.files import read_summary
 from runner.money.accounting import percentile
+from runner.observe.summary import Summary
 
 TIMELINE_BINS = 60
 LATENCY_BINS = 24
@@ -52,7 +52,7 @@ class OutputFile:
 
     path: Path
     columns: list[str]
-    summary: dict[str, Any]  # {} when there is none
+    summary: Summary  # every field at its default when there is none
 
 
 def open_output(path: Path) -> OutputFile:
@@ -65,7 +65,7 @@ def open_output(path: Path) -> OutputFile:
         raise UsageError(f"{path}: cannot read it as Parquet ({exc}); give a glm-batch output or a job spec") from None
     if "status" not in columns:
         raise UsageError(f"{path}: not a glm-batch output (no status column); give its job spec instead")
-    return OutputFile(path, columns, read_summary(path))
+    return OutputFile(path, columns, Summary.read(path))
 
 
 def run_figures(output: OutputFile) -> dict[str, Any]:
@@ -80,7 +80,6 @@ def run_figures(output: OutputFile) -> dict[str, Any]:
     latest = runs.get_column("run_id").to_list()[-1] if runs.height else None
     latest_rows = sent.filter(pl.col("run_id") == latest) if latest is not None else sent.clear()
     models = sent.get_column("model").drop_nulls().value_counts(sort=True)
-    cost = summary.get("cost") or {}
     return {
         "rows": frame.height,
         "by_status": _counts(frame.get_column("status")),
@@ -88,10 +87,10 @@ def run_figures(output: OutputFile) -> dict[str, Any]:
         "rows_reused": frame.height - sent.height,
         "runs": dict(zip(runs.get_column("run_id").to_list(), runs.get_column("len").to_list(), strict=True)),
         "run_id": latest,
-        "model": models.row(0)[0] if models.height else summary.get("model"),
-        "endpoint": summary.get("endpoint"),
+        "model": models.row(0)[0] if models.height else summary.model,
+        "endpoint": summary.endpoint,
         "date": _when(latest_rows),
-        "currency": cost.get("currency"),
+        "currency": summary.cost.currency,
         "tokens": {
             name: int(sent.get_column(column).fill_null(0).sum())
             for name, column in (
@@ -109,17 +108,20 @@ def run_figures(output: OutputFile) -> dict[str, Any]:
         "errors": _counts(
             frame.filter(~pl.col("status").is_in(["ok", "skipped"])).get_column("error_type").fill_null("unknown")
         ),  # skipped rows (input.nulls: skip) are a decision, not an error: by_status counts them
-        "tiers": by_tier(sent, list((cost.get("by_tier") or {}).keys())),
+        "tiers": by_tier(sent, list(summary.cost.by_tier)),
         "attempts": {str(k): v for k, v in sorted(_counts(sent.get_column("attempts").fill_null(0)).items())},
-        "retries": dict(summary.get("retries") or {}),
+        "retries": dict(summary.retries),
         "repaired": int((frame.get_column("repairs").fill_null(0) > 0).sum()),
         "repaired_valid": int(
             ((frame.get_column("repairs").fill_null(0) > 0) & (frame.get_column("status") == "ok")).sum()
         ),
-        "summary": {
-            k: summary.get(k)
-            for k in ("elapsed_s", "requests_per_s", "exit_code", "started_at", "run_id", "requests_queued")
-            if k in summary
+        "summary": {  # what the page says of the last run
+            "elapsed_s": summary.elapsed_s,
+            "requests_per_s": summary.requests_per_s,
+            "exit_code": summary.exit_code,
+            "started_at": summary.started_at,
+            "run_id": summary.run_id,
+            "requests_queued": summary.requests_queued,
         },
     }
 

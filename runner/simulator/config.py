@@ -139,7 +139,8 @@ class SimConfig:
     # The first `batch_create_late_times` creates (POST /batches) land this long after they were asked:
     # the batch is made, and answered, only then. A client that timed out or died meanwhile never hears
     # of it, yet the batch is made and runs (the double-create window: a lookup finds nothing, a second
-    # create follows, and the first lands after it).
+    # create follows, and the first lands after it). The delay is read while a create is held: set it
+    # long to hold one, then 0 to let it land.
     batch_create_lands_after_s: float | None = None
     batch_create_late_times: int = 1
     batch_download_status: int | None = None

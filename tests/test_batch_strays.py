@@ -1,0 +1,113 @@
+"""No batch of a job runs unowned: a create whose answer was lost lands whenever it lands (after the job's
+last run, from an input file since deleted), and the job still pays each line once.
+
+The simulator holds a create (`batch_create_lands_after_s`, read while it is held) until the test lets
+it land; a run is killed with kill -9 while its create is held, so its answer is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from runner.simulator.simulator import SimulatorThread
+from tests.conftest import JobFiles, cli, eventually, sample_rows
+from tests.test_batch_billing import KILLED_MID_CREATE
+from tests.test_batch_mode import BATCH_MODEL, FAST_POLL, assert_paid_once, crash_env, expected
+
+HELD = 3600.0  # a create held this long lands only when the test says so
+
+
+def _killed_mid_create(files: JobFiles, sim: SimulatorThread, tmp_path: Path) -> None:
+    """A run of `files` killed (kill -9) while its create is on the wire: the batch lands later, unheard."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_MID_CREATE)
+    killed = subprocess.run(
+        [sys.executable, str(script), str(files.spec), sim.url], env=crash_env(tmp_path), capture_output=True
+    )
+    assert killed.returncode == 9, killed.stderr.decode()[-2000:]
+    assert "batch_created" not in sim.stats()["outcomes"]  # still on its way
+
+
+@pytest.mark.parametrize(
+    ("look", "lands_as"),
+    [
+        ("run", "validating"),  # the next run, with nothing left to send, cancels it before a line runs
+        ("status", "validating"),  # so does `status`
+        ("run", "completed"),  # it already ran: billed twice, reported, nothing taken from it
+    ],
+)
+def test_a_lost_create_that_lands_after_the_jobs_last_run_is_cancelled_or_reported_by_the_next_look(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, tmp_path: Path, look: str, lands_as: str
+) -> None:
+    """kill -9 mid-create; the resumed run finishes the job with a batch of its own; only then does the
+    lost create land. The next run (nothing to send) or `status` finds the batch tagged for the job
+    that its book does not keep and cancels it; one that already ran is reported and not harvested."""
+    sim.configure(batch_create_lands_after_s=HELD)
+    rows = sample_rows(60)
+    files = make_job(rows=rows, model=BATCH_MODEL, run={"mode": "batch", "batch": FAST_POLL})
+    _killed_mid_create(files, sim, tmp_path)
+    resumed = cli("run", str(files.spec))
+    assert resumed.exit_code == 0, resumed.stderr[-2000:]
+    assert sim.stats()["billed"]["batch"] == len(rows)
+    output = pl.read_parquet(files.output)
+
+    sim.configure(batch_create_lands_after_s=0.0, batch_validating_s=0.0 if lands_as == "completed" else HELD)
+    eventually(lambda: sim.stats()["outcomes"].get("batch_created") == 2)  # the lost create lands now
+    looked = cli(look, str(files.spec))
+    assert looked.exit_code == 0, looked.stderr[-2000:]
+    stats = sim.stats()
+    if lands_as == "validating":
+        assert stats["outcomes"]["batch_cancel"] == 1
+        assert stats["batches"] == {"completed": 1, "cancelled": 1}
+        assert stats["billed"]["batch"] == len(rows)  # each line billed once
+        assert_paid_once(sim)
+        said = "cancelled before any line ran"
+    else:
+        assert "batch_cancel" not in stats["outcomes"]  # nothing left to cancel
+        assert stats["billed"]["batch"] == 2 * len(rows)
+        said = f"they had completed {len(rows)} lines, billed twice and not collected"
+    where = looked.stderr if look == "run" else looked.stdout
+    assert said in where, where[-2000:]
+    assert pl.read_parquet(files.output).equals(output)  # nothing taken from the stray
+
+    again = cli("status", str(files.spec))  # said once, shown after
+    assert again.exit_code == 0 and said not in again.stdout
+    assert "made twice for round-0000-0000 (a create whose answer was lost landed late)" in again.stdout
+    assert sim.stats()["outcomes"].get("batch_cancel", 0) == stats["outcomes"].get("batch_cancel", 0)
+
+
+def test_a_lost_create_whose_input_was_deleted_and_uploaded_again_is_known_by_its_content(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, tmp_path: Path
+) -> None:
+    """kill -9 mid-create; the resumed run's create keeps failing (503), so its input file is deleted and
+    the chunk will be uploaded again under a new file id. The lost create then lands. The next run knows
+    that batch by the chunk's content (its digest in the tag), not by a file id it no longer has: it
+    collects it, uploading and creating nothing, and each line is billed once."""
+    sim.configure(batch_create_lands_after_s=HELD)
+    rows = sample_rows(60)
+    run = {"mode": "batch", "backoff_initial_s": 0.01, "backoff_max_s": 0.02, "batch": FAST_POLL}
+    files = make_job(rows=rows, model=BATCH_MODEL, run=run)
+    _killed_mid_create(files, sim, tmp_path)
+    sim.configure(batch_create_status=503)
+    failed = cli("run", str(files.spec))
+    assert failed.exit_code == 3, failed.stderr[-2000:]
+    assert sim.stats()["files"] == 0  # the input the failed create named is deleted
+
+    sim.configure(batch_create_status=None, batch_create_lands_after_s=0.0)
+    eventually(lambda: sim.stats()["outcomes"].get("batch_created") == 1)  # made from the deleted file
+    result = cli("run", str(files.spec), "--log-format", "json")
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert pl.read_parquet(files.output).get_column("response_text").to_list() == expected(rows)
+    stats = sim.stats()
+    assert stats["outcomes"]["batch_created"] == 1 and stats["outcomes"]["file_uploaded"] == 1
+    assert stats["billed"]["batch"] == len(rows)
+    assert_paid_once(sim)
+    events = [json.loads(line).get("event") for line in result.stderr.splitlines() if line.startswith("{")]
+    assert "batch_duplicate" not in events

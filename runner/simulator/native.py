@@ -8,7 +8,6 @@ runner.simulator.batch_state, the checks on an uploaded batch file runner.simula
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -210,12 +209,10 @@ class NativeAPI(NativeState):
                 # The delay is read as it runs: a test holds a create (a long delay) and lets it land
                 # when it chooses (configure(batch_create_lands_after_s=0)).
                 asked = time.monotonic()
-                for _ in itertools.count():  # a poll of the config, not of an event: it is changed from outside
-                    left = (self.host.config.batch_create_lands_after_s or 0.0) - (time.monotonic() - asked)
-                    if left <= 0:
-                        return make()
+                # A poll of the config, not an Event: a test changes it from outside (configure).
+                while (left := (self.host.config.batch_create_lands_after_s or 0.0) - (time.monotonic() - asked)) > 0:  # noqa: ASYNC110
                     await asyncio.sleep(min(left, 0.02))
-                raise AssertionError("unreachable")
+                return make()
 
             landing = asyncio.ensure_future(land())
             self.landing.add(landing)

@@ -19,6 +19,7 @@ from runner.job import catalog
 from runner.simulator.answers import ask_from_chat, chat_completion, count_tokens, prompt_key
 from runner.simulator.batch_input import LINE_URL, eligible, file_problem, line_problem, parse_file
 from runner.simulator.batch_state import ACTIVE, NativeState, SimBatch, SimFile
+from runner.simulator.config import BATCH_QUEUE_CAPS, METADATA_MAX_KEY, METADATA_MAX_KEYS, METADATA_MAX_VALUE
 
 __all__ = ["ACTIVE", "BATCH_ENDPOINTS", "LINE_URL", "NATIVE_PATH", "NativeAPI"]
 
@@ -128,9 +129,10 @@ class NativeAPI(NativeState):
             raise _Refused(400, "1214", "purpose must be batch")
         if not isinstance(upload, web.FileField):
             raise _Refused(400, "1214", "file is required (multipart field 'file')")
+        _fault(cfg.batch_upload_status)
         data = upload.file.read()
-        if len(data) > cfg.batch_max_bytes:
-            raise _Refused(400, "1214", f"file is {len(data)} bytes; at most {cfg.batch_max_bytes} allowed")
+        if len(data) > cfg.batch_max_bytes:  # the file APIs' documented code for a file over 100 MB
+            raise _Refused(435, "435", f"file is {len(data)} bytes; at most {cfg.batch_max_bytes} allowed")
         lines = [ln for ln in data.split(b"\n") if ln.strip()]
         if not lines:
             raise _Refused(400, "1214", "file is empty")
@@ -187,8 +189,9 @@ class NativeAPI(NativeState):
         if body.get("endpoint") not in BATCH_ENDPOINTS:
             raise _Refused(400, "1214", f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}")
         metadata = body.get("metadata")
-        if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16):
-            raise _Refused(400, "1214", "metadata must be an object of at most 16 keys")
+        problem = _metadata_problem(metadata)
+        if problem is not None:
+            raise _Refused(400, "1214", problem)
         lines, model, invalid = parse_file(file.data)
         if model is not None and cfg.batch_refuse_ineligible and not eligible(model):
             raise _Refused(400, "1212", f"model {model} is not available for the Batch API")
@@ -237,13 +240,14 @@ class NativeAPI(NativeState):
             for other in self.batches.values():
                 self._advance(other, now)
             queued = sum(len(b.lines) for b in self.batches.values() if b.model == model and b.status in ACTIVE)
-            if cfg.batch_queue_cap is not None and queued + len(lines) > cfg.batch_queue_cap:
+            cap = cfg.batch_queue_cap if cfg.batch_queue_cap is not None else BATCH_QUEUE_CAPS.get(model or "")
+            if cap is not None and queued + len(lines) > cap:
                 self.host.count("batch_queue_full")
                 raise _Refused(
                     429,
                     "1210",
                     f"batch queue full for {model}: {queued} requests queued, {len(lines)} more would "
-                    f"exceed the cap of {cfg.batch_queue_cap}; wait for current tasks to finish",
+                    f"exceed the cap of {cap}; wait for current tasks to finish",
                 )
             batch = SimBatch(
                 id=self.host.new_id("batch_"),
@@ -312,10 +316,23 @@ class NativeAPI(NativeState):
                 raise _Refused(400, "1214", f"batch {batch.id} is {batch.status} and cannot be cancelled")
             batch.status, batch.stop_at = "cancelling", now
             batch.times["cancelling"] = now
-            self._advance(batch, now)
-            payload = self._batch_json(batch)
+            payload = self._batch_json(batch)  # a cancel answers `cancelling`; a later look may say cancelled
         self.host.count("batch_cancel")
         return web.json_response(payload)
+
+
+def _metadata_problem(metadata: Any) -> str | None:
+    """Why a create's metadata breaks the documented bounds (16 keys; a key 64, a value 512 characters)."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict) or len(metadata) > METADATA_MAX_KEYS:
+        return f"metadata must be an object of at most {METADATA_MAX_KEYS} keys"
+    for key, value in metadata.items():
+        if len(key) > METADATA_MAX_KEY:
+            return f"metadata key {key[:20]!r}... is longer than {METADATA_MAX_KEY} characters"
+        if not isinstance(value, str) or len(value) > METADATA_MAX_VALUE:
+            return f"metadata value of {key!r} must be a string of at most {METADATA_MAX_VALUE} characters"
+    return None
 
 
 def _quiet(task: asyncio.Future[Any]) -> None:

@@ -132,3 +132,18 @@ def test_a_run_follows_a_batch_through_every_status_to_completed(
         "finalizing",
         "completed",
     ], seen
+
+
+def test_a_create_right_after_the_upload_that_finds_no_file_asks_again(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """A file just uploaded can be unknown to the batch service for a moment (404 "input file not found",
+    GenAI-Showcase#175): the create is asked again a little later, and one batch is made."""
+    sim.configure(batch_file_visible_after_s=0.1)
+    rows = sample_rows(10)
+    files = make_job(rows=rows, model=BATCH_MODEL, run={"mode": "batch", "batch": FAST_POLL})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    outcomes = sim.stats()["outcomes"]
+    assert outcomes.get("batch_create_404_404", 0) >= 1 and outcomes["batch_created"] == 1
+    assert pl.read_parquet(files.output).get_column("response_text").to_list() == expected(rows)

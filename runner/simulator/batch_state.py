@@ -284,9 +284,11 @@ class NativeState:
         exist (yet), counts of nulls while validating. A look at a completed batch with `id_lag` left
         shows no output file id yet, and uses one up."""
 
+        unit = 1 if self.host.config.batch_timestamps == "ms" else 1000
+
         def epoch(status: str) -> int | None:
             t = b.times.get(status)
-            return None if t is None else _ms(b.wall + (t - b.created))
+            return None if t is None else _ms(b.wall + (t - b.created)) // unit
 
         errors = None
         if b.status == "failed":
@@ -310,7 +312,7 @@ class NativeState:
             "error_file_id": b.error_file_id or "",
             "created_at": epoch("validating"),
             "in_progress_at": epoch("in_progress"),
-            "expires_at": _ms(b.wall + 7 * 86400),
+            "expires_at": _ms(b.wall + 7 * 86400) // unit,
             "finalizing_at": epoch("finalizing"),
             "completed_at": epoch("completed"),
             "failed_at": epoch("failed"),

@@ -151,6 +151,12 @@ class SimConfig:
     batch_retrieve_status: int | None = None
     batch_create_status: int | None = None
     batch_upload_status: int | None = None  # every upload answers this (429: too frequent; 434: no file API)
+    # An uploaded file is unknown to a create (404 "not found") for this long (GenAI-Showcase#175).
+    batch_file_visible_after_s: float = 0.0
+    # Unknown on the real service (real-wire.md [U]), so a switch: the list's order, and the unit of every
+    # timestamp (real objects use milliseconds, the docs say seconds).
+    batch_list_order: Literal["newest", "oldest"] = "newest"
+    batch_timestamps: Literal["ms", "s"] = "ms"
     # The first `batch_create_late_times` creates (POST /batches) land this long after they were asked:
     # the batch is made, and answered, only then. A client that timed out or died meanwhile never hears
     # of it, yet the batch is made and runs (the double-create window: a lookup finds nothing, a second

@@ -142,16 +142,17 @@ class NativeAPI(NativeState):
             problem = file_problem(lines)
             if problem is not None:
                 raise _Refused(400, "1214", problem)
-        file = SimFile(self.new_file_id(), upload.filename, "batch", data, int(time.time() * 1000))
+        visible = time.monotonic() + cfg.batch_file_visible_after_s
+        file = SimFile(self.new_file_id(), upload.filename, "batch", data, int(time.time() * 1000), visible)
         with self.host.lock:
             if cfg.batch_file_cap is not None and len(self.files) >= cfg.batch_file_cap:
                 raise _Refused(400, "1214", f"file limit reached: at most {cfg.batch_file_cap} files; delete some")
             self.files[file.id] = file
         self.host.count("file_uploaded")
-        return web.json_response(_file_json(file))
+        return web.json_response(_file_json(file, self.host.config.batch_timestamps))
 
     async def _file_info(self, request: web.Request) -> web.Response:
-        return web.json_response(_file_json(self._held(request, self.files, "file")))
+        return web.json_response(_file_json(self._held(request, self.files, "file"), self.host.config.batch_timestamps))
 
     async def _file_delete(self, request: web.Request) -> web.Response:
         file = self._held(request, self.files, "file")
@@ -186,6 +187,8 @@ class NativeAPI(NativeState):
         file = self.files.get(body.get("input_file_id", ""))
         if file is None or file.purpose != "batch":
             raise _Refused(400, "1214", f"input_file_id {body.get('input_file_id')!r} is not an uploaded batch file")
+        if time.monotonic() < file.ready_at:  # just uploaded, not yet known to the batch service
+            raise _Refused(404, "404", f"input file {file.id} not found")
         if body.get("endpoint") not in BATCH_ENDPOINTS:
             raise _Refused(400, "1214", f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}")
         metadata = body.get("metadata")
@@ -255,7 +258,7 @@ class NativeAPI(NativeState):
                 endpoint=body["endpoint"],
                 metadata=metadata,
                 model=model,
-                auto_delete=bool(body.get("auto_delete_input_file", False)),
+                auto_delete=bool(body.get("auto_delete_input_file", True)),  # documented default: true
                 lines=lines,
                 created=now,
                 wall=time.time(),
@@ -276,7 +279,8 @@ class NativeAPI(NativeState):
             return web.json_response(self._batch_json(batch))
 
     async def _list(self, request: web.Request) -> web.Response:
-        """Newest first, like OpenAI: `after` is the last id of the previous page."""
+        """Newest first, like OpenAI (or oldest first: `batch_list_order`); `after` is the last id of the
+        previous page."""
         self._auth(request)
         self.host.count("batch_list")
         try:
@@ -285,15 +289,15 @@ class NativeAPI(NativeState):
             raise _Refused(400, "1214", "limit must be an integer") from exc
         if not 1 <= limit <= 100:
             raise _Refused(400, "1214", "limit must be between 1 and 100")
-        newest = list(reversed(self.batches))
+        order = list(reversed(self.batches)) if self.host.config.batch_list_order == "newest" else list(self.batches)
         after = request.query.get("after")
         if after:
             if after not in self.batches:
                 raise _Refused(400, "1214", f"after: batch {after} not found")
-            newest = newest[newest.index(after) + 1 :]
+            order = order[order.index(after) + 1 :]
         with self.host.lock:
             now = time.monotonic()
-            page = [self.batches[i] for i in newest[:limit]]
+            page = [self.batches[i] for i in order[:limit]]
             for b in page:
                 self._advance(b, now)
             data = [self._batch_json(b) for b in page]
@@ -303,7 +307,7 @@ class NativeAPI(NativeState):
                 "data": data,
                 "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None,
-                "has_more": len(newest) > limit,
+                "has_more": len(order) > limit,
             }
         )
 
@@ -347,12 +351,12 @@ def _fault(status: int | None) -> None:
         raise _Refused(status, str(status), "Service Unavailable" if status >= 500 else f"{status} fault")
 
 
-def _file_json(file: SimFile) -> dict[str, Any]:
+def _file_json(file: SimFile, unit: str) -> dict[str, Any]:
     return {
         "id": file.id,
         "object": "file",
         "bytes": len(file.data),
-        "created_at": file.created_at,
+        "created_at": file.created_at if unit == "ms" else file.created_at // 1000,
         "filename": file.filename,
         "purpose": file.purpose,
     }

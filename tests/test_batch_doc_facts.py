@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import polars as pl
 import pytest
 
@@ -72,6 +73,16 @@ async def test_metadata_past_its_documented_bounds_is_refused_and_our_tags_fit(
         deep = tmp_path / ("d" * 200) / ("e" * 200)
         made = await api.create(file_id, metadata=tag(job_tag(deep), chunk))
         assert made.metadata["glm_batch_digest"] == written.digest and isinstance(chunk, Chunk)
+
+
+async def test_the_list_takes_a_limit_of_1_to_100_and_the_client_keeps_within_it(sim: SimulatorThread) -> None:
+    async with BatchAPI(sim.native_url, API_KEY, max_attempts=1) as api:
+        assert (await api.list(limit=500)).data == ()  # asked as 100
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        for limit in ("0", "101"):
+            async with http.get(f"{sim.native_url}/batches", params={"limit": limit}) as answer:
+                assert answer.status == 400 and "limit" in (await answer.json())["error"]["message"]
 
 
 async def test_a_file_over_the_size_limit_is_refused_with_the_file_apis_435(

@@ -10,6 +10,7 @@ Cancelling keeps what a batch already finished: those lines are billed and deliv
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from runner.job import catalog
@@ -62,16 +63,16 @@ async def look_for_strays(job: Job, api_key: str, base_url: str) -> list[dict[st
     """For `status`: find the job's batches that no chunk keeps and cancel them (or report the ones
     that ran), as every run does; a batch made for a chunk whose create was never recorded is recorded.
     None when a run of the job is active (it looks itself); else what the look newly said."""
-    from runner.errors import LockHeld
+    from runner.errors import LockHeld, UsageError
     from runner.state.lock import JobLock
 
     directory = job.state_dir / "batches"
-    if not has_batches_to_look_at(job):
+    if not has_batches_to_look_at(job) or not os.access(directory, os.W_OK):  # a folder we may only read
         return []
     lock = JobLock(job.state_dir / "lock")
     try:
         lock.acquire()
-    except LockHeld:
+    except (LockHeld, UsageError):
         return None
     try:
         return await _sweep(job, api_key, base_url, BatchBook(directory))

@@ -25,7 +25,7 @@ from tests.conftest import API_KEY, JobFiles, cli, sample_rows
 from tests.test_batch_mode import BATCH_MODEL, FAST_POLL, expected
 
 
-def _requests(n: int, text: str = "t") -> list[tuple[str, dict[str, object]]]:
+def batch_requests(n: int, text: str = "t") -> list[tuple[str, dict[str, object]]]:
     body = {"model": "glm-4-air-250414", "max_tokens": 8}
     return [(f"r{i}", {**body, "messages": [{"role": "user", "content": f"{text}{i}"}]}) for i in range(n)]
 
@@ -47,7 +47,7 @@ async def test_a_cancel_answers_cancelling_and_a_later_look_says_cancelled(
     sim: SimulatorThread, tmp_path: Path
 ) -> None:
     sim.configure(batch_validating_s=3600.0)
-    [written] = write_batch_files(_requests(3), tmp_path)
+    [written] = write_batch_files(batch_requests(3), tmp_path)
     async with BatchAPI(sim.native_url, API_KEY) as api:
         made = await api.create((await api.upload(written.path)).id)
         assert made.status == "validating" and made.request_counts.total == 0  # counts are nulls while validating
@@ -60,7 +60,7 @@ async def test_metadata_past_its_documented_bounds_is_refused_and_our_tags_fit(
 ) -> None:
     """At most 16 keys, a key of 64 characters, a value of 512: past any, a 400; the tag a run gives a
     batch (job, chunk, content digest) is within them, for the longest state folder path."""
-    [written] = write_batch_files(_requests(2), tmp_path)
+    [written] = write_batch_files(batch_requests(2), tmp_path)
     async with BatchAPI(sim.native_url, API_KEY, max_attempts=1) as api:
         file_id = (await api.upload(written.path)).id
         for metadata in ({f"k{i}": "v" for i in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}):
@@ -89,7 +89,7 @@ async def test_a_file_over_the_size_limit_is_refused_with_the_file_apis_435(
     sim: SimulatorThread, tmp_path: Path
 ) -> None:
     sim.configure(batch_max_bytes=500)
-    [written] = write_batch_files(_requests(20, "x" * 50), tmp_path)
+    [written] = write_batch_files(batch_requests(20, "x" * 50), tmp_path)
     async with BatchAPI(sim.native_url, API_KEY, max_attempts=1) as api:
         with pytest.raises(BatchStatusError) as refused:
             await api.upload(written.path)

@@ -16,9 +16,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from runner.send.batch.api import BatchAPI
+from runner.send.batch.book import BatchBook
+from runner.send.batch.duplicates import Twins, tag
+from runner.send.batch.files import write_batch_files
 from runner.simulator.simulator import SimulatorThread
-from tests.conftest import JobFiles, cli, eventually, sample_rows
+from tests.conftest import API_KEY, JobFiles, cli, eventually, sample_rows, until
 from tests.test_batch_billing import KILLED_MID_CREATE
+from tests.test_batch_doc_facts import batch_requests
 from tests.test_batch_mode import BATCH_MODEL, FAST_POLL, assert_paid_once, crash_env, expected
 
 HELD = 3600.0  # a create held this long lands only when the test says so
@@ -121,3 +126,27 @@ def test_a_lost_create_whose_input_was_deleted_and_uploaded_again_is_known_by_it
     assert_paid_once(sim)
     events = [json.loads(line).get("event") for line in result.stderr.splitlines() if line.startswith("{")]
     assert "batch_duplicate" not in events
+
+
+async def test_a_late_batch_from_an_earlier_upload_of_the_chunk_is_its_twin_and_kept_when_further_along(
+    sim: SimulatorThread, tmp_path: Path
+) -> None:
+    """One chunk, uploaded twice (the first input deleted after a failed create): a batch from the first
+    upload, running, and the book's from the second, still validating. The sweep knows both as the
+    chunk's by their digest, keeps the one further along (recording it) and cancels the other."""
+    [written] = write_batch_files(batch_requests(50), tmp_path / "in")
+    book = BatchBook(tmp_path / "book")
+    chunk = book.record("c", path=str(written.path), requests="", model=BATCH_MODEL["name"], lines=50, round=0)
+    chunk = book.record("c", digest=written.digest)
+    sim.configure(batch_lines_per_s=5)
+    async with BatchAPI(sim.native_url, API_KEY) as api:
+        first = await api.upload(written.path)
+        earlier = await api.create(first.id, metadata=tag("job", chunk))
+        await until(lambda: sim.stats()["batch_lines_processed"] > 0)  # it runs: lines are billed
+        sim.configure(batch_validating_s=HELD)
+        second = await api.upload(written.path)
+        mine = await api.create(second.id, metadata=tag("job", chunk))
+        book.record("c", status="created", file_id=second.id, uploaded_at=first.created_at, batch_id=mine.id)
+        assert await Twins("job").sweep(api, book, ["c"]) == {"c"}
+        assert book.chunks["c"].batch_id == earlier.id  # the running one is kept
+        assert (await api.retrieve(mine.id)).status == "cancelled" and list(book.strays) == [mine.id]

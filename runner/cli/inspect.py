@@ -218,14 +218,16 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
 def _look_for_strays(job: Job) -> None:
     """`status` of a batch job at Zhipu: look for batches of the job that no chunk keeps (a create whose
     answer was lost landed after the last run ended) and cancel them, as a run would; say what it did."""
-    import asyncio
-
-    from runner.send.batch.admin import has_batches_to_look_at, look_for_strays
-    from runner.send.endpoints import endpoint_url
+    from runner.send.batch.admin import has_batches_to_look_at
 
     # The built-in simulator's batches end with the run that made them.
     if job.base_url is None or not has_batches_to_look_at(job):
         return
+    import asyncio  # only now: `status` of any other job loads nothing that sends
+
+    from runner.send.batch.admin import look_for_strays
+    from runner.send.endpoints import endpoint_url
+
     try:
         key = api_key_for(job)
     except UsageError as exc:

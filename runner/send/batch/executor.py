@@ -374,14 +374,16 @@ class BatchExecutor:
         self, api: BatchAPI, book: BatchBook, control: Control, exc: BatchAPIError, chunk: Chunk
     ) -> None:
         """End the run for a Batch API error at upload or create that retrying did not mend. An input file
-        a create refused is deleted (an account holds at most 1,000 files); the next run uploads anew. Its
-        create may still have been made (an answer lost behind the error): the chunk is marked unsure, so
-        the next run looks for that batch (by the chunk's content) before it uploads again."""
+        a create refused is deleted (an account holds at most 1,000 files); the next run uploads anew. A
+        create that failed with a 5xx, or was sent more than once, may still have been made (an answer
+        lost behind the error): the chunk is marked unsure, so the next run looks for that batch (by the
+        chunk's content) before it uploads again."""
         chunk = book.chunks[chunk.id]
         if chunk.status == "uploaded" and chunk.file_id and isinstance(exc, BatchStatusError):
             with contextlib.suppress(BatchAPIError):
                 await api.delete_file(chunk.file_id)
-            book.record(chunk.id, status="written", file_id=None, unsure=True)
+            maybe = exc.status >= 500 or chunk.file_id in api.retried_creates  # a 4xx answer made nothing
+            book.record(chunk.id, status="written", file_id=None, unsure=chunk.unsure or maybe)
         fault = classify_api_error(exc)
         if fault.verdict is Verdict.ABORT:
             control.abort(refusal(fault))

@@ -158,3 +158,18 @@ def test_a_create_right_after_the_upload_that_finds_no_file_asks_again(
     outcomes = sim.stats()["outcomes"]
     assert outcomes.get("batch_create_404_404", 0) >= 1 and outcomes["batch_created"] == 1
     assert pl.read_parquet(files.output).get_column("response_text").to_list() == expected(rows)
+
+
+@pytest.mark.parametrize("shape", ["response", "error"])
+def test_transient_line_errors_in_either_error_file_shape_are_sent_again(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, shape: str
+) -> None:
+    """The error file's line format is not documented: a 500 or 429 line, given as a `response` with its
+    status or as an `error` whose code is the status, is sent again in the next round, never failed."""
+    sim.configure(batch_error_rate=0.3, batch_error_line_shape=shape)
+    rows = sample_rows(30)
+    files = make_job(rows=rows, model=BATCH_MODEL, run={"mode": "batch", "batch": {**FAST_POLL, "max_rounds": 10}})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert pl.read_parquet(files.output).get_column("response_text").to_list() == expected(rows)
+    assert sim.stats()["outcomes"]["batch_created"] > 1  # some lines went to a later round

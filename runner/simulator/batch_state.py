@@ -224,8 +224,13 @@ class NativeState:
             draw = share(f"batch-error{attempt}{custom_id}{ask.prompt}")
             if draw < cfg.batch_error_rate:
                 status, error = _TRANSIENT[int(draw * 1e6) % 2]
-                response = {"status_code": status, "body": {**error, "request_id": request_id}}
-                b.errors.append(_dump({"id": line_id, "custom_id": custom_id, "response": response, "error": None}))
+                if cfg.batch_error_line_shape == "error":
+                    said = {"code": str(status), "message": error["error"]["message"]}
+                    b.errors.append(_dump({"id": line_id, "custom_id": custom_id, "response": None, "error": said}))
+                else:
+                    response = {"status_code": status, "body": {**error, "request_id": request_id}}
+                    line = {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
+                    b.errors.append(_dump(line))
                 b.failed += 1
                 continue
             reply = self.host.reply(ask)

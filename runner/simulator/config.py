@@ -157,6 +157,9 @@ class SimConfig:
     # timestamp (real objects use milliseconds, the docs say seconds).
     batch_list_order: Literal["newest", "oldest"] = "newest"
     batch_timestamps: Literal["ms", "s"] = "ms"
+    # The error file's line format is undocumented: "response" puts a failed line's status and error body
+    # under `response`; "error" gives `response: null` and an `error` whose code is the HTTP status.
+    batch_error_line_shape: Literal["response", "error"] = "response"
     # The first `batch_create_late_times` creates (POST /batches) land this long after they were asked:
     # the batch is made, and answered, only then. A client that timed out or died meanwhile never hears
     # of it, yet the batch is made and runs (the double-create window: a lookup finds nothing, a second

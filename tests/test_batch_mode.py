@@ -241,6 +241,9 @@ def test_status_shows_the_batches_and_cancel_keeps_what_they_finished(
     cancelled = cli("cancel", str(files.spec))
     assert cancelled.exit_code == 0, cancelled.stderr
     assert "lines already billed are kept" in cancelled.stdout
+    # The batch whose create the dead run never recorded is found by its tag, recorded and cancelled.
+    assert "1 batches asked to cancel" in cancelled.stdout, cancelled.stdout
+    assert sim.stats()["batches"] == {"cancelled": 1}
     done_before = sim.stats()["billed"]["batch"]
     assert 0 < done_before < 400
 

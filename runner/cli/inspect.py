@@ -169,10 +169,11 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
     def go() -> None:
         from runner.jsonrecord import from_json
         from runner.observe.summary import Summary
-        from runner.send.batch.admin import batch_rows
+        from runner.send.batch.admin import batch_rows, stray_rows
         from runner.state.lock import JobLock
 
-        # The templates stay unparsed (no jinja2): status renders nothing, and writes nothing either.
+        # The templates stay unparsed (no jinja2): status renders nothing, and writes nothing but what a
+        # look at the job's batches at Zhipu finds (a stray batch cancelled, in the batch book).
         job = _load(spec, set_, None, check_templates=False, writes=False, sends=False)
         holder = JobLock(job.state_dir / "lock").holder()
         if holder is not None:
@@ -200,6 +201,8 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
                 f"last run {last.run_id}: exit {last.exit_code}, {last.answered_ok} ok, "
                 f"{last.answered_error} failed, {last.elapsed_s} s, stopped: {last.stopped or 'no'}"
             )
+        if holder is None:
+            _look_for_strays(job)
         for batch in batch_rows(job):  # batch mode: each chunk's batch and how far it got
             counts = (
                 f", {batch['completed']} completed, {batch['failed']} failed" if batch["completed"] is not None else ""
@@ -208,8 +211,38 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
                 f"batch {batch['batch'] or '(not created)'} ({batch['chunk']}, {batch['lines']} lines): "
                 f"{batch['step']}, {batch['status'] or 'not looked at yet'}{counts}"
             )
+        for stray in stray_rows(job):  # batches of the job no chunk keeps: cancelled, or ran and not collected
+            billed = f"; {stray['billed']} lines billed twice, not collected" if stray.get("billed") else ""
+            print(
+                f"batch {stray['stray']}: made twice for {stray.get('chunk') or 'no chunk of this job'} (a create "
+                f"whose answer was lost landed late), {stray.get('status')}{billed}"
+            )
 
     _guarded(go)
+
+
+def _look_for_strays(job: Job) -> None:
+    """`status` of a batch job at Zhipu: look for batches of the job that no chunk keeps (a create whose
+    answer was lost landed after the last run ended) and cancel them, as a run would; say what it did."""
+    from runner.send.batch.admin import has_batches_to_look_at
+
+    # The built-in simulator's batches end with the run that made them.
+    if job.base_url is None or not has_batches_to_look_at(job):
+        return
+    import asyncio  # only now: `status` of any other job loads nothing that sends
+
+    from runner.send.batch.admin import look_for_strays
+    from runner.send.endpoints import endpoint_url
+
+    try:
+        key = api_key_for(job)
+    except UsageError as exc:
+        print(f"batches at Zhipu not looked at: {exc}")
+        return
+    with endpoint_url(job) as base_url:
+        said = asyncio.run(look_for_strays(job, key, base_url))
+    for event in said or []:
+        print(event["message"])
 
 
 def _progress(job: Job) -> dict[str, int] | None:

@@ -180,7 +180,9 @@ class BatchSpec(_Strict):
     poll_max_s: Annotated[Float, Field(gt=0, le=3600)] = 300.0  # ...then less often, up to this
     max_rounds: Annotated[Int, Field(ge=1, le=20)] = 3  # batch rounds for lines to send again (batch mode)
     # hybrid: how long before the deadline to cancel what the Batch API has not finished and send it online
-    online_margin_s: Annotated[Float, Field(ge=0, le=86_400)] | None = None  # default: from the online rate
+    # Default: 10% of the time from the start to the deadline, at least 1 s. The deadline bounds the batch
+    # part; the online tail is sent after it, whole (README, Batch mode).
+    online_margin_s: Annotated[Float, Field(ge=0, le=86_400)] | None = None
     # Send a model Zhipu's eligibility list does not name (GLM-4.5 and newer) to the Batch API anyway;
     # the run says it may fail at validation. Not needed once `glm-batch doctor --batch` proved the model.
     allow_unconfirmed: bool = False

@@ -66,6 +66,8 @@ ABORT_MEANINGS: dict[str, str] = {
     "1304": "the account's daily call limit is reached; run again tomorrow (answers so far are kept)",
     "1211": "the endpoint does not know this model; check model.name",
     "404": "the endpoint does not know this model or path; check model.name and model.endpoint",
+    "434": "the account may not use Zhipu's file API, which the Batch API needs (no permission); run with "
+    "run.mode: online, or ask Zhipu for access",
 }
 
 

@@ -224,8 +224,13 @@ class NativeState:
             draw = share(f"batch-error{attempt}{custom_id}{ask.prompt}")
             if draw < cfg.batch_error_rate:
                 status, error = _TRANSIENT[int(draw * 1e6) % 2]
-                response = {"status_code": status, "body": {**error, "request_id": request_id}}
-                b.errors.append(_dump({"id": line_id, "custom_id": custom_id, "response": response, "error": None}))
+                if cfg.batch_error_line_shape == "error":
+                    said = {"code": str(status), "message": error["error"]["message"]}
+                    b.errors.append(_dump({"id": line_id, "custom_id": custom_id, "response": None, "error": said}))
+                else:
+                    response = {"status_code": status, "body": {**error, "request_id": request_id}}
+                    line = {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
+                    b.errors.append(_dump(line))
                 b.failed += 1
                 continue
             reply = self.host.reply(ask)
@@ -284,9 +289,11 @@ class NativeState:
         exist (yet), counts of nulls while validating. A look at a completed batch with `id_lag` left
         shows no output file id yet, and uses one up."""
 
+        unit = 1 if self.host.config.batch_timestamps == "ms" else 1000
+
         def epoch(status: str) -> int | None:
             t = b.times.get(status)
-            return None if t is None else _ms(b.wall + (t - b.created))
+            return None if t is None else _ms(b.wall + (t - b.created)) // unit
 
         errors = None
         if b.status == "failed":
@@ -310,7 +317,7 @@ class NativeState:
             "error_file_id": b.error_file_id or "",
             "created_at": epoch("validating"),
             "in_progress_at": epoch("in_progress"),
-            "expires_at": _ms(b.wall + 7 * 86400),
+            "expires_at": _ms(b.wall + 7 * 86400) // unit,
             "finalizing_at": epoch("finalizing"),
             "completed_at": epoch("completed"),
             "failed_at": epoch("failed"),

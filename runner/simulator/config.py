@@ -22,6 +22,18 @@ BILLED_FAULTS = frozenset({"slow", "hang", "partial_json", "finish_network_error
 # Answers that end with one of Zhipu's own finish reasons: the inference broke off half way, or the
 # content was blocked (stop_reason as the Anthropic route passes it on: Zhipu's word, unmapped).
 
+# Zhipu's documented per-model batch queue caps (requests in unfinished batches; shared/reference/batch.md).
+BATCH_QUEUE_CAPS = {
+    "glm-4-plus": 2_000_000,
+    "glm-4-air-250414": 2_000_000,
+    "glm-4-flashx-250414": 2_000_000,
+    "glm-4": 500_000,
+    "glm-4-long": 200_000,
+    "glm-4v-plus": 10_000,
+}
+# The Batch API's documented bounds on a create's metadata: keys, and the length of a key and a value.
+METADATA_MAX_KEYS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
+
 HTML_502 = "<html><body>502 Bad Gateway</body></html>"
 
 ERRORS: dict[str, tuple[int, dict[str, Any]]] = {
@@ -124,7 +136,9 @@ class SimConfig:
     # This share of lines (fixed by custom_id and prompt) fails transiently: a 500 or a 429/1302 line.
     batch_error_rate: float = 0.0
     batch_output_404_s: float = 0.0  # result files answer 404 this long after a batch ends (instructor#1745)
-    batch_queue_cap: int | None = None  # requests a model may have queued in unfinished batches
+    # Requests a model may have queued in unfinished batches: this, else Zhipu's documented cap for the
+    # model (BATCH_QUEUE_CAPS), else none.
+    batch_queue_cap: int | None = None
     batch_refuse_ineligible: bool = False  # refuse models whose catalogue entry says batch: false
     # Real quirks (real-wire.md): a completed batch shows `output_file_id: ""` for this many looks more
     # (instructor#1745); every batch fails validation with these errors.data items ({code, line,
@@ -136,17 +150,28 @@ class SimConfig:
     # Every look at a batch (GET /batches/{id}) / every result file download answers this status instead.
     batch_retrieve_status: int | None = None
     batch_create_status: int | None = None
+    batch_upload_status: int | None = None  # every upload answers this (429: too frequent; 434: no file API)
+    # An uploaded file is unknown to a create (404 "not found") for this long (GenAI-Showcase#175).
+    batch_file_visible_after_s: float = 0.0
+    # Unknown on the real service (real-wire.md [U]), so a switch: the list's order, and the unit of every
+    # timestamp (real objects use milliseconds, the docs say seconds).
+    batch_list_order: Literal["newest", "oldest"] = "newest"
+    batch_timestamps: Literal["ms", "s"] = "ms"
+    # The error file's line format is undocumented: "response" puts a failed line's status and error body
+    # under `response`; "error" gives `response: null` and an `error` whose code is the HTTP status.
+    batch_error_line_shape: Literal["response", "error"] = "response"
     # The first `batch_create_late_times` creates (POST /batches) land this long after they were asked:
     # the batch is made, and answered, only then. A client that timed out or died meanwhile never hears
     # of it, yet the batch is made and runs (the double-create window: a lookup finds nothing, a second
-    # create follows, and the first lands after it).
+    # create follows, and the first lands after it). The delay is read while a create is held: set it
+    # long to hold one, then 0 to let it land.
     batch_create_lands_after_s: float | None = None
     batch_create_late_times: int = 1
     batch_download_status: int | None = None
     # The first `batch_forget_times` batches are forgotten (404, as if purged) after this many looks each.
     batch_forget_after_looks: int | None = None
     batch_forget_times: int = 1
-    batch_file_cap: int | None = None  # files an account may hold (Zhipu: 1,000); an upload past it is refused
+    batch_file_cap: int | None = 1000  # files an account may hold (Zhipu: 1,000); an upload past it is refused
     # This share of lines (fixed by custom_id and prompt) ends with finish_reason network_error (a cut
     # answer, billed) or sensitive (blocked, empty, billed).
     batch_network_error_rate: float = 0.0

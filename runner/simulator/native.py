@@ -19,6 +19,7 @@ from runner.job import catalog
 from runner.simulator.answers import ask_from_chat, chat_completion, count_tokens, prompt_key
 from runner.simulator.batch_input import LINE_URL, eligible, file_problem, line_problem, parse_file
 from runner.simulator.batch_state import ACTIVE, NativeState, SimBatch, SimFile
+from runner.simulator.config import BATCH_QUEUE_CAPS, METADATA_MAX_KEY, METADATA_MAX_KEYS, METADATA_MAX_VALUE
 
 __all__ = ["ACTIVE", "BATCH_ENDPOINTS", "LINE_URL", "NATIVE_PATH", "NativeAPI"]
 
@@ -128,9 +129,10 @@ class NativeAPI(NativeState):
             raise _Refused(400, "1214", "purpose must be batch")
         if not isinstance(upload, web.FileField):
             raise _Refused(400, "1214", "file is required (multipart field 'file')")
+        _fault(cfg.batch_upload_status)
         data = upload.file.read()
-        if len(data) > cfg.batch_max_bytes:
-            raise _Refused(400, "1214", f"file is {len(data)} bytes; at most {cfg.batch_max_bytes} allowed")
+        if len(data) > cfg.batch_max_bytes:  # the file APIs' documented code for a file over 100 MB
+            raise _Refused(435, "435", f"file is {len(data)} bytes; at most {cfg.batch_max_bytes} allowed")
         lines = [ln for ln in data.split(b"\n") if ln.strip()]
         if not lines:
             raise _Refused(400, "1214", "file is empty")
@@ -140,16 +142,17 @@ class NativeAPI(NativeState):
             problem = file_problem(lines)
             if problem is not None:
                 raise _Refused(400, "1214", problem)
-        file = SimFile(self.new_file_id(), upload.filename, "batch", data, int(time.time() * 1000))
+        visible = time.monotonic() + cfg.batch_file_visible_after_s
+        file = SimFile(self.new_file_id(), upload.filename, "batch", data, int(time.time() * 1000), visible)
         with self.host.lock:
             if cfg.batch_file_cap is not None and len(self.files) >= cfg.batch_file_cap:
                 raise _Refused(400, "1214", f"file limit reached: at most {cfg.batch_file_cap} files; delete some")
             self.files[file.id] = file
         self.host.count("file_uploaded")
-        return web.json_response(_file_json(file))
+        return web.json_response(_file_json(file, self.host.config.batch_timestamps))
 
     async def _file_info(self, request: web.Request) -> web.Response:
-        return web.json_response(_file_json(self._held(request, self.files, "file")))
+        return web.json_response(_file_json(self._held(request, self.files, "file"), self.host.config.batch_timestamps))
 
     async def _file_delete(self, request: web.Request) -> web.Response:
         file = self._held(request, self.files, "file")
@@ -184,11 +187,14 @@ class NativeAPI(NativeState):
         file = self.files.get(body.get("input_file_id", ""))
         if file is None or file.purpose != "batch":
             raise _Refused(400, "1214", f"input_file_id {body.get('input_file_id')!r} is not an uploaded batch file")
+        if time.monotonic() < file.ready_at:  # just uploaded, not yet known to the batch service
+            raise _Refused(404, "404", f"input file {file.id} not found")
         if body.get("endpoint") not in BATCH_ENDPOINTS:
             raise _Refused(400, "1214", f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}")
         metadata = body.get("metadata")
-        if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16):
-            raise _Refused(400, "1214", "metadata must be an object of at most 16 keys")
+        problem = _metadata_problem(metadata)
+        if problem is not None:
+            raise _Refused(400, "1214", problem)
         lines, model, invalid = parse_file(file.data)
         if model is not None and cfg.batch_refuse_ineligible and not eligible(model):
             raise _Refused(400, "1212", f"model {model} is not available for the Batch API")
@@ -206,7 +212,12 @@ class NativeAPI(NativeState):
             self.host.count("batch_create_late")
 
             async def land() -> dict[str, Any]:
-                await asyncio.sleep(delay)
+                # The delay is read as it runs: a test holds a create (a long delay) and lets it land
+                # when it chooses (configure(batch_create_lands_after_s=0)).
+                asked = time.monotonic()
+                # A poll of the config, not an Event: a test changes it from outside (configure).
+                while (left := (self.host.config.batch_create_lands_after_s or 0.0) - (time.monotonic() - asked)) > 0:  # noqa: ASYNC110
+                    await asyncio.sleep(min(left, 0.02))
                 return make()
 
             landing = asyncio.ensure_future(land())
@@ -232,13 +243,14 @@ class NativeAPI(NativeState):
             for other in self.batches.values():
                 self._advance(other, now)
             queued = sum(len(b.lines) for b in self.batches.values() if b.model == model and b.status in ACTIVE)
-            if cfg.batch_queue_cap is not None and queued + len(lines) > cfg.batch_queue_cap:
+            cap = cfg.batch_queue_cap if cfg.batch_queue_cap is not None else BATCH_QUEUE_CAPS.get(model or "")
+            if cap is not None and queued + len(lines) > cap:
                 self.host.count("batch_queue_full")
                 raise _Refused(
                     429,
                     "1210",
                     f"batch queue full for {model}: {queued} requests queued, {len(lines)} more would "
-                    f"exceed the cap of {cfg.batch_queue_cap}; wait for current tasks to finish",
+                    f"exceed the cap of {cap}; wait for current tasks to finish",
                 )
             batch = SimBatch(
                 id=self.host.new_id("batch_"),
@@ -246,7 +258,7 @@ class NativeAPI(NativeState):
                 endpoint=body["endpoint"],
                 metadata=metadata,
                 model=model,
-                auto_delete=bool(body.get("auto_delete_input_file", False)),
+                auto_delete=bool(body.get("auto_delete_input_file", True)),  # documented default: true
                 lines=lines,
                 created=now,
                 wall=time.time(),
@@ -267,7 +279,8 @@ class NativeAPI(NativeState):
             return web.json_response(self._batch_json(batch))
 
     async def _list(self, request: web.Request) -> web.Response:
-        """Newest first, like OpenAI: `after` is the last id of the previous page."""
+        """Newest first, like OpenAI (or oldest first: `batch_list_order`); `after` is the last id of the
+        previous page."""
         self._auth(request)
         self.host.count("batch_list")
         try:
@@ -276,15 +289,15 @@ class NativeAPI(NativeState):
             raise _Refused(400, "1214", "limit must be an integer") from exc
         if not 1 <= limit <= 100:
             raise _Refused(400, "1214", "limit must be between 1 and 100")
-        newest = list(reversed(self.batches))
+        order = list(reversed(self.batches)) if self.host.config.batch_list_order == "newest" else list(self.batches)
         after = request.query.get("after")
         if after:
             if after not in self.batches:
                 raise _Refused(400, "1214", f"after: batch {after} not found")
-            newest = newest[newest.index(after) + 1 :]
+            order = order[order.index(after) + 1 :]
         with self.host.lock:
             now = time.monotonic()
-            page = [self.batches[i] for i in newest[:limit]]
+            page = [self.batches[i] for i in order[:limit]]
             for b in page:
                 self._advance(b, now)
             data = [self._batch_json(b) for b in page]
@@ -294,7 +307,7 @@ class NativeAPI(NativeState):
                 "data": data,
                 "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None,
-                "has_more": len(newest) > limit,
+                "has_more": len(order) > limit,
             }
         )
 
@@ -307,10 +320,23 @@ class NativeAPI(NativeState):
                 raise _Refused(400, "1214", f"batch {batch.id} is {batch.status} and cannot be cancelled")
             batch.status, batch.stop_at = "cancelling", now
             batch.times["cancelling"] = now
-            self._advance(batch, now)
-            payload = self._batch_json(batch)
+            payload = self._batch_json(batch)  # a cancel answers `cancelling`; a later look may say cancelled
         self.host.count("batch_cancel")
         return web.json_response(payload)
+
+
+def _metadata_problem(metadata: Any) -> str | None:
+    """Why a create's metadata breaks the documented bounds (16 keys; a key 64, a value 512 characters)."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict) or len(metadata) > METADATA_MAX_KEYS:
+        return f"metadata must be an object of at most {METADATA_MAX_KEYS} keys"
+    for key, value in metadata.items():
+        if len(key) > METADATA_MAX_KEY:
+            return f"metadata key {key[:20]!r}... is longer than {METADATA_MAX_KEY} characters"
+        if not isinstance(value, str) or len(value) > METADATA_MAX_VALUE:
+            return f"metadata value of {key!r} must be a string of at most {METADATA_MAX_VALUE} characters"
+    return None
 
 
 def _quiet(task: asyncio.Future[Any]) -> None:
@@ -325,12 +351,12 @@ def _fault(status: int | None) -> None:
         raise _Refused(status, str(status), "Service Unavailable" if status >= 500 else f"{status} fault")
 
 
-def _file_json(file: SimFile) -> dict[str, Any]:
+def _file_json(file: SimFile, unit: str) -> dict[str, Any]:
     return {
         "id": file.id,
         "object": "file",
         "bytes": len(file.data),
-        "created_at": file.created_at,
+        "created_at": file.created_at if unit == "ms" else file.created_at // 1000,
         "filename": file.filename,
         "purpose": file.purpose,
     }

@@ -1,6 +1,7 @@
 """What `glm-batch status` and `glm-batch cancel` know of a job's batches.
 
     rows = batch_rows(job)                                  # from the batch book; sends nothing
+    said = await look_for_strays(job, api_key, base_url)    # cancels batches of the job no chunk keeps
     report = await cancel_batches(job, api_key, base_url)   # asks the Batch API to cancel the open ones
 
 Cancelling keeps what a batch already finished: those lines are billed and delivered, and the next
@@ -9,6 +10,7 @@ Cancelling keeps what a batch already finished: those lines are billed and deliv
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from runner.job import catalog
@@ -32,6 +34,65 @@ def batch_rows(job: Job) -> list[dict[str, Any]]:
         }
         for chunk in BatchBook(directory).chunks.values()
     ]
+
+
+def stray_rows(job: Job) -> list[dict[str, Any]]:
+    """The batches of the job no chunk keeps (a create whose answer was lost landed late), as handled."""
+    directory = job.state_dir / "batches"
+    if not (directory / "book.jsonl").exists():
+        return []
+    return list(BatchBook(directory).strays.values())
+
+
+def _looked_at(book: BatchBook) -> list[str]:
+    """The chunks whose batches `status` and `cancel` list: open ones past their upload, and those whose
+    create a lost answer may still land (runner.send.batch.duplicates.watched)."""
+    from runner.send.batch.duplicates import watched
+
+    open_ = [c.id for c in book.open_chunks() if c.uploaded_at is not None]
+    return sorted(set(open_) | set(watched(book)))
+
+
+def has_batches_to_look_at(job: Job) -> bool:
+    """Does the job's book name batches at Zhipu that `status` should look at (sends nothing)?"""
+    directory = job.state_dir / "batches"
+    return (directory / "book.jsonl").exists() and bool(_looked_at(BatchBook(directory)))
+
+
+async def look_for_strays(job: Job, api_key: str, base_url: str) -> list[dict[str, Any]] | None:
+    """For `status`: find the job's batches that no chunk keeps and cancel them (or report the ones
+    that ran), as every run does; a batch made for a chunk whose create was never recorded is recorded.
+    None when a run of the job is active (it looks itself); else what the look newly said."""
+    from runner.errors import LockHeld, UsageError
+    from runner.state.lock import JobLock
+
+    directory = job.state_dir / "batches"
+    if not has_batches_to_look_at(job) or not os.access(directory, os.W_OK):  # a folder we may only read
+        return []
+    lock = JobLock(job.state_dir / "lock")
+    try:
+        lock.acquire()
+    except (LockHeld, UsageError):
+        return None
+    try:
+        return await _sweep(job, api_key, base_url, BatchBook(directory))
+    finally:
+        lock.release()
+
+
+async def _sweep(job: Job, api_key: str, base_url: str, book: BatchBook) -> list[dict[str, Any]]:
+    """One sweep of the job's batches (under its lock); the events it said."""
+    from runner.send import job_tag
+    from runner.send.batch.api import BatchAPI
+    from runner.send.batch.duplicates import Twins
+
+    said: list[dict[str, Any]] = []
+    native = job.native_url or catalog.native_url_beside(base_url)
+    async with BatchAPI(native, api_key) as api:
+        await Twins(job_tag(job.state_dir)).sweep(
+            api, book, _looked_at(book), lambda event, **fields: said.append({"event": event, **fields}), adopt=True
+        )
+    return said
 
 
 async def cancel_batches(job: Job, api_key: str, base_url: str, *, purge: bool = False) -> dict[str, Any]:
@@ -68,6 +129,11 @@ async def _cancel(job: Job, api_key: str, base_url: str, purge: bool) -> dict[st
     native = job.native_url or catalog.native_url_beside(base_url)
     cancelled: list[dict[str, Any]] = []
     deleted = 0
+    # Batches made for chunks whose create was never recorded are recorded first (so cancelled below),
+    # and strays are cancelled by the sweep.
+    strays = await _sweep(job, api_key, base_url, book) if _looked_at(book) else []
+    for said in strays:
+        cancelled += [{"batch": b, "status": status} for b, status in said.get("extra", {}).items()]
     async with BatchAPI(native, api_key) as api:
         if purge:
             for chunk in list(book.chunks.values()):

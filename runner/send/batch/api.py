@@ -28,6 +28,7 @@ from runner.send.batch.errors import (
     MAX_ERROR_BODY,
     BatchNotFound,
     BatchProtocolError,
+    BatchStatusError,
     BatchTimeout,
     BatchTransportError,
     classify_api_error,
@@ -158,20 +159,33 @@ class BatchAPI:
         }
         if metadata:
             body["metadata"] = dict(metadata)
-        tries = 0
+        maybe_made = False  # an earlier try may have made it and lost the answer (an error answer did not)
 
         async def once() -> Batch:
-            nonlocal tries
-            tries += 1
-            if tries > 1:  # an earlier try may have made it and lost the answer
+            nonlocal maybe_made
+            if maybe_made:
                 self.retried_creates.add(input_file_id)
                 page = page_from_json(await self._request_once("GET", "/batches", params={"limit": "100"}))
                 made = next((b for b in page.data if b.input_file_id == input_file_id), None)
                 if made is not None:
                     return made
-            return Batch.from_json(await self._request_once("POST", "/batches", json_body=body))
+            maybe_made = True  # until this try's answer is in hand
+            try:
+                return Batch.from_json(await self._request_once("POST", "/batches", json_body=body))
+            except BatchStatusError as exc:
+                maybe_made = exc.status >= 500  # a 4xx answer made nothing; a gateway's 5xx may hide a batch
+                raise
 
-        return await self._retrying(once)
+        # A file just uploaded can be unknown to the batch service for a moment (404 "input file not
+        # found", GenAI-Showcase#175): asked again, a little later each time, like a result file.
+        for attempt in range(1, self._not_ready_attempts + 1):
+            try:
+                return await self._retrying(once)
+            except BatchNotFound:
+                if attempt == self._not_ready_attempts:
+                    raise
+                await self._sleep(self._not_ready_wait_s * attempt)
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     async def retrieve(self, batch_id: str) -> Batch:
         """The batch as it is now."""

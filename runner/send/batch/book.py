@@ -42,6 +42,8 @@ class Chunk:
     purged: bool = False  # its files at Zhipu deleted
     file_404: bool = False  # a result file answered 404 past the waits once: a second time, it is gone
     unsure: bool = False  # its create may have been made twice (a lost answer): swept for a second batch
+    digest: str | None = None  # sha256 of its input file: what a batch made from it is known by (metadata)
+    created_ms: int | None = None  # epoch ms (our clock) of its last create: how long a lost one may still land
 
     def request_keys(self) -> Iterator[str]:
         """The request keys in the chunk (each line's custom_id), read from its file.
@@ -66,6 +68,7 @@ class BatchBook:
         self.directory = directory
         self.path = directory / "book.jsonl"
         self.chunks: dict[str, Chunk] = {}
+        self.strays: dict[str, dict[str, Any]] = {}  # batch id -> a batch of this job no chunk keeps, as handled
         directory.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -76,6 +79,9 @@ class BatchBook:
                 self._fold(record)
 
     def _fold(self, record: dict[str, Any]) -> None:
+        if "stray" in record:
+            self.strays[record["stray"]] = record
+            return
         chunk_id = record.pop("chunk")
         known = self.chunks.get(chunk_id)
         if known is None:
@@ -85,13 +91,24 @@ class BatchBook:
 
     def record(self, chunk_id: str, **fields: Any) -> Chunk:
         """Append one step for a chunk (fsynced: it is the point of no return) and return the chunk."""
-        line = json.dumps({"chunk": chunk_id, **fields}, ensure_ascii=False) + "\n"
+        self._append({"chunk": chunk_id, **fields})
+        return self.chunks[chunk_id]
+
+    def record_stray(self, batch_id: str, **fields: Any) -> None:
+        """Append what was done with a batch of this job that no chunk keeps (cancelled, or reported)."""
+        self._append({"stray": batch_id, **fields})
+
+    def owned(self) -> set[str]:
+        """The batch ids the book's chunks keep."""
+        return {c.batch_id for c in self.chunks.values() if c.batch_id is not None}
+
+    def _append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False) + "\n"
         with space_checked(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
-        self._fold({"chunk": chunk_id, **fields})
-        return self.chunks[chunk_id]
+        self._fold(record)
 
     def open_chunks(self) -> list[Chunk]:
         """Chunks whose requests have not been harvested yet, oldest first."""

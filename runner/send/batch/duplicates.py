@@ -1,92 +1,172 @@
-"""No chunk keeps two live batches: the job's batches for a chunk are listed, one is kept, the others
-cancelled at once (a create whose answer was lost can land after another was made; docs/decisions.md,
-"No chunk keeps two batches").
+"""No batch of a job runs unowned: the job's batches are listed, one is kept for each chunk, and every
+other batch tagged for the job (a create whose answer was lost, landed late) is cancelled at once, or,
+when it already ran, reported and left unharvested (docs/decisions.md, "No chunk keeps two batches").
 
     guard = Twins(job_tag); guard.watch(chunk_id)
     changed = await guard.sweep(api, book, chunk_ids, notify)
+    if belongs(batch, chunk, job_tag): ...                 # the one rule of what a batch was made from
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from runner.send.batch.api import BatchAPI
-from runner.send.batch.book import BatchBook, Chunk
+from runner.send.batch.book import OPEN, BatchBook, Chunk
 from runner.send.batch.errors import BatchAPIError
 from runner.send.batch.rules import epoch_ms
 from runner.send.batch.shapes import Batch
 
-__all__ = ["Twins", "batches_since"]
+__all__ = ["LATE_CREATE_WINDOW_S", "Twins", "batches_since", "belongs", "tag", "watched"]
 
 # How far along a batch is; a batch that stopped (failed, expired, cancelled) is never the one kept
 # while a live one exists.
 _ALONG = {"validating": 1, "in_progress": 2, "finalizing": 3, "completed": 4}
 _CANCELLABLE = ("validating", "in_progress")
+# A create whose answer was lost lands within this of being asked, or never: until then the chunk's
+# batches are looked at on every run (and `status`), whatever became of the chunk.
+LATE_CREATE_WINDOW_S = 24 * 3600.0
+
+
+def tag(job: str, chunk: Chunk) -> dict[str, str]:
+    """The metadata a chunk's batch is created with: the job, the chunk, and the chunk's content."""
+    found = {"glm_batch_job": job, "glm_batch_chunk": chunk.id}
+    if chunk.digest:
+        found["glm_batch_digest"] = chunk.digest
+    return found
+
+
+def belongs(batch: Batch, chunk: Chunk, job: str) -> bool:
+    """Was `batch` made by this job for this chunk? Tagged with both, and made from the chunk's own
+    content: its digest in the tag (an input file deleted and uploaded again has a new id, the same
+    digest), else (a batch made before digests were tagged) from the chunk's input file."""
+    meta = batch.metadata
+    if meta.get("glm_batch_job") != job or meta.get("glm_batch_chunk") != chunk.id:
+        return False
+    digest = meta.get("glm_batch_digest")
+    if digest is not None and chunk.digest is not None:
+        return bool(digest == chunk.digest)
+    return batch.input_file_id is not None and batch.input_file_id == chunk.file_id
+
+
+def watched(book: BatchBook, now_ms: int | None = None) -> list[str]:
+    """The chunks whose create may have been made twice and may still land: looked at on every run."""
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    window = int(LATE_CREATE_WINDOW_S * 1000)
+    return [
+        c.id
+        for c in book.chunks.values()
+        if c.unsure
+        and c.uploaded_at is not None
+        and (now - c.created_ms < window if c.created_ms is not None else c.status in OPEN)
+    ]
 
 
 class Twins:
-    """Finds chunks of one job with more than one batch, keeps one, cancels the others."""
+    """Keeps one batch for each chunk of one job and cancels (or reports) every other batch tagged for it."""
 
     def __init__(self, job: str) -> None:
         self._job = job
         self.watched: set[str] = set()  # chunks whose create may have been made twice
-        self.cancelled: list[str] = []  # batch ids cancelled as extra (each at most once)
 
     def watch(self, chunk_id: str) -> None:
         """Sweep this chunk on every look from now on: its create may have been made twice."""
         self.watched.add(chunk_id)
 
     async def sweep(
-        self, api: BatchAPI, book: BatchBook, chunk_ids: Iterable[str], notify: Callable[..., None] | None = None
+        self,
+        api: BatchAPI,
+        book: BatchBook,
+        chunk_ids: Iterable[str],
+        notify: Callable[..., None] | None = None,
+        *,
+        adopt: bool = False,
     ) -> set[str]:
-        """Keep one batch for each of the chunks (those created so far) and cancel the others; the chunks
-        whose batch in the book changed. A Batch API failure leaves the sweep to the next look."""
-        chunks = {c: book.chunks[c] for c in chunk_ids if book.chunks[c].batch_id is not None}
+        """Look at the job's batches made since the oldest upload of the chunks. A chunk still open keeps
+        the live batch furthest along (recorded when it is not the book's); every other batch tagged for
+        the job that no chunk keeps is a stray: cancelled while it can be, reported when it ran (its lines
+        billed twice, never harvested), and recorded so it is said once. Batches of a chunk not created
+        yet are left to its create, which adopts them (`adopt`: recorded as the chunk's batch here, for
+        `status` and `cancel`). The chunks whose batch in the book changed; a Batch API failure leaves the
+        sweep to the next look."""
+        chunks = {c: book.chunks[c] for c in chunk_ids if book.chunks[c].uploaded_at is not None}
         if not chunks:
             return set()
         try:
-            found = await self._batches_of(api, chunks)
+            found = [b async for b in batches_since(api, min(c.uploaded_at or 0 for c in chunks.values()))]
         except BatchAPIError:
             return set()
-        changed = set()
-        for chunk_id, found_batches in found.items():
-            batches = [b for b in found_batches if b.status in _ALONG]  # live: not failed, expired, cancelled
-            if len({b.id for b in batches}) < 2:
-                continue
-            chunk = chunks[chunk_id]
-            keep = max(batches, key=lambda b: _rank(b, chunk))
-            extra = [b for b in batches if b.id != keep.id and b.id not in self.cancelled]
-            if keep.id != chunk.batch_id and chunk.status == "created":
-                book.record(chunk_id, batch_id=keep.id, batch_status=keep.status)
-                changed.add(chunk_id)
-            for batch in extra:
-                await self._cancel(api, batch)
-            if notify is not None and extra:
-                notify("batch_duplicate", **_said(chunk, keep, extra))
-        return changed
-
-    async def _batches_of(self, api: BatchAPI, chunks: dict[str, Chunk]) -> dict[str, list[Batch]]:
-        """The job's batches for the chunks, made since the oldest of their uploads."""
-        uploads = [c.uploaded_at for c in chunks.values()]
-        oldest = None if None in uploads else min(u for u in uploads if u is not None)
-        found: dict[str, list[Batch]] = {}
-        async for batch in batches_since(api, oldest):
+        owned = book.owned()
+        mine: dict[str, list[Batch]] = {}
+        unknown: list[Batch] = []  # tagged for the job, made for no chunk the book has as it is
+        for batch in found:
             if batch.metadata.get("glm_batch_job") != self._job:
                 continue
-            chunk = chunks.get(str(batch.metadata.get("glm_batch_chunk")))
-            if chunk is not None and batch.input_file_id == chunk.file_id:
-                found.setdefault(chunk.id, []).append(batch)
-        return found
+            named = book.chunks.get(str(batch.metadata.get("glm_batch_chunk")))
+            if named is not None and belongs(batch, named, self._job):
+                mine.setdefault(named.id, []).append(batch)
+            elif batch.id not in owned:
+                unknown.append(batch)
+        changed = set()
+        for chunk_id, batches in mine.items():
+            chunk = book.chunks[chunk_id]
+            if chunk.status in ("written", "uploaded"):
+                if not adopt:
+                    continue  # its create looks for a batch made before and adopts it
+                first = max(batches, key=lambda b: _rank(b, chunk))
+                chunk = book.record(
+                    chunk_id,
+                    status="created",
+                    file_id=first.input_file_id or chunk.file_id,
+                    batch_id=first.id,
+                    batch_status=first.status,
+                    unsure=True,
+                    created_ms=int(time.time() * 1000),
+                )
+                changed.add(chunk_id)
+            kept = chunk.batch_id
+            live = [b for b in batches if b.status in _ALONG]
+            if chunk.status == "created" and live and kept in {b.id for b in batches}:
+                keep = max(live, key=lambda b: _rank(b, chunk))
+                if keep.id != kept:
+                    chunk = book.record(chunk_id, batch_id=keep.id, batch_status=keep.status)
+                    changed.add(chunk_id)
+                kept = keep.id
+            owned = book.owned()
+            extra = [b for b in batches if b.id != kept and b.id not in owned]
+            await self._strays(api, book, chunk, kept, extra, notify)
+        await self._strays(api, book, None, None, unknown, notify)
+        return changed
 
-    async def _cancel(self, api: BatchAPI, batch: Batch) -> None:
-        """Cancel an extra batch (once); one that has stopped, or can no longer be, is left as it is."""
-        self.cancelled.append(batch.id)
-        if batch.status in _CANCELLABLE:
-            try:
-                await api.cancel(batch.id)
-            except BatchAPIError:
-                self.cancelled.remove(batch.id)  # tried again at the next sweep
+    async def _strays(
+        self,
+        api: BatchAPI,
+        book: BatchBook,
+        chunk: Chunk | None,
+        kept: str | None,
+        batches: list[Batch],
+        notify: Callable[..., None] | None,
+    ) -> None:
+        """Cancel the strays that can be, record each once, and say what became of them."""
+        said = []
+        for batch in batches:
+            if batch.id in book.strays:
+                continue
+            status = batch.status
+            if status in _CANCELLABLE:
+                try:
+                    status = (await api.cancel(batch.id)).status
+                except BatchAPIError:
+                    continue  # tried again at the next sweep
+            billed = batch.request_counts.completed
+            made_for = chunk.id if chunk else batch.metadata.get("glm_batch_chunk")
+            book.record_stray(batch.id, chunk=made_for, status=status, billed=billed)
+            if billed or status != batch.status or status in ("finalizing", "completed", "cancelling"):
+                said.append((batch, status))  # one that stopped by itself before any line ran is not news
+        if said and notify is not None:
+            notify("batch_duplicate", **_said(chunk, kept, said))
 
 
 async def batches_since(api: BatchAPI, since_ms: int | None) -> AsyncIterator[Batch]:
@@ -118,15 +198,26 @@ def _rank(batch: Batch, chunk: Chunk) -> tuple[int, int, int, int]:
     return (_ALONG.get(batch.status, 0), counts.completed + counts.failed, batch.id == chunk.batch_id, created)
 
 
-def _said(chunk: Chunk, keep: Batch, extra: list[Batch]) -> dict[str, Any]:
-    """What the log says of a chunk found with more than one batch."""
-    billed = sum(b.request_counts.completed for b in extra)
+def _said(chunk: Chunk | None, kept: str | None, strays: list[tuple[Batch, str]]) -> dict[str, Any]:
+    """What the log says of batches found beside the one a chunk keeps (or for no chunk at all)."""
+    billed = sum(b.request_counts.completed for b, _ in strays)
+    ran = [b.id for b, status in strays if status in ("finalizing", "completed")]
+    where = f"{chunk.id}, which keeps {kept}" if chunk is not None and kept else "no chunk of this job"
+    message = (
+        f"{len(strays)} more batch(es) were made for {where} (a create whose answer was lost landed late): "
+        + ", ".join(f"{b.id} {status}" for b, status in strays)
+        + (
+            f"; they had completed {billed} lines, billed twice and not collected"
+            if billed
+            else "; cancelled before any line ran"
+        )
+    )
     return {
-        "chunk": chunk.id,
-        "kept": keep.id,
-        "cancelled": [b.id for b in extra if b.status in _CANCELLABLE],
-        "extra": {b.id: b.status for b in extra},
-        "message": f"{len(extra) + 1} batches were made for {chunk.id} (a create whose answer was lost landed "
-        f"late); kept {keep.id}, cancelled the others"
-        + (f"; they had completed {billed} lines, billed twice" if billed else ", before any line ran"),
+        "chunk": chunk.id if chunk is not None else None,
+        "kept": kept,
+        "cancelled": [b.id for b, status in strays if status in ("cancelling", "cancelled")],
+        "ran": ran,
+        "extra": {b.id: status for b, status in strays},
+        "billed_twice": billed,
+        "message": message,
     }

@@ -7,7 +7,7 @@ One hierarchy; every error carries what the API said, never a header::
     │   └── BatchTimeout          no answer within the call's timeout: retried
     ├── BatchProtocolError        a success status whose body is not what the API promises: retried
     └── BatchStatusError          an error answer: .status, .code (Zhipu's business code), .message
-        ├── BatchAbort            no balance (1113), plan exhausted, bad key, 401/403: stop everything
+        ├── BatchAbort            no balance (1113), plan exhausted, bad key, 401/403, 434: stop everything
         └── BatchNotFound         404: unknown id, or a result file not ready yet (download waits)
 """
 
@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 _TRANSIENT_CODES = TRANSIENT_CODES  # Zhipu's limit and overload codes: one list (runner.send.retries)
+NO_FILE_API = 434  # the file APIs' "no permission" (closed to the account): every later call gets it too
 MAX_ERROR_BODY = 1 << 16  # an error body longer than this is not an API error object; don't hold it
 
 
@@ -127,7 +128,7 @@ def status_error(status: int, raw: bytes, headers: Mapping[str, str], where: str
     request_id = request_id or headers.get("x-request-id") or headers.get("request-id")
     retry_after = retry_after_seconds(headers)
     cls: type[BatchStatusError]
-    if code in ABORT_CODES or status in (401, 403):
+    if code in ABORT_CODES or status in (401, 403, NO_FILE_API):
         cls = BatchAbort
     elif status == 404:
         cls = BatchNotFound

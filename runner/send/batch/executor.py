@@ -25,7 +25,7 @@ from runner.send.base import Deliver, Executor, Gauges, failure
 from runner.send.batch.api import BatchAPI
 from runner.send.batch.book import BatchBook, Chunk
 from runner.send.batch.deadline import HybridDeadline
-from runner.send.batch.duplicates import Twins, batches_since
+from runner.send.batch.duplicates import Twins, batches_since, belongs, tag, watched
 from runner.send.batch.errors import BatchAbort, BatchAPIError, BatchNotFound, BatchStatusError, classify_api_error
 from runner.send.batch.files import write_round
 from runner.send.batch.harvest import API, Harvester, requests_of
@@ -139,8 +139,11 @@ class BatchExecutor:
         book = BatchBook(self._dir)
         async with self._api() as api:
             chunks = book.open_chunks()
-            # Chunks an earlier run uploaded and may have died creating: only these are looked up.
-            self._maybe_created = {chunk.id for chunk in chunks if chunk.status == "uploaded"}
+            # Chunks an earlier run uploaded and may have died creating, or whose create failed (its input
+            # deleted, to be uploaded again): only these are looked up before they are created.
+            self._maybe_created = {
+                c.id for c in chunks if c.status == "uploaded" or (c.status == "written" and c.unsure)
+            }
             chunks = await self._resumed(api, book, chunks, control)
             restore_turns(self._harvester, chunks)  # the billed turns the open rounds continue
             waiting = {key for chunk in chunks for key in chunk.request_keys()}  # answered by a batch already made
@@ -171,29 +174,40 @@ class BatchExecutor:
     async def _submit(self, api: BatchAPI, book: BatchBook, chunk: Chunk) -> Chunk:
         """Upload and create what the chunk still lacks; a batch made before (metadata) is found, not remade."""
         chunk = book.chunks[chunk.id]  # as far as it got (an earlier try may have uploaded it)
-        if chunk.status == "written":
+        maybe = chunk.id in self._maybe_created
+        made = await self._made_before(api, chunk) if maybe else None
+        if chunk.status == "written" and made is None:
             uploaded = await api.upload(chunk.path)
             at = epoch_ms(uploaded.created_at) if uploaded.created_at else int((time.time() - CLOCK_SLACK_S) * 1000)
+            at = min(at, chunk.uploaded_at or at)  # batches made from an earlier upload of it are looked for too
             chunk = book.record(chunk.id, status="uploaded", file_id=uploaded.id, uploaded_at=at)
-        if chunk.status == "uploaded":
-            assert chunk.file_id is not None
-            made = await self._made_before(api, chunk) if chunk.id in self._maybe_created else None
+        if chunk.status in ("written", "uploaded"):
             if made is None:
-                metadata = {"glm_batch_job": self._job, "glm_batch_chunk": chunk.id}
-                made = await api.create(chunk.file_id, metadata=metadata)
-            unsure = chunk.id in self._maybe_created or chunk.file_id in api.retried_creates
-            chunk = book.record(chunk.id, status="created", batch_id=made.id, batch_status=made.status, unsure=unsure)
+                assert chunk.file_id is not None
+                made = await api.create(chunk.file_id, metadata=tag(self._job, chunk))
+            unsure = maybe or chunk.file_id in api.retried_creates
+            chunk = book.record(
+                chunk.id,
+                status="created",
+                file_id=made.input_file_id or chunk.file_id,
+                batch_id=made.id,
+                batch_status=made.status,
+                unsure=unsure,
+                created_ms=int(time.time() * 1000),
+            )
             if unsure:
                 self._twins.watch(chunk.id)
         return chunk
 
     async def _resumed(self, api: BatchAPI, book: BatchBook, chunks: list[Chunk], control: Control) -> list[Chunk]:
-        """The open chunks a run resumes, after a sweep for a second batch of each created one (a create an
-        earlier run lost may have landed since); the unsure ones are watched for the rest of the run."""
+        """The open chunks a run resumes, after a sweep for a second batch of each created one and of every
+        chunk whose create a lost answer may still land (`watched`: open or not, so a run with nothing
+        left to send looks too); the unsure open ones are watched for the rest of the run."""
         created = [chunk.id for chunk in chunks if chunk.status == "created"]
         self._twins.watched.update(chunk.id for chunk in chunks if chunk.unsure)
-        if created:
-            await self._twins.sweep(api, book, created, control.notify)
+        looked = sorted(set(created) | set(watched(book)))
+        if looked:
+            await self._twins.sweep(api, book, looked, control.notify)
         return [book.chunks[chunk.id] for chunk in chunks]
 
     async def _swept(self, api: BatchAPI, book: BatchBook, pending: dict[str, Chunk], control: Control) -> None:
@@ -212,14 +226,11 @@ class BatchExecutor:
         )
 
     async def _made_before(self, api: BatchAPI, chunk: Chunk) -> Batch | None:
-        """A batch this job already made for the chunk (a run died between creating it and recording it):
-        tagged with this job's state folder and the chunk, and made from the chunk's own input file.
-        Only batches made since the chunk's upload are read (`batches_since`)."""
+        """A batch this job already made for the chunk (a run died between creating it and recording it,
+        or a create whose answer was lost landed): `belongs` to the chunk (its tag and its content).
+        Only batches made since the chunk's first upload are read (`batches_since`)."""
         async for batch in batches_since(api, chunk.uploaded_at):
-            tagged = (
-                batch.metadata.get("glm_batch_chunk") == chunk.id and batch.metadata.get("glm_batch_job") == self._job
-            )
-            if tagged and batch.input_file_id == chunk.file_id:
+            if belongs(batch, chunk, self._job):
                 return batch
         return None
 
@@ -363,12 +374,16 @@ class BatchExecutor:
         self, api: BatchAPI, book: BatchBook, control: Control, exc: BatchAPIError, chunk: Chunk
     ) -> None:
         """End the run for a Batch API error at upload or create that retrying did not mend. An input file
-        a create refused is deleted (an account holds at most 1,000 files); the next run uploads anew."""
+        a create refused is deleted (an account holds at most 1,000 files); the next run uploads anew. A
+        create that failed with a 5xx, or was sent more than once, may still have been made (an answer
+        lost behind the error): the chunk is marked unsure, so the next run looks for that batch (by the
+        chunk's content) before it uploads again."""
         chunk = book.chunks[chunk.id]
         if chunk.status == "uploaded" and chunk.file_id and isinstance(exc, BatchStatusError):
             with contextlib.suppress(BatchAPIError):
                 await api.delete_file(chunk.file_id)
-            book.record(chunk.id, status="written", file_id=None, uploaded_at=None)
+            maybe = exc.status >= 500 or chunk.file_id in api.retried_creates  # a 4xx answer made nothing
+            book.record(chunk.id, status="written", file_id=None, unsure=chunk.unsure or maybe)
         fault = classify_api_error(exc)
         if fault.verdict is Verdict.ABORT:
             control.abort(refusal(fault))

@@ -9,6 +9,7 @@ One model per file, at most `max_requests` lines and `max_bytes`; written as `.p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -51,6 +52,7 @@ class BatchFile:
     size: int  # bytes
     model: str
     custom_ids: tuple[str, ...]  # in file order
+    digest: str = ""  # sha256 of its bytes, hex
 
 
 @dataclass(slots=True)
@@ -64,6 +66,7 @@ class _Open:
     lines: int = 0
     size: int = 0
     custom_ids: list[str] = field(default_factory=list)
+    digest: Any = field(default_factory=hashlib.sha256)
 
 
 class BatchFileWriter:
@@ -119,6 +122,7 @@ class BatchFileWriter:
         if current is None:
             current = self._start(model)
         current.handle.write(line)
+        current.digest.update(line)
         current.lines += 1
         current.size += len(line)
         current.custom_ids.append(custom_id)
@@ -162,7 +166,14 @@ class BatchFileWriter:
         fsync_rename(current.part, current.final)
         del self._open[current.model]
         self.files.append(
-            BatchFile(current.final, current.lines, current.size, current.model, tuple(current.custom_ids))
+            BatchFile(
+                current.final,
+                current.lines,
+                current.size,
+                current.model,
+                tuple(current.custom_ids),
+                current.digest.hexdigest(),
+            )
         )
 
 
@@ -212,5 +223,6 @@ async def write_round(
     chunks = []
     for index, file in enumerate(writer.files):
         fields = {"path": str(file.path), "requests": str(bodies), "model": file.model, "lines": file.lines}
+        fields["digest"] = file.digest
         chunks.append(book.record(f"{folder.name}-{index:04d}", **fields, round=round_no, status="written"))
     return chunks

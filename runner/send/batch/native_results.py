@@ -202,6 +202,8 @@ def classify_failure(line: ResultLine) -> Verdict:
     """
     code = line.error_code
     status = line.status_code
+    if status is None and code is not None and len(code) == 3 and code.isdigit():
+        status = int(code)  # an error line with no response, whose code is an HTTP status ("429", "503")
     if code in ABORT_CODES or status in (401, 403):
         return Verdict.ABORT
     if code in _TRANSIENT_CODES or (code is not None and _NOT_PROCESSED.search(code)):

@@ -91,7 +91,8 @@ def main() -> int:
     )
     oracle_only = float(ref.get_column("oracle_cost").sum())
     print(
-        f"{ref.height} rows; oracle-only (glm-4.6) cost {oracle_only:.4f} CNY; target {args.target}, delta {args.delta}; "
+        f"{ref.height} rows; oracle-only (glm-4.6) cost {oracle_only:.4f} CNY; "
+        f"target {args.target}, delta {args.delta}; "
         f"{args.samples} samples; calibration seeds {args.first_seed}-{args.first_seed + args.runs - 1}"
     )
     print(

@@ -20,9 +20,11 @@ from runner.errors import UsageError
 from runner.files import read_summary, write_atomic, write_summary
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
+from runner.money.kept_estimate import compare_whole
 from runner.observe.progress import Reporter
 from runner.run import check_places
 from runner.runs import RunOptions, RunResult
+from runner.state.store import Store
 
 AHEAD = 1  # a calibration round asks the oracle for this many of the method's draws of 10 at once
 ANSWERED_BY, CONFIDENCE, IN_CALIBRATION = "answered_by", "proxy_confidence", "in_calibration"
@@ -90,6 +92,12 @@ def stage_jobs(job: Job) -> tuple[Job, Job]:
         },
     )
     return proxy, oracle
+
+
+def kept_estimates(job: Job) -> Store:
+    """Where a cascade job's estimate is kept: its own state folder, beside the stages' (never opened:
+    only its estimate file is read or written)."""
+    return Store(job.state_dir, run_id="estimate", rows=job.row_map)
 
 
 def fresh_refused(job: Job) -> UsageError:
@@ -188,6 +196,9 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
     job.output_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, job.output_path)
     summary = _summary(job, output, step, spent, rounds, proxy_job, oracle_base, proxy, oracle_out)
+    kept = kept_estimates(job).read_estimate()
+    if kept is not None:  # how good was `glm-batch estimate`, when it was made for this job as it is
+        summary["cost"]["estimate"] = compare_whole(job, kept, spent=summary["cost"]["spent"])
     write_summary(job.output_path, summary)
     failed = output.filter(pl.col("status") != "ok").height
     message = f"cascade finished: {summary['cascade']['guarantee']}; results in {job.output_path}"

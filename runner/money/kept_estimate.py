@@ -2,6 +2,7 @@
 
     report["made_for"] = made_for(job)                 # when `glm-batch estimate` keeps its report
     cost["estimate"] = compare(job, kept, ok=n, spent=x)  # in the run's summary
+    cost["estimate"] = compare_whole(job, kept, spent=x)  # a cascade's: its whole run against the estimate
 
 A job's state keeps one estimate (`estimate.json`), whatever it was made with: `--set model.name=...`,
 another endpoint, another prompt. A run compares its spend only with an estimate made for the same
@@ -54,23 +55,27 @@ def _expected(kept: dict[str, Any], mode: str) -> float | None:
     return float(figure) if isinstance(figure, int | float) else None
 
 
+def _made_for_another(job: Job, kept: dict[str, Any]) -> str | None:
+    """Why the kept estimate does not price this job's requests (None when it does)."""
+    now = made_for(job)
+    then = kept.get("made_for")
+    if not isinstance(then, dict):
+        return "the kept estimate does not say what it was made for (made by an older version)"
+    differ = [k for k in ("model", "endpoint", "requests") if then.get(k) != now[k]]
+    if not differ:
+        return None
+    what = ", ".join("the prompt or settings" if k == "requests" else k for k in differ)
+    return (
+        f"the kept estimate was made for {then.get('model')} on {then.get('endpoint')}; this run "
+        f"({now['model']} on {now['endpoint']}) differs in {what}"
+    )
+
+
 def compare(job: Job, kept: dict[str, Any], *, ok: int, spent: float) -> dict[str, Any]:
     """The run's spend against the kept estimate's figure for as many answers (`ok`), or, when the
     estimate was made for something else, no figure and why."""
-    now = made_for(job)
-    then = kept.get("made_for")
-    mode = now["mode"]
-    why: str | None = None
-    if not isinstance(then, dict):
-        why = "the kept estimate does not say what it was made for (made by an older version)"
-    else:
-        differ = [k for k in ("model", "endpoint", "requests") if then.get(k) != now[k]]
-        if differ:
-            what = ", ".join("the prompt or settings" if k == "requests" else k for k in differ)
-            why = (
-                f"the kept estimate was made for {then.get('model')} on {then.get('endpoint')}; this run "
-                f"({now['model']} on {now['endpoint']}) differs in {what}"
-            )
+    mode = job.spec.run.mode
+    why = _made_for_another(job, kept)
     expected = None if why is not None else _expected(kept, mode)
     if why is None and expected is None:
         why = f"the kept estimate gives no single {mode} figure (see `glm-batch estimate`: modes)"
@@ -84,4 +89,23 @@ def compare(job: Job, kept: dict[str, Any], *, ok: int, spent: float) -> dict[st
         "spent": round(spent, 6),
         "error_pct": round(100 * (estimated - spent) / spent, 1) if spent else None,
         "mode": mode,
+    }
+
+
+def compare_whole(job: Job, kept: dict[str, Any], *, spent: float) -> dict[str, Any]:
+    """A run that does all its estimate priced (a cascade: the estimate is of its next run, every
+    stage): what it spent against the kept estimate's expected figure and its low-high interval, or,
+    when the estimate was made for something else, no figure and why."""
+    why = _made_for_another(job, kept)
+    if why is not None:
+        return {"estimated": None, "spent": round(spent, 6), "error_pct": None, "no_match": why}
+    cost = kept["cost"]
+    expected = float(cost["expected"])
+    return {
+        "estimated": round(expected, 6),
+        "low": cost["low"],
+        "high": cost["high"],
+        "spent": round(spent, 6),
+        "error_pct": round(100 * (expected - spent) / spent, 1) if spent else None,
+        "within": bool(cost["low"] <= spent <= cost["high"]),
     }

@@ -148,6 +148,15 @@ def test_the_estimate_is_kept_beside_the_cascade_state_and_its_run_is_measured_a
     assert "differs in the prompt or settings" in json.loads(job.summary.read_text())["cost"]["estimate"]["no_match"]
 
 
+def test_the_proxy_is_asked_15_times_a_row_by_default(make_job: Callable[..., JobFiles], sim: SimulatorThread) -> None:
+    output = SENTIMENT["output"] | {"cascade": {"proxy": PROXY}}
+    job = make_job(_rows(20), name="default_samples", **(SENTIMENT | {"output": output}))
+
+    report = json.loads(cli("estimate", str(job.spec), "--json").stdout)
+
+    assert report["cascade"]["proxy_requests"] == 15 * 20
+
+
 def test_run_max_cost_caps_the_whole_cascade_and_a_later_run_goes_on(
     make_job: Callable[..., JobFiles], sim: SimulatorThread
 ) -> None:

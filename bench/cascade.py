@@ -1,6 +1,7 @@
 """The cascade's guarantee and savings on the sentiment data (2,000 review sentences), on the simulator.
 
     python bench/cascade.py [--runs 20] [--first-seed 100] [--rows 2000] [--target 0.9] [--delta 0.1]
+                            [--replay 300] [--folder DIR]
 
 Held-out seeds: the method's settings and the default `samples` were chosen by bench/cascade_tune.py on
 its tuning set (simulator seeds 2-5, calibration seeds 2000-2039) and are never tuned here; this bench
@@ -17,12 +18,15 @@ the draws; the proxy's answers stay the same, so its pass is paid once and reuse
 stage starts afresh each run). Per run: the
 output's agreement with the oracle's reference answers, and its cost against oracle-only (the
 proxy's cost plus the oracle's reference cost of every row the oracle answered). It prints the share
-of runs meeting the target and the median cost share.
+of runs meeting the target and the median cost share. With `--replay N`, the method is then replayed
+offline (every answer known, nothing sent) on that proxy pass and the oracle's reference answers for N
+more calibration seeds: the same figures, from more seeds (a run and its replay pick the same rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -33,6 +37,8 @@ import polars as pl
 import yaml
 
 import runner
+from runner.cascade.stages import proxy_view
+from runner.cascade.threshold import choose
 from runner.job.spec import CascadeSpec
 from runner.observe.progress import make_reporter
 
@@ -81,8 +87,12 @@ def main() -> int:
     parser.add_argument("--proxy-error", type=float, default=0.2, help="the simulator's model_error for the proxy")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="proxy samples per row")
     parser.add_argument("--confidence", choices=["informative", "flat"], action="append")
+    parser.add_argument(
+        "--replay", type=int, default=0, help="then replay the method offline on N more calibration seeds"
+    )
+    parser.add_argument("--folder", type=Path, help="work here (answers kept from an earlier bench are reused)")
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="cascade-bench-"))
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="cascade-bench-"))
     sim = {"simulator.model_error": {"glm-4.5-flash": args.proxy_error}, "simulator.seed": 1}
     reference = runner.run_job(job_file(folder, "oracle_only", args.rows, sim), reporter=quiet())
     assert reference.output is not None, reference.message
@@ -145,7 +155,35 @@ def main() -> int:
             f"| {min(agreements):.4f} / {statistics.median(agreements):.4f} "
             f"| {statistics.median(shares):.1%} ({max(shares):.1%}) | {statistics.median(kept):.0f} |"
         )
+        if args.replay and args.runs:
+            seeds = range(args.first_seed + args.runs, args.first_seed + args.runs + args.replay)
+            agreed, paid, held = replay(folder / f"state-{confidence}" / "cascade", ref, args, seeds)
+            print(
+                f"| {confidence}, replayed on seeds {seeds.start}-{seeds.stop - 1} | {wrong:.1%} "
+                f"| {sum(a >= args.target for a in agreed)}/{args.replay} "
+                f"| {min(agreed):.4f} / {statistics.median(agreed):.4f} "
+                f"| {statistics.median(paid):.1%} ({max(paid):.1%}) | {statistics.median(held):.0f} |"
+            )
     return 0
+
+
+def replay(home: Path, ref: pl.DataFrame, args: argparse.Namespace, seeds: range) -> tuple[list[float], ...]:
+    """The method replayed (runner.cascade.threshold.choose, every answer known) on the proxy's pass and
+    the oracle's reference answers, per calibration seed: what a run with that seed would output and pay."""
+    proxy = pl.read_parquet(home / "proxy.parquet")
+    answers, scores = proxy_view(proxy, ["label"], "agreement")
+    rows = proxy.select("id", pl.col("cost").fill_null(0.0)).join(ref, on="id", how="left", maintain_order="left")
+    agree = [a is not None and json.loads(a[0]) == o for a, o in zip(answers, rows["oracle_label"], strict=True)]
+    oracle_cost = rows["oracle_cost"].to_list()
+    proxy_cost, oracle_only, n = float(rows["cost"].sum()), float(ref["oracle_cost"].sum()), len(scores)
+    agreements, shares, kept = [], [], []
+    for seed in seeds:
+        step = choose(scores, agree.__getitem__, target=args.target, delta=args.delta, seed=seed)
+        agreements.append(sum(1 for pos in range(n) if pos not in step.keep or agree[pos]) / n)
+        paid = proxy_cost + sum(cost for pos, cost in enumerate(oracle_cost) if pos not in step.keep)
+        shares.append(paid / oracle_only)
+        kept.append(float(len(step.keep)))
+    return agreements, shares, kept
 
 
 if __name__ == "__main__":

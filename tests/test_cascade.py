@@ -19,6 +19,7 @@ import polars as pl
 import pytest
 import yaml
 
+from runner.api import load_job
 from runner.cascade.record import cascade_lines, read_cascade
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli
@@ -121,6 +122,41 @@ def test_estimate_prices_the_cascade_against_the_oracle_alone_before_anything_is
     dry = cli("run", str(job.spec), "--dry-run")
     assert dry.exit_code == 0 and "dry run: a cascade" in dry.stdout
     assert sim.stats()["requests"] == 0
+
+
+def test_the_estimate_is_kept_beside_the_cascade_state_and_its_run_is_measured_against_it(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    sim.configure(model_error={PROXY: 0.2})
+    job = _cascade(make_job, "kept")
+    kept = load_job(job.spec).state_dir / "estimate.json"
+    assert cli("run", str(job.spec), "--dry-run").exit_code == 0
+    assert not kept.exists()  # a dry run only reads
+
+    estimated = json.loads(cli("estimate", str(job.spec), "--json").stdout)
+
+    report = json.loads(kept.read_text())
+    assert report["made_for"]["model"] == ORACLE and report["cost"] == estimated["cost"]
+    assert report["cascade"]["share_of_oracle_only"] == estimated["cascade"]["share_of_oracle_only"]
+    assert cli("run", str(job.spec)).exit_code == 0
+    cost = json.loads(job.summary.read_text())["cost"]
+    against = cost["estimate"]
+    assert against["estimated"] == estimated["cost"]["expected"] and against["spent"] == cost["spent"] > 0
+    assert (against["low"], against["high"]) == (estimated["cost"]["low"], estimated["cost"]["high"])
+    assert against["within"] == (against["low"] <= cost["spent"] <= against["high"])
+    # The spec changed since (another target): that estimate priced something else, and the run says so.
+    again = cli("run", str(job.spec), "--set", "output.cascade.target=0.95")
+    assert again.exit_code == 0, again.stderr
+    assert "differs in the prompt or settings" in json.loads(job.summary.read_text())["cost"]["estimate"]["no_match"]
+
+
+def test_the_proxy_is_asked_15_times_a_row_by_default(make_job: Callable[..., JobFiles], sim: SimulatorThread) -> None:
+    output = SENTIMENT["output"] | {"cascade": {"proxy": PROXY}}
+    job = make_job(_rows(20), name="default_samples", **(SENTIMENT | {"output": output}))
+
+    report = json.loads(cli("estimate", str(job.spec), "--json").stdout)
+
+    assert report["cascade"]["proxy_requests"] == 15 * 20
 
 
 def test_run_max_cost_caps_the_whole_cascade_and_a_later_run_goes_on(

@@ -15,6 +15,7 @@ from runner.cascade.stages import (
     AHEAD,
     _answered_before,
     fresh_refused,
+    kept_estimates,
     proxy_view,
     score_column,
     stage_jobs,
@@ -22,6 +23,7 @@ from runner.cascade.stages import (
 from runner.cascade.threshold import choose
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
+from runner.money.kept_estimate import made_for
 from runner.observe.progress import Reporter
 
 ASSUMED_ORACLE_SHARE = 0.5
@@ -70,7 +72,7 @@ async def estimate_cascade(job: Job, *, api_key: str, options: Any, reporter: Re
     cost = {k: round(p[k] + shares[k] * o[k], 6) for k in BASES}
     known = None if options.fresh else _oracle_rows_left(job, proxy_job, oracle_job, proxy_left, options)
     run = _next_run(proxy_left, oracle, oracle_left, shares, known)
-    return {
+    report = {
         "job": job.name,
         "model": oracle_job.spec.model.name,
         "endpoint": job.endpoint_name,
@@ -98,6 +100,9 @@ async def estimate_cascade(job: Job, *, api_key: str, options: Any, reporter: Re
             "oracle_share": {k: round(v, 4) for k, v in shares.items()} | {"basis": basis},
         },
     }
+    if options.record:  # kept beside the state as a plain job's is (`run --dry-run` only reads)
+        kept_estimates(job).write_estimate({**report, "made_for": made_for(job)})
+    return report
 
 
 def _next_run(

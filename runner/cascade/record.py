@@ -10,6 +10,7 @@ from pathlib import Path
 from runner.cascade.threshold import Tested
 from runner.files import read_summary
 from runner.jsonrecord import OMITTED_WHEN_NONE, as_json, from_json
+from runner.money.kept_estimate import EstimateCheck
 from runner.observe.report import Section
 from runner.observe.summary import Summary
 from runner.runs import RunResult
@@ -68,6 +69,7 @@ class Cascade:
 class Spent:
     currency: str | None = None
     spent: float = 0.0  # what this run paid, both stages
+    estimate: EstimateCheck | None = field(default=None, metadata=OMITTED_WHEN_NONE)  # against the kept one
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,11 @@ from runner.errors import UsageError
 from runner.files import write_atomic, write_summary
 from runner.job.inputs import open_input
 from runner.job.resolve import Job
+from runner.money.kept_estimate import compare_whole
 from runner.observe.progress import Reporter
 from runner.run import check_places
 from runner.runs import RunOptions, RunResult
+from runner.state.store import Store
 
 AHEAD = 1  # a calibration round asks the oracle for this many of the method's draws of 10 at once
 ANSWERED_BY, CONFIDENCE, IN_CALIBRATION = "answered_by", "proxy_confidence", "in_calibration"
@@ -99,6 +101,12 @@ def stage_jobs(job: Job) -> tuple[Job, Job]:
         },
     )
     return proxy, oracle
+
+
+def kept_estimates(job: Job) -> Store:
+    """Where a cascade job's estimate is kept: its own state folder, beside the stages' (never opened:
+    only its estimate file is read or written)."""
+    return Store(job.state_dir, run_id="estimate", rows=job.row_map)
 
 
 def fresh_refused(job: Job) -> UsageError:
@@ -197,12 +205,16 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
     job.output_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, job.output_path)
     cascade_info = _cascade(job, output, step, rounds, proxy_job, oracle_base, proxy, oracle_out)
+    paid = round(spent["proxy"] + spent["oracle"], 6)  # this run
+    kept = kept_estimates(job).read_estimate()
+    # How good was `glm-batch estimate`, when it was made for this job as it is.
+    check = compare_whole(job, kept, spent=paid) if kept is not None else None
     record = CascadeSummary(
         job=job.name,
         model=oracle_base.spec.model.name,
         endpoint=job.endpoint_name,
         output=str(job.output_path),
-        cost=Spent(job.currency, round(spent["proxy"] + spent["oracle"], 6)),  # this run
+        cost=Spent(job.currency, paid, estimate=check),
         simulated=job.base_url is None,
         cascade=cascade_info,
     )

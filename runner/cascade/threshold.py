@@ -17,9 +17,19 @@ from dataclasses import dataclass
 
 from runner.cascade.bounds import above, below
 
-THRESHOLDS = 20  # M: candidate thresholds
-DRAW = 10  # draws between looks
-WORTH_TRYING = 50  # draws after which a threshold may be given up (hopeless, or not worth more draws)
+
+@dataclass(frozen=True)
+class Settings:
+    """How the search runs; the guarantee holds for any of them (they decide cost, not validity).
+    The defaults were chosen on the tuning seeds of bench/cascade_tune.py, not on bench/cascade.py's."""
+
+    thresholds: int = 50  # M: candidate thresholds, n/M rows apart
+    draw: int = 10  # draws between looks
+    worth_trying: int = 50  # draws after which a threshold may be given up (hopeless, or not worth more draws)
+    give_up_z: float = 1.5  # ... not worth more: draws outnumber n/M and their mean minus this many errors is short
+
+
+DEFAULT = Settings()
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,7 @@ def choose(
     delta: float,
     seed: int,
     ahead: int = 1,
+    settings: Settings = DEFAULT,
 ) -> Step:
     """Replay the method with the oracle answers known so far (`agrees(row)`: does the proxy's answer
     match the oracle's; None when the oracle has not answered). See the module's docstring. When it
@@ -80,7 +91,7 @@ def choose(
     drawn: set[int] = set()
     tested: list[Tested] = []
     best = -1
-    step = max(n // THRESHOLDS, 1)
+    step = max(n // settings.thresholds, 1)
     try:
         for t in range(step - 1, n, step):
             kept = t + 1
@@ -88,7 +99,7 @@ def choose(
             if needed <= 0:
                 best = t
                 continue
-            ok, used = _confident(ranked, draws, t, needed, agrees, delta, ahead, step)
+            ok, used = _confident(ranked, draws, t, needed, agrees, delta, ahead, step, settings)
             drawn.update(used)
             tested.append(Tested(kept, round(needed, 4), len(used), ok))
             if not ok:
@@ -111,23 +122,25 @@ def _confident(
     delta: float,
     ahead: int,
     gain: int,
+    settings: Settings,
 ) -> tuple[bool, list[int]]:
     """Draw from ranks 0..t until the test decides whether their agreement is above `needed`, or it is
-    not worth more draws: past 50, their mean plus one standard error is under `needed`, or they
-    outnumber `gain` (the rows accepting t would add) with their mean minus two standard errors under it."""
+    not worth more draws: past `worth_trying`, their mean plus one standard error is under `needed`, or
+    they outnumber `gain` (the rows accepting t would add) with their mean minus `give_up_z` standard
+    errors under it."""
     pool = [r for r in draws if r <= t]
     xs: list[float] = []
     used: list[int] = []
     while True:
-        if len(xs) >= WORTH_TRYING:
+        if len(xs) >= settings.worth_trying:
             mean = sum(xs) / len(xs)
             error = math.sqrt(mean * (1 - mean) / len(xs))
-            if mean + error < needed or (len(xs) >= gain and mean - 2 * error < needed):
+            if mean + error < needed or (len(xs) >= gain and mean - settings.give_up_z * error < needed):
                 return False, used
-        batch = pool[len(xs) : len(xs) + DRAW]
+        batch = pool[len(xs) : len(xs) + settings.draw]
         answers = [agrees(ranked[r]) for r in batch]
         if any(a is None for a in answers):
-            wanted = pool[len(xs) : len(xs) + DRAW * ahead]
+            wanted = pool[len(xs) : len(xs) + settings.draw * ahead]
             raise _Need([ranked[r] for r in wanted if agrees(ranked[r]) is None])
         xs.extend(float(bool(a)) for a in answers)
         used.extend(batch)

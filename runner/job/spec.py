@@ -273,7 +273,7 @@ class CascadeSpec(_Strict):
         description="samples: the share of the proxy's samples that agree with its majority answer; stated: "
         "the proxy is asked once and states its confidence (0 to 1) in its answer.",
     )
-    samples: Int = Field(5, ge=2, le=15, description="Proxy samples per row (2 to 15).")
+    samples: Int = Field(15, ge=2, le=15, description="Proxy samples per row (2 to 15).")
     temperature: Float = Field(0.7, gt=0, le=1, description="The proxy's sampling temperature (above 0, at most 1).")
     seed: Int = Field(0, description="Seeds the calibration sample's draws.")
 

@@ -1,7 +1,8 @@
 """What a kept estimate was made for, and how a run compares its cost with it.
 
     report["made_for"] = made_for(job)                 # when `glm-batch estimate` keeps its report
-    check = compare(job, kept, ok=n, spent=x)           # the run summary's cost.estimate
+    check = compare(job, kept, ok=n, spent=x)            # the run summary's cost.estimate
+    check = compare_whole(job, kept, spent=x)            # a cascade's: its whole run against the estimate
 
 A job's state keeps one estimate (`estimate.json`), whatever it was made with: `--set model.name=...`,
 another endpoint, another prompt. A run compares its spend only with an estimate made for the same
@@ -30,6 +31,9 @@ class EstimateCheck:
     error_pct: float | None = None
     no_match: str | None = field(default=None, metadata=OMITTED_WHEN_NONE)  # why there is no figure
     mode: str | None = field(default=None, metadata=OMITTED_WHEN_NONE)  # the mode whose figure was taken
+    low: float | None = field(default=None, metadata=OMITTED_WHEN_NONE)  # a cascade's: the estimate's interval
+    high: float | None = field(default=None, metadata=OMITTED_WHEN_NONE)
+    within: bool | None = field(default=None, metadata=OMITTED_WHEN_NONE)  # did the spend fall inside it
 
 
 def requests_fingerprint(job: Job) -> str:
@@ -67,23 +71,27 @@ def _expected(kept: dict[str, Any], mode: str) -> float | None:
     return float(figure) if isinstance(figure, int | float) else None
 
 
+def _made_for_another(job: Job, kept: dict[str, Any]) -> str | None:
+    """Why the kept estimate does not price this job's requests (None when it does)."""
+    now = made_for(job)
+    then = kept.get("made_for")
+    if not isinstance(then, dict):
+        return "the kept estimate does not say what it was made for (made by an older version)"
+    differ = [k for k in ("model", "endpoint", "requests") if then.get(k) != now[k]]
+    if not differ:
+        return None
+    what = ", ".join("the prompt or settings" if k == "requests" else k for k in differ)
+    return (
+        f"the kept estimate was made for {then.get('model')} on {then.get('endpoint')}; this run "
+        f"({now['model']} on {now['endpoint']}) differs in {what}"
+    )
+
+
 def compare(job: Job, kept: dict[str, Any], *, ok: int, spent: float) -> EstimateCheck:
     """The run's spend against the kept estimate's figure for as many answers (`ok`), or, when the
     estimate was made for something else, no figure and why."""
-    now = made_for(job)
-    then = kept.get("made_for")
-    mode = now["mode"]
-    why: str | None = None
-    if not isinstance(then, dict):
-        why = "the kept estimate does not say what it was made for (made by an older version)"
-    else:
-        differ = [k for k in ("model", "endpoint", "requests") if then.get(k) != now[k]]
-        if differ:
-            what = ", ".join("the prompt or settings" if k == "requests" else k for k in differ)
-            why = (
-                f"the kept estimate was made for {then.get('model')} on {then.get('endpoint')}; this run "
-                f"({now['model']} on {now['endpoint']}) differs in {what}"
-            )
+    mode = job.spec.run.mode
+    why = _made_for_another(job, kept)
     expected = None if why is not None else _expected(kept, mode)
     if why is None and expected is None:
         why = f"the kept estimate gives no single {mode} figure (see `glm-batch estimate`: modes)"
@@ -94,3 +102,19 @@ def compare(job: Job, kept: dict[str, Any], *, ok: int, spent: float) -> Estimat
     estimated = expected / max(1, answerable) * ok
     error_pct = round(100 * (estimated - spent) / spent, 1) if spent else None
     return EstimateCheck(round(estimated, 6), round(spent, 6), error_pct, mode=mode)
+
+
+def compare_whole(job: Job, kept: dict[str, Any], *, spent: float) -> EstimateCheck:
+    """A run that does all its estimate priced (a cascade: the estimate is of its next run, every
+    stage): what it spent against the kept estimate's expected figure and its low-high interval, or,
+    when the estimate was made for something else, no figure and why."""
+    why = _made_for_another(job, kept)
+    if why is not None:
+        return EstimateCheck(None, round(spent, 6), None, no_match=why)
+    cost = kept["cost"]
+    expected = float(cost["expected"])
+    low, high = float(cost["low"]), float(cost["high"])
+    error_pct = round(100 * (expected - spent) / spent, 1) if spent else None
+    return EstimateCheck(
+        round(expected, 6), round(spent, 6), error_pct, low=low, high=high, within=low <= spent <= high
+    )

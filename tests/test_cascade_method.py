@@ -131,6 +131,6 @@ def test_a_threshold_still_worth_showing_is_not_given_up_after_50_draws() -> Non
 def test_the_thresholds_tested_are_n_over_50_rows_apart() -> None:
     step = choose([1.0] * 1000, lambda pos: True, target=0.9, delta=0.1, seed=0)
 
-    kept = [int(t["kept"]) for t in step.tested]
+    kept = [t.kept for t in step.tested]
     assert kept[0] == 120  # the first 100 rows need no test: the other 900 alone reach 90%
     assert all(b - a == 20 for a, b in itertools.pairwise(kept)) and kept[-1] == 1000

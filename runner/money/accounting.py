@@ -16,7 +16,7 @@ from typing import Any
 from runner.job.resolve import Job
 from runner.money.pricing import Budget, PriceTable, price_table, require_prices
 from runner.money.tokens import Calibration, estimate_request
-from runner.records import Request, Result, priced
+from runner.records import Answers, Request, Result, priced
 
 
 class Distribution:
@@ -157,6 +157,40 @@ class Tally:
         if result.wait_ms is not None:
             self.client_wait_ms.add(result.wait_ms)
 
+    def record_answers(self, answers: Answers, tiers: list[str | None]) -> None:
+        """`record` for a block of ok answers (priced by Accountant.settle_answers), in one step."""
+        count = len(answers)
+        if not count:
+            return
+        by_tier = self.cost_by_tier
+        date = answers.finished_at.date()
+        for model, cost, tier, tokens_in, cached, tokens_out, estimate in zip(
+            answers.model, answers.cost, tiers, answers.input_tokens, answers.cache_read_input_tokens,
+            answers.output_tokens, answers.est_input_tokens, strict=True,
+        ):  # fmt: skip
+            key = (date, model or "")
+            day = self._last_counts if key == self._last_day else self._day_of(key)
+            if cost is not None:  # added one by one, as `record` adds them: the same sums to the last bit
+                self.cost += cost
+                day["cost"] += cost
+                if tier is not None:
+                    by_tier[tier] = by_tier.get(tier, 0.0) + cost
+            day["requests_ok"] += 1
+            day["input_tokens"] += tokens_in
+            day["cache_read_input_tokens"] += cached
+            day["output_tokens"] += tokens_out
+            if estimate is not None:
+                self.est_input_tokens += estimate
+                day["est_input_tokens"] += estimate
+        self.ok += count
+        self.input_tokens += sum(answers.input_tokens)
+        self.output_tokens += sum(answers.output_tokens)
+        self.cache_read_input_tokens += sum(answers.cache_read_input_tokens)
+        self.thinking_tokens += sum(answers.thinking_tokens)
+        self.last_answer_at = time.monotonic()
+        if self.first_answer_at is None:
+            self.first_answer_at = self.last_answer_at
+
     def not_kept(self, result: Result) -> None:
         """A recorded result that could not be saved (the disk filled): it no longer counts as answered,
         since the next run asks for it again; its cost and tokens stay counted, because it was paid."""
@@ -174,6 +208,10 @@ class Tally:
         key = (result.finished_at.date(), result.model or "")
         if key == self._last_day:
             return self._last_counts
+        return self._day_of(key)
+
+    def _day_of(self, key: tuple[dt.date, str]) -> dict[str, float]:
+        """The counters of a (day, model), made on first use; remembered as the last one used."""
         counts = self.by_day.get(key)
         if counts is None:
             counts = self.by_day[key] = dict.fromkeys(_DAY_COUNTERS, 0.0)
@@ -303,6 +341,32 @@ class Accountant:
         if self.budget is not None:
             self.budget.settle(reserved, cost or 0.0)
         return priced(result, cost, raw), tier
+
+    def settle_answers(self, answers: Answers) -> list[str | None]:
+        """`settle` for a block of ok answers (runner.records.Answers): fills in each one's cost and
+        estimate, as `settle` stamps a Result; the tier each was charged at."""
+        table, budget, batch = self.table, self.budget, answers.api == "batch"
+        costs: list[float | None] = []
+        estimates: list[int | None] = []
+        tiers: list[str | None] = []
+        pop = self._open.pop
+        for key, tokens_in, cached, tokens_out in zip(answers.keys, answers.input_tokens,
+                                                      answers.cache_read_input_tokens, answers.output_tokens,
+                                                      strict=True):  # fmt: skip
+            raw, reserved = pop(key, (None, 0.0))
+            cost: float | None = None
+            tier: str | None = None
+            if table is not None:  # an ok answer is billed, as in `settle`
+                cost, tier = table.charge_tokens(tokens_in, cached, tokens_out)
+                if batch:
+                    cost *= self.batch_share
+            if budget is not None:
+                budget.settle(reserved, cost or 0.0)
+            costs.append(cost)
+            estimates.append(raw)
+            tiers.append(tier)
+        answers.cost, answers.est_input_tokens = costs, estimates
+        return tiers
 
 
 def accountant_for(job: Job) -> Accountant:

@@ -198,6 +198,11 @@ class Run:
             self._journal(held)
         self.checkpoint()
         self.cpu.close()
+        # The tables that held every request in flight (a batch's: all of them at once) are empty now but
+        # keep their size; made anew, their memory goes back before finishing (compaction, the output).
+        if not self.outstanding:
+            self.outstanding = set()
+        self.accountant.shrink()
 
 
 class Sender(Protocol):

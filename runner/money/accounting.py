@@ -298,7 +298,9 @@ class Accountant:
         self.calibration = calibration
         self.budget = budget
         self._max_tokens = max_tokens
-        self._open: dict[str, tuple[int, float]] = {}  # key -> (raw estimate, reserved cost)
+        # key -> (raw estimate, reserved cost); the estimate alone when nothing was reserved (no budget):
+        # a small int is shared, so a million requests in flight (a batch) hold no tuple each.
+        self._open: dict[str, tuple[int, float] | int] = {}
 
     def admit(self, request: Request, raw: int | None = None) -> bool:
         """Note the request's estimate (`raw`, if the caller made it already); False if its worst case no
@@ -310,8 +312,13 @@ class Accountant:
             reserved = self.worst_case(raw)
             if not self.budget.try_reserve(reserved):
                 return False
-        self._open[request.key] = (raw, reserved)
+        self._open[request.key] = (raw, reserved) if reserved else raw
         return True
+
+    def shrink(self) -> None:
+        """Give back the memory of the requests admitted and settled (a dict keeps its size when emptied)."""
+        if not self._open:
+            self._open = {}
 
     def worst_case(self, raw_input_tokens: int) -> float:
         """What a request of `raw_input_tokens` (uncalibrated) may cost at most: what a budget reserves."""
@@ -322,13 +329,12 @@ class Accountant:
 
     def input_estimate(self, request: Request) -> int:
         """The calibrated input-token estimate of an admitted request (made once, at admission)."""
-        opened = self._open.get(request.key)
-        raw = opened[0] if opened is not None else estimate_request(request.params)
-        return self.calibration.apply(raw)
+        raw = _opened(self._open.get(request.key))[0]
+        return self.calibration.apply(raw if raw is not None else estimate_request(request.params))
 
     def settle(self, result: Result) -> tuple[Result, str | None]:
         """The result with its cost and estimate filled in, and the name of the tier it was charged at."""
-        raw, reserved = self._open.pop(result.key, (None, 0.0))
+        raw, reserved = _opened(self._open.pop(result.key, None))
         cost: float | None = None
         tier: str | None = None
         if self.table is not None:
@@ -353,7 +359,7 @@ class Accountant:
         for key, tokens_in, cached, tokens_out in zip(answers.keys, answers.input_tokens,
                                                       answers.cache_read_input_tokens, answers.output_tokens,
                                                       strict=True):  # fmt: skip
-            raw, reserved = pop(key, (None, 0.0))
+            raw, reserved = _opened(pop(key, None))
             cost: float | None = None
             tier: str | None = None
             if table is not None:  # an ok answer is billed, as in `settle`
@@ -367,6 +373,13 @@ class Accountant:
             tiers.append(tier)
         answers.cost, answers.est_input_tokens = costs, estimates
         return tiers
+
+
+def _opened(opened: tuple[int, float] | int | None) -> tuple[int | None, float]:
+    """An admitted request's raw estimate and reserved cost as Accountant._open keeps them."""
+    if opened is None:  # not admitted by this run (a batch an earlier run made)
+        return None, 0.0
+    return (opened, 0.0) if isinstance(opened, int) else opened
 
 
 def accountant_for(job: Job) -> Accountant:

@@ -194,3 +194,17 @@ def test_batch_answers_are_held_for_their_part_and_online_ones_journalled_at_onc
         assert store.buffered == BATCH_PART_ROWS
     finally:
         store.close()
+
+
+def test_the_settled_lookup_finds_exactly_the_keys_a_set_holds() -> None:
+    """SettledKeys.contains looks keys up by their first 64 bits first: it must still answer, for every
+    kind of key, what membership in the set of settled keys answers (null for a null key)."""
+    hexes = [f"{(index * 0x9E3779B97F4A7C15 + 7) % 2**128:032x}" for index in range(2000)]
+    twin = hexes[2][:16] + "0" * 16  # the same first 64 bits as a settled key, another key
+    odd = ["render-a", "", "Z" * 32, hexes[1].upper(), hexes[2][:16], f"{hexes[4]}-s1"]
+    settled = SettledKeys(pl.Series(KEY, sorted({*hexes[::2], *odd[:3], odd[5]})))
+    asked = [*hexes[:200], twin, *odd, f"{hexes[4]}-s2", None, "render-b"]
+    held = set(settled.series().to_list())
+    got = settled.contains(pl.Series(KEY, asked, dtype=pl.String)).to_list()
+    assert got == [None if key is None else key in held for key in asked]
+    assert got.count(True) == 100 + 4  # half the hex keys; render-a, "", the Z key, the sample key

@@ -143,8 +143,10 @@ class Timed:
 class Drain:
     """An executor that takes every request and answers none: a run that only plans."""
 
-    def gauges(self) -> dict[str, Any]:
-        return {"in_flight": 0, "limit": None}
+    def gauges(self) -> Any:
+        from runner.send.base import Gauges
+
+        return Gauges(in_flight=0)
 
     async def aclose(self) -> None:
         return None

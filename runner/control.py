@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from runner.errors import EndpointAborted, GlmBatchError
+from runner.records import Answers
 
 
 @dataclass
@@ -23,6 +24,9 @@ class Control:
     # Journals what was delivered so far (the engine's checkpoint); an executor calls it before it lets
     # go of the last copy of paid answers (the Batch API's result files).
     checkpoint: Callable[[], None] | None = None
+    # Takes a block of plain answers as columns (the run's Run.deliver_answers): a batch harvest hands
+    # them over in one call instead of a Result each. None: an executor delivers each as a Result.
+    deliver_answers: Callable[[Answers], None] | None = None
     started: float = field(default_factory=time.monotonic)  # when the run began (a hybrid deadline counts from it)
     # Structured answers ask with tool_choice auto (validated and repaired) instead of forcing the tool:
     # the endpoint refused a forced tool choice in this run, or a fact learned earlier said it would.

@@ -32,7 +32,7 @@ from runner.job.prompts import RequestBuilder, sample_key
 from runner.job.resolve import Job
 from runner.job.sandbox import NullInput, RenderError
 from runner.money.accounting import Tally
-from runner.money.tokens import estimate_request
+from runner.money.tokens import LastTurnEstimate, estimate_request
 from runner.records import KEY, Request, Result
 from runner.send.base import Deliver
 from runner.state.rescue import state_guard
@@ -64,6 +64,7 @@ class PlannedRow:
     requests: list[Request]
     done: list[bool]
     error: RenderError | None = None
+    estimate: int | None = None  # its one request's raw input-token estimate, where made with the prompt
 
 
 @dataclass
@@ -115,6 +116,7 @@ def _render(builder: RequestBuilder, frame: pl.DataFrame, settled: SettledKeys) 
     if keyed is None:
         return _marked(_render_rows(builder, frame), settled)
     keys, prompts = keyed
+    estimate = _last_turn_estimate(builder)
     positions, ids = frame.get_column(ROW).to_list(), frame.get_column(ID).to_list()
     done = settled.contains(pl.Series(KEY, keys, dtype=pl.String)).to_list()  # a row to build: null
     rows: list[PlannedRow] = []
@@ -127,10 +129,25 @@ def _render(builder: RequestBuilder, frame: pl.DataFrame, settled: SettledKeys) 
         elif done[index]:  # answered before: its parameters are never needed, so never made
             row = PlannedRow(position, row_id, key, [], [])
         else:
-            row = PlannedRow(position, row_id, key, [builder.column_request(key, prompts[index])], [False])
+            prompt = prompts[index]
+            request = builder.column_request(key, prompt)
+            row = PlannedRow(position, row_id, key, [request], [False], None, estimate(prompt) if estimate else None)
         rows.append(row)
     _marked(built, settled)
     return rows
+
+
+def _last_turn_estimate(builder: RequestBuilder) -> Callable[[Any], int] | None:
+    """The raw estimate of a column-rendered request from its prompt (runner.money.tokens.LastTurnEstimate),
+    where its prompt is the text of its last message and nothing else: None otherwise (a structured
+    answer's request is reshaped), and then each request is estimated whole."""
+    probe = builder.column_request("probe", "\x00probe")
+    messages = probe.params.get("messages")
+    if not (isinstance(messages, list) and messages and messages[-1] == {"role": "user", "content": "\x00probe"}):
+        return None
+    if "\x00probe" in str({name: value for name, value in probe.params.items() if name != "messages"}):
+        return None
+    return LastTurnEstimate(probe.params)
 
 
 def _render_rows(builder: RequestBuilder, frame: pl.DataFrame) -> list[PlannedRow]:
@@ -225,7 +242,8 @@ class Dispatch:
                     for pending, is_done in zip(row.requests, row.done, strict=True):
                         if is_done:
                             continue
-                        estimated = estimate_request(pending.params)  # once: the context and the budget
+                        # once: the context and the budget (made with the prompt where it was rendered as columns)
+                        estimated = row.estimate if row.estimate is not None else estimate_request(pending.params)
                         if context is not None and estimated > context:
                             self._over_context(pending, estimated)
                             continue

@@ -205,3 +205,103 @@ def results_frame(results: list[Result], run_id: str) -> pl.DataFrame:
     columns = dict(zip(_STORED_FIELDS, zip(*rows, strict=True), strict=True)) if rows else {}
     data = {name: columns.get(name, ()) for name in _STORED_FIELDS} | {"run_id": [run_id] * len(rows)}
     return pl.DataFrame({name: data[name] for name in RESULT_SCHEMA}, schema=RESULT_SCHEMA)
+
+
+@dataclass(slots=True)
+class Answers:
+    """A block of plain answers as columns, one entry an answer: what a Batch API result file mostly holds
+    (a first answer, ok, no repair, nothing carried), taken into the run without a Result per row.
+
+    `results()` makes the very Results the row-by-row path makes of the same answers (Conversation.result,
+    then Accountant.settle): the block is only a cheaper form of them. `cost` and `est_input_tokens` are
+    filled in by the run's accountant (Accountant.settle_answers)."""
+
+    finished_at: dt.datetime
+    api: str | None
+    keys: list[str] = dataclasses.field(default_factory=list)
+    attempts: list[int] = dataclasses.field(default_factory=list)
+    model: list[str | None] = dataclasses.field(default_factory=list)
+    response_text: list[str] = dataclasses.field(default_factory=list)
+    thinking: list[str | None] = dataclasses.field(default_factory=list)
+    stop_reason: list[str | None] = dataclasses.field(default_factory=list)
+    input_tokens: list[int] = dataclasses.field(default_factory=list)
+    output_tokens: list[int] = dataclasses.field(default_factory=list)
+    thinking_tokens: list[int] = dataclasses.field(default_factory=list)
+    cache_read_input_tokens: list[int] = dataclasses.field(default_factory=list)
+    request_id: list[str | None] = dataclasses.field(default_factory=list)
+    cost: list[float | None] = dataclasses.field(default_factory=list)
+    est_input_tokens: list[int | None] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, key: str, answer: Answer, attempts: int) -> None:
+        """One answer, the only turn of its request (a plain text answer: no tool call)."""
+        self.keys.append(key)
+        self.attempts.append(attempts)
+        self.model.append(answer.model)
+        self.response_text.append(answer.text)
+        self.thinking.append(answer.thinking)
+        self.stop_reason.append(answer.stop_reason)
+        self.input_tokens.append(answer.input_tokens)
+        self.output_tokens.append(answer.output_tokens)
+        self.thinking_tokens.append(answer.thinking_tokens)
+        self.cache_read_input_tokens.append(answer.cache_read_input_tokens or 0)
+        self.request_id.append(answer.request_id)
+
+    def only(self, keep: list[bool]) -> Answers:
+        """The answers where `keep` is True."""
+        taken = Answers(self.finished_at, self.api)
+        for name in _ANSWER_COLUMNS:
+            column = getattr(self, name)
+            if column:  # cost and estimate are empty until the accountant fills them
+                setattr(taken, name, [value for value, kept in zip(column, keep, strict=True) if kept])
+        return taken
+
+    def results(self) -> list[Result]:
+        """The answers as Results (priced, once the accountant filled `cost` and `est_input_tokens`)."""
+        count = len(self.keys)
+        costs = self.cost or [None] * count
+        estimates = self.est_input_tokens or [None] * count
+        return [
+            Result(key=self.keys[i], status="ok", attempts=self.attempts[i], latency_ms=None,
+                   finished_at=self.finished_at, model=self.model[i], response_text=self.response_text[i],
+                   thinking=self.thinking[i], stop_reason=self.stop_reason[i], input_tokens=self.input_tokens[i],
+                   output_tokens=self.output_tokens[i], thinking_tokens=self.thinking_tokens[i],
+                   cache_read_input_tokens=self.cache_read_input_tokens[i], cache_creation_input_tokens=0,
+                   request_id=self.request_id[i], cost=costs[i], est_input_tokens=estimates[i], api=self.api)
+            for i in range(count)
+        ]  # fmt: skip
+
+    def frame(self, run_id: str) -> pl.DataFrame:
+        """The answers as results_frame makes their Results: RESULT_SCHEMA, stamped with `run_id`."""
+        count = len(self.keys)
+        varying: dict[str, list[Any]] = {
+            "key": self.keys,
+            "response_text": self.response_text,
+            "thinking": self.thinking,
+            "stop_reason": self.stop_reason,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "thinking_tokens": self.thinking_tokens,
+            "cache_read_input_tokens": self.cache_read_input_tokens,
+            "attempts": self.attempts,
+            "cost": self.cost or [None] * count,
+            "request_id": self.request_id,
+            "model": self.model,
+            "est_input_tokens": self.est_input_tokens or [None] * count,
+        }
+        constant = {"status": "ok", "cache_creation_input_tokens": 0, "latency_ms": None, "error_type": None,
+                    "error_message": None, "retryable": False, "parsed_json": None, "repairs": 0,
+                    "finished_at": self.finished_at, "run_id": run_id, "api": self.api}  # fmt: skip
+        frame = pl.DataFrame([pl.Series(name, values, dtype=RESULT_SCHEMA[name]) for name, values in varying.items()])
+        lits = [pl.lit(value, dtype=RESULT_SCHEMA[name]).alias(name) for name, value in constant.items()]
+        return frame.with_columns(lits).select(list(RESULT_SCHEMA))
+
+
+_ANSWER_COLUMNS = tuple(name for name in Answers.__slots__ if name not in ("finished_at", "api"))
+
+
+def results_of_frame(frame: pl.DataFrame) -> list[Result]:
+    """Stored results (RESULT_SCHEMA) back as Results: the inverse of results_frame."""
+    return [Result(**row) for row in frame.drop("run_id").iter_rows(named=True)]

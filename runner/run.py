@@ -25,7 +25,7 @@ from runner.observe.cpu import CpuWindow
 from runner.observe.progress import Reporter
 from runner.observe.summary import Sending
 from runner.plan import Dispatch, PlannedBatch
-from runner.records import Request, Result
+from runner.records import Answers, Request, Result
 from runner.resume import settled_keys
 from runner.runs import RunOptions, fingerprint
 from runner.state.rescue import RESCUE_MARK
@@ -82,6 +82,7 @@ class Run:
         run = cls(job, source, store, tally, accountant, settled, control, pilot=pilot, built_from=built_from,
                   unchanged=unchanged, breaker=Breaker.for_run(tally.rows_total), started_at=started_at)  # fmt: skip
         control.checkpoint = run.checkpoint
+        control.deliver_answers = run.deliver_answers
         return run
 
     @property
@@ -116,6 +117,32 @@ class Run:
             self._journal(admitted)
         if breaker.tripped and self.control.aborted is None:
             self.control.abort(breaker.error())
+
+    def deliver_answers(self, answers: Answers) -> None:
+        """A block of ok answers from the sender (runner.records.Answers): what `deliver` does with each
+        as a Result, done for the block at once (priced, held for the part, counted). While the breaker
+        still watches, or a Ray actor reports each answer, they go one by one through `deliver`."""
+        if (self.breaker is not None and self.breaker.watching) or self.on_answer is not None:
+            for result in answers.results():
+                self.deliver(result)
+            return
+        self.cpu.begin()
+        self.commit()  # what came before, first
+        outstanding, settled = self.outstanding, self.settled
+        # Answered in an earlier run (a batch harvested twice): never journalled or booked twice.
+        keep = [key in outstanding or not settled.has(key) for key in answers.keys]
+        if not all(keep):
+            answers = answers.only(keep)
+        outstanding.difference_update(answers.keys)
+        tiers = self.accountant.settle_answers(answers)
+        try:
+            self.store.add_answers(answers)
+            if self.store.buffered >= self.job.spec.run.checkpoint_rows:
+                self.store.flush_soon()
+        except STATE_FAILURES as exc:  # as in `commit`: the run stops, the answers are held (rescued)
+            self.control.fail(exc)
+        finally:
+            self.tally.record_answers(answers, tiers)
 
     def _journal(self, result: Result) -> None:
         self.cpu.begin()
@@ -172,6 +199,11 @@ class Run:
             self._journal(held)
         self.checkpoint()
         self.cpu.close()
+        # The tables that held every request in flight (a batch's: all of them at once) are empty now but
+        # keep their size; made anew, their memory goes back before finishing (compaction, the output).
+        if not self.outstanding:
+            self.outstanding = set()
+        self.accountant.shrink()
 
 
 class Sender(Protocol):

@@ -24,6 +24,7 @@ from runner.job.inputs import open_input
 from runner.job.prompts import RequestBuilder
 from runner.job.resolve import load_job
 from runner.job.sandbox import RenderError
+from runner.money.tokens import estimate_request
 from runner.plan import plan
 from runner.records import KEY, Request, Result
 from runner.send.batch.files import BatchFileWriter
@@ -194,3 +195,40 @@ def test_batch_answers_are_held_for_their_part_and_online_ones_journalled_at_onc
         assert store.buffered == BATCH_PART_ROWS
     finally:
         store.close()
+
+
+def test_the_settled_lookup_finds_exactly_the_keys_a_set_holds() -> None:
+    """SettledKeys.contains looks keys up by their first 64 bits first: it must still answer, for every
+    kind of key, what membership in the set of settled keys answers (null for a null key)."""
+    hexes = [f"{(index * 0x9E3779B97F4A7C15 + 7) % 2**128:032x}" for index in range(2000)]
+    twin = hexes[2][:16] + "0" * 16  # the same first 64 bits as a settled key, another key
+    odd = ["render-a", "", "Z" * 32, hexes[1].upper(), hexes[2][:16], f"{hexes[4]}-s1"]
+    settled = SettledKeys(pl.Series(KEY, sorted({*hexes[::2], *odd[:3], odd[5]})))
+    asked = [*hexes[:200], twin, *odd, f"{hexes[4]}-s2", None, "render-b"]
+    held = set(settled.series().to_list())
+    got = settled.contains(pl.Series(KEY, asked, dtype=pl.String)).to_list()
+    assert got == [None if key is None else key in held for key in asked]
+    assert got.count(True) == 100 + 4  # half the hex keys; render-a, "", the Z key, the sample key
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        {"system": "Réponds en français: 简短", "template": "Summarise: {{ text }}"},
+        {"template": "{{ text }} / {{ n }} stars"},
+        {"system": "Be brief.", "template": "日本語: {{ text }}"},
+    ],
+)  # fmt: skip
+def test_a_request_planned_as_columns_is_estimated_as_a_whole_request_is(
+    tmp_path: Path, prompt: dict[str, Any]
+) -> None:
+    """The planner estimates a column-rendered request from its prompt alone (the turns before it summed
+    once): the same raw estimate, to the last token, as estimate_request over its parameters; what a
+    budget reserves and each row's est_input_tokens do not change. (The row with a null goes through
+    `build`, and is estimated whole when sent.)"""
+    job = _job(tmp_path, "estimate", prompt, "empty", ROWS | {"text": [t * 40 if t else t for t in ROWS["text"]]})
+    nothing = SettledKeys(pl.Series(KEY, [], dtype=pl.String))
+    rows = [row for batch in plan(job, open_input(job), nothing) for row in batch.rows if row.estimate is not None]
+    assert len(rows) >= 5  # a null goes through `build` (row e's text; row f's n where the prompt reads it)
+    assert [row.estimate for row in rows] == [estimate_request(row.requests[0].params) for row in rows]
+    assert len({row.estimate for row in rows}) > 3  # the texts differ in length and script

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from runner.job.resolve import Job
 from runner.money.pricing import Budget, PriceTable, price_table, require_prices
 from runner.money.tokens import Calibration, estimate_request
-from runner.records import Request, Result, priced
+from runner.records import Answers, Request, Result, priced
 
 
 class Distribution:
@@ -156,6 +156,40 @@ class Tally:
         if result.wait_ms is not None:
             self.client_wait_ms.add(result.wait_ms)
 
+    def record_answers(self, answers: Answers, tiers: list[str | None]) -> None:
+        """`record` for a block of ok answers (priced by Accountant.settle_answers), in one step."""
+        count = len(answers)
+        if not count:
+            return
+        by_tier = self.cost_by_tier
+        date = answers.finished_at.date()
+        for model, cost, tier, tokens_in, cached, tokens_out, estimate in zip(
+            answers.model, answers.cost, tiers, answers.input_tokens, answers.cache_read_input_tokens,
+            answers.output_tokens, answers.est_input_tokens, strict=True,
+        ):  # fmt: skip
+            key = (date, model or "")
+            day = self._last_counts if key == self._last_day else self._day_of(key)
+            if cost is not None:  # added one by one, as `record` adds them: the same sums to the last bit
+                self.cost += cost
+                day["cost"] += cost
+                if tier is not None:
+                    by_tier[tier] = by_tier.get(tier, 0.0) + cost
+            day["requests_ok"] += 1
+            day["input_tokens"] += tokens_in
+            day["cache_read_input_tokens"] += cached
+            day["output_tokens"] += tokens_out
+            if estimate is not None:
+                self.est_input_tokens += estimate
+                day["est_input_tokens"] += estimate
+        self.ok += count
+        self.input_tokens += sum(answers.input_tokens)
+        self.output_tokens += sum(answers.output_tokens)
+        self.cache_read_input_tokens += sum(answers.cache_read_input_tokens)
+        self.thinking_tokens += sum(answers.thinking_tokens)
+        self.last_answer_at = time.monotonic()
+        if self.first_answer_at is None:
+            self.first_answer_at = self.last_answer_at
+
     def not_kept(self, result: Result) -> None:
         """A recorded result that could not be saved (the disk filled): it no longer counts as answered,
         since the next run asks for it again; its cost and tokens stay counted, because it was paid."""
@@ -173,6 +207,10 @@ class Tally:
         key = (result.finished_at.date(), result.model or "")
         if key == self._last_day:
             return self._last_counts
+        return self._day_of(key)
+
+    def _day_of(self, key: tuple[dt.date, str]) -> dict[str, float]:
+        """The counters of a (day, model), made on first use; remembered as the last one used."""
         counts = self.by_day.get(key)
         if counts is None:
             counts = self.by_day[key] = dict.fromkeys(_DAY_COUNTERS, 0.0)
@@ -231,7 +269,9 @@ class Accountant:
         self.calibration = calibration
         self.budget = budget
         self._max_tokens = max_tokens
-        self._open: dict[str, tuple[int, float]] = {}  # key -> (raw estimate, reserved cost)
+        # key -> (raw estimate, reserved cost); the estimate alone when nothing was reserved (no budget):
+        # a small int is shared, so a million requests in flight (a batch) hold no tuple each.
+        self._open: dict[str, tuple[int, float] | int] = {}
 
     def admit(self, request: Request, raw: int | None = None) -> bool:
         """Note the request's estimate (`raw`, if the caller made it already); False if its worst case no
@@ -243,8 +283,13 @@ class Accountant:
             reserved = self.worst_case(raw)
             if not self.budget.try_reserve(reserved):
                 return False
-        self._open[request.key] = (raw, reserved)
+        self._open[request.key] = (raw, reserved) if reserved else raw
         return True
+
+    def shrink(self) -> None:
+        """Give back the memory of the requests admitted and settled (a dict keeps its size when emptied)."""
+        if not self._open:
+            self._open = {}
 
     def worst_case(self, raw_input_tokens: int) -> float:
         """What a request of `raw_input_tokens` (uncalibrated) may cost at most: what a budget reserves."""
@@ -255,13 +300,12 @@ class Accountant:
 
     def input_estimate(self, request: Request) -> int:
         """The calibrated input-token estimate of an admitted request (made once, at admission)."""
-        opened = self._open.get(request.key)
-        raw = opened[0] if opened is not None else estimate_request(request.params)
-        return self.calibration.apply(raw)
+        raw = _opened(self._open.get(request.key))[0]
+        return self.calibration.apply(raw if raw is not None else estimate_request(request.params))
 
     def settle(self, result: Result) -> tuple[Result, str | None]:
         """The result with its cost and estimate filled in, and the name of the tier it was charged at."""
-        raw, reserved = self._open.pop(result.key, (None, 0.0))
+        raw, reserved = _opened(self._open.pop(result.key, None))
         cost: float | None = None
         tier: str | None = None
         if self.table is not None:
@@ -274,6 +318,39 @@ class Accountant:
         if self.budget is not None:
             self.budget.settle(reserved, cost or 0.0)
         return priced(result, cost, raw), tier
+
+    def settle_answers(self, answers: Answers) -> list[str | None]:
+        """`settle` for a block of ok answers (runner.records.Answers): fills in each one's cost and
+        estimate, as `settle` stamps a Result; the tier each was charged at."""
+        table, budget, batch = self.table, self.budget, answers.api == "batch"
+        costs: list[float | None] = []
+        estimates: list[int | None] = []
+        tiers: list[str | None] = []
+        pop = self._open.pop
+        for key, tokens_in, cached, tokens_out in zip(answers.keys, answers.input_tokens,
+                                                      answers.cache_read_input_tokens, answers.output_tokens,
+                                                      strict=True):  # fmt: skip
+            raw, reserved = _opened(pop(key, None))
+            cost: float | None = None
+            tier: str | None = None
+            if table is not None:  # an ok answer is billed, as in `settle`
+                cost, tier = table.charge_tokens(tokens_in, cached, tokens_out)
+                if batch:
+                    cost *= self.batch_share
+            if budget is not None:
+                budget.settle(reserved, cost or 0.0)
+            costs.append(cost)
+            estimates.append(raw)
+            tiers.append(tier)
+        answers.cost, answers.est_input_tokens = costs, estimates
+        return tiers
+
+
+def _opened(opened: tuple[int, float] | int | None) -> tuple[int | None, float]:
+    """An admitted request's raw estimate and reserved cost as Accountant._open keeps them."""
+    if opened is None:  # not admitted by this run (a batch an earlier run made)
+        return None, 0.0
+    return (opened, 0.0) if isinstance(opened, int) else opened
 
 
 def accountant_for(job: Job) -> Accountant:

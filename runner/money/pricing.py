@@ -71,7 +71,10 @@ class PriceTable:
     def charge(self, result: Result) -> tuple[float, str]:
         """What a result's answered turns cost (at the online price) and the label of their tier."""
         tokens_in, cached = result.input_tokens or 0, result.cache_read_input_tokens or 0
-        tokens_out = result.output_tokens or 0
+        return self.charge_tokens(tokens_in, cached, result.output_tokens or 0)
+
+    def charge_tokens(self, tokens_in: int, cached: int, tokens_out: int) -> tuple[float, str]:
+        """`charge` given the answered turns' tokens (input without the cached ones, cached, output)."""
         tier = self.tier(tokens_in + cached, tokens_out)  # once: the cost and its label (once per answer)
         cost = tier_cost(tier, input_tokens=tokens_in, output_tokens=tokens_out, cache_read_tokens=cached)
         return cost, tier_label(tier)

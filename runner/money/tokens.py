@@ -40,12 +40,28 @@ def _text(content: Any) -> str:
 
 def estimate_request(params: dict[str, Any]) -> int:
     """Raw input-token estimate for one request's parameters."""
+    return max(1, math.ceil(_estimate_parts(params, params.get("messages", []))))
+
+
+def _estimate_parts(params: dict[str, Any], messages: list[dict[str, Any]]) -> float:
     total = 0.0
     if params.get("system"):
         total += estimate_text(_text(params["system"])) + MESSAGE_OVERHEAD_TOKENS
-    for message in params.get("messages", []):
+    for message in messages:
         total += estimate_text(_text(message.get("content"))) + MESSAGE_OVERHEAD_TOKENS
-    return max(1, math.ceil(total))
+    return total
+
+
+class LastTurnEstimate:
+    """`estimate_request` for requests that differ only in their last message's text (a prompt rendered
+    as columns): the parts before it are summed once, and each request adds its text, in the same order,
+    so the estimate is the same to the last bit."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self._before = _estimate_parts(params, params["messages"][:-1])
+
+    def __call__(self, text: str) -> int:
+        return max(1, math.ceil(self._before + (estimate_text(text) + MESSAGE_OVERHEAD_TOKENS)))
 
 
 @dataclass(frozen=True)

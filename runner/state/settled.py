@@ -26,6 +26,7 @@ class SettledKeys:
         self._keys = keys if isinstance(keys, pl.Series) else None
         self._load = None if isinstance(keys, pl.Series) else keys
         self.basis = basis
+        self._highs: pl.Series | None = None  # the settled keys' first 64 bits, sorted (see `contains`)
 
     @classmethod
     def none(cls) -> SettledKeys:
@@ -63,9 +64,36 @@ class SettledKeys:
         return bool(keys[pos] == key)
 
     def contains(self, keys: pl.Series) -> pl.Series:
-        """A boolean Series: is each of `keys` settled?"""
+        """A boolean Series: is each of `keys` settled? (Null for a null key.)
+
+        Two steps: a key's first 16 hex digits as an integer are looked up among the settled keys' (a
+        binary search over integers, ~40x faster than over strings), and only a key whose number is
+        there, or that has none (not hex), is looked up in full. After a template edit no key is settled
+        and nearly none takes the second step; a key is settled only if its whole string is found."""
         settled = self.series()
+        count = keys.len()
         if settled.len() == 0:
-            return pl.Series([False] * keys.len(), dtype=pl.Boolean)
-        pos = settled.search_sorted(keys, side="left").clip(0, settled.len() - 1)
-        return settled.gather(pos) == keys
+            return pl.Series([False] * count, dtype=pl.Boolean)
+        if self._highs is None:
+            self._highs = _high_halves(settled).drop_nulls().sort()
+        highs, wanted = self._highs, _high_halves(keys)
+        maybe = pl.Series([True] * count, dtype=pl.Boolean)
+        if highs.len():
+            at = highs.search_sorted(wanted.fill_null(0), side="left").clip(0, highs.len() - 1)
+            maybe = (highs.gather(at) == wanted).fill_null(True)
+        found = pl.Series([False] * count, dtype=pl.Boolean)
+        looked = (maybe & keys.is_not_null()).arg_true()
+        if looked.len():
+            candidates = keys.gather(looked)
+            pos = settled.search_sorted(candidates, side="left").clip(0, settled.len() - 1)
+            found = found.scatter(looked, settled.gather(pos) == candidates)
+        return (
+            found
+            if not keys.has_nulls()
+            else found.zip_with(keys.is_not_null(), pl.Series([None] * count, dtype=pl.Boolean))
+        )
+
+
+def _high_halves(keys: pl.Series) -> pl.Series:
+    """Each key's first 16 characters read as a hexadecimal UInt64; null where they are not that."""
+    return keys.str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)

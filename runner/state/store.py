@@ -38,10 +38,12 @@ from runner.files import (
 from runner.records import (
     KEY,
     RESULT_SCHEMA,
+    Answers,
     Result,
     journal_line,
     read_journal,
     results_frame,
+    results_of_frame,
     scan_results,
     settles,
     with_valid_unicode,
@@ -108,6 +110,8 @@ class Store:
         self.corrupt: list[Path] = []  # parts found unreadable at this open (and moved to corrupt/)
         self.quarantined: list[Path] = []  # every part ever set aside in corrupt/
         self._pending: list[Result] = []
+        # Blocks of batch answers taken as columns (`add_answers`), held like batch Results in `_pending`.
+        self._frames: list[pl.DataFrame] = []
         self._held = 0  # of `_pending`: batch answers, held for their part without a journal line (see `add`)
         self._part_seq = 0
         self._journal: int | None = None
@@ -120,9 +124,9 @@ class Store:
         # in memory (`_pending`), and `rescue` writes them to a rescue journal when sending has stopped.
         self.broken: GlmBatchError | None = None
         self._next_alive_check = 0.0
-        # A part being written by `flush_soon` in a worker thread: its future, its results (held until it
-        # is durable) and the journal set aside for them; the thread, made on first use.
-        self._writing: tuple[Future[None], list[Result], Path] | None = None
+        # A part being written by `flush_soon` in a worker thread: its future, its results and blocks (held
+        # until it is durable) and the journal set aside for them; the thread, made on first use.
+        self._writing: tuple[Future[None], list[Result], list[pl.DataFrame], Path] | None = None
         self._writer: ThreadPoolExecutor | None = None
 
     # ---- opening --------------------------------------------------------------------------------
@@ -271,6 +275,18 @@ class Store:
         self._journal_write(lines[0] if len(lines) == 1 else b"".join(lines))
         self._check_alive()
 
+    def add_answers(self, answers: Answers) -> None:
+        """Hold a block of batch answers (runner.records.Answers) for the next part, as `add_many` holds
+        batch Results: their downloaded result file is their write-ahead record, so no journal line.
+        An answer text that is no UTF-8 (a lone surrogate) sends the block the Results' way."""
+        try:
+            frame = answers.frame(self.run_id)
+        except UnicodeEncodeError:
+            self.add_many(answers.results())
+            return
+        self._frames.append(frame)
+        self._held += frame.height
+
     def _journal_write(self, data: bytes) -> None:
         """Append whole lines to the journal; on a failure, cut a torn write off and break the store
         (the answers stay held in `_pending`, rescued when sending has stopped)."""
@@ -313,7 +329,20 @@ class Store:
         """Results not yet in a part, as checkpoint_rows counts them: batch answers held (not journalled)
         only once there are BATCH_PART_ROWS of them, so a harvest writes parts of that many, not of
         checkpoint_rows, and holds no more than that in memory."""
-        return len(self._pending) - (self._held if self._held < BATCH_PART_ROWS else 0)
+        return self._pending_count() - (self._held if self._held < BATCH_PART_ROWS else 0)
+
+    def _pending_count(self) -> int:
+        return len(self._pending) + sum(frame.height for frame in self._frames)
+
+    def _pending_frame(self, results: list[Result], frames: list[pl.DataFrame]) -> tuple[list[Result], pl.DataFrame]:
+        """Held results and blocks as one part's frame (a lone surrogate in a batch answer's text is kept
+        as U+FFFD); the results as they went into it."""
+        try:
+            frame = results_frame(results, self.run_id)
+        except UnicodeEncodeError:
+            results = [with_valid_unicode(result) for result in results]
+            frame = results_frame(results, self.run_id)
+        return results, pl.concat([frame, *frames], how="vertical") if frames else frame
 
     def flush_soon(self) -> None:
         """Start writing the buffered results as one new part in a worker thread, unless one is being
@@ -325,7 +354,7 @@ class Store:
         self._collect(wait=False)
         if self.broken is not None:
             raise self.broken
-        if self._writing is not None or not self._pending or self._journal is None:
+        if self._writing is not None or not self._pending_count() or self._journal is None:
             return
         aside = self.state_dir / f"journal-{self._files_id}.{self._part_seq:06d}.jsonl"
         try:
@@ -338,17 +367,13 @@ class Store:
             raise self._broke(exc) from None
         os.close(self._journal)
         self._journal, self._journal_size = fresh, 0
-        results, self._pending, self._held = self._pending, [], 0
-        try:
-            frame = results_frame(results, self.run_id)
-        except UnicodeEncodeError:  # a lone surrogate in a batch answer's text: kept as U+FFFD
-            results = [with_valid_unicode(result) for result in results]
-            frame = results_frame(results, self.run_id)
+        results, frames, self._pending, self._frames, self._held = self._pending, self._frames, [], [], 0
+        results, frame = self._pending_frame(results, frames)
         part = self.results_dir / f"part-{self._files_id}-{self._part_seq:06d}.parquet"
         self._part_seq += 1
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm-batch-parts")
-        self._writing = (self._writer.submit(self._write_part, frame, part), results, aside)
+        self._writing = (self._writer.submit(self._write_part, frame, part), results, frames, aside)
 
     def _write_part(self, frame: pl.DataFrame, part: Path) -> None:
         """In the writer thread: one part, durably (a failure of the folder as DiskFull/StateUnwritable)."""
@@ -360,7 +385,7 @@ class Store:
         journal once it is durable, or hold its results again (for `rescue`) if the write failed."""
         if self._writing is None:
             return
-        future, results, aside = self._writing
+        future, results, frames, aside = self._writing
         if not wait and not future.done():
             return
         self._writing = None
@@ -368,6 +393,7 @@ class Store:
             future.result()
         except STATE_FAILURES as exc:
             self._pending = results + self._pending
+            self._frames = frames + self._frames
             raise self._broke(exc) from None
         with contextlib.suppress(OSError):  # left behind, it is folded again next time: harmless
             aside.unlink()
@@ -386,16 +412,12 @@ class Store:
                 if self._journal is not None and os.fstat(self._journal).st_nlink == 0:
                     # The journal was unlinked under us (the folder deleted): what it takes goes nowhere.
                     raise deleted(self._journal_path)
-                if not self._pending:
+                if not self._pending_count():
                     return
-                try:
-                    frame = results_frame(self._pending, self.run_id)
-                except UnicodeEncodeError:  # a lone surrogate in a batch answer's text: kept as U+FFFD
-                    self._pending = [with_valid_unicode(result) for result in self._pending]
-                    frame = results_frame(self._pending, self.run_id)
+                self._pending, frame = self._pending_frame(self._pending, self._frames)
                 write_atomic(frame, self.results_dir / f"part-{self._files_id}-{self._part_seq:06d}.parquet")
                 self._part_seq += 1
-                self._pending = []
+                self._pending, self._frames = [], []
                 self._held = 0
                 if self._journal is not None:
                     # Everything journalled is now in the part. A kill between the rename and this truncate
@@ -409,7 +431,8 @@ class Store:
     def held(self) -> list[Result]:
         """Answers this run holds in memory only (not in a part file)."""
         writing = self._writing[1] if self._writing is not None else []
-        return [*writing, *self._pending]
+        frames = [*(self._writing[2] if self._writing is not None else []), *self._frames]
+        return [*writing, *self._pending, *(result for frame in frames for result in results_of_frame(frame))]
 
     def rescue(self, output_path: Path) -> Path | None:
         """Write the answers held in memory to a rescue journal (runner.state.rescue) beside

@@ -147,7 +147,8 @@ class BatchExecutor:
             chunks = await self._resumed(api, book, chunks, control)
             restore_turns(self._harvester, chunks)  # the billed turns the open rounds continue
             waiting = {key for chunk in chunks for key in chunk.request_keys()}  # answered by a batch already made
-            chunks += await write_round(book, self._spec, _skipping(requests, waiting), control)
+            fresh = _skipping(requests, waiting) if waiting else requests  # no step a request when none is skipped
+            chunks += await write_round(book, self._spec, fresh, control)
             leftovers: list[Request] = []
             for round_no in range(self._spec.max_rounds):
                 if not chunks or control.stopping.is_set():

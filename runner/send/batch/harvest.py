@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 
 from runner.control import Control
 from runner.job.structured import AnswerShape, Unusable
-from runner.records import Answer, Request, Result
+from runner.records import Answer, Answers, Request, Result
 from runner.send.base import Conversation, Deliver, failure
 from runner.send.batch.api import BatchAPI
 from runner.send.batch.book import BatchBook, Chunk, read_requests
@@ -108,6 +109,7 @@ class Harvester:
         as `batch_result_missing` rather than being paid for twice."""
         wanted = set(chunk.request_keys())
         seen: set[str] = set()
+        block = _Block(control)  # plain answers, handed to the run a block at a time
         later: list[_Later] = []  # lines that need their request's body
         answered = 0  # lines read as answers (billed)
         for download in (1, 2):
@@ -116,7 +118,7 @@ class Harvester:
                 if key is None or key not in wanted or key in seen or line.problem is not None:
                     continue  # a line we did not send, one we already took, or one we cannot read
                 self.attempts[key] = self.attempts.get(key, 0) + 1
-                taken = self.take_at_once(key, chunk.model, line, deliver, control)
+                taken = self.take_at_once(key, chunk.model, line, deliver, control, block)
                 if taken is _UNREADABLE:  # an answer we cannot read: another download may give it whole
                     self.attempts[key] -= 1
                     continue
@@ -125,7 +127,9 @@ class Harvester:
                 if isinstance(taken, _Later):
                     later.append(taken)
                 if count % 1000 == 999:
+                    block.hand_over(HARVEST_BLOCK)
                     await asyncio.sleep(0)
+            block.hand_over(0)
             if download == 2 or not _short(batch, answered, wanted - seen):
                 break
         unrun = wanted - seen  # lines the batch never ran (expired, cancelled, failed validation)
@@ -152,7 +156,7 @@ class Harvester:
         return leftovers
 
     def take_at_once(
-        self, key: str, model: str, line: ResultLine, deliver: Deliver, control: Control
+        self, key: str, model: str, line: ResultLine, deliver: Deliver, control: Control, block: _Block | None = None
     ) -> _Later | object | None:
         """Take one result line as far as it can go without its request's body.
 
@@ -160,7 +164,8 @@ class Harvester:
         the run: None. Otherwise what `take` (the other half, given the body) needs: the line's
         answer to continue the conversation with (a repair round's answer, or one to repair), or no
         answer when the request is to be sent again as it was (a transient failure). _UNREADABLE for
-        an answer whose body cannot be read: it was billed, so it is not sent again on that account."""
+        an answer whose body cannot be read: it was billed, so it is not sent again on that account.
+        With a `block`, a plain answer (free text, nothing carried) goes into it instead of `deliver`."""
         if not line.ok:
             fault = _line_fault(line)
             if fault.verdict is Verdict.RETRY:
@@ -181,6 +186,9 @@ class Harvester:
             self.carry_turn(key, answer)
             self.conversations.pop(key, None)
             deliver(failure(Request(key, {}), _BLOCKED, self.attempts.pop(key), model=model))
+            return None
+        if block is not None and block.answers is not None and _plain(self, key, answer):
+            block.answers.add(key, answer, self.attempts.pop(key))
             return None
         if key in self.conversations:
             return _Later(key, answer)  # a repair round's answer: its conversation holds the earlier turns
@@ -225,6 +233,36 @@ class Harvester:
                     continue
                 files.append(dest)
         return _read_lines(files)
+
+
+HARVEST_BLOCK = 5000  # plain answers handed to the run at once (Control.deliver_answers)
+
+
+class _Block:
+    """The plain answers of a harvest not yet handed to the run, as columns; none where the run takes no
+    blocks (then each goes to `deliver` as a Result)."""
+
+    def __init__(self, control: Control) -> None:
+        self._take = control.deliver_answers
+        self.answers = Answers(dt.datetime.now(dt.UTC), API) if self._take is not None else None
+
+    def hand_over(self, at_least: int) -> None:
+        """Hand the block to the run if it holds more than `at_least` answers; a new one is started."""
+        if self.answers is not None and self._take is not None and len(self.answers) > at_least:
+            taken, self.answers = self.answers, Answers(dt.datetime.now(dt.UTC), API)
+            self._take(taken)
+
+
+def _plain(harvester: Harvester, key: str, answer: Answer) -> bool:
+    """A first answer that is the row's whole Result as it stands: free text (no shape, no tool call),
+    not cut or blocked, no conversation open and no billed turn carried for it."""
+    return (
+        harvester.shape is None
+        and answer.tool_input is None
+        and answer.stop_reason not in ("network_error", "refusal")
+        and key not in harvester.conversations
+        and key not in harvester.carry
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -222,21 +222,26 @@ def summary(values: list[float]) -> str:
     return f"worst {min(values):.3f}  median {statistics.median(values):.3f}  best {max(values):.3f}"
 
 
-def show(auto: list[Run], fixed: list[Run], cap: int) -> None:
-    """Print one line a round (auto and its same-round fixed baseline), then worst, median and best."""
+HEADER = (
+    f"{'round':>5} | {'auto':>6} {'429%':>5} {'to cap':>6} {'cuts':>8} {'final':>5} {'lowest':>6} {'cpu ms':>6}"
+    f" | {'fixed':>6} {'cpu ms':>6} | {'auto/fixed':>10} | {'load':>5}"
+)
+
+
+def show_round(i: int, a: Run, f: Run) -> None:
+    """One line a round: auto, its same-round fixed baseline, the ratio and the load."""
+    to_cap = "-" if a.to_cap_s is None else f"{a.to_cap_s:.2f}"
+    cuts = "/".join(str(a.cuts.get(k, 0)) for k in ("concurrency", "latency", "platform"))
     print(
-        f"{'round':>5} | {'auto':>6} {'429%':>5} {'to cap':>6} {'cuts':>8} {'final':>5} {'lowest':>6} {'cpu ms':>6}"
-        f" | {'fixed':>6} {'cpu ms':>6} | {'auto/fixed':>10} | {'load':>5}"
+        f"{i:>5} | {a.utilisation:>6.3f} {100 * a.share_429:>5.2f} {to_cap:>6} {cuts:>8} {a.final or '-':>5}"
+        f" {a.lowest or '-':>6} {a.cpu_ms:>6.2f} | {f.utilisation:>6.3f} {f.cpu_ms:>6.2f}"
+        f" | {a.utilisation / f.utilisation:>10.3f} | {max(a.load, f.load):>5.1f}",
+        flush=True,
     )
-    for i, (a, f) in enumerate(zip(auto, fixed, strict=True), 1):
-        to_cap = "-" if a.to_cap_s is None else f"{a.to_cap_s:.2f}"
-        cuts = "/".join(str(a.cuts.get(k, 0)) for k in ("concurrency", "latency", "platform"))
-        print(
-            f"{i:>5} | {a.utilisation:>6.3f} {100 * a.share_429:>5.2f} {to_cap:>6} {cuts:>8} {a.final or '-':>5}"
-            f" {a.lowest or '-':>6} {a.cpu_ms:>6.2f} | {f.utilisation:>6.3f} {f.cpu_ms:>6.2f}"
-            f" | {a.utilisation / f.utilisation:>10.3f} | {max(a.load, f.load):>5.1f}",
-            flush=True,
-        )
+
+
+def show(auto: list[Run], fixed: list[Run], cap: int) -> None:
+    """Worst, median and best of each, and of the per-round ratio."""
     shares = [r.share_429 for r in auto]
     print("(cuts: by 1302 / by latency / by platform overload; cpu ms: the run's process a row, start-up included)")
     print(f"\nauto, of the cap:        {summary([r.utilisation for r in auto])}")
@@ -280,6 +285,7 @@ def main() -> None:
     fixed_run = f"{{concurrency: {args.cap}, max_attempts: 20}}"
     auto: list[Run] = []
     fixed: list[Run] = []
+    print(HEADER, flush=True)
     for i in range(args.runs):
         # The order alternates, so neither side always runs on the machine the other just warmed or loaded.
         if i % 2 == 0:
@@ -289,6 +295,7 @@ def main() -> None:
             fixed.append(one_run("fixed", i, fixed_run, args))
             auto.append(one_run("auto", i, auto_run, args))
         load.append(os.getloadavg()[0])
+        show_round(i + 1, auto[-1], fixed[-1])
     show(auto, fixed, args.cap)
     print(f"(bench {time.perf_counter() - started:.0f} s; load average {min(load):.1f}-{max(load):.1f})")
 

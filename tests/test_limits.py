@@ -12,6 +12,7 @@ import pytest
 
 from runner.job.facts import load_facts
 from runner.send.limits import AimdController, Limits
+from runner.send.online import Gate
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows
 
@@ -514,3 +515,73 @@ async def test_a_cap_that_rises_from_6_to_12_is_found_through_the_real_slots_wit
     assert first_back <= 16
     assert all(12 <= n <= 13 for n in after_rise[first_back + 1 :])  # the burst was cut at the new cap
     assert ctrl.cap == 12
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_workers_beyond_the_adaptive_limit_wait_at_the_gate_and_are_let_in_as_it_grows() -> None:
+    # `auto` runs 64 workers for a limit of a few. Those beyond the limit wait holding no request, so
+    # the ones under it take their slot again for their next request themselves: a slot handed to a
+    # waiting worker was used only a turn of the loop later, which on a busy loop cost ~3% of the cap.
+    limit = [2]
+    gate = Gate(lambda: limit[0])
+    admitted: list[int] = []
+
+    async def worker(index: int) -> None:
+        await gate.admit(index)
+        admitted.append(index)
+
+    tasks = [asyncio.create_task(worker(i)) for i in range(5)]
+    await settle()
+    assert sorted(admitted) == [0, 1]
+
+    limit[0] = 4
+    await settle()
+    assert sorted(admitted) == [0, 1]  # only `wake` (a worker done with a request) lets them in
+    gate.wake()
+    await settle()
+    assert sorted(admitted) == [0, 1, 2, 3]
+
+    gate.open()  # the requests have ended: every worker must get to its sentinel
+    await settle()
+    assert sorted(admitted) == [0, 1, 2, 3, 4]
+    await asyncio.gather(*tasks)
+
+
+async def test_the_first_worker_is_never_held_at_the_gate_whatever_the_limit_says() -> None:
+    gate = Gate(lambda: 0)  # even a limit of none: someone must be left to take requests and wake the rest
+
+    async with asyncio.timeout(1):
+        await gate.admit(0)
+
+
+async def test_a_worker_over_a_limit_that_fell_waits_at_the_gate_after_its_request() -> None:
+    limit = [3]
+    gate = Gate(lambda: limit[0])
+    await gate.admit(2)  # under the limit: it takes a request
+    limit[0] = 2  # cut meanwhile
+
+    waiting = asyncio.create_task(gate.admit(2))  # done with its request, it comes back for another
+    await settle()
+    assert not waiting.done()
+    limit[0] = 3
+    gate.wake()
+    await settle()
+    assert waiting.done()
+
+
+def test_an_auto_run_with_a_limit_of_a_few_and_64_workers_answers_every_row_and_stops(
+    make_job, sim: SimulatorThread
+) -> None:
+    # The gate must let every parked worker reach its sentinel, or the run never ends.
+    sim.configure(concurrency_cap=3, latency_s=0.01)
+    job = make_job(sample_rows(120), run={"concurrency": "auto", "max_concurrency": 64, "max_attempts": 10})
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 0, result.stderr
+    assert set(pl.read_parquet(job.output).get_column("status")) == {"ok"}
+    assert sim.stats()["max_in_flight"] <= 3

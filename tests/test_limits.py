@@ -12,6 +12,7 @@ import pytest
 
 from runner.job.facts import load_facts
 from runner.send.limits import AimdController, Limits
+from runner.send.online import Gate
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows
 
@@ -83,7 +84,7 @@ def test_it_follows_a_cap_that_falls_and_then_rises() -> None:
     assert refused_share(after_drop[2:100]) < 0.05
     after_rise = history[200:]
     first_back = next(i for i, h in enumerate(after_rise) if h["sent"] >= 12)
-    assert first_back <= 40  # additive increase: about 4 round trips per slot
+    assert first_back <= 16  # two probes above 6, then slow start (one slot per probe: ~30)
     assert utilisation(after_rise[first_back:]) >= 0.95
 
 
@@ -344,10 +345,11 @@ def test_the_limit_never_exceeds_max_concurrency_even_while_climbing_back() -> N
     assert history[-1]["sent"] == 32
 
 
-async def test_a_cap_that_falls_from_16_to_6_is_followed_through_the_real_slots() -> None:
-    # Through Limits.slot, so the in-flight counts and epochs are the ones the executor really reports.
-    clock = FakeClock()
-    ctrl = AimdController(initial=4, maximum=64, clock=clock)
+async def through_slots(ctrl: AimdController, clock: FakeClock, caps: list[int]) -> list[int]:
+    """`round_trips` through Limits.slot, so the in-flight counts and epochs are the ones the executor
+    really reports, and a refusal (raised at once) is learned from before the rest of its round trip
+    goes out. Each round trip sends what the limit allows; what it sent is answered a latency later.
+    The requests in flight as each round trip went out."""
     limits = Limits(concurrency=ctrl, requests_per_minute=None, tokens_per_minute=None, classify=refusals, clock=clock)
     busy = 0
     answers = [asyncio.Event()]  # the next batch of answers; requests sent now wait for it
@@ -362,7 +364,7 @@ async def test_a_cap_that_falls_from_16_to_6_is_followed_through_the_real_slots(
             await answers[-1].wait()
             busy -= 1
 
-    for cap in [16] * 30 + [6] * 30:
+    for cap in caps:
         batch = [asyncio.create_task(request(cap)) for _ in range(ctrl.limit)]
         for _ in range(3):
             await asyncio.sleep(0)
@@ -373,6 +375,14 @@ async def test_a_cap_that_falls_from_16_to_6_is_followed_through_the_real_slots(
             answers.append(asyncio.Event())
             for _ in range(3):
                 await asyncio.sleep(0)
+    return sent
+
+
+async def test_a_cap_that_falls_from_16_to_6_is_followed_through_the_real_slots() -> None:
+    clock = FakeClock()
+    ctrl = AimdController(initial=4, maximum=64, clock=clock)
+
+    sent = await through_slots(ctrl, clock, [16] * 30 + [6] * 30)
 
     assert sent[29] in (16, 17)
     assert sent[31] <= 7  # one round trip to come down
@@ -452,3 +462,126 @@ def test_a_second_auto_run_starts_at_the_cap_the_first_measured(make_job, sim: S
     assert refused_first >= 3  # the first run ramped up from the catalogue's 5 and overshot
     assert refused_second < refused_first
     assert sim.stats()["max_in_flight"] <= 8
+
+
+def test_a_cap_that_rises_is_found_by_doubling_once_the_limit_has_climbed_two_past_the_old_one() -> None:
+    # Held at 6, the cap rises to 12. One slot every 4 to 8 windows took ~30 round trips to get there;
+    # two probes taken above 6 say the old cap is out of date, and slow start doubles to the new one.
+    clock = FakeClock()
+    ctrl = AimdController(initial=4, maximum=64, clock=clock)
+    round_trips(ctrl, clock, [6] * 100)
+
+    after_rise = round_trips(ctrl, clock, [12] * 40)
+
+    first_back = next(i for i, h in enumerate(after_rise) if h["sent"] >= 12)
+    assert first_back <= 16
+    assert utilisation(after_rise[first_back:]) >= 0.95
+    assert refused_share(after_rise) < 0.03
+
+
+def test_a_learned_cap_that_is_out_of_date_and_too_low_is_left_behind_within_a_few_round_trips() -> None:
+    # The facts say 8 (an earlier run, a smaller plan); the endpoint now takes 16.
+    clock = FakeClock()
+    ctrl = AimdController(initial=8, maximum=64, learned=True, clock=clock)
+
+    history = round_trips(ctrl, clock, [16] * 40)
+
+    assert history[0]["sent"] == 8  # it starts where it was told
+    first_at_cap = next(i for i, h in enumerate(history) if h["sent"] >= 16)
+    assert first_at_cap <= 12  # one slot per probe: 34 round trips
+    assert utilisation(history[first_at_cap + 1 :]) >= 0.95
+
+
+def test_a_learned_cap_that_holds_still_is_never_left_for_slow_start() -> None:
+    # The cap refuses every probe one above it, so the limit never gets two past it: no bursts.
+    clock = FakeClock()
+    ctrl = AimdController(initial=16, maximum=64, learned=True, clock=clock)
+
+    history = round_trips(ctrl, clock, [16] * 300)
+
+    assert max(h["sent"] for h in history) <= 17
+    assert refused_share(history) < 1 / (6 * 16)
+
+
+async def test_a_cap_that_rises_from_6_to_12_is_found_through_the_real_slots_with_one_burst_of_refusals() -> None:
+    clock = FakeClock()
+    ctrl = AimdController(initial=4, maximum=64, clock=clock)
+
+    sent = await through_slots(ctrl, clock, [6] * 40 + [12] * 30)
+    after_rise = sent[40:]
+
+    assert all(6 <= n <= 7 for n in sent[5:40])
+    first_back = next(i for i, n in enumerate(after_rise) if n >= 12)
+    assert first_back <= 16
+    assert all(12 <= n <= 13 for n in after_rise[first_back + 1 :])  # the burst was cut at the new cap
+    assert ctrl.cap == 12
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_workers_beyond_the_adaptive_limit_wait_at_the_gate_and_are_let_in_as_it_grows() -> None:
+    # `auto` runs 64 workers for a limit of a few. Those beyond the limit wait holding no request, so
+    # the ones under it take their slot again for their next request themselves: a slot handed to a
+    # waiting worker was used only a turn of the loop later, which on a busy loop cost ~3% of the cap.
+    limit = [2]
+    gate = Gate(lambda: limit[0])
+    admitted: list[int] = []
+
+    async def worker(index: int) -> None:
+        await gate.admit(index)
+        admitted.append(index)
+
+    tasks = [asyncio.create_task(worker(i)) for i in range(5)]
+    await settle()
+    assert sorted(admitted) == [0, 1]
+
+    limit[0] = 4
+    await settle()
+    assert sorted(admitted) == [0, 1]  # only `wake` (a worker done with a request) lets them in
+    gate.wake()
+    await settle()
+    assert sorted(admitted) == [0, 1, 2, 3]
+
+    gate.open()  # the requests have ended: every worker must get to its sentinel
+    await settle()
+    assert sorted(admitted) == [0, 1, 2, 3, 4]
+    await asyncio.gather(*tasks)
+
+
+async def test_the_first_worker_is_never_held_at_the_gate_whatever_the_limit_says() -> None:
+    gate = Gate(lambda: 0)  # even a limit of none: someone must be left to take requests and wake the rest
+
+    async with asyncio.timeout(1):
+        await gate.admit(0)
+
+
+async def test_a_worker_over_a_limit_that_fell_waits_at_the_gate_after_its_request() -> None:
+    limit = [3]
+    gate = Gate(lambda: limit[0])
+    await gate.admit(2)  # under the limit: it takes a request
+    limit[0] = 2  # cut meanwhile
+
+    waiting = asyncio.create_task(gate.admit(2))  # done with its request, it comes back for another
+    await settle()
+    assert not waiting.done()
+    limit[0] = 3
+    gate.wake()
+    await settle()
+    assert waiting.done()
+
+
+def test_an_auto_run_with_a_limit_of_a_few_and_64_workers_answers_every_row_and_stops(
+    make_job, sim: SimulatorThread
+) -> None:
+    # The gate must let every parked worker reach its sentinel, or the run never ends.
+    sim.configure(concurrency_cap=3, latency_s=0.01)
+    job = make_job(sample_rows(120), run={"concurrency": "auto", "max_concurrency": 64, "max_attempts": 10})
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 0, result.stderr
+    assert set(pl.read_parquet(job.output).get_column("status")) == {"ok"}
+    assert sim.stats()["max_in_flight"] <= 3

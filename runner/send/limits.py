@@ -46,6 +46,11 @@ class AimdController:
       cap rose) probes every `probe_windows` again.
     - `learned`: `initial` is the cap an earlier run or doctor measured here (runner.job.facts), so the
       run starts at it and holds it (additive increase) instead of slow-starting past it.
+    - A cap that rose is found by slow start, not one slot per probe: once the limit has climbed two
+      past the level last refused (or learned) without a refusal, that level is out of date, and the
+      limit doubles again up to the next 1302. (One slot every 4-8 windows took ~30 round trips from
+      a cap of 6 to one of 12, and as long from a learned 8 to a real 16.) A cap that holds still is
+      never passed by two, so it is not disturbed.
     - 1302 (too many requests in flight): the refused request was one too many, so the limit (and
       `good`) becomes what was in flight besides it WHEN IT WAS SENT (`in_flight`, counted by the caller
       at dispatch). This tracks a cap that falls within one round trip and, unlike halving, keeps the
@@ -92,6 +97,7 @@ class AimdController:
         # The level that last worked: slow start below it, additive increase above (a learned start holds).
         self.good = self._limit if learned else math.inf
         self.cap: int | None = None  # requests in flight the endpoint took, as its last 1302 measured it
+        self._learned: int | None = self.limit if learned else None  # the cap this run was told
         self.epoch = 0  # bumped by every decrease; callers note it at dispatch and hand it back
         self.paused_until = 0.0
         self._latency: float | None = None  # smoothed (EWMA over about one window of answers)
@@ -128,8 +134,10 @@ class AimdController:
             self._set(min(self._limit + 1, self.good))
         else:
             self._set(self._limit + 1 / (self._probe_windows * self._limit))
-            if self.cap is not None and self._limit >= self.cap + 2:  # past the level last refused: it rose
+            known = self.cap if self.cap is not None else self._learned
+            if known is not None and self._limit >= known + 2:  # two past the level last refused: it rose
                 self._probe_windows = self._base_windows
+                self.good = math.inf  # find the new cap by slow start
 
     def on_overload(
         self, kind: Overload, *, in_flight: int, retry_after_s: float | None = None, epoch: int | None = None

@@ -97,8 +97,18 @@ class OnlineExecutor:
             for _ in range(self._workers):
                 await queue.put(None)
 
-        async def work() -> None:
-            while (item := await queue.get()) is not None:
+        # An adaptive limit runs `workers` (its maximum) tasks for a limit of a few; those beyond the limit
+        # wait at the gate holding no request, so a worker that gives a slot back takes it again for its
+        # next request at once, instead of handing it to a waiting worker that runs a turn of the loop later.
+        gate = Gate(lambda: self._limits.concurrency) if self._limits.controller is not None else None
+
+        async def work(index: int) -> None:
+            while True:
+                if gate is not None:
+                    await gate.admit(index)
+                item = await queue.get()
+                if item is None:
+                    break
                 if control.stopping.is_set():
                     continue  # drain without sending, so the feeder's sentinels get through
                 request, queued_at = item
@@ -106,12 +116,16 @@ class OnlineExecutor:
                 result = await self._send(request, control, waited)
                 if result is not None:
                     deliver(result)
+                if gate is not None:
+                    gate.wake()  # the limit may have grown meanwhile
+            if gate is not None:
+                gate.open()  # the end of the requests: every worker must get to its sentinel
 
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(feed())
-                for _ in range(self._workers):
-                    group.create_task(work())
+                for index in range(self._workers):
+                    group.create_task(work(index))
         except ExceptionGroup as failed:  # an error raised on purpose (a UsageError) reaches the caller as itself
             raise deliberate(failed) or failed from None
 
@@ -213,3 +227,37 @@ class OnlineExecutor:
             latency_ms, ended = self._span(started, self._clock())
             slot.used_tokens = answer.input_tokens + (answer.cache_read_input_tokens or 0) + answer.output_tokens
         return answer, latency_ms, ended
+
+
+class Gate:
+    """Where the workers numbered at or above the limit (`limit()`) wait, holding no request: so at most
+    `limit` workers (at least one) take requests, and a slot a worker gives back is normally its own to
+    take again. `wake` lets in those now under the limit; `open` lets every one through for good."""
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self._limit = limit
+        self._parked: dict[int, asyncio.Future[None]] = {}
+        self._open = False
+
+    async def admit(self, index: int) -> None:
+        """Return once worker `index` is under the limit (or the gate is open)."""
+        while not self._open and index >= max(1, self._limit()):
+            waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._parked[index] = waiting
+            try:
+                await waiting
+            finally:
+                self._parked.pop(index, None)
+
+    def wake(self) -> None:
+        """Let in the waiting workers now under the limit."""
+        parked = self._parked
+        under = list(parked) if self._open else [i for i in range(max(1, self._limit())) if i in parked]
+        for index in under:
+            if not parked[index].done():
+                parked[index].set_result(None)
+
+    def open(self) -> None:
+        """Let every worker through from now on (the requests have ended)."""
+        self._open = True
+        self.wake()

@@ -363,6 +363,30 @@ def test_unattended_runs_log_json_lines(make_job) -> None:
     manifest = json.loads(next(job.output.parent.glob(".glm-batch/*/manifest.json")).read_text())
     last = manifest["runs"][-1]
     assert last["spec_hash"] and last["inputs"][0]["bytes"] > 0 and last["exit_code"] == 0
+    assert last["inputs"][0]["path"] == str(job.input)
+    assert last["answered_ok"] == 5 and last["rows_total"] == 5  # counts
+    assert last["tokens"]["input"] > 0 and last["tokens"]["output"] > 0
+    assert last["elapsed_s"] > 0  # duration
+
+
+def test_progress_lines_come_every_ten_seconds_with_the_retries_summarised(make_job, sim: SimulatorThread) -> None:
+    """Progress records at the reporter's interval (10 s unless asked: here 0.05 s, so the test is short)
+    carry the retries so far by cause."""
+    import io
+
+    import runner
+    from runner.observe.progress import make_reporter
+
+    assert make_reporter("json", stream=io.StringIO()).interval_s == 10.0
+    sim.configure(faults=("429_1302",), fault_attempts=1, latency_s=0.05)
+    job = make_job(sample_rows(12), run={"concurrency": 2})
+    stream = io.StringIO()
+    assert runner.run_job(str(job.spec), reporter=make_reporter("json", stream=stream, interval_s=0.05)).ok
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    progress = [e["retries"] for e in events if e["event"] == "progress"]
+    assert events[-1]["retries"] == {"429/1302": 12}  # each request was refused once
+    assert len(progress) >= 2 and any(progress)
+    assert all(set(p) <= {"429/1302"} for p in progress)  # by cause, not one line per retry
 
 
 def test_an_unchanged_rerun_leaves_the_output_alone_and_rebuilds_a_missing_one(make_job, sim) -> None:

@@ -37,6 +37,10 @@ CASES = {
     "id column missing": ({"input": {"id_column": "uid"}}, ["input.id_column", "uid"]),
     "bad output placeholder": ({"output": {"path": "out/{when}.parquet"}}, ["output.path", "{when}"]),
     "unknown endpoint": ({"model": {"endpoint": "openai"}}, ["model.endpoint", "openai"]),
+    "two stop words for the Batch API": (
+        {"model": {"name": "glm-4-air-250414", "stop_sequences": ["END", "STOP"]}, "run": {"mode": "batch"}},
+        ["model.stop_sequences", "single stop word", "run.mode: online"],
+    ),
 }
 
 

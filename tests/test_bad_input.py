@@ -149,3 +149,13 @@ def test_validate_renders_the_first_rows_and_sends_nothing(make_job, sim) -> Non
     assert "review number 2" not in result.stdout
     assert "Nothing was sent" in result.stdout
     assert sim.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize("name", ["_row", "_id"])
+def test_a_template_may_not_read_the_runners_own_names(make_job, sim: SimulatorThread, name: str) -> None:
+    """An input column named `_row` or `_id` would be shadowed by the runner's own: refused, rename it."""
+    rows = [{**row, name: "mine"} for row in sample_rows(3)]
+    job = make_job(rows, prompt={"template": f"{{{{ {name} }}}}: {{{{ text }}}}"})
+
+    assert_refused(cli("run", str(job.spec)), f"reads '{name}'", "rename the column in the input")
+    assert sim.stats()["requests"] == 0

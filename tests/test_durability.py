@@ -125,6 +125,27 @@ def test_a_second_signal_stops_at_once_and_state_stays_durable(make_job, sim: Si
     assert pl.read_parquet(job.output).height == 20
 
 
+def test_answers_are_folded_into_part_files_every_checkpoint_seconds_while_the_run_goes_on(
+    make_job, sim: SimulatorThread
+) -> None:
+    """Time alone (not a count of rows, set out of reach here) folds the journal into Parquet parts."""
+    from runner.job.resolve import load_job
+
+    sim.configure(latency_s=0.05)
+    job = make_job(sample_rows(400), run={"concurrency": 2, "checkpoint_seconds": 0.3, "checkpoint_rows": 100_000})
+    loaded = load_job(job.spec)
+    proc = start_run(job.spec)
+    try:
+        eventually(lambda: list((loaded.state_dir / "results").glob("*.parquet")))
+        assert sim.stats()["ok"] < 400  # folded while sending, not only when the run ends
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        finish(proc)
+    unset = make_job(sample_rows(1), name="defaults", run={"checkpoint_seconds": None})
+    unset.spec.write_text(unset.spec.read_text().replace("  checkpoint_seconds: null\n", ""))
+    assert load_job(unset.spec).spec.run.checkpoint_seconds == 2.0  # the default
+
+
 def test_rerunning_a_finished_job_sends_nothing(make_job, sim: SimulatorThread) -> None:
     job = make_job(sample_rows(30))
     assert cli("run", str(job.spec)).exit_code == 0

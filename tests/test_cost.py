@@ -229,3 +229,25 @@ def test_simulated_spend_is_booked_apart_and_the_summary_says_so(make_job, sim: 
     for summary in summaries.values():
         cost = summary["cost"]
         assert cost["by_tier"] == {"in<32000,out<200": pytest.approx(cost["spent"])} and cost["spent"] > 0
+
+
+def test_exact_counts_a_sample_of_200_prompts(make_job, sim: SimulatorThread) -> None:
+    job = make_job(rows_in("en", 260))
+
+    assert cli("estimate", str(job.spec), "--json", "--exact").exit_code == 0
+
+    assert sim.stats()["outcomes"]["tokenizer"] == 200 and sim.stats()["requests"] == 0
+
+
+def test_a_job_that_never_ran_is_calibrated_by_its_models_runs_in_the_ledger(make_job, sim: SimulatorThread) -> None:
+    sim.configure(token_scale=1.3)
+    other = make_job(rows_in("en", 30), name="other")
+    assert cli("run", str(other.spec)).exit_code == 0
+
+    new = make_job(rows_in("en", 30, start=500), name="new")
+    report = json.loads(cli("estimate", str(new.spec), "--json").stdout)
+
+    assert report["input_tokens"]["calibration"]["basis"] == "measured on 30 answers of glm-4.6"
+    before = sim.stats()["input_tokens"]
+    assert cli("run", str(new.spec)).exit_code == 0
+    assert report["input_tokens"]["expected"] == pytest.approx(sim.stats()["input_tokens"] - before, rel=0.10)

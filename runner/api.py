@@ -158,14 +158,18 @@ async def aestimate_job(
 
 async def estimate_loaded(job: Job, api_key: str, options: EstimateOptions, reporter: Reporter) -> dict[str, Any]:
     """Estimate a loaded job (the command line's `estimate` and `run --dry-run` too): a cascade's proxy
-    pass and oracle share against the oracle alone, or one run's."""
+    pass and oracle share against the oracle alone, or one run's. Its `warnings` are what to know before
+    spending (reasoning that may not fit max_tokens)."""
     if job.spec.output.cascade is not None:
         from runner.cascade.estimate import estimate_cascade
 
-        return await estimate_cascade(job, api_key=api_key, options=options, reporter=reporter)
-    from runner.estimate import estimate_job as estimate
+        report = await estimate_cascade(job, api_key=api_key, options=options, reporter=reporter)
+    else:
+        from runner.estimate import estimate_job as estimate
 
-    return await estimate(job, api_key=api_key, options=options, reporter=reporter)
+        report = await estimate(job, api_key=api_key, options=options, reporter=reporter)
+    warning = job.thinking.warning
+    return {**report, "warnings": [warning] if warning else []}
 
 
 def _outside_a_loop(name: str, instead: str) -> None:

@@ -37,6 +37,10 @@ CASES = {
     "id column missing": ({"input": {"id_column": "uid"}}, ["input.id_column", "uid"]),
     "bad output placeholder": ({"output": {"path": "out/{when}.parquet"}}, ["output.path", "{when}"]),
     "unknown endpoint": ({"model": {"endpoint": "openai"}}, ["model.endpoint", "openai"]),
+    "two stop words for the Batch API": (
+        {"model": {"name": "glm-4-air-250414", "stop_sequences": ["END", "STOP"]}, "run": {"mode": "batch"}},
+        ["model.stop_sequences", "single stop word", "run.mode: online"],
+    ),
 }
 
 
@@ -144,4 +148,14 @@ def test_validate_renders_the_first_rows_and_sends_nothing(make_job, sim) -> Non
     assert "Summarise: review number 1" in result.stdout
     assert "review number 2" not in result.stdout
     assert "Nothing was sent" in result.stdout
+    assert sim.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize("name", ["_row", "_id"])
+def test_a_template_may_not_read_the_runners_own_names(make_job, sim: SimulatorThread, name: str) -> None:
+    """An input column named `_row` or `_id` would be shadowed by the runner's own: refused, rename it."""
+    rows = [{**row, name: "mine"} for row in sample_rows(3)]
+    job = make_job(rows, prompt={"template": f"{{{{ {name} }}}}: {{{{ text }}}}"})
+
+    assert_refused(cli("run", str(job.spec)), f"reads '{name}'", "rename the column in the input")
     assert sim.stats()["requests"] == 0

@@ -8,6 +8,7 @@ import datetime as dt
 import json
 
 import polars as pl
+import pytest
 
 from runner.breaker import MAX_ANSWERS, Breaker
 from runner.records import Result
@@ -102,3 +103,17 @@ def test_unsent_rows_and_other_errors_are_not_the_same_refusal() -> None:
     assert list(breaker.admit(result("a", "400/1214"))) == []
     assert [r.key for r in breaker.admit(result("b", "400/1261"))] == ["a", "b"]  # a row too long: its own
     assert not breaker.tripped
+
+
+@pytest.mark.parametrize(("rows", "window"), [(1, 5), (100, 5), (101, 6), (260, 13), (400, 20), (10**6, 20)])
+def test_the_window_is_five_percent_of_the_rows_at_least_5_and_at_most_20(rows: int, window: int) -> None:
+    assert Breaker.for_run(rows).threshold == window
+
+
+@pytest.mark.parametrize("code", ["1210", "1213", "1214", "1215"])
+def test_each_request_shaped_400_trips_it_and_a_row_shaped_one_does_not(code: str) -> None:
+    shaped, own = Breaker(threshold=2), Breaker(threshold=2)
+    for key in "ab":
+        assert list(shaped.admit(result(key, f"400/{code}"))) == []
+        list(own.admit(result(key, "400/1261")))  # a prompt too long is that row's own failure
+    assert shaped.tripped and not own.tripped

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from runner.job.resolve import load_job
 from runner.simulator.simulator import SimulatorThread
-from tests.conftest import JobFiles, cli, sample_rows
+from tests.conftest import CliResult, JobFiles, cli, sample_rows, write_csv
 
 
 @contextlib.contextmanager
@@ -130,20 +131,20 @@ def test_a_truncated_row_map_is_rebuilt_as_the_cache_it_is(
 def test_answers_lost_with_a_torn_part_and_no_other_copy_are_not_paid_again_without_asking(
     all_answers_lost: Callable[[int], JobFiles], sim: SimulatorThread
 ) -> None:
-    """With the output gone too, 40 answers exist nowhere: the run says so and sends nothing (exit 2)
-    until --resend-lost; then it sends exactly those."""
-    files = all_answers_lost(40)
+    """With the output gone too, 11 answers (one more than may be re-sent unasked) exist nowhere: the run
+    says so and sends nothing (exit 2) until --resend-lost; then it sends exactly those."""
+    files = all_answers_lost(11)
 
     refused = cli("run", str(files.spec))
     assert refused.exit_code == 2
-    assert "40 requests of the last run have no answer left" in refused.stderr
+    assert "11 requests of the last run have no answer left" in refused.stderr
     assert "--resend-lost" in refused.stderr
     assert sim.stats()["requests"] == 0
     assert cli("run", str(files.spec)).exit_code == 2  # still asks: the parts stay set aside
 
     sent = cli("run", str(files.spec), "--resend-lost")
     assert sent.exit_code == 0
-    assert sim.stats()["requests"] == 40
+    assert sim.stats()["requests"] == 11
     assert cli("run", str(files.spec)).exit_code == 0  # nothing lost any more: no question
 
 
@@ -151,10 +152,10 @@ def test_a_small_loss_is_resent_without_asking(
     all_answers_lost: Callable[[int], JobFiles], sim: SimulatorThread
 ) -> None:
     """Up to 10 lost answers (or 1% of the rows) are sent again without a question."""
-    files = all_answers_lost(8)
+    files = all_answers_lost(10)
     result = cli("run", str(files.spec))
     assert result.exit_code == 0
-    assert sim.stats()["requests"] == 8
+    assert sim.stats()["requests"] == 10
 
 
 def test_estimate_pilot_with_a_bad_key_fails_like_a_run(
@@ -193,3 +194,34 @@ def test_a_stopped_run_leaves_the_same_things_behind(make_job: Callable[..., Job
     manifest = json.loads((load_job(files.spec).state_dir / "manifest.json").read_text())
     assert manifest["runs"][-1]["exit_code"] == 4
     assert not files.output.exists()
+
+
+def test_the_resume_line_runs_the_same_job_on_from_where_it_stopped(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """The last line names the exact command, --set and --limit included; an earlier output stays as it
+    was, and running that command goes on from there: only rows not yet answered are sent."""
+    files = make_job(rows=sample_rows(10))
+    assert cli("run", str(files.spec)).exit_code == 0
+    earlier = files.output.read_bytes()
+    sim.reset_stats()
+    write_csv(files.input, sample_rows(40))  # 30 new rows
+
+    def resume_words(result: CliResult) -> list[str]:
+        assert result.exit_code == 4, result.stderr
+        return shlex.split(result.stderr.strip().splitlines()[-1].partition(" with: ")[2])
+
+    command = resume_words(cli("run", str(files.spec), "--set", "run.max_cost=0.004"))
+    assert command == ["glm-batch", "run", str(files.spec), "--set", "run.max_cost=0.004"]
+    assert files.output.read_bytes() == earlier
+    assert 0 < sim.stats()["ok"] < 30  # it stopped part of the way
+    limited = resume_words(cli("run", str(files.spec), "--limit", "30", "--set", "run.max_cost=0.0001"))
+    assert limited == ["glm-batch", "run", str(files.spec), "--limit", "30", "--set", "run.max_cost=0.0001"]
+
+    for _ in range(20):  # each run of the command spends its budget on rows not yet answered
+        again = cli(*command[1:])
+        if again.exit_code != 4:
+            break
+    assert again.exit_code == 0, again.stderr
+    assert pl.read_parquet(files.output).get_column("id").to_list() == [r["id"] for r in sample_rows(40)]
+    assert sim.stats()["distinct_prompts_billed"] == 30 and sim.stats()["prompts_billed_twice"] == 0

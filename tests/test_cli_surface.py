@@ -312,3 +312,35 @@ def test_status_and_validate_lines_fit_80_columns() -> None:
     checked = invoke("validate", str(ROOT / "jobs" / "demo.yaml"), "--rows", "1")
     assert checked.exit_code == 0
     fits(checked.stdout)
+
+
+def test_simulate_serves_a_job_with_its_cap_and_faults_until_ctrl_c(make_job) -> None:
+    """`glm-batch simulate --port 0 --cap N --fault-rate F`: a standalone simulator a job can run against;
+    its cap refuses what is over it (429/1302), its faults are retried, and Ctrl+C stops it cleanly."""
+    import signal
+    import urllib.request
+
+    from tests.conftest import cli, sample_rows
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "simulate", "--port", "0", "--cap", "2", "--fault-rate", "0.2",
+         "--latency", "0.02", "--seed", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split()[3]  # "simulator listening on URL (...)"
+        # Over the cap a request is refused at once and tried again: attempts enough for a loaded machine.
+        job = make_job(sample_rows(30), model={"endpoint": url}, run={"concurrency": 4, "max_attempts": 100})
+        ran = cli("run", str(job.spec))
+        assert ran.exit_code == 0, json.loads(job.summary.read_text())["errors"]
+        with urllib.request.urlopen(f"{url}/_sim/stats", timeout=10) as answer:
+            stats = json.loads(answer.read())
+        assert stats["max_in_flight"] <= 2 and stats["outcomes"]["429_1302_cap"] > 0
+        assert sum(n for outcome, n in stats["outcomes"].items() if outcome not in ("ok", "429_1302_cap")) > 0
+        assert stats["distinct_prompts_answered"] == 30
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+        assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()

@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 from runner.job.catalog import models
+from runner.money.ledger import ledger_dir as usage_folder
 from runner.money.ledger import usage
 from runner.money.pricing import PriceTable, tier_label
 from runner.simulator.simulator import SimulatorThread
@@ -135,12 +136,15 @@ def test_pilot_answers_are_kept_and_never_sent_again(make_job, sim: SimulatorThr
 
     assert sim.stats()["requests"] == 10
     assert report["rows_answered_already"] == 10
-    assert "measured" in report["output_tokens"]["basis"]
+    assert report["output_tokens"]["basis"] == "mean of 10 measured answers, 95% interval of the mean"
+    assert cli("run", str(job.spec), "--limit", "10").exit_code == 0
+    sent_before = sim.stats()["requests"]
+    assert sent_before > 10  # the pilot's rows were drawn at random, not the first ten
     assert cli("run", str(job.spec)).exit_code == 0
     assert sim.stats()["requests"] == 50
     assert sim.stats()["prompts_answered_twice"] == 0
     summary = json.loads(job.summary.read_text())
-    assert summary["rows_settled_before"] == 10
+    assert summary["rows_settled_before"] == sent_before
     # The run reports how close the estimate was, in its summary.
     assert abs(summary["cost"]["estimate"]["error_pct"]) < 15
 
@@ -199,3 +203,54 @@ def test_usage_rejects_an_unknown_grouping() -> None:
 
     assert result.exit_code == 2
     assert "choose from job, model, day, endpoint" in result.stderr
+
+
+def test_a_dry_run_needs_no_api_key(make_job, sim: SimulatorThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    job = make_job(sample_rows(6))
+    monkeypatch.delenv("ZHIPUAI_API_KEY")
+    assert cli("run", str(job.spec)).exit_code == 2  # a real run does need one
+
+    result = cli("run", str(job.spec), "--dry-run")
+
+    assert result.exit_code == 0, result.stderr
+    assert "would send 6 requests for 6 rows" in result.stdout and sim.stats()["requests"] == 0
+
+
+def test_simulated_spend_is_booked_apart_and_the_summary_says_so(make_job, sim: SimulatorThread) -> None:
+    """A run on the built-in simulator books into the ledger's `simulated/` folder and its summary says
+    `"simulated": true`; the summary's spend is split by price tier, and the tiers add up to it."""
+    real = make_job(sample_rows(3), name="real")  # the loopback simulator by URL: booked as real money
+    pretend = make_job(sample_rows(4), name="pretend", model={"endpoint": "simulator"})
+    assert cli("run", str(real.spec)).exit_code == 0
+    assert cli("run", str(pretend.spec)).exit_code == 0
+
+    summaries = {name: json.loads(files.summary.read_text()) for name, files in (("real", real), ("pretend", pretend))}
+    assert summaries["real"]["simulated"] is False and summaries["pretend"]["simulated"] is True
+    assert set(usage().get_column("job")) == {"real"}  # the real ledger holds only real spend
+    booked = pl.read_parquet(sorted((usage_folder() / "simulated").rglob("*.parquet")))
+    assert set(booked.get_column("job")) == {"pretend"}
+    for summary in summaries.values():
+        cost = summary["cost"]
+        assert cost["by_tier"] == {"in<32000,out<200": pytest.approx(cost["spent"])} and cost["spent"] > 0
+
+
+def test_exact_counts_a_sample_of_200_prompts(make_job, sim: SimulatorThread) -> None:
+    job = make_job(rows_in("en", 260))
+
+    assert cli("estimate", str(job.spec), "--json", "--exact").exit_code == 0
+
+    assert sim.stats()["outcomes"]["tokenizer"] == 200 and sim.stats()["requests"] == 0
+
+
+def test_a_job_that_never_ran_is_calibrated_by_its_models_runs_in_the_ledger(make_job, sim: SimulatorThread) -> None:
+    sim.configure(token_scale=1.3)
+    other = make_job(rows_in("en", 30), name="other")
+    assert cli("run", str(other.spec)).exit_code == 0
+
+    new = make_job(rows_in("en", 30, start=500), name="new")
+    report = json.loads(cli("estimate", str(new.spec), "--json").stdout)
+
+    assert report["input_tokens"]["calibration"]["basis"] == "measured on 30 answers of glm-4.6"
+    before = sim.stats()["input_tokens"]
+    assert cli("run", str(new.spec)).exit_code == 0
+    assert report["input_tokens"]["expected"] == pytest.approx(sim.stats()["input_tokens"] - before, rel=0.10)

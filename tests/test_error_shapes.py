@@ -13,7 +13,7 @@ import pytest
 
 from runner.send.batch.native_results import classify_failure, parse_result_line
 from runner.send.client import Client
-from runner.send.retries import Fault, Verdict
+from runner.send.retries import Fault, Verdict, status_fault
 from runner.simulator.config import SimConfig
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import API_KEY, cli, sample_rows
@@ -89,3 +89,40 @@ def test_an_endpoint_url_carrying_user_info_is_refused_at_load_without_printing_
     assert result.exit_code == 2
     assert "user-info" in result.stderr and "ZHIPUAI_API_KEY" in result.stderr
     assert "sk-0123456789abcdefghij" not in result.stderr + result.stdout
+
+
+README_RULE = [
+    # transient: retried
+    (408, None, Verdict.RETRY, None),
+    (409, None, Verdict.RETRY, None),
+    (429, "1302", Verdict.RETRY, "concurrency"),
+    (429, "1305", Verdict.RETRY, "platform"),
+    (500, "500", Verdict.RETRY, None),
+    (502, None, Verdict.RETRY, None),
+    (529, "overloaded_error", Verdict.RETRY, "platform"),
+    (200, "1234", Verdict.RETRY, None),  # an error object in a 200
+    # 1302/1303 (concurrency, frequency) and 1305 (traffic) are rate limits whatever the HTTP status
+    (400, "1302", Verdict.RETRY, "concurrency"),
+    (400, "1303", Verdict.RETRY, "concurrency"),
+    (500, "1305", Verdict.RETRY, "platform"),
+    # the request is wrong: its row fails at once
+    (400, "1210", Verdict.FAIL, None),
+    (413, "request_too_large", Verdict.FAIL, None),
+    # the account or the model: the run stops
+    (429, "1113", Verdict.ABORT, None),
+    (429, "1304", Verdict.ABORT, None),
+    (429, "1308", Verdict.ABORT, None),
+    (429, "1309", Verdict.ABORT, None),
+    (429, "1310", Verdict.ABORT, None),
+    (401, None, Verdict.ABORT, None),
+    (400, "1211", Verdict.ABORT, None),
+]
+
+
+@pytest.mark.parametrize(("status", "code", "verdict", "overload"), README_RULE, ids=lambda v: str(v))
+def test_the_one_rule_decides_each_error_the_readme_names(
+    status: int, code: str | None, verdict: Verdict, overload: str | None
+) -> None:
+    """README (Errors and retries): which answers are retried, which fail their row, which stop the run."""
+    fault = status_fault(status, code, "the endpoint's words")
+    assert (fault.verdict, fault.overload) == (verdict, overload)

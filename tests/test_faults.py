@@ -208,6 +208,20 @@ def test_a_stalled_stream_is_cut_by_its_silence_not_by_the_answers_length(make_j
     assert summary["cost"]["maybe_billed_twice"]["requests"] == 3
 
 
+@pytest.mark.parametrize(("max_tokens", "streamed"), [(21333, False), (21334, True)])
+def test_answers_are_streamed_by_default_from_21334_max_tokens_and_then_timeout_s_does_not_cut_them(
+    make_job, sim, max_tokens: int, streamed: bool
+) -> None:
+    """`model.stream` unset: a streamed answer may take longer than timeout_s (stall_s bounds its
+    silence instead); an unstreamed one is cut at timeout_s."""
+    sim.configure(latency_s=0.5)
+    job = make_job(rows=sample_rows(2), model={"max_tokens": max_tokens},
+                   run={"timeout_s": 0.1, "stall_s": 10, "max_attempts": 2})  # fmt: skip
+    result = cli("run", str(job.spec))
+    statuses = set(pl.read_parquet(job.output).get_column("status"))
+    assert (result.exit_code, statuses) == ((0, {"ok"}) if streamed else (1, {"error"}))
+
+
 def test_a_streamed_html_page_with_status_200_is_retried_as_a_bad_response(make_job, sim) -> None:
     """A gateway's HTML page (status 200) where an event stream was expected holds no message: the
     attempt is retried under the name `bad_response`, not as whatever the SDK's accumulator raised."""

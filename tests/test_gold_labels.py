@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from runner.observe.quality import OTHER, label_metrics
 from tests.conftest import cli
@@ -115,3 +116,22 @@ def test_a_gold_column_carried_under_a_name_the_input_has_is_refused_naming_both
     assert "eval: the gold column 'label'" in result.stderr and "'label_gold'" in result.stderr
     assert "Traceback" not in result.stderr
     assert sim.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize(("labels", "matrix_printed"), [(11, True), (40, False)])
+def test_the_terminal_shows_at_most_30_labels_and_a_matrix_of_at_most_12_columns(
+    make_job, labels: int, matrix_printed: bool
+) -> None:
+    """The matrix is over the label set plus (other): 11 labels make 12 columns, still printed."""
+    names = [f"topic{i:02d}" for i in range(labels)]
+    rows = [{"id": str(i), "text": f"review {i}", "gold": names[i % labels]} for i in range(labels)]
+    job = make_job(rows, output={"labels": names, "keep_columns": []}, eval={"gold_column": "gold"})
+    assert cli("run", str(job.spec)).exit_code == 0
+
+    shown = cli("report", str(job.spec)).stdout
+
+    assert ("confusion matrix:" not in shown) is matrix_printed
+    assert ("too wide to print; see it with --html FILE" in shown) is not matrix_printed
+    printed = [name for name in names if f"│ {name} " in shown or f"┃ {name} " in shown]
+    assert len(printed) == min(labels, 30)
+    assert ("... and 10 more labels (all of them: --html FILE)" in shown) is (labels == 40)

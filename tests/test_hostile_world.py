@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import polars as pl
@@ -170,6 +171,24 @@ def test_simulate_on_a_port_out_of_range_is_refused() -> None:
     result = cli("simulate", "--port", "70000")
 
     assert result.exit_code == 2 and "Traceback" not in result.stderr
+
+
+def test_a_crash_log_goes_under_the_temp_folder_when_the_state_folder_cannot_take_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "not-a-folder").write_text("a file where the state folder should be")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "not-a-folder"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+
+    def broken() -> None:
+        raise KeyError("a defect of ours")
+
+    with pytest.raises(typer.Exit) as exited:
+        _guarded(broken)
+
+    assert exited.value.exit_code == 70
+    logs = list((tmp_path / "tmp" / "glm-batch-crashes").glob("crash-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in capsys.readouterr().err
 
 
 # --- class 7: broken cron environments ----------------------------------------------------------------

@@ -21,7 +21,7 @@ from runner.job.resolve import load_job
 from runner.send.batch.native_request import chat_body
 from runner.simulator.simulator import SimulatorThread
 from runner.state.lock import JobLock
-from tests.conftest import JobFiles, cli, sample_rows
+from tests.conftest import JobFiles, cli, deep_merge, sample_rows
 
 FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}
 FEW_SHOT = [
@@ -79,6 +79,32 @@ def test_template_jobs_keep_the_request_keys_and_spec_hash_they_had(tmp_path: Pa
     # The spec hash leaves out values at their defaults: a field added to the spec later (run.engine,
     # run.mode, ...) does not change the hash of a job that does not use it.
     assert job2.spec_hash == "1926debcb2347634"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"endpoint": "https://open.bigmodel.cn/api/anthropic"},
+        {"name": "glm-4.5"},
+        {"max_tokens": 65},
+        {"temperature": 0.3},
+        {"top_p": 0.9},
+        {"top_k": 5},
+        {"stop_sequences": ["END"]},
+        {"thinking": {"type": "enabled", "budget_tokens": 32}},
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_every_model_setting_that_shapes_the_answer_is_in_the_key_and_the_row_is_not(
+    tmp_path: Path, change: dict[str, Any]
+) -> None:
+    """README (Resume): answers are keyed by everything that determines them, not by row."""
+    prompt = {"system": "Be brief.", "template": "Summarise: {{ text }}"}
+    base = RequestBuilder(load_job(_write(tmp_path, "base", _spec("k", prompt))))
+    changed = RequestBuilder(load_job(_write(tmp_path, "changed", deep_merge(_spec("k", prompt), {"model": change}))))
+    assert changed.build(ROW).key != base.build(ROW).key
+    # Another row with the same text is the same request: one answer serves both.
+    assert base.build({**ROW, "id": "r2", "_row": 1, "_id": "r2"}).key == base.build(ROW).key
 
 
 def test_messages_render_per_row_and_every_turn_is_in_the_key(tmp_path: Path) -> None:

@@ -49,3 +49,25 @@ def test_the_api_is_quiet_by_default_and_logs_through_logging(
         result = runner.run_job(str(job.spec), fresh=True)
     ends = [r for r in caplog.records if r.name == "glm_batch" and r.glm_batch["event"] == "end"]
     assert len(ends) == 1 and ends[0].glm_batch["message"] == result.message
+
+
+def test_a_stopped_run_returns_its_exit_code_rather_than_raising(make_job, sim) -> None:
+    """README (Python API): the same rules as the command line; a stop is a result, not an exception."""
+    budget = make_job(sample_rows(50), name="budget", run={"max_cost": 0.004})
+    stopped = runner.run_job(str(budget.spec))
+    assert isinstance(stopped, runner.RunResult)
+    assert (stopped.exit_code, stopped.ok, stopped.summary["stopped"]) == (4, False, "budget")
+
+    sim.configure(faults=("429_1113",), fault_rate=1.0)
+    aborted = runner.run_job(str(make_job(sample_rows(5), name="broke").spec))
+    assert aborted.exit_code == 3 and "top up" in aborted.message
+
+
+def test_estimate_job_is_the_report_estimate_json_prints(make_job, sim) -> None:
+    import json
+
+    from tests.conftest import cli
+
+    job = make_job(sample_rows(8))
+    printed = json.loads(cli("estimate", str(job.spec), "--json").stdout)
+    assert runner.estimate_job(str(job.spec)) == printed

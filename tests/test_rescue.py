@@ -20,6 +20,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from runner.job.resolve import load_job
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli
 from tests.test_broken_state import small_disk
@@ -199,3 +200,29 @@ def test_a_part_torn_inside_is_set_aside_not_a_crash(make_job: Callable[..., Job
     assert "corrupt_parts_quarantined" in result.stderr and "answers_salvaged" in result.stderr
     assert sim.stats()["ok"] == 0
     assert pl.read_parquet(files.output).height == 30
+
+
+def test_a_rescue_beside_a_dated_output_is_read_by_that_days_next_run(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """With `{run_date}` in output.path the state sits above the dated folder and the rescue journal
+    beside that day's output, where the same day's next run looks for it: nothing is paid twice."""
+    sim.configure(latency_s=0.02)
+    files = make_job(
+        rows=long_rows(200),
+        run={"concurrency": IN_FLIGHT, "checkpoint_seconds": 60, "checkpoint_rows": 100_000},
+        output={"path": "out/{run_date}/job.parquet"},
+    )
+    job = load_job(files.spec)
+    assert job.state_dir.parent != job.output_path.parent  # the state is shared by every day's output
+    watcher = when_answered(sim, 40, lambda: shutil.rmtree(job.state_dir))
+    first = cli("run", str(files.spec))
+    watcher.join()
+    assert first.exit_code == 74, first.stderr
+    journal = next(job.output_path.parent.glob("job.rescue-*.jsonl"))
+    assert str(journal) in assert_one_clean_line(first.stderr)
+
+    second = cli("run", str(files.spec))
+    assert second.exit_code == 0, second.stderr
+    assert not journal.exists()  # read, kept, deleted
+    assert_paid_once_and_complete(JobFiles(files.spec, files.input, job.output_path, files.summary), sim, 200)

@@ -40,25 +40,16 @@ def test_output_has_the_documented_columns_and_usage(make_job) -> None:
     assert cli("run", str(job.spec)).exit_code == 0
 
     out = pl.read_parquet(job.output)
-    assert out.columns[:2] == ["id", "text"]
-    for column in (
-        "response_text",
-        "thinking",
-        "stop_reason",
-        "input_tokens",
-        "output_tokens",
-        "cache_read_input_tokens",
-        "cache_creation_input_tokens",
-        "latency_ms",
-        "attempts",
-        "status",
-        "error_type",
-        "error_message",
-        "request_id",
-        "model",
-        "finished_at",
-    ):
-        assert column in out.columns
+    # README (What a run writes): the id, the kept columns, then these, in this order.
+    assert out.columns == [
+        "id", "text", "response_text", "thinking", "stop_reason", "input_tokens", "output_tokens",
+        "thinking_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "cost", "reused_from",
+        "latency_ms", "attempts", "repairs", "status", "error_type", "error_message", "request_id", "model",
+        "finished_at", "request_key", "run_id", "api",
+    ]  # fmt: skip
+    summary = json.loads(job.summary.read_text())
+    assert out.get_column("run_id").to_list() == [summary["run_id"]] * 3
+    assert out.get_column("api").to_list() == ["online"] * 3
     assert (out.get_column("input_tokens") > 0).all()
     assert (out.get_column("output_tokens") > 0).all()
     assert out.get_column("stop_reason").to_list() == ["end_turn"] * 3
@@ -138,6 +129,9 @@ def test_a_summary_is_written_beside_the_output(make_job) -> None:
     assert summary["tokens"]["input"] > 0
     assert summary["latency_ms"]["p50"] is not None
     assert summary["output"] == str(job.output)
+    # README: counts, tokens, wall time, throughput, latency percentiles, retries, exit code.
+    assert summary["elapsed_s"] > 0 and summary["requests_per_s"] > 0
+    assert set(summary["latency_ms"]) >= {"p50", "p90", "p99"} and summary["retries"] == {}
 
 
 def shipped_jobs(tmp_path: Path) -> Path:

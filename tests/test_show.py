@@ -30,6 +30,8 @@ def test_show_filters_chooses_columns_and_prints_json(finished) -> None:
     ok = json.loads(cli("show", str(finished.spec), "--where", "status!=error", "-n", "3", "--json").stdout)
     assert [row["id"] for row in ok] == ["r000000", "r000002", "r000003"]
     assert set(ok[0]) == {"id", "text", "response_text", "status", "error_type"}  # the default columns
+    both = cli("show", str(finished.spec), "--where", "status!=error", "--where", "id!=r000000", "-n", "1", "--json")
+    assert [row["id"] for row in json.loads(both.stdout)] == ["r000002"]  # repeated --where: every one holds
 
 
 @pytest.mark.parametrize("width", [40, 60, 80, 200])

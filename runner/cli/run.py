@@ -157,12 +157,11 @@ def estimate(
         key = api_key_for(job) if (exact or pilot) else "unused"
         options = EstimateOptions(exact=exact, pilot_rows=pilot, latency_s=latency, fresh=fresh)
         report = asyncio.run(estimate_loaded(job, key, options, make_reporter("json" if as_json else "auto")))
-        warning = job.thinking.warning  # reasoning that may not fit max_tokens: said before spending
         if as_json:
-            print(json.dumps({**report, "warnings": [warning] if warning else []}, indent=2))
+            print(json.dumps(report, indent=2))
         else:
             _print_estimate(report)
-            if warning is not None:
+            for warning in report["warnings"]:  # reasoning that may not fit max_tokens: said before spending
                 print(f"warning: {warning}", file=sys.stderr)
 
     _guarded(go)

@@ -75,11 +75,15 @@ def abort_meaning(code: str) -> str:
 
 
 class BadResponse(Exception):
-    """A 200 answer whose body is not a message (Zhipu sometimes sends an error object with status 200)."""
+    """A 200 answer whose body is not a message we can keep: an error object (Zhipu sometimes sends one
+    with status 200), a gateway's page, or an answer cut off or garbled in transit. `maybe_billed`: the
+    body looked like a generated answer (a cut stream, torn JSON, a message with unusable usage), so
+    the endpoint may have billed it although it is asked again."""
 
-    def __init__(self, code: str | None, message: str) -> None:
+    def __init__(self, code: str | None, message: str, *, maybe_billed: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.maybe_billed = maybe_billed
 
 
 class Verdict(enum.Enum):
@@ -115,7 +119,7 @@ def unclassified(exc: BaseException) -> Fault:
 def bad_response_fault(exc: BadResponse) -> Fault:
     """A 200 whose body was an error object: abort for account codes, else retry."""
     verdict = Verdict.ABORT if exc.code in ABORT_CODES else Verdict.RETRY
-    return Fault(verdict, f"200/{exc.code}" if exc.code else "bad_response", str(exc))
+    return Fault(verdict, f"200/{exc.code}" if exc.code else "bad_response", str(exc), maybe_billed=exc.maybe_billed)
 
 
 # Zhipu's limit and overload codes and its own internal or network errors: worth another try, on every

@@ -1,0 +1,215 @@
+"""What the online wire keeps of a 200 answer, whatever shape it comes in.
+
+A scripted endpoint (a real aiohttp server on loopback, spoken to by the real SDK) answers in shapes the
+simulator does not produce: a stream cut before `message_stop`, usage that is not token counts, content
+that is not blocks, an account error in Zhipu's older top-level shape, a body in another charset. The
+rule: an answer is kept only when it is whole and can be priced; one that cannot be kept is never a
+crash, is asked again, and is counted as maybe billed; an account error aborts whatever its shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+import pytest
+from aiohttp import web
+
+from runner.simulator.simulator import SimulatorThread
+from tests.conftest import JobFiles, cli, sample_rows
+
+
+def message(**changes: Any) -> dict[str, Any]:
+    """A well-formed Messages API answer, with `changes` applied."""
+    body: dict[str, Any] = {
+        "id": "msg_20261205000000abc",
+        "type": "message",
+        "role": "assistant",
+        "model": "glm-4.6",
+        "content": [{"type": "text", "text": "fine"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 12, "output_tokens": 3},
+    }
+    body.update(changes)
+    return body
+
+
+def sse(*events: dict[str, Any]) -> bytes:
+    """Server-sent events with named `event:` lines, as Zhipu sends them."""
+    return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+
+
+START = {
+    "type": "message_start",
+    "message": message(content=[], stop_reason=None, usage={"input_tokens": 0, "output_tokens": 0}),
+}
+TEXT = [
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "fine"}},
+    {"type": "content_block_stop", "index": 0},
+]
+DELTA = {
+    "type": "message_delta",
+    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+    "usage": {"input_tokens": 12, "output_tokens": 3},
+}
+
+
+@dataclass
+class Scripted:
+    """A Messages endpoint that answers every request with `status`, `headers` and `body`."""
+
+    url: str = ""
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=lambda: {"content-type": "application/json"})
+    body: bytes = b""
+    requests: int = 0
+
+
+@pytest.fixture
+def scripted() -> Iterator[Scripted]:
+    """A scripted endpoint on loopback, its answer set by the test."""
+    world = Scripted()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        world.requests += 1
+        response = web.StreamResponse(status=world.status, headers=world.headers)
+        await response.prepare(request)
+        await response.write(world.body)
+        return response  # the connection ends here: a stream without message_stop is cut
+
+    loop = asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_post("/v1/messages", handler)
+    app_runner = web.AppRunner(app)
+    loop.run_until_complete(app_runner.setup())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    loop.run_until_complete(web.SockSite(app_runner, sock).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    world.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        yield world
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.run_until_complete(app_runner.cleanup())
+        loop.close()
+
+
+def summary(files: JobFiles) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(files.summary.read_text(encoding="utf-8"))
+    return data
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        pytest.param([START, *TEXT], id="cut-after-the-text"),
+        pytest.param([START, *TEXT, DELTA], id="cut-before-message-stop"),
+    ],
+)
+def test_a_stream_cut_before_message_stop_is_never_kept_and_is_asked_again(
+    make_job: Callable[..., JobFiles],
+    scripted: Scripted,
+    sim: SimulatorThread,
+    events: list[dict[str, Any]],
+) -> None:
+    scripted.headers = {"content-type": "text/event-stream"}
+    scripted.body = sse(*events)
+    files = make_job(rows=sample_rows(3), model={"endpoint": scripted.url, "stream": True}, run={"max_attempts": 2})
+    first = cli("run", str(files.spec))
+    assert first.exit_code == 1, first.stderr
+    out = pl.read_parquet(files.output)
+    assert out.get_column("status").to_list() == ["error"] * 3  # never an "ok" row holding a part of an answer
+    assert summary(files)["cost"]["maybe_billed_twice"]["requests"] == 6  # generated in part: maybe billed
+    again = make_job(rows=sample_rows(3), model={"endpoint": sim.url, "stream": True})
+    assert cli("run", str(again.spec)).exit_code == 0  # and the next run asks for them again
+    assert sim.stats()["requests"] == 3
+
+
+def test_a_whole_stream_is_kept_with_the_usage_of_its_message_delta(
+    make_job: Callable[..., JobFiles], scripted: Scripted
+) -> None:
+    scripted.headers = {"content-type": "text/event-stream"}
+    scripted.body = sse(START, *TEXT, DELTA, {"type": "message_stop"})
+    files = make_job(rows=sample_rows(2), model={"endpoint": scripted.url, "stream": True})
+    assert cli("run", str(files.spec)).exit_code == 0
+    out = pl.read_parquet(files.output)
+    assert out.get_column("response_text").to_list() == ["fine", "fine"]
+    assert out.get_column("input_tokens").to_list() == [12, 12]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(message(usage={"input_tokens": -5, "output_tokens": 3}), id="negative-count"),
+        pytest.param(message(usage={"input_tokens": 1e300, "output_tokens": 3}), id="absurd-count"),
+        pytest.param(message(usage={"input_tokens": "12", "output_tokens": 3}), id="count-as-text"),
+        pytest.param(message(usage={"input_tokens": None, "output_tokens": 3}), id="null-count"),
+        pytest.param(message(usage=None), id="no-usage"),
+        pytest.param(message(content="fine"), id="content-not-blocks"),
+    ],
+)
+def test_a_message_that_cannot_be_priced_or_read_is_never_kept_nor_a_crash(
+    make_job: Callable[..., JobFiles], scripted: Scripted, body: dict[str, Any]
+) -> None:
+    scripted.body = json.dumps(body).encode()
+    files = make_job(rows=sample_rows(2), model={"endpoint": scripted.url}, run={"max_attempts": 2})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 1, result.stderr  # rows failed, retryable; not exit 70
+    out = pl.read_parquet(files.output)
+    assert out.get_column("status").to_list() == ["error", "error"]
+    assert (out.get_column("cost") == 0).all()  # no negative or made-up cost
+    assert summary(files)["cost"]["maybe_billed_twice"]["requests"] == 4  # each attempt may have been billed
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"code": 1113, "msg": "余额不足", "success": False}, id="top-level-code"),
+        pytest.param({"error": {"code": "1113", "message": "余额不足"}}, id="native"),
+        pytest.param({"type": "error", "error": {"type": "1113", "message": "余额不足"}}, id="anthropic"),
+    ],
+)
+def test_an_account_error_answered_with_200_aborts_the_run_in_any_shape(
+    make_job: Callable[..., JobFiles], scripted: Scripted, body: dict[str, Any]
+) -> None:
+    scripted.body = json.dumps(body).encode()
+    files = make_job(rows=sample_rows(20), model={"endpoint": scripted.url}, run={"concurrency": 1})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 3, result.stderr
+    assert "out of balance" in result.stderr
+    assert scripted.requests == 1
+
+
+@pytest.mark.parametrize(
+    ("content_type", "raw", "text"),
+    [
+        ("application/json", b"\xef\xbb\xbf" + json.dumps(message()).encode(), "fine"),
+        ("application/json; charset=latin-1", json.dumps(message(content=[{"type": "text", "text": "café"}]), ensure_ascii=False).encode("latin-1"), "café"),  # fmt: skip
+        ("application/json", json.dumps(message(content=[{"type": "text", "text": "été"}])).encode("utf-16"), "été"),
+        ("application/json", json.dumps(message(content=[{"type": "text", "text": None}])).encode(), ""),
+        ("application/json", json.dumps(message(content=[{"type": "odd"}, {"type": "text", "text": "fine"}])).encode(), "fine"),  # fmt: skip
+    ],
+    ids=["utf-8-bom", "declared-latin-1", "utf-16", "null-text", "unknown-block"],
+)
+def test_a_whole_message_is_kept_whatever_its_encoding_or_odd_blocks(
+    make_job: Callable[..., JobFiles], scripted: Scripted, content_type: str, raw: bytes, text: str
+) -> None:
+    scripted.headers = {"content-type": content_type}
+    scripted.body = raw
+    files = make_job(rows=sample_rows(2), model={"endpoint": scripted.url})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr
+    assert scripted.requests == 2  # each paid once
+    assert pl.read_parquet(files.output).get_column("response_text").to_list() == [text, text]

@@ -196,10 +196,18 @@ def test_an_account_error_answered_with_200_aborts_the_run_in_any_shape(
     ("content_type", "raw", "text"),
     [
         ("application/json", b"\xef\xbb\xbf" + json.dumps(message()).encode(), "fine"),
-        ("application/json; charset=latin-1", json.dumps(message(content=[{"type": "text", "text": "café"}]), ensure_ascii=False).encode("latin-1"), "café"),  # fmt: skip
+        (
+            "application/json; charset=latin-1",
+            json.dumps(message(content=[{"type": "text", "text": "café"}]), ensure_ascii=False).encode("latin-1"),
+            "café",
+        ),
         ("application/json", json.dumps(message(content=[{"type": "text", "text": "été"}])).encode("utf-16"), "été"),
         ("application/json", json.dumps(message(content=[{"type": "text", "text": None}])).encode(), ""),
-        ("application/json", json.dumps(message(content=[{"type": "odd"}, {"type": "text", "text": "fine"}])).encode(), "fine"),  # fmt: skip
+        (
+            "application/json",
+            json.dumps(message(content=[{"type": "odd"}, {"type": "text", "text": "fine"}])).encode(),
+            "fine",
+        ),
     ],
     ids=["utf-8-bom", "declared-latin-1", "utf-16", "null-text", "unknown-block"],
 )
@@ -213,3 +221,26 @@ def test_a_whole_message_is_kept_whatever_its_encoding_or_odd_blocks(
     assert result.exit_code == 0, result.stderr
     assert scripted.requests == 2  # each paid once
     assert pl.read_parquet(files.output).get_column("response_text").to_list() == [text, text]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "raw"),
+    [
+        ("text/event-stream", sse(START, {"type": "error", "error": {"type": "1301", "message": "unsafe content"}})),
+        ("application/json", json.dumps({"error": {"code": "1301", "message": "unsafe content"}}).encode()),
+    ],
+    ids=["error-event-mid-stream", "error-object-with-200"],
+)
+def test_blocked_content_fails_its_row_at_once_whatever_status_it_came_with(
+    make_job: Callable[..., JobFiles], scripted: Scripted, content_type: str, raw: bytes
+) -> None:
+    scripted.headers = {"content-type": content_type}
+    scripted.body = raw
+    files = make_job(
+        rows=sample_rows(2), model={"endpoint": scripted.url, "stream": content_type != "application/json"}
+    )
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 1, result.stderr
+    assert scripted.requests == 2  # asked once each: asked again, it is blocked again
+    out = pl.read_parquet(files.output)
+    assert all("unsafe content" in message for message in out.get_column("error_message"))

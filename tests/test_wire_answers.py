@@ -21,6 +21,9 @@ import polars as pl
 import pytest
 from aiohttp import web
 
+from runner.send.batch.native_answer import answer_from_chat
+from runner.send.client import answer_from_message
+from runner.send.retries import BadResponse
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows
 
@@ -244,3 +247,18 @@ def test_blocked_content_fails_its_row_at_once_whatever_status_it_came_with(
     assert scripted.requests == 2  # asked once each: asked again, it is blocked again
     out = pl.read_parquet(files.output)
     assert all("unsafe content" in message for message in out.get_column("error_message"))
+
+
+@pytest.mark.parametrize("count", [-1, 1e300, 2**70, "12", None, True, float("nan")])
+def test_both_wires_refuse_a_usage_count_that_is_no_token_count(count: object) -> None:
+    """A batch result line and an online answer are priced from the same kind of count: a garbage one
+    is refused alike (a batch line with 1e300 prompt tokens ended the run with exit 70)."""
+    chat = {
+        "choices": [{"message": {"content": "fine"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": count, "completion_tokens": 3},
+    }
+    with pytest.raises(BadResponse):
+        answer_from_chat(chat, None)
+    with pytest.raises(BadResponse):
+        answer_from_message(message(usage={"input_tokens": count, "output_tokens": 3}), None)
+    assert answer_from_chat({**chat, "usage": {"prompt_tokens": 12.0, "completion_tokens": 3}}, None).input_tokens == 12

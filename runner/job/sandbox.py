@@ -180,7 +180,7 @@ def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
     return bounded
 
 
-def _bounded_lipsum(lipsum: Callable[..., Any]) -> Callable[..., Any]:
+def _bounded_lipsum(lipsum: Any) -> Callable[..., Any]:
     """`lipsum` refused before it runs when it could make more than MAX_LIPSUM_WORDS words."""
 
     @functools.wraps(lipsum)

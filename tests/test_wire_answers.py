@@ -74,6 +74,8 @@ class Scripted:
     headers: dict[str, str] = field(default_factory=lambda: {"content-type": "application/json"})
     body: bytes = b""
     requests: int = 0
+    # When set, answers each request itself: its JSON body in, (status, body) out.
+    respond: Callable[[dict[str, Any]], tuple[int, bytes]] | None = None
 
 
 @pytest.fixture
@@ -82,11 +84,12 @@ def scripted() -> Iterator[Scripted]:
     world = Scripted()
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        await request.read()
+        sent = await request.read()
         world.requests += 1
-        response = web.StreamResponse(status=world.status, headers=world.headers)
+        status, body = world.respond(json.loads(sent)) if world.respond else (world.status, world.body)
+        response = web.StreamResponse(status=status, headers=world.headers)
         await response.prepare(request)
-        await response.write(world.body)
+        await response.write(body)
         return response  # the connection ends here: a stream without message_stop is cut
 
     loop = asyncio.new_event_loop()
@@ -262,3 +265,63 @@ def test_both_wires_refuse_a_usage_count_that_is_no_token_count(count: object) -
     with pytest.raises(BadResponse):
         answer_from_message(message(usage={"input_tokens": count, "output_tokens": 3}), None)
     assert answer_from_chat({**chat, "usage": {"prompt_tokens": 12.0, "completion_tokens": 3}}, None).input_tokens == 12
+
+
+def strict_turns(answer: dict[str, Any]) -> Callable[[dict[str, Any]], tuple[int, bytes]]:
+    """An endpoint that answers a first ask with `answer`, and a repair turn with a valid label only if
+    the turn is one the Messages API takes: every turn non-empty, every tool call's input an object and
+    its id the one the tool result names, no empty text block; otherwise a 400, as Anthropic's validation
+    answers."""
+
+    def respond(body: dict[str, Any]) -> tuple[int, bytes]:
+        if len(body["messages"]) == 1:
+            return 200, json.dumps(answer).encode()
+        called: set[str] = set()
+        for turn in body["messages"]:
+            blocks = (
+                turn["content"] if isinstance(turn["content"], list) else [{"type": "text", "text": turn["content"]}]
+            )
+            called |= {b["id"] for b in blocks if b["type"] == "tool_use" and b.get("id")}
+            answered = {b["tool_use_id"] for b in blocks if b["type"] == "tool_result"}
+            if (
+                not answered <= called
+                or not blocks
+                or any(
+                    (b["type"] == "tool_use" and not isinstance(b["input"], dict))
+                    or (b["type"] == "text" and not b["text"])
+                    for b in blocks
+                )
+            ):
+                error = {"type": "error", "error": {"type": "1214", "message": "messages: invalid content"}}
+                return 400, json.dumps(error).encode()
+        call = {"type": "tool_use", "id": "toolu_2", "name": body["tools"][0]["name"], "input": {"label": "positive"}}
+        return 200, json.dumps(message(content=[call], stop_reason="tool_use")).encode()
+
+    return respond
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        [{"type": "tool_use", "id": "toolu_1", "name": "record_answer", "input": '{"label": "posi'}],
+        [{"type": "tool_use", "name": "record_answer", "input": "not json"}],
+        [],
+        [{"type": "text", "text": ""}],
+    ],
+    ids=["tool-input-not-json", "tool-call-without-id", "no-content", "empty-text"],
+)
+def test_an_answer_that_needs_repair_is_sent_back_as_a_turn_the_endpoint_takes(
+    make_job: Callable[..., JobFiles], scripted: Scripted, content: list[dict[str, Any]]
+) -> None:
+    scripted.respond = strict_turns(message(content=content, stop_reason="tool_use"))
+    files = make_job(
+        rows=sample_rows(2),
+        model={"endpoint": scripted.url},
+        run={"concurrency": 1},
+        output={"labels": ["positive", "negative"], "keep_columns": []},
+    )
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr
+    out = pl.read_parquet(files.output)
+    assert out.get_column("label").to_list() == ["positive", "positive"]
+    assert out.get_column("repairs").to_list() == [1, 1]

@@ -80,6 +80,8 @@ class Client:
         Streaming, a long answer may take as long as it needs: what ends the attempt is `stall_s`
         without any event (a hung connection), raised as the SDK's timeout error. A stream that ends
         before `message_stop` was cut off: its answer is not whole, so it is never kept."""
+        if len(params["messages"]) > 1:  # a conversation: a repair turn, or few-shot examples
+            params = {**params, "messages": [_taken_back(turn) for turn in params["messages"]]}
         if self._stream:
             finished = False
             try:
@@ -220,7 +222,7 @@ def answer_from_message(data: Any, request_id: str | None) -> Answer:
     blocks: list[dict[str, Any]] = []
     tool_input: Any = None
     tool_use_id: str | None = None
-    for block in content:
+    for index, block in enumerate(content):
         kind = block.get("type")
         if kind == "text":
             text = _text(block.get("text"))
@@ -231,7 +233,7 @@ def answer_from_message(data: Any, request_id: str | None) -> Answer:
             thoughts.append(thought)
             blocks.append({"type": "thinking", "thinking": thought, "signature": _text(block.get("signature"))})
         elif kind == "tool_use":
-            block_id = _text(block.get("id"))
+            block_id = _text(block.get("id")) or f"toolu_{index}"  # a repair's tool_result must name it
             if tool_use_id is None:
                 tool_input, tool_use_id = block.get("input"), block_id
             blocks.append(
@@ -258,6 +260,24 @@ def answer_from_message(data: Any, request_id: str | None) -> Answer:
         tool_use_id=tool_use_id,
         content=tuple(blocks),
     )
+
+
+def _taken_back(turn: dict[str, Any]) -> dict[str, Any]:
+    """An earlier answer's blocks as an assistant turn the Messages API takes back: a tool call's input
+    is an object (a call whose arguments were not JSON goes back as `{}`; the repair note quotes what it
+    said), empty texts are left out, and a turn left empty says so. Other turns go as they are. (The
+    native wire sends a call's arguments back as the text the model wrote: a string is valid there.)"""
+    content = turn.get("content")
+    if turn.get("role") != "assistant" or not isinstance(content, list | tuple):
+        return turn
+    blocks: list[dict[str, Any]] = []
+    for block in content:
+        if block.get("type") == "tool_use" and not isinstance(block.get("input"), dict):
+            block = {**block, "input": {}}
+        elif block.get("type") == "text" and not block.get("text"):
+            continue
+        blocks.append(block)
+    return {**turn, "content": blocks or [{"type": "text", "text": "(no answer)"}]}
 
 
 def _text(value: Any) -> str:

@@ -76,6 +76,7 @@ class Scripted:
     requests: int = 0
     # When set, answers each request itself: its JSON body in, (status, body) out.
     respond: Callable[[dict[str, Any]], tuple[int, bytes]] | None = None
+    trickle_s: float = 0.0  # when set, the body goes out a byte at a time, this long apart
 
 
 @pytest.fixture
@@ -89,7 +90,12 @@ def scripted() -> Iterator[Scripted]:
         status, body = world.respond(json.loads(sent)) if world.respond else (world.status, world.body)
         response = web.StreamResponse(status=status, headers=world.headers)
         await response.prepare(request)
-        await response.write(body)
+        if world.trickle_s:
+            for byte in body:
+                await response.write(bytes([byte]))
+                await asyncio.sleep(world.trickle_s)
+        else:
+            await response.write(body)
         return response  # the connection ends here: a stream without message_stop is cut
 
     loop = asyncio.new_event_loop()
@@ -325,3 +331,18 @@ def test_an_answer_that_needs_repair_is_sent_back_as_a_turn_the_endpoint_takes(
     out = pl.read_parquet(files.output)
     assert out.get_column("label").to_list() == ["positive", "positive"]
     assert out.get_column("repairs").to_list() == [1, 1]
+
+
+def test_an_answer_trickled_slower_than_the_timeout_is_cut_at_run_timeout_s(
+    make_job: Callable[..., JobFiles], scripted: Scripted
+) -> None:
+    """run.timeout_s bounds a whole non-streamed answer: a byte every 20 ms keeps each read under the
+    SDK's read timeout, and the answer (about 250 bytes) would take 5 s to come in whole."""
+    scripted.body = json.dumps(message()).encode()
+    scripted.trickle_s = 0.02
+    files = make_job(rows=sample_rows(1), model={"endpoint": scripted.url}, run={"timeout_s": 1, "max_attempts": 1})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 1, result.stderr
+    out = pl.read_parquet(files.output)
+    assert out.get_column("error_type").to_list() == ["timeout"]
+    assert summary(files)["cost"]["maybe_billed_twice"]["requests"] == 1

@@ -45,6 +45,13 @@ class StalledStream(Exception):
         super().__init__(f"no event for {stall_s:g} s while streaming")
 
 
+class SlowAnswer(Exception):
+    """A whole (non-streamed) answer did not arrive within `run.timeout_s`, however it trickled in."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"no whole answer within {timeout_s:g} s")
+
+
 class StoppedAnswer(Exception):
     """An answer that ended with one of Zhipu's own finish reasons: `network_error` (the inference broke
     off, leaving a partial answer: sent again) or `sensitive` (the content was blocked: the row fails)."""
@@ -101,8 +108,15 @@ class Client:
                     None, "the stream ended before message_stop: the answer was cut off", maybe_billed=True
                 )
             return answer_from_message(message.to_dict(warnings=False), request_id)
-        raw = await self._sdk.messages.with_raw_response.create(**params, timeout=self._timeout)
-        return answer_from_message(await _body(raw), _request_id(raw.headers))
+        try:
+            # The SDK's timeout bounds each read, so an answer trickled a byte at a time never ends; this
+            # bounds the whole answer, as run.timeout_s promises.
+            async with asyncio.timeout(self._timeout):
+                raw = await self._sdk.messages.with_raw_response.create(**params, timeout=self._timeout)
+                body = await _body(raw)
+        except TimeoutError:
+            raise SlowAnswer(self._timeout) from None
+        return answer_from_message(body, _request_id(raw.headers))
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -140,6 +154,8 @@ def classify(exc: BaseException) -> Fault:
     # The request was sent and may still be answered, and billed, after we gave up on it.
     if isinstance(exc, anthropic.APITimeoutError):
         return Fault(Verdict.RETRY, "timeout", str(exc) or "timed out", maybe_billed=True)
+    if isinstance(exc, SlowAnswer):
+        return Fault(Verdict.RETRY, "timeout", str(exc), maybe_billed=True)
     if isinstance(exc, StalledStream):
         return Fault(Verdict.RETRY, "stalled", str(exc), maybe_billed=True)
     if isinstance(exc, anthropic.APIConnectionError):

@@ -346,3 +346,18 @@ def test_an_answer_trickled_slower_than_the_timeout_is_cut_at_run_timeout_s(
     out = pl.read_parquet(files.output)
     assert out.get_column("error_type").to_list() == ["timeout"]
     assert summary(files)["cost"]["maybe_billed_twice"]["requests"] == 1
+
+
+@pytest.mark.parametrize("code", ["1220", "1221", "1222"])
+def test_an_api_the_endpoint_says_is_offline_or_missing_stops_the_run_with_rows_pending(
+    make_job: Callable[..., JobFiles], scripted: Scripted, code: str
+) -> None:
+    """1220 (no permission), 1221 (API offline), 1222 (API missing): every row would be refused alike,
+    so the run stops at the first (exit 3) instead of sending and failing each of them."""
+    scripted.status = 400
+    scripted.body = json.dumps({"error": {"code": code, "message": "API 已下线"}}).encode()
+    files = make_job(rows=sample_rows(20), model={"endpoint": scripted.url}, run={"concurrency": 1})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 3, result.stderr
+    assert scripted.requests == 1
+    assert not files.output.exists()  # nothing failed for good: a later run sends every row

@@ -24,7 +24,7 @@ from tenacity.wait import wait_random_exponential
 from runner.errors import EndpointAborted
 
 # Business codes that mean "this account cannot be served at all": no balance, plan exhausted or
-# expired, account inactive/locked, bad or expired token.
+# expired, account inactive/locked, bad or expired token, the API offline or missing (1221, 1222).
 ABORT_CODES = frozenset(
     {
         "1000",
@@ -38,6 +38,8 @@ ABORT_CODES = frozenset(
         "1113",
         "1121",
         "1220",
+        "1221",
+        "1222",
         "1308",
         "1309",
         "1310",
@@ -65,6 +67,10 @@ ABORT_MEANINGS: dict[str, str] = {
     **dict.fromkeys(("1308", "1309", "1310"), "the plan's usage limit is reached or the plan expired; wait or renew"),
     "1304": "the account's daily call limit is reached; run again tomorrow (answers so far are kept)",
     "1211": "the endpoint does not know this model; check model.name",
+    **dict.fromkeys(
+        ("1221", "1222"),
+        "the endpoint says this API is offline or does not exist; check model.endpoint, or try again later",
+    ),
     "404": "the endpoint does not know this model or path; check model.name and model.endpoint",
 }
 

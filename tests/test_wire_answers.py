@@ -361,3 +361,17 @@ def test_an_api_the_endpoint_says_is_offline_or_missing_stops_the_run_with_rows_
     assert result.exit_code == 3, result.stderr
     assert scripted.requests == 1
     assert not files.output.exists()  # nothing failed for good: a later run sends every row
+
+
+@pytest.mark.parametrize("reason", ["sensitive", "refusal"])
+def test_a_blocked_answer_fails_its_row_as_content_filter_on_the_online_wire_as_in_batches(
+    make_job: Callable[..., JobFiles], scripted: Scripted, reason: str
+) -> None:
+    """Zhipu's `sensitive` and Anthropic's `refusal` end an answer the filter blocked; the batch wire
+    maps `sensitive` to `refusal` and fails the row: the online wire must not keep it as an answer."""
+    scripted.body = json.dumps(message(stop_reason=reason, content=[{"type": "text", "text": "I can"}])).encode()
+    files = make_job(rows=sample_rows(2), model={"endpoint": scripted.url})
+    assert cli("run", str(files.spec)).exit_code == 1
+    out = pl.read_parquet(files.output)
+    assert out.get_column("error_type").to_list() == ["content_filter", "content_filter"]
+    assert scripted.requests == 2  # blocked again if asked again: never re-sent

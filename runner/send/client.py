@@ -61,8 +61,11 @@ class StoppedAnswer(Exception):
         self.reason = reason
 
 
-# finish reasons that are not an answer: network_error is retried, the others fail as content_filter.
-_STOPPED = frozenset({"network_error", "sensitive"})
+# finish reasons that are not an answer: network_error is retried, the others fail as content_filter:
+# Zhipu's `sensitive` as its Anthropic route passes it on, and Anthropic's own `refusal` (what the batch
+# wire maps `sensitive` to: a blocked answer means the same on both wires).
+_STOPPED = frozenset({"network_error", "sensitive", "refusal"})
+_REASON_FIELD = {"sensitive": "finish_reason", "network_error": "finish_reason"}  # Zhipu's word, as it came
 
 
 class Client:
@@ -148,8 +151,8 @@ def classify(exc: BaseException) -> Fault:
         return Fault(
             Verdict.FAIL,
             "content_filter",
-            "the endpoint blocked this content (finish_reason sensitive); no answer for this row: change its "
-            "input or the prompt",
+            f"the endpoint blocked this content ({_REASON_FIELD.get(exc.reason, 'stop_reason')} {exc.reason}); "
+            "no answer for this row: change its input or the prompt",
         )
     # The request was sent and may still be answered, and billed, after we gave up on it.
     if isinstance(exc, anthropic.APITimeoutError):

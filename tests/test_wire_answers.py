@@ -375,3 +375,23 @@ def test_a_blocked_answer_fails_its_row_as_content_filter_on_the_online_wire_as_
     out = pl.read_parquet(files.output)
     assert out.get_column("error_type").to_list() == ["content_filter", "content_filter"]
     assert scripted.requests == 2  # blocked again if asked again: never re-sent
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"code": 1113, "msg": "余额不足", "success": False},
+        {"type": "error", "error": {"type": "1113", "message": "余额不足"}},
+    ],
+    ids=["top-level-code", "anthropic"],
+)
+def test_doctor_reads_an_account_error_answered_with_200_as_the_refusal_it_is(
+    scripted: Scripted, body: dict[str, Any]
+) -> None:
+    """doctor reported "key works, balance not in arrears, model answers" for every 200, whatever it held."""
+    scripted.body = json.dumps(body).encode()
+    result = cli("doctor", "--endpoint", scripted.url, "--model", "glm-4.6", "--json")
+    assert result.exit_code == 3, result.stderr
+    balance = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "balance")
+    assert balance["ok"] is False
+    assert scripted.requests == 1

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -248,11 +249,27 @@ def paths_overlap(path: Path, other: Path) -> bool:
 
 def _job_files_beside(target: Path) -> list[tuple[Path, str]]:
     """What `target` is, if it is a job's file whatever the command knows: a state folder's content
-    (under `.glm-batch/`) or an output (a .parquet with its `.summary.json` beside it)."""
+    (under `.glm-batch/`), an output (a .parquet with its `.summary.json` beside it), or a job spec
+    (a YAML file with top-level `input:` and `prompt:` keys: `schema -o job.yaml --force` knows no job)."""
     found = [(p, "a job's state directory") for p in (target, *target.parents) if p.name == ".glm-batch"]
     if target.suffix == ".parquet" and summary_path(target).exists():
         found.append((target, "a job's output"))
+    if target.suffix in (".yaml", ".yml") and _looks_like_a_spec(target):
+        found.append((target, "a job spec"))
     return found
+
+
+_SPEC_KEYS = re.compile(rb"^(input|prompt):", re.MULTILINE)
+
+
+def _looks_like_a_spec(path: Path) -> bool:
+    """Whether the YAML file at `path` has a job spec's top-level `input:` and `prompt:` keys."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(1 << 20)
+    except OSError:
+        return False
+    return {m.group(1) for m in _SPEC_KEYS.finditer(head)} == {b"input", b"prompt"}
 
 
 def _written_by_us(path: Path, ours: str | None) -> bool:

@@ -119,6 +119,8 @@ RUNAWAY_TEMPLATES = {
     "a huge format width": "{{ '{:>10000000000}'.format(text) }}",
     "a huge % width": "{{ '%10000000000s' % text }}",
     "a huge str method": "{{ text.ljust(10 ** 10) }}",
+    "a huge lorem ipsum": "{{ lipsum(1000000) }}",
+    "a lorem ipsum of huge paragraphs": "{{ lipsum(1, max=10 ** 9) }}",
 }
 
 

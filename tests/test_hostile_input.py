@@ -340,6 +340,32 @@ def test_a_csv_with_a_byte_order_mark_reads_its_first_column(make_job, tmp_path:
     assert pl.read_parquet(job.output).get_column("id").to_list() == ["r000000", "r000001", "r000002"]
 
 
+CSV_HEADERS = {
+    "a column named twice": (b"id,text,text\nr1,first,second\n", "'text' twice"),
+    "UTF-16 text": ("id,text\nr1,first\n".encode("utf-16"), "UTF-16"),
+    "UTF-16 without its mark": ("id,text\nr1,first\n".encode("utf-16-le"), "NUL bytes"),
+}
+
+
+@pytest.mark.parametrize("raw,why", CSV_HEADERS.values(), ids=CSV_HEADERS.keys())
+def test_a_csv_whose_header_would_be_misread_is_refused(make_job, sim, raw: bytes, why: str) -> None:
+    """Polars renames a second `text` to `text_duplicated_0` and reads UTF-16 as garbled UTF-8, NULs
+    and all: the prompt would read the first column silently, or garbage."""
+    job = make_job(sample_rows(1))
+    job.input.write_bytes(raw)
+
+    for command in ("validate", "run"):
+        assert_refused(cli(command, str(job.spec)), str(job.input), why)
+    assert sim.stats()["requests"] == 0
+
+
+def test_a_csv_header_may_repeat_empty_names(make_job, sim) -> None:
+    job = make_job(sample_rows(1))
+    job.input.write_text("id,text,,\nr1,first,,\n", encoding="utf-8")  # a spreadsheet's trailing commas
+
+    assert cli("run", str(job.spec)).exit_code == 0
+
+
 @pytest.mark.parametrize("used", ["all columns", "some columns"])
 def test_a_ragged_csv_row_is_refused_naming_the_file(make_job, sim, used: str) -> None:
     job = make_job(sample_rows(3))

@@ -92,6 +92,21 @@ def test_schema_o_never_writes_over_a_job_output_or_state_even_with_force(finish
     assert _contents(finished.output, manifest) == before
 
 
+def test_no_named_file_is_written_over_a_job_spec_even_with_force(finished, tmp_path: Path) -> None:
+    """`schema -o` knows no job, and `report --html` only the one it reports: a job spec is still
+    never replaced (it is found by what it is, a YAML with top-level input and prompt), nor through a link."""
+    other = tmp_path / "other.yml"
+    other.write_text(finished.spec.read_text(encoding="utf-8"), encoding="utf-8")
+    link = tmp_path / "link.yaml"
+    link.symlink_to(finished.spec)
+    before = _contents(finished.spec, other)
+
+    for target in (finished.spec, other, link):
+        assert_refused(cli("schema", "-o", str(target), "--force"), "-o", "a job spec")
+    assert_refused(cli("report", str(finished.spec), "--html", str(other), "--force"), "--html", "a job spec")
+    assert _contents(finished.spec, other) == before
+
+
 def test_init_never_writes_over_its_input_or_any_file(tmp_path: Path) -> None:
     data = tmp_path / "data.csv"
     data.write_text("id,text\n1,precious\n", encoding="utf-8")

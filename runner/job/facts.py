@@ -5,7 +5,8 @@
 
 Runs read it to start right (tool choice, concurrency, batch eligibility); a fact is a hint, never a
 reason to refuse a job. One JSON file, $GLM_BATCH_FACTS or ~/.local/share/glm-batch/facts.json, keyed by
-"<base url> <model>" (the URL without userinfo or query); a file that cannot be read is an empty one.
+"<base url> <model>" (the URL without userinfo or query); a file that cannot be read is an empty one,
+and a path that holds anything but a facts file is never written over.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import stat
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from runner.files import read_json_object, write_json_atomic
+from runner.files import json_object, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -60,13 +62,39 @@ def facts_key(base_url: str | None, model: str) -> str:
     return f"{clean} {model}"
 
 
-def _read_all(path: Path) -> dict[str, Any]:
-    return read_json_object(path) or {}
+MAX_FACTS_BYTES = 8 << 20  # far more than any account's endpoints and models
+
+
+def _read_all(path: Path) -> dict[str, Any] | None:
+    """The facts file's entries: {} when there is none yet (or a torn one: a .json file that does not
+    parse); None when the path holds something that is not a facts file (another file named by mistake:
+    a job's input or manifest; a device, a FIFO, anything huge), never read whole nor written over."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return {}
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FACTS_BYTES:
+        return None
+    if info.st_size == 0:
+        return {}
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    data = json_object(raw)
+    if data is None:  # a torn facts file is an empty one; any other file is left alone
+        torn = path.suffix == ".json" and raw.lstrip()[:1] == b"{"
+        return {} if torn else None
+    if not all(isinstance(v, dict) and "checked" in v for v in data.values()):
+        return None  # a JSON object that is not facts (a job's manifest, say)
+    return data
 
 
 def load_facts(base_url: str | None, model: str) -> Facts:
     """The facts known for one endpoint and model (all None when nothing is known)."""
-    entry = _read_all(facts_path()).get(facts_key(base_url, model))
+    entry = (_read_all(facts_path()) or {}).get(facts_key(base_url, model))
     if not isinstance(entry, dict):
         return Facts()
     known = {f.name for f in fields(Facts)}
@@ -76,13 +104,15 @@ def load_facts(base_url: str | None, model: str) -> Facts:
 def record_facts(base_url: str | None, model: str, *, source: str, **learned: Any) -> Facts:
     """Merge what was just learned (fields of Facts; None values are ignored) and write the file.
 
-    Bookkeeping, never a reason to fail a run: a file that cannot be written is left as it was."""
+    Bookkeeping, never a reason to fail a run: a file that cannot be written, or is not a facts file,
+    is left as it was (the facts are returned, not kept)."""
     known = {f.name for f in fields(Facts)} - {"checked", "source"}
     unknown = set(learned) - known
     if unknown:
         raise TypeError(f"not a fact: {sorted(unknown)}")
     path = facts_path()
-    everything = _read_all(path)
+    found_file = _read_all(path)
+    everything = dict(found_file or {})
     key = facts_key(base_url, model)
     found = everything.get(key)
     entry: dict[str, Any] = found if isinstance(found, dict) else {}
@@ -90,9 +120,10 @@ def record_facts(base_url: str | None, model: str, *, source: str, **learned: An
     merged["checked"] = dt.date.today().isoformat()
     merged["source"] = source
     everything[key] = merged
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(everything, path)
+    if found_file is not None:  # never over something that is not a facts file
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(everything, path)
     return Facts(**{k: v for k, v in merged.items() if k in {f.name for f in fields(Facts)}})
 
 

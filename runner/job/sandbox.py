@@ -29,6 +29,9 @@ MAX_TEXT = 10_000_000  # characters of a rendered prompt, and of any text or lis
 MAX_INT_BITS = 10_000  # bits of a number built by arithmetic (about 3,000 decimal digits)
 MAX_STEPS = 1_000_000  # loop iterations ({% for %}) in one row's rendering
 MAX_RENDER_S = 5.0  # seconds one row's rendering may take (checked at loop steps and operators)
+# Words `lipsum(n, html, min, max)` may make (at most n * max): the one global whose work grows with its
+# arguments in one call the row's clock cannot interrupt (lipsum(1000000) ran for minutes).
+MAX_LIPSUM_WORDS = 100_000
 
 
 class RenderError(ValueError):
@@ -177,6 +180,18 @@ def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
     return bounded
 
 
+def _bounded_lipsum(lipsum: Any) -> Callable[..., Any]:
+    """`lipsum` refused before it runs when it could make more than MAX_LIPSUM_WORDS words."""
+
+    @functools.wraps(lipsum)
+    def bounded(n: Any = 5, html: Any = True, min: Any = 20, max: Any = 100) -> Any:
+        if isinstance(n, int) and isinstance(max, int) and n * max > MAX_LIPSUM_WORDS:
+            raise RenderLimit(f"render_limit: lipsum({n:,}, max={max:,}) could make over {MAX_LIPSUM_WORDS:,} words")
+        return lipsum(n, html, min, max)
+
+    return bounded
+
+
 def start_row() -> contextvars.Token[_Budget]:
     """A fresh budget for one row's rendering (end it with `end_row`)."""
     return _BUDGET.set(_Budget())
@@ -222,6 +237,7 @@ def bounded_environment(finalize: Callable[[Any], Any], dumps: Callable[..., str
 
     env = Bounded(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False, finalize=finalize)
     env.filters = {name: _bounded_filter(name, f) for name, f in env.filters.items()}
+    env.globals["lipsum"] = _bounded_lipsum(env.globals["lipsum"])
     # `| tojson` agrees with `{{ }}`: text as written (not \u escapes), NaN as null, bytes as their text.
     env.policies["json.dumps_function"] = dumps
     env.policies["json.dumps_kwargs"] = {"sort_keys": True}

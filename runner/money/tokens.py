@@ -22,6 +22,24 @@ CJK_TOKENS_PER_CHAR = 1.0
 MESSAGE_OVERHEAD_TOKENS = 4  # role markers and separators around each message
 
 
+# More tokens than any one request can bill (a million-token context and its output, many times over):
+# a count above it is garbage from the wire, not usage.
+MAX_TOKEN_COUNT = 1 << 31
+
+
+def token_count(value: object) -> int | None:
+    """A token count as the wire gave it, or None when it is not one: a whole number from 0 to
+    MAX_TOKEN_COUNT (an integral float such as 12.0 too); never a bool, a string, NaN or 1e300.
+    Both wires' readers of usage go through it, so a garbage count is refused alike everywhere."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and 0 <= value <= MAX_TOKEN_COUNT:
+        return value
+    return None
+
+
 def estimate_text(text: str) -> float:
     """Raw token estimate for one piece of text."""
     if text.isascii():  # most prompts: no wide character can be in them, and this check runs in C

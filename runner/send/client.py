@@ -11,12 +11,16 @@ both as `Authorization: Bearer` (what SDK 2.x sends) and as `x-api-key` (what Zh
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Mapping
 from typing import Any
 
 import anthropic
+import orjson
+from anthropic._response import AsyncAPIResponse
 from anthropic.types import Message
 
-from runner.money.tokens import estimate_text
+from runner.money.tokens import estimate_text, token_count
 from runner.records import Answer
 from runner.send.retries import (
     BadResponse,
@@ -41,6 +45,13 @@ class StalledStream(Exception):
         super().__init__(f"no event for {stall_s:g} s while streaming")
 
 
+class SlowAnswer(Exception):
+    """A whole (non-streamed) answer did not arrive within `run.timeout_s`, however it trickled in."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"no whole answer within {timeout_s:g} s")
+
+
 class StoppedAnswer(Exception):
     """An answer that ended with one of Zhipu's own finish reasons: `network_error` (the inference broke
     off, leaving a partial answer: sent again) or `sensitive` (the content was blocked: the row fails)."""
@@ -50,8 +61,11 @@ class StoppedAnswer(Exception):
         self.reason = reason
 
 
-# finish reasons that are not an answer: network_error is retried, the others fail as content_filter.
-_STOPPED = frozenset({"network_error", "sensitive"})
+# finish reasons that are not an answer: network_error is retried, the others fail as content_filter:
+# Zhipu's `sensitive` as its Anthropic route passes it on, and Anthropic's own `refusal` (what the batch
+# wire maps `sensitive` to: a blocked answer means the same on both wires).
+_STOPPED = frozenset({"network_error", "sensitive", "refusal"})
+_REASON_FIELD = {"sensitive": "finish_reason", "network_error": "finish_reason"}  # Zhipu's word, as it came
 
 
 class Client:
@@ -71,27 +85,41 @@ class Client:
         self._stall = stall_s
 
     async def send(self, params: dict[str, Any]) -> Answer:
-        """Send one request; raise the SDK's error, or BadResponse for a 200 that is not a message.
+        """Send one request; raise the SDK's error, or BadResponse for a 200 that is not a whole message.
 
         Streaming, a long answer may take as long as it needs: what ends the attempt is `stall_s`
-        without any event (a hung connection), raised as the SDK's timeout error."""
+        without any event (a hung connection), raised as the SDK's timeout error. A stream that ends
+        before `message_stop` was cut off: its answer is not whole, so it is never kept."""
+        if len(params["messages"]) > 1:  # a conversation: a repair turn, or few-shot examples
+            params = {**params, "messages": [_taken_back(turn) for turn in params["messages"]]}
         if self._stream:
+            finished = False
             try:
                 async with asyncio.timeout(self._stall) as quiet:
                     async with self._sdk.messages.stream(**params, timeout=None) as stream:
-                        async for _event in stream:
+                        async for event in stream:
                             quiet.reschedule(asyncio.get_running_loop().time() + self._stall)
+                            finished = finished or event.type == "message_stop"
                         message = await stream.get_final_message()
                         request_id = _request_id(stream.response.headers)
             except TimeoutError:
                 raise StalledStream(self._stall) from None
             except AssertionError:  # the SDK's accumulator found no message: an HTML page, a cut-off stream
-                raise BadResponse(None, "the stream ended without a complete message") from None
-        else:
-            raw = await self._sdk.messages.with_raw_response.create(**params, timeout=self._timeout)
-            message = await raw.parse()
-            request_id = _request_id(raw.headers)
-        return _answer(message, request_id)
+                raise BadResponse(None, "the stream ended without a complete message", maybe_billed=True) from None
+            if not finished:
+                raise BadResponse(
+                    None, "the stream ended before message_stop: the answer was cut off", maybe_billed=True
+                )
+            return answer_from_message(message.to_dict(warnings=False), request_id)
+        try:
+            # The SDK's timeout bounds each read, so an answer trickled a byte at a time never ends; this
+            # bounds the whole answer, as run.timeout_s promises.
+            async with asyncio.timeout(self._timeout):
+                raw = await self._sdk.messages.with_raw_response.create(**params, timeout=self._timeout)
+                body = await _body(raw)
+        except TimeoutError:
+            raise SlowAnswer(self._timeout) from None
+        return answer_from_message(body, _request_id(raw.headers))
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -123,12 +151,14 @@ def classify(exc: BaseException) -> Fault:
         return Fault(
             Verdict.FAIL,
             "content_filter",
-            "the endpoint blocked this content (finish_reason sensitive); no answer for this row: change its "
-            "input or the prompt",
+            f"the endpoint blocked this content ({_REASON_FIELD.get(exc.reason, 'stop_reason')} {exc.reason}); "
+            "no answer for this row: change its input or the prompt",
         )
     # The request was sent and may still be answered, and billed, after we gave up on it.
     if isinstance(exc, anthropic.APITimeoutError):
         return Fault(Verdict.RETRY, "timeout", str(exc) or "timed out", maybe_billed=True)
+    if isinstance(exc, SlowAnswer):
+        return Fault(Verdict.RETRY, "timeout", str(exc), maybe_billed=True)
     if isinstance(exc, StalledStream):
         return Fault(Verdict.RETRY, "stalled", str(exc), maybe_billed=True)
     if isinstance(exc, anthropic.APIConnectionError):
@@ -156,47 +186,124 @@ def _request_id(headers: Any) -> str | None:
     return str(value) if value else None
 
 
-def _answer(message: Message, request_id: str | None) -> Answer:
-    # The SDK turns a 200 carrying {"error": {...}} into a Message whose fields are all None.
-    if getattr(message, "type", None) != "message" or message.usage is None:
-        error = getattr(message, "error", None) or {}
-        code = error.get("type") or error.get("code") if isinstance(error, dict) else None
-        text = error.get("message") if isinstance(error, dict) else None
-        raise BadResponse(str(code) if code else None, f"200 answer is not a message: {text or 'no body'}")
-    if message.stop_reason in _STOPPED:  # the SDK keeps a stop reason it does not know as it came
-        raise StoppedAnswer(str(message.stop_reason))
+async def _body(raw: AsyncAPIResponse[Message]) -> Any:
+    """A 200 answer's body as JSON: UTF-8 (the norm, with or without a BOM), UTF-16 or UTF-32, or the
+    charset its content-type names. BadResponse when it is none of these (a gateway's HTML page; torn
+    JSON, which may be a generated answer cut in transit, so maybe billed)."""
+    content = await raw.read()
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(content)  # a BOM, UTF-16 or UTF-32
+    except (ValueError, UnicodeDecodeError):
+        pass
+    try:
+        return json.loads(await raw.text())  # the charset the answer declares
+    except (ValueError, UnicodeDecodeError, LookupError):
+        snippet = content[:120].decode("utf-8", "replace")
+        torn = content.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{")
+        raise BadResponse(None, f"200 answer is not JSON: {snippet!r}", maybe_billed=torn) from None
+
+
+def answer_from_message(data: Any, request_id: str | None) -> Answer:
+    """The Answer in a Messages API answer body (a dict as the wire gave it), read strictly.
+
+    An error object answered with 200, in either of Zhipu's shapes (or the older top-level
+    `{"code", "msg"}`), raises BadResponse with its code (runner.send.retries.error_parts: the one
+    reader of error bodies), so an account code aborts the run. A message whose usage is not two
+    token counts, or whose content is not a list of blocks, raises BadResponse marked maybe billed:
+    it was generated, but nothing of it can be kept or priced. Never TypeError or KeyError."""
+    if not isinstance(data, Mapping):
+        raise BadResponse(None, f"200 answer is not a JSON object but {type(data).__name__}")
+    if data.get("type") != "message":
+        code, text, _ = error_parts(data)
+        raise BadResponse(code, f"200 answer is not a message: {text or code or 'no body'}")
+    if data.get("stop_reason") in _STOPPED:
+        raise StoppedAnswer(str(data["stop_reason"]))
+    usage = data.get("usage")
+    usage = usage if isinstance(usage, Mapping) else {}
+    input_tokens, output_tokens = token_count(usage.get("input_tokens")), token_count(usage.get("output_tokens"))
+    if input_tokens is None or output_tokens is None:
+        raise BadResponse(
+            None,
+            f"200 message without usable usage ({_short(usage) if usage else 'none'}): it cannot be priced or kept",
+            maybe_billed=True,
+        )
+    content = data.get("content")
+    if not isinstance(content, list) or not all(isinstance(b, Mapping) for b in content):
+        raise BadResponse(
+            None, f"200 message whose content is not a list of blocks: {_short(content)}", maybe_billed=True
+        )
     texts: list[str] = []
     thoughts: list[str] = []
     blocks: list[dict[str, Any]] = []
     tool_input: Any = None
     tool_use_id: str | None = None
-    for block in message.content:
-        if block.type == "text":
-            texts.append(block.text)
-            blocks.append({"type": "text", "text": block.text})
-        elif block.type == "thinking":
-            thoughts.append(block.thinking)
-            blocks.append({"type": "thinking", "thinking": block.thinking, "signature": block.signature})
-        elif block.type == "tool_use":
+    for index, block in enumerate(content):
+        kind = block.get("type")
+        if kind == "text":
+            text = _text(block.get("text"))
+            texts.append(text)
+            blocks.append({"type": "text", "text": text})
+        elif kind == "thinking":
+            thought = _text(block.get("thinking"))
+            thoughts.append(thought)
+            blocks.append({"type": "thinking", "thinking": thought, "signature": _text(block.get("signature"))})
+        elif kind == "tool_use":
+            block_id = _text(block.get("id")) or f"toolu_{index}"  # a repair's tool_result must name it
             if tool_use_id is None:
-                tool_input, tool_use_id = block.input, block.id
-            blocks.append({"type": "tool_use", "id": block.id, "name": block.name, "input": block.input})
-    usage = message.usage
-    details = getattr(usage, "output_tokens_details", None)
-    reported = getattr(details, "thinking_tokens", None) if details is not None else None
+                tool_input, tool_use_id = block.get("input"), block_id
+            blocks.append(
+                {"type": "tool_use", "id": block_id, "name": _text(block.get("name")), "input": block.get("input")}
+            )
+    details = usage.get("output_tokens_details")
+    reported = token_count(details.get("thinking_tokens")) if isinstance(details, Mapping) else None
     thinking_tokens = reported if reported is not None else round(sum(estimate_text(t) for t in thoughts))
+    stop_reason = data.get("stop_reason")
+    model = data.get("model")
+    message_id = data.get("id")
     return Answer(
         text="".join(texts),
         thinking="".join(thoughts) if thoughts else None,
-        stop_reason=message.stop_reason,
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        cache_read_input_tokens=usage.cache_read_input_tokens,
-        cache_creation_input_tokens=usage.cache_creation_input_tokens,
-        request_id=request_id or message.id,
-        model=message.model,
-        thinking_tokens=min(thinking_tokens, usage.output_tokens),  # an estimate never above what was billed
+        stop_reason=str(stop_reason) if stop_reason is not None else None,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cache_read_input_tokens=token_count(usage.get("cache_read_input_tokens")),
+        cache_creation_input_tokens=token_count(usage.get("cache_creation_input_tokens")),
+        request_id=request_id or (str(message_id) if message_id else None),
+        model=str(model) if model else None,
+        thinking_tokens=min(thinking_tokens, output_tokens),  # an estimate never above what was billed
         tool_input=tool_input,
         tool_use_id=tool_use_id,
         content=tuple(blocks),
     )
+
+
+def _taken_back(turn: dict[str, Any]) -> dict[str, Any]:
+    """An earlier answer's blocks as an assistant turn the Messages API takes back: a tool call's input
+    is an object (a call whose arguments were not JSON goes back as `{}`; the repair note quotes what it
+    said), empty texts are left out, and a turn left empty says so. Other turns go as they are. (The
+    native wire sends a call's arguments back as the text the model wrote: a string is valid there.)"""
+    content = turn.get("content")
+    if turn.get("role") != "assistant" or not isinstance(content, list | tuple):
+        return turn
+    blocks: list[dict[str, Any]] = []
+    for block in content:
+        if block.get("type") == "tool_use" and not isinstance(block.get("input"), dict):
+            block = {**block, "input": {}}
+        elif block.get("type") == "text" and not block.get("text"):
+            continue
+        blocks.append(block)
+    return {**turn, "content": blocks or [{"type": "text", "text": "(no answer)"}]}
+
+
+def _text(value: Any) -> str:
+    # A text field that is null (seen from gateways) is an empty text, not a crash.
+    return value if isinstance(value, str) else "" if value is None else str(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."

@@ -105,9 +105,11 @@ def refusal_of(exc: Exception) -> Refusal:
     import anthropic
 
     from runner.send.client import classify
-    from runner.send.retries import error_parts
+    from runner.send.retries import BadResponse, error_parts
 
     fault = classify(exc)
+    if isinstance(exc, BadResponse) and exc.code is not None:  # an error object answered with 200
+        return Refusal(200, exc.code, fault.message[:300], None, fault.verdict.name.lower(), fault.overload)
     if not isinstance(exc, anthropic.APIStatusError):
         return Refusal(0, None, fault.message[:300], None, fault.verdict.name.lower(), fault.overload)
     code, message, _ = error_parts(exc.body)
@@ -133,11 +135,11 @@ class Prober:
     """Sends one-token Messages requests and keeps count of what they cost."""
 
     def __init__(self, url: str, key: str, model: str, table: PriceTable | None, report: Report) -> None:
-        import anthropic
+        from runner.send.client import Client
 
-        self._sdk = anthropic.AsyncAnthropic(
-            api_key=key, base_url=url, max_retries=0, timeout=60.0, default_headers={"x-api-key": key}
-        )
+        # The runner's own client: an answer is what a run would take as one (a 200 carrying an error
+        # object, in any of Zhipu's shapes, is that error, not a working key), read by the one reader.
+        self._client = Client(url, key, timeout_s=60.0, stream=False)
         self.model = model
         self._table = table
         self._report = report
@@ -165,15 +167,14 @@ class Prober:
             **extra,
         }
         self._report.requests += 1
-        message = await self._sdk.messages.create(**params)
-        usage = getattr(message, "usage", None)
-        if usage is not None and self._table is not None:
+        answer = await self._client.send(params)
+        if self._table is not None:
             self._report.spent += self._table.cost(
-                input_tokens=usage.input_tokens or 0,
-                output_tokens=usage.output_tokens or 0,
-                cache_read_tokens=getattr(usage, "cache_read_input_tokens", None) or 0,
+                input_tokens=answer.input_tokens,
+                output_tokens=answer.output_tokens,
+                cache_read_tokens=answer.cache_read_input_tokens or 0,
             )
-        return message, None
+        return answer, None
 
     async def burst(self, n: int) -> list[Refusal | None]:
         """n requests at once, none retried (a 1302 is the answer sought): what refused each."""
@@ -188,7 +189,7 @@ class Prober:
         return list(await asyncio.gather(*(one() for _ in range(n))))
 
     async def aclose(self) -> None:
-        await self._sdk.close()
+        await self._client.aclose()
 
 
 def cut(text: str, n: int = 90) -> str:

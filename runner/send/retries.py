@@ -24,7 +24,7 @@ from tenacity.wait import wait_random_exponential
 from runner.errors import EndpointAborted
 
 # Business codes that mean "this account cannot be served at all": no balance, plan exhausted or
-# expired, account inactive/locked, bad or expired token.
+# expired, account inactive/locked, bad or expired token, the API offline or missing (1221, 1222).
 ABORT_CODES = frozenset(
     {
         "1000",
@@ -38,6 +38,8 @@ ABORT_CODES = frozenset(
         "1113",
         "1121",
         "1220",
+        "1221",
+        "1222",
         "1308",
         "1309",
         "1310",
@@ -65,6 +67,10 @@ ABORT_MEANINGS: dict[str, str] = {
     **dict.fromkeys(("1308", "1309", "1310"), "the plan's usage limit is reached or the plan expired; wait or renew"),
     "1304": "the account's daily call limit is reached; run again tomorrow (answers so far are kept)",
     "1211": "the endpoint does not know this model; check model.name",
+    **dict.fromkeys(
+        ("1221", "1222"),
+        "the endpoint says this API is offline or does not exist; check model.endpoint, or try again later",
+    ),
     "404": "the endpoint does not know this model or path; check model.name and model.endpoint",
     "434": "the account may not use Zhipu's file API, which the Batch API needs (no permission); run with "
     "run.mode: online, or ask Zhipu for access",
@@ -77,11 +83,15 @@ def abort_meaning(code: str) -> str:
 
 
 class BadResponse(Exception):
-    """A 200 answer whose body is not a message (Zhipu sometimes sends an error object with status 200)."""
+    """A 200 answer whose body is not a message we can keep: an error object (Zhipu sometimes sends one
+    with status 200), a gateway's page, or an answer cut off or garbled in transit. `maybe_billed`: the
+    body looked like a generated answer (a cut stream, torn JSON, a message with unusable usage), so
+    the endpoint may have billed it although it is asked again."""
 
-    def __init__(self, code: str | None, message: str) -> None:
+    def __init__(self, code: str | None, message: str, *, maybe_billed: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.maybe_billed = maybe_billed
 
 
 class Verdict(enum.Enum):
@@ -115,14 +125,19 @@ def unclassified(exc: BaseException) -> Fault:
 
 
 def bad_response_fault(exc: BadResponse) -> Fault:
-    """A 200 whose body was an error object: abort for account codes, else retry."""
-    verdict = Verdict.ABORT if exc.code in ABORT_CODES else Verdict.RETRY
-    return Fault(verdict, f"200/{exc.code}" if exc.code else "bad_response", str(exc))
+    """A 200 that is no answer: an error object is decided by its code as any error answer is
+    (`status_fault`); anything else is retried, maybe billed when it looked like a generated answer."""
+    if exc.code is not None:  # an error object answered with 200: the one rule decides it, as for any status
+        return status_fault(200, exc.code, str(exc))
+    return Fault(Verdict.RETRY, "bad_response", str(exc), maybe_billed=exc.maybe_billed)
 
 
 # Zhipu's limit and overload codes and its own internal or network errors: worth another try, on every
 # transport. 1302/1303 are this account's concurrency and frequency limits, 1305 the platform's traffic.
 TRANSIENT_CODES = frozenset({"500", "1230", "1234", "1302", "1303", "1305"})
+# Content the endpoint blocks (1300 by policy, 1301 unsafe): asked again it is blocked again, whatever the
+# status it came with (a 400, or an error event mid-stream, which the SDK reports as a 200).
+BLOCKED_CODES = frozenset({"1300", "1301"})
 RATE_CODES: dict[str, Overload] = {"1302": "concurrency", "1303": "concurrency", "1305": "platform"}
 # The fault type of a request refused because it forces a tool (Zhipu: "Tool choice must be auto").
 TOOL_CHOICE_REFUSED = "tool_choice_refused"
@@ -162,11 +177,14 @@ def status_fault(
     ABORT: account codes (ABORT_CODES: auth 1000-1004, account 1110-1121, 1113 no balance, 1308-1310
     plan, 1211 unknown model) and 401/402/403/404. RETRY with an overload kind: rate codes (1302/1303
     concurrency, 1305 platform) whatever the status, 429, 503/529. RETRY: other transient codes, 408,
-    409, 5xx and 200 (an error event mid-stream). FAIL: any other 4xx (the request itself is wrong);
+    409, 5xx and 200 (an error event mid-stream). FAIL: blocked content (1300, 1301) whatever the status,
+    and any other 4xx (the request itself is wrong);
     a refused forced tool choice is named TOOL_CHOICE_REFUSED so the sender can fall back to auto."""
     name = f"{status}/{code}" if code else str(status)
     if code in ABORT_CODES or status in (401, 402, 403, 404):
         return Fault(Verdict.ABORT, name, message, request_id=request_id)
+    if code in BLOCKED_CODES:
+        return Fault(Verdict.FAIL, name, message, request_id=request_id)
     overload: Overload | None = RATE_CODES.get(code or "")
     if overload is None and (code == "overloaded_error" or status in (503, 529)):
         overload = "platform"

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from runner.money.tokens import estimate_text
+from runner.money.tokens import estimate_text, token_count
 from runner.records import Answer
 from runner.send.retries import BadResponse
 
@@ -60,12 +60,12 @@ def answer_from_chat(body: Any, request_id: str | None) -> Answer:
     usage = body.get("usage")
     if not (type(usage) is dict or isinstance(usage, Mapping)):
         raise BadResultLine(None, "result body has no usage: it cannot be billed or trusted")
-    prompt_tokens = _count(usage.get("prompt_tokens"))
-    completion_tokens = _count(usage.get("completion_tokens"))
+    prompt_tokens = token_count(usage.get("prompt_tokens"))
+    completion_tokens = token_count(usage.get("completion_tokens"))
     if prompt_tokens is None or completion_tokens is None:
         raise BadResultLine(None, "result body's usage lacks prompt_tokens or completion_tokens")
-    cached = _count(_get(usage, "prompt_tokens_details", "cached_tokens"))
-    reasoning_reported = _count(_get(usage, "completion_tokens_details", "reasoning_tokens"))
+    cached = token_count(_get(usage, "prompt_tokens_details", "cached_tokens"))
+    reasoning_reported = token_count(_get(usage, "completion_tokens_details", "reasoning_tokens"))
 
     text = message.get("content")
     text = text if isinstance(text, str) else ""  # null content is normal alongside tool calls
@@ -117,17 +117,6 @@ def answer_from_chat(body: Any, request_id: str | None) -> Answer:
         tool_use_id=tool_use_id,
         content=tuple(blocks),
     )
-
-
-def _count(value: Any) -> int | None:
-    # bool is an int subclass; a true/false token count is garbage, not 1/0.
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float) and value.is_integer() and value >= 0:
-        return int(value)
-    return None
 
 
 def _get(mapping: Mapping[str, Any], *path: str) -> Any:

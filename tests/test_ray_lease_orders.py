@@ -20,7 +20,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 try:
@@ -32,7 +32,7 @@ except ImportError:
 
 from runner.distributed.limiter import ClusterLimiter
 from runner.distributed.slots import LeasedSlots
-from runner.distributed.terms import LeaseLost
+from runner.distributed.terms import Holding, LeaseLost
 
 LIMIT = 3
 WEIGHTS = {"die": 1, "reclaim": 1, "lapse": 1}  # rare; every other kind 4
@@ -184,6 +184,7 @@ class Scenario:
             for i in range(workers)
         ]
         self.cut_while_closing = False
+        self.driver: list[asyncio.Task[int]] = []  # the driver's reclaim calls
         self.taken_back = False  # a lease was reclaimed or lapsed, or a worker died: its attempts ran on
 
     def live(self) -> list[Worker]:
@@ -201,11 +202,16 @@ class Scenario:
                 add("start", f"{w.name} starts an attempt", w.start)
                 if not any(not t.done() for t in w.rounds):
                     add("round", f"{w.name}'s steward runs a round", lambda w=w: self.round(w))
+                    add("round", f"{w.name}'s steward heartbeats", lambda w=w: self.round(w, heartbeat=True))
                 if not w.busy():
                     add("close", f"{w.name} closes", lambda w=w: self.close(w))
             for _task, gate, refuse in w.running()[:1]:
                 add("end", f"{w.name} ends an attempt", gate.set)
-                add("end", f"{w.name} ends an attempt, refused", lambda g=gate, r=refuse: (r.__setitem__(0, True), g.set()))
+                add(
+                    "end",
+                    f"{w.name} ends an attempt, refused",
+                    lambda g=gate, r=refuse: (r.__setitem__(0, True), g.set()),
+                )
             add("die", f"{w.name} dies", lambda w=w: self.kill(w))
             add("reclaim", f"the driver reclaims {w.name}", lambda w=w: self.reclaim(w))
         for call in self.wire.calls:
@@ -222,7 +228,9 @@ class Scenario:
         add("tick", "a second passes", self.tick)
         return acts
 
-    def round(self, w: Worker) -> None:
+    def round(self, w: Worker, heartbeat: bool = False) -> None:
+        if heartbeat:
+            w.slots._last_report = self.now - FOREVER  # a heartbeat is due: it reports whatever it has
         w.rounds.append(asyncio.create_task(w.slots.steward_round()))
 
     def close(self, w: Worker) -> None:
@@ -236,7 +244,7 @@ class Scenario:
 
     def reclaim(self, w: Worker) -> None:
         self.taken_back = True
-        asyncio.create_task(self.limiter.reclaim(w.name))
+        self.driver.append(asyncio.create_task(self.limiter.reclaim(w.name)))
 
     def kill(self, w: Worker) -> None:
         self.taken_back = True
@@ -309,9 +317,11 @@ class Scenario:
         assert self.limiter._granted == 0, (self.limiter._leases, [w.slots.describe() for w in self.workers])
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, report_multiple_bugs=False, phases=[Phase.generate])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(data=st.data(), workers=st.integers(1, 3), idle=st.booleans(), steps=st.integers(5, 60))
-def test_every_order_of_lease_messages_keeps_the_books(data: st.DataObject, workers: int, idle: bool, steps: int) -> None:
+def test_every_order_of_lease_messages_keeps_the_books(
+    data: st.DataObject, workers: int, idle: bool, steps: int
+) -> None:
     async def scenario() -> None:
         run = Scenario(workers, idle)
         try:
@@ -336,3 +346,37 @@ def test_every_order_of_lease_messages_keeps_the_books(data: st.DataObject, work
 
     asyncio.run(scenario())
 
+
+# -- the same rules, one message order each -------------------------------------------------------------
+
+
+async def test_a_grant_whose_answer_never_reached_the_worker_is_taken_back_at_its_next_report() -> None:
+    limiter = ClusterLimiter(concurrency=4, lease_timeout_s=60.0)
+    lease = (await limiter.join("w0", "i", 1)).lease
+    assert await limiter.acquire("w0", 3, 0.0, lease, 1) == 3  # the worker was cancelled before the answer came
+    assert await limiter.acquire("w0", 3, 0.0, lease, 1) == 0  # the same call again (a retry) grants nothing more
+    await limiter.report("w0", Holding(lease, 1, held=0, settled=1))  # call 1 ended here with nothing received
+    assert (await limiter.stats())["granted"] == 0
+    assert await limiter.acquire("w0", 3, 0.0, lease, 1) == 0  # and if it arrives only now, still nothing
+
+
+async def test_a_report_that_arrives_late_or_twice_changes_nothing() -> None:
+    limiter = ClusterLimiter(concurrency=4, lease_timeout_s=60.0)
+    lease = (await limiter.join("w0", "i", 1)).lease
+    assert await limiter.acquire("w0", 3, 0.0, lease, 1) == 3
+    late = Holding(lease, 1, held=3, settled=1)  # sent, then held up on the wire
+    newer = Holding(lease, 2, held=1, settled=1)  # two slots handed back since
+    await limiter.report("w0", newer)
+    await limiter.report("w0", late)
+    await limiter.report("w0", newer)
+    assert (await limiter.stats())["granted"] == 1
+
+
+async def test_a_join_that_arrives_twice_keeps_the_lease_it_made() -> None:
+    limiter = ClusterLimiter(concurrency=4, lease_timeout_s=60.0)
+    first = await limiter.join("w0", "i", 1)
+    assert await limiter.acquire("w0", 2, 0.0, first.lease, 1) == 2
+    assert (await limiter.join("w0", "i", 1)).lease == first.lease  # the same join again: nothing dropped
+    assert (await limiter.stats())["granted"] == 2
+    second = await limiter.join("w0", "i", 2)  # a new join of the worker: the old lease's slots come back
+    assert second.lease != first.lease and (await limiter.stats())["granted"] == 0

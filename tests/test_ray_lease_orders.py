@@ -380,3 +380,32 @@ async def test_a_join_that_arrives_twice_keeps_the_lease_it_made() -> None:
     assert (await limiter.stats())["granted"] == 2
     second = await limiter.join("w0", "i", 2)  # a new join of the worker: the old lease's slots come back
     assert second.lease != first.lease and (await limiter.stats())["granted"] == 0
+
+
+async def test_a_worker_whose_acquire_was_cut_off_says_so_at_its_next_round() -> None:
+    limiter = ClusterLimiter(concurrency=2, lease_timeout_s=FOREVER, clock=lambda: 0.0)
+    wire = Wire(limiter)
+    slots = LeasedSlots(wire.handle("w0"), "w0", report_s=FOREVER, idle_s=FOREVER, clock=lambda: 0.0)
+    worker = Worker("w0", slots)
+    worker.start()  # an attempt waiting for a slot
+
+    async def through(name: str, cut: bool = False) -> None:
+        await settle()
+        call = next(c for c in wire.calls if c.name == name and not c.runs)
+        wire.deliver(call, patient=False)
+        await settle()
+        if cut:
+            wire.cut(call)
+        else:
+            wire.answer(call)
+        await settle()
+
+    await through("join")
+    await through("acquire", cut=True)  # granted at the limiter; the worker stopped waiting for the answer
+    assert limiter._granted == 1 and slots.held == 0
+    round_ = asyncio.create_task(slots.steward_round())  # no heartbeat due, nothing handed back: yet it reports
+    await through("report")
+    assert await round_ and limiter._granted == 0
+    for task in worker.tasks() + wire.running():
+        task.cancel()
+    await settle()

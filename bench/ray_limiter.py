@@ -3,7 +3,7 @@
     python bench/ray_limiter.py [--rounds 5] [--seconds 2] [--requests 4000]
 
 1. Leases per second the ClusterLimiter actor sustains: `clients` coroutines in the driver each loop
-   acquire(1) / release(1) on the actor (a remote process) for `seconds`; every grant is a round trip, so
+   acquire(1) / report on the actor (a remote process) for `seconds`; every grant is a round trip, so
    this is the rate the actor itself can serve, not what LeasedSlots asks of it.
 2. Overhead per request of LeasedSlots against a local asyncio.Semaphore of the same size: `requests`
    requests of zero latency (the worst case: nothing hides the bookkeeping), 2 x limit tasks at a time.
@@ -22,6 +22,7 @@ import ray
 
 from runner.distributed.limiter import connect
 from runner.distributed.slots import LeasedSlots
+from runner.distributed.terms import Holding
 
 LIMIT = 8
 
@@ -33,10 +34,11 @@ async def lease_rate(limiter: Any, clients: int, seconds: float) -> float:
 
     async def client(worker: str) -> None:
         nonlocal grants
-        await limiter.join.remote(worker)
+        lease, call = (await limiter.join.remote(worker)).lease, 0
         while time.perf_counter() < deadline:
-            n = await limiter.acquire.remote(worker, 1, 1.0)
-            await limiter.release.remote(worker, n)
+            call += 1  # each acquire and its report numbered on the lease; the slot is handed back at once
+            await limiter.acquire.remote(worker, 1, 1.0, lease, call)
+            await limiter.report.remote(worker, Holding(lease, call, held=0, settled=call))
             grants += 1
 
     started = time.perf_counter()

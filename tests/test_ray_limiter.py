@@ -32,7 +32,7 @@ from runner.distributed.claims import Claims
 from runner.distributed.limiter import ClusterLimiter, connect
 from runner.distributed.pacing import Rates
 from runner.distributed.slots import LeasedSlots
-from runner.distributed.terms import LeaseLost, Outcomes
+from runner.distributed.terms import Directive, Holding, LeaseLost, Outcomes
 from runner.records import Answer, Request, Result
 from runner.send import client as wire
 from runner.send.limits import AimdController
@@ -64,6 +64,32 @@ class LocalHandle:
 def local(concurrency: int | AimdController, **options: Any) -> Any:
     """A limiter of the test's own, in-process."""
     return LocalHandle(ClusterLimiter(concurrency=concurrency, **options))
+
+
+class Hand:
+    """A bare client of a limiter (actor or local handle), one call at a time: join, take, give back."""
+
+    def __init__(self, limiter: Any, worker_id: str) -> None:
+        self.limiter, self.worker_id = limiter, worker_id
+        self.lease = self.held = self.calls = self.reports = 0
+
+    async def join(self) -> Hand:
+        self.lease = (await self.limiter.join.remote(self.worker_id)).lease
+        self.held = self.calls = self.reports = 0
+        return self
+
+    async def take(self, want: int, timeout_s: float | None = None) -> int:
+        self.calls += 1
+        granted: int = await self.limiter.acquire.remote(self.worker_id, want, timeout_s, self.lease, self.calls)
+        self.held += granted
+        return granted
+
+    async def give(self, n: int, outcomes: Outcomes | None = None, in_use: int = 0) -> Directive:
+        self.held -= n
+        self.reports += 1
+        holding = Holding(self.lease, self.reports, self.held, self.calls, in_use)
+        directive: Directive = await self.limiter.report.remote(self.worker_id, holding, outcomes)
+        return directive
 
 
 @ray.remote(num_cpus=0)
@@ -143,31 +169,33 @@ def test_grants_are_batched(hammered: dict[str, Any]) -> None:
     assert sum(w["reports"] for w in hammered["workers"]) / attempts < 0.2
 
 
-def test_a_killed_workers_slots_come_back_after_the_lease_timeout(
+async def test_a_killed_workers_slots_come_back_after_the_lease_timeout(
     limiter: Any, workers: list[Any], hammered: dict[str, Any]
 ) -> None:
     assert ray.get(workers[0].hold.remote(limiter, "doomed-0", 6)) == 6
-    assert ray.get(limiter.acquire.remote("driver", 1, 0.1)) == 0  # all 6 are out
+    driver = await Hand(limiter, "driver").join()
+    assert await driver.take(1, 0.1) == 0  # all 6 are out
     ray.kill(workers[0])
     # Granted within the call's 5 s wait: the 1 s lease timeout and the 0.25 s reaping tick gave them back.
-    assert ray.get(limiter.acquire.remote("driver", 6, 5.0)) == 6
-    assert ray.get(limiter.stats.remote())["reclaimed"] == 6
-    ray.get(limiter.release.remote("driver", 6))
+    assert await driver.take(6, 5.0) == 6
+    assert (await limiter.stats.remote())["reclaimed"] == 6
+    await driver.give(6)
 
 
-def test_the_driver_reclaims_a_dead_workers_slots_at_once(
+async def test_the_driver_reclaims_a_dead_workers_slots_at_once(
     limiter: Any, workers: list[Any], hammered: dict[str, Any]
 ) -> None:
     assert ray.get(workers[1].hold.remote(limiter, "doomed-1", 3)) == 3
     ray.kill(workers[1])
     # At once: well inside the lease timeout, the reclaim finds the lease still there.
-    assert ray.get(limiter.reclaim.remote("doomed-1")) == 3
-    assert ray.get(limiter.acquire.remote("driver", 6, 1.0)) == 6
+    assert await limiter.reclaim.remote("doomed-1") == 3
+    driver = await Hand(limiter, "driver").join()
+    assert await driver.take(6, 1.0) == 6
     # The reclaimed worker, were it still alive, is told so instead of returning slots twice.
     with pytest.raises(LeaseLost):
-        ray.get(limiter.release.remote("doomed-1", 3))
-    assert ray.get(limiter.join.remote("doomed-1")).timeout_s == 1.0  # and may join again, holding nothing
-    ray.get(limiter.release.remote("driver", 6))
+        await limiter.report.remote("doomed-1", Holding(lease=1, report=99, held=0, settled=99))
+    assert (await limiter.join.remote("doomed-1")).timeout_s == 1.0  # and may join again, holding nothing
+    await driver.give(6)
 
 
 async def test_the_budget_refuses_a_reservation_past_max_cost(limiter: Any) -> None:
@@ -199,7 +227,7 @@ async def test_the_adaptive_limit_falls_on_refusals_from_several_workers_and_com
     limiter = local(AimdController(initial=4, maximum=32), lease_timeout_s=60.0)
     # Slow start: answers from three workers raise the one limit.
     for w in ("w0", "w1", "w2"):
-        await limiter.release.remote(w, 0, Outcomes(latencies_s=[0.1] * 4), 0)
+        await (await Hand(limiter, w).join()).give(0, Outcomes(latencies_s=[0.1] * 4))
     assert (await limiter.stats.remote())["limit"] == 16
     # Each worker holds 4 attempts; two of them are refused 1302 through the real client path.
     # Idle slots stay in the pools meanwhile, so every refusal is weighed against the same 12 granted.
@@ -233,8 +261,9 @@ async def test_the_adaptive_limit_falls_on_refusals_from_several_workers_and_com
     for slots in pools:
         await slots.aclose()
     # Answers raise it again, additively now (no more slow start).
+    w0 = await Hand(limiter, "w0").join()
     for _ in range(3):
-        await limiter.release.remote("w0", 0, Outcomes(latencies_s=[0.1] * 60), 0)
+        await w0.give(0, Outcomes(latencies_s=[0.1] * 60))
     assert (await limiter.stats.remote())["limit"] > 11
 
 
@@ -248,28 +277,29 @@ class _nothing:
 
 async def test_grants_never_pass_a_fallen_limit_and_holders_are_asked_to_give_back() -> None:
     limiter = local(AimdController(initial=8, maximum=8), lease_timeout_s=60.0)
-    assert await limiter.acquire.remote("w0", 8) == 8
+    w0, w1 = await Hand(limiter, "w0").join(), await Hand(limiter, "w1").join()
+    assert await w0.take(8) == 8
     # A refusal with 4 in flight cuts the limit to 3; the 8 out stay out, but none more is granted.
-    directive = await limiter.release.remote("w0", 0, Outcomes(refusals=[4]), 8)
+    directive = await w0.give(0, Outcomes(refusals=[4]), in_use=8)
     assert directive.limit == 3 and directive.owe == 5
-    assert await limiter.acquire.remote("w1", 1, 0.1) == 0
-    await limiter.release.remote("w0", 6)
-    assert await limiter.acquire.remote("w1", 4, 0.1) == 1
+    assert await w1.take(1, 0.1) == 0
+    await w0.give(6)
+    assert await w1.take(4, 0.1) == 1
 
 
 async def test_a_call_quoting_an_old_lease_is_refused_and_touches_nothing() -> None:
     limiter = ClusterLimiter(concurrency=4, lease_timeout_s=60.0)
     first = await limiter.join("w0")
-    assert await limiter.acquire("w0", 2, 0.1, first.lease) == 2
+    assert await limiter.acquire("w0", 2, 0.1, first.lease, 1) == 2
     second = await limiter.join("w0")  # the worker joined again (its old lease, 2 slots, is dropped)
     assert second.lease != first.lease
     with pytest.raises(LeaseLost):
-        await limiter.acquire("w0", 2, 0.1, first.lease)
+        await limiter.acquire("w0", 2, 0.1, first.lease, 2)
     with pytest.raises(LeaseLost):
-        await limiter.release("w0", 2, None, 0, first.lease)
+        await limiter.report("w0", Holding(first.lease, 1, held=0, settled=1))
     stats = await limiter.stats()
     assert stats["granted"] == 0 and stats["reclaimed"] == 2
-    assert await limiter.acquire("w0", 4, 0.1, second.lease) == 4  # the new lease has the whole limit
+    assert await limiter.acquire("w0", 4, 0.1, second.lease, 1) == 4  # the new lease has the whole limit
 
 
 class SlowGrants:

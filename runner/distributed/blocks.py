@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from runner.plan import RequestKeys
+
 BLOCK_ROWS = 500  # rows per block sent by one actor call: a unit of retry and of journal flushing
 ACTORS = (2, 4)  # sending actors: at least, at most (Ray Data scales between them)
 
@@ -23,6 +25,8 @@ class Shape:
 class Progress:
     """What the block reports added up to, on the driver."""
 
-    recorded: set[str] = field(default_factory=set)  # keys counted in the tally (identical prompts count once)
+    # Keys counted in the tally (identical prompts count once): one per request of the run, so 16 bytes a
+    # key (runner.plan.RequestKeys) rather than a set of str's ~120 (1.2 GB at 10M rows).
+    recorded: RequestKeys = field(default_factory=RequestKeys)
     deferred: set[str] = field(default_factory=set)  # keys a block left to the block that claimed them
     workers: set[str] = field(default_factory=set)

@@ -163,7 +163,9 @@ async def _send(
             reporter.event("ray_intake_lingers", seconds=INTAKE_END_S)
         _reconcile(run, progress)
         # A key left to the block that claimed it is answered only if that block answered it this run.
-        run.outstanding.update(progress.deferred - progress.recorded)
+        deferred = sorted(progress.deferred)
+        answered = progress.recorded.contains_batch(deferred)
+        run.outstanding.update(key for key, done in zip(deferred, answered, strict=True) if not done)
     return stats
 
 
@@ -199,10 +201,10 @@ def _take(block: pl.DataFrame, run: Run, progress: Progress) -> None:
         run.outstanding.update(report["unanswered"])
         progress.workers.add(report["worker"])
         progress.deferred.update(report["deferred"])
-        for line, tier in report["results"]:
-            result = result_from_json(line)
-            if result.key not in progress.recorded:
-                progress.recorded.add(result.key)
+        results = [(result_from_json(line), tier) for line, tier in report["results"]]
+        fresh = progress.recorded.add_batch([result.key for result, _ in results])
+        for (result, tier), new in zip(results, fresh, strict=True):
+            if new:
                 run.cpu.begin()
                 tally.record(result, tier)
         for kind, n in report["retries"].items():
@@ -226,12 +228,14 @@ def _reconcile(run: Run, progress: Progress) -> None:
     parts = sorted(store.results_dir.glob(f"part-{store.run_id}-*.parquet"))
     if not parts:
         return
-    known = pl.Series(KEY, sorted(progress.recorded), dtype=pl.String)
-    missed = scan_results(parts).filter(~pl.col(KEY).is_in(known.implode())).unique(KEY, keep="first").collect()
     table = run.accountant.table
-    for row in missed.iter_rows(named=True):
-        result = Result(**{name: row[name] for name in Result.__slots__ if name in row})  # wait_ms is not stored
-        tier = table.charge(result)[1] if table is not None and result.status == "ok" else None
-        progress.recorded.add(result.key)
-        run.outstanding.discard(result.key)
-        run.tally.record(result, tier)
+    for part in parts:  # a part at a time, so no column of every key of the run is held at once
+        results = scan_results([part]).unique(KEY, keep="first").collect()
+        known = progress.recorded.contains_batch(results.get_column(KEY).to_list())
+        for row in results.filter(~pl.Series(known, dtype=pl.Boolean)).iter_rows(named=True):
+            result = Result(**{name: row[name] for name in Result.__slots__ if name in row})  # wait_ms not stored
+            if not progress.recorded.add(result.key):
+                continue  # answered in an earlier part too (a retried block): counted once
+            tier = table.charge(result)[1] if table is not None and result.status == "ok" else None
+            run.outstanding.discard(result.key)
+            run.tally.record(result, tier)

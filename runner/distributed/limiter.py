@@ -1,10 +1,12 @@
 """One account-wide in-flight limit and spending cap for every worker of a cluster run, as a named actor.
 
     limiter = connect("glm-batch/reviews", concurrency=8, max_cost=5.0)   # the driver, once
-    granted = await limiter.acquire.remote("worker-3", 4)                  # a worker: up to 4 slots
-    directive = await limiter.release.remote("worker-3", 2, outcomes, in_use)
+    joined = await limiter.join.remote("worker-3", "a1b2", 1)                # a worker, its lease
+    granted = await limiter.acquire.remote("worker-3", 4, 1.0, joined.lease, 1)  # its acquire call 1
+    directive = await limiter.report.remote("worker-3", Holding(joined.lease, 1, 2, 1), outcomes)
 
-Slots are leases (docs/decisions.md, "Ray runs: one limit, one payment").
+Slots are leases, and a worker's reports state what it holds, so no message repeated, late or lost
+leaves the books wrong (docs/decisions.md, "Ray runs: one limit, one payment").
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import ray
@@ -23,11 +25,11 @@ from ray.actor import ActorHandle
 
 from runner.distributed.claims import Claims
 from runner.distributed.pacing import Rates
-from runner.distributed.terms import Directive, Joined, LeaseLost, Outcomes
+from runner.distributed.terms import Directive, Holding, Joined, LeaseLost, Outcomes
 from runner.money.pricing import Budget
 from runner.send.limits import AimdController
 
-__all__ = ["DEFAULT_GRANT", "ClusterLimiter", "Directive", "Joined", "LeaseLost", "Outcomes", "connect"]
+__all__ = ["DEFAULT_GRANT", "ClusterLimiter", "Directive", "Holding", "Joined", "LeaseLost", "Outcomes", "connect"]
 
 HEAD_NODE = "node:__internal_head__"  # a resource only the head node has: what places the limiter there
 DEFAULT_GRANT = 8  # most slots one acquire hands out: small, so one busy worker cannot starve the rest
@@ -37,7 +39,12 @@ DEFAULT_GRANT = 8  # most slots one acquire hands out: small, so one busy worker
 class _Lease:
     renewed_at: float
     number: int
-    granted: int = 0
+    joined: tuple[str, int] = ("", 0)  # the worker's instance and its join count, to know a repeated join
+    granted: int = 0  # what the worker last reported holding, plus the grants it has not reported on
+    unreported: dict[int, int] = field(default_factory=dict)  # acquire call -> slots granted, not yet settled
+    calls: int = 0  # the newest acquire call that reached us
+    settled: int = 0  # acquire calls up to this one have ended at the worker (Holding.settled)
+    reports: int = 0  # the newest report taken (Holding.report)
     in_use: int = 0  # as last reported by the worker
     waiting: int = 0  # acquire calls of this worker blocked now
     reserved: float = 0.0  # budget reserved and not settled yet
@@ -76,7 +83,7 @@ class ClusterLimiter:
         self._reaped: set[str] = set()  # workers whose lease was reclaimed and who have not joined again
         self._granted = 0
         self._numbers = itertools.count(1)  # every lease a number of its own, quoted by its worker
-        self._changed: asyncio.Condition | None = None  # made on first use, inside the actor's event loop
+        self._changed: asyncio.Event | None = None  # set when slots come free or leases go; then replaced
         # Counters for stats().
         self._started = clock()
         self._grants = 0
@@ -84,87 +91,118 @@ class ClusterLimiter:
         self._peak = 0
         self._reclaimed = 0
         self._orphaned = 0.0  # reservations of reclaimed workers, booked as spent (they may have been billed)
-        self._stale = 0  # returns or settles that arrived after their lease was reclaimed
+        self._stale = 0  # reports or settles that arrived after their lease was reclaimed
+        self._repeated = 0  # calls that arrived again or after a newer one, and changed nothing
 
     # -- the in-flight limit ---------------------------------------------------------------------------
 
-    async def join(self, worker_id: str) -> Joined:
+    async def join(self, worker_id: str, instance: str = "", count: int = 0) -> Joined:
         """Start (or restart) a worker's lease with nothing granted: its number and its timeout.
 
         A worker joining holds nothing yet, so whatever an earlier incarnation under the same id held
-        (a Ray actor restarted under its old name) is reclaimed now rather than after the timeout.
+        (a Ray actor restarted under its old name) is reclaimed now rather than after the timeout. The
+        worker's `instance` and the `count` of its joins tell a join that arrives twice, or after a newer
+        one of the same worker, from a new one: it gets the lease it made and drops nothing.
         """
         self._reap()
-        if worker_id in self._leases:
+        current = self._leases.get(worker_id)
+        if current is not None and instance and current.joined[0] == instance and count <= current.joined[1]:
+            self._repeated += 1
+            return Joined(lease=current.number, timeout_s=self.lease_timeout_s)
+        if current is not None:
             self._drop(worker_id)
         self._reaped.discard(worker_id)
-        lease = self._leases[worker_id] = _Lease(renewed_at=self._clock(), number=next(self._numbers))
+        lease = self._leases[worker_id] = _Lease(
+            renewed_at=self._clock(), number=next(self._numbers), joined=(instance, count)
+        )
         self._check()
         return Joined(lease=lease.number, timeout_s=self.lease_timeout_s)
 
     async def acquire(
-        self, worker_id: str, want: int, timeout_s: float | None = None, lease_number: int | None = None
+        self,
+        worker_id: str,
+        want: int,
+        timeout_s: float | None = None,
+        lease_number: int | None = None,
+        call: int | None = None,
     ) -> int:
         """Grant up to `want` slots (at most max_grant) on the worker's lease `lease_number` (LeaseLost if
         that lease is gone), waiting until at least one is free, or 0 after `timeout_s`. Never grants past
-        the limit; during a platform pause nothing is granted."""
-        changed = self._condition()
+        the limit; during a platform pause nothing is granted.
+
+        `call` numbers the worker's acquires on the lease: a call that arrives again, or after a newer one,
+        or after a report said it had ended, grants nothing; a grant is kept as unreported until a report
+        says whether the worker received it (Holding)."""
         deadline = None if timeout_s is None else self._clock() + timeout_s
         lease = counted = self._lease(worker_id, lease_number)
+        if call is not None:
+            if call <= max(lease.calls, lease.settled):
+                self._repeated += 1
+                return 0
+            lease.calls = call
         counted.waiting += 1
         try:
-            async with changed:
-                while (free := self._free()) <= 0:
-                    lease.renewed_at = self._clock()  # a worker waiting here is alive
-                    wait = self._wait_s(deadline)
-                    if wait is not None and wait <= 0:
-                        return 0
-                    # Timed, to wake and reap dead leases and to see a pause end even if nobody notifies.
-                    with suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), wait)
-                    self._reap()
-                    lease = self._lease(worker_id, lease_number)  # raises if this lease was reclaimed
-                n = min(max(1, want), self.max_grant, free)
-                lease.granted += n
-                self._granted += n
-                self._grants += 1
-                self._slots_granted += n
-                self._peak = max(self._peak, self._granted)
-                self._check(granting=True)
-                return n
+            while (free := self._free()) <= 0:
+                lease.renewed_at = self._clock()  # a worker waiting here is alive
+                wait = self._wait_s(deadline)
+                if wait is not None and wait <= 0:
+                    return 0
+                # Timed, to wake and reap dead leases and to see a pause end even if nobody notifies.
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._event().wait(), wait)
+                self._reap()
+                lease = self._lease(worker_id, lease_number)  # raises if this lease was reclaimed
+                if call is not None and call <= lease.settled:
+                    return 0  # the worker gave this call up meanwhile
+            n = min(max(1, want), self.max_grant, free)
+            lease.granted += n
+            if call is not None:
+                lease.unreported[call] = n
+            self._granted += n
+            self._grants += 1
+            self._slots_granted += n
+            self._peak = max(self._peak, self._granted)
+            self._check(granting=True)
+            return n
         finally:
             # Only on the lease this call counted itself in: a reclaim and a new join meanwhile made another.
             if self._leases.get(worker_id) is counted:
                 counted.waiting -= 1
 
-    async def release(
-        self,
-        worker_id: str,
-        n: int,
-        outcomes: Outcomes | None = None,
-        in_use: int = 0,
-        lease_number: int | None = None,
-    ) -> Directive:
-        """Take back `n` slots, learn from `outcomes`, note the worker's slots in use; what it owes next.
+    async def report(self, worker_id: str, holding: Holding, outcomes: Outcomes | None = None) -> Directive:
+        """Take the worker's account of its lease (Holding): slots it no longer holds, handed back or never
+        received, return to the pool. Learn from `outcomes`; answer what the worker owes next.
 
         Outcomes are learned from even when the lease was reclaimed meanwhile (they are real answers from
-        the endpoint); the slots are not taken back twice, and the worker is told with LeaseLost.
+        the endpoint), but not from a report that arrives again. A report no newer than the last changes
+        nothing; one from a reclaimed lease is told LeaseLost.
         """
-        if outcomes:
+        lease = self._leases.get(worker_id)
+        repeated = lease is not None and lease.number == holding.lease and holding.report <= lease.reports
+        if outcomes and not repeated:
             self._learn(worker_id, outcomes)
         self._reap()
         if worker_id in self._reaped:
             self._stale += 1
             raise LeaseLost(f"{worker_id}'s lease was reclaimed; join again")
-        lease = self._lease(worker_id, lease_number)
-        lease.in_use = in_use
-        if n > lease.granted:
-            raise ValueError(f"{worker_id} returns {n} slots but holds {lease.granted}")
-        lease.granted -= n
-        self._granted -= n
+        lease = self._lease(worker_id, holding.lease)
+        if holding.report <= lease.reports:
+            self._repeated += 1
+            return self._directive(lease)
+        lease.reports = holding.report
+        lease.in_use = holding.in_use
+        lease.settled = max(lease.settled, holding.settled)
+        for call in [call for call in lease.unreported if call <= lease.settled]:
+            del lease.unreported[call]  # received (and in `held`) or lost: either way no longer on the wire
+        out = holding.held + sum(lease.unreported.values())
+        if out > lease.granted:
+            raise ValueError(f"{worker_id} says it holds {holding.held} slots, more than it was granted")
+        freed = lease.granted - out
+        lease.granted = out
+        self._granted -= freed
         self._check()
-        if n:
-            await self._notify()
+        if freed:
+            self._notify()
         return self._directive(lease)
 
     async def reclaim(self, worker_id: str) -> int:
@@ -176,7 +214,6 @@ class ClusterLimiter:
         self._drop(worker_id)
         self._reaped.add(worker_id)
         self._check()
-        await self._notify()
         return n
 
     # -- the request and token rates ---------------------------------------------------------------------
@@ -243,6 +280,7 @@ class ClusterLimiter:
             "in_use": sum(lease.in_use for lease in self._leases.values()),  # as last reported
             "reclaimed": self._reclaimed,
             "stale": self._stale,
+            "repeated": self._repeated,
             "successes": self.controller.successes if self.controller else None,
             "overloads": self.controller.overloads if self.controller else None,
             "max_cost": self.budget.limit if self.budget else None,
@@ -253,15 +291,17 @@ class ClusterLimiter:
 
     # -- internals -------------------------------------------------------------------------------------
 
-    def _condition(self) -> asyncio.Condition:
+    def _event(self) -> asyncio.Event:
+        """What a blocked acquire waits on (made inside the actor's event loop, on first use)."""
         if self._changed is None:
-            self._changed = asyncio.Condition()
+            self._changed = asyncio.Event()
         return self._changed
 
-    async def _notify(self) -> None:
-        changed = self._condition()
-        async with changed:
-            changed.notify_all()
+    def _notify(self) -> None:
+        """Wake every blocked acquire to look again: slots came free, or a lease went."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     def _limit(self) -> int:
         return self.controller.limit if self.controller is not None else self._fixed or 1
@@ -303,10 +343,10 @@ class ClusterLimiter:
             self._reaped.add(worker_id)
         if dead:
             self._check()
-            # Waiters are woken by their own timed waits; no notify needed from a sync context.
 
     def _drop(self, worker_id: str) -> None:
         lease = self._leases.pop(worker_id)
+        self._notify()  # its slots are free, and its own blocked acquires must see it gone
         self._granted -= lease.granted
         self._reclaimed += lease.granted
         if self.budget is not None and lease.reserved:
@@ -351,6 +391,8 @@ class ClusterLimiter:
         total = sum(lease.granted for lease in self._leases.values())
         if total != self._granted or self._granted < 0:
             raise RuntimeError(f"limiter books {self._granted} slots granted but the leases hold {total}")
+        if any(sum(lease.unreported.values()) > lease.granted for lease in self._leases.values()):
+            raise RuntimeError("a lease holds fewer slots than its grants not reported on")
         if granting and self._granted > self._limit():
             raise RuntimeError(f"granted {self._granted} slots over the limit {self._limit()}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from ray.actor import ActorHandle
 
 from runner.distributed.limiter import ClusterLimiter
-from runner.distributed.terms import Directive, Joined, LeaseLost, Outcomes
+from runner.distributed.terms import Directive, Holding, Joined, LeaseLost, Outcomes
 from runner.send.limits import AimdController, AnswerLength, Attempt, Overload
 
 
@@ -64,7 +65,15 @@ class LeasedSlots:
         self._steward: asyncio.Task[None] | None = None
         self._lease_number: int | None = None  # the lease the limiter counts our slots on; None: not joined
         self._joining = asyncio.Lock()  # one join at a time, so two calls finding the lease lost join once
+        self._instance = uuid.uuid4().hex  # with the join count, tells the limiter a repeated join
+        self._joins = 0
+        self._calls = 0  # acquire calls made on the lease
+        self._settled = 0  # acquire calls ended here (answered or given up) on the lease
+        self._reports = 0  # reports made on the lease
+        self._unanswered = False  # an acquire call ended without its answer: the next round reports it
         self._closed = False
+        self._closing = asyncio.Event()  # set by aclose: the steward stops at once, between calls
+        self._last_report = clock()
         self._failure: Exception | None = None  # the limiter could not be reached: every waiter sees why
         # The run's request and token rates (run.requests_per_minute / tokens_per_minute), booked at the
         # limiter for every attempt waiting at once (runner.distributed.pacing).
@@ -137,18 +146,14 @@ class LeasedSlots:
     async def aclose(self) -> None:
         """Stop the background work and hand every unused slot back, with the outcomes not reported yet."""
         self._closed = True
+        self._closing.set()
         if self._pacer is not None:
             self._pacer.cancel()
-        if self._steward is not None:
-            # Let it stop between calls rather than cancelling it inside one: a call cut off at our end
-            # still runs at the limiter, and what it did there would go unbooked here.
-            with suppress(Exception):
-                await self._steward
-        if self._fetch is not None:
-            # Not cancelled: the limiter may already have granted, and a grant nobody receives is a
-            # leak until the lease times out. An acquire is timed, so this wait is short.
-            with suppress(Exception):
-                await self._fetch
+        # The steward stops between calls, and the acquire under way is timed: waited for, not cancelled,
+        # so what they did at the limiter is booked here before the last report.
+        for task in (self._steward, self._fetch):
+            if task is not None:
+                await asyncio.wait([task])  # however it ends
         if self._lease_number is not None:
             with suppress(LeaseLost):
                 await self._report(self.free + self._to_return)
@@ -156,8 +161,6 @@ class LeasedSlots:
     # -- taking and giving slots -----------------------------------------------------------------------
 
     async def _take(self) -> None:
-        if self._lease_number is None:
-            await self._join()
         self._waiting += 1
         try:
             async with self._changed:
@@ -197,27 +200,40 @@ class LeasedSlots:
             self._changed.notify_all()
 
     async def _lease_more(self) -> None:
-        want = max(1, min(self._max_grant, self._waiting - self.free))
-        async with self._joining:  # a join under way: ask on the lease it makes
+        """Ask the limiter for slots, joining first if need be; the attempts waiting look again however it
+        ends (granted, nothing free, the lease lost, the call cut off)."""
+        try:
+            if self._lease_number is None:
+                await self._join()
             lease = self._lease_number
-        if lease is None:
-            return
+            if lease is not None:
+                await self._acquire(lease)
+        except Exception as exc:  # e.g. the limiter actor died: fail the attempts waiting, do not hang them
+            self._failure = exc
+            raise
+        finally:
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _acquire(self, lease: int) -> None:
+        want = max(1, min(self._max_grant, self._waiting - self.free))
+        self._calls += 1
+        call, granted, answered = self._calls, 0, False
         try:
             # Timed, so that an acquire never outlives the worker's interest in it (see aclose).
-            granted = await self._limiter.acquire.remote(self.worker_id, want, min(1.0, self._heartbeat_s), lease)
+            timeout = min(1.0, self._heartbeat_s)
+            granted = await self._limiter.acquire.remote(self.worker_id, want, timeout, lease, call)
+            answered = True
         except LeaseLost:
             await self._lost(lease)
-            granted = 0
-        except Exception as exc:  # e.g. the limiter actor died: fail the attempts waiting, do not hang them
-            async with self._changed:
-                self._failure = exc
-                self._changed.notify_all()
-            raise
-        async with self._changed:
+        finally:
+            # With nothing awaited in between, so every report sees both or neither: the call has ended,
+            # and what it granted is held (nothing, if it was cut off: the next report says so).
             if lease == self._lease_number:  # else granted on a lease since dropped: not ours any more
+                self._settled = call
                 self.held += granted
+                self._unanswered |= not answered
                 self.leases += 1 if granted else 0
-            self._changed.notify_all()
 
     # -- the run's rates ---------------------------------------------------------------------------------
 
@@ -264,10 +280,12 @@ class LeasedSlots:
             if self._lease_number != lost:
                 return
             self._lease_number = None  # no grant or return from the lost lease is booked from here on
-            joined: Joined = await self._limiter.join.remote(self.worker_id)
+            self._joins += 1
+            joined: Joined = await self._limiter.join.remote(self.worker_id, self._instance, self._joins)
             self._heartbeat_s = joined.timeout_s / 4
+            self._calls = self._settled = self._reports = 0
             self._lease_number = joined.lease
-        if self._steward is None:
+        if not self._closed and (self._steward is None or self._steward.done()):
             self._steward = asyncio.create_task(self._steward_loop())
 
     async def _lost(self, lease: int | None) -> None:
@@ -275,59 +293,67 @@ class LeasedSlots:
         Several calls may find the same lease lost; the first joins again, the rest find that done."""
         if lease is None or lease != self._lease_number:
             return
-        async with self._changed:
-            self._unbacked = self.in_use
-            self.held = 0
-            self._owe = 0
-            self._to_return = 0
+        self._unbacked = self.in_use
+        self.held = 0
+        self._owe = 0
+        self._to_return = 0
         await self._join(lost=lease)
 
     async def _steward_loop(self) -> None:
         """Report outcomes, return owed and idle slots, and heartbeat, in one call at a time."""
-        last = self._clock()
         while not self._closed:
-            await asyncio.sleep(self._report_s)
-            if self._closed:
-                return  # aclose makes the last report
-            now = self._clock()
-            idle = self._waiting == 0 and now - self._last_used >= self._idle_s
-            returning = self._to_return + (self.free if idle else 0)
-            if returning or self._outcomes or now - last >= self._heartbeat_s:
-                lease = self._lease_number
-                try:
-                    await self._report(returning)
-                except LeaseLost:
-                    await self._lost(lease)
-                except Exception as exc:  # the limiter is unreachable: attempts waiting for slots fail
-                    async with self._changed:
-                        self._failure = exc
-                        self._changed.notify_all()
-                    return
-                last = now
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self._report_s)  # aclose wakes it at once
+            if not await self.steward_round():
+                return
+
+    async def steward_round(self) -> bool:
+        """One round of the steward: report if there is anything to say or a heartbeat is due. False when
+        it should stop (the pool is closed, or the limiter cannot be reached)."""
+        if self._closed:
+            return False  # aclose makes the last report
+        now = self._clock()
+        idle = self._waiting == 0 and now - self._last_used >= self._idle_s
+        returning = self._to_return + (self.free if idle else 0)
+        due = now - self._last_report >= self._heartbeat_s
+        if not (returning or self._outcomes or self._unanswered or due):
+            return True
+        lease = self._lease_number
+        try:
+            await self._report(returning)
+        except LeaseLost:
+            await self._lost(lease)
+        except Exception as exc:  # the limiter is unreachable: attempts waiting for slots fail
+            async with self._changed:
+                self._failure = exc
+                self._changed.notify_all()
+            return False
+        self._last_report = now
+        return True
 
     async def _report(self, returning: int) -> None:
-        outcomes, self._outcomes = self._outcomes, Outcomes()
+        """Hand back `returning` slots and state what we hold now (Holding), with the outcomes since the
+        last report; take the directive. Slots handed back are gone from here even if the call fails: the
+        next report states the holding without them."""
         lease = self._lease_number
-        async with self._changed:
-            # Off the books before the call, so no attempt takes them meanwhile.
-            set_aside = self._to_return
-            self.held -= returning
-            self._to_return = 0
+        if lease is None:
+            return  # a join is under way: nothing to report on
+        outcomes, self._outcomes = self._outcomes, Outcomes()
+        self.held -= returning
+        self._to_return = 0
+        self._unanswered = False
+        self._reports += 1
+        holding = Holding(lease, self._reports, self.held, self._settled, self.in_use - self._unbacked)
         try:
-            directive: Directive = await self._limiter.release.remote(
-                self.worker_id, returning, outcomes, self.in_use - self._unbacked, lease
-            )
+            directive: Directive = await self._limiter.report.remote(self.worker_id, holding, outcomes)
         except LeaseLost:
             raise
         except Exception:
-            # The call failed (actor unreachable for a moment): keep the slots and outcomes for next time.
-            async with self._changed:
-                self.held += returning
-                self._to_return += set_aside
-                self._outcomes.latencies_s[:0] = outcomes.latencies_s
-                self._outcomes.refusals[:0] = outcomes.refusals
-                self._outcomes.overloads[:0] = outcomes.overloads
-                self._outcomes.extra_tokens += outcomes.extra_tokens
+            # The call failed (actor unreachable for a moment): keep the outcomes for next time.
+            self._outcomes.latencies_s[:0] = outcomes.latencies_s
+            self._outcomes.refusals[:0] = outcomes.refusals
+            self._outcomes.overloads[:0] = outcomes.overloads
+            self._outcomes.extra_tokens += outcomes.extra_tokens
             raise
         self.reports += 1
         async with self._changed:
@@ -346,6 +372,7 @@ class LeasedSlots:
     def describe(self) -> dict[str, Any]:
         """The pool's state, for logs and tests."""
         return {
+            "lease": self._lease_number,
             "held": self.held,
             "in_use": self.in_use,
             "free": self.free,

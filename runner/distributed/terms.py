@@ -1,6 +1,6 @@
-"""What the cluster's limiter and its workers say to each other: how attempts ended (Outcomes), what a
-worker should do next (Directive), that a worker's lease is gone (LeaseLost) and
-which lease a worker holds (Joined).
+"""What the cluster's limiter and its workers say to each other: which lease a worker holds (Joined), what
+it holds on it (Holding), how its attempts ended (Outcomes), what it should do next (Directive), and that
+its lease is gone (LeaseLost).
 """
 
 from __future__ import annotations
@@ -39,6 +39,23 @@ class Joined:
 
     lease: int
     timeout_s: float
+
+
+@dataclass(frozen=True)
+class Holding:
+    """A worker's whole account of one lease, sent with every report: a statement, not a change.
+
+    The limiter keeps the newest report of a lease, so a report that is repeated (a retried call), late
+    or never sent changes nothing the next one does not set right; and a grant whose answer never
+    reached the worker (its call was cut off, or repeated and answered once) is taken back as soon as a
+    report says that acquire call has ended without it.
+    """
+
+    lease: int  # Joined.lease
+    report: int  # this report's number on the lease, from 1: one no newer than the last changes nothing
+    held: int  # slots the worker holds on the lease, in use or in its pool
+    settled: int  # acquire calls 1..settled on the lease have ended at the worker: their grants are in `held`
+    in_use: int = 0  # slots with an attempt on them
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def test_a_stopped_run_returns_its_exit_code_rather_than_raising(make_job, sim) 
     budget = make_job(sample_rows(50), name="budget", run={"max_cost": 0.004})
     stopped = runner.run_job(str(budget.spec))
     assert isinstance(stopped, runner.RunResult)
-    assert (stopped.exit_code, stopped.ok, stopped.summary["stopped"]) == (4, False, "budget")
+    assert (stopped.exit_code, stopped.ok, stopped.summary.stopped) == (4, False, "budget")
 
     sim.configure(faults=("429_1113",), fault_rate=1.0)
     aborted = runner.run_job(str(make_job(sample_rows(5), name="broke").spec))

@@ -33,6 +33,9 @@ __all__ = [
 
 _TRANSIENT_CODES = TRANSIENT_CODES  # Zhipu's limit and overload codes: one list (runner.send.retries)
 NO_FILE_API = 434  # the file APIs' "no permission" (closed to the account): every later call gets it too
+# "API offline / missing" (1221, 1222) answered with 404 by the Batch or file API: read as the object not being
+# there (yet), as any 404 there is; on the Messages API they stop the run (runner.send.retries.ABORT_CODES).
+NOT_THERE_CODES = frozenset({"1221", "1222"})
 MAX_ERROR_BODY = 1 << 16  # an error body longer than this is not an API error object; don't hold it
 
 
@@ -128,7 +131,9 @@ def status_error(status: int, raw: bytes, headers: Mapping[str, str], where: str
     request_id = request_id or headers.get("x-request-id") or headers.get("request-id")
     retry_after = retry_after_seconds(headers)
     cls: type[BatchStatusError]
-    if code in ABORT_CODES or status in (401, 403, NO_FILE_API):
+    if status == 404 and code in NOT_THERE_CODES:
+        cls = BatchNotFound  # an object not there (yet): a result file can appear polls late
+    elif code in ABORT_CODES or status in (401, 403, NO_FILE_API):
         cls = BatchAbort
     elif status == 404:
         cls = BatchNotFound

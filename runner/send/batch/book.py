@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from runner.files import space_checked
+from runner.send.batch.shapes import Batch
 
 OPEN = ("written", "uploaded", "created")  # a chunk in one of these has requests not yet harvested
 
@@ -93,6 +95,19 @@ class BatchBook:
         """Append one step for a chunk (fsynced: it is the point of no return) and return the chunk."""
         self._append({"chunk": chunk_id, **fields})
         return self.chunks[chunk_id]
+
+    def created(self, chunk: Chunk, batch: Batch, *, unsure: bool) -> Chunk:
+        """Record that `batch` is the chunk's (made by us, or found and adopted); `unsure`: another batch may
+        have been made for it too."""
+        return self.record(
+            chunk.id,
+            status="created",
+            file_id=batch.input_file_id or chunk.file_id,
+            batch_id=batch.id,
+            batch_status=batch.status,
+            unsure=unsure,
+            created_ms=int(time.time() * 1000),
+        )
 
     def record_stray(self, batch_id: str, **fields: Any) -> None:
         """Append what was done with a batch of this job that no chunk keeps (cancelled, or reported)."""

@@ -116,15 +116,7 @@ class Twins:
                 if not adopt:
                     continue  # its create looks for a batch made before and adopts it
                 first = max(batches, key=lambda b: _rank(b, chunk))
-                chunk = book.record(
-                    chunk_id,
-                    status="created",
-                    file_id=first.input_file_id or chunk.file_id,
-                    batch_id=first.id,
-                    batch_status=first.status,
-                    unsure=True,
-                    created_ms=int(time.time() * 1000),
-                )
+                chunk = book.created(chunk, first, unsure=True)
                 changed.add(chunk_id)
             kept = chunk.batch_id
             live = [b for b in batches if b.status in _ALONG]

@@ -187,15 +187,7 @@ class BatchExecutor:
                 assert chunk.file_id is not None
                 made = await api.create(chunk.file_id, metadata=tag(self._job, chunk))
             unsure = maybe or chunk.file_id in api.retried_creates
-            chunk = book.record(
-                chunk.id,
-                status="created",
-                file_id=made.input_file_id or chunk.file_id,
-                batch_id=made.id,
-                batch_status=made.status,
-                unsure=unsure,
-                created_ms=int(time.time() * 1000),
-            )
+            chunk = book.created(chunk, made, unsure=unsure)
             if unsure:
                 self._twins.watch(chunk.id)
         return chunk

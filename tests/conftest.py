@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,3 +177,31 @@ def sigterm_once_started(spec: Path, state_dir: Path, **env: str) -> tuple[int, 
     run.send_signal(signal.SIGTERM)
     _, stderr = run.communicate(timeout=180)
     return run.returncode, stderr
+
+
+@contextmanager
+def messages_endpoint(handler: Callable[[Any], Awaitable[Any]]) -> Iterator[str]:
+    """An endpoint of the test's own on loopback, answering POST /v1/messages with `handler` (an aiohttp
+    handler) in a thread of its own: for answers the simulator does not give. Yields its base URL."""
+    import socket
+    import threading
+
+    from aiohttp import web
+
+    loop = asyncio.new_event_loop()
+    server = web.Application()
+    server.router.add_post("/v1/messages", handler)
+    app_runner = web.AppRunner(server)
+    loop.run_until_complete(app_runner.setup())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    loop.run_until_complete(web.SockSite(app_runner, sock).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.run_until_complete(app_runner.cleanup())
+        loop.close()

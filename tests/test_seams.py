@@ -3,10 +3,8 @@ an exception nobody classified is never a permanent failure, and an output's cos
 
 from __future__ import annotations
 
-import asyncio
 import json
 import pickle
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -24,7 +22,7 @@ from runner.observe.progress import make_reporter
 from runner.runs import RunOptions
 from runner.send.fake import FakeExecutor
 from runner.simulator.simulator import SimulatorThread
-from tests.conftest import JobFiles, cli, sample_rows
+from tests.conftest import JobFiles, cli, messages_endpoint, sample_rows
 
 
 def test_a_job_pickles_and_renders_the_same_requests_on_the_other_side(make_job: Callable[..., JobFiles]) -> None:
@@ -98,26 +96,8 @@ def html_gateway() -> Iterator[str]:
             status=200, text="<html><body>502 Bad Gateway</body></html>", content_type="application/json"
         )
 
-    loop = asyncio.new_event_loop()
-    app = web.Application()
-    app.router.add_post("/v1/messages", handler)
-    app_runner = web.AppRunner(app)
-    loop.run_until_complete(app_runner.setup())
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    site = web.SockSite(app_runner, sock)
-    loop.run_until_complete(site.start())
-    import threading
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.run_until_complete(app_runner.cleanup())
-        loop.close()
+    with messages_endpoint(handler) as url:
+        yield url
 
 
 def test_an_unparseable_200_is_retried_and_stays_retryable_for_the_next_run(

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +23,7 @@ from runner.send.batch.native_answer import answer_from_chat
 from runner.send.client import answer_from_message
 from runner.send.retries import BadResponse
 from runner.simulator.simulator import SimulatorThread
-from tests.conftest import JobFiles, cli, sample_rows
+from tests.conftest import JobFiles, cli, messages_endpoint, sample_rows
 
 
 def message(**changes: Any) -> dict[str, Any]:
@@ -98,24 +96,9 @@ def scripted() -> Iterator[Scripted]:
             await response.write(body)
         return response  # the connection ends here: a stream without message_stop is cut
 
-    loop = asyncio.new_event_loop()
-    app = web.Application()
-    app.router.add_post("/v1/messages", handler)
-    app_runner = web.AppRunner(app)
-    loop.run_until_complete(app_runner.setup())
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    loop.run_until_complete(web.SockSite(app_runner, sock).start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    world.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
+    with messages_endpoint(handler) as url:
+        world.url = url
         yield world
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.run_until_complete(app_runner.cleanup())
-        loop.close()
 
 
 def summary(files: JobFiles) -> dict[str, Any]:

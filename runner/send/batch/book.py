@@ -15,10 +15,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner.files import space_checked
-from runner.send.batch.shapes import Batch
+
+if TYPE_CHECKING:  # `status` reads the book and must not load the Batch API's client (tenacity, asyncio)
+    from runner.send.batch.shapes import Batch
 
 OPEN = ("written", "uploaded", "created")  # a chunk in one of these has requests not yet harvested
 

@@ -147,13 +147,14 @@ def read_manifest(state_dir: Path) -> dict[str, Any]:
     return read_json_object(state_dir / "manifest.json", unreadable_raises=True) or {"runs": []}
 
 
-def recorded_runs(state_dir: Path) -> list[dict[str, Any]]:
-    """The runs a job's manifest records, for a reader that only reports: none when it does not read."""
+def recorded_runs(state_dir: Path, kind: type[R]) -> list[R]:
+    """The runs a job's manifest records, each as a `kind` (runner.jsonrecord), for a reader that only
+    reports: none when it does not read."""
     try:
         runs = read_manifest(state_dir).get("runs")
     except OSError:
         return []
-    return [run for run in runs if isinstance(run, dict)] if isinstance(runs, list) else []
+    return [from_json(kind, run) for run in runs if isinstance(run, dict)] if isinstance(runs, list) else []
 
 
 # Why a write to a path the user chose failed, in words; each is that user's to fix (exit 2).

@@ -7,6 +7,7 @@ field's default (every field of a record has one); an unknown key is ignored."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 from collections.abc import Mapping
 from functools import cache
@@ -24,12 +25,22 @@ _WRONG = object()  # a value that does not fit its field
 OMITTED_WHEN_NONE = {"omit_none": True}
 
 
+class Absent(enum.Enum):
+    """A field whose key is left out of the JSON (where None would be written as null): the default of a
+    key that only some records have, even as null (`x: float | None | Absent = ABSENT`)."""
+
+    ABSENT = "absent"
+
+
+ABSENT = Absent.ABSENT
+
+
 def as_json(record: DataclassInstance) -> dict[str, Any]:
     """The record as a JSON object: nested records as objects, tuples as arrays."""
     return {
         f.name: _plain(value)
         for f in dataclasses.fields(record)
-        if (value := getattr(record, f.name)) is not None or not f.metadata.get("omit_none")
+        if (value := getattr(record, f.name)) is not ABSENT and (value is not None or not f.metadata.get("omit_none"))
     }
 
 
@@ -48,6 +59,8 @@ def _plain(value: Any) -> Any:
         return as_json(value)
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     return value
 
 
@@ -68,6 +81,8 @@ def _typed(hint: Any, value: Any) -> Any:
         return value
     if hint is type(None):
         return None if value is None else _WRONG
+    if hint is Absent:  # never in the JSON
+        return _WRONG
     if origin is Literal:
         return value if value in get_args(hint) else _WRONG
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
@@ -77,7 +92,10 @@ def _typed(hint: Any, value: Any) -> Any:
             return _WRONG
         items = [_typed(get_args(hint)[0], v) for v in value]
         return _WRONG if _WRONG in items else tuple(items)
-    if origin is not None:  # dict[...], list[...]: taken as they are
+    if origin is dict and isinstance(value, dict):  # its values typed (records from objects)
+        entries = {k: _typed(get_args(hint)[1], v) for k, v in value.items()}
+        return _WRONG if _WRONG in entries.values() else entries
+    if origin is not None:  # list[...]: taken as it is
         return value if isinstance(value, origin) else _WRONG
     if hint is float:
         return value if isinstance(value, int | float) and not isinstance(value, bool) else _WRONG

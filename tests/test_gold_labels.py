@@ -55,14 +55,14 @@ def test_a_free_text_gold_column_gives_a_bounded_matrix_quickly() -> None:
     metrics = label_metrics(frame, predicted="label", gold="gold", labels=["positive", "negative"])
 
     assert time.perf_counter() - started < 10  # hundreds of seconds before, over every distinct value
-    assert list(metrics["confusion"]) == ["positive", "negative", OTHER]
-    assert list(metrics["per_label"]) == ["positive", "negative"]
-    assert metrics["accuracy"] == 0.0
-    assert metrics["gold_notes"] == [
+    assert list(metrics.confusion) == ["positive", "negative", OTHER]
+    assert list(metrics.per_label) == ["positive", "negative"]
+    assert metrics.accuracy == 0.0
+    assert metrics.gold_notes == (
         f"{n} gold values are not in the label set, counted as {OTHER}: 'free text answer 000000' (1), "
         "'free text answer 000001' (1), 'free text answer 000002' (1), 'free text answer 000003' (1), "
-        f"'free text answer 000004' (1) and {n - 5} more distinct values; is the gold column the right one?"
-    ]
+        f"'free text answer 000004' (1) and {n - 5} more distinct values; is the gold column the right one?",
+    )
 
 
 def test_the_printed_report_of_a_free_text_gold_column_stays_short(make_job) -> None:

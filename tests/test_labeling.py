@@ -10,6 +10,7 @@ import pytest
 
 from runner.job.structured import extract_json
 from runner.observe.quality import label_metrics
+from runner.observe.summary import LabelScore
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import cli, sample_rows
 
@@ -161,14 +162,14 @@ def test_metrics_match_a_hand_computed_fixture() -> None:
 
     m = label_metrics(frame, predicted="label", gold="gold")
 
-    assert m["rows_with_gold"] == 5  # the row without gold is left out
-    assert m["accuracy"] == 0.6
-    assert m["invalid_rate"] == 0.2
+    assert m.rows_with_gold == 5  # the row without gold is left out
+    assert m.accuracy == 0.6
+    assert m.invalid_rate == 0.2
     # a: tp 1, fp 0, fn 1 -> P 1, R .5, F1 .6667; b: tp 2, fp 1, fn 1 -> P R F1 .6667
-    assert m["per_label"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": 0.6667, "support": 2}
-    assert m["per_label"]["b"] == {"precision": 0.6667, "recall": 0.6667, "f1": 0.6667, "support": 3}
-    assert m["confusion"] == {"a": {"a": 1, "b": 1, "(invalid)": 0}, "b": {"a": 0, "b": 2, "(invalid)": 1}}
-    assert m["predicted_distribution"] == {"a": 1, "b": 3, "(invalid)": 1}
+    assert m.per_label["a"] == LabelScore(precision=1.0, recall=0.5, f1=0.6667, support=2)
+    assert m.per_label["b"] == LabelScore(precision=0.6667, recall=0.6667, f1=0.6667, support=3)
+    assert m.confusion == {"a": {"a": 1, "b": 1, "(invalid)": 0}, "b": {"a": 0, "b": 2, "(invalid)": 1}}
+    assert m.predicted_distribution == {"a": 1, "b": 3, "(invalid)": 1}
 
 
 class _Collect(HTMLParser):

@@ -119,8 +119,8 @@ def test_report_job_and_report_output_agree_on_the_vote_of_a_sampled_run(make_jo
     from_job, from_output = report_of(job.spec), load_report(job.output)
 
     assert from_job.quality is not None and from_output.quality is not None
-    assert from_job.quality["voting"] == from_output.quality["voting"]
-    assert from_job.quality["voting"]["samples_per_row"] == 3
+    assert from_job.quality.voting == from_output.quality.voting
+    assert from_job.quality.voting is not None and from_job.quality.voting.samples_per_row == 3
     assert 'id="voting"' in html_page(from_job) and 'id="voting"' in html_page(from_output)
 
 

@@ -17,8 +17,9 @@ import runner
 from runner.cascade.record import CascadeResult, CascadeSummary
 from runner.files import summary_path
 from runner.jsonrecord import as_json, from_json
+from runner.money.booked import Booked
 from runner.observe.progress import RichReporter
-from runner.observe.summary import Summary
+from runner.observe.summary import Summary, Voting
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli
 from tests.test_cascade import PROXY, _cascade
@@ -118,3 +119,15 @@ def test_the_terminal_ends_a_cascade_without_a_run_table_it_has_no_figures_for()
     RichReporter(io.StringIO(), console=console).finish(record, "done")  # its stages showed theirs
 
     assert console.export_text() == ""
+
+
+def test_a_key_some_records_have_even_as_null_is_written_only_by_them() -> None:
+    """The ledger's `pending` (null: the state folder took no rows either) and a vote's accuracies
+    (null: no rows to score) are there only when the run had them to say."""
+    for kind, text in (
+        (Booked, '{"path": "l", "written": false, "warning": "w", "pending": null}'),
+        (Booked, '{"path": "l", "written": true}'),
+        (Voting, '{"samples_per_row": 3, "mean_agreement": null, "unanimous_rows": 0, "split_rows": 0, '
+         '"agreement_distribution": {"no answer": 2}, "accuracy_unanimous": null, "accuracy_split": 0.5}'),
+    ):  # fmt: skip
+        assert json.dumps(as_json(from_json(kind, json.loads(text)))) == text

@@ -288,11 +288,11 @@ def test_agreement_summary_matches_a_hand_computed_fixture() -> None:
 
     report = agreement_summary(frame, 3, "gold")
 
-    assert report["mean_agreement"] == round((1 + 1 / 3 + 1 + 2 / 3) / 4, 4)
-    assert (report["unanimous_rows"], report["split_rows"]) == (2, 2)
-    assert report["accuracy_unanimous"] == 1.0  # rows 1 and 3: both right
-    assert report["accuracy_split"] == 0.0  # rows 2 and 4: both wrong
-    assert report["agreement_distribution"] == {"3 of 3": 2, "2 of 3": 1, "1 of 3": 1, "no answer": 1}
+    assert report.mean_agreement == round((1 + 1 / 3 + 1 + 2 / 3) / 4, 4)
+    assert (report.unanimous_rows, report.split_rows) == (2, 2)
+    assert report.accuracy_unanimous == 1.0  # rows 1 and 3: both right
+    assert report.accuracy_split == 0.0  # rows 2 and 4: both wrong
+    assert report.agreement_distribution == {"3 of 3": 2, "2 of 3": 1, "1 of 3": 1, "no answer": 1}
 
 
 def test_the_report_says_how_the_samples_agreed(make_job, sim: SimulatorThread, tmp_path) -> None:

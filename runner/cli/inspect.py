@@ -141,16 +141,15 @@ def report(
 def _cascade_status(job: Any) -> None:
     """`status` of a cascade job: each stage's last run, and the last cascade's outcome."""
     from runner.cascade.record import read_cascade
-    from runner.jsonrecord import from_json
     from runner.observe.summary import Summary
 
     home = job.state_dir / "cascade"
     for stage in ("proxy", "oracle"):
-        runs = recorded_runs(home / stage)
+        runs = recorded_runs(home / stage, Summary)
         if not runs:
             print(f"{job.name}: {stage} stage never run (state would be in {home / stage})")
             continue
-        last = from_json(Summary, runs[-1])
+        last = runs[-1]
         print(
             f"{stage} stage, last run {last.run_id}: exit {last.exit_code}, {last.answered_ok} ok, "
             f"{last.answered_error} failed, stopped: {last.stopped or 'no'}"
@@ -167,7 +166,6 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
     """Show how many rows of the last run are answered, failed or pending, and what that run did."""
 
     def go() -> None:
-        from runner.jsonrecord import from_json
         from runner.observe.summary import Summary
         from runner.send.batch.admin import batch_rows, stray_rows
         from runner.state.lock import JobLock
@@ -184,7 +182,7 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
         if job.spec.output.cascade is not None:  # its stages keep their own state (runner.cascade.stages)
             _cascade_status(job)
             return
-        runs = recorded_runs(job.state_dir)
+        runs = recorded_runs(job.state_dir, Summary)
         progress = _progress(job)
         if not runs and progress is None:
             print(f"{job.name}: never run (state would be in {job.state_dir})")
@@ -196,7 +194,7 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
                 + f"{progress['pending']} pending (as of the last run)"
             )
         if runs:
-            last = from_json(Summary, runs[-1])
+            last = runs[-1]
             print(
                 f"last run {last.run_id}: exit {last.exit_code}, {last.answered_ok} ok, "
                 f"{last.answered_error} failed, {last.elapsed_s} s, stopped: {last.stopped or 'no'}"

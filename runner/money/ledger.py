@@ -14,14 +14,15 @@ import datetime as dt
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
 from runner.errors import GlmBatchError, first_line
 from runner.files import write_atomic
 from runner.job.resolve import Job
+from runner.money.booked import Booked
 from runner.money.tokens import Calibration
 
 LEDGER_SCHEMA: dict[str, pl.DataType] = {
@@ -199,18 +200,16 @@ def check_ledger(job: Job, notify: Callable[..., None]) -> str | None:
 PENDING_NOTE = "the run goes on; its spend is kept in the job's state folder and the next run books it"
 
 
-def book_spend(job: Job, by_day: ByDay, run_id: str, notify: Callable[..., None]) -> dict[str, Any]:
+def book_spend(job: Job, by_day: ByDay, run_id: str, notify: Callable[..., None]) -> Booked:
     """Add the run's spend to the ledger (the simulator's make-believe spend to its own part of it), and
     what earlier runs of the job left pending. Never fails a paid run: rows the ledger does not take
     wait in the state folder (ledger.keep_pending), said on stderr and in the summary's `ledger`."""
     simulated = job.base_url is None
-    status: dict[str, Any] = {"path": str(folder(simulated=simulated)), "written": True}
     try:
         booked = book_pending(job.state_dir)
     except WRITE_FAILURES:  # the state folder itself does not read: nothing to book from it
         booked = 0
-    if booked:
-        status["pending_booked"] = booked
+    status = Booked(str(folder(simulated=simulated)), pending_booked=booked or None)
     rows = ledger_rows(job, by_day, run_id)
     try:
         append(rows, run_id, simulated=simulated)
@@ -220,8 +219,8 @@ def book_spend(job: Job, by_day: ByDay, run_id: str, notify: Callable[..., None]
             pending: str | None = str(keep_pending(rows, run_id, job.state_dir, simulated=simulated))
         except WRITE_FAILURES:
             pending = None
-        warning = f"the usage ledger {status['path']} was not written: {reason}"
-        status |= {"written": False, "warning": warning, "pending": pending}
+        warning = f"the usage ledger {status.path} was not written: {reason}"
+        status = replace(status, written=False, warning=warning, pending=pending)
         notify("ledger_not_written", reason=reason, pending=pending or "nowhere: see cost in the summary")
     return status
 

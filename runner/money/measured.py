@@ -10,6 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
+from runner.files import recorded_runs
 from runner.job.resolve import Job
 from runner.job.thinking import ASSUMED_REASONING_TOKENS
 from runner.money.tokens import Calibration
@@ -44,14 +45,18 @@ def earlier_answers(parts: list[Path], job: Job) -> pl.DataFrame:
     )
 
 
+@dataclass(frozen=True)
+class RecordedRun:
+    """What an estimate reads of a run the manifest records (the fields of its runner.observe.summary.Summary)."""
+
+    run_id: str | None = None
+    endpoint: str | None = None
+
+
 def runs_on_endpoint(job: Job) -> list[str]:
     """The ids of the job's recorded runs that sent to its endpoint as it is now."""
-    from runner.files import recorded_runs
-
-    runs = recorded_runs(job.state_dir)
-    return [
-        run["run_id"] for run in runs if run.get("endpoint") == job.endpoint_name and isinstance(run.get("run_id"), str)
-    ]
+    runs = recorded_runs(job.state_dir, RecordedRun)
+    return [run.run_id for run in runs if run.endpoint == job.endpoint_name and run.run_id is not None]
 
 
 def calibration_from(answers: pl.DataFrame) -> Calibration | None:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # rich is imported by the one reporter that draws with it
     from runner.control import Control
     from runner.job.resolve import Job
     from runner.money.accounting import Tally
-    from runner.observe.summary import Cost, Summary
+    from runner.observe.summary import Cost, Quality, Summary
     from runner.send.base import Gauges
 
 LogFormat = Literal["auto", "rich", "json", "text"]
@@ -317,17 +317,17 @@ class RichReporter:
         self._console.print(table)  # the CLI prints `message` itself, on stdout or stderr by outcome
 
 
-def _quality_rows(quality: dict[str, Any] | None) -> list[tuple[str, str]]:
+def _quality_rows(quality: Quality | None) -> list[tuple[str, str]]:
     """The final table's lines on quality, when the job has gold labels: accuracy, per-field rates."""
-    if not quality:
+    if quality is None:
         return []
     rows = []
-    metrics = quality.get("metrics")
-    if metrics and metrics.get("accuracy") is not None:
-        rows.append(("accuracy", f"{metrics['accuracy']:.4f} on {metrics['rows_with_gold']} rows with a gold label"))
-    for name, rate in (quality.get("field_exact_match") or {}).items():
-        if rate.get("exact_match") is not None:
-            rows.append((f"{name}: exact match", f"{rate['exact_match']:.4f} on {rate['rows_with_gold']} rows"))
+    metrics = quality.metrics
+    if metrics and metrics.accuracy is not None:
+        rows.append(("accuracy", f"{metrics.accuracy:.4f} on {metrics.rows_with_gold} rows with a gold label"))
+    for name, rate in (quality.field_exact_match or {}).items():
+        if rate.exact_match is not None:
+            rows.append((f"{name}: exact match", f"{rate.exact_match:.4f} on {rate.rows_with_gold} rows"))
     return rows
 
 

@@ -11,9 +11,9 @@ failed to answer.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
@@ -21,7 +21,9 @@ from runner.columns import GOLD_SUFFIX, OUTPUT_COLUMNS, SAMPLE_ANSWERS, VOTE_COL
 from runner.errors import UsageError
 from runner.job.resolve import Job
 from runner.job.structured import AnswerShape
+from runner.jsonrecord import ABSENT
 from runner.observe.runstats import OutputFile
+from runner.observe.summary import FieldMatch, LabelScore, Metrics, Quality, Voting
 
 INVALID = "(invalid)"
 
@@ -35,7 +37,7 @@ def _norm(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def label_metrics(frame: pl.DataFrame, *, predicted: str, gold: str, labels: list[str] | None = None) -> dict[str, Any]:
+def label_metrics(frame: pl.DataFrame, *, predicted: str, gold: str, labels: Sequence[str] | None = None) -> Metrics:
     """Metrics of a single-label column against a gold column, over the label set (`labels`, else the
     labels predicted): a gold value that matches a label only after case and white space are normalised
     counts as that label, with a note; one outside the set counts as OTHER, with a note naming a few.
@@ -88,22 +90,21 @@ def label_metrics(frame: pl.DataFrame, *, predicted: str, gold: str, labels: lis
         precision = tp / predicted_as if predicted_as else 0.0
         recall = tp / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_label[label] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
-                            "support": support}  # fmt: skip
+        per_label[label] = LabelScore(round(precision, 4), round(recall, 4), round(f1, 4), support)
     correct = sum(confusion[label][label] for label in known)
     invalid = sum(row[INVALID] for row in confusion.values())
-    return {
-        "rows_with_gold": n,
-        "accuracy": round(correct / n, 4) if n else None,
-        "invalid_rate": round(invalid / n, 4) if n else None,
-        "per_label": per_label,
-        "confusion": confusion,
-        "predicted_distribution": {c: sum(row[c] for row in confusion.values()) for c in columns},
-        "gold_notes": _gold_notes(normalised, unmatched),
-    }
+    return Metrics(
+        rows_with_gold=n,
+        accuracy=round(correct / n, 4) if n else None,
+        invalid_rate=round(invalid / n, 4) if n else None,
+        per_label=per_label,
+        confusion=confusion,
+        predicted_distribution={c: sum(row[c] for row in confusion.values()) for c in columns},
+        gold_notes=_gold_notes(normalised, unmatched),
+    )
 
 
-def _gold_notes(normalised: list[tuple[str, str, int]], unmatched: list[tuple[str, int]]) -> list[str]:
+def _gold_notes(normalised: list[tuple[str, str, int]], unmatched: list[tuple[str, int]]) -> tuple[str, ...]:
     """What did not match the label set as written: one line each, naming the commonest few values."""
     notes = []
     if normalised:
@@ -121,27 +122,24 @@ def _gold_notes(normalised: list[tuple[str, str, int]], unmatched: list[tuple[st
             f"{rows} gold values are not in the label set, counted as {OTHER}: {shown}{more}; "
             "is the gold column the right one?"
         )
-    return notes
+    return tuple(notes)
 
 
-def field_exact_match(frame: pl.DataFrame, gold_fields: dict[str, str]) -> dict[str, Any]:
+def field_exact_match(frame: pl.DataFrame, gold_fields: dict[str, str]) -> dict[str, FieldMatch]:
     """Per answer field: the share of rows with a gold value whose answer equals it exactly.
 
     Values are compared as text (a gold CSV column is text); invalid or failed rows count as misses.
     """
-    rates: dict[str, Any] = {}
+    rates: dict[str, FieldMatch] = {}
     for field, gold in gold_fields.items():
         rows = frame.filter(pl.col(gold).is_not_null())
         answer = pl.when(pl.col("status") == "ok").then(pl.col(field).cast(pl.String)).otherwise(None)
         hits = rows.select((answer == pl.col(gold).cast(pl.String)).fill_null(False).sum()).item()
-        rates[field] = {
-            "rows_with_gold": rows.height,
-            "exact_match": round(hits / rows.height, 4) if rows.height else None,
-        }
+        rates[field] = FieldMatch(rows.height, round(hits / rows.height, 4) if rows.height else None)
     return rates
 
 
-def summarise(job: Job, shape: AnswerShape) -> dict[str, Any]:
+def summarise(job: Job, shape: AnswerShape) -> Quality:
     """The quality section of a finished structured run: validity, repairs and, with gold, metrics."""
     evaluation = job.spec.eval
     return summarise_output(
@@ -166,14 +164,14 @@ def samples_in(path: Path, columns: Collection[str] | None = None) -> int:
     return max(1, int(longest or 1))
 
 
-def summarise_file(output: OutputFile, gold: str | None) -> dict[str, Any]:
+def summarise_file(output: OutputFile, gold: str | None) -> Quality:
     """The quality of an output file on its own (no spec at hand): the label column, the samples and
     (unless `gold` names one) the gold column are read from the file and the summary beside it."""
     path, columns, beside = output.path, output.columns, output.summary
     if not {"repairs", "error_type"} <= set(columns):
         raise UsageError(f"{path}: not a glm-batch output (no status column); give its job spec instead")
-    recorded = beside.quality or {}  # the quality the run recorded, with gold labels
-    gold = gold or recorded.get("gold_column")
+    recorded = beside.quality or Quality()  # the quality the run recorded, with gold labels
+    gold = gold or recorded.gold_column
     if gold is not None and gold not in columns:
         kept = ", ".join(c for c in columns if c not in (*OUTPUT_COLUMNS, *VOTE_COLUMNS)) or "none"
         raise UsageError(f"{path}: --gold {gold}: no such column; the columns other than glm-batch's: {kept}")
@@ -183,13 +181,16 @@ def summarise_file(output: OutputFile, gold: str | None) -> dict[str, Any]:
             f"{path}: --gold {gold}: that is the answer column; a gold column named like it is carried as "
             f"{gold}{GOLD_SUFFIX}"
         )
-    labels = recorded.get("labels")  # the job's label set, as its run recorded it
-    report = summarise_output(
-        path, label_field=label_field, gold=gold, gold_fields={}, samples=samples_in(path, columns), labels=labels
+    report = summarise_output(  # with the job's label set as its run recorded it
+        path,
+        label_field=label_field,
+        gold=gold,
+        gold_fields={},
+        samples=samples_in(path, columns),
+        labels=recorded.labels,
     )
-    rates = recorded.get("field_exact_match")
-    if rates:  # per-field rates need the spec's gold_fields: the ones the run computed are beside the file
-        report["field_exact_match"] = rates
+    if recorded.field_exact_match:  # they need the spec's gold_fields: the ones the run computed are beside the file
+        report = replace(report, field_exact_match=recorded.field_exact_match)
     return report
 
 
@@ -200,8 +201,8 @@ def summarise_output(
     gold: str | None,
     gold_fields: dict[str, str],
     samples: int,
-    labels: list[str] | None = None,
-) -> dict[str, Any]:
+    labels: Sequence[str] | None = None,
+) -> Quality:
     """The quality of a structured output file: validity, repairs, and metrics against what is gold."""
     wanted = ["status", "repairs", "error_type"]
     if gold and label_field == "label":
@@ -210,70 +211,65 @@ def summarise_output(
     if samples > 1:
         wanted.append("agreement")
     frame = pl.read_parquet(path, columns=wanted)
-    report: dict[str, Any] = {
-        "rows": frame.height,
-        "valid": int((frame.get_column("status") == "ok").sum()),
-        "invalid": int((frame.get_column("status") == "invalid").sum()),
-        "truncated": int((frame.get_column("error_type") == "truncated").sum()),
-        "repaired": int((frame.get_column("repairs").fill_null(0) > 0).sum()),
-        "label_field": label_field,
-        "gold_column": gold,
-        "labels": labels,
-    }
-    if gold and label_field == "label":
-        report["metrics"] = label_metrics(frame, predicted="label", gold=gold, labels=labels)
-    if gold_fields:
-        report["field_exact_match"] = field_exact_match(frame, gold_fields)
-    if samples > 1:
-        report["voting"] = agreement_summary(frame, samples, gold if label_field == "label" else None, labels)
-    return report
+    scored = gold if label_field == "label" else None
+    return Quality(
+        rows=frame.height,
+        valid=int((frame.get_column("status") == "ok").sum()),
+        invalid=int((frame.get_column("status") == "invalid").sum()),
+        truncated=int((frame.get_column("error_type") == "truncated").sum()),
+        repaired=int((frame.get_column("repairs").fill_null(0) > 0).sum()),
+        label_field=label_field,
+        gold_column=gold,
+        labels=tuple(labels) if labels is not None else None,
+        metrics=label_metrics(frame, predicted="label", gold=scored, labels=labels) if scored else None,
+        field_exact_match=field_exact_match(frame, gold_fields) if gold_fields else None,
+        voting=agreement_summary(frame, samples, scored, labels) if samples > 1 else None,
+    )
 
 
 def agreement_summary(
-    frame: pl.DataFrame, samples: int, gold: str | None, labels: list[str] | None = None
-) -> dict[str, Any]:
+    frame: pl.DataFrame, samples: int, gold: str | None, labels: Sequence[str] | None = None
+) -> Voting:
     """How much a sampled job's samples agreed: the mean agreement, the share of unanimous rows and,
     with gold labels, accuracy on unanimous rows against split ones (is low agreement worth a look?)."""
     agreement = frame.get_column("agreement")
     voted = agreement.drop_nulls()
-    report: dict[str, Any] = {
-        "samples_per_row": samples,
-        "mean_agreement": round(float(voted.mean()), 4) if voted.len() else None,  # type: ignore[arg-type]
-        "unanimous_rows": int((voted == 1.0).sum()),
-        "split_rows": int((voted < 1.0).sum()),
+    report = Voting(
+        samples_per_row=samples,
+        mean_agreement=round(float(voted.mean()), 4) if voted.len() else None,  # type: ignore[arg-type]
+        unanimous_rows=int((voted == 1.0).sum()),
+        split_rows=int((voted < 1.0).sum()),
         # rows by how many samples gave the winning answer: "3 of 3", "2 of 3", ...; no valid answer last
-        "agreement_distribution": {
+        agreement_distribution={
             **{f"{v} of {samples}": int(((voted * samples).round() == v).sum()) for v in range(samples, 0, -1)},
             "no answer": agreement.null_count(),
         },
-    }
-    if gold is not None:
-        for name, rows in (
-            ("accuracy_unanimous", frame.filter(pl.col("agreement") == 1.0)),
-            ("accuracy_split", frame.filter(pl.col("agreement") < 1.0)),
-        ):
-            report[name] = label_metrics(rows, predicted="label", gold=gold, labels=labels)["accuracy"]
-    return report
+    )
+    if gold is None:
+        return report
+    unanimous, split = (
+        label_metrics(frame.filter(agreed), predicted="label", gold=gold, labels=labels).accuracy
+        for agreed in (pl.col("agreement") == 1.0, pl.col("agreement") < 1.0)
+    )
+    return replace(report, accuracy_unanimous=unanimous, accuracy_split=split)
 
 
-def voting_line(voting: dict[str, Any]) -> str:
+def voting_line(voting: Voting) -> str:
     """One sentence on how a sampled job's samples agreed (for the terminal and the HTML page)."""
     line = (
-        f"{voting['samples_per_row']} samples a row: mean agreement {voting['mean_agreement']}; "
-        f"{voting['unanimous_rows']} rows unanimous, {voting['split_rows']} split"
+        f"{voting.samples_per_row} samples a row: mean agreement {voting.mean_agreement}; "
+        f"{voting.unanimous_rows} rows unanimous, {voting.split_rows} split"
     )
-    if "accuracy_unanimous" in voting:
-        unanimous, split = (
-            voting[k] if voting[k] is not None else "n/a" for k in ("accuracy_unanimous", "accuracy_split")
-        )
+    if voting.accuracy_unanimous is not ABSENT:
+        unanimous, split = ("n/a" if a is None else a for a in (voting.accuracy_unanimous, voting.accuracy_split))
         line += f"; accuracy {unanimous} when unanimous, {split} when split"
     return line
 
 
-def confusion_svg(metrics: dict[str, Any]) -> str:
+def confusion_svg(metrics: Metrics) -> str:
     """The confusion matrix as an inline SVG heat map: gold down, predicted across, darker for more;
     the counts in white on the dark cells and in black on the light ones."""
-    confusion: dict[str, dict[str, int]] = metrics["confusion"]
+    confusion = metrics.confusion
     golds = list(confusion)
     columns = list(next(iter(confusion.values()))) if confusion else []
     top = max([v for row in confusion.values() for v in row.values()] + [1])

@@ -22,7 +22,7 @@ from runner.columns import AGREEMENT, OUTPUT_COLUMNS, VOTE_COLUMNS
 from runner.job.resolve import Job
 from runner.observe import quality
 from runner.observe.runstats import open_output, run_figures
-from runner.observe.summary import Summary
+from runner.observe.summary import Quality, Summary
 
 EXAMPLES_SHOWN = 50  # wrong answers listed on the page; the count says how many there are in all
 REPAIRED_MEANS = (
@@ -48,7 +48,7 @@ class Report:
     output: Path
     summary: Summary  # the summary beside the output
     run: dict[str, Any]  # runner.observe.runstats.run_figures
-    quality: dict[str, Any] | None  # None: a free-text job (no labels, no schema)
+    quality: Quality | None  # None: a free-text job (no labels, no schema)
     examples: dict[str, Any] | None  # the wrong answers with their context; None without gold
     cascade: Section | None = None  # a cascade's part (runner.cascade.record.report_section)
 
@@ -59,7 +59,7 @@ def load_report(output: Path, *, job: Job | None = None, gold: str | None = None
     opened = open_output(output)
     columns, beside = opened.columns, opened.summary
     figures = run_figures(opened)
-    found: dict[str, Any] | None = None
+    found: Quality | None = None
     fields: tuple[str, ...] = ()
     gold_fields: dict[str, str] = {}
     if job is not None and job.shape is not None:
@@ -68,20 +68,20 @@ def load_report(output: Path, *, job: Job | None = None, gold: str | None = None
         gold_fields = {f: job.gold_columns[c] for f, c in job.spec.eval.gold_fields.items()} if job.spec.eval else {}
     elif job is None and ({"label", "labels"} & set(columns) or gold or beside.quality):
         found = quality.summarise_file(opened, gold)
-        fields = (found["label_field"],) if found["label_field"] else ()
+        fields = (found.label_field,) if found.label_field else ()
     name = job.name if job is not None else output.stem
     return Report(name, output, beside, figures, found, _examples(output, columns, found, fields, gold_fields))
 
 
 def _examples(
-    output: Path, columns: list[str], found: dict[str, Any] | None, fields: tuple[str, ...], gold_fields: dict[str, str]
+    output: Path, columns: list[str], found: Quality | None, fields: tuple[str, ...], gold_fields: dict[str, str]
 ) -> dict[str, Any] | None:
     """The rows whose answer differs from the gold one (or is invalid), with the kept input columns."""
     if found is None:
         return None
     pairs = dict(gold_fields)
-    if found.get("gold_column") and found.get("label_field") == "label":
-        pairs["label"] = found["gold_column"]
+    if found.gold_column and found.label_field == "label":
+        pairs["label"] = found.gold_column
     if not pairs:
         return None
     golds = set(pairs.values())
@@ -135,40 +135,39 @@ def print_report(found: Report, console: Console) -> None:
     if scores is None:
         return
     console.print(
-        f"{found.name}: {scores['rows']} rows, {scores['valid']} valid, {scores['invalid']} invalid "
-        f"({scores['truncated']} truncated), {scores['repaired']} repaired"
+        f"{found.name}: {scores.rows} rows, {scores.valid} valid, {scores.invalid} invalid "
+        f"({scores.truncated} truncated), {scores.repaired} repaired"
     )
-    voting = scores.get("voting")
-    if voting is not None:
-        console.print(quality.voting_line(voting))
-    for field, rate in (scores.get("field_exact_match") or {}).items():
-        if rate["exact_match"] is not None:
-            console.print(f"{field}: exact match {rate['exact_match']:.4f} on {rate['rows_with_gold']} rows with gold")
-    metrics = scores.get("metrics")
+    if scores.voting is not None:
+        console.print(quality.voting_line(scores.voting))
+    for field, rate in (scores.field_exact_match or {}).items():
+        if rate.exact_match is not None:
+            console.print(f"{field}: exact match {rate.exact_match:.4f} on {rate.rows_with_gold} rows with gold")
+    metrics = scores.metrics
     if metrics is None:
-        if not scores.get("field_exact_match"):
+        if not scores.field_exact_match:
             console.print(
                 "no gold labels: set eval.gold_column (and output.labels) or eval.gold_fields (output.schema), "
                 "or pass --gold COLUMN with an output file, for accuracy and F1"
             )
         return
-    accuracy = "n/a" if metrics["accuracy"] is None else f"{metrics['accuracy']:.4f}"
-    console.print(f"accuracy {accuracy} on {metrics['rows_with_gold']} rows with a gold label")
-    for note in metrics.get("gold_notes", []):
+    accuracy = "n/a" if metrics.accuracy is None else f"{metrics.accuracy:.4f}"
+    console.print(f"accuracy {accuracy} on {metrics.rows_with_gold} rows with a gold label")
+    for note in metrics.gold_notes:
         console.print(f"note: {note}", markup=False, highlight=False)
-    per_label = list(metrics["per_label"].items())
+    per_label = list(metrics.per_label.items())
     table = Table("label", "precision", "recall", "F1", "support")
     for label, m in per_label[:LABELS_SHOWN]:
-        table.add_row(label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+        table.add_row(label, f"{m.precision:.3f}", f"{m.recall:.3f}", f"{m.f1:.3f}", str(m.support))
     console.print(table)
     if len(per_label) > LABELS_SHOWN:
         console.print(f"... and {len(per_label) - LABELS_SHOWN} more labels (all of them: --html FILE)")
-    columns = list(next(iter(metrics["confusion"].values()), {}))
+    columns = list(next(iter(metrics.confusion.values()), {}))
     if len(columns) > MATRIX_COLUMNS_SHOWN:
         console.print(f"confusion matrix: {len(columns)} columns, too wide to print; see it with --html FILE")
         return
     matrix = Table("gold \\ predicted", *columns, title="confusion matrix")
-    for truth, row in metrics["confusion"].items():
+    for truth, row in metrics.confusion.items():
         matrix.add_row(truth, *(str(row[c]) for c in columns))
     console.print(matrix)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from runner.observe.quality import bars_svg, confusion_svg, esc, voting_line
 from runner.observe.report import REPAIRED_MEANS, Report, Section
+from runner.observe.summary import Quality
 
 STYLE = """
 body{font-family:sans-serif;margin:2em;max-width:64em;color:#222}
@@ -204,52 +205,51 @@ def _cascade(c: Section) -> str:
 
 
 def _quality(found: Report) -> str:
-    quality = found.quality or {}
-    metrics = quality.get("metrics")
+    quality = found.quality or Quality()
+    metrics = quality.metrics
     parts = ["<h2>Quality</h2>"]
-    if metrics is not None and metrics["accuracy"] is not None:
+    if metrics is not None and metrics.accuracy is not None:
         parts.append(
-            f'<p id="headline">accuracy <b>{metrics["accuracy"]:.4f}</b> on {metrics["rows_with_gold"]} rows with a '
-            f"gold label; invalid answers {100 * metrics['invalid_rate']:.2f}%; answers repaired "
-            f"{quality.get('repaired', 0)}; truncated {quality.get('truncated', 0)}.</p>"
+            f'<p id="headline">accuracy <b>{metrics.accuracy:.4f}</b> on {metrics.rows_with_gold} rows with a '
+            f"gold label; invalid answers {100 * (metrics.invalid_rate or 0):.2f}%; answers repaired "
+            f"{quality.repaired}; truncated {quality.truncated}.</p>"
         )
     else:
         parts.append(
-            f'<p id="headline">{quality["valid"]:,} of {quality["rows"]:,} answers valid, {quality["invalid"]:,} '
-            f"invalid ({quality['truncated']:,} truncated); answers repaired {quality.get('repaired', 0):,}.</p>"
+            f'<p id="headline">{quality.valid:,} of {quality.rows:,} answers valid, {quality.invalid:,} '
+            f"invalid ({quality.truncated:,} truncated); answers repaired {quality.repaired:,}.</p>"
         )
     parts.append(
         f'<p class="note" id="repaired">{esc(REPAIRED_MEANS)}. Of the {found.run["repaired"]:,} rows repaired, '
         f"{found.run['repaired_valid']:,} ended valid.</p>"
     )
-    for note in (metrics or {}).get("gold_notes", []):
+    for note in metrics.gold_notes if metrics else ():
         parts.append(f'<p class="note gold-note">{esc(note)}</p>')
-    if "voting" in quality:
-        parts.append(f'<p id="voting">{esc(voting_line(quality["voting"]))}.</p>')
-    rates = quality.get("field_exact_match") or {}
+    if quality.voting is not None:
+        parts.append(f'<p id="voting">{esc(voting_line(quality.voting))}.</p>')
+    rates = quality.field_exact_match or {}
     if rates:
-        shown = {f: round(100 * r["exact_match"], 1) for f, r in rates.items() if r["exact_match"] is not None}
+        shown = {f: round(100 * r.exact_match, 1) for f, r in rates.items() if r.exact_match is not None}
         parts.append("<h3>Exact match per field</h3>" + _hbars("fields", shown, "#2ca02c"))
         parts.append('<p class="note">Percent of rows with a gold value whose answer equals it (as text).</p>')
     if metrics is not None:
         per_label = "".join(
-            f"<tr><td>{esc(label)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td><td>{m['f1']:.3f}</td>"
-            f"<td>{m['support']}</td></tr>"
-            for label, m in metrics["per_label"].items()
+            f"<tr><td>{esc(label)}</td><td>{m.precision:.3f}</td><td>{m.recall:.3f}</td><td>{m.f1:.3f}</td>"
+            f"<td>{m.support}</td></tr>"
+            for label, m in metrics.per_label.items()
         )
         parts += [
             '<h3>Per label</h3><table id="per-label"><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th>'
             f"<th>support</th></tr>{per_label}</table>",
             "<h3>Confusion matrix</h3>" + confusion_svg(metrics),
-            "<h3>Predicted labels</h3>"
-            + bars_svg("distribution", metrics["predicted_distribution"], "rgb(255,127,14)"),
+            "<h3>Predicted labels</h3>" + bars_svg("distribution", metrics.predicted_distribution, "rgb(255,127,14)"),
         ]
-    if "voting" in quality:
+    if quality.voting is not None:
         parts.append(
             "<h3>Samples agreeing with the vote</h3>"
-            + bars_svg("agreement", quality["voting"]["agreement_distribution"], "rgb(44,160,44)")
+            + bars_svg("agreement", quality.voting.agreement_distribution, "rgb(44,160,44)")
         )
-    if quality.get("metrics") is None and not rates:
+    if metrics is None and not rates:
         parts.append('<p class="note">No gold labels: set eval.gold_column or eval.gold_fields to score answers.</p>')
     parts.append(_examples(found))
     return "\n".join(parts)

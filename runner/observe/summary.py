@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from runner.errors import STATE_FAILURES, DiskFull
 from runner.files import read_summary, summary_path, write_summary
-from runner.jsonrecord import OMITTED_WHEN_NONE, as_json
+from runner.jsonrecord import ABSENT, OMITTED_WHEN_NONE, Absent, as_json
+from runner.money.booked import Booked
 from runner.money.kept_estimate import EstimateCheck, compare
 
 if TYPE_CHECKING:
@@ -107,6 +108,63 @@ class Sending:
 
 
 @dataclass(frozen=True)
+class LabelScore:
+    precision: float = 0.0
+    recall: float = 0.0
+    f1: float = 0.0
+    support: int = 0
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """A label column against a gold one (runner.observe.quality.label_metrics)."""
+
+    rows_with_gold: int = 0
+    accuracy: float | None = None
+    invalid_rate: float | None = None
+    per_label: dict[str, LabelScore] = field(default_factory=dict)
+    confusion: dict[str, dict[str, int]] = field(default_factory=dict)  # gold -> predicted -> rows
+    predicted_distribution: dict[str, int] = field(default_factory=dict)
+    gold_notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FieldMatch:
+    rows_with_gold: int = 0
+    exact_match: float | None = None
+
+
+@dataclass(frozen=True)
+class Voting:
+    """How a sampled job's samples agreed; the accuracies only with gold labels (None: no rows to score)."""
+
+    samples_per_row: int = 1
+    mean_agreement: float | None = None
+    unanimous_rows: int = 0
+    split_rows: int = 0
+    agreement_distribution: dict[str, int] = field(default_factory=dict)  # "3 of 3": rows, ...
+    accuracy_unanimous: float | Absent | None = ABSENT
+    accuracy_split: float | Absent | None = ABSENT
+
+
+@dataclass(frozen=True)
+class Quality:
+    """A structured run's answers: validity, repairs and, with gold, how good (runner.observe.quality)."""
+
+    rows: int = 0
+    valid: int = 0
+    invalid: int = 0
+    truncated: int = 0
+    repaired: int = 0
+    label_field: str | None = None
+    gold_column: str | None = None
+    labels: tuple[str, ...] | None = None
+    metrics: Metrics | None = field(default=None, metadata=OMITTED_WHEN_NONE)
+    field_exact_match: dict[str, FieldMatch] | None = field(default=None, metadata=OMITTED_WHEN_NONE)
+    voting: Voting | None = field(default=None, metadata=OMITTED_WHEN_NONE)
+
+
+@dataclass(frozen=True)
 class Summary:
     """A run's record (the README's `<output>.summary.json`); every field has a default, so a summary
     written by another version, or a cascade's, reads as one."""
@@ -148,9 +206,8 @@ class Summary:
     tool_choice: str | None = field(default=None, metadata=OMITTED_WHEN_NONE)
     engine: Engine | None = field(default=None, metadata=OMITTED_WHEN_NONE)
     cpu_while_answering: CpuWhileAnswering | None = None
-    ledger: dict[str, Any] = field(default_factory=dict)  # runner.money.ledger.book_spend's
-    # runner.observe.quality.summarise's, with gold labels
-    quality: dict[str, Any] | None = field(default=None, metadata=OMITTED_WHEN_NONE)
+    ledger: Booked = field(default_factory=Booked)
+    quality: Quality | None = field(default=None, metadata=OMITTED_WHEN_NONE)  # a structured job's
     pilot: bool | None = field(default=None, metadata=OMITTED_WHEN_NONE)  # in the manifest only: a pilot's record
 
     def as_dict(self) -> dict[str, Any]:
@@ -169,7 +226,7 @@ def summary(
     finalized: bool,
     sending: Sending,
     cpu: CpuWhileAnswering | None,
-    ledger: dict[str, Any],
+    ledger: Booked,
 ) -> Summary:
     """The run's record: written beside the output and appended to the manifest."""
     job, tally, control, table = run.job, run.tally, run.control, run.accountant.table

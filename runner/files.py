@@ -263,25 +263,23 @@ def _job_files_beside(target: Path) -> list[tuple[Path, str]]:
 _SPEC_KEYS = re.compile(rb"^(input|prompt):", re.MULTILINE)
 
 
-def _looks_like_a_spec(path: Path) -> bool:
-    """Whether the YAML file at `path` has a job spec's top-level `input:` and `prompt:` keys."""
+def head(path: Path) -> bytes | None:
+    """The first megabyte of the file at `path`, or None when it does not read."""
     try:
         with path.open("rb") as f:
-            head = f.read(1 << 20)
+            return f.read(1 << 20)
     except OSError:
-        return False
-    return {m.group(1) for m in _SPEC_KEYS.finditer(head)} == {b"input", b"prompt"}
+        return None
+
+
+def _looks_like_a_spec(path: Path) -> bool:
+    """Whether the YAML file at `path` has a job spec's top-level `input:` and `prompt:` keys."""
+    return {m.group(1) for m in _SPEC_KEYS.finditer(head(path) or b"")} == {b"input", b"prompt"}
 
 
 def _written_by_us(path: Path, ours: str | None) -> bool:
     """Whether the file at `path` carries glm-batch's mark `ours` (in its first megabyte)."""
-    if ours is None:
-        return False
-    try:
-        with path.open("rb") as f:
-            return ours.encode() in f.read(1 << 20)
-    except OSError:
-        return False
+    return ours is not None and ours.encode() in (head(path) or b"")
 
 
 def _fsync_dir(directory: Path) -> None:

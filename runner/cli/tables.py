@@ -6,8 +6,10 @@ rich `Table`; rich and polars are only imported for typing here, so importing th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from runner.observe.progress import pairs_table
 
 if TYPE_CHECKING:
     import polars as pl
@@ -20,18 +22,6 @@ def _grid(title: str | None = None, *, header: bool = True) -> Table:
     from rich.table import Table
 
     return Table(title=title, show_header=header, box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False)
-
-
-def _pairs(title: str, rows: Sequence[tuple[str, str]]) -> Table:
-    """A two-column label / value table whose values wrap (never cut off) on a narrow terminal."""
-    from rich.table import Table
-
-    table = Table(title=title, show_header=False)
-    table.add_column(overflow="fold")
-    table.add_column(overflow="fold")
-    for k, v in rows:
-        table.add_row(k, v)
-    return table
 
 
 def _estimate_table(r: dict[str, Any]) -> Table:
@@ -88,7 +78,7 @@ def _estimate_table(r: dict[str, Any]) -> Table:
     ]
     if not r["prices_confirmed"]:
         rows.append(("note", f"the {cur} prices of {r['model']} are not confirmed (configs/models.yaml)"))
-    return _pairs(f"estimate: {r['job']} ({r['model']} on {r['endpoint']})", rows)
+    return pairs_table(f"estimate: {r['job']} ({r['model']} on {r['endpoint']})", rows)
 
 
 def _cascade_table(r: dict[str, Any]) -> Table:
@@ -123,7 +113,7 @@ def _cascade_table(r: dict[str, Any]) -> Table:
         rows.append(
             ("note", f"the {cur} prices of {c['proxy']} or {c['oracle']} are not confirmed (configs/models.yaml)")
         )
-    return _pairs(f"estimate: {r['job']} (cascade, {c['oracle']} on {r['endpoint']})", rows)
+    return pairs_table(f"estimate: {r['job']} (cascade, {c['oracle']} on {r['endpoint']})", rows)
 
 
 def _mode_rows(modes: dict[str, Any], cur: str) -> list[tuple[str, str]]:

@@ -25,6 +25,7 @@ import polars as pl
 
 from runner.columns import clash as output_clash
 from runner.errors import NothingToDo, UsageError, first_line
+from runner.files import head
 from runner.job.resolve import Job
 
 ROW = "_row"
@@ -357,15 +358,13 @@ def _check_csv_header(path: Path, where: str) -> None:
     (polars reads it as garbled UTF-8, NULs and all), or a column name given twice (polars renames the
     second `x_duplicated_0`, so the template silently reads the first). Empty names may repeat (the
     trailing commas of a spreadsheet export); they cannot be template variables anyway."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(1 << 20)
-    except OSError:
+    start = head(path)
+    if start is None:
         return  # polars names the problem
     for bom, name in _WIDE_BOMS.items():
-        if head.startswith(bom):
+        if start.startswith(bom):
             raise UsageError(f"{where}: input.paths: {path} is {name} text; save it as UTF-8")
-    line = head.split(b"\n", 1)[0]
+    line = start.split(b"\n", 1)[0]
     if b"\x00" in line:
         raise UsageError(f"{where}: input.paths: {path} has NUL bytes in its header (UTF-16 text?); save it as UTF-8")
     try:

@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TextIO
 
@@ -24,6 +25,7 @@ from runner.observe.panel import PanelState, ProgressPanel
 if TYPE_CHECKING:  # rich is imported by the one reporter that draws with it
     from rich.console import Console
     from rich.live import Live
+    from rich.table import Table
 
     from runner.control import Control
     from runner.job.resolve import Job
@@ -285,8 +287,6 @@ class RichReporter:
         self._console.print(Text.assemble((name, "yellow"), ": ", line), highlight=False)
 
     def finish(self, summary: Ending, message: str) -> None:
-        from rich.table import Table
-
         from runner.observe.summary import Summary
 
         if self._live is not None:
@@ -295,9 +295,6 @@ class RichReporter:
         if not isinstance(summary, Summary):  # a cascade's record: its stages' tables were shown
             return
         s = summary
-        table = Table(title=f"glm-batch: {s.job}", show_header=False)
-        table.add_column(overflow="fold")  # wrap long values (retries, cost) on a narrow terminal, never cut
-        table.add_column(overflow="fold")
         rows = [
             ("rows", str(s.rows_total)),
             *([("samples a row", str(s.samples_per_row))] if s.samples_per_row > 1 else []),
@@ -312,9 +309,21 @@ class RichReporter:
             *_quality_rows(s.quality),
             ("exit code", str(s.exit_code)),
         ]
-        for k, v in rows:
-            table.add_row(k, v)
-        self._console.print(table)  # the CLI prints `message` itself, on stdout or stderr by outcome
+        self._console.print(
+            pairs_table(f"glm-batch: {s.job}", rows)
+        )  # the CLI prints `message` itself, on stdout or stderr by outcome
+
+
+def pairs_table(title: str, rows: Sequence[tuple[str, str]]) -> Table:
+    """A two-column label / value table whose values wrap (never cut off) on a narrow terminal."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column(overflow="fold")
+    table.add_column(overflow="fold")
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
 
 
 def _quality_rows(quality: Quality | None) -> list[tuple[str, str]]:

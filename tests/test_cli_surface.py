@@ -18,7 +18,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from runner import __version__
-from runner.cli import _estimate_table, _models_table, _usage_table, app, job_schema, job_schema_text
+from runner.cli import app
+from runner.cli.scaffold import job_schema, job_schema_text
+from runner.cli.tables import _estimate_table, _models_table, _usage_table
 from runner.job import catalog
 from runner.job.spec import JobSpec
 from runner.jsonrecord import from_json

@@ -135,13 +135,6 @@ def _load(
     return load_job(spec, items, check_templates=check_templates, writes=writes, sends=sends)
 
 
-def api_key_for(job: Job) -> str:
-    """The key from the environment (never from the spec); see runner.api.api_key_for."""
-    from runner.api import api_key_for as key_for
-
-    return key_for(job)
-
-
 def _console() -> Any:
     """A rich console on stdout (its width: the terminal's, $COLUMNS, or 80 when piped)."""
     from rich.console import Console
@@ -182,8 +175,6 @@ def app_for(args: list[str]) -> typer.Typer:
 # The commands live in modules by concern and register here, after the app and the helpers they use,
 # in the order `glm-batch --help` lists them.
 from runner.cli import doctor, inspect, run, scaffold, show  # noqa: E402
-from runner.cli.scaffold import job_schema, job_schema_text, starter_job  # noqa: E402
-from runner.cli.tables import _estimate_table, _models_table, _usage_table  # noqa: E402
 
 COMMANDS: dict[str, Callable[..., None]] = {
     fn.__name__: fn
@@ -206,16 +197,4 @@ COMMANDS: dict[str, Callable[..., None]] = {
 for _name, _fn in COMMANDS.items():
     app.command(_name, cls=_Command)(_fn)
 
-__all__ = [
-    "COMMANDS",
-    "_estimate_table",
-    "_models_table",
-    "_usage_table",
-    "api_key_for",
-    "app",
-    "app_for",
-    "job_schema",
-    "job_schema_text",
-    "main",
-    "starter_job",
-]
+__all__ = ["COMMANDS", "app", "app_for", "main"]

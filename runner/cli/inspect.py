@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runner.cli import JsonOpt, SetOpt, SpecArg, _console, _guarded, _load, api_key_for
+from runner.cli import JsonOpt, SetOpt, SpecArg, _console, _guarded, _load
 from runner.cli.tables import _models_table, _usage_table
 from runner.errors import UsageError
 from runner.files import recorded_runs
@@ -229,6 +229,7 @@ def _look_for_strays(job: Job) -> None:
         return
     import asyncio  # only now: `status` of any other job loads nothing that sends
 
+    from runner.api import api_key_for
     from runner.send.batch.admin import look_for_strays
     from runner.send.endpoints import endpoint_url
 
@@ -299,6 +300,7 @@ def cancel(
     import asyncio
 
     def go() -> None:
+        from runner.api import api_key_for
         from runner.send.batch.admin import cancel_batches
         from runner.send.endpoints import endpoint_url
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runner.cli import LimitOpt, SetOpt, SpecArg, _console, _guarded, _load, api_key_for
+from runner.cli import LimitOpt, SetOpt, SpecArg, _console, _guarded, _load
 from runner.cli.tables import _estimate_table
 from runner.errors import UsageError
 
@@ -148,7 +148,7 @@ def estimate(
     """Estimate a job's tokens, cost and wall time. Sends nothing unless --exact or --pilot asks."""
     import asyncio
 
-    from runner.api import estimate_loaded
+    from runner.api import api_key_for, estimate_loaded
     from runner.estimate import EstimateOptions
     from runner.observe.progress import make_reporter
 

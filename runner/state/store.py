@@ -51,7 +51,7 @@ from runner.records import (
 from runner.state.lock import JobLock
 from runner.state.rescue import read_rescued, state_failure, state_guard, write_rescue
 from runner.state.rowmap import RowMap
-from runner.state.settled import SettledKeys as SettledKeys  # re-exported: callers import it from here
+from runner.state.settled import SettledKeys
 
 BATCH_PART_ROWS = 10_000  # batch answers held (not journalled) before they count toward a checkpoint
 

@@ -227,13 +227,13 @@ def billed_at(sim: SimulatorThread, monkeypatch: pytest.MonkeyPatch) -> list[tup
     """The simulator's own record of each answer it billed: its clock then, and the tokens billed.
     (With no latency it bills as a request arrives.)"""
     record: list[tuple[float, int]] = []
-    bill = sim.sim.bill
+    bill = sim.bill
 
     def recording(api: str, key: str, reply: Any) -> None:
         record.append((time.monotonic(), reply.input_tokens + reply.output_tokens))
         bill(api, key, reply)
 
-    monkeypatch.setattr(sim.sim, "bill", recording)
+    monkeypatch.setattr(sim, "bill", recording)
     return record
 
 

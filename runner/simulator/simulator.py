@@ -19,54 +19,12 @@ from typing import Any
 
 from aiohttp import web
 
-from runner.simulator.answers import (
-    NEGATIVE,
-    POSITIVE,
-    TEXT_SCHEMA_MARKER,
-    Ask,
-    Reply,
-    answer_for,
-    anthropic_message,
-    ask_from_messages,
-    compose,
-    count_tokens,
-    lexicon_score,
-    prompt_key,
-    prompt_text,
-    share,
-    structured_answer,
-    text_of,
-)
-from runner.simulator.config import BILLED_FAULTS, ERRORS, FAULTS, HTML_502, RETRYABLE_FAULTS, SimConfig
+from runner.simulator.answers import Ask, Reply, compose, lexicon_score, prompt_key, share
+from runner.simulator.config import SimConfig
 from runner.simulator.host import APIS, Served
 from runner.simulator.messages import MessagesAPI
 from runner.simulator.native import NATIVE_PATH, NativeAPI
 from runner.simulator.skill import skill_variant, stated_confidence
-
-__all__ = [
-    "BILLED_FAULTS",
-    "FAULTS",
-    "HTML_502",
-    "NEGATIVE",
-    "POSITIVE",
-    "RETRYABLE_FAULTS",
-    "TEXT_SCHEMA_MARKER",
-    "SimConfig",
-    "Simulator",
-    "SimulatorThread",
-    "answer_for",
-    "anthropic_message",
-    "ask_from_messages",
-    "count_tokens",
-    "lexicon_score",
-    "prompt_text",
-    "serve_forever",
-    "structured_answer",
-]
-
-_ERRORS = ERRORS  # the name this module used before the split
-_share = share
-_text_of = text_of
 
 
 class Simulator:
@@ -164,6 +122,19 @@ class Simulator:
         """Forget what was answered and billed (between test cases sharing one simulator)."""
         with self.lock:
             self.served = Served()
+
+    @property
+    def native_url(self) -> str:
+        """The base of Zhipu's native API on this simulator (tokenizer, chat completions, Batch API)."""
+        return self.url + NATIVE_PATH
+
+    def expire_batch(self, batch_id: str) -> None:
+        """Expire a batch now: lines already processed are delivered and billed, the rest expire."""
+        self.native.expire(batch_id)
+
+    def fail_batch(self, batch_id: str, message: str = "validation failed") -> None:
+        """Fail a batch that is still validating, as a file Zhipu refuses would."""
+        self.native.fail(batch_id, message)
 
     async def _get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
@@ -272,59 +243,25 @@ class Simulator:
         return share(f"invalid{prompt}") < cfg.invalid_rate and turn <= cfg.invalid_turns
 
 
-class SimulatorThread:
-    """Runs a Simulator on its own event loop in a daemon thread: for tests and `endpoint: simulator`."""
+class SimulatorThread(Simulator):
+    """A Simulator on its own event loop in a daemon thread: for tests and `endpoint: simulator`."""
 
     def __init__(self, config: SimConfig | None = None, port: int = 0) -> None:
-        self.sim = Simulator(config)
+        super().__init__(config)
         self._port = port
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="glm-batch-simulator", daemon=True)
 
     def __enter__(self) -> SimulatorThread:
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.sim.start(self._port), self._loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(self.start(self._port), self._loop).result(timeout=10)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.sim.stop(), self._loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(self.stop(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
-
-    @property
-    def url(self) -> str:
-        """The base URL to give the SDK."""
-        return self.sim.url
-
-    def stats(self) -> dict[str, Any]:
-        """See Simulator.stats."""
-        return self.sim.stats()
-
-    def configure(self, **changes: Any) -> None:
-        """See Simulator.configure."""
-        self.sim.configure(**changes)
-
-    def reset_stats(self) -> None:
-        """See Simulator.reset_stats."""
-        self.sim.reset_stats()
-
-    def billed_prompts(self) -> dict[str, dict[str, int]]:
-        """See Simulator.billed_prompts."""
-        return self.sim.billed_prompts()
-
-    @property
-    def native_url(self) -> str:
-        """The base of Zhipu's native API on this simulator (tokenizer, chat completions, Batch API)."""
-        return self.sim.url + NATIVE_PATH
-
-    def expire_batch(self, batch_id: str) -> None:
-        """Expire a batch now: lines already processed are delivered and billed, the rest expire."""
-        self.sim.native.expire(batch_id)
-
-    def fail_batch(self, batch_id: str, message: str = "validation failed") -> None:
-        """Fail a batch that is still validating, as a file Zhipu refuses would."""
-        self.sim.native.fail(batch_id, message)
 
 
 async def serve_forever(port: int, config: SimConfig) -> None:

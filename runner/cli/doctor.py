@@ -107,8 +107,9 @@ async def diagnose(
     target: Target, url: str, key: str, *, batch: bool, batch_wait_s: float, ramp_max: int, say: Callable[[str], None]
 ) -> Report:
     """Run the probes against `url` and record what they found."""
+    from dataclasses import asdict
+
     from runner.job import catalog
-    from runner.job.facts import as_dict as facts_dict
     from runner.job.facts import record_facts
     from runner.send.batch.probe import probe_batch
     from runner.send.probe import CONTROL_MODEL, PROBE_INPUT_TOKENS, Prober, Report, probe_online
@@ -151,7 +152,7 @@ async def diagnose(
         report.add("batch", None, "not checked", "add --batch (a 2-line batch, waits up to --batch-wait)")
     where = target.base_url
     if report.facts:
-        report.facts = facts_dict(record_facts(where, target.model, source="doctor", **report.facts))
+        report.facts = asdict(record_facts(where, target.model, source="doctor", **report.facts))
     if report.control:
         record_facts(where, CONTROL_MODEL, source="doctor", **report.control)
     return report

@@ -15,7 +15,7 @@ import contextlib
 import datetime as dt
 import os
 import stat
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -125,8 +125,3 @@ def record_facts(base_url: str | None, model: str, *, source: str, **learned: An
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(everything, path)
     return Facts(**{k: v for k, v in merged.items() if k in {f.name for f in fields(Facts)}})
-
-
-def as_dict(facts: Facts) -> dict[str, Any]:
-    """The facts as a plain dict (for `doctor --json` and the summary)."""
-    return asdict(facts)

@@ -17,11 +17,9 @@ from aiohttp import web
 
 from runner.job import catalog
 from runner.simulator.answers import ask_from_chat, chat_completion, count_tokens, prompt_key
-from runner.simulator.batch_input import LINE_URL, eligible, file_problem, line_problem, parse_file
+from runner.simulator.batch_input import eligible, file_problem, line_problem, parse_file
 from runner.simulator.batch_state import ACTIVE, NativeState, SimBatch, SimFile
 from runner.simulator.config import BATCH_QUEUE_CAPS, METADATA_MAX_KEY, METADATA_MAX_KEYS, METADATA_MAX_VALUE
-
-__all__ = ["ACTIVE", "BATCH_ENDPOINTS", "LINE_URL", "NATIVE_PATH", "NativeAPI"]
 
 NATIVE_PATH = "/api/paas/v4"
 T = TypeVar("T")

@@ -187,25 +187,14 @@ def _outside_a_loop(name: str, instead: str) -> None:
     )
 
 
-# What a run's first request needs that loading the job and planning do not: the SDK (about 1.2 s to
-# import, most of a small run's start), what the SDK imports only when its first client is built
-# (httpcore2, for the TLS context) and when it sends its first request (opentelemetry.propagate, for the
-# trace headers), and the retry and rate-limit libraries. Only third-party modules: the runner's own
-# stay with the thread that runs the job.
+# What a run's first request needs that loading the job and planning do not (third-party only): the SDK,
+# what it imports on its first client and request, the retry and rate-limit libraries.
 SENDING_MODULES = ("anthropic", "httpcore2", "opentelemetry.propagate", "tenacity", "aiolimiter")
 
 
 def import_in_background(modules: tuple[str, ...] = SENDING_MODULES) -> threading.Thread:
-    """Import `modules` in a thread, so a run's start does not wait for the SDK after everything else.
-
-    The import overlaps what the run does before its first request: checking the input, recovering
-    its state and rendering the first rows. Much of that is polars and file work that releases the
-    GIL, so on two cores the SDK is mostly loaded by the time it is needed; where it is not, the
-    importing code waits for this thread's import (the import lock), as it would have imported it
-    anyway. A module that fails here is left alone: importing it where it is used raises the error
-    where it matters. The thread is not a daemon: a process that ends early waits for the import
-    rather than stopping a thread that holds the import lock.
-    """
+    """Import `modules` in a thread, so a run's start does not wait for the SDK after everything else
+    (docs/decisions.md, "CLI start-up"); a module that fails here raises where it is used."""
 
     def load() -> None:
         for name in modules:

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import os
 
-# polars allocates with jemalloc, which by default keeps freed pages for seconds; a run works in
-# phases (send, compact, join, write) whose peaks then stack up. Returning pages at once kept a
-# 200k-row run at 350 MB instead of 550 MB (bench/throughput.py). It must be set before polars loads,
-# and only by the command line (a library does not set its host's environment); an operator's own
-# setting wins. It stays at the top of this package so that every way into the CLI sets it first.
+# polars' jemalloc returns freed pages at once (docs/decisions.md, "CLI start-up"): set before polars
+# loads, by the command line only, at the top of this package; an operator's own setting wins.
 os.environ.setdefault("_RJEM_MALLOC_CONF", "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0")
 
 import sys
@@ -156,13 +153,8 @@ def main() -> None:
 
 
 def app_for(args: list[str]) -> typer.Typer:
-    """The app that runs `glm-batch ARGS`: for `glm-batch COMMAND ...`, one with that command alone.
-
-    Typer builds every registered command (reading each function's signature and options) before it
-    runs one, about 20 ms for all of them, paid by every invocation; an app holding the one command
-    asked for runs it, its --help and its errors the same way. Anything else (no command, --help,
-    --version, a misspelt command) and shell completion get the whole app.
-    """
+    """The app that runs `glm-batch ARGS`: for `glm-batch COMMAND ...`, one with that command alone;
+    the whole app for anything else (no command, --help, --version, a misspelt one) and shell completion."""
     name = args[0] if args else ""
     if name not in COMMANDS or any(key.startswith("_") and key.endswith("_COMPLETE") for key in os.environ):
         return app

@@ -3,12 +3,8 @@
     state = PanelState.of(job_name, model, currency, tally, gauges, control, phase, rate)
     console.print(ProgressPanel(lambda: state))   # or inside rich.live.Live, re-rendered as it runs
 
-The panel is a title line (job, model, phase, elapsed), a bar with rows done of the total, then items
-(rate, ETA, in flight / limit, the share refused with 429, tokens, spend against its projection, rows
-sharing a prompt, batches' states, lines the Batch API counts done, the wait for its queue, ...) flowed
-into as many lines as the width needs. Every item fits 80 columns on its own line; at 80 columns it
-takes a few lines, at 200 one or two, plus the items kept for wide terminals. Nothing is cut: an item
-wider than the terminal is folded, never elided.
+A title line, a bar, then the items (`_items`, most important first) flowed into as many lines as the
+width needs; nothing is cut: an item wider than the terminal is folded, never elided.
 """
 
 from __future__ import annotations

@@ -3,11 +3,7 @@
     page = html_page(load_report(output, job=job))
 
 No scripts, no fonts, no images, nothing fetched: the page opens the same offline, in a mail client or
-an archive. Sections: a header (model, run id, date, rows, tokens, cost), rows finished and requests in
-flight over time, the latency distribution, errors by type, tokens and cost per price tier, attempts
-and retries; for a cascade, its guarantee, threshold, rows by who answered, cost against the oracle
-alone and accuracies; and for structured jobs, quality: validity and repairs (with what "repaired" means), the
-vote, per-field rates, per-label figures, the confusion matrix and the wrong answers with their text.
+an archive.
 """
 
 from __future__ import annotations

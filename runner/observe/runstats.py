@@ -2,11 +2,8 @@
 
     figures = run_figures(open_output(path))   # plain data: header, timeline, latency, errors, tiers
 
-Every job has these, labeling or not: when its rows finished and how many requests were in flight
-(each row's request ran from `finished_at - latency_ms` to `finished_at`), how long requests took,
-which errors rows ended with, tokens and cost per price tier, and how many attempts rows took. Rows
-that reused another row's answer (`reused_from`) sent nothing and are left out of time and tokens.
-The timeline is the latest run's (by `run_id`); the rest covers the whole output, every run in it.
+Rows that reused another row's answer (`reused_from`) sent nothing and are left out of time and tokens;
+the timeline is the latest run's (by `run_id`), the rest covers every run in the output.
 """
 
 from __future__ import annotations

@@ -3,9 +3,6 @@ what it holds was written from the same state (so a finished job's re-run rewrit
 
     sink = ParquetSink(job.output_path, job.state_dir)
     counts = sink.current_counts(basis) or sink.write(frame, basis)
-
-Parquet on a local path is the one sink today; a Parquet dataset (one file per block, for Ray) or an
-object-store target is another module with the same two methods.
 """
 
 from __future__ import annotations

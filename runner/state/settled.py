@@ -11,16 +11,9 @@ from runner.records import KEY
 
 
 class SettledKeys:
-    """The request keys that need no sending, sorted, with a vectorised membership test.
-
-    A sorted Series and binary search: each batch costs O(batch * log N), and nothing is rebuilt per
-    batch (a join would hash all N keys again for every batch of a million-row resume).
-
-    Given a function instead of the keys, it reads them on first use: a re-run of an unchanged finished
-    job may learn from the row map's cover record (runner.state.rowmap) that every row is settled
-    without reading a key. `basis` says what the keys are read from (the answer files, and whether
-    --retry-failed leaves failures unsettled), which is what that record is checked against.
-    """
+    """The request keys that need no sending, sorted, tested by binary search (docs/decisions.md, "The
+    store and the row map"). Given a function, it reads them on first use; `basis` says what from (the
+    answer files, and whether --retry-failed leaves failures unsettled), for the row map's cover record."""
 
     def __init__(self, keys: pl.Series | Callable[[], pl.Series], basis: dict[str, Any] | None = None) -> None:
         self._keys = keys if isinstance(keys, pl.Series) else None

@@ -50,19 +50,11 @@ def resolve_target(spec: Path | None, endpoint: str | None, model: str | None) -
     if model is None:
         raise UsageError("doctor: give a job spec, or --model (and --endpoint, default zhipu)")
     name = endpoint or "zhipu"
-    endpoints = catalog.endpoints()
-    if name in endpoints:
-        ep = endpoints[name]
-        base, native, currency, keys = ep.base_url, ep.native_url, ep.currency, tuple(ep.key_env)
-    elif name.startswith(("http://", "https://")):
-        base = name.rstrip("/")
-        native = catalog.native_url_beside(base)
-        currency = "USD" if "z.ai" in base else "CNY"
-        keys = tuple(endpoints["zhipu"].key_env)
-    else:
-        known = ", ".join(sorted(endpoints))
+    ep = catalog.endpoint(name)
+    if ep is None:
+        known = ", ".join(sorted(catalog.endpoints()))
         raise UsageError(f"--endpoint {name!r}: unknown endpoint; use {known} or a URL")
-    return Target(name, base, native, currency, keys, model, catalog.models().get(model))
+    return Target(name, ep.base_url, ep.native_url, ep.currency, tuple(ep.key_env), model, catalog.models().get(model))
 
 
 @contextlib.contextmanager

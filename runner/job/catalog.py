@@ -130,6 +130,21 @@ def endpoints() -> dict[str, Endpoint]:
         raise UsageError(f"configs/endpoints.yaml: {exc}") from exc
 
 
+def endpoint(name: str, native_url: str | None = None) -> Endpoint | None:
+    """The endpoint `name` (a spec's model.endpoint, doctor's --endpoint): a named one, or for a URL (a
+    proxy, a simulator) one billed in CNY unless it is z.ai's host, with zhipu's key variables and the
+    native API `native_url` or beside it. None for anything else."""
+    named = endpoints()
+    if name in named:
+        return named[name]
+    if not name.startswith(("http://", "https://")):
+        return None
+    base = name.rstrip("/")
+    currency = "USD" if "z.ai" in base else "CNY"
+    return Endpoint(base_url=base, native_url=native_url or native_url_beside(base), currency=currency,
+                    key_env=named["zhipu"].key_env)  # fmt: skip
+
+
 @cache
 def models() -> dict[str, ModelInfo]:
     """The model catalogue from configs/models.yaml (keys starting with `_` hold shared YAML anchors)."""

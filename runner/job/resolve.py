@@ -197,20 +197,11 @@ def _resolve(
     name = spec.name or spec_path.stem
     where = str(spec_path)
 
-    endpoints = catalog.endpoints()
-    if spec.model.endpoint in endpoints:
-        ep = endpoints[spec.model.endpoint]
-        base_url, currency, key_env = ep.base_url, ep.currency, tuple(ep.key_env)
-        native_url = ep.native_url
-    elif spec.model.endpoint.startswith(("http://", "https://")):
-        # A literal URL: a proxy or a local simulator. Bill in CNY unless it is z.ai's host.
-        base_url = spec.model.endpoint.rstrip("/")
-        currency = "USD" if "z.ai" in base_url else "CNY"
-        key_env = tuple(catalog.endpoints()["zhipu"].key_env)
-        native_url = spec.model.native_endpoint or catalog.native_url_beside(base_url)
-    else:
-        known = ", ".join(sorted(endpoints))
+    ep = catalog.endpoint(spec.model.endpoint, spec.model.native_endpoint)
+    if ep is None:
+        known = ", ".join(sorted(catalog.endpoints()))
         raise UsageError(f"{where}: model.endpoint: unknown endpoint {spec.model.endpoint!r}; use {known} or a URL")
+    base_url, native_url, currency, key_env = ep.base_url, ep.native_url, ep.currency, tuple(ep.key_env)
 
     models = catalog.models()
     if spec.model.name not in models:

@@ -4,11 +4,9 @@
     check = compare(job, kept, ok=n, spent=x)            # the run summary's cost.estimate
     check = compare_whole(job, kept, spent=x)            # a cascade's: its whole run against the estimate
 
-A job's state keeps one estimate (`estimate.json`), whatever it was made with: `--set model.name=...`,
-another endpoint, another prompt. A run compares its spend only with an estimate made for the same
-model, endpoint and requests (the prompt, the model's settings, the output's shape, the input), and
-takes the estimate's figure for the run's own mode (online, batch or hybrid); otherwise its summary
-says there is no matching estimate and why, instead of a figure for something else.
+A run compares its spend only with an estimate made for the same model, endpoint and requests, at the
+figure for its own mode; otherwise no figure, and why (docs/decisions.md, "A run compares its cost only
+with an estimate made for it").
 """
 
 from __future__ import annotations

@@ -461,14 +461,11 @@ class Store:
         """Rows answered ok, failed and pending, from the row map and the answers (see RowMap.progress)."""
         return self.rows.progress(self.result_parts(), samples, total_rows)
 
-    def _compacted(self, parts: list[Path]) -> bool:
-        return bool(parts) and all("-compact-" in p.name for p in parts)
-
     def compact_results(self) -> list[Path]:
         """Fold all parts into compact buckets holding one result per key (an ok answer over an error,
         the newest over older ones); return the bucket files. Nothing to do when already compact."""
         parts = self.result_parts()
-        if self._compacted(parts) or not parts:
+        if not parts or all("-compact-" in p.name for p in parts):
             return parts
         results = scan_results(parts)
         buckets = Buckets.for_rows(int(results.select(pl.len()).collect().item()))

@@ -157,14 +157,8 @@ def calibration(job: str, model: str, *, simulated: bool = False) -> Calibration
     rows = usage(simulated=simulated).filter(pl.col("model") == model, pl.col("est_input_tokens") > 0)
     for scope, subset in (("job", rows.filter(pl.col("job") == job)), ("model", rows)):
         if subset.height:
-            totals = subset.select(
-                (pl.col("input_tokens").sum() + pl.col("cache_read_input_tokens").sum()).alias("actual"),
-                pl.col("est_input_tokens").sum().alias("estimated"),
-            )
-            actual, estimated = int(totals.item(0, "actual")), int(totals.item(0, "estimated"))
             answered = int(subset.get_column("requests_ok").sum())
-            source = f"{answered} answers of {'this job' if scope == 'job' else model}"
-            return Calibration(actual / estimated, answered, f"measured on {source}")
+            return Calibration.measured(subset, answered, "this job" if scope == "job" else model)
     return Calibration()
 
 

@@ -63,11 +63,7 @@ def calibration_from(answers: pl.DataFrame) -> Calibration | None:
     measured = answers.filter(pl.col("est_input_tokens") > 0)
     if measured.height < MIN_SAMPLES:
         return None
-    actual = int(measured.get_column("input_tokens").sum()) + int(
-        measured.get_column("cache_read_input_tokens").fill_null(0).sum()
-    )
-    estimated = int(measured.get_column("est_input_tokens").sum())
-    return Calibration(actual / estimated, measured.height, f"measured on {measured.height} answers of this job")
+    return Calibration.measured(measured, measured.height, "this job")
 
 
 def output_model(answers: pl.DataFrame, max_tokens: int, thinks: bool = False) -> OutputModel:

@@ -15,7 +15,10 @@ from __future__ import annotations
 import math
 import unicodedata
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import polars as pl
 
 LATIN_CHARS_PER_TOKEN = 3.5
 CJK_TOKENS_PER_CHAR = 1.0
@@ -89,6 +92,14 @@ class Calibration:
     ratio: float = 1.0
     samples: int = 0
     source: str = "uncalibrated defaults"
+
+    @classmethod
+    def measured(cls, rows: pl.DataFrame, answers: int, of: str) -> Calibration:
+        """The ratio over `rows` (answers, or ledger rows) of the input tokens billed, cached ones
+        included, to the tokens estimated for them; from `answers` answers of `of`."""
+        columns = ("input_tokens", "cache_read_input_tokens", "est_input_tokens")
+        billed, cached, estimated = (int(rows.get_column(c).sum()) for c in columns)
+        return cls((billed + cached) / estimated, answers, f"measured on {answers} answers of {of}")
 
     def apply(self, raw: int) -> int:
         """The calibrated estimate for a raw one."""

@@ -1,0 +1,71 @@
+"""What the world sends, by class: each test names a class of hostile answers or inputs and checks the one
+defence that makes the whole class pass, through the real CLI (or the real SDK) against the simulator or
+a scripted endpoint of the test's own (conftest.messages_endpoint)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+
+from runner.send.batch.errors import classify_api_error, status_error
+from runner.send.batch.native_results import classify_failure, parse_result_line
+from runner.send.retries import Verdict
+from runner.simulator.simulator import SimulatorThread
+from tests.conftest import JobFiles, cli, sample_rows
+from tests.test_error_shapes import online_fault
+
+# ---- every business code has one meaning, on every wire and in either error shape ----------------------
+
+CODES = [("400_1212", 400, "1212", Verdict.ABORT), ("500_1231", 500, "1231", Verdict.RETRY)]
+
+
+@pytest.mark.parametrize("shape", ["anthropic", "native"])
+@pytest.mark.parametrize(("fault", "status", "code", "verdict"), CODES, ids=[c[2] for c in CODES])
+def test_method_unsupported_stops_and_a_duplicate_request_is_retried_on_the_messages_route(
+    shape: str, fault: str, status: int, code: str, verdict: Verdict
+) -> None:
+    """1212 (method not supported) is the same for every row: the run stops, as for 1220-1222. 1231
+    (duplicate request: the same one is being processed) is asked again later, and may be billed twice."""
+    classified = online_fault(fault, shape)
+    assert (classified.verdict, classified.type) == (verdict, f"{status}/{code}")
+    assert classified.maybe_billed is (code == "1231")
+
+
+@pytest.mark.parametrize("shape", ["code", "type"])
+@pytest.mark.parametrize(("fault", "status", "code", "verdict"), CODES, ids=[c[2] for c in CODES])
+def test_method_unsupported_and_duplicate_request_mean_the_same_in_batch_lines_and_batch_api_answers(
+    shape: str, fault: str, status: int, code: str, verdict: Verdict
+) -> None:
+    """The code decides, whatever HTTP status it came with (both are undocumented: real-wire.md [G])."""
+    body = {"error": {shape: code, "message": "refused"}}
+    line = json.dumps({"custom_id": "r1", "response": {"status_code": 400, "body": body}})
+    assert classify_failure(parse_result_line(line)) is verdict
+    answer = status_error(400, json.dumps(body).encode(), {}, "POST /batches")
+    assert classify_api_error(answer).verdict is verdict
+
+
+def test_a_run_answered_1212_stops_at_once_naming_the_code_and_what_to_check(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    sim.configure(faults=("400_1212",), fault_rate=1.0, error_shape="native")
+    files = make_job(sample_rows(200), run={"concurrency": 4})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 3, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "1212" in last and "model.endpoint" in last, last
+    assert sim.stats()["requests"] <= 4 * 2  # the workers' first requests; none sent again
+
+
+def test_a_run_answered_1231_now_and_then_answers_every_row_and_counts_what_may_be_billed_twice(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    sim.configure(faults=("500_1231",), fault_rate=0.3)
+    files = make_job(sample_rows(40), run={"max_attempts": 12})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    refused = sim.stats()["outcomes"]["500_1231"]
+    assert refused > 0
+    summary = json.loads(files.summary.read_text())
+    assert summary["cost"]["maybe_billed_twice"]["requests"] == refused

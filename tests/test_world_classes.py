@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,59 @@ def test_a_run_answered_1231_now_and_then_answers_every_row_and_counts_what_may_
     assert refused > 0
     summary = json.loads(files.summary.read_text())
     assert summary["cost"]["maybe_billed_twice"]["requests"] == refused
+
+
+# ---- every input reader refuses a name that stands for two values ---------------------------------------
+
+
+def _parquet_with_twice_named(path: Path, struct: bool) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    if struct:
+        fields = pa.StructArray.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["text", "text"])
+        table = pa.Table.from_arrays([pa.array(["r1"]), fields], names=["id", "text"])
+    else:
+        table = pa.Table.from_arrays([pa.array(["r1"]), pa.array(["a"]), pa.array(["b"])], names=["id", "text", "text"])
+    pq.write_table(table, path)
+
+
+TWICE = {
+    "csv header": ("in.csv", b"id,text,text\nr1,first,second\n", "the header", "text"),
+    "jsonl line": (
+        "in.jsonl",
+        b'{"id":"r1","text":"a"}\n{"id":"r2","text":"first","text":"second"}\n',
+        "line 2",
+        "text",
+    ),
+    "jsonl nested object": ("in.ndjson", b'{"id":"r1","text":{"v":[{"k":1,"k":2}]}}\n', "line 1", "k"),
+    "parquet column": ("in.parquet", False, "its schema", "text"),
+    "parquet struct field": ("in.parquet", True, "its schema", "text"),
+}
+
+
+@pytest.mark.parametrize(("name", "content", "place", "key"), TWICE.values(), ids=TWICE.keys())
+def test_an_input_naming_a_column_or_key_twice_is_refused_with_file_place_and_name_before_anything_is_sent(
+    make_job: Callable[..., JobFiles],
+    sim: SimulatorThread,
+    tmp_path: Path,
+    name: str,
+    content: object,
+    place: str,
+    key: str,
+) -> None:
+    """Readers settle a repeated name silently (polars keeps a JSONL line's first `text`, renames a CSV's
+    second one): every format is refused alike, naming the file, the line where there is one, and the name."""
+    data = tmp_path / "data" / name
+    data.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        data.write_bytes(content)
+    else:
+        _parquet_with_twice_named(data, struct=bool(content))
+    files = make_job(input={"paths": [f"data/{name}"]})
+    for command in ("validate", "run"):
+        result = cli(command, str(files.spec))
+        assert result.exit_code == 2, result.stderr[-2000:]
+        line = result.stderr.strip()
+        assert len(line.splitlines()) == 1 and "Traceback" not in line, line
+        assert f"{name}: {place} names {key!r} twice" in line, line
+    assert sim.stats()["requests"] == 0

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
@@ -342,9 +343,9 @@ def _repeated_key(value: Any) -> str | None:
                 if key in seen:
                     return key
                 seen.add(key)
-        values = (item for _, item in pairs)
+        values: Iterable[Any] = (item for _, item in pairs)
     else:
-        values = iter(value)
+        values = value
     for item in values:
         found = _repeated_key(item)
         if found is not None:

@@ -7,14 +7,16 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import polars as pl
 import pytest
 
 from runner.send.batch.errors import classify_api_error, status_error
 from runner.send.batch.native_results import classify_failure, parse_result_line
 from runner.send.retries import Verdict
 from runner.simulator.simulator import SimulatorThread
-from tests.conftest import JobFiles, cli, sample_rows
+from tests.conftest import JobFiles, cli, messages_endpoint, sample_rows
 from tests.test_error_shapes import online_fault
 
 # ---- every business code has one meaning, on every wire and in either error shape ----------------------
@@ -126,3 +128,140 @@ def test_an_input_naming_a_column_or_key_twice_is_refused_with_file_place_and_na
         assert len(line.splitlines()) == 1 and "Traceback" not in line, line
         assert f"{name}: {place} names {key!r} twice" in line, line
     assert sim.stats()["requests"] == 0
+
+
+# ---- usage may come in message_start, message_delta, both, or neither --------------------------------------
+
+
+def _sse(*events: dict[str, Any]) -> bytes:
+    return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+
+
+def _start(usage: object = "absent") -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "glm-4.6",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+    }
+    if usage != "absent":
+        message["usage"] = usage
+    return {"type": "message_start", "message": message}
+
+
+def _delta(usage: object = "absent") -> dict[str, Any]:
+    event: dict[str, Any] = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}}
+    if usage != "absent":
+        event["usage"] = usage
+    return event
+
+
+_TEXT = [
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "a fine product, " * 8}},
+    {"type": "content_block_stop", "index": 0},
+]
+_ZERO = {"input_tokens": 0, "output_tokens": 0}
+# (message_start usage, message_delta usage, input_tokens, output_tokens): None where it must be estimated.
+USAGE_SHAPES = {
+    "zhipu: zeros first, all in the delta": (_ZERO, {"input_tokens": 12, "output_tokens": 30}, 12, 30),
+    "anthropic: input first, output in the delta": (
+        {"input_tokens": 12, "output_tokens": 1},
+        {"output_tokens": 30},
+        12,
+        30,
+    ),
+    "both carry all": ({"input_tokens": 12, "output_tokens": 1}, {"input_tokens": 12, "output_tokens": 30}, 12, 30),
+    "no usage in message_start": ("absent", {"input_tokens": 12, "output_tokens": 30}, 12, 30),
+    "null usage in message_start": (None, {"input_tokens": 12, "output_tokens": 30}, 12, 30),
+    "delta lacks input_tokens, start has zeros": (_ZERO, {"output_tokens": 30}, None, 30),
+    "delta's input_tokens null": (_ZERO, {"input_tokens": None, "output_tokens": 30}, None, 30),
+    "no usage in message_delta": ({"input_tokens": 12, "output_tokens": 1}, "absent", 12, None),
+    "null usage in message_delta": ({"input_tokens": 12, "output_tokens": 1}, None, 12, None),
+    "no usage anywhere": ("absent", "absent", None, None),
+    "null counts everywhere": (
+        {"input_tokens": None, "output_tokens": None},
+        {"input_tokens": None, "output_tokens": None},
+        None,
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize(("start", "delta", "input_tokens", "output_tokens"), USAGE_SHAPES.values(), ids=USAGE_SHAPES)
+def test_a_streamed_answer_is_kept_once_with_the_most_complete_usage_or_an_estimate_it_says_is_one(
+    make_job: Callable[..., JobFiles],
+    start: object,
+    delta: object,
+    input_tokens: int | None,
+    output_tokens: int | None,
+) -> None:
+    """The answer was generated, so it is billed: it is kept (never asked again, paying twice), its usage
+    the most complete of both events; a count no event gave is estimated (the prompt, the answer's text),
+    never 0, and the row says which count is an estimate."""
+    asked: list[int] = []
+
+    async def handler(request: Any) -> Any:
+        from aiohttp import web
+
+        await request.read()
+        asked.append(1)
+        body = _sse(_start(start), *_TEXT, _delta(delta), {"type": "message_stop"})
+        return web.Response(body=body, headers={"content-type": "text/event-stream"})
+
+    with messages_endpoint(handler) as url:
+        files = make_job(rows=sample_rows(3), model={"endpoint": url, "stream": True})
+        result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert len(asked) == 3  # each row asked once: a billed answer is never asked again
+    out = pl.read_parquet(files.output)
+    for row in out.iter_rows(named=True):
+        note = row["error_message"] or ""
+        for name, expected in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
+            if expected is None:
+                assert row[name] > 0 and f"{name} estimated" in note, (row[name], note)
+            else:
+                assert row[name] == expected and f"{name} estimated" not in note, (row[name], note)
+        assert row["cost"] > 0
+    if input_tokens is None or output_tokens is None:
+        assert "usage_estimated" in result.stderr
+
+
+WHOLE_USAGE = {
+    "input null": ({"input_tokens": None, "output_tokens": 30}, None, 30),
+    "input zero": ({"input_tokens": 0, "output_tokens": 30}, None, 30),
+    "output left out": ({"input_tokens": 12}, 12, None),
+    "usage null": (None, None, None),
+    "usage left out": ("absent", None, None),
+}
+
+
+@pytest.mark.parametrize(("usage", "input_tokens", "output_tokens"), WHOLE_USAGE.values(), ids=WHOLE_USAGE)
+def test_a_whole_answer_without_a_count_is_kept_once_with_an_estimate_it_says_is_one(
+    make_job: Callable[..., JobFiles], usage: object, input_tokens: int | None, output_tokens: int | None
+) -> None:
+    asked: list[int] = []
+
+    async def handler(request: Any) -> Any:
+        from aiohttp import web
+
+        await request.read()
+        asked.append(1)
+        body: dict[str, Any] = {"id": "msg_1", "type": "message", "role": "assistant", "model": "glm-4.6"}
+        body |= {"content": [{"type": "text", "text": "fine"}], "stop_reason": "end_turn"}
+        if usage != "absent":
+            body["usage"] = usage
+        return web.json_response(body)
+
+    with messages_endpoint(handler) as url:
+        files = make_job(rows=sample_rows(2), model={"endpoint": url})
+        result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert len(asked) == 2
+    for row in pl.read_parquet(files.output).iter_rows(named=True):
+        for name, expected in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
+            assert row[name] == expected if expected is not None else row[name] > 0
+            assert (f"{name} estimated" in (row["error_message"] or "")) is (expected is None)

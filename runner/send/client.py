@@ -20,7 +20,7 @@ import orjson
 from anthropic._response import AsyncAPIResponse
 from anthropic.types import Message
 
-from runner.money.tokens import estimate_text, token_count
+from runner.money.tokens import estimate_request, estimate_text, token_count
 from runner.records import Answer
 from runner.send.retries import (
     BadResponse,
@@ -93,24 +93,7 @@ class Client:
         if len(params["messages"]) > 1:  # a conversation: a repair turn, or few-shot examples
             params = {**params, "messages": [_taken_back(turn) for turn in params["messages"]]}
         if self._stream:
-            finished = False
-            try:
-                async with asyncio.timeout(self._stall) as quiet:
-                    async with self._sdk.messages.stream(**params, timeout=None) as stream:
-                        async for event in stream:
-                            quiet.reschedule(asyncio.get_running_loop().time() + self._stall)
-                            finished = finished or event.type == "message_stop"
-                        message = await stream.get_final_message()
-                        request_id = _request_id(stream.response.headers)
-            except TimeoutError:
-                raise StalledStream(self._stall) from None
-            except AssertionError:  # the SDK's accumulator found no message: an HTML page, a cut-off stream
-                raise BadResponse(None, "the stream ended without a complete message", maybe_billed=True) from None
-            if not finished:
-                raise BadResponse(
-                    None, "the stream ended before message_stop: the answer was cut off", maybe_billed=True
-                )
-            return answer_from_message(message.to_dict(warnings=False), request_id)
+            return await self._streamed(params)
         try:
             # The SDK's timeout bounds each read, so an answer trickled a byte at a time never ends; this
             # bounds the whole answer, as run.timeout_s promises.
@@ -119,7 +102,54 @@ class Client:
                 body = await _body(raw)
         except TimeoutError:
             raise SlowAnswer(self._timeout) from None
-        return answer_from_message(body, _request_id(raw.headers))
+        return answer_from_message(body, _request_id(raw.headers), prompt=params)
+
+    async def _streamed(self, params: dict[str, Any]) -> Answer:
+        """A streamed answer, put together from its events here rather than by the SDK's accumulator,
+        which takes usage from message_start and then message_delta as Anthropic sends them, and fails
+        (or counts 0) when either leaves it out or sends null: usage is read from both (`StreamUsage`)."""
+        message: dict[str, Any] | None = None
+        blocks: dict[int, dict[str, Any]] = {}
+        partial: dict[int, list[str]] = {}  # a tool call's input, as its JSON arrives in pieces
+        usage = StreamUsage()
+        finished = False
+        try:
+            async with asyncio.timeout(self._stall) as quiet:
+                stream = await self._sdk.messages.create(**params, stream=True, timeout=None)
+                request_id = _request_id(stream.response.headers)
+                async with stream:
+                    async for event in stream:
+                        quiet.reschedule(asyncio.get_running_loop().time() + self._stall)
+                        kind = getattr(event, "type", None)
+                        if kind == "content_block_delta":
+                            _add_delta(blocks, partial, getattr(event, "index", None), getattr(event, "delta", None))
+                        elif kind == "message_start":
+                            start = getattr(event, "message", None)
+                            message = {"id": getattr(start, "id", None), "model": getattr(start, "model", None)}
+                            usage.saw(getattr(start, "usage", None), final=False)
+                        elif kind == "content_block_start":
+                            block = getattr(event, "content_block", None)
+                            index = getattr(event, "index", None)
+                            if isinstance(index, int) and block is not None:
+                                blocks[index] = block.to_dict(warnings=False)
+                        elif kind == "message_delta":
+                            delta = getattr(event, "delta", None)
+                            if message is not None:
+                                message["stop_reason"] = getattr(delta, "stop_reason", None)
+                                message["stop_sequence"] = getattr(delta, "stop_sequence", None)
+                            usage.saw(getattr(event, "usage", None), final=True)
+                        elif kind == "message_stop":
+                            finished = True
+        except TimeoutError:
+            raise StalledStream(self._stall) from None
+        if message is None:  # no message_start: an HTML page, a cut-off stream
+            raise BadResponse(None, "the stream ended without a complete message", maybe_billed=True)
+        if not finished:
+            raise BadResponse(None, "the stream ended before message_stop: the answer was cut off", maybe_billed=True)
+        for index, pieces in partial.items():
+            _set_tool_input(blocks[index], "".join(pieces))
+        body = {**message, "type": "message", "content": [blocks[i] for i in sorted(blocks)], "usage": usage.merged()}
+        return answer_from_message(body, request_id, prompt=params)
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -181,6 +211,67 @@ def classify(exc: BaseException) -> Fault:
     return unclassified(exc)
 
 
+_COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+class StreamUsage:
+    """A stream's usage, from message_start and every message_delta: Anthropic sends input (and cache)
+    counts first and output in the delta; Zhipu sends zeros first and everything in the delta; either
+    may leave a count out or send null. Counts are cumulative, so the largest one seen is the most
+    complete. Output counted at message_start is a placeholder: only a message_delta's is the answer's."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, Any] = {}
+
+    def saw(self, usage: Any, *, final: bool) -> None:
+        """Take the counts of one event's usage (a model, a dict, or None)."""
+        if usage is None:
+            return
+        for name in _COUNTS:
+            if name == "output_tokens" and not final:
+                continue
+            value = usage.get(name) if isinstance(usage, Mapping) else getattr(usage, name, None)
+            if value is None:
+                continue
+            known = self._seen.get(name)
+            counted, before = token_count(value), token_count(known)
+            if counted is None:
+                self._seen[name] = value  # not a count: the reader refuses it, as in a whole answer
+            elif known is None or (before is not None and counted > before):
+                self._seen[name] = counted
+
+    def merged(self) -> dict[str, Any]:
+        """The usage the answer is read with (runner.send.client.answer_from_message)."""
+        return dict(self._seen)
+
+
+def _add_delta(blocks: dict[int, dict[str, Any]], partial: dict[int, list[str]], index: Any, delta: Any) -> None:
+    """One content_block_delta added to the block it names (a delta for no block is dropped)."""
+    block = blocks.get(index) if isinstance(index, int) else None
+    if block is None or delta is None:
+        return
+    kind = getattr(delta, "type", None)
+    if kind == "text_delta":
+        block["text"] = _text(block.get("text")) + _text(getattr(delta, "text", ""))
+    elif kind == "thinking_delta":
+        block["thinking"] = _text(block.get("thinking")) + _text(getattr(delta, "thinking", ""))
+    elif kind == "signature_delta":
+        block["signature"] = _text(getattr(delta, "signature", ""))
+    elif kind == "input_json_delta":
+        partial.setdefault(index, []).append(_text(getattr(delta, "partial_json", "")))
+
+
+def _set_tool_input(block: dict[str, Any], text: str) -> None:
+    """A tool call's input from the JSON its deltas carried; text that is not JSON is kept as text (a
+    structured answer then fails its check and is repaired, as a call with bad arguments is)."""
+    if not text:
+        return
+    try:
+        block["input"] = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        block["input"] = text
+
+
 def _request_id(headers: Any) -> str | None:
     value = headers.get("request-id") or headers.get("x-request-id")
     return str(value) if value else None
@@ -207,14 +298,18 @@ async def _body(raw: AsyncAPIResponse[Message]) -> Any:
         raise BadResponse(None, f"200 answer is not JSON: {snippet!r}", maybe_billed=torn) from None
 
 
-def answer_from_message(data: Any, request_id: str | None) -> Answer:
+def answer_from_message(data: Any, request_id: str | None, *, prompt: Mapping[str, Any] | None = None) -> Answer:
     """The Answer in a Messages API answer body (a dict as the wire gave it), read strictly.
 
     An error object answered with 200, in either of Zhipu's shapes (or the older top-level
     `{"code", "msg"}`), raises BadResponse with its code (runner.send.retries.error_parts: the one
     reader of error bodies), so an account code aborts the run. A message whose usage is not two
     token counts, or whose content is not a list of blocks, raises BadResponse marked maybe billed:
-    it was generated, but nothing of it can be kept or priced. Never TypeError or KeyError."""
+    it was generated, but nothing of it can be kept or priced. Never TypeError or KeyError.
+
+    A count the endpoint left out (absent, null, or an input of 0: no prompt is) is estimated, the input
+    from `prompt` (the request's parameters) and the output from the answer's text, never counted 0,
+    and named in `usage_estimated`: the answer was generated and billed, and asking again pays twice."""
     if not isinstance(data, Mapping):
         raise BadResponse(None, f"200 answer is not a JSON object but {type(data).__name__}")
     if data.get("type") != "message":
@@ -224,11 +319,12 @@ def answer_from_message(data: Any, request_id: str | None) -> Answer:
         raise StoppedAnswer(str(data["stop_reason"]))
     usage = data.get("usage")
     usage = usage if isinstance(usage, Mapping) else {}
-    input_tokens, output_tokens = token_count(usage.get("input_tokens")), token_count(usage.get("output_tokens"))
-    if input_tokens is None or output_tokens is None:
+    counts = {name: usage.get(name) for name in ("input_tokens", "output_tokens")}
+    garbage = [name for name, value in counts.items() if value is not None and token_count(value) is None]
+    if garbage:
         raise BadResponse(
             None,
-            f"200 message without usable usage ({_short(usage) if usage else 'none'}): it cannot be priced or kept",
+            f"200 message without usable usage ({_short(usage)}): it cannot be priced or kept",
             maybe_billed=True,
         )
     content = data.get("content")
@@ -258,6 +354,19 @@ def answer_from_message(data: Any, request_id: str | None) -> Answer:
             blocks.append(
                 {"type": "tool_use", "id": block_id, "name": _text(block.get("name")), "input": block.get("input")}
             )
+    input_tokens, output_tokens = token_count(counts["input_tokens"]), token_count(counts["output_tokens"])
+    estimated: list[str] = []
+    if not input_tokens and prompt is not None:  # absent, null or 0: no prompt is 0 tokens
+        input_tokens = estimate_request(dict(prompt))
+        estimated.append("input_tokens")
+    said = any(texts) or any(thoughts) or tool_use_id is not None
+    if output_tokens is None or (output_tokens == 0 and said):
+        output_tokens = _output_estimate(texts, thoughts, blocks)
+        estimated.append("output_tokens")
+    if input_tokens is None:  # no prompt to estimate from: nothing of it can be priced
+        raise BadResponse(
+            None, f"200 message without usable usage ({_short(usage) if usage else 'none'})", maybe_billed=True
+        )
     details = usage.get("output_tokens_details")
     reported = token_count(details.get("thinking_tokens")) if isinstance(details, Mapping) else None
     thinking_tokens = reported if reported is not None else round(sum(estimate_text(t) for t in thoughts))
@@ -278,7 +387,14 @@ def answer_from_message(data: Any, request_id: str | None) -> Answer:
         tool_input=tool_input,
         tool_use_id=tool_use_id,
         content=tuple(blocks),
+        usage_estimated=", ".join(estimated) or None,
     )
+
+
+def _output_estimate(texts: list[str], thoughts: list[str], blocks: list[dict[str, Any]]) -> int:
+    """Output tokens estimated from what the answer said (its text, thinking and tool calls): at least 1."""
+    calls = [json.dumps(b.get("input"), ensure_ascii=False) for b in blocks if b.get("type") == "tool_use"]
+    return max(1, round(sum(estimate_text(t) for t in (*texts, *thoughts, *calls))))
 
 
 def _taken_back(turn: dict[str, Any]) -> dict[str, Any]:

@@ -55,6 +55,9 @@ ABORT_CODES = frozenset(
 )
 
 
+METHOD_UNSUPPORTED = "1212"  # "this method is not supported": at a batch create, for the file's model
+
+
 # What an account-level refusal means and what to do about it, for the one line a stopped run prints.
 ABORT_MEANINGS: dict[str, str] = {
     **dict.fromkeys(
@@ -69,8 +72,8 @@ ABORT_MEANINGS: dict[str, str] = {
     **dict.fromkeys(("1308", "1309", "1310"), "the plan's usage limit is reached or the plan expired; wait or renew"),
     "1304": "the account's daily call limit is reached; run again tomorrow (answers so far are kept)",
     "1211": "the endpoint does not know this model; check model.name",
-    "1212": "the endpoint does not support this method (every row is sent the same way); check model.endpoint "
-    "(the Anthropic route for online runs, the native /api/paas/v4 for the Batch API) and model.name",
+    "1212": "the endpoint does not support this method (every row is sent the same way): check model.endpoint "
+    "and model.name; in batch mode the Batch API may not take this model (run.mode: online)",
     **dict.fromkeys(
         ("1221", "1222"),
         "the endpoint says this API is offline or does not exist; check model.endpoint, or try again later",

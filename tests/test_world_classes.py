@@ -5,6 +5,9 @@ a scripted endpoint of the test's own (conftest.messages_endpoint)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,9 +15,13 @@ from typing import Any
 import polars as pl
 import pytest
 
+from runner.job import catalog
 from runner.send.batch.errors import classify_api_error, status_error
+from runner.send.batch.executor import NO_ROOM_LOOKS
+from runner.send.batch.files import BatchFileWriter, queue_caps
 from runner.send.batch.native_results import classify_failure, parse_result_line
 from runner.send.retries import Verdict
+from runner.simulator.config import BATCH_QUEUE_CAPS
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, messages_endpoint, sample_rows
 from tests.test_error_shapes import online_fault
@@ -265,3 +272,65 @@ def test_a_whole_answer_without_a_count_is_kept_once_with_an_estimate_it_says_is
         for name, expected in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
             assert row[name] == expected if expected is not None else row[name] > 0
             assert (f"{name} estimated" in (row["error_message"] or "")) is (expected is None)
+
+
+# ---- a batch chunk never exceeds a limit it could not pass, nor waits for room that cannot come -------------
+
+BATCH_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.05}
+
+
+def test_a_chunk_bigger_than_the_models_queue_stops_the_run_at_once_saying_what_to_lower(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """The account's queue holds 150 requests of the model, the chunk is 300 and no batch of the job runs
+    to make room: waiting would never end. The run stops (exit 3) in a few looks, names the knob, and
+    leaves nothing at Zhipu: no batch made, its input file deleted, nothing billed."""
+    sim.configure(batch_queue_cap=150)
+    batch = {"mode": "batch", "batch": BATCH_POLL}
+    files = make_job(rows=sample_rows(300), model={"name": "glm-4-air-250414"}, run=batch)
+    run = subprocess.run(  # a child process: without the defence it waits for ever, and this bounds the test
+        [sys.executable, "-m", "runner", "run", str(files.spec), "--log-format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert run.returncode == 3, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert "no room" in last and "lower run.batch.max_requests" in last and "300 requests" in last, last
+    stats = sim.stats()
+    assert stats["outcomes"]["batch_queue_full"] >= NO_ROOM_LOOKS  # a few looks, then the answer
+    assert stats["outcomes"].get("batch_created", 0) == 0 and stats["files"] == 0
+    assert stats["billed"]["batch"] == 0
+
+
+def test_the_catalogue_knows_each_documented_queue_cap_and_a_file_is_never_bigger_than_its_models(
+    tmp_path: Path,
+) -> None:
+    """configs/models.yaml holds Zhipu's per-model queue caps (the simulator's world holds the same);
+    a batch file for a model with a cap below run.batch.max_requests is split at the cap."""
+    known = queue_caps()
+    assert known == {model: cap for model, cap in BATCH_QUEUE_CAPS.items() if model in catalog.models()}
+    with BatchFileWriter(tmp_path, max_requests=50_000, queue_caps={"glm-4v-plus": 4}) as writer:
+        for index in range(10):
+            writer.add(f"r{index}", {"model": "glm-4v-plus", "messages": [{"role": "user", "content": "hi"}]})
+            writer.add(f"s{index}", {"model": "glm-4-plus", "messages": [{"role": "user", "content": "hi"}]})
+    lines = sorted((file.model, file.lines) for file in writer.files)
+    assert lines == [("glm-4-plus", 10), ("glm-4v-plus", 2), ("glm-4v-plus", 4), ("glm-4v-plus", 4)]
+
+
+def test_a_request_too_big_for_any_batch_file_fails_its_row_saying_why_and_the_others_are_answered(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    rows = sample_rows(6)
+    rows[2]["text"] = "a long review " * 400  # about 5.6 kB: over the 3,000 bytes a file may hold here
+    batch = {**BATCH_POLL, "max_bytes": 3000}
+    files = make_job(rows=rows, model={"name": "glm-4-air-250414"}, run={"mode": "batch", "batch": batch})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 1, result.stderr[-2000:]  # a row failed; not an internal error (exit 70)
+    out = pl.read_parquet(files.output).sort("id")
+    assert out.get_column("status").to_list() == ["ok", "ok", "error", "ok", "ok", "ok"]
+    failed = out.row(2, named=True)
+    assert failed["error_type"] == "batch_line_too_large" and failed["attempts"] == 0
+    assert "run.batch.max_bytes is 3,000" in failed["error_message"]
+    assert sim.stats()["billed"]["batch"] == 5

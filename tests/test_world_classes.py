@@ -334,3 +334,77 @@ def test_a_request_too_big_for_any_batch_file_fails_its_row_saying_why_and_the_o
     assert failed["error_type"] == "batch_line_too_large" and failed["attempts"] == 0
     assert "run.batch.max_bytes is 3,000" in failed["error_message"]
     assert sim.stats()["billed"]["batch"] == 5
+
+
+# ---- every body read from the network or a file is bounded ------------------------------------------------
+
+MB = 1 << 20
+HUGE_MB = 200  # what the endpoint would send: far past MAX_ANSWER_BYTES (64 MB)
+
+
+async def _huge(request: Any, shape: str, sent: list[int]) -> Any:
+    """A body of HUGE_MB in `shape`, a megabyte at a time, counting in `sent` what the client took
+    before it hung up."""
+    from aiohttp import web
+
+    status = 429 if shape == "error body" else 200
+    stream = shape == "stream"
+    response = web.StreamResponse(
+        status=status, headers={"content-type": "text/event-stream" if stream else "application/json"}
+    )
+    if shape == "declared length":
+        response.content_length = HUGE_MB * MB
+    await response.prepare(request)
+    piece = "x" * MB
+    if stream:
+        head = _sse(_start(_ZERO), _TEXT[0])
+        chunk = _sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
+    else:
+        head = b'{"type": "error", "error": {"type": "1302", "message": "' if status == 429 else b'{"a": "'
+        chunk = piece.encode()
+    try:
+        await response.write(head)
+        for _ in range(HUGE_MB):
+            await response.write(chunk)
+            sent.append(len(chunk))
+    except ConnectionError:
+        pass  # the client hung up: the point
+    return response
+
+
+@pytest.mark.parametrize("shape", ["whole answer", "declared length", "stream", "error body"])
+def test_an_endless_answer_fails_its_row_without_taking_the_memory_and_the_others_are_answered(
+    make_job: Callable[..., JobFiles], shape: str
+) -> None:
+    """One row's answer would be 200 MB (a JSON body, one that declares it, a stream, an error body):
+    the client reads at most 64 MB of it and hangs up, the row fails as answer_too_large (not asked
+    again: it would be as large), and the others are answered."""
+    sent: list[int] = []
+
+    async def handler(request: Any) -> Any:
+        from aiohttp import web
+
+        body = await request.json()
+        if "HUGE" in json.dumps(body):
+            return await _huge(request, shape, sent)
+        events = _sse(
+            _start(_ZERO), *_TEXT, _delta({"input_tokens": 12, "output_tokens": 30}), {"type": "message_stop"}
+        )
+        if body.get("stream"):
+            return web.Response(body=events, headers={"content-type": "text/event-stream"})
+        message = {"id": "m", "type": "message", "role": "assistant", "model": "glm-4.6", "stop_reason": "end_turn"}
+        message |= {"content": [{"type": "text", "text": "fine"}], "usage": {"input_tokens": 12, "output_tokens": 3}}
+        return web.json_response(message)
+
+    rows = sample_rows(4)
+    rows[1]["text"] = "HUGE"
+    with messages_endpoint(handler) as url:
+        files = make_job(rows=rows, model={"endpoint": url, "stream": shape == "stream"}, run={"max_attempts": 2})
+        result = cli("run", str(files.spec))
+    assert result.exit_code == 1, result.stderr[-2000:]
+    out = pl.read_parquet(files.output).sort("id")
+    assert out.get_column("status").to_list() == ["ok", "error", "ok", "ok"]
+    failed = out.row(1, named=True)
+    assert failed["error_type"] == "answer_too_large" and failed["attempts"] == 1, failed
+    assert "past the 67,108,864 bytes" in failed["error_message"]
+    assert sum(sent) < 96 * MB, sum(sent) / MB  # the bound, and what the sockets buffer on the way

@@ -51,6 +51,12 @@ class Executor(Protocol):
         """Release connections and anything else the executor holds."""
 
 
+# The most bytes one answer may take, on either wire (a whole JSON answer, a whole stream, an error body,
+# a batch result line): a 131,072-token answer streamed a token an event is about 30 MB. Past it the
+# answer is read no further and its row fails (answer_too_large), instead of taking the process's memory.
+MAX_ANSWER_BYTES = 64 << 20
+
+
 class Conversation:
     """One request's turns: its answers so far, and (for structured jobs) whether to ask again.
 

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import anthropic
+import httpx2
 import orjson
 from anthropic._response import AsyncAPIResponse
 from anthropic.types import Message
 
 from runner.money.tokens import estimate_request, estimate_text, token_count
 from runner.records import Answer
+from runner.send.base import MAX_ANSWER_BYTES
 from runner.send.retries import (
     BadResponse,
     Fault,
@@ -52,6 +54,70 @@ class SlowAnswer(Exception):
         super().__init__(f"no whole answer within {timeout_s:g} s")
 
 
+class AnswerTooLarge(Exception):
+    """A body over the bound: read no further. Generated (and billed) if it was an answer, and as large
+    again if asked again, so its row fails."""
+
+    def __init__(self, limit: int, declared: int | None = None) -> None:
+        said = f"says it is {declared:,} bytes" if declared is not None else "went on"
+        super().__init__(f"the answer {said}, past the {limit:,} bytes one answer may take; it was not read further")
+
+
+class BoundedStream(httpx2.AsyncByteStream):
+    """A response body that raises AnswerTooLarge once more than `limit` bytes came."""
+
+    def __init__(self, inner: httpx2.AsyncByteStream, limit: int) -> None:
+        self._inner = inner
+        self._limit = limit
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._inner:
+            seen += len(chunk)
+            if seen > self._limit:
+                raise AnswerTooLarge(self._limit)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class BoundedTransport(httpx2.AsyncBaseTransport):
+    """The SDK's transport with every response body bounded (answers, streams, error bodies, which the
+    SDK reads whole): one place where the whole class of oversized bodies stops."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport, limit: int) -> None:
+        self._inner = inner
+        self._limit = limit
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await self._inner.handle_async_request(request)
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._limit:
+            await response.aclose()
+            raise AnswerTooLarge(self._limit, int(declared))
+        stream = response.stream
+        assert isinstance(stream, httpx2.AsyncByteStream)
+        return httpx2.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=BoundedStream(stream, self._limit),
+            request=request,
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def bounded_http_client(limit: int) -> Any:
+    """The SDK's aiohttp client, every body it reads bounded by `limit` bytes (proxied routes too)."""
+    client = anthropic.DefaultAioHttpClient()
+    client._transport = BoundedTransport(client._transport, limit)
+    client._mounts = {url: BoundedTransport(t, limit) if t else t for url, t in client._mounts.items()}
+    return client
+
+
 class StoppedAnswer(Exception):
     """An answer that ended with one of Zhipu's own finish reasons: `network_error` (the inference broke
     off, leaving a partial answer: sent again) or `sensitive` (the content was blocked: the row fails)."""
@@ -71,14 +137,23 @@ _REASON_FIELD = {"sensitive": "finish_reason", "network_error": "finish_reason"}
 class Client:
     """An AsyncAnthropic pointed at one endpoint, sending one request at a time per call."""
 
-    def __init__(self, base_url: str, api_key: str, *, timeout_s: float, stream: bool, stall_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout_s: float,
+        stream: bool,
+        stall_s: float = 120.0,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+    ) -> None:
         self._sdk = anthropic.AsyncAnthropic(
             api_key=api_key,
             base_url=base_url,
             max_retries=0,
             timeout=timeout_s,
             default_headers={"x-api-key": api_key},
-            http_client=anthropic.DefaultAioHttpClient(),
+            http_client=bounded_http_client(max_answer_bytes),
         )
         self._timeout = timeout_s
         self._stream = stream
@@ -110,7 +185,7 @@ class Client:
         (or counts 0) when either leaves it out or sends null: usage is read from both (`StreamUsage`)."""
         message: dict[str, Any] | None = None
         blocks: dict[int, dict[str, Any]] = {}
-        partial: dict[int, list[str]] = {}  # a tool call's input, as its JSON arrives in pieces
+        pieces: _Pieces = {}  # (block, field) -> the text its deltas brought, joined at the end
         usage = StreamUsage()
         finished = False
         try:
@@ -122,7 +197,7 @@ class Client:
                         quiet.reschedule(asyncio.get_running_loop().time() + self._stall)
                         kind = getattr(event, "type", None)
                         if kind == "content_block_delta":
-                            _add_delta(blocks, partial, getattr(event, "index", None), getattr(event, "delta", None))
+                            _add_delta(blocks, pieces, getattr(event, "index", None), getattr(event, "delta", None))
                         elif kind == "message_start":
                             start = getattr(event, "message", None)
                             message = {"id": getattr(start, "id", None), "model": getattr(start, "model", None)}
@@ -146,9 +221,7 @@ class Client:
             raise BadResponse(None, "the stream ended without a complete message", maybe_billed=True)
         if not finished:
             raise BadResponse(None, "the stream ended before message_stop: the answer was cut off", maybe_billed=True)
-        for index, pieces in partial.items():
-            _set_tool_input(blocks[index], "".join(pieces))
-        body = {**message, "type": "message", "content": [blocks[i] for i in sorted(blocks)], "usage": usage.merged()}
+        body = {**message, "type": "message", "content": _joined(blocks, pieces), "usage": usage.merged()}
         return answer_from_message(body, request_id, prompt=params)
 
     async def aclose(self) -> None:
@@ -170,6 +243,9 @@ def classify(exc: BaseException) -> Fault:
     """
     if isinstance(exc, BadResponse):
         return bad_response_fault(exc)
+    too_large = _caused_by(exc, AnswerTooLarge)
+    if too_large is not None:  # raised inside the transport: the SDK wraps it as a connection error
+        return Fault(Verdict.FAIL, "answer_too_large", str(too_large), maybe_billed=True)
     if isinstance(exc, StoppedAnswer):
         if exc.reason == "network_error":  # generated in part, so billed in part
             return Fault(
@@ -211,6 +287,7 @@ def classify(exc: BaseException) -> Fault:
     return unclassified(exc)
 
 
+_Pieces = dict[tuple[int, str], list[str]]
 _COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
@@ -245,20 +322,31 @@ class StreamUsage:
         return dict(self._seen)
 
 
-def _add_delta(blocks: dict[int, dict[str, Any]], partial: dict[int, list[str]], index: Any, delta: Any) -> None:
-    """One content_block_delta added to the block it names (a delta for no block is dropped)."""
-    block = blocks.get(index) if isinstance(index, int) else None
-    if block is None or delta is None:
+def _add_delta(blocks: dict[int, dict[str, Any]], pieces: _Pieces, index: Any, delta: Any) -> None:
+    """One content_block_delta kept for the block it names (a delta for no block is dropped); the pieces
+    are joined once at the end (`_joined`): adding each to the text so far copies it every time."""
+    if delta is None or not isinstance(index, int) or index not in blocks:
         return
     kind = getattr(delta, "type", None)
     if kind == "text_delta":
-        block["text"] = _text(block.get("text")) + _text(getattr(delta, "text", ""))
+        pieces.setdefault((index, "text"), []).append(_text(getattr(delta, "text", "")))
     elif kind == "thinking_delta":
-        block["thinking"] = _text(block.get("thinking")) + _text(getattr(delta, "thinking", ""))
+        pieces.setdefault((index, "thinking"), []).append(_text(getattr(delta, "thinking", "")))
     elif kind == "signature_delta":
-        block["signature"] = _text(getattr(delta, "signature", ""))
+        blocks[index]["signature"] = _text(getattr(delta, "signature", ""))
     elif kind == "input_json_delta":
-        partial.setdefault(index, []).append(_text(getattr(delta, "partial_json", "")))
+        pieces.setdefault((index, "input"), []).append(_text(getattr(delta, "partial_json", "")))
+
+
+def _joined(blocks: dict[int, dict[str, Any]], pieces: _Pieces) -> list[dict[str, Any]]:
+    """The blocks in order, each with the pieces its deltas brought."""
+    for (index, name), parts in pieces.items():
+        block = blocks[index]
+        if name == "input":
+            _set_tool_input(block, "".join(parts))
+        else:
+            block[name] = _text(block.get(name)) + "".join(parts)
+    return [blocks[index] for index in sorted(blocks)]
 
 
 def _set_tool_input(block: dict[str, Any], text: str) -> None:
@@ -270,6 +358,18 @@ def _set_tool_input(block: dict[str, Any], text: str) -> None:
         block["input"] = orjson.loads(text)
     except orjson.JSONDecodeError:
         block["input"] = text
+
+
+def _caused_by(exc: BaseException, kind: type[Exception]) -> BaseException | None:
+    """`exc` or the first exception of type `kind` in its chain of causes."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _request_id(headers: Any) -> str | None:

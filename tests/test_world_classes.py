@@ -408,3 +408,29 @@ def test_an_endless_answer_fails_its_row_without_taking_the_memory_and_the_other
     assert failed["error_type"] == "answer_too_large" and failed["attempts"] == 1, failed
     assert "past the 67,108,864 bytes" in failed["error_message"]
     assert sum(sent) < 96 * MB, sum(sent) / MB  # the bound, and what the sockets buffer on the way
+
+
+# ---- the batch folder stops taking writes while results come back ------------------------------------------
+
+
+def test_a_result_file_the_state_folder_cannot_take_stops_the_run_as_a_state_failure_and_the_next_run_collects_it(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """Downloading a batch's result file into the job's state folder fails (here a directory stands where
+    the file goes; a read-only or vanished folder, an I/O error alike): the run stops as a state failure
+    (exit 74, one line, the resume command), not an internal error; the next run collects the batch,
+    paid once."""
+    files = make_job(
+        rows=sample_rows(20), model={"name": "glm-4-air-250414"}, run={"mode": "batch", "batch": BATCH_POLL}
+    )
+    blocker = files.output.parent / ".glm-batch" / "job" / "batches" / "round-0000-0000.output.jsonl.part"
+    blocker.mkdir(parents=True)
+    first = cli("run", str(files.spec))
+    assert first.exit_code == 74, first.stderr[-2000:]
+    last = first.stderr.strip().splitlines()[-1]
+    assert "stopped taking writes" in last and "Is a directory" in last and "glm-batch run" in last, last
+    blocker.rmdir()
+    again = cli("run", str(files.spec))
+    assert again.exit_code == 0, again.stderr[-2000:]
+    assert pl.read_parquet(files.output).get_column("status").to_list() == ["ok"] * 20
+    assert sim.stats()["billed"]["batch"] == 20

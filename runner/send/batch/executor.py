@@ -46,6 +46,7 @@ from runner.send.batch.rules import (
 from runner.send.batch.shapes import Batch
 from runner.send.batch.turns import restore_turns, save_turns
 from runner.send.retries import Fault, Verdict, refusal
+from runner.state.rescue import state_failure
 
 # Looks at a finished batch whose counts say lines completed but which names no output file yet
 # (instructor#1745) before the run stops, leaving it for the next run: never re-send billed lines.
@@ -134,7 +135,20 @@ class BatchExecutor:
             await self._online.aclose()
 
     async def run(self, requests: AsyncIterator[Request], deliver: Deliver, control: Control) -> None:
-        """Reattach to the job's open batches, submit what is new, and harvest until done or stopped."""
+        """Reattach to the job's open batches, submit what is new, and harvest until done or stopped.
+
+        A write to the job's batch folder that fails (a chunk file, a result file downloaded, the book)
+        stops the run as a state failure (DiskFull, exit 5; StateUnwritable, exit 74), never a crash:
+        the batches made keep running at Zhipu and the next run collects them."""
+        try:
+            await self._run(requests, deliver, control)
+        except OSError as exc:
+            failure = state_failure(exc, self._dir)
+            if failure is None:
+                raise
+            control.fail(failure)
+
+    async def _run(self, requests: AsyncIterator[Request], deliver: Deliver, control: Control) -> None:
         if self._deadline_after_s is not None:  # the run began before this executor was made
             self._hybrid = HybridDeadline(
                 control.started + self._deadline_after_s, control.started, self._spec.online_margin_s, self._clock

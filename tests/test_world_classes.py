@@ -434,3 +434,37 @@ def test_a_result_file_the_state_folder_cannot_take_stops_the_run_as_a_state_fai
     assert again.exit_code == 0, again.stderr[-2000:]
     assert pl.read_parquet(files.output).get_column("status").to_list() == ["ok"] * 20
     assert sim.stats()["billed"]["batch"] == 20
+
+
+# ---- the key goes to the endpoint and nowhere else ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_an_endpoint_that_redirects_stops_the_run_and_the_key_never_reaches_where_it_points(
+    make_job: Callable[..., JobFiles], status: int
+) -> None:
+    """A proxy or a moved endpoint answers with a redirect to another host. Following it would send the
+    key along (httpx drops Authorization across hosts, but not x-api-key): the run stops (exit 3) saying
+    so, and the other host never hears from us."""
+    reached: list[dict[str, str]] = []
+
+    async def elsewhere(request: Any) -> Any:
+        from aiohttp import web
+
+        reached.append(dict(request.headers))
+        return web.json_response({})
+
+    with messages_endpoint(elsewhere) as other:
+
+        async def redirect(request: Any) -> Any:
+            from aiohttp import web
+
+            return web.Response(status=status, headers={"location": f"{other}/v1/messages"})
+
+        with messages_endpoint(redirect) as url:
+            files = make_job(rows=sample_rows(5), model={"endpoint": url})
+            result = cli("run", str(files.spec))
+    assert result.exit_code == 3, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"({status}" in last and "redirects elsewhere" in last and "model.endpoint" in last, last
+    assert reached == []

@@ -111,8 +111,11 @@ class BoundedTransport(httpx2.AsyncBaseTransport):
 
 
 def bounded_http_client(limit: int) -> Any:
-    """The SDK's aiohttp client, every body it reads bounded by `limit` bytes (proxied routes too)."""
-    client = anthropic.DefaultAioHttpClient()
+    """The SDK's aiohttp client, every body it reads bounded by `limit` bytes (proxied routes too), and
+    following no redirect: httpx drops `Authorization` on a redirect to another host but not our
+    `x-api-key`, so a redirect would hand the key to whoever it points at. A 3xx stops the run instead
+    (runner.send.retries.status_fault)."""
+    client = anthropic.DefaultAioHttpClient(follow_redirects=False)
     client._transport = BoundedTransport(client._transport, limit)
     client._mounts = {url: BoundedTransport(t, limit) if t else t for url, t in client._mounts.items()}
     return client

@@ -79,6 +79,11 @@ ABORT_MEANINGS: dict[str, str] = {
         "the endpoint says this API is offline or does not exist; check model.endpoint, or try again later",
     ),
     "404": "the endpoint does not know this model or path; check model.name and model.endpoint",
+    **{
+        str(status): "the endpoint redirects elsewhere, which is not followed (the key would go along); "
+        "set model.endpoint to the address it should be"
+        for status in (300, 301, 302, 303, 307, 308)
+    },
     "434": "the account may not use Zhipu's file API, which the Batch API needs (no permission); run with "
     "run.mode: online, or ask Zhipu for access",
 }
@@ -185,14 +190,15 @@ def status_fault(
     """The fate of an error answer, whichever transport and error shape it came in: the one rule.
 
     ABORT: account codes (ABORT_CODES: auth 1000-1004, account 1110-1121, 1113 no balance, 1308-1310
-    plan, 1211 unknown model, 1212 method not supported) and 401/402/403/404. RETRY with an overload
+    plan, 1211 unknown model, 1212 method not supported), 401/402/403/404 and a redirect (3xx: not
+    followed, the key would go along). RETRY with an overload
     kind: rate codes (1302/1303 concurrency, 1305 platform) whatever the status, 429, 503/529. RETRY:
     other transient codes, 408, 409, 5xx and 200 (an error event mid-stream); 1231 (a duplicate request)
     is marked maybe billed: the request it duplicates is being processed. FAIL: blocked content (1300,
     1301) whatever the status, and any other 4xx (the request itself is wrong);
     a refused forced tool choice is named TOOL_CHOICE_REFUSED so the sender can fall back to auto."""
     name = f"{status}/{code}" if code else str(status)
-    if code in ABORT_CODES or status in (401, 402, 403, 404):
+    if code in ABORT_CODES or status in (401, 402, 403, 404) or 300 <= status < 400:
         return Fault(Verdict.ABORT, name, message, request_id=request_id)
     if code in BLOCKED_CODES:
         return Fault(Verdict.FAIL, name, message, request_id=request_id)

@@ -188,6 +188,12 @@ USAGE_SHAPES = {
     "delta's input_tokens null": (_ZERO, {"input_tokens": None, "output_tokens": 30}, None, 30),
     "no usage in message_delta": ({"input_tokens": 12, "output_tokens": 1}, "absent", 12, None),
     "null usage in message_delta": ({"input_tokens": 12, "output_tokens": 1}, None, 12, None),
+    "all read from the cache: input 0 is a count": (
+        _ZERO,
+        {**_ZERO, "output_tokens": 30, "cache_read_input_tokens": 40},
+        0,
+        30,
+    ),
     "no usage anywhere": ("absent", "absent", None, None),
     "null counts everywhere": (
         {"input_tokens": None, "output_tokens": None},
@@ -242,6 +248,7 @@ WHOLE_USAGE = {
     "input zero": ({"input_tokens": 0, "output_tokens": 30}, None, 30),
     "output left out": ({"input_tokens": 12}, 12, None),
     "usage null": (None, None, None),
+    "input 0, all read from the cache": ({"input_tokens": 0, "output_tokens": 3, "cache_read_input_tokens": 40}, 0, 3),
     "usage left out": ("absent", None, None),
 }
 

@@ -410,7 +410,7 @@ def answer_from_message(data: Any, request_id: str | None, *, prompt: Mapping[st
     token counts, or whose content is not a list of blocks, raises BadResponse marked maybe billed:
     it was generated, but nothing of it can be kept or priced. Never TypeError or KeyError.
 
-    A count the endpoint left out (absent, null, or an input of 0: no prompt is) is estimated, the input
+    A count the endpoint left out (absent, null, or an input of 0 with nothing cached) is estimated, the input
     from `prompt` (the request's parameters) and the output from the answer's text, never counted 0,
     and named in `usage_estimated`: the answer was generated and billed, and asking again pays twice."""
     if not isinstance(data, Mapping):
@@ -459,8 +459,12 @@ def answer_from_message(data: Any, request_id: str | None, *, prompt: Mapping[st
             )
     input_tokens, output_tokens = token_count(counts["input_tokens"]), token_count(counts["output_tokens"])
     estimated: list[str] = []
-    if not input_tokens and prompt is not None:  # absent, null or 0: no prompt is 0 tokens
-        input_tokens = estimate_request(dict(prompt))
+    cached = (token_count(usage.get("cache_read_input_tokens")) or 0) + (
+        token_count(usage.get("cache_creation_input_tokens")) or 0
+    )
+    # Absent or null; or 0 with nothing cached either (a prompt read whole from the cache has input 0).
+    if prompt is not None and (input_tokens is None or (input_tokens == 0 and not cached)):
+        input_tokens = max(estimate_request(dict(prompt)) - cached, 0)
         estimated.append("input_tokens")
     said = any(texts) or any(thoughts) or tool_use_id is not None
     if output_tokens is None or (output_tokens == 0 and said):

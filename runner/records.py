@@ -53,6 +53,9 @@ class Answer:
     tool_input: Any = None  # the input of the first tool call, if the model made one
     tool_use_id: str | None = None
     content: tuple[dict[str, Any], ...] = ()  # the answer's blocks in request form, to continue the turn
+    # The usage counts the endpoint did not report, estimated instead (never 0 for a billed answer):
+    # e.g. "input_tokens"; None when every count is the endpoint's own.
+    usage_estimated: str | None = None
 
 
 @dataclass(slots=True)

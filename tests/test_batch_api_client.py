@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import BodyPartReader, web
 
-from runner.send.batch.api import BatchAPI
+from runner.send.batch.api import MAX_API_BODY, BatchAPI
 from runner.send.batch.book import Chunk
 from runner.send.batch.errors import (
     BatchAbort,
@@ -30,6 +30,7 @@ from runner.send.batch.errors import (
     classify_api_error,
 )
 from runner.send.batch.files import BatchFileWriter, write_batch_files
+from runner.send.batch.harvest import read_result_lines
 from runner.send.batch.native_answer import answer_from_chat
 from runner.send.batch.native_request import chat_body
 from runner.send.batch.native_results import classify_failure, parse_result_line
@@ -526,7 +527,7 @@ def test_files_split_by_bytes(tmp_path: Path) -> None:
     )
     files = write_batch_files(items, tmp_path, max_bytes=line_size * 3 + 10)
     assert all(f.size <= line_size * 3 + 10 for f in files) and sum(f.lines for f in files) == 20
-    with pytest.raises(ValueError, match="more than a file may hold"):
+    with pytest.raises(ValueError, match="more than a batch file may hold"):
         write_batch_files(items[:1], tmp_path / "small", max_bytes=50)
 
 
@@ -634,3 +635,37 @@ async def test_a_create_retried_after_its_answer_was_lost_leaves_one_live_batch_
             assert (await api.retrieve(late)).status in ("cancelling", "cancelled")
             assert (await api.retrieve(made.id)).status == "validating"
             assert await twins.sweep(api, book, ["c"]) == set() and list(book.strays) == [late]  # once
+
+
+async def test_an_answer_past_the_api_bound_is_refused_never_held_whole(
+    api: BatchAPI, server: FakeBatchServer, waits: list[float]
+) -> None:
+    """A batch object is a few kB: a 16 MB+ answer (a runaway body, a gateway's dump) is refused after
+    MAX_API_BODY bytes, retried like any unreadable answer, and the call fails when it stays so."""
+    huge = b'{"id": "b", "status": "completed", "note": "' + b"x" * MAX_API_BODY + b'"}'
+    server.enqueue("GET /batches/{id}", *[Canned(raw=huge)] * 4)
+    with pytest.raises(BatchProtocolError, match="over 16,777,216 bytes"):
+        await api.retrieve("b")
+    assert len(server.calls("GET /batches/{id}")) == 4 and len(waits) == 3
+
+
+def test_a_result_line_past_the_answer_bound_fails_its_request_read_through_in_bounded_memory(
+    tmp_path: Path,
+) -> None:
+    """A result line longer than one answer may be (here 1 MB; MAX_ANSWER_BYTES in a run) is skipped
+    through without being held (its ends name its request) and fails it for good: asked again it would
+    be as large, and it was billed. The lines around it are read as ever."""
+    import tracemalloc
+
+    ok = json.dumps({"custom_id": "a", "response": {"status_code": 200, "body": {}}}).encode() + b"\n"
+    body = b'{"response": {"status_code": 200, "body": {"x": "' + b"y" * (20 << 20) + b'"}}, "custom_id": "big"}\n'
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(ok + body + ok.replace(b'"a"', b'"c"'))
+    del body
+    tracemalloc.start()
+    lines = list(read_result_lines([path], limit=1 << 20))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [line.custom_id for line in lines] == ["a", "big", "c"]
+    assert lines[1].error_code == "answer_too_large" and classify_failure(lines[1]) is Verdict.FAIL
+    assert peak < 4 << 20, peak  # a few times the bound, never the 20 MB line

@@ -81,6 +81,9 @@ class BatchInfo(BaseModel):
     confirmed: bool = False
     source: str = ""
     price_share: float = Field(default=0.5, ge=0, le=1)
+    # Requests the model may have queued in unfinished batches (Zhipu's per-model queue cap, documented
+    # for the GLM-4 family): a batch file holds no more, or its create could never find room.
+    queue_cap: int | None = Field(default=None, gt=0)
 
 
 class ModelInfo(BaseModel):

@@ -13,7 +13,6 @@ a column's type mid-run.
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import polars as pl
 
 from runner.columns import clash as output_clash
 from runner.errors import NothingToDo, UsageError, first_line
-from runner.files import head
+from runner.job.reading import refuse_ambiguous_names
 from runner.job.resolve import Job
 
 ROW = "_row"
@@ -81,8 +80,7 @@ def open_input(job: Job) -> InputSource:
     if not paths:
         raise NothingToDo(f"{where}: input.paths: the input has no rows; nothing to do")
     for path in paths:
-        if path.suffix == ".csv":
-            _check_csv_header(path, where)
+        refuse_ambiguous_names(path, where)
     frames = [_scan(p, where) for p in paths]
     schemas = []
     for path, frame in zip(paths, frames, strict=True):
@@ -337,42 +335,6 @@ def _bad_json_line(path: Path) -> str:
             except ValueError:
                 return f", line {number}"
     return ""
-
-
-# Byte-order marks of the encodings a spreadsheet may save "Unicode text" in; polars reads UTF-8 only.
-_WIDE_BOMS = {
-    b"\xff\xfe\x00\x00": "UTF-32",
-    b"\x00\x00\xfe\xff": "UTF-32",
-    b"\xff\xfe": "UTF-16",
-    b"\xfe\xff": "UTF-16",
-}
-
-
-def _check_csv_header(path: Path, where: str) -> None:
-    """Refuse a CSV whose header polars would read wrongly without a word: a file in UTF-16 or UTF-32
-    (polars reads it as garbled UTF-8, NULs and all), or a column name given twice (polars renames the
-    second `x_duplicated_0`, so the template silently reads the first). Empty names may repeat (the
-    trailing commas of a spreadsheet export); they cannot be template variables anyway."""
-    start = head(path)
-    if start is None:
-        return  # polars names the problem
-    for bom, name in _WIDE_BOMS.items():
-        if start.startswith(bom):
-            raise UsageError(f"{where}: input.paths: {path} is {name} text; save it as UTF-8")
-    line = start.split(b"\n", 1)[0]
-    if b"\x00" in line:
-        raise UsageError(f"{where}: input.paths: {path} has NUL bytes in its header (UTF-16 text?); save it as UTF-8")
-    try:
-        header = next(csv.reader([line.decode("utf-8-sig").rstrip("\r")]), [])
-    except (UnicodeDecodeError, csv.Error):
-        return  # polars names the problem
-    seen: set[str] = set()
-    for name in header:
-        if name and name in seen:
-            raise UsageError(
-                f"{where}: input.paths: {path}: the header names column {name!r} twice; rename one of them"
-            )
-        seen.add(name)
 
 
 def _scan(path: object, where: str) -> pl.LazyFrame:

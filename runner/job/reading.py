@@ -1,7 +1,9 @@
-"""Reading the files a job is made of (its YAML spec, a template file, the catalogue) with limits.
+"""Reading the files a job is made of (its YAML spec, a template file, the catalogue) with limits, and
+the one check every input reader passes (a name given twice).
 
     text = read_text_file(path, "jobs/x.yaml: prompt.template_file")  # a regular file, at most MAX_FILE_BYTES
     data = load_yaml(text, origin=str(path))                     # at most MAX_YAML_DEPTH deep, MAX_YAML_NODES
+    refuse_ambiguous_names(input_path, "jobs/x.yaml")            # CSV header, JSONL keys, Parquet columns
 
 A spec may come from someone else. So a file the tool reads as text must be a regular file (never a FIFO,
 which would block forever, or a device like /dev/zero, which never ends), of bounded size, and never
@@ -12,16 +14,21 @@ MAX_YAML_DEPTH, and documents whose aliases would expand past MAX_YAML_NODES nod
 
 from __future__ import annotations
 
+import csv
 import errno
+import json
 import os
+import re
 import stat
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from pydantic import ValidationError
 
 from runner.errors import UsageError
+from runner.files import head
 
 MAX_FILE_BYTES = 2_000_000  # a job spec, a template file, a catalogue file
 MAX_YAML_DEPTH = 64  # mappings and lists inside each other
@@ -250,3 +257,112 @@ def _user_path(loc: tuple[int | str, ...], raw: Any, *, missing: bool) -> list[s
             continue  # a union member's tag (constrained-int, literal['auto'])
         parts.append(str(part))
     return parts
+
+
+# ---- input files: a name given twice -------------------------------------------------------------------
+
+# Byte-order marks of the encodings a spreadsheet may save "Unicode text" in; polars reads UTF-8 only.
+_WIDE_BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
+_PAIRS = json.JSONDecoder(object_pairs_hook=list)  # an object as its (key, value) pairs, every one kept
+_POLARS_DUPLICATE = re.compile(r"name '(.*)' has more than one occurrence|duplicate struct field '(.*)'")
+
+
+def refuse_ambiguous_names(path: Path, where: str) -> None:
+    """Refuse an input in which one name stands for two values, which the readers would settle without a
+    word (polars keeps a JSONL line's first `text` of two; renames a CSV's second `x` to
+    `x_duplicated_0`): a CSV header naming a column twice, a JSONL line (or an object inside it) giving a
+    key twice, a Parquet file with a column or struct field twice. UsageError naming the file, the line
+    where there is one, and the name. A CSV in UTF-16 or UTF-32 (read as garbled UTF-8) is refused too.
+    Empty CSV names may repeat (a spreadsheet's trailing commas); they cannot be template variables."""
+    name = str(path)
+    if name.endswith(".csv"):
+        _check_csv_header(path, where)
+    elif name.endswith((".jsonl", ".ndjson")):
+        _check_json_keys(path, where)
+    else:
+        _check_parquet_names(path, where)
+
+
+def _twice(path: Path, where: str, name: str, place: str) -> UsageError:
+    return UsageError(f"{where}: input.paths: {path}: {place} names {name!r} twice; rename or drop one of them")
+
+
+def _check_csv_header(path: Path, where: str) -> None:
+    start = head(path)
+    if start is None:
+        return  # polars names the problem
+    for bom, encoding in _WIDE_BOMS.items():
+        if start.startswith(bom):
+            raise UsageError(f"{where}: input.paths: {path} is {encoding} text; save it as UTF-8")
+    line = start.split(b"\n", 1)[0]
+    if b"\x00" in line:
+        raise UsageError(f"{where}: input.paths: {path} has NUL bytes in its header (UTF-16 text?); save it as UTF-8")
+    try:
+        header = next(csv.reader([line.decode("utf-8-sig").rstrip("\r")]), [])
+    except (UnicodeDecodeError, csv.Error):
+        return  # polars names the problem
+    seen: set[str] = set()
+    for column in header:
+        if column and column in seen:
+            raise _twice(path, where, column, "the header")
+        seen.add(column)
+
+
+def _check_json_keys(path: Path, where: str) -> None:
+    """Each line decoded with every key kept (about a microsecond a line more than polars' own read); a
+    line that is not JSON is left to polars, which refuses the file."""
+    try:
+        with path.open("rb") as lines:
+            for number, line in enumerate(lines, 1):
+                try:
+                    value = _PAIRS.decode(line.decode("utf-8-sig" if number == 1 else "utf-8"))
+                except ValueError:
+                    continue
+                key = _repeated_key(value)
+                if key is not None:
+                    raise _twice(path, where, key, f"line {number}")
+    except OSError:
+        return  # polars names the problem
+
+
+def _repeated_key(value: Any) -> str | None:
+    """The first key an object (as pairs: a list of tuples) gives twice, at any depth; else None."""
+    if type(value) is not list:
+        return None
+    if value and type(value[0]) is tuple:  # an object's pairs (a JSON array never holds tuples)
+        pairs = cast("list[tuple[str, Any]]", value)
+        if len({key for key, _ in pairs}) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    return key
+                seen.add(key)
+        values: Iterable[Any] = (item for _, item in pairs)
+    else:
+        values = value
+    for item in values:
+        found = _repeated_key(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_parquet_names(path: Path, where: str) -> None:
+    """Polars refuses a Parquet column or struct field named twice (the struct only when its rows are
+    read): asked for the whole schema now, its refusal is put as the other formats' is."""
+    import polars as pl
+
+    try:
+        pl.scan_parquet(path).head(1).collect()
+    except (pl.exceptions.DuplicateError, pl.exceptions.ComputeError) as exc:
+        found = _POLARS_DUPLICATE.search(str(exc))
+        if found is None:
+            return  # not a name twice: the read that follows names the problem
+        raise _twice(path, where, found.group(1) or found.group(2), "its schema") from None
+    except (pl.exceptions.PolarsError, OSError):
+        return

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -49,6 +49,12 @@ class Executor(Protocol):
 
     async def aclose(self) -> None:
         """Release connections and anything else the executor holds."""
+
+
+# The most bytes one answer may take, on either wire (a whole JSON answer, a whole stream, an error body,
+# a batch result line): a 131,072-token answer streamed a token an event is about 30 MB. Past it the
+# answer is read no further and its row fails (answer_too_large), instead of taking the process's memory.
+MAX_ANSWER_BYTES = 64 << 20
 
 
 class Conversation:
@@ -128,7 +134,7 @@ class Conversation:
             cache_creation_input_tokens=cache_creation,
             request_id=last.request_id,
             error_type=problem.kind if problem else None,
-            error_message=str(problem) if problem else None,
+            error_message=_note(str(problem) if problem else None, answers),
             # Sorted keys: the same answer always has the same text, so samples can be voted on by it.
             parsed_json=json.dumps(self._value, ensure_ascii=False, sort_keys=True)
             if problem is None and self._shape
@@ -136,6 +142,20 @@ class Conversation:
             repairs=len(answers) - 1,
             api=api,
         )
+
+
+def estimated_usage(answers: Iterable[Answer]) -> str | None:
+    """What an ok row says when a count of its usage is an estimate (the endpoint reported none), or None."""
+    fields = sorted({f for a in answers if a.usage_estimated for f in a.usage_estimated.split(", ")})
+    if not fields:
+        return None
+    return f"usage: {', '.join(f'{name} estimated' for name in fields)}: the endpoint reported none for this answer"
+
+
+def _note(problem: str | None, answers: list[Answer]) -> str | None:
+    """A row's message: its problem, and whether its usage is partly estimated."""
+    estimated = estimated_usage(answers) if any(a.usage_estimated for a in answers) else None
+    return f"{problem}; {estimated}" if problem and estimated else problem or estimated
 
 
 def _usage(answers: list[Answer]) -> tuple[int, int, int, int, int]:

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import anthropic
+import httpx2
 import orjson
 from anthropic._response import AsyncAPIResponse
 from anthropic.types import Message
 
-from runner.money.tokens import estimate_text, token_count
+from runner.money.tokens import estimate_request, estimate_text, token_count
 from runner.records import Answer
+from runner.send.base import MAX_ANSWER_BYTES
 from runner.send.retries import (
     BadResponse,
     Fault,
@@ -52,6 +54,73 @@ class SlowAnswer(Exception):
         super().__init__(f"no whole answer within {timeout_s:g} s")
 
 
+class AnswerTooLarge(Exception):
+    """A body over the bound: read no further. Generated (and billed) if it was an answer, and as large
+    again if asked again, so its row fails."""
+
+    def __init__(self, limit: int, declared: int | None = None) -> None:
+        said = f"says it is {declared:,} bytes" if declared is not None else "went on"
+        super().__init__(f"the answer {said}, past the {limit:,} bytes one answer may take; it was not read further")
+
+
+class BoundedStream(httpx2.AsyncByteStream):
+    """A response body that raises AnswerTooLarge once more than `limit` bytes came."""
+
+    def __init__(self, inner: httpx2.AsyncByteStream, limit: int) -> None:
+        self._inner = inner
+        self._limit = limit
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._inner:
+            seen += len(chunk)
+            if seen > self._limit:
+                raise AnswerTooLarge(self._limit)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class BoundedTransport(httpx2.AsyncBaseTransport):
+    """The SDK's transport with every response body bounded (answers, streams, error bodies, which the
+    SDK reads whole): one place where the whole class of oversized bodies stops."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport, limit: int) -> None:
+        self._inner = inner
+        self._limit = limit
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await self._inner.handle_async_request(request)
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._limit:
+            await response.aclose()
+            raise AnswerTooLarge(self._limit, int(declared))
+        stream = response.stream
+        assert isinstance(stream, httpx2.AsyncByteStream)
+        return httpx2.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=BoundedStream(stream, self._limit),
+            request=request,
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def bounded_http_client(limit: int) -> Any:
+    """The SDK's aiohttp client, every body it reads bounded by `limit` bytes (proxied routes too), and
+    following no redirect: httpx drops `Authorization` on a redirect to another host but not our
+    `x-api-key`, so a redirect would hand the key to whoever it points at. A 3xx stops the run instead
+    (runner.send.retries.status_fault)."""
+    client = anthropic.DefaultAioHttpClient(follow_redirects=False)
+    client._transport = BoundedTransport(client._transport, limit)
+    client._mounts = {url: BoundedTransport(t, limit) if t else t for url, t in client._mounts.items()}
+    return client
+
+
 class StoppedAnswer(Exception):
     """An answer that ended with one of Zhipu's own finish reasons: `network_error` (the inference broke
     off, leaving a partial answer: sent again) or `sensitive` (the content was blocked: the row fails)."""
@@ -71,14 +140,23 @@ _REASON_FIELD = {"sensitive": "finish_reason", "network_error": "finish_reason"}
 class Client:
     """An AsyncAnthropic pointed at one endpoint, sending one request at a time per call."""
 
-    def __init__(self, base_url: str, api_key: str, *, timeout_s: float, stream: bool, stall_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout_s: float,
+        stream: bool,
+        stall_s: float = 120.0,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+    ) -> None:
         self._sdk = anthropic.AsyncAnthropic(
             api_key=api_key,
             base_url=base_url,
             max_retries=0,
             timeout=timeout_s,
             default_headers={"x-api-key": api_key},
-            http_client=anthropic.DefaultAioHttpClient(),
+            http_client=bounded_http_client(max_answer_bytes),
         )
         self._timeout = timeout_s
         self._stream = stream
@@ -93,24 +171,7 @@ class Client:
         if len(params["messages"]) > 1:  # a conversation: a repair turn, or few-shot examples
             params = {**params, "messages": [_taken_back(turn) for turn in params["messages"]]}
         if self._stream:
-            finished = False
-            try:
-                async with asyncio.timeout(self._stall) as quiet:
-                    async with self._sdk.messages.stream(**params, timeout=None) as stream:
-                        async for event in stream:
-                            quiet.reschedule(asyncio.get_running_loop().time() + self._stall)
-                            finished = finished or event.type == "message_stop"
-                        message = await stream.get_final_message()
-                        request_id = _request_id(stream.response.headers)
-            except TimeoutError:
-                raise StalledStream(self._stall) from None
-            except AssertionError:  # the SDK's accumulator found no message: an HTML page, a cut-off stream
-                raise BadResponse(None, "the stream ended without a complete message", maybe_billed=True) from None
-            if not finished:
-                raise BadResponse(
-                    None, "the stream ended before message_stop: the answer was cut off", maybe_billed=True
-                )
-            return answer_from_message(message.to_dict(warnings=False), request_id)
+            return await self._streamed(params)
         try:
             # The SDK's timeout bounds each read, so an answer trickled a byte at a time never ends; this
             # bounds the whole answer, as run.timeout_s promises.
@@ -119,7 +180,52 @@ class Client:
                 body = await _body(raw)
         except TimeoutError:
             raise SlowAnswer(self._timeout) from None
-        return answer_from_message(body, _request_id(raw.headers))
+        return answer_from_message(body, _request_id(raw.headers), prompt=params)
+
+    async def _streamed(self, params: dict[str, Any]) -> Answer:
+        """A streamed answer, put together from its events here rather than by the SDK's accumulator,
+        which takes usage from message_start and then message_delta as Anthropic sends them, and fails
+        (or counts 0) when either leaves it out or sends null: usage is read from both (`StreamUsage`)."""
+        message: dict[str, Any] | None = None
+        blocks: dict[int, dict[str, Any]] = {}
+        pieces: _Pieces = {}  # (block, field) -> the text its deltas brought, joined at the end
+        usage = StreamUsage()
+        finished = False
+        try:
+            async with asyncio.timeout(self._stall) as quiet:
+                stream = await self._sdk.messages.create(**params, stream=True, timeout=None)
+                request_id = _request_id(stream.response.headers)
+                async with stream:
+                    async for event in stream:
+                        quiet.reschedule(asyncio.get_running_loop().time() + self._stall)
+                        kind = getattr(event, "type", None)
+                        if kind == "content_block_delta":
+                            _add_delta(blocks, pieces, getattr(event, "index", None), getattr(event, "delta", None))
+                        elif kind == "message_start":
+                            start = getattr(event, "message", None)
+                            message = {"id": getattr(start, "id", None), "model": getattr(start, "model", None)}
+                            usage.saw(getattr(start, "usage", None), final=False)
+                        elif kind == "content_block_start":
+                            block = getattr(event, "content_block", None)
+                            index = getattr(event, "index", None)
+                            if isinstance(index, int) and block is not None:
+                                blocks[index] = block.to_dict(warnings=False)
+                        elif kind == "message_delta":
+                            delta = getattr(event, "delta", None)
+                            if message is not None:
+                                message["stop_reason"] = getattr(delta, "stop_reason", None)
+                                message["stop_sequence"] = getattr(delta, "stop_sequence", None)
+                            usage.saw(getattr(event, "usage", None), final=True)
+                        elif kind == "message_stop":
+                            finished = True
+        except TimeoutError:
+            raise StalledStream(self._stall) from None
+        if message is None:  # no message_start: an HTML page, a cut-off stream
+            raise BadResponse(None, "the stream ended without a complete message", maybe_billed=True)
+        if not finished:
+            raise BadResponse(None, "the stream ended before message_stop: the answer was cut off", maybe_billed=True)
+        body = {**message, "type": "message", "content": _joined(blocks, pieces), "usage": usage.merged()}
+        return answer_from_message(body, request_id, prompt=params)
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -140,6 +246,9 @@ def classify(exc: BaseException) -> Fault:
     """
     if isinstance(exc, BadResponse):
         return bad_response_fault(exc)
+    too_large = _caused_by(exc, AnswerTooLarge)
+    if too_large is not None:  # raised inside the transport: the SDK wraps it as a connection error
+        return Fault(Verdict.FAIL, "answer_too_large", str(too_large), maybe_billed=True)
     if isinstance(exc, StoppedAnswer):
         if exc.reason == "network_error":  # generated in part, so billed in part
             return Fault(
@@ -181,6 +290,91 @@ def classify(exc: BaseException) -> Fault:
     return unclassified(exc)
 
 
+_Pieces = dict[tuple[int, str], list[str]]
+_COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+class StreamUsage:
+    """A stream's usage, from message_start and every message_delta: Anthropic sends input (and cache)
+    counts first and output in the delta; Zhipu sends zeros first and everything in the delta; either
+    may leave a count out or send null. Counts are cumulative, so the largest one seen is the most
+    complete. Output counted at message_start is a placeholder: only a message_delta's is the answer's."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, Any] = {}
+
+    def saw(self, usage: Any, *, final: bool) -> None:
+        """Take the counts of one event's usage (a model, a dict, or None)."""
+        if usage is None:
+            return
+        for name in _COUNTS:
+            if name == "output_tokens" and not final:
+                continue
+            value = usage.get(name) if isinstance(usage, Mapping) else getattr(usage, name, None)
+            if value is None:
+                continue
+            known = self._seen.get(name)
+            counted, before = token_count(value), token_count(known)
+            if counted is None:
+                self._seen[name] = value  # not a count: the reader refuses it, as in a whole answer
+            elif known is None or (before is not None and counted > before):
+                self._seen[name] = counted
+
+    def merged(self) -> dict[str, Any]:
+        """The usage the answer is read with (runner.send.client.answer_from_message)."""
+        return dict(self._seen)
+
+
+def _add_delta(blocks: dict[int, dict[str, Any]], pieces: _Pieces, index: Any, delta: Any) -> None:
+    """One content_block_delta kept for the block it names (a delta for no block is dropped); the pieces
+    are joined once at the end (`_joined`): adding each to the text so far copies it every time."""
+    if delta is None or not isinstance(index, int) or index not in blocks:
+        return
+    kind = getattr(delta, "type", None)
+    if kind == "text_delta":
+        pieces.setdefault((index, "text"), []).append(_text(getattr(delta, "text", "")))
+    elif kind == "thinking_delta":
+        pieces.setdefault((index, "thinking"), []).append(_text(getattr(delta, "thinking", "")))
+    elif kind == "signature_delta":
+        blocks[index]["signature"] = _text(getattr(delta, "signature", ""))
+    elif kind == "input_json_delta":
+        pieces.setdefault((index, "input"), []).append(_text(getattr(delta, "partial_json", "")))
+
+
+def _joined(blocks: dict[int, dict[str, Any]], pieces: _Pieces) -> list[dict[str, Any]]:
+    """The blocks in order, each with the pieces its deltas brought."""
+    for (index, name), parts in pieces.items():
+        block = blocks[index]
+        if name == "input":
+            _set_tool_input(block, "".join(parts))
+        else:
+            block[name] = _text(block.get(name)) + "".join(parts)
+    return [blocks[index] for index in sorted(blocks)]
+
+
+def _set_tool_input(block: dict[str, Any], text: str) -> None:
+    """A tool call's input from the JSON its deltas carried; text that is not JSON is kept as text (a
+    structured answer then fails its check and is repaired, as a call with bad arguments is)."""
+    if not text:
+        return
+    try:
+        block["input"] = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        block["input"] = text
+
+
+def _caused_by(exc: BaseException, kind: type[Exception]) -> BaseException | None:
+    """`exc` or the first exception of type `kind` in its chain of causes."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _request_id(headers: Any) -> str | None:
     value = headers.get("request-id") or headers.get("x-request-id")
     return str(value) if value else None
@@ -207,14 +401,18 @@ async def _body(raw: AsyncAPIResponse[Message]) -> Any:
         raise BadResponse(None, f"200 answer is not JSON: {snippet!r}", maybe_billed=torn) from None
 
 
-def answer_from_message(data: Any, request_id: str | None) -> Answer:
+def answer_from_message(data: Any, request_id: str | None, *, prompt: Mapping[str, Any] | None = None) -> Answer:
     """The Answer in a Messages API answer body (a dict as the wire gave it), read strictly.
 
     An error object answered with 200, in either of Zhipu's shapes (or the older top-level
     `{"code", "msg"}`), raises BadResponse with its code (runner.send.retries.error_parts: the one
     reader of error bodies), so an account code aborts the run. A message whose usage is not two
     token counts, or whose content is not a list of blocks, raises BadResponse marked maybe billed:
-    it was generated, but nothing of it can be kept or priced. Never TypeError or KeyError."""
+    it was generated, but nothing of it can be kept or priced. Never TypeError or KeyError.
+
+    A count the endpoint left out (absent, null, or an input of 0 with nothing cached) is estimated, the input
+    from `prompt` (the request's parameters) and the output from the answer's text, never counted 0,
+    and named in `usage_estimated`: the answer was generated and billed, and asking again pays twice."""
     if not isinstance(data, Mapping):
         raise BadResponse(None, f"200 answer is not a JSON object but {type(data).__name__}")
     if data.get("type") != "message":
@@ -224,11 +422,12 @@ def answer_from_message(data: Any, request_id: str | None) -> Answer:
         raise StoppedAnswer(str(data["stop_reason"]))
     usage = data.get("usage")
     usage = usage if isinstance(usage, Mapping) else {}
-    input_tokens, output_tokens = token_count(usage.get("input_tokens")), token_count(usage.get("output_tokens"))
-    if input_tokens is None or output_tokens is None:
+    counts = {name: usage.get(name) for name in ("input_tokens", "output_tokens")}
+    garbage = [name for name, value in counts.items() if value is not None and token_count(value) is None]
+    if garbage:
         raise BadResponse(
             None,
-            f"200 message without usable usage ({_short(usage) if usage else 'none'}): it cannot be priced or kept",
+            f"200 message without usable usage ({_short(usage)}): it cannot be priced or kept",
             maybe_billed=True,
         )
     content = data.get("content")
@@ -258,6 +457,23 @@ def answer_from_message(data: Any, request_id: str | None) -> Answer:
             blocks.append(
                 {"type": "tool_use", "id": block_id, "name": _text(block.get("name")), "input": block.get("input")}
             )
+    input_tokens, output_tokens = token_count(counts["input_tokens"]), token_count(counts["output_tokens"])
+    estimated: list[str] = []
+    cached = (token_count(usage.get("cache_read_input_tokens")) or 0) + (
+        token_count(usage.get("cache_creation_input_tokens")) or 0
+    )
+    # Absent or null; or 0 with nothing cached either (a prompt read whole from the cache has input 0).
+    if prompt is not None and (input_tokens is None or (input_tokens == 0 and not cached)):
+        input_tokens = max(estimate_request(dict(prompt)) - cached, 0)
+        estimated.append("input_tokens")
+    said = any(texts) or any(thoughts) or tool_use_id is not None
+    if output_tokens is None or (output_tokens == 0 and said):
+        output_tokens = _output_estimate(texts, thoughts, blocks)
+        estimated.append("output_tokens")
+    if input_tokens is None:  # no prompt to estimate from: nothing of it can be priced
+        raise BadResponse(
+            None, f"200 message without usable usage ({_short(usage) if usage else 'none'})", maybe_billed=True
+        )
     details = usage.get("output_tokens_details")
     reported = token_count(details.get("thinking_tokens")) if isinstance(details, Mapping) else None
     thinking_tokens = reported if reported is not None else round(sum(estimate_text(t) for t in thoughts))
@@ -278,7 +494,14 @@ def answer_from_message(data: Any, request_id: str | None) -> Answer:
         tool_input=tool_input,
         tool_use_id=tool_use_id,
         content=tuple(blocks),
+        usage_estimated=", ".join(estimated) or None,
     )
+
+
+def _output_estimate(texts: list[str], thoughts: list[str], blocks: list[dict[str, Any]]) -> int:
+    """Output tokens estimated from what the answer said (its text, thinking and tool calls): at least 1."""
+    calls = [json.dumps(b.get("input"), ensure_ascii=False) for b in blocks if b.get("type") == "tool_use"]
+    return max(1, round(sum(estimate_text(t) for t in (*texts, *thoughts, *calls))))
 
 
 def _taken_back(turn: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from runner.control import Control
 from runner.errors import deliberate
 from runner.job.structured import AnswerShape
 from runner.records import Answer, Request, Result
-from runner.send.base import Conversation, Deliver, Gauges, failure
+from runner.send.base import Conversation, Deliver, Gauges, estimated_usage, failure
 from runner.send.limits import Slots
 from runner.send.retries import TOOL_CHOICE_REFUSED, Classify, Fault, Verdict, refusal, retrying, wait_backoff
 
@@ -62,6 +62,7 @@ class OnlineExecutor:
         self._wait = wait or wait_backoff(classify=self._classify)
         self._shape = shape
         self._sleep = sleep
+        self._said_estimated = False  # the log said once that a usage count was estimated
         self._clock = clock
         self._anchor = (dt.datetime.now(dt.UTC), clock())  # wall time of one `clock` reading: see _span
 
@@ -164,7 +165,20 @@ class OnlineExecutor:
                 return failure(request, fault, attempts + tries[0])
             attempts += tries[0]
             params = conversation.add(answer)
+        self._say_estimated(conversation.answers, control)
         return conversation.result(attempts=attempts, latency_ms=latency_ms, wait_ms=waited[0], finished_at=ended)
+
+    def _say_estimated(self, answers: tuple[Answer, ...], control: Control) -> None:
+        """Say once a run that an answer came without a usage count (which its row names as estimated)."""
+        if self._said_estimated or control.notify is None:
+            return
+        note = estimated_usage(answers)
+        if note is not None:
+            self._said_estimated = True
+            control.notify(
+                "usage_estimated",
+                message=f"an answer came without a usage count; {note}; such rows say so in error_message",
+            )
 
     def _span(self, started: float, ended: float) -> tuple[float, dt.datetime]:
         """A call's latency in ms and the wall time it returned, both from the same two `clock` readings

@@ -24,9 +24,11 @@ from tenacity.wait import wait_random_exponential
 from runner.errors import EndpointAborted
 
 # Business codes that mean "this account cannot be served at all": no balance, plan exhausted or
-# expired, account inactive/locked, bad or expired token, the API offline or missing (1221, 1222).
+# expired, account inactive/locked, bad or expired token, the API offline or missing (1221, 1222), the
+# method not supported (1212: the endpoint does not serve this kind of request; every row is sent alike).
 ABORT_CODES = frozenset(
     {
+        "1212",
         "1000",
         "1001",
         "1002",
@@ -53,6 +55,9 @@ ABORT_CODES = frozenset(
 )
 
 
+METHOD_UNSUPPORTED = "1212"  # "this method is not supported": at a batch create, for the file's model
+
+
 # What an account-level refusal means and what to do about it, for the one line a stopped run prints.
 ABORT_MEANINGS: dict[str, str] = {
     **dict.fromkeys(
@@ -67,11 +72,18 @@ ABORT_MEANINGS: dict[str, str] = {
     **dict.fromkeys(("1308", "1309", "1310"), "the plan's usage limit is reached or the plan expired; wait or renew"),
     "1304": "the account's daily call limit is reached; run again tomorrow (answers so far are kept)",
     "1211": "the endpoint does not know this model; check model.name",
+    "1212": "the endpoint does not support this method (every row is sent the same way): check model.endpoint "
+    "and model.name; in batch mode the Batch API may not take this model (run.mode: online)",
     **dict.fromkeys(
         ("1221", "1222"),
         "the endpoint says this API is offline or does not exist; check model.endpoint, or try again later",
     ),
     "404": "the endpoint does not know this model or path; check model.name and model.endpoint",
+    **{
+        str(status): "the endpoint redirects elsewhere, which is not followed (the key would go along); "
+        "set model.endpoint to the address it should be"
+        for status in (300, 301, 302, 303, 307, 308)
+    },
     "434": "the account may not use Zhipu's file API, which the Batch API needs (no permission); run with "
     "run.mode: online, or ask Zhipu for access",
 }
@@ -133,8 +145,11 @@ def bad_response_fault(exc: BadResponse) -> Fault:
 
 
 # Zhipu's limit and overload codes and its own internal or network errors: worth another try, on every
-# transport. 1302/1303 are this account's concurrency and frequency limits, 1305 the platform's traffic.
-TRANSIENT_CODES = frozenset({"500", "1230", "1234", "1302", "1303", "1305"})
+# transport. 1302/1303 are this account's concurrency and frequency limits, 1305 the platform's traffic;
+# 1231 (duplicate request) says the same request is already being processed: asked again later it is
+# answered, and the one it duplicated may be billed as well (DUPLICATE_CODES).
+TRANSIENT_CODES = frozenset({"500", "1230", "1231", "1234", "1302", "1303", "1305"})
+DUPLICATE_CODES = frozenset({"1231"})
 # Content the endpoint blocks (1300 by policy, 1301 unsafe): asked again it is blocked again, whatever the
 # status it came with (a 400, or an error event mid-stream, which the SDK reports as a 200).
 BLOCKED_CODES = frozenset({"1300", "1301"})
@@ -175,13 +190,15 @@ def status_fault(
     """The fate of an error answer, whichever transport and error shape it came in: the one rule.
 
     ABORT: account codes (ABORT_CODES: auth 1000-1004, account 1110-1121, 1113 no balance, 1308-1310
-    plan, 1211 unknown model) and 401/402/403/404. RETRY with an overload kind: rate codes (1302/1303
-    concurrency, 1305 platform) whatever the status, 429, 503/529. RETRY: other transient codes, 408,
-    409, 5xx and 200 (an error event mid-stream). FAIL: blocked content (1300, 1301) whatever the status,
-    and any other 4xx (the request itself is wrong);
+    plan, 1211 unknown model, 1212 method not supported), 401/402/403/404 and a redirect (3xx: not
+    followed, the key would go along). RETRY with an overload
+    kind: rate codes (1302/1303 concurrency, 1305 platform) whatever the status, 429, 503/529. RETRY:
+    other transient codes, 408, 409, 5xx and 200 (an error event mid-stream); 1231 (a duplicate request)
+    is marked maybe billed: the request it duplicates is being processed. FAIL: blocked content (1300,
+    1301) whatever the status, and any other 4xx (the request itself is wrong);
     a refused forced tool choice is named TOOL_CHOICE_REFUSED so the sender can fall back to auto."""
     name = f"{status}/{code}" if code else str(status)
-    if code in ABORT_CODES or status in (401, 402, 403, 404):
+    if code in ABORT_CODES or status in (401, 402, 403, 404) or 300 <= status < 400:
         return Fault(Verdict.ABORT, name, message, request_id=request_id)
     if code in BLOCKED_CODES:
         return Fault(Verdict.FAIL, name, message, request_id=request_id)
@@ -195,7 +212,8 @@ def status_fault(
         if 400 <= status < 500 and _TOOL_CHOICE.search(message):
             return Fault(Verdict.FAIL, TOOL_CHOICE_REFUSED, message, request_id=request_id)
         return Fault(Verdict.FAIL, name, message, request_id=request_id)
-    return Fault(Verdict.RETRY, name, message, overload, retry_after, request_id=request_id)
+    duplicate = code in DUPLICATE_CODES
+    return Fault(Verdict.RETRY, name, message, overload, retry_after, maybe_billed=duplicate, request_id=request_id)
 
 
 Classify = Callable[[BaseException], Fault]

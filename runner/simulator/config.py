@@ -8,7 +8,7 @@ from typing import Any, Literal
 FAULTS = (
     "429_1302", "429_1305", "429_1113", "429_1308", "429_1304", "500", "529", "drop", "slow", "stream_error",
     "200_error", "400_1261", "400_1211", "401", "413", "200_html", "hang", "partial_json", "400_1214", "400_1210",
-    "finish_network_error", "finish_sensitive",
+    "finish_network_error", "finish_sensitive", "400_1212", "500_1231",
 )  # fmt: skip
 # The mix used when a rate is given without naming faults: every retryable kind, none that abort a run.
 # "slow" and "hang" are left out: each costs the client a whole timeout (600 s by default), which would
@@ -60,6 +60,9 @@ ERRORS: dict[str, tuple[int, dict[str, Any]]] = {
     "400_1261": (400, {"type": "error", "error": {"type": "1261", "message": "Prompt too long"}}),
     "400_1214": (400, {"type": "error", "error": {"type": "1214", "message": "Invalid parameter: stop_sequences"}}),
     "400_1210": (400, {"type": "error", "error": {"type": "1210", "message": "Invalid API parameter"}}),
+    # Undocumented statuses (real-wire.md [G]): method not supported, duplicate request.
+    "400_1212": (400, {"type": "error", "error": {"type": "1212", "message": "当前API不支持该调用方式"}}),
+    "500_1231": (500, {"type": "error", "error": {"type": "1231", "message": "重复请求"}}),
     "413": (413, {"type": "error", "error": {"type": "request_too_large", "message": "Request too large"}}),
 }
 

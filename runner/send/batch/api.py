@@ -45,6 +45,7 @@ from runner.send.retries import Fault, retrying, wait_backoff
 T = TypeVar("T")
 
 _CHUNK = 1 << 16
+MAX_API_BODY = 16 << 20  # a batch object, a page of 100 of them, a file object: far less than this
 
 
 class BatchAPI:
@@ -259,8 +260,13 @@ class BatchAPI:
             async with self._client().request(
                 method, self._base + path, params=params, json=json_body, data=data, timeout=timeout
             ) as response:
-                raw = await response.read()
                 status, headers = response.status, response.headers
+                # Bounded: an error body past MAX_ERROR_BODY is no API error object, a success past
+                # MAX_API_BODY no batch object or page (a gateway's page, a runaway body).
+                most = MAX_ERROR_BODY if status >= 400 else MAX_API_BODY
+                raw = await _read_at_most(response.content, most)
+                if len(raw) > most and status < 400:
+                    raise BatchProtocolError(f"{where}: {status} answer is over {most:,} bytes: not an API object")
         except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors; cancellation is not one
             raise BatchTimeout(f"{where}: no answer within {timeout.total} s") from exc
         except aiohttp.ClientError as exc:
@@ -284,7 +290,7 @@ class BatchAPI:
         try:
             async with self._client().get(f"{self._base}/files/{file_id}/content", timeout=timeout) as response:
                 if response.status >= 400:
-                    raw = await response.content.read(MAX_ERROR_BODY)
+                    raw = await _read_at_most(response.content, MAX_ERROR_BODY)
                     raise status_error(response.status, raw, response.headers, where)
                 handle = await asyncio.to_thread(open, part, "wb")
                 try:
@@ -307,6 +313,18 @@ class BatchAPI:
                 part.unlink(missing_ok=True)
         await asyncio.to_thread(fsync_rename, part, target)
         return size
+
+
+async def _read_at_most(content: aiohttp.StreamReader, most: int) -> bytes:
+    """A body read until its end or until it is past `most` bytes (then a little past: the caller sees it is)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in content.iter_chunked(_CHUNK):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > most:
+            break
+    return b"".join(chunks)
 
 
 def _raise_embedded_error(decoded: Any, status: int, headers: Mapping[str, str], where: str, raw: bytes) -> None:

@@ -38,6 +38,7 @@ from runner.send.batch.rules import (
     file_missing,
     lost_message,
     no_output_file,
+    no_queue_room,
     not_back_message,
     refused_request,
     validation_failure,
@@ -45,10 +46,14 @@ from runner.send.batch.rules import (
 from runner.send.batch.shapes import Batch
 from runner.send.batch.turns import restore_turns, save_turns
 from runner.send.retries import Fault, Verdict, refusal
+from runner.state.rescue import state_failure
 
 # Looks at a finished batch whose counts say lines completed but which names no output file yet
 # (instructor#1745) before the run stops, leaving it for the next run: never re-send billed lines.
 FILE_WAIT_LOOKS = 20
+# Creates in a row the model's queue refuses for room while no batch of the job runs (so nothing of ours
+# will make room) before the run stops and says why, rather than wait for ever.
+NO_ROOM_LOOKS = 3
 
 
 class BatchExecutor:
@@ -90,6 +95,7 @@ class BatchExecutor:
         self._queue_refused = 0  # creates the model's full queue refused (429)
         self._queue_waited_s = 0.0  # time chunks waited for room in it
         self._queue_since: float | None = None
+        self._no_room_looks = 0  # creates in a row refused for queue room while none of the job's batches ran
 
     def gauges(self) -> Gauges:
         """Lines in open batches, and how many batches are in each status."""
@@ -129,7 +135,20 @@ class BatchExecutor:
             await self._online.aclose()
 
     async def run(self, requests: AsyncIterator[Request], deliver: Deliver, control: Control) -> None:
-        """Reattach to the job's open batches, submit what is new, and harvest until done or stopped."""
+        """Reattach to the job's open batches, submit what is new, and harvest until done or stopped.
+
+        A write to the job's batch folder that fails (a chunk file, a result file downloaded, the book)
+        stops the run as a state failure (DiskFull, exit 5; StateUnwritable, exit 74), never a crash:
+        the batches made keep running at Zhipu and the next run collects them."""
+        try:
+            await self._run(requests, deliver, control)
+        except OSError as exc:
+            failure = state_failure(exc, self._dir)
+            if failure is None:
+                raise
+            control.fail(failure)
+
+    async def _run(self, requests: AsyncIterator[Request], deliver: Deliver, control: Control) -> None:
         if self._deadline_after_s is not None:  # the run began before this executor was made
             self._hybrid = HybridDeadline(
                 control.started + self._deadline_after_s, control.started, self._spec.online_margin_s, self._clock
@@ -148,7 +167,7 @@ class BatchExecutor:
             restore_turns(self._harvester, chunks)  # the billed turns the open rounds continue
             waiting = {key for chunk in chunks for key in chunk.request_keys()}  # answered by a batch already made
             fresh = _skipping(requests, waiting) if waiting else requests  # no step a request when none is skipped
-            chunks += await write_round(book, self._spec, fresh, control)
+            chunks += await write_round(book, self._spec, fresh, control, self._too_large(online_deliver))
             leftovers: list[Request] = []
             for round_no in range(self._spec.max_rounds):
                 if not chunks or control.stopping.is_set():
@@ -171,6 +190,15 @@ class BatchExecutor:
             deliver(failure(request, fault, self._harvester.attempts.get(request.key, 0)))
 
     # ---- writing and submitting ------------------------------------------------------------------
+
+    @staticmethod
+    def _too_large(deliver: Deliver) -> Callable[[Request, str], None]:
+        """What becomes of a request no batch file can hold: its row fails, unsent, saying why."""
+
+        def refuse(request: Request, why: str) -> None:
+            deliver(failure(request, Fault(Verdict.FAIL, "batch_line_too_large", why), 0))
+
+        return refuse
 
     async def _submit(self, api: BatchAPI, book: BatchBook, chunk: Chunk) -> Chunk:
         """Upload and create what the chunk still lacks; a batch made before (metadata) is found, not remade."""
@@ -329,6 +357,11 @@ class BatchExecutor:
         """Submit what the queue has room for (`waiting` keeps the rest, in place); False if the run stops."""
         try:
             waiting[:] = await self._submit_all(api, book, waiting, pending)
+        except _NoRoom as stuck:
+            await self._stop_for(
+                api, book, control, stuck.error, stuck.chunk, why=no_queue_room(stuck.chunk, stuck.error)
+            )
+            return False
         except BatchAPIError as exc:  # what retrying could not mend: the account, the file, the API
             await self._stop_for(api, book, control, exc, self._submitting or waiting[0])
             return False
@@ -350,6 +383,13 @@ class BatchExecutor:
                 full = exc.status == 429 or (pending and book.chunks[chunk.id].status == "written")
                 if not full or isinstance(exc, BatchAbort):
                     raise
+                if not pending and book.chunks[chunk.id].status == "uploaded":
+                    # The create found no room and no batch of this job is running to make some: another's
+                    # batches fill the queue, or this chunk alone is over the account's cap. A few looks
+                    # (a queue that counts a finished batch a little late), never a blind wait.
+                    self._no_room_looks += 1
+                    if self._no_room_looks >= NO_ROOM_LOOKS:
+                        raise _NoRoom(book.chunks[chunk.id], exc) from None
                 self._queue_refused += 1
                 if self._queue_since is None:
                     self._queue_since = self._clock()
@@ -358,13 +398,14 @@ class BatchExecutor:
                 return waiting[index:]
             pending[chunk.id] = chunk
             self._statuses[chunk.id] = chunk.batch_status or "created"
+            self._no_room_looks = 0
         if self._queue_since is not None:
             self._queue_waited_s += self._clock() - self._queue_since
             self._queue_since = None
         return []
 
     async def _stop_for(
-        self, api: BatchAPI, book: BatchBook, control: Control, exc: BatchAPIError, chunk: Chunk
+        self, api: BatchAPI, book: BatchBook, control: Control, exc: BatchAPIError, chunk: Chunk, why: str = ""
     ) -> None:
         """End the run for a Batch API error at upload or create that retrying did not mend. An input file
         a create refused is deleted (an account holds at most 1,000 files); the next run uploads anew. A
@@ -378,7 +419,9 @@ class BatchExecutor:
             maybe = exc.status >= 500 or chunk.file_id in api.retried_creates  # a 4xx answer made nothing
             book.record(chunk.id, status="written", file_id=None, unsure=chunk.unsure or maybe)
         fault = classify_api_error(exc)
-        if fault.verdict is Verdict.ABORT:
+        if why:
+            control.fail(EndpointAborted(why))
+        elif fault.verdict is Verdict.ABORT:
             control.abort(refusal(fault))
         elif fault.verdict is Verdict.RETRY:
             control.fail(EndpointAborted(api_failing(exc)))
@@ -425,6 +468,15 @@ class BatchExecutor:
         """Send the leftovers online; a repair keeps the tokens its batch turns used."""
         assert self._online is not None
         await self._online.run(_aiter(requests), self._harvester.merging(deliver), control)
+
+
+class _NoRoom(Exception):
+    """A create the model's queue has no room for, while no batch of the job runs that could make room."""
+
+    def __init__(self, chunk: Chunk, error: BatchStatusError) -> None:
+        super().__init__(str(error))
+        self.chunk = chunk
+        self.error = error
 
 
 async def _skipping(requests: AsyncIterator[Request], skip: set[str]) -> AsyncIterator[Request]:

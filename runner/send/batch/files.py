@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +23,7 @@ import orjson
 
 from runner.control import Control
 from runner.files import fsync_rename
+from runner.job import catalog
 from runner.job.spec import BatchSpec
 from runner.records import Request
 from runner.send.batch.book import BatchBook, Chunk
@@ -33,6 +34,7 @@ __all__ = [
     "DEFAULT_MAX_REQUESTS",
     "BatchFile",
     "BatchFileWriter",
+    "LineTooLarge",
     "write_batch_files",
     "write_round",
 ]
@@ -41,6 +43,10 @@ DEFAULT_MAX_REQUESTS = 50_000
 DEFAULT_MAX_BYTES = 95 * 1024 * 1024
 PART_SUFFIX = ".part"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class LineTooLarge(ValueError):
+    """One request's line is bigger than a batch file may hold: no file can take it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +91,7 @@ class BatchFileWriter:
         max_bytes: int = DEFAULT_MAX_BYTES,
         url: str = "/v4/chat/completions",
         prefix: str = "batch",
+        queue_caps: Mapping[str, int] | None = None,
     ) -> None:
         if max_requests < 1 or max_bytes < 1:
             raise ValueError("max_requests and max_bytes must be at least 1")
@@ -94,6 +101,7 @@ class BatchFileWriter:
         self._max_bytes = max_bytes
         self._url = url
         self._prefix = prefix
+        self._queue_caps = dict(queue_caps or {})  # model -> its batch queue cap: a file never holds more
         self._open: dict[str, _Open] = {}
         self._sequence: dict[str, int] = {}
         self._seen: set[str] = set()  # custom_ids must be unique within a file; we keep them unique overall
@@ -102,8 +110,10 @@ class BatchFileWriter:
     def add(self, custom_id: str, body: Mapping[str, Any]) -> None:
         """Write one request line to its model's current file, starting a new file when it is full.
 
-        Raises ValueError for a body without a model, a repeated custom_id, or a line that alone is
-        larger than `max_bytes`.
+        A model's file holds at most `max_requests` lines, and never more than the model's queue cap
+        (`queue_caps`): a file bigger than the queue could never be created. Raises ValueError for a body
+        without a model or a repeated custom_id, and LineTooLarge for a line that alone is larger than
+        `max_bytes` (nothing is written).
         """
         model = body.get("model")
         if not isinstance(model, str) or not model:
@@ -114,9 +124,10 @@ class BatchFileWriter:
             raise ValueError(f"request {custom_id}: custom_id given twice")
         line = _json_line({"custom_id": custom_id, "method": "POST", "url": self._url, "body": body})
         if len(line) > self._max_bytes:
-            raise ValueError(f"request {custom_id}: its line is {len(line)} bytes, more than a file may hold")
+            raise LineTooLarge(f"its batch line is {len(line):,} bytes, more than a batch file may hold")
         current = self._open.get(model)
-        if current is not None and (current.lines >= self._max_requests or current.size + len(line) > self._max_bytes):
+        most = min(self._max_requests, self._queue_caps.get(model, self._max_requests))
+        if current is not None and (current.lines >= most or current.size + len(line) > self._max_bytes):
             self._finish(current)
             current = None
         if current is None:
@@ -203,20 +214,39 @@ def write_batch_files(
     return writer.files
 
 
+def queue_caps() -> dict[str, int]:
+    """Each model's batch queue cap, where the catalogue knows one (configs/models.yaml `batch.queue_cap`)."""
+    return {name: info.batch.queue_cap for name, info in catalog.models().items() if info.batch.queue_cap}
+
+
 async def write_round(
-    book: BatchBook, spec: BatchSpec, requests: AsyncIterator[Request], control: Control
+    book: BatchBook,
+    spec: BatchSpec,
+    requests: AsyncIterator[Request],
+    control: Control,
+    refuse: Callable[[Request, str], None] | None = None,
 ) -> list[Chunk]:
-    """Write the requests into a new round's chunk files (and their bodies, by key); record each chunk."""
+    """Write the requests into a new round's chunk files (and their bodies, by key); record each chunk.
+    A request no batch file can hold (LineTooLarge) goes to `refuse` with why, and the round goes on."""
     round_no = book.next_round()
     folder = book.directory / f"round-{round_no:04d}"
-    writer = BatchFileWriter(folder, max_requests=spec.max_requests, max_bytes=spec.max_bytes, prefix="chunk")
+    writer = BatchFileWriter(
+        folder, max_requests=spec.max_requests, max_bytes=spec.max_bytes, prefix="chunk", queue_caps=queue_caps()
+    )
     bodies = folder / "requests.jsonl"
     # Local, buffered writes between awaits: blocking them briefly is cheaper than a thread hop per line.
     with writer, open(bodies, "wb") as keep:  # noqa: ASYNC230
         async for request in requests:
             if control.stopping.is_set():
                 break
-            writer.add(request.key, chat_body(request.params))
+            try:
+                writer.add(request.key, chat_body(request.params))
+            except LineTooLarge as exc:
+                if refuse is None:
+                    raise
+                limit = f"run.batch.max_bytes is {spec.max_bytes:,}; the Batch API takes up to 100,000,000"
+                refuse(request, f"{exc} ({limit}): raise it, shorten the row's input, or send it with run.mode: online")
+                continue
             # The head `{"key": "<key>", ` is what read_requests finds a line by (runner.send.batch.book).
             head = b'{"key": ' + _json_line(request.key)[:-1]
             keep.write(head + b', "params": ' + _json_line(request.params)[:-1] + b"}\n")

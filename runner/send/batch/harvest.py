@@ -21,12 +21,12 @@ from pathlib import Path
 from runner.control import Control
 from runner.job.structured import AnswerShape, Unusable
 from runner.records import Answer, Answers, Request, Result
-from runner.send.base import Conversation, Deliver, failure
+from runner.send.base import MAX_ANSWER_BYTES, Conversation, Deliver, failure
 from runner.send.batch.api import BatchAPI
 from runner.send.batch.book import BatchBook, Chunk, read_requests
 from runner.send.batch.errors import BatchAPIError, BatchNotFound
 from runner.send.batch.native_answer import BadResultLine, answer_from_chat
-from runner.send.batch.native_results import ResultLine, classify_failure, parse_result_line
+from runner.send.batch.native_results import ResultLine, classify_failure, oversized_line, parse_result_line
 from runner.send.batch.shapes import Batch
 from runner.send.retries import Fault, Verdict, refusal
 
@@ -232,7 +232,7 @@ class Harvester:
                         raise
                     continue
                 files.append(dest)
-        return _read_lines(files)
+        return read_result_lines(files)
 
 
 HARVEST_BLOCK = 5000  # plain answers handed to the run at once (Control.deliver_answers)
@@ -334,10 +334,19 @@ def _line_fault(line: ResultLine) -> Fault:
     return Fault(classify_failure(line), name, line.error_message or line.problem or "")
 
 
-def _read_lines(paths: list[Path]) -> Iterator[ResultLine]:
-    """Downloaded result files' lines, read one at a time."""
+def read_result_lines(paths: list[Path], limit: int = MAX_ANSWER_BYTES) -> Iterator[ResultLine]:
+    """Downloaded result files' lines, read one at a time, each bounded by `limit` bytes: a longer one
+    is skipped through (its first and last 4 kB kept, to name its request) and fails its request."""
     for path in paths:
         with open(path, "rb") as f:
-            for raw in f:
-                if raw.strip():
+            while raw := f.readline(limit + 1):
+                if len(raw) > limit and not raw.endswith(b"\n"):
+                    head, tail = raw[:4096], raw[-4096:]
+                    del raw
+                    while more := f.readline(1 << 20):
+                        tail = (tail + more)[-4096:]
+                        if more.endswith(b"\n"):
+                            break
+                    yield oversized_line(head, tail, limit)
+                elif raw.strip():
                     yield parse_result_line(raw)

@@ -178,6 +178,15 @@ def _status(value: Any) -> int | None:
     return None
 
 
+def oversized_line(head: bytes, tail: bytes, limit: int) -> ResultLine:
+    """A result line longer than `limit` bytes, known by its first and last bytes only: its request
+    fails (answer_too_large: asked again it would be as large, and it was billed), named by the
+    custom_id found at either end."""
+    custom_id = _fish_custom_id(head) or _fish_custom_id(tail)
+    message = f"its result line is over {limit:,} bytes, past what one answer may take; it was not read"
+    return ResultLine(custom_id=custom_id, error_code="answer_too_large", error_message=message)
+
+
 def _fish_custom_id(raw: bytes) -> str | None:
     match = _CUSTOM_ID.search(raw)
     return match.group(1).decode("utf-8", "replace") if match else None

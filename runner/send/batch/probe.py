@@ -28,7 +28,7 @@ async def probe_batch(native_url: str, key: str, model: str, wait_s: float, labe
     back, the batch object's shape, and whether it passed validation (None: not known in time)."""
     from runner.send.batch.api import BatchAPI
     from runner.send.batch.errors import BatchAPIError, BatchStatusError, classify_api_error
-    from runner.send.retries import Verdict
+    from runner.send.retries import METHOD_UNSUPPORTED, Verdict
 
     lines = [
         {
@@ -52,8 +52,11 @@ async def probe_batch(native_url: str, key: str, model: str, wait_s: float, labe
             try:
                 batch = await api.create(uploaded.id, metadata={"glm_batch_doctor": model})
             except BatchAPIError as exc:
-                # The request refused (a 4xx that is not the account's or a full queue): not eligible.
-                refused = isinstance(exc, BatchStatusError) and classify_api_error(exc).verdict is Verdict.FAIL
+                # The request refused (a 4xx that is not the account's or a full queue), or the method refused
+                # for this model (1212, which stops a run): not eligible.
+                refused = isinstance(exc, BatchStatusError) and (
+                    classify_api_error(exc).verdict is Verdict.FAIL or exc.code == METHOD_UNSUPPORTED
+                )
                 out.update(eligible=False if refused else None, result=f"refused at create: {cut(str(exc), 120)}")
                 with contextlib.suppress(BatchAPIError):
                     await api.delete_file(uploaded.id)  # an account holds at most 1,000 files

@@ -49,6 +49,16 @@ def file_missing(batch: Batch, exc: BatchAPIError) -> str:
     )
 
 
+def no_queue_room(chunk: Chunk, exc: BatchAPIError) -> str:
+    """Why a run stops when the model's queue has no room for a chunk and no batch of the job can make any."""
+    return (
+        f"the Batch API's queue for {chunk.model} has no room for {chunk.id} ({chunk.lines:,} requests: {exc}), "
+        "and no batch of this job is running to make room, so waiting could last forever: if other batches of "
+        "the account fill the queue, run again when they finish; if not, the account's queue cap for the model "
+        f"is below {chunk.lines:,} requests: lower run.batch.max_requests"
+    )
+
+
 def refused_request(batch: Batch) -> bool:
     """Did the batch fail validation for the request itself (a model not taken, a bad field), which
     sending its lines again would not mend? Transient codes, and a failure with no code, are not."""

@@ -222,6 +222,36 @@ def test_identical_prompts_in_blocks_on_different_actors_are_sent_once(make_job,
     assert stats["billed"]["online"] == 500
 
 
+def test_the_budget_holds_across_actors_and_books_each_answer_once(make_job, sim: SimulatorThread) -> None:
+    """run.max_cost on Ray: one budget at the limiter for every actor, so dispatch stops before the cap
+    can be passed (exit 4) and a later run goes on, paying only for the rest. The limiter books each
+    answer once, at what it cost: its spend is the run's answers' cost. (Before reservations had ids,
+    an actor's first requests, reserved before its slots joined, were booked at their worst case by
+    the join and at their cost by their answers as well: a budget stopped far short of its cap.)"""
+    sim.configure(latency_s=0.01)
+    rows = sample_rows(300)
+    job = make_job(
+        rows,
+        model={"prices": {"input": 2000.0, "output": 8000.0}},
+        run={"engine": "ray", "concurrency": LIMIT, "max_cost": 5.0},
+    )
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 4, result.stderr
+    assert "run.max_cost" in result.stderr
+    summary = json.loads(job.summary.read_text())
+    limiter = summary["engine"]["limiter"]
+    assert 0 < summary["answered_ok"] < 300
+    assert summary["cost"]["spent"] <= 5.0
+    assert limiter["spent"] == pytest.approx(summary["cost"]["spent"], abs=1e-6)
+    assert limiter["orphaned"] == 0.0 and limiter["spent"] + limiter["reserved"] <= 5.0
+
+    assert cli("run", str(job.spec), "--set", "run.max_cost=1000").exit_code == 0
+    assert sim.stats()["prompts_answered_twice"] == 0
+    assert pl.read_parquet(job.output).height == 300
+
+
 @pytest.fixture
 def billed_at(sim: SimulatorThread, monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, int]]:
     """The simulator's own record of each answer it billed: its clock then, and the tokens billed.

@@ -10,6 +10,7 @@ is not installed, except in CI.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import struct
@@ -21,6 +22,8 @@ from typing import Any
 
 import polars as pl
 import pytest
+
+import runner
 
 try:
     import ray
@@ -181,6 +184,24 @@ def test_a_finished_job_run_again_neither_imports_ray_nor_reads_an_answer(make_j
 
     assert sim.stats()["requests"] == 0
     assert pl.read_parquet(job.output).get_column("response_text").to_list() == expected(rows)
+
+
+def test_a_ray_run_reports_its_phases_as_a_local_run_does(
+    make_job, sim: SimulatorThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The phases the Python API logs (at DEBUG, through `glm_batch`) cover a Ray run as they cover a local
+    one: reading the input, then starting Ray (before which a run has nothing to show), then writing the
+    output."""
+    job = ray_job(make_job, sample_rows(40))
+
+    with caplog.at_level(logging.DEBUG, logger="glm_batch"):
+        assert runner.run_job(str(job.spec)).ok
+
+    records = [r.glm_batch for r in caplog.records if r.name == "glm_batch"]
+    phases = [r["phase"] for r in records if r["event"] == "phase"]
+    wanted = ["reading input", "starting Ray", "writing output"]
+    assert [p for p in phases if p in wanted] == wanted, phases
+    assert pl.read_parquet(job.output).get_column("response_text").to_list() == expected(sample_rows(40))
 
 
 def test_batch_mode_is_refused(make_job) -> None:

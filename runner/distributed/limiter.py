@@ -217,8 +217,10 @@ class ClusterLimiter:
 
     async def reclaim(self, worker_id: str) -> int:
         """The worker is dead (the driver saw its actor die or restart): take its slots back now.
-        How many slots came back."""
+        How many slots came back. (Its open reservations are booked as spent, lease or none.)"""
         if worker_id not in self._leases:
+            if self.spending is not None:
+                self.spending.orphan(worker_id)
             return 0
         n = self._leases[worker_id].granted
         self._drop(worker_id)

@@ -10,6 +10,7 @@ is not installed, except in CI.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import struct
@@ -21,6 +22,8 @@ from typing import Any
 
 import polars as pl
 import pytest
+
+import runner
 
 try:
     import ray
@@ -183,6 +186,24 @@ def test_a_finished_job_run_again_neither_imports_ray_nor_reads_an_answer(make_j
     assert pl.read_parquet(job.output).get_column("response_text").to_list() == expected(rows)
 
 
+def test_a_ray_run_reports_its_phases_as_a_local_run_does(
+    make_job, sim: SimulatorThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The phases the Python API logs (at DEBUG, through `glm_batch`) cover a Ray run as they cover a local
+    one: reading the input, then starting Ray (before which a run has nothing to show), then writing the
+    output."""
+    job = ray_job(make_job, sample_rows(40))
+
+    with caplog.at_level(logging.DEBUG, logger="glm_batch"):
+        assert runner.run_job(str(job.spec)).ok
+
+    records = [r.glm_batch for r in caplog.records if r.name == "glm_batch"]
+    phases = [r["phase"] for r in records if r["event"] == "phase"]
+    wanted = ["reading input", "starting Ray", "writing output"]
+    assert [p for p in phases if p in wanted] == wanted, phases
+    assert pl.read_parquet(job.output).get_column("response_text").to_list() == expected(sample_rows(40))
+
+
 def test_batch_mode_is_refused(make_job) -> None:
     """run.engine: ray with the Batch API is a usage error, in one line."""
     job = make_job(sample_rows(3), model={"name": "glm-4-air-250414"}, run={"engine": "ray", "mode": "batch"})
@@ -220,6 +241,37 @@ def test_identical_prompts_in_blocks_on_different_actors_are_sent_once(make_job,
     stats = sim.stats()
     assert stats["prompts_billed_twice"] == 0
     assert stats["billed"]["online"] == 500
+
+
+def test_the_budget_holds_across_actors_and_books_each_answer_once(make_job, sim: SimulatorThread) -> None:
+    """run.max_cost on Ray: one budget at the limiter for every actor, so dispatch stops before the cap
+    can be passed (exit 4) and a later run goes on, paying only for the rest. The limiter books each
+    answer once, at what it cost: its spend is the run's answers' cost. (Before reservations had ids,
+    an actor's first requests, reserved before its slots joined, were booked at their worst case by
+    the join and at their cost by their answers as well: a budget stopped far short of its cap.)"""
+    sim.configure(latency_s=0.01)
+    rows = sample_rows(300)
+    job = make_job(
+        rows,
+        model={"prices": {"input": 2000.0, "output": 8000.0}},
+        run={"engine": "ray", "concurrency": LIMIT, "max_cost": 5.0},
+    )
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 4, result.stderr
+    assert "run.max_cost" in result.stderr
+    summary = json.loads(job.summary.read_text())
+    limiter = summary["engine"]["limiter"]
+    assert 0 < summary["answered_ok"] < 300
+    assert summary["cost"]["spent"] <= 5.0
+    assert limiter["spent"] == pytest.approx(summary["cost"]["spent"], abs=1e-6)
+    assert limiter["orphaned"] == 0.0 and limiter["spent"] + limiter["reserved"] <= 5.0
+
+    # (on the local engine, which reads the same state: no second Ray start-up)
+    assert cli("run", str(job.spec), "--set", "run.max_cost=1000", "--set", "run.engine=local").exit_code == 0
+    assert sim.stats()["prompts_answered_twice"] == 0
+    assert pl.read_parquet(job.output).height == 300
 
 
 @pytest.fixture

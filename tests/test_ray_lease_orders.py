@@ -3,9 +3,10 @@
 Every call a worker makes is a message that this test delivers when it chooses (Hypothesis draws the
 schedule): late, out of order, twice (a retried Ray call), or never answered because the caller was
 cancelled while the call still runs at the limiter. Meanwhile the driver reclaims leases, leases lapse,
-and workers die. After every step the books must agree: what a worker holds on its current lease the
-limiter counts, and the limiter never grants past the limit. At the end, with every attempt finished and
-every worker closed, every slot is back: nothing granted, no ValueError, nothing hung.
+workers die, and a worker's closing is cancelled. After every step the books must agree: what a worker
+holds on its current lease the limiter counts, and the limiter never grants past the limit. At the end,
+with every attempt finished and every worker closed, every slot is back (no lease had to lapse for it):
+nothing granted, no ValueError, nothing hung.
 
 Deterministic: no Ray, one event loop, a limiter clock that moves only when the schedule says so, and
 no timer that can fire within a test (the steward runs its rounds when the schedule says so).
@@ -35,7 +36,7 @@ from runner.distributed.slots import LeasedSlots
 from runner.distributed.terms import Holding, LeaseLost
 
 LIMIT = 3
-WEIGHTS = {"die": 1, "reclaim": 1, "lapse": 1}  # rare; every other kind 4
+WEIGHTS = {"die": 1, "reclaim": 1, "lapse": 1, "cancel": 1}  # rare; every other kind 4
 FOREVER = 1e9  # a lease timeout and a report period no test reaches: time moves only by `lapse`
 
 
@@ -153,7 +154,7 @@ class Worker:
         return bool(self.running()) or any(not t.done() for t in self.rounds)
 
     def tasks(self) -> list[asyncio.Task[Any]]:
-        own = [self.slots._fetch, self.slots._steward, self.closer]
+        own = [self.slots._fetch, self.slots._steward, self.slots._closer, self.closer]
         return [a[0] for a in self.attempts] + self.rounds + [t for t in own if t is not None]
 
 
@@ -183,7 +184,6 @@ class Scenario:
             )
             for i in range(workers)
         ]
-        self.cut_while_closing = False
         self.driver: list[asyncio.Task[int]] = []  # the driver's reclaim calls
         self.taken_back = False  # a lease was reclaimed or lapsed, or a worker died: its attempts ran on
 
@@ -205,6 +205,8 @@ class Scenario:
                     add("round", f"{w.name}'s steward heartbeats", lambda w=w: self.round(w, heartbeat=True))
                 if not w.busy():
                     add("close", f"{w.name} closes", lambda w=w: self.close(w))
+            elif not w.closer.done():
+                add("cancel", f"{w.name}'s closing is cancelled", w.closer.cancel)
             for _task, gate, refuse in w.running()[:1]:
                 add("end", f"{w.name} ends an attempt", gate.set)
                 add(
@@ -237,9 +239,6 @@ class Scenario:
         w.closer = asyncio.create_task(w.slots.aclose())
 
     def cut(self, call: Call) -> None:
-        worker = next(w for w in self.workers if w.name == call.worker)
-        if worker.closer is not None:
-            self.cut_while_closing = True
         self.wire.cut(call)
 
     def reclaim(self, w: Worker) -> None:
@@ -303,17 +302,17 @@ class Scenario:
             self.tick()
             await settle()
             self.check()
-            done = all(w.closer is not None and w.closer.done() for w in self.live())
+            done = all(
+                w.closer is not None and w.closer.done() and (w.slots._closer is None or w.slots._closer.done())
+                for w in self.live()
+            )
             if done and not self.wire.undelivered() and not self.wire.unanswered() and not self.wire.running():
                 break
         else:
             pytest.fail(f"the run did not finish: {self.wire.running()} {[w.slots.describe() for w in self.live()]}")
         for w in self.live():
             assert w.closer is not None and (w.closer.cancelled() or w.closer.exception() is None), w.closer
-        if self.cut_while_closing and self.limiter._granted:
-            # A worker cancelled inside aclose could not hand back its slots: its lease lapses instead.
-            self.lapse()
-            self.limiter._reap()
+        # Every slot back without a lease lapsing: a worker cancelled inside aclose handed its slots back too.
         assert self.limiter._granted == 0, (self.limiter._leases, [w.slots.describe() for w in self.workers])
 
 
@@ -406,6 +405,52 @@ async def test_a_worker_whose_acquire_was_cut_off_says_so_at_its_next_round() ->
     round_ = asyncio.create_task(slots.steward_round())  # no heartbeat due, nothing handed back: yet it reports
     await through("report")
     assert await round_ and limiter._granted == 0
+    for task in worker.tasks() + wire.running():
+        task.cancel()
+    await settle()
+
+
+async def test_a_worker_cancelled_while_it_closes_still_hands_its_slots_back() -> None:
+    """aclose waits for the acquire under way before its last report; a caller cancelled meanwhile gets
+    its CancelledError at once, and the slots (those held, and the grant still on the wire) go back to
+    the limiter without waiting for the lease to time out."""
+    limiter = ClusterLimiter(concurrency=4, lease_timeout_s=FOREVER, clock=lambda: 0.0)
+    wire = Wire(limiter)
+    slots = LeasedSlots(wire.handle("w0"), "w0", max_grant=2, report_s=FOREVER, idle_s=FOREVER, clock=lambda: 0.0)
+    worker = Worker("w0", slots)
+
+    async def through(name: str) -> None:
+        await settle()
+        call = next(c for c in wire.calls if c.name == name and not c.runs)
+        wire.deliver(call, patient=False)
+        await settle()
+        wire.answer(call)
+        await settle()
+
+    for _ in range(3):
+        worker.start()  # three attempts wait for slots
+    await through("join")
+    await through("acquire")  # two granted: two attempts run, the third asks for more
+    for _task, gate, _refuse in worker.attempts:
+        gate.set()  # the third takes a slot the first two freed, and all three end
+    await settle()
+    assert not worker.running() and slots.held == 2
+    acquiring = next(c for c in wire.calls if c.name == "acquire" and not c.runs)  # still on the wire
+
+    closer = asyncio.create_task(slots.aclose())
+    await settle()  # aclose waits for the acquire under way
+    closer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closer  # the cancellation reaches the caller
+    wire.deliver(acquiring, patient=False)
+    await settle()
+    wire.answer(acquiring)  # two more granted, arriving after the close began
+    await settle()
+    reports = [c for c in wire.calls if c.name == "report" and not c.runs]
+    assert reports, "the closing stopped with its caller: nothing hands the slots back before the lease lapses"
+    await through("report")  # its last report hands back all four
+
+    assert limiter._granted == 0, limiter._leases
     for task in worker.tasks() + wire.running():
         task.cancel()
     await settle()

@@ -32,7 +32,7 @@ from runner.distributed.claims import Claims
 from runner.distributed.limiter import ClusterLimiter, connect
 from runner.distributed.pacing import Rates
 from runner.distributed.slots import LeasedSlots
-from runner.distributed.terms import Directive, Holding, LeaseLost, Outcomes
+from runner.distributed.terms import Directive, Holding, LeaseLost, Outcomes, Reservation
 from runner.records import Answer, Request, Result
 from runner.send import client as wire
 from runner.send.limits import AimdController
@@ -200,19 +200,20 @@ async def test_the_driver_reclaims_a_dead_workers_slots_at_once(
 
 async def test_the_budget_refuses_a_reservation_past_max_cost(limiter: Any) -> None:
     budget = local(4, max_cost=1.0)
-    assert await budget.reserve.remote("a", 0.4)
-    assert await budget.reserve.remote("b", 0.4)
-    assert not await budget.reserve.remote("a", 0.4)  # 1.2 > 1.0
-    await budget.settle.remote("a", 0.4, 0.1)  # the answer cost less than its worst case
-    assert await budget.reserve.remote("a", 0.4)
+    a, b = (lambda n: Reservation("a", n)), (lambda n: Reservation("b", n))
+    assert await budget.reserve.remote("a", a(1), 0.4)
+    assert await budget.reserve.remote("b", b(1), 0.4)
+    assert not await budget.reserve.remote("a", a(2), 0.4)  # 1.2 > 1.0
+    await budget.settle.remote("a", a(1), 0.1)  # the answer cost less than its worst case
+    assert await budget.reserve.remote("a", a(3), 0.4)
     # A dead worker's open reservation stays booked (its request may have been billed).
     await budget.reclaim.remote("b")
     stats = await budget.stats.remote()
     assert stats["spent"] == pytest.approx(0.5) and stats["reserved"] == pytest.approx(0.4)
     assert stats["orphaned"] == pytest.approx(0.4)
-    assert not await budget.reserve.remote("a", 0.2)
+    assert not await budget.reserve.remote("a", a(4), 0.2)
     # And the same through the real actor.
-    assert ray.get(limiter.reserve.remote("driver", 1e9))  # no max_cost: always fits
+    assert ray.get(limiter.reserve.remote("driver", Reservation("d", 1), 1e9))  # no max_cost: always fits
 
 
 class Refused(Exception):

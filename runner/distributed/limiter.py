@@ -4,9 +4,11 @@
     joined = await limiter.join.remote("worker-3", "a1b2", 1)                # a worker, its lease
     granted = await limiter.acquire.remote("worker-3", 4, 1.0, joined.lease, 1)  # its acquire call 1
     directive = await limiter.report.remote("worker-3", Holding(joined.lease, 1, 2, 1), outcomes)
+    fits = await limiter.reserve.remote("worker-3", Reservation("a1b2", 1), 0.02)  # a worst case, by id
+    limiter.settle.remote("worker-3", Reservation("a1b2", 1), 0.004)               # what its answer cost
 
-Slots are leases, and a worker's reports state what it holds, so no message repeated, late or lost
-leaves the books wrong (docs/decisions.md, "Ray runs: one limit, one payment").
+Slots are leases, and a worker's reports state what it holds; reservations have ids; so no message
+repeated, late or lost leaves the books wrong (docs/decisions.md, "Ray runs: one limit, one payment").
 """
 
 from __future__ import annotations
@@ -25,11 +27,21 @@ from ray.actor import ActorHandle
 
 from runner.distributed.claims import Claims
 from runner.distributed.pacing import Rates
-from runner.distributed.terms import Directive, Holding, Joined, LeaseLost, Outcomes
-from runner.money.pricing import Budget
+from runner.distributed.spending import Spending
+from runner.distributed.terms import Directive, Holding, Joined, LeaseLost, Outcomes, Reservation
 from runner.send.limits import AimdController
 
-__all__ = ["DEFAULT_GRANT", "ClusterLimiter", "Directive", "Holding", "Joined", "LeaseLost", "Outcomes", "connect"]
+__all__ = [
+    "DEFAULT_GRANT",
+    "ClusterLimiter",
+    "Directive",
+    "Holding",
+    "Joined",
+    "LeaseLost",
+    "Outcomes",
+    "Reservation",
+    "connect",
+]
 
 HEAD_NODE = "node:__internal_head__"  # a resource only the head node has: what places the limiter there
 DEFAULT_GRANT = 8  # most slots one acquire hands out: small, so one busy worker cannot starve the rest
@@ -47,12 +59,11 @@ class _Lease:
     reports: int = 0  # the newest report taken (Holding.report)
     in_use: int = 0  # as last reported by the worker
     waiting: int = 0  # acquire calls of this worker blocked now
-    reserved: float = 0.0  # budget reserved and not settled yet
 
 
 class ClusterLimiter:
     """The cluster's in-flight limit (fixed, or adaptive with the local engine's AimdController) and its
-    spending cap (runner.money.pricing.Budget), leased to workers. Runs as a named async Ray actor; every
+    spending cap (runner.distributed.spending), leased to workers. Runs as a named async Ray actor; every
     method runs on the actor's one event loop, so the bookkeeping needs no locks.
 
     Invariants, checked after every change: the slots granted are the sum of the leases, and a grant never
@@ -73,7 +84,7 @@ class ClusterLimiter:
     ) -> None:
         self.controller = concurrency if isinstance(concurrency, AimdController) else None
         self._fixed = concurrency if isinstance(concurrency, int) else None
-        self.budget = Budget(max_cost) if max_cost is not None else None
+        self.spending = Spending(max_cost, clock) if max_cost is not None else None
         self.claims = Claims()  # request keys shared by blocks: who sends them
         self.rates = Rates(requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute)
         self.lease_timeout_s = lease_timeout_s
@@ -90,7 +101,6 @@ class ClusterLimiter:
         self._slots_granted = 0
         self._peak = 0
         self._reclaimed = 0
-        self._orphaned = 0.0  # reservations of reclaimed workers, booked as spent (they may have been billed)
         self._stale = 0  # reports or settles that arrived after their lease was reclaimed
         self._repeated = 0  # calls that arrived again or after a newer one, and changed nothing
 
@@ -207,8 +217,10 @@ class ClusterLimiter:
 
     async def reclaim(self, worker_id: str) -> int:
         """The worker is dead (the driver saw its actor die or restart): take its slots back now.
-        How many slots came back."""
+        How many slots came back. (Its open reservations are booked as spent, lease or none.)"""
         if worker_id not in self._leases:
+            if self.spending is not None:
+                self.spending.orphan(worker_id)
             return 0
         n = self._leases[worker_id].granted
         self._drop(worker_id)
@@ -235,30 +247,21 @@ class ClusterLimiter:
 
     # -- the budget ------------------------------------------------------------------------------------
 
-    async def reserve(self, worker_id: str, amount: float) -> bool:
-        """Reserve a request's worst-case cost against run.max_cost; False (nothing reserved) if it would
-        not fit. Always True without a cap."""
-        lease = self._lease(worker_id)
-        if self.budget is None:
-            return True
-        if not self.budget.try_reserve(amount):
-            return False
-        lease.reserved += amount
-        return True
+    async def reserve(self, worker_id: str, reservation: Reservation, amount: float) -> bool:
+        """Reserve a request's worst-case cost against run.max_cost under its id; False (nothing reserved)
+        if it would not fit. Always True without a cap. A copy of the call changes nothing
+        (runner.distributed.spending)."""
+        self._renew(worker_id)
+        return True if self.spending is None else self.spending.reserve(worker_id, reservation, amount)
 
-    async def settle(self, worker_id: str, reserved: float, actual: float) -> None:
-        """An answer came back: release its reservation and book what it really cost.
+    async def settle(self, worker_id: str, reservation: Reservation, actual: float) -> None:
+        """An answer came back: release its reservation and book what it really cost, once.
 
-        A reclaimed worker's reservations were already booked as spent at their worst case, which is at
-        least what they cost, so a late settle from it changes nothing."""
-        if self.budget is None:
-            return
-        if worker_id in self._reaped:
-            self._stale += 1
-            return
-        lease = self._lease(worker_id)
-        lease.reserved = max(0.0, lease.reserved - reserved)
-        self.budget.settle(reserved, actual)
+        A reservation its worker's lost lease already booked as spent at its worst case (at least what
+        it cost) stays as booked: a late settle, or one repeated, changes nothing."""
+        self._renew(worker_id)
+        if self.spending is not None:
+            self.spending.settle(worker_id, reservation, actual)
 
     # -- observation -----------------------------------------------------------------------------------
 
@@ -280,13 +283,13 @@ class ClusterLimiter:
             "in_use": sum(lease.in_use for lease in self._leases.values()),  # as last reported
             "reclaimed": self._reclaimed,
             "stale": self._stale,
-            "repeated": self._repeated,
+            "repeated": self._repeated + (self.spending.repeated if self.spending else 0),
             "successes": self.controller.successes if self.controller else None,
             "overloads": self.controller.overloads if self.controller else None,
-            "max_cost": self.budget.limit if self.budget else None,
-            "reserved": self.budget.reserved if self.budget else 0.0,
-            "spent": self.budget.spent if self.budget else 0.0,
-            "orphaned": self._orphaned,
+            "max_cost": self.spending.budget.limit if self.spending else None,
+            "reserved": self.spending.budget.reserved if self.spending else 0.0,
+            "spent": self.spending.budget.spent if self.spending else 0.0,
+            "orphaned": self.spending.orphaned if self.spending else 0.0,
         }
 
     # -- internals -------------------------------------------------------------------------------------
@@ -334,13 +337,22 @@ class ClusterLimiter:
         lease.renewed_at = self._clock()
         return lease
 
+    def _renew(self, worker_id: str) -> None:
+        """A call from the worker: its lease, if it has one, is alive."""
+        if (lease := self._leases.get(worker_id)) is not None:
+            lease.renewed_at = self._clock()
+
     def _reap(self) -> None:
-        """Reclaim the leases of workers silent past the timeout."""
+        """Reclaim the leases of workers silent past the timeout; book as spent the open reservations of
+        silent workers that hold no lease (one that died before it ever joined)."""
         cutoff = self._clock() - self.lease_timeout_s
         dead = [w for w, lease in self._leases.items() if lease.renewed_at < cutoff and lease.waiting == 0]
         for worker_id in dead:
             self._drop(worker_id)
             self._reaped.add(worker_id)
+        if self.spending is not None:
+            for worker_id in self.spending.silent(cutoff) - self._leases.keys():
+                self.spending.orphan(worker_id)
         if dead:
             self._check()
 
@@ -349,10 +361,9 @@ class ClusterLimiter:
         self._notify()  # its slots are free, and its own blocked acquires must see it gone
         self._granted -= lease.granted
         self._reclaimed += lease.granted
-        if self.budget is not None and lease.reserved:
+        if self.spending is not None:
             # Its requests may have been sent and billed: keep their worst case as spent, so the cap holds.
-            self.budget.settle(lease.reserved, lease.reserved)
-            self._orphaned += lease.reserved
+            self.spending.orphan(worker_id)
 
     def _learn(self, worker_id: str, outcomes: Outcomes) -> None:
         self.rates.owe(outcomes.extra_tokens, self._clock())

@@ -73,6 +73,7 @@ class LeasedSlots:
         self._unanswered = False  # an acquire call ended without its answer: the next round reports it
         self._closed = False
         self._closing = asyncio.Event()  # set by aclose: the steward stops at once, between calls
+        self._closer: asyncio.Task[None] | None = None  # aclose's work, which its caller's cancellation spares
         self._last_report = clock()
         self._failure: Exception | None = None  # the limiter could not be reached: every waiter sees why
         # The run's request and token rates (run.requests_per_minute / tokens_per_minute), booked at the
@@ -144,11 +145,20 @@ class LeasedSlots:
             await self._give()
 
     async def aclose(self) -> None:
-        """Stop the background work and hand every unused slot back, with the outcomes not reported yet."""
-        self._closed = True
-        self._closing.set()
-        if self._pacer is not None:
-            self._pacer.cancel()
+        """Stop the background work and hand every unused slot back, with the outcomes not reported yet.
+
+        The closing runs in a task of its own, shielded: a caller cancelled while it waits gets its
+        CancelledError at once, and the slots still go back (else they would stay counted as this
+        worker's until its lease timed out)."""
+        if self._closer is None:
+            self._closed = True
+            self._closing.set()
+            if self._pacer is not None:
+                self._pacer.cancel()
+            self._closer = asyncio.create_task(self._close())
+        await asyncio.shield(self._closer)
+
+    async def _close(self) -> None:
         # The steward stops between calls, and the acquire under way is timed: waited for, not cancelled,
         # so what they did at the limiter is booked here before the last report.
         for task in (self._steward, self._fetch):

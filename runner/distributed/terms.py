@@ -1,6 +1,7 @@
 """What the cluster's limiter and its workers say to each other: which lease a worker holds (Joined), what
-it holds on it (Holding), how its attempts ended (Outcomes), what it should do next (Directive), and that
-its lease is gone (LeaseLost).
+it holds on it (Holding), how its attempts ended (Outcomes), what it should do next (Directive), that
+its lease is gone (LeaseLost), and which of its budget reservations a reserve or settle is about
+(Reservation).
 """
 
 from __future__ import annotations
@@ -65,3 +66,12 @@ class Directive:
     owe: int  # slots to hand back as soon as they come free: the limit fell, or other workers wait
     pause_s: float  # the platform said it is overloaded: start no attempt for this long
     limit: int  # the cluster's in-flight limit now
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """The id of one request's worst case reserved against run.max_cost: the worker instance that made it
+    and its number there. A reserve or settle quoting it is applied once, however often it arrives."""
+
+    instance: str  # unique to one sending actor's process (a restarted actor is a new instance)
+    number: int  # from 1, one per reservation the instance asks for

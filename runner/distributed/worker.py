@@ -9,9 +9,11 @@ attempt got (docs/decisions.md, "Ray runs").
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ import ray
 
 from runner.control import Control
 from runner.distributed.slots import LeasedSlots
+from runner.distributed.terms import Reservation
 from runner.job.inputs import ROW, InputSource
 from runner.job.resolve import Job
 from runner.money.accounting import Accountant, Tally
@@ -144,7 +147,9 @@ class SendingActor:
         self._store = Store(self._job.state_dir, config.run_id, writer=self.worker_id, rows=self._job.row_map)
         self._store.open_journal()
         self._answers = RunAnswers(self._job.state_dir, config.run_id)
-        self._reserved: dict[str, float] = {}  # key -> budget reserved at the limiter
+        self._reserved: dict[str, Reservation] = {}  # key -> its budget reservation at the limiter
+        self._instance = uuid.uuid4().hex  # names this process's reservations (Reservation.instance)
+        self._reservations = itertools.count(1)
         self._executor: OnlineExecutor | None = None
 
     def _slots(self, client: Client) -> LeasedSlots:
@@ -191,9 +196,9 @@ class SendingActor:
         results: list[tuple[str, str | None]] = []
 
         def answered_now(result: Result, tier: str | None) -> None:
-            reserved = self._reserved.pop(result.key, None)
-            if reserved is not None:  # fire and forget: the limiter books it in order with our other calls
-                config.limiter.settle.remote(self.worker_id, reserved, result.cost or 0.0)
+            reservation = self._reserved.pop(result.key, None)
+            if reservation is not None:  # fire and forget: the limiter applies it once, whenever it comes
+                config.limiter.settle.remote(self.worker_id, reservation, result.cost or 0.0)
             results.append((result_to_json(result), tier))
 
         # The driver's rule for each answer, on this actor's store, with the block's row-map lines; the
@@ -239,8 +244,9 @@ class SendingActor:
         async for request in requests:
             if config.budgeted:
                 amount = config.accountant.worst_case(estimate_request(request.params))
-                if not await config.limiter.reserve.remote(self.worker_id, amount):
+                reservation = Reservation(self._instance, next(self._reservations))
+                if not await config.limiter.reserve.remote(self.worker_id, reservation, amount):
                     control.end_dispatch("budget")
                     return
-                self._reserved[request.key] = amount
+                self._reserved[request.key] = reservation
             yield request

@@ -92,12 +92,12 @@ async def arun_job(
 
 async def run_loaded(job: Job, options: RunOptions, reporter: Reporter) -> RunResult:
     """Run a loaded job (the command line's `run` too): its cascade's stages, or one run on the sender
-    its spec asks for (runner.distributed.sender.sender_for), with the key from the environment."""
+    its spec asks for (runner.senders.sender_for), with the key from the environment."""
     key = api_key_for(job)
     if will_send_online(job, fresh=options.fresh):
         import_in_background()  # the SDK loads while the engine (polars) loads and checks the input
-    from runner.distributed.sender import sender_for
     from runner.engine import execute
+    from runner.senders import sender_for
 
     if job.spec.output.cascade is None:
         return await execute(job, api_key=key, options=options, reporter=reporter, sender=sender_for(job, options))

@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("runner.supervise", "runner.resume", "runner.run", "runner.finish", "runner.local"),
     ("runner.engine",),
     ("runner.distributed",),
-    ("runner.estimate",),
+    ("runner.estimate", "runner.senders"),
     ("runner.cascade",),
     ("runner.api",),
     ("runner.cli", "runner.__main__"),

@@ -117,6 +117,14 @@ def test_a_finished_job_run_again_never_imports_the_sdk(make_job: Callable[..., 
     assert "anthropic" not in loaded("run", str(job.spec), "--log-format", "json", watch=("anthropic",))
 
 
+def test_a_local_run_never_loads_the_distributed_package(make_job: Callable[..., JobFiles]) -> None:
+    """The caller chooses the sender (runner.senders): a run on the local engine sends every row without
+    importing runner.distributed (nor Ray)."""
+    job = make_job()
+    watch = ("runner.distributed", "runner.distributed.sender", "ray", "runner.send.client")
+    assert loaded("run", str(job.spec), "--log-format", "json", watch=watch) == ["runner.send.client"]
+
+
 @pytest.mark.parametrize(
     ("change", "sends"),
     [

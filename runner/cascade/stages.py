@@ -120,8 +120,8 @@ def fresh_refused(job: Job) -> UsageError:
 
 async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: Reporter) -> RunResult:
     """Run every stage of a cascade job and write its output; see the module's docstring."""
-    from runner.distributed.sender import sender_for
     from runner.engine import execute
+    from runner.senders import sender_for
 
     check_places(job)
     cascade = job.spec.output.cascade

@@ -1,4 +1,4 @@
-"""The choice of sender, and the Ray sender (`run.engine: ray`): a run's rows sent by actors on a Ray
+"""The Ray sender (`run.engine: ray`): a run's rows sent by actors on a Ray
 cluster (runner.distributed.cluster) into the run object the local sender fills; the driver keeps the
 store, settled keys and row map. A run with nothing to render never imports Ray."""
 
@@ -7,27 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from runner.distributed.blocks import Shape
-from runner.errors import UsageError
-from runner.job.resolve import Job
-from runner.local import LocalSender
 from runner.observe import summary
 from runner.observe.progress import Reporter
 from runner.observe.summary import Engine, Sending
 from runner.plan import ALL_FAIL_ROWS, plan
-from runner.run import Run, Sender
-from runner.runs import RunOptions
+from runner.run import Run
 from runner.send.base import Gauges
 from runner.supervise import Signals
-
-
-def sender_for(job: Job, options: RunOptions) -> Sender:
-    """The sender the spec asks for: Ray's for `run.engine: ray` (but a pilot's few rows are sent from
-    here), else this process's. UsageError for what Ray cannot send."""
-    if job.spec.run.engine != "ray" or options.pilot_rows is not None:
-        return LocalSender()
-    if job.spec.run.mode != "online":
-        raise UsageError(f"{job.spec_path}: run.engine: ray: batch mode runs on the local engine")
-    return RaySender()
 
 
 class RaySender:

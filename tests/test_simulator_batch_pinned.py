@@ -44,8 +44,7 @@ def batch_file() -> bytes:
         body("think first", thinking={"type": "enabled"}),
         body("a long answer please " * 3, max_tokens=3),
         body("refused", tool_choice="required"),
-        body("text mode", system='Answer with JSON that matches this JSON Schema: {"type": "object", '
-             '"properties": {"label": {"type": "string", "enum": ["positive", "negative"]}}}'),  # fmt: skip
+        body("text mode", system=f"Answer with JSON that matches this JSON Schema: {json.dumps(SCHEMA)}"),
         body("no max tokens", max_tokens=None),
     ]
     lines = [

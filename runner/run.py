@@ -132,11 +132,9 @@ class Run:
         self.commit()  # what came before, first
         outstanding, settled = self.outstanding, self.settled
         # Answered in an earlier run (a batch harvested twice): never journalled or booked twice.
-        keep = [ours or not settled.has(key) for key, ours in zip(answers.keys, outstanding.contains_many(answers.keys),
-                                                                   strict=True)]  # fmt: skip
-        if not all(keep):
-            answers = answers.only(keep)
-        outstanding.difference_update(answers.keys)
+        ours = outstanding.take_many(answers.keys)
+        if not all(ours):
+            answers = answers.only([mine or not settled.has(key) for key, mine in zip(answers.keys, ours, strict=True)])
         tiers = self.accountant.settle_answers(answers)
         try:
             self.store.add_answers(answers)

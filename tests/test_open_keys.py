@@ -58,6 +58,7 @@ def test_open_keys_is_a_set_of_the_keys_added_and_not_taken_away() -> None:
     assert twin in outstanding and keys[0] not in outstanding and f"{keys[1]}#1" in outstanding
     assert len(outstanding) == 499 + 2 and set(outstanding) == {*keys[501:], twin, f"{keys[1]}#1"}
     assert outstanding.contains_many([keys[0], twin, keys[999]]) == [False, True, True]
+    assert outstanding.take_many([twin, twin, keys[0]]) == [True, False, False] and twin not in outstanding
 
 
 def test_keys_in_flight_take_a_third_of_a_sets_memory() -> None:

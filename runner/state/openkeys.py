@@ -297,12 +297,12 @@ class OpenKeys(MutableSet[str]):
         return iter(self._table)
 
     def add(self, key: str) -> None:
-        self._table.put(key)
+        self._table.put(key, 0, 0.0)
 
     def update(self, keys: Iterable[str]) -> None:
         put = self._table.put
         for key in keys:
-            put(key)
+            put(key, 0, 0.0)
 
     def discard(self, key: str) -> None:
         self._table.pop(key)
@@ -314,3 +314,7 @@ class OpenKeys(MutableSet[str]):
     def contains_many(self, keys: list[str]) -> list[bool]:
         """Is each key in the set? (Vectorised.)"""
         return self._table.contains_many(keys)
+
+    def take_many(self, keys: list[str]) -> list[bool]:
+        """Take `keys` away; whether each was in the set (one look a key, for a block of answers)."""
+        return [value is not None for value in self._table.pop_many(keys)]

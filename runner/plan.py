@@ -17,7 +17,7 @@ import datetime as dt
 import os
 import re
 from array import array
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, MutableSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -199,7 +199,7 @@ class Dispatch:
     control: Control
     pilot: frozenset[int] | None = None  # a pilot sends only these row positions
     # Requests handed to the executor and not yet answered: the run is complete when none are left.
-    outstanding: set[str] = field(default_factory=set)
+    outstanding: MutableSet[str] = field(default_factory=set)
     # The model's context window: a prompt estimated above it is refused here (the endpoint would
     # refuse it too, 400/1261), its row failed with the reason, and nothing is sent.
     context_tokens: int | None = None

@@ -28,6 +28,7 @@ from runner.plan import Dispatch, PlannedBatch
 from runner.records import Answers, Request, Result
 from runner.resume import settled_keys
 from runner.runs import RunOptions, fingerprint
+from runner.state.openkeys import OpenKeys
 from runner.state.rescue import RESCUE_MARK
 from runner.state.rowmap import RowMap
 from runner.state.settled import SettledKeys
@@ -52,7 +53,8 @@ class Run:
     unchanged: bool = False  # nothing changed since a run that answered every row: nothing to render
     breaker: Breaker | None = None
     on_answer: Callable[[Result, str | None], None] | None = None  # a Ray actor reports each answer
-    outstanding: set[str] = field(default_factory=set)  # requests handed to a sender, not answered yet
+    # Requests handed to a sender, not answered yet (in batch mode every row's: ~33 bytes a key, not ~170).
+    outstanding: OpenKeys = field(default_factory=OpenKeys)
     cpu: CpuWindow = field(default_factory=CpuWindow)
     # Answers of this turn of the event loop, settled and waiting for their one journal write.
     committing: list[tuple[Result, str | None]] = field(default_factory=list)
@@ -130,10 +132,9 @@ class Run:
         self.commit()  # what came before, first
         outstanding, settled = self.outstanding, self.settled
         # Answered in an earlier run (a batch harvested twice): never journalled or booked twice.
-        keep = [key in outstanding or not settled.has(key) for key in answers.keys]
-        if not all(keep):
-            answers = answers.only(keep)
-        outstanding.difference_update(answers.keys)
+        ours = outstanding.take_many(answers.keys)
+        if not all(ours):
+            answers = answers.only([mine or not settled.has(key) for key, mine in zip(answers.keys, ours, strict=True)])
         tiers = self.accountant.settle_answers(answers)
         try:
             self.store.add_answers(answers)
@@ -202,7 +203,7 @@ class Run:
         # The tables that held every request in flight (a batch's: all of them at once) are empty now but
         # keep their size; made anew, their memory goes back before finishing (compaction, the output).
         if not self.outstanding:
-            self.outstanding = set()
+            self.outstanding = OpenKeys()
         self.accountant.shrink()
 
 

@@ -16,6 +16,7 @@ from runner.job.resolve import Job
 from runner.money.pricing import Budget, PriceTable, price_table, require_prices
 from runner.money.tokens import Calibration, estimate_request
 from runner.records import Answers, Request, Result, priced
+from runner.state.openkeys import KeyTable
 
 
 class Distribution:
@@ -269,9 +270,9 @@ class Accountant:
         self.calibration = calibration
         self.budget = budget
         self._max_tokens = max_tokens
-        # key -> (raw estimate, reserved cost); the estimate alone when nothing was reserved (no budget):
-        # a small int is shared, so a million requests in flight (a batch) hold no tuple each.
-        self._open: dict[str, tuple[int, float] | int] = {}
+        # key -> (raw estimate, reserved cost) of each request admitted and not settled: in batch mode every
+        # row's, so kept in ~40 bytes a key (runner.state.openkeys), not a dict of str.
+        self._open = KeyTable()
 
     def admit(self, request: Request, raw: int | None = None) -> bool:
         """Note the request's estimate (`raw`, if the caller made it already); False if its worst case no
@@ -283,13 +284,13 @@ class Accountant:
             reserved = self.worst_case(raw)
             if not self.budget.try_reserve(reserved):
                 return False
-        self._open[request.key] = (raw, reserved) if reserved else raw
+        self._open.put(request.key, raw, reserved)
         return True
 
     def shrink(self) -> None:
         """Give back the memory of the requests admitted and settled (a dict keeps its size when emptied)."""
         if not self._open:
-            self._open = {}
+            self._open = KeyTable()
 
     def worst_case(self, raw_input_tokens: int) -> float:
         """What a request of `raw_input_tokens` (uncalibrated) may cost at most: what a budget reserves."""
@@ -305,7 +306,7 @@ class Accountant:
 
     def settle(self, result: Result) -> tuple[Result, str | None]:
         """The result with its cost and estimate filled in, and the name of the tier it was charged at."""
-        raw, reserved = _opened(self._open.pop(result.key, None))
+        raw, reserved = _opened(self._open.pop(result.key))
         cost: float | None = None
         tier: str | None = None
         if self.table is not None:
@@ -326,11 +327,11 @@ class Accountant:
         costs: list[float | None] = []
         estimates: list[int | None] = []
         tiers: list[str | None] = []
-        pop = self._open.pop
-        for key, tokens_in, cached, tokens_out in zip(answers.keys, answers.input_tokens,
-                                                      answers.cache_read_input_tokens, answers.output_tokens,
-                                                      strict=True):  # fmt: skip
-            raw, reserved = _opened(pop(key, None))
+        opened = self._open.pop_many(answers.keys)
+        for value, tokens_in, cached, tokens_out in zip(opened, answers.input_tokens,
+                                                        answers.cache_read_input_tokens, answers.output_tokens,
+                                                        strict=True):  # fmt: skip
+            raw, reserved = _opened(value)
             cost: float | None = None
             tier: str | None = None
             if table is not None:  # an ok answer is billed, as in `settle`
@@ -346,11 +347,11 @@ class Accountant:
         return tiers
 
 
-def _opened(opened: tuple[int, float] | int | None) -> tuple[int | None, float]:
+def _opened(opened: tuple[int, float] | None) -> tuple[int | None, float]:
     """An admitted request's raw estimate and reserved cost as Accountant._open keeps them."""
     if opened is None:  # not admitted by this run (a batch an earlier run made)
         return None, 0.0
-    return (opened, 0.0) if isinstance(opened, int) else opened
+    return opened
 
 
 def accountant_for(job: Job) -> Accountant:

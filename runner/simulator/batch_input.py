@@ -12,10 +12,10 @@ import json
 from typing import Any
 
 from runner.job import catalog
-from runner.simulator.answers import ask_from_chat, count_tokens
+from runner.simulator.answers import Ask, ask_from_chat, count_tokens
 from runner.simulator.native_body import strict_problem
 
-__all__ = ["LINE_URL", "eligible", "file_problem", "line_problem", "parse_file"]
+__all__ = ["LINE_URL", "checked_ask", "eligible", "file_problem", "line_problem", "parse_file"]
 
 LINE_URL = "/v4/chat/completions"
 
@@ -30,10 +30,18 @@ def eligible(model: str) -> bool:
 
 def line_problem(body: Any, model: str | None, scale: float) -> tuple[int, str, str] | None:
     """Why a chat completions body would be refused (status, code, message), or None."""
+    checked = checked_ask(body, model, scale, 1)
+    return checked if isinstance(checked, tuple) else None
+
+
+def checked_ask(body: Any, model: str | None, scale: float, default_max_tokens: int) -> Ask | tuple[int, str, str]:
+    """A chat completions body as an `Ask` (made once: checked and answered from the same one), or why
+    it would be refused (status, code, message)."""
     if not isinstance(body, dict):
         return 400, "1214", "body must be a JSON object"
     name = body.get("model")
-    if name not in catalog.models():
+    models = catalog.models()
+    if name not in models:
         return 400, "1211", "Unknown Model, please check the model code."
     if model is not None and name != model:
         return 400, "1214", f"model {name} differs from the file's model {model}"
@@ -46,60 +54,69 @@ def line_problem(body: Any, model: str | None, scale: float) -> tuple[int, str, 
     strict = strict_problem(body)  # the documented rules: tool_choice, stop, response_format, sampling...
     if strict is not None:
         return strict
-    ask = ask_from_chat(body, 1)
-    if count_tokens(ask.prompt, scale) > catalog.models()[name].context:
+    ask = ask_from_chat(body, default_max_tokens)  # the prompt does not depend on the max_tokens default
+    if count_tokens(ask.prompt, scale) > models[name].context:
         return 400, "1261", "Prompt too long"
-    return None
+    return ask
 
 
 def parse_file(data: bytes) -> tuple[list[tuple[str, Any]], str | None, str | None]:
-    """A batch file's lines (custom_id, body), its model, and why validation fails (None if it passes).
-    Bodies are not checked here: a bad body fails its own line, not the batch."""
-    lines = [ln for ln in data.split(b"\n") if ln.strip()]
-    problem = file_problem(lines)
-    parsed: list[tuple[str, Any]] = []
-    model = None
-    for raw in lines:
-        try:
-            line = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(line, dict):
-            parsed.append((str(line.get("custom_id")), line.get("body")))
-            body = line.get("body")
-            if model is None and isinstance(body, dict) and isinstance(body.get("model"), str):
-                model = body["model"]
-    return parsed, model, problem
+    """A batch file's lines (custom_id, body), its model, and why validation fails (None if it passes),
+    each line parsed once. Bodies are not checked here: a bad body fails its own line, not the batch."""
+    return _scan([ln for ln in data.split(b"\n") if ln.strip()])
 
 
 def file_problem(lines: list[bytes]) -> str | None:
     """What makes a whole batch file invalid: bad JSON, a malformed line, a duplicate custom_id, more
     than one model, an unknown model. None when the file is valid."""
+    return _scan(lines)[2]
+
+
+def _scan(lines: list[bytes]) -> tuple[list[tuple[str, Any]], str | None, str | None]:
+    """`parse_file` over a file's non-blank lines: every line that is a JSON object, the first model
+    named, and the first problem that makes the file invalid (later lines are still parsed)."""
+    parsed: list[tuple[str, Any]] = []
+    model = None
+    problem: str | None = None
     seen: set[str] = set()
     models: set[str] = set()
+    known = catalog.models()
     for number, raw in enumerate(lines, 1):
         try:
             line = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return f"line {number}: not valid JSON"
+            problem = problem or f"line {number}: not valid JSON"
+            continue
         if not isinstance(line, dict):
-            return f"line {number}: not a JSON object"
-        custom_id = line.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            return f"line {number}: custom_id must be a non-empty string"
-        if custom_id in seen:
-            return f"line {number}: duplicate custom_id {custom_id!r}"
-        seen.add(custom_id)
-        if line.get("method") != "POST":
-            return f"line {number}: method must be POST"
-        if line.get("url") != LINE_URL:
-            return f"line {number}: url must be {LINE_URL}"
-        body = line.get("body")
-        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            return f"line {number}: body must be an object with a model"
-        if body["model"] not in catalog.models():
-            return f"line {number}: Unknown Model {body['model']!r}"
-        models.add(body["model"])
-        if len(models) > 1:
-            return f"line {number}: a file may hold one model; found {', '.join(sorted(models))}"
+            problem = problem or f"line {number}: not a JSON object"
+            continue
+        custom_id, body = line.get("custom_id"), line.get("body")
+        parsed.append((str(custom_id), body))
+        if model is None and isinstance(body, dict) and isinstance(body.get("model"), str):
+            model = body["model"]
+        if problem is None:
+            problem = _line_shape_problem(number, line, custom_id, body, seen, models, known)
+    return parsed, model, problem
+
+
+def _line_shape_problem(
+    number: int, line: dict[str, Any], custom_id: Any, body: Any, seen: set[str], models: set[str], known: Any
+) -> str | None:
+    """What makes one parsed line invalidate its file (a duplicate custom_id, more than one model)."""
+    if not isinstance(custom_id, str) or not custom_id:
+        return f"line {number}: custom_id must be a non-empty string"
+    if custom_id in seen:
+        return f"line {number}: duplicate custom_id {custom_id!r}"
+    seen.add(custom_id)
+    if line.get("method") != "POST":
+        return f"line {number}: method must be POST"
+    if line.get("url") != LINE_URL:
+        return f"line {number}: url must be {LINE_URL}"
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return f"line {number}: body must be an object with a model"
+    if body["model"] not in known:
+        return f"line {number}: Unknown Model {body['model']!r}"
+    models.add(body["model"])
+    if len(models) > 1:
+        return f"line {number}: a file may hold one model; found {', '.join(sorted(models))}"
     return None

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.job import catalog
-from runner.simulator.answers import ask_from_chat, chat_completion, prompt_key, share
-from runner.simulator.batch_input import line_problem
+from runner.simulator.answers import chat_completion, prompt_key, share
+from runner.simulator.batch_input import checked_ask
 from runner.simulator.host import Host
 
 __all__ = ["ACTIVE", "NativeState", "SimBatch", "SimFile"]
@@ -55,7 +55,7 @@ class SimBatch:
     metadata: dict[str, Any] | None
     model: str | None
     auto_delete: bool
-    lines: list[tuple[str, Any]]  # (custom_id, body) in file order
+    lines: list[tuple[str, Any]]  # (custom_id, body) in file order; emptied when the batch ends
     created: float  # monotonic
     wall: float  # time.time() at `created`, to report epoch timestamps
     status: str = "validating"
@@ -73,6 +73,11 @@ class SimBatch:
     looks: int = 0  # GET /batches/{id} answered
     id_lag: int = 0  # looks left for which a completed batch still shows no output file id
     validation_errors: list[dict[str, Any]] = field(default_factory=list)  # errors.data of a failed batch
+    total: int = -1  # lines in the file (kept when `lines` is let go); set from `lines` when made
+
+    def __post_init__(self) -> None:
+        if self.total < 0:
+            self.total = len(self.lines)
 
 
 class NativeState:
@@ -176,10 +181,10 @@ class NativeState:
             rate = cfg.batch_lines_per_s
             expire_at = b.started + cfg.batch_expire_after_s if cfg.batch_expire_after_s is not None else math.inf
             until = min(now, expire_at)
-            due = len(b.lines) if not rate else min(len(b.lines), _lines_by(until - b.started, rate))
+            due = b.total if not rate else min(b.total, _lines_by(until - b.started, rate))
             self._process(b, due)
-            if b.processed == len(b.lines):
-                done = b.started + (len(b.lines) / rate if rate else 0.0)
+            if b.processed == b.total:
+                done = b.started + (b.total / rate if rate else 0.0)
                 b.status = "finalizing"
                 b.times["finalizing"] = min(done, now)
             elif now >= expire_at:
@@ -192,24 +197,30 @@ class NativeState:
         if b.status == "cancelling":
             assert b.stop_at is not None
             if b.started is not None and cfg.batch_lines_per_s:
-                self._process(b, min(len(b.lines), _lines_by(b.stop_at - b.started, cfg.batch_lines_per_s)))
+                self._process(b, min(b.total, _lines_by(b.stop_at - b.started, cfg.batch_lines_per_s)))
             elif b.started is not None:
-                self._process(b, len(b.lines))
+                self._process(b, b.total)
             at = b.stop_at + cfg.batch_cancelling_s
             if now >= at:
                 self._end(b, "cancelled", at)
 
     def _process(self, b: SimBatch, due: int) -> None:
-        """Answer lines up to `due`: a success is billed as "batch"; errors are not billed."""
+        """Answer lines up to `due`: a success is billed as "batch"; errors are not billed. Each body is
+        checked and answered from one Ask, and let go once answered (a million-line run holds none)."""
         cfg = self.host.config
+        models = catalog.models()
+        lines = b.lines
         while b.processed < due:
-            custom_id, body = b.lines[b.processed]
+            custom_id, body = lines[b.processed]
+            lines[b.processed] = (custom_id, None)  # answered: its body is not needed again
             b.processed += 1
             request_id = self.host.new_id("")
             line_id = b.id  # real result lines carry the batch's id, and request_id inside the body
-            problem = line_problem(body, b.model, cfg.token_scale)
-            if problem is not None:
-                status, code, message = problem
+            name = body.get("model") if isinstance(body, dict) else None
+            default = models[name].max_output if isinstance(name, str) and name in models else 1
+            ask = checked_ask(body, b.model, cfg.token_scale, default)
+            if isinstance(ask, tuple):
+                status, code, message = ask
                 response = {
                     "status_code": status,
                     "body": {"error": {"code": code, "message": message}, "request_id": request_id},
@@ -217,11 +228,11 @@ class NativeState:
                 b.errors.append(_dump({"id": line_id, "custom_id": custom_id, "response": response, "error": None}))
                 b.failed += 1
                 continue
-            ask = ask_from_chat(body, catalog.models()[body["model"]].max_output)
-            key = prompt_key(ask.prompt)
+            prompt = ask.prompt
+            key = prompt_key(prompt)
             attempt = self._attempts.get(key, 0)
             self._attempts[key] = attempt + 1
-            draw = share(f"batch-error{attempt}{custom_id}{ask.prompt}")
+            draw = share(f"batch-error{attempt}{custom_id}{prompt}")
             if draw < cfg.batch_error_rate:
                 status, error = _TRANSIENT[int(draw * 1e6) % 2]
                 if cfg.batch_error_line_shape == "error":
@@ -236,7 +247,7 @@ class NativeState:
             reply = self.host.reply(ask)
             self.host.bill_locked("batch", key, reply)
             completion = chat_completion(reply, ask.model, request_id, int(time.time()))
-            cut = share(f"batch-finish{attempt}{custom_id}{ask.prompt}")
+            cut = share(f"batch-finish{attempt}{custom_id}{prompt}")
             if cut < cfg.batch_network_error_rate:  # inference aborted: a partial answer, billed
                 _finish(completion, "network_error")
             elif cut < cfg.batch_network_error_rate + cfg.batch_sensitive_rate:  # blocked: empty, billed
@@ -250,6 +261,7 @@ class NativeState:
         b.status = status
         b.times[status] = at
         if status == "failed":
+            b.lines = []  # never processed; `total` keeps the count
             return
         code = {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(status)
         if code is not None:
@@ -265,6 +277,7 @@ class NativeState:
                         }
                     )
                 )
+        b.lines = []  # the batch has ended: its lines are answered or expired (`total` keeps the count)
         shuffle = random.Random(f"{self.host.config.seed}{b.id}")
         ready = at + self.host.config.batch_output_404_s
         for lines, kind in ((b.outputs, "output"), (b.errors, "error")):
@@ -279,6 +292,7 @@ class NativeState:
                 b.output_file_id = file.id
             else:
                 b.error_file_id = file.id
+        b.outputs, b.errors = [], []  # they are in the files now
         if status == "completed":
             b.id_lag = self.host.config.batch_output_id_lag_polls
         if b.auto_delete and status == "completed":
@@ -302,7 +316,7 @@ class NativeState:
         if b.status == "completed" and b.id_lag > 0:
             b.id_lag -= 1
             output_file_id = ""
-        counts: dict[str, int | None] = {"total": len(b.lines), "completed": b.completed, "failed": b.failed}
+        counts: dict[str, int | None] = {"total": b.total, "completed": b.completed, "failed": b.failed}
         if b.status == "validating":
             counts = {"total": None, "completed": None, "failed": None}
         return {

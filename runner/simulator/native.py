@@ -240,7 +240,7 @@ class NativeAPI(NativeState):
             now = time.monotonic()
             for other in self.batches.values():
                 self._advance(other, now)
-            queued = sum(len(b.lines) for b in self.batches.values() if b.model == model and b.status in ACTIVE)
+            queued = sum(b.total for b in self.batches.values() if b.model == model and b.status in ACTIVE)
             cap = cfg.batch_queue_cap if cfg.batch_queue_cap is not None else BATCH_QUEUE_CAPS.get(model or "")
             if cap is not None and queued + len(lines) > cap:
                 self.host.count("batch_queue_full")

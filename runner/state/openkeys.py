@@ -1,0 +1,320 @@
+"""The keys of requests in flight, in ~25-40 bytes a key instead of ~170 (a str in a set and a dict).
+
+In batch mode every row's request is in flight at once (`Run.outstanding`, `Accountant._open`): at a
+million rows those tables were the part of a run's memory that grew with the input. A request key is
+32 hex digits (128 bits, runner.job.prompts), so it fits in two 64-bit integers exactly: two keys are
+taken for one only when all 128 bits are equal, never on a prefix. The newest keys are kept as strings
+in a dict; every `run_keys` of them become a run, sorted by the key's high 64 bits, with the low
+halves, an alive flag and the values in arrays beside. Runs empty as answers come (oldest first, as
+batches are harvested) and are dropped. A key of any other form (a sample's, `key#1`) stays a string.
+
+    table = KeyTable()
+    table.put(key, raw=412, reserved=0.0031)
+    table.pop(key)            # (412, 0.0031), or None when it is not open
+    table.pop_many(keys)      # the same for a block of answers, vectorised
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Iterator, MutableSet
+
+import polars as pl
+
+__all__ = ["KeyTable", "OpenKeys"]
+
+Value = tuple[int, float]  # (raw input-token estimate, reserved cost)
+_HALVES = {"i": pl.Int64, "high": pl.UInt64, "low": pl.UInt64}
+_HEX = re.compile("[0-9a-f]{32}")
+
+
+class _Run:
+    """Keys frozen together, sorted by (high, low) half; alive flags and values in the same order."""
+
+    __slots__ = ("alive", "high", "high_series", "live", "low", "low_series", "raw", "reserved")
+
+    def __init__(self, halves: tuple[list[int], list[int]], values: list[Value]) -> None:
+        frame = pl.DataFrame({"high": halves[0], "low": halves[1]}, schema={"high": pl.UInt64, "low": pl.UInt64})
+        frame = frame.with_row_index("at").sort("high", "low")
+        order = frame.get_column("at").to_list()
+        self.high_series, self.low_series = frame.get_column("high"), frame.get_column("low")
+        self.high = array("Q", self.high_series.to_list())  # for one key at a time (bisect)
+        self.low = array("Q", self.low_series.to_list())
+        raw = [values[i][0] for i in order]
+        self.raw = array("q", raw) if any(raw) else None  # a set's keys (OpenKeys) hold no values
+        reserved = [values[i][1] for i in order]
+        self.reserved = array("d", reserved) if any(reserved) else None
+        self.alive = bytearray(b"\x01") * len(order)
+        self.live = len(order)
+
+    def find(self, high: int, low: int, start: int | None = None) -> int:
+        """The position of a live key, or -1 (`start`: where its high half begins, if known)."""
+        if start is None:
+            start = bisect_left(self.high, high)
+        if start == len(self.high) or self.high[start] != high:
+            return -1
+        at = start
+        if self.low[at] != low:  # keys sharing a high half: sorted by their low half
+            at = bisect_left(self.low, low, start, bisect_right(self.high, high, start))
+        return at if at < len(self.low) and self.high[at] == high and self.low[at] == low and self.alive[at] else -1
+
+    def find_many(self, highs: pl.Series, lows: pl.Series) -> list[int]:
+        """`find` for many keys at once, in polars: a binary search on the high halves, both halves
+        compared where it lands; key by key only where the high half is there and the low is not (keys
+        sharing their first 64 bits)."""
+        first = self.high_series.search_sorted(highs, side="left").clip(0, len(self.high) - 1)
+        high_there = self.high_series.gather(first) == highs
+        exact = high_there & (self.low_series.gather(first) == lows)
+        found = pl.select(pl.when(exact).then(first.cast(pl.Int64)).otherwise(-1)).to_series().to_list()
+        for i in (high_there & ~exact).arg_true().to_list():  # a high half shared: look among them
+            found[i] = self.find(int(highs[i]), int(lows[i]), int(first[i]))
+        alive = self.alive
+        return [at if at >= 0 and alive[at] else -1 for at in found]
+
+    def take(self, at: int) -> Value:
+        """Let the key at `at` go; its value."""
+        self.alive[at] = 0
+        self.live -= 1
+        return self.value(at)
+
+    def value(self, at: int) -> Value:
+        """The value of the key at `at`."""
+        return (self.raw[at] if self.raw is not None else 0), (self.reserved[at] if self.reserved is not None else 0.0)
+
+    def live_keys(self) -> Iterator[str]:
+        for at in range(len(self.high)):
+            if self.alive[at]:
+                yield f"{self.high[at]:016x}{self.low[at]:016x}"
+
+
+class KeyTable:
+    """A dict of request key -> (raw estimate, reserved cost), exact, in little memory when large.
+
+    A key is live in at most one run (a run's keys put again leave the older runs when it is made); a
+    key put again while live in a run is in `_recent` too until then, and every step looks in both."""
+
+    def __init__(self, run_keys: int = 65_536) -> None:
+        self._run_keys = run_keys
+        self._recent: dict[str, Value] = {}  # the newest keys (any form)
+        self._odd: dict[str, Value] = {}  # keys that are not 32 hex digits: never frozen
+        self._runs: list[_Run] = []
+
+    def __len__(self) -> int:
+        twice = sum(self.contains_runs(list(self._recent))) if self._runs else 0
+        return len(self._recent) + len(self._odd) + sum(run.live for run in self._runs) - twice
+
+    def __bool__(self) -> bool:
+        return bool(self._recent or self._odd or any(run.live for run in self._runs))
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        return key in self._recent or key in self._odd or self._in_runs(key) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        recent = list(self._recent)
+        yield from recent
+        yield from list(self._odd)
+        newer = set(recent) if self._runs else set()
+        for run in list(self._runs):
+            yield from (key for key in run.live_keys() if key not in newer)
+
+    def put(self, key: str, raw: int = 0, reserved: float = 0.0) -> None:
+        """Open `key` with its value (replacing the value if it is open already)."""
+        if self._odd and key in self._odd:
+            self._odd[key] = (raw, reserved)
+            return
+        self._recent[key] = (raw, reserved)
+        if len(self._recent) >= self._run_keys:
+            self._freeze()
+
+    def get(self, key: str) -> Value | None:
+        """The value of an open key, or None."""
+        value = self._recent.get(key)
+        if value is None:
+            value = self._odd.get(key)
+        if value is None and self._runs:
+            found = self._in_runs(key)
+            if found is not None:
+                value = found[0].value(found[1])
+        return value
+
+    def pop(self, key: str) -> Value | None:
+        """Close `key`: its value, or None if it was not open."""
+        value = self._recent.pop(key, None)
+        if value is None:
+            value = self._odd.pop(key, None)
+        if self._runs:
+            found = self._in_runs(key)
+            if found is not None:  # (also when it was in `_recent`: put again, the newer value stands)
+                older = found[0].take(found[1])
+                value = older if value is None else value
+                self._drop_empty()
+        return value
+
+    def pop_many(self, keys: list[str]) -> list[Value | None]:
+        """`pop` for a block of keys (a key twice in `keys` is popped once: None the second time)."""
+        recent, odd = self._recent, self._odd
+        values: list[Value | None] = [recent.pop(key, None) for key in keys]
+        if odd:
+            values = [odd.pop(key, None) if value is None else value for key, value in zip(keys, values, strict=True)]
+        if self._runs:
+            for i, run, at in self._find_many(keys):
+                if run.alive[at]:  # a key twice in the block: taken once
+                    older = run.take(at)
+                    values[i] = older if values[i] is None else values[i]
+            self._drop_empty()
+        return values
+
+    def contains_many(self, keys: list[str]) -> list[bool]:
+        """Is each key open? (Vectorised over the runs.)"""
+        recent, odd = self._recent, self._odd
+        found = [key in recent or key in odd for key in keys]
+        if self._runs and not all(found):
+            rest = [i for i, hit in enumerate(found) if not hit]
+            for j in (j for j, hit in enumerate(self.contains_runs([keys[i] for i in rest])) if hit):
+                found[rest[j]] = True
+        return found
+
+    def contains_runs(self, keys: list[str]) -> list[bool]:
+        """Is each key live in a run?"""
+        found = [False] * len(keys)
+        for i, _, _ in self._find_many(keys):
+            found[i] = True
+        return found
+
+    @property
+    def run_bytes(self) -> int:
+        """Bytes the runs hold (their arrays and polars' copy of the high halves)."""
+        total = 0
+        for run in self._runs:
+            total += 8 * 2 * len(run.high) + len(run.alive)
+            total += int(run.high_series.estimated_size()) + int(run.low_series.estimated_size())
+            total += sum(8 * len(values) for values in (run.raw, run.reserved) if values is not None)
+        return total
+
+    def _in_runs(self, key: str) -> tuple[_Run, int] | None:
+        """The run and position of a live key in the runs, or None (a key not 32 hex digits: None)."""
+        if not self._runs or len(key) != 32 or not _HEX.fullmatch(key):
+            return None
+        high, low = int(key[:16], 16), int(key[16:], 16)
+        for run in self._runs:
+            at = run.find(high, low)
+            if at >= 0:
+                return run, at
+        return None
+
+    def _find_many(self, keys: list[str]) -> Iterator[tuple[int, _Run, int]]:
+        """(i, run, position) of each keys[i] live in a run (in one run at most: see the class); oldest
+        runs first, each looked up only for the keys not found in an earlier one."""
+        index, (highs, lows) = _halves(keys)
+        left = pl.DataFrame({"i": index, "high": highs, "low": lows}, schema=_HALVES)
+        for run in self._runs:
+            if not left.height:
+                return
+            if not run.live:
+                continue
+            found = run.find_many(left.get_column("high"), left.get_column("low"))
+            still = []
+            for j, (i, at) in enumerate(zip(left.get_column("i").to_list(), found, strict=True)):
+                if at >= 0:
+                    yield i, run, at
+                else:
+                    still.append(j)
+            left = left[still] if len(still) < left.height else left
+
+    def _freeze(self) -> None:
+        """Turn the recent keys into a run (those not 32 hex digits move to `_odd`); the same keys
+        still live in older runs leave them (the newer value stands)."""
+        recent, self._recent = self._recent, {}
+        keys = list(recent)
+        index, halves = _halves(keys)
+        if len(index) < len(keys):
+            hexed = set(index)
+            for i, key in enumerate(keys):
+                if i not in hexed:
+                    self._odd[key] = recent[key]
+            keys = [keys[i] for i in index]
+        if not keys:
+            return
+        if self._runs:
+            fresh = pl.DataFrame({"high": halves[0], "low": halves[1]}, schema={"high": pl.UInt64, "low": pl.UInt64})
+            for run in self._runs:  # a hash lookup of the high halves; exact only where one is there
+                again = fresh.get_column("high").is_in(run.high_series.implode()).arg_true().to_list()
+                for j in again:
+                    at = run.find(halves[0][j], halves[1][j])
+                    if at >= 0:
+                        run.take(at)
+            self._drop_empty()
+        self._runs.append(_Run(halves, [recent[key] for key in keys]))
+
+    def _drop_empty(self) -> None:
+        if any(not run.live for run in self._runs):
+            self._runs = [run for run in self._runs if run.live]
+
+
+def _halves(keys: list[str]) -> tuple[list[int], tuple[list[int], list[int]]]:
+    """The positions of the keys that are 32 lowercase hex digits, and their high and low 64 bits
+    (one parse for a block of the usual keys; key by key when some are of another form)."""
+    joined = "".join(keys)
+    raw = b""
+    if keys and set(map(len, keys)) == {32} and (joined.islower() or joined.isdigit()):
+        try:
+            raw = bytes.fromhex(joined)  # refuses what is not hex; whitespace shortens it (below)
+        except ValueError:
+            raw = b""
+    if len(raw) == 16 * len(keys):
+        index = list(range(len(keys)))
+    else:
+        index = [i for i, key in enumerate(keys) if _HEX.fullmatch(key)]
+        raw = bytes.fromhex("".join(keys[i] for i in index))
+    halves = array("Q", raw)
+    if sys.byteorder == "little":
+        halves.byteswap()
+    return index, (halves[0::2].tolist(), halves[1::2].tolist())
+
+
+class OpenKeys(MutableSet[str]):
+    """A set of request keys (`Run.outstanding`: handed to a sender, not answered yet) in a KeyTable."""
+
+    def __init__(self, keys: Iterable[str] = (), run_keys: int = 65_536) -> None:
+        self._table = KeyTable(run_keys)
+        self.update(keys)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __bool__(self) -> bool:
+        return bool(self._table)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._table
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table)
+
+    def add(self, key: str) -> None:
+        self._table.put(key, 0, 0.0)
+
+    def update(self, keys: Iterable[str]) -> None:
+        put = self._table.put
+        for key in keys:
+            put(key, 0, 0.0)
+
+    def discard(self, key: str) -> None:
+        self._table.pop(key)
+
+    def difference_update(self, keys: Iterable[str]) -> None:
+        """Take every one of `keys` away (vectorised: a block of answers)."""
+        self._table.pop_many(list(keys))
+
+    def contains_many(self, keys: list[str]) -> list[bool]:
+        """Is each key in the set? (Vectorised.)"""
+        return self._table.contains_many(keys)
+
+    def take_many(self, keys: list[str]) -> list[bool]:
+        """Take `keys` away; whether each was in the set (one look a key, for a block of answers)."""
+        return [value is not None for value in self._table.pop_many(keys)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from runner.cascade.bounds import Betting, above, below
+from runner.cascade.bounds import above, below
 from runner.cascade.estimate import perfect_proxy_share
 from runner.cascade.threshold import choose
 
@@ -38,42 +38,6 @@ def test_the_betting_test_wrongly_says_above_at_most_alpha_of_the_time() -> None
                 wrong += 1
                 break
     assert wrong / trials <= alpha
-
-
-def test_the_claim_about_the_undrawn_rows_is_wrong_at_most_alpha_of_the_time() -> None:
-    """The cascade's test: the drawn rows carry the oracle's answer, so the claim is that at most a
-    budget of the rows left undrawn disagree, whenever the test stops. Populations with a few more
-    disagreeing rows than the budget (the claim is false unless the draws took the excess): it is
-    made in at most alpha of the trials."""
-    alpha = 0.1
-    rng = random.Random(7)
-    for n, budget, excess in [(300, 30, e) for e in (1, 3, 8)] + [(60, 12, e) for e in (1, 4, 16)]:
-        bad = budget + excess
-        population = [0.0] * bad + [1.0] * (n - bad)
-        wrong, trials = 0, 300
-        for _ in range(trials):
-            rng.shuffle(population)
-            test = Betting(1 - budget / n, alpha, n, +1, undrawn=True)
-            drawn_bad = 0
-            for x in population:
-                drawn_bad += x == 0
-                if test.add(x):
-                    wrong += bad - drawn_bad > budget
-                    break
-        assert wrong / trials <= alpha, (n, budget, excess)
-
-
-def test_disagreeing_draws_count_against_no_row_the_proxy_keeps() -> None:
-    """A drawn row carries the oracle's answer, whatever the proxy said: three disagreeing draws take
-    three rows out of the kept ones, so the claim about the undrawn rows is shown sooner than the
-    claim about all of them."""
-    draws = [0.0] * 3 + [1.0] * 60
-
-    def shown_after(undrawn: bool) -> int:
-        test = Betting(0.85, 0.1, 200, +1, undrawn=undrawn)
-        return next(i for i, x in enumerate(draws, start=1) if test.add(x))
-
-    assert shown_after(undrawn=True) < shown_after(undrawn=False)
 
 
 def _synthetic(rows: int, seed: int, informative: bool, accuracy: float = 0.8) -> tuple[list[float | None], list[bool]]:
@@ -170,17 +134,3 @@ def test_the_thresholds_tested_are_n_over_50_rows_apart() -> None:
     kept = [t.kept for t in step.tested]
     assert kept[0] == 120  # the first 100 rows need no test: the other 900 alone reach 90%
     assert all(b - a == 20 for a, b in itertools.pairwise(kept)) and kept[-1] == 1000
-
-
-def test_every_row_the_oracle_answered_for_the_calibration_carries_its_answer() -> None:
-    """The oracle answers a block of 10 draws at a time, and the test may decide within a block: every
-    row of every block asked is in the calibration sample (paid for, so never given the proxy's answer)."""
-    scores, agree = _synthetic(1000, 2, informative=True)
-    asked: set[int] = set()
-    known: dict[int, bool] = {}
-    while (step := choose(scores, known.get, target=0.9, delta=0.1, seed=6)).need:
-        asked.update(step.need)
-        known.update({pos: agree[pos] for pos in step.need})
-
-    assert step.sampled == asked and not step.keep & asked
-    assert sum(t.draws for t in step.tested) > 0 and any(t.draws % 10 for t in step.tested)

@@ -25,42 +25,24 @@ def _bet(alpha: float, i: int, total: float, squares: float) -> float:
     return math.sqrt(2 * math.log(2 / alpha) / (i * math.log(i + 1) * variance))
 
 
-class Betting:
-    """The capital betting that the mean of n items is on `side` (+1 above, -1 below) of m, one draw at
-    a time: `add(x)` returns True once it has reached 1/alpha (and stays so: Ville's inequality lets the
-    test look after every draw). With `undrawn`, the claim is about the items left undrawn when it
-    stops, the drawn ones counted as 1 (the cascade's drawn rows carry the oracle's answer): that at
-    most n (1 - m) of them are 0 (docs/decisions.md, "Cascade: the drawn rows count as the oracle's")."""
-
-    def __init__(self, m: float, alpha: float, n: int, side: int, *, undrawn: bool = False) -> None:
-        self.m, self.alpha, self.n, self.side, self.undrawn = m, alpha, n, side, undrawn
-        self.capital, self.drawn, self.squares, self.i = 1.0, 0.0, 0.0, 0
-        self.rejected, self.settled = False, False
-
-    def add(self, x: float) -> bool:
-        if self.rejected or self.settled:
-            return self.rejected
-        self.i += 1
-        left = self.n - (self.i - 1)
-        counted = self.i - 1 if self.undrawn else self.drawn
-        m_t = (self.n * self.m - counted) / left if left > 0 else self.m
-        if m_t <= 0 or m_t >= 1:
-            # What is left must average below 0 (the mean is surely above m) or above 1 (surely below).
-            self.rejected, self.settled = (m_t <= 0) == (self.side > 0), True
-            return self.rejected
-        room = m_t if self.side > 0 else 1 - m_t
-        bet = min(_bet(self.alpha, self.i, self.drawn, self.squares), TRUNCATION / room)
-        self.capital *= 1 + self.side * bet * (x - m_t)
-        self.drawn += x
-        self.squares += x * x
-        self.rejected = self.capital >= 1 / self.alpha
-        return self.rejected
-
-
 def _rejects(xs: Sequence[float], m: float, alpha: float, n: int, side: int) -> bool:
     """Does the capital betting that the mean is on `side` (+1 above, -1 below) of m reach 1/alpha?"""
-    test = Betting(m, alpha, n, side)
-    return any(test.add(x) for x in xs)
+    capital, drawn, squares = 1.0, 0.0, 0.0
+    for i, x in enumerate(xs, start=1):
+        left = n - (i - 1)
+        m_t = (n * m - drawn) / left if left > 0 else m
+        if m_t <= 0:
+            return side > 0  # what is left must average below 0: the mean is surely above m
+        if m_t >= 1:
+            return side < 0  # ... above 1: the mean is surely below m
+        room = m_t if side > 0 else 1 - m_t
+        bet = min(_bet(alpha, i, drawn, squares), TRUNCATION / room)
+        capital *= 1 + side * bet * (x - m_t)
+        if capital >= 1 / alpha:
+            return True
+        drawn += x
+        squares += x * x
+    return False
 
 
 def above(xs: Sequence[float], m: float, alpha: float, n: int) -> bool:

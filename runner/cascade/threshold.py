@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from runner.cascade.bounds import Betting
+from runner.cascade.bounds import above, below
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,6 @@ def choose(
     draws = list(range(n))
     random.Random(f"draw-{seed}").shuffle(draws)  # ranks, in the order they are drawn
     drawn: set[int] = set()
-    fetched: set[int] = set()
     tested: list[Tested] = []
     best = -1
     step = max(n // settings.thresholds, 1)
@@ -100,7 +99,7 @@ def choose(
             if needed <= 0:
                 best = t
                 continue
-            ok, used = _confident(ranked, draws, t, needed, agrees, delta, ahead, step, settings, fetched)
+            ok, used = _confident(ranked, draws, t, needed, agrees, delta, ahead, step, settings)
             drawn.update(used)
             tested.append(Tested(kept, round(needed, 4), len(used), ok))
             if not ok:
@@ -108,7 +107,7 @@ def choose(
             best = t
     except _Need as missing:
         return Step(need=tuple(missing.rows))
-    sampled = frozenset(ranked[r] for r in fetched | drawn)
+    sampled = frozenset(ranked[r] for r in drawn)
     keep = frozenset(ranked[r] for r in range(best + 1)) - sampled
     threshold = scores[ranked[best]] if best >= 0 else None
     return Step(keep=keep, sampled=sampled, threshold=threshold, tested=tuple(tested))
@@ -124,39 +123,32 @@ def _confident(
     ahead: int,
     gain: int,
     settings: Settings,
-    fetched: set[int],
 ) -> tuple[bool, list[int]]:
-    """Draw from ranks 0..t, one at a time, until the test decides whether their agreement is above
-    `needed`, or it is not worth more draws: past `worth_trying` (looked at every `draw` draws), their
-    mean plus one standard error is under `needed`, or they outnumber `gain` (the rows accepting t
-    would add) with their mean minus `give_up_z` standard errors under it. The oracle answers draws a
-    block of `draw` at a time (`fetched`: the ranks of every block begun, all of them oracle answers)."""
+    """Draw from ranks 0..t until the test decides whether their agreement is above `needed`, or it is
+    not worth more draws: past `worth_trying`, their mean plus one standard error is under `needed`, or
+    they outnumber `gain` (the rows accepting t would add) with their mean minus `give_up_z` standard
+    errors under it."""
     pool = [r for r in draws if r <= t]
-    # The drawn rows carry the oracle's answer: the test is about the rows left undrawn (bounds.Betting).
-    up = Betting(needed, delta, t + 1, +1, undrawn=True)
-    down = Betting(needed, delta, t + 1, -1, undrawn=True)
-    agreeing = 0.0
-    k = 0
-    end = 0  # the end of the block begun
+    xs: list[float] = []
+    used: list[int] = []
     while True:
-        if k == end:
-            block = pool[k : k + settings.draw]
-            if k >= settings.worth_trying:
-                mean = agreeing / k
-                error = math.sqrt(mean * (1 - mean) / k)
-                if mean + error < needed or (k >= gain and mean - settings.give_up_z * error < needed):
-                    return False, pool[:k]
-            if any(agrees(ranked[r]) is None for r in block):
-                wanted = pool[k : k + settings.draw * ahead]
-                raise _Need([ranked[r] for r in wanted if agrees(ranked[r]) is None])
-            fetched.update(block)
-            end = k + len(block)
-        x = float(bool(agrees(ranked[pool[k]])))
-        agreeing += x
-        k += 1
-        rejected_up, rejected_down = up.add(x), down.add(x)
-        mean = agreeing / k
-        if k >= len(pool):  # every row drawn: the mean is known exactly
-            return mean >= needed, pool[:k]
-        if rejected_down if mean < needed else rejected_up:
-            return mean >= needed, pool[:k]
+        if len(xs) >= settings.worth_trying:
+            mean = sum(xs) / len(xs)
+            error = math.sqrt(mean * (1 - mean) / len(xs))
+            if mean + error < needed or (len(xs) >= gain and mean - settings.give_up_z * error < needed):
+                return False, used
+        batch = pool[len(xs) : len(xs) + settings.draw]
+        answers = [agrees(ranked[r]) for r in batch]
+        if any(a is None for a in answers):
+            wanted = pool[len(xs) : len(xs) + settings.draw * ahead]
+            raise _Need([ranked[r] for r in wanted if agrees(ranked[r]) is None])
+        xs.extend(float(bool(a)) for a in answers)
+        used.extend(batch)
+        mean = sum(xs) / len(xs)
+        if len(xs) >= len(pool):  # every row drawn: the mean is known exactly
+            return mean >= needed, used
+        if mean < needed:
+            if below(xs, needed, delta, t + 1):
+                return False, used
+        elif above(xs, needed, delta, t + 1):
+            return True, used

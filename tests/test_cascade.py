@@ -90,6 +90,11 @@ def test_the_cascade_agrees_with_the_oracle_on_the_target_share_and_says_who_ans
     status = cli("status", str(job.spec))
     assert "proxy stage, last run" in status.stdout and "oracle stage, last run" in status.stdout
     assert f"last cascade: {summary['rows_kept_from_proxy']} of 120 rows kept from {PROXY}" in status.stdout
+    # No estimate was kept for this job: none is compared, and neither report nor status says one was.
+    assert (
+        "cost" in json.loads(job.summary.read_text()) and "estimate" not in json.loads(job.summary.read_text())["cost"]
+    )
+    assert "estimate:" not in report.stdout and "estimate:" not in status.stdout
 
 
 def test_estimate_prices_the_cascade_against_the_oracle_alone_before_anything_is_sent(
@@ -144,10 +149,23 @@ def test_the_estimate_is_kept_beside_the_cascade_state_and_its_run_is_measured_a
     assert against["estimated"] == estimated["cost"]["expected"] and against["spent"] == cost["spent"] > 0
     assert (against["low"], against["high"]) == (estimated["cost"]["low"], estimated["cost"]["high"])
     assert against["within"] == (against["low"] <= cost["spent"] <= against["high"])
+    # report (text and page) and status say it in the same words, from the same summary.
+    said = (
+        f"estimate: estimated {against['estimated']:.4f} CNY (interval {against['low']:.4f}-{against['high']:.4f}), "
+        f"spent {cost['spent']:.4f}, {'within' if against['within'] else 'outside'} the interval"
+    )
+    assert said in " ".join(cli("report", str(job.spec)).stdout.split())
+    page = job.spec.parent / "kept.html"
+    assert cli("report", str(job.spec), "--html", str(page)).exit_code == 0
+    section = page.read_text(encoding="utf-8").split('<ul id="cascade">')[1].split("</ul>")[0]
+    assert said in [html.unescape(item) for item in re.findall(r"<li>(.*?)</li>", section)]
+    assert said in cli("status", str(job.spec)).stdout.splitlines()
     # The spec changed since (another target): that estimate priced something else, and the run says so.
     again = cli("run", str(job.spec), "--set", "output.cascade.target=0.95")
     assert again.exit_code == 0, again.stderr
     assert "differs in the prompt or settings" in json.loads(job.summary.read_text())["cost"]["estimate"]["no_match"]
+    for shown in (cli("report", str(job.spec)).stdout, cli("status", str(job.spec)).stdout):
+        assert "estimate: none to compare with (the kept estimate was made for" in " ".join(shown.split())
 
 
 def test_the_proxy_is_asked_15_times_a_row_by_default(make_job: Callable[..., JobFiles], sim: SimulatorThread) -> None:

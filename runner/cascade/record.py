@@ -102,6 +102,36 @@ def read_cascade(output: Path) -> Cascade | None:
     return read_summary(output, CascadeSummary).cascade
 
 
+def estimate_line(cost: Spent) -> str | None:
+    """The run's spend against the estimate kept before it (`glm-batch estimate`), in words: the
+    expected figure and its interval, what was spent, and whether it fell within; or why there is no
+    figure to compare. None when no estimate was kept."""
+    check, currency = cost.estimate, cost.currency or ""
+    if check is None:
+        return None
+    if check.estimated is None:
+        return f"estimate: none to compare with ({check.no_match})"
+    line = f"estimate: estimated {check.estimated:.4f} {currency}".rstrip()
+    if check.low is not None and check.high is not None:
+        line += f" (interval {check.low:.4f}-{check.high:.4f})"
+    line += f", spent {check.spent:.4f}"
+    if check.within is not None:
+        line += ", within the interval" if check.within else ", outside the interval"
+    return line
+
+
+def status_lines(output: Path) -> list[str]:
+    """What `glm-batch status` says of the last cascade written to `output` (nothing when none was)."""
+    record = read_summary(output, CascadeSummary)
+    done = record.cascade
+    if done is None:
+        return []
+    kept = f"{done.rows_kept_from_proxy} of {done.rows} rows kept from {done.proxy}"
+    lines = [f"last cascade: {kept}; the output {done.guarantee}"]
+    against = estimate_line(record.cost)
+    return lines if against is None else [*lines, against]
+
+
 def cascade_lines(c: Cascade) -> list[str]:
     """A cascade in plain words: the guarantee, the threshold, who answered, cost, and accuracy."""
     cost = c.cost
@@ -128,12 +158,14 @@ def cascade_lines(c: Cascade) -> list[str]:
 def report_section(output: Path) -> Section | None:
     """The cascade's part of `glm-batch report` (None when the output is not a cascade's): its lines,
     and who answered the rows, drawn as bars on the page."""
-    c = read_cascade(output)
+    record = read_summary(output, CascadeSummary)
+    c = record.cascade
     if c is None:
         return None
+    against = estimate_line(record.cost)
     who = {
         f"kept from {c.proxy}": c.rows_kept_from_proxy,
         f"escalated to {c.oracle}": c.rows_escalated,
         f"calibration ({c.oracle})": c.rows_in_calibration,
     }
-    return Section(cascade_lines(c), who)
+    return Section(cascade_lines(c) if against is None else [*cascade_lines(c), against], who)

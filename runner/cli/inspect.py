@@ -140,7 +140,7 @@ def report(
 
 def _cascade_status(job: Any) -> None:
     """`status` of a cascade job: each stage's last run, and the last cascade's outcome."""
-    from runner.cascade.record import read_cascade
+    from runner.cascade.record import status_lines
     from runner.observe.summary import Summary
 
     home = job.state_dir / "cascade"
@@ -154,12 +154,8 @@ def _cascade_status(job: Any) -> None:
             f"{stage} stage, last run {last.run_id}: exit {last.exit_code}, {last.answered_ok} ok, "
             f"{last.answered_error} failed, stopped: {last.stopped or 'no'}"
         )
-    done = read_cascade(job.output_path)
-    if done is not None:
-        print(
-            f"last cascade: {done.rows_kept_from_proxy} of {done.rows} rows kept from {done.proxy}; "
-            f"the output {done.guarantee}"
-        )
+    for line in status_lines(job.output_path):  # its outcome, and its spend against the kept estimate
+        print(line)
 
 
 def status(spec: SpecArg, set_: SetOpt = None) -> None:

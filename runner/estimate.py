@@ -180,7 +180,7 @@ async def _tokenizer_calibration(job: Job, api_key: str, sample: list[Request]) 
             return int(data["usage"]["prompt_tokens"])
 
     with endpoint_url(job) as base_url:
-        url = (job.native_url or catalog.native_url_beside(base_url)) + "/tokenizer"
+        url = catalog.native_url_for(base_url, job.native_url) + "/tokenizer"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             exact = await asyncio.gather(*(count(session, url, r) for r in sample))
     estimated = sum(estimate_request(r.params) for r in sample)

@@ -39,17 +39,29 @@ settings.load_profile("glm-batch")
 API_KEY = "test-key-0123456789abcdef.SECRETVALUE42"
 
 
-def eventually(condition: Callable[[], Any], *, within_s: float = 20.0, every_s: float = 0.01) -> Any:
+def eventually(
+    condition: Callable[[], Any],
+    *,
+    within_s: float = 20.0,
+    every_s: float = 0.01,
+    context: Callable[[], object] | None = None,
+) -> Any:
     """Poll `condition` until it is true and return its value; fail the test if it is not within
-    `within_s` (generous: a condition, not a timing, is what a test checks)."""
+    `within_s` (generous: a condition, not a timing, is what a test checks), saying `context()` too."""
     deadline = time.monotonic() + within_s
     while not (value := condition()):
-        assert time.monotonic() < deadline, f"not true within {within_s} s: {condition}"
+        assert time.monotonic() < deadline, _not_true(condition, within_s, context)
         time.sleep(every_s)
     return value
 
 
-async def until(condition: Callable[[], Any], *, within_s: float = 20.0, every_s: float = 0.01) -> Any:
+async def until(
+    condition: Callable[[], Any],
+    *,
+    within_s: float = 20.0,
+    every_s: float = 0.01,
+    context: Callable[[], object] | None = None,
+) -> Any:
     """`eventually` inside an event loop: polls without blocking the loop's other tasks; `condition`
     may be a coroutine function."""
     deadline = time.monotonic() + within_s
@@ -59,8 +71,13 @@ async def until(condition: Callable[[], Any], *, within_s: float = 20.0, every_s
             value = await value
         if value:
             return value
-        assert time.monotonic() < deadline, f"not true within {within_s} s: {condition}"
+        assert time.monotonic() < deadline, _not_true(condition, within_s, context)
         await asyncio.sleep(every_s)
+
+
+def _not_true(condition: Callable[[], Any], within_s: float, context: Callable[[], object] | None) -> str:
+    said = f"not true within {within_s} s: {getattr(condition, '__qualname__', condition)}"
+    return said if context is None else f"{said}: {context()}"
 
 
 @pytest.fixture
@@ -172,8 +189,7 @@ def sigterm_once_started(spec: Path, state_dir: Path, **env: str) -> tuple[int, 
         env={**os.environ, **env},
         text=True,
     )
-    while not (state_dir / "lock").exists() and run.poll() is None:
-        time.sleep(0.002)
+    eventually(lambda: (state_dir / "lock").exists() or run.poll() is not None, within_s=120, every_s=0.002)
     run.send_signal(signal.SIGTERM)
     _, stderr = run.communicate(timeout=180)
     return run.returncode, stderr

@@ -36,6 +36,7 @@ from runner.send.batch.native_request import chat_body
 from runner.send.batch.native_results import classify_failure, parse_result_line
 from runner.send.batch.shapes import Batch
 from runner.send.retries import Fault, Verdict
+from tests.conftest import until
 
 KEY = "0123456789abcdef0123456789abcdef.secretsecret1234"
 PREFIX = "/api/paas/v4"
@@ -458,7 +459,7 @@ async def test_cancellation_propagates(server: FakeBatchServer) -> None:
     server.enqueue("GET /batches/{id}", Canned(body=_batch("b"), delay=5))
     async with BatchAPI(server.url, KEY, timeout_s=10) as api:
         task = asyncio.create_task(api.retrieve("b"))
-        await asyncio.sleep(0.1)
+        await until(lambda: server.calls("GET /batches/{id}"))  # in flight: the server holds its answer
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -583,12 +584,13 @@ async def test_round_trip_on_the_simulator(tmp_path: Path) -> None:
     with SimulatorThread(SimConfig(**config)) as sim:
         async with BatchAPI(sim.url + "/api/paas/v4", KEY, timeout_s=10, not_ready_wait_s=0.1) as api:
             uploaded = await api.upload(written.path)
-            batch = await api.create(uploaded.id, metadata={"job": "wire-test"})
-            for _ in range(200):
-                batch = await api.retrieve(batch.id)
-                if batch.done:
-                    break
-                await asyncio.sleep(0.05)
+            made = await api.create(uploaded.id, metadata={"job": "wire-test"})
+
+            async def done() -> Batch | None:
+                batch = await api.retrieve(made.id)
+                return batch if batch.done else None
+
+            batch = await until(done, every_s=0.05)
             assert batch.status == "completed"
             assert batch.request_counts.total == 30
             lines: list[bytes] = []
@@ -614,7 +616,6 @@ async def test_a_create_retried_after_its_answer_was_lost_leaves_one_live_batch_
     from runner.send.batch.duplicates import Twins
     from runner.simulator.config import SimConfig
     from runner.simulator.simulator import SimulatorThread
-    from tests.conftest import until
 
     [written] = write_batch_files(requests_for(10), tmp_path / "in")
     book = BatchBook(tmp_path / "book")

@@ -143,14 +143,14 @@ def test_a_batch_failed_for_a_transient_reason_is_sent_again_in_the_next_round(
 KILLED_MID_CREATE = """
 import asyncio, json, os, sys, urllib.request
 from runner.send.batch import api
+from tests.conftest import until
 create, stats = api.BatchAPI.create, sys.argv[2] + "/_sim/stats"
 def held():
     with urllib.request.urlopen(stats) as answer:
         return json.load(answer)["outcomes"].get("batch_create_late", 0) > 0
 async def dying(self, *args, **kwargs):
     asyncio.ensure_future(create(self, *args, **kwargs))
-    while not await asyncio.to_thread(held):
-        await asyncio.sleep(0.01)
+    await until(lambda: asyncio.to_thread(held))
     os._exit(9)
 api.BatchAPI.create = dying
 from runner.cli import main

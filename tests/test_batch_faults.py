@@ -12,8 +12,10 @@ from pathlib import Path
 
 import polars as pl
 
+from runner.job.resolve import load_job
+from runner.send.batch.book import BatchBook
 from runner.simulator.simulator import SimulatorThread
-from tests.conftest import JobFiles, cli, sample_rows
+from tests.conftest import JobFiles, cli, eventually, sample_rows
 from tests.test_batch_mode import (
     BATCH_MODEL,
     FAST_POLL,
@@ -99,7 +101,8 @@ def test_ctrl_c_while_polling_ends_within_a_second_and_says_the_batch_runs_on_at
         run={"mode": "batch", "batch": {"poll_initial_s": 60, "poll_max_s": 120}},
     )
     child = run_until_a_batch_exists(files, sim, tmp_path)
-    time.sleep(0.3)  # into the poll interval's wait
+    book = load_job(files.spec).state_dir / "batches"
+    eventually(lambda: any(c.counts for c in BatchBook(book).chunks.values()))  # its first look: the wait is next
     os.kill(child.pid, signal.SIGINT)
     sent = time.monotonic()
     _, err = child.communicate(timeout=60)

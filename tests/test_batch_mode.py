@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 
 from runner.simulator.answers import answer_for
 from runner.simulator.simulator import SimulatorThread
-from tests.conftest import API_KEY, JobFiles, cli, sample_rows
+from tests.conftest import API_KEY, JobFiles, cli, eventually, sample_rows
 
 FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}
 # The child process imports this checkout (not whichever one the interpreter has installed).
@@ -157,9 +156,8 @@ def run_until_a_batch_exists(files: JobFiles, sim: SimulatorThread, tmp_path: Pa
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 60
-    while not sim.stats()["outcomes"].get("batch_created") and time.monotonic() < deadline:
-        time.sleep(0.02)
+    eventually(lambda: sim.stats()["outcomes"].get("batch_created") or child.poll() is not None, within_s=60)
+    assert child.poll() is None, child.communicate()[1][-2000:]
     return child
 
 
@@ -232,7 +230,7 @@ def test_status_shows_the_batches_and_cancel_keeps_what_they_finished(
     script.write_text(CRASH.format(method="create", nth=1))
     env = crash_env(tmp_path)
     assert subprocess.run([sys.executable, str(script), "after", str(files.spec)], env=env).returncode == 9
-    time.sleep(0.5)  # some 50 lines get done
+    eventually(lambda: sim.stats()["billed"]["batch"] > 0)  # the batch has done (and billed) some lines
 
     status = cli("status", str(files.spec))
     assert status.exit_code == 0

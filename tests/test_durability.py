@@ -84,7 +84,7 @@ def test_a_signal_stops_dispatch_keeps_what_arrived_and_the_run_resumes(
     job = make_job(rows, run={"concurrency": 4})
 
     proc = start_run(job.spec)
-    time.sleep(0.8)
+    eventually(lambda: sim.stats()["ok"] > 0)  # answers come back, and more are on their way
     proc.send_signal(signum)
     first_code, err = finish(proc)
 

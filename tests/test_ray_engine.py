@@ -35,7 +35,7 @@ except ImportError:
 from runner.job.resolve import load_job
 from runner.simulator.answers import answer_for
 from runner.simulator.simulator import SimulatorThread
-from tests.conftest import JobFiles, cli, sample_rows, sigterm_once_started
+from tests.conftest import JobFiles, cli, eventually, sample_rows, sigterm_once_started
 from tests.test_startup import loaded
 
 # Ray Data warns about its own deprecated settings when it makes its context; not ours to fix.
@@ -68,14 +68,16 @@ def kill_a_sender_midway(state_dir: Path, after_answers: int, killed: list[int],
 
     Actors name their journals `journal-<run>-<actor>-<pid>.jsonl`, so the pid is the one that sends; a
     block's answers stay in its journal until the block ends (checkpoint_rows is above the block size)."""
-    while not done.is_set():
-        for journal in state_dir.glob("journal-*-*-*.jsonl"):
-            if len(journal.read_bytes().splitlines()) >= after_answers:
-                pid = int(journal.stem.rsplit("-", 1)[1])
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return
-        time.sleep(0.05)
+
+    def a_full_journal() -> Path | None:
+        journals = state_dir.glob("journal-*-*-*.jsonl")
+        return next((j for j in journals if len(j.read_bytes().splitlines()) >= after_answers), None)
+
+    journal = eventually(lambda: done.is_set() or a_full_journal(), within_s=600, every_s=0.05)
+    if isinstance(journal, Path):  # else the run ended first (and the test says it tested nothing)
+        pid = int(journal.stem.rsplit("-", 1)[1])
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
 
 
 def test_twenty_thousand_rows_under_one_cluster_limit_with_an_actor_killed(

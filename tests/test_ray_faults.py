@@ -35,7 +35,7 @@ from runner.distributed.limiter import connect
 from runner.job.inputs import ROW
 from runner.job.resolve import load_job
 from runner.simulator.simulator import SimulatorThread
-from tests.conftest import cli, sample_rows
+from tests.conftest import cli, eventually, sample_rows
 from tests.test_ray_engine import expected
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
@@ -102,13 +102,10 @@ def kill_the_node_midway(
 ) -> None:
     """Kill the worker node (its raylet and every worker process on it, at once) as soon as the run's
     journals hold `after_answers` answers: every sending actor is on it, so sending is under way there."""
-    while not done.is_set():
-        journalled = sum(len(j.read_bytes().splitlines()) for j in state_dir.glob("journal-*-*-*.jsonl"))
-        if journalled >= after_answers:
-            cluster.remove_node(node, allow_graceful=False)
-            killed.append(time.monotonic())
-            return
-        time.sleep(0.05)
+    eventually(lambda: done.is_set() or journalled(state_dir) >= after_answers, within_s=600, every_s=0.05)
+    if not done.is_set():  # else the run ended first (and the test says it tested nothing)
+        cluster.remove_node(node, allow_graceful=False)
+        killed.append(time.monotonic())
 
 
 @pytest.mark.slow  # (still part of the default suite, and CI's: it installs the ray extra)
@@ -173,14 +170,15 @@ class Child:
 
     def wait_for(self, what: str, condition: Callable[[], bool] | None = None, timeout_s: float = 120.0) -> None:
         """Poll until a stderr line holds `what` (and `condition()`, when given, is true)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+
+        def seen() -> bool:
             if any(what in line for line in self.lines) and (condition is None or condition()):
-                return
+                return True
             if self.proc.poll() is not None:
                 raise AssertionError(f"the run ended (exit {self.proc.returncode}) before {what!r}: {self.text()}")
-            time.sleep(0.05)
-        raise AssertionError(f"no {what!r} within {timeout_s} s: {self.text()}")
+            return False
+
+        eventually(seen, within_s=timeout_s, every_s=0.05, context=lambda: f"no {what!r}: {self.text()}")
 
     def end(self, timeout_s: float = 90.0) -> int:
         code = self.proc.wait(timeout=timeout_s)

@@ -255,8 +255,12 @@ async def test_the_adaptive_limit_falls_on_refusals_from_several_workers_and_com
         await slots._report(0)
     gate.set()
     await asyncio.gather(*tasks)
-    await asyncio.sleep(0.2)  # a report or two
-    stats = await limiter.stats.remote()
+
+    async def both_refusals_reported() -> dict[str, Any] | None:
+        stats: dict[str, Any] = await limiter.stats.remote()
+        return stats if stats["overloads"] >= 2 else None
+
+    stats = await until(both_refusals_reported)  # each worker's next report carries its refusal
     # 12 in flight across the cluster and one refused: the limit becomes 11, whichever worker saw it.
     assert stats["overloads"] == 2 and stats["limit"] == 11
     for slots in pools:

@@ -4,7 +4,6 @@ that answer exactly as /v1/messages does, and a bill that proves no prompt was p
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -89,14 +88,14 @@ class Api:
     async def wait(self, batch_id: str, statuses: set[str] = TERMINAL) -> tuple[dict[str, Any], list[str]]:
         """Poll until the batch reaches one of `statuses`; the batch and every status seen on the way."""
         seen: list[str] = []
-        for _ in range(400):
+
+        async def reached() -> dict[str, Any] | None:
             _, batch = await self.get(f"/batches/{batch_id}")
             if not seen or seen[-1] != batch["status"]:
                 seen.append(batch["status"])
-            if batch["status"] in statuses:
-                return batch, seen
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"batch stuck in {seen}")
+            return batch if batch["status"] in statuses else None
+
+        return await until(reached, every_s=0.02, context=lambda: f"batch stuck in {seen}"), seen
 
     async def content(self, file_id: str) -> tuple[int, list[dict[str, Any]]]:
         async with self.http.get(f"{self.base}/files/{file_id}/content") as resp:
@@ -335,7 +334,7 @@ async def test_a_test_can_expire_or_fail_a_batch_on_demand(api: Api, server: Sim
     """SimulatorThread.expire_batch and fail_batch end a batch now, whatever the timings say."""
     server.configure(batch_lines_per_s=10, batch_validating_s=0.0)
     running = await api.submit([line(f"r{i}", chat(f"t{i}")) for i in range(100)])
-    await asyncio.sleep(0.25)
+    await until(lambda: server.stats()["batch_lines_processed"] >= 1)  # under way
     server.expire_batch(running["id"])
     expired, _ = await api.wait(running["id"])
     assert expired["status"] == "expired" and 1 <= expired["request_counts"]["completed"] < 100
@@ -353,13 +352,13 @@ async def test_a_cancelled_batch_keeps_the_results_it_had(api: Api, server: Simu
     a finished batch cannot be cancelled."""
     server.configure(batch_lines_per_s=20, batch_cancelling_s=0.1)
     batch = await api.submit([line(f"r{i}", chat(f"t{i}")) for i in range(40)])
-    await asyncio.sleep(0.2)
+    await until(lambda: server.stats()["batch_lines_processed"] >= 1)  # some lines answered, most not
     async with api.http.post(f"{api.base}/batches/{batch['id']}/cancel") as resp:
         assert resp.status == 200 and (await resp.json())["status"] == "cancelling"
     cancelled, _ = await api.wait(batch["id"])
     assert cancelled["status"] == "cancelled" and cancelled["cancelled_at"] is not None
     kept = cancelled["request_counts"]["completed"]
-    assert 1 <= kept < 40  # about 4 (0.2 s at 20 lines/s), more on a loaded machine
+    assert 1 <= kept < 40  # what was answered before the cancel: the line seen at least, far from all 40
     _, done = await api.content(cancelled["output_file_id"])
     _, rest = await api.content(cancelled["error_file_id"])
     assert len(done) == kept and {r["error"]["code"] for r in rest} == {"batch_cancelled"}

@@ -127,7 +127,7 @@ async def diagnose(
     finally:
         await prober.aclose()
     if batch and report.aborted is None:
-        native = target.native_url or catalog.native_url_beside(url)
+        native = catalog.native_url_for(url, target.native_url)
         for model, label in ((target.model, target.model), (CONTROL_MODEL, f"{CONTROL_MODEL} (control)")):
             found = await probe_batch(native, key, model, batch_wait_s, label)
             report.batches.append(found)

@@ -1,6 +1,8 @@
-"""The commands that look at what runs did and what is available: `usage`, `report`, `status`, `models`.
+"""The commands that look at what runs did and what is available (`usage`, `report`, `status`, `models`),
+and `cancel`, which stops a batch job's open batches at Zhipu.
 
-None of them sends a request or changes a job's state.
+None sends a prompt. `status` of a batch job looks at its batches at Zhipu and cancels a stray one (as a
+run would); `cancel` cancels the open ones; the others only read.
 """
 
 from __future__ import annotations

@@ -32,9 +32,12 @@ NATIVE_PATH = "/api/paas/v4"
 ANTHROPIC_PATH = "/api/anthropic"
 
 
-def native_url_beside(base_url: str) -> str:
-    """Zhipu's native API for an Anthropic-compatible URL: `/api/paas/v4` on the same host, in place of
-    `/api/anthropic` (or under the URL itself, which is where the simulator serves it)."""
+def native_url_for(base_url: str, native_url: str | None = None) -> str:
+    """Zhipu's native API (tokenizer, files, batches) of an endpoint: the `native_url` it names, else
+    `/api/paas/v4` beside its Anthropic-compatible `base_url` (in place of `/api/anthropic`, or under the
+    URL itself, which is where the simulator serves it)."""
+    if native_url:
+        return native_url
     base = base_url.rstrip("/")
     return (base.removesuffix(ANTHROPIC_PATH) if base.endswith(ANTHROPIC_PATH) else base) + NATIVE_PATH
 
@@ -144,7 +147,7 @@ def endpoint(name: str, native_url: str | None = None) -> Endpoint | None:
         return None
     base = name.rstrip("/")
     currency = "USD" if "z.ai" in base else "CNY"
-    return Endpoint(base_url=base, native_url=native_url or native_url_beside(base), currency=currency,
+    return Endpoint(base_url=base, native_url=native_url_for(base, native_url), currency=currency,
                     key_env=named["zhipu"].key_env)  # fmt: skip
 
 

@@ -37,7 +37,7 @@ def _batch(job: Job, base_url: str, api_key: str, online: Executor | None) -> Ex
     from runner.send.batch.executor import BatchExecutor
     from runner.send.retries import wait_backoff
 
-    native = job.native_url or catalog.native_url_beside(base_url)
+    native = catalog.native_url_for(base_url, job.native_url)
     run = job.spec.run
     deadline = run.deadline
 

@@ -87,7 +87,7 @@ async def _sweep(job: Job, api_key: str, base_url: str, book: BatchBook) -> list
     from runner.send.batch.duplicates import Twins
 
     said: list[dict[str, Any]] = []
-    native = job.native_url or catalog.native_url_beside(base_url)
+    native = catalog.native_url_for(base_url, job.native_url)
     async with BatchAPI(native, api_key) as api:
         await Twins(job_tag(job.state_dir)).sweep(
             api, book, _looked_at(book), lambda event, **fields: said.append({"event": event, **fields}), adopt=True
@@ -126,7 +126,7 @@ async def _cancel(job: Job, api_key: str, base_url: str, purge: bool) -> dict[st
     from runner.send.batch.harvest import purge as purge_chunk
 
     book = BatchBook(job.state_dir / "batches")
-    native = job.native_url or catalog.native_url_beside(base_url)
+    native = catalog.native_url_for(base_url, job.native_url)
     cancelled: list[dict[str, Any]] = []
     deleted = 0
     # Batches made for chunks whose create was never recorded are recorded first (so cancelled below),

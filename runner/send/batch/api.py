@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
-from tenacity import RetryCallState
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_incrementing
 
 from runner.files import fsync_rename
 from runner.send.batch.errors import (
@@ -128,14 +128,7 @@ class BatchAPI:
         can lag its `completed` status.
         """
         target = Path(dest)
-        for attempt in range(1, self._not_ready_attempts + 1):
-            try:
-                return await self._retrying(lambda: self._download_once(file_id, target))
-            except BatchNotFound:
-                if attempt == self._not_ready_attempts:
-                    raise
-                await self._sleep(self._not_ready_wait_s * attempt)
-        raise AssertionError("unreachable")  # the loop returns or raises
+        return await self._until_there(lambda: self._retrying(lambda: self._download_once(file_id, target)))
 
     async def delete_file(self, file_id: str) -> bool:
         """Delete an uploaded file (Zhipu keeps at most 1,000 per account); True if the API says so."""
@@ -179,14 +172,7 @@ class BatchAPI:
 
         # A file just uploaded can be unknown to the batch service for a moment (404 "input file not
         # found", GenAI-Showcase#175): asked again, a little later each time, like a result file.
-        for attempt in range(1, self._not_ready_attempts + 1):
-            try:
-                return await self._retrying(once)
-            except BatchNotFound:
-                if attempt == self._not_ready_attempts:
-                    raise
-                await self._sleep(self._not_ready_wait_s * attempt)
-        raise AssertionError("unreachable")  # the loop returns or raises
+        return await self._until_there(lambda: self._retrying(once))
 
     async def retrieve(self, batch_id: str) -> Batch:
         """The batch as it is now."""
@@ -228,6 +214,24 @@ class BatchAPI:
         if self._session is None:
             self._session = aiohttp.ClientSession(headers=self._headers, raise_for_status=False)
         return self._session
+
+    async def _until_there(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call`, asked again while it raises BatchNotFound (an object not there yet), a little later each
+        time, up to the not-ready attempts; then its BatchNotFound."""
+        wait = self._not_ready_wait_s
+        policy = AsyncRetrying(
+            retry=retry_if_exception_type(BatchNotFound),
+            stop=stop_after_attempt(self._not_ready_attempts),
+            wait=wait_incrementing(start=wait, increment=wait),
+            sleep=self._sleep,
+            reraise=True,
+        )
+
+        async def attempt() -> T:
+            return await call()
+
+        result: T = await policy(attempt)
+        return result
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         policy = retrying(self._max_attempts, classify=classify_api_error, sleep=self._sleep, wait=self._wait)

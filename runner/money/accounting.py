@@ -286,6 +286,21 @@ class Accountant:
         self._open[request.key] = (raw, reserved) if reserved else raw
         return True
 
+    def admit_block(self, keys: list[str], raw: list[int]) -> int:
+        """`admit` for requests in order, given their keys and raw estimates: how many of the first of them
+        fit the budget (all, without one), each admitted as `admit` admits it; the rest are not."""
+        budget = self.budget
+        if budget is None or self.table is None:
+            self._open.update(zip(keys, raw, strict=True))
+            return len(keys)
+        opened, worst_case = self._open, self.worst_case
+        for count, (key, estimate) in enumerate(zip(keys, raw, strict=True)):
+            reserved = worst_case(estimate)
+            if not budget.try_reserve(reserved):
+                return count
+            opened[key] = (estimate, reserved) if reserved else estimate
+        return len(keys)
+
     def shrink(self) -> None:
         """Give back the memory of the requests admitted and settled (a dict keeps its size when emptied)."""
         if not self._open:

@@ -14,11 +14,11 @@ import datetime as dt
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from runner.control import Control
 from runner.job.structured import AnswerShape, Unusable
-from runner.records import Answer, Request, Result
+from runner.records import Answer, Request, RequestBlock, Result
 from runner.send.retries import Fault, Verdict
 
 Deliver = Callable[[Result], None]
@@ -49,6 +49,15 @@ class Executor(Protocol):
 
     async def aclose(self) -> None:
         """Release connections and anything else the executor holds."""
+
+
+@runtime_checkable
+class BlockExecutor(Executor, Protocol):
+    """An executor that also takes requests a block at a time (runner.records.RequestBlock): a run hands
+    it each planned batch's requests at once, not one by one."""
+
+    async def run_blocks(self, blocks: AsyncIterator[RequestBlock], deliver: Deliver, control: Control) -> None:
+        """`run`, with the requests in blocks."""
 
 
 class Conversation:

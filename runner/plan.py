@@ -38,7 +38,7 @@ from runner.records import KEY, Request, RequestBlock, Result
 from runner.send.base import Deliver
 from runner.state.rescue import state_guard
 from runner.state.rowmap import RowMap
-from runner.state.settled import SettledKeys
+from runner.state.settled import SettledKeys, bucket_filter, buckets, mark
 
 RENDER_BATCH_ROWS = 2000  # rows rendered per step; small enough not to stall responses for long
 COLUMN_BATCH_ROWS = 25_000  # the same stall where a prompt is rendered as columns (a fifth of the time a row)
@@ -213,10 +213,13 @@ def _estimates(estimate: LastTurnEstimate, column: pl.Series, prompts: list[str 
     chars = column.str.len_chars()
     raw = (estimate.before + (chars.cast(pl.Float64) / LATIN_CHARS_PER_TOKEN + MESSAGE_OVERHEAD_TOKENS)).ceil()
     values: list[int | None] = raw.cast(pl.Int64).clip(1).to_list()
-    plain: list[bool | None] = (chars.cast(pl.UInt64) == column.str.len_bytes().cast(pl.UInt64)).to_list()
+    ascii_only = chars.cast(pl.UInt64) == column.str.len_bytes().cast(pl.UInt64)
+    if ascii_only.all(ignore_nulls=False):  # the usual batch: every prompt's estimate made above
+        return values  # type: ignore[return-value]  # no null (all() with a null is not True)
+    plain: list[bool | None] = ascii_only.to_list()
     return [
-        value if ascii_only and value is not None else (estimate(prompt) if prompt is not None else 0)
-        for value, ascii_only, prompt in zip(values, plain, prompts, strict=True)
+        value if is_plain and value is not None else (estimate(prompt) if prompt is not None else 0)
+        for value, is_plain, prompt in zip(values, plain, prompts, strict=True)
     ]
 
 
@@ -403,14 +406,23 @@ class Dispatch:
                     triage.left_out.append(index)
                 else:
                     wanted.append(index)
+        elif not any(done):  # a re-plan after a template edit: nothing answered before
+            wanted = list(range(len(keys)))
         else:
             triage.settled = [index for index, is_done in enumerate(done) if is_done]
             wanted = [index for index, is_done in enumerate(done) if not is_done]
-        fresh = queued.add_batch([keys[index] for index in wanted])
+        everyone = len(wanted) == len(keys)
+        fresh = queued.add_batch(keys if everyone else [keys[index] for index in wanted])
+        prompts, made = batch.prompts, batch.estimates
+        if everyone and not built and all(fresh):  # every row's request is new: the batch's own columns
+            triage.row_of, triage.keys, triage.items = wanted, keys, prompts  # type: ignore[assignment]
+            triage.estimates = made if made is not None else [estimate_request(batch.builder.column_request(
+                key, prompt or "").params) for key, prompt in zip(keys, prompts, strict=True)]  # fmt: skip
+            self._over_context_out(triage)
+            return triage
         triage.shared = [index for index, new in zip(wanted, fresh, strict=True) if not new]
         triage.shared_requests = [1] * len(triage.shared)
         chosen = [index for index, new in zip(wanted, fresh, strict=True) if new]
-        prompts, made = batch.prompts, batch.estimates
         items: list[Request | str] = [
             built[index].requests[0] if index in built else prompts[index] or "" for index in chosen
         ]
@@ -423,20 +435,31 @@ class Dispatch:
                 else estimate_request(_request(item, keys[index], triage).params)
                 for index, item in zip(chosen, items, strict=True)
             ]
-        context = self.context_tokens
-        if context is not None and any(estimated > context for estimated in estimates):
-            keep = [estimated <= context for estimated in estimates]
-            triage.over = [
-                (index, _request(item, keys[index], triage), estimated)
-                for index, item, estimated, kept in zip(chosen, items, estimates, keep, strict=True)
-                if not kept
-            ]
-            chosen = [index for index, kept in zip(chosen, keep, strict=True) if kept]
-            items = [item for item, kept in zip(items, keep, strict=True) if kept]
-            estimates = [estimated for estimated in estimates if estimated <= context]
         triage.row_of, triage.items, triage.estimates = chosen, items, estimates
         triage.keys = [keys[index] for index in chosen]
+        self._over_context_out(triage)
         return triage
+
+    def _over_context_out(self, triage: _Triage) -> None:
+        """Take the requests estimated over the model's context window out of `triage`'s requests to send,
+        into its failures (`over`)."""
+        context, estimates = self.context_tokens, triage.estimates
+        if context is None or not any(estimated > context for estimated in estimates):
+            return
+        keep = [estimated <= context for estimated in estimates]
+        triage.over = [
+            (index, _request(item, key, triage), estimated)
+            for index, key, item, estimated, kept in zip(
+                triage.row_of, triage.keys, triage.items, estimates, keep, strict=True
+            )
+            if not kept
+        ]
+        triage.row_of, triage.keys, triage.items, triage.estimates = (
+            [index for index, kept in zip(triage.row_of, keep, strict=True) if kept],
+            [key for key, kept in zip(triage.keys, keep, strict=True) if kept],
+            [item for item, kept in zip(triage.items, keep, strict=True) if kept],
+            [estimated for estimated in estimates if estimated <= context],
+        )
 
     def _account(self, triage: _Triage, stop: int) -> None:
         """Settle, fail and count the triaged rows before row `stop` not done yet, as the row by row rule
@@ -530,8 +553,11 @@ class RequestKeys:
     A request key is 32 hex digits, the first 128 bits of a sha256 (runner.job.prompts). The newest
     keys are kept as strings in a set; every `run_keys` of them become a run, sorted by the key's high
     64 bits. A run keeps those high halves in memory (a sorted UInt64 Series) and its low halves, in
-    the same order, in a file in `spill_dir` (or in memory without one). `add_batch` looks a batch of
-    keys up in every run at once by binary search on the high halves; only a key whose high half is
+    the same order, in a file in `spill_dir` (or in memory without one). A filter of 2**26 bits (8 MB,
+    runner.state.settled.bucket_filter) marks the buckets of every high half in a run: `add_batch`
+    looks a batch of keys up there first, and only the few in a marked bucket in every run, by binary
+    search on the high halves (a re-plan's keys are nearly all new: a search of each run for each was
+    most of its cost); only a key whose high half is
     found (a key queued before: a row sharing a prompt) has its low half read back (one pread) and
     compared. So two keys are taken for one only when all 128 bits are equal, exactly as the store
     takes them: never on a 64-bit coincidence. A key of any other form (none is made today) stays in
@@ -544,13 +570,17 @@ class RequestKeys:
         self._recent: set[str] = set()
         self._other: set[str] = set()  # keys that are not 32 hex digits
         self._runs: list[_Run] = []
+        self._filter: pl.Series | None = None  # a bit a bucket of high halves: set where a run holds one
+        self._recent_halves: list[pl.DataFrame] = []  # the high and low halves of the keys in `recent`
         self.size = 0
 
     def __len__(self) -> int:
         return self.size
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and (key in self._recent or key in self._other or self._in_runs([key])[0])
+        return isinstance(key, str) and (
+            key in self._recent or key in self._other or self._in_runs([key], _halves([key]))[0]
+        )
 
     def add(self, key: str) -> bool:
         """Add one key; True if it was not in the set yet."""
@@ -559,7 +589,8 @@ class RequestKeys:
     def add_batch(self, keys: list[str]) -> list[bool]:
         """Add `keys` in order; for each, True if it was new (not seen before, nor earlier in `keys`)."""
         hexed = _all_hex(keys)  # each key 32 hex digits: one check for the usual batch, not one a key
-        known = self._in_runs(keys, hexed)
+        halves = _halves(keys, hexed)  # made once: looked up in the runs, and kept for the next run
+        known = self._in_runs(keys, halves)
         recent, other = self._recent, self._other
         fresh: list[bool]
         if hexed and not other and not any(known):  # the usual batch: new keys, or ones seen in `recent`
@@ -576,13 +607,16 @@ class RequestKeys:
                 (recent if _HEX_KEY.fullmatch(key) else other).add(key)
                 fresh.append(True)
         self.size += sum(fresh)
+        # The halves of the keys `recent` took (the new hex keys), for `_freeze`.
+        if keys:
+            self._recent_halves.append(halves.filter(pl.Series(fresh, dtype=pl.Boolean) & halves["high"].is_not_null()))
         if len(recent) >= self._run_keys:  # only between batches: a batch is checked against one state
             self._freeze()
         return fresh
 
     def contains_batch(self, keys: list[str]) -> list[bool]:
         """Is each of `keys` in the set? (Vectorised over the runs, as `add_batch` looks keys up.)"""
-        known = self._in_runs(keys)
+        known = self._in_runs(keys, _halves(keys))
         return [old or key in self._recent or key in self._other for key, old in zip(keys, known, strict=True)]
 
     @property
@@ -594,36 +628,49 @@ class RequestKeys:
         """Remove the run files (the set is empty afterwards)."""
         for run in self._runs:
             run.close()
-        self._runs, self._recent, self._other, self.size = [], set(), set(), 0
+        self._runs, self._recent, self._other, self.size, self._filter = [], set(), set(), 0, None
+        self._recent_halves = []
 
     def _freeze(self) -> None:
         """Turn the recent keys into a sorted run."""
-        run = _halves(list(self._recent), hexed=True).sort("high", "low")  # only hex keys go to `recent`
+        run = pl.concat(self._recent_halves).sort("high", "low")  # the halves of the keys in `recent`
+        assert run.height == len(self._recent)
+        self._recent_halves = []
         path = None
         if self._spill_dir is not None:
             self._spill_dir.mkdir(parents=True, exist_ok=True)
             path = self._spill_dir / f"queued-{len(self._runs):05d}.u64"
         self._runs.append(_Run(run.get_column("high"), run.get_column("low"), path))
         self._recent = set()
+        if self._filter is None:
+            self._filter = bucket_filter(run.get_column("high"))
+        else:
+            mark(self._filter, run.get_column("high"))
 
-    def _in_runs(self, keys: list[str], hexed: bool = False) -> list[bool]:
-        """Is each key in one of the runs? (Vectorised: a binary search per run, not per key; `hexed`: every
-        key is known to be 32 hex digits.)"""
+    def _in_runs(self, keys: list[str], halves: pl.DataFrame) -> list[bool]:
+        """Is each key (its `halves`) in one of the runs? (Vectorised: a binary search per run, not per key.)"""
         if not self._runs or not keys:
             return [False] * len(keys)
-        halves = _halves(keys, hexed)  # a key that is not 32 hex digits: null halves, never found
+        # A key that is not 32 hex digits has null halves: never found.
         high, low = halves.get_column("high").fill_null(0), halves.get_column("low")
         found = [False] * len(keys)
+        assert self._filter is not None
+        maybe = self._filter.gather(buckets(high))  # False: no run holds a key in this key's bucket
+        if not maybe.any():
+            return found
+        picked = maybe.arg_true()
+        asked, positions = high.gather(picked), picked.to_list()
         for run in self._runs:
             last = run.high.len() - 1
-            first = run.high.search_sorted(high, side="left")
-            there = run.high.gather(first.clip(0, last)) == high
+            first = run.high.search_sorted(asked, side="left")
+            there = run.high.gather(first.clip(0, last)) == asked
             if not there.any():  # nearly always: none of the batch's high halves is in this run
                 continue
-            for i in there.arg_true().to_list():  # the high half is there: compare the low half
+            for j in there.arg_true().to_list():  # the high half is there: compare the low half
+                i = positions[j]
                 wanted = low[i]
                 if wanted is not None and not found[i]:
-                    start = int(first[i])
+                    start = int(first[j])
                     count = int(run.high.search_sorted(high[i], side="right")) - start
                     found[i] = wanted in run.lows(start, count)
         return found

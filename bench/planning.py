@@ -30,7 +30,9 @@ earlier one, so the deduplication works too), with nothing answered before:
   runs alternate with that checkout's runner (PYTHONPATH) from the same state: the ratio of the
   two, worst and median (`--seeded DIR` reuses the state a run before made). `--unsealed`: no
   template edit, the row map unsealed instead (a grown input, the cron case): every row rendered,
-  keyed and found answered, nothing to send.
+  keyed and found answered, nothing to send. A runner that hands requests over in blocks hands them
+  to that executor as blocks, whose Requests are made only by an executor that sends them;
+  `--materialise` has the executor make every Request of every block too.
 
 Targets: the 10M-row peak RSS at the end of planning under 1 GB and at most 1.5x the 1M-row figure.
 Inputs are generated once into /tmp/glm-batch-bench/planning (not the repo) and reused; each run's job
@@ -260,10 +262,13 @@ def main() -> None:
     parser.add_argument("--other", type=Path, help="a checkout to alternate with in --replan (before/after)")
     parser.add_argument("--seeded", type=Path, help="--replan: start from this folder a run of it seeded before")
     parser.add_argument("--unsealed", action="store_true", help="--replan: no template edit; the row map unsealed")
+    parser.add_argument("--materialise", action="store_true", help="--replan: make each handed block's Requests")
     parser.add_argument("--keys", type=int, nargs="*", default=[], help="only the queued-key set, at these sizes")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--executor", default="fake", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.materialise:  # read by the child processes (MATERIALISE)
+        os.environ["GLM_BATCH_BENCH_MATERIALISE"] = "1"
     if args.child is not None:
         if args.executor.startswith("keys:"):
             print(json.dumps(keys_child(int(args.child.name), spill=args.executor == "keys:spill")))

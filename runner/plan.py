@@ -572,6 +572,7 @@ class RequestKeys:
         self._runs: list[_Run] = []
         self._filter: pl.Series | None = None  # a bit a bucket of high halves: set where a run holds one
         self._recent_halves: list[pl.DataFrame] = []  # the high and low halves of the keys in `recent`
+        self._loose: list[str] = []  # keys in `recent` added one by one (their halves not made yet)
         self.size = 0
 
     def __len__(self) -> int:
@@ -584,7 +585,17 @@ class RequestKeys:
 
     def add(self, key: str) -> bool:
         """Add one key; True if it was not in the set yet."""
-        return self.add_batch([key])[0]
+        if key in self._recent or key in self._other or (self._runs and self._in_runs([key], _halves([key]))[0]):
+            return False
+        if _HEX_KEY.fullmatch(key):
+            self._recent.add(key)
+            self._loose.append(key)  # its halves are made when `recent` becomes a run
+        else:
+            self._other.add(key)
+        self.size += 1
+        if len(self._recent) >= self._run_keys:
+            self._freeze()
+        return True
 
     def add_batch(self, keys: list[str]) -> list[bool]:
         """Add `keys` in order; for each, True if it was new (not seen before, nor earlier in `keys`)."""
@@ -629,13 +640,14 @@ class RequestKeys:
         for run in self._runs:
             run.close()
         self._runs, self._recent, self._other, self.size, self._filter = [], set(), set(), 0, None
-        self._recent_halves = []
+        self._recent_halves, self._loose = [], []
 
     def _freeze(self) -> None:
         """Turn the recent keys into a sorted run."""
-        run = pl.concat(self._recent_halves).sort("high", "low")  # the halves of the keys in `recent`
+        loose = [_halves(self._loose, hexed=True)] if self._loose else []
+        run = pl.concat(self._recent_halves + loose).sort("high", "low")  # the halves of the keys in `recent`
         assert run.height == len(self._recent)
-        self._recent_halves = []
+        self._recent_halves, self._loose = [], []
         path = None
         if self._spill_dir is not None:
             self._spill_dir.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,9 @@ earlier one, so the deduplication works too), with nothing answered before:
   runs alternate with that checkout's runner (PYTHONPATH) from the same state: the ratio of the
   two, worst and median (`--seeded DIR` reuses the state a run before made). `--unsealed`: no
   template edit, the row map unsealed instead (a grown input, the cron case): every row rendered,
-  keyed and found answered, nothing to send.
+  keyed and found answered, nothing to send. A runner that hands requests over in blocks hands them
+  to that executor as blocks, whose Requests are made only by an executor that sends them;
+  `--materialise` has the executor make every Request of every block too.
 
 Targets: the 10M-row peak RSS at the end of planning under 1 GB and at most 1.5x the 1M-row figure.
 Inputs are generated once into /tmp/glm-batch-bench/planning (not the repo) and reused; each run's job
@@ -104,6 +106,9 @@ output: {{path: out/bench.parquet}}
     return spec
 
 
+MATERIALISE = os.environ.get("GLM_BATCH_BENCH_MATERIALISE") == "1"
+
+
 class Timed:
     """Wraps an executor: notes the wall time and peak RSS when the planner's requests run out."""
 
@@ -140,6 +145,22 @@ class Timed:
         await self.inner.run(watched(), deliver, control)
 
 
+class TimedBlocks(Timed):
+    """Timed, for an inner executor that takes blocks (and a runner that hands them over so)."""
+
+    async def run_blocks(self, blocks: AsyncIterator[Any], deliver: Any, control: Any) -> None:
+        """As `run`, for a runner that hands requests over in blocks (when the inner executor takes them)."""
+
+        async def watched() -> AsyncIterator[Any]:
+            async for block in blocks:
+                yield block
+            self.planned_s = time.perf_counter() - self.started
+            self.planned_cpu_s = time.process_time()
+            self.planned_rss_mb = peak_rss_mb()
+
+        await self.inner.run_blocks(watched(), deliver, control)
+
+
 class Drain:
     """An executor that takes every request and answers none: a run that only plans."""
 
@@ -155,10 +176,21 @@ class Drain:
         async for _ in requests:
             pass
 
+    async def run_blocks(self, blocks: AsyncIterator[Any], deliver: Any, control: Any) -> None:
+        """Blocks of requests (a runner that hands them over so; an older one calls `run`): taken whole,
+        or with MATERIALISE set each block's requests made too, as an executor sending them would."""
+        async for block in blocks:
+            if MATERIALISE:
+                for _ in block.requests():
+                    pass
+
 
 def child(spec: Path, executor: str) -> dict[str, Any]:
     """One run in this process: planning seconds and peak RSS, then the whole run's."""
-    from runner.engine import execute
+    try:
+        from runner.engine import execute
+    except ImportError:  # a checkout from before the rename (engine.run_job), for --other
+        from runner.engine import run_job as execute  # type: ignore[attr-defined,no-redef]
     from runner.job.resolve import load_job
     from runner.local import LocalSender
     from runner.money.tokens import estimate_request
@@ -178,7 +210,7 @@ def child(spec: Path, executor: str) -> dict[str, Any]:
 
         assert job.base_url is not None
         inner = make_executor(job, job.base_url, "bench", lambda r: estimate_request(r.params))
-    timed = Timed(inner)
+    timed = TimedBlocks(inner) if hasattr(inner, "run_blocks") else Timed(inner)
     timed.started = started
     with open(os.devnull, "w") as quiet:
         report = asyncio.run(
@@ -198,7 +230,9 @@ def child(spec: Path, executor: str) -> dict[str, Any]:
         "planning_peak_rss_mb": round(timed.planned_rss_mb or 0.0, 1),
         "run_s": round(time.perf_counter() - started, 2),
         "run_peak_rss_mb": round(peak_rss_mb(), 1),
-        "requests_sent": report.summary.requests_queued,
+        "requests_sent": (
+            report.summary["requests_queued"] if isinstance(report.summary, dict) else report.summary.requests_queued
+        ),  # a checkout from before the typed summary holds a dict
     }
 
 
@@ -228,10 +262,13 @@ def main() -> None:
     parser.add_argument("--other", type=Path, help="a checkout to alternate with in --replan (before/after)")
     parser.add_argument("--seeded", type=Path, help="--replan: start from this folder a run of it seeded before")
     parser.add_argument("--unsealed", action="store_true", help="--replan: no template edit; the row map unsealed")
+    parser.add_argument("--materialise", action="store_true", help="--replan: make each handed block's Requests")
     parser.add_argument("--keys", type=int, nargs="*", default=[], help="only the queued-key set, at these sizes")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--executor", default="fake", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.materialise:  # read by the child processes (MATERIALISE)
+        os.environ["GLM_BATCH_BENCH_MATERIALISE"] = "1"
     if args.child is not None:
         if args.executor.startswith("keys:"):
             print(json.dumps(keys_child(int(args.child.name), spill=args.executor == "keys:spill")))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 from runner.control import Control
@@ -12,10 +13,10 @@ from runner.job.resolve import Job
 from runner.observe import summary
 from runner.observe.progress import Reporter
 from runner.observe.summary import Sending
-from runner.plan import nothing, plan
+from runner.plan import Planned, nothing, plan_columns
 from runner.run import Run
 from runner.send import make_executor
-from runner.send.base import Executor, Gauges
+from runner.send.base import BlockExecutor, Executor, Gauges
 from runner.send.endpoints import endpoint_url
 from runner.supervise import Signals, supervise
 
@@ -29,15 +30,14 @@ class LocalSender:
     async def send(self, run: Run, api_key: str, reporter: Reporter, signals: Signals) -> Sending:
         """Plan and send every request the run has not settled; how it sent, for the summary."""
         job, control = run.job, run.control
-        if run.unchanged:  # no row needs rendering
-            requests = nothing()
-        else:
+        planned: Iterator[Planned] | None = None  # an unchanged job: no row needs rendering
+        if not run.unchanged:
             # The first rows are planned here, so a template that fails on each of them is refused (one
             # line, exit 2) before anything is sent, not raised from inside the sending tasks.
-            batches = plan(job, run.source, run.settled)
+            batches = plan_columns(job, run.source, run.settled)
             first = next(batches, None)
             run.store.rows.reset()
-            requests = run.requests(itertools.chain([] if first is None else [first], batches))
+            planned = itertools.chain([] if first is None else [first], batches)
         auto_from_facts = _tool_choice_from_facts(job, control, reporter)
         reporter.phase("connecting")
         with endpoint_url(job) as base_url:
@@ -47,9 +47,16 @@ class LocalSender:
                 Idle(job) if idle else make_executor(job, base_url, api_key, run.accountant.input_estimate)
             )
             reporter.start(job, run.tally)
+            # An executor that takes blocks is handed each planned batch's requests at once.
+            if planned is None:
+                sending = executor.run(nothing(), run.deliver, control)
+            elif isinstance(executor, BlockExecutor):
+                sending = executor.run_blocks(run.blocks(planned), run.deliver, control)
+            else:
+                sending = executor.run(run.requests(planned), run.deliver, control)
             try:
                 await supervise(
-                    executor.run(requests, run.deliver, control),
+                    sending,
                     control=control,
                     checkpoint=run.checkpoint_soon,
                     tick=lambda: reporter.tick(run.tally, executor.gauges(), control),

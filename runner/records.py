@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import operator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,35 @@ class Request:
 
     key: str
     params: dict[str, Any]
+
+
+class RequestBlock:
+    """Admitted requests handed over at once (runner.plan.Dispatch.blocks): their keys in order, and each
+    one's Request, made when asked for. An item is the Request itself, or the prompt of a row rendered
+    as columns, which `build(key, prompt)` makes into the very Request the row path makes: a re-plan
+    that sends nothing yet (a batch still being prepared) never builds a million parameter dicts."""
+
+    __slots__ = ("_build", "_items", "keys")
+
+    def __init__(
+        self, keys: list[str], items: list[Request | str], build: Callable[[str, str], Request] | None = None
+    ) -> None:
+        self.keys = keys
+        self._items = items
+        self._build = build
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def requests(self) -> Iterator[Request]:
+        """Each request of the block, in order."""
+        build = self._build
+        for key, item in zip(self.keys, self._items, strict=True):
+            if isinstance(item, Request):
+                yield item
+            else:
+                assert build is not None
+                yield build(key, item)
 
 
 @dataclass(slots=True)

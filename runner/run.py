@@ -24,8 +24,8 @@ from runner.money.ledger import ledger_dir
 from runner.observe.cpu import CpuWindow
 from runner.observe.progress import Reporter
 from runner.observe.summary import Sending
-from runner.plan import Dispatch, PlannedBatch
-from runner.records import Answers, Request, Result
+from runner.plan import Dispatch, Planned
+from runner.records import Answers, Request, RequestBlock, Result
 from runner.resume import settled_keys
 from runner.runs import RunOptions, fingerprint
 from runner.state.openkeys import OpenKeys
@@ -93,20 +93,26 @@ class Run:
         request was settled before are answered by definition); this beats joining the whole row map."""
         return self.unchanged or (self.tally.all_rows_rendered and not self.outstanding)
 
-    def requests(self, batches: Iterator[PlannedBatch]) -> AsyncIterator[Request]:
+    def requests(self, batches: Iterator[Planned]) -> AsyncIterator[Request]:
         """The requests to send from planned batches, each once (runner.plan.Dispatch), row map recorded."""
-        dispatch = Dispatch(
+        return self._dispatch().requests(batches, self.built_from)
+
+    def blocks(self, batches: Iterator[Planned]) -> AsyncIterator[RequestBlock]:
+        """`requests` a block at a time (runner.plan.Dispatch.blocks), for an executor that takes blocks."""
+        return self._dispatch().blocks(batches, self.built_from)
+
+    def _dispatch(self) -> Dispatch:
+        return Dispatch(
             self.rows or self.store.rows,
             self.source.keep_columns,
             self.tally,
             self.deliver,
-            self.accountant.admit,
+            self.accountant.admit_block,
             self.control,
             self.pilot,
             self.outstanding,
             context_tokens=self.job.model.context,
         )
-        return dispatch.requests(batches, self.built_from)
 
     def deliver(self, result: Result) -> None:
         """One result from the sender, journalled; the breaker holds the run's first failures until it

@@ -194,8 +194,18 @@ class RequestBuilder:
 
         A template that only substitutes columns (`Summarise: {{ text }}`) prints each value as
         str(value): for text and integer columns polars' cast to text is the same, so the prompts are
-        rendered by one polars expression and only the key is made row by row; the request's
-        parameters wait for `column_request`, which a row answered before never needs."""
+        rendered by one polars expression (`prompt_column`) and only the key is made row by row
+        (`keys_of`); the request's parameters wait for `column_request`, which a row answered before
+        never needs."""
+        column = self.prompt_column(frame)
+        if column is None:
+            return None
+        prompts = column.to_list()  # null: a null
+        return self.keys_of(prompts), prompts
+
+    def prompt_column(self, frame: pl.DataFrame) -> pl.Series | None:
+        """Each row's prompt (its turn's text) rendered by one polars expression, null where a column it
+        reads is null; None when this job or these columns cannot be rendered as columns."""
         columns = self._columns
         if columns is None:
             return None
@@ -206,19 +216,25 @@ class RequestBuilder:
         pieces = [
             pl.col(text).cast(pl.String) if is_column else pl.lit(text, pl.String) for is_column, text in columns.pieces
         ]
-        prompts = frame.select(pl.concat_str(pieces).alias("prompt")).get_column("prompt").to_list()  # null: a null
-        prefix = columns.prefix
+        return frame.select(pl.concat_str(pieces).alias("prompt")).get_column("prompt")
+
+    def keys_of(self, prompts: list[str | None]) -> list[str | None]:
+        """The request key of each prompt `prompt_column` rendered, as `build` makes it (the parts before
+        the row's turn hashed once); None for a null prompt or one over the rendering limit."""
+        assert self._columns is not None
+        copy = self._columns.prefix.copy
         keys: list[str | None] = []
+        append = keys.append
         for prompt in prompts:
             if prompt is None or len(prompt) > MAX_TEXT:
-                keys.append(None)
+                append(None)
                 continue
             data = prompt.encode()
-            digest = prefix.copy()
+            digest = copy()
             digest.update(len(data).to_bytes(8, "little"))
             digest.update(data)
-            keys.append(digest.hexdigest()[:32])
-        return keys, prompts
+            append(digest.hexdigest()[:32])
+        return keys
 
     def column_request(self, key: str, prompt: str | None) -> Request:
         """The request of a row `key_batch` keyed, from its prompt: what `build` makes, key for key."""

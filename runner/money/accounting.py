@@ -287,6 +287,23 @@ class Accountant:
         self._open.put(request.key, raw, reserved)
         return True
 
+    def admit_block(self, keys: list[str], raw: list[int]) -> int:
+        """`admit` for requests in order, given their keys and raw estimates: how many of the first of them
+        fit the budget (all, without one), each admitted as `admit` admits it; the rest are not."""
+        budget = self.budget
+        put = self._open.put
+        if budget is None or self.table is None:
+            for key, estimate in zip(keys, raw, strict=True):
+                put(key, estimate)
+            return len(keys)
+        worst_case = self.worst_case
+        for count, (key, estimate) in enumerate(zip(keys, raw, strict=True)):
+            reserved = worst_case(estimate)
+            if not budget.try_reserve(reserved):
+                return count
+            put(key, estimate, reserved)
+        return len(keys)
+
     def shrink(self) -> None:
         """Give back the memory of the requests admitted and settled (a dict keeps its size when emptied)."""
         if not self._open:

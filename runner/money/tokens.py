@@ -79,10 +79,10 @@ class LastTurnEstimate:
     so the estimate is the same to the last bit."""
 
     def __init__(self, params: dict[str, Any]) -> None:
-        self._before = _estimate_parts(params, params["messages"][:-1])
+        self.before = _estimate_parts(params, params["messages"][:-1])
 
     def __call__(self, text: str) -> int:
-        return max(1, math.ceil(self._before + (estimate_text(text) + MESSAGE_OVERHEAD_TOKENS)))
+        return max(1, math.ceil(self.before + (estimate_text(text) + MESSAGE_OVERHEAD_TOKENS)))
 
 
 @dataclass(frozen=True)

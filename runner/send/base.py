@@ -14,11 +14,11 @@ import datetime as dt
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from runner.control import Control
 from runner.job.structured import AnswerShape, Unusable
-from runner.records import Answer, Request, Result
+from runner.records import Answer, Request, RequestBlock, Result
 from runner.send.retries import Fault, Verdict
 
 Deliver = Callable[[Result], None]
@@ -55,6 +55,15 @@ class Executor(Protocol):
 # a batch result line): a 131,072-token answer streamed a token an event is about 30 MB. Past it the
 # answer is read no further and its row fails (answer_too_large), instead of taking the process's memory.
 MAX_ANSWER_BYTES = 64 << 20
+
+
+@runtime_checkable
+class BlockExecutor(Executor, Protocol):
+    """An executor that also takes requests a block at a time (runner.records.RequestBlock): a run hands
+    it each planned batch's requests at once, not one by one."""
+
+    async def run_blocks(self, blocks: AsyncIterator[RequestBlock], deliver: Deliver, control: Control) -> None:
+        """`run`, with the requests in blocks."""
 
 
 class Conversation:

@@ -12,7 +12,7 @@ from typing import Any
 
 from runner.control import Control
 from runner.job.structured import AnswerShape
-from runner.records import Answer, Request
+from runner.records import Answer, Request, RequestBlock
 from runner.send.base import Conversation, Deliver, Gauges
 
 
@@ -51,6 +51,16 @@ class FakeExecutor:
 
     async def aclose(self) -> None:
         """Nothing to release."""
+
+    async def run_blocks(self, blocks: AsyncIterator[RequestBlock], deliver: Deliver, control: Control) -> None:
+        """Answer every request of every block as it comes."""
+
+        async def each() -> AsyncIterator[Request]:
+            async for block in blocks:
+                for request in block.requests():
+                    yield request
+
+        await self.run(each(), deliver, control)
 
     async def run(self, requests: AsyncIterator[Request], deliver: Deliver, control: Control) -> None:
         """Answer every request as it comes."""

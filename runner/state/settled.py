@@ -20,6 +20,7 @@ class SettledKeys:
         self._load = None if isinstance(keys, pl.Series) else keys
         self.basis = basis
         self._highs: pl.Series | None = None  # the settled keys' first 64 bits, sorted (see `contains`)
+        self._filter: pl.Series | None = None  # bucket_filter of those
 
     @classmethod
     def none(cls) -> SettledKeys:
@@ -69,11 +70,18 @@ class SettledKeys:
             return pl.Series([False] * count, dtype=pl.Boolean)
         if self._highs is None:
             self._highs = _high_halves(settled).drop_nulls().sort()
+            self._filter = bucket_filter(self._highs)
         highs, wanted = self._highs, _high_halves(keys)
         maybe = pl.Series([True] * count, dtype=pl.Boolean)
         if highs.len():
-            at = highs.search_sorted(wanted.fill_null(0), side="left").clip(0, highs.len() - 1)
-            maybe = (highs.gather(at) == wanted).fill_null(True)
+            # Only a key in a bucket some settled key is in is searched for (after a template edit, ~none).
+            assert self._filter is not None
+            near = (self._filter.gather(buckets(wanted.fill_null(0))) & wanted.is_not_null()).arg_true()
+            maybe = wanted.is_null()
+            if near.len():
+                asked = wanted.gather(near)
+                at = highs.search_sorted(asked, side="left").clip(0, highs.len() - 1)
+                maybe = maybe.scatter(near, highs.gather(at) == asked)
         found = pl.Series([False] * count, dtype=pl.Boolean)
         looked = (maybe & keys.is_not_null()).arg_true()
         if looked.len():
@@ -85,6 +93,26 @@ class SettledKeys:
             if not keys.has_nulls()
             else found.zip_with(keys.is_not_null(), pl.Series([None] * count, dtype=pl.Boolean))
         )
+
+
+FILTER_BITS = 26  # a bucket filter: 2**26 buckets of 64-bit numbers (their top 26 bits), a bit each (8 MB)
+
+
+def buckets(numbers: pl.Series) -> pl.Series:
+    """The bucket of each UInt64 number in a bucket filter: its top FILTER_BITS bits."""
+    return (numbers // (1 << (64 - FILTER_BITS))).cast(pl.UInt32)
+
+
+def bucket_filter(numbers: pl.Series) -> pl.Series:
+    """A bit per bucket, set where one of `numbers` (UInt64) is: a number whose bit is not set is not
+    among them, found with one gather instead of a binary search (most keys looked up are not there)."""
+    marks = pl.Series("seen", [False], dtype=pl.Boolean).extend_constant(False, (1 << FILTER_BITS) - 1)
+    return mark(marks, numbers)
+
+
+def mark(marks: pl.Series, numbers: pl.Series) -> pl.Series:
+    """`marks` (a bucket filter) with the buckets of `numbers` set too, in place."""
+    return marks.scatter(buckets(numbers), True) if numbers.len() else marks
 
 
 def _high_halves(keys: pl.Series) -> pl.Series:

@@ -132,6 +132,13 @@ class Dispatched:
     columns_planned: int  # batches planned as columns
 
 
+def _raw(value: tuple[int, float] | None) -> tuple[int, float] | int | None:
+    """An admitted request's raw estimate, with its reserved cost beside it when it reserved one."""
+    if value is None:
+        return None
+    return value if value[1] else value[0]
+
+
 def _dispatch(
     job: Job,
     folder: Path,
@@ -166,7 +173,7 @@ def _dispatch(
     mapped = pl.read_parquet(rows.files()).select("_row", "_id", KEY).rows() if rows.files() else []
     return Dispatched(
         [(request.key, request.params) for request in requests],
-        dict(accountant._open),
+        {key: _raw(accountant._open.get(key)) for key in accountant._open},
         dataclasses.asdict(tally) | {"started": None, "latencies_ms": None, "client_wait_ms": None},
         [(result.key, result.status, result.error_type) for result in delivered],
         mapped,

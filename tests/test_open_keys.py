@@ -18,7 +18,7 @@ from runner.state.openkeys import KeyTable, OpenKeys
 HIGH = "0123456789abcdef"
 POOL = [f"{HIGH}{i:016x}" for i in range(6)] + [f"{i:032x}" for i in range(6)] + ["ab" * 16 + "#1", "x"]
 ops = st.lists(
-    st.tuples(st.sampled_from(["put", "pop", "get", "in", "pop_many", "contains_many", "len"]),
+    st.tuples(st.sampled_from(["put", "put_many", "pop", "get", "in", "pop_many", "contains_many", "len"]),
               st.lists(st.sampled_from(POOL), min_size=1, max_size=5), st.integers(0, 9)),
     max_size=60,
 )  # fmt: skip
@@ -33,6 +33,9 @@ def test_a_key_table_is_a_dict(steps: list[tuple[str, list[str], int]], run_keys
         if op == "put":
             table.put(key, n, n / 10)
             model[key] = (n, n / 10)
+        elif op == "put_many":
+            table.put_many(keys, [n + i for i in range(len(keys))], n / 10)
+            model.update((k, (n + i, n / 10)) for i, k in enumerate(keys))
         elif op == "pop":
             assert table.pop(key) == model.pop(key, None)
         elif op == "get":

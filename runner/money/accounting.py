@@ -291,12 +291,10 @@ class Accountant:
         """`admit` for requests in order, given their keys and raw estimates: how many of the first of them
         fit the budget (all, without one), each admitted as `admit` admits it; the rest are not."""
         budget = self.budget
-        put = self._open.put
         if budget is None or self.table is None:
-            for key, estimate in zip(keys, raw, strict=True):
-                put(key, estimate)
+            self._open.put_many(keys, raw)
             return len(keys)
-        worst_case = self.worst_case
+        put, worst_case = self._open.put, self.worst_case
         for count, (key, estimate) in enumerate(zip(keys, raw, strict=True)):
             reserved = worst_case(estimate)
             if not budget.try_reserve(reserved):

@@ -131,6 +131,16 @@ class KeyTable:
         if len(self._recent) >= self._run_keys:
             self._freeze()
 
+    def put_many(self, keys: list[str], raws: list[int], reserved: float = 0.0) -> None:
+        """`put` for a block of keys, each with its raw estimate and the same reserved cost."""
+        if self._odd:
+            for key, raw in zip(keys, raws, strict=True):
+                self.put(key, raw, reserved)
+            return
+        self._recent.update(zip(keys, [(raw, reserved) for raw in raws], strict=True))
+        if len(self._recent) >= self._run_keys:
+            self._freeze()
+
     def get(self, key: str) -> Value | None:
         """The value of an open key, or None."""
         value = self._recent.get(key)
@@ -300,9 +310,8 @@ class OpenKeys(MutableSet[str]):
         self._table.put(key, 0, 0.0)
 
     def update(self, keys: Iterable[str]) -> None:
-        put = self._table.put
-        for key in keys:
-            put(key, 0, 0.0)
+        block = list(keys)
+        self._table.put_many(block, [0] * len(block))
 
     def discard(self, key: str) -> None:
         self._table.pop(key)

@@ -1,8 +1,5 @@
-"""The endpoint list and the model catalogue, read from configs/ (data files, not code).
-
-`configs/` sits beside the package in a source checkout and inside it (`runner/configs`) in a wheel;
-`GLM_BATCH_CONFIGS` points elsewhere for a site with its own prices.
-"""
+"""The endpoint list and the model catalogue, read from configs/ (beside the package in a checkout,
+`runner/configs` in a wheel, or $GLM_BATCH_CONFIGS)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
 """The one batch rule: may a job's model go to Zhipu's Batch API on its endpoint, and on what grounds.
-
-    verdict = batch_eligibility(model, info, endpoint, base_url, facts, allow_unconfirmed)
-    verdict.allowed, verdict.basis, verdict.why
-
-The endpoint must have a Batch API (api.z.ai has none), and the model must be on Zhipu's eligibility
-list (configs/models.yaml `batch.eligible`), or proved on this account by `glm-batch doctor --batch`
-(runner.job.facts), or the job accepts the risk (`run.batch.allow_unconfirmed`). `load_job` refuses a
-batch or hybrid job that fails it; `estimate` reads the same verdict.
+The endpoint must have a Batch API, and the model be on Zhipu's list (configs/models.yaml), proved here
+by `glm-batch doctor --batch`, or accepted at risk (`run.batch.allow_unconfirmed`).
 """
 
 from __future__ import annotations

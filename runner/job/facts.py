@@ -1,11 +1,6 @@
-"""What is known about one endpoint and model on this account: learned by `glm-batch doctor` or by a run.
-
-    facts = load_facts(base_url, model)        # Facts(); every field None where nothing is known
-    record_facts(base_url, model, source="run", forced_tool_choice=False)
-
-Runs read it to start right (tool choice, concurrency, batch eligibility); a fact is a hint, never a
-reason to refuse a job. One JSON file, $GLM_BATCH_FACTS or ~/.local/share/glm-batch/facts.json, keyed by
-"<base url> <model>" (the URL without userinfo or query); a file that cannot be read is an empty one,
+"""What is known about one endpoint and model on this account, learned by `glm-batch doctor` or a run:
+a hint to start right, never a reason to refuse a job. One JSON file ($GLM_BATCH_FACTS or
+~/.local/share/glm-batch/facts.json) keyed by "<base url> <model>"; an unreadable file is an empty one,
 and a path that holds anything but a facts file is never written over.
 """
 
@@ -102,10 +97,8 @@ def load_facts(base_url: str | None, model: str) -> Facts:
 
 
 def record_facts(base_url: str | None, model: str, *, source: str, **learned: Any) -> Facts:
-    """Merge what was just learned (fields of Facts; None values are ignored) and write the file.
-
-    Bookkeeping, never a reason to fail a run: a file that cannot be written, or is not a facts file,
-    is left as it was (the facts are returned, not kept)."""
+    """Merge what was just learned (None values ignored) and write the file; one that cannot be written,
+    or is not a facts file, is left as it was (bookkeeping never fails a run)."""
     known = {f.name for f in fields(Facts)} - {"checked", "source"}
     unknown = set(learned) - known
     if unknown:

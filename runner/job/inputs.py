@@ -1,13 +1,6 @@
-"""Input rows: Parquet, CSV and JSONL files read lazily by polars and handed out in bounded batches.
-
-    source = open_input(job)          # checks files, columns, ids and emptiness; reads no more than that
-    for frame in source.batches():    # DataFrames of at most `batch_rows` rows, in input order
-        ...
-
-Every batch carries `_row` (the row's position in the whole input) and `_id` (the id column as text, or a
-stable hash of the row's content) beside the columns the job uses. CSV is read as text, and a JSONL
-file's types are inferred from all of its lines, so that a surprise at row five million cannot change
-a column's type mid-run.
+"""Input rows: Parquet, CSV and JSONL files read lazily by polars and handed out in bounded batches,
+each with `_row` (its position in the input) and `_id` (the id column as text, or a hash of the row).
+CSV is read as text and JSONL types are inferred from all lines, so no type changes mid-run.
 """
 
 from __future__ import annotations
@@ -67,12 +60,9 @@ def _content_id(values: tuple[object, ...]) -> str:
 
 
 def open_input(job: Job) -> InputSource:
-    """Scan the job's input files and check, before any request, that the job can read what it needs.
-
-    One streaming pass over the rows the job will use counts them, their null ids, distinct ids and
-    nulls in the columns the prompt reads (a CSV is read whole, so a ragged row is caught here and not
-    mid-run); an input with no rows raises NothingToDo.
-    """
+    """Scan the job's input files and check, before any request, that the job can read what it needs:
+    one streaming pass counts rows, null and distinct ids and nulls in the prompt's columns (a CSV is
+    read whole, so a ragged row is caught here); an input with no rows raises NothingToDo."""
     spec = job.spec.input
     where = str(job.spec_path)
     # A CSV or JSONL export with no rows may be a 0-byte file: it has no header either, so it adds nothing.

@@ -58,11 +58,8 @@ def check_not_an_input(
     folder: bool = False,
 ) -> None:
     """Refuse an output or a folder the run writes in (`folder`: the state directory, the usage ledger)
-    that would overwrite (or, on the next run, be read as) input.
-
-    The output path is compared with every input file, with the spec, and with every input glob: an
-    output that does not exist yet but matches `data/*.parquet` would be read as input by the next run.
-    """
+    that would overwrite, or next run be read as, input: compared with every input file, the spec, and
+    every input glob."""
     real = os.path.realpath(path)
     if real == os.path.realpath(spec_path):
         raise UsageError(f"{where}: {key}: {path} is the job spec itself; choose another {key}")
@@ -101,12 +98,9 @@ def _glob_part(pattern: str, name: str) -> bool:
 
 
 def check_writable(path: Path, key: str, where: str, *, parent: bool) -> None:
-    """Refuse, at load and in one line, a destination whose directory is a file or cannot be written.
-
-    `path` is the output file (`parent=True`: its directory is what must be writable) or the state
-    directory. The nearest existing directory is probed with an unnamed temporary file: os.access
-    says yes to root on a read-only mount, and a probe is what a write would really meet.
-    """
+    """Refuse, in one line, a destination whose directory is a file or cannot be written (`parent=True`:
+    `path` is a file). The nearest existing directory is probed with a temporary file (os.access says
+    yes to root on a read-only mount)."""
     if too_long(path):
         raise UsageError(
             f"{where}: {key}: {path} is too long a name (a part over {_name_max(path)} bytes, or the whole "

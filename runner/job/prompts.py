@@ -117,12 +117,8 @@ class RequestBuilder:
         return (RequestBuilder, (self._job,))
 
     def build(self, row: dict[str, Any]) -> Request:
-        """The request for one row (a mapping of column name to value).
-
-        A null in a column the prompt reads, or inside one (a list element, a struct field), renders
-        as '' with `input.nulls: empty`, and otherwise raises NullInput (a RenderError): the row is
-        recorded as failed, not sent.
-        """
+        """The request for one row. A null the prompt reads (or inside one) renders as '' with
+        `input.nulls: empty`, else raises NullInput: the row is recorded as failed, not sent."""
         nulls = [c for c in self._prompt_columns if row.get(c, "") is None]
         nested = [c for c in self._prompt_columns if has_nested_null(row.get(c))]
         if nulls or nested:
@@ -187,16 +183,10 @@ class RequestBuilder:
         return made
 
     def key_batch(self, frame: pl.DataFrame) -> tuple[list[str | None], list[str | None]] | None:
-        """Each row's request key and prompt (the row's turn), made as `build` makes them, for a whole
-        batch of rows at once; None when this job or these columns cannot be rendered as columns. A
-        row whose key is None must go through `build` (a null in a prompt column: its error or its
-        blank; a prompt over the rendering limit: its error).
-
-        A template that only substitutes columns (`Summarise: {{ text }}`) prints each value as
-        str(value): for text and integer columns polars' cast to text is the same, so the prompts are
-        rendered by one polars expression (`prompt_column`) and only the key is made row by row
-        (`keys_of`); the request's parameters wait for `column_request`, which a row answered before
-        never needs."""
+        """Each row's request key and prompt, made as `build` makes them, for a batch of rows at once;
+        None when these columns cannot be rendered as columns, and a row whose key is None goes through
+        `build`. A template that only substitutes text or integer columns is rendered by one polars
+        expression (`prompt_column`); only the key is made row by row."""
         column = self.prompt_column(frame)
         if column is None:
             return None

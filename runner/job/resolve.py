@@ -1,11 +1,6 @@
-"""Resolve a job spec: read the YAML, validate it, and turn it into a plain, picklable `Job`.
-
-    job = load_job(Path("jobs/demo.yaml"), overrides=["run.concurrency=4"])
-
-Relative paths in a spec resolve against the spec file's directory, so a cron job run from any working
-directory reads and writes the same files. Errors name the file and the key path:
-``jobs/x.yaml: run.concurrency: Input should be greater than 0``. A `Job` holds no open file, compiled
-template or client: it pickles, so it can be handed to another process or a cluster worker.
+"""Resolve a job spec: read the YAML, validate it, and turn it into a plain, picklable `Job` (no open
+file, compiled template or client). Relative paths resolve against the spec's folder; errors name the
+file and the key path.
 """
 
 from __future__ import annotations
@@ -101,11 +96,8 @@ class Job:
 
     @property
     def spec_hash(self) -> str:
-        """A short hash of the validated spec (after overrides) and the resolved kept columns, recorded
-        in manifests and in the row map's fingerprint (which caches the kept columns).
-
-        Values left at their defaults are left out, so a field the spec gains later does not change the
-        hash of a job that does not use it; keep_columns is hashed as resolved."""
+        """A short hash of the validated spec (after overrides, defaults left out, so a new field does
+        not change it) and the resolved kept columns: in manifests and the row map's fingerprint."""
         data = self.spec.model_dump(mode="json", exclude_defaults=True)
         data.setdefault("output", {})["keep_columns"] = list(self.keep_columns)
         blob = json.dumps(data, sort_keys=True).encode()
@@ -121,13 +113,9 @@ def load_job(
     writes: bool = True,
     sends: bool = True,
 ) -> Job:
-    """Read, validate and resolve a job spec; raise UsageError naming the file and key on any fault.
-
-    `check_templates=False` leaves the prompt templates unparsed until their variables are asked for
-    (for a command that renders nothing, like `status`, so it does not load jinja2 for a text job), and
-    `writes=False` skips checking that the output and state directories can be written (for one that
-    only reads them: `status` on a read-only copy of a job). `sends=False` keeps the batch rule from
-    refusing the job (for `status` and `cancel`, which look at or stop batches a run already made)."""
+    """Read, validate and resolve a job spec; UsageError naming the file and key on any fault. For
+    commands that only look: `check_templates=False` leaves templates unparsed, `writes=False` skips
+    the writable checks, `sends=False` skips the batch rule."""
     raw = _read_yaml(path)
     overridden: dict[str, str] = {}
     for item in overrides or []:
@@ -336,9 +324,8 @@ def _keep_columns(
     history: tuple[tuple[str, Template], ...],
 ) -> tuple[str, ...]:
     """output.keep_columns as given; unset, none for a text job and, for labeling, the columns the prompt
-    reads (so the output shows what was labeled), less the id column (the output has it already) and any
-    named like an answer field: that column holds the answer. Given explicitly, a clash is refused when the
-    input is opened (runner.columns.clash)."""
+    reads less the id column and any named like an answer field (given explicitly, a clash is refused
+    when the input is opened)."""
     if spec.output.keep_columns is not None:
         return tuple(spec.output.keep_columns)
     if shape is None:

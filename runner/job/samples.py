@@ -1,9 +1,5 @@
-"""Sample keys as columns: a row asked k times (`output.samples: k`) has one request line per sample.
-
-    lines = expand_samples(row_map, k)   # one line per (row, sample), with the sample's key
-
-The keys follow `runner.job.prompts.sample_key`: sample 0 has the row's key, sample i `<key>-s<i>`.
-"""
+"""Sample keys as columns: a row asked k times (`output.samples: k`) has one request line per sample,
+keyed as `runner.job.prompts.sample_key` keys them."""
 
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
-"""The sandbox prompt templates render in, with limits: a template comes from a spec that may be shared,
-and renders once per row, so it must not be able to exhaust memory or never end.
-
-A row whose template would build a number over MAX_INT_BITS bits, a text or list over MAX_TEXT
-characters or items, run more than MAX_STEPS loop steps or take more than MAX_RENDER_S seconds fails
-with RenderLimit (error_type render_limit). The sandbox intercepts `**`, `*`, `+` and `%`, routes every
-`{% for %}` through a step budget and every `~` through a size check (by rewriting the parsed tree),
-and checks the size arguments and results of str/list methods and of every built-in filter.
+"""The sandbox prompt templates render in: a template may come from a shared spec and renders once a
+row, so a row over a limit (MAX_INT_BITS, MAX_TEXT, MAX_STEPS, MAX_RENDER_S) fails with RenderLimit.
+Arithmetic, loops, `~`, str/list methods and built-in filters are all checked.
 """
 
 from __future__ import annotations
@@ -35,9 +30,7 @@ MAX_LIPSUM_WORDS = 100_000
 
 
 class RenderError(ValueError):
-    """A template failed on one row's values (a missing column value, a type error in an expression).
-
-    The message names the underlying error: `TypeError: unsupported operand ...`. `error_type` is
+    """A template failed on one row's values; the message names the underlying error, `error_type` is
     what the row's output records."""
 
     error_type = "render_error"

@@ -1,8 +1,5 @@
-"""The job spec: what a YAML file in jobs/ may say, as pydantic models with unknown keys forbidden.
-
-No I/O happens here; `runner.job.resolve` reads the YAML, validates it against `JobSpec` and resolves
-it (files, templates, endpoint, catalogue) into a `Job`. `glm-batch schema` prints `JobSpec`'s JSON Schema.
-"""
+"""The job spec: what a YAML file in jobs/ may say, as pydantic models with unknown keys forbidden (no
+I/O here; runner.job.resolve reads and resolves it)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,7 @@
-"""Structured answers: what a label or record must look like, how to ask for it, how to check it.
-
-    shape = job.shape                                   # AnswerShape.from_spec at load; None for text
-    params = shape.ask(params)                          # a forced tool call, or a JSON instruction
-    value, problem = shape.check(answer)                # parsed and validated, or what is wrong
-    params = shape.repair(params, answer, problem)      # one more turn, quoting the problem
-
-Default mechanism: a forced tool call (`tools` with the schema as `input_schema`, `tool_choice` naming
-it). `mode: text` asks for JSON in the text and extracts it (fenced or bare). Both validate with
-JSON Schema. A truncated answer (stop_reason max_tokens) is reported as truncated and never re-asked:
-the same request would be cut at the same place.
+"""Structured answers: what a label or record must look like, how to ask for it (`ask`: a forced tool
+call by default, or `mode: text`: JSON in the text), how to check it against its JSON Schema (`check`),
+and how to ask again quoting the problem (`repair`). A truncated answer is never re-asked: the same
+request would be cut at the same place.
 """
 
 from __future__ import annotations
@@ -40,10 +33,8 @@ class Unusable(Exception):
 
 
 def extract_json(text: str) -> Any:
-    """The JSON value in a model's text: a fenced block, else the outermost {...} or [...].
-
-    Raises ValueError saying what was wrong (no JSON, or where it stopped parsing).
-    """
+    """The JSON value in a model's text: a fenced block, else the outermost {...} or [...]; ValueError
+    saying what was wrong."""
     candidates = [m.group(1) for m in _FENCE.finditer(text)]
     bare = []
     for opening, closing in (("{", "}"), ("[", "]")):

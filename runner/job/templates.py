@@ -1,11 +1,5 @@
-"""Prompt templates: Jinja2, sandboxed, with StrictUndefined so a missing variable fails loudly.
-
-tpl = compile_template("Review: {{ text }}", origin="jobs/x.yaml: prompt.template")
-tpl.variables          # {"text"}
-tpl.render({"text": "Great."})
-
-Rendering is bounded (runner.job.sandbox): a row over a limit fails with RenderLimit (render_limit).
-"""
+"""Prompt templates: Jinja2, sandboxed (runner.job.sandbox), with StrictUndefined so a missing variable
+fails loudly."""
 
 from __future__ import annotations
 
@@ -15,10 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from runner.errors import UsageError
-from runner.job.sandbox import MAX_TEXT, bounded_environment, check_size, end_row, start_row
-from runner.job.sandbox import NullInput as NullInput  # re-exported: a row's failures are named here
-from runner.job.sandbox import RenderError as RenderError
-from runner.job.sandbox import RenderLimit as RenderLimit
+from runner.job.sandbox import MAX_TEXT, RenderError, RenderLimit, bounded_environment, check_size, end_row, start_row
 
 if TYPE_CHECKING:
     import jinja2
@@ -106,14 +97,8 @@ _Code = tuple["jinja2.Template", "ImmutableSandboxedEnvironment", Callable[..., 
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
-    """The one Jinja2 environment of the process, built (and jinja2 imported) on first use: `status`
-    loads a job without parsing its templates, and so never pays for jinja2.
-
-    Templates come from job specs, which may be shared between people, so they get the sandbox (no
-    attribute access to internals), with the limits above, and no autoescaping (prompts are not HTML).
-    keep_trailing_newline keeps a block scalar's final newline, as the user wrote it. `finalize` shapes
-    every printed value (not values inside expressions: {{ item.name }} still works).
-    """
+    """The one Jinja2 environment of the process, built (and jinja2 imported) on first use: sandboxed,
+    no autoescaping (prompts are not HTML), the final newline kept, `finalize` shaping printed values."""
     global _ENV
     if _ENV is None:
         _ENV = bounded_environment(_printable, _dumps)
@@ -121,12 +106,8 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 
 class Template:
-    """A prompt template: its source, the variables it reads, and (compiled on first use) its code.
-
-    Only the source travels when a job is pickled for another process or a cluster worker; each
-    process compiles it once, the first time it renders. A template made by `deferred_template` is
-    not even parsed until its variables are first asked for.
-    """
+    """A prompt template: its source, the variables it reads, and its code, compiled on first use in
+    each process (only the source is pickled); `deferred_template` even parses it late."""
 
     __slots__ = ("_compiled", "_globals", "_variables", "origin", "source")
 
@@ -173,14 +154,8 @@ class Template:
         return tuple(pieces)
 
     def render(self, row: Mapping[str, Any]) -> str:
-        """Render for one row; raises RenderError naming what the template raised (UndefinedError,
-        TypeError...): a user's template can fail on any row's values, and callers must be able to
-        tell that from a bug of ours.
-
-        `jinja2.Template.render` copies the environment's globals (a ChainMap) twice on every call,
-        which was most of the cost of resuming a million-row job. Here the globals are flattened once
-        and the row is layered on top: the same context `render` builds, without the copies.
-        """
+        """Render for one row; RenderError naming what the template raised. The globals are flattened
+        once (jinja2's `render` copies them twice a call, most of a million-row resume's cost)."""
         code = self._compiled
         if code is None:
             code = self._compile()

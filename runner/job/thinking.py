@@ -1,14 +1,9 @@
 """Which GLM models think, and whether they can be told not to: one rule for the runner and the simulator.
 
-    thinking_mode("glm-4.6")     # "default": thinks unless the request says thinking disabled
-    thinking_mode("glm-4.7")     # "always": thinks whatever the request says
-    thinking_mode("glm-4-plus")  # "never": a model without reasoning
-
-From Zhipu's docs (shared/reference/real-wire.md): the native API's `thinking` defaults to enabled;
-GLM-4.5 and 4.6 decide dynamically and can be switched off, GLM-4.7 and GLM-4.5V always think, the
-GLM-4 family (glm-4, glm-4-plus, glm-4-air-250414, glm-4-flash...) has no reasoning. Models this rule
-does not name (GLM-5.x and later) are taken to think by default and to accept `disabled`.
-Reasoning is billed as output and counts against max_tokens.
+`thinking_mode(model)` is "default" (GLM-4.5, 4.6: thinks unless told `disabled`), "always" (GLM-4.7,
+GLM-4.5V) or "never" (the GLM-4 family), from Zhipu's docs (real-wire.md); an unnamed model (GLM-5.x
+and later) thinks by default and accepts `disabled`. Reasoning is billed as output and counts against
+max_tokens.
 """
 
 from __future__ import annotations
@@ -60,10 +55,9 @@ class ThinkingPlan:
 
 
 def thinking_plan(model: str, spec_thinking: str | None, structured: bool, max_tokens: int) -> ThinkingPlan:
-    """How a job on `model` thinks: labeling jobs (`structured`: output.labels or output.schema) on a
-    model that can turn it off send `disabled` unless the spec says otherwise (a label needs no
-    reasoning, and reasoning billed as output can eat a small max_tokens whole). Warns when the model
-    will think and max_tokens is below MIN_TOKENS_WITH_THINKING."""
+    """How a job on `model` thinks: a labeling job (output.labels or output.schema) on a model that can
+    turn it off sends `disabled` unless the spec says otherwise. Warns when the model will think and
+    max_tokens is below MIN_TOKENS_WITH_THINKING."""
     mode = thinking_mode(model)
     default: dict[str, str] | None = None
     note = None

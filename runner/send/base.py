@@ -1,12 +1,5 @@
 """What every executor shares: the protocol, and turning answers into Results the same way for all.
-
-    conversation = Conversation(request, shape)
-    while (params := conversation.add(answer)) is not None:   # a structured answer to repair
-        answer = await send(params)
-    deliver(conversation.result(attempts=..., latency_ms=...))
-
-A fault nobody classified is retryable: a bug of ours must never fail a row for good.
-"""
+A fault nobody classified is retryable: a bug of ours must never fail a row for good."""
 
 from __future__ import annotations
 
@@ -67,12 +60,8 @@ class BlockExecutor(Executor, Protocol):
 
 
 class Conversation:
-    """One request's turns: its answers so far, and (for structured jobs) whether to ask again.
-
-    `add` returns the parameters of a repair turn that quotes what was wrong with the answer, or None
-    when the request is done: a valid answer, free text, a truncated answer (the same request would be
-    cut at the same place) or `max_repairs` spent.
-    """
+    """One request's turns; `add` returns a repair turn's parameters, or None when the request is done
+    (a valid answer, free text, a truncated answer, or `max_repairs` spent)."""
 
     def __init__(self, request: Request, shape: AnswerShape | None) -> None:
         self.request = request

@@ -1,12 +1,6 @@
-"""The wire: one Messages API call through the official SDK, turned into an Answer.
-
-    client = Client(base_url, api_key, timeout_s=600, stream=False)
-    answer = await client.send(request.params)
-
-The SDK client is built with `max_retries=0` (retries are tenacity's alone, in runner.send.retries) and the
-aiohttp transport, which costs about a third of the CPU per request of the default one. The key goes out
-both as `Authorization: Bearer` (what SDK 2.x sends) and as `x-api-key` (what Zhipu documents).
-"""
+"""The wire: one Messages API call through the official SDK (`max_retries=0`: retries are tenacity's;
+the aiohttp transport), turned into an Answer. The key goes out as `Authorization: Bearer` and as
+`x-api-key` (what Zhipu documents)."""
 
 from __future__ import annotations
 
@@ -111,10 +105,8 @@ class BoundedTransport(httpx2.AsyncBaseTransport):
 
 
 def bounded_http_client(limit: int) -> Any:
-    """The SDK's aiohttp client, every body it reads bounded by `limit` bytes (proxied routes too), and
-    following no redirect: httpx drops `Authorization` on a redirect to another host but not our
-    `x-api-key`, so a redirect would hand the key to whoever it points at. A 3xx stops the run instead
-    (runner.send.retries.status_fault)."""
+    """The SDK's aiohttp client, every body it reads bounded by `limit` bytes (proxied routes too),
+    following no redirect: one would carry our `x-api-key` to whoever it points at (a 3xx stops the run)."""
     client = anthropic.DefaultAioHttpClient(follow_redirects=False)
     client._transport = BoundedTransport(client._transport, limit)
     client._mounts = {url: BoundedTransport(t, limit) if t else t for url, t in client._mounts.items()}
@@ -164,10 +156,8 @@ class Client:
 
     async def send(self, params: dict[str, Any]) -> Answer:
         """Send one request; raise the SDK's error, or BadResponse for a 200 that is not a whole message.
-
-        Streaming, a long answer may take as long as it needs: what ends the attempt is `stall_s`
-        without any event (a hung connection), raised as the SDK's timeout error. A stream that ends
-        before `message_stop` was cut off: its answer is not whole, so it is never kept."""
+        A stream may take as long as it needs, but no event for `stall_s` ends it; one cut off before
+        `message_stop` is never kept."""
         if len(params["messages"]) > 1:  # a conversation: a repair turn, or few-shot examples
             params = {**params, "messages": [_taken_back(turn) for turn in params["messages"]]}
         if self._stream:
@@ -238,12 +228,8 @@ class Client:
 
 
 def classify(exc: BaseException) -> Fault:
-    """Decide the fate of a Messages API call that raised `exc`.
-
-    Connection faults and timeouts RETRY; an error answer, in either of Zhipu's error shapes, is
-    decided by runner.send.retries.status_fault (the one rule for every transport). Anything else (a
-    200 whose body is not JSON, a bug) is unclassified, so retried.
-    """
+    """Decide the fate of a Messages API call that raised `exc`: connection faults and timeouts RETRY,
+    an error answer goes to runner.send.retries.status_fault, anything else is unclassified (retried)."""
     if isinstance(exc, BadResponse):
         return bad_response_fault(exc)
     too_large = _caused_by(exc, AnswerTooLarge)
@@ -295,10 +281,8 @@ _COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_cr
 
 
 class StreamUsage:
-    """A stream's usage, from message_start and every message_delta: Anthropic sends input (and cache)
-    counts first and output in the delta; Zhipu sends zeros first and everything in the delta; either
-    may leave a count out or send null. Counts are cumulative, so the largest one seen is the most
-    complete. Output counted at message_start is a placeholder: only a message_delta's is the answer's."""
+    """A stream's usage from message_start and every message_delta (Anthropic and Zhipu put counts in
+    different events, and may send null): the largest count seen, output only from a message_delta."""
 
     def __init__(self) -> None:
         self._seen: dict[str, Any] = {}
@@ -402,17 +386,10 @@ async def _body(raw: AsyncAPIResponse[Message]) -> Any:
 
 
 def answer_from_message(data: Any, request_id: str | None, *, prompt: Mapping[str, Any] | None = None) -> Answer:
-    """The Answer in a Messages API answer body (a dict as the wire gave it), read strictly.
-
-    An error object answered with 200, in either of Zhipu's shapes (or the older top-level
-    `{"code", "msg"}`), raises BadResponse with its code (runner.send.retries.error_parts: the one
-    reader of error bodies), so an account code aborts the run. A message whose usage is not two
-    token counts, or whose content is not a list of blocks, raises BadResponse marked maybe billed:
-    it was generated, but nothing of it can be kept or priced. Never TypeError or KeyError.
-
-    A count the endpoint left out (absent, null, or an input of 0 with nothing cached) is estimated, the input
-    from `prompt` (the request's parameters) and the output from the answer's text, never counted 0,
-    and named in `usage_estimated`: the answer was generated and billed, and asking again pays twice."""
+    """The Answer in a Messages API answer body (a dict as the wire gave it), read strictly; never
+    TypeError or KeyError. An error object with 200 raises BadResponse with its code; unusable usage or
+    content raises BadResponse marked maybe billed. A count left out (absent, null, or an input of 0
+    with nothing cached) is estimated (input from `prompt`) and named in `usage_estimated`."""
     if not isinstance(data, Mapping):
         raise BadResponse(None, f"200 answer is not a JSON object but {type(data).__name__}")
     if data.get("type") != "message":
@@ -506,9 +483,7 @@ def _output_estimate(texts: list[str], thoughts: list[str], blocks: list[dict[st
 
 def _taken_back(turn: dict[str, Any]) -> dict[str, Any]:
     """An earlier answer's blocks as an assistant turn the Messages API takes back: a tool call's input
-    is an object (a call whose arguments were not JSON goes back as `{}`; the repair note quotes what it
-    said), empty texts are left out, and a turn left empty says so. Other turns go as they are. (The
-    native wire sends a call's arguments back as the text the model wrote: a string is valid there.)"""
+    an object (`{}` when it was not JSON), no empty texts, an empty turn saying so. Other turns as they are."""
     content = turn.get("content")
     if turn.get("role") != "assistant" or not isinstance(content, list | tuple):
         return turn

@@ -1,12 +1,5 @@
-"""Limits on how hard a run pushes the endpoint: requests in flight first, then optional RPM and TPM.
-
-    limits = Limits(concurrency=8, requests_per_minute=600, tokens_per_minute=None)
-    limits = Limits(concurrency=AimdController(initial=3, maximum=64), ...)   # run.concurrency: auto
-    async with limits.slot(estimated_tokens=1200):
-        ...send one attempt...
-
-Why in flight first, and one second's worth of bucket: docs/decisions.md, "Limits and retries".
-"""
+"""Limits on how hard a run pushes the endpoint: requests in flight first, then optional RPM and TPM
+buckets (docs/decisions.md, "Limits and retries")."""
 
 from __future__ import annotations
 
@@ -34,39 +27,14 @@ def _bucket(per_minute: float) -> AsyncLimiter:
 class AimdController:
     """Finds and tracks the endpoint's in-flight limit from what it answers. Pure logic, no I/O.
 
-    - Slow start: +1 per success (doubling each round trip) while below `good`, the level that last
-      worked (unbounded until the first overload, like TCP's ssthresh). So a run ramps up quickly, and
-      after a cut the limit returns to the level it came from within a round trip or two instead of
-      creeping back one slot every few round trips.
-    - Then additive increase: +1 slot per `probe_windows` windows of `limit` successes (growth is per
-      success, so it is proportional to what the endpoint actually answered). Each probe past the real
-      cap costs one 429, so the 429 share stays near 1 / (probe_windows * limit). A probe refused at the
-      same level as the one before doubles the windows to the next (up to `max_probe_windows`): a cap
-      that holds still is probed ever less often; a limit that climbs past the level last refused (the
-      cap rose) probes every `probe_windows` again.
-    - `learned`: `initial` is the cap an earlier run or doctor measured here (runner.job.facts), so the
-      run starts at it and holds it (additive increase) instead of slow-starting past it.
-    - A cap that rose is found by slow start, not one slot per probe: once the limit has climbed two
-      past the level last refused (or learned) without a refusal, that level is out of date, and the
-      limit doubles again up to the next 1302. (One slot every 4-8 windows took ~30 round trips from
-      a cap of 6 to one of 12, and as long from a learned 8 to a real 16.) A cap that holds still is
-      never passed by two, so it is not disturbed.
-    - 1302 (too many requests in flight): the refused request was one too many, so the limit (and
-      `good`) becomes what was in flight besides it WHEN IT WAS SENT (`in_flight`, counted by the caller
-      at dispatch). This tracks a cap that falls within one round trip and, unlike halving, keeps the
-      limit at the cap instead of averaging 0.75 of it.
-    - Decrease at most once per epoch. Every decrease starts a new epoch; an overload of a request
-      dispatched in an earlier epoch (`epoch` below the current one) was sent at a limit already given
-      up, so it does not cut again. A burst of refusals that all come back at once (they are answered
-      instantly) is one signal, not N. (Taking each one's in-flight count as it landed, after answers
-      had drained, cut a cap of 16 to 4-9 in some runs; so did the old per-answer latency rule below.)
-    - 1305 / 529 (the platform is overloaded): everyone backs off: cut by `platform_cut` and pause
-      dispatch for the endpoint's retry-after (or `pause_s`; never longer than `max_pause_s`, so a
-      retry-after of a day cannot stall the run), at most once per pause.
-    - Latency inflation (the smoothed latency above `latency_inflation` x its lowest value lately): the
-      endpoint is queueing; cut by 10%, at most once per round trip. Smoothed over about a window of
-      answers, so that ordinary noise (one answer at +3 sd over a floor set by one at -3 sd) is not
-      taken for queueing.
+    - Slow start (+1 a success) below `good`, the level that last worked; above it, +1 a `probe_windows`
+      windows of successes, the windows doubling (to `max_probe_windows`) while the same level is
+      refused. `learned`: `initial` is a cap measured before (runner.job.facts): start at it and hold.
+    - Two past the level last refused (or learned) with no refusal: the cap rose; slow start again.
+    - 1302: the limit becomes what was in flight besides the refused request when it was sent.
+    - At most one decrease an epoch; a refusal of a request sent in an earlier epoch does not cut again.
+    - 1305 / 529: cut by `platform_cut` and pause for the retry-after (at most `max_pause_s`).
+    - Smoothed latency over `latency_inflation` x its floor: queueing; cut by 10%, once a round trip.
     """
 
     def __init__(
@@ -237,13 +205,9 @@ class Slots(Protocol):
 
 
 class Limits:
-    """In-flight, request-rate and token-rate limits shared by all workers of one run.
-
-    The token bucket is charged before each attempt with the input estimate plus the mean output seen
-    so far (max_tokens until answers arrive), and reconciled after it: an answer that used more pays
-    the difference before its worker sends again. (aiolimiter cannot refund an over-charge, which is
-    why the charge uses the mean output and not max_tokens.)
-    """
+    """In-flight, request-rate and token-rate limits shared by all workers of one run. The token bucket
+    is charged the input estimate plus the mean output so far, and an answer that used more pays the
+    difference before its worker sends again (aiolimiter cannot refund)."""
 
     def __init__(
         self,
@@ -303,10 +267,8 @@ class Limits:
             raise
 
     def _give_back(self) -> None:
-        """Count an attempt out, and hand the room there is now (the limit may have grown meanwhile) to
-        as many waiters, first come first served. Only those: with `auto`, dozens of workers wait for a
-        limit of a few, and waking every one of them for each answer, to find one slot, cost more than
-        the answer."""
+        """Count an attempt out and hand the room there is now to as many waiters, first come first
+        served (waking them all for each answer cost more than the answer)."""
         self.in_flight -= 1
         waiters = self._waiters
         while waiters and self.in_flight < self.concurrency:
@@ -338,10 +300,8 @@ class Limits:
 
 
 class _Slot:
-    """One attempt's hold on a slot of `Limits`, as `async with limits.slot(tokens) as attempt`.
-
-    A plain class rather than an @asynccontextmanager: it runs once per attempt, and the generator
-    machinery (an async generator, its finalizer hook, two more awaits) cost more than the work."""
+    """One attempt's hold on a slot of `Limits` (a plain class: an @asynccontextmanager cost more
+    than the work, once per attempt)."""
 
     __slots__ = ("_attempt", "_input_tokens", "_limits", "_sent_epoch", "_sent_in_flight", "_started")
 

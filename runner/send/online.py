@@ -1,13 +1,5 @@
-"""The online executor: requests fanned out to the Messages API under the run's limits, with retries.
-
-    executor = OnlineExecutor(client, limits, max_attempts=6, estimate_tokens=..., shape=job.shape)
-    await executor.run(requests, deliver, control)
-
-`workers` tasks pull from a small queue fed by the run's requests; each holds one request at a time
-through its conversation (retries, then repair turns), under a slot of its `Slots` (runner.send.limits:
-in-flight count, request and token buckets, the adaptive controller; or a Ray worker's leased slots).
-Faults are the client's to classify.
-"""
+"""The online executor: `workers` tasks send the run's requests to the Messages API, each holding one
+request through its conversation (retries, then repair turns) under a slot of its `Slots`."""
 
 from __future__ import annotations
 
@@ -181,11 +173,8 @@ class OnlineExecutor:
             )
 
     def _span(self, started: float, ended: float) -> tuple[float, dt.datetime]:
-        """A call's latency in ms and the wall time it returned, both from the same two `clock` readings
-        taken inside its slot, rounded to the microsecond alike: so `finished_at - latency_ms` is exactly
-        when it started, and calls that followed each other through one slot never overlap, whatever the
-        clock's resolution (the report's requests in flight never exceed the concurrency). A separate
-        `datetime.now()` after the slot was given back drew calls overlapping by its delay."""
+        """A call's latency in ms and the wall time it returned, from the same two `clock` readings
+        inside its slot, so calls through one slot never overlap in the report."""
         wall, at = self._anchor
         # Whole microseconds since the anchor, the datetime's own resolution: one timedelta, not four.
         begin_us, end_us = round((started - at) * 1e6), round((ended - at) * 1e6)
@@ -200,12 +189,9 @@ class OnlineExecutor:
         tries: list[int],
         waited: list[float],
     ) -> tuple[Answer, float, dt.datetime]:
-        """Retry a turn whose first attempt failed with `first`; the answer, its latency in ms (the SDK
-        call) and when that call returned. `tries[0]` counts attempts; `waited[0]` adds the ms each
-        attempt waited for its slot.
-
-        The policy takes over with `first` as its attempt 1 (re-raised inside it), so the retry decision,
-        the callbacks and the backoff are tenacity's exactly as if it had made the first attempt."""
+        """Retry a turn whose first attempt failed with `first` (tenacity takes it as attempt 1); the
+        answer, its latency in ms and when it returned. `tries[0]` counts attempts; `waited[0]` adds the
+        ms each attempt waited for its slot."""
         pending: Exception | None = first
 
         def count_retry(state: RetryCallState) -> None:

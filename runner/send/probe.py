@@ -1,15 +1,6 @@
 """The probes behind `glm-batch doctor`: one-token Messages requests that find out what an account and
-its route really do, and what they cost.
-
-    report = Report(target, url)
-    prober = Prober(url, key, model, price_table, report)
-    await probe_online(prober, report, ramp_max=16)   # key, balance, model, tool choice, stop words,
-                                                      # error shape, concurrency: report.checks / .facts
-
-Every error answer is read by the runner's one rule (runner.send.client.classify); transient faults are
-retried with tenacity like any request, except in the concurrency ramp, whose 1302 is the measurement.
-The Batch API probe is runner.send.batch.probe.
-"""
+its route really do (key, balance, model, tool choice, stop words, error shape, concurrency) and what
+they cost. Errors are read by runner.send.client.classify; the concurrency ramp's 1302 is the measurement."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""The one retry layer: tenacity, driven by a transport's classifier of faults.
-
-    async for attempt in retrying(6, classify=client.classify):
-        with attempt:
-            answer = await client.send(params)
-
-A `Fault` is RETRY, FAIL or ABORT; what no classifier recognises is RETRY (docs/decisions.md,
-"Limits and retries").
-"""
+"""The one retry layer: tenacity, driven by a transport's classifier of faults. A `Fault` is RETRY,
+FAIL or ABORT; what no classifier recognises is RETRY (docs/decisions.md, "Limits and retries")."""
 
 from __future__ import annotations
 
@@ -95,10 +88,8 @@ def abort_meaning(code: str) -> str:
 
 
 class BadResponse(Exception):
-    """A 200 answer whose body is not a message we can keep: an error object (Zhipu sometimes sends one
-    with status 200), a gateway's page, or an answer cut off or garbled in transit. `maybe_billed`: the
-    body looked like a generated answer (a cut stream, torn JSON, a message with unusable usage), so
-    the endpoint may have billed it although it is asked again."""
+    """A 200 answer whose body is not a message we can keep (an error object, a gateway's page, a cut
+    or garbled answer). `maybe_billed`: it looked generated, so the endpoint may have billed it."""
 
     def __init__(self, code: str | None, message: str, *, maybe_billed: bool = False) -> None:
         super().__init__(message)
@@ -189,14 +180,10 @@ def status_fault(
 ) -> Fault:
     """The fate of an error answer, whichever transport and error shape it came in: the one rule.
 
-    ABORT: account codes (ABORT_CODES: auth 1000-1004, account 1110-1121, 1113 no balance, 1308-1310
-    plan, 1211 unknown model, 1212 method not supported), 401/402/403/404 and a redirect (3xx: not
-    followed, the key would go along). RETRY with an overload
-    kind: rate codes (1302/1303 concurrency, 1305 platform) whatever the status, 429, 503/529. RETRY:
-    other transient codes, 408, 409, 5xx and 200 (an error event mid-stream); 1231 (a duplicate request)
-    is marked maybe billed: the request it duplicates is being processed. FAIL: blocked content (1300,
-    1301) whatever the status, and any other 4xx (the request itself is wrong);
-    a refused forced tool choice is named TOOL_CHOICE_REFUSED so the sender can fall back to auto."""
+    ABORT: ABORT_CODES, 401/402/403/404 and a 3xx (not followed: the key would go along). RETRY with
+    an overload kind: 1302/1303, 1305, 429, 503/529. RETRY: other transient codes, 408, 409, 5xx, 200;
+    1231 (duplicate) maybe billed. FAIL: blocked content (1300, 1301) and any other 4xx; a refused
+    forced tool choice is named TOOL_CHOICE_REFUSED so the sender can fall back to auto."""
     name = f"{status}/{code}" if code else str(status)
     if code in ABORT_CODES or status in (401, 402, 403, 404) or 300 <= status < 400:
         return Fault(Verdict.ABORT, name, message, request_id=request_id)
@@ -220,11 +207,8 @@ Classify = Callable[[BaseException], Fault]
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """Seconds an error answer's headers ask us to wait: `retry-after-ms`, else `retry-after` (in seconds).
-
-    None when neither says a positive, finite number of seconds: an HTTP date (rare enough that our own
-    backoff applies), garbage, zero or a negative number. A huge wait is returned as asked; whoever
-    waits caps it (wait_backoff at its maximum, the concurrency controller at its longest pause)."""
+    """Seconds the headers ask us to wait (`retry-after-ms`, else `retry-after`); None unless a positive,
+    finite number. A huge wait is returned as asked: whoever waits caps it."""
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
         if value:
@@ -239,12 +223,8 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 
 class wait_backoff:
     """Full-jitter exponential backoff, or the endpoint's retry-after when it is longer (capped).
-
-    `slot_paced`: the in-flight limit adapts (`concurrency: auto`), so a request's first refusal for
-    concurrency (1302) is retried as soon as a slot is free, with no backoff: the controller has just
-    cut the limit to what the endpoint takes, and the slot is the wait. A random backoff of up to a
-    second there held refused rows back for nothing, and a run's last rows finished late. A second
-    refusal of the same request, or one that asks for a retry-after, backs off as any other."""
+    `slot_paced` (`concurrency: auto`): a request's first 1302 is retried as soon as a slot is free,
+    since the controller has just cut the limit and the slot is the wait."""
 
     def __init__(
         self,

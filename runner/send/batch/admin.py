@@ -1,12 +1,5 @@
-"""What `glm-batch status` and `glm-batch cancel` know of a job's batches.
-
-    rows = batch_rows(job)                                  # from the batch book; sends nothing
-    said = await look_for_strays(job, api_key, base_url)    # cancels batches of the job no chunk keeps
-    report = await cancel_batches(job, api_key, base_url)   # asks the Batch API to cancel the open ones
-
-Cancelling keeps what a batch already finished: those lines are billed and delivered, and the next
-`glm-batch run` harvests them and sends the rest again (online, or in a new batch).
-"""
+"""What `glm-batch status` and `glm-batch cancel` know of a job's batches. Cancelling keeps what a batch
+already finished (billed; the next run harvests it and sends the rest again)."""
 
 from __future__ import annotations
 
@@ -96,12 +89,9 @@ async def _sweep(job: Job, api_key: str, base_url: str, book: BatchBook) -> list
 
 
 async def cancel_batches(job: Job, api_key: str, base_url: str, *, purge: bool = False) -> dict[str, Any]:
-    """Cancel every batch of the job that is still open; say how many lines each had already finished
-    (those are billed). `purge`: also delete the job's files at Zhipu (every input, and the result files
-    of batches already collected; results not collected yet are kept for the next run).
-
-    It holds the job's lock while it works: a live run would send the cancelled lines again at once,
-    so cancelling while a run is active is refused, saying to stop the run first."""
+    """Cancel every open batch of the job, saying how many lines each had finished (billed). `purge`:
+    also delete the job's files at Zhipu (results not collected yet are kept). Refused while a run
+    holds the job's lock: it would send the cancelled lines again at once."""
     from runner.errors import LockHeld
     from runner.state.lock import JobLock
 

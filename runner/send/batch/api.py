@@ -1,14 +1,5 @@
-"""An async client for Zhipu's Batch API: upload input files, create, watch and cancel batches, download results.
-
-    async with BatchAPI("https://open.bigmodel.cn/api/paas/v4", api_key) as api:
-        file = await api.upload(path)                          # multipart, purpose=batch, streamed from disk
-        batch = await api.create(file.id, metadata={"job": "reviews"})
-        batch = await api.retrieve(batch.id)                   # poll until batch.done
-        await api.download(batch.output_file_id, dest)         # streamed to disk, fsynced, renamed
-        async for b in api.iter_batches(): ...
-
-Why aiohttp, how it retries, and why `create` never pays twice: docs/decisions.md, "The Batch API client".
-"""
+"""An async client for Zhipu's Batch API: upload files, create, watch and cancel batches, download
+results (why aiohttp, how it retries, why `create` never pays twice: docs/decisions.md)."""
 
 from __future__ import annotations
 
@@ -49,14 +40,9 @@ MAX_API_BODY = 16 << 20  # a batch object, a page of 100 of them, a file object:
 
 
 class BatchAPI:
-    """The Batch API of one endpoint and key. Use as `async with`, or call `aclose()` when done.
-
-    `timeout_s` bounds each API call; `transfer_timeout_s` bounds an upload or a download as a whole
-    (a download also fails when no byte arrives for `timeout_s`). `max_attempts` counts every try of
-    a call, transient failures included. A result file that answers 404 is asked for again
-    `not_ready_attempts` times, `not_ready_wait_s` apart and growing (instructor#1745: the output
-    file may lag the `completed` status).
-    """
+    """The Batch API of one endpoint and key; use as `async with`. `timeout_s` bounds each call,
+    `transfer_timeout_s` a whole upload or download; a result file that answers 404 is asked again
+    `not_ready_attempts` times (it may lag the `completed` status)."""
 
     def __init__(
         self,
@@ -100,11 +86,8 @@ class BatchAPI:
     # ---- files ----
 
     async def upload(self, path: str | os.PathLike[str], *, purpose: str = "batch") -> FileObject:
-        """Upload a JSONL file (multipart, `purpose=batch`), streamed from disk; returns the file object.
-
-        A retried upload reopens the file and sends it whole again. If an answer was lost the first
-        copy may exist on the server unreferenced; it expires with Zhipu's file retention.
-        """
+        """Upload a JSONL file (multipart, `purpose=batch`) streamed from disk; the file object. A retry
+        sends it whole again (a lost first copy expires with Zhipu's file retention)."""
         source = Path(path)
 
         async def once() -> FileObject:
@@ -122,11 +105,8 @@ class BatchAPI:
         return await self._retrying(once)
 
     async def download(self, file_id: str, dest: str | os.PathLike[str]) -> int:
-        """Stream a file's content to `dest` (via `dest.part`, fsynced, renamed); returns its size in bytes.
-
-        A 404 is asked again a few times before it is raised as BatchNotFound: a batch's result file
-        can lag its `completed` status.
-        """
+        """Stream a file's content to `dest` (via `dest.part`, fsynced, renamed); its size in bytes.
+        A 404 is asked again a few times before BatchNotFound (results can lag `completed`)."""
         target = Path(dest)
         return await self._until_there(lambda: self._retrying(lambda: self._download_once(file_id, target)))
 

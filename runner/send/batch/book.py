@@ -50,10 +50,8 @@ class Chunk:
     created_ms: int | None = None  # epoch ms (our clock) of its last create: how long a lost one may still land
 
     def request_keys(self) -> Iterator[str]:
-        """The request keys in the chunk (each line's custom_id), read from its file.
-
-        BatchFileWriter writes the custom_id first, compact: it is read off the line's head, and the
-        line is parsed whole only when the key holds an escape (a quote or a backslash in a key)."""
+        """The request keys in the chunk (each line's custom_id, read off the line's head; the line is
+        parsed whole only when the key holds an escape)."""
         head = b'{"custom_id":"'
         with open(self.path, "rb") as f:
             for line in f:

@@ -1,11 +1,6 @@
-"""No batch of a job runs unowned: the job's batches are listed, one is kept for each chunk, and every
-other batch tagged for the job (a create whose answer was lost, landed late) is cancelled at once, or,
-when it already ran, reported and left unharvested (docs/decisions.md, "No chunk keeps two batches").
-
-    guard = Twins(job_tag); guard.watch(chunk_id)
-    changed = await guard.sweep(api, book, chunk_ids, notify)
-    if belongs(batch, chunk, job_tag): ...                 # the one rule of what a batch was made from
-"""
+"""No batch of a job runs unowned: one batch is kept for each chunk, and every other batch tagged for
+the job is cancelled, or, when it already ran, reported and left unharvested (docs/decisions.md,
+"No chunk keeps two batches"). `belongs` is the one rule of what a batch was made from."""
 
 from __future__ import annotations
 
@@ -84,13 +79,10 @@ class Twins:
         *,
         adopt: bool = False,
     ) -> set[str]:
-        """Look at the job's batches made since the oldest upload of the chunks. A chunk still open keeps
-        the live batch furthest along (recorded when it is not the book's); every other batch tagged for
-        the job that no chunk keeps is a stray: cancelled while it can be, reported when it ran (its lines
-        billed twice, never harvested), and recorded so it is said once. Batches of a chunk not created
-        yet are left to its create, which adopts them (`adopt`: recorded as the chunk's batch here, for
-        `status` and `cancel`). The chunks whose batch in the book changed; a Batch API failure leaves the
-        sweep to the next look."""
+        """Look at the job's batches since the chunks' oldest upload: an open chunk keeps the live batch
+        furthest along; every other batch tagged for the job is a stray, cancelled while it can be and
+        reported (once) when it ran. A chunk not created yet leaves its batches to its create (`adopt`).
+        The chunks whose batch changed; a Batch API failure leaves the sweep to the next look."""
         chunks = {c: book.chunks[c] for c in chunk_ids if book.chunks[c].uploaded_at is not None}
         if not chunks:
             return set()
@@ -162,10 +154,8 @@ class Twins:
 
 
 async def batches_since(api: BatchAPI, since_ms: int | None) -> AsyncIterator[Batch]:
-    """The account's batches made at or after `since_ms` (epoch ms; None: all), page by page.
-
-    The list's order is not documented (real-wire.md): a page whose batches run newest first and
-    end before `since_ms` is the last one read; pages in any other order are read to the end."""
+    """The account's batches made at or after `since_ms` (epoch ms; None: all), page by page; the
+    list's order is not documented, so only a newest-first page that ends before `since_ms` stops it."""
     after: str | None = None
     while True:
         page = await api.list(after=after, limit=100)

@@ -1,15 +1,6 @@
-"""The Batch API client's errors: what each failure is, whether to retry it, and how long to wait.
-
-One hierarchy; every error carries what the API said, never a header::
-
-    BatchAPIError
-    ├── BatchTransportError       the connection failed or broke: retried
-    │   └── BatchTimeout          no answer within the call's timeout: retried
-    ├── BatchProtocolError        a success status whose body is not what the API promises: retried
-    └── BatchStatusError          an error answer: .status, .code (Zhipu's business code), .message
-        ├── BatchAbort            no balance (1113), plan exhausted, bad key, 401/403, 434: stop everything
-        └── BatchNotFound         404: unknown id, or a result file not ready yet (download waits)
-"""
+"""The Batch API client's errors, each carrying what the API said (never a header): BatchTransportError
+and its BatchTimeout, BatchProtocolError (a success whose body is wrong): retried; BatchStatusError,
+with BatchAbort (stop everything) and BatchNotFound (404: unknown, or a result file not ready yet)."""
 
 from __future__ import annotations
 
@@ -18,20 +9,6 @@ from collections.abc import Mapping
 
 from runner.send.retries import ABORT_CODES, TRANSIENT_CODES, Fault, Verdict, retry_after_seconds
 
-__all__ = [
-    "MAX_ERROR_BODY",
-    "BatchAPIError",
-    "BatchAbort",
-    "BatchNotFound",
-    "BatchProtocolError",
-    "BatchStatusError",
-    "BatchTimeout",
-    "BatchTransportError",
-    "classify_api_error",
-    "status_error",
-]
-
-_TRANSIENT_CODES = TRANSIENT_CODES  # Zhipu's limit and overload codes: one list (runner.send.retries)
 NO_FILE_API = 434  # the file APIs' "no permission" (closed to the account): every later call gets it too
 # "API offline / missing" (1221, 1222) answered with 404 by the Batch or file API: read as the object not being
 # there (yet), as any 404 there is; on the Messages API they stop the run (runner.send.retries.ABORT_CODES).
@@ -92,7 +69,7 @@ def classify_api_error(exc: BaseException) -> Fault:
         name = f"{exc.status}/{exc.code}" if exc.code else str(exc.status)
         if isinstance(exc, BatchAbort):
             verdict = Verdict.ABORT
-        elif exc.code in _TRANSIENT_CODES or exc.status in (408, 409, 429) or exc.status >= 500:
+        elif exc.code in TRANSIENT_CODES or exc.status in (408, 409, 429) or exc.status >= 500:
             verdict = Verdict.RETRY
         else:
             verdict = Verdict.FAIL

@@ -1,10 +1,5 @@
-"""Reading a chat completion back: `answer_from_chat` turns a `/v4/chat/completions` body into an Answer.
-
-Part of the native wire (runner.send.batch.native_request, which re-exports it): the same Answer the online wire
-gives, with OpenAI-style usage converted to Anthropic's (`prompt_tokens` includes cached tokens; an
-Answer's `input_tokens` does not). A body that is not a chat completion raises BadResultLine. Pure
-functions over dicts: no I/O, no clock.
-"""
+"""Reading a chat completion back as the same Answer the online wire gives (OpenAI-style usage turned
+into Anthropic's: `prompt_tokens` includes cached tokens, `input_tokens` does not). Pure functions."""
 
 from __future__ import annotations
 
@@ -25,24 +20,14 @@ _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool
 
 
 class BadResultLine(BadResponse):
-    """A result whose body is not a chat completion (an error object, HTML, a torn line...).
-
-    A BadResponse, so `runner.send.retries.bad_response_fault` already knows what to do with it: abort on a
-    billing or auth code, retry otherwise.
-    """
+    """A result whose body is not a chat completion; a BadResponse, so bad_response_fault aborts on a
+    billing or auth code and retries otherwise."""
 
 
 def answer_from_chat(body: Any, request_id: str | None) -> Answer:
-    """The Answer in a chat-completion object, in the same form the online wire gives it.
-
-    `content` holds the answer's blocks in Messages-API request form (thinking, text, tool_use), so
-    runner.job.structured.AnswerShape.repair can continue the conversation and chat_body can send it back.
-    A tool call whose arguments are not JSON keeps the raw text as `tool_input`, so validation
-    reports what is wrong instead of the answer vanishing.
-
-    Raises BadResultLine (with Zhipu's code when the body is an error object) for anything that is not
-    a chat completion with usage; never KeyError or TypeError.
-    """
+    """The Answer in a chat-completion object, `content` in Messages-API form (so a repair can continue
+    the conversation); tool arguments that are not JSON are kept as text. BadResultLine (with Zhipu's
+    code for an error object) for anything else; never KeyError or TypeError."""
     # `type(x) is dict or`: what JSON gives, checked before the (slower) Mapping check; once per line.
     if not (type(body) is dict or isinstance(body, Mapping)):
         raise BadResultLine(None, f"result body is not a JSON object but {type(body).__name__}")

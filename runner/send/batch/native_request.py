@@ -1,10 +1,5 @@
 """The native wire: a Messages-API request as a Zhipu `/v4/chat/completions` body (one Batch API line).
-
-    body = chat_body(request.params)                      # one Batch API input line's `body`
-
-Pure functions over dicts (no I/O, no clock); the translation's rules: docs/decisions.md, "The native
-wire". Answers come back through runner.send.batch.native_answer and native_results.
-"""
+Pure functions over dicts; the translation's rules: docs/decisions.md, "The native wire"."""
 
 from __future__ import annotations
 
@@ -30,23 +25,11 @@ class UnsupportedParams(ValueError):
 
 
 def chat_body(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The `/v4/chat/completions` body that asks the same thing as these `messages.create` params.
+    """The `/v4/chat/completions` body that asks the same thing as these `messages.create` params;
+    UnsupportedParams for a field or block this translation does not know.
 
-    Conversions: the system prompt becomes the first message; text blocks are joined; an assistant
-    turn's `tool_use` blocks become `tool_calls` (arguments as a JSON string); a user turn's
-    `tool_result` blocks become `{"role": "tool"}` messages; thinking blocks are dropped from history
-    (the native API takes no reasoning back); images become `image_url` parts.
-
-    `tool_choice`: the native API accepts only `"auto"`: zai-sdk types the parameter as a plain `str`,
-    and Z.AI answers a named function or `"required"` with `400 "Tool choice must be auto"`
-    (vectorize-io/hindsight#4246, xorbitsai/xagent#1960, github/copilot-cli#4646). So a forced tool
-    (`{"type": "tool", "name": X}`) or `{"type": "any"}` is sent as `"auto"` with the tool list as
-    given; the structured-answer path validates every answer and repairs one that did not call the
-    tool (runner.job.structured). `{"type": "none"}` sends no tools at all, since there is no native
-    way to forbid calling them. No `response_format` is added: the Messages params have no such field,
-    and whether batch honours `json_object` is unconfirmed; validation covers both.
-
-    Raises UnsupportedParams for a field or block this translation does not know.
+    The native API takes only `tool_choice: "auto"`, so a forced tool or `any` is sent as `auto` (the
+    structured path validates and repairs); `none` sends no tools (docs/decisions.md, "The native wire").
     """
     unknown = set(params) - _KNOWN_PARAMS - _TRANSPORT_PARAMS
     if unknown:

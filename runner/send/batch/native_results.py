@@ -1,12 +1,5 @@
-"""Reading a batch's result files: one output- or error-file line as a ResultLine, and what a failure means.
-
-    line = parse_result_line(raw)                         # never raises
-    if not line.ok:
-        verdict = classify_failure(line)                  # RETRY | FAIL | ABORT
-
-Part of the native wire (runner.send.batch.native_request, which re-exports these names); a successful line's
-body is read by `answer_from_chat` (runner.send.batch.native_answer). Pure functions: no I/O, no clock.
-"""
+"""Reading a batch's result files: a line as a ResultLine (never raises), and what a failure means
+(`classify_failure`). Pure functions."""
 
 from __future__ import annotations
 
@@ -19,6 +12,7 @@ from typing import Any
 import orjson
 
 from runner.send.batch.native_answer import error_fields
+from runner.send.batch.shapes import whole_number
 from runner.send.retries import ABORT_CODES, TRANSIENT_CODES, Verdict
 
 __all__ = ["ResultLine", "classify_failure", "parse_result_line"]
@@ -33,11 +27,8 @@ _CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*"([^"\\]{1,256})"')
 
 @dataclass(slots=True)  # not frozen: made once per line, and a frozen __init__ costs ~4x (treat it as a value)
 class ResultLine:
-    """One line of a batch's output or error file, read defensively.
-
-    `problem` is set when the line could not be read at all (then only `custom_id` may be known, fished
-    out of the raw text); `error_code`/`error_message` when the line reports a failed request.
-    """
+    """One line of a batch's output or error file. `problem`: it could not be read (only `custom_id`
+    may be known); `error_code`/`error_message`: it reports a failed request."""
 
     custom_id: str | None
     status_code: int | None = None
@@ -95,7 +86,7 @@ def parse_result_line(line: bytes | str) -> ResultLine:
     body: dict[str, Any] | None = None
     request_id: str | None = None
     if isinstance(response, Mapping):
-        status = _status(response.get("status_code"))
+        status = whole_number(response.get("status_code"))
         body_value = response.get("body")
         if isinstance(body_value, str):  # a body serialized twice: read it once more
             try:
@@ -166,16 +157,6 @@ def _loads(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return json.loads(raw)
-
-
-def _status(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return None
 
 
 def oversized_line(head: bytes, tail: bytes, limit: int) -> ResultLine:

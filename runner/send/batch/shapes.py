@@ -1,8 +1,5 @@
-"""Typed views of the Batch API's objects: Batch, RequestCounts, BatchError, BatchPage, FileObject.
-
-Each is read from the API's JSON tolerantly (every field but the id may be missing or malformed; a
-missing id raises BatchProtocolError). Used by runner.send.batch.api (which re-exports them).
-"""
+"""Typed views of the Batch API's objects, read tolerantly: any field but the id may be missing or
+malformed; a missing id raises BatchProtocolError."""
 
 from __future__ import annotations
 
@@ -12,20 +9,11 @@ from typing import Any
 
 from runner.send.batch.errors import BatchProtocolError
 
-__all__ = [
-    "TERMINAL_STATUSES",
-    "Batch",
-    "BatchError",
-    "BatchPage",
-    "FileObject",
-    "RequestCounts",
-    "page_from_json",
-]
-
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 
 
-def _int(value: Any) -> int | None:
+def whole_number(value: Any) -> int | None:
+    """A whole number as the wire gave it (an int, an integral float, a digit string), else None; never a bool."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -54,7 +42,7 @@ class RequestCounts:
         """Read `request_counts`; missing or malformed counts read as 0."""
         if not isinstance(data, Mapping):
             return cls()
-        return cls(*(_int(data.get(name)) or 0 for name in ("total", "completed", "failed")))
+        return cls(*(whole_number(data.get(name)) or 0 for name in ("total", "completed", "failed")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,13 +92,13 @@ class Batch:
         errors_value = data.get("errors")
         error_items = errors_value.get("data") if isinstance(errors_value, Mapping) else errors_value
         errors = tuple(
-            BatchError(_str(e.get("code")), _str(e.get("message")), _int(e.get("line")), _str(e.get("param")))
+            BatchError(_str(e.get("code")), _str(e.get("message")), whole_number(e.get("line")), _str(e.get("param")))
             for e in (error_items if isinstance(error_items, list) else [])
             if isinstance(e, Mapping)
         )
         metadata = data.get("metadata")
         times = {
-            name: _int(data.get(name))
+            name: whole_number(data.get(name))
             for name in (
                 "created_at",
                 "in_progress_at",
@@ -167,10 +155,10 @@ class FileObject:
             raise BatchProtocolError(f"not a file object: {str(data)[:200]}")
         return cls(
             id=str(data["id"]),
-            bytes=_int(data.get("bytes")),
+            bytes=whole_number(data.get("bytes")),
             filename=_str(data.get("filename")),
             purpose=_str(data.get("purpose")),
-            created_at=_int(data.get("created_at")),
+            created_at=whole_number(data.get("created_at")),
             status=_str(data.get("status")),
             raw=dict(data),
         )

@@ -1,12 +1,5 @@
 """glm-batch: run a YAML job of prompts over table rows against Zhipu's GLM models, durably and cheaply.
-
-    import runner
-    result = runner.run_job("jobs/demo.yaml", set={"run.concurrency": 4})
-
-The public API is `load_job`, `run_job`, `arun_job`, `estimate_job`, `aestimate_job` and `RunResult`
-(runner.api); they are imported on first use, so `import runner` stays cheap (and `dir(runner)` lists
-them). One run is `runner.engine`.
-"""
+The public API (runner.api) is imported on first use, so `import runner` stays cheap."""
 
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
-"""The Python API: run, estimate and load jobs from a notebook or a script.
-
-    import runner
-    result = runner.run_job("jobs/demo.yaml", set={"run.concurrency": 4})
-    result.exit_code, result.output, result.summary.cost.spent   # result.summary.as_dict(): the summary JSON
-
-    result = await runner.arun_job("jobs/demo.yaml")     # where an event loop already runs (Jupyter)
-    report = runner.estimate_job("jobs/demo.yaml")       # the dict `glm-batch estimate --json` prints
-
-The command line's rules: a bad spec raises `runner.errors.UsageError`; a run that stopped returns its exit code.
-"""
+"""The Python API: run, estimate and load jobs from a notebook or a script, with the command line's
+rules (a bad spec raises UsageError; a run that stopped returns its exit code)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""The breaker for systematic failures: a run whose first answers all fail alike stops, rows kept pending.
-
-    breaker = Breaker.for_run(rows_total)
-    for result in breaker.admit(result):        # what to journal now (held failures come out later)
-        ...
-    if breaker.tripped: control.abort(breaker.error())
-
-The rule: docs/decisions.md, "The real wire".
-"""
+"""The breaker for systematic failures: a run whose first answers all fail alike stops, rows kept
+pending (docs/decisions.md, "The real wire")."""
 
 from __future__ import annotations
 

@@ -9,10 +9,8 @@ from collections.abc import Iterator
 
 @contextlib.contextmanager
 def objects_so_far_frozen(young: int = 10_000) -> Iterator[None]:
-    """While sending, the garbage collector leaves alone the objects that existed before (gc.freeze: the
-    ~200,000 of the modules imported to get here, which every full collection walked again) and looks at
-    young objects every `young` allocations rather than every 700. Both are put back afterwards, and any
-    cycle among the older objects is collected then."""
+    """While sending, gc.freeze the objects that exist already (every full collection walked the
+    imported modules' ~200,000 again) and collect the young every `young` allocations; both undone after."""
     thresholds = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(max(young, thresholds[0]), *thresholds[1:])

@@ -1,10 +1,5 @@
-"""The output's column names, in one place that imports nothing heavy, and the rule that keeps them apart.
-
-An output row is the row's id, the kept input columns, the answer's typed fields (structured output),
-the vote columns (samples > 1) and OUTPUT_COLUMNS. Two of these with one name would either crash the
-assembly after every answer is paid for or silently replace one with the other, so a job whose names
-collide is refused before anything is sent (`clash`).
-"""
+"""The output's column names, in one place that imports nothing heavy, and the rule (`clash`) that refuses
+a job two of whose columns share a name before anything is sent."""
 
 from __future__ import annotations
 

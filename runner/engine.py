@@ -1,12 +1,6 @@
-"""One run of a job, top to bottom: open -> send -> finish.
-
-    report = asyncio.run(execute(job, api_key=key, options=RunOptions(), reporter=reporter, sender=sender))
-
-Open the input (its checks come before anything is sent), the store (lock, crash sweep) and the run
-(runner.run: what is settled already); the sender the caller chose (this process's by default) sends
-the rest, every result journalled by the run at once; runner.finish writes the output when every row
-has a result, the summary, the manifest and the ledger. Signals are handled until sending ends.
-"""
+"""One run of a job, top to bottom: open the input, the store and the run; the sender the caller chose
+sends the rest; runner.finish writes the output, summary, manifest and ledger. Signals are handled
+until sending ends."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
 """`glm-batch estimate`: what a job will cost and how long it will take, before spending anything.
-
-    report = asyncio.run(estimate_job(job, api_key=key, options=EstimateOptions(pilot_rows=50)))
-
-`record=False` is `glm-batch run --dry-run`: the job's state is only read (docs/decisions.md, "The estimate").
-"""
+`record=False` is `run --dry-run`: the job's state is only read (docs/decisions.md, "The estimate")."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""All-or-nothing file writes: a path is either absent, the old file, or the complete new one.
-
-Every file the project writes goes through here: temporary name, fsync, rename, fsync of the
-directory, so `kill -9` or a power cut at any instant leaves the old state or the new one. The job's
-own files (state, parts, manifest, summary, output, ledger) are written with `write_atomic`,
-`write_json_atomic`, or streamed to a temporary name and moved with `fsync_rename`; a file the user
-names on the command line (`report --html`, `schema -o`, `init -o`, and crash logs) with `write_text`,
-which also refuses to replace what it must not (see there).
-"""
+"""All-or-nothing file writes, the one writer of every file the project writes: temporary name, fsync,
+rename, fsync of the directory. Job files go through `write_atomic`, `write_json_atomic` or
+`fsync_rename`; a file the user names on the command line through `write_text`."""
 
 from __future__ import annotations
 
@@ -189,14 +183,9 @@ def write_text(
     exclusive: bool = False,
 ) -> Path:
     """Write `text` to a file the user named with `key` (e.g. "--html"), all or nothing; return where.
-
-    Refused in one line, before anything is written: a path that is (or, through symlinks, resolves
-    to, or lies inside) one of `protected`, the files of the job the command knows about, each with
-    what it is ("the input", "the job spec"...), `--force` or not; a directory, a device or a FIFO; and
-    an existing file that glm-batch did not write (its text does not contain `ours`) unless `force`.
-    `exclusive` never replaces any existing file. A symlink is followed: the file it names is replaced
-    and the link stays. Errors are one line naming the path (write_error).
-    """
+    Refused in one line, before writing: a path that is or resolves into one of `protected` (named
+    job files); a directory, device or FIFO; an existing file not ours (without `ours`) unless `force`;
+    any existing file if `exclusive`. A symlink is followed."""
     target = Path(os.path.realpath(path))
     for other, what in [*protected, *_job_files_beside(target)]:
         if paths_overlap(target, Path(os.path.realpath(other))):

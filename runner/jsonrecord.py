@@ -1,8 +1,5 @@
-"""Frozen dataclasses as JSON objects and back: the one codec of the records glm-batch writes as JSON
-(a run's summary, a cascade's), so their keys are their field names, in field order.
-
-Reading tolerates what other versions wrote: a missing key, or a value of another type, takes the
-field's default (every field of a record has one); an unknown key is ignored."""
+"""Frozen dataclasses as JSON objects and back: the one codec of the records written as JSON. Reading
+tolerates other versions: a missing or mistyped key takes the field's default, an unknown one is ignored."""
 
 from __future__ import annotations
 

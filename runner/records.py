@@ -34,10 +34,8 @@ class Request:
 
 
 class RequestBlock:
-    """Admitted requests handed over at once (runner.plan.Dispatch.blocks): their keys in order, and each
-    one's Request, made when asked for. An item is the Request itself, or the prompt of a row rendered
-    as columns, which `build(key, prompt)` makes into the very Request the row path makes: a re-plan
-    that sends nothing yet (a batch still being prepared) never builds a million parameter dicts."""
+    """Admitted requests handed over at once: their keys in order, and each one's Request made when
+    asked for (from the Request itself, or a column-rendered prompt via `build(key, prompt)`)."""
 
     __slots__ = ("_build", "_items", "keys")
 
@@ -64,11 +62,8 @@ class RequestBlock:
 
 @dataclass(slots=True)
 class Answer:
-    """A model's answer, whatever wire brought it: the parts a run keeps.
-
-    `content` holds the answer's blocks in Messages API request form, so a repair turn can continue
-    the conversation; a transport with another wire (the Batch API's chat completions) fills it the
-    same way."""
+    """A model's answer, whatever wire brought it; `content` holds its blocks in Messages API request
+    form, so a repair turn can continue the conversation."""
 
     text: str
     thinking: str | None
@@ -181,19 +176,15 @@ _journal_values = operator.attrgetter(*_JOURNAL_FIELDS)
 
 
 def journal_line(result: Result) -> bytes:
-    """One result as a UTF-8 JSON line (newline included) for the write-ahead journal.
-
-    orjson writes what json.dumps(..., ensure_ascii=False) would, datetimes in ISO 8601, about five
-    times faster: this runs once per answer, on the path that bounds a run's rows per second."""
+    """One result as a UTF-8 JSON line (newline included) for the write-ahead journal (orjson: the hot
+    path of a run)."""
     record = dict(zip(_JOURNAL_FIELDS, _journal_values(result), strict=True))
     return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def with_valid_unicode(result: Result) -> Result:
-    """`result` with every lone surrogate in its text replaced by U+FFFD (a surrogate pair is kept).
-
-    A hostile answer or error body may decode to a lone surrogate ("\\ud800"), which is not UTF-8:
-    neither the journal nor Parquet can hold it, and it must not crash the run."""
+    """`result` with every lone surrogate in its text replaced by U+FFFD: neither the journal nor
+    Parquet can hold one, and a hostile answer must not crash the run."""
     changes: dict[str, Any] = {
         name: value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         for name, value in zip(_JOURNAL_FIELDS, _journal_values(result), strict=True)
@@ -242,12 +233,9 @@ def results_frame(results: list[Result], run_id: str) -> pl.DataFrame:
 
 @dataclass(slots=True)
 class Answers:
-    """A block of plain answers as columns, one entry an answer: what a Batch API result file mostly holds
-    (a first answer, ok, no repair, nothing carried), taken into the run without a Result per row.
-
-    `results()` makes the very Results the row-by-row path makes of the same answers (Conversation.result,
-    then Accountant.settle): the block is only a cheaper form of them. `cost` and `est_input_tokens` are
-    filled in by the run's accountant (Accountant.settle_answers)."""
+    """A block of plain answers as columns (what a result file mostly holds), taken into the run without
+    a Result each; `results()` makes the very Results the row path makes. `cost` and `est_input_tokens`
+    are filled in by the accountant."""
 
     finished_at: dt.datetime
     api: str | None

@@ -1,11 +1,5 @@
-"""Secrets out of what the tool writes: one function for every summary, manifest, ledger row and log line.
-
-    redact("https://me:sk-123@proxy.example/v1?key=abc")  # 'https://***@proxy.example/v1?key=***'
-
-A key pasted into an endpoint URL (as its user-info, or as a query parameter) is needed to send, but
-must never be written down: the Job carries the URL as sent (`base_url`) and a redacted one for every
-record (`endpoint_name`); anything else that writes a URL or a command line passes it through here.
-"""
+"""Secrets out of what the tool writes: one function for every summary, manifest, ledger row and log
+line. A key in an endpoint URL (user-info or query) is sent but never written down."""
 
 from __future__ import annotations
 

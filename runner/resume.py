@@ -1,8 +1,5 @@
 """What a run finds when it opens a job's state: what earlier runs settled, and what a crash or a torn
-file left behind (reported, salvaged, and refused when too much would be paid again).
-
-    settled = settled_keys(job, store, options, reporter)
-"""
+file left behind (reported, salvaged, and refused when too much would be paid again)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""The command line: `glm-batch run | estimate | validate | doctor | status | show | usage | report | ...`.
-
-The typer app, its entry point `main` and what every command shares (`_guarded`, `_load`, `_console`...);
-the commands live by concern in `run`, `inspect`, `scaffold` and `doctor`, their tables in `tables`.
-Imports stay light: each command imports what it needs when it runs (docs/decisions.md, "CLI start-up").
-"""
+"""The command line: the typer app, its entry point `main` and what every command shares; the commands
+live by concern in `run`, `inspect`, `scaffold` and `doctor`. Imports stay light (docs/decisions.md,
+"CLI start-up")."""
 
 from __future__ import annotations
 

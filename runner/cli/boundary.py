@@ -1,14 +1,7 @@
-"""The command line's outer edge: standard streams that cannot fail a run, and one exception boundary.
-
-`harden_streams` is called once by the real process (`main`), before any command runs: a closed
-stdin/stdout/stderr is reopened on /dev/null (so no file the run opens can land on fd 0-2), and
-stdout and stderr are wrapped so that a write that fails (a closed pipe under `| head`, a full device,
-an encoding that cannot spell a path) sends that stream to /dev/null instead of raising. What the run
-does, writes and exits with never depends on whether anyone is reading its messages.
-
-`crash` turns an exception nobody expected into one line naming what failed and the path of a crash
-log holding the traceback, and returns CRASH_EXIT (70, EX_SOFTWARE): distinct from 1 ("some rows
-failed"), so a cron wrapper can tell a defect from a bad day.
+"""The command line's outer edge. `harden_streams` reopens a closed standard stream on /dev/null and
+sends a stream whose write fails there (a closed pipe, a full device), so a run never depends on who
+reads its messages. `crash` turns an unexpected exception into one line and a crash log, exiting
+CRASH_EXIT (70), distinct from 1 (some rows failed).
 """
 
 from __future__ import annotations

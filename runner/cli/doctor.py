@@ -1,9 +1,5 @@
-"""`glm-batch doctor [JOB] [--endpoint E --model M] [--batch]`: the first-real-run probe.
-
-With the fewest and smallest requests it finds out what the account and the route really do (key,
-balance, model, tool choice, stop sequences, error shape, concurrency, and with `--batch` batch
-eligibility), and stores it with runner.job.facts.record_facts for runs to read.
-"""
+"""`glm-batch doctor`: the first-real-run probe. With the fewest and smallest requests it finds out what
+the account and the route really do, and stores it with runner.job.facts for runs to read."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
 """The commands that look at what runs did and what is available (`usage`, `report`, `status`, `models`),
-and `cancel`, which stops a batch job's open batches at Zhipu.
-
-None sends a prompt. `status` of a batch job looks at its batches at Zhipu and cancels a stray one (as a
-run would); `cancel` cancels the open ones; the others only read.
-"""
+and `cancel`. None sends a prompt; `status` and `cancel` may cancel batches at Zhipu."""
 
 from __future__ import annotations
 

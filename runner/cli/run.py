@@ -1,7 +1,4 @@
-"""The commands that send requests or serve them: `run`, `estimate` and `simulate`.
-
-Each imports the engine, the SDK or the simulator when it runs, never at import time.
-"""
+"""The commands that send requests or serve them: `run`, `estimate` and `simulate`."""
 
 from __future__ import annotations
 

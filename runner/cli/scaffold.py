@@ -1,8 +1,5 @@
-"""The commands for writing and checking a job spec: `schema`, `validate` and `init`.
-
-`schema` prints the spec's JSON Schema, `validate` checks a spec against its input and renders the
-first prompts (sending nothing), and `init` writes a commented starter job for an input file.
-"""
+"""The commands for writing and checking a job spec: `schema`, `validate` (renders the first prompts,
+sends nothing) and `init` (a commented starter job for an input file)."""
 
 from __future__ import annotations
 
@@ -221,12 +218,8 @@ def _template_variable(name: str) -> bool:
 
 
 def starter_job(input_path: Path, target: Path, columns: dict[str, str], first: dict[str, Any]) -> str:
-    """The text of a commented starter job for an input with these columns, to be saved at `target`.
-
-    Paths in it are relative to `target`'s folder (where a job's paths resolve), the model runs on
-    the built-in simulator (no key, no cost) until the user switches the endpoint, and the template
-    uses the input's text columns, so `glm-batch validate` passes on it as written.
-    """
+    """The text of a commented starter job for these columns, to be saved at `target`: paths relative to
+    its folder, the model on the built-in simulator, and a template that validates as written."""
     spec_dir = target.resolve().parent
     rel_input = Path(os.path.relpath(input_path.resolve(), spec_dir)).as_posix()
     rel_output = Path(os.path.relpath(Path.cwd().resolve() / "out", spec_dir)).as_posix() + "/{name}.parquet"

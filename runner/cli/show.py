@@ -1,12 +1,5 @@
-"""`glm-batch show OUTPUT_OR_JOB`: the rows of an output on the command line, no polars needed.
-
-    glm-batch show out/reviews.parquet --where status=error --columns review_id,error_message -n 5
-    glm-batch show jobs/reviews.yaml --json
-
-A rich table that fits the terminal (long cells cut with an ellipsis, at most MAX_CELL characters
-read from each), or JSON objects (one list) with `--json`. Reads lazily: only the rows shown and a
-count of those matching are computed, so a million-row output shows as fast as a small one.
-"""
+"""`glm-batch show OUTPUT_OR_JOB`: an output's rows as a table that fits the terminal, or JSON with
+`--json`. Reads lazily: only the rows shown and a count of those matching are computed."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""The tables the commands print: drawn to fit an 80-column terminal, their values wrapped, never cut off.
-
-Each builder takes plain data (a report dict, the ledger summary, the model catalogue) and returns a
-rich `Table`; rich and polars are only imported for typing here, so importing this module stays cheap.
-"""
+"""The tables the commands print, from plain data: fit to an 80-column terminal, wrapped, never cut off."""
 
 from __future__ import annotations
 

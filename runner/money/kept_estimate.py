@@ -1,13 +1,5 @@
-"""What a kept estimate was made for, and how a run compares its cost with it.
-
-    report["made_for"] = made_for(job)                 # when `glm-batch estimate` keeps its report
-    check = compare(job, kept, ok=n, spent=x)            # the run summary's cost.estimate
-    check = compare_whole(job, kept, spent=x)            # a cascade's: its whole run against the estimate
-
-A run compares its spend only with an estimate made for the same model, endpoint and requests, at the
-figure for its own mode; otherwise no figure, and why (docs/decisions.md, "A run compares its cost only
-with an estimate made for it").
-"""
+"""What a kept estimate was made for, and how a run compares its cost with it: only one made for the
+same model, endpoint and requests, at its own mode's figure (docs/decisions.md)."""
 
 from __future__ import annotations
 
@@ -35,10 +27,8 @@ class EstimateCheck:
 
 
 def requests_fingerprint(job: Job) -> str:
-    """A short hash of what shapes each request and its price: the prompt's templates, the model
-    section (max_tokens, sampling, thinking, prices; its name and endpoint are compared on their own),
-    the output's answer shape and samples, and the input's files and columns. Not the run's settings
-    (concurrency, budget, mode, limit), which change how requests go out, not what each costs."""
+    """A short hash of what shapes each request and its price (templates, model section, answer shape,
+    samples, input files and columns), not of how requests go out (concurrency, budget, mode, limit)."""
     spec = job.spec.model_dump(mode="json", exclude_defaults=True, by_alias=True)
     output = {k: v for k, v in spec.get("output", {}).items() if k not in ("path", "state_dir", "keep_columns")}
     data = {

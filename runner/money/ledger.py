@@ -1,11 +1,5 @@
-"""The usage ledger: one row per (job, model, day) for every run, so spend can be followed over time.
-
-    append(rows)          # at the end of each run (and pilot)
-    usage()               # every row, for `glm-batch usage` and for calibration
-
-Small Parquet files in $GLM_BATCH_LEDGER (simulated runs in `simulated/`); a ledger that cannot be
-written warns and keeps its rows pending (docs/decisions.md, "State failures and the ledger").
-"""
+"""The usage ledger: one row per (job, model, day) of every run, as small Parquet files in
+$GLM_BATCH_LEDGER (simulated runs in `simulated/`); one that cannot be written keeps its rows pending."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""Prices: which tier a request falls in, what an answer cost, and the budget that caps a run.
-
-    table = price_table(job)                      # the model's prices in the endpoint's currency
-    table.cost(input_tokens=900, output_tokens=120, cache_read_tokens=0)
-    table.worst_case(input_tokens=900, max_tokens=512)
-
-bigmodel.cn picks a tier by the request's input length (input plus cached tokens) and, for GLM-4.x, by
-the answer's length too; api.z.ai has one tier. Cached input tokens are billed at the cached price.
-"""
+"""Prices: which tier a request falls in (by input length and, for GLM-4.x on bigmodel.cn, answer
+length), what an answer cost (cached input at the cached price), and the budget that caps a run."""
 
 from __future__ import annotations
 
@@ -80,11 +73,8 @@ class PriceTable:
         return cost, tier_label(tier)
 
     def worst_case(self, *, input_tokens: int, max_tokens: int) -> float:
-        """The most one request can cost: no input cached, and the dearest answer length up to max_tokens.
-
-        Within a tier cost grows with the answer, so the peak is at max_tokens or at the top of a tier
-        that is split on output length (a 199-token answer may cost more than a 200-token one's tier).
-        """
+        """The most one request can cost: nothing cached, and the dearest answer up to max_tokens (at
+        max_tokens or the top of a tier split on output length)."""
         lengths = {max_tokens} | {
             t.max_output_tokens - 1 for t in self.tiers if t.max_output_tokens and t.max_output_tokens <= max_tokens
         }
@@ -119,11 +109,8 @@ def require_prices(job: Job, why: str) -> PriceTable:
 
 
 class Budget:
-    """A spending cap for one run: a request is dispatched only if its worst case still fits.
-
-    Every dispatched request reserves its worst-case cost until its answer arrives, when the real cost
-    replaces the reservation. So spend can pass the cap only by what the worst cases underestimated.
-    """
+    """A spending cap for one run: a request is dispatched only if its worst case still fits, and holds
+    that reservation until its real cost replaces it."""
 
     def __init__(self, limit: float) -> None:
         self.limit = limit

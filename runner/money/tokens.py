@@ -1,14 +1,6 @@
-"""Counting input tokens before sending anything: a local estimator, calibrated by what runs measured.
-
-GLM's tokenizer treats Chinese and Latin text very differently (a CJK character is about one token,
-Latin text several characters a token), so the estimator counts the two apart:
-
-    estimate_text("Great product")       # Latin: ~3.5 characters a token
-    estimate_request(request.params)     # system + messages + a small per-message overhead
-
-A Calibration turns the raw estimate into a measured one: the ratio of the tokens the endpoint
-reported to the tokens estimated for the same requests, from earlier runs of the job (or the model).
-"""
+"""Counting input tokens before sending anything: a local estimator that counts CJK and Latin text apart
+(about a token a CJK character, ~3.5 Latin characters a token), and a Calibration from what runs of the
+job (or the model) measured."""
 
 from __future__ import annotations
 

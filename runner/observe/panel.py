@@ -1,11 +1,5 @@
-"""The live progress panel on a terminal: what a run is doing, in as many columns as the terminal has.
-
-    state = PanelState.of(job_name, model, currency, tally, gauges, control, phase, rate)
-    console.print(ProgressPanel(lambda: state))   # or inside rich.live.Live, re-rendered as it runs
-
-A title line, a bar, then the items (`_items`, most important first) flowed into as many lines as the
-width needs; nothing is cut: an item wider than the terminal is folded, never elided.
-"""
+"""The live progress panel on a terminal: a title line, a bar, then the items (most important first)
+flowed into as many lines as the width needs; an item wider than the terminal is folded, never cut."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""Progress for people and for machines: a live bar on a terminal, JSON lines under cron.
-
-    reporter = make_reporter("auto")   # rich on a TTY; JSON lines on stderr otherwise
-    reporter.phase("reading input")    # what the run is doing before there is anything to count
-    reporter.start(job, tally); reporter.tick(tally, executor.gauges(), control); reporter.finish(summary, message)
-
-JSON lines carry `event` and `ts` (`start`, `progress`, `retrying`, `end`); nothing here sees the API key.
-"""
+"""Progress for people and for machines: a live bar on a terminal, JSON lines (`event`, `ts`) under cron.
+Nothing here sees the API key."""
 
 from __future__ import annotations
 

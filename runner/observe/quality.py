@@ -1,13 +1,5 @@
 """Quality against gold labels: accuracy, per-label precision/recall/F1, a confusion matrix, invalid rate.
-
-    metrics = label_metrics(frame, predicted="label", gold="gold")
-    report = summarise(job, shape)                  # after a run, from the job's spec
-    report = summarise_file(open_output(path), gold=None)  # from an output alone (runner.observe.runstats)
-
-Rows without a gold label are left out. A row whose answer was invalid (or failed) counts as wrong
-and appears in the confusion matrix under "(invalid)", so the figures never flatter a job that
-failed to answer.
-"""
+Rows without gold are left out; an invalid or failed answer counts as wrong (under "(invalid)")."""
 
 from __future__ import annotations
 
@@ -39,9 +31,8 @@ def _norm(text: str) -> str:
 
 def label_metrics(frame: pl.DataFrame, *, predicted: str, gold: str, labels: Sequence[str] | None = None) -> Metrics:
     """Metrics of a single-label column against a gold column, over the label set (`labels`, else the
-    labels predicted): a gold value that matches a label only after case and white space are normalised
-    counts as that label, with a note; one outside the set counts as OTHER, with a note naming a few.
-    The matrix is at most (labels + 1) x (labels + 2), however many distinct values the gold column has."""
+    labels predicted): gold that matches a label after normalising case and space counts as it, other
+    gold as OTHER, each with a note. The matrix is at most (labels + 1) x (labels + 2)."""
     rows = frame.filter(pl.col(gold).is_not_null()).select(
         pl.col(gold).cast(pl.String).alias("gold"),
         pl.when(pl.col("status") == "ok").then(pl.col(predicted).cast(pl.String)).otherwise(None).alias("pred"),
@@ -126,10 +117,8 @@ def _gold_notes(normalised: list[tuple[str, str, int]], unmatched: list[tuple[st
 
 
 def field_exact_match(frame: pl.DataFrame, gold_fields: dict[str, str]) -> dict[str, FieldMatch]:
-    """Per answer field: the share of rows with a gold value whose answer equals it exactly.
-
-    Values are compared as text (a gold CSV column is text); invalid or failed rows count as misses.
-    """
+    """Per answer field: the share of rows with gold whose answer equals it, compared as text (invalid
+    or failed rows miss)."""
     rates: dict[str, FieldMatch] = {}
     for field, gold in gold_fields.items():
         rows = frame.filter(pl.col(gold).is_not_null())
@@ -153,11 +142,8 @@ def summarise(job: Job, shape: AnswerShape) -> Quality:
 
 
 def samples_in(path: Path, columns: Collection[str] | None = None) -> int:
-    """How many samples each row of an output (with `columns`, when known) had: as many as its longest
-    `sample_answers` list, or 1.
-
-    Read from the file, never from a spec, so that a report from the spec and one from the output file
-    agree even when the run raised `output.samples` with --set."""
+    """How many samples each row of an output had (its longest `sample_answers`, or 1), read from the
+    file so that a report from the spec and one from the output agree."""
     if SAMPLE_ANSWERS not in (pl.read_parquet_schema(path) if columns is None else columns):
         return 1
     longest = pl.scan_parquet(path).select(pl.col(SAMPLE_ANSWERS).list.len().max()).collect().item()

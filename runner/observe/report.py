@@ -1,12 +1,5 @@
-"""`glm-batch report`: what a finished run did and, with gold labels, how good its answers were.
-
-    found = load_report(output_path, job=job)        # from a job spec (its output must exist)
-    found = load_report(output_path, gold="gold")    # from an output file alone
-    print_report(found, console)                     # the terminal's version
-    page = report_html.html_page(found)              # the drawn one (runner.observe.report_html)
-
-Structured jobs add quality (runner.observe.quality); with gold labels, the rows the answers got wrong.
-"""
+"""`glm-batch report`: what a finished run did and, with gold labels, how good its answers were (the HTML
+page: runner.observe.report_html)."""
 
 from __future__ import annotations
 

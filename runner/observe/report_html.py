@@ -1,10 +1,5 @@
-"""The report as one self-contained HTML page: the run drawn with CSS bars, quality with inline SVG.
-
-    page = html_page(load_report(output, job=job))
-
-No scripts, no fonts, no images, nothing fetched: the page opens the same offline, in a mail client or
-an archive.
-"""
+"""The report as one self-contained HTML page (CSS bars, inline SVG): no scripts, fonts or fetches, so it
+opens the same offline, in a mail client or an archive."""
 
 from __future__ import annotations
 

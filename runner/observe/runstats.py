@@ -1,10 +1,5 @@
-"""What a run did, read back from its output Parquet and the summary beside it (for `glm-batch report`).
-
-    figures = run_figures(open_output(path))   # plain data: header, timeline, latency, errors, tiers
-
-Rows that reused another row's answer (`reused_from`) sent nothing and are left out of time and tokens;
-the timeline is the latest run's (by `run_id`), the rest covers every run in the output.
-"""
+"""What a run did, read back from its output and the summary beside it (for `glm-batch report`). Reused
+rows sent nothing and are left out of time and tokens; the timeline is the latest run's."""
 
 from __future__ import annotations
 
@@ -124,10 +119,8 @@ def run_figures(output: OutputFile) -> dict[str, Any]:
 
 
 def timeline(rows: pl.DataFrame, bins: int = TIMELINE_BINS) -> dict[str, Any]:
-    """Rows finished a second and mean requests in flight, in `bins` equal slices of the run's span.
-
-    A request is taken to be in flight from `finished_at - latency_ms` to `finished_at`; the mean in a
-    slice is the time requests spent in it divided by its length (so it is exact, not sampled)."""
+    """Rows finished a second and mean requests in flight (exact, from `finished_at - latency_ms` to
+    `finished_at`), in `bins` equal slices of the run's span."""
     timed = rows.filter(pl.col("finished_at").is_not_null() & pl.col("latency_ms").is_not_null())
     if timed.height == 0:
         return {"bin_s": None, "start": None, "throughput": [], "concurrency": []}

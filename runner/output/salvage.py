@@ -1,10 +1,6 @@
-"""Salvage: when answers are lost (a part file torn, answer files deleted, the state folder gone), take
-back the answers the finished output holds before anything is paid again.
-
-The output Parquet is a second copy of every answer a finished run had (one line per row; a row that
-reused another's answer carries cost 0, so the paying row's line is the copy kept). A sampled job's
-output holds only the vote, not each sample, so it cannot be salvaged this way.
-"""
+"""Salvage: when answers are lost (a torn part file, deleted answers, the state folder gone), take back
+the answers the finished output holds before anything is paid again (not for a sampled job: its output
+holds only the vote)."""
 
 from __future__ import annotations
 

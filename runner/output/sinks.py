@@ -1,9 +1,5 @@
-"""Sinks: where a finished output goes. A sink writes the assembled lazy frame and can tell whether
-what it holds was written from the same state (so a finished job's re-run rewrites nothing).
-
-    sink = ParquetSink(job.output_path, job.state_dir)
-    counts = sink.current_counts(basis) or sink.write(frame, basis)
-"""
+"""Sinks: where a finished output goes; a sink can tell whether what it holds was written from the same
+state, so a finished job's re-run rewrites nothing."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""Samples and the majority vote (`output.samples: k`): a row asked k times becomes one answer.
-
-    lines = expand_samples(row_map, k)             # runner.job.samples: one line per (row, sample)
-    voted = vote(lines.join(answers, on=KEY), k)   # one line per row: the winner, and who agreed
-
-The rules: docs/decisions.md, "Samples and the vote".
-"""
+"""Samples and the majority vote (`output.samples: k`): a row asked k times becomes one answer (the
+rules: docs/decisions.md, "Samples and the vote")."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""What the simulator answers, whichever API a request came through.
-
-Both the Anthropic-compatible Messages route and Zhipu's native chat completions (online or in a batch)
-reduce a request to an `Ask`, compose one `Reply` from it, and only then render it in their own wire
-shape. That is what makes a job give the same labels, the same text and the same token counts online
-and through the Batch API.
-"""
+"""What the simulator answers, whichever API a request came through: both routes reduce a request to an
+`Ask` and compose one `Reply`, so a job gives the same labels, text and tokens online and in a batch."""
 
 from __future__ import annotations
 
@@ -47,10 +42,9 @@ _WORDS = (
 
 
 def structured_answer(schema: dict[str, Any], prompt: str, invalid: bool = False, variant: int = 0) -> Any:
-    """A value for a JSON Schema, derived from the prompt. An enum of labels is chosen by a tiny word
-    lexicon (so a sentiment job gets a plausible, imperfect accuracy); everything else from the
-    prompt's hash. With `invalid`, the value breaks the schema (an unknown label, a missing field).
-    A `variant` above 0 is another valid answer to the same prompt (another label, other values)."""
+    """A value for a JSON Schema, derived from the prompt: a label by a tiny word lexicon (a plausible,
+    imperfect accuracy), the rest from the prompt's hash. `invalid` breaks the schema; a `variant` above
+    0 is another valid answer."""
     kind = schema.get("type")
     if "enum" in schema:
         options = list(schema["enum"])
@@ -250,13 +244,10 @@ def compose(
     reasoning_tokens: int = 0,
     stated: Callable[[Ask, str], float | None] = lambda ask, first: None,
 ) -> Reply:
-    """The answer to an ask. `invalid(first, turn)` says whether a structured answer breaks its schema
-    on this turn; `variant(ask, first, turn)` which sampled answer it is (0: the usual one);
-    `stated(ask, first)` the confidence a model of given skill states in a `confidence` number field.
-
-    A thinking ask reasons first (about `reasoning_tokens`, billed as output). When max_tokens does not
-    hold the reasoning, the answer ends inside it: max_tokens, no text and no tool call, as a real
-    thinking model's does under a small budget."""
+    """The answer to an ask. `invalid(first, turn)`: whether a structured answer breaks its schema;
+    `variant(ask, first, turn)`: which sampled answer it is; `stated(ask, first)`: the confidence stated.
+    A thinking ask reasons first, and ends inside its reasoning (max_tokens, no text) when max_tokens
+    does not hold it."""
     prompt, first, turn = ask.prompt, ask.first, ask.user_turns
     input_tokens = count_tokens(prompt, scale)
     thinking: str | None = None

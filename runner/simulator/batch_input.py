@@ -1,10 +1,6 @@
-"""What the simulated Batch API accepts: the checks on an uploaded batch file and on each of its lines.
-
-A whole file is refused (the batch fails validation) for bad JSON, a malformed line, a duplicate
-custom_id, more than one model or an unknown one (`file_problem`); a line whose body would be refused
-fails on its own (`line_problem`, also used by the native chat completions route). Used by
-runner.simulator.native and runner.simulator.batch_state.
-"""
+"""What the simulated Batch API accepts: a file is refused whole (`file_problem`: bad JSON, a malformed
+line, a duplicate custom_id, more than one or an unknown model); a bad line fails alone (`line_problem`,
+also used by the native chat completions route)."""
 
 from __future__ import annotations
 

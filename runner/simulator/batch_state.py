@@ -1,11 +1,6 @@
-"""The simulated Batch API's state: the files and batches it holds, and the life of a batch.
-
-A batch's life is computed from the clock whenever it is looked at (no background task): validating,
-then in_progress at `batch_lines_per_s`, finalizing, completed; or failed, expired, cancelling ->
-cancelled. Each line is answered by the same `Simulator.reply` as /v1/messages and billed once, as
-"batch", when processed; when a batch ends its result files are written (lines shuffled). The HTTP
-routes over this state are runner.simulator.native's NativeAPI.
-"""
+"""The simulated Batch API's state: files, batches, and a batch's life computed from the clock when it
+is looked at (validating, in_progress at `batch_lines_per_s`, finalizing, completed; or failed, expired,
+cancelled). Each line is answered by `Simulator.reply` and billed once, as "batch"."""
 
 from __future__ import annotations
 

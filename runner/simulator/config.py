@@ -69,15 +69,9 @@ ERRORS: dict[str, tuple[int, dict[str, Any]]] = {
 
 @dataclass
 class SimConfig:
-    """How the simulator behaves; every field can be changed while it runs (`configure`).
-
-    Latency: each answer waits a Gaussian draw with mean `latency_s` and standard deviation
-    `latency_jitter_s`, truncated at 0. Refusals over `concurrency_cap` are answered at once.
-
-    Batch API (`/api/paas/v4/files`, `/batches`): a batch validates for `batch_validating_s`, then
-    processes `batch_lines_per_s` lines a second (None: all at once), finalizes for
-    `batch_finalizing_s` and completes. Times are simulated wall-clock seconds, so tests set them small.
-    """
+    """How the simulator behaves; any field can change while it runs (`configure`). Times are simulated
+    wall-clock seconds (tests set them small): latency a Gaussian truncated at 0; a batch validates,
+    processes `batch_lines_per_s` lines a second (None: all at once), finalizes, completes."""
 
     latency_s: float = 0.0
     latency_jitter_s: float = 0.0  # standard deviation of the latency's Gaussian noise

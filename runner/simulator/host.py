@@ -1,10 +1,5 @@
-"""What a simulator route needs of the Simulator that serves it: its settings, counts, lock and answers.
-
-The routes (runner.simulator.messages for /v1/messages, runner.simulator.native and runner.simulator.batch_state
-for /api/paas/v4) are written against `Host`, not against runner.simulator.simulator, which builds them:
-the routes need a host, the host needs its routes, and this Protocol is what keeps the two from
-importing one another. `Served` is what the host answered and billed, which the routes update under `lock`.
-"""
+"""What a simulator route needs of the Simulator that serves it (settings, counts, lock, answers): a
+Protocol, so routes and simulator do not import one another. `Served`: what was answered and billed."""
 
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
-"""The simulator's `POST /v1/messages`: Zhipu's Anthropic-compatible endpoint, faults included.
-
-It answers the way open.bigmodel.cn does (see wire.md): JSON or SSE with named events, usage zeros in
-`message_start` and the real counts in `message_delta`, both auth headers, Zhipu-shaped error bodies
-with the business code in `error.type`, and 400/1261 for a prompt over the model's context. It applies
-the concurrency cap per model (429/1302 above it) and injects the configured faults. What it answers
-comes from the host Simulator (`reply`), which also keeps the counts and the bill.
-"""
+"""The simulator's `POST /v1/messages`: Zhipu's Anthropic-compatible endpoint, faults included (JSON or
+SSE, usage zeros at `message_start`, Zhipu-shaped errors, 400/1261 over the context, 429/1302 over the
+per-model concurrency cap)."""
 
 from __future__ import annotations
 

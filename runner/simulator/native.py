@@ -1,9 +1,5 @@
-"""Zhipu's native API on the simulator, under /api/paas/v4: tokenizer, chat completions and the Batch API.
-
-The routes are here (NativeAPI); the files and batches they hold and a batch's clock-driven life are
-runner.simulator.batch_state, the checks on an uploaded batch file runner.simulator.batch_input
-(what is modelled, and what is guessed: docs/decisions.md, "The simulator").
-"""
+"""Zhipu's native API on the simulator, under /api/paas/v4: tokenizer, chat completions and the Batch API
+routes (what is modelled and what is guessed: docs/decisions.md, "The simulator")."""
 
 from __future__ import annotations
 

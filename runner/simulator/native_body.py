@@ -1,10 +1,6 @@
-"""The simulator's native chat body rules, as strict as Zhipu's OpenAPI (shared/reference/real-wire.md).
-
-Every batch line and every /api/paas/v4/chat/completions request is checked here after its basic shape
-(runner.simulator.batch_input.line_problem): `tool_choice` must be "auto", `stop` holds one word,
-`response_format` is text or json_object, image parts need a vision model, temperature is in [0, 1]
-and top_p in [0.01, 1], `thinking.type` is enabled or disabled. A refusal is (status, code, message).
-"""
+"""The simulator's native chat body rules, as strict as Zhipu's OpenAPI (real-wire.md): tool_choice
+"auto", one stop word, text or json_object, vision parts for vision models, temperature and top_p in
+range, thinking enabled or disabled. A refusal is (status, code, message)."""
 
 from __future__ import annotations
 

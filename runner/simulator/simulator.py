@@ -1,11 +1,5 @@
-"""A faithful local stand-in for Zhipu's endpoints: a real HTTP server on loopback.
-
-    with SimulatorThread(SimConfig(latency_s=0.01)) as sim:   # in a background thread
-        sim.url, sim.stats(), sim.configure(concurrency_cap=6)
-
-`glm-batch simulate --port P` runs it standalone; `endpoint: simulator` starts one in-process for a run.
-What it models (wire, latency, faults, answers, ledgers): docs/decisions.md, "The simulator".
-"""
+"""A faithful local stand-in for Zhipu's endpoints: a real HTTP server on loopback, in a thread
+(`SimulatorThread`), standalone (`glm-batch simulate`) or in-process for `endpoint: simulator`."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""Models of different skill for the simulator (`SimConfig.model_error`), so a cascade can be tested
-honestly: a cheap model wrong on some rows, whose samples disagree more where it is wrong.
-
-The classes of rows and their shares: docs/decisions.md, "The simulator".
-"""
+"""Models of different skill for the simulator (`SimConfig.model_error`): a cheap model wrong on some
+rows, whose samples disagree more where it is wrong, so a cascade can be tested honestly."""
 
 from __future__ import annotations
 

@@ -9,19 +9,11 @@ not installed, except in CI.
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-try:
-    import ray  # noqa: F401  (runner.distributed.limiter needs it)
-except ImportError:
-    if os.environ.get("CI"):
-        raise
-    pytest.skip("needs ray: pip install -e '.[ray]'", allow_module_level=True)
 
 from runner.distributed.limiter import ClusterLimiter
 from runner.distributed.spending import Numbers

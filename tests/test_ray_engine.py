@@ -22,16 +22,9 @@ from typing import Any
 
 import polars as pl
 import pytest
+import ray
 
 import runner
-
-try:
-    import ray
-except ImportError:
-    if os.environ.get("CI"):
-        raise  # CI installs the ray extra; a missing ray there is a broken setup, not a skip
-    pytest.skip("needs ray: pip install -e '.[ray]'", allow_module_level=True)
-
 from runner.job.resolve import load_job
 from runner.simulator.answers import answer_for
 from runner.simulator.simulator import SimulatorThread

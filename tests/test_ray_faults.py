@@ -7,7 +7,6 @@ once with its state consistent. Skipped where ray is not installed, except in CI
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,16 +19,10 @@ from typing import Any
 
 import polars as pl
 import pytest
-
-try:
-    import ray
-    import ray.data
-    from ray.cluster_utils import Cluster
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-except ImportError:
-    if os.environ.get("CI"):
-        raise  # CI installs the ray extra; a missing ray there is a broken setup, not a skip
-    pytest.skip("needs ray: pip install -e '.[ray]'", allow_module_level=True)
+import ray
+import ray.data
+from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from runner.distributed.limiter import connect
 from runner.job.inputs import ROW

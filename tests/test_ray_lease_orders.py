@@ -15,7 +15,6 @@ no timer that can fire within a test (the steward runs its rounds when the sched
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, cast
@@ -23,13 +22,6 @@ from typing import Any, cast
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-try:
-    import ray  # noqa: F401  (runner.distributed.slots needs it for its types)
-except ImportError:
-    if os.environ.get("CI"):
-        raise
-    pytest.skip("needs ray: pip install -e '.[ray]'", allow_module_level=True)
 
 from runner.distributed.limiter import ClusterLimiter
 from runner.distributed.slots import LeasedSlots

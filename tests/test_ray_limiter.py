@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 import sys
 import time
 import uuid
@@ -19,13 +18,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
-
-try:
-    import ray
-except ImportError:
-    if os.environ.get("CI"):
-        raise  # CI installs the ray extra (.ci/run); a missing ray there is a broken setup, not a skip
-    pytest.skip("needs ray: pip install -e '.[ray]'", allow_module_level=True)
+import ray
 
 from runner.control import Control
 from runner.distributed.claims import Claims

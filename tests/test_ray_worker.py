@@ -7,21 +7,12 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import random
 import sys
 import tracemalloc
 from pathlib import Path
 
 import polars as pl
-import pytest
-
-try:
-    import ray  # noqa: F401  (runner.distributed.worker needs it)
-except ImportError:
-    if os.environ.get("CI"):
-        raise  # CI installs the ray extra; a missing ray there is a broken setup, not a skip
-    pytest.skip("needs ray: pip install -e '.[ray]'", allow_module_level=True)
 
 from runner.distributed.worker import REPORT, RunAnswers, block_output
 from runner.records import KEY

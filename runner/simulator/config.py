@@ -19,9 +19,6 @@ RETRYABLE_FAULTS = (
 # Faults after which the server has still generated the answer, so it bills it (real servers bill a
 # request whose client timed out or whose body was cut in transit). Every other fault bills nothing.
 BILLED_FAULTS = frozenset({"slow", "hang", "partial_json", "finish_network_error", "finish_sensitive"})
-# Answers that end with one of Zhipu's own finish reasons: the inference broke off half way, or the
-# content was blocked (stop_reason as the Anthropic route passes it on: Zhipu's word, unmapped).
-
 # Zhipu's documented per-model batch queue caps (requests in unfinished batches; shared/reference/batch.md).
 BATCH_QUEUE_CAPS = {
     "glm-4-plus": 2_000_000,
@@ -47,10 +44,6 @@ ERRORS: dict[str, tuple[int, dict[str, Any]]] = {
     "529": (529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
     "401": (401, {"error": {"message": "token expired or incorrect", "type": "401"}}),
     "1001": (401, {"error": {"message": "Authentication parameter not received in Header", "type": "1001"}}),
-    "1211": (
-        400,
-        {"type": "error", "error": {"type": "1211", "message": "Unknown Model, please check the model code."}},
-    ),
     "429_1308": (429, {"type": "error", "error": {"type": "1308", "message": "Usage limit reached for 5 hour."}}),
     "429_1304": (429, {"type": "error", "error": {"type": "1304", "message": "已达到当日调用次数限额"}}),
     "400_1211": (

@@ -47,7 +47,7 @@ class MessagesAPI:
             return self._zhipu_400("1210", "Invalid JSON body")
         model = body.get("model")
         if model not in catalog.models():
-            return self._error("1211", "unknown_model")
+            return self._error("400_1211", "unknown_model")
         if not isinstance(body.get("max_tokens"), int) or not body.get("messages"):
             return self._zhipu_400("1214", "max_tokens and messages are required")
         if count_tokens(prompt_text(body), cfg.token_scale) > catalog.models()[model].context:

@@ -1,7 +1,7 @@
 """Planning as columns (issue 23): a faster planner must make the very requests, keys and files it made.
 
 A template that only substitutes columns is rendered for a whole batch by one polars expression
-(RequestBuilder.build_batch); the batch files and the request bodies are written by orjson; batch
+(RequestBuilder.key_batch); the batch files and the request bodies are written by orjson; batch
 answers are held for their part without a journal line each. None of it may change a key (a changed
 key is a row paid again) or a byte sent.
 """
@@ -83,13 +83,28 @@ def _planned_keys(job: Any) -> list[str]:
     return [row.key for batch in plan(job, open_input(job), nothing) for row in batch.rows]
 
 
+def column_requests(builder: RequestBuilder, frame: pl.DataFrame) -> list[Request | RenderError] | None:
+    """Each row's request (or its RenderError) as the planner makes it from a batch rendered as columns
+    (a row the columns cannot make goes through `build`); None when the batch is not rendered as columns."""
+    keyed = builder.key_batch(frame)
+    if keyed is None:
+        return None
+    made: list[Request | RenderError] = []
+    for index, (key, prompt) in enumerate(zip(*keyed, strict=True)):
+        if key is None:
+            made += [rendered for _, _, rendered in builder.render([frame.row(index, named=True)])]
+        else:
+            made.append(builder.column_request(key, prompt))
+    return made
+
+
 @pytest.mark.parametrize("name", sorted(PINNED))
 def test_the_planner_gives_the_keys_it_gave_before_planning_as_columns(tmp_path: Path, name: str) -> None:
     """Text with unicode, quotes and newlines, an empty text, integers, nulls blanked or skipped, and two
     rows sharing a prompt: each row keyed as main keyed it (see PINNED)."""
     prompt, nulls = PROMPTS[name]
     job = _job(tmp_path, name, prompt, nulls)
-    assert RequestBuilder(job).build_batch(next(open_input(job).batches(10))) is not None  # the column path ran
+    assert column_requests(RequestBuilder(job), next(open_input(job).batches(10))) is not None  # the column path ran
     assert _planned_keys(job) == PINNED[name]
 
 
@@ -120,7 +135,7 @@ def test_rendering_as_columns_makes_each_request_as_rendering_row_by_row_does(
     job = _job(tmp_path, "fuzz", prompt, nulls, data)
     builder = RequestBuilder(job)
     frame = next(open_input(job).batches(100))
-    made = builder.build_batch(frame)
+    made = column_requests(builder, frame)
     assert made is not None
     for row, request in zip(frame.iter_rows(named=True), made, strict=True):
         try:
@@ -138,7 +153,7 @@ def test_rendering_as_columns_makes_each_request_as_rendering_row_by_row_does(
 @pytest.mark.parametrize("template", ["{{ text | upper }}", "{% if text %}{{ text }}{% endif %}", "{{ n + 1 }}"])
 def test_a_template_that_does_more_than_substitute_renders_row_by_row(tmp_path: Path, template: str) -> None:
     job = _job(tmp_path, "jinja", {"template": template}, "empty")
-    assert RequestBuilder(job).build_batch(next(open_input(job).batches(10))) is None
+    assert column_requests(RequestBuilder(job), next(open_input(job).batches(10))) is None
 
 
 def test_batch_files_hold_the_bytes_json_would_write(tmp_path: Path) -> None:

@@ -168,20 +168,6 @@ class RequestBuilder:
             except RenderError as exc:
                 yield values[ROW], values[ID], exc
 
-    def build_batch(self, frame: pl.DataFrame) -> list[Request | RenderError] | None:
-        """Each row's request (or the RenderError that row fails with), as `build` makes it, for a whole
-        batch of rows at once; None when this job or these columns cannot be rendered as columns."""
-        keyed = self.key_batch(frame)
-        if keyed is None:
-            return None
-        made: list[Request | RenderError] = []
-        for index, (key, prompt) in enumerate(zip(*keyed, strict=True)):
-            if key is None:
-                made += [rendered for _, _, rendered in self.render([frame.row(index, named=True)])]
-            else:
-                made.append(self.column_request(key, prompt))
-        return made
-
     def key_batch(self, frame: pl.DataFrame) -> tuple[list[str | None], list[str | None]] | None:
         """Each row's request key and prompt, made as `build` makes them, for a batch of rows at once;
         None when these columns cannot be rendered as columns, and a row whose key is None goes through

@@ -1,8 +1,5 @@
-"""The records that flow through a run: a Request goes out, an Answer comes back (from any wire),
-and a Result is stored.
-
-RESULT_SCHEMA is the stored and output form of a Result; every part file and the final output use it.
-"""
+"""The records that flow through a run: a Request goes out, an Answer comes back (from any wire), and a
+Result is stored (RESULT_SCHEMA: its form in every part file and the output)."""
 
 from __future__ import annotations
 

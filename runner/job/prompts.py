@@ -1,8 +1,6 @@
-"""Rows to requests: render each row's prompt into Messages API parameters and give it an identity key.
-
-The key is a hash of everything that determines the answer, so identical requests share one answer and
-a template change re-sends exactly the rows whose request changed (docs/decisions.md, "Request keys").
-"""
+"""Rows to requests: each row's prompt rendered into Messages API parameters, with a key hashing all that
+determines the answer, so identical requests share one answer and a template change re-sends exactly
+the rows it changed (docs/decisions.md, "Request keys")."""
 
 from __future__ import annotations
 

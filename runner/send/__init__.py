@@ -1,9 +1,5 @@
-"""How requests are sent: executors behind one protocol (runner.send.base.Executor), chosen here.
-
-Adding a way of sending (Zhipu's Batch API, Ray actors) is one module with an executor and one line
-in `make_executor`; planning, state and output do not change. Executors are imported where chosen, so
-commands that send nothing never load the SDK.
-"""
+"""How requests are sent: executors behind one protocol (runner.send.base.Executor), chosen here and
+imported only when chosen, so commands that send nothing never load the SDK."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""Where a run sends: the job's endpoint URL, or a simulator started for this run only.
-
-The simulator (runner.simulator) is imported only when a job names `endpoint: simulator`: a real run
-never loads it.
-"""
+"""Where a run sends: the job's endpoint URL, or a simulator started for this run only (imported only
+then: a real run never loads it)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""An in-process executor that answers every request at once, for engine and state tests that need no
-server, and for measuring planning alone (bench/): the rest of the pipeline cannot tell it apart.
-
-    executor = FakeExecutor(answer=lambda request: Answer(...))   # default: a fixed short answer
-"""
+"""An in-process executor that answers every request at once, for tests that need no server and for
+measuring planning alone (bench/): the rest of the pipeline cannot tell it apart."""
 
 from __future__ import annotations
 

@@ -250,6 +250,11 @@ def compose(
     does not hold it."""
     prompt, first, turn = ask.prompt, ask.first, ask.user_turns
     input_tokens = count_tokens(prompt, scale)
+
+    def answer_to(schema: dict[str, Any]) -> Any:
+        value = structured_answer(schema, first, invalid(first, turn), variant(ask, first, turn))
+        return _with_stated(schema, value, stated(ask, first))
+
     thinking: str | None = None
     think_tokens = 0
     if ask.thinking:
@@ -264,11 +269,7 @@ def compose(
             return Reply(thinking, "", None, "max_tokens", input_tokens, count_tokens(thinking, scale))
     if ask.tool is not None:
         name, schema = ask.tool
-        value = _with_stated(
-            schema,
-            structured_answer(schema, first, invalid(first, turn), variant(ask, first, turn)),
-            stated(ask, first),
-        )
+        value = answer_to(schema)
         call_id = f"toolu_{hashlib.sha256(first.encode()).hexdigest()[:20]}"
         out = think_tokens + count_tokens(json.dumps(value), scale)
         if thinking is not None and out > ask.max_tokens:
@@ -277,11 +278,7 @@ def compose(
     text = answer_for(prompt)
     if TEXT_SCHEMA_MARKER in ask.system:  # text mode: JSON made from the schema asked for
         schema = json.loads(ask.system.split(TEXT_SCHEMA_MARKER, 1)[1].strip().splitlines()[0])
-        value = _with_stated(
-            schema,
-            structured_answer(schema, first, invalid(first, turn), variant(ask, first, turn)),
-            stated(ask, first),
-        )
+        value = answer_to(schema)
         dumped = json.dumps(value, ensure_ascii=False)
         text = dumped if ask.json_object else f"Here you are:\n```json\n{dumped}\n```"
     elif ask.json_object:

@@ -1,11 +1,6 @@
-"""The batch book: a write-ahead record of every Batch API chunk, so no request is ever submitted twice.
-
-    <state dir>/batches/book.jsonl         one JSON line per step, appended and fsynced first
-    <state dir>/batches/<round>/...jsonl   the chunks' input files and each request's body
-
-A chunk moves written -> uploaded -> created -> harvested, abandoned or lost (docs/decisions.md,
-"The batch book").
-"""
+"""The batch book (`batches/book.jsonl`): a write-ahead record of every Batch API chunk, so no request is
+ever submitted twice. A chunk moves written -> uploaded -> created -> harvested, abandoned or lost
+(docs/decisions.md, "The batch book")."""
 
 from __future__ import annotations
 

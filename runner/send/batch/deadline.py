@@ -1,8 +1,5 @@
-"""`run.deadline`: when a hybrid job must be done, as a point on the monotonic clock.
-
-deadline_in("90m")     # 90 minutes from now
-deadline_in("06:30")   # the next 06:30, local time (tomorrow's if it has passed today)
-"""
+"""`run.deadline`: when a hybrid job must be done ("90m" from now, or the next "06:30" local time), as a
+point on the monotonic clock."""
 
 from __future__ import annotations
 

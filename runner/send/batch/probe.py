@@ -1,12 +1,6 @@
-"""The Batch API probe behind `glm-batch doctor --batch`: a 2-line batch on one model, watched with a
-visible timer up to a limit, then read for what matters on the first real batch: did it pass
-validation, and what does the batch object look like (timestamp units, empty file ids, counts).
-
-    found = await probe_batch(native_url, key, "glm-4.6", wait_s=600, label="glm-4.6")
-    found["eligible"], found["result"], found["shape"]
-
-What it uploads and the result files are deleted afterwards (an account holds at most 1,000 files).
-"""
+"""The Batch API probe behind `glm-batch doctor --batch`: a 2-line batch on one model, watched up to a
+limit, then read for what matters on a first real batch (did it validate; the batch object's shape).
+What it uploads and its result files are deleted afterwards."""
 
 from __future__ import annotations
 

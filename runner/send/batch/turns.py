@@ -1,9 +1,5 @@
 """The billed turns a later batch round continues (a repair's earlier answers, a cut answer's tokens),
-kept in `<round>/turns.jsonl` so a run killed between rounds loses none from its rows' tokens and cost.
-
-    save_turns(harvester, leftovers, folder)    # before the round's files exist
-    restore_turns(harvester, open_chunks)       # when a run resumes
-"""
+kept in `<round>/turns.jsonl` so a run killed between rounds loses none from its rows' tokens and cost."""
 
 from __future__ import annotations
 

@@ -3,13 +3,14 @@ rules (a bad spec raises UsageError; a run that stopped returns its exit code)."
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import shlex
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from runner.errors import UsageError
 from runner.job.resolve import Job
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
     from runner.estimate import EstimateOptions
 
 __all__ = ["RunResult", "aestimate_job", "api_key_for", "arun_job", "estimate_job", "load_job", "run_job"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 SIMULATOR_KEY = "simulator-key"  # the built-in simulator accepts any key
 
@@ -97,39 +101,6 @@ async def run_loaded(job: Job, options: RunOptions, reporter: Reporter) -> RunRe
     return await run_cascade(job, api_key=key, options=options, reporter=reporter)
 
 
-def run_job(
-    spec: str | Path | Job,
-    *,
-    set: Mapping[str, Any] | None = None,
-    limit: int | None = None,
-    fresh: bool = False,
-    retry_failed: bool = False,
-    reporter: Reporter | None = None,
-) -> RunResult:
-    """Run a job and wait for it: send every row with no answer yet, write the output, return how it ended.
-    Where an event loop already runs (Jupyter), `await arun_job(...)` instead."""
-    import asyncio
-
-    _outside_a_loop("run_job", "arun_job")
-    return asyncio.run(arun_job(spec, set=set, limit=limit, fresh=fresh, retry_failed=retry_failed, reporter=reporter))
-
-
-def estimate_job(
-    spec: str | Path | Job,
-    *,
-    set: Mapping[str, Any] | None = None,
-    limit: int | None = None,
-    exact: bool = False,
-    pilot: int | None = None,
-) -> dict[str, Any]:
-    """What the job would cost and how long it would take (the report `glm-batch estimate --json` prints).
-    Where an event loop already runs (Jupyter), `await aestimate_job(...)` instead."""
-    import asyncio
-
-    _outside_a_loop("estimate_job", "aestimate_job")
-    return asyncio.run(aestimate_job(spec, set=set, limit=limit, exact=exact, pilot=pilot))
-
-
 async def aestimate_job(
     spec: str | Path | Job,
     *,
@@ -163,19 +134,40 @@ async def estimate_loaded(job: Job, api_key: str, options: EstimateOptions, repo
     return {**report, "warnings": [warning] if warning else []}
 
 
-def _outside_a_loop(name: str, instead: str) -> None:
-    """Refuse, before anything starts, to block a running event loop (asyncio.run would fail there with
-    a bare "cannot be called from a running event loop")."""
-    import asyncio
+def _blocking(name: str, coroutine: Callable[P, Coroutine[Any, Any, R]], doc: str) -> Callable[P, R]:
+    """The blocking form of an async function of the API, refused (before anything starts) inside a
+    running event loop, where asyncio.run would fail with a bare "cannot be called from a running event loop"."""
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return
-    raise RuntimeError(
-        f"runner.{name}() cannot run inside a running event loop (Jupyter, an async app); "
-        f"there, use: await runner.{instead}(...)"
-    )
+    @functools.wraps(coroutine)
+    def blocking(*args: P.args, **kwargs: P.kwargs) -> R:
+        import asyncio
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(coroutine(*args, **kwargs))
+        raise RuntimeError(
+            f"runner.{name}() cannot run inside a running event loop (Jupyter, an async app); "
+            f"there, use: await runner.{coroutine.__name__}(...)"
+        )
+
+    blocking.__name__ = blocking.__qualname__ = name
+    blocking.__doc__ = doc
+    return blocking
+
+
+run_job = _blocking(
+    "run_job",
+    arun_job,
+    """Run a job and wait for it: send every row with no answer yet, write the output, return how it ended.
+    Where an event loop already runs (Jupyter), `await arun_job(...)` instead.""",
+)
+estimate_job = _blocking(
+    "estimate_job",
+    aestimate_job,
+    """What the job would cost and how long it would take (the report `glm-batch estimate --json` prints).
+    Where an event loop already runs (Jupyter), `await aestimate_job(...)` instead.""",
+)
 
 
 # What a run's first request needs that loading the job and planning do not (third-party only): the SDK,

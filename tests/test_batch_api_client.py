@@ -382,11 +382,11 @@ async def test_create_after_a_lost_answer_does_not_make_a_second_batch(
 
 
 async def test_list_pages_and_iterates_every_batch(api: BatchAPI, server: FakeBatchServer) -> None:
-    """list gives one page with has_more and last_id; iter_batches follows `after` to the end."""
+    """list gives one page with has_more and last_id; pages follows `after` to the end."""
     page = await api.list(limit=2)
     assert [b.id for b in page.data] == ["batch_0", "batch_1"]
     assert page.has_more and page.last_id == "batch_1"
-    ids = [b.id async for b in api.iter_batches(page_size=2)]
+    ids = [b.id async for each in api.pages(page_size=2) for b in each.data]
     assert ids == [f"batch_{i}" for i in range(5)]
     afters = [c.query.get("after") for c in server.calls("GET /batches")][1:]
     assert afters == [None, "batch_1", "batch_3"]
@@ -396,7 +396,7 @@ async def test_iteration_stops_on_a_server_that_repeats_a_page(api: BatchAPI, se
     """A server that says has_more but hands back the same page cannot loop us forever."""
     stuck = {"data": [_batch("batch_0")], "has_more": True, "last_id": "batch_0"}
     server.enqueue("GET /batches", Canned(body=stuck), Canned(body=stuck), Canned(body=stuck))
-    assert [b.id async for b in api.iter_batches()] == ["batch_0", "batch_0"]
+    assert [b.id async for each in api.pages() for b in each.data] == ["batch_0", "batch_0"]
 
 
 @pytest.mark.parametrize("newest_first", [True, False])

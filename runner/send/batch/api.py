@@ -169,13 +169,12 @@ class BatchAPI:
             params["after"] = after
         return page_from_json(await self._call("GET", "/batches", params=params))
 
-    async def iter_batches(self, *, page_size: int = 100) -> AsyncIterator[Batch]:
-        """Every batch of the account, page by page."""
+    async def pages(self, *, page_size: int = 100) -> AsyncIterator[BatchPage]:
+        """The account's batches, a page at a time."""
         after: str | None = None
         while True:
             page = await self.list(after=after, limit=page_size)
-            for batch in page.data:
-                yield batch
+            yield page
             following = page.last_id or (page.data[-1].id if page.data else None)
             # Stop on the last page, and on a server that would hand back the same page forever.
             if not page.has_more or following is None or following == after:

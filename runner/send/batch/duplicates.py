@@ -156,9 +156,7 @@ class Twins:
 async def batches_since(api: BatchAPI, since_ms: int | None) -> AsyncIterator[Batch]:
     """The account's batches made at or after `since_ms` (epoch ms; None: all), page by page; the
     list's order is not documented, so only a newest-first page that ends before `since_ms` stops it."""
-    after: str | None = None
-    while True:
-        page = await api.list(after=after, limit=100)
+    async for page in api.pages():
         stamps = [epoch_ms(b.created_at) if b.created_at else None for b in page.data]
         for batch, stamp in zip(page.data, stamps, strict=True):
             if since_ms is None or stamp is None or stamp >= since_ms:
@@ -167,10 +165,6 @@ async def batches_since(api: BatchAPI, since_ms: int | None) -> AsyncIterator[Ba
         newest_first = known == sorted(known, reverse=True)
         if since_ms is not None and known and newest_first and known[-1] < since_ms:
             return
-        following = page.last_id or (page.data[-1].id if page.data else None)
-        if not page.has_more or following is None or following == after:
-            return
-        after = following
 
 
 def _rank(batch: Batch, chunk: Chunk) -> tuple[int, int, int, int]:

@@ -89,7 +89,7 @@ class RequestBuilder:
         self._columns = self._column_rendering()
 
     def _column_rendering(self) -> _Columns | None:
-        """How `build_batch` renders a batch as columns, or None when this job's prompt cannot be: only a
+        """How `key_batch` renders a batch as columns, or None when this job's prompt cannot be: only a
         row turn that substitutes columns between literal texts, under a system prompt and earlier turns
         that are the same for every row."""
         job = self._job

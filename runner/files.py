@@ -116,6 +116,11 @@ def json_object(raw: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def user_data(variable: str, name: str) -> Path:
+    """Where glm-batch keeps what outlives a job: $`variable`, else ~/.local/share/glm-batch/`name`."""
+    return Path(os.environ.get(variable) or Path.home() / ".local" / "share" / "glm-batch" / name)
+
+
 def summary_path(output: Path) -> Path:
     """Where the summary of the run that wrote `output` is kept: beside it, as `<output>.summary.json`."""
     return output.with_suffix(".summary.json")

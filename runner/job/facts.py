@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
 import stat
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from runner.files import json_object, write_json_atomic
+from runner.files import json_object, user_data, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -38,10 +37,7 @@ SIMULATOR = "simulator"  # the in-process simulator's key (`model.endpoint: simu
 
 def facts_path() -> Path:
     """Where the facts file lives."""
-    configured = os.environ.get("GLM_BATCH_FACTS")
-    if configured:
-        return Path(configured)
-    return Path.home() / ".local" / "share" / "glm-batch" / "facts.json"
+    return user_data("GLM_BATCH_FACTS", "facts.json")
 
 
 def facts_key(base_url: str | None, model: str) -> str:

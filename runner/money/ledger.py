@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
@@ -14,7 +13,7 @@ from pathlib import Path
 import polars as pl
 
 from runner.errors import GlmBatchError, first_line
-from runner.files import write_atomic
+from runner.files import user_data, write_atomic
 from runner.job.resolve import Job
 from runner.money.booked import Booked
 from runner.money.tokens import Calibration
@@ -38,10 +37,7 @@ LEDGER_SCHEMA: dict[str, pl.DataType] = {
 
 def ledger_dir() -> Path:
     """Where the ledger lives."""
-    configured = os.environ.get("GLM_BATCH_LEDGER")
-    if configured:
-        return Path(configured)
-    return Path.home() / ".local" / "share" / "glm-batch" / "ledger"
+    return user_data("GLM_BATCH_LEDGER", "ledger")
 
 
 # What a failed ledger write raises: the OS's error, our writer's (a full disk), or polars' wrapping of it.

@@ -31,7 +31,7 @@ from runner.send.batch.shapes import (
     FileObject,
     page_from_json,
 )
-from runner.send.retries import Fault, retrying, wait_backoff
+from runner.send.retries import retrying, wait_backoff
 
 T = TypeVar("T")
 
@@ -180,11 +180,6 @@ class BatchAPI:
             if not page.has_more or following is None or following == after:
                 return
             after = following
-
-    @staticmethod
-    def classify(exc: BaseException) -> Fault:
-        """What a failed call means, in the one retry vocabulary (a Fault; see `classify_api_error`)."""
-        return classify_api_error(exc)
 
     # ---- plumbing ----
 

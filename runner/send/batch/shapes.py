@@ -4,7 +4,7 @@ malformed; a missing id raises BatchProtocolError."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from runner.send.batch.errors import BatchProtocolError
@@ -97,32 +97,18 @@ class Batch:
             if isinstance(e, Mapping)
         )
         metadata = data.get("metadata")
-        times = {
-            name: whole_number(data.get(name))
-            for name in (
-                "created_at",
-                "in_progress_at",
-                "finalizing_at",
-                "completed_at",
-                "failed_at",
-                "expired_at",
-                "expires_at",
-                "cancelling_at",
-                "cancelled_at",
-            )
+        read: dict[str, Any] = {f.name: whole_number(data.get(f.name)) for f in fields(cls) if f.name.endswith("_at")}
+        read |= {
+            name: _str(data.get(name)) for name in ("input_file_id", "output_file_id", "error_file_id", "endpoint")
         }
         return cls(
             id=str(data["id"]),
             status=_str(data.get("status")) or "unknown",
-            input_file_id=_str(data.get("input_file_id")),
-            output_file_id=_str(data.get("output_file_id")),
-            error_file_id=_str(data.get("error_file_id")),
-            endpoint=_str(data.get("endpoint")),
             request_counts=RequestCounts.from_json(data.get("request_counts")),
             metadata=dict(metadata) if isinstance(metadata, Mapping) else {},
             errors=errors,
             raw=dict(data),
-            **times,
+            **read,
         )
 
 

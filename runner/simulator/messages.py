@@ -12,9 +12,9 @@ from aiohttp import web
 
 from runner.job import catalog
 from runner.simulator.answers import anthropic_message, ask_from_messages, count_tokens, prompt_key, prompt_text
+from runner.simulator.batch_input import TOOL_CHOICE_MESSAGE
 from runner.simulator.config import BILLED_FAULTS, ERRORS, HTML_502
 from runner.simulator.host import Host
-from runner.simulator.native_body import TOOL_CHOICE_MESSAGE
 
 __all__ = ["MESSAGES_PATH", "MessagesAPI"]
 

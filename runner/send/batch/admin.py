@@ -11,10 +11,16 @@ from runner.job.resolve import Job
 from runner.send.batch.book import OPEN, BatchBook
 
 
+def _written_book(job: Job) -> BatchBook | None:
+    """The job's batch book, or None when no batch run wrote one."""
+    directory = job.state_dir / "batches"
+    return BatchBook(directory) if (directory / "book.jsonl").exists() else None
+
+
 def batch_rows(job: Job) -> list[dict[str, Any]]:
     """One line per chunk of the job: its batch, how far it got, its request counts at the last look."""
-    directory = job.state_dir / "batches"
-    if not (directory / "book.jsonl").exists():
+    book = _written_book(job)
+    if book is None:
         return []
     return [
         {
@@ -25,16 +31,14 @@ def batch_rows(job: Job) -> list[dict[str, Any]]:
             "status": chunk.batch_status,
             **{k: chunk.counts.get(k) for k in ("completed", "failed")},
         }
-        for chunk in BatchBook(directory).chunks.values()
+        for chunk in book.chunks.values()
     ]
 
 
 def stray_rows(job: Job) -> list[dict[str, Any]]:
     """The batches of the job no chunk keeps (a create whose answer was lost landed late), as handled."""
-    directory = job.state_dir / "batches"
-    if not (directory / "book.jsonl").exists():
-        return []
-    return list(BatchBook(directory).strays.values())
+    book = _written_book(job)
+    return [] if book is None else list(book.strays.values())
 
 
 def _looked_at(book: BatchBook) -> list[str]:
@@ -48,8 +52,8 @@ def _looked_at(book: BatchBook) -> list[str]:
 
 def has_batches_to_look_at(job: Job) -> bool:
     """Does the job's book name batches at Zhipu that `status` should look at (sends nothing)?"""
-    directory = job.state_dir / "batches"
-    return (directory / "book.jsonl").exists() and bool(_looked_at(BatchBook(directory)))
+    book = _written_book(job)
+    return book is not None and bool(_looked_at(book))
 
 
 async def look_for_strays(job: Job, api_key: str, base_url: str) -> list[dict[str, Any]] | None:

@@ -475,3 +475,30 @@ def test_an_endpoint_that_redirects_stops_the_run_and_the_key_never_reaches_wher
     last = result.stderr.strip().splitlines()[-1]
     assert f"({status}" in last and "redirects elsewhere" in last and "model.endpoint" in last, last
     assert reached == []
+
+
+# ---- a batch result line may come without usage: kept, estimated, never paid twice -------------------------
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_a_batch_answer_without_usage_is_kept_once_with_an_estimate_it_says_is_one(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, rate: float
+) -> None:
+    """Zhipu documents `usage` on every result line, but a line without it was answered and billed all the
+    same: the row keeps the answer, its counts estimated (the prompt from the request, the output from
+    the answer's text), never 0, and it says which counts are estimates. Nothing is sent twice, and a
+    re-run sends nothing."""
+    sim.configure(batch_usage_missing_rate=rate)
+    rows = sample_rows(40)
+    files = make_job(rows=rows, model={"name": "glm-4-air-250414"}, run={"mode": "batch", "batch": BATCH_POLL})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    out = pl.read_parquet(files.output)
+    assert out.get_column("status").to_list() == ["ok"] * len(rows)
+    estimated = out.filter(pl.col("error_message").fill_null("").str.contains("input_tokens estimated"))
+    assert estimated.height == len(rows) if rate == 1.0 else 0 < estimated.height < len(rows)
+    assert (estimated.get_column("input_tokens") > 0).all() and (estimated.get_column("cost") > 0).all()
+    stats = sim.stats()
+    assert stats["prompts_billed_twice"] == 0 and stats["billed"]["online"] == 0, stats
+    assert cli("run", str(files.spec)).exit_code == 0
+    assert sim.stats()["billed"] == stats["billed"]

@@ -21,7 +21,7 @@ import orjson
 from anthropic._response import AsyncAPIResponse
 from anthropic.types import Message
 
-from runner.money.tokens import estimate_request, estimate_text, token_count
+from runner.money.tokens import estimate_answer, estimate_request, estimate_text, token_count
 from runner.records import Answer
 from runner.send.base import MAX_ANSWER_BYTES
 from runner.send.retries import (
@@ -468,7 +468,7 @@ def answer_from_message(data: Any, request_id: str | None, *, prompt: Mapping[st
         estimated.append("input_tokens")
     said = any(texts) or any(thoughts) or tool_use_id is not None
     if output_tokens is None or (output_tokens == 0 and said):
-        output_tokens = _output_estimate(texts, thoughts, blocks)
+        output_tokens = estimate_answer(blocks)
         estimated.append("output_tokens")
     if input_tokens is None:  # no prompt to estimate from: nothing of it can be priced
         raise BadResponse(
@@ -496,12 +496,6 @@ def answer_from_message(data: Any, request_id: str | None, *, prompt: Mapping[st
         content=tuple(blocks),
         usage_estimated=", ".join(estimated) or None,
     )
-
-
-def _output_estimate(texts: list[str], thoughts: list[str], blocks: list[dict[str, Any]]) -> int:
-    """Output tokens estimated from what the answer said (its text, thinking and tool calls): at least 1."""
-    calls = [json.dumps(b.get("input"), ensure_ascii=False) for b in blocks if b.get("type") == "tool_use"]
-    return max(1, round(sum(estimate_text(t) for t in (*texts, *thoughts, *calls))))
 
 
 def _taken_back(turn: dict[str, Any]) -> dict[str, Any]:

@@ -502,3 +502,14 @@ def test_a_batch_answer_without_usage_is_kept_once_with_an_estimate_it_says_is_o
     assert stats["prompts_billed_twice"] == 0 and stats["billed"]["online"] == 0, stats
     assert cli("run", str(files.spec)).exit_code == 0
     assert sim.stats()["billed"] == stats["billed"]
+
+
+def test_doctor_reads_a_probe_batch_whose_lines_have_no_usage_without_a_traceback(sim: SimulatorThread) -> None:
+    """doctor --batch sums what its 2-line batches cost: a line without usage counts nothing, and the
+    probe still reports the batch as taken."""
+    sim.configure(batch_usage_missing_rate=1.0)
+    result = cli("doctor", "--endpoint", sim.url, "--model", "glm-4.6", "--batch", "--batch-wait", "20", "--json")
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    found = {c["name"]: c for c in report["checks"]}
+    assert found["batch glm-4.6"]["ok"] is True, found

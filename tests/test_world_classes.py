@@ -513,3 +513,61 @@ def test_doctor_reads_a_probe_batch_whose_lines_have_no_usage_without_a_tracebac
     report = json.loads(result.stdout)
     found = {c["name"]: c for c in report["checks"]}
     assert found["batch glm-4.6"]["ok"] is True, found
+
+
+# ---- every HTTP body is read bounded, the tokenizer's too ------------------------------------------------
+
+TOKENIZER_ANSWERS = {
+    "over a megabyte": (200, b'{"usage": {"prompt_tokens": 7}, "pad": "' + b"x" * (8 << 20) + b'"}'),
+    "html": (200, b"<html><body>502 Bad Gateway</body></html>"),
+    "an error object": (200, b'{"error": {"code": "1214", "message": "bad"}}'),
+    "a count that is not one": (200, b'{"usage": {"prompt_tokens": "many"}}'),
+    "no usage": (200, b'{"id": "tok"}'),
+    "a redirect": (302, b""),
+}
+
+
+@pytest.mark.parametrize(("status", "body"), TOKENIZER_ANSWERS.values(), ids=TOKENIZER_ANSWERS)
+def test_estimate_exact_refuses_a_tokenizer_answer_that_is_no_count_in_one_line_reading_at_most_a_bound(
+    make_job: Callable[..., JobFiles], status: int, body: bytes
+) -> None:
+    """`estimate --exact` reads each tokenizer answer through the one bounded reader (runner.send.base.
+    read_at_most): a body over its bound, or one that holds no token count, ends the estimate with one
+    line saying to try without --exact (exit 2), no traceback, no redirect followed."""
+    served: list[int] = []
+
+    async def handler(request: Any) -> Any:
+        from aiohttp import web
+
+        await request.read()
+        served.append(1)
+        headers = {"location": "http://127.0.0.1:9/elsewhere"} if status == 302 else {}
+        return web.Response(status=status, body=body, headers=headers, content_type="application/json")
+
+    with messages_endpoint(handler, path="/api/paas/v4/tokenizer") as url:
+        files = make_job(rows=sample_rows(3), model={"endpoint": url})
+        result = cli("estimate", str(files.spec), "--exact")
+    assert result.exit_code == 2, (result.exit_code, result.stderr[-2000:])
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line, line
+    assert "tokenizer API" in line and "without --exact" in line, line
+    assert served
+
+
+def test_no_module_reads_an_http_body_but_through_a_bounded_reader() -> None:
+    """The class, not the case: aiohttp bodies are read by runner.send.base.read_at_most only, and the
+    SDK's by its bounded transport (runner.send.client.BoundedTransport); the simulator serves, it is
+    not a client. A new `await x.json()` / `.read()` / `.text()` on a response anywhere else fails here."""
+    import re
+
+    package = Path(__file__).parent.parent / "runner"
+    unbounded = re.compile(r"await [\w.]+\.(json|read|text)\(\)|\.content\.read\(")
+    bounded_by_transport = {"send/client.py"}  # reads what BoundedTransport already cut at MAX_ANSWER_BYTES
+    found = [
+        f"{path.relative_to(package)}:{number}: {line.strip()}"
+        for path in package.rglob("*.py")
+        if "simulator" not in path.parts and str(path.relative_to(package)) not in bounded_by_transport
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if unbounded.search(line)
+    ]
+    assert found == []

@@ -571,3 +571,31 @@ def test_no_module_reads_an_http_body_but_through_a_bounded_reader() -> None:
         if unbounded.search(line)
     ]
     assert found == []
+
+
+# ---- a refusal's advice names the knob that mends it, in the direction that mends it ----------------------
+
+
+def test_an_upload_refused_for_the_accounts_file_count_says_to_delete_files_or_use_fewer_larger_ones(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """Zhipu keeps at most 1,000 files an account (the refusal's code is undocumented). Smaller files
+    (a lower run.batch.max_requests) would make it worse: the advice says to delete files (naming the
+    command) or raise max_requests. A create refused after the upload is the file against the account's
+    limits: there, lowering them is the advice."""
+    sim.configure(batch_file_cap=0)
+    batch = {"mode": "batch", "batch": {**BATCH_POLL, "max_requests": 10}}
+    files = make_job(rows=sample_rows(30), model={"name": "glm-4-air-250414"}, run=batch)
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 3, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "glm-batch cancel JOB.yaml --purge" in last and "raise run.batch.max_requests, now 10" in last, last
+    assert "lower run.batch.max_requests" in last.split("if the file is over")[1], last
+    assert sim.stats()["billed"]["batch"] == 0
+
+    sim.configure(batch_file_cap=1000, batch_create_status=400)
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 3, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "POST /batches" in last and "lower them to match" in last and "--purge" not in last, last
+    assert sim.stats()["files"] == 0 and sim.stats()["billed"]["batch"] == 0

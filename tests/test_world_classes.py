@@ -15,7 +15,10 @@ from typing import Any
 import polars as pl
 import pytest
 
+from runner.files import read_json_object
 from runner.job import catalog
+from runner.job.inputs import NAMES_CHECK_VERSION, NAMES_CHECKED, content_identity
+from runner.job.resolve import load_job
 from runner.send.batch.errors import classify_api_error, status_error
 from runner.send.batch.executor import NO_ROOM_LOOKS
 from runner.send.batch.files import BatchFileWriter, queue_caps
@@ -135,6 +138,40 @@ def test_an_input_naming_a_column_or_key_twice_is_refused_with_file_place_and_na
         assert len(line.splitlines()) == 1 and "Traceback" not in line, line
         assert f"{name}: {place} names {key!r} twice" in line, line
     assert sim.stats()["requests"] == 0
+
+
+def test_an_input_passes_the_name_check_once_per_content_and_any_change_to_it_is_checked_again(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, tmp_path: Path
+) -> None:
+    """The JSONL check parses every line in Python (about 1.5 s a million lines), so a cron re-run of an
+    unchanged input does not pay it again: what passed is recorded by content identity in the state
+    directory. A write in place, the same size and its mtime put back, changes the ctime: checked again."""
+    data = tmp_path / "data" / "in.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    good = b"".join(json.dumps({"id": f"r{i}", "text": f"t{i}"}).encode() + b"\n" for i in range(20))
+    data.write_bytes(good)
+    files = make_job(input={"paths": ["data/in.jsonl"], "id_column": "id"})
+    assert cli("run", str(files.spec)).exit_code == 0
+    record = load_job(files.spec).state_dir / NAMES_CHECKED
+    assert (read_json_object(record) or {}).get("passed") == [content_identity(data)]
+
+    before = data.stat()
+    bad = good.replace(b'{"id": "r1", "text": "t1"}', b'{"id": "r1", "id":   "t1"}')
+    assert len(bad) == len(good) and bad != good
+    data.write_bytes(bad)
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (data.stat().st_size, data.stat().st_mtime_ns, data.stat().st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+    for command in ("validate", "run"):
+        result = cli(command, str(files.spec))
+        assert result.exit_code == 2 and "line 2 names 'id' twice" in result.stderr, result.stderr[-2000:]
+
+    # The record is what spares the parse: one naming this very content is trusted (here, forged).
+    record.write_text(json.dumps({"version": NAMES_CHECK_VERSION, "passed": [content_identity(data)]}))
+    assert "names 'id' twice" not in cli("validate", str(files.spec)).stderr
 
 
 # ---- usage may come in message_start, message_delta, both, or neither --------------------------------------

@@ -280,6 +280,40 @@ def test_a_streamed_answer_is_kept_once_with_the_most_complete_usage_or_an_estim
         assert "usage_estimated" in result.stderr
 
 
+STREAM_ERRORS = {
+    "anthropic": {"type": "error", "error": {"type": "1113", "message": "arrears"}},
+    "native": {"error": {"code": "1113", "message": "arrears"}},
+}
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["event: error", "data only"])
+@pytest.mark.parametrize("midway", [False, True], ids=["at once", "midway"])
+@pytest.mark.parametrize("shape", STREAM_ERRORS)
+def test_a_stream_ending_in_no_balance_stops_the_run_whatever_the_error_events_shape(
+    make_job: Callable[..., JobFiles], shape: str, midway: bool, named: bool
+) -> None:
+    """A stream's error event, in either of Zhipu's shapes, named `event: error` or sent as `data:` alone
+    (as OpenAI-style streams send errors; the SDK skips an event with no name, so the stream only looked
+    cut off and every row was asked again): a 1113 stops the run at the first row."""
+    asked: list[int] = []
+
+    async def handler(request: Any) -> Any:
+        from aiohttp import web
+
+        await request.read()
+        asked.append(1)
+        error = ("event: error\n" if named else "") + f"data: {json.dumps(STREAM_ERRORS[shape])}\n\n"
+        body = (_sse(_start(_ZERO), *_TEXT[:2]) if midway else b"") + error.encode()
+        return web.Response(body=body, headers={"content-type": "text/event-stream"})
+
+    with messages_endpoint(handler) as url:
+        files = make_job(rows=sample_rows(10), model={"endpoint": url, "stream": True}, run={"concurrency": 1})
+        result = cli("run", str(files.spec))
+    assert result.exit_code == 3, result.stderr[-2000:]
+    assert "1113" in result.stderr.strip().splitlines()[-1]
+    assert len(asked) == 1
+
+
 WHOLE_USAGE = {
     "input null": ({"input_tokens": None, "output_tokens": 30}, None, 30),
     "input zero": ({"input_tokens": 0, "output_tokens": 30}, None, 30),

@@ -63,12 +63,18 @@ class AnswerTooLarge(Exception):
         super().__init__(f"the answer {said}, past the {limit:,} bytes one answer may take; it was not read further")
 
 
+TAIL_BYTES = 8192  # the end of a body kept: where a stream's last event (an error the SDK skips) is
+BODY = "glm_batch.body"  # a response's extension holding its BoundedStream
+
+
 class BoundedStream(httpx2.AsyncByteStream):
-    """A response body that raises AnswerTooLarge once more than `limit` bytes came."""
+    """A response body that raises AnswerTooLarge once more than `limit` bytes came; `tail` is its last
+    TAIL_BYTES bytes so far (what `stream_error` reads)."""
 
     def __init__(self, inner: httpx2.AsyncByteStream, limit: int) -> None:
         self._inner = inner
         self._limit = limit
+        self.tail = b""
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         seen = 0
@@ -76,6 +82,7 @@ class BoundedStream(httpx2.AsyncByteStream):
             seen += len(chunk)
             if seen > self._limit:
                 raise AnswerTooLarge(self._limit)
+            self.tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else (self.tail + chunk)[-TAIL_BYTES:]
             yield chunk
 
     async def aclose(self) -> None:
@@ -98,12 +105,13 @@ class BoundedTransport(httpx2.AsyncBaseTransport):
             raise AnswerTooLarge(self._limit, int(declared))
         stream = response.stream
         assert isinstance(stream, httpx2.AsyncByteStream)
+        bounded = BoundedStream(stream, self._limit)
         return httpx2.Response(
             response.status_code,
             headers=response.headers,
-            stream=BoundedStream(stream, self._limit),
+            stream=bounded,
             request=request,
-            extensions=response.extensions,
+            extensions={**response.extensions, BODY: bounded},  # the client wraps `stream`: found here
         )
 
     async def aclose(self) -> None:
@@ -220,6 +228,13 @@ class Client:
                             finished = True
         except TimeoutError:
             raise StalledStream(self._stall) from None
+        if message is None or not finished:  # an error event the SDK skipped (one with no `event:` line)?
+            body = stream.response.extensions.get(BODY)
+            said = stream_error(body.tail) if isinstance(body, BoundedStream) else None
+            if said is not None:
+                raise BadResponse(
+                    said[0], f"the stream ended with an error: {said[1]}", maybe_billed=message is not None
+                )
         if message is None:  # no message_start: an HTML page, a cut-off stream
             raise BadResponse(None, "the stream ended without a complete message", maybe_billed=True)
         if not finished:
@@ -288,6 +303,24 @@ def classify(exc: BaseException) -> Fault:
             request_id=request_id or exc.request_id or _request_id(headers),
         )
     return unclassified(exc)
+
+
+def stream_error(tail: bytes) -> tuple[str, str] | None:
+    """Zhipu's code and message when a stream's last event is an error object in either shape, sent as
+    `data:` alone (no `event: error` line, as OpenAI-style streams send errors): the SDK skips an event
+    with no name, so the stream would only look cut off, and a 1113 be asked again on every row."""
+    blocks = [b for b in tail.replace(b"\r\n", b"\n").split(b"\n\n") if b.strip()]
+    if not blocks:
+        return None
+    data = b"\n".join(
+        line.removeprefix(b"data:").removeprefix(b" ") for line in blocks[-1].split(b"\n") if line.startswith(b"data:")
+    )
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return None
+    code, message, _ = error_parts(body)
+    return (code, message or code) if code is not None else None
 
 
 _Pieces = dict[tuple[int, str], list[str]]

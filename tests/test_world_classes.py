@@ -670,3 +670,25 @@ def test_an_upload_refused_for_the_accounts_file_count_says_to_delete_files_or_u
     last = result.stderr.strip().splitlines()[-1]
     assert "POST /batches" in last and "lower them to match" in last and "--purge" not in last, last
     assert sim.stats()["files"] == 0 and sim.stats()["billed"]["batch"] == 0
+
+
+# ---- the state directory is the runner's own: never a folder holding the job's files ----------------------
+
+
+@pytest.mark.parametrize("state_dir", ["data", ".", "{tmp}"], ids=["the input's folder", "the spec's", "absolute"])
+def test_a_state_directory_holding_the_input_or_the_spec_is_refused_before_anything_is_written(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, tmp_path: Path, state_dir: str
+) -> None:
+    """The runner manages everything in its state directory (a crash sweep deletes `*.tmp` files in it at any
+    depth, journals found there are read and removed): `output.state_dir: data` would sweep the user's
+    files beside the input. Refused in one line (exit 2), and the user's file is untouched."""
+    files = make_job(rows=sample_rows(3))
+    mine = tmp_path / "data" / "notes.tmp"
+    mine.write_text("the user's own")
+    for command in ("validate", "run"):
+        result = cli(command, str(files.spec), "--set", f"output.state_dir={state_dir.format(tmp=tmp_path)}")
+        assert result.exit_code == 2, result.stderr[-2000:]
+        line = result.stderr.strip().splitlines()[-1]
+        assert "output.state_dir" in line and "a folder of its own" in line and "Traceback" not in line, line
+    assert mine.read_text() == "the user's own"
+    assert sim.stats()["requests"] == 0

@@ -692,3 +692,29 @@ def test_a_state_directory_holding_the_input_or_the_spec_is_refused_before_anyth
         assert "output.state_dir" in line and "a folder of its own" in line and "Traceback" not in line, line
     assert mine.read_text() == "the user's own"
     assert sim.stats()["requests"] == 0
+
+
+def test_a_structured_batch_answer_without_usage_is_repaired_and_kept_never_paid_twice(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """The same on a schema job where half the first answers break the schema: an answer without usage
+    waits for its request's body to be priced, then goes on to its repair turn like any other."""
+    sim.configure(batch_usage_missing_rate=1.0, invalid_rate=0.5, invalid_turns=1)
+    schema = {
+        "type": "object",
+        "properties": {"sentiment": {"type": "string", "enum": ["positive", "negative", "neutral"]}},
+        "required": ["sentiment"],
+    }
+    files = make_job(
+        rows=sample_rows(30),
+        model={"name": "glm-4-air-250414"},
+        run={"mode": "batch", "batch": BATCH_POLL},
+        output={"path": "out/job.parquet", "schema": schema, "max_repairs": 1},
+    )
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    out = pl.read_parquet(files.output)
+    assert set(out.get_column("status")) == {"ok"}
+    assert out.get_column("repairs").sum() > 0
+    assert out.get_column("error_message").str.contains("input_tokens estimated").all()
+    assert sim.stats()["prompts_billed_twice"] == 0

@@ -286,11 +286,11 @@ STREAM_ERRORS = {
 }
 
 
-@pytest.mark.parametrize("named", [True, False], ids=["event: error", "data only"])
+@pytest.mark.parametrize("named", [True, False, None], ids=["event: error", "data only", "plain JSON"])
 @pytest.mark.parametrize("midway", [False, True], ids=["at once", "midway"])
 @pytest.mark.parametrize("shape", STREAM_ERRORS)
 def test_a_stream_ending_in_no_balance_stops_the_run_whatever_the_error_events_shape(
-    make_job: Callable[..., JobFiles], shape: str, midway: bool, named: bool
+    make_job: Callable[..., JobFiles], shape: str, midway: bool, named: bool | None
 ) -> None:
     """A stream's error event, in either of Zhipu's shapes, named `event: error` or sent as `data:` alone
     (as OpenAI-style streams send errors; the SDK skips an event with no name, so the stream only looked
@@ -302,6 +302,8 @@ def test_a_stream_ending_in_no_balance_stops_the_run_whatever_the_error_events_s
 
         await request.read()
         asked.append(1)
+        if named is None:  # the whole body, as a JSON error answer with status 200
+            return web.json_response(STREAM_ERRORS[shape])
         error = ("event: error\n" if named else "") + f"data: {json.dumps(STREAM_ERRORS[shape])}\n\n"
         body = (_sse(_start(_ZERO), *_TEXT[:2]) if midway else b"") + error.encode()
         return web.Response(body=body, headers={"content-type": "text/event-stream"})

@@ -307,14 +307,16 @@ def classify(exc: BaseException) -> Fault:
 
 def stream_error(tail: bytes) -> tuple[str, str] | None:
     """Zhipu's code and message when a stream's last event is an error object in either shape, sent as
-    `data:` alone (no `event: error` line, as OpenAI-style streams send errors): the SDK skips an event
-    with no name, so the stream would only look cut off, and a 1113 be asked again on every row."""
+    `data:` alone (no `event: error` line, as OpenAI-style streams send errors), or the body is one as
+    plain JSON: the SDK skips an event with no name and finds none in JSON, so the stream would only
+    look cut off, and a 1113 be asked again on every row."""
     blocks = [b for b in tail.replace(b"\r\n", b"\n").split(b"\n\n") if b.strip()]
     if not blocks:
         return None
-    data = b"\n".join(
-        line.removeprefix(b"data:").removeprefix(b" ") for line in blocks[-1].split(b"\n") if line.startswith(b"data:")
-    )
+    lines = blocks[-1].split(b"\n")
+    data = b"\n".join(line.removeprefix(b"data:").removeprefix(b" ") for line in lines if line.startswith(b"data:"))
+    if not data:  # no event at all: an error object answered as plain JSON to a streamed request
+        data = blocks[-1]
     try:
         body = json.loads(data)
     except ValueError:

@@ -8,6 +8,7 @@ import fnmatch
 import glob
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from runner.errors import UsageError
@@ -91,7 +92,7 @@ def check_not_an_input(
                     )
 
 
-def check_holds_no_job_file(state_dir: Path, key: str, spec_path: Path, inputs: list[Path], where: str) -> None:
+def check_holds_no_job_file(state_dir: Path, key: str, spec_path: Path, inputs: Iterable[Path], where: str) -> None:
     """Refuse a state directory that holds the job's spec or an input (`output.state_dir: data`, `~`): the
     runner manages everything in it (a crash sweep deletes its `*.tmp` files, journals are read and
     removed), so it must be a folder of its own."""

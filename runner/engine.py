@@ -9,7 +9,7 @@ import secrets
 
 from runner.control import Control
 from runner.finish import finish
-from runner.job.inputs import open_input
+from runner.job.inputs import open_input, record_names_checked
 from runner.job.resolve import Job
 from runner.local import LocalSender
 from runner.money.ledger import check_ledger
@@ -37,6 +37,7 @@ async def execute(
         )
         store.open()
         try:
+            record_names_checked(job, source)  # an unchanged input is not parsed for the check again
             # Answers a run whose state broke could only hold in memory: kept before anything is planned.
             store.adopt_rescued(find_rescued(job.output_path, job.state_dir))
             run = Run.open(job, source, store, options, control, reporter)

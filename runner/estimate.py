@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from array import array
 from dataclasses import dataclass
@@ -20,15 +21,17 @@ from runner.money import ledger
 from runner.money.kept_estimate import made_for
 from runner.money.measured import OutputModel, calibration_from, earlier_answers, output_model
 from runner.money.pricing import PriceTable, require_prices, tier_label
-from runner.money.tokens import Calibration, estimate_request
+from runner.money.tokens import Calibration, estimate_request, token_count
 from runner.observe.progress import Reporter
 from runner.plan import plan
 from runner.records import KEY, Request, read_journal, results_frame, scan_results, settles
+from runner.send.base import read_at_most
 from runner.send.endpoints import endpoint_url
 from runner.state.settled import SettledKeys
 from runner.state.store import Store, whole_part
 
 EXACT_SAMPLE = 200  # requests counted by the tokenizer API with --exact
+TOKENIZER_ANSWER_BYTES = 1 << 20  # a tokenizer answer is a count: far less than this (read_at_most bounds it)
 ASSUMED_LATENCY_S = 5.0  # per request, when no run has measured one
 
 
@@ -164,16 +167,27 @@ async def _tokenizer_calibration(job: Job, api_key: str, sample: list[Request]) 
     async def count(session: aiohttp.ClientSession, url: str, request: Request) -> int:
         messages = [{"role": "system", "content": request.params["system"]}] if request.params.get("system") else []
         messages += request.params["messages"]
-        async with (
-            semaphore,
-            session.post(url, json={"model": job.spec.model.name, "messages": messages}, headers=headers) as response,
-        ):
-            if response.status in (401, 403):
-                raise EndpointAborted(f"the tokenizer API refused the key (HTTP {response.status})")
-            if response.status != 200:
-                raise UsageError(f"the tokenizer API answered HTTP {response.status}; try again without --exact")
-            data = await response.json()
-            return int(data["usage"]["prompt_tokens"])
+        try:
+            async with (
+                semaphore,
+                session.post(
+                    url,
+                    json={"model": job.spec.model.name, "messages": messages},
+                    headers=headers,
+                    allow_redirects=False,  # the key goes to the endpoint named, nowhere else
+                ) as response,
+            ):
+                status = response.status
+                raw = await read_at_most(response.content, TOKENIZER_ANSWER_BYTES)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise EndpointAborted(f"the tokenizer API could not be reached ({type(exc).__name__}: {exc})") from None
+        if status in (401, 403):
+            raise EndpointAborted(f"the tokenizer API refused the key (HTTP {status})")
+        counted = _tokens_counted(raw) if status == 200 else None
+        if counted is None:
+            said = f"HTTP {status}" if status != 200 else f"{len(raw):,} bytes that are no token count"
+            raise UsageError(f"the tokenizer API answered {said}; try again without --exact")
+        return counted
 
     with endpoint_url(job) as base_url:
         url = catalog.native_url_for(base_url, job.native_url) + "/tokenizer"
@@ -181,6 +195,19 @@ async def _tokenizer_calibration(job: Job, api_key: str, sample: list[Request]) 
             exact = await asyncio.gather(*(count(session, url, r) for r in sample))
     estimated = sum(estimate_request(r.params) for r in sample)
     return Calibration(sum(exact) / estimated, len(sample), f"tokenizer API on {len(sample)} sampled requests")
+
+
+def _tokens_counted(raw: bytes) -> int | None:
+    """The count in a tokenizer answer (`{"usage": {"prompt_tokens": n}}`), or None when it holds none:
+    over TOKENIZER_ANSWER_BYTES, not JSON, an error object, a count that is not one."""
+    if len(raw) > TOKENIZER_ANSWER_BYTES:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    usage = data.get("usage") if isinstance(data, dict) else None
+    return token_count(usage.get("prompt_tokens")) if isinstance(usage, dict) else None
 
 
 def _report(

@@ -214,9 +214,10 @@ def sigterm_once_started(spec: Path, state_dir: Path, **env: str) -> tuple[int, 
 
 
 @contextmanager
-def messages_endpoint(handler: Callable[[Any], Awaitable[Any]]) -> Iterator[str]:
-    """An endpoint of the test's own on loopback, answering POST /v1/messages with `handler` (an aiohttp
-    handler) in a thread of its own: for answers the simulator does not give. Yields its base URL."""
+def messages_endpoint(handler: Callable[[Any], Awaitable[Any]], path: str = "/v1/messages") -> Iterator[str]:
+    """An endpoint of the test's own on loopback, answering POST `path` (by default /v1/messages) with
+    `handler` (an aiohttp handler) in a thread of its own: for answers the simulator does not give.
+    Yields its base URL."""
     import socket
     import threading
 
@@ -224,7 +225,7 @@ def messages_endpoint(handler: Callable[[Any], Awaitable[Any]]) -> Iterator[str]
 
     loop = asyncio.new_event_loop()
     server = web.Application()
-    server.router.add_post("/v1/messages", handler)
+    server.router.add_post(path, handler)
     app_runner = web.AppRunner(server)
     loop.run_until_complete(app_runner.setup())
     sock = socket.socket()

@@ -262,7 +262,7 @@ def test_answer_request_id_falls_back_to_the_body() -> None:
         ({"choices": []}, None),
         ({"choices": [None]}, None),
         ({"choices": [{"message": "text"}]}, None),
-        ({"choices": [{"message": {"content": "x"}}]}, None),  # no usage
+        ({"choices": [{"message": {"content": "x"}}]}, None),  # no usage, and no request to estimate it from
         ({"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": "7", "completion_tokens": 1}}, None),
         ({"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": True, "completion_tokens": 1}}, None),
     ],

@@ -15,7 +15,10 @@ from typing import Any
 import polars as pl
 import pytest
 
+from runner.files import read_json_object
 from runner.job import catalog
+from runner.job.inputs import NAMES_CHECK_VERSION, NAMES_CHECKED, content_identity
+from runner.job.resolve import load_job
 from runner.send.batch.errors import classify_api_error, status_error
 from runner.send.batch.executor import NO_ROOM_LOOKS
 from runner.send.batch.files import BatchFileWriter, queue_caps
@@ -137,6 +140,40 @@ def test_an_input_naming_a_column_or_key_twice_is_refused_with_file_place_and_na
     assert sim.stats()["requests"] == 0
 
 
+def test_an_input_passes_the_name_check_once_per_content_and_any_change_to_it_is_checked_again(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, tmp_path: Path
+) -> None:
+    """The JSONL check parses every line in Python (about 1.5 s a million lines), so a cron re-run of an
+    unchanged input does not pay it again: what passed is recorded by content identity in the state
+    directory. A write in place, the same size and its mtime put back, changes the ctime: checked again."""
+    data = tmp_path / "data" / "in.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    good = b"".join(json.dumps({"id": f"r{i}", "text": f"t{i}"}).encode() + b"\n" for i in range(20))
+    data.write_bytes(good)
+    files = make_job(input={"paths": ["data/in.jsonl"], "id_column": "id"})
+    assert cli("run", str(files.spec)).exit_code == 0
+    record = load_job(files.spec).state_dir / NAMES_CHECKED
+    assert (read_json_object(record) or {}).get("passed") == [content_identity(data)]
+
+    before = data.stat()
+    bad = good.replace(b'{"id": "r1", "text": "t1"}', b'{"id": "r1", "id":   "t1"}')
+    assert len(bad) == len(good) and bad != good
+    data.write_bytes(bad)
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (data.stat().st_size, data.stat().st_mtime_ns, data.stat().st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+    for command in ("validate", "run"):
+        result = cli(command, str(files.spec))
+        assert result.exit_code == 2 and "line 2 names 'id' twice" in result.stderr, result.stderr[-2000:]
+
+    # The record is what spares the parse: one naming this very content is trusted (here, forged).
+    record.write_text(json.dumps({"version": NAMES_CHECK_VERSION, "passed": [content_identity(data)]}))
+    assert "names 'id' twice" not in cli("validate", str(files.spec)).stderr
+
+
 # ---- usage may come in message_start, message_delta, both, or neither --------------------------------------
 
 
@@ -241,6 +278,42 @@ def test_a_streamed_answer_is_kept_once_with_the_most_complete_usage_or_an_estim
         assert row["cost"] > 0
     if input_tokens is None or output_tokens is None:
         assert "usage_estimated" in result.stderr
+
+
+STREAM_ERRORS = {
+    "anthropic": {"type": "error", "error": {"type": "1113", "message": "arrears"}},
+    "native": {"error": {"code": "1113", "message": "arrears"}},
+}
+
+
+@pytest.mark.parametrize("named", [True, False, None], ids=["event: error", "data only", "plain JSON"])
+@pytest.mark.parametrize("midway", [False, True], ids=["at once", "midway"])
+@pytest.mark.parametrize("shape", STREAM_ERRORS)
+def test_a_stream_ending_in_no_balance_stops_the_run_whatever_the_error_events_shape(
+    make_job: Callable[..., JobFiles], shape: str, midway: bool, named: bool | None
+) -> None:
+    """A stream's error event, in either of Zhipu's shapes, named `event: error` or sent as `data:` alone
+    (as OpenAI-style streams send errors; the SDK skips an event with no name, so the stream only looked
+    cut off and every row was asked again): a 1113 stops the run at the first row."""
+    asked: list[int] = []
+
+    async def handler(request: Any) -> Any:
+        from aiohttp import web
+
+        await request.read()
+        asked.append(1)
+        if named is None:  # the whole body, as a JSON error answer with status 200
+            return web.json_response(STREAM_ERRORS[shape])
+        error = ("event: error\n" if named else "") + f"data: {json.dumps(STREAM_ERRORS[shape])}\n\n"
+        body = (_sse(_start(_ZERO), *_TEXT[:2]) if midway else b"") + error.encode()
+        return web.Response(body=body, headers={"content-type": "text/event-stream"})
+
+    with messages_endpoint(handler) as url:
+        files = make_job(rows=sample_rows(10), model={"endpoint": url, "stream": True}, run={"concurrency": 1})
+        result = cli("run", str(files.spec))
+    assert result.exit_code == 3, result.stderr[-2000:]
+    assert "1113" in result.stderr.strip().splitlines()[-1]
+    assert len(asked) == 1
 
 
 WHOLE_USAGE = {
@@ -475,3 +548,175 @@ def test_an_endpoint_that_redirects_stops_the_run_and_the_key_never_reaches_wher
     last = result.stderr.strip().splitlines()[-1]
     assert f"({status}" in last and "redirects elsewhere" in last and "model.endpoint" in last, last
     assert reached == []
+
+
+# ---- a batch result line may come without usage: kept, estimated, never paid twice -------------------------
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_a_batch_answer_without_usage_is_kept_once_with_an_estimate_it_says_is_one(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, rate: float
+) -> None:
+    """Zhipu documents `usage` on every result line, but a line without it was answered and billed all the
+    same: the row keeps the answer, its counts estimated (the prompt from the request, the output from
+    the answer's text), never 0, and it says which counts are estimates. Nothing is sent twice, and a
+    re-run sends nothing."""
+    sim.configure(batch_usage_missing_rate=rate)
+    rows = sample_rows(40)
+    files = make_job(rows=rows, model={"name": "glm-4-air-250414"}, run={"mode": "batch", "batch": BATCH_POLL})
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    out = pl.read_parquet(files.output)
+    assert out.get_column("status").to_list() == ["ok"] * len(rows)
+    estimated = out.filter(pl.col("error_message").fill_null("").str.contains("input_tokens estimated"))
+    assert estimated.height == len(rows) if rate == 1.0 else 0 < estimated.height < len(rows)
+    assert (estimated.get_column("input_tokens") > 0).all() and (estimated.get_column("cost") > 0).all()
+    stats = sim.stats()
+    assert stats["prompts_billed_twice"] == 0 and stats["billed"]["online"] == 0, stats
+    assert cli("run", str(files.spec)).exit_code == 0
+    assert sim.stats()["billed"] == stats["billed"]
+
+
+def test_doctor_reads_a_probe_batch_whose_lines_have_no_usage_without_a_traceback(sim: SimulatorThread) -> None:
+    """doctor --batch sums what its 2-line batches cost: a line without usage counts nothing, and the
+    probe still reports the batch as taken."""
+    sim.configure(batch_usage_missing_rate=1.0)
+    result = cli("doctor", "--endpoint", sim.url, "--model", "glm-4.6", "--batch", "--batch-wait", "20", "--json")
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    found = {c["name"]: c for c in report["checks"]}
+    assert found["batch glm-4.6"]["ok"] is True, found
+
+
+# ---- every HTTP body is read bounded, the tokenizer's too ------------------------------------------------
+
+TOKENIZER_ANSWERS = {
+    "over a megabyte": (200, b'{"usage": {"prompt_tokens": 7}, "pad": "' + b"x" * (8 << 20) + b'"}'),
+    "html": (200, b"<html><body>502 Bad Gateway</body></html>"),
+    "an error object": (200, b'{"error": {"code": "1214", "message": "bad"}}'),
+    "a count that is not one": (200, b'{"usage": {"prompt_tokens": "many"}}'),
+    "no usage": (200, b'{"id": "tok"}'),
+    "a redirect": (302, b""),
+}
+
+
+@pytest.mark.parametrize(("status", "body"), TOKENIZER_ANSWERS.values(), ids=TOKENIZER_ANSWERS)
+def test_estimate_exact_refuses_a_tokenizer_answer_that_is_no_count_in_one_line_reading_at_most_a_bound(
+    make_job: Callable[..., JobFiles], status: int, body: bytes
+) -> None:
+    """`estimate --exact` reads each tokenizer answer through the one bounded reader (runner.send.base.
+    read_at_most): a body over its bound, or one that holds no token count, ends the estimate with one
+    line saying to try without --exact (exit 2), no traceback, no redirect followed."""
+    served: list[int] = []
+
+    async def handler(request: Any) -> Any:
+        from aiohttp import web
+
+        await request.read()
+        served.append(1)
+        headers = {"location": "http://127.0.0.1:9/elsewhere"} if status == 302 else {}
+        return web.Response(status=status, body=body, headers=headers, content_type="application/json")
+
+    with messages_endpoint(handler, path="/api/paas/v4/tokenizer") as url:
+        files = make_job(rows=sample_rows(3), model={"endpoint": url})
+        result = cli("estimate", str(files.spec), "--exact")
+    assert result.exit_code == 2, (result.exit_code, result.stderr[-2000:])
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line, line
+    assert "tokenizer API" in line and "without --exact" in line, line
+    assert served
+
+
+def test_no_module_reads_an_http_body_but_through_a_bounded_reader() -> None:
+    """The class, not the case: aiohttp bodies are read by runner.send.base.read_at_most only, and the
+    SDK's by its bounded transport (runner.send.client.BoundedTransport); the simulator serves, it is
+    not a client. A new `await x.json()` / `.read()` / `.text()` on a response anywhere else fails here."""
+    import re
+
+    package = Path(__file__).parent.parent / "runner"
+    unbounded = re.compile(r"await [\w.]+\.(json|read|text)\(\)|\.content\.read\(")
+    bounded_by_transport = {"send/client.py"}  # reads what BoundedTransport already cut at MAX_ANSWER_BYTES
+    found = [
+        f"{path.relative_to(package)}:{number}: {line.strip()}"
+        for path in package.rglob("*.py")
+        if "simulator" not in path.parts and str(path.relative_to(package)) not in bounded_by_transport
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if unbounded.search(line)
+    ]
+    assert found == []
+
+
+# ---- a refusal's advice names the knob that mends it, in the direction that mends it ----------------------
+
+
+def test_an_upload_refused_for_the_accounts_file_count_says_to_delete_files_or_use_fewer_larger_ones(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """Zhipu keeps at most 1,000 files an account (the refusal's code is undocumented). Smaller files
+    (a lower run.batch.max_requests) would make it worse: the advice says to delete files (naming the
+    command) or raise max_requests. A create refused after the upload is the file against the account's
+    limits: there, lowering them is the advice."""
+    sim.configure(batch_file_cap=0)
+    batch = {"mode": "batch", "batch": {**BATCH_POLL, "max_requests": 10}}
+    files = make_job(rows=sample_rows(30), model={"name": "glm-4-air-250414"}, run=batch)
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 3, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "glm-batch cancel JOB.yaml --purge" in last and "raise run.batch.max_requests, now 10" in last, last
+    assert "lower run.batch.max_requests" in last.split("if the file is over")[1], last
+    assert sim.stats()["billed"]["batch"] == 0
+
+    sim.configure(batch_file_cap=1000, batch_create_status=400)
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 3, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "POST /batches" in last and "lower them to match" in last and "--purge" not in last, last
+    assert sim.stats()["files"] == 0 and sim.stats()["billed"]["batch"] == 0
+
+
+# ---- the state directory is the runner's own: never a folder holding the job's files ----------------------
+
+
+@pytest.mark.parametrize("state_dir", ["data", ".", "{tmp}"], ids=["the input's folder", "the spec's", "absolute"])
+def test_a_state_directory_holding_the_input_or_the_spec_is_refused_before_anything_is_written(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, tmp_path: Path, state_dir: str
+) -> None:
+    """The runner manages everything in its state directory (a crash sweep deletes `*.tmp` files in it at any
+    depth, journals found there are read and removed): `output.state_dir: data` would sweep the user's
+    files beside the input. Refused in one line (exit 2), and the user's file is untouched."""
+    files = make_job(rows=sample_rows(3))
+    mine = tmp_path / "data" / "notes.tmp"
+    mine.write_text("the user's own")
+    for command in ("validate", "run"):
+        result = cli(command, str(files.spec), "--set", f"output.state_dir={state_dir.format(tmp=tmp_path)}")
+        assert result.exit_code == 2, result.stderr[-2000:]
+        line = result.stderr.strip().splitlines()[-1]
+        assert "output.state_dir" in line and "a folder of its own" in line and "Traceback" not in line, line
+    assert mine.read_text() == "the user's own"
+    assert sim.stats()["requests"] == 0
+
+
+def test_a_structured_batch_answer_without_usage_is_repaired_and_kept_never_paid_twice(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """The same on a schema job where half the first answers break the schema: an answer without usage
+    waits for its request's body to be priced, then goes on to its repair turn like any other."""
+    sim.configure(batch_usage_missing_rate=1.0, invalid_rate=0.5, invalid_turns=1)
+    schema = {
+        "type": "object",
+        "properties": {"sentiment": {"type": "string", "enum": ["positive", "negative", "neutral"]}},
+        "required": ["sentiment"],
+    }
+    files = make_job(
+        rows=sample_rows(30),
+        model={"name": "glm-4-air-250414"},
+        run={"mode": "batch", "batch": BATCH_POLL},
+        output={"path": "out/job.parquet", "schema": schema, "max_repairs": 1},
+    )
+    result = cli("run", str(files.spec))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    out = pl.read_parquet(files.output)
+    assert set(out.get_column("status")) == {"ok"}
+    assert out.get_column("repairs").sum() > 0
+    assert out.get_column("error_message").str.contains("input_tokens estimated").all()
+    assert sim.stats()["prompts_billed_twice"] == 0

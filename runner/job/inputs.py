@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any
 import polars as pl
 
 from runner.columns import clash as output_clash
-from runner.errors import NothingToDo, UsageError, first_line
+from runner.errors import DiskFull, NothingToDo, UsageError, first_line
+from runner.files import read_json_object, write_json_atomic
 from runner.job.reading import refuse_ambiguous_names
 from runner.job.resolve import Job
 
@@ -33,6 +35,7 @@ class InputSource:
     keep_columns: tuple[str, ...]
     id_column: str | None
     rows: int  # how many rows: counted by the check pass of `open_input`, so nobody reads the input again for it
+    names_passed: tuple[list[Any], ...] = ()  # the inputs' content identities: each passed the name check
 
     def batches(self, batch_rows: int = 10_000) -> Iterator[pl.DataFrame]:
         """Yield the input in order, `batch_rows` at a time, with `_row` and `_id` added."""
@@ -69,8 +72,7 @@ def open_input(job: Job) -> InputSource:
     paths = [p for p in job.input_paths if not (p.suffix in _TEXT_FORMATS and p.stat().st_size == 0)]
     if not paths:
         raise NothingToDo(f"{where}: input.paths: the input has no rows; nothing to do")
-    for path in paths:
-        refuse_ambiguous_names(path, where)
+    passed = _refuse_ambiguous(job, paths, where)
     frames = [_scan(p, where) for p in paths]
     schemas = []
     for path, frame in zip(paths, frames, strict=True):
@@ -150,7 +152,46 @@ def open_input(job: Job) -> InputSource:
         _check_nulls(tuple(sorted(template_vars)), stats, where)
 
     named = tuple(carried.get(c, c) for c in used)
-    return InputSource(frame, named, tuple(carried.get(c, c) for c in keep), spec.id_column, stats["rows"])
+    kept = tuple(carried.get(c, c) for c in keep)
+    return InputSource(frame, named, kept, spec.id_column, stats["rows"], names_passed=passed)
+
+
+# What passed the name check, by content identity, in the state directory: an unchanged input is not
+# parsed again (a JSONL file's check reads every line in Python, about 1.5 s a million lines).
+NAMES_CHECKED = "inputs-checked.json"
+NAMES_CHECK_VERSION = 1  # raised when refuse_ambiguous_names refuses more: what passed before is checked again
+
+
+def content_identity(path: Path) -> list[Any]:
+    """What tells an input's content from any other: its real path, device and inode, size, and mtime and
+    ctime to the nanosecond (a write changes ctime, and no one can set it back)."""
+    st = path.stat()
+    return [os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _refuse_ambiguous(job: Job, paths: list[Path], where: str) -> tuple[list[Any], ...]:
+    """refuse_ambiguous_names on each input whose content has not passed it before (a torn or foreign
+    record reads as nothing passed); the identities of the inputs, which have now all passed."""
+    known = read_json_object(job.state_dir / NAMES_CHECKED) or {}
+    passed = known.get("passed") if known.get("version") == NAMES_CHECK_VERSION else None
+    passed = passed if isinstance(passed, list) else []
+    identities = []
+    for path in paths:
+        identity = content_identity(path)  # before the check: a write during it changes the ctime
+        if identity not in passed:
+            refuse_ambiguous_names(path, where)
+        identities.append(identity)
+    return tuple(identities)
+
+
+def record_names_checked(job: Job, source: InputSource) -> None:
+    """Record in the state directory (a run's, opened) that the inputs `source` was read from passed
+    the name check. A cache: a record that cannot be written is left unwritten."""
+    record = job.state_dir / NAMES_CHECKED
+    passed = [list(identity) for identity in source.names_passed]
+    if passed and (read_json_object(record) or {}).get("passed") != passed:
+        with contextlib.suppress(OSError, DiskFull):
+            write_json_atomic({"version": NAMES_CHECK_VERSION, "passed": passed}, record)
 
 
 def _agree_on_types(

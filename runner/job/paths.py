@@ -8,6 +8,7 @@ import fnmatch
 import glob
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from runner.errors import UsageError
@@ -86,6 +87,20 @@ def check_not_an_input(
                         + f", so the next run would read its own output as input; choose another {key} "
                         "or a narrower pattern"
                     )
+
+
+def check_holds_no_job_file(state_dir: Path, key: str, spec_path: Path, inputs: Iterable[Path], where: str) -> None:
+    """Refuse a state directory that holds the job's spec or an input (`output.state_dir: data`, `~`): the
+    runner manages everything in it (a crash sweep deletes its `*.tmp` files, journals are read and
+    removed), so it must be a folder of its own."""
+    real = os.path.realpath(state_dir)
+    for path, what in [(spec_path, "the job spec"), *((p, "the input") for p in inputs)]:
+        if within(os.path.realpath(path), real):
+            raise UsageError(
+                f"{where}: {key}: the state directory {state_dir} holds {what} {path}; the runner manages "
+                "everything in it, so give it a folder of its own (or leave output.state_dir out: by default it is "
+                "beside the output)"
+            )
 
 
 def _glob_part(pattern: str, name: str) -> bool:

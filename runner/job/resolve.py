@@ -272,6 +272,7 @@ def _resolve(
     paths.check_not_an_input(
         state_dir, "the state directory", state_key, spec, base, spec_path, input_paths, where, folder=True
     )
+    paths.check_holds_no_job_file(state_dir, state_key, spec_path, input_paths, where)
     if paths.within(os.path.realpath(output_path), os.path.realpath(state_dir)):
         raise UsageError(
             f"{where}: output.path: {output_path} is inside the state directory {state_dir}, which the runner "

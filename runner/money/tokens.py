@@ -4,8 +4,10 @@ job (or the model) measured."""
 
 from __future__ import annotations
 
+import json
 import math
 import unicodedata
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +43,22 @@ def estimate_text(text: str) -> float:
         return len(text) / LATIN_CHARS_PER_TOKEN
     cjk = sum(1 for ch in text if unicodedata.east_asian_width(ch) in ("W", "F"))
     return (len(text) - cjk) / LATIN_CHARS_PER_TOKEN + cjk * CJK_TOKENS_PER_CHAR
+
+
+def estimate_answer(blocks: Iterable[Mapping[str, Any]]) -> int:
+    """Output tokens estimated from what an answer said (its text, thinking and tool calls' input), in
+    Messages-API block form: at least 1 (the answer was generated and billed). Both wires use it for an
+    answer that came without an output count."""
+    total = 0.0
+    for block in blocks:
+        kind = block.get("type")
+        if kind == "text":
+            total += estimate_text(str(block.get("text") or ""))
+        elif kind == "thinking":
+            total += estimate_text(str(block.get("thinking") or ""))
+        elif kind == "tool_use":
+            total += estimate_text(json.dumps(block.get("input"), ensure_ascii=False, default=str))
+    return max(1, round(total))
 
 
 def _text(content: Any) -> str:

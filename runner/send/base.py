@@ -50,6 +50,26 @@ class Executor(Protocol):
 MAX_ANSWER_BYTES = 64 << 20
 
 
+class ChunkedBody(Protocol):
+    """An HTTP body read in chunks (aiohttp's StreamReader)."""
+
+    def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
+        """The body's next chunks, at most `n` bytes each."""
+
+
+async def read_at_most(body: ChunkedBody, most: int = MAX_ANSWER_BYTES) -> bytes:
+    """An HTTP body read until its end or until it is past `most` bytes (then a little past: the caller
+    sees it is). The one reader of a whole body over aiohttp: no answer, error or API object takes more."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in body.iter_chunked(1 << 16):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > most:
+            break
+    return b"".join(chunks)
+
+
 @runtime_checkable
 class BlockExecutor(Executor, Protocol):
     """An executor that also takes requests a block at a time (runner.records.RequestBlock): a run hands

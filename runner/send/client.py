@@ -15,7 +15,7 @@ import orjson
 from anthropic._response import AsyncAPIResponse
 from anthropic.types import Message
 
-from runner.money.tokens import estimate_request, estimate_text, token_count
+from runner.money.tokens import estimate_answer, estimate_request, estimate_text, token_count
 from runner.records import Answer
 from runner.send.base import MAX_ANSWER_BYTES
 from runner.send.retries import (
@@ -57,12 +57,18 @@ class AnswerTooLarge(Exception):
         super().__init__(f"the answer {said}, past the {limit:,} bytes one answer may take; it was not read further")
 
 
+TAIL_BYTES = 8192  # the end of a body kept: where a stream's last event (an error the SDK skips) is
+BODY = "glm_batch.body"  # a response's extension holding its BoundedStream
+
+
 class BoundedStream(httpx2.AsyncByteStream):
-    """A response body that raises AnswerTooLarge once more than `limit` bytes came."""
+    """A response body that raises AnswerTooLarge once more than `limit` bytes came; `tail` is its last
+    TAIL_BYTES bytes so far (what `stream_error` reads)."""
 
     def __init__(self, inner: httpx2.AsyncByteStream, limit: int) -> None:
         self._inner = inner
         self._limit = limit
+        self.tail = b""
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         seen = 0
@@ -70,6 +76,7 @@ class BoundedStream(httpx2.AsyncByteStream):
             seen += len(chunk)
             if seen > self._limit:
                 raise AnswerTooLarge(self._limit)
+            self.tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else (self.tail + chunk)[-TAIL_BYTES:]
             yield chunk
 
     async def aclose(self) -> None:
@@ -92,12 +99,13 @@ class BoundedTransport(httpx2.AsyncBaseTransport):
             raise AnswerTooLarge(self._limit, int(declared))
         stream = response.stream
         assert isinstance(stream, httpx2.AsyncByteStream)
+        bounded = BoundedStream(stream, self._limit)
         return httpx2.Response(
             response.status_code,
             headers=response.headers,
-            stream=BoundedStream(stream, self._limit),
+            stream=bounded,
             request=request,
-            extensions=response.extensions,
+            extensions={**response.extensions, BODY: bounded},  # the client wraps `stream`: found here
         )
 
     async def aclose(self) -> None:
@@ -210,6 +218,13 @@ class Client:
                             finished = True
         except TimeoutError:
             raise StalledStream(self._stall) from None
+        if message is None or not finished:  # an error event the SDK skipped (one with no `event:` line)?
+            body = stream.response.extensions.get(BODY)
+            said = stream_error(body.tail) if isinstance(body, BoundedStream) else None
+            if said is not None:
+                raise BadResponse(
+                    said[0], f"the stream ended with an error: {said[1]}", maybe_billed=message is not None
+                )
         if message is None:  # no message_start: an HTML page, a cut-off stream
             raise BadResponse(None, "the stream ended without a complete message", maybe_billed=True)
         if not finished:
@@ -274,6 +289,26 @@ def classify(exc: BaseException) -> Fault:
             request_id=request_id or exc.request_id or _request_id(headers),
         )
     return unclassified(exc)
+
+
+def stream_error(tail: bytes) -> tuple[str, str] | None:
+    """Zhipu's code and message when a stream's last event is an error object in either shape, sent as
+    `data:` alone (no `event: error` line, as OpenAI-style streams send errors), or the body is one as
+    plain JSON: the SDK skips an event with no name and finds none in JSON, so the stream would only
+    look cut off, and a 1113 be asked again on every row."""
+    blocks = [b for b in tail.replace(b"\r\n", b"\n").split(b"\n\n") if b.strip()]
+    if not blocks:
+        return None
+    lines = blocks[-1].split(b"\n")
+    data = b"\n".join(line.removeprefix(b"data:").removeprefix(b" ") for line in lines if line.startswith(b"data:"))
+    if not data:  # no event at all: an error object answered as plain JSON to a streamed request
+        data = blocks[-1]
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return None
+    code, message, _ = error_parts(body)
+    return (code, message or code) if code is not None else None
 
 
 _Pieces = dict[tuple[int, str], list[str]]
@@ -445,7 +480,7 @@ def answer_from_message(data: Any, request_id: str | None, *, prompt: Mapping[st
         estimated.append("input_tokens")
     said = any(texts) or any(thoughts) or tool_use_id is not None
     if output_tokens is None or (output_tokens == 0 and said):
-        output_tokens = _output_estimate(texts, thoughts, blocks)
+        output_tokens = estimate_answer(blocks)
         estimated.append("output_tokens")
     if input_tokens is None:  # no prompt to estimate from: nothing of it can be priced
         raise BadResponse(
@@ -473,12 +508,6 @@ def answer_from_message(data: Any, request_id: str | None, *, prompt: Mapping[st
         content=tuple(blocks),
         usage_estimated=", ".join(estimated) or None,
     )
-
-
-def _output_estimate(texts: list[str], thoughts: list[str], blocks: list[dict[str, Any]]) -> int:
-    """Output tokens estimated from what the answer said (its text, thinking and tool calls): at least 1."""
-    calls = [json.dumps(b.get("input"), ensure_ascii=False) for b in blocks if b.get("type") == "tool_use"]
-    return max(1, round(sum(estimate_text(t) for t in (*texts, *thoughts, *calls))))
 
 
 def _taken_back(turn: dict[str, Any]) -> dict[str, Any]:

@@ -247,6 +247,8 @@ class NativeState:
                 _finish(completion, "network_error")
             elif cut < cfg.batch_network_error_rate + cfg.batch_sensitive_rate:  # blocked: empty, billed
                 _finish(completion, "sensitive")
+            if share(f"batch-usage{attempt}{custom_id}{prompt}") < cfg.batch_usage_missing_rate:
+                del completion["usage"]  # billed all the same
             response = {"status_code": 200, "body": completion}
             b.outputs.append(_dump({"id": line_id, "custom_id": custom_id, "response": response, "error": None}))
             b.completed += 1

@@ -166,3 +166,6 @@ class SimConfig:
     # answer, billed) or sensitive (blocked, empty, billed).
     batch_network_error_rate: float = 0.0
     batch_sensitive_rate: float = 0.0
+    # Answered result lines whose body has no `usage` (billed all the same): Zhipu documents usage on every
+    # line, but a line without it must be kept and its tokens estimated, never sent again.
+    batch_usage_missing_rate: float = 0.0

@@ -15,6 +15,7 @@ import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_incrementing
 
 from runner.files import fsync_rename
+from runner.send.base import read_at_most
 from runner.send.batch.errors import (
     MAX_ERROR_BODY,
     BatchNotFound,
@@ -242,7 +243,7 @@ class BatchAPI:
                 # Bounded: an error body past MAX_ERROR_BODY is no API error object, a success past
                 # MAX_API_BODY no batch object or page (a gateway's page, a runaway body).
                 most = MAX_ERROR_BODY if status >= 400 else MAX_API_BODY
-                raw = await _read_at_most(response.content, most)
+                raw = await read_at_most(response.content, most)
                 if len(raw) > most and status < 400:
                     raise BatchProtocolError(f"{where}: {status} answer is over {most:,} bytes: not an API object")
         except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors; cancellation is not one
@@ -268,7 +269,7 @@ class BatchAPI:
         try:
             async with self._client().get(f"{self._base}/files/{file_id}/content", timeout=timeout) as response:
                 if response.status >= 400:
-                    raw = await _read_at_most(response.content, MAX_ERROR_BODY)
+                    raw = await read_at_most(response.content, MAX_ERROR_BODY)
                     raise status_error(response.status, raw, response.headers, where)
                 handle = await asyncio.to_thread(open, part, "wb")
                 try:
@@ -291,18 +292,6 @@ class BatchAPI:
                 part.unlink(missing_ok=True)
         await asyncio.to_thread(fsync_rename, part, target)
         return size
-
-
-async def _read_at_most(content: aiohttp.StreamReader, most: int) -> bytes:
-    """A body read until its end or until it is past `most` bytes (then a little past: the caller sees it is)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in content.iter_chunked(_CHUNK):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > most:
-            break
-    return b"".join(chunks)
 
 
 def _raise_embedded_error(decoded: Any, status: int, headers: Mapping[str, str], where: str, raw: bytes) -> None:

@@ -240,9 +240,22 @@ class BatchExecutor:
                     pending[chunk_id] = book.chunks[chunk_id]
 
     def _refused(self, chunk: Chunk, exc: BatchStatusError) -> str:
-        """Why the Batch API would not take a chunk's file (on any run: so the run stops), and what to change."""
-        limits = f"run.batch.max_requests ({self._spec.max_requests}) or run.batch.max_bytes ({self._spec.max_bytes})"
-        return f"the Batch API refused the file of {chunk.id} ({chunk.lines} requests) with {exc}; if your " + (
+        """Why the Batch API would not take a chunk's file (on any run: so the run stops), and what to change.
+        Which limit refused it is not documented: a refused upload may be the account's file count (Zhipu
+        keeps 1,000 files an account), which fewer, larger files ease and smaller ones make worse; a
+        refused create (the file was taken) is the file's size or lines against the account's limits."""
+        spec = self._spec
+        if chunk.status != "uploaded":  # the upload was refused
+            kept = " and set run.batch.keep_files: false" if spec.keep_files else ""
+            return (
+                f"the Batch API refused the upload of {chunk.id} ({chunk.lines:,} requests) with {exc}; if the "
+                f"account holds too many files (Zhipu keeps at most 1,000), delete finished ones (`glm-batch cancel "
+                f"JOB.yaml --purge` deletes this job's{kept}) or use fewer, larger files (raise "
+                f"run.batch.max_requests, now {spec.max_requests:,}, up to 50,000); if the file is over the "
+                "account's limits, lower run.batch.max_requests or run.batch.max_bytes"
+            )
+        limits = f"run.batch.max_requests ({spec.max_requests:,}) or run.batch.max_bytes ({spec.max_bytes:,})"
+        return f"the Batch API refused the file of {chunk.id} ({chunk.lines:,} requests) with {exc}; if your " + (
             f"account's limits are lower than {limits}, lower them to match"
         )
 

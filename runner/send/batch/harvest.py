@@ -17,6 +17,7 @@ import dataclasses
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from runner.control import Control
 from runner.job.structured import AnswerShape, Unusable
@@ -25,7 +26,7 @@ from runner.send.base import MAX_ANSWER_BYTES, Conversation, Deliver, failure
 from runner.send.batch.api import BatchAPI
 from runner.send.batch.book import BatchBook, Chunk, read_requests
 from runner.send.batch.errors import BatchAPIError, BatchNotFound
-from runner.send.batch.native_answer import BadResultLine, answer_from_chat
+from runner.send.batch.native_answer import BadResultLine, UsageMissing, answer_from_chat
 from runner.send.batch.native_results import ResultLine, classify_failure, oversized_line, parse_result_line
 from runner.send.batch.shapes import Batch
 from runner.send.retries import Fault, Verdict, refusal
@@ -141,7 +142,15 @@ class Harvester:
         bodies = read_requests(chunk.requests, {pending.key for pending in later} | unrun)
         leftovers = [Request(key, bodies[key]) for key in unrun]
         for pending in later:
-            again = self.take(Request(pending.key, bodies[pending.key]), pending.answer, deliver)
+            request = Request(pending.key, bodies[pending.key])
+            if pending.line is not None:  # an answer without its prompt's count: estimated from the request
+                taken = self.take_at_once(
+                    pending.key, chunk.model, pending.line, deliver, control, prompt=request.params
+                )
+                if not isinstance(taken, _Later):
+                    continue
+                pending = taken
+            again = self.take(request, pending.answer, deliver)
             if again is not None:
                 leftovers.append(again)
         counts = dataclasses.asdict(batch.request_counts)
@@ -156,7 +165,14 @@ class Harvester:
         return leftovers
 
     def take_at_once(
-        self, key: str, model: str, line: ResultLine, deliver: Deliver, control: Control, block: _Block | None = None
+        self,
+        key: str,
+        model: str,
+        line: ResultLine,
+        deliver: Deliver,
+        control: Control,
+        block: _Block | None = None,
+        prompt: dict[str, Any] | None = None,
     ) -> _Later | object | None:
         """Take one result line as far as it can go without its request's body.
 
@@ -165,7 +181,9 @@ class Harvester:
         answer to continue the conversation with (a repair round's answer, or one to repair), or no
         answer when the request is to be sent again as it was (a transient failure). _UNREADABLE for
         an answer whose body cannot be read: it was billed, so it is not sent again on that account.
-        With a `block`, a plain answer (free text, nothing carried) goes into it instead of `deliver`."""
+        With a `block`, a plain answer (free text, nothing carried) goes into it instead of `deliver`.
+        An answer without its prompt's token count waits for its request's body (`prompt`), from which
+        the count is estimated: it was billed, so it is kept, never sent again."""
         if not line.ok:
             fault = _line_fault(line)
             if fault.verdict is Verdict.RETRY:
@@ -176,7 +194,9 @@ class Harvester:
                 deliver(failure(Request(key, {}), fault, self.attempts.pop(key), model=model))
             return None
         try:
-            answer = answer_from_chat(line.body, line.request_id)
+            answer = answer_from_chat(line.body, line.request_id, prompt)
+        except UsageMissing:
+            return _Later(key, None, line)
         except BadResultLine:
             return _UNREADABLE
         if answer.stop_reason == "network_error":  # the inference broke off: a cut answer, billed; ask again
@@ -270,7 +290,8 @@ class _Later:
     """A line taken as far as it goes without its request's body; `Harvester.take` finishes it."""
 
     key: str
-    answer: Answer | None  # None: send the request again as it was
+    answer: Answer | None  # None: send the request again as it was (unless `line` is set)
+    line: ResultLine | None = None  # an answer that needs its request's body to be priced: take it then
 
 
 _BLOCKED = Fault(

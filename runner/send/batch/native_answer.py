@@ -7,11 +7,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from runner.money.tokens import estimate_text, token_count
+from runner.money.tokens import estimate_answer, estimate_request, estimate_text, token_count
 from runner.records import Answer
 from runner.send.retries import BadResponse
 
-__all__ = ["BadResultLine", "answer_from_chat", "error_fields"]
+__all__ = ["BadResultLine", "UsageMissing", "answer_from_chat", "error_fields"]
 
 # finish_reason -> Anthropic stop_reason. `sensitive` is Zhipu's content-filter stop (API code 1301's
 # streaming form); Anthropic's nearest is `refusal`. Unknown reasons (`network_error`, ...) are kept
@@ -24,10 +24,17 @@ class BadResultLine(BadResponse):
     billing or auth code and retries otherwise."""
 
 
-def answer_from_chat(body: Any, request_id: str | None) -> Answer:
+class UsageMissing(BadResultLine):
+    """A chat completion without its prompt's token count, estimable only from the request's body: ask
+    again with `prompt`. The answer was generated and billed."""
+
+
+def answer_from_chat(body: Any, request_id: str | None, prompt: Mapping[str, Any] | None = None) -> Answer:
     """The Answer in a chat-completion object, `content` in Messages-API form (so a repair can continue
-    the conversation); tool arguments that are not JSON are kept as text. BadResultLine (with Zhipu's
-    code for an error object) for anything else; never KeyError or TypeError."""
+    the conversation); tool arguments that are not JSON are kept as text. A count the body leaves out is
+    estimated as the online wire does (never 0, named in `usage_estimated`), the input from `prompt`;
+    without it, UsageMissing. BadResultLine (with Zhipu's code for an error object) for anything else;
+    never KeyError or TypeError."""
     # `type(x) is dict or`: what JSON gives, checked before the (slower) Mapping check; once per line.
     if not (type(body) is dict or isinstance(body, Mapping)):
         raise BadResultLine(None, f"result body is not a JSON object but {type(body).__name__}")
@@ -44,12 +51,19 @@ def answer_from_chat(body: Any, request_id: str | None) -> Answer:
         raise BadResultLine(None, "result body's first choice has no message")
     usage = body.get("usage")
     if not (type(usage) is dict or isinstance(usage, Mapping)):
-        raise BadResultLine(None, "result body has no usage: it cannot be billed or trusted")
-    prompt_tokens = token_count(usage.get("prompt_tokens"))
-    completion_tokens = token_count(usage.get("completion_tokens"))
-    if prompt_tokens is None or completion_tokens is None:
-        raise BadResultLine(None, "result body's usage lacks prompt_tokens or completion_tokens")
+        usage = {}
+    said = {name: usage.get(name) for name in ("prompt_tokens", "completion_tokens")}
+    if any(value is not None and token_count(value) is None for value in said.values()):
+        raise BadResultLine(None, f"result body's usage holds a count that is not one: {said}")
+    prompt_tokens = token_count(said["prompt_tokens"])
+    completion_tokens = token_count(said["completion_tokens"])
     cached = token_count(_get(usage, "prompt_tokens_details", "cached_tokens"))
+    estimated: list[str] = []
+    if prompt_tokens is None or (prompt_tokens == 0 and not cached):  # a prompt is never 0 tokens
+        if prompt is None:
+            raise UsageMissing(None, "result body has no prompt_tokens: estimated from the request")
+        prompt_tokens = estimate_request(dict(prompt))
+        estimated.append("input_tokens")
     reasoning_reported = token_count(_get(usage, "completion_tokens_details", "reasoning_tokens"))
 
     text = message.get("content")
@@ -78,6 +92,9 @@ def answer_from_chat(body: Any, request_id: str | None) -> Answer:
         if tool_use_id is None:
             tool_input, tool_use_id = arguments, call_id
 
+    if completion_tokens is None or (completion_tokens == 0 and blocks):
+        completion_tokens = estimate_answer(blocks)
+        estimated.append("output_tokens")
     finish = choice.get("finish_reason")
     stop_reason = _STOP_REASONS.get(finish, finish) if isinstance(finish, str) else None
     thinking_tokens = (
@@ -101,6 +118,7 @@ def answer_from_chat(body: Any, request_id: str | None) -> Answer:
         tool_input=tool_input,
         tool_use_id=tool_use_id,
         content=tuple(blocks),
+        usage_estimated=", ".join(estimated) or None,
     )
 
 

@@ -96,7 +96,7 @@ async def _usage(api: Any, file_id: str, dest: Path) -> dict[str, int]:
         await api.download(file_id, dest)
         text = await asyncio.to_thread(dest.read_text, encoding="utf-8")  # two lines, but off the loop
         for raw in text.splitlines():
-            with contextlib.suppress(ValueError, AttributeError, TypeError):
+            with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):  # a line without usage
                 usage = json.loads(raw)["response"]["body"]["usage"]
                 totals["input_tokens"] += int(usage.get("prompt_tokens") or 0)
                 totals["output_tokens"] += int(usage.get("completion_tokens") or 0)

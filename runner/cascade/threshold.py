@@ -5,7 +5,8 @@ model, it asks for oracle answers and is run again once they are in.
     if step.need: ...send these rows to the oracle, then call choose again...
     else: step.keep (proxy answers kept), step.sampled (oracle answers, the calibration sample)
 
-The method: docs/decisions.md, "Cascade: the betting test and the threshold procedure".
+The method: docs/decisions.md, "Cascade: the betting test and the threshold procedure"; its draws
+favour the rows the proxy is less sure of ("Cascade: weighted draws").
 """
 
 from __future__ import annotations

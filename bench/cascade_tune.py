@@ -11,13 +11,13 @@ Per simulator seed, the sentiment data (2,000 rows) is answered once through the
 kept in DIR as JSON (made again only when missing). The first k of the 15 samples are what a k-sample
 proxy pass gets (the simulator answers the j-th sample of a row alike whatever k is). Then the method
 (runner.cascade.threshold.choose) is replayed on them, every answer known, for each candidate: samples
-k, thresholds M, the give-up rule's z and the draws' weight floor (threshold.Settings). The cost
-share is the share of rows the oracle answers (the proxy is free). Candidates must also pass a guard
-outside the tuning data: a proxy right on 95% of rows with one confidence level (the case the give-up rule must not cut short: the
-median of 20 seeds keeps >= 1,500 of 2,000 rows, as tests/test_cascade_method.py requires).
-The pick: the lowest mean of the per-seed median cost shares at target 0.9 / delta 0.1; candidates
-within half a point of it count as tied, and the one with the fewest thresholds wins (fewer tests,
-fewer calibration rounds).
+k, thresholds M, the give-up rule's z and the draws' weight floor (threshold.Settings). The cost share
+is the share of rows the oracle answers (the proxy is free). Candidates must also pass a guard outside
+the tuning data: a proxy right on 95% of rows with one confidence level (the case the give-up rule must
+not cut short: the median of 20 seeds keeps >= 1,500 of 2,000 rows, as tests/test_cascade_method.py
+requires). The pick: the lowest mean of the per-seed median cost shares at target 0.9 / delta 0.1;
+candidates within half a point of it count as tied, and the one with the fewest thresholds wins (fewer
+tests, fewer calibration rounds), then the lowest mean.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ class Settings:
     thresholds: int = 50  # M: candidate thresholds, n/M rows apart
     draw: int = 10  # draws between looks
     worth_trying: int = 50  # draws after which a threshold may be given up (hopeless, or not worth more draws)
-    give_up_z: float = 2.0  # ... not worth more: draws outnumber n/M and their mean minus this many errors is short
+    give_up_z: float = 2.0  # ... not worth more: draws outnumber n/M and the estimate plus this many errors is over
     weight_floor: float = 0.4  # a row is drawn with a chance in proportion to 1 - its confidence + this
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import itertools
 import random
 
+import pytest
+
 from runner.cascade.bounds import above, below, share_above, share_below
 from runner.cascade.estimate import perfect_proxy_share
-from runner.cascade.threshold import choose
+from runner.cascade.threshold import Settings, choose
 
 
 def test_the_betting_test_sees_a_clear_difference_and_not_a_missing_one() -> None:
@@ -129,6 +131,17 @@ def test_the_guarantee_holds_when_the_sure_rows_disagree_more_than_the_unsure_on
         agreement, _ = _run(scores, agree, target, delta, seed)
         met += agreement >= target
     assert met >= (1 - delta) * runs
+
+
+def test_every_row_keeps_a_chance_to_be_drawn() -> None:
+    """The weighted test is exact only if no row's chance is zero (nor negative): a floor of 0 is
+    refused, and confidences outside 0..1 still meet the target."""
+    with pytest.raises(ValueError, match="weight_floor"):
+        Settings(weight_floor=0.0)
+    scores, agree = _synthetic(1000, 2, informative=True)
+    stretched: list[float | None] = [None if s is None else 3 * s - 1 for s in scores]  # -1 to 2
+    agreement, kept = _run(stretched, agree, 0.9, 0.1, 2)
+    assert agreement >= 0.9 and kept > 0
 
 
 def test_rows_the_proxy_could_not_answer_always_go_to_the_oracle() -> None:

@@ -32,6 +32,10 @@ class Settings:
     give_up_z: float = 2.0  # ... not worth more: draws outnumber n/M and the estimate plus this many errors is over
     weight_floor: float = 0.4  # a row is drawn with a chance in proportion to 1 - its confidence + this
 
+    def __post_init__(self) -> None:
+        if self.weight_floor <= 0:
+            raise ValueError("weight_floor must be above 0: every row must have a chance to be drawn")
+
 
 DEFAULT = Settings()
 
@@ -76,8 +80,8 @@ def order(scores: Sequence[float | None], seed: int) -> list[int]:
 
 def weight(score: float, settings: Settings = DEFAULT) -> float:
     """A row's weight in the draws: rows the proxy is less sure of are drawn more often (where the
-    disagreements are), and every row can be drawn."""
-    return 1.0 - score + settings.weight_floor
+    disagreements are), and every row can be drawn (a score outside 0..1 counts as the nearer end)."""
+    return 1.0 - min(max(score, 0.0), 1.0) + settings.weight_floor
 
 
 def choose(

@@ -11,13 +11,13 @@ Per simulator seed, the sentiment data (2,000 rows) is answered once through the
 kept in DIR as JSON (made again only when missing). The first k of the 15 samples are what a k-sample
 proxy pass gets (the simulator answers the j-th sample of a row alike whatever k is). Then the method
 (runner.cascade.threshold.choose) is replayed on them, every answer known, for each candidate: samples
-k, thresholds M and the give-up rule's z (threshold.Settings). The cost share is the share of rows the
-oracle answers (the proxy is free). Candidates must also pass a guard outside the tuning data: a proxy
-right on 95% of rows with one confidence level (the case the give-up rule must not cut short: the
-median of 20 seeds keeps >= 1,500 of 2,000 rows, as tests/test_cascade_method.py requires).
-The pick: the lowest mean of the per-seed median cost shares at target 0.9 / delta 0.1; candidates
-within half a point of it count as tied, and the one with the fewest thresholds wins (fewer tests,
-fewer calibration rounds).
+k, thresholds M, the give-up rule's z and the draws' weight floor (threshold.Settings). The cost share
+is the share of rows the oracle answers (the proxy is free). Candidates must also pass a guard outside
+the tuning data: a proxy right on 95% of rows with one confidence level (the case the give-up rule must
+not cut short: the median of 20 seeds keeps >= 1,500 of 2,000 rows, as tests/test_cascade_method.py
+requires). The pick: the lowest mean of the per-seed median cost shares at target 0.9 / delta 0.1;
+candidates within half a point of it count as tied, and the one with the fewest thresholds wins (fewer
+tests, fewer calibration rounds), then the lowest mean.
 """
 
 from __future__ import annotations
@@ -121,12 +121,13 @@ def main() -> int:
     seeds = range(FIRST_SEED, FIRST_SEED + args.runs)
     print(f"tuning set: simulator seeds {SIM_SEEDS}, calibration seeds {seeds.start}-{seeds.stop - 1}")
     print(
-        "| samples | thresholds | give-up z | target / delta | median cost per sim seed | mean | worst | met | guard |"
+        "| samples | thresholds | give-up z | weight floor | target / delta "
+        "| median cost per sim seed | mean | worst | met | guard |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    means: dict[tuple[int, int, float], float] = {}
-    for k, m, z in itertools.product((5, 10, 15), (20, 50, 100), (1.5, 2.0)):
-        settings = Settings(thresholds=m, give_up_z=z)
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    means: dict[tuple[int, int, float, float], float] = {}
+    for k, m, z, floor in itertools.product((5, 10, 15), (50, 100), (1.5, 2.0), (0.05, 0.1, 0.2, 0.4)):
+        settings = Settings(thresholds=m, give_up_z=z, weight_floor=floor)
         kept = guard(settings)
         for target, delta in ((0.9, 0.1), (0.95, 0.05)):
             medians, worst, met = [], 0.0, 0
@@ -135,16 +136,17 @@ def main() -> int:
                 medians.append(statistics.median(shares))
                 worst, met = max(worst, *shares), met + ok
             mean = sum(medians) / len(medians)
-            line = f"| {k} | {m} | {z} | {target} / {delta} | {' '.join(f'{x:.1%}' for x in medians)} "
+            line = f"| {k} | {m} | {z} | {floor} | {target} / {delta} | {' '.join(f'{x:.1%}' for x in medians)} "
             line += f"| {mean:.1%} | {worst:.1%} | {met}/{len(SIM_SEEDS) * len(seeds)} | {kept} |"
             print(line, flush=True)
             if target == 0.9 and kept >= 1500:
-                means[(k, m, z)] = mean
+                means[(k, m, z, floor)] = mean
     lowest = min(means.values())
-    k, m, z = min((c for c, mean in means.items() if mean <= lowest + TIE), key=lambda c: (c[1], means[c]))
+    pick = min((c for c, mean in means.items() if mean <= lowest + TIE), key=lambda c: (c[1], means[c]))
+    k, m, z, floor = pick
     print(
         f"pick (lowest mean at 0.9 / 0.1 passing the guard, {lowest:.1%}; within {TIE:.1%} the fewest thresholds): "
-        f"samples {k}, thresholds {m}, give-up z {z} ({means[(k, m, z)]:.1%})"
+        f"samples {k}, thresholds {m}, give-up z {z}, weight floor {floor} ({means[pick]:.1%})"
     )
     return 0
 

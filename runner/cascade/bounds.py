@@ -1,10 +1,14 @@
-"""The betting test BARGAIN uses: do draws without replacement show a population's mean above (or below) m?
+"""The betting test BARGAIN uses: do draws show a population's mean above (or below) m?
 
     above(xs, m, alpha, n)   # True when the draws show the mean of the n items is above m
     below(xs, m, alpha, n)   # likewise for under m; each wrong with a chance of at most alpha
+    share_below(draws, share, alpha, mean_w, least_w)  # weighted draws show the flagged share is under `share`
 
-Draws are 0/1 (agreement with the oracle) here, but any value in [0, 1] works. The method:
-docs/decisions.md, "Cascade: the betting test and the threshold procedure".
+Draws are without replacement from n items, or with replacement (n None). Values are in [0, 1].
+`share_below`/`share_above` take draws made with replacement, each item drawn with a chance in
+proportion to its weight (importance sampling), and test the share of flagged items in the whole
+population. The method: docs/decisions.md, "Cascade: the betting test and the threshold procedure"
+and "Cascade: weighted draws".
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ def _bet(alpha: float, i: int, total: float, squares: float) -> float:
     return math.sqrt(2 * math.log(2 / alpha) / (i * math.log(i + 1) * variance))
 
 
-def _rejects(xs: Sequence[float], m: float, alpha: float, n: int, side: int) -> bool:
-    """Does the capital betting that the mean is on `side` (+1 above, -1 below) of m reach 1/alpha?"""
+def _rejects(xs: Sequence[float], m: float, alpha: float, n: int | None, side: int) -> bool:
+    """Does the capital betting that the mean is on `side` (+1 above, -1 below) of m reach 1/alpha?
+    Without replacement (n items) the null's mean of what is left moves with each draw; with (None) it stays m."""
     capital, drawn, squares = 1.0, 0.0, 0.0
     for i, x in enumerate(xs, start=1):
-        left = n - (i - 1)
-        m_t = (n * m - drawn) / left if left > 0 else m
+        left = n - (i - 1) if n is not None else 0
+        m_t = (n * m - drawn) / left if n is not None and left > 0 else m
         if m_t <= 0:
             return side > 0  # what is left must average below 0: the mean is surely above m
         if m_t >= 1:
@@ -45,11 +50,34 @@ def _rejects(xs: Sequence[float], m: float, alpha: float, n: int, side: int) -> 
     return False
 
 
-def above(xs: Sequence[float], m: float, alpha: float, n: int) -> bool:
-    """True when the draws (without replacement from n items) show their mean is above m (error <= alpha)."""
+def above(xs: Sequence[float], m: float, alpha: float, n: int | None) -> bool:
+    """True when the draws (without replacement from n items; None: with replacement) show their mean
+    is above m (error <= alpha)."""
     return _rejects(xs, m, alpha, n, +1)
 
 
-def below(xs: Sequence[float], m: float, alpha: float, n: int) -> bool:
-    """True when the draws (without replacement from n items) show their mean is below m (error <= alpha)."""
+def below(xs: Sequence[float], m: float, alpha: float, n: int | None) -> bool:
+    """True when the draws (without replacement from n items; None: with replacement) show their mean
+    is below m (error <= alpha)."""
     return _rejects(xs, m, alpha, n, -1)
+
+
+def weighted(draws: Sequence[tuple[bool, float]], least_weight: float) -> list[float]:
+    """Draws (flagged, the item's weight) as values in [0, 1]: least_weight / weight when flagged, else 0.
+    Drawn with chances in proportion to weight, their mean is the flagged share times least_weight / mean_weight."""
+    return [least_weight / weight if flagged else 0.0 for flagged, weight in draws]
+
+
+def share_below(
+    draws: Sequence[tuple[bool, float]], share: float, alpha: float, mean_weight: float, least_weight: float
+) -> bool:
+    """True when weighted draws (with replacement, chances in proportion to weight; `mean_weight` and
+    `least_weight` the population's) show that its flagged share is below `share` (error <= alpha)."""
+    return below(weighted(draws, least_weight), share * least_weight / mean_weight, alpha, None)
+
+
+def share_above(
+    draws: Sequence[tuple[bool, float]], share: float, alpha: float, mean_weight: float, least_weight: float
+) -> bool:
+    """True when weighted draws show that the population's flagged share is above `share` (error <= alpha)."""
+    return above(weighted(draws, least_weight), share * least_weight / mean_weight, alpha, None)

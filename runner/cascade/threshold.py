@@ -5,17 +5,20 @@ model, it asks for oracle answers and is run again once they are in.
     if step.need: ...send these rows to the oracle, then call choose again...
     else: step.keep (proxy answers kept), step.sampled (oracle answers, the calibration sample)
 
-The method: docs/decisions.md, "Cascade: the betting test and the threshold procedure".
+The method: docs/decisions.md, "Cascade: the betting test and the threshold procedure"; its draws
+favour the rows the proxy is less sure of ("Cascade: weighted draws").
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from runner.cascade.bounds import above, below
+from runner.cascade.bounds import share_above, share_below
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,12 @@ class Settings:
     thresholds: int = 50  # M: candidate thresholds, n/M rows apart
     draw: int = 10  # draws between looks
     worth_trying: int = 50  # draws after which a threshold may be given up (hopeless, or not worth more draws)
-    give_up_z: float = 1.5  # ... not worth more: draws outnumber n/M and their mean minus this many errors is short
+    give_up_z: float = 2.0  # ... not worth more: draws outnumber n/M and the estimate plus this many errors is over
+    weight_floor: float = 0.4  # a row is drawn with a chance in proportion to 1 - its confidence + this
+
+    def __post_init__(self) -> None:
+        if self.weight_floor <= 0:
+            raise ValueError("weight_floor must be above 0: every row must have a chance to be drawn")
 
 
 DEFAULT = Settings()
@@ -70,6 +78,12 @@ def order(scores: Sequence[float | None], seed: int) -> list[int]:
     return sorted(answered, key=lambda pos: (-(scores[pos] or 0.0), rank_of_tie[pos]))
 
 
+def weight(score: float, settings: Settings = DEFAULT) -> float:
+    """A row's weight in the draws: rows the proxy is less sure of are drawn more often (where the
+    disagreements are), and every row can be drawn (a score outside 0..1 counts as the nearer end)."""
+    return 1.0 - min(max(score, 0.0), 1.0) + settings.weight_floor
+
+
 def choose(
     scores: Sequence[float | None],
     agrees: Callable[[int], bool | None],
@@ -86,8 +100,8 @@ def choose(
     rows are sent to the oracle, so their answers are used, never wasted on the output)."""
     ranked = order(scores, seed)
     n, total = len(ranked), len(scores)
-    draws = list(range(n))
-    random.Random(f"draw-{seed}").shuffle(draws)  # ranks, in the order they are drawn
+    weights = [weight(scores[pos] or 0.0, settings) for pos in ranked]  # by rank; the least first
+    draws = _Draws(weights, seed)
     drawn: set[int] = set()
     tested: list[Tested] = []
     best = -1
@@ -113,9 +127,31 @@ def choose(
     return Step(keep=keep, sampled=sampled, threshold=threshold, tested=tuple(tested))
 
 
+class _Draws:
+    """One seeded sequence of ranks drawn with replacement, each with a chance in proportion to its
+    weight; the draws for threshold t are those of ranks 0..t, in order (so a larger t reuses them)."""
+
+    def __init__(self, weights: list[float], seed: int) -> None:
+        self.weights = weights
+        self.cumulative = list(itertools.accumulate(weights))
+        self.rng = random.Random(f"draw-{seed}")
+        self.sequence: list[int] = []
+
+    def upto(self, t: int) -> Iterator[int]:
+        """The draws of ranks 0..t, as long as they are wanted."""
+        i = 0
+        while True:
+            if i == len(self.sequence):
+                point = self.rng.random() * self.cumulative[-1]
+                self.sequence.append(min(bisect.bisect_right(self.cumulative, point), len(self.weights) - 1))
+            if self.sequence[i] <= t:
+                yield self.sequence[i]
+            i += 1
+
+
 def _confident(
     ranked: list[int],
-    draws: list[int],
+    draws: _Draws,
     t: int,
     needed: float,
     agrees: Callable[[int], bool | None],
@@ -123,32 +159,39 @@ def _confident(
     ahead: int,
     gain: int,
     settings: Settings,
-) -> tuple[bool, list[int]]:
+) -> tuple[bool, set[int]]:
     """Draw from ranks 0..t until the test decides whether their agreement is above `needed`, or it is
-    not worth more draws: past `worth_trying`, their mean plus one standard error is under `needed`, or
-    they outnumber `gain` (the rows accepting t would add) with their mean minus `give_up_z` standard
-    errors under it."""
-    pool = [r for r in draws if r <= t]
-    xs: list[float] = []
-    used: list[int] = []
+    not worth more draws: past `worth_trying`, the estimated disagreement less one standard error is
+    over the share allowed (1 - needed), or the draws outnumber `gain` (the rows accepting t would add)
+    with the estimate plus `give_up_z` standard errors over it."""
+    allowed = 1 - needed  # the disagreeing share the kept rows may have
+    if allowed <= 0:
+        return False, set()
+    weights = draws.weights
+    least, mean_weight = weights[0], draws.cumulative[t] / (t + 1)
+    pool = draws.upto(t)
+    seen: list[tuple[bool, float]] = []  # (disagrees, weight) per draw
+    used: set[int] = set()
     while True:
-        if len(xs) >= settings.worth_trying:
+        if len(seen) >= settings.worth_trying:
+            xs = [least / w if flagged else 0.0 for flagged, w in seen]
             mean = sum(xs) / len(xs)
-            error = math.sqrt(mean * (1 - mean) / len(xs))
-            if mean + error < needed or (len(xs) >= gain and mean - settings.give_up_z * error < needed):
+            error = math.sqrt(max(sum(x * x for x in xs) / len(xs) - mean * mean, 0.0) / len(xs))
+            scale = mean_weight / least  # the values' mean times this estimates the disagreeing share
+            if (mean - error) * scale > allowed or (
+                len(seen) >= gain and (mean + settings.give_up_z * error) * scale > allowed
+            ):
                 return False, used
-        batch = pool[len(xs) : len(xs) + settings.draw]
+        batch = [next(pool) for _ in range(settings.draw)]
         answers = [agrees(ranked[r]) for r in batch]
         if any(a is None for a in answers):
-            wanted = pool[len(xs) : len(xs) + settings.draw * ahead]
-            raise _Need([ranked[r] for r in wanted if agrees(ranked[r]) is None])
-        xs.extend(float(bool(a)) for a in answers)
-        used.extend(batch)
-        mean = sum(xs) / len(xs)
-        if len(xs) >= len(pool):  # every row drawn: the mean is known exactly
-            return mean >= needed, used
-        if mean < needed:
-            if below(xs, needed, delta, t + 1):
-                return False, used
-        elif above(xs, needed, delta, t + 1):
+            wanted = batch + [next(pool) for _ in range(settings.draw * (ahead - 1))]
+            raise _Need(list(dict.fromkeys(ranked[r] for r in wanted if agrees(ranked[r]) is None)))
+        seen.extend((not a, weights[r]) for a, r in zip(answers, batch, strict=True))
+        used.update(batch)
+        if len(used) == t + 1:  # every row drawn: the share is known exactly
+            return sum(1 for r in range(t + 1) if not agrees(ranked[r])) <= allowed * (t + 1), used
+        if share_below(seen, allowed, delta, mean_weight, least):
             return True, used
+        if share_above(seen, allowed, delta, mean_weight, least):
+            return False, used

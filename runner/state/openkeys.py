@@ -28,6 +28,7 @@ __all__ = ["KeyTable", "OpenKeys"]
 
 Value = tuple[int, float]  # (raw input-token estimate, reserved cost)
 _HALVES = {"i": pl.Int64, "high": pl.UInt64, "low": pl.UInt64}
+_SIGNED = {"high": pl.Int64, "low": pl.Int64}
 _HEX = re.compile("[0-9a-f]{32}")
 
 
@@ -36,19 +37,26 @@ class _Run:
 
     __slots__ = ("alive", "high", "high_series", "live", "low", "low_series", "raw", "reserved")
 
-    def __init__(self, halves: tuple[list[int], list[int]], values: list[Value]) -> None:
-        frame = pl.DataFrame({"high": halves[0], "low": halves[1]}, schema={"high": pl.UInt64, "low": pl.UInt64})
-        frame = frame.with_row_index("at").sort("high", "low")
-        order = frame.get_column("at").to_list()
+    def __init__(self, packed: bytes, raw: array[int] | None, reserved: array[float] | None) -> None:
+        """`packed`: 16 bytes a key, its high half first, big-endian; `raw`, `reserved`: the keys' values in
+        the same order (None: all zero). A key there twice keeps its later value."""
+        halves = array("q", packed)  # signed: polars takes a list of these without its slow path
+        if sys.byteorder == "little":
+            halves.byteswap()
+        frame = pl.DataFrame({"high": halves[0::2].tolist(), "low": halves[1::2].tolist()}, schema=_SIGNED)
+        del halves
+        frame = frame.select(pl.all().reinterpret(signed=False)).with_row_index("at").sort("high", "low", "at")
+        again = (pl.col("high") == pl.col("high").shift(-1)) & (pl.col("low") == pl.col("low").shift(-1))
+        if frame.select(again.any()).item():  # a key put twice: the later stands
+            frame = frame.filter(~again.fill_null(False))
         self.high_series, self.low_series = frame.get_column("high"), frame.get_column("low")
         self.high = array("Q", self.high_series.to_list())  # for one key at a time (bisect)
         self.low = array("Q", self.low_series.to_list())
-        raw = [values[i][0] for i in order]
-        self.raw = array("q", raw) if any(raw) else None  # a set's keys (OpenKeys) hold no values
-        reserved = [values[i][1] for i in order]
-        self.reserved = array("d", reserved) if any(reserved) else None
-        self.alive = bytearray(b"\x01") * len(order)
-        self.live = len(order)
+        order = frame.get_column("at").to_list() if raw is not None or reserved is not None else []
+        self.raw = array("q", [raw[i] for i in order]) if raw is not None else None
+        self.reserved = array("d", [reserved[i] for i in order]) if reserved is not None else None
+        self.alive = bytearray(b"\x01") * frame.height
+        self.live = frame.height
 
     def find(self, high: int, low: int, start: int | None = None) -> int:
         """The position of a live key, or -1 (`start`: where its high half begins, if known)."""
@@ -93,28 +101,35 @@ class _Run:
 class KeyTable:
     """A dict of request key -> (raw estimate, reserved cost), exact, in little memory when large.
 
-    A key is live in at most one run (a run's keys put again leave the older runs when it is made); a
-    key put again while live in a run is in `_recent` too until then, and every step looks in both."""
+    A block of keys put at once (`put_many`) is kept packed, 16 bytes a key, and looked at only when a
+    step needs to find a key (`_settle`): few of them join the newest keys, many become runs. A key is
+    live in at most one run (a run's keys put again leave the older runs when it is made); a key put
+    again while live in a run is in `_recent` too until then, and every step looks in both. The newest
+    value of a key is in `_recent`, else in the packed blocks (the last one holding it), else in a run."""
 
     def __init__(self, run_keys: int = 65_536) -> None:
         self._run_keys = run_keys
         self._recent: dict[str, Value] = {}  # the newest keys (any form)
         self._odd: dict[str, Value] = {}  # keys that are not 32 hex digits: never frozen
+        self._packed: list[tuple[bytes, array[int] | None, float]] = []  # blocks not looked at yet
         self._runs: list[_Run] = []
 
     def __len__(self) -> int:
+        self._settle()
         twice = sum(self.contains_runs(list(self._recent))) if self._runs else 0
         return len(self._recent) + len(self._odd) + sum(run.live for run in self._runs) - twice
 
     def __bool__(self) -> bool:
-        return bool(self._recent or self._odd or any(run.live for run in self._runs))
+        return bool(self._packed or self._recent or self._odd or any(run.live for run in self._runs))
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):
             return False
+        self._settle()
         return key in self._recent or key in self._odd or self._in_runs(key) is not None
 
     def __iter__(self) -> Iterator[str]:
+        self._settle()
         recent = list(self._recent)
         yield from recent
         yield from list(self._odd)
@@ -132,17 +147,24 @@ class KeyTable:
             self._freeze()
 
     def put_many(self, keys: list[str], raws: list[int], reserved: float = 0.0) -> None:
-        """`put` for a block of keys, each with its raw estimate and the same reserved cost."""
-        if self._odd:
+        """`put` for a block of keys, each with its raw estimate and the same reserved cost: when they are
+        all 32 hex digits, kept packed (no object a key) until a step needs to find one."""
+        if len(raws) != len(keys):
+            raise ValueError(f"put_many: {len(keys)} keys and {len(raws)} estimates")
+        packed = _packed(keys) if keys else None
+        if packed is None:
             for key, raw in zip(keys, raws, strict=True):
                 self.put(key, raw, reserved)
             return
-        self._recent.update(zip(keys, [(raw, reserved) for raw in raws], strict=True))
-        if len(self._recent) >= self._run_keys:
-            self._freeze()
+        if self._recent:  # the block's value is the newer one
+            forget = self._recent.pop
+            for key in keys:
+                forget(key, None)
+        self._packed.append((packed, array("q", raws) if any(raws) else None, reserved))
 
     def get(self, key: str) -> Value | None:
         """The value of an open key, or None."""
+        self._settle()
         value = self._recent.get(key)
         if value is None:
             value = self._odd.get(key)
@@ -154,6 +176,7 @@ class KeyTable:
 
     def pop(self, key: str) -> Value | None:
         """Close `key`: its value, or None if it was not open."""
+        self._settle()
         value = self._recent.pop(key, None)
         if value is None:
             value = self._odd.pop(key, None)
@@ -167,6 +190,7 @@ class KeyTable:
 
     def pop_many(self, keys: list[str]) -> list[Value | None]:
         """`pop` for a block of keys (a key twice in `keys` is popped once: None the second time)."""
+        self._settle()
         recent, odd = self._recent, self._odd
         values: list[Value | None] = [recent.pop(key, None) for key in keys]
         if odd:
@@ -181,6 +205,7 @@ class KeyTable:
 
     def contains_many(self, keys: list[str]) -> list[bool]:
         """Is each key open? (Vectorised over the runs.)"""
+        self._settle()
         recent, odd = self._recent, self._odd
         found = [key in recent or key in odd for key in keys]
         if self._runs and not all(found):
@@ -191,6 +216,7 @@ class KeyTable:
 
     def contains_runs(self, keys: list[str]) -> list[bool]:
         """Is each key live in a run?"""
+        self._settle()
         found = [False] * len(keys)
         for i, _, _ in self._find_many(keys):
             found[i] = True
@@ -198,8 +224,8 @@ class KeyTable:
 
     @property
     def run_bytes(self) -> int:
-        """Bytes the runs hold (their arrays and polars' copy of the high halves)."""
-        total = 0
+        """Bytes the runs and packed blocks hold (their arrays and polars' copy of the halves)."""
+        total = sum(len(packed) + (8 * len(raws) if raws is not None else 0) for packed, raws, _ in self._packed)
         for run in self._runs:
             total += 8 * 2 * len(run.high) + len(run.alive)
             total += int(run.high_series.estimated_size()) + int(run.low_series.estimated_size())
@@ -236,52 +262,103 @@ class KeyTable:
                     still.append(j)
             left = left[still] if len(still) < left.height else left
 
+    def _settle(self) -> None:
+        """Let the packed blocks be looked in: few keys (fewer than a run with the newest) join the newest,
+        as `put` would have put them; many become runs of `run_keys` each, oldest first."""
+        if not self._packed:
+            return
+        blocks, self._packed = self._packed, []
+        count = sum(len(packed) for packed, _, _ in blocks) // 16
+        if count + len(self._recent) < self._run_keys:
+            recent = self._recent
+            for packed, raws, reserved in reversed(blocks):  # newest first (blocks, keys): a newer value stands
+                text = packed.hex()
+                values = raws.tolist() if raws is not None else [0] * (len(packed) // 16)
+                for at, raw in zip(range(len(text) - 32, -1, -32), reversed(values), strict=True):
+                    recent.setdefault(text[at : at + 32], (raw, reserved))
+            return
+        packed = b"".join(block[0] for block in blocks)
+        estimates: array[int] | None = None
+        if any(block[1] is not None for block in blocks):
+            estimates = array("q")
+            for block in blocks:  # 8 zero bytes a key of a block without estimates
+                estimates.extend(block[1] if block[1] is not None else array("q", bytes(len(block[0]) // 2)))
+        costs: array[float] | None = None
+        if any(block[2] for block in blocks):
+            costs = array("d")
+            for block in blocks:
+                costs.extend(array("d", [block[2]]) * (len(block[0]) // 16))
+        del blocks
+        step = self._run_keys
+        for start in range(0, count, step):
+            self._add_run(
+                packed[16 * start : 16 * (start + step)],
+                estimates[start : start + step] if estimates is not None else None,
+                costs[start : start + step] if costs is not None else None,
+            )
+
     def _freeze(self) -> None:
-        """Turn the recent keys into a run (those not 32 hex digits move to `_odd`); the same keys
-        still live in older runs leave them (the newer value stands)."""
+        """Turn the recent keys into a run (those not 32 hex digits move to `_odd`), newer than the packed
+        blocks (made runs first); the same keys still live in older runs leave them (the newer value stands)."""
+        self._settle()
         recent, self._recent = self._recent, {}
         keys = list(recent)
-        index, halves = _halves(keys)
-        if len(index) < len(keys):
-            hexed = set(index)
-            for i, key in enumerate(keys):
-                if i not in hexed:
+        packed = _packed(keys)
+        if packed is None:
+            hexed = []
+            for key in keys:
+                if _HEX.fullmatch(key):
+                    hexed.append(key)
+                else:
                     self._odd[key] = recent[key]
-            keys = [keys[i] for i in index]
+            keys = hexed
+            packed = bytes.fromhex("".join(keys))
         if not keys:
             return
-        if self._runs:
-            fresh = pl.DataFrame({"high": halves[0], "low": halves[1]}, schema={"high": pl.UInt64, "low": pl.UInt64})
-            for run in self._runs:  # a hash lookup of the high halves; exact only where one is there
-                again = fresh.get_column("high").is_in(run.high_series.implode()).arg_true().to_list()
-                for j in again:
-                    at = run.find(halves[0][j], halves[1][j])
-                    if at >= 0:
-                        run.take(at)
-            self._drop_empty()
-        self._runs.append(_Run(halves, [recent[key] for key in keys]))
+        values = [recent[key] for key in keys]
+        del recent
+        raw = array("q", [value[0] for value in values])
+        reserved = array("d", [value[1] for value in values])
+        self._add_run(packed, raw if any(raw) else None, reserved if any(reserved) else None)
+
+    def _add_run(self, packed: bytes, raw: array[int] | None, reserved: array[float] | None) -> None:
+        """A run of these keys, the newest; the same keys live in older runs leave them."""
+        run = _Run(packed, raw, reserved)
+        for older in self._runs:  # a hash lookup of the high halves; exact only where one is there
+            again = run.high_series.is_in(older.high_series.implode()).arg_true().to_list()
+            for j in again:
+                at = older.find(run.high[j], run.low[j])
+                if at >= 0:
+                    older.take(at)
+        self._drop_empty()
+        self._runs.append(run)
 
     def _drop_empty(self) -> None:
         if any(not run.live for run in self._runs):
             self._runs = [run for run in self._runs if run.live]
 
 
+def _packed(keys: list[str]) -> bytes | None:
+    """The keys as 16 bytes each (high half first), or None unless every one is 32 lowercase hex digits
+    (one parse and one comparison for the block: its canonical spelling must be the keys themselves)."""
+    joined = " ".join(keys)
+    try:
+        packed = bytes.fromhex(joined)
+    except ValueError:
+        return None
+    return packed if len(packed) == 16 * len(keys) and packed.hex(" ", 16) == joined else None
+
+
 def _halves(keys: list[str]) -> tuple[list[int], tuple[list[int], list[int]]]:
     """The positions of the keys that are 32 lowercase hex digits, and their high and low 64 bits
     (one parse for a block of the usual keys; key by key when some are of another form)."""
-    joined = "".join(keys)
-    raw = b""
-    if keys and set(map(len, keys)) == {32} and (joined.islower() or joined.isdigit()):
-        try:
-            raw = bytes.fromhex(joined)  # refuses what is not hex; whitespace shortens it (below)
-        except ValueError:
-            raw = b""
-    if len(raw) == 16 * len(keys):
+    packed = _packed(keys)
+    if packed is not None:
         index = list(range(len(keys)))
     else:
         index = [i for i, key in enumerate(keys) if _HEX.fullmatch(key)]
-        raw = bytes.fromhex("".join(keys[i] for i in index))
-    halves = array("Q", raw)
+        packed = bytes.fromhex("".join(keys[i] for i in index))
+    halves = array("Q", packed)
     if sys.byteorder == "little":
         halves.byteswap()
     return index, (halves[0::2].tolist(), halves[1::2].tolist())

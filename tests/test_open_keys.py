@@ -33,6 +33,8 @@ K = FEW[0]
 @example([("put_many", [K], 1), ("put", [K], 2), ("get", [K], 0)], 8)  # the single put is
 @example([("put_many", [K], 1), ("put_many", [K], 2), ("get", [K], 0)], 8)  # the later block is
 @example([("put", [K], 1), ("put_many", [K], 2), ("get", [K], 0)], 2)  # as runs, the same
+@example([("put", [K], 1), ("put", [FEW[2]], 0), ("put", [K], 2), ("pop_many", [K, K], 0)], 2)  # put again
+@example([("put", [K], 1), ("put", [FEW[2]], 0), ("put", [K], 2), ("pop", [K], 0)], 2)  # after a run
 @settings(max_examples=300, deadline=None)
 @given(ops, st.sampled_from([1, 2, 3, 8]))
 def test_a_key_table_is_a_dict(steps: list[tuple[str, list[str], int]], run_keys: int) -> None:

@@ -27,8 +27,8 @@ import polars as pl
 __all__ = ["KeyTable", "OpenKeys"]
 
 Value = tuple[int, float]  # (raw input-token estimate, reserved cost)
-_HALVES = {"i": pl.Int64, "high": pl.UInt64, "low": pl.UInt64}
 _SIGNED = {"high": pl.Int64, "low": pl.Int64}
+_SIGNED_AT = {"i": pl.Int64, **_SIGNED}
 _HEX = re.compile("[0-9a-f]{32}")
 
 
@@ -69,18 +69,42 @@ class _Run:
             at = bisect_left(self.low, low, start, bisect_right(self.high, high, start))
         return at if at < len(self.low) and self.high[at] == high and self.low[at] == low and self.alive[at] else -1
 
-    def find_many(self, highs: pl.Series, lows: pl.Series) -> list[int]:
-        """`find` for many keys at once, in polars: a binary search on the high halves, both halves
-        compared where it lands; key by key only where the high half is there and the low is not (keys
-        sharing their first 64 bits)."""
+    def find_many(self, highs: pl.Series, lows: pl.Series) -> tuple[list[int], list[int]]:
+        """`find` for many keys at once: which of them are live here (their rows, in order) and where, in
+        polars: a binary search on the high halves, both halves compared where it lands; key by key only
+        where the high half is there and the low is not (keys sharing their first 64 bits). Python sees
+        only the keys found."""
         first = self.high_series.search_sorted(highs, side="left").clip(0, len(self.high) - 1)
         high_there = self.high_series.gather(first) == highs
         exact = high_there & (self.low_series.gather(first) == lows)
-        found = pl.select(pl.when(exact).then(first.cast(pl.Int64)).otherwise(-1)).to_series().to_list()
-        for i in (high_there & ~exact).arg_true().to_list():  # a high half shared: look among them
-            found[i] = self.find(int(highs[i]), int(lows[i]), int(first[i]))
+        rows, places = exact.arg_true().to_list(), first.filter(exact).to_list()
+        shared = (high_there & ~exact).arg_true().to_list()
+        for row in shared:  # a high half shared: look among them
+            at = self.find(int(highs[row]), int(lows[row]), int(first[row]))
+            if at >= 0:
+                rows.append(row)
+                places.append(at)
+        if shared:  # in row order again
+            pairs = sorted(zip(rows, places, strict=True))
+            rows, places = [row for row, _ in pairs], [at for _, at in pairs]
         alive = self.alive
-        return [at if at >= 0 and alive[at] else -1 for at in found]
+        live = [k for k, at in enumerate(places) if alive[at]]
+        if len(live) < len(places):
+            rows, places = [rows[k] for k in live], [places[k] for k in live]
+        return rows, places
+
+    def take_many(self, places: list[int]) -> list[Value | None]:
+        """Let the keys at `places` go; each one's value (None for a place already let go, e.g. twice)."""
+        alive, raw, reserved = self.alive, self.raw, self.reserved
+        taken: list[Value | None] = []
+        for at in places:
+            if alive[at]:
+                alive[at] = 0
+                taken.append((raw[at] if raw is not None else 0, reserved[at] if reserved is not None else 0.0))
+            else:
+                taken.append(None)
+        self.live -= sum(value is not None for value in taken)
+        return taken
 
     def take(self, at: int) -> Value:
         """Let the key at `at` go; its value."""
@@ -196,10 +220,10 @@ class KeyTable:
         if odd:
             values = [odd.pop(key, None) if value is None else value for key, value in zip(keys, values, strict=True)]
         if self._runs:
-            for i, run, at in self._find_many(keys):
-                if run.alive[at]:  # a key twice in the block: taken once
-                    older = run.take(at)
-                    values[i] = older if values[i] is None else values[i]
+            for run, rows, places in self._find_many(keys):
+                for i, older in zip(rows, run.take_many(places), strict=True):
+                    if values[i] is None:  # (a key twice in the block: taken once, None the second time)
+                        values[i] = older
             self._drop_empty()
         return values
 
@@ -218,8 +242,9 @@ class KeyTable:
         """Is each key live in a run?"""
         self._settle()
         found = [False] * len(keys)
-        for i, _, _ in self._find_many(keys):
-            found[i] = True
+        for _, rows, _ in self._find_many(keys):
+            for i in rows:
+                found[i] = True
         return found
 
     @property
@@ -243,24 +268,25 @@ class KeyTable:
                 return run, at
         return None
 
-    def _find_many(self, keys: list[str]) -> Iterator[tuple[int, _Run, int]]:
-        """(i, run, position) of each keys[i] live in a run (in one run at most: see the class); oldest
-        runs first, each looked up only for the keys not found in an earlier one."""
+    def _find_many(self, keys: list[str]) -> Iterator[tuple[_Run, list[int], list[int]]]:
+        """For each run, the keys live in it: (run, their indices in `keys`, their places in the run); a key
+        is live in one run at most (see the class). Oldest runs first, each looked up only for the keys
+        not found in an earlier one."""
         index, (highs, lows) = _halves(keys)
-        left = pl.DataFrame({"i": index, "high": highs, "low": lows}, schema=_HALVES)
+        left = pl.DataFrame({"i": index, "high": highs, "low": lows}, schema=_SIGNED_AT)
+        left = left.with_columns(pl.col("high", "low").reinterpret(signed=False))
         for run in self._runs:
             if not left.height:
                 return
             if not run.live:
                 continue
-            found = run.find_many(left.get_column("high"), left.get_column("low"))
-            still = []
-            for j, (i, at) in enumerate(zip(left.get_column("i").to_list(), found, strict=True)):
-                if at >= 0:
-                    yield i, run, at
-                else:
-                    still.append(j)
-            left = left[still] if len(still) < left.height else left
+            rows, places = run.find_many(left.get_column("high"), left.get_column("low"))
+            if rows:
+                taken = pl.Series(rows, dtype=pl.UInt32)
+                yield run, left.get_column("i").gather(taken).to_list(), places
+                if len(rows) == left.height:
+                    return
+                left = left.with_row_index("row").filter(~pl.col("row").is_in(taken.implode())).drop("row")
 
     def _settle(self) -> None:
         """Let the packed blocks be looked in: few keys (fewer than a run with the newest) join the newest,
@@ -350,15 +376,15 @@ def _packed(keys: list[str]) -> bytes | None:
 
 
 def _halves(keys: list[str]) -> tuple[list[int], tuple[list[int], list[int]]]:
-    """The positions of the keys that are 32 lowercase hex digits, and their high and low 64 bits
-    (one parse for a block of the usual keys; key by key when some are of another form)."""
+    """The positions of the keys that are 32 lowercase hex digits, and their high and low 64 bits as signed
+    integers (polars reinterprets them; one parse for a block of the usual keys; key by key when some are not)."""
     packed = _packed(keys)
     if packed is not None:
         index = list(range(len(keys)))
     else:
         index = [i for i, key in enumerate(keys) if _HEX.fullmatch(key)]
         packed = bytes.fromhex("".join(keys[i] for i in index))
-    halves = array("Q", packed)
+    halves = array("q", packed)  # signed: polars takes a list of these without its slow path
     if sys.byteorder == "little":
         halves.byteswap()
     return index, (halves[0::2].tolist(), halves[1::2].tolist())

@@ -1,12 +1,16 @@
-"""The keys of requests in flight, in ~25-40 bytes a key instead of ~170 (a str in a set and a dict).
+"""The keys of requests in flight, in 16-41 bytes a key instead of ~170 (a str in a set and a dict).
 
 In batch mode every row's request is in flight at once (`Run.outstanding`, `Accountant._open`): at a
 million rows those tables were the part of a run's memory that grew with the input. A request key is
 32 hex digits (128 bits, runner.job.prompts), so it fits in two 64-bit integers exactly: two keys are
-taken for one only when all 128 bits are equal, never on a prefix. The newest keys are kept as strings
-in a dict; every `run_keys` of them become a run, sorted by the key's high 64 bits, with the low
-halves, an alive flag and the values in arrays beside. Runs empty as answers come (oldest first, as
-batches are harvested) and are dropped. A key of any other form (a sample's, `key#1`) stays a string.
+taken for one only when all 128 bits are equal, never on a prefix. A block of keys put at once (the
+planner's, `put_many`) is kept packed, 16 bytes a key and its estimate in an array beside, and nothing
+more is done with it until a step must find a key: a re-plan that hands a million requests over pays
+one parse a block, not a sort. Then few keys join the newest, which are kept as strings in a dict, and
+many become runs of `run_keys`, sorted by the key's high 64 bits, with the low halves, an alive flag
+and the values in arrays beside (~33 bytes a key, ~41 with values). Runs empty as answers come (oldest
+first, as batches are harvested) and are dropped. A key of any other form (a sample's, `key#1`) stays
+a string.
 
     table = KeyTable()
     table.put(key, raw=412, reserved=0.0031)

@@ -35,6 +35,10 @@ K = FEW[0]
 @example([("put", [K], 1), ("put_many", [K], 2), ("get", [K], 0)], 2)  # as runs, the same
 @example([("put", [K], 1), ("put", [FEW[2]], 0), ("put", [K], 2), ("pop_many", [K, K], 0)], 2)  # put again
 @example([("put", [K], 1), ("put", [FEW[2]], 0), ("put", [K], 2), ("pop", [K], 0)], 2)  # after a run
+@example(  # blocks and the newest made runs, the last few keys (each its own reserved cost) the newest again
+    [("put_many", [FEW[2]] * 5, 3), ("put_many", [FEW[2]], 4), ("put", [K], 1), ("put", [FEW[1]], 2), ("get", [K], 0)],
+    3,
+)
 @settings(max_examples=300, deadline=None)
 @given(ops, st.sampled_from([1, 2, 3, 8]))
 def test_a_key_table_is_a_dict(steps: list[tuple[str, list[str], int]], run_keys: int) -> None:

@@ -31,6 +31,8 @@ import polars as pl
 __all__ = ["KeyTable", "OpenKeys"]
 
 Value = tuple[int, float]  # (raw input-token estimate, reserved cost)
+# Keys packed (16 bytes a key), their estimates (None: all 0), the reserved cost: the block's, or a key's.
+Block = tuple[bytes, "array[int] | None", "float | array[float]"]
 _SIGNED = {"high": pl.Int64, "low": pl.Int64}
 _SIGNED_AT = {"i": pl.Int64, **_SIGNED}
 _HEX = re.compile("[0-9a-f]{32}")
@@ -139,7 +141,7 @@ class KeyTable:
         self._run_keys = run_keys
         self._recent: dict[str, Value] = {}  # the newest keys (any form)
         self._odd: dict[str, Value] = {}  # keys that are not 32 hex digits: never frozen
-        self._packed: list[tuple[bytes, array[int] | None, float]] = []  # blocks not looked at yet
+        self._packed: list[Block] = []  # blocks put at once, not looked in yet
         self._runs: list[_Run] = []
 
     def __len__(self) -> int:
@@ -254,7 +256,10 @@ class KeyTable:
     @property
     def run_bytes(self) -> int:
         """Bytes the runs and packed blocks hold (their arrays and polars' copy of the halves)."""
-        total = sum(len(packed) + (8 * len(raws) if raws is not None else 0) for packed, raws, _ in self._packed)
+        total = sum(
+            len(packed) // 2 * ((raws is not None) + isinstance(cost, array)) for packed, raws, cost in self._packed
+        )
+        total += sum(len(block[0]) for block in self._packed)
         for run in self._runs:
             total += 8 * 2 * len(run.high) + len(run.alive)
             total += int(run.high_series.estimated_size()) + int(run.low_series.estimated_size())
@@ -292,21 +297,21 @@ class KeyTable:
                     return
                 left = left.with_row_index("row").filter(~pl.col("row").is_in(taken.implode())).drop("row")
 
-    def _settle(self) -> None:
-        """Let the packed blocks be looked in: few keys (fewer than a run with the newest) join the newest,
-        as `put` would have put them; many become runs of `run_keys` each, oldest first."""
-        if not self._packed:
+    def _settle(self, runs: bool = False) -> None:
+        """Let the packed blocks be looked in. Few keys (fewer than a run with the newest) join the newest,
+        as `put` would have put them; else they and the newest, oldest first, become runs of `run_keys`
+        each, and what is left over, fewer than a run, the newest again (`runs`: all of it runs)."""
+        if not self._packed and not runs:
             return
         blocks, self._packed = self._packed, []
-        count = sum(len(packed) for packed, _, _ in blocks) // 16
-        if count + len(self._recent) < self._run_keys:
-            recent = self._recent
-            for packed, raws, reserved in reversed(blocks):  # newest first (blocks, keys): a newer value stands
-                text = packed.hex()
-                values = raws.tolist() if raws is not None else [0] * (len(packed) // 16)
-                for at, raw in zip(range(len(text) - 32, -1, -32), reversed(values), strict=True):
-                    recent.setdefault(text[at : at + 32], (raw, reserved))
+        count = sum(len(block[0]) for block in blocks) // 16
+        if not runs and count + len(self._recent) < self._run_keys:
+            self._unpack(blocks)
             return
+        newest = self._pack_recent()
+        if newest is not None:  # newer than every block
+            blocks.append(newest)
+            count += len(newest[0]) // 16
         packed = b"".join(block[0] for block in blocks)
         estimates: array[int] | None = None
         if any(block[1] is not None for block in blocks):
@@ -317,20 +322,35 @@ class KeyTable:
         if any(block[2] for block in blocks):
             costs = array("d")
             for block in blocks:
-                costs.extend(array("d", [block[2]]) * (len(block[0]) // 16))
+                cost = block[2]
+                costs.extend(cost if isinstance(cost, array) else array("d", [cost]) * (len(block[0]) // 16))
         del blocks
         step = self._run_keys
-        for start in range(0, count, step):
+        whole = count if runs else count - count % step
+        for start in range(0, whole, step):
+            stop = min(start + step, whole)
             self._add_run(
-                packed[16 * start : 16 * (start + step)],
-                estimates[start : start + step] if estimates is not None else None,
-                costs[start : start + step] if costs is not None else None,
+                packed[16 * start : 16 * stop],
+                estimates[start:stop] if estimates is not None else None,
+                costs[start:stop] if costs is not None else None,
             )
+        if whole < count:  # fewer than a run: the newest keys again
+            left = (packed[16 * whole :], estimates[whole:] if estimates is not None else None)
+            self._unpack([(*left, costs[whole:] if costs is not None else 0.0)])
 
-    def _freeze(self) -> None:
-        """Turn the recent keys into a run (those not 32 hex digits move to `_odd`), newer than the packed
-        blocks (made runs first); the same keys still live in older runs leave them (the newer value stands)."""
-        self._settle()
+    def _unpack(self, blocks: list[Block]) -> None:
+        """Packed blocks into the newest keys, a key's value in the dict standing (it is newer)."""
+        recent = self._recent
+        for packed, raws, reserved in reversed(blocks):  # newest first (blocks, keys): a newer value stands
+            text = packed.hex()
+            count = len(packed) // 16
+            values = reversed(raws.tolist()) if raws is not None else [0] * count
+            costs = reversed(reserved.tolist()) if isinstance(reserved, array) else [reserved] * count
+            for at, raw, cost in zip(range(len(text) - 32, -1, -32), values, costs, strict=True):
+                recent.setdefault(text[at : at + 32], (raw, cost))
+
+    def _pack_recent(self) -> Block | None:
+        """The newest keys as a packed block (those not 32 hex digits move to `_odd`), the dict emptied."""
         recent, self._recent = self._recent, {}
         keys = list(recent)
         packed = _packed(keys)
@@ -344,12 +364,16 @@ class KeyTable:
             keys = hexed
             packed = bytes.fromhex("".join(keys))
         if not keys:
-            return
+            return None
         values = [recent[key] for key in keys]
-        del recent
         raw = array("q", [value[0] for value in values])
         reserved = array("d", [value[1] for value in values])
-        self._add_run(packed, raw if any(raw) else None, reserved if any(reserved) else None)
+        return packed, raw if any(raw) else None, reserved if any(reserved) else 0.0
+
+    def _freeze(self) -> None:
+        """The newest keys, and the packed blocks before them, into runs (keys not 32 hex digits move to
+        `_odd`); the same keys still live in older runs leave them (the newer value stands)."""
+        self._settle(runs=True)
 
     def _add_run(self, packed: bytes, raw: array[int] | None, reserved: array[float] | None) -> None:
         """A run of these keys, the newest; the same keys live in older runs leave them."""

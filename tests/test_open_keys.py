@@ -8,22 +8,37 @@ from __future__ import annotations
 import hashlib
 import tracemalloc
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from runner.state.openkeys import KeyTable, OpenKeys
 
 # Keys drawn from a small pool so that operations meet: 32 hex digits, pairs sharing their high half,
-# and a sample's key (not hex).
+# and a sample's key (not hex); or from three hex keys only, so that blocks put at once (kept packed until
+# a step looks) meet single puts and each other often.
 HIGH = "0123456789abcdef"
 POOL = [f"{HIGH}{i:016x}" for i in range(6)] + [f"{i:032x}" for i in range(6)] + ["ab" * 16 + "#1", "x"]
-ops = st.lists(
-    st.tuples(st.sampled_from(["put", "put_many", "pop", "get", "in", "pop_many", "contains_many", "len"]),
-              st.lists(st.sampled_from(POOL), min_size=1, max_size=5), st.integers(0, 9)),
-    max_size=60,
-)  # fmt: skip
+FEW = [f"{HIGH}{0:016x}", f"{HIGH}{1:016x}", f"{2:032x}"]
+OPS = ["put", "put_many", "pop", "get", "in", "pop_many", "contains_many", "len", "iter"]
+ops = st.sampled_from([POOL, FEW]).flatmap(
+    lambda pool: st.lists(
+        st.tuples(st.sampled_from(OPS), st.lists(st.sampled_from(pool), min_size=1, max_size=5), st.integers(0, 9)),
+        max_size=60,
+    )
+)
+K = FEW[0]
 
 
+@example([("put", [K], 1), ("put_many", [K], 2), ("get", [K], 0)], 8)  # the block is the newer value
+@example([("put_many", [K], 1), ("put", [K], 2), ("get", [K], 0)], 8)  # the single put is
+@example([("put_many", [K], 1), ("put_many", [K], 2), ("get", [K], 0)], 8)  # the later block is
+@example([("put", [K], 1), ("put_many", [K], 2), ("get", [K], 0)], 2)  # as runs, the same
+@example([("put", [K], 1), ("put", [FEW[2]], 0), ("put", [K], 2), ("pop_many", [K, K], 0)], 2)  # put again
+@example([("put", [K], 1), ("put", [FEW[2]], 0), ("put", [K], 2), ("pop", [K], 0)], 2)  # after a run
+@example(  # blocks and the newest made runs, the last few keys (each its own reserved cost) the newest again
+    [("put_many", [FEW[2]] * 5, 3), ("put_many", [FEW[2]], 4), ("put", [K], 1), ("put", [FEW[1]], 2), ("get", [K], 0)],
+    3,
+)
 @settings(max_examples=300, deadline=None)
 @given(ops, st.sampled_from([1, 2, 3, 8]))
 def test_a_key_table_is_a_dict(steps: list[tuple[str, list[str], int]], run_keys: int) -> None:
@@ -46,7 +61,12 @@ def test_a_key_table_is_a_dict(steps: list[tuple[str, list[str], int]], run_keys
             assert table.pop_many(keys) == [model.pop(k, None) for k in keys]
         elif op == "contains_many":
             assert table.contains_many(keys) == [k in model for k in keys]
-        assert len(table) == len(model) and bool(table) == bool(model)
+        elif op == "len":
+            assert len(table) == len(model)
+        elif op == "iter":
+            assert sorted(table) == sorted(model)
+        assert bool(table) == bool(model)  # (looks in no packed block: blocks put at once stay packed until a step)
+    assert len(table) == len(model)
     assert sorted(table) == sorted(model)
 
 

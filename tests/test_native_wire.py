@@ -466,19 +466,24 @@ PATHS: list[tuple[str, ...]] = [
 DROP = object()
 
 
+def _has(container: Any, step: Any) -> bool:
+    if isinstance(container, dict):
+        return isinstance(step, str) and step in container
+    return isinstance(container, list) and isinstance(step, int) and step < len(container)
+
+
 def _set(line: Any, path: tuple[Any, ...], value: Any) -> None:
     """Set (or with DROP remove) the value at `path` where the line's shape still has it."""
-    for step in path[:-1]:
-        if isinstance(line, dict) and step in line:
-            line = line[step]
-        elif isinstance(line, list) and isinstance(step, int) and step < len(line):
-            line = line[step]
-        else:
+    *head, last = path
+    for step in head:
+        if not _has(line, step):
             return
-    if isinstance(line, dict) and value is DROP:
-        line.pop(path[-1], None)
-    elif isinstance(line, dict) or (isinstance(line, list) and isinstance(path[-1], int) and path[-1] < len(line)):
-        line[path[-1]] = value
+        line = line[step]
+    if value is DROP:
+        if _has(line, last):
+            del line[last]
+    elif isinstance(line, dict) or _has(line, last):
+        line[last] = copy.deepcopy(value)  # never the shared object: no line may hold itself
 
 
 def _general(raw: bytes) -> tuple[str, tuple[Any, ...]] | None:
@@ -506,19 +511,25 @@ def _general(raw: bytes) -> tuple[str, tuple[Any, ...]] | None:
         max_size=3,
     ),
     thinking=st.sampled_from([None, "", "I think so."]),
+    details=st.booleans(),
+    finish=st.sampled_from(["stop", "length", "sensitive", "network_error", "tool_calls", "other", None, 7]),
 )
 def test_the_plain_answer_fast_path_reads_every_line_as_the_general_reader_does(
-    changes: list[tuple[tuple[str, ...], Any]], thinking: str | None
+    changes: list[tuple[tuple[str, ...], Any]], thinking: str | None, details: bool, finish: Any
 ) -> None:
     line = copy.deepcopy(OK_LINE)
+    line["response"]["body"]["choices"][0]["finish_reason"] = finish
     line["response"]["body"]["choices"][0]["message"]["reasoning_content"] = thinking
+    if details:  # cache reads and reasoning tokens reported
+        usage = line["response"]["body"]["usage"]
+        usage.update(prompt_tokens_details={"cached_tokens": 40}, completion_tokens_details={"reasoning_tokens": 5})
     for path, value in changes:
         _set(line, path, value)
     raw = json.dumps(line).encode() + b"\n"
     fast = plain_result(raw)
     if fast is not None:  # taken at once: exactly what the general reader would have delivered
         assert fast == _general(raw)
-    if not changes:  # the line a batch nearly always gives takes the fast path
+    if not changes and finish in ("stop", "length"):  # the line a batch nearly always gives: the fast path
         assert fast is not None and fast == _general(raw)
 
 

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from runner.money.tokens import estimate_text, token_count
+from runner.money.tokens import MAX_TOKEN_COUNT, estimate_text, token_count
 from runner.records import Answer
 from runner.send.retries import BadResponse
 
@@ -137,16 +137,22 @@ def plain_chat(body: dict[str, Any], request_id: str | None) -> PlainChat | None
     message = choice.get("message") if type(choice) is dict else None
     if type(message) is not dict or message.get("tool_calls"):
         return None
-    prompt_tokens = token_count(usage.get("prompt_tokens"))
-    completion_tokens = token_count(usage.get("completion_tokens"))
-    if prompt_tokens is None or completion_tokens is None:
+    prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not (type(prompt_tokens) is int and type(completion_tokens) is int):  # the usual: skip the calls
+        prompt_tokens, completion_tokens = token_count(prompt_tokens), token_count(completion_tokens)
+        if prompt_tokens is None or completion_tokens is None:
+            return None
+    elif not (0 <= prompt_tokens <= MAX_TOKEN_COUNT and 0 <= completion_tokens <= MAX_TOKEN_COUNT):
         return None
     finish = choice.get("finish_reason")
     stop_reason = _STOP_REASONS.get(finish, finish) if type(finish) is str else None
-    if stop_reason in ("network_error", "refusal"):
+    if stop_reason == "network_error" or stop_reason == "refusal":
         return None
-    cached = token_count(_get(usage, "prompt_tokens_details", "cached_tokens"))
-    reasoning_reported = token_count(_get(usage, "completion_tokens_details", "reasoning_tokens"))
+    details = usage.get("prompt_tokens_details"), usage.get("completion_tokens_details")
+    cached = token_count(_get(usage, "prompt_tokens_details", "cached_tokens")) if details[0] is not None else None
+    reasoning_reported = (
+        token_count(_get(usage, "completion_tokens_details", "reasoning_tokens")) if details[1] is not None else None
+    )
     text = message.get("content")
     thinking = message.get("reasoning_content")
     thinking = thinking if type(thinking) is str and thinking else None

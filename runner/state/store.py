@@ -496,7 +496,7 @@ class Store:
                     for (b,), piece in frame.partition_by("_bucket", as_dict=True, include_key=False).items():
                         target = scratch / f"{b:03d}-{group:05d}.parquet"
                         with space_checked(target):
-                            piece.write_parquet(target)
+                            piece.write_parquet(target, compression="lz4", statistics=False)  # read once, soon
                     del frame
             for b in range(buckets.count):
                 target = self.results_dir / f"part-{self.run_id}-compact-{b:03d}.parquet"

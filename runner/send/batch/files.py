@@ -158,9 +158,10 @@ class BatchFileWriter:
         (in two files: within one, `add` refuses it)."""
         for current in list(self._open.values()):
             self._finish(current)
-        hashes = pl.Series("hash", self._hashes, dtype=pl.Int64)
-        if hashes.is_duplicated().any():  # maybe twice (or two ids of one hash): the files say which
-            suspects, seen = set(hashes.filter(hashes.is_duplicated()).to_list()), set()
+        hashes = pl.Series("hash", self._hashes, dtype=pl.Int64).sort()  # (is_duplicated holds ~10x more)
+        shared = hashes.filter(hashes == hashes.shift(1))
+        if len(shared):  # maybe twice (or two ids of one hash): the files say which
+            suspects, seen = set(shared.to_list()), set()
             for file in self.files:
                 for custom_id in custom_ids_in(file.path):
                     if hash(custom_id) not in suspects:

@@ -255,17 +255,26 @@ class Answers:
 
     def add(self, key: str, answer: Answer, attempts: int) -> None:
         """One answer, the only turn of its request (a plain text answer: no tool call)."""
+        cached = answer.cache_read_input_tokens or 0
+        fields = (answer.model, answer.text, answer.thinking, answer.stop_reason, answer.input_tokens,
+                  answer.output_tokens, answer.thinking_tokens, cached, answer.request_id)  # fmt: skip
+        self.add_fields(key, attempts, fields)
+
+    def add_fields(self, key: str, attempts: int, fields: tuple[Any, ...]) -> None:
+        """One answer given as its fields, in the order model, text, thinking, stop_reason, input_tokens,
+        output_tokens, thinking_tokens, cache_read_input_tokens, request_id (no Answer made)."""
         self.keys.append(key)
         self.attempts.append(attempts)
-        self.model.append(answer.model)
-        self.response_text.append(answer.text)
-        self.thinking.append(answer.thinking)
-        self.stop_reason.append(answer.stop_reason)
-        self.input_tokens.append(answer.input_tokens)
-        self.output_tokens.append(answer.output_tokens)
-        self.thinking_tokens.append(answer.thinking_tokens)
-        self.cache_read_input_tokens.append(answer.cache_read_input_tokens or 0)
-        self.request_id.append(answer.request_id)
+        model, text, thinking, stop_reason, input_tokens, output_tokens, thinking_tokens, cached, request_id = fields
+        self.model.append(model)
+        self.response_text.append(text)
+        self.thinking.append(thinking)
+        self.stop_reason.append(stop_reason)
+        self.input_tokens.append(input_tokens)
+        self.output_tokens.append(output_tokens)
+        self.thinking_tokens.append(thinking_tokens)
+        self.cache_read_input_tokens.append(cached)
+        self.request_id.append(request_id)
 
     def only(self, keep: list[bool]) -> Answers:
         """The answers where `keep` is True."""

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import datetime as dt
 import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runner.job.structured import TOOL_NAME, AnswerShape
 from runner.money.tokens import estimate_text
-from runner.records import Answer
+from runner.records import Answer, Answers
 from runner.send.batch.native_answer import BadResultLine, answer_from_chat
 from runner.send.batch.native_request import UnsupportedParams, chat_body
-from runner.send.batch.native_results import ResultLine, classify_failure, parse_result_line
+from runner.send.batch.native_results import ResultLine, classify_failure, parse_result_line, plain_result
 from runner.send.retries import Verdict, bad_response_fault
 
 SCHEMA = {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}
@@ -439,3 +443,103 @@ FAILURE_CASES: list[tuple[str, ResultLine, Verdict]] = [
 def test_classify_failure(line: ResultLine, verdict: Verdict) -> None:
     """Failed lines split into retry later, fail the row, and abort the run."""
     assert classify_failure(line) is verdict
+
+
+# ---- the plain-answer fast path ----------------------------------------------------------------------
+
+# Values a field of a result line may take, JSON's usual and unusual: each path of a plain line below is
+# set to one of them (or removed), and the fast path must read the line exactly as the general one does.
+ODD_VALUES: list[Any] = [None, True, False, 0, 200, -1, 12.0, 12.5, 2**70, "", "200", "x", [], [1], {}, {"a": 1}]
+PATHS: list[tuple[str, ...]] = [
+    ("custom_id",), ("error",), ("response",), ("response", "status_code"), ("response", "request_id"),
+    ("response", "body"), ("response", "body", "error"), ("response", "body", "model"),
+    ("response", "body", "request_id"), ("response", "body", "id"), ("response", "body", "choices"),
+    ("response", "body", "choices", 0), ("response", "body", "choices", 0, "finish_reason"),
+    ("response", "body", "choices", 0, "message"), ("response", "body", "choices", 0, "message", "content"),
+    ("response", "body", "choices", 0, "message", "reasoning_content"),
+    ("response", "body", "choices", 0, "message", "tool_calls"), ("response", "body", "usage"),
+    ("response", "body", "usage", "prompt_tokens"), ("response", "body", "usage", "completion_tokens"),
+    ("response", "body", "usage", "prompt_tokens_details"),
+    ("response", "body", "usage", "prompt_tokens_details", "cached_tokens"),
+    ("response", "body", "usage", "completion_tokens_details", "reasoning_tokens"),
+]  # fmt: skip
+DROP = object()
+
+
+def _has(container: Any, step: Any) -> bool:
+    if isinstance(container, dict):
+        return isinstance(step, str) and step in container
+    return isinstance(container, list) and isinstance(step, int) and step < len(container)
+
+
+def _set(line: Any, path: tuple[Any, ...], value: Any) -> None:
+    """Set (or with DROP remove) the value at `path` where the line's shape still has it."""
+    *head, last = path
+    for step in head:
+        if not _has(line, step):
+            return
+        line = line[step]
+    if value is DROP:
+        if _has(line, last):
+            del line[last]
+    elif isinstance(line, dict) or _has(line, last):
+        line[last] = copy.deepcopy(value)  # never the shared object: no line may hold itself
+
+
+def _general(raw: bytes) -> tuple[str, tuple[Any, ...]] | None:
+    """What the general reader makes of a line, when it is a plain answer: its key and Answers' fields."""
+    line = parse_result_line(raw)
+    if not line.ok or line.custom_id is None or line.problem is not None:
+        return None
+    try:
+        answer = answer_from_chat(line.body, line.request_id)
+    except BadResultLine:
+        return None
+    if answer.tool_input is not None or answer.stop_reason in ("network_error", "refusal"):
+        return None
+    block = Answers(dt.datetime.now(dt.UTC), "batch")
+    block.add(line.custom_id, answer, 1)
+    fields = (block.model, block.response_text, block.thinking, block.stop_reason, block.input_tokens,
+              block.output_tokens, block.thinking_tokens, block.cache_read_input_tokens, block.request_id)  # fmt: skip
+    return line.custom_id, tuple(column[0] for column in fields)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    changes=st.lists(
+        st.tuples(st.sampled_from(PATHS), st.sampled_from([DROP, *ODD_VALUES, "stop", "length", "sensitive"])),
+        max_size=3,
+    ),
+    thinking=st.sampled_from([None, "", "I think so."]),
+    details=st.booleans(),
+    finish=st.sampled_from(["stop", "length", "sensitive", "network_error", "tool_calls", "other", None, 7]),
+)
+def test_the_plain_answer_fast_path_reads_every_line_as_the_general_reader_does(
+    changes: list[tuple[tuple[str, ...], Any]], thinking: str | None, details: bool, finish: Any
+) -> None:
+    line = copy.deepcopy(OK_LINE)
+    line["response"]["body"]["choices"][0]["finish_reason"] = finish
+    line["response"]["body"]["choices"][0]["message"]["reasoning_content"] = thinking
+    if details:  # cache reads and reasoning tokens reported
+        usage = line["response"]["body"]["usage"]
+        usage.update(prompt_tokens_details={"cached_tokens": 40}, completion_tokens_details={"reasoning_tokens": 5})
+    for path, value in changes:
+        _set(line, path, value)
+    raw = json.dumps(line).encode() + b"\n"
+    fast = plain_result(raw)
+    if fast is not None:  # taken at once: exactly what the general reader would have delivered
+        assert fast == _general(raw)
+    if not changes and finish in ("stop", "length"):  # the line a batch nearly always gives: the fast path
+        assert fast is not None and fast == _general(raw)
+
+
+def test_lines_only_the_general_reader_takes_are_left_to_it() -> None:
+    base = json.dumps(OK_LINE)
+    for raw in (
+        base.replace('"status_code": 200', '"status_code": 200.0').encode(),  # json takes it; orjson too, as float
+        base.replace('"yes"', "NaN").encode(),  # orjson refuses NaN; json reads it
+        base.encode()[:-5],  # torn
+        b'{"custom_id": "k", "custom_id": "k2", ' + base.encode()[1:],  # a repeated key
+    ):
+        fast = plain_result(raw)
+        assert fast is None or fast == _general(raw)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +28,6 @@ import polars as pl
 from runner.errors import STATE_FAILURES, GlmBatchError, UsageError
 from runner.files import (
     NO_SPACE,
-    fsync_rename,
     no_space,
     read_json_object,
     read_manifest,
@@ -80,8 +80,24 @@ class Buckets:
 
     def member(self, bucket: int) -> pl.Expr:
         """True for the keys in `bucket`."""
-        lead = pl.col(KEY).str.slice(0, 2).str.to_integer(base=16, strict=False).fill_null(0)
-        return lead % self.count == bucket
+        return self.index() == bucket
+
+    def index(self) -> pl.Expr:
+        """Each key's bucket."""
+        return pl.col(KEY).str.slice(0, 2).str.to_integer(base=16, strict=False).fill_null(0) % self.count
+
+
+def _groups(parts: list[Path], sizes: list[int], most: int) -> list[list[Path]]:
+    """Consecutive parts in groups of at most `most` results (a larger part alone)."""
+    groups: list[list[Path]] = []
+    held = 0
+    for part, size in zip(parts, sizes, strict=True):
+        if not groups or held + size > most:
+            groups.append([])
+            held = 0
+        groups[-1].append(part)
+        held += size
+    return groups
 
 
 def whole_part(part: Path) -> bool:
@@ -467,23 +483,38 @@ class Store:
         parts = self.result_parts()
         if not parts or all("-compact-" in p.name for p in parts):
             return parts
-        results = scan_results(parts)
-        buckets = Buckets.for_rows(int(results.select(pl.len()).collect().item()))
+        sizes = [int(scan_results([part]).select(pl.len()).collect().item()) for part in parts]
+        buckets = Buckets.for_rows(sum(sizes))
+        scratch = self.state_dir / f"compacting-{self._files_id}"
+        shutil.rmtree(scratch, ignore_errors=True)  # a compaction cut short: its pieces only
+        scratch.mkdir(parents=True)
         written = []
-        for b in range(buckets.count):
-            target = self.results_dir / f"part-{self.run_id}-compact-{b:03d}.parquet"
-            tmp = target.with_name(target.name + ".tmp")
-            with space_checked(target):
-                (
-                    results.filter(buckets.member(b))
-                    .with_columns((pl.col("status") == "ok").alias("_ok"))
-                    .sort([KEY, "_ok", "finished_at"])
+        try:
+            if buckets.count > 1:  # split first: each part is read once, not once a bucket
+                for group, members in enumerate(_groups(parts, sizes, BUCKET_ROWS)):
+                    frame = scan_results(members).with_columns(buckets.index().alias("_bucket")).collect()
+                    for (b,), piece in frame.partition_by("_bucket", as_dict=True, include_key=False).items():
+                        target = scratch / f"{b:03d}-{group:05d}.parquet"
+                        with space_checked(target):
+                            piece.write_parquet(target, compression="lz4", statistics=False)  # read once, soon
+                    del frame
+            for b in range(buckets.count):
+                target = self.results_dir / f"part-{self.run_id}-compact-{b:03d}.parquet"
+                # One bucket at a time, held whole: memory is bounded by BUCKET_ROWS (a streamed sort over
+                # every part held about twice as much, more the more parts there were).
+                pieces = sorted(scratch.glob(f"{b:03d}-*.parquet")) if buckets.count > 1 else parts
+                bucket = scan_results(pieces).collect() if pieces else pl.DataFrame(schema=RESULT_SCHEMA)
+                compact = (
+                    bucket.with_columns((pl.col("status") == "ok").alias("_ok"))
+                    .sort([KEY, "_ok", "finished_at"], maintain_order=True)
                     .unique(subset=[KEY], keep="last", maintain_order=True)
                     .drop("_ok")
-                    .sink_parquet(tmp)
                 )
-            fsync_rename(tmp, target)
-            written.append(target)
+                del bucket
+                write_atomic(compact, target)
+                written.append(target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         for part in parts:
             part.unlink()
         return written

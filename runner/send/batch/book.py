@@ -45,17 +45,24 @@ class Chunk:
     created_ms: int | None = None  # epoch ms (our clock) of its last create: how long a lost one may still land
 
     def request_keys(self) -> Iterator[str]:
-        """The request keys in the chunk (each line's custom_id, read off the line's head; the line is
-        parsed whole only when the key holds an escape)."""
-        head = b'{"custom_id":"'
-        with open(self.path, "rb") as f:
-            for line in f:
-                end = line.find(b'"', len(head))
-                key = line[len(head) : end]
-                if line.startswith(head) and end > 0 and b"\\" not in key:
-                    yield key.decode("utf-8")
-                else:
-                    yield str(json.loads(line)["custom_id"])
+        """The request keys in the chunk (each line's custom_id), read from its file."""
+        return custom_ids_in(self.path)
+
+
+def custom_ids_in(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Each line's custom_id in a batch input file, in file order.
+
+    BatchFileWriter writes the custom_id first, compact: it is read off the line's head, and the
+    line is parsed whole only when the key holds an escape (a quote or a backslash in a key)."""
+    head = b'{"custom_id":"'
+    with open(path, "rb") as f:
+        for line in f:
+            end = line.find(b'"', len(head))
+            key = line[len(head) : end]
+            if line.startswith(head) and end > 0 and b"\\" not in key:
+                yield key.decode("utf-8")
+            else:
+                yield str(json.loads(line)["custom_id"])
 
 
 class BatchBook:

@@ -27,7 +27,13 @@ from runner.send.batch.api import BatchAPI
 from runner.send.batch.book import BatchBook, Chunk, read_requests
 from runner.send.batch.errors import BatchAPIError, BatchNotFound
 from runner.send.batch.native_answer import BadResultLine, UsageMissing, answer_from_chat
-from runner.send.batch.native_results import ResultLine, classify_failure, oversized_line, parse_result_line
+from runner.send.batch.native_results import (
+    ResultLine,
+    classify_failure,
+    oversized_line,
+    parse_result_line,
+    plain_result,
+)
 from runner.send.batch.shapes import Batch
 from runner.send.retries import Fault, Verdict, refusal
 
@@ -114,7 +120,26 @@ class Harvester:
         later: list[_Later] = []  # lines that need their request's body
         answered = 0  # lines read as answers (billed)
         for download in (1, 2):
-            for count, line in enumerate(await self.result_lines(api, chunk, batch)):
+            plain = block.answers if self.shape is None else None  # where plain answers go at once
+            for count, item in enumerate(await self.result_lines(api, chunk, batch)):
+                if count % 1000 == 999:
+                    block.hand_over(HARVEST_BLOCK)  # a new block (plain follows it)
+                    plain = block.answers if self.shape is None else None
+                    await asyncio.sleep(0)
+                if isinstance(item, bytes):
+                    # Nearly every line: a plain answer, read without a ResultLine or an Answer.
+                    if plain is not None and (fast := plain_result(item)) is not None:
+                        custom_id = fast[0]
+                        if custom_id not in wanted or custom_id in seen:
+                            continue
+                        if custom_id not in self.conversations and custom_id not in self.carry:
+                            plain.add_fields(custom_id, self.attempts.pop(custom_id, 0) + 1, fast[1])
+                            seen.add(custom_id)
+                            answered += 1
+                            continue
+                    line = parse_result_line(item)
+                else:
+                    line = item
                 key = line.custom_id
                 if key is None or key not in wanted or key in seen or line.problem is not None:
                     continue  # a line we did not send, one we already took, or one we cannot read
@@ -127,9 +152,6 @@ class Harvester:
                 answered += line.ok
                 if isinstance(taken, _Later):
                     later.append(taken)
-                if count % 1000 == 999:
-                    block.hand_over(HARVEST_BLOCK)
-                    await asyncio.sleep(0)
             block.hand_over(0)
             if download == 2 or not _short(batch, answered, wanted - seen):
                 break
@@ -237,8 +259,9 @@ class Harvester:
         deliver(conversation.result(attempts=self.attempts.pop(key), latency_ms=None, api=API))
         return None
 
-    async def result_lines(self, api: BatchAPI, chunk: Chunk, batch: Batch) -> Iterator[ResultLine]:
-        """The batch's output and error lines, downloaded (streamed to disk), then read one at a time.
+    async def result_lines(self, api: BatchAPI, chunk: Chunk, batch: Batch) -> Iterator[bytes | ResultLine]:
+        """The batch's output and error lines, downloaded (streamed to disk), then read one at a time
+        (raw, or a ResultLine for one over the size limit: runner.send.batch.harvest.raw_result_lines).
         A file that answered 404 past the waits on an earlier run too is taken as gone (its lines are
         then missing, and judged by the batch's counts)."""
         files = []
@@ -252,7 +275,7 @@ class Harvester:
                         raise
                     continue
                 files.append(dest)
-        return read_result_lines(files)
+        return raw_result_lines(files)
 
 
 HARVEST_BLOCK = 5000  # plain answers handed to the run at once (Control.deliver_answers)
@@ -358,6 +381,13 @@ def _line_fault(line: ResultLine) -> Fault:
 def read_result_lines(paths: list[Path], limit: int = MAX_ANSWER_BYTES) -> Iterator[ResultLine]:
     """Downloaded result files' lines, read one at a time, each bounded by `limit` bytes: a longer one
     is skipped through (its first and last 4 kB kept, to name its request) and fails its request."""
+    for item in raw_result_lines(paths, limit):
+        yield parse_result_line(item) if isinstance(item, bytes) else item
+
+
+def raw_result_lines(paths: list[Path], limit: int = MAX_ANSWER_BYTES) -> Iterator[bytes | ResultLine]:
+    """What read_result_lines reads, before parsing: each non-blank line of at most `limit` bytes as it
+    is, and a longer one as the ResultLine that fails its request."""
     for path in paths:
         with open(path, "rb") as f:
             while raw := f.readline(limit + 1):
@@ -370,4 +400,4 @@ def read_result_lines(paths: list[Path], limit: int = MAX_ANSWER_BYTES) -> Itera
                             break
                     yield oversized_line(head, tail, limit)
                 elif raw.strip():
-                    yield parse_result_line(raw)
+                    yield raw

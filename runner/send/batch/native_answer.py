@@ -7,11 +7,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from runner.money.tokens import estimate_answer, estimate_request, estimate_text, token_count
+from runner.money.tokens import MAX_TOKEN_COUNT, estimate_answer, estimate_request, estimate_text, token_count
 from runner.records import Answer
 from runner.send.retries import BadResponse
 
-__all__ = ["BadResultLine", "UsageMissing", "answer_from_chat", "error_fields"]
+__all__ = ["BadResultLine", "PlainChat", "UsageMissing", "answer_from_chat", "error_fields", "plain_chat"]
 
 # finish_reason -> Anthropic stop_reason. `sensitive` is Zhipu's content-filter stop (API code 1301's
 # streaming form); Anthropic's nearest is `refusal`. Unknown reasons (`network_error`, ...) are kept
@@ -119,6 +119,63 @@ def answer_from_chat(body: Any, request_id: str | None, prompt: Mapping[str, Any
         tool_use_id=tool_use_id,
         content=tuple(blocks),
         usage_estimated=", ".join(estimated) or None,
+    )
+
+
+# A plain answer's fields, in Answers' column order after the key: model, text, thinking, stop_reason,
+# input_tokens, output_tokens, thinking_tokens, cache_read_input_tokens, request_id.
+PlainChat = tuple[str | None, str, str | None, str | None, int, int, int, int, str | None]
+
+
+def plain_chat(body: dict[str, Any], request_id: str | None) -> PlainChat | None:
+    """The fields answer_from_chat would give a plain text answer (free text, no tool call, not cut off
+    or blocked), read without making the Answer: None for any other body, which answer_from_chat then
+    reads (or refuses) as always. Batch result files are nearly all such answers; this is their fast path.
+
+    Only JSON's own types pass (what orjson gives): anything unusual falls back to the general reader."""
+    choices, usage = body.get("choices"), body.get("usage")
+    if body.get("error") is not None or type(choices) is not list or not choices or type(usage) is not dict:
+        return None
+    choice = choices[0]
+    message = choice.get("message") if type(choice) is dict else None
+    if type(message) is not dict or message.get("tool_calls"):
+        return None
+    prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not (type(prompt_tokens) is int and type(completion_tokens) is int):  # the usual: skip the calls
+        prompt_tokens, completion_tokens = token_count(prompt_tokens), token_count(completion_tokens)
+        if prompt_tokens is None or completion_tokens is None:
+            return None
+    elif not (0 <= prompt_tokens <= MAX_TOKEN_COUNT and 0 <= completion_tokens <= MAX_TOKEN_COUNT):
+        return None
+    if prompt_tokens == 0 or completion_tokens == 0:  # a count to estimate: answer_from_chat's job
+        return None
+    finish = choice.get("finish_reason")
+    stop_reason = _STOP_REASONS.get(finish, finish) if type(finish) is str else None
+    if stop_reason == "network_error" or stop_reason == "refusal":
+        return None
+    details = usage.get("prompt_tokens_details"), usage.get("completion_tokens_details")
+    cached = token_count(_get(usage, "prompt_tokens_details", "cached_tokens")) if details[0] is not None else None
+    reasoning_reported = (
+        token_count(_get(usage, "completion_tokens_details", "reasoning_tokens")) if details[1] is not None else None
+    )
+    text = message.get("content")
+    thinking = message.get("reasoning_content")
+    thinking = thinking if type(thinking) is str and thinking else None
+    thinking_tokens = (
+        reasoning_reported if reasoning_reported is not None else round(estimate_text(thinking)) if thinking else 0
+    )
+    model = body.get("model")
+    body_request_id = body.get("request_id") or body.get("id")
+    return (
+        str(model) if model else None,
+        text if type(text) is str else "",
+        thinking,
+        stop_reason,
+        max(prompt_tokens - (cached or 0), 0),
+        completion_tokens,
+        min(thinking_tokens, completion_tokens),
+        cached or 0,
+        request_id or (str(body_request_id) if body_request_id else None),
     )
 
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import orjson
 
-from runner.send.batch.native_answer import error_fields
+from runner.send.batch.native_answer import PlainChat, error_fields, plain_chat
 from runner.send.batch.shapes import whole_number
 from runner.send.retries import ABORT_CODES, TRANSIENT_CODES, Verdict
 
-__all__ = ["ResultLine", "classify_failure", "parse_result_line"]
+__all__ = ["ResultLine", "classify_failure", "parse_result_line", "plain_result"]
 
 # Business codes that mean "try again later": one list for every transport (runner.send.retries).
 _TRANSIENT_CODES = TRANSIENT_CODES
@@ -148,6 +148,27 @@ def _answered(data: dict[str, Any]) -> ResultLine | None:
         request_id=str(request_id) if request_id else None,
         line_id=line_id if type(line_id) is str else None,
     )
+
+
+def plain_result(raw: bytes) -> tuple[str, PlainChat] | None:
+    """A result line that is a plain answer (a 200 with a free-text chat completion, as `_answered` and
+    `plain_chat` read it): its custom_id and the answer's fields, read at once. None for every other
+    line, which parse_result_line and answer_from_chat then read as always (so each rule is theirs)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None  # parse_result_line reads it (json takes what orjson refuses) or says what is wrong
+    if type(data) is not dict or data.get("error") is not None:
+        return None
+    response = data.get("response")
+    if type(response) is not dict or response.get("status_code") != 200 or type(response["status_code"]) is not int:
+        return None
+    body, custom_id = response.get("body"), data.get("custom_id")
+    if type(body) is not dict or type(custom_id) is not str or not custom_id:
+        return None
+    request_id = response.get("request_id") or body.get("request_id")
+    fields = plain_chat(body, str(request_id) if request_id else None)
+    return None if fields is None else (custom_id, fields)
 
 
 def _loads(raw: bytes) -> Any:

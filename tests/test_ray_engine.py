@@ -149,7 +149,7 @@ def test_a_ray_run_reads_its_input_as_the_local_engine_does(make_job, sim: Simul
     """Two input files whose id column is a number in one and text in the other, which the local engine
     reads as text (runner.job.inputs). The Ray engine reads through the local engine's own frame, so it
     reads them alike and answers the same rows under the same ids and keys. (Ray Data's own reader, used
-    before, read each file its own way and could not join the two.)"""
+    before, read each file its own way; this test failed on it, at its deprecated `read_parquet(columns=)`.)"""
     rows = sample_rows(60)
     pl.DataFrame({"id": list(range(30)), "text": [r["text"] for r in rows[:30]]}).write_parquet(
         tmp_path / "data" / "a.parquet", mkdir=True

@@ -1,5 +1,5 @@
-"""run.max_cost across a Ray run's actors: the limiter's reserve and settle, each named by a Reservation id,
-are applied once whatever order, however often and however late they arrive (a call Ray repeats, a
+"""run.max_cost across a Ray run's actors: the limiter's reserve, settle and release, each named by a
+Reservation id, are applied once whatever order, however often and however late they arrive (a call Ray repeats, a
 settle from a worker whose lease was reclaimed or lapsed and which joined again, a worker that dies).
 
 No Ray: a ClusterLimiter in the test's own event loop, its clock moved by the test. Skipped where ray is
@@ -111,6 +111,33 @@ async def test_a_worker_that_dies_before_it_joins_has_its_reservations_booked_af
     assert await books(budget) == (0.0, pytest.approx(0.4))
 
 
+async def test_a_reservation_never_sent_is_handed_back_once_and_a_late_reserve_of_it_holds_nothing() -> None:
+    """A stopped block hands back the reservations of requests it never sent: the budget has them again,
+    nothing is booked as spent, a release repeated changes nothing, and a release that overtook its own
+    reserve (the block was cancelled while the reserve was on the wire) makes that reserve hold nothing."""
+    budget = limiter(1.0)
+    assert await budget.reserve("w0", r(1), 0.4)
+    assert await budget.reserve("w0", r(2), 0.4)
+    await budget.release("w0", [r(1), r(2)])
+    await budget.release("w0", [r(2)])  # again
+    assert await books(budget) == (0.0, 0.0)
+    await budget.release("w0", [r(3)])  # before its reserve arrives
+    assert not await budget.reserve("w0", r(3), 0.4)
+    assert await books(budget) == (0.0, 0.0)
+    assert (await budget.stats())["released"] == 2
+
+
+async def test_a_release_after_the_workers_lease_was_reclaimed_leaves_its_reservations_spent() -> None:
+    """Once a lost lease booked a worker's open reservations as spent at their worst case, a late release
+    of them changes nothing: the limiter cannot tell it from one of a request that was billed."""
+    budget = limiter(1.0)
+    await budget.join("w0", "i", 1)
+    assert await budget.reserve("w0", r(1), 0.4)
+    await budget.reclaim("w0")
+    await budget.release("w0", [r(1)])
+    assert await books(budget) == (0.0, pytest.approx(0.4))
+
+
 def test_closed_reservation_numbers_cost_a_range_per_gap_not_an_entry_each() -> None:
     """A worker's closed numbers are what a repeated message is checked against: 100,000 closed in
     order, with 10 left open, are 11 ranges."""
@@ -133,7 +160,7 @@ FOREVER = 1e9
 
 @dataclass
 class Msg:
-    """A reserve or a settle on the wire; `answers` are what its deliveries returned at the limiter."""
+    """A reserve, settle or release on the wire; `answers` are what its deliveries returned at the limiter."""
 
     kind: str
     worker: str
@@ -149,8 +176,9 @@ def test_every_order_of_budget_messages_books_each_reservation_once(
 ) -> None:
     """Reservations of 2**k, so the books' sums say exactly which reservations are in them: after every
     step no reservation is both reserved and spent, none is in the books that the limiter never granted,
-    none the worker settled is still reserved, and every billed one its worker settled is spent. At the
-    end, with every message delivered, nothing is reserved and every billed one is spent."""
+    none the worker settled or released is still reserved, and every billed one its worker settled is
+    spent. At the end, with every message delivered, nothing is reserved and every billed one is spent.
+    A worker releases a reservation it holds, or one whose reserve it sent and stopped waiting for."""
 
     async def scenario() -> None:
         clock = Clock()
@@ -163,6 +191,8 @@ def test_every_order_of_budget_messages_books_each_reservation_once(
         granted: set[int] = set()  # reservations some delivery of the reserve was granted
         held: set[int] = set()  # reservations the worker got True for and has not settled
         settled: dict[int, bool] = {}  # reservations the worker settled, and whether they were billed
+        released: set[int] = set()  # reservations the worker handed back unused
+        orphaned = 0  # bits of reservations the limiter booked as spent when it took their worker for dead
 
         async def deliver(msg: Msg) -> None:
             reservation = numbers[msg.bit]
@@ -170,8 +200,10 @@ def test_every_order_of_budget_messages_books_each_reservation_once(
                 answer = await budget.reserve(msg.worker, reservation, 2.0**msg.bit)
                 if answer:
                     granted.add(msg.bit)
-                if not msg.answers and answer:
-                    held.add(msg.bit)  # the first reply is the one that reaches the worker
+                if not msg.answers and answer and msg.bit not in released:
+                    held.add(msg.bit)  # the first reply is the one that reaches the worker (if it still waits)
+            elif msg.kind == "release":
+                answer = await budget.release(msg.worker, [reservation])
             else:
                 answer = await budget.settle(msg.worker, reservation, 2.0**msg.bit if msg.billed else 0.0)
             msg.answers.append(answer)
@@ -184,14 +216,20 @@ def test_every_order_of_budget_messages_books_each_reservation_once(
             bits = sum(1 << b for b in granted)
             assert reserved & spent == 0, (bin(reserved), bin(spent))
             assert (reserved | spent) & ~bits == 0, (bin(reserved), bin(spent), bin(bits))
-            delivered = {m.bit for m in msgs if m.kind == "settle" and m.answers}
+            delivered = {m.bit for m in msgs if m.kind in ("settle", "release") and m.answers}
             for bit in delivered:
                 assert not reserved >> bit & 1, bit
-                if settled[bit]:
+                if settled.get(bit):
                     assert spent >> bit & 1, bit
+            unsent = sum(1 << b for b in released)
+            assert spent & unsent & ~orphaned == 0, (bin(spent), bin(unsent))  # never sent: never spent
+
+        def reserved_now() -> int:
+            assert budget.spending is not None
+            return int(budget.spending.budget.reserved)
 
         for _ in range(steps):
-            kinds = ["new", "deliver", "settle", "join", "reclaim", "lapse"]
+            kinds = ["new", "deliver", "settle", "release", "join", "reclaim", "lapse"]
             kind = data.draw(st.sampled_from(kinds), label="kind")
             worker = data.draw(st.sampled_from(names), label="worker")
             if kind == "new" and len(numbers) < 48:
@@ -207,14 +245,34 @@ def test_every_order_of_budget_messages_books_each_reservation_once(
                 held.discard(bit)
                 settled[bit] = billed
                 msgs.append(Msg("settle", worker, bit, billed))
-            elif kind == "join":
+            elif kind == "release" and (
+                mine := sorted(
+                    b
+                    for b in numbers
+                    if owner[b] == worker
+                    and b not in settled
+                    and b not in released
+                    and (b in held or not any(m.answers for m in msgs if m.kind == "reserve" and m.bit == b))
+                )
+            ):
+                bit = data.draw(st.sampled_from(mine), label="releases")
+                held.discard(bit)
+                released.add(bit)
+                msgs.append(Msg("release", worker, bit))
+            elif kind == "join":  # a join again drops the old lease, as a reclaim does
+                before = reserved_now()
                 joins[worker] += 1
                 await budget.join(worker, worker, joins[worker])
+                orphaned |= before & ~reserved_now()
             elif kind == "reclaim":
+                before = reserved_now()
                 await budget.reclaim(worker)
+                orphaned |= before & ~reserved_now()
             elif kind == "lapse":
+                before = reserved_now()
                 clock.now += 2 * FOREVER
                 budget._reap()
+                orphaned |= before & ~reserved_now()
             check()
 
         for msg in [m for m in msgs if not m.answers]:  # every message arrives at last, reserves first

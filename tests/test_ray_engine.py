@@ -138,6 +138,42 @@ def test_local_first_then_ray_sends_nothing(make_job, sim: SimulatorThread) -> N
     )
 
 
+def test_a_ray_run_reads_its_input_as_the_local_engine_does(make_job, sim: SimulatorThread, tmp_path: Path) -> None:
+    """Two input files whose id column is a number in one and text in the other, which the local engine
+    reads as text (runner.job.inputs). The Ray engine reads through the local engine's own frame, so it
+    reads them alike and answers the same rows under the same ids and keys. (Ray Data's own reader, used
+    before, read each file its own way; this test failed on it, at its deprecated `read_parquet(columns=)`.)"""
+    rows = sample_rows(60)
+    pl.DataFrame({"id": list(range(30)), "text": [r["text"] for r in rows[:30]]}).write_parquet(
+        tmp_path / "data" / "a.parquet", mkdir=True
+    )
+    job = make_job(rows[30:], input={"paths": ["data/a.parquet", "data/job.csv"]}, run={"engine": "ray"})
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 0, result.stderr
+    on_ray = pl.read_parquet(job.output)
+    assert on_ray.get_column("response_text").to_list() == expected(rows)
+    assert cli("run", str(job.spec), "--set", "run.engine=local", "--fresh").exit_code == 0
+    local = pl.read_parquet(job.output)
+    assert on_ray.select("id", "request_key").equals(local.select("id", "request_key"))
+
+
+def test_every_actor_hands_its_slots_back_as_its_last_block_ends(make_job, sim: SimulatorThread) -> None:
+    """Ray Data ends an actor as soon as it has no block left; one that still held slots kept them from
+    the other actors until its lease timed out (the last ~10 s of a capped run, at a reduced rate). Each
+    actor hands its pool back before its last block's call returns, so as the run ends the limiter
+    holds no slot and has reclaimed none."""
+    sim.configure(concurrency_cap=LIMIT, latency_s=0.01)
+    job = ray_job(make_job, sample_rows(2_000))
+
+    result = cli("run", str(job.spec))
+
+    assert result.exit_code == 0, result.stderr
+    limiter = json.loads(job.summary.read_text())["engine"]["limiter"]
+    assert limiter["granted"] == 0 and limiter["reclaimed"] == 0, limiter
+
+
 def test_rows_without_ids_get_the_local_engines_ids(make_job, tmp_path: Path) -> None:
     """Without an id column, both engines derive the same content ids (and so the same output)."""
     rows = sample_rows(50)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import SimpleNamespace
 from typing import Any, cast
 
+import polars as pl
 import pytest
 import ray
 
@@ -26,12 +28,21 @@ from runner.distributed.limiter import ClusterLimiter, connect
 from runner.distributed.pacing import Rates
 from runner.distributed.slots import LeasedSlots
 from runner.distributed.terms import Directive, Holding, LeaseLost, Outcomes, Reservation
-from runner.records import Answer, Request, Result
+from runner.distributed.worker import REPORT, ActorConfig, SendingActor
+from runner.job.inputs import ROW, open_input
+from runner.job.prompts import RequestBuilder
+from runner.job.resolve import load_job
+from runner.money.accounting import accountant_for
+from runner.money.tokens import estimate_request
+from runner.records import Answer, Request, Result, result_from_json
 from runner.send import client as wire
 from runner.send.limits import AimdController
 from runner.send.online import OnlineExecutor
 from runner.send.retries import Fault
-from tests.conftest import until
+from runner.simulator.simulator import SimulatorThread
+from runner.state.settled import SettledKeys
+from runner.state.store import Store
+from tests.conftest import JobFiles, sample_rows, until
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -245,7 +256,7 @@ async def test_the_adaptive_limit_falls_on_refusals_from_several_workers_and_com
     tasks = [asyncio.create_task(attempt(s, (i, j) in refused)) for i, s in enumerate(pools) for j in range(4)]
     await all_in.wait()
     for slots in pools:  # every worker reports what it has in use, as its heartbeat would
-        await slots._report(0)
+        await slots._report(idle=False)
     gate.set()
     await asyncio.gather(*tasks)
 
@@ -432,3 +443,78 @@ def test_a_shared_key_is_sent_by_the_block_that_claims_it_first() -> None:
     claims.release("row-500")
     claims.release("row-1000")
     assert len(claims) == 0  # only blocks in progress hold keys
+
+
+class ActorHandleHere:
+    """A ClusterLimiter in this event loop behind an actor handle's shape, where a call nobody awaits (fire
+    and forget, as a settle is) still runs, as it does on Ray."""
+
+    def __init__(self, target: ClusterLimiter) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._target, name)
+        return SimpleNamespace(remote=lambda *args: asyncio.ensure_future(method(*args)))
+
+
+async def test_a_stopped_block_hands_back_its_unsent_reservations_and_its_actor_its_slots(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """A sending actor's block, under a budget, stopped by the endpoint (a 401 on row 30's prompt aborts
+    it) with requests reserved and queued behind the attempts in flight: as the call ends, the budget
+    has back the reservations of every request never sent, so only the refused request's stays reserved
+    (it was sent, and may have been billed) and each answer is booked at its cost. And the actor, with
+    no block left, has handed its slots back before the call returned: Ray Data ends an idle actor at
+    once, and slots it held stayed the cluster's loss until its lease timed out."""
+    sim.configure(latency_s=0.05, faults=["401"], fault_attempts=1, fault_match="number 30:")
+    rows = sample_rows(200)
+    job = load_job(
+        make_job(
+            rows,
+            model={"prices": {"input": 2000.0, "output": 8000.0}},
+            run={"engine": "ray", "concurrency": 4, "max_cost": 1e6},
+        ).spec
+    )
+    source = open_input(job)
+    accountant = accountant_for(job)
+    accountant.budget = None  # as RaySender.send: the limiter keeps the budget
+    limiter = ClusterLimiter(concurrency=4, max_cost=1e6, lease_timeout_s=60.0)
+    driver = Store(job.state_dir, "run1", rows=job.row_map)
+    driver.open()  # the state directory, made and locked as the driver does
+    actor = SendingActor(
+        ActorConfig(
+            job=job,
+            run_id="run1",
+            base_url=sim.url,
+            api_key="k",
+            limiter=ActorHandleHere(limiter),
+            settled=[ray.put(SettledKeys.none().series())],
+            accountant=accountant,
+            source=source,
+            workers=4,
+            budgeted=True,
+        )
+    )
+    block = source.frame.collect().with_row_index(ROW).with_columns(pl.col(ROW).cast(pl.UInt64))
+
+    try:
+        lines = pl.from_arrow(await actor(block.select(*source.used_columns, ROW).to_arrow()))
+        held = (await limiter.stats())["granted"]
+    finally:
+        assert actor._executor is not None and actor._leased is not None
+        await actor._leased.aclose()
+        await actor._executor.aclose()
+        driver.close()
+
+    assert isinstance(lines, pl.DataFrame)
+    report = json.loads(lines.get_column(REPORT)[0])
+    assert report["aborted"]  # the block stopped early
+    answered = [result_from_json(line) for line, _ in report["results"]]
+    assert 0 < len(answered) < 199  # requests were left unsent
+    assert held == 0
+    refused = RequestBuilder(job).build(rows[30]).params
+    stats = await until(limiter.stats, context=lambda: limiter.spending)
+    assert stats["released"] > 0
+    assert stats["reserved"] == pytest.approx(accountant.worst_case(estimate_request(refused)))
+    assert stats["spent"] == pytest.approx(sum(r.cost or 0.0 for r in answered))
+    assert stats["orphaned"] == 0.0

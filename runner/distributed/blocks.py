@@ -20,6 +20,12 @@ class Shape:
     block_rows: int = BLOCK_ROWS
     actor_cpus: float = 0.25
 
+    def pool(self, blocks: int) -> tuple[int, int]:
+        """The fewest and most sending actors for a run of `blocks` blocks: never more than it has blocks
+        (an actor with no block to send is seconds of start-up for nothing, and Ray Data warns of it)."""
+        most = max(1, min(self.actors[1], blocks))
+        return min(self.actors[0], most), most
+
 
 @dataclass
 class Progress:

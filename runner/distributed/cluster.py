@@ -107,14 +107,15 @@ async def _send(
     def _consume() -> None:
         if control.stopping.is_set():  # stopped while Ray started: nothing is sent
             return
-        rows = read_rows(job, run.source, tally.rows_total, shape.block_rows)
+        rows, blocks_total = read_rows(run.source, tally.rows_total, shape.block_rows)
+        fewest, most = shape.pool(blocks_total)
         # Ray prints one harmless line per run here about constructor arguments (docs/decisions.md).
         mapped = rows.map_batches(
             SendingActor,
             fn_constructor_kwargs={"config": config},
             batch_size=shape.block_rows,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=shape.actors[0], max_size=shape.actors[1]),
+            compute=ray.data.ActorPoolStrategy(min_size=fewest, max_size=most),
             num_cpus=shape.actor_cpus,
         )
         # A generator (Ray Data's iterable makes one per iter()), whose close shuts its executor down.

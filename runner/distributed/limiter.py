@@ -6,6 +6,7 @@
     directive = await limiter.report.remote("worker-3", Holding(joined.lease, 1, 2, 1), outcomes)
     fits = await limiter.reserve.remote("worker-3", Reservation("a1b2", 1), 0.02)  # a worst case, by id
     limiter.settle.remote("worker-3", Reservation("a1b2", 1), 0.004)               # what its answer cost
+    limiter.release.remote("worker-3", [Reservation("a1b2", 2)])                    # reserved, never sent
 
 Slots are leases, and a worker's reports state what it holds; reservations have ids; so no message
 repeated, late or lost leaves the books wrong (docs/decisions.md, "Ray runs: one limit, one payment").
@@ -263,6 +264,14 @@ class ClusterLimiter:
         if self.spending is not None:
             self.spending.settle(worker_id, reservation, actual)
 
+    async def release(self, worker_id: str, reservations: list[Reservation]) -> None:
+        """Reservations whose requests were never sent (their block stopped or was cancelled first): the
+        budget gets them back, once; a late or repeated release changes nothing, and one that comes
+        after the worker's lost lease booked them as spent leaves them so."""
+        self._renew(worker_id)
+        if self.spending is not None:
+            self.spending.release(worker_id, reservations)
+
     # -- observation -----------------------------------------------------------------------------------
 
     async def stats(self) -> dict[str, Any]:
@@ -290,6 +299,7 @@ class ClusterLimiter:
             "reserved": self.spending.budget.reserved if self.spending else 0.0,
             "spent": self.spending.budget.spent if self.spending else 0.0,
             "orphaned": self.spending.orphaned if self.spending else 0.0,
+            "released": self.spending.released if self.spending else 0,
         }
 
     # -- internals -------------------------------------------------------------------------------------

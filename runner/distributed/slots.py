@@ -5,6 +5,7 @@ leased from the run's ClusterLimiter actor instead of a local semaphore.
     async with slots.slot(estimated_tokens) as attempt:   # what OnlineExecutor._attempt does
         answer = await client.send(params)
         attempt.used_tokens = ...
+    await slots.give_back_idle()                          # nothing more to send for now: the pool back
     await slots.aclose()                                  # hand everything back
 """
 
@@ -65,6 +66,7 @@ class LeasedSlots:
         self._steward: asyncio.Task[None] | None = None
         self._lease_number: int | None = None  # the lease the limiter counts our slots on; None: not joined
         self._joining = asyncio.Lock()  # one join at a time, so two calls finding the lease lost join once
+        self._reporting = asyncio.Lock()  # one report at a time (the steward's, or give_back_idle's), in order
         self._instance = uuid.uuid4().hex  # with the join count, tells the limiter a repeated join
         self._joins = 0
         self._calls = 0  # acquire calls made on the lease
@@ -166,7 +168,26 @@ class LeasedSlots:
                 await asyncio.wait([task])  # however it ends
         if self._lease_number is not None:
             with suppress(LeaseLost):
-                await self._report(self.free + self._to_return)
+                await self._report(idle=True)
+
+    async def give_back_idle(self) -> None:
+        """Hand the pool's free slots back now and wait until the limiter has them: the worker has nothing
+        more to send for now (its block ended). The steward would only after `idle_s`, and Ray Data ends
+        an actor left without blocks at once: its slots then stayed counted as its own, the rest of the
+        cluster a few slots short, until its lease timed out (the last ~10 s of a run).
+
+        An acquire under way is waited for first (it is timed), so its grant comes back too."""
+        if self._fetch is not None:
+            await asyncio.wait([self._fetch])  # however it ends
+        lease = self._lease_number
+        if lease is None or self._closed:
+            return
+        try:
+            await self._report(idle=True)
+        except LeaseLost:
+            await self._lost(lease)
+        except Exception as exc:  # the limiter is unreachable: as in steward_round
+            await self._unreachable(exc)
 
     # -- taking and giving slots -----------------------------------------------------------------------
 
@@ -330,21 +351,30 @@ class LeasedSlots:
             return True
         lease = self._lease_number
         try:
-            await self._report(returning)
+            await self._report(idle=idle)
         except LeaseLost:
             await self._lost(lease)
-        except Exception as exc:  # the limiter is unreachable: attempts waiting for slots fail
-            async with self._changed:
-                self._failure = exc
-                self._changed.notify_all()
+        except Exception as exc:
+            await self._unreachable(exc)
             return False
         self._last_report = now
         return True
 
-    async def _report(self, returning: int) -> None:
-        """Hand back `returning` slots and state what we hold now (Holding), with the outcomes since the
-        last report; take the directive. Slots handed back are gone from here even if the call fails: the
-        next report states the holding without them."""
+    async def _unreachable(self, exc: Exception) -> None:
+        """The limiter cannot be reached: attempts waiting for slots fail with `exc`, not hang."""
+        async with self._changed:
+            self._failure = exc
+            self._changed.notify_all()
+
+    async def _report(self, *, idle: bool) -> None:
+        """Hand back the slots set aside (and, when `idle`, every free one) and state what we hold now
+        (Holding), with the outcomes since the last report; take the directive. Slots handed back are gone
+        from here even if the call fails: the next report states the holding without them. One at a time,
+        so reports reach the limiter in the order they were numbered."""
+        async with self._reporting:
+            await self._report_now(self._to_return + (self.free if idle else 0))
+
+    async def _report_now(self, returning: int) -> None:
         lease = self._lease_number
         if lease is None:
             return  # a join is under way: nothing to report on

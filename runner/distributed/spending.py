@@ -5,6 +5,7 @@ its messages arrive.
     spending = Spending(max_cost=5.0)
     spending.reserve("worker-3", Reservation("a1b2", 1), 0.02)   # True: it fits (again: True, no change)
     spending.settle("worker-3", Reservation("a1b2", 1), 0.004)   # booked (again: False, no change)
+    spending.release("worker-3", [Reservation("a1b2", 2)])       # never sent: handed back, nothing booked
     spending.orphan("worker-3")                                  # the worker is gone: its open ones spent
 
 Why ids: docs/decisions.md, "Ray: the budget's messages applied once".
@@ -75,7 +76,8 @@ class Spending:
         self._clock = clock
         self._books: dict[str, _Book] = {}  # by Reservation.instance
         self.orphaned = 0.0  # reservations of workers gone, booked as spent at their worst case
-        self.repeated = 0  # reserves and settles that arrived again or late, and changed nothing
+        self.released = 0  # reservations handed back unused (their requests were never sent)
+        self.repeated = 0  # reserves, settles and releases that arrived again or late, and changed nothing
 
     def reserve(self, worker: str, reservation: Reservation, amount: float) -> bool:
         """Reserve `amount` under `reservation` if it fits under the cap. A reservation already open
@@ -102,6 +104,21 @@ class Spending:
         book.closed.add(reservation.number)
         self.budget.settle(amount, actual)
         return True
+
+    def release(self, worker: str, reservations: list[Reservation]) -> None:
+        """The requests of these reservations were never sent: hand them back, booking nothing, and close
+        them. One no longer open changes nothing, and one not reserved yet (its reserve still on the way)
+        is closed, so that reserve is refused when it comes."""
+        for reservation in reservations:
+            book = self._book(worker, reservation)
+            amount = book.open.pop(reservation.number, None)
+            if amount is None and reservation.number in book.closed:
+                self.repeated += 1
+                continue
+            book.closed.add(reservation.number)
+            if amount is not None:
+                self.budget.settle(amount, 0.0)
+                self.released += 1
 
     def orphan(self, worker: str) -> float:
         """The worker is gone (or taken for gone): book its open reservations as spent at their worst

@@ -147,10 +147,12 @@ class SendingActor:
         self._store = Store(self._job.state_dir, config.run_id, writer=self.worker_id, rows=self._job.row_map)
         self._store.open_journal()
         self._answers = RunAnswers(self._job.state_dir, config.run_id)
-        self._reserved: dict[str, Reservation] = {}  # key -> its budget reservation at the limiter
         self._instance = uuid.uuid4().hex  # names this process's reservations (Reservation.instance)
         self._reservations = itertools.count(1)
+        self._attempted: set[str] = set()  # reserved keys an attempt has taken a slot for, not answered yet
         self._executor: OnlineExecutor | None = None
+        self._leased: LeasedSlots | None = None
+        self._blocks = 0  # block calls running on this actor now
 
     def _slots(self, client: Client) -> LeasedSlots:
         def overload(exc: Exception) -> tuple[Any, float | None]:
@@ -158,7 +160,7 @@ class SendingActor:
             return fault.overload, fault.retry_after
 
         run = self._job.spec.run
-        return LeasedSlots(
+        self._leased = LeasedSlots(
             self._config.limiter,
             self.worker_id,
             classify=overload,
@@ -166,13 +168,32 @@ class SendingActor:
             paced=run.requests_per_minute is not None or run.tokens_per_minute is not None,
             expected_output_tokens=self._job.spec.model.max_tokens,
         )
+        return self._leased
+
+    def _attempting(self, request: Request) -> int:
+        """The request's input estimate, which the executor asks as an attempt of it takes its slot (the
+        slot's token charge): from here on the request may be billed, so a budget reservation it has is
+        settled by its answer or kept, never handed back unused (_return_unsent)."""
+        if self._config.budgeted:
+            self._attempted.add(request.key)
+        return self._config.accountant.input_estimate(request)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         """Plan, send and journal one block; its row-map lines, the first carrying the block's report."""
         config, job = self._config, self._job
         if self._executor is None:  # made here, inside the actor's event loop
-            estimate = config.accountant.input_estimate
-            self._executor = online_executor(job, config.base_url, config.api_key, estimate, self._slots)
+            self._executor = online_executor(job, config.base_url, config.api_key, self._attempting, self._slots)
+        self._blocks += 1
+        try:
+            return await self._send_block(batch)
+        finally:
+            self._blocks -= 1
+            if self._blocks == 0 and self._leased is not None:
+                await self._leased.give_back_idle()  # before Ray Data can end this actor, now idle
+
+    async def _send_block(self, batch: pa.Table) -> pa.Table:
+        config, job = self._config, self._job
+        assert self._executor is not None
         frame = pl.from_arrow(batch)
         assert isinstance(frame, pl.DataFrame)
         frame = frame.with_columns(config.source.ids(frame))
@@ -194,11 +215,13 @@ class SendingActor:
                 ]
 
         results: list[tuple[str, str | None]] = []
+        reserved: dict[str, Reservation] = {}  # key -> its budget reservation at the limiter, until answered
 
         def answered_now(result: Result, tier: str | None) -> None:
-            reservation = self._reserved.pop(result.key, None)
+            reservation = reserved.pop(result.key, None)
             if reservation is not None:  # fire and forget: the limiter applies it once, whenever it comes
                 config.limiter.settle.remote(self.worker_id, reservation, result.cost or 0.0)
+                self._attempted.discard(result.key)
             results.append((result_to_json(result), tier))
 
         # The driver's rule for each answer, on this actor's store, with the block's row-map lines; the
@@ -208,10 +231,11 @@ class SendingActor:
         run = Run(job, config.source, self._store, tally, config.accountant, self._settled, Control(), rows=lines,
                   on_answer=answered_now)  # fmt: skip
         control = run.control
-        requests = self._reserving(run.requests(iter(planned)), control)
+        requests = self._reserving(run.requests(iter(planned)), control, reserved)
         try:
             await self._executor.run(requests, run.deliver, control)
         finally:
+            self._return_unsent(reserved)
             shutil.rmtree(lines.scratch_dir, ignore_errors=True)  # RequestKeys.close removes its files, not the dir
             run.checkpoint()  # durable as a part before the block's lines are returned
         await config.limiter.release_claims.remote(block)
@@ -237,16 +261,29 @@ class SendingActor:
         next run's row-map reset, which clears the whole `rows/queued` (RowMap.reset)."""
         return self._store.rows.scratch_dir / f"{self.worker_id}-{block}"
 
-    async def _reserving(self, requests: AsyncIterator[Request], control: Control) -> AsyncIterator[Request]:
-        """The requests, each with its worst case reserved at the limiter first (when the run has a budget);
-        stops, as the local engine does, at the first one the budget cannot cover."""
+    async def _reserving(
+        self, requests: AsyncIterator[Request], control: Control, reserved: dict[str, Reservation]
+    ) -> AsyncIterator[Request]:
+        """The requests, each with its worst case reserved at the limiter first (when the run has a budget),
+        into `reserved`; stops, as the local engine does, at the first one the budget cannot cover."""
         config = self._config
         async for request in requests:
             if config.budgeted:
                 amount = config.accountant.worst_case(estimate_request(request.params))
                 reservation = Reservation(self._instance, next(self._reservations))
+                reserved[request.key] = reservation  # before the call: a block cancelled meanwhile returns it
                 if not await config.limiter.reserve.remote(self.worker_id, reservation, amount):
+                    del reserved[request.key]  # refused: nothing is reserved under it
                     control.end_dispatch("budget")
                     return
-                self._reserved[request.key] = reservation
             yield request
+
+    def _return_unsent(self, reserved: dict[str, Reservation]) -> None:
+        """The block is over (ended, stopped or cancelled): hand back the reservations of its requests that
+        no attempt took a slot for, which were never sent, so the budget is free for other blocks now
+        rather than booked as spent when this actor's lease drops. Those of requests attempted and not
+        answered stay open (they may have been billed): the lease's end books them at their worst case."""
+        unsent = [reservation for key, reservation in reserved.items() if key not in self._attempted]
+        self._attempted.difference_update(reserved)
+        if unsent:  # fire and forget, as a settle: the limiter applies each once, whenever it comes
+            self._config.limiter.release.remote(self.worker_id, unsent)

@@ -162,7 +162,10 @@ def test_three_workers_hammering_never_exceed_the_limit(hammered: dict[str, Any]
     assert stats["peak_granted"] <= 6
     assert stats["peak_granted"] == 6  # and the limit was used
     assert stats["granted"] == 0  # every worker handed everything back on close
-    assert all(w["attempts"] > 50 for w in hammered["workers"]), hammered["workers"]  # nobody starved
+    # Nobody starved: each worker got a fair share of the slots (a share, not a count: on a loaded
+    # machine every worker makes fewer attempts in its 2 s, and a count fails for the load, not the limiter).
+    attempts = [w["attempts"] for w in hammered["workers"]]
+    assert min(attempts) > 0 and min(attempts) >= sum(attempts) / len(attempts) / 4, attempts
 
 
 def test_grants_are_batched(hammered: dict[str, Any]) -> None:

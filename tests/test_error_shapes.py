@@ -11,9 +11,11 @@ import json
 import anthropic
 import pytest
 
+from runner.send.batch.errors import status_error
+from runner.send.batch.native_answer import BadResultLine, answer_from_chat
 from runner.send.batch.native_results import classify_failure, parse_result_line
 from runner.send.client import Client
-from runner.send.retries import Fault, Verdict, status_fault
+from runner.send.retries import Fault, Verdict, error_parts, status_fault
 from runner.simulator.config import SimConfig
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import API_KEY, cli, sample_rows
@@ -126,3 +128,26 @@ def test_the_one_rule_decides_each_error_the_readme_names(
     """README (Errors and retries): which answers are retried, which fail their row, which stop the run."""
     fault = status_fault(status, code, "the endpoint's words")
     assert (fault.verdict, fault.overload) == (verdict, overload)
+
+
+ERROR_BODIES = {
+    "anthropic": {"type": "error", "error": {"type": "1113", "message": "arrears"}, "request_id": "r-1"},
+    "native": {"error": {"code": "1113", "message": "arrears"}},
+    "native, msg": {"error": {"code": 1113, "msg": "arrears"}},
+    "top-level": {"code": 1113, "msg": "arrears", "success": False},
+}
+
+
+@pytest.mark.parametrize("body", ERROR_BODIES.values(), ids=list(ERROR_BODIES))
+def test_one_reader_gives_the_same_code_and_message_on_every_wire(body: dict[str, object]) -> None:
+    """The Messages API, the Batch API and a batch result line read an error body the same way."""
+    code, message, _ = error_parts(body)
+    assert (code, message) == ("1113", "arrears")
+    answered = status_error(429, json.dumps(body).encode(), {}, "GET /batches")
+    assert (answered.code, answered.message) == (code, message)
+    if "error" in body:  # a result line carries an error object, beside its response or in its body
+        line = parse_result_line(json.dumps({"custom_id": "k", "response": None, "error": body["error"]}))
+        assert (line.error_code, line.error_message) == (code, message)
+        with pytest.raises(BadResultLine) as caught:
+            answer_from_chat(body, None)
+        assert caught.value.code == code and message in str(caught.value)

@@ -151,9 +151,10 @@ _TOOL_CHOICE = re.compile(r"tool[ _]?choice", re.I)
 
 
 def error_parts(body: object) -> tuple[str | None, str | None, str | None]:
-    """Zhipu's business code, message and request id from an error body in either shape it answers in:
-    Anthropic's `{"type": "error", "error": {"type": "1113", "message"}, "request_id"}` or the native
-    `{"error": {"code": "1302", "message"}}` (seen on the Anthropic route of api.z.ai too)."""
+    """Zhipu's business code, message and request id from an error body in any shape it answers in, on
+    every wire: Anthropic's `{"type": "error", "error": {"type": "1113", "message"}, "request_id"}`, the
+    native `{"error": {"code": "1302", "message"}}` (seen on the Anthropic route of api.z.ai too), or an
+    older API's top-level `{"code", "msg"}`. An empty message counts as none."""
     if not isinstance(body, Mapping):
         return None, None, None
     error = body.get("error")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from runner.send.retries import ABORT_CODES, TRANSIENT_CODES, Fault, Verdict, retry_after_seconds
+from runner.send.retries import ABORT_CODES, TRANSIENT_CODES, Fault, Verdict, error_parts, retry_after_seconds
 
 NO_FILE_API = 434  # the file APIs' "no permission" (closed to the account): every later call gets it too
 # "API offline / missing" (1221, 1222) answered with 404 by the Batch or file API: read as the object not being
@@ -84,27 +84,13 @@ def classify_api_error(exc: BaseException) -> Fault:
 
 
 def status_error(status: int, raw: bytes, headers: Mapping[str, str], where: str) -> BatchStatusError:
-    """The exception for an error answer, read from Zhipu's `{"error": {"code"|"type", "message"}}`."""
-    code: str | None = None
-    message: str | None = None
-    request_id: str | None = None
+    """The exception for an error answer, its code and message read by the one reader (`error_parts`)."""
     try:
         data = json.loads(raw) if raw and len(raw) <= MAX_ERROR_BODY else None
     except ValueError:
         data = None
-    if isinstance(data, dict):
-        error = data.get("error")
-        source = error if isinstance(error, dict) else data  # older APIs: {"code", "msg"} at the top
-        raw_code = source.get("code")
-        if raw_code in (None, ""):
-            raw_code = source.get("type")
-        code = str(raw_code) if raw_code not in (None, "") else None
-        text = source.get("message") or source.get("msg")
-        message = str(text) if text else None
-        rid = data.get("request_id") or (error.get("request_id") if isinstance(error, dict) else None)
-        request_id = str(rid) if rid else None
-    if message is None:
-        message = raw[:200].decode("utf-8", "replace").strip() or "no body"
+    code, message, request_id = error_parts(data)
+    message = message or raw[:200].decode("utf-8", "replace").strip() or "no body"
     request_id = request_id or headers.get("x-request-id") or headers.get("request-id")
     retry_after = retry_after_seconds(headers)
     cls: type[BatchStatusError]

@@ -9,9 +9,9 @@ from typing import Any
 
 from runner.money.tokens import MAX_TOKEN_COUNT, estimate_answer, estimate_request, estimate_text, token_count
 from runner.records import Answer
-from runner.send.retries import BadResponse
+from runner.send.retries import BadResponse, error_parts
 
-__all__ = ["BadResultLine", "PlainChat", "UsageMissing", "answer_from_chat", "error_fields", "plain_chat"]
+__all__ = ["BadResultLine", "PlainChat", "UsageMissing", "answer_from_chat", "plain_chat"]
 
 # finish_reason -> Anthropic stop_reason. `sensitive` is Zhipu's content-filter stop (API code 1301's
 # streaming form); Anthropic's nearest is `refusal`. Unknown reasons (`network_error`, ...) are kept
@@ -38,9 +38,8 @@ def answer_from_chat(body: Any, request_id: str | None, prompt: Mapping[str, Any
     # `type(x) is dict or`: what JSON gives, checked before the (slower) Mapping check; once per line.
     if not (type(body) is dict or isinstance(body, Mapping)):
         raise BadResultLine(None, f"result body is not a JSON object but {type(body).__name__}")
-    error = body.get("error")
-    if error is not None and isinstance(error, Mapping):
-        code, message = error_fields(error)
+    if isinstance(body.get("error"), Mapping):
+        code, message, _ = error_parts(body)
         raise BadResultLine(code, f"result body is an error: {message or code or 'no message'}")
     choices = body.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices else None
@@ -197,14 +196,3 @@ def _arguments(raw: Any) -> Any:
         return json.loads(raw)
     except ValueError:
         return raw
-
-
-def error_fields(error: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    """Zhipu's business code and message: the native API says `code`, the Anthropic one `type`."""
-    code = error.get("code")
-    if code is None or code == "":
-        code = error.get("type")
-    message = error.get("message")
-    if message is None:
-        message = error.get("msg")
-    return (str(code) if code is not None and code != "" else None), (str(message) if message is not None else None)

@@ -11,14 +11,12 @@ from typing import Any
 
 import orjson
 
-from runner.send.batch.native_answer import PlainChat, error_fields, plain_chat
+from runner.send.batch.native_answer import PlainChat, plain_chat
 from runner.send.batch.shapes import whole_number
-from runner.send.retries import ABORT_CODES, TRANSIENT_CODES, Verdict
+from runner.send.retries import ABORT_CODES, TRANSIENT_CODES, Verdict, error_parts
 
 __all__ = ["ResultLine", "classify_failure", "parse_result_line", "plain_result"]
 
-# Business codes that mean "try again later": one list for every transport (runner.send.retries).
-_TRANSIENT_CODES = TRANSIENT_CODES
 # What the batch machinery writes for a request it never ran: it was not the request's fault.
 _NOT_PROCESSED = re.compile(r"expire|cancel|timeout|timed_out|not_processed|not processed", re.I)
 
@@ -103,9 +101,10 @@ def parse_result_line(line: bytes | str) -> ResultLine:
 
     code: str | None = None
     message: str | None = None
-    for error in (data.get("error"), (body or {}).get("error")):
+    for holder in (data, body or {}):
+        error = holder.get("error")
         if isinstance(error, Mapping):
-            code, message = error_fields(error)
+            code, message, _ = error_parts(holder)
             break
         if isinstance(error, str) and error:
             message = error
@@ -217,7 +216,7 @@ def classify_failure(line: ResultLine) -> Verdict:
         status = int(code)  # an error line with no response, whose code is an HTTP status ("429", "503")
     if code in ABORT_CODES or status in (401, 403):
         return Verdict.ABORT
-    if code in _TRANSIENT_CODES or (code is not None and _NOT_PROCESSED.search(code)):
+    if code in TRANSIENT_CODES or (code is not None and _NOT_PROCESSED.search(code)):
         return Verdict.RETRY
     if status is not None and (status in (408, 409, 429) or status >= 500):
         return Verdict.RETRY

@@ -10,7 +10,7 @@ import asyncio
 import json
 import os
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import pytest
 from aiohttp import BodyPartReader, web
 
 from runner.send.batch.api import MAX_API_BODY, BatchAPI
-from runner.send.batch.book import Chunk
+from runner.send.batch.book import Chunk, custom_ids_in
 from runner.send.batch.errors import (
     BatchAbort,
     BatchNotFound,
@@ -29,7 +29,7 @@ from runner.send.batch.errors import (
     BatchTransportError,
     classify_api_error,
 )
-from runner.send.batch.files import BatchFileWriter, write_batch_files
+from runner.send.batch.files import BatchFile, BatchFileWriter
 from runner.send.batch.harvest import read_result_lines
 from runner.send.batch.native_answer import answer_from_chat
 from runner.send.batch.native_request import chat_body
@@ -482,6 +482,16 @@ def test_batch_view_is_tolerant() -> None:
 # ---- input files -------------------------------------------------------------------------------------
 
 
+def write_batch_files(
+    items: Iterable[tuple[str, Mapping[str, Any]]], directory: Path, **limits: int
+) -> list[BatchFile]:
+    """(custom_id, body) pairs written into batch input files by the runner's writer; the files."""
+    with BatchFileWriter(directory, **limits) as writer:
+        for custom_id, body in items:
+            writer.add(custom_id, body)
+    return writer.files
+
+
 def _read_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_bytes().splitlines()]
 
@@ -503,9 +513,9 @@ def test_files_split_by_count_and_keep_one_model_each(tmp_path: Path) -> None:
         lines = _read_lines(f.path)
         assert f.size == f.path.stat().st_size
         assert {line["body"]["model"] for line in lines} == {f.model}
-        assert [line["custom_id"] for line in lines] == list(f.custom_ids)
+        assert [line["custom_id"] for line in lines] == list(custom_ids_in(f.path))
         assert all(line["method"] == "POST" and line["url"] == "/v4/chat/completions" for line in lines)
-        seen += f.custom_ids
+        seen += custom_ids_in(f.path)
     assert sorted(seen) == sorted(cid for cid, _ in items)
     assert not list(tmp_path.glob("*.part"))
 

@@ -18,10 +18,10 @@ from runner.send.batch.api import BatchAPI
 from runner.send.batch.book import BatchBook, Chunk
 from runner.send.batch.duplicates import tag
 from runner.send.batch.errors import BatchAbort, BatchStatusError
-from runner.send.batch.files import write_batch_files
 from runner.simulator.config import BATCH_QUEUE_CAPS, SimConfig
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import API_KEY, JobFiles, cli, sample_rows
+from tests.test_batch_api_client import write_batch_files
 from tests.test_batch_mode import BATCH_MODEL, FAST_POLL, expected
 
 

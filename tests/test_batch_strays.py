@@ -19,9 +19,9 @@ import pytest
 from runner.send.batch.api import BatchAPI
 from runner.send.batch.book import BatchBook
 from runner.send.batch.duplicates import Twins, tag
-from runner.send.batch.files import write_batch_files
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import API_KEY, JobFiles, cli, eventually, sample_rows, until
+from tests.test_batch_api_client import write_batch_files
 from tests.test_batch_billing import KILLED_MID_CREATE
 from tests.test_batch_doc_facts import batch_requests
 from tests.test_batch_mode import BATCH_MODEL, FAST_POLL, assert_paid_once, crash_env, expected

@@ -201,21 +201,11 @@ class BatchAPI:
             sleep=self._sleep,
             reraise=True,
         )
-
-        async def attempt() -> T:
-            return await call()
-
-        result: T = await policy(attempt)
-        return result
+        return await _under(policy, call)
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         policy = retrying(self._max_attempts, classify=classify_api_error, sleep=self._sleep, wait=self._wait)
-
-        async def attempt() -> T:  # tenacity awaits only what is declared a coroutine function
-            return await call()
-
-        result: T = await policy(attempt)
-        return result
+        return await _under(policy, call)
 
     async def _call(
         self, method: str, path: str, *, params: Mapping[str, str] | None = None, json_body: Any = None
@@ -257,7 +247,9 @@ class BatchAPI:
         except ValueError:
             snippet = raw[:120].decode("utf-8", "replace")
             raise BatchProtocolError(f"{where}: {status} answer is not JSON: {snippet!r}") from None
-        _raise_embedded_error(decoded, status, headers, where, raw)
+        # Zhipu sometimes answers an error with status 200 and an `error` object (wire.md): not a success.
+        if isinstance(decoded, Mapping) and isinstance(decoded.get("error"), Mapping) and "id" not in decoded:
+            raise status_error(status, raw, headers, where)
         return decoded
 
     async def _download_once(self, file_id: str, target: Path) -> int:
@@ -294,10 +286,14 @@ class BatchAPI:
         return size
 
 
-def _raise_embedded_error(decoded: Any, status: int, headers: Mapping[str, str], where: str, raw: bytes) -> None:
-    # Zhipu sometimes answers an error with status 200 and an `error` object (wire.md): not a success.
-    if isinstance(decoded, Mapping) and isinstance(decoded.get("error"), Mapping) and "id" not in decoded:
-        raise status_error(status, raw, headers, where)
+async def _under(policy: AsyncRetrying, call: Callable[[], Awaitable[T]]) -> T:
+    """`call` under a tenacity policy (which awaits only what is declared a coroutine function)."""
+
+    async def attempt() -> T:
+        return await call()
+
+    result: T = await policy(attempt)
+    return result
 
 
 def _refuse_error_object(first_chunk: bytes, response: aiohttp.ClientResponse, where: str) -> None:

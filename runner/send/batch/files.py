@@ -1,11 +1,5 @@
-"""Batch input files: requests streamed into JSONL files that fit Zhipu's per-file limits.
-
-    files = write_batch_files(((r.key, chat_body(r.params)) for r in requests), directory)
-    with BatchFileWriter(directory) as writer:             # or a line at a time
-        writer.add(request.key, chat_body(request.params))
-
-One model per file, at most `max_requests` lines and `max_bytes`; written as `.part` and renamed.
-"""
+"""Batch input files: requests streamed into JSONL files that fit Zhipu's per-file limits (one model per
+file, at most `max_requests` lines and `max_bytes`; written as `.part` and renamed), a round at a time."""
 
 from __future__ import annotations
 
@@ -14,7 +8,7 @@ import json
 import os
 import re
 from array import array
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -37,7 +31,6 @@ __all__ = [
     "BatchFile",
     "BatchFileWriter",
     "LineTooLarge",
-    "write_batch_files",
     "write_round",
 ]
 
@@ -61,11 +54,6 @@ class BatchFile:
     size: int  # bytes
     model: str
     digest: str = ""  # sha256 of its bytes, hex
-
-    @property
-    def custom_ids(self) -> tuple[str, ...]:
-        """The file's custom_ids in file order, read back from it (not held: a round may have millions)."""
-        return tuple(custom_ids_in(self.path))
 
 
 @dataclass(slots=True)
@@ -282,22 +270,6 @@ def _kept(key: str, params: dict[str, Any]) -> bytes:
     """A request's line in the round's requests file. Its head `{"key": "<key>", ` is what read_requests
     finds a line by (runner.send.batch.book)."""
     return b'{"key": ' + _json_line(key)[:-1] + b', "params": ' + _json_line(params)[:-1] + b"}\n"
-
-
-def write_batch_files(
-    items: Iterable[tuple[str, Mapping[str, Any]]],
-    directory: str | os.PathLike[str],
-    *,
-    max_requests: int = DEFAULT_MAX_REQUESTS,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    url: str = CHAT_URL,
-    prefix: str = "batch",
-) -> list[BatchFile]:
-    """Stream (custom_id, body) pairs into batch input files; return the files in finishing order."""
-    with BatchFileWriter(directory, max_requests=max_requests, max_bytes=max_bytes, url=url, prefix=prefix) as writer:
-        for custom_id, body in items:
-            writer.add(custom_id, body)
-    return writer.files
 
 
 def queue_caps() -> dict[str, int]:

@@ -57,7 +57,7 @@ class BatchError:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """A batch as the API reports it. `raw` keeps the whole object for whatever a field here lacks."""
+    """A batch as the API reports it: the fields the runner reads; `raw` keeps the whole object."""
 
     id: str
     status: str
@@ -69,13 +69,6 @@ class Batch:
     metadata: dict[str, Any] = field(default_factory=dict)
     created_at: int | None = None
     in_progress_at: int | None = None
-    finalizing_at: int | None = None
-    completed_at: int | None = None
-    failed_at: int | None = None
-    expired_at: int | None = None
-    expires_at: int | None = None
-    cancelling_at: int | None = None
-    cancelled_at: int | None = None
     errors: tuple[BatchError, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -118,20 +111,16 @@ class BatchPage:
 
     data: tuple[Batch, ...]
     has_more: bool
-    first_id: str | None = None
     last_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class FileObject:
-    """An uploaded file as the API reports it."""
+    """An uploaded file as the API reports it: the fields the runner reads; `raw` keeps the whole object."""
 
     id: str
     bytes: int | None = None
-    filename: str | None = None
-    purpose: str | None = None
     created_at: int | None = None
-    status: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -142,10 +131,7 @@ class FileObject:
         return cls(
             id=str(data["id"]),
             bytes=whole_number(data.get("bytes")),
-            filename=_str(data.get("filename")),
-            purpose=_str(data.get("purpose")),
             created_at=whole_number(data.get("created_at")),
-            status=_str(data.get("status")),
             raw=dict(data),
         )
 
@@ -158,6 +144,5 @@ def page_from_json(data: Any) -> BatchPage:
     return BatchPage(
         data=batches,
         has_more=bool(data.get("has_more")),
-        first_id=_str(data.get("first_id")),
         last_id=_str(data.get("last_id")),
     )

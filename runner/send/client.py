@@ -134,7 +134,6 @@ class StoppedAnswer(Exception):
 # Zhipu's `sensitive` as its Anthropic route passes it on, and Anthropic's own `refusal` (what the batch
 # wire maps `sensitive` to: a blocked answer means the same on both wires).
 _STOPPED = frozenset({"network_error", "sensitive", "refusal"})
-_REASON_FIELD = {"sensitive": "finish_reason", "network_error": "finish_reason"}  # Zhipu's word, as it came
 
 
 class Client:
@@ -258,17 +257,16 @@ def classify(exc: BaseException) -> Fault:
                 "the inference broke off (finish_reason network_error)",
                 maybe_billed=True,
             )
+        field = "finish_reason" if exc.reason == "sensitive" else "stop_reason"  # Zhipu's word, as it came
         return Fault(
             Verdict.FAIL,
             "content_filter",
-            f"the endpoint blocked this content ({_REASON_FIELD.get(exc.reason, 'stop_reason')} {exc.reason}); "
+            f"the endpoint blocked this content ({field} {exc.reason}); "
             "no answer for this row: change its input or the prompt",
         )
     # The request was sent and may still be answered, and billed, after we gave up on it.
-    if isinstance(exc, anthropic.APITimeoutError):
+    if isinstance(exc, anthropic.APITimeoutError | SlowAnswer):
         return Fault(Verdict.RETRY, "timeout", str(exc) or "timed out", maybe_billed=True)
-    if isinstance(exc, SlowAnswer):
-        return Fault(Verdict.RETRY, "timeout", str(exc), maybe_billed=True)
     if isinstance(exc, StalledStream):
         return Fault(Verdict.RETRY, "stalled", str(exc), maybe_billed=True)
     if isinstance(exc, anthropic.APIConnectionError):

@@ -275,29 +275,6 @@ class Limits:
             self.in_flight += 1
             waiters.popleft().set_result(None)
 
-    def _reconcile(self, attempt: Attempt, input_tokens: int) -> float:
-        """Learn the answer's length from the tokens it used; the tokens still owed to the bucket."""
-        if attempt.used_tokens is None:
-            return 0.0
-        self._output.learn(attempt, input_tokens)
-        debt = attempt.used_tokens - attempt.charged_tokens
-        return float(debt) if self._tpm is not None and debt > 0 else 0.0
-
-    def _learn_failure(self, exc: Exception, in_flight: int, epoch: int) -> None:
-        kind, retry_after = self._classify(exc)
-        if kind is None:
-            return
-        self.overloaded += 1
-        if self.controller is not None:
-            self.controller.on_overload(kind, in_flight=in_flight, retry_after_s=retry_after, epoch=epoch)
-
-    async def _wait_for_pause(self) -> None:
-        if self.controller is None:
-            return
-        delay = self.controller.paused_until - self._clock()
-        if delay > 0:
-            await asyncio.sleep(delay)
-
 
 class _Slot:
     """One attempt's hold on a slot of `Limits` (a plain class: an @asynccontextmanager cost more
@@ -321,8 +298,10 @@ class _Slot:
             await limits._take()
         entered = False
         try:
-            if limits.controller is not None:
-                await limits._wait_for_pause()
+            if limits.controller is not None:  # a refusal for the platform's overload pauses every sender
+                pause = limits.controller.paused_until - limits._clock()
+                if pause > 0:
+                    await asyncio.sleep(pause)
             if limits._rpm is not None:
                 await limits._rpm.acquire()
             if limits._tpm is not None:
@@ -349,10 +328,18 @@ class _Slot:
             if exc is None:
                 if limits.controller is not None:
                     limits.controller.on_success(limits._clock() - self._started)
-                debt = limits._reconcile(self._attempt, self._input_tokens)
-                if debt and limits._tpm is not None:  # an answer that used more pays before its worker sends again
-                    await limits._tpm.acquire(min(debt, limits._tpm.max_rate))
+                attempt = self._attempt
+                limits._output.learn(attempt, self._input_tokens)
+                debt = (attempt.used_tokens or 0) - attempt.charged_tokens
+                if debt > 0 and limits._tpm is not None:  # an answer that used more pays before its worker sends again
+                    await limits._tpm.acquire(min(float(debt), limits._tpm.max_rate))
             elif isinstance(exc, Exception):  # cancellation teaches the controller nothing
-                limits._learn_failure(exc, self._sent_in_flight, self._sent_epoch)
+                kind, retry_after = limits._classify(exc)
+                if kind is not None:
+                    limits.overloaded += 1
+                    if limits.controller is not None:
+                        limits.controller.on_overload(
+                            kind, in_flight=self._sent_in_flight, retry_after_s=retry_after, epoch=self._sent_epoch
+                        )
         finally:
             limits._give_back()

@@ -193,8 +193,8 @@ async def probe_online(prober: Prober, report: Report, ramp_max: int) -> None:
     """The Messages route: key, balance, model, tool choice, stop sequences, error shape, concurrency."""
     learned = report.facts
     _, refusal = await prober.ask()
-    if refusal is not None and account_problem(refusal):
-        problem = account_problem(refusal)
+    problem = account_problem(refusal) if refusal is not None else None
+    if refusal is not None and problem:
         report.aborted = f"{refusal.status}/{refusal.code}: {refusal.message}"
         for name in ("key", "balance", "model"):
             if name == problem:
@@ -211,11 +211,9 @@ async def probe_online(prober: Prober, report: Report, ramp_max: int) -> None:
     elif refusal.verdict == "fail":
         seen = f"a plain request was refused ({refusal.status}/{refusal.code})"
         report.add("model", None, seen, cut(refusal.message))
-    else:
+    else:  # a fault that persisted through the retries
         for name in ("key", "balance", "model"):
-            report.add(
-                name, None, "not known", f"{refusal.status}/{refusal.code} three times: {cut(refusal.message, 50)}"
-            )
+            _known(report, name, refusal)
 
     _, refused = await prober.ask(tools=[TOOL], tool_choice={"type": "tool", "name": TOOL["name"]})
     if _known(report, "forced tool choice", refused):

@@ -16,42 +16,11 @@ from tenacity.wait import wait_random_exponential
 
 from runner.errors import EndpointAborted
 
-# Business codes that mean "this account cannot be served at all": no balance, plan exhausted or
-# expired, account inactive/locked, bad or expired token, the API offline or missing (1221, 1222), the
-# method not supported (1212: the endpoint does not serve this kind of request; every row is sent alike).
-ABORT_CODES = frozenset(
-    {
-        "1212",
-        "1000",
-        "1001",
-        "1002",
-        "1003",
-        "1004",
-        "1110",
-        "1111",
-        "1112",
-        "1113",
-        "1121",
-        "1220",
-        "1221",
-        "1222",
-        "1308",
-        "1309",
-        "1310",
-        "1304",
-        "1211",
-        "401",
-        "authentication_error",
-        "permission_error",
-        "billing_error",
-    }
-)
-
-
 METHOD_UNSUPPORTED = "1212"  # "this method is not supported": at a batch create, for the file's model
 
-
-# What an account-level refusal means and what to do about it, for the one line a stopped run prints.
+# Business codes that mean "this account cannot be served at all" (no balance, plan exhausted or expired,
+# account inactive/locked, bad or expired token, the API offline or missing, the method not supported:
+# every row is sent alike), each with what it means and what to do, for the one line a stopped run prints.
 ABORT_MEANINGS: dict[str, str] = {
     **dict.fromkeys(
         ("1000", "1001", "1002", "1003", "1004", "401", "authentication_error"),
@@ -71,6 +40,10 @@ ABORT_MEANINGS: dict[str, str] = {
         ("1221", "1222"),
         "the endpoint says this API is offline or does not exist; check model.endpoint, or try again later",
     ),
+}
+ABORT_CODES = frozenset(ABORT_MEANINGS)
+# HTTP statuses that stop a run, for the same line.
+_STATUS_MEANINGS: dict[str, str] = {
     "404": "the endpoint does not know this model or path; check model.name and model.endpoint",
     **{
         str(status): "the endpoint redirects elsewhere, which is not followed (the key would go along); "
@@ -84,7 +57,8 @@ ABORT_MEANINGS: dict[str, str] = {
 
 def abort_meaning(code: str) -> str:
     """What an abort code means and what to do, or a generic line for a code we do not know."""
-    return ABORT_MEANINGS.get(code, "the endpoint refused the account; check the key and the account")
+    meaning = ABORT_MEANINGS.get(code) or _STATUS_MEANINGS.get(code)
+    return meaning or "the endpoint refused the account; check the key and the account"
 
 
 class BadResponse(Exception):

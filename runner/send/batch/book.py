@@ -50,10 +50,8 @@ class Chunk:
 
 
 def custom_ids_in(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Each line's custom_id in a batch input file, in file order.
-
-    BatchFileWriter writes the custom_id first, compact: it is read off the line's head, and the
-    line is parsed whole only when the key holds an escape (a quote or a backslash in a key)."""
+    """Each line's custom_id in a batch input file, in file order: read off the line's head (written first,
+    compact), the line parsed whole only when the key holds an escape (a quote or a backslash)."""
     head = b'{"custom_id":"'
     with open(path, "rb") as f:
         for line in f:

@@ -71,12 +71,9 @@ class _Open:
 
 
 class BatchFileWriter:
-    """Writes (custom_id, body) pairs into as many JSONL files as the limits require, per model.
-
-    Use it as a context manager: a clean exit finishes every open file; an exception removes the
-    unfinished `.part` files (finished files stay: each is whole). `files` lists the finished files in
-    the order they were finished.
-    """
+    """Writes (custom_id, body) pairs into as many JSONL files as the limits require, per model; `files`
+    lists the finished ones in order. A clean exit of `with` finishes every open file; an exception
+    removes the unfinished `.part` files (finished files stay: each is whole)."""
 
     def __init__(
         self,
@@ -105,13 +102,10 @@ class BatchFileWriter:
         self.files: list[BatchFile] = []
 
     def add(self, custom_id: str, body: Mapping[str, Any]) -> None:
-        """Write one request line to its model's current file, starting a new file when it is full.
-
-        A model's file holds at most `max_requests` lines, and never more than the model's queue cap
-        (`queue_caps`): a file bigger than the queue could never be created. Raises ValueError for a body
-        without a model or a repeated custom_id, and LineTooLarge for a line that alone is larger than
-        `max_bytes` (nothing is written).
-        """
+        """Write one request line to its model's current file, starting a new one when it is full: at most
+        `max_requests` lines, never more than the model's queue cap (a bigger file could never be created).
+        ValueError for a body without a model or a repeated custom_id; LineTooLarge (nothing written) for a
+        line past `max_bytes`."""
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise ValueError(f"request {custom_id}: the body names no model")

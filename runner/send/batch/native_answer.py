@@ -127,11 +127,9 @@ PlainChat = tuple[str | None, str, str | None, str | None, int, int, int, int, s
 
 
 def plain_chat(body: dict[str, Any], request_id: str | None) -> PlainChat | None:
-    """The fields answer_from_chat would give a plain text answer (free text, no tool call, not cut off
-    or blocked), read without making the Answer: None for any other body, which answer_from_chat then
-    reads (or refuses) as always. Batch result files are nearly all such answers; this is their fast path.
-
-    Only JSON's own types pass (what orjson gives): anything unusual falls back to the general reader."""
+    """The fields answer_from_chat would give a plain text answer (free text, no tool call, not cut off or
+    blocked; JSON's own types only), without making the Answer: the fast path of nearly every result
+    line. None for any other body, which answer_from_chat then reads (or refuses) as always."""
     choices, usage = body.get("choices"), body.get("usage")
     if body.get("error") is not None or type(choices) is not list or not choices or type(usage) is not dict:
         return None

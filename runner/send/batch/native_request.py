@@ -20,17 +20,10 @@ class UnsupportedParams(ValueError):
     """A Messages-API request that has no faithful chat-completions form (an unknown field or block)."""
 
 
-# --------------------------------------------------------------------------------------------------
-# Request: Messages-API params -> chat-completions body
-
-
 def chat_body(params: Mapping[str, Any]) -> dict[str, Any]:
     """The `/v4/chat/completions` body that asks the same thing as these `messages.create` params;
-    UnsupportedParams for a field or block this translation does not know.
-
-    The native API takes only `tool_choice: "auto"`, so a forced tool or `any` is sent as `auto` (the
-    structured path validates and repairs); `none` sends no tools (docs/decisions.md, "The native wire").
-    """
+    UnsupportedParams for a field or block this translation does not know. A forced tool choice is sent
+    as `auto`, the only one the native API takes (docs/decisions.md, "The native wire")."""
     unknown = set(params) - _KNOWN_PARAMS - _TRANSPORT_PARAMS
     if unknown:
         raise UnsupportedParams(f"no chat-completions form for request field(s): {', '.join(sorted(unknown))}")
@@ -72,7 +65,7 @@ def chat_body(params: Mapping[str, Any]) -> dict[str, Any]:
     choice_type = choice.get("type") if isinstance(choice, Mapping) else None
     if tools and choice_type != "none":
         body["tools"] = [_chat_tool(tool) for tool in tools]
-        body["tool_choice"] = "auto"  # the only value the native API accepts: see the docstring
+        body["tool_choice"] = "auto"  # the only value the native API accepts; `none` sends no tools
     return body
 
 

@@ -52,15 +52,10 @@ class ResultLine:
 
 
 def parse_result_line(line: bytes | str) -> ResultLine:
-    """Read one output-file or error-file line; never raises.
-
-    Accepted shapes (the docs show only the success line, so error lines are read in every shape an
-    OpenAI-style batch might use):
-    - `{"custom_id", "response": {"status_code", "request_id", "body": {...}}}` (success, or an error
-      status with `body.error`);
-    - `{"custom_id", "response": null, "error": {"code", "message"}}` (a request never run);
-    - `{"custom_id", "error": {...}}` or a body given as a JSON string.
-    """
+    """Read one output-file or error-file line; never raises. The docs show only the success line, so
+    every shape an OpenAI-style batch might use is read: `{"custom_id", "response": {"status_code",
+    "request_id", "body"}}` (an error status with `body.error`), `{"custom_id", "response": null, "error"}`
+    (a request never run), `{"custom_id", "error"}`, and a body given as a JSON string."""
     raw = line.encode("utf-8", "replace") if isinstance(line, str) else line
     stripped = raw.strip()
     if not stripped:
@@ -199,17 +194,12 @@ def _snippet(raw: bytes, limit: int = 120) -> str:
 
 
 def classify_failure(line: ResultLine) -> Verdict:
-    """What a failed line means for its request: RETRY (send it in a later batch), FAIL, or ABORT.
-
-    - ABORT: billing and auth codes (runner.send.retries.ABORT_CODES: 1113 no balance, 1308-1310
-      plan exhausted, bad keys, unknown model) and 401/403: every other request would fail the same.
-    - RETRY: rate and overload codes (1302-1305), 408/409/429, 5xx, requests the batch never ran
-      (expired, cancelled, timed out), and lines we could not read: the request itself may be fine.
-    - FAIL: any other 4xx or business code (bad parameters 1210-1215, prompt too long 1261,
-      sensitive content 1301): sending it again would get the same answer.
-    A line with no code and no status (unreadable, or a 200 whose body was no answer) is retried: the
-    executor's attempt limit bounds it. An unknown code is the request's own problem and FAILs.
-    """
+    """What a failed line means for its request. ABORT (every other request would fail the same): the
+    retries.ABORT_CODES (no balance, plan exhausted, bad key, unknown model) and 401/403. RETRY (the
+    request may be fine): rate and overload codes, 408/409/429, 5xx, requests the batch never ran
+    (expired, cancelled, timed out), and a line with no code and no status (unreadable, or a 200 whose
+    body was no answer; the executor's attempt limit bounds it). FAIL (asked again, answered the same):
+    any other 4xx, and any other code (bad parameters, prompt too long, sensitive content)."""
     code = line.error_code
     status = line.status_code
     if status is None and code is not None and len(code) == 3 and code.isdigit():
@@ -224,6 +214,4 @@ def classify_failure(line: ResultLine) -> Verdict:
         return Verdict.FAIL
     if line.error_message and _NOT_PROCESSED.search(line.error_message):
         return Verdict.RETRY
-    # A code we do not know is the request's own problem; no code at all (an unreadable line, a 200
-    # whose body was no answer) says nothing against the request.
     return Verdict.FAIL if code is not None else Verdict.RETRY

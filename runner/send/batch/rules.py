@@ -1,7 +1,5 @@
-"""What the batch executor judges from a batch object, and the one-line messages a stopped run prints.
-
-Pure functions over runner.send.batch.api's Batch (and one bounded cancel). Used by runner.send.batch.
-"""
+"""What the batch executor judges from a batch object (and one bounded cancel), and the one-line
+messages a stopped run prints."""
 
 from __future__ import annotations
 

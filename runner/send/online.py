@@ -7,7 +7,7 @@ import asyncio
 import datetime as dt
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from tenacity import RetryCallState
 
@@ -17,17 +17,10 @@ from runner.job.structured import AnswerShape
 from runner.records import Answer, Request, Result
 from runner.send.base import Conversation, Deliver, Gauges, estimated_usage, failure
 from runner.send.limits import Slots
-from runner.send.retries import TOOL_CHOICE_REFUSED, Classify, Fault, Verdict, refusal, retrying, wait_backoff
+from runner.send.retries import TOOL_CHOICE_REFUSED, Classify, Verdict, refusal, retrying, wait_backoff
 
-
-class OnlineClient(Protocol):
-    """What the online executor needs of a client (runner.send.client.Client)."""
-
-    async def send(self, params: dict[str, Any]) -> Answer: ...
-
-    def classify(self, exc: BaseException) -> Fault: ...
-
-    async def aclose(self) -> None: ...
+if TYPE_CHECKING:
+    from runner.send.client import Client
 
 
 class OnlineExecutor:
@@ -35,7 +28,7 @@ class OnlineExecutor:
 
     def __init__(
         self,
-        client: OnlineClient,
+        client: Client,
         limits: Slots,
         *,
         max_attempts: int,
@@ -122,10 +115,9 @@ class OnlineExecutor:
         except ExceptionGroup as failed:  # an error raised on purpose (a UsageError) reaches the caller as itself
             raise deliberate(failed) or failed from None
 
-    async def _send(self, request: Request, control: Control, waited: list[float] | None = None) -> Result | None:
+    async def _send(self, request: Request, control: Control, waited: list[float]) -> Result | None:
         """One request's conversation: each turn retried until answered, repairs as the shape asks.
         None if the endpoint refused the whole run. `waited[0]` adds up the ms spent waiting for slots."""
-        waited = waited if waited is not None else [0.0]
         conversation = Conversation(request, self._shape)
         params: dict[str, Any] | None = request.params
         attempts = 0

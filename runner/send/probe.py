@@ -75,9 +75,6 @@ class Report:
         self.checks.append(Check(name, ok, result, detail))
 
 
-# ---- what the endpoint said ------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Refusal:
     """An error answer (or a fault with none): status, business code, message, the body's shape, and
@@ -117,9 +114,6 @@ def account_problem(refusal: Refusal) -> str | None:
     if refusal.verdict != "abort":
         return None
     return ACCOUNT_CODES.get(refusal.code or "", "key")
-
-
-# ---- the probes ------------------------------------------------------------------------------------
 
 
 class Prober:

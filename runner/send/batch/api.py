@@ -84,8 +84,6 @@ class BatchAPI:
             await self._session.close()
             self._session = None
 
-    # ---- files ----
-
     async def upload(self, path: str | os.PathLike[str], *, purpose: str = "batch") -> FileObject:
         """Upload a JSONL file (multipart, `purpose=batch`) streamed from disk; the file object. A retry
         sends it whole again (a lost first copy expires with Zhipu's file retention)."""
@@ -115,8 +113,6 @@ class BatchAPI:
         """Delete an uploaded file (Zhipu keeps at most 1,000 per account); True if the API says so."""
         data = await self._call("DELETE", f"/files/{file_id}")
         return bool(data.get("deleted", True)) if isinstance(data, Mapping) else True
-
-    # ---- batches ----
 
     async def create(
         self,
@@ -181,8 +177,6 @@ class BatchAPI:
             if not page.has_more or following is None or following == after:
                 return
             after = following
-
-    # ---- plumbing ----
 
     def _client(self) -> aiohttp.ClientSession:
         # Made on first use, inside the running loop (an aiohttp session belongs to one loop).

@@ -7,12 +7,15 @@ import datetime as dt
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from runner.control import Control
 from runner.job.structured import AnswerShape, Unusable
 from runner.records import Answer, Request, RequestBlock, Result
 from runner.send.retries import Fault, Verdict
+
+if TYPE_CHECKING:
+    from aiohttp import StreamReader
 
 Deliver = Callable[[Result], None]
 
@@ -50,14 +53,7 @@ class Executor(Protocol):
 MAX_ANSWER_BYTES = 64 << 20
 
 
-class ChunkedBody(Protocol):
-    """An HTTP body read in chunks (aiohttp's StreamReader)."""
-
-    def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
-        """The body's next chunks, at most `n` bytes each."""
-
-
-async def read_at_most(body: ChunkedBody, most: int = MAX_ANSWER_BYTES) -> bytes:
+async def read_at_most(body: StreamReader, most: int = MAX_ANSWER_BYTES) -> bytes:
     """An HTTP body read until its end or until it is past `most` bytes (then a little past: the caller
     sees it is). The one reader of a whole body over aiohttp: no answer, error or API object takes more."""
     chunks: list[bytes] = []

@@ -182,11 +182,11 @@ class Client:
     async def _streamed(self, params: dict[str, Any]) -> Answer:
         """A streamed answer, put together from its events here rather than by the SDK's accumulator,
         which takes usage from message_start and then message_delta as Anthropic sends them, and fails
-        (or counts 0) when either leaves it out or sends null: usage is read from both (`StreamUsage`)."""
+        (or counts 0) when either leaves it out or sends null: usage is read from both (`_take_usage`)."""
         message: dict[str, Any] | None = None
         blocks: dict[int, dict[str, Any]] = {}
         pieces: _Pieces = {}  # (block, field) -> the text its deltas brought, joined at the end
-        usage = StreamUsage()
+        usage: dict[str, Any] = {}
         finished = False
         try:
             async with asyncio.timeout(self._stall) as quiet:
@@ -201,7 +201,7 @@ class Client:
                         elif kind == "message_start":
                             start = getattr(event, "message", None)
                             message = {"id": getattr(start, "id", None), "model": getattr(start, "model", None)}
-                            usage.saw(getattr(start, "usage", None), final=False)
+                            _take_usage(usage, getattr(start, "usage", None), final=False)
                         elif kind == "content_block_start":
                             block = getattr(event, "content_block", None)
                             index = getattr(event, "index", None)
@@ -212,7 +212,7 @@ class Client:
                             if message is not None:
                                 message["stop_reason"] = getattr(delta, "stop_reason", None)
                                 message["stop_sequence"] = getattr(delta, "stop_sequence", None)
-                            usage.saw(getattr(event, "usage", None), final=True)
+                            _take_usage(usage, getattr(event, "usage", None), final=True)
                         elif kind == "message_stop":
                             finished = True
         except TimeoutError:
@@ -228,7 +228,7 @@ class Client:
             raise BadResponse(None, "the stream ended without a complete message", maybe_billed=True)
         if not finished:
             raise BadResponse(None, "the stream ended before message_stop: the answer was cut off", maybe_billed=True)
-        body = {**message, "type": "message", "content": _joined(blocks, pieces), "usage": usage.merged()}
+        body = {**message, "type": "message", "content": _joined(blocks, pieces), "usage": usage}
         return answer_from_message(body, request_id, prompt=params)
 
     async def aclose(self) -> None:
@@ -313,33 +313,23 @@ _Pieces = dict[tuple[int, str], list[str]]
 _COUNTS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
-class StreamUsage:
-    """A stream's usage from message_start and every message_delta (Anthropic and Zhipu put counts in
-    different events, and may send null): the largest count seen, output only from a message_delta."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, Any] = {}
-
-    def saw(self, usage: Any, *, final: bool) -> None:
-        """Take the counts of one event's usage (a model, a dict, or None)."""
-        if usage is None:
-            return
-        for name in _COUNTS:
-            if name == "output_tokens" and not final:
-                continue
-            value = usage.get(name) if isinstance(usage, Mapping) else getattr(usage, name, None)
-            if value is None:
-                continue
-            known = self._seen.get(name)
-            counted, before = token_count(value), token_count(known)
-            if counted is None:
-                self._seen[name] = value  # not a count: the reader refuses it, as in a whole answer
-            elif known is None or (before is not None and counted > before):
-                self._seen[name] = counted
-
-    def merged(self) -> dict[str, Any]:
-        """The usage the answer is read with (runner.send.client.answer_from_message)."""
-        return dict(self._seen)
+def _take_usage(seen: dict[str, Any], usage: Any, *, final: bool) -> None:
+    """Take one stream event's usage (a model, a dict, or None) into `seen`: the largest count seen of
+    each, output only from a message_delta (`final`)."""
+    if usage is None:
+        return
+    for name in _COUNTS:
+        if name == "output_tokens" and not final:
+            continue
+        value = usage.get(name) if isinstance(usage, Mapping) else getattr(usage, name, None)
+        if value is None:
+            continue
+        known = seen.get(name)
+        counted, before = token_count(value), token_count(known)
+        if counted is None:
+            seen[name] = value  # not a count: the reader refuses it, as in a whole answer
+        elif known is None or (before is not None and counted > before):
+            seen[name] = counted
 
 
 def _add_delta(blocks: dict[int, dict[str, Any]], pieces: _Pieces, index: Any, delta: Any) -> None:

@@ -154,7 +154,6 @@ def status_fault(
     request_id: str | None = None,
 ) -> Fault:
     """The fate of an error answer, whichever transport and error shape it came in: the one rule.
-
     ABORT: ABORT_CODES, 401/402/403/404 and a 3xx (not followed: the key would go along). RETRY with
     an overload kind: 1302/1303, 1305, 429, 503/529. RETRY: other transient codes, 408, 409, 5xx, 200;
     1231 (duplicate) maybe billed. FAIL: blocked content (1300, 1301) and any other 4xx; a refused

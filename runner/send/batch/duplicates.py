@@ -14,8 +14,6 @@ from runner.send.batch.errors import BatchAPIError
 from runner.send.batch.rules import epoch_ms
 from runner.send.batch.shapes import Batch
 
-__all__ = ["LATE_CREATE_WINDOW_S", "Twins", "batches_since", "belongs", "tag", "watched"]
-
 # How far along a batch is; a batch that stopped (failed, expired, cancelled) is never the one kept
 # while a live one exists.
 _ALONG = {"validating": 1, "in_progress": 2, "finalizing": 3, "completed": 4}

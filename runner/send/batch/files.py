@@ -25,15 +25,6 @@ from runner.records import Request
 from runner.send.batch.book import BatchBook, Chunk, custom_ids_in
 from runner.send.batch.native_request import chat_body
 
-__all__ = [
-    "DEFAULT_MAX_BYTES",
-    "DEFAULT_MAX_REQUESTS",
-    "BatchFile",
-    "BatchFileWriter",
-    "LineTooLarge",
-    "write_round",
-]
-
 DEFAULT_MAX_REQUESTS = 50_000
 DEFAULT_MAX_BYTES = 95 * 1024 * 1024
 PART_SUFFIX = ".part"

@@ -11,8 +11,6 @@ from runner.money.tokens import MAX_TOKEN_COUNT, estimate_answer, estimate_reque
 from runner.records import Answer
 from runner.send.retries import BadResponse, error_parts
 
-__all__ = ["BadResultLine", "PlainChat", "UsageMissing", "answer_from_chat", "plain_chat"]
-
 # finish_reason -> Anthropic stop_reason. `sensitive` is Zhipu's content-filter stop (API code 1301's
 # streaming form); Anthropic's nearest is `refusal`. Unknown reasons (`network_error`, ...) are kept
 # as they come so nothing is hidden.

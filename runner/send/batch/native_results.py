@@ -15,8 +15,6 @@ from runner.send.batch.native_answer import PlainChat, plain_chat
 from runner.send.batch.shapes import whole_number
 from runner.send.retries import ABORT_CODES, TRANSIENT_CODES, Verdict, error_parts
 
-__all__ = ["ResultLine", "classify_failure", "parse_result_line", "plain_result"]
-
 # What the batch machinery writes for a request it never ran: it was not the request's fault.
 _NOT_PROCESSED = re.compile(r"expire|cancel|timeout|timed_out|not_processed|not processed", re.I)
 

@@ -13,8 +13,6 @@ from runner.send.base import Conversation
 from runner.send.batch.book import Chunk, read_requests
 from runner.send.batch.harvest import Harvester
 
-__all__ = ["TURNS", "restore_turns", "save_turns"]
-
 TURNS = "turns.jsonl"
 
 

@@ -123,9 +123,8 @@ class Conversation:
         api: str | None = None,
         finished_at: dt.datetime | None = None,
     ) -> Result:
-        """The Result of the finished conversation (at least one answer); `wait_ms`: how long it waited
-        in this process before being sent (for the summary); `api`: the API that answered;
-        `finished_at`: when its last call returned (default: now)."""
+        """The Result of the finished conversation (at least one answer); `wait_ms`: its wait in this process
+        before being sent; `api`: the API that answered; `finished_at`: when its last call returned."""
         answers, problem, last = self._answers, self._problem, self._answers[-1]
         # Every turn is paid for, so every turn's tokens count.
         tokens_in, tokens_out, thinking, cache_read, cache_creation = _usage(answers)

@@ -1,6 +1,5 @@
-"""The Batch API client's errors, each carrying what the API said (never a header): BatchTransportError
-and its BatchTimeout, BatchProtocolError (a success whose body is wrong): retried; BatchStatusError,
-with BatchAbort (stop everything) and BatchNotFound (404: unknown, or a result file not ready yet)."""
+"""The Batch API client's errors, each carrying what the API said (never a header), and what each means
+for the call that raised it (`classify_api_error`)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from runner.columns import gold_names
 from runner.errors import UsageError
-from runner.files import summary_path
+from runner.files import paths_overlap, summary_path
 from runner.job import catalog, paths
 from runner.job.eligibility import BatchEligibility, batch_eligibility
 from runner.job.facts import load_facts
@@ -268,12 +268,10 @@ def _resolve(
         )
     )
     state_key = "output.state_dir" if spec.output.state_dir else "output.path"
-    paths.check_not_an_input(output_path, "the output", "output.path", spec, base, spec_path, input_paths, where)
-    paths.check_not_an_input(
-        state_dir, "the state directory", state_key, spec, base, spec_path, input_paths, where, folder=True
-    )
+    paths.check_not_an_input(output_path, "the output", "output.path", spec, spec_path, input_paths)
+    paths.check_not_an_input(state_dir, "the state directory", state_key, spec, spec_path, input_paths, folder=True)
     paths.check_holds_no_job_file(state_dir, state_key, spec_path, input_paths, where)
-    if paths.within(os.path.realpath(output_path), os.path.realpath(state_dir)):
+    if paths_overlap(output_path.resolve(), state_dir.resolve()):
         raise UsageError(
             f"{where}: output.path: {output_path} is inside the state directory {state_dir}, which the runner "
             "manages (and may set files aside in); choose an output.path outside it"
@@ -348,13 +346,9 @@ def check_written_apart(job: Job, ledger: Path, rescue_journal: Path) -> None:
     """Refuse, when a run starts, a place the run may write outside the spec's own paths that the job's
     input patterns would read next time: the usage ledger folder (the environment's, so known only
     now) and a rescue journal beside the output (`rescue_journal`: one such name)."""
-    spec, base, where = job.spec, job.spec_path.parent, str(job.spec_path)
-    paths.check_not_an_input(
-        ledger, "the usage ledger", "GLM_BATCH_LEDGER", spec, base, job.spec_path, job.input_paths, where, folder=True
-    )
-    paths.check_not_an_input(
-        rescue_journal, "a rescue journal", "output.path", spec, base, job.spec_path, job.input_paths, where
-    )
+    spec, inputs = job.spec, job.input_paths
+    paths.check_not_an_input(ledger, "the usage ledger", "GLM_BATCH_LEDGER", spec, job.spec_path, inputs, folder=True)
+    paths.check_not_an_input(rescue_journal, "a rescue journal", "output.path", spec, job.spec_path, inputs)
 
 
 def job_files(job: Job) -> list[tuple[Path, str]]:

@@ -134,11 +134,7 @@ def load_job(
 def _refuse_gold_in_prompt(job: Job, path: Path) -> None:
     """Refuse a prompt that reads a gold column (eval.gold_column, eval.gold_fields): the model would be
     shown the answer it is scored against, and the scores would mean nothing."""
-    evaluation = job.spec.eval
-    if evaluation is None:
-        return
-    gold = [c for c in [evaluation.gold_column, *evaluation.gold_fields.values()] if c is not None]
-    leaked = sorted(set(gold) & job.prompt_variables)
+    leaked = sorted(set(job.gold_columns) & job.prompt_variables)
     if leaked:
         names = ", ".join(f"{{{{ {c} }}}}" for c in leaked)
         raise UsageError(

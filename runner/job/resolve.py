@@ -257,7 +257,8 @@ def _resolve(
         raise UsageError(f"{where}: output.path: must end in .parquet, got {output_path.name!r}")
     full_output_path = None
     if spec.input.limit is not None:  # a smoke run never replaces the fuller output (docs/decisions.md)
-        full_output_path, output_path = output_path, limited_output(output_path, spec.input.limit)
+        limited = f"{output_path.stem}.limit-{spec.input.limit}{output_path.suffix}"
+        full_output_path, output_path = output_path, output_path.with_name(limited)
     state_dir = Path(
         os.path.normpath(
             base / spec.output.state_dir if spec.output.state_dir else paths.default_state_dir(spec, base, name)
@@ -304,11 +305,6 @@ def _resolve(
         batch=batch_basis,
         full_output_path=full_output_path,
     )
-
-
-def limited_output(output_path: Path, limit: int) -> Path:
-    """Where a run limited to the first `limit` rows writes: beside the job's output, never over it."""
-    return output_path.with_name(f"{output_path.stem}.limit-{limit}{output_path.suffix}")
 
 
 def _keep_columns(

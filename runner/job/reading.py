@@ -85,17 +85,14 @@ def load_yaml(text: str, origin: str, *, text_if_unparsed: bool = False) -> Any:
     it is (a `--set` value), but a bound is still refused."""
     loader = _BoundedLoader(text)
     try:
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                return None
-            _check_size(node)
-            return loader.construct_document(node)
-        except yaml.YAMLError as exc:
-            if text_if_unparsed and not isinstance(exc, _OverBound):
-                return text
-            raise
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node)
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
+        if text_if_unparsed and not isinstance(exc, _OverBound):
+            return text
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
@@ -239,8 +236,6 @@ def _user_path(loc: tuple[int | str, ...], raw: Any, *, missing: bool) -> list[s
         parts.append(str(part))
     return parts
 
-
-# ---- input files: a name given twice -------------------------------------------------------------------
 
 # Byte-order marks of the encodings a spreadsheet may save "Unicode text" in; polars reads UTF-8 only.
 _WIDE_BOMS = {

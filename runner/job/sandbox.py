@@ -50,9 +50,6 @@ class RenderLimit(RenderError):
     error_type = "render_limit"
 
 
-# ---- limits -----------------------------------------------------------------------------------------
-
-
 class _Budget:
     """What one row's rendering has used: loop steps, and when it must end."""
 

@@ -115,8 +115,7 @@ def _standard_bounds(schema: dict[str, Any]) -> None:
 
 
 class _Strict(BaseModel):
-    # defer_build: a model's validator is compiled when first used, not when its class is defined. A
-    # spec is validated once, as a whole (JobSpec), so the nested models' own validators are never
+    # defer_build: a spec is validated whole (JobSpec), so the nested models' own validators are never
     # needed; compiling them all at import was about a third of loading this module.
     model_config = ConfigDict(
         extra="forbid", frozen=True, allow_inf_nan=False, defer_build=True, json_schema_extra=_standard_bounds

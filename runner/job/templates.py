@@ -62,9 +62,6 @@ def _text(value: bytes) -> str:
         raise ValueError(f"a binary value is not UTF-8 text (an invalid byte at offset {exc.start})") from None
 
 
-# ---- nulls inside a cell: list elements and struct fields ----------------------------------------------
-
-
 class Blank(str):
     """A null inside a list or struct under `input.nulls: empty`: prints (and filters) as '', and is
     null again in JSON (`{{ tags }}`, `| tojson`)."""

@@ -247,8 +247,6 @@ class RunSpec(_Strict):
     deadline: Annotated[str, Field(pattern=r"^(\d+(\.\d+)?(s|m|h)|([01]?\d|2[0-3]):[0-5]\d)$")] | None = None
     batch: BatchSpec = BatchSpec()
 
-    # A number, or "auto" to find and track the endpoint's real limit (up to max_concurrency).
-    # None: the model's default from the catalogue.
     concurrency: Annotated[PositiveInt, Field(le=MAX_CONCURRENCY)] | Literal["auto"] | None = Field(
         None, description=f"Requests in flight, 1 to {MAX_CONCURRENCY}, or auto; default: the model's."
     )

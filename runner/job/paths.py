@@ -60,7 +60,7 @@ def check_not_an_input(
     if real == os.path.realpath(spec_path):
         raise UsageError(f"{where}: {key}: {path} is the job spec itself; choose another {key}")
     for p in inputs:
-        if paths_overlap(Path(real), p.resolve()):
+        if paths_overlap(Path(real), Path(os.path.realpath(p))):
             raise UsageError(f"{where}: {key}: {what} {path} would overwrite the input {p}; choose another {key}")
     # Compared as written and with symlinks resolved, on both sides: an output under a link into the
     # input folder (out -> data) is matched by data/*.parquet as surely as data/x.parquet is.
@@ -90,7 +90,7 @@ def check_holds_no_job_file(state_dir: Path, key: str, spec_path: Path, inputs: 
     removed), so it must be a folder of its own."""
     real = os.path.realpath(state_dir)
     for path, what in [(spec_path, "the job spec"), *((p, "the input") for p in inputs)]:
-        if paths_overlap(path.resolve(), Path(real)):
+        if paths_overlap(Path(os.path.realpath(path)), Path(real)):
             raise UsageError(
                 f"{where}: {key}: the state directory {state_dir} holds {what} {path}; the runner manages "
                 "everything in it, so give it a folder of its own (or leave output.state_dir out: by default it is "

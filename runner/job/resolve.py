@@ -268,7 +268,7 @@ def _resolve(
     paths.check_not_an_input(output_path, "the output", "output.path", spec, spec_path, input_paths)
     paths.check_not_an_input(state_dir, "the state directory", state_key, spec, spec_path, input_paths, folder=True)
     paths.check_holds_no_job_file(state_dir, state_key, spec_path, input_paths, where)
-    if paths_overlap(output_path.resolve(), state_dir.resolve()):
+    if paths_overlap(Path(os.path.realpath(output_path)), Path(os.path.realpath(state_dir))):
         raise UsageError(
             f"{where}: output.path: {output_path} is inside the state directory {state_dir}, which the runner "
             "manages (and may set files aside in); choose an output.path outside it"

@@ -144,7 +144,7 @@ def test_the_output_column_rule_knows_every_name_the_assembly_uses() -> None:
     import the modules that own them without a cycle); they must not drift apart."""
     from runner.columns import OUTPUT_COLUMNS, WORKING_COLUMNS
     from runner.job.inputs import ID, ROW
-    from runner.job.samples import SAMPLE
+    from runner.job.prompts import SAMPLE
     from runner.records import KEY, RESULT_SCHEMA
 
     stored_only = set(RESULT_SCHEMA) - set(OUTPUT_COLUMNS)

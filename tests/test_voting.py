@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runner.job.inputs import ROW
-from runner.job.samples import SAMPLE, expand_samples
+from runner.job.prompts import SAMPLE, expand_samples
 from runner.observe.quality import agreement_summary
 from runner.output.voting import vote
 from runner.records import KEY, RESULT_SCHEMA

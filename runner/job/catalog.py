@@ -14,10 +14,14 @@ from runner.errors import UsageError
 from runner.job.reading import load_yaml, read_text_file
 
 
-class Endpoint(BaseModel):
-    """One named endpoint: where requests go, which currency it bills in, where its key comes from."""
+class _Entry(BaseModel):
+    """A catalogue entry: unknown keys refused, frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Endpoint(_Entry):
+    """One named endpoint: where requests go, which currency it bills in, where its key comes from."""
 
     base_url: str | None  # None = the in-process simulator
     native_url: str | None = None  # Zhipu's native API base (/api/paas/v4): tokenizer, files, batches
@@ -39,10 +43,8 @@ def native_url_for(base_url: str, native_url: str | None = None) -> str:
     return (base.removesuffix(ANTHROPIC_PATH) if base.endswith(ANTHROPIC_PATH) else base) + NATIVE_PATH
 
 
-class PriceTier(BaseModel):
+class PriceTier(_Entry):
     """Prices per million tokens for requests within the tier's bounds (bounds are exclusive)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_input_tokens: int | None = None
     max_output_tokens: int | None = None
@@ -51,31 +53,23 @@ class PriceTier(BaseModel):
     output: float
 
 
-class CurrencyPrices(BaseModel):
-    """A model's tiers in one currency, whether the figures are confirmed from Zhipu's own pages
-    (else reported by a third party), and where they come from."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    confirmed: bool
-    source: str = ""
-    tiers: list[PriceTier] = Field(min_length=1)
-
-
-class Sourced(BaseModel):
+class Sourced(_Entry):
     """Where a figure comes from: confirmed on Zhipu's own pages, or reported (or guessed) elsewhere."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     confirmed: bool
     source: str
 
 
-class BatchInfo(BaseModel):
+class CurrencyPrices(Sourced):
+    """A model's price tiers in one currency, and where they come from."""
+
+    source: str = ""
+    tiers: list[PriceTier] = Field(min_length=1)
+
+
+class BatchInfo(_Entry):
     """Whether Zhipu's Batch API takes a model, at what share of the online price, and whether that is
     read off Zhipu's own pages (`confirmed`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     eligible: bool
     confirmed: bool = False
@@ -86,10 +80,8 @@ class BatchInfo(BaseModel):
     queue_cap: int | None = Field(default=None, gt=0)
 
 
-class ModelInfo(BaseModel):
+class ModelInfo(_Entry):
     """What the catalogue knows of one GLM model."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     context: int
     max_output: int

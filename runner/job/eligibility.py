@@ -26,12 +26,6 @@ class BatchEligibility:
 BATCH_MODELS_HINT = "glm-4-air-250414, glm-4-plus, glm-4-flashx-250414, glm-4-long or glm-4-flash (free)"
 
 
-def has_batch_api(base_url: str | None) -> bool:
-    """Whether the endpoint has Zhipu's Batch API: api.z.ai has none (real-wire.md, Hosts)."""
-    host = (urlsplit(base_url).hostname or "") if base_url else ""
-    return not (host == "z.ai" or host.endswith(".z.ai"))
-
-
 def batch_eligibility(
     model: str,
     info: catalog.ModelInfo,
@@ -42,7 +36,8 @@ def batch_eligibility(
 ) -> BatchEligibility:
     """The one batch rule: the Batch API exists on the endpoint, and the model is on Zhipu's list, or
     `glm-batch doctor --batch` proved it here, or the job accepts the risk (allow_unconfirmed)."""
-    if not has_batch_api(base_url):
+    host = (urlsplit(base_url).hostname or "") if base_url else ""
+    if host == "z.ai" or host.endswith(".z.ai"):  # api.z.ai has no Batch API (real-wire.md, Hosts)
         return BatchEligibility(
             False,
             "refused",

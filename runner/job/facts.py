@@ -23,15 +23,15 @@ class Facts:
 
     forced_tool_choice: bool | None = None  # does the Messages route accept tool_choice {"type": "tool"}?
     stop_sequences_max: int | None = None  # how many stop sequences a request may carry (None: unknown)
-    error_shape: str | None = (
-        None  # "anthropic" ({"type":"error","error":{"type":..}}) or "native" ({"error":{"code":..}})
-    )
+    # "anthropic" ({"type":"error","error":{"type":..}}) or "native" ({"error":{"code":..}})
+    error_shape: str | None = None
     concurrency: int | None = None  # requests in flight the account allows, as measured
     batch_eligible: bool | None = None  # did a batch on this model pass validation?
     checked: str | None = None  # ISO date of the last update
     source: str | None = None  # "doctor" or "run"
 
 
+_FIELDS = frozenset(f.name for f in fields(Facts))
 SIMULATOR = "simulator"  # the in-process simulator's key (`model.endpoint: simulator`: its port changes per run)
 
 
@@ -88,15 +88,13 @@ def load_facts(base_url: str | None, model: str) -> Facts:
     entry = (_read_all(facts_path()) or {}).get(facts_key(base_url, model))
     if not isinstance(entry, dict):
         return Facts()
-    known = {f.name for f in fields(Facts)}
-    return Facts(**{k: v for k, v in entry.items() if k in known})
+    return Facts(**{k: v for k, v in entry.items() if k in _FIELDS})
 
 
 def record_facts(base_url: str | None, model: str, *, source: str, **learned: Any) -> Facts:
     """Merge what was just learned (None values ignored) and write the file; one that cannot be written,
     or is not a facts file, is left as it was (bookkeeping never fails a run)."""
-    known = {f.name for f in fields(Facts)} - {"checked", "source"}
-    unknown = set(learned) - known
+    unknown = set(learned) - (_FIELDS - {"checked", "source"})
     if unknown:
         raise TypeError(f"not a fact: {sorted(unknown)}")
     path = facts_path()
@@ -113,4 +111,4 @@ def record_facts(base_url: str | None, model: str, *, source: str, **learned: An
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(everything, path)
-    return Facts(**{k: v for k, v in merged.items() if k in {f.name for f in fields(Facts)}})
+    return Facts(**{k: v for k, v in merged.items() if k in _FIELDS})

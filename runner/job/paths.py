@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from runner.errors import UsageError
+from runner.files import paths_overlap
 from runner.job.spec import JobSpec
 
 INPUT_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson")
@@ -41,31 +42,25 @@ def expand_inputs(patterns: list[str], base: Path, where: str) -> tuple[Path, ..
     return tuple(paths)
 
 
-def within(path: str, other: str) -> bool:
-    """Whether `path` is `other` or lies inside it (both absolute and normalised)."""
-    return path == other or path.startswith(other.rstrip(os.sep) + os.sep)
-
-
 def check_not_an_input(
     path: Path,
     what: str,
     key: str,
     spec: JobSpec,
-    base: Path,
     spec_path: Path,
     inputs: tuple[Path, ...],
-    where: str,
     *,
     folder: bool = False,
 ) -> None:
     """Refuse an output or a folder the run writes in (`folder`: the state directory, the usage ledger)
     that would overwrite, or next run be read as, input: compared with every input file, the spec, and
     every input glob."""
+    base, where = spec_path.parent, str(spec_path)
     real = os.path.realpath(path)
     if real == os.path.realpath(spec_path):
         raise UsageError(f"{where}: {key}: {path} is the job spec itself; choose another {key}")
     for p in inputs:
-        if within(real, os.path.realpath(p)):
+        if paths_overlap(Path(real), Path(os.path.realpath(p))):
             raise UsageError(f"{where}: {key}: {what} {path} would overwrite the input {p}; choose another {key}")
     # Compared as written and with symlinks resolved, on both sides: an output under a link into the
     # input folder (out -> data) is matched by data/*.parquet as surely as data/x.parquet is.
@@ -95,7 +90,7 @@ def check_holds_no_job_file(state_dir: Path, key: str, spec_path: Path, inputs: 
     removed), so it must be a folder of its own."""
     real = os.path.realpath(state_dir)
     for path, what in [(spec_path, "the job spec"), *((p, "the input") for p in inputs)]:
-        if within(os.path.realpath(path), real):
+        if paths_overlap(Path(os.path.realpath(path)), Path(real)):
             raise UsageError(
                 f"{where}: {key}: the state directory {state_dir} holds {what} {path}; the runner manages "
                 "everything in it, so give it a folder of its own (or leave output.state_dir out: by default it is "

@@ -17,9 +17,10 @@ from runner.job.inputs import ID, ROW
 from runner.job.resolve import Job
 from runner.job.sandbox import MAX_TEXT, NullInput, RenderError
 from runner.job.templates import blank_nested_nulls, has_nested_null
-from runner.records import Request
+from runner.records import KEY, Request
 
 SAMPLE_MARK = "-s"
+SAMPLE = "_sample"  # a request line's sample index within its row
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,14 @@ class _Columns:
 def sample_key(key: str, index: int) -> str:
     """The request key of a row's `index`-th sample; sample 0 is the row's own key."""
     return key if index == 0 else f"{key}{SAMPLE_MARK}{index}"
+
+
+def expand_samples(rows: pl.LazyFrame, samples: int) -> pl.LazyFrame:
+    """One line per (row, sample): each row's key becomes its samples' keys, as `sample_key` makes them."""
+    keys = [pl.col(KEY), *(pl.col(KEY) + f"{SAMPLE_MARK}{i}" for i in range(1, samples))]
+    return rows.with_columns(pl.concat_list(keys).alias(KEY), pl.int_ranges(0, samples).alias(SAMPLE)).explode(
+        [KEY, SAMPLE]
+    )
 
 
 class RequestBuilder:

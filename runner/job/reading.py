@@ -1,16 +1,6 @@
-"""Reading the files a job is made of (its YAML spec, a template file, the catalogue) with limits, and
-the one check every input reader passes (a name given twice).
-
-    text = read_text_file(path, "jobs/x.yaml: prompt.template_file")  # a regular file, at most MAX_FILE_BYTES
-    data = load_yaml(text, origin=str(path))                     # at most MAX_YAML_DEPTH deep, MAX_YAML_NODES
-    refuse_ambiguous_names(input_path, "jobs/x.yaml")            # CSV header, JSONL keys, Parquet columns
-
-A spec may come from someone else. So a file the tool reads as text must be a regular file (never a FIFO,
-which would block forever, or a device like /dev/zero, which never ends), of bounded size, and never
-under /proc, /sys or /dev (`/proc/self/environ` holds the API key). YAML is read by one loader: a safe
-loader that refuses a key given twice or a key that is not a plain value, nesting deeper than
-MAX_YAML_DEPTH, and documents whose aliases would expand past MAX_YAML_NODES nodes (an alias bomb).
-"""
+"""Reading the files a job is made of (its YAML spec, a template file, the catalogue) with bounds, and
+the one check every input reader passes (a name given twice). Why each bound: docs/decisions.md,
+"Reading a job's files"."""
 
 from __future__ import annotations
 
@@ -37,18 +27,15 @@ _SYSTEM_TREES = ("/proc", "/sys", "/dev")
 
 
 def read_text_file(path: Path, where: str, name: str | None = None) -> str:
-    """The UTF-8 text of a regular file of at most MAX_FILE_BYTES; otherwise UsageError
-    `where: cannot read <name>: why` (`name`: what the file is, by default its path).
-
-    The file is checked with stat before it is opened, and opened non-blocking, so a FIFO or a device
-    is refused without ever waiting on it."""
+    """The UTF-8 text of a regular file of at most MAX_FILE_BYTES, never under /proc, /sys or /dev;
+    otherwise UsageError `where: cannot read <name>: why` (`name`: what the file is, by default its path)."""
     prefix = f"{where}: cannot read {name or path}"
     real = os.path.realpath(path)
     for tree in _SYSTEM_TREES:
         if real == tree or real.startswith(tree + "/"):
             raise UsageError(f"{prefix}: {path} is a system file (under {tree}); name a text file of your own")
     try:
-        _require_regular(os.stat(path), prefix)
+        _require_regular(os.stat(path), prefix)  # stat, then open non-blocking: a FIFO never blocks us
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise UsageError(f"{prefix} ({describe_os_error(exc)})") from None
@@ -98,17 +85,14 @@ def load_yaml(text: str, origin: str, *, text_if_unparsed: bool = False) -> Any:
     it is (a `--set` value), but a bound is still refused."""
     loader = _BoundedLoader(text)
     try:
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                return None
-            _check_size(node)
-            return loader.construct_document(node)
-        except yaml.YAMLError as exc:
-            if text_if_unparsed and not isinstance(exc, _OverBound):
-                return text
-            raise
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node)
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
+        if text_if_unparsed and not isinstance(exc, _OverBound):
+            return text
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
@@ -212,14 +196,8 @@ def _check_size(root: yaml.Node) -> None:
 def describe_invalid(
     path: Path, exc: ValidationError, overridden: dict[str, str] | None = None, raw: Any = None
 ) -> str:
-    """One line per problem: `file: key.path: what is wrong`.
-
-    The key path is the one the user wrote (`run.max-attempts` too): each part of pydantic's location
-    is kept when the spec has it there (or it is the key found missing), so the tags a union field
-    (`concurrency: int | "auto"`) fails under, like `constrained-int`, are dropped, and its failures
-    merge into one line. A problem at or under a key that came from `--set` says so, since the spec
-    file does not have it.
-    """
+    """One line per problem: `file: key.path: what is wrong`, with the key path as the user wrote it (a
+    union field's tags dropped, its failures on one line) and `(from --set ...)` for an overridden key."""
     overridden = overridden or {}
     problems: dict[str, list[str]] = {}
     sources: dict[str, str] = {}
@@ -259,8 +237,6 @@ def _user_path(loc: tuple[int | str, ...], raw: Any, *, missing: bool) -> list[s
     return parts
 
 
-# ---- input files: a name given twice -------------------------------------------------------------------
-
 # Byte-order marks of the encodings a spreadsheet may save "Unicode text" in; polars reads UTF-8 only.
 _WIDE_BOMS = {
     b"\xff\xfe\x00\x00": "UTF-32",
@@ -273,12 +249,9 @@ _POLARS_DUPLICATE = re.compile(r"name '(.*)' has more than one occurrence|duplic
 
 
 def refuse_ambiguous_names(path: Path, where: str) -> None:
-    """Refuse an input in which one name stands for two values, which the readers would settle without a
-    word (polars keeps a JSONL line's first `text` of two; renames a CSV's second `x` to
-    `x_duplicated_0`): a CSV header naming a column twice, a JSONL line (or an object inside it) giving a
-    key twice, a Parquet file with a column or struct field twice. UsageError naming the file, the line
-    where there is one, and the name. A CSV in UTF-16 or UTF-32 (read as garbled UTF-8) is refused too.
-    Empty CSV names may repeat (a spreadsheet's trailing commas); they cannot be template variables."""
+    """Refuse an input in which one name stands for two values (a CSV header's column, a JSONL key at any
+    depth, a Parquet column or struct field), which the readers settle silently, and a CSV in UTF-16 or
+    UTF-32; UsageError naming the file, the line if any, and the name. Empty CSV names may repeat."""
     name = str(path)
     if name.endswith(".csv"):
         _check_csv_header(path, where)

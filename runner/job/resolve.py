@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from runner.columns import gold_names
 from runner.errors import UsageError
-from runner.files import summary_path
+from runner.files import paths_overlap, summary_path
 from runner.job import catalog, paths
 from runner.job.eligibility import BatchEligibility, batch_eligibility
 from runner.job.facts import load_facts
@@ -134,11 +134,7 @@ def load_job(
 def _refuse_gold_in_prompt(job: Job, path: Path) -> None:
     """Refuse a prompt that reads a gold column (eval.gold_column, eval.gold_fields): the model would be
     shown the answer it is scored against, and the scores would mean nothing."""
-    evaluation = job.spec.eval
-    if evaluation is None:
-        return
-    gold = [c for c in [evaluation.gold_column, *evaluation.gold_fields.values()] if c is not None]
-    leaked = sorted(set(gold) & job.prompt_variables)
+    leaked = sorted(set(job.gold_columns) & job.prompt_variables)
     if leaked:
         names = ", ".join(f"{{{{ {c} }}}}" for c in leaked)
         raise UsageError(
@@ -261,19 +257,18 @@ def _resolve(
         raise UsageError(f"{where}: output.path: must end in .parquet, got {output_path.name!r}")
     full_output_path = None
     if spec.input.limit is not None:  # a smoke run never replaces the fuller output (docs/decisions.md)
-        full_output_path, output_path = output_path, limited_output(output_path, spec.input.limit)
+        limited = f"{output_path.stem}.limit-{spec.input.limit}{output_path.suffix}"
+        full_output_path, output_path = output_path, output_path.with_name(limited)
     state_dir = Path(
         os.path.normpath(
             base / spec.output.state_dir if spec.output.state_dir else paths.default_state_dir(spec, base, name)
         )
     )
     state_key = "output.state_dir" if spec.output.state_dir else "output.path"
-    paths.check_not_an_input(output_path, "the output", "output.path", spec, base, spec_path, input_paths, where)
-    paths.check_not_an_input(
-        state_dir, "the state directory", state_key, spec, base, spec_path, input_paths, where, folder=True
-    )
+    paths.check_not_an_input(output_path, "the output", "output.path", spec, spec_path, input_paths)
+    paths.check_not_an_input(state_dir, "the state directory", state_key, spec, spec_path, input_paths, folder=True)
     paths.check_holds_no_job_file(state_dir, state_key, spec_path, input_paths, where)
-    if paths.within(os.path.realpath(output_path), os.path.realpath(state_dir)):
+    if paths_overlap(Path(os.path.realpath(output_path)), Path(os.path.realpath(state_dir))):
         raise UsageError(
             f"{where}: output.path: {output_path} is inside the state directory {state_dir}, which the runner "
             "manages (and may set files aside in); choose an output.path outside it"
@@ -312,11 +307,6 @@ def _resolve(
     )
 
 
-def limited_output(output_path: Path, limit: int) -> Path:
-    """Where a run limited to the first `limit` rows writes: beside the job's output, never over it."""
-    return output_path.with_name(f"{output_path.stem}.limit-{limit}{output_path.suffix}")
-
-
 def _keep_columns(
     spec: JobSpec,
     shape: AnswerShape | None,
@@ -348,13 +338,9 @@ def check_written_apart(job: Job, ledger: Path, rescue_journal: Path) -> None:
     """Refuse, when a run starts, a place the run may write outside the spec's own paths that the job's
     input patterns would read next time: the usage ledger folder (the environment's, so known only
     now) and a rescue journal beside the output (`rescue_journal`: one such name)."""
-    spec, base, where = job.spec, job.spec_path.parent, str(job.spec_path)
-    paths.check_not_an_input(
-        ledger, "the usage ledger", "GLM_BATCH_LEDGER", spec, base, job.spec_path, job.input_paths, where, folder=True
-    )
-    paths.check_not_an_input(
-        rescue_journal, "a rescue journal", "output.path", spec, base, job.spec_path, job.input_paths, where
-    )
+    spec, inputs = job.spec, job.input_paths
+    paths.check_not_an_input(ledger, "the usage ledger", "GLM_BATCH_LEDGER", spec, job.spec_path, inputs, folder=True)
+    paths.check_not_an_input(rescue_journal, "a rescue journal", "output.path", spec, job.spec_path, inputs)
 
 
 def job_files(job: Job) -> list[tuple[Path, str]]:

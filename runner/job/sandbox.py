@@ -50,9 +50,6 @@ class RenderLimit(RenderError):
     error_type = "render_limit"
 
 
-# ---- limits -----------------------------------------------------------------------------------------
-
-
 class _Budget:
     """What one row's rendering has used: loop steps, and when it must end."""
 
@@ -73,13 +70,14 @@ class _Budget:
         if time.monotonic() > self.deadline:
             raise RenderLimit(f"render_limit: the template took over {MAX_RENDER_S:g} s for one row")
 
-    @staticmethod
-    def size(n: int) -> None:
-        if n > MAX_TEXT:
-            raise RenderLimit(f"render_limit: the template built a text or list of {n:,} (over {MAX_TEXT:,})")
+
+def check_size(n: int) -> None:
+    """Raise RenderLimit when a text or list of n is over MAX_TEXT."""
+    if n > MAX_TEXT:
+        raise RenderLimit(f"render_limit: the template built a text or list of {n:,} (over {MAX_TEXT:,})")
 
 
-_UNBOUNDED = _Budget()  # used outside a row's rendering (compile-time constant folding): sizes only
+_UNBOUNDED = _Budget()  # outside a row's rendering (compile-time constant folding): no deadline
 _UNBOUNDED.deadline = math.inf
 _BUDGET: contextvars.ContextVar[_Budget] = contextvars.ContextVar("glm_batch_render_budget")
 
@@ -116,11 +114,11 @@ def _checked_binop(op: str, left: Any, right: Any) -> Any:
             if _bits(left) + _bits(right) > MAX_INT_BITS:
                 raise RenderLimit(f"render_limit: a number over {MAX_INT_BITS:,} bits")
         elif isinstance(right, int) and not isinstance(right, bool):
-            budget.size(_length(left) * right)
+            check_size(_length(left) * right)
         elif isinstance(left, int) and not isinstance(left, bool):
-            budget.size(_length(right) * left)
+            check_size(_length(right) * left)
     elif op == "+":
-        budget.size(_length(left) + _length(right))
+        check_size(_length(left) + _length(right))
     elif op == "%":
         _check_format(left)
     result = _BINOPS[op](left, right)
@@ -148,7 +146,7 @@ def _loop(iterable: Iterable[Any]) -> Iterator[Any]:
 def _join(parts: Iterable[Any]) -> str:
     """The `~` operator, with the size of what it builds checked."""
     text = "".join(str(p) for p in parts)
-    _budget().size(len(text))
+    check_size(len(text))
     return text
 
 
@@ -165,9 +163,9 @@ def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
         if name == "replace":
             texts = [a for a in args if isinstance(a, str)]
             if len(texts) >= 3:  # (value, old, new): at worst, new for each character
-                _budget().size(len(texts[-3]) + (len(texts[-3]) + 1) * len(texts[-1]))
+                check_size(len(texts[-3]) + (len(texts[-3]) + 1) * len(texts[-1]))
         result = function(*args, **kwargs)
-        _budget().size(_length(result))
+        check_size(_length(result))
         return result
 
     return bounded
@@ -194,11 +192,6 @@ def end_row(token: contextvars.Token[_Budget]) -> None:
     _BUDGET.reset(token)
 
 
-def check_size(n: int) -> None:
-    """Raise RenderLimit when a text of n characters is over MAX_TEXT."""
-    _Budget.size(n)
-
-
 def bounded_environment(finalize: Callable[[Any], Any], dumps: Callable[..., str]) -> ImmutableSandboxedEnvironment:
     """The sandbox with the limits, printing through `finalize` and dumping JSON (`| tojson`) with `dumps`."""
     import jinja2
@@ -222,7 +215,7 @@ def bounded_environment(finalize: Callable[[Any], Any], dumps: Callable[..., str
                     if isinstance(arg, int) and not isinstance(arg, bool) and arg > MAX_TEXT:
                         raise RenderLimit(f"render_limit: an argument of {arg:,} is over the limit of {MAX_TEXT:,}")
             result = super().call(__context, __obj, *args, **kwargs)
-            _budget().size(_length(result))
+            check_size(_length(result))
             return result
 
         def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:

@@ -115,8 +115,7 @@ def _standard_bounds(schema: dict[str, Any]) -> None:
 
 
 class _Strict(BaseModel):
-    # defer_build: a model's validator is compiled when first used, not when its class is defined. A
-    # spec is validated once, as a whole (JobSpec), so the nested models' own validators are never
+    # defer_build: a spec is validated whole (JobSpec), so the nested models' own validators are never
     # needed; compiling them all at import was about a third of loading this module.
     model_config = ConfigDict(
         extra="forbid", frozen=True, allow_inf_nan=False, defer_build=True, json_schema_extra=_standard_bounds
@@ -248,8 +247,6 @@ class RunSpec(_Strict):
     deadline: Annotated[str, Field(pattern=r"^(\d+(\.\d+)?(s|m|h)|([01]?\d|2[0-3]):[0-5]\d)$")] | None = None
     batch: BatchSpec = BatchSpec()
 
-    # A number, or "auto" to find and track the endpoint's real limit (up to max_concurrency).
-    # None: the model's default from the catalogue.
     concurrency: Annotated[PositiveInt, Field(le=MAX_CONCURRENCY)] | Literal["auto"] | None = Field(
         None, description=f"Requests in flight, 1 to {MAX_CONCURRENCY}, or auto; default: the model's."
     )

@@ -1,8 +1,6 @@
-"""Structured answers: what a label or record must look like, how to ask for it (`ask`: a forced tool
-call by default, or `mode: text`: JSON in the text), how to check it against its JSON Schema (`check`),
-and how to ask again quoting the problem (`repair`). A truncated answer is never re-asked: the same
-request would be cut at the same place.
-"""
+"""Structured answers: the shape a label or record must have, how to ask for it (a forced tool call, or
+`mode: text`: JSON in the text), check it against its JSON Schema, and ask again quoting the problem. A
+truncated answer is never re-asked: the same request would be cut at the same place."""
 
 from __future__ import annotations
 

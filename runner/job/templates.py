@@ -3,6 +3,7 @@ fails loudly."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -61,9 +62,6 @@ def _text(value: bytes) -> str:
         raise ValueError(f"a binary value is not UTF-8 text (an invalid byte at offset {exc.start})") from None
 
 
-# ---- nulls inside a cell: list elements and struct fields ----------------------------------------------
-
-
 class Blank(str):
     """A null inside a list or struct under `input.nulls: empty`: prints (and filters) as '', and is
     null again in JSON (`{{ tags }}`, `| tojson`)."""
@@ -92,17 +90,14 @@ def blank_nested_nulls(value: Any) -> Any:
 _BLANK = Blank("")
 
 
-_ENV: ImmutableSandboxedEnvironment | None = None
 _Code = tuple["jinja2.Template", "ImmutableSandboxedEnvironment", Callable[..., Any]]
 
 
+@functools.cache
 def _environment() -> ImmutableSandboxedEnvironment:
     """The one Jinja2 environment of the process, built (and jinja2 imported) on first use: sandboxed,
     no autoescaping (prompts are not HTML), the final newline kept, `finalize` shaping printed values."""
-    global _ENV
-    if _ENV is None:
-        _ENV = bounded_environment(_printable, _dumps)
-    return _ENV
+    return bounded_environment(_printable, _dumps)
 
 
 class Template:

@@ -1,10 +1,5 @@
-"""Which GLM models think, and whether they can be told not to: one rule for the runner and the simulator.
-
-`thinking_mode(model)` is "default" (GLM-4.5, 4.6: thinks unless told `disabled`), "always" (GLM-4.7,
-GLM-4.5V) or "never" (the GLM-4 family), from Zhipu's docs (real-wire.md); an unnamed model (GLM-5.x
-and later) thinks by default and accepts `disabled`. Reasoning is billed as output and counts against
-max_tokens.
-"""
+"""Which GLM models think, and whether they can be told not to: one rule for the runner and the
+simulator, from Zhipu's docs (real-wire.md). Reasoning is billed as output and counts against max_tokens."""
 
 from __future__ import annotations
 
@@ -24,7 +19,8 @@ ASSUMED_REASONING_TOKENS = 512
 
 
 def thinking_mode(model: str) -> ThinkingMode:
-    """Whether `model` never thinks, thinks unless told not to, or always thinks."""
+    """Whether `model` never thinks (the GLM-4 family), thinks unless told `disabled` (GLM-4.5, 4.6 and an
+    unnamed model: GLM-5.x and later) or always thinks (GLM-4.7, GLM-4.5V)."""
     name = model.lower()
     if name == "glm-4" or name.startswith(_NEVER):
         return "never"

@@ -1,10 +1,6 @@
 """Assemble the output: every input row joined with its answer, in input order, as one lazy frame.
-
-    counts = finalize(store, ParquetSink(job.output_path, job.state_dir), OutputShape(...))
-
 Memory stays bounded by a key bucket and a row range, not by the job; only the first row with a
-request key carries its `cost` (the others name it in `reused_from`), so `sum(cost)` is what was paid.
-"""
+request key carries its `cost` (the others name it in `reused_from`), so `sum(cost)` is what was paid."""
 
 from __future__ import annotations
 
@@ -18,13 +14,12 @@ import polars as pl
 from runner.columns import OUTPUT_COLUMNS, REUSED_FROM, VOTE_COLUMNS
 from runner.job.inputs import ID, ROW
 from runner.output import voting
-from runner.output.sinks import OutputSink
+from runner.output.sinks import ROW_GROUP_ROWS, ParquetSink
 from runner.records import KEY, scan_results
 from runner.state.rowmap import file_identities
 from runner.state.store import Buckets, Store
 
 OUTPUT_CHUNK_ROWS = 50_000  # rows put in order at a time when writing the output
-ROW_GROUP_ROWS = 20_000  # small row groups let row-range reads skip what they do not need
 
 
 @dataclass(frozen=True)
@@ -36,7 +31,7 @@ class OutputShape:
     samples: int = 1
 
 
-def finalize(store: Store, sink: OutputSink, shape: OutputShape) -> dict[str, int]:
+def finalize(store: Store, sink: ParquetSink, shape: OutputShape) -> dict[str, int]:
     """Write the output through `sink` from the store's answers; return the rows per status.
 
     An output the sink already holds from this very state (same row map, same answers) is left as it

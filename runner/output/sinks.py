@@ -1,26 +1,16 @@
-"""Sinks: where a finished output goes; a sink can tell whether what it holds was written from the same
+"""The output sink: where a finished output goes, and whether what it holds was written from the same
 state, so a finished job's re-run rewrites nothing."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import polars as pl
 
 from runner.files import fsync_rename, read_json_object, space_checked, write_json_atomic
 
 ROW_GROUP_ROWS = 20_000  # small row groups let readers skip what they do not need
-
-
-class OutputSink(Protocol):
-    """Writes a job's output and remembers what it was written from."""
-
-    def current_counts(self, basis: dict[str, Any]) -> dict[str, int] | None:
-        """Rows per status of the output already written from `basis`, or None if there is none."""
-
-    def write(self, frame: pl.LazyFrame, basis: dict[str, Any]) -> dict[str, int]:
-        """Write `frame` as the output (all or nothing) and return its rows per status."""
 
 
 class ParquetSink:
@@ -32,7 +22,7 @@ class ParquetSink:
         self._record = state_dir / "output.json"
 
     def current_counts(self, basis: dict[str, Any]) -> dict[str, int] | None:
-        """See OutputSink.current_counts."""
+        """Rows per status of the output already written from `basis`, or None if there is none."""
         last = read_json_object(self._record)
         try:
             st = self.path.stat()
@@ -46,7 +36,7 @@ class ParquetSink:
         return counts if isinstance(counts, dict) else None
 
     def write(self, frame: pl.LazyFrame, basis: dict[str, Any]) -> dict[str, int]:
-        """See OutputSink.write."""
+        """Write `frame` as the output (all or nothing) and return its rows per status."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:

@@ -7,7 +7,7 @@ import polars as pl
 
 from runner.columns import AGREEMENT, BILLED_COLUMNS, SAMPLE_ANSWERS
 from runner.job.inputs import ROW
-from runner.job.samples import SAMPLE
+from runner.job.prompts import SAMPLE
 
 # Counted once per request, so a row's figure is the sum over its samples.
 SUMMED = (*BILLED_COLUMNS, "attempts", "repairs")

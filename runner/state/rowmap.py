@@ -153,7 +153,7 @@ class RowMap:
 
     def request_lines(self, samples: int) -> pl.LazyFrame:
         """The map with one line per request: per row, or per (row, sample) when sampling."""
-        from runner.job.samples import expand_samples
+        from runner.job.prompts import expand_samples
 
         rows = self.scan()
         return expand_samples(rows, samples) if samples > 1 else rows

@@ -44,9 +44,10 @@ class RunResult:
 
 
 def fingerprint(job: Job) -> dict[str, Any]:
-    """What a row map depends on: the spec (after overrides) and each input file's identity."""
+    """What a row map depends on: the spec (after overrides) and each input file's identity (its ctime too:
+    a write in place can keep the size and put the mtime back, but cannot set the ctime back)."""
     files = []
     for path in job.input_paths:
         st = path.stat()
-        files.append([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
+        files.append([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns])
     return {"spec_hash": job.spec_hash, "inputs": files}

@@ -720,3 +720,31 @@ def test_a_structured_batch_answer_without_usage_is_repaired_and_kept_never_paid
     assert out.get_column("repairs").sum() > 0
     assert out.get_column("error_message").str.contains("input_tokens estimated").all()
     assert sim.stats()["prompts_billed_twice"] == 0
+
+
+def test_an_input_rewritten_in_place_with_its_size_and_mtime_put_back_is_planned_again(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, tmp_path: Path
+) -> None:
+    """The row map says which request answers which row; it is reused while its inputs are unchanged. A
+    write in place that keeps the size and puts the mtime back (rsync -t, touch -r) still changes the
+    ctime, so the changed row is asked again and its old answer is not given to its new text."""
+    data = tmp_path / "data" / "in.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    good = b"".join(json.dumps({"id": f"r{i}", "text": f"t{i}"}).encode() + b"\n" for i in range(20))
+    data.write_bytes(good)
+    files = make_job(input={"paths": ["data/in.jsonl"], "id_column": "id"})
+    assert cli("run", str(files.spec)).exit_code == 0
+    asked = sim.stats()["requests"]
+
+    before = data.stat()
+    changed = good.replace(b'"text": "t1"}', b'"text": "u1"}')
+    assert len(changed) == len(good) and changed != good
+    data.write_bytes(changed)
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (data.stat().st_size, data.stat().st_mtime_ns, data.stat().st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+    assert cli("run", str(files.spec)).exit_code == 0
+    assert sim.stats()["requests"] == asked + 1  # the changed row alone, the other 19 from earlier answers

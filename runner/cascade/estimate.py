@@ -12,7 +12,6 @@ import polars as pl
 from runner.cascade.derive import derive
 from runner.cascade.record import read_cascade
 from runner.cascade.stages import (
-    AHEAD,
     _answered_before,
     fresh_refused,
     kept_estimates,
@@ -177,7 +176,7 @@ def _oracle_rows_left(
         answer = oracle_by_id[ids[pos]]
         return answer is not None and answer == answers[pos]
 
-    step = choose(scores, agrees, target=cascade.target, delta=cascade.delta, seed=cascade.seed, ahead=AHEAD)
+    step = choose(scores, agrees, target=cascade.target, delta=cascade.delta, seed=cascade.seed)
     if step.need:
         return None  # more calibration draws: their answers decide what follows
     _, settled = _read_state(oracle_job, replace(options, fresh=False))

@@ -97,9 +97,8 @@ async def _estimate(
 
 
 def _read_state(job: Job, options: EstimateOptions) -> tuple[list[Path], SettledKeys]:
-    """The job's readable answer parts and settled keys, read without opening the store: nothing is
-    created, locked, moved or folded. Answers still in a journal (a run going on, or one that died)
-    count as settled too, as the next run will fold them in; a part that does not read is skipped."""
+    """The job's readable answer parts and settled keys, read without opening the store (nothing made,
+    locked or moved); answers in a journal count as settled too, as the next run folds them in."""
     store = Store(job.state_dir, run_id="dry-run", rows=job.row_map)  # never opened: only its paths are used
     parts = [part for part in store.result_parts() if whole_part(part)]  # the run sets the others aside
     if options.fresh:

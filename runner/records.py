@@ -230,9 +230,8 @@ def results_frame(results: list[Result], run_id: str) -> pl.DataFrame:
 
 @dataclass(slots=True)
 class Answers:
-    """A block of plain answers as columns (what a result file mostly holds), taken into the run without
-    a Result each; `results()` makes the very Results the row path makes. `cost` and `est_input_tokens`
-    are filled in by the accountant."""
+    """A block of plain answers as columns (what a result file mostly holds), taken in without a Result
+    each; `cost` and `est_input_tokens` are filled in by the accountant."""
 
     finished_at: dt.datetime
     api: str | None

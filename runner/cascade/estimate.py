@@ -111,9 +111,8 @@ def _next_run(
     shares: dict[str, float],
     known: int | None,
 ) -> dict[str, Any]:
-    """What the next run sends and costs: the proxy's unanswered requests and the oracle's rows still
-    to ask (`known` when the state decides them, else each share of the rows less those answered),
-    the oracle's priced at the mean of its unanswered requests."""
+    """What the next run sends and costs: the proxy's unanswered requests and the oracle's rows still to
+    ask (`known`, else each share less those answered), at the mean of its unanswered requests."""
     unanswered = int(oracle_left["requests_to_send"])
     if known is not None:
         asks = dict.fromkeys(BASES, known)
@@ -143,9 +142,8 @@ def _next_run(
 def _oracle_rows_left(
     job: Job, proxy_job: Job, oracle_job: Job, proxy_left: dict[str, Any], options: Any
 ) -> int | None:
-    """How many rows the next run asks the oracle about, when the state decides it: the proxy pass is
-    done and the method, replayed (as a run replays it) on the oracle's answers so far, draws no more;
-    then the rows asked or escalated whose request the oracle's state does not hold. None otherwise."""
+    """How many rows the next run asks the oracle about when the state decides it (the proxy pass done,
+    the replayed method drawing no more): those asked or escalated the oracle's state lacks; else None."""
     from runner.estimate import _read_state
     from runner.job.prompts import RequestBuilder
     from runner.job.sandbox import RenderError

@@ -103,9 +103,8 @@ def read_cascade(output: Path) -> Cascade | None:
 
 
 def estimate_line(cost: Spent) -> str | None:
-    """The run's spend against the estimate kept before it (`glm-batch estimate`), in words: the
-    expected figure and its interval, what was spent, and whether it fell within; or why there is no
-    figure to compare. None when no estimate was kept."""
+    """The run's spend against the estimate kept before it, in words (or why there is no figure to
+    compare); None when no estimate was kept."""
     check, currency = cost.estimate, cost.currency or ""
     if check is None:
         return None

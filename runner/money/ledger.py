@@ -50,18 +50,6 @@ def folder(*, simulated: bool = False) -> Path:
     return ledger_dir() / "simulated" if simulated else ledger_dir()
 
 
-def problem(*, simulated: bool = False) -> str | None:
-    """Why the ledger cannot be written (one line naming it), or None when it can. Creates the folder."""
-    where = folder(simulated=simulated)
-    try:
-        where.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=where):
-            pass
-    except OSError as exc:
-        return f"the usage ledger {where} cannot be written ({exc.strerror or exc}); set GLM_BATCH_LEDGER to a folder"
-    return None
-
-
 def keep_pending(rows: pl.DataFrame, run_id: str, state_dir: Path, *, simulated: bool) -> Path:
     """Keep rows the ledger did not take in the job's state folder, for the next run to book."""
     pending = state_dir / PENDING
@@ -101,9 +89,8 @@ def append(rows: pl.DataFrame, run_id: str, *, simulated: bool = False) -> None:
 
 
 def usage(*, simulated: bool = False, skipped: list[tuple[Path, str]] | None = None) -> pl.DataFrame:
-    """Every ledger row ever written (empty frame if none): real spend, or with `simulated` the
-    simulator's make-believe spend. A file that does not read (torn) is left out, and added to
-    `skipped` with the reason."""
+    """Every ledger row ever written, real or (`simulated`) the simulator's; a file that does not read
+    is left out and added to `skipped` with the reason."""
     try:
         files = sorted(folder(simulated=simulated).glob("*.parquet"))
     except OSError:
@@ -172,22 +159,23 @@ def ledger_rows(job: Job, by_day: ByDay, run_id: str) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=LEDGER_SCHEMA) if rows else pl.DataFrame(schema=LEDGER_SCHEMA)
 
 
-def check_ledger(job: Job, notify: Callable[..., None]) -> str | None:
-    """Before the first request: can the ledger be written? If not, a warning, and the run goes on (a
-    cron job must still run; its spend waits in the state folder). The problem, or None."""
-    why = problem(simulated=job.base_url is None)
-    if why is not None:
-        notify("ledger_unwritable", reason=why, then=PENDING_NOTE)
-    return why
-
-
-PENDING_NOTE = "the run goes on; its spend is kept in the job's state folder and the next run books it"
+def check_ledger(job: Job, notify: Callable[..., None]) -> None:
+    """Before the first request: can the ledger be written (its folder made)? If not, a warning, and the
+    run goes on (a cron job must still run; its spend waits in the state folder)."""
+    where = folder(simulated=job.base_url is None)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as exc:
+        reason = f"the usage ledger {where} cannot be written ({exc.strerror or exc}); set GLM_BATCH_LEDGER to a folder"
+        then = "the run goes on; its spend is kept in the job's state folder and the next run books it"
+        notify("ledger_unwritable", reason=reason, then=then)
 
 
 def book_spend(job: Job, by_day: ByDay, run_id: str, notify: Callable[..., None]) -> Booked:
-    """Add the run's spend to the ledger (the simulator's make-believe spend to its own part of it), and
-    what earlier runs of the job left pending. Never fails a paid run: rows the ledger does not take
-    wait in the state folder (ledger.keep_pending), said on stderr and in the summary's `ledger`."""
+    """Add the run's spend, and what earlier runs left pending, to the ledger. Never fails a paid run:
+    rows it does not take wait in the state folder (keep_pending), said on stderr and in the summary."""
     simulated = job.base_url is None
     try:
         booked = book_pending(job.state_dir)

@@ -17,11 +17,9 @@ import polars as pl
 KEY = "key"  # the request key column: what identifies an answer in every store file
 
 
-# Request, Answer and Result are made once or twice per row or answer, on the paths that bound a run's
-# rows per second (planning a million rows makes a million Requests), and a frozen dataclass's __init__
-# costs ~3x a plain one's (every field through object.__setattr__): so they are plain slotted
-# dataclasses. Treat them as values all the same: make a new one (`priced`, dataclasses.replace), never
-# assign to a field. (A Request was never hashable: its params are a dict.)
+# Request, Answer and Result are made once or more per row on the paths that bound a run's speed, and a
+# frozen dataclass's __init__ costs ~3x a plain one's: so they are plain slotted dataclasses. Treat them
+# as values all the same: make a new one (`priced`, dataclasses.replace), never assign to a field.
 @dataclass(slots=True)
 class Request:
     """One request to send: its identity key and the keyword arguments for `messages.create`."""

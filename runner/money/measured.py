@@ -33,7 +33,8 @@ class OutputModel:
 def earlier_answers(parts: list[Path], job: Job) -> pl.DataFrame:
     """Ok answers this job already has for this model from this endpoint (runs the manifest records as
     sent there): a real endpoint's estimate never learns from the simulator's, nor the reverse."""
-    runs = runs_on_endpoint(job)
+    recorded = recorded_runs(job.state_dir, RecordedRun)
+    runs = [run.run_id for run in recorded if run.endpoint == job.endpoint_name and run.run_id is not None]
     if not parts or not runs:
         return pl.DataFrame(schema=RESULT_SCHEMA)
     return (
@@ -50,12 +51,6 @@ class RecordedRun:
 
     run_id: str | None = None
     endpoint: str | None = None
-
-
-def runs_on_endpoint(job: Job) -> list[str]:
-    """The ids of the job's recorded runs that sent to its endpoint as it is now."""
-    runs = recorded_runs(job.state_dir, RecordedRun)
-    return [run.run_id for run in runs if run.endpoint == job.endpoint_name and run.run_id is not None]
 
 
 def calibration_from(answers: pl.DataFrame) -> Calibration | None:

@@ -67,13 +67,9 @@ def write_atomic(frame: pl.DataFrame, path: Path) -> None:
 
 def fsync_rename(tmp: Path, path: Path) -> None:
     """Make `tmp` durable and move it to `path` in one step (and make the move durable)."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(tmp)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
 
 
 def write_bytes_atomic(data: bytes, path: Path) -> None:
@@ -223,7 +219,7 @@ def write_text(
         os.chmod(tmp, stat.S_IMODE(st.st_mode) if st is not None else 0o644)  # a replaced file keeps its mode
         if exclusive:
             os.link(tmp, target)  # fails if a file appeared meanwhile: never replace one
-            _fsync_dir(target.parent)
+            _fsync(target.parent)
         else:
             fsync_rename(tmp, target)
     except FileExistsError:
@@ -273,9 +269,10 @@ def _written_by_us(path: Path, ours: str | None) -> bool:
     return ours is not None and ours.encode() in (head(path) or b"")
 
 
-def _fsync_dir(directory: Path) -> None:
-    dfd = os.open(directory, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    """Make the file or directory at `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dfd)
+        os.fsync(fd)
     finally:
-        os.close(dfd)
+        os.close(fd)

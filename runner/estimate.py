@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 from array import array
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,10 +232,7 @@ def _report(
     def total(in_scale: float, out_tokens: float) -> float:
         return sum(table.cost(input_tokens=round(t * in_scale), output_tokens=round(out_tokens)) for t in inputs)
 
-    tiers: dict[str, int] = {}
-    for t in inputs:
-        label = tier_label(table.tier(t, round(output.expected)))
-        tiers[label] = tiers.get(label, 0) + 1
+    tiers = dict(Counter(tier_label(table.tier(t, round(output.expected))) for t in inputs))
     latency = options.latency_s or output.latency_s or ASSUMED_LATENCY_S
     latency_basis = "given" if options.latency_s else "median of measured answers" if output.latency_s else "assumed"
     expected = total(1.0, output.expected)

@@ -74,27 +74,13 @@ def stage_jobs(job: Job) -> tuple[Job, Job]:
         how: dict[str, Any] = {"output.labels": None, "output.multi": None, "output.schema": stated_schema(job)}
     else:  # asked `samples` times at `temperature`
         how = {"model.temperature": cascade.temperature, "output.samples": cascade.samples}
-    proxy = derive(
-        job,
-        common
-        | how
-        | {
-            "model.name": cascade.proxy,
-            "model.prices": None,
-            "output.path": str(home / "proxy.parquet"),
-            "output.state_dir": str(home / "proxy"),
-        },
-    )
-    oracle = derive(
-        job,
-        common
-        | {
-            "model.name": cascade.oracle or job.spec.model.name,
-            "output.path": str(home / "oracle.parquet"),
-            "output.state_dir": str(home / "oracle"),
-        },
-    )
-    return proxy, oracle
+
+    def stage(name: str, changes: dict[str, Any]) -> Job:
+        places = {"output.path": str(home / f"{name}.parquet"), "output.state_dir": str(home / name)}
+        return derive(job, common | changes | places)
+
+    proxy = stage("proxy", how | {"model.name": cascade.proxy, "model.prices": None})
+    return proxy, stage("oracle", {"model.name": cascade.oracle or job.spec.model.name})
 
 
 def kept_estimates(job: Job) -> Store:

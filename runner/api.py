@@ -119,9 +119,8 @@ async def aestimate_job(
 
 
 async def estimate_loaded(job: Job, api_key: str, options: EstimateOptions, reporter: Reporter) -> dict[str, Any]:
-    """Estimate a loaded job (the command line's `estimate` and `run --dry-run` too): a cascade's proxy
-    pass and oracle share against the oracle alone, or one run's. Its `warnings` are what to know before
-    spending (reasoning that may not fit max_tokens)."""
+    """Estimate a loaded job, a cascade's or one run's (the command line's `estimate` and `run --dry-run`
+    too); its `warnings` are what to know before spending (reasoning that may not fit max_tokens)."""
     if job.spec.output.cascade is not None:
         from runner.cascade.estimate import estimate_cascade
 
@@ -192,9 +191,8 @@ def import_in_background(modules: tuple[str, ...] = SENDING_MODULES) -> threadin
 
 
 def will_send_online(job: Job, *, fresh: bool) -> bool:
-    """Will this run send through the SDK? Sure for a job with no state yet, with --fresh, or when its
-    input or spec changed since the row map was built (new rows to render); a re-run of an unchanged job
-    may have nothing to send, and then must not pay for the SDK (runner.engine never loads it)."""
+    """Will this run send through the SDK? Sure with no state yet, with --fresh, or when input or spec
+    changed since the row map was built; an unchanged re-run may send nothing, and must not load it."""
     run = job.spec.run
     if run.engine != "local" or run.mode != "online":  # Ray workers send; batch mode uploads files
         return False

@@ -40,13 +40,8 @@ class Breaker:
     def __init__(self, threshold: int) -> None:
         self.threshold = threshold
         self._held: list[Result] = []
-        self._armed = True
+        self.watching = True  # results still go through `admit`: deciding, or tripped (else they pass)
         self.tripped = False
-
-    @property
-    def watching(self) -> bool:
-        """Whether results still go through `admit`: deciding, or tripped (afterwards they pass untouched)."""
-        return self._armed
 
     @classmethod
     def for_run(cls, rows_total: int) -> Breaker:
@@ -62,14 +57,14 @@ class Breaker:
             if not (request_shaped(result) and result.error_type == self._held[0].error_type):
                 yield result
             return
-        if not self._armed:
+        if not self.watching:
             yield result
             return
         if request_shaped(result) and (not self._held or result.error_type == self._held[0].error_type):
             self._held.append(result)
             self.tripped = len(self._held) >= self.threshold
             return
-        self._armed = False  # another outcome: the failures so far were the rows', not the spec's
+        self.watching = False  # another outcome: the failures so far were the rows', not the spec's
         yield from self.release()
         yield result
 

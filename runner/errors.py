@@ -1,14 +1,4 @@
-"""The errors glm-batch raises on purpose, and the exit code each one ends a run with.
-
-GlmBatchError                 base; carries the process exit code
-├── NothingToDo       (0)     the input has no rows (a cron day with no new rows): a notice, not a failure
-├── UsageError        (2)     bad spec, bad input, bad command line: nothing was sent
-├── EndpointAborted   (3)     the endpoint refused the whole job (auth, balance, unknown model)
-├── BudgetExhausted   (4)     run.max_cost reached; dispatch stopped before overspending
-├── DiskFull          (5)     no space left where the job writes; answers so far are kept
-├── StateUnwritable   (74)    the job's state folder stopped taking writes; answers held are rescued
-└── LockHeld          (75)    another run of the same job holds its lock
-"""
+"""The errors glm-batch raises on purpose, each with the exit code it ends a run with."""
 
 from __future__ import annotations
 
@@ -50,17 +40,14 @@ class LockHeld(GlmBatchError):
 
 
 class DiskFull(GlmBatchError):
-    """A write failed for lack of space (or quota); the run stops, keeping every answer already journalled.
-
-    The message names the path; free space there and run the same command again."""
+    """A write failed for lack of space (or quota); the run stops, keeping every answer already journalled."""
 
     exit_code = 5
 
 
 class StateUnwritable(GlmBatchError):
-    """The job's state folder stopped taking writes mid-run for a reason other than space: made read-only
-    or immutable, deleted, or a file written there read back torn. The run stops dispatching and writes
-    the answers it holds to a rescue journal (runner.state.rescue) that the next run reads first."""
+    """The job's state folder stopped taking writes mid-run (read-only, deleted, a file read back torn);
+    the answers held go to a rescue journal (runner.state.rescue) that the next run reads first."""
 
     exit_code = 74  # EX_IOERR (sysexits.h): an input/output error on a file
 

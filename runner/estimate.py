@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 from array import array
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,9 +98,8 @@ async def _estimate(
 
 
 def _read_state(job: Job, options: EstimateOptions) -> tuple[list[Path], SettledKeys]:
-    """The job's readable answer parts and settled keys, read without opening the store: nothing is
-    created, locked, moved or folded. Answers still in a journal (a run going on, or one that died)
-    count as settled too, as the next run will fold them in; a part that does not read is skipped."""
+    """The job's readable answer parts and settled keys, read without opening the store (nothing made,
+    locked or moved); answers in a journal count as settled too, as the next run folds them in."""
     store = Store(job.state_dir, run_id="dry-run", rows=job.row_map)  # never opened: only its paths are used
     parts = [part for part in store.result_parts() if whole_part(part)]  # the run sets the others aside
     if options.fresh:
@@ -232,10 +232,7 @@ def _report(
     def total(in_scale: float, out_tokens: float) -> float:
         return sum(table.cost(input_tokens=round(t * in_scale), output_tokens=round(out_tokens)) for t in inputs)
 
-    tiers: dict[str, int] = {}
-    for t in inputs:
-        label = tier_label(table.tier(t, round(output.expected)))
-        tiers[label] = tiers.get(label, 0) + 1
+    tiers = dict(Counter(tier_label(table.tier(t, round(output.expected))) for t in inputs))
     latency = options.latency_s or output.latency_s or ASSUMED_LATENCY_S
     latency_basis = "given" if options.latency_s else "median of measured answers" if output.latency_s else "assumed"
     expected = total(1.0, output.expected)

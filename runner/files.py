@@ -67,13 +67,9 @@ def write_atomic(frame: pl.DataFrame, path: Path) -> None:
 
 def fsync_rename(tmp: Path, path: Path) -> None:
     """Make `tmp` durable and move it to `path` in one step (and make the move durable)."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(tmp)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
 
 
 def write_bytes_atomic(data: bytes, path: Path) -> None:
@@ -96,8 +92,7 @@ def write_json_atomic(data: dict[str, Any], path: Path) -> None:
 
 
 def read_json_object(path: Path, *, unreadable_raises: bool = False) -> dict[str, Any] | None:
-    """The JSON object in `path`, or None when the file is absent, unreadable, not UTF-8 JSON or not an
-    object (every side file glm-batch reads back is one it may find torn or foreign). With
+    """The JSON object in `path`, or None when absent, unreadable, torn or foreign; with
     `unreadable_raises`, a file that is there but does not read (permission, I/O) raises its OSError."""
     try:
         return json_object(path.read_bytes())
@@ -140,9 +135,8 @@ def read_summary(output: Path, kind: type[R]) -> R:
 
 
 def read_manifest(state_dir: Path) -> dict[str, Any]:
-    """A job's manifest (the runs it records), or an empty one for a job that never ran or whose
-    manifest is not a JSON object; one that is there but does not read raises, or a run would replace a
-    history it could not read. Here, beside the writes, so `status` reads it without polars."""
+    """A job's manifest, or an empty one when absent or not a JSON object; one that does not read raises,
+    or a run would replace a history it could not read. Here so `status` reads it without polars."""
     return read_json_object(state_dir / "manifest.json", unreadable_raises=True) or {"runs": []}
 
 
@@ -225,7 +219,7 @@ def write_text(
         os.chmod(tmp, stat.S_IMODE(st.st_mode) if st is not None else 0o644)  # a replaced file keeps its mode
         if exclusive:
             os.link(tmp, target)  # fails if a file appeared meanwhile: never replace one
-            _fsync_dir(target.parent)
+            _fsync(target.parent)
         else:
             fsync_rename(tmp, target)
     except FileExistsError:
@@ -243,9 +237,8 @@ def paths_overlap(path: Path, other: Path) -> bool:
 
 
 def _job_files_beside(target: Path) -> list[tuple[Path, str]]:
-    """What `target` is, if it is a job's file whatever the command knows: a state folder's content
-    (under `.glm-batch/`), an output (a .parquet with its `.summary.json` beside it), or a job spec
-    (a YAML file with top-level `input:` and `prompt:` keys: `schema -o job.yaml --force` knows no job)."""
+    """What `target` is if it is a job's file, whatever the command knows: under a `.glm-batch/` state
+    folder, an output (a .parquet with its summary beside it), or a spec (YAML with `input:` and `prompt:`)."""
     found = [(p, "a job's state directory") for p in (target, *target.parents) if p.name == ".glm-batch"]
     if target.suffix == ".parquet" and summary_path(target).exists():
         found.append((target, "a job's output"))
@@ -276,9 +269,10 @@ def _written_by_us(path: Path, ours: str | None) -> bool:
     return ours is not None and ours.encode() in (head(path) or b"")
 
 
-def _fsync_dir(directory: Path) -> None:
-    dfd = os.open(directory, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    """Make the file or directory at `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dfd)
+        os.fsync(fd)
     finally:
-        os.close(dfd)
+        os.close(fd)

@@ -18,9 +18,8 @@ from runner.runs import RunOptions, RunResult
 
 
 def finish(run: Run, options: RunOptions, reporter: Reporter, sending: Sending) -> RunResult:
-    """Book the spend; write the output if the run is complete and was not stopped; write the summary
-    (with `sending`: how it was sent) and tell the reporter. A full disk stops nothing here: the answers
-    are in the store, and the next run writes what could not be written now."""
+    """Book the spend; write the output if the run is complete and was not stopped; write the summary and
+    tell the reporter. A full disk stops nothing here: the next run writes what could not be written."""
     job, store, control = run.job, run.store, run.control
     if store.broken is not None:
         _rescue(run)

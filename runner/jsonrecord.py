@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 R = TypeVar("R", bound="DataclassInstance")
 _WRONG = object()  # a value that does not fit its field
+_hints = cache(get_type_hints)
 
 
 # The metadata of a field absent from the JSON while it is None (a section only some runs have):
@@ -59,11 +60,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
-
-
-@cache
-def _hints(kind: type[Any]) -> dict[str, Any]:
-    return get_type_hints(kind)
 
 
 def _typed(hint: Any, value: Any) -> Any:

@@ -17,11 +17,9 @@ import polars as pl
 KEY = "key"  # the request key column: what identifies an answer in every store file
 
 
-# Request, Answer and Result are made once or twice per row or answer, on the paths that bound a run's
-# rows per second (planning a million rows makes a million Requests), and a frozen dataclass's __init__
-# costs ~3x a plain one's (every field through object.__setattr__): so they are plain slotted
-# dataclasses. Treat them as values all the same: make a new one (`priced`, dataclasses.replace), never
-# assign to a field. (A Request was never hashable: its params are a dict.)
+# Request, Answer and Result are made once or more per row on the paths that bound a run's speed, and a
+# frozen dataclass's __init__ costs ~3x a plain one's: so they are plain slotted dataclasses. Treat them
+# as values all the same: make a new one (`priced`, dataclasses.replace), never assign to a field.
 @dataclass(slots=True)
 class Request:
     """One request to send: its identity key and the keyword arguments for `messages.create`."""
@@ -230,9 +228,8 @@ def results_frame(results: list[Result], run_id: str) -> pl.DataFrame:
 
 @dataclass(slots=True)
 class Answers:
-    """A block of plain answers as columns (what a result file mostly holds), taken into the run without
-    a Result each; `results()` makes the very Results the row path makes. `cost` and `est_input_tokens`
-    are filled in by the accountant."""
+    """A block of plain answers as columns (what a result file mostly holds), taken in without a Result
+    each; `cost` and `est_input_tokens` are filled in by the accountant."""
 
     finished_at: dt.datetime
     api: str | None

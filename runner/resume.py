@@ -51,9 +51,8 @@ def _salvage(job: Job, store: Store, reporter: Reporter) -> int:
 
 
 def _settled(job: Job, store: Store, retry_failed: bool, reporter: Reporter) -> SettledKeys:
-    """The settled keys, read on first use: a re-run of an unchanged finished job may never need them
-    (RowMap.is_current). A part found torn inside while reading them is set aside (said), and the
-    answers the output still holds are taken back before any is sent again."""
+    """The settled keys, read on first use (an unchanged re-run may never need them); a part found torn
+    then is set aside (said), and the output's answers taken back before any is sent again."""
     basis = {"parts": file_identities(store.result_parts()), "retry_failed": retry_failed}
 
     def load() -> pl.Series:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from runner.collector import objects_so_far_frozen
 from runner.control import Control
 from runner.observe.progress import Reporter
 
@@ -65,6 +65,20 @@ class Signals:
         """Hand the signals back (the run is finishing: its output and summary are written whole)."""
         for signum in SIGNALS:
             self._loop.remove_signal_handler(signum)
+
+
+@contextlib.contextmanager
+def objects_so_far_frozen(young: int = 10_000) -> Iterator[None]:
+    """While sending, gc.freeze the objects that exist already (every full collection walked the
+    imported modules' ~200,000 again) and collect the young every `young` allocations; both undone after."""
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(max(young, thresholds[0]), *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 async def supervise(

@@ -22,7 +22,6 @@ LAYERS: list[tuple[str, ...]] = [
         "runner.jsonrecord",
         "runner.files",
         "runner.columns",
-        "runner.collector",
     ),
     ("runner.job",),
     ("runner.state",),

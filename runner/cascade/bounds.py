@@ -1,15 +1,7 @@
-"""The betting test BARGAIN uses: do draws show a population's mean above (or below) m?
-
-    above(xs, m, alpha, n)   # True when the draws show the mean of the n items is above m
-    below(xs, m, alpha, n)   # likewise for under m; each wrong with a chance of at most alpha
-    share_below(draws, share, alpha, mean_w, least_w)  # weighted draws show the flagged share is under `share`
-
-Draws are without replacement from n items, or with replacement (n None). Values are in [0, 1].
-`share_below`/`share_above` take draws made with replacement, each item drawn with a chance in
-proportion to its weight (importance sampling), and test the share of flagged items in the whole
-population. The method: docs/decisions.md, "Cascade: the betting test and the threshold procedure"
-and "Cascade: weighted draws".
-"""
+"""The betting test BARGAIN uses: do draws from n items (n None: with replacement) show their mean is
+above (or below) m, wrong with a chance of at most alpha? `share_below`/`share_above` test a population's
+flagged share from draws made with chances in proportion to weight (docs/decisions.md, "Cascade: the
+betting test and the threshold procedure" and "Cascade: weighted draws")."""
 
 from __future__ import annotations
 
@@ -20,9 +12,8 @@ TRUNCATION = 0.75  # the package's trunc_scale: a bet never risks more than 3/4 
 
 
 def _bet(alpha: float, i: int, total: float, squares: float) -> float:
-    """The bet before the i-th draw (1-based), sized by the regularised variance of the i-1 draws so
-    far (their sum `total` and sum of squares `squares`): the package's sequential form,
-    sqrt(2 log(2/alpha) / (i log(i+1) s^2)) with s^2 = (1/4 + sum (x - mu)^2) / i, mu = (1/2 + sum x) / i."""
+    """The bet before the i-th draw, sized by the regularised variance of the draws so far (sum `total`,
+    sum of squares `squares`): the package's sqrt(2 log(2/alpha) / (i log(i+1) s^2))."""
     k = i - 1
     mean = (0.5 + total) / (k + 1)
     variance = (0.25 + squares - 2 * mean * total + k * mean * mean) / (k + 1)

@@ -12,7 +12,6 @@ import polars as pl
 from runner.cascade.derive import derive
 from runner.cascade.record import read_cascade
 from runner.cascade.stages import (
-    AHEAD,
     _answered_before,
     fresh_refused,
     kept_estimates,
@@ -112,9 +111,8 @@ def _next_run(
     shares: dict[str, float],
     known: int | None,
 ) -> dict[str, Any]:
-    """What the next run sends and costs: the proxy's unanswered requests and the oracle's rows still
-    to ask (`known` when the state decides them, else each share of the rows less those answered),
-    the oracle's priced at the mean of its unanswered requests."""
+    """What the next run sends and costs: the proxy's unanswered requests and the oracle's rows still to
+    ask (`known`, else each share less those answered), at the mean of its unanswered requests."""
     unanswered = int(oracle_left["requests_to_send"])
     if known is not None:
         asks = dict.fromkeys(BASES, known)
@@ -144,9 +142,8 @@ def _next_run(
 def _oracle_rows_left(
     job: Job, proxy_job: Job, oracle_job: Job, proxy_left: dict[str, Any], options: Any
 ) -> int | None:
-    """How many rows the next run asks the oracle about, when the state decides it: the proxy pass is
-    done and the method, replayed (as a run replays it) on the oracle's answers so far, draws no more;
-    then the rows asked or escalated whose request the oracle's state does not hold. None otherwise."""
+    """How many rows the next run asks the oracle about when the state decides it (the proxy pass done,
+    the replayed method drawing no more): those asked or escalated the oracle's state lacks; else None."""
     from runner.estimate import _read_state
     from runner.job.prompts import RequestBuilder
     from runner.job.sandbox import RenderError
@@ -177,7 +174,7 @@ def _oracle_rows_left(
         answer = oracle_by_id[ids[pos]]
         return answer is not None and answer == answers[pos]
 
-    step = choose(scores, agrees, target=cascade.target, delta=cascade.delta, seed=cascade.seed, ahead=AHEAD)
+    step = choose(scores, agrees, target=cascade.target, delta=cascade.delta, seed=cascade.seed)
     if step.need:
         return None  # more calibration draws: their answers decide what follows
     _, settled = _read_state(oracle_job, replace(options, fresh=False))

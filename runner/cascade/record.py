@@ -102,22 +102,21 @@ def read_cascade(output: Path) -> Cascade | None:
     return read_summary(output, CascadeSummary).cascade
 
 
-def estimate_line(cost: Spent) -> str | None:
-    """The run's spend against the estimate kept before it (`glm-batch estimate`), in words: the
-    expected figure and its interval, what was spent, and whether it fell within; or why there is no
-    figure to compare. None when no estimate was kept."""
+def estimate_lines(cost: Spent) -> list[str]:
+    """The run's spend against the estimate kept before it, in words (or why there is no figure to
+    compare); none when no estimate was kept."""
     check, currency = cost.estimate, cost.currency or ""
     if check is None:
-        return None
+        return []
     if check.estimated is None:
-        return f"estimate: none to compare with ({check.no_match})"
+        return [f"estimate: none to compare with ({check.no_match})"]
     line = f"estimate: estimated {check.estimated:.4f} {currency}".rstrip()
     if check.low is not None and check.high is not None:
         line += f" (interval {check.low:.4f}-{check.high:.4f})"
     line += f", spent {check.spent:.4f}"
     if check.within is not None:
         line += ", within the interval" if check.within else ", outside the interval"
-    return line
+    return [line]
 
 
 def status_lines(output: Path) -> list[str]:
@@ -127,9 +126,7 @@ def status_lines(output: Path) -> list[str]:
     if done is None:
         return []
     kept = f"{done.rows_kept_from_proxy} of {done.rows} rows kept from {done.proxy}"
-    lines = [f"last cascade: {kept}; the output {done.guarantee}"]
-    against = estimate_line(record.cost)
-    return lines if against is None else [*lines, against]
+    return [f"last cascade: {kept}; the output {done.guarantee}", *estimate_lines(record.cost)]
 
 
 def cascade_lines(c: Cascade) -> list[str]:
@@ -162,10 +159,9 @@ def report_section(output: Path) -> Section | None:
     c = record.cascade
     if c is None:
         return None
-    against = estimate_line(record.cost)
     who = {
         f"kept from {c.proxy}": c.rows_kept_from_proxy,
         f"escalated to {c.oracle}": c.rows_escalated,
         f"calibration ({c.oracle})": c.rows_in_calibration,
     }
-    return Section(cascade_lines(c) if against is None else [*cascade_lines(c), against], who)
+    return Section([*cascade_lines(c), *estimate_lines(record.cost)], who)

@@ -1,10 +1,5 @@
-"""A cascade job run as ordinary runs of the engine, then joined (the method: runner.cascade.threshold).
-
-    report = await run_cascade(job, api_key=key, options=options, reporter=reporter)
-
-Stages: the proxy pass, the calibration rounds of the oracle, the escalation, the join; each is an
-ordinary, resumable run (docs/decisions.md, "Cascade: the stages").
-"""
+"""A cascade job run as ordinary, resumable runs of the engine: the proxy pass, the oracle's calibration
+rounds, the escalation; then joined (docs/decisions.md, "Cascade: the stages")."""
 
 from __future__ import annotations
 
@@ -35,7 +30,6 @@ from runner.run import check_places
 from runner.runs import RunOptions, RunResult
 from runner.state.store import Store
 
-AHEAD = 1  # a calibration round asks the oracle for this many of the method's draws of 10 at once
 ANSWERED_BY, CONFIDENCE, IN_CALIBRATION = "answered_by", "proxy_confidence", "in_calibration"
 STATED = "confidence"  # with `confidence: stated`, the field of the proxy's answer that states it
 _PROXY_ONLY = ("agreement", "sample_answers")
@@ -80,38 +74,23 @@ def stage_jobs(job: Job) -> tuple[Job, Job]:
         how: dict[str, Any] = {"output.labels": None, "output.multi": None, "output.schema": stated_schema(job)}
     else:  # asked `samples` times at `temperature`
         how = {"model.temperature": cascade.temperature, "output.samples": cascade.samples}
-    proxy = derive(
-        job,
-        common
-        | how
-        | {
-            "model.name": cascade.proxy,
-            "model.prices": None,
-            "output.path": str(home / "proxy.parquet"),
-            "output.state_dir": str(home / "proxy"),
-        },
-    )
-    oracle = derive(
-        job,
-        common
-        | {
-            "model.name": cascade.oracle or job.spec.model.name,
-            "output.path": str(home / "oracle.parquet"),
-            "output.state_dir": str(home / "oracle"),
-        },
-    )
-    return proxy, oracle
+
+    def stage(name: str, changes: dict[str, Any]) -> Job:
+        places = {"output.path": str(home / f"{name}.parquet"), "output.state_dir": str(home / name)}
+        return derive(job, common | changes | places)
+
+    proxy = stage("proxy", how | {"model.name": cascade.proxy, "model.prices": None})
+    return proxy, stage("oracle", {"model.name": cascade.oracle or job.spec.model.name})
 
 
 def kept_estimates(job: Job) -> Store:
-    """Where a cascade job's estimate is kept: its own state folder, beside the stages' (never opened:
-    only its estimate file is read or written)."""
+    """Where a cascade job's estimate is kept: its own state folder (never opened: only its estimate file
+    is read or written)."""
     return Store(job.state_dir, run_id="estimate", rows=job.row_map)
 
 
 def fresh_refused(job: Job) -> UsageError:
-    """Why a cascade run takes no --fresh: each round is a run, and --fresh on each would pay again
-    for every earlier round."""
+    """Why a cascade run takes no --fresh: --fresh on each round would pay again for every earlier one."""
     return UsageError(
         f"{job.spec_path}: a cascade does not take --fresh yet; to start it over, move "
         f"{job.state_dir / 'cascade'} aside (its answers stay there) and run again"
@@ -119,7 +98,7 @@ def fresh_refused(job: Job) -> UsageError:
 
 
 async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: Reporter) -> RunResult:
-    """Run every stage of a cascade job and write its output; see the module's docstring."""
+    """Run every stage of a cascade job and write its output."""
     from runner.engine import execute
     from runner.senders import sender_for
 
@@ -189,7 +168,7 @@ async def run_cascade(job: Job, *, api_key: str, options: RunOptions, reporter: 
     asked.update(_answered_before(home, oracle_base, rows, ids, id_col, fields, oracle_by_id))
     rounds = 0
     while True:
-        step = choose(scores, agrees, target=cascade.target, delta=cascade.delta, seed=cascade.seed, ahead=AHEAD)
+        step = choose(scores, agrees, target=cascade.target, delta=cascade.delta, seed=cascade.seed)
         if not step.need:
             break
         rounds += 1
@@ -236,10 +215,8 @@ def _answered_before(
     fields: list[str],
     oracle_by_id: dict[str, tuple[Any, ...] | None],
 ) -> list[int]:
-    """The rows an earlier invocation's last finished oracle round answered, put into `oracle_by_id`, so
-    a resumed cascade goes on from there instead of replaying every round (each would send nothing,
-    but costs a run). An answer is taken only where the row renders today to the request it answered
-    (its key: prompt, model and parameters); otherwise the rounds replay and find answers by key."""
+    """The rows the last finished oracle round answered, put into `oracle_by_id` so a resumed cascade
+    goes on from there; only where the row renders today to the request (key) it answered."""
     from runner.job.prompts import RequestBuilder
     from runner.job.sandbox import RenderError
 

@@ -1,13 +1,6 @@
-"""BARGAIN's accuracy-target cascade (BARGAIN_A), as a procedure that can be replayed: it never calls a
-model, it asks for oracle answers and is run again once they are in.
-
-    step = choose(scores, agrees, target=0.95, delta=0.05, seed=7)
-    if step.need: ...send these rows to the oracle, then call choose again...
-    else: step.keep (proxy answers kept), step.sampled (oracle answers, the calibration sample)
-
-The method: docs/decisions.md, "Cascade: the betting test and the threshold procedure"; its draws
-favour the rows the proxy is less sure of ("Cascade: weighted draws").
-"""
+"""BARGAIN's accuracy-target cascade (BARGAIN_A), replayable: `choose` never calls a model; it names the
+rows it needs oracle answers for (`Step.need`) and is called again once they are in (docs/decisions.md,
+"Cascade: the betting test and the threshold procedure" and "Cascade: weighted draws")."""
 
 from __future__ import annotations
 
@@ -18,7 +11,7 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from runner.cascade.bounds import share_above, share_below
+from runner.cascade.bounds import share_above, share_below, weighted
 
 
 @dataclass(frozen=True)
@@ -91,13 +84,10 @@ def choose(
     target: float,
     delta: float,
     seed: int,
-    ahead: int = 1,
     settings: Settings = DEFAULT,
 ) -> Step:
     """Replay the method with the oracle answers known so far (`agrees(row)`: does the proxy's answer
-    match the oracle's; None when the oracle has not answered). See the module's docstring. When it
-    needs answers it asks for the next `ahead` draws of 10 at once (fewer, longer rounds; the extra
-    rows are sent to the oracle, so their answers are used, never wasted on the output)."""
+    match the oracle's; None when the oracle has not answered), or name the rows it needs next."""
     ranked = order(scores, seed)
     n, total = len(ranked), len(scores)
     weights = [weight(scores[pos] or 0.0, settings) for pos in ranked]  # by rank; the least first
@@ -113,7 +103,7 @@ def choose(
             if needed <= 0:
                 best = t
                 continue
-            ok, used = _confident(ranked, draws, t, needed, agrees, delta, ahead, step, settings)
+            ok, used = _confident(ranked, draws, t, needed, agrees, delta, step, settings)
             drawn.update(used)
             tested.append(Tested(kept, round(needed, 4), len(used), ok))
             if not ok:
@@ -156,14 +146,11 @@ def _confident(
     needed: float,
     agrees: Callable[[int], bool | None],
     delta: float,
-    ahead: int,
     gain: int,
     settings: Settings,
 ) -> tuple[bool, set[int]]:
-    """Draw from ranks 0..t until the test decides whether their agreement is above `needed`, or it is
-    not worth more draws: past `worth_trying`, the estimated disagreement less one standard error is
-    over the share allowed (1 - needed), or the draws outnumber `gain` (the rows accepting t would add)
-    with the estimate plus `give_up_z` standard errors over it."""
+    """Draw from ranks 0..t until the test decides whether their agreement is above `needed`, or more
+    draws are not worth it (Settings: `worth_trying`, `give_up_z`; `gain`: the rows accepting t adds)."""
     allowed = 1 - needed  # the disagreeing share the kept rows may have
     if allowed <= 0:
         return False, set()
@@ -174,7 +161,7 @@ def _confident(
     used: set[int] = set()
     while True:
         if len(seen) >= settings.worth_trying:
-            xs = [least / w if flagged else 0.0 for flagged, w in seen]
+            xs = weighted(seen, least)
             mean = sum(xs) / len(xs)
             error = math.sqrt(max(sum(x * x for x in xs) / len(xs) - mean * mean, 0.0) / len(xs))
             scale = mean_weight / least  # the values' mean times this estimates the disagreeing share
@@ -185,8 +172,7 @@ def _confident(
         batch = [next(pool) for _ in range(settings.draw)]
         answers = [agrees(ranked[r]) for r in batch]
         if any(a is None for a in answers):
-            wanted = batch + [next(pool) for _ in range(settings.draw * (ahead - 1))]
-            raise _Need(list(dict.fromkeys(ranked[r] for r in wanted if agrees(ranked[r]) is None)))
+            raise _Need(list(dict.fromkeys(ranked[r] for r in batch if agrees(ranked[r]) is None)))
         seen.extend((not a, weights[r]) for a, r in zip(answers, batch, strict=True))
         used.update(batch)
         if len(used) == t + 1:  # every row drawn: the share is known exactly

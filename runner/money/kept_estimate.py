@@ -80,12 +80,10 @@ def compare(job: Job, kept: dict[str, Any], *, ok: int, spent: float) -> Estimat
     estimate was made for something else, no figure and why."""
     mode = job.spec.run.mode
     why = _made_for_another(job, kept)
-    expected = None if why is not None else _expected(kept, mode)
-    if why is None and expected is None:
-        why = f"the kept estimate gives no single {mode} figure (see `glm-batch estimate`: modes)"
-    if why is not None:
+    expected = _expected(kept, mode) if why is None else None
+    if expected is None:
+        why = why or f"the kept estimate gives no single {mode} figure (see `glm-batch estimate`: modes)"
         return EstimateCheck(None, round(spent, 6), None, no_match=why)
-    assert expected is not None
     answerable = kept.get("requests_answerable", kept["requests_to_send"])
     estimated = expected / max(1, answerable) * ok
     error_pct = round(100 * (estimated - spent) / spent, 1) if spent else None
@@ -93,9 +91,8 @@ def compare(job: Job, kept: dict[str, Any], *, ok: int, spent: float) -> Estimat
 
 
 def compare_whole(job: Job, kept: dict[str, Any], *, spent: float) -> EstimateCheck:
-    """A run that does all its estimate priced (a cascade: the estimate is of its next run, every
-    stage): what it spent against the kept estimate's expected figure and its low-high interval, or,
-    when the estimate was made for something else, no figure and why."""
+    """For a run that does all its estimate priced (a cascade's every stage): its spend against the
+    expected figure and the low-high interval, or no figure and why."""
     why = _made_for_another(job, kept)
     if why is not None:
         return EstimateCheck(None, round(spent, 6), None, no_match=why)

@@ -35,9 +35,10 @@ LEDGER_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-def ledger_dir() -> Path:
-    """Where the ledger lives."""
-    return user_data("GLM_BATCH_LEDGER", "ledger")
+def ledger_dir(*, simulated: bool = False) -> Path:
+    """Where the ledger lives; with `simulated`, its part for the simulator's runs."""
+    where = user_data("GLM_BATCH_LEDGER", "ledger")
+    return where / "simulated" if simulated else where
 
 
 # What a failed ledger write raises: the OS's error, our writer's (a full disk), or polars' wrapping of it.
@@ -45,30 +46,9 @@ WRITE_FAILURES: tuple[type[Exception], ...] = (OSError, GlmBatchError, pl.except
 PENDING = "ledger-pending"  # in a job's state folder: ledger rows a run could not append, booked by the next
 
 
-def folder(*, simulated: bool = False) -> Path:
-    """The ledger folder a run books into: the real one, or its simulated part."""
-    return ledger_dir() / "simulated" if simulated else ledger_dir()
-
-
-def problem(*, simulated: bool = False) -> str | None:
-    """Why the ledger cannot be written (one line naming it), or None when it can. Creates the folder."""
-    where = folder(simulated=simulated)
-    try:
-        where.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=where):
-            pass
-    except OSError as exc:
-        return f"the usage ledger {where} cannot be written ({exc.strerror or exc}); set GLM_BATCH_LEDGER to a folder"
-    return None
-
-
 def keep_pending(rows: pl.DataFrame, run_id: str, state_dir: Path, *, simulated: bool) -> Path:
     """Keep rows the ledger did not take in the job's state folder, for the next run to book."""
-    pending = state_dir / PENDING
-    pending.mkdir(parents=True, exist_ok=True)
-    path = pending / f"{run_id}{'.simulated' if simulated else ''}.parquet"
-    write_atomic(rows.select(list(LEDGER_SCHEMA)).cast(pl.Schema(LEDGER_SCHEMA)), path)
-    return path
+    return _write(rows, state_dir / PENDING / f"{run_id}{'.simulated' if simulated else ''}.parquet")
 
 
 def book_pending(state_dir: Path) -> int:
@@ -95,17 +75,21 @@ def append(rows: pl.DataFrame, run_id: str, *, simulated: bool = False) -> None:
     """Add one run's rows (in LEDGER_SCHEMA) to the ledger (its simulated part for simulator runs)."""
     if rows.height == 0:
         return
-    where = folder(simulated=simulated)
-    where.mkdir(parents=True, exist_ok=True)
-    write_atomic(rows.select(list(LEDGER_SCHEMA)).cast(pl.Schema(LEDGER_SCHEMA)), where / f"{run_id}.parquet")
+    _write(rows, ledger_dir(simulated=simulated) / f"{run_id}.parquet")
+
+
+def _write(rows: pl.DataFrame, path: Path) -> Path:
+    """Write ledger rows to `path` in LEDGER_SCHEMA, its folder made if need be."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(rows.select(list(LEDGER_SCHEMA)).cast(pl.Schema(LEDGER_SCHEMA)), path)
+    return path
 
 
 def usage(*, simulated: bool = False, skipped: list[tuple[Path, str]] | None = None) -> pl.DataFrame:
-    """Every ledger row ever written (empty frame if none): real spend, or with `simulated` the
-    simulator's make-believe spend. A file that does not read (torn) is left out, and added to
-    `skipped` with the reason."""
+    """Every ledger row ever written, real or (`simulated`) the simulator's; a file that does not read
+    is left out and added to `skipped` with the reason."""
     try:
-        files = sorted(folder(simulated=simulated).glob("*.parquet"))
+        files = sorted(ledger_dir(simulated=simulated).glob("*.parquet"))
     except OSError:
         files = []
     if not files:
@@ -172,28 +156,29 @@ def ledger_rows(job: Job, by_day: ByDay, run_id: str) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=LEDGER_SCHEMA) if rows else pl.DataFrame(schema=LEDGER_SCHEMA)
 
 
-def check_ledger(job: Job, notify: Callable[..., None]) -> str | None:
-    """Before the first request: can the ledger be written? If not, a warning, and the run goes on (a
-    cron job must still run; its spend waits in the state folder). The problem, or None."""
-    why = problem(simulated=job.base_url is None)
-    if why is not None:
-        notify("ledger_unwritable", reason=why, then=PENDING_NOTE)
-    return why
-
-
-PENDING_NOTE = "the run goes on; its spend is kept in the job's state folder and the next run books it"
+def check_ledger(job: Job, notify: Callable[..., None]) -> None:
+    """Before the first request: can the ledger be written (its folder made)? If not, a warning, and the
+    run goes on (a cron job must still run; its spend waits in the state folder)."""
+    where = ledger_dir(simulated=job.base_url is None)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as exc:
+        reason = f"the usage ledger {where} cannot be written ({exc.strerror or exc}); set GLM_BATCH_LEDGER to a folder"
+        then = "the run goes on; its spend is kept in the job's state folder and the next run books it"
+        notify("ledger_unwritable", reason=reason, then=then)
 
 
 def book_spend(job: Job, by_day: ByDay, run_id: str, notify: Callable[..., None]) -> Booked:
-    """Add the run's spend to the ledger (the simulator's make-believe spend to its own part of it), and
-    what earlier runs of the job left pending. Never fails a paid run: rows the ledger does not take
-    wait in the state folder (ledger.keep_pending), said on stderr and in the summary's `ledger`."""
+    """Add the run's spend, and what earlier runs left pending, to the ledger. Never fails a paid run:
+    rows it does not take wait in the state folder (keep_pending), said on stderr and in the summary."""
     simulated = job.base_url is None
     try:
         booked = book_pending(job.state_dir)
     except WRITE_FAILURES:  # the state folder itself does not read: nothing to book from it
         booked = 0
-    status = Booked(str(folder(simulated=simulated)), pending_booked=booked or None)
+    status = Booked(str(ledger_dir(simulated=simulated)), pending_booked=booked or None)
     rows = ledger_rows(job, by_day, run_id)
     try:
         append(rows, run_id, simulated=simulated)

@@ -31,10 +31,10 @@ class OutputModel:
 
 
 def earlier_answers(parts: list[Path], job: Job) -> pl.DataFrame:
-    """Ok answers this job already has for this model from this endpoint (earlier runs and pilots the
-    manifest records as sent there): a real endpoint's estimate never learns from the simulator's
-    answers, nor the simulator's from a real endpoint's."""
-    runs = runs_on_endpoint(job)
+    """Ok answers this job already has for this model from this endpoint (runs the manifest records as
+    sent there): a real endpoint's estimate never learns from the simulator's, nor the reverse."""
+    recorded = recorded_runs(job.state_dir, RecordedRun)
+    runs = [run.run_id for run in recorded if run.endpoint == job.endpoint_name and run.run_id is not None]
     if not parts or not runs:
         return pl.DataFrame(schema=RESULT_SCHEMA)
     return (
@@ -51,12 +51,6 @@ class RecordedRun:
 
     run_id: str | None = None
     endpoint: str | None = None
-
-
-def runs_on_endpoint(job: Job) -> list[str]:
-    """The ids of the job's recorded runs that sent to its endpoint as it is now."""
-    runs = recorded_runs(job.state_dir, RecordedRun)
-    return [run.run_id for run in runs if run.endpoint == job.endpoint_name and run.run_id is not None]
 
 
 def calibration_from(answers: pl.DataFrame) -> Calibration | None:
@@ -81,19 +75,11 @@ def output_model(answers: pl.DataFrame, max_tokens: int, thinks: bool = False) -
             basis=f"mean of {len(out)} measured answers, 95% interval of the mean",
             latency_s=float(latency.median()) / 1000 if latency.len() else None,  # type: ignore[arg-type]
         )
+    expected, basis = max_tokens / 2, "assumed: half of max_tokens (no answers yet; run with --pilot N to measure)"
     if thinks:  # reasoning is billed as output, and counts against max_tokens
-        return OutputModel(
-            low=0.0,
-            expected=min(float(max_tokens), max_tokens / 2 + ASSUMED_REASONING_TOKENS),
-            high=float(max_tokens),
-            basis=f"assumed: half of max_tokens plus {ASSUMED_REASONING_TOKENS} reasoning tokens, at most "
-            "max_tokens (the model thinks; no answers yet; run with --pilot N to measure)",
-            latency_s=None,
+        expected = min(float(max_tokens), expected + ASSUMED_REASONING_TOKENS)
+        basis = (
+            f"assumed: half of max_tokens plus {ASSUMED_REASONING_TOKENS} reasoning tokens, at most "
+            "max_tokens (the model thinks; no answers yet; run with --pilot N to measure)"
         )
-    return OutputModel(
-        low=0.0,
-        expected=max_tokens / 2,
-        high=float(max_tokens),
-        basis="assumed: half of max_tokens (no answers yet; run with --pilot N to measure)",
-        latency_s=None,
-    )
+    return OutputModel(low=0.0, expected=expected, high=float(max_tokens), basis=basis, latency_s=None)

@@ -25,9 +25,8 @@ MAX_TOKEN_COUNT = 1 << 31
 
 
 def token_count(value: object) -> int | None:
-    """A token count as the wire gave it, or None when it is not one: a whole number from 0 to
-    MAX_TOKEN_COUNT (an integral float such as 12.0 too); never a bool, a string, NaN or 1e300.
-    Both wires' readers of usage go through it, so a garbage count is refused alike everywhere."""
+    """A token count as either wire gave it, or None when it is not one: a whole number (12.0 too) from
+    0 to MAX_TOKEN_COUNT; never a bool, a string, NaN or 1e300."""
     if isinstance(value, bool):
         return None
     if isinstance(value, float) and value.is_integer():
@@ -46,9 +45,8 @@ def estimate_text(text: str) -> float:
 
 
 def estimate_answer(blocks: Iterable[Mapping[str, Any]]) -> int:
-    """Output tokens estimated from what an answer said (its text, thinking and tool calls' input), in
-    Messages-API block form: at least 1 (the answer was generated and billed). Both wires use it for an
-    answer that came without an output count."""
+    """Output tokens estimated from an answer's blocks (text, thinking, tool input) when the wire gave no
+    count: at least 1 (the answer was generated and billed)."""
     total = 0.0
     for block in blocks:
         kind = block.get("type")
@@ -84,9 +82,8 @@ def _estimate_parts(params: dict[str, Any], messages: list[dict[str, Any]]) -> f
 
 
 class LastTurnEstimate:
-    """`estimate_request` for requests that differ only in their last message's text (a prompt rendered
-    as columns): the parts before it are summed once, and each request adds its text, in the same order,
-    so the estimate is the same to the last bit."""
+    """`estimate_request`, to the last bit, for requests that differ only in their last message's text:
+    the parts before it are summed once."""
 
     def __init__(self, params: dict[str, Any]) -> None:
         self.before = _estimate_parts(params, params["messages"][:-1])

@@ -1,8 +1,6 @@
-"""When the job's state folder stops taking writes mid-run, nothing paid is lost.
-
-`state_guard` turns any state failure into DiskFull (exit 5) or StateUnwritable (exit 74); the answers
-held in memory go to a rescue journal that the next run adopts (docs/decisions.md, "State failures").
-"""
+"""When the job's state folder stops taking writes mid-run, nothing paid is lost: `state_guard` turns any
+state failure into DiskFull (exit 5) or StateUnwritable (exit 74); the answers held in memory go to a
+rescue journal that the next run adopts (docs/decisions.md, "State failures")."""
 
 from __future__ import annotations
 
@@ -22,9 +20,8 @@ RESCUE_MARK = ".rescue-"
 
 
 def state_failure(exc: Exception, state_dir: Path, *, refusals: bool = True) -> GlmBatchError | None:
-    """`exc`, raised while writing (or reading back) the job's state in `state_dir`, as the error the
-    run stops with; None when it is not a failure of the state's files. With `refusals`, a writer's own
-    typed refusal (another GlmBatchError) counts as one too: only state files were being written."""
+    """`exc`, raised writing (or reading back) the state in `state_dir`, as the error the run stops with;
+    None when not the state files' failure. With `refusals`, a writer's own GlmBatchError counts too."""
     if isinstance(exc, DiskFull | StateUnwritable):
         return exc
     if isinstance(exc, OSError):

@@ -11,9 +11,8 @@ from runner.records import KEY
 
 
 class SettledKeys:
-    """The request keys that need no sending, sorted, tested by binary search (docs/decisions.md, "The
-    store and the row map"). Given a function, it reads them on first use; `basis` says what from (the
-    answer files, and whether --retry-failed leaves failures unsettled), for the row map's cover record."""
+    """The request keys that need no sending, sorted, tested by binary search; given a function, read on
+    first use. `basis` (answer files, --retry-failed) is for the row map's cover record (docs/decisions.md)."""
 
     def __init__(self, keys: pl.Series | Callable[[], pl.Series], basis: dict[str, Any] | None = None) -> None:
         self._keys = keys if isinstance(keys, pl.Series) else None
@@ -34,11 +33,6 @@ class SettledKeys:
             self._keys, self._load = self._load(), None
         return self._keys
 
-    @property
-    def size(self) -> int:
-        """How many keys are settled."""
-        return self.series().len()
-
     def covers(self, keys: pl.LazyFrame) -> bool:
         """Is every key in `keys` settled? (A hash anti-join: for a whole map, not a batch.)"""
         return self.missing(keys) == 0
@@ -58,12 +52,9 @@ class SettledKeys:
         return bool(keys[pos] == key)
 
     def contains(self, keys: pl.Series) -> pl.Series:
-        """A boolean Series: is each of `keys` settled? (Null for a null key.)
-
-        Two steps: a key's first 16 hex digits as an integer are looked up among the settled keys' (a
-        binary search over integers, ~40x faster than over strings), and only a key whose number is
-        there, or that has none (not hex), is looked up in full. After a template edit no key is settled
-        and nearly none takes the second step; a key is settled only if its whole string is found."""
+        """A boolean Series: is each of `keys` settled? (Null for a null key.) Its first 16 hex digits are
+        looked up first (integers search ~40x faster than strings); only a key found there, or not hex,
+        is looked up in full, and it is settled only if its whole string is found."""
         settled = self.series()
         count = keys.len()
         if settled.len() == 0:
@@ -74,7 +65,6 @@ class SettledKeys:
         highs, wanted = self._highs, _high_halves(keys)
         maybe = pl.Series([True] * count, dtype=pl.Boolean)
         if highs.len():
-            # Only a key in a bucket some settled key is in is searched for (after a template edit, ~none).
             assert self._filter is not None
             near = (self._filter.gather(buckets(wanted.fill_null(0))) & wanted.is_not_null()).arg_true()
             maybe = wanted.is_null()

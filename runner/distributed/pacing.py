@@ -1,11 +1,5 @@
 """The account's request and token rates for a whole cluster, kept in the run's ClusterLimiter actor and
-handed out as start times.
-
-    rates = Rates(requests_per_minute=600, tokens_per_minute=None)
-    granted, wait_s = rates.book([1200, 900, 1500], now)   # three attempts' token charges, in order
-
-How: docs/decisions.md, "Ray runs: one limit, one payment".
-"""
+handed out as start times (docs/decisions.md, "Ray runs: one limit, one payment")."""
 
 from __future__ import annotations
 

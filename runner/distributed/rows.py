@@ -1,11 +1,5 @@
-"""The job's input as a Ray dataset of blocks whose rows carry the local engine's `_row` positions.
-
-    ds, blocks = read_rows(source, rows_total, block_rows=500)   # the driver reads, as the local engine does
-
-The driver reads the input through the local engine's own lazy frame (runner.job.inputs.InputSource:
-its files, column types, renamed gold columns and `input.limit`), so a Ray run's rows, positions and
-request keys are the local engine's by construction (docs/decisions.md, "Ray runs").
-"""
+"""The job's input as a Ray dataset of blocks whose rows carry the local engine's `_row` positions, read
+through the local engine's own lazy frame, so rows, positions and keys are the local engine's."""
 
 from __future__ import annotations
 

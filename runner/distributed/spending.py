@@ -1,15 +1,6 @@
 """`run.max_cost` for a whole cluster, kept in the run's ClusterLimiter: each request's worst case reserved
-under an id of its worker's, and each reservation reserved once and settled once, however often or late
-its messages arrive.
-
-    spending = Spending(max_cost=5.0)
-    spending.reserve("worker-3", Reservation("a1b2", 1), 0.02)   # True: it fits (again: True, no change)
-    spending.settle("worker-3", Reservation("a1b2", 1), 0.004)   # booked (again: False, no change)
-    spending.release("worker-3", [Reservation("a1b2", 2)])       # never sent: handed back, nothing booked
-    spending.orphan("worker-3")                                  # the worker is gone: its open ones spent
-
-Why ids: docs/decisions.md, "Ray: the budget's messages applied once".
-"""
+under an id, reserved once and settled once however often or late its messages arrive (docs/decisions.md,
+"Ray: the budget's messages applied once")."""
 
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner.job import catalog
 from runner.simulator.answers import chat_completion, prompt_key, share
 from runner.simulator.batch_input import checked_ask
 from runner.simulator.host import Host
@@ -203,7 +202,6 @@ class NativeState:
         """Answer lines up to `due`: a success is billed as "batch"; errors are not billed. Each body is
         checked and answered from one Ask, and let go once answered (a million-line run holds none)."""
         cfg = self.host.config
-        models = catalog.models()
         lines = b.lines
         while b.processed < due:
             custom_id, body = lines[b.processed]
@@ -211,16 +209,11 @@ class NativeState:
             b.processed += 1
             request_id = self.host.new_id("")
             line_id = b.id  # real result lines carry the batch's id, and request_id inside the body
-            name = body.get("model") if isinstance(body, dict) else None
-            default = models[name].max_output if isinstance(name, str) and name in models else 1
-            ask = checked_ask(body, b.model, cfg.token_scale, default)
+            ask = checked_ask(body, b.model, cfg.token_scale)
             if isinstance(ask, tuple):
                 status, code, message = ask
-                response = {
-                    "status_code": status,
-                    "body": {"error": {"code": code, "message": message}, "request_id": request_id},
-                }
-                b.errors.append(_dump({"id": line_id, "custom_id": custom_id, "response": response, "error": None}))
+                error_body = {"error": {"code": code, "message": message}, "request_id": request_id}
+                b.errors.append(_result_line(line_id, custom_id, {"status_code": status, "body": error_body}))
                 b.failed += 1
                 continue
             prompt = ask.prompt
@@ -232,11 +225,10 @@ class NativeState:
                 status, error = _TRANSIENT[int(draw * 1e6) % 2]
                 if cfg.batch_error_line_shape == "error":
                     said = {"code": str(status), "message": error["error"]["message"]}
-                    b.errors.append(_dump({"id": line_id, "custom_id": custom_id, "response": None, "error": said}))
+                    b.errors.append(_result_line(line_id, custom_id, None, said))
                 else:
                     response = {"status_code": status, "body": {**error, "request_id": request_id}}
-                    line = {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
-                    b.errors.append(_dump(line))
+                    b.errors.append(_result_line(line_id, custom_id, response))
                 b.failed += 1
                 continue
             reply = self.host.reply(ask)
@@ -249,8 +241,7 @@ class NativeState:
                 _finish(completion, "sensitive")
             if share(f"batch-usage{attempt}{custom_id}{prompt}") < cfg.batch_usage_missing_rate:
                 del completion["usage"]  # billed all the same
-            response = {"status_code": 200, "body": completion}
-            b.outputs.append(_dump({"id": line_id, "custom_id": custom_id, "response": response, "error": None}))
+            b.outputs.append(_result_line(line_id, custom_id, {"status_code": 200, "body": completion}))
             b.completed += 1
 
     def _end(self, b: SimBatch, status: str, at: float) -> None:
@@ -264,16 +255,7 @@ class NativeState:
         if code is not None:
             for custom_id, _ in b.lines[b.processed :]:
                 error = {"code": code, "message": f"The request was not processed before the batch was {status}."}
-                b.errors.append(
-                    _dump(
-                        {
-                            "id": f"batch_req_{self.host.new_id('')}",
-                            "custom_id": custom_id,
-                            "response": None,
-                            "error": error,
-                        }
-                    )
-                )
+                b.errors.append(_result_line(f"batch_req_{self.host.new_id('')}", custom_id, None, error))
         b.lines = []  # the batch has ended: its lines are answered or expired (`total` keeps the count)
         shuffle = random.Random(f"{self.host.config.seed}{b.id}")
         ready = at + self.host.config.batch_output_404_s
@@ -370,5 +352,7 @@ def _finish(completion: dict[str, Any], reason: str) -> None:
     message.pop("tool_calls", None)
 
 
-def _dump(value: dict[str, Any]) -> str:
-    return json.dumps(value, ensure_ascii=False)
+def _result_line(line_id: str, custom_id: str, response: Any, error: Any = None) -> str:
+    """One line of a batch's output or error file."""
+    line = {"id": line_id, "custom_id": custom_id, "response": response, "error": error}
+    return json.dumps(line, ensure_ascii=False)

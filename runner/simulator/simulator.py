@@ -122,14 +122,6 @@ class Simulator:
         """The base of Zhipu's native API on this simulator (tokenizer, chat completions, Batch API)."""
         return self.url + NATIVE_PATH
 
-    def expire_batch(self, batch_id: str) -> None:
-        """Expire a batch now: lines already processed are delivered and billed, the rest expire."""
-        self.native.expire(batch_id)
-
-    def fail_batch(self, batch_id: str, message: str = "validation failed") -> None:
-        """Fail a batch that is still validating, as a file Zhipu refuses would."""
-        self.native.fail(batch_id, message)
-
     async def _get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
 

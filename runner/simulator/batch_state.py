@@ -232,7 +232,7 @@ class NativeState:
                 b.failed += 1
                 continue
             reply = self.host.reply(ask)
-            self.host.bill_locked("batch", key, reply)
+            self.host.bill("batch", key, reply)
             completion = chat_completion(reply, ask.model, request_id, int(time.time()))
             cut = share(f"batch-finish{attempt}{custom_id}{prompt}")
             if cut < cfg.batch_network_error_rate:  # inference aborted: a partial answer, billed

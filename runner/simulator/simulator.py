@@ -143,13 +143,9 @@ class Simulator:
     def bill(self, api: str, key: str, reply: Reply) -> None:
         """Record a generation the server completed: what the account is charged for."""
         with self.lock:
-            self.bill_locked(api, key, reply)
-
-    def bill_locked(self, api: str, key: str, reply: Reply) -> None:
-        """`bill`, for a caller that holds `lock`."""
-        self.served.billed[(api, key)] += 1
-        self.served.billed_tokens[api]["input"] += reply.input_tokens
-        self.served.billed_tokens[api]["output"] += reply.output_tokens
+            self.served.billed[(api, key)] += 1
+            self.served.billed_tokens[api]["input"] += reply.input_tokens
+            self.served.billed_tokens[api]["output"] += reply.output_tokens
 
     def new_id(self, prefix: str) -> str:
         """An id shaped like Zhipu's: prefix, yyyyMMddHHmmss, 16 hex digits."""

@@ -54,17 +54,16 @@ async def send_on_ray(
 ) -> tuple[dict[str, Any], int]:
     """Map the input over the sending actors and take in their blocks; the limiter's stats at the end,
     and how many actors sent."""
-    progress = Progress()
     with _ray(run.job), endpoint_url(run.job) as base_url:
-        stats = await _send(run, api_key, base_url, progress, reporter, signals, shape)
-    return stats, len(progress.workers)
+        return await _send(run, api_key, base_url, reporter, signals, shape)
 
 
 async def _send(
-    run: Run, api_key: str, base_url: str, progress: Progress, reporter: Reporter, signals: Signals, shape: Shape
-) -> dict[str, Any]:
-    """Map the input over the sending actors and take in their blocks; the limiter's stats at the end."""
+    run: Run, api_key: str, base_url: str, reporter: Reporter, signals: Signals, shape: Shape
+) -> tuple[dict[str, Any], int]:
+    """`send_on_ray`, with Ray up and the endpoint's URL."""
     job, store, tally, control = run.job, run.store, run.tally, run.control
+    progress = Progress()
     spec = job.spec.run
     concurrency = (
         AimdController(initial=job.concurrency, maximum=spec.max_concurrency) if job.adaptive else job.concurrency
@@ -158,7 +157,7 @@ async def _send(
         deferred = sorted(progress.deferred)
         answered = progress.recorded.contains_batch(deferred)
         run.outstanding.update(key for key, done in zip(deferred, answered, strict=True) if not done)
-    return stats
+    return stats, len(progress.workers)
 
 
 INTAKE_END_S = 30.0  # how long a stopped run waits for the intake to end before Ray is shut down

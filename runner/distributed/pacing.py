@@ -45,9 +45,6 @@ class Rates:
         self.booked = 0  # attempts booked
         self.calls = 0  # book calls that granted something
 
-    def __bool__(self) -> bool:
-        return self.requests is not None or self.tokens is not None
-
     def book(self, charges: list[float], now: float) -> tuple[int, float]:
         """Book the first attempts of `charges` (their token charges, in order) that fit both buckets at
         once, at least one; how many were booked, and the seconds from `now` until they may start."""

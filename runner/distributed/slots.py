@@ -168,15 +168,8 @@ class LeasedSlots:
         run's tail and start-up")."""
         if self._fetch is not None:
             await asyncio.wait([self._fetch])  # however it ends
-        lease = self._lease_number
-        if lease is None or self._closed:
-            return
-        try:
-            await self._report(idle=True)
-        except LeaseLost:
-            await self._lost(lease)
-        except Exception as exc:  # the limiter is unreachable: as in steward_round
-            await self._unreachable(exc)
+        if self._lease_number is not None and not self._closed:
+            await self._report_or_recover(idle=True)
 
     # -- taking and giving slots -----------------------------------------------------------------------
 
@@ -338,22 +331,25 @@ class LeasedSlots:
         due = now - self._last_report >= self._heartbeat_s
         if not (returning or self._outcomes or self._unanswered or due):
             return True
+        if not await self._report_or_recover(idle=idle):
+            return False
+        self._last_report = now
+        return True
+
+    async def _report_or_recover(self, *, idle: bool) -> bool:
+        """Report; join again if the lease was lost. False if the limiter cannot be reached: the attempts
+        waiting for slots then fail with its error, not hang."""
         lease = self._lease_number
         try:
             await self._report(idle=idle)
         except LeaseLost:
             await self._lost(lease)
         except Exception as exc:
-            await self._unreachable(exc)
+            async with self._changed:
+                self._failure = exc
+                self._changed.notify_all()
             return False
-        self._last_report = now
         return True
-
-    async def _unreachable(self, exc: Exception) -> None:
-        """The limiter cannot be reached: attempts waiting for slots fail with `exc`, not hang."""
-        async with self._changed:
-            self._failure = exc
-            self._changed.notify_all()
 
     async def _report(self, *, idle: bool) -> None:
         """Hand back the slots set aside (and, when `idle`, every free one) and state what we hold now

@@ -175,8 +175,7 @@ class NativeState:
             rate = cfg.batch_lines_per_s
             expire_at = b.started + cfg.batch_expire_after_s if cfg.batch_expire_after_s is not None else math.inf
             until = min(now, expire_at)
-            due = b.total if not rate else min(b.total, _lines_by(until - b.started, rate))
-            self._process(b, due)
+            self._process(b, _due(b.total, until - b.started, rate))
             if b.processed == b.total:
                 done = b.started + (b.total / rate if rate else 0.0)
                 b.status = "finalizing"
@@ -190,10 +189,8 @@ class NativeState:
                 self._end(b, "completed", at)
         if b.status == "cancelling":
             assert b.stop_at is not None
-            if b.started is not None and cfg.batch_lines_per_s:
-                self._process(b, min(b.total, _lines_by(b.stop_at - b.started, cfg.batch_lines_per_s)))
-            elif b.started is not None:
-                self._process(b, b.total)
+            if b.started is not None:
+                self._process(b, _due(b.total, b.stop_at - b.started, cfg.batch_lines_per_s))
             at = b.stop_at + cfg.batch_cancelling_s
             if now >= at:
                 self._end(b, "cancelled", at)
@@ -322,9 +319,10 @@ class NativeState:
         }
 
 
-def _lines_by(seconds: float, rate: float) -> int:
-    """Lines processed in `seconds` at `rate` a second (0.3 s at 20/s is 6, not 5.999...)."""
-    return int(seconds * rate + 1e-9)
+def _due(total: int, seconds: float, rate: float | None) -> int:
+    """Lines of `total` processed in `seconds` at `rate` a second (None: all at once; 0.3 s at 20/s is 6,
+    not 5.999...)."""
+    return min(total, int(seconds * rate + 1e-9)) if rate else total
 
 
 def _ms(seconds: float) -> int:

@@ -74,11 +74,8 @@ class Simulator:
             self.config = dataclasses.replace(self.config, **changes)
 
     def stats(self) -> dict[str, Any]:
-        """Counts so far. Delivered answers: requests, ok, outcomes, distinct_prompts_answered,
-        prompts_answered_twice, max_in_flight, input_tokens, output_tokens (all of /v1/messages).
-        The bill, over both APIs: billed {online, batch} (requests billed), billed_tokens
-        {api: {input, output}}, distinct_prompts_billed, prompts_billed_twice, prompts_billed_on_both_apis.
-        Batches: batches {status: count}, batch_lines_processed."""
+        """Counts so far: answers delivered on /v1/messages, the bill over both APIs (what the account
+        is charged for, per API and per prompt), and the batches by status."""
         self.native.advance_all()
         with self.lock:
             s = self.served

@@ -18,7 +18,10 @@ from runner.send.limits import AimdController, AnswerLength, Attempt, Overload
 
 
 class LeasedSlots:
-    """A local pool of slots leased from the cluster's limiter, handed to this worker's attempts."""
+    """A local pool of slots leased from the cluster's limiter, handed to this worker's attempts (the
+    runner.send.limits.Slots an OnlineExecutor runs on)."""
+
+    controller: AimdController | None = None  # the adaptive controller, if any, runs in the limiter actor
 
     def __init__(
         self,
@@ -35,8 +38,8 @@ class LeasedSlots:
         expected_output_tokens: int = 0,
     ) -> None:
         self._limiter = limiter
-        self._workers = workers
-        self._limit = workers  # the cluster's limit as last heard from the limiter
+        self.workers = workers  # attempts an executor may have waiting: the most the limit may ever allow us
+        self.concurrency = workers  # the cluster's in-flight limit as of the last report
         self.worker_id = worker_id
         self._max_grant = max_grant
         self._idle_s = idle_s
@@ -82,27 +85,10 @@ class LeasedSlots:
         self.reports = 0  # release/renew calls
         self.overloaded = 0  # attempts refused for overload
 
-    # -- what runner.send.limits.Slots asks, so OnlineExecutor runs on these slots -----------------------
-
-    @property
-    def workers(self) -> int:
-        """Attempts an executor may have waiting: the most the cluster limit may ever allow this worker."""
-        return self._workers
-
     @property
     def in_flight(self) -> int:
         """Attempts holding a slot now."""
         return self.in_use
-
-    @property
-    def concurrency(self) -> int:
-        """The cluster's in-flight limit, as of the last report."""
-        return self._limit
-
-    @property
-    def controller(self) -> AimdController | None:
-        """None: the adaptive controller, if any, runs in the limiter actor."""
-        return None
 
     def overload_rate(self) -> float:
         """Share of this worker's attempts refused for overload (429/1302, 1305, 529)."""
@@ -382,7 +368,7 @@ class LeasedSlots:
                 if lease != self._lease_number:
                     return  # we joined again meanwhile: the directive was about the old lease
                 self._owe = directive.owe
-                self._limit = directive.limit
+                self.concurrency = directive.limit
                 if directive.pause_s > 0:
                     self._paused_until = max(self._paused_until, self._clock() + directive.pause_s)
                 # What is owed and free now goes back at the next report, not when an attempt ends.

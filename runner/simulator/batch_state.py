@@ -67,11 +67,7 @@ class SimBatch:
     looks: int = 0  # GET /batches/{id} answered
     id_lag: int = 0  # looks left for which a completed batch still shows no output file id
     validation_errors: list[dict[str, Any]] = field(default_factory=list)  # errors.data of a failed batch
-    total: int = -1  # lines in the file (kept when `lines` is let go); set from `lines` when made
-
-    def __post_init__(self) -> None:
-        if self.total < 0:
-            self.total = len(self.lines)
+    total: int = 0  # lines in the file (kept when `lines` is let go)
 
 
 class NativeState:
@@ -83,8 +79,7 @@ class NativeState:
         self.batches: dict[str, SimBatch] = {}  # in creation order
         self._attempts: dict[str, int] = {}  # prompt hash -> batch lines seen (a retry draws anew)
         self._failed_by_config = 0  # batches failed at validation by `batch_fail_validation`
-        self._forgotten = 0
-        self._forgotten_ids: set[str] = set()
+        self._forgotten: set[str] = set()  # ids of the batches forgotten by `batch_forget_after_looks`
         self.late_creates = 0  # creates held by `batch_create_lands_after_s` so far
         self.landing: set[asyncio.Future[Any]] = set()  # late creates still to land (they outlive their client)
 
@@ -118,11 +113,10 @@ class NativeState:
             batch.looks += 1
             if cfg.batch_forget_after_looks is None or batch.looks <= cfg.batch_forget_after_looks:
                 return False
-            if self._forgotten >= cfg.batch_forget_times and batch.id not in self._forgotten_ids:
+            if len(self._forgotten) >= cfg.batch_forget_times and batch.id not in self._forgotten:
                 return False
             self._advance(batch, time.monotonic())
-            self._forgotten_ids.add(batch.id)
-            self._forgotten = len(self._forgotten_ids)
+            self._forgotten.add(batch.id)
             del self.batches[batch.id]
         self.host.count("batch_forgotten")
         return True

@@ -252,6 +252,7 @@ class NativeAPI(NativeState):
                 model=model,
                 auto_delete=bool(body.get("auto_delete_input_file", True)),  # documented default: true
                 lines=lines,
+                total=len(lines),
                 created=now,
                 wall=time.time(),
                 invalid=invalid,

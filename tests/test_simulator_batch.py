@@ -288,7 +288,8 @@ async def test_creating_a_batch_checks_endpoint_metadata_eligibility_and_the_que
     eligible = catalog.models()["glm-4-air-250414"]
     monkeypatch.setattr(catalog, "models", lambda: {**real, "glm-4.6": eligible})
     assert (await api.create(file["id"]))[0] == 200
-    monkeypatch.setattr(catalog, "models", lambda: {**real, "glm-4.6": _Ineligible(real["glm-4.6"])})
+    ineligible = real["glm-4.6"].model_copy(update={"batch": catalog.BatchInfo(eligible=False)})
+    monkeypatch.setattr(catalog, "models", lambda: {**real, "glm-4.6": ineligible})
     status, err = await api.create(file["id"])
     assert status == 400 and "not available for the Batch API" in err["error"]["message"]
     monkeypatch.undo()
@@ -299,16 +300,6 @@ async def test_creating_a_batch_checks_endpoint_metadata_eligibility_and_the_que
     assert first[0] == 200 and status == 429 and "queue" in err["error"]["message"], err
     await api.wait(first[1]["id"])
     assert (await api.create(file["id"]))[0] == 200
-
-
-class _Ineligible:
-    """A catalogue entry with `batch: false` (the field ModelInfo may gain)."""
-
-    def __init__(self, info: Any) -> None:
-        self._info, self.batch = info, False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._info, name)
 
 
 async def test_an_expired_batch_delivers_and_bills_what_it_finished_and_expires_the_rest(

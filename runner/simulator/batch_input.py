@@ -56,11 +56,9 @@ def strict_problem(body: dict[str, Any]) -> tuple[int, str, str] | None:
 
 
 def eligible(model: str) -> bool:
-    """Whether the catalogue lets a model into the Batch API: its `batch.eligible` (a test's stand-in
-    entry may set `batch` to a plain bool)."""
+    """Whether the catalogue lets a model into the Batch API (its `batch.eligible`)."""
     info = catalog.models().get(model)
-    batch = getattr(info, "batch", None)
-    return info is not None and bool(getattr(batch, "eligible", batch is not False))
+    return info is not None and info.batch.eligible
 
 
 def checked_ask(body: Any, model: str | None, scale: float) -> Ask | tuple[int, str, str]:

@@ -288,7 +288,8 @@ async def test_creating_a_batch_checks_endpoint_metadata_eligibility_and_the_que
     eligible = catalog.models()["glm-4-air-250414"]
     monkeypatch.setattr(catalog, "models", lambda: {**real, "glm-4.6": eligible})
     assert (await api.create(file["id"]))[0] == 200
-    monkeypatch.setattr(catalog, "models", lambda: {**real, "glm-4.6": _Ineligible(real["glm-4.6"])})
+    ineligible = real["glm-4.6"].model_copy(update={"batch": catalog.BatchInfo(eligible=False)})
+    monkeypatch.setattr(catalog, "models", lambda: {**real, "glm-4.6": ineligible})
     status, err = await api.create(file["id"])
     assert status == 400 and "not available for the Batch API" in err["error"]["message"]
     monkeypatch.undo()
@@ -299,16 +300,6 @@ async def test_creating_a_batch_checks_endpoint_metadata_eligibility_and_the_que
     assert first[0] == 200 and status == 429 and "queue" in err["error"]["message"], err
     await api.wait(first[1]["id"])
     assert (await api.create(file["id"]))[0] == 200
-
-
-class _Ineligible:
-    """A catalogue entry with `batch: false` (the field ModelInfo may gain)."""
-
-    def __init__(self, info: Any) -> None:
-        self._info, self.batch = info, False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._info, name)
 
 
 async def test_an_expired_batch_delivers_and_bills_what_it_finished_and_expires_the_rest(
@@ -331,17 +322,17 @@ async def test_an_expired_batch_delivers_and_bills_what_it_finished_and_expires_
 
 
 async def test_a_test_can_expire_or_fail_a_batch_on_demand(api: Api, server: SimulatorThread) -> None:
-    """SimulatorThread.expire_batch and fail_batch end a batch now, whatever the timings say."""
+    """The native API's expire and fail end a batch now, whatever the timings say."""
     server.configure(batch_lines_per_s=10, batch_validating_s=0.0)
     running = await api.submit([line(f"r{i}", chat(f"t{i}")) for i in range(100)])
     await until(lambda: server.stats()["batch_lines_processed"] >= 1)  # under way
-    server.expire_batch(running["id"])
+    server.native.expire(running["id"])
     expired, _ = await api.wait(running["id"])
     assert expired["status"] == "expired" and 1 <= expired["request_counts"]["completed"] < 100
 
     server.configure(batch_validating_s=5.0)
     validating = await api.submit([line("a", chat("t"))])
-    server.fail_batch(validating["id"], "line 1: model not allowed")
+    server.native.fail(validating["id"], "line 1: model not allowed")
     failed, _ = await api.wait(validating["id"])
     error = failed["errors"]["data"][0]
     assert failed["status"] == "failed" and (error["line"], error["message"]) == (1, "model not allowed"), error

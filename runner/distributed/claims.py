@@ -1,11 +1,5 @@
-"""Which block of a Ray run sends a request that several blocks share, so that it is sent, and paid for, once.
-
-    others = claims.claim("row-1500", keys)   # the block starting at row 1500: keys another block owns
-    ...send the rest, journal them...
-    claims.release("row-1500")                 # done: its answers are in the journal and parts now
-
-The rule: docs/decisions.md, "Ray runs: one limit, one payment".
-"""
+"""Which block of a Ray run sends a request that several blocks share, so that it is sent, and paid for,
+once (docs/decisions.md, "Ray runs: one limit, one payment")."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""The Ray side of a Ray run: Ray up, the input mapped over the sending actors, their blocks taken in.
-
-    limits, actors = await send_on_ray(run, api_key, reporter, signals, shape)
-
-The driver makes the run's ClusterLimiter (the account's one in-flight limit and run.max_cost), reads
-the input with Ray Data (runner.distributed.rows: `_row` as the local engine numbers rows) and maps its
-blocks over sending actors (runner.distributed.worker.SendingActor), which journal every answer before
-a block's row-map lines come back; the driver adds those to the row map in order, reports to the run.
-"""
+"""The Ray side of a Ray run: Ray up, the run's ClusterLimiter made, the input's blocks mapped over the
+sending actors (runner.distributed.worker), and their row-map lines and reports taken in, in order."""
 
 from __future__ import annotations
 
@@ -61,17 +54,16 @@ async def send_on_ray(
 ) -> tuple[dict[str, Any], int]:
     """Map the input over the sending actors and take in their blocks; the limiter's stats at the end,
     and how many actors sent."""
-    progress = Progress()
     with _ray(run.job), endpoint_url(run.job) as base_url:
-        stats = await _send(run, api_key, base_url, progress, reporter, signals, shape)
-    return stats, len(progress.workers)
+        return await _send(run, api_key, base_url, reporter, signals, shape)
 
 
 async def _send(
-    run: Run, api_key: str, base_url: str, progress: Progress, reporter: Reporter, signals: Signals, shape: Shape
-) -> dict[str, Any]:
-    """Map the input over the sending actors and take in their blocks; the limiter's stats at the end."""
+    run: Run, api_key: str, base_url: str, reporter: Reporter, signals: Signals, shape: Shape
+) -> tuple[dict[str, Any], int]:
+    """`send_on_ray`, with Ray up and the endpoint's URL."""
     job, store, tally, control = run.job, run.store, run.tally, run.control
+    progress = Progress()
     spec = job.spec.run
     concurrency = (
         AimdController(initial=job.concurrency, maximum=spec.max_concurrency) if job.adaptive else job.concurrency
@@ -145,10 +137,8 @@ async def _send(
         await supervise(
             asyncio.to_thread(consume),
             control=control,
-            # Nothing to checkpoint here: the actors journal every answer themselves, and the row map is
-            # written by `add` (in large files) from the consuming thread alone. Writing it from this
-            # loop too raced with `add` and lost the block added between the two (a 500-row hole in a
-            # sealed map); it is trusted only once sealed, so a stop loses nothing by not writing it.
+            # Nothing to checkpoint: the actors journal every answer, and the row map is written by `add`
+            # from the consuming thread alone (written from here too, it raced `add` and lost a block).
             checkpoint=lambda: None,
             tick=lambda: reporter.tick(tally, gauges, control),
             every_s=reporter.interval_s,
@@ -167,7 +157,7 @@ async def _send(
         deferred = sorted(progress.deferred)
         answered = progress.recorded.contains_batch(deferred)
         run.outstanding.update(key for key, done in zip(deferred, answered, strict=True) if not done)
-    return stats
+    return stats, len(progress.workers)
 
 
 INTAKE_END_S = 30.0  # how long a stopped run waits for the intake to end before Ray is shut down
@@ -175,9 +165,8 @@ INTAKE_END_S = 30.0  # how long a stopped run waits for the intake to end before
 
 class Intake:
     """The taking in of blocks, in a thread of its own while the driver's loop supervises: once closed
-    it takes no block more, so the row map, tally and progress are the driver's alone as the run ends.
-    (A second Ctrl-C cancels the wait for the thread, not the thread: it used to go on adding blocks to
-    the row map while the run wrote its output and shut Ray down, then start a new Ray instance.)"""
+    it takes no block more, so the row map, tally and progress are the driver's alone as the run ends
+    (a second Ctrl-C cancels the wait for the thread, not the thread: docs/decisions.md, "Ray under faults")."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # held while a block is taken in

@@ -1,16 +1,6 @@
-"""One account-wide in-flight limit and spending cap for every worker of a cluster run, as a named actor.
-
-    limiter = connect("glm-batch/reviews", concurrency=8, max_cost=5.0)   # the driver, once
-    joined = await limiter.join.remote("worker-3", "a1b2", 1)                # a worker, its lease
-    granted = await limiter.acquire.remote("worker-3", 4, 1.0, joined.lease, 1)  # its acquire call 1
-    directive = await limiter.report.remote("worker-3", Holding(joined.lease, 1, 2, 1), outcomes)
-    fits = await limiter.reserve.remote("worker-3", Reservation("a1b2", 1), 0.02)  # a worst case, by id
-    limiter.settle.remote("worker-3", Reservation("a1b2", 1), 0.004)               # what its answer cost
-    limiter.release.remote("worker-3", [Reservation("a1b2", 2)])                    # reserved, never sent
-
-Slots are leases, and a worker's reports state what it holds; reservations have ids; so no message
-repeated, late or lost leaves the books wrong (docs/decisions.md, "Ray runs: one limit, one payment").
-"""
+"""One account-wide in-flight limit, request and token rates and spending cap for every worker of a cluster
+run, as a named actor. Slots are leases whose reports state what a worker holds, and reservations have
+ids, so no message repeated, late or lost leaves the books wrong (docs/decisions.md, "Ray leases")."""
 
 from __future__ import annotations
 
@@ -31,18 +21,6 @@ from runner.distributed.pacing import Rates
 from runner.distributed.spending import Spending
 from runner.distributed.terms import Directive, Holding, Joined, LeaseLost, Outcomes, Reservation
 from runner.send.limits import AimdController
-
-__all__ = [
-    "DEFAULT_GRANT",
-    "ClusterLimiter",
-    "Directive",
-    "Holding",
-    "Joined",
-    "LeaseLost",
-    "Outcomes",
-    "Reservation",
-    "connect",
-]
 
 HEAD_NODE = "node:__internal_head__"  # a resource only the head node has: what places the limiter there
 DEFAULT_GRANT = 8  # most slots one acquire hands out: small, so one busy worker cannot starve the rest
@@ -108,13 +86,9 @@ class ClusterLimiter:
     # -- the in-flight limit ---------------------------------------------------------------------------
 
     async def join(self, worker_id: str, instance: str = "", count: int = 0) -> Joined:
-        """Start (or restart) a worker's lease with nothing granted: its number and its timeout.
-
-        A worker joining holds nothing yet, so whatever an earlier incarnation under the same id held
-        (a Ray actor restarted under its old name) is reclaimed now rather than after the timeout. The
-        worker's `instance` and the `count` of its joins tell a join that arrives twice, or after a newer
-        one of the same worker, from a new one: it gets the lease it made and drops nothing.
-        """
+        """Start (or restart) a worker's lease with nothing granted: its number and its timeout. What an
+        earlier incarnation under the same id held is reclaimed now; a join repeated or late (the same
+        `instance`, a `count` no newer) gets the lease it made and drops nothing."""
         self._reap()
         current = self._leases.get(worker_id)
         if current is not None and instance and current.joined[0] == instance and count <= current.joined[1]:
@@ -181,13 +155,10 @@ class ClusterLimiter:
                 counted.waiting -= 1
 
     async def report(self, worker_id: str, holding: Holding, outcomes: Outcomes | None = None) -> Directive:
-        """Take the worker's account of its lease (Holding): slots it no longer holds, handed back or never
-        received, return to the pool. Learn from `outcomes`; answer what the worker owes next.
-
-        Outcomes are learned from even when the lease was reclaimed meanwhile (they are real answers from
-        the endpoint), but not from a report that arrives again. A report no newer than the last changes
-        nothing; one from a reclaimed lease is told LeaseLost.
-        """
+        """Take the worker's account of its lease (Holding): slots it no longer holds return to the pool.
+        Learn from `outcomes` (real answers, even from a reclaimed lease; not twice from a repeated report);
+        answer what the worker owes next. A report no newer than the last changes nothing; one from a
+        reclaimed lease is told LeaseLost."""
         lease = self._leases.get(worker_id)
         repeated = lease is not None and lease.number == holding.lease and holding.report <= lease.reports
         if outcomes and not repeated:
@@ -419,25 +390,12 @@ class ClusterLimiter:
 
 
 def connect(
-    name: str,
-    *,
-    concurrency: int | AimdController,
-    max_cost: float | None = None,
-    requests_per_minute: float | None = None,
-    tokens_per_minute: float | None = None,
-    lease_timeout_s: float = 10.0,
-    max_grant: int = DEFAULT_GRANT,
-    namespace: str | None = None,
-    detached: bool = False,
+    name: str, *, namespace: str | None = None, detached: bool = False, **limits: Any
 ) -> ActorHandle[ClusterLimiter]:
-    """The run's limiter actor, made if no actor of that name exists yet (the arguments are then ignored).
-
-    Driver-owned by default, so it dies with the driver; `detached` keeps it across drivers. It takes no
-    CPU, so it never waits behind the workers for a slot on a busy cluster. It is placed on the head node
-    (Ray's `node:__internal_head__` resource): a run survives losing a worker node, whose actors Ray
-    restarts elsewhere, but not losing the limiter, whose leases, claims and budget are in its memory
-    alone; the head is the node whose loss ends every run anyway (it holds the cluster's control store).
-    """
+    """The run's limiter actor, made with ClusterLimiter's keyword arguments `limits` if no actor of that
+    name exists yet (else they are ignored). Driver-owned unless `detached`; it takes no CPU, so it never
+    waits behind the workers, and it sits on the head node, whose loss ends every run anyway
+    (docs/decisions.md, "Ray under faults")."""
     actor = ray.remote(ClusterLimiter).options(
         resources={HEAD_NODE: 0.001},
         name=name,
@@ -447,12 +405,4 @@ def connect(
         num_cpus=0,
         max_concurrency=10_000,  # blocked acquires each hold one of the actor's concurrent calls
     )
-    handle = actor.remote(
-        concurrency=concurrency,
-        max_cost=max_cost,
-        requests_per_minute=requests_per_minute,
-        tokens_per_minute=tokens_per_minute,
-        lease_timeout_s=lease_timeout_s,
-        max_grant=max_grant,
-    )
-    return cast("ActorHandle[ClusterLimiter]", handle)
+    return cast("ActorHandle[ClusterLimiter]", actor.remote(**limits))

@@ -1,11 +1,5 @@
 """The account's request and token rates for a whole cluster, kept in the run's ClusterLimiter actor and
-handed out as start times.
-
-    rates = Rates(requests_per_minute=600, tokens_per_minute=None)
-    granted, wait_s = rates.book([1200, 900, 1500], now)   # three attempts' token charges, in order
-
-How: docs/decisions.md, "Ray runs: one limit, one payment".
-"""
+handed out as start times (docs/decisions.md, "Ray runs: one limit, one payment")."""
 
 from __future__ import annotations
 
@@ -50,9 +44,6 @@ class Rates:
         self.tokens = Pace(tokens_per_minute) if tokens_per_minute else None
         self.booked = 0  # attempts booked
         self.calls = 0  # book calls that granted something
-
-    def __bool__(self) -> bool:
-        return self.requests is not None or self.tokens is not None
 
     def book(self, charges: list[float], now: float) -> tuple[int, float]:
         """Book the first attempts of `charges` (their token charges, in order) that fit both buckets at

@@ -1,11 +1,5 @@
-"""The job's input as a Ray dataset of blocks whose rows carry the local engine's `_row` positions.
-
-    ds, blocks = read_rows(source, rows_total, block_rows=500)   # the driver reads, as the local engine does
-
-The driver reads the input through the local engine's own lazy frame (runner.job.inputs.InputSource:
-its files, column types, renamed gold columns and `input.limit`), so a Ray run's rows, positions and
-request keys are the local engine's by construction (docs/decisions.md, "Ray runs").
-"""
+"""The job's input as a Ray dataset of blocks, read and numbered by the local engine's own
+`InputSource.batches`, so rows, `_row` positions and keys are the local engine's."""
 
 from __future__ import annotations
 
@@ -15,7 +9,7 @@ import polars as pl
 import ray
 import ray.data
 
-from runner.job.inputs import ROW, InputSource
+from runner.job.inputs import InputSource
 
 
 def read_rows(source: InputSource, rows_total: int, block_rows: int) -> tuple[ray.data.Dataset, int]:
@@ -23,13 +17,10 @@ def read_rows(source: InputSource, rows_total: int, block_rows: int) -> tuple[ra
     actor call sends: small blocks spread over every actor), each put in the object store as it is read;
     and how many blocks."""
     blocks: list[Any] = []  # refs of the numbered blocks, in input order
-    offset = 0
-    for chunk in source.frame.collect_batches(chunk_size=block_rows, maintain_order=True):
-        if chunk.height == 0:
-            continue
-        chunk = chunk.with_columns(pl.int_range(offset, offset + chunk.height, dtype=pl.UInt64).alias(ROW))
+    read = 0
+    for chunk in source.batches(block_rows, ids=False):  # the actors add `_id` (a hash per row), in parallel
         blocks.append(ray.put(chunk.to_arrow(compat_level=pl.CompatLevel.oldest())))
-        offset += chunk.height
-    if offset != rows_total:  # the input changed since it was counted: positions would join the wrong rows
-        raise RuntimeError(f"read {offset} input rows where {rows_total} were counted; positions would differ")
+        read += chunk.height
+    if read != rows_total:  # the input changed since it was counted: positions would join the wrong rows
+        raise RuntimeError(f"read {read} input rows where {rows_total} were counted; positions would differ")
     return ray.data.from_arrow_refs(blocks), len(blocks)

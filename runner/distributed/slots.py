@@ -1,13 +1,5 @@
-"""The worker's side of the cluster limit: the same `slot()` as runner.send.limits.Limits, backed by slots
-leased from the run's ClusterLimiter actor instead of a local semaphore.
-
-    slots = LeasedSlots(limiter, worker_id="worker-3", classify=overload)
-    async with slots.slot(estimated_tokens) as attempt:   # what OnlineExecutor._attempt does
-        answer = await client.send(params)
-        attempt.used_tokens = ...
-    await slots.give_back_idle()                          # nothing more to send for now: the pool back
-    await slots.aclose()                                  # hand everything back
-"""
+"""The worker's side of the cluster limit: the `slot()` of runner.send.limits.Limits, backed by slots
+leased from the run's ClusterLimiter actor instead of a local semaphore."""
 
 from __future__ import annotations
 
@@ -20,20 +12,23 @@ from typing import Any
 
 from ray.actor import ActorHandle
 
-from runner.distributed.limiter import ClusterLimiter
+from runner.distributed.limiter import DEFAULT_GRANT, ClusterLimiter
 from runner.distributed.terms import Directive, Holding, Joined, LeaseLost, Outcomes
 from runner.send.limits import AimdController, AnswerLength, Attempt, Overload
 
 
 class LeasedSlots:
-    """A local pool of slots leased from the cluster's limiter, handed to this worker's attempts."""
+    """A local pool of slots leased from the cluster's limiter, handed to this worker's attempts (the
+    runner.send.limits.Slots an OnlineExecutor runs on)."""
+
+    controller: AimdController | None = None  # the adaptive controller, if any, runs in the limiter actor
 
     def __init__(
         self,
         limiter: ActorHandle[ClusterLimiter],
         worker_id: str,
         *,
-        max_grant: int = 8,
+        max_grant: int = DEFAULT_GRANT,
         idle_s: float = 0.2,
         report_s: float = 0.1,
         classify: Callable[[Exception], tuple[Overload | None, float | None]] = lambda e: (None, None),
@@ -43,8 +38,8 @@ class LeasedSlots:
         expected_output_tokens: int = 0,
     ) -> None:
         self._limiter = limiter
-        self._workers = workers
-        self._limit = workers  # the cluster's limit as last heard from the limiter
+        self.workers = workers  # attempts an executor may have waiting: the most the limit may ever allow us
+        self.concurrency = workers  # the cluster's in-flight limit as of the last report
         self.worker_id = worker_id
         self._max_grant = max_grant
         self._idle_s = idle_s
@@ -90,27 +85,10 @@ class LeasedSlots:
         self.reports = 0  # release/renew calls
         self.overloaded = 0  # attempts refused for overload
 
-    # -- what runner.send.limits.Slots asks, so OnlineExecutor runs on these slots -----------------------
-
-    @property
-    def workers(self) -> int:
-        """Attempts an executor may have waiting: the most the cluster limit may ever allow this worker."""
-        return self._workers
-
     @property
     def in_flight(self) -> int:
         """Attempts holding a slot now."""
         return self.in_use
-
-    @property
-    def concurrency(self) -> int:
-        """The cluster's in-flight limit, as of the last report."""
-        return self._limit
-
-    @property
-    def controller(self) -> AimdController | None:
-        """None: the adaptive controller, if any, runs in the limiter actor."""
-        return None
 
     def overload_rate(self) -> float:
         """Share of this worker's attempts refused for overload (429/1302, 1305, 529)."""
@@ -171,23 +149,13 @@ class LeasedSlots:
                 await self._report(idle=True)
 
     async def give_back_idle(self) -> None:
-        """Hand the pool's free slots back now and wait until the limiter has them: the worker has nothing
-        more to send for now (its block ended). The steward would only after `idle_s`, and Ray Data ends
-        an actor left without blocks at once: its slots then stayed counted as its own, the rest of the
-        cluster a few slots short, until its lease timed out (the last ~10 s of a run).
-
-        An acquire under way is waited for first (it is timed), so its grant comes back too."""
+        """Hand the pool's free slots back now, with the grant of an acquire under way: the worker has
+        nothing more to send for now, and Ray Data may end it at once (docs/decisions.md, "Ray: a capped
+        run's tail and start-up")."""
         if self._fetch is not None:
             await asyncio.wait([self._fetch])  # however it ends
-        lease = self._lease_number
-        if lease is None or self._closed:
-            return
-        try:
-            await self._report(idle=True)
-        except LeaseLost:
-            await self._lost(lease)
-        except Exception as exc:  # the limiter is unreachable: as in steward_round
-            await self._unreachable(exc)
+        if self._lease_number is not None and not self._closed:
+            await self._report_or_recover(idle=True)
 
     # -- taking and giving slots -----------------------------------------------------------------------
 
@@ -349,22 +317,25 @@ class LeasedSlots:
         due = now - self._last_report >= self._heartbeat_s
         if not (returning or self._outcomes or self._unanswered or due):
             return True
+        if not await self._report_or_recover(idle=idle):
+            return False
+        self._last_report = now
+        return True
+
+    async def _report_or_recover(self, *, idle: bool) -> bool:
+        """Report; join again if the lease was lost. False if the limiter cannot be reached: the attempts
+        waiting for slots then fail with its error, not hang."""
         lease = self._lease_number
         try:
             await self._report(idle=idle)
         except LeaseLost:
             await self._lost(lease)
         except Exception as exc:
-            await self._unreachable(exc)
+            async with self._changed:
+                self._failure = exc
+                self._changed.notify_all()
             return False
-        self._last_report = now
         return True
-
-    async def _unreachable(self, exc: Exception) -> None:
-        """The limiter cannot be reached: attempts waiting for slots fail with `exc`, not hang."""
-        async with self._changed:
-            self._failure = exc
-            self._changed.notify_all()
 
     async def _report(self, *, idle: bool) -> None:
         """Hand back the slots set aside (and, when `idle`, every free one) and state what we hold now
@@ -372,42 +343,39 @@ class LeasedSlots:
         from here even if the call fails: the next report states the holding without them. One at a time,
         so reports reach the limiter in the order they were numbered."""
         async with self._reporting:
-            await self._report_now(self._to_return + (self.free if idle else 0))
-
-    async def _report_now(self, returning: int) -> None:
-        lease = self._lease_number
-        if lease is None:
-            return  # a join is under way: nothing to report on
-        outcomes, self._outcomes = self._outcomes, Outcomes()
-        self.held -= returning
-        self._to_return = 0
-        self._unanswered = False
-        self._reports += 1
-        holding = Holding(lease, self._reports, self.held, self._settled, self.in_use - self._unbacked)
-        try:
-            directive: Directive = await self._limiter.report.remote(self.worker_id, holding, outcomes)
-        except LeaseLost:
-            raise
-        except Exception:
-            # The call failed (actor unreachable for a moment): keep the outcomes for next time.
-            self._outcomes.latencies_s[:0] = outcomes.latencies_s
-            self._outcomes.refusals[:0] = outcomes.refusals
-            self._outcomes.overloads[:0] = outcomes.overloads
-            self._outcomes.extra_tokens += outcomes.extra_tokens
-            raise
-        self.reports += 1
-        async with self._changed:
-            if lease != self._lease_number:
-                return  # we joined again meanwhile: the directive was about the old lease
-            self._owe = directive.owe
-            self._limit = directive.limit
-            if directive.pause_s > 0:
-                self._paused_until = max(self._paused_until, self._clock() + directive.pause_s)
-            # What is owed and free now goes back at the next report, not when an attempt ends.
-            pay = min(self._owe, self.free)
-            self._owe -= pay
-            self._to_return += pay
-            self._changed.notify_all()
+            lease = self._lease_number
+            if lease is None:
+                return  # a join is under way: nothing to report on
+            outcomes, self._outcomes = self._outcomes, Outcomes()
+            self.held -= self._to_return + (self.free if idle else 0)
+            self._to_return = 0
+            self._unanswered = False
+            self._reports += 1
+            holding = Holding(lease, self._reports, self.held, self._settled, self.in_use - self._unbacked)
+            try:
+                directive: Directive = await self._limiter.report.remote(self.worker_id, holding, outcomes)
+            except LeaseLost:
+                raise
+            except Exception:
+                # The call failed (actor unreachable for a moment): keep the outcomes for next time.
+                self._outcomes.latencies_s[:0] = outcomes.latencies_s
+                self._outcomes.refusals[:0] = outcomes.refusals
+                self._outcomes.overloads[:0] = outcomes.overloads
+                self._outcomes.extra_tokens += outcomes.extra_tokens
+                raise
+            self.reports += 1
+            async with self._changed:
+                if lease != self._lease_number:
+                    return  # we joined again meanwhile: the directive was about the old lease
+                self._owe = directive.owe
+                self.concurrency = directive.limit
+                if directive.pause_s > 0:
+                    self._paused_until = max(self._paused_until, self._clock() + directive.pause_s)
+                # What is owed and free now goes back at the next report, not when an attempt ends.
+                pay = min(self._owe, self.free)
+                self._owe -= pay
+                self._to_return += pay
+                self._changed.notify_all()
 
     def describe(self) -> dict[str, Any]:
         """The pool's state, for logs and tests."""

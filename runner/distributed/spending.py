@@ -1,15 +1,6 @@
 """`run.max_cost` for a whole cluster, kept in the run's ClusterLimiter: each request's worst case reserved
-under an id of its worker's, and each reservation reserved once and settled once, however often or late
-its messages arrive.
-
-    spending = Spending(max_cost=5.0)
-    spending.reserve("worker-3", Reservation("a1b2", 1), 0.02)   # True: it fits (again: True, no change)
-    spending.settle("worker-3", Reservation("a1b2", 1), 0.004)   # booked (again: False, no change)
-    spending.release("worker-3", [Reservation("a1b2", 2)])       # never sent: handed back, nothing booked
-    spending.orphan("worker-3")                                  # the worker is gone: its open ones spent
-
-Why ids: docs/decisions.md, "Ray: the budget's messages applied once".
-"""
+under an id, reserved once and settled once however often or late its messages arrive (docs/decisions.md,
+"Ray: the budget's messages applied once")."""
 
 from __future__ import annotations
 
@@ -93,17 +84,16 @@ class Spending:
         book.open[number] = amount
         return True
 
-    def settle(self, worker: str, reservation: Reservation, actual: float) -> bool:
+    def settle(self, worker: str, reservation: Reservation, actual: float) -> None:
         """The reservation's answer came back and cost `actual`: release it and book that, if it is still
-        open. False (nothing changed) for one settled, refused or orphaned before, or never reserved."""
+        open. Nothing changes for one settled, refused or orphaned before, or never reserved."""
         book = self._book(worker, reservation)
         amount = book.open.pop(reservation.number, None)
         if amount is None:
             self.repeated += 1
-            return False
+            return
         book.closed.add(reservation.number)
         self.budget.settle(amount, actual)
-        return True
 
     def release(self, worker: str, reservations: list[Reservation]) -> None:
         """The requests of these reservations were never sent: hand them back, booking nothing, and close
@@ -120,9 +110,9 @@ class Spending:
                 self.budget.settle(amount, 0.0)
                 self.released += 1
 
-    def orphan(self, worker: str) -> float:
+    def orphan(self, worker: str) -> None:
         """The worker is gone (or taken for gone): book its open reservations as spent at their worst
-        case, as their requests may have been billed, and close them. How much that was."""
+        case, as their requests may have been billed, and close them."""
         total = 0.0
         for book in self._books.values():
             if book.worker != worker:
@@ -133,7 +123,6 @@ class Spending:
                 total += amount
             book.open.clear()
         self.orphaned += total
-        return total
 
     def silent(self, cutoff: float) -> set[str]:
         """Workers with reservations open and no reserve or settle since `cutoff` (the limiter orphans

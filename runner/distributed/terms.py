@@ -10,11 +10,8 @@ from dataclasses import dataclass, field
 
 
 class LeaseLost(Exception):
-    """The worker's lease was reclaimed (it was silent past the lease timeout, or the driver reclaimed it).
-
-    The slots it still uses are no longer counted by the limiter: it must stop taking new ones from its
-    pool, let the attempts on them finish, and `join` again.
-    """
+    """The worker's lease was reclaimed (silent past the lease timeout, or reclaimed by the driver): the
+    slots it still uses are no longer counted; it lets their attempts finish and joins again."""
 
 
 @dataclass
@@ -32,11 +29,8 @@ class Outcomes:
 
 @dataclass(frozen=True)
 class Joined:
-    """The limiter's answer to a join: the lease's number, to quote on every later call, and its timeout.
-
-    A call quoting an older number is refused with LeaseLost, so a grant or a return still on the wire when
-    the worker joined again can never be booked against the new lease.
-    """
+    """The limiter's answer to a join: the lease's number, to quote on every later call (an older one is
+    refused with LeaseLost, so nothing still on the wire is booked on the new lease), and its timeout."""
 
     lease: int
     timeout_s: float
@@ -44,13 +38,10 @@ class Joined:
 
 @dataclass(frozen=True)
 class Holding:
-    """A worker's whole account of one lease, sent with every report: a statement, not a change.
-
-    The limiter keeps the newest report of a lease, so a report that is repeated (a retried call), late
-    or never sent changes nothing the next one does not set right; and a grant whose answer never
-    reached the worker (its call was cut off, or repeated and answered once) is taken back as soon as a
-    report says that acquire call has ended without it.
-    """
+    """A worker's whole account of one lease, sent with every report: a statement, not a change, so a
+    report repeated, late or never sent changes nothing the next one does not set right, and a grant that
+    never reached the worker is taken back once a report says its call ended (docs/decisions.md,
+    "Ray leases: a report states the holding")."""
 
     lease: int  # Joined.lease
     report: int  # this report's number on the lease, from 1: one no newer than the last changes nothing

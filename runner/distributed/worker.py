@@ -1,11 +1,5 @@
-"""A sending actor of a Ray run: one block of input rows in, its row-map lines out, every answer journalled.
-
-    ds.map_batches(SendingActor, fn_constructor_kwargs={"config": ActorConfig(...)}, ...)
-
-Each call plans its block as the local engine does and keeps a run object for it (runner.run.Run: the
-rule for each answer, on the actor's own store). A retried block never pays twice for what its dead
-attempt got (docs/decisions.md, "Ray runs").
-"""
+"""A sending actor of a Ray run: one block of input rows in, its row-map lines out, every answer journalled;
+a retried block never pays twice for what its dead attempt got (docs/decisions.md, "Ray runs")."""
 
 from __future__ import annotations
 
@@ -91,10 +85,8 @@ class BlockLines(RowMap):
 
 def block_output(lines: pl.DataFrame, report: str) -> pa.Table:
     """A block's row-map lines with its report on the first line (`_report`, null on the others).
-
-    The report is built as a column of one value and nulls: a literal broadcast with when/then keeps a
-    copy of the report per row in the column's buffer (nulls mask it, they do not drop it), so a
-    500-row block with a 360 KB report went to the object store and the driver as 178 MB."""
+    Built as one value and nulls: a literal broadcast with when/then keeps a copy of it per row under
+    the nulls (a 500-row block with a 360 KB report went out as 178 MB)."""
     column = pl.Series(REPORT, [report, *[None] * (lines.height - 1)][: lines.height], dtype=pl.String)
     return lines.with_columns(column).to_arrow()
 

@@ -37,15 +37,15 @@ class InputSource:
     rows: int  # how many rows: counted by the check pass of `open_input`, so nobody reads the input again for it
     names_passed: tuple[list[Any], ...] = ()  # the inputs' content identities: each passed the name check
 
-    def batches(self, batch_rows: int = 10_000) -> Iterator[pl.DataFrame]:
-        """Yield the input in order, `batch_rows` at a time, with `_row` and `_id` added."""
+    def batches(self, batch_rows: int = 10_000, ids: bool = True) -> Iterator[pl.DataFrame]:
+        """Yield the input in order, `batch_rows` at a time, with `_row` and (if `ids`) `_id` added."""
         offset = 0
         for chunk in self.frame.collect_batches(chunk_size=batch_rows, maintain_order=True):
             if chunk.height == 0:
                 continue
             chunk = chunk.with_columns(pl.int_range(offset, offset + chunk.height, dtype=pl.UInt64).alias(ROW))
             offset += chunk.height
-            yield chunk.with_columns(self.ids(chunk))
+            yield chunk.with_columns(self.ids(chunk)) if ids else chunk
 
     def ids(self, chunk: pl.DataFrame) -> pl.Series:
         """The `_id` of each row of `chunk` (read elsewhere too: a cluster worker labels its own rows)."""

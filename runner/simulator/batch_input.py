@@ -1,6 +1,6 @@
 """What the simulated native API accepts: a batch file is refused whole (`file_problem`: bad JSON, a
 malformed line, a duplicate custom_id, more than one or an unknown model); a bad line fails alone
-(`line_problem`, also used by the chat completions route), by the chat body rules as strict as Zhipu's
+(`checked_ask`, also used by the chat completions route), by the chat body rules as strict as Zhipu's
 OpenAPI (`strict_problem`). A refusal is (status, code, message)."""
 
 from __future__ import annotations
@@ -56,22 +56,14 @@ def strict_problem(body: dict[str, Any]) -> tuple[int, str, str] | None:
 
 
 def eligible(model: str) -> bool:
-    """Whether the catalogue lets a model into the Batch API: its `batch.eligible` (a test's stand-in
-    entry may set `batch` to a plain bool)."""
+    """Whether the catalogue lets a model into the Batch API (its `batch.eligible`)."""
     info = catalog.models().get(model)
-    batch = getattr(info, "batch", None)
-    return info is not None and bool(getattr(batch, "eligible", batch is not False))
+    return info is not None and info.batch.eligible
 
 
-def line_problem(body: Any, model: str | None, scale: float) -> tuple[int, str, str] | None:
-    """Why a chat completions body would be refused (status, code, message), or None."""
-    checked = checked_ask(body, model, scale, 1)
-    return checked if isinstance(checked, tuple) else None
-
-
-def checked_ask(body: Any, model: str | None, scale: float, default_max_tokens: int) -> Ask | tuple[int, str, str]:
+def checked_ask(body: Any, model: str | None, scale: float) -> Ask | tuple[int, str, str]:
     """A chat completions body as an `Ask` (made once: checked and answered from the same one), or why
-    it would be refused (status, code, message)."""
+    it would be refused (status, code, message). `model`: the batch file's, which every line must name."""
     if not isinstance(body, dict):
         return 400, "1214", "body must be a JSON object"
     name = body.get("model")
@@ -89,34 +81,23 @@ def checked_ask(body: Any, model: str | None, scale: float, default_max_tokens: 
     strict = strict_problem(body)  # the documented rules: tool_choice, stop, response_format, sampling...
     if strict is not None:
         return strict
-    ask = ask_from_chat(body, default_max_tokens)  # the prompt does not depend on the max_tokens default
+    ask = ask_from_chat(body, models[name].max_output)
     if count_tokens(ask.prompt, scale) > models[name].context:
         return 400, "1261", "Prompt too long"
     return ask
 
 
 def parse_file(data: bytes) -> tuple[list[tuple[str, Any]], str | None, str | None]:
-    """A batch file's lines (custom_id, body), its model, and why validation fails (None if it passes),
-    each line parsed once. Bodies are not checked here: a bad body fails its own line, not the batch."""
-    return _scan([ln for ln in data.split(b"\n") if ln.strip()])
-
-
-def file_problem(lines: list[bytes]) -> str | None:
-    """What makes a whole batch file invalid: bad JSON, a malformed line, a duplicate custom_id, more
-    than one model, an unknown model. None when the file is valid."""
-    return _scan(lines)[2]
-
-
-def _scan(lines: list[bytes]) -> tuple[list[tuple[str, Any]], str | None, str | None]:
-    """`parse_file` over a file's non-blank lines: every line that is a JSON object, the first model
-    named, and the first problem that makes the file invalid (later lines are still parsed)."""
+    """A batch file's lines that are JSON objects (custom_id, body), each parsed once; its first model
+    named; and the first problem that makes the whole file invalid (bad JSON, a malformed line, a
+    duplicate custom_id, more than one or an unknown model), or None. A bad body fails its own line."""
     parsed: list[tuple[str, Any]] = []
     model = None
     problem: str | None = None
     seen: set[str] = set()
     models: set[str] = set()
     known = catalog.models()
-    for number, raw in enumerate(lines, 1):
+    for number, raw in enumerate([ln for ln in data.split(b"\n") if ln.strip()], 1):
         try:
             line = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):

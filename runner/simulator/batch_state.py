@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner.job import catalog
 from runner.simulator.answers import chat_completion, prompt_key, share
 from runner.simulator.batch_input import checked_ask
 from runner.simulator.host import Host
@@ -68,11 +67,7 @@ class SimBatch:
     looks: int = 0  # GET /batches/{id} answered
     id_lag: int = 0  # looks left for which a completed batch still shows no output file id
     validation_errors: list[dict[str, Any]] = field(default_factory=list)  # errors.data of a failed batch
-    total: int = -1  # lines in the file (kept when `lines` is let go); set from `lines` when made
-
-    def __post_init__(self) -> None:
-        if self.total < 0:
-            self.total = len(self.lines)
+    total: int = 0  # lines in the file (kept when `lines` is let go)
 
 
 class NativeState:
@@ -84,8 +79,7 @@ class NativeState:
         self.batches: dict[str, SimBatch] = {}  # in creation order
         self._attempts: dict[str, int] = {}  # prompt hash -> batch lines seen (a retry draws anew)
         self._failed_by_config = 0  # batches failed at validation by `batch_fail_validation`
-        self._forgotten = 0
-        self._forgotten_ids: set[str] = set()
+        self._forgotten: set[str] = set()  # ids of the batches forgotten by `batch_forget_after_looks`
         self.late_creates = 0  # creates held by `batch_create_lands_after_s` so far
         self.landing: set[asyncio.Future[Any]] = set()  # late creates still to land (they outlive their client)
 
@@ -119,11 +113,10 @@ class NativeState:
             batch.looks += 1
             if cfg.batch_forget_after_looks is None or batch.looks <= cfg.batch_forget_after_looks:
                 return False
-            if self._forgotten >= cfg.batch_forget_times and batch.id not in self._forgotten_ids:
+            if len(self._forgotten) >= cfg.batch_forget_times and batch.id not in self._forgotten:
                 return False
             self._advance(batch, time.monotonic())
-            self._forgotten_ids.add(batch.id)
-            self._forgotten = len(self._forgotten_ids)
+            self._forgotten.add(batch.id)
             del self.batches[batch.id]
         self.host.count("batch_forgotten")
         return True
@@ -176,8 +169,7 @@ class NativeState:
             rate = cfg.batch_lines_per_s
             expire_at = b.started + cfg.batch_expire_after_s if cfg.batch_expire_after_s is not None else math.inf
             until = min(now, expire_at)
-            due = b.total if not rate else min(b.total, _lines_by(until - b.started, rate))
-            self._process(b, due)
+            self._process(b, _due(b.total, until - b.started, rate))
             if b.processed == b.total:
                 done = b.started + (b.total / rate if rate else 0.0)
                 b.status = "finalizing"
@@ -191,10 +183,8 @@ class NativeState:
                 self._end(b, "completed", at)
         if b.status == "cancelling":
             assert b.stop_at is not None
-            if b.started is not None and cfg.batch_lines_per_s:
-                self._process(b, min(b.total, _lines_by(b.stop_at - b.started, cfg.batch_lines_per_s)))
-            elif b.started is not None:
-                self._process(b, b.total)
+            if b.started is not None:
+                self._process(b, _due(b.total, b.stop_at - b.started, cfg.batch_lines_per_s))
             at = b.stop_at + cfg.batch_cancelling_s
             if now >= at:
                 self._end(b, "cancelled", at)
@@ -203,7 +193,6 @@ class NativeState:
         """Answer lines up to `due`: a success is billed as "batch"; errors are not billed. Each body is
         checked and answered from one Ask, and let go once answered (a million-line run holds none)."""
         cfg = self.host.config
-        models = catalog.models()
         lines = b.lines
         while b.processed < due:
             custom_id, body = lines[b.processed]
@@ -211,16 +200,11 @@ class NativeState:
             b.processed += 1
             request_id = self.host.new_id("")
             line_id = b.id  # real result lines carry the batch's id, and request_id inside the body
-            name = body.get("model") if isinstance(body, dict) else None
-            default = models[name].max_output if isinstance(name, str) and name in models else 1
-            ask = checked_ask(body, b.model, cfg.token_scale, default)
+            ask = checked_ask(body, b.model, cfg.token_scale)
             if isinstance(ask, tuple):
                 status, code, message = ask
-                response = {
-                    "status_code": status,
-                    "body": {"error": {"code": code, "message": message}, "request_id": request_id},
-                }
-                b.errors.append(_dump({"id": line_id, "custom_id": custom_id, "response": response, "error": None}))
+                error_body = {"error": {"code": code, "message": message}, "request_id": request_id}
+                b.errors.append(_result_line(line_id, custom_id, {"status_code": status, "body": error_body}))
                 b.failed += 1
                 continue
             prompt = ask.prompt
@@ -232,15 +216,14 @@ class NativeState:
                 status, error = _TRANSIENT[int(draw * 1e6) % 2]
                 if cfg.batch_error_line_shape == "error":
                     said = {"code": str(status), "message": error["error"]["message"]}
-                    b.errors.append(_dump({"id": line_id, "custom_id": custom_id, "response": None, "error": said}))
+                    b.errors.append(_result_line(line_id, custom_id, None, said))
                 else:
                     response = {"status_code": status, "body": {**error, "request_id": request_id}}
-                    line = {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
-                    b.errors.append(_dump(line))
+                    b.errors.append(_result_line(line_id, custom_id, response))
                 b.failed += 1
                 continue
             reply = self.host.reply(ask)
-            self.host.bill_locked("batch", key, reply)
+            self.host.bill("batch", key, reply)
             completion = chat_completion(reply, ask.model, request_id, int(time.time()))
             cut = share(f"batch-finish{attempt}{custom_id}{prompt}")
             if cut < cfg.batch_network_error_rate:  # inference aborted: a partial answer, billed
@@ -249,8 +232,7 @@ class NativeState:
                 _finish(completion, "sensitive")
             if share(f"batch-usage{attempt}{custom_id}{prompt}") < cfg.batch_usage_missing_rate:
                 del completion["usage"]  # billed all the same
-            response = {"status_code": 200, "body": completion}
-            b.outputs.append(_dump({"id": line_id, "custom_id": custom_id, "response": response, "error": None}))
+            b.outputs.append(_result_line(line_id, custom_id, {"status_code": 200, "body": completion}))
             b.completed += 1
 
     def _end(self, b: SimBatch, status: str, at: float) -> None:
@@ -264,16 +246,7 @@ class NativeState:
         if code is not None:
             for custom_id, _ in b.lines[b.processed :]:
                 error = {"code": code, "message": f"The request was not processed before the batch was {status}."}
-                b.errors.append(
-                    _dump(
-                        {
-                            "id": f"batch_req_{self.host.new_id('')}",
-                            "custom_id": custom_id,
-                            "response": None,
-                            "error": error,
-                        }
-                    )
-                )
+                b.errors.append(_result_line(f"batch_req_{self.host.new_id('')}", custom_id, None, error))
         b.lines = []  # the batch has ended: its lines are answered or expired (`total` keeps the count)
         shuffle = random.Random(f"{self.host.config.seed}{b.id}")
         ready = at + self.host.config.batch_output_404_s
@@ -340,9 +313,10 @@ class NativeState:
         }
 
 
-def _lines_by(seconds: float, rate: float) -> int:
-    """Lines processed in `seconds` at `rate` a second (0.3 s at 20/s is 6, not 5.999...)."""
-    return int(seconds * rate + 1e-9)
+def _due(total: int, seconds: float, rate: float | None) -> int:
+    """Lines of `total` processed in `seconds` at `rate` a second (None: all at once; 0.3 s at 20/s is 6,
+    not 5.999...)."""
+    return min(total, int(seconds * rate + 1e-9)) if rate else total
 
 
 def _ms(seconds: float) -> int:
@@ -370,5 +344,7 @@ def _finish(completion: dict[str, Any], reason: str) -> None:
     message.pop("tool_calls", None)
 
 
-def _dump(value: dict[str, Any]) -> str:
-    return json.dumps(value, ensure_ascii=False)
+def _result_line(line_id: str, custom_id: str, response: Any, error: Any = None) -> str:
+    """One line of a batch's output or error file."""
+    line = {"id": line_id, "custom_id": custom_id, "response": response, "error": error}
+    return json.dumps(line, ensure_ascii=False)

@@ -62,11 +62,10 @@ class MessagesAPI:
 
         with self.host.lock:
             busy = self.host.served.in_flight[model]
-            if cfg.concurrency_cap is not None and busy >= cfg.concurrency_cap:
+            over_cap = cfg.concurrency_cap is not None and busy >= cfg.concurrency_cap
+            if over_cap:
                 self.host.served.by_outcome["429_1302_cap"] += 1
-                over_cap = True
             else:
-                over_cap = False
                 self.host.served.in_flight[model] += 1
                 self.host.served.max_in_flight = max(self.host.served.max_in_flight, busy + 1)
             fault = self.host.rng.choice(cfg.faults) if cfg.faults and self.host.rng.random() < cfg.fault_rate else None

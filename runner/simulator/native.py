@@ -11,9 +11,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from runner.job import catalog
 from runner.simulator.answers import ask_from_chat, chat_completion, count_tokens, prompt_key
-from runner.simulator.batch_input import eligible, file_problem, line_problem, parse_file
+from runner.simulator.batch_input import checked_ask, eligible, parse_file
 from runner.simulator.batch_state import ACTIVE, NativeState, SimBatch, SimFile
 from runner.simulator.config import BATCH_QUEUE_CAPS, METADATA_MAX_KEY, METADATA_MAX_KEYS, METADATA_MAX_VALUE
 
@@ -102,10 +101,9 @@ class NativeAPI(NativeState):
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise _Refused(400, "1210", "Invalid JSON body") from exc
-        problem = line_problem(body, None, self.host.config.token_scale)
-        if problem is not None:
-            raise _Refused(*problem)
-        ask = ask_from_chat(body, catalog.models()[body["model"]].max_output)
+        ask = checked_ask(body, None, self.host.config.token_scale)
+        if isinstance(ask, tuple):
+            raise _Refused(*ask)
         reply = self.host.reply(ask)
         completion = chat_completion(reply, ask.model, self.host.new_id(""), int(time.time()))
         await self.host.generate(self.host.delay(), "online", prompt_key(ask.prompt), reply)
@@ -133,7 +131,7 @@ class NativeAPI(NativeState):
         if len(lines) > cfg.batch_max_lines:
             raise _Refused(400, "1214", f"file has {len(lines)} lines; at most {cfg.batch_max_lines} allowed")
         if cfg.batch_check_on_upload:
-            problem = file_problem(lines)
+            problem = parse_file(data)[2]
             if problem is not None:
                 raise _Refused(400, "1214", problem)
         visible = time.monotonic() + cfg.batch_file_visible_after_s
@@ -254,6 +252,7 @@ class NativeAPI(NativeState):
                 model=model,
                 auto_delete=bool(body.get("auto_delete_input_file", True)),  # documented default: true
                 lines=lines,
+                total=len(lines),
                 created=now,
                 wall=time.time(),
                 invalid=invalid,

@@ -74,11 +74,8 @@ class Simulator:
             self.config = dataclasses.replace(self.config, **changes)
 
     def stats(self) -> dict[str, Any]:
-        """Counts so far. Delivered answers: requests, ok, outcomes, distinct_prompts_answered,
-        prompts_answered_twice, max_in_flight, input_tokens, output_tokens (all of /v1/messages).
-        The bill, over both APIs: billed {online, batch} (requests billed), billed_tokens
-        {api: {input, output}}, distinct_prompts_billed, prompts_billed_twice, prompts_billed_on_both_apis.
-        Batches: batches {status: count}, batch_lines_processed."""
+        """Counts so far: answers delivered on /v1/messages, the bill over both APIs (what the account
+        is charged for, per API and per prompt), and the batches by status."""
         self.native.advance_all()
         with self.lock:
             s = self.served
@@ -122,14 +119,6 @@ class Simulator:
         """The base of Zhipu's native API on this simulator (tokenizer, chat completions, Batch API)."""
         return self.url + NATIVE_PATH
 
-    def expire_batch(self, batch_id: str) -> None:
-        """Expire a batch now: lines already processed are delivered and billed, the rest expire."""
-        self.native.expire(batch_id)
-
-    def fail_batch(self, batch_id: str, message: str = "validation failed") -> None:
-        """Fail a batch that is still validating, as a file Zhipu refuses would."""
-        self.native.fail(batch_id, message)
-
     async def _get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
 
@@ -151,13 +140,9 @@ class Simulator:
     def bill(self, api: str, key: str, reply: Reply) -> None:
         """Record a generation the server completed: what the account is charged for."""
         with self.lock:
-            self.bill_locked(api, key, reply)
-
-    def bill_locked(self, api: str, key: str, reply: Reply) -> None:
-        """`bill`, for a caller that holds `lock`."""
-        self.served.billed[(api, key)] += 1
-        self.served.billed_tokens[api]["input"] += reply.input_tokens
-        self.served.billed_tokens[api]["output"] += reply.output_tokens
+            self.served.billed[(api, key)] += 1
+            self.served.billed_tokens[api]["input"] += reply.input_tokens
+            self.served.billed_tokens[api]["output"] += reply.output_tokens
 
     def new_id(self, prefix: str) -> str:
         """An id shaped like Zhipu's: prefix, yyyyMMddHHmmss, 16 hex digits."""

@@ -89,8 +89,15 @@ def test_with_the_output_on_the_full_disk_too_the_rescue_goes_under_the_temp_fol
         first = cli("run", str(files.spec))
         assert first.exit_code == 5, first.stderr
         last = assert_one_clean_line(first.stderr)
+        assert "could be written neither" not in last
         rescued = list((temp / "glm-batch-rescue").glob("*/job.rescue-*.jsonl"))
-        assert rescued and str(rescued[0]) in last
+        # Timing decides whether the disk fills while answers are held (then they go under the temp
+        # folder, and the line says where) or after the last one was durable (nothing to rescue).
+        if "answers it held are in" in last:
+            assert rescued and str(rescued[0]) in last
+        else:
+            assert not rescued, last
+        assert not list((disk / "out").glob("job.rescue-*.jsonl")), "the full disk holds no rescue"
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
         second = cli("run", str(files.spec))
         assert second.exit_code == 0, second.stderr

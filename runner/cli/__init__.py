@@ -10,6 +10,7 @@ import os
 # loads, by the command line only, at the top of this package; an operator's own setting wins.
 os.environ.setdefault("_RJEM_MALLOC_CONF", "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0")
 
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,32 +22,27 @@ from typer.core import TyperCommand, TyperGroup, TyperOption
 from runner import __version__
 from runner.errors import GlmBatchError, NothingToDo, deliberate
 
-P = TypeVar("P")
-
 if TYPE_CHECKING:
     from runner.job.resolve import Job
 
 
-def _plain_flags(params: list[P]) -> list[P]:
+class _PlainFlags:
     """Show on/off options as bare flags in help: typer's rich help would print `<bool>` beside them."""
-    for param in params:
-        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
-            param.metavar = ""
-    return params
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params: list[Any] = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+                param.metavar = ""
+        return params
 
 
-class _Command(TyperCommand):
+class _Command(_PlainFlags, TyperCommand):
     """A command whose help shows flags as flags."""
 
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _plain_flags(super().get_params(ctx))
 
-
-class _Group(TyperGroup):
+class _Group(_PlainFlags, TyperGroup):
     """The top-level command group, showing flags as flags in its help like every command."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _plain_flags(super().get_params(ctx))
 
 
 def _typer() -> typer.Typer:
@@ -110,6 +106,18 @@ def _guarded(fn: Callable[[], T]) -> T:
         from runner.cli.boundary import crash
 
         raise typer.Exit(crash(exc)) from None
+
+
+def command(fn: Callable[..., int | None]) -> Callable[..., None]:
+    """`fn` as a command: run inside `_guarded`; what it returns, if anything, is its exit code."""
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        code = _guarded(lambda: fn(*args, **kwargs))
+        if code:
+            raise typer.Exit(code)
+
+    return guarded
 
 
 def _load(

@@ -46,16 +46,18 @@ class _Group(_PlainFlags, TyperGroup):
 
 
 def _typer() -> typer.Typer:
-    return typer.Typer(
+    """An app with the top-level options (--version) and no command yet."""
+    one = typer.Typer(
         cls=_Group,
         add_completion=True,
         no_args_is_help=True,
         pretty_exceptions_enable=False,  # nothing escapes `_guarded` and `main` as a traceback
         help="Batch prompt processing against Zhipu's GLM models (Anthropic-compatible Messages API).",
     )
+    one.callback()(_main)
+    return one
 
 
-app = _typer()
 T = TypeVar("T")
 
 
@@ -82,13 +84,12 @@ def _main(
     """Batch prompt processing against Zhipu's GLM models (Anthropic-compatible Messages API)."""
 
 
-app.callback()(_main)
+app = _typer()
 
 
 def _guarded(fn: Callable[[], T]) -> T:
-    """Run `fn`: the exception boundary of every command. A GlmBatchError becomes its one-line message
-    and exit code (also when a task group wrapped it in an ExceptionGroup); anything else becomes one
-    line and a crash log (exit 70, see runner.cli.boundary)."""
+    """Run `fn` inside every command's exception boundary: a GlmBatchError (also in an ExceptionGroup) is
+    its one line and exit code; anything else one line and a crash log (exit 70, runner.cli.boundary)."""
     try:
         try:
             return fn()
@@ -164,7 +165,6 @@ def app_for(args: list[str]) -> typer.Typer:
     if name not in COMMANDS or any(key.startswith("_") and key.endswith("_COMPLETE") for key in os.environ):
         return app
     one = _typer()
-    one.callback()(_main)
     one.command(name, cls=_Command)(COMMANDS[name])
     return one
 

@@ -132,10 +132,7 @@ async def diagnose(
             if usage and model == target.model and table is not None and target.info is not None:
                 report.spent += target.info.batch.price_share * table.cost(**usage)
             if found["eligible"] is not None:
-                if model == target.model:
-                    report.facts["batch_eligible"] = found["eligible"]
-                else:
-                    report.control["batch_eligible"] = found["eligible"]
+                (report.facts if model == target.model else report.control)["batch_eligible"] = found["eligible"]
     elif not batch:
         report.add("batch", None, "not checked", "add --batch (a 2-line batch, waits up to --batch-wait)")
     where = target.base_url

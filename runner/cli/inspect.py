@@ -160,8 +160,7 @@ def status(spec: SpecArg, set_: SetOpt = None) -> None:
     from runner.send.batch.admin import batch_rows, stray_rows
     from runner.state.lock import JobLock
 
-    # The templates stay unparsed (no jinja2): status renders nothing, and writes nothing but what a
-    # look at the job's batches at Zhipu finds (a stray batch cancelled, in the batch book).
+    # Templates unparsed (no jinja2): status renders nothing; it writes only what a look at Zhipu finds.
     job = _load(spec, set_, None, check_templates=False, writes=False, sends=False)
     holder = JobLock(job.state_dir / "lock").holder()
     if holder is not None:

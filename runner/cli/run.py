@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -88,7 +88,7 @@ def _dry_run(spec: Path, set_: list[str] | None, limit: int | None, *, fresh: bo
     job = _load(spec, set_, limit)
     options = EstimateOptions(fresh=fresh, retry_failed=retry_failed, record=False)
     report = asyncio.run(estimate_loaded(job, "unused", options, make_reporter("json")))
-    _print_estimate(report)
+    _console().print(_estimate_table(report))
     cost, cur = report["cost"], report["currency"]
     cap = job.spec.run.max_cost
     cascade = report.get("cascade")
@@ -152,13 +152,9 @@ def estimate(
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        _print_estimate(report)
+        _console().print(_estimate_table(report))
         for warning in report["warnings"]:  # reasoning that may not fit max_tokens: said before spending
             print(f"warning: {warning}", file=sys.stderr)
-
-
-def _print_estimate(r: dict[str, Any]) -> None:
-    _console().print(_estimate_table(r))
 
 
 @command

@@ -64,8 +64,7 @@ def validate(
     set_: SetOpt = None,
 ) -> None:
     """Check a spec and its input, render the first rows and print them. Sends nothing."""
-    # Rendered with the planner's RequestBuilder.render, not through runner.plan: the planner brings
-    # the event loop, the retry layer and the accounting, none of which a preview of a few rows uses.
+    # RequestBuilder alone: runner.plan would bring the event loop, retries and accounting a preview never uses.
     from rich.console import Console
 
     from runner.job.inputs import open_input
@@ -75,9 +74,7 @@ def validate(
     job = _load(spec, set_, limit)
     source = open_input(job)
     builder = RequestBuilder(job)
-    # No highlighting: the prompts are printed as they are, and rich's highlighter compiles a dozen
-    # regular expressions (about 10 ms) for the rules' titles alone.
-    console = Console(highlight=False)
+    console = Console(highlight=False)  # prompts as they are; the highlighter alone costs about 10 ms
     first = next(source.batches(rows), None)  # open_input found rows, so there is a first batch
     for position, row_id, request in builder.render(first.iter_rows(named=True) if first is not None else ()):
         if isinstance(request, RenderError):

@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import polars as pl
 
+from runner.columns import BILLED_COLUMNS
 from runner.errors import UsageError
 from runner.money.accounting import percentile
 from runner.observe.summary import Summary
@@ -27,11 +28,7 @@ _WANTED = (
     "latency_ms",
     "attempts",
     "repairs",
-    "input_tokens",
-    "output_tokens",
-    "thinking_tokens",
-    "cache_read_input_tokens",
-    "cost",
+    *BILLED_COLUMNS,
     "reused_from",
     "run_id",
     "model",

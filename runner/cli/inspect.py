@@ -230,9 +230,8 @@ def _look_for_strays(job: Job) -> None:
 
 
 def _progress(job: Job) -> dict[str, int] | None:
-    """Rows answered ok, failed and pending: as the output of a finished run recorded them when the map,
-    the inputs and the answers are still those it was written from (a few small JSON files), else
-    counted from the row map, the answers and the input (polars)."""
+    """Rows answered ok, failed and pending: as the last output recorded them while map, inputs and answers
+    are unchanged (small JSON files), else counted from the row map, the answers and the input (polars)."""
     from runner.runs import fingerprint
     from runner.state.rowmap import RowMap
 

@@ -141,8 +141,7 @@ class LineReporter(_Periodic):
 
 class LogReporter(_Periodic):
     """Progress as records of the `glm_batch` logger (the Python API's default): INFO for progress,
-    WARNING for what went wrong. Quiet unless the host configures logging (`logging.basicConfig`),
-    since Python prints only warnings when nobody has."""
+    WARNING for what went wrong; quiet (warnings aside) until the host configures logging."""
 
     def __init__(self, logger: logging.Logger | None = None, interval_s: float = 10.0) -> None:
         self._log = logger or logging.getLogger("glm_batch")

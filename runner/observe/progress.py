@@ -255,19 +255,8 @@ class RichReporter:
         phase = self._phase or ("waiting for batches" if gauges.batches else "sending")
         if self._phase is None and rendering:
             phase = "rendering and sending"
-        s = self._state
-        self._state = PanelState.of(
-            phase=phase,
-            started=s.started,
-            job=s.job,
-            model=s.model,
-            currency=s.currency,
-            tally=tally,
-            gauges=gauges,
-            control=control,
-            requests_per_s=rate,
-            priced=self._priced,
-            max_cost=s.max_cost,
+        self._state = self._state.counted(
+            phase=phase, tally=tally, gauges=gauges, control=control, requests_per_s=rate, priced=self._priced
         )
         self._show()
 

@@ -132,7 +132,7 @@ def report(
         console.print(f"wrote {html}")
 
 
-def _cascade_status(job: Any) -> None:
+def _cascade_status(job: Job) -> None:
     """`status` of a cascade job: each stage's last run, and the last cascade's outcome."""
     from runner.cascade.record import status_lines
     from runner.observe.summary import Summary

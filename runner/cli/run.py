@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from runner.cli import LimitOpt, SetOpt, SpecArg, _console, _load, command
 from runner.cli.tables import _estimate_table
 from runner.errors import UsageError
-
-if TYPE_CHECKING:
-    from runner.observe.progress import LogFormat
 
 
 @command
@@ -59,7 +56,6 @@ def run(
 
     if log_format not in ("auto", "rich", "json", "text"):
         raise UsageError(f"--log-format {log_format!r}: use auto, json or text")
-    fmt: LogFormat = log_format  # type: ignore[assignment]
     overrides = [*(set_ or []), *([f"run.ray_address={ray_address}"] if ray_address else [])]
     job = _load(spec, overrides, limit)
     options = RunOptions(
@@ -68,7 +64,7 @@ def run(
         resume_command=resume_command(job, overrides, limit),
         resend_lost=resend_lost,
     )
-    report = asyncio.run(run_loaded(job, options, make_reporter(fmt)))
+    report = asyncio.run(run_loaded(job, options, make_reporter(log_format)))  # type: ignore[arg-type]
     if report.exit_code != 0:
         print(f"glm-batch: {report.message}", file=sys.stderr)
     else:

@@ -102,14 +102,11 @@ def _timeline(line: dict[str, Any], run: dict[str, Any], summary: Summary) -> st
             "before. Shown below: the last run that sent.</p>"
         )
     if not line["throughput"]:
-        return (
-            head
-            + idle
-            + (
-                '<p class="note" id="no-timeline">No request in this output was timed: nothing was sent for it '
-                "(answers reused, rows skipped or failed before sending).</p>"
-            )
+        untimed = (
+            '<p class="note" id="no-timeline">No request in this output was timed: nothing was sent for it '
+            "(answers reused, rows skipped or failed before sending).</p>"
         )
+        return head + idle + untimed
     span = line["bin_s"] * len(line["throughput"])
     return (
         head

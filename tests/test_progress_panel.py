@@ -53,34 +53,18 @@ def busy_run() -> PanelState:
         batch_lines={"open": 3000, "completed": 1234, "failed": 5},  # request_counts at the last looks
         batch_queue={"refused": 3, "waited_s": 72.4},
     )
-    return PanelState.of(
-        phase="rendering and sending",
-        started=STARTED,
-        job="nightly-product-reviews",
-        model="glm-4.5-air",
-        currency="CNY",
-        tally=tally,
-        gauges=gauges,
-        control=control,
-        requests_per_s=47.8,
-        priced=True,
-        max_cost=5000.0,
+    started = PanelState(
+        "", STARTED, job="nightly-product-reviews", model="glm-4.5-air", currency="CNY", max_cost=5000.0
+    )
+    return started.counted(
+        phase="rendering and sending", tally=tally, gauges=gauges, control=control, requests_per_s=47.8, priced=True
     )
 
 
 def small_run(tally: Tally, *, requests_per_s: float | None, priced: bool) -> PanelState:
     """A small job "j" on model "m", sending, with no gauges and no retries: all there is to see is `tally`."""
-    return PanelState.of(
-        phase="sending",
-        started=STARTED,
-        job="j",
-        model="m",
-        currency="CNY",
-        tally=tally,
-        gauges=Gauges(),
-        control=Control(),
-        requests_per_s=requests_per_s,
-        priced=priced,
+    return PanelState("", STARTED, job="j", model="m", currency="CNY").counted(
+        phase="sending", tally=tally, gauges=Gauges(), control=Control(), requests_per_s=requests_per_s, priced=priced
     )
 
 

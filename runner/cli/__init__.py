@@ -10,6 +10,7 @@ import os
 # loads, by the command line only, at the top of this package; an operator's own setting wins.
 os.environ.setdefault("_RJEM_MALLOC_CONF", "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0")
 
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,45 +22,42 @@ from typer.core import TyperCommand, TyperGroup, TyperOption
 from runner import __version__
 from runner.errors import GlmBatchError, NothingToDo, deliberate
 
-P = TypeVar("P")
-
 if TYPE_CHECKING:
     from runner.job.resolve import Job
 
 
-def _plain_flags(params: list[P]) -> list[P]:
+class _PlainFlags:
     """Show on/off options as bare flags in help: typer's rich help would print `<bool>` beside them."""
-    for param in params:
-        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
-            param.metavar = ""
-    return params
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params: list[Any] = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+                param.metavar = ""
+        return params
 
 
-class _Command(TyperCommand):
+class _Command(_PlainFlags, TyperCommand):
     """A command whose help shows flags as flags."""
 
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _plain_flags(super().get_params(ctx))
 
-
-class _Group(TyperGroup):
+class _Group(_PlainFlags, TyperGroup):
     """The top-level command group, showing flags as flags in its help like every command."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _plain_flags(super().get_params(ctx))
 
 
 def _typer() -> typer.Typer:
-    return typer.Typer(
+    """An app with the top-level options (--version) and no command yet."""
+    one = typer.Typer(
         cls=_Group,
         add_completion=True,
         no_args_is_help=True,
         pretty_exceptions_enable=False,  # nothing escapes `_guarded` and `main` as a traceback
         help="Batch prompt processing against Zhipu's GLM models (Anthropic-compatible Messages API).",
     )
+    one.callback()(_main)
+    return one
 
 
-app = _typer()
 T = TypeVar("T")
 
 
@@ -86,13 +84,12 @@ def _main(
     """Batch prompt processing against Zhipu's GLM models (Anthropic-compatible Messages API)."""
 
 
-app.callback()(_main)
+app = _typer()
 
 
 def _guarded(fn: Callable[[], T]) -> T:
-    """Run `fn`: the exception boundary of every command. A GlmBatchError becomes its one-line message
-    and exit code (also when a task group wrapped it in an ExceptionGroup); anything else becomes one
-    line and a crash log (exit 70, see runner.cli.boundary)."""
+    """Run `fn` inside every command's exception boundary: a GlmBatchError (also in an ExceptionGroup) is
+    its one line and exit code; anything else one line and a crash log (exit 70, runner.cli.boundary)."""
     try:
         try:
             return fn()
@@ -110,6 +107,18 @@ def _guarded(fn: Callable[[], T]) -> T:
         from runner.cli.boundary import crash
 
         raise typer.Exit(crash(exc)) from None
+
+
+def command(fn: Callable[..., int | None]) -> Callable[..., None]:
+    """`fn` as a command: run inside `_guarded`; what it returns, if anything, is its exit code."""
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        code = _guarded(lambda: fn(*args, **kwargs))
+        if code:
+            raise typer.Exit(code)
+
+    return guarded
 
 
 def _load(
@@ -156,7 +165,6 @@ def app_for(args: list[str]) -> typer.Typer:
     if name not in COMMANDS or any(key.startswith("_") and key.endswith("_COMPLETE") for key in os.environ):
         return app
     one = _typer()
-    one.callback()(_main)
     one.command(name, cls=_Command)(COMMANDS[name])
     return one
 

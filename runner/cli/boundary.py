@@ -1,8 +1,5 @@
-"""The command line's outer edge. `harden_streams` reopens a closed standard stream on /dev/null and
-sends a stream whose write fails there (a closed pipe, a full device), so a run never depends on who
-reads its messages. `crash` turns an unexpected exception into one line and a crash log, exiting
-CRASH_EXIT (70), distinct from 1 (some rows failed).
-"""
+"""The command line's outer edge: standard streams whose failure (closed, a broken pipe, a full device)
+never changes a run's outcome, and `crash`: an unexpected exception as one line and a crash log, exit 70."""
 
 from __future__ import annotations
 

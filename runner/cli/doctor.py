@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runner.cli import JsonOpt, _console, _guarded
+from runner.cli import JsonOpt, _console, command
 from runner.errors import UsageError
 
 if TYPE_CHECKING:
@@ -132,10 +132,7 @@ async def diagnose(
             if usage and model == target.model and table is not None and target.info is not None:
                 report.spent += target.info.batch.price_share * table.cost(**usage)
             if found["eligible"] is not None:
-                if model == target.model:
-                    report.facts["batch_eligible"] = found["eligible"]
-                else:
-                    report.control["batch_eligible"] = found["eligible"]
+                (report.facts if model == target.model else report.control)["batch_eligible"] = found["eligible"]
     elif not batch:
         report.add("batch", None, "not checked", "add --batch (a 2-line batch, waits up to --batch-wait)")
     where = target.base_url
@@ -146,6 +143,7 @@ async def diagnose(
     return report
 
 
+@command
 def doctor(
     spec: Annotated[
         Path | None, typer.Argument(metavar="[JOB]", help="The job spec whose endpoint and model to probe.")
@@ -164,29 +162,26 @@ def doctor(
         int, typer.Option("--ramp-max", min=1, max=16, metavar="N", help="The most requests at once the ramp tries.")
     ] = 16,
     as_json: JsonOpt = False,
-) -> None:
+) -> int:
     """Probe an endpoint and model with one-token requests: key, balance, tool choice, stop words, error
     shape, concurrency, Batch API. Prints what works and stores it for later runs."""
 
-    def go() -> int:
-        import asyncio  # when it runs: `glm-batch --help` and the other commands never load it
+    import asyncio  # when it runs: `glm-batch --help` and the other commands never load it
 
-        from runner.api import key_from_env
+    from runner.api import key_from_env
 
-        target = resolve_target(spec, endpoint, model)
-        key = key_from_env(target.endpoint, target.base_url, target.key_env)
-        say: Callable[[str], None] = (lambda _: None) if as_json else print
-        with _url(target) as url:
-            report = asyncio.run(
-                diagnose(target, url, key, batch=batch, batch_wait_s=batch_wait, ramp_max=ramp_max, say=say)
-            )
-        if as_json:
-            print(json.dumps(as_dict(report), indent=2))
-        else:
-            _print(report)
-        return 3 if report.aborted else 0
-
-    raise typer.Exit(_guarded(go))
+    target = resolve_target(spec, endpoint, model)
+    key = key_from_env(target.endpoint, target.base_url, target.key_env)
+    say: Callable[[str], None] = (lambda _: None) if as_json else print
+    with _url(target) as url:
+        report = asyncio.run(
+            diagnose(target, url, key, batch=batch, batch_wait_s=batch_wait, ramp_max=ramp_max, say=say)
+        )
+    if as_json:
+        print(json.dumps(as_dict(report), indent=2))
+    else:
+        _print(report)
+    return 3 if report.aborted else 0
 
 
 def as_dict(report: Report) -> dict[str, Any]:

@@ -5,18 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 
-from runner.cli import LimitOpt, SetOpt, SpecArg, _console, _guarded, _load
+from runner.cli import LimitOpt, SetOpt, SpecArg, _console, _load, command
 from runner.cli.tables import _estimate_table
 from runner.errors import UsageError
 
-if TYPE_CHECKING:
-    from runner.observe.progress import LogFormat
 
-
+@command
 def run(
     spec: SpecArg,
     limit: LimitOpt = None,
@@ -45,40 +43,33 @@ def run(
         str | None,
         typer.Option("--ray-address", metavar="ADDRESS", help="The Ray cluster for run.engine: ray (or $RAY_ADDRESS)."),
     ] = None,
-) -> None:
+) -> int:
     """Run a job: send every row that has no answer yet and write the results to Parquet."""
     if dry_run:
-        _guarded(lambda: _dry_run(spec, set_, limit, fresh=fresh, retry_failed=retry_failed))
-        raise typer.Exit(0)
+        _dry_run(spec, set_, limit, fresh=fresh, retry_failed=retry_failed)
+        return 0
+    import asyncio
 
     from runner.api import resume_command, run_loaded
     from runner.observe.progress import make_reporter
+    from runner.runs import RunOptions
 
-    def go() -> int:
-        if log_format not in ("auto", "rich", "json", "text"):
-            raise UsageError(f"--log-format {log_format!r}: use auto, json or text")
-        fmt: LogFormat = log_format  # type: ignore[assignment]
-        overrides = [*(set_ or []), *([f"run.ray_address={ray_address}"] if ray_address else [])]
-        job = _load(spec, overrides, limit)
-        import asyncio
-
-        from runner.runs import RunOptions
-
-        options = RunOptions(
-            fresh=fresh,
-            retry_failed=retry_failed,
-            resume_command=resume_command(job, overrides, limit),
-            resend_lost=resend_lost,
-        )
-        report = asyncio.run(run_loaded(job, options, make_reporter(fmt)))
-        if report.exit_code != 0:
-            print(f"glm-batch: {report.message}", file=sys.stderr)
-        else:
-            print(report.message)
-        return report.exit_code
-
-    code = _guarded(go)
-    raise typer.Exit(code)
+    if log_format not in ("auto", "rich", "json", "text"):
+        raise UsageError(f"--log-format {log_format!r}: use auto, json or text")
+    overrides = [*(set_ or []), *([f"run.ray_address={ray_address}"] if ray_address else [])]
+    job = _load(spec, overrides, limit)
+    options = RunOptions(
+        fresh=fresh,
+        retry_failed=retry_failed,
+        resume_command=resume_command(job, overrides, limit),
+        resend_lost=resend_lost,
+    )
+    report = asyncio.run(run_loaded(job, options, make_reporter(log_format)))  # type: ignore[arg-type]
+    if report.exit_code != 0:
+        print(f"glm-batch: {report.message}", file=sys.stderr)
+    else:
+        print(report.message)
+    return report.exit_code
 
 
 def _dry_run(spec: Path, set_: list[str] | None, limit: int | None, *, fresh: bool, retry_failed: bool) -> None:
@@ -93,7 +84,7 @@ def _dry_run(spec: Path, set_: list[str] | None, limit: int | None, *, fresh: bo
     job = _load(spec, set_, limit)
     options = EstimateOptions(fresh=fresh, retry_failed=retry_failed, record=False)
     report = asyncio.run(estimate_loaded(job, "unused", options, make_reporter("json")))
-    _print_estimate(report)
+    _console().print(_estimate_table(report))
     cost, cur = report["cost"], report["currency"]
     cap = job.spec.run.max_cost
     cascade = report.get("cascade")
@@ -120,6 +111,7 @@ def _dry_run(spec: Path, set_: list[str] | None, limit: int | None, *, fresh: bo
     )
 
 
+@command
 def estimate(
     spec: SpecArg,
     exact: Annotated[
@@ -149,25 +141,19 @@ def estimate(
     from runner.estimate import EstimateOptions
     from runner.observe.progress import make_reporter
 
-    def go() -> None:
-        job = _load(spec, set_, limit)
-        key = api_key_for(job) if (exact or pilot) else "unused"
-        options = EstimateOptions(exact=exact, pilot_rows=pilot, latency_s=latency, fresh=fresh)
-        report = asyncio.run(estimate_loaded(job, key, options, make_reporter("json" if as_json else "auto")))
-        if as_json:
-            print(json.dumps(report, indent=2))
-        else:
-            _print_estimate(report)
-            for warning in report["warnings"]:  # reasoning that may not fit max_tokens: said before spending
-                print(f"warning: {warning}", file=sys.stderr)
-
-    _guarded(go)
+    job = _load(spec, set_, limit)
+    key = api_key_for(job) if (exact or pilot) else "unused"
+    options = EstimateOptions(exact=exact, pilot_rows=pilot, latency_s=latency, fresh=fresh)
+    report = asyncio.run(estimate_loaded(job, key, options, make_reporter("json" if as_json else "auto")))
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        _console().print(_estimate_table(report))
+        for warning in report["warnings"]:  # reasoning that may not fit max_tokens: said before spending
+            print(f"warning: {warning}", file=sys.stderr)
 
 
-def _print_estimate(r: dict[str, Any]) -> None:
-    _console().print(_estimate_table(r))
-
-
+@command
 def simulate(
     port: Annotated[
         int, typer.Option("--port", min=0, max=65535, metavar="PORT", help="Port on 127.0.0.1 (0 picks one).")
@@ -194,15 +180,11 @@ def simulate(
     config = SimConfig(
         latency_s=latency, latency_jitter_s=jitter, concurrency_cap=cap, fault_rate=fault_rate, seed=seed
     )
-
-    def go() -> None:
-        try:
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a standalone simulator is stopped
             asyncio.run(serve_forever(port, config))
-        except OSError as exc:  # the port is taken, or not ours to take (below 1024 without privileges)
-            raise UsageError(
-                f"--port {port}: cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}); "
-                "choose another port (--port 0 picks a free one)"
-            ) from None
-
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a standalone simulator is stopped
-        _guarded(go)
+    except OSError as exc:  # the port is taken, or not ours to take (below 1024 without privileges)
+        raise UsageError(
+            f"--port {port}: cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}); "
+            "choose another port (--port 0 picks a free one)"
+        ) from None

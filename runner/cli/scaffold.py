@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from runner.cli import LimitOpt, SetOpt, SpecArg, _guarded, _load
+from runner.cli import LimitOpt, SetOpt, SpecArg, _load, command
 from runner.errors import UsageError, first_line
 
 
@@ -35,6 +35,7 @@ def job_schema_text() -> str:
 SCHEMA_MARK = '"title": "JobSpec"'
 
 
+@command
 def schema(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", metavar="FILE", help="Write it to this file instead of stdout.")
@@ -49,15 +50,13 @@ def schema(
         sys.stdout.write(text)
         return
 
-    def go() -> None:
-        from runner.files import write_text
+    from runner.files import write_text
 
-        write_text(output, text, key="-o", ours=SCHEMA_MARK, force=force)
-        print(f"wrote {output}")
-
-    _guarded(go)
+    write_text(output, text, key="-o", ours=SCHEMA_MARK, force=force)
+    print(f"wrote {output}")
 
 
+@command
 def validate(
     spec: SpecArg,
     rows: Annotated[int, typer.Option("--rows", min=1, metavar="N", help="How many rendered rows to print.")] = 3,
@@ -65,56 +64,51 @@ def validate(
     set_: SetOpt = None,
 ) -> None:
     """Check a spec and its input, render the first rows and print them. Sends nothing."""
-    # Rendered with the planner's RequestBuilder.render, not through runner.plan: the planner brings
-    # the event loop, the retry layer and the accounting, none of which a preview of a few rows uses.
+    # RequestBuilder alone: runner.plan would bring the event loop, retries and accounting a preview never uses.
     from rich.console import Console
 
     from runner.job.inputs import open_input
     from runner.job.prompts import RequestBuilder
     from runner.job.sandbox import RenderError
 
-    def go() -> None:
-        job = _load(spec, set_, limit)
-        source = open_input(job)
-        builder = RequestBuilder(job)
-        # No highlighting: the prompts are printed as they are, and rich's highlighter compiles a dozen
-        # regular expressions (about 10 ms) for the rules' titles alone.
-        console = Console(highlight=False)
-        first = next(source.batches(rows), None)  # open_input found rows, so there is a first batch
-        for position, row_id, request in builder.render(first.iter_rows(named=True) if first is not None else ()):
-            if isinstance(request, RenderError):
-                if request.error_type == "null_input":
-                    console.rule(f"row {position} id={row_id}: skipped: {request}")
-                    continue
-                raise UsageError(
-                    f"{spec}: the prompt template fails on row {position} (id {row_id}): {request}; "
-                    "fix the template or that row (a run would record it as render_error)"
-                ) from None
-            console.rule(f"row {position} id={row_id} key={request.key[:12]}")
-            if "system" in request.params:
-                console.print("[bold]system:[/]", request.params["system"], markup=True)
-            messages = request.params["messages"]
-            if len(messages) == 1:
-                console.print(messages[0]["content"], markup=False)
+    job = _load(spec, set_, limit)
+    source = open_input(job)
+    builder = RequestBuilder(job)
+    console = Console(highlight=False)  # prompts as they are; the highlighter alone costs about 10 ms
+    first = next(source.batches(rows), None)  # open_input found rows, so there is a first batch
+    for position, row_id, request in builder.render(first.iter_rows(named=True) if first is not None else ()):
+        if isinstance(request, RenderError):
+            if request.error_type == "null_input":
+                console.rule(f"row {position} id={row_id}: skipped: {request}")
                 continue
-            for message in messages:  # prompt.messages: each turn, under its role
-                console.print(f"[bold]{message['role']}:[/]", markup=True)
-                console.print(message["content"], markup=False)
-        thinking = job.thinking
-        if thinking.note is not None:
-            console.print(thinking.note, markup=False)
-        if thinking.warning is not None:
-            console.print(f"warning: {thinking.warning}", markup=False)
-        samples = job.spec.output.samples
-        each = f" x {samples} samples = {source.rows * samples} requests" if samples > 1 else ""
-        console.print(
-            f"ok: {spec} is valid; {source.rows} rows{each}, model {job.spec.model.name} on {job.endpoint_name}, "
-            f"concurrency {job.concurrency}; output {job.output_path}. Nothing was sent."
-        )
+            raise UsageError(
+                f"{spec}: the prompt template fails on row {position} (id {row_id}): {request}; "
+                "fix the template or that row (a run would record it as render_error)"
+            ) from None
+        console.rule(f"row {position} id={row_id} key={request.key[:12]}")
+        if "system" in request.params:
+            console.print("[bold]system:[/]", request.params["system"], markup=True)
+        messages = request.params["messages"]
+        if len(messages) == 1:
+            console.print(messages[0]["content"], markup=False)
+            continue
+        for message in messages:  # prompt.messages: each turn, under its role
+            console.print(f"[bold]{message['role']}:[/]", markup=True)
+            console.print(message["content"], markup=False)
+    thinking = job.thinking
+    if thinking.note is not None:
+        console.print(thinking.note, markup=False)
+    if thinking.warning is not None:
+        console.print(f"warning: {thinking.warning}", markup=False)
+    samples = job.spec.output.samples
+    each = f" x {samples} samples = {source.rows * samples} requests" if samples > 1 else ""
+    console.print(
+        f"ok: {spec} is valid; {source.rows} rows{each}, model {job.spec.model.name} on {job.endpoint_name}, "
+        f"concurrency {job.concurrency}; output {job.output_path}. Nothing was sent."
+    )
 
-    _guarded(go)
 
-
+@command
 def init(
     input_path: Annotated[
         Path,
@@ -129,23 +123,20 @@ def init(
 ) -> None:
     """Write a commented starter job for an input file's columns (never overwrites a file)."""
 
-    def go() -> None:
-        from runner.files import write_error, write_text
+    from runner.files import write_error, write_text
 
-        target = output if output is not None else Path("jobs") / f"{input_path.stem}.yaml"
-        if target.exists():
-            raise UsageError(f"{target} already exists; pass --output another.yaml or remove it first")
-        columns, first = _peek(input_path)
-        text = starter_job(input_path, target, columns, first)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise write_error(target.parent, exc, "--output") from None
-        # exclusive: never replace a file, even one created meanwhile; never the input it describes.
-        write_text(target, text, key="--output", protected=[(input_path, "the input")], exclusive=True)
-        print(f"wrote {target}; edit its prompt, then: glm-batch validate {target}")
-
-    _guarded(go)
+    target = output if output is not None else Path("jobs") / f"{input_path.stem}.yaml"
+    if target.exists():
+        raise UsageError(f"{target} already exists; pass --output another.yaml or remove it first")
+    columns, first = _peek(input_path)
+    text = starter_job(input_path, target, columns, first)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(target.parent, exc, "--output") from None
+    # exclusive: never replace a file, even one created meanwhile; never the input it describes.
+    write_text(target, text, key="--output", protected=[(input_path, "the input")], exclusive=True)
+    print(f"wrote {target}; edit its prompt, then: glm-batch validate {target}")
 
 
 def _peek(path: Path) -> tuple[dict[str, str], dict[str, Any]]:

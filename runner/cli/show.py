@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from runner.cli import JsonOpt, SetOpt, _console, _guarded, _load
+from runner.cli import JsonOpt, SetOpt, _console, _load, command
 from runner.errors import UsageError, first_line
 
 SHORT = 12  # a column this narrow is never squeezed; wider ones share the rest of the terminal
@@ -18,6 +18,7 @@ MAX_CELL = 200  # characters of a cell put in the table (the table cuts it again
 DEFAULT_TAIL = ("response_text", "status", "error_type")
 
 
+@command
 def show(
     target: Annotated[
         Path,
@@ -42,26 +43,23 @@ def show(
 ) -> None:
     """Show an output's rows as a table that fits the terminal (or as JSON)."""
 
-    def go() -> None:
-        import polars as pl
+    import polars as pl
 
-        path = _output_of(target, set_)
-        try:
-            names = list(pl.read_parquet_schema(path))
-        except (OSError, pl.exceptions.PolarsError) as exc:
-            raise UsageError(f"{path}: cannot read it as Parquet ({first_line(exc)})") from None
-        chosen = _columns(columns, names)
-        frame = pl.scan_parquet(path)
-        for condition in where or []:
-            frame = frame.filter(_condition(condition, names))
-        shown = frame.select(chosen).head(rows).collect()
-        matching = int(frame.select(pl.len()).collect().item())
-        if as_json:
-            print(json.dumps(shown.to_dicts(), default=str, ensure_ascii=False, indent=2))
-            return
-        _print_table(shown, matching, path, bool(where))
-
-    _guarded(go)
+    path = _output_of(target, set_)
+    try:
+        names = list(pl.read_parquet_schema(path))
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise UsageError(f"{path}: cannot read it as Parquet ({first_line(exc)})") from None
+    chosen = _columns(columns, names)
+    frame = pl.scan_parquet(path)
+    for condition in where or []:
+        frame = frame.filter(_condition(condition, names))
+    shown = frame.select(chosen).head(rows).collect()
+    matching = int(frame.select(pl.len()).collect().item())
+    if as_json:
+        print(json.dumps(shown.to_dicts(), default=str, ensure_ascii=False, indent=2))
+        return
+    _print_table(shown, matching, path, bool(where))
 
 
 def _output_of(target: Path, overrides: list[str] | None) -> Path:

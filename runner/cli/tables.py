@@ -145,9 +145,8 @@ def _compact(n: int) -> str:
 
 
 def _usage_table(summary: pl.DataFrame, keys: list[str], width: int = 80) -> Table:
-    """Ledger totals as a table that fits `width` columns: exact counts when they fit, else compact
-    ones (12.3k, 1.23M) with a caption pointing to --json. The failed and cached columns appear only
-    when some row has any."""
+    """Ledger totals as a table that fits `width` columns: exact counts when they fit, else compact ones
+    (12.3k, 1.23M) and a caption pointing to --json; failed and cached columns only when some row has any."""
     numeric = {"runs": "runs", "ok": "requests ok", "tokens_in": "tokens in", "tokens_out": "tokens out"}
     if summary.get_column("failed").sum():
         numeric = {**numeric, "failed": "failed"}

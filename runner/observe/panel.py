@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # rich is imported where the panel is drawn: a run logging JSON lines never loads it
@@ -59,23 +59,10 @@ class PanelState:
     queue_waited_s: float = 0.0  # how long chunks waited for room in it
     stopping: str | None = None  # why dispatch stopped early (SIGINT, budget, aborted), if it did
 
-    @classmethod
-    def of(
-        cls,
-        *,
-        phase: str,
-        started: float,
-        job: str,
-        model: str,
-        currency: str,
-        tally: Tally,
-        gauges: Gauges,
-        control: Control,
-        requests_per_s: float | None,
-        priced: bool,
-        max_cost: float | None = None,
+    def counted(
+        self, *, phase: str, tally: Tally, gauges: Gauges, control: Control, requests_per_s: float | None, priced: bool
     ) -> PanelState:
-        """The state from the engine's counters: the Tally, the executor's gauges and the run's Control."""
+        """This run's state now, from the engine's counters: the Tally, the executor's gauges and the Control."""
         samples = max(1, tally.samples)
         total = tally.rows_total * samples
         done_requests = min(
@@ -83,12 +70,9 @@ class PanelState:
         )
         remaining = total - done_requests
         eta = remaining / requests_per_s if requests_per_s else None
-        return cls(
+        return replace(
+            self,
             phase=phase,
-            started=started,
-            job=job,
-            model=model,
-            currency=currency,
             rows_total=tally.rows_total,
             rows_done=done_requests // samples,
             rows_shared=tally.requests_shared // samples,
@@ -111,7 +95,6 @@ class PanelState:
             cached_tokens=tally.cache_read_input_tokens,
             spent=tally.cost if priced else None,
             projected=tally.projected_cost() if priced else None,
-            max_cost=max_cost,
             batches=dict(gauges.batches or {}),
             batch_lines=dict(gauges.batch_lines or {}),
             queue_refused=(gauges.batch_queue or {}).get("refused", 0),

@@ -141,8 +141,7 @@ class LineReporter(_Periodic):
 
 class LogReporter(_Periodic):
     """Progress as records of the `glm_batch` logger (the Python API's default): INFO for progress,
-    WARNING for what went wrong. Quiet unless the host configures logging (`logging.basicConfig`),
-    since Python prints only warnings when nobody has."""
+    WARNING for what went wrong; quiet (warnings aside) until the host configures logging."""
 
     def __init__(self, logger: logging.Logger | None = None, interval_s: float = 10.0) -> None:
         self._log = logger or logging.getLogger("glm_batch")
@@ -211,11 +210,7 @@ class RichReporter:
         self._state = PanelState(phase="starting", started=time.monotonic())
         self._live: Live | None = None
         self._phase: str | None = "starting"  # None: derive it from the counts (rendering, sending)
-        self._job = ""
-        self._model = ""
-        self._currency = ""
         self._priced = False
-        self._max_cost: float | None = None
         self._recent: deque[tuple[float, int]] = deque()
 
     def phase(self, name: str) -> None:
@@ -240,9 +235,10 @@ class RichReporter:
         from runner.money.pricing import price_table  # the reporter is built before any job is read
         from runner.send.base import Gauges
 
-        self._job, self._model, self._currency = job.name, job.spec.model.name, job.currency
+        self._state = replace(
+            self._state, job=job.name, model=job.spec.model.name, currency=job.currency, max_cost=job.spec.run.max_cost
+        )
         self._priced = price_table(job) is not None
-        self._max_cost = job.spec.run.max_cost
         self._phase = None  # from now on the counts say whether it renders or sends, until told otherwise
         self.tick(tally, Gauges(), Control())
 
@@ -259,18 +255,8 @@ class RichReporter:
         phase = self._phase or ("waiting for batches" if gauges.batches else "sending")
         if self._phase is None and rendering:
             phase = "rendering and sending"
-        self._state = PanelState.of(
-            phase=phase,
-            started=self._state.started,
-            job=self._job,
-            model=self._model,
-            currency=self._currency,
-            tally=tally,
-            gauges=gauges,
-            control=control,
-            requests_per_s=rate,
-            priced=self._priced,
-            max_cost=self._max_cost,
+        self._state = self._state.counted(
+            phase=phase, tally=tally, gauges=gauges, control=control, requests_per_s=rate, priced=self._priced
         )
         self._show()
 
@@ -303,9 +289,7 @@ class RichReporter:
             *_quality_rows(s.quality),
             ("exit code", str(s.exit_code)),
         ]
-        self._console.print(
-            pairs_table(f"glm-batch: {s.job}", rows)
-        )  # the CLI prints `message` itself, on stdout or stderr by outcome
+        self._console.print(pairs_table(f"glm-batch: {s.job}", rows))  # the CLI prints `message` itself
 
 
 def pairs_table(title: str, rows: Sequence[tuple[str, str]]) -> Table:

@@ -18,8 +18,6 @@ from runner.observe.runstats import OutputFile
 from runner.observe.summary import FieldMatch, LabelScore, Metrics, Quality, Voting
 
 INVALID = "(invalid)"
-
-
 OTHER = "(other)"  # gold values outside the label set, as one row of the confusion matrix
 NOTE_VALUES = 5  # gold values named in a note, at most
 

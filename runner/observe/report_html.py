@@ -7,7 +7,7 @@ from typing import Any
 
 from runner.observe.quality import bars_svg, confusion_svg, esc, voting_line
 from runner.observe.report import REPAIRED_MEANS, Report, Section
-from runner.observe.summary import Quality
+from runner.observe.summary import Quality, Summary
 
 STYLE = """
 body{font-family:sans-serif;margin:2em;max-width:64em;color:#222}
@@ -39,11 +39,11 @@ def html_page(found: Report) -> str:
         f"<title>glm-batch report: {esc(found.name)}</title><style>{STYLE}</style></head><body>",
         f"<h1>glm-batch report: {esc(found.name)}</h1>",
         _header(found),
-        _timeline(run["timeline"], run),
+        _timeline(run["timeline"], run, found.summary),
         _latency(run["latency"]),
         _errors(run["errors"]),
         _tiers(run),
-        _attempts(run),
+        _attempts(run, found.summary.retries),
     ]
     if found.cascade is not None:
         parts.append(_cascade(found.cascade))
@@ -57,7 +57,7 @@ def _header(found: Report) -> str:
     run = found.run
     tokens = run["tokens"]
     cost = "no prices for this model" if run["cost"] is None else f"{run['cost']:.6f} {run['currency'] or ''}"
-    wall = run["summary"]
+    wall = found.summary
     items = [
         ("model", f"{run['model'] or '-'}" + (f" on {run['endpoint']}" if run["endpoint"] else "")),
         (
@@ -75,8 +75,8 @@ def _header(found: Report) -> str:
         ),
         ("cost", cost),
     ]
-    if wall.get("elapsed_s") is not None:
-        items.append(("last run's wall time", f"{wall['elapsed_s']:.1f} s, {wall.get('requests_per_s')} req/s"))
+    if wall.elapsed_s is not None:
+        items.append(("last run's wall time", f"{wall.elapsed_s:.1f} s, {wall.requests_per_s} req/s"))
     rows = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items)
     return f'<dl class="head" id="header">{rows}</dl>'
 
@@ -92,24 +92,21 @@ def _columns(css_id: str, values: list[float], kind: str, unit: str, left: str, 
     )
 
 
-def _timeline(line: dict[str, Any], run: dict[str, Any]) -> str:
+def _timeline(line: dict[str, Any], run: dict[str, Any], summary: Summary) -> str:
     head = "<h2>Throughput and concurrency over time</h2>"
-    last = run["summary"].get("run_id")
+    last = summary.run_id
     idle = ""
-    if last and last != run["run_id"] and not run["summary"].get("requests_queued"):
+    if last and last != run["run_id"] and not summary.requests_queued:
         idle = (
             f'<p class="note" id="idle-run">The last run ({esc(last)}) sent nothing: every row was answered '
             "before. Shown below: the last run that sent.</p>"
         )
     if not line["throughput"]:
-        return (
-            head
-            + idle
-            + (
-                '<p class="note" id="no-timeline">No request in this output was timed: nothing was sent for it '
-                "(answers reused, rows skipped or failed before sending).</p>"
-            )
+        untimed = (
+            '<p class="note" id="no-timeline">No request in this output was timed: nothing was sent for it '
+            "(answers reused, rows skipped or failed before sending).</p>"
         )
+        return head + idle + untimed
     span = line["bin_s"] * len(line["throughput"])
     return (
         head
@@ -170,8 +167,8 @@ def _tiers(run: dict[str, Any]) -> str:
     )
 
 
-def _attempts(run: dict[str, Any]) -> str:
-    retries = "".join(f"<tr><td>{esc(k)}</td><td>{v:,}</td></tr>" for k, v in run["retries"].items())
+def _attempts(run: dict[str, Any], retried: dict[str, int]) -> str:
+    retries = "".join(f"<tr><td>{esc(k)}</td><td>{v:,}</td></tr>" for k, v in retried.items())
     return (
         "<h2>Attempts and retries</h2>"
         '<p class="note">Rows by how many times their request was sent: retries and repair turns count, and for '

@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import polars as pl
 
+from runner.columns import BILLED_COLUMNS
 from runner.errors import UsageError
 from runner.money.accounting import percentile
 from runner.observe.summary import Summary
@@ -27,11 +28,7 @@ _WANTED = (
     "latency_ms",
     "attempts",
     "repairs",
-    "input_tokens",
-    "output_tokens",
-    "thinking_tokens",
-    "cache_read_input_tokens",
-    "cost",
+    *BILLED_COLUMNS,
     "reused_from",
     "run_id",
     "model",
@@ -102,19 +99,10 @@ def run_figures(output: OutputFile) -> dict[str, Any]:
         ),  # skipped rows (input.nulls: skip) are a decision, not an error: by_status counts them
         "tiers": by_tier(sent, list(summary.cost.by_tier)),
         "attempts": {str(k): v for k, v in sorted(_counts(sent.get_column("attempts").fill_null(0)).items())},
-        "retries": dict(summary.retries),
         "repaired": int((frame.get_column("repairs").fill_null(0) > 0).sum()),
         "repaired_valid": int(
             ((frame.get_column("repairs").fill_null(0) > 0) & (frame.get_column("status") == "ok")).sum()
         ),
-        "summary": {  # what the page says of the last run
-            "elapsed_s": summary.elapsed_s,
-            "requests_per_s": summary.requests_per_s,
-            "exit_code": summary.exit_code,
-            "started_at": summary.started_at,
-            "run_id": summary.run_id,
-            "requests_queued": summary.requests_queued,
-        },
     }
 
 

@@ -235,13 +235,10 @@ def summary(
     if estimate is not None and table is not None and tally.ok:
         # How good was `glm-batch estimate`? Compared only when it was made for this model and requests.
         check = compare(job, estimate, ok=tally.ok, spent=tally.cost)
-    worst = (
-        round(
-            sum(table.worst_case(input_tokens=t, max_tokens=job.spec.model.max_tokens) for t in control.maybe_billed), 6
-        )
-        if table is not None
-        else None
-    )
+    worst = None
+    if table is not None:
+        max_tokens = job.spec.model.max_tokens
+        worst = round(sum(table.worst_case(input_tokens=t, max_tokens=max_tokens) for t in control.maybe_billed), 6)
     cost = Cost(
         currency=job.currency,
         spent=round(tally.cost, 6) if table is not None else None,

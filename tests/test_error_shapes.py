@@ -11,11 +11,11 @@ import json
 import anthropic
 import pytest
 
-from runner.send.batch.errors import status_error
+from runner.send.batch.errors import classify_api_error, status_error
 from runner.send.batch.native_answer import BadResultLine, answer_from_chat
 from runner.send.batch.native_results import classify_failure, parse_result_line
 from runner.send.client import Client
-from runner.send.retries import Fault, Verdict, error_parts, status_fault
+from runner.send.retries import Fault, Verdict, error_parts, refusal, status_fault
 from runner.simulator.config import SimConfig
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import API_KEY, cli, sample_rows
@@ -151,3 +151,37 @@ def test_one_reader_gives_the_same_code_and_message_on_every_wire(body: dict[str
         with pytest.raises(BadResultLine) as caught:
             answer_from_chat(body, None)
         assert caught.value.code == code and message in str(caught.value)
+
+
+# README (Errors and retries): what stops a whole run, and words its one line must carry for each.
+STOPS_THE_RUN = [
+    *((400, code, "ZHIPUAI_API_KEY") for code in ("1000", "1001", "1002", "1003", "1004")),
+    (401, None, "ZHIPUAI_API_KEY"),
+    *((400, code, "console") for code in ("1110", "1111", "1112", "1121", "1220")),
+    (429, "1113", "top up"),
+    *((429, code, "plan") for code in ("1308", "1309", "1310")),
+    (429, "1304", "tomorrow"),
+    (400, "1211", "model.name"),
+    (400, "1212", "does not support this method"),
+    *((400, code, "offline or does not exist") for code in ("1221", "1222")),
+    (404, None, "model or path"),
+    *((status, None, "redirects elsewhere") for status in (300, 301, 302, 303, 307, 308)),
+]
+
+
+@pytest.mark.parametrize(("status", "code", "words"), STOPS_THE_RUN, ids=lambda v: str(v))
+def test_each_refusal_of_the_account_stops_the_run_with_its_own_line(status: int, code: str | None, words: str) -> None:
+    """Every code and status the README says stops the run stops it, and the line says what it means and
+    what to do (its own line, not the generic one for a code nobody described)."""
+    fault = status_fault(status, code, "the endpoint's words")
+    assert fault.verdict is Verdict.ABORT
+    line = str(refusal(fault))
+    assert words in line and "check the key and the account" not in line, line
+
+
+def test_a_file_api_closed_to_the_account_stops_a_batch_run_with_its_own_line() -> None:
+    """434 from the file API (closed beta, real-wire.md): every later call would get it too."""
+    answered = status_error(434, json.dumps({"error": {"code": "434", "message": "no permission"}}).encode(), {}, "")
+    fault = classify_api_error(answered)
+    assert fault.verdict is Verdict.ABORT
+    assert "file API" in str(refusal(fault)) and "run.mode: online" in str(refusal(fault))

@@ -17,6 +17,7 @@ import pytest
 from runner.job.resolve import load_job
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows, sigterm_once_started
+from tests.test_rescue import IN_FLIGHT, long_rows, state_dir_of, when_answered
 
 FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}
 
@@ -159,3 +160,41 @@ def test_a_schema_field_named_like_a_prompt_column_holds_the_answer_and_keeping_
     assert result.exit_code == 2, result.stderr
     assert "'text' is both a kept input column and an answer field" in result.stderr
     assert sim.stats()["requests"] == 0
+
+
+def test_what_glm_batch_keeps_for_a_job_or_itself_is_never_replaced_by_a_named_file_even_with_force(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, tmp_path: Path
+) -> None:
+    """`schema -o` and another job's `report --html` never write over a rescue journal (paid answers the
+    next run takes back), a job's summary, the usage ledger or the facts file, --force or not, through a
+    symlink or not: one line, exit 2, the file unchanged, and no answer paid twice."""
+    sim.configure(latency_s=0.02)
+    files = make_job(
+        rows=long_rows(200), run={"concurrency": IN_FLIGHT, "checkpoint_seconds": 60, "checkpoint_rows": 100_000}
+    )
+    watcher = when_answered(sim, 40, lambda: shutil.rmtree(state_dir_of(files)))
+    stopped = cli("run", str(files.spec))
+    watcher.join()
+    assert stopped.exit_code == 74, stopped.stderr
+    (rescue,) = files.output.parent.glob("job.rescue-*.jsonl")
+    sim.configure(latency_s=0)
+    paid_for_job = sim.stats()["ok"]
+    other = make_job(rows=sample_rows(3), name="other")
+    assert cli("run", str(other.spec)).exit_code == 0
+    assert cli("doctor", "--endpoint", sim.url, "--model", "glm-4.6").exit_code == 0
+    paid_elsewhere = sim.stats()["ok"] - paid_for_job
+    kept = [rescue, other.summary, *sorted((tmp_path / "ledger").rglob("*.parquet")), tmp_path / "facts.json"]
+    assert len(kept) >= 4 and all(p.is_file() for p in kept), kept
+    (tmp_path / "link.json").symlink_to(rescue)
+    before = {p: p.read_bytes() for p in kept}
+    for target in [*kept, tmp_path / "link.json"]:
+        for args in (["schema", "-o", str(target)], ["report", str(other.spec), "--html", str(target)]):
+            refused = cli(*args, "--force")
+            assert refused.exit_code == 2, (args, refused.stdout, refused.stderr)
+            assert "never writes over it" in refused.stderr and "Traceback" not in refused.stderr
+    assert {p: p.read_bytes() for p in kept} == before
+    resumed = cli("run", str(files.spec))
+    assert resumed.exit_code == 0, resumed.stderr
+    out = pl.read_parquet(files.output)
+    assert out.height == 200 and (out.get_column("status") == "ok").all()
+    assert sim.stats()["ok"] - paid_elsewhere <= 200 + IN_FLIGHT, "the rescued answers were kept, not paid again"

@@ -13,10 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from runner.errors import DiskFull, GlmBatchError, StateUnwritable, first_line
-from runner.files import NO_SPACE, no_space, write_bytes_atomic
+from runner.files import NO_SPACE, RESCUE_FOLDER, no_space, write_bytes_atomic
+from runner.files import RESCUE_MARK as RESCUE_MARK  # runner.run names its journal with it
 from runner.records import Result, journal_line, read_journal
-
-RESCUE_MARK = ".rescue-"
 
 
 def state_failure(exc: Exception, state_dir: Path, *, refusals: bool = True) -> GlmBatchError | None:
@@ -85,7 +84,7 @@ def rescue_places(output_path: Path, state_dir: Path) -> list[Path]:
     """Where a job's rescue journals go, in order of preference: beside the output, then under the temp
     folder (named by the state folder, so two jobs never share one)."""
     digest = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:16]
-    return [output_path.parent, Path(tempfile.gettempdir()) / "glm-batch-rescue" / digest]
+    return [output_path.parent, Path(tempfile.gettempdir()) / RESCUE_FOLDER / digest]
 
 
 def write_rescue(results: list[Result], run_id: str, output_path: Path, state_dir: Path) -> Path | None:

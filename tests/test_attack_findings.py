@@ -16,8 +16,9 @@ import pytest
 
 from runner.job.resolve import load_job
 from runner.simulator.simulator import SimulatorThread
-from tests.conftest import JobFiles, cli, sample_rows, sigterm_once_started
+from tests.conftest import JobFiles, cli, sample_rows, sigterm_once_started, write_csv
 from tests.test_rescue import IN_FLIGHT, long_rows, state_dir_of, when_answered
+from tests.test_rescue import chattr as chattr  # the fixture, for the tests here
 
 FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}
 
@@ -198,3 +199,26 @@ def test_what_glm_batch_keeps_for_a_job_or_itself_is_never_replaced_by_a_named_f
     out = pl.read_parquet(files.output)
     assert out.height == 200 and (out.get_column("status") == "ok").all()
     assert sim.stats()["ok"] - paid_elsewhere <= 200 + IN_FLIGHT, "the rescued answers were kept, not paid again"
+
+
+def test_a_job_whose_files_are_read_only_can_still_be_reported_dry_run_and_shown(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, chattr: Callable[[str, Path], None]
+) -> None:
+    """A finished job on a disk this user may only read (an archive, a colleague's job): the commands that
+    only read it (report, run --dry-run, status, show) work; a run is refused in one line, nothing sent."""
+    files = make_job(rows=sample_rows(5))
+    assert cli("run", str(files.spec)).exit_code == 0
+    write_csv(files.input, sample_rows(6))  # a new row since
+    chattr("+i", files.output.parent)
+    chattr("+i", files.input.parent)
+    paid = sim.stats()["ok"]
+    report = cli("report", str(files.spec))
+    assert report.exit_code == 0 and "5 rows" in report.stdout, report.stderr
+    dry = cli("run", str(files.spec), "--dry-run")
+    assert dry.exit_code == 0, dry.stderr
+    assert "would send 1 requests for 6 rows (5 already answered)" in dry.stdout
+    assert cli("status", str(files.spec)).exit_code == 0
+    assert cli("show", str(files.spec)).exit_code == 0
+    refused = cli("run", str(files.spec))
+    assert refused.exit_code == 2 and "cannot write in" in refused.stderr and "Traceback" not in refused.stderr
+    assert sim.stats()["ok"] == paid, "nothing was sent"

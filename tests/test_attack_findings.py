@@ -222,3 +222,29 @@ def test_a_job_whose_files_are_read_only_can_still_be_reported_dry_run_and_shown
     refused = cli("run", str(files.spec))
     assert refused.exit_code == 2 and "cannot write in" in refused.stderr and "Traceback" not in refused.stderr
     assert sim.stats()["ok"] == paid, "nothing was sent"
+
+
+@pytest.mark.parametrize("command", ["run", "estimate", "validate"])
+@pytest.mark.parametrize(
+    ("name", "head", "line"),
+    [
+        ("in.csv", b"id,text\nr1,fine\n", b"r2,caf\xe9 au lait\n"),
+        ("in.jsonl", b'{"id": "r1", "text": "fine"}\n', b'{"id": "r2", "text": "caf\xe9"}\n'),
+    ],
+)
+def test_an_input_that_is_not_utf8_is_one_line_naming_its_line_and_how_to_fix_it(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, command: str, name: str, head: bytes, line: bytes
+) -> None:
+    """A Latin-1 export (a byte that is not UTF-8 on a later line): exit 2, nothing sent, and the line
+    says which file, which line and byte, and to save it as UTF-8."""
+    files = make_job()
+    data = files.input.with_name(name)
+    data.write_bytes(head + line)
+    spec = files.spec.read_text().replace(f"data/{files.input.name}", f"data/{name}")
+    files.spec.write_text(spec)
+    refused = cli(command, str(files.spec))
+    assert refused.exit_code == 2 and "Traceback" not in refused.stderr, refused.stderr
+    (message,) = refused.stderr.strip().splitlines()
+    lineno = 3 if name == "in.csv" else 2
+    assert f"{data.name}, line {lineno}: not UTF-8 text (byte 0xe9)" in message and "save it as UTF-8" in message
+    assert sim.stats()["requests"] == 0

@@ -248,3 +248,34 @@ def test_an_input_that_is_not_utf8_is_one_line_naming_its_line_and_how_to_fix_it
     lineno = 3 if name == "in.csv" else 2
     assert f"{data.name}, line {lineno}: not UTF-8 text (byte 0xe9)" in message and "save it as UTF-8" in message
     assert sim.stats()["requests"] == 0
+
+
+def test_a_cron_job_stopped_with_a_rescue_on_one_day_takes_it_back_the_next_day_never_paying_twice(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """`{run_date}` in output.path: the state folder breaks mid-run and the answers held go to a rescue
+    journal beside that day's output; the next run, on a later day (its output in another folder), reads
+    it first, so nothing it holds is paid again."""
+    sim.configure(latency_s=0.02)
+    files = make_job(
+        rows=long_rows(200),
+        run={"concurrency": IN_FLIGHT, "checkpoint_seconds": 60, "checkpoint_rows": 100_000},
+        output={"path": "out/{run_date}/job.parquet"},
+    )
+    job = load_job(files.spec)
+    watcher = when_answered(sim, 40, lambda: shutil.rmtree(job.state_dir))
+    stopped = cli("run", str(files.spec))
+    watcher.join()
+    assert stopped.exit_code == 74, stopped.stderr
+    assert list(job.output_path.parent.glob("job.rescue-*.jsonl"))
+    yesterday = job.output_path.parent.with_name("2000-01-01")
+    job.output_path.parent.rename(yesterday)  # that run was on another day than the next one
+    paid = sim.stats()["ok"]
+    assert paid > 40
+
+    today = cli("run", str(files.spec))
+    assert today.exit_code == 0, today.stderr
+    out = pl.read_parquet(job.output_path)
+    assert out.height == 200 and (out.get_column("status") == "ok").all()
+    assert sim.stats()["ok"] <= 200 + IN_FLIGHT, f"{sim.stats()['ok']} answers paid for 200 rows"
+    assert not list(yesterday.glob("job.rescue-*.jsonl")), "read, kept and deleted"

@@ -5,17 +5,22 @@ rescue journal that the next run adopts (docs/decisions.md, "State failures").""
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner.errors import DiskFull, GlmBatchError, StateUnwritable, first_line
 from runner.files import NO_SPACE, RESCUE_FOLDER, no_space, write_bytes_atomic
 from runner.files import RESCUE_MARK as RESCUE_MARK  # runner.run names its journal with it
 from runner.records import Result, journal_line, read_journal
+
+if TYPE_CHECKING:
+    from runner.job.resolve import Job
 
 
 def state_failure(exc: Exception, state_dir: Path, *, refusals: bool = True) -> GlmBatchError | None:
@@ -103,13 +108,26 @@ def write_rescue(results: list[Result], run_id: str, output_path: Path, state_di
     return None
 
 
-def find_rescued(output_path: Path, state_dir: Path) -> list[Path]:
-    """The rescue journals earlier runs of this job left, oldest first."""
-    found: list[Path] = []
-    pattern = f"{output_path.stem}{RESCUE_MARK}*.jsonl"
-    for place in rescue_places(output_path, state_dir):
+def find_rescued(job: Job) -> list[Path]:
+    """The rescue journals earlier runs of this job left, oldest first: beside its output, under the temp
+    folder, and, with `{run_date}` in output.path, beside the output of any other day (a cron job stopped
+    at night and run again the next day takes back what it paid for)."""
+    found: set[Path] = set()
+    pattern = f"{job.output_path.stem}{RESCUE_MARK}*.jsonl"
+    for place in rescue_places(job.output_path, job.state_dir):
         with contextlib.suppress(OSError):
-            found.extend(place.glob(pattern))
+            found.update(place.glob(pattern))
+    if "{run_date}" in job.spec.output.path:
+        day = "\x00"  # any day: escaped apart from the rest of the path, then a wildcard
+        output = Path(os.path.normpath(job.spec_path.parent / job.spec.output.path.format(name=job.name, run_date=day)))
+        if job.full_output_path is not None:  # a limited run's journals carry its stem
+            output = output.with_name(job.output_path.name.replace(job.full_output_path.stem, output.stem, 1))
+        found.update(
+            Path(p)
+            for p in glob.glob(
+                glob.escape(str(output.with_suffix(""))).replace(day, "*") + pattern[len(job.output_path.stem) :]
+            )
+        )
     return sorted(found, key=lambda p: p.name)
 
 

@@ -279,3 +279,24 @@ def test_a_cron_job_stopped_with_a_rescue_on_one_day_takes_it_back_the_next_day_
     assert out.height == 200 and (out.get_column("status") == "ok").all()
     assert sim.stats()["ok"] <= 200 + IN_FLIGHT, f"{sim.stats()['ok']} answers paid for 200 rows"
     assert not list(yesterday.glob("job.rescue-*.jsonl")), "read, kept and deleted"
+
+
+def test_a_cron_job_whose_state_folder_was_lost_takes_its_answers_back_from_an_earlier_days_output(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """`{run_date}` in output.path, the state folder lost between two days: the next day's run takes the
+    answers back from the earlier day's output before anything is paid again, and pays for new rows only."""
+    files = make_job(rows=sample_rows(30), output={"path": "out/{run_date}/job.parquet"})
+    job = load_job(files.spec)
+    assert cli("run", str(files.spec)).exit_code == 0
+    job.output_path.parent.rename(job.output_path.parent.with_name("2000-01-01"))  # written on an earlier day
+    shutil.rmtree(job.state_dir)
+    write_csv(files.input, sample_rows(32))  # and two rows arrived since
+    paid = sim.stats()["ok"]
+
+    today = cli("run", str(files.spec))
+    assert today.exit_code == 0, today.stderr
+    assert "answers_salvaged" in today.stderr
+    assert sim.stats()["ok"] - paid == 2, "only the new rows are paid for"
+    out = pl.read_parquet(job.output_path)
+    assert out.height == 32 and (out.get_column("status") == "ok").all()

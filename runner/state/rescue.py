@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from runner.errors import DiskFull, GlmBatchError, StateUnwritable, first_line
 from runner.files import NO_SPACE, RESCUE_FOLDER, no_space, write_bytes_atomic
 from runner.files import RESCUE_MARK as RESCUE_MARK  # runner.run names its journal with it
+from runner.job.resolve import output_of_any_day
 from runner.records import Result, journal_line, read_journal
 
 if TYPE_CHECKING:
@@ -117,16 +118,10 @@ def find_rescued(job: Job) -> list[Path]:
     for place in rescue_places(job.output_path, job.state_dir):
         with contextlib.suppress(OSError):
             found.update(place.glob(pattern))
-    if "{run_date}" in job.spec.output.path:
-        day = "\x00"  # any day: escaped apart from the rest of the path, then a wildcard
-        output = Path(os.path.normpath(job.spec_path.parent / job.spec.output.path.format(name=job.name, run_date=day)))
-        if job.full_output_path is not None:  # a limited run's journals carry its stem
-            output = output.with_name(job.output_path.name.replace(job.full_output_path.stem, output.stem, 1))
+    any_day = output_of_any_day(job)
+    if any_day is not None:
         found.update(
-            Path(p)
-            for p in glob.glob(
-                glob.escape(str(output.with_suffix(""))).replace(day, "*") + pattern[len(job.output_path.stem) :]
-            )
+            Path(p) for p in glob.glob(any_day.removesuffix(".parquet") + pattern[len(job.output_path.stem) :])
         )
     return sorted(found, key=lambda p: p.name)
 

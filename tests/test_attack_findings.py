@@ -7,6 +7,7 @@ arrives as a strict xfail test and loses the marker when its fix lands.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -300,3 +301,27 @@ def test_a_cron_job_whose_state_folder_was_lost_takes_its_answers_back_from_an_e
     assert sim.stats()["ok"] - paid == 2, "only the new rows are paid for"
     out = pl.read_parquet(job.output_path)
     assert out.height == 32 and (out.get_column("status") == "ok").all()
+
+
+def test_the_estimate_says_which_prompts_the_run_will_refuse_as_over_the_context_window(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """A job calibrated by its answers (the simulator counts fewer tokens than the local estimator) gets a
+    prompt near the context window: the estimate leaves out exactly the requests the run then fails as
+    over_context, and prices exactly the ones it sends."""
+    files = make_job(rows=sample_rows(30))
+    assert cli("run", str(files.spec)).exit_code == 0
+    write_csv(files.input, [*sample_rows(30), {"id": "big", "text": "word " * 200_000}])
+    estimate = cli("estimate", str(files.spec), "--json")
+    assert estimate.exit_code == 0, estimate.stderr
+    said = json.loads(estimate.stdout)
+    assert said["input_tokens"]["calibration"]["samples"] >= 20  # calibrated by this job's answers
+    sent_before = sim.stats()["requests"]
+
+    run = cli("run", str(files.spec))
+    assert run.exit_code == 1, run.stderr
+    out = pl.read_parquet(files.output)
+    refused = out.filter(pl.col("error_type") == "over_context").height
+    assert refused == 1, "the big row is past the window by the run's rule"
+    assert said["over_context"]["requests"] == refused
+    assert said["requests_answerable"] == sim.stats()["requests"] - sent_before == 0

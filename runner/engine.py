@@ -39,7 +39,7 @@ async def execute(
         try:
             record_names_checked(job, source)  # an unchanged input is not parsed for the check again
             # Answers a run whose state broke could only hold in memory: kept before anything is planned.
-            store.adopt_rescued(find_rescued(job.output_path, job.state_dir))
+            store.adopt_rescued(find_rescued(job))
             run = Run.open(job, source, store, options, control, reporter)
             if job.thinking.warning is not None:  # validate and estimate said it too
                 reporter.event("thinking_warning", message=job.thinking.warning)

@@ -22,7 +22,7 @@ from runner.money import ledger
 from runner.money.kept_estimate import made_for
 from runner.money.measured import OutputModel, calibration_from, earlier_answers, output_model
 from runner.money.pricing import PriceTable, require_prices, tier_label
-from runner.money.tokens import Calibration, estimate_request, token_count
+from runner.money.tokens import Calibration, estimate_request, over_context, token_count
 from runner.observe.progress import Reporter
 from runner.plan import plan
 from runner.records import KEY, Request, read_journal, results_frame, scan_results, settles
@@ -222,8 +222,8 @@ def _report(
     # A prompt over the model's context window is refused (400/1261) before any token is billed: it
     # costs nothing and takes no time, but the user must hear of it before the run.
     context = job.model.context
-    inputs = array("I", (t for t in calibrated if t <= context))
-    over_context = len(calibrated) - len(inputs)
+    inputs = array("I", (t for raw, t in zip(pending.raw, calibrated, strict=True) if not over_context(raw, context)))
+    too_long = len(calibrated) - len(inputs)
     n = len(inputs)
     # Calibrated estimates are good to a few percent; raw ones can be off by a third either way.
     in_low, in_high = (0.95, 1.05) if calibration.samples >= 20 else (0.75, 1.35)
@@ -248,7 +248,7 @@ def _report(
         "requests_to_send": len(calibrated),
         "requests_answerable": n,  # the cost and time below are theirs
         "render_failures": {"rows": pending.render_failures, "first": pending.first_render_failure},
-        "over_context": {"requests": over_context, "context_tokens": context},
+        "over_context": {"requests": too_long, "context_tokens": context},
         "input_tokens": {
             "expected": sum(inputs),
             "calibration": {

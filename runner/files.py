@@ -111,6 +111,13 @@ def json_object(raw: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+# What glm-batch keeps outside any job (runner.money.ledger, runner.job.facts): its variable and default name.
+LEDGER = ("GLM_BATCH_LEDGER", "ledger")
+FACTS = ("GLM_BATCH_FACTS", "facts.json")
+RESCUE_MARK = ".rescue-"  # a rescue journal is `<output stem>.rescue-<run id>.jsonl` (runner.state.rescue)
+RESCUE_FOLDER = "glm-batch-rescue"  # under the temp folder, where rescue journals go when beside the output fails
+
+
 def user_data(variable: str, name: str) -> Path:
     """Where glm-batch keeps what outlives a job: $`variable`, else ~/.local/share/glm-batch/`name`."""
     return Path(os.environ.get(variable) or Path.home() / ".local" / "share" / "glm-batch" / name)
@@ -237,11 +244,28 @@ def paths_overlap(path: Path, other: Path) -> bool:
 
 
 def _job_files_beside(target: Path) -> list[tuple[Path, str]]:
-    """What `target` is if it is a job's file, whatever the command knows: under a `.glm-batch/` state
-    folder, an output (a .parquet with its summary beside it), or a spec (YAML with `input:` and `prompt:`)."""
+    """What `target` is if it is a file glm-batch keeps, whatever the command knows: under a `.glm-batch/`
+    state folder, an output (a .parquet with its summary beside it) or that summary, a rescue journal (paid
+    answers the next run takes back), the usage ledger, the facts file, or a spec (YAML with `input:` and
+    `prompt:`)."""
     found = [(p, "a job's state directory") for p in (target, *target.parents) if p.name == ".glm-batch"]
     if target.suffix == ".parquet" and summary_path(target).exists():
         found.append((target, "a job's output"))
+    if (
+        target.name.endswith(".summary.json")
+        and target.with_name(target.name[: -len(".summary.json")] + ".parquet").exists()
+    ):
+        found.append((target, "a job's summary"))
+    if RESCUE_MARK in target.name and target.suffix == ".jsonl":
+        found.append((target, "a rescue journal"))
+    ledger = Path(os.path.realpath(user_data(*LEDGER)))
+    if target.suffix == ".parquet" and ledger in target.parents:  # its files, not whatever folder it is in
+        found.append((target, "a file of the usage ledger"))
+    if target == Path(os.path.realpath(user_data(*FACTS))):
+        found.append((target, "the facts file"))
+    rescue_folder = Path(os.path.realpath(Path(tempfile.gettempdir()) / RESCUE_FOLDER))
+    if paths_overlap(target, rescue_folder):
+        found.append((rescue_folder, "the rescue folder"))
     if target.suffix in (".yaml", ".yml") and _looks_like_a_spec(target):
         found.append((target, "a job spec"))
     return found

@@ -33,7 +33,13 @@ from runner.job.prompts import RequestBuilder, sample_key
 from runner.job.resolve import Job
 from runner.job.sandbox import NullInput, RenderError
 from runner.money.accounting import Tally
-from runner.money.tokens import LATIN_CHARS_PER_TOKEN, MESSAGE_OVERHEAD_TOKENS, LastTurnEstimate, estimate_request
+from runner.money.tokens import (
+    LATIN_CHARS_PER_TOKEN,
+    MESSAGE_OVERHEAD_TOKENS,
+    LastTurnEstimate,
+    estimate_request,
+    over_context,
+)
 from runner.records import KEY, Request, RequestBlock, Result
 from runner.send.base import Deliver
 from runner.state.openkeys import OpenKeys
@@ -380,7 +386,7 @@ class Dispatch:
                         continue
                     # once: the context and the budget (made with the prompt where it was rendered as columns)
                     estimated = row.estimate if row.estimate is not None else estimate_request(pending.params)
-                    if context is not None and estimated > context:
+                    if over_context(estimated, context):
                         triage.over.append((index, pending, estimated))
                         continue
                     triage.row_of.append(index)

@@ -7,7 +7,7 @@ import polars as pl
 
 from runner.job.resolve import Job
 from runner.observe.progress import Reporter
-from runner.output.salvage import check_resend, lost_beyond_allowance, salvage, salvage_source
+from runner.output.salvage import check_resend, lost_beyond_allowance, salvage, salvage_sources
 from runner.state.rowmap import file_identities
 from runner.state.settled import SettledKeys
 from runner.state.store import Store
@@ -40,13 +40,13 @@ def settled_keys(job: Job, store: Store, *, fresh: bool, retry_failed: bool, res
 def _answers_gone(job: Job, store: Store) -> bool:
     """No answer file is left (deleted, or the whole state lost) while this job's output is there: its
     answers are a copy to take back before anything is paid again."""
-    return not store.result_parts() and salvage_source(job).exists()
+    return not store.result_parts() and bool(salvage_sources(job))
 
 
 def _salvage(job: Job, store: Store, reporter: Reporter) -> int:
     salvaged = salvage(job, store)
     if salvaged:
-        reporter.event("answers_salvaged", answers=salvaged, source=str(salvage_source(job)))
+        reporter.event("answers_salvaged", answers=salvaged, source=", ".join(map(str, salvage_sources(job))))
     return salvaged
 
 

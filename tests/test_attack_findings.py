@@ -7,6 +7,7 @@ arrives as a strict xfail test and loses the marker when its fix lands.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,9 @@ import pytest
 
 from runner.job.resolve import load_job
 from runner.simulator.simulator import SimulatorThread
-from tests.conftest import JobFiles, cli, sample_rows, sigterm_once_started
+from tests.conftest import JobFiles, cli, sample_rows, sigterm_once_started, write_csv
+from tests.test_rescue import IN_FLIGHT, long_rows, state_dir_of, when_answered
+from tests.test_rescue import chattr as chattr  # the fixture, for the tests here
 
 FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}
 
@@ -159,3 +162,166 @@ def test_a_schema_field_named_like_a_prompt_column_holds_the_answer_and_keeping_
     assert result.exit_code == 2, result.stderr
     assert "'text' is both a kept input column and an answer field" in result.stderr
     assert sim.stats()["requests"] == 0
+
+
+def test_what_glm_batch_keeps_for_a_job_or_itself_is_never_replaced_by_a_named_file_even_with_force(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, tmp_path: Path
+) -> None:
+    """`schema -o` and another job's `report --html` never write over a rescue journal (paid answers the
+    next run takes back), a job's summary, the usage ledger or the facts file, --force or not, through a
+    symlink or not: one line, exit 2, the file unchanged, and no answer paid twice."""
+    sim.configure(latency_s=0.02)
+    files = make_job(
+        rows=long_rows(200), run={"concurrency": IN_FLIGHT, "checkpoint_seconds": 60, "checkpoint_rows": 100_000}
+    )
+    watcher = when_answered(sim, 40, lambda: shutil.rmtree(state_dir_of(files)))
+    stopped = cli("run", str(files.spec))
+    watcher.join()
+    assert stopped.exit_code == 74, stopped.stderr
+    (rescue,) = files.output.parent.glob("job.rescue-*.jsonl")
+    sim.configure(latency_s=0)
+    paid_for_job = sim.stats()["ok"]
+    other = make_job(rows=sample_rows(3), name="other")
+    assert cli("run", str(other.spec)).exit_code == 0
+    assert cli("doctor", "--endpoint", sim.url, "--model", "glm-4.6").exit_code == 0
+    paid_elsewhere = sim.stats()["ok"] - paid_for_job
+    kept = [rescue, other.summary, *sorted((tmp_path / "ledger").rglob("*.parquet")), tmp_path / "facts.json"]
+    assert len(kept) >= 4 and all(p.is_file() for p in kept), kept
+    (tmp_path / "link.json").symlink_to(rescue)
+    before = {p: p.read_bytes() for p in kept}
+    for target in [*kept, tmp_path / "link.json"]:
+        for args in (["schema", "-o", str(target)], ["report", str(other.spec), "--html", str(target)]):
+            refused = cli(*args, "--force")
+            assert refused.exit_code == 2, (args, refused.stdout, refused.stderr)
+            assert "never writes over it" in refused.stderr and "Traceback" not in refused.stderr
+    assert {p: p.read_bytes() for p in kept} == before
+    resumed = cli("run", str(files.spec))
+    assert resumed.exit_code == 0, resumed.stderr
+    out = pl.read_parquet(files.output)
+    assert out.height == 200 and (out.get_column("status") == "ok").all()
+    assert sim.stats()["ok"] - paid_elsewhere <= 200 + IN_FLIGHT, "the rescued answers were kept, not paid again"
+
+
+def test_a_job_whose_files_are_read_only_can_still_be_reported_dry_run_and_shown(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, chattr: Callable[[str, Path], None]
+) -> None:
+    """A finished job on a disk this user may only read (an archive, a colleague's job): the commands that
+    only read it (report, run --dry-run, status, show) work; a run is refused in one line, nothing sent."""
+    files = make_job(rows=sample_rows(5))
+    assert cli("run", str(files.spec)).exit_code == 0
+    write_csv(files.input, sample_rows(6))  # a new row since
+    chattr("+i", files.output.parent)
+    chattr("+i", files.input.parent)
+    paid = sim.stats()["ok"]
+    report = cli("report", str(files.spec))
+    assert report.exit_code == 0 and "5 rows" in report.stdout, report.stderr
+    dry = cli("run", str(files.spec), "--dry-run")
+    assert dry.exit_code == 0, dry.stderr
+    assert "would send 1 requests for 6 rows (5 already answered)" in dry.stdout
+    assert cli("status", str(files.spec)).exit_code == 0
+    assert cli("show", str(files.spec)).exit_code == 0
+    refused = cli("run", str(files.spec))
+    assert refused.exit_code == 2 and "cannot write in" in refused.stderr and "Traceback" not in refused.stderr
+    assert sim.stats()["ok"] == paid, "nothing was sent"
+
+
+@pytest.mark.parametrize("command", ["run", "estimate", "validate"])
+@pytest.mark.parametrize(
+    ("name", "head", "line"),
+    [
+        ("in.csv", b"id,text\nr1,fine\n", b"r2,caf\xe9 au lait\n"),
+        ("in.jsonl", b'{"id": "r1", "text": "fine"}\n', b'{"id": "r2", "text": "caf\xe9"}\n'),
+    ],
+)
+def test_an_input_that_is_not_utf8_is_one_line_naming_its_line_and_how_to_fix_it(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread, command: str, name: str, head: bytes, line: bytes
+) -> None:
+    """A Latin-1 export (a byte that is not UTF-8 on a later line): exit 2, nothing sent, and the line
+    says which file, which line and byte, and to save it as UTF-8."""
+    files = make_job()
+    data = files.input.with_name(name)
+    data.write_bytes(head + line)
+    spec = files.spec.read_text().replace(f"data/{files.input.name}", f"data/{name}")
+    files.spec.write_text(spec)
+    refused = cli(command, str(files.spec))
+    assert refused.exit_code == 2 and "Traceback" not in refused.stderr, refused.stderr
+    (message,) = refused.stderr.strip().splitlines()
+    lineno = 3 if name == "in.csv" else 2
+    assert f"{data.name}, line {lineno}: not UTF-8 text (byte 0xe9)" in message and "save it as UTF-8" in message
+    assert sim.stats()["requests"] == 0
+
+
+def test_a_cron_job_stopped_with_a_rescue_on_one_day_takes_it_back_the_next_day_never_paying_twice(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """`{run_date}` in output.path: the state folder breaks mid-run and the answers held go to a rescue
+    journal beside that day's output; the next run, on a later day (its output in another folder), reads
+    it first, so nothing it holds is paid again."""
+    sim.configure(latency_s=0.02)
+    files = make_job(
+        rows=long_rows(200),
+        run={"concurrency": IN_FLIGHT, "checkpoint_seconds": 60, "checkpoint_rows": 100_000},
+        output={"path": "out/{run_date}/job.parquet"},
+    )
+    job = load_job(files.spec)
+    watcher = when_answered(sim, 40, lambda: shutil.rmtree(job.state_dir))
+    stopped = cli("run", str(files.spec))
+    watcher.join()
+    assert stopped.exit_code == 74, stopped.stderr
+    assert list(job.output_path.parent.glob("job.rescue-*.jsonl"))
+    yesterday = job.output_path.parent.with_name("2000-01-01")
+    job.output_path.parent.rename(yesterday)  # that run was on another day than the next one
+    paid = sim.stats()["ok"]
+    assert paid > 40
+
+    today = cli("run", str(files.spec))
+    assert today.exit_code == 0, today.stderr
+    out = pl.read_parquet(job.output_path)
+    assert out.height == 200 and (out.get_column("status") == "ok").all()
+    assert sim.stats()["ok"] <= 200 + IN_FLIGHT, f"{sim.stats()['ok']} answers paid for 200 rows"
+    assert not list(yesterday.glob("job.rescue-*.jsonl")), "read, kept and deleted"
+
+
+def test_a_cron_job_whose_state_folder_was_lost_takes_its_answers_back_from_an_earlier_days_output(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """`{run_date}` in output.path, the state folder lost between two days: the next day's run takes the
+    answers back from the earlier day's output before anything is paid again, and pays for new rows only."""
+    files = make_job(rows=sample_rows(30), output={"path": "out/{run_date}/job.parquet"})
+    job = load_job(files.spec)
+    assert cli("run", str(files.spec)).exit_code == 0
+    job.output_path.parent.rename(job.output_path.parent.with_name("2000-01-01"))  # written on an earlier day
+    shutil.rmtree(job.state_dir)
+    write_csv(files.input, sample_rows(32))  # and two rows arrived since
+    paid = sim.stats()["ok"]
+
+    today = cli("run", str(files.spec))
+    assert today.exit_code == 0, today.stderr
+    assert "answers_salvaged" in today.stderr
+    assert sim.stats()["ok"] - paid == 2, "only the new rows are paid for"
+    out = pl.read_parquet(job.output_path)
+    assert out.height == 32 and (out.get_column("status") == "ok").all()
+
+
+def test_the_estimate_says_which_prompts_the_run_will_refuse_as_over_the_context_window(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """A job calibrated by its answers (the simulator counts fewer tokens than the local estimator) gets a
+    prompt near the context window: the estimate leaves out exactly the requests the run then fails as
+    over_context, and prices exactly the ones it sends."""
+    files = make_job(rows=sample_rows(30))
+    assert cli("run", str(files.spec)).exit_code == 0
+    write_csv(files.input, [*sample_rows(30), {"id": "big", "text": "word " * 200_000}])
+    estimate = cli("estimate", str(files.spec), "--json")
+    assert estimate.exit_code == 0, estimate.stderr
+    said = json.loads(estimate.stdout)
+    assert said["input_tokens"]["calibration"]["samples"] >= 20  # calibrated by this job's answers
+    sent_before = sim.stats()["requests"]
+
+    run = cli("run", str(files.spec))
+    assert run.exit_code == 1, run.stderr
+    out = pl.read_parquet(files.output)
+    refused = out.filter(pl.col("error_type") == "over_context").height
+    assert refused == 1, "the big row is past the window by the run's rule"
+    assert said["over_context"]["requests"] == refused
+    assert said["requests_answerable"] == sim.stats()["requests"] - sent_before == 0

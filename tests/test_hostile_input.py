@@ -4,6 +4,7 @@ input) ends with exit 0 and "nothing to do"."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +326,17 @@ def test_an_empty_input_is_nothing_to_do(make_job, sim, content: str) -> None:
         assert "Traceback" not in result.stdout + result.stderr
     assert sim.stats()["requests"] == 0
     assert not job.output.exists()
+
+
+def test_nothing_to_do_leaves_standard_output_to_the_json_a_command_prints(make_job, sim) -> None:
+    """The notice is for the person or the cron log (stderr); a script reading `estimate --json` gets
+    JSON or nothing on stdout, never the notice."""
+    job = make_job(rows=[])
+    result = cli("estimate", "--json", str(job.spec))
+    assert result.exit_code == 0, result.stderr
+    assert "nothing to do" in result.stderr
+    assert result.stdout.strip() == "" or json.loads(result.stdout) is not None, result.stdout
+    assert sim.stats()["requests"] == 0
 
 
 # --- and the rest a hostile user tries --------------------------------------------------------------

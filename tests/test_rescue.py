@@ -219,7 +219,7 @@ def test_a_rescue_beside_a_dated_output_is_read_by_that_days_next_run(
     make_job: Callable[..., JobFiles], sim: SimulatorThread
 ) -> None:
     """With `{run_date}` in output.path the state sits above the dated folder and the rescue journal
-    beside that day's output, where the same day's next run looks for it: nothing is paid twice."""
+    beside that day's output, where the next run looks for it: nothing is paid twice."""
     sim.configure(latency_s=0.02)
     files = make_job(
         rows=long_rows(200),

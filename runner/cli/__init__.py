@@ -95,8 +95,8 @@ def _guarded(fn: Callable[[], T]) -> T:
             return fn()
         except ExceptionGroup as group:
             raise deliberate(group) or group from None
-    except NothingToDo as exc:  # a normal day for a cron job: a notice, not an error
-        print(f"glm-batch: {exc}")
+    except NothingToDo as exc:  # a normal day for a cron job: a notice, not an error (stdout is for --json)
+        print(f"glm-batch: {exc}", file=sys.stderr)
         raise typer.Exit(0) from None
     except GlmBatchError as exc:
         print(f"glm-batch: error: {exc}", file=sys.stderr)

@@ -118,7 +118,7 @@ def report(
                 f"--gold {gold}: names the gold column of an output file; for a job, set eval.gold_column "
                 f"in {target} (or --set eval.gold_column={gold})"
             )
-        job = _load(target, set_, None, sends=False)
+        job = _load(target, set_, None, writes=False, sends=False)
         if not job.output_path.exists():
             raise UsageError(f"{job.output_path} does not exist yet; run the job first: glm-batch run {target}")
         found = load_report(job.output_path, job=job)

@@ -81,7 +81,7 @@ def _dry_run(spec: Path, set_: list[str] | None, limit: int | None, *, fresh: bo
     from runner.estimate import EstimateOptions
     from runner.observe.progress import make_reporter
 
-    job = _load(spec, set_, limit)
+    job = _load(spec, set_, limit, writes=False)
     options = EstimateOptions(fresh=fresh, retry_failed=retry_failed, record=False)
     report = asyncio.run(estimate_loaded(job, "unused", options, make_reporter("json")))
     _console().print(_estimate_table(report))

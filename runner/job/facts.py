@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from runner.files import json_object, user_data, write_json_atomic
+from runner.files import FACTS, json_object, user_data, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ SIMULATOR = "simulator"  # the in-process simulator's key (`model.endpoint: simu
 
 def facts_path() -> Path:
     """Where the facts file lives."""
-    return user_data("GLM_BATCH_FACTS", "facts.json")
+    return user_data(*FACTS)
 
 
 def facts_key(base_url: str | None, model: str) -> str:

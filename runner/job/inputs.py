@@ -5,6 +5,7 @@ CSV is read as text and JSONL types are inferred from all lines, so no type chan
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -80,7 +81,8 @@ def open_input(job: Job) -> InputSource:
             schemas.append(frame.collect_schema())
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise UsageError(
-                f"{where}: input.paths: cannot read {path}{_bad_json_line(path)} ({first_line(exc)})"
+                _not_utf8(path, where)
+                or f"{where}: input.paths: cannot read {path}{_bad_json_line(path)} ({first_line(exc)})"
             ) from None
     columns = list(schemas[0].names())
     for path, schema in zip(paths[1:], schemas[1:], strict=True):
@@ -292,6 +294,9 @@ def _unreadable(paths: list[Path], limit: int | None, where: str, exc: BaseExcep
             frame.select(pl.all().null_count()).collect(engine="streaming")
         except (pl.exceptions.PolarsError, OSError) as one:
             problem = first_line(one)
+            not_utf8 = _not_utf8(path, where)
+            if not_utf8:
+                return not_utf8
             if "more fields than" in problem:
                 return (
                     f"{where}: input.paths: {path}: a row has more fields than the header ({problem}); "
@@ -351,6 +356,30 @@ def _spaced_hint(columns: list[str]) -> str:
 
 
 _TEXT_FORMATS = (".csv", ".jsonl", ".ndjson")
+
+
+def _not_utf8(path: Path, where: str) -> str | None:
+    """The one line for a CSV or JSONL input that is not UTF-8 (a Latin-1 or Windows export), naming the
+    first line and byte that are not; None when it all decodes (the error path only: it reads the file)."""
+    if path.suffix not in _TEXT_FORMATS:
+        return None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as bad:  # bad.object: the bytes held back from the last chunk, then this
+                line += bytes(bad.object).count(b"\n", 0, bad.start)
+                return (
+                    f"{where}: input.paths: {path}, line {line}: not UTF-8 text (byte 0x{bad.object[bad.start]:02x}); "
+                    "save it as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8)"
+                )
+            if not chunk:
+                return None
+            line += chunk.count(b"\n")
+    return None
 
 
 def _bad_json_line(path: Path) -> str:

@@ -6,6 +6,7 @@ file and the key path.
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import hashlib
 import importlib.util
 import json
@@ -341,6 +342,19 @@ def check_written_apart(job: Job, ledger: Path, rescue_journal: Path) -> None:
     spec, inputs = job.spec, job.input_paths
     paths.check_not_an_input(ledger, "the usage ledger", "GLM_BATCH_LEDGER", spec, job.spec_path, inputs, folder=True)
     paths.check_not_an_input(rescue_journal, "a rescue journal", "output.path", spec, job.spec_path, inputs)
+
+
+def output_of_any_day(job: Job, *, full: bool = False) -> str | None:
+    """With `{run_date}` in output.path, a glob matching the output (of this run, or with `full` the job's
+    own when this is a limited run) as a run on any day wrote it: what an earlier day left beside it (a
+    rescue journal, the answers of a state lost since) is this job's too. None without `{run_date}`."""
+    if "{run_date}" not in job.spec.output.path:
+        return None
+    day = "\x00"  # escaped apart from the rest of the path, then a wildcard
+    output = Path(os.path.normpath(job.spec_path.parent / job.spec.output.path.format(name=job.name, run_date=day)))
+    if job.full_output_path is not None and not full:  # a limited run's name carries its limit
+        output = output.with_name(job.output_path.name.replace(job.full_output_path.stem, output.stem, 1))
+    return glob.escape(str(output)).replace(day, "*")
 
 
 def job_files(job: Job) -> list[tuple[Path, str]]:

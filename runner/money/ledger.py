@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 
 from runner.errors import GlmBatchError, first_line
-from runner.files import user_data, write_atomic
+from runner.files import LEDGER, user_data, write_atomic
 from runner.job.resolve import Job
 from runner.money.booked import Booked
 from runner.money.tokens import Calibration
@@ -37,7 +37,7 @@ LEDGER_SCHEMA: dict[str, pl.DataType] = {
 
 def ledger_dir(*, simulated: bool = False) -> Path:
     """Where the ledger lives; with `simulated`, its part for the simulator's runs."""
-    where = user_data("GLM_BATCH_LEDGER", "ledger")
+    where = user_data(*LEDGER)
     return where / "simulated" if simulated else where
 
 

@@ -67,6 +67,13 @@ def _text(content: Any) -> str:
     return ""
 
 
+def over_context(raw_estimate: int, context: int | None) -> bool:
+    """Whether a request whose raw estimate (estimate_request) this is cannot fit the model's context
+    window: the run fails it unsent (runner.plan) and the estimate leaves it out (runner.estimate), by
+    this one rule, so the estimate says what the run will do."""
+    return context is not None and raw_estimate > context
+
+
 def estimate_request(params: dict[str, Any]) -> int:
     """Raw input-token estimate for one request's parameters."""
     return max(1, math.ceil(_estimate_parts(params, params.get("messages", []))))

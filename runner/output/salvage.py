@@ -4,13 +4,14 @@ holds only the vote)."""
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import polars as pl
 
 from runner.columns import REUSED_FROM
 from runner.errors import UsageError
-from runner.job.resolve import Job
+from runner.job.resolve import Job, output_of_any_day
 from runner.records import KEY, RESULT_SCHEMA
 from runner.state.settled import SettledKeys
 from runner.state.store import Store
@@ -49,18 +50,26 @@ def answers_from_output(output: Path, fields: list[str]) -> pl.DataFrame:
         return empty
 
 
-def salvage_source(job: Job) -> Path:
-    """The output whose answers can be taken back: the job's own, also for a limited run (which writes
-    apart), when it is there; else the one this run writes."""
+def salvage_sources(job: Job) -> list[Path]:
+    """The outputs whose answers can be taken back, first choice first: the job's own, also for a limited
+    run (which writes apart), when it is there, else the one this run writes; then, with `{run_date}` in
+    output.path, the job's outputs of other days, newest first."""
     full = job.full_output_path
-    return full if full is not None and full.exists() else job.output_path
+    sources = [full if full is not None and full.exists() else job.output_path]
+    any_day = output_of_any_day(job, full=True)
+    if any_day is not None:
+        days = [Path(p) for p in sorted(glob.glob(any_day), reverse=True)]
+        sources += [p for p in days if p not in sources]
+    return [p for p in sources if p.exists()]
 
 
 def salvage(job: Job, store: Store) -> int:
-    """After torn parts were quarantined, keep the answers the output still holds; how many."""
+    """After torn parts were quarantined, keep the answers the outputs still hold; how many."""
     if job.spec.output.samples > 1:
         return 0
-    answers = answers_from_output(salvage_source(job), list(job.shape.fields) if job.shape else [])
+    fields = list(job.shape.fields) if job.shape else []
+    found = [answers_from_output(source, fields) for source in salvage_sources(job)]
+    answers = pl.concat(found).unique(subset=[KEY], keep="first") if found else pl.DataFrame(schema=RESULT_SCHEMA)
     if answers.height:
         store.add_part(answers, "salvaged")
     return answers.height

@@ -5,18 +5,23 @@ rescue journal that the next run adopts (docs/decisions.md, "State failures").""
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner.errors import DiskFull, GlmBatchError, StateUnwritable, first_line
-from runner.files import NO_SPACE, no_space, write_bytes_atomic
+from runner.files import NO_SPACE, RESCUE_FOLDER, no_space, write_bytes_atomic
+from runner.files import RESCUE_MARK as RESCUE_MARK  # runner.run names its journal with it
+from runner.job.resolve import output_of_any_day
 from runner.records import Result, journal_line, read_journal
 
-RESCUE_MARK = ".rescue-"
+if TYPE_CHECKING:
+    from runner.job.resolve import Job
 
 
 def state_failure(exc: Exception, state_dir: Path, *, refusals: bool = True) -> GlmBatchError | None:
@@ -85,7 +90,7 @@ def rescue_places(output_path: Path, state_dir: Path) -> list[Path]:
     """Where a job's rescue journals go, in order of preference: beside the output, then under the temp
     folder (named by the state folder, so two jobs never share one)."""
     digest = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:16]
-    return [output_path.parent, Path(tempfile.gettempdir()) / "glm-batch-rescue" / digest]
+    return [output_path.parent, Path(tempfile.gettempdir()) / RESCUE_FOLDER / digest]
 
 
 def write_rescue(results: list[Result], run_id: str, output_path: Path, state_dir: Path) -> Path | None:
@@ -104,13 +109,20 @@ def write_rescue(results: list[Result], run_id: str, output_path: Path, state_di
     return None
 
 
-def find_rescued(output_path: Path, state_dir: Path) -> list[Path]:
-    """The rescue journals earlier runs of this job left, oldest first."""
-    found: list[Path] = []
-    pattern = f"{output_path.stem}{RESCUE_MARK}*.jsonl"
-    for place in rescue_places(output_path, state_dir):
+def find_rescued(job: Job) -> list[Path]:
+    """The rescue journals earlier runs of this job left, oldest first: beside its output, under the temp
+    folder, and, with `{run_date}` in output.path, beside the output of any other day (a cron job stopped
+    at night and run again the next day takes back what it paid for)."""
+    found: set[Path] = set()
+    pattern = f"{job.output_path.stem}{RESCUE_MARK}*.jsonl"
+    for place in rescue_places(job.output_path, job.state_dir):
         with contextlib.suppress(OSError):
-            found.extend(place.glob(pattern))
+            found.update(place.glob(pattern))
+    any_day = output_of_any_day(job)
+    if any_day is not None:
+        found.update(
+            Path(p) for p in glob.glob(any_day.removesuffix(".parquet") + pattern[len(job.output_path.stem) :])
+        )
     return sorted(found, key=lambda p: p.name)
 
 

@@ -146,11 +146,8 @@ def limiter() -> Any:
 
 @pytest.fixture(scope="module")
 def workers() -> list[Any]:
-    """Three worker actors, each started (its process up) before any test calls it: on a loaded machine
-    one actor's start-up could otherwise take most of the others' hammering window."""
-    hammers = [Hammer.remote(f"w{i}") for i in range(3)]
-    ray.get([h.__ray_ready__.remote() for h in hammers])
-    return hammers
+    """Three worker actors."""
+    return [Hammer.remote(f"w{i}") for i in range(3)]
 
 
 @pytest.fixture(scope="module")

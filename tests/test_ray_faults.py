@@ -41,22 +41,33 @@ INTERRUPT_LIMIT = 4
 
 @pytest.fixture(scope="module")
 def head() -> Iterator[Cluster]:
-    """A cluster of one head node with 2 CPUs, this process its driver."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    """A cluster of one head node with 2 CPUs, this process its driver. Its control service checks the
+    nodes every half second from the start (Ray's defaults: every 3 s after 5 s), so a killed node is
+    known dead within seconds of its death rather than after a quarter of a minute; a check still waits
+    Ray's full timeout for its answer, so a merely loaded node is never taken for dead."""
+    checks = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 5}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "_system_config": checks})
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield cluster
     ray.shutdown()
     cluster.shutdown()
 
 
+@pytest.fixture(scope="module")
+def worker_nodes(head: Cluster) -> list[Any]:
+    """The worker nodes the module's tests joined to the head, the newest last (the head's shutdown
+    removes any still living)."""
+    return []
+
+
 @pytest.fixture
-def worker_node(head: Cluster) -> Iterator[Any]:
-    """A worker node with 2 CPUs joined to the head for the test (removed after, if it still lives)."""
-    node = head.add_node(num_cpus=2)
-    head.wait_for_nodes()
-    yield node
-    if node in head.worker_nodes:
-        head.remove_node(node, allow_graceful=False)
+def worker_node(head: Cluster, worker_nodes: list[Any]) -> Any:
+    """A living worker node with 2 CPUs joined to the head: the one an earlier test used, unless that
+    test killed it (a node starts in seconds, and the tests that use one leave nothing on it)."""
+    if not worker_nodes or worker_nodes[-1] not in head.worker_nodes:
+        worker_nodes.append(head.add_node(num_cpus=2))
+        head.wait_for_nodes()
+    return worker_nodes[-1]
 
 
 @pytest.fixture

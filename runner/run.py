@@ -8,6 +8,7 @@ fills it (a Ray actor keeps one per block), runner.finish ends it.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import datetime as dt
 import random
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -211,6 +212,7 @@ class Run:
         if not self.outstanding:
             self.outstanding = OpenKeys()
         self.accountant.shrink()
+        give_back_memory()
 
 
 class Sender(Protocol):
@@ -224,6 +226,17 @@ def check_places(job: Job) -> None:
     """Before anything is sent: refuse places a run may write that the job's inputs would read."""
     rescue_journal = job.output_path.with_name(f"{job.output_path.stem}{RESCUE_MARK}run.jsonl")
     check_written_apart(job, ledger_dir(), rescue_journal)
+
+
+def give_back_memory() -> None:
+    """Hand the heap pages Python freed back to the system (glibc's malloc_trim; elsewhere nothing): once
+    sending is over, what planning and the keys in flight left (~60 MB at a million rows in batch mode)
+    is not carried into the finish, where the run's memory peaks."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):  # not glibc
+        return
+    trim(0)
 
 
 def _pilot_sample(rows_total: int, options: RunOptions) -> frozenset[int]:

@@ -28,12 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# What the environment said before `import runner` gave polars' allocator its settings (runner/__init__.py):
-# the plain script runs with the environment as the user has it, not with ours.
-ALLOCATOR = "_RJEM_MALLOC_CONF"
-USERS_ALLOCATOR = os.environ.get(ALLOCATOR)
-
-from _common import HERE, INSTANT_BATCH_API, configure_simulator, free_port, sim_stats, start_simulator, write_job  # noqa: E402
+from _common import HERE, INSTANT_BATCH_API, configure_simulator, free_port, sim_stats, start_simulator, write_job
 
 WORK = Path(os.environ.get("GLM_BATCH_BENCH_DIR", HERE / "out" / "batch_vs_plain"))
 MODEL = "glm-4-air-250414"  # on Zhipu's Batch API list
@@ -45,17 +40,12 @@ WRAPPER = (
 )
 
 
-def measured(argv: list[str], folder: Path, ours: bool) -> dict[str, float]:
-    """CPU seconds, wall seconds and peak RSS (MB) of one process running `argv` (`ours`: glm-batch)."""
+def measured(argv: list[str], folder: Path) -> dict[str, float]:
+    """CPU seconds, wall seconds and peak RSS (MB) of one process running `argv`."""
     ledger = {"GLM_BATCH_LEDGER": str(folder / "ledger"), "GLM_BATCH_FACTS": str(folder / "facts.json")}
-    env = {**os.environ, "ZHIPUAI_API_KEY": "bench", **ledger}
-    if not ours:
-        env.pop(ALLOCATOR, None)
-        if USERS_ALLOCATOR is not None:
-            env[ALLOCATOR] = USERS_ALLOCATOR
     proc = subprocess.run(
         [sys.executable, "-c", WRAPPER, *argv],
-        env=env,
+        env={**os.environ, "ZHIPUAI_API_KEY": "bench", **ledger},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -83,7 +73,7 @@ def one_pair(rows: int, index: int) -> dict[str, Any]:
         sides = [("ours", ours_argv), ("plain", plain_argv)]
         result: dict[str, Any] = {}
         for name, argv in sides if index % 2 == 0 else sides[::-1]:
-            result[name] = measured(argv, folder, ours=name == "ours")
+            result[name] = measured(argv, folder)
             print(json.dumps({name: result[name]}), flush=True)  # kept should the simulator fail after
         stats = sim_stats(port, timeout_s=300)  # a simulator holding 2M lines' files answers slowly
     finally:

@@ -3,13 +3,7 @@ The public API (runner.api) is imported on first use, so `import runner` stays c
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
-
-# Polars' allocator (jemalloc) keeps freed pages 10 s by default: a run's finish (compaction, the output),
-# a bucket after another, held them all at its peak. Given back after 1 s, at no CPU measured here
-# (docs/decisions.md, "Peak memory flat in the rows"). Read when polars loads; a user's setting stands.
-os.environ.setdefault("_RJEM_MALLOC_CONF", "narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0")
 
 __version__ = "0.1.0"
 __all__ = ["RunResult", "__version__", "aestimate_job", "arun_job", "estimate_job", "load_job", "run_job"]

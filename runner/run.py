@@ -250,7 +250,7 @@ def give_back_memory() -> None:
     is not carried into the finish, where the run's memory peaks."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):  # not glibc
+    except (AttributeError, OSError, TypeError):  # not glibc
         return
     trim(0)
 

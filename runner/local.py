@@ -58,7 +58,7 @@ class LocalSender:
                 await supervise(
                     sending,
                     control=control,
-                    checkpoint=run.checkpoint_soon,
+                    checkpoint=lambda: run.checkpoint(soon=True),
                     tick=lambda: reporter.tick(run.tally, executor.gauges(), control),
                     every_s=min(job.spec.run.checkpoint_seconds, reporter.interval_s),
                     grace_s=job.spec.run.grace_s,

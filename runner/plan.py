@@ -293,8 +293,9 @@ class Dispatch:
     admit: Callable[[list[str], list[int]], int]
     control: Control
     pilot: frozenset[int] | None = None  # a pilot sends only these row positions
-    # Requests handed to the executor and not yet answered: the run is complete when none are left.
-    outstanding: OpenKeys | set[str] = field(default_factory=set)
+    # Requests handed to the executor and not yet answered: the run is complete when none are left. None:
+    # `admit` keeps them (the Accountant's table, Run.one_table).
+    outstanding: OpenKeys | set[str] | None = field(default_factory=set)
     # The model's context window: a prompt estimated above it is refused here (the endpoint would
     # refuse it too, 400/1261), its row failed with the reason, and nothing is sent.
     context_tokens: int | None = None
@@ -304,7 +305,8 @@ class Dispatch:
         yielded. Stops early, leaving the row map unsealed, when the budget cannot cover the next
         request; seals it when every input row was rendered."""
         async for block in self._admitted(batches, fingerprint):
-            self.outstanding.update(block.keys)
+            if self.outstanding is not None:
+                self.outstanding.update(block.keys)
             self.tally.requests_queued += len(block)
             yield block
 
@@ -316,7 +318,8 @@ class Dispatch:
         try:
             async for block in admitted:
                 for request in block.requests():
-                    outstanding.add(request.key)
+                    if outstanding is not None:
+                        outstanding.add(request.key)
                     tally.requests_queued += 1
                     yield request
         finally:

@@ -8,6 +8,7 @@ fills it (a Ray actor keeps one per block), runner.finish ends it.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import datetime as dt
 import random
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -81,11 +82,19 @@ class Run:
             tally.rows_seen = tally.rows_settled = tally.rows_total
             tally.all_rows_rendered = True
         control.notify = reporter.event
+        # The keys in flight are the accountant's admitted ones, in its table: held once, not twice.
         run = cls(job, source, store, tally, accountant, settled, control, pilot=pilot, built_from=built_from,
-                  unchanged=unchanged, breaker=Breaker.for_run(tally.rows_total), started_at=started_at)  # fmt: skip
+                  unchanged=unchanged, breaker=Breaker.for_run(tally.rows_total), started_at=started_at,
+                  outstanding=accountant.in_flight())  # fmt: skip
         control.checkpoint = run.checkpoint
         control.deliver_answers = run.deliver_answers
         return run
+
+    @property
+    def one_table(self) -> bool:
+        """Are the keys in flight the accountant's admitted ones (Run.open's), or a set of their own (a Ray
+        actor's block, whose accountant admits for every block of the actor)?"""
+        return self.outstanding.table is self.accountant.open_table
 
     @property
     def complete(self) -> bool:
@@ -110,7 +119,7 @@ class Run:
             self.accountant.admit_block,
             self.control,
             self.pilot,
-            self.outstanding,
+            None if self.one_table else self.outstanding,  # (one table: admitting them put them in flight)
             context_tokens=self.job.model.context,
         )
 
@@ -136,12 +145,17 @@ class Run:
             return
         self.cpu.begin()
         self.commit()  # what came before, first
-        outstanding, settled = self.outstanding, self.settled
-        # Answered in an earlier run (a batch harvested twice): never journalled or booked twice.
-        ours = outstanding.take_many(answers.keys)
-        if not all(ours):
-            answers = answers.only([mine or not settled.has(key) for key, mine in zip(answers.keys, ours, strict=True)])
-        tiers = self.accountant.settle_answers(answers)
+        settled, opened = self.settled, None
+        if self.one_table:
+            opened = self.accountant.take(answers.keys)
+            ours = [value is not None for value in opened]
+        else:
+            ours = self.outstanding.take_many(answers.keys)
+        if not all(ours):  # answered in an earlier run (a batch harvested twice): never journalled or booked twice
+            kept = [mine or not settled.has(key) for key, mine in zip(answers.keys, ours, strict=True)]
+            answers = answers.only(kept)
+            opened = [value for value, keep in zip(opened, kept, strict=True) if keep] if opened is not None else None
+        tiers = self.accountant.settle_answers(answers, opened)
         try:
             self.store.add_answers(answers)
             if self.store.buffered >= self.job.spec.run.checkpoint_rows:
@@ -153,10 +167,16 @@ class Run:
 
     def _journal(self, result: Result) -> None:
         self.cpu.begin()
-        if result.key not in self.outstanding and self.settled.has(result.key):
-            return  # answered in an earlier run (a batch harvested twice): never journalled or booked twice
-        self.outstanding.discard(result.key)
-        self.committing.append(self.accountant.settle(result))
+        if self.one_table:
+            opened = self.accountant.take_one(result.key)
+            if opened is None and self.settled.has(result.key):
+                return  # answered in an earlier run (a batch harvested twice): never journalled or booked twice
+            self.committing.append(self.accountant.price(result, opened))
+        else:
+            if result.key not in self.outstanding and self.settled.has(result.key):
+                return  # as above
+            self.outstanding.discard(result.key)
+            self.committing.append(self.accountant.settle(result))
         if len(self.committing) == 1:  # the first answer of this turn: commit them all at its end
             try:
                 asyncio.get_running_loop().call_soon(self.commit)
@@ -183,19 +203,15 @@ class Run:
                 if self.on_answer is not None:
                     self.on_answer(result, tier)
 
-    def checkpoint(self) -> None:
-        """Fold what was journalled into a durable part, now; a state that takes no writes stops the run."""
+    def checkpoint(self, soon: bool = False) -> None:
+        """Fold what was journalled into a durable part: now, or in a thread (`soon`: the time-based
+        checkpoint while sending, Store.flush_soon); a state that takes no writes stops the run."""
         self.commit()
         try:
-            self.store.flush()
-        except STATE_FAILURES as exc:
-            self.control.fail(exc)
-
-    def checkpoint_soon(self) -> None:
-        """The time-based checkpoint while sending: the part is written in a thread (Store.flush_soon)."""
-        self.commit()
-        try:
-            self.store.flush_soon()
+            if soon:
+                self.store.flush_soon()
+            else:
+                self.store.flush()
         except STATE_FAILURES as exc:
             self.control.fail(exc)
 
@@ -208,9 +224,11 @@ class Run:
         self.cpu.close()
         # The tables that held every request in flight (a batch's: all of them at once) are empty now but
         # keep their size; made anew, their memory goes back before finishing (compaction, the output).
-        if not self.outstanding:
-            self.outstanding = OpenKeys()
+        one_table = self.one_table
         self.accountant.shrink()
+        if not self.outstanding:
+            self.outstanding = self.accountant.in_flight() if one_table else OpenKeys()
+        give_back_memory()
 
 
 class Sender(Protocol):
@@ -224,6 +242,17 @@ def check_places(job: Job) -> None:
     """Before anything is sent: refuse places a run may write that the job's inputs would read."""
     rescue_journal = job.output_path.with_name(f"{job.output_path.stem}{RESCUE_MARK}run.jsonl")
     check_written_apart(job, ledger_dir(), rescue_journal)
+
+
+def give_back_memory() -> None:
+    """Hand the heap pages Python freed back to the system (glibc's malloc_trim; elsewhere nothing): once
+    sending is over, what planning and the keys in flight left (~60 MB at a million rows in batch mode)
+    is not carried into the finish, where the run's memory peaks."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):  # not glibc
+        return
+    trim(0)
 
 
 def _pilot_sample(rows_total: int, options: RunOptions) -> frozenset[int]:

@@ -16,7 +16,7 @@ from runner.job.resolve import Job
 from runner.money.pricing import Budget, PriceTable, price_table, require_prices
 from runner.money.tokens import Calibration, estimate_request
 from runner.records import Answers, Request, Result, priced
-from runner.state.openkeys import KeyTable
+from runner.state.openkeys import KeyTable, OpenKeys, Value
 
 
 class Distribution:
@@ -302,6 +302,24 @@ class Accountant:
             put(key, estimate, reserved)
         return len(keys)
 
+    def in_flight(self) -> OpenKeys:
+        """The keys admitted and not settled, as a set over this accountant's own table: a run that hands
+        every admitted request over (this process's) keeps its keys in flight there, once."""
+        return OpenKeys(table=self._open)
+
+    @property
+    def open_table(self) -> KeyTable:
+        """The table of the keys admitted and not settled (what `in_flight` is a set over)."""
+        return self._open
+
+    def take(self, keys: list[str]) -> list[Value | None]:
+        """Close admitted keys: each one's (raw estimate, reserved cost), None where it was not open."""
+        return self._open.pop_many(keys)
+
+    def take_one(self, key: str) -> Value | None:
+        """`take` for one key."""
+        return self._open.pop(key)
+
     def shrink(self) -> None:
         """Give back the memory of the requests admitted and settled (a dict keeps its size when emptied)."""
         if not self._open:
@@ -321,7 +339,11 @@ class Accountant:
 
     def settle(self, result: Result) -> tuple[Result, str | None]:
         """The result with its cost and estimate filled in, and the name of the tier it was charged at."""
-        raw, reserved = _opened(self._open.pop(result.key))
+        return self.price(result, self._open.pop(result.key))
+
+    def price(self, result: Result, opened: Value | None) -> tuple[Result, str | None]:
+        """`settle` for a result whose key was closed already (`take`): `opened` is what that gave."""
+        raw, reserved = _opened(opened)
         cost: float | None = None
         tier: str | None = None
         if self.table is not None:
@@ -335,14 +357,16 @@ class Accountant:
             self.budget.settle(reserved, cost or 0.0)
         return priced(result, cost, raw), tier
 
-    def settle_answers(self, answers: Answers) -> list[str | None]:
+    def settle_answers(self, answers: Answers, opened: list[Value | None] | None = None) -> list[str | None]:
         """`settle` for a block of ok answers (runner.records.Answers): fills in each one's cost and
-        estimate, as `settle` stamps a Result; the tier each was charged at."""
+        estimate, as `settle` stamps a Result; the tier each was charged at. `opened`: what `take` gave
+        for their keys, when they were closed already."""
         table, budget, batch = self.table, self.budget, answers.api == "batch"
         costs: list[float | None] = []
         estimates: list[int | None] = []
         tiers: list[str | None] = []
-        opened = self._open.pop_many(answers.keys)
+        if opened is None:
+            opened = self._open.pop_many(answers.keys)
         for value, tokens_in, cached, tokens_out in zip(opened, answers.input_tokens,
                                                         answers.cache_read_input_tokens, answers.output_tokens,
                                                         strict=True):  # fmt: skip

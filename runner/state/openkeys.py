@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, MutableSet
 
 import polars as pl
 
-__all__ = ["KeyTable", "OpenKeys"]
+__all__ = ["KeyTable", "OpenKeys", "Value"]
 
 Value = tuple[int, float]  # (raw input-token estimate, reserved cost)
 # Keys packed (16 bytes a key), their estimates (None: all 0), the reserved cost: the block's, or a key's.
@@ -266,6 +266,12 @@ class KeyTable:
             total += sum(8 * len(values) for values in (run.raw, run.reserved) if values is not None)
         return total
 
+    @property
+    def held_bytes(self) -> int:
+        """About how many bytes the table holds: its runs and packed blocks, and ~170 a key kept as a str
+        (in a dict, with its value)."""
+        return self.run_bytes + 170 * (len(self._recent) + len(self._odd))
+
     def _in_runs(self, key: str) -> tuple[_Run, int] | None:
         """The run and position of a live key in the runs, or None (a key not 32 hex digits: None)."""
         if not self._runs or len(key) != 32 or not _HEX.fullmatch(key):
@@ -419,10 +425,12 @@ def _halves(keys: list[str]) -> tuple[list[int], tuple[list[int], list[int]]]:
 
 
 class OpenKeys(MutableSet[str]):
-    """A set of request keys (`Run.outstanding`: handed to a sender, not answered yet) in a KeyTable."""
+    """A set of request keys (`Run.outstanding`: handed to a sender, not answered yet) in a KeyTable: its
+    own, or one whose values another keeps (`table`: the Accountant's, so a run holds each key in flight
+    once; a key added here is put with the value (0, 0.0))."""
 
-    def __init__(self, keys: Iterable[str] = (), run_keys: int = 65_536) -> None:
-        self._table = KeyTable(run_keys)
+    def __init__(self, keys: Iterable[str] = (), run_keys: int = 65_536, table: KeyTable | None = None) -> None:
+        self.table = self._table = table if table is not None else KeyTable(run_keys)
         self.update(keys)
 
     def __len__(self) -> int:

@@ -100,6 +100,22 @@ def _groups(parts: list[Path], sizes: list[int], most: int) -> list[list[Path]]:
     return groups
 
 
+def _one_a_key(bucket: pl.DataFrame) -> pl.DataFrame:
+    """A bucket's results, one a key in key order: its ok answer over an error, the newest over older ones,
+    the later of equals. Which rows stay is found on three narrow columns; the wide ones are then taken a
+    column at a time, each let go as it is taken, so the bucket is held about once, not three times (a
+    sort and a unique of the whole frame each made a copy)."""
+    ok = (pl.col("status") == "ok").alias("_ok")
+    kept = (
+        bucket.select(KEY, ok, "finished_at")
+        .with_row_index("_at")
+        .sort([KEY, "_ok", "finished_at"], maintain_order=True)
+        .filter(pl.col(KEY).is_last_distinct())
+        .get_column("_at")
+    )
+    return pl.DataFrame([bucket.drop_in_place(name).gather(kept) for name in list(bucket.columns)])
+
+
 def whole_part(part: Path) -> bool:
     """Whether an answer part can be trusted: its footer reads (a torn write loses it; reading it is cheap)
     and its columns are answers' (an older part may lack newer ones)."""
@@ -492,26 +508,23 @@ class Store:
         try:
             if buckets.count > 1:  # split first: each part is read once, not once a bucket
                 for group, members in enumerate(_groups(parts, sizes, BUCKET_ROWS)):
-                    frame = scan_results(members).with_columns(buckets.index().alias("_bucket")).collect()
-                    for (b,), piece in frame.partition_by("_bucket", as_dict=True, include_key=False).items():
+                    frame = scan_results(members).collect()
+                    index = frame.select(buckets.index()).to_series()
+                    for b in index.unique().sort().to_list():  # a piece at a time: not the group twice
                         target = scratch / f"{b:03d}-{group:05d}.parquet"
-                        with space_checked(target):
-                            piece.write_parquet(target, compression="lz4", statistics=False)  # read once, soon
-                    del frame
+                        with space_checked(target):  # read once, soon
+                            frame.filter(index == b).write_parquet(target, compression="lz4", statistics=False)
+                    del frame, index
             for b in range(buckets.count):
                 target = self.results_dir / f"part-{self.run_id}-compact-{b:03d}.parquet"
                 # One bucket at a time, held whole: memory is bounded by BUCKET_ROWS (a streamed sort over
                 # every part held about twice as much, more the more parts there were).
                 pieces = sorted(scratch.glob(f"{b:03d}-*.parquet")) if buckets.count > 1 else parts
                 bucket = scan_results(pieces).collect() if pieces else pl.DataFrame(schema=RESULT_SCHEMA)
-                compact = (
-                    bucket.with_columns((pl.col("status") == "ok").alias("_ok"))
-                    .sort([KEY, "_ok", "finished_at"], maintain_order=True)
-                    .unique(subset=[KEY], keep="last", maintain_order=True)
-                    .drop("_ok")
-                )
+                compact = _one_a_key(bucket)
                 del bucket
                 write_atomic(compact, target)
+                del compact
                 written.append(target)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

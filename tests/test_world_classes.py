@@ -140,6 +140,17 @@ def test_an_input_naming_a_column_or_key_twice_is_refused_with_file_place_and_na
     assert sim.stats()["requests"] == 0
 
 
+def rewrite_keeping_size_and_mtime(data: Path, content: bytes) -> None:
+    """Write `content` over `data` in place, then put its mtime back (as rsync -t or touch -r would): the
+    size, mtime and inode are as before, only the ctime tells."""
+    before = data.stat()
+    assert len(content) == before.st_size and content != data.read_bytes()
+    data.write_bytes(content)
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = data.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+
+
 def test_an_input_passes_the_name_check_once_per_content_and_any_change_to_it_is_checked_again(
     make_job: Callable[..., JobFiles], sim: SimulatorThread, tmp_path: Path
 ) -> None:
@@ -155,16 +166,7 @@ def test_an_input_passes_the_name_check_once_per_content_and_any_change_to_it_is
     record = load_job(files.spec).state_dir / NAMES_CHECKED
     assert (read_json_object(record) or {}).get("passed") == [content_identity(data)]
 
-    before = data.stat()
-    bad = good.replace(b'{"id": "r1", "text": "t1"}', b'{"id": "r1", "id":   "t1"}')
-    assert len(bad) == len(good) and bad != good
-    data.write_bytes(bad)
-    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert (data.stat().st_size, data.stat().st_mtime_ns, data.stat().st_ino) == (
-        before.st_size,
-        before.st_mtime_ns,
-        before.st_ino,
-    )
+    rewrite_keeping_size_and_mtime(data, good.replace(b'{"id": "r1", "text": "t1"}', b'{"id": "r1", "id":   "t1"}'))
     for command in ("validate", "run"):
         result = cli(command, str(files.spec))
         assert result.exit_code == 2 and "line 2 names 'id' twice" in result.stderr, result.stderr[-2000:]
@@ -736,15 +738,6 @@ def test_an_input_rewritten_in_place_with_its_size_and_mtime_put_back_is_planned
     assert cli("run", str(files.spec)).exit_code == 0
     asked = sim.stats()["requests"]
 
-    before = data.stat()
-    changed = good.replace(b'"text": "t1"}', b'"text": "u1"}')
-    assert len(changed) == len(good) and changed != good
-    data.write_bytes(changed)
-    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert (data.stat().st_size, data.stat().st_mtime_ns, data.stat().st_ino) == (
-        before.st_size,
-        before.st_mtime_ns,
-        before.st_ino,
-    )
+    rewrite_keeping_size_and_mtime(data, good.replace(b'"text": "t1"}', b'"text": "u1"}'))
     assert cli("run", str(files.spec)).exit_code == 0
     assert sim.stats()["requests"] == asked + 1  # the changed row alone, the other 19 from earlier answers

@@ -18,7 +18,7 @@ import pytest
 from runner.job.resolve import load_job
 from runner.simulator.simulator import SimulatorThread
 from tests.conftest import JobFiles, cli, sample_rows, sigterm_once_started, write_csv
-from tests.test_rescue import IN_FLIGHT, long_rows, state_dir_of, when_answered
+from tests.test_rescue import IN_FLIGHT, long_rows, state_dir_of, stopped_dated_run, when_answered
 from tests.test_rescue import chattr as chattr  # the fixture, for the tests here
 
 FAST_POLL = {"poll_initial_s": 0.02, "poll_max_s": 0.1}
@@ -257,17 +257,7 @@ def test_a_cron_job_stopped_with_a_rescue_on_one_day_takes_it_back_the_next_day_
     """`{run_date}` in output.path: the state folder breaks mid-run and the answers held go to a rescue
     journal beside that day's output; the next run, on a later day (its output in another folder), reads
     it first, so nothing it holds is paid again."""
-    sim.configure(latency_s=0.02)
-    files = make_job(
-        rows=long_rows(200),
-        run={"concurrency": IN_FLIGHT, "checkpoint_seconds": 60, "checkpoint_rows": 100_000},
-        output={"path": "out/{run_date}/job.parquet"},
-    )
-    job = load_job(files.spec)
-    watcher = when_answered(sim, 40, lambda: shutil.rmtree(job.state_dir))
-    stopped = cli("run", str(files.spec))
-    watcher.join()
-    assert stopped.exit_code == 74, stopped.stderr
+    files, job, _ = stopped_dated_run(make_job, sim)
     assert list(job.output_path.parent.glob("job.rescue-*.jsonl"))
     yesterday = job.output_path.parent.with_name("2000-01-01")
     job.output_path.parent.rename(yesterday)  # that run was on another day than the next one

@@ -20,9 +20,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from runner.job.resolve import load_job
+from runner.job.resolve import Job, load_job
 from runner.simulator.simulator import SimulatorThread
-from tests.conftest import JobFiles, cli
+from tests.conftest import CliResult, JobFiles, cli
 from tests.test_broken_state import small_disk
 
 ROWS = 120
@@ -215,11 +215,9 @@ def test_a_part_torn_inside_is_set_aside_not_a_crash(make_job: Callable[..., Job
     assert pl.read_parquet(files.output).height == 30
 
 
-def test_a_rescue_beside_a_dated_output_is_read_by_that_days_next_run(
-    make_job: Callable[..., JobFiles], sim: SimulatorThread
-) -> None:
-    """With `{run_date}` in output.path the state sits above the dated folder and the rescue journal
-    beside that day's output, where the next run looks for it: nothing is paid twice."""
+def stopped_dated_run(make_job: Callable[..., JobFiles], sim: SimulatorThread) -> tuple[JobFiles, Job, CliResult]:
+    """A 200-row job with `{run_date}` in output.path whose state folder is deleted once 40 answers are in:
+    the run stops (exit 74) with the answers it held in a rescue journal beside that day's output."""
     sim.configure(latency_s=0.02)
     files = make_job(
         rows=long_rows(200),
@@ -227,11 +225,20 @@ def test_a_rescue_beside_a_dated_output_is_read_by_that_days_next_run(
         output={"path": "out/{run_date}/job.parquet"},
     )
     job = load_job(files.spec)
-    assert job.state_dir.parent != job.output_path.parent  # the state is shared by every day's output
     watcher = when_answered(sim, 40, lambda: shutil.rmtree(job.state_dir))
-    first = cli("run", str(files.spec))
+    stopped = cli("run", str(files.spec))
     watcher.join()
-    assert first.exit_code == 74, first.stderr
+    assert stopped.exit_code == 74, stopped.stderr
+    return files, job, stopped
+
+
+def test_a_rescue_beside_a_dated_output_is_read_by_that_days_next_run(
+    make_job: Callable[..., JobFiles], sim: SimulatorThread
+) -> None:
+    """With `{run_date}` in output.path the state sits above the dated folder and the rescue journal
+    beside that day's output, where the next run looks for it: nothing is paid twice."""
+    files, job, first = stopped_dated_run(make_job, sim)
+    assert job.state_dir.parent != job.output_path.parent  # the state is shared by every day's output
     journal = next(job.output_path.parent.glob("job.rescue-*.jsonl"))
     assert str(journal) in assert_one_clean_line(first.stderr)
 

@@ -140,6 +140,18 @@ def test_an_input_naming_a_column_or_key_twice_is_refused_with_file_place_and_na
     assert sim.stats()["requests"] == 0
 
 
+def finished_jsonl_job(make_job: Callable[..., JobFiles], tmp_path: Path) -> tuple[Path, bytes, JobFiles]:
+    """A job over a 20-line JSONL input (ids r0..r19, texts t0..t19) that has run to the end: the input,
+    its bytes and the job's files."""
+    data = tmp_path / "data" / "in.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    good = b"".join(json.dumps({"id": f"r{i}", "text": f"t{i}"}).encode() + b"\n" for i in range(20))
+    data.write_bytes(good)
+    files = make_job(input={"paths": ["data/in.jsonl"], "id_column": "id"})
+    assert cli("run", str(files.spec)).exit_code == 0
+    return data, good, files
+
+
 def rewrite_keeping_size_and_mtime(data: Path, content: bytes) -> None:
     """Write `content` over `data` in place, then put its mtime back (as rsync -t or touch -r would): the
     size, mtime and inode are as before, only the ctime tells."""
@@ -157,12 +169,7 @@ def test_an_input_passes_the_name_check_once_per_content_and_any_change_to_it_is
     """The JSONL check parses every line in Python (about 1.5 s a million lines), so a cron re-run of an
     unchanged input does not pay it again: what passed is recorded by content identity in the state
     directory. A write in place, the same size and its mtime put back, changes the ctime: checked again."""
-    data = tmp_path / "data" / "in.jsonl"
-    data.parent.mkdir(parents=True, exist_ok=True)
-    good = b"".join(json.dumps({"id": f"r{i}", "text": f"t{i}"}).encode() + b"\n" for i in range(20))
-    data.write_bytes(good)
-    files = make_job(input={"paths": ["data/in.jsonl"], "id_column": "id"})
-    assert cli("run", str(files.spec)).exit_code == 0
+    data, good, files = finished_jsonl_job(make_job, tmp_path)
     record = load_job(files.spec).state_dir / NAMES_CHECKED
     assert (read_json_object(record) or {}).get("passed") == [content_identity(data)]
 
@@ -730,12 +737,7 @@ def test_an_input_rewritten_in_place_with_its_size_and_mtime_put_back_is_planned
     """The row map says which request answers which row; it is reused while its inputs are unchanged. A
     write in place that keeps the size and puts the mtime back (rsync -t, touch -r) still changes the
     ctime, so the changed row is asked again and its old answer is not given to its new text."""
-    data = tmp_path / "data" / "in.jsonl"
-    data.parent.mkdir(parents=True, exist_ok=True)
-    good = b"".join(json.dumps({"id": f"r{i}", "text": f"t{i}"}).encode() + b"\n" for i in range(20))
-    data.write_bytes(good)
-    files = make_job(input={"paths": ["data/in.jsonl"], "id_column": "id"})
-    assert cli("run", str(files.spec)).exit_code == 0
+    data, good, files = finished_jsonl_job(make_job, tmp_path)
     asked = sim.stats()["requests"]
 
     rewrite_keeping_size_and_mtime(data, good.replace(b'"text": "t1"}', b'"text": "u1"}'))

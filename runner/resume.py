@@ -44,9 +44,10 @@ def _answers_gone(job: Job, store: Store) -> bool:
 
 
 def _salvage(job: Job, store: Store, reporter: Reporter) -> int:
-    salvaged = salvage(job, store)
+    sources = salvage_sources(job)
+    salvaged = salvage(job, store, sources)
     if salvaged:
-        reporter.event("answers_salvaged", answers=salvaged, source=", ".join(map(str, salvage_sources(job))))
+        reporter.event("answers_salvaged", answers=salvaged, source=", ".join(map(str, sources)))
     return salvaged
 
 

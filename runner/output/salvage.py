@@ -63,12 +63,13 @@ def salvage_sources(job: Job) -> list[Path]:
     return [p for p in sources if p.exists()]
 
 
-def salvage(job: Job, store: Store) -> int:
-    """After torn parts were quarantined, keep the answers the outputs still hold; how many."""
+def salvage(job: Job, store: Store, sources: list[Path]) -> int:
+    """After torn parts were quarantined, keep the answers the outputs (`salvage_sources`) still hold; how
+    many."""
     if job.spec.output.samples > 1:
         return 0
     fields = list(job.shape.fields) if job.shape else []
-    found = [answers_from_output(source, fields) for source in salvage_sources(job)]
+    found = [answers_from_output(source, fields) for source in sources]
     answers = pl.concat(found).unique(subset=[KEY], keep="first") if found else pl.DataFrame(schema=RESULT_SCHEMA)
     if answers.height:
         store.add_part(answers, "salvaged")

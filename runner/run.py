@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from runner.breaker import Breaker
 from runner.control import Control
 from runner.errors import STATE_FAILURES
+from runner.files import RESCUE_MARK
 from runner.job.inputs import InputSource
 from runner.job.resolve import Job, check_written_apart
 from runner.money.accounting import Accountant, Tally, accountant_for
@@ -30,7 +31,6 @@ from runner.records import Answers, Request, RequestBlock, Result
 from runner.resume import settled_keys
 from runner.runs import RunOptions, fingerprint
 from runner.state.openkeys import OpenKeys
-from runner.state.rescue import RESCUE_MARK
 from runner.state.rowmap import RowMap
 from runner.state.settled import SettledKeys
 from runner.state.store import Store

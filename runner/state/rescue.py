@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner.errors import DiskFull, GlmBatchError, StateUnwritable, first_line
-from runner.files import NO_SPACE, RESCUE_FOLDER, no_space, write_bytes_atomic
-from runner.files import RESCUE_MARK as RESCUE_MARK  # runner.run names its journal with it
+from runner.files import NO_SPACE, RESCUE_FOLDER, RESCUE_MARK, no_space, write_bytes_atomic
 from runner.job.resolve import output_of_any_day
 from runner.records import Result, journal_line, read_journal
 
